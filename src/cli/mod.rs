@@ -1,0 +1,87 @@
+//! The `banger` command line: a D-Bus client and nothing more. One file per noun.
+
+mod doctor;
+mod image;
+mod kernel;
+mod output;
+mod status;
+mod vm;
+
+use clap::{Parser, Subcommand};
+
+pub use output::Output;
+
+/// One-command sandbox microVMs.
+#[derive(Debug, Parser)]
+#[command(name = "banger", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show the daemon's version and what it manages.
+    Status,
+    /// Manage images.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// Manage kernels.
+    #[command(subcommand)]
+    Kernel(kernel::KernelCommand),
+    /// Manage VMs.
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Check that this host can run banger, and say what to install.
+    Doctor,
+}
+
+/// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` overrides).
+pub async fn connect() -> anyhow::Result<zbus::Connection> {
+    zbus::Connection::system().await.map_err(|e| {
+        anyhow::anyhow!(
+            "Cannot reach the system bus ({e}); is dbus running? On a host without systemd, \
+             start a bus and set DBUS_SYSTEM_BUS_ADDRESS"
+        )
+    })
+}
+
+/// Turns a D-Bus error into a message for people.
+pub fn explain(e: zbus::Error) -> anyhow::Error {
+    if let zbus::Error::MethodError(name, desc, _) = &e {
+        let desc = desc.clone().unwrap_or_default();
+        return match name.as_str() {
+            "org.freedesktop.DBus.Error.ServiceUnknown"
+            | "org.freedesktop.DBus.Error.NameHasNoOwner" => {
+                anyhow::anyhow!(
+                    "The banger daemon is not running and the bus cannot start it: install banger \
+                     (its D-Bus activation file) or run `bangerd`"
+                )
+            }
+            "org.freedesktop.DBus.Error.AccessDenied"
+            | "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => {
+                anyhow::anyhow!("Permission denied: {desc}")
+            }
+            n if n.starts_with("org.banger.Error.") => anyhow::anyhow!("{desc}"),
+            n => anyhow::anyhow!("{desc} ({n})"),
+        };
+    }
+    anyhow::anyhow!("D-Bus call failed: {e}")
+}
+
+/// Runs one command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let out = Output { json: cli.json };
+    match cli.command {
+        Command::Doctor => doctor::run(&out),
+        Command::Status => status::run(&out, &connect().await?).await,
+        Command::Image(c) => image::run(&out, &connect().await?, c).await,
+        Command::Kernel(c) => kernel::run(&out, &connect().await?, c).await,
+        Command::Vm(c) => vm::run(&out, &connect().await?, c).await,
+    }
+}

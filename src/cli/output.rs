@@ -1,0 +1,66 @@
+//! Tables for people, JSON for programs.
+
+use serde_json::Value;
+
+/// How to print.
+#[derive(Debug, Clone, Copy)]
+pub struct Output {
+    /// JSON instead of tables.
+    pub json: bool,
+}
+
+impl Output {
+    /// Prints rows: a table with `headers`, or a JSON array of objects keyed by `keys`.
+    pub fn table(&self, headers: &[&str], keys: &[&str], rows: Vec<Vec<Value>>) {
+        if self.json {
+            let objs: Vec<Value> = rows
+                .into_iter()
+                .map(|r| Value::Object(keys.iter().map(|k| k.to_string()).zip(r).collect()))
+                .collect();
+            println!("{}", Value::Array(objs));
+            return;
+        }
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .map(|v| v.as_str().map(str::to_owned).unwrap_or(v.to_string()))
+                    .collect()
+            })
+            .collect();
+        let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+        for r in &cells {
+            for (w, c) in widths.iter_mut().zip(r) {
+                *w = (*w).max(c.len());
+            }
+        }
+        let line = |cols: Vec<&str>| {
+            let s: Vec<String> = cols
+                .iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect();
+            println!("{}", s.join("  ").trim_end());
+        };
+        line(headers.to_vec());
+        for r in &cells {
+            line(r.iter().map(String::as_str).collect());
+        }
+    }
+
+    /// Prints one object: `key: value` lines, or a JSON object.
+    pub fn object(&self, fields: Vec<(&str, Value)>) {
+        if self.json {
+            let obj: serde_json::Map<String, Value> =
+                fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            println!("{}", Value::Object(obj));
+            return;
+        }
+        for (k, v) in fields {
+            println!(
+                "{k}: {}",
+                v.as_str().map(str::to_owned).unwrap_or(v.to_string())
+            );
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! `/etc/banger/config.toml`: what an operator may set. Unknown keys are an error, so a typo
+//! never silently falls back to a default.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// Which VMM drives the VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmChoice {
+    /// Firecracker when its binary and a usable `/dev/kvm` exist, else QEMU.
+    Auto,
+    /// Always QEMU microvm.
+    Qemu,
+    /// Always Firecracker.
+    Firecracker,
+}
+
+/// The daemon's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Seconds without calls or running jobs before the daemon exits; 0 = never.
+    pub idle_exit_sec: u64,
+    /// The VMM choice.
+    pub vmm: VmmChoice,
+    /// The image `vm run`/`CreateVM` use when none is named.
+    pub default_image: String,
+    /// The kernel used when neither the caller nor the image names one.
+    pub default_kernel: String,
+    /// Pull a missing image named in `CreateVM` from the catalog or a registry.
+    pub auto_pull_image: bool,
+    /// Pull a missing catalog kernel when an image or VM needs it.
+    pub auto_pull_kernel: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            idle_exit_sec: 60,
+            vmm: VmmChoice::Auto,
+            default_image: "debian-bookworm".into(),
+            default_kernel: "debian".into(),
+            auto_pull_image: true,
+            auto_pull_kernel: true,
+        }
+    }
+}
+
+impl Config {
+    /// Parses a configuration text.
+    pub fn parse(text: &str) -> Result<Self> {
+        toml::from_str(text)
+            .map_err(|e| Error::InvalidArgument(format!("Invalid configuration: {e}")))
+    }
+
+    /// Loads `path`; a missing file means defaults only when `required` is false.
+    pub fn load(path: &Path, required: bool) -> Result<Self> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text).map_err(|e| {
+                Error::InvalidArgument(format!("{}: {e}; fix the file and restart", path.display()))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(Self::default()),
+            Err(e) => Err(Error::failed(format!("Cannot read {}", path.display()), e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_text_gives_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.idle_exit_sec, 60);
+        assert_eq!(c.vmm, VmmChoice::Auto);
+    }
+
+    #[test]
+    fn keys_override_and_unknown_keys_fail() {
+        let c = Config::parse("idle_exit_sec = 0\nvmm = \"qemu\"\n").unwrap();
+        assert_eq!(c.idle_exit_sec, 0);
+        assert_eq!(c.vmm, VmmChoice::Qemu);
+        let err = Config::parse("idle_exit = 3").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_defaults_unless_required() {
+        let p = Path::new("/nonexistent/banger.toml");
+        assert!(Config::load(p, false).is_ok());
+        assert!(Config::load(p, true).is_err());
+    }
+}

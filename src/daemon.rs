@@ -1,0 +1,205 @@
+//! `bangerd`'s life: prepare state, export objects, take `org.banger`, tell systemd we are
+//! ready, and exit when idle (no calls for `idle_exit_sec` and no job running). VMs are not
+//! the daemon's children, so an idle exit never stops one.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use sd_notify::NotifyState;
+use tokio::time::Instant;
+use zbus::fdo::{RequestNameFlags, RequestNameReply};
+use zbus::message::Type as MessageType;
+
+use crate::auth::Polkit;
+use crate::config::Config;
+use crate::jobs::JobEvent;
+use crate::layout::Layout;
+use crate::model::now_us;
+use crate::service::Banger;
+use crate::store::{rows, Store};
+use crate::{dbus, Error, Result};
+
+/// How the daemon was asked to run.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Runtime directory.
+    pub runtime_dir: PathBuf,
+    /// Configuration file.
+    pub config: PathBuf,
+    /// Whether a missing configuration file is an error (it was named explicitly).
+    pub config_required: bool,
+}
+
+/// Why the daemon stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Idle for `idle_exit_sec`.
+    Idle,
+    /// SIGTERM or SIGINT.
+    Signal,
+    /// The bus connection closed.
+    BusGone,
+}
+
+fn notify(states: &[NotifyState<'_>]) {
+    // Outside systemd there is no NOTIFY_SOCKET and this is a no-op.
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::debug!("sd_notify failed: {e}");
+    }
+}
+
+/// Prepares the state directory and opens the store.
+pub fn prepare(opts: &DaemonOptions) -> Result<(Config, Layout, Store)> {
+    let config = Config::load(&opts.config, opts.config_required)?;
+    let layout = Layout::new(&opts.state_dir, &opts.runtime_dir);
+    layout.create()?;
+    for p in layout.sweep_staging()? {
+        tracing::info!(path = %p.display(), "Removed staging leftover of an interrupted operation");
+    }
+    let store = Store::open(&layout.database())?;
+    let n = store.call_blocking(|c| rows::fail_interrupted_jobs(c, now_us()))?;
+    if n > 0 {
+        tracing::warn!("{n} job(s) were interrupted by the previous daemon's exit; marked failed");
+    }
+    Ok((config, layout, store))
+}
+
+/// Runs the daemon until it is idle, signalled, or the bus goes away.
+pub async fn run(opts: DaemonOptions) -> Result<Exit> {
+    let (config, layout, store) = prepare(&opts)?;
+    let idle = Duration::from_secs(config.idle_exit_sec);
+    let banger = Banger::new(config, layout, store)?;
+
+    let conn = zbus::connection::Builder::system()
+        .build()
+        .await
+        .map_err(|e| Error::failed("Cannot connect to the system bus", e))?;
+    let authority = Arc::new(Polkit::new(conn.clone()));
+    dbus::serve(&conn, banger.clone(), authority).await?;
+    record_jobs(&banger);
+
+    let reply = conn
+        .request_name_with_flags(dbus::BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)
+        .await
+        .map_err(|e| Error::failed(format!("Cannot own {}", dbus::BUS_NAME), e))?;
+    if reply != RequestNameReply::PrimaryOwner {
+        return Err(Error::AlreadyExists(format!(
+            "{} is already owned by another bangerd ({reply:?})",
+            dbus::BUS_NAME
+        )));
+    }
+    tracing::info!(version = crate::VERSION, state_dir = %opts.state_dir.display(), "bangerd ready");
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status("Ready, waiting for calls"),
+    ]);
+
+    let exit = wait_for_exit(&conn, &banger, idle).await;
+    tracing::info!(?exit, "bangerd stopping");
+    notify(&[NotifyState::Stopping, NotifyState::Status("Stopping")]);
+    // Give the name back first, so a call arriving now activates a fresh daemon instead of
+    // reaching one that is going away.
+    let _ = conn.release_name(dbus::BUS_NAME).await;
+    Ok(exit)
+}
+
+/// Records every job's start and end in the store, off the D-Bus path.
+fn record_jobs(banger: &Arc<Banger>) {
+    let mut rx = banger.jobs.subscribe();
+    let b = banger.clone();
+    tokio::spawn(async move {
+        while let Ok(e) = rx.recv().await {
+            let r = match e {
+                JobEvent::New { id } => match b.jobs.get(id) {
+                    Ok(j) => {
+                        let rec = rows::JobRecord {
+                            id,
+                            kind: j.kind.clone(),
+                            target: j.target.clone(),
+                            state: "running".into(),
+                            error: String::new(),
+                        };
+                        b.store
+                            .call(move |c| rows::insert_job(c, &rec, now_us()))
+                            .await
+                    }
+                    Err(_) => Ok(()),
+                },
+                JobEvent::Finished { id, state, error } => {
+                    let at = now_us();
+                    b.store
+                        .call(move |c| {
+                            // A job too quick for its New to find it still gets a row.
+                            if rows::find_job(c, id)?.is_none() {
+                                let rec = rows::JobRecord {
+                                    id,
+                                    kind: String::new(),
+                                    target: String::new(),
+                                    state: "running".into(),
+                                    error: String::new(),
+                                };
+                                rows::insert_job(c, &rec, at)?;
+                            }
+                            rows::finish_job(c, id, state.as_str(), &error, at)
+                        })
+                        .await
+                }
+                _ => Ok(()),
+            };
+            if let Err(e) = r {
+                tracing::warn!("Cannot record a job: {}", e.full_message());
+            }
+        }
+    });
+}
+
+async fn wait_for_exit(conn: &zbus::Connection, banger: &Banger, idle: Duration) -> Exit {
+    let mut messages = zbus::MessageStream::from(conn);
+    let mut running = banger.jobs.running();
+    let mut last_call = Instant::now();
+    let (Ok(mut term), Ok(mut int)) = (
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
+    ) else {
+        tracing::error!("Cannot install signal handlers");
+        return Exit::Signal;
+    };
+    loop {
+        let busy = *running.borrow() > 0;
+        let deadline = last_call + idle;
+        let idle_timer = async {
+            if idle.is_zero() || busy {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep_until(deadline).await
+            }
+        };
+        tokio::select! {
+            m = messages.next() => match m {
+                Some(Ok(m)) if m.message_type() == MessageType::MethodCall => last_call = Instant::now(),
+                Some(_) => {}
+                None => return Exit::BusGone,
+            },
+            r = running.changed() => {
+                if r.is_err() {
+                    return Exit::BusGone;
+                }
+                let n = *running.borrow();
+                // The idle clock restarts when the last job ends.
+                if n == 0 {
+                    last_call = Instant::now();
+                    notify(&[NotifyState::Status("Ready, waiting for calls")]);
+                } else {
+                    notify(&[NotifyState::Status(&format!("Running {n} job(s)"))]);
+                }
+            }
+            _ = idle_timer => return Exit::Idle,
+            _ = term.recv() => return Exit::Signal,
+            _ = int.recv() => return Exit::Signal,
+        }
+    }
+}

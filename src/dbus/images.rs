@@ -1,0 +1,158 @@
+//! `org.banger.Images1` on the manager object.
+
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::{interface, Connection, OwnedObjectPath};
+
+use super::{image_path, BusResult as Result, Ctx, OptionMap, Options};
+use crate::auth::Action;
+use crate::images::{BuildOptions, PullOptions, RegisterOptions};
+use crate::model::{validate_name, NameKind};
+
+/// The image manager.
+pub struct Images1 {
+    pub(super) ctx: Ctx,
+}
+
+/// Manages root filesystem images.
+#[interface(name = "org.banger.Images1")]
+impl Images1 {
+    /// Lists every image as (id, name, managed, source, object path).
+    async fn list_images(&self) -> Result<Vec<(String, String, bool, String, OwnedObjectPath)>> {
+        let images = self.ctx.banger.images.list().await?;
+        Ok(images
+            .into_iter()
+            .map(|i| {
+                let path = image_path(&i.id);
+                (i.id, i.name, i.managed, i.source, path)
+            })
+            .collect())
+    }
+
+    /// Returns the object path of the image with this name or id.
+    async fn get_image(&self, name_or_id: &str) -> Result<OwnedObjectPath> {
+        Ok(image_path(
+            &self.ctx.banger.images.get(name_or_id).await?.id,
+        ))
+    }
+
+    /// Pulls an image from the catalog or an OCI registry and builds a bootable ext4 from it.
+    /// Options: name s, kernel s, size t, insecure b. Returns the job at once.
+    #[zbus(out_args("job_id", "job_path"))]
+    async fn pull_image(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        r#ref: &str,
+        options: OptionMap,
+    ) -> Result<(u32, OwnedObjectPath)> {
+        let mut o = Options::new("PullImage", options);
+        let opts = PullOptions {
+            name: o.string("name")?,
+            kernel: o.string("kernel")?,
+            size: o.u64("size")?,
+            insecure: o.bool("insecure")?.unwrap_or(false),
+        };
+        o.finish()?;
+        self.ctx.banger.images.validate_pull(r#ref, &opts)?;
+        let caller = self.ctx.authorize(conn, &hdr, Action::ImagesManage).await?;
+        let job = self.ctx.banger.images.pull(caller.uid, r#ref, opts).await?;
+        Ok(self.ctx.job_reply(&job).await)
+    }
+
+    /// Registers existing files as an unmanaged image (re-registering updates it).
+    /// Options: rootfs s, work_seed s, kernel s, or kernel_path s, initrd_path s, modules_dir s.
+    async fn register_image(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name: &str,
+        options: OptionMap,
+    ) -> Result<OwnedObjectPath> {
+        let mut o = Options::new("RegisterImage", options);
+        let opts = RegisterOptions {
+            rootfs: o.path("rootfs")?,
+            work_seed: o.path("work_seed")?,
+            kernel: o.string("kernel")?,
+            kernel_path: o.path("kernel_path")?,
+            initrd_path: o.path("initrd_path")?,
+            modules_dir: o.path("modules_dir")?,
+        };
+        o.finish()?;
+        validate_name(NameKind::Image, name)?;
+        opts.validate()?;
+        self.ctx.authorize(conn, &hdr, Action::ImagesManage).await?;
+        Ok(image_path(
+            &self.ctx.banger.images.register(name, opts).await?.id,
+        ))
+    }
+
+    /// Copies an unmanaged image into managed storage. Returns the job at once.
+    #[zbus(out_args("job_id", "job_path"))]
+    async fn promote_image(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name_or_id: &str,
+    ) -> Result<(u32, OwnedObjectPath)> {
+        let caller = self.ctx.authorize(conn, &hdr, Action::ImagesManage).await?;
+        let job = self
+            .ctx
+            .banger
+            .images
+            .promote(caller.uid, name_or_id)
+            .await?;
+        Ok(self.ctx.job_reply(&job).await)
+    }
+
+    /// Builds a Debian image with debootstrap from the host's apt sources.
+    /// Options: suite s, packages as, size t, kernel s. Returns the job at once.
+    #[zbus(out_args("job_id", "job_path"))]
+    async fn build_image(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name: &str,
+        options: OptionMap,
+    ) -> Result<(u32, OwnedObjectPath)> {
+        let mut o = Options::new("BuildImage", options);
+        let opts = BuildOptions {
+            suite: o.string("suite")?,
+            packages: o.strings("packages")?.unwrap_or_default(),
+            size: o.u64("size")?,
+            kernel: o.string("kernel")?,
+        };
+        o.finish()?;
+        validate_name(NameKind::Image, name)?;
+        let caller = self.ctx.authorize(conn, &hdr, Action::ImagesManage).await?;
+        let job = self.ctx.banger.images.build(caller.uid, name, opts).await?;
+        Ok(self.ctx.job_reply(&job).await)
+    }
+
+    /// Deletes an image that no VM uses.
+    async fn delete_image(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name_or_id: &str,
+    ) -> Result<()> {
+        self.ctx.authorize(conn, &hdr, Action::ImagesManage).await?;
+        Ok(self.ctx.banger.images.delete(name_or_id).await?)
+    }
+
+    /// An image was published.
+    #[zbus(signal)]
+    pub async fn image_new(
+        e: &SignalEmitter<'_>,
+        id: &str,
+        path: OwnedObjectPath,
+    ) -> zbus::Result<()>;
+
+    /// An image was deleted.
+    #[zbus(signal)]
+    pub async fn image_removed(
+        e: &SignalEmitter<'_>,
+        id: &str,
+        path: OwnedObjectPath,
+    ) -> zbus::Result<()>;
+}

@@ -1,0 +1,106 @@
+//! `org.banger.Kernels1` on the manager object.
+
+use zbus::message::Header;
+use zbus::{interface, Connection, OwnedObjectPath};
+
+use super::{kernel_path, BusResult as Result, Ctx, OptionMap, Options};
+use crate::auth::Action;
+use crate::kernels::ImportOptions;
+use crate::model::{validate_name, NameKind};
+
+/// The kernel manager.
+pub struct Kernels1 {
+    pub(super) ctx: Ctx,
+}
+
+/// Manages kernels: each a kernel, an initrd and a modules directory.
+#[interface(name = "org.banger.Kernels1")]
+impl Kernels1 {
+    /// Lists installed kernels as (name, version, source, object path).
+    async fn list_kernels(&self) -> Result<Vec<(String, String, String, OwnedObjectPath)>> {
+        let kernels = self.ctx.banger.kernels.list().await?;
+        Ok(kernels
+            .into_iter()
+            .map(|k| {
+                let path = kernel_path(&k.name);
+                (k.name, k.version, k.source, path)
+            })
+            .collect())
+    }
+
+    /// Lists the kernel catalog as (name, version, description).
+    async fn list_available_kernels(&self) -> Result<Vec<(String, String, String)>> {
+        Ok(self
+            .ctx
+            .banger
+            .kernels
+            .available()
+            .into_iter()
+            .map(|k| (k.name, k.version, k.description))
+            .collect())
+    }
+
+    /// Returns the object path of the installed kernel with this name.
+    async fn get_kernel(&self, name: &str) -> Result<OwnedObjectPath> {
+        Ok(kernel_path(&self.ctx.banger.kernels.get(name).await?.name))
+    }
+
+    /// Pulls a kernel from the catalog. No options yet. Returns the job at once.
+    #[zbus(out_args("job_id", "job_path"))]
+    async fn pull_kernel(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name: &str,
+        options: OptionMap,
+    ) -> Result<(u32, OwnedObjectPath)> {
+        Options::new("PullKernel", options).finish()?;
+        validate_name(NameKind::Kernel, name)?;
+        let caller = self
+            .ctx
+            .authorize(conn, &hdr, Action::KernelsManage)
+            .await?;
+        let job = self.ctx.banger.kernels.pull(caller.uid, name).await?;
+        Ok(self.ctx.job_reply(&job).await)
+    }
+
+    /// Imports kernel files under a name; banger builds the initrd when none is given.
+    /// Options: kernel_path s (required), initrd_path s, modules_dir s.
+    async fn import_kernel(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name: &str,
+        options: OptionMap,
+    ) -> Result<OwnedObjectPath> {
+        let mut o = Options::new("ImportKernel", options);
+        let opts = ImportOptions {
+            kernel_path: o.path("kernel_path")?,
+            initrd_path: o.path("initrd_path")?,
+            modules_dir: o.path("modules_dir")?,
+        };
+        o.finish()?;
+        validate_name(NameKind::Kernel, name)?;
+        opts.validate()?;
+        self.ctx
+            .authorize(conn, &hdr, Action::KernelsManage)
+            .await?;
+        Ok(kernel_path(
+            &self.ctx.banger.kernels.import(name, opts).await?.name,
+        ))
+    }
+
+    /// Deletes a kernel that no image or VM uses.
+    async fn delete_kernel(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name: &str,
+    ) -> Result<()> {
+        validate_name(NameKind::Kernel, name)?;
+        self.ctx
+            .authorize(conn, &hdr, Action::KernelsManage)
+            .await?;
+        Ok(self.ctx.banger.kernels.delete(name).await?)
+    }
+}

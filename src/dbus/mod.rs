@@ -1,0 +1,173 @@
+//! The D-Bus face of the services: one file per interface, each method a thin
+//! validate → authorise → one service call → map the error. zbus stays in here and in `auth`.
+
+mod error;
+mod image;
+mod images;
+mod job;
+mod jobs;
+mod kernel;
+mod kernels;
+mod options;
+pub mod proxy;
+mod pump;
+mod vm;
+mod vms;
+
+use std::sync::Arc;
+
+use zbus::message::Header;
+use zbus::{Connection, OwnedObjectPath};
+
+pub use error::{BusError, BusResult};
+pub use options::{OptionMap, Options};
+
+use crate::auth::{self, Action, Authority, Caller};
+use crate::model::escape_path_label;
+use crate::service::Banger;
+
+/// The well-known bus name.
+pub const BUS_NAME: &str = "org.banger";
+/// The manager object.
+pub const MANAGER_PATH: &str = "/org/banger";
+
+/// The object path of an image.
+pub fn image_path(id: &str) -> OwnedObjectPath {
+    child_path("image", id)
+}
+/// The object path of a kernel (its name escaped as sd-bus does).
+pub fn kernel_path(name: &str) -> OwnedObjectPath {
+    child_path("kernel", &escape_path_label(name))
+}
+/// The object path of a VM.
+pub fn vm_path(id: &str) -> OwnedObjectPath {
+    child_path("vm", id)
+}
+/// The object path of a job.
+pub fn job_path(id: u32) -> OwnedObjectPath {
+    child_path("job", &id.to_string())
+}
+
+/// `/org/banger/<kind>/<label>`; a label that is not a valid path element (never the case
+/// for banger's hex ids and escaped names) is escaped rather than trusted.
+fn child_path(kind: &str, label: &str) -> OwnedObjectPath {
+    let raw = format!("{MANAGER_PATH}/{kind}/{label}");
+    OwnedObjectPath::try_from(raw).unwrap_or_else(|_| {
+        let escaped = format!("{MANAGER_PATH}/{kind}/{}", escape_path_label(label));
+        // An escaped label is [A-Za-z0-9_]+, always a valid element.
+        OwnedObjectPath::try_from(escaped).expect("escaped labels are valid path elements")
+    })
+}
+
+/// What every interface object shares.
+#[derive(Clone)]
+pub struct Ctx {
+    /// The services.
+    pub banger: Arc<Banger>,
+    /// Who decides authorisation.
+    pub authority: Arc<dyn Authority>,
+    registry: Arc<pump::JobRegistry>,
+}
+
+impl Ctx {
+    /// Identifies the caller and checks `action` for it.
+    pub async fn authorize(
+        &self,
+        conn: &Connection,
+        hdr: &Header<'_>,
+        action: Action,
+    ) -> BusResult<Caller> {
+        let caller = Caller::from_header(conn, hdr).await?;
+        self.check(&caller, action).await?;
+        Ok(caller)
+    }
+
+    /// Checks `action` for a caller already identified.
+    pub async fn check(&self, caller: &Caller, action: Action) -> BusResult<()> {
+        auth::authorize(self.authority.as_ref(), caller, action)
+            .await
+            .map_err(|e| {
+                tracing::warn!(uid = caller.uid, action = action.id(), "Refused: {e}");
+                e.into()
+            })
+    }
+
+    /// The caller, for reads that depend on who asks.
+    pub async fn caller(&self, conn: &Connection, hdr: &Header<'_>) -> BusResult<Caller> {
+        Ok(Caller::from_header(conn, hdr).await?)
+    }
+
+    /// Waits until a just-started job's object is on the bus, so the path a method returns can
+    /// be used at once; returns its `(id, path)`.
+    pub async fn job_reply(&self, job: &crate::jobs::Job) -> (u32, OwnedObjectPath) {
+        self.registry.wait_published(job).await;
+        (job.id, job_path(job.id))
+    }
+}
+
+/// Serves the manager object, every existing object, and the pumps that keep the bus in step
+/// with the services. Call before requesting the bus name, so nothing is missing when callers
+/// arrive.
+pub async fn serve(
+    conn: &Connection,
+    banger: Arc<Banger>,
+    authority: Arc<dyn Authority>,
+) -> crate::Result<()> {
+    let registry = Arc::new(pump::JobRegistry::default());
+    let ctx = Ctx {
+        banger: banger.clone(),
+        authority,
+        registry: registry.clone(),
+    };
+    let server = conn.object_server();
+    let fail = |e: zbus::Error| crate::Error::failed("Cannot export the D-Bus objects", e);
+    server
+        .at(MANAGER_PATH, images::Images1 { ctx: ctx.clone() })
+        .await
+        .map_err(fail)?;
+    server
+        .at(MANAGER_PATH, kernels::Kernels1 { ctx: ctx.clone() })
+        .await
+        .map_err(fail)?;
+    server
+        .at(MANAGER_PATH, vms::Vms1 { ctx: ctx.clone() })
+        .await
+        .map_err(fail)?;
+    server
+        .at(MANAGER_PATH, jobs::Jobs1 { ctx: ctx.clone() })
+        .await
+        .map_err(fail)?;
+
+    for i in banger.images.list().await? {
+        server
+            .at(image_path(&i.id), image::Image1 { image: i })
+            .await
+            .map_err(fail)?;
+    }
+    for k in banger.kernels.list().await? {
+        server
+            .at(kernel_path(&k.name), kernel::Kernel1 { kernel: k })
+            .await
+            .map_err(fail)?;
+    }
+    for v in banger.vms.list().await? {
+        server
+            .at(
+                vm_path(&v.id),
+                vm::Vm1 {
+                    vm: v,
+                    ctx: ctx.clone(),
+                },
+            )
+            .await
+            .map_err(fail)?;
+    }
+    // Registered last: it announces everything already below it once.
+    server
+        .at(MANAGER_PATH, zbus::fdo::ObjectManager)
+        .await
+        .map_err(fail)?;
+
+    pump::spawn(conn.clone(), ctx);
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! Client proxies for the CLI and tests. `allow_interactive_auth` lets polkit ask for a
+//! password when the caller runs in a terminal with an agent.
+
+use std::collections::HashMap;
+
+use zbus::{proxy, OwnedObjectPath, OwnedVariant};
+
+/// Options as sent.
+pub type Opts = HashMap<String, OwnedVariant>;
+
+/// `org.banger.Images1`.
+#[proxy(
+    interface = "org.banger.Images1",
+    default_service = "org.banger",
+    default_path = "/org/banger"
+)]
+pub trait Images1 {
+    /// ListImages
+    fn list_images(&self) -> zbus::Result<Vec<(String, String, bool, String, OwnedObjectPath)>>;
+    /// GetImage
+    fn get_image(&self, name_or_id: &str) -> zbus::Result<OwnedObjectPath>;
+    /// PullImage
+    #[zbus(allow_interactive_auth)]
+    fn pull_image(&self, r#ref: &str, options: Opts) -> zbus::Result<(u32, OwnedObjectPath)>;
+    /// RegisterImage
+    #[zbus(allow_interactive_auth)]
+    fn register_image(&self, name: &str, options: Opts) -> zbus::Result<OwnedObjectPath>;
+    /// PromoteImage
+    #[zbus(allow_interactive_auth)]
+    fn promote_image(&self, name_or_id: &str) -> zbus::Result<(u32, OwnedObjectPath)>;
+    /// BuildImage
+    #[zbus(allow_interactive_auth)]
+    fn build_image(&self, name: &str, options: Opts) -> zbus::Result<(u32, OwnedObjectPath)>;
+    /// DeleteImage
+    #[zbus(allow_interactive_auth)]
+    fn delete_image(&self, name_or_id: &str) -> zbus::Result<()>;
+}
+
+/// `org.banger.Kernels1`.
+#[proxy(
+    interface = "org.banger.Kernels1",
+    default_service = "org.banger",
+    default_path = "/org/banger"
+)]
+pub trait Kernels1 {
+    /// ListKernels
+    fn list_kernels(&self) -> zbus::Result<Vec<(String, String, String, OwnedObjectPath)>>;
+    /// ListAvailableKernels
+    fn list_available_kernels(&self) -> zbus::Result<Vec<(String, String, String)>>;
+    /// GetKernel
+    fn get_kernel(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    /// PullKernel
+    #[zbus(allow_interactive_auth)]
+    fn pull_kernel(&self, name: &str, options: Opts) -> zbus::Result<(u32, OwnedObjectPath)>;
+    /// ImportKernel
+    #[zbus(allow_interactive_auth)]
+    fn import_kernel(&self, name: &str, options: Opts) -> zbus::Result<OwnedObjectPath>;
+    /// DeleteKernel
+    #[zbus(allow_interactive_auth)]
+    fn delete_kernel(&self, name: &str) -> zbus::Result<()>;
+}
+
+/// `org.banger.VMs1`.
+#[proxy(
+    interface = "org.banger.VMs1",
+    default_service = "org.banger",
+    default_path = "/org/banger"
+)]
+pub trait VMs1 {
+    /// ListVMs
+    #[zbus(name = "ListVMs")]
+    fn list_vms(&self) -> zbus::Result<Vec<(String, String, String, String, OwnedObjectPath)>>;
+    /// GetVM
+    #[zbus(name = "GetVM")]
+    fn get_vm(&self, name_or_id: &str) -> zbus::Result<OwnedObjectPath>;
+    /// CreateVM
+    #[zbus(name = "CreateVM", allow_interactive_auth)]
+    fn create_vm(
+        &self,
+        name: &str,
+        options: Opts,
+    ) -> zbus::Result<(OwnedObjectPath, u32, OwnedObjectPath)>;
+    /// StartVM
+    #[zbus(name = "StartVM", allow_interactive_auth)]
+    fn start_vm(&self, name_or_id: &str) -> zbus::Result<(u32, OwnedObjectPath)>;
+    /// StopVM
+    #[zbus(name = "StopVM", allow_interactive_auth)]
+    fn stop_vm(&self, name_or_id: &str, options: Opts) -> zbus::Result<()>;
+    /// DeleteVM
+    #[zbus(name = "DeleteVM", allow_interactive_auth)]
+    fn delete_vm(&self, name_or_id: &str, options: Opts) -> zbus::Result<()>;
+}
+
+/// `org.banger.Jobs1`.
+#[proxy(
+    interface = "org.banger.Jobs1",
+    default_service = "org.banger",
+    default_path = "/org/banger"
+)]
+pub trait Jobs1 {
+    /// ListJobs
+    fn list_jobs(&self) -> zbus::Result<Vec<(u32, String, String, f64, OwnedObjectPath)>>;
+    /// CancelJob
+    #[zbus(allow_interactive_auth)]
+    fn cancel_job(&self, id: u32) -> zbus::Result<()>;
+    /// The daemon's version.
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+    /// JobNew
+    #[zbus(signal)]
+    fn job_new(&self, id: u32, path: OwnedObjectPath) -> zbus::Result<()>;
+    /// JobRemoved
+    #[zbus(signal)]
+    fn job_removed(&self, id: u32, path: OwnedObjectPath, result: String) -> zbus::Result<()>;
+}
+
+/// `org.banger.Job1`.
+#[proxy(interface = "org.banger.Job1", default_service = "org.banger")]
+pub trait Job1 {
+    /// Cancel
+    #[zbus(allow_interactive_auth)]
+    fn cancel(&self) -> zbus::Result<()>;
+    /// Kind
+    #[zbus(property)]
+    fn kind(&self) -> zbus::Result<String>;
+    /// Stage
+    #[zbus(property)]
+    fn stage(&self) -> zbus::Result<String>;
+    /// Progress
+    #[zbus(property)]
+    fn progress(&self) -> zbus::Result<f64>;
+    /// State
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+    /// Error
+    #[zbus(property)]
+    fn error(&self) -> zbus::Result<String>;
+    /// StageChanged (named apart from the Stage property's change stream)
+    #[zbus(signal, name = "StageChanged")]
+    fn stage_entered(&self, stage: String, message: String) -> zbus::Result<()>;
+    /// LogMessage
+    #[zbus(signal)]
+    fn log_message(&self, priority: u32, line: String) -> zbus::Result<()>;
+}

@@ -1,0 +1,118 @@
+//! `org.banger.VM1`: one VM object.
+
+use zbus::message::Header;
+use zbus::{interface, Connection, OwnedObjectPath};
+
+use super::{vms, BusResult as Result, Ctx, OptionMap};
+use crate::model::Vm;
+
+/// A VM object; its properties are the VM's row.
+pub struct Vm1 {
+    pub(super) vm: Vm,
+    pub(super) ctx: Ctx,
+}
+
+/// A microVM.
+#[interface(name = "org.banger.VM1")]
+impl Vm1 {
+    /// Starts the VM. Returns the job at once.
+    #[zbus(out_args("job_id", "job_path"))]
+    async fn start(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<(u32, OwnedObjectPath)> {
+        vms::start(&self.ctx, conn, &hdr, &self.vm.id).await
+    }
+
+    /// Stops the VM. Options: force b, timeout_sec u.
+    async fn stop(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        options: OptionMap,
+    ) -> Result<()> {
+        vms::stop(&self.ctx, conn, &hdr, &self.vm.id, options).await
+    }
+
+    /// Deletes the VM. Options: force b.
+    async fn delete(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        options: OptionMap,
+    ) -> Result<()> {
+        vms::delete(&self.ctx, conn, &hdr, &self.vm.id, options).await
+    }
+
+    /// The VM's hex id.
+    #[zbus(property(emits_changed_signal = "const"), name = "Id")]
+    fn id(&self) -> String {
+        self.vm.id.clone()
+    }
+    /// The VM's unique name.
+    #[zbus(property(emits_changed_signal = "const"), name = "Name")]
+    fn name(&self) -> String {
+        self.vm.name.clone()
+    }
+    /// created, starting, running, stopping, stopped or failed.
+    #[zbus(property, name = "State")]
+    fn state(&self) -> String {
+        self.vm.state.as_str().to_owned()
+    }
+    /// The last creation or start stage reached.
+    #[zbus(property, name = "Stage")]
+    fn stage(&self) -> String {
+        self.vm.stage.clone()
+    }
+    /// The image's id.
+    #[zbus(property(emits_changed_signal = "const"), name = "Image")]
+    fn image(&self) -> String {
+        self.vm.image_id.clone()
+    }
+    /// The kernel's name.
+    #[zbus(property(emits_changed_signal = "const"), name = "Kernel")]
+    fn kernel(&self) -> String {
+        self.vm.kernel.clone()
+    }
+    /// Virtual CPUs.
+    #[zbus(property, name = "VCpus")]
+    fn vcpus(&self) -> u32 {
+        self.vm.vcpus
+    }
+    /// Guest memory in MiB.
+    #[zbus(property, name = "MemoryMiB")]
+    fn memory_mib(&self) -> u32 {
+        self.vm.memory_mib
+    }
+    /// The guest's IPv4 address.
+    #[zbus(property, name = "GuestAddress")]
+    fn guest_address(&self) -> String {
+        self.vm.guest_address.clone()
+    }
+    /// The guest NIC's MAC address.
+    #[zbus(property, name = "MacAddress")]
+    fn mac_address(&self) -> String {
+        self.vm.mac_address.clone()
+    }
+    /// The guest's vsock context id.
+    #[zbus(property, name = "VSockCID")]
+    fn vsock_cid(&self) -> u32 {
+        self.vm.vsock_cid
+    }
+    /// host:port of the guest's sshd, once it answered.
+    #[zbus(property, name = "SSHAddress")]
+    fn ssh_address(&self) -> String {
+        self.vm.ssh_address.clone()
+    }
+    /// The uid that created the VM.
+    #[zbus(property(emits_changed_signal = "const"), name = "Owner")]
+    fn owner(&self) -> u32 {
+        self.vm.owner_uid
+    }
+    /// Creation time, µs since the epoch.
+    #[zbus(property(emits_changed_signal = "const"), name = "CreatedAt")]
+    fn created_at(&self) -> u64 {
+        self.vm.created_at
+    }
+}

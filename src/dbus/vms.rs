@@ -1,0 +1,183 @@
+//! `org.banger.VMs1` on the manager object, and the VM operations `VM1` shares with it.
+
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::{interface, Connection, OwnedObjectPath};
+
+use super::{vm_path, BusResult as Result, Ctx, OptionMap, Options};
+use crate::auth::Action;
+use crate::model::{validate_name, NameKind};
+use crate::vms::{action_for, CreateOptions, StopOptions};
+
+/// The VM manager.
+pub struct Vms1 {
+    pub(super) ctx: Ctx,
+}
+
+/// Manages microVMs.
+#[interface(name = "org.banger.VMs1")]
+impl Vms1 {
+    /// Lists every VM as (id, name, state, image, object path).
+    #[zbus(name = "ListVMs")]
+    async fn list_vms(&self) -> Result<Vec<(String, String, String, String, OwnedObjectPath)>> {
+        let vms = self.ctx.banger.vms.list().await?;
+        Ok(vms
+            .into_iter()
+            .map(|v| {
+                let path = vm_path(&v.id);
+                (v.id, v.name, v.state.as_str().to_owned(), v.image_id, path)
+            })
+            .collect())
+    }
+
+    /// Returns the object path of the VM with this name or id.
+    #[zbus(name = "GetVM")]
+    async fn get_vm(&self, name_or_id: &str) -> Result<OwnedObjectPath> {
+        Ok(vm_path(&self.ctx.banger.vms.get(name_or_id).await?.id))
+    }
+
+    /// Creates a VM and, unless start is false, starts it. Options: image s, kernel s,
+    /// vcpus u, memory_mib u, disk_size t, ssh_key s, start b. Returns the VM and its job at
+    /// once; stages arrive as CreateProgress and the job's StageChanged.
+    #[zbus(name = "CreateVM", out_args("vm_path", "job_id", "job_path"))]
+    async fn create_vm(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name: &str,
+        options: OptionMap,
+    ) -> Result<(OwnedObjectPath, u32, OwnedObjectPath)> {
+        let mut o = Options::new("CreateVM", options);
+        let d = CreateOptions::default();
+        let opts = CreateOptions {
+            image: o.string("image")?,
+            kernel: o.string("kernel")?,
+            vcpus: o.u32("vcpus")?.unwrap_or(d.vcpus),
+            memory_mib: o.u32("memory_mib")?.unwrap_or(d.memory_mib),
+            disk_size: o.u64("disk_size")?,
+            ssh_key: o.string("ssh_key")?,
+            start: o.bool("start")?.unwrap_or(d.start),
+        };
+        o.finish()?;
+        validate_name(NameKind::Vm, name)?;
+        opts.validate()?;
+        let caller = self.ctx.authorize(conn, &hdr, Action::VmsManage).await?;
+        let (vm, job) = self.ctx.banger.vms.create(caller.uid, name, opts).await?;
+        let (id, path) = self.ctx.job_reply(&job).await;
+        Ok((vm_path(&vm.id), id, path))
+    }
+
+    /// Starts a stopped VM. Returns the job at once.
+    #[zbus(name = "StartVM", out_args("job_id", "job_path"))]
+    async fn start_vm(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name_or_id: &str,
+    ) -> Result<(u32, OwnedObjectPath)> {
+        start(&self.ctx, conn, &hdr, name_or_id).await
+    }
+
+    /// Stops a VM: a clean shutdown, then a kill after timeout_sec. Options: force b,
+    /// timeout_sec u.
+    #[zbus(name = "StopVM")]
+    async fn stop_vm(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name_or_id: &str,
+        options: OptionMap,
+    ) -> Result<()> {
+        stop(&self.ctx, conn, &hdr, name_or_id, options).await
+    }
+
+    /// Deletes a VM and its disks; a running VM only with force. Options: force b.
+    #[zbus(name = "DeleteVM")]
+    async fn delete_vm(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name_or_id: &str,
+        options: OptionMap,
+    ) -> Result<()> {
+        delete(&self.ctx, conn, &hdr, name_or_id, options).await
+    }
+
+    /// A VM was created.
+    #[zbus(signal, name = "VMNew")]
+    pub async fn vm_new(e: &SignalEmitter<'_>, id: &str, path: OwnedObjectPath)
+        -> zbus::Result<()>;
+
+    /// A VM was deleted.
+    #[zbus(signal, name = "VMRemoved")]
+    pub async fn vm_removed(
+        e: &SignalEmitter<'_>,
+        id: &str,
+        path: OwnedObjectPath,
+    ) -> zbus::Result<()>;
+
+    /// A VM's creation reached a stage.
+    #[zbus(signal)]
+    pub async fn create_progress(
+        e: &SignalEmitter<'_>,
+        vm: OwnedObjectPath,
+        stage: &str,
+        message: &str,
+    ) -> zbus::Result<()>;
+}
+
+/// Looks the VM up, then authorises the caller as its owner or as an administrator.
+async fn authorize_vm(
+    ctx: &Ctx,
+    conn: &Connection,
+    hdr: &Header<'_>,
+    key: &str,
+) -> Result<(crate::auth::Caller, crate::model::Vm)> {
+    let caller = ctx.caller(conn, hdr).await?;
+    let vm = ctx.banger.vms.get(key).await?;
+    ctx.check(&caller, action_for(&vm, caller.uid)).await?;
+    Ok((caller, vm))
+}
+
+pub(super) async fn start(
+    ctx: &Ctx,
+    conn: &Connection,
+    hdr: &Header<'_>,
+    key: &str,
+) -> Result<(u32, OwnedObjectPath)> {
+    let (caller, vm) = authorize_vm(ctx, conn, hdr, key).await?;
+    let job = ctx.banger.vms.start(caller.uid, &vm).await?;
+    Ok(ctx.job_reply(&job).await)
+}
+
+pub(super) async fn stop(
+    ctx: &Ctx,
+    conn: &Connection,
+    hdr: &Header<'_>,
+    key: &str,
+    options: OptionMap,
+) -> Result<()> {
+    let mut o = Options::new("StopVM", options);
+    let d = StopOptions::default();
+    let opts = StopOptions {
+        force: o.bool("force")?.unwrap_or(d.force),
+        timeout_sec: o.u32("timeout_sec")?.unwrap_or(d.timeout_sec),
+    };
+    o.finish()?;
+    let (_, vm) = authorize_vm(ctx, conn, hdr, key).await?;
+    Ok(ctx.banger.vms.stop(&vm, opts).await?)
+}
+
+pub(super) async fn delete(
+    ctx: &Ctx,
+    conn: &Connection,
+    hdr: &Header<'_>,
+    key: &str,
+    options: OptionMap,
+) -> Result<()> {
+    let mut o = Options::new("DeleteVM", options);
+    let force = o.bool("force")?.unwrap_or(false);
+    o.finish()?;
+    let (_, vm) = authorize_vm(ctx, conn, hdr, key).await?;
+    Ok(ctx.banger.vms.delete(&vm, force).await?)
+}

@@ -1,0 +1,499 @@
+//! Long operations (pulls, builds, creates) as jobs, the way systemd-importd runs transfers:
+//! the caller gets an id at once; the work runs in a task that reports stages, progress and
+//! log lines; a cancel drops the work at its next await point. Everything a job does is also
+//! an ordered [`JobEvent`] on one broadcast channel, which the D-Bus layer turns into
+//! signals and the daemon into store rows. This module knows nothing of D-Bus.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{broadcast, watch};
+
+use crate::auth::Action;
+use crate::{Error, Result};
+
+/// How a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    /// Its work is under way.
+    Running,
+    /// Finished successfully.
+    Done,
+    /// Finished with an error.
+    Failed,
+    /// Canceled by a caller.
+    Canceled,
+}
+
+impl JobState {
+    /// The D-Bus spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Canceled => "canceled",
+        }
+    }
+}
+
+/// A job's changing part.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobStatus {
+    /// The current stage's name.
+    pub stage: String,
+    /// 0..=1.
+    pub progress: f64,
+    /// Running or how it ended.
+    pub state: JobState,
+    /// The error's message when it failed.
+    pub error: String,
+}
+
+/// One long operation.
+#[derive(Debug)]
+pub struct Job {
+    /// Unique id, never reused (it continues from the store's highest).
+    pub id: u32,
+    /// What kind of work, e.g. `pull-image`.
+    pub kind: String,
+    /// What it works on, e.g. an image ref or a VM name.
+    pub target: String,
+    /// The polkit action a caller needs to cancel it.
+    pub action: Action,
+    /// The uid that started it.
+    pub owner_uid: u32,
+    status: Mutex<JobStatus>,
+    cancel: watch::Sender<bool>,
+}
+
+impl Job {
+    /// A snapshot of the changing part.
+    pub fn status(&self) -> JobStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut JobStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+/// Everything that happens to jobs, in the order it happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobEvent {
+    /// A job was started.
+    New {
+        /// The job.
+        id: u32,
+    },
+    /// The job entered a stage.
+    StageChanged {
+        /// The job.
+        id: u32,
+        /// The stage's name.
+        stage: String,
+        /// What it is doing, for people.
+        message: String,
+    },
+    /// The job's progress moved.
+    Progress {
+        /// The job.
+        id: u32,
+        /// 0..=1.
+        progress: f64,
+    },
+    /// A log line for the job's watchers.
+    Log {
+        /// The job.
+        id: u32,
+        /// syslog priority (3 error, 4 warning, 6 info, 7 debug).
+        priority: u32,
+        /// The line.
+        line: String,
+    },
+    /// The job finished; its object is removed right after.
+    Finished {
+        /// The job.
+        id: u32,
+        /// `Done`, `Failed` or `Canceled`.
+        state: JobState,
+        /// The error's message, empty unless failed.
+        error: String,
+    },
+}
+
+/// What a job's work uses to report.
+#[derive(Clone)]
+pub struct JobContext {
+    job: Arc<Job>,
+    events: broadcast::Sender<JobEvent>,
+}
+
+impl JobContext {
+    /// The job's id.
+    pub fn id(&self) -> u32 {
+        self.job.id
+    }
+
+    /// Enters a stage (progress is left as it is).
+    pub fn stage(&self, stage: &str, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!(job_id = self.job.id, stage, "{message}");
+        self.job.update(|s| s.stage = stage.to_owned());
+        self.send(JobEvent::StageChanged {
+            id: self.job.id,
+            stage: stage.into(),
+            message,
+        });
+    }
+
+    /// Sets progress, clamped to 0..=1.
+    pub fn progress(&self, progress: f64) {
+        let progress = if progress.is_nan() {
+            0.0
+        } else {
+            progress.clamp(0.0, 1.0)
+        };
+        self.job.update(|s| s.progress = progress);
+        self.send(JobEvent::Progress {
+            id: self.job.id,
+            progress,
+        });
+    }
+
+    /// Sends a log line to the job's watchers and the journal.
+    pub fn log(&self, priority: u32, line: impl Into<String>) {
+        let line = line.into();
+        if priority <= 4 {
+            tracing::warn!(job_id = self.job.id, "{line}");
+        } else {
+            tracing::info!(job_id = self.job.id, "{line}");
+        }
+        self.send(JobEvent::Log {
+            id: self.job.id,
+            priority,
+            line,
+        });
+    }
+
+    /// Whether a cancel was asked for; for work that checks between blocking steps.
+    pub fn is_canceled(&self) -> bool {
+        *self.job.cancel.borrow()
+    }
+
+    fn send(&self, e: JobEvent) {
+        // No receiver is fine: nobody is watching yet.
+        let _ = self.events.send(e);
+    }
+}
+
+/// What to start: the job's identity, before it has an id.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// What kind of work, e.g. `pull-image`.
+    pub kind: String,
+    /// What it works on.
+    pub target: String,
+    /// The polkit action a caller needs to cancel it.
+    pub action: Action,
+    /// The uid that started it.
+    pub owner_uid: u32,
+}
+
+struct Inner {
+    next_id: AtomicU32,
+    jobs: Mutex<BTreeMap<u32, Arc<Job>>>,
+    events: broadcast::Sender<JobEvent>,
+    running: watch::Sender<usize>,
+}
+
+/// The job table and runner; cheap to clone.
+#[derive(Clone)]
+pub struct Jobs {
+    inner: Arc<Inner>,
+}
+
+impl Jobs {
+    /// A runner whose first id is `last_id + 1`.
+    pub fn new(last_id: u32) -> Self {
+        let (events, _) = broadcast::channel(4096);
+        let (running, _) = watch::channel(0);
+        Jobs {
+            inner: Arc::new(Inner {
+                next_id: AtomicU32::new(last_id + 1),
+                jobs: Mutex::new(BTreeMap::new()),
+                events,
+                running,
+            }),
+        }
+    }
+
+    /// Subscribes to every event from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// A watch on how many jobs run, for the idle timer.
+    pub fn running(&self) -> watch::Receiver<usize> {
+        self.inner.running.subscribe()
+    }
+
+    /// The jobs that run now, by id.
+    pub fn list(&self) -> Vec<Arc<Job>> {
+        self.table().values().cloned().collect()
+    }
+
+    /// A running job.
+    pub fn get(&self, id: u32) -> Result<Arc<Job>> {
+        self.table().get(&id).cloned().ok_or_else(|| {
+            Error::NotFound(format!(
+                "No running job {id}; it may have finished already (see `banger status`)"
+            ))
+        })
+    }
+
+    /// Asks a running job to stop; its work is dropped at its next await point.
+    pub fn cancel(&self, id: u32) -> Result<()> {
+        let job = self.get(id)?;
+        job.cancel.send_replace(true);
+        Ok(())
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Arc<Job>>> {
+        self.inner.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts `work` as a job and returns it at once. `New` is sent before the work can send
+    /// anything, and `Finished` after it sent everything.
+    pub fn spawn<F, Fut>(&self, spec: JobSpec, work: F) -> Arc<Job>
+    where
+        F: FnOnce(JobContext) -> Fut,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (cancel, mut canceled) = watch::channel(false);
+        let job = Arc::new(Job {
+            id,
+            kind: spec.kind,
+            target: spec.target,
+            action: spec.action,
+            owner_uid: spec.owner_uid,
+            status: Mutex::new(JobStatus {
+                stage: String::new(),
+                progress: 0.0,
+                state: JobState::Running,
+                error: String::new(),
+            }),
+            cancel,
+        });
+        self.table().insert(id, job.clone());
+        self.inner.running.send_modify(|n| *n += 1);
+        let _ = self.inner.events.send(JobEvent::New { id });
+        tracing::info!(job_id = id, kind = %job.kind, target = %job.target, "Job started");
+
+        let ctx = JobContext {
+            job: job.clone(),
+            events: self.inner.events.clone(),
+        };
+        let fut = work(ctx);
+        let this = self.clone();
+        let job2 = job.clone();
+        tokio::spawn(async move {
+            let result = tokio::select! {
+                r = fut => r,
+                _ = canceled.wait_for(|c| *c) => Err(Error::Canceled),
+            };
+            this.finish(&job2, result);
+        });
+        job
+    }
+
+    fn finish(&self, job: &Job, result: Result<()>) {
+        let (state, error) = match result {
+            Ok(()) => (JobState::Done, String::new()),
+            Err(Error::Canceled) => (JobState::Canceled, String::new()),
+            Err(e) => (JobState::Failed, e.full_message()),
+        };
+        job.update(|s| {
+            s.state = state;
+            s.error = error.clone();
+            if state == JobState::Done {
+                s.progress = 1.0;
+            }
+        });
+        match state {
+            JobState::Failed => tracing::error!(job_id = job.id, "Job failed: {error}"),
+            _ => tracing::info!(job_id = job.id, result = state.as_str(), "Job finished"),
+        }
+        self.table().remove(&job.id);
+        let _ = self.inner.events.send(JobEvent::Finished {
+            id: job.id,
+            state,
+            error,
+        });
+        self.inner.running.send_modify(|n| *n -= 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::oneshot;
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            kind: "test".into(),
+            target: "t".into(),
+            action: Action::ImagesManage,
+            owner_uid: 0,
+        }
+    }
+
+    async fn next_finished(rx: &mut broadcast::Receiver<JobEvent>) -> Vec<JobEvent> {
+        let mut seen = Vec::new();
+        loop {
+            let e = rx.recv().await.unwrap();
+            let done = matches!(e, JobEvent::Finished { .. });
+            seen.push(e);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn events_arrive_in_order_and_the_job_is_removed() {
+        let jobs = Jobs::new(41);
+        let mut rx = jobs.subscribe();
+        let job = jobs.spawn(spec(), |ctx| async move {
+            ctx.stage("fetch", "Fetching");
+            ctx.progress(0.5);
+            ctx.log(6, "half way");
+            ctx.stage("publish", "Publishing");
+            Ok(())
+        });
+        assert_eq!(job.id, 42);
+        let events = next_finished(&mut rx).await;
+        assert_eq!(
+            events,
+            vec![
+                JobEvent::New { id: 42 },
+                JobEvent::StageChanged {
+                    id: 42,
+                    stage: "fetch".into(),
+                    message: "Fetching".into()
+                },
+                JobEvent::Progress {
+                    id: 42,
+                    progress: 0.5
+                },
+                JobEvent::Log {
+                    id: 42,
+                    priority: 6,
+                    line: "half way".into()
+                },
+                JobEvent::StageChanged {
+                    id: 42,
+                    stage: "publish".into(),
+                    message: "Publishing".into()
+                },
+                JobEvent::Finished {
+                    id: 42,
+                    state: JobState::Done,
+                    error: String::new()
+                },
+            ]
+        );
+        assert_eq!(job.status().progress, 1.0);
+        assert!(jobs.get(42).is_err());
+        assert_eq!(*jobs.running().borrow(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failure_keeps_its_message() {
+        let jobs = Jobs::new(0);
+        let mut rx = jobs.subscribe();
+        let job = jobs.spawn(spec(), |_| async {
+            Err(Error::InvalidArgument("bad ref".into()))
+        });
+        let events = next_finished(&mut rx).await;
+        assert_eq!(
+            events.last().unwrap(),
+            &JobEvent::Finished {
+                id: 1,
+                state: JobState::Failed,
+                error: "bad ref".into()
+            }
+        );
+        assert_eq!(job.status().state, JobState::Failed);
+    }
+
+    #[tokio::test]
+    async fn cancel_drops_the_work_at_its_await_point() {
+        let jobs = Jobs::new(0);
+        let mut rx = jobs.subscribe();
+        let (started_tx, started_rx) = oneshot::channel();
+        let (_never_tx, never_rx) = oneshot::channel::<()>();
+        let (dropped_tx, dropped_rx) = oneshot::channel::<()>();
+        let job = jobs.spawn(spec(), |_| async move {
+            // Sends on drop, which proves the future was dropped, not left running.
+            struct Guard(Option<oneshot::Sender<()>>);
+            impl Drop for Guard {
+                fn drop(&mut self) {
+                    let _ = self.0.take().map(|t| t.send(()));
+                }
+            }
+            let _g = Guard(Some(dropped_tx));
+            started_tx.send(()).unwrap();
+            let _ = never_rx.await;
+            Ok(())
+        });
+        started_rx.await.unwrap();
+        assert_eq!(*jobs.running().borrow(), 1);
+        jobs.cancel(job.id).unwrap();
+        dropped_rx.await.unwrap();
+        let events = next_finished(&mut rx).await;
+        assert_eq!(
+            events.last().unwrap(),
+            &JobEvent::Finished {
+                id: job.id,
+                state: JobState::Canceled,
+                error: String::new()
+            }
+        );
+        assert!(matches!(jobs.cancel(job.id), Err(Error::NotFound(_))));
+    }
+
+    #[tokio::test]
+    async fn jobs_run_concurrently_and_ids_are_unique() {
+        let jobs = Jobs::new(0);
+        let mut rx = jobs.subscribe();
+        let gate = Arc::new(tokio::sync::Barrier::new(8));
+        let ids: Vec<u32> = (0..8)
+            .map(|_| {
+                let gate = gate.clone();
+                // Every job waits for all eight: it only finishes if they all run at once.
+                jobs.spawn(spec(), |_| async move {
+                    gate.wait().await;
+                    Ok(())
+                })
+                .id
+            })
+            .collect();
+        let mut unique = ids.clone();
+        unique.dedup();
+        assert_eq!(unique.len(), 8);
+        let mut finished = 0;
+        while finished < 8 {
+            if let JobEvent::Finished { state, .. } = rx.recv().await.unwrap() {
+                assert_eq!(state, JobState::Done);
+                finished += 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Where state lives on disk (DESIGN.md "State") and the start-up sweep of staging leftovers.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// Prefix of every staging directory; anything carrying it is unfinished work.
+pub const STAGING_PREFIX: &str = ".staging-";
+
+/// The state and runtime directories and the paths inside them.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// `/var/lib/banger` by default.
+    pub state_dir: PathBuf,
+    /// `/run/banger` by default.
+    pub runtime_dir: PathBuf,
+}
+
+impl Layout {
+    /// A layout rooted at the two directories.
+    pub fn new(state_dir: impl Into<PathBuf>, runtime_dir: impl Into<PathBuf>) -> Self {
+        Layout {
+            state_dir: state_dir.into(),
+            runtime_dir: runtime_dir.into(),
+        }
+    }
+
+    /// The SQLite database.
+    pub fn database(&self) -> PathBuf {
+        self.state_dir.join("banger.db")
+    }
+    /// `images/`, one directory per managed image id.
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
+    }
+    /// `kernels/`, one directory per kernel name.
+    pub fn kernels_dir(&self) -> PathBuf {
+        self.state_dir.join("kernels")
+    }
+    /// `vms/`, one directory per VM id.
+    pub fn vms_dir(&self) -> PathBuf {
+        self.state_dir.join("vms")
+    }
+    /// `cache/oci/`, blobs by digest.
+    pub fn oci_cache_dir(&self) -> PathBuf {
+        self.state_dir.join("cache").join("oci")
+    }
+    /// `/run/banger/vms/<id>/`, a VM's sockets.
+    pub fn vm_runtime_dir(&self, id: &str) -> PathBuf {
+        self.runtime_dir.join("vms").join(id)
+    }
+
+    /// The directories whose entries may be staging leftovers.
+    fn staging_parents(&self) -> Vec<PathBuf> {
+        vec![
+            self.state_dir.clone(),
+            self.images_dir(),
+            self.kernels_dir(),
+            self.vms_dir(),
+            self.oci_cache_dir(),
+        ]
+    }
+
+    /// Creates every directory (state is root-only: VM disks hold users' data).
+    pub fn create(&self) -> Result<()> {
+        let mut private = std::fs::DirBuilder::new();
+        private.recursive(true).mode(0o700);
+        for dir in self
+            .staging_parents()
+            .iter()
+            .chain([&self.runtime_dir.join("vms")])
+        {
+            private
+                .create(dir)
+                .map_err(|e| Error::failed(format!("Cannot create {}", dir.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Removes every `.staging-*` entry left by a daemon that died mid-operation, returning
+    /// what it removed. Runs before the bus name is taken, so nothing can be staging yet.
+    pub fn sweep_staging(&self) -> Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        for parent in self.staging_parents() {
+            let entries = match std::fs::read_dir(&parent) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(Error::failed(
+                        format!("Cannot list {}", parent.display()),
+                        e,
+                    ))
+                }
+            };
+            for entry in entries.flatten() {
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(STAGING_PREFIX)
+                {
+                    remove_any(&entry.path())?;
+                    removed.push(entry.path());
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Removes a file or a whole tree without following symlinks.
+pub fn remove_any(path: &Path) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(Error::failed(
+                format!("Cannot inspect {}", path.display()),
+                e,
+            ))
+        }
+    };
+    let res = if meta.is_dir() {
+        std::fs::remove_dir_all(path)
+    } else {
+        std::fs::remove_file(path)
+    };
+    res.map_err(|e| Error::failed(format!("Cannot remove {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_removes_only_staging_entries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path().join("state"), tmp.path().join("run"));
+        layout.create().unwrap();
+        let stale = layout.images_dir().join(".staging-abc");
+        std::fs::create_dir_all(stale.join("tree/deep")).unwrap();
+        let stale_file = layout.oci_cache_dir().join(".staging-blob");
+        std::fs::write(&stale_file, b"partial").unwrap();
+        let kept = layout.images_dir().join("0123456789abcdef");
+        std::fs::create_dir_all(&kept).unwrap();
+
+        let mut removed = layout.sweep_staging().unwrap();
+        removed.sort();
+        let mut expected = vec![stale.clone(), stale_file.clone()];
+        expected.sort();
+        assert_eq!(removed, expected);
+        assert!(!stale.exists() && !stale_file.exists());
+        assert!(kept.exists());
+    }
+
+    #[test]
+    fn remove_any_does_not_follow_symlinks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("precious");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("f"), b"x").unwrap();
+        let link = tmp.path().join(".staging-link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        remove_any(&link).unwrap();
+        assert!(target.join("f").exists());
+    }
+}

@@ -1,0 +1,271 @@
+//! The things banger manages, their ids and their name rules.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::{Error, Result};
+
+/// A bootable root filesystem, with the kernel it boots with by default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    /// Hex id, also the name of its directory under `images/`.
+    pub id: String,
+    /// Unique user-facing name.
+    pub name: String,
+    /// Whether banger owns the files (pulled, built, promoted) or only points at them.
+    pub managed: bool,
+    /// Where it came from: an OCI ref, a catalog entry, a path.
+    pub source: String,
+    /// The root filesystem image.
+    pub rootfs_path: PathBuf,
+    /// The seed of each VM's persistent `/root` disk, when the image has one.
+    pub work_seed_path: Option<PathBuf>,
+    /// The default kernel's name, when the image names one.
+    pub kernel: Option<String>,
+    /// Size of the root filesystem in bytes.
+    pub size_bytes: u64,
+    /// Creation time, µs since the epoch.
+    pub created_at: u64,
+}
+
+/// A kernel triple: kernel, initrd, modules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kernel {
+    /// Unique name (a catalog name or the importer's choice).
+    pub name: String,
+    /// The kernel release, `uname -r` style.
+    pub version: String,
+    /// Where it came from: a catalog entry, a package, a path.
+    pub source: String,
+    /// The uncompressed ELF kernel.
+    pub kernel_path: PathBuf,
+    /// The banger-built initrd.
+    pub initrd_path: Option<PathBuf>,
+    /// The modules directory (`lib/modules/<version>`).
+    pub modules_dir: Option<PathBuf>,
+    /// Creation time, µs since the epoch.
+    pub created_at: u64,
+}
+
+/// Where a VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmState {
+    /// Reserved, never started.
+    Created,
+    /// Its start phase is running.
+    Starting,
+    /// Its VMM runs and the guest was ready.
+    Running,
+    /// Being shut down.
+    Stopping,
+    /// Not running.
+    Stopped,
+    /// A start failed or the VMM died.
+    Failed,
+}
+
+impl VmState {
+    /// The D-Bus and database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Created => "created",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Failed => "failed",
+        }
+    }
+
+    /// Parses the database spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "created" => VmState::Created,
+            "starting" => VmState::Starting,
+            "running" => VmState::Running,
+            "stopping" => VmState::Stopping,
+            "stopped" => VmState::Stopped,
+            "failed" => VmState::Failed,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A microVM and everything reserved for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vm {
+    /// Hex id, also the name of its directories.
+    pub id: String,
+    /// Unique user-facing name.
+    pub name: String,
+    /// Life-cycle state.
+    pub state: VmState,
+    /// The last creation or start stage reached.
+    pub stage: String,
+    /// The image's id.
+    pub image_id: String,
+    /// The kernel's name.
+    pub kernel: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Size of the root disk in bytes.
+    pub disk_size: u64,
+    /// The uid that created it.
+    pub owner_uid: u32,
+    /// The guest's leased IPv4 address.
+    pub guest_address: String,
+    /// The guest NIC's MAC address.
+    pub mac_address: String,
+    /// The guest's vsock context id.
+    pub vsock_cid: u32,
+    /// The host tap device's name.
+    pub tap_name: String,
+    /// `host:port` of the guest's sshd once it answered.
+    pub ssh_address: String,
+    /// Creation time, µs since the epoch.
+    pub created_at: u64,
+}
+
+/// Which kind of object a name belongs to, for messages.
+#[derive(Debug, Clone, Copy)]
+pub enum NameKind {
+    /// An image name.
+    Image,
+    /// A kernel name.
+    Kernel,
+    /// A VM name.
+    Vm,
+}
+
+impl fmt::Display for NameKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NameKind::Image => "image",
+            NameKind::Kernel => "kernel",
+            NameKind::Vm => "VM",
+        })
+    }
+}
+
+/// Checks a user-chosen name: `[a-zA-Z0-9._-]{1,64}`, not starting with `.` or `-` (names
+/// become directory names and command-line arguments).
+pub fn validate_name(kind: NameKind, name: &str) -> Result<()> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    let ok_start = !name.starts_with('.') && !name.starts_with('-');
+    if name.is_empty() || name.len() > 64 || !ok_chars || !ok_start {
+        return Err(Error::InvalidArgument(format!(
+            "Invalid {kind} name {name:?}: use 1 to 64 of the characters a-z A-Z 0-9 . _ - \
+             and do not start with '.' or '-'"
+        )));
+    }
+    Ok(())
+}
+
+/// A new random 16-hex-digit id.
+pub fn new_id() -> String {
+    let mut bytes = [0u8; 8];
+    // getrandom(2) with flags 0 blocks only before the kernel's pool is initialised.
+    // SAFETY: the pointer and length describe `bytes`, which lives across the call.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // Never expected on Linux ≥ 3.17; fall back on time and pid rather than fail.
+        let t = now_us() ^ (u64::from(std::process::id()) << 40);
+        bytes = t.to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `s` looks like an id from [`new_id`].
+pub fn is_id(s: &str) -> bool {
+    s.len() == 16
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// Microseconds since the Unix epoch, as D-Bus timestamps are.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Escapes a name into one object path element the way sd-bus's `bus_label_escape` does:
+/// letters pass, digits pass unless first, everything else becomes `_` and two hex digits.
+pub fn escape_path_label(s: &str) -> String {
+    if s.is_empty() {
+        return "_".into();
+    }
+    let mut out = String::with_capacity(s.len());
+    for (i, b) in s.bytes().enumerate() {
+        if b.is_ascii_alphabetic() || (i > 0 && b.is_ascii_digit()) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("_{b:02x}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_rules() {
+        for good in ["debian-bookworm", "a", "v1.2_x", &"x".repeat(64)] {
+            validate_name(NameKind::Image, good).unwrap();
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "-flag",
+            "a/b",
+            "a b",
+            "é",
+            &"x".repeat(65),
+        ] {
+            let err = validate_name(NameKind::Vm, bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ids_are_16_lower_hex_and_differ() {
+        let a = new_id();
+        let b = new_id();
+        assert!(is_id(&a) && is_id(&b));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn labels_escape_like_sd_bus() {
+        assert_eq!(escape_path_label("debian"), "debian");
+        assert_eq!(escape_path_label("debian-6.1"), "debian_2d6_2e1");
+        assert_eq!(escape_path_label("6x"), "_36x");
+        assert_eq!(escape_path_label("a_b"), "a_5fb");
+        assert_eq!(escape_path_label(""), "_");
+    }
+
+    #[test]
+    fn vm_states_round_trip() {
+        for s in [
+            "created", "starting", "running", "stopping", "stopped", "failed",
+        ] {
+            assert_eq!(VmState::parse(s).unwrap().as_str(), s);
+        }
+        assert!(VmState::parse("zombie").is_none());
+    }
+}

@@ -1,0 +1,152 @@
+//! The daemon's services wired together, and the object events the D-Bus layer mirrors.
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast;
+
+use crate::config::Config;
+use crate::images::Images;
+use crate::jobs::Jobs;
+use crate::kernels::Kernels;
+use crate::layout::Layout;
+use crate::model::{Image, Kernel, Vm};
+use crate::store::{rows, Store};
+use crate::vms::Vms;
+use crate::Result;
+
+/// Objects appearing, changing and going, in order, for the D-Bus layer to mirror.
+#[derive(Debug, Clone)]
+pub enum ObjectEvent {
+    /// An image was published.
+    ImageAdded(Image),
+    /// An image was deleted (its id).
+    ImageRemoved(String),
+    /// A kernel was added.
+    KernelAdded(Kernel),
+    /// A kernel was deleted (its name).
+    KernelRemoved(String),
+    /// A VM was reserved.
+    VmAdded(Vm),
+    /// A VM's row changed.
+    VmChanged(Vm),
+    /// A VM was deleted (its id).
+    VmRemoved(String),
+    /// A VM creation reached a stage.
+    CreateProgress {
+        /// The VM's id.
+        vm_id: String,
+        /// The stage.
+        stage: String,
+        /// What it is doing.
+        message: String,
+    },
+}
+
+/// Sender of [`ObjectEvent`]s; cheap to clone.
+#[derive(Clone)]
+pub struct Events(broadcast::Sender<ObjectEvent>);
+
+impl Events {
+    /// A new channel.
+    pub fn new() -> Self {
+        Events(broadcast::channel(1024).0)
+    }
+    /// Sends an event; nobody listening is fine.
+    pub fn send(&self, e: ObjectEvent) {
+        let _ = self.0.send(e);
+    }
+    /// Subscribes from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<ObjectEvent> {
+        self.0.subscribe()
+    }
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Everything the D-Bus layer calls into.
+pub struct Banger {
+    /// The configuration in force.
+    pub config: Config,
+    /// The state layout.
+    pub layout: Layout,
+    /// The database.
+    pub store: Store,
+    /// Long operations.
+    pub jobs: Jobs,
+    /// Object events.
+    pub events: Events,
+    /// The image service.
+    pub images: Images,
+    /// The kernel service.
+    pub kernels: Kernels,
+    /// The VM service.
+    pub vms: Vms,
+}
+
+/// Counts for `banger status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    /// Images.
+    pub images: u32,
+    /// Kernels.
+    pub kernels: u32,
+    /// VMs.
+    pub vms: u32,
+    /// VMs that run.
+    pub running_vms: u32,
+    /// Jobs that run.
+    pub jobs: u32,
+}
+
+impl Banger {
+    /// Wires the services over an opened store. Job ids continue after the store's highest.
+    pub fn new(config: Config, layout: Layout, store: Store) -> Result<Arc<Self>> {
+        let last_job = store.call_blocking(|c| rows::max_job_id(c))?;
+        let jobs = Jobs::new(last_job);
+        let events = Events::new();
+        Ok(Arc::new(Banger {
+            images: Images::new(store.clone(), layout.clone(), events.clone()),
+            kernels: Kernels::new(store.clone(), layout.clone(), events.clone()),
+            vms: Vms::new(
+                store.clone(),
+                layout.clone(),
+                events.clone(),
+                config.clone(),
+            ),
+            config,
+            layout,
+            store,
+            jobs,
+            events,
+        }))
+    }
+
+    /// How many of each thing there are.
+    pub async fn counts(&self) -> Result<Counts> {
+        let (images, kernels, vms) = self
+            .store
+            .call(|c| {
+                Ok((
+                    rows::list_images(c)?,
+                    rows::list_kernels(c)?,
+                    rows::list_vms(c)?,
+                ))
+            })
+            .await?;
+        let running = vms
+            .iter()
+            .filter(|v| v.state == crate::model::VmState::Running)
+            .count();
+        Ok(Counts {
+            images: images.len() as u32,
+            kernels: kernels.len() as u32,
+            vms: vms.len() as u32,
+            running_vms: running as u32,
+            jobs: self.jobs.list().len() as u32,
+        })
+    }
+}

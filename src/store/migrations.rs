@@ -1,0 +1,106 @@
+//! Versioned schema migrations, tracked in `PRAGMA user_version`. Append only: a released
+//! migration is never edited.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    r#"
+    CREATE TABLE images (
+        id              TEXT PRIMARY KEY,
+        name            TEXT NOT NULL UNIQUE,
+        managed         INTEGER NOT NULL,
+        source          TEXT NOT NULL,
+        rootfs_path     TEXT NOT NULL,
+        work_seed_path  TEXT,
+        kernel          TEXT,
+        size_bytes      INTEGER NOT NULL,
+        created_at      INTEGER NOT NULL
+    );
+    CREATE TABLE kernels (
+        name            TEXT PRIMARY KEY,
+        version         TEXT NOT NULL,
+        source          TEXT NOT NULL,
+        kernel_path     TEXT NOT NULL,
+        initrd_path     TEXT,
+        modules_dir     TEXT,
+        created_at      INTEGER NOT NULL
+    );
+    CREATE TABLE vms (
+        id              TEXT PRIMARY KEY,
+        name            TEXT NOT NULL UNIQUE,
+        state           TEXT NOT NULL,
+        stage           TEXT NOT NULL,
+        image_id        TEXT NOT NULL REFERENCES images(id),
+        kernel          TEXT NOT NULL,
+        vcpus           INTEGER NOT NULL,
+        memory_mib      INTEGER NOT NULL,
+        disk_size       INTEGER NOT NULL,
+        owner_uid       INTEGER NOT NULL,
+        guest_address   TEXT NOT NULL,
+        mac_address     TEXT NOT NULL UNIQUE,
+        vsock_cid       INTEGER NOT NULL UNIQUE,
+        tap_name        TEXT NOT NULL UNIQUE,
+        ssh_address     TEXT NOT NULL DEFAULT '',
+        vmm_pid         INTEGER,
+        vmm_start_time  INTEGER,
+        created_at      INTEGER NOT NULL
+    );
+    CREATE TABLE address_leases (
+        address         TEXT PRIMARY KEY,
+        vm_id           TEXT NOT NULL UNIQUE REFERENCES vms(id) ON DELETE CASCADE,
+        leased_at       INTEGER NOT NULL
+    );
+    CREATE TABLE jobs (
+        id              INTEGER PRIMARY KEY,
+        kind            TEXT NOT NULL,
+        target          TEXT NOT NULL,
+        state           TEXT NOT NULL,
+        error           TEXT NOT NULL DEFAULT '',
+        started_at      INTEGER NOT NULL,
+        finished_at     INTEGER
+    );
+    "#,
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the database up to [`SCHEMA_VERSION`], one transaction per migration.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            found: current,
+            known: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrates_once_and_refuses_newer_schemas() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        migrate(&mut conn).unwrap();
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        assert!(matches!(migrate(&mut conn), Err(StoreError::TooNew { .. })));
+    }
+}

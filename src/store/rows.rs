@@ -1,0 +1,327 @@
+//! Row mapping and queries, one group per table. Functions take a `&Connection` so callers
+//! can compose them inside one transaction.
+
+use std::path::PathBuf;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::{Store, StoreError};
+use crate::model::{Image, Kernel, Vm, VmState};
+
+fn opt_path(s: Option<String>) -> Option<PathBuf> {
+    s.filter(|s| !s.is_empty()).map(PathBuf::from)
+}
+
+fn path_str(p: &Option<PathBuf>) -> Option<String> {
+    p.as_ref().map(|p| p.to_string_lossy().into_owned())
+}
+
+const IMAGE_COLS: &str =
+    "id, name, managed, source, rootfs_path, work_seed_path, kernel, size_bytes, created_at";
+
+fn image_row(r: &Row<'_>) -> rusqlite::Result<Image> {
+    Ok(Image {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        managed: r.get(2)?,
+        source: r.get(3)?,
+        rootfs_path: PathBuf::from(r.get::<_, String>(4)?),
+        work_seed_path: opt_path(r.get(5)?),
+        kernel: r.get::<_, Option<String>>(6)?.filter(|s| !s.is_empty()),
+        size_bytes: r.get::<_, i64>(7)? as u64,
+        created_at: r.get::<_, i64>(8)? as u64,
+    })
+}
+
+/// All images, by name.
+pub fn list_images(c: &Connection) -> Result<Vec<Image>, StoreError> {
+    let mut st = c.prepare(&format!("SELECT {IMAGE_COLS} FROM images ORDER BY name"))?;
+    let rows = st.query_map([], image_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The image whose name or id is `key`.
+pub fn find_image(c: &Connection, key: &str) -> Result<Option<Image>, StoreError> {
+    let sql = format!("SELECT {IMAGE_COLS} FROM images WHERE name = ?1 OR id = ?1 LIMIT 1");
+    Ok(c.query_row(&sql, [key], image_row).optional()?)
+}
+
+/// Inserts a new image row.
+pub fn insert_image(c: &Connection, i: &Image) -> Result<(), StoreError> {
+    c.execute(
+        &format!("INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+        params![
+            i.id,
+            i.name,
+            i.managed,
+            i.source,
+            i.rootfs_path.to_string_lossy(),
+            path_str(&i.work_seed_path),
+            i.kernel,
+            i.size_bytes as i64,
+            i.created_at as i64
+        ],
+    )?;
+    Ok(())
+}
+
+const KERNEL_COLS: &str =
+    "name, version, source, kernel_path, initrd_path, modules_dir, created_at";
+
+fn kernel_row(r: &Row<'_>) -> rusqlite::Result<Kernel> {
+    Ok(Kernel {
+        name: r.get(0)?,
+        version: r.get(1)?,
+        source: r.get(2)?,
+        kernel_path: PathBuf::from(r.get::<_, String>(3)?),
+        initrd_path: opt_path(r.get(4)?),
+        modules_dir: opt_path(r.get(5)?),
+        created_at: r.get::<_, i64>(6)? as u64,
+    })
+}
+
+/// All kernels, by name.
+pub fn list_kernels(c: &Connection) -> Result<Vec<Kernel>, StoreError> {
+    let mut st = c.prepare(&format!("SELECT {KERNEL_COLS} FROM kernels ORDER BY name"))?;
+    let rows = st.query_map([], kernel_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The kernel named `name`.
+pub fn find_kernel(c: &Connection, name: &str) -> Result<Option<Kernel>, StoreError> {
+    let sql = format!("SELECT {KERNEL_COLS} FROM kernels WHERE name = ?1");
+    Ok(c.query_row(&sql, [name], kernel_row).optional()?)
+}
+
+/// Inserts a new kernel row.
+pub fn insert_kernel(c: &Connection, k: &Kernel) -> Result<(), StoreError> {
+    c.execute(
+        &format!("INSERT INTO kernels ({KERNEL_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+        params![
+            k.name,
+            k.version,
+            k.source,
+            k.kernel_path.to_string_lossy(),
+            path_str(&k.initrd_path),
+            path_str(&k.modules_dir),
+            k.created_at as i64
+        ],
+    )?;
+    Ok(())
+}
+
+const VM_COLS: &str = "id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, \
+     owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at";
+
+fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
+    let state: String = r.get(2)?;
+    Ok(Vm {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        state: VmState::parse(&state).unwrap_or(VmState::Failed),
+        stage: r.get(3)?,
+        image_id: r.get(4)?,
+        kernel: r.get(5)?,
+        vcpus: r.get(6)?,
+        memory_mib: r.get(7)?,
+        disk_size: r.get::<_, i64>(8)? as u64,
+        owner_uid: r.get(9)?,
+        guest_address: r.get(10)?,
+        mac_address: r.get(11)?,
+        vsock_cid: r.get(12)?,
+        tap_name: r.get(13)?,
+        ssh_address: r.get(14)?,
+        created_at: r.get::<_, i64>(15)? as u64,
+    })
+}
+
+/// All VMs, by name.
+pub fn list_vms(c: &Connection) -> Result<Vec<Vm>, StoreError> {
+    let mut st = c.prepare(&format!("SELECT {VM_COLS} FROM vms ORDER BY name"))?;
+    let rows = st.query_map([], vm_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The VM whose name or id is `key`.
+pub fn find_vm(c: &Connection, key: &str) -> Result<Option<Vm>, StoreError> {
+    let sql = format!("SELECT {VM_COLS} FROM vms WHERE name = ?1 OR id = ?1 LIMIT 1");
+    Ok(c.query_row(&sql, [key], vm_row).optional()?)
+}
+
+/// Inserts a new VM row.
+pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
+    c.execute(
+        &format!(
+            "INSERT INTO vms ({VM_COLS}) VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+        ),
+        params![
+            v.id,
+            v.name,
+            v.state.as_str(),
+            v.stage,
+            v.image_id,
+            v.kernel,
+            v.vcpus,
+            v.memory_mib,
+            v.disk_size as i64,
+            v.owner_uid,
+            v.guest_address,
+            v.mac_address,
+            v.vsock_cid,
+            v.tap_name,
+            v.ssh_address,
+            v.created_at as i64
+        ],
+    )?;
+    Ok(())
+}
+
+/// How many VMs reference the image.
+pub fn vms_using_image(c: &Connection, image_id: &str) -> Result<u64, StoreError> {
+    Ok(c.query_row(
+        "SELECT COUNT(*) FROM vms WHERE image_id = ?1",
+        [image_id],
+        |r| r.get::<_, i64>(0),
+    )? as u64)
+}
+
+/// A long operation as the store remembers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    /// The job id.
+    pub id: u32,
+    /// What kind of work.
+    pub kind: String,
+    /// What it works on.
+    pub target: String,
+    /// `running`, `done`, `failed` or `canceled`.
+    pub state: String,
+    /// The error, when it failed.
+    pub error: String,
+}
+
+/// The highest job id ever used, so ids stay unique across restarts.
+pub fn max_job_id(c: &Connection) -> Result<u32, StoreError> {
+    Ok(
+        c.query_row("SELECT COALESCE(MAX(id), 0) FROM jobs", [], |r| {
+            r.get::<_, i64>(0)
+        })? as u32,
+    )
+}
+
+/// Records a started job.
+pub fn insert_job(c: &Connection, j: &JobRecord, started_at: u64) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO jobs (id, kind, target, state, error, started_at) VALUES (?1,?2,?3,?4,?5,?6)",
+        params![j.id, j.kind, j.target, j.state, j.error, started_at as i64],
+    )?;
+    Ok(())
+}
+
+/// Records how a job ended.
+pub fn finish_job(
+    c: &Connection,
+    id: u32,
+    state: &str,
+    error: &str,
+    at: u64,
+) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE jobs SET state = ?2, error = ?3, finished_at = ?4 WHERE id = ?1",
+        params![id, state, error, at as i64],
+    )?;
+    Ok(())
+}
+
+/// Marks jobs a dead daemon left `running` as failed; returns how many.
+pub fn fail_interrupted_jobs(c: &Connection, at: u64) -> Result<usize, StoreError> {
+    Ok(c.execute(
+        "UPDATE jobs SET state = 'failed', error = 'Interrupted: the daemon stopped while it ran', \
+         finished_at = ?1 WHERE state = 'running'",
+        [at as i64],
+    )?)
+}
+
+/// One job's record.
+pub fn find_job(c: &Connection, id: u32) -> Result<Option<JobRecord>, StoreError> {
+    Ok(c.query_row(
+        "SELECT id, kind, target, state, error FROM jobs WHERE id = ?1",
+        [id],
+        |r| {
+            Ok(JobRecord {
+                id: r.get(0)?,
+                kind: r.get(1)?,
+                target: r.get(2)?,
+                state: r.get(3)?,
+                error: r.get(4)?,
+            })
+        },
+    )
+    .optional()?)
+}
+
+impl Store {
+    /// An in-memory store for unit tests.
+    pub fn open_in_memory() -> crate::Result<Self> {
+        let mut conn = Connection::open_in_memory().map_err(StoreError::from)?;
+        super::migrations::migrate(&mut conn)?;
+        Ok(Store {
+            conn: std::sync::Arc::new(std::sync::Mutex::new(conn)),
+            path: PathBuf::from(":memory:"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::now_us;
+
+    fn image(name: &str) -> Image {
+        Image {
+            id: crate::model::new_id(),
+            name: name.into(),
+            managed: true,
+            source: "test".into(),
+            rootfs_path: "/x/rootfs.ext4".into(),
+            work_seed_path: None,
+            kernel: Some("debian".into()),
+            size_bytes: 1 << 30,
+            created_at: now_us(),
+        }
+    }
+
+    #[test]
+    fn images_round_trip_and_names_are_unique() {
+        let s = Store::open_in_memory().unwrap();
+        let img = image("a");
+        s.call_blocking(|c| insert_image(c, &img)).unwrap();
+        let found = s.call_blocking(|c| find_image(c, "a")).unwrap().unwrap();
+        assert_eq!(found, img);
+        let by_id = s
+            .call_blocking(|c| find_image(c, &img.id))
+            .unwrap()
+            .unwrap();
+        assert_eq!(by_id.name, "a");
+        let dup = image("a");
+        assert!(s.call_blocking(|c| insert_image(c, &dup)).is_err());
+    }
+
+    #[test]
+    fn job_ids_survive_and_interrupted_jobs_fail() {
+        let s = Store::open_in_memory().unwrap();
+        let rec = JobRecord {
+            id: 7,
+            kind: "pull-image".into(),
+            target: "x".into(),
+            state: "running".into(),
+            error: String::new(),
+        };
+        s.call_blocking(|c| insert_job(c, &rec, 1)).unwrap();
+        assert_eq!(s.call_blocking(|c| max_job_id(c)).unwrap(), 7);
+        assert_eq!(s.call_blocking(|c| fail_interrupted_jobs(c, 2)).unwrap(), 1);
+        let after = s.call_blocking(|c| find_job(c, 7)).unwrap().unwrap();
+        assert_eq!(after.state, "failed");
+    }
+}
