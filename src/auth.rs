@@ -156,7 +156,12 @@ pub async fn authorize(
     match verdict {
         Verdict::Allowed => Ok(()),
         Verdict::Denied => Err(AuthError::Denied { action }),
-        Verdict::ChallengeRequired => Err(AuthError::InteractionRequired { action }),
+        // The caller did not allow interaction: tell it that interaction would help.
+        Verdict::ChallengeRequired if !caller.interactive => {
+            Err(AuthError::InteractionRequired { action })
+        }
+        // Interaction was allowed and polkit still has no yes: no agent answered.
+        Verdict::ChallengeRequired => Err(AuthError::Denied { action }),
     }
 }
 
@@ -252,6 +257,18 @@ mod tests {
             decide(Some(Verdict::ChallengeRequired)).await,
             Err(AuthError::InteractionRequired { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_challenge_for_an_interactive_caller_is_a_denial() {
+        let a = RecordingAuthority::default();
+        *a.answer.lock().unwrap() = Some(Verdict::ChallengeRequired);
+        let c = Caller {
+            interactive: true,
+            ..caller()
+        };
+        let r = authorize(&a, &c, Action::ImagesManage).await;
+        assert!(matches!(r, Err(AuthError::Denied { .. })));
     }
 
     #[tokio::test]

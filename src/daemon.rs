@@ -108,7 +108,7 @@ pub async fn run(opts: DaemonOptions) -> Result<Exit> {
 }
 
 /// Records every job's start and end in the store, off the D-Bus path.
-fn record_jobs(banger: &Arc<Banger>) {
+pub fn record_jobs(banger: &Arc<Banger>) {
     let mut rx = banger.jobs.subscribe();
     let b = banger.clone();
     tokio::spawn(async move {

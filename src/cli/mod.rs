@@ -53,8 +53,20 @@ pub async fn connect() -> anyhow::Result<zbus::Connection> {
 
 /// Turns a D-Bus error into a message for people.
 pub fn explain(e: zbus::Error) -> anyhow::Error {
-    if let zbus::Error::MethodError(name, desc, _) = &e {
-        let desc = desc.clone().unwrap_or_default();
+    let named = match &e {
+        zbus::Error::MethodError(name, desc, _) => {
+            Some((name.to_string(), desc.clone().unwrap_or_default()))
+        }
+        zbus::Error::FDO(fdo) => {
+            use zbus::DBusError;
+            Some((
+                fdo.name().to_string(),
+                fdo.description().unwrap_or_default().to_owned(),
+            ))
+        }
+        _ => None,
+    };
+    if let Some((name, desc)) = named {
         return match name.as_str() {
             "org.freedesktop.DBus.Error.ServiceUnknown"
             | "org.freedesktop.DBus.Error.NameHasNoOwner" => {

@@ -1,39 +1,42 @@
-//! The one mapping from service and authorisation errors to D-Bus error names.
+//! The one mapping from service and authorisation errors to D-Bus error names:
+//! `org.banger.Error.*` for service errors, the standard freedesktop names (`AccessDenied`,
+//! `InteractiveAuthorizationRequired`) for authorisation. Implemented by hand because the
+//! derive sends wrapped standard errors under zbus's own name.
 
-use zbus::DBusError;
+use std::fmt;
+
+use zbus::message::{Header, Message};
+use zbus::names::ErrorName;
 
 use crate::auth::AuthError;
 use crate::error::{Error, ErrorKind};
 
-/// Errors as they go on the bus: `org.banger.Error.*`, or a standard freedesktop error (such as
-/// `AccessDenied`) carried in `ZBus`.
-#[derive(Debug, DBusError)]
-#[zbus(prefix = "org.banger.Error")]
+/// An error as it goes on the bus.
+#[derive(Debug)]
 pub enum BusError {
-    /// A standard D-Bus error.
-    #[zbus(error)]
-    ZBus(zbus::Error),
-    /// The named object does not exist.
-    NotFound(String),
-    /// The name is already taken.
-    AlreadyExists(String),
-    /// The object is still used.
-    InUse(String),
-    /// The arguments are wrong.
-    InvalidArgument(String),
-    /// The operation failed.
-    Failed(String),
+    /// A standard freedesktop error.
+    Fdo(zbus::fdo::Error),
+    /// One of `org.banger.Error.*`.
+    Banger {
+        /// The full error name.
+        name: &'static str,
+        /// What happened and what to do next.
+        message: String,
+    },
 }
 
 impl From<Error> for BusError {
     fn from(e: Error) -> Self {
-        let msg = e.full_message();
-        match e.kind() {
-            ErrorKind::NotFound => BusError::NotFound(msg),
-            ErrorKind::AlreadyExists => BusError::AlreadyExists(msg),
-            ErrorKind::InUse => BusError::InUse(msg),
-            ErrorKind::InvalidArgument => BusError::InvalidArgument(msg),
-            ErrorKind::Failed => BusError::Failed(msg),
+        let name = match e.kind() {
+            ErrorKind::NotFound => "org.banger.Error.NotFound",
+            ErrorKind::AlreadyExists => "org.banger.Error.AlreadyExists",
+            ErrorKind::InUse => "org.banger.Error.InUse",
+            ErrorKind::InvalidArgument => "org.banger.Error.InvalidArgument",
+            ErrorKind::Failed => "org.banger.Error.Failed",
+        };
+        BusError::Banger {
+            name,
+            message: e.full_message(),
         }
     }
 }
@@ -41,15 +44,59 @@ impl From<Error> for BusError {
 impl From<AuthError> for BusError {
     fn from(e: AuthError) -> Self {
         let msg = e.to_string();
-        let fdo = match e {
+        BusError::Fdo(match e {
             AuthError::InteractionRequired { .. } => {
                 zbus::fdo::Error::InteractiveAuthorizationRequired(msg)
             }
             _ => zbus::fdo::Error::AccessDenied(msg),
-        };
-        BusError::ZBus(zbus::Error::FDO(Box::new(fdo)))
+        })
     }
 }
+
+impl From<zbus::Error> for BusError {
+    fn from(e: zbus::Error) -> Self {
+        BusError::Fdo(zbus::fdo::Error::from(e))
+    }
+}
+
+impl zbus::DBusError for BusError {
+    fn create_reply(&self, call: &Header<'_>) -> zbus::Result<Message> {
+        match self {
+            BusError::Fdo(e) => e.create_reply(call),
+            BusError::Banger { name, message } => {
+                Message::error(call, ErrorName::from_static_str_unchecked(name)).build(&(message,))
+            }
+        }
+    }
+
+    fn name(&self) -> ErrorName<'_> {
+        match self {
+            BusError::Fdo(e) => e.name(),
+            BusError::Banger { name, .. } => ErrorName::from_static_str_unchecked(name),
+        }
+    }
+
+    fn description(&self) -> Option<&str> {
+        match self {
+            BusError::Fdo(e) => e.description(),
+            BusError::Banger { message, .. } => Some(message),
+        }
+    }
+}
+
+impl fmt::Display for BusError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use zbus::DBusError;
+        write!(
+            f,
+            "{}: {}",
+            self.name(),
+            self.description().unwrap_or_default()
+        )
+    }
+}
+
+impl std::error::Error for BusError {}
 
 /// Result of a D-Bus method. Interface files import it as `Result`: the interface macro
 /// recognises fallible methods by that name.

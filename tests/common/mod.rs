@@ -1,0 +1,417 @@
+//! The integration harness: a private system bus of its own (no `<user>`, no
+//! `<servicehelper>`) inside a mount namespace where polkit's action and rules directories are
+//! the project's own files, a real polkitd and a real `bangerd`, both started by bus
+//! activation, and real test users. Everything runs as root; when something is missing the
+//! tests skip, unless `BANGER_REQUIRE_INTEGRATION=1`, when they fail.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use zbus::Connection;
+
+/// The group the shipped polkit rules authorise.
+pub const GROUP: &str = "banger";
+/// A member of `banger`.
+pub const USER_OK: &str = "banger-it-ok";
+/// A user in no special group.
+pub const USER_NO: &str = "banger-it-no";
+
+/// The repository's root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Whether the integration tests can run here; panics instead of skipping when CI asks.
+pub fn available(tools: &[&str]) -> bool {
+    let mut missing: Vec<String> = tools
+        .iter()
+        .filter(|t| !have(t))
+        .map(|t| t.to_string())
+        .collect();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root".into());
+    }
+    if !Path::new("/usr/lib/polkit-1/polkitd").exists() {
+        missing.push("polkitd".into());
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() == Ok("1") {
+        panic!(
+            "integration test requirements missing: {}",
+            missing.join(", ")
+        );
+    }
+    eprintln!(
+        "SKIPPED: integration test requirements missing: {}",
+        missing.join(", ")
+    );
+    false
+}
+
+/// Creates the `banger` group and the two test users once per test process.
+pub fn ensure_users() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let ok = |c: &mut Command| {
+            let out = c.output().expect("run user tools");
+            // 9 = the group or user exists already.
+            assert!(
+                out.status.success() || out.status.code() == Some(9),
+                "{out:?}"
+            );
+        };
+        ok(Command::new("groupadd").args(["--system", GROUP]));
+        ok(Command::new("useradd").args(["-M", "-N", "-G", GROUP, USER_OK]));
+        ok(Command::new("useradd").args(["-M", "-N", USER_NO]));
+    });
+}
+
+/// The uid of a user.
+pub fn uid_of(user: &str) -> u32 {
+    let out = Command::new("id").args(["-u", user]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// How to set up a bus.
+#[derive(Clone)]
+pub struct BusOptions {
+    /// Install the activation file for `bangerd` (off when a test serves in-process).
+    pub activate_bangerd: bool,
+    /// `idle_exit_sec` in the daemon's config.
+    pub idle_exit_sec: u64,
+}
+
+impl Default for BusOptions {
+    fn default() -> Self {
+        BusOptions {
+            activate_bangerd: true,
+            idle_exit_sec: 0,
+        }
+    }
+}
+
+/// A private system bus with polkitd and (optionally) bangerd activatable on it.
+pub struct TestBus {
+    /// Keeps the directory alive.
+    pub dir: tempfile::TempDir,
+    /// The bus address.
+    pub address: String,
+    child: Child,
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+}
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+impl TestBus {
+    /// Starts the bus; nothing on it runs until a call activates it.
+    pub fn start(opts: BusOptions) -> TestBus {
+        ensure_users();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        chmod(d, 0o755);
+        let sock = d.join("bus.sock");
+        write(
+            &d.join("bus.conf"),
+            &format!(
+                r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={sock}</listen>
+  <auth>EXTERNAL</auth>
+  <servicedir>{d}/services</servicedir>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>
+  <policy user="root">
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Monitoring"/>
+  </policy>
+  <includedir>/usr/share/dbus-1/system.d</includedir>
+  <includedir>{d}/system.d</includedir>
+</busconfig>
+"#,
+                sock = sock.display(),
+                d = d.display()
+            ),
+        );
+        // The project's own bus policy, polkit policy and rules, as a package installs them.
+        std::fs::create_dir_all(d.join("system.d")).unwrap();
+        std::fs::copy(
+            repo().join("dbus/org.banger.conf"),
+            d.join("system.d/org.banger.conf"),
+        )
+        .unwrap();
+        for (sub, src) in [
+            ("actions", "polkit/org.banger.policy"),
+            ("rules", "polkit/50-banger.rules"),
+        ] {
+            let target = d.join(sub);
+            std::fs::create_dir_all(&target).unwrap();
+            chmod(&target, 0o755);
+            let file = target.join(Path::new(src).file_name().unwrap());
+            std::fs::copy(repo().join(src), &file).unwrap();
+            chmod(&file, 0o644);
+        }
+        write(
+            &d.join("services/org.freedesktop.PolicyKit1.service"),
+            "[D-BUS Service]\nName=org.freedesktop.PolicyKit1\nExec=/usr/lib/polkit-1/polkitd --no-debug\nUser=root\n",
+        );
+        write(
+            &d.join("config.toml"),
+            &format!("idle_exit_sec = {}\n", opts.idle_exit_sec),
+        );
+        if opts.activate_bangerd {
+            write(
+                &d.join("services/org.banger.service"),
+                &format!(
+                    "[D-BUS Service]\nName=org.banger\nExec={bin} --state-dir {d}/state --runtime-dir {d}/run --config {d}/config.toml\nUser=root\n",
+                    bin = env!("CARGO_BIN_EXE_bangerd"),
+                    d = d.display()
+                ),
+            );
+        }
+        let script = format!(
+            "set -e; mount --bind {d}/actions /usr/share/polkit-1/actions; \
+             mkdir -p /etc/polkit-1/rules.d; mount --bind {d}/rules /etc/polkit-1/rules.d; \
+             exec dbus-daemon --config-file={d}/bus.conf --nofork --print-address",
+            d = d.display()
+        );
+        let mut child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .env("BANGER_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start dbus-daemon");
+        let mut line = String::new();
+        {
+            use std::io::BufRead;
+            let stdout = child.stdout.take().unwrap();
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .unwrap();
+        }
+        assert!(
+            line.starts_with("unix:"),
+            "dbus-daemon did not start: {line:?}"
+        );
+        TestBus {
+            dir,
+            address: format!("unix:path={}", sock.display()),
+            child,
+        }
+    }
+
+    /// The daemon's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// A new client connection as root.
+    pub async fn connect(&self) -> Connection {
+        zbus::connection::Builder::address(self.address.as_str())
+            .build()
+            .await
+            .expect("connect to the test bus")
+    }
+
+    fn command_as(&self, user: Option<&str>, program: &str, args: &[&str]) -> Command {
+        let mut c = match user {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--", program]);
+                c
+            }
+            None => Command::new(program),
+        };
+        c.args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `gdbus call` on the manager as `user`; `interactive` sets
+    /// ALLOW_INTERACTIVE_AUTHORIZATION on the message.
+    pub fn gdbus_as(
+        &self,
+        user: Option<&str>,
+        interactive: bool,
+        path: &str,
+        method: &str,
+        args: &[&str],
+    ) -> Output {
+        let mut all = vec![
+            "call",
+            "--address",
+            &self.address,
+            "--dest",
+            "org.banger",
+            "--object-path",
+            path,
+            "--method",
+            method,
+        ];
+        if interactive {
+            all.push("--interactive");
+        }
+        all.extend_from_slice(args);
+        self.command_as(user, "gdbus", &all).output().unwrap()
+    }
+
+    /// Runs `busctl` against the bus as `user`.
+    pub fn busctl_as(&self, user: Option<&str>, args: &[&str]) -> Output {
+        let addr = format!("--address={}", self.address);
+        let mut all = vec![addr.as_str()];
+        all.extend_from_slice(args);
+        self.command_as(user, "busctl", &all).output().unwrap()
+    }
+
+    /// Runs the `banger` CLI as `user`.
+    pub fn banger_as(&self, user: Option<&str>, args: &[&str]) -> Output {
+        self.command_as(user, env!("CARGO_BIN_EXE_banger"), args)
+            .output()
+            .unwrap()
+    }
+
+    /// The pid owning `name`, if any.
+    pub async fn owner_pid(&self, conn: &Connection, name: &str) -> Option<u32> {
+        let dbus = zbus::fdo::DBusProxy::new(conn).await.unwrap();
+        let name = zbus::names::BusName::try_from(name).unwrap();
+        dbus.get_connection_unix_process_id(name).await.ok()
+    }
+
+    /// Waits (bounded) until nobody owns `name`.
+    pub async fn wait_name_gone(&self, conn: &Connection, name: &str, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.owner_pid(conn, name).await.is_none() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
+    /// Stops polkitd for good: no activation file, then kill it.
+    pub async fn stop_polkit(&self, conn: &Connection) {
+        std::fs::remove_file(
+            self.dir
+                .path()
+                .join("services/org.freedesktop.PolicyKit1.service"),
+        )
+        .unwrap();
+        let dbus = zbus::fdo::DBusProxy::new(conn).await.unwrap();
+        dbus.reload_config().await.unwrap();
+        if let Some(pid) = self.owner_pid(conn, "org.freedesktop.PolicyKit1").await {
+            // SAFETY: plain kill(2) of a pid we just looked up.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        assert!(
+            self.wait_name_gone(conn, "org.freedesktop.PolicyKit1", Duration::from_secs(10))
+                .await
+        );
+    }
+}
+
+impl Drop for TestBus {
+    fn drop(&mut self) {
+        // bangerd and polkitd exit when their bus goes away.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Extracts `<interface name="NAME">…</interface>` from introspection XML, each line trimmed.
+pub fn interface_block(xml: &str, name: &str) -> Option<String> {
+    let start = xml.find(&format!("<interface name=\"{name}\">"))?;
+    let end = start + xml[start..].find("</interface>")? + "</interface>".len();
+    Some(
+        xml[start..end]
+            .lines()
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+/// Introspects `path` on `org.banger`.
+pub async fn introspect(conn: &Connection, path: &str) -> String {
+    let p = zbus::fdo::IntrospectableProxy::builder(conn)
+        .destination("org.banger")
+        .path(path)
+        .build()
+        .await
+        .unwrap();
+    p.introspect().await.unwrap()
+}
+
+/// Asserts the running service's `iface` at `path` equals `dbus/<iface>.xml`; with
+/// `BANGER_UPDATE_DBUS_XML=1` rewrites the file instead (then review the diff).
+pub async fn assert_interface_matches_file(conn: &Connection, path: &str, iface: &str) {
+    let live = introspect(conn, path).await;
+    let live_block =
+        interface_block(&live, iface).unwrap_or_else(|| panic!("{iface} not at {path}"));
+    let file = repo().join("dbus").join(format!("{iface}.xml"));
+    if std::env::var("BANGER_UPDATE_DBUS_XML").as_deref() == Ok("1") {
+        let raw_start = live.find(&format!("<interface name=\"{iface}\">")).unwrap();
+        let raw_end = raw_start + live[raw_start..].find("</interface>").unwrap() + 12;
+        let doc = format!(
+            "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<node>\n  {}\n</node>\n",
+            &live[raw_start..raw_end]
+        );
+        std::fs::write(&file, doc).unwrap();
+        return;
+    }
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let file_block = interface_block(&text, iface).expect("interface in the file");
+    assert_eq!(
+        live_block, file_block,
+        "{iface}: the running service differs from {}; run the tests with BANGER_UPDATE_DBUS_XML=1 and review",
+        file.display()
+    );
+}
+
+/// The text a failed command printed, for assertions.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}

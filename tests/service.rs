@@ -1,0 +1,493 @@
+//! The service as a black box: bus-activated `bangerd` on a private system bus with a real
+//! polkitd, called through zbus, busctl, gdbus and the CLI as real uids.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use banger::model::{now_us, Image, Kernel, Vm, VmState};
+use banger::store::{rows, Store};
+use common::*;
+use zbus::OwnedObjectPath;
+
+const TOOLS: &[&str] = &[
+    "dbus-daemon",
+    "busctl",
+    "gdbus",
+    "unshare",
+    "runuser",
+    "useradd",
+];
+
+struct Seeded {
+    image: Image,
+    kernel: Kernel,
+    root_vm: Vm,
+    user_vm: Vm,
+}
+
+fn vm(name: &str, image: &Image, owner: u32, cid: u32) -> Vm {
+    Vm {
+        id: banger::model::new_id(),
+        name: name.into(),
+        state: VmState::Stopped,
+        stage: "ready".into(),
+        image_id: image.id.clone(),
+        kernel: "debian".into(),
+        vcpus: 2,
+        memory_mib: 1024,
+        disk_size: 1 << 30,
+        owner_uid: owner,
+        guest_address: format!("10.219.0.{cid}"),
+        mac_address: format!("52:54:00:00:00:{cid:02x}"),
+        vsock_cid: cid,
+        tap_name: format!("bgr{cid}"),
+        ssh_address: String::new(),
+        created_at: now_us(),
+    }
+}
+
+/// Writes rows into the daemon's database before it first starts, as an earlier daemon would
+/// have, plus a staging leftover the start-up sweep must remove.
+fn seed(bus: &TestBus) -> Seeded {
+    let state = bus.state_dir();
+    std::fs::create_dir_all(state.join("images/.staging-interrupted/tree")).unwrap();
+    let store = Store::open(&state.join("banger.db")).unwrap();
+    let image = Image {
+        id: banger::model::new_id(),
+        name: "seeded-image".into(),
+        managed: true,
+        source: "docker.io/library/debian:bookworm".into(),
+        rootfs_path: state.join("images/x/rootfs.ext4"),
+        work_seed_path: None,
+        kernel: Some("debian-6.1".into()),
+        size_bytes: 1 << 30,
+        created_at: now_us(),
+    };
+    let kernel = Kernel {
+        name: "debian-6.1".into(),
+        version: "6.1.0-30-amd64".into(),
+        source: "catalog:debian".into(),
+        kernel_path: state.join("kernels/debian-6.1/vmlinux"),
+        initrd_path: Some(state.join("kernels/debian-6.1/initrd.img")),
+        modules_dir: None,
+        created_at: now_us(),
+    };
+    let root_vm = vm("roots-vm", &image, 0, 3);
+    let user_vm = vm("users-vm", &image, uid_of(USER_OK), 4);
+    store
+        .call_blocking(|c| {
+            rows::insert_image(c, &image)?;
+            rows::insert_kernel(c, &kernel)?;
+            rows::insert_vm(c, &root_vm)?;
+            rows::insert_vm(c, &user_vm)
+        })
+        .unwrap();
+    Seeded {
+        image,
+        kernel,
+        root_vm,
+        user_vm,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn activation_introspection_and_reads() {
+    if !available(TOOLS) {
+        return;
+    }
+    let bus = TestBus::start(BusOptions::default());
+    let s = seed(&bus);
+    let conn = bus.connect().await;
+
+    // The first call activates the daemon; the manager serves all four interfaces as
+    // dbus/*.xml says.
+    for iface in [
+        "org.banger.Images1",
+        "org.banger.Kernels1",
+        "org.banger.VMs1",
+        "org.banger.Jobs1",
+    ] {
+        assert_interface_matches_file(&conn, "/org/banger", iface).await;
+    }
+    let manager = introspect(&conn, "/org/banger").await;
+    assert!(manager.contains("<interface name=\"org.freedesktop.DBus.ObjectManager\">"));
+    let busctl = bus.busctl_as(None, &["introspect", "org.banger", "/org/banger"]);
+    let busctl = text(&busctl);
+    for iface in [
+        "org.banger.Images1",
+        "org.banger.Kernels1",
+        "org.banger.VMs1",
+        "org.banger.Jobs1",
+    ] {
+        assert!(busctl.contains(iface), "{busctl}");
+    }
+
+    // The staging leftover was swept before the name was taken.
+    assert!(!bus.state_dir().join("images/.staging-interrupted").exists());
+
+    // Objects come from the store, with the escaped kernel path of sd-bus.
+    let image_path = format!("/org/banger/image/{}", s.image.id);
+    let kernel_path = "/org/banger/kernel/debian_2d6_2e1";
+    let vm_path = format!("/org/banger/vm/{}", s.root_vm.id);
+    assert_interface_matches_file(&conn, &image_path, "org.banger.Image1").await;
+    assert_interface_matches_file(&conn, kernel_path, "org.banger.Kernel1").await;
+    assert_interface_matches_file(&conn, &vm_path, "org.banger.VM1").await;
+
+    let om = zbus::fdo::ObjectManagerProxy::builder(&conn)
+        .destination("org.banger")
+        .path("/org/banger")
+        .build()
+        .await
+        .unwrap();
+    let objects = om.get_managed_objects().await.unwrap();
+    let paths: Vec<String> = objects.keys().map(|p| p.to_string()).collect();
+    for p in [&image_path, kernel_path, &vm_path] {
+        assert!(paths.contains(&p.to_string()), "{p} not in {paths:?}");
+    }
+    let vm_props = &objects[&OwnedObjectPath::try_from(vm_path.as_str()).unwrap()];
+    let vm_props: &HashMap<String, zbus::OwnedVariant> = vm_props
+        .iter()
+        .find(|(k, _)| k.as_str() == "org.banger.VM1")
+        .unwrap()
+        .1;
+    assert_eq!(
+        String::try_from(vm_props["Name"].clone()).unwrap(),
+        "roots-vm"
+    );
+    assert_eq!(u32::try_from(vm_props["VSockCID"].clone()).unwrap(), 3);
+
+    // List and Get methods answer from the store.
+    let images = banger::dbus::proxy::Images1Proxy::new(&conn).await.unwrap();
+    let list = images.list_images().await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (list[0].0.as_str(), list[0].1.as_str(), list[0].2),
+        (s.image.id.as_str(), "seeded-image", true)
+    );
+    assert_eq!(
+        images.get_image("seeded-image").await.unwrap().as_str(),
+        image_path
+    );
+    assert_eq!(
+        images.get_image(&s.image.id).await.unwrap().as_str(),
+        image_path
+    );
+    match images.get_image("nope").await.unwrap_err() {
+        zbus::Error::MethodError(name, Some(msg), _) => {
+            assert_eq!(name.as_str(), "org.banger.Error.NotFound");
+            assert!(msg.contains("banger image list"), "{msg}");
+        }
+        e => panic!("unexpected {e:?}"),
+    }
+    let kernels = banger::dbus::proxy::Kernels1Proxy::new(&conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        kernels.get_kernel("debian-6.1").await.unwrap().as_str(),
+        kernel_path
+    );
+    assert_eq!(kernels.list_kernels().await.unwrap()[0].1, s.kernel.version);
+    assert!(kernels
+        .list_available_kernels()
+        .await
+        .unwrap()
+        .iter()
+        .any(|k| k.0 == "debian"));
+    let vms = banger::dbus::proxy::VMs1Proxy::new(&conn).await.unwrap();
+    let listed = vms.list_vms().await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(
+        vms.get_vm("users-vm").await.unwrap().as_str(),
+        format!("/org/banger/vm/{}", s.user_vm.id)
+    );
+    let owner = bus.busctl_as(
+        None,
+        &[
+            "get-property",
+            "org.banger",
+            &vm_path,
+            "org.banger.VM1",
+            "Owner",
+        ],
+    );
+    assert_eq!(text(&owner).trim(), "u 0");
+
+    // The CLI, as an ordinary user: reads need no authorisation.
+    let out = bus.banger_as(Some(USER_NO), &["--json", "image", "list"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["name"], "seeded-image");
+    let out = bus.banger_as(Some(USER_NO), &["--json", "status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            v["images"].as_u64(),
+            v["kernels"].as_u64(),
+            v["vms"].as_u64()
+        ),
+        (Some(1), Some(1), Some(2))
+    );
+    assert_eq!(v["daemon_version"], banger::VERSION);
+    for args in [
+        &["vm", "list"][..],
+        &["kernel", "list"],
+        &["kernel", "list", "--available"],
+    ] {
+        let out = bus.banger_as(Some(USER_NO), args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    }
+    let out = bus.banger_as(None, &["vm", "list"]);
+    assert!(
+        text(&out).contains("roots-vm") && text(&out).contains("users-vm"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// Every mutating method with arguments that pass validation.
+fn mutating_calls(s: &Seeded) -> Vec<(String, &'static str, Vec<String>)> {
+    let m = "/org/banger".to_string();
+    let user_vm = format!("/org/banger/vm/{}", s.user_vm.id);
+    let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    vec![
+        (
+            m.clone(),
+            "org.banger.Images1.PullImage",
+            a(&["docker.io/library/debian:bookworm", "{}"]),
+        ),
+        (
+            m.clone(),
+            "org.banger.Images1.RegisterImage",
+            a(&["img", "{'rootfs': <'/srv/rootfs.ext4'>}"]),
+        ),
+        (
+            m.clone(),
+            "org.banger.Images1.PromoteImage",
+            a(&["seeded-image"]),
+        ),
+        (
+            m.clone(),
+            "org.banger.Images1.BuildImage",
+            a(&["built", "{}"]),
+        ),
+        (
+            m.clone(),
+            "org.banger.Images1.DeleteImage",
+            a(&["seeded-image"]),
+        ),
+        (
+            m.clone(),
+            "org.banger.Kernels1.PullKernel",
+            a(&["debian", "{}"]),
+        ),
+        (
+            m.clone(),
+            "org.banger.Kernels1.ImportKernel",
+            a(&["k", "{'kernel_path': <'/boot/vmlinuz'>}"]),
+        ),
+        (
+            m.clone(),
+            "org.banger.Kernels1.DeleteKernel",
+            a(&["debian-6.1"]),
+        ),
+        (m.clone(), "org.banger.VMs1.CreateVM", a(&["newvm", "{}"])),
+        (m.clone(), "org.banger.VMs1.StartVM", a(&["users-vm"])),
+        (m.clone(), "org.banger.VMs1.StopVM", a(&["users-vm", "{}"])),
+        (
+            m.clone(),
+            "org.banger.VMs1.DeleteVM",
+            a(&["users-vm", "{}"]),
+        ),
+        (user_vm.clone(), "org.banger.VM1.Start", a(&[])),
+        (user_vm.clone(), "org.banger.VM1.Stop", a(&["{}"])),
+        (user_vm, "org.banger.VM1.Delete", a(&["{}"])),
+    ]
+}
+
+fn call(
+    bus: &TestBus,
+    user: Option<&str>,
+    interactive: bool,
+    c: &(String, &str, Vec<String>),
+) -> String {
+    let args: Vec<&str> = c.2.iter().map(String::as_str).collect();
+    let out = bus.gdbus_as(user, interactive, &c.0, c.1, &args);
+    assert!(!out.status.success(), "{} unexpectedly succeeded", c.1);
+    text(&out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unauthorised_uid_is_refused_on_every_mutating_method() {
+    if !available(TOOLS) {
+        return;
+    }
+    let bus = TestBus::start(BusOptions::default());
+    let s = seed(&bus);
+    for c in mutating_calls(&s) {
+        // Not in the banger group: refused, whatever the message's interaction flag says.
+        let out = call(&bus, Some(USER_NO), true, &c);
+        assert!(
+            out.contains("GDBus.Error:org.freedesktop.DBus.Error.AccessDenied:"),
+            "{}: {out}",
+            c.1
+        );
+        let out = call(&bus, Some(USER_NO), false, &c);
+        assert!(
+            out.contains(
+                "GDBus.Error:org.freedesktop.DBus.Error.InteractiveAuthorizationRequired:"
+            ),
+            "{}: {out}",
+            c.1
+        );
+        // A member of the banger group gets through polkit to the capability itself.
+        let out = call(&bus, Some(USER_OK), true, &c);
+        assert!(
+            out.contains("GDBus.Error:org.banger.Error.Failed:")
+                && out.contains("not implemented yet"),
+            "{}: {out}",
+            c.1
+        );
+    }
+
+    // Another user's VM needs manage-any, which the rules keep for root.
+    let root_vm = format!("/org/banger/vm/{}", s.root_vm.id);
+    for (path, method, args) in [
+        (
+            "/org/banger",
+            "org.banger.VMs1.StopVM",
+            vec!["roots-vm", "{}"],
+        ),
+        (
+            "/org/banger",
+            "org.banger.VMs1.DeleteVM",
+            vec!["roots-vm", "{}"],
+        ),
+        (root_vm.as_str(), "org.banger.VM1.Start", vec![]),
+    ] {
+        let out = text(&bus.gdbus_as(Some(USER_OK), true, path, method, &args));
+        assert!(
+            out.contains("GDBus.Error:org.freedesktop.DBus.Error.AccessDenied:"),
+            "{method}: {out}"
+        );
+        assert!(out.contains("org.banger.vms.manage-any"), "{method}: {out}");
+    }
+
+    // Arguments are validated before polkit is asked: bad input is named even for strangers.
+    let out = text(&bus.gdbus_as(
+        Some(USER_NO),
+        true,
+        "/org/banger",
+        "org.banger.VMs1.CreateVM",
+        &["../x", "{}"],
+    ));
+    assert!(
+        out.contains("GDBus.Error:org.banger.Error.InvalidArgument:")
+            && out.contains("Invalid VM name"),
+        "{out}"
+    );
+    let out = text(&bus.gdbus_as(
+        Some(USER_NO),
+        true,
+        "/org/banger",
+        "org.banger.Images1.PullImage",
+        &["debian", "{'nmae': <'x'>}"],
+    ));
+    assert!(
+        out.contains("GDBus.Error:org.banger.Error.InvalidArgument:")
+            && out.contains("unknown option(s) nmae"),
+        "{out}"
+    );
+
+    // The CLI says what happened in words.
+    let out = bus.banger_as(Some(USER_NO), &["image", "pull", "debian"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("Permission denied"), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn polkit_unreachable_means_denied() {
+    if !available(TOOLS) {
+        return;
+    }
+    let bus = TestBus::start(BusOptions::default());
+    let s = seed(&bus);
+    let calls = mutating_calls(&s);
+    // Root is authorised by the rules while polkit runs…
+    let out = call(&bus, None, true, &calls[0]);
+    assert!(out.contains("not implemented yet"), "{out}");
+    // …and refused once polkit is gone.
+    let conn = bus.connect().await;
+    bus.stop_polkit(&conn).await;
+    for c in &calls {
+        let out = call(&bus, None, true, c);
+        assert!(
+            out.contains("GDBus.Error:org.freedesktop.DBus.Error.AccessDenied:"),
+            "{}: {out}",
+            c.1
+        );
+        assert!(out.contains("Cannot reach polkit"), "{}: {out}", c.1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_exit_and_reactivation() {
+    if !available(TOOLS) {
+        return;
+    }
+    let bus = TestBus::start(BusOptions {
+        idle_exit_sec: 1,
+        ..Default::default()
+    });
+    let conn = bus.connect().await;
+    let jobs = banger::dbus::proxy::Jobs1Proxy::new(&conn).await.unwrap();
+    assert_eq!(jobs.version().await.unwrap(), banger::VERSION);
+    let first = bus.owner_pid(&conn, "org.banger").await.expect("activated");
+    // Idle for a second: the daemon gives up its name and exits.
+    assert!(
+        bus.wait_name_gone(&conn, "org.banger", Duration::from_secs(30))
+            .await,
+        "did not exit idle"
+    );
+    // The next call activates a new one, on the same state.
+    let vms = banger::dbus::proxy::VMs1Proxy::new(&conn).await.unwrap();
+    assert!(vms.list_vms().await.unwrap().is_empty());
+    let second = bus
+        .owner_pid(&conn, "org.banger")
+        .await
+        .expect("re-activated");
+    assert_ne!(first, second);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_says_when_the_daemon_is_unreachable() {
+    if !available(TOOLS) {
+        return;
+    }
+    // No bus at all.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_banger"))
+        .arg("status")
+        .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("Cannot reach the system bus"),
+        "{}",
+        text(&out)
+    );
+    // A bus with no banger on it.
+    let bus = TestBus::start(BusOptions {
+        activate_bangerd: false,
+        ..Default::default()
+    });
+    let out = bus.banger_as(None, &["vm", "list"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("daemon is not running"),
+        "{}",
+        text(&out)
+    );
+}
