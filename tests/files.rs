@@ -1,0 +1,136 @@
+//! The files a package installs: the systemd unit passes `systemd-analyze verify`, its
+//! sandboxing score is recorded, and the polkit policy and bus files say what the code does.
+
+mod common;
+
+use std::process::Command;
+
+use banger::auth::Action;
+use common::*;
+
+fn unit_with_built_binary(dir: &std::path::Path) -> std::path::PathBuf {
+    // verify checks that ExecStart exists; point it at the binary this build made.
+    let unit = std::fs::read_to_string(repo().join("systemd/bangerd.service")).unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/bin/bangerd "),
+        "the unit starts /usr/bin/bangerd"
+    );
+    let unit = unit.replace(
+        "ExecStart=/usr/bin/bangerd ",
+        &format!("ExecStart={} ", env!("CARGO_BIN_EXE_bangerd")),
+    );
+    let path = dir.join("bangerd.service");
+    std::fs::write(&path, unit).unwrap();
+    path
+}
+
+#[test]
+fn unit_verifies_and_is_sandboxed() {
+    if !available(&["systemd-analyze"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let unit = unit_with_built_binary(dir.path());
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && text(&out).trim().is_empty(),
+        "verify: {}",
+        text(&out)
+    );
+
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let report = text(&out);
+    let line = report
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .expect(&report);
+    let score: f64 = line
+        .split(':')
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    println!("systemd-analyze security exposure: {score}");
+    // README.md records this number; the goal is 4.0 or less.
+    assert!(score <= 4.0, "sandboxing regressed to {score}:\n{report}");
+}
+
+#[test]
+fn unit_and_activation_file_agree_on_the_bus_name() {
+    let unit = std::fs::read_to_string(repo().join("systemd/bangerd.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "BusName=org.banger",
+        "StateDirectory=banger",
+        "RuntimeDirectory=banger",
+        "ProtectSystem=strict",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "unit lacks {line}");
+    }
+    let activation = std::fs::read_to_string(repo().join("dbus/org.banger.service")).unwrap();
+    assert!(activation.lines().any(|l| l == "Name=org.banger"));
+    assert!(activation
+        .lines()
+        .any(|l| l == "SystemdService=bangerd.service"));
+    let policy = std::fs::read_to_string(repo().join("dbus/org.banger.conf")).unwrap();
+    assert!(
+        policy.contains(r#"<policy user="root">"#)
+            && policy.contains(r#"<allow own="org.banger"/>"#)
+    );
+}
+
+#[test]
+fn polkit_policy_declares_exactly_the_actions_the_code_checks() {
+    let policy = std::fs::read_to_string(repo().join("polkit/org.banger.policy")).unwrap();
+    let declared: Vec<&str> = policy
+        .split("<action id=\"")
+        .skip(1)
+        .map(|s| s.split('"').next().unwrap())
+        .collect();
+    let mut expected: Vec<&str> = Action::ALL.iter().map(|a| a.id()).collect();
+    let mut declared_sorted = declared.clone();
+    declared_sorted.sort();
+    expected.sort();
+    assert_eq!(declared_sorted, expected);
+    assert_eq!(
+        policy
+            .matches("<allow_any>auth_admin_keep</allow_any>")
+            .count(),
+        4
+    );
+    let rules = std::fs::read_to_string(repo().join("polkit/50-banger.rules")).unwrap();
+    assert!(rules.contains("isInGroup(\"banger\")") && rules.contains("org.banger.vms.manage-any"));
+}
+
+#[test]
+fn every_dbus_member_is_documented() {
+    let mut files = 0;
+    for entry in std::fs::read_dir(repo().join("dbus")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("xml") {
+            continue;
+        }
+        files += 1;
+        let xml = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = xml.lines().map(str::trim).collect();
+        for (i, l) in lines.iter().enumerate() {
+            if l.starts_with("<method ") || l.starts_with("<signal ") || l.starts_with("<property ")
+            {
+                assert_eq!(lines[i - 1], "-->", "{}: undocumented {l}", path.display());
+            }
+        }
+    }
+    // Images1, Kernels1, VMs1, Jobs1, Image1, Kernel1, VM1, Job1.
+    assert_eq!(files, 8);
+}

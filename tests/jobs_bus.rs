@@ -1,0 +1,209 @@
+//! Jobs over the real bus: the service is served in-process on a private system bus (with
+//! the real polkitd) so the test can start jobs whose work it controls, then watches the
+//! signals and objects a client sees.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use banger::auth::{Action, Polkit};
+use banger::daemon::{prepare, record_jobs, DaemonOptions};
+use banger::jobs::JobSpec;
+use banger::service::Banger;
+use common::*;
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
+use zbus::message::Type;
+use zbus::{MatchRule, MessageStream};
+
+const TOOLS: &[&str] = &["dbus-daemon", "gdbus", "unshare", "runuser", "useradd"];
+
+/// Signal member and body as text, for comparison.
+async fn next_signal(stream: &mut MessageStream) -> (String, String) {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("a signal within 30 s")
+            .unwrap()
+            .unwrap();
+        let hdr = m.header();
+        let member = hdr.member().unwrap().to_string();
+        if matches!(
+            member.as_str(),
+            "JobNew" | "JobRemoved" | "StageChanged" | "LogMessage"
+        ) {
+            let body = m.body();
+            let text = match member.as_str() {
+                "JobNew" => format!(
+                    "{:?}",
+                    body.deserialize::<(u32, zbus::OwnedObjectPath)>().unwrap()
+                ),
+                "JobRemoved" => {
+                    format!(
+                        "{:?}",
+                        body.deserialize::<(u32, zbus::OwnedObjectPath, String)>()
+                            .unwrap()
+                    )
+                }
+                "StageChanged" => format!("{:?}", body.deserialize::<(String, String)>().unwrap()),
+                _ => format!("{:?}", body.deserialize::<(u32, String)>().unwrap()),
+            };
+            return (member, text);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_emit_their_signals_in_order_and_cancel_is_authorised() {
+    if !available(TOOLS) {
+        return;
+    }
+    let bus = TestBus::start(BusOptions {
+        activate_bangerd: false,
+        ..Default::default()
+    });
+    let d = bus.dir.path();
+    let opts = DaemonOptions {
+        state_dir: d.join("state"),
+        runtime_dir: d.join("run"),
+        config: d.join("config.toml"),
+        config_required: true,
+    };
+    let (config, layout, store) = prepare(&opts).unwrap();
+    let banger = Banger::new(config, layout, store.clone()).unwrap();
+    let service = bus.connect().await;
+    banger::dbus::serve(
+        &service,
+        banger.clone(),
+        Arc::new(Polkit::new(service.clone())),
+    )
+    .await
+    .unwrap();
+    record_jobs(&banger);
+    service.request_name("org.banger").await.unwrap();
+
+    let client = bus.connect().await;
+    let rule = MatchRule::builder()
+        .msg_type(Type::Signal)
+        .sender("org.banger")
+        .build()
+        .unwrap();
+    let mut signals =
+        MessageStream::for_match_rule(rule, &client, std::num::NonZeroUsize::new(256))
+            .await
+            .unwrap();
+
+    // A job that pauses on a gate after its first stage.
+    let (gate_tx, gate_rx) = oneshot::channel::<()>();
+    let spec = |target: &str| JobSpec {
+        kind: "test".into(),
+        target: target.into(),
+        action: Action::ImagesManage,
+        owner_uid: 0,
+    };
+    let job = banger.jobs.spawn(spec("gated"), |ctx| async move {
+        ctx.stage("one", "First stage");
+        ctx.log(6, "a log line");
+        ctx.progress(0.25);
+        let _ = gate_rx.await;
+        ctx.stage("two", "Second stage");
+        Ok(())
+    });
+    let path = format!("/org/banger/job/{}", job.id);
+    assert_eq!(next_signal(&mut signals).await.0, "JobNew");
+    assert_eq!(
+        next_signal(&mut signals).await,
+        ("StageChanged".into(), "(\"one\", \"First stage\")".into())
+    );
+    assert_eq!(
+        next_signal(&mut signals).await,
+        ("LogMessage".into(), "(6, \"a log line\")".into())
+    );
+
+    // While it waits: the object is on the bus with live properties and the contract's shape.
+    assert_interface_matches_file(&client, &path, "org.banger.Job1").await;
+    let proxy = banger::dbus::proxy::Job1Proxy::builder(&client)
+        .path(path.as_str())
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(proxy.stage().await.unwrap(), "one");
+    assert_eq!(proxy.state().await.unwrap(), "running");
+    assert_eq!(proxy.progress().await.unwrap(), 0.25);
+    let jobs = banger::dbus::proxy::Jobs1Proxy::new(&client).await.unwrap();
+    let listed = jobs.list_jobs().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].0, listed[0].1.as_str(), listed[0].2.as_str()),
+        (job.id, "test", "gated")
+    );
+
+    // A stranger may not cancel it, by either method.
+    let id = job.id.to_string();
+    let out = text(&bus.gdbus_as(
+        Some(USER_NO),
+        true,
+        "/org/banger",
+        "org.banger.Jobs1.CancelJob",
+        &[&id],
+    ));
+    assert!(
+        out.contains("GDBus.Error:org.freedesktop.DBus.Error.AccessDenied:"),
+        "{out}"
+    );
+    let out = text(&bus.gdbus_as(Some(USER_NO), true, &path, "org.banger.Job1.Cancel", &[]));
+    assert!(
+        out.contains("GDBus.Error:org.freedesktop.DBus.Error.AccessDenied:"),
+        "{out}"
+    );
+
+    gate_tx.send(()).unwrap();
+    assert_eq!(
+        next_signal(&mut signals).await,
+        ("StageChanged".into(), "(\"two\", \"Second stage\")".into())
+    );
+    let (member, body) = next_signal(&mut signals).await;
+    assert_eq!(member, "JobRemoved");
+    assert_eq!(
+        body,
+        format!(
+            "({}, OwnedObjectPath(ObjectPath(\"{path}\")), \"done\")",
+            job.id
+        )
+    );
+
+    // A member of the banger group cancels a job that would never end.
+    let stuck = banger.jobs.spawn(spec("stuck"), |_| std::future::pending());
+    let stuck_path = format!("/org/banger/job/{}", stuck.id);
+    assert_eq!(next_signal(&mut signals).await.0, "JobNew");
+    // The object exists as soon as JobNew is out.
+    let out = bus.gdbus_as(
+        Some(USER_OK),
+        true,
+        &stuck_path,
+        "org.banger.Job1.Cancel",
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let (member, body) = next_signal(&mut signals).await;
+    assert_eq!(member, "JobRemoved");
+    assert!(body.ends_with("\"canceled\")"), "{body}");
+    // The object is gone once the job is.
+    let gone = bus.busctl_as(None, &["introspect", "org.banger", &stuck_path]);
+    assert!(!text(&gone).contains("org.banger.Job1"), "{}", text(&gone));
+
+    // Both ends were recorded, and ids continue after a restart of the runner.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rec = |id: u32| {
+        store
+            .call_blocking(move |c| banger::store::rows::find_job(c, id))
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(rec(job.id).state, "done");
+    assert_eq!(rec(stuck.id).state, "canceled");
+    let again = Banger::new(banger.config.clone(), banger.layout.clone(), store.clone()).unwrap();
+    let next = again.jobs.spawn(spec("after"), |_| async { Ok(()) });
+    assert!(next.id > stuck.id);
+}
