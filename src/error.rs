@@ -74,13 +74,17 @@ impl Error {
         }
     }
 
-    /// The message with every source in the chain, as a user should read it.
+    /// The message with every source in the chain, as a user should read it. A source whose
+    /// text its parent already printed (many errors include their source) is not repeated.
     pub fn full_message(&self) -> String {
         let mut msg = self.to_string();
         let mut source = std::error::Error::source(self);
         while let Some(err) = source {
-            msg.push_str(": ");
-            msg.push_str(&err.to_string());
+            let text = err.to_string();
+            if !msg.contains(&text) {
+                msg.push_str(": ");
+                msg.push_str(&text);
+            }
             source = err.source();
         }
         msg
@@ -97,6 +101,19 @@ mod tests {
         let err = Error::failed("Cannot open the state database", io);
         assert_eq!(err.full_message(), "Cannot open the state database: denied");
         assert_eq!(err.kind(), ErrorKind::Failed);
+    }
+
+    #[test]
+    fn full_message_does_not_repeat_a_source_its_parent_printed() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("connect failed: {0}")]
+        struct Wrapping(#[source] std::io::Error);
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such socket");
+        let err = Error::failed("Cannot connect to the system bus", Wrapping(io));
+        assert_eq!(
+            err.full_message(),
+            "Cannot connect to the system bus: connect failed: no such socket"
+        );
     }
 
     #[test]

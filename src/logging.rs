@@ -25,7 +25,10 @@ pub fn init(program: &str) -> Sink {
     let filter = EnvFilter::try_from_env("BANGER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     if Path::new(JOURNAL_SOCKET).exists() {
         if let Ok(layer) = tracing_journald::layer() {
-            let layer = layer.with_syslog_identifier(program.to_owned());
+            // No prefix: fields must reach the journal as JOB_ID=, VM_ID=, STAGE=, not F_JOB_ID=.
+            let layer = layer
+                .with_syslog_identifier(program.to_owned())
+                .with_field_prefix(None);
             if tracing_subscriber::registry()
                 .with(filter)
                 .with(layer)

@@ -491,3 +491,133 @@ async fn cli_says_when_the_daemon_is_unreachable() {
         text(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ready_is_notified_once_the_name_is_owned() {
+    if !available(TOOLS) {
+        return;
+    }
+    let bus = TestBus::start(BusOptions {
+        activate_bangerd: false,
+        ..Default::default()
+    });
+    let d = bus.dir.path();
+    let notify_path = d.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_bangerd"))
+        .args(["--state-dir"])
+        .arg(d.join("state"))
+        .arg("--runtime-dir")
+        .arg(d.join("run"))
+        .arg("--config")
+        .arg(d.join("config.toml"))
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).expect("a notification");
+    let first = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(first.lines().any(|l| l == "READY=1"), "{first}");
+    assert!(first.lines().any(|l| l.starts_with("STATUS=")), "{first}");
+    // READY=1 comes only once the name is owned.
+    let conn = bus.connect().await;
+    assert_eq!(bus.owner_pid(&conn, "org.banger").await, Some(daemon.id()));
+    // SIGTERM: it says it is stopping and gives the name back.
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let n = sock.recv(&mut buf).expect("a stopping notification");
+    assert!(String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .any(|l| l == "STOPPING=1"));
+    assert!(daemon.wait().unwrap().success());
+    assert!(bus.owner_pid(&conn, "org.banger").await.is_none());
+}
+
+#[test]
+fn doctor_reports_what_is_installed_and_what_is_missing() {
+    if !available(&["mkfs.ext4", "debugfs"]) {
+        return;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_banger"))
+        .args(["--json", "doctor"])
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect(&text(&out));
+    let check = |name: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == name)
+            .cloned()
+            .unwrap()
+    };
+    // Found in /usr/sbin even when PATH lacks it.
+    assert_eq!(check("mkfs.ext4")["status"], "ok");
+    assert_eq!(check("debugfs")["status"], "ok");
+    let fc = check("firecracker");
+    if fc["status"] != "ok" {
+        assert!(fc["detail"].as_str().unwrap().contains("not found"), "{fc}");
+    }
+    // Exit status follows the required checks.
+    let missing_required = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["required"] == true && c["status"] != "ok");
+    assert_eq!(out.status.success(), !missing_required, "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logs_go_to_the_journal_with_structured_fields() {
+    if !available(&[
+        "dbus-daemon",
+        "gdbus",
+        "unshare",
+        "nsenter",
+        "journalctl",
+        "/lib/systemd/systemd-journald",
+    ]) {
+        return;
+    }
+    let bus = TestBus::start(BusOptions {
+        journal: true,
+        ..Default::default()
+    });
+    // Activates the daemon, then gets a refusal logged with the caller and the action.
+    let out = text(&bus.gdbus_as(
+        Some(USER_NO),
+        true,
+        "/org/banger",
+        "org.banger.Images1.DeleteImage",
+        &["x"],
+    ));
+    assert!(out.contains("AccessDenied"), "{out}");
+    let mut entries = Vec::new();
+    for _ in 0..50 {
+        entries = bus.journal("bangerd");
+        if entries
+            .iter()
+            .any(|e| e["MESSAGE"].as_str().unwrap_or("").starts_with("Refused"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ready = entries
+        .iter()
+        .find(|e| e["MESSAGE"] == "bangerd ready")
+        .expect("a ready entry");
+    assert_eq!(ready["VERSION"], banger::VERSION);
+    assert_eq!(ready["_TRANSPORT"], "journal");
+    let refused = entries
+        .iter()
+        .find(|e| e["MESSAGE"].as_str().unwrap_or("").starts_with("Refused"))
+        .unwrap_or_else(|| panic!("no refusal in {entries:?}"));
+    assert_eq!(refused["ACTION"], "org.banger.images.manage");
+    assert_eq!(refused["UID"], uid_of(USER_NO).to_string());
+    assert_eq!(refused["PRIORITY"], "4");
+}

@@ -95,6 +95,9 @@ pub struct BusOptions {
     pub activate_bangerd: bool,
     /// `idle_exit_sec` in the daemon's config.
     pub idle_exit_sec: u64,
+    /// Run a journald of its own in the bus's mount namespace, so the daemon logs to a
+    /// real journal.
+    pub journal: bool,
 }
 
 impl Default for BusOptions {
@@ -102,6 +105,7 @@ impl Default for BusOptions {
         BusOptions {
             activate_bangerd: true,
             idle_exit_sec: 0,
+            journal: false,
         }
     }
 }
@@ -205,10 +209,21 @@ impl TestBus {
                 ),
             );
         }
+        let journal = if opts.journal {
+            // tmpfs over the journal's directories: this journald is the namespace's own.
+            format!(
+                "mount -t tmpfs tmpfs /run/systemd; mkdir -p /run/log; mount -t tmpfs tmpfs /run/log; \
+                 /lib/systemd/systemd-journald </dev/null >/dev/null 2>&1 & echo $! > {d}/journald.pid; \
+                 for i in $(seq 100); do [ -S /run/systemd/journal/socket ] && break; sleep 0.05; done; ",
+                d = d.display()
+            )
+        } else {
+            String::new()
+        };
         let script = format!(
             "set -e; mount --bind {d}/actions /usr/share/polkit-1/actions; \
              mkdir -p /etc/polkit-1/rules.d; mount --bind {d}/rules /etc/polkit-1/rules.d; \
-             exec dbus-daemon --config-file={d}/bus.conf --nofork --print-address",
+             {journal}exec dbus-daemon --config-file={d}/bus.conf --nofork --print-address",
             d = d.display()
         );
         let mut child = Command::new("unshare")
@@ -349,11 +364,40 @@ impl TestBus {
     }
 }
 
+impl TestBus {
+    /// The journal entries of `identifier` in this bus's namespace, as JSON objects.
+    pub fn journal(&self, identifier: &str) -> Vec<serde_json::Value> {
+        let out = Command::new("nsenter")
+            .args([
+                "-t",
+                &self.child.id().to_string(),
+                "-m",
+                "journalctl",
+                "--no-pager",
+                "-o",
+                "json",
+            ])
+            .arg(format!("SYSLOG_IDENTIFIER={identifier}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
 impl Drop for TestBus {
     fn drop(&mut self) {
-        // bangerd and polkitd exit when their bus goes away.
+        // bangerd and polkitd exit when their bus goes away; journald does not.
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("journald.pid")) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                // SAFETY: plain kill(2) of the journald this bus started.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
     }
 }
 
