@@ -546,7 +546,8 @@ fn doctor_reports_what_is_installed_and_what_is_missing() {
         .env("PATH", "/usr/bin:/bin")
         .output()
         .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect(&text(&out));
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
     let check = |name: &str| {
         v.as_array()
             .unwrap()
