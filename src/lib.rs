@@ -16,6 +16,7 @@ pub mod kernels;
 pub mod layout;
 pub mod logging;
 pub mod model;
+pub mod oci;
 pub mod service;
 pub mod store;
 pub mod vms;
