@@ -35,6 +35,8 @@ pub struct Config {
     pub auto_pull_image: bool,
     /// Pull a missing catalog kernel when an image or VM needs it.
     pub auto_pull_kernel: bool,
+    /// The most an image's layers may expand to, in bytes (a decompression bomb stops here).
+    pub max_image_bytes: u64,
 }
 
 impl Default for Config {
@@ -46,6 +48,7 @@ impl Default for Config {
             default_kernel: "debian".into(),
             auto_pull_image: true,
             auto_pull_kernel: true,
+            max_image_bytes: 32 << 30,
         }
     }
 }

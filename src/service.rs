@@ -109,7 +109,13 @@ impl Banger {
         let jobs = Jobs::new(last_job);
         let events = Events::new();
         Ok(Arc::new(Banger {
-            images: Images::new(store.clone(), layout.clone(), events.clone()),
+            images: Images::new(
+                store.clone(),
+                layout.clone(),
+                events.clone(),
+                jobs.clone(),
+                config.clone(),
+            ),
             kernels: Kernels::new(store.clone(), layout.clone(), events.clone()),
             vms: Vms::new(
                 store.clone(),

@@ -2,7 +2,6 @@
 //! it needs no daemon.
 
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
@@ -16,21 +15,7 @@ struct Check {
     detail: String,
 }
 
-/// Finds a program on PATH or in the sbin directories a non-root PATH often lacks.
-pub fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin", "/root/.cargo/bin"].map(PathBuf::from))
-        .map(|d| d.join(name))
-        .find(|p| is_executable(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    p.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
-}
+pub use crate::host::find_program;
 
 /// Whether `/dev/kvm` opens and answers KVM_GET_API_VERSION with the stable API (12).
 fn kvm_usable() -> Result<(), String> {

@@ -5,3 +5,5 @@ pub mod flatten;
 #[cfg(test)]
 mod flatten_tests;
 pub mod inroot;
+pub mod reference;
+pub mod registry;

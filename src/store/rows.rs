@@ -65,6 +65,12 @@ pub fn insert_image(c: &Connection, i: &Image) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Deletes an image row.
+pub fn delete_image(c: &Connection, id: &str) -> Result<(), StoreError> {
+    c.execute("DELETE FROM images WHERE id = ?1", [id])?;
+    Ok(())
+}
+
 const KERNEL_COLS: &str =
     "name, version, source, kernel_path, initrd_path, modules_dir, created_at";
 

@@ -1,13 +1,18 @@
-//! The image service: listing and lookup now; pull, register, promote, build and delete land
-//! with the images issue, behind the same signatures.
+//! The image service. Pulls do all their work in a staging directory with no global lock;
+//! only publication (re-check the name, rename staging → `images/<id>`, insert the row) and
+//! deletion (lookup, reference check, row delete) hold the images lock.
+
+mod publish;
+mod pull;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::jobs::Job;
+use crate::config::Config;
+use crate::jobs::{Job, Jobs};
 use crate::layout::Layout;
 use crate::model::{validate_name, Image, NameKind};
-use crate::service::Events;
+use crate::service::{Events, ObjectEvent};
 use crate::store::{rows, Store};
 use crate::{Error, Result};
 
@@ -84,22 +89,28 @@ impl RegisterOptions {
     }
 }
 
-/// The image service.
+/// The image service; cheap to clone.
+#[derive(Clone)]
 pub struct Images {
     store: Store,
-    #[allow(dead_code)] // used by pulls, with the images issue
     layout: Layout,
-    #[allow(dead_code)]
     events: Events,
+    jobs: Jobs,
+    config: Arc<Config>,
+    /// Held only over publication and deletion, never over downloads or builds.
+    lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Images {
     /// A service over the store and layout.
-    pub fn new(store: Store, layout: Layout, events: Events) -> Self {
+    pub fn new(store: Store, layout: Layout, events: Events, jobs: Jobs, config: Config) -> Self {
         Images {
             store,
             layout,
             events,
+            jobs,
+            config: Arc::new(config),
+            lock: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -123,15 +134,7 @@ impl Images {
 
     /// Checks `PullImage`'s arguments before authorisation.
     pub fn validate_pull(&self, reference: &str, opts: &PullOptions) -> Result<()> {
-        if reference.is_empty()
-            || reference
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(Error::InvalidArgument(format!(
-                "Invalid image reference {reference:?}; use e.g. docker.io/library/debian:bookworm"
-            )));
-        }
+        crate::oci::reference::parse(reference)?;
         if let Some(n) = &opts.name {
             validate_name(NameKind::Image, n)?;
         }
@@ -139,11 +142,6 @@ impl Images {
             validate_name(NameKind::Kernel, k)?;
         }
         Ok(())
-    }
-
-    /// Pulls an image as a job.
-    pub async fn pull(&self, _uid: u32, _reference: &str, _opts: PullOptions) -> Result<Arc<Job>> {
-        Err(Error::NotImplemented("PullImage"))
     }
 
     /// Registers files as an unmanaged image.
@@ -161,8 +159,49 @@ impl Images {
         Err(Error::NotImplemented("BuildImage"))
     }
 
-    /// Deletes an image no VM uses.
-    pub async fn delete(&self, _key: &str) -> Result<()> {
-        Err(Error::NotImplemented("DeleteImage"))
+    /// Deletes an image no VM uses. The lock covers lookup, reference check and row delete;
+    /// the files go after, outside it.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        let guard = self.lock.lock().await;
+        let k = key.to_owned();
+        let image = self
+            .store
+            .call(move |c| {
+                let Some(image) = rows::find_image(c, &k)? else {
+                    return Ok(Err(None));
+                };
+                let users = rows::vms_using_image(c, &image.id)?;
+                if users > 0 {
+                    return Ok(Err(Some(users)));
+                }
+                rows::delete_image(c, &image.id)?;
+                Ok(Ok(image))
+            })
+            .await?;
+        drop(guard);
+        let image = match image {
+            Ok(i) => i,
+            Err(None) => return Err(self.not_found(key)),
+            Err(Some(n)) => {
+                return Err(Error::InUse(format!(
+                    "Image {key:?} is used by {n} VM(s); delete them first (`banger vm list`)"
+                )))
+            }
+        };
+        if image.managed {
+            let dir = self.layout.images_dir().join(&image.id);
+            tokio::task::spawn_blocking(move || crate::layout::remove_any(&dir))
+                .await
+                .map_err(|e| Error::failed("Image removal task failed", e))??;
+        }
+        tracing::info!(image_id = %image.id, "Image {} deleted", image.name);
+        self.events.send(ObjectEvent::ImageRemoved(image.id));
+        Ok(())
+    }
+
+    fn not_found(&self, key: &str) -> Error {
+        Error::NotFound(format!(
+            "No image {key:?}; `banger image list` shows the images"
+        ))
     }
 }

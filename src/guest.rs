@@ -1,0 +1,198 @@
+//! What banger puts into every image (DESIGN.md "Guest"): the agent binary, a systemd unit
+//! for it, a network bootstrap that takes the address from the kernel command line, and a
+//! modules-load file for vsock. Written through in-root resolution, so an image's own
+//! symlinks can never redirect them onto the host.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use crate::oci::inroot::Root;
+use crate::{Error, Result};
+
+/// Where the agent lands in the guest.
+pub const AGENT_PATH: &str = "usr/local/bin/banger-agent";
+
+const AGENT_UNIT: &str = "\
+[Unit]
+Description=banger guest agent (vsock port 1024)
+After=systemd-modules-load.service banger-network.service
+
+[Service]
+ExecStart=/usr/local/bin/banger-agent
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+";
+
+const NETWORK_UNIT: &str = "\
+[Unit]
+Description=banger guest network from the kernel command line
+DefaultDependencies=no
+Before=network.target ssh.service
+Wants=network.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/lib/banger/network-setup
+RemainAfterExit=yes
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// Applies `banger.ip=ADDR/PREFIX banger.gw=GW banger.dns=IP` from /proc/cmdline to eth0.
+const NETWORK_SETUP: &str = r#"#!/bin/sh
+# banger network bootstrap: the host passes the guest's address on the kernel command line.
+set -e
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        banger.ip=*) ip_addr="${arg#banger.ip=}" ;;
+        banger.gw=*) gw="${arg#banger.gw=}" ;;
+        banger.dns=*) dns="${arg#banger.dns=}" ;;
+    esac
+done
+ip link set lo up
+[ -n "$ip_addr" ] || exit 0
+ip link set eth0 up
+ip addr add "$ip_addr" dev eth0
+[ -n "$gw" ] && ip route add default via "$gw"
+[ -n "$dns" ] && echo "nameserver $dns" > /etc/resolv.conf
+exit 0
+"#;
+
+const MODULES: &str =
+    "# banger: the guest agent talks over vsock\nvsock\nvmw_vsock_virtio_transport\nvirtio_net\n";
+
+fn write_file(root: &Root, rel: &str, data: &[u8], mode: u32) -> Result<()> {
+    let rel = Path::new(rel);
+    let fail = |e: std::io::Error| {
+        Error::failed(
+            format!("Cannot inject /{} into the image", rel.display()),
+            e,
+        )
+    };
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    let (dir, _) = root.resolve_dir(parent, true).map_err(fail)?;
+    let target = dir.join(rel.file_name().unwrap_or_default());
+    match std::fs::symlink_metadata(&target) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&target).map_err(fail)?,
+        Ok(_) => std::fs::remove_file(&target).map_err(fail)?,
+        Err(_) => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&target)
+        .map_err(fail)?;
+    f.write_all(data).map_err(fail)?;
+    std::os::unix::fs::fchown(&f, Some(0), Some(0)).map_err(fail)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(fail)?;
+    Ok(())
+}
+
+fn enable(root: &Root, unit: &str) -> Result<()> {
+    let wants = Path::new("etc/systemd/system/multi-user.target.wants");
+    let fail = |e: std::io::Error| Error::failed(format!("Cannot enable {unit} in the image"), e);
+    let (dir, _) = root.resolve_dir(wants, true).map_err(fail)?;
+    let link = dir.join(unit);
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(format!("/etc/systemd/system/{unit}"), link).map_err(fail)
+}
+
+/// Injects the guest assets into `tree`, taking the agent binary from `agent`.
+pub fn inject(tree: &Path, agent: &Path) -> Result<()> {
+    let root = Root::create(tree).map_err(|e| Error::failed("Cannot open the image tree", e))?;
+    let bin = std::fs::read(agent).map_err(|e| {
+        Error::failed(
+            format!("Cannot read the guest agent {}", agent.display()),
+            e,
+        )
+    })?;
+    write_file(&root, AGENT_PATH, &bin, 0o755)?;
+    write_file(
+        &root,
+        "etc/systemd/system/banger-agent.service",
+        AGENT_UNIT.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &root,
+        "etc/systemd/system/banger-network.service",
+        NETWORK_UNIT.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &root,
+        "usr/local/lib/banger/network-setup",
+        NETWORK_SETUP.as_bytes(),
+        0o755,
+    )?;
+    write_file(
+        &root,
+        "etc/modules-load.d/banger.conf",
+        MODULES.as_bytes(),
+        0o644,
+    )?;
+    enable(&root, "banger-agent.service")?;
+    enable(&root, "banger-network.service")?;
+    Ok(())
+}
+
+/// The agent binary the daemon injects: beside the daemon's own executable, else the
+/// packaged location.
+pub fn agent_binary() -> std::path::PathBuf {
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("banger-agent")));
+    match sibling {
+        Some(p) if p.exists() => p,
+        _ => "/usr/lib/banger/banger-agent".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assets_land_inside_even_through_hostile_symlinks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tree = tmp.path().join("tree");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(tree.join("usr/local")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        // An image whose /usr/local/bin points at a host path.
+        std::os::unix::fs::symlink(&outside, tree.join("usr/local/bin")).unwrap();
+        std::fs::create_dir_all(tree.join(outside.strip_prefix("/").unwrap())).unwrap();
+        let agent = tmp.path().join("agent");
+        std::fs::write(&agent, b"\x7fELF fake").unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // fchown to root needs root
+        }
+        inject(&tree, &agent).unwrap();
+        assert!(
+            std::fs::read_dir(&outside).unwrap().next().is_none(),
+            "wrote onto the host"
+        );
+        let landed = tree
+            .join(outside.strip_prefix("/").unwrap())
+            .join("banger-agent");
+        assert_eq!(
+            std::fs::metadata(&landed).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        let wants = tree.join("etc/systemd/system/multi-user.target.wants/banger-agent.service");
+        assert_eq!(
+            std::fs::read_link(wants).unwrap(),
+            Path::new("/etc/systemd/system/banger-agent.service")
+        );
+        assert!(tree.join("etc/modules-load.d/banger.conf").exists());
+    }
+}

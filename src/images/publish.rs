@@ -1,0 +1,76 @@
+//! Publication: the one step of a pull that holds the images lock.
+
+use std::path::{Path, PathBuf};
+
+use super::Images;
+use crate::model::Image;
+use crate::service::ObjectEvent;
+use crate::store::rows;
+use crate::{Error, Result};
+
+/// A staging directory that is removed unless its work was published.
+pub(super) struct Staging {
+    path: Option<PathBuf>,
+}
+
+impl Staging {
+    /// Creates `path`.
+    pub fn create(path: PathBuf) -> Result<Self> {
+        std::fs::create_dir(&path)
+            .map_err(|e| Error::failed(format!("Cannot create {}", path.display()), e))?;
+        Ok(Staging { path: Some(path) })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        self.path
+            .as_deref()
+            .expect("staging path is set until published")
+    }
+
+    fn disarm(&mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        // A failed or canceled pull leaves nothing; a daemon killed mid-pull leaves a
+        // `.staging-*` directory that the next start sweeps.
+        if let Some(p) = self.path.take() {
+            let _ = crate::layout::remove_any(&p);
+        }
+    }
+}
+
+impl Images {
+    /// Re-checks the name, renames staging to `images/<id>` and inserts the row, under the
+    /// images lock; of concurrent pulls of one name exactly one gets here first.
+    pub(super) async fn publish(&self, mut staging: Staging, image: Image) -> Result<Image> {
+        let final_dir = self.layout.images_dir().join(&image.id);
+        let guard = self.lock.lock().await;
+        let name = image.name.clone();
+        let taken = self
+            .store
+            .call(move |c| Ok(rows::find_image(c, &name)?.is_some()))
+            .await?;
+        if taken {
+            return Err(Error::AlreadyExists(format!(
+                "An image named {:?} was published while this pull ran; pull again with another --name",
+                image.name
+            )));
+        }
+        std::fs::rename(staging.path(), &final_dir)
+            .map_err(|e| Error::failed("Cannot move the image into place", e))?;
+        staging.disarm();
+        let row = image.clone();
+        if let Err(e) = self.store.call(move |c| rows::insert_image(c, &row)).await {
+            let _ = crate::layout::remove_any(&final_dir);
+            return Err(e);
+        }
+        drop(guard);
+        tracing::info!(image_id = %image.id, "Image {} published", image.name);
+        self.events.send(ObjectEvent::ImageAdded(image.clone()));
+        Ok(image)
+    }
+}

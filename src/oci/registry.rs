@@ -1,0 +1,231 @@
+//! Registry pulls into the blob cache (`cache/oci/sha256/<hex>`): each blob streamed to a
+//! staging file while hashing, its size and digest checked against the descriptor, then
+//! renamed into place, so the cache only ever holds verified blobs and a later pull reuses
+//! them without touching the network.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use futures_util::StreamExt;
+use oci_client::client::{linux_amd64_resolver, ClientConfig, ClientProtocol};
+use oci_client::manifest::{OciDescriptor, OciImageManifest};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use sha2::{Digest, Sha256};
+
+use crate::layout::STAGING_PREFIX;
+use crate::{Error, Result};
+
+/// How a layer is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Plain tar.
+    None,
+    /// gzip.
+    Gzip,
+    /// zstd.
+    Zstd,
+}
+
+/// The compression of a layer media type; unknown types are refused.
+pub fn layer_compression(media_type: &str) -> Result<Compression> {
+    Ok(match media_type {
+        "application/vnd.oci.image.layer.v1.tar"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+        | "application/vnd.docker.image.rootfs.diff.tar" => Compression::None,
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Compression::Gzip,
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Compression::Zstd,
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "Unsupported layer media type {other:?}: banger reads tar, tar+gzip and tar+zstd layers"
+            )))
+        }
+    })
+}
+
+/// A registry client for anonymous pulls.
+pub struct Registry {
+    client: Client,
+}
+
+/// The digest's hex part, checked to be sha256.
+fn sha256_hex(digest: &str) -> Result<&str> {
+    match digest.split_once(':') {
+        Some(("sha256", hex)) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(hex)
+        }
+        _ => Err(Error::InvalidArgument(format!(
+            "Unsupported or malformed digest {digest:?}"
+        ))),
+    }
+}
+
+impl Registry {
+    /// A client; `insecure` allows plain HTTP to the registry.
+    pub fn new(insecure: bool) -> Self {
+        let config = ClientConfig {
+            protocol: if insecure {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            },
+            platform_resolver: Some(Box::new(linux_amd64_resolver)),
+            ..Default::default()
+        };
+        Registry {
+            client: Client::new(config),
+        }
+    }
+
+    /// The linux/amd64 image manifest of `r` and its digest.
+    pub async fn manifest(&self, r: &Reference) -> Result<(OciImageManifest, String)> {
+        self.client
+            .pull_image_manifest(r, &RegistryAuth::Anonymous)
+            .await
+            .map_err(|e| Error::failed(format!("Cannot fetch the manifest of {}", r.whole()), e))
+    }
+
+    /// Makes sure `desc`'s blob is in the cache, fetching it when missing; calls `progress`
+    /// with bytes fetched so far. Returns the cached path.
+    pub async fn fetch_blob(
+        &self,
+        r: &Reference,
+        desc: &OciDescriptor,
+        cache: &Path,
+        mut progress: impl FnMut(u64),
+    ) -> Result<PathBuf> {
+        let hex = sha256_hex(&desc.digest)?;
+        let dir = cache.join("sha256");
+        let final_path = dir.join(hex);
+        if final_path.exists() {
+            progress(desc.size.max(0) as u64);
+            return Ok(final_path);
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::failed("Cannot create the blob cache", e))?;
+        let expected = u64::try_from(desc.size).map_err(|_| {
+            Error::InvalidArgument(format!("Blob {} has a negative size", desc.digest))
+        })?;
+        // Unique per download: concurrent pulls may fetch the same blob; the last rename wins
+        // and both wrote verified bytes.
+        let staging = dir.join(format!("{STAGING_PREFIX}{hex}-{}", crate::model::new_id()));
+        let result = self
+            .download(r, desc, &staging, expected, hex, &mut progress)
+            .await;
+        match result {
+            Ok(()) => std::fs::rename(&staging, &final_path)
+                .map(|()| final_path)
+                .map_err(|e| Error::failed("Cannot publish a blob into the cache", e)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&staging);
+                Err(e)
+            }
+        }
+    }
+
+    async fn download(
+        &self,
+        r: &Reference,
+        desc: &OciDescriptor,
+        staging: &Path,
+        expected: u64,
+        hex: &str,
+        progress: &mut impl FnMut(u64),
+    ) -> Result<()> {
+        let mut stream = self
+            .client
+            .pull_blob_stream(r, desc)
+            .await
+            .map_err(|e| Error::failed(format!("Cannot fetch blob {}", desc.digest), e))?;
+        let mut file = std::fs::File::create(staging)
+            .map_err(|e| Error::failed("Cannot write the blob cache", e))?;
+        let mut hasher = Sha256::new();
+        let mut got: u64 = 0;
+        let mismatch = |actual: &str| {
+            Error::InvalidArgument(format!(
+                "Blob {} does not match its digest (got sha256:{actual}); the registry or image is corrupt",
+                desc.digest
+            ))
+        };
+        while let Some(chunk) = stream.stream.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                // The client verifies too and fails the stream at its end; say why plainly.
+                Err(e) if got == expected => {
+                    let actual = hex_of(hasher.finalize());
+                    if actual != hex {
+                        return Err(mismatch(&actual));
+                    }
+                    return Err(Error::failed(
+                        format!("Download of {} failed", desc.digest),
+                        e,
+                    ));
+                }
+                Err(e) => {
+                    return Err(Error::failed(
+                        format!("Download of {} broke off", desc.digest),
+                        e,
+                    ))
+                }
+            };
+            got += chunk.len() as u64;
+            // Stop as soon as the registry sends more than the descriptor promised.
+            if got > expected {
+                return Err(Error::InvalidArgument(format!(
+                    "Blob {} is larger than the {expected} bytes its descriptor states; the registry or image is corrupt",
+                    desc.digest
+                )));
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk)
+                .map_err(|e| Error::failed("Cannot write the blob cache", e))?;
+            progress(got);
+        }
+        if got != expected {
+            return Err(Error::InvalidArgument(format!(
+                "Blob {} has {got} bytes, its descriptor states {expected}",
+                desc.digest
+            )));
+        }
+        let actual = hex_of(hasher.finalize());
+        if actual != hex {
+            return Err(mismatch(&actual));
+        }
+        file.sync_all()
+            .map_err(|e| Error::failed("Cannot write the blob cache", e))?;
+        Ok(())
+    }
+}
+
+fn hex_of(d: impl AsRef<[u8]>) -> String {
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_types_map_to_compression() {
+        assert_eq!(
+            layer_compression("application/vnd.oci.image.layer.v1.tar+zstd").unwrap(),
+            Compression::Zstd
+        );
+        assert_eq!(
+            layer_compression("application/vnd.docker.image.rootfs.diff.tar.gzip").unwrap(),
+            Compression::Gzip
+        );
+        let e = layer_compression("application/vnd.example.weird").unwrap_err();
+        assert!(e.to_string().contains("Unsupported layer media type"));
+    }
+
+    #[test]
+    fn digests_must_be_sha256() {
+        assert!(sha256_hex(&format!("sha256:{}", "a".repeat(64))).is_ok());
+        assert!(sha256_hex("sha512:abc").is_err());
+        assert!(sha256_hex("sha256:../../etc").is_err());
+    }
+}

@@ -1,0 +1,269 @@
+//! OCI fixtures: layouts built here from tar layers, a real `docker-registry` on 127.0.0.1,
+//! and `skopeo copy` to push.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use sha2::{Digest, Sha256};
+use tar::{EntryType, Header};
+
+fn sha(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A layer under construction.
+pub struct Layer(tar::Builder<Vec<u8>>);
+
+impl Default for Layer {
+    fn default() -> Self {
+        Layer(tar::Builder::new(Vec::new()))
+    }
+}
+
+fn header(path: &str, t: EntryType, mode: u32, uid: u64, size: u64) -> Header {
+    let mut h = Header::new_gnu();
+    h.set_entry_type(t);
+    h.set_mode(mode);
+    h.set_uid(uid);
+    h.set_gid(uid);
+    h.set_size(size);
+    h.set_mtime(1_700_000_000);
+    let name = &mut h.as_gnu_mut().unwrap().name;
+    name.fill(0);
+    name[..path.len()].copy_from_slice(path.as_bytes());
+    h.set_cksum();
+    h
+}
+
+impl Layer {
+    /// A directory.
+    pub fn dir(mut self, path: &str, mode: u32) -> Self {
+        self.0
+            .append(&header(path, EntryType::Directory, mode, 0, 0), &[][..])
+            .unwrap();
+        self
+    }
+    /// A regular file.
+    pub fn file(mut self, path: &str, data: &[u8], mode: u32, uid: u64) -> Self {
+        self.0
+            .append(
+                &header(path, EntryType::Regular, mode, uid, data.len() as u64),
+                data,
+            )
+            .unwrap();
+        self
+    }
+    /// A symlink or hard link.
+    pub fn link(mut self, path: &str, t: EntryType, target: &str) -> Self {
+        let mut h = header(path, t, 0o777, 0, 0);
+        let l = &mut h.as_gnu_mut().unwrap().linkname;
+        l.fill(0);
+        l[..target.len()].copy_from_slice(target.as_bytes());
+        h.set_cksum();
+        self.0.append(&h, &[][..]).unwrap();
+        self
+    }
+    /// A file with an xattr.
+    pub fn xattr_file(mut self, path: &str, key: &str, value: &str) -> Self {
+        self.0
+            .append_pax_extensions([(format!("SCHILY.xattr.{key}").as_str(), value.as_bytes())])
+            .unwrap();
+        self.file(path, b"xattr", 0o644, 0)
+    }
+    /// The tar bytes.
+    pub fn bytes(self) -> Vec<u8> {
+        self.0.into_inner().unwrap()
+    }
+}
+
+/// How to compress layers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Comp {
+    /// gzip
+    Gzip,
+    /// zstd
+    Zstd,
+}
+
+fn write_blob(dir: &Path, data: &[u8]) -> (String, u64) {
+    let d = sha(data);
+    std::fs::write(dir.join("blobs/sha256").join(&d), data).unwrap();
+    (format!("sha256:{d}"), data.len() as u64)
+}
+
+/// Writes an OCI image layout with one linux/`arch` image (tag `tag`), returning the
+/// manifest descriptor JSON for indexes.
+pub fn image_manifest(dir: &Path, layers: &[Vec<u8>], comp: Comp, arch: &str) -> serde_json::Value {
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    let mut descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for l in layers {
+        diff_ids.push(format!("sha256:{}", sha(l)));
+        let (data, mt) = match comp {
+            Comp::Gzip => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+                e.write_all(l).unwrap();
+                (
+                    e.finish().unwrap(),
+                    "application/vnd.oci.image.layer.v1.tar+gzip",
+                )
+            }
+            Comp::Zstd => (
+                zstd::encode_all(&l[..], 3).unwrap(),
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+            ),
+        };
+        let (digest, size) = write_blob(dir, &data);
+        descs.push(serde_json::json!({"mediaType": mt, "digest": digest, "size": size}));
+    }
+    let config = serde_json::json!({
+        "architecture": arch, "os": "linux",
+        "config": {"Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let (cd, cs) = write_blob(dir, config.to_string().as_bytes());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
+        "layers": descs,
+    });
+    let (md, ms) = write_blob(dir, manifest.to_string().as_bytes());
+    serde_json::json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": ms,
+        "platform": {"architecture": arch, "os": "linux"},
+    })
+}
+
+/// Writes `index.json` naming `entries` under `tag` (an image index when more than one).
+pub fn finish_layout(dir: &Path, entries: Vec<serde_json::Value>, tag: &str) {
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let top = if entries.len() == 1 {
+        let mut e = entries.into_iter().next().unwrap();
+        e.as_object_mut().unwrap().remove("platform");
+        e
+    } else {
+        let index = serde_json::json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries,
+        });
+        let (d, s) = write_blob(dir, index.to_string().as_bytes());
+        serde_json::json!({"mediaType": "application/vnd.oci.image.index.v1+json", "digest": d, "size": s})
+    };
+    let mut top = top;
+    top["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": tag});
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [top]});
+    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+}
+
+/// A registry on 127.0.0.1 with temporary storage, stopped on drop.
+pub struct TestRegistry {
+    child: Child,
+    /// `127.0.0.1:PORT`
+    pub host: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TestRegistry {
+    /// Starts it and waits until it answers.
+    pub fn start() -> TestRegistry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let host = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new("docker-registry")
+            .args(["serve"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&host).is_ok() {
+                return TestRegistry {
+                    child,
+                    host,
+                    _dir: dir,
+                };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("docker-registry did not start on {host}");
+    }
+
+    /// Pushes the layout's `tag` as `name:tag`; `extra` goes to skopeo (e.g. `--format v2s2`).
+    pub fn push(&self, layout: &Path, tag: &str, name: &str, extra: &[&str]) -> String {
+        let dest = format!("{}/{name}:{tag}", self.host);
+        let out = Command::new("skopeo")
+            .args(["copy", "--quiet", "--all", "--dest-tls-verify=false"])
+            .args(extra)
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{dest}"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dest
+    }
+
+    /// The registry's storage, to tamper with blobs.
+    pub fn storage(&self) -> PathBuf {
+        self._dir.path().join("data")
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The busybox-based test image's two layers.
+pub fn busybox_layers() -> Vec<Vec<u8>> {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static");
+    let lower = Layer::default()
+        .dir("bin", 0o755)
+        .file("bin/busybox", &busybox, 0o755, 0)
+        .link("bin/sh", EntryType::Symlink, "busybox")
+        .link("bin/hardbox", EntryType::Link, "bin/busybox")
+        .dir("etc", 0o755)
+        .file("etc/gone", b"whited out", 0o644, 0)
+        .file("etc/hostname", b"tiny\n", 0o644, 0)
+        .dir("opq", 0o755)
+        .file("opq/old", b"old", 0o644, 0)
+        .dir("usr/bin", 0o755)
+        .file("usr/bin/su", b"#!/bin/sh\n", 0o4755, 0)
+        .dir("home/user", 0o755)
+        .file("home/user/mine", b"user data", 0o600, 1000)
+        .dir("root", 0o700)
+        .file("root/.profile", b"echo hi\n", 0o644, 0)
+        .bytes();
+    let upper = Layer::default()
+        .file("etc/.wh.gone", b"", 0o644, 0)
+        .file("opq/.wh..wh..opq", b"", 0o644, 0)
+        .file("opq/new", b"new", 0o644, 0)
+        .xattr_file("etc/xattr", "user.banger", "yes")
+        .bytes();
+    vec![lower, upper]
+}

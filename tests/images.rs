@@ -1,0 +1,414 @@
+//! Image pulls for real: a docker-registry on 127.0.0.1, layouts built here and pushed with
+//! skopeo, `PullImage` through the bus-activated daemon, the result read back with debugfs.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use banger::dbus::proxy::{Images1Proxy, Jobs1Proxy};
+use common::oci::*;
+use common::*;
+use futures_util::StreamExt;
+use zbus::{OwnedVariant, Variant};
+
+const TOOLS: &[&str] = &[
+    "dbus-daemon",
+    "gdbus",
+    "unshare",
+    "docker-registry",
+    "skopeo",
+    "debugfs",
+    "mkfs.ext4",
+    "busybox",
+];
+
+fn opts(name: Option<&str>) -> HashMap<String, OwnedVariant> {
+    let mut m = HashMap::new();
+    m.insert(
+        "insecure".into(),
+        OwnedVariant::try_from(Variant::from(true)).unwrap(),
+    );
+    if let Some(n) = name {
+        m.insert(
+            "name".into(),
+            OwnedVariant::try_from(Variant::from(n)).unwrap(),
+        );
+    }
+    m
+}
+
+/// Pulls and waits for the job; returns (result, error) or the method's own error.
+async fn pull(
+    bus: &TestBus,
+    conn: &zbus::Connection,
+    reference: &str,
+    name: Option<&str>,
+) -> Result<(String, String), zbus::Error> {
+    let jobs = Jobs1Proxy::new(conn).await.unwrap();
+    let mut removed = jobs.receive_job_removed().await.unwrap();
+    let images = Images1Proxy::new(conn).await.unwrap();
+    let (id, _) = images.pull_image(reference, opts(name)).await?;
+    let result = loop {
+        let sig = removed.next().await.expect("JobRemoved");
+        let a = sig.args().unwrap();
+        if a.id == id {
+            break a.result.clone();
+        }
+    };
+    let store = banger::store::Store::open(&bus.state_dir().join("banger.db")).unwrap();
+    let mut error = String::new();
+    for _ in 0..50 {
+        let rec = store
+            .call_blocking(move |c| banger::store::rows::find_job(c, id))
+            .unwrap();
+        if let Some(r) = rec.filter(|r| r.state != "running") {
+            error = r.error;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok((result, error))
+}
+
+fn debugfs(image: &Path, cmd: &str) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", cmd])
+        .arg(image)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn image_dir(bus: &TestBus, name: &str) -> PathBuf {
+    let store = banger::store::Store::open(&bus.state_dir().join("banger.db")).unwrap();
+    let n = name.to_owned();
+    let img = store
+        .call_blocking(move |c| banger::store::rows::find_image(c, &n))
+        .unwrap()
+        .expect("image row");
+    img.rootfs_path.parent().unwrap().to_owned()
+}
+
+fn no_staging_left(bus: &TestBus) {
+    let leftovers: Vec<_> = std::fs::read_dir(bus.state_dir().join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with(".staging-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+fn busybox_layout(dir: &Path, comp: Comp) -> PathBuf {
+    let layout = dir.join(if comp == Comp::Zstd { "zstd" } else { "gzip" });
+    let m = image_manifest(&layout, &busybox_layers(), comp, "amd64");
+    finish_layout(&layout, vec![m], "v1");
+    layout
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pull_flattens_layers_into_a_bootable_ext4() {
+    if !available(TOOLS) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path(), Comp::Gzip);
+    let reference = registry.push(&layout, "v1", "test/tiny", &[]);
+    let bus = TestBus::start(BusOptions::default());
+    let conn = bus.connect().await;
+
+    let (result, error) = pull(&bus, &conn, &reference, None).await.unwrap();
+    assert_eq!(result, "done", "{error}");
+    let images = Images1Proxy::new(&conn).await.unwrap();
+    let listed = images.list_images().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].1, "tiny-v1");
+    assert_eq!(listed[0].3, reference);
+    let dir = image_dir(&bus, "tiny-v1");
+    let rootfs = dir.join("rootfs.ext4");
+
+    // Whiteouts and the opaque directory applied.
+    let etc = debugfs(&rootfs, "ls /etc");
+    assert!(
+        etc.contains("hostname") && !etc.contains("gone") && !etc.contains(".wh."),
+        "{etc}"
+    );
+    let opq = debugfs(&rootfs, "ls /opq");
+    assert!(opq.contains("new") && !opq.contains("old"), "{opq}");
+    // Owners, setuid, links and xattrs kept.
+    let su = debugfs(&rootfs, "stat /usr/bin/su");
+    assert!(
+        su.contains("Mode:  04755") && su.contains("User:     0"),
+        "{su}"
+    );
+    let mine = debugfs(&rootfs, "stat /home/user/mine");
+    assert!(
+        mine.contains("User:  1000") && mine.contains("Mode:  0600"),
+        "{mine}"
+    );
+    let sh = debugfs(&rootfs, "stat /bin/sh");
+    assert!(
+        sh.contains("Type: symlink") && sh.contains("\"busybox\""),
+        "{sh}"
+    );
+    assert!(debugfs(&rootfs, "stat /bin/hardbox").contains("Links: 2"));
+    assert!(debugfs(&rootfs, "ea_get /etc/xattr user.banger").contains("yes"));
+    // Guest assets injected with the right modes.
+    let agent = debugfs(&rootfs, "stat /usr/local/bin/banger-agent");
+    assert!(
+        agent.contains("Mode:  0755") && agent.contains("User:     0"),
+        "{agent}"
+    );
+    assert!(
+        debugfs(&rootfs, "ls /etc/systemd/system/multi-user.target.wants")
+            .contains("banger-agent.service")
+    );
+    assert!(debugfs(&rootfs, "cat /etc/modules-load.d/banger.conf")
+        .contains("vmw_vsock_virtio_transport"));
+    // The work seed holds /root.
+    let seed = debugfs(&dir.join("work-seed.ext4"), "ls /");
+    assert!(seed.contains(".profile"), "{seed}");
+    // Blobs are in the cache by digest; no staging left.
+    let blobs = std::fs::read_dir(bus.state_dir().join("cache/oci/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 2);
+    no_staging_left(&bus);
+
+    // A second pull of the same ref under the default name is refused at once.
+    match pull(&bus, &conn, &reference, None).await {
+        Err(zbus::Error::MethodError(n, Some(m), _)) => {
+            assert_eq!(n.as_str(), "org.banger.Error.AlreadyExists");
+            assert!(m.contains("tiny-v1"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Delete refuses while a VM uses the image, then removes row and files.
+    let store = banger::store::Store::open(&bus.state_dir().join("banger.db")).unwrap();
+    let image = store
+        .call_blocking(|c| banger::store::rows::find_image(c, "tiny-v1"))
+        .unwrap()
+        .unwrap();
+    let vm_id = banger::model::new_id();
+    let img_id = image.id.clone();
+    let vid = vm_id.clone();
+    store
+        .call_blocking(move |c| {
+            c.execute(
+                "INSERT INTO vms (id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, owner_uid, \
+                 guest_address, mac_address, vsock_cid, tap_name, created_at) \
+                 VALUES (?1, 'user', 'stopped', '', ?2, 'k', 1, 256, 0, 0, '10.0.0.2', 'm', 3, 't', 0)",
+                [&vid, &img_id],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+    match images.delete_image("tiny-v1").await {
+        Err(zbus::Error::MethodError(n, Some(m), _)) => {
+            assert_eq!(n.as_str(), "org.banger.Error.InUse");
+            assert!(m.contains("1 VM"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    store
+        .call_blocking(move |c| Ok(c.execute("DELETE FROM vms WHERE id = ?1", [&vm_id])?))
+        .unwrap();
+    images.delete_image("tiny-v1").await.unwrap();
+    assert!(images.list_images().await.unwrap().is_empty());
+    assert!(!dir.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zstd_docker_v2s2_and_multi_arch_images_pull() {
+    if !available(TOOLS) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let work = tempfile::tempdir().unwrap();
+    let zstd = registry.push(
+        &busybox_layout(work.path(), Comp::Zstd),
+        "v1",
+        "test/zstd",
+        &[],
+    );
+    let v2s2 = registry.push(
+        &busybox_layout(work.path(), Comp::Gzip),
+        "v1",
+        "test/docker",
+        &["--format", "v2s2"],
+    );
+    // An index with an arm64 image first; banger must pick amd64.
+    let multi = work.path().join("multi");
+    let arm = image_manifest(
+        &multi,
+        &[Layer::default().file("arch", b"arm64", 0o644, 0).bytes()],
+        Comp::Gzip,
+        "arm64",
+    );
+    let amd = image_manifest(
+        &multi,
+        &[Layer::default().file("arch", b"amd64", 0o644, 0).bytes()],
+        Comp::Gzip,
+        "amd64",
+    );
+    finish_layout(&multi, vec![arm, amd], "v1");
+    let multi = registry.push(&multi, "v1", "test/multi", &[]);
+
+    let bus = TestBus::start(BusOptions::default());
+    let conn = bus.connect().await;
+    for (reference, name) in [
+        (&zstd, "zstd-v1"),
+        (&v2s2, "docker-v1"),
+        (&multi, "multi-v1"),
+    ] {
+        let (result, error) = pull(&bus, &conn, reference, None).await.unwrap();
+        assert_eq!(result, "done", "{reference}: {error}");
+        let rootfs = image_dir(&bus, name).join("rootfs.ext4");
+        if name == "multi-v1" {
+            assert_eq!(debugfs(&rootfs, "cat /arch").trim(), "amd64");
+        } else {
+            assert!(
+                debugfs(&rootfs, "stat /usr/bin/su").contains("Mode:  04755"),
+                "{name}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_and_corrupt_images_are_refused_and_leave_nothing() {
+    if !available(TOOLS) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let work = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let hostile: Vec<(&str, Vec<Vec<u8>>, &str)> = vec![
+        (
+            "dotdot",
+            vec![Layer::default().file("../../evil", b"x", 0o644, 0).bytes()],
+            "contains '..'",
+        ),
+        (
+            "symlink",
+            vec![
+                Layer::default()
+                    .link(
+                        "escape",
+                        tar::EntryType::Symlink,
+                        outside.path().to_str().unwrap(),
+                    )
+                    .bytes(),
+                Layer::default()
+                    .file("escape/pwned", b"x", 0o644, 0)
+                    .bytes(),
+            ],
+            "writes through the symlink",
+        ),
+        (
+            "hardlink",
+            vec![Layer::default()
+                .link("shadow", tar::EntryType::Link, "/etc/shadow")
+                .bytes()],
+            "hard link target",
+        ),
+    ];
+    let bus = TestBus::start(BusOptions::default());
+    let conn = bus.connect().await;
+    for (name, layers, needle) in hostile {
+        let layout = work.path().join(name);
+        let m = image_manifest(&layout, &layers, Comp::Gzip, "amd64");
+        finish_layout(&layout, vec![m], "v1");
+        let reference = registry.push(&layout, "v1", &format!("hostile/{name}"), &[]);
+        let (result, error) = pull(&bus, &conn, &reference, None).await.unwrap();
+        assert_eq!(result, "failed", "{name}");
+        assert!(error.contains(needle), "{name}: {error}");
+    }
+    assert!(
+        std::fs::read_dir(outside.path()).unwrap().next().is_none(),
+        "wrote outside"
+    );
+
+    // A blob whose bytes do not match its digest.
+    let layout = busybox_layout(work.path(), Comp::Gzip);
+    let reference = registry.push(&layout, "v1", "test/tampered", &[]);
+    let blobs = registry.storage().join("docker/registry/v2/blobs/sha256");
+    let mut biggest: Option<(u64, PathBuf)> = None;
+    for prefix in std::fs::read_dir(&blobs).unwrap() {
+        for blob in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
+            let data = blob.unwrap().path().join("data");
+            let len = std::fs::metadata(&data).unwrap().len();
+            if biggest.as_ref().map(|(l, _)| len > *l).unwrap_or(true) {
+                biggest = Some((len, data));
+            }
+        }
+    }
+    let (_, data) = biggest.unwrap();
+    let mut bytes = std::fs::read(&data).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&data, bytes).unwrap();
+    let (result, error) = pull(&bus, &conn, &reference, Some("tampered"))
+        .await
+        .unwrap();
+    assert_eq!(result, "failed");
+    assert!(error.contains("does not match its digest"), "{error}");
+
+    // Bad arguments are refused before any job starts.
+    let images = Images1Proxy::new(&conn).await.unwrap();
+    for (r, name, needle) in [
+        ("Not A Ref", None, "Malformed image reference"),
+        (reference.as_str(), Some("../x"), "Invalid image name"),
+    ] {
+        match images.pull_image(r, opts(name)).await {
+            Err(zbus::Error::MethodError(n, Some(m), _)) => {
+                assert_eq!(n.as_str(), "org.banger.Error.InvalidArgument");
+                assert!(m.contains(needle), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(images.list_images().await.unwrap().is_empty());
+    no_staging_left(&bus);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_pulls_of_one_name_have_exactly_one_winner() {
+    if !available(TOOLS) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let work = tempfile::tempdir().unwrap();
+    let reference = registry.push(
+        &busybox_layout(work.path(), Comp::Gzip),
+        "v1",
+        "test/race",
+        &[],
+    );
+    let bus = TestBus::start(BusOptions::default());
+    let conn = bus.connect().await;
+    let results =
+        futures_util::future::join_all((0..4).map(|_| pull(&bus, &conn, &reference, Some("same"))))
+            .await;
+    let mut winners = 0;
+    for r in results {
+        match r {
+            Ok((res, _)) if res == "done" => winners += 1,
+            Ok((res, err)) => {
+                assert_eq!(res, "failed");
+                assert!(err.contains("was published while this pull ran"), "{err}");
+            }
+            Err(zbus::Error::MethodError(n, _, _)) => {
+                assert_eq!(n.as_str(), "org.banger.Error.AlreadyExists")
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(winners, 1);
+    let images = Images1Proxy::new(&conn).await.unwrap();
+    assert_eq!(images.list_images().await.unwrap().len(), 1);
+    no_staging_left(&bus);
+}
