@@ -59,6 +59,8 @@ impl Layout {
             self.kernels_dir(),
             self.vms_dir(),
             self.oci_cache_dir(),
+            // Partial blob downloads live beside the verified blobs.
+            self.oci_cache_dir().join("sha256"),
         ]
     }
 
@@ -139,7 +141,8 @@ mod tests {
         layout.create().unwrap();
         let stale = layout.images_dir().join(".staging-abc");
         std::fs::create_dir_all(stale.join("tree/deep")).unwrap();
-        let stale_file = layout.oci_cache_dir().join(".staging-blob");
+        std::fs::create_dir_all(layout.oci_cache_dir().join("sha256")).unwrap();
+        let stale_file = layout.oci_cache_dir().join("sha256/.staging-blob");
         std::fs::write(&stale_file, b"partial").unwrap();
         let kept = layout.images_dir().join("0123456789abcdef");
         std::fs::create_dir_all(&kept).unwrap();

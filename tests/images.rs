@@ -326,6 +326,13 @@ async fn hostile_and_corrupt_images_are_refused_and_leave_nothing() {
         let (result, error) = pull(&bus, &conn, &reference, None).await.unwrap();
         assert_eq!(result, "failed", "{name}");
         assert!(error.contains(needle), "{name}: {error}");
+        // The CLI says so and fails.
+        let out = bus.banger_as(
+            None,
+            &["image", "pull", "--insecure", "--name", "cli", &reference],
+        );
+        assert!(!out.status.success());
+        assert!(text(&out).contains(needle), "{}", text(&out));
     }
     assert!(
         std::fs::read_dir(outside.path()).unwrap().next().is_none(),
@@ -411,4 +418,155 @@ async fn concurrent_pulls_of_one_name_have_exactly_one_winner() {
     let images = Images1Proxy::new(&conn).await.unwrap();
     assert_eq!(images.list_images().await.unwrap().len(), 1);
     no_staging_left(&bus);
+}
+
+/// Follows a job's stages until `stage` is reached.
+async fn wait_for_stage(conn: &zbus::Connection, path: &zbus::OwnedObjectPath, stage: &str) {
+    let job = banger::dbus::proxy::Job1Proxy::builder(conn)
+        .path(path.clone())
+        .build()
+        .await
+        .unwrap();
+    let mut changes = job.receive_stage_changed().await;
+    if job.stage().await.unwrap() == stage {
+        return;
+    }
+    while let Some(c) = changes.next().await {
+        if c.get().await.unwrap() == stage {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pulls_of_different_names_overlap() {
+    if !available(TOOLS) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path(), Comp::Gzip);
+    let direct = registry.push(&layout, "v1", "test/free", &[]);
+    registry.push(&layout, "v1", "test/held", &[]);
+    let gate = GateProxy::start(&registry.host).await;
+    let held = format!("{}/test/held:v1", gate.host);
+    let bus = TestBus::start(BusOptions::default());
+    let conn = bus.connect().await;
+
+    // The first pull is held inside its body (its job runs, its staging dir exists).
+    let images = Images1Proxy::new(&conn).await.unwrap();
+    let jobs = Jobs1Proxy::new(&conn).await.unwrap();
+    let mut removed = jobs.receive_job_removed().await.unwrap();
+    let (held_id, held_path) = images.pull_image(&held, opts(None)).await.unwrap();
+    wait_for_stage(&conn, &held_path, "resolve").await;
+    // A pull of another name runs from start to publication meanwhile.
+    let (result, error) = pull(&bus, &conn, &direct, None).await.unwrap();
+    assert_eq!(result, "done", "{error}");
+    let running = jobs.list_jobs().await.unwrap();
+    assert!(
+        running.iter().any(|j| j.0 == held_id),
+        "the held pull is still running"
+    );
+    // Opening the gate lets the first one finish too.
+    gate.open();
+    loop {
+        let sig = removed.next().await.unwrap();
+        let a = sig.args().unwrap();
+        if a.id == held_id {
+            assert_eq!(a.result, "done");
+            break;
+        }
+    }
+    let names: Vec<String> = images
+        .list_images()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.1)
+        .collect();
+    assert!(
+        names.contains(&"free-v1".to_string()) && names.contains(&"held-v1".to_string()),
+        "{names:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_killed_mid_pull_leaves_nothing_behind() {
+    if !available(TOOLS) {
+        return;
+    }
+    let registry = TestRegistry::start();
+    let work = tempfile::tempdir().unwrap();
+    let layout = busybox_layout(work.path(), Comp::Gzip);
+    let first = registry.push(&layout, "v1", "test/first", &[]);
+    let other = work.path().join("other");
+    let m = image_manifest(
+        &other,
+        &[Layer::default().file("other", b"other", 0o644, 0).bytes()],
+        Comp::Gzip,
+        "amd64",
+    );
+    finish_layout(&other, vec![m], "v1");
+    registry.push(&other, "v1", "test/killed", &[]);
+    let gate = GateProxy::start(&registry.host).await;
+    let bus = TestBus::start(BusOptions::default());
+    let conn = bus.connect().await;
+    // A completed pull fills the blob cache.
+    let (result, error) = pull(&bus, &conn, &first, None).await.unwrap();
+    assert_eq!(result, "done", "{error}");
+    let cache = bus.state_dir().join("cache/oci/sha256");
+    let cached: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+
+    // A second pull is held mid-way; the daemon dies.
+    let images = Images1Proxy::new(&conn).await.unwrap();
+    let (job_id, path) = images
+        .pull_image(&format!("{}/test/killed:v1", gate.host), opts(None))
+        .await
+        .unwrap();
+    wait_for_stage(&conn, &path, "resolve").await;
+    let staging: Vec<_> = std::fs::read_dir(bus.state_dir().join("images"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".staging-")
+        })
+        .collect();
+    assert_eq!(staging.len(), 1, "the pull works in a staging dir");
+    let pid = bus.owner_pid(&conn, "org.banger").await.unwrap();
+    // SAFETY: plain kill(2) of the daemon we found on the bus.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(
+        bus.wait_name_gone(&conn, "org.banger", std::time::Duration::from_secs(10))
+            .await
+    );
+
+    // The next call starts a new daemon, which sweeps the leftovers before taking the name.
+    let names: Vec<String> = images
+        .list_images()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.1)
+        .collect();
+    assert_eq!(names, vec!["first-v1".to_string()]);
+    no_staging_left(&bus);
+    let after: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(after, cached, "the blob cache is intact");
+    let store = banger::store::Store::open(&bus.state_dir().join("banger.db")).unwrap();
+    let rec = store
+        .call_blocking(move |c| banger::store::rows::find_job(c, job_id))
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.state, "failed");
+    assert!(rec.error.contains("Interrupted"), "{}", rec.error);
+    gate.open();
 }

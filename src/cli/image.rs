@@ -11,13 +11,25 @@ use crate::dbus::proxy::Images1Proxy;
 pub enum ImageCommand {
     /// List images.
     List,
-    /// Pull an image from the catalog or an OCI registry.
+    /// Pull an image from an OCI registry and build a bootable ext4 from it.
     Pull {
-        /// Catalog name or OCI reference.
+        /// OCI reference, e.g. docker.io/library/debian:bookworm.
         reference: String,
-        /// Image name (derived from the reference by default).
+        /// Image name (derived from the reference by default: debian-bookworm).
         #[arg(long)]
         name: Option<String>,
+        /// The kernel the image boots with by default.
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Root filesystem size in bytes (default: the tree plus 25%, at least 1 GiB).
+        #[arg(long)]
+        size: Option<u64>,
+        /// Talk plain HTTP to the registry.
+        #[arg(long)]
+        insecure: bool,
+        /// Return once the job started instead of following it.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Delete an image no VM uses.
     Delete {
@@ -50,10 +62,31 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
                 rows,
             );
         }
-        ImageCommand::Pull { reference, name } => {
-            let o = opts(name.map(|n| ("name", n.into())));
+        ImageCommand::Pull {
+            reference,
+            name,
+            kernel,
+            size,
+            insecure,
+            no_wait,
+        } => {
+            let o = opts(
+                name.map(|n| ("name", n.into()))
+                    .into_iter()
+                    .chain(kernel.map(|k| ("kernel", k.into())))
+                    .chain(size.map(|s| ("size", s.into())))
+                    .chain(insecure.then(|| ("insecure", true.into()))),
+            );
+            let watch = super::watch::subscribe(conn).await?;
             let (id, path) = p.pull_image(&reference, o).await.map_err(explain)?;
-            print_job(out, id, &path);
+            if no_wait {
+                print_job(out, id, &path);
+            } else {
+                watch.follow(out, id, &path).await?;
+                if !out.json {
+                    println!("Pulled {reference}");
+                }
+            }
         }
         ImageCommand::Delete { name } => p.delete_image(&name).await.map_err(explain)?,
     }

@@ -6,6 +6,7 @@ mod kernel;
 mod output;
 mod status;
 mod vm;
+mod watch;
 
 use clap::{Parser, Subcommand};
 

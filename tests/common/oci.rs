@@ -267,3 +267,41 @@ pub fn busybox_layers() -> Vec<Vec<u8>> {
         .bytes();
     vec![lower, upper]
 }
+
+/// A TCP proxy to a registry that holds every connection until opened: a job pulling
+/// through it is provably stuck inside its body, whatever the timing.
+pub struct GateProxy {
+    /// `127.0.0.1:PORT`
+    pub host: String,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl GateProxy {
+    /// Starts a closed gate in front of `upstream`.
+    pub async fn start(upstream: &str) -> GateProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let (open, rx) = tokio::sync::watch::channel(false);
+        let upstream = upstream.to_owned();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let mut rx = rx.clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if rx.wait_for(|o| *o).await.is_err() {
+                        return;
+                    }
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                    }
+                });
+            }
+        });
+        GateProxy { host, open }
+    }
+
+    /// Lets every held and later connection through.
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+}
