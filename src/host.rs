@@ -46,3 +46,52 @@ where
     }
     Ok(())
 }
+
+/// A user's name and primary group, from the password database.
+pub fn user_of(uid: u32) -> Option<(String, u32)> {
+    let mut buf = vec![0u8; 16384];
+    // SAFETY: passwd is plain data; zeroed is valid before getpwuid_r fills it.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer refers to live memory of the stated size; getpwuid_r writes the
+    // entry's strings into `buf` and points `out` at `pw` on success.
+    let r = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr().cast(), buf.len(), &mut out) };
+    if r != 0 || out.is_null() {
+        return None;
+    }
+    // SAFETY: on success pw_name points at a NUL-terminated string inside `buf`.
+    let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) }
+        .to_string_lossy()
+        .into_owned();
+    Some((name, pw.pw_gid))
+}
+
+/// Whether `uid` could read `path` itself: the kernel decides, in a probe that runs with the
+/// user's uid, primary group and supplementary groups (so modes and ACLs all count). Root
+/// reads everything.
+pub fn user_can_read(uid: u32, path: &std::path::Path) -> Result<bool> {
+    if uid == 0 {
+        return Ok(true);
+    }
+    let (_, gid) = user_of(uid).ok_or_else(|| {
+        Error::InvalidArgument(format!("uid {uid} has no entry in the password database"))
+    })?;
+    let setpriv = find_program("setpriv").ok_or_else(|| {
+        Error::failed(
+            "setpriv is not installed",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        )
+    })?;
+    let status = Command::new(setpriv)
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={gid}"),
+            "--init-groups".into(),
+            "--".into(),
+        ])
+        .args(["test", "-r"])
+        .arg(path)
+        .status()
+        .map_err(|e| Error::failed("Cannot run the permission probe", e))?;
+    Ok(status.success())
+}

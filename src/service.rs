@@ -19,6 +19,8 @@ use crate::Result;
 pub enum ObjectEvent {
     /// An image was published.
     ImageAdded(Image),
+    /// An image's row changed (re-registered, promoted).
+    ImageChanged(Image),
     /// An image was deleted (its id).
     ImageRemoved(String),
     /// A kernel was added.

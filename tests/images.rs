@@ -570,3 +570,132 @@ async fn a_daemon_killed_mid_pull_leaves_nothing_behind() {
     assert!(rec.error.contains("Interrupted"), "{}", rec.error);
     gate.open();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn register_and_promote_only_take_files_the_caller_can_read() {
+    if !available(&[
+        "dbus-daemon",
+        "gdbus",
+        "unshare",
+        "mkfs.ext4",
+        "debugfs",
+        "setpriv",
+    ]) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let files = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let tree = files.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    std::fs::write(tree.join("marker"), b"registered\n").unwrap();
+    let rootfs = files.path().join("rootfs.ext4");
+    let u = banger::ext4::usage(&tree).unwrap();
+    banger::ext4::build(&tree, &rootfs, 64 << 20, u, "rootfs").unwrap();
+    let seed = files.path().join("seed.ext4");
+    std::fs::copy(&rootfs, &seed).unwrap();
+    let ok_uid = uid_of(USER_OK);
+    for f in [&rootfs, &seed] {
+        std::os::unix::fs::chown(f, Some(ok_uid), None).unwrap();
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let secret = files.path().join("secret.ext4");
+    std::fs::copy(&rootfs, &secret).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let bus = TestBus::start(BusOptions::default());
+    let conn = bus.connect().await;
+    let register = |name: &str, path: &Path, seed: Option<&Path>| {
+        let mut opts = format!("{{'rootfs': <'{}'>", path.display());
+        if let Some(s) = seed {
+            opts.push_str(&format!(", 'work_seed': <'{}'>", s.display()));
+        }
+        opts.push('}');
+        text(&bus.gdbus_as(
+            Some(USER_OK),
+            true,
+            "/org/banger",
+            "org.banger.Images1.RegisterImage",
+            &[name, &opts],
+        ))
+    };
+    let out = register("mine", &rootfs, None);
+    assert!(out.contains("/org/banger/image/"), "{out}");
+    let out = register("stolen", &secret, None);
+    assert!(
+        out.contains("org.banger.Error.InvalidArgument")
+            && out.contains("cannot read this file yourself"),
+        "{out}"
+    );
+    let out = register("device", Path::new("/dev/null"), None);
+    assert!(out.contains("is not a regular file"), "{out}");
+
+    let images = Images1Proxy::new(&conn).await.unwrap();
+    let listed = images.list_images().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!((listed[0].1.as_str(), listed[0].2), ("mine", false));
+    // Re-registering updates the same image.
+    let out = register("mine", &rootfs, Some(&seed));
+    assert!(out.contains(&listed[0].4.to_string()), "{out}");
+    let seed_prop = bus.busctl_as(
+        None,
+        &[
+            "get-property",
+            "org.banger",
+            listed[0].4.as_str(),
+            "org.banger.Image1",
+            "WorkSeedPath",
+        ],
+    );
+    assert!(
+        text(&seed_prop).contains("seed.ext4"),
+        "{}",
+        text(&seed_prop)
+    );
+
+    // Promotion copies into managed storage, as a job.
+    let jobs = Jobs1Proxy::new(&conn).await.unwrap();
+    let mut removed = jobs.receive_job_removed().await.unwrap();
+    let out = text(&bus.gdbus_as(
+        Some(USER_OK),
+        true,
+        "/org/banger",
+        "org.banger.Images1.PromoteImage",
+        &["mine"],
+    ));
+    let id: u32 = out
+        .split("uint32 ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    loop {
+        let sig = removed.next().await.unwrap();
+        let a = sig.args().unwrap();
+        if a.id == id {
+            assert_eq!(a.result, "done");
+            break;
+        }
+    }
+    let dir = image_dir(&bus, "mine");
+    assert!(dir.starts_with(bus.state_dir()), "{}", dir.display());
+    assert_eq!(
+        debugfs(&dir.join("rootfs.ext4"), "cat /marker"),
+        "registered\n"
+    );
+    assert!(dir.join("work-seed.ext4").exists());
+    let listed = images.list_images().await.unwrap();
+    assert!(listed[0].2, "managed now");
+    // A managed image cannot be changed by registering, nor promoted twice.
+    let out = register("mine", &rootfs, None);
+    assert!(out.contains("org.banger.Error.AlreadyExists"), "{out}");
+    match images.promote_image("mine").await {
+        Err(zbus::Error::MethodError(n, Some(m), _)) => {
+            assert_eq!(n.as_str(), "org.banger.Error.InvalidArgument");
+            assert!(m.contains("already managed"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The user's own file is untouched.
+    assert!(rootfs.exists());
+}

@@ -28,7 +28,12 @@ pub async fn subscribe(conn: &zbus::Connection) -> anyhow::Result<JobWatch> {
 }
 
 fn bar(progress: f64, stage: &str) -> String {
-    let filled = (progress.clamp(0.0, 1.0) * 30.0).round() as usize;
+    let progress = if progress.is_nan() {
+        0.0
+    } else {
+        progress.clamp(0.0, 1.0)
+    };
+    let filled = (progress * 30.0).round() as usize;
     format!(
         "\r[{}{}] {:>3.0}% {stage:<16}",
         "#".repeat(filled),

@@ -81,9 +81,15 @@ impl Images1 {
         o.finish()?;
         validate_name(NameKind::Image, name)?;
         opts.validate()?;
-        self.ctx.authorize(conn, &hdr, Action::ImagesManage).await?;
+        let caller = self.ctx.authorize(conn, &hdr, Action::ImagesManage).await?;
         Ok(image_path(
-            &self.ctx.banger.images.register(name, opts).await?.id,
+            &self
+                .ctx
+                .banger
+                .images
+                .register(caller.uid, name, opts)
+                .await?
+                .id,
         ))
     }
 

@@ -146,6 +146,19 @@ async fn on_object(conn: &Connection, ctx: &Ctx, e: ObjectEvent) -> zbus::Result
             server.at(path.clone(), image::Image1 { image: i }).await?;
             images::Images1::image_new(&manager(conn)?, &id, path).await?;
         }
+        ObjectEvent::ImageChanged(i) => {
+            let iface = server
+                .interface::<_, image::Image1>(image_path(&i.id))
+                .await?;
+            let mut obj = iface.get_mut().await;
+            obj.image = i;
+            let em = iface.signal_emitter();
+            obj.managed_changed(em).await?;
+            obj.rootfs_path_changed(em).await?;
+            obj.work_seed_path_changed(em).await?;
+            obj.kernel_changed(em).await?;
+            obj.size_bytes_changed(em).await?;
+        }
         ObjectEvent::ImageRemoved(id) => {
             server.remove::<image::Image1, _>(image_path(&id)).await?;
             images::Images1::image_removed(&manager(conn)?, &id, image_path(&id)).await?;

@@ -4,6 +4,7 @@
 
 mod publish;
 mod pull;
+mod register;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -142,16 +143,6 @@ impl Images {
             validate_name(NameKind::Kernel, k)?;
         }
         Ok(())
-    }
-
-    /// Registers files as an unmanaged image.
-    pub async fn register(&self, _name: &str, _opts: RegisterOptions) -> Result<Image> {
-        Err(Error::NotImplemented("RegisterImage"))
-    }
-
-    /// Copies an unmanaged image into managed storage, as a job.
-    pub async fn promote(&self, _uid: u32, _key: &str) -> Result<Arc<Job>> {
-        Err(Error::NotImplemented("PromoteImage"))
     }
 
     /// Builds an image with debootstrap, as a job.

@@ -74,3 +74,31 @@ impl Images {
         Ok(image)
     }
 }
+
+impl Images {
+    /// Replaces an existing image's directory and row with a staged copy (promotion), under
+    /// the images lock.
+    pub(super) async fn publish_over(&self, mut staging: Staging, image: Image) -> Result<Image> {
+        let final_dir = self.layout.images_dir().join(&image.id);
+        let guard = self.lock.lock().await;
+        let id = image.id.clone();
+        let still = self.store.call(move |c| rows::find_image(c, &id)).await?;
+        if !matches!(still, Some(ref i) if !i.managed) {
+            return Err(Error::NotFound(format!(
+                "Image {:?} was deleted or promoted while this copy ran",
+                image.name
+            )));
+        }
+        std::fs::rename(staging.path(), &final_dir)
+            .map_err(|e| Error::failed("Cannot move the image into place", e))?;
+        staging.disarm();
+        let row = image.clone();
+        self.store
+            .call(move |c| rows::upsert_image(c, &row).map(|_| ()))
+            .await?;
+        drop(guard);
+        tracing::info!(image_id = %image.id, "Image {} promoted", image.name);
+        self.events.send(ObjectEvent::ImageChanged(image.clone()));
+        Ok(image)
+    }
+}

@@ -65,6 +65,32 @@ pub fn insert_image(c: &Connection, i: &Image) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Inserts or replaces an image row by id; true when it replaced one.
+pub fn upsert_image(c: &Connection, i: &Image) -> Result<bool, StoreError> {
+    let existed: bool = c.query_row("SELECT COUNT(*) FROM images WHERE id = ?1", [&i.id], |r| {
+        r.get::<_, i64>(0)
+    })? > 0;
+    if existed {
+        c.execute(
+            "UPDATE images SET name = ?2, managed = ?3, source = ?4, rootfs_path = ?5, work_seed_path = ?6, \
+             kernel = ?7, size_bytes = ?8 WHERE id = ?1",
+            params![
+                i.id,
+                i.name,
+                i.managed,
+                i.source,
+                i.rootfs_path.to_string_lossy(),
+                path_str(&i.work_seed_path),
+                i.kernel,
+                i.size_bytes as i64
+            ],
+        )?;
+    } else {
+        insert_image(c, i)?;
+    }
+    Ok(existed)
+}
+
 /// Deletes an image row.
 pub fn delete_image(c: &Connection, id: &str) -> Result<(), StoreError> {
     c.execute("DELETE FROM images WHERE id = ?1", [id])?;
