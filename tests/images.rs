@@ -155,6 +155,12 @@ async fn pull_flattens_layers_into_a_bootable_ext4() {
     );
     assert!(debugfs(&rootfs, "stat /bin/hardbox").contains("Links: 2"));
     assert!(debugfs(&rootfs, "ea_get /etc/xattr user.banger").contains("yes"));
+    let null = debugfs(&rootfs, "stat /dev/null");
+    assert!(
+        null.contains("Type: character special")
+            && null.contains("Device major/minor number: 01:03"),
+        "{null}"
+    );
     // Guest assets injected with the right modes.
     let agent = debugfs(&rootfs, "stat /usr/local/bin/banger-agent");
     assert!(

@@ -67,6 +67,15 @@ impl Layer {
         self.0.append(&h, &[][..]).unwrap();
         self
     }
+    /// A character device node.
+    pub fn char_device(mut self, path: &str, major: u32, minor: u32) -> Self {
+        let mut h = header(path, EntryType::Char, 0o666, 0, 0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        h.set_cksum();
+        self.0.append(&h, &[][..]).unwrap();
+        self
+    }
     /// A file with an xattr.
     pub fn xattr_file(mut self, path: &str, key: &str, value: &str) -> Self {
         self.0
@@ -98,6 +107,17 @@ fn write_blob(dir: &Path, data: &[u8]) -> (String, u64) {
 /// Writes an OCI image layout with one linux/`arch` image (tag `tag`), returning the
 /// manifest descriptor JSON for indexes.
 pub fn image_manifest(dir: &Path, layers: &[Vec<u8>], comp: Comp, arch: &str) -> serde_json::Value {
+    image_manifest_typed(dir, layers, comp, arch, None)
+}
+
+/// As [`image_manifest`], with every layer's media type replaced by `media_type` if given.
+pub fn image_manifest_typed(
+    dir: &Path,
+    layers: &[Vec<u8>],
+    comp: Comp,
+    arch: &str,
+    media_type: Option<&str>,
+) -> serde_json::Value {
     std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     let mut descs = Vec::new();
     let mut diff_ids = Vec::new();
@@ -118,6 +138,7 @@ pub fn image_manifest(dir: &Path, layers: &[Vec<u8>], comp: Comp, arch: &str) ->
             ),
         };
         let (digest, size) = write_blob(dir, &data);
+        let mt = media_type.unwrap_or(mt);
         descs.push(serde_json::json!({"mediaType": mt, "digest": digest, "size": size}));
     }
     let config = serde_json::json!({
@@ -258,6 +279,8 @@ pub fn busybox_layers() -> Vec<Vec<u8>> {
         .file("home/user/mine", b"user data", 0o600, 1000)
         .dir("root", 0o700)
         .file("root/.profile", b"echo hi\n", 0o644, 0)
+        .dir("dev", 0o755)
+        .char_device("dev/null", 1, 3)
         .bytes();
     let upper = Layer::default()
         .file("etc/.wh.gone", b"", 0o644, 0)
