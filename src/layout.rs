@@ -46,6 +46,10 @@ impl Layout {
     pub fn oci_cache_dir(&self) -> PathBuf {
         self.state_dir.join("cache").join("oci")
     }
+    /// `/run/banger/scratch/`, where image trees are flattened when `/run` is tmpfs.
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.runtime_dir.join("scratch")
+    }
     /// `/run/banger/vms/<id>/`, a VM's sockets.
     pub fn vm_runtime_dir(&self, id: &str) -> PathBuf {
         self.runtime_dir.join("vms").join(id)
@@ -61,6 +65,7 @@ impl Layout {
             self.oci_cache_dir(),
             // Partial blob downloads live beside the verified blobs.
             self.oci_cache_dir().join("sha256"),
+            self.scratch_dir(),
         ]
     }
 
@@ -78,6 +83,13 @@ impl Layout {
                 .map_err(|e| Error::failed(format!("Cannot create {}", dir.display()), e))?;
         }
         Ok(())
+    }
+
+    /// Whether image trees of `expected` bytes should be flattened in the scratch directory:
+    /// it is tmpfs (so the tree never touches the disk; only the ext4 does) and the tree
+    /// takes at most a quarter of the memory available now.
+    pub fn scratch_fits(&self, expected: u64) -> bool {
+        is_tmpfs(&self.runtime_dir) && mem_available().is_some_and(|m| expected <= m / 4)
     }
 
     /// Removes every `.staging-*` entry left by a daemon that died mid-operation, returning
@@ -108,6 +120,26 @@ impl Layout {
         }
         Ok(removed)
     }
+}
+
+fn is_tmpfs(p: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs is plain data; zeroed is valid before the call fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` a valid statfs to fill.
+    let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    r == 0 && st.f_type == libc::TMPFS_MAGIC
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Removes a file or a whole tree without following symlinks.

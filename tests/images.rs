@@ -116,7 +116,11 @@ async fn pull_flattens_layers_into_a_bootable_ext4() {
     let work = tempfile::tempdir().unwrap();
     let layout = busybox_layout(work.path(), Comp::Gzip);
     let reference = registry.push(&layout, "v1", "test/tiny", &[]);
-    let bus = TestBus::start(BusOptions::default());
+    // Runtime on tmpfs: the tree is flattened in memory, only the ext4 reaches the disk.
+    let bus = TestBus::start(BusOptions {
+        runtime_on_tmpfs: true,
+        ..Default::default()
+    });
     let conn = bus.connect().await;
 
     let (result, error) = pull(&bus, &conn, &reference, None).await.unwrap();
@@ -176,6 +180,11 @@ async fn pull_flattens_layers_into_a_bootable_ext4() {
     // The work seed holds /root.
     let seed = debugfs(&dir.join("work-seed.ext4"), "ls /");
     assert!(seed.contains(".profile"), "{seed}");
+    // The tree was flattened in the tmpfs scratch directory and is gone from it.
+    let journal_free = std::fs::read_dir(bus.runtime.join("scratch"))
+        .unwrap()
+        .count();
+    assert_eq!(journal_free, 0, "scratch is empty after the pull");
     // Blobs are in the cache by digest; no staging left.
     let blobs = std::fs::read_dir(bus.state_dir().join("cache/oci/sha256"))
         .unwrap()

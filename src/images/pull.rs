@@ -126,7 +126,23 @@ impl Images {
 
         ctx.stage("flatten", "Applying layers in manifest order");
         ctx.progress(0.5);
-        let tree = dir.join("tree");
+        // gzip layers of OS images expand about 3×; 8× leaves room for more.
+        let in_memory = self.layout.scratch_fits(total.saturating_mul(8));
+        let scratch = if in_memory {
+            Some(Staging::create(
+                self.layout
+                    .scratch_dir()
+                    .join(format!("{}{id}", crate::layout::STAGING_PREFIX)),
+            )?)
+        } else {
+            None
+        };
+        let tree = scratch
+            .as_ref()
+            .map(|s| s.path())
+            .unwrap_or(&dir)
+            .join("tree");
+        ctx.log(7, format!("Flattening in {}", tree.display()));
         let limits = Limits {
             max_bytes: self.config.max_image_bytes,
             ..Limits::default()
@@ -188,6 +204,7 @@ impl Images {
             }
         };
         blocking("Cleanup", move || crate::layout::remove_any(&tree)).await?;
+        drop(scratch);
 
         ctx.stage("publish", format!("Publishing image {name}"));
         let image = Image {

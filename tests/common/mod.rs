@@ -100,6 +100,8 @@ pub struct BusOptions {
     /// Run a journald of its own in the bus's mount namespace, so the daemon logs to a
     /// real journal.
     pub journal: bool,
+    /// Put the daemon's runtime directory on tmpfs, as `/run/banger` is on systemd hosts.
+    pub runtime_on_tmpfs: bool,
 }
 
 impl Default for BusOptions {
@@ -108,6 +110,7 @@ impl Default for BusOptions {
             activate_bangerd: true,
             idle_exit_sec: 0,
             journal: false,
+            runtime_on_tmpfs: false,
         }
     }
 }
@@ -119,6 +122,9 @@ pub struct TestBus {
     /// The bus address.
     pub address: String,
     child: Child,
+    /// The daemon's runtime directory.
+    pub runtime: PathBuf,
+    _runtime_tmpfs: Option<tempfile::TempDir>,
 }
 
 fn write(path: &Path, text: &str) {
@@ -201,13 +207,21 @@ impl TestBus {
             &d.join("config.toml"),
             &format!("idle_exit_sec = {}\n", opts.idle_exit_sec),
         );
+        let runtime_tmpfs = opts
+            .runtime_on_tmpfs
+            .then(|| tempfile::tempdir_in("/dev/shm").unwrap());
+        let runtime = runtime_tmpfs
+            .as_ref()
+            .map(|t| t.path().to_owned())
+            .unwrap_or_else(|| d.join("run"));
         if opts.activate_bangerd {
             write(
                 &d.join("services/org.banger.service"),
                 &format!(
-                    "[D-BUS Service]\nName=org.banger\nExec={bin} --state-dir {d}/state --runtime-dir {d}/run --config {d}/config.toml\nUser=root\n",
+                    "[D-BUS Service]\nName=org.banger\nExec={bin} --state-dir {d}/state --runtime-dir {r} --config {d}/config.toml\nUser=root\n",
                     bin = env!("CARGO_BIN_EXE_bangerd"),
-                    d = d.display()
+                    d = d.display(),
+                    r = runtime.display()
                 ),
             );
         }
@@ -252,6 +266,8 @@ impl TestBus {
             dir,
             address: format!("unix:path={}", sock.display()),
             child,
+            runtime,
+            _runtime_tmpfs: runtime_tmpfs,
         }
     }
 
