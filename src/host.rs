@@ -95,3 +95,75 @@ pub fn user_can_read(uid: u32, path: &std::path::Path) -> Result<bool> {
         .map_err(|e| Error::failed("Cannot run the permission probe", e))?;
     Ok(status.success())
 }
+
+/// A command run with `uid`'s credentials (uid, primary group, supplementary groups), or
+/// as is for root.
+fn as_user(uid: u32, program: &str) -> Result<Command> {
+    if uid == 0 {
+        return Ok(Command::new(program));
+    }
+    let (_, gid) = user_of(uid).ok_or_else(|| {
+        Error::InvalidArgument(format!("uid {uid} has no entry in the password database"))
+    })?;
+    let setpriv = find_program("setpriv").ok_or_else(|| {
+        Error::failed(
+            "setpriv is not installed",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        )
+    })?;
+    let mut c = Command::new(setpriv);
+    c.args([
+        format!("--reuid={uid}"),
+        format!("--regid={gid}"),
+        "--init-groups".into(),
+        "--".into(),
+        program.into(),
+    ]);
+    Ok(c)
+}
+
+/// Reads a regular file with `uid`'s own permissions, so the daemon never hands a caller a
+/// file it could not read itself, and nothing can be swapped between a check and the read.
+pub fn read_file_as(uid: u32, path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::InvalidArgument(format!("{what} {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {} is not a regular file",
+            path.display()
+        )));
+    }
+    let out = as_user(uid, "cat")?
+        .arg("--")
+        .arg(path)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| Error::failed("Cannot run cat", e))?;
+    if !out.status.success() {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {}: you cannot read this file yourself, so banger will not read it for you",
+            path.display()
+        )));
+    }
+    Ok(out.stdout)
+}
+
+/// Starts `tar -c` of a directory with `uid`'s own permissions; read the archive from its
+/// stdout. Fails (at wait) when the user cannot read everything in it.
+pub fn tar_dir_as(uid: u32, dir: &std::path::Path) -> Result<std::process::Child> {
+    if !dir.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    as_user(uid, "tar")?
+        .arg("-C")
+        .arg(dir)
+        .args(["--numeric-owner", "-cf", "-", "."])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::failed("Cannot run tar", e))
+}

@@ -20,6 +20,25 @@ pub enum KernelCommand {
         /// Catalog name.
         name: String,
     },
+    /// Import a kernel file (bzImage or ELF), with an initrd and modules directory.
+    Import {
+        /// Kernel name.
+        name: String,
+        /// The kernel file.
+        #[arg(long = "kernel")]
+        kernel: std::path::PathBuf,
+        /// A ready initrd.
+        #[arg(long)]
+        initrd: Option<std::path::PathBuf>,
+        /// The modules directory (lib/modules/VERSION).
+        #[arg(long)]
+        modules: Option<std::path::PathBuf>,
+    },
+    /// Show an installed kernel.
+    Show {
+        /// Kernel name.
+        name: String,
+    },
     /// Delete a kernel nothing uses.
     Delete {
         /// Kernel name.
@@ -58,6 +77,45 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: KernelCommand) -> a
         KernelCommand::Pull { name } => {
             let (id, path) = p.pull_kernel(&name, opts(None)).await.map_err(explain)?;
             print_job(out, id, &path);
+        }
+        KernelCommand::Import {
+            name,
+            kernel,
+            initrd,
+            modules,
+        } => {
+            // The daemon does not know this shell's working directory.
+            let abs = |p: std::path::PathBuf| -> anyhow::Result<String> {
+                Ok(std::path::absolute(&p)?.to_string_lossy().into_owned())
+            };
+            let mut entries = vec![("kernel_path", abs(kernel)?.into())];
+            if let Some(i) = initrd {
+                entries.push(("initrd_path", abs(i)?.into()));
+            }
+            if let Some(m) = modules {
+                entries.push(("modules_dir", abs(m)?.into()));
+            }
+            let path = p
+                .import_kernel(&name, opts(entries))
+                .await
+                .map_err(explain)?;
+            out.object(vec![("name", json!(name)), ("path", json!(path.as_str()))]);
+        }
+        KernelCommand::Show { name } => {
+            let path = p.get_kernel(&name).await.map_err(explain)?;
+            let k = crate::dbus::proxy::Kernel1Proxy::builder(conn)
+                .path(path.clone())
+                .build()
+                .await?;
+            out.object(vec![
+                ("name", json!(k.name().await?)),
+                ("version", json!(k.version().await?)),
+                ("source", json!(k.source().await?)),
+                ("kernel_path", json!(k.kernel_path().await?)),
+                ("initrd_path", json!(k.initrd_path().await?)),
+                ("modules_dir", json!(k.modules_dir().await?)),
+                ("path", json!(path.as_str())),
+            ]);
         }
         KernelCommand::Delete { name } => p.delete_kernel(&name).await.map_err(explain)?,
     }

@@ -82,11 +82,18 @@ impl Kernels1 {
         o.finish()?;
         validate_name(NameKind::Kernel, name)?;
         opts.validate()?;
-        self.ctx
+        let caller = self
+            .ctx
             .authorize(conn, &hdr, Action::KernelsManage)
             .await?;
         Ok(kernel_path(
-            &self.ctx.banger.kernels.import(name, opts).await?.name,
+            &self
+                .ctx
+                .banger
+                .kernels
+                .import(caller.uid, name, opts)
+                .await?
+                .name,
         ))
     }
 

@@ -142,3 +142,26 @@ pub trait Job1 {
     #[zbus(signal)]
     fn log_message(&self, priority: u32, line: String) -> zbus::Result<()>;
 }
+
+/// `org.banger.Kernel1`.
+#[proxy(interface = "org.banger.Kernel1", default_service = "org.banger")]
+pub trait Kernel1 {
+    /// Name
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    /// Version
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+    /// Source
+    #[zbus(property)]
+    fn source(&self) -> zbus::Result<String>;
+    /// KernelPath
+    #[zbus(property)]
+    fn kernel_path(&self) -> zbus::Result<String>;
+    /// InitrdPath
+    #[zbus(property)]
+    fn initrd_path(&self) -> zbus::Result<String>;
+    /// ModulesDir
+    #[zbus(property)]
+    fn modules_dir(&self) -> zbus::Result<String>;
+}

@@ -1,5 +1,9 @@
-//! The kernel service: listing and lookup now; the catalog, pull, import and delete land with
-//! the kernels issue, behind the same signatures.
+//! The kernel service: kernels are triples (ELF vmlinux, initrd, modules) under
+//! `kernels/<name>/`. Import copies a caller's files as that caller; publication and deletion
+//! hold the kernels lock. Pulls from the catalog land with the rest of the kernels issue.
+
+mod import;
+pub mod vmlinux;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,7 +11,7 @@ use std::sync::Arc;
 use crate::jobs::Job;
 use crate::layout::Layout;
 use crate::model::Kernel;
-use crate::service::Events;
+use crate::service::{Events, ObjectEvent};
 use crate::store::{rows, Store};
 use crate::{Error, Result};
 
@@ -56,13 +60,14 @@ pub struct CatalogKernel {
     pub description: String,
 }
 
-/// The kernel service.
+/// The kernel service; cheap to clone.
+#[derive(Clone)]
 pub struct Kernels {
     store: Store,
-    #[allow(dead_code)] // used by pulls and imports, with the kernels issue
     layout: Layout,
-    #[allow(dead_code)]
     events: Events,
+    /// Held over publication and deletion only.
+    lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Kernels {
@@ -72,6 +77,7 @@ impl Kernels {
             store,
             layout,
             events,
+            lock: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -108,13 +114,48 @@ impl Kernels {
         Err(Error::NotImplemented("PullKernel"))
     }
 
-    /// Imports kernel files.
-    pub async fn import(&self, _name: &str, _opts: ImportOptions) -> Result<Kernel> {
-        Err(Error::NotImplemented("ImportKernel"))
+    /// Deletes a kernel no image or VM uses; the files go after the row, outside the lock.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        let guard = self.lock.lock().await;
+        let n = name.to_owned();
+        let outcome = self
+            .store
+            .call(move |c| {
+                let Some(k) = rows::find_kernel(c, &n)? else {
+                    return Ok(Err(None));
+                };
+                let users = rows::users_of_kernel(c, &n)?;
+                if users > 0 {
+                    return Ok(Err(Some(users)));
+                }
+                rows::delete_kernel(c, &n)?;
+                Ok(Ok(k))
+            })
+            .await?;
+        drop(guard);
+        match outcome {
+            Ok(_) => {}
+            Err(None) => return Err(self.not_found(name)),
+            Err(Some(n)) => {
+                return Err(Error::InUse(format!(
+                "Kernel {name:?} is used by {n} image(s) or VM(s); delete or re-point them first"
+            )))
+            }
+        }
+        let dir = self.layout.kernels_dir().join(name);
+        tokio::task::spawn_blocking(move || crate::layout::remove_any(&dir))
+            .await
+            .map_err(|e| Error::failed("Kernel removal task failed", e))??;
+        tracing::info!("Kernel {name} deleted");
+        self.events
+            .send(ObjectEvent::KernelRemoved(name.to_owned()));
+        Ok(())
     }
 
-    /// Deletes a kernel nothing uses.
-    pub async fn delete(&self, _name: &str) -> Result<()> {
-        Err(Error::NotImplemented("DeleteKernel"))
+    fn not_found(&self, name: &str) -> Error {
+        Error::NotFound(format!(
+            "No kernel {name:?}; `banger kernel list` shows installed kernels and \
+             `banger kernel list --available` the catalog"
+        ))
     }
 }

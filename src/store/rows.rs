@@ -142,6 +142,25 @@ pub fn insert_kernel(c: &Connection, k: &Kernel) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// How many images and VMs name the kernel.
+pub fn users_of_kernel(c: &Connection, name: &str) -> Result<u64, StoreError> {
+    let images: i64 = c.query_row(
+        "SELECT COUNT(*) FROM images WHERE kernel = ?1",
+        [name],
+        |r| r.get(0),
+    )?;
+    let vms: i64 = c.query_row("SELECT COUNT(*) FROM vms WHERE kernel = ?1", [name], |r| {
+        r.get(0)
+    })?;
+    Ok((images + vms) as u64)
+}
+
+/// Deletes a kernel row.
+pub fn delete_kernel(c: &Connection, name: &str) -> Result<(), StoreError> {
+    c.execute("DELETE FROM kernels WHERE name = ?1", [name])?;
+    Ok(())
+}
+
 const VM_COLS: &str = "id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, \
      owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at";
 

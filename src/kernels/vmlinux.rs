@@ -1,0 +1,120 @@
+//! Kernel images: the version a bzImage declares, and the uncompressed ELF `vmlinux` that
+//! Firecracker and QEMU's PVH entry boot (a bzImage spends seconds decompressing itself under
+//! TCG).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::{host, Error, Result};
+
+const ELF: &[u8] = b"\x7fELF";
+
+/// The version string of a bzImage (its setup header's `kernel_version`), e.g.
+/// `6.1.0-56-amd64`.
+pub fn bzimage_version(img: &[u8]) -> Option<String> {
+    if img.get(0x202..0x206)? != b"HdrS" {
+        return None;
+    }
+    let ptr = u16::from_le_bytes([*img.get(0x20E)?, *img.get(0x20F)?]) as usize + 0x200;
+    let tail = img.get(ptr..)?;
+    let end = tail.iter().take(256).position(|&b| b == 0 || b == b' ')?;
+    let v = std::str::from_utf8(&tail[..end]).ok()?;
+    (!v.is_empty()).then(|| v.to_owned())
+}
+
+/// Decompresses `payload` (the compressed kernel inside a bzImage) with an external tool.
+fn decompress(tool: &str, args: &[&str], payload: &[u8]) -> Result<Vec<u8>> {
+    let path = host::find_program(tool).ok_or_else(|| {
+        Error::failed(
+            format!("{tool} is not installed"),
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        )
+    })?;
+    let mut child = Command::new(path)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| Error::failed(format!("Cannot run {tool}"), e))?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let data = payload.to_vec();
+    // Feed from another thread so a full stdout pipe cannot deadlock us.
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&data);
+    });
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::failed(format!("{tool} failed"), e))?;
+    let _ = feeder.join();
+    // Trailing data after the stream makes some tools complain; what counts is the ELF.
+    Ok(out.stdout)
+}
+
+/// Returns the ELF vmlinux for a kernel image: the image itself when it is ELF already,
+/// else the xz, zstd or gzip payload of a bzImage, decompressed.
+pub fn to_elf(img: &[u8]) -> Result<Vec<u8>> {
+    if img.starts_with(ELF) {
+        return Ok(img.to_vec());
+    }
+    let find = |magic: &[u8]| img.windows(magic.len()).position(|w| w == magic);
+    let candidates: [(&[u8], &str, &[&str]); 3] = [
+        (b"\xfd7zXZ\x00", "xz", &["-dc", "--single-stream"]),
+        (b"\x28\xb5\x2f\xfd", "zstd", &["-dcq"]),
+        (b"\x1f\x8b\x08\x00", "gzip", &["-dc"]),
+    ];
+    for (magic, tool, args) in candidates {
+        if let Some(at) = find(magic) {
+            let out = decompress(tool, args, &img[at..])?;
+            if out.starts_with(ELF) {
+                return Ok(out);
+            }
+        }
+    }
+    Err(Error::InvalidArgument(
+        "The kernel file is neither an ELF vmlinux nor a bzImage with an xz, zstd or gzip payload"
+            .into(),
+    ))
+}
+
+/// Writes `data` to `path`, readable by everyone (kernels are not secret).
+pub fn write(path: &Path, data: &[u8]) -> Result<()> {
+    std::fs::write(path, data)
+        .map_err(|e| Error::failed(format!("Cannot write {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_bzimage(version: &str, payload: &[u8]) -> Vec<u8> {
+        let mut img = vec![0u8; 0x600];
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x20E..0x210].copy_from_slice(&(0x300u16).to_le_bytes());
+        img[0x500..0x500 + version.len()].copy_from_slice(version.as_bytes());
+        img.extend_from_slice(payload);
+        img
+    }
+
+    #[test]
+    fn versions_come_from_the_setup_header() {
+        let img = fake_bzimage("6.1.0-56-amd64 (debian-kernel@lists.debian.org) #1", b"");
+        assert_eq!(bzimage_version(&img).as_deref(), Some("6.1.0-56-amd64"));
+        assert_eq!(bzimage_version(b"not a kernel"), None);
+    }
+
+    #[test]
+    fn elf_passes_and_a_gzip_payload_is_unpacked() {
+        let elf = b"\x7fELF\x02\x01\x01 rest of the kernel".to_vec();
+        assert_eq!(to_elf(&elf).unwrap(), elf);
+        if host::find_program("gzip").is_none() {
+            return;
+        }
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&elf).unwrap();
+        let img = fake_bzimage("6.1.0-test", &e.finish().unwrap());
+        assert_eq!(to_elf(&img).unwrap(), elf);
+        assert!(to_elf(b"garbage").is_err());
+    }
+}

@@ -1,0 +1,184 @@
+//! Kernel import for real: the Debian stable kernel package (downloaded by tests/run through
+//! apt), imported through the bus-activated daemon as a real user.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use banger::dbus::proxy::Kernels1Proxy;
+use common::*;
+
+const TOOLS: &[&str] = &[
+    "dbus-daemon",
+    "gdbus",
+    "unshare",
+    "dpkg-deb",
+    "xz",
+    "setpriv",
+    "tar",
+];
+
+/// The unpacked kernel package: (vmlinuz, modules dir, version).
+fn debian_kernel() -> Option<(PathBuf, PathBuf, String)> {
+    let deb = match std::env::var("BANGER_TEST_KERNEL_DEB") {
+        Ok(d) => PathBuf::from(d),
+        Err(_) if std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() == Ok("1") => {
+            panic!("BANGER_TEST_KERNEL_DEB is not set: run the tests through tests/run")
+        }
+        Err(_) => {
+            eprintln!("SKIPPED: BANGER_TEST_KERNEL_DEB is not set (tests/run sets it)");
+            return None;
+        }
+    };
+    let root = deb.with_extension("unpacked");
+    if !root.exists() {
+        let tmp = deb.with_extension("unpacking");
+        let _ = std::fs::remove_dir_all(&tmp);
+        let ok = Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(&tmp)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "dpkg-deb -x {}", deb.display());
+        std::fs::rename(&tmp, &root).unwrap();
+    }
+    let version = std::fs::read_dir(root.join("lib/modules"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    let version = version.to_string_lossy().to_string();
+    Some((
+        root.join(format!("boot/vmlinuz-{version}")),
+        root.join(format!("lib/modules/{version}")),
+        version,
+    ))
+}
+
+fn gdbus_import(
+    bus: &TestBus,
+    user: &str,
+    name: &str,
+    kernel: &Path,
+    modules: Option<&Path>,
+) -> String {
+    let mut opts = format!("{{'kernel_path': <'{}'>", kernel.display());
+    if let Some(m) = modules {
+        opts.push_str(&format!(", 'modules_dir': <'{}'>", m.display()));
+    }
+    opts.push('}');
+    text(&bus.gdbus_as(
+        Some(user),
+        true,
+        "/org/banger",
+        "org.banger.Kernels1.ImportKernel",
+        &[name, &opts],
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn import_takes_the_callers_kernel_and_modules_and_delete_respects_users() {
+    if !available(TOOLS) {
+        return;
+    }
+    let Some((vmlinuz, modules, version)) = debian_kernel() else {
+        return;
+    };
+    let bus = TestBus::start(BusOptions::default());
+    let conn = bus.connect().await;
+
+    let out = gdbus_import(&bus, USER_OK, "debian-test", &vmlinuz, Some(&modules));
+    assert!(out.contains("/org/banger/kernel/debian_2dtest"), "{out}");
+    let kernels = Kernels1Proxy::new(&conn).await.unwrap();
+    let listed = kernels.list_kernels().await.unwrap();
+    assert_eq!(
+        (listed[0].0.as_str(), listed[0].1.as_str()),
+        ("debian-test", version.as_str())
+    );
+    let dir = bus.state_dir().join("kernels/debian-test");
+    let vmlinux = std::fs::read(dir.join("vmlinux")).unwrap();
+    assert_eq!(
+        &vmlinux[..4],
+        b"\x7fELF",
+        "the bzImage became an ELF vmlinux"
+    );
+    assert!(dir
+        .join("modules/kernel/drivers/block/virtio_blk.ko")
+        .exists());
+    let path = bus.busctl_as(
+        None,
+        &[
+            "get-property",
+            "org.banger",
+            "/org/banger/kernel/debian_2dtest",
+            "org.banger.Kernel1",
+            "KernelPath",
+        ],
+    );
+    assert!(
+        text(&path).contains("kernels/debian-test/vmlinux"),
+        "{}",
+        text(&path)
+    );
+
+    // Files the caller cannot read are not read for them.
+    let files = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = files.path().join("vmlinuz");
+    std::fs::copy(&vmlinuz, &secret).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = gdbus_import(&bus, USER_OK, "stolen", &secret, None);
+    assert!(
+        out.contains("org.banger.Error.InvalidArgument")
+            && out.contains("cannot read this file yourself"),
+        "{out}"
+    );
+    let mods = files.path().join("modules");
+    std::fs::create_dir(&mods).unwrap();
+    std::fs::write(mods.join("private.ko"), b"x").unwrap();
+    std::fs::set_permissions(
+        mods.join("private.ko"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let out = gdbus_import(&bus, USER_OK, "stolen2", &vmlinuz, Some(&mods));
+    assert!(out.contains("cannot read all of it yourself"), "{out}");
+    let out = gdbus_import(&bus, USER_OK, "debian-test", &vmlinuz, None);
+    assert!(out.contains("org.banger.Error.AlreadyExists"), "{out}");
+    assert_eq!(kernels.list_kernels().await.unwrap().len(), 1);
+    let leftovers = std::fs::read_dir(bus.state_dir().join("kernels"))
+        .unwrap()
+        .count();
+    assert_eq!(leftovers, 1, "no staging left");
+
+    // Delete is refused while an image names the kernel.
+    let store = banger::store::Store::open(&bus.state_dir().join("banger.db")).unwrap();
+    store
+        .call_blocking(|c| {
+            c.execute(
+                "INSERT INTO images (id, name, managed, source, rootfs_path, kernel, size_bytes, created_at) \
+                 VALUES ('00000000000000aa', 'uses-it', 0, 'x', '/x', 'debian-test', 0, 0)",
+                [],
+            )?;
+            Ok(())
+        })
+        .unwrap();
+    match kernels.delete_kernel("debian-test").await {
+        Err(zbus::Error::MethodError(n, Some(m), _)) => {
+            assert_eq!(n.as_str(), "org.banger.Error.InUse");
+            assert!(m.contains("1 image(s) or VM(s)"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    store
+        .call_blocking(|c| Ok(c.execute("DELETE FROM images", [])?))
+        .unwrap();
+    kernels.delete_kernel("debian-test").await.unwrap();
+    assert!(!dir.exists());
+    assert!(kernels.list_kernels().await.unwrap().is_empty());
+}
