@@ -37,6 +37,9 @@ pub struct Config {
     pub auto_pull_kernel: bool,
     /// The most an image's layers may expand to, in bytes (a decompression bomb stops here).
     pub max_image_bytes: u64,
+    /// Where the static guest binaries (`banger-init`, `banger-agent`) are; by default the
+    /// daemon's own directory, else `/usr/lib/banger`.
+    pub guest_bin_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -49,11 +52,26 @@ impl Default for Config {
             auto_pull_image: true,
             auto_pull_kernel: true,
             max_image_bytes: 32 << 30,
+            guest_bin_dir: None,
         }
     }
 }
 
 impl Config {
+    /// The path of a static guest binary such as `banger-init`.
+    pub fn guest_binary(&self, name: &str) -> std::path::PathBuf {
+        if let Some(d) = &self.guest_bin_dir {
+            return d.join(name);
+        }
+        let sibling = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join(name)));
+        match sibling {
+            Some(p) if p.exists() => p,
+            _ => std::path::Path::new("/usr/lib/banger").join(name),
+        }
+    }
+
     /// Parses a configuration text.
     pub fn parse(text: &str) -> Result<Self> {
         toml::from_str(text)

@@ -144,18 +144,6 @@ pub fn inject(tree: &Path, agent: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The agent binary the daemon injects: beside the daemon's own executable, else the
-/// packaged location.
-pub fn agent_binary() -> std::path::PathBuf {
-    let sibling = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join("banger-agent")));
-    match sibling {
-        Some(p) if p.exists() => p,
-        _ => "/usr/lib/banger/banger-agent".into(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

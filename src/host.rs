@@ -167,3 +167,18 @@ pub fn tar_dir_as(uid: u32, dir: &std::path::Path) -> Result<std::process::Child
         .spawn()
         .map_err(|e| Error::failed("Cannot run tar", e))
 }
+
+/// The host TSC frequency in kHz (`cpu MHz` of /proc/cpuinfo × 1000): TCG guests need it as
+/// `tsc_early_khz=` or about half their boots hang calibrating.
+pub fn tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0).round() as u64)
+}

@@ -12,6 +12,7 @@ pub mod dbus;
 pub mod error;
 pub mod ext4;
 pub mod guest;
+pub mod guestinit;
 pub mod host;
 pub mod images;
 pub mod jobs;

@@ -118,7 +118,12 @@ impl Banger {
                 jobs.clone(),
                 config.clone(),
             ),
-            kernels: Kernels::new(store.clone(), layout.clone(), events.clone()),
+            kernels: Kernels::new(
+                store.clone(),
+                layout.clone(),
+                events.clone(),
+                config.clone(),
+            ),
             vms: Vms::new(
                 store.clone(),
                 layout.clone(),

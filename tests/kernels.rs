@@ -182,3 +182,128 @@ async fn import_takes_the_callers_kernel_and_modules_and_delete_respects_users()
     assert!(!dir.exists());
     assert!(kernels.list_kernels().await.unwrap().is_empty());
 }
+
+/// A tiny root filesystem whose init prints `marker` and powers off.
+fn marker_rootfs(dir: &Path, marker: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let tree = dir.join("tree");
+    for d in ["bin", "sbin", "dev", "proc", "sys"] {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", tree.join("bin/busybox")).unwrap();
+    let init = tree.join("sbin/init");
+    std::fs::write(
+        &init,
+        format!("#!/bin/busybox sh\n/bin/busybox echo {marker}\n/bin/busybox mount -o remount,ro /\n/bin/busybox poweroff -f\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let img = dir.join("rootfs.ext4");
+    let u = banger::ext4::usage(&tree).unwrap();
+    banger::ext4::build(&tree, &img, 64 << 20, u, "root").unwrap();
+    img
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_imported_debian_kernel_boots_with_the_banger_initrd() {
+    if !available(&[
+        "dbus-daemon",
+        "unshare",
+        "dpkg-deb",
+        "xz",
+        "depmod",
+        "busybox",
+        "qemu-system-x86_64",
+        "timeout",
+    ]) {
+        return;
+    }
+    let Some((vmlinuz, modules, _)) = debian_kernel() else {
+        return;
+    };
+    if std::env::var("BANGER_GUEST_BIN_DIR").is_err() {
+        assert!(
+            std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
+            "BANGER_GUEST_BIN_DIR is not set: run through tests/run"
+        );
+        eprintln!(
+            "SKIPPED: BANGER_GUEST_BIN_DIR is not set (tests/run builds the static guest binaries)"
+        );
+        return;
+    }
+    let bus = TestBus::start(BusOptions::default());
+    let conn = bus.connect().await;
+    let kernels = Kernels1Proxy::new(&conn).await.unwrap();
+    let mut opts = std::collections::HashMap::new();
+    for (k, v) in [("kernel_path", &vmlinuz), ("modules_dir", &modules)] {
+        opts.insert(
+            k.to_string(),
+            zbus::OwnedVariant::try_from(zbus::Variant::from(v.to_str().unwrap())).unwrap(),
+        );
+    }
+    kernels.import_kernel("debian", opts).await.unwrap();
+    let dir = bus.state_dir().join("kernels/debian");
+    let initrd = dir.join("initrd.img");
+    let size = std::fs::metadata(&initrd).unwrap().len();
+    assert!(size > 1 << 20 && size < 16 << 20, "initrd of {size} bytes");
+
+    let work = tempfile::tempdir().unwrap();
+    let marker = format!("BANGER-BOOT-{}", banger::model::new_id());
+    let rootfs = marker_rootfs(work.path(), &marker);
+    let khz = banger::host::tsc_khz().expect("cpu MHz in /proc/cpuinfo");
+    // `timeout` only guards against a hang; nothing here measures time.
+    let out = Command::new("timeout")
+        .args([
+            "300",
+            "qemu-system-x86_64",
+            "-M",
+            "microvm",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-m",
+            "512",
+            "-smp",
+            "1",
+        ])
+        .args([
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
+        .arg("-kernel")
+        .arg(dir.join("vmlinux"))
+        .arg("-initrd")
+        .arg(&initrd)
+        .args([
+            "-append",
+            &format!("console=ttyS0 root=/dev/vda quiet tsc_early_khz={khz}"),
+        ])
+        .arg("-drive")
+        .arg(format!(
+            "id=root,file={},format=raw,if=none",
+            rootfs.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=root"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let console = text(&out);
+    println!("{console}");
+    assert!(
+        console.contains(&marker),
+        "no marker on the console:\n{console}"
+    );
+    assert!(
+        out.status.success(),
+        "qemu exited with {:?}:\n{console}",
+        out.status
+    );
+    assert!(
+        !console.contains("banger-init:"),
+        "banger-init complained:\n{console}"
+    );
+}

@@ -172,7 +172,7 @@ impl Images {
 
         ctx.stage("inject", "Installing the banger guest agent");
         ctx.progress(0.65);
-        let (t, agent) = (tree.clone(), guest::agent_binary());
+        let (t, agent) = (tree.clone(), self.config.guest_binary("banger-agent"));
         blocking("Inject", move || guest::inject(&t, &agent)).await?;
 
         ctx.stage("build_rootfs", "Building rootfs.ext4");

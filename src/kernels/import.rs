@@ -75,6 +75,7 @@ impl Kernels {
             .kernels_dir()
             .join(format!("{STAGING_PREFIX}{}", new_id()));
         let (name2, dir) = (name.to_owned(), staging_dir.clone());
+        let init = self.config.guest_binary("banger-init");
         let kernel = tokio::task::spawn_blocking(move || -> Result<Kernel> {
             std::fs::create_dir(&dir)
                 .map_err(|e| Error::failed("Cannot create a staging directory", e))?;
@@ -105,6 +106,19 @@ impl Kernels {
                 .as_ref()
                 .and_then(|m| m.file_name())
                 .map(|n| n.to_string_lossy().into_owned());
+            // A modular kernel without an initrd gets banger's own.
+            let initrd = match (initrd, &modules) {
+                (None, Some(_)) => {
+                    let v = version
+                        .clone()
+                        .or(modules_version.clone())
+                        .unwrap_or_default();
+                    let img = super::initrd::build(&dir.join("modules"), &v, &init)?;
+                    vmlinux::write(&dir.join("initrd.img"), &img)?;
+                    Some(final_dir.join("initrd.img"))
+                }
+                (i, _) => i,
+            };
             Ok(Kernel {
                 name: name2,
                 version: version

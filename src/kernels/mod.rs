@@ -3,6 +3,7 @@
 //! hold the kernels lock. Pulls from the catalog land with the rest of the kernels issue.
 
 mod import;
+pub mod initrd;
 pub mod vmlinux;
 
 use std::path::PathBuf;
@@ -66,17 +67,24 @@ pub struct Kernels {
     store: Store,
     layout: Layout,
     events: Events,
+    config: Arc<crate::config::Config>,
     /// Held over publication and deletion only.
     lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Kernels {
     /// A service over the store and layout.
-    pub fn new(store: Store, layout: Layout, events: Events) -> Self {
+    pub fn new(
+        store: Store,
+        layout: Layout,
+        events: Events,
+        config: crate::config::Config,
+    ) -> Self {
         Kernels {
             store,
             layout,
             events,
+            config: Arc::new(config),
             lock: Arc::new(tokio::sync::Mutex::new(())),
         }
     }

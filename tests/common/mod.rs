@@ -205,7 +205,14 @@ impl TestBus {
         );
         write(
             &d.join("config.toml"),
-            &format!("idle_exit_sec = {}\n", opts.idle_exit_sec),
+            &format!(
+                "idle_exit_sec = {}\n{}",
+                opts.idle_exit_sec,
+                // The static guest binaries tests/run builds.
+                std::env::var("BANGER_GUEST_BIN_DIR")
+                    .map(|d| format!("guest_bin_dir = \"{d}\"\n"))
+                    .unwrap_or_default()
+            ),
         );
         let runtime_tmpfs = opts
             .runtime_on_tmpfs

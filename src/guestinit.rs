@@ -1,0 +1,210 @@
+//! `banger-init`: PID 1 of banger's initrd. It loads the modules the initrd lists (in
+//! dependency order, resolved by the host), waits a bounded time for the root device, mounts
+//! it, moves `/dev`, `/proc` and `/sys` over and switches root to the system's init. Any
+//! failure is printed on the console as `banger-init: …` and the VM powers off instead of
+//! hanging. No shell or busybox is involved: this is the whole initrd userspace.
+
+use std::ffi::CString;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The initrd file listing modules to load, one name per line, in load order.
+pub const MODULE_LIST: &str = "etc/banger-modules";
+/// Where the initrd keeps the modules (`modules/<name>.ko`).
+pub const MODULE_DIR: &str = "modules";
+
+/// What the kernel command line asks of the init.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cmdline {
+    /// `root=`: the root device.
+    pub root: String,
+    /// `rootfstype=`.
+    pub fstype: String,
+    /// `ro` (the default) or `rw`.
+    pub read_only: bool,
+    /// `init=`: the system init to run.
+    pub init: String,
+    /// `banger.rootwait=`: seconds to wait for the root device.
+    pub root_wait: u64,
+}
+
+/// Parses `/proc/cmdline`.
+pub fn parse_cmdline(s: &str) -> Cmdline {
+    let mut c = Cmdline {
+        root: "/dev/vda".into(),
+        fstype: "ext4".into(),
+        read_only: true,
+        init: "/sbin/init".into(),
+        root_wait: 10,
+    };
+    for arg in s.split_whitespace() {
+        match arg.split_once('=') {
+            Some(("root", v)) => c.root = v.into(),
+            Some(("rootfstype", v)) => c.fstype = v.into(),
+            Some(("init", v)) => c.init = v.into(),
+            Some(("banger.rootwait", v)) => c.root_wait = v.parse().unwrap_or(c.root_wait),
+            None if arg == "rw" => c.read_only = false,
+            None if arg == "ro" => c.read_only = true,
+            _ => {}
+        }
+    }
+    c
+}
+
+fn cstr(s: &str) -> CString {
+    CString::new(s).unwrap_or_default()
+}
+
+fn say(msg: &str) {
+    eprintln!("banger-init: {msg}");
+}
+
+fn fail(msg: &str) -> ! {
+    say(msg);
+    say("powering off");
+    std::thread::sleep(Duration::from_secs(1));
+    // SAFETY: sync and reboot take no pointers; reboot only returns on failure.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> Result<(), String> {
+    let (s, t, f) = (cstr(src), cstr(target), cstr(fstype));
+    let fptr = if fstype.is_empty() {
+        std::ptr::null()
+    } else {
+        f.as_ptr()
+    };
+    // SAFETY: all strings are NUL-terminated and outlive the call; data is null.
+    let r = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), fptr, flags, std::ptr::null()) };
+    if r != 0 {
+        return Err(format!(
+            "mount {src} on {target}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn load_module(path: &Path) -> Result<(), String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: finit_module reads the module from the open fd; the params string is "".
+    let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), c"".as_ptr(), 0) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(format!("{}: {e}", path.display()));
+        }
+    }
+    Ok(())
+}
+
+/// Runs as PID 1 and never returns.
+pub fn run() -> ! {
+    for d in ["/dev", "/proc", "/sys", "/newroot"] {
+        let _ = std::fs::create_dir_all(d);
+    }
+    for (src, target, fs) in [
+        ("devtmpfs", "/dev", "devtmpfs"),
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+    ] {
+        if let Err(e) = mount(src, target, fs, libc::MS_NOSUID) {
+            say(&e);
+        }
+    }
+    let cmdline = parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    let list = std::fs::read_to_string(Path::new("/").join(MODULE_LIST)).unwrap_or_default();
+    for name in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if let Err(e) = load_module(&Path::new("/").join(MODULE_DIR).join(format!("{name}.ko"))) {
+            say(&format!("cannot load module {name}: {e}"));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(cmdline.root_wait);
+    while !Path::new(&cmdline.root).exists() {
+        if Instant::now() > deadline {
+            fail(&format!(
+                "root device {} did not appear within {} s; is its driver in the initrd and the disk attached?",
+                cmdline.root, cmdline.root_wait
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let flags = if cmdline.read_only {
+        libc::MS_RDONLY
+    } else {
+        0
+    };
+    if let Err(e) = mount(&cmdline.root, "/newroot", &cmdline.fstype, flags) {
+        fail(&format!("cannot mount the root filesystem: {e}"));
+    }
+    if std::fs::symlink_metadata(format!("/newroot{}", cmdline.init)).is_err() {
+        fail(&format!(
+            "{} is not on the root filesystem {}",
+            cmdline.init, cmdline.root
+        ));
+    }
+    for d in ["/dev", "/proc", "/sys"] {
+        let target = format!("/newroot{d}");
+        if Path::new(&target).is_dir() {
+            if let Err(e) = mount(d, &target, "", libc::MS_MOVE) {
+                say(&e);
+            }
+        }
+    }
+    let (dot, slash) = (cstr("."), cstr("/"));
+    if std::env::set_current_dir("/newroot").is_err() {
+        fail("cannot enter /newroot");
+    }
+    if let Err(e) = mount(".", "/", "", libc::MS_MOVE) {
+        fail(&format!("cannot switch root: {e}"));
+    }
+    // SAFETY: both paths are NUL-terminated strings that outlive the calls.
+    let r = unsafe { libc::chroot(dot.as_ptr()) | libc::chdir(slash.as_ptr()) };
+    if r != 0 {
+        fail(&format!(
+            "cannot switch root: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let init = cstr(&cmdline.init);
+    let argv = [init.as_ptr(), std::ptr::null()];
+    // SAFETY: argv is a NULL-terminated array of NUL-terminated strings; execv only returns
+    // on failure.
+    unsafe { libc::execv(init.as_ptr(), argv.as_ptr()) };
+    fail(&format!(
+        "cannot run {}: {}",
+        cmdline.init,
+        std::io::Error::last_os_error()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_defaults_and_overrides() {
+        let c = parse_cmdline("console=ttyS0 quiet");
+        assert_eq!(
+            (
+                c.root.as_str(),
+                c.fstype.as_str(),
+                c.read_only,
+                c.init.as_str()
+            ),
+            ("/dev/vda", "ext4", true, "/sbin/init")
+        );
+        let c = parse_cmdline("root=/dev/vdb rootfstype=ext4 rw init=/bin/sh banger.rootwait=3");
+        assert_eq!(
+            (c.root.as_str(), c.read_only, c.init.as_str(), c.root_wait),
+            ("/dev/vdb", false, "/bin/sh", 3)
+        );
+    }
+}

@@ -1,0 +1,340 @@
+//! banger's initrd for a modular kernel: the modules needed to reach an ext4 root on
+//! virtio-mmio block, virtio-net and virtio vsock, resolved from the kernel's own
+//! `modules.dep`, `modules.softdep` and `modules.alias` (dependencies first), packed with the
+//! static `banger-init` as `/init` into a newc cpio archive.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use crate::guestinit::{MODULE_DIR, MODULE_LIST};
+use crate::{host, Error, Result};
+
+/// What the guest needs from the initrd, by module name.
+pub const WANTED: &[&str] = &[
+    "virtio_mmio",
+    "virtio_blk",
+    "ext4",
+    "virtio_net",
+    "vsock",
+    "vmw_vsock_virtio_transport",
+    "virtio_console",
+    "virtio_rng",
+];
+
+/// A module's canonical name: file stem without `.ko*`, `-` as `_`.
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let stem = file.split(".ko").next().unwrap_or(file);
+    stem.replace('-', "_")
+}
+
+/// The kernel's module index.
+#[derive(Debug, Default)]
+pub struct ModuleIndex {
+    /// name → (path relative to the modules dir, dependency names in modules.dep order)
+    deps: HashMap<String, (String, Vec<String>)>,
+    /// name → soft pre-dependencies (names or aliases)
+    softdeps: HashMap<String, Vec<String>>,
+    /// alias → module names
+    aliases: HashMap<String, Vec<String>>,
+    builtin: HashSet<String>,
+}
+
+impl ModuleIndex {
+    /// Parses the index files' texts.
+    pub fn parse(dep: &str, softdep: &str, alias: &str, builtin: &str) -> Self {
+        let mut idx = ModuleIndex::default();
+        for line in dep.lines() {
+            let Some((m, ds)) = line.split_once(':') else {
+                continue;
+            };
+            let deps = ds.split_whitespace().map(module_name).collect();
+            idx.deps.insert(module_name(m), (m.trim().to_owned(), deps));
+        }
+        for line in softdep.lines() {
+            let mut w = line.split_whitespace();
+            if w.next() != Some("softdep") {
+                continue;
+            }
+            let Some(m) = w.next() else { continue };
+            let mut pre = Vec::new();
+            let mut in_pre = false;
+            for t in w {
+                match t {
+                    "pre:" => in_pre = true,
+                    "post:" => in_pre = false,
+                    t if in_pre => pre.push(t.replace('-', "_")),
+                    _ => {}
+                }
+            }
+            idx.softdeps.insert(m.replace('-', "_"), pre);
+        }
+        for line in alias.lines() {
+            let mut w = line.split_whitespace();
+            if let (Some("alias"), Some(a), Some(m)) = (w.next(), w.next(), w.next()) {
+                idx.aliases
+                    .entry(a.replace('-', "_"))
+                    .or_default()
+                    .push(m.replace('-', "_"));
+            }
+        }
+        idx.builtin = builtin.lines().map(module_name).collect();
+        idx
+    }
+
+    /// Loads the index of `modules_dir`, running `depmod` first when it has none.
+    pub fn load(modules_dir: &Path, version: &str) -> Result<Self> {
+        if !modules_dir.join("modules.dep").exists() {
+            depmod(modules_dir, version)?;
+        }
+        let read = |f: &str| std::fs::read_to_string(modules_dir.join(f)).unwrap_or_default();
+        let dep = std::fs::read_to_string(modules_dir.join("modules.dep"))
+            .map_err(|e| Error::failed("Cannot read modules.dep", e))?;
+        Ok(Self::parse(
+            &dep,
+            &read("modules.softdep"),
+            &read("modules.alias"),
+            &read("modules.builtin"),
+        ))
+    }
+
+    /// The modules to load for `wanted`, dependencies first, as (name, relative path).
+    pub fn resolve(&self, wanted: &[&str]) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for w in wanted {
+            let w = w.replace('-', "_");
+            if self.builtin.contains(&w) {
+                continue;
+            }
+            if !self.deps.contains_key(&w) {
+                return Err(Error::InvalidArgument(format!(
+                    "The kernel has no module {w} and does not build it in; banger needs it to boot guests"
+                )));
+            }
+            self.visit(&w, &mut seen, &mut out, false);
+        }
+        Ok(out)
+    }
+
+    fn visit(
+        &self,
+        name: &str,
+        seen: &mut HashSet<String>,
+        out: &mut Vec<(String, String)>,
+        soft: bool,
+    ) {
+        if !seen.insert(name.to_owned()) || self.builtin.contains(name) {
+            return;
+        }
+        let Some((path, deps)) = self.deps.get(name) else {
+            // A soft dependency may name an alias (crc32c → crc32c_generic, crc32c_intel).
+            if soft {
+                for m in self.aliases.get(name).cloned().unwrap_or_default() {
+                    self.visit(&m, seen, out, true);
+                }
+            }
+            return;
+        };
+        for pre in self.softdeps.get(name).cloned().unwrap_or_default() {
+            self.visit(&pre, seen, out, true);
+        }
+        // modprobe loads the last dependency first.
+        for d in deps.iter().rev() {
+            self.visit(d, seen, out, false);
+        }
+        out.push((name.to_owned(), path.clone()));
+    }
+}
+
+/// Runs `depmod` for a modules directory laid out as `lib/modules/<version>` would be.
+fn depmod(modules_dir: &Path, version: &str) -> Result<()> {
+    let tmp =
+        tempfile::tempdir().map_err(|e| Error::failed("Cannot create a temporary directory", e))?;
+    let lib = tmp.path().join("lib/modules");
+    std::fs::create_dir_all(&lib).map_err(|e| Error::failed("Cannot prepare depmod", e))?;
+    std::os::unix::fs::symlink(modules_dir, lib.join(version))
+        .map_err(|e| Error::failed("Cannot prepare depmod", e))?;
+    host::run(
+        "depmod",
+        ["-b".as_ref(), tmp.path().as_os_str(), version.as_ref()],
+    )
+}
+
+/// A newc cpio archive being written.
+#[derive(Default)]
+pub struct Cpio {
+    out: Vec<u8>,
+    ino: u32,
+}
+
+fn pad4(v: &mut Vec<u8>) {
+    while !v.len().is_multiple_of(4) {
+        v.push(0);
+    }
+}
+
+impl Cpio {
+    /// Appends an entry; `mode` includes the file type bits.
+    pub fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        self.ino += 1;
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() as u32 + 1,
+            0,
+        ];
+        self.out.extend_from_slice(b"070701");
+        for f in fields {
+            self.out.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.push(0);
+        pad4(&mut self.out);
+        self.out.extend_from_slice(data);
+        pad4(&mut self.out);
+    }
+
+    /// Ends the archive.
+    pub fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[]);
+        self.out
+    }
+}
+
+/// Whether an ELF executable is static (has no PT_INTERP program header).
+pub fn is_static_elf(b: &[u8]) -> bool {
+    let rd16 = |o: usize| {
+        b.get(o..o + 2)
+            .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
+    };
+    let rd64 = |o: usize| {
+        b.get(o..o + 8)
+            .map(|s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])) as usize)
+    };
+    if !b.starts_with(b"\x7fELF") || b.get(4) != Some(&2) {
+        return false;
+    }
+    let (Some(phoff), Some(phent), Some(phnum)) = (rd64(0x20), rd16(0x36), rd16(0x38)) else {
+        return false;
+    };
+    (0..phnum)
+        .all(|i| b.get(phoff + i * phent..phoff + i * phent + 4) != Some(&3u32.to_le_bytes()[..]))
+}
+
+/// Builds the initrd for `modules_dir` with `init` (the static banger-init) as `/init`.
+pub fn build(modules_dir: &Path, version: &str, init: &Path) -> Result<Vec<u8>> {
+    let init_bin = std::fs::read(init)
+        .map_err(|e| Error::failed(format!("Cannot read banger-init at {}", init.display()), e))?;
+    if !is_static_elf(&init_bin) {
+        return Err(Error::failed(
+            format!(
+                "{} is not a static executable and cannot run in an initrd",
+                init.display()
+            ),
+            std::io::Error::other(
+                "build banger-init with RUSTFLAGS='-C target-feature=+crt-static'",
+            ),
+        ));
+    }
+    let idx = ModuleIndex::load(modules_dir, version)?;
+    let modules = idx.resolve(WANTED)?;
+    let mut cpio = Cpio::default();
+    for d in ["dev", "proc", "sys", "newroot", "etc", MODULE_DIR] {
+        cpio.entry(d, 0o040755, (0, 0), &[]);
+    }
+    cpio.entry("dev/console", 0o020600, (5, 1), &[]);
+    cpio.entry("init", 0o100755, (0, 0), &init_bin);
+    let mut list = String::new();
+    for (name, rel) in &modules {
+        let data = std::fs::read(modules_dir.join(rel))
+            .map_err(|e| Error::failed(format!("Cannot read module {rel}"), e))?;
+        if rel.ends_with(".ko.xz") || rel.ends_with(".ko.zst") || rel.ends_with(".ko.gz") {
+            return Err(Error::InvalidArgument(format!(
+                "Module {rel} is compressed; banger's initrd needs uncompressed modules"
+            )));
+        }
+        cpio.entry(&format!("{MODULE_DIR}/{name}.ko"), 0o100644, (0, 0), &data);
+        list.push_str(name);
+        list.push('\n');
+    }
+    cpio.entry(MODULE_LIST, 0o100644, (0, 0), list.as_bytes());
+    Ok(cpio.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEP: &str = "\
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/virtio/virtio.ko:
+kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko
+kernel/lib/crc16.ko:
+kernel/fs/mbcache.ko:
+kernel/fs/jbd2/jbd2.ko:
+kernel/crypto/crc32c_generic.ko:
+kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+";
+
+    #[test]
+    fn dependencies_come_first_with_softdeps_through_aliases() {
+        let idx = ModuleIndex::parse(
+            DEP,
+            "softdep ext4 pre: crc32c\n",
+            "alias crc32c crc32c_generic\n",
+            "kernel/net/vsock.ko\n",
+        );
+        let order: Vec<String> = idx
+            .resolve(&["virtio_blk", "ext4", "vsock", "virtio-rng"])
+            .unwrap()
+            .into_iter()
+            .map(|m| m.0)
+            .collect();
+        let pos = |n: &str| {
+            order
+                .iter()
+                .position(|m| m == n)
+                .unwrap_or_else(|| panic!("{n} in {order:?}"))
+        };
+        assert!(
+            pos("virtio") < pos("virtio_ring") && pos("virtio_ring") < pos("virtio_blk"),
+            "{order:?}"
+        );
+        assert!(pos("crc32c_generic") < pos("ext4") && pos("jbd2") < pos("ext4"));
+        assert!(!order.contains(&"vsock".to_string()), "built in");
+        assert_eq!(order.iter().filter(|m| *m == "virtio").count(), 1);
+        assert!(order.contains(&"virtio_rng".to_string()));
+        let e = idx.resolve(&["virtio_net"]).unwrap_err();
+        assert!(e.to_string().contains("no module virtio_net"), "{e}");
+    }
+
+    #[test]
+    fn cpio_entries_are_newc_and_aligned() {
+        let mut c = Cpio::default();
+        c.entry("init", 0o100755, (0, 0), b"abc");
+        let out = c.finish();
+        assert!(out.starts_with(b"070701"));
+        assert_eq!(out.len() % 4, 0);
+        assert!(out.windows(10).any(|w| w == b"TRAILER!!!"));
+    }
+
+    #[test]
+    fn only_static_elves_pass() {
+        assert!(!is_static_elf(b"#!/bin/sh"));
+        let me = std::fs::read("/proc/self/exe").unwrap();
+        // Test binaries are dynamically linked.
+        assert!(!is_static_elf(&me));
+    }
+}
