@@ -122,6 +122,7 @@ impl Banger {
                 store.clone(),
                 layout.clone(),
                 events.clone(),
+                jobs.clone(),
                 config.clone(),
             ),
             vms: Vms::new(

@@ -31,9 +31,12 @@ fn debian_kernel() -> Option<(PathBuf, PathBuf, String)> {
             return None;
         }
     };
-    let root = deb.with_extension("unpacked");
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(deb.with_extension("unpacked").file_name().unwrap());
+    static UNPACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = UNPACK.lock().unwrap_or_else(|p| p.into_inner());
     if !root.exists() {
-        let tmp = deb.with_extension("unpacking");
+        let tmp = root.with_extension(format!("unpacking-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         let ok = Command::new("dpkg-deb")
             .arg("-x")
@@ -183,6 +186,11 @@ async fn import_takes_the_callers_kernel_and_modules_and_delete_respects_users()
     assert!(kernels.list_kernels().await.unwrap().is_empty());
 }
 
+fn deb_in_apt_cache() -> bool {
+    std::env::var("BANGER_TEST_KERNEL_DEB")
+        .is_ok_and(|d| d.starts_with("/var/cache/apt/archives/") && Path::new(&d).is_file())
+}
+
 /// A tiny root filesystem whose init prints `marker` and powers off.
 fn marker_rootfs(dir: &Path, marker: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
@@ -205,7 +213,7 @@ fn marker_rootfs(dir: &Path, marker: &str) -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_imported_debian_kernel_boots_with_the_banger_initrd() {
+async fn a_pulled_debian_kernel_boots_with_the_banger_initrd() {
     if !available(&[
         "dbus-daemon",
         "unshare",
@@ -218,9 +226,9 @@ async fn an_imported_debian_kernel_boots_with_the_banger_initrd() {
     ]) {
         return;
     }
-    let Some((vmlinuz, modules, _)) = debian_kernel() else {
+    if debian_kernel().is_none() {
         return;
-    };
+    }
     if std::env::var("BANGER_GUEST_BIN_DIR").is_err() {
         assert!(
             std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
@@ -231,17 +239,36 @@ async fn an_imported_debian_kernel_boots_with_the_banger_initrd() {
         );
         return;
     }
+    // The catalog pull finds the package in apt's cache (tests/run put it there) and checks
+    // it against apt's index: no download.
+    assert!(
+        deb_in_apt_cache(),
+        "tests/run fetches the kernel package into apt's cache first"
+    );
     let bus = TestBus::start(BusOptions::default());
+    let out = bus.banger_as(Some(USER_OK), &["kernel", "pull", "debian"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("Pulled kernel debian"),
+        "{}",
+        text(&out)
+    );
     let conn = bus.connect().await;
     let kernels = Kernels1Proxy::new(&conn).await.unwrap();
-    let mut opts = std::collections::HashMap::new();
-    for (k, v) in [("kernel_path", &vmlinuz), ("modules_dir", &modules)] {
-        opts.insert(
-            k.to_string(),
-            zbus::OwnedVariant::try_from(zbus::Variant::from(v.to_str().unwrap())).unwrap(),
-        );
-    }
-    kernels.import_kernel("debian", opts).await.unwrap();
+    let listed = kernels.list_kernels().await.unwrap();
+    assert!(
+        listed[0].2.starts_with("catalog:debian (linux-image-"),
+        "{listed:?}"
+    );
+    // Pulling it again is refused; an unknown catalog name says where to look.
+    let out = bus.banger_as(Some(USER_OK), &["kernel", "pull", "debian"]);
+    assert!(text(&out).contains("installed already"), "{}", text(&out));
+    let out = bus.banger_as(Some(USER_OK), &["kernel", "pull", "nosuch"]);
+    assert!(
+        text(&out).contains("kernel list --available"),
+        "{}",
+        text(&out)
+    );
     let dir = bus.state_dir().join("kernels/debian");
     let initrd = dir.join("initrd.img");
     let size = std::fs::metadata(&initrd).unwrap().len();

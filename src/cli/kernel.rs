@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{explain, vm::opts, vm::print_job, Output};
+use super::{explain, vm::opts, Output};
 use crate::dbus::proxy::Kernels1Proxy;
 
 /// Kernel verbs.
@@ -75,8 +75,12 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: KernelCommand) -> a
             );
         }
         KernelCommand::Pull { name } => {
+            let watch = super::watch::subscribe(conn).await?;
             let (id, path) = p.pull_kernel(&name, opts(None)).await.map_err(explain)?;
-            print_job(out, id, &path);
+            watch.follow(out, id, &path).await?;
+            if !out.json {
+                println!("Pulled kernel {name}");
+            }
         }
         KernelCommand::Import {
             name,

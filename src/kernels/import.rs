@@ -58,6 +58,17 @@ fn copy_modules(uid: u32, dir: &Path, dest: &Path) -> Result<()> {
 impl Kernels {
     /// Imports kernel files for caller `uid` under `name`.
     pub async fn import(&self, uid: u32, name: &str, opts: ImportOptions) -> Result<Kernel> {
+        self.import_from(uid, name, opts, None).await
+    }
+
+    /// Imports with a recorded source (`None`: the kernel file's path).
+    pub(super) async fn import_from(
+        &self,
+        uid: u32,
+        name: &str,
+        opts: ImportOptions,
+        source: Option<String>,
+    ) -> Result<Kernel> {
         validate_name(NameKind::Kernel, name)?;
         opts.validate()?;
         let n = name.to_owned();
@@ -124,7 +135,7 @@ impl Kernels {
                 version: version
                     .or(modules_version)
                     .unwrap_or_else(|| "unknown".into()),
-                source: format!("file:{}", kpath.display()),
+                source: source.unwrap_or_else(|| format!("file:{}", kpath.display())),
                 kernel_path: final_dir.join("vmlinux"),
                 initrd_path: initrd,
                 modules_dir: modules,

@@ -4,12 +4,12 @@
 
 mod import;
 pub mod initrd;
+mod pull;
 pub mod vmlinux;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::jobs::Job;
 use crate::layout::Layout;
 use crate::model::Kernel;
 use crate::service::{Events, ObjectEvent};
@@ -68,6 +68,7 @@ pub struct Kernels {
     layout: Layout,
     events: Events,
     config: Arc<crate::config::Config>,
+    jobs: crate::jobs::Jobs,
     /// Held over publication and deletion only.
     lock: Arc<tokio::sync::Mutex<()>>,
 }
@@ -78,12 +79,14 @@ impl Kernels {
         store: Store,
         layout: Layout,
         events: Events,
+        jobs: crate::jobs::Jobs,
         config: crate::config::Config,
     ) -> Self {
         Kernels {
             store,
             layout,
             events,
+            jobs,
             config: Arc::new(config),
             lock: Arc::new(tokio::sync::Mutex::new(())),
         }
@@ -92,15 +95,6 @@ impl Kernels {
     /// Every installed kernel.
     pub async fn list(&self) -> Result<Vec<Kernel>> {
         self.store.call(|c| rows::list_kernels(c)).await
-    }
-
-    /// The embedded catalog.
-    pub fn available(&self) -> Vec<CatalogKernel> {
-        vec![CatalogKernel {
-            name: "debian".into(),
-            version: "stable".into(),
-            description: "Debian stable's linux-image-amd64, through the host's apt".into(),
-        }]
     }
 
     /// The installed kernel `name`.
@@ -115,11 +109,6 @@ impl Kernels {
                  `banger kernel list --available` the catalog"
                 ))
             })
-    }
-
-    /// Pulls a catalog kernel, as a job.
-    pub async fn pull(&self, _uid: u32, _name: &str) -> Result<Arc<Job>> {
-        Err(Error::NotImplemented("PullKernel"))
     }
 
     /// Deletes a kernel no image or VM uses; the files go after the row, outside the lock.

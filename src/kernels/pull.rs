@@ -1,0 +1,221 @@
+//! `PullKernel`: catalog kernels. The `debian` entry is Debian's stable kernel, resolved
+//! through the host's own apt configuration: the package comes from apt's archive cache when
+//! it is there, else from `apt-get download` (apt verifies it), and its SHA256 is checked
+//! against apt's index either way before anything is unpacked or published.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::{CatalogKernel, ImportOptions, Kernels};
+use crate::auth::Action;
+use crate::jobs::{Job, JobSpec};
+use crate::model::{new_id, validate_name, NameKind};
+use crate::store::rows;
+use crate::{host, Error, Result};
+
+/// The Debian entry: the meta package whose dependency names the kernel.
+const DEBIAN_META: &str = "linux-image-amd64";
+/// apt's archive cache.
+const APT_ARCHIVES: &str = "/var/cache/apt/archives";
+
+/// A resolved Debian kernel package.
+#[derive(Debug, Clone)]
+pub struct DebPackage {
+    /// e.g. linux-image-6.1.0-56-amd64
+    pub name: String,
+    /// e.g. 6.1.192-2
+    pub version: String,
+    /// From apt's index.
+    pub sha256: String,
+}
+
+fn apt_cache(args: &[&str]) -> Result<String> {
+    let out = Command::new("apt-cache")
+        .args(args)
+        .output()
+        .map_err(|e| Error::failed("Cannot run apt-cache; is apt installed?", e))?;
+    if !out.status.success() {
+        return Err(Error::failed(
+            format!("apt-cache {} failed", args.join(" ")),
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Resolves the Debian stable kernel package through apt's local index (no network).
+pub fn resolve_debian() -> Result<DebPackage> {
+    let deps = apt_cache(&["depends", DEBIAN_META])?;
+    let name = deps
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| {
+            p.starts_with("linux-image-") && p.chars().nth(12).is_some_and(|c| c.is_ascii_digit())
+        })
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "apt knows no {DEBIAN_META}; run apt-get update or add Debian's sources"
+            ))
+        })?
+        .to_owned();
+    let policy = apt_cache(&["policy", &name])?;
+    let version = policy
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Candidate: "))
+        .filter(|v| *v != "(none)")
+        .ok_or_else(|| Error::NotFound(format!("apt has no candidate version of {name}")))?
+        .to_owned();
+    let show = apt_cache(&["show", &format!("{name}={version}")])?;
+    let sha256 = show
+        .split("\n\n")
+        .next()
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("SHA256: "))
+        .ok_or_else(|| Error::NotFound(format!("apt's index has no SHA256 for {name} {version}")))?
+        .to_owned();
+    Ok(DebPackage {
+        name,
+        version,
+        sha256,
+    })
+}
+
+fn sha256_file(p: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(p)
+        .map_err(|e| Error::failed(format!("Cannot read {}", p.display()), e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)
+        .map_err(|e| Error::failed(format!("Cannot read {}", p.display()), e))?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The package's `.deb`: apt's cached copy, else a fresh `apt-get download` into `dir`;
+/// checked against the index's SHA256.
+pub fn fetch_deb(pkg: &DebPackage, dir: &Path) -> Result<PathBuf> {
+    let file = format!("{}_{}_amd64.deb", pkg.name, pkg.version.replace(':', "%3a"));
+    let cached = Path::new(APT_ARCHIVES).join(&file);
+    let deb = if cached.is_file() {
+        cached
+    } else {
+        let out = Command::new("apt-get")
+            .args(["download", "-q", &format!("{}={}", pkg.name, pkg.version)])
+            .current_dir(dir)
+            .output()
+            .map_err(|e| Error::failed("Cannot run apt-get", e))?;
+        if !out.status.success() {
+            return Err(Error::failed(
+                format!("apt-get download {} failed", pkg.name),
+                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+            ));
+        }
+        dir.join(&file)
+    };
+    let actual = sha256_file(&deb)?;
+    if actual != pkg.sha256 {
+        return Err(Error::InvalidArgument(format!(
+            "{} does not match apt's index (sha256 {actual}, expected {}); remove it and pull again",
+            deb.display(),
+            pkg.sha256
+        )));
+    }
+    Ok(deb)
+}
+
+impl Kernels {
+    /// The embedded catalog, with versions resolved through apt where it can.
+    pub fn available(&self) -> Vec<CatalogKernel> {
+        let version = resolve_debian().map(|p| {
+            format!(
+                "{} ({})",
+                p.name.trim_start_matches("linux-image-"),
+                p.version
+            )
+        });
+        vec![CatalogKernel {
+            name: "debian".into(),
+            version: version.unwrap_or_else(|_| "stable".into()),
+            description: "Debian stable's linux-image-amd64, through the host's apt".into(),
+        }]
+    }
+
+    /// Pulls catalog kernel `name` as a job.
+    pub async fn pull(&self, uid: u32, name: &str) -> Result<Arc<Job>> {
+        validate_name(NameKind::Kernel, name)?;
+        if name != "debian" {
+            return Err(Error::NotFound(format!(
+                "No kernel {name:?} in the catalog; `banger kernel list --available` shows it"
+            )));
+        }
+        let n = name.to_owned();
+        if self
+            .store
+            .call(move |c| Ok(rows::find_kernel(c, &n)?.is_some()))
+            .await?
+        {
+            return Err(Error::AlreadyExists(format!(
+                "Kernel {name:?} is installed already; delete it first to pull it again"
+            )));
+        }
+        let spec = JobSpec {
+            kind: "pull-kernel".into(),
+            target: name.into(),
+            action: Action::KernelsManage,
+            owner_uid: uid,
+        };
+        let (this, name) = (self.clone(), name.to_owned());
+        Ok(self.jobs.spawn(spec, move |ctx| async move {
+            ctx.stage("resolve", format!("Resolving {DEBIAN_META} through apt"));
+            let pkg = tokio::task::spawn_blocking(resolve_debian)
+                .await
+                .map_err(|e| Error::failed("apt task failed", e))??;
+            ctx.log(6, format!("{} {}", pkg.name, pkg.version));
+            let work = this.layout.kernels_dir().join(format!(
+                "{}{}",
+                crate::layout::STAGING_PREFIX,
+                new_id()
+            ));
+            let _cleanup = Cleanup(work.clone());
+            ctx.stage("download", format!("Fetching {} {}", pkg.name, pkg.version));
+            ctx.progress(0.1);
+            let (p, w) = (pkg.clone(), work.clone());
+            let root = tokio::task::spawn_blocking(move || -> Result<PathBuf> {
+                std::fs::create_dir_all(&w)
+                    .map_err(|e| Error::failed("Cannot create a staging directory", e))?;
+                let deb = fetch_deb(&p, &w)?;
+                let root = w.join("pkg");
+                host::run(
+                    "dpkg-deb",
+                    ["-x".as_ref(), deb.as_os_str(), root.as_os_str()],
+                )?;
+                Ok(root)
+            })
+            .await
+            .map_err(|e| Error::failed("Kernel download task failed", e))??;
+            ctx.stage("import", "Building the initrd and installing the kernel");
+            ctx.progress(0.6);
+            let release = pkg.name.trim_start_matches("linux-image-").to_owned();
+            let opts = ImportOptions {
+                kernel_path: Some(root.join(format!("boot/vmlinuz-{release}"))),
+                initrd_path: None,
+                modules_dir: Some(root.join(format!("lib/modules/{release}"))),
+            };
+            let source = format!("catalog:debian ({} {})", pkg.name, pkg.version);
+            this.import_from(0, &name, opts, Some(source))
+                .await
+                .map(|_| ())
+        }))
+    }
+}
+
+/// Removes a directory when dropped.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = crate::layout::remove_any(&self.0);
+    }
+}
