@@ -13,13 +13,18 @@ cd "$(dirname "$0")/.."
 echo "==> Installing Debian packages"
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    dbus polkitd libglib2.0-bin e2fsprogs kmod iproute2 nftables qemu-system-x86 >/dev/null
+    dbus polkitd libglib2.0-bin e2fsprogs kmod iproute2 nftables qemu-system-x86 \
+    debootstrap xz-utils >/dev/null
 
-echo "==> Building banger (release)"
+echo "==> Building banger (release) and its static guest binaries"
 cargo build --release --quiet
+RUSTFLAGS='-C target-feature=+crt-static -C strip=symbols' \
+    cargo build --release --quiet --target x86_64-unknown-linux-gnu --bin banger-init --bin banger-agent
 
 echo "==> Installing binaries and service files"
-install -m 0755 target/release/bangerd target/release/banger target/release/banger-agent /usr/bin/
+install -m 0755 target/release/bangerd target/release/banger /usr/bin/
+install -D -m 0755 target/x86_64-unknown-linux-gnu/release/banger-init /usr/lib/banger/banger-init
+install -D -m 0755 target/x86_64-unknown-linux-gnu/release/banger-agent /usr/lib/banger/banger-agent
 install -D -m 0644 dbus/org.banger.conf /usr/share/dbus-1/system.d/org.banger.conf
 install -D -m 0644 polkit/org.banger.policy /usr/share/polkit-1/actions/org.banger.policy
 install -D -m 0644 polkit/50-banger.rules /etc/polkit-1/rules.d/50-banger.rules
@@ -76,10 +81,14 @@ banger doctor || true
 echo "==> banger status (the first call starts bangerd through bus activation)"
 banger status
 banger kernel list --available
+echo "==> The default kernel and image"
+banger kernel show debian >/dev/null 2>&1 || banger kernel pull debian
+banger image list | grep -q '^debian-bookworm ' || banger image build debian-bookworm
+banger image list
 # The main job, a VM from the default image and kernel, needs the VM lifecycle work that is
-# still open; until it lands this stops at a running, authorising, activatable service.
+# still open; until it lands this stops after preparing the kernel and the image.
 if banger vm run --help >/dev/null 2>&1; then
     banger vm run --rm -- uname -a
 else
-    echo "==> 'banger vm run' is not implemented yet in this version: the service is up and answering"
+    echo "==> 'banger vm run' is not implemented yet in this version: kernel and image are ready"
 fi

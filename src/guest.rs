@@ -63,6 +63,21 @@ ip addr add "$ip_addr" dev eth0
 exit 0
 "#;
 
+const SSH_KEYGEN_UNIT: &str = "\
+[Unit]
+Description=banger: fresh SSH host keys for this VM
+Before=ssh.service
+ConditionPathExists=/usr/bin/ssh-keygen
+ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+WantedBy=multi-user.target
+";
+
 const MODULES: &str =
     "# banger: the guest agent talks over vsock\nvsock\nvmw_vsock_virtio_transport\nvirtio_net\n";
 
@@ -140,7 +155,14 @@ pub fn inject(tree: &Path, agent: &Path) -> Result<()> {
         0o644,
     )?;
     enable(&root, "banger-agent.service")?;
+    write_file(
+        &root,
+        "etc/systemd/system/banger-ssh-keygen.service",
+        SSH_KEYGEN_UNIT.as_bytes(),
+        0o644,
+    )?;
     enable(&root, "banger-network.service")?;
+    enable(&root, "banger-ssh-keygen.service")?;
     Ok(())
 }
 

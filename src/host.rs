@@ -73,23 +73,8 @@ pub fn user_can_read(uid: u32, path: &std::path::Path) -> Result<bool> {
     if uid == 0 {
         return Ok(true);
     }
-    let (_, gid) = user_of(uid).ok_or_else(|| {
-        Error::InvalidArgument(format!("uid {uid} has no entry in the password database"))
-    })?;
-    let setpriv = find_program("setpriv").ok_or_else(|| {
-        Error::failed(
-            "setpriv is not installed",
-            std::io::Error::from(std::io::ErrorKind::NotFound),
-        )
-    })?;
-    let status = Command::new(setpriv)
-        .args([
-            format!("--reuid={uid}"),
-            format!("--regid={gid}"),
-            "--init-groups".into(),
-            "--".into(),
-        ])
-        .args(["test", "-r"])
+    let status = as_user(uid, "test")?
+        .arg("-r")
         .arg(path)
         .status()
         .map_err(|e| Error::failed("Cannot run the permission probe", e))?;

@@ -142,6 +142,41 @@ fn mem_available() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// A staging directory, removed when dropped unless its work was kept (published). A daemon
+/// killed mid-operation leaves it behind for the start-up sweep.
+pub struct StagingDir {
+    path: Option<PathBuf>,
+}
+
+impl StagingDir {
+    /// Creates `path`.
+    pub fn create(path: PathBuf) -> Result<Self> {
+        std::fs::create_dir(&path)
+            .map_err(|e| Error::failed(format!("Cannot create {}", path.display()), e))?;
+        Ok(StagingDir { path: Some(path) })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        self.path
+            .as_deref()
+            .expect("a staging path is set until kept")
+    }
+
+    /// Keeps what is there: the caller moved or published it.
+    pub fn keep(&mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take() {
+            let _ = remove_any(&p);
+        }
+    }
+}
+
 /// Removes a file or a whole tree without following symlinks.
 pub fn remove_any(path: &Path) -> Result<()> {
     let meta = match std::fs::symlink_metadata(path) {

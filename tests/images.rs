@@ -714,3 +714,70 @@ async fn register_and_promote_only_take_files_the_caller_can_read() {
     // The user's own file is untouched.
     assert!(rootfs.exists());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn build_image_debootstraps_the_default_image() {
+    if !available(&[
+        "dbus-daemon",
+        "unshare",
+        "debootstrap",
+        "debugfs",
+        "mkfs.ext4",
+    ]) {
+        return;
+    }
+    // debootstrap fetches from the host's Debian mirror (a package registry), as the
+    // default image's build does for users.
+    let bus = TestBus::start(BusOptions {
+        runtime_on_tmpfs: true,
+        ..Default::default()
+    });
+    let out = bus.banger_as(Some(USER_OK), &["image", "build", "debian-bookworm"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let dir = image_dir(&bus, "debian-bookworm");
+    let rootfs = dir.join("rootfs.ext4");
+    for f in [
+        "/usr/sbin/sshd",
+        "/lib/systemd/systemd",
+        "/usr/sbin/ip",
+        "/usr/local/bin/banger-agent",
+    ] {
+        assert!(
+            debugfs(&rootfs, &format!("stat {f}")).contains("Inode:"),
+            "{f} missing"
+        );
+    }
+    let wants = debugfs(&rootfs, "ls /etc/systemd/system/multi-user.target.wants");
+    for unit in [
+        "banger-agent.service",
+        "banger-network.service",
+        "banger-ssh-keygen.service",
+    ] {
+        assert!(wants.contains(unit), "{unit} not enabled: {wants}");
+    }
+    // No two VMs may share host keys: the image carries none.
+    assert!(
+        !debugfs(&rootfs, "ls /etc/ssh").contains("ssh_host_"),
+        "host keys left in the image"
+    );
+    // The build log is kept.
+    let logs: Vec<_> = std::fs::read_dir(bus.state_dir().join("logs"))
+        .unwrap()
+        .collect();
+    assert_eq!(logs.len(), 1);
+    let src = bus.busctl_as(
+        None,
+        &[
+            "call",
+            "org.banger",
+            "/org/banger",
+            "org.banger.Images1",
+            "ListImages",
+        ],
+    );
+    assert!(
+        text(&src).contains("debootstrap:bookworm"),
+        "{}",
+        text(&src)
+    );
+}

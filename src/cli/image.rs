@@ -31,6 +31,23 @@ pub enum ImageCommand {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Build a Debian image with debootstrap from this host's apt sources.
+    Build {
+        /// Image name.
+        name: String,
+        /// Debian suite.
+        #[arg(long)]
+        suite: Option<String>,
+        /// Extra packages (repeatable).
+        #[arg(long = "package")]
+        packages: Vec<String>,
+        /// Root filesystem size in bytes.
+        #[arg(long)]
+        size: Option<u64>,
+        /// The kernel the image boots with by default.
+        #[arg(long)]
+        kernel: Option<String>,
+    },
     /// Delete an image no VM uses.
     Delete {
         /// Image name or id.
@@ -86,6 +103,33 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
                 if !out.json {
                     println!("Pulled {reference}");
                 }
+            }
+        }
+        ImageCommand::Build {
+            name,
+            suite,
+            packages,
+            size,
+            kernel,
+        } => {
+            let mut entries: Vec<(&str, zbus::Variant<'static>)> = Vec::new();
+            if let Some(s) = suite {
+                entries.push(("suite", s.into()));
+            }
+            if !packages.is_empty() {
+                entries.push(("packages", packages.into()));
+            }
+            if let Some(s) = size {
+                entries.push(("size", s.into()));
+            }
+            if let Some(k) = kernel {
+                entries.push(("kernel", k.into()));
+            }
+            let watch = super::watch::subscribe(conn).await?;
+            let (id, path) = p.build_image(&name, opts(entries)).await.map_err(explain)?;
+            watch.follow(out, id, &path).await?;
+            if !out.json {
+                println!("Built image {name}");
             }
         }
         ImageCommand::Delete { name } => p.delete_image(&name).await.map_err(explain)?,

@@ -2,6 +2,8 @@
 //! only publication (re-check the name, rename staging → `images/<id>`, insert the row) and
 //! deletion (lookup, reference check, row delete) hold the images lock.
 
+mod build;
+mod finish;
 mod publish;
 mod pull;
 mod register;
@@ -10,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::jobs::{Job, Jobs};
+use crate::jobs::Jobs;
 use crate::layout::Layout;
 use crate::model::{validate_name, Image, NameKind};
 use crate::service::{Events, ObjectEvent};
@@ -143,11 +145,6 @@ impl Images {
             validate_name(NameKind::Kernel, k)?;
         }
         Ok(())
-    }
-
-    /// Builds an image with debootstrap, as a job.
-    pub async fn build(&self, _uid: u32, _name: &str, _opts: BuildOptions) -> Result<Arc<Job>> {
-        Err(Error::NotImplemented("BuildImage"))
     }
 
     /// Deletes an image no VM uses. The lock covers lookup, reference check and row delete;

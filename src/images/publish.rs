@@ -1,47 +1,11 @@
 //! Publication: the one step of a pull that holds the images lock.
 
-use std::path::{Path, PathBuf};
-
 use super::Images;
+pub(super) use crate::layout::StagingDir as Staging;
 use crate::model::Image;
 use crate::service::ObjectEvent;
 use crate::store::rows;
 use crate::{Error, Result};
-
-/// A staging directory that is removed unless its work was published.
-pub(super) struct Staging {
-    path: Option<PathBuf>,
-}
-
-impl Staging {
-    /// Creates `path`.
-    pub fn create(path: PathBuf) -> Result<Self> {
-        std::fs::create_dir(&path)
-            .map_err(|e| Error::failed(format!("Cannot create {}", path.display()), e))?;
-        Ok(Staging { path: Some(path) })
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        self.path
-            .as_deref()
-            .expect("staging path is set until published")
-    }
-
-    fn disarm(&mut self) {
-        self.path = None;
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        // A failed or canceled pull leaves nothing; a daemon killed mid-pull leaves a
-        // `.staging-*` directory that the next start sweeps.
-        if let Some(p) = self.path.take() {
-            let _ = crate::layout::remove_any(&p);
-        }
-    }
-}
 
 impl Images {
     /// Re-checks the name, renames staging to `images/<id>` and inserts the row, under the
@@ -62,7 +26,7 @@ impl Images {
         }
         std::fs::rename(staging.path(), &final_dir)
             .map_err(|e| Error::failed("Cannot move the image into place", e))?;
-        staging.disarm();
+        staging.keep();
         let row = image.clone();
         if let Err(e) = self.store.call(move |c| rows::insert_image(c, &row)).await {
             let _ = crate::layout::remove_any(&final_dir);
@@ -91,7 +55,7 @@ impl Images {
         }
         std::fs::rename(staging.path(), &final_dir)
             .map_err(|e| Error::failed("Cannot move the image into place", e))?;
-        staging.disarm();
+        staging.keep();
         let row = image.clone();
         self.store
             .call(move |c| rows::upsert_image(c, &row).map(|_| ()))

@@ -8,28 +8,17 @@ use std::sync::Arc;
 
 use oci_client::Reference;
 
+use super::finish::{blocking, TreeImage};
 use super::publish::Staging;
 use super::{Images, PullOptions};
 use crate::auth::Action;
 use crate::jobs::{Job, JobContext, JobSpec};
-use crate::model::{new_id, now_us, validate_name, Image, NameKind};
+use crate::model::{new_id, validate_name, Image, NameKind};
 use crate::oci::flatten::{Flattener, Limits};
-use crate::oci::inroot::Root;
 use crate::oci::reference;
 use crate::oci::registry::{layer_compression, Compression, Registry};
 use crate::store::rows;
-use crate::{ext4, guest, Error, Result};
-
-const GIB: u64 = 1 << 30;
-
-async fn blocking<T: Send + 'static>(
-    what: &str,
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::failed(format!("{what} task failed"), e))?
-}
+use crate::{Error, Result};
 
 fn open_layer(path: &Path, c: Compression) -> Result<Box<dyn Read + Send>> {
     let f =
@@ -127,21 +116,7 @@ impl Images {
         ctx.stage("flatten", "Applying layers in manifest order");
         ctx.progress(0.5);
         // gzip layers of OS images expand about 3×; 8× leaves room for more.
-        let in_memory = self.layout.scratch_fits(total.saturating_mul(8));
-        let scratch = if in_memory {
-            Some(Staging::create(
-                self.layout
-                    .scratch_dir()
-                    .join(format!("{}{id}", crate::layout::STAGING_PREFIX)),
-            )?)
-        } else {
-            None
-        };
-        let tree = scratch
-            .as_ref()
-            .map(|s| s.path())
-            .unwrap_or(&dir)
-            .join("tree");
+        let (tree, scratch) = self.tree_dir(&id, &dir, total.saturating_mul(8))?;
         ctx.log(7, format!("Flattening in {}", tree.display()));
         let limits = Limits {
             max_bytes: self.config.max_image_bytes,
@@ -170,69 +145,13 @@ impl Images {
             ),
         );
 
-        ctx.stage("inject", "Installing the banger guest agent");
-        ctx.progress(0.65);
-        let (t, agent) = (tree.clone(), self.config.guest_binary("banger-agent"));
-        blocking("Inject", move || guest::inject(&t, &agent)).await?;
-
-        ctx.stage("build_rootfs", "Building rootfs.ext4");
-        ctx.progress(0.7);
-        let (t, d) = (tree.clone(), dir.clone());
-        let requested = opts.size;
-        let size = blocking("mkfs", move || {
-            let u =
-                ext4::usage(&t).map_err(|e| Error::failed("Cannot measure the image tree", e))?;
-            let size = ext4::size_for(u, requested, GIB);
-            ext4::build(&t, &d.join("rootfs.ext4"), size, u, "rootfs")?;
-            Ok(size)
-        })
-        .await?;
-
-        ctx.stage("work_seed", "Building the work seed from /root");
-        ctx.progress(0.85);
-        let (t, d) = (tree.clone(), dir.clone());
-        let seed = blocking("Work seed", move || {
-            build_work_seed(&t, &d.join("work-seed.ext4"))
-        })
-        .await;
-        let work_seed = match seed {
-            Ok(true) => Some(self.layout.images_dir().join(&id).join("work-seed.ext4")),
-            Ok(false) => None,
-            Err(e) => {
-                ctx.log(4, format!("No work seed: {}", e.full_message()));
-                None
-            }
-        };
-        blocking("Cleanup", move || crate::layout::remove_any(&tree)).await?;
-        drop(scratch);
-
-        ctx.stage("publish", format!("Publishing image {name}"));
-        let image = Image {
-            id: id.clone(),
+        let t = TreeImage {
+            id,
             name,
-            managed: true,
             source: r.whole(),
-            rootfs_path: self.layout.images_dir().join(&id).join("rootfs.ext4"),
-            work_seed_path: work_seed,
             kernel: opts.kernel,
-            size_bytes: size,
-            created_at: now_us(),
+            size: opts.size,
         };
-        self.publish(staging, image).await
+        self.finish_tree(&ctx, staging, tree, scratch, t).await
     }
-}
-
-/// Builds the work seed from the tree's `/root` (resolved inside the tree); false when the
-/// image has no `/root`.
-fn build_work_seed(tree: &Path, image: &Path) -> Result<bool> {
-    let root = Root::create(tree).map_err(|e| Error::failed("Cannot open the image tree", e))?;
-    let dir = match root.resolve_dir(Path::new("root"), false) {
-        Ok((d, _)) => d,
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(false),
-        Err(e) => return Err(Error::failed("Cannot open the image's /root", e)),
-    };
-    let u = ext4::usage(&dir).map_err(|e| Error::failed("Cannot measure /root", e))?;
-    let size = ext4::size_for(u, None, 64 << 20);
-    ext4::build(&dir, image, size, u, "work")?;
-    Ok(true)
 }

@@ -5,23 +5,12 @@ use std::io::Read;
 use std::path::Path;
 
 use super::{vmlinux, ImportOptions, Kernels};
-use crate::layout::STAGING_PREFIX;
+use crate::layout::{StagingDir, STAGING_PREFIX};
 use crate::model::{new_id, now_us, validate_name, Kernel, NameKind};
 use crate::oci::flatten::{Flattener, Limits};
 use crate::service::ObjectEvent;
 use crate::store::rows;
 use crate::{host, Error, Result};
-
-/// Removes a staging directory unless disarmed.
-struct Staging(Option<std::path::PathBuf>);
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = crate::layout::remove_any(&p);
-        }
-    }
-}
 
 /// Copies `dir` as `uid` (tar as the user, applied by the hardened flattener) into `dest`.
 fn copy_modules(uid: u32, dir: &Path, dest: &Path) -> Result<()> {
@@ -85,11 +74,10 @@ impl Kernels {
             .layout
             .kernels_dir()
             .join(format!("{STAGING_PREFIX}{}", new_id()));
+        let mut staging = StagingDir::create(staging_dir.clone())?;
         let (name2, dir) = (name.to_owned(), staging_dir.clone());
         let init = self.config.guest_binary("banger-init");
         let kernel = tokio::task::spawn_blocking(move || -> Result<Kernel> {
-            std::fs::create_dir(&dir)
-                .map_err(|e| Error::failed("Cannot create a staging directory", e))?;
             let final_dir = dir.with_file_name(&name2);
             let kpath = opts.kernel_path.as_deref().expect("validated");
             let image = host::read_file_as(uid, kpath, "kernel_path")?;
@@ -142,7 +130,6 @@ impl Kernels {
                 created_at: now_us(),
             })
         });
-        let mut staging = Staging(Some(staging_dir.clone()));
         let kernel = kernel
             .await
             .map_err(|e| Error::failed("Kernel import task failed", e))??;
@@ -161,7 +148,7 @@ impl Kernels {
         let final_dir = self.layout.kernels_dir().join(name);
         std::fs::rename(&staging_dir, &final_dir)
             .map_err(|e| Error::failed("Cannot move the kernel into place", e))?;
-        staging.0 = None;
+        staging.keep();
         let row = kernel.clone();
         if let Err(e) = self.store.call(move |c| rows::insert_kernel(c, &row)).await {
             let _ = crate::layout::remove_any(&final_dir);

@@ -178,13 +178,11 @@ impl Kernels {
                 crate::layout::STAGING_PREFIX,
                 new_id()
             ));
-            let _cleanup = Cleanup(work.clone());
+            let _cleanup = crate::layout::StagingDir::create(work.clone())?;
             ctx.stage("download", format!("Fetching {} {}", pkg.name, pkg.version));
             ctx.progress(0.1);
             let (p, w) = (pkg.clone(), work.clone());
             let root = tokio::task::spawn_blocking(move || -> Result<PathBuf> {
-                std::fs::create_dir_all(&w)
-                    .map_err(|e| Error::failed("Cannot create a staging directory", e))?;
                 let deb = fetch_deb(&p, &w)?;
                 let root = w.join("pkg");
                 host::run(
@@ -208,14 +206,5 @@ impl Kernels {
                 .await
                 .map(|_| ())
         }))
-    }
-}
-
-/// Removes a directory when dropped.
-struct Cleanup(PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = crate::layout::remove_any(&self.0);
     }
 }

@@ -1,0 +1,212 @@
+//! `BuildImage`: a Debian image made with debootstrap from the host's own apt mirror
+//! (minbase + systemd-sysv, openssh-server, iproute2, udev, ca-certificates and the caller's
+//! packages). The build log is kept under `logs/`; SSH host keys are removed so that no two
+//! VMs share them (a guest unit generates fresh ones at first boot).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::finish::{blocking, TreeImage};
+use super::publish::Staging;
+use super::{BuildOptions, Images};
+use crate::auth::Action;
+use crate::jobs::{Job, JobSpec};
+use crate::model::{new_id, validate_name, NameKind};
+use crate::store::rows;
+use crate::{host, Error, Result};
+
+/// What every built image has.
+const BASE_PACKAGES: &[&str] = &[
+    "systemd-sysv",
+    "openssh-server",
+    "iproute2",
+    "udev",
+    "ca-certificates",
+];
+
+fn word_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
+        && !s.starts_with('-')
+}
+
+/// The Debian mirror in the host's apt sources (deb822 `.sources` or one-line lists).
+pub fn host_mirror() -> Result<String> {
+    let mut texts = Vec::new();
+    if let Ok(t) = std::fs::read_to_string("/etc/apt/sources.list") {
+        texts.push(t);
+    }
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        for e in dir.flatten() {
+            if let Ok(t) = std::fs::read_to_string(e.path()) {
+                texts.push(t);
+            }
+        }
+    }
+    for t in &texts {
+        for line in t.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
+            let candidates: Vec<&str> = if let Some(u) = line.strip_prefix("URIs:") {
+                u.split_whitespace().collect()
+            } else if let Some(rest) = line.strip_prefix("deb ") {
+                rest.split_whitespace()
+                    .filter(|w| w.contains("://"))
+                    .take(1)
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            if let Some(u) = candidates
+                .into_iter()
+                .find(|u| u.trim_end_matches('/').ends_with("/debian"))
+            {
+                return Ok(u.to_owned());
+            }
+        }
+    }
+    Err(Error::NotFound(
+        "No Debian mirror in the host's apt sources (/etc/apt/sources.list*)".into(),
+    ))
+}
+
+fn run_debootstrap(suite: &str, packages: &[String], tree: &Path, log: &Path) -> Result<()> {
+    let mirror = host_mirror()?;
+    let include = BASE_PACKAGES
+        .iter()
+        .map(|s| s.to_string())
+        .chain(packages.iter().cloned())
+        .collect::<Vec<_>>()
+        .join(",");
+    let program = host::find_program("debootstrap").ok_or_else(|| {
+        Error::failed(
+            "debootstrap is not installed",
+            std::io::Error::other("apt-get install debootstrap"),
+        )
+    })?;
+    let logf =
+        std::fs::File::create(log).map_err(|e| Error::failed("Cannot create the build log", e))?;
+    let status = std::process::Command::new(program)
+        .args(["--variant=minbase", &format!("--include={include}"), suite])
+        .arg(tree)
+        .arg(&mirror)
+        .stdout(
+            logf.try_clone()
+                .map_err(|e| Error::failed("Cannot write the build log", e))?,
+        )
+        .stderr(logf)
+        .status()
+        .map_err(|e| Error::failed("Cannot run debootstrap", e))?;
+    if !status.success() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(5).collect();
+        return Err(Error::failed(
+            format!(
+                "debootstrap failed ({status}); the log is {}",
+                log.display()
+            ),
+            std::io::Error::other(tail.into_iter().rev().collect::<Vec<_>>().join(" | ")),
+        ));
+    }
+    // What a published image would not carry: downloaded packages, apt lists, host keys.
+    for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+        if let Ok(entries) = std::fs::read_dir(tree.join(dir)) {
+            for e in entries.flatten() {
+                if e.path().is_file() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(tree.join("etc/ssh")) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with("ssh_host_") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Images {
+    /// Builds image `name` with debootstrap, as a job.
+    pub async fn build(&self, uid: u32, name: &str, opts: BuildOptions) -> Result<Arc<Job>> {
+        validate_name(NameKind::Image, name)?;
+        let suite = opts.suite.clone().unwrap_or_else(|| "bookworm".into());
+        if !word_ok(&suite) {
+            return Err(Error::InvalidArgument(format!(
+                "Invalid suite {suite:?}; use e.g. bookworm"
+            )));
+        }
+        if let Some(bad) = opts.packages.iter().find(|p| !word_ok(p)) {
+            return Err(Error::InvalidArgument(format!(
+                "Invalid package name {bad:?}"
+            )));
+        }
+        let n = name.to_owned();
+        if self
+            .store
+            .call(move |c| Ok(rows::find_image(c, &n)?.is_some()))
+            .await?
+        {
+            return Err(Error::AlreadyExists(format!(
+                "An image named {name:?} exists; delete it first or pick another name"
+            )));
+        }
+        let spec = JobSpec {
+            kind: "build-image".into(),
+            target: name.into(),
+            action: Action::ImagesManage,
+            owner_uid: uid,
+        };
+        let (this, name) = (self.clone(), name.to_owned());
+        Ok(self.jobs.spawn(spec, move |ctx| async move {
+            let id = new_id();
+            let staging = Staging::create(
+                this.layout
+                    .images_dir()
+                    .join(format!("{}{id}", crate::layout::STAGING_PREFIX)),
+            )?;
+            let dir = staging.path().to_owned();
+            // A bookworm base with systemd and sshd is about 300 MB.
+            let (tree, scratch) = this.tree_dir(&id, &dir, 1 << 30)?;
+            let logs = this.layout.state_dir.join("logs");
+            std::fs::create_dir_all(&logs)
+                .map_err(|e| Error::failed("Cannot create the log directory", e))?;
+            let log: PathBuf = logs.join(format!("build-{name}-{id}.log"));
+            ctx.stage(
+                "debootstrap",
+                format!("debootstrap {suite} (log: {})", log.display()),
+            );
+            ctx.progress(0.05);
+            let (t, l, s, p) = (
+                tree.clone(),
+                log.clone(),
+                suite.clone(),
+                opts.packages.clone(),
+            );
+            blocking("debootstrap", move || run_debootstrap(&s, &p, &t, &l)).await?;
+            let t = TreeImage {
+                id,
+                name,
+                source: format!("debootstrap:{suite}"),
+                kernel: opts.kernel,
+                size: opts.size,
+            };
+            this.finish_tree(&ctx, staging, tree, scratch, t)
+                .await
+                .map(|_| ())
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suites_and_packages_are_plain_words() {
+        assert!(word_ok("bookworm") && word_ok("g++") && word_ok("libc6.1"));
+        assert!(!word_ok("") && !word_ok("--force") && !word_ok("a b") && !word_ok("Foo"));
+    }
+}
