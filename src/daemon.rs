@@ -70,6 +70,9 @@ pub fn prepare(opts: &DaemonOptions) -> Result<(Config, Layout, Store)> {
 
 /// Runs the daemon until it is idle, signalled, or the bus goes away.
 pub async fn run(opts: DaemonOptions) -> Result<Exit> {
+    // Before anything else: a SIGTERM at any moment after start (systemd may send one right
+    // after READY=1) must end in a clean stop, never the default kill.
+    let signals = Signals::install()?;
     let (config, layout, store) = prepare(&opts)?;
     let idle = Duration::from_secs(config.idle_exit_sec);
     let banger = Banger::new(config, layout, store)?;
@@ -98,7 +101,7 @@ pub async fn run(opts: DaemonOptions) -> Result<Exit> {
         NotifyState::Status("Ready, waiting for calls"),
     ]);
 
-    let exit = wait_for_exit(&conn, &banger, idle).await;
+    let exit = wait_for_exit(&conn, &banger, idle, signals).await;
     tracing::info!(?exit, "bangerd stopping");
     notify(&[NotifyState::Stopping, NotifyState::Status("Stopping")]);
     // Give the name back first, so a call arriving now activates a fresh daemon instead of
@@ -157,17 +160,33 @@ pub fn record_jobs(banger: &Arc<Banger>) {
     });
 }
 
-async fn wait_for_exit(conn: &zbus::Connection, banger: &Banger, idle: Duration) -> Exit {
+/// SIGTERM and SIGINT, caught from the start.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let fail = |e| Error::failed("Cannot install signal handlers", e);
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(fail)?,
+            int: signal(SignalKind::interrupt()).map_err(fail)?,
+        })
+    }
+}
+
+async fn wait_for_exit(
+    conn: &zbus::Connection,
+    banger: &Banger,
+    idle: Duration,
+    signals: Signals,
+) -> Exit {
     let mut messages = zbus::MessageStream::from(conn);
     let mut running = banger.jobs.running();
     let mut last_call = Instant::now();
-    let (Ok(mut term), Ok(mut int)) = (
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
-    ) else {
-        tracing::error!("Cannot install signal handlers");
-        return Exit::Signal;
-    };
+    let Signals { mut term, mut int } = signals;
     loop {
         let busy = *running.borrow() > 0;
         let deadline = last_call + idle;
