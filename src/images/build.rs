@@ -12,7 +12,6 @@ use super::{BuildOptions, Images};
 use crate::auth::Action;
 use crate::jobs::{Job, JobSpec};
 use crate::model::{new_id, validate_name, NameKind};
-use crate::store::rows;
 use crate::{host, Error, Result};
 
 /// What every built image has.
@@ -143,12 +142,7 @@ impl Images {
                 "Invalid package name {bad:?}"
             )));
         }
-        let n = name.to_owned();
-        if self
-            .store
-            .call(move |c| Ok(rows::find_image(c, &n)?.is_some()))
-            .await?
-        {
+        if self.name_taken(name).await? {
             return Err(Error::AlreadyExists(format!(
                 "An image named {name:?} exists; delete it first or pick another name"
             )));

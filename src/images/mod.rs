@@ -187,6 +187,14 @@ impl Images {
         Ok(())
     }
 
+    /// Whether an image named `name` exists.
+    async fn name_taken(&self, name: &str) -> Result<bool> {
+        let n = name.to_owned();
+        self.store
+            .call(move |c| Ok(rows::find_image(c, &n)?.is_some()))
+            .await
+    }
+
     fn not_found(&self, key: &str) -> Error {
         Error::NotFound(format!(
             "No image {key:?}; `banger image list` shows the images"

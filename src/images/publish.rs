@@ -13,12 +13,7 @@ impl Images {
     pub(super) async fn publish(&self, mut staging: Staging, image: Image) -> Result<Image> {
         let final_dir = self.layout.images_dir().join(&image.id);
         let guard = self.lock.lock().await;
-        let name = image.name.clone();
-        let taken = self
-            .store
-            .call(move |c| Ok(rows::find_image(c, &name)?.is_some()))
-            .await?;
-        if taken {
+        if self.name_taken(&image.name).await? {
             return Err(Error::AlreadyExists(format!(
                 "An image named {:?} was published while this pull ran; pull again with another --name",
                 image.name

@@ -17,7 +17,6 @@ use crate::model::{new_id, validate_name, Image, NameKind};
 use crate::oci::flatten::{Flattener, Limits};
 use crate::oci::reference;
 use crate::oci::registry::{layer_compression, Compression, Registry};
-use crate::store::rows;
 use crate::{Error, Result};
 
 fn open_layer(path: &Path, c: Compression) -> Result<Box<dyn Read + Send>> {
@@ -43,12 +42,7 @@ impl Images {
             .clone()
             .unwrap_or_else(|| reference::default_name(&r));
         validate_name(NameKind::Image, &name)?;
-        let n = name.clone();
-        if self
-            .store
-            .call(move |c| Ok(rows::find_image(c, &n)?.is_some()))
-            .await?
-        {
+        if self.name_taken(&name).await? {
             return Err(Error::AlreadyExists(format!(
                 "An image named {name:?} exists; pass another name (--name) or delete it first"
             )));

@@ -60,12 +60,7 @@ impl Kernels {
     ) -> Result<Kernel> {
         validate_name(NameKind::Kernel, name)?;
         opts.validate()?;
-        let n = name.to_owned();
-        if self
-            .store
-            .call(move |c| Ok(rows::find_kernel(c, &n)?.is_some()))
-            .await?
-        {
+        if self.name_taken(name).await? {
             return Err(Error::AlreadyExists(format!(
                 "A kernel named {name:?} exists; delete it first or pick another name"
             )));
@@ -135,12 +130,7 @@ impl Kernels {
             .map_err(|e| Error::failed("Kernel import task failed", e))??;
 
         let guard = self.lock.lock().await;
-        let n = kernel.name.clone();
-        if self
-            .store
-            .call(move |c| Ok(rows::find_kernel(c, &n)?.is_some()))
-            .await?
-        {
+        if self.name_taken(&kernel.name).await? {
             return Err(Error::AlreadyExists(format!(
                 "A kernel named {name:?} was imported meanwhile"
             )));

@@ -149,6 +149,14 @@ impl Kernels {
         Ok(())
     }
 
+    /// Whether a kernel named `name` is installed.
+    async fn name_taken(&self, name: &str) -> Result<bool> {
+        let n = name.to_owned();
+        self.store
+            .call(move |c| Ok(rows::find_kernel(c, &n)?.is_some()))
+            .await
+    }
+
     fn not_found(&self, name: &str) -> Error {
         Error::NotFound(format!(
             "No kernel {name:?}; `banger kernel list` shows installed kernels and \

@@ -13,7 +13,6 @@ use super::{CatalogKernel, ImportOptions, Kernels};
 use crate::auth::Action;
 use crate::jobs::{Job, JobSpec};
 use crate::model::{new_id, validate_name, NameKind};
-use crate::store::rows;
 use crate::{host, Error, Result};
 
 /// The Debian entry: the meta package whose dependency names the kernel.
@@ -150,12 +149,7 @@ impl Kernels {
                 "No kernel {name:?} in the catalog; `banger kernel list --available` shows it"
             )));
         }
-        let n = name.to_owned();
-        if self
-            .store
-            .call(move |c| Ok(rows::find_kernel(c, &n)?.is_some()))
-            .await?
-        {
+        if self.name_taken(name).await? {
             return Err(Error::AlreadyExists(format!(
                 "Kernel {name:?} is installed already; delete it first to pull it again"
             )));
