@@ -128,11 +128,7 @@ impl Images {
         self.store
             .call(move |c| rows::find_image(c, &k))
             .await?
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "No image {key:?}; `banger image list` shows the images"
-                ))
-            })
+            .ok_or_else(|| self.not_found(key))
     }
 
     /// Checks `PullImage`'s arguments before authorisation.

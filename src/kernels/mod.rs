@@ -103,12 +103,7 @@ impl Kernels {
         self.store
             .call(move |c| rows::find_kernel(c, &n))
             .await?
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "No kernel {name:?}; `banger kernel list` shows installed kernels and \
-                 `banger kernel list --available` the catalog"
-                ))
-            })
+            .ok_or_else(|| self.not_found(name))
     }
 
     /// Deletes a kernel no image or VM uses; the files go after the row, outside the lock.

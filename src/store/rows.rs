@@ -48,8 +48,23 @@ pub fn find_image(c: &Connection, key: &str) -> Result<Option<Image>, StoreError
 
 /// Inserts a new image row.
 pub fn insert_image(c: &Connection, i: &Image) -> Result<(), StoreError> {
+    upsert_image(c, i).map(|_| ())
+}
+
+/// Inserts or replaces an image row by id (keeping its creation time); true when it
+/// replaced one. A new row whose name is taken still fails on the name's UNIQUE constraint.
+pub fn upsert_image(c: &Connection, i: &Image) -> Result<bool, StoreError> {
+    let existed: bool = c.query_row("SELECT COUNT(*) FROM images WHERE id = ?1", [&i.id], |r| {
+        r.get::<_, i64>(0)
+    })? > 0;
     c.execute(
-        &format!("INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+        &format!(
+            "INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+             ON CONFLICT(id) DO UPDATE SET name = excluded.name, managed = excluded.managed, \
+             source = excluded.source, rootfs_path = excluded.rootfs_path, \
+             work_seed_path = excluded.work_seed_path, kernel = excluded.kernel, \
+             size_bytes = excluded.size_bytes"
+        ),
         params![
             i.id,
             i.name,
@@ -62,32 +77,6 @@ pub fn insert_image(c: &Connection, i: &Image) -> Result<(), StoreError> {
             i.created_at as i64
         ],
     )?;
-    Ok(())
-}
-
-/// Inserts or replaces an image row by id; true when it replaced one.
-pub fn upsert_image(c: &Connection, i: &Image) -> Result<bool, StoreError> {
-    let existed: bool = c.query_row("SELECT COUNT(*) FROM images WHERE id = ?1", [&i.id], |r| {
-        r.get::<_, i64>(0)
-    })? > 0;
-    if existed {
-        c.execute(
-            "UPDATE images SET name = ?2, managed = ?3, source = ?4, rootfs_path = ?5, work_seed_path = ?6, \
-             kernel = ?7, size_bytes = ?8 WHERE id = ?1",
-            params![
-                i.id,
-                i.name,
-                i.managed,
-                i.source,
-                i.rootfs_path.to_string_lossy(),
-                path_str(&i.work_seed_path),
-                i.kernel,
-                i.size_bytes as i64
-            ],
-        )?;
-    } else {
-        insert_image(c, i)?;
-    }
     Ok(existed)
 }
 
@@ -357,6 +346,25 @@ mod tests {
         assert_eq!(by_id.name, "a");
         let dup = image("a");
         assert!(s.call_blocking(|c| insert_image(c, &dup)).is_err());
+    }
+
+    #[test]
+    fn upsert_replaces_by_id_and_keeps_the_creation_time() {
+        let s = Store::open_in_memory().unwrap();
+        let img = image("a");
+        assert!(!s.call_blocking(|c| upsert_image(c, &img)).unwrap());
+        let changed = Image {
+            size_bytes: 7,
+            created_at: 1,
+            managed: false,
+            ..img.clone()
+        };
+        assert!(s.call_blocking(|c| upsert_image(c, &changed)).unwrap());
+        let got = s.call_blocking(|c| find_image(c, "a")).unwrap().unwrap();
+        assert_eq!(
+            (got.size_bytes, got.managed, got.created_at),
+            (7, false, img.created_at)
+        );
     }
 
     #[test]
