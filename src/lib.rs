@@ -4,6 +4,7 @@
 //! (`dbus`) and the authority (`auth`) are the only modules that know zbus; the services
 //! (`images`, `kernels`, `vms`, `jobs`) hold the logic and the locks.
 
+pub mod agent;
 pub mod auth;
 pub mod cli;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod model;
 pub mod oci;
 pub mod service;
 pub mod store;
+pub mod vmm;
 pub mod vms;
 
 pub use error::{Error, Result};

@@ -1,15 +1,29 @@
-//! `banger-agent`: the guest agent. Its vsock service (health, exec, shutdown on port 1024)
-//! lands with the VM lifecycle work; today it only reports its version, so image injection
-//! has a real binary to install.
+//! `banger-agent`: the guest agent. Listens on vsock port 1024 (health, exec, shutdown);
+//! `--unix PATH` serves on a Unix socket instead, for tests on the host.
 
 fn main() -> std::process::ExitCode {
-    match std::env::args().nth(1).as_deref() {
-        Some("--version") | Some("-V") => {
-            println!("banger-agent {}", env!("CARGO_PKG_VERSION"));
-            std::process::ExitCode::SUCCESS
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let listen = match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["--version"] | ["-V"] => {
+            println!("banger-agent {}", banger::VERSION);
+            return std::process::ExitCode::SUCCESS;
         }
+        [] => banger::agent::server::Listen::default(),
+        ["--unix", path] => banger::agent::server::Listen::Unix(path.into()),
         _ => {
-            eprintln!("banger-agent: the vsock service is not implemented yet; try --version");
+            eprintln!("usage: banger-agent [--unix PATH | --version]");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match banger::agent::server::serve(listen) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("banger-agent: {e}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -1,0 +1,169 @@
+//! Talking to `banger-agent` from the host: through the VMM's hybrid vsock socket
+//! (`CONNECT <port>\n` → `OK …\n`, the protocol of Firecracker and vhost-device-vsock), or
+//! over a stream the daemon already connected and handed out (`banger vm exec`).
+
+use std::path::Path;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use super::{frame, header, parse_header, Health, Reply, Request};
+use crate::{Error, Result};
+
+fn io(context: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::failed(context.to_owned(), e)
+}
+
+/// Reads one `\n`-terminated line byte by byte, so nothing after it is consumed.
+async fn read_line<R: AsyncRead + Unpin>(r: &mut R, limit: usize) -> std::io::Result<String> {
+    let mut line = Vec::new();
+    loop {
+        let b = r.read_u8().await?;
+        if b == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(b);
+        if line.len() > limit {
+            return Err(std::io::Error::other("line too long"));
+        }
+    }
+}
+
+/// Connects to guest `port` through the hybrid vsock socket at `uds`.
+pub async fn connect(uds: &Path, port: u32) -> Result<UnixStream> {
+    let mut s = UnixStream::connect(uds)
+        .await
+        .map_err(io("Cannot reach the VM's vsock socket"))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(io("Cannot reach the VM's vsock socket"))?;
+    // Nobody listening on the port closes the socket without a reply.
+    let line = read_line(&mut s, 64)
+        .await
+        .map_err(|e| Error::failed(format!("Nothing listens on guest vsock port {port} yet"), e))?;
+    if !line.starts_with("OK ") {
+        return Err(Error::failed(
+            format!("The vsock proxy refused port {port}"),
+            std::io::Error::other(line),
+        ));
+    }
+    Ok(s)
+}
+
+async fn request<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: &Request) -> Result<Reply> {
+    let mut line = serde_json::to_vec(req).map_err(|e| Error::failed("Cannot encode", e))?;
+    line.push(b'\n');
+    s.write_all(&line)
+        .await
+        .map_err(io("Cannot talk to the guest agent"))?;
+    let reply = read_line(s, 64 * 1024)
+        .await
+        .map_err(io("The guest agent hung up"))?;
+    let reply: Reply = serde_json::from_str(&reply).map_err(|e| {
+        Error::failed(
+            "The guest agent answered something unexpected",
+            std::io::Error::other(e),
+        )
+    })?;
+    if !reply.ok {
+        return Err(Error::failed(
+            "The guest agent refused",
+            std::io::Error::other(reply.error),
+        ));
+    }
+    Ok(reply)
+}
+
+/// Asks for the agent's health.
+pub async fn health<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<Health> {
+    request(s, &Request::Health)
+        .await?
+        .health
+        .ok_or_else(|| Error::failed("The guest agent sent no health", std::io::Error::other("")))
+}
+
+/// Asks the guest to power off; returns once the agent accepted.
+pub async fn shutdown<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<()> {
+    request(s, &Request::Shutdown).await.map(|_| ())
+}
+
+/// Runs `argv` in the guest with these streams; returns its exit status.
+pub async fn exec<S, I, O, E>(
+    s: S,
+    argv: Vec<String>,
+    env: Vec<String>,
+    mut stdin: I,
+    mut stdout: O,
+    mut stderr: E,
+) -> Result<i32>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + Unpin,
+    O: AsyncWrite + Unpin,
+    E: AsyncWrite + Unpin,
+{
+    let mut s = s;
+    request(
+        &mut s,
+        &Request::Exec {
+            argv,
+            env,
+            cwd: None,
+        },
+    )
+    .await?;
+    let (mut r, mut w) = tokio::io::split(s);
+    let input = async {
+        let mut buf = vec![0u8; frame::MAX];
+        loop {
+            let n: usize = stdin.read(&mut buf).await.unwrap_or_default();
+            if w.write_all(&header(frame::STDIN, n)).await.is_err()
+                || w.write_all(&buf[..n]).await.is_err()
+            {
+                break;
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        // Keep the write half open: closing it may end the connection before the exit frame.
+        std::future::pending::<()>().await
+    };
+    let output = async {
+        let mut buf = vec![0u8; frame::MAX];
+        loop {
+            let mut h = [0u8; 5];
+            r.read_exact(&mut h)
+                .await
+                .map_err(io("The guest agent hung up before the command ended"))?;
+            let (kind, len) = parse_header(h).ok_or_else(|| {
+                Error::failed(
+                    "The guest agent sent an oversized frame",
+                    std::io::Error::other(""),
+                )
+            })?;
+            r.read_exact(&mut buf[..len])
+                .await
+                .map_err(io("The guest agent hung up mid-frame"))?;
+            let data = &buf[..len];
+            match kind {
+                frame::STDOUT => {
+                    stdout.write_all(data).await.map_err(io("stdout"))?;
+                    stdout.flush().await.map_err(io("stdout"))?;
+                }
+                frame::STDERR => {
+                    stderr.write_all(data).await.map_err(io("stderr"))?;
+                    stderr.flush().await.map_err(io("stderr"))?;
+                }
+                frame::EXIT if len == 4 => {
+                    return Ok(i32::from_be_bytes([data[0], data[1], data[2], data[3]]));
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::select! {
+        r = output => r,
+        _ = input => unreachable!("the input side never finishes"),
+    }
+}

@@ -1,0 +1,140 @@
+//! The guest agent's wire protocol, shared by `banger-agent` (in the guest, plain threads)
+//! and its clients (the daemon and `banger vm exec`, tokio).
+//!
+//! A connection starts with one JSON request line. `health` and `shutdown` get one JSON
+//! reply line and the connection ends. `exec` gets a JSON reply line (did the command start?)
+//! and then frames in both directions until the exit frame: `[kind u8][len u32 BE][data]`.
+//! The client sends `STDIN` frames, an empty one meaning end of input; the agent sends
+//! `STDOUT`, `STDERR` and finally `EXIT` with the exit status as an `i32` (128 + signal when
+//! a signal ended the command, as shells report it).
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+/// The vsock port the agent listens on.
+pub const PORT: u32 = 1024;
+
+/// Frame kinds.
+pub mod frame {
+    /// Client → agent: standard input; empty = end of input.
+    pub const STDIN: u8 = 0;
+    /// Agent → client: standard output.
+    pub const STDOUT: u8 = 1;
+    /// Agent → client: standard error.
+    pub const STDERR: u8 = 2;
+    /// Agent → client: the exit status (`i32` BE); the last frame.
+    pub const EXIT: u8 = 3;
+    /// Largest frame payload either side sends.
+    pub const MAX: usize = 64 * 1024;
+}
+
+/// A request line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum Request {
+    /// Is the guest up?
+    Health,
+    /// Power the guest off cleanly.
+    Shutdown,
+    /// Run a command.
+    Exec {
+        /// Program and arguments; the program is looked up on the guest's PATH.
+        argv: Vec<String>,
+        /// Extra environment, `KEY=VALUE`.
+        #[serde(default)]
+        env: Vec<String>,
+        /// Working directory; `/root` when absent.
+        #[serde(default)]
+        cwd: Option<String>,
+    },
+}
+
+/// The agent's answer to `health`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    /// The agent's version.
+    pub version: String,
+    /// Seconds since the guest booted.
+    pub uptime_sec: f64,
+    /// The guest kernel's boot id.
+    pub boot_id: String,
+    /// Whether the guest runs systemd.
+    pub systemd: bool,
+}
+
+/// A reply line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    /// Whether the request was carried out (for `exec`: the command started).
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// The answer to `health`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+}
+
+impl Reply {
+    /// A success without data.
+    pub fn ok() -> Self {
+        Reply {
+            ok: true,
+            error: String::new(),
+            health: None,
+        }
+    }
+    /// A refusal.
+    pub fn error(e: impl Into<String>) -> Self {
+        Reply {
+            ok: false,
+            error: e.into(),
+            health: None,
+        }
+    }
+}
+
+/// Encodes a frame header.
+pub fn header(kind: u8, len: usize) -> [u8; 5] {
+    let l = (len as u32).to_be_bytes();
+    [kind, l[0], l[1], l[2], l[3]]
+}
+
+/// Decodes a frame header; `None` when the length is over [`frame::MAX`].
+pub fn parse_header(h: [u8; 5]) -> Option<(u8, usize)> {
+    let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
+    (len <= frame::MAX).then_some((h[0], len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_json_lines() {
+        let r = Request::Exec {
+            argv: vec!["echo".into(), "hi".into()],
+            env: vec![],
+            cwd: None,
+        };
+        let s = serde_json::to_string(&r).unwrap();
+        assert!(s.starts_with(r#"{"op":"exec""#), "{s}");
+        assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"health"}"#).unwrap(),
+            Request::Health
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format-disk"}"#).is_err());
+    }
+
+    #[test]
+    fn frame_headers_are_bounded() {
+        assert_eq!(
+            parse_header(header(frame::STDOUT, 5)),
+            Some((frame::STDOUT, 5))
+        );
+        assert_eq!(parse_header(header(frame::STDIN, frame::MAX + 1)), None);
+    }
+}

@@ -1,0 +1,110 @@
+//! The real `banger-agent` binary served on a Unix socket, driven by the host client: the
+//! protocol the daemon and `banger vm exec` speak to guests.
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use banger::agent::client;
+use tokio::net::UnixStream;
+
+struct Agent(Child, tempfile::TempDir);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Agent {
+    fn start() -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("agent.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_banger-agent"))
+            .arg("--unix")
+            .arg(&sock)
+            .spawn()
+            .unwrap();
+        for _ in 0..200 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Agent(child, dir)
+    }
+    fn sock(&self) -> PathBuf {
+        self.1.path().join("agent.sock")
+    }
+    async fn conn(&self) -> UnixStream {
+        UnixStream::connect(self.sock()).await.unwrap()
+    }
+}
+
+async fn run(a: &Agent, argv: &[&str], stdin: &[u8]) -> (i32, Vec<u8>, Vec<u8>) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = client::exec(
+        a.conn().await,
+        argv.iter().map(|s| s.to_string()).collect(),
+        vec!["GREETING=hello".into()],
+        stdin,
+        &mut out,
+        &mut err,
+    )
+    .await
+    .unwrap();
+    (code, out, err)
+}
+
+#[tokio::test]
+async fn health_reports_version_and_boot() {
+    let a = Agent::start();
+    let h = client::health(&mut a.conn().await).await.unwrap();
+    assert_eq!(h.version, banger::VERSION);
+    assert!(h.uptime_sec > 0.0);
+    assert_eq!(h.boot_id.len(), 36, "{h:?}");
+}
+
+#[tokio::test]
+async fn exec_streams_stdin_stdout_stderr_and_the_exit_code() {
+    let a = Agent::start();
+    let (code, out, err) = run(
+        &a,
+        &["sh", "-c", "cat; echo \"$GREETING\" >&2; exit 7"],
+        b"line one\nline two\n",
+    )
+    .await;
+    assert_eq!(code, 7);
+    assert_eq!(out, b"line one\nline two\n");
+    assert_eq!(err, b"hello\n");
+
+    // Output larger than a frame arrives whole and in order.
+    let (code, out, _) = run(&a, &["sh", "-c", "seq 1 100000"], b"").await;
+    assert_eq!(code, 0);
+    let expect: String = (1..=100000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(String::from_utf8(out).unwrap(), expect);
+
+    // A command that ignores its input still ends; a signal is reported as 128 + n.
+    let (code, _, _) = run(&a, &["sh", "-c", "kill -9 $$"], b"unread").await;
+    assert_eq!(code, 137);
+}
+
+#[tokio::test]
+async fn a_missing_program_is_a_clear_error() {
+    let a = Agent::start();
+    let e = client::exec(
+        a.conn().await,
+        vec!["/nonexistent/prog".into()],
+        vec![],
+        &b""[..],
+        Vec::new(),
+        Vec::new(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.full_message().contains("cannot run /nonexistent/prog"),
+        "{e}"
+    );
+}
