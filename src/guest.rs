@@ -163,6 +163,14 @@ pub fn inject(tree: &Path, agent: &Path) -> Result<()> {
     )?;
     enable(&root, "banger-network.service")?;
     enable(&root, "banger-ssh-keygen.service")?;
+    // banger-init mounts the VM's work disk here; an image without it gets root's usual one.
+    let (dir, created) = root
+        .resolve_dir(Path::new("root"), true)
+        .map_err(|e| Error::failed("Cannot create /root in the image", e))?;
+    if !created.is_empty() {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::failed("Cannot create /root in the image", e))?;
+    }
     Ok(())
 }
 

@@ -26,6 +26,8 @@ pub struct Cmdline {
     pub init: String,
     /// `banger.rootwait=`: seconds to wait for the root device.
     pub root_wait: u64,
+    /// `banger.work=`: the persistent disk to mount on `/root`.
+    pub work: Option<String>,
 }
 
 /// Parses `/proc/cmdline`.
@@ -36,6 +38,7 @@ pub fn parse_cmdline(s: &str) -> Cmdline {
         read_only: true,
         init: "/sbin/init".into(),
         root_wait: 10,
+        work: None,
     };
     for arg in s.split_whitespace() {
         match arg.split_once('=') {
@@ -43,6 +46,7 @@ pub fn parse_cmdline(s: &str) -> Cmdline {
             Some(("rootfstype", v)) => c.fstype = v.into(),
             Some(("init", v)) => c.init = v.into(),
             Some(("banger.rootwait", v)) => c.root_wait = v.parse().unwrap_or(c.root_wait),
+            Some(("banger.work", v)) => c.work = Some(v.into()),
             None if arg == "rw" => c.read_only = false,
             None if arg == "ro" => c.read_only = true,
             _ => {}
@@ -105,6 +109,61 @@ fn load_module(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The device a `root=`/`banger.work=` value names: a path, or `serial:S` for the virtio
+/// disk whose serial is S (virtio-mmio disks are not numbered in command-line order).
+pub fn resolve_device(spec: &str, sys_block: &Path) -> Option<String> {
+    let Some(serial) = spec.strip_prefix("serial:") else {
+        return Path::new(spec).exists().then(|| spec.to_owned());
+    };
+    for e in std::fs::read_dir(sys_block).ok()?.flatten() {
+        let s = std::fs::read_to_string(e.path().join("serial")).unwrap_or_default();
+        if s.trim() == serial {
+            return Some(format!("/dev/{}", e.file_name().to_string_lossy()));
+        }
+    }
+    None
+}
+
+fn wait_device(spec: &str, secs: u64) -> Option<String> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(d) = resolve_device(spec, Path::new("/sys/block")) {
+            if Path::new(&d).exists() {
+                return Some(d);
+            }
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Where images carry the agent.
+const AGENT: &str = "/usr/local/bin/banger-agent";
+
+/// Starts the agent as a child when the system's init is not systemd (which starts it
+/// through its unit).
+fn start_agent_unless_systemd(init: &str) {
+    let is_systemd = std::fs::canonicalize(init)
+        .map(|p| p.file_name().is_some_and(|n| n == "systemd"))
+        .unwrap_or(false);
+    if is_systemd || !Path::new(AGENT).exists() {
+        return;
+    }
+    let agent = cstr(AGENT);
+    let argv = [agent.as_ptr(), std::ptr::null()];
+    // SAFETY: the child only calls async-signal-safe functions (setsid, execv, _exit) on
+    // memory prepared before the fork.
+    unsafe {
+        if libc::fork() == 0 {
+            libc::setsid();
+            libc::execv(agent.as_ptr(), argv.as_ptr());
+            libc::_exit(127);
+        }
+    }
+}
+
 /// Runs as PID 1 and never returns.
 pub fn run() -> ! {
     for d in ["/dev", "/proc", "/sys", "/newroot"] {
@@ -126,23 +185,32 @@ pub fn run() -> ! {
             say(&format!("cannot load module {name}: {e}"));
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(cmdline.root_wait);
-    while !Path::new(&cmdline.root).exists() {
-        if Instant::now() > deadline {
-            fail(&format!(
-                "root device {} did not appear within {} s; is its driver in the initrd and the disk attached?",
-                cmdline.root, cmdline.root_wait
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let Some(root) = wait_device(&cmdline.root, cmdline.root_wait) else {
+        fail(&format!(
+            "root device {} did not appear within {} s; is its driver in the initrd and the disk attached?",
+            cmdline.root, cmdline.root_wait
+        ));
+    };
     let flags = if cmdline.read_only {
         libc::MS_RDONLY
     } else {
         0
     };
-    if let Err(e) = mount(&cmdline.root, "/newroot", &cmdline.fstype, flags) {
+    if let Err(e) = mount(&root, "/newroot", &cmdline.fstype, flags) {
         fail(&format!("cannot mount the root filesystem: {e}"));
+    }
+    if let Some(work) = &cmdline.work {
+        match wait_device(work, cmdline.root_wait) {
+            Some(dev) if Path::new("/newroot/root").is_dir() => {
+                if let Err(e) = mount(&dev, "/newroot/root", "ext4", libc::MS_NOSUID) {
+                    say(&format!("the work disk stays unmounted: {e}"));
+                }
+            }
+            Some(_) => say("the image has no /root; the work disk stays unmounted"),
+            None => say(&format!(
+                "work disk {work} did not appear; /root is the image's"
+            )),
+        }
     }
     if std::fs::symlink_metadata(format!("/newroot{}", cmdline.init)).is_err() {
         fail(&format!(
@@ -173,6 +241,8 @@ pub fn run() -> ! {
             std::io::Error::last_os_error()
         ));
     }
+    say(&format!("root {root} mounted, starting {}", cmdline.init));
+    start_agent_unless_systemd(&cmdline.init);
     let init = cstr(&cmdline.init);
     let argv = [init.as_ptr(), std::ptr::null()];
     // SAFETY: argv is a NULL-terminated array of NUL-terminated strings; execv only returns
@@ -205,6 +275,28 @@ mod tests {
         assert_eq!(
             (c.root.as_str(), c.read_only, c.init.as_str(), c.root_wait),
             ("/dev/vdb", false, "/bin/sh", 3)
+        );
+    }
+
+    #[test]
+    fn devices_resolve_by_virtio_serial() {
+        let sys = tempfile::tempdir().unwrap();
+        for (dev, serial) in [("vda", "work"), ("vdb", "root")] {
+            std::fs::create_dir(sys.path().join(dev)).unwrap();
+            std::fs::write(sys.path().join(dev).join("serial"), serial).unwrap();
+        }
+        assert_eq!(
+            resolve_device("serial:root", sys.path()).as_deref(),
+            Some("/dev/vdb")
+        );
+        assert_eq!(
+            resolve_device("serial:work", sys.path()).as_deref(),
+            Some("/dev/vda")
+        );
+        assert_eq!(resolve_device("serial:none", sys.path()), None);
+        assert_eq!(
+            parse_cmdline("banger.work=serial:work").work.as_deref(),
+            Some("serial:work")
         );
     }
 }
