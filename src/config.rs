@@ -19,6 +19,19 @@ pub enum VmmChoice {
     Firecracker,
 }
 
+/// The accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when `/dev/kvm` opens and the host is not itself a VM (nested KVM often cannot
+    /// boot a stock kernel), else TCG.
+    Auto,
+    /// Always KVM.
+    Kvm,
+    /// Always TCG (software emulation).
+    Tcg,
+}
+
 /// The daemon's configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -40,6 +53,12 @@ pub struct Config {
     /// Where the static guest binaries (`banger-init`, `banger-agent`) are; by default the
     /// daemon's own directory, else `/usr/lib/banger`.
     pub guest_bin_dir: Option<std::path::PathBuf>,
+    /// QEMU's accelerator.
+    pub accel: Accel,
+    /// The guests' IPv4 subnet (CIDR); the first host address is the gateway.
+    pub subnet: String,
+    /// Seconds a boot may take until the guest agent answers.
+    pub boot_timeout_sec: u64,
 }
 
 impl Default for Config {
@@ -53,6 +72,9 @@ impl Default for Config {
             auto_pull_kernel: true,
             max_image_bytes: 32 << 30,
             guest_bin_dir: None,
+            accel: Accel::Auto,
+            subnet: "172.30.99.0/24".into(),
+            boot_timeout_sec: 300,
         }
     }
 }
@@ -70,6 +92,36 @@ impl Config {
             Some(p) if p.exists() => p,
             _ => std::path::Path::new("/usr/lib/banger").join(name),
         }
+    }
+
+    /// The subnet's network address and prefix length.
+    pub fn subnet(&self) -> Result<(std::net::Ipv4Addr, u8)> {
+        let bad = || {
+            Error::InvalidArgument(format!(
+                "subnet {:?} is not an IPv4 CIDR such as 172.30.99.0/24 (prefix 16 to 29)",
+                self.subnet
+            ))
+        };
+        let (a, p) = self.subnet.split_once('/').ok_or_else(bad)?;
+        let a: std::net::Ipv4Addr = a.parse().map_err(|_| bad())?;
+        let p: u8 = p.parse().map_err(|_| bad())?;
+        if !(16..=29).contains(&p) {
+            return Err(bad());
+        }
+        let mask = u32::MAX << (32 - p);
+        Ok((std::net::Ipv4Addr::from(u32::from(a) & mask), p))
+    }
+
+    /// The gateway (first host address) and the addresses guests may lease, in order.
+    pub fn address_pool(&self) -> Result<(std::net::Ipv4Addr, Vec<std::net::Ipv4Addr>)> {
+        let (net, p) = self.subnet()?;
+        let base = u32::from(net);
+        let size = 1u32 << (32 - p);
+        let gateway = std::net::Ipv4Addr::from(base + 1);
+        let pool = (base + 2..base + size - 1)
+            .map(std::net::Ipv4Addr::from)
+            .collect();
+        Ok((gateway, pool))
     }
 
     /// Parses a configuration text.
@@ -108,6 +160,20 @@ mod tests {
         assert_eq!(c.vmm, VmmChoice::Qemu);
         let err = Config::parse("idle_exit = 3").unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn subnet_gives_a_gateway_and_a_pool() {
+        let c = Config::parse("subnet = \"10.9.8.77/29\"").unwrap();
+        let (gw, pool) = c.address_pool().unwrap();
+        assert_eq!(gw.to_string(), "10.9.8.73");
+        assert_eq!(pool.len(), 5);
+        assert_eq!(pool[0].to_string(), "10.9.8.74");
+        assert_eq!(pool[4].to_string(), "10.9.8.78");
+        for bad in ["10.0.0.0", "10.0.0.0/8", "10.0.0/24", "x/24"] {
+            let c = Config::parse(&format!("subnet = \"{bad}\"")).unwrap();
+            assert!(c.address_pool().is_err(), "{bad}");
+        }
     }
 
     #[test]

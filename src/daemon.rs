@@ -76,6 +76,7 @@ pub async fn run(opts: DaemonOptions) -> Result<Exit> {
     let (config, layout, store) = prepare(&opts)?;
     let idle = Duration::from_secs(config.idle_exit_sec);
     let banger = Banger::new(config, layout, store)?;
+    banger.vms.adopt().await?;
 
     let conn = zbus::connection::Builder::system()
         .build()

@@ -67,6 +67,7 @@ pub struct Job {
     pub owner_uid: u32,
     status: Mutex<JobStatus>,
     cancel: watch::Sender<bool>,
+    finished: watch::Sender<bool>,
 }
 
 impl Job {
@@ -76,6 +77,21 @@ impl Job {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Waits until the job ended; `Err` with its error unless it succeeded.
+    pub async fn wait(&self) -> Result<()> {
+        let mut rx = self.finished.subscribe();
+        let _ = rx.wait_for(|f| *f).await;
+        let s = self.status();
+        match s.state {
+            JobState::Done => Ok(()),
+            JobState::Canceled => Err(Error::Canceled),
+            _ => Err(Error::failed(
+                format!("Job {} ({} {}) failed", self.id, self.kind, self.target),
+                std::io::Error::other(s.error),
+            )),
+        }
     }
 
     fn update(&self, f: impl FnOnce(&mut JobStatus)) {
@@ -290,6 +306,7 @@ impl Jobs {
                 error: String::new(),
             }),
             cancel,
+            finished: watch::channel(false).0,
         });
         self.table().insert(id, job.clone());
         self.inner.running.send_modify(|n| *n += 1);
@@ -337,6 +354,7 @@ impl Jobs {
             error,
         });
         self.inner.running.send_modify(|n| *n -= 1);
+        job.finished.send_replace(true);
     }
 }
 

@@ -110,27 +110,34 @@ impl Banger {
         let last_job = store.call_blocking(|c| rows::max_job_id(c))?;
         let jobs = Jobs::new(last_job);
         let events = Events::new();
+        let images = Images::new(
+            store.clone(),
+            layout.clone(),
+            events.clone(),
+            jobs.clone(),
+            config.clone(),
+        );
+        let kernels = Kernels::new(
+            store.clone(),
+            layout.clone(),
+            events.clone(),
+            jobs.clone(),
+            config.clone(),
+        );
+        let vms = Vms::new(
+            store.clone(),
+            layout.clone(),
+            events.clone(),
+            config.clone(),
+            jobs.clone(),
+            images.clone(),
+            kernels.clone(),
+            crate::vmm::select(&config)?,
+        );
         Ok(Arc::new(Banger {
-            images: Images::new(
-                store.clone(),
-                layout.clone(),
-                events.clone(),
-                jobs.clone(),
-                config.clone(),
-            ),
-            kernels: Kernels::new(
-                store.clone(),
-                layout.clone(),
-                events.clone(),
-                jobs.clone(),
-                config.clone(),
-            ),
-            vms: Vms::new(
-                store.clone(),
-                layout.clone(),
-                events.clone(),
-                config.clone(),
-            ),
+            images,
+            kernels,
+            vms,
             config,
             layout,
             store,

@@ -19,49 +19,6 @@ const TOOLS: &[&str] = &[
     "tar",
 ];
 
-/// The unpacked kernel package: (vmlinuz, modules dir, version).
-fn debian_kernel() -> Option<(PathBuf, PathBuf, String)> {
-    let deb = match std::env::var("BANGER_TEST_KERNEL_DEB") {
-        Ok(d) => PathBuf::from(d),
-        Err(_) if std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() == Ok("1") => {
-            panic!("BANGER_TEST_KERNEL_DEB is not set: run the tests through tests/run")
-        }
-        Err(_) => {
-            eprintln!("SKIPPED: BANGER_TEST_KERNEL_DEB is not set (tests/run sets it)");
-            return None;
-        }
-    };
-    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(deb.with_extension("unpacked").file_name().unwrap());
-    static UNPACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one_at_a_time = UNPACK.lock().unwrap_or_else(|p| p.into_inner());
-    if !root.exists() {
-        let tmp = root.with_extension(format!("unpacking-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        let ok = Command::new("dpkg-deb")
-            .arg("-x")
-            .arg(&deb)
-            .arg(&tmp)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "dpkg-deb -x {}", deb.display());
-        std::fs::rename(&tmp, &root).unwrap();
-    }
-    let version = std::fs::read_dir(root.join("lib/modules"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .file_name();
-    let version = version.to_string_lossy().to_string();
-    Some((
-        root.join(format!("boot/vmlinuz-{version}")),
-        root.join(format!("lib/modules/{version}")),
-        version,
-    ))
-}
-
 fn gdbus_import(
     bus: &TestBus,
     user: &str,

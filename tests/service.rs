@@ -76,12 +76,15 @@ fn seed(bus: &TestBus) -> Seeded {
     };
     let root_vm = vm("roots-vm", &image, 0, 3);
     let user_vm = vm("users-vm", &image, uid_of(USER_OK), 4);
+    // A second one, so an authorised DeleteVM still leaves users-vm for the calls after it.
+    let user_vm2 = vm("users-vm2", &image, uid_of(USER_OK), 5);
     store
         .call_blocking(|c| {
             rows::insert_image(c, &image)?;
             rows::insert_kernel(c, &kernel)?;
             rows::insert_vm(c, &root_vm)?;
-            rows::insert_vm(c, &user_vm)
+            rows::insert_vm(c, &user_vm)?;
+            rows::insert_vm(c, &user_vm2)
         })
         .unwrap();
     Seeded {
@@ -197,7 +200,7 @@ async fn activation_introspection_and_reads() {
         .any(|k| k.0 == "debian"));
     let vms = banger::dbus::proxy::VMs1Proxy::new(&conn).await.unwrap();
     let listed = vms.list_vms().await.unwrap();
-    assert_eq!(listed.len(), 2);
+    assert_eq!(listed.len(), 3);
     assert_eq!(
         vms.get_vm("users-vm").await.unwrap().as_str(),
         format!("/org/banger/vm/{}", s.user_vm.id)
@@ -228,7 +231,7 @@ async fn activation_introspection_and_reads() {
             v["kernels"].as_u64(),
             v["vms"].as_u64()
         ),
-        (Some(1), Some(1), Some(2))
+        (Some(1), Some(1), Some(3))
     );
     assert_eq!(v["daemon_version"], banger::VERSION);
     for args in [
@@ -296,16 +299,19 @@ fn mutating_calls(s: &Seeded) -> Vec<(String, &'static str, Vec<String>)> {
             a(&["debian-6.1"]),
         ),
         (m.clone(), "org.banger.VMs1.CreateVM", a(&["newvm", "{}"])),
+        (user_vm.clone(), "org.banger.VM1.OpenAgent", a(&[])),
+        (user_vm.clone(), "org.banger.VM1.OpenConsole", a(&[])),
+        (user_vm.clone(), "org.banger.VM1.Start", a(&[])),
+        (user_vm.clone(), "org.banger.VM1.Stop", a(&["{}"])),
         (m.clone(), "org.banger.VMs1.StartVM", a(&["users-vm"])),
         (m.clone(), "org.banger.VMs1.StopVM", a(&["users-vm", "{}"])),
+        // The deletes come last: an authorised one really deletes.
+        (user_vm, "org.banger.VM1.Delete", a(&["{}"])),
         (
             m.clone(),
             "org.banger.VMs1.DeleteVM",
-            a(&["users-vm", "{}"]),
+            a(&["users-vm2", "{}"]),
         ),
-        (user_vm.clone(), "org.banger.VM1.Start", a(&[])),
-        (user_vm.clone(), "org.banger.VM1.Stop", a(&["{}"])),
-        (user_vm, "org.banger.VM1.Delete", a(&["{}"])),
     ]
 }
 

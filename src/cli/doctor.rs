@@ -92,6 +92,8 @@ pub fn run(out: &Output) -> anyhow::Result<()> {
             true,
             "cargo install vhost-device-vsock",
         ),
+        program("qemu-img", true, "apt-get install qemu-utils"),
+        program("setsid", true, "apt-get install util-linux"),
         program("mkfs.ext4", true, "apt-get install e2fsprogs"),
         program("debugfs", true, "apt-get install e2fsprogs"),
         program("ip", true, "apt-get install iproute2"),

@@ -89,6 +89,31 @@ pub trait VMs1 {
     /// DeleteVM
     #[zbus(name = "DeleteVM", allow_interactive_auth)]
     fn delete_vm(&self, name_or_id: &str, options: Opts) -> zbus::Result<()>;
+    /// CreateProgress
+    #[zbus(signal)]
+    fn create_progress(
+        &self,
+        vm: OwnedObjectPath,
+        stage: String,
+        message: String,
+    ) -> zbus::Result<()>;
+}
+
+/// `org.banger.VM1`.
+#[proxy(interface = "org.banger.VM1", default_service = "org.banger")]
+pub trait VM1 {
+    /// OpenAgent
+    #[zbus(name = "OpenAgent", allow_interactive_auth)]
+    fn open_agent(&self) -> zbus::Result<zbus::OwnedFd>;
+    /// OpenConsole
+    #[zbus(name = "OpenConsole", allow_interactive_auth)]
+    fn open_console(&self) -> zbus::Result<zbus::OwnedFd>;
+    /// Name
+    #[zbus(property, name = "Name")]
+    fn name(&self) -> zbus::Result<String>;
+    /// State
+    #[zbus(property, name = "State")]
+    fn state(&self) -> zbus::Result<String>;
 }
 
 /// `org.banger.Jobs1`.

@@ -45,6 +45,42 @@ impl Vm1 {
         vms::delete(&self.ctx, conn, &hdr, &self.vm.id, options).await
     }
 
+    /// A stream connected to the guest agent (vsock port 1024) of the running VM, for
+    /// `banger vm exec`. Needs the same authorization as Stop.
+    #[zbus(name = "OpenAgent")]
+    async fn open_agent(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<zbus::OwnedFd> {
+        let (_, vm) = vms::authorize_vm(&self.ctx, conn, &hdr, &self.vm.id).await?;
+        let s = self.ctx.banger.vms.open_agent(&vm).await?;
+        let s = s
+            .into_std()
+            .map_err(|e| crate::Error::failed("Cannot hand out the stream", e))?;
+        s.set_nonblocking(false)
+            .map_err(|e| crate::Error::failed("Cannot hand out the stream", e))?;
+        Ok(std::os::fd::OwnedFd::from(s).into())
+    }
+
+    /// A read-only descriptor of the serial console log of the VM's last boot, for
+    /// `banger vm logs`. Needs the same authorization as Stop.
+    #[zbus(name = "OpenConsole")]
+    async fn open_console(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<zbus::OwnedFd> {
+        let (_, vm) = vms::authorize_vm(&self.ctx, conn, &hdr, &self.vm.id).await?;
+        let f = std::fs::File::open(self.ctx.banger.vms.console_log(&vm.id)).map_err(|e| {
+            crate::Error::NotFound(format!(
+                "VM {} has no console log yet ({e}); it has not booted",
+                vm.name
+            ))
+        })?;
+        Ok(std::os::fd::OwnedFd::from(f).into())
+    }
+
     /// The VM's hex id.
     #[zbus(property(emits_changed_signal = "const"), name = "Id")]
     fn id(&self) -> String {

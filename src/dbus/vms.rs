@@ -127,7 +127,7 @@ impl Vms1 {
 }
 
 /// Looks the VM up, then authorises the caller as its owner or as an administrator.
-async fn authorize_vm(
+pub(super) async fn authorize_vm(
     ctx: &Ctx,
     conn: &Connection,
     hdr: &Header<'_>,

@@ -141,6 +141,11 @@ impl Kernels {
         }]
     }
 
+    /// Whether `name` is an entry of the kernel catalog.
+    pub fn in_catalog(&self, name: &str) -> bool {
+        name == "debian"
+    }
+
     /// Pulls catalog kernel `name` as a job.
     pub async fn pull(&self, uid: u32, name: &str) -> Result<Arc<Job>> {
         validate_name(NameKind::Kernel, name)?;

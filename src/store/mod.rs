@@ -26,6 +26,9 @@ pub enum StoreError {
         /// The newest version this build knows.
         known: i64,
     },
+    /// A pool (addresses, CIDs) has nothing left.
+    #[error("{0}")]
+    Exhausted(String),
     /// A row holds a value no banger writes.
     #[error("Corrupt row in the state database: {0}")]
     Corrupt(String),
@@ -33,7 +36,10 @@ pub enum StoreError {
 
 impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
-        Error::failed("State database operation failed", e)
+        match e {
+            StoreError::Exhausted(_) => Error::failed("Cannot reserve what the VM needs", e),
+            _ => Error::failed("State database operation failed", e),
+        }
     }
 }
 

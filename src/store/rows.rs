@@ -217,6 +217,82 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// What a reservation hands out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// Guest IPv4 address.
+    pub address: String,
+    /// vsock context id.
+    pub cid: u32,
+}
+
+/// Guest CIDs start above the reserved ones (0 hypervisor, 1 local, 2 host).
+pub const FIRST_CID: u32 = 3;
+
+/// The reservation's critical section, in one transaction: the name is re-checked, the
+/// lowest free CID and address of `pool` are taken, and the `created` row and its lease are
+/// written. `None` when the name is taken; an error when the pool is exhausted.
+pub fn reserve_vm(
+    c: &mut Connection,
+    v: &Vm,
+    pool: &[std::net::Ipv4Addr],
+) -> Result<Option<Reservation>, StoreError> {
+    let tx = c.transaction()?;
+    let taken: bool = tx.query_row(
+        "SELECT EXISTS(SELECT 1 FROM vms WHERE name = ?1)",
+        [&v.name],
+        |r| r.get(0),
+    )?;
+    if taken {
+        return Ok(None);
+    }
+    let cid: u32 = tx.query_row(
+        "SELECT COALESCE(MIN(c.cid + 1), ?1) FROM          (SELECT ?1 - 1 AS cid UNION ALL SELECT vsock_cid FROM vms) c          WHERE c.cid + 1 >= ?1 AND NOT EXISTS (SELECT 1 FROM vms WHERE vsock_cid = c.cid + 1)",
+        [FIRST_CID],
+        |r| r.get(0),
+    )?;
+    let leased: std::collections::HashSet<String> = {
+        let mut st = tx.prepare("SELECT address FROM address_leases")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let Some(address) = pool
+        .iter()
+        .map(|a| a.to_string())
+        .find(|a| !leased.contains(a))
+    else {
+        return Err(StoreError::Exhausted(format!(
+            "all {} guest addresses are leased; delete a VM or widen the subnet",
+            pool.len()
+        )));
+    };
+    let mut row = v.clone();
+    row.guest_address = address.clone();
+    row.vsock_cid = cid;
+    insert_vm(&tx, &row)?;
+    tx.execute(
+        "INSERT INTO address_leases (address, vm_id, leased_at) VALUES (?1, ?2, ?3)",
+        params![address, v.id, v.created_at as i64],
+    )?;
+    tx.commit()?;
+    Ok(Some(Reservation { address, cid }))
+}
+
+/// Writes a VM's changing fields.
+pub fn update_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
+    c.execute(
+        "UPDATE vms SET state = ?2, stage = ?3, ssh_address = ?4 WHERE id = ?1",
+        params![v.id, v.state.as_str(), v.stage, v.ssh_address],
+    )?;
+    Ok(())
+}
+
+/// Deletes a VM row; its address lease goes with it.
+pub fn delete_vm(c: &Connection, id: &str) -> Result<(), StoreError> {
+    c.execute("DELETE FROM vms WHERE id = ?1", [id])?;
+    Ok(())
+}
+
 /// How many VMs reference the image.
 pub fn vms_using_image(c: &Connection, image_id: &str) -> Result<u64, StoreError> {
     Ok(c.query_row(

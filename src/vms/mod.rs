@@ -1,15 +1,24 @@
-//! The VM service: listing, lookup and ownership now; the three-phase create, start, stop and
-//! delete land with the VM lifecycle issue, behind the same signatures.
+//! The VM service: the three-phase create (resolve without locks, reserve in one short
+//! transaction, start under the VM's own lock), start, stop, delete, and re-adoption of VMs
+//! whose VMM outlived the daemon.
 
+mod create;
+mod lifecycle;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::auth::Action;
 use crate::config::Config;
-use crate::jobs::Job;
+use crate::images::Images;
+use crate::jobs::Jobs;
+use crate::kernels::Kernels;
 use crate::layout::Layout;
-use crate::model::{validate_name, NameKind, Vm};
-use crate::service::Events;
+use crate::model::{validate_name, NameKind, Vm, VmState};
+use crate::service::{Events, ObjectEvent};
 use crate::store::{rows, Store};
+use crate::vmm::Vmm;
 use crate::{Error, Result};
 
 /// Options of `CreateVM`.
@@ -102,25 +111,43 @@ pub fn action_for(vm: &Vm, uid: u32) -> Action {
     }
 }
 
-/// The VM service.
+/// The VM service; cheap to clone.
+#[derive(Clone)]
 pub struct Vms {
     store: Store,
-    #[allow(dead_code)] // used by create, with the VM lifecycle issue
     layout: Layout,
-    #[allow(dead_code)]
     events: Events,
-    #[allow(dead_code)]
     config: Config,
+    jobs: Jobs,
+    images: Images,
+    kernels: Kernels,
+    vmm: Arc<dyn Vmm>,
+    locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl Vms {
-    /// A service over the store and layout.
-    pub fn new(store: Store, layout: Layout, events: Events, config: Config) -> Self {
+    /// A service over the store and layout, booting VMs with `vmm`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Store,
+        layout: Layout,
+        events: Events,
+        config: Config,
+        jobs: Jobs,
+        images: Images,
+        kernels: Kernels,
+        vmm: Arc<dyn Vmm>,
+    ) -> Self {
         Vms {
             store,
             layout,
             events,
             config,
+            jobs,
+            images,
+            kernels,
+            vmm,
+            locks: Arc::default(),
         }
     }
 
@@ -140,29 +167,40 @@ impl Vms {
             })
     }
 
-    /// Creates (and by default starts) a VM; returns it and its job.
-    pub async fn create(
-        &self,
-        _uid: u32,
-        _name: &str,
-        _o: CreateOptions,
-    ) -> Result<(Vm, Arc<Job>)> {
-        Err(Error::NotImplemented("CreateVM"))
+    /// The VM's own lock: its start, stop and delete never overlap.
+    fn lock_of(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut l = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        l.entry(id.to_owned()).or_default().clone()
     }
 
-    /// Starts a stopped VM, as a job.
-    pub async fn start(&self, _uid: u32, _vm: &Vm) -> Result<Arc<Job>> {
-        Err(Error::NotImplemented("StartVM"))
+    /// The VM's disks and console log.
+    pub fn vm_dir(&self, id: &str) -> PathBuf {
+        self.layout.vms_dir().join(id)
     }
 
-    /// Stops a VM.
-    pub async fn stop(&self, _vm: &Vm, _o: StopOptions) -> Result<()> {
-        Err(Error::NotImplemented("StopVM"))
+    /// The serial console's log of the VM's last boot.
+    pub fn console_log(&self, id: &str) -> PathBuf {
+        self.vm_dir(id).join("console.log")
     }
 
-    /// Deletes a VM and everything reserved for it.
-    pub async fn delete(&self, _vm: &Vm, _force: bool) -> Result<()> {
-        Err(Error::NotImplemented("DeleteVM"))
+    /// Writes the VM's changed state and stage and tells the bus.
+    async fn save(&self, vm: &Vm) -> Result<()> {
+        let v = vm.clone();
+        self.store.call(move |c| rows::update_vm(c, &v)).await?;
+        self.events.send(ObjectEvent::VmChanged(vm.clone()));
+        Ok(())
+    }
+
+    /// A connection to the agent of a running VM, for `banger vm exec`.
+    pub async fn open_agent(&self, vm: &Vm) -> Result<tokio::net::UnixStream> {
+        if vm.state != VmState::Running {
+            return Err(Error::InvalidArgument(format!(
+                "VM {} is {}; start it first (`banger vm start {}`)",
+                vm.name, vm.state, vm.name
+            )));
+        }
+        let sock = self.vmm.vsock_socket(&self.layout.vm_runtime_dir(&vm.id));
+        crate::agent::client::connect(&sock, crate::agent::PORT).await
     }
 }
 

@@ -102,6 +102,8 @@ pub struct BusOptions {
     pub journal: bool,
     /// Put the daemon's runtime directory on tmpfs, as `/run/banger` is on systemd hosts.
     pub runtime_on_tmpfs: bool,
+    /// More lines for the daemon's config.toml.
+    pub extra_config: String,
 }
 
 impl Default for BusOptions {
@@ -111,6 +113,7 @@ impl Default for BusOptions {
             idle_exit_sec: 0,
             journal: false,
             runtime_on_tmpfs: false,
+            extra_config: String::new(),
         }
     }
 }
@@ -206,8 +209,9 @@ impl TestBus {
         write(
             &d.join("config.toml"),
             &format!(
-                "idle_exit_sec = {}\n{}",
+                "idle_exit_sec = {}\n{}{}",
                 opts.idle_exit_sec,
+                opts.extra_config,
                 // The static guest binaries tests/run builds.
                 std::env::var("BANGER_GUEST_BIN_DIR")
                     .map(|d| format!("guest_bin_dir = \"{d}\"\n"))
@@ -423,7 +427,28 @@ impl Drop for TestBus {
                 unsafe { libc::kill(pid, libc::SIGTERM) };
             }
         }
+        // VMM processes outlive bangerd by design; a failed test must not leak them.
+        for pid in processes_mentioning(&self.runtime.to_string_lossy()) {
+            // SAFETY: plain kill(2) of a process whose command line names this bus's runtime dir.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
+}
+
+/// Processes whose command line contains `marker`.
+pub fn processes_mentioning(marker: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            if String::from_utf8_lossy(&c).contains(marker) && pid != std::process::id() as i32 {
+                found.push(pid);
+            }
+        }
+    }
+    found
 }
 
 /// Extracts `<interface name="NAME">…</interface>` from introspection XML, each line trimmed.
@@ -483,4 +508,62 @@ pub fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+/// The unpacked kernel package: (vmlinuz, modules dir, version).
+pub fn debian_kernel() -> Option<(PathBuf, PathBuf, String)> {
+    let deb = match std::env::var("BANGER_TEST_KERNEL_DEB") {
+        Ok(d) => PathBuf::from(d),
+        Err(_) if std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() == Ok("1") => {
+            panic!("BANGER_TEST_KERNEL_DEB is not set: run the tests through tests/run")
+        }
+        Err(_) => {
+            eprintln!("SKIPPED: BANGER_TEST_KERNEL_DEB is not set (tests/run sets it)");
+            return None;
+        }
+    };
+    let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(deb.with_extension("unpacked").file_name().unwrap());
+    static UNPACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = UNPACK.lock().unwrap_or_else(|p| p.into_inner());
+    if !root.exists() {
+        let tmp = root.with_extension(format!("unpacking-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let ok = Command::new("dpkg-deb")
+            .arg("-x")
+            .arg(&deb)
+            .arg(&tmp)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "dpkg-deb -x {}", deb.display());
+        std::fs::rename(&tmp, &root).unwrap();
+    }
+    let version = std::fs::read_dir(root.join("lib/modules"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    let version = version.to_string_lossy().to_string();
+    Some((
+        root.join(format!("boot/vmlinuz-{version}")),
+        root.join(format!("lib/modules/{version}")),
+        version,
+    ))
+}
+
+/// The static guest binaries' directory tests/run builds, or `None` (skip) outside it.
+pub fn guest_bins() -> Option<PathBuf> {
+    match std::env::var("BANGER_GUEST_BIN_DIR") {
+        Ok(d) => Some(PathBuf::from(d)),
+        Err(_) => {
+            assert!(
+                std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
+                "BANGER_GUEST_BIN_DIR is not set: run through tests/run"
+            );
+            eprintln!("SKIPPED: BANGER_GUEST_BIN_DIR is not set (tests/run builds the static guest binaries)");
+            None
+        }
+    }
 }

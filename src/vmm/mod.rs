@@ -1,0 +1,89 @@
+//! Virtual machine monitors behind one small trait. `qemu` runs everywhere (microvm,
+//! virtio-mmio, KVM or TCG); `firecracker` needs a usable `/dev/kvm` and its binary.
+//!
+//! A VMM's processes outlive the daemon (idle exit, restart): everything needed to find them
+//! again lives in the VM's runtime directory (pid files and sockets), so the daemon can
+//! re-adopt or clean up a VM from that directory alone.
+
+pub mod process;
+pub mod qemu;
+pub mod qmp;
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+use crate::Result;
+
+/// Everything a VMM needs to boot one VM.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    /// The VM's id (names its processes).
+    pub id: String,
+    /// Virtual CPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// The ELF vmlinux.
+    pub kernel: PathBuf,
+    /// The initrd.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line, without what the VMM adds itself.
+    pub cmdline: String,
+    /// The per-VM root disk.
+    pub rootfs: PathBuf,
+    /// The persistent work disk mounted at `/root`.
+    pub work: PathBuf,
+    /// The guest's vsock CID.
+    pub cid: u32,
+    /// Sockets and pid files (`/run/banger/vms/<id>`).
+    pub run_dir: PathBuf,
+    /// The serial console's log file.
+    pub console_log: PathBuf,
+}
+
+/// The serial number of the root disk, which `banger-init` finds it by (`root=serial:root`).
+pub const ROOT_SERIAL: &str = "root";
+/// The serial number of the work disk (`banger.work=serial:work`).
+pub const WORK_SERIAL: &str = "work";
+
+/// A VMM driver.
+#[async_trait]
+pub trait Vmm: Send + Sync {
+    /// `qemu` or `firecracker`.
+    fn name(&self) -> &'static str;
+
+    /// Makes the VM's own root disk from the image's, in `vm_dir`, at least `size` bytes.
+    async fn prepare_rootfs(
+        &self,
+        image: &Path,
+        vm_dir: &Path,
+        size: Option<u64>,
+    ) -> Result<PathBuf>;
+
+    /// Starts the VM; returns once the VMM runs (not when the guest is up).
+    async fn boot(&self, spec: &BootSpec) -> Result<()>;
+
+    /// Whether the VM's VMM process is alive.
+    fn running(&self, run_dir: &Path) -> bool;
+
+    /// The host side of the guest's vsock (hybrid `CONNECT <port>` protocol).
+    fn vsock_socket(&self, run_dir: &Path) -> PathBuf {
+        run_dir.join("vsock.sock")
+    }
+
+    /// Asks the guest to power off (ACPI power button or Ctrl-Alt-Del).
+    async fn request_power_off(&self, run_dir: &Path) -> Result<()>;
+
+    /// Kills the VMM and its helpers and removes their sockets; fine when nothing runs.
+    async fn kill(&self, run_dir: &Path) -> Result<()>;
+}
+
+/// The driver the configuration asks for. `auto` is QEMU until the Firecracker driver lands.
+pub fn select(config: &crate::config::Config) -> Result<std::sync::Arc<dyn Vmm>> {
+    use crate::config::VmmChoice;
+    match config.vmm {
+        VmmChoice::Auto | VmmChoice::Qemu => Ok(std::sync::Arc::new(qemu::Qemu::new(config.accel))),
+        VmmChoice::Firecracker => Err(crate::Error::NotImplemented("vmm = \"firecracker\"")),
+    }
+}

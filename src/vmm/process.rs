@@ -1,0 +1,84 @@
+//! VMM processes found again through pid files. A pid is trusted only while the process's
+//! command line still names the VM's runtime directory, so a recycled pid is never killed.
+
+use std::path::Path;
+use std::time::Duration;
+
+/// The pid in `pidfile` if that process is alive and its command line mentions `marker`.
+pub fn live_pid(pidfile: &Path, marker: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    if pid <= 1 {
+        return None;
+    }
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // A zombie is not running, whatever its command line says.
+    let state = stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next());
+    if state == Some('Z') {
+        return None;
+    }
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    cmdline.contains(marker).then_some(pid)
+}
+
+/// Sends SIGTERM, waits up to `grace`, then SIGKILL; removes the pid file.
+pub async fn terminate(pidfile: &Path, marker: &str, grace: Duration) {
+    if let Some(pid) = live_pid(pidfile, marker) {
+        // SAFETY: kill takes no pointers; pid was checked to be the VM's process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = tokio::time::Instant::now() + grace;
+        while live_pid(pidfile, marker).is_some() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if live_pid(pidfile, marker).is_some() {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            while live_pid(pidfile, marker).is_some() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(pidfile);
+}
+
+/// Waits until `path` exists, up to `limit`.
+pub async fn wait_for_path(path: &Path, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !path.exists() {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_the_process_that_names_the_marker_is_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().to_string_lossy().into_owned();
+        // The marker is the shell's $0, so it is in the command line.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "while :; do sleep 1; done", &marker])
+            .spawn()
+            .unwrap();
+        let pidfile = dir.path().join("x.pid");
+        std::fs::write(&pidfile, child.id().to_string()).unwrap();
+        assert_eq!(live_pid(&pidfile, &marker), Some(child.id() as i32));
+        assert_eq!(live_pid(&pidfile, "/some/other/vm"), None);
+        terminate(&pidfile, "/some/other/vm", Duration::from_millis(10)).await;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "a foreign pid was killed"
+        );
+        std::fs::write(&pidfile, child.id().to_string()).unwrap();
+        let waiter = std::thread::spawn(move || child.wait().unwrap());
+        terminate(&pidfile, &marker, Duration::from_secs(5)).await;
+        assert!(!waiter.join().unwrap().success());
+        assert!(!pidfile.exists());
+    }
+}

@@ -1,0 +1,367 @@
+//! The QEMU driver: `qemu-system-x86_64 -M microvm` booting the ELF vmlinux through PVH,
+//! virtio-mmio disks (the root disk a qcow2 overlay on the image's raw ext4), the console
+//! to a log file, QMP for power-off, and vsock through a per-VM `vhost-device-vsock` whose
+//! host side speaks Firecracker's hybrid protocol. QEMU daemonizes, so it outlives bangerd.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::process::Command;
+
+use super::process::{live_pid, terminate, wait_for_path};
+use super::{qmp, BootSpec, Vmm, ROOT_SERIAL, WORK_SERIAL};
+use crate::config::Accel;
+use crate::host::find_program;
+use crate::{Error, Result};
+
+/// The QEMU driver.
+pub struct Qemu {
+    accel: Accel,
+}
+
+const QEMU: &str = "qemu-system-x86_64";
+/// The vhost-user vsock device (`cargo install vhost-device-vsock`).
+pub const VHOST_VSOCK: &str = "vhost-device-vsock";
+
+fn qemu_pidfile(run: &Path) -> PathBuf {
+    run.join("qemu.pid")
+}
+fn vsock_pidfile(run: &Path) -> PathBuf {
+    run.join("vhost-vsock.pid")
+}
+fn vhost_socket(run: &Path) -> PathBuf {
+    run.join("vhost-vsock.sock")
+}
+fn qmp_socket(run: &Path) -> PathBuf {
+    run.join("qmp.sock")
+}
+fn marker(run: &Path) -> String {
+    run.to_string_lossy().into_owned()
+}
+
+fn program(name: &str, hint: &str) -> Result<PathBuf> {
+    find_program(name).ok_or_else(|| {
+        Error::failed(
+            format!("{name} is not installed; {hint}"),
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        )
+    })
+}
+
+async fn output(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| Error::failed(format!("Cannot run {what}"), e))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        return Err(Error::failed(
+            format!("{what} failed ({})", out.status),
+            std::io::Error::other(stderr),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `/dev/kvm` opens and answers KVM_GET_API_VERSION.
+pub fn kvm_opens() -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    else {
+        return false;
+    };
+    const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+    // SAFETY: KVM_GET_API_VERSION takes no argument and only returns a number.
+    unsafe { libc::ioctl(f.as_raw_fd(), KVM_GET_API_VERSION as _, 0) == 12 }
+}
+
+/// Whether this host is itself a virtual machine (the CPU's `hypervisor` flag).
+pub fn host_is_a_guest() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "hypervisor"))
+        })
+        .unwrap_or(false)
+}
+
+impl Qemu {
+    /// A driver with this accelerator choice.
+    pub fn new(accel: Accel) -> Self {
+        Qemu { accel }
+    }
+
+    /// Whether VMs get KVM (else TCG).
+    pub fn uses_kvm(&self) -> bool {
+        match self.accel {
+            Accel::Kvm => true,
+            Accel::Tcg => false,
+            Accel::Auto => kvm_opens() && !host_is_a_guest(),
+        }
+    }
+
+    /// The full QEMU argument list for `spec`.
+    pub fn args(&self, spec: &BootSpec, kvm: bool, tsc_khz: Option<u64>) -> Vec<String> {
+        let run = &spec.run_dir;
+        let p = |p: &Path| p.to_string_lossy().into_owned();
+        let mut cmdline = format!(
+            "console=ttyS0 root=serial:{ROOT_SERIAL} rw banger.work=serial:{WORK_SERIAL} \
+             panic=-1 {}",
+            spec.cmdline
+        );
+        if let (false, Some(khz)) = (kvm, tsc_khz) {
+            // Under TCG about half the boots hang calibrating the TSC without this.
+            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!("banger-{},debug-threads=off", spec.id),
+            "-M".into(),
+            "microvm,memory-backend=mem".into(),
+            "-accel".into(),
+            (if kvm { "kvm" } else { "tcg" }).into(),
+            "-cpu".into(),
+            (if kvm { "host" } else { "max" }).into(),
+            "-smp".into(),
+            spec.vcpus.to_string(),
+            "-m".into(),
+            format!("{}M", spec.memory_mib),
+            "-object".into(),
+            format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                spec.memory_mib
+            ),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-chardev".into(),
+            format!("file,id=con,path={}", p(&spec.console_log)),
+            "-serial".into(),
+            "chardev:con".into(),
+            "-kernel".into(),
+            p(&spec.kernel),
+        ];
+        if let Some(i) = &spec.initrd {
+            a.extend(["-initrd".into(), p(i)]);
+        }
+        a.extend(["-append".into(), cmdline]);
+        for (id, file, format) in [
+            (ROOT_SERIAL, &spec.rootfs, "qcow2"),
+            (WORK_SERIAL, &spec.work, "raw"),
+        ] {
+            a.extend([
+                "-drive".into(),
+                format!(
+                    "id={id},file={},format={format},if=none,discard=unmap",
+                    p(file)
+                ),
+                "-device".into(),
+                format!("virtio-blk-device,drive={id},serial={id}"),
+            ]);
+        }
+        a.extend([
+            "-chardev".into(),
+            format!("socket,id=vsk,path={}", p(&vhost_socket(run))),
+            "-device".into(),
+            "vhost-user-vsock-device,chardev=vsk".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", p(&qmp_socket(run))),
+            "-pidfile".into(),
+            p(&qemu_pidfile(run)),
+            "-daemonize".into(),
+        ]);
+        a
+    }
+
+    async fn start_vsock(&self, spec: &BootSpec) -> Result<()> {
+        let run = &spec.run_dir;
+        let bin = program(
+            VHOST_VSOCK,
+            "install it with `cargo install vhost-device-vsock`",
+        )?;
+        terminate(&vsock_pidfile(run), &marker(run), Duration::from_secs(2)).await;
+        for s in [vhost_socket(run), self.vsock_socket(run)] {
+            let _ = std::fs::remove_file(s);
+        }
+        let log = std::fs::File::create(run.join("vhost-vsock.log"))
+            .map_err(|e| Error::failed("Cannot create the vsock log", e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| Error::failed("Cannot create the vsock log", e))?;
+        // setsid -f detaches it from bangerd (it must outlive an idle exit) and the shell
+        // records its pid before becoming it.
+        let mut cmd = Command::new("setsid");
+        cmd.args(["-f", "sh", "-c", "echo $$ > \"$0\"; exec \"$@\""])
+            .arg(vsock_pidfile(run))
+            .arg(bin)
+            .arg("--guest-cid")
+            .arg(spec.cid.to_string())
+            .arg("--socket")
+            .arg(vhost_socket(run))
+            .arg("--uds-path")
+            .arg(self.vsock_socket(run))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        // status(), not output(): output() would pipe stdout to the detached process too.
+        let status = cmd
+            .status()
+            .await
+            .map_err(|e| Error::failed(format!("Cannot run {VHOST_VSOCK}"), e))?;
+        if !status.success() {
+            return Err(Error::failed(
+                format!("Cannot start {VHOST_VSOCK}"),
+                std::io::Error::other(status.to_string()),
+            ));
+        }
+        if !wait_for_path(&vhost_socket(run), Duration::from_secs(10)).await {
+            let log = std::fs::read_to_string(run.join("vhost-vsock.log")).unwrap_or_default();
+            return Err(Error::failed(
+                format!("{VHOST_VSOCK} did not create its socket"),
+                std::io::Error::other(log.trim().to_owned()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Vmm for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn prepare_rootfs(
+        &self,
+        image: &Path,
+        vm_dir: &Path,
+        size: Option<u64>,
+    ) -> Result<PathBuf> {
+        let img = program("qemu-img", "install qemu-utils")?;
+        let out = vm_dir.join("rootfs.qcow2");
+        let _ = std::fs::remove_file(&out);
+        let mut cmd = Command::new(img);
+        cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(image)
+            .arg(&out);
+        if let Some(s) = size {
+            cmd.arg(s.to_string());
+        }
+        output(&mut cmd, "qemu-img create").await?;
+        Ok(out)
+    }
+
+    async fn boot(&self, spec: &BootSpec) -> Result<()> {
+        let qemu = program(QEMU, "install qemu-system-x86")?;
+        let kvm = self.uses_kvm();
+        let _ = std::fs::remove_file(qmp_socket(&spec.run_dir));
+        self.start_vsock(spec).await?;
+        let args = self.args(spec, kvm, crate::host::tsc_khz());
+        tracing::debug!(vm_id = %spec.id, "{QEMU} {}", args.join(" "));
+        // The daemonized QEMU keeps the descriptors it was given: a pipe would never reach
+        // EOF, so its errors go to a file and only the exit status is awaited.
+        let log_path = spec.run_dir.join("qemu.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| Error::failed("Cannot create the QEMU log", e))?;
+        let status = Command::new(qemu)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .status()
+            .await
+            .map_err(|e| Error::failed(format!("Cannot run {QEMU}"), e))?;
+        if !status.success() {
+            self.kill(&spec.run_dir).await?;
+            let msg = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(Error::failed(
+                format!("{QEMU} failed ({status})"),
+                std::io::Error::other(msg.trim().to_owned()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn running(&self, run_dir: &Path) -> bool {
+        live_pid(&qemu_pidfile(run_dir), &marker(run_dir)).is_some()
+    }
+
+    async fn request_power_off(&self, run_dir: &Path) -> Result<()> {
+        qmp::execute(&qmp_socket(run_dir), "system_powerdown")
+            .await
+            .map(|_| ())
+    }
+
+    async fn kill(&self, run_dir: &Path) -> Result<()> {
+        let m = marker(run_dir);
+        terminate(&qemu_pidfile(run_dir), &m, Duration::from_secs(3)).await;
+        terminate(&vsock_pidfile(run_dir), &m, Duration::from_secs(2)).await;
+        for s in [
+            qmp_socket(run_dir),
+            vhost_socket(run_dir),
+            self.vsock_socket(run_dir),
+        ] {
+            let _ = std::fs::remove_file(s);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> BootSpec {
+        BootSpec {
+            id: "00ff".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            kernel: "/k/vmlinux".into(),
+            initrd: Some("/k/initrd.img".into()),
+            cmdline: "quiet".into(),
+            rootfs: "/v/rootfs.qcow2".into(),
+            work: "/v/work.ext4".into(),
+            cid: 7,
+            run_dir: "/run/banger/vms/00ff".into(),
+            console_log: "/v/console.log".into(),
+        }
+    }
+
+    #[test]
+    fn tcg_gets_the_tsc_frequency_and_kvm_does_not() {
+        let q = Qemu::new(Accel::Tcg);
+        let a = q.args(&spec(), false, Some(2596140)).join(" ");
+        assert!(a.contains("-accel tcg -cpu max"), "{a}");
+        assert!(a.contains("tsc_early_khz=2596140"), "{a}");
+        assert!(
+            a.contains("root=serial:root rw banger.work=serial:work"),
+            "{a}"
+        );
+        assert!(
+            a.contains("memory-backend-memfd,id=mem,size=512M,share=on"),
+            "{a}"
+        );
+        assert!(
+            a.contains("virtio-blk-device,drive=work,serial=work"),
+            "{a}"
+        );
+        assert!(
+            a.contains("-pidfile /run/banger/vms/00ff/qemu.pid -daemonize"),
+            "{a}"
+        );
+        let a = q.args(&spec(), true, Some(2596140)).join(" ");
+        assert!(
+            a.contains("-accel kvm -cpu host") && !a.contains("tsc_early_khz"),
+            "{a}"
+        );
+    }
+}

@@ -1,0 +1,483 @@
+//! `CreateVM` and the start phase it shares with `StartVM`.
+//!
+//! 1. resolve, no lock: the image and kernel, pulled from the catalog when missing;
+//! 2. reserve: one transaction re-checks the name and takes a CID and an address;
+//! 3. start, under the VM's lock only: disks, network, boot, wait for the agent.
+//!
+//! Every stage goes out as the job's `StageChanged`, as `CreateProgress`, into the VM's
+//! `Stage` property and into the journal with `VM_ID=`, `VM_NAME=`, `STAGE=`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{CreateOptions, Vms};
+use crate::auth::Action;
+use crate::jobs::{Job, JobContext, JobSpec};
+use crate::model::{new_id, now_us, Image, Kernel, Vm, VmState};
+use crate::service::ObjectEvent;
+use crate::store::rows;
+use crate::vmm::BootSpec;
+use crate::{Error, Result};
+
+/// Reports stages of one VM's creation or start.
+pub(super) struct Stages<'a> {
+    pub ctx: &'a JobContext,
+    pub vms: &'a Vms,
+    /// Whether the VM row exists yet (before `reserve` only the job and signal carry it).
+    pub saved: bool,
+}
+
+impl Stages<'_> {
+    pub async fn enter(
+        &mut self,
+        vm: &mut Vm,
+        stage: &str,
+        message: impl Into<String>,
+    ) -> Result<()> {
+        let message = message.into();
+        tracing::info!(vm_id = %vm.id, vm_name = %vm.name, stage, "{message}");
+        self.ctx.stage(stage, message.clone());
+        self.vms.events.send(ObjectEvent::CreateProgress {
+            vm_id: vm.id.clone(),
+            stage: stage.into(),
+            message,
+        });
+        vm.stage = stage.into();
+        if self.saved {
+            self.vms.save(vm).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A MAC address from the VM's id: locally administered, unicast.
+fn mac_for(id: &str) -> String {
+    let b = id.as_bytes();
+    let pair = |i: usize| std::str::from_utf8(&b[i..i + 2]).unwrap_or("00").to_owned();
+    format!(
+        "02:{}:{}:{}:{}:{}",
+        pair(0),
+        pair(2),
+        pair(4),
+        pair(6),
+        pair(8)
+    )
+}
+
+impl Vms {
+    /// Creates (and by default starts) a VM; returns it and its job at once. The VM's
+    /// object appears when the reservation is made.
+    pub async fn create(&self, uid: u32, name: &str, o: CreateOptions) -> Result<(Vm, Arc<Job>)> {
+        o.validate()?;
+        let n = name.to_owned();
+        if self
+            .store
+            .call(move |c| rows::find_vm(c, &n))
+            .await?
+            .is_some()
+        {
+            return Err(taken(name));
+        }
+        let id = new_id();
+        let vm = Vm {
+            id: id.clone(),
+            name: name.into(),
+            state: VmState::Created,
+            stage: String::new(),
+            image_id: String::new(),
+            kernel: String::new(),
+            vcpus: o.vcpus,
+            memory_mib: o.memory_mib,
+            disk_size: o.disk_size.unwrap_or(0),
+            owner_uid: uid,
+            guest_address: String::new(),
+            mac_address: mac_for(&id),
+            vsock_cid: 0,
+            tap_name: format!("bgr{}", &id[..12]),
+            ssh_address: String::new(),
+            created_at: now_us(),
+        };
+        let spec = JobSpec {
+            kind: "create-vm".into(),
+            target: name.into(),
+            action: Action::VmsManage,
+            owner_uid: uid,
+        };
+        let this = self.clone();
+        let v = vm.clone();
+        let job = self.jobs.spawn(
+            spec,
+            move |ctx| async move { this.run_create(ctx, v, o).await },
+        );
+        Ok((vm, job))
+    }
+
+    async fn run_create(&self, ctx: JobContext, mut vm: Vm, o: CreateOptions) -> Result<()> {
+        let mut st = Stages {
+            ctx: &ctx,
+            vms: self,
+            saved: false,
+        };
+        // Phase 1: resolve, no lock.
+        let image_name = o
+            .image
+            .clone()
+            .unwrap_or_else(|| self.config.default_image.clone());
+        st.enter(
+            &mut vm,
+            "resolve_image",
+            format!("Looking up image {image_name}"),
+        )
+        .await?;
+        let image = self.resolve_image(&mut st, &mut vm, &image_name).await?;
+        let kernel_name = o
+            .kernel
+            .clone()
+            .or_else(|| image.kernel.clone())
+            .unwrap_or_else(|| self.config.default_kernel.clone());
+        let kernel = self.resolve_kernel(&mut st, &mut vm, &kernel_name).await?;
+        vm.image_id = image.id.clone();
+        vm.kernel = kernel.name.clone();
+        if vm.disk_size < image.size_bytes {
+            vm.disk_size = image.size_bytes;
+        }
+
+        // Phase 2: reserve, the only global critical section.
+        st.enter(&mut vm, "reserve", "Reserving name, address and vsock CID")
+            .await?;
+        let (_, pool) = self.config.address_pool()?;
+        let row = vm.clone();
+        let got = self
+            .store
+            .call(move |c| rows::reserve_vm(c, &row, &pool))
+            .await?
+            .ok_or_else(|| taken(&vm.name))?;
+        vm.guest_address = got.address;
+        vm.vsock_cid = got.cid;
+        st.saved = true;
+        self.events.send(ObjectEvent::VmAdded(vm.clone()));
+        ctx.log(
+            6,
+            format!(
+                "Reserved {} (CID {}, {}, {})",
+                vm.name, vm.vsock_cid, vm.guest_address, vm.mac_address
+            ),
+        );
+        if !o.start {
+            return Ok(());
+        }
+        // Phase 3: start, under the VM's own lock.
+        self.start_locked(&mut st, vm, Some(o.ssh_key)).await
+    }
+
+    async fn resolve_image(&self, st: &mut Stages<'_>, vm: &mut Vm, name: &str) -> Result<Image> {
+        match self.images.get(name).await {
+            Ok(i) => return Ok(i),
+            Err(Error::NotFound(_))
+                if self.config.auto_pull_image && name == self.config.default_image => {}
+            Err(e) => return Err(e),
+        }
+        let job = self
+            .images
+            .build(vm.owner_uid, name, Default::default())
+            .await?;
+        st.enter(
+            vm,
+            "auto_pull_image",
+            format!("Building the default image {name} (job {})", job.id),
+        )
+        .await?;
+        let built = job.wait().await;
+        // A parallel create may have built it first; what matters is that it exists now.
+        match (self.images.get(name).await, built) {
+            (Ok(i), _) => Ok(i),
+            (Err(_), Err(e)) => Err(e),
+            (Err(e), Ok(())) => Err(e),
+        }
+    }
+
+    async fn resolve_kernel(&self, st: &mut Stages<'_>, vm: &mut Vm, name: &str) -> Result<Kernel> {
+        match self.kernels.get(name).await {
+            Ok(k) => return Ok(k),
+            Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let in_catalog = self.kernels.in_catalog(name);
+        if !in_catalog || !self.config.auto_pull_kernel {
+            return Err(Error::NotFound(format!(
+                "No kernel {name:?} installed{}; `banger kernel list --available` shows what \
+                 can be pulled, `banger kernel import` adds your own",
+                if in_catalog {
+                    " and auto_pull_kernel is off"
+                } else {
+                    " or in the catalog"
+                }
+            )));
+        }
+        let job = match self.kernels.pull(vm.owner_uid, name).await {
+            Ok(j) => Some(j),
+            Err(Error::AlreadyExists(_)) => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(job) = job {
+            st.enter(
+                vm,
+                "auto_pull_kernel",
+                format!("Pulling kernel {name} from the catalog (job {})", job.id),
+            )
+            .await?;
+            let pulled = job.wait().await;
+            if let (Err(e), Err(_)) = (&pulled, self.kernels.get(name).await) {
+                return Err(Error::failed(
+                    format!("Cannot pull kernel {name}"),
+                    e.to_string(),
+                ));
+            }
+        }
+        self.kernels.get(name).await
+    }
+
+    /// Phase 3 under the VM's lock; on failure the VM is `failed`, its processes gone.
+    pub(super) async fn start_locked(
+        &self,
+        st: &mut Stages<'_>,
+        mut vm: Vm,
+        ssh_key: Option<Option<String>>,
+    ) -> Result<()> {
+        let lock = self.lock_of(&vm.id);
+        let _held = lock.lock().await;
+        // Cancel drops this future; the guard still cleans up.
+        let mut guard = FailGuard {
+            vms: self.clone(),
+            vm: Some(vm.clone()),
+        };
+        let r = self.start_phase(st, &mut vm, ssh_key).await;
+        guard.vm = None;
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let stage = vm.stage.clone();
+                let tail = self.console_tail(&vm.id, 25);
+                self.fail(&mut vm).await;
+                let mut msg = format!("VM {} failed at stage {stage}", vm.name);
+                if !tail.is_empty() {
+                    msg.push_str(&format!("; console log ends with:\n{tail}"));
+                }
+                Err(Error::failed(msg, e))
+            }
+        }
+    }
+
+    async fn start_phase(
+        &self,
+        st: &mut Stages<'_>,
+        vm: &mut Vm,
+        _ssh_key: Option<Option<String>>,
+    ) -> Result<()> {
+        let image = self.images.get(&vm.image_id).await?;
+        let kernel = self.kernels.get(&vm.kernel).await?;
+        vm.state = VmState::Starting;
+        let dir = self.vm_dir(&vm.id);
+        let run = self.layout.vm_runtime_dir(&vm.id);
+        for d in [&dir, &run] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| Error::failed(format!("Cannot create {}", d.display()), e))?;
+        }
+
+        let rootfs = dir.join("rootfs.qcow2");
+        if rootfs.exists() {
+            st.enter(vm, "prepare_rootfs", "Keeping the VM's root disk")
+                .await?;
+        } else {
+            st.enter(
+                vm,
+                "prepare_rootfs",
+                format!("Layering the VM's root disk on image {}", image.name),
+            )
+            .await?;
+            let size = (vm.disk_size > image.size_bytes).then_some(vm.disk_size);
+            self.vmm
+                .prepare_rootfs(&image.rootfs_path, &dir, size)
+                .await?;
+        }
+
+        let work = dir.join("work.ext4");
+        if work.exists() {
+            st.enter(vm, "prepare_work_disk", "Keeping the VM's /root disk")
+                .await?;
+        } else {
+            st.enter(
+                vm,
+                "prepare_work_disk",
+                "Creating the VM's /root disk from the image's work seed",
+            )
+            .await?;
+            let seed = image.work_seed_path.clone();
+            let w = work.clone();
+            tokio::task::spawn_blocking(move || make_work_disk(seed.as_deref(), &w))
+                .await
+                .map_err(|e| Error::failed("Work disk task failed", e))??;
+        }
+
+        st.enter(
+            vm,
+            "network",
+            "Skipped: this banger does not set up guest networking yet",
+        )
+        .await?;
+
+        st.enter(vm, "boot", format!("Booting on {}", self.vmm.name()))
+            .await?;
+        let spec = BootSpec {
+            id: vm.id.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            kernel: kernel.kernel_path.clone(),
+            initrd: kernel.initrd_path.clone(),
+            cmdline: "quiet".into(),
+            rootfs,
+            work,
+            cid: vm.vsock_cid,
+            run_dir: run.clone(),
+            console_log: self.console_log(&vm.id),
+        };
+        self.vmm.boot(&spec).await?;
+
+        st.enter(vm, "wait_agent", "Waiting for the guest agent on vsock")
+            .await?;
+        self.wait_agent(&run).await?;
+
+        st.enter(
+            vm,
+            "wait_ssh",
+            "Skipped: this banger does not set up guest networking yet",
+        )
+        .await?;
+        vm.state = VmState::Running;
+        st.enter(vm, "ready", format!("VM {} is ready", vm.name))
+            .await?;
+        self.watch(vm.clone());
+        Ok(())
+    }
+
+    async fn wait_agent(&self, run: &std::path::Path) -> Result<()> {
+        let sock = self.vmm.vsock_socket(run);
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(self.config.boot_timeout_sec);
+        let mut last = String::new();
+        loop {
+            if !self.vmm.running(run) {
+                return Err(Error::failed(
+                    "The VM stopped before its agent answered",
+                    std::io::Error::other(last),
+                ));
+            }
+            let attempt = async {
+                let mut s = crate::agent::client::connect(&sock, crate::agent::PORT).await?;
+                crate::agent::client::health(&mut s).await
+            };
+            match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                Ok(Ok(h)) => {
+                    tracing::debug!(?h, "Agent answered");
+                    return Ok(());
+                }
+                Ok(Err(e)) => last = e.full_message(),
+                Err(_) => last = "no answer within 5 s".into(),
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::failed(
+                    format!(
+                        "The guest agent did not answer within {} s (boot_timeout_sec)",
+                        self.config.boot_timeout_sec
+                    ),
+                    std::io::Error::other(last),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The last `n` lines of the VM's console log.
+    pub fn console_tail(&self, id: &str, n: usize) -> String {
+        let text = std::fs::read(self.console_log(id)).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Marks the VM failed and releases its running resources (disks stay for a retry).
+    pub(super) async fn fail(&self, vm: &mut Vm) {
+        let _ = self.vmm.kill(&self.layout.vm_runtime_dir(&vm.id)).await;
+        vm.state = VmState::Failed;
+        if let Err(e) = self.save(vm).await {
+            tracing::error!(vm_id = %vm.id, "Cannot record the failure: {e}");
+        }
+    }
+}
+
+fn taken(name: &str) -> Error {
+    Error::AlreadyExists(format!(
+        "A VM named {name:?} exists; pick another name or delete it (`banger vm delete {name}`)"
+    ))
+}
+
+/// The work disk: a sparse copy of the image's seed, or an empty ext4 when it has none.
+fn make_work_disk(seed: Option<&std::path::Path>, out: &std::path::Path) -> Result<()> {
+    let tmp = out.with_extension("ext4.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    match seed {
+        Some(seed) => crate::host::run(
+            "cp",
+            [
+                "--sparse=always".as_ref(),
+                "--reflink=auto".as_ref(),
+                seed.as_os_str(),
+                tmp.as_os_str(),
+            ],
+        )?,
+        None => {
+            let f = std::fs::File::create(&tmp)
+                .map_err(|e| Error::failed("Cannot create the work disk", e))?;
+            f.set_len(1 << 30)
+                .map_err(|e| Error::failed("Cannot size the work disk", e))?;
+            crate::host::run(
+                "mkfs.ext4",
+                [
+                    "-q".as_ref(),
+                    "-F".as_ref(),
+                    "-L".as_ref(),
+                    "work".as_ref(),
+                    "-E".as_ref(),
+                    "root_owner=0:0".as_ref(),
+                    tmp.as_os_str(),
+                ],
+            )?
+        }
+    }
+    std::fs::rename(&tmp, out).map_err(|e| Error::failed("Cannot install the work disk", e))
+}
+
+/// Marks the VM failed if the start future is dropped (a canceled job) before it finished.
+struct FailGuard {
+    vms: Vms,
+    vm: Option<Vm>,
+}
+
+impl Drop for FailGuard {
+    fn drop(&mut self) {
+        if let Some(mut vm) = self.vm.take() {
+            let vms = self.vms.clone();
+            tokio::spawn(async move { vms.fail(&mut vm).await });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_are_local_unicast_and_follow_the_id() {
+        assert_eq!(mac_for("0123456789abcdef"), "02:01:23:45:67:89");
+    }
+}

@@ -1,0 +1,196 @@
+//! Start, stop, delete, watching a running VM's VMM, and re-adopting VMs at daemon start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::create::Stages;
+use super::{StopOptions, Vms};
+use crate::auth::Action;
+use crate::jobs::{Job, JobSpec};
+use crate::model::{Vm, VmState};
+use crate::service::ObjectEvent;
+use crate::store::rows;
+use crate::{Error, Result};
+
+impl Vms {
+    /// Starts a VM that is not running, as a job.
+    pub async fn start(&self, uid: u32, vm: &Vm) -> Result<Arc<Job>> {
+        if matches!(
+            vm.state,
+            VmState::Running | VmState::Starting | VmState::Stopping
+        ) {
+            return Err(Error::InvalidArgument(format!(
+                "VM {} is {} already",
+                vm.name, vm.state
+            )));
+        }
+        let spec = JobSpec {
+            kind: "start-vm".into(),
+            target: vm.name.clone(),
+            action: Action::VmsManage,
+            owner_uid: uid,
+        };
+        let (this, vm) = (self.clone(), vm.clone());
+        Ok(self.jobs.spawn(spec, move |ctx| async move {
+            let mut st = Stages {
+                ctx: &ctx,
+                vms: &this,
+                saved: true,
+            };
+            this.start_locked(&mut st, vm, None).await
+        }))
+    }
+
+    /// Stops a VM: the agent (or ACPI) powers the guest off; after `timeout_sec` (or at once
+    /// with `force`) the VMM is killed. Stopping a VM that does not run is not an error.
+    pub async fn stop(&self, vm: &Vm, o: StopOptions) -> Result<()> {
+        let lock = self.lock_of(&vm.id);
+        let _held = lock.lock().await;
+        let mut vm = self.get(&vm.id).await?;
+        let run = self.layout.vm_runtime_dir(&vm.id);
+        if !self.vmm.running(&run) {
+            self.vmm.kill(&run).await?;
+            if vm.state != VmState::Stopped && vm.state != VmState::Created {
+                vm.state = VmState::Stopped;
+                self.save(&vm).await?;
+            }
+            return Ok(());
+        }
+        vm.state = VmState::Stopping;
+        self.save(&vm).await?;
+        if !o.force {
+            let how = self.request_shutdown(&vm).await;
+            tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "Asked the guest to power off ({how})");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(o.timeout_sec.into());
+            while self.vmm.running(&run) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if self.vmm.running(&run) {
+                tracing::warn!(vm_id = %vm.id, vm_name = %vm.name,
+                    "The guest did not power off within {} s; killing it", o.timeout_sec);
+            }
+        }
+        self.vmm.kill(&run).await?;
+        vm.state = VmState::Stopped;
+        self.save(&vm).await?;
+        tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "VM stopped");
+        Ok(())
+    }
+
+    async fn request_shutdown(&self, vm: &Vm) -> &'static str {
+        let via_agent = async {
+            let mut s = self.open_agent_any(vm).await?;
+            crate::agent::client::shutdown(&mut s).await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), via_agent).await {
+            Ok(Ok(())) => "agent",
+            _ => match self
+                .vmm
+                .request_power_off(&self.layout.vm_runtime_dir(&vm.id))
+                .await
+            {
+                Ok(()) => "ACPI power button",
+                Err(_) => "nothing answered",
+            },
+        }
+    }
+
+    async fn open_agent_any(&self, vm: &Vm) -> Result<tokio::net::UnixStream> {
+        let sock = self.vmm.vsock_socket(&self.layout.vm_runtime_dir(&vm.id));
+        crate::agent::client::connect(&sock, crate::agent::PORT).await
+    }
+
+    /// Deletes a VM, its disks and its reservation; a running VM only with `force`.
+    pub async fn delete(&self, vm: &Vm, force: bool) -> Result<()> {
+        let lock = self.lock_of(&vm.id);
+        let _held = lock.lock().await;
+        let vm = self.get(&vm.id).await?;
+        let run = self.layout.vm_runtime_dir(&vm.id);
+        if self.vmm.running(&run) {
+            if !force {
+                return Err(Error::InUse(format!(
+                    "VM {} is running; stop it first (`banger vm stop {}`) or delete with --force",
+                    vm.name, vm.name
+                )));
+            }
+            tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "Killing the VM to delete it");
+        }
+        self.vmm.kill(&run).await?;
+        let id = vm.id.clone();
+        self.store.call(move |c| rows::delete_vm(c, &id)).await?;
+        self.events.send(ObjectEvent::VmRemoved(vm.id.clone()));
+        for d in [self.vm_dir(&vm.id), run] {
+            if let Err(e) = crate::layout::remove_any(&d) {
+                tracing::warn!(vm_id = %vm.id, "Cannot remove {}: {e}", d.display());
+            }
+        }
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&vm.id);
+        tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "VM deleted");
+        Ok(())
+    }
+
+    /// Watches a running VM's VMM; when it exits on its own (the guest powered off or
+    /// crashed) the VM becomes `stopped` and its helpers are cleaned up.
+    pub(super) fn watch(&self, vm: Vm) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let run = this.layout.vm_runtime_dir(&vm.id);
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if this.vmm.running(&run) {
+                    continue;
+                }
+                let lock = this.lock_of(&vm.id);
+                let _held = lock.lock().await;
+                let Ok(mut now) = this.get(&vm.id).await else {
+                    return;
+                };
+                if now.state == VmState::Running {
+                    let _ = this.vmm.kill(&run).await;
+                    now.state = VmState::Stopped;
+                    tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "The VM powered off");
+                    let _ = this.save(&now).await;
+                }
+                return;
+            }
+        });
+    }
+
+    /// At daemon start: VMs whose VMM still runs are watched again; the others are marked
+    /// `stopped` (or `failed`, if they died while starting) and their helpers cleaned up.
+    pub async fn adopt(&self) -> Result<()> {
+        for mut vm in self.list().await? {
+            if !matches!(
+                vm.state,
+                VmState::Running | VmState::Starting | VmState::Stopping
+            ) {
+                continue;
+            }
+            let run = self.layout.vm_runtime_dir(&vm.id);
+            let alive = self.vmm.running(&run);
+            match (vm.state, alive) {
+                (VmState::Running, true) => {
+                    tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "Re-adopted a running VM");
+                    self.watch(vm);
+                    continue;
+                }
+                (VmState::Starting, _) => {
+                    tracing::warn!(vm_id = %vm.id, vm_name = %vm.name,
+                        "The VM was starting when the daemon stopped; marking it failed");
+                    vm.state = VmState::Failed;
+                }
+                _ => {
+                    tracing::info!(vm_id = %vm.id, vm_name = %vm.name,
+                        "The VM stopped while the daemon was away");
+                    vm.state = VmState::Stopped;
+                }
+            }
+            self.vmm.kill(&run).await?;
+            self.save(&vm).await?;
+        }
+        Ok(())
+    }
+}

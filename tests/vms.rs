@@ -1,0 +1,439 @@
+//! VMs for real: a busybox image pulled from a registry on 127.0.0.1, the Debian kernel
+//! imported with a banger-built initrd, and VMs booted under QEMU (TCG) with the guest agent
+//! on vsock through vhost-device-vsock, all driven as a real user through the CLI and the bus.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use banger::dbus::proxy::{Images1Proxy, Kernels1Proxy, VMs1Proxy};
+use common::oci::*;
+use common::*;
+use futures_util::StreamExt;
+use zbus::{OwnedVariant, Variant};
+
+const TOOLS: &[&str] = &[
+    "dbus-daemon",
+    "gdbus",
+    "unshare",
+    "docker-registry",
+    "skopeo",
+    "mkfs.ext4",
+    "busybox",
+    "dpkg-deb",
+    "xz",
+    "qemu-system-x86_64",
+    "qemu-img",
+    "vhost-device-vsock",
+    "setsid",
+];
+
+fn opt(entries: &[(&str, Variant<'static>)]) -> HashMap<String, OwnedVariant> {
+    entries
+        .iter()
+        .map(|(k, v)| (k.to_string(), OwnedVariant::try_from(v.clone()).unwrap()))
+        .collect()
+}
+
+/// A busybox system whose init idles: enough for the agent, which banger-init starts.
+fn vm_image_layers() -> Vec<Vec<u8>> {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static");
+    let mut l = Layer::default()
+        .dir("bin", 0o755)
+        .file("bin/busybox", &busybox, 0o755, 0)
+        .dir("sbin", 0o755)
+        .link("sbin/init", tar::EntryType::Symlink, "/bin/busybox")
+        .dir("etc", 0o755)
+        .file("etc/inittab", b"::sysinit:/bin/true\n", 0o644, 0)
+        .dir("root", 0o700)
+        .file("root/seeded", b"from the image\n", 0o644, 0);
+    for d in ["dev", "proc", "sys", "tmp"] {
+        l = l.dir(d, 0o755);
+    }
+    for applet in ["sh", "cat", "echo", "sync", "sleep", "id", "uname", "true"] {
+        l = l.link(&format!("bin/{applet}"), tar::EntryType::Symlink, "busybox");
+    }
+    vec![l.bytes()]
+}
+
+/// Waits for job `id` to end; returns its result and error, as the store recorded them.
+async fn job_result(bus: &TestBus, id: u32) -> (String, String) {
+    let store = banger::store::Store::open(&bus.state_dir().join("banger.db")).unwrap();
+    for _ in 0..6000 {
+        let rec = store
+            .call_blocking(move |c| banger::store::rows::find_job(c, id))
+            .unwrap();
+        if let Some(r) = rec.filter(|r| r.state != "running") {
+            return (r.state, r.error);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("job {id} did not end within 10 minutes");
+}
+
+fn vm_processes(bus: &TestBus) -> Vec<String> {
+    let marker = bus.runtime.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            let c = String::from_utf8_lossy(&c).replace('\0', " ");
+            if c.contains(&marker) && (c.contains("qemu") || c.contains("vhost-device")) {
+                found.push(c);
+            }
+        }
+    }
+    found
+}
+
+fn exec_with_stdin(bus: &TestBus, vm: &str, stdin: &str, cmd: &[&str]) -> std::process::Output {
+    let mut c = Command::new("runuser");
+    c.args([
+        "-u",
+        USER_OK,
+        "--",
+        env!("CARGO_BIN_EXE_banger"),
+        "vm",
+        "exec",
+        vm,
+        "--",
+    ])
+    .args(cmd)
+    .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
+    if !available(TOOLS) {
+        return;
+    }
+    let Some((vmlinuz, modules, _)) = debian_kernel() else {
+        return;
+    };
+    if guest_bins().is_none() {
+        return;
+    }
+    let bus = TestBus::start(BusOptions {
+        extra_config: "accel = \"tcg\"\nboot_timeout_sec = 240\n".into(),
+        ..Default::default()
+    });
+    let conn = bus.connect().await;
+    let registry = TestRegistry::start();
+    let layout = tempfile::tempdir().unwrap();
+    let m = image_manifest(layout.path(), &vm_image_layers(), Comp::Gzip, "amd64");
+    finish_layout(layout.path(), vec![m], "v1");
+    let reference = registry.push(layout.path(), "v1", "vm/tiny", &[]);
+
+    let images = Images1Proxy::new(&conn).await.unwrap();
+    let (id, _) = images
+        .pull_image(
+            &reference,
+            opt(&[("insecure", true.into()), ("name", "tiny".into())]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(job_result(&bus, id).await.0, "done");
+    let kernels = Kernels1Proxy::new(&conn).await.unwrap();
+    kernels
+        .import_kernel(
+            "test",
+            opt(&[
+                ("kernel_path", vmlinuz.to_string_lossy().into_owned().into()),
+                ("modules_dir", modules.to_string_lossy().into_owned().into()),
+            ]),
+        )
+        .await
+        .unwrap();
+
+    // Create through the CLI, as a member of the banger group, while watching the stages.
+    let vms = VMs1Proxy::new(&conn).await.unwrap();
+    let mut progress = vms.receive_create_progress().await.unwrap();
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &[
+            "vm", "create", "t1", "--image", "tiny", "--kernel", "test", "--vcpus", "1",
+            "--memory", "256",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("==> Waiting for the guest agent"), "{err}");
+    let mut stages = Vec::new();
+    while let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(2), progress.next()).await {
+        stages.push(s.args().unwrap().stage.to_string());
+    }
+    assert_eq!(
+        stages,
+        [
+            "resolve_image",
+            "reserve",
+            "prepare_rootfs",
+            "prepare_work_disk",
+            "network",
+            "boot",
+            "wait_agent",
+            "wait_ssh",
+            "ready"
+        ]
+    );
+    let path = vms.get_vm("t1").await.unwrap();
+    let get = |prop: &str| {
+        text(&bus.busctl_as(
+            None,
+            &[
+                "get-property",
+                "org.banger",
+                path.as_str(),
+                "org.banger.VM1",
+                prop,
+            ],
+        ))
+    };
+    assert_eq!(get("State").trim(), "s \"running\"");
+    assert_eq!(get("VSockCID").trim(), "u 3");
+    assert_eq!(get("Owner").trim(), format!("u {}", uid_of(USER_OK)));
+    assert!(
+        get("GuestAddress").contains("172.30.99.2"),
+        "{}",
+        get("GuestAddress")
+    );
+
+    // Commands: streams, exit status, environment, the work disk on /root.
+    let out = exec_with_stdin(
+        &bus,
+        "t1",
+        "piped in\n",
+        &[
+            "sh",
+            "-c",
+            "cat; echo to-err >&2; cat /proc/cmdline; cat /root/seeded; exit 3",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("piped in\n"), "{stdout}");
+    assert!(stdout.contains("banger.work=serial:work"), "{stdout}");
+    assert!(stdout.contains("from the image"), "{stdout}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "to-err\n");
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &[
+            "vm",
+            "exec",
+            "t1",
+            "--",
+            "sh",
+            "-c",
+            "echo kept > /root/marker && sync",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let out = bus.banger_as(Some(USER_NO), &["vm", "exec", "t1", "--", "true"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("Permission denied"), "{}", text(&out));
+    let out = bus.banger_as(Some(USER_OK), &["vm", "logs", "t1"]);
+    assert!(text(&out).contains("banger-init: root"), "{}", text(&out));
+
+    // Running VMs are not deleted by accident.
+    let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "t1"]);
+    assert!(text(&out).contains("is running"), "{}", text(&out));
+
+    // Stop (through the agent), start again: /root survived.
+    let out = bus.banger_as(Some(USER_OK), &["vm", "stop", "t1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(get("State").trim(), "s \"stopped\"");
+    assert!(vm_processes(&bus).is_empty(), "{:?}", vm_processes(&bus));
+    let out = bus.banger_as(Some(USER_OK), &["vm", "start", "t1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &["vm", "exec", "t1", "--", "cat", "/root/marker"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "kept\n",
+        "{}",
+        text(&out)
+    );
+
+    // A guest that powers itself off is noticed.
+    let _ = bus.banger_as(
+        Some(USER_OK),
+        &["vm", "exec", "t1", "--", "busybox", "poweroff", "-f"],
+    );
+    let mut state = String::new();
+    for _ in 0..100 {
+        state = get("State");
+        if state.contains("stopped") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state.trim(), "s \"stopped\"");
+    assert!(vm_processes(&bus).is_empty(), "{:?}", vm_processes(&bus));
+
+    // Start, then delete by force: processes, disks and the lease go.
+    let out = bus.banger_as(Some(USER_OK), &["vm", "start", "t1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let vm_id = path.as_str().rsplit('/').next().unwrap().to_owned();
+    let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "--force", "t1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(vm_processes(&bus).is_empty(), "{:?}", vm_processes(&bus));
+    assert!(!bus.state_dir().join("vms").join(&vm_id).exists());
+    assert!(vms.list_vms().await.unwrap().is_empty());
+
+    // Two creates of one name: exactly one reservation wins; the address is reused.
+    let no_start = || {
+        opt(&[
+            ("image", "tiny".into()),
+            ("kernel", "test".into()),
+            ("start", false.into()),
+        ])
+    };
+    let (a, b) = tokio::join!(
+        vms.create_vm("dup", no_start()),
+        vms.create_vm("dup", no_start())
+    );
+    let mut results = Vec::new();
+    for r in [a, b] {
+        match r {
+            Ok((_, id, _)) => results.push(job_result(&bus, id).await),
+            Err(e) => results.push(("refused".into(), e.to_string())),
+        }
+    }
+    let winners = results.iter().filter(|(r, _)| r == "done").count();
+    assert_eq!(winners, 1, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .any(|(_, e)| e.contains("A VM named \"dup\" exists")),
+        "{results:?}"
+    );
+    let listed = vms.list_vms().await.unwrap();
+    assert_eq!((listed.len(), listed[0].2.as_str()), (1, "created"));
+    let dup = vms.get_vm("dup").await.unwrap();
+    let addr = text(&bus.busctl_as(
+        None,
+        &[
+            "get-property",
+            "org.banger",
+            dup.as_str(),
+            "org.banger.VM1",
+            "GuestAddress",
+        ],
+    ));
+    assert!(
+        addr.contains("172.30.99.2"),
+        "the freed lease is reused: {addr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_boot_that_fails_names_its_stage_keeps_the_console_and_leaves_nothing_running() {
+    if !available(TOOLS) {
+        return;
+    }
+    let Some((vmlinuz, modules, _)) = debian_kernel() else {
+        return;
+    };
+    if guest_bins().is_none() {
+        return;
+    }
+    let bus = TestBus::start(BusOptions {
+        extra_config: "accel = \"tcg\"\nboot_timeout_sec = 240\n".into(),
+        ..Default::default()
+    });
+    let conn = bus.connect().await;
+    // An image whose root has no init: banger-init reports it and powers off.
+    let rootfs = bus.dir.path().join("noinit.ext4");
+    let empty = tempfile::tempdir().unwrap();
+    std::fs::create_dir(empty.path().join("root")).unwrap();
+    let ok = Command::new("mkfs.ext4")
+        .args(["-q", "-d"])
+        .arg(empty.path())
+        .arg(&rootfs)
+        .arg("16M")
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let images = Images1Proxy::new(&conn).await.unwrap();
+    images
+        .register_image(
+            "noinit",
+            opt(&[("rootfs", rootfs.to_string_lossy().into_owned().into())]),
+        )
+        .await
+        .unwrap();
+    let kernels = Kernels1Proxy::new(&conn).await.unwrap();
+    kernels
+        .import_kernel(
+            "test",
+            opt(&[
+                ("kernel_path", vmlinuz.to_string_lossy().into_owned().into()),
+                ("modules_dir", modules.to_string_lossy().into_owned().into()),
+            ]),
+        )
+        .await
+        .unwrap();
+    let vms = VMs1Proxy::new(&conn).await.unwrap();
+    let (path, id, _) = vms
+        .create_vm(
+            "broken",
+            opt(&[
+                ("image", "noinit".into()),
+                ("kernel", "test".into()),
+                ("vcpus", 1u32.into()),
+                ("memory_mib", 256u32.into()),
+            ]),
+        )
+        .await
+        .unwrap();
+    let (result, error) = job_result(&bus, id).await;
+    assert_eq!(result, "failed");
+    assert!(error.contains("failed at stage wait_agent"), "{error}");
+    assert!(
+        error.contains("/sbin/init is not on the root filesystem"),
+        "{error}"
+    );
+    let state = text(&bus.busctl_as(
+        None,
+        &[
+            "get-property",
+            "org.banger",
+            path.as_str(),
+            "org.banger.VM1",
+            "State",
+        ],
+    ));
+    assert_eq!(state.trim(), "s \"failed\"");
+    assert!(vm_processes(&bus).is_empty(), "{:?}", vm_processes(&bus));
+    let out = bus.banger_as(None, &["vm", "logs", "broken"]);
+    assert!(text(&out).contains("powering off"), "{}", text(&out));
+    // A missing kernel is named, with where to look.
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &[
+            "vm", "create", "nokernel", "--image", "noinit", "--kernel", "nope",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("banger kernel list --available"),
+        "{}",
+        text(&out)
+    );
+}
