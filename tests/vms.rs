@@ -437,3 +437,75 @@ async fn a_boot_that_fails_names_its_stage_keeps_the_console_and_leaves_nothing_
         text(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_default_image_is_built_on_demand_and_boots_systemd_with_the_agent() {
+    if !available(&[TOOLS, &["debootstrap"]].concat()) {
+        return;
+    }
+    let Some((vmlinuz, modules, _)) = debian_kernel() else {
+        return;
+    };
+    if guest_bins().is_none() {
+        return;
+    }
+    let bus = TestBus::start(BusOptions {
+        extra_config: "accel = \"tcg\"\nboot_timeout_sec = 240\n".into(),
+        ..Default::default()
+    });
+    let conn = bus.connect().await;
+    // The default kernel ("debian") imported from the package tests/run fetched; the default
+    // image is missing, so CreateVM builds it (debootstrap from this host's apt mirror).
+    let kernels = Kernels1Proxy::new(&conn).await.unwrap();
+    kernels
+        .import_kernel(
+            "debian",
+            opt(&[
+                ("kernel_path", vmlinuz.to_string_lossy().into_owned().into()),
+                ("modules_dir", modules.to_string_lossy().into_owned().into()),
+            ]),
+        )
+        .await
+        .unwrap();
+    let vms = VMs1Proxy::new(&conn).await.unwrap();
+    let mut progress = vms.receive_create_progress().await.unwrap();
+    let out = bus.banger_as(Some(USER_OK), &["vm", "create", "deb"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let mut stages = Vec::new();
+    while let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(2), progress.next()).await {
+        stages.push(s.args().unwrap().stage.to_string());
+    }
+    assert_eq!(
+        &stages[..2],
+        ["resolve_image", "auto_pull_image"],
+        "{stages:?}"
+    );
+    assert_eq!(
+        stages.last().map(String::as_str),
+        Some("ready"),
+        "{stages:?}"
+    );
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &[
+            "vm", "exec", "deb", "--", "sh", "-c",
+            "cat /proc/1/comm; cat /etc/debian_version; systemctl is-active banger-agent; findmnt -no SOURCE /root",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "systemd", "{stdout}");
+    assert!(lines[1].starts_with("12."), "{stdout}");
+    assert_eq!(lines[2], "active", "{stdout}");
+    assert!(
+        lines[3].starts_with("/dev/vd"),
+        "the work disk is on /root: {stdout}"
+    );
+    // A clean power-off through the agent and systemd.
+    let out = bus.banger_as(Some(USER_OK), &["vm", "stop", "deb"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(vm_processes(&bus).is_empty(), "{:?}", vm_processes(&bus));
+    let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "deb"]);
+    assert!(out.status.success(), "{}", text(&out));
+}
