@@ -13,8 +13,12 @@ cd "$(dirname "$0")/.."
 echo "==> Installing Debian packages"
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    dbus polkitd libglib2.0-bin e2fsprogs kmod iproute2 nftables qemu-system-x86 \
-    debootstrap xz-utils >/dev/null
+    dbus polkitd libglib2.0-bin e2fsprogs kmod iproute2 nftables qemu-system-x86 qemu-utils \
+    debootstrap xz-utils util-linux >/dev/null
+if ! command -v vhost-device-vsock >/dev/null; then
+    echo "==> Installing vhost-device-vsock (the guest agent's vsock device for QEMU)"
+    cargo install --quiet --locked vhost-device-vsock --version 0.3.0 --root /usr/local
+fi
 
 echo "==> Building banger (release) and its static guest binaries"
 cargo build --release --quiet
@@ -85,10 +89,9 @@ echo "==> The default kernel and image"
 banger kernel show debian >/dev/null 2>&1 || banger kernel pull debian
 banger image list | grep -q '^debian-bookworm ' || banger image build debian-bookworm
 banger image list
-# The main job, a VM from the default image and kernel, needs the VM lifecycle work that is
-# still open; until it lands this stops after preparing the kernel and the image.
-if banger vm run --help >/dev/null 2>&1; then
-    banger vm run --rm -- uname -a
-else
-    echo "==> 'banger vm run' is not implemented yet in this version: kernel and image are ready"
-fi
+echo "==> The main job: a VM from the default image and kernel, a command run in it"
+banger vm delete --force quickstart >/dev/null 2>&1 || true
+banger vm create quickstart
+banger vm exec quickstart -- sh -c 'echo "Hello from $(hostname): $(uname -srm)"; cat /etc/debian_version'
+banger vm delete --force quickstart
+echo "==> Done. Try: banger vm create dev && banger vm exec dev -- bash -lc 'uname -a'"
