@@ -251,6 +251,36 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "t1"]);
     assert!(text(&out).contains("is running"), "{}", text(&out));
 
+    // The daemon dies hard; the VM does not, and the next call's daemon re-adopts it.
+    let pid = bus
+        .owner_pid(&conn, "org.banger")
+        .await
+        .expect("bangerd runs");
+    // SAFETY: plain kill(2) of the bangerd this test's bus started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    assert!(
+        bus.wait_name_gone(&conn, "org.banger", Duration::from_secs(10))
+            .await
+    );
+    let out = bus.banger_as(Some(USER_NO), &["--json", "vm", "show", "t1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["State"].as_str(), v["VSockCID"].as_u64()),
+        (Some("running"), Some(3)),
+        "{v}"
+    );
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &["vm", "exec", "t1", "--", "cat", "/root/marker"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "kept\n",
+        "{}",
+        text(&out)
+    );
+
     // Stop (through the agent), start again: /root survived.
     let out = bus.banger_as(Some(USER_OK), &["vm", "stop", "t1"]);
     assert!(out.status.success(), "{}", text(&out));

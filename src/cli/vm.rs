@@ -68,6 +68,11 @@ pub enum VmCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Show a VM's properties.
+    Show {
+        /// VM name or id.
+        name: String,
+    },
     /// Run a command in a running VM through its agent; exits with the command's status.
     Exec {
         /// VM name or id.
@@ -207,6 +212,50 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             .delete_vm(&name, opts([("force", force.into())]))
             .await
             .map_err(explain)?,
+        VmCommand::Show { name } => {
+            let path = p.get_vm(&name).await.map_err(explain)?;
+            let props = zbus::fdo::PropertiesProxy::builder(conn)
+                .destination("org.banger")
+                .path(path.clone())
+                .build()
+                .await?;
+            let iface = zbus::names::InterfaceName::from_static_str("org.banger.VM1")?;
+            let all = props.get_all(iface).await?;
+            let mut fields = Vec::new();
+            for key in [
+                "Name",
+                "Id",
+                "State",
+                "Stage",
+                "Image",
+                "Kernel",
+                "VCpus",
+                "MemoryMiB",
+                "GuestAddress",
+                "MacAddress",
+                "VSockCID",
+                "SSHAddress",
+                "Owner",
+                "CreatedAt",
+            ] {
+                let v = match all.get(key) {
+                    Some(v) => match (
+                        <&str>::try_from(&**v),
+                        u32::try_from(&**v),
+                        u64::try_from(&**v),
+                    ) {
+                        (Ok(s), _, _) => json!(s),
+                        (_, Ok(n), _) => json!(n),
+                        (_, _, Ok(n)) => json!(n),
+                        _ => json!(null),
+                    },
+                    None => json!(null),
+                };
+                fields.push((key, v));
+            }
+            fields.push(("Path", json!(path.as_str())));
+            out.object(fields);
+        }
         VmCommand::Exec { name, command, env } => {
             let vm = vm_proxy(conn, &p, &name).await?;
             let fd = vm.open_agent().await.map_err(explain)?;
