@@ -132,7 +132,7 @@ impl Banger {
             jobs.clone(),
             images.clone(),
             kernels.clone(),
-            crate::vmm::select(&config)?,
+            crate::vmm::select(&config),
         );
         Ok(Arc::new(Banger {
             images,

@@ -5,6 +5,7 @@
 //! again lives in the VM's runtime directory (pid files and sockets), so the daemon can
 //! re-adopt or clean up a VM from that directory alone.
 
+pub mod firecracker;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
@@ -53,6 +54,9 @@ pub trait Vmm: Send + Sync {
     /// `qemu` or `firecracker`.
     fn name(&self) -> &'static str;
 
+    /// Where the VM's own root disk lives in its directory.
+    fn rootfs_path(&self, vm_dir: &Path) -> PathBuf;
+
     /// Makes the VM's own root disk from the image's, in `vm_dir`, at least `size` bytes.
     async fn prepare_rootfs(
         &self,
@@ -79,11 +83,13 @@ pub trait Vmm: Send + Sync {
     async fn kill(&self, run_dir: &Path) -> Result<()>;
 }
 
-/// The driver the configuration asks for. `auto` is QEMU until the Firecracker driver lands.
-pub fn select(config: &crate::config::Config) -> Result<std::sync::Arc<dyn Vmm>> {
+/// The driver the configuration asks for: `auto` is Firecracker when its binary and a
+/// usable `/dev/kvm` exist, else QEMU.
+pub fn select(config: &crate::config::Config) -> std::sync::Arc<dyn Vmm> {
     use crate::config::VmmChoice;
     match config.vmm {
-        VmmChoice::Auto | VmmChoice::Qemu => Ok(std::sync::Arc::new(qemu::Qemu::new(config.accel))),
-        VmmChoice::Firecracker => Err(crate::Error::NotImplemented("vmm = \"firecracker\"")),
+        VmmChoice::Firecracker => std::sync::Arc::new(firecracker::Firecracker),
+        VmmChoice::Auto if firecracker::usable() => std::sync::Arc::new(firecracker::Firecracker),
+        VmmChoice::Auto | VmmChoice::Qemu => std::sync::Arc::new(qemu::Qemu::new(config.accel)),
     }
 }

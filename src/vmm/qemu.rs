@@ -240,6 +240,10 @@ impl Vmm for Qemu {
         "qemu"
     }
 
+    fn rootfs_path(&self, vm_dir: &Path) -> PathBuf {
+        vm_dir.join("rootfs.qcow2")
+    }
+
     async fn prepare_rootfs(
         &self,
         image: &Path,
@@ -247,7 +251,7 @@ impl Vmm for Qemu {
         size: Option<u64>,
     ) -> Result<PathBuf> {
         let img = program("qemu-img", "install qemu-utils")?;
-        let out = vm_dir.join("rootfs.qcow2");
+        let out = self.rootfs_path(vm_dir);
         let _ = std::fs::remove_file(&out);
         let mut cmd = Command::new(img);
         cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])

@@ -284,7 +284,7 @@ impl Vms {
                 .map_err(|e| Error::failed(format!("Cannot create {}", d.display()), e))?;
         }
 
-        let rootfs = dir.join("rootfs.qcow2");
+        let rootfs = self.vmm.rootfs_path(&dir);
         if rootfs.exists() {
             st.enter(vm, "prepare_rootfs", "Keeping the VM's root disk")
                 .await?;
