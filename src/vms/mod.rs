@@ -228,3 +228,6 @@ mod tests {
         assert!(bad_image.validate().is_err());
     }
 }
+
+#[cfg(test)]
+mod concurrency_tests;

@@ -1,0 +1,234 @@
+//! The create phases under concurrency, with a VMM stand-in behind the `Vmm` trait: creates
+//! overlap outside the reservation, names have one winner, leases and CIDs stay unique.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{CreateOptions, Vms};
+use crate::config::Config;
+use crate::images::Images;
+use crate::jobs::Jobs;
+use crate::kernels::Kernels;
+use crate::layout::Layout;
+use crate::model::{new_id, now_us, Image, Kernel, VmState};
+use crate::service::Events;
+use crate::store::{rows, Store};
+use crate::vmm::{BootSpec, Vmm};
+use crate::Result;
+
+/// Boots only when `n` VMs are booting at once (a barrier), then "dies" at once.
+struct GateVmm(tokio::sync::Barrier);
+
+#[async_trait]
+impl Vmm for GateVmm {
+    fn name(&self) -> &'static str {
+        "gate"
+    }
+    fn rootfs_path(&self, vm_dir: &Path) -> PathBuf {
+        vm_dir.join("rootfs.img")
+    }
+    async fn prepare_rootfs(&self, _: &Path, vm_dir: &Path, _: Option<u64>) -> Result<PathBuf> {
+        let p = self.rootfs_path(vm_dir);
+        std::fs::write(&p, b"").unwrap();
+        Ok(p)
+    }
+    async fn boot(&self, _: &BootSpec) -> Result<()> {
+        self.0.wait().await;
+        Ok(())
+    }
+    fn running(&self, _: &Path) -> bool {
+        false
+    }
+    async fn request_power_off(&self, _: &Path) -> Result<()> {
+        Ok(())
+    }
+    async fn kill(&self, _: &Path) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn service(dir: &Path, gate: usize, subnet: &str) -> Vms {
+    let layout = Layout::new(dir.join("state"), dir.join("run"));
+    layout.create().unwrap();
+    let store = Store::open_in_memory().unwrap();
+    let seed = dir.join("seed.ext4");
+    std::fs::write(&seed, b"seed").unwrap();
+    let image = Image {
+        id: new_id(),
+        name: "img".into(),
+        managed: true,
+        source: "test".into(),
+        rootfs_path: dir.join("rootfs.ext4"),
+        work_seed_path: Some(seed),
+        kernel: Some("k".into()),
+        size_bytes: 1 << 20,
+        created_at: now_us(),
+    };
+    let kernel = Kernel {
+        name: "k".into(),
+        version: "1".into(),
+        source: "test".into(),
+        kernel_path: dir.join("vmlinux"),
+        initrd_path: None,
+        modules_dir: None,
+        created_at: now_us(),
+    };
+    store
+        .call_blocking(move |c| {
+            rows::insert_image(c, &image)?;
+            rows::insert_kernel(c, &kernel)
+        })
+        .unwrap();
+    let config = Config {
+        subnet: subnet.into(),
+        ..Config::default()
+    };
+    let (events, jobs) = (Events::new(), Jobs::new(0));
+    let images = Images::new(
+        store.clone(),
+        layout.clone(),
+        events.clone(),
+        jobs.clone(),
+        config.clone(),
+    );
+    let kernels = Kernels::new(
+        store.clone(),
+        layout.clone(),
+        events.clone(),
+        jobs.clone(),
+        config.clone(),
+    );
+    Vms::new(
+        store,
+        layout,
+        events,
+        config,
+        jobs,
+        images,
+        kernels,
+        Arc::new(GateVmm(tokio::sync::Barrier::new(gate))),
+    )
+}
+
+fn opts(start: bool) -> CreateOptions {
+    CreateOptions {
+        image: Some("img".into()),
+        start,
+        ..CreateOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn creates_overlap_in_every_phase_but_the_reservation() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 6;
+    let vms = service(dir.path(), n, "10.1.0.0/24");
+    let mut jobs = Vec::new();
+    for i in 0..n {
+        jobs.push(
+            vms.create(1000, &format!("vm{i}"), opts(true))
+                .await
+                .unwrap()
+                .1,
+        );
+    }
+    // The gate opens only when all n are inside boot at the same time: serialised starts
+    // would never get there.
+    for j in jobs {
+        let r = tokio::time::timeout(Duration::from_secs(30), j.wait())
+            .await
+            .expect("the starts overlap");
+        let e = r.unwrap_err().full_message();
+        assert!(e.contains("failed at stage wait_agent"), "{e}");
+    }
+    for v in vms.list().await.unwrap() {
+        assert_eq!(v.state, VmState::Failed, "{v:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_parallel_creates_get_unique_leases_and_one_name_has_one_winner() {
+    let dir = tempfile::tempdir().unwrap();
+    let vms = service(dir.path(), 1, "10.2.0.0/24");
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let v = vms.clone();
+        tasks.push(tokio::spawn(async move {
+            v.create(1000, &format!("p{i}"), opts(false))
+                .await
+                .unwrap()
+                .1
+                .wait()
+                .await
+        }));
+    }
+    for _ in 0..10 {
+        let v = vms.clone();
+        tasks.push(tokio::spawn(async move {
+            match v.create(1000, "same", opts(false)).await {
+                Ok((_, j)) => j.wait().await,
+                Err(e) => Err(e),
+            }
+        }));
+    }
+    let mut same_ok = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap();
+        if i < 50 {
+            r.unwrap();
+        } else if r.is_ok() {
+            same_ok += 1;
+        } else {
+            let e = r.unwrap_err().full_message();
+            assert!(e.contains("A VM named \"same\" exists"), "{e}");
+        }
+    }
+    assert_eq!(same_ok, 1);
+    let all = vms.list().await.unwrap();
+    assert_eq!(all.len(), 51);
+    let cids: std::collections::HashSet<_> = all.iter().map(|v| v.vsock_cid).collect();
+    let addrs: std::collections::HashSet<_> = all.iter().map(|v| v.guest_address.clone()).collect();
+    let macs: std::collections::HashSet<_> = all.iter().map(|v| v.mac_address.clone()).collect();
+    assert_eq!((cids.len(), addrs.len(), macs.len()), (51, 51, 51));
+    assert!(cids.iter().all(|c| *c >= 3));
+}
+
+#[tokio::test]
+async fn an_exhausted_address_pool_is_a_clear_error_and_leaves_no_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let vms = service(dir.path(), 1, "10.3.0.0/29"); // 5 guest addresses
+    for i in 0..5 {
+        vms.create(0, &format!("v{i}"), opts(false))
+            .await
+            .unwrap()
+            .1
+            .wait()
+            .await
+            .unwrap();
+    }
+    let e = vms
+        .create(0, "v5", opts(false))
+        .await
+        .unwrap()
+        .1
+        .wait()
+        .await
+        .unwrap_err()
+        .full_message();
+    assert!(e.contains("all 5 guest addresses are leased"), "{e}");
+    assert_eq!(vms.list().await.unwrap().len(), 5);
+    // Deleting one frees its address for the next.
+    let v0 = vms.get("v0").await.unwrap();
+    vms.delete(&v0, false).await.unwrap();
+    vms.create(0, "v5", opts(false))
+        .await
+        .unwrap()
+        .1
+        .wait()
+        .await
+        .unwrap();
+    assert_eq!(vms.get("v5").await.unwrap().guest_address, "10.3.0.2");
+}
