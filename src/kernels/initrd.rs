@@ -271,6 +271,35 @@ pub fn build(modules_dir: &Path, version: &str, init: &Path) -> Result<Vec<u8>> 
     Ok(cpio.finish())
 }
 
+/// Whether `initrd` is one banger built (it lists its modules in `etc/banger-modules`).
+pub fn is_bangers(initrd: &[u8]) -> bool {
+    let name = MODULE_LIST.as_bytes();
+    initrd.windows(name.len()).any(|w| w == name)
+}
+
+/// `initrd` followed by a second archive holding `init` as `/init`. The kernel unpacks
+/// concatenated archives in order, so the init of this banger replaces the one the initrd
+/// was built with: a kernel imported by an older banger still boots with today's init.
+pub fn with_current_init(initrd: &[u8], init: &Path) -> Result<Vec<u8>> {
+    let init_bin = std::fs::read(init)
+        .map_err(|e| Error::failed(format!("Cannot read banger-init at {}", init.display()), e))?;
+    if !is_static_elf(&init_bin) {
+        return Err(Error::failed(
+            format!("{} is not a static executable", init.display()),
+            std::io::Error::other(
+                "build banger-init with RUSTFLAGS='-C target-feature=+crt-static'",
+            ),
+        ));
+    }
+    let mut cpio = Cpio::default();
+    cpio.entry("init", 0o100755, (0, 0), &init_bin);
+    let mut out = initrd.to_vec();
+    // Each archive starts on a 4-byte boundary.
+    out.resize(out.len().next_multiple_of(4), 0);
+    out.extend(cpio.finish());
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,5 +365,26 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
         let me = std::fs::read("/proc/self/exe").unwrap();
         // Test binaries are dynamically linked.
         assert!(!is_static_elf(&me));
+    }
+
+    #[test]
+    fn an_appended_init_follows_a_banger_initrd() {
+        let mut c = Cpio::default();
+        c.entry(MODULE_LIST, 0o100644, (0, 0), b"virtio\n");
+        c.entry("init", 0o100755, (0, 0), b"old init");
+        let old = c.finish();
+        assert!(is_bangers(&old));
+        assert!(!is_bangers(b"\x1f\x8b a gzip initrd from a distribution"));
+        let init = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(init.path(), b"not an ELF").unwrap();
+        assert!(
+            with_current_init(&old, init.path()).is_err(),
+            "a dynamic init is refused"
+        );
+        let me = std::fs::read("/proc/self/exe").unwrap();
+        if is_static_elf(&me) {
+            let new = with_current_init(&old, Path::new("/proc/self/exe")).unwrap();
+            assert!(new.starts_with(&old) && new.len() > old.len() + me.len());
+        }
     }
 }

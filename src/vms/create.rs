@@ -328,12 +328,16 @@ impl Vms {
 
         st.enter(vm, "boot", format!("Booting on {}", self.vmm.name()))
             .await?;
+        let initrd = match &kernel.initrd_path {
+            Some(i) => Some(self.current_initrd(i, &run).await?),
+            None => None,
+        };
         let spec = BootSpec {
             id: vm.id.clone(),
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             kernel: kernel.kernel_path.clone(),
-            initrd: kernel.initrd_path.clone(),
+            initrd,
             cmdline: "quiet".into(),
             rootfs,
             work,
@@ -358,6 +362,33 @@ impl Vms {
             .await?;
         self.watch(vm.clone());
         Ok(())
+    }
+
+    /// The kernel's initrd; a banger-built one gets this banger's init appended, so kernels
+    /// imported by an older banger boot with the init the rest of this banger expects.
+    async fn current_initrd(
+        &self,
+        initrd: &std::path::Path,
+        run: &std::path::Path,
+    ) -> Result<std::path::PathBuf> {
+        let (i, init, out) = (
+            initrd.to_owned(),
+            self.config.guest_binary("banger-init"),
+            run.join("initrd.img"),
+        );
+        tokio::task::spawn_blocking(move || -> Result<std::path::PathBuf> {
+            let data = std::fs::read(&i)
+                .map_err(|e| Error::failed(format!("Cannot read {}", i.display()), e))?;
+            if !crate::kernels::initrd::is_bangers(&data) {
+                return Ok(i);
+            }
+            let data = crate::kernels::initrd::with_current_init(&data, &init)?;
+            std::fs::write(&out, data)
+                .map_err(|e| Error::failed(format!("Cannot write {}", out.display()), e))?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| Error::failed("Initrd task failed", e))?
     }
 
     async fn wait_agent(&self, run: &std::path::Path) -> Result<()> {
