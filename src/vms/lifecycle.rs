@@ -145,6 +145,11 @@ impl Vms {
                 }
                 let lock = this.lock_of(&vm.id);
                 let _held = lock.lock().await;
+                // Stopped and started again while this waited for the lock: that boot has a
+                // watcher of its own.
+                if this.vmm.running(&run) {
+                    return;
+                }
                 let Ok(mut now) = this.get(&vm.id).await else {
                     return;
                 };
