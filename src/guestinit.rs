@@ -164,6 +164,27 @@ fn start_agent_unless_systemd(init: &str) {
     }
 }
 
+/// Installs the agent the host put in this initrd (`/banger-agent`) into the root, so an
+/// image built by an older banger runs today's agent. Written beside and renamed over.
+fn refresh_agent() {
+    let src = Path::new("/banger-agent");
+    if !src.exists() {
+        return;
+    }
+    let dest = Path::new("/newroot").join(AGENT.trim_start_matches('/'));
+    let tmp = dest.with_extension("banger-new");
+    let r = dest
+        .parent()
+        .map(std::fs::create_dir_all)
+        .unwrap_or(Ok(()))
+        .and_then(|_| std::fs::copy(src, &tmp))
+        .and_then(|_| std::fs::rename(&tmp, &dest));
+    if let Err(e) = r {
+        say(&format!("cannot install the current agent: {e}"));
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
 /// Runs as PID 1 and never returns.
 pub fn run() -> ! {
     for d in ["/dev", "/proc", "/sys", "/newroot"] {
@@ -198,6 +219,9 @@ pub fn run() -> ! {
     };
     if let Err(e) = mount(&root, "/newroot", &cmdline.fstype, flags) {
         fail(&format!("cannot mount the root filesystem: {e}"));
+    }
+    if !cmdline.read_only {
+        refresh_agent();
     }
     if let Some(work) = &cmdline.work {
         match wait_device(work, cmdline.root_wait) {

@@ -453,6 +453,63 @@ async fn a_boot_that_fails_names_its_stage_keeps_the_console_and_leaves_nothing_
     assert!(vm_processes(&bus).is_empty(), "{:?}", vm_processes(&bus));
     let out = bus.banger_as(None, &["vm", "logs", "broken"]);
     assert!(text(&out).contains("powering off"), "{}", text(&out));
+    // A registered image nobody injected anything into: banger-init installs the agent the
+    // host appended to the initrd and starts it, so the VM still becomes ready.
+    let tree = tempfile::tempdir().unwrap();
+    let t = tree.path();
+    for d in ["bin", "sbin", "etc", "root", "dev", "proc", "sys"] {
+        std::fs::create_dir(t.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", t.join("bin/busybox")).unwrap();
+    for a in ["sh", "cat", "true"] {
+        std::os::unix::fs::symlink("busybox", t.join("bin").join(a)).unwrap();
+    }
+    std::os::unix::fs::symlink("/bin/busybox", t.join("sbin/init")).unwrap();
+    std::fs::write(t.join("etc/inittab"), "::sysinit:/bin/true\n").unwrap();
+    let plain = bus.dir.path().join("plain.ext4");
+    let ok = Command::new("mkfs.ext4")
+        .args(["-q", "-E", "root_owner=0:0", "-d"])
+        .arg(t)
+        .arg(&plain)
+        .arg("64M")
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    images
+        .register_image(
+            "plain",
+            opt(&[("rootfs", plain.to_string_lossy().into_owned().into())]),
+        )
+        .await
+        .unwrap();
+    let (_, id, _) = vms
+        .create_vm(
+            "plain-vm",
+            opt(&[
+                ("image", "plain".into()),
+                ("kernel", "test".into()),
+                ("vcpus", 1u32.into()),
+                ("memory_mib", 256u32.into()),
+            ]),
+        )
+        .await
+        .unwrap();
+    let (result, error) = job_result(&bus, id).await;
+    assert_eq!(result, "done", "{error}");
+    let out = bus.banger_as(
+        None,
+        &["vm", "exec", "plain-vm", "--", "cat", "/proc/1/comm"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "init\n",
+        "{}",
+        text(&out)
+    );
+    let out = bus.banger_as(None, &["vm", "delete", "--force", "plain-vm"]);
+    assert!(out.status.success(), "{}", text(&out));
+
     // A missing kernel is named, with where to look.
     let out = bus.banger_as(
         Some(USER_OK),

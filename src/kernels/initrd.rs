@@ -277,10 +277,14 @@ pub fn is_bangers(initrd: &[u8]) -> bool {
     initrd.windows(name.len()).any(|w| w == name)
 }
 
-/// `initrd` followed by a second archive holding `init` as `/init`. The kernel unpacks
-/// concatenated archives in order, so the init of this banger replaces the one the initrd
-/// was built with: a kernel imported by an older banger still boots with today's init.
-pub fn with_current_init(initrd: &[u8], init: &Path) -> Result<Vec<u8>> {
+/// Where the appended archive carries the current agent; banger-init installs it in the root.
+pub const AGENT_IN_INITRD: &str = "banger-agent";
+
+/// `initrd` followed by a second archive holding `init` as `/init` (and `agent`, when given,
+/// as `/banger-agent`). The kernel unpacks concatenated archives in order, so the init of this
+/// banger replaces the one the initrd was built with, and banger-init refreshes the image's
+/// agent: kernels and images made by an older banger still boot with today's guest side.
+pub fn with_current_init(initrd: &[u8], init: &Path, agent: Option<&Path>) -> Result<Vec<u8>> {
     let init_bin = std::fs::read(init)
         .map_err(|e| Error::failed(format!("Cannot read banger-init at {}", init.display()), e))?;
     if !is_static_elf(&init_bin) {
@@ -293,6 +297,13 @@ pub fn with_current_init(initrd: &[u8], init: &Path) -> Result<Vec<u8>> {
     }
     let mut cpio = Cpio::default();
     cpio.entry("init", 0o100755, (0, 0), &init_bin);
+    if let Some(a) = agent {
+        let bin = std::fs::read(a)
+            .map_err(|e| Error::failed(format!("Cannot read {}", a.display()), e))?;
+        if is_static_elf(&bin) {
+            cpio.entry(AGENT_IN_INITRD, 0o100755, (0, 0), &bin);
+        }
+    }
     let mut out = initrd.to_vec();
     // Each archive starts on a 4-byte boundary.
     out.resize(out.len().next_multiple_of(4), 0);
@@ -378,12 +389,12 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
         let init = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(init.path(), b"not an ELF").unwrap();
         assert!(
-            with_current_init(&old, init.path()).is_err(),
+            with_current_init(&old, init.path(), None).is_err(),
             "a dynamic init is refused"
         );
         let me = std::fs::read("/proc/self/exe").unwrap();
         if is_static_elf(&me) {
-            let new = with_current_init(&old, Path::new("/proc/self/exe")).unwrap();
+            let new = with_current_init(&old, Path::new("/proc/self/exe"), None).unwrap();
             assert!(new.starts_with(&old) && new.len() > old.len() + me.len());
         }
     }

@@ -371,9 +371,10 @@ impl Vms {
         initrd: &std::path::Path,
         run: &std::path::Path,
     ) -> Result<std::path::PathBuf> {
-        let (i, init, out) = (
+        let (i, init, agent, out) = (
             initrd.to_owned(),
             self.config.guest_binary("banger-init"),
+            self.config.guest_binary("banger-agent"),
             run.join("initrd.img"),
         );
         tokio::task::spawn_blocking(move || -> Result<std::path::PathBuf> {
@@ -382,7 +383,8 @@ impl Vms {
             if !crate::kernels::initrd::is_bangers(&data) {
                 return Ok(i);
             }
-            let data = crate::kernels::initrd::with_current_init(&data, &init)?;
+            let agent = Some(agent.as_path()).filter(|a| a.exists());
+            let data = crate::kernels::initrd::with_current_init(&data, &init, agent)?;
             std::fs::write(&out, data)
                 .map_err(|e| Error::failed(format!("Cannot write {}", out.display()), e))?;
             Ok(out)
