@@ -68,6 +68,13 @@ mod tests {
             .unwrap();
         let pidfile = dir.path().join("x.pid");
         std::fs::write(&pidfile, child.id().to_string()).unwrap();
+        // Until the child has exec'd, its command line is still the test binary's.
+        for _ in 0..500 {
+            if live_pid(&pidfile, &marker).is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(live_pid(&pidfile, &marker), Some(child.id() as i32));
         assert_eq!(live_pid(&pidfile, "/some/other/vm"), None);
         terminate(&pidfile, "/some/other/vm", Duration::from_millis(10)).await;
