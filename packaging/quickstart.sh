@@ -27,6 +27,8 @@ RUSTFLAGS='-C target-feature=+crt-static -C strip=symbols' \
 
 echo "==> Installing binaries and service files"
 install -m 0755 target/release/bangerd target/release/banger /usr/bin/
+# Guest binaries live in /usr/lib/banger only (an earlier version put a dynamic agent here).
+rm -f /usr/bin/banger-agent /usr/bin/banger-init
 install -D -m 0755 target/x86_64-unknown-linux-gnu/release/banger-init /usr/lib/banger/banger-init
 install -D -m 0755 target/x86_64-unknown-linux-gnu/release/banger-agent /usr/lib/banger/banger-agent
 install -D -m 0644 dbus/org.banger.conf /usr/share/dbus-1/system.d/org.banger.conf

@@ -80,7 +80,9 @@ impl Default for Config {
 }
 
 impl Config {
-    /// The path of a static guest binary such as `banger-init`.
+    /// The path of a static guest binary such as `banger-init`: `guest_bin_dir`'s, else the
+    /// daemon's own directory's if it is static there (a stale dynamic build next to the
+    /// daemon must not end up in a guest), else `/usr/lib/banger`'s.
     pub fn guest_binary(&self, name: &str) -> std::path::PathBuf {
         if let Some(d) = &self.guest_bin_dir {
             return d.join(name);
@@ -89,7 +91,13 @@ impl Config {
             .ok()
             .and_then(|p| p.parent().map(|d| d.join(name)));
         match sibling {
-            Some(p) if p.exists() => p,
+            Some(p)
+                if std::fs::read(&p)
+                    .map(|b| crate::kernels::initrd::is_static_elf(&b))
+                    .unwrap_or(false) =>
+            {
+                p
+            }
             _ => std::path::Path::new("/usr/lib/banger").join(name),
         }
     }

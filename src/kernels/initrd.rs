@@ -302,6 +302,11 @@ pub fn with_current_init(initrd: &[u8], init: &Path, agent: Option<&Path>) -> Re
             .map_err(|e| Error::failed(format!("Cannot read {}", a.display()), e))?;
         if is_static_elf(&bin) {
             cpio.entry(AGENT_IN_INITRD, 0o100755, (0, 0), &bin);
+        } else {
+            tracing::warn!(
+                "{} is not static; guests keep the agent their image has",
+                a.display()
+            );
         }
     }
     let mut out = initrd.to_vec();
