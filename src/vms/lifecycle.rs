@@ -95,7 +95,8 @@ impl Vms {
         }
     }
 
-    async fn open_agent_any(&self, vm: &Vm) -> Result<tokio::net::UnixStream> {
+    /// A connection to the VM's agent, whatever state the store says it is in.
+    pub(super) async fn open_agent_any(&self, vm: &Vm) -> Result<tokio::net::UnixStream> {
         let sock = self.vmm.vsock_socket(&self.layout.vm_runtime_dir(&vm.id));
         crate::agent::client::connect(&sock, crate::agent::PORT).await
     }

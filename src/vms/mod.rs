@@ -199,8 +199,7 @@ impl Vms {
                 vm.name, vm.state, vm.name
             )));
         }
-        let sock = self.vmm.vsock_socket(&self.layout.vm_runtime_dir(&vm.id));
-        crate::agent::client::connect(&sock, crate::agent::PORT).await
+        self.open_agent_any(vm).await
     }
 }
 
