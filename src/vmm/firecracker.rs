@@ -7,16 +7,14 @@
 //! Firecracker's API specification (`tests/firecracker-api.yaml`) through a stand-in server.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::process::Command;
 
-use super::process::{live_pid, terminate, wait_for_path};
+use super::process::{live_pid, spawn_detached, terminate, wait_for_path};
 use super::{BootSpec, Vmm};
 use crate::host::find_program;
 use crate::{Error, Result};
@@ -211,30 +209,28 @@ impl Vmm for Firecracker {
         let run = &spec.run_dir;
         self.kill(run).await?;
         // Firecracker writes the guest's serial console to its standard output.
-        let console = std::fs::File::create(&spec.console_log)
-            .map_err(|e| Error::failed("Cannot create the console log", e))?;
-        let console2 = console
-            .try_clone()
-            .map_err(|e| Error::failed("Cannot create the console log", e))?;
-        let status = Command::new("setsid")
-            .args(["-f", "sh", "-c", "echo $$ > \"$0\"; exec \"$@\""])
-            .arg(pidfile(run))
-            .arg(bin)
-            .arg("--api-sock")
-            .arg(api_socket(run))
-            .arg("--id")
-            .arg(format!("banger-{}", spec.id))
-            .stdin(Stdio::null())
-            .stdout(console)
-            .stderr(console2)
-            .status()
-            .await
-            .map_err(|e| Error::failed("Cannot run firecracker", e))?;
-        if !status.success() || !wait_for_path(&api_socket(run), Duration::from_secs(10)).await {
+        let (api, id) = (api_socket(run), format!("banger-{}", spec.id));
+        let spawned = spawn_detached(
+            &pidfile(run),
+            &bin,
+            &[
+                "--api-sock".as_ref(),
+                api.as_os_str(),
+                "--id".as_ref(),
+                id.as_ref(),
+            ],
+            &spec.console_log,
+        )
+        .await;
+        if let Err(e) = spawned {
+            self.kill(run).await?;
+            return Err(e);
+        }
+        if !wait_for_path(&api, Duration::from_secs(10)).await {
             self.kill(run).await?;
             return Err(Error::failed(
                 "firecracker did not open its API socket",
-                std::io::Error::other(status.to_string()),
+                std::io::Error::other(spec.console_log.display().to_string()),
             ));
         }
         let r = configure(&api_socket(run), spec, &self.vsock_socket(run)).await;

@@ -41,6 +41,41 @@ pub async fn terminate(pidfile: &Path, marker: &str, grace: Duration) {
     let _ = std::fs::remove_file(pidfile);
 }
 
+/// Starts `program args…` detached from bangerd (`setsid -f`: it must outlive an idle exit),
+/// its pid written to `pidfile` by the shell that then becomes it, its output to `log`.
+/// Returns once it was forked, not when it is ready.
+pub async fn spawn_detached(
+    pidfile: &Path,
+    program: &Path,
+    args: &[&std::ffi::OsStr],
+    log: &Path,
+) -> crate::Result<()> {
+    let what = program
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
+    let fail = |e: std::io::Error| crate::Error::failed(format!("Cannot start {what}"), e);
+    let out = std::fs::File::create(log).map_err(fail)?;
+    let err = out.try_clone().map_err(fail)?;
+    // status(), not output(): output() would pipe stdout to the detached process too.
+    let status = tokio::process::Command::new("setsid")
+        .args(["-f", "sh", "-c", "echo $$ > \"$0\"; exec \"$@\""])
+        .arg(pidfile)
+        .arg(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .status()
+        .await
+        .map_err(fail)?;
+    if !status.success() {
+        return Err(fail(std::io::Error::other(status.to_string())));
+    }
+    Ok(())
+}
+
 /// Waits until `path` exists, up to `limit`.
 pub async fn wait_for_path(path: &Path, limit: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + limit;

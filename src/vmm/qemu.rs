@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::process::Command;
 
-use super::process::{live_pid, terminate, wait_for_path};
+use super::process::{live_pid, spawn_detached, terminate, wait_for_path};
 use super::{qmp, BootSpec, Vmm, ROOT_SERIAL, WORK_SERIAL};
 use crate::config::Accel;
 use crate::host::find_program;
@@ -192,37 +192,22 @@ impl Qemu {
         for s in [vhost_socket(run), self.vsock_socket(run)] {
             let _ = std::fs::remove_file(s);
         }
-        let log = std::fs::File::create(run.join("vhost-vsock.log"))
-            .map_err(|e| Error::failed("Cannot create the vsock log", e))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| Error::failed("Cannot create the vsock log", e))?;
-        // setsid -f detaches it from bangerd (it must outlive an idle exit) and the shell
-        // records its pid before becoming it.
-        let mut cmd = Command::new("setsid");
-        cmd.args(["-f", "sh", "-c", "echo $$ > \"$0\"; exec \"$@\""])
-            .arg(vsock_pidfile(run))
-            .arg(bin)
-            .arg("--guest-cid")
-            .arg(spec.cid.to_string())
-            .arg("--socket")
-            .arg(vhost_socket(run))
-            .arg("--uds-path")
-            .arg(self.vsock_socket(run))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        // status(), not output(): output() would pipe stdout to the detached process too.
-        let status = cmd
-            .status()
-            .await
-            .map_err(|e| Error::failed(format!("Cannot run {VHOST_VSOCK}"), e))?;
-        if !status.success() {
-            return Err(Error::failed(
-                format!("Cannot start {VHOST_VSOCK}"),
-                std::io::Error::other(status.to_string()),
-            ));
-        }
+        let cid = spec.cid.to_string();
+        let (vhost, uds) = (vhost_socket(run), self.vsock_socket(run));
+        spawn_detached(
+            &vsock_pidfile(run),
+            &bin,
+            &[
+                "--guest-cid".as_ref(),
+                cid.as_ref(),
+                "--socket".as_ref(),
+                vhost.as_os_str(),
+                "--uds-path".as_ref(),
+                uds.as_os_str(),
+            ],
+            &run.join("vhost-vsock.log"),
+        )
+        .await?;
         if !wait_for_path(&vhost_socket(run), Duration::from_secs(10)).await {
             let log = std::fs::read_to_string(run.join("vhost-vsock.log")).unwrap_or_default();
             return Err(Error::failed(
