@@ -10,15 +10,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use banger::config::Config;
-use banger::images::Images;
-use banger::jobs::Jobs;
-use banger::kernels::Kernels;
 use banger::layout::Layout;
 use banger::model::{new_id, now_us, Image, Kernel};
-use banger::service::Events;
+use banger::service::Banger;
 use banger::store::{rows, Store};
 use banger::vmm::{BootSpec, Vmm};
-use banger::vms::{CreateOptions, Vms};
+use banger::vms::CreateOptions;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const BOOT: Duration = Duration::from_secs(1);
@@ -125,31 +122,9 @@ async fn main() -> anyhow::Result<()> {
         rows::insert_kernel(c, &kernel)
     })?;
     let config = Config::default();
-    let (events, jobs) = (Events::new(), Jobs::new(0));
-    let images = Images::new(
-        store.clone(),
-        layout.clone(),
-        events.clone(),
-        jobs.clone(),
-        config.clone(),
-    );
-    let kernels = Kernels::new(
-        store.clone(),
-        layout.clone(),
-        events.clone(),
-        jobs.clone(),
-        config.clone(),
-    );
-    let vms = Vms::new(
-        store,
-        layout,
-        events,
-        config,
-        jobs,
-        images,
-        kernels,
-        Arc::new(SlowVmm),
-    );
+    let vms = Banger::with_vmm(config, layout, store, Arc::new(SlowVmm))?
+        .vms
+        .clone();
     let opts = CreateOptions {
         image: Some("img".into()),
         ..CreateOptions::default()

@@ -105,8 +105,20 @@ pub struct Counts {
 }
 
 impl Banger {
-    /// Wires the services over an opened store. Job ids continue after the store's highest.
+    /// Wires the services over an opened store, with the VMM the configuration picks.
     pub fn new(config: Config, layout: Layout, store: Store) -> Result<Arc<Self>> {
+        let vmm = crate::vmm::select(&config);
+        Self::with_vmm(config, layout, store, vmm)
+    }
+
+    /// Wires the services over an opened store, booting VMs with `vmm` (tests and benchmarks
+    /// pass a stand-in). Job ids continue after the store's highest.
+    pub fn with_vmm(
+        config: Config,
+        layout: Layout,
+        store: Store,
+        vmm: Arc<dyn crate::vmm::Vmm>,
+    ) -> Result<Arc<Self>> {
         let last_job = store.call_blocking(|c| rows::max_job_id(c))?;
         let jobs = Jobs::new(last_job);
         let events = Events::new();
@@ -132,7 +144,7 @@ impl Banger {
             jobs.clone(),
             images.clone(),
             kernels.clone(),
-            crate::vmm::select(&config),
+            vmm,
         );
         Ok(Arc::new(Banger {
             images,

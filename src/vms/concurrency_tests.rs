@@ -9,12 +9,8 @@ use async_trait::async_trait;
 
 use super::{CreateOptions, Vms};
 use crate::config::Config;
-use crate::images::Images;
-use crate::jobs::Jobs;
-use crate::kernels::Kernels;
 use crate::layout::Layout;
 use crate::model::{new_id, now_us, Image, Kernel, VmState};
-use crate::service::Events;
 use crate::store::{rows, Store};
 use crate::vmm::{BootSpec, Vmm};
 use crate::Result;
@@ -86,31 +82,11 @@ fn service(dir: &Path, gate: usize, subnet: &str) -> Vms {
         subnet: subnet.into(),
         ..Config::default()
     };
-    let (events, jobs) = (Events::new(), Jobs::new(0));
-    let images = Images::new(
-        store.clone(),
-        layout.clone(),
-        events.clone(),
-        jobs.clone(),
-        config.clone(),
-    );
-    let kernels = Kernels::new(
-        store.clone(),
-        layout.clone(),
-        events.clone(),
-        jobs.clone(),
-        config.clone(),
-    );
-    Vms::new(
-        store,
-        layout,
-        events,
-        config,
-        jobs,
-        images,
-        kernels,
-        Arc::new(GateVmm(tokio::sync::Barrier::new(gate))),
-    )
+    let vmm = Arc::new(GateVmm(tokio::sync::Barrier::new(gate)));
+    crate::service::Banger::with_vmm(config, layout, store, vmm)
+        .unwrap()
+        .vms
+        .clone()
 }
 
 fn opts(start: bool) -> CreateOptions {
