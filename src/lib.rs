@@ -21,6 +21,7 @@ pub mod kernels;
 pub mod layout;
 pub mod logging;
 pub mod model;
+pub mod net;
 pub mod oci;
 pub mod service;
 pub mod store;

@@ -1,0 +1,552 @@
+//! The host side of guest networking (DESIGN.md `net`): the `banger0` bridge whose address is
+//! the guests' gateway, a tap per VM on it, and forwarding plus masquerade in an nftables table
+//! of banger's own (`table inet banger`). Links and routes go through netlink; the nft table is
+//! written whole with `nft -f -` in one transaction and never touches another table.
+//!
+//! Everything is created on demand (the first VM's `network` stage) and removed when the last
+//! running VM is gone, so a host with no VMs carries nothing of banger's.
+
+mod tap;
+
+use std::net::Ipv4Addr;
+
+use async_trait::async_trait;
+use futures_util::TryStreamExt;
+
+use crate::{Error, Result};
+
+pub use tap::{create_tap, TAP_PREFIX};
+
+/// The bridge banger owns.
+pub const BRIDGE: &str = "banger0";
+/// The nftables table banger owns (family `inet`).
+pub const NFT_TABLE: &str = "banger";
+
+/// An IPv4 subnet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    /// The network address.
+    pub network: Ipv4Addr,
+    /// The prefix length.
+    pub prefix: u8,
+}
+
+impl Subnet {
+    /// The subnet `network/prefix`, host bits cleared.
+    pub fn new(network: Ipv4Addr, prefix: u8) -> Self {
+        Subnet {
+            network: Ipv4Addr::from(u32::from(network) & mask(prefix)),
+            prefix,
+        }
+    }
+
+    /// The first host address, the bridge's and the guests' gateway.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.network) + 1)
+    }
+
+    /// Whether the two share any address.
+    pub fn overlaps(&self, other: &Subnet) -> bool {
+        let m = mask(self.prefix.min(other.prefix));
+        u32::from(self.network) & m == u32::from(other.network) & m
+    }
+}
+
+impl std::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+fn mask(prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    }
+}
+
+/// A route of the host's main table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Its destination.
+    pub dest: Subnet,
+    /// The interface it leaves through.
+    pub dev: String,
+}
+
+/// The first route `subnet` would collide with, ignoring default routes and banger's bridge.
+pub fn colliding_route<'a>(subnet: &Subnet, routes: &'a [Route]) -> Option<&'a Route> {
+    routes
+        .iter()
+        .find(|r| r.dest.prefix > 0 && r.dev != BRIDGE && r.dest.overlaps(subnet))
+}
+
+/// The clear error for a collision, naming the way out.
+pub fn collision_error(subnet: &Subnet, route: &Route) -> Error {
+    Error::InvalidArgument(format!(
+        "The guest subnet {subnet} overlaps the host route {} (dev {}); set `subnet` in \
+         /etc/banger/config.toml to a free range and restart bangerd",
+        route.dest, route.dev
+    ))
+}
+
+/// The IPv4 routes of the main table, through netlink.
+pub async fn host_routes() -> Result<Vec<Route>> {
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader};
+    let fail = |e: rtnetlink::Error| Error::failed("Cannot read the host's routes (netlink)", e);
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| Error::failed("Cannot open netlink", e))?;
+    let task = tokio::spawn(conn);
+    let names = link_names(&handle).await?;
+    let mut out = Vec::new();
+    let mut dump = handle
+        .route()
+        .get(rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Some(m) = dump.try_next().await.map_err(fail)? {
+        let mut table = u32::from(m.header.table);
+        let mut dest = Ipv4Addr::UNSPECIFIED;
+        let mut dev = String::new();
+        for a in &m.attributes {
+            match a {
+                RouteAttribute::Table(t) => table = *t,
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => dest = *d,
+                RouteAttribute::Oif(i) => dev = names.get(i).cloned().unwrap_or_default(),
+                _ => {}
+            }
+        }
+        if table == u32::from(RouteHeader::RT_TABLE_MAIN) {
+            out.push(Route {
+                dest: Subnet::new(dest, m.header.destination_prefix_length),
+                dev,
+            });
+        }
+    }
+    task.abort();
+    Ok(out)
+}
+
+async fn link_names(handle: &rtnetlink::Handle) -> Result<std::collections::HashMap<u32, String>> {
+    use rtnetlink::packet_route::link::LinkAttribute;
+    let mut names = std::collections::HashMap::new();
+    let mut links = handle.link().get().execute();
+    while let Some(m) = links
+        .try_next()
+        .await
+        .map_err(|e| Error::failed("Cannot list the host's links (netlink)", e))?
+    {
+        for a in &m.attributes {
+            if let LinkAttribute::IfName(n) = a {
+                names.insert(m.header.index, n.clone());
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// The subnet guests get: the configured one, checked against the host's routes. When the
+/// configuration keeps the default and it collides, the next free /24 of 172.30.0.0/16.
+pub async fn choose_subnet(configured: Subnet, is_default: bool) -> Result<Subnet> {
+    let routes = host_routes().await?;
+    pick_subnet(configured, is_default, &routes)
+}
+
+fn pick_subnet(configured: Subnet, is_default: bool, routes: &[Route]) -> Result<Subnet> {
+    let Some(hit) = colliding_route(&configured, routes) else {
+        return Ok(configured);
+    };
+    if is_default {
+        let base = u32::from(configured.network);
+        for i in 1..=255u32 {
+            let candidate = Subnet::new(Ipv4Addr::from(base.wrapping_add(i << 8)), 24);
+            if u32::from(candidate.network) >> 16 != u32::from(Ipv4Addr::new(172, 30, 0, 0)) >> 16 {
+                break;
+            }
+            if colliding_route(&candidate, routes).is_none() {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err(collision_error(&configured, hit))
+}
+
+/// The resolvers a guest should use: the host's, without loopback stubs (systemd-resolved's
+/// upstream list replaces its 127.0.0.53 stub).
+pub fn host_resolvers() -> Vec<Ipv4Addr> {
+    let parse = |path: &str| -> Vec<Ipv4Addr> {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("nameserver"))
+            .filter_map(|a| a.trim().parse().ok())
+            .collect()
+    };
+    let usable = |v: Vec<Ipv4Addr>| -> Vec<Ipv4Addr> {
+        v.into_iter()
+            .filter(|a| !a.is_loopback() && !a.is_unspecified())
+            .take(3)
+            .collect()
+    };
+    let direct = usable(parse("/etc/resolv.conf"));
+    if !direct.is_empty() {
+        return direct;
+    }
+    usable(parse("/run/systemd/resolve/resolv.conf"))
+}
+
+/// What a guest's network bootstrap needs, passed on its kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNet {
+    /// The guest's address.
+    pub address: Ipv4Addr,
+    /// The subnet's prefix length.
+    pub prefix: u8,
+    /// The gateway.
+    pub gateway: Ipv4Addr,
+    /// Name servers.
+    pub dns: Vec<Ipv4Addr>,
+    /// The guest NIC's MAC address.
+    pub mac: String,
+}
+
+impl GuestNet {
+    /// `banger.ip=… banger.gw=… [banger.dns=a,b] banger.mac=…`
+    pub fn cmdline(&self) -> String {
+        let mut s = format!(
+            "banger.ip={}/{} banger.gw={} banger.mac={}",
+            self.address, self.prefix, self.gateway, self.mac
+        );
+        if !self.dns.is_empty() {
+            let dns: Vec<String> = self.dns.iter().map(|a| a.to_string()).collect();
+            s.push_str(&format!(" banger.dns={}", dns.join(",")));
+        }
+        s
+    }
+}
+
+/// The host network as the VM service uses it: a small trait so unit tests run without
+/// touching any interface.
+#[async_trait]
+pub trait HostNet: Send + Sync {
+    /// The subnet guests are in.
+    fn subnet(&self) -> Result<Subnet>;
+
+    /// Brings the bridge and the nft table up (idempotent) and puts a fresh tap `tap` on it.
+    async fn attach(&self, tap: &str) -> Result<()>;
+
+    /// Removes the tap; fine when it is already gone.
+    async fn detach(&self, tap: &str) -> Result<()>;
+
+    /// Removes the bridge and the nft table; fine when they are gone.
+    async fn teardown(&self) -> Result<()>;
+}
+
+/// The real host network: `banger0` and `table inet banger` in the daemon's network namespace.
+pub struct Bridge {
+    subnet: std::result::Result<Subnet, String>,
+}
+
+impl Bridge {
+    /// A bridge for `subnet`, or one that refuses every VM with the start-up check's error.
+    pub fn new(subnet: Result<Subnet>) -> Self {
+        Bridge {
+            subnet: subnet.map_err(|e| e.full_message()),
+        }
+    }
+
+    async fn ensure_bridge(&self, handle: &rtnetlink::Handle, subnet: Subnet) -> Result<u32> {
+        let fail = |what: &str, e: rtnetlink::Error| {
+            Error::failed(format!("Cannot {what} bridge {BRIDGE} (netlink)"), e)
+        };
+        let index = match link_index(handle, BRIDGE).await? {
+            Some(i) => i,
+            None => {
+                match handle
+                    .link()
+                    .add(rtnetlink::LinkBridge::new(BRIDGE).build())
+                    .execute()
+                    .await
+                {
+                    Ok(()) => {}
+                    Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                    Err(e) => return Err(fail("create", e)),
+                }
+                link_index(handle, BRIDGE).await?.ok_or_else(|| {
+                    Error::failed(
+                        format!("Cannot create bridge {BRIDGE}"),
+                        std::io::Error::other("it vanished"),
+                    )
+                })?
+            }
+        };
+        match handle
+            .address()
+            .add(index, std::net::IpAddr::V4(subnet.gateway()), subnet.prefix)
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+            Err(e) => return Err(fail("address", e)),
+        }
+        handle
+            .link()
+            .set(rtnetlink::LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| fail("bring up", e))?;
+        Ok(index)
+    }
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(Some(m)) => Ok(Some(m.header.index)),
+        Ok(None) => Ok(None),
+        Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(Error::failed(format!("Cannot look up link {name}"), e)),
+    }
+}
+
+async fn with_netlink<T, F, Fut>(f: F) -> Result<T>
+where
+    F: FnOnce(rtnetlink::Handle) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| Error::failed("Cannot open netlink", e))?;
+    let task = tokio::spawn(conn);
+    let r = f(handle).await;
+    task.abort();
+    r
+}
+
+/// The whole `table inet banger`: forwarding for the bridge and masquerade of the subnet. The
+/// leading `table`/`delete table` pair makes the load replace the table atomically.
+pub fn nft_ruleset(subnet: &Subnet) -> String {
+    format!(
+        "table inet {NFT_TABLE}\n\
+         delete table inet {NFT_TABLE}\n\
+         table inet {NFT_TABLE} {{\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority filter; policy accept;\n\
+         \t\tiifname \"{BRIDGE}\" accept\n\
+         \t\toifname \"{BRIDGE}\" ct state established,related accept\n\
+         \t}}\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr {subnet} ip daddr != {subnet} masquerade\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+async fn nft(script: &str) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let program = crate::host::find_program("nft").ok_or_else(|| {
+        Error::failed(
+            "nft is not installed",
+            std::io::Error::other("apt-get install nftables"),
+        )
+    })?;
+    let mut child = tokio::process::Command::new(program)
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::failed("Cannot run nft", e))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .await
+            .map_err(|e| Error::failed("Cannot feed nft", e))?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| Error::failed("Cannot run nft", e))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::failed(
+            "nft failed",
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        ))
+    }
+}
+
+#[async_trait]
+impl HostNet for Bridge {
+    fn subnet(&self) -> Result<Subnet> {
+        self.subnet.clone().map_err(Error::InvalidArgument)
+    }
+
+    async fn attach(&self, tap: &str) -> Result<()> {
+        let subnet = self.subnet()?;
+        nft(&nft_ruleset(&subnet)).await?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|e| Error::failed("Cannot enable IPv4 forwarding", e))?;
+        with_netlink(|h| async move {
+            let bridge = self.ensure_bridge(&h, subnet).await?;
+            if let Some(old) = link_index(&h, tap).await? {
+                // A tap left by a VMM that died with the host; start from a clean one.
+                let _ = h.link().del(old).execute().await;
+            }
+            let t = tap.to_owned();
+            tokio::task::spawn_blocking(move || create_tap(&t))
+                .await
+                .map_err(|e| Error::failed("Tap task failed", e))??;
+            let index = link_index(&h, tap).await?.ok_or_else(|| {
+                Error::failed(
+                    format!("Cannot create tap {tap}"),
+                    std::io::Error::other("it vanished"),
+                )
+            })?;
+            h.link()
+                .set(
+                    rtnetlink::LinkUnspec::new_with_index(index)
+                        .controller(bridge)
+                        .up()
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| Error::failed(format!("Cannot put tap {tap} on {BRIDGE}"), e))
+        })
+        .await
+    }
+
+    async fn detach(&self, tap: &str) -> Result<()> {
+        with_netlink(|h| async move {
+            if let Some(i) = link_index(&h, tap).await? {
+                match h.link().del(i).execute().await {
+                    Ok(()) => {}
+                    Err(e) if errno(&e) == Some(libc::ENODEV) => {}
+                    Err(e) => return Err(Error::failed(format!("Cannot remove tap {tap}"), e)),
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn teardown(&self) -> Result<()> {
+        nft(&format!(
+            "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"
+        ))
+        .await?;
+        with_netlink(|h| async move {
+            if let Some(i) = link_index(&h, BRIDGE).await? {
+                match h.link().del(i).execute().await {
+                    Ok(()) => {}
+                    Err(e) if errno(&e) == Some(libc::ENODEV) => {}
+                    Err(e) => {
+                        return Err(Error::failed(format!("Cannot remove bridge {BRIDGE}"), e))
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Subnet {
+        let (a, p) = s.split_once('/').unwrap();
+        Subnet::new(a.parse().unwrap(), p.parse().unwrap())
+    }
+
+    fn route(s: &str, dev: &str) -> Route {
+        Route {
+            dest: net(s),
+            dev: dev.into(),
+        }
+    }
+
+    #[test]
+    fn overlap_is_symmetric_and_exact() {
+        assert!(net("10.0.0.0/8").overlaps(&net("10.1.2.0/24")));
+        assert!(net("10.1.2.0/24").overlaps(&net("10.0.0.0/8")));
+        assert!(!net("10.1.2.0/24").overlaps(&net("10.1.3.0/24")));
+        assert!(net("10.1.2.77/24").overlaps(&net("10.1.2.128/25")));
+        assert_eq!(
+            net("172.30.99.7/24").gateway(),
+            Ipv4Addr::new(172, 30, 99, 1)
+        );
+    }
+
+    #[test]
+    fn collisions_ignore_default_routes_and_our_bridge() {
+        let s = net("172.30.99.0/24");
+        let routes = vec![
+            route("0.0.0.0/0", "eth0"),
+            route("172.30.99.0/24", BRIDGE),
+            route("192.168.1.0/24", "eth0"),
+        ];
+        assert_eq!(colliding_route(&s, &routes), None);
+        let routes = vec![route("172.30.0.0/16", "wg0")];
+        let e = pick_subnet(s, false, &routes).unwrap_err().to_string();
+        assert!(
+            e.contains("172.30.0.0/16") && e.contains("wg0") && e.contains("subnet"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_default_moves_to_a_free_slash_24_and_a_configured_one_does_not() {
+        let s = net("172.30.99.0/24");
+        let routes = vec![
+            route("172.30.99.0/24", "docker0"),
+            route("172.30.100.0/23", "x"),
+        ];
+        assert_eq!(
+            pick_subnet(s, true, &routes).unwrap(),
+            net("172.30.102.0/24")
+        );
+        assert!(pick_subnet(s, false, &routes).is_err());
+        let all = vec![route("172.30.0.0/16", "vpn")];
+        assert!(pick_subnet(s, true, &all).is_err());
+    }
+
+    #[test]
+    fn the_ruleset_only_names_bangers_table() {
+        let r = nft_ruleset(&net("172.30.99.0/24"));
+        for line in r.lines().filter(|l| l.contains("table")) {
+            assert!(
+                line.ends_with("table inet banger") || line.ends_with("table inet banger {"),
+                "{line}"
+            );
+        }
+        assert!(r.contains("ip saddr 172.30.99.0/24 ip daddr != 172.30.99.0/24 masquerade"));
+    }
+
+    #[test]
+    fn the_guest_cmdline_carries_address_gateway_dns_and_mac() {
+        let g = GuestNet {
+            address: Ipv4Addr::new(172, 30, 99, 2),
+            prefix: 24,
+            gateway: Ipv4Addr::new(172, 30, 99, 1),
+            dns: vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(192, 0, 2, 54)],
+            mac: "02:aa:bb:cc:dd:ee".into(),
+        };
+        assert_eq!(
+            g.cmdline(),
+            "banger.ip=172.30.99.2/24 banger.gw=172.30.99.1 banger.mac=02:aa:bb:cc:dd:ee \
+             banger.dns=192.0.2.53,192.0.2.54"
+        );
+    }
+}
