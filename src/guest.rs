@@ -43,23 +43,34 @@ RemainAfterExit=yes
 WantedBy=multi-user.target
 ";
 
-/// Applies `banger.ip=ADDR/PREFIX banger.gw=GW banger.dns=IP` from /proc/cmdline to eth0.
+/// Applies `banger.ip=ADDR/PREFIX banger.gw=GW banger.dns=A,B banger.mac=MAC` from
+/// /proc/cmdline, for kernels booted without banger's initrd (whose init has already done it).
 const NETWORK_SETUP: &str = r#"#!/bin/sh
 # banger network bootstrap: the host passes the guest's address on the kernel command line.
-set -e
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         banger.ip=*) ip_addr="${arg#banger.ip=}" ;;
         banger.gw=*) gw="${arg#banger.gw=}" ;;
         banger.dns=*) dns="${arg#banger.dns=}" ;;
+        banger.mac=*) mac="${arg#banger.mac=}" ;;
     esac
 done
 ip link set lo up
 [ -n "$ip_addr" ] || exit 0
-ip link set eth0 up
-ip addr add "$ip_addr" dev eth0
-[ -n "$gw" ] && ip route add default via "$gw"
-[ -n "$dns" ] && echo "nameserver $dns" > /etc/resolv.conf
+# banger-init configured it already.
+ip -4 -o addr show | grep -q " inet ${ip_addr%/*}/" && exit 0
+dev=eth0
+for d in /sys/class/net/*; do
+    [ "$(cat "$d/address" 2>/dev/null)" = "$mac" ] && dev="${d##*/}"
+done
+set -e
+ip link set "$dev" up
+ip addr replace "$ip_addr" dev "$dev"
+[ -z "$gw" ] || ip route replace default via "$gw"
+if [ -n "$dns" ]; then
+    rm -f /etc/resolv.conf
+    for a in $(echo "$dns" | tr , ' '); do echo "nameserver $a"; done > /etc/resolv.conf
+fi
 exit 0
 "#;
 

@@ -4,6 +4,8 @@
 //! failure is printed on the console as `banger-init: …` and the VM powers off instead of
 //! hanging. No shell or busybox is involved: this is the whole initrd userspace.
 
+pub mod net;
+
 use std::ffi::CString;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -199,12 +201,30 @@ pub fn run() -> ! {
             say(&e);
         }
     }
-    let cmdline = parse_cmdline(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    let raw = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cmdline = parse_cmdline(&raw);
     let list = std::fs::read_to_string(Path::new("/").join(MODULE_LIST)).unwrap_or_default();
     for name in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
         if let Err(e) = load_module(&Path::new("/").join(MODULE_DIR).join(format!("{name}.ko"))) {
             say(&format!("cannot load module {name}: {e}"));
         }
+    }
+    let lease = net::parse(&raw);
+    if let Some(h) = &lease.hostname {
+        if let Err(e) = net::set_hostname(h) {
+            say(&e);
+        }
+    }
+    match net::configure(&lease, Path::new("/sys/class/net"), Duration::from_secs(5)) {
+        Ok(Some(dev)) => say(&format!(
+            "network {dev} {}",
+            lease
+                .address
+                .map(|(a, p)| format!("{a}/{p}"))
+                .unwrap_or_default()
+        )),
+        Ok(None) => {}
+        Err(e) => say(&format!("the network stays down: {e}")),
     }
     let Some(root) = wait_device(&cmdline.root, cmdline.root_wait) else {
         fail(&format!(
@@ -222,6 +242,9 @@ pub fn run() -> ! {
     }
     if !cmdline.read_only {
         refresh_agent();
+        if let Err(e) = net::write_root_files(&lease, Path::new("/newroot")) {
+            say(&e);
+        }
     }
     if let Some(work) = &cmdline.work {
         match wait_device(work, cmdline.root_wait) {
@@ -234,6 +257,11 @@ pub fn run() -> ! {
             None => say(&format!(
                 "work disk {work} did not appear; /root is the image's"
             )),
+        }
+    }
+    if !cmdline.read_only {
+        if let Err(e) = net::install_host_key(Path::new("/newroot")) {
+            say(&e);
         }
     }
     if std::fs::symlink_metadata(format!("/newroot{}", cmdline.init)).is_err() {
