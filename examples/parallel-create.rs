@@ -83,6 +83,28 @@ impl Vmm for SlowVmm {
     }
 }
 
+/// The host network stand-in: taps are names only (the benchmark measures the service).
+struct NoNet;
+
+#[async_trait]
+impl banger::net::HostNet for NoNet {
+    fn subnet(&self) -> banger::Result<banger::net::Subnet> {
+        Ok(banger::net::Subnet::new(
+            std::net::Ipv4Addr::new(172, 30, 99, 0),
+            24,
+        ))
+    }
+    async fn attach(&self, _: &str) -> banger::Result<()> {
+        Ok(())
+    }
+    async fn detach(&self, _: &str) -> banger::Result<()> {
+        Ok(())
+    }
+    async fn teardown(&self) -> banger::Result<()> {
+        Ok(())
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let n: usize = std::env::args()
@@ -96,7 +118,11 @@ async fn main() -> anyhow::Result<()> {
     layout.create()?;
     let store = Store::open(&layout.database())?;
     let seed = d.join("seed.ext4");
-    std::fs::write(&seed, vec![0u8; 1 << 20])?;
+    std::fs::File::create(&seed)?.set_len(8 << 20)?;
+    banger::host::run(
+        "mkfs.ext4",
+        ["-q".as_ref(), "-F".as_ref(), seed.as_os_str()],
+    )?;
     let image = Image {
         id: new_id(),
         name: "img".into(),
@@ -122,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
         rows::insert_kernel(c, &kernel)
     })?;
     let config = Config::default();
-    let vms = Banger::with_vmm(config, layout, store, Arc::new(SlowVmm))?
+    let vms = Banger::with_parts(config, layout, store, Arc::new(SlowVmm), Arc::new(NoNet))?
         .vms
         .clone();
     let opts = CreateOptions {

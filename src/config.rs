@@ -7,6 +7,9 @@ use serde::Deserialize;
 
 use crate::{Error, Result};
 
+/// The guests' subnet unless configured; it moves to a free /24 when the host routes it.
+pub const DEFAULT_SUBNET: &str = "172.30.99.0/24";
+
 /// Which VMM drives the VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -73,7 +76,7 @@ impl Default for Config {
             max_image_bytes: 32 << 30,
             guest_bin_dir: None,
             accel: Accel::Auto,
-            subnet: "172.30.99.0/24".into(),
+            subnet: DEFAULT_SUBNET.into(),
             boot_timeout_sec: 300,
         }
     }
@@ -100,6 +103,11 @@ impl Config {
             }
             _ => std::path::Path::new("/usr/lib/banger").join(name),
         }
+    }
+
+    /// Whether `subnet` is the default, which may move aside when the host uses it.
+    pub fn subnet_is_default(&self) -> bool {
+        self.subnet == DEFAULT_SUBNET
     }
 
     /// The subnet's network address and prefix length.

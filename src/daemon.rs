@@ -75,7 +75,7 @@ pub async fn run(opts: DaemonOptions) -> Result<Exit> {
     let signals = Signals::install()?;
     let (config, layout, store) = prepare(&opts)?;
     let idle = Duration::from_secs(config.idle_exit_sec);
-    let banger = Banger::new(config, layout, store)?;
+    let banger = Banger::for_host(config, layout, store).await?;
     banger.vms.adopt().await?;
 
     let conn = zbus::connection::Builder::system()

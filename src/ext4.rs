@@ -93,3 +93,165 @@ mod tests {
         assert_eq!(size_for(u, Some(3 * MIB + 1), 1 << 30), 4 * MIB);
     }
 }
+
+/// A file to place in an ext4 image with [`put_files`].
+#[derive(Debug, Clone)]
+pub struct Put<'a> {
+    /// Absolute path inside the filesystem (plain names: letters, digits, `._-/`).
+    pub path: &'a str,
+    /// Contents.
+    pub data: &'a [u8],
+    /// Permission bits.
+    pub mode: u32,
+}
+
+fn debugfs_path_ok(p: &str) -> bool {
+    p.starts_with('/')
+        && !p.contains("..")
+        && p.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+}
+
+/// Reads a file of an unmounted ext4 image (`None` when it does not exist).
+pub fn read_file(image: &Path, path: &str) -> Result<Option<Vec<u8>>> {
+    if !debugfs_path_ok(path) {
+        return Err(Error::InvalidArgument(format!(
+            "{path:?} is not a plain path"
+        )));
+    }
+    let program = host::find_program("debugfs").ok_or_else(|| {
+        Error::failed(
+            "debugfs is not installed",
+            std::io::Error::other("apt-get install e2fsprogs"),
+        )
+    })?;
+    let stat = std::process::Command::new(&program)
+        .args(["-R", &format!("stat {path}")])
+        .arg(image)
+        .output()
+        .map_err(|e| Error::failed("Cannot run debugfs", e))?;
+    if !String::from_utf8_lossy(&stat.stdout).contains("Type: regular") {
+        return Ok(None);
+    }
+    let out = std::process::Command::new(&program)
+        .args(["-R", &format!("cat {path}")])
+        .arg(image)
+        .output()
+        .map_err(|e| Error::failed("Cannot run debugfs", e))?;
+    Ok(Some(out.stdout))
+}
+
+/// Writes `files` (root-owned, replacing what is there, parent directories made 0700) into
+/// an unmounted ext4 image with `debugfs -w`, then checks each one landed.
+pub fn put_files(image: &Path, files: &[Put<'_>]) -> Result<()> {
+    let staging = tempfile::tempdir().map_err(|e| Error::failed("Cannot stage files", e))?;
+    let mut script = String::new();
+    for (i, f) in files.iter().enumerate() {
+        if !debugfs_path_ok(f.path) || f.path.ends_with('/') {
+            return Err(Error::InvalidArgument(format!(
+                "{:?} is not a plain path",
+                f.path
+            )));
+        }
+        let mut dir = String::new();
+        let parts: Vec<&str> = f.path.split('/').filter(|p| !p.is_empty()).collect();
+        for part in &parts[..parts.len() - 1] {
+            dir.push('/');
+            dir.push_str(part);
+            script.push_str(&format!(
+                "mkdir {dir}\nsif {dir} uid 0\nsif {dir} gid 0\nsif {dir} mode 040700\n"
+            ));
+        }
+        let local = staging.path().join(i.to_string());
+        std::fs::write(&local, f.data).map_err(|e| Error::failed("Cannot stage files", e))?;
+        script.push_str(&format!(
+            "rm {p}\nwrite {l} {p}\nsif {p} uid 0\nsif {p} gid 0\nsif {p} mode 0100{m:03o}\n",
+            p = f.path,
+            l = local.display(),
+            m = f.mode & 0o777
+        ));
+    }
+    let cmds = staging.path().join("cmds");
+    std::fs::write(&cmds, script).map_err(|e| Error::failed("Cannot stage files", e))?;
+    host::run(
+        "debugfs",
+        [
+            "-w".as_ref(),
+            "-f".as_ref(),
+            cmds.as_os_str(),
+            image.as_os_str(),
+        ],
+    )?;
+    for f in files {
+        if read_file(image, f.path)?.as_deref() != Some(f.data) {
+            return Err(Error::failed(
+                format!("Cannot write {} into {}", f.path, image.display()),
+                std::io::Error::other("debugfs did not store it"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod put_tests {
+    use super::*;
+
+    #[test]
+    fn files_land_root_owned_with_their_modes_and_replace_old_ones() {
+        if host::find_program("debugfs").is_none() || host::find_program("mkfs.ext4").is_none() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("w.ext4");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(16 << 20)
+            .unwrap();
+        host::run("mkfs.ext4", ["-q".as_ref(), "-F".as_ref(), img.as_os_str()]).unwrap();
+        let put = |data: &'static [u8]| {
+            put_files(
+                &img,
+                &[
+                    Put {
+                        path: "/.ssh/authorized_keys",
+                        data,
+                        mode: 0o600,
+                    },
+                    Put {
+                        path: "/.banger/k.pub",
+                        data: b"pub\n",
+                        mode: 0o644,
+                    },
+                ],
+            )
+        };
+        put(b"first\n").unwrap();
+        put(b"second\n").unwrap();
+        assert_eq!(
+            read_file(&img, "/.ssh/authorized_keys").unwrap().unwrap(),
+            b"second\n"
+        );
+        assert_eq!(read_file(&img, "/.ssh/missing").unwrap(), None);
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", "stat /.ssh/authorized_keys"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        let stat = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stat.contains("Mode:  0600") && stat.contains("User:     0"),
+            "{stat}"
+        );
+        assert!(put_files(
+            &img,
+            &[Put {
+                path: "/../x",
+                data: b"",
+                mode: 0o600
+            }]
+        )
+        .is_err());
+        assert!(read_file(&img, "/a b").is_err());
+    }
+}

@@ -132,6 +132,8 @@ pub struct Vm {
     pub ssh_address: String,
     /// Creation time, µs since the epoch.
     pub created_at: u64,
+    /// The public half of the VM's own SSH host key (`ssh-ed25519 AAAA…`), once made.
+    pub ssh_host_key: String,
 }
 
 /// Which kind of object a name belongs to, for messages.

@@ -105,19 +105,47 @@ pub struct Counts {
 }
 
 impl Banger {
-    /// Wires the services over an opened store, with the VMM the configuration picks.
+    /// Wires the services over an opened store, with the VMM the configuration picks and
+    /// the configured subnet taken as it is (the daemon checks it first: `for_host`).
     pub fn new(config: Config, layout: Layout, store: Store) -> Result<Arc<Self>> {
         let vmm = crate::vmm::select(&config);
-        Self::with_vmm(config, layout, store, vmm)
+        let subnet = config.subnet().map(|(n, p)| crate::net::Subnet::new(n, p));
+        let net = Arc::new(crate::net::Bridge::new(subnet));
+        Self::with_parts(config, layout, store, vmm, net)
     }
 
-    /// Wires the services over an opened store, booting VMs with `vmm` (tests and benchmarks
-    /// pass a stand-in). Job ids continue after the store's highest.
-    pub fn with_vmm(
+    /// The daemon's wiring: the configured subnet is checked against the host's routes (a
+    /// default one moves aside; a configured one that collides makes every VM creation fail
+    /// with the reason, while images and kernels keep working).
+    pub async fn for_host(mut config: Config, layout: Layout, store: Store) -> Result<Arc<Self>> {
+        let chosen = match config.subnet() {
+            Ok((n, p)) => {
+                let wanted = crate::net::Subnet::new(n, p);
+                crate::net::choose_subnet(wanted, config.subnet_is_default()).await
+            }
+            Err(e) => Err(e),
+        };
+        match &chosen {
+            Ok(s) if s.to_string() != config.subnet => {
+                tracing::warn!(subnet = %s, "The default guest subnet {} is taken on this host; using {s}", config.subnet);
+                config.subnet = s.to_string();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!("VMs cannot be created: {}", e.full_message()),
+        }
+        let vmm = crate::vmm::select(&config);
+        let net = Arc::new(crate::net::Bridge::new(chosen));
+        Self::with_parts(config, layout, store, vmm, net)
+    }
+
+    /// Wires the services over an opened store, booting VMs with `vmm` on host network `net`
+    /// (tests and benchmarks pass stand-ins). Job ids continue after the store's highest.
+    pub fn with_parts(
         config: Config,
         layout: Layout,
         store: Store,
         vmm: Arc<dyn crate::vmm::Vmm>,
+        net: Arc<dyn crate::net::HostNet>,
     ) -> Result<Arc<Self>> {
         let last_job = store.call_blocking(|c| rows::max_job_id(c))?;
         let jobs = Jobs::new(last_job);
@@ -145,6 +173,7 @@ impl Banger {
             images.clone(),
             kernels.clone(),
             vmm,
+            net,
         );
         Ok(Arc::new(Banger {
             images,

@@ -170,6 +170,10 @@ fn boot_spec(dir: &Path, vcpus: u32) -> BootSpec {
         cid: 3,
         run_dir: dir.to_owned(),
         console_log: dir.join("console.log"),
+        net: Some(banger::vmm::NetSpec {
+            tap: "bgr0123456789ab".into(),
+            mac: "02:01:23:45:67:89".into(),
+        }),
     }
 }
 
@@ -201,6 +205,7 @@ async fn every_request_matches_the_firecracker_api_spec_in_order() {
             "/boot-source",
             "/drives/root",
             "/drives/work",
+            "/network-interfaces/eth0",
             "/vsock",
             "/actions",
             "/actions"
@@ -218,8 +223,8 @@ async fn every_request_matches_the_firecracker_api_spec_in_order() {
         }
     }
     assert!(errors.is_empty(), "{errors:#?}");
-    assert_eq!(seen[5].2["action_type"], "InstanceStart");
-    assert_eq!(seen[6].2["action_type"], "SendCtrlAltDel");
+    assert_eq!(seen[6].2["action_type"], "InstanceStart");
+    assert_eq!(seen[7].2["action_type"], "SendCtrlAltDel");
     let args = seen[1].2["boot_args"].as_str().unwrap();
     assert!(
         args.contains("root=/dev/vda rw banger.work=/dev/vdb"),

@@ -45,6 +45,7 @@ fn vm(name: &str, image: &Image, owner: u32, cid: u32) -> Vm {
         tap_name: format!("bgr{cid}"),
         ssh_address: String::new(),
         created_at: now_us(),
+        ssh_host_key: String::new(),
     }
 }
 

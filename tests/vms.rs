@@ -52,10 +52,54 @@ fn vm_image_layers() -> Vec<Vec<u8>> {
     for d in ["dev", "proc", "sys", "tmp"] {
         l = l.dir(d, 0o755);
     }
-    for applet in ["sh", "cat", "echo", "sync", "sleep", "id", "uname", "true"] {
+    for applet in [
+        "sh", "cat", "echo", "sync", "sleep", "id", "uname", "true", "ping", "hostname", "ip",
+    ] {
         l = l.link(&format!("bin/{applet}"), tar::EntryType::Symlink, "busybox");
     }
     vec![l.bytes()]
+}
+
+async fn import_kernel(
+    conn: &zbus::Connection,
+    name: &str,
+    vmlinuz: &std::path::Path,
+    modules: &std::path::Path,
+) {
+    Kernels1Proxy::new(conn)
+        .await
+        .unwrap()
+        .import_kernel(
+            name,
+            opt(&[
+                ("kernel_path", vmlinuz.to_string_lossy().into_owned().into()),
+                ("modules_dir", modules.to_string_lossy().into_owned().into()),
+            ]),
+        )
+        .await
+        .unwrap();
+}
+
+/// What of banger's network the bus's namespace holds: links named banger0/bgr*, and
+/// whether `table inet banger` exists.
+fn banger_network(bus: &TestBus) -> (Vec<String>, bool) {
+    let links = bus.in_netns("ip").args(["-o", "link"]).output().unwrap();
+    let links = String::from_utf8_lossy(&links.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split(':')
+                .nth(1)
+                .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
+        })
+        .filter(|n| n == "banger0" || n.starts_with("bgr"))
+        .collect();
+    let tables = bus
+        .in_netns("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&tables.stdout).contains("inet banger");
+    (links, table)
 }
 
 /// Waits for job `id` to end; returns its result and error, as the store recorded them.
@@ -126,37 +170,38 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     if guest_bins().is_none() {
         return;
     }
+    // Images and kernels come in with the host's loopback registry; the VMs then boot with
+    // the daemon in a network namespace of the test's own.
+    let state = tempfile::tempdir().unwrap();
+    {
+        let prep = TestBus::start(BusOptions {
+            state_dir: Some(state.path().to_owned()),
+            ..Default::default()
+        });
+        let conn = prep.connect().await;
+        let registry = TestRegistry::start();
+        let layout = tempfile::tempdir().unwrap();
+        let m = image_manifest(layout.path(), &vm_image_layers(), Comp::Gzip, "amd64");
+        finish_layout(layout.path(), vec![m], "v1");
+        let reference = registry.push(layout.path(), "v1", "vm/tiny", &[]);
+        let images = Images1Proxy::new(&conn).await.unwrap();
+        let (id, _) = images
+            .pull_image(
+                &reference,
+                opt(&[("insecure", true.into()), ("name", "tiny".into())]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(job_result(&prep, id).await.0, "done");
+        import_kernel(&conn, "test", &vmlinuz, &modules).await;
+    }
     let bus = TestBus::start(BusOptions {
         extra_config: "accel = \"tcg\"\nboot_timeout_sec = 240\n".into(),
+        netns: true,
+        state_dir: Some(state.path().to_owned()),
         ..Default::default()
     });
     let conn = bus.connect().await;
-    let registry = TestRegistry::start();
-    let layout = tempfile::tempdir().unwrap();
-    let m = image_manifest(layout.path(), &vm_image_layers(), Comp::Gzip, "amd64");
-    finish_layout(layout.path(), vec![m], "v1");
-    let reference = registry.push(layout.path(), "v1", "vm/tiny", &[]);
-
-    let images = Images1Proxy::new(&conn).await.unwrap();
-    let (id, _) = images
-        .pull_image(
-            &reference,
-            opt(&[("insecure", true.into()), ("name", "tiny".into())]),
-        )
-        .await
-        .unwrap();
-    assert_eq!(job_result(&bus, id).await.0, "done");
-    let kernels = Kernels1Proxy::new(&conn).await.unwrap();
-    kernels
-        .import_kernel(
-            "test",
-            opt(&[
-                ("kernel_path", vmlinuz.to_string_lossy().into_owned().into()),
-                ("modules_dir", modules.to_string_lossy().into_owned().into()),
-            ]),
-        )
-        .await
-        .unwrap();
 
     // Create through the CLI, as a member of the banger group, while watching the stages.
     let vms = VMs1Proxy::new(&conn).await.unwrap();
@@ -247,6 +292,42 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     let out = bus.banger_as(Some(USER_OK), &["vm", "logs", "t1"]);
     assert!(text(&out).contains("banger-init: root"), "{}", text(&out));
 
+    // The guest network: a second VM; both reach each other and the gateway on banger0.
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &[
+            "vm", "create", "t2", "--image", "tiny", "--kernel", "test", "--vcpus", "1",
+            "--memory", "256",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let (links, table) = banger_network(&bus);
+    assert!(table, "table inet banger is up");
+    assert_eq!(links.len(), 3, "banger0 and two taps: {links:?}");
+    for (vm, peer) in [("t1", "172.30.99.3"), ("t2", "172.30.99.2")] {
+        let script = format!(
+            "hostname; ip -4 -o addr show; ping -c 1 -W 10 {peer} && ping -c 1 -W 10 172.30.99.1"
+        );
+        let out = bus.banger_as(
+            Some(USER_OK),
+            &["vm", "exec", vm, "--", "sh", "-c", &script],
+        );
+        assert!(out.status.success(), "{vm} → {peer}: {}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.starts_with(&format!("{vm}\n")),
+            "host name: {stdout}"
+        );
+        assert!(stdout.contains("1 packets received"), "{stdout}");
+    }
+    let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "--force", "t2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (links, table) = banger_network(&bus);
+    assert!(
+        table && links.len() == 2,
+        "t2's tap went, t1's network stays: {links:?}"
+    );
+
     // Running VMs are not deleted by accident.
     let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "t1"]);
     assert!(text(&out).contains("is running"), "{}", text(&out));
@@ -324,6 +405,11 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     assert!(vm_processes(&bus).is_empty(), "{:?}", vm_processes(&bus));
     assert!(!bus.state_dir().join("vms").join(&vm_id).exists());
     assert!(vms.list_vms().await.unwrap().is_empty());
+    assert_eq!(
+        banger_network(&bus),
+        (Vec::new(), false),
+        "no VM left: bridge, taps and the nft table are gone"
+    );
 
     // Two creates of one name: exactly one reservation wins; the address is reused.
     let no_start = || {
@@ -384,6 +470,7 @@ async fn a_boot_that_fails_names_its_stage_keeps_the_console_and_leaves_nothing_
     }
     let bus = TestBus::start(BusOptions {
         extra_config: "accel = \"tcg\"\nboot_timeout_sec = 240\n".into(),
+        netns: true,
         ..Default::default()
     });
     let conn = bus.connect().await;
@@ -408,17 +495,7 @@ async fn a_boot_that_fails_names_its_stage_keeps_the_console_and_leaves_nothing_
         )
         .await
         .unwrap();
-    let kernels = Kernels1Proxy::new(&conn).await.unwrap();
-    kernels
-        .import_kernel(
-            "test",
-            opt(&[
-                ("kernel_path", vmlinuz.to_string_lossy().into_owned().into()),
-                ("modules_dir", modules.to_string_lossy().into_owned().into()),
-            ]),
-        )
-        .await
-        .unwrap();
+    import_kernel(&conn, "test", &vmlinuz, &modules).await;
     let vms = VMs1Proxy::new(&conn).await.unwrap();
     let (path, id, _) = vms
         .create_vm(

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Subcommand;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
@@ -34,12 +35,55 @@ pub enum VmCommand {
         /// Root disk size in bytes (at least the image's).
         #[arg(long)]
         disk_size: Option<u64>,
+        /// Public key for root's authorized_keys (default: ~/.ssh/id_ed25519.pub, id_ecdsa.pub
+        /// or id_rsa.pub, the first that exists).
+        #[arg(long, value_name = "FILE.pub")]
+        ssh_key: Option<std::path::PathBuf>,
         /// Reserve it only; start it later with `banger vm start`.
         #[arg(long)]
         no_start: bool,
         /// Return once the job started instead of following it.
         #[arg(long)]
         no_wait: bool,
+    },
+    /// Create a VM (pulling the default image and kernel when missing), wait until it is
+    /// ready, then open an SSH session in it, or run COMMAND through the agent.
+    Run {
+        /// VM name (a generated one when omitted).
+        name: Option<String>,
+        /// Image name (the configured default image when omitted).
+        #[arg(long)]
+        image: Option<String>,
+        /// Kernel name.
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Virtual CPUs.
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory in MiB.
+        #[arg(long)]
+        memory: Option<u32>,
+        /// Public key for root's authorized_keys (default as for `vm create`).
+        #[arg(long, value_name = "FILE.pub")]
+        ssh_key: Option<std::path::PathBuf>,
+        /// Delete the VM when the session or command ends.
+        #[arg(long)]
+        rm: bool,
+        /// Run this instead of a shell; exits with its status.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Open an SSH session in a running VM (or run COMMAND there) with the system's ssh, the
+    /// VM's address and a known_hosts entry banger keeps for it.
+    Ssh {
+        /// VM name or id.
+        name: String,
+        /// Private key to log in with (default: the one beside the key `vm create` passed).
+        #[arg(long, short = 'i')]
+        identity: Option<std::path::PathBuf>,
+        /// The remote command.
+        #[arg(last = true)]
+        command: Vec<String>,
     },
     /// Start a stopped VM and follow it until it is ready.
     Start {
@@ -119,6 +163,139 @@ async fn vm_proxy<'a>(
     Ok(VM1Proxy::builder(conn).path(path).build().await?)
 }
 
+/// Runs `command` in the VM through its agent with this process's streams; its status.
+async fn exec_in(
+    conn: &zbus::Connection,
+    p: &VMs1Proxy<'_>,
+    name: &str,
+    command: Vec<String>,
+    env: Vec<String>,
+) -> anyhow::Result<i32> {
+    let vm = vm_proxy(conn, p, name).await?;
+    let fd = vm.open_agent().await.map_err(explain)?;
+    let s = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(fd));
+    s.set_nonblocking(true)?;
+    let s = tokio::net::UnixStream::from_std(s)?;
+    Ok(crate::agent::client::exec(
+        s,
+        command,
+        env,
+        tokio::io::stdin(),
+        tokio::io::stdout(),
+        tokio::io::stderr(),
+    )
+    .await?)
+}
+
+/// The user's default public key: `~/.ssh/id_ed25519.pub`, `id_ecdsa.pub`, `id_rsa.pub`.
+pub fn default_public_key() -> Option<std::path::PathBuf> {
+    let home = std::path::PathBuf::from(std::env::var_os("HOME")?);
+    ["id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub"]
+        .iter()
+        .map(|f| home.join(".ssh").join(f))
+        .find(|p| p.is_file())
+}
+
+/// The key `--ssh-key` names (which must exist), else the default one, if any.
+fn read_public_key(path: Option<std::path::PathBuf>) -> anyhow::Result<Option<String>> {
+    let Some(path) = path.or_else(default_public_key) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("Cannot read the SSH public key {}", path.display()))?;
+    Ok(Some(text.trim().to_owned()))
+}
+
+/// Where banger keeps the known_hosts entries of VMs for this user.
+fn known_hosts_file() -> anyhow::Result<std::path::PathBuf> {
+    let base = match std::env::var_os("XDG_STATE_HOME") {
+        Some(d) if !d.is_empty() => std::path::PathBuf::from(d),
+        _ => std::path::PathBuf::from(
+            std::env::var_os("HOME").context("HOME is not set; cannot keep known_hosts")?,
+        )
+        .join(".local/state"),
+    };
+    Ok(base.join("banger").join("known_hosts"))
+}
+
+/// The known_hosts text with the VM's entry (alias `banger-<id>`) replaced by `key`.
+pub fn known_hosts_with(existing: &str, alias: &str, key: &str) -> String {
+    let mut out: String = existing
+        .lines()
+        .filter(|l| l.split_whitespace().next() != Some(alias))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mut fields = key.split_whitespace();
+    if let (Some(kind), Some(body)) = (fields.next(), fields.next()) {
+        out.push_str(&format!("{alias} {kind} {body}\n"));
+    }
+    out
+}
+
+/// The system `ssh` set up for the VM: its address, root, the host key banger made for it
+/// (strict checking against banger's own known_hosts file), the user's key.
+async fn ssh_command(
+    conn: &zbus::Connection,
+    p: &VMs1Proxy<'_>,
+    name: &str,
+    identity: Option<std::path::PathBuf>,
+    command: Vec<String>,
+) -> anyhow::Result<std::process::Command> {
+    let vm = vm_proxy(conn, p, name).await?;
+    let address = vm.ssh_address().await?;
+    let Some((host, port)) = address.rsplit_once(':') else {
+        anyhow::bail!(
+            "VM {name} has no SSH address: it is not running, or its image has no sshd \
+             (`banger vm exec {name} -- CMD` works without one)"
+        );
+    };
+    let alias = format!("banger-{}", vm.id().await?);
+    let file = known_hosts_file()?;
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
+    }
+    let existing = std::fs::read_to_string(&file).unwrap_or_default();
+    let text = known_hosts_with(&existing, &alias, &vm.ssh_host_key().await?);
+    std::fs::write(&file, text).with_context(|| format!("Cannot write {}", file.display()))?;
+    let identity = identity.or_else(|| default_public_key().map(|k| k.with_extension("")));
+    let mut ssh = std::process::Command::new("ssh");
+    ssh.arg("-o")
+        .arg(format!("UserKnownHostsFile={}", file.display()))
+        .args(["-o", "GlobalKnownHostsFile=/dev/null"])
+        .args(["-o", "StrictHostKeyChecking=yes"])
+        .args(["-o", "UpdateHostKeys=no"])
+        .args(["-o", &format!("HostKeyAlias={alias}")])
+        .args(["-o", "LogLevel=ERROR"]);
+    if let Some(i) = identity.filter(|i| i.is_file()) {
+        ssh.arg("-i").arg(i);
+    }
+    ssh.args(["-p", port, "-l", "root", host]);
+    if !command.is_empty() {
+        ssh.arg("--").args(command);
+    }
+    Ok(ssh)
+}
+
+/// A name like `brisk-otter-3f`, for `vm run` without one.
+fn generated_name() -> String {
+    const ADJ: &[&str] = &[
+        "brisk", "calm", "eager", "fuzzy", "gentle", "humble", "jolly", "keen", "lucid", "mellow",
+        "nimble", "plucky", "quiet", "rapid", "sunny", "tidy",
+    ];
+    const NOUN: &[&str] = &[
+        "otter", "falcon", "badger", "heron", "lynx", "marten", "newt", "orca", "panda", "quail",
+        "raven", "stoat", "tapir", "vole", "wren", "yak",
+    ];
+    let id = crate::model::new_id();
+    let b = u64::from_str_radix(&id, 16).unwrap_or(0);
+    format!(
+        "{}-{}-{}",
+        ADJ[(b & 15) as usize],
+        NOUN[((b >> 4) & 15) as usize],
+        &id[4..6]
+    )
+}
+
 /// Runs a VM verb.
 pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyhow::Result<()> {
     let p = VMs1Proxy::new(conn).await?;
@@ -150,9 +327,11 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             vcpus,
             memory,
             disk_size,
+            ssh_key,
             no_start,
             no_wait,
         } => {
+            let key = read_public_key(ssh_key)?;
             let o = opts(
                 image
                     .map(|i| ("image", i.into()))
@@ -161,6 +340,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                     .chain(vcpus.map(|v| ("vcpus", v.into())))
                     .chain(memory.map(|m| ("memory_mib", m.into())))
                     .chain(disk_size.map(|d| ("disk_size", d.into())))
+                    .chain(key.map(|k| ("ssh_key", k.into())))
                     .chain(no_start.then(|| ("start", false.into()))),
             );
             let watch = super::watch::subscribe(conn).await?;
@@ -180,6 +360,60 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                     );
                 }
             }
+        }
+        VmCommand::Run {
+            name,
+            image,
+            kernel,
+            vcpus,
+            memory,
+            ssh_key,
+            rm,
+            command,
+        } => {
+            let name = name.unwrap_or_else(generated_name);
+            let key = read_public_key(ssh_key.clone())?;
+            let o = opts(
+                image
+                    .map(|i| ("image", i.into()))
+                    .into_iter()
+                    .chain(kernel.map(|k| ("kernel", k.into())))
+                    .chain(vcpus.map(|v| ("vcpus", v.into())))
+                    .chain(memory.map(|m| ("memory_mib", m.into())))
+                    .chain(key.map(|k| ("ssh_key", k.into()))),
+            );
+            let watch = super::watch::subscribe(conn).await?;
+            let (_, id, path) = p.create_vm(&name, o).await.map_err(explain)?;
+            let followed = watch.follow(out, id, &path).await;
+            let code = match followed {
+                Err(e) => Err(e),
+                Ok(()) if !command.is_empty() => {
+                    exec_in(conn, &p, &name, command, Vec::new()).await
+                }
+                Ok(()) => {
+                    let identity = ssh_key.map(|k| k.with_extension(""));
+                    let mut ssh = ssh_command(conn, &p, &name, identity, Vec::new()).await?;
+                    let status = ssh.status().context("Cannot run ssh")?;
+                    Ok(status.code().unwrap_or(255))
+                }
+            };
+            if rm {
+                if let Err(e) = p.delete_vm(&name, opts([("force", true.into())])).await {
+                    eprintln!("banger: cannot delete VM {name}: {}", explain(e));
+                }
+            }
+            let _ = tokio::io::stdout().flush().await;
+            std::process::exit(code?);
+        }
+        VmCommand::Ssh {
+            name,
+            identity,
+            command,
+        } => {
+            use std::os::unix::process::CommandExt;
+            let mut ssh = ssh_command(conn, &p, &name, identity, command).await?;
+            let e = ssh.exec();
+            anyhow::bail!("Cannot run ssh: {e}; is openssh-client installed?");
         }
         VmCommand::Start { name, no_wait } => {
             let watch = super::watch::subscribe(conn).await?;
@@ -235,6 +469,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                 "MacAddress",
                 "VSockCID",
                 "SSHAddress",
+                "SSHHostKey",
                 "Owner",
                 "CreatedAt",
             ] {
@@ -257,20 +492,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             out.object(fields);
         }
         VmCommand::Exec { name, command, env } => {
-            let vm = vm_proxy(conn, &p, &name).await?;
-            let fd = vm.open_agent().await.map_err(explain)?;
-            let s = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(fd));
-            s.set_nonblocking(true)?;
-            let s = tokio::net::UnixStream::from_std(s)?;
-            let code = crate::agent::client::exec(
-                s,
-                command,
-                env,
-                tokio::io::stdin(),
-                tokio::io::stdout(),
-                tokio::io::stderr(),
-            )
-            .await?;
+            let code = exec_in(conn, &p, &name, command, env).await?;
             // The blocking stdin reader would keep the runtime alive: leave at once.
             let _ = tokio::io::stdout().flush().await;
             std::process::exit(code);
@@ -292,4 +514,26 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_hosts_keep_other_entries_and_replace_the_vms() {
+        let before = "other ssh-rsa AAAA\nbanger-00ff ssh-ed25519 OLD\n";
+        let after = known_hosts_with(before, "banger-00ff", "ssh-ed25519 NEW banger-web");
+        assert_eq!(after, "other ssh-rsa AAAA\nbanger-00ff ssh-ed25519 NEW\n");
+        assert_eq!(known_hosts_with("", "banger-1", ""), "");
+    }
+
+    #[test]
+    fn generated_names_are_valid_vm_names() {
+        for _ in 0..50 {
+            let n = generated_name();
+            crate::model::validate_name(crate::model::NameKind::Vm, &n).unwrap();
+            assert_eq!(n.matches('-').count(), 2, "{n}");
+        }
+    }
 }

@@ -114,6 +114,15 @@ pub trait VM1 {
     /// State
     #[zbus(property, name = "State")]
     fn state(&self) -> zbus::Result<String>;
+    /// Id
+    #[zbus(property, name = "Id")]
+    fn id(&self) -> zbus::Result<String>;
+    /// SSHAddress
+    #[zbus(property, name = "SSHAddress")]
+    fn ssh_address(&self) -> zbus::Result<String>;
+    /// SSHHostKey
+    #[zbus(property, name = "SSHHostKey")]
+    fn ssh_host_key(&self) -> zbus::Result<String>;
 }
 
 /// `org.banger.Jobs1`.

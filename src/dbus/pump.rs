@@ -203,6 +203,9 @@ async fn on_object(conn: &Connection, ctx: &Ctx, e: ObjectEvent) -> zbus::Result
             if old.ssh_address != obj.vm.ssh_address {
                 obj.s_s_h_address_changed(em).await?;
             }
+            if old.ssh_host_key != obj.vm.ssh_host_key {
+                obj.s_s_h_host_key_changed(em).await?;
+            }
             if (old.vcpus, old.memory_mib) != (obj.vm.vcpus, obj.vm.memory_mib) {
                 obj.v_cpus_changed(em).await?;
                 obj.memory_mi_b_changed(em).await?;

@@ -141,6 +141,11 @@ impl Vm1 {
     fn ssh_address(&self) -> String {
         self.vm.ssh_address.clone()
     }
+    /// The public half of the VM's own SSH host key, for a known_hosts entry.
+    #[zbus(property, name = "SSHHostKey")]
+    fn ssh_host_key(&self) -> String {
+        self.vm.ssh_host_key.clone()
+    }
     /// The uid that created the VM.
     #[zbus(property(emits_changed_signal = "const"), name = "Owner")]
     fn owner(&self) -> u32 {

@@ -63,6 +63,10 @@ const MIGRATIONS: &[&str] = &[
         finished_at     INTEGER
     );
     "#,
+    // 2: the VM's own SSH host key (public half), for the known_hosts entry banger manages.
+    r#"
+    ALTER TABLE vms ADD COLUMN ssh_host_key TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The schema version this build writes.

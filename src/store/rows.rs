@@ -151,7 +151,7 @@ pub fn delete_kernel(c: &Connection, name: &str) -> Result<(), StoreError> {
 }
 
 const VM_COLS: &str = "id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, \
-     owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at";
+     owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at, ssh_host_key";
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
     let state: String = r.get(2)?;
@@ -172,6 +172,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         tap_name: r.get(13)?,
         ssh_address: r.get(14)?,
         created_at: r.get::<_, i64>(15)? as u64,
+        ssh_host_key: r.get(16)?,
     })
 }
 
@@ -193,7 +194,7 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     c.execute(
         &format!(
             "INSERT INTO vms ({VM_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
         ),
         params![
             v.id,
@@ -211,7 +212,8 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
             v.vsock_cid,
             v.tap_name,
             v.ssh_address,
-            v.created_at as i64
+            v.created_at as i64,
+            v.ssh_host_key
         ],
     )?;
     Ok(())
@@ -281,8 +283,15 @@ pub fn reserve_vm(
 /// Writes a VM's changing fields.
 pub fn update_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     c.execute(
-        "UPDATE vms SET state = ?2, stage = ?3, ssh_address = ?4 WHERE id = ?1",
-        params![v.id, v.state.as_str(), v.stage, v.ssh_address],
+        "UPDATE vms SET state = ?2, stage = ?3, ssh_address = ?4, ssh_host_key = ?5 \
+         WHERE id = ?1",
+        params![
+            v.id,
+            v.state.as_str(),
+            v.stage,
+            v.ssh_address,
+            v.ssh_host_key
+        ],
     )?;
     Ok(())
 }

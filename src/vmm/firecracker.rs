@@ -69,7 +69,7 @@ pub fn requests(spec: &BootSpec, vsock: &Path) -> Result<Vec<(String, Value)>> {
             "is_read_only": false,
         })
     };
-    Ok(vec![
+    let mut reqs = vec![
         (
             "/machine-config".into(),
             json!({
@@ -87,12 +87,19 @@ pub fn requests(spec: &BootSpec, vsock: &Path) -> Result<Vec<(String, Value)>> {
             format!("/drives/{}", super::WORK_SERIAL),
             drive(super::WORK_SERIAL, &spec.work),
         ),
-        (
-            "/vsock".into(),
-            json!({ "guest_cid": spec.cid, "uds_path": p(vsock) }),
-        ),
-        ("/actions".into(), json!({ "action_type": "InstanceStart" })),
-    ])
+    ];
+    if let Some(n) = &spec.net {
+        reqs.push((
+            "/network-interfaces/eth0".into(),
+            json!({ "iface_id": "eth0", "host_dev_name": n.tap, "guest_mac": n.mac }),
+        ));
+    }
+    reqs.push((
+        "/vsock".into(),
+        json!({ "guest_cid": spec.cid, "uds_path": p(vsock) }),
+    ));
+    reqs.push(("/actions".into(), json!({ "action_type": "InstanceStart" })));
+    Ok(reqs)
 }
 
 fn api_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {

@@ -41,6 +41,17 @@ pub struct BootSpec {
     pub run_dir: PathBuf,
     /// The serial console's log file.
     pub console_log: PathBuf,
+    /// The guest's NIC, when it has one.
+    pub net: Option<NetSpec>,
+}
+
+/// The guest NIC: a tap the host made and the MAC the guest sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The host tap device.
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: String,
 }
 
 /// The serial number of the root disk, which `banger-init` finds it by (`root=serial:root`).

@@ -168,6 +168,15 @@ impl Qemu {
                 format!("virtio-blk-device,drive={id},serial={id}"),
             ]);
         }
+        if let Some(n) = &spec.net {
+            // The tap exists already (banger made it, persistent, on the bridge).
+            a.extend([
+                "-netdev".into(),
+                format!("tap,id=net0,ifname={},script=no,downscript=no", n.tap),
+                "-device".into(),
+                format!("virtio-net-device,netdev=net0,mac={}", n.mac),
+            ]);
+        }
         a.extend([
             "-chardev".into(),
             format!("socket,id=vsk,path={}", p(&vhost_socket(run))),
@@ -322,6 +331,10 @@ mod tests {
             cid: 7,
             run_dir: "/run/banger/vms/00ff".into(),
             console_log: "/v/console.log".into(),
+            net: Some(crate::vmm::NetSpec {
+                tap: "bgr0123456789ab".into(),
+                mac: "02:01:23:45:67:89".into(),
+            }),
         }
     }
 
@@ -345,6 +358,13 @@ mod tests {
         );
         assert!(
             a.contains("-pidfile /run/banger/vms/00ff/qemu.pid -daemonize"),
+            "{a}"
+        );
+        assert!(
+            a.contains(
+                "-netdev tap,id=net0,ifname=bgr0123456789ab,script=no,downscript=no \
+                 -device virtio-net-device,netdev=net0,mac=02:01:23:45:67:89"
+            ),
             "{a}"
         );
         let a = q.args(&spec(), true, Some(2596140)).join(" ");

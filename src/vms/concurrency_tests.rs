@@ -46,12 +46,45 @@ impl Vmm for GateVmm {
     }
 }
 
+/// A host network that only remembers its taps.
+#[derive(Default)]
+pub(super) struct FakeNet(pub std::sync::Mutex<Vec<String>>);
+
+#[async_trait]
+impl crate::net::HostNet for FakeNet {
+    fn subnet(&self) -> Result<crate::net::Subnet> {
+        Ok(crate::net::Subnet::new(
+            std::net::Ipv4Addr::new(10, 0, 0, 0),
+            16,
+        ))
+    }
+    async fn attach(&self, tap: &str) -> Result<()> {
+        self.0.lock().unwrap().push(tap.to_owned());
+        Ok(())
+    }
+    async fn detach(&self, tap: &str) -> Result<()> {
+        self.0.lock().unwrap().retain(|t| t != tap);
+        Ok(())
+    }
+    async fn teardown(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
 fn service(dir: &Path, gate: usize, subnet: &str) -> Vms {
     let layout = Layout::new(dir.join("state"), dir.join("run"));
     layout.create().unwrap();
     let store = Store::open_in_memory().unwrap();
     let seed = dir.join("seed.ext4");
-    std::fs::write(&seed, b"seed").unwrap();
+    std::fs::File::create(&seed)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    crate::host::run(
+        "mkfs.ext4",
+        ["-q".as_ref(), "-F".as_ref(), seed.as_os_str()],
+    )
+    .unwrap();
     let image = Image {
         id: new_id(),
         name: "img".into(),
@@ -83,7 +116,8 @@ fn service(dir: &Path, gate: usize, subnet: &str) -> Vms {
         ..Config::default()
     };
     let vmm = Arc::new(GateVmm(tokio::sync::Barrier::new(gate)));
-    crate::service::Banger::with_vmm(config, layout, store, vmm)
+    let net = Arc::new(FakeNet::default());
+    crate::service::Banger::with_parts(config, layout, store, vmm, net)
         .unwrap()
         .vms
         .clone()

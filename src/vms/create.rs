@@ -69,6 +69,8 @@ impl Vms {
     /// object appears when the reservation is made.
     pub async fn create(&self, uid: u32, name: &str, o: CreateOptions) -> Result<(Vm, Arc<Job>)> {
         o.validate()?;
+        // A subnet the start-up check refused: say why before anything is reserved.
+        self.net.subnet()?;
         let n = name.to_owned();
         if self
             .store
@@ -96,6 +98,7 @@ impl Vms {
             tap_name: format!("bgr{}", &id[..12]),
             ssh_address: String::new(),
             created_at: now_us(),
+            ssh_host_key: String::new(),
         };
         let spec = JobSpec {
             kind: "create-vm".into(),
@@ -272,7 +275,7 @@ impl Vms {
         &self,
         st: &mut Stages<'_>,
         vm: &mut Vm,
-        _ssh_key: Option<Option<String>>,
+        ssh_key: Option<Option<String>>,
     ) -> Result<()> {
         let image = self.images.get(&vm.image_id).await?;
         let kernel = self.kernels.get(&vm.kernel).await?;
@@ -318,13 +321,44 @@ impl Vms {
                 .await
                 .map_err(|e| Error::failed("Work disk task failed", e))??;
         }
+        let key = ssh_key.flatten();
+        if vm.ssh_host_key.is_empty() || key.is_some() {
+            let (w, name, fresh) = (work.clone(), vm.name.clone(), vm.ssh_host_key.is_empty());
+            let host_key =
+                tokio::task::spawn_blocking(move || seed_ssh(&w, &name, fresh, key.as_deref()))
+                    .await
+                    .map_err(|e| Error::failed("SSH key task failed", e))??;
+            if let Some(k) = host_key {
+                vm.ssh_host_key = k;
+            }
+        }
 
+        let subnet = self.net.subnet()?;
         st.enter(
             vm,
             "network",
-            "Skipped: this banger does not set up guest networking yet",
+            format!(
+                "Tap {} on {}, guest address {}/{}",
+                vm.tap_name,
+                crate::net::BRIDGE,
+                vm.guest_address,
+                subnet.prefix
+            ),
         )
         .await?;
+        {
+            let _net = self.net_lock.lock().await;
+            self.net.attach(&vm.tap_name).await?;
+        }
+        let lease = crate::net::GuestNet {
+            address: vm.guest_address.parse().map_err(|e| {
+                Error::failed(format!("VM {} has no valid address lease", vm.name), e)
+            })?,
+            prefix: subnet.prefix,
+            gateway: subnet.gateway(),
+            dns: crate::net::host_resolvers(),
+            mac: vm.mac_address.clone(),
+        };
 
         st.enter(vm, "boot", format!("Booting on {}", self.vmm.name()))
             .await?;
@@ -338,7 +372,15 @@ impl Vms {
             memory_mib: vm.memory_mib,
             kernel: kernel.kernel_path.clone(),
             initrd,
-            cmdline: "quiet".into(),
+            cmdline: format!(
+                "quiet {} banger.hostname={}",
+                lease.cmdline(),
+                hostname_for(&vm.name)
+            ),
+            net: Some(crate::vmm::NetSpec {
+                tap: vm.tap_name.clone(),
+                mac: vm.mac_address.clone(),
+            }),
             rootfs,
             work,
             cid: vm.vsock_cid,
@@ -351,12 +393,16 @@ impl Vms {
             .await?;
         self.wait_agent(&run).await?;
 
-        st.enter(
-            vm,
-            "wait_ssh",
-            "Skipped: this banger does not set up guest networking yet",
-        )
-        .await?;
+        if self.guest_has_sshd(vm).await {
+            let addr = format!("{}:22", vm.guest_address);
+            st.enter(vm, "wait_ssh", format!("Waiting for sshd on {addr}"))
+                .await?;
+            self.wait_ssh(&run, &addr).await?;
+            vm.ssh_address = addr;
+        } else {
+            st.enter(vm, "wait_ssh", "Skipped: the image has no sshd")
+                .await?;
+        }
         vm.state = VmState::Running;
         st.enter(vm, "ready", format!("VM {} is ready", vm.name))
             .await?;
@@ -430,6 +476,65 @@ impl Vms {
         }
     }
 
+    /// Whether the guest has an SSH server to wait for (asked through the agent).
+    async fn guest_has_sshd(&self, vm: &Vm) -> bool {
+        let ask = async {
+            let s = self.open_agent_any(vm).await?;
+            let argv = ["/bin/sh", "-c", "command -v sshd || test -x /usr/sbin/sshd"];
+            crate::agent::client::exec(
+                s,
+                argv.map(String::from).to_vec(),
+                Vec::new(),
+                tokio::io::empty(),
+                tokio::io::sink(),
+                tokio::io::sink(),
+            )
+            .await
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(30), ask).await,
+            Ok(Ok(0))
+        )
+    }
+
+    /// Waits until the guest's sshd sends its banner.
+    async fn wait_ssh(&self, run: &std::path::Path, addr: &str) -> Result<()> {
+        use tokio::io::AsyncReadExt;
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(self.config.boot_timeout_sec);
+        let mut last = String::new();
+        loop {
+            if !self.vmm.running(run) {
+                return Err(Error::failed(
+                    "The VM stopped before its sshd answered",
+                    std::io::Error::other(last),
+                ));
+            }
+            let attempt = async {
+                let mut s = tokio::net::TcpStream::connect(addr).await?;
+                let mut buf = [0u8; 64];
+                let n = s.read(&mut buf).await?;
+                Ok::<_, std::io::Error>(buf[..n].starts_with(b"SSH-"))
+            };
+            match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                Ok(Ok(true)) => return Ok(()),
+                Ok(Ok(false)) => last = "the answer was not an SSH banner".into(),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = "no banner within 5 s".into(),
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::failed(
+                    format!(
+                        "sshd on {addr} did not answer within {} s (boot_timeout_sec)",
+                        self.config.boot_timeout_sec
+                    ),
+                    std::io::Error::other(last),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// The last `n` lines of the VM's console log.
     pub fn console_tail(&self, id: &str, n: usize) -> String {
         let text = std::fs::read(self.console_log(id)).unwrap_or_default();
@@ -440,12 +545,94 @@ impl Vms {
 
     /// Marks the VM failed and releases its running resources (disks stay for a retry).
     pub(super) async fn fail(&self, vm: &mut Vm) {
-        let _ = self.vmm.kill(&self.layout.vm_runtime_dir(&vm.id)).await;
+        let _ = self.power_down(vm).await;
         vm.state = VmState::Failed;
         if let Err(e) = self.save(vm).await {
             tracing::error!(vm_id = %vm.id, "Cannot record the failure: {e}");
         }
+        self.release_network_if_idle().await;
     }
+}
+
+/// The guest's host name: the VM's name with what a host name cannot hold turned into `-`.
+fn hostname_for(name: &str) -> String {
+    let h: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    h.trim_matches('-').to_owned()
+}
+
+/// Gives a work disk what SSH needs: when `fresh`, a new host key for the VM (its private
+/// half at `/root/.banger/`, where banger-init installs it into `/etc/ssh`), and the caller's
+/// public key appended to `/root/.ssh/authorized_keys`. Returns the new host key's public half.
+fn seed_ssh(
+    work: &std::path::Path,
+    name: &str,
+    fresh: bool,
+    key: Option<&str>,
+) -> Result<Option<String>> {
+    use crate::ext4::Put;
+    let tmp = tempfile::tempdir().map_err(|e| Error::failed("Cannot make a host key", e))?;
+    let (mut private, mut public) = (Vec::new(), String::new());
+    if fresh {
+        let path = tmp.path().join("key");
+        crate::host::run(
+            "ssh-keygen",
+            [
+                "-q".as_ref(),
+                "-t".as_ref(),
+                "ed25519".as_ref(),
+                "-N".as_ref(),
+                "".as_ref(),
+                "-C".as_ref(),
+                format!("banger-{name}").as_ref(),
+                "-f".as_ref(),
+                path.as_os_str(),
+            ],
+        )?;
+        private = std::fs::read(&path).map_err(|e| Error::failed("Cannot read the host key", e))?;
+        public = std::fs::read_to_string(path.with_extension("pub"))
+            .map_err(|e| Error::failed("Cannot read the host key", e))?;
+    }
+    let mut authorized = Vec::new();
+    if let Some(k) = key {
+        authorized = crate::ext4::read_file(work, "/.ssh/authorized_keys")?.unwrap_or_default();
+        let line = k.trim();
+        if !String::from_utf8_lossy(&authorized)
+            .lines()
+            .any(|l| l.trim() == line)
+        {
+            if !authorized.is_empty() && !authorized.ends_with(b"\n") {
+                authorized.push(b'\n');
+            }
+            authorized.extend_from_slice(line.as_bytes());
+            authorized.push(b'\n');
+        }
+    }
+    let mut files = Vec::new();
+    if fresh {
+        files.push(Put {
+            path: "/.banger/ssh_host_ed25519_key",
+            data: &private,
+            mode: 0o600,
+        });
+        files.push(Put {
+            path: "/.banger/ssh_host_ed25519_key.pub",
+            data: public.as_bytes(),
+            mode: 0o644,
+        });
+    }
+    if key.is_some() {
+        files.push(Put {
+            path: "/.ssh/authorized_keys",
+            data: &authorized,
+            mode: 0o600,
+        });
+    }
+    crate::ext4::put_files(work, &files)?;
+    Ok(fresh.then(|| public.trim().to_owned()))
 }
 
 fn taken(name: &str) -> Error {

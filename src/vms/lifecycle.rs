@@ -49,11 +49,12 @@ impl Vms {
         let mut vm = self.get(&vm.id).await?;
         let run = self.layout.vm_runtime_dir(&vm.id);
         if !self.vmm.running(&run) {
-            self.vmm.kill(&run).await?;
+            self.power_down(&vm).await?;
             if vm.state != VmState::Stopped && vm.state != VmState::Created {
                 vm.state = VmState::Stopped;
                 self.save(&vm).await?;
             }
+            self.release_network_if_idle().await;
             return Ok(());
         }
         vm.state = VmState::Stopping;
@@ -70,9 +71,10 @@ impl Vms {
                     "The guest did not power off within {} s; killing it", o.timeout_sec);
             }
         }
-        self.vmm.kill(&run).await?;
+        self.power_down(&vm).await?;
         vm.state = VmState::Stopped;
         self.save(&vm).await?;
+        self.release_network_if_idle().await;
         tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "VM stopped");
         Ok(())
     }
@@ -116,9 +118,10 @@ impl Vms {
             }
             tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "Killing the VM to delete it");
         }
-        self.vmm.kill(&run).await?;
+        self.power_down(&vm).await?;
         let id = vm.id.clone();
         self.store.call(move |c| rows::delete_vm(c, &id)).await?;
+        self.release_network_if_idle().await;
         self.events.send(ObjectEvent::VmRemoved(vm.id.clone()));
         for d in [self.vm_dir(&vm.id), run] {
             if let Err(e) = crate::layout::remove_any(&d) {
@@ -155,10 +158,11 @@ impl Vms {
                     return;
                 };
                 if now.state == VmState::Running {
-                    let _ = this.vmm.kill(&run).await;
+                    let _ = this.power_down(&now).await;
                     now.state = VmState::Stopped;
                     tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "The VM powered off");
                     let _ = this.save(&now).await;
+                    this.release_network_if_idle().await;
                 }
                 return;
             }
@@ -194,9 +198,39 @@ impl Vms {
                     vm.state = VmState::Stopped;
                 }
             }
-            self.vmm.kill(&run).await?;
+            self.power_down(&vm).await?;
             self.save(&vm).await?;
         }
+        self.release_network_if_idle().await;
         Ok(())
+    }
+
+    /// Kills the VM's VMM and helpers and removes its tap.
+    pub(super) async fn power_down(&self, vm: &Vm) -> Result<()> {
+        self.vmm.kill(&self.layout.vm_runtime_dir(&vm.id)).await?;
+        if let Err(e) = self.net.detach(&vm.tap_name).await {
+            tracing::warn!(vm_id = %vm.id, vm_name = %vm.name, "{}", e.full_message());
+        }
+        Ok(())
+    }
+
+    /// Removes the bridge and the nft table once no VM starts, runs or stops: a host without
+    /// VMs carries nothing of banger's network.
+    pub(super) async fn release_network_if_idle(&self) {
+        let _net = self.net_lock.lock().await;
+        let Ok(vms) = self.list().await else {
+            return;
+        };
+        let busy = vms.iter().any(|v| {
+            matches!(
+                v.state,
+                VmState::Starting | VmState::Running | VmState::Stopping
+            )
+        });
+        if !busy {
+            if let Err(e) = self.net.teardown().await {
+                tracing::warn!("Cannot remove banger's host network: {}", e.full_message());
+            }
+        }
     }
 }

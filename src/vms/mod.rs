@@ -16,6 +16,7 @@ use crate::jobs::Jobs;
 use crate::kernels::Kernels;
 use crate::layout::Layout;
 use crate::model::{validate_name, NameKind, Vm, VmState};
+use crate::net::HostNet;
 use crate::service::{Events, ObjectEvent};
 use crate::store::{rows, Store};
 use crate::vmm::Vmm;
@@ -92,6 +93,9 @@ impl CreateOptions {
                 self.vcpus
             )));
         }
+        if let Some(k) = &self.ssh_key {
+            validate_ssh_key(k)?;
+        }
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(Error::InvalidArgument(format!(
                 "memory_mib must be at least {MIN_MEMORY_MIB}, not {}",
@@ -100,6 +104,39 @@ impl CreateOptions {
         }
         Ok(())
     }
+}
+
+/// Accepts one OpenSSH public key line (`type base64 [comment]`), the way authorized_keys
+/// holds it, and nothing that could add a second line or options.
+pub fn validate_ssh_key(k: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Error::InvalidArgument(format!(
+            "ssh_key is not an OpenSSH public key ({why}); pass the contents of a .pub file \
+             such as ~/.ssh/id_ed25519.pub"
+        ))
+    };
+    let k = k.trim();
+    if k.len() > 16 * 1024 || k.chars().any(|c| c.is_control()) {
+        return Err(bad("one line of printable text expected"));
+    }
+    let mut parts = k.split_whitespace();
+    let kind = parts.next().unwrap_or_default();
+    let body = parts.next().unwrap_or_default();
+    let known = kind.starts_with("ssh-")
+        || kind.starts_with("ecdsa-sha2-")
+        || kind.starts_with("sk-ssh-")
+        || kind.starts_with("sk-ecdsa-");
+    if !known {
+        return Err(bad("it must start with its type, e.g. ssh-ed25519"));
+    }
+    let b64 = body.len() >= 16
+        && body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b));
+    if !b64 {
+        return Err(bad("the key material is not base64"));
+    }
+    Ok(())
 }
 
 /// The polkit action `uid` needs to manage `vm`.
@@ -122,6 +159,9 @@ pub struct Vms {
     images: Images,
     kernels: Kernels,
     vmm: Arc<dyn Vmm>,
+    net: Arc<dyn HostNet>,
+    /// Serialises tap creation against the bridge's removal when the last VM goes.
+    net_lock: Arc<tokio::sync::Mutex<()>>,
     locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
@@ -137,6 +177,7 @@ impl Vms {
         images: Images,
         kernels: Kernels,
         vmm: Arc<dyn Vmm>,
+        net: Arc<dyn HostNet>,
     ) -> Self {
         Vms {
             store,
@@ -147,6 +188,8 @@ impl Vms {
             images,
             kernels,
             vmm,
+            net,
+            net_lock: Arc::default(),
             locks: Arc::default(),
         }
     }
@@ -225,6 +268,21 @@ mod tests {
             ..Default::default()
         };
         assert!(bad_image.validate().is_err());
+        let key = |k: &str| CreateOptions {
+            ssh_key: Some(k.into()),
+            ..Default::default()
+        };
+        key("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBvh7Jq3 me@host\n")
+            .validate()
+            .unwrap();
+        for bad in [
+            "",
+            "command=\"sh\" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBvh7Jq3",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBvh7Jq3\nssh-rsa AAAAB3NzaC1yc2EAAAADAQAB",
+            "ssh-ed25519 not*base64*at*all*!!",
+        ] {
+            assert!(key(bad).validate().is_err(), "{bad:?}");
+        }
     }
 }
 

@@ -104,6 +104,12 @@ pub struct BusOptions {
     pub runtime_on_tmpfs: bool,
     /// More lines for the daemon's config.toml.
     pub extra_config: String,
+    /// Run the bus, and so the daemon and its VMs, in a network namespace of its own (only
+    /// loopback up): banger's bridge, taps and nft table never touch the host's.
+    pub netns: bool,
+    /// The daemon's state directory, when it must outlive this bus (one bus prepares images
+    /// with the host's network, the next boots VMs in a namespace).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for BusOptions {
@@ -114,6 +120,8 @@ impl Default for BusOptions {
             journal: false,
             runtime_on_tmpfs: false,
             extra_config: String::new(),
+            netns: false,
+            state_dir: None,
         }
     }
 }
@@ -127,6 +135,7 @@ pub struct TestBus {
     child: Child,
     /// The daemon's runtime directory.
     pub runtime: PathBuf,
+    state: PathBuf,
     _runtime_tmpfs: Option<tempfile::TempDir>,
 }
 
@@ -225,12 +234,14 @@ impl TestBus {
             .as_ref()
             .map(|t| t.path().to_owned())
             .unwrap_or_else(|| d.join("run"));
+        let state = opts.state_dir.clone().unwrap_or_else(|| d.join("state"));
         if opts.activate_bangerd {
             write(
                 &d.join("services/org.banger.service"),
                 &format!(
-                    "[D-BUS Service]\nName=org.banger\nExec={bin} --state-dir {d}/state --runtime-dir {r} --config {d}/config.toml\nUser=root\n",
+                    "[D-BUS Service]\nName=org.banger\nExec={bin} --state-dir {s} --runtime-dir {r} --config {d}/config.toml\nUser=root\n",
                     bin = env!("CARGO_BIN_EXE_bangerd"),
+                    s = state.display(),
                     d = d.display(),
                     r = runtime.display()
                 ),
@@ -247,14 +258,24 @@ impl TestBus {
         } else {
             String::new()
         };
+        let netns = if opts.netns {
+            "ip link set lo up; "
+        } else {
+            ""
+        };
         let script = format!(
-            "set -e; mount --bind {d}/actions /usr/share/polkit-1/actions; \
+            "set -e; {netns}mount --bind {d}/actions /usr/share/polkit-1/actions; \
              mkdir -p /etc/polkit-1/rules.d; mount --bind {d}/rules /etc/polkit-1/rules.d; \
              {journal}exec dbus-daemon --config-file={d}/bus.conf --nofork --print-address",
             d = d.display()
         );
-        let mut child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        let mut unshare = Command::new("unshare");
+        unshare.args(["--mount", "--propagation", "private"]);
+        if opts.netns {
+            unshare.arg("--net");
+        }
+        let mut child = unshare
+            .args(["sh", "-c", &script])
             .env("BANGER_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -278,13 +299,21 @@ impl TestBus {
             address: format!("unix:path={}", sock.display()),
             child,
             runtime,
+            state,
             _runtime_tmpfs: runtime_tmpfs,
         }
     }
 
     /// The daemon's state directory.
     pub fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
+        self.state.clone()
+    }
+
+    /// `program` in the bus's network namespace (the daemon's and its VMs').
+    pub fn in_netns(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &self.child.id().to_string(), "-n", "--", program]);
+        c
     }
 
     /// A new client connection as root.
