@@ -602,9 +602,27 @@ async fn a_boot_that_fails_names_its_stage_keeps_the_console_and_leaves_nothing_
     );
 }
 
+/// `banger ARGS` in the bus's network namespace as root with `home` as HOME, fed `stdin`.
+fn banger_netns(bus: &TestBus, home: &std::path::Path, args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = bus
+        .in_netns(env!("CARGO_BIN_EXE_banger"))
+        .args(args)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .env("HOME", home)
+        .env_remove("XDG_STATE_HOME")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn the_default_image_is_built_on_demand_and_boots_systemd_with_the_agent() {
-    if !available(&[TOOLS, &["debootstrap"]].concat()) {
+async fn the_default_image_is_built_on_demand_and_vm_run_gives_an_ssh_session_in_a_namespace() {
+    if !available(&[TOOLS, &["debootstrap", "ssh", "ssh-keygen", "nsenter", "nft"]].concat()) {
         return;
     }
     let Some((vmlinuz, modules, _)) = debian_kernel() else {
@@ -613,47 +631,75 @@ async fn the_default_image_is_built_on_demand_and_boots_systemd_with_the_agent()
     if guest_bins().is_none() {
         return;
     }
+    let state = tempfile::tempdir().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let key = home.path().join(".ssh/id_ed25519");
+    std::fs::create_dir_all(key.parent().unwrap()).unwrap();
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    {
+        // With the host's network: the default kernel ("debian") imported from the package
+        // tests/run fetched; the default image is missing, so CreateVM builds it (debootstrap
+        // from this host's apt mirror).
+        let prep = TestBus::start(BusOptions {
+            state_dir: Some(state.path().to_owned()),
+            ..Default::default()
+        });
+        let conn = prep.connect().await;
+        import_kernel(&conn, "debian", &vmlinuz, &modules).await;
+        let vms = VMs1Proxy::new(&conn).await.unwrap();
+        let mut progress = vms.receive_create_progress().await.unwrap();
+        let pubkey = key.with_extension("pub");
+        let out = prep.banger_as(
+            Some(USER_OK),
+            &["vm", "create", "deb", "--no-start", "--ssh-key", pubkey.to_str().unwrap()],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let mut stages = Vec::new();
+        while let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(2), progress.next()).await {
+            stages.push(s.args().unwrap().stage.to_string());
+        }
+        assert_eq!(
+            stages,
+            ["resolve_image", "auto_pull_image", "reserve"],
+            "{stages:?}"
+        );
+    }
+
+    // The VMs, in a namespace of the test's own.
     let bus = TestBus::start(BusOptions {
         extra_config: "accel = \"tcg\"\nboot_timeout_sec = 240\n".into(),
+        netns: true,
+        state_dir: Some(state.path().to_owned()),
         ..Default::default()
     });
     let conn = bus.connect().await;
-    // The default kernel ("debian") imported from the package tests/run fetched; the default
-    // image is missing, so CreateVM builds it (debootstrap from this host's apt mirror).
-    let kernels = Kernels1Proxy::new(&conn).await.unwrap();
-    kernels
-        .import_kernel(
-            "debian",
-            opt(&[
-                ("kernel_path", vmlinuz.to_string_lossy().into_owned().into()),
-                ("modules_dir", modules.to_string_lossy().into_owned().into()),
-            ]),
-        )
+    let out = bus.banger_as(Some(USER_OK), &["vm", "start", "deb"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("==> Waiting for sshd on 172.30.99.2:22"), "{}", text(&out));
+    let vms = VMs1Proxy::new(&conn).await.unwrap();
+    let deb = vms.get_vm("deb").await.unwrap();
+    let vm = banger::dbus::proxy::VM1Proxy::builder(&conn)
+        .path(deb.clone())
+        .build()
         .await
         .unwrap();
-    let vms = VMs1Proxy::new(&conn).await.unwrap();
-    let mut progress = vms.receive_create_progress().await.unwrap();
-    let out = bus.banger_as(Some(USER_OK), &["vm", "create", "deb"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let mut stages = Vec::new();
-    while let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(2), progress.next()).await {
-        stages.push(s.args().unwrap().stage.to_string());
-    }
-    assert_eq!(
-        &stages[..2],
-        ["resolve_image", "auto_pull_image"],
-        "{stages:?}"
-    );
-    assert_eq!(
-        stages.last().map(String::as_str),
-        Some("ready"),
-        "{stages:?}"
-    );
+    assert_eq!(vm.ssh_address().await.unwrap(), "172.30.99.2:22");
+    let host_key = vm.ssh_host_key().await.unwrap();
+    assert!(host_key.starts_with("ssh-ed25519 "), "{host_key}");
+
     let out = bus.banger_as(
         Some(USER_OK),
         &[
             "vm", "exec", "deb", "--", "sh", "-c",
-            "cat /proc/1/comm; cat /etc/debian_version; systemctl is-active banger-agent; findmnt -no SOURCE /root",
+            "cat /proc/1/comm; cat /etc/debian_version; systemctl is-active banger-agent; findmnt -no SOURCE /root; \
+             cat /etc/ssh/ssh_host_ed25519_key.pub; ls /etc/ssh | grep -c _key; cat /root/.ssh/authorized_keys; cat /etc/resolv.conf",
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
@@ -662,14 +708,51 @@ async fn the_default_image_is_built_on_demand_and_boots_systemd_with_the_agent()
     assert_eq!(lines[0], "systemd", "{stdout}");
     assert!(lines[1].starts_with("12."), "{stdout}");
     assert_eq!(lines[2], "active", "{stdout}");
-    assert!(
-        lines[3].starts_with("/dev/vd"),
-        "the work disk is on /root: {stdout}"
+    assert!(lines[3].starts_with("/dev/vd"), "the work disk is on /root: {stdout}");
+    let fields = |l: &str| l.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+    assert_eq!(fields(lines[4]), fields(&host_key), "the guest runs the key banger made");
+    assert_eq!(lines[5], "2", "only the VM's own host key pair: {stdout}");
+    assert_eq!(lines[6].trim(), public.trim(), "{stdout}");
+    for ns in banger::net::host_resolvers() {
+        assert!(stdout.contains(&format!("nameserver {ns}")), "resolvers: {stdout}");
+    }
+
+    // `banger vm run`: create a second VM from the default image, wait for it, and hand the
+    // session (here fed on stdin) to ssh; --rm deletes it after.
+    let session = "uname -a\nhostname\nbash -c 'echo > /dev/tcp/172.30.99.2/22' && echo reached-deb\n";
+    let out = banger_netns(&bus, home.path(), &["vm", "run", "web", "--rm"], session);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Linux web "), "{stdout}");
+    assert!(stdout.contains("\nweb\n"), "{stdout}");
+    assert!(stdout.contains("reached-deb"), "the VMs reach each other: {stdout}");
+    assert!(text(&out).contains("==> Waiting for sshd"), "{}", text(&out));
+    let listed: Vec<String> = vms.list_vms().await.unwrap().into_iter().map(|v| v.1).collect();
+    assert_eq!(listed, ["deb"], "--rm deleted the VM");
+
+    // `banger vm ssh` with the host key banger keeps in the user's known_hosts.
+    let out = banger_netns(&bus, home.path(), &["vm", "ssh", "deb", "--", "uname", "-n"], "");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "deb\n", "{}", text(&out));
+    let known = std::fs::read_to_string(home.path().join(".local/state/banger/known_hosts")).unwrap();
+    assert!(known.contains(&fields(&host_key)), "{known}");
+
+    // A generated name, a command through the agent, its exit status, and --rm.
+    let out = banger_netns(
+        &bus,
+        home.path(),
+        &["vm", "run", "--rm", "--", "sh", "-c", "hostname; exit 7"],
+        "",
     );
-    // A clean power-off through the agent and systemd.
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    let name = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(name.matches('-').count(), 2, "generated name: {name:?}");
+    assert_eq!(vms.list_vms().await.unwrap().len(), 1);
+
+    // A clean power-off through the agent and systemd, then nothing of banger's network.
     let out = bus.banger_as(Some(USER_OK), &["vm", "stop", "deb"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(vm_processes(&bus).is_empty(), "{:?}", vm_processes(&bus));
+    assert_eq!(banger_network(&bus), (Vec::new(), false));
     let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "deb"]);
     assert!(out.status.success(), "{}", text(&out));
 }

@@ -166,11 +166,18 @@ impl Vms {
                 vm.name, vm.vsock_cid, vm.guest_address, vm.mac_address
             ),
         );
+        if let Some(key) = &o.ssh_key {
+            // Installed on the work disk by the first start, whenever that comes.
+            let dir = self.vm_dir(&vm.id);
+            std::fs::create_dir_all(&dir)
+                .and_then(|_| std::fs::write(dir.join(PENDING_KEY), format!("{}\n", key.trim())))
+                .map_err(|e| Error::failed("Cannot keep the SSH key for the first start", e))?;
+        }
         if !o.start {
             return Ok(());
         }
         // Phase 3: start, under the VM's own lock.
-        self.start_locked(&mut st, vm, Some(o.ssh_key)).await
+        self.start_locked(&mut st, vm).await
     }
 
     async fn resolve_image(&self, st: &mut Stages<'_>, vm: &mut Vm, name: &str) -> Result<Image> {
@@ -245,7 +252,6 @@ impl Vms {
         &self,
         st: &mut Stages<'_>,
         mut vm: Vm,
-        ssh_key: Option<Option<String>>,
     ) -> Result<()> {
         let lock = self.lock_of(&vm.id);
         let _held = lock.lock().await;
@@ -254,7 +260,7 @@ impl Vms {
             vms: self.clone(),
             vm: Some(vm.clone()),
         };
-        let r = self.start_phase(st, &mut vm, ssh_key).await;
+        let r = self.start_phase(st, &mut vm).await;
         guard.vm = None;
         match r {
             Ok(()) => Ok(()),
@@ -275,7 +281,6 @@ impl Vms {
         &self,
         st: &mut Stages<'_>,
         vm: &mut Vm,
-        ssh_key: Option<Option<String>>,
     ) -> Result<()> {
         let image = self.images.get(&vm.image_id).await?;
         let kernel = self.kernels.get(&vm.kernel).await?;
@@ -321,7 +326,8 @@ impl Vms {
                 .await
                 .map_err(|e| Error::failed("Work disk task failed", e))??;
         }
-        let key = ssh_key.flatten();
+        let pending = dir.join(PENDING_KEY);
+        let key = std::fs::read_to_string(&pending).ok();
         if vm.ssh_host_key.is_empty() || key.is_some() {
             let (w, name, fresh) = (work.clone(), vm.name.clone(), vm.ssh_host_key.is_empty());
             let host_key =
@@ -331,6 +337,7 @@ impl Vms {
             if let Some(k) = host_key {
                 vm.ssh_host_key = k;
             }
+            let _ = std::fs::remove_file(&pending);
         }
 
         let subnet = self.net.subnet()?;
@@ -553,6 +560,9 @@ impl Vms {
         self.release_network_if_idle().await;
     }
 }
+
+/// The caller's public key between `CreateVM` and the first start, in the VM's directory.
+const PENDING_KEY: &str = "authorized_key.pending";
 
 /// The guest's host name: the VM's name with what a host name cannot hold turned into `-`.
 fn hostname_for(name: &str) -> String {

@@ -37,7 +37,7 @@ impl Vms {
                 vms: &this,
                 saved: true,
             };
-            this.start_locked(&mut st, vm, None).await
+            this.start_locked(&mut st, vm).await
         }))
     }
 
