@@ -603,7 +603,12 @@ async fn a_boot_that_fails_names_its_stage_keeps_the_console_and_leaves_nothing_
 }
 
 /// `banger ARGS` in the bus's network namespace as root with `home` as HOME, fed `stdin`.
-fn banger_netns(bus: &TestBus, home: &std::path::Path, args: &[&str], stdin: &str) -> std::process::Output {
+fn banger_netns(
+    bus: &TestBus,
+    home: &std::path::Path,
+    args: &[&str],
+    stdin: &str,
+) -> std::process::Output {
     use std::io::Write;
     let mut child = bus
         .in_netns(env!("CARGO_BIN_EXE_banger"))
@@ -616,13 +621,24 @@ fn banger_netns(bus: &TestBus, home: &std::path::Path, args: &[&str], stdin: &st
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_default_image_is_built_on_demand_and_vm_run_gives_an_ssh_session_in_a_namespace() {
-    if !available(&[TOOLS, &["debootstrap", "ssh", "ssh-keygen", "nsenter", "nft"]].concat()) {
+    if !available(
+        &[
+            TOOLS,
+            &["debootstrap", "ssh", "ssh-keygen", "nsenter", "nft"],
+        ]
+        .concat(),
+    ) {
         return;
     }
     let Some((vmlinuz, modules, _)) = debian_kernel() else {
@@ -658,11 +674,19 @@ async fn the_default_image_is_built_on_demand_and_vm_run_gives_an_ssh_session_in
         let pubkey = key.with_extension("pub");
         let out = prep.banger_as(
             Some(USER_OK),
-            &["vm", "create", "deb", "--no-start", "--ssh-key", pubkey.to_str().unwrap()],
+            &[
+                "vm",
+                "create",
+                "deb",
+                "--no-start",
+                "--ssh-key",
+                pubkey.to_str().unwrap(),
+            ],
         );
         assert!(out.status.success(), "{}", text(&out));
         let mut stages = Vec::new();
-        while let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(2), progress.next()).await {
+        while let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(2), progress.next()).await
+        {
             stages.push(s.args().unwrap().stage.to_string());
         }
         assert_eq!(
@@ -682,7 +706,11 @@ async fn the_default_image_is_built_on_demand_and_vm_run_gives_an_ssh_session_in
     let conn = bus.connect().await;
     let out = bus.banger_as(Some(USER_OK), &["vm", "start", "deb"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("==> Waiting for sshd on 172.30.99.2:22"), "{}", text(&out));
+    assert!(
+        text(&out).contains("==> Waiting for sshd on 172.30.99.2:22"),
+        "{}",
+        text(&out)
+    );
     let vms = VMs1Proxy::new(&conn).await.unwrap();
     let deb = vms.get_vm("deb").await.unwrap();
     let vm = banger::dbus::proxy::VM1Proxy::builder(&conn)
@@ -708,32 +736,67 @@ async fn the_default_image_is_built_on_demand_and_vm_run_gives_an_ssh_session_in
     assert_eq!(lines[0], "systemd", "{stdout}");
     assert!(lines[1].starts_with("12."), "{stdout}");
     assert_eq!(lines[2], "active", "{stdout}");
-    assert!(lines[3].starts_with("/dev/vd"), "the work disk is on /root: {stdout}");
+    assert!(
+        lines[3].starts_with("/dev/vd"),
+        "the work disk is on /root: {stdout}"
+    );
     let fields = |l: &str| l.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
-    assert_eq!(fields(lines[4]), fields(&host_key), "the guest runs the key banger made");
+    assert_eq!(
+        fields(lines[4]),
+        fields(&host_key),
+        "the guest runs the key banger made"
+    );
     assert_eq!(lines[5], "2", "only the VM's own host key pair: {stdout}");
     assert_eq!(lines[6].trim(), public.trim(), "{stdout}");
     for ns in banger::net::host_resolvers() {
-        assert!(stdout.contains(&format!("nameserver {ns}")), "resolvers: {stdout}");
+        assert!(
+            stdout.contains(&format!("nameserver {ns}")),
+            "resolvers: {stdout}"
+        );
     }
 
     // `banger vm run`: create a second VM from the default image, wait for it, and hand the
     // session (here fed on stdin) to ssh; --rm deletes it after.
-    let session = "uname -a\nhostname\nbash -c 'echo > /dev/tcp/172.30.99.2/22' && echo reached-deb\n";
+    let session =
+        "uname -a\nhostname\nbash -c 'echo > /dev/tcp/172.30.99.2/22' && echo reached-deb\n";
     let out = banger_netns(&bus, home.path(), &["vm", "run", "web", "--rm"], session);
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("Linux web "), "{stdout}");
     assert!(stdout.contains("\nweb\n"), "{stdout}");
-    assert!(stdout.contains("reached-deb"), "the VMs reach each other: {stdout}");
-    assert!(text(&out).contains("==> Waiting for sshd"), "{}", text(&out));
-    let listed: Vec<String> = vms.list_vms().await.unwrap().into_iter().map(|v| v.1).collect();
+    assert!(
+        stdout.contains("reached-deb"),
+        "the VMs reach each other: {stdout}"
+    );
+    assert!(
+        text(&out).contains("==> Waiting for sshd"),
+        "{}",
+        text(&out)
+    );
+    let listed: Vec<String> = vms
+        .list_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.1)
+        .collect();
     assert_eq!(listed, ["deb"], "--rm deleted the VM");
 
     // `banger vm ssh` with the host key banger keeps in the user's known_hosts.
-    let out = banger_netns(&bus, home.path(), &["vm", "ssh", "deb", "--", "uname", "-n"], "");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "deb\n", "{}", text(&out));
-    let known = std::fs::read_to_string(home.path().join(".local/state/banger/known_hosts")).unwrap();
+    let out = banger_netns(
+        &bus,
+        home.path(),
+        &["vm", "ssh", "deb", "--", "uname", "-n"],
+        "",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "deb\n",
+        "{}",
+        text(&out)
+    );
+    let known =
+        std::fs::read_to_string(home.path().join(".local/state/banger/known_hosts")).unwrap();
     assert!(known.contains(&fields(&host_key)), "{known}");
 
     // A generated name, a command through the agent, its exit status, and --rm.
@@ -755,4 +818,43 @@ async fn the_default_image_is_built_on_demand_and_vm_run_gives_an_ssh_session_in
     assert_eq!(banger_network(&bus), (Vec::new(), false));
     let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "deb"]);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subnet_over_a_host_route_refuses_vms_with_the_reason_and_keeps_the_rest_working() {
+    if !available(&["dbus-daemon", "unshare", "nsenter", "ip", "nft"]) {
+        return;
+    }
+    let bus = TestBus::start(BusOptions {
+        extra_config: "subnet = \"172.30.97.0/24\"\n".into(),
+        netns: true,
+        ..Default::default()
+    });
+    // Before the daemon starts (it is bus-activated by the first call): a host route that
+    // covers the configured subnet.
+    let out = bus
+        .in_netns("sh")
+        .args(["-c", "ip link add up0 type bridge && ip addr add 172.30.96.1/22 dev up0 && ip link set up0 up"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = bus.banger_as(Some(USER_OK), &["vm", "create", "x", "--image", "any"]);
+    assert!(!out.status.success());
+    let msg = text(&out);
+    assert!(
+        msg.contains("172.30.97.0/24")
+            && msg.contains("overlaps the host route 172.30.96.0/22 (dev up0)")
+            && msg.contains("config.toml"),
+        "{msg}"
+    );
+    let conn = bus.connect().await;
+    let vms = VMs1Proxy::new(&conn).await.unwrap();
+    assert!(
+        vms.list_vms().await.unwrap().is_empty(),
+        "nothing half-created"
+    );
+    // Images and kernels do not depend on the VM network.
+    let out = bus.banger_as(Some(USER_OK), &["image", "list"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(banger_network(&bus), (Vec::new(), false));
 }

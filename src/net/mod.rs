@@ -385,6 +385,22 @@ async fn nft(script: &str) -> Result<()> {
     }
 }
 
+/// Turns IPv4 forwarding on (guests reach beyond the host only with it). The systemd unit
+/// does it before the sandbox makes `/proc/sys` read-only; elsewhere banger does it here. A
+/// refusal costs the guests their way out, not their boot: it is logged with the fix.
+fn enable_forwarding() {
+    const KNOB: &str = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(KNOB).is_ok_and(|v| v.trim() == "1") {
+        return;
+    }
+    if let Err(e) = std::fs::write(KNOB, "1") {
+        tracing::warn!(
+            "Cannot enable IPv4 forwarding ({e}): guests reach the host and each other but \
+             nothing beyond; run `sysctl -w net.ipv4.ip_forward=1`"
+        );
+    }
+}
+
 #[async_trait]
 impl HostNet for Bridge {
     fn subnet(&self) -> Result<Subnet> {
@@ -394,8 +410,7 @@ impl HostNet for Bridge {
     async fn attach(&self, tap: &str) -> Result<()> {
         let subnet = self.subnet()?;
         nft(&nft_ruleset(&subnet)).await?;
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
-            .map_err(|e| Error::failed("Cannot enable IPv4 forwarding", e))?;
+        enable_forwarding();
         with_netlink(|h| async move {
             let bridge = self.ensure_bridge(&h, subnet).await?;
             if let Some(old) = link_index(&h, tap).await? {

@@ -248,11 +248,7 @@ impl Vms {
     }
 
     /// Phase 3 under the VM's lock; on failure the VM is `failed`, its processes gone.
-    pub(super) async fn start_locked(
-        &self,
-        st: &mut Stages<'_>,
-        mut vm: Vm,
-    ) -> Result<()> {
+    pub(super) async fn start_locked(&self, st: &mut Stages<'_>, mut vm: Vm) -> Result<()> {
         let lock = self.lock_of(&vm.id);
         let _held = lock.lock().await;
         // Cancel drops this future; the guard still cleans up.
@@ -277,11 +273,7 @@ impl Vms {
         }
     }
 
-    async fn start_phase(
-        &self,
-        st: &mut Stages<'_>,
-        vm: &mut Vm,
-    ) -> Result<()> {
+    async fn start_phase(&self, st: &mut Stages<'_>, vm: &mut Vm) -> Result<()> {
         let image = self.images.get(&vm.image_id).await?;
         let kernel = self.kernels.get(&vm.kernel).await?;
         vm.state = VmState::Starting;
