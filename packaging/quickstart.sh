@@ -14,7 +14,7 @@ echo "==> Installing Debian packages"
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     dbus polkitd libglib2.0-bin e2fsprogs kmod iproute2 nftables qemu-system-x86 qemu-utils \
-    debootstrap xz-utils util-linux >/dev/null
+    debootstrap xz-utils util-linux openssh-client >/dev/null
 if ! command -v vhost-device-vsock >/dev/null; then
     echo "==> Installing vhost-device-vsock (the guest agent's vsock device for QEMU)"
     cargo install --quiet --locked vhost-device-vsock --version 0.3.0 --root /usr/local
@@ -91,9 +91,8 @@ echo "==> The default kernel and image"
 banger kernel show debian >/dev/null 2>&1 || banger kernel pull debian
 banger image list | grep -q '^debian-bookworm ' || banger image build debian-bookworm
 banger image list
-echo "==> The main job: a VM from the default image and kernel, a command run in it"
+echo "==> The main job: a VM from the default image and kernel, ready, a command run in it"
 banger vm delete --force quickstart >/dev/null 2>&1 || true
-banger vm create quickstart
-banger vm exec quickstart -- sh -c 'echo "Hello from $(hostname): $(uname -srm)"; cat /etc/debian_version'
-banger vm delete --force quickstart
-echo "==> Done. Try: banger vm create dev && banger vm exec dev -- bash -lc 'uname -a'"
+banger vm run --rm quickstart -- sh -c \
+    'echo "Hello from $(hostname): $(uname -srm), Debian $(cat /etc/debian_version)"; ip -4 -o addr show scope global'
+echo "==> Done. Try: banger vm run dev   (an SSH session; your ~/.ssh/id_ed25519.pub is authorized)"

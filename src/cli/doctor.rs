@@ -98,6 +98,16 @@ pub fn run(out: &Output) -> anyhow::Result<()> {
         program("debugfs", true, "apt-get install e2fsprogs"),
         program("ip", true, "apt-get install iproute2"),
         program("nft", true, "apt-get install nftables"),
+        program(
+            "ssh-keygen",
+            true,
+            "apt-get install openssh-client (VM host keys)",
+        ),
+        program(
+            "ssh",
+            false,
+            "apt-get install openssh-client (banger vm ssh / run)",
+        ),
         program("depmod", false, "apt-get install kmod"),
         program(
             "debootstrap",
