@@ -133,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
         kernel: Some("k".into()),
         size_bytes: 1 << 20,
         created_at: now_us(),
+        ready_ports: Vec::new(),
     };
     let kernel = Kernel {
         name: "k".into(),

@@ -26,6 +26,38 @@ pub struct Image {
     pub size_bytes: u64,
     /// Creation time, µs since the epoch.
     pub created_at: u64,
+    /// TCP ports the image's services listen on; a VM is ready once each answers.
+    pub ready_ports: Vec<u16>,
+}
+
+/// At most this many `ready_ports` per image.
+pub const MAX_READY_PORTS: usize = 16;
+
+/// Parses a `ready_ports` list (`"8080,5432"`, the OCI label `org.banger.ready_ports`).
+pub fn parse_ready_ports(s: &str) -> crate::Result<Vec<u16>> {
+    let mut ports = Vec::new();
+    for p in s.split([',', ' ']).filter(|p| !p.is_empty()) {
+        match p.parse::<u16>() {
+            Ok(n) if n > 0 => ports.push(n),
+            _ => {
+                return Err(crate::Error::InvalidArgument(format!(
+                    "ready_ports {s:?}: {p:?} is not a TCP port (1-65535)"
+                )))
+            }
+        }
+    }
+    check_ready_ports(&ports)?;
+    Ok(ports)
+}
+
+/// Validates a `ready_ports` list: ports 1-65535, no more than [`MAX_READY_PORTS`].
+pub fn check_ready_ports(ports: &[u16]) -> crate::Result<()> {
+    if ports.contains(&0) || ports.len() > MAX_READY_PORTS {
+        return Err(crate::Error::InvalidArgument(format!(
+            "ready_ports must be at most {MAX_READY_PORTS} TCP ports between 1 and 65535"
+        )));
+    }
+    Ok(())
 }
 
 /// A kernel triple: kernel, initrd, modules.

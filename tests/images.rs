@@ -185,11 +185,12 @@ async fn pull_flattens_layers_into_a_bootable_ext4() {
         .unwrap()
         .count();
     assert_eq!(journal_free, 0, "scratch is empty after the pull");
-    // Blobs are in the cache by digest; no staging left.
+    // Blobs (two layers and the configuration, read for its labels) are in the cache by
+    // digest; no staging left.
     let blobs = std::fs::read_dir(bus.state_dir().join("cache/oci/sha256"))
         .unwrap()
         .count();
-    assert_eq!(blobs, 2);
+    assert_eq!(blobs, 3);
     no_staging_left(&bus);
 
     // A second pull of the same ref under the default name is refused at once.

@@ -65,6 +65,7 @@ fn seed(bus: &TestBus) -> Seeded {
         kernel: Some("debian-6.1".into()),
         size_bytes: 1 << 30,
         created_at: now_us(),
+        ready_ports: Vec::new(),
     };
     let kernel = Kernel {
         name: "debian-6.1".into(),

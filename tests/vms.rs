@@ -46,7 +46,13 @@ fn vm_image_layers() -> Vec<Vec<u8>> {
         .dir("sbin", 0o755)
         .link("sbin/init", tar::EntryType::Symlink, "/bin/busybox")
         .dir("etc", 0o755)
-        .file("etc/inittab", b"::sysinit:/bin/true\n", 0o644, 0)
+        // A service that comes up after the agent: the image's ready port.
+        .file(
+            "etc/inittab",
+            b"::sysinit:/bin/true\n::once:/bin/sh -c 'sleep 2; exec httpd -f -p 8080 -h /etc'\n",
+            0o644,
+            0,
+        )
         .dir("root", 0o700)
         .file("root/seeded", b"from the image\n", 0o644, 0);
     for d in ["dev", "proc", "sys", "tmp"] {
@@ -54,6 +60,7 @@ fn vm_image_layers() -> Vec<Vec<u8>> {
     }
     for applet in [
         "sh", "cat", "echo", "sync", "sleep", "id", "uname", "true", "ping", "hostname", "ip",
+        "httpd",
     ] {
         l = l.link(&format!("bin/{applet}"), tar::EntryType::Symlink, "busybox");
     }
@@ -181,7 +188,11 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
         let conn = prep.connect().await;
         let registry = TestRegistry::start();
         let layout = tempfile::tempdir().unwrap();
-        let m = image_manifest(layout.path(), &vm_image_layers(), Comp::Gzip, "amd64");
+        let m = image_manifest_labeled(
+            layout.path(),
+            &vm_image_layers(),
+            serde_json::json!({"org.banger.ready_ports": "8080"}),
+        );
         finish_layout(layout.path(), vec![m], "v1");
         let reference = registry.push(layout.path(), "v1", "vm/tiny", &[]);
         let images = Images1Proxy::new(&conn).await.unwrap();
@@ -193,6 +204,18 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
             .await
             .unwrap();
         assert_eq!(job_result(&prep, id).await.0, "done");
+        let image = images.get_image("tiny").await.unwrap();
+        let ports = prep.busctl_as(
+            None,
+            &[
+                "get-property",
+                "org.banger",
+                image.as_str(),
+                "org.banger.Image1",
+                "ReadyPorts",
+            ],
+        );
+        assert_eq!(text(&ports).trim(), "aq 1 8080", "from the image's label");
         import_kernel(&conn, "test", &vmlinuz, &modules).await;
     }
     let bus = TestBus::start(BusOptions {
@@ -231,6 +254,7 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
             "boot",
             "wait_agent",
             "wait_ssh",
+            "wait_port_8080",
             "ready"
         ]
     );

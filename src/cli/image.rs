@@ -27,6 +27,10 @@ pub enum ImageCommand {
         /// Talk plain HTTP to the registry.
         #[arg(long)]
         insecure: bool,
+        /// TCP ports VMs wait for before they are ready, e.g. 8080,5432 (default: the
+        /// image's `org.banger.ready_ports` label).
+        #[arg(long, value_delimiter = ',')]
+        ready_ports: Option<Vec<u16>>,
         /// Return once the job started instead of following it.
         #[arg(long)]
         no_wait: bool,
@@ -47,6 +51,9 @@ pub enum ImageCommand {
         /// The kernel the image boots with by default.
         #[arg(long)]
         kernel: Option<String>,
+        /// TCP ports VMs wait for before they are ready, e.g. 8080,5432.
+        #[arg(long, value_delimiter = ',')]
+        ready_ports: Vec<u16>,
     },
     /// Delete an image no VM uses.
     Delete {
@@ -85,6 +92,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
             kernel,
             size,
             insecure,
+            ready_ports,
             no_wait,
         } => {
             let o = opts(
@@ -92,7 +100,8 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
                     .into_iter()
                     .chain(kernel.map(|k| ("kernel", k.into())))
                     .chain(size.map(|s| ("size", s.into())))
-                    .chain(insecure.then(|| ("insecure", true.into()))),
+                    .chain(insecure.then(|| ("insecure", true.into())))
+                    .chain(ready_ports.map(|p| ("ready_ports", p.into()))),
             );
             let watch = super::watch::subscribe(conn).await?;
             let (id, path) = p.pull_image(&reference, o).await.map_err(explain)?;
@@ -111,6 +120,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
             packages,
             size,
             kernel,
+            ready_ports,
         } => {
             let mut entries: Vec<(&str, zbus::Variant<'static>)> = Vec::new();
             if let Some(s) = suite {
@@ -124,6 +134,9 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
             }
             if let Some(k) = kernel {
                 entries.push(("kernel", k.into()));
+            }
+            if !ready_ports.is_empty() {
+                entries.push(("ready_ports", ready_ports.into()));
             }
             let watch = super::watch::subscribe(conn).await?;
             let (id, path) = p.build_image(&name, opts(entries)).await.map_err(explain)?;

@@ -58,6 +58,11 @@ impl Image1 {
     fn size_bytes(&self) -> u64 {
         self.image.size_bytes
     }
+    /// TCP ports a VM of this image waits for (`wait_port_<n>` stages) before it is ready.
+    #[zbus(property, name = "ReadyPorts")]
+    fn ready_ports(&self) -> Vec<u16> {
+        self.image.ready_ports.clone()
+    }
     /// Creation time, µs since the epoch.
     #[zbus(property(emits_changed_signal = "const"), name = "CreatedAt")]
     fn created_at(&self) -> u64 {

@@ -37,7 +37,7 @@ impl Images1 {
     }
 
     /// Pulls an image from the catalog or an OCI registry and builds a bootable ext4 from it.
-    /// Options: name s, kernel s, size t, insecure b. Returns the job at once.
+    /// Options: name s, kernel s, size t, insecure b, ready_ports aq (default: the image label org.banger.ready_ports). Returns the job at once.
     #[zbus(out_args("job_id", "job_path"))]
     async fn pull_image(
         &self,
@@ -52,6 +52,7 @@ impl Images1 {
             kernel: o.string("kernel")?,
             size: o.u64("size")?,
             insecure: o.bool("insecure")?.unwrap_or(false),
+            ready_ports: o.ports("ready_ports")?,
         };
         o.finish()?;
         self.ctx.banger.images.validate_pull(r#ref, &opts)?;
@@ -61,7 +62,7 @@ impl Images1 {
     }
 
     /// Registers existing files as an unmanaged image (re-registering updates it).
-    /// Options: rootfs s, work_seed s, kernel s, or kernel_path s, initrd_path s, modules_dir s.
+    /// Options: rootfs s, work_seed s, kernel s, or kernel_path s, initrd_path s, modules_dir s; ready_ports aq.
     async fn register_image(
         &self,
         #[zbus(connection)] conn: &Connection,
@@ -77,6 +78,7 @@ impl Images1 {
             kernel_path: o.path("kernel_path")?,
             initrd_path: o.path("initrd_path")?,
             modules_dir: o.path("modules_dir")?,
+            ready_ports: o.ports("ready_ports")?,
         };
         o.finish()?;
         validate_name(NameKind::Image, name)?;
@@ -112,7 +114,7 @@ impl Images1 {
     }
 
     /// Builds a Debian image with debootstrap from the host's apt sources.
-    /// Options: suite s, packages as, size t, kernel s. Returns the job at once.
+    /// Options: suite s, packages as, size t, kernel s, ready_ports aq. Returns the job at once.
     #[zbus(out_args("job_id", "job_path"))]
     async fn build_image(
         &self,
@@ -127,6 +129,7 @@ impl Images1 {
             packages: o.strings("packages")?.unwrap_or_default(),
             size: o.u64("size")?,
             kernel: o.string("kernel")?,
+            ready_ports: o.ports("ready_ports")?.unwrap_or_default(),
         };
         o.finish()?;
         validate_name(NameKind::Image, name)?;

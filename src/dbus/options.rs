@@ -69,6 +69,15 @@ impl Options {
         self.take::<Vec<String>>(key, "as")
     }
 
+    /// A `ready_ports` option: `aq`, checked.
+    pub fn ports(&mut self, key: &str) -> Result<Option<Vec<u16>>> {
+        let ports = self.take::<Vec<u16>>(key, "aq")?;
+        if let Some(p) = &ports {
+            crate::model::check_ready_ports(p)?;
+        }
+        Ok(ports)
+    }
+
     /// Fails if any key was not taken.
     pub fn finish(self) -> Result<()> {
         let mut left: Vec<_> = self.map.into_keys().collect();

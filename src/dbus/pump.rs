@@ -158,6 +158,7 @@ async fn on_object(conn: &Connection, ctx: &Ctx, e: ObjectEvent) -> zbus::Result
             obj.work_seed_path_changed(em).await?;
             obj.kernel_changed(em).await?;
             obj.size_bytes_changed(em).await?;
+            obj.ready_ports_changed(em).await?;
         }
         ObjectEvent::ImageRemoved(id) => {
             server.remove::<image::Image1, _>(image_path(&id)).await?;

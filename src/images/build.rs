@@ -186,6 +186,7 @@ impl Images {
                 source: format!("debootstrap:{suite}"),
                 kernel: opts.kernel,
                 size: opts.size,
+                ready_ports: opts.ready_ports,
             };
             this.finish_tree(&ctx, staging, tree, scratch, t)
                 .await

@@ -19,6 +19,7 @@ pub(super) struct TreeImage {
     pub source: String,
     pub kernel: Option<String>,
     pub size: Option<u64>,
+    pub ready_ports: Vec<u16>,
 }
 
 pub(super) async fn blocking<T: Send + 'static>(
@@ -108,6 +109,7 @@ impl Images {
             kernel: t.kernel,
             size_bytes: size,
             created_at: now_us(),
+            ready_ports: t.ready_ports,
         };
         self.publish(staging, image).await
     }

@@ -30,6 +30,8 @@ pub struct PullOptions {
     pub size: Option<u64>,
     /// Allow plain HTTP and unverified TLS to the registry.
     pub insecure: bool,
+    /// Ports to wait for; the image's `org.banger.ready_ports` label when absent.
+    pub ready_ports: Option<Vec<u16>>,
 }
 
 /// Options of `RegisterImage`.
@@ -47,6 +49,8 @@ pub struct RegisterOptions {
     pub initrd_path: Option<PathBuf>,
     /// A modules directory.
     pub modules_dir: Option<PathBuf>,
+    /// Ports to wait for (kept from the earlier registration when absent).
+    pub ready_ports: Option<Vec<u16>>,
 }
 
 /// Options of `BuildImage`.
@@ -60,6 +64,8 @@ pub struct BuildOptions {
     pub size: Option<u64>,
     /// The default kernel.
     pub kernel: Option<String>,
+    /// Ports to wait for.
+    pub ready_ports: Vec<u16>,
 }
 
 impl RegisterOptions {

@@ -86,6 +86,22 @@ impl Images {
             6,
             format!("{} is {digest}, {} layer(s)", r.whole(), layers.len()),
         );
+        let ready_ports = match opts.ready_ports.clone() {
+            Some(p) => p,
+            None => {
+                if !(0..=1 << 20).contains(&manifest.config.size) {
+                    return Err(Error::InvalidArgument(format!(
+                        "The image configuration of {} claims {} bytes; at most 1 MiB is read",
+                        r.whole(),
+                        manifest.config.size
+                    )));
+                }
+                let config = registry
+                    .fetch_blob(&r, &manifest.config, &self.layout.oci_cache_dir(), |_| {})
+                    .await?;
+                ready_ports_label(&config)?
+            }
+        };
 
         ctx.stage("fetch", format!("Fetching {} layer(s)", layers.len()));
         let total: u64 = layers
@@ -145,7 +161,64 @@ impl Images {
             source: r.whole(),
             kernel: opts.kernel,
             size: opts.size,
+            ready_ports,
         };
         self.finish_tree(&ctx, staging, tree, scratch, t).await
+    }
+}
+
+/// The OCI label an image declares its service ports with.
+pub const READY_PORTS_LABEL: &str = "org.banger.ready_ports";
+
+/// The ports of the `org.banger.ready_ports` label in an image config blob (none without it).
+fn ready_ports_label(config: &std::path::Path) -> Result<Vec<u16>> {
+    let text = std::fs::read(config)
+        .map_err(|e| Error::failed("Cannot read the image configuration", e))?;
+    let v: serde_json::Value = serde_json::from_slice(&text)
+        .map_err(|e| Error::InvalidArgument(format!("The image configuration is not JSON: {e}")))?;
+    match v["config"]["Labels"][READY_PORTS_LABEL].as_str() {
+        Some(s) => crate::model::parse_ready_ports(s).map_err(|e| {
+            Error::InvalidArgument(format!("The image's label {READY_PORTS_LABEL}: {e}"))
+        }),
+        None => Ok(Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+
+    #[test]
+    fn the_label_gives_the_ports_and_bad_ones_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("c");
+        let with = |labels: serde_json::Value| {
+            std::fs::write(
+                &p,
+                serde_json::json!({"config": {"Labels": labels}}).to_string(),
+            )
+            .unwrap();
+            ready_ports_label(&p)
+        };
+        assert_eq!(
+            with(serde_json::json!({READY_PORTS_LABEL: "8080, 5432"})).unwrap(),
+            [8080, 5432]
+        );
+        assert_eq!(
+            with(serde_json::json!({"other": "x"})).unwrap(),
+            Vec::<u16>::new()
+        );
+        assert_eq!(with(serde_json::json!(null)).unwrap(), Vec::<u16>::new());
+        for bad in [
+            "0",
+            "70000",
+            "http",
+            "1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17",
+        ] {
+            assert!(
+                with(serde_json::json!({READY_PORTS_LABEL: bad})).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -78,6 +78,7 @@ impl Images {
                 work_seed_path: seed,
                 kernel: opts.kernel,
                 size_bytes: size,
+                ready_ports: opts.ready_ports.unwrap_or(old.ready_ports.clone()),
                 ..old
             },
             None => Image {
@@ -90,6 +91,7 @@ impl Images {
                 kernel: opts.kernel,
                 size_bytes: size,
                 created_at: now_us(),
+                ready_ports: opts.ready_ports.unwrap_or_default(),
             },
         };
         let row = image.clone();

@@ -67,6 +67,10 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE vms ADD COLUMN ssh_host_key TEXT NOT NULL DEFAULT '';
     "#,
+    // 3: ports an image's services listen on, waited for as `wait_port_<n>` stages.
+    r#"
+    ALTER TABLE images ADD COLUMN ready_ports TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The schema version this build writes.

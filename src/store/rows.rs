@@ -16,8 +16,19 @@ fn path_str(p: &Option<PathBuf>) -> Option<String> {
     p.as_ref().map(|p| p.to_string_lossy().into_owned())
 }
 
-const IMAGE_COLS: &str =
-    "id, name, managed, source, rootfs_path, work_seed_path, kernel, size_bytes, created_at";
+const IMAGE_COLS: &str = "id, name, managed, source, rootfs_path, work_seed_path, kernel, \
+     size_bytes, created_at, ready_ports";
+
+fn ports_str(p: &[u16]) -> String {
+    p.iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn ports_of(s: &str) -> Vec<u16> {
+    s.split(',').filter_map(|p| p.trim().parse().ok()).collect()
+}
 
 fn image_row(r: &Row<'_>) -> rusqlite::Result<Image> {
     Ok(Image {
@@ -30,6 +41,7 @@ fn image_row(r: &Row<'_>) -> rusqlite::Result<Image> {
         kernel: r.get::<_, Option<String>>(6)?.filter(|s| !s.is_empty()),
         size_bytes: r.get::<_, i64>(7)? as u64,
         created_at: r.get::<_, i64>(8)? as u64,
+        ready_ports: ports_of(&r.get::<_, String>(9)?),
     })
 }
 
@@ -59,11 +71,11 @@ pub fn upsert_image(c: &Connection, i: &Image) -> Result<bool, StoreError> {
     })? > 0;
     c.execute(
         &format!(
-            "INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
+            "INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
              ON CONFLICT(id) DO UPDATE SET name = excluded.name, managed = excluded.managed, \
              source = excluded.source, rootfs_path = excluded.rootfs_path, \
              work_seed_path = excluded.work_seed_path, kernel = excluded.kernel, \
-             size_bytes = excluded.size_bytes"
+             size_bytes = excluded.size_bytes, ready_ports = excluded.ready_ports"
         ),
         params![
             i.id,
@@ -74,7 +86,8 @@ pub fn upsert_image(c: &Connection, i: &Image) -> Result<bool, StoreError> {
             path_str(&i.work_seed_path),
             i.kernel,
             i.size_bytes as i64,
-            i.created_at as i64
+            i.created_at as i64,
+            ports_str(&i.ready_ports)
         ],
     )?;
     Ok(existed)
@@ -414,6 +427,7 @@ mod tests {
             kernel: Some("debian".into()),
             size_bytes: 1 << 30,
             created_at: now_us(),
+            ready_ports: Vec::new(),
         }
     }
 

@@ -95,6 +95,7 @@ fn service(dir: &Path, gate: usize, subnet: &str) -> Vms {
         kernel: Some("k".into()),
         size_bytes: 1 << 20,
         created_at: now_us(),
+        ready_ports: Vec::new(),
     };
     let kernel = Kernel {
         name: "k".into(),

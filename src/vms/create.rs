@@ -396,11 +396,21 @@ impl Vms {
             let addr = format!("{}:22", vm.guest_address);
             st.enter(vm, "wait_ssh", format!("Waiting for sshd on {addr}"))
                 .await?;
-            self.wait_ssh(&run, &addr).await?;
+            self.wait_port(&run, &addr, true).await?;
             vm.ssh_address = addr;
         } else {
             st.enter(vm, "wait_ssh", "Skipped: the image has no sshd")
                 .await?;
+        }
+        for port in &image.ready_ports {
+            let addr = format!("{}:{port}", vm.guest_address);
+            st.enter(
+                vm,
+                &format!("wait_port_{port}"),
+                format!("Waiting for the image's service on {addr}"),
+            )
+            .await?;
+            self.wait_port(&run, &addr, false).await?;
         }
         vm.state = VmState::Running;
         st.enter(vm, "ready", format!("VM {} is ready", vm.name))
@@ -496,8 +506,8 @@ impl Vms {
         )
     }
 
-    /// Waits until the guest's sshd sends its banner.
-    async fn wait_ssh(&self, run: &std::path::Path, addr: &str) -> Result<()> {
+    /// Waits until `addr` in the guest accepts a connection (and, for sshd, sends its banner).
+    async fn wait_port(&self, run: &std::path::Path, addr: &str, ssh: bool) -> Result<()> {
         use tokio::io::AsyncReadExt;
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(self.config.boot_timeout_sec);
@@ -505,12 +515,15 @@ impl Vms {
         loop {
             if !self.vmm.running(run) {
                 return Err(Error::failed(
-                    "The VM stopped before its sshd answered",
+                    format!("The VM stopped before {addr} answered"),
                     std::io::Error::other(last),
                 ));
             }
             let attempt = async {
                 let mut s = tokio::net::TcpStream::connect(addr).await?;
+                if !ssh {
+                    return Ok(true);
+                }
                 let mut buf = [0u8; 64];
                 let n = s.read(&mut buf).await?;
                 Ok::<_, std::io::Error>(buf[..n].starts_with(b"SSH-"))
@@ -524,7 +537,7 @@ impl Vms {
             if tokio::time::Instant::now() > deadline {
                 return Err(Error::failed(
                     format!(
-                        "sshd on {addr} did not answer within {} s (boot_timeout_sec)",
+                        "{addr} did not answer within {} s (boot_timeout_sec)",
                         self.config.boot_timeout_sec
                     ),
                     std::io::Error::other(last),

@@ -118,6 +118,27 @@ pub fn image_manifest_typed(
     arch: &str,
     media_type: Option<&str>,
 ) -> serde_json::Value {
+    image_manifest_full(dir, layers, comp, arch, media_type, serde_json::json!({}))
+}
+
+/// As [`image_manifest`], with these labels in the image configuration.
+#[allow(dead_code)]
+pub fn image_manifest_labeled(
+    dir: &Path,
+    layers: &[Vec<u8>],
+    labels: serde_json::Value,
+) -> serde_json::Value {
+    image_manifest_full(dir, layers, Comp::Gzip, "amd64", None, labels)
+}
+
+fn image_manifest_full(
+    dir: &Path,
+    layers: &[Vec<u8>],
+    comp: Comp,
+    arch: &str,
+    media_type: Option<&str>,
+    labels: serde_json::Value,
+) -> serde_json::Value {
     std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     let mut descs = Vec::new();
     let mut diff_ids = Vec::new();
@@ -143,7 +164,7 @@ pub fn image_manifest_typed(
     }
     let config = serde_json::json!({
         "architecture": arch, "os": "linux",
-        "config": {"Cmd": ["/bin/sh"]},
+        "config": {"Cmd": ["/bin/sh"], "Labels": labels},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     });
     let (cd, cs) = write_blob(dir, config.to_string().as_bytes());
