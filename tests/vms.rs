@@ -60,7 +60,7 @@ fn vm_image_layers() -> Vec<Vec<u8>> {
     }
     for applet in [
         "sh", "cat", "echo", "sync", "sleep", "id", "uname", "true", "ping", "hostname", "ip",
-        "httpd",
+        "httpd", "df", "tail",
     ] {
         l = l.link(&format!("bin/{applet}"), tar::EntryType::Symlink, "busybox");
     }
@@ -320,8 +320,19 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     let out = bus.banger_as(
         Some(USER_OK),
         &[
-            "vm", "create", "t2", "--image", "tiny", "--kernel", "test", "--vcpus", "1",
-            "--memory", "256",
+            "vm",
+            "create",
+            "t2",
+            "--image",
+            "tiny",
+            "--kernel",
+            "test",
+            "--vcpus",
+            "1",
+            "--memory",
+            "256",
+            "--disk-size",
+            "2147483648",
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
@@ -344,6 +355,24 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
         );
         assert!(stdout.contains("1 packets received"), "{stdout}");
     }
+    // --disk-size: banger-init grew t2's root filesystem (a 1 GiB image) to its 2 GiB disk.
+    let root_kib = |vm: &str| -> u64 {
+        let out = bus.banger_as(
+            Some(USER_OK),
+            &["vm", "exec", vm, "--", "sh", "-c", "df -k / | tail -1"],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        stdout
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{stdout}"))
+    };
+    let (small, big) = (root_kib("t1"), root_kib("t2"));
+    assert!(
+        small < 1_100_000 && big > 1_900_000,
+        "t1 {small} KiB, t2 {big} KiB"
+    );
     let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "--force", "t2"]);
     assert!(out.status.success(), "{}", text(&out));
     let (links, table) = banger_network(&bus);

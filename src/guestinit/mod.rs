@@ -187,6 +187,54 @@ fn refresh_agent() {
     }
 }
 
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+/// `_IOW('f', 16, __u64)`: online resize of a mounted ext4.
+const EXT4_IOC_RESIZE_FS: libc::c_ulong = 0x4008_6610;
+
+/// Grows the mounted root filesystem to its disk when the disk is larger (a VM created with a
+/// `disk_size` above its image's): ext4's online resize, what `resize2fs` does on a mounted
+/// filesystem. Returns the new size in bytes when it grew.
+fn grow_root(dev: &str, mountpoint: &str) -> Result<Option<u64>, String> {
+    use std::os::fd::AsRawFd;
+    let disk = std::fs::File::open(dev).map_err(|e| format!("{dev}: {e}"))?;
+    let mut bytes: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which is valid for the call.
+    if unsafe { libc::ioctl(disk.as_raw_fd(), BLKGETSIZE64, &mut bytes) } < 0 {
+        return Err(format!(
+            "size of {dev}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let statvfs = |path: &str| -> Result<libc::statvfs, String> {
+        let c = cstr(path);
+        // SAFETY: a zeroed statvfs is a valid out-buffer; the path is NUL-terminated.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; both pointers are valid for the call.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } < 0 {
+            return Err(format!(
+                "statvfs {path}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(st)
+    };
+    let before = statvfs(mountpoint)?;
+    let block = before.f_frsize.max(1);
+    let mut blocks: u64 = bytes / block;
+    // f_blocks leaves out metadata, so it is always below the real count: only a disk a
+    // megabyte beyond it is worth a resize call.
+    if blocks.saturating_sub(before.f_blocks) * block < (1 << 20) {
+        return Ok(None);
+    }
+    let dir = std::fs::File::open(mountpoint).map_err(|e| format!("{mountpoint}: {e}"))?;
+    // SAFETY: EXT4_IOC_RESIZE_FS reads one u64 through the pointer, valid for the call.
+    if unsafe { libc::ioctl(dir.as_raw_fd(), EXT4_IOC_RESIZE_FS, &mut blocks) } < 0 {
+        return Err(format!("resize: {}", std::io::Error::last_os_error()));
+    }
+    let after = statvfs(mountpoint)?;
+    Ok((after.f_blocks > before.f_blocks).then_some(after.f_blocks * block))
+}
+
 /// Runs as PID 1 and never returns.
 pub fn run() -> ! {
     for d in ["/dev", "/proc", "/sys", "/newroot"] {
@@ -239,6 +287,13 @@ pub fn run() -> ! {
     };
     if let Err(e) = mount(&root, "/newroot", &cmdline.fstype, flags) {
         fail(&format!("cannot mount the root filesystem: {e}"));
+    }
+    if !cmdline.read_only && cmdline.fstype == "ext4" {
+        match grow_root(&root, "/newroot") {
+            Ok(Some(bytes)) => say(&format!("root filesystem grown to {} MiB", bytes >> 20)),
+            Ok(None) => {}
+            Err(e) => say(&format!("the root filesystem keeps its size: {e}")),
+        }
     }
     if !cmdline.read_only {
         refresh_agent();
