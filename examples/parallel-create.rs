@@ -74,6 +74,9 @@ impl Vmm for SlowVmm {
     fn running(&self, run_dir: &Path) -> bool {
         self.vsock_socket(run_dir).exists()
     }
+    fn pids(&self, _: &Path) -> Vec<u32> {
+        Vec::new()
+    }
     async fn request_power_off(&self, _: &Path) -> banger::Result<()> {
         Ok(())
     }

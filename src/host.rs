@@ -7,12 +7,22 @@ use std::process::Command;
 
 use crate::{Error, Result};
 
-/// Finds a program on PATH or in the sbin directories a non-root PATH often lacks.
+/// Finds a program on PATH, in the sbin directories a non-root PATH often lacks, or in
+/// `/usr/lib/banger` (the package's helpers, such as `vhost-device-vsock`).
 pub fn find_program(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin", "/root/.cargo/bin"].map(PathBuf::from))
+        .chain(
+            [
+                "/usr/sbin",
+                "/sbin",
+                "/usr/local/sbin",
+                "/root/.cargo/bin",
+                "/usr/lib/banger",
+            ]
+            .map(PathBuf::from),
+        )
         .map(|d| d.join(name))
         .find(|p| {
             p.metadata()

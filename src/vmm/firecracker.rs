@@ -251,6 +251,12 @@ impl Vmm for Firecracker {
         live_pid(&pidfile(run_dir), &marker(run_dir)).is_some()
     }
 
+    fn pids(&self, run_dir: &Path) -> Vec<u32> {
+        live_pid(&pidfile(run_dir), &marker(run_dir))
+            .map(|p| vec![p as u32])
+            .unwrap_or_default()
+    }
+
     async fn request_power_off(&self, run_dir: &Path) -> Result<()> {
         put(
             &api_socket(run_dir),

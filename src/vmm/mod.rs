@@ -9,6 +9,7 @@ pub mod firecracker;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod scope;
 
 use std::path::{Path, PathBuf};
 
@@ -81,6 +82,9 @@ pub trait Vmm: Send + Sync {
 
     /// Whether the VM's VMM process is alive.
     fn running(&self, run_dir: &Path) -> bool;
+
+    /// The VM's live processes, the VMM first (its leader).
+    fn pids(&self, run_dir: &Path) -> Vec<u32>;
 
     /// The host side of the guest's vsock (hybrid `CONNECT <port>` protocol).
     fn vsock_socket(&self, run_dir: &Path) -> PathBuf {

@@ -293,6 +293,14 @@ impl Vmm for Qemu {
         live_pid(&qemu_pidfile(run_dir), &marker(run_dir)).is_some()
     }
 
+    fn pids(&self, run_dir: &Path) -> Vec<u32> {
+        [qemu_pidfile(run_dir), vsock_pidfile(run_dir)]
+            .iter()
+            .filter_map(|f| live_pid(f, &marker(run_dir)))
+            .map(|p| p as u32)
+            .collect()
+    }
+
     async fn request_power_off(&self, run_dir: &Path) -> Result<()> {
         qmp::execute(&qmp_socket(run_dir), "system_powerdown")
             .await

@@ -38,6 +38,9 @@ impl Vmm for GateVmm {
     fn running(&self, _: &Path) -> bool {
         false
     }
+    fn pids(&self, _: &Path) -> Vec<u32> {
+        Vec::new()
+    }
     async fn request_power_off(&self, _: &Path) -> Result<()> {
         Ok(())
     }

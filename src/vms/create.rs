@@ -412,6 +412,15 @@ impl Vms {
             .await?;
             self.wait_port(&run, &addr, false).await?;
         }
+        let pids = self.vmm.pids(&run);
+        crate::vmm::scope::announce(&crate::vmm::scope::Machine {
+            name: &vm.name,
+            id: &vm.id,
+            pids: &pids,
+            cid: vm.vsock_cid,
+            ssh_address: &vm.ssh_address,
+        })
+        .await;
         vm.state = VmState::Running;
         st.enter(vm, "ready", format!("VM {} is ready", vm.name))
             .await?;

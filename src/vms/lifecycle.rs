@@ -208,6 +208,7 @@ impl Vms {
     /// Kills the VM's VMM and helpers and removes its tap.
     pub(super) async fn power_down(&self, vm: &Vm) -> Result<()> {
         self.vmm.kill(&self.layout.vm_runtime_dir(&vm.id)).await?;
+        crate::vmm::scope::withdraw(&vm.name).await;
         if let Err(e) = self.net.detach(&vm.tap_name).await {
             tracing::warn!(vm_id = %vm.id, vm_name = %vm.name, "{}", e.full_message());
         }
