@@ -21,6 +21,21 @@ use crate::service::Banger;
 use crate::store::{rows, Store};
 use crate::{dbus, Error, Result};
 
+/// The banger D-Bus system service.
+#[derive(Debug, clap::Parser)]
+#[command(name = "bangerd", version, about)]
+pub struct Args {
+    /// Where images, kernels, VMs and the database live.
+    #[arg(long, default_value = "/var/lib/banger")]
+    pub state_dir: PathBuf,
+    /// Where sockets live.
+    #[arg(long, default_value = "/run/banger")]
+    pub runtime_dir: PathBuf,
+    /// The configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
 /// How the daemon was asked to run.
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {

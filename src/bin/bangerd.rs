@@ -2,22 +2,8 @@
 
 use std::path::PathBuf;
 
+use banger::daemon::Args;
 use clap::Parser;
-
-/// The banger D-Bus system service.
-#[derive(Debug, Parser)]
-#[command(name = "bangerd", version, about)]
-struct Args {
-    /// Where images, kernels, VMs and the database live.
-    #[arg(long, default_value = "/var/lib/banger")]
-    state_dir: PathBuf,
-    /// Where sockets live.
-    #[arg(long, default_value = "/run/banger")]
-    runtime_dir: PathBuf,
-    /// The configuration file.
-    #[arg(long)]
-    config: Option<PathBuf>,
-}
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {

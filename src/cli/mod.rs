@@ -1,5 +1,6 @@
 //! The `banger` command line: a D-Bus client and nothing more. One file per noun.
 
+mod assets;
 mod doctor;
 mod image;
 mod kernel;
@@ -40,6 +41,12 @@ pub enum Command {
     Vm(vm::VmCommand),
     /// Check that this host can run banger, and say what to install.
     Doctor,
+    /// Write the man pages and shell completions into DIR (packaging).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Output directory.
+        dir: std::path::PathBuf,
+    },
 }
 
 /// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` overrides).
@@ -92,6 +99,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = Output { json: cli.json };
     match cli.command {
         Command::Doctor => doctor::run(&out),
+        Command::GenerateAssets { dir } => assets::generate(&dir),
         Command::Status => status::run(&out, &connect().await?).await,
         Command::Image(c) => image::run(&out, &connect().await?, c).await,
         Command::Kernel(c) => kernel::run(&out, &connect().await?, c).await,
