@@ -34,6 +34,14 @@ pub fn normal_components(p: &Path) -> Result<Vec<&std::ffi::OsStr>, String> {
 }
 
 fn openat2(dirfd: i32, path: &Path, flags: u64, resolve: u64) -> io::Result<OwnedFd> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // Kernels before 5.6, and seccomp filters that predate the call (some systemd versions'
+    // system call groups, systemd-nspawn's container filter), answer ENOSYS: then the same
+    // resolution is done in userspace, one no-follow step at a time.
+    static MISSING: AtomicBool = AtomicBool::new(false);
+    if MISSING.load(Ordering::Relaxed) {
+        return resolve_by_hand(dirfd, path, flags, resolve);
+    }
     let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
     // SAFETY: open_how is plain data; zeroed is a valid value for every field.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
@@ -51,10 +59,110 @@ fn openat2(dirfd: i32, path: &Path, flags: u64, resolve: u64) -> io::Result<Owne
         )
     };
     if fd < 0 {
-        return Err(io::Error::last_os_error());
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSYS) {
+            MISSING.store(true, Ordering::Relaxed);
+            return resolve_by_hand(dirfd, path, flags, resolve);
+        }
+        return Err(e);
     }
     // SAFETY: the kernel just returned this fd to us; nobody else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn openat(dirfd: i32, name: &Path, flags: i32) -> io::Result<OwnedFd> {
+    let c = CString::new(name.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: `c` is NUL-terminated and outlives the call.
+    let fd = unsafe { libc::openat(dirfd, c.as_ptr(), flags | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn dev_of(fd: &OwnedFd) -> io::Result<u64> {
+    // SAFETY: a zeroed stat is a valid out-buffer; the fd is open.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_dev)
+}
+
+/// `openat2(dirfd, path, flags, RESOLVE_IN_ROOT | RESOLVE_NO_XDEV)` in userspace: every
+/// component is opened `O_PATH | O_NOFOLLOW` below the one before; `..` stops at the root;
+/// a symlink's target is resolved again from the root (absolute) or from where it sits
+/// (relative), at most 40 times.
+fn resolve_by_hand(dirfd: i32, path: &Path, flags: u64, resolve: u64) -> io::Result<OwnedFd> {
+    use std::collections::VecDeque;
+    use std::path::Component;
+    let flags = flags as i32;
+    if resolve == 0 {
+        return openat(dirfd, path, flags);
+    }
+    let root = openat(dirfd, Path::new("."), libc::O_PATH | libc::O_DIRECTORY)?;
+    let root_dev = dev_of(&root)?;
+    // The directories from the root down to the current one.
+    let mut stack: Vec<OwnedFd> = Vec::new();
+    let mut todo: VecDeque<std::ffi::OsString> = VecDeque::new();
+    let push = |todo: &mut VecDeque<std::ffi::OsString>, p: &Path, front: bool| {
+        let parts: Vec<_> = p
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.to_owned()),
+                Component::ParentDir => Some("..".into()),
+                _ => None,
+            })
+            .collect();
+        if front {
+            for part in parts.into_iter().rev() {
+                todo.push_front(part);
+            }
+        } else {
+            todo.extend(parts);
+        }
+    };
+    push(&mut todo, path, false);
+    let mut links = 0;
+    while let Some(name) = todo.pop_front() {
+        if name == ".." {
+            stack.pop();
+            continue;
+        }
+        let here = stack.last().unwrap_or(&root).as_raw_fd();
+        let fd = openat(here, Path::new(&name), libc::O_PATH | libc::O_NOFOLLOW)?;
+        // SAFETY: a zeroed stat is a valid out-buffer; the fd is open.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            links += 1;
+            if links > 40 {
+                return Err(io::Error::from_raw_os_error(libc::ELOOP));
+            }
+            let at = fd_path(stack.last().unwrap_or(&root))?.join(&name);
+            let target = std::fs::read_link(at)?;
+            if target.is_absolute() {
+                stack.clear();
+            }
+            push(&mut todo, &target, true);
+            continue;
+        }
+        if resolve & libc::RESOLVE_NO_XDEV != 0 && st.st_dev != root_dev {
+            return Err(io::Error::from_raw_os_error(libc::EXDEV));
+        }
+        if !todo.is_empty() && st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
+        stack.push(fd);
+    }
+    // Reopen the final directory (or the root) with the flags asked for.
+    let last = stack.last().unwrap_or(&root);
+    openat(last.as_raw_fd(), Path::new("."), flags)
 }
 
 impl Root {
@@ -183,5 +291,40 @@ mod tests {
         let (p, created) = root.resolve_dir(Path::new("up/new/deep"), true).unwrap();
         assert_eq!(p, root.path().join("new/deep"));
         assert_eq!(created.len(), 2);
+    }
+
+    #[test]
+    fn the_userspace_fallback_resolves_like_openat2() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::create(&tmp.path().join("root")).unwrap();
+        let r = root.path().to_owned();
+        std::fs::create_dir_all(r.join("run/deep")).unwrap();
+        std::fs::create_dir(r.join("var")).unwrap();
+        std::os::unix::fs::symlink("/run", r.join("var/run")).unwrap();
+        std::os::unix::fs::symlink("../../../../..", r.join("up")).unwrap();
+        std::os::unix::fs::symlink("loop", r.join("loop")).unwrap();
+        std::fs::write(r.join("file"), b"").unwrap();
+        let how = |p: &str| {
+            let flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
+            let resolve =
+                libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_XDEV;
+            let by_hand = resolve_by_hand(root.fd.as_raw_fd(), Path::new(p), flags, resolve)
+                .map(|fd| fd_path(&fd).unwrap());
+            let kernel = openat2(root.fd.as_raw_fd(), Path::new(p), flags, resolve)
+                .map(|fd| fd_path(&fd).unwrap());
+            assert_eq!(
+                by_hand.as_ref().map_err(|e| e.raw_os_error()),
+                kernel.as_ref().map_err(|e| e.raw_os_error()),
+                "{p}"
+            );
+            by_hand
+        };
+        assert_eq!(how("var/run/deep").unwrap(), r.join("run/deep"));
+        assert_eq!(how("up/run").unwrap(), r.join("run"));
+        assert_eq!(how("../../..").unwrap(), r);
+        assert_eq!(how(".").unwrap(), r);
+        assert!(how("loop").is_err());
+        assert!(how("file").is_err());
+        assert!(how("missing/x").is_err());
     }
 }
