@@ -159,6 +159,7 @@ async fn stand_in(sock: PathBuf) -> Arc<Mutex<Vec<(String, String, Value)>>> {
 
 fn boot_spec(dir: &Path, vcpus: u32) -> BootSpec {
     BootSpec {
+        name: "t".into(),
         id: "00ff00ff00ff00ff".into(),
         vcpus,
         memory_mib: 512,

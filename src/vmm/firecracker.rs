@@ -219,6 +219,7 @@ impl Vmm for Firecracker {
         let (api, id) = (api_socket(run), format!("banger-{}", spec.id));
         let spawned = spawn_detached(
             &pidfile(run),
+            &super::scope::vm_unit(&spec.name),
             &bin,
             &[
                 "--api-sock".as_ref(),

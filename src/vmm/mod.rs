@@ -22,6 +22,8 @@ use crate::Result;
 pub struct BootSpec {
     /// The VM's id (names its processes).
     pub id: String,
+    /// The VM's name (names its systemd units, `banger-vm-<name>.service`).
+    pub name: String,
     /// Virtual CPUs.
     pub vcpus: u32,
     /// Memory in MiB.

@@ -41,11 +41,14 @@ pub async fn terminate(pidfile: &Path, marker: &str, grace: Duration) {
     let _ = std::fs::remove_file(pidfile);
 }
 
-/// Starts `program args…` detached from bangerd (`setsid -f`: it must outlive an idle exit),
-/// its pid written to `pidfile` by the shell that then becomes it, its output to `log`.
-/// Returns once it was forked, not when it is ready.
+/// Starts `program args…` detached from bangerd, its pid written to `pidfile` by the shell
+/// that then becomes it, its output to `log`. It must outlive the daemon and must not inherit
+/// its sandbox (QEMU's TCG needs writable-executable memory, which the daemon's unit denies):
+/// on a systemd host it runs as transient service `unit` started by systemd (`systemd-run`);
+/// elsewhere in a session of its own (`setsid -f`). Returns once it started, not when ready.
 pub async fn spawn_detached(
     pidfile: &Path,
+    unit: &str,
     program: &Path,
     args: &[&std::ffi::OsStr],
     log: &Path,
@@ -58,9 +61,34 @@ pub async fn spawn_detached(
     let fail = |e: std::io::Error| crate::Error::failed(format!("Cannot start {what}"), e);
     let out = std::fs::File::create(log).map_err(fail)?;
     let err = out.try_clone().map_err(fail)?;
+    // The shell writes its pid (about to become the program's) for live_pid to find.
+    let mut script = "echo $$ > \"$0\"; exec \"$@\"".to_owned();
+    let mut cmd =
+        if super::scope::systemd_booted() {
+            // systemd expands $VAR in ExecStart; $$ is its escape for a literal $.
+            script = script.replace('$', "$$");
+            let mut c = tokio::process::Command::new("systemd-run");
+            c.arg(format!("--unit={unit}"))
+            .args(["--quiet", "--collect", "--service-type=exec"])
+            .arg(format!("--description=banger {what} ({unit})"))
+            .arg(format!("--property=StandardOutput=append:{}", log.display()))
+            .arg(format!("--property=StandardError=append:{}", log.display()))
+            .args(["--property=KillMode=mixed", "--property=TimeoutStopSec=10"])
+            // A subset of bangerd's own capabilities: what a VMM needs (taps), and what keeps
+            // it visible to the daemon under ProtectProc=invisible (which hides processes
+            // holding capabilities the looker lacks).
+            .arg("--property=CapabilityBoundingSet=CAP_NET_ADMIN CAP_DAC_OVERRIDE CAP_SYS_RESOURCE")
+            .args(["--property=NoNewPrivileges=yes", "--property=ProtectHome=yes"])
+            .arg("--");
+            c
+        } else {
+            let mut c = tokio::process::Command::new("setsid");
+            c.arg("-f");
+            c
+        };
     // status(), not output(): output() would pipe stdout to the detached process too.
-    let status = tokio::process::Command::new("setsid")
-        .args(["-f", "sh", "-c", "echo $$ > \"$0\"; exec \"$@\""])
+    let status = cmd
+        .args(["sh", "-c", &script])
         .arg(pidfile)
         .arg(program)
         .args(args)
@@ -71,7 +99,11 @@ pub async fn spawn_detached(
         .await
         .map_err(fail)?;
     if !status.success() {
-        return Err(fail(std::io::Error::other(status.to_string())));
+        let msg = std::fs::read_to_string(log).unwrap_or_default();
+        return Err(fail(std::io::Error::other(format!(
+            "{status}: {}",
+            msg.trim()
+        ))));
     }
     Ok(())
 }

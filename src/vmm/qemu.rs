@@ -184,9 +184,6 @@ impl Qemu {
             "vhost-user-vsock-device,chardev=vsk".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", p(&qmp_socket(run))),
-            "-pidfile".into(),
-            p(&qemu_pidfile(run)),
-            "-daemonize".into(),
         ]);
         a
     }
@@ -205,6 +202,7 @@ impl Qemu {
         let (vhost, uds) = (vhost_socket(run), self.vsock_socket(run));
         spawn_detached(
             &vsock_pidfile(run),
+            &super::scope::helper_unit(&spec.name, "vsock"),
             &bin,
             &[
                 "--guest-cid".as_ref(),
@@ -265,28 +263,45 @@ impl Vmm for Qemu {
         self.start_vsock(spec).await?;
         let args = self.args(spec, kvm, crate::host::tsc_khz());
         tracing::debug!(vm_id = %spec.id, "{QEMU} {}", args.join(" "));
-        // The daemonized QEMU keeps the descriptors it was given: a pipe would never reach
-        // EOF, so its errors go to a file and only the exit status is awaited.
-        let log_path = spec.run_dir.join("qemu.log");
-        let log = std::fs::File::create(&log_path)
-            .map_err(|e| Error::failed("Cannot create the QEMU log", e))?;
-        let status = Command::new(qemu)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .status()
-            .await
-            .map_err(|e| Error::failed(format!("Cannot run {QEMU}"), e))?;
-        if !status.success() {
-            self.kill(&spec.run_dir).await?;
-            let msg = std::fs::read_to_string(&log_path).unwrap_or_default();
-            return Err(Error::failed(
-                format!("{QEMU} failed ({status})"),
-                std::io::Error::other(msg.trim().to_owned()),
-            ));
+        let run = &spec.run_dir;
+        let log_path = run.join("qemu.log");
+        let argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        spawn_detached(
+            &qemu_pidfile(run),
+            &super::scope::vm_unit(&spec.name),
+            &qemu,
+            &argv,
+            &log_path,
+        )
+        .await?;
+        // Up once its QMP socket listens; an early exit is a failed boot, with QEMU's words.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let alive = self.running(run);
+            if qmp_socket(run).exists() && alive {
+                return Ok(());
+            }
+            // The pid file is written before QEMU runs: there and dead means it exited.
+            let gone = qemu_pidfile(run).exists() && !alive;
+            let late = tokio::time::Instant::now() > deadline;
+            if gone || late {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                self.kill(run).await?;
+                let msg = std::fs::read_to_string(&log_path).unwrap_or_default();
+                return Err(Error::failed(
+                    format!(
+                        "{QEMU} {}",
+                        if gone {
+                            "exited at start"
+                        } else {
+                            "did not open its QMP socket within 30 s"
+                        }
+                    ),
+                    std::io::Error::other(msg.trim().to_owned()),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok(())
     }
 
     fn running(&self, run_dir: &Path) -> bool {
@@ -328,6 +343,7 @@ mod tests {
 
     fn spec() -> BootSpec {
         BootSpec {
+            name: "t".into(),
             id: "00ff".into(),
             vcpus: 2,
             memory_mib: 512,
@@ -364,10 +380,7 @@ mod tests {
             a.contains("virtio-blk-device,drive=work,serial=work"),
             "{a}"
         );
-        assert!(
-            a.contains("-pidfile /run/banger/vms/00ff/qemu.pid -daemonize"),
-            "{a}"
-        );
+        assert!(!a.contains("-daemonize"), "{a}");
         assert!(
             a.contains(
                 "-netdev tap,id=net0,ifname=bgr0123456789ab,script=no,downscript=no \

@@ -1,9 +1,10 @@
-//! VMs on a systemd host: each VM's processes leave `bangerd`'s cgroup for a transient scope
-//! of their own (`banger-vm-<name>.scope`, through `org.freedesktop.systemd1`), so stopping
-//! the daemon or its idle exit never takes a VM down, and `systemctl status` shows each VM
-//! apart. With systemd-machined, the VM is also registered as a machine of class `vm`
-//! (`machinectl list`), as libvirt and systemd-vmspawn do. Elsewhere VMs run in sessions of
-//! their own (see `process::spawn_detached`) and none of this applies.
+//! VMs on a systemd host: each VM's VMM runs as a transient service of its own started by
+//! systemd (`banger-vm-<name>.service`, its vsock helper `banger-vm-<name>-vsock.service`; see
+//! `process::spawn_detached`), so it neither lives in `bangerd`'s cgroup (stopping the daemon
+//! or its idle exit never takes a VM down) nor inherits the daemon's sandbox, and
+//! `systemctl status` shows each VM apart. With systemd-machined, a ready VM is also
+//! registered as a machine of class `vm` (`machinectl list`), as libvirt and systemd-vmspawn
+//! do. Elsewhere VMs run in sessions of their own and none of this applies.
 
 use zbus::Variant as Value;
 
@@ -14,9 +15,14 @@ pub fn systemd_booted() -> bool {
     std::path::Path::new("/run/systemd/system").is_dir()
 }
 
-/// The VM's scope unit.
-pub fn unit_name(vm_name: &str) -> String {
-    format!("banger-vm-{vm_name}.scope")
+/// The unit the VM's VMM runs as.
+pub fn vm_unit(vm_name: &str) -> String {
+    format!("banger-vm-{vm_name}.service")
+}
+
+/// The unit one of the VM's helpers (`vsock`) runs as.
+pub fn helper_unit(vm_name: &str, role: &str) -> String {
+    format!("banger-vm-{vm_name}-{role}.service")
 }
 
 /// A machine name machined accepts (a host name): the VM's name with other characters as `-`.
@@ -54,30 +60,6 @@ fn fail(what: String) -> impl FnOnce(zbus::Error) -> Error {
     move |e| Error::failed(what, e)
 }
 
-/// Moves the VM's processes into `banger-vm-<name>.scope`.
-pub async fn adopt(conn: &zbus::Connection, m: &Machine<'_>) -> Result<()> {
-    let unit = unit_name(m.name);
-    let description = format!("banger VM {}", m.name);
-    let props: Vec<(&str, Value<'_>)> = vec![
-        ("Description", Value::from(description.as_str())),
-        ("PIDs", Value::from(m.pids.to_vec())),
-        ("CollectMode", Value::from("inactive-or-failed")),
-        // Stopping the scope is stopping the VM the hard way; banger asks the guest first.
-        ("SendSIGKILL", Value::from(true)),
-    ];
-    let aux: Vec<(&str, Vec<(&str, Value<'_>)>)> = Vec::new();
-    conn.call_method(
-        Some("org.freedesktop.systemd1"),
-        "/org/freedesktop/systemd1",
-        Some("org.freedesktop.systemd1.Manager"),
-        "StartTransientUnit",
-        &(unit.as_str(), "fail", props, aux),
-    )
-    .await
-    .map_err(fail(format!("Cannot start {unit}")))?;
-    Ok(())
-}
-
 /// Registers the VM with systemd-machined: `RegisterMachineEx` with its vsock CID and SSH
 /// address where machined has it (systemd ≥ 256), else `RegisterMachine`.
 pub async fn register(conn: &zbus::Connection, m: &Machine<'_>) -> Result<()> {
@@ -105,8 +87,7 @@ pub async fn register(conn: &zbus::Connection, m: &Machine<'_>) -> Result<()> {
         .await;
     match ex {
         Ok(_) => return Ok(()),
-        Err(zbus::Error::MethodError(n, _, _))
-            if n.as_str() == "org.freedesktop.DBus.Error.UnknownMethod" => {}
+        Err(e) if is_unknown_method(&e) => {}
         Err(e) => return Err(fail(format!("Cannot register machine {name}"))(e)),
     }
     conn.call_method(
@@ -119,6 +100,17 @@ pub async fn register(conn: &zbus::Connection, m: &Machine<'_>) -> Result<()> {
     .await
     .map_err(fail(format!("Cannot register machine {name}")))?;
     Ok(())
+}
+
+/// Whether a call failed because the service does not have the method (an older systemd).
+fn is_unknown_method(e: &zbus::Error) -> bool {
+    match e {
+        zbus::Error::MethodError(n, _, _) => {
+            n.as_str() == "org.freedesktop.DBus.Error.UnknownMethod"
+        }
+        zbus::Error::FDO(f) => matches!(**f, zbus::fdo::Error::UnknownMethod(_)),
+        _ => false,
+    }
 }
 
 /// Removes the VM's machine registration; fine when there is none.
@@ -164,8 +156,8 @@ fn machine_id(id: &str) -> Vec<u8> {
         .collect()
 }
 
-/// Everything the host should know about a VM that just became ready: its scope, and its
-/// machined registration when machined runs. Problems are logged, never fatal: the VM runs.
+/// Registers a VM that just became ready with machined, when machined runs. Problems are
+/// logged, never fatal: the VM runs.
 pub async fn announce(m: &Machine<'_>) {
     if !systemd_booted() || m.pids.is_empty() {
         return;
@@ -173,17 +165,10 @@ pub async fn announce(m: &Machine<'_>) {
     let conn = match zbus::Connection::system().await {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!("Cannot reach systemd on the system bus: {e}");
+            tracing::warn!("Cannot reach machined on the system bus: {e}");
             return;
         }
     };
-    if let Err(e) = adopt(&conn, m).await {
-        tracing::warn!(
-            vm_name = m.name,
-            "{}; the VM stops with bangerd",
-            e.full_message()
-        );
-    }
     if machined_available(&conn).await {
         if let Err(e) = register(&conn, m).await {
             tracing::warn!(vm_name = m.name, "{}", e.full_message());
@@ -191,8 +176,8 @@ pub async fn announce(m: &Machine<'_>) {
     }
 }
 
-/// Forgets a VM that stopped: its machine registration (the scope goes by itself with its
-/// last process).
+/// Forgets a VM that stopped: its machine registration (its units go by themselves with
+/// their processes).
 pub async fn withdraw(vm_name: &str) {
     if !systemd_booted() {
         return;
@@ -208,7 +193,8 @@ mod tests {
 
     #[test]
     fn names_are_valid_for_systemd_and_machined() {
-        assert_eq!(unit_name("dev"), "banger-vm-dev.scope");
+        assert_eq!(vm_unit("dev"), "banger-vm-dev.service");
+        assert_eq!(helper_unit("dev", "vsock"), "banger-vm-dev-vsock.service");
         assert_eq!(machine_name("my_vm.1"), "banger-my-vm.1");
         assert_eq!(machine_name("-x-"), "banger-x");
         assert_eq!(machine_id("0123456789abcdef").len(), 16);

@@ -367,6 +367,7 @@ impl Vms {
         };
         let spec = BootSpec {
             id: vm.id.clone(),
+            name: vm.name.clone(),
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             kernel: kernel.kernel_path.clone(),
