@@ -3,28 +3,41 @@
 # policy and activation file, the polkit policy and rule, man pages and shell completions
 # (generated from the CLI's own clap definitions) and vhost-device-vsock, which Debian does
 # not package. Maintainer scripts: debian/ next to this file.
-# Usage: packaging/build-deb.sh [--no-build]   (--no-build packs what target/ holds)
+# Usage: packaging/build-deb.sh [--no-build] [--debug]
+#   --no-build  packs what target/ holds;  --debug  packs the dev-profile binaries (the tests'
+#   build: tests/run packs those for the system test instead of building release twice)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+build=1
+profile=release
+for arg in "$@"; do
+    case "$arg" in
+        --no-build) build=0 ;;
+        --debug) profile=debug ;;
+        *) echo "build-deb: unknown option $arg" >&2; exit 2 ;;
+    esac
+done
+cargo_profile=$([ "$profile" = release ] && echo --release || true)
 
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 arch=amd64
 out=target/deb
 stage="$out/banger_${version}_${arch}"
 
-if [ "${1:-}" != --no-build ]; then
-    cargo build --release --quiet --bin banger --bin bangerd
+if [ "$build" = 1 ]; then
+    cargo build $cargo_profile --quiet --bin banger --bin bangerd
     RUSTFLAGS='-C target-feature=+crt-static -C strip=symbols' \
-        cargo build --release --quiet --target x86_64-unknown-linux-gnu --bin banger-init --bin banger-agent
+        cargo build $cargo_profile --quiet --target x86_64-unknown-linux-gnu --bin banger-init --bin banger-agent
 fi
 vsock=$(command -v vhost-device-vsock || true)
 [ -n "$vsock" ] || { echo "build-deb: vhost-device-vsock is not installed (cargo install vhost-device-vsock --version 0.3.0)" >&2; exit 1; }
 
 rm -rf "$stage"
-install -D -m 0755 target/release/banger "$stage/usr/bin/banger"
-install -D -m 0755 target/release/bangerd "$stage/usr/bin/bangerd"
-install -D -m 0755 target/x86_64-unknown-linux-gnu/release/banger-init "$stage/usr/lib/banger/banger-init"
-install -D -m 0755 target/x86_64-unknown-linux-gnu/release/banger-agent "$stage/usr/lib/banger/banger-agent"
+install -D -m 0755 target/$profile/banger "$stage/usr/bin/banger"
+install -D -m 0755 target/$profile/bangerd "$stage/usr/bin/bangerd"
+install -D -m 0755 target/x86_64-unknown-linux-gnu/$profile/banger-init "$stage/usr/lib/banger/banger-init"
+install -D -m 0755 target/x86_64-unknown-linux-gnu/$profile/banger-agent "$stage/usr/lib/banger/banger-agent"
 install -D -m 0755 "$vsock" "$stage/usr/lib/banger/vhost-device-vsock"
 install -D -m 0644 systemd/bangerd.service "$stage/usr/lib/systemd/system/bangerd.service"
 install -D -m 0644 dbus/org.banger.conf "$stage/usr/share/dbus-1/system.d/org.banger.conf"
@@ -38,7 +51,7 @@ install -D -m 0644 README.md "$stage/usr/share/doc/banger/README.md"
 
 assets=$(mktemp -d)
 trap 'rm -rf "$assets"' EXIT
-target/release/banger generate-assets "$assets"
+target/$profile/banger generate-assets "$assets"
 for page in "$assets"/man/man1/*.1 "$assets"/man/man8/*.8; do
     section=${page##*.}
     install -D -m 0644 "$page" "$stage/usr/share/man/man$section/$(basename "$page")"

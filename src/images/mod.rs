@@ -8,6 +8,8 @@ mod publish;
 mod pull;
 mod register;
 
+pub use build::host_mirror;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

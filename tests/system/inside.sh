@@ -1,0 +1,80 @@
+#!/bin/bash
+# The system test's half inside the container: a Debian bookworm booted by systemd-nspawn
+# with its own network namespace. Runs as banger-systemtest.service; `systemctl exit N` makes
+# N the container's (and so the test's) exit status. /banger-test holds the .deb, a kernel
+# and a busybox root filesystem, read-only.
+set -u
+t=/banger-test
+say() { echo "systemtest: $*"; }
+finish() {
+    say "exit $1"
+    systemctl exit "$1"
+    exit "$1"
+}
+fail() {
+    say "FAIL: $*"
+    journalctl -u bangerd --no-pager -o short-monotonic | tail -40
+    journalctl -u 'banger-vm-*' --no-pager -o short-monotonic | tail -30
+    for f in /run/banger/vms/*/*.log; do [ -f "$f" ] && { echo "== $f"; tail -20 "$f"; }; done
+    finish 1
+}
+as() { local u=$1; shift; runuser -u "$u" -- "$@"; }
+active() { systemctl show "$1" -p ActiveState --value; }
+
+say "installing the package"
+dpkg -i "$t/banger.deb" >/tmp/dpkg.log 2>&1 || { cat /tmp/dpkg.log; fail "dpkg -i banger.deb"; }
+getent group banger >/dev/null || fail "the package did not create group banger"
+systemd-analyze verify --man=no /usr/lib/systemd/system/bangerd.service || fail "systemd-analyze verify"
+mkdir -p /etc/banger
+printf 'idle_exit_sec = 5\naccel = "tcg"\nboot_timeout_sec = 300\n' >/etc/banger/config.toml
+useradd -m -G banger alice
+useradd -m mallory
+
+say "bus activation"
+[ "$(active bangerd)" = inactive ] || fail "bangerd runs before any call"
+busctl call org.banger /org/banger org.banger.VMs1 ListVMs || fail "ListVMs did not activate bangerd"
+[ "$(active bangerd)" = active ] || fail "bangerd is $(active bangerd) after the call"
+[ "$(systemctl show bangerd -p Type --value)" = notify ] || fail "bangerd is not Type=notify"
+journalctl -u bangerd -o cat | grep -q "bangerd ready" || fail "no 'bangerd ready' in the journal"
+
+say "polkit: an unauthorised and an authorised uid"
+out=$(as mallory banger kernel import k --kernel "$t/vmlinuz" --modules "$t/modules" 2>&1) && fail "mallory imported a kernel"
+echo "$out" | grep -q "Permission denied" || fail "mallory's refusal: $out"
+as alice banger kernel import k --kernel "$t/vmlinuz" --modules "$t/modules" || fail "alice cannot import a kernel"
+as alice busctl call org.banger /org/banger org.banger.Images1 RegisterImage 'sa{sv}' tiny 1 rootfs s "$t/tiny.ext4" \
+    || fail "alice cannot register an image"
+
+say "a VM, in a unit of its own, registered with machined"
+as alice banger vm create t1 --image tiny --kernel k --vcpus 1 --memory 256 || fail "vm create"
+journalctl -u bangerd -o json VM_NAME=t1 STAGE=ready | grep -q '"VM_ID"' || fail "no journal entry with VM_NAME=t1 STAGE=ready"
+[ "$(active banger-vm-t1.service)" = active ] || fail "banger-vm-t1.service is $(active banger-vm-t1.service)"
+machinectl list --no-legend | grep -q "^banger-t1 *vm" || { machinectl list; fail "machined does not list banger-t1"; }
+leader=$(machinectl show banger-t1 -p Leader --value)
+grep -q banger-vm-t1.service "/proc/$leader/cgroup" || fail "the machine leader $leader is not in the VM unit"
+
+say "idle exit leaves the VM running"
+for _ in $(seq 60); do [ "$(active bangerd)" = inactive ] && break; sleep 1; done
+[ "$(active bangerd)" = inactive ] || fail "bangerd did not exit when idle"
+[ "$(systemctl show bangerd -p Result --value)" = success ] || fail "bangerd's idle exit was not clean"
+[ "$(active banger-vm-t1.service)" = active ] || fail "the VM died with the daemon"
+
+say "the next call re-adopts it"
+comm=$(as alice banger vm exec t1 -- cat /proc/1/comm) || fail "vm exec after the idle exit"
+[ "$comm" = init ] || fail "vm exec gave '$comm'"
+as mallory banger vm stop t1 2>/dev/null && fail "mallory stopped alice's VM"
+as alice banger vm stop t1 || fail "vm stop"
+for _ in $(seq 20); do machinectl list --no-legend | grep -q banger-t1 || break; sleep 0.5; done
+machinectl list --no-legend | grep -q banger-t1 && fail "banger-t1 is still registered after stop"
+[ "$(active banger-vm-t1.service)" != active ] || fail "the VM unit outlived the VM"
+as alice banger vm delete t1 || fail "vm delete"
+ip -o link | grep -q banger0 && fail "banger0 outlived the last VM"
+
+say "removal: purge leaves nothing outside /var/lib/banger"
+systemctl stop bangerd 2>/dev/null
+dpkg --purge banger >/tmp/purge.log 2>&1 || { cat /tmp/purge.log; fail "dpkg --purge"; }
+for f in /usr/bin/bangerd /usr/share/dbus-1/system-services/org.banger.service /etc/banger /run/banger; do
+    [ -e "$f" ] && fail "$f is left after purge"
+done
+getent group banger >/dev/null && fail "group banger is left after purge"
+[ -d /var/lib/banger ] || fail "purge removed the state without being asked"
+finish 0
