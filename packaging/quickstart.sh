@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# banger quickstart: installs what banger needs on a fresh Debian machine, builds it, installs
-# the service files, starts bangerd through D-Bus activation and runs the main job.
+# banger quickstart: installs what banger needs on a fresh Debian machine, builds the banger
+# .deb (packaging/build-deb.sh) and installs it, starts bangerd through D-Bus activation and
+# runs the main job.
 #
 # On a systemd host bangerd is activated by systemd (SystemdService=bangerd.service) on the
 # real system bus. Where systemd is not PID 1 (containers, CI sandboxes) the script starts a
@@ -20,26 +21,14 @@ if ! command -v vhost-device-vsock >/dev/null; then
     cargo install --quiet --locked vhost-device-vsock --version 0.3.0 --root /usr/local
 fi
 
-echo "==> Building banger (release) and its static guest binaries"
-cargo build --release --quiet
-RUSTFLAGS='-C target-feature=+crt-static -C strip=symbols' \
-    cargo build --release --quiet --target x86_64-unknown-linux-gnu --bin banger-init --bin banger-agent
-
-echo "==> Installing binaries and service files"
-install -m 0755 target/release/bangerd target/release/banger /usr/bin/
-# Guest binaries live in /usr/lib/banger only (an earlier version put a dynamic agent here).
-rm -f /usr/bin/banger-agent /usr/bin/banger-init
-install -D -m 0755 target/x86_64-unknown-linux-gnu/release/banger-init /usr/lib/banger/banger-init
-install -D -m 0755 target/x86_64-unknown-linux-gnu/release/banger-agent /usr/lib/banger/banger-agent
-install -D -m 0644 dbus/org.banger.conf /usr/share/dbus-1/system.d/org.banger.conf
-install -D -m 0644 polkit/org.banger.policy /usr/share/polkit-1/actions/org.banger.policy
-install -D -m 0644 polkit/50-banger.rules /etc/polkit-1/rules.d/50-banger.rules
-getent group banger >/dev/null || groupadd --system banger
+echo "==> Building the banger package (release binaries, static guest binaries, man pages)"
+deb=$(packaging/build-deb.sh)
+echo "==> Installing $deb"
+# Files an earlier quickstart installed by hand, before there was a package.
+rm -f /usr/bin/banger-agent /usr/bin/banger-init /etc/polkit-1/rules.d/50-banger.rules
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall "./$deb" >/dev/null
 
 if [ "$(ps -p 1 -o comm= 2>/dev/null)" = systemd ]; then
-    install -D -m 0644 dbus/org.banger.service /usr/share/dbus-1/system-services/org.banger.service
-    install -D -m 0644 systemd/bangerd.service /usr/lib/systemd/system/bangerd.service
-    systemctl daemon-reload
     systemctl reload dbus || true
     echo "==> systemd is PID 1: bangerd is activated by systemd on the system bus"
 else
