@@ -11,11 +11,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "quickstart: run as root (sudo packaging/quickstart.sh)" >&2; exit 1; }
 
-echo "==> Installing Debian packages"
-apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    dbus polkitd libglib2.0-bin e2fsprogs kmod iproute2 nftables qemu-system-x86 qemu-utils \
-    debootstrap xz-utils util-linux openssh-client >/dev/null
+packages=(dbus polkitd libglib2.0-bin e2fsprogs kmod iproute2 nftables qemu-system-x86 qemu-utils
+          debootstrap xz-utils util-linux openssh-client)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "==> Installing Debian packages: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
 if ! command -v vhost-device-vsock >/dev/null; then
     echo "==> Installing vhost-device-vsock (the guest agent's vsock device for QEMU)"
     cargo install --quiet --locked vhost-device-vsock --version 0.3.0 --root /usr/local

@@ -606,19 +606,25 @@ async fn a_boot_that_fails_names_its_stage_keeps_the_console_and_leaves_nothing_
         .unwrap()
         .success();
     assert!(ok);
+    // Registered with kernel files: they become kernel "plain", which the image names.
     images
         .register_image(
             "plain",
-            opt(&[("rootfs", plain.to_string_lossy().into_owned().into())]),
+            opt(&[
+                ("rootfs", plain.to_string_lossy().into_owned().into()),
+                ("kernel_path", vmlinuz.to_string_lossy().into_owned().into()),
+                ("modules_dir", modules.to_string_lossy().into_owned().into()),
+            ]),
         )
         .await
         .unwrap();
+    let out = bus.banger_as(None, &["kernel", "show", "plain"]);
+    assert!(out.status.success(), "{}", text(&out));
     let (_, id, _) = vms
         .create_vm(
             "plain-vm",
             opt(&[
                 ("image", "plain".into()),
-                ("kernel", "test".into()),
                 ("vcpus", 1u32.into()),
                 ("memory_mib", 256u32.into()),
             ]),

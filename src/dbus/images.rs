@@ -84,12 +84,17 @@ impl Images1 {
         validate_name(NameKind::Image, name)?;
         opts.validate()?;
         let caller = self.ctx.authorize(conn, &hdr, Action::ImagesManage).await?;
+        if opts.kernel_path.is_some() {
+            // Kernel files become a kernel of their own: that needs the kernels action too.
+            self.ctx
+                .authorize(conn, &hdr, Action::KernelsManage)
+                .await?;
+        }
         Ok(image_path(
             &self
                 .ctx
                 .banger
-                .images
-                .register(caller.uid, name, opts)
+                .register_image(caller.uid, name, opts)
                 .await?
                 .id,
         ))

@@ -79,6 +79,17 @@ impl RegisterOptions {
                 "Give either 'kernel' (a kernel name) or 'kernel_path'/'initrd_path'/'modules_dir', not both".into(),
             ));
         }
+        if self.kernel_path.is_none() && (self.initrd_path.is_some() || self.modules_dir.is_some())
+        {
+            return Err(Error::InvalidArgument(
+                "'initrd_path' and 'modules_dir' go with 'kernel_path', the kernel file".into(),
+            ));
+        }
+        if self.rootfs.is_none() {
+            return Err(Error::InvalidArgument(
+                "RegisterImage needs 'rootfs', the root filesystem image file".into(),
+            ));
+        }
         for p in [
             &self.rootfs,
             &self.work_seed,

@@ -45,8 +45,8 @@ impl Images {
     /// Registers (or re-registers) files as an unmanaged image for caller `uid`.
     pub async fn register(&self, uid: u32, name: &str, opts: RegisterOptions) -> Result<Image> {
         if opts.kernel_path.is_some() || opts.initrd_path.is_some() || opts.modules_dir.is_some() {
-            return Err(Error::NotImplemented(
-                "RegisterImage with kernel_path/initrd_path/modules_dir (use 'kernel')",
+            return Err(Error::InvalidArgument(
+                "kernel files are imported by Banger::register_image; Images::register takes a kernel name".into(),
             ));
         }
         let rootfs = opts.rootfs.clone().ok_or_else(|| {
