@@ -4,9 +4,14 @@
 use std::path::Path;
 use std::time::Duration;
 
+/// The pid `pidfile` holds, once it is completely written.
+pub fn read_pid(pidfile: &Path) -> Option<i32> {
+    std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()
+}
+
 /// The pid in `pidfile` if that process is alive and its command line mentions `marker`.
 pub fn live_pid(pidfile: &Path, marker: &str) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
+    let pid = read_pid(pidfile)?;
     if pid <= 1 {
         return None;
     }

@@ -281,8 +281,9 @@ impl Vmm for Qemu {
             if qmp_socket(run).exists() && alive {
                 return Ok(());
             }
-            // The pid file is written before QEMU runs: there and dead means it exited.
-            let gone = qemu_pidfile(run).exists() && !alive;
+            // The pid is written before QEMU runs: a pid that is not alive means it exited
+            // (an empty file is a shell still writing it).
+            let gone = super::process::read_pid(&qemu_pidfile(run)).is_some() && !alive;
             let late = tokio::time::Instant::now() > deadline;
             if gone || late {
                 tokio::time::sleep(Duration::from_millis(50)).await;
