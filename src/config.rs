@@ -62,6 +62,10 @@ pub struct Config {
     pub subnet: String,
     /// Seconds a boot may take until the guest agent answers.
     pub boot_timeout_sec: u64,
+    /// Kernels the operator adds to the catalog (`[[kernel_catalog]]`): bundles.
+    pub kernel_catalog: Vec<crate::bundle::CatalogEntry>,
+    /// Images the operator adds to the catalog (`[[image_catalog]]`): bundles or OCI refs.
+    pub image_catalog: Vec<crate::bundle::CatalogEntry>,
 }
 
 impl Default for Config {
@@ -78,6 +82,8 @@ impl Default for Config {
             accel: Accel::Auto,
             subnet: DEFAULT_SUBNET.into(),
             boot_timeout_sec: 300,
+            kernel_catalog: Vec::new(),
+            image_catalog: Vec::new(),
         }
     }
 }
@@ -142,8 +148,45 @@ impl Config {
 
     /// Parses a configuration text.
     pub fn parse(text: &str) -> Result<Self> {
-        toml::from_str(text)
-            .map_err(|e| Error::InvalidArgument(format!("Invalid configuration: {e}")))
+        let c: Config = toml::from_str(text)
+            .map_err(|e| Error::InvalidArgument(format!("Invalid configuration: {e}")))?;
+        c.check_catalogs()?;
+        Ok(c)
+    }
+
+    fn check_catalogs(&self) -> Result<()> {
+        use crate::model::NameKind;
+        let mut seen = std::collections::HashSet::new();
+        for (entries, kind, oci, builtin) in [
+            (&self.kernel_catalog, NameKind::Kernel, false, "debian"),
+            (
+                &self.image_catalog,
+                NameKind::Image,
+                true,
+                "debian-bookworm",
+            ),
+        ] {
+            for e in entries {
+                e.validate(kind, oci)?;
+                if e.name == builtin || !seen.insert((kind.to_string(), e.name.clone())) {
+                    return Err(Error::InvalidArgument(format!(
+                        "Catalog {kind} {:?} is defined twice (or shadows the built-in one)",
+                        e.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The operator's catalog entry for kernel `name`.
+    pub fn kernel_entry(&self, name: &str) -> Option<&crate::bundle::CatalogEntry> {
+        self.kernel_catalog.iter().find(|e| e.name == name)
+    }
+
+    /// The operator's catalog entry for image `name`.
+    pub fn image_entry(&self, name: &str) -> Option<&crate::bundle::CatalogEntry> {
+        self.image_catalog.iter().find(|e| e.name == name)
     }
 
     /// Loads `path`; a missing file means defaults only when `required` is false.

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod auth;
+pub mod bundle;
 pub mod cli;
 pub mod config;
 pub mod daemon;

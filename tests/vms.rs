@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -12,7 +11,6 @@ use banger::dbus::proxy::{Images1Proxy, Kernels1Proxy, VMs1Proxy};
 use common::oci::*;
 use common::*;
 use futures_util::StreamExt;
-use zbus::{OwnedVariant, Variant};
 
 const TOOLS: &[&str] = &[
     "dbus-daemon",
@@ -29,13 +27,6 @@ const TOOLS: &[&str] = &[
     "vhost-device-vsock",
     "setsid",
 ];
-
-fn opt(entries: &[(&str, Variant<'static>)]) -> HashMap<String, OwnedVariant> {
-    entries
-        .iter()
-        .map(|(k, v)| (k.to_string(), OwnedVariant::try_from(v.clone()).unwrap()))
-        .collect()
-}
 
 /// A busybox system whose init idles: enough for the agent, which banger-init starts.
 fn vm_image_layers() -> Vec<Vec<u8>> {
@@ -107,21 +98,6 @@ fn banger_network(bus: &TestBus) -> (Vec<String>, bool) {
         .unwrap();
     let table = String::from_utf8_lossy(&tables.stdout).contains("inet banger");
     (links, table)
-}
-
-/// Waits for job `id` to end; returns its result and error, as the store recorded them.
-async fn job_result(bus: &TestBus, id: u32) -> (String, String) {
-    let store = banger::store::Store::open(&bus.state_dir().join("banger.db")).unwrap();
-    for _ in 0..6000 {
-        let rec = store
-            .call_blocking(move |c| banger::store::rows::find_job(c, id))
-            .unwrap();
-        if let Some(r) = rec.filter(|r| r.state != "running") {
-            return (r.state, r.error);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("job {id} did not end within 10 minutes");
 }
 
 fn vm_processes(bus: &TestBus) -> Vec<String> {

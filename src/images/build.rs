@@ -15,6 +15,9 @@ use crate::model::{new_id, validate_name, NameKind};
 use crate::{host, Error, Result};
 
 /// What every built image has.
+/// The built-in catalog image, made by `BuildImage` (and `PullImage debian-bookworm`).
+pub const DEFAULT_IMAGE: &str = "debian-bookworm";
+
 const BASE_PACKAGES: &[&str] = &[
     "systemd-sysv",
     "openssh-server",

@@ -152,7 +152,9 @@ impl Images {
 
     /// Checks `PullImage`'s arguments before authorisation.
     pub fn validate_pull(&self, reference: &str, opts: &PullOptions) -> Result<()> {
-        crate::oci::reference::parse(reference)?;
+        if self.config.image_entry(reference).is_none() {
+            crate::oci::reference::parse(reference)?;
+        }
         if let Some(n) = &opts.name {
             validate_name(NameKind::Image, n)?;
         }

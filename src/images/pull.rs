@@ -35,8 +35,27 @@ fn open_layer(path: &Path, c: Compression) -> Result<Box<dyn Read + Send>> {
 
 impl Images {
     /// Starts pulling `reference` as a job; fails at once on a bad reference or a taken name.
-    pub async fn pull(&self, uid: u32, reference: &str, opts: PullOptions) -> Result<Arc<Job>> {
-        let r = reference::parse(reference)?;
+    /// The catalog comes first: an operator's bundle or OCI entry of that name, or the built-in
+    /// `debian-bookworm` (built with debootstrap); anything else is an OCI reference.
+    pub async fn pull(&self, uid: u32, reference: &str, mut opts: PullOptions) -> Result<Arc<Job>> {
+        let mut reference = reference.to_owned();
+        if let Some(entry) = self.config.image_entry(&reference).cloned() {
+            if let Some(oci) = entry.oci.clone() {
+                opts.name.get_or_insert(entry.name.clone());
+                reference = oci;
+            } else {
+                return self.pull_bundle(uid, entry, opts).await;
+            }
+        } else if reference == super::build::DEFAULT_IMAGE && opts.name.is_none() {
+            let b = super::BuildOptions {
+                kernel: opts.kernel.clone(),
+                size: opts.size,
+                ready_ports: opts.ready_ports.clone().unwrap_or_default(),
+                ..Default::default()
+            };
+            return self.build(uid, &reference, b).await;
+        }
+        let r = reference::parse(&reference)?;
         let name = opts
             .name
             .clone()
@@ -182,6 +201,108 @@ fn ready_ports_label(config: &std::path::Path) -> Result<Vec<u16>> {
         }),
         None => Ok(Vec::new()),
     }
+}
+
+impl Images {
+    /// Pulls a catalog bundle: download (hashed and checked before anything is unpacked),
+    /// unpack with the hardened flattener, take `rootfs.ext4` (and `work-seed.ext4`), publish.
+    async fn pull_bundle(
+        &self,
+        uid: u32,
+        entry: crate::bundle::CatalogEntry,
+        opts: PullOptions,
+    ) -> Result<Arc<Job>> {
+        let name = opts.name.clone().unwrap_or_else(|| entry.name.clone());
+        validate_name(NameKind::Image, &name)?;
+        if self.name_taken(&name).await? {
+            return Err(Error::AlreadyExists(format!(
+                "An image named {name:?} exists; pass another name (--name) or delete it first"
+            )));
+        }
+        let spec = JobSpec {
+            kind: "pull-image".into(),
+            target: format!("catalog:{}", entry.name),
+            action: Action::ImagesManage,
+            owner_uid: uid,
+        };
+        let this = self.clone();
+        Ok(self.jobs.spawn(spec, move |ctx| async move {
+            let id = new_id();
+            let staging = Staging::create(
+                this.layout
+                    .images_dir()
+                    .join(format!("{}{id}", crate::layout::STAGING_PREFIX)),
+            )?;
+            let dir = staging.path().to_owned();
+            let url = entry.url.clone().unwrap_or_default();
+            let sha = entry.sha256.clone().unwrap_or_default();
+            let max = this.config.max_image_bytes;
+            ctx.stage("download", format!("Fetching {url}"));
+            let bundle =
+                crate::bundle::download(&url, &sha, &dir, max, |f| ctx.progress(0.7 * f)).await?;
+            ctx.stage("unpack", "Unpacking the verified bundle");
+            ctx.progress(0.7);
+            let d = dir.clone();
+            let (manifest, seed, size) = blocking("Unpack", move || {
+                let tree = crate::bundle::unpack(&bundle, &d, max)?;
+                let manifest = crate::bundle::manifest(&tree)?;
+                let rootfs = crate::bundle::regular(&tree, "rootfs.ext4")?.ok_or_else(|| {
+                    Error::InvalidArgument("The image bundle has no rootfs.ext4".into())
+                })?;
+                check_ext4(&rootfs)?;
+                let seed = crate::bundle::regular(&tree, "work-seed.ext4")?;
+                let mv = |from: &Path, to: &str| {
+                    std::fs::rename(from, d.join(to))
+                        .map_err(|e| Error::failed("Cannot stage the bundle's files", e))
+                };
+                mv(&rootfs, "rootfs.ext4")?;
+                if let Some(s) = &seed {
+                    check_ext4(s)?;
+                    mv(s, "work-seed.ext4")?;
+                }
+                crate::layout::remove_any(&tree)
+                    .and_then(|_| crate::layout::remove_any(&bundle))
+                    .map_err(|e| Error::failed("Cannot clean the bundle up", e))?;
+                let size = std::fs::metadata(d.join("rootfs.ext4"))
+                    .map_err(|e| Error::failed("Cannot stage the bundle's files", e))?
+                    .len();
+                Ok((manifest, seed.is_some(), size))
+            })
+            .await?;
+            crate::model::check_ready_ports(&manifest.ready_ports)?;
+            ctx.stage("publish", format!("Publishing image {name}"));
+            let final_dir = this.layout.images_dir().join(&id);
+            let image = Image {
+                id,
+                name,
+                managed: true,
+                source: format!("catalog:{} ({url})", entry.name),
+                rootfs_path: final_dir.join("rootfs.ext4"),
+                work_seed_path: seed.then(|| final_dir.join("work-seed.ext4")),
+                kernel: opts.kernel.clone().or(manifest.kernel),
+                size_bytes: size,
+                created_at: crate::model::now_us(),
+                ready_ports: opts.ready_ports.clone().unwrap_or(manifest.ready_ports),
+            };
+            this.publish(staging, image).await.map(|_| ())
+        }))
+    }
+}
+
+/// Refuses a file that is not an ext4 filesystem (its superblock magic).
+fn check_ext4(path: &Path) -> Result<()> {
+    use std::io::{Seek, SeekFrom};
+    let mut f =
+        std::fs::File::open(path).map_err(|e| Error::failed("Cannot read the bundle", e))?;
+    let mut magic = [0u8; 2];
+    let ok = f.seek(SeekFrom::Start(1024 + 56)).is_ok() && f.read_exact(&mut magic).is_ok();
+    if !ok || magic != [0x53, 0xef] {
+        return Err(Error::InvalidArgument(format!(
+            "The bundle's {} is not an ext4 filesystem",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -134,22 +134,32 @@ impl Kernels {
                 p.version
             )
         });
-        vec![CatalogKernel {
+        let mut all = vec![CatalogKernel {
             name: "debian".into(),
             version: version.unwrap_or_else(|_| "stable".into()),
             description: "Debian stable's linux-image-amd64, through the host's apt".into(),
-        }]
+        }];
+        all.extend(self.config.kernel_catalog.iter().map(|e| CatalogKernel {
+            name: e.name.clone(),
+            version: "bundle".into(),
+            description: if e.description.is_empty() {
+                e.url.clone().unwrap_or_default()
+            } else {
+                e.description.clone()
+            },
+        }));
+        all
     }
 
     /// Whether `name` is an entry of the kernel catalog.
     pub fn in_catalog(&self, name: &str) -> bool {
-        name == "debian"
+        name == "debian" || self.config.kernel_entry(name).is_some()
     }
 
     /// Pulls catalog kernel `name` as a job.
     pub async fn pull(&self, uid: u32, name: &str) -> Result<Arc<Job>> {
         validate_name(NameKind::Kernel, name)?;
-        if name != "debian" {
+        if !self.in_catalog(name) {
             return Err(Error::NotFound(format!(
                 "No kernel {name:?} in the catalog; `banger kernel list --available` shows it"
             )));
@@ -158,6 +168,9 @@ impl Kernels {
             return Err(Error::AlreadyExists(format!(
                 "Kernel {name:?} is installed already; delete it first to pull it again"
             )));
+        }
+        if let Some(entry) = self.config.kernel_entry(name).cloned() {
+            return Ok(self.pull_bundle(uid, entry));
         }
         let spec = JobSpec {
             kind: "pull-kernel".into(),
@@ -205,5 +218,60 @@ impl Kernels {
                 .await
                 .map(|_| ())
         }))
+    }
+}
+
+impl Kernels {
+    /// Pulls a bundle kernel: download (hashed and checked), unpack, import.
+    fn pull_bundle(&self, uid: u32, entry: crate::bundle::CatalogEntry) -> Arc<Job> {
+        let spec = JobSpec {
+            kind: "pull-kernel".into(),
+            target: entry.name.clone(),
+            action: Action::KernelsManage,
+            owner_uid: uid,
+        };
+        let this = self.clone();
+        self.jobs.spawn(spec, move |ctx| async move {
+            let url = entry.url.clone().unwrap_or_default();
+            let sha = entry.sha256.clone().unwrap_or_default();
+            let work = this.layout.kernels_dir().join(format!(
+                "{}{}",
+                crate::layout::STAGING_PREFIX,
+                new_id()
+            ));
+            let _cleanup = crate::layout::StagingDir::create(work.clone())?;
+            ctx.stage("download", format!("Fetching {url}"));
+            let max = this.config.max_image_bytes;
+            let bundle =
+                crate::bundle::download(&url, &sha, &work, max, |f| ctx.progress(0.6 * f)).await?;
+            ctx.stage("unpack", "Unpacking the verified bundle");
+            ctx.progress(0.6);
+            let w = work.clone();
+            let tree = tokio::task::spawn_blocking(move || crate::bundle::unpack(&bundle, &w, max))
+                .await
+                .map_err(|e| Error::failed("Unpack task failed", e))??;
+            let manifest = crate::bundle::manifest(&tree)?;
+            let kernel = crate::bundle::regular(&tree, "vmlinux")?
+                .ok_or_else(|| Error::InvalidArgument("The kernel bundle has no vmlinux".into()))?;
+            let modules = tree.join("modules");
+            let opts = ImportOptions {
+                kernel_path: Some(kernel),
+                initrd_path: crate::bundle::regular(&tree, "initrd.img")?,
+                modules_dir: modules.is_dir().then_some(modules),
+            };
+            ctx.stage("import", "Installing the kernel");
+            ctx.progress(0.8);
+            let source = format!(
+                "catalog:{} ({url}{})",
+                entry.name,
+                manifest
+                    .version
+                    .map(|v| format!(", {v}"))
+                    .unwrap_or_default()
+            );
+            this.import_from(0, &entry.name, opts, Some(source))
+                .await
+                .map(|_| ())
+        })
     }
 }

@@ -220,11 +220,12 @@ impl TestBus {
             &format!(
                 "idle_exit_sec = {}\n{}{}",
                 opts.idle_exit_sec,
-                opts.extra_config,
                 // The static guest binaries tests/run builds.
                 std::env::var("BANGER_GUEST_BIN_DIR")
                     .map(|d| format!("guest_bin_dir = \"{d}\"\n"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                // Last: it may hold [[tables]].
+                opts.extra_config,
             ),
         );
         let runtime_tmpfs = opts
@@ -595,4 +596,36 @@ pub fn guest_bins() -> Option<PathBuf> {
             None
         }
     }
+}
+
+/// An `a{sv}` options map.
+#[allow(dead_code)]
+pub fn opt(
+    entries: &[(&str, zbus::Variant<'static>)],
+) -> std::collections::HashMap<String, zbus::OwnedVariant> {
+    entries
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                zbus::OwnedVariant::try_from(v.clone()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Waits for job `id` to end; returns its result and error, as the store recorded them.
+#[allow(dead_code)]
+pub async fn job_result(bus: &TestBus, id: u32) -> (String, String) {
+    let store = banger::store::Store::open(&bus.state_dir().join("banger.db")).unwrap();
+    for _ in 0..6000 {
+        let rec = store
+            .call_blocking(move |c| banger::store::rows::find_job(c, id))
+            .unwrap();
+        if let Some(r) = rec.filter(|r| r.state != "running") {
+            return (r.state, r.error);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("job {id} did not end within 10 minutes");
 }
