@@ -187,6 +187,20 @@ impl Banger {
         }))
     }
 
+    /// Checks that kernel `name` is installed or in the catalog (it is then pulled when a VM
+    /// needs it); anything else is refused at once with where to look.
+    pub async fn check_kernel_name(&self, name: &str) -> Result<()> {
+        match self.kernels.get(name).await {
+            Ok(_) => Ok(()),
+            Err(crate::Error::NotFound(_)) if self.kernels.in_catalog(name) => Ok(()),
+            Err(crate::Error::NotFound(_)) => Err(crate::Error::NotFound(format!(
+                "No kernel {name:?} installed or in the catalog; `banger kernel list \
+                 --available` shows what can be pulled, `banger kernel import` adds your own"
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `RegisterImage`: with kernel files, they are imported first as kernel `<image name>`
     /// (the caller's files read as the caller, like ImportKernel) and the image names it; a
     /// re-registration with the same kernel file keeps that kernel.
@@ -220,6 +234,9 @@ impl Banger {
         }
         opts.initrd_path = None;
         opts.modules_dir = None;
+        if let Some(k) = &opts.kernel {
+            self.check_kernel_name(k).await?;
+        }
         self.images.register(uid, name, opts).await
     }
 

@@ -217,6 +217,12 @@ async fn bundles_are_verified_unpacked_safely_and_published() {
         &sha(&evil),
     );
     config += &entry(
+        "kernel_catalog",
+        "kb2",
+        &http.url("/k.tar.zst"),
+        &sha(&good_kernel),
+    );
+    config += &entry(
         "image_catalog",
         "ib",
         &http.url("/img.tar.zst"),
@@ -272,6 +278,17 @@ async fn bundles_are_verified_unpacked_safely_and_published() {
     assert!(text(&out).contains("catalog:kb"), "{}", text(&out));
     let kdir = bus.state_dir().join("kernels");
     assert_eq!(std::fs::read(kdir.join("kb/vmlinux")).unwrap(), vmlinux);
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(kdir.join("kb/manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        (m["name"].as_str(), m["initrd"].as_str()),
+        (Some("kb"), Some("initrd.img")),
+        "{m}"
+    );
+    assert!(
+        m["source"].as_str().unwrap_or("").starts_with("catalog:kb"),
+        "{m}"
+    );
     assert!(!kdir.join("escaped").exists() && !bus.state_dir().join("escaped").exists());
     nothing_staged(&kdir);
 
@@ -317,6 +334,55 @@ async fn bundles_are_verified_unpacked_safely_and_published() {
     names.sort();
     assert_eq!(names, ["ib", "io"]);
     nothing_staged(&bus.state_dir().join("images"));
+
+    // Kernel resolution: an image pull naming a kernel nobody has is refused at once.
+    match images
+        .pull_image(
+            "io",
+            opt(&[("name", "io2".into()), ("kernel", "nosuch".into())]),
+        )
+        .await
+    {
+        Err(e) => assert!(e.to_string().contains("kernel list --available"), "{e}"),
+        Ok(_) => panic!("an unknown kernel was accepted"),
+    }
+    // VM create: a local kernel is used as it is, a catalog one is pulled on the miss
+    // (auto_pull_kernel), an unknown one says where to look. (Reserved only: no boot.)
+    let vms = banger::dbus::proxy::VMs1Proxy::new(&conn).await.unwrap();
+    let create = |name: &'static str, kernel: &'static str| {
+        let vms = vms.clone();
+        async move {
+            vms.create_vm(
+                name,
+                opt(&[
+                    ("image", "ib".into()),
+                    ("kernel", kernel.into()),
+                    ("start", false.into()),
+                ]),
+            )
+            .await
+            .unwrap()
+            .1
+        }
+    };
+    let id = create("local", "kb").await;
+    assert_eq!(job_result(&bus, id).await.0, "done");
+    assert_eq!(
+        kernels.list_kernels().await.unwrap().len(),
+        1,
+        "a local hit pulls nothing"
+    );
+    let id = create("miss", "kb2").await;
+    assert_eq!(job_result(&bus, id).await.0, "done");
+    assert_eq!(
+        kernels.list_kernels().await.unwrap().len(),
+        2,
+        "kb2 was auto-pulled"
+    );
+    let id = create("unknown", "nosuch").await;
+    let (result, error) = job_result(&bus, id).await;
+    assert_eq!(result, "failed");
+    assert!(error.contains("kernel list --available"), "{error}");
 }
 
 #[test]

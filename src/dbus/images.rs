@@ -56,6 +56,9 @@ impl Images1 {
         };
         o.finish()?;
         self.ctx.banger.images.validate_pull(r#ref, &opts)?;
+        if let Some(k) = &opts.kernel {
+            self.ctx.banger.check_kernel_name(k).await?;
+        }
         let caller = self.ctx.authorize(conn, &hdr, Action::ImagesManage).await?;
         let job = self.ctx.banger.images.pull(caller.uid, r#ref, opts).await?;
         Ok(self.ctx.job_reply(&job).await)
@@ -138,6 +141,9 @@ impl Images1 {
         };
         o.finish()?;
         validate_name(NameKind::Image, name)?;
+        if let Some(k) = &opts.kernel {
+            self.ctx.banger.check_kernel_name(k).await?;
+        }
         let caller = self.ctx.authorize(conn, &hdr, Action::ImagesManage).await?;
         let job = self.ctx.banger.images.build(caller.uid, name, opts).await?;
         Ok(self.ctx.job_reply(&job).await)

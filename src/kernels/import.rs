@@ -128,6 +128,21 @@ impl Kernels {
         let kernel = kernel
             .await
             .map_err(|e| Error::failed("Kernel import task failed", e))??;
+        // The directory describes itself too: what it is and where it came from.
+        let manifest = serde_json::json!({
+            "name": kernel.name,
+            "version": kernel.version,
+            "source": kernel.source,
+            "kernel": "vmlinux",
+            "initrd": kernel.initrd_path.as_ref().map(|_| "initrd.img"),
+            "modules": kernel.modules_dir.as_ref().map(|_| "modules"),
+            "created_at": kernel.created_at,
+        });
+        std::fs::write(
+            staging_dir.join("manifest.json"),
+            serde_json::to_vec_pretty(&manifest).unwrap_or_default(),
+        )
+        .map_err(|e| Error::failed("Cannot write the kernel's manifest", e))?;
 
         let guard = self.lock.lock().await;
         if self.name_taken(&kernel.name).await? {

@@ -9,6 +9,15 @@ pub fn read_pid(pidfile: &Path) -> Option<i32> {
     std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()
 }
 
+/// Whether process `pid` exists and is not a zombie (whatever it runs: for a pid this daemon
+/// just started, when its command line may be mid-exec and read empty).
+pub fn exists(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").and_then(|(_, r)| r.chars().next()))
+        .is_some_and(|state| state != 'Z')
+}
+
 /// The pid in `pidfile` if that process is alive and its command line mentions `marker`.
 pub fn live_pid(pidfile: &Path, marker: &str) -> Option<i32> {
     let pid = read_pid(pidfile)?;

@@ -281,9 +281,11 @@ impl Vmm for Qemu {
             if qmp_socket(run).exists() && alive {
                 return Ok(());
             }
-            // The pid is written before QEMU runs: a pid that is not alive means it exited
-            // (an empty file is a shell still writing it).
-            let gone = super::process::read_pid(&qemu_pidfile(run)).is_some() && !alive;
+            // The pid is written before QEMU runs: a pid that no longer exists means it
+            // exited (an empty file is a shell still writing it; a command line read during
+            // the exec may be empty, so existence is what counts here).
+            let gone = super::process::read_pid(&qemu_pidfile(run))
+                .is_some_and(|pid| !super::process::exists(pid));
             let late = tokio::time::Instant::now() > deadline;
             if gone || late {
                 tokio::time::sleep(Duration::from_millis(50)).await;
