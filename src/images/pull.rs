@@ -122,28 +122,18 @@ impl Images {
             }
         };
 
-        ctx.stage("fetch", format!("Fetching {} layer(s)", layers.len()));
+        ctx.stage(
+            "fetch",
+            format!(
+                "Fetching {} layer(s), flattening each as it lands",
+                layers.len()
+            ),
+        );
         let total: u64 = layers
             .iter()
             .map(|(d, _)| d.size.max(0) as u64)
             .sum::<u64>()
             .max(1);
-        let cache = self.layout.oci_cache_dir();
-        let mut done = 0u64;
-        let mut blobs: Vec<(PathBuf, Compression)> = Vec::new();
-        for (desc, c) in &layers {
-            let base = done;
-            let p = registry
-                .fetch_blob(&r, desc, &cache, |got| {
-                    ctx.progress(0.5 * (base + got) as f64 / total as f64)
-                })
-                .await?;
-            done += desc.size.max(0) as u64;
-            blobs.push((p, *c));
-        }
-
-        ctx.stage("flatten", "Applying layers in manifest order");
-        ctx.progress(0.5);
         // gzip layers of OS images expand about 3×; 8× leaves room for more.
         let (tree, scratch) = self.tree_dir(&id, &dir, total.saturating_mul(8))?;
         ctx.log(7, format!("Flattening in {}", tree.display()));
@@ -151,11 +141,14 @@ impl Images {
             max_bytes: self.config.max_image_bytes,
             ..Limits::default()
         };
+        // A pipeline: layer N is flattened (decompressed and extracted, in manifest order) on
+        // a blocking thread while layer N+1 downloads.
+        let (tx, rx) = std::sync::mpsc::channel::<(PathBuf, Compression)>();
         let t = tree.clone();
-        let stats = blocking("Flatten", move || {
+        let flatten = tokio::task::spawn_blocking(move || {
             let mut f = Flattener::new(&t, limits, true)
                 .map_err(|e| Error::failed("Cannot create the image tree", e))?;
-            for (path, c) in blobs {
+            for (path, c) in rx {
                 f.apply_layer(open_layer(&path, c)?).map_err(|e| {
                     Error::InvalidArgument(
                         crate::Error::failed("Cannot flatten the image", e).full_message(),
@@ -164,8 +157,39 @@ impl Images {
             }
             f.finish()
                 .map_err(|e| Error::failed("Cannot flatten the image", e))
-        })
-        .await?;
+        });
+        let cache = self.layout.oci_cache_dir();
+        let mut done = 0u64;
+        let mut fetched: Result<()> = Ok(());
+        for (desc, c) in &layers {
+            let base = done;
+            let p = registry
+                .fetch_blob(&r, desc, &cache, |got| {
+                    ctx.progress(0.5 * (base + got) as f64 / total as f64)
+                })
+                .await;
+            match p {
+                // A send fails only when the flattener stopped on an error: it reports it.
+                Ok(p) => {
+                    if tx.send((p, *c)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    fetched = Err(e);
+                    break;
+                }
+            }
+            done += desc.size.max(0) as u64;
+        }
+        drop(tx);
+        ctx.stage("flatten", "Applying the last layers in manifest order");
+        ctx.progress(0.5);
+        let flattened = flatten
+            .await
+            .map_err(|e| Error::failed("Flatten task failed", e))?;
+        fetched?;
+        let stats = flattened?;
         ctx.log(
             6,
             format!(
