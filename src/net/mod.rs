@@ -409,10 +409,11 @@ impl HostNet for Bridge {
 
     async fn attach(&self, tap: &str) -> Result<()> {
         let subnet = self.subnet()?;
+        // Bridge first: the table never exists without it (teardown keys on the bridge).
+        let bridge = with_netlink(|h| async move { self.ensure_bridge(&h, subnet).await }).await?;
         nft(&nft_ruleset(&subnet)).await?;
         enable_forwarding();
         with_netlink(|h| async move {
-            let bridge = self.ensure_bridge(&h, subnet).await?;
             if let Some(old) = link_index(&h, tap).await? {
                 // A tap left by a VMM that died with the host; start from a clean one.
                 let _ = h.link().del(old).execute().await;
@@ -456,6 +457,12 @@ impl HostNet for Bridge {
     }
 
     async fn teardown(&self) -> Result<()> {
+        // The table comes up with the bridge: no bridge, nothing to do (and no nft process
+        // on every daemon start of a host without VMs).
+        let bridge = with_netlink(|h| async move { link_index(&h, BRIDGE).await }).await?;
+        if bridge.is_none() {
+            return Ok(());
+        }
         nft(&format!(
             "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"
         ))
