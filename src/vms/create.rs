@@ -460,32 +460,51 @@ impl Vms {
 
     async fn wait_agent(&self, run: &std::path::Path) -> Result<()> {
         let sock = self.vmm.vsock_socket(run);
+        self.wait_guest(run, "its agent", "The guest agent", || async {
+            let mut s = crate::agent::client::connect(&sock, crate::agent::PORT)
+                .await
+                .map_err(|e| e.full_message())?;
+            let h = crate::agent::client::health(&mut s)
+                .await
+                .map_err(|e| e.full_message())?;
+            tracing::debug!(?h, "Agent answered");
+            Ok(())
+        })
+        .await
+    }
+
+    /// Retries `attempt` (each try bounded to 5 s, 250 ms apart) until it succeeds, the VMM
+    /// exits, or `boot_timeout_sec` passes; the errors name `what` and the last failure.
+    async fn wait_guest<F, Fut>(
+        &self,
+        run: &std::path::Path,
+        what: &str,
+        what_capitalised: &str,
+        mut attempt: F,
+    ) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<(), String>>,
+    {
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(self.config.boot_timeout_sec);
         let mut last = String::new();
         loop {
             if !self.vmm.running(run) {
                 return Err(Error::failed(
-                    "The VM stopped before its agent answered",
+                    format!("The VM stopped before {what} answered"),
                     std::io::Error::other(last),
                 ));
             }
-            let attempt = async {
-                let mut s = crate::agent::client::connect(&sock, crate::agent::PORT).await?;
-                crate::agent::client::health(&mut s).await
-            };
-            match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-                Ok(Ok(h)) => {
-                    tracing::debug!(?h, "Agent answered");
-                    return Ok(());
-                }
-                Ok(Err(e)) => last = e.full_message(),
+            match tokio::time::timeout(Duration::from_secs(5), attempt()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => last = e,
                 Err(_) => last = "no answer within 5 s".into(),
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(Error::failed(
                     format!(
-                        "The guest agent did not answer within {} s (boot_timeout_sec)",
+                        "{what_capitalised} did not answer within {} s (boot_timeout_sec)",
                         self.config.boot_timeout_sec
                     ),
                     std::io::Error::other(last),
@@ -519,42 +538,22 @@ impl Vms {
     /// Waits until `addr` in the guest accepts a connection (and, for sshd, sends its banner).
     async fn wait_port(&self, run: &std::path::Path, addr: &str, ssh: bool) -> Result<()> {
         use tokio::io::AsyncReadExt;
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_secs(self.config.boot_timeout_sec);
-        let mut last = String::new();
-        loop {
-            if !self.vmm.running(run) {
-                return Err(Error::failed(
-                    format!("The VM stopped before {addr} answered"),
-                    std::io::Error::other(last),
-                ));
+        self.wait_guest(run, addr, addr, || async {
+            let mut s = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            if !ssh {
+                return Ok(());
             }
-            let attempt = async {
-                let mut s = tokio::net::TcpStream::connect(addr).await?;
-                if !ssh {
-                    return Ok(true);
-                }
-                let mut buf = [0u8; 64];
-                let n = s.read(&mut buf).await?;
-                Ok::<_, std::io::Error>(buf[..n].starts_with(b"SSH-"))
-            };
-            match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-                Ok(Ok(true)) => return Ok(()),
-                Ok(Ok(false)) => last = "the answer was not an SSH banner".into(),
-                Ok(Err(e)) => last = e.to_string(),
-                Err(_) => last = "no banner within 5 s".into(),
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).await.map_err(|e| e.to_string())?;
+            if buf[..n].starts_with(b"SSH-") {
+                Ok(())
+            } else {
+                Err("the answer was not an SSH banner".into())
             }
-            if tokio::time::Instant::now() > deadline {
-                return Err(Error::failed(
-                    format!(
-                        "{addr} did not answer within {} s (boot_timeout_sec)",
-                        self.config.boot_timeout_sec
-                    ),
-                    std::io::Error::other(last),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        })
+        .await
     }
 
     /// The last `n` lines of the VM's console log.
