@@ -20,25 +20,12 @@ pub enum VmCommand {
     Create {
         /// VM name.
         name: String,
-        /// Image name (the configured default image when omitted).
-        #[arg(long)]
-        image: Option<String>,
-        /// Kernel name (the image's, else the configured default, when omitted).
-        #[arg(long)]
-        kernel: Option<String>,
-        /// Virtual CPUs.
-        #[arg(long)]
-        vcpus: Option<u32>,
-        /// Memory in MiB.
-        #[arg(long)]
-        memory: Option<u32>,
+        /// What the VM is made of.
+        #[command(flatten)]
+        spec: VmSpec,
         /// Root disk size in bytes (at least the image's).
         #[arg(long)]
         disk_size: Option<u64>,
-        /// Public key for root's authorized_keys (default: ~/.ssh/id_ed25519.pub, id_ecdsa.pub
-        /// or id_rsa.pub, the first that exists).
-        #[arg(long, value_name = "FILE.pub")]
-        ssh_key: Option<std::path::PathBuf>,
         /// Reserve it only; start it later with `banger vm start`.
         #[arg(long)]
         no_start: bool,
@@ -51,21 +38,9 @@ pub enum VmCommand {
     Run {
         /// VM name (a generated one when omitted).
         name: Option<String>,
-        /// Image name (the configured default image when omitted).
-        #[arg(long)]
-        image: Option<String>,
-        /// Kernel name.
-        #[arg(long)]
-        kernel: Option<String>,
-        /// Virtual CPUs.
-        #[arg(long)]
-        vcpus: Option<u32>,
-        /// Memory in MiB.
-        #[arg(long)]
-        memory: Option<u32>,
-        /// Public key for root's authorized_keys (default as for `vm create`).
-        #[arg(long, value_name = "FILE.pub")]
-        ssh_key: Option<std::path::PathBuf>,
+        /// What the VM is made of.
+        #[command(flatten)]
+        spec: VmSpec,
         /// Delete the VM when the session or command ends.
         #[arg(long)]
         rm: bool,
@@ -136,6 +111,44 @@ pub enum VmCommand {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+}
+
+/// The options `vm create` and `vm run` share.
+#[derive(Debug, clap::Args)]
+pub struct VmSpec {
+    /// Image name (the configured default image when omitted).
+    #[arg(long)]
+    image: Option<String>,
+    /// Kernel name (the image's, else the configured default, when omitted).
+    #[arg(long)]
+    kernel: Option<String>,
+    /// Virtual CPUs.
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long)]
+    memory: Option<u32>,
+    /// Public key for root's authorized_keys (default: ~/.ssh/id_ed25519.pub, id_ecdsa.pub
+    /// or id_rsa.pub, the first that exists).
+    #[arg(long, value_name = "FILE.pub")]
+    ssh_key: Option<std::path::PathBuf>,
+}
+
+impl VmSpec {
+    /// The `CreateVM` options these make, the public key read from its file.
+    fn entries(&self) -> anyhow::Result<Vec<(&'static str, Variant<'static>)>> {
+        let key = read_public_key(self.ssh_key.clone())?;
+        Ok(self
+            .image
+            .clone()
+            .map(|i| ("image", i.into()))
+            .into_iter()
+            .chain(self.kernel.clone().map(|k| ("kernel", k.into())))
+            .chain(self.vcpus.map(|v| ("vcpus", v.into())))
+            .chain(self.memory.map(|m| ("memory_mib", m.into())))
+            .chain(key.map(|k| ("ssh_key", k.into())))
+            .collect())
+    }
 }
 
 /// Builds an options map from optional entries.
@@ -322,25 +335,15 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
         }
         VmCommand::Create {
             name,
-            image,
-            kernel,
-            vcpus,
-            memory,
+            spec,
             disk_size,
-            ssh_key,
             no_start,
             no_wait,
         } => {
-            let key = read_public_key(ssh_key)?;
             let o = opts(
-                image
-                    .map(|i| ("image", i.into()))
+                spec.entries()?
                     .into_iter()
-                    .chain(kernel.map(|k| ("kernel", k.into())))
-                    .chain(vcpus.map(|v| ("vcpus", v.into())))
-                    .chain(memory.map(|m| ("memory_mib", m.into())))
                     .chain(disk_size.map(|d| ("disk_size", d.into())))
-                    .chain(key.map(|k| ("ssh_key", k.into())))
                     .chain(no_start.then(|| ("start", false.into()))),
             );
             let watch = super::watch::subscribe(conn).await?;
@@ -363,25 +366,12 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
         }
         VmCommand::Run {
             name,
-            image,
-            kernel,
-            vcpus,
-            memory,
-            ssh_key,
+            spec,
             rm,
             command,
         } => {
             let name = name.unwrap_or_else(generated_name);
-            let key = read_public_key(ssh_key.clone())?;
-            let o = opts(
-                image
-                    .map(|i| ("image", i.into()))
-                    .into_iter()
-                    .chain(kernel.map(|k| ("kernel", k.into())))
-                    .chain(vcpus.map(|v| ("vcpus", v.into())))
-                    .chain(memory.map(|m| ("memory_mib", m.into())))
-                    .chain(key.map(|k| ("ssh_key", k.into()))),
-            );
+            let o = opts(spec.entries()?);
             let watch = super::watch::subscribe(conn).await?;
             let (_, id, path) = p.create_vm(&name, o).await.map_err(explain)?;
             let followed = watch.follow(out, id, &path).await;
@@ -391,7 +381,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                     exec_in(conn, &p, &name, command, Vec::new()).await
                 }
                 Ok(()) => {
-                    let identity = ssh_key.map(|k| k.with_extension(""));
+                    let identity = spec.ssh_key.map(|k| k.with_extension(""));
                     let mut ssh = ssh_command(conn, &p, &name, identity, Vec::new()).await?;
                     let status = ssh.status().context("Cannot run ssh")?;
                     Ok(status.code().unwrap_or(255))
