@@ -13,15 +13,23 @@ cd "$(dirname "$0")/.."
 
 packages=(dbus polkitd libglib2.0-bin e2fsprogs kmod iproute2 nftables qemu-system-x86 qemu-utils
           debootstrap xz-utils util-linux openssh-client)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
+missing_packages() {
+    missing=()
+    for p in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+}
+# Twice: an install can remove a package the machine came with (a backported qemu-utils goes
+# when Debian's qemu-system-x86 comes in).
+for pass in 1 2; do
+    missing_packages
+    [ "${#missing[@]}" -eq 0 ] && break
     echo "==> Installing Debian packages: ${missing[*]}"
-    apt-get update -qq
+    [ "$pass" = 1 ] && apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+done
+missing_packages
+[ "${#missing[@]}" -eq 0 ] || { echo "quickstart: ${missing[*]} still missing after apt-get install" >&2; exit 1; }
 if ! command -v vhost-device-vsock >/dev/null; then
     echo "==> Installing vhost-device-vsock (the guest agent's vsock device for QEMU)"
     cargo install --quiet --locked vhost-device-vsock --version 0.3.0 --root /usr/local
