@@ -66,6 +66,21 @@ pub struct Config {
     pub kernel_catalog: Vec<crate::bundle::CatalogEntry>,
     /// Images the operator adds to the catalog (`[[image_catalog]]`): bundles or OCI refs.
     pub image_catalog: Vec<crate::bundle::CatalogEntry>,
+    /// The most a caller's kernel or initrd file may be, and a kernel may decompress to.
+    pub max_kernel_bytes: u64,
+    /// The most vCPUs one VM may have; unset: the host's CPUs.
+    pub max_vcpus: Option<u32>,
+    /// The most memory one VM may have, in MiB; unset: the host's RAM less a reserve.
+    pub max_memory_mib: Option<u32>,
+    /// The largest root disk one VM may ask for, in bytes.
+    pub max_disk_size: u64,
+    /// How many VMs one uid may own.
+    pub max_vms_per_user: u32,
+    /// How many VMs of one uid may start or run at once.
+    pub max_running_vms_per_user: u32,
+    /// Destinations guests may reach although they are link-local, private or shared
+    /// ranges (CIDRs such as `10.1.2.0/24`); everything else of those ranges is dropped.
+    pub allow_egress: Vec<String>,
 }
 
 impl Default for Config {
@@ -84,6 +99,13 @@ impl Default for Config {
             boot_timeout_sec: 300,
             kernel_catalog: Vec::new(),
             image_catalog: Vec::new(),
+            max_kernel_bytes: 512 << 20,
+            max_vcpus: None,
+            max_memory_mib: None,
+            max_disk_size: 256 << 30,
+            max_vms_per_user: 64,
+            max_running_vms_per_user: 16,
+            allow_egress: Vec::new(),
         }
     }
 }

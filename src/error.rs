@@ -11,6 +11,8 @@ pub enum ErrorKind {
     InUse,
     /// `org.banger.Error.InvalidArgument`
     InvalidArgument,
+    /// `org.banger.Error.LimitExceeded`
+    LimitExceeded,
     /// `org.banger.Error.Failed`
     Failed,
 }
@@ -31,6 +33,9 @@ pub enum Error {
     /// The caller's arguments are wrong.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A configured bound or quota would be exceeded; the message names the config key.
+    #[error("{0}")]
+    LimitExceeded(String),
     /// The capability is part of the contract but lands in a later release.
     #[error("{0} is not implemented yet in banger {version}", version = crate::VERSION)]
     NotImplemented(&'static str),
@@ -59,6 +64,7 @@ impl Error {
             Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
             Error::InUse(_) => ErrorKind::InUse,
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::LimitExceeded(_) => ErrorKind::LimitExceeded,
             Error::NotImplemented(_) | Error::Canceled | Error::Failed { .. } => ErrorKind::Failed,
         }
     }

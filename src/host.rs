@@ -76,21 +76,6 @@ pub fn user_of(uid: u32) -> Option<(String, u32)> {
     Some((name, pw.pw_gid))
 }
 
-/// Whether `uid` could read `path` itself: the kernel decides, in a probe that runs with the
-/// user's uid, primary group and supplementary groups (so modes and ACLs all count). Root
-/// reads everything.
-pub fn user_can_read(uid: u32, path: &std::path::Path) -> Result<bool> {
-    if uid == 0 {
-        return Ok(true);
-    }
-    let status = as_user(uid, "test")?
-        .arg("-r")
-        .arg(path)
-        .status()
-        .map_err(|e| Error::failed("Cannot run the permission probe", e))?;
-    Ok(status.success())
-}
-
 /// A command run with `uid`'s credentials (uid, primary group, supplementary groups), or
 /// as is for root.
 fn as_user(uid: u32, program: &str) -> Result<Command> {
@@ -117,50 +102,31 @@ fn as_user(uid: u32, program: &str) -> Result<Command> {
     Ok(c)
 }
 
-/// Reads a regular file with `uid`'s own permissions, so the daemon never hands a caller a
-/// file it could not read itself, and nothing can be swapped between a check and the read.
-pub fn read_file_as(uid: u32, path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| Error::InvalidArgument(format!("{what} {}: {e}", path.display())))?;
-    if !meta.is_file() {
-        return Err(Error::InvalidArgument(format!(
-            "{what} {} is not a regular file",
-            path.display()
-        )));
-    }
-    let out = as_user(uid, "cat")?
-        .arg("--")
-        .arg(path)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| Error::failed("Cannot run cat", e))?;
-    if !out.status.success() {
-        return Err(Error::InvalidArgument(format!(
-            "{what} {}: you cannot read this file yourself, so banger will not read it for you",
-            path.display()
-        )));
-    }
-    Ok(out.stdout)
-}
-
-/// Starts `tar -c` of a directory with `uid`'s own permissions; read the archive from its
-/// stdout. Fails (at wait) when the user cannot read everything in it.
-pub fn tar_dir_as(uid: u32, dir: &std::path::Path) -> Result<std::process::Child> {
-    if !dir.is_dir() {
-        return Err(Error::InvalidArgument(format!(
-            "{} is not a directory",
-            dir.display()
-        )));
-    }
-    as_user(uid, "tar")?
-        .arg("-C")
-        .arg(dir)
-        .args(["--numeric-owner", "-cf", "-", "."])
+/// Starts `tar -c` of the directory open as `dirfd`, with `uid`'s own permissions (the
+/// descriptor is the child's fd 3, archived through `/proc/self/fd/3`); read the archive from
+/// its stdout. Fails (at wait) when the user cannot read everything in it.
+pub fn tar_dirfd_as(uid: u32, dirfd: std::os::fd::RawFd) -> Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let mut c = as_user(uid, "tar")?;
+    c.args(["-C", "/proc/self/fd/3", "--numeric-owner", "-cf", "-", "."])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| Error::failed("Cannot run tar", e))
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: between fork and exec only dup2 and fcntl run, both async-signal-safe; dirfd
+    // stays open in the parent across the spawn.
+    unsafe {
+        c.pre_exec(move || {
+            if dirfd == 3 {
+                if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(dirfd, 3) != 3 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c.spawn().map_err(|e| Error::failed("Cannot run tar", e))
 }
 
 /// The host TSC frequency in kHz (`cpu MHz` of /proc/cpuinfo × 1000): TCG guests need it as

@@ -202,6 +202,13 @@ pub fn validate_name(kind: NameKind, name: &str) -> Result<()> {
              and do not start with '.' or '-'"
         )));
     }
+    // Lookups take a name or an id: a name that reads as an id could shadow another's object.
+    if name.len() == 16 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::InvalidArgument(format!(
+            "Invalid {kind} name {name:?}: 16 hex digits read as an id; pick a name with \
+             another character in it"
+        )));
+    }
     Ok(())
 }
 
@@ -257,7 +264,13 @@ mod tests {
 
     #[test]
     fn names_follow_the_rules() {
-        for good in ["debian-bookworm", "a", "v1.2_x", &"x".repeat(64)] {
+        for good in [
+            "debian-bookworm",
+            "a",
+            "v1.2_x",
+            &"x".repeat(64),
+            "0123456789abcdeg",
+        ] {
             validate_name(NameKind::Image, good).unwrap();
         }
         for bad in [
@@ -270,6 +283,8 @@ mod tests {
             "a b",
             "é",
             &"x".repeat(65),
+            "0123456789abcdef",
+            "0123456789ABCDEF",
         ] {
             let err = validate_name(NameKind::Vm, bad).unwrap_err();
             assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?}");

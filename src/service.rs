@@ -202,8 +202,7 @@ impl Banger {
     }
 
     /// `RegisterImage`: with kernel files, they are imported first as kernel `<image name>`
-    /// (the caller's files read as the caller, like ImportKernel) and the image names it; a
-    /// re-registration with the same kernel file keeps that kernel.
+    /// (the caller's files read as the caller, like ImportKernel) and the image names it.
     pub async fn register_image(
         &self,
         uid: u32,
@@ -211,25 +210,18 @@ impl Banger {
         mut opts: crate::images::RegisterOptions,
     ) -> Result<crate::model::Image> {
         if let Some(kernel_path) = opts.kernel_path.take() {
-            let source = kernel_path.to_string_lossy().into_owned();
-            let kernel = match self.kernels.get(name).await {
-                Ok(k) if k.source == source => k,
-                Ok(_) => {
-                    return Err(crate::Error::AlreadyExists(format!(
-                        "A kernel named {name:?} exists from other files; import the kernel under \
-                         another name and register with 'kernel'"
-                    )))
-                }
-                Err(crate::Error::NotFound(_)) => {
-                    let o = crate::kernels::ImportOptions {
-                        kernel_path: Some(kernel_path),
-                        initrd_path: opts.initrd_path.take(),
-                        modules_dir: opts.modules_dir.take(),
-                    };
-                    self.kernels.import(uid, name, o).await?
-                }
-                Err(e) => return Err(e),
+            if self.kernels.get(name).await.is_ok() {
+                return Err(crate::Error::AlreadyExists(format!(
+                    "A kernel named {name:?} exists; register with 'kernel' {name:?} to keep it, \
+                     or import the new files under another name first"
+                )));
+            }
+            let o = crate::kernels::ImportOptions {
+                kernel_path: Some(kernel_path),
+                initrd_path: opts.initrd_path.take(),
+                modules_dir: opts.modules_dir.take(),
             };
+            let kernel = self.kernels.import(uid, name, o).await?;
             opts.kernel = Some(kernel.name);
         }
         opts.initrd_path = None;

@@ -51,20 +51,34 @@ fn vsock_listener(port: u32) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
-fn accept(listener: &OwnedFd) -> std::io::Result<std::fs::File> {
+/// Accepts the next connection; on vsock, only the host's (CID 2): another guest, or a
+/// process in this guest, never reaches the agent.
+fn accept(listener: &OwnedFd, vsock: bool) -> std::io::Result<std::fs::File> {
     loop {
-        // SAFETY: null address pointers are allowed: the peer address is not wanted.
+        // SAFETY: sockaddr_vm is plain data; zeroed is valid before accept fills it.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        // SAFETY: addr and len describe a sockaddr_vm-sized buffer; for a Unix socket the
+        // kernel writes at most len bytes of its (shorter) address.
         let fd = unsafe {
             libc::accept4(
                 listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
+                (&mut addr as *mut libc::sockaddr_vm).cast(),
+                &mut len,
                 libc::SOCK_CLOEXEC,
             )
         };
         if fd >= 0 {
             // SAFETY: fd is a fresh connection this function owns.
-            return Ok(unsafe { std::fs::File::from_raw_fd(fd) });
+            let conn = unsafe { std::fs::File::from_raw_fd(fd) };
+            if vsock && addr.svm_cid != libc::VMADDR_CID_HOST {
+                eprintln!(
+                    "banger-agent: refused a connection from CID {} (only the host's is served)",
+                    addr.svm_cid
+                );
+                continue;
+            }
+            return Ok(conn);
         }
         let e = std::io::Error::last_os_error();
         if e.kind() != std::io::ErrorKind::Interrupted {
@@ -84,7 +98,7 @@ pub fn serve(listen: Listen) -> std::io::Result<()> {
     };
     eprintln!("banger-agent {} listening on {listen:?}", crate::VERSION);
     loop {
-        let conn = accept(&listener)?;
+        let conn = accept(&listener, matches!(listen, Listen::Vsock(_)))?;
         std::thread::spawn(move || {
             if let Err(e) = handle(conn) {
                 eprintln!("banger-agent: connection: {e}");

@@ -7,6 +7,13 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv
+        .get(1)
+        .is_some_and(|a| a == banger::vmm::console::LOGGER_ARG)
+    {
+        return console_logger(&argv[2..]);
+    }
     let args = Args::parse();
     banger::logging::init("bangerd");
     let opts = banger::daemon::DaemonOptions {
@@ -21,6 +28,22 @@ async fn main() -> std::process::ExitCode {
         Ok(_) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{}", e.full_message());
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `bangerd console-logger SOCKET LOG`: one VM's bounded console log (see `vmm::console`).
+fn console_logger(args: &[std::ffi::OsString]) -> std::process::ExitCode {
+    let [socket, log] = args else {
+        eprintln!("usage: bangerd console-logger SOCKET LOG");
+        return std::process::ExitCode::from(2);
+    };
+    let max = banger::vmm::console::MAX_BYTES;
+    match banger::vmm::console::run_logger(socket.as_ref(), log.as_ref(), max) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bangerd console-logger: {e}");
             std::process::ExitCode::FAILURE
         }
     }

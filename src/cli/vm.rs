@@ -355,7 +355,11 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                     ("job_path", json!(path.as_str())),
                 ]);
             } else {
-                watch.follow(out, id, &path).await?;
+                let followed = watch.follow(out, id, &path).await;
+                if followed.is_err() {
+                    print_console_tail(conn, &p, &name).await;
+                }
+                followed?;
                 if !out.json {
                     println!(
                         "VM {name} is {}",
@@ -375,6 +379,9 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             let watch = super::watch::subscribe(conn).await?;
             let (_, id, path) = p.create_vm(&name, o).await.map_err(explain)?;
             let followed = watch.follow(out, id, &path).await;
+            if followed.is_err() {
+                print_console_tail(conn, &p, &name).await;
+            }
             let code = match followed {
                 Err(e) => Err(e),
                 Ok(()) if !command.is_empty() => {
@@ -411,7 +418,11 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             if no_wait {
                 print_job(out, id, &path);
             } else {
-                watch.follow(out, id, &path).await?;
+                let followed = watch.follow(out, id, &path).await;
+                if followed.is_err() {
+                    print_console_tail(conn, &p, &name).await;
+                }
+                followed?;
                 if !out.json {
                     println!("VM {name} is running");
                 }
@@ -488,6 +499,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             std::process::exit(code);
         }
         VmCommand::Logs { name, follow } => {
+            use std::os::unix::fs::MetadataExt;
             let vm = vm_proxy(conn, &p, &name).await?;
             let fd = vm.open_console().await.map_err(explain)?;
             let mut f =
@@ -500,10 +512,50 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
+                // The log is bounded: past its cap the logger starts a new file with the
+                // newest half. Follow onto it, from its end (that half was printed).
+                if let Ok(fd) = vm.open_console().await {
+                    let newer = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
+                    let (a, b) = (f.metadata().await?, newer.metadata()?);
+                    if a.ino() != b.ino() {
+                        tokio::io::copy(&mut f, &mut stdout).await?;
+                        f = tokio::fs::File::from_std(newer);
+                        use tokio::io::AsyncSeekExt;
+                        f.seek(std::io::SeekFrom::End(0)).await?;
+                    }
+                }
             }
         }
     }
     Ok(())
+}
+
+/// After a failed start, the console's last lines for its owner (the job's public error does
+/// not carry them); nothing when the console cannot be opened.
+async fn print_console_tail(conn: &zbus::Connection, p: &VMs1Proxy<'_>, name: &str) {
+    let Ok(vm) = vm_proxy(conn, p, name).await else {
+        return;
+    };
+    let Ok(fd) = vm.open_console().await else {
+        return;
+    };
+    let f = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
+    let tail = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = f;
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+        let mut v = Vec::new();
+        let _ = f.take(64 * 1024).read_to_end(&mut v);
+        let text = String::from_utf8_lossy(&v).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(25)..].join("\n")
+    })
+    .await
+    .unwrap_or_default();
+    if !tail.is_empty() {
+        eprintln!("banger: the console of VM {name} ends with:\n{tail}");
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ impl From<Error> for BusError {
             ErrorKind::AlreadyExists => "org.banger.Error.AlreadyExists",
             ErrorKind::InUse => "org.banger.Error.InUse",
             ErrorKind::InvalidArgument => "org.banger.Error.InvalidArgument",
+            ErrorKind::LimitExceeded => "org.banger.Error.LimitExceeded",
             ErrorKind::Failed => "org.banger.Error.Failed",
         };
         BusError::Banger {

@@ -64,8 +64,10 @@ impl Images1 {
         Ok(self.ctx.job_reply(&job).await)
     }
 
-    /// Registers existing files as an unmanaged image (re-registering updates it).
-    /// Options: rootfs s, work_seed s, kernel s, or kernel_path s, initrd_path s, modules_dir s; ready_ports aq.
+    /// Registers the caller's files as an unmanaged image (re-registering updates it): they
+    /// are copied now, read with the caller's rights, and never opened by path again.
+    /// Options: rootfs h, work_seed h (descriptors the client opened, or absolute paths as s),
+    /// kernel s, or kernel_path h, initrd_path h, modules_dir h; ready_ports aq.
     async fn register_image(
         &self,
         #[zbus(connection)] conn: &Connection,
@@ -75,12 +77,12 @@ impl Images1 {
     ) -> Result<OwnedObjectPath> {
         let mut o = Options::new("RegisterImage", options);
         let opts = RegisterOptions {
-            rootfs: o.path("rootfs")?,
-            work_seed: o.path("work_seed")?,
+            rootfs: o.file("rootfs")?,
+            work_seed: o.file("work_seed")?,
             kernel: o.string("kernel")?,
-            kernel_path: o.path("kernel_path")?,
-            initrd_path: o.path("initrd_path")?,
-            modules_dir: o.path("modules_dir")?,
+            kernel_path: o.file("kernel_path")?,
+            initrd_path: o.file("initrd_path")?,
+            modules_dir: o.file("modules_dir")?,
             ready_ports: o.ports("ready_ports")?,
         };
         o.finish()?;
@@ -103,7 +105,7 @@ impl Images1 {
         ))
     }
 
-    /// Copies an unmanaged image into managed storage. Returns the job at once.
+    /// Makes a registered image managed. Returns the job at once.
     #[zbus(out_args("job_id", "job_path"))]
     async fn promote_image(
         &self,

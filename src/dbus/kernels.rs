@@ -65,7 +65,8 @@ impl Kernels1 {
     }
 
     /// Imports kernel files under a name; banger builds the initrd when none is given.
-    /// Options: kernel_path s (required), initrd_path s, modules_dir s.
+    /// Options: kernel_path h (required), initrd_path h, modules_dir h: descriptors the client
+    /// opened (or absolute paths as s, opened once with the caller's rights).
     async fn import_kernel(
         &self,
         #[zbus(connection)] conn: &Connection,
@@ -75,9 +76,9 @@ impl Kernels1 {
     ) -> Result<OwnedObjectPath> {
         let mut o = Options::new("ImportKernel", options);
         let opts = ImportOptions {
-            kernel_path: o.path("kernel_path")?,
-            initrd_path: o.path("initrd_path")?,
-            modules_dir: o.path("modules_dir")?,
+            kernel_path: o.file("kernel_path")?,
+            initrd_path: o.file("initrd_path")?,
+            modules_dir: o.file("modules_dir")?,
         };
         o.finish()?;
         validate_name(NameKind::Kernel, name)?;

@@ -49,6 +49,36 @@ impl Options {
         Ok(self.string(key)?.map(PathBuf::from))
     }
 
+    /// A caller's file: `h` (a descriptor the client opened, preferred) or `s` (an absolute
+    /// path the daemon opens once with the caller's rights).
+    pub fn file(&mut self, key: &str) -> Result<Option<crate::callerfile::CallerInput>> {
+        use crate::callerfile::CallerInput;
+        let Some(v) = self.map.remove(key) else {
+            return Ok(None);
+        };
+        let sig = v.value_signature().to_string();
+        match sig.as_str() {
+            "h" => {
+                let bad = |e: zbus::Error| {
+                    Error::InvalidArgument(format!("{}: option '{key}': {e}", self.method))
+                };
+                let fd = zbus::Fd::try_from(v).map_err(bad)?;
+                let fd = std::os::fd::OwnedFd::try_from(fd).map_err(bad)?;
+                Ok(Some(CallerInput::Fd(fd)))
+            }
+            "s" => {
+                let p = String::try_from(v).map_err(|e| {
+                    Error::InvalidArgument(format!("{}: option '{key}': {e}", self.method))
+                })?;
+                Ok(Some(CallerInput::Path(PathBuf::from(p))))
+            }
+            _ => Err(Error::InvalidArgument(format!(
+                "{}: option '{key}' must have type 'h' (a file descriptor you opened) or 's' (an absolute path), not '{sig}'",
+                self.method
+            ))),
+        }
+    }
+
     /// A `b` option.
     pub fn bool(&mut self, key: &str) -> Result<Option<bool>> {
         self.take::<bool>(key, "b")

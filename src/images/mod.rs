@@ -10,9 +10,9 @@ mod register;
 
 pub use build::host_mirror;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::callerfile::CallerInput;
 use crate::config::Config;
 use crate::jobs::Jobs;
 use crate::layout::Layout;
@@ -36,21 +36,21 @@ pub struct PullOptions {
     pub ready_ports: Option<Vec<u16>>,
 }
 
-/// Options of `RegisterImage`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Options of `RegisterImage`: the caller's files, each taken once at call time.
+#[derive(Debug, Default)]
 pub struct RegisterOptions {
     /// The root filesystem file.
-    pub rootfs: Option<PathBuf>,
+    pub rootfs: Option<CallerInput>,
     /// The work seed file.
-    pub work_seed: Option<PathBuf>,
-    /// A kernel by name, exclusive with the paths below.
+    pub work_seed: Option<CallerInput>,
+    /// A kernel by name, exclusive with the files below.
     pub kernel: Option<String>,
     /// A kernel file.
-    pub kernel_path: Option<PathBuf>,
+    pub kernel_path: Option<CallerInput>,
     /// An initrd file.
-    pub initrd_path: Option<PathBuf>,
+    pub initrd_path: Option<CallerInput>,
     /// A modules directory.
-    pub modules_dir: Option<PathBuf>,
+    pub modules_dir: Option<CallerInput>,
     /// Ports to wait for (kept from the earlier registration when absent).
     pub ready_ports: Option<Vec<u16>>,
 }
@@ -99,6 +99,7 @@ impl RegisterOptions {
         ]
         .into_iter()
         .flatten()
+        .filter_map(|i| i.path())
         {
             if !p.is_absolute() {
                 return Err(Error::InvalidArgument(format!(
@@ -193,15 +194,30 @@ impl Images {
                 )))
             }
         };
-        if image.managed {
-            let dir = self.layout.images_dir().join(&image.id);
-            tokio::task::spawn_blocking(move || crate::layout::remove_any(&dir))
-                .await
-                .map_err(|e| Error::failed("Image removal task failed", e))??;
-        }
+        // Registered images have their copies in the store too; an image registered by
+        // path by an older banger has none there, and its files are the caller's.
+        let dir = self.layout.images_dir().join(&image.id);
+        tokio::task::spawn_blocking(move || crate::layout::remove_any(&dir))
+            .await
+            .map_err(|e| Error::failed("Image removal task failed", e))??;
         tracing::info!(image_id = %image.id, "Image {} deleted", image.name);
         self.events.send(ObjectEvent::ImageRemoved(image.id));
         Ok(())
+    }
+
+    /// Refuses an image whose files are not banger's own (registered by path by an older
+    /// banger, which kept the caller's paths): a VMM must never open a path a caller controls.
+    pub fn check_in_store(&self, image: &Image) -> Result<()> {
+        let dir = self.layout.images_dir().join(&image.id);
+        let inside = |p: &std::path::Path| p.starts_with(&dir);
+        if inside(&image.rootfs_path) && image.work_seed_path.as_deref().is_none_or(inside) {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument(format!(
+            "Image {:?} was registered by path by an older banger and its files are not banger's own; \
+             run `banger image promote {}` (it copies them, reading as you) or register it again",
+            image.name, image.name
+        )))
     }
 
     /// Whether an image named `name` exists.

@@ -61,3 +61,27 @@ impl Images {
         Ok(image)
     }
 }
+
+impl Images {
+    /// Marks a registered image (its copies already in `images/<id>`) managed, under the
+    /// images lock.
+    pub(super) async fn mark_managed(&self, image: Image) -> Result<Image> {
+        let guard = self.lock.lock().await;
+        let id = image.id.clone();
+        let still = self.store.call(move |c| rows::find_image(c, &id)).await?;
+        if !matches!(still, Some(ref i) if !i.managed) {
+            return Err(Error::NotFound(format!(
+                "Image {:?} was deleted or promoted meanwhile",
+                image.name
+            )));
+        }
+        let row = image.clone();
+        self.store
+            .call(move |c| rows::upsert_image(c, &row).map(|_| ()))
+            .await?;
+        drop(guard);
+        tracing::info!(image_id = %image.id, "Image {} promoted", image.name);
+        self.events.send(ObjectEvent::ImageChanged(image.clone()));
+        Ok(image)
+    }
+}

@@ -1,10 +1,14 @@
-//! `ImportKernel`: the caller's kernel, initrd and modules, read as the caller, staged in
-//! `kernels/.staging-<id>/`, published as `kernels/<name>/` under the kernels lock.
+//! `ImportKernel`: the caller's kernel, initrd and modules, taken once at call time with the
+//! caller's rights (descriptors the client opened, or paths opened as the caller), staged in
+//! `kernels/.staging-<id>/`, published as `kernels/<name>/` under the kernels lock. Nothing
+//! the caller controls is opened after the call returns.
 
 use std::io::Read;
-use std::path::Path;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Component, Path};
 
 use super::{vmlinux, ImportOptions, Kernels};
+use crate::callerfile::{self, Expect};
 use crate::layout::{StagingDir, STAGING_PREFIX};
 use crate::model::{new_id, now_us, validate_name, Kernel, NameKind};
 use crate::oci::flatten::{Flattener, Limits};
@@ -12,14 +16,17 @@ use crate::service::ObjectEvent;
 use crate::store::rows;
 use crate::{host, Error, Result};
 
-/// Copies `dir` as `uid` (tar as the user, applied by the hardened flattener) into `dest`.
-fn copy_modules(uid: u32, dir: &Path, dest: &Path) -> Result<()> {
-    let mut tar = host::tar_dir_as(uid, dir)?;
+/// Copies the directory `dir` (a descriptor, opened with the caller's rights) into `dest`: a
+/// `tar` that runs as `uid` archives it and the hardened flattener applies the archive, so
+/// root never reads a file of it, and nothing but regular files, directories and symbolic
+/// links that stay inside the tree comes through.
+fn copy_modules(uid: u32, dir: &OwnedFd, dest: &Path, max_bytes: u64) -> Result<()> {
+    let mut tar = host::tar_dirfd_as(uid, dir.as_raw_fd())?;
     let stdout = tar.stdout.take().expect("piped stdout");
     let mut f = Flattener::new(
         dest,
         Limits {
-            max_bytes: 8 << 30,
+            max_bytes,
             max_entries: 500_000,
         },
         false,
@@ -33,15 +40,67 @@ fn copy_modules(uid: u32, dir: &Path, dest: &Path) -> Result<()> {
     let status = tar.wait().map_err(|e| Error::failed("tar failed", e))?;
     if !status.success() {
         return Err(Error::InvalidArgument(format!(
-            "modules_dir {}: you cannot read all of it yourself ({}), so banger will not copy it for you",
-            dir.display(),
+            "modules_dir: you cannot read all of it yourself ({}), so banger will not copy it for you",
             stderr.trim()
         )));
     }
-    applied.map_err(|e| Error::failed("Cannot copy the modules", e))?;
+    applied.map_err(|e| Error::InvalidArgument(format!("modules_dir cannot be copied: {}", e)))?;
     f.finish()
         .map_err(|e| Error::failed("Cannot copy the modules", e))?;
+    check_tree(dest, dest)
+}
+
+/// Refuses what a modules tree must not hold: symbolic links that leave it (absolute, or
+/// climbing above it with `..`) and anything but files, directories and links.
+pub(crate) fn check_tree(root: &Path, dir: &Path) -> Result<()> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::failed("Cannot read the modules", e))?;
+    for e in entries {
+        let e = e.map_err(|e| Error::failed("Cannot read the modules", e))?;
+        let p = e.path();
+        let rel = p.strip_prefix(root).unwrap_or(&p).to_owned();
+        let t = e
+            .file_type()
+            .map_err(|e| Error::failed("Cannot read the modules", e))?;
+        if t.is_dir() {
+            check_tree(root, &p)?;
+        } else if t.is_symlink() {
+            let target =
+                std::fs::read_link(&p).map_err(|e| Error::failed("Cannot read the modules", e))?;
+            let depth = rel.components().count() as i64 - 1;
+            if !stays_inside(&target, depth) {
+                return Err(Error::InvalidArgument(format!(
+                    "modules_dir holds a symbolic link {} -> {} that leaves the modules tree; remove it and import again",
+                    rel.display(),
+                    target.display()
+                )));
+            }
+        } else if !t.is_file() {
+            return Err(Error::InvalidArgument(format!(
+                "modules_dir holds {}, which is neither a file, a directory nor a symbolic link",
+                rel.display()
+            )));
+        }
+    }
     Ok(())
+}
+
+/// Whether a relative link `target` in a directory `depth` levels below the root stays in it.
+fn stays_inside(target: &Path, mut depth: i64) -> bool {
+    for c in target.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return false,
+        }
+    }
+    true
 }
 
 impl Kernels {
@@ -72,34 +131,52 @@ impl Kernels {
         let mut staging = StagingDir::create(staging_dir.clone())?;
         let (name2, dir) = (name.to_owned(), staging_dir.clone());
         let init = self.config.guest_binary("banger-init");
+        let max_kernel = self.config.max_kernel_bytes;
+        let max_modules = self.config.max_image_bytes;
         let kernel = tokio::task::spawn_blocking(move || -> Result<Kernel> {
             let final_dir = dir.with_file_name(&name2);
-            let kpath = opts.kernel_path.as_deref().expect("validated");
-            let image = host::read_file_as(uid, kpath, "kernel_path")?;
+            let kinput = opts.kernel_path.expect("validated");
+            let label = source.unwrap_or_else(|| match kinput.path() {
+                Some(p) => format!("file:{}", p.display()),
+                None => "file descriptor".into(),
+            });
+            // Every input is taken (opened and checked) before any is read: a bad one is
+            // refused before work starts.
+            let kfd = callerfile::take(uid, kinput, "kernel_path", Expect::File)?;
+            let ifd = opts
+                .initrd_path
+                .map(|i| callerfile::take(uid, i, "initrd_path", Expect::File))
+                .transpose()?;
+            let modules_version = opts
+                .modules_dir
+                .as_ref()
+                .and_then(|m| m.path())
+                .and_then(|m| m.file_name())
+                .map(|n| n.to_string_lossy().into_owned());
+            let mfd = opts
+                .modules_dir
+                .map(|m| callerfile::take(uid, m, "modules_dir", Expect::Dir))
+                .transpose()?;
+            let image = callerfile::read_all(kfd, "kernel_path", max_kernel, "max_kernel_bytes")?;
             let version = vmlinux::bzimage_version(&image);
-            vmlinux::write(&dir.join("vmlinux"), &vmlinux::to_elf(&image)?)?;
-            let initrd = match &opts.initrd_path {
-                Some(p) => {
-                    vmlinux::write(
-                        &dir.join("initrd.img"),
-                        &host::read_file_as(uid, p, "initrd_path")?,
-                    )?;
+            vmlinux::write(&dir.join("vmlinux"), &vmlinux::to_elf(&image, max_kernel)?)?;
+            drop(image);
+            let initrd = match ifd {
+                Some(fd) => {
+                    let data =
+                        callerfile::read_all(fd, "initrd_path", max_kernel, "max_kernel_bytes")?;
+                    vmlinux::write(&dir.join("initrd.img"), &data)?;
                     Some(final_dir.join("initrd.img"))
                 }
                 None => None,
             };
-            let modules = match &opts.modules_dir {
-                Some(m) => {
-                    copy_modules(uid, m, &dir.join("modules"))?;
+            let modules = match &mfd {
+                Some(fd) => {
+                    copy_modules(uid, fd, &dir.join("modules"), max_modules)?;
                     Some(final_dir.join("modules"))
                 }
                 None => None,
             };
-            let modules_version = opts
-                .modules_dir
-                .as_ref()
-                .and_then(|m| m.file_name())
-                .map(|n| n.to_string_lossy().into_owned());
             // A modular kernel without an initrd gets banger's own.
             let initrd = match (initrd, &modules) {
                 (None, Some(_)) => {
@@ -118,7 +195,7 @@ impl Kernels {
                 version: version
                     .or(modules_version)
                     .unwrap_or_else(|| "unknown".into()),
-                source: source.unwrap_or_else(|| format!("file:{}", kpath.display())),
+                source: label,
                 kernel_path: final_dir.join("vmlinux"),
                 initrd_path: initrd,
                 modules_dir: modules,
@@ -163,5 +240,30 @@ impl Kernels {
         tracing::info!("Kernel {name} {} imported", kernel.version);
         self.events.send(ObjectEvent::KernelAdded(kernel.clone()));
         Ok(kernel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_that_leave_the_tree_are_refused() {
+        assert!(stays_inside(Path::new("kernel/fs/ext4.ko"), 0));
+        assert!(stays_inside(Path::new("../x.ko"), 1));
+        assert!(!stays_inside(Path::new("../x.ko"), 0));
+        assert!(!stays_inside(Path::new("a/../../x"), 0));
+        assert!(!stays_inside(Path::new("/etc/shadow"), 3));
+
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("kernel/fs")).unwrap();
+        std::os::unix::fs::symlink("../../modules.dep", d.path().join("kernel/fs/ok")).unwrap();
+        check_tree(d.path(), d.path()).unwrap();
+        std::os::unix::fs::symlink("/etc/shadow", d.path().join("kernel/fs/bad")).unwrap();
+        let e = check_tree(d.path(), d.path()).unwrap_err();
+        assert!(
+            e.to_string().contains("kernel/fs/bad -> /etc/shadow"),
+            "{e}"
+        );
     }
 }

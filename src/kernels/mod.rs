@@ -10,21 +10,22 @@ pub mod vmlinux;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::callerfile::CallerInput;
 use crate::layout::Layout;
 use crate::model::Kernel;
 use crate::service::{Events, ObjectEvent};
 use crate::store::{rows, Store};
 use crate::{Error, Result};
 
-/// Options of `ImportKernel`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Options of `ImportKernel`: the caller's files, each taken once at call time.
+#[derive(Debug, Default)]
 pub struct ImportOptions {
     /// The kernel file (bzImage or ELF vmlinux).
-    pub kernel_path: Option<PathBuf>,
+    pub kernel_path: Option<CallerInput>,
     /// A ready initrd; banger builds one when absent.
-    pub initrd_path: Option<PathBuf>,
+    pub initrd_path: Option<CallerInput>,
     /// The modules directory.
-    pub modules_dir: Option<PathBuf>,
+    pub modules_dir: Option<CallerInput>,
 }
 
 impl ImportOptions {
@@ -38,6 +39,7 @@ impl ImportOptions {
         for p in [&self.kernel_path, &self.initrd_path, &self.modules_dir]
             .into_iter()
             .flatten()
+            .filter_map(|i| i.path())
         {
             if !p.is_absolute() {
                 return Err(Error::InvalidArgument(format!(
@@ -47,6 +49,15 @@ impl ImportOptions {
             }
         }
         Ok(())
+    }
+
+    /// Files banger itself fetched (catalog pulls), by path, read as root.
+    pub fn own_files(kernel: PathBuf, initrd: Option<PathBuf>, modules: Option<PathBuf>) -> Self {
+        ImportOptions {
+            kernel_path: Some(CallerInput::Path(kernel)),
+            initrd_path: initrd.map(CallerInput::Path),
+            modules_dir: modules.map(CallerInput::Path),
+        }
     }
 }
 

@@ -208,11 +208,11 @@ impl Kernels {
             ctx.stage("import", "Building the initrd and installing the kernel");
             ctx.progress(0.6);
             let release = pkg.name.trim_start_matches("linux-image-").to_owned();
-            let opts = ImportOptions {
-                kernel_path: Some(root.join(format!("boot/vmlinuz-{release}"))),
-                initrd_path: None,
-                modules_dir: Some(root.join(format!("lib/modules/{release}"))),
-            };
+            let opts = ImportOptions::own_files(
+                root.join(format!("boot/vmlinuz-{release}")),
+                None,
+                Some(root.join(format!("lib/modules/{release}"))),
+            );
             let source = format!("catalog:debian ({} {})", pkg.name, pkg.version);
             this.import_from(0, &name, opts, Some(source))
                 .await
@@ -254,11 +254,11 @@ impl Kernels {
             let kernel = crate::bundle::regular(&tree, "vmlinux")?
                 .ok_or_else(|| Error::InvalidArgument("The kernel bundle has no vmlinux".into()))?;
             let modules = tree.join("modules");
-            let opts = ImportOptions {
-                kernel_path: Some(kernel),
-                initrd_path: crate::bundle::regular(&tree, "initrd.img")?,
-                modules_dir: modules.is_dir().then_some(modules),
-            };
+            let opts = ImportOptions::own_files(
+                kernel,
+                crate::bundle::regular(&tree, "initrd.img")?,
+                modules.is_dir().then_some(modules),
+            );
             ctx.stage("import", "Installing the kernel");
             ctx.progress(0.8);
             let source = format!(

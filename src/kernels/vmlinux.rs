@@ -23,8 +23,10 @@ pub fn bzimage_version(img: &[u8]) -> Option<String> {
     (!v.is_empty()).then(|| v.to_owned())
 }
 
-/// Decompresses `payload` (the compressed kernel inside a bzImage) with an external tool.
-fn decompress(tool: &str, args: &[&str], payload: &[u8]) -> Result<Vec<u8>> {
+/// Decompresses `payload` (the compressed kernel inside a bzImage) with an external tool,
+/// reading at most `max` bytes of its output: a decompression bomb is killed, not buffered.
+fn decompress(tool: &str, args: &[&str], payload: &[u8], max: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
     let path = host::find_program(tool).ok_or_else(|| {
         Error::failed(
             format!("{tool} is not installed"),
@@ -39,22 +41,34 @@ fn decompress(tool: &str, args: &[&str], payload: &[u8]) -> Result<Vec<u8>> {
         .spawn()
         .map_err(|e| Error::failed(format!("Cannot run {tool}"), e))?;
     let mut stdin = child.stdin.take().expect("piped stdin");
+    let mut stdout = child.stdout.take().expect("piped stdout");
     let data = payload.to_vec();
     // Feed from another thread so a full stdout pipe cannot deadlock us.
     let feeder = std::thread::spawn(move || {
         let _ = stdin.write_all(&data);
     });
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Error::failed(format!("{tool} failed"), e))?;
+    let mut out = Vec::new();
+    let read = (&mut stdout).take(max + 1).read_to_end(&mut out);
+    let over = out.len() as u64 > max;
+    if over {
+        let _ = child.kill();
+    }
+    drop(stdout);
+    let _ = child.wait();
     let _ = feeder.join();
+    if over {
+        return Err(Error::LimitExceeded(format!(
+            "The kernel decompresses to more than {max} bytes (max_kernel_bytes); it is not a kernel banger will boot"
+        )));
+    }
+    read.map_err(|e| Error::failed(format!("{tool} failed"), e))?;
     // Trailing data after the stream makes some tools complain; what counts is the ELF.
-    Ok(out.stdout)
+    Ok(out)
 }
 
 /// Returns the ELF vmlinux for a kernel image: the image itself when it is ELF already,
-/// else the xz, zstd or gzip payload of a bzImage, decompressed.
-pub fn to_elf(img: &[u8]) -> Result<Vec<u8>> {
+/// else the xz, zstd or gzip payload of a bzImage, decompressed to at most `max` bytes.
+pub fn to_elf(img: &[u8], max: u64) -> Result<Vec<u8>> {
     if img.starts_with(ELF) {
         return Ok(img.to_vec());
     }
@@ -66,7 +80,7 @@ pub fn to_elf(img: &[u8]) -> Result<Vec<u8>> {
     ];
     for (magic, tool, args) in candidates {
         if let Some(at) = find(magic) {
-            let out = decompress(tool, args, &img[at..])?;
+            let out = decompress(tool, args, &img[at..], max)?;
             if out.starts_with(ELF) {
                 return Ok(out);
             }
@@ -107,14 +121,23 @@ mod tests {
     #[test]
     fn elf_passes_and_a_gzip_payload_is_unpacked() {
         let elf = b"\x7fELF\x02\x01\x01 rest of the kernel".to_vec();
-        assert_eq!(to_elf(&elf).unwrap(), elf);
+        assert_eq!(to_elf(&elf, 1 << 20).unwrap(), elf);
         if host::find_program("gzip").is_none() {
             return;
         }
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         e.write_all(&elf).unwrap();
         let img = fake_bzimage("6.1.0-test", &e.finish().unwrap());
-        assert_eq!(to_elf(&img).unwrap(), elf);
-        assert!(to_elf(b"garbage").is_err());
+        assert_eq!(to_elf(&img, 1 << 20).unwrap(), elf);
+        assert!(to_elf(b"garbage", 1 << 20).is_err());
+        // A bomb: 64 MiB of zeros in a few KiB of gzip, against a 1 MiB bound.
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..64 {
+            e.write_all(&zeros).unwrap();
+        }
+        let img = fake_bzimage("6.1.0-bomb", &e.finish().unwrap());
+        let err = to_elf(&img, 1 << 20).unwrap_err();
+        assert!(matches!(err, Error::LimitExceeded(_)), "{err}");
     }
 }

@@ -29,6 +29,9 @@ pub enum StoreError {
     /// A pool (addresses, CIDs) has nothing left.
     #[error("{0}")]
     Exhausted(String),
+    /// An owner's quota is used up (the message names the config key).
+    #[error("{0}")]
+    Quota(String),
     /// A row holds a value no banger writes.
     #[error("Corrupt row in the state database: {0}")]
     Corrupt(String),
@@ -38,6 +41,7 @@ impl From<StoreError> for Error {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Exhausted(_) => Error::failed("Cannot reserve what the VM needs", e),
+            StoreError::Quota(m) => Error::LimitExceeded(m),
             _ => Error::failed("State database operation failed", e),
         }
     }

@@ -251,6 +251,7 @@ pub fn reserve_vm(
     c: &mut Connection,
     v: &Vm,
     pool: &[std::net::Ipv4Addr],
+    max_owned: u32,
 ) -> Result<Option<Reservation>, StoreError> {
     let tx = c.transaction()?;
     let taken: bool = tx.query_row(
@@ -260,6 +261,19 @@ pub fn reserve_vm(
     )?;
     if taken {
         return Ok(None);
+    }
+    // Counted in the same transaction as the insert: parallel creates cannot all pass.
+    let owned: u32 = tx.query_row(
+        "SELECT COUNT(*) FROM vms WHERE owner_uid = ?1",
+        [v.owner_uid],
+        |r| r.get(0),
+    )?;
+    if owned >= max_owned {
+        return Err(StoreError::Quota(format!(
+            "uid {} owns {owned} VM(s), as many as max_vms_per_user ({max_owned}) allows; \
+             delete one (`banger vm delete NAME`) or have the operator raise max_vms_per_user",
+            v.owner_uid
+        )));
     }
     let cid: u32 = tx.query_row(
         "SELECT COALESCE(MIN(c.cid + 1), ?1) FROM          (SELECT ?1 - 1 AS cid UNION ALL SELECT vsock_cid FROM vms) c          WHERE c.cid + 1 >= ?1 AND NOT EXISTS (SELECT 1 FROM vms WHERE vsock_cid = c.cid + 1)",
@@ -369,7 +383,22 @@ pub fn finish_job(
         "UPDATE jobs SET state = ?2, error = ?3, finished_at = ?4 WHERE id = ?1",
         params![id, state, error, at as i64],
     )?;
+    prune_jobs(c, at)?;
     Ok(())
+}
+
+/// How long a finished job's record is kept (µs), and how many records at most.
+pub const JOB_KEEP_US: u64 = 7 * 24 * 3600 * 1_000_000;
+/// The most job records kept; the highest id always stays, so ids never repeat.
+pub const JOB_KEEP_COUNT: u32 = 1000;
+
+/// Forgets finished jobs older than [`JOB_KEEP_US`] or beyond the newest [`JOB_KEEP_COUNT`].
+pub fn prune_jobs(c: &Connection, now: u64) -> Result<usize, StoreError> {
+    Ok(c.execute(
+        "DELETE FROM jobs WHERE state != 'running' AND id < (SELECT MAX(id) FROM jobs) \
+         AND (finished_at < ?1 OR id <= (SELECT id FROM jobs ORDER BY id DESC LIMIT 1 OFFSET ?2))",
+        params![now.saturating_sub(JOB_KEEP_US) as i64, JOB_KEEP_COUNT],
+    )?)
 }
 
 /// Marks jobs a dead daemon left `running` as failed; returns how many.
@@ -481,5 +510,35 @@ mod tests {
         assert_eq!(s.call_blocking(|c| fail_interrupted_jobs(c, 2)).unwrap(), 1);
         let after = s.call_blocking(|c| find_job(c, 7)).unwrap().unwrap();
         assert_eq!(after.state, "failed");
+    }
+
+    #[test]
+    fn finished_jobs_are_kept_for_a_bounded_time_and_count() {
+        let s = Store::open_in_memory().unwrap();
+        let n = JOB_KEEP_COUNT + 50;
+        for id in 1..=n {
+            let rec = JobRecord {
+                id,
+                kind: "pull-image".into(),
+                target: "x".into(),
+                state: "running".into(),
+                error: String::new(),
+            };
+            s.call_blocking(move |c| insert_job(c, &rec, 1)).unwrap();
+        }
+        // Job 1 ends long ago, the rest now: 1 goes by age, the oldest by count.
+        s.call_blocking(|c| finish_job(c, 1, "done", "", 1))
+            .unwrap();
+        let now = JOB_KEEP_US + 10;
+        for id in 2..=n {
+            s.call_blocking(move |c| finish_job(c, id, "done", "", now))
+                .unwrap();
+        }
+        let left: u32 = s
+            .call_blocking(|c| Ok(c.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(left, JOB_KEEP_COUNT);
+        assert_eq!(s.call_blocking(|c| max_job_id(c)).unwrap(), n);
+        assert!(s.call_blocking(|c| find_job(c, 1)).unwrap().is_none());
     }
 }

@@ -219,7 +219,7 @@ impl Vmm for Firecracker {
         let (api, id) = (api_socket(run), format!("banger-{}", spec.id));
         let spawned = spawn_detached(
             &pidfile(run),
-            &super::scope::vm_unit(&spec.name),
+            &super::scope::vm_unit(&spec.id),
             &bin,
             &[
                 "--api-sock".as_ref(),
@@ -228,6 +228,7 @@ impl Vmm for Firecracker {
                 id.as_ref(),
             ],
             &spec.console_log,
+            super::process::UnitLimits::vmm(spec.vcpus, spec.memory_mib),
         )
         .await;
         if let Err(e) = spawned {

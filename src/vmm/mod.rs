@@ -5,6 +5,7 @@
 //! again lives in the VM's runtime directory (pid files and sockets), so the daemon can
 //! re-adopt or clean up a VM from that directory alone.
 
+pub mod console;
 pub mod firecracker;
 pub mod process;
 pub mod qemu;
@@ -20,9 +21,9 @@ use crate::Result;
 /// Everything a VMM needs to boot one VM.
 #[derive(Debug, Clone)]
 pub struct BootSpec {
-    /// The VM's id (names its processes).
+    /// The VM's id (names its processes and units, `banger-vm-<id>.service`).
     pub id: String,
-    /// The VM's name (names its systemd units, `banger-vm-<name>.service`).
+    /// The VM's name (for messages; units and machines are named by id).
     pub name: String,
     /// Virtual CPUs.
     pub vcpus: u32,

@@ -55,6 +55,39 @@ pub async fn terminate(pidfile: &Path, marker: &str, grace: Duration) {
     let _ = std::fs::remove_file(pidfile);
 }
 
+/// The resource bounds of a detached process's unit (systemd hosts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitLimits {
+    /// `MemoryMax=` in bytes: the guest's memory plus the VMM's own, or a helper's.
+    pub memory_max: u64,
+    /// `TasksMax=`: threads and processes.
+    pub tasks_max: u32,
+}
+
+impl UnitLimits {
+    /// What a VMM of `vcpus` and `memory_mib` may take: the guest's memory plus
+    /// [`VMM_OVERHEAD_MIB`], and a thread per vCPU plus QEMU's own.
+    pub fn vmm(vcpus: u32, memory_mib: u32) -> Self {
+        UnitLimits {
+            memory_max: (u64::from(memory_mib) + VMM_OVERHEAD_MIB) << 20,
+            tasks_max: 32 + 2 * vcpus,
+        }
+    }
+
+    /// A helper (vsock device, console logger): it maps the guest's memory to serve
+    /// virtqueues, so the guest's size counts, plus little of its own.
+    pub fn helper(memory_mib: u32) -> Self {
+        UnitLimits {
+            memory_max: (u64::from(memory_mib) + 128) << 20,
+            tasks_max: 32,
+        }
+    }
+}
+
+/// What QEMU needs beyond the guest's memory: its TCG translation cache (capped at
+/// `tb-size=256` MiB by the driver) and its own heap, threads and device state.
+pub const VMM_OVERHEAD_MIB: u64 = 512;
+
 /// Starts `program args…` detached from bangerd, its pid written to `pidfile` by the shell
 /// that then becomes it, its output to `log`. It must outlive the daemon and must not inherit
 /// its sandbox (QEMU's TCG needs writable-executable memory, which the daemon's unit denies):
@@ -66,6 +99,7 @@ pub async fn spawn_detached(
     program: &Path,
     args: &[&std::ffi::OsStr],
     log: &Path,
+    limits: UnitLimits,
 ) -> crate::Result<()> {
     let what = program
         .file_name()
@@ -93,6 +127,8 @@ pub async fn spawn_detached(
             // holding capabilities the looker lacks).
             .arg("--property=CapabilityBoundingSet=CAP_NET_ADMIN CAP_DAC_OVERRIDE CAP_SYS_RESOURCE")
             .args(["--property=NoNewPrivileges=yes", "--property=ProtectHome=yes"])
+            .arg(format!("--property=MemoryMax={}", limits.memory_max))
+            .arg(format!("--property=TasksMax={}", limits.tasks_max))
             .arg("--");
             c
         } else {

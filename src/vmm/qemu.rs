@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::process::Command;
 
-use super::process::{live_pid, spawn_detached, terminate, wait_for_path};
+use super::process::{live_pid, spawn_detached, terminate, wait_for_path, UnitLimits};
 use super::{qmp, BootSpec, Vmm, ROOT_SERIAL, WORK_SERIAL};
 use crate::config::Accel;
 use crate::host::find_program;
@@ -37,8 +37,23 @@ fn vhost_socket(run: &Path) -> PathBuf {
 fn qmp_socket(run: &Path) -> PathBuf {
     run.join("qmp.sock")
 }
+fn console_socket(run: &Path) -> PathBuf {
+    run.join("console.sock")
+}
+fn console_pidfile(run: &Path) -> PathBuf {
+    run.join("console.pid")
+}
 fn marker(run: &Path) -> String {
     run.to_string_lossy().into_owned()
+}
+
+/// The `bangerd` binary that runs console loggers: this one, unless it was replaced on disk
+/// (an upgrade), then the installed one.
+fn logger_program() -> Result<PathBuf> {
+    match std::env::current_exe() {
+        Ok(p) if p.is_file() && p.file_name().is_some_and(|n| n == "bangerd") => Ok(p),
+        _ => program("bangerd", "install banger"),
+    }
 }
 
 fn program(name: &str, hint: &str) -> Result<PathBuf> {
@@ -126,7 +141,8 @@ impl Qemu {
             "-M".into(),
             "microvm,memory-backend=mem".into(),
             "-accel".into(),
-            (if kvm { "kvm" } else { "tcg" }).into(),
+            // TCG's translation cache is capped so the VMM's unit can bound its memory.
+            (if kvm { "kvm" } else { "tcg,tb-size=256" }).into(),
             "-cpu".into(),
             (if kvm { "host" } else { "max" }).into(),
             "-smp".into(),
@@ -143,8 +159,9 @@ impl Qemu {
             "-display".into(),
             "none".into(),
             "-no-reboot".into(),
+            // The console goes to the VM's logger (bounded), never straight to a file.
             "-chardev".into(),
-            format!("file,id=con,path={}", p(&spec.console_log)),
+            format!("socket,id=con,path={}", p(&console_socket(run))),
             "-serial".into(),
             "chardev:con".into(),
             "-kernel".into(),
@@ -188,6 +205,40 @@ impl Qemu {
         a
     }
 
+    /// Starts the VM's console logger (the `bangerd` binary in its logger role) and waits
+    /// for its socket, which QEMU then connects to.
+    async fn start_console(&self, spec: &BootSpec) -> Result<()> {
+        let run = &spec.run_dir;
+        terminate(&console_pidfile(run), &marker(run), Duration::from_secs(2)).await;
+        let bin = logger_program()?;
+        let sock = console_socket(run);
+        let _ = std::fs::remove_file(&sock);
+        spawn_detached(
+            &console_pidfile(run),
+            &super::scope::helper_unit(&spec.id, "console"),
+            &bin,
+            &[
+                super::console::LOGGER_ARG.as_ref(),
+                sock.as_os_str(),
+                spec.console_log.as_os_str(),
+            ],
+            &run.join("console-logger.log"),
+            UnitLimits {
+                memory_max: 64 << 20,
+                tasks_max: 8,
+            },
+        )
+        .await?;
+        if !wait_for_path(&sock, Duration::from_secs(10)).await {
+            let log = std::fs::read_to_string(run.join("console-logger.log")).unwrap_or_default();
+            return Err(Error::failed(
+                "The console logger did not create its socket",
+                std::io::Error::other(log.trim().to_owned()),
+            ));
+        }
+        Ok(())
+    }
+
     async fn start_vsock(&self, spec: &BootSpec) -> Result<()> {
         let run = &spec.run_dir;
         let bin = program(
@@ -202,7 +253,7 @@ impl Qemu {
         let (vhost, uds) = (vhost_socket(run), self.vsock_socket(run));
         spawn_detached(
             &vsock_pidfile(run),
-            &super::scope::helper_unit(&spec.name, "vsock"),
+            &super::scope::helper_unit(&spec.id, "vsock"),
             &bin,
             &[
                 "--guest-cid".as_ref(),
@@ -213,6 +264,7 @@ impl Qemu {
                 uds.as_os_str(),
             ],
             &run.join("vhost-vsock.log"),
+            UnitLimits::helper(spec.memory_mib),
         )
         .await?;
         if !wait_for_path(&vhost_socket(run), Duration::from_secs(10)).await {
@@ -260,6 +312,7 @@ impl Vmm for Qemu {
         let qemu = program(QEMU, "install qemu-system-x86")?;
         let kvm = self.uses_kvm();
         let _ = std::fs::remove_file(qmp_socket(&spec.run_dir));
+        self.start_console(spec).await?;
         self.start_vsock(spec).await?;
         let args = self.args(spec, kvm, crate::host::tsc_khz());
         tracing::debug!(vm_id = %spec.id, "{QEMU} {}", args.join(" "));
@@ -268,10 +321,11 @@ impl Vmm for Qemu {
         let argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
         spawn_detached(
             &qemu_pidfile(run),
-            &super::scope::vm_unit(&spec.name),
+            &super::scope::vm_unit(&spec.id),
             &qemu,
             &argv,
             &log_path,
+            UnitLimits::vmm(spec.vcpus, spec.memory_mib),
         )
         .await?;
         // Up once its QMP socket listens; an early exit is a failed boot, with QEMU's words.
@@ -312,11 +366,15 @@ impl Vmm for Qemu {
     }
 
     fn pids(&self, run_dir: &Path) -> Vec<u32> {
-        [qemu_pidfile(run_dir), vsock_pidfile(run_dir)]
-            .iter()
-            .filter_map(|f| live_pid(f, &marker(run_dir)))
-            .map(|p| p as u32)
-            .collect()
+        [
+            qemu_pidfile(run_dir),
+            vsock_pidfile(run_dir),
+            console_pidfile(run_dir),
+        ]
+        .iter()
+        .filter_map(|f| live_pid(f, &marker(run_dir)))
+        .map(|p| p as u32)
+        .collect()
     }
 
     async fn request_power_off(&self, run_dir: &Path) -> Result<()> {
@@ -329,8 +387,10 @@ impl Vmm for Qemu {
         let m = marker(run_dir);
         terminate(&qemu_pidfile(run_dir), &m, Duration::from_secs(3)).await;
         terminate(&vsock_pidfile(run_dir), &m, Duration::from_secs(2)).await;
+        terminate(&console_pidfile(run_dir), &m, Duration::from_secs(2)).await;
         for s in [
             qmp_socket(run_dir),
+            console_socket(run_dir),
             vhost_socket(run_dir),
             self.vsock_socket(run_dir),
         ] {

@@ -1,5 +1,7 @@
 //! VMs on a systemd host: each VM's VMM runs as a transient service of its own started by
-//! systemd (`banger-vm-<name>.service`, its vsock helper `banger-vm-<name>-vsock.service`; see
+//! systemd (`banger-vm-<id>.service`, its helpers `banger-vm-<id>-vsock.service` and
+//! `banger-vm-<id>-console.service`; names come from ids, never from what a user typed, so
+//! no VM's name can collide with another's unit; see
 //! `process::spawn_detached`), so it neither lives in `bangerd`'s cgroup (stopping the daemon
 //! or its idle exit never takes a VM down) nor inherits the daemon's sandbox, and
 //! `systemctl status` shows each VM apart. With systemd-machined, a ready VM is also
@@ -16,29 +18,19 @@ pub fn systemd_booted() -> bool {
 }
 
 /// The unit the VM's VMM runs as.
-pub fn vm_unit(vm_name: &str) -> String {
-    format!("banger-vm-{vm_name}.service")
+pub fn vm_unit(vm_id: &str) -> String {
+    format!("banger-vm-{vm_id}.service")
 }
 
-/// The unit one of the VM's helpers (`vsock`) runs as.
-pub fn helper_unit(vm_name: &str, role: &str) -> String {
-    format!("banger-vm-{vm_name}-{role}.service")
+/// The unit one of the VM's helpers (`vsock`, `console`) runs as.
+pub fn helper_unit(vm_id: &str, role: &str) -> String {
+    format!("banger-vm-{vm_id}-{role}.service")
 }
 
-/// A machine name machined accepts (a host name): the VM's name with other characters as `-`.
-pub fn machine_name(vm_name: &str) -> String {
-    let n: String = vm_name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(60)
-        .collect();
-    format!("banger-{}", n.trim_matches(['-', '.']))
+/// The VM's machine name for machined: `banger-<id>` (a VM's own name could collide with
+/// another's once made a valid host name, `a_b` and `a-b` alike).
+pub fn machine_name(vm_id: &str) -> String {
+    format!("banger-{vm_id}")
 }
 
 /// What the host should know about a running VM.
@@ -63,7 +55,7 @@ fn fail(what: String) -> impl FnOnce(zbus::Error) -> Error {
 /// Registers the VM with systemd-machined: `RegisterMachineEx` with its vsock CID and SSH
 /// address where machined has it (systemd ≥ 256), else `RegisterMachine`.
 pub async fn register(conn: &zbus::Connection, m: &Machine<'_>) -> Result<()> {
-    let name = machine_name(m.name);
+    let name = machine_name(m.id);
     let id = machine_id(m.id);
     let leader = m.pids.first().copied().unwrap_or(0);
     let mut props: Vec<(&str, Value<'_>)> = vec![
@@ -114,8 +106,8 @@ fn is_unknown_method(e: &zbus::Error) -> bool {
 }
 
 /// Removes the VM's machine registration; fine when there is none.
-pub async fn unregister(conn: &zbus::Connection, vm_name: &str) {
-    let name = machine_name(vm_name);
+pub async fn unregister(conn: &zbus::Connection, vm_id: &str) {
+    let name = machine_name(vm_id);
     let _ = conn
         .call_method(
             Some("org.freedesktop.machine1"),
@@ -178,12 +170,12 @@ pub async fn announce(m: &Machine<'_>) {
 
 /// Forgets a VM that stopped: its machine registration (its units go by themselves with
 /// their processes).
-pub async fn withdraw(vm_name: &str) {
+pub async fn withdraw(vm_id: &str) {
     if !systemd_booted() {
         return;
     }
     if let Ok(conn) = zbus::Connection::system().await {
-        unregister(&conn, vm_name).await;
+        unregister(&conn, vm_id).await;
     }
 }
 
@@ -193,10 +185,13 @@ mod tests {
 
     #[test]
     fn names_are_valid_for_systemd_and_machined() {
-        assert_eq!(vm_unit("dev"), "banger-vm-dev.service");
-        assert_eq!(helper_unit("dev", "vsock"), "banger-vm-dev-vsock.service");
-        assert_eq!(machine_name("my_vm.1"), "banger-my-vm.1");
-        assert_eq!(machine_name("-x-"), "banger-x");
+        let id = "0123456789abcdef";
+        assert_eq!(vm_unit(id), "banger-vm-0123456789abcdef.service");
+        assert_eq!(
+            helper_unit(id, "vsock"),
+            "banger-vm-0123456789abcdef-vsock.service"
+        );
+        assert_eq!(machine_name(id), "banger-0123456789abcdef");
         assert_eq!(machine_id("0123456789abcdef").len(), 16);
         assert_eq!(machine_id("0123456789abcdef")[0], 0x01);
     }

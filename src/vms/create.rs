@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{CreateOptions, Vms};
+use super::{bounds, CreateOptions, Vms};
 use crate::auth::Action;
 use crate::jobs::{Job, JobContext, JobSpec};
 use crate::model::{new_id, now_us, Image, Kernel, Vm, VmState};
@@ -69,6 +69,12 @@ impl Vms {
     /// object appears when the reservation is made.
     pub async fn create(&self, uid: u32, name: &str, o: CreateOptions) -> Result<(Vm, Arc<Job>)> {
         o.validate()?;
+        bounds::VmLimits::of(&self.config).check(o.vcpus, o.memory_mib, o.disk_size)?;
+        let (owned, active) = self.owned_by(uid, "").await?;
+        bounds::owned_quota(uid, owned, self.config.max_vms_per_user)?;
+        if o.start {
+            bounds::running_quota(uid, active, self.config.max_running_vms_per_user)?;
+        }
         // A subnet the start-up check refused: say why before anything is reserved.
         self.net.subnet()?;
         let n = name.to_owned();
@@ -150,9 +156,10 @@ impl Vms {
             .await?;
         let (_, pool) = self.config.address_pool()?;
         let row = vm.clone();
+        let max_owned = self.config.max_vms_per_user;
         let got = self
             .store
-            .call(move |c| rows::reserve_vm(c, &row, &pool))
+            .call(move |c| rows::reserve_vm(c, &row, &pool, max_owned))
             .await?
             .ok_or_else(|| taken(&vm.name))?;
         vm.guest_address = got.address;
@@ -251,6 +258,8 @@ impl Vms {
     pub(super) async fn start_locked(&self, st: &mut Stages<'_>, mut vm: Vm) -> Result<()> {
         let lock = self.lock_of(&vm.id);
         let _held = lock.lock().await;
+        // Over the owner's running quota nothing has started: the VM stays as it was.
+        self.enter_starting(&mut vm).await?;
         // Cancel drops this future; the guard still cleans up.
         let mut guard = FailGuard {
             vms: self.clone(),
@@ -262,12 +271,14 @@ impl Vms {
             Ok(()) => Ok(()),
             Err(e) => {
                 let stage = vm.stage.clone();
-                let tail = self.console_tail(&vm.id, 25);
                 self.fail(&mut vm).await;
-                let mut msg = format!("VM {} failed at stage {stage}", vm.name);
-                if !tail.is_empty() {
-                    msg.push_str(&format!("; console log ends with:\n{tail}"));
-                }
+                // The job's error is public (every local user can read it): the guest's
+                // console is not. Its owner reads it with `banger vm logs` (the CLI prints
+                // the tail itself when a create fails).
+                let msg = format!(
+                    "VM {} failed at stage {stage}; `banger vm logs {}` shows its console",
+                    vm.name, vm.name
+                );
                 Err(Error::failed(msg, e))
             }
         }
@@ -556,12 +567,9 @@ impl Vms {
         .await
     }
 
-    /// The last `n` lines of the VM's console log.
+    /// The last `n` lines of the VM's console log (read from its tail only).
     pub fn console_tail(&self, id: &str, n: usize) -> String {
-        let text = std::fs::read(self.console_log(id)).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        crate::vmm::console::tail_lines(&self.console_log(id), n)
     }
 
     /// Marks the VM failed and releases its running resources (disks stay for a retry).

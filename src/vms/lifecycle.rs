@@ -24,6 +24,8 @@ impl Vms {
                 vm.name, vm.state
             )));
         }
+        let (_, active) = self.owned_by(vm.owner_uid, &vm.id).await?;
+        super::bounds::running_quota(vm.owner_uid, active, self.config.max_running_vms_per_user)?;
         let spec = JobSpec {
             kind: "start-vm".into(),
             target: vm.name.clone(),
@@ -208,7 +210,7 @@ impl Vms {
     /// Kills the VM's VMM and helpers and removes its tap.
     pub(super) async fn power_down(&self, vm: &Vm) -> Result<()> {
         self.vmm.kill(&self.layout.vm_runtime_dir(&vm.id)).await?;
-        crate::vmm::scope::withdraw(&vm.name).await;
+        crate::vmm::scope::withdraw(&vm.id).await;
         if let Err(e) = self.net.detach(&vm.tap_name).await {
             tracing::warn!(vm_id = %vm.id, vm_name = %vm.name, "{}", e.full_message());
         }

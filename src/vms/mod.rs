@@ -2,6 +2,7 @@
 //! transaction, start under the VM's own lock), start, stop, delete, and re-adoption of VMs
 //! whose VMM outlived the daemon.
 
+pub mod bounds;
 mod create;
 mod lifecycle;
 
@@ -162,6 +163,9 @@ pub struct Vms {
     net: Arc<dyn HostNet>,
     /// Serialises tap creation against the bridge's removal when the last VM goes.
     net_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Held over an owner's running-VM count and the VM's move to `starting`, so parallel
+    /// starts cannot all pass `max_running_vms_per_user`.
+    start_gate: Arc<tokio::sync::Mutex<()>>,
     locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
@@ -190,6 +194,7 @@ impl Vms {
             vmm,
             net,
             net_lock: Arc::default(),
+            start_gate: Arc::default(),
             locks: Arc::default(),
         }
     }
@@ -208,6 +213,31 @@ impl Vms {
             .ok_or_else(|| {
                 Error::NotFound(format!("No VM {key:?}; `banger vm list` shows the VMs"))
             })
+    }
+
+    /// How many VMs `uid` owns, and how many of them start, run or stop, leaving `except` out.
+    async fn owned_by(&self, uid: u32, except: &str) -> Result<(u32, u32)> {
+        let vms = self.list().await?;
+        let mine = vms.iter().filter(|v| v.owner_uid == uid && v.id != except);
+        let active = mine
+            .clone()
+            .filter(|v| {
+                matches!(
+                    v.state,
+                    VmState::Starting | VmState::Running | VmState::Stopping
+                )
+            })
+            .count();
+        Ok((mine.count() as u32, active as u32))
+    }
+
+    /// Checks `max_running_vms_per_user` and marks the VM `starting`, atomically among starts.
+    async fn enter_starting(&self, vm: &mut Vm) -> Result<()> {
+        let _gate = self.start_gate.lock().await;
+        let (_, active) = self.owned_by(vm.owner_uid, &vm.id).await?;
+        bounds::running_quota(vm.owner_uid, active, self.config.max_running_vms_per_user)?;
+        vm.state = VmState::Starting;
+        self.save(vm).await
     }
 
     /// The VM's own lock: its start, stop and delete never overlap.

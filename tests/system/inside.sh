@@ -47,25 +47,28 @@ as alice busctl call org.banger /org/banger org.banger.Images1 RegisterImage 'sa
 say "a VM, in a unit of its own, registered with machined"
 as alice banger vm create t1 --image tiny --kernel k --vcpus 1 --memory 256 || fail "vm create"
 journalctl -u bangerd -o json VM_NAME=t1 STAGE=ready | grep -q '"VM_ID"' || fail "no journal entry with VM_NAME=t1 STAGE=ready"
-[ "$(active banger-vm-t1.service)" = active ] || fail "banger-vm-t1.service is $(active banger-vm-t1.service)"
-machinectl list --no-legend | grep -q "^banger-t1 *vm" || { machinectl list; fail "machined does not list banger-t1"; }
-leader=$(machinectl show banger-t1 -p Leader --value)
-grep -q banger-vm-t1.service "/proc/$leader/cgroup" || fail "the machine leader $leader is not in the VM unit"
+# Units and machine names come from the VM's id, never from the name a user typed.
+id=$(busctl call org.banger /org/banger org.banger.VMs1 GetVM s t1 | sed 's|.*/vm/||; s|"||g')
+unit=banger-vm-$id.service machine=banger-$id
+[ "$(active "$unit")" = active ] || fail "$unit is $(active "$unit")"
+machinectl list --no-legend | grep -q "^$machine *vm" || { machinectl list; fail "machined does not list $machine"; }
+leader=$(machinectl show "$machine" -p Leader --value)
+grep -q "$unit" "/proc/$leader/cgroup" || fail "the machine leader $leader is not in the VM unit"
 
 say "idle exit leaves the VM running"
 for _ in $(seq 60); do [ "$(active bangerd)" = inactive ] && break; sleep 1; done
 [ "$(active bangerd)" = inactive ] || fail "bangerd did not exit when idle"
 [ "$(systemctl show bangerd -p Result --value)" = success ] || fail "bangerd's idle exit was not clean"
-[ "$(active banger-vm-t1.service)" = active ] || fail "the VM died with the daemon"
+[ "$(active "$unit")" = active ] || fail "the VM died with the daemon"
 
 say "the next call re-adopts it"
 comm=$(as alice banger vm exec t1 -- cat /proc/1/comm) || fail "vm exec after the idle exit"
 [ "$comm" = init ] || fail "vm exec gave '$comm'"
 as mallory banger vm stop t1 2>/dev/null && fail "mallory stopped alice's VM"
 as alice banger vm stop t1 || fail "vm stop"
-for _ in $(seq 20); do machinectl list --no-legend | grep -q banger-t1 || break; sleep 0.5; done
-machinectl list --no-legend | grep -q banger-t1 && fail "banger-t1 is still registered after stop"
-[ "$(active banger-vm-t1.service)" != active ] || fail "the VM unit outlived the VM"
+for _ in $(seq 20); do machinectl list --no-legend | grep -q "$machine" || break; sleep 0.5; done
+machinectl list --no-legend | grep -q "$machine" && fail "$machine is still registered after stop"
+[ "$(active "$unit")" != active ] || fail "the VM unit outlived the VM"
 as alice banger vm delete t1 || fail "vm delete"
 ip -o link | grep -q banger0 && fail "banger0 outlived the last VM"
 
