@@ -97,9 +97,11 @@ impl Images {
             })
             .await?;
         let id = match &existing {
-            Some(old) if old.managed => return Err(Error::AlreadyExists(format!(
+            Some(old) if old.managed => {
+                return Err(Error::AlreadyExists(format!(
                 "{name:?} is a managed image; RegisterImage cannot change it (pick another name)"
-            ))),
+            )))
+            }
             Some(_) if users > 0 => {
                 return Err(Error::InUse(format!(
                     "Image {name:?} is used by {users} VM(s), whose disks layer on its files; \

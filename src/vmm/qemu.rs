@@ -429,7 +429,11 @@ mod tests {
     fn tcg_gets_the_tsc_frequency_and_kvm_does_not() {
         let q = Qemu::new(Accel::Tcg);
         let a = q.args(&spec(), false, Some(2596140)).join(" ");
-        assert!(a.contains("-accel tcg -cpu max"), "{a}");
+        assert!(a.contains("-accel tcg,tb-size=256 -cpu max"), "{a}");
+        assert!(
+            a.contains("-chardev socket,id=con,path=/run/banger/vms/00ff/console.sock"),
+            "{a}"
+        );
         assert!(a.contains("tsc_early_khz=2596140"), "{a}");
         assert!(
             a.contains("root=serial:root rw banger.work=serial:work"),
