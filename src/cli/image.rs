@@ -55,6 +55,38 @@ pub enum ImageCommand {
         #[arg(long, value_delimiter = ',')]
         ready_ports: Vec<u16>,
     },
+    /// Register your own ext4 files as an image: they are opened here, as you, and the
+    /// daemon copies them (re-registering a name replaces its files).
+    Register {
+        /// Image name.
+        name: String,
+        /// The root filesystem (an ext4 image file).
+        #[arg(long)]
+        rootfs: std::path::PathBuf,
+        /// The seed of each VM's persistent /root disk (an ext4 image file).
+        #[arg(long)]
+        work_seed: Option<std::path::PathBuf>,
+        /// An installed or catalog kernel the image boots with.
+        #[arg(long, conflicts_with = "kernel_path")]
+        kernel: Option<String>,
+        /// A kernel file to import with the image (as kernel NAME).
+        #[arg(long)]
+        kernel_path: Option<std::path::PathBuf>,
+        /// An initrd for --kernel-path (banger builds one from --modules when absent).
+        #[arg(long, requires = "kernel_path")]
+        initrd: Option<std::path::PathBuf>,
+        /// The modules directory for --kernel-path.
+        #[arg(long, requires = "kernel_path")]
+        modules: Option<std::path::PathBuf>,
+        /// TCP ports VMs wait for before they are ready, e.g. 8080,5432.
+        #[arg(long, value_delimiter = ',')]
+        ready_ports: Option<Vec<u16>>,
+    },
+    /// Make a registered image managed (banger's to keep and delete).
+    Promote {
+        /// Image name or id.
+        name: String,
+    },
     /// Delete an image no VM uses.
     Delete {
         /// Image name or id.
@@ -143,6 +175,49 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
             watch.follow(out, id, &path).await?;
             if !out.json {
                 println!("Built image {name}");
+            }
+        }
+        ImageCommand::Register {
+            name,
+            rootfs,
+            work_seed,
+            kernel,
+            kernel_path,
+            initrd,
+            modules,
+            ready_ports,
+        } => {
+            let mut entries = vec![("rootfs", super::files::open_file(&rootfs)?)];
+            if let Some(s) = work_seed {
+                entries.push(("work_seed", super::files::open_file(&s)?));
+            }
+            if let Some(k) = kernel {
+                entries.push(("kernel", k.into()));
+            }
+            if let Some(k) = kernel_path {
+                entries.push(("kernel_path", super::files::open_file(&k)?));
+            }
+            if let Some(i) = initrd {
+                entries.push(("initrd_path", super::files::open_file(&i)?));
+            }
+            if let Some(m) = modules {
+                entries.push(("modules_dir", super::files::open_dir(&m)?));
+            }
+            if let Some(r) = ready_ports {
+                entries.push(("ready_ports", r.into()));
+            }
+            let path = p
+                .register_image(&name, opts(entries))
+                .await
+                .map_err(explain)?;
+            out.object(vec![("name", json!(name)), ("path", json!(path.as_str()))]);
+        }
+        ImageCommand::Promote { name } => {
+            let watch = super::watch::subscribe(conn).await?;
+            let (id, path) = p.promote_image(&name).await.map_err(explain)?;
+            watch.follow(out, id, &path).await?;
+            if !out.json {
+                println!("Image {name} is managed");
             }
         }
         ImageCommand::Delete { name } => p.delete_image(&name).await.map_err(explain)?,

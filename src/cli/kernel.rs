@@ -88,16 +88,13 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: KernelCommand) -> a
             initrd,
             modules,
         } => {
-            // The daemon does not know this shell's working directory.
-            let abs = |p: std::path::PathBuf| -> anyhow::Result<String> {
-                Ok(std::path::absolute(&p)?.to_string_lossy().into_owned())
-            };
-            let mut entries = vec![("kernel_path", abs(kernel)?.into())];
+            // Opened here, as the user who runs this; the daemon gets descriptors.
+            let mut entries = vec![("kernel_path", super::files::open_file(&kernel)?)];
             if let Some(i) = initrd {
-                entries.push(("initrd_path", abs(i)?.into()));
+                entries.push(("initrd_path", super::files::open_file(&i)?));
             }
             if let Some(m) = modules {
-                entries.push(("modules_dir", abs(m)?.into()));
+                entries.push(("modules_dir", super::files::open_dir(&m)?));
             }
             let path = p
                 .import_kernel(&name, opts(entries))

@@ -2,6 +2,7 @@
 
 mod assets;
 mod doctor;
+mod files;
 mod image;
 mod kernel;
 mod output;

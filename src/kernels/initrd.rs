@@ -82,6 +82,23 @@ impl ModuleIndex {
         idx
     }
 
+    /// Refuses an index that names a module outside the modules tree (an absolute path, or
+    /// one climbing out with `..`): root reads what it names into the initrd.
+    fn check_paths(&self) -> Result<()> {
+        for (path, _) in self.deps.values() {
+            let inside = Path::new(path)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !inside || path.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "modules.dep names {path:?}, outside the modules tree; banger reads only \
+                     modules inside it (run depmod on the tree to rebuild the index)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Loads the index of `modules_dir`, running `depmod` first when it has none.
     pub fn load(modules_dir: &Path, version: &str) -> Result<Self> {
         if !modules_dir.join("modules.dep").exists() {
@@ -90,12 +107,14 @@ impl ModuleIndex {
         let read = |f: &str| std::fs::read_to_string(modules_dir.join(f)).unwrap_or_default();
         let dep = std::fs::read_to_string(modules_dir.join("modules.dep"))
             .map_err(|e| Error::failed("Cannot read modules.dep", e))?;
-        Ok(Self::parse(
+        let idx = Self::parse(
             &dep,
             &read("modules.softdep"),
             &read("modules.alias"),
             &read("modules.builtin"),
-        ))
+        );
+        idx.check_paths()?;
+        Ok(idx)
     }
 
     /// The modules to load for `wanted`, dependencies first, as (name, relative path).
@@ -233,6 +252,9 @@ pub fn is_static_elf(b: &[u8]) -> bool {
 
 /// Builds the initrd for `modules_dir` with `init` (the static banger-init) as `/init`.
 pub fn build(modules_dir: &Path, version: &str, init: &Path) -> Result<Vec<u8>> {
+    // The index first: a hostile one is refused before anything is read.
+    let idx = ModuleIndex::load(modules_dir, version)?;
+    let modules = idx.resolve(WANTED)?;
     let init_bin = std::fs::read(init)
         .map_err(|e| Error::failed(format!("Cannot read banger-init at {}", init.display()), e))?;
     if !is_static_elf(&init_bin) {
@@ -246,8 +268,6 @@ pub fn build(modules_dir: &Path, version: &str, init: &Path) -> Result<Vec<u8>> 
             ),
         ));
     }
-    let idx = ModuleIndex::load(modules_dir, version)?;
-    let modules = idx.resolve(WANTED)?;
     let mut cpio = Cpio::default();
     for d in ["dev", "proc", "sys", "newroot", "etc", MODULE_DIR] {
         cpio.entry(d, 0o040755, (0, 0), &[]);
@@ -256,8 +276,7 @@ pub fn build(modules_dir: &Path, version: &str, init: &Path) -> Result<Vec<u8>> 
     cpio.entry("init", 0o100755, (0, 0), &init_bin);
     let mut list = String::new();
     for (name, rel) in &modules {
-        let data = std::fs::read(modules_dir.join(rel))
-            .map_err(|e| Error::failed(format!("Cannot read module {rel}"), e))?;
+        let data = read_inside(modules_dir, rel)?;
         if rel.ends_with(".ko.xz") || rel.ends_with(".ko.zst") || rel.ends_with(".ko.gz") {
             return Err(Error::InvalidArgument(format!(
                 "Module {rel} is compressed; banger's initrd needs uncompressed modules"
@@ -269,6 +288,23 @@ pub fn build(modules_dir: &Path, version: &str, init: &Path) -> Result<Vec<u8>> 
     }
     cpio.entry(MODULE_LIST, 0o100644, (0, 0), list.as_bytes());
     Ok(cpio.finish())
+}
+
+/// Reads `rel` below `root` without following a symbolic link on the way (the import
+/// refused links that leave the tree; this holds even for a tree made otherwise).
+fn read_inside(root: &Path, rel: &str) -> Result<Vec<u8>> {
+    let mut p = root.to_path_buf();
+    for c in Path::new(rel).components() {
+        p.push(c);
+        let meta = std::fs::symlink_metadata(&p)
+            .map_err(|e| Error::failed(format!("Cannot read module {rel}"), e))?;
+        if meta.file_type().is_symlink() {
+            return Err(Error::InvalidArgument(format!(
+                "Module {rel} is reached through a symbolic link; banger reads only modules stored in the tree"
+            )));
+        }
+    }
+    std::fs::read(&p).map_err(|e| Error::failed(format!("Cannot read module {rel}"), e))
 }
 
 /// Whether `initrd` is one banger built (it lists its modules in `etc/banger-modules`).
@@ -363,6 +399,28 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
         assert!(order.contains(&"virtio_rng".to_string()));
         let e = idx.resolve(&["virtio_net"]).unwrap_err();
         assert!(e.to_string().contains("no module virtio_net"), "{e}");
+    }
+
+    #[test]
+    fn an_index_naming_files_outside_the_tree_is_refused() {
+        assert!(ModuleIndex::parse(DEP, "", "", "").check_paths().is_ok());
+        for bad in [
+            "/etc/shadow.ko:",
+            "kernel/../../x.ko:",
+            "../x.ko: kernel/a.ko",
+        ] {
+            let e = ModuleIndex::parse(bad, "", "", "")
+                .check_paths()
+                .unwrap_err();
+            assert!(e.to_string().contains("outside the modules tree"), "{e}");
+        }
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("kernel")).unwrap();
+        std::fs::write(d.path().join("kernel/a.ko"), b"module").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", d.path().join("kernel/b.ko")).unwrap();
+        assert_eq!(read_inside(d.path(), "kernel/a.ko").unwrap(), b"module");
+        let e = read_inside(d.path(), "kernel/b.ko").unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
     }
 
     #[test]

@@ -1,0 +1,537 @@
+//! The security suite: hostile inputs from an unprivileged member of `banger`, through the
+//! real bus-activated daemon (private bus, real polkitd), each refused with its reason and
+//! nothing left behind, and a secret no caller may read never reaching banger's state. Prints
+//! its counts.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+const TOOLS: &[&str] = &[
+    "dbus-daemon",
+    "gdbus",
+    "unshare",
+    "mkfs.ext4",
+    "debugfs",
+    "grep",
+];
+
+/// A marker that only a root-only file holds: finding it anywhere under the state directory
+/// means banger read that file for a caller.
+const SECRET: &str = "banger-secret-7f3a9c";
+
+fn ext4(dir: &Path, name: &str, marker: &str, size: &str) -> PathBuf {
+    let tree = dir.join(format!("{name}.tree"));
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("marker"), format!("{marker}\n")).unwrap();
+    let img = dir.join(name);
+    let ok = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&img)
+        .arg(size)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mkfs.ext4 {name}");
+    std::fs::remove_dir_all(&tree).unwrap();
+    img
+}
+
+fn chown_to(p: &Path, uid: u32, mode: u32) {
+    std::os::unix::fs::chown(p, Some(uid), None).unwrap();
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// What a refusal must leave: no staging directory, the same images and kernels, and no
+/// trace of the secret anywhere in the state.
+fn leaks(bus: &TestBus, before: &(String, String)) -> Vec<String> {
+    let state = bus.state_dir();
+    let mut found = Vec::new();
+    for d in ["images", "kernels"] {
+        for e in std::fs::read_dir(state.join(d))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with(".staging-") {
+                found.push(format!("left {}", e.path().display()));
+            }
+        }
+    }
+    let grep = Command::new("grep")
+        .args(["-r", "-l", "-a", SECRET])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let hits = String::from_utf8_lossy(&grep.stdout).trim().to_owned();
+    if !hits.is_empty() {
+        found.push(format!("the secret is in {hits}"));
+    }
+    let now = listing(bus);
+    if &now != before {
+        found.push(format!("objects changed: {before:?} -> {now:?}"));
+    }
+    found
+}
+
+fn listing(bus: &TestBus) -> (String, String) {
+    let call = |m: &str| text(&bus.gdbus_as(None, false, "/org/banger", m, &[]));
+    (
+        call("org.banger.Images1.ListImages"),
+        call("org.banger.Kernels1.ListKernels"),
+    )
+}
+
+struct Tally {
+    tried: u32,
+    refused: u32,
+    leaked: u32,
+}
+
+impl Tally {
+    /// One hostile call: it must fail with `error` and a message containing `says`, and leave
+    /// nothing behind.
+    fn case(
+        &mut self,
+        bus: &TestBus,
+        what: &str,
+        call: impl FnOnce() -> std::process::Output,
+        error: &str,
+        says: &str,
+    ) {
+        let before = listing(bus);
+        let out = call();
+        self.tried += 1;
+        let t = text(&out);
+        assert!(
+            !out.status.success() && t.contains(error) && t.contains(says),
+            "{what}: expected {error} saying {says:?}, got: {t}"
+        );
+        self.refused += 1;
+        let l = leaks(bus, &before);
+        if !l.is_empty() {
+            self.leaked += 1;
+            panic!("{what}: {l:?}");
+        }
+    }
+}
+
+fn register_opts(entries: &[(&str, &Path)]) -> String {
+    let inner: Vec<String> = entries
+        .iter()
+        .map(|(k, p)| format!("'{k}': <'{}'>", p.display()))
+        .collect();
+    format!("{{{}}}", inner.join(", "))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_caller_files_and_bounds_are_refused_and_nothing_leaks() {
+    if !available(TOOLS) {
+        return;
+    }
+    ensure_users();
+    let uid = uid_of(USER_OK);
+    let files = tempfile::tempdir().unwrap();
+    let f = files.path();
+    std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    // The caller's own files, and root's secret.
+    let good = ext4(f, "good.ext4", "registered", "16M");
+    let seed = ext4(f, "seed.ext4", "seeded", "8M");
+    let secret = ext4(f, "secret.ext4", SECRET, "8M");
+    let big = ext4(f, "big.ext4", "big", "40M");
+    for p in [&good, &seed, &big] {
+        chown_to(p, uid, 0o600);
+    }
+    chown_to(&secret, 0, 0o600);
+    let not_ext4 = f.join("not-ext4.img");
+    std::fs::write(&not_ext4, vec![7u8; 1 << 20]).unwrap();
+    chown_to(&not_ext4, uid, 0o600);
+    let link = f.join("link.ext4");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    let fifo = f.join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    chown_to(&fifo, uid, 0o600);
+    // A root-only directory holding a world-readable file, reached through the caller's link.
+    let vault = f.join("vault");
+    std::fs::create_dir(&vault).unwrap();
+    std::fs::copy(&secret, vault.join("open.ext4")).unwrap();
+    std::fs::set_permissions(
+        vault.join("open.ext4"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    std::fs::set_permissions(&vault, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let through = f.join("through");
+    std::os::unix::fs::symlink(&vault, &through).unwrap();
+
+    // Kernel inputs: an ELF "kernel" (enough for ImportKernel), one over max_kernel_bytes,
+    // and hostile modules trees.
+    let kernel = f.join("vmlinux");
+    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+    elf.resize(64 * 1024, 0);
+    std::fs::write(&kernel, &elf).unwrap();
+    chown_to(&kernel, uid, 0o644);
+    let huge_kernel = f.join("huge-vmlinux");
+    let mut huge = elf.clone();
+    huge.resize(2 << 20, 0);
+    std::fs::write(&huge_kernel, &huge).unwrap();
+    chown_to(&huge_kernel, uid, 0o644);
+    let mods_link = f.join("mods-link");
+    std::fs::create_dir_all(mods_link.join("kernel")).unwrap();
+    std::os::unix::fs::symlink(&secret, mods_link.join("kernel/virtio_mmio.ko")).unwrap();
+    let mods_dep = f.join("mods-dep");
+    std::fs::create_dir_all(&mods_dep).unwrap();
+    let outside = f.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let mut dep = String::new();
+    for m in banger::kernels::initrd::WANTED {
+        let p = outside.join(format!("{m}.ko"));
+        std::fs::write(&p, SECRET).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        dep.push_str(&format!("{}:\n", p.display()));
+    }
+    std::fs::write(mods_dep.join("modules.dep"), dep).unwrap();
+    let mods_unreadable = f.join("mods-unreadable");
+    std::fs::create_dir_all(mods_unreadable.join("kernel")).unwrap();
+    std::fs::copy(&secret, mods_unreadable.join("kernel/x.ko")).unwrap();
+    for d in [&mods_link, &mods_dep, &mods_unreadable] {
+        Command::new("chown")
+            .args(["-h", "-R", &uid.to_string()])
+            .arg(d)
+            .status()
+            .unwrap();
+    }
+    std::os::unix::fs::chown(mods_unreadable.join("kernel/x.ko"), Some(0), None).unwrap();
+
+    let bus = TestBus::start(BusOptions {
+        extra_config: "max_kernel_bytes = 1048576\nmax_image_bytes = 33554432\n\
+                       max_vcpus = 2\nmax_memory_mib = 2048\nmax_disk_size = 1073741824\n\
+                       max_vms_per_user = 2\n"
+            .into(),
+        ..Default::default()
+    });
+    let register = |name: &str, o: String| {
+        bus.gdbus_as(
+            Some(USER_OK),
+            false,
+            "/org/banger",
+            "org.banger.Images1.RegisterImage",
+            &[name, &o],
+        )
+    };
+    let import = |name: &str, o: String| {
+        bus.gdbus_as(
+            Some(USER_OK),
+            false,
+            "/org/banger",
+            "org.banger.Kernels1.ImportKernel",
+            &[name, &o],
+        )
+    };
+    const BAD: &str = "org.banger.Error.InvalidArgument";
+    const LIMIT: &str = "org.banger.Error.LimitExceeded";
+    let mut t = Tally {
+        tried: 0,
+        refused: 0,
+        leaked: 0,
+    };
+
+    // Paths opened by the daemon as the caller.
+    for (what, p, says) in [
+        ("a symlink to a root-only file", &link, "is a symbolic link"),
+        ("a FIFO", &fifo, "is a FIFO"),
+        (
+            "a device",
+            &PathBuf::from("/dev/null"),
+            "is a character device",
+        ),
+        ("a directory", &f.to_path_buf(), "is a directory"),
+        (
+            "a root-only file",
+            &secret,
+            "cannot read this file yourself",
+        ),
+        (
+            "a path through a root-only directory",
+            &through.join("open.ext4"),
+            "cannot read this file yourself",
+        ),
+        (
+            "a file that is not ext4",
+            &not_ext4,
+            "not an ext4 file system",
+        ),
+    ] {
+        t.case(
+            &bus,
+            what,
+            || register("x", register_opts(&[("rootfs", p)])),
+            BAD,
+            says,
+        );
+    }
+    t.case(
+        &bus,
+        "an oversized rootfs",
+        || register("x", register_opts(&[("rootfs", &big)])),
+        LIMIT,
+        "max_image_bytes",
+    );
+    t.case(
+        &bus,
+        "a symlinked work seed",
+        || {
+            register(
+                "x",
+                register_opts(&[("rootfs", &good), ("work_seed", &link)]),
+            )
+        },
+        BAD,
+        "is a symbolic link",
+    );
+    t.case(
+        &bus,
+        "a relative path",
+        || register("x", "{'rootfs': <'good.ext4'>}".into()),
+        BAD,
+        "absolute path",
+    );
+    // Kernels.
+    t.case(
+        &bus,
+        "a symlinked kernel",
+        || import("k", register_opts(&[("kernel_path", &link)])),
+        BAD,
+        "is a symbolic link",
+    );
+    t.case(
+        &bus,
+        "an oversized kernel",
+        || import("k", register_opts(&[("kernel_path", &huge_kernel)])),
+        LIMIT,
+        "max_kernel_bytes",
+    );
+    t.case(
+        &bus,
+        "a modules tree with a link out of it",
+        || {
+            import(
+                "k",
+                register_opts(&[("kernel_path", &kernel), ("modules_dir", &mods_link)]),
+            )
+        },
+        BAD,
+        "leaves the modules tree",
+    );
+    t.case(
+        &bus,
+        "a modules.dep naming files outside the tree",
+        || {
+            import(
+                "k",
+                register_opts(&[("kernel_path", &kernel), ("modules_dir", &mods_dep)]),
+            )
+        },
+        BAD,
+        "outside the modules tree",
+    );
+    t.case(
+        &bus,
+        "a modules tree with a file the caller cannot read",
+        || {
+            import(
+                "k",
+                register_opts(&[("kernel_path", &kernel), ("modules_dir", &mods_unreadable)]),
+            )
+        },
+        BAD,
+        "cannot read all of it",
+    );
+    t.case(
+        &bus,
+        "a file where the modules directory goes",
+        || {
+            import(
+                "k",
+                register_opts(&[("kernel_path", &kernel), ("modules_dir", &good)]),
+            )
+        },
+        BAD,
+        "is a regular file, not a directory",
+    );
+    // Descriptors the CLI opened as the user: a FIFO still gets refused by what it is.
+    let fifo_s = fifo.to_string_lossy().into_owned();
+    t.case(
+        &bus,
+        "a FIFO passed as a descriptor",
+        || {
+            bus.banger_as(
+                Some(USER_OK),
+                &["image", "register", "x", "--rootfs", &fifo_s],
+            )
+        },
+        "",
+        "is a FIFO",
+    );
+    let link_s = link.to_string_lossy().into_owned();
+    t.case(
+        &bus,
+        "a link the user cannot follow, in the CLI",
+        || {
+            bus.banger_as(
+                Some(USER_OK),
+                &["image", "register", "x", "--rootfs", &link_s],
+            )
+        },
+        "",
+        "Permission denied",
+    );
+
+    // A good registration through the CLI's descriptors, then the caller swaps its files for
+    // links to the secret: banger's copies are what VMs get.
+    let (g, s) = (
+        good.to_string_lossy().into_owned(),
+        seed.to_string_lossy().into_owned(),
+    );
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &[
+            "image",
+            "register",
+            "mine",
+            "--rootfs",
+            &g,
+            "--work-seed",
+            &s,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    for p in [&good, &seed] {
+        std::fs::remove_file(p).unwrap();
+        std::os::unix::fs::symlink(&secret, p).unwrap();
+    }
+    let prop = |name: &str| {
+        let path = text(&bus.gdbus_as(
+            None,
+            false,
+            "/org/banger",
+            "org.banger.Images1.GetImage",
+            &["mine"],
+        ));
+        let path = path.split('\'').nth(1).unwrap().to_owned();
+        let out = bus.busctl_as(
+            None,
+            &[
+                "get-property",
+                "org.banger",
+                &path,
+                "org.banger.Image1",
+                name,
+            ],
+        );
+        text(&out).split('"').nth(1).unwrap_or_default().to_owned()
+    };
+    let (rootfs, work_seed) = (
+        PathBuf::from(prop("RootfsPath")),
+        PathBuf::from(prop("WorkSeedPath")),
+    );
+    for (p, marker) in [(&rootfs, "registered"), (&work_seed, "seeded")] {
+        assert!(
+            p.starts_with(bus.state_dir()),
+            "{} is not banger's",
+            p.display()
+        );
+        let cat = Command::new("debugfs")
+            .args(["-R", "cat /marker"])
+            .arg(p)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&cat.stdout).trim(), marker);
+    }
+    assert!(leaks(&bus, &listing(&bus)).is_empty());
+
+    // Bounds, each named by its key.
+    let ok = import("fake", register_opts(&[("kernel_path", &kernel)]));
+    assert!(ok.status.success(), "{}", text(&ok));
+    let create = |name: &str, extra: &str| {
+        bus.gdbus_as(
+            Some(USER_OK),
+            false,
+            "/org/banger",
+            "org.banger.VMs1.CreateVM",
+            &[
+                name,
+                &format!("{{'image': <'mine'>, 'kernel': <'fake'>, 'start': <false>{extra}}}"),
+            ],
+        )
+    };
+    for (what, extra, key) in [
+        (
+            "4 TB of memory",
+            ", 'memory_mib': <uint32 4000000>",
+            "max_memory_mib",
+        ),
+        (
+            "more vCPUs than allowed",
+            ", 'vcpus': <uint32 3>",
+            "max_vcpus",
+        ),
+        (
+            "a huge disk",
+            ", 'disk_size': <uint64 2147483648>",
+            "max_disk_size",
+        ),
+    ] {
+        t.case(&bus, what, || create("big", extra), LIMIT, key);
+    }
+    // Names that read as ids could shadow another's object.
+    t.case(
+        &bus,
+        "a VM named like an id",
+        || create("0123456789abcdef", ""),
+        BAD,
+        "read as an id",
+    );
+    let mut made = 0;
+    for n in ["q1", "q2"] {
+        let out = create(n, ", 'memory_mib': <uint32 256>, 'vcpus': <uint32 1>");
+        assert!(out.status.success(), "{}", text(&out));
+        made += 1;
+    }
+    // The VMs exist once their jobs reserved them.
+    for _ in 0..200 {
+        let l = text(&bus.gdbus_as(None, false, "/org/banger", "org.banger.VMs1.ListVMs", &[]));
+        if l.matches("/org/banger/vm/").count() == made {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    t.case(
+        &bus,
+        "a VM over max_vms_per_user",
+        || create("q3", ", 'memory_mib': <uint32 256>, 'vcpus': <uint32 1>"),
+        LIMIT,
+        "max_vms_per_user",
+    );
+    // Straight to the stream, past the test harness's capture: CI's log shows the counts.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "security: {} cases tried, {} refused, {} leaked",
+        t.tried,
+        t.refused,
+        t.leaked
+    );
+    assert_eq!(t.tried, t.refused);
+    assert_eq!(t.leaked, 0);
+}
