@@ -97,10 +97,10 @@ impl banger::net::HostNet for NoNet {
             24,
         ))
     }
-    async fn attach(&self, _: &str) -> banger::Result<()> {
+    async fn attach(&self, _: &str, _: &[banger::net::walls::GuestPort]) -> banger::Result<()> {
         Ok(())
     }
-    async fn detach(&self, _: &str) -> banger::Result<()> {
+    async fn detach(&self, _: &str, _: &[banger::net::walls::GuestPort]) -> banger::Result<()> {
         Ok(())
     }
     async fn teardown(&self) -> banger::Result<()> {

@@ -173,7 +173,16 @@ impl Config {
         let c: Config = toml::from_str(text)
             .map_err(|e| Error::InvalidArgument(format!("Invalid configuration: {e}")))?;
         c.check_catalogs()?;
+        c.allowed_egress()?;
         Ok(c)
+    }
+
+    /// `allow_egress`, parsed (CIDRs, no ports).
+    pub fn allowed_egress(&self) -> Result<Vec<crate::net::walls::Egress>> {
+        self.allow_egress
+            .iter()
+            .map(|e| crate::net::walls::Egress::parse(e, "allow_egress", false))
+            .collect()
     }
 
     fn check_catalogs(&self) -> Result<()> {

@@ -166,6 +166,39 @@ pub struct Vm {
     pub created_at: u64,
     /// The public half of the VM's own SSH host key (`ssh-ed25519 AAAA…`), once made.
     pub ssh_host_key: String,
+    /// Whether the VM may reach its owner's other `shared` VMs.
+    pub network: NetworkMode,
+    /// Where the VM may send (`CIDR[:PORT]`); empty: anywhere the host's walls allow.
+    pub egress: Vec<String>,
+}
+
+/// A VM's place on the guest network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    /// Reaches no other guest (the default).
+    #[default]
+    Isolated,
+    /// Reaches the same owner's other `shared` VMs.
+    Shared,
+}
+
+impl NetworkMode {
+    /// `isolated` or `shared`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Isolated => "isolated",
+            NetworkMode::Shared => "shared",
+        }
+    }
+
+    /// The mode a CreateVM option names.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "isolated" => Some(NetworkMode::Isolated),
+            "shared" => Some(NetworkMode::Shared),
+            _ => None,
+        }
+    }
 }
 
 /// Which kind of object a name belongs to, for messages.

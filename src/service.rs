@@ -110,7 +110,10 @@ impl Banger {
     pub fn new(config: Config, layout: Layout, store: Store) -> Result<Arc<Self>> {
         let vmm = crate::vmm::select(&config);
         let subnet = config.subnet().map(|(n, p)| crate::net::Subnet::new(n, p));
-        let net = Arc::new(crate::net::Bridge::new(subnet));
+        let net = Arc::new(crate::net::Bridge::new(
+            subnet,
+            config.allowed_egress().unwrap_or_default(),
+        ));
         Self::with_parts(config, layout, store, vmm, net)
     }
 
@@ -134,7 +137,10 @@ impl Banger {
             Err(e) => tracing::error!("VMs cannot be created: {}", e.full_message()),
         }
         let vmm = crate::vmm::select(&config);
-        let net = Arc::new(crate::net::Bridge::new(chosen));
+        let net = Arc::new(crate::net::Bridge::new(
+            chosen,
+            config.allowed_egress().unwrap_or_default(),
+        ));
         Self::with_parts(config, layout, store, vmm, net)
     }
 

@@ -26,10 +26,15 @@ impl Agent {
             .arg(&sock)
             .spawn()
             .unwrap();
-        for _ in 0..200 {
-            if sock.exists() {
-                break;
-            }
+        // Ready means listening: the socket file appears at bind(), before listen(), so
+        // only a connection that succeeds says the agent serves.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "banger-agent did not listen on {} within 10 s",
+                sock.display()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         Agent(child, dir)

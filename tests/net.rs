@@ -54,11 +54,11 @@ async fn bridge_taps_and_the_nft_table_come_and_go_without_touching_anything_els
     }
     sh("ip link set lo up; printf 'table inet other {\\n chain c { type filter hook forward priority 0; }\\n}\\n' | nft -f -");
     let subnet = Subnet::new(Ipv4Addr::new(172, 30, 99, 0), 24);
-    let net = Bridge::new(Ok(subnet));
-    net.attach("bgrtest000001").await.unwrap();
-    net.attach("bgrtest000002").await.unwrap();
+    let net = Bridge::new(Ok(subnet), vec![]);
+    net.attach("bgrtest000001", &[]).await.unwrap();
+    net.attach("bgrtest000002", &[]).await.unwrap();
     // Attaching again (a tap left by a crashed VMM) starts from a fresh tap.
-    net.attach("bgrtest000002").await.unwrap();
+    net.attach("bgrtest000002", &[]).await.unwrap();
 
     let all = links();
     let bridge = link(&all, BRIDGE).expect("bridge");
@@ -70,6 +70,11 @@ async fn bridge_taps_and_the_nft_table_come_and_go_without_touching_anything_els
     }
     let addrs = sh("ip -4 -o addr show dev banger0");
     assert!(addrs.contains("172.30.99.1/24"), "{addrs}");
+    let walls = sh("nft list table bridge banger");
+    assert!(
+        walls.contains("iifname \"bgr*\" oifname \"bgr*\" drop"),
+        "{walls}"
+    );
     let rules = sh("nft list table inet banger");
     assert!(
         rules.contains("masquerade") && rules.contains("172.30.99.0/24"),
@@ -88,17 +93,18 @@ async fn bridge_taps_and_the_nft_table_come_and_go_without_touching_anything_els
         subnet
     );
 
-    net.detach("bgrtest000001").await.unwrap();
-    net.detach("bgrtest000001").await.unwrap();
+    net.detach("bgrtest000001", &[]).await.unwrap();
+    net.detach("bgrtest000001", &[]).await.unwrap();
     assert!(link(&links(), "bgrtest000001").is_none());
     net.teardown().await.unwrap();
     net.teardown().await.unwrap();
     let all = links();
     assert!(link(&all, BRIDGE).is_none());
     // A bridge's removal takes its ports' taps off it; banger's own detach removes them.
-    net.detach("bgrtest000002").await.unwrap();
+    net.detach("bgrtest000002", &[]).await.unwrap();
     let tables = sh("nft list tables");
     assert!(!tables.contains("inet banger"), "{tables}");
+    assert!(!tables.contains("bridge banger"), "{tables}");
     assert!(
         tables.contains("inet other"),
         "another table was touched: {tables}"
@@ -126,9 +132,9 @@ async fn a_subnet_over_an_existing_route_is_refused_and_the_default_moves_aside(
         Subnet::new(Ipv4Addr::new(172, 30, 100, 0), 24)
     );
     // A bridge built on a refused subnet refuses every VM with the same clear error.
-    let refused = Bridge::new(banger::net::choose_subnet(wanted, false).await);
+    let refused = Bridge::new(banger::net::choose_subnet(wanted, false).await, vec![]);
     let e = refused
-        .attach("bgrtest000003")
+        .attach("bgrtest000003", &[])
         .await
         .unwrap_err()
         .to_string();

@@ -46,6 +46,8 @@ fn vm(name: &str, image: &Image, owner: u32, cid: u32) -> Vm {
         ssh_address: String::new(),
         created_at: now_us(),
         ssh_host_key: String::new(),
+        network: Default::default(),
+        egress: Vec::new(),
     }
 }
 

@@ -37,8 +37,9 @@ impl Vms1 {
     }
 
     /// Creates a VM and, unless start is false, starts it. Options: image s, kernel s,
-    /// vcpus u, memory_mib u, disk_size t, ssh_key s, start b. Returns the VM and its job at
-    /// once; stages arrive as CreateProgress and the job's StageChanged.
+    /// vcpus u, memory_mib u, disk_size t, ssh_key s, start b, network s (isolated or
+    /// shared), egress as (CIDR[:PORT] the VM may reach). Returns the VM and its job at once;
+    /// stages arrive as CreateProgress and the job's StageChanged.
     #[zbus(name = "CreateVM", out_args("vm_path", "job_id", "job_path"))]
     async fn create_vm(
         &self,
@@ -57,6 +58,15 @@ impl Vms1 {
             disk_size: o.u64("disk_size")?,
             ssh_key: o.string("ssh_key")?,
             start: o.bool("start")?.unwrap_or(d.start),
+            network: match o.string("network")? {
+                None => d.network,
+                Some(n) => crate::model::NetworkMode::parse(&n).ok_or_else(|| {
+                    crate::Error::InvalidArgument(format!(
+                        "CreateVM: network {n:?} is neither \"isolated\" nor \"shared\""
+                    ))
+                })?,
+            },
+            egress: o.strings("egress")?.unwrap_or_default(),
         };
         o.finish()?;
         validate_name(NameKind::Vm, name)?;

@@ -19,7 +19,9 @@ pub use tap::{create_tap, TAP_PREFIX};
 
 /// The bridge banger owns.
 pub const BRIDGE: &str = "banger0";
-/// The nftables table banger owns (family `inet`).
+pub mod walls;
+
+/// The nftables tables banger owns (`inet banger` and `bridge banger`).
 pub const NFT_TABLE: &str = "banger";
 
 /// An IPv4 subnet.
@@ -232,26 +234,40 @@ pub trait HostNet: Send + Sync {
     /// The subnet guests are in.
     fn subnet(&self) -> Result<Subnet>;
 
-    /// Brings the bridge and the nft table up (idempotent) and puts a fresh tap `tap` on it.
-    async fn attach(&self, tap: &str) -> Result<()>;
+    /// Brings the bridge up (idempotent), writes the walls for `ports` (which include the
+    /// new guest's), then puts a fresh tap `tap` on the bridge.
+    async fn attach(&self, tap: &str, ports: &[walls::GuestPort]) -> Result<()>;
 
-    /// Removes the tap; fine when it is already gone.
-    async fn detach(&self, tap: &str) -> Result<()>;
+    /// Removes the tap (fine when it is already gone) and rewrites the walls for the guests
+    /// that remain, `ports`.
+    async fn detach(&self, tap: &str, ports: &[walls::GuestPort]) -> Result<()>;
 
-    /// Removes the bridge and the nft table; fine when they are gone.
+    /// Removes the bridge and banger's nft tables; fine when they are gone.
     async fn teardown(&self) -> Result<()>;
 }
 
 /// The real host network: `banger0` and `table inet banger` in the daemon's network namespace.
 pub struct Bridge {
     subnet: std::result::Result<Subnet, String>,
+    allow: Vec<walls::Egress>,
 }
 
 impl Bridge {
-    /// A bridge for `subnet`, or one that refuses every VM with the start-up check's error.
-    pub fn new(subnet: Result<Subnet>) -> Self {
+    /// A bridge for `subnet`, or one that refuses every VM with the start-up check's error;
+    /// guests may reach the `allow`ed ranges (the operator's `allow_egress`) although they
+    /// are private.
+    pub fn new(subnet: Result<Subnet>, allow: Vec<walls::Egress>) -> Self {
         Bridge {
             subnet: subnet.map_err(|e| e.full_message()),
+            allow,
+        }
+    }
+
+    fn walls(&self, subnet: Subnet) -> walls::Walls {
+        walls::Walls {
+            subnet,
+            allow: self.allow.clone(),
+            resolvers: host_resolvers(),
         }
     }
 
@@ -330,26 +346,6 @@ where
     r
 }
 
-/// The whole `table inet banger`: forwarding for the bridge and masquerade of the subnet. The
-/// leading `table`/`delete table` pair makes the load replace the table atomically.
-pub fn nft_ruleset(subnet: &Subnet) -> String {
-    format!(
-        "table inet {NFT_TABLE}\n\
-         delete table inet {NFT_TABLE}\n\
-         table inet {NFT_TABLE} {{\n\
-         \tchain forward {{\n\
-         \t\ttype filter hook forward priority filter; policy accept;\n\
-         \t\tiifname \"{BRIDGE}\" accept\n\
-         \t\toifname \"{BRIDGE}\" ct state established,related accept\n\
-         \t}}\n\
-         \tchain postrouting {{\n\
-         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         \t\tip saddr {subnet} ip daddr != {subnet} masquerade\n\
-         \t}}\n\
-         }}\n"
-    )
-}
-
 async fn nft(script: &str) -> Result<()> {
     use tokio::io::AsyncWriteExt;
     let program = crate::host::find_program("nft").ok_or_else(|| {
@@ -407,11 +403,12 @@ impl HostNet for Bridge {
         self.subnet.clone().map_err(Error::InvalidArgument)
     }
 
-    async fn attach(&self, tap: &str) -> Result<()> {
+    async fn attach(&self, tap: &str, ports: &[walls::GuestPort]) -> Result<()> {
         let subnet = self.subnet()?;
-        // Bridge first: the table never exists without it (teardown keys on the bridge).
+        // Bridge first: the tables never exist without it (teardown keys on the bridge).
+        // The walls go up before the tap does: no frame of the guest's passes unwalled.
         let bridge = with_netlink(|h| async move { self.ensure_bridge(&h, subnet).await }).await?;
-        nft(&nft_ruleset(&subnet)).await?;
+        nft(&self.walls(subnet).ruleset(ports)).await?;
         enable_forwarding();
         with_netlink(|h| async move {
             if let Some(old) = link_index(&h, tap).await? {
@@ -442,8 +439,8 @@ impl HostNet for Bridge {
         .await
     }
 
-    async fn detach(&self, tap: &str) -> Result<()> {
-        with_netlink(|h| async move {
+    async fn detach(&self, tap: &str, ports: &[walls::GuestPort]) -> Result<()> {
+        let bridge = with_netlink(|h| async move {
             if let Some(i) = link_index(&h, tap).await? {
                 match h.link().del(i).execute().await {
                     Ok(()) => {}
@@ -451,9 +448,14 @@ impl HostNet for Bridge {
                     Err(e) => return Err(Error::failed(format!("Cannot remove tap {tap}"), e)),
                 }
             }
-            Ok(())
+            link_index(&h, BRIDGE).await
         })
-        .await
+        .await?;
+        // Without the bridge the tables are gone too (teardown), and stay gone.
+        if let (Some(_), Ok(subnet)) = (bridge, self.subnet()) {
+            nft(&self.walls(subnet).ruleset(ports)).await?;
+        }
+        Ok(())
     }
 
     async fn teardown(&self) -> Result<()> {
@@ -464,7 +466,8 @@ impl HostNet for Bridge {
             return Ok(());
         }
         nft(&format!(
-            "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"
+            "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n\
+             table bridge {NFT_TABLE}\ndelete table bridge {NFT_TABLE}\n"
         ))
         .await?;
         with_netlink(|h| async move {
@@ -542,18 +545,6 @@ mod tests {
         assert!(pick_subnet(s, false, &routes).is_err());
         let all = vec![route("172.30.0.0/16", "vpn")];
         assert!(pick_subnet(s, true, &all).is_err());
-    }
-
-    #[test]
-    fn the_ruleset_only_names_bangers_table() {
-        let r = nft_ruleset(&net("172.30.99.0/24"));
-        for line in r.lines().filter(|l| l.contains("table")) {
-            assert!(
-                line.ends_with("table inet banger") || line.ends_with("table inet banger {"),
-                "{line}"
-            );
-        }
-        assert!(r.contains("ip saddr 172.30.99.0/24 ip daddr != 172.30.99.0/24 masquerade"));
     }
 
     #[test]

@@ -71,6 +71,12 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE images ADD COLUMN ready_ports TEXT NOT NULL DEFAULT '';
     "#,
+    // 4: the VM's network walls: `isolated` or `shared`, and its egress allow-list (one
+    // `CIDR[:PORT]` a line; empty: no narrowing).
+    r#"
+    ALTER TABLE vms ADD COLUMN network TEXT NOT NULL DEFAULT 'isolated';
+    ALTER TABLE vms ADD COLUMN egress TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The schema version this build writes.

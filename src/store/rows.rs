@@ -164,7 +164,8 @@ pub fn delete_kernel(c: &Connection, name: &str) -> Result<(), StoreError> {
 }
 
 const VM_COLS: &str = "id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, \
-     owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at, ssh_host_key";
+     owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at, ssh_host_key, \
+     network, egress";
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
     let state: String = r.get(2)?;
@@ -186,6 +187,14 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         ssh_address: r.get(14)?,
         created_at: r.get::<_, i64>(15)? as u64,
         ssh_host_key: r.get(16)?,
+        network: crate::model::NetworkMode::parse(&r.get::<_, String>(17)?)
+            .unwrap_or(crate::model::NetworkMode::Isolated),
+        egress: r
+            .get::<_, String>(18)?
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect(),
     })
 }
 
@@ -207,7 +216,7 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     c.execute(
         &format!(
             "INSERT INTO vms ({VM_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
         ),
         params![
             v.id,
@@ -226,7 +235,9 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
             v.tap_name,
             v.ssh_address,
             v.created_at as i64,
-            v.ssh_host_key
+            v.ssh_host_key,
+            v.network.as_str(),
+            v.egress.join("\n")
         ],
     )?;
     Ok(())

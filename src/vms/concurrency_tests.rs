@@ -61,11 +61,11 @@ impl crate::net::HostNet for FakeNet {
             16,
         ))
     }
-    async fn attach(&self, tap: &str) -> Result<()> {
+    async fn attach(&self, tap: &str, _: &[crate::net::walls::GuestPort]) -> Result<()> {
         self.0.lock().unwrap().push(tap.to_owned());
         Ok(())
     }
-    async fn detach(&self, tap: &str) -> Result<()> {
+    async fn detach(&self, tap: &str, _: &[crate::net::walls::GuestPort]) -> Result<()> {
         self.0.lock().unwrap().retain(|t| t != tap);
         Ok(())
     }

@@ -105,6 +105,8 @@ impl Vms {
             ssh_address: String::new(),
             created_at: now_us(),
             ssh_host_key: String::new(),
+            network: o.network,
+            egress: o.egress.clone(),
         };
         let spec = JobSpec {
             kind: "create-vm".into(),
@@ -358,7 +360,8 @@ impl Vms {
         .await?;
         {
             let _net = self.net_lock.lock().await;
-            self.net.attach(&vm.tap_name).await?;
+            let ports = self.guest_ports("").await?;
+            self.net.attach(&vm.tap_name, &ports).await?;
         }
         let lease = crate::net::GuestNet {
             address: vm.guest_address.parse().map_err(|e| {

@@ -211,7 +211,14 @@ impl Vms {
     pub(super) async fn power_down(&self, vm: &Vm) -> Result<()> {
         self.vmm.kill(&self.layout.vm_runtime_dir(&vm.id)).await?;
         crate::vmm::scope::withdraw(&vm.id).await;
-        if let Err(e) = self.net.detach(&vm.tap_name).await {
+        let detached = {
+            let _net = self.net_lock.lock().await;
+            match self.guest_ports(&vm.id).await {
+                Ok(ports) => self.net.detach(&vm.tap_name, &ports).await,
+                Err(e) => Err(e),
+            }
+        };
+        if let Err(e) = detached {
             tracing::warn!(vm_id = %vm.id, vm_name = %vm.name, "{}", e.full_message());
         }
         Ok(())

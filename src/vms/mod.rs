@@ -40,6 +40,10 @@ pub struct CreateOptions {
     pub ssh_key: Option<String>,
     /// Start it once reserved.
     pub start: bool,
+    /// Isolated (the default) or shared with the owner's other shared VMs.
+    pub network: crate::model::NetworkMode,
+    /// Where the VM may send (`CIDR[:PORT]`); empty for no narrowing.
+    pub egress: Vec<String>,
 }
 
 impl Default for CreateOptions {
@@ -52,6 +56,8 @@ impl Default for CreateOptions {
             disk_size: None,
             ssh_key: None,
             start: true,
+            network: Default::default(),
+            egress: Vec::new(),
         }
     }
 }
@@ -97,6 +103,7 @@ impl CreateOptions {
         if let Some(k) = &self.ssh_key {
             validate_ssh_key(k)?;
         }
+        crate::net::walls::check_egress(&self.egress)?;
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(Error::InvalidArgument(format!(
                 "memory_mib must be at least {MIN_MEMORY_MIB}, not {}",
@@ -138,6 +145,23 @@ pub fn validate_ssh_key(k: &str) -> Result<()> {
         return Err(bad("the key material is not base64"));
     }
     Ok(())
+}
+
+/// A VM as the network walls see it (none without a valid address).
+fn guest_port(v: &Vm) -> Option<crate::net::walls::GuestPort> {
+    Some(crate::net::walls::GuestPort {
+        id: v.id.clone(),
+        tap: v.tap_name.clone(),
+        mac: v.mac_address.clone(),
+        address: v.guest_address.parse().ok()?,
+        owner: v.owner_uid,
+        network: v.network,
+        egress: v
+            .egress
+            .iter()
+            .filter_map(|e| crate::net::walls::Egress::parse(e, "egress", true).ok())
+            .collect(),
+    })
 }
 
 /// The polkit action `uid` needs to manage `vm`.
@@ -229,6 +253,23 @@ impl Vms {
             })
             .count();
         Ok((mine.count() as u32, active as u32))
+    }
+
+    /// The guests the network walls are written for: every VM that starts, runs or stops,
+    /// less `except`.
+    async fn guest_ports(&self, except: &str) -> Result<Vec<crate::net::walls::GuestPort>> {
+        let vms = self.list().await?;
+        Ok(vms
+            .iter()
+            .filter(|v| v.id != except)
+            .filter(|v| {
+                matches!(
+                    v.state,
+                    VmState::Starting | VmState::Running | VmState::Stopping
+                )
+            })
+            .filter_map(guest_port)
+            .collect())
     }
 
     /// Checks `max_running_vms_per_user` and marks the VM `starting`, atomically among starts.
