@@ -51,7 +51,7 @@ fn vm_image_layers() -> Vec<Vec<u8>> {
     }
     for applet in [
         "sh", "cat", "echo", "sync", "sleep", "id", "uname", "true", "ping", "hostname", "ip",
-        "httpd", "df", "tail",
+        "httpd", "df", "tail", "nc", "dd", "tr",
     ] {
         l = l.link(&format!("bin/{applet}"), tar::EntryType::Symlink, "busybox");
     }
@@ -195,7 +195,9 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
         import_kernel(&conn, "test", &vmlinuz, &modules).await;
     }
     let bus = TestBus::start(BusOptions {
-        extra_config: "accel = \"tcg\"\nboot_timeout_sec = 240\n".into(),
+        extra_config: "accel = \"tcg\"\nboot_timeout_sec = 240\n\
+                       allow_egress = [\"10.99.1.0/24\"]\n"
+            .into(),
         netns: true,
         state_dir: Some(state.path().to_owned()),
         ..Default::default()
@@ -292,13 +294,45 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     let out = bus.banger_as(Some(USER_OK), &["vm", "logs", "t1"]);
     assert!(text(&out).contains("banger-init: root"), "{}", text(&out));
 
-    // The guest network: a second VM; both reach each other and the gateway on banger0.
+    // A guest that floods its console leaves a log no larger than the cap.
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &[
+            "vm", "exec", "t1", "--", "sh", "-c",
+            "dd if=/dev/zero bs=1024 count=2600 2>/dev/null | tr '\\0' x > /dev/ttyS0; echo flooded > /dev/ttyS0",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let console = bus
+        .state_dir()
+        .join("vms")
+        .join(path.as_str().rsplit('/').next().unwrap())
+        .join("console.log");
+    let mut flooded = false;
+    for _ in 0..100 {
+        let tail = banger::vmm::console::tail_lines(&console, 1);
+        if tail.contains("flooded") {
+            flooded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let size = std::fs::metadata(&console).unwrap().len();
+    assert!(flooded, "the flood's end reached the log");
+    assert!(
+        size <= banger::vmm::console::MAX_BYTES,
+        "console.log is {size} bytes"
+    );
+
+    // The guest network: a second VM, shared; t1 is isolated, so neither reaches the other.
     let out = bus.banger_as(
         Some(USER_OK),
         &[
             "vm",
             "create",
             "t2",
+            "--network",
+            "shared",
             "--image",
             "tiny",
             "--kernel",
@@ -315,22 +349,16 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     let (links, table) = banger_network(&bus);
     assert!(table, "table inet banger is up");
     assert_eq!(links.len(), 3, "banger0 and two taps: {links:?}");
-    for (vm, peer) in [("t1", "172.30.99.3"), ("t2", "172.30.99.2")] {
-        let script = format!(
-            "hostname; ip -4 -o addr show; ping -c 1 -W 10 {peer} && ping -c 1 -W 10 172.30.99.1"
+    for vm in ["t1", "t2"] {
+        let out = bus.banger_as(Some(USER_OK), &["vm", "exec", vm, "--", "hostname"]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{vm}\n"),
+            "{}",
+            text(&out)
         );
-        let out = bus.banger_as(
-            Some(USER_OK),
-            &["vm", "exec", vm, "--", "sh", "-c", &script],
-        );
-        assert!(out.status.success(), "{vm} → {peer}: {}", text(&out));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            stdout.starts_with(&format!("{vm}\n")),
-            "host name: {stdout}"
-        );
-        assert!(stdout.contains("1 packets received"), "{stdout}");
     }
+    network_matrix(&bus).await;
     // --disk-size: banger-init grew t2's root filesystem (a 1 GiB image) to its 2 GiB disk.
     let root_kib = |vm: &str| -> u64 {
         let out = bus.banger_as(
@@ -484,6 +512,251 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
         addr.contains("172.30.99.2"),
         "the freed lease is reused: {addr}"
     );
+}
+
+/// A second network namespace routed behind the daemon's (a host "out there"), with
+/// listeners: what guests may and may not reach through the host. Removed on drop.
+struct Peer {
+    name: String,
+    listeners: Vec<std::process::Child>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        for l in &mut self.listeners {
+            let _ = l.kill();
+            let _ = l.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+fn sh_ok(c: &mut Command) {
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{c:?}: {}", text(&out));
+}
+
+/// The peer: 198.51.100.2 (public space), 10.99.0.2 (private, walled), 10.99.1.2 (private,
+/// allowed by the test's allow_egress) and 169.254.169.254 (metadata), all on a veth whose
+/// other end, in the daemon's namespace, holds 198.51.100.1 and 10.99.0.1 and 10.99.1.1 (host
+/// addresses). Listeners: the peer on 7000 and 7001, the daemon's namespace on 7002.
+fn peer(bus: &TestBus) -> Peer {
+    let name = format!("banger-peer-{}", std::process::id());
+    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+    sh_ok(Command::new("ip").args(["netns", "add", &name]));
+    let mut p = Peer {
+        name: name.clone(),
+        listeners: Vec::new(),
+    };
+    sh_ok(bus.in_netns("ip").args([
+        "link", "add", "bgw0", "type", "veth", "peer", "name", "peth", "netns", &name,
+    ]));
+    let host = "set -e; for a in 198.51.100.1/24 10.99.0.1/24 10.99.1.1/24; do ip addr add $a dev bgw0; done; \
+                ip link set bgw0 up; ip route add 169.254.169.254/32 dev bgw0";
+    sh_ok(bus.in_netns("sh").args(["-c", host]));
+    let far = format!(
+        "set -e; ip -n {name} link set lo up; \
+         for a in 198.51.100.2/24 10.99.0.2/24 10.99.1.2/24 169.254.169.254/32; do ip -n {name} addr add $a dev peth; done; \
+         ip -n {name} link set peth up"
+    );
+    sh_ok(Command::new("sh").args(["-c", &far]));
+    for port in ["7000", "7001"] {
+        p.listeners.push(
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &name,
+                    "busybox",
+                    "nc",
+                    "-ll",
+                    "-p",
+                    port,
+                    "-e",
+                    "/bin/true",
+                ])
+                .spawn()
+                .unwrap(),
+        );
+    }
+    p.listeners.push(
+        bus.in_netns("busybox")
+            .args(["nc", "-ll", "-p", "7002", "-e", "/bin/true"])
+            .spawn()
+            .unwrap(),
+    );
+    // Ready when each answers a connection (from the daemon's namespace, outside the walls).
+    for (addr, port) in [
+        ("198.51.100.2", "7000"),
+        ("198.51.100.2", "7001"),
+        ("127.0.0.1", "7002"),
+    ] {
+        let mut up = false;
+        for _ in 0..100 {
+            let out = bus
+                .in_netns("busybox")
+                .args(["nc", "-w", "1", addr, port])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            if out.status.success() {
+                up = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(up, "the listener on {addr}:{port} did not come up");
+    }
+    p
+}
+
+/// Whether `vm` connects to `addr:port` (a TCP handshake within 3 s).
+fn connects(bus: &TestBus, vm: &str, addr: &str, port: &str) -> bool {
+    let script = format!("nc -w 3 {addr} {port} </dev/null && echo OPEN || echo CLOSED");
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &["vm", "exec", vm, "--", "sh", "-c", &script],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout.contains("OPEN") || stdout.contains("CLOSED"),
+        "{vm}: {}",
+        text(&out)
+    );
+    stdout.contains("OPEN")
+}
+
+/// The guest-network matrix: t1 isolated, t2 and t3 shared (same owner), t3 narrowed to
+/// 198.51.100.0/24:7000; prints what it tried.
+async fn network_matrix(bus: &TestBus) {
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &[
+            "vm",
+            "create",
+            "t3",
+            "--image",
+            "tiny",
+            "--kernel",
+            "test",
+            "--vcpus",
+            "1",
+            "--memory",
+            "256",
+            "--network",
+            "shared",
+            "--egress",
+            "198.51.100.0/24:7000",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let show = bus.banger_as(Some(USER_OK), &["--json", "vm", "show", "t3"]);
+    let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(v["Network"], "shared", "{v}");
+    assert_eq!(v["Egress"][0], "198.51.100.0/24:7000", "{v}");
+    assert!(
+        v["Walls"].as_str().unwrap().contains("egress only to"),
+        "{v}"
+    );
+    let _peer = peer(bus);
+    let (t1, t2, t3) = ("172.30.99.2", "172.30.99.3", "172.30.99.4");
+    let tried = std::cell::Cell::new(0);
+    let check = |vm: &str, addr: &str, port: &str, open: bool, what: &str| {
+        tried.set(tried.get() + 1);
+        assert_eq!(
+            connects(bus, vm, addr, port),
+            open,
+            "{vm} → {addr}:{port} ({what})"
+        );
+    };
+    // Out there: reachable, unless private, link-local or narrowed away.
+    check("t1", "198.51.100.2", "7000", true, "a public address");
+    check("t1", "10.99.0.2", "7000", false, "a private address");
+    check(
+        "t1",
+        "10.99.1.2",
+        "7000",
+        true,
+        "a private address allow_egress names",
+    );
+    check(
+        "t1",
+        "169.254.169.254",
+        "7000",
+        false,
+        "link-local metadata",
+    );
+    check("t3", "198.51.100.2", "7000", true, "t3's egress list");
+    check(
+        "t3",
+        "198.51.100.2",
+        "7001",
+        false,
+        "a port t3's egress list leaves out",
+    );
+    // The host: none of its addresses, whatever listens there.
+    check("t1", "172.30.99.1", "7002", false, "the bridge address");
+    check("t1", "198.51.100.1", "7002", false, "another host address");
+    check(
+        "t2",
+        "10.99.1.1",
+        "7002",
+        false,
+        "a host address in an allowed range",
+    );
+    // Guests: shared VMs of one owner meet; an isolated one meets nobody. (Each runs the
+    // image's httpd on 8080.)
+    check("t2", t3, "8080", true, "a shared VM of the same owner");
+    check("t3", t2, "8080", true, "a shared VM of the same owner");
+    check("t1", t2, "8080", false, "isolated → shared");
+    check("t2", t1, "8080", false, "shared → isolated");
+    // Spoofing: another address or another MAC gets nowhere.
+    let spoof = |vm: &str, prepare: &str, restore: &str| {
+        let script = format!(
+            "{prepare}; nc -w 3 198.51.100.2 7000 </dev/null && r=OPEN || r=CLOSED; {restore}; echo $r"
+        );
+        let out = bus.banger_as(
+            Some(USER_OK),
+            &["vm", "exec", vm, "--", "sh", "-c", &script],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ip_spoof = spoof(
+        "t1",
+        "ip addr del 172.30.99.2/24 dev eth0; ip addr add 172.30.99.50/24 dev eth0; ip route add default via 172.30.99.1",
+        "ip addr del 172.30.99.50/24 dev eth0; ip addr add 172.30.99.2/24 dev eth0; ip route add default via 172.30.99.1",
+    );
+    assert!(
+        ip_spoof.contains("CLOSED"),
+        "a spoofed source address got out: {ip_spoof}"
+    );
+    let mac = {
+        let show = bus.banger_as(Some(USER_OK), &["--json", "vm", "show", "t1"]);
+        let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+        v["MacAddress"].as_str().unwrap().to_owned()
+    };
+    let mac_spoof = spoof(
+        "t1",
+        "ip link set eth0 down; ip link set eth0 address 02:aa:bb:cc:dd:ee; ip link set eth0 up; ip route add default via 172.30.99.1",
+        &format!("ip link set eth0 down; ip link set eth0 address {mac}; ip link set eth0 up; ip route add default via 172.30.99.1"),
+    );
+    assert!(
+        mac_spoof.contains("CLOSED"),
+        "a spoofed MAC got out: {mac_spoof}"
+    );
+    tried.set(tried.get() + 2);
+    // After both, t1 is itself again.
+    check("t1", "198.51.100.2", "7000", true, "t1 restored");
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "network matrix: {} cases, all as expected",
+        tried.get()
+    );
+    let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "--force", "t3"]);
+    assert!(out.status.success(), "{}", text(&out));
 }
 
 #[tokio::test(flavor = "multi_thread")]

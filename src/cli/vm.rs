@@ -132,6 +132,12 @@ pub struct VmSpec {
     /// or id_rsa.pub, the first that exists).
     #[arg(long, value_name = "FILE.pub")]
     ssh_key: Option<std::path::PathBuf>,
+    /// isolated (the default: no other guest) or shared (your other shared VMs).
+    #[arg(long)]
+    network: Option<String>,
+    /// Only these destinations, CIDR[:PORT] (repeatable); the host's walls still apply.
+    #[arg(long, value_name = "CIDR[:PORT]")]
+    egress: Vec<String>,
 }
 
 impl VmSpec {
@@ -147,6 +153,8 @@ impl VmSpec {
             .chain(self.vcpus.map(|v| ("vcpus", v.into())))
             .chain(self.memory.map(|m| ("memory_mib", m.into())))
             .chain(key.map(|k| ("ssh_key", k.into())))
+            .chain(self.network.clone().map(|n| ("network", n.into())))
+            .chain((!self.egress.is_empty()).then(|| ("egress", self.egress.clone().into())))
             .collect())
     }
 }
@@ -471,6 +479,8 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                 "VSockCID",
                 "SSHAddress",
                 "SSHHostKey",
+                "Network",
+                "Egress",
                 "Owner",
                 "CreatedAt",
             ] {
@@ -483,12 +493,29 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                         (Ok(s), _, _) => json!(s),
                         (_, Ok(n), _) => json!(n),
                         (_, _, Ok(n)) => json!(n),
-                        _ => json!(null),
+                        _ => match <Vec<String>>::try_from(v.try_clone()?) {
+                            Ok(list) => json!(list),
+                            Err(_) => json!(null),
+                        },
                     },
                     None => json!(null),
                 };
                 fields.push((key, v));
             }
+            // The walls the VM lives behind, in words.
+            let network = all
+                .get("Network")
+                .and_then(|v| <&str>::try_from(&**v).ok())
+                .and_then(crate::model::NetworkMode::parse)
+                .unwrap_or_default();
+            let egress = all
+                .get("Egress")
+                .and_then(|v| <Vec<String>>::try_from(v.try_clone().ok()?).ok())
+                .unwrap_or_default();
+            fields.push((
+                "Walls",
+                json!(crate::net::walls::describe(network, &egress)),
+            ));
             fields.push(("Path", json!(path.as_str())));
             out.object(fields);
         }

@@ -146,6 +146,16 @@ impl Vm1 {
     fn ssh_host_key(&self) -> String {
         self.vm.ssh_host_key.clone()
     }
+    /// isolated (reaches no other guest) or shared (reaches its owner's other shared VMs).
+    #[zbus(property(emits_changed_signal = "const"), name = "Network")]
+    fn network(&self) -> String {
+        self.vm.network.as_str().to_owned()
+    }
+    /// Where the VM may send (CIDR[:PORT]); empty: anywhere the host's walls allow.
+    #[zbus(property(emits_changed_signal = "const"), name = "Egress")]
+    fn egress(&self) -> Vec<String> {
+        self.vm.egress.clone()
+    }
     /// The uid that created the VM.
     #[zbus(property(emits_changed_signal = "const"), name = "Owner")]
     fn owner(&self) -> u32 {

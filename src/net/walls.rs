@@ -135,6 +135,27 @@ pub struct Walls {
     pub resolvers: Vec<Ipv4Addr>,
 }
 
+/// The shared VMs of each owner that has more than one.
+fn shared_groups(ports: &[GuestPort]) -> Vec<Vec<&GuestPort>> {
+    let mut owners: Vec<u32> = ports
+        .iter()
+        .filter(|p| p.network == NetworkMode::Shared)
+        .map(|p| p.owner)
+        .collect();
+    owners.sort_unstable();
+    owners.dedup();
+    owners
+        .into_iter()
+        .map(|o| {
+            ports
+                .iter()
+                .filter(|p| p.network == NetworkMode::Shared && p.owner == o)
+                .collect::<Vec<_>>()
+        })
+        .filter(|g| g.len() > 1)
+        .collect()
+}
+
 fn quoted(names: &[&str]) -> String {
     let v: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
     format!("{{ {} }}", v.join(", "))
@@ -179,23 +200,10 @@ impl Walls {
         r.push_str(
             "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n",
         );
-        let mut owners: Vec<u32> = ports
-            .iter()
-            .filter(|p| p.network == NetworkMode::Shared)
-            .map(|p| p.owner)
-            .collect();
-        owners.sort_unstable();
-        owners.dedup();
-        for o in owners {
-            let taps: Vec<&str> = ports
-                .iter()
-                .filter(|p| p.network == NetworkMode::Shared && p.owner == o)
-                .map(|p| p.tap.as_str())
-                .collect();
-            if taps.len() > 1 {
-                let set = quoted(&taps);
-                let _ = writeln!(r, "\t\tiifname {set} oifname {set} accept");
-            }
+        for group in shared_groups(ports) {
+            let taps: Vec<&str> = group.iter().map(|p| p.tap.as_str()).collect();
+            let set = quoted(&taps);
+            let _ = writeln!(r, "\t\tiifname {set} oifname {set} accept");
         }
         r.push_str("\t\tiifname \"bgr*\" oifname \"bgr*\" drop\n\t}\n}\n");
         r
@@ -210,9 +218,21 @@ impl Walls {
              \t\tiifname \"{BRIDGE}\" ct state established,related accept\n\
              \t\tiifname \"{BRIDGE}\" drop\n\t}}\n"
         ));
+        r.push_str(
+            "\tchain forward {\n\t\ttype filter hook forward priority filter; policy accept;\n",
+        );
+        // Guest to guest through the host: only shared VMs of one owner (where
+        // br_netfilter hands bridged frames to this hook too, the same pairs pass).
+        for group in shared_groups(ports) {
+            let v: Vec<String> = group.iter().map(|p| p.address.to_string()).collect();
+            let set = format!("{{ {} }}", v.join(", "));
+            let _ = writeln!(
+                r,
+                "\t\tiifname \"{BRIDGE}\" oifname \"{BRIDGE}\" ip saddr {set} ip daddr {set} accept"
+            );
+        }
         r.push_str(&format!(
-            "\tchain forward {{\n\t\ttype filter hook forward priority filter; policy accept;\n\
-             \t\tiifname \"{BRIDGE}\" oifname \"{BRIDGE}\" drop\n\
+            "\t\tiifname \"{BRIDGE}\" oifname \"{BRIDGE}\" drop\n\
              \t\tiifname \"{BRIDGE}\" jump guest_out\n\
              \t\toifname \"{BRIDGE}\" ct state established,related accept\n\
              \t\toifname \"{BRIDGE}\" drop\n\t}}\n"
@@ -353,6 +373,9 @@ mod tests {
         ));
         assert!(!r.contains("\"bgr000000000004\", "), "{r}");
         assert!(r.contains("iifname \"bgr*\" oifname \"bgr*\" drop"));
+        assert!(r.contains(
+            "iifname \"banger0\" oifname \"banger0\" ip saddr { 172.30.99.2, 172.30.99.3 } ip daddr { 172.30.99.2, 172.30.99.3 } accept"
+        ));
         assert!(r.contains("iifname \"banger0\" drop"));
         assert!(r.contains("ip daddr { 10.1.2.0/24 } goto guest_vm"));
         assert!(r.contains("169.254.0.0/16"));
