@@ -106,7 +106,11 @@ fn vm_processes(bus: &TestBus) -> Vec<String> {
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
             let c = String::from_utf8_lossy(&c).replace('\0', " ");
-            if c.contains(&marker) && (c.contains("qemu") || c.contains("vhost-device")) {
+            if c.contains(&marker)
+                && (c.contains("qemu")
+                    || c.contains("vhost-device")
+                    || c.contains("console-logger"))
+            {
                 found.push(c);
             }
         }
@@ -293,6 +297,40 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     assert!(text(&out).contains("Permission denied"), "{}", text(&out));
     let out = bus.banger_as(Some(USER_OK), &["vm", "logs", "t1"]);
     assert!(text(&out).contains("banger-init: root"), "{}", text(&out));
+
+    // The VMM and its helpers run confined: no capability in any set, no new privileges,
+    // and QEMU under its seccomp sandbox.
+    let marker = bus.runtime.to_string_lossy().into_owned();
+    let mut confined = 0;
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(c) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let c = String::from_utf8_lossy(&c).replace('\0', " ");
+        let which = ["qemu-system", "vhost-device-vsock", "console-logger"]
+            .into_iter()
+            .find(|w| c.contains(w));
+        let (Some(which), true) = (which, c.contains(&marker)) else {
+            continue;
+        };
+        let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(k))
+                .map(|l| l[k.len()..].trim().to_owned())
+                .unwrap_or_default()
+        };
+        for k in ["CapEff:", "CapPrm:", "CapBnd:", "CapAmb:"] {
+            assert_eq!(field(k), "0000000000000000", "{which} {k}\n{status}");
+        }
+        assert_eq!(field("NoNewPrivs:"), "1", "{which}\n{status}");
+        if which == "qemu-system" {
+            assert_eq!(field("Seccomp:"), "2", "QEMU runs under its seccomp filter");
+        }
+        confined += 1;
+    }
+    assert_eq!(confined, 3, "QEMU, its vsock device and its console logger");
 
     // A guest that floods its console leaves a log no larger than the cap.
     let out = bus.banger_as(

@@ -10,6 +10,7 @@ pub const TAP_PREFIX: &str = "bgr";
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
@@ -44,6 +45,19 @@ pub fn create_tap(name: &str) -> Result<()> {
     // SAFETY: `req` is a valid, initialised ifreq-sized buffer that outlives the call, and the
     // fd is the open tun control device.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(fail(std::io::Error::last_os_error()));
+    }
+    // Owned by this uid (root's): a VMM running as root without CAP_NET_ADMIN may then
+    // attach to it, and nobody else may.
+    // SAFETY: geteuid has no preconditions; TUNSETOWNER takes an integer argument.
+    if unsafe {
+        libc::ioctl(
+            tun.as_raw_fd(),
+            TUNSETOWNER,
+            libc::geteuid() as libc::c_ulong,
+        )
+    } < 0
+    {
         return Err(fail(std::io::Error::last_os_error()));
     }
     // SAFETY: TUNSETPERSIST takes an integer argument; the fd is attached to the new tap.

@@ -229,6 +229,10 @@ impl Vmm for Firecracker {
             ],
             &spec.console_log,
             super::process::UnitLimits::vmm(spec.vcpus, spec.memory_mib),
+            &[
+                run.as_path(),
+                spec.console_log.parent().unwrap_or(run.as_path()),
+            ],
         )
         .await;
         if let Err(e) = spawned {

@@ -88,11 +88,47 @@ impl UnitLimits {
 /// `tb-size=256` MiB by the driver) and its own heap, threads and device state.
 pub const VMM_OVERHEAD_MIB: u64 = 512;
 
+/// What every VMM and helper unit runs under (systemd hosts): root's uid without a single
+/// capability (the files it opens are root's own, the tap is owned by uid 0, so none is
+/// needed), no way to gain privileges, and a read-only system but for its `writable` paths.
+/// TCG needs writable-executable memory, so MemoryDenyWriteExecute stays off.
+const CONFINED_UNIT: &[&str] = &[
+    "--property=CapabilityBoundingSet=",
+    "--property=AmbientCapabilities=",
+    "--property=NoNewPrivileges=yes",
+    "--property=ProtectHome=yes",
+    "--property=ProtectSystem=strict",
+    "--property=PrivateTmp=yes",
+    "--property=ProtectKernelTunables=yes",
+    "--property=ProtectKernelModules=yes",
+    "--property=ProtectKernelLogs=yes",
+    "--property=ProtectControlGroups=yes",
+    "--property=ProtectClock=yes",
+    "--property=ProtectHostname=yes",
+    "--property=RestrictSUIDSGID=yes",
+    "--property=RestrictRealtime=yes",
+    "--property=RestrictNamespaces=yes",
+    "--property=LockPersonality=yes",
+    "--property=SystemCallArchitectures=native",
+    "--property=RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK AF_VSOCK",
+    "--property=UMask=0077",
+];
+
+/// The same for a process started without systemd, through `setpriv`.
+const CONFINED_SETPRIV: &[&str] = &[
+    "--bounding-set=-all",
+    "--inh-caps=-all",
+    "--ambient-caps=-all",
+    "--no-new-privs",
+];
+
 /// Starts `program args…` detached from bangerd, its pid written to `pidfile` by the shell
 /// that then becomes it, its output to `log`. It must outlive the daemon and must not inherit
 /// its sandbox (QEMU's TCG needs writable-executable memory, which the daemon's unit denies):
 /// on a systemd host it runs as transient service `unit` started by systemd (`systemd-run`);
-/// elsewhere in a session of its own (`setsid -f`). Returns once it started, not when ready.
+/// elsewhere in a session of its own (`setsid -f`). Either way it runs confined (no
+/// capabilities, no new privileges; see [`CONFINED_UNIT`]). Returns once it started, not when
+/// ready.
 pub async fn spawn_detached(
     pidfile: &Path,
     unit: &str,
@@ -100,6 +136,7 @@ pub async fn spawn_detached(
     args: &[&std::ffi::OsStr],
     log: &Path,
     limits: UnitLimits,
+    writable: &[&Path],
 ) -> crate::Result<()> {
     let what = program
         .file_name()
@@ -111,31 +148,41 @@ pub async fn spawn_detached(
     let err = out.try_clone().map_err(fail)?;
     // The shell writes its pid (about to become the program's) for live_pid to find.
     let mut script = "echo $$ > \"$0\"; exec \"$@\"".to_owned();
-    let mut cmd =
-        if super::scope::systemd_booted() {
-            // systemd expands $VAR in ExecStart; $$ is its escape for a literal $.
-            script = script.replace('$', "$$");
-            let mut c = tokio::process::Command::new("systemd-run");
-            c.arg(format!("--unit={unit}"))
+    let mut cmd = if super::scope::systemd_booted() {
+        // systemd expands $VAR in ExecStart; $$ is its escape for a literal $.
+        script = script.replace('$', "$$");
+        let mut c = tokio::process::Command::new("systemd-run");
+        c.arg(format!("--unit={unit}"))
             .args(["--quiet", "--collect", "--service-type=exec"])
             .arg(format!("--description=banger {what} ({unit})"))
-            .arg(format!("--property=StandardOutput=append:{}", log.display()))
+            .arg(format!(
+                "--property=StandardOutput=append:{}",
+                log.display()
+            ))
             .arg(format!("--property=StandardError=append:{}", log.display()))
             .args(["--property=KillMode=mixed", "--property=TimeoutStopSec=10"])
             // A subset of bangerd's own capabilities: what a VMM needs (taps), and what keeps
             // it visible to the daemon under ProtectProc=invisible (which hides processes
             // holding capabilities the looker lacks).
-            .arg("--property=CapabilityBoundingSet=CAP_NET_ADMIN CAP_DAC_OVERRIDE CAP_SYS_RESOURCE")
-            .args(["--property=NoNewPrivileges=yes", "--property=ProtectHome=yes"])
+            .args(CONFINED_UNIT)
+            .arg(format!(
+                "--property=ReadWritePaths={}",
+                writable
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ))
             .arg(format!("--property=MemoryMax={}", limits.memory_max))
             .arg(format!("--property=TasksMax={}", limits.tasks_max))
             .arg("--");
-            c
-        } else {
-            let mut c = tokio::process::Command::new("setsid");
-            c.arg("-f");
-            c
-        };
+        c
+    } else {
+        // The same confinement by hand: no capabilities in any set, no way to gain one.
+        let mut c = tokio::process::Command::new("setsid");
+        c.args(["-f", "setpriv"]).args(CONFINED_SETPRIV).arg("--");
+        c
+    };
     // status(), not output(): output() would pipe stdout to the detached process too.
     let status = cmd
         .args(["sh", "-c", &script])

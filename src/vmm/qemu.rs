@@ -47,6 +47,11 @@ fn marker(run: &Path) -> String {
     run.to_string_lossy().into_owned()
 }
 
+/// The VM's own directory (its disks and console log), which its processes write.
+fn log_dir(spec: &BootSpec) -> &Path {
+    spec.console_log.parent().unwrap_or(&spec.run_dir)
+}
+
 /// The `bangerd` binary that runs console loggers: this one, unless it was replaced on disk
 /// (an upgrade), then the installed one.
 fn logger_program() -> Result<PathBuf> {
@@ -159,6 +164,10 @@ impl Qemu {
             "-display".into(),
             "none".into(),
             "-no-reboot".into(),
+            // QEMU's own seccomp filter: no obsolete calls, no setuid, no exec, no scheduler
+            // or affinity changes.
+            "-sandbox".into(),
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
             // The console goes to the VM's logger (bounded), never straight to a file.
             "-chardev".into(),
             format!("socket,id=con,path={}", p(&console_socket(run))),
@@ -227,6 +236,7 @@ impl Qemu {
                 memory_max: 64 << 20,
                 tasks_max: 8,
             },
+            &[run, log_dir(spec)],
         )
         .await?;
         if !wait_for_path(&sock, Duration::from_secs(10)).await {
@@ -265,6 +275,7 @@ impl Qemu {
             ],
             &run.join("vhost-vsock.log"),
             UnitLimits::helper(spec.memory_mib),
+            &[run],
         )
         .await?;
         if !wait_for_path(&vhost_socket(run), Duration::from_secs(10)).await {
@@ -326,6 +337,7 @@ impl Vmm for Qemu {
             &argv,
             &log_path,
             UnitLimits::vmm(spec.vcpus, spec.memory_mib),
+            &[run, log_dir(spec)],
         )
         .await?;
         // Up once its QMP socket listens; an early exit is a failed boot, with QEMU's words.
