@@ -66,6 +66,75 @@ fn unit_verifies_and_is_sandboxed() {
     assert!(score <= 4.0, "sandboxing regressed to {score}:\n{report}");
 }
 
+/// The exposure `systemd-analyze security` gives a unit file.
+fn exposure(unit: &std::path::Path) -> f64 {
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(unit)
+        .output()
+        .unwrap();
+    let report = text(&out);
+    let line = report
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .expect(&report);
+    line.split(':')
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn vm_units_are_confined_more_than_before() {
+    if !available(&["systemd-analyze"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, props: &[String]| {
+        let p = dir.path().join(name);
+        let mut text = String::from(
+            "[Unit]\nDescription=banger VM\n[Service]\nExecStart=/bin/true\nKillMode=mixed\n",
+        );
+        for prop in props {
+            text.push_str(prop);
+            text.push('\n');
+        }
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    // What VM units ran with before the isolation work.
+    let before = write(
+        "banger-vm-before.service",
+        &[
+            "CapabilityBoundingSet=CAP_NET_ADMIN CAP_DAC_OVERRIDE CAP_SYS_RESOURCE".into(),
+            "NoNewPrivileges=yes".into(),
+            "ProtectHome=yes".into(),
+        ],
+    );
+    let mut props: Vec<String> = banger::vmm::process::CONFINED_UNIT
+        .iter()
+        .map(|p| p.trim_start_matches("--property=").to_owned())
+        .collect();
+    props.push("ReadWritePaths=/run/banger/vms/0123456789abcdef".into());
+    let now = write("banger-vm-now.service", &props);
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&now)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "verify: {}", text(&out));
+    let (b, n) = (exposure(&before), exposure(&now));
+    println!("VM unit exposure: {n} (was {b})");
+    assert!(
+        n < b,
+        "VM units are no more confined than before: {n} vs {b}"
+    );
+}
+
 #[test]
 fn unit_and_activation_file_agree_on_the_bus_name() {
     let unit = std::fs::read_to_string(repo().join("systemd/bangerd.service")).unwrap();

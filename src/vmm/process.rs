@@ -92,7 +92,7 @@ pub const VMM_OVERHEAD_MIB: u64 = 512;
 /// capability (the files it opens are root's own, the tap is owned by uid 0, so none is
 /// needed), no way to gain privileges, and a read-only system but for its `writable` paths.
 /// TCG needs writable-executable memory, so MemoryDenyWriteExecute stays off.
-const CONFINED_UNIT: &[&str] = &[
+pub const CONFINED_UNIT: &[&str] = &[
     "--property=CapabilityBoundingSet=",
     "--property=AmbientCapabilities=",
     "--property=NoNewPrivileges=yes",
