@@ -245,6 +245,15 @@ pub fn validate_name(kind: NameKind, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The message every per-owner quota refuses with (the services check it, the reservation's
+/// transaction re-counts).
+pub fn quota_message(uid: u32, verb: &str, n: u32, max: u32, key: &str, fix: &str) -> String {
+    format!(
+        "uid {uid} {verb} {n} VM(s), as many as {key} ({max}) allows; {fix} or have the \
+         operator raise {key} in /etc/banger/config.toml"
+    )
+}
+
 /// A new random 16-hex-digit id.
 pub fn new_id() -> String {
     let mut bytes = [0u8; 8];

@@ -42,28 +42,10 @@ fn unit_verifies_and_is_sandboxed() {
         text(&out)
     );
 
-    let out = Command::new("systemd-analyze")
-        .args(["security", "--offline=true", "--no-pager"])
-        .arg(&unit)
-        .output()
-        .unwrap();
-    let report = text(&out);
-    let line = report
-        .lines()
-        .find(|l| l.contains("Overall exposure level"))
-        .expect(&report);
-    let score: f64 = line
-        .split(':')
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let score = exposure(&unit);
     println!("systemd-analyze security exposure: {score}");
     // README.md records this number; the goal is 4.0 or less.
-    assert!(score <= 4.0, "sandboxing regressed to {score}:\n{report}");
+    assert!(score <= 4.0, "sandboxing regressed to {score}");
 }
 
 /// The exposure `systemd-analyze security` gives a unit file.

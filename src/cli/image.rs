@@ -195,13 +195,11 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
                 entries.push(("kernel", k.into()));
             }
             if let Some(k) = kernel_path {
-                entries.push(("kernel_path", super::files::open_file(&k)?));
-            }
-            if let Some(i) = initrd {
-                entries.push(("initrd_path", super::files::open_file(&i)?));
-            }
-            if let Some(m) = modules {
-                entries.push(("modules_dir", super::files::open_dir(&m)?));
+                entries.extend(super::files::kernel_entries(
+                    &k,
+                    initrd.as_deref(),
+                    modules.as_deref(),
+                )?);
             }
             if let Some(r) = ready_ports {
                 entries.push(("ready_ports", r.into()));

@@ -89,13 +89,8 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: KernelCommand) -> a
             modules,
         } => {
             // Opened here, as the user who runs this; the daemon gets descriptors.
-            let mut entries = vec![("kernel_path", super::files::open_file(&kernel)?)];
-            if let Some(i) = initrd {
-                entries.push(("initrd_path", super::files::open_file(&i)?));
-            }
-            if let Some(m) = modules {
-                entries.push(("modules_dir", super::files::open_dir(&m)?));
-            }
+            let entries =
+                super::files::kernel_entries(&kernel, initrd.as_deref(), modules.as_deref())?;
             let path = p
                 .import_kernel(&name, opts(entries))
                 .await

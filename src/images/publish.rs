@@ -39,18 +39,29 @@ impl Images {
     /// the images lock.
     pub(super) async fn publish_over(&self, mut staging: Staging, image: Image) -> Result<Image> {
         let final_dir = self.layout.images_dir().join(&image.id);
+        // (The staging directory is removed on drop if the row check refuses.)
+        self.promote_row(image, || {
+            std::fs::rename(staging.path(), &final_dir)
+                .map_err(|e| Error::failed("Cannot move the image into place", e))?;
+            staging.keep();
+            Ok(())
+        })
+        .await
+    }
+
+    /// Under the images lock: re-checks that the image is still registered (not deleted or
+    /// promoted meanwhile), runs `place` (moving files into place), writes the managed row.
+    async fn promote_row(&self, image: Image, place: impl FnOnce() -> Result<()>) -> Result<Image> {
         let guard = self.lock.lock().await;
         let id = image.id.clone();
         let still = self.store.call(move |c| rows::find_image(c, &id)).await?;
         if !matches!(still, Some(ref i) if !i.managed) {
             return Err(Error::NotFound(format!(
-                "Image {:?} was deleted or promoted while this copy ran",
+                "Image {:?} was deleted or promoted meanwhile",
                 image.name
             )));
         }
-        std::fs::rename(staging.path(), &final_dir)
-            .map_err(|e| Error::failed("Cannot move the image into place", e))?;
-        staging.keep();
+        place()?;
         let row = image.clone();
         self.store
             .call(move |c| rows::upsert_image(c, &row).map(|_| ()))
@@ -66,22 +77,6 @@ impl Images {
     /// Marks a registered image (its copies already in `images/<id>`) managed, under the
     /// images lock.
     pub(super) async fn mark_managed(&self, image: Image) -> Result<Image> {
-        let guard = self.lock.lock().await;
-        let id = image.id.clone();
-        let still = self.store.call(move |c| rows::find_image(c, &id)).await?;
-        if !matches!(still, Some(ref i) if !i.managed) {
-            return Err(Error::NotFound(format!(
-                "Image {:?} was deleted or promoted meanwhile",
-                image.name
-            )));
-        }
-        let row = image.clone();
-        self.store
-            .call(move |c| rows::upsert_image(c, &row).map(|_| ()))
-            .await?;
-        drop(guard);
-        tracing::info!(image_id = %image.id, "Image {} promoted", image.name);
-        self.events.send(ObjectEvent::ImageChanged(image.clone()));
-        Ok(image)
+        self.promote_row(image, || Ok(())).await
     }
 }

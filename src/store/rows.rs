@@ -280,10 +280,13 @@ pub fn reserve_vm(
         |r| r.get(0),
     )?;
     if owned >= max_owned {
-        return Err(StoreError::Quota(format!(
-            "uid {} owns {owned} VM(s), as many as max_vms_per_user ({max_owned}) allows; \
-             delete one (`banger vm delete NAME`) or have the operator raise max_vms_per_user",
-            v.owner_uid
+        return Err(StoreError::Quota(crate::model::quota_message(
+            v.owner_uid,
+            "owns",
+            owned,
+            max_owned,
+            "max_vms_per_user",
+            "delete one (`banger vm delete NAME`)",
         )));
     }
     let cid: u32 = tx.query_row(

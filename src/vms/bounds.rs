@@ -87,21 +87,32 @@ impl VmLimits {
 
 /// The refusal when `uid` runs `running` VMs and may run `max`.
 pub fn running_quota(uid: u32, running: u32, max: u32) -> Result<()> {
-    if running >= max {
-        return Err(Error::LimitExceeded(format!(
-            "uid {uid} runs {running} VM(s), as many as max_running_vms_per_user ({max}) allows; \
-             stop one (`banger vm stop NAME`) or have the operator raise max_running_vms_per_user"
-        )));
-    }
-    Ok(())
+    quota(
+        uid,
+        "runs",
+        running,
+        max,
+        "max_running_vms_per_user",
+        "stop one (`banger vm stop NAME`)",
+    )
 }
 
 /// The refusal when `uid` owns `owned` VMs and may own `max`.
 pub fn owned_quota(uid: u32, owned: u32, max: u32) -> Result<()> {
-    if owned >= max {
-        return Err(Error::LimitExceeded(format!(
-            "uid {uid} owns {owned} VM(s), as many as max_vms_per_user ({max}) allows; \
-             delete one (`banger vm delete NAME`) or have the operator raise max_vms_per_user"
+    quota(
+        uid,
+        "owns",
+        owned,
+        max,
+        "max_vms_per_user",
+        "delete one (`banger vm delete NAME`)",
+    )
+}
+
+fn quota(uid: u32, verb: &str, n: u32, max: u32, key: &str, fix: &str) -> Result<()> {
+    if n >= max {
+        return Err(Error::LimitExceeded(crate::model::quota_message(
+            uid, verb, n, max, key, fix,
         )));
     }
     Ok(())

@@ -326,13 +326,20 @@ impl TestBus {
     }
 
     fn command_as(&self, user: Option<&str>, program: &str, args: &[&str]) -> Command {
+        // Every client call is bounded: a call that never returns fails its test after ten
+        // minutes (exit status 124) instead of holding CI until its deadline.
+        let bounded = ["timeout", "-k", "10", "600", program];
         let mut c = match user {
             Some(u) => {
                 let mut c = Command::new("runuser");
-                c.args(["-u", u, "--", program]);
+                c.args(["-u", u, "--"]).args(bounded);
                 c
             }
-            None => Command::new(program),
+            None => {
+                let mut c = Command::new(bounded[0]);
+                c.args(&bounded[1..]);
+                c
+            }
         };
         c.args(args)
             .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
