@@ -324,12 +324,35 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
             assert_eq!(field(k), "0000000000000000", "{which} {k}\n{status}");
         }
         assert_eq!(field("NoNewPrivs:"), "1", "{which}\n{status}");
+        // A uid of the VM's own (t1 has CID 3), in every slot.
+        let uid = banger::vmm::jail::vm_uid(3).to_string();
+        let uids: Vec<&str> = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .collect();
+        assert_eq!(uids, [uid.as_str(); 4], "{which}\n{status}");
         if which == "qemu-system" {
             assert_eq!(field("Seccomp:"), "2", "QEMU runs under its seccomp filter");
         }
         confined += 1;
     }
     assert_eq!(confined, 3, "QEMU, its vsock device and its console logger");
+    // Its disks are its uid's alone.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let vm_dir = bus
+            .state_dir()
+            .join("vms")
+            .join(path.as_str().rsplit('/').next().unwrap());
+        let m = std::fs::metadata(&vm_dir).unwrap();
+        assert_eq!(
+            (m.uid(), m.mode() & 0o777),
+            (banger::vmm::jail::vm_uid(3), 0o700)
+        );
+    }
 
     // A guest that floods its console leaves a log no larger than the cap.
     let out = bus.banger_as(

@@ -22,9 +22,9 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-/// Creates persistent tap `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR), left down and
-/// unattached; the VMM opens it by name.
-pub fn create_tap(name: &str) -> Result<()> {
+/// Creates persistent tap `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) owned by uid `owner`,
+/// left down and unattached; the VMM, running as `owner`, opens it by name.
+pub fn create_tap(name: &str, owner: u32) -> Result<()> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
         return Err(Error::InvalidArgument(format!(
             "{name:?} is not a tap name"
@@ -47,17 +47,9 @@ pub fn create_tap(name: &str) -> Result<()> {
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(fail(std::io::Error::last_os_error()));
     }
-    // Owned by this uid (root's): a VMM running as root without CAP_NET_ADMIN may then
-    // attach to it, and nobody else may.
-    // SAFETY: geteuid has no preconditions; TUNSETOWNER takes an integer argument.
-    if unsafe {
-        libc::ioctl(
-            tun.as_raw_fd(),
-            TUNSETOWNER,
-            libc::geteuid() as libc::c_ulong,
-        )
-    } < 0
-    {
+    // Owned by the VM's uid: its VMM attaches without CAP_NET_ADMIN, and nobody else may.
+    // SAFETY: TUNSETOWNER takes an integer argument; the fd is attached to the new tap.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETOWNER, owner as libc::c_ulong) } < 0 {
         return Err(fail(std::io::Error::last_os_error()));
     }
     // SAFETY: TUNSETPERSIST takes an integer argument; the fd is attached to the new tap.
@@ -67,6 +59,33 @@ pub fn create_tap(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Opens existing tap `name` (as the VMM would), for a VMM that gets it as a descriptor.
+pub fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd> {
+    let fail = |e: std::io::Error| Error::failed(format!("Cannot open tap {name}"), e);
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(Error::InvalidArgument(format!(
+            "{name:?} is not a tap name"
+        )));
+    }
+    let tun = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(fail)?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: `req` is a valid, initialised ifreq-sized buffer that outlives the call, and the
+    // fd is the open tun control device.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
+        return Err(fail(std::io::Error::last_os_error()));
+    }
+    Ok(tun.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,7 +93,7 @@ mod tests {
     #[test]
     fn hostile_names_never_reach_the_kernel() {
         for bad in ["", "a/b", "sixteen-chars-xx", "x y"] {
-            assert!(create_tap(bad).is_err(), "{bad:?}");
+            assert!(create_tap(bad, 0).is_err(), "{bad:?}");
         }
         assert_eq!(std::mem::size_of::<IfReq>(), 40);
     }

@@ -233,6 +233,8 @@ impl Vmm for Firecracker {
                 run.as_path(),
                 spec.console_log.parent().unwrap_or(run.as_path()),
             ],
+            &spec.jail,
+            None,
         )
         .await;
         if let Err(e) = spawned {

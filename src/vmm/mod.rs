@@ -7,6 +7,7 @@
 
 pub mod console;
 pub mod firecracker;
+pub mod jail;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
@@ -47,6 +48,8 @@ pub struct BootSpec {
     pub console_log: PathBuf,
     /// The guest's NIC, when it has one.
     pub net: Option<NetSpec>,
+    /// Who the VM's processes run as.
+    pub jail: jail::Jail,
 }
 
 /// The guest NIC: a tap the host made and the MAC the guest sees.
@@ -56,6 +59,8 @@ pub struct NetSpec {
     pub tap: String,
     /// The guest's MAC address.
     pub mac: String,
+    /// The VMM gets the tap as its fd 3 (opened by banger) instead of opening it by name.
+    pub as_fd3: bool,
 }
 
 /// The serial number of the root disk, which `banger-init` finds it by (`root=serial:root`).

@@ -88,9 +88,10 @@ impl UnitLimits {
 /// `tb-size=256` MiB by the driver) and its own heap, threads and device state.
 pub const VMM_OVERHEAD_MIB: u64 = 512;
 
-/// What every VMM and helper unit runs under (systemd hosts): root's uid without a single
-/// capability (the files it opens are root's own, the tap is owned by uid 0, so none is
-/// needed), no way to gain privileges, and a read-only system but for its `writable` paths.
+/// What every VMM and helper unit runs under (systemd hosts), besides the VM's own uid (see
+/// `jail`): not a single capability (its files are its uid's or its group's, its tap is owned
+/// by its uid, so none is needed), no way to gain privileges, and a read-only system but for
+/// its `writable` paths.
 /// TCG needs writable-executable memory, so MemoryDenyWriteExecute stays off.
 pub const CONFINED_UNIT: &[&str] = &[
     "--property=CapabilityBoundingSet=",
@@ -137,7 +138,10 @@ pub async fn spawn_detached(
     log: &Path,
     limits: UnitLimits,
     writable: &[&Path],
+    jail: &super::jail::Jail,
+    fd3: Option<&std::os::fd::OwnedFd>,
 ) -> crate::Result<()> {
+    let groups: Vec<String> = jail.groups.iter().map(|g| g.to_string()).collect();
     let what = program
         .file_name()
         .unwrap_or_default()
@@ -161,9 +165,12 @@ pub async fn spawn_detached(
             ))
             .arg(format!("--property=StandardError=append:{}", log.display()))
             .args(["--property=KillMode=mixed", "--property=TimeoutStopSec=10"])
-            // A subset of bangerd's own capabilities: what a VMM needs (taps), and what keeps
-            // it visible to the daemon under ProtectProc=invisible (which hides processes
-            // holding capabilities the looker lacks).
+            .arg(format!("--uid={}", jail.uid))
+            .arg(format!("--gid={}", jail.uid))
+            .arg(format!(
+                "--property=SupplementaryGroups={}",
+                groups.join(" ")
+            ))
             .args(CONFINED_UNIT)
             .arg(format!(
                 "--property=ReadWritePaths={}",
@@ -180,9 +187,32 @@ pub async fn spawn_detached(
     } else {
         // The same confinement by hand: no capabilities in any set, no way to gain one.
         let mut c = tokio::process::Command::new("setsid");
-        c.args(["-f", "setpriv"]).args(CONFINED_SETPRIV).arg("--");
+        c.args(["-f", "setpriv"])
+            .arg(format!("--reuid={}", jail.uid))
+            .arg(format!("--regid={}", jail.uid))
+            .arg(format!("--groups={}", groups.join(",")))
+            .args(CONFINED_SETPRIV)
+            .arg("--");
         c
     };
+    if let Some(fd) = fd3 {
+        use std::os::fd::AsRawFd;
+        let raw = fd.as_raw_fd();
+        // SAFETY: between fork and exec only dup2 and fcntl run, both async-signal-safe; the
+        // descriptor stays open in the parent across the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if raw == 3 {
+                    if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(raw, 3) != 3 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     // status(), not output(): output() would pipe stdout to the detached process too.
     let status = cmd
         .args(["sh", "-c", &script])

@@ -195,10 +195,16 @@ impl Qemu {
             ]);
         }
         if let Some(n) = &spec.net {
-            // The tap exists already (banger made it, persistent, on the bridge).
+            // The tap exists already (banger made it, persistent, on the bridge, owned by the
+            // VM's uid); QEMU opens it by name, or gets it open as fd 3.
+            let tap = if n.as_fd3 {
+                "fd=3".to_owned()
+            } else {
+                format!("ifname={},script=no,downscript=no", n.tap)
+            };
             a.extend([
                 "-netdev".into(),
-                format!("tap,id=net0,ifname={},script=no,downscript=no", n.tap),
+                format!("tap,id=net0,{tap}"),
                 "-device".into(),
                 format!("virtio-net-device,netdev=net0,mac={}", n.mac),
             ]);
@@ -237,6 +243,8 @@ impl Qemu {
                 tasks_max: 8,
             },
             &[run, log_dir(spec)],
+            &spec.jail,
+            None,
         )
         .await?;
         if !wait_for_path(&sock, Duration::from_secs(10)).await {
@@ -276,6 +284,8 @@ impl Qemu {
             &run.join("vhost-vsock.log"),
             UnitLimits::helper(spec.memory_mib),
             &[run],
+            &spec.jail,
+            None,
         )
         .await?;
         if !wait_for_path(&vhost_socket(run), Duration::from_secs(10)).await {
@@ -325,7 +335,28 @@ impl Vmm for Qemu {
         let _ = std::fs::remove_file(qmp_socket(&spec.run_dir));
         self.start_console(spec).await?;
         self.start_vsock(spec).await?;
+        // Without systemd banger starts QEMU itself and hands it the tap open: the VM's uid
+        // need not be able to open /dev/net/tun (0600 on some hosts). systemd cannot pass it
+        // through a transient unit, so there QEMU opens the tap by name (udev makes
+        // /dev/net/tun 0666 on such hosts) as the tap's owner.
+        let mut spec = spec.clone();
+        let tap_fd = match &mut spec.net {
+            Some(n) if !super::scope::systemd_booted() => {
+                n.as_fd3 = true;
+                Some(crate::net::open_tap(&n.tap)?)
+            }
+            _ => None,
+        };
+        let spec = &spec;
         let args = self.args(spec, kvm, crate::host::tsc_khz());
+        // Under KVM the VMM's uid needs /dev/kvm's group as well.
+        let mut jail = spec.jail.clone();
+        if kvm {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(m) = std::fs::metadata("/dev/kvm") {
+                jail.groups.push(m.gid());
+            }
+        }
         tracing::debug!(vm_id = %spec.id, "{QEMU} {}", args.join(" "));
         let run = &spec.run_dir;
         let log_path = run.join("qemu.log");
@@ -338,6 +369,8 @@ impl Vmm for Qemu {
             &log_path,
             UnitLimits::vmm(spec.vcpus, spec.memory_mib),
             &[run, log_dir(spec)],
+            &jail,
+            tap_fd.as_ref(),
         )
         .await?;
         // Up once its QMP socket listens; an early exit is a failed boot, with QEMU's words.
@@ -433,7 +466,12 @@ mod tests {
             net: Some(crate::vmm::NetSpec {
                 tap: "bgr0123456789ab".into(),
                 mac: "02:01:23:45:67:89".into(),
+                as_fd3: false,
             }),
+            jail: crate::vmm::jail::Jail {
+                uid: crate::vmm::jail::vm_uid(3),
+                groups: vec![crate::vmm::jail::vmm_gid()],
+            },
         }
     }
 

@@ -361,7 +361,8 @@ impl Vms {
         {
             let _net = self.net_lock.lock().await;
             let ports = self.guest_ports("").await?;
-            self.net.attach(&vm.tap_name, &ports).await?;
+            let owner = crate::vmm::jail::vm_uid(vm.vsock_cid);
+            self.net.attach(&vm.tap_name, owner, &ports).await?;
         }
         let lease = crate::net::GuestNet {
             address: vm.guest_address.parse().map_err(|e| {
@@ -394,13 +395,43 @@ impl Vms {
             net: Some(crate::vmm::NetSpec {
                 tap: vm.tap_name.clone(),
                 mac: vm.mac_address.clone(),
+                as_fd3: false,
             }),
             rootfs,
             work,
             cid: vm.vsock_cid,
             run_dir: run.clone(),
             console_log: self.console_log(&vm.id),
+            jail: crate::vmm::jail::Jail {
+                uid: crate::vmm::jail::vm_uid(vm.vsock_cid),
+                groups: vec![crate::vmm::jail::vmm_gid()],
+            },
         };
+        // The VM's processes run as a uid of its own: its directories become that uid's, what
+        // it only reads (image, kernel) the VMM group's.
+        {
+            let (uid, image_file, kernel_file) = (
+                spec.jail.uid,
+                image.rootfs_path.clone(),
+                spec.kernel.clone(),
+            );
+            let (vm_dir, run_dir) = (dir.clone(), run.clone());
+            let roots = [
+                self.layout.state_dir.clone(),
+                self.layout.runtime_dir.clone(),
+            ];
+            tokio::task::spawn_blocking(move || {
+                use crate::vmm::jail;
+                let roots: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
+                jail::share(&[&image_file, &kernel_file], &roots)?;
+                for own in [&vm_dir, &run_dir] {
+                    jail::reach(own, &roots)?;
+                }
+                jail::hand_over(uid, &[&vm_dir, &run_dir])
+            })
+            .await
+            .map_err(|e| Error::failed("Jail task failed", e))??;
+        }
         self.vmm.boot(&spec).await?;
 
         st.enter(vm, "wait_agent", "Waiting for the guest agent on vsock")
