@@ -97,12 +97,7 @@ impl banger::net::HostNet for NoNet {
             24,
         ))
     }
-    async fn attach(
-        &self,
-        _: &str,
-        _: u32,
-        _: &[banger::net::walls::GuestPort],
-    ) -> banger::Result<()> {
+    async fn attach(&self, _: &str, _: &[banger::net::walls::GuestPort]) -> banger::Result<()> {
         Ok(())
     }
     async fn detach(&self, _: &str, _: &[banger::net::walls::GuestPort]) -> banger::Result<()> {

@@ -174,7 +174,6 @@ fn boot_spec(dir: &Path, vcpus: u32) -> BootSpec {
         net: Some(banger::vmm::NetSpec {
             tap: "bgr0123456789ab".into(),
             mac: "02:01:23:45:67:89".into(),
-            as_fd3: false,
         }),
         // The stand-in API server runs in the test's own (root's) directory.
         jail: banger::vmm::jail::Jail {

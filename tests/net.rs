@@ -55,10 +55,10 @@ async fn bridge_taps_and_the_nft_table_come_and_go_without_touching_anything_els
     sh("ip link set lo up; printf 'table inet other {\\n chain c { type filter hook forward priority 0; }\\n}\\n' | nft -f -");
     let subnet = Subnet::new(Ipv4Addr::new(172, 30, 99, 0), 24);
     let net = Bridge::new(Ok(subnet), vec![]);
-    net.attach("bgrtest000001", 0, &[]).await.unwrap();
-    net.attach("bgrtest000002", 0, &[]).await.unwrap();
+    net.attach("bgrtest000001", &[]).await.unwrap();
+    net.attach("bgrtest000002", &[]).await.unwrap();
     // Attaching again (a tap left by a crashed VMM) starts from a fresh tap.
-    net.attach("bgrtest000002", 0, &[]).await.unwrap();
+    net.attach("bgrtest000002", &[]).await.unwrap();
 
     let all = links();
     let bridge = link(&all, BRIDGE).expect("bridge");
@@ -134,7 +134,7 @@ async fn a_subnet_over_an_existing_route_is_refused_and_the_default_moves_aside(
     // A bridge built on a refused subnet refuses every VM with the same clear error.
     let refused = Bridge::new(banger::net::choose_subnet(wanted, false).await, vec![]);
     let e = refused
-        .attach("bgrtest000003", 0, &[])
+        .attach("bgrtest000003", &[])
         .await
         .unwrap_err()
         .to_string();

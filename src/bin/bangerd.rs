@@ -14,6 +14,15 @@ async fn main() -> std::process::ExitCode {
     {
         return console_logger(&argv[2..]);
     }
+    if argv
+        .get(1)
+        .is_some_and(|a| a == banger::vmm::process::OPEN_TAP_ARG)
+    {
+        // Only returns when it could not become the program.
+        let e = banger::vmm::process::open_tap_and_exec(&argv[2..]);
+        eprintln!("bangerd open-tap: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let args = Args::parse();
     banger::logging::init("bangerd");
     let opts = banger::daemon::DaemonOptions {

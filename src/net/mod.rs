@@ -235,9 +235,8 @@ pub trait HostNet: Send + Sync {
     fn subnet(&self) -> Result<Subnet>;
 
     /// Brings the bridge up (idempotent), writes the walls for `ports` (which include the
-    /// new guest's), then puts a fresh tap `tap`, owned by uid `owner` (the VMM's), on the
-    /// bridge.
-    async fn attach(&self, tap: &str, owner: u32, ports: &[walls::GuestPort]) -> Result<()>;
+    /// new guest's), then puts a fresh tap `tap` on the bridge.
+    async fn attach(&self, tap: &str, ports: &[walls::GuestPort]) -> Result<()>;
 
     /// Removes the tap (fine when it is already gone) and rewrites the walls for the guests
     /// that remain, `ports`.
@@ -404,7 +403,7 @@ impl HostNet for Bridge {
         self.subnet.clone().map_err(Error::InvalidArgument)
     }
 
-    async fn attach(&self, tap: &str, owner: u32, ports: &[walls::GuestPort]) -> Result<()> {
+    async fn attach(&self, tap: &str, ports: &[walls::GuestPort]) -> Result<()> {
         let subnet = self.subnet()?;
         // Bridge first: the tables never exist without it (teardown keys on the bridge).
         // The walls go up before the tap does: no frame of the guest's passes unwalled.
@@ -417,7 +416,7 @@ impl HostNet for Bridge {
                 let _ = h.link().del(old).execute().await;
             }
             let t = tap.to_owned();
-            tokio::task::spawn_blocking(move || create_tap(&t, owner))
+            tokio::task::spawn_blocking(move || create_tap(&t))
                 .await
                 .map_err(|e| Error::failed("Tap task failed", e))??;
             let index = link_index(&h, tap).await?.ok_or_else(|| {

@@ -22,9 +22,10 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
-/// Creates persistent tap `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) owned by uid `owner`,
-/// left down and unattached; the VMM, running as `owner`, opens it by name.
-pub fn create_tap(name: &str, owner: u32) -> Result<()> {
+/// Creates persistent tap `name` (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR), left down and
+/// unattached, owned by uid 0: the VMM gets it open as a descriptor (`open_tap`), attached by
+/// root without `CAP_NET_ADMIN`, and nobody else may attach to it.
+pub fn create_tap(name: &str) -> Result<()> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
         return Err(Error::InvalidArgument(format!(
             "{name:?} is not a tap name"
@@ -47,9 +48,8 @@ pub fn create_tap(name: &str, owner: u32) -> Result<()> {
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(fail(std::io::Error::last_os_error()));
     }
-    // Owned by the VM's uid: its VMM attaches without CAP_NET_ADMIN, and nobody else may.
     // SAFETY: TUNSETOWNER takes an integer argument; the fd is attached to the new tap.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETOWNER, owner as libc::c_ulong) } < 0 {
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETOWNER, 0 as libc::c_ulong) } < 0 {
         return Err(fail(std::io::Error::last_os_error()));
     }
     // SAFETY: TUNSETPERSIST takes an integer argument; the fd is attached to the new tap.
@@ -93,7 +93,7 @@ mod tests {
     #[test]
     fn hostile_names_never_reach_the_kernel() {
         for bad in ["", "a/b", "sixteen-chars-xx", "x y"] {
-            assert!(create_tap(bad, 0).is_err(), "{bad:?}");
+            assert!(create_tap(bad).is_err(), "{bad:?}");
         }
         assert_eq!(std::mem::size_of::<IfReq>(), 40);
     }

@@ -217,25 +217,25 @@ impl Vmm for Firecracker {
         self.kill(run).await?;
         // Firecracker writes the guest's serial console to its standard output.
         let (api, id) = (api_socket(run), format!("banger-{}", spec.id));
-        let spawned = spawn_detached(
-            &pidfile(run),
-            &super::scope::vm_unit(&spec.id),
-            &bin,
-            &[
+        let spawned = spawn_detached(&super::process::Detached {
+            pidfile: &pidfile(run),
+            unit: &super::scope::vm_unit(&spec.id),
+            program: &bin,
+            args: &[
                 "--api-sock".as_ref(),
                 api.as_os_str(),
                 "--id".as_ref(),
                 id.as_ref(),
             ],
-            &spec.console_log,
-            super::process::UnitLimits::vmm(spec.vcpus, spec.memory_mib),
-            &[
+            log: &spec.console_log,
+            limits: super::process::UnitLimits::vmm(spec.vcpus, spec.memory_mib),
+            writable: &[
                 run.as_path(),
                 spec.console_log.parent().unwrap_or(run.as_path()),
             ],
-            &spec.jail,
-            None,
-        )
+            jail: &spec.jail,
+            tap: None,
+        })
         .await;
         if let Err(e) = spawned {
             self.kill(run).await?;

@@ -59,8 +59,6 @@ pub struct NetSpec {
     pub tap: String,
     /// The guest's MAC address.
     pub mac: String,
-    /// The VMM gets the tap as its fd 3 (opened by banger) instead of opening it by name.
-    pub as_fd3: bool,
 }
 
 /// The serial number of the root disk, which `banger-init` finds it by (`root=serial:root`).

@@ -94,7 +94,8 @@ pub const VMM_OVERHEAD_MIB: u64 = 512;
 /// its `writable` paths.
 /// TCG needs writable-executable memory, so MemoryDenyWriteExecute stays off.
 pub const CONFINED_UNIT: &[&str] = &[
-    "--property=CapabilityBoundingSet=",
+    // Only what setpriv needs to become the VM's uid and drop everything.
+    "--property=CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_SETPCAP",
     "--property=AmbientCapabilities=",
     "--property=NoNewPrivileges=yes",
     "--property=ProtectHome=yes",
@@ -115,7 +116,9 @@ pub const CONFINED_UNIT: &[&str] = &[
     "--property=UMask=0077",
 ];
 
-/// The same for a process started without systemd, through `setpriv`.
+/// What `setpriv` does on either path, after switching to the VM's uid and groups: no
+/// capability in any set, no way to gain one. (In a unit, systemd keeps only the
+/// capabilities setpriv needs for that switch; setpriv then drops them all.)
 const CONFINED_SETPRIV: &[&str] = &[
     "--bounding-set=-all",
     "--inh-caps=-all",
@@ -123,26 +126,88 @@ const CONFINED_SETPRIV: &[&str] = &[
     "--no-new-privs",
 ];
 
-/// Starts `program args…` detached from bangerd, its pid written to `pidfile` by the shell
-/// that then becomes it, its output to `log`. It must outlive the daemon and must not inherit
-/// its sandbox (QEMU's TCG needs writable-executable memory, which the daemon's unit denies):
-/// on a systemd host it runs as transient service `unit` started by systemd (`systemd-run`);
-/// elsewhere in a session of its own (`setsid -f`). Either way it runs confined (no
-/// capabilities, no new privileges; see [`CONFINED_UNIT`]). Returns once it started, not when
-/// ready.
-pub async fn spawn_detached(
-    pidfile: &Path,
-    unit: &str,
-    program: &Path,
-    args: &[&std::ffi::OsStr],
-    log: &Path,
-    limits: UnitLimits,
-    writable: &[&Path],
-    jail: &super::jail::Jail,
-    fd3: Option<&std::os::fd::OwnedFd>,
-) -> crate::Result<()> {
+/// A process to start detached from bangerd.
+pub struct Detached<'a> {
+    /// Where the shell that becomes it writes its pid.
+    pub pidfile: &'a Path,
+    /// Its transient unit on systemd hosts.
+    pub unit: &'a str,
+    /// The program and its arguments.
+    pub program: &'a Path,
+    /// Its arguments.
+    pub args: &'a [&'a std::ffi::OsStr],
+    /// Where its output goes.
+    pub log: &'a Path,
+    /// Its unit's memory and task bounds.
+    pub limits: UnitLimits,
+    /// What it may write (all else is read-only in its unit).
+    pub writable: &'a [&'a Path],
+    /// Who it runs as.
+    pub jail: &'a super::jail::Jail,
+    /// A tap it gets open and attached as its fd 3. The tap is owned by uid 0, so only root
+    /// attaches it: the daemon itself where it starts the process, else (systemd cannot pass
+    /// a descriptor into a transient unit) `bangerd open-tap` as the unit's first step, as
+    /// root but without capabilities, before `setpriv` drops to the VM's uid.
+    pub tap: Option<&'a str>,
+}
+
+/// The argument that runs the `bangerd` binary as `open-tap TAP -- PROGRAM ARGS…`.
+pub const OPEN_TAP_ARG: &str = "open-tap";
+
+/// The `bangerd` binary (console loggers, `open-tap`): this one, unless it was replaced on
+/// disk (an upgrade), then the installed one.
+pub fn bangerd_program() -> crate::Result<std::path::PathBuf> {
+    match std::env::current_exe() {
+        Ok(p) if p.is_file() && p.file_name().is_some_and(|n| n == "bangerd") => Ok(p),
+        _ => crate::host::find_program("bangerd").ok_or_else(|| {
+            crate::Error::failed(
+                "bangerd is not installed",
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            )
+        }),
+    }
+}
+
+/// `bangerd open-tap TAP -- PROGRAM ARGS…`: attaches tap `TAP` as fd 3 and becomes PROGRAM.
+pub fn open_tap_and_exec(args: &[std::ffi::OsString]) -> std::io::Error {
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::process::CommandExt;
+    let (Some(tap), Some(sep)) = (args.first(), args.get(1)) else {
+        return std::io::Error::other("usage: bangerd open-tap TAP -- PROGRAM ARGS…");
+    };
+    if sep != "--" || args.len() < 3 {
+        return std::io::Error::other("usage: bangerd open-tap TAP -- PROGRAM ARGS…");
+    }
+    let fd = match crate::net::open_tap(&tap.to_string_lossy()) {
+        Ok(fd) => fd.into_raw_fd(),
+        Err(e) => return std::io::Error::other(e.full_message()),
+    };
+    // SAFETY: dup2/fcntl on descriptors this process owns; fd 3 is meant to outlive exec.
+    unsafe {
+        if fd != 3 {
+            if libc::dup2(fd, 3) != 3 {
+                return std::io::Error::last_os_error();
+            }
+            libc::close(fd);
+        } else if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
+            return std::io::Error::last_os_error();
+        }
+    }
+    std::process::Command::new(&args[2]).args(&args[3..]).exec()
+}
+
+/// Starts a [`Detached`] process, its pid written to its pid file by the shell that then
+/// becomes it, its output to its log. It must outlive the daemon and must not inherit its
+/// sandbox (QEMU's TCG needs writable-executable memory, which the daemon's unit denies): on a
+/// systemd host it runs as its transient service started by systemd (`systemd-run`),
+/// elsewhere in a session of its own (`setsid -f`). Either way `setpriv` makes it the VM's
+/// uid with no capabilities and no new privileges (see [`CONFINED_UNIT`]). Returns once it
+/// started, not when ready.
+pub async fn spawn_detached(d: &Detached<'_>) -> crate::Result<()> {
+    let (jail, log) = (d.jail, d.log);
     let groups: Vec<String> = jail.groups.iter().map(|g| g.to_string()).collect();
-    let what = program
+    let what = d
+        .program
         .file_name()
         .unwrap_or_default()
         .to_string_lossy()
@@ -156,46 +221,50 @@ pub async fn spawn_detached(
         // systemd expands $VAR in ExecStart; $$ is its escape for a literal $.
         script = script.replace('$', "$$");
         let mut c = tokio::process::Command::new("systemd-run");
-        c.arg(format!("--unit={unit}"))
+        c.arg(format!("--unit={}", d.unit))
             .args(["--quiet", "--collect", "--service-type=exec"])
-            .arg(format!("--description=banger {what} ({unit})"))
+            .arg(format!("--description=banger {what} ({})", d.unit))
             .arg(format!(
                 "--property=StandardOutput=append:{}",
                 log.display()
             ))
             .arg(format!("--property=StandardError=append:{}", log.display()))
             .args(["--property=KillMode=mixed", "--property=TimeoutStopSec=10"])
-            .arg(format!("--uid={}", jail.uid))
-            .arg(format!("--gid={}", jail.uid))
-            .arg(format!(
-                "--property=SupplementaryGroups={}",
-                groups.join(" ")
-            ))
             .args(CONFINED_UNIT)
             .arg(format!(
                 "--property=ReadWritePaths={}",
-                writable
+                d.writable
                     .iter()
                     .map(|p| p.display().to_string())
                     .collect::<Vec<_>>()
                     .join(" ")
             ))
-            .arg(format!("--property=MemoryMax={}", limits.memory_max))
-            .arg(format!("--property=TasksMax={}", limits.tasks_max))
+            .arg(format!("--property=MemoryMax={}", d.limits.memory_max))
+            .arg(format!("--property=TasksMax={}", d.limits.tasks_max))
             .arg("--");
         c
     } else {
-        // The same confinement by hand: no capabilities in any set, no way to gain one.
         let mut c = tokio::process::Command::new("setsid");
-        c.args(["-f", "setpriv"])
-            .arg(format!("--reuid={}", jail.uid))
-            .arg(format!("--regid={}", jail.uid))
-            .arg(format!("--groups={}", groups.join(",")))
-            .args(CONFINED_SETPRIV)
-            .arg("--");
+        c.arg("-f");
         c
     };
-    if let Some(fd) = fd3 {
+    // Attached by root before the uid changes: here by `bangerd open-tap` in the unit, else
+    // by the daemon below.
+    let mut tap_fd = None;
+    match d.tap {
+        Some(tap) if super::scope::systemd_booted() => {
+            cmd.arg(bangerd_program()?).args([OPEN_TAP_ARG, tap, "--"]);
+        }
+        Some(tap) => tap_fd = Some(crate::net::open_tap(tap)?),
+        None => {}
+    }
+    cmd.arg("setpriv")
+        .arg(format!("--reuid={}", jail.uid))
+        .arg(format!("--regid={}", jail.uid))
+        .arg(format!("--groups={}", groups.join(",")))
+        .args(CONFINED_SETPRIV)
+        .arg("--");
+    if let Some(fd) = &tap_fd {
         use std::os::fd::AsRawFd;
         let raw = fd.as_raw_fd();
         // SAFETY: between fork and exec only dup2 and fcntl run, both async-signal-safe; the
@@ -216,9 +285,9 @@ pub async fn spawn_detached(
     // status(), not output(): output() would pipe stdout to the detached process too.
     let status = cmd
         .args(["sh", "-c", &script])
-        .arg(pidfile)
-        .arg(program)
-        .args(args)
+        .arg(d.pidfile)
+        .arg(d.program)
+        .args(d.args)
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err)

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::process::Command;
 
-use super::process::{live_pid, spawn_detached, terminate, wait_for_path, UnitLimits};
+use super::process::{live_pid, spawn_detached, terminate, wait_for_path, Detached, UnitLimits};
 use super::{qmp, BootSpec, Vmm, ROOT_SERIAL, WORK_SERIAL};
 use crate::config::Accel;
 use crate::host::find_program;
@@ -50,15 +50,6 @@ fn marker(run: &Path) -> String {
 /// The VM's own directory (its disks and console log), which its processes write.
 fn log_dir(spec: &BootSpec) -> &Path {
     spec.console_log.parent().unwrap_or(&spec.run_dir)
-}
-
-/// The `bangerd` binary that runs console loggers: this one, unless it was replaced on disk
-/// (an upgrade), then the installed one.
-fn logger_program() -> Result<PathBuf> {
-    match std::env::current_exe() {
-        Ok(p) if p.is_file() && p.file_name().is_some_and(|n| n == "bangerd") => Ok(p),
-        _ => program("bangerd", "install banger"),
-    }
 }
 
 fn program(name: &str, hint: &str) -> Result<PathBuf> {
@@ -195,16 +186,12 @@ impl Qemu {
             ]);
         }
         if let Some(n) = &spec.net {
-            // The tap exists already (banger made it, persistent, on the bridge, owned by the
-            // VM's uid); QEMU opens it by name, or gets it open as fd 3.
-            let tap = if n.as_fd3 {
-                "fd=3".to_owned()
-            } else {
-                format!("ifname={},script=no,downscript=no", n.tap)
-            };
+            // The tap exists already (banger made it, persistent, on the bridge); QEMU, which
+            // runs as the VM's uid, gets it open and attached as its fd 3 (see
+            // process::Detached::tap).
             a.extend([
                 "-netdev".into(),
-                format!("tap,id=net0,{tap}"),
+                "tap,id=net0,fd=3".into(),
                 "-device".into(),
                 format!("virtio-net-device,netdev=net0,mac={}", n.mac),
             ]);
@@ -225,27 +212,27 @@ impl Qemu {
     async fn start_console(&self, spec: &BootSpec) -> Result<()> {
         let run = &spec.run_dir;
         terminate(&console_pidfile(run), &marker(run), Duration::from_secs(2)).await;
-        let bin = logger_program()?;
+        let bin = super::process::bangerd_program()?;
         let sock = console_socket(run);
         let _ = std::fs::remove_file(&sock);
-        spawn_detached(
-            &console_pidfile(run),
-            &super::scope::helper_unit(&spec.id, "console"),
-            &bin,
-            &[
+        spawn_detached(&Detached {
+            pidfile: &console_pidfile(run),
+            unit: &super::scope::helper_unit(&spec.id, "console"),
+            program: &bin,
+            args: &[
                 super::console::LOGGER_ARG.as_ref(),
                 sock.as_os_str(),
                 spec.console_log.as_os_str(),
             ],
-            &run.join("console-logger.log"),
-            UnitLimits {
+            log: &run.join("console-logger.log"),
+            limits: UnitLimits {
                 memory_max: 64 << 20,
                 tasks_max: 8,
             },
-            &[run, log_dir(spec)],
-            &spec.jail,
-            None,
-        )
+            writable: &[run, log_dir(spec)],
+            jail: &spec.jail,
+            tap: None,
+        })
         .await?;
         if !wait_for_path(&sock, Duration::from_secs(10)).await {
             let log = std::fs::read_to_string(run.join("console-logger.log")).unwrap_or_default();
@@ -269,11 +256,11 @@ impl Qemu {
         }
         let cid = spec.cid.to_string();
         let (vhost, uds) = (vhost_socket(run), self.vsock_socket(run));
-        spawn_detached(
-            &vsock_pidfile(run),
-            &super::scope::helper_unit(&spec.id, "vsock"),
-            &bin,
-            &[
+        spawn_detached(&Detached {
+            pidfile: &vsock_pidfile(run),
+            unit: &super::scope::helper_unit(&spec.id, "vsock"),
+            program: &bin,
+            args: &[
                 "--guest-cid".as_ref(),
                 cid.as_ref(),
                 "--socket".as_ref(),
@@ -281,12 +268,12 @@ impl Qemu {
                 "--uds-path".as_ref(),
                 uds.as_os_str(),
             ],
-            &run.join("vhost-vsock.log"),
-            UnitLimits::helper(spec.memory_mib),
-            &[run],
-            &spec.jail,
-            None,
-        )
+            log: &run.join("vhost-vsock.log"),
+            limits: UnitLimits::helper(spec.memory_mib),
+            writable: &[run],
+            jail: &spec.jail,
+            tap: None,
+        })
         .await?;
         if !wait_for_path(&vhost_socket(run), Duration::from_secs(10)).await {
             let log = std::fs::read_to_string(run.join("vhost-vsock.log")).unwrap_or_default();
@@ -335,19 +322,6 @@ impl Vmm for Qemu {
         let _ = std::fs::remove_file(qmp_socket(&spec.run_dir));
         self.start_console(spec).await?;
         self.start_vsock(spec).await?;
-        // Without systemd banger starts QEMU itself and hands it the tap open: the VM's uid
-        // need not be able to open /dev/net/tun (0600 on some hosts). systemd cannot pass it
-        // through a transient unit, so there QEMU opens the tap by name (udev makes
-        // /dev/net/tun 0666 on such hosts) as the tap's owner.
-        let mut spec = spec.clone();
-        let tap_fd = match &mut spec.net {
-            Some(n) if !super::scope::systemd_booted() => {
-                n.as_fd3 = true;
-                Some(crate::net::open_tap(&n.tap)?)
-            }
-            _ => None,
-        };
-        let spec = &spec;
         let args = self.args(spec, kvm, crate::host::tsc_khz());
         // Under KVM the VMM's uid needs /dev/kvm's group as well.
         let mut jail = spec.jail.clone();
@@ -361,17 +335,17 @@ impl Vmm for Qemu {
         let run = &spec.run_dir;
         let log_path = run.join("qemu.log");
         let argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
-        spawn_detached(
-            &qemu_pidfile(run),
-            &super::scope::vm_unit(&spec.id),
-            &qemu,
-            &argv,
-            &log_path,
-            UnitLimits::vmm(spec.vcpus, spec.memory_mib),
-            &[run, log_dir(spec)],
-            &jail,
-            tap_fd.as_ref(),
-        )
+        spawn_detached(&Detached {
+            pidfile: &qemu_pidfile(run),
+            unit: &super::scope::vm_unit(&spec.id),
+            program: &qemu,
+            args: &argv,
+            log: &log_path,
+            limits: UnitLimits::vmm(spec.vcpus, spec.memory_mib),
+            writable: &[run, log_dir(spec)],
+            jail: &jail,
+            tap: spec.net.as_ref().map(|n| n.tap.as_str()),
+        })
         .await?;
         // Up once its QMP socket listens; an early exit is a failed boot, with QEMU's words.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -466,7 +440,6 @@ mod tests {
             net: Some(crate::vmm::NetSpec {
                 tap: "bgr0123456789ab".into(),
                 mac: "02:01:23:45:67:89".into(),
-                as_fd3: false,
             }),
             jail: crate::vmm::jail::Jail {
                 uid: crate::vmm::jail::vm_uid(3),
@@ -500,7 +473,7 @@ mod tests {
         assert!(!a.contains("-daemonize"), "{a}");
         assert!(
             a.contains(
-                "-netdev tap,id=net0,ifname=bgr0123456789ab,script=no,downscript=no \
+                "-netdev tap,id=net0,fd=3 \
                  -device virtio-net-device,netdev=net0,mac=02:01:23:45:67:89"
             ),
             "{a}"

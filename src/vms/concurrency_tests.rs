@@ -61,7 +61,7 @@ impl crate::net::HostNet for FakeNet {
             16,
         ))
     }
-    async fn attach(&self, tap: &str, _: u32, _: &[crate::net::walls::GuestPort]) -> Result<()> {
+    async fn attach(&self, tap: &str, _: &[crate::net::walls::GuestPort]) -> Result<()> {
         self.0.lock().unwrap().push(tap.to_owned());
         Ok(())
     }

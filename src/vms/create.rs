@@ -361,8 +361,7 @@ impl Vms {
         {
             let _net = self.net_lock.lock().await;
             let ports = self.guest_ports("").await?;
-            let owner = crate::vmm::jail::vm_uid(vm.vsock_cid);
-            self.net.attach(&vm.tap_name, owner, &ports).await?;
+            self.net.attach(&vm.tap_name, &ports).await?;
         }
         let lease = crate::net::GuestNet {
             address: vm.guest_address.parse().map_err(|e| {
@@ -395,7 +394,6 @@ impl Vms {
             net: Some(crate::vmm::NetSpec {
                 tap: vm.tap_name.clone(),
                 mac: vm.mac_address.clone(),
-                as_fd3: false,
             }),
             rootfs,
             work,
