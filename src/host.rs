@@ -112,21 +112,28 @@ pub fn tar_dirfd_as(uid: u32, dirfd: std::os::fd::RawFd) -> Result<std::process:
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    // SAFETY: between fork and exec only dup2 and fcntl run, both async-signal-safe; dirfd
-    // stays open in the parent across the spawn.
+    // SAFETY: between fork and exec only dup2 and fcntl run (fd_as_3), both
+    // async-signal-safe; dirfd stays open in the parent across the spawn.
     unsafe {
-        c.pre_exec(move || {
-            if dirfd == 3 {
-                if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(dirfd, 3) != 3 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+        c.pre_exec(move || fd_as_3(dirfd));
     }
     c.spawn().map_err(|e| Error::failed("Cannot run tar", e))
+}
+
+/// In a child between fork and exec: makes `fd` the child's fd 3, open across exec. Only
+/// async-signal-safe calls (dup2, fcntl).
+pub fn fd_as_3(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: dup2 and fcntl on descriptors of this (child) process; no memory is touched.
+    unsafe {
+        if fd == 3 {
+            if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        } else if libc::dup2(fd, 3) != 3 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// The host TSC frequency in kHz (`cpu MHz` of /proc/cpuinfo × 1000): TCG guests need it as

@@ -26,28 +26,8 @@ struct IfReq {
 /// unattached, owned by uid 0: the VMM gets it open as a descriptor (`open_tap`), attached by
 /// root without `CAP_NET_ADMIN`, and nobody else may attach to it.
 pub fn create_tap(name: &str) -> Result<()> {
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
-        return Err(Error::InvalidArgument(format!(
-            "{name:?} is not a tap name"
-        )));
-    }
+    let tun = tun_for(name)?;
     let fail = |e: std::io::Error| Error::failed(format!("Cannot create tap {name}"), e);
-    let tun = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")
-        .map_err(fail)?;
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: `req` is a valid, initialised ifreq-sized buffer that outlives the call, and the
-    // fd is the open tun control device.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
-        return Err(fail(std::io::Error::last_os_error()));
-    }
     // SAFETY: TUNSETOWNER takes an integer argument; the fd is attached to the new tap.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETOWNER, 0 as libc::c_ulong) } < 0 {
         return Err(fail(std::io::Error::last_os_error()));
@@ -61,12 +41,17 @@ pub fn create_tap(name: &str) -> Result<()> {
 
 /// Opens existing tap `name` (as the VMM would), for a VMM that gets it as a descriptor.
 pub fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd> {
-    let fail = |e: std::io::Error| Error::failed(format!("Cannot open tap {name}"), e);
-    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+    Ok(tun_for(name)?.into())
+}
+
+/// `/dev/net/tun` attached to tap `name` (created when it does not exist and the caller may).
+fn tun_for(name: &str) -> Result<std::fs::File> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
         return Err(Error::InvalidArgument(format!(
             "{name:?} is not a tap name"
         )));
     }
+    let fail = |e: std::io::Error| Error::failed(format!("Cannot open tap {name}"), e);
     let tun = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -83,7 +68,7 @@ pub fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd> {
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETIFF, &mut req) } < 0 {
         return Err(fail(std::io::Error::last_os_error()));
     }
-    Ok(tun.into())
+    Ok(tun)
 }
 
 #[cfg(test)]

@@ -182,16 +182,12 @@ pub fn open_tap_and_exec(args: &[std::ffi::OsString]) -> std::io::Error {
         Ok(fd) => fd.into_raw_fd(),
         Err(e) => return std::io::Error::other(e.full_message()),
     };
-    // SAFETY: dup2/fcntl on descriptors this process owns; fd 3 is meant to outlive exec.
-    unsafe {
-        if fd != 3 {
-            if libc::dup2(fd, 3) != 3 {
-                return std::io::Error::last_os_error();
-            }
-            libc::close(fd);
-        } else if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
-            return std::io::Error::last_os_error();
-        }
+    if let Err(e) = crate::host::fd_as_3(fd) {
+        return e;
+    }
+    if fd != 3 {
+        // SAFETY: fd is this process's own copy, now duplicated as 3.
+        unsafe { libc::close(fd) };
     }
     std::process::Command::new(&args[2]).args(&args[3..]).exec()
 }
@@ -267,19 +263,10 @@ pub async fn spawn_detached(d: &Detached<'_>) -> crate::Result<()> {
     if let Some(fd) = &tap_fd {
         use std::os::fd::AsRawFd;
         let raw = fd.as_raw_fd();
-        // SAFETY: between fork and exec only dup2 and fcntl run, both async-signal-safe; the
-        // descriptor stays open in the parent across the spawn.
+        // SAFETY: between fork and exec only dup2 and fcntl run (fd_as_3), both
+        // async-signal-safe; the descriptor stays open in the parent across the spawn.
         unsafe {
-            cmd.pre_exec(move || {
-                if raw == 3 {
-                    if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(raw, 3) != 3 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || crate::host::fd_as_3(raw));
         }
     }
     // status(), not output(): output() would pipe stdout to the detached process too.
