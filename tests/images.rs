@@ -782,3 +782,58 @@ async fn build_image_debootstraps_the_default_image() {
         text(&src)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_that_outgrows_the_memory_scratch_is_flattened_on_disk() {
+    if !available(TOOLS) {
+        return;
+    }
+    // 48 MiB of zeros gzip to about 50 KiB: far past the 8× the scratch was checked for.
+    let registry = TestRegistry::start();
+    let work = tempfile::tempdir().unwrap();
+    let mut layers = busybox_layers();
+    layers.push(
+        Layer::default()
+            .dir("data", 0o755)
+            .file("data/zeros", &vec![0u8; 48 << 20], 0o644, 0)
+            .bytes(),
+    );
+    let layout = work.path().join("zeros");
+    let m = image_manifest(&layout, &layers, Comp::Gzip, "amd64");
+    finish_layout(&layout, vec![m], "v1");
+    let reference = registry.push(&layout, "v1", "test/zeros", &[]);
+    let bus = TestBus::start(BusOptions {
+        runtime_on_tmpfs: true,
+        ..Default::default()
+    });
+    let conn = bus.connect().await;
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .member("LogMessage")
+        .build()
+        .unwrap();
+    let mut logs = zbus::MessageStream::for_match_rule(rule, &conn, None)
+        .await
+        .unwrap();
+    let (result, error) = pull(&bus, &conn, &reference, None).await.unwrap();
+    assert_eq!(result, "done", "{error}");
+    let mut lines = Vec::new();
+    while let Ok(Some(Ok(m))) =
+        tokio::time::timeout(std::time::Duration::from_millis(500), logs.next()).await
+    {
+        let (_, line): (u32, String) = m.body().deserialize().unwrap();
+        lines.push(line);
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("flattening on disk instead")),
+        "{lines:?}"
+    );
+    let rootfs = image_dir(&bus, "zeros-v1").join("rootfs.ext4");
+    assert!(debugfs(&rootfs, "stat /data/zeros").contains("Size: 50331648"));
+    let left = std::fs::read_dir(bus.runtime.join("scratch"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(left, 0, "the scratch tree went");
+}

@@ -14,7 +14,7 @@ use super::{Images, PullOptions};
 use crate::auth::Action;
 use crate::jobs::{Job, JobContext, JobSpec};
 use crate::model::{new_id, validate_name, Image, NameKind};
-use crate::oci::flatten::{Flattener, Limits};
+use crate::oci::flatten::{FlattenError, Flattener, Limits};
 use crate::oci::reference;
 use crate::oci::registry::{layer_compression, Compression, Registry};
 use crate::{Error, Result};
@@ -134,62 +134,47 @@ impl Images {
             .map(|(d, _)| d.size.max(0) as u64)
             .sum::<u64>()
             .max(1);
-        // gzip layers of OS images expand about 3×; 8× leaves room for more.
-        let (tree, scratch) = self.tree_dir(&id, &dir, total.saturating_mul(8))?;
-        ctx.log(7, format!("Flattening in {}", tree.display()));
-        let limits = Limits {
-            max_bytes: self.config.max_image_bytes,
-            ..Limits::default()
-        };
-        // A pipeline: layer N is flattened (decompressed and extracted, in manifest order) on
-        // a blocking thread while layer N+1 downloads.
-        let (tx, rx) = std::sync::mpsc::channel::<(PathBuf, Compression)>();
-        let t = tree.clone();
-        let flatten = tokio::task::spawn_blocking(move || {
-            let mut f = Flattener::new(&t, limits, true)
-                .map_err(|e| Error::failed("Cannot create the image tree", e))?;
-            for (path, c) in rx {
-                f.apply_layer(open_layer(&path, c)?).map_err(|e| {
-                    Error::InvalidArgument(
-                        crate::Error::failed("Cannot flatten the image", e).full_message(),
-                    )
-                })?;
-            }
-            f.finish()
-                .map_err(|e| Error::failed("Cannot flatten the image", e))
-        });
-        let cache = self.layout.oci_cache_dir();
-        let mut done = 0u64;
-        let mut fetched: Result<()> = Ok(());
-        for (desc, c) in &layers {
-            let base = done;
-            let p = registry
-                .fetch_blob(&r, desc, &cache, |got| {
-                    ctx.progress(0.5 * (base + got) as f64 / total as f64)
-                })
-                .await;
-            match p {
-                // A send fails only when the flattener stopped on an error: it reports it.
-                Ok(p) => {
-                    if tx.send((p, *c)).is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    fetched = Err(e);
-                    break;
-                }
-            }
-            done += desc.size.max(0) as u64;
+        // gzip layers of OS images expand about 3×; 8× leaves room for more. On the tmpfs
+        // scratch the tree may use no more than what was checked free there; an image that
+        // expands further starts over on disk (its layers are in the blob cache by then).
+        let expected = total.saturating_mul(8);
+        let (mut tree, mut scratch) = self.tree_dir(&id, &dir, expected)?;
+        let mut max_bytes = self.config.max_image_bytes;
+        if scratch.is_some() {
+            max_bytes = max_bytes.min(expected);
         }
-        drop(tx);
-        ctx.stage("flatten", "Applying the last layers in manifest order");
-        ctx.progress(0.5);
-        let flattened = flatten
-            .await
-            .map_err(|e| Error::failed("Flatten task failed", e))?;
-        fetched?;
-        let stats = flattened?;
+        let stats = loop {
+            ctx.log(7, format!("Flattening in {}", tree.display()));
+            let limits = Limits {
+                max_bytes,
+                ..Limits::default()
+            };
+            match self
+                .fetch_and_flatten(&ctx, &registry, &r, &layers, &tree, limits, total)
+                .await
+            {
+                Ok(stats) => break stats,
+                Err(Flatten::OverScratch) if scratch.is_some() => {
+                    ctx.log(
+                        6,
+                        format!(
+                            "The image expands past the {expected} bytes checked free in the \
+                             memory scratch; flattening on disk instead"
+                        ),
+                    );
+                    drop(scratch.take());
+                    tree = dir.join("tree");
+                    max_bytes = self.config.max_image_bytes;
+                }
+                Err(Flatten::OverScratch) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "The image expands past max_image_bytes ({max_bytes} bytes); raise \
+                         max_image_bytes in the configuration if the image is genuine"
+                    )))
+                }
+                Err(Flatten::Failed(e)) => return Err(e),
+            }
+        };
         ctx.log(
             6,
             format!(
@@ -327,6 +312,91 @@ fn check_ext4(path: &Path) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// How a fetch-and-flatten ended when it did not finish.
+enum Flatten {
+    /// The tree reached its byte limit.
+    OverScratch,
+    /// Anything else.
+    Failed(Error),
+}
+
+impl From<Error> for Flatten {
+    fn from(e: Error) -> Self {
+        Flatten::Failed(e)
+    }
+}
+
+impl Images {
+    /// Fetches the layers into the blob cache and flattens them into `tree` as they land
+    /// (layer N is decompressed and extracted, in manifest order, on a blocking thread while
+    /// layer N+1 downloads).
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_and_flatten(
+        &self,
+        ctx: &JobContext,
+        registry: &Registry,
+        r: &Reference,
+        layers: &[(oci_client::manifest::OciDescriptor, Compression)],
+        tree: &Path,
+        limits: Limits,
+        total: u64,
+    ) -> Result<crate::oci::flatten::Stats, Flatten> {
+        let (tx, rx) = std::sync::mpsc::channel::<(PathBuf, Compression)>();
+        let t = tree.to_owned();
+        let flatten = tokio::task::spawn_blocking(move || {
+            let mut f = Flattener::new(&t, limits, true)
+                .map_err(|e| Error::failed("Cannot create the image tree", e))?;
+            for (path, c) in rx {
+                match f.apply_layer(open_layer(&path, c)?) {
+                    Ok(()) => {}
+                    Err(FlattenError::TooLarge { what: "bytes", .. }) => {
+                        return Err(Flatten::OverScratch)
+                    }
+                    Err(e) => {
+                        return Err(Flatten::Failed(Error::InvalidArgument(
+                            crate::Error::failed("Cannot flatten the image", e).full_message(),
+                        )))
+                    }
+                }
+            }
+            f.finish()
+                .map_err(|e| Flatten::Failed(Error::failed("Cannot flatten the image", e)))
+        });
+        let cache = self.layout.oci_cache_dir();
+        let mut done = 0u64;
+        let mut fetched: Result<()> = Ok(());
+        for (desc, c) in layers {
+            let base = done;
+            let p = registry
+                .fetch_blob(r, desc, &cache, |got| {
+                    ctx.progress(0.5 * (base + got) as f64 / total as f64)
+                })
+                .await;
+            match p {
+                // A send fails only when the flattener stopped on an error: it reports it.
+                Ok(p) => {
+                    if tx.send((p, *c)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    fetched = Err(e);
+                    break;
+                }
+            }
+            done += desc.size.max(0) as u64;
+        }
+        drop(tx);
+        ctx.stage("flatten", "Applying the last layers in manifest order");
+        ctx.progress(0.5);
+        let flattened = flatten
+            .await
+            .map_err(|e| Error::failed("Flatten task failed", e))?;
+        fetched?;
+        flattened
+    }
 }
 
 #[cfg(test)]
