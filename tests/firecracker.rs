@@ -179,6 +179,8 @@ fn boot_spec(dir: &Path, vcpus: u32) -> BootSpec {
         jail: banger::vmm::jail::Jail {
             uid: 0,
             groups: vec![0],
+            hide: Vec::new(),
+            read_only: Vec::new(),
         },
     }
 }

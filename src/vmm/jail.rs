@@ -32,6 +32,11 @@ pub struct Jail {
     pub uid: u32,
     /// Supplementary groups: [`vmm_gid`], and `/dev/kvm`'s group when the VM uses KVM.
     pub groups: Vec<u32>,
+    /// banger's roots (state, runtime) that its units see as empty, but for the paths below
+    /// and the ones they write (systemd hosts: a mount namespace of the unit's own).
+    pub hide: Vec<std::path::PathBuf>,
+    /// Files under those roots the VM only reads (its image's root filesystem, its kernel).
+    pub read_only: Vec<std::path::PathBuf>,
 }
 
 fn set(path: &Path, uid: Option<u32>, gid: Option<u32>, mode: u32) -> Result<()> {

@@ -192,6 +192,48 @@ pub fn open_tap_and_exec(args: &[std::ffi::OsString]) -> std::io::Error {
     std::process::Command::new(&args[2]).args(&args[3..]).exec()
 }
 
+/// The unit's own view of banger's directories: its roots empty (a tmpfs), with only what the
+/// process writes bound back read-write and what it reads bound back read-only, so it sees no
+/// other VM, image, kernel or the database at all.
+fn namespace_properties(d: &Detached<'_>) -> Vec<String> {
+    let join = |paths: &mut dyn Iterator<Item = &Path>| {
+        paths
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let roots = &d.jail.hide;
+    let inside = |p: &Path| roots.iter().any(|r| p.starts_with(r));
+    if roots.is_empty() {
+        return Vec::new();
+    }
+    let mut props = vec![format!(
+        "--property=TemporaryFileSystem={}",
+        join(&mut roots.iter().map(|r| r.as_path()))
+    )];
+    let rw: Vec<&Path> = d.writable.iter().copied().filter(|p| inside(p)).collect();
+    if !rw.is_empty() {
+        props.push(format!(
+            "--property=BindPaths={}",
+            join(&mut rw.into_iter())
+        ));
+    }
+    let ro: Vec<&Path> = d
+        .jail
+        .read_only
+        .iter()
+        .map(|p| p.as_path())
+        .filter(|p| inside(p))
+        .collect();
+    if !ro.is_empty() {
+        props.push(format!(
+            "--property=BindReadOnlyPaths={}",
+            join(&mut ro.into_iter())
+        ));
+    }
+    props
+}
+
 /// Starts a [`Detached`] process, its pid written to its pid file by the shell that then
 /// becomes it, its output to its log. It must outlive the daemon and must not inherit its
 /// sandbox (QEMU's TCG needs writable-executable memory, which the daemon's unit denies): on a
@@ -235,6 +277,7 @@ pub async fn spawn_detached(d: &Detached<'_>) -> crate::Result<()> {
                     .collect::<Vec<_>>()
                     .join(" ")
             ))
+            .args(namespace_properties(d))
             .arg(format!("--property=MemoryMax={}", d.limits.memory_max))
             .arg(format!("--property=TasksMax={}", d.limits.tasks_max))
             .arg("--");

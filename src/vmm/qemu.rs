@@ -444,6 +444,8 @@ mod tests {
             jail: crate::vmm::jail::Jail {
                 uid: crate::vmm::jail::vm_uid(3),
                 groups: vec![crate::vmm::jail::vmm_gid()],
+                hide: Vec::new(),
+                read_only: Vec::new(),
             },
         }
     }

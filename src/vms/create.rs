@@ -403,6 +403,11 @@ impl Vms {
             jail: crate::vmm::jail::Jail {
                 uid: crate::vmm::jail::vm_uid(vm.vsock_cid),
                 groups: vec![crate::vmm::jail::vmm_gid()],
+                hide: vec![
+                    self.layout.state_dir.clone(),
+                    self.layout.runtime_dir.clone(),
+                ],
+                read_only: vec![image.rootfs_path.clone(), kernel.kernel_path.clone()],
             },
         };
         // The VM's processes run as a uid of its own: its directories become that uid's, what

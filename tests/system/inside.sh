@@ -54,6 +54,10 @@ unit=banger-vm-$id.service machine=banger-$id
 machinectl list --no-legend | grep -q "^$machine *vm" || { machinectl list; fail "machined does not list $machine"; }
 leader=$(machinectl show "$machine" -p Leader --value)
 grep -q "$unit" "/proc/$leader/cgroup" || fail "the machine leader $leader is not in the VM unit"
+# Its mount namespace: its own disks, nothing else of banger's.
+nsenter -t "$leader" -m test -e "/var/lib/banger/vms/$id/work.ext4" || fail "QEMU does not see its own disk"
+nsenter -t "$leader" -m test -e /var/lib/banger/banger.db && fail "QEMU sees banger's database"
+[ "$(stat -c %u "/proc/$leader")" != 0 ] || fail "QEMU runs as root"
 
 say "idle exit leaves the VM running"
 for _ in $(seq 60); do [ "$(active bangerd)" = inactive ] && break; sleep 1; done
