@@ -72,7 +72,8 @@ impl Vm1 {
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<zbus::OwnedFd> {
         let (_, vm) = vms::authorize_vm(&self.ctx, conn, &hdr, &self.vm.id).await?;
-        let f = std::fs::File::open(self.ctx.banger.vms.console_log(&vm.id)).map_err(|e| {
+        let log = self.ctx.banger.vms.console_log(&vm.id);
+        let f = crate::vmm::console::open_log_file(&log).map_err(|e| {
             crate::Error::NotFound(format!(
                 "VM {} has no console log yet ({e}); it has not booted",
                 vm.name

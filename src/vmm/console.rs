@@ -69,7 +69,7 @@ fn tmp_name(log: &Path) -> PathBuf {
 
 /// The last `max` bytes of a file (all of it when smaller); missing is empty.
 pub fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
-    let mut f = match File::open(path) {
+    let mut f = match open_log_file(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
@@ -79,6 +79,22 @@ pub fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     let mut v = Vec::new();
     f.take(max).read_to_end(&mut v)?;
     Ok(v)
+}
+
+/// Opens a console log for reading as root: the VM's uid writes the directory it is in, so a
+/// symbolic link (or anything but a regular file) there is refused, never followed.
+pub fn open_log_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other(
+            "the console log is not a regular file",
+        ));
+    }
+    Ok(f)
 }
 
 /// The last `n` lines of a console log, read from its last 64 KiB only.
@@ -113,5 +129,13 @@ mod tests {
         let tail = tail_lines(&log, 1);
         assert_eq!(tail, "line 019999 of a guest that never stops talking");
         assert!(!sock.exists());
+
+        // A link in its place is refused, not followed.
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"root only\n").unwrap();
+        std::fs::remove_file(&log).unwrap();
+        std::os::unix::fs::symlink(&secret, &log).unwrap();
+        assert!(open_log_file(&log).is_err());
+        assert_eq!(tail_lines(&log, 1), "");
     }
 }

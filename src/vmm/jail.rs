@@ -39,11 +39,65 @@ pub struct Jail {
     pub read_only: Vec<std::path::PathBuf>,
 }
 
+/// Sets owner and mode through a descriptor opened without following a final symbolic link,
+/// so a link planted in a VM's directory never redirects root's change elsewhere.
 fn set(path: &Path, uid: Option<u32>, gid: Option<u32>, mode: u32) -> Result<()> {
-    std::os::unix::fs::lchown(path, uid, gid)
-        .map_err(|e| Error::failed(format!("Cannot hand {} to the VM", path.display()), e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::failed(format!("Cannot hand {} to the VM", path.display()), e))
+    use std::os::unix::fs::OpenOptionsExt;
+    let fail =
+        |e: std::io::Error| Error::failed(format!("Cannot hand {} to the VM", path.display()), e);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(fail)?;
+    std::os::unix::fs::fchown(&f, uid, gid).map_err(fail)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(fail)
+}
+
+/// Takes a VM's directories back before root works in them again (a start): the VM's uid had
+/// them, so whatever it left there is hostile. Every entry that is not a regular file or a
+/// socket (symbolic links above all, which root's later writes would follow) is removed, and
+/// the rest becomes root's. Runs while none of the VM's processes run.
+pub fn reclaim(dirs: &[&Path]) -> Result<()> {
+    for dir in dirs {
+        let meta = match std::fs::symlink_metadata(dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(Error::failed(
+                    format!("Cannot inspect {}", dir.display()),
+                    e,
+                ))
+            }
+        };
+        if !meta.is_dir() {
+            return Err(Error::failed(
+                format!("{} is not a directory", dir.display()),
+                std::io::Error::other("refusing to use it"),
+            ));
+        }
+        set(dir, Some(0), Some(0), 0o700)?;
+        for e in std::fs::read_dir(dir)
+            .map_err(|e| Error::failed(format!("Cannot list {}", dir.display()), e))?
+            .flatten()
+        {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_file() => set(&p, Some(0), Some(0), 0o600)?,
+                Ok(t) if t.is_socket() => {
+                    std::os::unix::fs::lchown(&p, Some(0), Some(0)).map_err(|err| {
+                        Error::failed(format!("Cannot take back {}", p.display()), err)
+                    })?
+                }
+                _ => {
+                    tracing::warn!("Removing {} a VM left behind", p.display());
+                    crate::layout::remove_any(&p)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Hands the VM's own directories (and every file directly in them) to `uid`, 0700/0600.
@@ -126,11 +180,27 @@ mod tests {
         // The tempdir above the root is not touched.
         assert_ne!(m(d.path()).gid(), vmm_gid());
 
+        // What a VM leaves in its directories is taken back before root works there again:
+        // a planted link goes (and its target is untouched), files become root's.
+        let target = d.path().join("precious");
+        std::fs::write(&target, b"p").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+
         let own = d.path().join("vm");
         std::fs::create_dir(&own).unwrap();
         std::fs::write(own.join("disk"), b"d").unwrap();
         hand_over(vm_uid(3), &[&own]).unwrap();
         assert_eq!((m(&own).uid(), m(&own).mode() & 0o777), (vm_uid(3), 0o700));
         assert_eq!(m(&own.join("disk")).uid(), vm_uid(3));
+        std::os::unix::fs::symlink(&target, own.join("console.log")).unwrap();
+        std::os::unix::fs::symlink(&target, own.join("work.ext4")).unwrap();
+        hand_over(vm_uid(3), &[&own]).unwrap();
+        assert_eq!(m(&target).mode() & 0o777, 0o644, "a link is not followed");
+        reclaim(&[&own]).unwrap();
+        assert!(std::fs::symlink_metadata(own.join("console.log")).is_err());
+        assert!(std::fs::symlink_metadata(own.join("work.ext4")).is_err());
+        assert_eq!((m(&own).uid(), m(&own.join("disk")).uid()), (0, 0));
+        assert_eq!(std::fs::read(&target).unwrap(), b"p");
+        assert_eq!(m(&target).mode() & 0o777, 0o644);
     }
 }

@@ -296,6 +296,14 @@ impl Vms {
             std::fs::create_dir_all(d)
                 .map_err(|e| Error::failed(format!("Cannot create {}", d.display()), e))?;
         }
+        // The VM's uid had these directories while it ran: take them back (and drop anything
+        // it planted) before root writes disks, logs and the initrd there.
+        {
+            let (d, r) = (dir.clone(), run.clone());
+            tokio::task::spawn_blocking(move || crate::vmm::jail::reclaim(&[&d, &r]))
+                .await
+                .map_err(|e| Error::failed("Jail task failed", e))??;
+        }
 
         let rootfs = self.vmm.rootfs_path(&dir);
         if rootfs.exists() {
