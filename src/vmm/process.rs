@@ -89,9 +89,10 @@ impl UnitLimits {
 pub const VMM_OVERHEAD_MIB: u64 = 512;
 
 /// What every VMM and helper unit runs under (systemd hosts), besides the VM's own uid (see
-/// `jail`): not a single capability (its files are its uid's or its group's, its tap is owned
-/// by its uid, so none is needed), no way to gain privileges, and a read-only system but for
-/// its `writable` paths.
+/// `jail`): only the capabilities `setpriv` needs to switch to that uid (it then drops them
+/// all; the files are the uid's or its group's and the tap arrives attached as fd 3, so none
+/// is needed after), no way to gain privileges, and a read-only system but for its
+/// `writable` paths.
 /// TCG needs writable-executable memory, so MemoryDenyWriteExecute stays off.
 pub const CONFINED_UNIT: &[&str] = &[
     // Only what setpriv needs to become the VM's uid and drop everything.

@@ -421,24 +421,19 @@ impl Vms {
         // The VM's processes run as a uid of its own: its directories become that uid's, what
         // it only reads (image, kernel) the VMM group's.
         {
-            let (uid, image_file, kernel_file) = (
-                spec.jail.uid,
-                image.rootfs_path.clone(),
-                spec.kernel.clone(),
-            );
+            // What the VM only reads and the roots its units hide are the jail's own lists.
+            let cell = spec.jail.clone();
             let (vm_dir, run_dir) = (dir.clone(), run.clone());
-            let roots = [
-                self.layout.state_dir.clone(),
-                self.layout.runtime_dir.clone(),
-            ];
             tokio::task::spawn_blocking(move || {
                 use crate::vmm::jail;
-                let roots: Vec<&std::path::Path> = roots.iter().map(|r| r.as_path()).collect();
-                jail::share(&[&image_file, &kernel_file], &roots)?;
+                let roots: Vec<&std::path::Path> = cell.hide.iter().map(|r| r.as_path()).collect();
+                let files: Vec<&std::path::Path> =
+                    cell.read_only.iter().map(|f| f.as_path()).collect();
+                jail::share(&files, &roots)?;
                 for own in [&vm_dir, &run_dir] {
                     jail::reach(own, &roots)?;
                 }
-                jail::hand_over(uid, &[&vm_dir, &run_dir])
+                jail::hand_over(cell.uid, &[&vm_dir, &run_dir])
             })
             .await
             .map_err(|e| Error::failed("Jail task failed", e))??;
