@@ -50,7 +50,8 @@ impl Layout {
     pub fn scratch_dir(&self) -> PathBuf {
         self.runtime_dir.join("scratch")
     }
-    /// `/run/banger/vms/<id>/`, a VM's sockets.
+    /// `/run/banger/vms/<id>/`, a VM's pid files and logs (root's), and in `jail/` (its
+    /// uid's) its sockets and initrd.
     pub fn vm_runtime_dir(&self, id: &str) -> PathBuf {
         self.runtime_dir.join("vms").join(id)
     }

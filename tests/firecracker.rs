@@ -282,3 +282,160 @@ async fn odd_vcpu_counts_and_api_faults_are_clear_errors() {
         e.full_message()
     );
 }
+
+#[tokio::test]
+async fn the_jailer_gets_what_it_accepts_and_the_chroot_holds_the_vms_files() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, kernels) = (
+        dir.path().join("vms/00ff"),
+        dir.path().join("kernels/debian"),
+    );
+    for d in [&vm, &kernels] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let exe = dir.path().join("firecracker-v1.10.1");
+    for (p, what) in [
+        (&exe, "binary"),
+        (&kernels.join("vmlinux"), "kernel"),
+        (&kernels.join("initrd.img"), "initrd"),
+        (&vm.join("rootfs.ext4"), "root"),
+        (&vm.join("work.ext4"), "work"),
+    ] {
+        std::fs::write(p, what).unwrap();
+    }
+    let mut spec = boot_spec(dir.path(), 2);
+    spec.kernel = kernels.join("vmlinux");
+    spec.initrd = Some(kernels.join("initrd.img"));
+    spec.rootfs = vm.join("rootfs.ext4");
+    spec.work = vm.join("work.ext4");
+    spec.jail.uid = banger::vmm::jail::vm_uid(3);
+
+    let chroot = firecracker::Chroot::of(&spec, &exe);
+    let inside = chroot.populate(&spec).unwrap();
+    let args = firecracker::jailer_args(&spec, &exe, &chroot, true);
+    let stand_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/firecracker/jailer-stand-in");
+    let out = std::process::Command::new(&stand_in)
+        .args(&args)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains(&format!("chroot={}\n", chroot.root.display())),
+        "{said}"
+    );
+    let uid = banger::vmm::jail::vm_uid(3);
+    assert!(
+        said.contains(&format!(
+            "uid={uid} gid={} cgroup-version=2",
+            banger::vmm::jail::vmm_gid()
+        )),
+        "{said}"
+    );
+    assert!(
+        said.contains("forward=--api-sock /firecracker.sock\n"),
+        "{said}"
+    );
+
+    // The stand-in refuses what the jailer refuses, so its yes above means something.
+    for (bad, why) in [
+        (
+            vec!["--id", "a", "--uid", "1", "--gid", "1"],
+            "missing required --exec-file",
+        ),
+        (
+            vec![
+                "--id",
+                "a/b",
+                "--exec-file",
+                exe.to_str().unwrap(),
+                "--uid",
+                "1",
+                "--gid",
+                "1",
+            ],
+            "invalid id",
+        ),
+        (
+            vec![
+                "--id",
+                "a",
+                "--exec-file",
+                "/bin/sh",
+                "--uid",
+                "1",
+                "--gid",
+                "1",
+            ],
+            "must include firecracker",
+        ),
+        (
+            vec![
+                "--id",
+                "a",
+                "--exec-file",
+                exe.to_str().unwrap(),
+                "--uid",
+                "1",
+                "--gid",
+                "1",
+                "--seccomp-level",
+                "0",
+            ],
+            "unknown argument",
+        ),
+    ] {
+        let out = std::process::Command::new(&stand_in)
+            .args(&bad)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(why),
+            "{bad:?}"
+        );
+    }
+
+    // Every file the requests name is in the chroot; the disks are the VM's own (hard
+    // links: a write reaches them), and the bodies still match the API.
+    let doc = spec_doc();
+    let reqs = firecracker::requests(&inside, chroot.vsock()).unwrap();
+    let mut named = Vec::new();
+    let mut errors = Vec::new();
+    for (path, body) in &reqs {
+        let (schema, _) = put_schema(&doc, path).unwrap();
+        validate(&doc, schema, body, path, &mut errors);
+        for key in ["kernel_image_path", "initrd_path", "path_on_host"] {
+            if let Some(p) = body[key].as_str() {
+                named.push(p.to_owned());
+            }
+        }
+    }
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert_eq!(
+        named,
+        ["/vmlinux", "/initrd.img", "/rootfs.ext4", "/work.ext4"]
+    );
+    for p in &named {
+        assert!(chroot.host_path(p).is_file(), "{p} is not in the chroot");
+    }
+    for (inside, host) in [("/rootfs.ext4", &spec.rootfs), ("/work.ext4", &spec.work)] {
+        assert_eq!(
+            std::fs::metadata(chroot.host_path(inside)).unwrap().ino(),
+            std::fs::metadata(host).unwrap().ino(),
+            "{inside} is the VM's disk"
+        );
+    }
+    assert_eq!(
+        reqs.iter().find(|(p, _)| p == "/vsock").unwrap().1["uds_path"],
+        "/vsock.sock"
+    );
+    // A second start builds the chroot afresh.
+    chroot.populate(&spec).unwrap();
+    assert!(chroot.host_path("/vmlinux").is_file());
+}

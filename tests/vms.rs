@@ -352,6 +352,35 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
             (m.uid(), m.mode() & 0o777),
             (banger::vmm::jail::vm_uid(3), 0o700)
         );
+        // Each process has a mount namespace of its own: QEMU sees its disks, the vsock
+        // device does not; neither sees banger's database.
+        let inside = |which: &str, p: &std::path::Path| {
+            let (dir, _) = vm_process_dirs(&bus)
+                .into_iter()
+                .find(|(_, c)| c.contains(which))
+                .unwrap_or_else(|| panic!("{which} runs"));
+            dir.join("root").join(p.strip_prefix("/").unwrap()).exists()
+        };
+        let db = bus.state_dir().join("banger.db");
+        assert!(db.exists(), "{}", db.display());
+        assert!(inside("qemu-system", &vm_dir.join("work.ext4")));
+        assert!(!inside("qemu-system", &db));
+        assert!(!inside("vhost-device-vsock", &vm_dir.join("work.ext4")));
+        assert!(!inside("vhost-device-vsock", &db));
+        // Root's runtime files (pid files, logs) are root's; the VM's sockets are in a
+        // directory of its uid's own.
+        let run = bus.runtime.join("vms").join(vm_dir.file_name().unwrap());
+        for (p, uid, mode) in [
+            (run.clone(), 0, 0o710),
+            (run.join("jail"), banger::vmm::jail::vm_uid(3), 0o700),
+        ] {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            assert_eq!((m.uid(), m.mode() & 0o777), (uid, mode), "{}", p.display());
+        }
+        for f in ["qemu.pid", "vhost-vsock.pid", "console.pid", "qemu.log"] {
+            let m = std::fs::symlink_metadata(run.join(f)).unwrap();
+            assert!(m.is_file() && m.uid() == 0 && m.mode() & 0o022 == 0, "{f}");
+        }
     }
 
     // A guest that floods its console leaves a log no larger than the cap.
@@ -517,6 +546,34 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     let out = bus.banger_as(Some(USER_OK), &["vm", "start", "t1"]);
     assert!(out.status.success(), "{}", text(&out));
     let vm_id = path.as_str().rsplit('/').next().unwrap().to_owned();
+
+    // An escaped VMM swaps its vsock socket for another service's (a hard link keeps that
+    // socket's owner; a symbolic link points anywhere): root connects to neither.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let jail = bus.runtime.join("vms").join(&vm_id).join("jail");
+        let vsock = jail.join("vsock.sock");
+        let other = tempfile::tempdir().unwrap();
+        let foreign = other.path().join("service.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&foreign).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::fs::remove_file(&vsock).unwrap();
+        std::os::unix::fs::symlink(&foreign, &vsock).unwrap();
+        let out = bus.banger_as(Some(USER_OK), &["vm", "exec", "t1", "--", "true"]);
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains("refusing to connect"), "{}", text(&out));
+        std::fs::remove_file(&vsock).unwrap();
+        std::fs::rename(&foreign, &vsock).unwrap();
+        let out = bus.banger_as(Some(USER_OK), &["vm", "exec", "t1", "--", "true"]);
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains("refusing to connect"), "{}", text(&out));
+        assert_eq!(
+            listener.accept().map(|_| ()).map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::WouldBlock),
+            "the foreign socket got no connection"
+        );
+    }
     let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "--force", "t1"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(vm_processes(&bus).is_empty(), "{:?}", vm_processes(&bus));

@@ -31,9 +31,9 @@ async fn read_line<R: AsyncRead + Unpin>(r: &mut R, limit: usize) -> std::io::Re
 
 /// Connects to guest `port` through the hybrid vsock socket at `uds`.
 pub async fn connect(uds: &Path, port: u32) -> Result<UnixStream> {
-    let mut s = UnixStream::connect(uds)
-        .await
-        .map_err(io("Cannot reach the VM's vsock socket"))?;
+    // The socket is in the VM's own directory: taken as the VM's, never by a path it controls.
+    let mut s =
+        crate::vmm::jail::connect_async(uds).map_err(io("Cannot reach the VM's vsock socket"))?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())
         .await
         .map_err(io("Cannot reach the VM's vsock socket"))?;

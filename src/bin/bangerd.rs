@@ -5,9 +5,18 @@ use std::path::PathBuf;
 use banger::daemon::Args;
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// The helper roles run before any thread exists (`jail-mounts` unshares the mount
+/// namespace, which a multi-threaded process cannot); the daemon gets its runtime after.
+fn main() -> std::process::ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv
+        .get(1)
+        .is_some_and(|a| a == banger::vmm::jail::MOUNTS_ARG)
+    {
+        let e = banger::vmm::jail::mounts_and_exec(&argv[2..]);
+        eprintln!("bangerd jail-mounts: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     if argv
         .get(1)
         .is_some_and(|a| a == banger::vmm::console::LOGGER_ARG)
@@ -23,6 +32,16 @@ async fn main() -> std::process::ExitCode {
         eprintln!("bangerd open-tap: {e}");
         return std::process::ExitCode::FAILURE;
     }
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(daemon()),
+        Err(e) => {
+            eprintln!("bangerd: cannot start its runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn daemon() -> std::process::ExitCode {
     let args = Args::parse();
     banger::logging::init("bangerd");
     let opts = banger::daemon::DaemonOptions {

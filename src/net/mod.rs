@@ -15,7 +15,7 @@ use futures_util::TryStreamExt;
 
 use crate::{Error, Result};
 
-pub use tap::{create_tap, open_tap, TAP_PREFIX};
+pub use tap::{create_tap, open_tap, own_tap, TAP_PREFIX};
 
 /// The bridge banger owns.
 pub const BRIDGE: &str = "banger0";

@@ -39,6 +39,20 @@ pub fn create_tap(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Gives existing tap `name` to `uid`, for a VMM that opens it by name as that uid
+/// (Firecracker).
+pub fn own_tap(name: &str, uid: u32) -> Result<()> {
+    let tun = tun_for(name)?;
+    // SAFETY: TUNSETOWNER takes an integer argument; the fd is attached to the tap.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETOWNER, uid as libc::c_ulong) } < 0 {
+        return Err(Error::failed(
+            format!("Cannot give tap {name} to the VM"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 /// Opens existing tap `name` (as the VMM would), for a VMM that gets it as a descriptor.
 pub fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd> {
     Ok(tun_for(name)?.into())

@@ -12,7 +12,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 
 use super::process::{live_pid, spawn_detached, terminate, wait_for_path};
 use super::{BootSpec, Vmm};
@@ -24,15 +23,160 @@ pub struct Firecracker;
 
 const FIRECRACKER: &str = "firecracker";
 
-/// The API socket in a VM's runtime directory.
+/// The jailer Firecracker runs under when it is installed.
+const JAILER: &str = "jailer";
+
+/// The API socket: in the jailer's chroot when the VM runs jailed, else in the VM's own
+/// runtime directory.
 pub fn api_socket(run: &Path) -> PathBuf {
-    run.join("firecracker.sock")
+    match jailed_root(run) {
+        Some(root) => root.join(Chroot::API_SOCKET.trim_start_matches('/')),
+        None => super::jail::own_runtime(run).join("firecracker.sock"),
+    }
 }
 fn pidfile(run: &Path) -> PathBuf {
     run.join("firecracker.pid")
 }
+/// Where a jailed VM's chroot is, written by root in root's runtime directory at boot.
+fn chroot_record(run: &Path) -> PathBuf {
+    run.join("jailer-root")
+}
+fn jailed_root(run: &Path) -> Option<PathBuf> {
+    let root = std::fs::read_to_string(chroot_record(run)).ok()?;
+    Some(PathBuf::from(root.trim_end()))
+}
+/// What the VM's Firecracker's command line names, jailed or not: its jailer id.
 fn marker(run: &Path) -> String {
-    run.to_string_lossy().into_owned()
+    jailer_id(&run.file_name().unwrap_or_default().to_string_lossy())
+}
+
+/// The jailer's id of a VM (letters, digits and hyphens, at most 64: banger ids are 16 hex
+/// digits).
+pub fn jailer_id(vm_id: &str) -> String {
+    format!("banger-{vm_id}")
+}
+
+/// The chroot Firecracker's jailer builds for a VM, `<base>/firecracker/<id>/root`, with its
+/// base in the VM's own directory: on the filesystem of its disks and of the kernels, so
+/// they enter the chroot as hard links (a write reaches the VM's disk; nothing is copied),
+/// and taken back with the rest of the directory before each start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chroot {
+    /// `--chroot-base-dir`.
+    pub base: PathBuf,
+    /// The jailed Firecracker's `/`.
+    pub root: PathBuf,
+}
+
+impl Chroot {
+    /// The API socket, as Firecracker in the chroot names it.
+    pub const API_SOCKET: &'static str = "/firecracker.sock";
+    const KERNEL: &'static str = "/vmlinux";
+    const INITRD: &'static str = "/initrd.img";
+    const ROOTFS: &'static str = "/rootfs.ext4";
+    const WORK: &'static str = "/work.ext4";
+    const VSOCK: &'static str = "/vsock.sock";
+
+    /// The chroot of the VM `spec` boots, whose directory holds its root disk.
+    pub fn of(spec: &BootSpec, exec_file: &Path) -> Self {
+        let vm_dir = spec.rootfs.parent().unwrap_or(Path::new("/"));
+        let base = vm_dir.join("jailer");
+        let name = exec_file.file_name().unwrap_or_default();
+        let root = base.join(name).join(jailer_id(&spec.id)).join("root");
+        Chroot { base, root }
+    }
+
+    /// A path as the host sees it, for one the jailed Firecracker names.
+    pub fn host_path(&self, inside: &str) -> PathBuf {
+        self.root.join(inside.trim_start_matches('/'))
+    }
+
+    /// Builds the chroot afresh with what the VM uses (hard links to its disks and kernel, a
+    /// copy of its initrd) and returns the spec as the jailed Firecracker sees it.
+    pub fn populate(&self, spec: &BootSpec) -> Result<BootSpec> {
+        crate::layout::remove_any(&self.base)?;
+        std::fs::create_dir_all(&self.root)
+            .map_err(|e| Error::failed(format!("Cannot create {}", self.root.display()), e))?;
+        let mut inside = spec.clone();
+        let put = |from: &Path, to: &'static str, link: bool| -> Result<PathBuf> {
+            let dst = self.host_path(to);
+            let fail = |e| Error::failed(format!("Cannot put {} in the jail", from.display()), e);
+            if !link || std::fs::hard_link(from, &dst).is_err() {
+                // A copy is the VM's to read (0600), whoever owned the original.
+                std::fs::copy(from, &dst).map_err(fail)?;
+                std::os::unix::fs::chown(&dst, Some(spec.jail.uid), Some(spec.jail.uid))
+                    .map_err(fail)?;
+                std::fs::set_permissions(&dst, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                    .map_err(fail)?;
+            }
+            Ok(PathBuf::from(to))
+        };
+        inside.kernel = put(&spec.kernel, Self::KERNEL, true)?;
+        if let Some(i) = &spec.initrd {
+            inside.initrd = Some(put(i, Self::INITRD, false)?);
+        }
+        // Disks must be links: a copy would boot, and lose every write.
+        for (disk, to, slot) in [
+            (&spec.rootfs, Self::ROOTFS, &mut inside.rootfs),
+            (&spec.work, Self::WORK, &mut inside.work),
+        ] {
+            std::fs::hard_link(disk, self.host_path(to)).map_err(|e| {
+                Error::failed(format!("Cannot link {} into the jail", disk.display()), e)
+            })?;
+            *slot = PathBuf::from(to);
+        }
+        Ok(inside)
+    }
+
+    /// The vsock socket, as the jailed Firecracker names it.
+    pub fn vsock(&self) -> &'static Path {
+        Path::new(Self::VSOCK)
+    }
+}
+
+/// The jailer's command line for `spec`: Firecracker `exec_file` as the VM's uid and the VMM
+/// group (which may read the kernel), in `chroot`, its API socket at [`Chroot::API_SOCKET`].
+/// `cgroups`: the jailer bounds memory and tasks itself (hosts without systemd, where no
+/// unit does).
+pub fn jailer_args(
+    spec: &BootSpec,
+    exec_file: &Path,
+    chroot: &Chroot,
+    cgroups: bool,
+) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = vec![
+        "--id".into(),
+        jailer_id(&spec.id).into(),
+        "--exec-file".into(),
+        exec_file.into(),
+        "--uid".into(),
+        spec.jail.uid.to_string().into(),
+        "--gid".into(),
+        super::jail::vmm_gid().to_string().into(),
+        "--chroot-base-dir".into(),
+        chroot.base.clone().into(),
+    ];
+    if cgroups {
+        let limits = super::process::UnitLimits::vmm(spec.vcpus, spec.memory_mib);
+        a.extend([
+            "--cgroup-version".into(),
+            "2".into(),
+            "--parent-cgroup".into(),
+            "banger".into(),
+            "--cgroup".into(),
+            format!("memory.max={}", limits.memory_max).into(),
+            "--cgroup".into(),
+            format!("pids.max={}", limits.tasks_max).into(),
+        ]);
+    }
+    a.extend([
+        "--resource-limit".into(),
+        "no-file=1024".into(),
+        "--".into(),
+        "--api-sock".into(),
+        Chroot::API_SOCKET.into(),
+    ]);
+    a
 }
 
 /// Whether the Firecracker driver can run here (its binary and a usable `/dev/kvm`).
@@ -108,7 +252,7 @@ fn api_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
 
 /// One `PUT` on the API socket; a non-2xx answer is an error carrying its `fault_message`.
 pub async fn put(socket: &Path, path: &str, body: &Value) -> Result<()> {
-    let mut s = UnixStream::connect(socket).await.map_err(api_err)?;
+    let mut s = super::jail::connect_async(socket).map_err(api_err)?;
     let body = body.to_string();
     let req = format!(
         "PUT {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
@@ -215,32 +359,75 @@ impl Vmm for Firecracker {
         })?;
         let run = &spec.run_dir;
         self.kill(run).await?;
+        let _ = std::fs::remove_file(chroot_record(run));
+        // Firecracker opens the tap by name as the VM's uid: the tap is that uid's.
+        if let Some(n) = &spec.net {
+            crate::net::own_tap(&n.tap, spec.jail.uid)?;
+        }
+        let vm_dir = spec.rootfs.parent().unwrap_or(run.as_path());
+        let api_plain = super::jail::own_runtime(run).join("firecracker.sock");
+        let id = jailer_id(&spec.id);
+        let plain_args: Vec<&std::ffi::OsStr> = vec![
+            "--api-sock".as_ref(),
+            api_plain.as_os_str(),
+            "--id".as_ref(),
+            id.as_ref(),
+        ];
+        // Under the jailer when it is installed: it builds the chroot and mount namespace,
+        // makes the devices, and becomes the VM's uid itself.
+        let jailed = match find_program(JAILER) {
+            Some(jailer) => {
+                let chroot = Chroot::of(spec, &bin);
+                let (c, s) = (chroot.clone(), spec.clone());
+                let inside = tokio::task::spawn_blocking(move || c.populate(&s))
+                    .await
+                    .map_err(|e| Error::failed("Jail task failed", e))??;
+                let args = jailer_args(spec, &bin, &chroot, !super::scope::systemd_booted());
+                std::fs::write(chroot_record(run), chroot.root.to_string_lossy().as_bytes())
+                    .map_err(|e| Error::failed("Cannot record the VM's chroot", e))?;
+                Some((jailer, args, inside, chroot))
+            }
+            None => None,
+        };
+        let writable = [run.as_path(), vm_dir];
+        let limits = super::process::UnitLimits::vmm(spec.vcpus, spec.memory_mib);
         // Firecracker writes the guest's serial console to its standard output.
-        let (api, id) = (api_socket(run), format!("banger-{}", spec.id));
-        let spawned = spawn_detached(&super::process::Detached {
-            pidfile: &pidfile(run),
-            unit: &super::scope::vm_unit(&spec.id),
-            program: &bin,
-            args: &[
-                "--api-sock".as_ref(),
-                api.as_os_str(),
-                "--id".as_ref(),
-                id.as_ref(),
-            ],
-            log: &spec.console_log,
-            limits: super::process::UnitLimits::vmm(spec.vcpus, spec.memory_mib),
-            writable: &[
-                run.as_path(),
-                spec.console_log.parent().unwrap_or(run.as_path()),
-            ],
-            jail: &spec.jail,
-            tap: None,
-        })
-        .await;
+        let spawned = match &jailed {
+            Some((jailer, args, _, _)) => {
+                let argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+                super::process::spawn_jailer(&super::process::Detached {
+                    pidfile: &pidfile(run),
+                    unit: &super::scope::vm_unit(&spec.id),
+                    program: jailer,
+                    args: &argv,
+                    log: &spec.console_log,
+                    limits,
+                    writable: &writable,
+                    jail: &spec.jail,
+                    tap: None,
+                })
+                .await
+            }
+            None => {
+                spawn_detached(&super::process::Detached {
+                    pidfile: &pidfile(run),
+                    unit: &super::scope::vm_unit(&spec.id),
+                    program: &bin,
+                    args: &plain_args,
+                    log: &spec.console_log,
+                    limits,
+                    writable: &writable,
+                    jail: &spec.jail,
+                    tap: None,
+                })
+                .await
+            }
+        };
         if let Err(e) = spawned {
             self.kill(run).await?;
             return Err(e);
         }
+        let api = api_socket(run);
         if !wait_for_path(&api, Duration::from_secs(10)).await {
             self.kill(run).await?;
             return Err(Error::failed(
@@ -248,11 +435,21 @@ impl Vmm for Firecracker {
                 std::io::Error::other(spec.console_log.display().to_string()),
             ));
         }
-        let r = configure(&api_socket(run), spec, &self.vsock_socket(run)).await;
+        let r = match &jailed {
+            Some((_, _, inside, chroot)) => configure(&api, inside, chroot.vsock()).await,
+            None => configure(&api, spec, &self.vsock_socket(run)).await,
+        };
         if r.is_err() {
             self.kill(run).await?;
         }
         r
+    }
+
+    fn vsock_socket(&self, run_dir: &Path) -> PathBuf {
+        match jailed_root(run_dir) {
+            Some(root) => root.join(Chroot::VSOCK.trim_start_matches('/')),
+            None => super::jail::own_runtime(run_dir).join("vsock.sock"),
+        }
     }
 
     fn running(&self, run_dir: &Path) -> bool {

@@ -7,7 +7,7 @@
 //! directories opened to that group for traversal only (0710). A VMM that escapes its guest
 //! can read no other VM's disks or sockets and write nothing of banger's but its own.
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use crate::{Error, Result};
@@ -42,7 +42,6 @@ pub struct Jail {
 /// Sets owner and mode through a descriptor opened without following a final symbolic link,
 /// so a link planted in a VM's directory never redirects root's change elsewhere.
 fn set(path: &Path, uid: Option<u32>, gid: Option<u32>, mode: u32) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let fail =
         |e: std::io::Error| Error::failed(format!("Cannot hand {} to the VM", path.display()), e);
     let f = std::fs::OpenOptions::new()
@@ -155,6 +154,299 @@ pub fn reach(path: &Path, roots: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// The directory in a VM's runtime directory that the VM's uid has (0700): the sockets its
+/// processes make and the initrd QEMU reads. The runtime directory itself is root's (pid files
+/// and logs, root:vmm 0710), so nothing the VM's uid writes can stand in for root's files.
+pub fn own_runtime(run: &Path) -> std::path::PathBuf {
+    run.join("jail")
+}
+
+fn fstat(fd: &std::os::fd::OwnedFd) -> std::io::Result<libc::stat> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero stat is a valid value to be overwritten; the fd is open.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid out-pointer for the duration of the call.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+fn open_path(
+    dir: Option<&std::os::fd::OwnedFd>,
+    name: &Path,
+    flags: i32,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(name.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let at = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+    // SAFETY: `c` is a valid C string for the duration of the call.
+    let fd = unsafe {
+        libc::openat(
+            at,
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC | flags,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor this function owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Connects to a socket a VM's processes made (its QMP, vsock or API socket). Root never
+/// connects by a path the VM's uid controls: the socket is taken without following links
+/// and must be a socket owned by the owner of its directory (which root made and handed to
+/// the VM; the VM cannot replace it), so a link or a hard link to another service's socket
+/// is refused; then the connection goes through that descriptor.
+pub fn connect(path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    let refuse = |why: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("{} {why}; refusing to connect", path.display()),
+        )
+    };
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(refuse("is not a socket path"));
+    };
+    let dir = open_path(None, dir, libc::O_DIRECTORY)?;
+    let sock = open_path(Some(&dir), Path::new(name), 0)?;
+    let (d, s) = (fstat(&dir)?, fstat(&sock)?);
+    if s.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(refuse("is not a socket"));
+    }
+    if s.st_uid != d.st_uid {
+        return Err(refuse("is not the socket of its directory's owner"));
+    }
+    use std::os::fd::AsRawFd;
+    std::os::unix::net::UnixStream::connect(format!("/proc/self/fd/{}", sock.as_raw_fd()))
+}
+
+/// [`connect`] for async callers.
+pub fn connect_async(path: &Path) -> std::io::Result<tokio::net::UnixStream> {
+    let s = connect(path)?;
+    s.set_nonblocking(true)?;
+    tokio::net::UnixStream::from_std(s)
+}
+
+/// The argument that runs the `bangerd` binary as `jail-mounts --hide DIR… --rw PATH…
+/// --ro PATH… -- PROGRAM ARGS…`.
+pub const MOUNTS_ARG: &str = "jail-mounts";
+
+/// A VM process's own view of banger's directories on hosts without systemd (where a unit's
+/// `TemporaryFileSystem=`/`BindPaths=`/`BindReadOnlyPaths=` do the same): `hide` roots are
+/// empty (a tmpfs), but for `rw` paths bound back writable and `ro` paths read-only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mounts {
+    /// Roots that become empty.
+    pub hide: Vec<std::path::PathBuf>,
+    /// Paths under them bound back writable.
+    pub rw: Vec<std::path::PathBuf>,
+    /// Paths under them bound back read-only.
+    pub ro: Vec<std::path::PathBuf>,
+}
+
+impl Mounts {
+    /// What a [`Jail`] gets for a process that writes `writable`.
+    pub fn of(jail: &Jail, writable: &[&Path]) -> Self {
+        let inside = |p: &Path| jail.hide.iter().any(|r| p.starts_with(r));
+        Mounts {
+            hide: jail.hide.clone(),
+            rw: writable
+                .iter()
+                .filter(|p| inside(p))
+                .map(|p| p.to_path_buf())
+                .collect(),
+            ro: jail
+                .read_only
+                .iter()
+                .filter(|p| inside(p))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// The `jail-mounts` arguments up to and including `--`.
+    pub fn args(&self) -> Vec<std::ffi::OsString> {
+        let mut a = Vec::new();
+        for (flag, paths) in [
+            ("--hide", &self.hide),
+            ("--rw", &self.rw),
+            ("--ro", &self.ro),
+        ] {
+            for p in paths {
+                a.push(flag.into());
+                a.push(p.clone().into_os_string());
+            }
+        }
+        a.push("--".into());
+        a
+    }
+
+    /// Parses [`Mounts::args`]; returns the rest (the program and its arguments).
+    pub fn parse(args: &[std::ffi::OsString]) -> std::io::Result<(Self, &[std::ffi::OsString])> {
+        let usage = || {
+            std::io::Error::other(
+                "usage: bangerd jail-mounts [--hide|--rw|--ro PATH]… -- PROGRAM ARGS…",
+            )
+        };
+        let mut m = Mounts::default();
+        let mut i = 0;
+        while i < args.len() {
+            if args[i] == "--" {
+                return if i + 1 < args.len() {
+                    Ok((m, &args[i + 1..]))
+                } else {
+                    Err(usage())
+                };
+            }
+            let p = std::path::PathBuf::from(args.get(i + 1).ok_or_else(usage)?);
+            if !p.is_absolute() {
+                return Err(usage());
+            }
+            match args[i].to_str() {
+                Some("--hide") => m.hide.push(p),
+                Some("--rw") => m.rw.push(p),
+                Some("--ro") => m.ro.push(p),
+                _ => return Err(usage()),
+            }
+            i += 2;
+        }
+        Err(usage())
+    }
+
+    /// Enters a mount namespace of this process's own with this view. Must run before any
+    /// other thread exists (unshare of the mount namespace refuses a shared `fs`).
+    pub fn enter(&self) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        fn c(p: &Path) -> std::io::Result<std::ffi::CString> {
+            use std::os::unix::ffi::OsStrExt;
+            std::ffi::CString::new(p.as_os_str().as_bytes())
+                .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+        }
+        fn mount(
+            src: Option<&Path>,
+            dst: &Path,
+            fstype: Option<&str>,
+            flags: libc::c_ulong,
+            data: Option<&str>,
+        ) -> std::io::Result<()> {
+            let (src, dst) = (src.map(c).transpose()?, c(dst)?);
+            let fstype = fstype.map(|f| std::ffi::CString::new(f).unwrap());
+            let data = data.map(|d| std::ffi::CString::new(d).unwrap());
+            let ptr =
+                |s: &Option<std::ffi::CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+            // SAFETY: every pointer is null or a valid C string alive for the call.
+            let r = unsafe {
+                libc::mount(
+                    ptr(&src),
+                    dst.as_ptr(),
+                    ptr(&fstype),
+                    flags,
+                    ptr(&data).cast(),
+                )
+            };
+            if r != 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("mount on {}: {e}", dst.to_string_lossy()),
+                ));
+            }
+            Ok(())
+        }
+        // SAFETY: unshare takes no pointers.
+        if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Nothing mounted here reaches the host's namespace.
+        mount(
+            None,
+            Path::new("/"),
+            None,
+            libc::MS_REC | libc::MS_SLAVE,
+            None,
+        )?;
+        // The binds' sources are held before their roots are hidden.
+        let mut binds = Vec::new();
+        for (paths, ro) in [(&self.rw, false), (&self.ro, true)] {
+            for p in paths {
+                let fd = open_path(None, p, 0)?;
+                let is_dir = fstat(&fd)?.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                binds.push((fd, p, ro, is_dir));
+            }
+        }
+        let mut hide = self.hide.clone();
+        hide.sort_by_key(|p| p.components().count());
+        for root in &hide {
+            // A root inside one hidden already is gone with it.
+            if std::fs::symlink_metadata(root).is_ok_and(|m| m.is_dir()) {
+                mount(
+                    Some(Path::new("tmpfs")),
+                    root,
+                    Some("tmpfs"),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    Some("mode=0711"),
+                )?;
+            }
+        }
+        for (fd, p, ro, is_dir) in binds {
+            if let Some(parent) = p.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o711)
+                    .create(parent)?;
+            }
+            if is_dir {
+                match std::fs::DirBuilder::new().mode(0o711).create(p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                    _ => {}
+                }
+            } else {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(p)?;
+            }
+            let src = std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+            mount(Some(&src), p, None, libc::MS_BIND | libc::MS_REC, None)?;
+            if ro {
+                mount(
+                    None,
+                    p,
+                    None,
+                    libc::MS_BIND
+                        | libc::MS_REMOUNT
+                        | libc::MS_RDONLY
+                        | libc::MS_NOSUID
+                        | libc::MS_NODEV,
+                    None,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `bangerd jail-mounts …`: enters the namespace [`Mounts::parse`] describes and becomes
+/// the program. Returns only when it could not.
+pub fn mounts_and_exec(args: &[std::ffi::OsString]) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let (m, rest) = match Mounts::parse(args) {
+        Ok(x) => x,
+        Err(e) => return e,
+    };
+    if let Err(e) = m.enter() {
+        return e;
+    }
+    std::process::Command::new(&rest[0]).args(&rest[1..]).exec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,5 +494,58 @@ mod tests {
         assert_eq!((m(&own).uid(), m(&own.join("disk")).uid()), (0, 0));
         assert_eq!(std::fs::read(&target).unwrap(), b"p");
         assert_eq!(m(&target).mode() & 0o777, 0o644);
+    }
+
+    #[test]
+    fn root_connects_only_to_a_socket_of_its_directorys_owner() {
+        let d = tempfile::tempdir().unwrap();
+        let own = d.path().join("jail");
+        std::fs::create_dir(&own).unwrap();
+        let sock = own.join("vsock.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        connect(&sock).expect("the directory owner's own socket");
+
+        // A link to a socket elsewhere is not followed.
+        let elsewhere = d.path().join("service.sock");
+        let _e = std::os::unix::net::UnixListener::bind(&elsewhere).unwrap();
+        let link = own.join("qmp.sock");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let e = connect(&link).unwrap_err();
+        assert!(e.to_string().contains("refusing to connect"), "{e}");
+
+        // A socket of another owner (a hard link keeps its owner) is refused.
+        std::os::unix::fs::lchown(&sock, Some(vm_uid(9)), None).unwrap();
+        let e = connect(&sock).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("is not the socket of its directory's owner"),
+            "{e}"
+        );
+        std::os::unix::fs::chown(&own, Some(vm_uid(9)), None).unwrap();
+        connect(&sock).expect("owner and directory agree again");
+
+        // Not a socket at all.
+        std::fs::write(own.join("file"), b"").unwrap();
+        std::os::unix::fs::chown(own.join("file"), Some(vm_uid(9)), None).unwrap();
+        assert!(connect(&own.join("file")).is_err());
+    }
+
+    #[test]
+    fn mount_arguments_round_trip() {
+        let m = Mounts {
+            hide: vec!["/var/lib/banger".into(), "/run/banger".into()],
+            rw: vec!["/run/banger/vms/01".into()],
+            ro: vec!["/var/lib/banger/images/02/rootfs.ext4".into()],
+        };
+        let mut args = m.args();
+        args.extend(["qemu".into(), "-m".into()]);
+        let (back, rest) = Mounts::parse(&args).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(rest, ["qemu", "-m"]);
+        assert!(
+            Mounts::parse(&["--hide".into(), "relative".into(), "--".into(), "x".into()]).is_err()
+        );
+        assert!(Mounts::parse(&["--hide".into(), "/a".into(), "--".into()]).is_err());
+        assert!(Mounts::parse(&["--bogus".into(), "/a".into(), "--".into(), "x".into()]).is_err());
     }
 }

@@ -2,7 +2,7 @@
 //! virtio-mmio, KVM or TCG); `firecracker` needs a usable `/dev/kvm` and its binary.
 //!
 //! A VMM's processes outlive the daemon (idle exit, restart): everything needed to find them
-//! again lives in the VM's runtime directory (pid files and sockets), so the daemon can
+//! again lives in the VM's runtime directory (pid files, and sockets in its jail), so the daemon can
 //! re-adopt or clean up a VM from that directory alone.
 
 pub mod console;
@@ -42,7 +42,8 @@ pub struct BootSpec {
     pub work: PathBuf,
     /// The guest's vsock CID.
     pub cid: u32,
-    /// Sockets and pid files (`/run/banger/vms/<id>`).
+    /// Pid files and logs (`/run/banger/vms/<id>`, root's); the VM's sockets are in its
+    /// [`jail::own_runtime`] directory.
     pub run_dir: PathBuf,
     /// The serial console's log file.
     pub console_log: PathBuf,
@@ -94,7 +95,7 @@ pub trait Vmm: Send + Sync {
 
     /// The host side of the guest's vsock (hybrid `CONNECT <port>` protocol).
     fn vsock_socket(&self, run_dir: &Path) -> PathBuf {
-        run_dir.join("vsock.sock")
+        jail::own_runtime(run_dir).join("vsock.sock")
     }
 
     /// Asks the guest to power off (ACPI power button or Ctrl-Alt-Del).

@@ -95,8 +95,6 @@ pub const VMM_OVERHEAD_MIB: u64 = 512;
 /// `writable` paths.
 /// TCG needs writable-executable memory, so MemoryDenyWriteExecute stays off.
 pub const CONFINED_UNIT: &[&str] = &[
-    // Only what setpriv needs to become the VM's uid and drop everything.
-    "--property=CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_SETPCAP",
     "--property=AmbientCapabilities=",
     "--property=NoNewPrivileges=yes",
     "--property=ProtectHome=yes",
@@ -110,12 +108,40 @@ pub const CONFINED_UNIT: &[&str] = &[
     "--property=ProtectHostname=yes",
     "--property=RestrictSUIDSGID=yes",
     "--property=RestrictRealtime=yes",
-    "--property=RestrictNamespaces=yes",
     "--property=LockPersonality=yes",
     "--property=SystemCallArchitectures=native",
     "--property=RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK AF_VSOCK",
     "--property=UMask=0077",
 ];
+
+/// How a detached process becomes the VM's uid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runner {
+    /// `setpriv`, after banger's own namespace (hosts without systemd) or the unit's.
+    Setpriv,
+    /// Firecracker's `jailer`, which builds its chroot and namespace and changes uid itself.
+    Jailer,
+}
+
+impl Runner {
+    /// What its unit keeps (systemd hosts), beyond [`CONFINED_UNIT`].
+    fn unit_properties(self) -> &'static [&'static str] {
+        match self {
+            // Only what setpriv needs to become the VM's uid and drop everything.
+            Runner::Setpriv => &[
+                "--property=CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_SETPCAP",
+                "--property=RestrictNamespaces=yes",
+            ],
+            // What the jailer needs for its mount namespace, chroot, device nodes and the
+            // uid change; it drops them all when it execs Firecracker as the VM's uid.
+            Runner::Jailer => &[
+                "--property=CapabilityBoundingSet=CAP_SYS_ADMIN CAP_SYS_CHROOT CAP_MKNOD CAP_CHOWN \
+                 CAP_FOWNER CAP_DAC_OVERRIDE CAP_SETUID CAP_SETGID CAP_SETPCAP CAP_SYS_RESOURCE",
+                "--property=RestrictNamespaces=mnt",
+            ],
+        }
+    }
+}
 
 /// What `setpriv` does on either path, after switching to the VM's uid and groups: no
 /// capability in any set, no way to gain one. (In a unit, systemd keeps only the
@@ -243,6 +269,17 @@ fn namespace_properties(d: &Detached<'_>) -> Vec<String> {
 /// uid with no capabilities and no new privileges (see [`CONFINED_UNIT`]). Returns once it
 /// started, not when ready.
 pub async fn spawn_detached(d: &Detached<'_>) -> crate::Result<()> {
+    spawn(d, Runner::Setpriv).await
+}
+
+/// Starts Firecracker's `jailer` (`d.program`, its arguments `d.args`) as a [`Detached`]
+/// process: as root, in its unit on systemd hosts (with the capabilities the jailer needs,
+/// see [`Runner::Jailer`]); the jailer then builds the VM's chroot and becomes its uid.
+pub async fn spawn_jailer(d: &Detached<'_>) -> crate::Result<()> {
+    spawn(d, Runner::Jailer).await
+}
+
+async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
     let (jail, log) = (d.jail, d.log);
     let groups: Vec<String> = jail.groups.iter().map(|g| g.to_string()).collect();
     let what = d
@@ -270,6 +307,7 @@ pub async fn spawn_detached(d: &Detached<'_>) -> crate::Result<()> {
             .arg(format!("--property=StandardError=append:{}", log.display()))
             .args(["--property=KillMode=mixed", "--property=TimeoutStopSec=10"])
             .args(CONFINED_UNIT)
+            .args(runner.unit_properties())
             .arg(format!(
                 "--property=ReadWritePaths={}",
                 d.writable
@@ -288,22 +326,36 @@ pub async fn spawn_detached(d: &Detached<'_>) -> crate::Result<()> {
         c.arg("-f");
         c
     };
-    // Attached by root before the uid changes: here by `bangerd open-tap` in the unit, else
-    // by the daemon below.
+    // In order, each becoming the next: [`bangerd jail-mounts` (no systemd: the namespace a
+    // unit gets from systemd)], [`bangerd open-tap` (systemd: the tap as fd 3)], the shell
+    // that writes the pid file (root's, in root's runtime directory), `setpriv` (the VM's
+    // uid, no capabilities), the program.
     let mut tap_fd = None;
-    match d.tap {
-        Some(tap) if super::scope::systemd_booted() => {
+    if super::scope::systemd_booted() {
+        if let Some(tap) = d.tap {
             cmd.arg(bangerd_program()?).args([OPEN_TAP_ARG, tap, "--"]);
         }
-        Some(tap) => tap_fd = Some(crate::net::open_tap(tap)?),
-        None => {}
+    } else if runner == Runner::Setpriv {
+        if !d.jail.hide.is_empty() {
+            let m = super::jail::Mounts::of(d.jail, d.writable);
+            cmd.arg(bangerd_program()?)
+                .arg(super::jail::MOUNTS_ARG)
+                .args(m.args());
+        }
+        // The daemon attaches the tap before the uid changes.
+        if let Some(tap) = d.tap {
+            tap_fd = Some(crate::net::open_tap(tap)?);
+        }
     }
-    cmd.arg("setpriv")
-        .arg(format!("--reuid={}", jail.uid))
-        .arg(format!("--regid={}", jail.uid))
-        .arg(format!("--groups={}", groups.join(",")))
-        .args(CONFINED_SETPRIV)
-        .arg("--");
+    cmd.args(["sh", "-c", &script]).arg(d.pidfile);
+    if runner == Runner::Setpriv {
+        cmd.arg("setpriv")
+            .arg(format!("--reuid={}", jail.uid))
+            .arg(format!("--regid={}", jail.uid))
+            .arg(format!("--groups={}", groups.join(",")))
+            .args(CONFINED_SETPRIV)
+            .arg("--");
+    }
     if let Some(fd) = &tap_fd {
         use std::os::fd::AsRawFd;
         let raw = fd.as_raw_fd();
@@ -315,8 +367,6 @@ pub async fn spawn_detached(d: &Detached<'_>) -> crate::Result<()> {
     }
     // status(), not output(): output() would pipe stdout to the detached process too.
     let status = cmd
-        .args(["sh", "-c", &script])
-        .arg(d.pidfile)
         .arg(d.program)
         .args(d.args)
         .stdin(std::process::Stdio::null())

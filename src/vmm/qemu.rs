@@ -32,13 +32,13 @@ fn vsock_pidfile(run: &Path) -> PathBuf {
     run.join("vhost-vsock.pid")
 }
 fn vhost_socket(run: &Path) -> PathBuf {
-    run.join("vhost-vsock.sock")
+    super::jail::own_runtime(run).join("vhost-vsock.sock")
 }
 fn qmp_socket(run: &Path) -> PathBuf {
-    run.join("qmp.sock")
+    super::jail::own_runtime(run).join("qmp.sock")
 }
 fn console_socket(run: &Path) -> PathBuf {
-    run.join("console.sock")
+    super::jail::own_runtime(run).join("console.sock")
 }
 fn console_pidfile(run: &Path) -> PathBuf {
     run.join("console.pid")
@@ -456,7 +456,7 @@ mod tests {
         let a = q.args(&spec(), false, Some(2596140)).join(" ");
         assert!(a.contains("-accel tcg,tb-size=256 -cpu max"), "{a}");
         assert!(
-            a.contains("-chardev socket,id=con,path=/run/banger/vms/00ff/console.sock"),
+            a.contains("-chardev socket,id=con,path=/run/banger/vms/00ff/jail/console.sock"),
             "{a}"
         );
         assert!(a.contains("tsc_early_khz=2596140"), "{a}");

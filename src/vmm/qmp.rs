@@ -5,7 +5,6 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::UnixStream;
 
 use crate::{Error, Result};
 
@@ -32,7 +31,7 @@ async fn next(lines: &mut Lines) -> Result<Value> {
 
 /// Runs one QMP command on the socket and returns its `return` value.
 pub async fn execute(socket: &Path, command: &str) -> Result<Value> {
-    let s = UnixStream::connect(socket).await.map_err(err)?;
+    let s = super::jail::connect_async(socket).map_err(err)?;
     let (r, mut w) = s.into_split();
     let mut lines = BufReader::new(r).lines();
     let greeting = next(&mut lines).await?;

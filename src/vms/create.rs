@@ -296,13 +296,20 @@ impl Vms {
             std::fs::create_dir_all(d)
                 .map_err(|e| Error::failed(format!("Cannot create {}", d.display()), e))?;
         }
-        // The VM's uid had these directories while it ran: take them back (and drop anything
-        // it planted) before root writes disks, logs and the initrd there.
+        // The VM's uid had its directories while it ran: take them back (and drop anything
+        // it planted, its runtime directory whole) before root writes disks, logs and the
+        // initrd there.
+        let own_run = crate::vmm::jail::own_runtime(&run);
         {
-            let (d, r) = (dir.clone(), run.clone());
-            tokio::task::spawn_blocking(move || crate::vmm::jail::reclaim(&[&d, &r]))
-                .await
-                .map_err(|e| Error::failed("Jail task failed", e))??;
+            let (d, r, o) = (dir.clone(), run.clone(), own_run.clone());
+            tokio::task::spawn_blocking(move || -> Result<()> {
+                crate::layout::remove_any(&o)?;
+                crate::vmm::jail::reclaim(&[&d, &r])?;
+                std::fs::create_dir(&o)
+                    .map_err(|e| Error::failed(format!("Cannot create {}", o.display()), e))
+            })
+            .await
+            .map_err(|e| Error::failed("Jail task failed", e))??;
         }
 
         let rootfs = self.vmm.rootfs_path(&dir);
@@ -384,7 +391,7 @@ impl Vms {
         st.enter(vm, "boot", format!("Booting on {}", self.vmm.name()))
             .await?;
         let initrd = match &kernel.initrd_path {
-            Some(i) => Some(self.current_initrd(i, &run).await?),
+            Some(i) => Some(self.current_initrd(i, &own_run).await?),
             None => None,
         };
         let spec = BootSpec {
@@ -423,17 +430,17 @@ impl Vms {
         {
             // What the VM only reads and the roots its units hide are the jail's own lists.
             let cell = spec.jail.clone();
-            let (vm_dir, run_dir) = (dir.clone(), run.clone());
+            let (vm_dir, own_run) = (dir.clone(), own_run.clone());
             tokio::task::spawn_blocking(move || {
                 use crate::vmm::jail;
                 let roots: Vec<&std::path::Path> = cell.hide.iter().map(|r| r.as_path()).collect();
                 let files: Vec<&std::path::Path> =
                     cell.read_only.iter().map(|f| f.as_path()).collect();
                 jail::share(&files, &roots)?;
-                for own in [&vm_dir, &run_dir] {
+                for own in [&vm_dir, &own_run] {
                     jail::reach(own, &roots)?;
                 }
-                jail::hand_over(cell.uid, &[&vm_dir, &run_dir])
+                jail::hand_over(cell.uid, &[&vm_dir, &own_run])
             })
             .await
             .map_err(|e| Error::failed("Jail task failed", e))??;
