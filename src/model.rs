@@ -170,6 +170,9 @@ pub struct Vm {
     pub network: NetworkMode,
     /// Where the VM may send (`CIDR[:PORT]`); empty: anywhere the host's walls allow.
     pub egress: Vec<String>,
+    /// The guest's init: empty for the image's `/sbin/init` (else `banger-init` stays PID
+    /// 1), `banger` for `banger-init` always, or a path in the image.
+    pub init: String,
 }
 
 /// A VM's place on the guest network.

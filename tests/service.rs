@@ -48,6 +48,7 @@ fn vm(name: &str, image: &Image, owner: u32, cid: u32) -> Vm {
         ssh_host_key: String::new(),
         network: Default::default(),
         egress: Vec::new(),
+        init: String::new(),
     }
 }
 

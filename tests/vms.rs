@@ -1287,3 +1287,195 @@ async fn a_subnet_over_a_host_route_refuses_vms_with_the_reason_and_keeps_the_re
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(banger_network(&bus), (Vec::new(), false));
 }
+
+/// A container image as most registries serve them: busybox's userland, no init, and no
+/// `/dev`, `/proc`, `/sys`, `/run`, `/tmp` or `/root`.
+fn init_less_layers() -> Vec<Vec<u8>> {
+    let busybox = std::fs::read("/bin/busybox").expect("busybox-static");
+    let mut l = Layer::default()
+        .dir("bin", 0o755)
+        .file("bin/busybox", &busybox, 0o755, 0)
+        .dir("srv/app", 0o755)
+        .file("srv/app/hello", b"from the image\n", 0o644, 0);
+    for applet in [
+        "sh", "cat", "echo", "grep", "wc", "id", "kill", "pidof", "hostname", "ls", "sleep",
+    ] {
+        l = l.link(&format!("bin/{applet}"), tar::EntryType::Symlink, "busybox");
+    }
+    vec![l.bytes()]
+}
+
+/// How many jobs of `kind` the daemon ever ran.
+fn jobs_of_kind(bus: &TestBus, kind: &str) -> usize {
+    let store = banger::store::Store::open(&bus.state_dir().join("banger.db")).unwrap();
+    let k = kind.to_owned();
+    store
+        .call_blocking(move |c| {
+            let max = banger::store::rows::max_job_id(c)?;
+            let mut n = 0;
+            for id in 1..=max {
+                if banger::store::rows::find_job(c, id)?.is_some_and(|j| j.kind == k) {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_init_less_image_boots_by_its_reference_alone_with_banger_init_as_its_init() {
+    if !available(TOOLS) {
+        return;
+    }
+    let Some((vmlinuz, modules, _)) = debian_kernel() else {
+        return;
+    };
+    if guest_bins().is_none() {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    {
+        let prep = TestBus::start(BusOptions {
+            state_dir: Some(state.path().to_owned()),
+            ..Default::default()
+        });
+        let conn = prep.connect().await;
+        import_kernel(&conn, "test", &vmlinuz, &modules).await;
+    }
+    let bus = TestBus::start(BusOptions {
+        extra_config: "accel = \"tcg\"\nboot_timeout_sec = 240\ndefault_kernel = \"test\"\n".into(),
+        netns: true,
+        state_dir: Some(state.path().to_owned()),
+        ..Default::default()
+    });
+    let conn = bus.connect().await;
+    // The registry serves on the daemon's own loopback: pulled by reference alone.
+    let registry = TestRegistry::start_in_netns(bus.netns_pid());
+    let layout = tempfile::tempdir().unwrap();
+    let m = image_manifest(layout.path(), &init_less_layers(), Comp::Gzip, "amd64");
+    finish_layout(layout.path(), vec![m], "v1");
+    let reference = registry.push(layout.path(), "v1", "library/bare", &[]);
+
+    // Two creates of one missing reference share one pull; one of them boots.
+    let vms = VMs1Proxy::new(&conn).await.unwrap();
+    let create = |name: &'static str, start: bool| {
+        let (vms, reference) = (vms.clone(), reference.clone());
+        async move {
+            vms.create_vm(
+                name,
+                opt(&[
+                    ("image", reference.clone().into()),
+                    ("vcpus", 1u32.into()),
+                    ("memory_mib", 256u32.into()),
+                    ("start", start.into()),
+                ]),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let ((_, j1, _), (_, j2, _)) = tokio::join!(create("b1", true), create("b2", false));
+    for j in [j1, j2] {
+        let (state, error) = job_result(&bus, j).await;
+        assert_eq!(state, "done", "{error}");
+    }
+    assert_eq!(jobs_of_kind(&bus, "pull-image"), 1, "one pull for both");
+    let images = Images1Proxy::new(&conn).await.unwrap();
+    assert_eq!(images.list_images().await.unwrap().len(), 1);
+
+    let exec = |cmd: &str| {
+        let out = bus.banger_as(None, &["vm", "exec", "b1", "--", "sh", "-c", cmd]);
+        assert!(out.status.success(), "{cmd}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(exec("cat /proc/version").starts_with("Linux version"));
+    assert_eq!(
+        exec("echo gone > /dev/null && cat /srv/app/hello"),
+        "from the image\n"
+    );
+    // banger-init is the init, and the base every guest gets is there.
+    assert_eq!(exec("cat /proc/1/comm"), "init\n");
+    let mounts = exec("cat /proc/mounts");
+    for m in [
+        " /proc proc",
+        " /sys sysfs",
+        " /dev devtmpfs",
+        " /dev/pts devpts",
+        " /dev/shm tmpfs",
+        " /run tmpfs",
+        " /tmp tmpfs",
+        " /root ext4",
+    ] {
+        assert!(mounts.contains(m), "{m} in\n{mounts}");
+    }
+    assert_eq!(exec("cat /etc/hostname"), "b1\n");
+    assert!(exec("cat /etc/hosts").contains("127.0.1.1\tb1\n"));
+
+    // The agent is supervised: killed, it comes back.
+    let _ = bus.banger_as(
+        None,
+        &[
+            "vm",
+            "exec",
+            "b1",
+            "--",
+            "sh",
+            "-c",
+            "kill -9 $(pidof banger-agent)",
+        ],
+    );
+    let mut back = false;
+    let mut last = String::new();
+    for _ in 0..100 {
+        let out = bus.banger_as(None, &["vm", "exec", "b1", "--", "echo"]);
+        if out.status.success() {
+            back = true;
+            break;
+        }
+        last = text(&out);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let path = vms.get_vm("b1").await.unwrap();
+    let vm_id = path.as_str().rsplit('/').next().unwrap().to_owned();
+    let console = bus.state_dir().join("vms").join(&vm_id).join("console.log");
+    assert!(
+        back,
+        "the agent came back: {last}\n{}",
+        std::fs::read_to_string(&console).unwrap_or_default()
+    );
+    let stopped = |bus: &TestBus| {
+        let out = bus.banger_as(None, &["--json", "vm", "show", "b1"]);
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["State"] == "stopped"
+    };
+    // The ACPI power button (QMP system_powerdown, what banger uses when the agent does not
+    // answer) powers it off through banger-init.
+    let qmp = bus.runtime.join("vms").join(&vm_id).join("jail/qmp.sock");
+    banger::vmm::qmp::execute(&qmp, "system_powerdown")
+        .await
+        .unwrap();
+    let mut off = false;
+    for _ in 0..300 {
+        if stopped(&bus) {
+            off = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(off, "the power button powered it off:\n{log}");
+    assert!(log.contains("banger-init: power button pressed"), "{log}");
+
+    // Started again, it stops through the agent: banger-init shuts down cleanly.
+    let out = bus.banger_as(None, &["vm", "start", "b1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = bus.banger_as(None, &["vm", "stop", "b1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(stopped(&bus));
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(log.contains("banger-init: shutting down"), "{log}");
+    for vm in ["b1", "b2"] {
+        let out = bus.banger_as(None, &["vm", "delete", vm]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+}

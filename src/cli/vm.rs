@@ -138,6 +138,10 @@ pub struct VmSpec {
     /// Only these destinations, CIDR[:PORT] (repeatable); the host's walls still apply.
     #[arg(long, value_name = "CIDR[:PORT]")]
     egress: Vec<String>,
+    /// The guest's init: a path in the image, or "banger" for banger's minimal init (the
+    /// default: the image's /sbin/init, else banger's).
+    #[arg(long, value_name = "PATH|banger")]
+    init: Option<String>,
 }
 
 impl VmSpec {
@@ -155,6 +159,7 @@ impl VmSpec {
             .chain(key.map(|k| ("ssh_key", k.into())))
             .chain(self.network.clone().map(|n| ("network", n.into())))
             .chain((!self.egress.is_empty()).then(|| ("egress", self.egress.clone().into())))
+            .chain(self.init.clone().map(|i| ("init", i.into())))
             .collect())
     }
 }

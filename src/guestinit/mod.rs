@@ -5,6 +5,7 @@
 //! hanging. No shell or busybox is involved: this is the whole initrd userspace.
 
 pub mod net;
+pub mod supervise;
 
 use std::ffi::CString;
 use std::path::Path;
@@ -30,6 +31,9 @@ pub struct Cmdline {
     pub root_wait: u64,
     /// `banger.work=`: the persistent disk to mount on `/root`.
     pub work: Option<String>,
+    /// `banger.init=banger`: `banger-init` stays PID 1 whatever the image holds (it does
+    /// anyway when the image has no `init`).
+    pub stay_init: bool,
 }
 
 /// Parses `/proc/cmdline`.
@@ -41,6 +45,7 @@ pub fn parse_cmdline(s: &str) -> Cmdline {
         init: "/sbin/init".into(),
         root_wait: 10,
         work: None,
+        stay_init: false,
     };
     for arg in s.split_whitespace() {
         match arg.split_once('=') {
@@ -49,6 +54,7 @@ pub fn parse_cmdline(s: &str) -> Cmdline {
             Some(("init", v)) => c.init = v.into(),
             Some(("banger.rootwait", v)) => c.root_wait = v.parse().unwrap_or(c.root_wait),
             Some(("banger.work", v)) => c.work = Some(v.into()),
+            Some(("banger.init", v)) => c.stay_init = v == "banger",
             None if arg == "rw" => c.read_only = false,
             None if arg == "ro" => c.read_only = true,
             _ => {}
@@ -91,6 +97,25 @@ fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> Result<
     if r != 0 {
         return Err(format!(
             "mount {src} on {target}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+fn mount_data(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), String> {
+    let (s, t, f, d) = (cstr(src), cstr(target), cstr(fstype), cstr(data));
+    // SAFETY: all strings are NUL-terminated and outlive the call.
+    let r = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) };
+    if r != 0 {
+        return Err(format!(
+            "mount {fstype} on {target}: {}",
             std::io::Error::last_os_error()
         ));
     }
@@ -162,6 +187,79 @@ fn start_agent_unless_systemd(init: &str) {
             libc::setsid();
             libc::execv(agent.as_ptr(), argv.as_ptr());
             libc::_exit(127);
+        }
+    }
+}
+
+/// The agent as `banger-init` runs it when it stays the init.
+fn agent_spawn() -> Option<supervise::Spawn> {
+    Path::new(AGENT).exists().then(|| supervise::Spawn {
+        argv: vec![AGENT.into()],
+        env: vec![
+            format!("PATH={}", supervise::PATH),
+            "HOME=/root".into(),
+            format!("{}=1", supervise::INIT_ENV),
+        ],
+        cwd: "/".into(),
+        ..Default::default()
+    })
+}
+
+/// Makes the mount points a Linux userland expects when the image lacks them (a writable
+/// root only): container images often ship without `/dev`, `/proc`, `/sys` or `/run`.
+fn mount_points(root: &str) {
+    for (d, mode) in [
+        ("dev", 0o755),
+        ("proc", 0o555),
+        ("sys", 0o555),
+        ("run", 0o755),
+        ("tmp", 0o1777),
+        ("root", 0o700),
+        ("etc", 0o755),
+    ] {
+        let p = Path::new(root).join(d);
+        if std::fs::symlink_metadata(&p).is_err() {
+            use std::os::unix::fs::DirBuilderExt;
+            if let Err(e) = std::fs::DirBuilder::new().mode(mode).create(&p) {
+                say(&format!("cannot create /{d}: {e}"));
+            }
+        }
+    }
+}
+
+/// What every guest gets whatever its image holds: `/dev`, `/proc` and `/sys` moved over,
+/// `/dev/pts` and `/dev/shm`, `/run` and `/tmp` as tmpfs (on the new root, before the switch).
+fn base_mounts(root: &str) {
+    for d in ["/dev", "/proc", "/sys"] {
+        let target = format!("{root}{d}");
+        if Path::new(&target).is_dir() {
+            if let Err(e) = mount(d, &target, "", libc::MS_MOVE) {
+                say(&e);
+            }
+        }
+    }
+    for d in ["dev/pts", "dev/shm"] {
+        let _ = std::fs::create_dir_all(Path::new(root).join(d));
+    }
+    let nosuid_nodev = libc::MS_NOSUID | libc::MS_NODEV;
+    for (src, target, fs, flags, data) in [
+        (
+            "devpts",
+            "dev/pts",
+            "devpts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            "gid=5,mode=620,ptmxmode=666",
+        ),
+        ("shm", "dev/shm", "tmpfs", nosuid_nodev, "mode=1777"),
+        ("tmpfs", "run", "tmpfs", nosuid_nodev, "mode=0755"),
+        ("tmpfs", "tmp", "tmpfs", nosuid_nodev, "mode=1777"),
+    ] {
+        let target = Path::new(root).join(target);
+        if !target.is_dir() {
+            continue;
+        }
+        if let Err(e) = mount_data(src, &target.to_string_lossy(), fs, flags, data) {
+            say(&e);
         }
     }
 }
@@ -296,6 +394,7 @@ pub fn run() -> ! {
         }
     }
     if !cmdline.read_only {
+        mount_points("/newroot");
         refresh_agent();
         if let Err(e) = net::write_root_files(&lease, Path::new("/newroot")) {
             say(&e);
@@ -319,20 +418,10 @@ pub fn run() -> ! {
             say(&e);
         }
     }
-    if std::fs::symlink_metadata(format!("/newroot{}", cmdline.init)).is_err() {
-        fail(&format!(
-            "{} is not on the root filesystem {}",
-            cmdline.init, cmdline.root
-        ));
-    }
-    for d in ["/dev", "/proc", "/sys"] {
-        let target = format!("/newroot{d}");
-        if Path::new(&target).is_dir() {
-            if let Err(e) = mount(d, &target, "", libc::MS_MOVE) {
-                say(&e);
-            }
-        }
-    }
+    // An image without an init (most container images) gets banger-init as its init.
+    let stay = cmdline.stay_init
+        || std::fs::symlink_metadata(format!("/newroot{}", cmdline.init)).is_err();
+    base_mounts("/newroot");
     let (dot, slash) = (cstr("."), cstr("/"));
     if std::env::set_current_dir("/newroot").is_err() {
         fail("cannot enter /newroot");
@@ -347,6 +436,13 @@ pub fn run() -> ! {
             "cannot switch root: {}",
             std::io::Error::last_os_error()
         ));
+    }
+    if stay {
+        say(&format!(
+            "root {root} mounted; {} is not an init of the image's, banger-init stays PID 1",
+            cmdline.init
+        ));
+        supervise::run(agent_spawn(), None);
     }
     say(&format!("root {root} mounted, starting {}", cmdline.init));
     start_agent_unless_systemd(&cmdline.init);

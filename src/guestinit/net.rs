@@ -232,11 +232,12 @@ pub fn configure(n: &NetArgs, sys_net: &Path, wait: Duration) -> Result<Option<S
 }
 
 /// Writes what the new root needs to agree with the kernel's state: `/etc/resolv.conf` (a
-/// symlink, e.g. to a resolved stub, is replaced) and `/etc/hostname`.
+/// symlink, e.g. to a resolved stub, is replaced), `/etc/hostname` and `/etc/hosts` (the
+/// VM's name on 127.0.1.1); `/etc` is made when the image has none.
 pub fn write_root_files(n: &NetArgs, root: &Path) -> Result<(), String> {
     let etc = root.join("etc");
     if !etc.is_dir() {
-        return Ok(());
+        std::fs::create_dir(&etc).map_err(|e| format!("cannot create /etc: {e}"))?;
     }
     let replace = |name: &str, text: String| -> Result<(), String> {
         let path = etc.join(name);
@@ -252,6 +253,14 @@ pub fn write_root_files(n: &NetArgs, root: &Path) -> Result<(), String> {
     if let Some(h) = &n.hostname {
         replace("hostname", format!("{h}\n"))?;
     }
+    // The name resolves to the guest itself, whatever the image shipped.
+    let name = n.hostname.as_deref().unwrap_or("localhost");
+    replace(
+        "hosts",
+        format!(
+            "# written by banger-init\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{name}\n"
+        ),
+    )?;
     Ok(())
 }
 
@@ -354,6 +363,13 @@ mod tests {
             std::fs::read_to_string(root.join("etc/hostname")).unwrap(),
             "box\n"
         );
+        let hosts = std::fs::read_to_string(root.join("etc/hosts")).unwrap();
+        assert!(hosts.contains("127.0.0.1\tlocalhost\n"), "{hosts}");
+        assert!(hosts.contains("127.0.1.1\tbox\n"), "{hosts}");
+        // An image with no /etc gets one.
+        let bare = tempfile::tempdir().unwrap();
+        write_root_files(&n, bare.path()).unwrap();
+        assert!(bare.path().join("etc/hosts").is_file());
 
         assert!(!install_host_key(root).unwrap(), "no key, nothing done");
         for f in ["ssh_host_rsa_key", "ssh_host_rsa_key.pub", "sshd_config"] {

@@ -122,6 +122,8 @@ pub struct Images {
     config: Arc<Config>,
     /// Held only over publication and deletion, never over downloads or builds.
     lock: Arc<tokio::sync::Mutex<()>>,
+    /// Pulls started for VMs by reference, so creates from one missing image share one.
+    shared_pulls: Arc<tokio::sync::Mutex<std::collections::HashMap<String, Arc<crate::jobs::Job>>>>,
 }
 
 impl Images {
@@ -134,7 +136,44 @@ impl Images {
             jobs,
             config: Arc::new(config),
             lock: Arc::new(tokio::sync::Mutex::new(())),
+            shared_pulls: Default::default(),
         }
+    }
+
+    /// Whether `name` can be pulled: a catalog entry or an OCI reference.
+    pub fn pullable(&self, name: &str) -> bool {
+        self.config.image_entry(name).is_some() || crate::oci::reference::parse(name).is_ok()
+    }
+
+    /// The image a pull of `reference` made: the catalog entry's name, or the newest image
+    /// whose source is that reference.
+    pub async fn pulled(&self, reference: &str) -> Result<Option<Image>> {
+        if let Some(entry) = self.config.image_entry(reference) {
+            let name = entry.name.clone();
+            return self.store.call(move |c| rows::find_image(c, &name)).await;
+        }
+        let Ok(r) = crate::oci::reference::parse(reference) else {
+            return Ok(None);
+        };
+        let whole = r.whole();
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|i| i.source == whole)
+            .max_by_key(|i| i.created_at))
+    }
+
+    /// Pulls `reference` for a VM, or joins the pull of it another create started.
+    pub async fn pull_shared(&self, uid: u32, reference: &str) -> Result<Arc<crate::jobs::Job>> {
+        let mut pulls = self.shared_pulls.lock().await;
+        pulls.retain(|_, j| j.status().state == crate::jobs::JobState::Running);
+        if let Some(j) = pulls.get(reference) {
+            return Ok(j.clone());
+        }
+        let job = self.pull(uid, reference, PullOptions::default()).await?;
+        pulls.insert(reference.to_owned(), job.clone());
+        Ok(job)
     }
 
     /// Every image.

@@ -94,7 +94,9 @@ impl Images {
         let dir = staging.path().to_owned();
 
         ctx.stage("resolve", format!("Resolving {}", r.whole()));
-        let registry = Registry::new(opts.insecure);
+        // A registry on this host's loopback speaks plain HTTP, as Docker assumes too.
+        let registry =
+            Registry::new(opts.insecure || crate::oci::registry::on_loopback(r.registry()));
         let (manifest, digest) = registry.manifest(&r).await?;
         let layers: Vec<_> = manifest
             .layers

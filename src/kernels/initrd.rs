@@ -21,6 +21,10 @@ pub const WANTED: &[&str] = &[
     "virtio_rng",
 ];
 
+/// What the guest uses when the kernel has it: the ACPI power button and the event device
+/// it reports through (banger-init powers off on it when it is the guest's init).
+pub const OPTIONAL: &[&str] = &["button", "evdev"];
+
 /// A module's canonical name: file stem without `.ko*`, `-` as `_`.
 fn module_name(path: &str) -> String {
     let file = path.rsplit('/').next().unwrap_or(path);
@@ -115,6 +119,12 @@ impl ModuleIndex {
         );
         idx.check_paths()?;
         Ok(idx)
+    }
+
+    /// Whether the kernel has module `name`, as a module or built in.
+    pub fn has(&self, name: &str) -> bool {
+        let n = name.replace('-', "_");
+        self.builtin.contains(&n) || self.deps.contains_key(&n)
     }
 
     /// The modules to load for `wanted`, dependencies first, as (name, relative path).
@@ -254,7 +264,9 @@ pub fn is_static_elf(b: &[u8]) -> bool {
 pub fn build(modules_dir: &Path, version: &str, init: &Path) -> Result<Vec<u8>> {
     // The index first: a hostile one is refused before anything is read.
     let idx = ModuleIndex::load(modules_dir, version)?;
-    let modules = idx.resolve(WANTED)?;
+    let mut wanted: Vec<&str> = WANTED.to_vec();
+    wanted.extend(OPTIONAL.iter().filter(|m| idx.has(m)));
+    let modules = idx.resolve(&wanted)?;
     let init_bin = std::fs::read(init)
         .map_err(|e| Error::failed(format!("Cannot read banger-init at {}", init.display()), e))?;
     if !is_static_elf(&init_bin) {

@@ -63,6 +63,19 @@ fn sha256_hex(digest: &str) -> Result<&str> {
     }
 }
 
+/// Whether a registry host (`HOST[:PORT]`) is this machine's loopback: `localhost` or a
+/// loopback address.
+pub fn on_loopback(registry: &str) -> bool {
+    let host = match registry.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => registry.rsplit_once(':').map_or(registry, |(h, _)| h),
+    };
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 impl Registry {
     /// A client; `insecure` allows plain HTTP to the registry.
     pub fn new(insecure: bool) -> Self {
@@ -207,6 +220,27 @@ fn hex_of(d: impl AsRef<[u8]>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_loopback_registries_are_plain_http_by_default() {
+        for r in [
+            "127.0.0.1:5000",
+            "localhost:5000",
+            "localhost",
+            "[::1]:5000",
+            "127.1.2.3",
+        ] {
+            assert!(on_loopback(r), "{r}");
+        }
+        for r in [
+            "docker.io",
+            "registry.example:5000",
+            "10.0.0.1:5000",
+            "[2001:db8::1]:5000",
+        ] {
+            assert!(!on_loopback(r), "{r}");
+        }
+    }
 
     #[test]
     fn media_types_map_to_compression() {

@@ -77,6 +77,11 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE vms ADD COLUMN network TEXT NOT NULL DEFAULT 'isolated';
     ALTER TABLE vms ADD COLUMN egress TEXT NOT NULL DEFAULT '';
     "#,
+    // 5: what the guest runs as its init: '' (the image's /sbin/init, else banger-init),
+    // 'banger' (banger-init always), or a path in the image.
+    r#"
+    ALTER TABLE vms ADD COLUMN init TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -165,7 +165,7 @@ pub fn delete_kernel(c: &Connection, name: &str) -> Result<(), StoreError> {
 
 const VM_COLS: &str = "id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, \
      owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at, ssh_host_key, \
-     network, egress";
+     network, egress, init";
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
     let state: String = r.get(2)?;
@@ -195,6 +195,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
             .filter(|l| !l.is_empty())
             .map(str::to_owned)
             .collect(),
+        init: r.get(19)?,
     })
 }
 
@@ -216,7 +217,7 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     c.execute(
         &format!(
             "INSERT INTO vms ({VM_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
         ),
         params![
             v.id,
@@ -237,7 +238,8 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
             v.created_at as i64,
             v.ssh_host_key,
             v.network.as_str(),
-            v.egress.join("\n")
+            v.egress.join("\n"),
+            v.init
         ],
     )?;
     Ok(())

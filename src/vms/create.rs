@@ -107,6 +107,7 @@ impl Vms {
             ssh_host_key: String::new(),
             network: o.network,
             egress: o.egress.clone(),
+            init: o.init.clone(),
         };
         let spec = JobSpec {
             kind: "create-vm".into(),
@@ -194,6 +195,16 @@ impl Vms {
             Ok(i) => return Ok(i),
             Err(Error::NotFound(_))
                 if self.config.auto_pull_image && name == self.config.default_image => {}
+            Err(Error::NotFound(m)) if !self.images.pullable(name) => {
+                return Err(Error::NotFound(m))
+            }
+            Err(Error::NotFound(_)) if !self.config.auto_pull_image => {
+                return Err(Error::NotFound(format!(
+                    "No image {name:?} and auto_pull_image is off; pull it first \
+                     (`banger image pull {name}`)"
+                )))
+            }
+            Err(Error::NotFound(_)) => return self.pull_image_for(st, vm, name).await,
             Err(e) => return Err(e),
         }
         let job = self
@@ -212,6 +223,34 @@ impl Vms {
             (Ok(i), _) => Ok(i),
             (Err(_), Err(e)) => Err(e),
             (Err(e), Ok(())) => Err(e),
+        }
+    }
+
+    /// An image by reference (a catalog entry or an OCI reference): the one pulled from it
+    /// already, else pulled now, sharing the pull another create of it started.
+    async fn pull_image_for(
+        &self,
+        st: &mut Stages<'_>,
+        vm: &mut Vm,
+        reference: &str,
+    ) -> Result<Image> {
+        if let Some(i) = self.images.pulled(reference).await? {
+            return Ok(i);
+        }
+        let job = self.images.pull_shared(vm.owner_uid, reference).await?;
+        st.enter(
+            vm,
+            "auto_pull_image",
+            format!("Pulling image {reference} (job {})", job.id),
+        )
+        .await?;
+        let pulled = job.wait().await;
+        match (self.images.pulled(reference).await?, pulled) {
+            (Some(i), _) => Ok(i),
+            (None, Err(e)) => Err(e),
+            (None, Ok(())) => Err(Error::NotFound(format!(
+                "The pull of {reference} finished but left no image of it"
+            ))),
         }
     }
 
@@ -402,9 +441,10 @@ impl Vms {
             kernel: kernel.kernel_path.clone(),
             initrd,
             cmdline: format!(
-                "quiet {} banger.hostname={}",
+                "quiet {} banger.hostname={}{}",
                 lease.cmdline(),
-                hostname_for(&vm.name)
+                hostname_for(&vm.name),
+                super::init_cmdline(&vm.init)
             ),
             net: Some(crate::vmm::NetSpec {
                 tap: vm.tap_name.clone(),

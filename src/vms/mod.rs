@@ -44,6 +44,8 @@ pub struct CreateOptions {
     pub network: crate::model::NetworkMode,
     /// Where the VM may send (`CIDR[:PORT]`); empty for no narrowing.
     pub egress: Vec<String>,
+    /// The guest's init (see `Vm::init`).
+    pub init: String,
 }
 
 impl Default for CreateOptions {
@@ -58,6 +60,7 @@ impl Default for CreateOptions {
             start: true,
             network: Default::default(),
             egress: Vec::new(),
+            init: String::new(),
         }
     }
 }
@@ -89,7 +92,14 @@ impl CreateOptions {
     /// Checks the options that do not need the store.
     pub fn validate(&self) -> Result<()> {
         if let Some(i) = &self.image {
-            validate_name(NameKind::Image, i)?;
+            // An image's name, or a reference to pull (checked again when resolved).
+            if validate_name(NameKind::Image, i).is_err() {
+                crate::oci::reference::parse(i).map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "image {i:?} is neither an image name nor an OCI reference: {e}"
+                    ))
+                })?;
+            }
         }
         if let Some(k) = &self.kernel {
             validate_name(NameKind::Kernel, k)?;
@@ -104,6 +114,7 @@ impl CreateOptions {
             validate_ssh_key(k)?;
         }
         crate::net::walls::check_egress(&self.egress)?;
+        check_init(&self.init)?;
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(Error::InvalidArgument(format!(
                 "memory_mib must be at least {MIN_MEMORY_MIB}, not {}",
@@ -111,6 +122,34 @@ impl CreateOptions {
             )));
         }
         Ok(())
+    }
+}
+
+/// Accepts an `init` option: empty (the image's `/sbin/init`, else banger's), `banger`
+/// (banger-init stays PID 1), or an absolute path of plain characters (it goes on the kernel
+/// command line).
+pub fn check_init(init: &str) -> Result<()> {
+    if init.is_empty() || init == "banger" {
+        return Ok(());
+    }
+    let plain = init
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._+-".contains(c));
+    if !init.starts_with('/') || !plain || init.len() > 200 || init.split('/').any(|p| p == "..") {
+        return Err(Error::InvalidArgument(format!(
+            "init {init:?} is neither \"banger\" nor an absolute path of letters, digits and /._+-; \
+             leave it empty for the image's /sbin/init"
+        )));
+    }
+    Ok(())
+}
+
+/// The kernel command line's part for an `init` option.
+pub fn init_cmdline(init: &str) -> String {
+    match init {
+        "" => String::new(),
+        "banger" => " banger.init=banger".into(),
+        path => format!(" init={path}"),
     }
 }
 

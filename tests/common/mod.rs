@@ -310,6 +310,11 @@ impl TestBus {
         self.state.clone()
     }
 
+    /// A process in the bus's network namespace (to `nsenter -t` it).
+    pub fn netns_pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `program` in the bus's network namespace (the daemon's and its VMs').
     pub fn in_netns(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");

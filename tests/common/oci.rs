@@ -207,11 +207,29 @@ pub struct TestRegistry {
     /// `127.0.0.1:PORT`
     pub host: String,
     _dir: tempfile::TempDir,
+    /// The network namespace it serves in (a process of it), when not the host's.
+    netns: Option<u32>,
 }
 
 impl TestRegistry {
     /// Starts it and waits until it answers.
     pub fn start() -> TestRegistry {
+        Self::start_with(None, "")
+    }
+
+    /// Starts one in the network namespace of process `pid` (a test bus's, whose daemon
+    /// then pulls from it on its own loopback).
+    pub fn start_in_netns(pid: u32) -> TestRegistry {
+        Self::start_with(Some(pid), "")
+    }
+
+    /// A command in the registry's network namespace.
+    pub fn command(&self, program: &str) -> Command {
+        in_ns(self.netns, program)
+    }
+
+    /// Starts one whose `http:` section gets `extra` lines (e.g. htpasswd auth).
+    pub fn start_with(netns: Option<u32>, extra: &str) -> TestRegistry {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -223,12 +241,12 @@ impl TestRegistry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n{extra}",
                 dir.path().join("data").display()
             ),
         )
         .unwrap();
-        let mut child = Command::new("docker-registry")
+        let mut child = in_ns(netns, "docker-registry")
             .args(["serve"])
             .arg(&config)
             .stdout(Stdio::null())
@@ -236,11 +254,18 @@ impl TestRegistry {
             .spawn()
             .unwrap();
         for _ in 0..100 {
-            if std::net::TcpStream::connect(&host).is_ok() {
+            // Ready when it accepts a connection, in its own namespace.
+            let up = in_ns(netns, "bash")
+                .args(["-c", &format!("echo > /dev/tcp/127.0.0.1/{port}")])
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if up {
                 return TestRegistry {
                     child,
                     host,
                     _dir: dir,
+                    netns,
                 };
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
@@ -253,7 +278,8 @@ impl TestRegistry {
     /// Pushes the layout's `tag` as `name:tag`; `extra` goes to skopeo (e.g. `--format v2s2`).
     pub fn push(&self, layout: &Path, tag: &str, name: &str, extra: &[&str]) -> String {
         let dest = format!("{}/{name}:{tag}", self.host);
-        let out = Command::new("skopeo")
+        let out = self
+            .command("skopeo")
             .args(["copy", "--quiet", "--all", "--dest-tls-verify=false"])
             .args(extra)
             .arg(format!("oci:{}:{tag}", layout.display()))
@@ -271,6 +297,17 @@ impl TestRegistry {
     /// The registry's storage, to tamper with blobs.
     pub fn storage(&self) -> PathBuf {
         self._dir.path().join("data")
+    }
+}
+
+fn in_ns(netns: Option<u32>, program: &str) -> Command {
+    match netns {
+        Some(pid) => {
+            let mut c = Command::new("nsenter");
+            c.args(["-t", &pid.to_string(), "-n", "--", program]);
+            c
+        }
+        None => Command::new(program),
     }
 }
 
