@@ -137,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
         size_bytes: 1 << 20,
         created_at: now_us(),
         ready_ports: Vec::new(),
+        config: Default::default(),
     };
     let kernel = Kernel {
         name: "k".into(),

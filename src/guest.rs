@@ -131,6 +131,18 @@ fn enable(root: &Root, unit: &str) -> Result<()> {
     std::os::unix::fs::symlink(format!("/etc/systemd/system/{unit}"), link).map_err(fail)
 }
 
+/// Writes the image's run settings where the guest's agent and init read them
+/// ([`crate::model::ImageConfig::GUEST_PATH`]).
+pub fn inject_config(tree: &Path, config: &crate::model::ImageConfig) -> Result<()> {
+    let root = Root::create(tree).map_err(|e| Error::failed("Cannot open the image tree", e))?;
+    write_file(
+        &root,
+        crate::model::ImageConfig::GUEST_PATH,
+        config.to_json().as_bytes(),
+        0o644,
+    )
+}
+
 /// Injects the guest assets into `tree`, taking the agent binary from `agent`.
 pub fn inject(tree: &Path, agent: &Path) -> Result<()> {
     let root = Root::create(tree).map_err(|e| Error::failed("Cannot open the image tree", e))?;

@@ -51,8 +51,10 @@ async fn run(a: &Agent, argv: &[&str], stdin: &[u8]) -> (i32, Vec<u8>, Vec<u8>) 
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let code = client::exec(
         a.conn().await,
-        argv.iter().map(|s| s.to_string()).collect(),
-        vec!["GREETING=hello".into()],
+        banger::agent::ExecRequest {
+            env: vec!["GREETING=hello".into()],
+            ..banger::agent::ExecRequest::new(argv.iter().map(|s| s.to_string()).collect())
+        },
         stdin,
         &mut out,
         &mut err,
@@ -100,8 +102,7 @@ async fn a_missing_program_is_a_clear_error() {
     let a = Agent::start();
     let e = client::exec(
         a.conn().await,
-        vec!["/nonexistent/prog".into()],
-        vec![],
+        banger::agent::ExecRequest::new(vec!["/nonexistent/prog".into()]),
         &b""[..],
         Vec::new(),
         Vec::new(),

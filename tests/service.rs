@@ -49,6 +49,8 @@ fn vm(name: &str, image: &Image, owner: u32, cid: u32) -> Vm {
         network: Default::default(),
         egress: Vec::new(),
         init: String::new(),
+        main: Vec::new(),
+        exit_status: -1,
     }
 }
 
@@ -69,6 +71,7 @@ fn seed(bus: &TestBus) -> Seeded {
         size_bytes: 1 << 30,
         created_at: now_us(),
         ready_ports: Vec::new(),
+        config: Default::default(),
     };
     let kernel = Kernel {
         name: "debian-6.1".into(),

@@ -1353,7 +1353,17 @@ async fn an_init_less_image_boots_by_its_reference_alone_with_banger_init_as_its
     // The registry serves on the daemon's own loopback: pulled by reference alone.
     let registry = TestRegistry::start_in_netns(bus.netns_pid());
     let layout = tempfile::tempdir().unwrap();
-    let m = image_manifest(layout.path(), &init_less_layers(), Comp::Gzip, "amd64");
+    // Its configuration as `docker build` writes one.
+    let m = image_manifest_configured(
+        layout.path(),
+        &init_less_layers(),
+        serde_json::json!({
+            "Env": ["PATH=/bin", "GREETING=hello from the image"],
+            "WorkingDir": "/srv/app",
+            "Entrypoint": ["/bin/sh", "-c"],
+            "Cmd": ["echo \"$GREETING in $(pwd)\"; exit 3"],
+        }),
+    );
     finish_layout(layout.path(), vec![m], "v1");
     let reference = registry.push(layout.path(), "v1", "library/bare", &[]);
 
@@ -1383,6 +1393,17 @@ async fn an_init_less_image_boots_by_its_reference_alone_with_banger_init_as_its
     assert_eq!(jobs_of_kind(&bus, "pull-image"), 1, "one pull for both");
     let images = Images1Proxy::new(&conn).await.unwrap();
     assert_eq!(images.list_images().await.unwrap().len(), 1);
+    // The image keeps its configuration.
+    let out = bus.banger_as(None, &["--json", "image", "show", "bare-v1"]);
+    let shown: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
+    assert_eq!(shown["WorkingDir"], "/srv/app", "{shown}");
+    assert_eq!(shown["Env"][1], "GREETING=hello from the image", "{shown}");
+    assert_eq!(
+        shown["Entrypoint"],
+        serde_json::json!(["/bin/sh", "-c"]),
+        "{shown}"
+    );
 
     let exec = |cmd: &str| {
         let out = bus.banger_as(None, &["vm", "exec", "b1", "--", "sh", "-c", cmd]);
@@ -1411,6 +1432,35 @@ async fn an_init_less_image_boots_by_its_reference_alone_with_banger_init_as_its
     }
     assert_eq!(exec("cat /etc/hostname"), "b1\n");
     assert!(exec("cat /etc/hosts").contains("127.0.1.1\tb1\n"));
+    // vm exec runs with the image's environment and working directory, unless told.
+    assert_eq!(
+        exec("echo \"$GREETING|$(pwd)|$PATH\""),
+        "hello from the image|/srv/app|/bin\n"
+    );
+    let out = bus.banger_as(
+        None,
+        &[
+            "vm",
+            "exec",
+            "b1",
+            "--env",
+            "GREETING=overridden",
+            "--workdir",
+            "/tmp",
+            "--user",
+            "4242",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$GREETING|$(pwd)|$(id -u)\"",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "overridden|/tmp|4242\n",
+        "{}",
+        text(&out)
+    );
 
     // The agent is supervised: killed, it comes back.
     let _ = bus.banger_as(
@@ -1478,4 +1528,75 @@ async fn an_init_less_image_boots_by_its_reference_alone_with_banger_init_as_its
         let out = bus.banger_as(None, &["vm", "delete", vm]);
         assert!(out.status.success(), "{}", text(&out));
     }
+
+    // The image's Entrypoint+Cmd as the VM's main process: its output, its status.
+    let out = bus.banger_as(
+        None,
+        &[
+            "vm",
+            "run",
+            "m1",
+            "--image",
+            &reference,
+            "--entrypoint",
+            "--memory",
+            "256",
+            "--vcpus",
+            "1",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello from the image in /srv/app\n",
+        "{}",
+        text(&out)
+    );
+    let m1 = vms.get_vm("m1").await.unwrap();
+    let status = bus.busctl_as(
+        None,
+        &[
+            "get-property",
+            "org.banger",
+            m1.as_str(),
+            "org.banger.VM1",
+            "ExitStatus",
+        ],
+    );
+    assert_eq!(text(&status).trim(), "i 3");
+    let out = bus.banger_as(None, &["vm", "logs", "m1"]);
+    assert!(
+        text(&out).contains("hello from the image in /srv/app"),
+        "{}",
+        text(&out)
+    );
+    // A command replaces Cmd, as `docker run IMAGE ARGS` does; --rm removes the VM.
+    let out = bus.banger_as(
+        None,
+        &[
+            "vm",
+            "run",
+            "m2",
+            "--image",
+            &reference,
+            "--entrypoint",
+            "--rm",
+            "--memory",
+            "256",
+            "--vcpus",
+            "1",
+            "--",
+            "echo replaced; exit 0",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "replaced\n",
+        "{}",
+        text(&out)
+    );
+    assert!(vms.get_vm("m2").await.is_err(), "--rm removed it");
+    let out = bus.banger_as(None, &["vm", "delete", "m1"]);
+    assert!(out.status.success(), "{}", text(&out));
 }

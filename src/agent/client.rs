@@ -87,11 +87,10 @@ pub async fn shutdown<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<()
     request(s, &Request::Shutdown).await.map(|_| ())
 }
 
-/// Runs `argv` in the guest with these streams; returns its exit status.
+/// Runs `what` in the guest with these streams; returns its exit status.
 pub async fn exec<S, I, O, E>(
     s: S,
-    argv: Vec<String>,
-    env: Vec<String>,
+    what: super::ExecRequest,
     mut stdin: I,
     mut stdout: O,
     mut stderr: E,
@@ -103,15 +102,7 @@ where
     E: AsyncWrite + Unpin,
 {
     let mut s = s;
-    request(
-        &mut s,
-        &Request::Exec {
-            argv,
-            env,
-            cwd: None,
-        },
-    )
-    .await?;
+    request(&mut s, &what.into()).await?;
     let (mut r, mut w) = tokio::io::split(s);
     let input = async {
         let mut buf = vec![0u8; frame::MAX];

@@ -45,10 +45,48 @@ pub enum Request {
         /// Extra environment, `KEY=VALUE`.
         #[serde(default)]
         env: Vec<String>,
-        /// Working directory; `/root` when absent.
+        /// Working directory; the image's `WorkingDir`, else the user's home, when absent.
         #[serde(default)]
         cwd: Option<String>,
+        /// User (`name`, `uid`, `user:group`, `uid:gid`); the image's `User`, else root,
+        /// when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
     },
+}
+
+/// What to run with `exec`: the command and what may override the image's settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecRequest {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment, `KEY=VALUE`, over the image's.
+    pub env: Vec<String>,
+    /// Working directory instead of the image's.
+    pub cwd: Option<String>,
+    /// User instead of the image's.
+    pub user: Option<String>,
+}
+
+impl ExecRequest {
+    /// `argv` with the image's settings.
+    pub fn new(argv: Vec<String>) -> Self {
+        ExecRequest {
+            argv,
+            ..Default::default()
+        }
+    }
+}
+
+impl From<ExecRequest> for Request {
+    fn from(e: ExecRequest) -> Self {
+        Request::Exec {
+            argv: e.argv,
+            env: e.env,
+            cwd: e.cwd,
+            user: e.user,
+        }
+    }
 }
 
 /// The agent's answer to `health`.
@@ -118,6 +156,7 @@ mod tests {
             argv: vec!["echo".into(), "hi".into()],
             env: vec![],
             cwd: None,
+            user: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.starts_with(r#"{"op":"exec""#), "{s}");

@@ -135,7 +135,12 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             power_off();
             Ok(())
         }
-        Request::Exec { argv, env, cwd } => exec(reader, writer, argv, env, cwd),
+        Request::Exec {
+            argv,
+            env,
+            cwd,
+            user,
+        } => exec(reader, writer, argv, env, cwd, user),
     }
 }
 
@@ -208,45 +213,68 @@ fn exec(
     argv: Vec<String>,
     env: Vec<String>,
     cwd: Option<String>,
+    user: Option<String>,
 ) -> std::io::Result<()> {
+    use crate::guestinit::runas;
     let writer = Arc::new(Mutex::new(writer));
-    let Some((prog, args)) = argv.split_first() else {
+    let refuse = |msg: String| {
         let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-        return write_line(&mut *w, &Reply::error("exec needs a command"));
+        write_line(&mut *w, &Reply::error(msg))
     };
-    let cwd = cwd.unwrap_or_else(|| {
-        if std::path::Path::new("/root").is_dir() {
-            "/root".into()
-        } else {
-            "/".into()
-        }
-    });
-    let mut cmd = Command::new(prog);
+    let Some((prog, args)) = argv.split_first() else {
+        return refuse("exec needs a command".into());
+    };
+    // The image's Env, WorkingDir and User, unless the request says otherwise.
+    let root = std::path::Path::new("/");
+    let image = runas::image_config(root);
+    let who = match runas::resolve_user(user.as_deref().unwrap_or(&image.user), root) {
+        Ok(w) => w,
+        Err(e) => return refuse(e),
+    };
+    let cwd = runas::working_dir(cwd.as_deref(), &image.working_dir, &who);
+    let vars = runas::environment(&who, &image.env, &env);
+    // The program is found on the process's own PATH (the image's, or the request's).
+    let path = vars
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let program = if prog.contains('/') {
+        prog.clone()
+    } else {
+        path.split(':')
+            .map(|d| format!("{d}/{prog}"))
+            .find(|p| std::path::Path::new(p).is_file())
+            .unwrap_or_else(|| prog.clone())
+    };
+    let mut cmd = Command::new(&program);
     cmd.args(args)
         .current_dir(&cwd)
         .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
-        .env("HOME", "/root")
-        .env("USER", "root")
-        .env("LOGNAME", "root")
-        .env("TERM", "dumb")
+        .envs(vars)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for kv in &env {
-        if let Some((k, v)) = kv.split_once('=') {
-            cmd.env(k, v);
+    if who.uid != 0 || who.gid != 0 {
+        use std::os::unix::process::CommandExt;
+        let (uid, gid, groups) = (who.uid, who.gid, who.groups.clone());
+        // SAFETY: between fork and exec only setgroups, setgid and setuid run, on memory
+        // prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => {
-            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-            return write_line(&mut *w, &Reply::error(format!("cannot run {prog}: {e}")));
-        }
+        Err(e) => return refuse(format!("cannot run {prog} in {cwd} as {}: {e}", who.name)),
     };
     {
         let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());

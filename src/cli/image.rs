@@ -87,6 +87,11 @@ pub enum ImageCommand {
         /// Image name or id.
         name: String,
     },
+    /// Show an image's properties, its OCI run settings among them.
+    Show {
+        /// Image name or id.
+        name: String,
+    },
     /// Delete an image no VM uses.
     Delete {
         /// Image name or id.
@@ -217,6 +222,32 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
             if !out.json {
                 println!("Image {name} is managed");
             }
+        }
+        ImageCommand::Show { name } => {
+            let path = p.get_image(&name).await.map_err(explain)?;
+            let (mut fields, _) = super::vm::object_fields(
+                conn,
+                &path,
+                "org.banger.Image1",
+                &[
+                    "Name",
+                    "Id",
+                    "Managed",
+                    "Source",
+                    "Kernel",
+                    "SizeBytes",
+                    "ReadyPorts",
+                    "Env",
+                    "WorkingDir",
+                    "User",
+                    "Entrypoint",
+                    "Cmd",
+                    "CreatedAt",
+                ],
+            )
+            .await?;
+            fields.push(("Path", json!(path.as_str())));
+            out.object(fields);
         }
         ImageCommand::Delete { name } => p.delete_image(&name).await.map_err(explain)?,
     }

@@ -99,9 +99,16 @@ pub enum VmCommand {
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
-        /// Extra environment for the command, KEY=VALUE (repeatable).
+        /// Extra environment for the command, KEY=VALUE (repeatable), over the image's.
         #[arg(long = "env", short = 'e')]
         env: Vec<String>,
+        /// Working directory (default: the image's WorkingDir, else the user's home).
+        #[arg(long, short = 'w')]
+        workdir: Option<String>,
+        /// User, group: name or number, e.g. app or 1000:1000 (default: the image's User,
+        /// else root).
+        #[arg(long, short = 'u')]
+        user: Option<String>,
     },
     /// Print the VM's serial console log of its last boot.
     Logs {
@@ -142,6 +149,10 @@ pub struct VmSpec {
     /// default: the image's /sbin/init, else banger's).
     #[arg(long, value_name = "PATH|banger")]
     init: Option<String>,
+    /// Run the image's Entrypoint and Cmd as the VM's main process (`vm run`: the command
+    /// after -- replaces Cmd); the VM powers off when it exits.
+    #[arg(long)]
+    entrypoint: bool,
 }
 
 impl VmSpec {
@@ -160,8 +171,58 @@ impl VmSpec {
             .chain(self.network.clone().map(|n| ("network", n.into())))
             .chain((!self.egress.is_empty()).then(|| ("egress", self.egress.clone().into())))
             .chain(self.init.clone().map(|i| ("init", i.into())))
+            .chain(self.entrypoint.then(|| ("entrypoint", true.into())))
             .collect())
     }
+}
+
+/// An object's properties `keys` of interface `iface`, as JSON fields (strings, numbers and
+/// string lists; null for others), with the whole property map.
+pub async fn object_fields(
+    conn: &zbus::Connection,
+    path: &OwnedObjectPath,
+    iface: &'static str,
+    keys: &[&'static str],
+) -> anyhow::Result<(
+    Vec<(&'static str, serde_json::Value)>,
+    std::collections::HashMap<String, zbus::OwnedVariant>,
+)> {
+    let props = zbus::fdo::PropertiesProxy::builder(conn)
+        .destination("org.banger")
+        .path(path.clone())
+        .build()
+        .await?;
+    let all = props
+        .get_all(zbus::names::InterfaceName::from_static_str(iface)?)
+        .await?;
+    let mut fields = Vec::new();
+    for &key in keys {
+        let v = match all.get(key) {
+            Some(v) => match (
+                <&str>::try_from(&**v),
+                u32::try_from(&**v),
+                u64::try_from(&**v),
+            ) {
+                (Ok(s), _, _) => json!(s),
+                (_, Ok(n), _) => json!(n),
+                (_, _, Ok(n)) => json!(n),
+                _ => {
+                    if let Ok(b) = bool::try_from(&**v) {
+                        json!(b)
+                    } else if let Ok(list) = <Vec<String>>::try_from(v.try_clone()?) {
+                        json!(list)
+                    } else if let Ok(list) = <Vec<u16>>::try_from(v.try_clone()?) {
+                        json!(list)
+                    } else {
+                        json!(null)
+                    }
+                }
+            },
+            None => json!(null),
+        };
+        fields.push((key, v));
+    }
+    Ok((fields, all))
 }
 
 /// Builds an options map from optional entries.
@@ -194,8 +255,7 @@ async fn exec_in(
     conn: &zbus::Connection,
     p: &VMs1Proxy<'_>,
     name: &str,
-    command: Vec<String>,
-    env: Vec<String>,
+    what: crate::agent::ExecRequest,
 ) -> anyhow::Result<i32> {
     let vm = vm_proxy(conn, p, name).await?;
     let fd = vm.open_agent().await.map_err(explain)?;
@@ -204,8 +264,7 @@ async fn exec_in(
     let s = tokio::net::UnixStream::from_std(s)?;
     Ok(crate::agent::client::exec(
         s,
-        command,
-        env,
+        what,
         tokio::io::stdin(),
         tokio::io::stdout(),
         tokio::io::stderr(),
@@ -388,7 +447,11 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             command,
         } => {
             let name = name.unwrap_or_else(generated_name);
-            let o = opts(spec.entries()?);
+            let mut entries = spec.entries()?;
+            if spec.entrypoint && !command.is_empty() {
+                entries.push(("command", command.clone().into()));
+            }
+            let o = opts(entries);
             let watch = super::watch::subscribe(conn).await?;
             let (_, id, path) = p.create_vm(&name, o).await.map_err(explain)?;
             let followed = watch.follow(out, id, &path).await;
@@ -397,8 +460,9 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             }
             let code = match followed {
                 Err(e) => Err(e),
+                Ok(()) if spec.entrypoint => main_process(conn, &p, &name).await,
                 Ok(()) if !command.is_empty() => {
-                    exec_in(conn, &p, &name, command, Vec::new()).await
+                    exec_in(conn, &p, &name, crate::agent::ExecRequest::new(command)).await
                 }
                 Ok(()) => {
                     let identity = spec.ssh_key.map(|k| k.with_extension(""));
@@ -462,51 +526,31 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             .map_err(explain)?,
         VmCommand::Show { name } => {
             let path = p.get_vm(&name).await.map_err(explain)?;
-            let props = zbus::fdo::PropertiesProxy::builder(conn)
-                .destination("org.banger")
-                .path(path.clone())
-                .build()
-                .await?;
-            let iface = zbus::names::InterfaceName::from_static_str("org.banger.VM1")?;
-            let all = props.get_all(iface).await?;
-            let mut fields = Vec::new();
-            for key in [
-                "Name",
-                "Id",
-                "State",
-                "Stage",
-                "Image",
-                "Kernel",
-                "VCpus",
-                "MemoryMiB",
-                "GuestAddress",
-                "MacAddress",
-                "VSockCID",
-                "SSHAddress",
-                "SSHHostKey",
-                "Network",
-                "Egress",
-                "Owner",
-                "CreatedAt",
-            ] {
-                let v = match all.get(key) {
-                    Some(v) => match (
-                        <&str>::try_from(&**v),
-                        u32::try_from(&**v),
-                        u64::try_from(&**v),
-                    ) {
-                        (Ok(s), _, _) => json!(s),
-                        (_, Ok(n), _) => json!(n),
-                        (_, _, Ok(n)) => json!(n),
-                        _ => match <Vec<String>>::try_from(v.try_clone()?) {
-                            Ok(list) => json!(list),
-                            Err(_) => json!(null),
-                        },
-                    },
-                    None => json!(null),
-                };
-                fields.push((key, v));
-            }
+            let (mut fields, all) = object_fields(
+                conn,
+                &path,
+                "org.banger.VM1",
+                &[
+                    "Name",
+                    "Id",
+                    "State",
+                    "Stage",
+                    "Image",
+                    "Kernel",
+                    "VCpus",
+                    "MemoryMiB",
+                    "GuestAddress",
+                    "MacAddress",
+                    "VSockCID",
+                    "SSHAddress",
+                    "SSHHostKey",
+                    "Network",
+                    "Egress",
+                    "Owner",
+                    "CreatedAt",
+                ],
+            )
+            .await?;
             // The walls the VM lives behind, in words.
             let network = all
                 .get("Network")
@@ -524,8 +568,20 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             fields.push(("Path", json!(path.as_str())));
             out.object(fields);
         }
-        VmCommand::Exec { name, command, env } => {
-            let code = exec_in(conn, &p, &name, command, env).await?;
+        VmCommand::Exec {
+            name,
+            command,
+            env,
+            workdir,
+            user,
+        } => {
+            let what = crate::agent::ExecRequest {
+                argv: command,
+                env,
+                cwd: workdir,
+                user,
+            };
+            let code = exec_in(conn, &p, &name, what).await?;
             // The blocking stdin reader would keep the runtime alive: leave at once.
             let _ = tokio::io::stdout().flush().await;
             std::process::exit(code);
@@ -564,6 +620,47 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
 
 /// After a failed start, the console's last lines for its owner (the job's public error does
 /// not carry them); nothing when the console cannot be opened.
+/// Waits for a VM's main process to end (the VM stops), prints what it wrote on the console
+/// and returns its exit status.
+async fn main_process(
+    conn: &zbus::Connection,
+    p: &VMs1Proxy<'_>,
+    name: &str,
+) -> anyhow::Result<i32> {
+    let vm = vm_proxy(conn, p, name).await?;
+    let mut changes = vm.receive_state_changed().await;
+    while !matches!(vm.state().await?.as_str(), "stopped" | "failed") {
+        use futures_util::StreamExt;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), changes.next()).await;
+    }
+    let fd = vm.open_console().await.map_err(explain)?;
+    let text = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut s = String::new();
+        let _ = std::fs::File::from(std::os::fd::OwnedFd::from(fd)).read_to_string(&mut s);
+        s
+    })
+    .await
+    .unwrap_or_default();
+    print!("{}", main_output(&text));
+    Ok(vm.exit_status().await?)
+}
+
+/// The main process's output in a console log: the lines after banger-init's last
+/// `main process:` line, up to its exit line.
+pub fn main_output(console: &str) -> String {
+    let start = console
+        .rfind("banger-init: main process: ")
+        .and_then(|i| console[i..].find('\n').map(|n| i + n + 1))
+        // Rotated away: all that is left.
+        .unwrap_or(0);
+    let rest = &console[start..];
+    let end = rest
+        .find(crate::guestinit::supervise::EXIT_LINE)
+        .unwrap_or(rest.len());
+    rest[..end].replace("\r\n", "\n")
+}
+
 async fn print_console_tail(conn: &zbus::Connection, p: &VMs1Proxy<'_>, name: &str) {
     let Ok(vm) = vm_proxy(conn, p, name).await else {
         return;
@@ -593,6 +690,13 @@ async fn print_console_tail(conn: &zbus::Connection, p: &VMs1Proxy<'_>, name: &s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_main_output_is_what_lies_between_init_s_lines() {
+        let log = "[ 0.1] boot\r\nbanger-init: main process: echo hi\r\nhi\r\nthere\r\n\
+                   banger-init: main process exited with status 3\r\nbanger-init: shutting down\r\n";
+        assert_eq!(main_output(log), "hi\nthere\n");
+    }
 
     #[test]
     fn known_hosts_keep_other_entries_and_replace_the_vms() {

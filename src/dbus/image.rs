@@ -59,6 +59,36 @@ impl Image1 {
         self.image.size_bytes
     }
     /// TCP ports a VM of this image waits for (`wait_port_<n>` stages) before it is ready.
+    /// The image's environment (`KEY=VALUE`), from its OCI configuration.
+    #[zbus(property, name = "Env")]
+    fn env(&self) -> Vec<String> {
+        self.image.config.env.clone()
+    }
+
+    /// The image's working directory; empty for the default (`/root`).
+    #[zbus(property, name = "WorkingDir")]
+    fn working_dir(&self) -> String {
+        self.image.config.working_dir.clone()
+    }
+
+    /// The user the image's processes run as; empty for root.
+    #[zbus(property, name = "User")]
+    fn user(&self) -> String {
+        self.image.config.user.clone()
+    }
+
+    /// The image's entrypoint.
+    #[zbus(property, name = "Entrypoint")]
+    fn entrypoint(&self) -> Vec<String> {
+        self.image.config.entrypoint.clone()
+    }
+
+    /// The image's command (the entrypoint's arguments when it has one).
+    #[zbus(property, name = "Cmd")]
+    fn cmd(&self) -> Vec<String> {
+        self.image.config.cmd.clone()
+    }
+
     #[zbus(property, name = "ReadyPorts")]
     fn ready_ports(&self) -> Vec<u16> {
         self.image.ready_ports.clone()

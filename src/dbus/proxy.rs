@@ -123,6 +123,9 @@ pub trait VM1 {
     /// SSHHostKey
     #[zbus(property, name = "SSHHostKey")]
     fn ssh_host_key(&self) -> zbus::Result<String>;
+    /// ExitStatus
+    #[zbus(property, name = "ExitStatus")]
+    fn exit_status(&self) -> zbus::Result<i32>;
 }
 
 /// `org.banger.Jobs1`.

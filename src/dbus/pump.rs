@@ -159,6 +159,11 @@ async fn on_object(conn: &Connection, ctx: &Ctx, e: ObjectEvent) -> zbus::Result
             obj.kernel_changed(em).await?;
             obj.size_bytes_changed(em).await?;
             obj.ready_ports_changed(em).await?;
+            obj.env_changed(em).await?;
+            obj.working_dir_changed(em).await?;
+            obj.user_changed(em).await?;
+            obj.entrypoint_changed(em).await?;
+            obj.cmd_changed(em).await?;
         }
         ObjectEvent::ImageRemoved(id) => {
             server.remove::<image::Image1, _>(image_path(&id)).await?;
@@ -206,6 +211,9 @@ async fn on_object(conn: &Connection, ctx: &Ctx, e: ObjectEvent) -> zbus::Result
             }
             if old.ssh_host_key != obj.vm.ssh_host_key {
                 obj.s_s_h_host_key_changed(em).await?;
+            }
+            if old.exit_status != obj.vm.exit_status {
+                obj.exit_status_changed(em).await?;
             }
             if (old.vcpus, old.memory_mib) != (obj.vm.vcpus, obj.vm.memory_mib) {
                 obj.v_cpus_changed(em).await?;

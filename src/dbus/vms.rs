@@ -39,7 +39,9 @@ impl Vms1 {
     /// Creates a VM and, unless start is false, starts it. Options: image s, kernel s,
     /// vcpus u, memory_mib u, disk_size t, ssh_key s, start b, network s (isolated or
     /// shared), egress as (CIDR[:PORT] the VM may reach), init s ("banger" or a path; empty:
-    /// the image's /sbin/init, else banger-init). Returns the VM and its job at once;
+    /// the image's /sbin/init, else banger-init), entrypoint b (run the image's
+    /// Entrypoint+Cmd as the main process; its exit powers the VM off, its status is
+    /// ExitStatus), command as (the main process's arguments instead of Cmd). Returns the VM and its job at once;
     /// stages arrive as CreateProgress and the job's StageChanged.
     #[zbus(name = "CreateVM", out_args("vm_path", "job_id", "job_path"))]
     async fn create_vm(
@@ -69,6 +71,8 @@ impl Vms1 {
             },
             egress: o.strings("egress")?.unwrap_or_default(),
             init: o.string("init")?.unwrap_or_default(),
+            entrypoint: o.bool("entrypoint")?.unwrap_or(false),
+            command: o.strings("command")?.unwrap_or_default(),
         };
         o.finish()?;
         validate_name(NameKind::Vm, name)?;

@@ -5,6 +5,7 @@
 //! hanging. No shell or busybox is involved: this is the whole initrd userspace.
 
 pub mod net;
+pub mod runas;
 pub mod supervise;
 
 use std::ffi::CString;
@@ -34,6 +35,9 @@ pub struct Cmdline {
     /// `banger.init=banger`: `banger-init` stays PID 1 whatever the image holds (it does
     /// anyway when the image has no `init`).
     pub stay_init: bool,
+    /// `banger.main=1`: run the VM's main process (`/root/.banger/main.json`) and power off
+    /// when it exits.
+    pub main: bool,
 }
 
 /// Parses `/proc/cmdline`.
@@ -46,6 +50,7 @@ pub fn parse_cmdline(s: &str) -> Cmdline {
         root_wait: 10,
         work: None,
         stay_init: false,
+        main: false,
     };
     for arg in s.split_whitespace() {
         match arg.split_once('=') {
@@ -55,6 +60,7 @@ pub fn parse_cmdline(s: &str) -> Cmdline {
             Some(("banger.rootwait", v)) => c.root_wait = v.parse().unwrap_or(c.root_wait),
             Some(("banger.work", v)) => c.work = Some(v.into()),
             Some(("banger.init", v)) => c.stay_init = v == "banger",
+            Some(("banger.main", v)) => c.main = v == "1",
             None if arg == "rw" => c.read_only = false,
             None if arg == "ro" => c.read_only = true,
             _ => {}
@@ -191,8 +197,9 @@ fn start_agent_unless_systemd(init: &str) {
     }
 }
 
-/// The agent as `banger-init` runs it when it stays the init.
-fn agent_spawn() -> Option<supervise::Spawn> {
+/// The agent as `banger-init` runs it when it stays the init; beside a main process its
+/// messages go to the kernel log, so the console holds the main process's output alone.
+fn agent_spawn(quiet: bool) -> Option<supervise::Spawn> {
     Path::new(AGENT).exists().then(|| supervise::Spawn {
         argv: vec![AGENT.into()],
         env: vec![
@@ -201,6 +208,7 @@ fn agent_spawn() -> Option<supervise::Spawn> {
             format!("{}=1", supervise::INIT_ENV),
         ],
         cwd: "/".into(),
+        output: quiet.then(|| "/dev/kmsg".into()),
         ..Default::default()
     })
 }
@@ -225,6 +233,44 @@ fn mount_points(root: &str) {
             }
         }
     }
+}
+
+/// The VM's main process as the host wrote it (`/root/.banger/main.json`, on the work disk)
+/// with the image's environment, working directory and user. When it cannot start, the VM
+/// reports status 127 and powers off.
+fn main_spawn() -> Option<supervise::Spawn> {
+    let argv: Vec<String> = std::fs::read("/root/.banger/main.json")
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let root = Path::new("/");
+    let image = runas::image_config(root);
+    let who = runas::resolve_user(&image.user, root);
+    let ok = !argv.is_empty();
+    let (who, ok) = match who {
+        Ok(w) => (w, ok),
+        Err(e) => {
+            say(&format!("cannot run the main process: {e}"));
+            (runas::resolve_user("root", root).ok()?, false)
+        }
+    };
+    if !ok {
+        eprintln!("{}127", supervise::EXIT_LINE);
+        supervise::power_off_now();
+    }
+    say(&format!("main process: {}", argv.join(" ")));
+    Some(supervise::Spawn {
+        cwd: runas::working_dir(None, &image.working_dir, &who),
+        env: runas::environment(&who, &image.env, &[])
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect(),
+        argv,
+        uid: who.uid,
+        gid: who.gid,
+        groups: who.groups,
+        output: None,
+    })
 }
 
 /// What every guest gets whatever its image holds: `/dev`, `/proc` and `/sys` moved over,
@@ -442,7 +488,8 @@ pub fn run() -> ! {
             "root {root} mounted; {} is not an init of the image's, banger-init stays PID 1",
             cmdline.init
         ));
-        supervise::run(agent_spawn(), None);
+        let main = if cmdline.main { main_spawn() } else { None };
+        supervise::run(agent_spawn(main.is_some()), main);
     }
     say(&format!("root {root} mounted, starting {}", cmdline.init));
     start_agent_unless_systemd(&cmdline.init);

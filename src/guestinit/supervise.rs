@@ -39,6 +39,8 @@ pub struct Spawn {
     pub gid: u32,
     /// Supplementary groups.
     pub groups: Vec<u32>,
+    /// Where its output goes instead of the console (e.g. `/dev/kmsg`).
+    pub output: Option<String>,
 }
 
 fn say(msg: &str) {
@@ -84,6 +86,10 @@ fn spawn(s: &Spawn) -> Result<libc::pid_t, String> {
     let cwd = CString::new(s.cwd.as_bytes()).unwrap_or_default();
     let root = c"/";
     let null = c"/dev/null";
+    let output = s
+        .output
+        .as_ref()
+        .map(|o| CString::new(o.as_bytes()).unwrap_or_default());
     let groups: Vec<libc::gid_t> = s.groups.clone();
     // SAFETY: between fork and exec the child only makes async-signal-safe calls on memory
     // prepared before the fork, then execs or exits.
@@ -102,6 +108,13 @@ fn spawn(s: &Spawn) -> Result<libc::pid_t, String> {
         let fd = libc::open(null.as_ptr(), libc::O_RDONLY);
         if fd >= 0 {
             libc::dup2(fd, 0);
+        }
+        if let Some(o) = &output {
+            let fd = libc::open(o.as_ptr(), libc::O_WRONLY);
+            if fd >= 0 {
+                libc::dup2(fd, 1);
+                libc::dup2(fd, 2);
+            }
         }
         if libc::chdir(cwd.as_ptr()) != 0 {
             libc::chdir(root.as_ptr());
@@ -266,6 +279,18 @@ fn shut_down(sigfd: &OwnedFd) -> ! {
             libc::MS_REMOUNT | libc::MS_RDONLY,
             std::ptr::null(),
         );
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Syncs and powers off at once (nothing else runs yet).
+pub fn power_off_now() -> ! {
+    // SAFETY: sync and reboot take no pointers; reboot only returns on failure.
+    unsafe {
         libc::sync();
         libc::reboot(libc::RB_POWER_OFF);
     }

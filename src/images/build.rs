@@ -190,6 +190,7 @@ impl Images {
                 kernel: opts.kernel,
                 size: opts.size,
                 ready_ports: opts.ready_ports,
+                config: Default::default(),
             };
             this.finish_tree(&ctx, staging, tree, scratch, t)
                 .await

@@ -20,6 +20,7 @@ pub(super) struct TreeImage {
     pub kernel: Option<String>,
     pub size: Option<u64>,
     pub ready_ports: Vec<u16>,
+    pub config: crate::model::ImageConfig,
 }
 
 pub(super) async fn blocking<T: Send + 'static>(
@@ -65,7 +66,12 @@ impl Images {
         ctx.stage("inject", "Installing the banger guest agent");
         ctx.progress(0.65);
         let (tr, agent) = (tree.clone(), self.config.guest_binary("banger-agent"));
-        blocking("Inject", move || guest::inject(&tr, &agent)).await?;
+        let config = t.config.clone();
+        blocking("Inject", move || {
+            guest::inject(&tr, &agent)?;
+            guest::inject_config(&tr, &config)
+        })
+        .await?;
 
         ctx.stage("build_rootfs", "Building rootfs.ext4");
         ctx.progress(0.7);
@@ -110,6 +116,7 @@ impl Images {
             size_bytes: size,
             created_at: now_us(),
             ready_ports: t.ready_ports,
+            config: t.config,
         };
         self.publish(staging, image).await
     }

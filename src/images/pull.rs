@@ -107,22 +107,18 @@ impl Images {
             6,
             format!("{} is {digest}, {} layer(s)", r.whole(), layers.len()),
         );
-        let ready_ports = match opts.ready_ports.clone() {
-            Some(p) => p,
-            None => {
-                if !(0..=1 << 20).contains(&manifest.config.size) {
-                    return Err(Error::InvalidArgument(format!(
-                        "The image configuration of {} claims {} bytes; at most 1 MiB is read",
-                        r.whole(),
-                        manifest.config.size
-                    )));
-                }
-                let config = registry
-                    .fetch_blob(&r, &manifest.config, &self.layout.oci_cache_dir(), |_| {})
-                    .await?;
-                ready_ports_label(&config)?
-            }
-        };
+        if !(0..=1 << 20).contains(&manifest.config.size) {
+            return Err(Error::InvalidArgument(format!(
+                "The image configuration of {} claims {} bytes; at most 1 MiB is read",
+                r.whole(),
+                manifest.config.size
+            )));
+        }
+        let config_blob = registry
+            .fetch_blob(&r, &manifest.config, &self.layout.oci_cache_dir(), |_| {})
+            .await?;
+        let (labeled_ports, image_config) = read_image_config(&config_blob)?;
+        let ready_ports = opts.ready_ports.clone().unwrap_or(labeled_ports);
 
         ctx.stage(
             "fetch",
@@ -192,6 +188,7 @@ impl Images {
             kernel: opts.kernel,
             size: opts.size,
             ready_ports,
+            config: image_config,
         };
         self.finish_tree(&ctx, staging, tree, scratch, t).await
     }
@@ -201,17 +198,32 @@ impl Images {
 pub const READY_PORTS_LABEL: &str = "org.banger.ready_ports";
 
 /// The ports of the `org.banger.ready_ports` label in an image config blob (none without it).
+#[cfg(test)]
 fn ready_ports_label(config: &std::path::Path) -> Result<Vec<u16>> {
+    read_image_config(config).map(|(ports, _)| ports)
+}
+
+/// An image config blob's `org.banger.ready_ports` label and run settings (Env, WorkingDir,
+/// User, Entrypoint, Cmd), refused when they are larger than an image needs.
+fn read_image_config(config: &std::path::Path) -> Result<(Vec<u16>, crate::model::ImageConfig)> {
     let text = std::fs::read(config)
         .map_err(|e| Error::failed("Cannot read the image configuration", e))?;
     let v: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| Error::InvalidArgument(format!("The image configuration is not JSON: {e}")))?;
-    match v["config"]["Labels"][READY_PORTS_LABEL].as_str() {
+    let run = crate::model::ImageConfig::from_oci(&v);
+    if run.to_json().len() > crate::model::ImageConfig::MAX_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "The image's Env, WorkingDir, User, Entrypoint and Cmd take more than {} bytes",
+            crate::model::ImageConfig::MAX_BYTES
+        )));
+    }
+    let ports = match v["config"]["Labels"][READY_PORTS_LABEL].as_str() {
         Some(s) => crate::model::parse_ready_ports(s).map_err(|e| {
             Error::InvalidArgument(format!("The image's label {READY_PORTS_LABEL}: {e}"))
         }),
         None => Ok(Vec::new()),
-    }
+    }?;
+    Ok((ports, run))
 }
 
 impl Images {
@@ -294,6 +306,7 @@ impl Images {
                 size_bytes: size,
                 created_at: crate::model::now_us(),
                 ready_ports: opts.ready_ports.clone().unwrap_or(manifest.ready_ports),
+                config: Default::default(),
             };
             this.publish(staging, image).await.map(|_| ())
         }))

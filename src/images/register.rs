@@ -133,6 +133,7 @@ impl Images {
                     kernel: None,
                     size_bytes: 0,
                     created_at: now_us(),
+                    config: Default::default(),
                     ready_ports: opts.ready_ports.unwrap_or_default(),
                 },
             }

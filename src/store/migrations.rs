@@ -82,6 +82,15 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE vms ADD COLUMN init TEXT NOT NULL DEFAULT '';
     "#,
+    // 6: the image's OCI run settings (Env, WorkingDir, User, Entrypoint, Cmd) as JSON.
+    r#"
+    ALTER TABLE images ADD COLUMN config TEXT NOT NULL DEFAULT '';
+    "#,
+    // 7: the VM's main process (JSON argv; '' for none) and its last exit status (-1: none).
+    r#"
+    ALTER TABLE vms ADD COLUMN main TEXT NOT NULL DEFAULT '';
+    ALTER TABLE vms ADD COLUMN exit_status INTEGER NOT NULL DEFAULT -1;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -17,7 +17,7 @@ fn path_str(p: &Option<PathBuf>) -> Option<String> {
 }
 
 const IMAGE_COLS: &str = "id, name, managed, source, rootfs_path, work_seed_path, kernel, \
-     size_bytes, created_at, ready_ports";
+     size_bytes, created_at, ready_ports, config";
 
 fn ports_str(p: &[u16]) -> String {
     p.iter()
@@ -42,6 +42,7 @@ fn image_row(r: &Row<'_>) -> rusqlite::Result<Image> {
         size_bytes: r.get::<_, i64>(7)? as u64,
         created_at: r.get::<_, i64>(8)? as u64,
         ready_ports: ports_of(&r.get::<_, String>(9)?),
+        config: crate::model::ImageConfig::from_json(&r.get::<_, String>(10)?),
     })
 }
 
@@ -71,11 +72,12 @@ pub fn upsert_image(c: &Connection, i: &Image) -> Result<bool, StoreError> {
     })? > 0;
     c.execute(
         &format!(
-            "INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+            "INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
              ON CONFLICT(id) DO UPDATE SET name = excluded.name, managed = excluded.managed, \
              source = excluded.source, rootfs_path = excluded.rootfs_path, \
              work_seed_path = excluded.work_seed_path, kernel = excluded.kernel, \
-             size_bytes = excluded.size_bytes, ready_ports = excluded.ready_ports"
+             size_bytes = excluded.size_bytes, ready_ports = excluded.ready_ports, \
+             config = excluded.config"
         ),
         params![
             i.id,
@@ -87,7 +89,8 @@ pub fn upsert_image(c: &Connection, i: &Image) -> Result<bool, StoreError> {
             i.kernel,
             i.size_bytes as i64,
             i.created_at as i64,
-            ports_str(&i.ready_ports)
+            ports_str(&i.ready_ports),
+            i.config.to_json()
         ],
     )?;
     Ok(existed)
@@ -165,7 +168,7 @@ pub fn delete_kernel(c: &Connection, name: &str) -> Result<(), StoreError> {
 
 const VM_COLS: &str = "id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, \
      owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at, ssh_host_key, \
-     network, egress, init";
+     network, egress, init, main, exit_status";
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
     let state: String = r.get(2)?;
@@ -196,6 +199,8 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
             .map(str::to_owned)
             .collect(),
         init: r.get(19)?,
+        main: serde_json::from_str(&r.get::<_, String>(20)?).unwrap_or_default(),
+        exit_status: r.get(21)?,
     })
 }
 
@@ -217,7 +222,7 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     c.execute(
         &format!(
             "INSERT INTO vms ({VM_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
         ),
         params![
             v.id,
@@ -239,7 +244,9 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
             v.ssh_host_key,
             v.network.as_str(),
             v.egress.join("\n"),
-            v.init
+            v.init,
+            main_json(&v.main),
+            v.exit_status
         ],
     )?;
     Ok(())
@@ -323,17 +330,26 @@ pub fn reserve_vm(
     Ok(Some(Reservation { address, cid }))
 }
 
+fn main_json(main: &[String]) -> String {
+    if main.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(main).unwrap_or_default()
+    }
+}
+
 /// Writes a VM's changing fields.
 pub fn update_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     c.execute(
-        "UPDATE vms SET state = ?2, stage = ?3, ssh_address = ?4, ssh_host_key = ?5 \
-         WHERE id = ?1",
+        "UPDATE vms SET state = ?2, stage = ?3, ssh_address = ?4, ssh_host_key = ?5, \
+         exit_status = ?6 WHERE id = ?1",
         params![
             v.id,
             v.state.as_str(),
             v.stage,
             v.ssh_address,
-            v.ssh_host_key
+            v.ssh_host_key,
+            v.exit_status
         ],
     )?;
     Ok(())
@@ -473,6 +489,7 @@ mod tests {
             size_bytes: 1 << 30,
             created_at: now_us(),
             ready_ports: Vec::new(),
+            config: Default::default(),
         }
     }
 

@@ -99,6 +99,7 @@ fn service(dir: &Path, gate: usize, subnet: &str) -> Vms {
         size_bytes: 1 << 20,
         created_at: now_us(),
         ready_ports: Vec::new(),
+        config: Default::default(),
     };
     let kernel = Kernel {
         name: "k".into(),

@@ -108,6 +108,8 @@ impl Vms {
             network: o.network,
             egress: o.egress.clone(),
             init: o.init.clone(),
+            main: Vec::new(),
+            exit_status: -1,
         };
         let spec = JobSpec {
             kind: "create-vm".into(),
@@ -148,6 +150,22 @@ impl Vms {
             .or_else(|| image.kernel.clone())
             .unwrap_or_else(|| self.config.default_kernel.clone());
         let kernel = self.resolve_kernel(&mut st, &mut vm, &kernel_name).await?;
+        if o.entrypoint {
+            // As `docker run IMAGE ARGS`: the arguments replace the image's Cmd.
+            let cmd = if o.command.is_empty() {
+                &image.config.cmd
+            } else {
+                &o.command
+            };
+            vm.main = image.config.entrypoint.iter().chain(cmd).cloned().collect();
+            if vm.main.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "Image {} has no Entrypoint or Cmd; give the command to run \
+                     (`banger vm run --entrypoint -- CMD`)",
+                    image.name
+                )));
+            }
+        }
         vm.image_id = image.id.clone();
         vm.kernel = kernel.name.clone();
         if vm.disk_size < image.size_bytes {
@@ -399,6 +417,16 @@ impl Vms {
             let _ = std::fs::remove_file(&pending);
         }
 
+        // The main process goes to banger-init on the work disk (its arguments may not fit a
+        // kernel command line); a VM without one has none there.
+        {
+            let (w, main) = (work.clone(), vm.main.clone());
+            tokio::task::spawn_blocking(move || write_main(&w, &main))
+                .await
+                .map_err(|e| Error::failed("Main process task failed", e))??;
+        }
+        vm.exit_status = -1;
+
         let subnet = self.net.subnet()?;
         st.enter(
             vm,
@@ -444,7 +472,12 @@ impl Vms {
                 "quiet {} banger.hostname={}{}",
                 lease.cmdline(),
                 hostname_for(&vm.name),
-                super::init_cmdline(&vm.init)
+                if vm.main.is_empty() {
+                    super::init_cmdline(&vm.init)
+                } else {
+                    // banger-init runs the main process, whatever init the image has.
+                    " banger.init=banger banger.main=1".into()
+                }
             ),
             net: Some(crate::vmm::NetSpec {
                 tap: vm.tap_name.clone(),
@@ -489,7 +522,26 @@ impl Vms {
 
         st.enter(vm, "wait_agent", "Waiting for the guest agent on vsock")
             .await?;
-        self.wait_agent(&run).await?;
+        if let Err(e) = self.wait_agent(&run).await {
+            // A main process that finished before the agent was reached: the VM is done.
+            let status = (!vm.main.is_empty() && !self.vmm.running(&run))
+                .then(|| self.main_exit_status(&vm.id))
+                .flatten();
+            let Some(code) = status else {
+                return Err(e);
+            };
+            vm.exit_status = code;
+            self.power_down(vm).await?;
+            vm.state = VmState::Stopped;
+            st.enter(
+                vm,
+                "exited",
+                format!("The main process exited with status {code}"),
+            )
+            .await?;
+            self.release_network_if_idle().await;
+            return Ok(());
+        }
 
         if self.guest_has_sshd(vm).await {
             let addr = format!("{}:22", vm.guest_address);
@@ -617,10 +669,15 @@ impl Vms {
         let ask = async {
             let s = self.open_agent_any(vm).await?;
             let argv = ["/bin/sh", "-c", "command -v sshd || test -x /usr/sbin/sshd"];
+            // As root in /, whatever user and directory the image names.
+            let what = crate::agent::ExecRequest {
+                cwd: Some("/".into()),
+                user: Some("root".into()),
+                ..crate::agent::ExecRequest::new(argv.map(String::from).to_vec())
+            };
             crate::agent::client::exec(
                 s,
-                argv.map(String::from).to_vec(),
-                Vec::new(),
+                what,
                 tokio::io::empty(),
                 tokio::io::sink(),
                 tokio::io::sink(),
@@ -753,6 +810,27 @@ fn seed_ssh(
     crate::ext4::put_files(work, &files)?;
     Ok(fresh.then(|| public.trim().to_owned()))
 }
+
+/// Puts the main process's arguments on the work disk for banger-init
+/// (`/.banger/main.json`, the guest's `/root/.banger/main.json`), or an empty list.
+fn write_main(work: &std::path::Path, main: &[String]) -> Result<()> {
+    let text = serde_json::to_vec(main).map_err(|e| Error::failed("Cannot encode", e))?;
+    let have = crate::ext4::read_file(work, MAIN_FILE)?;
+    if main.is_empty() && have.is_none() {
+        return Ok(());
+    }
+    crate::ext4::put_files(
+        work,
+        &[crate::ext4::Put {
+            path: MAIN_FILE,
+            data: &text,
+            mode: 0o600,
+        }],
+    )
+}
+
+/// Where the main process's arguments are on the work disk.
+pub const MAIN_FILE: &str = "/.banger/main.json";
 
 fn taken(name: &str) -> Error {
     Error::AlreadyExists(format!(

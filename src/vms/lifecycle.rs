@@ -162,6 +162,9 @@ impl Vms {
                 if now.state == VmState::Running {
                     let _ = this.power_down(&now).await;
                     now.state = VmState::Stopped;
+                    if !now.main.is_empty() {
+                        now.exit_status = this.main_exit_status(&now.id).unwrap_or(-1);
+                    }
                     tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "The VM powered off");
                     let _ = this.save(&now).await;
                     this.release_network_if_idle().await;

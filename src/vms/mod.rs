@@ -46,6 +46,10 @@ pub struct CreateOptions {
     pub egress: Vec<String>,
     /// The guest's init (see `Vm::init`).
     pub init: String,
+    /// Run the image's Entrypoint+Cmd (or `command`) as the VM's main process.
+    pub entrypoint: bool,
+    /// The main process's arguments instead of the image's Cmd (with `entrypoint`).
+    pub command: Vec<String>,
 }
 
 impl Default for CreateOptions {
@@ -61,6 +65,8 @@ impl Default for CreateOptions {
             network: Default::default(),
             egress: Vec::new(),
             init: String::new(),
+            entrypoint: false,
+            command: Vec::new(),
         }
     }
 }
@@ -82,6 +88,9 @@ impl Default for StopOptions {
         }
     }
 }
+
+/// The largest `command` CreateVM takes (all arguments together).
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
 /// The bounds `CreateVM` accepts.
 pub const MAX_VCPUS: u32 = 64;
@@ -115,6 +124,18 @@ impl CreateOptions {
         }
         crate::net::walls::check_egress(&self.egress)?;
         check_init(&self.init)?;
+        if !self.command.is_empty() && !self.entrypoint {
+            return Err(Error::InvalidArgument(
+                "command is the main process's arguments: it needs entrypoint (CLI --entrypoint)"
+                    .into(),
+            ));
+        }
+        let bytes: usize = self.command.iter().map(|a| a.len() + 1).sum();
+        if bytes > MAX_COMMAND_BYTES || self.command.iter().any(|a| a.contains('\0')) {
+            return Err(Error::InvalidArgument(format!(
+                "command must be at most {MAX_COMMAND_BYTES} bytes without NUL characters"
+            )));
+        }
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(Error::InvalidArgument(format!(
                 "memory_mib must be at least {MIN_MEMORY_MIB}, not {}",
@@ -337,6 +358,18 @@ impl Vms {
     }
 
     /// Writes the VM's changed state and stage and tells the bus.
+    /// The main process's exit status as banger-init reported it last on the VM's console.
+    pub(super) fn main_exit_status(&self, id: &str) -> Option<i32> {
+        let tail = crate::vmm::console::tail_lines(&self.console_log(id), 64);
+        tail.lines()
+            .rev()
+            .find_map(|l| {
+                l.trim_end_matches('\r')
+                    .strip_prefix(crate::guestinit::supervise::EXIT_LINE)
+            })
+            .and_then(|n| n.trim().parse().ok())
+    }
+
     async fn save(&self, vm: &Vm) -> Result<()> {
         let v = vm.clone();
         self.store.call(move |c| rows::update_vm(c, &v)).await?;

@@ -118,7 +118,14 @@ pub fn image_manifest_typed(
     arch: &str,
     media_type: Option<&str>,
 ) -> serde_json::Value {
-    image_manifest_full(dir, layers, comp, arch, media_type, serde_json::json!({}))
+    image_manifest_full(
+        dir,
+        layers,
+        comp,
+        arch,
+        media_type,
+        serde_json::json!({"Cmd": ["/bin/sh"], "Labels": {}}),
+    )
 }
 
 /// As [`image_manifest`], with these labels in the image configuration.
@@ -128,7 +135,24 @@ pub fn image_manifest_labeled(
     layers: &[Vec<u8>],
     labels: serde_json::Value,
 ) -> serde_json::Value {
-    image_manifest_full(dir, layers, Comp::Gzip, "amd64", None, labels)
+    image_manifest_full(
+        dir,
+        layers,
+        Comp::Gzip,
+        "amd64",
+        None,
+        serde_json::json!({"Cmd": ["/bin/sh"], "Labels": labels}),
+    )
+}
+
+/// As [`image_manifest`], with this `config` section (Env, WorkingDir, Entrypoint, …).
+#[allow(dead_code)]
+pub fn image_manifest_configured(
+    dir: &Path,
+    layers: &[Vec<u8>],
+    config: serde_json::Value,
+) -> serde_json::Value {
+    image_manifest_full(dir, layers, Comp::Gzip, "amd64", None, config)
 }
 
 fn image_manifest_full(
@@ -137,7 +161,7 @@ fn image_manifest_full(
     comp: Comp,
     arch: &str,
     media_type: Option<&str>,
-    labels: serde_json::Value,
+    run_config: serde_json::Value,
 ) -> serde_json::Value {
     std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
     let mut descs = Vec::new();
@@ -164,7 +188,7 @@ fn image_manifest_full(
     }
     let config = serde_json::json!({
         "architecture": arch, "os": "linux",
-        "config": {"Cmd": ["/bin/sh"], "Labels": labels},
+        "config": run_config,
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     });
     let (cd, cs) = write_blob(dir, config.to_string().as_bytes());
