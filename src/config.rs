@@ -81,6 +81,9 @@ pub struct Config {
     /// Destinations guests may reach although they are link-local, private or shared
     /// ranges (CIDRs such as `10.1.2.0/24`); everything else of those ranges is dropped.
     pub allow_egress: Vec<String>,
+    /// Registry credentials the daemon uses when a pull brings none (containers-auth.json
+    /// format: `auths` → `auth`).
+    pub auth_file: std::path::PathBuf,
 }
 
 impl Default for Config {
@@ -106,6 +109,7 @@ impl Default for Config {
             max_vms_per_user: 64,
             max_running_vms_per_user: 16,
             allow_egress: Vec::new(),
+            auth_file: "/etc/banger/auth.json".into(),
         }
     }
 }

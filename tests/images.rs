@@ -837,3 +837,134 @@ async fn an_image_that_outgrows_the_memory_scratch_is_flattened_on_disk() {
         .unwrap_or(0);
     assert_eq!(left, 0, "the scratch tree went");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_that_needs_a_login_pulls_with_credentials_and_refuses_without() {
+    if !available(TOOLS) || !available(&["htpasswd"]) {
+        return;
+    }
+    // docker-registry behind htpasswd (bcrypt, as its auth module needs), made by htpasswd.
+    let secrets = tempfile::tempdir().unwrap();
+    let htpasswd = secrets.path().join("htpasswd");
+    let password = "s3cret-Pa55-banger";
+    let out = std::process::Command::new("htpasswd")
+        .args(["-Bbc"])
+        .arg(&htpasswd)
+        .args(["alice", password])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let registry = TestRegistry::start_with(
+        None,
+        &format!(
+            "auth:\n  htpasswd:\n    realm: banger-test\n    path: {}\n",
+            htpasswd.display()
+        ),
+    );
+    let work = tempfile::tempdir().unwrap();
+    let creds = format!("alice:{password}");
+    let reference = registry.push(
+        &busybox_layout(work.path(), Comp::Gzip),
+        "v1",
+        "private/box",
+        &["--dest-creds", &creds],
+    );
+
+    let bus = TestBus::start(BusOptions {
+        journal: true,
+        ..Default::default()
+    });
+    let conn = bus.connect().await;
+    let images = Images1Proxy::new(&conn).await.unwrap();
+    let job_error = |id: u32| {
+        let bus = &bus;
+        async move { job_result(bus, id).await }
+    };
+    // Without credentials: refused, naming the registry and how to log in.
+    let (id, _) = images
+        .pull_image(&reference, opts(Some("anon")))
+        .await
+        .unwrap();
+    let (state, error) = job_error(id).await;
+    assert_eq!(state, "failed");
+    assert!(
+        error.contains(&format!("Registry {} refused access", registry.host))
+            && error.contains("podman login"),
+        "{error}"
+    );
+    // Wrong credentials: refused as such.
+    let mut o = opts(Some("wrong"));
+    o.insert(
+        "auth".into(),
+        OwnedVariant::try_from(Variant::from("alice:not-the-password")).unwrap(),
+    );
+    let (id, _) = images.pull_image(&reference, o).await.unwrap();
+    let (state, error) = job_error(id).await;
+    assert_eq!(state, "failed");
+    assert!(error.contains("credentials given were refused"), "{error}");
+    // The caller's own login, read by the CLI from the containers auth file as podman
+    // writes it.
+    let runtime = tempfile::tempdir().unwrap();
+    std::fs::create_dir(runtime.path().join("containers")).unwrap();
+    let b64 = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(&creds)
+    };
+    std::fs::write(
+        runtime.path().join("containers/auth.json"),
+        serde_json::json!({"auths": {registry.host.clone(): {"auth": b64}}}).to_string(),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_banger"))
+        .args(["image", "pull", &reference, "--name", "private-box"])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .env("HOME", runtime.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let rootfs = image_dir(&bus, "private-box").join("rootfs.ext4");
+    assert!(debugfs(&rootfs, "stat /bin/busybox").contains("Type: regular"));
+    assert_no_credential(&bus, &[password, &b64]);
+    // The operator's auth file serves pulls that bring none (CreateVM's auto-pulls).
+    let operator = secrets.path().join("auth.json");
+    std::fs::write(
+        &operator,
+        serde_json::json!({"auths": {registry.host.clone(): {"auth": b64}}}).to_string(),
+    )
+    .unwrap();
+    drop(images);
+    drop(conn);
+    drop(bus);
+    let bus = TestBus::start(BusOptions {
+        journal: true,
+        extra_config: format!("auth_file = \"{}\"\n", operator.display()),
+        ..Default::default()
+    });
+    let conn = bus.connect().await;
+    let (result, error) = pull(&bus, &conn, &reference, Some("operator-box"))
+        .await
+        .unwrap();
+    assert_eq!(result, "done", "{error}");
+
+    assert_no_credential(&bus, &[password, &b64]);
+}
+
+/// No credential anywhere: the daemon's journal, its jobs and its database.
+fn assert_no_credential(bus: &TestBus, secrets: &[&str]) {
+    let journal = serde_json::to_string(&bus.journal("bangerd")).unwrap();
+    assert!(journal.contains("private/box"), "the journal was read");
+    let mut db = Vec::new();
+    for f in ["banger.db", "banger.db-wal"] {
+        db.extend(std::fs::read(bus.state_dir().join(f)).unwrap_or_default());
+    }
+    let db = String::from_utf8_lossy(&db);
+    for secret in secrets {
+        assert!(!journal.contains(secret), "the journal holds a credential");
+        assert!(!db.contains(secret), "the database holds a credential");
+    }
+}

@@ -99,6 +99,33 @@ pub enum ImageCommand {
     },
 }
 
+/// The caller's own credentials for the registry of `reference` (an explicit reference
+/// only, never a catalog name): `$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json`
+/// (podman, skopeo), then `~/.docker/config.json`. Read here, as the caller; the daemon
+/// gets them for this pull only.
+pub fn registry_credentials(reference: &str) -> Option<crate::oci::auth::Credentials> {
+    if !reference.contains(['/', ':']) {
+        return None;
+    }
+    let registry = crate::oci::reference::parse(reference)
+        .ok()?
+        .registry()
+        .to_owned();
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    };
+    [
+        var("REGISTRY_AUTH_FILE"),
+        var("XDG_RUNTIME_DIR").map(|d| d.join("containers/auth.json")),
+        var("HOME").map(|h| h.join(".docker/config.json")),
+    ]
+    .into_iter()
+    .flatten()
+    .find_map(|f| crate::oci::auth::from_file(&f, &registry))
+}
+
 /// Runs an image verb.
 pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> anyhow::Result<()> {
     let p = Images1Proxy::new(conn).await?;
@@ -138,7 +165,10 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
                     .chain(kernel.map(|k| ("kernel", k.into())))
                     .chain(size.map(|s| ("size", s.into())))
                     .chain(insecure.then(|| ("insecure", true.into())))
-                    .chain(ready_ports.map(|p| ("ready_ports", p.into()))),
+                    .chain(ready_ports.map(|p| ("ready_ports", p.into())))
+                    .chain(
+                        registry_credentials(&reference).map(|c| ("auth", c.to_option().into())),
+                    ),
             );
             let watch = super::watch::subscribe(conn).await?;
             let (id, path) = p.pull_image(&reference, o).await.map_err(explain)?;

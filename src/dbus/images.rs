@@ -37,7 +37,9 @@ impl Images1 {
     }
 
     /// Pulls an image from the catalog or an OCI registry and builds a bootable ext4 from it.
-    /// Options: name s, kernel s, size t, insecure b, ready_ports aq (default: the image label org.banger.ready_ports). Returns the job at once.
+    /// Options: name s, kernel s, size t, insecure b, ready_ports aq (default: the image label org.banger.ready_ports),
+    /// auth s (user:password for the registry; default: the operator's auth_file). Returns the
+    /// job at once.
     #[zbus(out_args("job_id", "job_path"))]
     async fn pull_image(
         &self,
@@ -53,6 +55,10 @@ impl Images1 {
             size: o.u64("size")?,
             insecure: o.bool("insecure")?.unwrap_or(false),
             ready_ports: o.ports("ready_ports")?,
+            auth: o
+                .string("auth")?
+                .map(|a| crate::oci::auth::Credentials::parse(&a))
+                .transpose()?,
         };
         o.finish()?;
         self.ctx.banger.images.validate_pull(r#ref, &opts)?;

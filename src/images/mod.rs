@@ -34,6 +34,8 @@ pub struct PullOptions {
     pub insecure: bool,
     /// Ports to wait for; the image's `org.banger.ready_ports` label when absent.
     pub ready_ports: Option<Vec<u16>>,
+    /// Registry credentials; the operator's `auth_file` entry for the registry when absent.
+    pub auth: Option<crate::oci::auth::Credentials>,
 }
 
 /// Options of `RegisterImage`: the caller's files, each taken once at call time.

@@ -40,6 +40,9 @@ impl Images {
     pub async fn pull(&self, uid: u32, reference: &str, mut opts: PullOptions) -> Result<Arc<Job>> {
         let mut reference = reference.to_owned();
         if let Some(entry) = self.config.image_entry(&reference).cloned() {
+            // A caller's credentials go only to the registry the caller named; a catalog
+            // entry's registry gets the operator's.
+            opts.auth = None;
             if let Some(oci) = entry.oci.clone() {
                 opts.name.get_or_insert(entry.name.clone());
                 reference = oci;
@@ -95,8 +98,14 @@ impl Images {
 
         ctx.stage("resolve", format!("Resolving {}", r.whole()));
         // A registry on this host's loopback speaks plain HTTP, as Docker assumes too.
-        let registry =
-            Registry::new(opts.insecure || crate::oci::registry::on_loopback(r.registry()));
+        let creds = opts
+            .auth
+            .clone()
+            .or_else(|| crate::oci::auth::from_file(&self.config.auth_file, r.registry()));
+        let registry = Registry::new(
+            opts.insecure || crate::oci::registry::on_loopback(r.registry()),
+            creds,
+        );
         let (manifest, digest) = registry.manifest(&r).await?;
         let layers: Vec<_> = manifest
             .layers

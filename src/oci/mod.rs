@@ -1,6 +1,7 @@
 //! OCI images: references, registry pulls into a verified blob cache, and flattening layers
 //! into a root filesystem tree.
 
+pub mod auth;
 pub mod flatten;
 #[cfg(test)]
 mod flatten_tests;

@@ -49,6 +49,7 @@ pub fn layer_compression(media_type: &str) -> Result<Compression> {
 /// A registry client for anonymous pulls.
 pub struct Registry {
     client: Client,
+    auth: RegistryAuth,
 }
 
 /// The digest's hex part, checked to be sha256.
@@ -77,8 +78,9 @@ pub fn on_loopback(registry: &str) -> bool {
 }
 
 impl Registry {
-    /// A client; `insecure` allows plain HTTP to the registry.
-    pub fn new(insecure: bool) -> Self {
+    /// A client; `insecure` allows plain HTTP to the registry; `creds` log in (basic, or
+    /// the token flow the registry asks for), else anonymously.
+    pub fn new(insecure: bool, creds: Option<super::auth::Credentials>) -> Self {
         let config = ClientConfig {
             protocol: if insecure {
                 ClientProtocol::Http
@@ -90,15 +92,45 @@ impl Registry {
         };
         Registry {
             client: Client::new(config),
+            auth: match creds {
+                Some(c) => RegistryAuth::Basic(c.user, c.password),
+                None => RegistryAuth::Anonymous,
+            },
         }
     }
 
     /// The linux/amd64 image manifest of `r` and its digest.
     pub async fn manifest(&self, r: &Reference) -> Result<(OciImageManifest, String)> {
         self.client
-            .pull_image_manifest(r, &RegistryAuth::Anonymous)
+            .pull_image_manifest(r, &self.auth)
             .await
-            .map_err(|e| Error::failed(format!("Cannot fetch the manifest of {}", r.whole()), e))
+            .map_err(|e| {
+                let text = e.to_string();
+                let lower = text.to_lowercase();
+                if text.contains("401")
+                    || lower.contains("unauthorized")
+                    || lower.contains("not authorized")
+                {
+                    let host = r.registry();
+                    let how = if matches!(self.auth, RegistryAuth::Anonymous) {
+                        format!(
+                            "log in first (`podman login {host}` or `docker login {host}`; the \
+                             CLI passes those credentials), pass PullImage's auth option, or \
+                             have the operator add {host} to /etc/banger/auth.json"
+                        )
+                    } else {
+                        "the credentials given were refused; check them".to_owned()
+                    };
+                    return Error::failed(
+                        format!(
+                            "Registry {host} refused access to {} (401 Unauthorized): {how}",
+                            r.whole()
+                        ),
+                        e,
+                    );
+                }
+                Error::failed(format!("Cannot fetch the manifest of {}", r.whole()), e)
+            })
     }
 
     /// Makes sure `desc`'s blob is in the cache, fetching it when missing; calls `progress`
