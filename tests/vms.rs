@@ -1600,3 +1600,196 @@ async fn an_init_less_image_boots_by_its_reference_alone_with_banger_init_as_its
     let out = bus.banger_as(None, &["vm", "delete", "m1"]);
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// Runs a tool of the test's fixtures, failing the test with its words when it fails.
+fn tool(program: &str, args: &[&str]) {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Real images from tools no one here wrote, pushed with skopeo, pulled by reference and
+/// booted: a Debian minbase tree made by debootstrap (no init, as Docker's `debian` image),
+/// packed as an OCI layer by umoci, and a umoci image whose second layer deletes files (the
+/// whiteouts umoci's own diff writes).
+#[tokio::test(flavor = "multi_thread")]
+async fn debootstrap_and_umoci_images_boot_by_reference() {
+    if !available(TOOLS) || !available(&["debootstrap", "umoci"]) {
+        return;
+    }
+    let Some((vmlinuz, modules, _)) = debian_kernel() else {
+        return;
+    };
+    if guest_bins().is_none() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let w = |p: &str| work.path().join(p).to_string_lossy().into_owned();
+
+    // Debian minbase from the host's own mirror and suite.
+    let mirror = banger::images::host_mirror().unwrap();
+    let suite = std::fs::read_to_string("/etc/os-release")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME=").map(str::to_owned))
+        .unwrap_or_else(|| "bookworm".into());
+    tool(
+        "debootstrap",
+        &["--variant=minbase", &suite, &w("debian"), &mirror],
+    );
+    assert!(
+        !work.path().join("debian/sbin/init").exists(),
+        "minbase has no init"
+    );
+    tool("umoci", &["init", "--layout", &w("layout")]);
+    tool(
+        "umoci",
+        &["new", "--image", &format!("{}:minbase", w("layout"))],
+    );
+    tool(
+        "umoci",
+        &[
+            "unpack",
+            "--image",
+            &format!("{}:minbase", w("layout")),
+            &w("b1"),
+        ],
+    );
+    tool(
+        "sh",
+        &[
+            "-c",
+            &format!("cp -a {}/. {}/rootfs/", w("debian"), w("b1")),
+        ],
+    );
+    tool(
+        "umoci",
+        &[
+            "repack",
+            "--image",
+            &format!("{}:minbase", w("layout")),
+            &w("b1"),
+        ],
+    );
+
+    // Two layers, the second a real diff that deletes a file and a directory.
+    let busybox = "/bin/busybox";
+    tool(
+        "umoci",
+        &["new", "--image", &format!("{}:layered", w("layout"))],
+    );
+    tool(
+        "umoci",
+        &[
+            "unpack",
+            "--image",
+            &format!("{}:layered", w("layout")),
+            &w("b2"),
+        ],
+    );
+    tool(
+        "sh",
+        &["-c", &format!(
+            "set -e; r={}/rootfs; mkdir -p $r/bin $r/etc/old.d $r/srv; cp {busybox} $r/bin/busybox; \
+             for a in sh cat ls echo; do ln -s busybox $r/bin/$a; done; \
+             echo stays > $r/srv/kept; echo goes > $r/srv/gone; echo x > $r/etc/old.d/conf",
+            w("b2")
+        )],
+    );
+    tool(
+        "umoci",
+        &[
+            "repack",
+            "--image",
+            &format!("{}:layered", w("layout")),
+            &w("b2"),
+        ],
+    );
+    // Unpacked afresh, changed, repacked: umoci's diff against the unpack is the new layer.
+    let layered_ref = format!("{}:layered", w("layout"));
+    tool("umoci", &["unpack", "--image", &layered_ref, &w("b3")]);
+    tool(
+        "sh",
+        &[
+            "-c",
+            &format!("rm -r {0}/rootfs/srv/gone {0}/rootfs/etc/old.d", w("b3")),
+        ],
+    );
+    tool("umoci", &["repack", "--image", &layered_ref, &w("b3")]);
+    let stat = Command::new("umoci")
+        .args(["stat", "--json", "--image", &layered_ref])
+        .output()
+        .unwrap();
+    let history: serde_json::Value = serde_json::from_slice(&stat.stdout).unwrap();
+    let layers = history["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| !h["empty_layer"].as_bool().unwrap_or(false))
+        .count();
+    assert_eq!(layers, 2, "two layers: {history}");
+
+    let state = tempfile::tempdir().unwrap();
+    {
+        let prep = TestBus::start(BusOptions {
+            state_dir: Some(state.path().to_owned()),
+            ..Default::default()
+        });
+        let conn = prep.connect().await;
+        import_kernel(&conn, "test", &vmlinuz, &modules).await;
+    }
+    let bus = TestBus::start(BusOptions {
+        extra_config: "accel = \"tcg\"\nboot_timeout_sec = 240\ndefault_kernel = \"test\"\n".into(),
+        netns: true,
+        state_dir: Some(state.path().to_owned()),
+        ..Default::default()
+    });
+    let registry = TestRegistry::start_in_netns(bus.netns_pid());
+    let layout = work.path().join("layout");
+    let debian = registry.push(&layout, "minbase", "debian/minbase", &[]);
+    let layered = registry.push(&layout, "layered", "umoci/layered", &[]);
+    // Both pull and boot at once.
+    let create = |name: &str, image: &str| {
+        bus.banger_as(
+            None,
+            &[
+                "vm", "create", name, "--image", image, "--memory", "512", "--vcpus", "1",
+            ],
+        )
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| create("deb", &debian));
+        let b = s.spawn(|| create("lay", &layered));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for out in [&a, &b] {
+        assert!(out.status.success(), "{}", text(out));
+    }
+    let exec = |vm: &str, cmd: &str| {
+        let out = bus.banger_as(None, &["vm", "exec", vm, "--", "sh", "-c", cmd]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            text(&out),
+        )
+    };
+    let (ok, stdout, all) = exec(
+        "deb",
+        "apt-get --version | head -1; cat /etc/debian_version",
+    );
+    assert!(ok && stdout.starts_with("apt "), "{all}");
+    let (ok, stdout, all) = exec("lay", "cat /srv/kept; ls /srv /etc");
+    assert!(ok, "{all}");
+    assert!(stdout.starts_with("stays\n"), "{stdout}");
+    assert!(
+        !stdout.contains("gone") && !stdout.contains("old.d"),
+        "{stdout}"
+    );
+    for vm in ["deb", "lay"] {
+        let out = bus.banger_as(None, &["vm", "delete", "--force", vm]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+}
