@@ -1323,17 +1323,15 @@ fn jobs_of_kind(bus: &TestBus, kind: &str) -> usize {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_init_less_image_boots_by_its_reference_alone_with_banger_init_as_its_init() {
-    if !available(TOOLS) {
-        return;
+/// A state directory with the Debian kernel imported as `test`, and the daemon's bus over it
+/// in a network namespace of its own (TCG, `test` the default kernel); None when the tools,
+/// kernel or guest binaries are missing (a failure under BANGER_REQUIRE_INTEGRATION).
+async fn kernel_ready_bus(extra: &[&str]) -> Option<(tempfile::TempDir, TestBus)> {
+    if !available(TOOLS) || !available(extra) {
+        return None;
     }
-    let Some((vmlinuz, modules, _)) = debian_kernel() else {
-        return;
-    };
-    if guest_bins().is_none() {
-        return;
-    }
+    let (vmlinuz, modules, _) = debian_kernel()?;
+    guest_bins()?;
     let state = tempfile::tempdir().unwrap();
     {
         let prep = TestBus::start(BusOptions {
@@ -1349,6 +1347,14 @@ async fn an_init_less_image_boots_by_its_reference_alone_with_banger_init_as_its
         state_dir: Some(state.path().to_owned()),
         ..Default::default()
     });
+    Some((state, bus))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_init_less_image_boots_by_its_reference_alone_with_banger_init_as_its_init() {
+    let Some((_state, bus)) = kernel_ready_bus(&[]).await else {
+        return;
+    };
     let conn = bus.connect().await;
     // The registry serves on the daemon's own loopback: pulled by reference alone.
     let registry = TestRegistry::start_in_netns(bus.netns_pid());
@@ -1617,15 +1623,9 @@ fn tool(program: &str, args: &[&str]) {
 /// whiteouts umoci's own diff writes).
 #[tokio::test(flavor = "multi_thread")]
 async fn debootstrap_and_umoci_images_boot_by_reference() {
-    if !available(TOOLS) || !available(&["debootstrap", "umoci"]) {
-        return;
-    }
-    let Some((vmlinuz, modules, _)) = debian_kernel() else {
+    let Some((_state, bus)) = kernel_ready_bus(&["debootstrap", "umoci"]).await else {
         return;
     };
-    if guest_bins().is_none() {
-        return;
-    }
     let work = tempfile::tempdir().unwrap();
     let w = |p: &str| work.path().join(p).to_string_lossy().into_owned();
 
@@ -1732,21 +1732,6 @@ async fn debootstrap_and_umoci_images_boot_by_reference() {
         .count();
     assert_eq!(layers, 2, "two layers: {history}");
 
-    let state = tempfile::tempdir().unwrap();
-    {
-        let prep = TestBus::start(BusOptions {
-            state_dir: Some(state.path().to_owned()),
-            ..Default::default()
-        });
-        let conn = prep.connect().await;
-        import_kernel(&conn, "test", &vmlinuz, &modules).await;
-    }
-    let bus = TestBus::start(BusOptions {
-        extra_config: "accel = \"tcg\"\nboot_timeout_sec = 240\ndefault_kernel = \"test\"\n".into(),
-        netns: true,
-        state_dir: Some(state.path().to_owned()),
-        ..Default::default()
-    });
     let registry = TestRegistry::start_in_netns(bus.netns_pid());
     let layout = work.path().join("layout");
     let debian = registry.push(&layout, "minbase", "debian/minbase", &[]);

@@ -392,36 +392,25 @@ impl Vmm for Firecracker {
         let writable = [run.as_path(), vm_dir];
         let limits = super::process::UnitLimits::vmm(spec.vcpus, spec.memory_mib);
         // Firecracker writes the guest's serial console to its standard output.
-        let spawned = match &jailed {
-            Some((jailer, args, _, _)) => {
-                let argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-                super::process::spawn_jailer(&super::process::Detached {
-                    pidfile: &pidfile(run),
-                    unit: &super::scope::vm_unit(&spec.id),
-                    program: jailer,
-                    args: &argv,
-                    log: &spec.console_log,
-                    limits,
-                    writable: &writable,
-                    jail: &spec.jail,
-                    tap: None,
-                })
-                .await
-            }
-            None => {
-                spawn_detached(&super::process::Detached {
-                    pidfile: &pidfile(run),
-                    unit: &super::scope::vm_unit(&spec.id),
-                    program: &bin,
-                    args: &plain_args,
-                    log: &spec.console_log,
-                    limits,
-                    writable: &writable,
-                    jail: &spec.jail,
-                    tap: None,
-                })
-                .await
-            }
+        let (program, argv): (&Path, Vec<&std::ffi::OsStr>) = match &jailed {
+            Some((jailer, args, _, _)) => (jailer, args.iter().map(|a| a.as_os_str()).collect()),
+            None => (&bin, plain_args),
+        };
+        let detached = super::process::Detached {
+            pidfile: &pidfile(run),
+            unit: &super::scope::vm_unit(&spec.id),
+            program,
+            args: &argv,
+            log: &spec.console_log,
+            limits,
+            writable: &writable,
+            jail: &spec.jail,
+            tap: None,
+        };
+        let spawned = if jailed.is_some() {
+            super::process::spawn_jailer(&detached).await
+        } else {
+            spawn_detached(&detached).await
         };
         if let Err(e) = spawned {
             self.kill(run).await?;
