@@ -138,9 +138,41 @@ async fn jobs_emit_their_signals_in_order_and_cancel_is_authorised() {
         (listed[0].0, listed[0].1.as_str(), listed[0].2.as_str()),
         (job.id, "test", "gated")
     );
+    // The CLI covers the same: job list, job show, and job watch, which follows the job to
+    // its end (ready once it says so on stderr).
+    let json_of = |args: &[&str]| -> serde_json::Value {
+        let out = bus.banger_as(None, args);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)))
+    };
+    let id = job.id.to_string();
+    assert_eq!(json_of(&["--json", "job", "list"])[0]["target"], "gated");
+    let shown = json_of(&["--json", "job", "show", &id]);
+    assert_eq!(
+        (shown["Stage"].as_str(), shown["Progress"].as_f64()),
+        (Some("one"), Some(0.25)),
+        "{shown}"
+    );
+    let mut watcher = bus
+        .banger_command(None, &["job", "watch", &id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut watch_err = std::io::BufReader::new(watcher.stderr.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut watch_err, &mut first).unwrap();
+    assert!(
+        first.starts_with(&format!("Following job {id} (test gated)")),
+        "{first}"
+    );
+    let out = bus.banger_as(None, &["job", "show", "999999"]);
+    assert!(
+        text(&out).contains("No running job 999999"),
+        "{}",
+        text(&out)
+    );
 
     // A stranger may not cancel it, by either method.
-    let id = job.id.to_string();
     let out = text(&bus.gdbus_as(
         Some(USER_NO),
         true,
@@ -172,19 +204,18 @@ async fn jobs_emit_their_signals_in_order_and_cancel_is_authorised() {
             job.id
         )
     );
+    let status = watcher.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut watch_err, &mut rest).unwrap();
+    assert!(status.success(), "{rest}");
+    assert!(rest.contains("==> Second stage"), "{rest}");
 
     // A member of the banger group cancels a job that would never end.
     let stuck = banger.jobs.spawn(spec("stuck"), |_| std::future::pending());
     let stuck_path = format!("/org/banger/job/{}", stuck.id);
     assert_eq!(next_signal(&mut signals).await.0, "JobNew");
-    // The object exists as soon as JobNew is out.
-    let out = bus.gdbus_as(
-        Some(USER_OK),
-        true,
-        &stuck_path,
-        "org.banger.Job1.Cancel",
-        &[],
-    );
+    // The object exists as soon as JobNew is out; the CLI cancels it.
+    let out = bus.banger_as(Some(USER_OK), &["job", "cancel", &stuck.id.to_string()]);
     assert!(out.status.success(), "{}", text(&out));
     let (member, body) = next_signal(&mut signals).await;
     assert_eq!(member, "JobRemoved");

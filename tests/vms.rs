@@ -497,6 +497,11 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
         (Some("running"), Some(3)),
         "{v}"
     );
+    // Users think in image names: vm show and vm list give it beside the id.
+    assert_eq!(v["ImageName"], "tiny", "{v}");
+    let out = bus.banger_as(Some(USER_NO), &["--json", "vm", "list"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["image_name"], "tiny", "{list}");
     let out = bus.banger_as(
         Some(USER_OK),
         &["vm", "exec", "t1", "--", "cat", "/root/marker"],

@@ -4,6 +4,7 @@ mod assets;
 mod doctor;
 mod files;
 mod image;
+mod job;
 mod kernel;
 mod output;
 mod status;
@@ -40,6 +41,9 @@ pub enum Command {
     /// Manage VMs.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Follow, inspect and cancel long operations.
+    #[command(subcommand)]
+    Job(job::JobCommand),
     /// Check that this host can run banger, and say what to install.
     Doctor,
     /// Write the man pages and shell completions into DIR (packaging).
@@ -105,5 +109,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Image(c) => image::run(&out, &connect().await?, c).await,
         Command::Kernel(c) => kernel::run(&out, &connect().await?, c).await,
         Command::Vm(c) => vm::run(&out, &connect().await?, c).await,
+        Command::Job(c) => job::run(&out, &connect().await?, c).await,
     }
 }

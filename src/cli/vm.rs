@@ -176,6 +176,19 @@ impl VmSpec {
     }
 }
 
+/// Image names by id (empty when the images cannot be listed).
+async fn image_names(conn: &zbus::Connection) -> std::collections::HashMap<String, String> {
+    let Ok(p) = crate::dbus::proxy::Images1Proxy::new(conn).await else {
+        return Default::default();
+    };
+    p.list_images()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(id, name, ..)| (id, name))
+        .collect()
+}
+
 /// An object's properties `keys` of interface `iface`, as JSON fields (strings, numbers and
 /// string lists; null for others), with the whole property map.
 pub async fn object_fields(
@@ -209,6 +222,8 @@ pub async fn object_fields(
                 _ => {
                     if let Ok(b) = bool::try_from(&**v) {
                         json!(b)
+                    } else if let Ok(f) = f64::try_from(&**v) {
+                        json!(f)
                     } else if let Ok(list) = <Vec<String>>::try_from(v.try_clone()?) {
                         json!(list)
                     } else if let Ok(list) = <Vec<u16>>::try_from(v.try_clone()?) {
@@ -387,6 +402,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
     match cmd {
         VmCommand::List => {
             let rows = p.list_vms().await.map_err(explain)?;
+            let names = image_names(conn).await;
             let rows = rows
                 .into_iter()
                 .map(|(id, name, state, image, path)| {
@@ -394,14 +410,15 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                         json!(name),
                         json!(id),
                         json!(state),
+                        json!(names.get(&image).cloned().unwrap_or_default()),
                         json!(image),
                         json!(path.as_str()),
                     ]
                 })
                 .collect();
             out.table(
-                &["NAME", "ID", "STATE", "IMAGE", "OBJECT"],
-                &["name", "id", "state", "image", "path"],
+                &["NAME", "ID", "STATE", "IMAGE", "IMAGE ID", "OBJECT"],
+                &["name", "id", "state", "image_name", "image", "path"],
                 rows,
             );
         }
@@ -551,6 +568,23 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                 ],
             )
             .await?;
+            // The image by name as well as by id.
+            let image = all
+                .get("Image")
+                .and_then(|v| <&str>::try_from(&**v).ok())
+                .unwrap_or_default()
+                .to_owned();
+            fields.insert(
+                5,
+                (
+                    "ImageName",
+                    json!(image_names(conn)
+                        .await
+                        .get(&image)
+                        .cloned()
+                        .unwrap_or_default()),
+                ),
+            );
             // The walls the VM lives behind, in words.
             let network = all
                 .get("Network")

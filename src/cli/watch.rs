@@ -3,7 +3,7 @@
 //! ends at once is seen.
 
 use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 
 use anyhow::bail;
 use futures_util::StreamExt;
@@ -27,19 +27,27 @@ pub async fn subscribe(conn: &zbus::Connection) -> anyhow::Result<JobWatch> {
     ))
 }
 
-fn bar(progress: f64, stage: &str) -> String {
-    let progress = if progress.is_nan() {
+/// The progress bar on a terminal (indicatif, drawn on stderr): stage lines and warnings
+/// are printed above it.
+fn progress_bar() -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::with_draw_target(
+        Some(1000),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template("[{bar:30}] {percent:>3}% {msg}") {
+        pb.set_style(style.progress_chars("#>."));
+    }
+    pb
+}
+
+/// Progress (0..=1, NaN as 0) as the bar's position out of 1000.
+fn position(progress: f64) -> u64 {
+    let p = if progress.is_nan() {
         0.0
     } else {
         progress.clamp(0.0, 1.0)
     };
-    let filled = (progress * 30.0).round() as usize;
-    format!(
-        "\r[{}{}] {:>3.0}% {stage:<16}",
-        "#".repeat(filled),
-        ".".repeat(30 - filled),
-        progress * 100.0
-    )
+    (p * 1000.0).round() as u64
 }
 
 impl JobWatch {
@@ -51,8 +59,13 @@ impl JobWatch {
         path: &OwnedObjectPath,
     ) -> anyhow::Result<()> {
         let tty = !out.json && std::io::stderr().is_terminal();
-        let mut err = std::io::stderr();
-        let (mut stage, mut error) = (String::new(), String::new());
+        let bar = tty.then(progress_bar);
+        // A line above the bar (or plain on stderr without one).
+        let say = |line: String| match &bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        };
+        let mut error = String::new();
         let result = loop {
             let Some(msg) = self.0.next().await else {
                 bail!("The connection to the bus closed while job {id} ran")
@@ -65,18 +78,18 @@ impl JobWatch {
             let on_job = p.as_str() == path.as_str();
             match member.as_str() {
                 "StageChanged" if on_job => {
-                    let (s, text): (String, String) = msg.body().deserialize()?;
-                    stage = s;
+                    let (stage, text): (String, String) = msg.body().deserialize()?;
+                    if let Some(b) = &bar {
+                        b.set_message(stage);
+                    }
                     if !out.json {
-                        let _ = write!(err, "{}", if tty { "\r\x1b[K" } else { "" });
-                        let _ = writeln!(err, "==> {text}");
+                        say(format!("==> {text}"));
                     }
                 }
                 "LogMessage" if on_job => {
                     let (prio, line): (u32, String) = msg.body().deserialize()?;
                     if prio <= 4 && !out.json {
-                        let _ =
-                            writeln!(err, "{}warning: {line}", if tty { "\r\x1b[K" } else { "" });
+                        say(format!("warning: {line}"));
                     }
                 }
                 "PropertiesChanged" if on_job => {
@@ -92,9 +105,8 @@ impl JobWatch {
                         .get("Progress")
                         .and_then(|v| f64::try_from(v.clone()).ok())
                     {
-                        if tty {
-                            let _ = write!(err, "{}", bar(p, &stage));
-                            let _ = err.flush();
+                        if let Some(b) = &bar {
+                            b.set_position(position(p));
                         }
                     }
                 }
@@ -108,8 +120,8 @@ impl JobWatch {
                 _ => {}
             }
         };
-        if tty {
-            let _ = writeln!(err, "\r\x1b[K");
+        if let Some(b) = &bar {
+            b.finish_and_clear();
         }
         if out.json {
             out.object(vec![
@@ -132,8 +144,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_bar_fills_with_progress() {
-        assert!(bar(0.5, "fetch").contains("[###############...............]  50% fetch"));
-        assert!(bar(2.0, "x").contains("100%"));
+    fn progress_maps_onto_the_bar() {
+        assert_eq!(position(0.5), 500);
+        assert_eq!(position(2.0), 1000);
+        assert_eq!(position(f64::NAN), 0);
     }
 }

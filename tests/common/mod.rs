@@ -388,6 +388,11 @@ impl TestBus {
         self.command_as(user, "busctl", &all).output().unwrap()
     }
 
+    /// The `banger` CLI as `user`, to spawn.
+    pub fn banger_command(&self, user: Option<&str>, args: &[&str]) -> Command {
+        self.command_as(user, env!("CARGO_BIN_EXE_banger"), args)
+    }
+
     /// Runs the `banger` CLI as `user`.
     pub fn banger_as(&self, user: Option<&str>, args: &[&str]) -> Output {
         self.command_as(user, env!("CARGO_BIN_EXE_banger"), args)
