@@ -58,7 +58,6 @@ impl Image1 {
     fn size_bytes(&self) -> u64 {
         self.image.size_bytes
     }
-    /// TCP ports a VM of this image waits for (`wait_port_<n>` stages) before it is ready.
     /// The image's environment (`KEY=VALUE`), from its OCI configuration.
     #[zbus(property, name = "Env")]
     fn env(&self) -> Vec<String> {
@@ -89,6 +88,7 @@ impl Image1 {
         self.image.config.cmd.clone()
     }
 
+    /// TCP ports a VM of this image waits for (`wait_port_<n>` stages) before it is ready.
     #[zbus(property, name = "ReadyPorts")]
     fn ready_ports(&self) -> Vec<u16> {
         self.image.ready_ports.clone()

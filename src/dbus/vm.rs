@@ -152,13 +152,13 @@ impl Vm1 {
     fn network(&self) -> String {
         self.vm.network.as_str().to_owned()
     }
-    /// Where the VM may send (CIDR[:PORT]); empty: anywhere the host's walls allow.
     /// The main process's last exit status (CreateVM entrypoint); -1 when none is known.
     #[zbus(property, name = "ExitStatus")]
     fn exit_status(&self) -> i32 {
         self.vm.exit_status
     }
 
+    /// Where the VM may send (CIDR[:PORT]); empty: anywhere the host's walls allow.
     #[zbus(property(emits_changed_signal = "const"), name = "Egress")]
     fn egress(&self) -> Vec<String> {
         self.vm.egress.clone()
