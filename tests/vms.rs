@@ -51,7 +51,7 @@ fn vm_image_layers() -> Vec<Vec<u8>> {
     }
     for applet in [
         "sh", "cat", "echo", "sync", "sleep", "id", "uname", "true", "ping", "hostname", "ip",
-        "httpd", "df", "tail", "nc", "dd", "tr",
+        "httpd", "df", "tail", "nc", "dd", "tr", "tty",
     ] {
         l = l.link(&format!("bin/{applet}"), tar::EntryType::Symlink, "busybox");
     }
@@ -303,6 +303,47 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     assert!(text(&out).contains("Permission denied"), "{}", text(&out));
     let out = bus.banger_as(Some(USER_OK), &["vm", "logs", "t1"]);
     assert!(text(&out).contains("banger-init: root"), "{}", text(&out));
+
+    // A terminal through the agent, no SSH: vm exec -t runs on a PTY of its own, vm shell
+    // is a login shell where Ctrl-C reaches the guest's process and the exit status returns.
+    {
+        let t = Duration::from_secs(60);
+        let tty = PtyRun::start(
+            bus.banger_on_terminal(USER_OK, &["vm", "exec", "-t", "t1", "--", "tty"]),
+        );
+        tty.wait_for("/dev/pts/", t);
+        assert_eq!(tty.wait(), Some(0));
+        let mut sh = PtyRun::start(bus.banger_on_terminal(USER_OK, &["vm", "shell", "t1"]));
+        sh.type_keys("echo mark-$((6*7))\r");
+        sh.wait_for("mark-42", t);
+        sh.type_keys("echo started-$((2+2)); sleep 100\r");
+        sh.wait_for("started-4", t);
+        sh.type_keys("\x03");
+        sh.type_keys("echo after-$((1+1))\r");
+        sh.wait_for("after-2", t);
+        sh.type_keys("exit 3\r");
+        assert_eq!(sh.wait(), Some(3));
+
+        // vm run for a user with no SSH key ends in the agent's shell, never at a password
+        // prompt; --rm removes the VM after.
+        let home = tempfile::tempdir().unwrap();
+        let mut cmd = bus.banger_on_terminal(
+            USER_OK,
+            &[
+                "vm", "run", "r1", "--rm", "--image", "tiny", "--kernel", "test", "--vcpus", "1",
+                "--memory", "256",
+            ],
+        );
+        cmd.env("HOME", home.path());
+        let mut run = PtyRun::start(cmd);
+        run.wait_for("VM r1 is ready", Duration::from_secs(300));
+        run.type_keys("echo run-$((6*7))\r");
+        run.wait_for("run-42", t);
+        assert!(!run.output().contains("password"), "{}", run.output());
+        run.type_keys("exit\r");
+        assert_eq!(run.wait(), Some(0));
+        assert!(vms.get_vm("r1").await.is_err(), "--rm removed r1");
+    }
 
     // The VMM and its helpers run confined: no capability in any set, no new privileges,
     // and QEMU under its seccomp sandbox.

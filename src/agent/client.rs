@@ -91,9 +91,37 @@ pub async fn shutdown<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<()
 pub async fn exec<S, I, O, E>(
     s: S,
     what: super::ExecRequest,
+    stdin: I,
+    stdout: O,
+    stderr: E,
+) -> Result<i32>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    I: AsyncRead + Unpin,
+    O: AsyncWrite + Unpin,
+    E: AsyncWrite + Unpin,
+{
+    exec_with(s, what, stdin, stdout, stderr, None).await
+}
+
+/// Sends an `exec` request and reads the agent's answer: once this returns, the stream
+/// carries the command's frames (`VM1.OpenShell` hands such a stream out).
+pub async fn start<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    what: super::ExecRequest,
+) -> Result<()> {
+    request(s, &what.into()).await.map(|_| ())
+}
+
+/// [`exec`], with the terminal's new sizes (`rows`, `cols`) as they come, for a command on
+/// a terminal (`what.tty`).
+pub async fn exec_with<S, I, O, E>(
+    s: S,
+    what: super::ExecRequest,
     mut stdin: I,
     mut stdout: O,
     mut stderr: E,
+    mut resizes: Option<tokio::sync::mpsc::UnboundedReceiver<(u16, u16)>>,
 ) -> Result<i32>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -102,19 +130,40 @@ where
     E: AsyncWrite + Unpin,
 {
     let mut s = s;
-    request(&mut s, &what.into()).await?;
+    start(&mut s, what).await?;
     let (mut r, mut w) = tokio::io::split(s);
     let input = async {
         let mut buf = vec![0u8; frame::MAX];
+        let mut open = true;
         loop {
-            let n: usize = stdin.read(&mut buf).await.unwrap_or_default();
-            if w.write_all(&header(frame::STDIN, n)).await.is_err()
-                || w.write_all(&buf[..n]).await.is_err()
-            {
-                break;
-            }
-            if n == 0 {
-                break;
+            let resize = async {
+                match resizes.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                n = stdin.read(&mut buf), if open => {
+                    let n: usize = n.unwrap_or_default();
+                    if w.write_all(&header(frame::STDIN, n)).await.is_err()
+                        || w.write_all(&buf[..n]).await.is_err()
+                    {
+                        break;
+                    }
+                    open = n > 0;
+                }
+                size = resize => match size {
+                    Some((rows, cols)) => {
+                        let mut f = header(frame::RESIZE, 4).to_vec();
+                        f.extend(rows.to_be_bytes());
+                        f.extend(cols.to_be_bytes());
+                        if w.write_all(&f).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => resizes = None,
+                },
+                else => break,
             }
         }
         // Keep the write half open: closing it may end the connection before the exit frame.

@@ -26,6 +26,8 @@ pub mod frame {
     pub const STDERR: u8 = 2;
     /// Agent → client: the exit status (`i32` BE); the last frame.
     pub const EXIT: u8 = 3;
+    /// Client → agent, on a terminal: the window size, `rows u16 BE, cols u16 BE`.
+    pub const RESIZE: u8 = 4;
     /// Largest frame payload either side sends.
     pub const MAX: usize = 64 * 1024;
 }
@@ -52,7 +54,37 @@ pub enum Request {
         /// when absent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         user: Option<String>,
+        /// Run it on a terminal of its own (a PTY: its output comes as `STDOUT` frames,
+        /// `RESIZE` frames change its size); an empty `argv` is then the user's login shell.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tty: Option<Tty>,
     },
+}
+
+/// A terminal's size and type, for `exec` on a PTY.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tty {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+    /// `TERM`.
+    #[serde(default = "default_term")]
+    pub term: String,
+}
+
+fn default_term() -> String {
+    "xterm-256color".into()
+}
+
+impl Default for Tty {
+    fn default() -> Self {
+        Tty {
+            rows: 24,
+            cols: 80,
+            term: default_term(),
+        }
+    }
 }
 
 /// What to run with `exec`: the command and what may override the image's settings.
@@ -66,6 +98,8 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     /// User instead of the image's.
     pub user: Option<String>,
+    /// A terminal (PTY) for it.
+    pub tty: Option<Tty>,
 }
 
 impl ExecRequest {
@@ -85,6 +119,7 @@ impl From<ExecRequest> for Request {
             env: e.env,
             cwd: e.cwd,
             user: e.user,
+            tty: e.tty,
         }
     }
 }
@@ -157,6 +192,7 @@ mod tests {
             env: vec![],
             cwd: None,
             user: None,
+            tty: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.starts_with(r#"{"op":"exec""#), "{s}");

@@ -3,6 +3,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
@@ -140,7 +142,8 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             env,
             cwd,
             user,
-        } => exec(reader, writer, argv, env, cwd, user),
+            tty,
+        } => exec(reader, writer, argv, env, cwd, user, tty),
     }
 }
 
@@ -207,22 +210,95 @@ fn pump_output(mut from: impl Read, to: Arc<Mutex<std::fs::File>>, kind: u8) {
     }
 }
 
-fn exec(
+/// Reads the client's frames: `STDIN` (empty: end of input) to `stdin`, `RESIZE` to `resize`.
+fn pump_input(
     mut reader: BufReader<std::fs::File>,
+    mut stdin: Option<Box<dyn Write + Send>>,
+    resize: impl Fn(u16, u16),
+) {
+    let mut h = [0u8; 5];
+    let mut buf = vec![0u8; frame::MAX];
+    while reader.read_exact(&mut h).is_ok() {
+        let Some((kind, len)) = parse_header(h) else {
+            return;
+        };
+        if reader.read_exact(&mut buf[..len]).is_err() {
+            return;
+        }
+        match kind {
+            frame::STDIN if len == 0 => stdin = None,
+            frame::STDIN => {
+                if let Some(s) = stdin.as_mut() {
+                    if s.write_all(&buf[..len]).and_then(|_| s.flush()).is_err() {
+                        stdin = None;
+                    }
+                }
+            }
+            frame::RESIZE if len == 4 => resize(
+                u16::from_be_bytes([buf[0], buf[1]]),
+                u16::from_be_bytes([buf[2], buf[3]]),
+            ),
+            _ => {}
+        }
+    }
+}
+
+/// A pseudo-terminal pair: the master (the agent's side) and the slave (the command's).
+fn open_pty(rows: u16, cols: u16) -> std::io::Result<(std::fs::File, std::fs::File)> {
+    // SAFETY: posix_openpt returns a new descriptor or -1.
+    let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    if m < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor this function owns.
+    let master = unsafe { std::fs::File::from_raw_fd(m) };
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: grantpt/unlockpt take the master; ptsname_r writes at most name.len() bytes.
+    let ok = unsafe {
+        libc::grantpt(m) == 0
+            && libc::unlockpt(m) == 0
+            && libc::ptsname_r(m, name.as_mut_ptr(), name.len()) == 0
+    };
+    if !ok {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: ptsname_r NUL-terminated the name.
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(std::ffi::OsStr::from_bytes(path.to_bytes()))?;
+    set_size(&master, rows, cols);
+    Ok((master, slave))
+}
+
+/// Sets a terminal's window size (the kernel tells its foreground process group, SIGWINCH).
+fn set_size(master: &std::fs::File, rows: u16, cols: u16) {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize through the pointer, valid for the call.
+    unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+}
+
+fn exec(
+    reader: BufReader<std::fs::File>,
     writer: std::fs::File,
     argv: Vec<String>,
     env: Vec<String>,
     cwd: Option<String>,
     user: Option<String>,
+    tty: Option<super::Tty>,
 ) -> std::io::Result<()> {
     use crate::guestinit::runas;
     let writer = Arc::new(Mutex::new(writer));
     let refuse = |msg: String| {
         let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
         write_line(&mut *w, &Reply::error(msg))
-    };
-    let Some((prog, args)) = argv.split_first() else {
-        return refuse("exec needs a command".into());
     };
     // The image's Env, WorkingDir and User, unless the request says otherwise.
     let root = std::path::Path::new("/");
@@ -231,8 +307,21 @@ fn exec(
         Ok(w) => w,
         Err(e) => return refuse(e),
     };
+    // On a terminal, no command is the user's login shell.
+    let argv = if argv.is_empty() && tty.is_some() {
+        vec![who.shell.clone(), "-l".into()]
+    } else {
+        argv
+    };
+    let Some((prog, args)) = argv.split_first() else {
+        return refuse("exec needs a command".into());
+    };
     let cwd = runas::working_dir(cwd.as_deref(), &image.working_dir, &who);
-    let vars = runas::environment(&who, &image.env, &env);
+    let mut vars = runas::environment(&who, &image.env, &env);
+    if let Some(t) = &tty {
+        vars.retain(|(k, _)| k != "TERM");
+        vars.push(("TERM".into(), t.term.clone()));
+    }
     // The program is found on the process's own PATH (the image's, or the request's).
     let path = vars
         .iter()
@@ -248,23 +337,43 @@ fn exec(
             .unwrap_or_else(|| prog.clone())
     };
     let mut cmd = Command::new(&program);
-    cmd.args(args)
-        .current_dir(&cwd)
-        .env_clear()
-        .envs(vars)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if who.uid != 0 || who.gid != 0 {
+    cmd.args(args).current_dir(&cwd).env_clear().envs(vars);
+    let pty = match &tty {
+        Some(t) => match open_pty(t.rows, t.cols) {
+            Ok(p) => Some(p),
+            Err(e) => return refuse(format!("cannot open a terminal: {e}")),
+        },
+        None => None,
+    };
+    match &pty {
+        Some((_, slave)) => {
+            cmd.stdin(slave.try_clone()?)
+                .stdout(slave.try_clone()?)
+                .stderr(slave.try_clone()?);
+        }
+        None => {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+        }
+    }
+    {
         use std::os::unix::process::CommandExt;
         let (uid, gid, groups) = (who.uid, who.gid, who.groups.clone());
-        // SAFETY: between fork and exec only setgroups, setgid and setuid run, on memory
-        // prepared before the fork.
+        let on_tty = pty.is_some();
+        // SAFETY: between fork and exec only setsid, ioctl, setgroups, setgid and setuid
+        // run, on memory prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
+                // Its own session with the terminal as its controlling one: Ctrl-C from the
+                // client reaches its foreground process group.
+                if on_tty && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0) {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if (uid != 0 || gid != 0)
+                    && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                        || libc::setgid(gid) != 0
+                        || libc::setuid(uid) != 0)
                 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -280,43 +389,56 @@ fn exec(
         let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
         write_line(&mut *w, &Reply::ok())?;
     }
-    let mut stdin = child.stdin.take();
-    let out = child.stdout.take().map(|o| {
-        let w = writer.clone();
-        std::thread::spawn(move || pump_output(o, w, frame::STDOUT))
-    });
-    let err = child.stderr.take().map(|o| {
-        let w = writer.clone();
-        std::thread::spawn(move || pump_output(o, w, frame::STDERR))
-    });
+    type Input = Option<Box<dyn Write + Send>>;
+    let (out, err, stdin, resize_to, pty_done): (_, _, Input, _, _) = match pty {
+        Some((master, slave)) => {
+            // Only the command holds the terminal's other end now: its output ends with it.
+            drop(slave);
+            let m = master.try_clone()?;
+            let resize_to = master.try_clone()?;
+            let w = writer.clone();
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+            std::thread::spawn(move || {
+                pump_output(m, w, frame::STDOUT);
+                let _ = done_tx.send(());
+            });
+            (
+                None,
+                None,
+                Some(Box::new(master) as _),
+                Some(resize_to),
+                Some(done_rx),
+            )
+        }
+        None => {
+            let stdin = child.stdin.take().map(|s| Box::new(s) as _);
+            let out = child.stdout.take().map(|o| {
+                let w = writer.clone();
+                std::thread::spawn(move || pump_output(o, w, frame::STDOUT))
+            });
+            let err = child.stderr.take().map(|o| {
+                let w = writer.clone();
+                std::thread::spawn(move || pump_output(o, w, frame::STDERR))
+            });
+            (out, err, stdin, None, None)
+        }
+    };
     // Standard input runs on its own thread: the command may finish without reading it.
     std::thread::spawn(move || {
-        let mut h = [0u8; 5];
-        let mut buf = vec![0u8; frame::MAX];
-        while reader.read_exact(&mut h).is_ok() {
-            let Some((kind, len)) = parse_header(h) else {
-                return;
-            };
-            if reader.read_exact(&mut buf[..len]).is_err() {
-                return;
+        pump_input(reader, stdin, |r, c| {
+            if let Some(t) = &resize_to {
+                set_size(t, r, c)
             }
-            if kind != frame::STDIN {
-                continue;
-            }
-            if len == 0 {
-                stdin = None;
-                continue;
-            }
-            if let Some(s) = stdin.as_mut() {
-                if s.write_all(&buf[..len]).is_err() {
-                    stdin = None;
-                }
-            }
-        }
+        })
     });
     let status = child.wait()?;
     for t in [out, err].into_iter().flatten() {
         let _ = t.join();
+    }
+    // A terminal's output ends when its last holder closes it; a process the command left in
+    // the background may hold it on, so its output is waited for only briefly.
+    if let Some(done) = pty_done {
+        let _ = done.recv_timeout(std::time::Duration::from_millis(500));
     }
     use std::os::unix::process::ExitStatusExt;
     let code = status

@@ -8,6 +8,7 @@ mod job;
 mod kernel;
 mod output;
 mod status;
+mod term;
 mod vm;
 mod watch;
 

@@ -44,6 +44,10 @@ pub enum VmCommand {
         /// Delete the VM when the session or command ends.
         #[arg(long)]
         rm: bool,
+        /// Open a shell through the agent instead of SSH (the default when you have no SSH
+        /// key).
+        #[arg(long, conflicts_with = "entrypoint")]
+        shell: bool,
         /// Run this instead of a shell; exits with its status.
         #[arg(last = true)]
         command: Vec<String>,
@@ -107,6 +111,17 @@ pub enum VmCommand {
         workdir: Option<String>,
         /// User, group: name or number, e.g. app or 1000:1000 (default: the image's User,
         /// else root).
+        #[arg(long, short = 'u')]
+        user: Option<String>,
+        /// Run it on a terminal of its own (raw mode here: Ctrl-C reaches it).
+        #[arg(long, short = 't')]
+        tty: bool,
+    },
+    /// A login shell in a running VM through its agent, on a terminal of its own (no SSH).
+    Shell {
+        /// VM name or id.
+        name: String,
+        /// User (default: the image's User, else root).
         #[arg(long, short = 'u')]
         user: Option<String>,
     },
@@ -277,14 +292,25 @@ async fn exec_in(
     let s = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(fd));
     s.set_nonblocking(true)?;
     let s = tokio::net::UnixStream::from_std(s)?;
-    Ok(crate::agent::client::exec(
+    // On a terminal: raw mode for as long as the command runs, and its size as it changes.
+    let (raw, resizes) = match what.tty {
+        Some(_) => (
+            Some(super::term::RawMode::enter()),
+            Some(super::term::resizes()),
+        ),
+        None => (None, None),
+    };
+    let code = crate::agent::client::exec_with(
         s,
         what,
         tokio::io::stdin(),
         tokio::io::stdout(),
         tokio::io::stderr(),
+        resizes,
     )
-    .await?)
+    .await;
+    drop(raw);
+    Ok(code?)
 }
 
 /// The user's default public key: `~/.ssh/id_ed25519.pub`, `id_ecdsa.pub`, `id_rsa.pub`.
@@ -461,9 +487,12 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             name,
             spec,
             rm,
+            shell,
             command,
         } => {
             let name = name.unwrap_or_else(generated_name);
+            // SSH with a key, else the agent's shell: never a password prompt.
+            let shell = shell || (spec.ssh_key.is_none() && default_public_key().is_none());
             let mut entries = spec.entries()?;
             if spec.entrypoint && !command.is_empty() {
                 entries.push(("command", command.clone().into()));
@@ -480,6 +509,13 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                 Ok(()) if spec.entrypoint => main_process(conn, &p, &name).await,
                 Ok(()) if !command.is_empty() => {
                     exec_in(conn, &p, &name, crate::agent::ExecRequest::new(command)).await
+                }
+                Ok(()) if shell => {
+                    let what = crate::agent::ExecRequest {
+                        tty: Some(super::term::tty()),
+                        ..Default::default()
+                    };
+                    exec_in(conn, &p, &name, what).await
                 }
                 Ok(()) => {
                     let identity = spec.ssh_key.map(|k| k.with_extension(""));
@@ -608,15 +644,27 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             env,
             workdir,
             user,
+            tty,
         } => {
             let what = crate::agent::ExecRequest {
                 argv: command,
                 env,
                 cwd: workdir,
                 user,
+                tty: tty.then(super::term::tty),
             };
             let code = exec_in(conn, &p, &name, what).await?;
             // The blocking stdin reader would keep the runtime alive: leave at once.
+            let _ = tokio::io::stdout().flush().await;
+            std::process::exit(code);
+        }
+        VmCommand::Shell { name, user } => {
+            let what = crate::agent::ExecRequest {
+                user,
+                tty: Some(super::term::tty()),
+                ..Default::default()
+            };
+            let code = exec_in(conn, &p, &name, what).await?;
             let _ = tokio::io::stdout().flush().await;
             std::process::exit(code);
         }

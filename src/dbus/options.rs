@@ -84,6 +84,11 @@ impl Options {
         self.take::<bool>(key, "b")
     }
 
+    /// A `q` option.
+    pub fn u16(&mut self, key: &str) -> Result<Option<u16>> {
+        self.take::<u16>(key, "q")
+    }
+
     /// A `u` option.
     pub fn u32(&mut self, key: &str) -> Result<Option<u32>> {
         self.take::<u32>(key, "u")

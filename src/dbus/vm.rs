@@ -63,6 +63,43 @@ impl Vm1 {
         Ok(std::os::fd::OwnedFd::from(s).into())
     }
 
+    /// A stream to a shell on a terminal of its own in the running VM, through its agent:
+    /// the agent's frames follow (see the README's agent protocol: `STDIN`, `RESIZE` in;
+    /// `STDOUT`, `EXIT` out). Options: rows q, cols q (the terminal's size, 24×80), term s
+    /// (`TERM`), user s (else the image's User), command as (else the user's login shell).
+    /// Needs the same authorization as Stop.
+    #[zbus(name = "OpenShell")]
+    async fn open_shell(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        options: super::options::OptionMap,
+    ) -> Result<zbus::OwnedFd> {
+        let mut o = super::options::Options::new("OpenShell", options);
+        let d = crate::agent::Tty::default();
+        let tty = crate::agent::Tty {
+            rows: o.u16("rows")?.unwrap_or(d.rows),
+            cols: o.u16("cols")?.unwrap_or(d.cols),
+            term: o.string("term")?.unwrap_or(d.term),
+        };
+        let what = crate::agent::ExecRequest {
+            argv: o.strings("command")?.unwrap_or_default(),
+            user: o.string("user")?,
+            tty: Some(tty),
+            ..Default::default()
+        };
+        o.finish()?;
+        let (_, vm) = vms::authorize_vm(&self.ctx, conn, &hdr, &self.vm.id).await?;
+        let mut s = self.ctx.banger.vms.open_agent(&vm).await?;
+        crate::agent::client::start(&mut s, what).await?;
+        let s = s
+            .into_std()
+            .map_err(|e| crate::Error::failed("Cannot hand out the stream", e))?;
+        s.set_nonblocking(false)
+            .map_err(|e| crate::Error::failed("Cannot hand out the stream", e))?;
+        Ok(std::os::fd::OwnedFd::from(s).into())
+    }
+
     /// A read-only descriptor of the serial console log of the VM's last boot, for
     /// `banger vm logs`. Needs the same authorization as Stop.
     #[zbus(name = "OpenConsole")]

@@ -28,6 +28,8 @@ pub struct Identity {
     pub groups: Vec<u32>,
     /// Home directory.
     pub home: String,
+    /// Login shell (`/bin/sh` when the image names none).
+    pub shell: String,
 }
 
 /// `/etc/passwd`- or `/etc/group`-style entries: `(name, id, fields)`.
@@ -67,6 +69,11 @@ pub fn resolve_user(spec: &str, root: &Path) -> Result<Identity, String> {
                 .filter(|h| !h.is_empty())
                 .unwrap_or(&"/")
                 .to_string(),
+            shell: f
+                .get(6)
+                .filter(|s| !s.is_empty() && root.join(s.trim_start_matches('/')).exists())
+                .unwrap_or(&"/bin/sh")
+                .to_string(),
         },
         (None, Ok(uid)) => Identity {
             name: uid.to_string(),
@@ -74,6 +81,7 @@ pub fn resolve_user(spec: &str, root: &Path) -> Result<Identity, String> {
             gid: 0,
             groups: Vec::new(),
             home: "/".into(),
+            shell: "/bin/sh".into(),
         },
         (None, Err(_)) if user == "root" => Identity {
             name: "root".into(),
@@ -81,6 +89,7 @@ pub fn resolve_user(spec: &str, root: &Path) -> Result<Identity, String> {
             gid: 0,
             groups: Vec::new(),
             home: "/root".into(),
+            shell: "/bin/sh".into(),
         },
         (None, Err(_)) => {
             return Err(format!(

@@ -388,6 +388,16 @@ impl TestBus {
         self.command_as(user, "busctl", &all).output().unwrap()
     }
 
+    /// The `banger` CLI as `user`, in the caller's process group (for a terminal of the
+    /// test's: `timeout` would put it in a background group, which may not read the tty).
+    pub fn banger_on_terminal(&self, user: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("runuser");
+        c.args(["-u", user, "--", env!("CARGO_BIN_EXE_banger")])
+            .args(args)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address);
+        c
+    }
+
     /// The `banger` CLI as `user`, to spawn.
     pub fn banger_command(&self, user: Option<&str>, args: &[&str]) -> Command {
         self.command_as(user, env!("CARGO_BIN_EXE_banger"), args)
@@ -645,4 +655,109 @@ pub async fn job_result(bus: &TestBus, id: u32) -> (String, String) {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     panic!("job {id} did not end within 10 minutes");
+}
+
+/// A program on a pseudo-terminal the test holds the other end of, as a person at a
+/// terminal runs it: what it writes is collected, keys are written to it.
+pub struct PtyRun {
+    /// The program.
+    pub child: std::process::Child,
+    master: std::fs::File,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl PtyRun {
+    /// Starts `cmd` with a new terminal as its stdin, stdout, stderr and controlling terminal.
+    pub fn start(mut cmd: Command) -> PtyRun {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        use std::os::unix::process::CommandExt;
+        // SAFETY: posix_openpt returns a new descriptor or -1.
+        let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+        assert!(m >= 0);
+        // SAFETY: a new descriptor this function owns.
+        let master = unsafe { std::fs::File::from_raw_fd(m) };
+        let mut name = [0 as libc::c_char; 128];
+        // SAFETY: the master descriptor; ptsname_r writes at most name.len() bytes.
+        unsafe {
+            assert_eq!(libc::grantpt(m), 0);
+            assert_eq!(libc::unlockpt(m), 0);
+            assert_eq!(libc::ptsname_r(m, name.as_mut_ptr(), name.len()), 0);
+        }
+        // SAFETY: ptsname_r NUL-terminated it.
+        let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let ws = libc::winsize {
+            ws_row: 40,
+            ws_col: 120,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize.
+        unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+        cmd.stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave);
+        // SAFETY: setsid and ioctl only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                libc::ioctl(0, libc::TIOCSCTTY, 0);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (mut r, s) = (master.try_clone().unwrap(), seen.clone());
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                s.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        PtyRun {
+            child,
+            master,
+            seen,
+        }
+    }
+
+    /// Types `keys`.
+    pub fn type_keys(&mut self, keys: &str) {
+        use std::io::Write;
+        self.master.write_all(keys.as_bytes()).unwrap();
+    }
+
+    /// Everything written so far.
+    pub fn output(&self) -> String {
+        String::from_utf8_lossy(&self.seen.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the output holds `text` (panics with the output after `limit`: the
+    /// program never wrote it).
+    pub fn wait_for(&self, text: &str, limit: std::time::Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        while !self.output().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{text:?} never came; the terminal shows:\n{}",
+                self.output()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the program's exit status.
+    pub fn wait(mut self) -> Option<i32> {
+        self.child.wait().unwrap().code()
+    }
 }
