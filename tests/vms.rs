@@ -345,6 +345,71 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
         assert!(vms.get_vm("r1").await.is_err(), "--rm removed r1");
     }
 
+    // Files in and out through the agent: a 20 MB random file and a tree with modes and a
+    // link come back byte-identical; the host side is the user's own.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (d, uid) = (dir.path(), uid_of(USER_OK));
+        let mut big = vec![0u8; 20 << 20];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut big)
+            .unwrap();
+        std::fs::write(d.join("big.bin"), &big).unwrap();
+        std::fs::create_dir_all(d.join("tree/sub")).unwrap();
+        std::fs::write(d.join("tree/sub/run.sh"), b"echo tree-ok\n").unwrap();
+        std::fs::set_permissions(
+            d.join("tree/sub/run.sh"),
+            std::fs::Permissions::from_mode(0o751),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("sub/run.sh", d.join("tree/link")).unwrap();
+        for p in [
+            d.to_owned(),
+            d.join("big.bin"),
+            d.join("tree"),
+            d.join("tree/sub"),
+            d.join("tree/sub/run.sh"),
+        ] {
+            std::os::unix::fs::chown(&p, Some(uid), None).unwrap();
+        }
+        std::os::unix::fs::lchown(d.join("tree/link"), Some(uid), None).unwrap();
+        let cp = |a: &str, b: &str| {
+            let out = bus.banger_as(Some(USER_OK), &["vm", "cp", a, b]);
+            assert!(out.status.success(), "cp {a} {b}: {}", text(&out));
+        };
+        let host = |p: &str| d.join(p).to_string_lossy().into_owned();
+        cp(&host("big.bin"), "t1:/tmp/");
+        cp(&host("tree"), "t1:/root/tree");
+        let out = bus.banger_as(
+            Some(USER_OK),
+            &["vm", "exec", "t1", "--", "sh", "/root/tree/link"],
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "tree-ok\n",
+            "{}",
+            text(&out)
+        );
+        cp("t1:/tmp/big.bin", &host("back.bin"));
+        cp("t1:/root/tree", &host("back-tree"));
+        assert!(
+            std::fs::read(d.join("back.bin")).unwrap() == big,
+            "20 MB byte-identical"
+        );
+        let m = std::fs::metadata(d.join("back-tree/sub/run.sh")).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o751);
+        assert_eq!(
+            std::fs::read_link(d.join("back-tree/link")).unwrap(),
+            std::path::Path::new("sub/run.sh")
+        );
+        let out = bus.banger_as(Some(USER_OK), &["vm", "cp", "t1:/no/such", &host("x")]);
+        assert!(
+            !out.status.success() && text(&out).contains("/no/such"),
+            "{}",
+            text(&out)
+        );
+    }
+
     // The VMM and its helpers run confined: no capability in any set, no new privileges,
     // and QEMU under its seccomp sandbox.
     let mut confined = 0;

@@ -9,6 +9,7 @@
 //! a signal ended the command, as shells report it).
 
 pub mod client;
+pub mod files;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,21 @@ pub enum Request {
         /// `RESIZE` frames change its size); an empty `argv` is then the user's login shell.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tty: Option<Tty>,
+    },
+    /// Receive a file or tree (a tar stream in `STDIN` frames) at `path`: inside it, as
+    /// `name`, when it is a directory, else as `path` itself.
+    Put {
+        /// Guest destination.
+        path: String,
+        /// The copy's own name.
+        name: String,
+        /// Whether it is a directory tree.
+        dir: bool,
+    },
+    /// Send `path` (a file, tree or link) as a tar stream in `STDOUT` frames.
+    Get {
+        /// Guest source.
+        path: String,
     },
 }
 
@@ -148,6 +164,9 @@ pub struct Reply {
     /// The answer to `health`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
+    /// For `get`: whether the source is a directory tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<bool>,
 }
 
 impl Reply {
@@ -157,6 +176,7 @@ impl Reply {
             ok: true,
             error: String::new(),
             health: None,
+            dir: None,
         }
     }
     /// A refusal.
@@ -165,6 +185,7 @@ impl Reply {
             ok: false,
             error: e.into(),
             health: None,
+            dir: None,
         }
     }
 }

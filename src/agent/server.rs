@@ -144,7 +144,76 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             user,
             tty,
         } => exec(reader, writer, argv, env, cwd, user, tty),
+        Request::Put { path, name, dir } => put(reader, writer, &path, &name, dir),
+        Request::Get { path } => get(writer, &path),
     }
+}
+
+/// Ends a copy: `EXIT` 0, or a `STDERR` frame with the reason and `EXIT` 1.
+fn end_copy(writer: &mut std::fs::File, r: std::io::Result<()>, what: &str) -> std::io::Result<()> {
+    let mut w = super::files::FrameWriter::new(writer, frame::STDERR);
+    let code: i32 = match r {
+        Ok(()) => 0,
+        Err(e) => {
+            w.frame(frame::STDERR, format!("{what}: {e}").as_bytes())?;
+            1
+        }
+    };
+    w.frame(frame::EXIT, &code.to_be_bytes())
+}
+
+fn put(
+    reader: BufReader<std::fs::File>,
+    mut writer: std::fs::File,
+    path: &str,
+    name: &str,
+    dir: bool,
+) -> std::io::Result<()> {
+    use super::files;
+    if name.is_empty() || name.contains('/') || name == ".." {
+        return write_line(
+            &mut writer,
+            &Reply::error(format!("{name:?} is not a file name")),
+        );
+    }
+    let dest = std::path::Path::new(path);
+    let target = files::landing(dest, name);
+    if !target
+        .parent()
+        .is_some_and(|p| p.as_os_str().is_empty() || p.is_dir())
+    {
+        return write_line(
+            &mut writer,
+            &Reply::error(format!(
+                "{}: no such directory in the guest",
+                dest.display()
+            )),
+        );
+    }
+    write_line(&mut writer, &Reply::ok())?;
+    let mut input = files::FrameReader::new(reader, frame::STDIN);
+    let r = files::unpack(&mut input, &target, dir);
+    // Whatever is left of the stream is read, so the client is never blocked writing it.
+    let _ = std::io::copy(&mut input, &mut std::io::sink());
+    end_copy(&mut writer, r, &target.display().to_string())
+}
+
+fn get(mut writer: std::fs::File, path: &str) -> std::io::Result<()> {
+    use super::files;
+    let src = std::path::Path::new(path);
+    let meta = match std::fs::symlink_metadata(src) {
+        Ok(m) => m,
+        Err(e) => return write_line(&mut writer, &Reply::error(format!("{path}: {e}"))),
+    };
+    let mut reply = Reply::ok();
+    reply.dir = Some(meta.is_dir());
+    write_line(&mut writer, &reply)?;
+    let r = {
+        let mut out = files::FrameWriter::new(&mut writer, frame::STDOUT);
+        files::pack(src, &files::base_name(src), &mut out)
+            .and_then(|_| out.frame(frame::STDOUT, b""))
+    };
+    end_copy(&mut writer, r, path)
 }
 
 fn health() -> Health {

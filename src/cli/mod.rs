@@ -1,6 +1,7 @@
 //! The `banger` command line: a D-Bus client and nothing more. One file per noun.
 
 mod assets;
+mod cp;
 mod doctor;
 mod files;
 mod image;

@@ -117,6 +117,14 @@ pub enum VmCommand {
         #[arg(long, short = 't')]
         tty: bool,
     },
+    /// Copy files or directory trees in or out of a running VM through its agent: SRC VM:DST
+    /// or VM:SRC DST (modes, mtimes and symbolic links kept).
+    Cp {
+        /// Source: a host path or VM:PATH.
+        src: String,
+        /// Destination: a host path or VM:PATH (into it when it is a directory).
+        dst: String,
+    },
     /// A login shell in a running VM through its agent, on a terminal of its own (no SSH).
     Shell {
         /// VM name or id.
@@ -657,6 +665,25 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             // The blocking stdin reader would keep the runtime alive: leave at once.
             let _ = tokio::io::stdout().flush().await;
             std::process::exit(code);
+        }
+        VmCommand::Cp { src, dst } => {
+            use super::cp::{side, Side};
+            let (vm, job): (String, Box<dyn FnOnce(std::os::unix::net::UnixStream) -> anyhow::Result<()> + Send>) =
+                match (side(&src), side(&dst)) {
+                    (Side::Host(h), Side::Guest(vm, g)) => {
+                        (vm, Box::new(move |s| super::cp::copy_to(s, std::path::Path::new(&h), &g)))
+                    }
+                    (Side::Guest(vm, g), Side::Host(h)) => {
+                        (vm, Box::new(move |s| super::cp::copy_from(s, &g, std::path::Path::new(&h))))
+                    }
+                    _ => anyhow::bail!(
+                        "One side must be VM:PATH and the other a host path (write ./a:b for a host path with a colon)"
+                    ),
+                };
+            let proxy = vm_proxy(conn, &p, &vm).await?;
+            let fd = proxy.open_agent().await.map_err(explain)?;
+            let s = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(fd));
+            tokio::task::spawn_blocking(move || job(s)).await??;
         }
         VmCommand::Shell { name, user } => {
             let what = crate::agent::ExecRequest {
