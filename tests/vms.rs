@@ -1004,7 +1004,8 @@ async fn a_boot_that_fails_names_its_stage_keeps_the_console_and_leaves_nothing_
         ..Default::default()
     });
     let conn = bus.connect().await;
-    // An image whose root has no init: banger-init reports it and powers off.
+    // A VM created with an init its image does not have: banger-init reports it and powers
+    // off (an image with no init at all gets banger-init as its init instead).
     let rootfs = bus.dir.path().join("noinit.ext4");
     let empty = tempfile::tempdir().unwrap();
     std::fs::create_dir(empty.path().join("root")).unwrap();
@@ -1035,6 +1036,7 @@ async fn a_boot_that_fails_names_its_stage_keeps_the_console_and_leaves_nothing_
                 ("kernel", "test".into()),
                 ("vcpus", 1u32.into()),
                 ("memory_mib", 256u32.into()),
+                ("init", "/sbin/init".into()),
             ]),
         )
         .await

@@ -35,6 +35,9 @@ pub struct Cmdline {
     /// `banger.init=banger`: `banger-init` stays PID 1 whatever the image holds (it does
     /// anyway when the image has no `init`).
     pub stay_init: bool,
+    /// Whether `init=` named the init (then a missing one is an error, not banger-init's
+    /// cue to stay).
+    pub init_named: bool,
     /// `banger.main=1`: run the VM's main process (`/root/.banger/main.json`) and power off
     /// when it exits.
     pub main: bool,
@@ -50,13 +53,17 @@ pub fn parse_cmdline(s: &str) -> Cmdline {
         root_wait: 10,
         work: None,
         stay_init: false,
+        init_named: false,
         main: false,
     };
     for arg in s.split_whitespace() {
         match arg.split_once('=') {
             Some(("root", v)) => c.root = v.into(),
             Some(("rootfstype", v)) => c.fstype = v.into(),
-            Some(("init", v)) => c.init = v.into(),
+            Some(("init", v)) => {
+                c.init = v.into();
+                c.init_named = true;
+            }
             Some(("banger.rootwait", v)) => c.root_wait = v.parse().unwrap_or(c.root_wait),
             Some(("banger.work", v)) => c.work = Some(v.into()),
             Some(("banger.init", v)) => c.stay_init = v == "banger",
@@ -464,9 +471,16 @@ pub fn run() -> ! {
             say(&e);
         }
     }
-    // An image without an init (most container images) gets banger-init as its init.
-    let stay = cmdline.stay_init
-        || std::fs::symlink_metadata(format!("/newroot{}", cmdline.init)).is_err();
+    // An image without an init (most container images) gets banger-init as its init; an
+    // init the VM was created with that is not there is an error.
+    let missing = std::fs::symlink_metadata(format!("/newroot{}", cmdline.init)).is_err();
+    if missing && cmdline.init_named && !cmdline.stay_init {
+        fail(&format!(
+            "{} is not on the root filesystem {}",
+            cmdline.init, cmdline.root
+        ));
+    }
+    let stay = cmdline.stay_init || missing;
     base_mounts("/newroot");
     let (dot, slash) = (cstr("."), cstr("/"));
     if std::env::set_current_dir("/newroot").is_err() {
@@ -511,6 +525,9 @@ mod tests {
 
     #[test]
     fn cmdline_defaults_and_overrides() {
+        assert!(!parse_cmdline("quiet").init_named);
+        let c = parse_cmdline("init=/sbin/other banger.init=banger banger.main=1");
+        assert!(c.init_named && c.stay_init && c.main);
         let c = parse_cmdline("console=ttyS0 quiet");
         assert_eq!(
             (
