@@ -246,6 +246,8 @@ pub struct Vm {
     pub main: Vec<String>,
     /// The main process's last exit status; -1 when none is known.
     pub exit_status: i32,
+    /// Published ports, `ADDR:HOSTPORT:GUESTPORT`.
+    pub publish: Vec<String>,
 }
 
 /// A VM's place on the guest network.

@@ -51,6 +51,7 @@ fn vm(name: &str, image: &Image, owner: u32, cid: u32) -> Vm {
         init: String::new(),
         main: Vec::new(),
         exit_status: -1,
+        publish: Vec::new(),
     }
 }
 

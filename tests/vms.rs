@@ -220,8 +220,19 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     let out = bus.banger_as(
         Some(USER_OK),
         &[
-            "vm", "create", "t1", "--image", "tiny", "--kernel", "test", "--vcpus", "1",
-            "--memory", "256",
+            "vm",
+            "create",
+            "t1",
+            "--image",
+            "tiny",
+            "--kernel",
+            "test",
+            "--vcpus",
+            "1",
+            "--memory",
+            "256",
+            "--publish",
+            "18080:7070",
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
@@ -243,6 +254,7 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
             "wait_agent",
             "wait_ssh",
             "wait_port_8080",
+            "publish",
             "ready"
         ]
     );
@@ -409,6 +421,62 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
             text(&out)
         );
     }
+
+    // A published port reaches a guest service bound to the guest's own loopback, though
+    // t1's network is isolated; a second VM may not take the same host port.
+    let fetch = || {
+        let out = bus
+            .in_netns("bash")
+            .args([
+                "-c",
+                "exec 3<>/dev/tcp/127.0.0.1/18080 && printf 'GET /seeded HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &[
+            "vm",
+            "exec",
+            "t1",
+            "--",
+            "sh",
+            "-c",
+            // It forks into the background: its output must not hold the exec's pipes.
+            "httpd -p 127.0.0.1:7070 -h /root </dev/null >/dev/null 2>&1",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(fetch().contains("from the image"), "{}", fetch());
+    let out = bus.banger_as(Some(USER_OK), &["--json", "vm", "show", "t1"]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        shown["Published"],
+        serde_json::json!(["127.0.0.1:18080:7070"]),
+        "{shown}"
+    );
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &[
+            "vm",
+            "create",
+            "taken",
+            "--image",
+            "tiny",
+            "--kernel",
+            "test",
+            "--publish",
+            "18080:80",
+            "--no-start",
+        ],
+    );
+    assert!(
+        text(&out).contains("host port 18080 is VM t1's"),
+        "{}",
+        text(&out)
+    );
 
     // The VMM and its helpers run confined: no capability in any set, no new privileges,
     // and QEMU under its seccomp sandbox.
@@ -618,6 +686,8 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
         "{}",
         text(&out)
     );
+    // The published port outlived the daemon.
+    assert!(fetch().contains("from the image"), "{}", fetch());
 
     // Stop (through the agent), start again: /root survived.
     let out = bus.banger_as(Some(USER_OK), &["vm", "stop", "t1"]);
@@ -688,6 +758,21 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "--force", "t1"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(vm_processes(&bus).is_empty(), "{:?}", vm_processes(&bus));
+    assert!(
+        !fetch().contains("from the image"),
+        "the published port went with the VM"
+    );
+    let forwarders: Vec<i32> = processes_mentioning(&bus.runtime.to_string_lossy())
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains("port-forward"))
+        })
+        .collect();
+    assert!(
+        forwarders.is_empty(),
+        "the port forwarder went: {forwarders:?}"
+    );
     assert!(!bus.state_dir().join("vms").join(&vm_id).exists());
     assert!(vms.list_vms().await.unwrap().is_empty());
     assert_eq!(

@@ -75,6 +75,12 @@ pub enum Request {
         /// Guest source.
         path: String,
     },
+    /// Connect to the guest's own `127.0.0.1:port`; after the reply the stream carries that
+    /// connection's bytes both ways (published ports).
+    Connect {
+        /// The guest port.
+        port: u16,
+    },
 }
 
 /// A terminal's size and type, for `exec` on a PTY.

@@ -146,6 +146,20 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
         } => exec(reader, writer, argv, env, cwd, user, tty),
         Request::Put { path, name, dir } => put(reader, writer, &path, &name, dir),
         Request::Get { path } => get(writer, &path),
+        Request::Connect { port } => {
+            drop(reader);
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(tcp) => {
+                    write_line(&mut writer, &Reply::ok())?;
+                    crate::vms::publish::splice(writer, tcp);
+                    Ok(())
+                }
+                Err(e) => write_line(
+                    &mut writer,
+                    &Reply::error(format!("nothing answers on the guest's port {port}: {e}")),
+                ),
+            }
+        }
     }
 }
 

@@ -19,6 +19,14 @@ fn main() -> std::process::ExitCode {
     }
     if argv
         .get(1)
+        .is_some_and(|a| a == banger::vms::publish::FORWARD_ARG)
+    {
+        let e = banger::vms::publish::run_forwarder(&argv[2..]);
+        eprintln!("bangerd port-forward: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    if argv
+        .get(1)
         .is_some_and(|a| a == banger::vmm::console::LOGGER_ARG)
     {
         return console_logger(&argv[2..]);

@@ -176,6 +176,10 @@ pub struct VmSpec {
     /// after -- replaces Cmd); the VM powers off when it exits.
     #[arg(long)]
     entrypoint: bool,
+    /// Publish a guest TCP port on the host, [ADDR:]HOSTPORT:GUESTPORT (repeatable; ADDR
+    /// 127.0.0.1 by default).
+    #[arg(long, short = 'p', value_name = "[ADDR:]HOST:GUEST")]
+    publish: Vec<String>,
 }
 
 impl VmSpec {
@@ -195,6 +199,7 @@ impl VmSpec {
             .chain((!self.egress.is_empty()).then(|| ("egress", self.egress.clone().into())))
             .chain(self.init.clone().map(|i| ("init", i.into())))
             .chain(self.entrypoint.then(|| ("entrypoint", true.into())))
+            .chain((!self.publish.is_empty()).then(|| ("publish", self.publish.clone().into())))
             .collect())
     }
 }
@@ -607,6 +612,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                     "SSHHostKey",
                     "Network",
                     "Egress",
+                    "Published",
                     "Owner",
                     "CreatedAt",
                 ],

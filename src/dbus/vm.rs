@@ -189,6 +189,13 @@ impl Vm1 {
     fn network(&self) -> String {
         self.vm.network.as_str().to_owned()
     }
+    /// Published ports, ADDR:HOSTPORT:GUESTPORT (host connections reach the guest's port on
+    /// its loopback through the agent).
+    #[zbus(property(emits_changed_signal = "const"), name = "Published")]
+    fn published(&self) -> Vec<String> {
+        self.vm.publish.clone()
+    }
+
     /// The main process's last exit status (CreateVM entrypoint); -1 when none is known.
     #[zbus(property, name = "ExitStatus")]
     fn exit_status(&self) -> i32 {

@@ -41,7 +41,8 @@ impl Vms1 {
     /// shared), egress as (CIDR[:PORT] the VM may reach), init s ("banger" or a path; empty:
     /// the image's /sbin/init, else banger-init), entrypoint b (run the image's
     /// Entrypoint+Cmd as the main process; its exit powers the VM off, its status is
-    /// ExitStatus), command as (the main process's arguments instead of Cmd). Returns the VM and its job at once;
+    /// ExitStatus), command as (the main process's arguments instead of Cmd), publish as
+    /// ([ADDR:]HOSTPORT:GUESTPORT, TCP, through the agent to the guest's loopback). Returns the VM and its job at once;
     /// stages arrive as CreateProgress and the job's StageChanged.
     #[zbus(name = "CreateVM", out_args("vm_path", "job_id", "job_path"))]
     async fn create_vm(
@@ -73,6 +74,7 @@ impl Vms1 {
             init: o.string("init")?.unwrap_or_default(),
             entrypoint: o.bool("entrypoint")?.unwrap_or(false),
             command: o.strings("command")?.unwrap_or_default(),
+            publish: o.strings("publish")?.unwrap_or_default(),
         };
         o.finish()?;
         validate_name(NameKind::Vm, name)?;

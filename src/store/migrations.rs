@@ -91,6 +91,10 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE vms ADD COLUMN main TEXT NOT NULL DEFAULT '';
     ALTER TABLE vms ADD COLUMN exit_status INTEGER NOT NULL DEFAULT -1;
     "#,
+    // 8: the VM's published ports (`ADDR:HOSTPORT:GUESTPORT`, one a line).
+    r#"
+    ALTER TABLE vms ADD COLUMN publish TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The schema version this build writes.

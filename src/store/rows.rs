@@ -168,7 +168,7 @@ pub fn delete_kernel(c: &Connection, name: &str) -> Result<(), StoreError> {
 
 const VM_COLS: &str = "id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, \
      owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at, ssh_host_key, \
-     network, egress, init, main, exit_status";
+     network, egress, init, main, exit_status, publish";
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
     let state: String = r.get(2)?;
@@ -201,6 +201,12 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         init: r.get(19)?,
         main: serde_json::from_str(&r.get::<_, String>(20)?).unwrap_or_default(),
         exit_status: r.get(21)?,
+        publish: r
+            .get::<_, String>(22)?
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect(),
     })
 }
 
@@ -222,7 +228,7 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     c.execute(
         &format!(
             "INSERT INTO vms ({VM_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
         ),
         params![
             v.id,
@@ -246,7 +252,8 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
             v.egress.join("\n"),
             v.init,
             main_json(&v.main),
-            v.exit_status
+            v.exit_status,
+            v.publish.join("\n")
         ],
     )?;
     Ok(())

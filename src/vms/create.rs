@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{bounds, CreateOptions, Vms};
+use super::{bounds, publish, CreateOptions, Vms};
 use crate::auth::Action;
 use crate::jobs::{Job, JobContext, JobSpec};
 use crate::model::{new_id, now_us, Image, Kernel, Vm, VmState};
@@ -77,6 +77,26 @@ impl Vms {
         }
         // A subnet the start-up check refused: say why before anything is reserved.
         self.net.subnet()?;
+        // Published host ports: free now, and no other VM's.
+        let wanted = publish::check(&o.publish)?;
+        if !wanted.is_empty() {
+            for other in self.list().await? {
+                for p in other
+                    .publish
+                    .iter()
+                    .filter_map(|s| publish::Publish::parse(s).ok())
+                {
+                    if wanted.iter().any(|w| w.host.port() == p.host.port()) {
+                        return Err(Error::InvalidArgument(format!(
+                            "publish: host port {} is VM {}'s; pick another",
+                            p.host.port(),
+                            other.name
+                        )));
+                    }
+                }
+            }
+            publish::check_free(&wanted)?;
+        }
         let n = name.to_owned();
         if self
             .store
@@ -110,6 +130,10 @@ impl Vms {
             init: o.init.clone(),
             main: Vec::new(),
             exit_status: -1,
+            publish: publish::check(&o.publish)?
+                .iter()
+                .map(|p| p.spec())
+                .collect(),
         };
         let spec = JobSpec {
             kind: "create-vm".into(),
@@ -563,6 +587,15 @@ impl Vms {
             .await?;
             self.wait_port(&run, &addr, false).await?;
         }
+        if !vm.publish.is_empty() {
+            st.enter(
+                vm,
+                "publish",
+                format!("Publishing {}", vm.publish.join(", ")),
+            )
+            .await?;
+            self.start_forwarder(vm, &spec.jail).await?;
+        }
         let pids = self.vmm.pids(&run);
         crate::vmm::scope::announce(&crate::vmm::scope::Machine {
             name: &vm.name,
@@ -606,6 +639,52 @@ impl Vms {
         })
         .await
         .map_err(|e| Error::failed("Initrd task failed", e))?
+    }
+
+    /// Starts the VM's port forwarder (`bangerd port-forward`, a helper as the VM's uid) and
+    /// waits until it listens on every published port.
+    async fn start_forwarder(&self, vm: &Vm, jail: &crate::vmm::jail::Jail) -> Result<()> {
+        use crate::vmm::process;
+        let run = self.layout.vm_runtime_dir(&vm.id);
+        let (pidfile, log) = (run.join(FORWARD_PID), run.join("port-forward.log"));
+        process::terminate(&pidfile, &run.to_string_lossy(), Duration::from_secs(2)).await;
+        let bin = process::bangerd_program()?;
+        let vsock = self.vmm.vsock_socket(&run);
+        let mut args: Vec<std::ffi::OsString> =
+            vec![publish::FORWARD_ARG.into(), vsock.into_os_string()];
+        args.extend(vm.publish.iter().map(|p| p.into()));
+        let argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        process::spawn_detached(&process::Detached {
+            pidfile: &pidfile,
+            unit: &crate::vmm::scope::helper_unit(&vm.id, "publish"),
+            program: &bin,
+            args: &argv,
+            log: &log,
+            limits: process::UnitLimits {
+                memory_max: 64 << 20,
+                tasks_max: 256,
+            },
+            writable: &[run.as_path()],
+            jail,
+            tap: None,
+        })
+        .await?;
+        // Ready once it says it listens; an exit first is a failure with its words.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            if said.contains("port-forward: listening") {
+                return Ok(());
+            }
+            let gone = process::read_pid(&pidfile).is_some_and(|p| !process::exists(p));
+            if gone || tokio::time::Instant::now() > deadline {
+                return Err(Error::failed(
+                    "Cannot publish the VM's ports",
+                    std::io::Error::other(said.trim().to_owned()),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn wait_agent(&self, run: &std::path::Path) -> Result<()> {
@@ -828,6 +907,9 @@ fn write_main(work: &std::path::Path, main: &[String]) -> Result<()> {
         }],
     )
 }
+
+/// The port forwarder's pid file in a VM's runtime directory.
+pub const FORWARD_PID: &str = "port-forward.pid";
 
 /// Where the main process's arguments are on the work disk.
 pub const MAIN_FILE: &str = "/.banger/main.json";

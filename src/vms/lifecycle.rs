@@ -212,7 +212,14 @@ impl Vms {
 
     /// Kills the VM's VMM and helpers and removes its tap.
     pub(super) async fn power_down(&self, vm: &Vm) -> Result<()> {
-        self.vmm.kill(&self.layout.vm_runtime_dir(&vm.id)).await?;
+        let run = self.layout.vm_runtime_dir(&vm.id);
+        crate::vmm::process::terminate(
+            &run.join(super::create::FORWARD_PID),
+            &run.to_string_lossy(),
+            Duration::from_secs(2),
+        )
+        .await;
+        self.vmm.kill(&run).await?;
         crate::vmm::scope::withdraw(&vm.id).await;
         let detached = {
             let _net = self.net_lock.lock().await;

@@ -5,6 +5,7 @@
 pub mod bounds;
 mod create;
 mod lifecycle;
+pub mod publish;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -50,6 +51,8 @@ pub struct CreateOptions {
     pub entrypoint: bool,
     /// The main process's arguments instead of the image's Cmd (with `entrypoint`).
     pub command: Vec<String>,
+    /// Published ports, `[ADDR:]HOSTPORT:GUESTPORT`.
+    pub publish: Vec<String>,
 }
 
 impl Default for CreateOptions {
@@ -67,6 +70,7 @@ impl Default for CreateOptions {
             init: String::new(),
             entrypoint: false,
             command: Vec::new(),
+            publish: Vec::new(),
         }
     }
 }
@@ -124,6 +128,7 @@ impl CreateOptions {
         }
         crate::net::walls::check_egress(&self.egress)?;
         check_init(&self.init)?;
+        publish::check(&self.publish)?;
         if !self.command.is_empty() && !self.entrypoint {
             return Err(Error::InvalidArgument(
                 "command is the main process's arguments: it needs entrypoint (CLI --entrypoint)"

@@ -1,0 +1,306 @@
+//! Published ports (`CreateVM` option `publish`, CLI `--publish [ADDR:]HOSTPORT:GUESTPORT`):
+//! a host TCP port whose connections reach a guest port through the VM's agent (vsock, the
+//! agent's `connect` to the guest's own loopback), so they work whatever the guest listens on
+//! and whatever walls its network has. The listener is a detached helper of the VM's,
+//! `bangerd port-forward`, running as the VM's uid like its other helpers: it outlives the
+//! daemon's idle exit or restart and goes with the VM.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// The argument that runs the `bangerd` binary as `port-forward VSOCK SPEC…`.
+pub const FORWARD_ARG: &str = "port-forward";
+
+/// The lowest host port a VM may publish (lower ones are the host's services').
+pub const MIN_HOST_PORT: u16 = 1024;
+
+/// One published port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Publish {
+    /// Where the host listens.
+    pub host: SocketAddr,
+    /// The guest's port (on its loopback).
+    pub guest: u16,
+}
+
+impl Publish {
+    /// Parses `[ADDR:]HOSTPORT:GUESTPORT` (ADDR an IPv4 address, 127.0.0.1 by default; TCP).
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |why: &str| {
+            Error::InvalidArgument(format!(
+                "publish {s:?}: {why}; write [ADDR:]HOSTPORT:GUESTPORT, e.g. 8080:80 or \
+                 0.0.0.0:8080:80"
+            ))
+        };
+        if s.ends_with("/udp") {
+            return Err(bad("only TCP ports can be published"));
+        }
+        let s2 = s.strip_suffix("/tcp").unwrap_or(s);
+        let parts: Vec<&str> = s2.split(':').collect();
+        let (addr, host, guest) = match parts.as_slice() {
+            [h, g] => ("127.0.0.1", *h, *g),
+            [a, h, g] => (*a, *h, *g),
+            _ => return Err(bad("not two or three parts")),
+        };
+        let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| bad("not an IPv4 address"))?;
+        let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p > 0);
+        let (Some(host), Some(guest)) = (port(host), port(guest)) else {
+            return Err(bad("ports are 1 to 65535"));
+        };
+        if host < MIN_HOST_PORT {
+            return Err(bad(&format!(
+                "host ports below {MIN_HOST_PORT} are the host's own"
+            )));
+        }
+        Ok(Publish {
+            host: SocketAddr::from((addr, host)),
+            guest,
+        })
+    }
+
+    /// As written: `ADDR:HOSTPORT:GUESTPORT`.
+    pub fn spec(&self) -> String {
+        format!("{}:{}:{}", self.host.ip(), self.host.port(), self.guest)
+    }
+}
+
+/// Checks a VM's publish list: each well formed, no host port twice, and each free now.
+pub fn check(list: &[String]) -> Result<Vec<Publish>> {
+    let mut out: Vec<Publish> = Vec::new();
+    for s in list {
+        let p = Publish::parse(s)?;
+        if out.iter().any(|o| o.host.port() == p.host.port()) {
+            return Err(Error::InvalidArgument(format!(
+                "publish: host port {} is given twice",
+                p.host.port()
+            )));
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// Refuses host ports already in use (a listener elsewhere, another VM's).
+pub fn check_free(list: &[Publish]) -> Result<()> {
+    for p in list {
+        if let Err(e) = TcpListener::bind(p.host) {
+            return Err(Error::InvalidArgument(format!(
+                "publish: host port {} on {} is not free ({e}); pick another",
+                p.host.port(),
+                p.host.ip()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Opens a connection to guest `port` through the agent at vsock socket `uds`.
+fn open_guest(uds: &Path, port: u16) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::io::{Read, Write};
+    let mut s = crate::vmm::jail::connect(uds)?;
+    s.write_all(format!("CONNECT {}\n", crate::agent::PORT).as_bytes())?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    // Two lines: the vsock proxy's `OK …`, then the agent's reply.
+    for _ in 0..2 {
+        line.clear();
+        loop {
+            s.read_exact(&mut b)?;
+            if b[0] == b'\n' {
+                break;
+            }
+            line.push(b[0]);
+            if line.len() > 4096 {
+                return Err(std::io::Error::other("reply too long"));
+            }
+        }
+        if line.starts_with(b"OK ") {
+            let req = serde_json::to_vec(&crate::agent::Request::Connect { port })
+                .map_err(std::io::Error::other)?;
+            s.write_all(&req)?;
+            s.write_all(b"\n")?;
+            continue;
+        }
+        let reply: crate::agent::Reply =
+            serde_json::from_slice(&line).map_err(std::io::Error::other)?;
+        if !reply.ok {
+            return Err(std::io::Error::other(reply.error));
+        }
+    }
+    Ok(s)
+}
+
+/// Copies both ways between a client `a` and a server `b`: the client's end of input is
+/// passed on as a half-close (the server may still answer); the server's close ends both.
+pub fn splice<A, B>(a: A, b: B)
+where
+    A: std::io::Read + std::io::Write + TryCloneStream + Send + 'static,
+    B: std::io::Read + std::io::Write + TryCloneStream + Send + 'static,
+{
+    let (a2, b2) = match (a.try_clone_stream(), b.try_clone_stream()) {
+        (Ok(a2), Ok(b2)) => (a2, b2),
+        _ => return,
+    };
+    let (mut ar, mut bw) = (a, b2);
+    let t = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut ar, &mut bw);
+        bw.shut_write();
+    });
+    let (mut br, mut aw) = (b, a2);
+    let _ = std::io::copy(&mut br, &mut aw);
+    aw.shut_all();
+    br.shut_all();
+    let _ = t.join();
+}
+
+/// Streams that can be cloned and half-closed (TCP, Unix).
+pub trait TryCloneStream: Sized {
+    /// Another handle on the same stream.
+    fn try_clone_stream(&self) -> std::io::Result<Self>;
+    /// Ends the writing half.
+    fn shut_write(&self);
+    /// Ends both halves (a reader of it returns).
+    fn shut_all(&self);
+}
+
+impl TryCloneStream for TcpStream {
+    fn try_clone_stream(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn shut_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+    fn shut_all(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl TryCloneStream for std::fs::File {
+    fn try_clone_stream(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn shut_write(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: shutdown takes no pointers; the descriptor is open.
+        unsafe { libc::shutdown(self.as_raw_fd(), libc::SHUT_WR) };
+    }
+    fn shut_all(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: shutdown takes no pointers; the descriptor is open.
+        unsafe { libc::shutdown(self.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+impl TryCloneStream for std::os::unix::net::UnixStream {
+    fn try_clone_stream(&self) -> std::io::Result<Self> {
+        self.try_clone()
+    }
+    fn shut_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+    fn shut_all(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// `bangerd port-forward VSOCK SPEC…`: listens on each published host port and forwards
+/// every connection to its guest port. Returns only when it cannot listen.
+pub fn run_forwarder(args: &[std::ffi::OsString]) -> std::io::Error {
+    let Some((uds, specs)) = args.split_first() else {
+        return std::io::Error::other("usage: bangerd port-forward VSOCK ADDR:HOSTPORT:GUESTPORT…");
+    };
+    let uds = std::path::PathBuf::from(uds);
+    let mut threads = Vec::new();
+    for spec in specs {
+        let p = match Publish::parse(&spec.to_string_lossy()) {
+            Ok(p) => p,
+            Err(e) => return std::io::Error::other(e.to_string()),
+        };
+        let listener = match TcpListener::bind(p.host) {
+            Ok(l) => l,
+            Err(e) => return std::io::Error::new(e.kind(), format!("{}: {e}", p.host)),
+        };
+        let uds = uds.clone();
+        threads.push(std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let uds = uds.clone();
+                std::thread::spawn(move || match open_guest(&uds, p.guest) {
+                    Ok(guest) => splice(conn, guest),
+                    Err(e) => {
+                        eprintln!("bangerd port-forward: {} → guest {}: {e}", p.host, p.guest)
+                    }
+                });
+            }
+        }));
+    }
+    eprintln!("bangerd port-forward: listening");
+    for t in threads {
+        let _ = t.join();
+    }
+    std::io::Error::other("every listener stopped")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_specs_parse_as_docker_users_write_them() {
+        let p = Publish::parse("8080:80").unwrap();
+        assert_eq!((p.host.to_string(), p.guest), ("127.0.0.1:8080".into(), 80));
+        assert_eq!(
+            Publish::parse("0.0.0.0:9000:90/tcp").unwrap().spec(),
+            "0.0.0.0:9000:90"
+        );
+        for bad in [
+            "80:80",
+            "8080",
+            "x:8080:80",
+            "8080:0",
+            "8080:80/udp",
+            "1:2:3:4",
+        ] {
+            assert!(Publish::parse(bad).is_err(), "{bad}");
+        }
+        assert!(check(&["8080:80".into(), "8080:81".into()]).is_err());
+    }
+
+    #[test]
+    fn a_client_half_close_reaches_the_server_and_the_servers_close_ends_all() {
+        use std::io::{Read, Write};
+        // A server that reads to the end, answers, and closes; another that answers at once
+        // and closes while the client still could write.
+        let serve = |wait_eof: bool| {
+            let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+            let baddr = backend.local_addr().unwrap();
+            std::thread::spawn(move || {
+                let (mut c, _) = backend.accept().unwrap();
+                let mut got = Vec::new();
+                if wait_eof {
+                    c.read_to_end(&mut got).unwrap();
+                }
+                c.write_all(format!("got {}", got.len()).as_bytes())
+                    .unwrap();
+            });
+            let front = TcpListener::bind("127.0.0.1:0").unwrap();
+            let faddr = front.local_addr().unwrap();
+            std::thread::spawn(move || {
+                let (c, _) = front.accept().unwrap();
+                splice(c, TcpStream::connect(baddr).unwrap());
+            });
+            faddr
+        };
+        let mut c = TcpStream::connect(serve(true)).unwrap();
+        c.write_all(b"hello").unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "got 5");
+        let mut c = TcpStream::connect(serve(false)).unwrap();
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "got 0");
+    }
+}
