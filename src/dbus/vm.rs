@@ -54,13 +54,7 @@ impl Vm1 {
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<zbus::OwnedFd> {
         let (_, vm) = vms::authorize_vm(&self.ctx, conn, &hdr, &self.vm.id).await?;
-        let s = self.ctx.banger.vms.open_agent(&vm).await?;
-        let s = s
-            .into_std()
-            .map_err(|e| crate::Error::failed("Cannot hand out the stream", e))?;
-        s.set_nonblocking(false)
-            .map_err(|e| crate::Error::failed("Cannot hand out the stream", e))?;
-        Ok(std::os::fd::OwnedFd::from(s).into())
+        hand_out(self.ctx.banger.vms.open_agent(&vm).await?)
     }
 
     /// A stream to a shell on a terminal of its own in the running VM, through its agent:
@@ -92,12 +86,7 @@ impl Vm1 {
         let (_, vm) = vms::authorize_vm(&self.ctx, conn, &hdr, &self.vm.id).await?;
         let mut s = self.ctx.banger.vms.open_agent(&vm).await?;
         crate::agent::client::start(&mut s, what).await?;
-        let s = s
-            .into_std()
-            .map_err(|e| crate::Error::failed("Cannot hand out the stream", e))?;
-        s.set_nonblocking(false)
-            .map_err(|e| crate::Error::failed("Cannot hand out the stream", e))?;
-        Ok(std::os::fd::OwnedFd::from(s).into())
+        hand_out(s)
     }
 
     /// A read-only descriptor of the serial console log of the VM's last boot, for
@@ -217,4 +206,12 @@ impl Vm1 {
     fn created_at(&self) -> u64 {
         self.vm.created_at
     }
+}
+
+/// A connected stream as a blocking descriptor for the caller.
+fn hand_out(s: tokio::net::UnixStream) -> Result<zbus::OwnedFd> {
+    let fail = |e| crate::Error::failed("Cannot hand out the stream", e);
+    let s = s.into_std().map_err(fail)?;
+    s.set_nonblocking(false).map_err(fail)?;
+    Ok(std::os::fd::OwnedFd::from(s).into())
 }
