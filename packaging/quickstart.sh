@@ -98,4 +98,4 @@ echo "==> The main job: a VM from the default image and kernel, ready, a command
 banger vm delete --force quickstart >/dev/null 2>&1 || true
 banger vm run --rm quickstart -- sh -c \
     'echo "Hello from $(hostname): $(uname -srm), Debian $(cat /etc/debian_version)"; ip -4 -o addr show scope global'
-echo "==> Done. Try: banger vm run dev   (an SSH session; your ~/.ssh/id_ed25519.pub is authorized)"
+echo "==> Done. Try: banger vm run dev   (an SSH session with your ~/.ssh key, else a shell through the agent)"
