@@ -328,8 +328,32 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
         let mut sh = PtyRun::start(bus.banger_on_terminal(USER_OK, &["vm", "shell", "t1"]));
         sh.type_keys("echo mark-$((6*7))\r");
         sh.wait_for("mark-42", t);
-        sh.type_keys("echo started-$((2+2)); sleep 100\r");
-        sh.wait_for("started-4", t);
+        sh.type_keys("sleep 100\r");
+        // Ctrl-C once the sleep runs (seen from another exec), not before the shell forked it.
+        let mut sleeping = false;
+        for _ in 0..300 {
+            let out = bus.banger_as(
+                Some(USER_OK),
+                &[
+                    "vm",
+                    "exec",
+                    "t1",
+                    "--",
+                    "sh",
+                    "-c",
+                    "cat /proc/[0-9]*/comm",
+                ],
+            );
+            if String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l == "sleep")
+            {
+                sleeping = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(sleeping, "sleep 100 never ran:\n{}", sh.output());
         sh.type_keys("\x03");
         sh.type_keys("echo after-$((1+1))\r");
         sh.wait_for("after-2", t);
