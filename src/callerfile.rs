@@ -222,15 +222,7 @@ fn open_error(what: &str, p: &Path, e: std::io::Error) -> Error {
     }
 }
 
-fn fstat(fd: &OwnedFd) -> std::io::Result<libc::stat> {
-    // SAFETY: stat is plain data; fstat fills it for a valid descriptor.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fd is open; st is a valid out pointer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st)
-}
+use crate::host::fstat;
 
 fn kind_ok(st: &libc::stat, what: &str, label: &str, expect: Expect) -> Result<()> {
     let fmt = st.st_mode & libc::S_IFMT;

@@ -411,14 +411,8 @@ fn exec(
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    let program = if prog.contains('/') {
-        prog.clone()
-    } else {
-        path.split(':')
-            .map(|d| format!("{d}/{prog}"))
-            .find(|p| std::path::Path::new(p).is_file())
-            .unwrap_or_else(|| prog.clone())
-    };
+    let program =
+        crate::guestinit::supervise::find_program(prog, &path).unwrap_or_else(|| prog.clone());
     let mut cmd = Command::new(&program);
     cmd.args(args).current_dir(&cwd).env_clear().envs(vars);
     let pty = match &tty {

@@ -9,44 +9,25 @@ use clap::Parser;
 /// namespace, which a multi-threaded process cannot); the daemon gets its runtime after.
 fn main() -> std::process::ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if argv
-        .get(1)
-        .is_some_and(|a| a == banger::vmm::jail::MOUNTS_ARG)
-    {
-        let e = banger::vmm::jail::mounts_and_exec(&argv[2..]);
-        eprintln!("bangerd jail-mounts: {e}");
-        return std::process::ExitCode::FAILURE;
-    }
-    if argv
-        .get(1)
-        .is_some_and(|a| a == banger::vms::publish::FORWARD_ARG)
-    {
-        let e = banger::vms::publish::run_forwarder(&argv[2..]);
-        eprintln!("bangerd port-forward: {e}");
-        return std::process::ExitCode::FAILURE;
-    }
-    if argv
-        .get(1)
-        .is_some_and(|a| a == banger::vmm::console::LOGGER_ARG)
-    {
-        return console_logger(&argv[2..]);
-    }
-    if argv
-        .get(1)
-        .is_some_and(|a| a == banger::vmm::process::OPEN_TAP_ARG)
-    {
-        // Only returns when it could not become the program.
-        let e = banger::vmm::process::open_tap_and_exec(&argv[2..]);
-        eprintln!("bangerd open-tap: {e}");
-        return std::process::ExitCode::FAILURE;
-    }
-    match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt.block_on(daemon()),
-        Err(e) => {
-            eprintln!("bangerd: cannot start its runtime: {e}");
-            std::process::ExitCode::FAILURE
+    // Each role that becomes another program returns only when it could not.
+    let role = argv.get(1).and_then(|a| a.to_str()).unwrap_or_default();
+    let failed = match role {
+        banger::vmm::jail::MOUNTS_ARG => banger::vmm::jail::mounts_and_exec(&argv[2..]),
+        banger::vms::publish::FORWARD_ARG => banger::vms::publish::run_forwarder(&argv[2..]),
+        banger::vmm::process::OPEN_TAP_ARG => banger::vmm::process::open_tap_and_exec(&argv[2..]),
+        banger::vmm::console::LOGGER_ARG => return console_logger(&argv[2..]),
+        _ => {
+            return match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt.block_on(daemon()),
+                Err(e) => {
+                    eprintln!("bangerd: cannot start its runtime: {e}");
+                    std::process::ExitCode::FAILURE
+                }
+            }
         }
-    }
+    };
+    eprintln!("bangerd {role}: {failed}");
+    std::process::ExitCode::FAILURE
 }
 
 async fn daemon() -> std::process::ExitCode {

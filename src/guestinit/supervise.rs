@@ -56,13 +56,19 @@ fn cstrings(v: &[String]) -> Vec<CString> {
 /// The program's path: as given when it has a `/`, else the first match on `PATH` (from the
 /// process's own environment, else the default).
 fn resolve(prog: &str, env: &[String]) -> Option<String> {
-    if prog.contains('/') {
-        return Some(prog.to_owned());
-    }
     let path = env
         .iter()
         .find_map(|kv| kv.strip_prefix("PATH="))
         .unwrap_or(PATH);
+    find_program(prog, path)
+}
+
+/// `prog` as given when it has a `/`, else the first executable file of that name in the
+/// directories of `path` (a `PATH` value).
+pub fn find_program(prog: &str, path: &str) -> Option<String> {
+    if prog.contains('/') {
+        return Some(prog.to_owned());
+    }
     use std::os::unix::fs::PermissionsExt;
     path.split(':')
         .filter(|d| !d.is_empty())

@@ -70,16 +70,7 @@ fn openat2(dirfd: i32, path: &Path, flags: u64, resolve: u64) -> io::Result<Owne
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-fn openat(dirfd: i32, name: &Path, flags: i32) -> io::Result<OwnedFd> {
-    let c = CString::new(name.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
-    // SAFETY: `c` is NUL-terminated and outlives the call.
-    let fd = unsafe { libc::openat(dirfd, c.as_ptr(), flags | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
+use crate::host::openat;
 
 fn dev_of(fd: &OwnedFd) -> io::Result<u64> {
     // SAFETY: a zeroed stat is a valid out-buffer; the fd is open.

@@ -161,40 +161,16 @@ pub fn own_runtime(run: &Path) -> std::path::PathBuf {
     run.join("jail")
 }
 
-fn fstat(fd: &std::os::fd::OwnedFd) -> std::io::Result<libc::stat> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: an all-zero stat is a valid value to be overwritten; the fd is open.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is a valid out-pointer for the duration of the call.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(st)
-}
-
+/// `name` below `dir` (the working directory when none), as an `O_PATH` descriptor that did
+/// not follow a final symbolic link.
 fn open_path(
     dir: Option<&std::os::fd::OwnedFd>,
     name: &Path,
     flags: i32,
 ) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(name.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    use std::os::fd::AsRawFd;
     let at = dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
-    // SAFETY: `c` is a valid C string for the duration of the call.
-    let fd = unsafe {
-        libc::openat(
-            at,
-            c.as_ptr(),
-            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC | flags,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new descriptor this function owns.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    crate::host::openat(at, name, libc::O_PATH | libc::O_NOFOLLOW | flags)
 }
 
 /// Connects to a socket a VM's processes made (its QMP, vsock or API socket). Root never
@@ -214,7 +190,7 @@ pub fn connect(path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
     };
     let dir = open_path(None, dir, libc::O_DIRECTORY)?;
     let sock = open_path(Some(&dir), Path::new(name), 0)?;
-    let (d, s) = (fstat(&dir)?, fstat(&sock)?);
+    let (d, s) = (crate::host::fstat(&dir)?, crate::host::fstat(&sock)?);
     if s.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return Err(refuse("is not a socket"));
     }
@@ -375,7 +351,7 @@ impl Mounts {
         for (paths, ro) in [(&self.rw, false), (&self.ro, true)] {
             for p in paths {
                 let fd = open_path(None, p, 0)?;
-                let is_dir = fstat(&fd)?.st_mode & libc::S_IFMT == libc::S_IFDIR;
+                let is_dir = crate::host::fstat(&fd)?.st_mode & libc::S_IFMT == libc::S_IFDIR;
                 binds.push((fd, p, ro, is_dir));
             }
         }

@@ -130,10 +130,7 @@ impl Vms {
             init: o.init.clone(),
             main: Vec::new(),
             exit_status: -1,
-            publish: publish::check(&o.publish)?
-                .iter()
-                .map(|p| p.spec())
-                .collect(),
+            publish: wanted.iter().map(|p| p.spec()).collect(),
         };
         let spec = JobSpec {
             kind: "create-vm".into(),

@@ -155,25 +155,25 @@ where
     let _ = t.join();
 }
 
-/// Streams that can be cloned and half-closed (TCP, Unix).
-pub trait TryCloneStream: Sized {
+/// Streams that can be cloned and half-closed (TCP, Unix, a vsock connection as a file).
+pub trait TryCloneStream: Sized + std::os::fd::AsRawFd {
     /// Another handle on the same stream.
     fn try_clone_stream(&self) -> std::io::Result<Self>;
     /// Ends the writing half.
-    fn shut_write(&self);
+    fn shut_write(&self) {
+        // SAFETY: shutdown takes no pointers; the descriptor is open.
+        unsafe { libc::shutdown(self.as_raw_fd(), libc::SHUT_WR) };
+    }
     /// Ends both halves (a reader of it returns).
-    fn shut_all(&self);
+    fn shut_all(&self) {
+        // SAFETY: as above.
+        unsafe { libc::shutdown(self.as_raw_fd(), libc::SHUT_RDWR) };
+    }
 }
 
 impl TryCloneStream for TcpStream {
     fn try_clone_stream(&self) -> std::io::Result<Self> {
         self.try_clone()
-    }
-    fn shut_write(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Write);
-    }
-    fn shut_all(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -181,27 +181,11 @@ impl TryCloneStream for std::fs::File {
     fn try_clone_stream(&self) -> std::io::Result<Self> {
         self.try_clone()
     }
-    fn shut_write(&self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: shutdown takes no pointers; the descriptor is open.
-        unsafe { libc::shutdown(self.as_raw_fd(), libc::SHUT_WR) };
-    }
-    fn shut_all(&self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: shutdown takes no pointers; the descriptor is open.
-        unsafe { libc::shutdown(self.as_raw_fd(), libc::SHUT_RDWR) };
-    }
 }
 
 impl TryCloneStream for std::os::unix::net::UnixStream {
     fn try_clone_stream(&self) -> std::io::Result<Self> {
         self.try_clone()
-    }
-    fn shut_write(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Write);
-    }
-    fn shut_all(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
     }
 }
 
