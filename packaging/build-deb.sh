@@ -32,6 +32,8 @@ if [ "$build" = 1 ]; then
 fi
 vsock=$(command -v vhost-device-vsock || true)
 [ -n "$vsock" ] || { echo "build-deb: vhost-device-vsock is not installed (cargo install vhost-device-vsock --version 0.3.0)" >&2; exit 1; }
+virtiofsd=$(command -v virtiofsd || true)
+[ -n "$virtiofsd" ] || { echo "build-deb: virtiofsd is not installed (apt-get install libcap-ng-dev libseccomp-dev; cargo install virtiofsd --version 1.14.0)" >&2; exit 1; }
 
 rm -rf "$stage"
 install -D -m 0755 target/$profile/banger "$stage/usr/bin/banger"
@@ -39,6 +41,7 @@ install -D -m 0755 target/$profile/bangerd "$stage/usr/bin/bangerd"
 install -D -m 0755 target/x86_64-unknown-linux-gnu/$profile/banger-init "$stage/usr/lib/banger/banger-init"
 install -D -m 0755 target/x86_64-unknown-linux-gnu/$profile/banger-agent "$stage/usr/lib/banger/banger-agent"
 install -D -m 0755 "$vsock" "$stage/usr/lib/banger/vhost-device-vsock"
+install -D -m 0755 "$virtiofsd" "$stage/usr/lib/banger/virtiofsd"
 install -D -m 0644 systemd/bangerd.service "$stage/usr/lib/systemd/system/bangerd.service"
 install -D -m 0644 dbus/org.banger.conf "$stage/usr/share/dbus-1/system.d/org.banger.conf"
 install -D -m 0644 dbus/org.banger.service "$stage/usr/share/dbus-1/system-services/org.banger.service"

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "quickstart: run as root (sudo packaging/quickstart.sh)" >&2; exit 1; }
 
 packages=(dbus polkitd libglib2.0-bin e2fsprogs kmod iproute2 nftables qemu-system-x86 qemu-utils
-          debootstrap xz-utils util-linux openssh-client)
+          debootstrap xz-utils util-linux openssh-client libcap-ng-dev libseccomp-dev)
 missing_packages() {
     missing=()
     for p in "${packages[@]}"; do
@@ -33,6 +33,10 @@ missing_packages
 if ! command -v vhost-device-vsock >/dev/null; then
     echo "==> Installing vhost-device-vsock (the guest agent's vsock device for QEMU)"
     cargo install --quiet --locked vhost-device-vsock --version 0.3.0 --root /usr/local
+fi
+if ! command -v virtiofsd >/dev/null; then
+    echo "==> Installing virtiofsd (shared folders' virtio-fs server)"
+    cargo install --quiet --locked virtiofsd --version 1.14.0 --root /usr/local
 fi
 
 echo "==> Building the banger package (release binaries, static guest binaries, man pages)"

@@ -42,15 +42,20 @@ impl CallerInput {
     }
 }
 
-/// The caller's credentials: uid, primary gid, supplementary groups.
-#[derive(Debug, Clone)]
-struct Creds {
-    uid: u32,
-    gid: u32,
-    groups: Vec<libc::gid_t>,
+/// A user's credentials: uid, primary gid, supplementary groups (from the password and
+/// group databases, as a login would have them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Creds {
+    /// The uid.
+    pub uid: u32,
+    /// The primary group.
+    pub gid: u32,
+    /// Every group, the primary one included.
+    pub groups: Vec<libc::gid_t>,
 }
 
-fn creds_of(uid: u32) -> Result<Creds> {
+/// `uid`'s credentials; an error when it has no entry in the password database.
+pub fn creds(uid: u32) -> Result<Creds> {
     let (name, gid) = crate::host::user_of(uid).ok_or_else(|| {
         Error::InvalidArgument(format!("uid {uid} has no entry in the password database"))
     })?;
@@ -85,7 +90,7 @@ pub fn as_caller<T: Send + 'static>(
     uid: u32,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    let creds = if uid == 0 { None } else { Some(creds_of(uid)?) };
+    let creds = if uid == 0 { None } else { Some(creds(uid)?) };
     std::thread::Builder::new()
         .name("banger-as-caller".into())
         .spawn(move || {

@@ -182,3 +182,26 @@ pub fn fstat(fd: &std::os::fd::OwnedFd) -> std::io::Result<libc::stat> {
     }
     Ok(st)
 }
+
+/// Listens on a Unix socket at `path` for group `gid`'s processes (root:`gid`, 0660): a
+/// stale socket of that name goes first. `path`'s directory must be one only root writes,
+/// so the name cannot be swapped between the steps.
+pub fn listen_unix(path: &std::path::Path, gid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            std::fs::remove_file(path)?
+        }
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ))
+        }
+        Err(_) => {}
+    }
+    let l = std::os::unix::net::UnixListener::bind(path)?;
+    std::os::unix::fs::chown(path, Some(0), Some(gid))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(l.into())
+}

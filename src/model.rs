@@ -248,6 +248,19 @@ pub struct Vm {
     pub exit_status: i32,
     /// Published ports, `ADDR:HOSTPORT:GUESTPORT`.
     pub publish: Vec<String>,
+    /// Shared host folders (see `vms::share`).
+    pub shares: Vec<Share>,
+}
+
+/// One shared folder of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Share {
+    /// The host folder, absolute (as the owner's check resolved it).
+    pub host: String,
+    /// Where the guest mounts it.
+    pub guest: String,
+    /// Whether the guest may only read it.
+    pub read_only: bool,
 }
 
 /// A VM's place on the guest network.

@@ -97,20 +97,40 @@ fn vm_units_are_confined_more_than_before() {
             "ProtectHome=yes".into(),
         ],
     );
-    let mut props: Vec<String> = banger::vmm::process::CONFINED_UNIT
-        .iter()
-        .map(|p| p.trim_start_matches("--property=").to_owned())
-        .collect();
-    props.push("ReadWritePaths=/run/banger/vms/0123456789abcdef".into());
-    let now = write("banger-vm-now.service", &props);
-    let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no"])
-        .arg(&now)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "verify: {}", text(&out));
+    use banger::vmm::process::{CONFINED_UNIT, OWNER_UNIT, SETPRIV_UNIT};
+    let unit = |name: &str, extra: &[&str], writable: &str| {
+        let mut props: Vec<String> = CONFINED_UNIT
+            .iter()
+            .chain(extra)
+            .map(|p| p.trim_start_matches("--property=").to_owned())
+            .collect();
+        props.push(format!("ReadWritePaths={writable}"));
+        let path = write(name, &props);
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "verify {name}: {}", text(&out));
+        path
+    };
+    let now = unit(
+        "banger-vm-now.service",
+        SETPRIV_UNIT,
+        "/run/banger/vms/0123456789abcdef",
+    );
+    // A shared folder's server runs as the owner with a user namespace of its own: it is
+    // verified and its exposure shown, not compared (it is the owner's own process).
+    let owner = unit(
+        "banger-vm-share.service",
+        OWNER_UNIT,
+        "/run/banger/vms/0123456789abcdef /home/someone/src",
+    );
     let (b, n) = (exposure(&before), exposure(&now));
-    println!("VM unit exposure: {n} (was {b})");
+    println!(
+        "VM unit exposure: {n} (was {b}); shared folder server: {}",
+        exposure(&owner)
+    );
     assert!(
         n < b,
         "VM units are no more confined than before: {n} vs {b}"

@@ -175,9 +175,11 @@ fn boot_spec(dir: &Path, vcpus: u32) -> BootSpec {
             tap: "bgr0123456789ab".into(),
             mac: "02:01:23:45:67:89".into(),
         }),
+        shares: Vec::new(),
         // The stand-in API server runs in the test's own (root's) directory.
         jail: banger::vmm::jail::Jail {
             uid: 0,
+            gid: 0,
             groups: vec![0],
             hide: Vec::new(),
             read_only: Vec::new(),

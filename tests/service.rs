@@ -52,6 +52,7 @@ fn vm(name: &str, image: &Image, owner: u32, cid: u32) -> Vm {
         main: Vec::new(),
         exit_status: -1,
         publish: Vec::new(),
+        shares: Vec::new(),
     }
 }
 

@@ -120,6 +120,33 @@ fn vm_process_dirs(bus: &TestBus) -> Vec<(std::path::PathBuf, String)> {
     found
 }
 
+/// The shared folders' servers (virtiofsd) of this bus's VMs: their `/proc/PID/status`. They
+/// carry their VM's runtime directory in their environment, not on their command line.
+fn share_servers(bus: &TestBus) -> Vec<String> {
+    let marker = format!("BANGER_RUN_DIR={}", bus.runtime.display());
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        if comm.trim() == "virtiofsd"
+            && env
+                .split(|b| *b == 0)
+                .any(|v| v.starts_with(marker.as_bytes()))
+        {
+            // Only the sandbox's outer process: its children are in its pid namespace.
+            let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+            let nspid = status
+                .lines()
+                .find(|l| l.starts_with("NSpid:"))
+                .unwrap_or_default();
+            if nspid.split_whitespace().count() == 2 {
+                found.push(status);
+            }
+        }
+    }
+    found
+}
+
 fn vm_processes(bus: &TestBus) -> Vec<String> {
     vm_process_dirs(bus).into_iter().map(|(_, c)| c).collect()
 }
@@ -214,8 +241,55 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     });
     let conn = bus.connect().await;
 
+    // Shared folders: two of USER_OK's (one read-only) and one of root's that USER_OK may
+    // not write, which is refused at create with nothing made.
+    let shared = tempfile::tempdir().unwrap();
+    let (src, ro, not_mine) = (
+        shared.path().join("src"),
+        shared.path().join("ro"),
+        shared.path().join("not-mine"),
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for d in [&src, &ro, &not_mine] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(src.join("hello"), "from the host\n").unwrap();
+        std::fs::write(ro.join("keep"), "kept\n").unwrap();
+        for p in [&src, &src.join("hello"), &ro, &ro.join("keep")] {
+            std::os::unix::fs::chown(p, Some(uid_of(USER_OK)), None).unwrap();
+        }
+    }
+    let share_arg = |dir: &std::path::Path, guest: &str| format!("{}:{guest}", dir.display());
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &[
+            "vm",
+            "create",
+            "nope",
+            "--image",
+            "tiny",
+            "--kernel",
+            "test",
+            "--no-start",
+            "--share",
+            &share_arg(&not_mine, "/mnt/x"),
+        ],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("is not yours") && text(&out).contains("share a folder of yours"),
+        "{}",
+        text(&out)
+    );
+
     // Create through the CLI, as a member of the banger group, while watching the stages.
     let vms = VMs1Proxy::new(&conn).await.unwrap();
+    assert!(
+        vms.get_vm("nope").await.is_err(),
+        "a refused share makes no VM"
+    );
     let mut progress = vms.receive_create_progress().await.unwrap();
     let out = bus.banger_as(
         Some(USER_OK),
@@ -233,6 +307,10 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
             "256",
             "--publish",
             "18080:7070",
+            "--share",
+            &share_arg(&src, "/mnt/src"),
+            "--share",
+            &format!("{}:ro", share_arg(&ro, "/mnt/ro")),
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
@@ -315,6 +393,72 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     assert!(text(&out).contains("Permission denied"), "{}", text(&out));
     let out = bus.banger_as(Some(USER_OK), &["vm", "logs", "t1"]);
     assert!(text(&out).contains("banger-init: root"), "{}", text(&out));
+
+    // The shared folders: the host's file in the guest, owned by the guest's root; what the
+    // guest writes is USER_OK's on the host; the read-only share refuses writes. Each is
+    // served as USER_OK, not root.
+    let sh = |script: &str| {
+        bus.banger_as(
+            Some(USER_OK),
+            &["vm", "exec", "t1", "--", "sh", "-c", script],
+        )
+    };
+    let out = sh("cat /mnt/src/hello && ls -ln /mnt/src/hello && echo from-guest > /mnt/src/made");
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.starts_with("from the host\n"), "{stdout}");
+    assert_eq!(
+        stdout
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(2)),
+        Some("0"),
+        "the owner's file is the guest root's: {stdout}"
+    );
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::read_to_string(src.join("made")).unwrap(),
+            "from-guest\n"
+        );
+        assert_eq!(
+            std::fs::metadata(src.join("made")).unwrap().uid(),
+            uid_of(USER_OK)
+        );
+    }
+    let out = sh("cat /mnt/ro/keep && echo x > /mnt/ro/new");
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("kept") && text(&out).contains("Read-only file system"),
+        "{}",
+        text(&out)
+    );
+    assert!(!ro.join("new").exists());
+    let servers = share_servers(&bus);
+    assert_eq!(servers.len(), 2, "one virtiofsd a share");
+    for status in &servers {
+        let uid = uid_of(USER_OK).to_string();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("Uid:"))
+            .unwrap_or_default();
+        assert_eq!(
+            line.split_whitespace().skip(1).collect::<Vec<_>>(),
+            [uid.as_str(); 4],
+            "{status}"
+        );
+        assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    }
+    let out = bus.banger_as(Some(USER_OK), &["--json", "vm", "show", "t1"]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        shown["Shares"],
+        serde_json::json!([
+            share_arg(&src, "/mnt/src"),
+            format!("{}:ro", share_arg(&ro, "/mnt/ro"))
+        ]),
+        "{shown}"
+    );
 
     // A terminal through the agent, no SSH: vm exec -t runs on a PTY of its own, vm shell
     // is a login shell where Ctrl-C reaches the guest's process and the exit status returns.
@@ -718,8 +862,22 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(get("State").trim(), "s \"stopped\"");
     assert!(vm_processes(&bus).is_empty(), "{:?}", vm_processes(&bus));
+    assert!(
+        share_servers(&bus).is_empty(),
+        "the shares' servers stopped with the VM"
+    );
     let out = bus.banger_as(Some(USER_OK), &["vm", "start", "t1"]);
     assert!(out.status.success(), "{}", text(&out));
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &["vm", "exec", "t1", "--", "cat", "/mnt/src/made"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "from-guest\n",
+        "{}",
+        text(&out)
+    );
     let out = bus.banger_as(
         Some(USER_OK),
         &["vm", "exec", "t1", "--", "cat", "/root/marker"],
@@ -782,6 +940,10 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "--force", "t1"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(vm_processes(&bus).is_empty(), "{:?}", vm_processes(&bus));
+    assert!(
+        share_servers(&bus).is_empty(),
+        "the shares' servers went with the VM"
+    );
     assert!(
         !fetch().contains("from the image"),
         "the published port went with the VM"

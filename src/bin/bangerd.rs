@@ -15,6 +15,7 @@ fn main() -> std::process::ExitCode {
         banger::vmm::jail::MOUNTS_ARG => banger::vmm::jail::mounts_and_exec(&argv[2..]),
         banger::vms::publish::FORWARD_ARG => banger::vms::publish::run_forwarder(&argv[2..]),
         banger::vmm::process::OPEN_TAP_ARG => banger::vmm::process::open_tap_and_exec(&argv[2..]),
+        banger::vmm::process::LISTEN_ARG => banger::vmm::process::listen_and_exec(&argv[2..]),
         banger::vmm::console::LOGGER_ARG => return console_logger(&argv[2..]),
         _ => {
             return match tokio::runtime::Runtime::new() {

@@ -180,12 +180,17 @@ pub struct VmSpec {
     /// 127.0.0.1 by default).
     #[arg(long, short = 'p', value_name = "[ADDR:]HOST:GUEST")]
     publish: Vec<String>,
+    /// Share a host folder of yours with the guest, HOSTDIR:GUESTDIR[:ro] (repeatable;
+    /// virtio-fs, the guest's root acting as you in it).
+    #[arg(long, short = 'v', value_name = "HOSTDIR:GUESTDIR[:ro]")]
+    share: Vec<String>,
 }
 
 impl VmSpec {
     /// The `CreateVM` options these make, the public key read from its file.
     fn entries(&self) -> anyhow::Result<Vec<(&'static str, Variant<'static>)>> {
         let key = read_public_key(self.ssh_key.clone())?;
+        let shares = self.shares()?;
         Ok(self
             .image
             .clone()
@@ -200,7 +205,28 @@ impl VmSpec {
             .chain(self.init.clone().map(|i| ("init", i.into())))
             .chain(self.entrypoint.then(|| ("entrypoint", true.into())))
             .chain((!self.publish.is_empty()).then(|| ("publish", self.publish.clone().into())))
+            .chain((!shares.is_empty()).then(|| ("shares", shares.into())))
             .collect())
+    }
+
+    /// The `--share` folders as `shares` entries: each host folder made absolute and checked
+    /// here, as the caller, for a clear early error (the daemon checks again with the
+    /// caller's rights).
+    fn shares(&self) -> anyhow::Result<Vec<(String, String, bool)>> {
+        self.share
+            .iter()
+            .map(|spec| {
+                let s = crate::model::Share::parse_cli(spec)?;
+                let host = std::fs::canonicalize(&s.host)
+                    .with_context(|| format!("--share {spec}: cannot reach {}", s.host))?;
+                anyhow::ensure!(
+                    host.is_dir(),
+                    "--share {spec}: {} is not a folder",
+                    host.display()
+                );
+                Ok((host.to_string_lossy().into_owned(), s.guest, s.read_only))
+            })
+            .collect()
     }
 }
 
@@ -613,6 +639,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                     "Network",
                     "Egress",
                     "Published",
+                    "Shares",
                     "Owner",
                     "CreatedAt",
                 ],

@@ -104,6 +104,21 @@ impl Options {
         self.take::<Vec<String>>(key, "as")
     }
 
+    /// A `shares` option: `a(ssb)` (host folder, guest folder, read-only).
+    pub fn shares(&mut self, key: &str) -> Result<Option<Vec<crate::model::Share>>> {
+        Ok(self
+            .take::<Vec<(String, String, bool)>>(key, "a(ssb)")?
+            .map(|list| {
+                list.into_iter()
+                    .map(|(host, guest, read_only)| crate::model::Share {
+                        host,
+                        guest,
+                        read_only,
+                    })
+                    .collect()
+            }))
+    }
+
     /// A `ready_ports` option: `aq`, checked.
     pub fn ports(&mut self, key: &str) -> Result<Option<Vec<u16>>> {
         let ports = self.take::<Vec<u16>>(key, "aq")?;

@@ -178,6 +178,12 @@ impl Vm1 {
     fn network(&self) -> String {
         self.vm.network.as_str().to_owned()
     }
+    /// Shared host folders, HOSTDIR:GUESTDIR[:ro].
+    #[zbus(property(emits_changed_signal = "const"), name = "Shares")]
+    fn shares(&self) -> Vec<String> {
+        self.vm.shares.iter().map(|s| s.spec()).collect()
+    }
+
     /// Published ports, ADDR:HOSTPORT:GUESTPORT (host connections reach the guest's port on
     /// its loopback through the agent).
     #[zbus(property(emits_changed_signal = "const"), name = "Published")]

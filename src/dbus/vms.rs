@@ -42,7 +42,9 @@ impl Vms1 {
     /// the image's /sbin/init, else banger-init), entrypoint b (run the image's
     /// Entrypoint+Cmd as the main process; its exit powers the VM off, its status is
     /// ExitStatus), command as (the main process's arguments instead of Cmd), publish as
-    /// ([ADDR:]HOSTPORT:GUESTPORT, TCP, through the agent to the guest's loopback). Returns the VM and its job at once;
+    /// ([ADDR:]HOSTPORT:GUESTPORT, TCP, through the agent to the guest's loopback), shares
+    /// a(ssb) (host folder, guest folder, read-only: virtio-fs, served with the caller's own
+    /// rights; the caller must own or be able to write the folder). Returns the VM and its job at once;
     /// stages arrive as CreateProgress and the job's StageChanged.
     #[zbus(name = "CreateVM", out_args("vm_path", "job_id", "job_path"))]
     async fn create_vm(
@@ -75,6 +77,7 @@ impl Vms1 {
             entrypoint: o.bool("entrypoint")?.unwrap_or(false),
             command: o.strings("command")?.unwrap_or_default(),
             publish: o.strings("publish")?.unwrap_or_default(),
+            shares: o.shares("shares")?.unwrap_or_default(),
         };
         o.finish()?;
         validate_name(NameKind::Vm, name)?;

@@ -41,6 +41,34 @@ pub struct Cmdline {
     /// `banger.main=1`: run the VM's main process (`/root/.banger/main.json`) and power off
     /// when it exits.
     pub main: bool,
+    /// `banger.share=TAG:DIR[:ro]` (repeatable): virtio-fs shares to mount.
+    pub shares: Vec<GuestShare>,
+}
+
+/// A shared folder the guest mounts: its virtio-fs tag, where, and whether read-only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestShare {
+    /// The virtio-fs tag.
+    pub tag: String,
+    /// The mount point (absolute).
+    pub dir: String,
+    /// Mounted read-only.
+    pub read_only: bool,
+}
+
+impl GuestShare {
+    fn parse(v: &str) -> Option<Self> {
+        let (rest, read_only) = match v.strip_suffix(":ro") {
+            Some(r) => (r, true),
+            None => (v, false),
+        };
+        let (tag, dir) = rest.split_once(':')?;
+        (!tag.is_empty() && dir.starts_with('/')).then(|| GuestShare {
+            tag: tag.into(),
+            dir: dir.into(),
+            read_only,
+        })
+    }
 }
 
 /// Parses `/proc/cmdline`.
@@ -55,6 +83,7 @@ pub fn parse_cmdline(s: &str) -> Cmdline {
         stay_init: false,
         init_named: false,
         main: false,
+        shares: Vec::new(),
     };
     for arg in s.split_whitespace() {
         match arg.split_once('=') {
@@ -68,6 +97,7 @@ pub fn parse_cmdline(s: &str) -> Cmdline {
             Some(("banger.work", v)) => c.work = Some(v.into()),
             Some(("banger.init", v)) => c.stay_init = v == "banger",
             Some(("banger.main", v)) => c.main = v == "1",
+            Some(("banger.share", v)) => c.shares.extend(GuestShare::parse(v)),
             None if arg == "rw" => c.read_only = false,
             None if arg == "ro" => c.read_only = true,
             _ => {}
@@ -114,6 +144,36 @@ fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> Result<
         ));
     }
     Ok(())
+}
+
+/// Mounts a shared folder under `root`, making its mount point when the image lacks it. A
+/// share that cannot be mounted stops the boot: a guest that silently lacks a folder its
+/// owner shared would write where the owner does not look.
+fn mount_share(s: &GuestShare, root: &str) {
+    let target = format!("{root}{}", s.dir);
+    if let Err(e) = std::fs::create_dir_all(&target) {
+        fail(&format!(
+            "cannot make the mount point {} of share {}: {e}",
+            s.dir, s.tag
+        ));
+    }
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    if s.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    if let Err(e) = mount(&s.tag, &target, "virtiofs", flags) {
+        fail(&format!(
+            "cannot mount shared folder {} on {}: {e} (a kernel without virtiofs: pull the \
+             kernel again with this banger)",
+            s.tag, s.dir
+        ));
+    }
+    say(&format!(
+        "shared folder {} on {}{}",
+        s.tag,
+        s.dir,
+        if s.read_only { " (read-only)" } else { "" }
+    ));
 }
 
 fn mount_data(
@@ -466,6 +526,9 @@ pub fn run() -> ! {
             )),
         }
     }
+    for s in &cmdline.shares {
+        mount_share(s, "/newroot");
+    }
     if !cmdline.read_only {
         if let Err(e) = net::install_host_key(Path::new("/newroot")) {
             say(&e);
@@ -526,7 +589,25 @@ mod tests {
     #[test]
     fn cmdline_defaults_and_overrides() {
         assert!(!parse_cmdline("quiet").init_named);
-        let c = parse_cmdline("init=/sbin/other banger.init=banger banger.main=1");
+        let c = parse_cmdline(
+            "init=/sbin/other banger.init=banger banger.main=1 banger.share=share0:/src \
+             banger.share=share1:/data:ro banger.share=bad",
+        );
+        assert_eq!(
+            c.shares,
+            [
+                GuestShare {
+                    tag: "share0".into(),
+                    dir: "/src".into(),
+                    read_only: false
+                },
+                GuestShare {
+                    tag: "share1".into(),
+                    dir: "/data".into(),
+                    read_only: true
+                }
+            ]
+        );
         assert!(c.init_named && c.stay_init && c.main);
         let c = parse_cmdline("console=ttyS0 quiet");
         assert_eq!(

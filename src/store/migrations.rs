@@ -95,6 +95,10 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE vms ADD COLUMN publish TEXT NOT NULL DEFAULT '';
     "#,
+    // 9: the VM's shared folders (JSON `[{host, guest, read_only}]`; '' for none).
+    r#"
+    ALTER TABLE vms ADD COLUMN shares TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The schema version this build writes.

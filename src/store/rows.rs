@@ -168,7 +168,7 @@ pub fn delete_kernel(c: &Connection, name: &str) -> Result<(), StoreError> {
 
 const VM_COLS: &str = "id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, \
      owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at, ssh_host_key, \
-     network, egress, init, main, exit_status, publish";
+     network, egress, init, main, exit_status, publish, shares";
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
     let state: String = r.get(2)?;
@@ -207,6 +207,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
             .filter(|l| !l.is_empty())
             .map(str::to_owned)
             .collect(),
+        shares: serde_json::from_str(&r.get::<_, String>(23)?).unwrap_or_default(),
     })
 }
 
@@ -228,7 +229,7 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     c.execute(
         &format!(
             "INSERT INTO vms ({VM_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
         ),
         params![
             v.id,
@@ -253,7 +254,12 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
             v.init,
             main_json(&v.main),
             v.exit_status,
-            v.publish.join("\n")
+            v.publish.join("\n"),
+            if v.shares.is_empty() {
+                String::new()
+            } else {
+                serde_json::to_string(&v.shares).unwrap_or_default()
+            }
         ],
     )?;
     Ok(())

@@ -357,6 +357,13 @@ impl Vmm for Firecracker {
                 std::io::Error::from(std::io::ErrorKind::NotFound),
             )
         })?;
+        if !spec.shares.is_empty() {
+            return Err(Error::InvalidArgument(
+                "Firecracker has no virtio-fs, so a VM with shared folders boots only on \
+                 qemu (vmm = \"qemu\")"
+                    .into(),
+            ));
+        }
         let run = &spec.run_dir;
         self.kill(run).await?;
         let _ = std::fs::remove_file(chroot_record(run));
@@ -406,6 +413,7 @@ impl Vmm for Firecracker {
             writable: &writable,
             jail: &spec.jail,
             tap: None,
+            listen: None,
         };
         let spawned = if jailed.is_some() {
             super::process::spawn_jailer(&detached).await

@@ -28,8 +28,10 @@ pub fn vmm_gid() -> u32 {
 /// What one VM's processes get.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Jail {
-    /// Their uid (and primary gid).
+    /// Their uid.
     pub uid: u32,
+    /// Their primary gid (a VM's is its uid).
+    pub gid: u32,
     /// Supplementary groups: [`vmm_gid`], and `/dev/kvm`'s group when the VM uses KVM.
     pub groups: Vec<u32>,
     /// banger's roots (state, runtime) that its units see as empty, but for the paths below

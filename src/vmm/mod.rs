@@ -49,6 +49,8 @@ pub struct BootSpec {
     pub console_log: PathBuf,
     /// The guest's NIC, when it has one.
     pub net: Option<NetSpec>,
+    /// Shared host folders, each served by a virtio-fs server as its owner.
+    pub shares: Vec<ShareSpec>,
     /// Who the VM's processes run as.
     pub jail: jail::Jail,
 }
@@ -60,6 +62,19 @@ pub struct NetSpec {
     pub tap: String,
     /// The guest's MAC address.
     pub mac: String,
+}
+
+/// A shared folder: its virtio-fs tag, the host folder, and whose rights serve it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareSpec {
+    /// The tag the guest mounts (`share0`…).
+    pub tag: String,
+    /// The host folder.
+    pub host: PathBuf,
+    /// Whether the guest may only read it.
+    pub read_only: bool,
+    /// The VM's owner, whose server serves it.
+    pub owner: crate::callerfile::Creds,
 }
 
 /// The serial number of the root disk, which `banger-init` finds it by (`root=serial:root`).

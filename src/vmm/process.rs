@@ -32,8 +32,22 @@ pub fn live_pid(pidfile: &Path, marker: &str) -> Option<i32> {
         return None;
     }
     let cmdline = String::from_utf8_lossy(&cmdline);
-    cmdline.contains(marker).then_some(pid)
+    if cmdline.contains(marker) {
+        return Some(pid);
+    }
+    // A program whose arguments cannot name its runtime directory carries it in its
+    // environment (see `spawn`).
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let want = format!("{RUN_DIR_ENV}={marker}");
+    environ
+        .split(|b| *b == 0)
+        .any(|e| e == want.as_bytes())
+        .then_some(pid)
 }
+
+/// The environment variable every detached process gets: the directory of its pid file,
+/// which `live_pid` recognises it by when its command line does not name it.
+pub const RUN_DIR_ENV: &str = "BANGER_RUN_DIR";
 
 /// Sends SIGTERM, waits up to `grace`, then SIGKILL; removes the pid file.
 pub async fn terminate(pidfile: &Path, marker: &str, grace: Duration) {
@@ -97,9 +111,7 @@ pub const VMM_OVERHEAD_MIB: u64 = 512;
 pub const CONFINED_UNIT: &[&str] = &[
     "--property=AmbientCapabilities=",
     "--property=NoNewPrivileges=yes",
-    "--property=ProtectHome=yes",
     "--property=ProtectSystem=strict",
-    "--property=PrivateTmp=yes",
     "--property=ProtectKernelTunables=yes",
     "--property=ProtectKernelModules=yes",
     "--property=ProtectKernelLogs=yes",
@@ -119,26 +131,52 @@ pub const CONFINED_UNIT: &[&str] = &[
 enum Runner {
     /// `setpriv`, after banger's own namespace (hosts without systemd) or the unit's.
     Setpriv,
+    /// `setpriv` to the VM's owner, for a shared folder's server (virtiofsd): it must reach
+    /// the owner's folder wherever it is (home, /tmp) and build its own user-namespace
+    /// sandbox.
+    Owner,
     /// Firecracker's `jailer`, which builds its chroot and namespace and changes uid itself.
     Jailer,
 }
+
+/// What a VM's own processes' units keep beyond [`CONFINED_UNIT`]: only what setpriv needs
+/// to become the VM's uid and drop everything.
+pub const SETPRIV_UNIT: &[&str] = &[
+    "--property=CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_SETPCAP",
+    "--property=RestrictNamespaces=yes",
+    "--property=ProtectHome=yes",
+    "--property=PrivateTmp=yes",
+];
+
+/// A shared folder's server's unit beyond [`CONFINED_UNIT`]: the owner's folder may be
+/// anywhere the owner reaches (/home read-only but for the share, which is in its
+/// ReadWritePaths; the host's /tmp), and virtiofsd's sandbox is a user, mount, pid and
+/// network namespace of its own. CAP_CHOWN is `bangerd listen`'s, which hands the socket to
+/// the VM's group before setpriv drops everything.
+pub const OWNER_UNIT: &[&str] = &[
+    "--property=CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_SETPCAP CAP_CHOWN",
+    "--property=RestrictNamespaces=user mnt pid net",
+    "--property=ProtectHome=read-only",
+    "--property=PrivateTmp=no",
+];
+
+/// What the jailer needs for its mount namespace, chroot, device nodes and the uid change;
+/// it drops them all when it execs Firecracker as the VM's uid.
+pub const JAILER_UNIT: &[&str] = &[
+    "--property=CapabilityBoundingSet=CAP_SYS_ADMIN CAP_SYS_CHROOT CAP_MKNOD CAP_CHOWN \
+     CAP_FOWNER CAP_DAC_OVERRIDE CAP_SETUID CAP_SETGID CAP_SETPCAP CAP_SYS_RESOURCE",
+    "--property=RestrictNamespaces=mnt",
+    "--property=ProtectHome=yes",
+    "--property=PrivateTmp=yes",
+];
 
 impl Runner {
     /// What its unit keeps (systemd hosts), beyond [`CONFINED_UNIT`].
     fn unit_properties(self) -> &'static [&'static str] {
         match self {
-            // Only what setpriv needs to become the VM's uid and drop everything.
-            Runner::Setpriv => &[
-                "--property=CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_SETPCAP",
-                "--property=RestrictNamespaces=yes",
-            ],
-            // What the jailer needs for its mount namespace, chroot, device nodes and the
-            // uid change; it drops them all when it execs Firecracker as the VM's uid.
-            Runner::Jailer => &[
-                "--property=CapabilityBoundingSet=CAP_SYS_ADMIN CAP_SYS_CHROOT CAP_MKNOD CAP_CHOWN \
-                 CAP_FOWNER CAP_DAC_OVERRIDE CAP_SETUID CAP_SETGID CAP_SETPCAP CAP_SYS_RESOURCE",
-                "--property=RestrictNamespaces=mnt",
-            ],
+            Runner::Setpriv => SETPRIV_UNIT,
+            Runner::Owner => OWNER_UNIT,
+            Runner::Jailer => JAILER_UNIT,
         }
     }
 }
@@ -176,6 +214,42 @@ pub struct Detached<'a> {
     /// a descriptor into a transient unit) `bangerd open-tap` as the unit's first step, as
     /// root but without capabilities, before `setpriv` drops to the VM's uid.
     pub tap: Option<&'a str>,
+    /// A Unix socket to listen on, handed over as fd 3 (instead of a tap): its path (in a
+    /// directory only root writes) and the group that may connect (mode 0660). Made by the
+    /// daemon where it starts the process, else by `bangerd listen` as the unit's first step.
+    pub listen: Option<(&'a Path, u32)>,
+}
+
+/// The argument that runs the `bangerd` binary as `listen PATH GID -- PROGRAM ARGS…`.
+pub const LISTEN_ARG: &str = "listen";
+
+/// `bangerd listen PATH GID -- PROGRAM ARGS…`: listens on Unix socket PATH (root:GID 0660)
+/// as fd 3 and becomes PROGRAM.
+pub fn listen_and_exec(args: &[std::ffi::OsString]) -> std::io::Error {
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::process::CommandExt;
+    let usage = || std::io::Error::other("usage: bangerd listen PATH GID -- PROGRAM ARGS…");
+    let [path, gid, sep, program, rest @ ..] = args else {
+        return usage();
+    };
+    let Some(gid) = gid.to_str().and_then(|g| g.parse().ok()) else {
+        return usage();
+    };
+    if sep != "--" {
+        return usage();
+    }
+    let fd = match crate::host::listen_unix(Path::new(path), gid) {
+        Ok(fd) => fd.into_raw_fd(),
+        Err(e) => return e,
+    };
+    if let Err(e) = crate::host::fd_as_3(fd) {
+        return e;
+    }
+    if fd != 3 {
+        // SAFETY: fd is this process's own copy, now duplicated as 3.
+        unsafe { libc::close(fd) };
+    }
+    std::process::Command::new(program).args(rest).exec()
 }
 
 /// The argument that runs the `bangerd` binary as `open-tap TAP -- PROGRAM ARGS…`.
@@ -272,6 +346,12 @@ pub async fn spawn_detached(d: &Detached<'_>) -> crate::Result<()> {
     spawn(d, Runner::Setpriv).await
 }
 
+/// Starts a shared folder's server as a [`Detached`] process that becomes `d.jail`, the VM's
+/// owner (see [`Runner::Owner`]).
+pub async fn spawn_as_owner(d: &Detached<'_>) -> crate::Result<()> {
+    spawn(d, Runner::Owner).await
+}
+
 /// Starts Firecracker's `jailer` (`d.program`, its arguments `d.args`) as a [`Detached`]
 /// process: as root, in its unit on systemd hosts (with the capabilities the jailer needs,
 /// see [`Runner::Jailer`]); the jailer then builds the VM's chroot and becomes its uid.
@@ -292,7 +372,15 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
     let out = std::fs::File::create(log).map_err(fail)?;
     let err = out.try_clone().map_err(fail)?;
     // The shell writes its pid (about to become the program's) for live_pid to find.
-    let mut script = "echo $$ > \"$0\"; exec \"$@\"".to_owned();
+    // Nothing runs unless its pid file was written: a process no pid file names would be
+    // an orphan no one stops.
+    let mut script = "echo $$ > \"$0\" && exec \"$@\"".to_owned();
+    let run_dir = d
+        .pidfile
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .display()
+        .to_string();
     let mut cmd = if super::scope::systemd_booted() {
         // systemd expands $VAR in ExecStart; $$ is its escape for a literal $.
         script = script.replace('$', "$$");
@@ -306,6 +394,7 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
             ))
             .arg(format!("--property=StandardError=append:{}", log.display()))
             .args(["--property=KillMode=mixed", "--property=TimeoutStopSec=10"])
+            .arg(format!("--setenv={RUN_DIR_ENV}={run_dir}"))
             .args(CONFINED_UNIT)
             .args(runner.unit_properties())
             .arg(format!(
@@ -323,40 +412,54 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
         c
     } else {
         let mut c = tokio::process::Command::new("setsid");
-        c.arg("-f");
+        c.arg("-f").env(RUN_DIR_ENV, &run_dir);
         c
     };
     // In order, each becoming the next: [`bangerd jail-mounts` (no systemd: the namespace a
     // unit gets from systemd)], [`bangerd open-tap` (systemd: the tap as fd 3)], the shell
     // that writes the pid file (root's, in root's runtime directory), `setpriv` (the VM's
     // uid, no capabilities), the program.
-    let mut tap_fd = None;
+    let mut fd3: Option<std::os::fd::OwnedFd> = None;
     if super::scope::systemd_booted() {
         if let Some(tap) = d.tap {
             cmd.arg(bangerd_program()?).args([OPEN_TAP_ARG, tap, "--"]);
         }
-    } else if runner == Runner::Setpriv {
+        if let Some((path, gid)) = d.listen {
+            cmd.arg(bangerd_program()?)
+                .arg(LISTEN_ARG)
+                .arg(path)
+                .arg(gid.to_string())
+                .arg("--");
+        }
+    } else if runner != Runner::Jailer {
         if !d.jail.hide.is_empty() {
             let m = super::jail::Mounts::of(d.jail, d.writable);
             cmd.arg(bangerd_program()?)
                 .arg(super::jail::MOUNTS_ARG)
                 .args(m.args());
         }
-        // The daemon attaches the tap before the uid changes.
+        // The daemon attaches the tap, or listens, before the uid changes.
         if let Some(tap) = d.tap {
-            tap_fd = Some(crate::net::open_tap(tap)?);
+            fd3 = Some(crate::net::open_tap(tap)?);
+        }
+        if let Some((path, gid)) = d.listen {
+            fd3 = Some(crate::host::listen_unix(path, gid).map_err(fail)?);
         }
     }
     cmd.args(["sh", "-c", &script]).arg(d.pidfile);
-    if runner == Runner::Setpriv {
+    if runner != Runner::Jailer {
         cmd.arg("setpriv")
             .arg(format!("--reuid={}", jail.uid))
-            .arg(format!("--regid={}", jail.uid))
-            .arg(format!("--groups={}", groups.join(",")))
+            .arg(format!("--regid={}", jail.gid))
+            .arg(if groups.is_empty() {
+                "--clear-groups".to_owned()
+            } else {
+                format!("--groups={}", groups.join(","))
+            })
             .args(CONFINED_SETPRIV)
             .arg("--");
     }
-    if let Some(fd) = &tap_fd {
+    if let Some(fd) = &fd3 {
         use std::os::fd::AsRawFd;
         let raw = fd.as_raw_fd();
         // SAFETY: between fork and exec only dup2 and fcntl run (fd_as_3), both

@@ -34,6 +34,24 @@ fn vsock_pidfile(run: &Path) -> PathBuf {
 fn vhost_socket(run: &Path) -> PathBuf {
     super::jail::own_runtime(run).join("vhost-vsock.sock")
 }
+/// The virtio-fs server of share `tag`: its socket (root:VM group, in root's runtime
+/// directory), pid file and log.
+fn share_socket(run: &Path, tag: &str) -> PathBuf {
+    run.join(format!("{tag}.sock"))
+}
+fn share_pidfile(run: &Path, tag: &str) -> PathBuf {
+    run.join(format!("{tag}.pid"))
+}
+/// Every share's pid file in `run` (a VM has at most `vms::share::MAX_SHARES`).
+fn share_pidfiles(run: &Path) -> Vec<PathBuf> {
+    (0..crate::vms::share::MAX_SHARES)
+        .map(|i| share_pidfile(run, &crate::vms::share::tag(i)))
+        .collect()
+}
+
+/// The virtio-fs server (`cargo install virtiofsd`).
+pub const VIRTIOFSD: &str = "virtiofsd";
+
 fn qmp_socket(run: &Path) -> PathBuf {
     super::jail::own_runtime(run).join("qmp.sock")
 }
@@ -196,6 +214,14 @@ impl Qemu {
                 format!("virtio-net-device,netdev=net0,mac={}", n.mac),
             ]);
         }
+        for s in &spec.shares {
+            a.extend([
+                "-chardev".into(),
+                format!("socket,id={},path={}", s.tag, p(&share_socket(run, &s.tag))),
+                "-device".into(),
+                format!("vhost-user-fs-device,chardev={0},tag={0}", s.tag),
+            ]);
+        }
         a.extend([
             "-chardev".into(),
             format!("socket,id=vsk,path={}", p(&vhost_socket(run))),
@@ -232,6 +258,7 @@ impl Qemu {
             writable: &[run, log_dir(spec)],
             jail: &spec.jail,
             tap: None,
+            listen: None,
         })
         .await?;
         if !wait_for_path(&sock, Duration::from_secs(10)).await {
@@ -273,6 +300,7 @@ impl Qemu {
             writable: &[run],
             jail: &spec.jail,
             tap: None,
+            listen: None,
         })
         .await?;
         if !wait_for_path(&vhost_socket(run), Duration::from_secs(10)).await {
@@ -281,6 +309,99 @@ impl Qemu {
                 format!("{VHOST_VSOCK} did not create its socket"),
                 std::io::Error::other(log.trim().to_owned()),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl Qemu {
+    /// Starts one virtio-fs server per shared folder, each as the VM's owner in a user
+    /// namespace sandbox of its own with the folder as its root, and waits until each
+    /// serves its socket (which the daemon made for the VM's group and hands it as fd 3).
+    async fn start_shares(&self, spec: &BootSpec) -> Result<()> {
+        if spec.shares.is_empty() {
+            return Ok(());
+        }
+        let bin = program(
+            VIRTIOFSD,
+            "install it with `cargo install virtiofsd` (shared folders need it)",
+        )?;
+        let run = &spec.run_dir;
+        for s in &spec.shares {
+            let (pidfile, log) = (
+                share_pidfile(run, &s.tag),
+                run.join(format!("{}.log", s.tag)),
+            );
+            terminate(&pidfile, &marker(run), Duration::from_secs(2)).await;
+            let o = &s.owner;
+            let mut args: Vec<std::ffi::OsString> = vec![
+                "--fd=3".into(),
+                "--shared-dir".into(),
+                s.host.clone().into(),
+                "--sandbox=namespace".into(),
+                "--cache=auto".into(),
+                // Unprivileged, it may not open file handles or raise its descriptor limit.
+                "--inode-file-handles=never".into(),
+                "--rlimit-nofile=0".into(),
+                // Info: it says when it waits for the VMM, which is when it is ready.
+                "--log-level=info".into(),
+            ];
+            if o.uid != 0 {
+                // The guest's root is the owner in the folder, both ways.
+                args.push(format!("--translate-uid=map:0:{}:1", o.uid).into());
+                args.push(format!("--translate-gid=map:0:{}:1", o.gid).into());
+            }
+            if s.read_only {
+                args.push("--readonly".into());
+            }
+            let argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+            let sock = share_socket(run, &s.tag);
+            // The run directory for its pid file (root writes it before the uid changes;
+            // the owner cannot enter it), the folder when the guest may write it.
+            let mut writable: Vec<&Path> = vec![run];
+            if !s.read_only {
+                writable.push(&s.host);
+            }
+            let owner = super::jail::Jail {
+                uid: o.uid,
+                gid: o.gid,
+                groups: o.groups.clone(),
+                hide: spec.jail.hide.clone(),
+                read_only: Vec::new(),
+            };
+            super::process::spawn_as_owner(&Detached {
+                pidfile: &pidfile,
+                unit: &super::scope::helper_unit(&spec.id, &s.tag),
+                program: &bin,
+                args: &argv,
+                log: &log,
+                limits: UnitLimits::helper(spec.memory_mib),
+                writable: &writable,
+                jail: &owner,
+                tap: None,
+                listen: Some((&sock, spec.jail.gid)),
+            })
+            .await?;
+            // virtiofsd says it waits for the VMM once its sandbox is up; an exit first is a
+            // failure, in its words.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let said = std::fs::read_to_string(&log).unwrap_or_default();
+                if live_pid(&pidfile, &marker(run)).is_some()
+                    && said.contains("Waiting for vhost-user")
+                {
+                    break;
+                }
+                let gone =
+                    super::process::read_pid(&pidfile).is_some_and(|p| !super::process::exists(p));
+                if gone || tokio::time::Instant::now() > deadline {
+                    return Err(Error::failed(
+                        format!("Cannot share {}", s.host.display()),
+                        std::io::Error::other(said.trim().to_owned()),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
         Ok(())
     }
@@ -322,6 +443,10 @@ impl Vmm for Qemu {
         let _ = std::fs::remove_file(qmp_socket(&spec.run_dir));
         self.start_console(spec).await?;
         self.start_vsock(spec).await?;
+        if let Err(e) = self.start_shares(spec).await {
+            self.kill(&spec.run_dir).await?;
+            return Err(e);
+        }
         let args = self.args(spec, kvm, crate::host::tsc_khz());
         // Under KVM the VMM's uid needs /dev/kvm's group as well.
         let mut jail = spec.jail.clone();
@@ -345,6 +470,7 @@ impl Vmm for Qemu {
             writable: &[run, log_dir(spec)],
             jail: &jail,
             tap: spec.net.as_ref().map(|n| n.tap.as_str()),
+            listen: None,
         })
         .await?;
         // Up once its QMP socket listens; an early exit is a failed boot, with QEMU's words.
@@ -391,6 +517,7 @@ impl Vmm for Qemu {
             console_pidfile(run_dir),
         ]
         .iter()
+        .chain(share_pidfiles(run_dir).iter())
         .filter_map(|f| live_pid(f, &marker(run_dir)))
         .map(|p| p as u32)
         .collect()
@@ -407,6 +534,10 @@ impl Vmm for Qemu {
         terminate(&qemu_pidfile(run_dir), &m, Duration::from_secs(3)).await;
         terminate(&vsock_pidfile(run_dir), &m, Duration::from_secs(2)).await;
         terminate(&console_pidfile(run_dir), &m, Duration::from_secs(2)).await;
+        for (i, pidfile) in share_pidfiles(run_dir).iter().enumerate() {
+            terminate(pidfile, &m, Duration::from_secs(2)).await;
+            let _ = std::fs::remove_file(share_socket(run_dir, &crate::vms::share::tag(i)));
+        }
         for s in [
             qmp_socket(run_dir),
             console_socket(run_dir),
@@ -437,12 +568,14 @@ mod tests {
             cid: 7,
             run_dir: "/run/banger/vms/00ff".into(),
             console_log: "/v/console.log".into(),
+            shares: Vec::new(),
             net: Some(crate::vmm::NetSpec {
                 tap: "bgr0123456789ab".into(),
                 mac: "02:01:23:45:67:89".into(),
             }),
             jail: crate::vmm::jail::Jail {
                 uid: crate::vmm::jail::vm_uid(3),
+                gid: crate::vmm::jail::vm_uid(3),
                 groups: vec![crate::vmm::jail::vmm_gid()],
                 hide: Vec::new(),
                 read_only: Vec::new(),

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{bounds, publish, CreateOptions, Vms};
+use super::{bounds, publish, share, CreateOptions, Vms};
 use crate::auth::Action;
 use crate::jobs::{Job, JobContext, JobSpec};
 use crate::model::{new_id, now_us, Image, Kernel, Vm, VmState};
@@ -97,6 +97,15 @@ impl Vms {
             }
             publish::check_free(&wanted)?;
         }
+        // Shared folders: checked with the owner's own rights, kept as they resolved.
+        if !o.shares.is_empty() && self.vmm.name() == "firecracker" {
+            return Err(Error::InvalidArgument(
+                "share: the firecracker VMM has no virtio-fs; set vmm = \"qemu\" in the \
+                 configuration to share folders"
+                    .into(),
+            ));
+        }
+        let shares = share::verify(uid, o.shares.clone()).await?;
         let n = name.to_owned();
         if self
             .store
@@ -131,6 +140,7 @@ impl Vms {
             main: Vec::new(),
             exit_status: -1,
             publish: wanted.iter().map(|p| p.spec()).collect(),
+            shares,
         };
         let spec = JobSpec {
             kind: "create-vm".into(),
@@ -482,6 +492,24 @@ impl Vms {
             Some(i) => Some(self.current_initrd(i, &own_run).await?),
             None => None,
         };
+        // Each start checks the shared folders again with the owner's rights: access lost
+        // since the create is a clear error here, not a guest that cannot mount.
+        let shares = if vm.shares.is_empty() {
+            Vec::new()
+        } else {
+            let owner = crate::callerfile::creds(vm.owner_uid)?;
+            share::verify(vm.owner_uid, vm.shares.clone())
+                .await?
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| crate::vmm::ShareSpec {
+                    tag: share::tag(i),
+                    host: s.host.into(),
+                    read_only: s.read_only,
+                    owner: owner.clone(),
+                })
+                .collect()
+        };
         let spec = BootSpec {
             id: vm.id.clone(),
             name: vm.name.clone(),
@@ -490,7 +518,7 @@ impl Vms {
             kernel: kernel.kernel_path.clone(),
             initrd,
             cmdline: format!(
-                "quiet {} banger.hostname={}{}",
+                "quiet {} banger.hostname={}{}{}",
                 lease.cmdline(),
                 hostname_for(&vm.name),
                 if vm.main.is_empty() {
@@ -498,12 +526,14 @@ impl Vms {
                 } else {
                     // banger-init runs the main process, whatever init the image has.
                     " banger.init=banger banger.main=1".into()
-                }
+                },
+                share::cmdline(&vm.shares)
             ),
             net: Some(crate::vmm::NetSpec {
                 tap: vm.tap_name.clone(),
                 mac: vm.mac_address.clone(),
             }),
+            shares,
             rootfs,
             work,
             cid: vm.vsock_cid,
@@ -511,6 +541,7 @@ impl Vms {
             console_log: self.console_log(&vm.id),
             jail: crate::vmm::jail::Jail {
                 uid: crate::vmm::jail::vm_uid(vm.vsock_cid),
+                gid: crate::vmm::jail::vm_uid(vm.vsock_cid),
                 groups: vec![crate::vmm::jail::vmm_gid()],
                 hide: vec![
                     self.layout.state_dir.clone(),
@@ -664,6 +695,7 @@ impl Vms {
             writable: &[run.as_path()],
             jail,
             tap: None,
+            listen: None,
         })
         .await?;
         // Ready once it says it listens; an exit first is a failure with its words.

@@ -6,6 +6,7 @@ pub mod bounds;
 mod create;
 mod lifecycle;
 pub mod publish;
+pub mod share;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -53,6 +54,8 @@ pub struct CreateOptions {
     pub command: Vec<String>,
     /// Published ports, `[ADDR:]HOSTPORT:GUESTPORT`.
     pub publish: Vec<String>,
+    /// Shared host folders (see [`share`]).
+    pub shares: Vec<crate::model::Share>,
 }
 
 impl Default for CreateOptions {
@@ -71,6 +74,7 @@ impl Default for CreateOptions {
             entrypoint: false,
             command: Vec::new(),
             publish: Vec::new(),
+            shares: Vec::new(),
         }
     }
 }
@@ -129,6 +133,7 @@ impl CreateOptions {
         crate::net::walls::check_egress(&self.egress)?;
         check_init(&self.init)?;
         publish::check(&self.publish)?;
+        share::check(&self.shares)?;
         if !self.command.is_empty() && !self.entrypoint {
             return Err(Error::InvalidArgument(
                 "command is the main process's arguments: it needs entrypoint (CLI --entrypoint)"
