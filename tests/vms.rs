@@ -558,7 +558,12 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
             assert!(out.status.success(), "cp {a} {b}: {}", text(&out));
         };
         let host = |p: &str| d.join(p).to_string_lossy().into_owned();
-        cp(&host("big.bin"), "t1:/tmp/");
+        let out = bus.banger_as(
+            Some(USER_OK),
+            &["--json", "vm", "cp", &host("big.bin"), "t1:/tmp/"],
+        );
+        let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(said["to"], "t1:/tmp/", "{said}");
         cp(&host("tree"), "t1:/root/tree");
         let out = bus.banger_as(
             Some(USER_OK),
@@ -857,9 +862,18 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     // The published port outlived the daemon.
     assert!(fetch().contains("from the image"), "{}", fetch());
 
-    // Stop (through the agent), start again: /root survived.
-    let out = bus.banger_as(Some(USER_OK), &["vm", "stop", "t1"]);
+    // Stop (through the agent), start again: /root survived. With --json, a verb that says
+    // nothing to people says what it did to programs, and an error is JSON too.
+    let out = bus.banger_as(Some(USER_OK), &["--json", "vm", "stop", "t1"]);
     assert!(out.status.success(), "{}", text(&out));
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(said, serde_json::json!({"name": "t1", "state": "stopped"}));
+    let out = bus.banger_as(Some(USER_OK), &["--json", "vm", "show", "no-such-vm"]);
+    let err: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert!(
+        !out.status.success() && err["error"].as_str().unwrap().contains("no-such-vm"),
+        "{err}"
+    );
     assert_eq!(get("State").trim(), "s \"stopped\"");
     assert!(vm_processes(&bus).is_empty(), "{:?}", vm_processes(&bus));
     assert!(
@@ -2120,18 +2134,17 @@ async fn debootstrap_and_umoci_images_boot_by_reference() {
     let layout = work.path().join("layout");
     let debian = registry.push(&layout, "minbase", "debian/minbase", &[]);
     let layered = registry.push(&layout, "layered", "umoci/layered", &[]);
-    // Both pull and boot at once.
-    let create = |name: &str, image: &str| {
-        bus.banger_as(
-            None,
-            &[
-                "vm", "create", name, "--image", image, "--memory", "512", "--vcpus", "1",
-            ],
-        )
+    // Both pull and boot at once; the Debian one publishes a UDP port.
+    let create = |name: &str, image: &str, extra: &[&str]| {
+        let mut args = vec![
+            "vm", "create", name, "--image", image, "--memory", "512", "--vcpus", "1",
+        ];
+        args.extend(extra);
+        bus.banger_as(None, &args)
     };
     let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| create("deb", &debian));
-        let b = s.spawn(|| create("lay", &layered));
+        let a = s.spawn(|| create("deb", &debian, &["--publish", "18053:7053/udp"]));
+        let b = s.spawn(|| create("lay", &layered, &[]));
         (a.join().unwrap(), b.join().unwrap())
     });
     for out in [&a, &b] {
@@ -2150,6 +2163,33 @@ async fn debootstrap_and_umoci_images_boot_by_reference() {
         "apt-get --version | head -1; cat /etc/debian_version",
     );
     assert!(ok && stdout.starts_with("apt "), "{all}");
+    // A published UDP port reaches an echo bound to the guest's loopback (perl from
+    // perl-base), and the answer comes back to the host's client.
+    let (ok, _, all) = exec(
+        "deb",
+        "setsid perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => \"127.0.0.1:7053\", \
+         Proto => \"udp\") or die $!; while (defined(my $p = $s->recv(my $m, 65535))) { $s->send(uc $m, 0, $p) }' \
+         </dev/null >/dev/null 2>&1 &",
+    );
+    assert!(ok, "{all}");
+    let out = bus
+        .in_netns("python3")
+        .args([
+            "-c",
+            "import socket, time\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)\n\
+             for _ in range(120):\n    s.sendto(b'ping over udp', ('127.0.0.1', 18053))\n    \
+             try:\n        print(s.recv(100).decode()); break\n    \
+             except OSError:\n        time.sleep(0.25)\n",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "PING OVER UDP",
+        "{}",
+        text(&out)
+    );
     let (ok, stdout, all) = exec("lay", "cat /srv/kept; ls /srv /etc");
     assert!(ok, "{all}");
     assert!(stdout.starts_with("stays\n"), "{stdout}");

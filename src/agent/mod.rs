@@ -81,6 +81,12 @@ pub enum Request {
         /// The guest port.
         port: u16,
     },
+    /// Open a UDP socket connected to the guest's own `127.0.0.1:port`; after the reply the
+    /// stream carries datagrams both ways, each as a u16 big-endian length and its bytes.
+    ConnectUdp {
+        /// The guest port.
+        port: u16,
+    },
 }
 
 /// A terminal's size and type, for `exec` on a PTY.

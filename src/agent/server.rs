@@ -160,7 +160,53 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
                 ),
             }
         }
+        Request::ConnectUdp { port } => {
+            drop(reader);
+            let sock = std::net::UdpSocket::bind(("127.0.0.1", 0))
+                .and_then(|s| s.connect(("127.0.0.1", port)).map(|_| s));
+            match sock {
+                Ok(sock) => {
+                    write_line(&mut writer, &Reply::ok())?;
+                    relay_udp(writer, sock)
+                }
+                Err(e) => write_line(
+                    &mut writer,
+                    &Reply::error(format!("cannot reach the guest's UDP port {port}: {e}")),
+                ),
+            }
+        }
     }
+}
+
+/// Carries datagrams between a stream (length-prefixed frames) and a connected UDP socket
+/// until the stream ends.
+fn relay_udp(stream: std::fs::File, sock: std::net::UdpSocket) -> std::io::Result<()> {
+    use crate::vms::publish::{read_datagram, write_datagram};
+    let (mut from_host, mut to_host) = (stream.try_clone()?, stream);
+    let back = sock.try_clone()?;
+    std::thread::spawn(move || {
+        let mut b = [0u8; 65536];
+        // A refused send (nothing listens yet) is the guest's ICMP; the next may land.
+        while let Ok(n) = back.recv(&mut b).or_else(|e| {
+            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                Ok(0)
+            } else {
+                Err(e)
+            }
+        }) {
+            if n > 0 && write_datagram(&mut to_host, &b[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let mut b = [0u8; 65536];
+    while let Some(d) = read_datagram(&mut from_host, &mut b)? {
+        let _ = sock.send(d);
+    }
+    // The stream ended: the socket goes, and with it the thread reading it (shut down).
+    // SAFETY: shutdown takes no pointers; the descriptor is open.
+    unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&sock), libc::SHUT_RDWR) };
+    Ok(())
 }
 
 /// Ends a copy: `EXIT` 0, or a `STDERR` frame with the reason and `EXIT` 1.

@@ -5,10 +5,16 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = banger::cli::Cli::parse();
+    let json = cli.json;
     match banger::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("banger: {e:#}");
+            // Programs that asked for JSON get the error as JSON too (on stderr).
+            if json {
+                eprintln!("{}", serde_json::json!({ "error": format!("{e:#}") }));
+            } else {
+                eprintln!("banger: {e:#}");
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -279,7 +279,10 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
             fields.push(("Path", json!(path.as_str())));
             out.object(fields);
         }
-        ImageCommand::Delete { name } => p.delete_image(&name).await.map_err(explain)?,
+        ImageCommand::Delete { name } => {
+            p.delete_image(&name).await.map_err(explain)?;
+            out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
+        }
     }
     Ok(())
 }

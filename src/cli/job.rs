@@ -85,7 +85,10 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: JobCommand) -> anyh
             fields.push(("Path", json!(path.as_str())));
             out.object(fields);
         }
-        JobCommand::Cancel { id } => p.cancel_job(id).await.map_err(explain)?,
+        JobCommand::Cancel { id } => {
+            p.cancel_job(id).await.map_err(explain)?;
+            out.done(vec![("job_id", json!(id)), ("canceled", json!(true))]);
+        }
         JobCommand::Watch { id } => {
             // Subscribed first, then checked: a job that ends in between is not missed.
             let watch = super::watch::subscribe(conn).await?;

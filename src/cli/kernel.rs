@@ -113,7 +113,10 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: KernelCommand) -> a
                 ("path", json!(path.as_str())),
             ]);
         }
-        KernelCommand::Delete { name } => p.delete_kernel(&name).await.map_err(explain)?,
+        KernelCommand::Delete { name } => {
+            p.delete_kernel(&name).await.map_err(explain)?;
+            out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
+        }
     }
     Ok(())
 }

@@ -48,6 +48,14 @@ impl Output {
         }
     }
 
+    /// What a verb that prints nothing for people says to programs: a JSON object of
+    /// `fields` (nothing without `--json`).
+    pub fn done(&self, fields: Vec<(&str, Value)>) {
+        if self.json {
+            self.object(fields);
+        }
+    }
+
     /// Prints one object: `key: value` lines, or a JSON object.
     pub fn object(&self, fields: Vec<(&str, Value)>) {
         if self.json {

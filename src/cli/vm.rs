@@ -176,9 +176,9 @@ pub struct VmSpec {
     /// after -- replaces Cmd); the VM powers off when it exits.
     #[arg(long)]
     entrypoint: bool,
-    /// Publish a guest TCP port on the host, [ADDR:]HOSTPORT:GUESTPORT (repeatable; ADDR
-    /// 127.0.0.1 by default).
-    #[arg(long, short = 'p', value_name = "[ADDR:]HOST:GUEST")]
+    /// Publish a guest port on the host, [ADDR:]HOSTPORT:GUESTPORT[/udp] (repeatable; ADDR
+    /// 127.0.0.1 by default; TCP unless /udp).
+    #[arg(long, short = 'p', value_name = "[ADDR:]HOST:GUEST[/udp]")]
     publish: Vec<String>,
     /// Share a host folder of yours with the guest, HOSTDIR:GUESTDIR[:ro] (repeatable;
     /// virtio-fs, the guest's root acting as you in it).
@@ -601,8 +601,8 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             name,
             force,
             timeout,
-        } => p
-            .stop_vm(
+        } => {
+            p.stop_vm(
                 &name,
                 opts(
                     [("force", force.into())]
@@ -611,11 +611,15 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                 ),
             )
             .await
-            .map_err(explain)?,
-        VmCommand::Delete { name, force } => p
-            .delete_vm(&name, opts([("force", force.into())]))
-            .await
-            .map_err(explain)?,
+            .map_err(explain)?;
+            out.done(vec![("name", json!(name)), ("state", json!("stopped"))]);
+        }
+        VmCommand::Delete { name, force } => {
+            p.delete_vm(&name, opts([("force", force.into())]))
+                .await
+                .map_err(explain)?;
+            out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
+        }
         VmCommand::Show { name } => {
             let path = p.get_vm(&name).await.map_err(explain)?;
             let (mut fields, all) = object_fields(
@@ -701,6 +705,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
         }
         VmCommand::Cp { src, dst } => {
             use super::cp::{side, Side};
+            let (from, to) = (src.clone(), dst.clone());
             let (vm, job): (String, Box<dyn FnOnce(std::os::unix::net::UnixStream) -> anyhow::Result<()> + Send>) =
                 match (side(&src), side(&dst)) {
                     (Side::Host(h), Side::Guest(vm, g)) => {
@@ -717,6 +722,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             let fd = proxy.open_agent().await.map_err(explain)?;
             let s = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(fd));
             tokio::task::spawn_blocking(move || job(s)).await??;
+            out.done(vec![("from", json!(from)), ("to", json!(to))]);
         }
         VmCommand::Shell { name, user } => {
             let what = crate::agent::ExecRequest {

@@ -42,7 +42,7 @@ impl Vms1 {
     /// the image's /sbin/init, else banger-init), entrypoint b (run the image's
     /// Entrypoint+Cmd as the main process; its exit powers the VM off, its status is
     /// ExitStatus), command as (the main process's arguments instead of Cmd), publish as
-    /// ([ADDR:]HOSTPORT:GUESTPORT, TCP, through the agent to the guest's loopback), shares
+    /// ([ADDR:]HOSTPORT:GUESTPORT[/udp], through the agent to the guest's loopback), shares
     /// a(ssb) (host folder, guest folder, read-only: virtio-fs, served with the caller's own
     /// rights; the caller must own or be able to write the folder). Returns the VM and its job at once;
     /// stages arrive as CreateProgress and the job's StageChanged.

@@ -86,10 +86,10 @@ impl Vms {
                     .iter()
                     .filter_map(|s| publish::Publish::parse(s).ok())
                 {
-                    if wanted.iter().any(|w| w.host.port() == p.host.port()) {
+                    if wanted.iter().any(|w| w.clashes(&p)) {
                         return Err(Error::InvalidArgument(format!(
                             "publish: host port {} is VM {}'s; pick another",
-                            p.host.port(),
+                            p.host_port(),
                             other.name
                         )));
                     }

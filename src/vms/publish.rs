@@ -1,12 +1,16 @@
-//! Published ports (`CreateVM` option `publish`, CLI `--publish [ADDR:]HOSTPORT:GUESTPORT`):
+//! Published ports (`CreateVM` option `publish`, CLI `--publish [ADDR:]HOSTPORT:GUESTPORT[/udp]`):
 //! a host TCP port whose connections reach a guest port through the VM's agent (vsock, the
 //! agent's `connect` to the guest's own loopback), so they work whatever the guest listens on
-//! and whatever walls its network has. The listener is a detached helper of the VM's,
+//! and whatever walls its network has. A UDP port works the same way per client: each host
+//! peer gets a stream to the agent (`connect_udp`) carrying its datagrams, length-prefixed,
+//! to and from a guest socket connected to the guest's port; a peer silent for
+//! [`UDP_IDLE`] loses its stream, as a NAT forgets a flow. The listener is a detached helper of the VM's,
 //! `bangerd port-forward`, running as the VM's uid like its other helpers: it outlives the
 //! daemon's idle exit or restart and goes with the VM.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use crate::{Error, Result};
 
@@ -16,6 +20,12 @@ pub const FORWARD_ARG: &str = "port-forward";
 /// The lowest host port a VM may publish (lower ones are the host's services').
 pub const MIN_HOST_PORT: u16 = 1024;
 
+/// A UDP peer silent this long loses its stream to the guest.
+pub const UDP_IDLE: Duration = Duration::from_secs(120);
+
+/// The most UDP peers one published port serves at once (each holds a stream to the agent).
+pub const MAX_UDP_PEERS: usize = 256;
+
 /// One published port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Publish {
@@ -23,21 +33,24 @@ pub struct Publish {
     pub host: SocketAddr,
     /// The guest's port (on its loopback).
     pub guest: u16,
+    /// UDP instead of TCP.
+    pub udp: bool,
 }
 
 impl Publish {
-    /// Parses `[ADDR:]HOSTPORT:GUESTPORT` (ADDR an IPv4 address, 127.0.0.1 by default; TCP).
+    /// Parses `[ADDR:]HOSTPORT:GUESTPORT[/tcp|/udp]` (ADDR an IPv4 address, 127.0.0.1 by
+    /// default; TCP by default).
     pub fn parse(s: &str) -> Result<Self> {
         let bad = |why: &str| {
             Error::InvalidArgument(format!(
-                "publish {s:?}: {why}; write [ADDR:]HOSTPORT:GUESTPORT, e.g. 8080:80 or \
-                 0.0.0.0:8080:80"
+                "publish {s:?}: {why}; write [ADDR:]HOSTPORT:GUESTPORT[/udp], e.g. 8080:80, \
+                 0.0.0.0:8080:80 or 5353:53/udp"
             ))
         };
-        if s.ends_with("/udp") {
-            return Err(bad("only TCP ports can be published"));
-        }
-        let s2 = s.strip_suffix("/tcp").unwrap_or(s);
+        let (s2, udp) = match s.strip_suffix("/udp") {
+            Some(r) => (r, true),
+            None => (s.strip_suffix("/tcp").unwrap_or(s), false),
+        };
         let parts: Vec<&str> = s2.split(':').collect();
         let (addr, host, guest) = match parts.as_slice() {
             [h, g] => ("127.0.0.1", *h, *g),
@@ -57,12 +70,29 @@ impl Publish {
         Ok(Publish {
             host: SocketAddr::from((addr, host)),
             guest,
+            udp,
         })
     }
 
-    /// As written: `ADDR:HOSTPORT:GUESTPORT`.
+    /// As written: `ADDR:HOSTPORT:GUESTPORT`, `/udp` for UDP.
     pub fn spec(&self) -> String {
-        format!("{}:{}:{}", self.host.ip(), self.host.port(), self.guest)
+        format!(
+            "{}:{}:{}{}",
+            self.host.ip(),
+            self.host.port(),
+            self.guest,
+            if self.udp { "/udp" } else { "" }
+        )
+    }
+
+    /// Whether `other` takes the same host port (of the same protocol).
+    pub fn clashes(&self, other: &Publish) -> bool {
+        self.host.port() == other.host.port() && self.udp == other.udp
+    }
+
+    /// `HOSTPORT[/udp]`, for messages.
+    pub fn host_port(&self) -> String {
+        format!("{}{}", self.host.port(), if self.udp { "/udp" } else { "" })
     }
 }
 
@@ -71,10 +101,10 @@ pub fn check(list: &[String]) -> Result<Vec<Publish>> {
     let mut out: Vec<Publish> = Vec::new();
     for s in list {
         let p = Publish::parse(s)?;
-        if out.iter().any(|o| o.host.port() == p.host.port()) {
+        if out.iter().any(|o| o.clashes(&p)) {
             return Err(Error::InvalidArgument(format!(
                 "publish: host port {} is given twice",
-                p.host.port()
+                p.host_port()
             )));
         }
         out.push(p);
@@ -85,10 +115,15 @@ pub fn check(list: &[String]) -> Result<Vec<Publish>> {
 /// Refuses host ports already in use (a listener elsewhere, another VM's).
 pub fn check_free(list: &[Publish]) -> Result<()> {
     for p in list {
-        if let Err(e) = TcpListener::bind(p.host) {
+        let bound = if p.udp {
+            UdpSocket::bind(p.host).map(drop)
+        } else {
+            TcpListener::bind(p.host).map(drop)
+        };
+        if let Err(e) = bound {
             return Err(Error::InvalidArgument(format!(
                 "publish: host port {} on {} is not free ({e}); pick another",
-                p.host.port(),
+                p.host_port(),
                 p.host.ip()
             )));
         }
@@ -96,8 +131,9 @@ pub fn check_free(list: &[Publish]) -> Result<()> {
     Ok(())
 }
 
-/// Opens a connection to guest `port` through the agent at vsock socket `uds`.
-fn open_guest(uds: &Path, port: u16) -> std::io::Result<std::os::unix::net::UnixStream> {
+/// Opens a connection to guest `port` through the agent at vsock socket `uds` (UDP: a
+/// stream of length-prefixed datagrams to and from it).
+fn open_guest(uds: &Path, port: u16, udp: bool) -> std::io::Result<std::os::unix::net::UnixStream> {
     use std::io::{Read, Write};
     let mut s = crate::vmm::jail::connect(uds)?;
     s.write_all(format!("CONNECT {}\n", crate::agent::PORT).as_bytes())?;
@@ -117,8 +153,12 @@ fn open_guest(uds: &Path, port: u16) -> std::io::Result<std::os::unix::net::Unix
             }
         }
         if line.starts_with(b"OK ") {
-            let req = serde_json::to_vec(&crate::agent::Request::Connect { port })
-                .map_err(std::io::Error::other)?;
+            let req = if udp {
+                crate::agent::Request::ConnectUdp { port }
+            } else {
+                crate::agent::Request::Connect { port }
+            };
+            let req = serde_json::to_vec(&req).map_err(std::io::Error::other)?;
             s.write_all(&req)?;
             s.write_all(b"\n")?;
             continue;
@@ -202,6 +242,17 @@ pub fn run_forwarder(args: &[std::ffi::OsString]) -> std::io::Error {
             Ok(p) => p,
             Err(e) => return std::io::Error::other(e.to_string()),
         };
+        if p.udp {
+            let sock = match UdpSocket::bind(p.host) {
+                Ok(s) => s,
+                Err(e) => return std::io::Error::new(e.kind(), format!("{}/udp: {e}", p.host)),
+            };
+            let uds = uds.clone();
+            threads.push(std::thread::spawn(move || {
+                forward_udp(sock, p.guest, |port| open_guest(&uds, port, true))
+            }));
+            continue;
+        }
         let listener = match TcpListener::bind(p.host) {
             Ok(l) => l,
             Err(e) => return std::io::Error::new(e.kind(), format!("{}: {e}", p.host)),
@@ -210,7 +261,7 @@ pub fn run_forwarder(args: &[std::ffi::OsString]) -> std::io::Error {
         threads.push(std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let uds = uds.clone();
-                std::thread::spawn(move || match open_guest(&uds, p.guest) {
+                std::thread::spawn(move || match open_guest(&uds, p.guest, false) {
                     Ok(guest) => splice(conn, guest),
                     Err(e) => {
                         eprintln!("bangerd port-forward: {} → guest {}: {e}", p.host, p.guest)
@@ -224,6 +275,88 @@ pub fn run_forwarder(args: &[std::ffi::OsString]) -> std::io::Error {
         let _ = t.join();
     }
     std::io::Error::other("every listener stopped")
+}
+
+/// Writes one datagram as a frame: its length (u16, big-endian), then its bytes.
+pub fn write_datagram(w: &mut impl std::io::Write, d: &[u8]) -> std::io::Result<()> {
+    let len = u16::try_from(d.len()).map_err(|_| std::io::Error::other("datagram too large"))?;
+    let mut frame = Vec::with_capacity(d.len() + 2);
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(d);
+    w.write_all(&frame)
+}
+
+/// Reads one datagram frame into `buf`; `None` at the stream's end.
+pub fn read_datagram<'a>(
+    r: &mut impl std::io::Read,
+    buf: &'a mut [u8; 65536],
+) -> std::io::Result<Option<&'a [u8]>> {
+    let mut len = [0u8; 2];
+    match r.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let n = u16::from_be_bytes(len) as usize;
+    r.read_exact(&mut buf[..n])?;
+    Ok(Some(&buf[..n]))
+}
+
+/// Serves one published UDP port: each peer's datagrams go over a stream of its own (opened
+/// by `open`) and what comes back goes to that peer; idle peers are dropped, and beyond
+/// [`MAX_UDP_PEERS`] new peers wait for one to go.
+pub fn forward_udp<S, F>(sock: UdpSocket, guest: u16, open: F)
+where
+    S: std::io::Read + std::io::Write + TryCloneStream + Send + 'static,
+    F: Fn(u16) -> std::io::Result<S>,
+{
+    use std::collections::HashMap;
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut peers: HashMap<SocketAddr, (S, Instant)> = HashMap::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let got = sock.recv_from(&mut buf);
+        let now = Instant::now();
+        peers.retain(|_, (s, seen)| {
+            let keep = now.duration_since(*seen) < UDP_IDLE;
+            if !keep {
+                s.shut_all();
+            }
+            keep
+        });
+        let Ok((n, peer)) = got else {
+            continue;
+        };
+        if !peers.contains_key(&peer) {
+            if peers.len() >= MAX_UDP_PEERS {
+                continue;
+            }
+            let stream = match open(guest) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("bangerd port-forward: {peer} → guest {guest}/udp: {e}");
+                    continue;
+                }
+            };
+            let (Ok(mut back), Ok(out)) = (stream.try_clone_stream(), sock.try_clone()) else {
+                continue;
+            };
+            std::thread::spawn(move || {
+                let mut b = [0u8; 65536];
+                while let Ok(Some(d)) = read_datagram(&mut back, &mut b) {
+                    let _ = out.send_to(d, peer);
+                }
+            });
+            peers.insert(peer, (stream, now));
+        }
+        if let Some((s, seen)) = peers.get_mut(&peer) {
+            *seen = now;
+            if write_datagram(s, &buf[..n]).is_err() {
+                s.shut_all();
+                peers.remove(&peer);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -243,12 +376,65 @@ mod tests {
             "8080",
             "x:8080:80",
             "8080:0",
-            "8080:80/udp",
+            "8080:80/sctp",
             "1:2:3:4",
         ] {
             assert!(Publish::parse(bad).is_err(), "{bad}");
         }
         assert!(check(&["8080:80".into(), "8080:81".into()]).is_err());
+        let u = Publish::parse("5353:53/udp").unwrap();
+        assert!(u.udp && u.spec() == "127.0.0.1:5353:53/udp");
+        // One host port may be published once a protocol.
+        assert!(check(&["5353:53/udp".into(), "5353:53".into()]).is_ok());
+        assert!(check(&["5353:53/udp".into(), "5353:54/udp".into()]).is_err());
+    }
+
+    #[test]
+    fn udp_peers_each_get_a_stream_and_their_own_answers() {
+        // The "agent": each stream it is given echoes datagrams upper-cased, prefixed with
+        // which stream it is, so two peers can tell they were kept apart.
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = sock.local_addr().unwrap();
+        let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let o = opened.clone();
+        std::thread::spawn(move || {
+            forward_udp(sock, 53, move |port| {
+                assert_eq!(port, 53);
+                let n = o.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let (ours, mut theirs) = std::os::unix::net::UnixStream::pair()?;
+                std::thread::spawn(move || {
+                    let mut b = [0u8; 65536];
+                    let mut w = theirs.try_clone().unwrap();
+                    while let Ok(Some(d)) = read_datagram(&mut theirs, &mut b) {
+                        let reply = format!("{n}:{}", String::from_utf8_lossy(d).to_uppercase());
+                        write_datagram(&mut w, reply.as_bytes()).unwrap();
+                    }
+                });
+                Ok(ours)
+            })
+        });
+        let ask = |c: &UdpSocket, what: &str| {
+            c.send_to(what.as_bytes(), addr).unwrap();
+            let mut b = [0u8; 100];
+            let n = c.recv(&mut b).unwrap();
+            String::from_utf8_lossy(&b[..n]).into_owned()
+        };
+        let (a, b) = (
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+            UdpSocket::bind("127.0.0.1:0").unwrap(),
+        );
+        for c in [&a, &b] {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        }
+        assert_eq!(ask(&a, "one"), "0:ONE");
+        assert_eq!(ask(&b, "two"), "1:TWO");
+        assert_eq!(ask(&a, "again"), "0:AGAIN", "a peer keeps its stream");
+        assert_eq!(opened.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let big = vec![b'x'; 60000];
+        a.send_to(&big, addr).unwrap();
+        let mut back = vec![0u8; 65536];
+        let n = a.recv(&mut back).unwrap();
+        assert_eq!(n, 60002, "a large datagram goes whole");
     }
 
     #[test]
