@@ -63,6 +63,7 @@ impl Images {
         t: TreeImage,
     ) -> Result<Image> {
         let dir = staging.path().to_owned();
+        let scratch_tree = scratch.is_some();
         ctx.stage("inject", "Installing the banger guest agent");
         ctx.progress(0.65);
         let (tr, agent) = (tree.clone(), self.config.guest_binary("banger-agent"));
@@ -73,25 +74,27 @@ impl Images {
         })
         .await?;
 
-        ctx.stage("build_rootfs", "Building rootfs.ext4");
+        // The root filesystem and the work seed (from /root) are built at once: both only
+        // read the tree.
+        ctx.stage(
+            "build_rootfs",
+            "Building rootfs.ext4 and the work seed from /root",
+        );
         ctx.progress(0.7);
         let (tr, d, requested) = (tree.clone(), dir.clone(), t.size);
-        let size = blocking("mkfs", move || {
+        let rootfs = blocking("mkfs", move || {
             let u =
                 ext4::usage(&tr).map_err(|e| Error::failed("Cannot measure the image tree", e))?;
             let size = ext4::size_for(u, requested, GIB);
             ext4::build(&tr, &d.join("rootfs.ext4"), size, u, "rootfs")?;
             Ok(size)
-        })
-        .await?;
-
-        ctx.stage("work_seed", "Building the work seed from /root");
-        ctx.progress(0.85);
+        });
         let (tr, d) = (tree.clone(), dir.clone());
         let seed = blocking("Work seed", move || {
             build_work_seed(&tr, &d.join("work-seed.ext4"))
-        })
-        .await;
+        });
+        let (size, seed) = tokio::join!(rootfs, seed);
+        let size = size?;
         let final_dir = self.layout.images_dir().join(&t.id);
         let work_seed = match seed {
             Ok(true) => Some(final_dir.join("work-seed.ext4")),
@@ -101,8 +104,20 @@ impl Images {
                 None
             }
         };
-        blocking("Cleanup", move || crate::layout::remove_any(&tree)).await?;
-        drop(scratch);
+        // A tree in the memory scratch goes after publication, off the job's path (a daemon
+        // that dies first leaves it to the start-up sweep); one in the staging directory
+        // must go before the directory becomes the image's.
+        let cleanup = move || {
+            let r = crate::layout::remove_any(&tree);
+            drop(scratch);
+            r
+        };
+        let later = if scratch_tree {
+            Some(cleanup)
+        } else {
+            blocking("Cleanup", cleanup).await?;
+            None
+        };
 
         ctx.stage("publish", format!("Publishing image {}", t.name));
         let image = Image {
@@ -118,7 +133,18 @@ impl Images {
             ready_ports: t.ready_ports,
             config: t.config,
         };
-        self.publish(staging, image).await
+        let published = self.publish(staging, image).await;
+        if let Some(cleanup) = later {
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = cleanup() {
+                    tracing::warn!(
+                        "Cannot remove an image's scratch tree: {}",
+                        e.full_message()
+                    );
+                }
+            });
+        }
+        published
     }
 }
 

@@ -19,10 +19,49 @@ use crate::oci::reference;
 use crate::oci::registry::{layer_compression, Compression, Registry};
 use crate::{Error, Result};
 
-fn open_layer(path: &Path, c: Compression) -> Result<Box<dyn Read + Send>> {
-    let f =
-        std::fs::File::open(path).map_err(|e| Error::failed("Cannot open a cached layer", e))?;
-    let r = BufReader::with_capacity(1 << 20, f);
+/// A layer on its way to the flattener: its chunks as they download, or the cached blob.
+enum LayerSource {
+    /// Streamed while it downloads (verified only when the download ends).
+    Stream(tokio::sync::mpsc::Receiver<Vec<u8>>),
+    /// A blob in the cache.
+    File(PathBuf),
+}
+
+/// Reads a layer's chunks as they arrive; the sender's end is the stream's end.
+struct ChunkReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    cur: Vec<u8>,
+    at: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.cur.len() {
+            match self.rx.blocking_recv() {
+                Some(c) => (self.cur, self.at) = (c, 0),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.at);
+        buf[..n].copy_from_slice(&self.cur[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+fn open_layer(src: LayerSource, c: Compression) -> Result<Box<dyn Read + Send>> {
+    let raw: Box<dyn Read + Send> = match src {
+        LayerSource::File(path) => Box::new(
+            std::fs::File::open(path)
+                .map_err(|e| Error::failed("Cannot open a cached layer", e))?,
+        ),
+        LayerSource::Stream(rx) => Box::new(ChunkReader {
+            rx,
+            cur: Vec::new(),
+            at: 0,
+        }),
+    };
+    let r = BufReader::with_capacity(1 << 20, raw);
     Ok(match c {
         Compression::None => Box::new(r),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
@@ -353,9 +392,12 @@ impl From<Error> for Flatten {
 }
 
 impl Images {
-    /// Fetches the layers into the blob cache and flattens them into `tree` as they land
-    /// (layer N is decompressed and extracted, in manifest order, on a blocking thread while
-    /// layer N+1 downloads).
+    /// Fetches the layers into the blob cache and flattens them into `tree` as they land, in
+    /// manifest order on a blocking thread: a layer the flattener is ready for is streamed to
+    /// it while it downloads (so one download and its extraction overlap), one that comes
+    /// while it is still busy is downloaded into the cache and read from there after. A
+    /// streamed layer's digest is checked when its download ends: a mismatch fails the pull
+    /// and the tree is thrown away with the staging directory.
     #[allow(clippy::too_many_arguments)]
     async fn fetch_and_flatten(
         &self,
@@ -367,13 +409,18 @@ impl Images {
         limits: Limits,
         total: u64,
     ) -> Result<crate::oci::flatten::Stats, Flatten> {
-        let (tx, rx) = std::sync::mpsc::channel::<(PathBuf, Compression)>();
+        let (tx, rx) = std::sync::mpsc::channel::<(LayerSource, Compression)>();
         let t = tree.to_owned();
+        // How many layers the flattener has finished.
+        let applied = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let done_count = applied.clone();
         let flatten = tokio::task::spawn_blocking(move || {
             let mut f = Flattener::new(&t, limits, true)
                 .map_err(|e| Error::failed("Cannot create the image tree", e))?;
-            for (path, c) in rx {
-                match f.apply_layer(open_layer(&path, c)?) {
+            for (src, c) in rx {
+                let r = f.apply_layer(open_layer(src, c)?);
+                done_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                match r {
                     Ok(()) => {}
                     Err(FlattenError::TooLarge { what: "bytes", .. }) => {
                         return Err(Flatten::OverScratch)
@@ -391,17 +438,34 @@ impl Images {
         let cache = self.layout.oci_cache_dir();
         let mut done = 0u64;
         let mut fetched: Result<()> = Ok(());
-        for (desc, c) in layers {
+        for (i, (desc, c)) in layers.iter().enumerate() {
             let base = done;
-            let p = registry
-                .fetch_blob(r, desc, &cache, |got| {
-                    ctx.progress(0.5 * (base + got) as f64 / total as f64)
-                })
-                .await;
+            let progress = |got| ctx.progress(0.5 * (base + got) as f64 / total as f64);
+            // A send fails only when the flattener stopped on an error: it reports it.
+            let p = match Registry::cached(desc, &cache) {
+                Ok(Some(p)) => Ok(p),
+                Ok(None) if applied.load(std::sync::atomic::Ordering::SeqCst) == i => {
+                    let (chunks, stream) = tokio::sync::mpsc::channel(64);
+                    if tx.send((LayerSource::Stream(stream), *c)).is_err() {
+                        break;
+                    }
+                    match registry
+                        .fetch_blob_tee(r, desc, &cache, progress, Some(chunks))
+                        .await
+                    {
+                        Ok(_) => {
+                            done += desc.size.max(0) as u64;
+                            continue;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Ok(None) => registry.fetch_blob(r, desc, &cache, progress).await,
+                Err(e) => Err(e),
+            };
             match p {
-                // A send fails only when the flattener stopped on an error: it reports it.
                 Ok(p) => {
-                    if tx.send((p, *c)).is_err() {
+                    if tx.send((LayerSource::File(p), *c)).is_err() {
                         break;
                     }
                 }

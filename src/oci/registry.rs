@@ -140,7 +140,28 @@ impl Registry {
         r: &Reference,
         desc: &OciDescriptor,
         cache: &Path,
+        progress: impl FnMut(u64),
+    ) -> Result<PathBuf> {
+        self.fetch_blob_tee(r, desc, cache, progress, None).await
+    }
+
+    /// The blob's path in the cache when it is there already.
+    pub fn cached(desc: &OciDescriptor, cache: &Path) -> Result<Option<PathBuf>> {
+        let p = cache.join("sha256").join(sha256_hex(&desc.digest)?);
+        Ok(p.exists().then_some(p))
+    }
+
+    /// [`Registry::fetch_blob`], handing each chunk to `tee` as well while it arrives (a
+    /// consumer that reads the blob as it downloads; the chunks are not verified yet, so
+    /// what it makes of them counts only once this returns Ok). A consumer that goes away
+    /// stops getting chunks; the download goes on into the cache.
+    pub async fn fetch_blob_tee(
+        &self,
+        r: &Reference,
+        desc: &OciDescriptor,
+        cache: &Path,
         mut progress: impl FnMut(u64),
+        tee: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
     ) -> Result<PathBuf> {
         let hex = sha256_hex(&desc.digest)?;
         let dir = cache.join("sha256");
@@ -158,7 +179,7 @@ impl Registry {
         // and both wrote verified bytes.
         let staging = dir.join(format!("{STAGING_PREFIX}{hex}-{}", crate::model::new_id()));
         let result = self
-            .download(r, desc, &staging, expected, hex, &mut progress)
+            .download(r, desc, &staging, expected, hex, &mut progress, tee)
             .await;
         match result {
             Ok(()) => std::fs::rename(&staging, &final_path)
@@ -179,6 +200,7 @@ impl Registry {
         expected: u64,
         hex: &str,
         progress: &mut impl FnMut(u64),
+        mut tee: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
     ) -> Result<()> {
         let mut stream = self
             .client
@@ -227,6 +249,11 @@ impl Registry {
             hasher.update(&chunk);
             file.write_all(&chunk)
                 .map_err(|e| Error::failed("Cannot write the blob cache", e))?;
+            if let Some(t) = &tee {
+                if t.send(chunk.to_vec()).await.is_err() {
+                    tee = None;
+                }
+            }
             progress(got);
         }
         if got != expected {

@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""Writes a one-layer OCI image layout: oci-layout.py TREE_TAR_GZ UNCOMPRESSED_SHA OUT_DIR TAG."""
+"""Writes an OCI image layout of gzip layers, in order:
+oci-layout.py LAYER_TAR_GZ UNCOMPRESSED_SHA OUT_DIR TAG [LAYER_TAR_GZ UNCOMPRESSED_SHA]..."""
 import hashlib, json, os, shutil, sys
 
-layer, diff_id, out, tag = sys.argv[1:5]
+args = sys.argv[1:]
+out, tag = args[2], args[3]
+pairs = [(args[0], args[1])] + list(zip(args[4::2], args[5::2]))
 os.makedirs(f"{out}/blobs/sha256", exist_ok=True)
 
 def blob(data=None, path=None):
@@ -20,16 +23,19 @@ def blob(data=None, path=None):
             f.write(data)
     return {"digest": f"sha256:{h.hexdigest()}", "size": size}
 
-l = blob(path=layer)
+layers = [blob(path=p) for p, _ in pairs]
 config = json.dumps({"architecture": "amd64", "os": "linux",
-                     "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id}"]}}).encode()
+                     "rootfs": {"type": "layers", "diff_ids": [f"sha256:{d}" for _, d in pairs]}}).encode()
 c = blob(config)
 manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
     "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **c},
-    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **l}]}).encode()
+    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **l} for l in layers]}).encode()
 m = blob(manifest)
-with open(f"{out}/index.json", "w") as f:
-    json.dump({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-               **m, "annotations": {"org.opencontainers.image.ref.name": tag}}]}, f)
+index_path = f"{out}/index.json"
+index = json.load(open(index_path)) if os.path.exists(index_path) else {"schemaVersion": 2, "manifests": []}
+index["manifests"].append({"mediaType": "application/vnd.oci.image.manifest.v1+json", **m,
+                           "annotations": {"org.opencontainers.image.ref.name": tag}})
+with open(index_path, "w") as f:
+    json.dump(index, f)
 with open(f"{out}/oci-layout", "w") as f:
     f.write('{"imageLayoutVersion":"1.0.0"}')
