@@ -72,6 +72,95 @@ fn open_layer(src: LayerSource, c: Compression) -> Result<Box<dyn Read + Send>> 
     })
 }
 
+/// Decompressed tar data a layer's inflater may hold ahead of the extraction, in 1 MiB
+/// chunks.
+const INFLATE_AHEAD: usize = 32;
+
+/// What a layer's inflater hands on.
+enum Inflated {
+    /// The next piece of the tar stream.
+    Data(Vec<u8>),
+    /// The stream ended where it should.
+    Done,
+    /// The stream broke.
+    Failed(std::io::Error),
+}
+
+/// A layer decompressed on a thread of its own (see [`inflating`]).
+struct InflatedReader {
+    rx: std::sync::mpsc::Receiver<Inflated>,
+    cur: Vec<u8>,
+    at: usize,
+    done: bool,
+}
+
+impl Read for InflatedReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.cur.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Inflated::Data(d)) => (self.cur, self.at) = (d, 0),
+                Ok(Inflated::Done) => self.done = true,
+                Ok(Inflated::Failed(e)) => return Err(e),
+                // Gone without saying it finished: never a silently short layer.
+                Err(_) => return Err(std::io::Error::other("the layer's decompression stopped")),
+            }
+        }
+        let n = buf.len().min(self.cur.len() - self.at);
+        buf[..n].copy_from_slice(&self.cur[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Starts decompressing a layer on a thread of its own, at most [`INFLATE_AHEAD`] MiB ahead
+/// of its reader, so decompression and extraction (and a later layer's decompression) run at
+/// once on different cores.
+fn inflating(src: LayerSource, c: Compression) -> Result<InflatedReader> {
+    let mut dec = open_layer(src, c)?;
+    let (tx, rx) = std::sync::mpsc::sync_channel(INFLATE_AHEAD);
+    std::thread::Builder::new()
+        .name("banger-inflate".into())
+        .spawn(move || loop {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut n = 0;
+            let got = loop {
+                match dec.read(&mut buf[n..]) {
+                    Ok(0) => break Ok(n),
+                    Ok(k) => {
+                        n += k;
+                        if n == buf.len() {
+                            break Ok(n);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            let msg = match got {
+                Ok(0) => Inflated::Done,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Inflated::Data(buf)
+                }
+                Err(e) => Inflated::Failed(e),
+            };
+            let last = !matches!(msg, Inflated::Data(_));
+            if tx.send(msg).is_err() || last {
+                return;
+            }
+        })
+        .map_err(|e| Error::failed("Cannot start a decompression thread", e))?;
+    Ok(InflatedReader {
+        rx,
+        cur: Vec::new(),
+        at: 0,
+        done: false,
+    })
+}
+
 impl Images {
     /// Starts pulling `reference` as a job; fails at once on a bad reference or a taken name.
     /// The catalog comes first: an operator's bundle or OCI entry of that name, or the built-in
@@ -415,10 +504,20 @@ impl Images {
         let applied = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let done_count = applied.clone();
         let flatten = tokio::task::spawn_blocking(move || {
+            // Layers are opened (their decompression started) one ahead of the one being
+            // applied, which is always applied in manifest order.
+            let (opened_tx, opened) = std::sync::mpsc::sync_channel(0);
+            std::thread::spawn(move || {
+                for (src, c) in rx {
+                    if opened_tx.send(inflating(src, c)).is_err() {
+                        break;
+                    }
+                }
+            });
             let mut f = Flattener::new(&t, limits, true)
                 .map_err(|e| Error::failed("Cannot create the image tree", e))?;
-            for (src, c) in rx {
-                let r = f.apply_layer(open_layer(src, c)?);
+            for layer in opened {
+                let r = f.apply_layer(layer?);
                 done_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 match r {
                     Ok(()) => {}

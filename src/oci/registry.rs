@@ -179,7 +179,7 @@ impl Registry {
         // and both wrote verified bytes.
         let staging = dir.join(format!("{STAGING_PREFIX}{hex}-{}", crate::model::new_id()));
         let result = self
-            .download(r, desc, &staging, expected, hex, &mut progress, tee)
+            .download(r, desc, &staging, (expected, hex), &mut progress, tee)
             .await;
         match result {
             Ok(()) => std::fs::rename(&staging, &final_path)
@@ -197,8 +197,7 @@ impl Registry {
         r: &Reference,
         desc: &OciDescriptor,
         staging: &Path,
-        expected: u64,
-        hex: &str,
+        (expected, hex): (u64, &str),
         progress: &mut impl FnMut(u64),
         mut tee: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
     ) -> Result<()> {
