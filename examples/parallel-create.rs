@@ -80,6 +80,12 @@ impl Vmm for SlowVmm {
     async fn request_power_off(&self, _: &Path) -> banger::Result<()> {
         Ok(())
     }
+    async fn pause(&self, _: &Path) -> banger::Result<()> {
+        Ok(())
+    }
+    async fn resume(&self, _: &Path) -> banger::Result<()> {
+        Ok(())
+    }
     async fn kill(&self, run_dir: &Path) -> banger::Result<()> {
         let _ = std::fs::remove_file(self.vsock_socket(run_dir));
         Ok(())

@@ -156,6 +156,8 @@ pub enum VmState {
     Starting,
     /// Its VMM runs and the guest was ready.
     Running,
+    /// Its VMM runs with the guest's vCPUs stopped (memory kept); `Resume` goes on.
+    Paused,
     /// Being shut down.
     Stopping,
     /// Not running.
@@ -171,10 +173,20 @@ impl VmState {
             VmState::Created => "created",
             VmState::Starting => "starting",
             VmState::Running => "running",
+            VmState::Paused => "paused",
             VmState::Stopping => "stopping",
             VmState::Stopped => "stopped",
             VmState::Failed => "failed",
         }
+    }
+
+    /// Whether its VMM is meant to run (it counts against the running quota, its network is
+    /// up): starting, running, paused or stopping.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+        )
     }
 
     /// Parses the database spelling.
@@ -183,6 +195,7 @@ impl VmState {
             "created" => VmState::Created,
             "starting" => VmState::Starting,
             "running" => VmState::Running,
+            "paused" => VmState::Paused,
             "stopping" => VmState::Stopping,
             "stopped" => VmState::Stopped,
             "failed" => VmState::Failed,

@@ -85,7 +85,11 @@ fn validate(doc: &Value, schema: &Value, v: &Value, at: &str, errors: &mut Vec<S
 
 /// The spec's `PUT` body schema for a concrete path (`/drives/root` → `/drives/{drive_id}`),
 /// with the path parameter's value.
-fn put_schema<'a>(doc: &'a Value, path: &str) -> Option<(&'a Value, Option<(String, String)>)> {
+fn body_schema<'a>(
+    doc: &'a Value,
+    method: &str,
+    path: &str,
+) -> Option<(&'a Value, Option<(String, String)>)> {
     for (template, item) in doc["paths"].as_object().unwrap() {
         let (t, p): (Vec<&str>, Vec<&str>) =
             (template.split('/').collect(), path.split('/').collect());
@@ -107,7 +111,7 @@ fn put_schema<'a>(doc: &'a Value, path: &str) -> Option<(&'a Value, Option<(Stri
         if !matches {
             continue;
         }
-        let body = item["put"]["parameters"]
+        let body = item[method.to_lowercase().as_str()]["parameters"]
             .as_array()?
             .iter()
             .find(|p| p["in"] == "body")?;
@@ -197,7 +201,7 @@ async fn every_request_matches_the_firecracker_api_spec_in_order() {
     firecracker::configure(&sock, &spec, &dir.path().join("vsock.sock"))
         .await
         .unwrap();
-    // Power-off is a request too.
+    // Power-off is a request too, and so are pause and resume.
     firecracker::put(
         &sock,
         "/actions",
@@ -205,6 +209,10 @@ async fn every_request_matches_the_firecracker_api_spec_in_order() {
     )
     .await
     .unwrap();
+    for pause in [true, false] {
+        let (path, body) = firecracker::pause_request(pause);
+        firecracker::send(&sock, "PATCH", path, &body).await.unwrap();
+    }
 
     let seen = seen.lock().unwrap().clone();
     let paths: Vec<&str> = seen.iter().map(|(_, p, _)| p.as_str()).collect();
@@ -218,14 +226,16 @@ async fn every_request_matches_the_firecracker_api_spec_in_order() {
             "/network-interfaces/eth0",
             "/vsock",
             "/actions",
-            "/actions"
+            "/actions",
+            "/vm",
+            "/vm"
         ]
     );
     let mut errors = Vec::new();
-    for (method, path, body) in &seen {
-        assert_eq!(method, "PUT");
-        let (schema, param) =
-            put_schema(&doc, path).unwrap_or_else(|| panic!("{path} is not in the spec"));
+    for (i, (method, path, body)) in seen.iter().enumerate() {
+        assert_eq!(method, if i < 8 { "PUT" } else { "PATCH" });
+        let (schema, param) = body_schema(&doc, method, path)
+            .unwrap_or_else(|| panic!("{method} {path} is not in the spec"));
         validate(&doc, schema, body, path, &mut errors);
         // A path parameter must equal the body's field of the same name (Firecracker checks).
         if let Some((name, value)) = param {
@@ -235,6 +245,7 @@ async fn every_request_matches_the_firecracker_api_spec_in_order() {
     assert!(errors.is_empty(), "{errors:#?}");
     assert_eq!(seen[6].2["action_type"], "InstanceStart");
     assert_eq!(seen[7].2["action_type"], "SendCtrlAltDel");
+    assert_eq!((&seen[8].2["state"], &seen[9].2["state"]), (&Value::from("Paused"), &Value::from("Resumed")));
     let args = seen[1].2["boot_args"].as_str().unwrap();
     assert!(
         args.contains("root=/dev/vda rw banger.work=/dev/vdb"),
@@ -246,7 +257,7 @@ async fn every_request_matches_the_firecracker_api_spec_in_order() {
 async fn the_validator_catches_what_firecracker_would_refuse() {
     // The check above is only worth something if a wrong body fails it.
     let doc = spec_doc();
-    let (schema, _) = put_schema(&doc, "/machine-config").unwrap();
+    let (schema, _) = body_schema(&doc, "PUT", "/machine-config").unwrap();
     let mut errors = Vec::new();
     validate(
         &doc,
@@ -256,7 +267,7 @@ async fn the_validator_catches_what_firecracker_would_refuse() {
         &mut errors,
     );
     assert_eq!(errors.len(), 3, "{errors:?}"); // minimum, unknown property, missing mem_size_mib
-    let (schema, _) = put_schema(&doc, "/actions").unwrap();
+    let (schema, _) = body_schema(&doc, "PUT", "/actions").unwrap();
     let mut errors = Vec::new();
     validate(
         &doc,
@@ -410,7 +421,7 @@ async fn the_jailer_gets_what_it_accepts_and_the_chroot_holds_the_vms_files() {
     let mut named = Vec::new();
     let mut errors = Vec::new();
     for (path, body) in &reqs {
-        let (schema, _) = put_schema(&doc, path).unwrap();
+        let (schema, _) = body_schema(&doc, "PUT", path).unwrap();
         validate(&doc, schema, body, path, &mut errors);
         for key in ["kernel_image_path", "initrd_path", "path_on_host"] {
             if let Some(p) = body[key].as_str() {

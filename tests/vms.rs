@@ -460,6 +460,29 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
         "{shown}"
     );
 
+    // Pause and resume: a paused VM keeps its memory, refuses an exec with what to do, and
+    // goes on where it was; a user without rights can do neither.
+    let out = sh("echo in-memory > /tmp/kept");
+    assert!(out.status.success(), "{}", text(&out));
+    let out = bus.banger_as(Some(USER_OK), &["vm", "pause", "t1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(get("State").trim(), "s \"paused\"");
+    let out = sh("true");
+    assert!(
+        !out.status.success() && text(&out).contains("is paused; resume it first"),
+        "{}",
+        text(&out)
+    );
+    let out = bus.banger_as(Some(USER_NO), &["vm", "resume", "t1"]);
+    assert!(text(&out).contains("Permission denied"), "{}", text(&out));
+    let out = bus.banger_as(Some(USER_OK), &["--json", "vm", "resume", "t1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(get("State").trim(), "s \"running\"");
+    let out = bus.banger_as(Some(USER_OK), &["vm", "resume", "t1"]);
+    assert!(text(&out).contains("only a paused VM"), "{}", text(&out));
+    let out = sh("cat /tmp/kept");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "in-memory\n", "{}", text(&out));
+
     // A terminal through the agent, no SSH: vm exec -t runs on a PTY of its own, vm shell
     // is a login shell where Ctrl-C reaches the guest's process and the exit status returns.
     {

@@ -133,6 +133,16 @@ pub enum VmCommand {
         #[arg(long, short = 'u')]
         user: Option<String>,
     },
+    /// Pause a running VM: its vCPUs stop, its memory is kept.
+    Pause {
+        /// VM name or id.
+        name: String,
+    },
+    /// Resume a paused VM where it was.
+    Resume {
+        /// VM name or id.
+        name: String,
+    },
     /// Print the VM's serial console log of its last boot.
     Logs {
         /// VM name or id.
@@ -613,6 +623,22 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             .await
             .map_err(explain)?;
             out.done(vec![("name", json!(name)), ("state", json!("stopped"))]);
+        }
+        VmCommand::Pause { name } => {
+            vm_proxy(conn, &p, &name)
+                .await?
+                .pause()
+                .await
+                .map_err(explain)?;
+            out.done(vec![("name", json!(name)), ("state", json!("paused"))]);
+        }
+        VmCommand::Resume { name } => {
+            vm_proxy(conn, &p, &name)
+                .await?
+                .resume()
+                .await
+                .map_err(explain)?;
+            out.done(vec![("name", json!(name)), ("state", json!("running"))]);
         }
         VmCommand::Delete { name, force } => {
             p.delete_vm(&name, opts([("force", force.into())]))

@@ -108,6 +108,12 @@ pub trait VM1 {
     /// OpenConsole
     #[zbus(name = "OpenConsole", allow_interactive_auth)]
     fn open_console(&self) -> zbus::Result<zbus::OwnedFd>;
+    /// Pause
+    #[zbus(name = "Pause", allow_interactive_auth)]
+    fn pause(&self) -> zbus::Result<()>;
+    /// Resume
+    #[zbus(name = "Resume", allow_interactive_auth)]
+    fn resume(&self) -> zbus::Result<()>;
     /// Name
     #[zbus(property, name = "Name")]
     fn name(&self) -> zbus::Result<String>;

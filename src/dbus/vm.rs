@@ -35,6 +35,27 @@ impl Vm1 {
         vms::stop(&self.ctx, conn, &hdr, &self.vm.id, options).await
     }
 
+    /// Pauses the running VM: its vCPUs stop, its memory and devices are kept (state
+    /// "paused"). Needs the same authorization as Stop.
+    async fn pause(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<()> {
+        let (_, vm) = vms::authorize_vm(&self.ctx, conn, &hdr, &self.vm.id).await?;
+        Ok(self.ctx.banger.vms.pause(&vm).await?)
+    }
+
+    /// Lets the paused VM go on where it was (state "running" again).
+    async fn resume(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<()> {
+        let (_, vm) = vms::authorize_vm(&self.ctx, conn, &hdr, &self.vm.id).await?;
+        Ok(self.ctx.banger.vms.resume(&vm).await?)
+    }
+
     /// Deletes the VM. Options: force b.
     async fn delete(
         &self,

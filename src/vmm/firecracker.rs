@@ -251,11 +251,25 @@ fn api_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
 }
 
 /// One `PUT` on the API socket; a non-2xx answer is an error carrying its `fault_message`.
+/// The request that pauses (or resumes) a Firecracker VM: `PATCH /vm`.
+pub fn pause_request(pause: bool) -> (&'static str, Value) {
+    (
+        "/vm",
+        json!({ "state": if pause { "Paused" } else { "Resumed" } }),
+    )
+}
+
+/// `PUT path` with a JSON body on Firecracker's API socket; Ok on a 2xx answer.
 pub async fn put(socket: &Path, path: &str, body: &Value) -> Result<()> {
+    send(socket, "PUT", path, body).await
+}
+
+/// A request with a JSON body on Firecracker's API socket; Ok on a 2xx answer.
+pub async fn send(socket: &Path, method: &str, path: &str, body: &Value) -> Result<()> {
     let mut s = super::jail::connect_async(socket).map_err(api_err)?;
     let body = body.to_string();
     let req = format!(
-        "PUT {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
@@ -457,6 +471,16 @@ impl Vmm for Firecracker {
         live_pid(&pidfile(run_dir), &marker(run_dir))
             .map(|p| vec![p as u32])
             .unwrap_or_default()
+    }
+
+    async fn pause(&self, run_dir: &Path) -> Result<()> {
+        let (path, body) = pause_request(true);
+        send(&api_socket(run_dir), "PATCH", path, &body).await
+    }
+
+    async fn resume(&self, run_dir: &Path) -> Result<()> {
+        let (path, body) = pause_request(false);
+        send(&api_socket(run_dir), "PATCH", path, &body).await
     }
 
     async fn request_power_off(&self, run_dir: &Path) -> Result<()> {

@@ -113,6 +113,13 @@ pub trait Vmm: Send + Sync {
         jail::own_runtime(run_dir).join("vsock.sock")
     }
 
+    /// Stops the guest's vCPUs, keeping its memory and devices (QMP `stop`, Firecracker's
+    /// `PATCH /vm Paused`).
+    async fn pause(&self, run_dir: &Path) -> Result<()>;
+
+    /// Lets a paused guest go on.
+    async fn resume(&self, run_dir: &Path) -> Result<()>;
+
     /// Asks the guest to power off (ACPI power button or Ctrl-Alt-Del).
     async fn request_power_off(&self, run_dir: &Path) -> Result<()>;
 

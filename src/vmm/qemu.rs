@@ -523,6 +523,14 @@ impl Vmm for Qemu {
         .collect()
     }
 
+    async fn pause(&self, run_dir: &Path) -> Result<()> {
+        qmp::execute(&qmp_socket(run_dir), "stop").await.map(|_| ())
+    }
+
+    async fn resume(&self, run_dir: &Path) -> Result<()> {
+        qmp::execute(&qmp_socket(run_dir), "cont").await.map(|_| ())
+    }
+
     async fn request_power_off(&self, run_dir: &Path) -> Result<()> {
         qmp::execute(&qmp_socket(run_dir), "system_powerdown")
             .await

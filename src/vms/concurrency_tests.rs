@@ -44,6 +44,12 @@ impl Vmm for GateVmm {
     async fn request_power_off(&self, _: &Path) -> Result<()> {
         Ok(())
     }
+    async fn pause(&self, _: &Path) -> Result<()> {
+        Ok(())
+    }
+    async fn resume(&self, _: &Path) -> Result<()> {
+        Ok(())
+    }
     async fn kill(&self, _: &Path) -> Result<()> {
         Ok(())
     }

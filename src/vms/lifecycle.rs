@@ -15,10 +15,7 @@ use crate::{Error, Result};
 impl Vms {
     /// Starts a VM that is not running, as a job.
     pub async fn start(&self, uid: u32, vm: &Vm) -> Result<Arc<Job>> {
-        if matches!(
-            vm.state,
-            VmState::Running | VmState::Starting | VmState::Stopping
-        ) {
+        if vm.state.is_active() {
             return Err(Error::InvalidArgument(format!(
                 "VM {} is {} already",
                 vm.name, vm.state
@@ -59,8 +56,15 @@ impl Vms {
             self.release_network_if_idle().await;
             return Ok(());
         }
+        let paused = vm.state == VmState::Paused;
         vm.state = VmState::Stopping;
         self.save(&vm).await?;
+        if paused && !o.force {
+            // A paused guest cannot power itself off: it goes on first.
+            if let Err(e) = self.vmm.resume(&run).await {
+                tracing::warn!(vm_id = %vm.id, vm_name = %vm.name, "Cannot resume to stop: {}", e.full_message());
+            }
+        }
         if !o.force {
             let how = self.request_shutdown(&vm).await;
             tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "Asked the guest to power off ({how})");
@@ -78,6 +82,45 @@ impl Vms {
         self.save(&vm).await?;
         self.release_network_if_idle().await;
         tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "VM stopped");
+        Ok(())
+    }
+
+    /// Pauses a running VM: its vCPUs stop, its memory and devices stay as they are.
+    pub async fn pause(&self, vm: &Vm) -> Result<()> {
+        self.pause_or_resume(vm, true).await
+    }
+
+    /// Lets a paused VM go on where it was.
+    pub async fn resume(&self, vm: &Vm) -> Result<()> {
+        self.pause_or_resume(vm, false).await
+    }
+
+    async fn pause_or_resume(&self, vm: &Vm, pause: bool) -> Result<()> {
+        let lock = self.lock_of(&vm.id);
+        let _held = lock.lock().await;
+        let mut vm = self.get(&vm.id).await?;
+        let (from, to) = if pause {
+            (VmState::Running, VmState::Paused)
+        } else {
+            (VmState::Paused, VmState::Running)
+        };
+        if vm.state != from {
+            return Err(Error::InvalidArgument(format!(
+                "VM {} is {}; only a {from} VM can be {}",
+                vm.name,
+                vm.state,
+                if pause { "paused" } else { "resumed" }
+            )));
+        }
+        let run = self.layout.vm_runtime_dir(&vm.id);
+        if pause {
+            self.vmm.pause(&run).await?;
+        } else {
+            self.vmm.resume(&run).await?;
+        }
+        vm.state = to;
+        self.save(&vm).await?;
+        tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "VM {to}");
         Ok(())
     }
 
@@ -159,7 +202,7 @@ impl Vms {
                 let Ok(mut now) = this.get(&vm.id).await else {
                     return;
                 };
-                if now.state == VmState::Running {
+                if matches!(now.state, VmState::Running | VmState::Paused) {
                     let _ = this.power_down(&now).await;
                     now.state = VmState::Stopped;
                     if !now.main.is_empty() {
@@ -178,17 +221,14 @@ impl Vms {
     /// `stopped` (or `failed`, if they died while starting) and their helpers cleaned up.
     pub async fn adopt(&self) -> Result<()> {
         for mut vm in self.list().await? {
-            if !matches!(
-                vm.state,
-                VmState::Running | VmState::Starting | VmState::Stopping
-            ) {
+            if !vm.state.is_active() {
                 continue;
             }
             let run = self.layout.vm_runtime_dir(&vm.id);
             let alive = self.vmm.running(&run);
             match (vm.state, alive) {
-                (VmState::Running, true) => {
-                    tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "Re-adopted a running VM");
+                (VmState::Running | VmState::Paused, true) => {
+                    tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "Re-adopted a {} VM", vm.state);
                     self.watch(vm);
                     continue;
                 }
@@ -241,12 +281,7 @@ impl Vms {
         let Ok(vms) = self.list().await else {
             return;
         };
-        let busy = vms.iter().any(|v| {
-            matches!(
-                v.state,
-                VmState::Starting | VmState::Running | VmState::Stopping
-            )
-        });
+        let busy = vms.iter().any(|v| v.state.is_active());
         if !busy {
             if let Err(e) = self.net.teardown().await {
                 tracing::warn!("Cannot remove banger's host network: {}", e.full_message());

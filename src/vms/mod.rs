@@ -313,15 +313,7 @@ impl Vms {
     async fn owned_by(&self, uid: u32, except: &str) -> Result<(u32, u32)> {
         let vms = self.list().await?;
         let mine = vms.iter().filter(|v| v.owner_uid == uid && v.id != except);
-        let active = mine
-            .clone()
-            .filter(|v| {
-                matches!(
-                    v.state,
-                    VmState::Starting | VmState::Running | VmState::Stopping
-                )
-            })
-            .count();
+        let active = mine.clone().filter(|v| v.state.is_active()).count();
         Ok((mine.count() as u32, active as u32))
     }
 
@@ -332,12 +324,7 @@ impl Vms {
         Ok(vms
             .iter()
             .filter(|v| v.id != except)
-            .filter(|v| {
-                matches!(
-                    v.state,
-                    VmState::Starting | VmState::Running | VmState::Stopping
-                )
-            })
+            .filter(|v| v.state.is_active())
             .filter_map(guest_port)
             .collect())
     }
@@ -389,6 +376,12 @@ impl Vms {
 
     /// A connection to the agent of a running VM, for `banger vm exec`.
     pub async fn open_agent(&self, vm: &Vm) -> Result<tokio::net::UnixStream> {
+        if vm.state == VmState::Paused {
+            return Err(Error::InvalidArgument(format!(
+                "VM {} is paused; resume it first (`banger vm resume {}`)",
+                vm.name, vm.name
+            )));
+        }
         if vm.state != VmState::Running {
             return Err(Error::InvalidArgument(format!(
                 "VM {} is {}; start it first (`banger vm start {}`)",
