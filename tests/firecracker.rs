@@ -211,7 +211,9 @@ async fn every_request_matches_the_firecracker_api_spec_in_order() {
     .unwrap();
     for pause in [true, false] {
         let (path, body) = firecracker::pause_request(pause);
-        firecracker::send(&sock, "PATCH", path, &body).await.unwrap();
+        firecracker::send(&sock, "PATCH", path, &body)
+            .await
+            .unwrap();
     }
 
     let seen = seen.lock().unwrap().clone();
@@ -245,7 +247,10 @@ async fn every_request_matches_the_firecracker_api_spec_in_order() {
     assert!(errors.is_empty(), "{errors:#?}");
     assert_eq!(seen[6].2["action_type"], "InstanceStart");
     assert_eq!(seen[7].2["action_type"], "SendCtrlAltDel");
-    assert_eq!((&seen[8].2["state"], &seen[9].2["state"]), (&Value::from("Paused"), &Value::from("Resumed")));
+    assert_eq!(
+        (&seen[8].2["state"], &seen[9].2["state"]),
+        (&Value::from("Paused"), &Value::from("Resumed"))
+    );
     let args = seen[1].2["boot_args"].as_str().unwrap();
     assert!(
         args.contains("root=/dev/vda rw banger.work=/dev/vdb"),

@@ -481,7 +481,12 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     let out = bus.banger_as(Some(USER_OK), &["vm", "resume", "t1"]);
     assert!(text(&out).contains("only a paused VM"), "{}", text(&out));
     let out = sh("cat /tmp/kept");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "in-memory\n", "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "in-memory\n",
+        "{}",
+        text(&out)
+    );
 
     // A terminal through the agent, no SSH: vm exec -t runs on a PTY of its own, vm shell
     // is a login shell where Ctrl-C reaches the guest's process and the exit status returns.
