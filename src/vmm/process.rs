@@ -158,6 +158,10 @@ pub const OWNER_UNIT: &[&str] = &[
     "--property=RestrictNamespaces=user mnt pid net",
     "--property=ProtectHome=read-only",
     "--property=PrivateTmp=no",
+    // virtiofsd mounts a /proc of its own in its user namespace, which the kernel allows only
+    // where no part of the host's /proc is covered (these two cover /proc/sys and /proc/kmsg).
+    "--property=ProtectKernelTunables=no",
+    "--property=ProtectKernelLogs=no",
 ];
 
 /// What the jailer needs for its mount namespace, chroot, device nodes and the uid change;

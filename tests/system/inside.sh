@@ -45,7 +45,10 @@ as alice busctl call org.banger /org/banger org.banger.Images1 RegisterImage 'sa
     || fail "alice cannot register an image"
 
 say "a VM, in a unit of its own, registered with machined"
-as alice banger vm create t1 --image tiny --kernel k --vcpus 1 --memory 256 || fail "vm create"
+as alice mkdir -p /home/alice/src
+as alice sh -c 'echo from-alice > /home/alice/src/hello'
+as alice banger vm create t1 --image tiny --kernel k --vcpus 1 --memory 256 --share /home/alice/src:/src \
+    || fail "vm create"
 journalctl -u bangerd -o json VM_NAME=t1 STAGE=ready | grep -q '"VM_ID"' || fail "no journal entry with VM_NAME=t1 STAGE=ready"
 # Units and machine names come from the VM's id, never from the name a user typed.
 id=$(busctl call org.banger /org/banger org.banger.VMs1 GetVM s t1 | sed 's|.*/vm/||; s|"||g')
@@ -58,6 +61,11 @@ grep -q "$unit" "/proc/$leader/cgroup" || fail "the machine leader $leader is no
 nsenter -t "$leader" -m test -e "/var/lib/banger/vms/$id/work.ext4" || fail "QEMU does not see its own disk"
 nsenter -t "$leader" -m test -e /var/lib/banger/banger.db && fail "QEMU sees banger's database"
 [ "$(stat -c %u "/proc/$leader")" != 0 ] || fail "QEMU runs as root"
+# The shared folder's server: a unit of its own, running as alice, never root.
+share_unit=banger-vm-$id-share0.service
+[ "$(active "$share_unit")" = active ] || fail "$share_unit is $(active "$share_unit")"
+share_pid=$(systemctl show "$share_unit" -p MainPID --value)
+[ "$(stat -c %U "/proc/$share_pid")" = alice ] || fail "the share's server runs as $(stat -c %U "/proc/$share_pid")"
 
 say "idle exit leaves the VM running"
 for _ in $(seq 60); do [ "$(active bangerd)" = inactive ] && break; sleep 1; done
@@ -68,6 +76,8 @@ for _ in $(seq 60); do [ "$(active bangerd)" = inactive ] && break; sleep 1; don
 say "the next call re-adopts it"
 comm=$(as alice banger vm exec t1 -- cat /proc/1/comm) || fail "vm exec after the idle exit"
 [ "$comm" = init ] || fail "vm exec gave '$comm'"
+hello=$(as alice banger vm exec t1 -- cat /src/hello) || fail "the shared folder in the guest"
+[ "$hello" = from-alice ] || fail "the shared folder gave '$hello'"
 as mallory banger vm stop t1 2>/dev/null && fail "mallory stopped alice's VM"
 as alice banger vm stop t1 || fail "vm stop"
 for _ in $(seq 20); do machinectl list --no-legend | grep -q "$machine" || break; sleep 0.5; done
