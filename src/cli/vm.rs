@@ -474,6 +474,7 @@ fn generated_name() -> String {
 /// Runs a VM verb.
 pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyhow::Result<()> {
     let p = VMs1Proxy::new(conn).await?;
+    let pausing = matches!(cmd, VmCommand::Pause { .. });
     match cmd {
         VmCommand::List => {
             let rows = p.list_vms().await.map_err(explain)?;
@@ -624,21 +625,17 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             .map_err(explain)?;
             out.done(vec![("name", json!(name)), ("state", json!("stopped"))]);
         }
-        VmCommand::Pause { name } => {
-            vm_proxy(conn, &p, &name)
-                .await?
-                .pause()
-                .await
-                .map_err(explain)?;
-            out.done(vec![("name", json!(name)), ("state", json!("paused"))]);
-        }
-        VmCommand::Resume { name } => {
-            vm_proxy(conn, &p, &name)
-                .await?
-                .resume()
-                .await
-                .map_err(explain)?;
-            out.done(vec![("name", json!(name)), ("state", json!("running"))]);
+        VmCommand::Pause { name } | VmCommand::Resume { name } => {
+            let vm = vm_proxy(conn, &p, &name).await?;
+            let state = if pausing {
+                vm.pause().await.map(|_| "paused")
+            } else {
+                vm.resume().await.map(|_| "running")
+            };
+            out.done(vec![
+                ("name", json!(name)),
+                ("state", json!(state.map_err(explain)?)),
+            ]);
         }
         VmCommand::Delete { name, force } => {
             p.delete_vm(&name, opts([("force", force.into())]))
