@@ -107,6 +107,26 @@ fn check_guest(dir: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether a host folder's path can be named to the folder's server as it is: no whitespace,
+/// quotes, backslashes, `%` or control characters (systemd's unit settings split and expand
+/// on them).
+fn plain_host_path(p: &str) -> bool {
+    !p.chars()
+        .any(|c| c.is_whitespace() || c.is_control() || "\"'\\%".contains(c))
+}
+
+/// Refuses a host folder whose path [`plain_host_path`] does not accept.
+fn check_host(p: &str) -> Result<()> {
+    if plain_host_path(p) {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "share: host folder {p:?} has whitespace, quotes, a backslash, % or a control \
+         character in its path, which banger cannot hand to the folder's server; share a \
+         folder whose path has none"
+    )))
+}
+
 /// Checks a VM's share list without touching the host: at most [`MAX_SHARES`], host folders
 /// absolute, guest folders well formed and each used once.
 pub fn check(list: &[Share]) -> Result<()> {
@@ -123,6 +143,7 @@ pub fn check(list: &[Share]) -> Result<()> {
                 s.host
             )));
         }
+        check_host(&s.host)?;
         check_guest(&s.guest)?;
         let g = s.guest.trim_end_matches('/');
         if list[..i].iter().any(|o| o.guest.trim_end_matches('/') == g) {
@@ -147,10 +168,14 @@ pub async fn verify(uid: u32, shares: Vec<Share>) -> Result<Vec<Share>> {
                 .into_iter()
                 .map(|s| {
                     let host = verify_folder(uid, Path::new(&s.host))?;
-                    Ok(Share {
-                        host: host.to_string_lossy().into_owned(),
-                        ..s
-                    })
+                    let host = host.to_str().map(str::to_owned).ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "share: host folder {} resolves to a path that is not UTF-8",
+                            s.host
+                        ))
+                    })?;
+                    check_host(&host)?;
+                    Ok(Share { host, ..s })
                 })
                 .collect()
         })
@@ -282,6 +307,11 @@ mod tests {
         let e = check(&[share("/a", "/x"), share("/b", "/x/")]).unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
         assert!(check(&[share("rel", "/x")]).is_err());
+        for bad_host in ["/a b", "/a\"b", "/a%h", "/a\\b", "/a\tb"] {
+            let e = check(&[share(bad_host, "/x")]).unwrap_err().to_string();
+            assert!(e.contains("whitespace, quotes"), "{bad_host}: {e}");
+        }
+        check(&[share("/home/dev/src-1_2.x@y,z:w", "/x")]).unwrap();
         let many: Vec<Share> = (0..=MAX_SHARES)
             .map(|i| share("/h", &format!("/m{i}")))
             .collect();
