@@ -250,7 +250,6 @@ fn api_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
     Error::failed("Firecracker API request failed", e)
 }
 
-/// One `PUT` on the API socket; a non-2xx answer is an error carrying its `fault_message`.
 /// The request that pauses (or resumes) a Firecracker VM: `PATCH /vm`.
 pub fn pause_request(pause: bool) -> (&'static str, Value) {
     (
@@ -264,7 +263,8 @@ pub async fn put(socket: &Path, path: &str, body: &Value) -> Result<()> {
     send(socket, "PUT", path, body).await
 }
 
-/// A request with a JSON body on Firecracker's API socket; Ok on a 2xx answer.
+/// One request with a JSON body on the API socket; a non-2xx answer is an error carrying its
+/// `fault_message`.
 pub async fn send(socket: &Path, method: &str, path: &str, body: &Value) -> Result<()> {
     let mut s = super::jail::connect_async(socket).map_err(api_err)?;
     let body = body.to_string();

@@ -230,8 +230,6 @@ pub const LISTEN_ARG: &str = "listen";
 /// `bangerd listen PATH GID -- PROGRAM ARGS…`: listens on Unix socket PATH (root:GID 0660)
 /// as fd 3 and becomes PROGRAM.
 pub fn listen_and_exec(args: &[std::ffi::OsString]) -> std::io::Error {
-    use std::os::fd::IntoRawFd;
-    use std::os::unix::process::CommandExt;
     let usage = || std::io::Error::other("usage: bangerd listen PATH GID -- PROGRAM ARGS…");
     let [path, gid, sep, program, rest @ ..] = args else {
         return usage();
@@ -242,10 +240,22 @@ pub fn listen_and_exec(args: &[std::ffi::OsString]) -> std::io::Error {
     if sep != "--" {
         return usage();
     }
-    let fd = match crate::host::listen_unix(Path::new(path), gid) {
-        Ok(fd) => fd.into_raw_fd(),
-        Err(e) => return e,
-    };
+    match crate::host::listen_unix(Path::new(path), gid) {
+        Ok(fd) => exec_with_fd3(fd, program, rest),
+        Err(e) => e,
+    }
+}
+
+/// Makes `fd` this process's fd 3 and becomes `program` with `args`; returns only the
+/// error that stopped it.
+fn exec_with_fd3(
+    fd: std::os::fd::OwnedFd,
+    program: &std::ffi::OsStr,
+    args: &[std::ffi::OsString],
+) -> std::io::Error {
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = fd.into_raw_fd();
     if let Err(e) = crate::host::fd_as_3(fd) {
         return e;
     }
@@ -253,7 +263,7 @@ pub fn listen_and_exec(args: &[std::ffi::OsString]) -> std::io::Error {
         // SAFETY: fd is this process's own copy, now duplicated as 3.
         unsafe { libc::close(fd) };
     }
-    std::process::Command::new(program).args(rest).exec()
+    std::process::Command::new(program).args(args).exec()
 }
 
 /// The argument that runs the `bangerd` binary as `open-tap TAP -- PROGRAM ARGS…`.
@@ -275,26 +285,16 @@ pub fn bangerd_program() -> crate::Result<std::path::PathBuf> {
 
 /// `bangerd open-tap TAP -- PROGRAM ARGS…`: attaches tap `TAP` as fd 3 and becomes PROGRAM.
 pub fn open_tap_and_exec(args: &[std::ffi::OsString]) -> std::io::Error {
-    use std::os::fd::IntoRawFd;
-    use std::os::unix::process::CommandExt;
     let (Some(tap), Some(sep)) = (args.first(), args.get(1)) else {
         return std::io::Error::other("usage: bangerd open-tap TAP -- PROGRAM ARGS…");
     };
     if sep != "--" || args.len() < 3 {
         return std::io::Error::other("usage: bangerd open-tap TAP -- PROGRAM ARGS…");
     }
-    let fd = match crate::net::open_tap(&tap.to_string_lossy()) {
-        Ok(fd) => fd.into_raw_fd(),
-        Err(e) => return std::io::Error::other(e.full_message()),
-    };
-    if let Err(e) = crate::host::fd_as_3(fd) {
-        return e;
+    match crate::net::open_tap(&tap.to_string_lossy()) {
+        Ok(fd) => exec_with_fd3(fd, &args[2], &args[3..]),
+        Err(e) => std::io::Error::other(e.full_message()),
     }
-    if fd != 3 {
-        // SAFETY: fd is this process's own copy, now duplicated as 3.
-        unsafe { libc::close(fd) };
-    }
-    std::process::Command::new(&args[2]).args(&args[3..]).exec()
 }
 
 /// The unit's own view of banger's directories: its roots empty (a tmpfs), with only what the
@@ -490,6 +490,30 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
         ))));
     }
     Ok(())
+}
+
+/// Waits until a detached process says in its log that it serves (`ready`), up to `limit`,
+/// and still runs as the process its pid file names (`marker`, see [`live_pid`]). An exit
+/// first, or the limit, is an error carrying what its log said.
+pub async fn wait_for_log(
+    pidfile: &Path,
+    marker: &str,
+    log: &Path,
+    ready: &str,
+    limit: Duration,
+) -> std::result::Result<(), String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let said = std::fs::read_to_string(log).unwrap_or_default();
+        if said.contains(ready) && live_pid(pidfile, marker).is_some() {
+            return Ok(());
+        }
+        let gone = read_pid(pidfile).is_some_and(|p| !exists(p));
+        if gone || tokio::time::Instant::now() > deadline {
+            return Err(said.trim().to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Waits until `path` exists, up to `limit`.

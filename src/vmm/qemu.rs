@@ -384,24 +384,21 @@ impl Qemu {
             .await?;
             // virtiofsd says it waits for the VMM once its sandbox is up; an exit first is a
             // failure, in its words.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                let said = std::fs::read_to_string(&log).unwrap_or_default();
-                if live_pid(&pidfile, &marker(run)).is_some()
-                    && said.contains("Waiting for vhost-user")
-                {
-                    break;
-                }
-                let gone =
-                    super::process::read_pid(&pidfile).is_some_and(|p| !super::process::exists(p));
-                if gone || tokio::time::Instant::now() > deadline {
-                    return Err(Error::failed(
-                        format!("Cannot share {}", s.host.display()),
-                        std::io::Error::other(said.trim().to_owned()),
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            let ready = "Waiting for vhost-user";
+            super::process::wait_for_log(
+                &pidfile,
+                &marker(run),
+                &log,
+                ready,
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|said| {
+                Error::failed(
+                    format!("Cannot share {}", s.host.display()),
+                    std::io::Error::other(said),
+                )
+            })?;
         }
         Ok(())
     }

@@ -699,21 +699,13 @@ impl Vms {
         })
         .await?;
         // Ready once it says it listens; an exit first is a failure with its words.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let said = std::fs::read_to_string(&log).unwrap_or_default();
-            if said.contains("port-forward: listening") {
-                return Ok(());
-            }
-            let gone = process::read_pid(&pidfile).is_some_and(|p| !process::exists(p));
-            if gone || tokio::time::Instant::now() > deadline {
-                return Err(Error::failed(
-                    "Cannot publish the VM's ports",
-                    std::io::Error::other(said.trim().to_owned()),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let marker = run.to_string_lossy();
+        let ready = "port-forward: listening";
+        process::wait_for_log(&pidfile, &marker, &log, ready, Duration::from_secs(10))
+            .await
+            .map_err(|said| {
+                Error::failed("Cannot publish the VM's ports", std::io::Error::other(said))
+            })
     }
 
     async fn wait_agent(&self, run: &std::path::Path) -> Result<()> {

@@ -2,7 +2,7 @@
 //! a host TCP port whose connections reach a guest port through the VM's agent (vsock, the
 //! agent's `connect` to the guest's own loopback), so they work whatever the guest listens on
 //! and whatever walls its network has. A UDP port works the same way per client: each host
-//! peer gets a stream to the agent (`connect_udp`) carrying its datagrams, length-prefixed,
+//! peer gets a stream to the agent (`connectudp`) carrying its datagrams, length-prefixed,
 //! to and from a guest socket connected to the guest's port; a peer silent for
 //! [`UDP_IDLE`] loses its stream, as a NAT forgets a flow. The listener is a detached helper of the VM's,
 //! `bangerd port-forward`, running as the VM's uid like its other helpers: it outlives the

@@ -239,13 +239,10 @@ fn verify_folder(uid: u32, path: &Path) -> Result<PathBuf> {
     )))
 }
 
-/// Whether the mode bits let `uid` (with the calling thread's groups) write and enter `meta`.
+/// Whether the mode bits let `uid`, which does not own `meta`, write and enter it.
 fn writable_by_mode(meta: &std::fs::Metadata, uid: u32) -> bool {
     use std::os::unix::fs::MetadataExt;
     let mode = meta.mode();
-    if meta.uid() == uid {
-        return mode & 0o300 == 0o300;
-    }
     let in_group = crate::callerfile::creds(uid)
         .map(|c| c.gid == meta.gid() || c.groups.contains(&meta.gid()))
         .unwrap_or(false);
