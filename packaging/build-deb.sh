@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds target/deb/banger_<version>_amd64.deb: the binaries, the systemd unit, the D-Bus
 # policy and activation file, the polkit policy and rule, man pages and shell completions
-# (generated from the CLI's own clap definitions) and vhost-device-vsock, which Debian does
-# not package. Maintainer scripts: debian/ next to this file.
+# (generated from the CLI's own clap definitions) and virtiofsd, which Debian does not
+# package. Maintainer scripts: debian/ next to this file.
 # Usage: packaging/build-deb.sh [--no-build] [--debug]
 #   --no-build  packs what target/ holds;  --debug  packs the dev-profile binaries (the tests'
 #   build: tests/run packs those for the system test instead of building release twice)
@@ -30,8 +30,6 @@ if [ "$build" = 1 ]; then
     RUSTFLAGS='-C target-feature=+crt-static -C strip=symbols' \
         cargo build $cargo_profile --quiet --target x86_64-unknown-linux-gnu --bin banger-init --bin banger-agent
 fi
-vsock=$(command -v vhost-device-vsock || true)
-[ -n "$vsock" ] || { echo "build-deb: vhost-device-vsock is not installed (cargo install vhost-device-vsock --version 0.3.0)" >&2; exit 1; }
 virtiofsd=$(command -v virtiofsd || true)
 [ -n "$virtiofsd" ] || { echo "build-deb: virtiofsd is not installed (apt-get install libcap-ng-dev libseccomp-dev; cargo install virtiofsd --version 1.14.0)" >&2; exit 1; }
 
@@ -40,7 +38,6 @@ install -D -m 0755 target/$profile/banger "$stage/usr/bin/banger"
 install -D -m 0755 target/$profile/bangerd "$stage/usr/bin/bangerd"
 install -D -m 0755 target/x86_64-unknown-linux-gnu/$profile/banger-init "$stage/usr/lib/banger/banger-init"
 install -D -m 0755 target/x86_64-unknown-linux-gnu/$profile/banger-agent "$stage/usr/lib/banger/banger-agent"
-install -D -m 0755 "$vsock" "$stage/usr/lib/banger/vhost-device-vsock"
 install -D -m 0755 "$virtiofsd" "$stage/usr/lib/banger/virtiofsd"
 install -D -m 0644 systemd/bangerd.service "$stage/usr/lib/systemd/system/bangerd.service"
 install -D -m 0644 dbus/org.banger.conf "$stage/usr/share/dbus-1/system.d/org.banger.conf"

@@ -30,10 +30,6 @@ for pass in 1 2; do
 done
 missing_packages
 [ "${#missing[@]}" -eq 0 ] || { echo "quickstart: ${missing[*]} still missing after apt-get install" >&2; exit 1; }
-if ! command -v vhost-device-vsock >/dev/null; then
-    echo "==> Installing vhost-device-vsock (the guest agent's vsock device for QEMU)"
-    cargo install --quiet --locked vhost-device-vsock --version 0.3.0 --root /usr/local
-fi
 if ! command -v virtiofsd >/dev/null; then
     echo "==> Installing virtiofsd (shared folders' virtio-fs server)"
     cargo install --quiet --locked virtiofsd --version 1.14.0 --root /usr/local

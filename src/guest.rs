@@ -15,7 +15,7 @@ pub const AGENT_PATH: &str = "usr/local/bin/banger-agent";
 
 const AGENT_UNIT: &str = "\
 [Unit]
-Description=banger guest agent (vsock port 1024)
+Description=banger guest agent (port 1024 on its virtio-serial port or vsock)
 After=systemd-modules-load.service banger-network.service
 
 [Service]
@@ -90,7 +90,7 @@ WantedBy=multi-user.target
 ";
 
 const MODULES: &str =
-    "# banger: the guest agent talks over vsock\nvsock\nvmw_vsock_virtio_transport\nvirtio_net\n";
+    "# banger: the guest agent talks over a virtio-serial port (QEMU) or vsock (Firecracker)\nvirtio_console\nvsock\nvmw_vsock_virtio_transport\nvirtio_net\n";
 
 fn write_file(root: &Root, rel: &str, data: &[u8], mode: u32) -> Result<()> {
     let rel = Path::new(rel);

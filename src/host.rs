@@ -8,7 +8,7 @@ use std::process::Command;
 use crate::{Error, Result};
 
 /// Finds a program on PATH, in the sbin directories a non-root PATH often lacks, or in
-/// `/usr/lib/banger` (the package's helpers, such as `vhost-device-vsock`).
+/// `/usr/lib/banger` (the package's helpers, such as `virtiofsd`).
 pub fn find_program(name: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH").unwrap_or_default();

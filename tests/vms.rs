@@ -1,6 +1,6 @@
 //! VMs for real: a busybox image pulled from a registry on 127.0.0.1, the Debian kernel
 //! imported with a banger-built initrd, and VMs booted under QEMU (TCG) with the guest agent
-//! on vsock through vhost-device-vsock, all driven as a real user through the CLI and the bus.
+//! on a virtio-serial port through banger's agent link, all driven as a real user through the CLI and the bus.
 
 mod common;
 
@@ -24,7 +24,6 @@ const TOOLS: &[&str] = &[
     "xz",
     "qemu-system-x86_64",
     "qemu-img",
-    "vhost-device-vsock",
     "setsid",
 ];
 
@@ -100,7 +99,7 @@ fn banger_network(bus: &TestBus) -> (Vec<String>, bool) {
     (links, table)
 }
 
-/// The VMs' processes (QEMU, vsock devices, console loggers) of this bus: their `/proc`
+/// The VMs' processes (QEMU, agent links, console loggers) of this bus: their `/proc`
 /// directory and command line.
 fn vm_process_dirs(bus: &TestBus) -> Vec<(std::path::PathBuf, String)> {
     let marker = bus.runtime.to_string_lossy().into_owned();
@@ -109,9 +108,7 @@ fn vm_process_dirs(bus: &TestBus) -> Vec<(std::path::PathBuf, String)> {
         if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
             let c = String::from_utf8_lossy(&c).replace('\0', " ");
             if c.contains(&marker)
-                && (c.contains("qemu")
-                    || c.contains("vhost-device")
-                    || c.contains("console-logger"))
+                && (c.contains("qemu") || c.contains("agent-link") || c.contains("console-logger"))
             {
                 found.push((e.path(), c));
             }
@@ -683,7 +680,7 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     // and QEMU under its seccomp sandbox.
     let mut confined = 0;
     for (dir, c) in vm_process_dirs(&bus) {
-        let which = ["qemu-system", "vhost-device-vsock", "console-logger"]
+        let which = ["qemu-system", "agent-link", "console-logger"]
             .into_iter()
             .find(|w| c.contains(w))
             .unwrap_or("?");
@@ -714,7 +711,7 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
         }
         confined += 1;
     }
-    assert_eq!(confined, 3, "QEMU, its vsock device and its console logger");
+    assert_eq!(confined, 3, "QEMU, its agent link and its console logger");
     // Its disks are its uid's alone.
     {
         use std::os::unix::fs::MetadataExt;
@@ -727,8 +724,8 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
             (m.uid(), m.mode() & 0o777),
             (banger::vmm::jail::vm_uid(3), 0o700)
         );
-        // Each process has a mount namespace of its own: QEMU sees its disks, the vsock
-        // device does not; neither sees banger's database.
+        // Each process has a mount namespace of its own: QEMU sees its disks, the agent
+        // link does not; neither sees banger's database.
         let inside = |which: &str, p: &std::path::Path| {
             let (dir, _) = vm_process_dirs(&bus)
                 .into_iter()
@@ -740,8 +737,8 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
         assert!(db.exists(), "{}", db.display());
         assert!(inside("qemu-system", &vm_dir.join("work.ext4")));
         assert!(!inside("qemu-system", &db));
-        assert!(!inside("vhost-device-vsock", &vm_dir.join("work.ext4")));
-        assert!(!inside("vhost-device-vsock", &db));
+        assert!(!inside("agent-link", &vm_dir.join("work.ext4")));
+        assert!(!inside("agent-link", &db));
         // Root's runtime files (pid files, logs) are root's; the VM's sockets are in a
         // directory of its uid's own.
         let run = bus.runtime.join("vms").join(vm_dir.file_name().unwrap());
@@ -752,7 +749,7 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
             let m = std::fs::symlink_metadata(&p).unwrap();
             assert_eq!((m.uid(), m.mode() & 0o777), (uid, mode), "{}", p.display());
         }
-        for f in ["qemu.pid", "vhost-vsock.pid", "console.pid", "qemu.log"] {
+        for f in ["qemu.pid", "agent-link.pid", "console.pid", "qemu.log"] {
             let m = std::fs::symlink_metadata(run.join(f)).unwrap();
             assert!(m.is_file() && m.uid() == 0 && m.mode() & 0o022 == 0, "{f}");
         }

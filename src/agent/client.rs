@@ -1,5 +1,5 @@
 //! Talking to `banger-agent` from the host: through the VMM's hybrid vsock socket
-//! (`CONNECT <port>\n` → `OK …\n`, the protocol of Firecracker and vhost-device-vsock), or
+//! (`CONNECT <port>\n` → `OK …\n`, the protocol of Firecracker's vsock and of banger's agent link), or
 //! over a stream the daemon already connected and handed out (`banger vm exec`).
 
 use std::path::Path;

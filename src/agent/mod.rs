@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod files;
+pub mod link;
 pub mod server;
 
 use serde::{Deserialize, Serialize};

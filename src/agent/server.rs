@@ -89,8 +89,51 @@ fn accept(listener: &OwnedFd, vsock: bool) -> std::io::Result<std::fs::File> {
     }
 }
 
+/// Where the agent's channel is: the VM's virtio-serial port (QEMU), else vsock (Firecracker).
+/// Devices appear as their modules probe, so this waits a little for either.
+fn channel() -> Option<std::path::PathBuf> {
+    let ports = std::path::Path::new("/sys/class/virtio-ports");
+    let vsock = std::path::Path::new("/sys/bus/virtio/drivers/vmw_vsock_virtio_transport");
+    let has_vsock = || {
+        std::fs::read_dir(vsock)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("virtio"))
+            })
+            .unwrap_or(false)
+    };
+    for _ in 0..200 {
+        if let Some(p) = super::link::find_port(ports) {
+            return Some(p);
+        }
+        if has_vsock() {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    None
+}
+
 /// Serves forever.
 pub fn serve(listen: Listen) -> std::io::Result<()> {
+    if let (Listen::Vsock(PORT), Some(port)) = (&listen, channel()) {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&port)?;
+        eprintln!(
+            "banger-agent {} serving on {} ({})",
+            crate::VERSION,
+            port.display(),
+            super::link::PORT_NAME
+        );
+        return super::link::serve_guest(file, |conn| {
+            if let Err(e) = handle(conn) {
+                eprintln!("banger-agent: connection: {e}");
+            }
+        });
+    }
     let listener: OwnedFd = match &listen {
         Listen::Vsock(port) => vsock_listener(*port)?,
         Listen::Unix(path) => {

@@ -17,6 +17,7 @@ fn main() -> std::process::ExitCode {
         banger::vmm::process::OPEN_TAP_ARG => banger::vmm::process::open_tap_and_exec(&argv[2..]),
         banger::vmm::process::LISTEN_ARG => banger::vmm::process::listen_and_exec(&argv[2..]),
         banger::vmm::console::LOGGER_ARG => return console_logger(&argv[2..]),
+        banger::agent::link::HELPER_ARG => return agent_link(&argv[2..]),
         _ => {
             return match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt.block_on(daemon()),
@@ -62,6 +63,21 @@ fn console_logger(args: &[std::ffi::OsString]) -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bangerd console-logger: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `bangerd agent-link VMM_SOCKET CLIENT_SOCKET`: one VM's agent channel (see `agent::link`).
+fn agent_link(args: &[std::ffi::OsString]) -> std::process::ExitCode {
+    let [vmm, clients] = args else {
+        eprintln!("usage: bangerd agent-link VMM_SOCKET CLIENT_SOCKET");
+        return std::process::ExitCode::from(2);
+    };
+    match banger::agent::link::run_helper(vmm.as_ref(), clients.as_ref()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bangerd agent-link: {e}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -87,11 +87,6 @@ pub fn run(out: &Output) -> anyhow::Result<()> {
                 "install qemu-system-x86".into()
             },
         },
-        program(
-            "vhost-device-vsock",
-            true,
-            "cargo install vhost-device-vsock",
-        ),
         program("qemu-img", true, "apt-get install qemu-utils"),
         program("setsid", true, "apt-get install util-linux"),
         program("mkfs.ext4", true, "apt-get install e2fsprogs"),

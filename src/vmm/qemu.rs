@@ -1,7 +1,8 @@
 //! The QEMU driver: `qemu-system-x86_64 -M microvm` booting the ELF vmlinux through PVH,
 //! virtio-mmio disks (the root disk a qcow2 overlay on the image's raw ext4), the console
-//! to a log file, QMP for power-off, and vsock through a per-VM `vhost-device-vsock` whose
-//! host side speaks Firecracker's hybrid protocol. QEMU daemonizes, so it outlives bangerd.
+//! to a log file, QMP for power-off and snapshots, and the agent's channel on a virtio-serial
+//! port whose host side (`agent::link`'s helper) speaks Firecracker's hybrid vsock protocol.
+//! QEMU and its helpers run detached, so they outlive bangerd.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -22,17 +23,15 @@ pub struct Qemu {
 }
 
 const QEMU: &str = "qemu-system-x86_64";
-/// The vhost-user vsock device (`cargo install vhost-device-vsock`).
-pub const VHOST_VSOCK: &str = "vhost-device-vsock";
-
 fn qemu_pidfile(run: &Path) -> PathBuf {
     run.join("qemu.pid")
 }
-fn vsock_pidfile(run: &Path) -> PathBuf {
-    run.join("vhost-vsock.pid")
+fn link_pidfile(run: &Path) -> PathBuf {
+    run.join("agent-link.pid")
 }
-fn vhost_socket(run: &Path) -> PathBuf {
-    super::jail::own_runtime(run).join("vhost-vsock.sock")
+/// QEMU's end of the agent's virtio-serial port, which the link helper listens on.
+fn link_socket(run: &Path) -> PathBuf {
+    super::jail::own_runtime(run).join("agent-link.sock")
 }
 /// The virtio-fs server of share `tag`: its socket (root:VM group, in root's runtime
 /// directory), pid file and log.
@@ -222,11 +221,18 @@ impl Qemu {
                 format!("vhost-user-fs-device,chardev={0},tag={0}", s.tag),
             ]);
         }
+        // The agent's channel is a virtio-serial port, which migrates (a vhost-user vsock
+        // device does not): snapshots need it.
         a.extend([
-            "-chardev".into(),
-            format!("socket,id=vsk,path={}", p(&vhost_socket(run))),
             "-device".into(),
-            "vhost-user-vsock-device,chardev=vsk".into(),
+            "virtio-serial-device".into(),
+            "-chardev".into(),
+            format!("socket,id=agent,path={}", p(&link_socket(run))),
+            "-device".into(),
+            format!(
+                "virtserialport,chardev=agent,name={}",
+                crate::agent::link::PORT_NAME
+            ),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", p(&qmp_socket(run))),
         ]);
@@ -271,31 +277,27 @@ impl Qemu {
         Ok(())
     }
 
-    async fn start_vsock(&self, spec: &BootSpec) -> Result<()> {
+    /// Starts the VM's agent-link helper (the `bangerd` binary in its `agent-link` role, as
+    /// the VM's uid) and waits until it listens: QEMU connects its end of the agent's port
+    /// to it, clients of the agent its hybrid socket.
+    async fn start_link(&self, spec: &BootSpec) -> Result<()> {
         let run = &spec.run_dir;
-        let bin = program(
-            VHOST_VSOCK,
-            "install it with `cargo install vhost-device-vsock`",
-        )?;
-        terminate(&vsock_pidfile(run), &marker(run), Duration::from_secs(2)).await;
-        for s in [vhost_socket(run), self.vsock_socket(run)] {
+        let bin = super::process::bangerd_program()?;
+        terminate(&link_pidfile(run), &marker(run), Duration::from_secs(2)).await;
+        let (vmm_end, clients) = (link_socket(run), self.vsock_socket(run));
+        for s in [&vmm_end, &clients] {
             let _ = std::fs::remove_file(s);
         }
-        let cid = spec.cid.to_string();
-        let (vhost, uds) = (vhost_socket(run), self.vsock_socket(run));
         spawn_detached(&Detached {
-            pidfile: &vsock_pidfile(run),
-            unit: &super::scope::helper_unit(&spec.id, "vsock"),
+            pidfile: &link_pidfile(run),
+            unit: &super::scope::helper_unit(&spec.id, "link"),
             program: &bin,
             args: &[
-                "--guest-cid".as_ref(),
-                cid.as_ref(),
-                "--socket".as_ref(),
-                vhost.as_os_str(),
-                "--uds-path".as_ref(),
-                uds.as_os_str(),
+                crate::agent::link::HELPER_ARG.as_ref(),
+                vmm_end.as_os_str(),
+                clients.as_os_str(),
             ],
-            log: &run.join("vhost-vsock.log"),
+            log: &run.join("agent-link.log"),
             limits: UnitLimits::helper(spec.memory_mib),
             writable: &[run],
             jail: &spec.jail,
@@ -303,10 +305,11 @@ impl Qemu {
             listen: None,
         })
         .await?;
-        if !wait_for_path(&vhost_socket(run), Duration::from_secs(10)).await {
-            let log = std::fs::read_to_string(run.join("vhost-vsock.log")).unwrap_or_default();
+        // The socket appears under its name only once it listens (see agent::link).
+        if !wait_for_path(&vmm_end, Duration::from_secs(10)).await {
+            let log = std::fs::read_to_string(run.join("agent-link.log")).unwrap_or_default();
             return Err(Error::failed(
-                format!("{VHOST_VSOCK} did not create its socket"),
+                "The agent link helper did not create its socket",
                 std::io::Error::other(log.trim().to_owned()),
             ));
         }
@@ -439,7 +442,7 @@ impl Vmm for Qemu {
         let kvm = self.uses_kvm();
         let _ = std::fs::remove_file(qmp_socket(&spec.run_dir));
         self.start_console(spec).await?;
-        self.start_vsock(spec).await?;
+        self.start_link(spec).await?;
         if let Err(e) = self.start_shares(spec).await {
             self.kill(&spec.run_dir).await?;
             return Err(e);
@@ -510,7 +513,7 @@ impl Vmm for Qemu {
     fn pids(&self, run_dir: &Path) -> Vec<u32> {
         [
             qemu_pidfile(run_dir),
-            vsock_pidfile(run_dir),
+            link_pidfile(run_dir),
             console_pidfile(run_dir),
         ]
         .iter()
@@ -537,7 +540,7 @@ impl Vmm for Qemu {
     async fn kill(&self, run_dir: &Path) -> Result<()> {
         let m = marker(run_dir);
         terminate(&qemu_pidfile(run_dir), &m, Duration::from_secs(3)).await;
-        terminate(&vsock_pidfile(run_dir), &m, Duration::from_secs(2)).await;
+        terminate(&link_pidfile(run_dir), &m, Duration::from_secs(2)).await;
         terminate(&console_pidfile(run_dir), &m, Duration::from_secs(2)).await;
         for (i, pidfile) in share_pidfiles(run_dir).iter().enumerate() {
             terminate(pidfile, &m, Duration::from_secs(2)).await;
@@ -546,7 +549,7 @@ impl Vmm for Qemu {
         for s in [
             qmp_socket(run_dir),
             console_socket(run_dir),
-            vhost_socket(run_dir),
+            link_socket(run_dir),
             self.vsock_socket(run_dir),
         ] {
             let _ = std::fs::remove_file(s);

@@ -723,7 +723,7 @@ impl Vms {
         .await
     }
 
-    /// Retries `attempt` (each try bounded to 5 s, 250 ms apart) until it succeeds, the VMM
+    /// Retries `attempt` (each try bounded to 5 s, tries at least 250 ms apart) until it succeeds, the VMM
     /// exits, or `boot_timeout_sec` passes; the errors name `what` and the last failure.
     async fn wait_guest<F, Fut>(
         &self,
@@ -746,6 +746,7 @@ impl Vms {
                     std::io::Error::other(last),
                 ));
             }
+            let tried = tokio::time::Instant::now();
             match tokio::time::timeout(Duration::from_secs(5), attempt()).await {
                 Ok(Ok(())) => return Ok(()),
                 Ok(Err(e)) => last = e,
@@ -760,7 +761,9 @@ impl Vms {
                     std::io::Error::other(last),
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            // An attempt that waited for the guest (the agent link holds a connection until
+            // the agent says it is there) is tried again at once; one refused at once waits.
+            tokio::time::sleep_until(tried + Duration::from_millis(250)).await;
         }
     }
 

@@ -1,0 +1,108 @@
+use super::*;
+use std::os::unix::net::UnixListener;
+
+/// A guest (echo handler) and a host helper joined by a socket pair; returns the client
+/// socket's path.
+fn pair(dir: &std::path::Path) -> std::path::PathBuf {
+    let (guest_end, host_end) = UnixStream::pair().unwrap();
+    let port = std::fs::File::from(std::os::fd::OwnedFd::from(guest_end));
+    std::thread::spawn(move || {
+        serve_guest(port, |conn: std::fs::File| {
+            let mut w = conn.try_clone().unwrap();
+            let mut r = conn;
+            let _ = std::io::copy(&mut r, &mut w);
+        })
+    });
+    let sock = dir.join("vsock.sock");
+    let clients = UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || serve_host(host_end, clients));
+    sock
+}
+
+fn connect(sock: &std::path::Path, port: u32) -> std::io::Result<UnixStream> {
+    let mut s = UnixStream::connect(sock)?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        if s.read(&mut b)? == 0 {
+            return Err(std::io::ErrorKind::ConnectionRefused.into());
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+    }
+    assert!(line.starts_with(b"OK "), "{line:?}");
+    Ok(s)
+}
+
+#[test]
+fn connections_carry_bytes_both_ways_beyond_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = pair(dir.path());
+    let mut s = connect(&sock, super::super::PORT).unwrap();
+    let data: Vec<u8> = (0..3 * WINDOW + 12345)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let mut w = s.try_clone().unwrap();
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&sent).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    writer.join().unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "the echo differs");
+}
+
+#[test]
+fn a_port_nobody_serves_is_closed_without_a_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = pair(dir.path());
+    let e = connect(&sock, 9).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+    // The link still serves the agent's port afterwards.
+    let mut s = connect(&sock, super::super::PORT).unwrap();
+    s.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ping");
+}
+
+#[test]
+fn a_stalled_connection_does_not_stall_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = pair(dir.path());
+    // The first client sends far more than its window and never reads the echo.
+    let mut stalled = connect(&sock, super::super::PORT).unwrap();
+    stalled.set_nonblocking(true).unwrap();
+    let chunk = vec![1u8; 64 * 1024];
+    for _ in 0..32 {
+        let _ = stalled.write(&chunk);
+    }
+    let mut s = connect(&sock, super::super::PORT).unwrap();
+    s.write_all(b"still here").unwrap();
+    let mut b = [0u8; 10];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"still here");
+}
+
+#[test]
+fn a_reader_finds_its_place_after_garbage() {
+    let mut bytes = b"half a frame from before".to_vec();
+    bytes.extend(encode(kind::DATA, 3, b"x"));
+    bytes.truncate(30);
+    bytes.extend(sync_frame(kind::RESET, 42));
+    bytes.extend(encode(kind::OPEN, 1, &1024u32.to_be_bytes()));
+    let mut r = FrameReader::new(&bytes[..]);
+    assert!(matches!(r.read_frame().unwrap(), Got::Garbage));
+    assert_eq!(r.scan(kind::RESET).unwrap(), Some(42));
+    match r.read_frame().unwrap() {
+        Got::Frame(f) => assert_eq!((f.kind, f.conn), (kind::OPEN, 1)),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(r.read_frame().unwrap(), Got::End));
+}
