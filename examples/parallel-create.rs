@@ -34,12 +34,19 @@ impl Vmm for SlowVmm {
     async fn prepare_rootfs(
         &self,
         _: &Path,
+        _: banger::vmm::DiskFormat,
         vm_dir: &Path,
         _: Option<u64>,
     ) -> banger::Result<PathBuf> {
         let p = self.rootfs_path(vm_dir);
         std::fs::write(&p, b"").map_err(|e| banger::Error::failed("rootfs", e))?;
         Ok(p)
+    }
+    async fn save_state(&self, _: &Path, _: std::os::fd::OwnedFd) -> banger::Result<()> {
+        Ok(())
+    }
+    async fn load_state(&self, _: &Path, _: std::os::fd::OwnedFd) -> banger::Result<()> {
+        Ok(())
     }
     async fn boot(&self, spec: &BootSpec) -> banger::Result<()> {
         tokio::time::sleep(BOOT).await;

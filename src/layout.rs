@@ -42,6 +42,10 @@ impl Layout {
     pub fn vms_dir(&self) -> PathBuf {
         self.state_dir.join("vms")
     }
+    /// `snapshots/`, one directory per snapshot id (owner-only files: guest memory).
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.state_dir.join("snapshots")
+    }
     /// `cache/oci/`, blobs by digest.
     pub fn oci_cache_dir(&self) -> PathBuf {
         self.state_dir.join("cache").join("oci")
@@ -63,6 +67,7 @@ impl Layout {
             self.images_dir(),
             self.kernels_dir(),
             self.vms_dir(),
+            self.snapshots_dir(),
             self.oci_cache_dir(),
             // Partial blob downloads live beside the verified blobs.
             self.oci_cache_dir().join("sha256"),

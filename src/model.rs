@@ -263,6 +263,45 @@ pub struct Vm {
     pub publish: Vec<String>,
     /// Shared host folders (see `vms::share`).
     pub shares: Vec<Share>,
+    /// The snapshot the VM was restored from (its root disk layers on the snapshot's);
+    /// empty for a VM booted from its image.
+    pub snapshot: String,
+}
+
+/// A snapshot of a running VM: its memory and device state and both its disks, stored under
+/// `snapshots/<id>/`, from which new VMs start where it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Hex id, also the name of its directory.
+    pub id: String,
+    /// Unique user-facing name.
+    pub name: String,
+    /// The VM it was taken of (its id).
+    pub vm_id: String,
+    /// That VM's name when it was taken.
+    pub vm_name: String,
+    /// The VM's image (its root disk's base).
+    pub image_id: String,
+    /// The VM's kernel, which restores must use.
+    pub kernel: String,
+    /// Virtual CPUs, which restores must use.
+    pub vcpus: u32,
+    /// Memory in MiB, which restores must use.
+    pub memory_mib: u32,
+    /// The root disk's size.
+    pub disk_size: u64,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+    /// When it was taken, µs since the epoch.
+    pub created_at: u64,
+    /// The uid that owns it (the VM's owner).
+    pub owner_uid: u32,
+    /// The memory file's sha256, checked before any restore loads it.
+    pub memory_sha256: String,
+    /// The memory file's size.
+    pub memory_size: u64,
+    /// The VM's init setting, which restored VMs keep.
+    pub init: String,
 }
 
 /// One shared folder of a VM.
@@ -314,6 +353,8 @@ pub enum NameKind {
     Kernel,
     /// A VM name.
     Vm,
+    /// A snapshot name.
+    Snapshot,
 }
 
 impl fmt::Display for NameKind {
@@ -322,6 +363,7 @@ impl fmt::Display for NameKind {
             NameKind::Image => "image",
             NameKind::Kernel => "kernel",
             NameKind::Vm => "VM",
+            NameKind::Snapshot => "snapshot",
         })
     }
 }

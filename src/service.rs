@@ -33,6 +33,10 @@ pub enum ObjectEvent {
     VmChanged(Vm),
     /// A VM was deleted (its id).
     VmRemoved(String),
+    /// A snapshot was published.
+    SnapshotAdded(crate::model::Snapshot),
+    /// A snapshot was deleted (its id).
+    SnapshotRemoved(String),
     /// A VM creation reached a stage.
     CreateProgress {
         /// The VM's id.

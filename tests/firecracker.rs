@@ -188,6 +188,7 @@ fn boot_spec(dir: &Path, vcpus: u32) -> BootSpec {
             hide: Vec::new(),
             read_only: Vec::new(),
         },
+        incoming: false,
     }
 }
 

@@ -53,11 +53,33 @@ fn vm(name: &str, image: &Image, owner: u32, cid: u32) -> Vm {
         exit_status: -1,
         publish: Vec::new(),
         shares: Vec::new(),
+        snapshot: String::new(),
     }
 }
 
 /// Writes rows into the daemon's database before it first starts, as an earlier daemon would
 /// have, plus a staging leftover the start-up sweep must remove.
+/// A snapshot row of `vm` (no files: enough for its object).
+fn snapshot_of(vm: &Vm) -> banger::model::Snapshot {
+    banger::model::Snapshot {
+        id: "5a5a5a5a5a5a5a5a".into(),
+        name: "snap".into(),
+        vm_id: vm.id.clone(),
+        vm_name: vm.name.clone(),
+        image_id: vm.image_id.clone(),
+        kernel: vm.kernel.clone(),
+        vcpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        disk_size: vm.disk_size,
+        size_bytes: 1 << 20,
+        created_at: 1,
+        owner_uid: vm.owner_uid,
+        memory_sha256: String::new(),
+        memory_size: 0,
+        init: String::new(),
+    }
+}
+
 fn seed(bus: &TestBus) -> Seeded {
     let state = bus.state_dir();
     std::fs::create_dir_all(state.join("images/.staging-interrupted/tree")).unwrap();
@@ -94,6 +116,7 @@ fn seed(bus: &TestBus) -> Seeded {
             rows::insert_kernel(c, &kernel)?;
             rows::insert_vm(c, &root_vm)?;
             rows::insert_vm(c, &user_vm)?;
+            rows::insert_snapshot(c, &snapshot_of(&root_vm))?;
             rows::insert_vm(c, &user_vm2)
         })
         .unwrap();
@@ -121,6 +144,7 @@ async fn activation_introspection_and_reads() {
         "org.banger.Kernels1",
         "org.banger.VMs1",
         "org.banger.Jobs1",
+        "org.banger.Snapshots1",
     ] {
         assert_interface_matches_file(&conn, "/org/banger", iface).await;
     }
@@ -133,6 +157,7 @@ async fn activation_introspection_and_reads() {
         "org.banger.Kernels1",
         "org.banger.VMs1",
         "org.banger.Jobs1",
+        "org.banger.Snapshots1",
     ] {
         assert!(busctl.contains(iface), "{busctl}");
     }
@@ -147,6 +172,12 @@ async fn activation_introspection_and_reads() {
     assert_interface_matches_file(&conn, &image_path, "org.banger.Image1").await;
     assert_interface_matches_file(&conn, kernel_path, "org.banger.Kernel1").await;
     assert_interface_matches_file(&conn, &vm_path, "org.banger.VM1").await;
+    assert_interface_matches_file(
+        &conn,
+        "/org/banger/snapshot/5a5a5a5a5a5a5a5a",
+        "org.banger.Snapshot1",
+    )
+    .await;
 
     let om = zbus::fdo::ObjectManagerProxy::builder(&conn)
         .destination("org.banger")

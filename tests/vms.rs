@@ -2227,3 +2227,197 @@ async fn debootstrap_and_umoci_images_boot_by_reference() {
         assert!(out.status.success(), "{}", text(&out));
     }
 }
+
+/// `banger vm exec VM -- ARGS` as `user`; the output, or a panic naming what failed.
+fn exec_as(bus: &TestBus, user: Option<&str>, vm: &str, args: &[&str]) -> String {
+    let mut a = vec!["vm", "exec", vm, "--"];
+    a.extend(args);
+    let out = bus.banger_as(user, &a);
+    assert!(
+        out.status.success(),
+        "exec {args:?} in {vm}: {}",
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `banger --json vm show VM` as root.
+fn vm_shown(bus: &TestBus, vm: &str) -> serde_json::Value {
+    let out = bus.banger_as(None, &["--json", "vm", "show", vm]);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_are_refused() {
+    let Some((_state, bus)) = kernel_ready_bus(&[]).await else {
+        return;
+    };
+    let registry = TestRegistry::start_in_netns(bus.netns_pid());
+    let layout = tempfile::tempdir().unwrap();
+    let m = image_manifest_labeled(layout.path(), &vm_image_layers(), serde_json::json!({}));
+    finish_layout(layout.path(), vec![m], "v1");
+    let reference = registry.push(layout.path(), "v1", "vm/snap", &[]);
+    let ok = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+    let refused = |out: std::process::Output, why: &str| {
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(
+            text(&out).contains(why),
+            "wanted {why:?} in: {}",
+            text(&out)
+        );
+    };
+
+    // A VM of root's, with a process that counts and files in /tmp and /root.
+    ok(bus.banger_as(
+        None,
+        &[
+            "vm", "create", "src", "--image", &reference, "--memory", "256", "--vcpus", "1",
+        ],
+    ));
+    exec_as(
+        &bus,
+        None,
+        "src",
+        &[
+            "/bin/sh",
+            "-c",
+            "echo in-tmp > /tmp/mark; echo in-root > /root/mark; \
+             setsid /bin/sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done' \
+             </dev/null >/dev/null 2>&1 &",
+        ],
+    );
+    let count = |vm: &str| -> u64 {
+        exec_as(&bus, None, vm, &["cat", "/tmp/count"])
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{vm}: {e}"))
+    };
+    let before = count("src");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(count("src") > before, "the process counts");
+    let before = count("src");
+
+    // Another user may not snapshot it; a stopped VM, a taken name are refused.
+    refused(
+        bus.banger_as(Some(USER_OK), &["vm", "snapshot", "src", "theirs"]),
+        "manage-any",
+    );
+    let out = ok(bus.banger_as(None, &["vm", "snapshot", "src", "s1"]));
+    assert!(out.contains("Saving memory and device state"), "{out}");
+    refused(
+        bus.banger_as(None, &["vm", "snapshot", "src", "s1"]),
+        "A snapshot named \"s1\" exists",
+    );
+    // The guest's clock stood still while it was paused: give it time to count again.
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(count("src") > before, "the source keeps running");
+
+    // Restores that would not match the snapshot, or of another user's snapshot, are
+    // refused before anything is made.
+    for (user, args, why) in [
+        (
+            None,
+            vec!["--vcpus", "2"],
+            "vcpus: snapshot s1 was taken with 1",
+        ),
+        (
+            None,
+            vec!["--kernel", "test"],
+            "kernel: a VM restored from snapshot s1",
+        ),
+        (Some(USER_OK), vec![], "manage-any"),
+    ] {
+        let mut a = vec!["vm", "create", "bad", "--snapshot", "s1"];
+        a.extend(args);
+        refused(bus.banger_as(user, &a), why);
+        refused(bus.banger_as(None, &["vm", "show", "bad"]), "No VM");
+    }
+
+    // Two VMs forked from the running one: the process still counts in each, both files
+    // are there, and each has its own name, address, MAC and host key.
+    let out = ok(bus.banger_as(None, &["vm", "fork", "src", "f", "--count", "2"]));
+    assert!(out.contains("f-1: Restoring snapshot f"), "{out}");
+    let src = vm_shown(&bus, "src");
+    let mut keys = vec![src["SSHHostKey"].as_str().unwrap_or_default().to_owned()];
+    let mut addrs = vec![src["GuestAddress"].as_str().unwrap().to_owned()];
+    for vm in ["f-1", "f-2"] {
+        let shown = vm_shown(&bus, vm);
+        assert_eq!(shown["State"], "running", "{shown}");
+        let c = count(vm);
+        std::thread::sleep(Duration::from_millis(800));
+        assert!(count(vm) > c, "{vm}: the snapshot's process goes on");
+        assert_eq!(
+            exec_as(&bus, None, vm, &["cat", "/tmp/mark", "/root/mark"]),
+            "in-tmp\nin-root\n"
+        );
+        assert_eq!(exec_as(&bus, None, vm, &["hostname"]).trim(), vm);
+        let mac = exec_as(&bus, None, vm, &["cat", "/sys/class/net/eth0/address"]);
+        assert_eq!(mac.trim(), shown["MacAddress"].as_str().unwrap(), "{vm}");
+        let ip = exec_as(&bus, None, vm, &["ip", "-4", "-o", "addr", "show", "eth0"]);
+        let addr = shown["GuestAddress"].as_str().unwrap().to_owned();
+        assert!(ip.contains(&format!("inet {addr}/")), "{vm}: {ip}");
+        keys.push(shown["SSHHostKey"].as_str().unwrap_or_default().to_owned());
+        addrs.push(addr);
+    }
+    keys.sort();
+    keys.dedup();
+    addrs.sort();
+    addrs.dedup();
+    assert_eq!((keys.len(), addrs.len()), (3, 3), "{keys:?} {addrs:?}");
+    // Isolated as any VM: a fork does not reach its source's service, which the source
+    // itself reaches on its own address.
+    let src_addr = src["GuestAddress"].as_str().unwrap();
+    let probe = format!("nc -w 3 {src_addr} 8080 </dev/null && echo OPEN || echo CLOSED");
+    assert_eq!(
+        exec_as(&bus, None, "src", &["sh", "-c", &probe]).trim(),
+        "OPEN"
+    );
+    assert_eq!(
+        exec_as(&bus, None, "f-1", &["sh", "-c", &probe]).trim(),
+        "CLOSED"
+    );
+
+    // Snapshots are listed; one that VMs layer on stays until they go.
+    let out = ok(bus.banger_as(None, &["--json", "snapshot", "list"]));
+    assert!(out.contains("\"s1\"") && out.contains("\"f\""), "{out}");
+    refused(
+        bus.banger_as(None, &["snapshot", "delete", "f"]),
+        "is the base of 2 VM(s)",
+    );
+    for vm in ["f-1", "f-2"] {
+        ok(bus.banger_as(None, &["vm", "delete", vm, "--force"]));
+    }
+    ok(bus.banger_as(None, &["snapshot", "delete", "f"]));
+
+    // A snapshot whose memory changed on disk is refused before any VMM loads it.
+    let s1 = {
+        let out = ok(bus.banger_as(None, &["--json", "snapshot", "show", "s1"]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["Id"].as_str().unwrap().to_owned()
+    };
+    let memory = _state.path().join("snapshots").join(&s1).join("memory.zst");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&memory)
+            .unwrap();
+        f.write_all(b"x").unwrap();
+    }
+    refused(
+        bus.banger_as(None, &["vm", "create", "z", "--snapshot", "s1"]),
+        "Snapshot s1 is damaged",
+    );
+    refused(bus.banger_as(None, &["vm", "show", "z"]), "No VM");
+
+    ok(bus.banger_as(None, &["vm", "stop", "src"]));
+    refused(
+        bus.banger_as(None, &["vm", "snapshot", "src", "s2"]),
+        "only a running or paused VM",
+    );
+    ok(bus.banger_as(None, &["vm", "delete", "src"]));
+    ok(bus.banger_as(None, &["snapshot", "delete", "s1"]));
+}

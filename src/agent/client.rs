@@ -82,6 +82,16 @@ pub async fn health<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<Heal
         .ok_or_else(|| Error::failed("The guest agent sent no health", std::io::Error::other("")))
 }
 
+/// Hands a restored guest its own identity; returns once the agent applied it.
+pub async fn identity<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    id: super::Identity,
+) -> Result<()> {
+    request(s, &Request::Identity(Box::new(id)))
+        .await
+        .map(|_| ())
+}
+
 /// Asks the guest to power off; returns once the agent accepted.
 pub async fn shutdown<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<()> {
     request(s, &Request::Shutdown).await.map(|_| ())

@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod files;
+pub mod identity;
 pub mod link;
 pub mod server;
 
@@ -82,12 +83,45 @@ pub enum Request {
         /// The guest port.
         port: u16,
     },
+    /// Take this identity (a VM restored from a snapshot carries its source's): host name,
+    /// NIC address and MAC, SSH host key, machine id, a reseeded RNG and the clock.
+    Identity(Box<Identity>),
     /// Open a UDP socket connected to the guest's own `127.0.0.1:port`; after the reply the
     /// stream carries datagrams both ways, each as a u16 big-endian length and its bytes.
     ConnectUdp {
         /// The guest port.
         port: u16,
     },
+}
+
+/// What makes a VM itself, applied by the agent after a restore.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The host name.
+    pub hostname: String,
+    /// The NIC's MAC address.
+    pub mac: String,
+    /// `ADDRESS/PREFIX`.
+    pub address: String,
+    /// The default gateway.
+    pub gateway: String,
+    /// Name servers.
+    pub dns: Vec<String>,
+    /// `/etc/machine-id` (32 hex digits).
+    pub machine_id: String,
+    /// The SSH host key (ed25519), private half in OpenSSH form; empty: keep the image's.
+    #[serde(default)]
+    pub host_key: String,
+    /// Its public half.
+    #[serde(default)]
+    pub host_key_pub: String,
+    /// A public key to add to root's `authorized_keys`.
+    #[serde(default)]
+    pub authorized_key: String,
+    /// Random bytes (hex) for the kernel's pool, credited as entropy.
+    pub seed: String,
+    /// The wall clock, ns since the epoch.
+    pub time_ns: u64,
 }
 
 /// A terminal's size and type, for `exec` on a PTY.

@@ -189,6 +189,10 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
         } => exec(reader, writer, argv, env, cwd, user, tty),
         Request::Put { path, name, dir } => put(reader, writer, &path, &name, dir),
         Request::Get { path } => get(writer, &path),
+        Request::Identity(id) => match super::identity::apply(&id) {
+            Ok(()) => write_line(&mut writer, &Reply::ok()),
+            Err(e) => write_line(&mut writer, &Reply::error(e)),
+        },
         Request::Connect { port } => {
             drop(reader);
             match std::net::TcpStream::connect(("127.0.0.1", port)) {

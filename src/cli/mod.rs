@@ -8,6 +8,7 @@ mod image;
 mod job;
 mod kernel;
 mod output;
+mod snapshot;
 mod status;
 mod term;
 mod vm;
@@ -43,6 +44,9 @@ pub enum Command {
     /// Manage VMs.
     #[command(subcommand)]
     Vm(vm::VmCommand),
+    /// Manage snapshots of VMs.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Follow, inspect and cancel long operations.
     #[command(subcommand)]
     Job(job::JobCommand),
@@ -111,6 +115,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Image(c) => image::run(&out, &connect().await?, c).await,
         Command::Kernel(c) => kernel::run(&out, &connect().await?, c).await,
         Command::Vm(c) => vm::run(&out, &connect().await?, c).await,
+        Command::Snapshot(c) => snapshot::run(&out, &connect().await?, c).await,
         Command::Job(c) => job::run(&out, &connect().await?, c).await,
     }
 }

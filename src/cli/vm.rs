@@ -133,6 +133,27 @@ pub enum VmCommand {
         #[arg(long, short = 'u')]
         user: Option<String>,
     },
+    /// Snapshot a running VM (memory, devices and disks) under a name; it keeps running.
+    Snapshot {
+        /// VM name or id.
+        name: String,
+        /// The snapshot's name.
+        snapshot: String,
+        /// Leave the VM paused afterwards.
+        #[arg(long)]
+        pause: bool,
+    },
+    /// Fork a running VM: snapshot it (as NEW) and start COUNT VMs from that snapshot, each
+    /// with its own name, address, MAC and keys; the source keeps running.
+    Fork {
+        /// The VM to fork.
+        name: String,
+        /// The new VM's name (NEW-1 … NEW-COUNT with --count above 1).
+        new: String,
+        /// How many VMs.
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
     /// Pause a running VM: its vCPUs stop, its memory is kept.
     Pause {
         /// VM name or id.
@@ -194,6 +215,10 @@ pub struct VmSpec {
     /// virtio-fs, the guest's root acting as you in it).
     #[arg(long, short = 'v', value_name = "HOSTDIR:GUESTDIR[:ro]")]
     share: Vec<String>,
+    /// Restore this snapshot instead of booting (`banger snapshot list`): the VM goes on
+    /// where the snapshot's VM was, with its own name, address and keys.
+    #[arg(long, value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
 }
 
 impl VmSpec {
@@ -216,6 +241,7 @@ impl VmSpec {
             .chain(self.entrypoint.then(|| ("entrypoint", true.into())))
             .chain((!self.publish.is_empty()).then(|| ("publish", self.publish.clone().into())))
             .chain((!shares.is_empty()).then(|| ("shares", shares.into())))
+            .chain(self.snapshot.clone().map(|s| ("snapshot", s.into())))
             .collect())
     }
 
@@ -624,6 +650,54 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             .await
             .map_err(explain)?;
             out.done(vec![("name", json!(name)), ("state", json!("stopped"))]);
+        }
+        VmCommand::Snapshot {
+            name,
+            snapshot,
+            pause,
+        } => {
+            let watch = super::watch::subscribe(conn).await?;
+            let (id, path) = p
+                .snapshot_vm(&name, &snapshot, opts([("pause", pause.into())]))
+                .await
+                .map_err(explain)?;
+            watch.follow(out, id, &path).await?;
+            out.done(vec![("vm", json!(name)), ("snapshot", json!(snapshot))]);
+        }
+        VmCommand::Fork { name, new, count } => {
+            anyhow::ensure!(
+                (1..=64).contains(&count),
+                "--count must be between 1 and 64, not {count}"
+            );
+            let watch = super::watch::subscribe(conn).await?;
+            let (id, path) = p
+                .snapshot_vm(&name, &new, opts(None))
+                .await
+                .map_err(explain)?;
+            watch.follow(out, id, &path).await?;
+            let names: Vec<String> = if count == 1 {
+                vec![new.clone()]
+            } else {
+                (1..=count).map(|i| format!("{new}-{i}")).collect()
+            };
+            let key = read_public_key(None)?;
+            let watch = super::watch::subscribe(conn).await?;
+            let mut jobs = Vec::new();
+            for n in &names {
+                let o = opts(
+                    [("snapshot", new.clone().into())]
+                        .into_iter()
+                        .chain(key.clone().map(|k| ("ssh_key", k.into()))),
+                );
+                let (_, id, path) = p.create_vm(n, o).await.map_err(explain)?;
+                jobs.push((id, path, n.clone()));
+            }
+            watch.follow_all(out, &jobs).await?;
+            out.done(vec![
+                ("vm", json!(name)),
+                ("snapshot", json!(new)),
+                ("vms", json!(names)),
+            ]);
         }
         VmCommand::Pause { name } | VmCommand::Resume { name } => {
             let vm = vm_proxy(conn, &p, &name).await?;

@@ -137,6 +137,61 @@ impl JobWatch {
             _ => bail!("{error}"),
         }
     }
+
+    /// Follows several jobs at once (`(id, path, label)`), each stage line prefixed with its
+    /// label, until all are removed; fails naming every job that did not succeed.
+    pub async fn follow_all(
+        mut self,
+        out: &Output,
+        jobs: &[(u32, OwnedObjectPath, String)],
+    ) -> anyhow::Result<()> {
+        let mut left: HashMap<u32, &str> =
+            jobs.iter().map(|(id, _, l)| (*id, l.as_str())).collect();
+        let mut errors: HashMap<u32, String> = HashMap::new();
+        let mut failed = Vec::new();
+        while !left.is_empty() {
+            let Some(msg) = self.0.next().await else {
+                bail!("The connection to the bus closed while the jobs ran")
+            };
+            let msg = msg?;
+            let hdr = msg.header();
+            let (Some(member), Some(p)) = (hdr.member(), hdr.path()) else {
+                continue;
+            };
+            let job = jobs.iter().find(|(_, jp, _)| jp.as_str() == p.as_str());
+            match (member.as_str(), job) {
+                ("StageChanged", Some((_, _, label))) if !out.json => {
+                    let (_, text): (String, String) = msg.body().deserialize()?;
+                    eprintln!("==> {label}: {text}");
+                }
+                ("PropertiesChanged", Some((id, _, _))) => {
+                    let (_, changed, _): (String, HashMap<String, OwnedVariant>, Vec<String>) =
+                        msg.body().deserialize()?;
+                    if let Some(e) = changed
+                        .get("Error")
+                        .and_then(|v| String::try_from(v.clone()).ok())
+                    {
+                        errors.insert(*id, e);
+                    }
+                }
+                ("JobRemoved", _) => {
+                    let (rid, _, result): (u32, OwnedObjectPath, String) =
+                        msg.body().deserialize()?;
+                    if let Some(label) = left.remove(&rid) {
+                        if result != "done" {
+                            let e = errors.remove(&rid).unwrap_or_else(|| result.clone());
+                            failed.push(format!("{label}: {e}"));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !failed.is_empty() {
+            bail!("{}", failed.join("; "));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ mod kernels;
 mod options;
 pub mod proxy;
 mod pump;
+mod snapshot;
+mod snapshots;
 mod vm;
 mod vms;
 
@@ -42,6 +44,10 @@ pub fn kernel_path(name: &str) -> OwnedObjectPath {
 /// The object path of a VM.
 pub fn vm_path(id: &str) -> OwnedObjectPath {
     child_path("vm", id)
+}
+/// The object path of a snapshot.
+pub fn snapshot_path(id: &str) -> OwnedObjectPath {
+    child_path("snapshot", id)
 }
 /// The object path of a job.
 pub fn job_path(id: u32) -> OwnedObjectPath {
@@ -137,6 +143,10 @@ pub async fn serve(
         .at(MANAGER_PATH, jobs::Jobs1 { ctx: ctx.clone() })
         .await
         .map_err(fail)?;
+    server
+        .at(MANAGER_PATH, snapshots::Snapshots1 { ctx: ctx.clone() })
+        .await
+        .map_err(fail)?;
 
     for i in banger.images.list().await? {
         server
@@ -159,6 +169,12 @@ pub async fn serve(
                     ctx: ctx.clone(),
                 },
             )
+            .await
+            .map_err(fail)?;
+    }
+    for s in banger.vms.snapshots().await? {
+        server
+            .at(snapshot_path(&s.id), snapshot::Snapshot1 { snapshot: s })
             .await
             .map_err(fail)?;
     }

@@ -89,6 +89,14 @@ pub trait VMs1 {
     /// DeleteVM
     #[zbus(name = "DeleteVM", allow_interactive_auth)]
     fn delete_vm(&self, name_or_id: &str, options: Opts) -> zbus::Result<()>;
+    /// SnapshotVM
+    #[zbus(name = "SnapshotVM", allow_interactive_auth)]
+    fn snapshot_vm(
+        &self,
+        name_or_id: &str,
+        snapshot: &str,
+        options: Opts,
+    ) -> zbus::Result<(u32, OwnedObjectPath)>;
     /// CreateProgress
     #[zbus(signal)]
     fn create_progress(
@@ -97,6 +105,22 @@ pub trait VMs1 {
         stage: String,
         message: String,
     ) -> zbus::Result<()>;
+}
+
+/// `org.banger.Snapshots1`.
+#[proxy(
+    interface = "org.banger.Snapshots1",
+    default_service = "org.banger",
+    default_path = "/org/banger"
+)]
+pub trait Snapshots1 {
+    /// ListSnapshots
+    fn list_snapshots(&self) -> zbus::Result<Vec<(String, String, String, OwnedObjectPath)>>;
+    /// GetSnapshot
+    fn get_snapshot(&self, name_or_id: &str) -> zbus::Result<OwnedObjectPath>;
+    /// DeleteSnapshot
+    #[zbus(allow_interactive_auth)]
+    fn delete_snapshot(&self, name_or_id: &str) -> zbus::Result<()>;
 }
 
 /// `org.banger.VM1`.

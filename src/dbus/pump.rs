@@ -224,6 +224,20 @@ async fn on_object(conn: &Connection, ctx: &Ctx, e: ObjectEvent) -> zbus::Result
             server.remove::<vm::Vm1, _>(vm_path(&id)).await?;
             vms::Vms1::vm_removed(&manager(conn)?, &id, vm_path(&id)).await?;
         }
+        ObjectEvent::SnapshotAdded(s) => {
+            let (id, path) = (s.id.clone(), super::snapshot_path(&s.id));
+            server
+                .at(path.clone(), super::snapshot::Snapshot1 { snapshot: s })
+                .await?;
+            super::snapshots::Snapshots1::snapshot_new(&manager(conn)?, &id, path).await?;
+        }
+        ObjectEvent::SnapshotRemoved(id) => {
+            let path = super::snapshot_path(&id);
+            server
+                .remove::<super::snapshot::Snapshot1, _>(path.clone())
+                .await?;
+            super::snapshots::Snapshots1::snapshot_removed(&manager(conn)?, &id, path).await?;
+        }
         ObjectEvent::CreateProgress {
             vm_id,
             stage,

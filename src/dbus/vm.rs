@@ -56,6 +56,18 @@ impl Vm1 {
         Ok(self.ctx.banger.vms.resume(&vm).await?)
     }
 
+    /// Snapshots the VM under a name (as VMs1.SnapshotVM). Options: pause b.
+    #[zbus(out_args("job_id", "job_path"))]
+    async fn snapshot(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        snapshot: &str,
+        options: OptionMap,
+    ) -> Result<(u32, OwnedObjectPath)> {
+        vms::take_snapshot(&self.ctx, conn, &hdr, &self.vm.id, snapshot, options).await
+    }
+
     /// Deletes the VM. Options: force b.
     async fn delete(
         &self,

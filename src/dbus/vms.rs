@@ -44,7 +44,9 @@ impl Vms1 {
     /// ExitStatus), command as (the main process's arguments instead of Cmd), publish as
     /// ([ADDR:]HOSTPORT:GUESTPORT[/udp], through the agent to the guest's loopback), shares
     /// a(ssb) (host folder, guest folder, read-only: virtio-fs, served with the caller's own
-    /// rights; the caller must own or be able to write the folder). Returns the VM and its job at once;
+    /// rights; the caller must own or be able to write the folder), snapshot s (restore this
+    /// snapshot instead of booting: stage restore replaces boot; image, kernel, vcpus,
+    /// memory_mib and disk size are the snapshot's). Returns the VM and its job at once;
     /// stages arrive as CreateProgress and the job's StageChanged.
     #[zbus(name = "CreateVM", out_args("vm_path", "job_id", "job_path"))]
     async fn create_vm(
@@ -56,11 +58,17 @@ impl Vms1 {
     ) -> Result<(OwnedObjectPath, u32, OwnedObjectPath)> {
         let mut o = Options::new("CreateVM", options);
         let d = CreateOptions::default();
+        let snapshot = o.string("snapshot")?;
+        // A restore's shape is its snapshot's: 0 stands for "the snapshot's".
+        let (vcpus, memory) = match snapshot {
+            Some(_) => (0, 0),
+            None => (d.vcpus, d.memory_mib),
+        };
         let opts = CreateOptions {
             image: o.string("image")?,
             kernel: o.string("kernel")?,
-            vcpus: o.u32("vcpus")?.unwrap_or(d.vcpus),
-            memory_mib: o.u32("memory_mib")?.unwrap_or(d.memory_mib),
+            vcpus: o.u32("vcpus")?.unwrap_or(vcpus),
+            memory_mib: o.u32("memory_mib")?.unwrap_or(memory),
             disk_size: o.u64("disk_size")?,
             ssh_key: o.string("ssh_key")?,
             start: o.bool("start")?.unwrap_or(d.start),
@@ -78,11 +86,20 @@ impl Vms1 {
             command: o.strings("command")?.unwrap_or_default(),
             publish: o.strings("publish")?.unwrap_or_default(),
             shares: o.shares("shares")?.unwrap_or_default(),
+            snapshot,
         };
         o.finish()?;
         validate_name(NameKind::Vm, name)?;
         opts.validate()?;
         let caller = self.ctx.authorize(conn, &hdr, Action::VmsManage).await?;
+        // Restoring another user's snapshot reads their VM's memory: an administrator's call.
+        if let Some(s) = &opts.snapshot {
+            let snap = self.ctx.banger.vms.snapshot(s).await?;
+            let action = crate::vms::snapshot::action_for(&snap, caller.uid);
+            if action != Action::VmsManage {
+                self.ctx.check(&caller, action).await?;
+            }
+        }
         let (vm, job) = self.ctx.banger.vms.create(caller.uid, name, opts).await?;
         let (id, path) = self.ctx.job_reply(&job).await;
         Ok((vm_path(&vm.id), id, path))
@@ -110,6 +127,21 @@ impl Vms1 {
         options: OptionMap,
     ) -> Result<()> {
         stop(&self.ctx, conn, &hdr, name_or_id, options).await
+    }
+
+    /// Snapshots a running or paused VM: memory, device state and both disks, taken while
+    /// its vCPUs stand still; the VM then goes on (or stays paused with pause b). Returns the
+    /// job at once; the snapshot appears as SnapshotNew on org.banger.Snapshots1.
+    #[zbus(name = "SnapshotVM", out_args("job_id", "job_path"))]
+    async fn snapshot_vm(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name_or_id: &str,
+        snapshot: &str,
+        options: OptionMap,
+    ) -> Result<(u32, OwnedObjectPath)> {
+        take_snapshot(&self.ctx, conn, &hdr, name_or_id, snapshot, options).await
     }
 
     /// Deletes a VM and its disks; a running VM only with force. Options: force b.
@@ -187,6 +219,29 @@ pub(super) async fn stop(
     o.finish()?;
     let (_, vm) = authorize_vm(ctx, conn, hdr, key).await?;
     Ok(ctx.banger.vms.stop(&vm, opts).await?)
+}
+
+pub(super) async fn take_snapshot(
+    ctx: &Ctx,
+    conn: &Connection,
+    hdr: &Header<'_>,
+    key: &str,
+    name: &str,
+    options: OptionMap,
+) -> Result<(u32, OwnedObjectPath)> {
+    let mut o = Options::new("SnapshotVM", options);
+    let opts = crate::vms::snapshot::SnapshotOptions {
+        pause: o.bool("pause")?.unwrap_or(false),
+    };
+    o.finish()?;
+    validate_name(NameKind::Snapshot, name)?;
+    let (caller, vm) = authorize_vm(ctx, conn, hdr, key).await?;
+    let job = ctx
+        .banger
+        .vms
+        .take_snapshot(caller.uid, &vm, name, opts)
+        .await?;
+    Ok(ctx.job_reply(&job).await)
 }
 
 pub(super) async fn delete(

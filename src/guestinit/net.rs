@@ -92,6 +92,13 @@ struct IfReqAddr {
 }
 
 #[repr(C)]
+struct IfReqHw {
+    name: [u8; libc::IFNAMSIZ],
+    addr: libc::sockaddr,
+    _pad: [u8; 8],
+}
+
+#[repr(C)]
 struct IfReqFlags {
     name: [u8; libc::IFNAMSIZ],
     flags: libc::c_short,
@@ -229,6 +236,30 @@ pub fn configure(n: &NetArgs, sys_net: &Path, wait: Duration) -> Result<Option<S
         }
     }
     Ok(Some(dev))
+}
+
+/// Gives interface `dev` the MAC `mac` (`aa:bb:cc:dd:ee:ff`); the driver tells the device.
+pub fn set_mac(dev: &str, mac: &str) -> Result<(), String> {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .filter_map(|b| u8::from_str_radix(b, 16).ok())
+        .collect();
+    if bytes.len() != 6 {
+        return Err(format!("bad MAC address {mac:?}"));
+    }
+    let sock = Sock::new()?;
+    // SAFETY: sockaddr is plain data; zeroed is valid before the fields are set.
+    let mut addr: libc::sockaddr = unsafe { std::mem::zeroed() };
+    addr.sa_family = libc::ARPHRD_ETHER;
+    for (d, b) in addr.sa_data.iter_mut().zip(&bytes) {
+        *d = *b as libc::c_char;
+    }
+    let mut r = IfReqHw {
+        name: ifname(dev)?,
+        addr,
+        _pad: [0; 8],
+    };
+    sock.ioctl(libc::SIOCSIFHWADDR, &mut r, &format!("set {dev}'s MAC"))
 }
 
 /// Writes what the new root needs to agree with the kernel's state: `/etc/resolv.conf` (a

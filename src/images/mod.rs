@@ -217,7 +217,9 @@ impl Images {
                 let Some(image) = rows::find_image(c, &k)? else {
                     return Ok(Err(None));
                 };
-                let users = rows::vms_using_image(c, &image.id)?;
+                // Snapshots' root disks layer on the image as VMs' do.
+                let users = rows::vms_using_image(c, &image.id)?
+                    + rows::snapshots_using_image(c, &image.id)?;
                 if users > 0 {
                     return Ok(Err(Some(users)));
                 }
@@ -231,7 +233,8 @@ impl Images {
             Err(None) => return Err(self.not_found(key)),
             Err(Some(n)) => {
                 return Err(Error::InUse(format!(
-                    "Image {key:?} is used by {n} VM(s); delete them first (`banger vm list`)"
+                    "Image {key:?} is used by {n} VM(s) or snapshot(s); delete them first \
+                     (`banger vm list`, `banger snapshot list`)"
                 )))
             }
         };

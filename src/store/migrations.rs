@@ -99,6 +99,28 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE vms ADD COLUMN shares TEXT NOT NULL DEFAULT '';
     "#,
+    // 10: snapshots of running VMs, and the snapshot a VM was restored from (its root disk
+    // layers on the snapshot's, so the snapshot stays while the VM does).
+    r#"
+    CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        vm_id TEXT NOT NULL,
+        vm_name TEXT NOT NULL,
+        image_id TEXT NOT NULL,
+        kernel TEXT NOT NULL,
+        vcpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        disk_size INTEGER NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        owner_uid INTEGER NOT NULL,
+        memory_sha256 TEXT NOT NULL,
+        memory_size INTEGER NOT NULL,
+        init TEXT NOT NULL
+    );
+    ALTER TABLE vms ADD COLUMN snapshot TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The schema version this build writes.

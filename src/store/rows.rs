@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{Store, StoreError};
-use crate::model::{Image, Kernel, Vm, VmState};
+use crate::model::{Image, Kernel, Snapshot, Vm, VmState};
 
 fn opt_path(s: Option<String>) -> Option<PathBuf> {
     s.filter(|s| !s.is_empty()).map(PathBuf::from)
@@ -168,7 +168,7 @@ pub fn delete_kernel(c: &Connection, name: &str) -> Result<(), StoreError> {
 
 const VM_COLS: &str = "id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, \
      owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at, ssh_host_key, \
-     network, egress, init, main, exit_status, publish, shares";
+     network, egress, init, main, exit_status, publish, shares, snapshot";
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
     let state: String = r.get(2)?;
@@ -208,6 +208,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
             .map(str::to_owned)
             .collect(),
         shares: serde_json::from_str(&r.get::<_, String>(23)?).unwrap_or_default(),
+        snapshot: r.get(24)?,
     })
 }
 
@@ -229,7 +230,7 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     c.execute(
         &format!(
             "INSERT INTO vms ({VM_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)"
         ),
         params![
             v.id,
@@ -259,7 +260,8 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
                 String::new()
             } else {
                 serde_json::to_string(&v.shares).unwrap_or_default()
-            }
+            },
+            v.snapshot
         ],
     )?;
     Ok(())
@@ -378,6 +380,96 @@ pub fn delete_vm(c: &Connection, id: &str) -> Result<(), StoreError> {
 pub fn vms_using_image(c: &Connection, image_id: &str) -> Result<u64, StoreError> {
     Ok(c.query_row(
         "SELECT COUNT(*) FROM vms WHERE image_id = ?1",
+        [image_id],
+        |r| r.get::<_, i64>(0),
+    )? as u64)
+}
+
+const SNAPSHOT_COLS: &str = "id, name, vm_id, vm_name, image_id, kernel, vcpus, memory_mib, \
+     disk_size, size_bytes, created_at, owner_uid, memory_sha256, memory_size, init";
+
+fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
+    Ok(Snapshot {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        vm_id: r.get(2)?,
+        vm_name: r.get(3)?,
+        image_id: r.get(4)?,
+        kernel: r.get(5)?,
+        vcpus: r.get(6)?,
+        memory_mib: r.get(7)?,
+        disk_size: r.get::<_, i64>(8)? as u64,
+        size_bytes: r.get::<_, i64>(9)? as u64,
+        created_at: r.get::<_, i64>(10)? as u64,
+        owner_uid: r.get(11)?,
+        memory_sha256: r.get(12)?,
+        memory_size: r.get::<_, i64>(13)? as u64,
+        init: r.get(14)?,
+    })
+}
+
+/// All snapshots, by name.
+pub fn list_snapshots(c: &Connection) -> Result<Vec<Snapshot>, StoreError> {
+    let mut st = c.prepare(&format!(
+        "SELECT {SNAPSHOT_COLS} FROM snapshots ORDER BY name"
+    ))?;
+    let rows = st.query_map([], snapshot_row)?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// The snapshot whose name or id is `key`.
+pub fn find_snapshot(c: &Connection, key: &str) -> Result<Option<Snapshot>, StoreError> {
+    let sql = format!("SELECT {SNAPSHOT_COLS} FROM snapshots WHERE name = ?1 OR id = ?1 LIMIT 1");
+    Ok(c.query_row(&sql, [key], snapshot_row).optional()?)
+}
+
+/// Inserts a snapshot row; `false` when the name is taken.
+pub fn insert_snapshot(c: &Connection, s: &Snapshot) -> Result<bool, StoreError> {
+    let n = c.execute(
+        &format!(
+            "INSERT OR IGNORE INTO snapshots ({SNAPSHOT_COLS}) VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+        ),
+        params![
+            s.id,
+            s.name,
+            s.vm_id,
+            s.vm_name,
+            s.image_id,
+            s.kernel,
+            s.vcpus,
+            s.memory_mib,
+            s.disk_size as i64,
+            s.size_bytes as i64,
+            s.created_at as i64,
+            s.owner_uid,
+            s.memory_sha256,
+            s.memory_size as i64,
+            s.init
+        ],
+    )?;
+    Ok(n == 1)
+}
+
+/// Deletes a snapshot row.
+pub fn delete_snapshot(c: &Connection, id: &str) -> Result<(), StoreError> {
+    c.execute("DELETE FROM snapshots WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+/// How many VMs' disks layer on the snapshot.
+pub fn vms_using_snapshot(c: &Connection, id: &str) -> Result<u64, StoreError> {
+    Ok(
+        c.query_row("SELECT COUNT(*) FROM vms WHERE snapshot = ?1", [id], |r| {
+            r.get::<_, i64>(0)
+        })? as u64,
+    )
+}
+
+/// How many snapshots layer on the image.
+pub fn snapshots_using_image(c: &Connection, image_id: &str) -> Result<u64, StoreError> {
+    Ok(c.query_row(
+        "SELECT COUNT(*) FROM snapshots WHERE image_id = ?1",
         [image_id],
         |r| r.get::<_, i64>(0),
     )? as u64)

@@ -331,9 +331,15 @@ impl Vmm for Firecracker {
     async fn prepare_rootfs(
         &self,
         image: &Path,
+        format: super::DiskFormat,
         vm_dir: &Path,
         size: Option<u64>,
     ) -> Result<PathBuf> {
+        if format != super::DiskFormat::Raw {
+            return Err(Error::InvalidArgument(
+                "Firecracker boots raw disks only; restoring snapshots needs vmm = \"qemu\"".into(),
+            ));
+        }
         let out = self.rootfs_path(vm_dir);
         let (img, o) = (image.to_owned(), out.clone());
         tokio::task::spawn_blocking(move || -> Result<()> {
@@ -483,6 +489,14 @@ impl Vmm for Firecracker {
         send(&api_socket(run_dir), "PATCH", path, &body).await
     }
 
+    async fn save_state(&self, _: &Path, _: std::os::fd::OwnedFd) -> Result<()> {
+        Err(not_yet())
+    }
+
+    async fn load_state(&self, _: &Path, _: std::os::fd::OwnedFd) -> Result<()> {
+        Err(not_yet())
+    }
+
     async fn request_power_off(&self, run_dir: &Path) -> Result<()> {
         put(
             &api_socket(run_dir),
@@ -499,4 +513,12 @@ impl Vmm for Firecracker {
         }
         Ok(())
     }
+}
+
+fn not_yet() -> Error {
+    Error::InvalidArgument(
+        "Snapshots of Firecracker VMs are not supported yet; set vmm = \"qemu\" in the \
+         configuration to snapshot and restore VMs"
+            .into(),
+    )
 }

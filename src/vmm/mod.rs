@@ -53,6 +53,8 @@ pub struct BootSpec {
     pub shares: Vec<ShareSpec>,
     /// Who the VM's processes run as.
     pub jail: jail::Jail,
+    /// Wait for a saved state ([`Vmm::load_state`]) instead of booting the kernel.
+    pub incoming: bool,
 }
 
 /// The guest NIC: a tap the host made and the MAC the guest sees.
@@ -77,6 +79,25 @@ pub struct ShareSpec {
     pub owner: crate::callerfile::Creds,
 }
 
+/// How a disk file is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// A plain image (an image's ext4).
+    Raw,
+    /// A qcow2 file (a VM's root disk on QEMU, and so a snapshot's).
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// QEMU's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
 /// The serial number of the root disk, which `banger-init` finds it by (`root=serial:root`).
 pub const ROOT_SERIAL: &str = "root";
 /// The serial number of the work disk (`banger.work=serial:work`).
@@ -91,10 +112,12 @@ pub trait Vmm: Send + Sync {
     /// Where the VM's own root disk lives in its directory.
     fn rootfs_path(&self, vm_dir: &Path) -> PathBuf;
 
-    /// Makes the VM's own root disk from the image's, in `vm_dir`, at least `size` bytes.
+    /// Makes the VM's own root disk from `base` (an image's raw root disk, or a snapshot's
+    /// `format` disk), in `vm_dir`, at least `size` bytes.
     async fn prepare_rootfs(
         &self,
-        image: &Path,
+        base: &Path,
+        format: DiskFormat,
         vm_dir: &Path,
         size: Option<u64>,
     ) -> Result<PathBuf>;
@@ -119,6 +142,14 @@ pub trait Vmm: Send + Sync {
 
     /// Lets a paused guest go on.
     async fn resume(&self, run_dir: &Path) -> Result<()>;
+
+    /// Writes the paused VM's memory and device state to `out` (a pipe the daemon reads),
+    /// returning once all of it is written; the VM stays paused.
+    async fn save_state(&self, run_dir: &Path, out: std::os::fd::OwnedFd) -> Result<()>;
+
+    /// Loads a state [`Vmm::save_state`] wrote, from `input`, into a VM booted with
+    /// `incoming`; returns once loaded, the VM paused.
+    async fn load_state(&self, run_dir: &Path, input: std::os::fd::OwnedFd) -> Result<()>;
 
     /// Asks the guest to power off (ACPI power button or Ctrl-Alt-Del).
     async fn request_power_off(&self, run_dir: &Path) -> Result<()>;

@@ -52,3 +52,116 @@ pub async fn execute(socket: &Path, command: &str) -> Result<Value> {
     }
     unreachable!("the loop returns on the last command")
 }
+
+/// A QMP connection for a sequence of commands, some of which pass a descriptor (`getfd`
+/// with the descriptor as `SCM_RIGHTS`): migration to and from a pipe the daemon holds. Blocking;
+/// run it off the async workers.
+pub struct Session {
+    sock: std::os::unix::net::UnixStream,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Session {
+    /// Connects (as [`execute`] does: through the VM's own directory) and negotiates.
+    pub fn connect(socket: &Path) -> Result<Self> {
+        let sock = super::jail::connect(socket).map_err(err)?;
+        let reader = std::io::BufReader::new(sock.try_clone().map_err(err)?);
+        let mut s = Session { sock, reader };
+        let greeting = s.read()?;
+        if greeting.get("QMP").is_none() {
+            return Err(err(format!("unexpected QMP greeting {greeting}")));
+        }
+        s.command("qmp_capabilities", json!({}))?;
+        Ok(s)
+    }
+
+    fn read(&mut self) -> Result<Value> {
+        use std::io::BufRead;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).map_err(err)? == 0 {
+                return Err(err("QEMU closed the QMP socket"));
+            }
+            let v: Value = serde_json::from_str(&line).map_err(err)?;
+            if v.get("event").is_none() {
+                return Ok(v);
+            }
+        }
+    }
+
+    fn answer(&mut self, cmd: &str) -> Result<Value> {
+        let reply = self.read()?;
+        if let Some(e) = reply.get("error") {
+            return Err(err(format!("{cmd}: {e}")));
+        }
+        Ok(reply.get("return").cloned().unwrap_or(Value::Null))
+    }
+
+    /// Runs `cmd` with `args`; returns its `return` value.
+    pub fn command(&mut self, cmd: &str, args: Value) -> Result<Value> {
+        use std::io::Write;
+        let mut msg = json!({ "execute": cmd, "arguments": args }).to_string();
+        msg.push('\n');
+        self.sock.write_all(msg.as_bytes()).map_err(err)?;
+        self.answer(cmd)
+    }
+
+    /// Hands QEMU `fd` under `name` (QMP `getfd`).
+    pub fn pass_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let msg = json!({ "execute": "getfd", "arguments": { "fdname": name } }).to_string() + "\n";
+        let mut iov = libc::iovec {
+            iov_base: msg.as_ptr() as *mut libc::c_void,
+            iov_len: msg.len(),
+        };
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+        let mut control = vec![0u8; space];
+        // SAFETY: msghdr is plain data; zeroed is valid before the fields are set.
+        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+        hdr.msg_iov = &mut iov;
+        hdr.msg_iovlen = 1;
+        hdr.msg_control = control.as_mut_ptr().cast();
+        hdr.msg_controllen = space as _;
+        // SAFETY: hdr's control buffer is CMSG_SPACE(int) bytes, room for one header and one
+        // descriptor; the pointers written stay inside it.
+        let sent = unsafe {
+            let c = libc::CMSG_FIRSTHDR(&hdr);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), fd.as_raw_fd());
+            libc::sendmsg(self.sock.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL)
+        };
+        if sent != msg.len() as isize {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        self.answer("getfd").map(|_| ())
+    }
+
+    /// Waits until the migration in either direction ends; an error names QEMU's reason.
+    pub fn wait_migration(&mut self, limit: std::time::Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let info = self.command("query-migrate", json!({}))?;
+            match info.get("status").and_then(Value::as_str).unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    let why = info
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given");
+                    return Err(err(format!("migration failed: {why}")));
+                }
+                _ if std::time::Instant::now() > deadline => {
+                    let _ = self.command("migrate_cancel", json!({}));
+                    return Err(err(format!(
+                        "migration did not finish within {} s",
+                        limit.as_secs()
+                    )));
+                }
+                _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+    }
+}

@@ -26,7 +26,13 @@ impl Vmm for GateVmm {
     fn rootfs_path(&self, vm_dir: &Path) -> PathBuf {
         vm_dir.join("rootfs.img")
     }
-    async fn prepare_rootfs(&self, _: &Path, vm_dir: &Path, _: Option<u64>) -> Result<PathBuf> {
+    async fn prepare_rootfs(
+        &self,
+        _: &Path,
+        _: crate::vmm::DiskFormat,
+        vm_dir: &Path,
+        _: Option<u64>,
+    ) -> Result<PathBuf> {
         let p = self.rootfs_path(vm_dir);
         std::fs::write(&p, b"").unwrap();
         Ok(p)
@@ -42,6 +48,12 @@ impl Vmm for GateVmm {
         Vec::new()
     }
     async fn request_power_off(&self, _: &Path) -> Result<()> {
+        Ok(())
+    }
+    async fn save_state(&self, _: &Path, _: std::os::fd::OwnedFd) -> Result<()> {
+        Ok(())
+    }
+    async fn load_state(&self, _: &Path, _: std::os::fd::OwnedFd) -> Result<()> {
         Ok(())
     }
     async fn pause(&self, _: &Path) -> Result<()> {

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{bounds, publish, share, CreateOptions, Vms};
+use super::{bounds, publish, share, snapshot, CreateOptions, Vms};
 use crate::auth::Action;
 use crate::jobs::{Job, JobContext, JobSpec};
 use crate::model::{new_id, now_us, Image, Kernel, Vm, VmState};
@@ -67,8 +67,18 @@ fn mac_for(id: &str) -> String {
 impl Vms {
     /// Creates (and by default starts) a VM; returns it and its job at once. The VM's
     /// object appears when the reservation is made.
-    pub async fn create(&self, uid: u32, name: &str, o: CreateOptions) -> Result<(Vm, Arc<Job>)> {
+    pub async fn create(
+        &self,
+        uid: u32,
+        name: &str,
+        mut o: CreateOptions,
+    ) -> Result<(Vm, Arc<Job>)> {
         o.validate()?;
+        // A restore takes its shape from the snapshot, and only that shape.
+        let snapshot = match o.snapshot.clone() {
+            Some(key) => Some(self.restorable(&key, &mut o).await?),
+            None => None,
+        };
         bounds::VmLimits::of(&self.config).check(o.vcpus, o.memory_mib, o.disk_size)?;
         let (owned, active) = self.owned_by(uid, "").await?;
         bounds::owned_quota(uid, owned, self.config.max_vms_per_user)?;
@@ -116,7 +126,7 @@ impl Vms {
             return Err(taken(name));
         }
         let id = new_id();
-        let vm = Vm {
+        let mut vm = Vm {
             id: id.clone(),
             name: name.into(),
             state: VmState::Created,
@@ -141,7 +151,11 @@ impl Vms {
             exit_status: -1,
             publish: wanted.iter().map(|p| p.spec()).collect(),
             shares,
+            snapshot: snapshot.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
         };
+        if let Some(s) = &snapshot {
+            vm.init = s.init.clone();
+        }
         let spec = JobSpec {
             kind: "create-vm".into(),
             target: name.into(),
@@ -163,10 +177,15 @@ impl Vms {
             vms: self,
             saved: false,
         };
-        // Phase 1: resolve, no lock.
-        let image_name = o
-            .image
-            .clone()
+        // Phase 1: resolve, no lock. A restore's image and kernel are its snapshot's.
+        let restored = match &o.snapshot {
+            Some(key) => Some(self.snapshot(key).await?),
+            None => None,
+        };
+        let image_name = restored
+            .as_ref()
+            .map(|s| s.image_id.clone())
+            .or_else(|| o.image.clone())
             .unwrap_or_else(|| self.config.default_image.clone());
         st.enter(
             &mut vm,
@@ -175,9 +194,10 @@ impl Vms {
         )
         .await?;
         let image = self.resolve_image(&mut st, &mut vm, &image_name).await?;
-        let kernel_name = o
-            .kernel
-            .clone()
+        let kernel_name = restored
+            .as_ref()
+            .map(|s| s.kernel.clone())
+            .or_else(|| o.kernel.clone())
             .or_else(|| image.kernel.clone())
             .unwrap_or_else(|| self.config.default_kernel.clone());
         let kernel = self.resolve_kernel(&mut st, &mut vm, &kernel_name).await?;
@@ -237,6 +257,40 @@ impl Vms {
         }
         // Phase 3: start, under the VM's own lock.
         self.start_locked(&mut st, vm).await
+    }
+
+    /// The snapshot a create restores, checked against the options, which take its shape.
+    async fn restorable(&self, key: &str, o: &mut CreateOptions) -> Result<crate::model::Snapshot> {
+        let snap = self.snapshot(key).await?;
+        if self.vmm.name() == "firecracker" {
+            return Err(Error::InvalidArgument(
+                "Restoring snapshots needs the qemu VMM for now; set vmm = \"qemu\" in the \
+                 configuration"
+                    .into(),
+            ));
+        }
+        for (what, given, theirs) in [
+            ("vcpus", o.vcpus, snap.vcpus),
+            ("memory_mib", o.memory_mib, snap.memory_mib),
+        ] {
+            if given != 0 && given != theirs {
+                return Err(Error::InvalidArgument(format!(
+                    "{what}: snapshot {} was taken with {theirs}, and a restore must use the \
+                     same; leave {what} out",
+                    snap.name
+                )));
+            }
+        }
+        // A damaged snapshot is refused before anything is reserved (and checked again
+        // when the VM restores).
+        let (dir, s2) = (self.snapshot_dir(&snap.id), snap.clone());
+        tokio::task::spawn_blocking(move || snapshot::verified_memory(&dir, &s2))
+            .await
+            .map_err(|e| Error::failed("Snapshot task failed", e))??;
+        o.vcpus = snap.vcpus;
+        o.memory_mib = snap.memory_mib;
+        o.disk_size = Some(snap.disk_size);
+        Ok(snap)
     }
 
     async fn resolve_image(&self, st: &mut Stages<'_>, vm: &mut Vm, name: &str) -> Result<Image> {
@@ -401,7 +455,29 @@ impl Vms {
         }
 
         let rootfs = self.vmm.rootfs_path(&dir);
-        if rootfs.exists() {
+        // A VM restored from a snapshot restores on its first start; later starts boot it.
+        let restore = if !vm.snapshot.is_empty() && !rootfs.exists() {
+            Some(self.snapshot(&vm.snapshot).await?)
+        } else {
+            None
+        };
+        let snap_dir = restore.as_ref().map(|s| self.snapshot_dir(&s.id));
+        if let (Some(snap), Some(sd)) = (&restore, &snap_dir) {
+            st.enter(
+                vm,
+                "prepare_rootfs",
+                format!("Layering the VM's root disk on snapshot {}", snap.name),
+            )
+            .await?;
+            self.vmm
+                .prepare_rootfs(
+                    &sd.join(snapshot::ROOTFS),
+                    crate::vmm::DiskFormat::Qcow2,
+                    &dir,
+                    None,
+                )
+                .await?;
+        } else if rootfs.exists() {
             st.enter(vm, "prepare_rootfs", "Keeping the VM's root disk")
                 .await?;
         } else {
@@ -413,12 +489,19 @@ impl Vms {
             .await?;
             let size = (vm.disk_size > image.size_bytes).then_some(vm.disk_size);
             self.vmm
-                .prepare_rootfs(&image.rootfs_path, &dir, size)
+                .prepare_rootfs(&image.rootfs_path, crate::vmm::DiskFormat::Raw, &dir, size)
                 .await?;
         }
 
         let work = dir.join("work.ext4");
-        if work.exists() {
+        if let Some(sd) = &snap_dir {
+            st.enter(vm, "prepare_work_disk", "Copying the snapshot's /root disk")
+                .await?;
+            let (seed, w) = (sd.join(snapshot::WORK), work.clone());
+            tokio::task::spawn_blocking(move || make_work_disk(Some(&seed), &w))
+                .await
+                .map_err(|e| Error::failed("Work disk task failed", e))??;
+        } else if work.exists() {
             st.enter(vm, "prepare_work_disk", "Keeping the VM's /root disk")
                 .await?;
         } else {
@@ -436,8 +519,11 @@ impl Vms {
         }
         let pending = dir.join(PENDING_KEY);
         let key = std::fs::read_to_string(&pending).ok();
-        if vm.ssh_host_key.is_empty() || key.is_some() {
+        // A restored guest has its disks mounted already: what it needs comes through its
+        // agent (identity), never by writing under it.
+        if restore.is_none() && (vm.ssh_host_key.is_empty() || key.is_some()) {
             let (w, name, fresh) = (work.clone(), vm.name.clone(), vm.ssh_host_key.is_empty());
+            let key = key.clone();
             let host_key =
                 tokio::task::spawn_blocking(move || seed_ssh(&w, &name, fresh, key.as_deref()))
                     .await
@@ -450,7 +536,7 @@ impl Vms {
 
         // The main process goes to banger-init on the work disk (its arguments may not fit a
         // kernel command line); a VM without one has none there.
-        {
+        if restore.is_none() {
             let (w, main) = (work.clone(), vm.main.clone());
             tokio::task::spawn_blocking(move || write_main(&w, &main))
                 .await
@@ -486,8 +572,28 @@ impl Vms {
             mac: vm.mac_address.clone(),
         };
 
-        st.enter(vm, "boot", format!("Booting on {}", self.vmm.name()))
-            .await?;
+        // A snapshot's memory is checked before any VMM process exists.
+        let memory = match (&restore, &snap_dir) {
+            (Some(snap), Some(sd)) => {
+                st.enter(
+                    vm,
+                    "restore",
+                    format!("Restoring snapshot {} on {}", snap.name, self.vmm.name()),
+                )
+                .await?;
+                let (sd, s2) = (sd.clone(), snap.clone());
+                Some(
+                    tokio::task::spawn_blocking(move || snapshot::verified_memory(&sd, &s2))
+                        .await
+                        .map_err(|e| Error::failed("Snapshot task failed", e))??,
+                )
+            }
+            _ => {
+                st.enter(vm, "boot", format!("Booting on {}", self.vmm.name()))
+                    .await?;
+                None
+            }
+        };
         let initrd = match &kernel.initrd_path {
             Some(i) => Some(self.current_initrd(i, &own_run).await?),
             None => None,
@@ -547,8 +653,12 @@ impl Vms {
                     self.layout.state_dir.clone(),
                     self.layout.runtime_dir.clone(),
                 ],
-                read_only: vec![image.rootfs_path.clone(), kernel.kernel_path.clone()],
+                read_only: [image.rootfs_path.clone(), kernel.kernel_path.clone()]
+                    .into_iter()
+                    .chain(snap_dir.as_ref().map(|d| d.join(snapshot::ROOTFS)))
+                    .collect(),
             },
+            incoming: memory.is_some(),
         };
         // The VM's processes run as a uid of its own: its directories become that uid's, what
         // it only reads (image, kernel) the VMM group's.
@@ -571,8 +681,21 @@ impl Vms {
             .map_err(|e| Error::failed("Jail task failed", e))??;
         }
         self.vmm.boot(&spec).await?;
+        if let Some(file) = memory {
+            let (input, feeder) = snapshot::memory_stream(file)?;
+            let loaded = self.vmm.load_state(&run, input).await;
+            let fed = tokio::task::spawn_blocking(move || feeder.join())
+                .await
+                .map_err(|e| Error::failed("Snapshot task failed", e))?
+                .map_err(|_| {
+                    Error::failed("Snapshot task failed", std::io::Error::other("panic"))
+                })?;
+            loaded?;
+            fed?;
+            self.vmm.resume(&run).await?;
+        }
 
-        st.enter(vm, "wait_agent", "Waiting for the guest agent on vsock")
+        st.enter(vm, "wait_agent", "Waiting for the guest agent")
             .await?;
         if let Err(e) = self.wait_agent(&run).await {
             // A main process that finished before the agent was reached: the VM is done.
@@ -595,6 +718,16 @@ impl Vms {
             return Ok(());
         }
 
+        if restore.is_some() {
+            st.enter(
+                vm,
+                "identity",
+                "Giving the guest its own name, address, keys and clock",
+            )
+            .await?;
+            self.give_identity(vm, &lease, key.as_deref()).await?;
+            let _ = std::fs::remove_file(&pending);
+        }
         if self.guest_has_sshd(vm).await {
             let addr = format!("{}:22", vm.guest_address);
             st.enter(vm, "wait_ssh", format!("Waiting for sshd on {addr}"))
@@ -723,6 +856,57 @@ impl Vms {
         .await
     }
 
+    /// Hands a restored guest its own identity through its agent (see `agent::identity`).
+    async fn give_identity(
+        &self,
+        vm: &mut Vm,
+        lease: &crate::net::GuestNet,
+        key: Option<&str>,
+    ) -> Result<()> {
+        let name = vm.name.clone();
+        let (private, public) = tokio::task::spawn_blocking(move || new_host_key(&name))
+            .await
+            .map_err(|e| Error::failed("SSH key task failed", e))??;
+        let mut seed = [0u8; 32];
+        // SAFETY: the pointer and length describe `seed`.
+        if unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) } != 32 {
+            return Err(Error::failed(
+                "Cannot draw a seed for the guest",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let id = crate::agent::Identity {
+            hostname: hostname_for(&vm.name),
+            mac: vm.mac_address.clone(),
+            address: format!("{}/{}", lease.address, lease.prefix),
+            gateway: lease.gateway.to_string(),
+            dns: lease.dns.iter().map(|a| a.to_string()).collect(),
+            machine_id: format!("{}{}", crate::model::new_id(), crate::model::new_id()),
+            host_key: String::from_utf8_lossy(&private).into_owned(),
+            host_key_pub: public.clone(),
+            authorized_key: key.unwrap_or_default().trim().to_owned(),
+            seed: seed.iter().map(|b| format!("{b:02x}")).collect(),
+            time_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
+        };
+        let mut s = self.open_agent_any(vm).await?;
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            crate::agent::client::identity(&mut s, id),
+        )
+        .await
+        .map_err(|_| {
+            Error::failed(
+                "The guest agent did not take its identity within 30 s",
+                std::io::Error::other("timeout"),
+            )
+        })??;
+        vm.ssh_host_key = public.trim().to_owned();
+        Ok(())
+    }
+
     /// Retries `attempt` (each try bounded to 5 s, tries at least 250 ms apart) until it succeeds, the VMM
     /// exits, or `boot_timeout_sec` passes; the errors name `what` and the last failure.
     async fn wait_guest<F, Fut>(
@@ -843,6 +1027,30 @@ fn hostname_for(name: &str) -> String {
     h.trim_matches('-').to_owned()
 }
 
+/// A new ed25519 host key for VM `name`: its private half (OpenSSH form) and public line.
+fn new_host_key(name: &str) -> Result<(Vec<u8>, String)> {
+    let tmp = tempfile::tempdir().map_err(|e| Error::failed("Cannot make a host key", e))?;
+    let path = tmp.path().join("key");
+    crate::host::run(
+        "ssh-keygen",
+        [
+            "-q".as_ref(),
+            "-t".as_ref(),
+            "ed25519".as_ref(),
+            "-N".as_ref(),
+            "".as_ref(),
+            "-C".as_ref(),
+            format!("banger-{name}").as_ref(),
+            "-f".as_ref(),
+            path.as_os_str(),
+        ],
+    )?;
+    let private = std::fs::read(&path).map_err(|e| Error::failed("Cannot read the host key", e))?;
+    let public = std::fs::read_to_string(path.with_extension("pub"))
+        .map_err(|e| Error::failed("Cannot read the host key", e))?;
+    Ok((private, public))
+}
+
 /// Gives a work disk what SSH needs: when `fresh`, a new host key for the VM (its private
 /// half at `/root/.banger/`, where banger-init installs it into `/etc/ssh`), and the caller's
 /// public key appended to `/root/.ssh/authorized_keys`. Returns the new host key's public half.
@@ -853,27 +1061,9 @@ fn seed_ssh(
     key: Option<&str>,
 ) -> Result<Option<String>> {
     use crate::ext4::Put;
-    let tmp = tempfile::tempdir().map_err(|e| Error::failed("Cannot make a host key", e))?;
     let (mut private, mut public) = (Vec::new(), String::new());
     if fresh {
-        let path = tmp.path().join("key");
-        crate::host::run(
-            "ssh-keygen",
-            [
-                "-q".as_ref(),
-                "-t".as_ref(),
-                "ed25519".as_ref(),
-                "-N".as_ref(),
-                "".as_ref(),
-                "-C".as_ref(),
-                format!("banger-{name}").as_ref(),
-                "-f".as_ref(),
-                path.as_os_str(),
-            ],
-        )?;
-        private = std::fs::read(&path).map_err(|e| Error::failed("Cannot read the host key", e))?;
-        public = std::fs::read_to_string(path.with_extension("pub"))
-            .map_err(|e| Error::failed("Cannot read the host key", e))?;
+        (private, public) = new_host_key(name)?;
     }
     let mut authorized = Vec::new();
     if let Some(k) = key {

@@ -7,6 +7,7 @@ mod create;
 mod lifecycle;
 pub mod publish;
 pub mod share;
+pub mod snapshot;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -56,6 +57,9 @@ pub struct CreateOptions {
     pub publish: Vec<String>,
     /// Shared host folders (see [`share`]).
     pub shares: Vec<crate::model::Share>,
+    /// Restore this snapshot instead of booting; `vcpus` and `memory_mib` 0 then mean the
+    /// snapshot's (any other value must be the snapshot's).
+    pub snapshot: Option<String>,
 }
 
 impl Default for CreateOptions {
@@ -75,6 +79,7 @@ impl Default for CreateOptions {
             command: Vec::new(),
             publish: Vec::new(),
             shares: Vec::new(),
+            snapshot: None,
         }
     }
 }
@@ -121,7 +126,25 @@ impl CreateOptions {
         if let Some(k) = &self.kernel {
             validate_name(NameKind::Kernel, k)?;
         }
-        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+        let from_snapshot = self.snapshot.is_some();
+        if let Some(s) = &self.snapshot {
+            validate_name(NameKind::Snapshot, s)?;
+            let conflicting = [
+                (self.image.is_some(), "image"),
+                (self.kernel.is_some(), "kernel"),
+                (self.disk_size.is_some(), "disk_size"),
+                (!self.shares.is_empty(), "shares"),
+                (self.entrypoint, "entrypoint"),
+                (!self.init.is_empty(), "init"),
+            ];
+            if let Some((_, what)) = conflicting.iter().find(|(set, _)| *set) {
+                return Err(Error::InvalidArgument(format!(
+                    "{what}: a VM restored from snapshot {s} has the snapshot's; leave {what} out"
+                )));
+            }
+        }
+        let snapshots_shape = |v: u32| from_snapshot && v == 0;
+        if !((1..=MAX_VCPUS).contains(&self.vcpus) || snapshots_shape(self.vcpus)) {
             return Err(Error::InvalidArgument(format!(
                 "vcpus must be between 1 and {MAX_VCPUS}, not {}",
                 self.vcpus
@@ -146,7 +169,7 @@ impl CreateOptions {
                 "command must be at most {MAX_COMMAND_BYTES} bytes without NUL characters"
             )));
         }
-        if self.memory_mib < MIN_MEMORY_MIB {
+        if self.memory_mib < MIN_MEMORY_MIB && !snapshots_shape(self.memory_mib) {
             return Err(Error::InvalidArgument(format!(
                 "memory_mib must be at least {MIN_MEMORY_MIB}, not {}",
                 self.memory_mib

@@ -1,0 +1,428 @@
+//! Snapshots of running VMs: memory and device state (QEMU's migration stream, zstd) and both
+//! disks, taken while the VM's vCPUs stand still, staged in `snapshots/.staging-<id>` and
+//! published under `snapshots/<id>/` (root's, owner-only files: they hold guest memory).
+//! New VMs restore from them (`create::restore`); a VM restored from a snapshot keeps a root
+//! disk layered on the snapshot's, so the snapshot stays while such a VM does.
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::Vms;
+use crate::auth::Action;
+use crate::jobs::{Job, JobContext, JobSpec};
+use crate::model::{new_id, now_us, validate_name, NameKind, Snapshot, Vm, VmState};
+use crate::service::ObjectEvent;
+use crate::store::rows;
+use crate::{Error, Result};
+
+/// The memory and device state file in a snapshot's directory.
+pub const MEMORY: &str = "memory.zst";
+/// The root disk (qcow2, layered on the image's).
+pub const ROOTFS: &str = "rootfs.qcow2";
+/// The `/root` work disk (raw ext4).
+pub const WORK: &str = "work.ext4";
+
+/// Options of `SnapshotVM`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotOptions {
+    /// Leave the VM paused afterwards.
+    pub pause: bool,
+}
+
+/// The action a caller needs to act on `snap` (its owner manages it; anyone else needs
+/// manage-any).
+pub fn action_for(snap: &Snapshot, uid: u32) -> Action {
+    if snap.owner_uid == uid {
+        Action::VmsManage
+    } else {
+        Action::VmsManageAny
+    }
+}
+
+/// A writer that hashes and counts what passes.
+struct Hashing<W> {
+    inner: W,
+    hash: Sha256,
+    len: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.hash.update(&b[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn pipe() -> Result<(std::fs::File, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::failed(
+            "Cannot make a pipe",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: pipe2 returned two fresh descriptors this function now owns.
+    unsafe {
+        Ok((
+            std::fs::File::from_raw_fd(fds[0]),
+            OwnedFd::from_raw_fd(fds[1]),
+        ))
+    }
+}
+
+/// Compresses what arrives on `from` into `to`; returns its sha256 and size.
+fn compress(from: std::fs::File, to: &Path) -> Result<(String, u64)> {
+    let fail = |e: std::io::Error| Error::failed("Cannot write the snapshot's memory", e);
+    let file = std::fs::File::create(to).map_err(fail)?;
+    let out = Hashing {
+        inner: std::io::BufWriter::new(file),
+        hash: Sha256::new(),
+        len: 0,
+    };
+    let mut z = zstd::stream::Encoder::new(out, 1).map_err(fail)?;
+    std::io::copy(
+        &mut std::io::BufReader::with_capacity(1 << 20, from),
+        &mut z,
+    )
+    .map_err(fail)?;
+    let mut out = z.finish().map_err(fail)?;
+    out.flush().map_err(fail)?;
+    let file = out.inner.into_inner().map_err(|e| fail(e.into_error()))?;
+    file.sync_all().map_err(fail)?;
+    Ok((hex(&out.hash.finalize()), out.len))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Checks a snapshot's memory file against its row (a truncated or altered file never reaches
+/// QEMU); returns it opened.
+pub(super) fn verified_memory(dir: &Path, snap: &Snapshot) -> Result<std::fs::File> {
+    let path = dir.join(MEMORY);
+    let damaged = |why: String| {
+        Error::failed(
+            format!(
+                "Snapshot {} is damaged ({why}); delete it (`banger snapshot delete {}`)",
+                snap.name, snap.name
+            ),
+            std::io::Error::other(path.display().to_string()),
+        )
+    };
+    let mut f = std::fs::File::open(&path).map_err(|e| damaged(format!("its memory: {e}")))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len != snap.memory_size {
+        return Err(damaged(format!(
+            "its memory is {len} bytes, {} when taken",
+            snap.memory_size
+        )));
+    }
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| damaged(format!("its memory: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+    }
+    if hex(&hash.finalize()) != snap.memory_sha256 {
+        return Err(damaged(
+            "its memory's sha256 differs from when it was taken".into(),
+        ));
+    }
+    use std::io::Seek;
+    f.rewind()
+        .map_err(|e| damaged(format!("its memory: {e}")))?;
+    Ok(f)
+}
+
+/// Feeds a verified memory file, decompressed, into a pipe whose read end is returned.
+pub(super) fn memory_stream(
+    file: std::fs::File,
+) -> Result<(OwnedFd, std::thread::JoinHandle<Result<()>>)> {
+    let (r, w) = pipe()?;
+    let feeder = std::thread::spawn(move || {
+        let mut out = std::fs::File::from(w);
+        let mut z = zstd::stream::Decoder::new(file)
+            .map_err(|e| Error::failed("Cannot read the snapshot's memory", e))?;
+        std::io::copy(&mut z, &mut out)
+            .map(|_| ())
+            .map_err(|e| Error::failed("Cannot feed the snapshot's memory to the VMM", e))
+    });
+    Ok((r.into(), feeder))
+}
+
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+impl Vms {
+    /// `snapshots/<id>/`.
+    pub(super) fn snapshot_dir(&self, id: &str) -> PathBuf {
+        self.layout.snapshots_dir().join(id)
+    }
+
+    /// Every snapshot.
+    pub async fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        self.store.call(|c| rows::list_snapshots(c)).await
+    }
+
+    /// The snapshot with this name or id.
+    pub async fn snapshot(&self, key: &str) -> Result<Snapshot> {
+        let k = key.to_owned();
+        self.store
+            .call(move |c| rows::find_snapshot(c, &k))
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "No snapshot {key:?}; `banger snapshot list` shows them"
+                ))
+            })
+    }
+
+    /// Takes snapshot `name` of a running (or paused) VM; returns the job at once.
+    pub async fn take_snapshot(
+        &self,
+        uid: u32,
+        vm: &Vm,
+        name: &str,
+        o: SnapshotOptions,
+    ) -> Result<Arc<Job>> {
+        validate_name(NameKind::Snapshot, name)?;
+        self.snapshot_allowed(vm)?;
+        let n = name.to_owned();
+        if self
+            .store
+            .call(move |c| rows::find_snapshot(c, &n))
+            .await?
+            .is_some()
+        {
+            return Err(snapshot_taken(name));
+        }
+        let spec = JobSpec {
+            kind: "snapshot-vm".into(),
+            target: name.into(),
+            action: Action::VmsManage,
+            owner_uid: uid,
+        };
+        let (this, vm_id, name) = (self.clone(), vm.id.clone(), name.to_owned());
+        Ok(self.jobs.spawn(spec, move |ctx| async move {
+            this.run_snapshot(ctx, &vm_id, &name, o).await.map(|_| ())
+        }))
+    }
+
+    fn snapshot_allowed(&self, vm: &Vm) -> Result<()> {
+        if !vm.state.is_active() {
+            return Err(Error::InvalidArgument(format!(
+                "VM {} is {}; only a running or paused VM can be snapshotted (`banger vm start {}` first)",
+                vm.name, vm.state, vm.name
+            )));
+        }
+        if !vm.shares.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "VM {} has shared folders, whose virtio-fs devices cannot be saved; snapshot a VM without --share",
+                vm.name
+            )));
+        }
+        if !vm.main.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "VM {} runs a main process (--entrypoint), which a restore could not wait for; snapshot a VM without one",
+                vm.name
+            )));
+        }
+        Ok(())
+    }
+
+    async fn run_snapshot(
+        &self,
+        ctx: JobContext,
+        vm_id: &str,
+        name: &str,
+        o: SnapshotOptions,
+    ) -> Result<Snapshot> {
+        let lock = self.lock_of(vm_id);
+        let _held = lock.lock().await;
+        let mut vm = self.get(vm_id).await?;
+        self.snapshot_allowed(&vm)?;
+        let run = self.layout.vm_runtime_dir(&vm.id);
+        let id = new_id();
+        std::fs::create_dir_all(self.layout.snapshots_dir())
+            .map_err(|e| Error::failed("Cannot create the snapshots directory", e))?;
+        let staging = crate::layout::StagingDir::create(
+            self.layout
+                .snapshots_dir()
+                .join(format!("{}{id}", crate::layout::STAGING_PREFIX)),
+        )?;
+        let was_running = vm.state == VmState::Running;
+        if was_running {
+            ctx.stage("pause", format!("Pausing VM {}", vm.name));
+            self.vmm.pause(&run).await?;
+        }
+        let saved = self.save_paused(&ctx, &vm, staging.path()).await;
+        // The VM goes on whatever became of the snapshot (unless asked to stay paused).
+        if was_running && !(o.pause && saved.is_ok()) {
+            self.vmm.resume(&run).await?;
+        } else if o.pause && saved.is_ok() && was_running {
+            vm.state = VmState::Paused;
+            self.save(&vm).await?;
+        }
+        let (memory_sha256, memory_size) = saved?;
+        let snap = Snapshot {
+            id: id.clone(),
+            name: name.into(),
+            vm_id: vm.id.clone(),
+            vm_name: vm.name.clone(),
+            image_id: vm.image_id.clone(),
+            kernel: vm.kernel.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            disk_size: vm.disk_size,
+            size_bytes: [MEMORY, ROOTFS, WORK]
+                .iter()
+                .map(|f| allocated(&staging.path().join(f)))
+                .sum(),
+            created_at: now_us(),
+            owner_uid: vm.owner_uid,
+            memory_sha256,
+            memory_size,
+            init: vm.init.clone(),
+        };
+        ctx.stage("publish", format!("Publishing snapshot {name}"));
+        self.publish_snapshot(staging, &snap).await?;
+        ctx.log(
+            6,
+            format!(
+                "Snapshot {name} of VM {}: {} MB",
+                vm.name,
+                snap.size_bytes >> 20
+            ),
+        );
+        Ok(snap)
+    }
+
+    /// Saves a paused VM's state and copies its disks into `dir`; returns the memory file's
+    /// sha256 and size.
+    async fn save_paused(&self, ctx: &JobContext, vm: &Vm, dir: &Path) -> Result<(String, u64)> {
+        let run = self.layout.vm_runtime_dir(&vm.id);
+        ctx.stage("save_memory", "Saving memory and device state");
+        let (r, w) = pipe()?;
+        let memory = dir.join(MEMORY);
+        let writer = tokio::task::spawn_blocking(move || compress(r, &memory));
+        let sent = self.vmm.save_state(&run, w).await;
+        let written = writer
+            .await
+            .map_err(|e| Error::failed("Snapshot task failed", e))?;
+        sent?;
+        let (sha, size) = written?;
+        ctx.stage("copy_disks", "Copying the root and /root disks");
+        let (vm_dir, dir) = (self.vm_dir(&vm.id), dir.to_owned());
+        let rootfs = self.vmm.rootfs_path(&vm_dir);
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            for (from, to) in [
+                (rootfs, dir.join(ROOTFS)),
+                (vm_dir.join(WORK), dir.join(WORK)),
+            ] {
+                crate::host::run(
+                    "cp",
+                    [
+                        "--sparse=always".as_ref(),
+                        "--reflink=auto".as_ref(),
+                        from.as_os_str(),
+                        to.as_os_str(),
+                    ],
+                )?;
+            }
+            use std::os::unix::fs::PermissionsExt;
+            for f in [MEMORY, ROOTFS, WORK] {
+                let p = dir.join(f);
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .and_then(|_| std::os::unix::fs::chown(&p, Some(0), Some(0)))
+                    .map_err(|e| Error::failed(format!("Cannot secure {}", p.display()), e))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::failed("Snapshot task failed", e))??;
+        Ok((sha, size))
+    }
+
+    /// Moves a finished snapshot into place and records it; a name taken meanwhile loses
+    /// the files.
+    async fn publish_snapshot(
+        &self,
+        mut staging: crate::layout::StagingDir,
+        snap: &Snapshot,
+    ) -> Result<()> {
+        let dest = self.snapshot_dir(&snap.id);
+        std::fs::rename(staging.path(), &dest)
+            .map_err(|e| Error::failed(format!("Cannot publish {}", dest.display()), e))?;
+        staging.keep();
+        let row = snap.clone();
+        match self
+            .store
+            .call(move |c| rows::insert_snapshot(c, &row))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = crate::layout::remove_any(&dest);
+                return Err(snapshot_taken(&snap.name));
+            }
+            Err(e) => {
+                let _ = crate::layout::remove_any(&dest);
+                return Err(e);
+            }
+        }
+        tracing::info!(snapshot_id = %snap.id, vm_id = %snap.vm_id, "Snapshot {} published", snap.name);
+        self.events.send(ObjectEvent::SnapshotAdded(snap.clone()));
+        Ok(())
+    }
+
+    /// Deletes a snapshot no VM layers on.
+    pub async fn delete_snapshot(&self, snap: &Snapshot) -> Result<()> {
+        let id = snap.id.clone();
+        let users = self
+            .store
+            .call(move |c| rows::vms_using_snapshot(c, &id))
+            .await?;
+        if users > 0 {
+            return Err(Error::InUse(format!(
+                "Snapshot {} is the base of {users} VM(s) restored from it; delete them first",
+                snap.name
+            )));
+        }
+        let id = snap.id.clone();
+        self.store
+            .call(move |c| rows::delete_snapshot(c, &id))
+            .await?;
+        let dir = self.snapshot_dir(&snap.id);
+        tokio::task::spawn_blocking(move || crate::layout::remove_any(&dir))
+            .await
+            .map_err(|e| Error::failed("Delete task failed", e))??;
+        tracing::info!(snapshot_id = %snap.id, "Snapshot {} deleted", snap.name);
+        self.events
+            .send(ObjectEvent::SnapshotRemoved(snap.id.clone()));
+        Ok(())
+    }
+}
+
+fn snapshot_taken(name: &str) -> Error {
+    Error::AlreadyExists(format!(
+        "A snapshot named {name:?} exists; pick another name or delete it (`banger snapshot delete {name}`)"
+    ))
+}
