@@ -49,6 +49,10 @@ pub struct Config {
     pub default_kernel: String,
     /// Pull a missing image named in `CreateVM` from the catalog or a registry.
     pub auto_pull_image: bool,
+    /// Keep a ready snapshot of each image+kernel+vCPUs+memory a VM was booted with, made by
+    /// a template VM of banger's own, and start later VMs of that shape from it (`cold`
+    /// boots instead).
+    pub warm_snapshots: bool,
     /// Pull a missing catalog kernel when an image or VM needs it.
     pub auto_pull_kernel: bool,
     /// The most an image's layers may expand to, in bytes (a decompression bomb stops here).
@@ -94,6 +98,7 @@ impl Default for Config {
             default_image: "debian-bookworm".into(),
             default_kernel: "debian".into(),
             auto_pull_image: true,
+            warm_snapshots: true,
             auto_pull_kernel: true,
             max_image_bytes: 32 << 30,
             guest_bin_dir: None,

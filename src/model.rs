@@ -302,6 +302,9 @@ pub struct Snapshot {
     pub memory_size: u64,
     /// The VM's init setting, which restored VMs keep.
     pub init: String,
+    /// For a warm snapshot (banger's own, of a fresh template VM): the shape it serves
+    /// (see `vms::warm`); empty for a snapshot a user took.
+    pub warm: String,
 }
 
 /// One shared folder of a VM.

@@ -202,6 +202,6 @@ fn every_dbus_member_is_documented() {
             }
         }
     }
-    // Images1, Kernels1, VMs1, Jobs1, Image1, Kernel1, VM1, Job1.
-    assert_eq!(files, 8);
+    // Images1, Kernels1, VMs1, Jobs1, Snapshots1, Image1, Kernel1, VM1, Job1, Snapshot1.
+    assert_eq!(files, 10);
 }

@@ -77,6 +77,7 @@ fn snapshot_of(vm: &Vm) -> banger::model::Snapshot {
         memory_sha256: String::new(),
         memory_size: 0,
         init: String::new(),
+        warm: String::new(),
     }
 }
 

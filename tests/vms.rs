@@ -1749,7 +1749,7 @@ fn jobs_of_kind(bus: &TestBus, kind: &str) -> usize {
 /// A state directory with the Debian kernel imported as `test`, and the daemon's bus over it
 /// in a network namespace of its own (TCG, `test` the default kernel); None when the tools,
 /// kernel or guest binaries are missing (a failure under BANGER_REQUIRE_INTEGRATION).
-async fn kernel_ready_bus(extra: &[&str]) -> Option<(tempfile::TempDir, TestBus)> {
+async fn kernel_ready_bus(extra: &[&str], config: &str) -> Option<(tempfile::TempDir, TestBus)> {
     if !available(TOOLS) || !available(extra) {
         return None;
     }
@@ -1765,7 +1765,9 @@ async fn kernel_ready_bus(extra: &[&str]) -> Option<(tempfile::TempDir, TestBus)
         import_kernel(&conn, "test", &vmlinuz, &modules).await;
     }
     let bus = TestBus::start(BusOptions {
-        extra_config: "accel = \"tcg\"\nboot_timeout_sec = 240\ndefault_kernel = \"test\"\n".into(),
+        extra_config: format!(
+            "accel = \"tcg\"\nboot_timeout_sec = 240\ndefault_kernel = \"test\"\n{config}"
+        ),
         netns: true,
         state_dir: Some(state.path().to_owned()),
         ..Default::default()
@@ -1775,7 +1777,7 @@ async fn kernel_ready_bus(extra: &[&str]) -> Option<(tempfile::TempDir, TestBus)
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_init_less_image_boots_by_its_reference_alone_with_banger_init_as_its_init() {
-    let Some((_state, bus)) = kernel_ready_bus(&[]).await else {
+    let Some((_state, bus)) = kernel_ready_bus(&[], "").await else {
         return;
     };
     let conn = bus.connect().await;
@@ -2046,7 +2048,7 @@ fn tool(program: &str, args: &[&str]) {
 /// whiteouts umoci's own diff writes).
 #[tokio::test(flavor = "multi_thread")]
 async fn debootstrap_and_umoci_images_boot_by_reference() {
-    let Some((_state, bus)) = kernel_ready_bus(&["debootstrap", "umoci"]).await else {
+    let Some((_state, bus)) = kernel_ready_bus(&["debootstrap", "umoci"], "").await else {
         return;
     };
     let work = tempfile::tempdir().unwrap();
@@ -2249,7 +2251,7 @@ fn vm_shown(bus: &TestBus, vm: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_are_refused() {
-    let Some((_state, bus)) = kernel_ready_bus(&[]).await else {
+    let Some((_state, bus)) = kernel_ready_bus(&[], "warm_snapshots = true\n").await else {
         return;
     };
     let registry = TestRegistry::start_in_netns(bus.netns_pid());
@@ -2412,6 +2414,39 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
         "Snapshot s1 is damaged",
     );
     refused(bus.banger_as(None, &["vm", "show", "z"]), "No VM");
+
+    // src's cold boot left a warm snapshot of its shape, made from a template VM of banger's
+    // own: the next create of that shape starts from it, as itself, with none of src's data.
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        let out = ok(bus.banger_as(None, &["--json", "snapshot", "list"]));
+        if out.contains("\".warm-") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no warm snapshot: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let shape = ["--image", "snap-v1", "--memory", "256", "--vcpus", "1"];
+    let mut args = vec!["vm", "create", "w"];
+    args.extend(shape);
+    let out = ok(bus.banger_as(None, &args));
+    assert!(out.contains("Restoring the warm snapshot"), "{out}");
+    assert_eq!(exec_as(&bus, None, "w", &["hostname"]).trim(), "w");
+    let leaked = bus.banger_as(None, &["vm", "exec", "w", "--", "cat", "/root/mark"]);
+    assert!(!leaked.status.success(), "the warm VM has src's file");
+    let mut args = vec!["vm", "create", "c", "--cold"];
+    args.extend(shape);
+    let out = ok(bus.banger_as(None, &args));
+    assert!(
+        out.contains("Booting on qemu") && !out.contains("warm snapshot"),
+        "{out}"
+    );
+    for vm in ["w", "c"] {
+        ok(bus.banger_as(None, &["vm", "delete", vm, "--force"]));
+    }
 
     ok(bus.banger_as(None, &["vm", "stop", "src"]));
     refused(

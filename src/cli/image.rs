@@ -87,6 +87,21 @@ pub enum ImageCommand {
         /// Image name or id.
         name: String,
     },
+    /// Make the image's warm snapshot now, from which later VMs of this shape start
+    /// instantly (banger makes it by itself after the first cold boot of a shape).
+    Warm {
+        /// Image name or id.
+        name: String,
+        /// Kernel (the image's, else the default).
+        #[arg(long)]
+        kernel: Option<String>,
+        /// Virtual CPUs of the VMs it serves.
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory in MiB of the VMs it serves.
+        #[arg(long)]
+        memory: Option<u32>,
+    },
     /// Show an image's properties, its OCI run settings among them.
     Show {
         /// Image name or id.
@@ -252,6 +267,24 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
             if !out.json {
                 println!("Image {name} is managed");
             }
+        }
+        ImageCommand::Warm {
+            name,
+            kernel,
+            vcpus,
+            memory,
+        } => {
+            let o = super::vm::opts(
+                kernel
+                    .map(|k| ("kernel", k.into()))
+                    .into_iter()
+                    .chain(vcpus.map(|v| ("vcpus", v.into())))
+                    .chain(memory.map(|m| ("memory_mib", m.into()))),
+            );
+            let watch = super::watch::subscribe(conn).await?;
+            let (id, path) = p.warm_image(&name, o).await.map_err(explain)?;
+            watch.follow(out, id, &path).await?;
+            out.done(vec![("name", json!(name)), ("warm", json!(true))]);
         }
         ImageCommand::Show { name } => {
             let path = p.get_image(&name).await.map_err(explain)?;

@@ -219,6 +219,9 @@ pub struct VmSpec {
     /// where the snapshot's VM was, with its own name, address and keys.
     #[arg(long, value_name = "SNAPSHOT")]
     snapshot: Option<String>,
+    /// Boot, even when a warm snapshot of this image and shape would start the VM instantly.
+    #[arg(long)]
+    cold: bool,
 }
 
 impl VmSpec {
@@ -242,6 +245,7 @@ impl VmSpec {
             .chain((!self.publish.is_empty()).then(|| ("publish", self.publish.clone().into())))
             .chain((!shares.is_empty()).then(|| ("shares", shares.into())))
             .chain(self.snapshot.clone().map(|s| ("snapshot", s.into())))
+            .chain(self.cold.then(|| ("cold", true.into())))
             .collect())
     }
 

@@ -157,6 +157,42 @@ impl Images1 {
         Ok(self.ctx.job_reply(&job).await)
     }
 
+    /// Makes the warm snapshot of an image now (a template VM of banger's own, snapshotted at
+    /// ready), from which later VMs of this shape start instantly. Options: kernel s (the
+    /// image's, else the default), vcpus u (2), memory_mib u (1024). Returns the job at once.
+    #[zbus(out_args("job_id", "job_path"))]
+    async fn warm_image(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name_or_id: &str,
+        options: OptionMap,
+    ) -> Result<(u32, OwnedObjectPath)> {
+        let mut o = Options::new("WarmImage", options);
+        let d = crate::vms::CreateOptions::default();
+        let kernel = o.string("kernel")?;
+        let vcpus = o.u32("vcpus")?.unwrap_or(d.vcpus);
+        let memory = o.u32("memory_mib")?.unwrap_or(d.memory_mib);
+        o.finish()?;
+        if let Some(k) = &kernel {
+            validate_name(NameKind::Kernel, k)?;
+        }
+        self.ctx.authorize(conn, &hdr, Action::VmsManage).await?;
+        let job = self
+            .ctx
+            .banger
+            .vms
+            .warm(name_or_id, kernel.as_deref(), vcpus, memory)
+            .await?
+            .ok_or_else(|| {
+                crate::Error::InUse(format!(
+                    "The warm snapshot of image {name_or_id} ({vcpus} vCPUs, {memory} MiB) is \
+                     being made already; `banger job list` shows its job"
+                ))
+            })?;
+        Ok(self.ctx.job_reply(&job).await)
+    }
+
     /// Deletes an image that no VM uses.
     async fn delete_image(
         &self,

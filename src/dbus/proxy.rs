@@ -28,6 +28,9 @@ pub trait Images1 {
     /// PromoteImage
     #[zbus(allow_interactive_auth)]
     fn promote_image(&self, name_or_id: &str) -> zbus::Result<(u32, OwnedObjectPath)>;
+    /// WarmImage
+    #[zbus(allow_interactive_auth)]
+    fn warm_image(&self, name_or_id: &str, options: Opts) -> zbus::Result<(u32, OwnedObjectPath)>;
     /// BuildImage
     #[zbus(allow_interactive_auth)]
     fn build_image(&self, name: &str, options: Opts) -> zbus::Result<(u32, OwnedObjectPath)>;

@@ -46,7 +46,9 @@ impl Vms1 {
     /// a(ssb) (host folder, guest folder, read-only: virtio-fs, served with the caller's own
     /// rights; the caller must own or be able to write the folder), snapshot s (restore this
     /// snapshot instead of booting: stage restore replaces boot; image, kernel, vcpus,
-    /// memory_mib and disk size are the snapshot's). Returns the VM and its job at once;
+    /// memory_mib and disk size are the snapshot's), cold b (boot even when a warm snapshot of
+    /// this image, kernel and shape exists; by default such a create restores from it).
+    /// Returns the VM and its job at once;
     /// stages arrive as CreateProgress and the job's StageChanged.
     #[zbus(name = "CreateVM", out_args("vm_path", "job_id", "job_path"))]
     async fn create_vm(
@@ -86,6 +88,7 @@ impl Vms1 {
             command: o.strings("command")?.unwrap_or_default(),
             publish: o.strings("publish")?.unwrap_or_default(),
             shares: o.shares("shares")?.unwrap_or_default(),
+            cold: o.bool("cold")?.unwrap_or(false),
             snapshot,
         };
         o.finish()?;

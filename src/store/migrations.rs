@@ -117,7 +117,8 @@ const MIGRATIONS: &[&str] = &[
         owner_uid INTEGER NOT NULL,
         memory_sha256 TEXT NOT NULL,
         memory_size INTEGER NOT NULL,
-        init TEXT NOT NULL
+        init TEXT NOT NULL,
+        warm TEXT NOT NULL DEFAULT ''
     );
     ALTER TABLE vms ADD COLUMN snapshot TEXT NOT NULL DEFAULT '';
     "#,

@@ -386,7 +386,7 @@ pub fn vms_using_image(c: &Connection, image_id: &str) -> Result<u64, StoreError
 }
 
 const SNAPSHOT_COLS: &str = "id, name, vm_id, vm_name, image_id, kernel, vcpus, memory_mib, \
-     disk_size, size_bytes, created_at, owner_uid, memory_sha256, memory_size, init";
+     disk_size, size_bytes, created_at, owner_uid, memory_sha256, memory_size, init, warm";
 
 fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
     Ok(Snapshot {
@@ -405,6 +405,7 @@ fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
         memory_sha256: r.get(12)?,
         memory_size: r.get::<_, i64>(13)? as u64,
         init: r.get(14)?,
+        warm: r.get(15)?,
     })
 }
 
@@ -428,7 +429,7 @@ pub fn insert_snapshot(c: &Connection, s: &Snapshot) -> Result<bool, StoreError>
     let n = c.execute(
         &format!(
             "INSERT OR IGNORE INTO snapshots ({SNAPSHOT_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
         ),
         params![
             s.id,
@@ -445,10 +446,19 @@ pub fn insert_snapshot(c: &Connection, s: &Snapshot) -> Result<bool, StoreError>
             s.owner_uid,
             s.memory_sha256,
             s.memory_size as i64,
-            s.init
+            s.init,
+            s.warm
         ],
     )?;
     Ok(n == 1)
+}
+
+/// The newest warm snapshot serving `key`.
+pub fn find_warm_snapshot(c: &Connection, key: &str) -> Result<Option<Snapshot>, StoreError> {
+    let sql = format!(
+        "SELECT {SNAPSHOT_COLS} FROM snapshots WHERE warm = ?1 ORDER BY created_at DESC LIMIT 1"
+    );
+    Ok(c.query_row(&sql, [key], snapshot_row).optional()?)
 }
 
 /// Deletes a snapshot row.
@@ -466,10 +476,11 @@ pub fn vms_using_snapshot(c: &Connection, id: &str) -> Result<u64, StoreError> {
     )
 }
 
-/// How many snapshots layer on the image.
+/// How many snapshots users took layer on the image (warm snapshots go with their image:
+/// `vms::warm`).
 pub fn snapshots_using_image(c: &Connection, image_id: &str) -> Result<u64, StoreError> {
     Ok(c.query_row(
-        "SELECT COUNT(*) FROM snapshots WHERE image_id = ?1",
+        "SELECT COUNT(*) FROM snapshots WHERE image_id = ?1 AND warm = ''",
         [image_id],
         |r| r.get::<_, i64>(0),
     )? as u64)

@@ -222,6 +222,16 @@ impl Vms {
         if vm.disk_size < image.size_bytes {
             vm.disk_size = image.size_bytes;
         }
+        // Instant start: a warm snapshot of this shape, when there is one.
+        let eligible = self.warm_eligible(&o);
+        let mut warm_used = false;
+        if eligible {
+            let key = self.warm_key(&image, &kernel, vm.vcpus, vm.memory_mib);
+            if let Some(w) = self.warm_snapshot(&key).await? {
+                vm.snapshot = w.id;
+                warm_used = true;
+            }
+        }
 
         // Phase 2: reserve, the only global critical section.
         st.enter(&mut vm, "reserve", "Reserving name, address and vsock CID")
@@ -256,7 +266,12 @@ impl Vms {
             return Ok(());
         }
         // Phase 3: start, under the VM's own lock.
-        self.start_locked(&mut st, vm).await
+        let (vcpus, memory) = (vm.vcpus, vm.memory_mib);
+        self.start_locked(&mut st, vm).await?;
+        if eligible && !warm_used {
+            self.warm_later(&image, &kernel, vcpus, memory).await;
+        }
+        Ok(())
     }
 
     /// The snapshot a create restores, checked against the options, which take its shape.
@@ -575,12 +590,16 @@ impl Vms {
         // A snapshot's memory is checked before any VMM process exists.
         let memory = match (&restore, &snap_dir) {
             (Some(snap), Some(sd)) => {
-                st.enter(
-                    vm,
-                    "restore",
-                    format!("Restoring snapshot {} on {}", snap.name, self.vmm.name()),
-                )
-                .await?;
+                let what = if snap.warm.is_empty() {
+                    format!("Restoring snapshot {} on {}", snap.name, self.vmm.name())
+                } else {
+                    format!(
+                        "Restoring the warm snapshot of this image on {} (an instant start; \
+                         --cold boots instead)",
+                        self.vmm.name()
+                    )
+                };
+                st.enter(vm, "restore", what).await?;
                 let (sd, s2) = (sd.clone(), snap.clone());
                 Some(
                     tokio::task::spawn_blocking(move || snapshot::verified_memory(&sd, &s2))

@@ -178,6 +178,11 @@ impl Vms {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&vm.id);
         tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "VM deleted");
+        if !vm.snapshot.is_empty() {
+            // It may have been the last VM on a warm snapshot a newer one replaced.
+            let this = self.clone();
+            tokio::spawn(async move { this.sweep_warm().await });
+        }
         Ok(())
     }
 
@@ -247,6 +252,7 @@ impl Vms {
             self.save(&vm).await?;
         }
         self.release_network_if_idle().await;
+        self.sweep_warm().await;
         Ok(())
     }
 

@@ -8,6 +8,7 @@ mod lifecycle;
 pub mod publish;
 pub mod share;
 pub mod snapshot;
+mod warm;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -57,6 +58,8 @@ pub struct CreateOptions {
     pub publish: Vec<String>,
     /// Shared host folders (see [`share`]).
     pub shares: Vec<crate::model::Share>,
+    /// Boot even when a warm snapshot of this shape exists (see `warm`).
+    pub cold: bool,
     /// Restore this snapshot instead of booting; `vcpus` and `memory_mib` 0 then mean the
     /// snapshot's (any other value must be the snapshot's).
     pub snapshot: Option<String>,
@@ -79,6 +82,7 @@ impl Default for CreateOptions {
             command: Vec::new(),
             publish: Vec::new(),
             shares: Vec::new(),
+            cold: false,
             snapshot: None,
         }
     }
@@ -284,6 +288,8 @@ pub struct Vms {
     /// starts cannot all pass `max_running_vms_per_user`.
     start_gate: Arc<tokio::sync::Mutex<()>>,
     locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// Warm snapshots being made.
+    warming: Arc<warm::Warming>,
 }
 
 impl Vms {
@@ -313,6 +319,7 @@ impl Vms {
             net_lock: Arc::default(),
             start_gate: Arc::default(),
             locks: Arc::default(),
+            warming: Arc::default(),
         }
     }
 

@@ -222,7 +222,9 @@ impl Vms {
         };
         let (this, vm_id, name) = (self.clone(), vm.id.clone(), name.to_owned());
         Ok(self.jobs.spawn(spec, move |ctx| async move {
-            this.run_snapshot(ctx, &vm_id, &name, o).await.map(|_| ())
+            this.run_snapshot(ctx, &vm_id, &name, o, "")
+                .await
+                .map(|_| ())
         }))
     }
 
@@ -248,12 +250,14 @@ impl Vms {
         Ok(())
     }
 
-    async fn run_snapshot(
+    /// Takes the snapshot; `warm` is the key of a warm snapshot (see `warm`), or empty.
+    pub(super) async fn run_snapshot(
         &self,
         ctx: JobContext,
         vm_id: &str,
         name: &str,
         o: SnapshotOptions,
+        warm: &str,
     ) -> Result<Snapshot> {
         let lock = self.lock_of(vm_id);
         let _held = lock.lock().await;
@@ -301,6 +305,7 @@ impl Vms {
             memory_sha256,
             memory_size,
             init: vm.init.clone(),
+            warm: warm.to_owned(),
         };
         ctx.stage("publish", format!("Publishing snapshot {name}"));
         self.publish_snapshot(staging, &snap).await?;

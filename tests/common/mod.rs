@@ -218,8 +218,15 @@ impl TestBus {
         write(
             &d.join("config.toml"),
             &format!(
-                "idle_exit_sec = {}\n{}{}",
+                "idle_exit_sec = {}\n{}{}{}",
                 opts.idle_exit_sec,
+                // Template VMs for warm snapshots only where a test asks for them: each
+                // is one more boot on the CI's two cores.
+                if opts.extra_config.contains("warm_snapshots") {
+                    ""
+                } else {
+                    "warm_snapshots = false\n"
+                },
                 // The static guest binaries tests/run builds.
                 std::env::var("BANGER_GUEST_BIN_DIR")
                     .map(|d| format!("guest_bin_dir = \"{d}\"\n"))

@@ -1,0 +1,239 @@
+//! Warm snapshots: instant starts by default. After a VM of some shape (image, kernel, vCPUs,
+//! memory) booted cold, or on `banger image warm`, banger boots a template VM of its own of that
+//! shape (root's, named `.warm-…`, which no user can name: it holds no one's key, folder or
+//! data), snapshots it the moment it is ready and deletes it. Later creates of that shape that
+//! ask for nothing a snapshot cannot give (shares, an init, an entrypoint, a disk size, `cold`)
+//! restore from that snapshot and get their own identity, as any restore does.
+//!
+//! The key covers what the guest's memory depends on: the image's id, the kernel's name and
+//! install time, the shape, and banger's version and guest binaries. Any change makes a new
+//! key, so a stale warm snapshot is never used; it stays while VMs layer on it and goes
+//! once none do (`sweep_warm`).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
+use super::snapshot::SnapshotOptions;
+use super::{CreateOptions, Vms};
+use crate::auth::Action;
+use crate::jobs::{Job, JobContext, JobSpec};
+use crate::model::{Image, Kernel, Snapshot};
+use crate::store::rows;
+use crate::{Error, Result};
+
+/// Warm snapshots being made, by key.
+#[derive(Default)]
+pub(super) struct Warming(Mutex<HashSet<String>>);
+
+impl Vms {
+    /// The key of the warm snapshot that serves this shape.
+    pub(super) fn warm_key(
+        &self,
+        image: &Image,
+        kernel: &Kernel,
+        vcpus: u32,
+        memory: u32,
+    ) -> String {
+        use std::os::unix::fs::MetadataExt;
+        let stamp = |name: &str| {
+            std::fs::metadata(self.config.guest_binary(name))
+                .map(|m| format!("{}:{}", m.len(), m.mtime()))
+                .unwrap_or_default()
+        };
+        let text = format!(
+            "{}|{}|{}|{vcpus}|{memory}|{}|{}|{}",
+            image.id,
+            kernel.name,
+            kernel.created_at,
+            crate::VERSION,
+            stamp("banger-init"),
+            stamp("banger-agent"),
+        );
+        let h = Sha256::digest(text.as_bytes());
+        h.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Whether a create with these options may start from a warm snapshot (or, when none
+    /// exists yet, lead to one).
+    pub(super) fn warm_eligible(&self, o: &CreateOptions) -> bool {
+        self.config.warm_snapshots
+            && self.vmm.name() == "qemu"
+            && o.snapshot.is_none()
+            && !o.cold
+            && o.shares.is_empty()
+            && !o.entrypoint
+            && o.init.is_empty()
+            && o.disk_size.is_none()
+    }
+
+    /// The warm snapshot serving `key`, if one is there.
+    pub(super) async fn warm_snapshot(&self, key: &str) -> Result<Option<Snapshot>> {
+        let k = key.to_owned();
+        self.store
+            .call(move |c| rows::find_warm_snapshot(c, &k))
+            .await
+    }
+
+    /// Makes the warm snapshot of this shape in the background unless it exists or is
+    /// being made.
+    pub(super) async fn warm_later(&self, image: &Image, kernel: &Kernel, vcpus: u32, memory: u32) {
+        let key = self.warm_key(image, kernel, vcpus, memory);
+        match self.warm_snapshot(&key).await {
+            Ok(None) => {}
+            _ => return,
+        }
+        let _ = self.start_warming(image.clone(), kernel.clone(), vcpus, memory, key);
+    }
+
+    /// `banger image warm`: makes (or remakes) the warm snapshot of this shape now; the job,
+    /// or `None` when it is being made already.
+    pub async fn warm(
+        &self,
+        image: &str,
+        kernel: Option<&str>,
+        vcpus: u32,
+        memory: u32,
+    ) -> Result<Option<Arc<Job>>> {
+        if self.vmm.name() != "qemu" {
+            return Err(Error::InvalidArgument(
+                "Warm snapshots need the qemu VMM for now; set vmm = \"qemu\" in the configuration"
+                    .into(),
+            ));
+        }
+        super::bounds::VmLimits::of(&self.config).check(vcpus, memory, None)?;
+        let image = self.images.get(image).await?;
+        let kernel_name = kernel
+            .map(str::to_owned)
+            .or_else(|| image.kernel.clone())
+            .unwrap_or_else(|| self.config.default_kernel.clone());
+        let kernel = self.kernels.get(&kernel_name).await?;
+        let key = self.warm_key(&image, &kernel, vcpus, memory);
+        Ok(self.start_warming(image, kernel, vcpus, memory, key))
+    }
+
+    fn start_warming(
+        &self,
+        image: Image,
+        kernel: Kernel,
+        vcpus: u32,
+        memory: u32,
+        key: String,
+    ) -> Option<Arc<Job>> {
+        if !self
+            .warming
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone())
+        {
+            return None;
+        }
+        let spec = JobSpec {
+            kind: "warm-image".into(),
+            target: image.name.clone(),
+            action: Action::VmsManage,
+            owner_uid: 0,
+        };
+        let this = self.clone();
+        Some(self.jobs.spawn(spec, move |ctx| async move {
+            let r = this
+                .run_warm(&ctx, &image, &kernel, vcpus, memory, &key)
+                .await;
+            this.warming
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            r
+        }))
+    }
+
+    async fn run_warm(
+        &self,
+        ctx: &JobContext,
+        image: &Image,
+        kernel: &Kernel,
+        vcpus: u32,
+        memory: u32,
+        key: &str,
+    ) -> Result<()> {
+        let name = format!(".warm-{key}");
+        ctx.stage(
+            "template",
+            format!(
+                "Booting a template VM of image {} ({vcpus} vCPU, {memory} MiB)",
+                image.name
+            ),
+        );
+        let o = CreateOptions {
+            image: Some(image.id.clone()),
+            kernel: Some(kernel.name.clone()),
+            vcpus,
+            memory_mib: memory,
+            cold: true,
+            ..Default::default()
+        };
+        // Whatever happens, the template goes.
+        let (vm, job) = self.create(0, &name, o).await?;
+        let booted = job.wait().await;
+        let made = match booted {
+            Ok(()) => {
+                ctx.stage("snapshot", "Snapshotting the template at ready");
+                self.run_snapshot(
+                    ctx.clone(),
+                    &vm.id,
+                    &name,
+                    SnapshotOptions { pause: true },
+                    key,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Ok(v) = self.get(&vm.id).await {
+            let _ = self.delete(&v, true).await;
+        }
+        let snap = made?;
+        ctx.log(
+            6,
+            format!(
+                "Warm snapshot {} of image {} ready: later VMs of this shape start from it",
+                snap.name, image.name
+            ),
+        );
+        self.sweep_warm().await;
+        Ok(())
+    }
+
+    /// Deletes warm snapshots no VM layers on that a newer one of the same key, or a change
+    /// of key (image, kernel, guest binaries), replaced.
+    pub async fn sweep_warm(&self) {
+        let Ok(all) = self.snapshots().await else {
+            return;
+        };
+        for s in all.iter().filter(|s| !s.warm.is_empty()) {
+            let newest = all
+                .iter()
+                .filter(|o| o.warm == s.warm)
+                .max_by_key(|o| o.created_at)
+                .is_some_and(|o| o.id == s.id);
+            let current = self.images.get(&s.image_id).await.is_ok()
+                && match self.kernels.get(&s.kernel).await {
+                    Ok(k) => match self.images.get(&s.image_id).await {
+                        Ok(i) => self.warm_key(&i, &k, s.vcpus, s.memory_mib) == s.warm,
+                        Err(_) => false,
+                    },
+                    Err(_) => false,
+                };
+            if newest && current {
+                continue;
+            }
+            // In use: it stays until its VMs go (the next sweep takes it).
+            if self.delete_snapshot(s).await.is_ok() {
+                tracing::info!(snapshot_id = %s.id, "Stale warm snapshot {} removed", s.name);
+            }
+        }
+    }
+}
