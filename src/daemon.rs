@@ -133,8 +133,8 @@ pub fn record_jobs(banger: &Arc<Banger>) {
     tokio::spawn(async move {
         while let Ok(e) = rx.recv().await {
             let r = match e {
-                JobEvent::New { id } => match b.jobs.get(id) {
-                    Ok(j) => {
+                JobEvent::New { id } => match b.jobs.find(id) {
+                    Some(j) => {
                         let rec = rows::JobRecord {
                             id,
                             kind: j.kind.clone(),
@@ -146,7 +146,7 @@ pub fn record_jobs(banger: &Arc<Banger>) {
                             .call(move |c| rows::insert_job(c, &rec, now_us()))
                             .await
                     }
-                    Err(_) => Ok(()),
+                    None => Ok(()),
                 },
                 JobEvent::Finished { id, state, error } => {
                     let at = now_us();

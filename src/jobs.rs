@@ -224,9 +224,15 @@ pub struct JobSpec {
 struct Inner {
     next_id: AtomicU32,
     jobs: Mutex<BTreeMap<u32, Arc<Job>>>,
+    /// The last jobs that finished: a job can end before its `New` reaches a subscriber
+    /// (one that fails at once), which must still find it to publish and record it.
+    recent: Mutex<std::collections::VecDeque<Arc<Job>>>,
     events: broadcast::Sender<JobEvent>,
     running: watch::Sender<usize>,
 }
+
+/// How many finished jobs [`Jobs::find`] still finds.
+const RECENT_JOBS: usize = 256;
 
 /// The job table and runner; cheap to clone.
 #[derive(Clone)]
@@ -243,6 +249,7 @@ impl Jobs {
             inner: Arc::new(Inner {
                 next_id: AtomicU32::new(last_id + 1),
                 jobs: Mutex::new(BTreeMap::new()),
+                recent: Mutex::default(),
                 events,
                 running,
             }),
@@ -271,6 +278,20 @@ impl Jobs {
                 "No running job {id}; it may have finished already (see `banger status`)"
             ))
         })
+    }
+
+    /// A job that runs or finished lately (for subscribers catching up with its events).
+    pub fn find(&self, id: u32) -> Option<Arc<Job>> {
+        if let Some(j) = self.table().get(&id) {
+            return Some(j.clone());
+        }
+        self.inner
+            .recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|j| j.id == id)
+            .cloned()
     }
 
     /// Asks a running job to stop; its work is dropped at its next await point.
@@ -347,7 +368,13 @@ impl Jobs {
             JobState::Failed => tracing::error!(job_id = job.id, "Job failed: {error}"),
             _ => tracing::info!(job_id = job.id, result = state.as_str(), "Job finished"),
         }
-        self.table().remove(&job.id);
+        if let Some(j) = self.table().remove(&job.id) {
+            let mut recent = self.inner.recent.lock().unwrap_or_else(|p| p.into_inner());
+            recent.push_back(j);
+            if recent.len() > RECENT_JOBS {
+                recent.pop_front();
+            }
+        }
         let _ = self.inner.events.send(JobEvent::Finished {
             id: job.id,
             state,
@@ -362,6 +389,24 @@ impl Jobs {
 mod tests {
     use super::*;
     use tokio::sync::oneshot;
+
+    #[tokio::test]
+    async fn a_job_that_ends_at_once_is_still_found_by_late_subscribers() {
+        let jobs = Jobs::new(0);
+        let job = jobs.spawn(
+            JobSpec {
+                kind: "t".into(),
+                target: "t".into(),
+                action: crate::auth::Action::VmsManage,
+                owner_uid: 0,
+            },
+            |_| async { Err(Error::InvalidArgument("at once".into())) },
+        );
+        let _ = job.wait().await;
+        assert!(jobs.get(job.id).is_err(), "not running any more");
+        let found = jobs.find(job.id).expect("found after it ended");
+        assert_eq!(found.status().error, "at once");
+    }
 
     fn spec() -> JobSpec {
         JobSpec {

@@ -16,6 +16,9 @@ use super::Output;
 /// Signals from banger, subscribed before a job starts.
 pub struct JobWatch(MessageStream);
 
+/// Signals a watch keeps before its reader takes them.
+const WATCH_QUEUE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(65536).unwrap();
+
 /// Subscribes to every signal banger sends.
 pub async fn subscribe(conn: &zbus::Connection) -> anyhow::Result<JobWatch> {
     let rule = MatchRule::builder()
@@ -23,7 +26,9 @@ pub async fn subscribe(conn: &zbus::Connection) -> anyhow::Result<JobWatch> {
         .sender("org.banger")
         .build()?;
     Ok(JobWatch(
-        MessageStream::for_match_rule(rule, conn, None).await?,
+        // Room for every signal of several VMs' creations while the caller still makes
+        // calls: a full queue drops the oldest, which may be a JobRemoved waited for.
+        MessageStream::for_match_rule(rule, conn, Some(WATCH_QUEUE)).await?,
     ))
 }
 

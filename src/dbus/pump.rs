@@ -75,7 +75,8 @@ fn manager(conn: &Connection) -> zbus::Result<SignalEmitter<'static>> {
 }
 
 async fn publish_job(conn: &Connection, ctx: &Ctx, id: u32) -> zbus::Result<()> {
-    if let Ok(j) = ctx.banger.jobs.get(id) {
+    // A job that already ended is published too: its Finished event, next, reports how.
+    if let Some(j) = ctx.banger.jobs.find(id) {
         let obj = job::Job1 {
             job: j,
             ctx: ctx.clone(),
@@ -122,17 +123,24 @@ async fn on_job(conn: &Connection, ctx: &Ctx, e: JobEvent) -> zbus::Result<()> {
             job::Job1::log_message(&e, priority, &line).await?;
         }
         JobEvent::Finished { id, state, .. } => {
+            // JobRemoved goes out whatever became of the object: clients wait for it.
+            let mut changed = Ok(());
             if let Ok(i) = server.interface::<_, job::Job1>(job_path(id)).await {
                 let obj = i.get().await;
-                obj.state_changed(i.signal_emitter()).await?;
-                obj.error_changed(i.signal_emitter()).await?;
-                obj.progress_changed(i.signal_emitter()).await?;
+                let e = i.signal_emitter();
+                changed = async {
+                    obj.state_changed(e).await?;
+                    obj.error_changed(e).await?;
+                    obj.progress_changed(e).await
+                }
+                .await;
             }
-            server.remove::<job::Job1, _>(job_path(id)).await?;
+            let _ = server.remove::<job::Job1, _>(job_path(id)).await;
             ctx.registry.published.send_modify(|s| {
                 s.remove(&id);
             });
             jobs::Jobs1::job_removed(&manager(conn)?, id, job_path(id), state.as_str()).await?;
+            changed?;
         }
     }
     Ok(())
