@@ -1,5 +1,5 @@
 //! VMs on a systemd host: each VM's VMM runs as a transient service of its own started by
-//! systemd (`banger-vm-<id>.service`, its helpers `banger-vm-<id>-vsock.service` and
+//! systemd (`banger-vm-<id>.service`, its helpers `banger-vm-<id>-link.service` and
 //! `banger-vm-<id>-console.service`; names come from ids, never from what a user typed, so
 //! no VM's name can collide with another's unit; see
 //! `process::spawn_detached`), so it neither lives in `bangerd`'s cgroup (stopping the daemon
@@ -22,7 +22,7 @@ pub fn vm_unit(vm_id: &str) -> String {
     format!("banger-vm-{vm_id}.service")
 }
 
-/// The unit one of the VM's helpers (`vsock`, `console`) runs as.
+/// The unit one of the VM's helpers (`link`, `console`, a share) runs as.
 pub fn helper_unit(vm_id: &str, role: &str) -> String {
     format!("banger-vm-{vm_id}-{role}.service")
 }
@@ -188,8 +188,8 @@ mod tests {
         let id = "0123456789abcdef";
         assert_eq!(vm_unit(id), "banger-vm-0123456789abcdef.service");
         assert_eq!(
-            helper_unit(id, "vsock"),
-            "banger-vm-0123456789abcdef-vsock.service"
+            helper_unit(id, "link"),
+            "banger-vm-0123456789abcdef-link.service"
         );
         assert_eq!(machine_name(id), "banger-0123456789abcdef");
         assert_eq!(machine_id("0123456789abcdef").len(), 16);
