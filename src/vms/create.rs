@@ -587,6 +587,11 @@ impl Vms {
             mac: vm.mac_address.clone(),
         };
 
+        // A restored VM's new SSH host key is made while its VMM starts and loads.
+        let keygen = restore.is_some().then(|| {
+            let name = vm.name.clone();
+            tokio::task::spawn_blocking(move || new_host_key(&name))
+        });
         // A snapshot's memory is checked before any VMM process exists.
         let memory = match (&restore, &snap_dir) {
             (Some(snap), Some(sd)) => {
@@ -737,14 +742,18 @@ impl Vms {
             return Ok(());
         }
 
-        if restore.is_some() {
+        if let Some(keygen) = keygen {
             st.enter(
                 vm,
                 "identity",
                 "Giving the guest its own name, address, keys and clock",
             )
             .await?;
-            self.give_identity(vm, &lease, key.as_deref()).await?;
+            let host_key = keygen
+                .await
+                .map_err(|e| Error::failed("SSH key task failed", e))??;
+            self.give_identity(vm, &lease, host_key, key.as_deref())
+                .await?;
             let _ = std::fs::remove_file(&pending);
         }
         if self.guest_has_sshd(vm).await {
@@ -880,12 +889,9 @@ impl Vms {
         &self,
         vm: &mut Vm,
         lease: &crate::net::GuestNet,
+        (private, public): (Vec<u8>, String),
         key: Option<&str>,
     ) -> Result<()> {
-        let name = vm.name.clone();
-        let (private, public) = tokio::task::spawn_blocking(move || new_host_key(&name))
-            .await
-            .map_err(|e| Error::failed("SSH key task failed", e))??;
         let mut seed = [0u8; 32];
         // SAFETY: the pointer and length describe `seed`.
         if unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) } != 32 {
