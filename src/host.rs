@@ -37,6 +37,15 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    run_with_stdin(program, args, None)
+}
+
+/// [`run`], with `stdin` as the program's standard input (none: empty).
+pub fn run_with_stdin<I, S>(program: &str, args: I, stdin: Option<std::fs::File>) -> Result<()>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
     let path = find_program(program).ok_or_else(|| {
         Error::failed(
             format!("{program} is not installed"),
@@ -45,6 +54,7 @@ where
     })?;
     let out = Command::new(&path)
         .args(args)
+        .stdin(stdin.map_or_else(std::process::Stdio::null, Into::into))
         .output()
         .map_err(|e| Error::failed(format!("Cannot run {program}"), e))?;
     if !out.status.success() {

@@ -414,6 +414,11 @@ pub fn new_id() -> String {
         let t = now_us() ^ (u64::from(std::process::id()) << 40);
         bytes = t.to_le_bytes();
     }
+    hex(&bytes)
+}
+
+/// Bytes as lower-case hex digits (ids, digests, seeds).
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

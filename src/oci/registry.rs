@@ -221,7 +221,7 @@ impl Registry {
                 Ok(c) => c,
                 // The client verifies too and fails the stream at its end; say why plainly.
                 Err(e) if got == expected => {
-                    let actual = hex_of(hasher.finalize());
+                    let actual = crate::model::hex(&hasher.finalize());
                     if actual != hex {
                         return Err(mismatch(&actual));
                     }
@@ -261,7 +261,7 @@ impl Registry {
                 desc.digest
             )));
         }
-        let actual = hex_of(hasher.finalize());
+        let actual = crate::model::hex(&hasher.finalize());
         if actual != hex {
             return Err(mismatch(&actual));
         }
@@ -269,10 +269,6 @@ impl Registry {
             .map_err(|e| Error::failed("Cannot write the blob cache", e))?;
         Ok(())
     }
-}
-
-fn hex_of(d: impl AsRef<[u8]>) -> String {
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

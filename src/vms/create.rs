@@ -910,7 +910,7 @@ impl Vms {
             host_key: String::from_utf8_lossy(&private).into_owned(),
             host_key_pub: public.clone(),
             authorized_key: key.unwrap_or_default().trim().to_owned(),
-            seed: seed.iter().map(|b| format!("{b:02x}")).collect(),
+            seed: crate::model::hex(&seed),
             time_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)

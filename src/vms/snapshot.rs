@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use super::Vms;
 use crate::auth::Action;
 use crate::jobs::{Job, JobContext, JobSpec};
-use crate::model::{new_id, now_us, validate_name, NameKind, Snapshot, Vm, VmState};
+use crate::model::{hex, new_id, now_us, validate_name, NameKind, Snapshot, Vm, VmState};
 use crate::service::ObjectEvent;
 use crate::store::rows;
 use crate::{Error, Result};
@@ -103,10 +103,6 @@ fn compress(from: std::fs::File, to: &Path) -> Result<(String, u64)> {
     Ok((hex(&out.hash.finalize()), out.len))
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// Checks a snapshot's memory file against its row (a truncated or altered file never reaches
 /// QEMU); returns it opened.
 pub(super) fn verified_memory(dir: &Path, snap: &Snapshot) -> Result<std::fs::File> {
@@ -164,6 +160,40 @@ pub(super) fn memory_stream(
             .map_err(|e| Error::failed("Cannot feed the snapshot's memory to the VMM", e))
     });
     Ok((r.into(), feeder))
+}
+
+/// Copies one of a running VM's disks, sparsely. Its directory is the VM's uid's, so the
+/// name may stand for anything by now: it is opened without following a link or waiting on a
+/// FIFO, copied only when that is a regular file, and `cp` reads that very descriptor.
+fn copy_vm_disk(from: &Path, to: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let refuse = |e: std::io::Error| {
+        Error::failed(
+            format!("Cannot snapshot the VM's disk {}", from.display()),
+            e,
+        )
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(from)
+        .map_err(refuse)?;
+    if !f.metadata().map_err(refuse)?.is_file() {
+        return Err(refuse(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "not a regular file",
+        )));
+    }
+    crate::host::run_with_stdin(
+        "cp",
+        [
+            "--sparse=always".as_ref(),
+            "--reflink=auto".as_ref(),
+            std::ffi::OsStr::new("/proc/self/fd/0"),
+            to.as_os_str(),
+        ],
+        Some(f),
+    )
 }
 
 fn allocated(p: &Path) -> u64 {
@@ -342,15 +372,7 @@ impl Vms {
                 (rootfs, dir.join(ROOTFS)),
                 (vm_dir.join(WORK), dir.join(WORK)),
             ] {
-                crate::host::run(
-                    "cp",
-                    [
-                        "--sparse=always".as_ref(),
-                        "--reflink=auto".as_ref(),
-                        from.as_os_str(),
-                        to.as_os_str(),
-                    ],
-                )?;
+                copy_vm_disk(&from, &to)?;
             }
             use std::os::unix::fs::PermissionsExt;
             for f in [MEMORY, ROOTFS, WORK] {
@@ -430,4 +452,43 @@ fn snapshot_taken(name: &str) -> Error {
     Error::AlreadyExists(format!(
         "A snapshot named {name:?} exists; pick another name or delete it (`banger snapshot delete {name}`)"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_disk_swapped_for_a_link_or_fifo_is_not_copied_and_a_file_is() {
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("secret");
+        std::fs::write(&secret, "root's only\n").unwrap();
+        let link = d.path().join("work.ext4");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        let out = d.path().join("copy");
+        let e = copy_vm_disk(&link, &out).unwrap_err();
+        assert!(e.full_message().contains("Cannot snapshot"), "{e}");
+        assert!(!out.exists(), "nothing copied through the link");
+
+        let fifo = d.path().join("rootfs.qcow2");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: c is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = copy_vm_disk(&fifo, &out).unwrap_err();
+        assert!(e.full_message().contains("not a regular file"), "{e}");
+        assert!(!out.exists());
+
+        let disk = d.path().join("disk");
+        let f = std::fs::File::create(&disk).unwrap();
+        f.set_len(8 << 20).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_at(b"data", 4 << 20).unwrap();
+        copy_vm_disk(&disk, &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&disk).unwrap());
+        use std::os::unix::fs::MetadataExt;
+        assert!(
+            std::fs::metadata(&out).unwrap().blocks() * 512 < 1 << 20,
+            "kept sparse"
+        );
+    }
 }

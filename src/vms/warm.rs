@@ -51,8 +51,7 @@ impl Vms {
             stamp("banger-init"),
             stamp("banger-agent"),
         );
-        let h = Sha256::digest(text.as_bytes());
-        h.iter().take(8).map(|b| format!("{b:02x}")).collect()
+        crate::model::hex(&Sha256::digest(text.as_bytes())[..8])
     }
 
     /// Whether a create with these options may start from a warm snapshot (or, when none
