@@ -484,11 +484,13 @@ impl Vmm for Qemu {
             listen: None,
         })
         .await?;
-        // Up once its QMP socket listens; an early exit is a failed boot, with QEMU's words.
+        // Up once its QMP socket listens (accepts); an early exit is a failed boot, with QEMU's words.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let alive = self.running(run);
-            if qmp_socket(run).exists() && alive {
+            // Up once its QMP socket accepts a connection: the file exists between QEMU's
+            // bind and its listen, and a restore talks to QMP at once.
+            if alive && super::jail::connect(&qmp_socket(run)).is_ok() {
                 return Ok(());
             }
             // The pid is written before QEMU runs: a pid that no longer exists means it
