@@ -31,6 +31,9 @@ impl Vmm for SlowVmm {
     fn rootfs_path(&self, vm_dir: &Path) -> PathBuf {
         vm_dir.join("rootfs.img")
     }
+    fn disk_format(&self) -> banger::vmm::DiskFormat {
+        banger::vmm::DiskFormat::Raw
+    }
     async fn prepare_rootfs(
         &self,
         _: &Path,
@@ -45,7 +48,7 @@ impl Vmm for SlowVmm {
     async fn save_state(&self, _: &Path, _: std::os::fd::OwnedFd) -> banger::Result<()> {
         Ok(())
     }
-    async fn load_state(&self, _: &Path, _: std::os::fd::OwnedFd) -> banger::Result<()> {
+    async fn load_state(&self, _: &BootSpec, _: std::os::fd::OwnedFd) -> banger::Result<()> {
         Ok(())
     }
     async fn boot(&self, spec: &BootSpec) -> banger::Result<()> {

@@ -305,6 +305,8 @@ pub struct Snapshot {
     /// For a warm snapshot (banger's own, of a fresh template VM): the shape it serves
     /// (see `vms::warm`); empty for a snapshot a user took.
     pub warm: String,
+    /// The VMM it was taken on (`qemu`, `firecracker`), the only one that restores it.
+    pub vmm: String,
 }
 
 /// One shared folder of a VM.

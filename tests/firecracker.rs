@@ -122,13 +122,43 @@ fn body_schema<'a>(
 
 /// A stand-in Firecracker API: records `(method, path, body)` and answers 204.
 async fn stand_in(sock: PathBuf) -> Arc<Mutex<Vec<(String, String, Value)>>> {
+    stand_in_for(sock, None).await.0
+}
+
+/// What the stand-in found in its chroot when asked to load a snapshot: the state, the
+/// memory, and each file's owner, mode and allocated bytes.
+#[derive(Debug, Clone, Default)]
+struct Loaded {
+    state: Vec<u8>,
+    memory: Vec<u8>,
+    owners: Vec<(u32, u32)>,
+    memory_allocated: u64,
+}
+
+/// The state and memory the stand-in "saves" on `/snapshot/create`: a small state and 1 MiB
+/// of memory, mostly zero pages.
+fn saved_state() -> (Vec<u8>, Vec<u8>) {
+    let mut memory = vec![0u8; 1 << 20];
+    memory[..4096].fill(0x5a);
+    memory[700_000..700_010].copy_from_slice(b"0123456789");
+    (b"firecracker-state".to_vec(), memory)
+}
+
+/// The stand-in, acting on its chroot `root` as Firecracker does: `/snapshot/create` writes
+/// the two files the body names, `/snapshot/load` reads them.
+async fn stand_in_for(
+    sock: PathBuf,
+    root: Option<PathBuf>,
+) -> (Arc<Mutex<Vec<(String, String, Value)>>>, Arc<Mutex<Loaded>>) {
+    let loaded = Arc::new(Mutex::new(Loaded::default()));
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let l = loaded.clone();
     let listener = UnixListener::bind(&sock).unwrap();
     let s = seen.clone();
     tokio::spawn(async move {
         loop {
             let (mut c, _) = listener.accept().await.unwrap();
-            let s = s.clone();
+            let (s, l, root) = (s.clone(), l.clone(), root.clone());
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 while !head.ends_with(b"\r\n\r\n") {
@@ -148,6 +178,31 @@ async fn stand_in(sock: PathBuf) -> Arc<Mutex<Vec<(String, String, Value)>>> {
                 let mut body = vec![0u8; len];
                 c.read_exact(&mut body).await.unwrap();
                 let body: Value = serde_json::from_slice(&body).unwrap();
+                let at = |p: &Value| {
+                    root.as_ref()
+                        .unwrap()
+                        .join(p.as_str().unwrap().trim_start_matches('/'))
+                };
+                if root.is_some() && path == "/snapshot/create" {
+                    let (state, memory) = saved_state();
+                    std::fs::write(at(&body["snapshot_path"]), state).unwrap();
+                    std::fs::write(at(&body["mem_file_path"]), memory).unwrap();
+                }
+                if root.is_some() && path == "/snapshot/load" {
+                    use std::os::unix::fs::MetadataExt;
+                    let files = [
+                        at(&body["snapshot_path"]),
+                        at(&body["mem_backend"]["backend_path"]),
+                    ];
+                    let mut l = l.lock().unwrap();
+                    l.state = std::fs::read(&files[0]).unwrap();
+                    l.memory = std::fs::read(&files[1]).unwrap();
+                    for f in &files {
+                        let m = std::fs::metadata(f).unwrap();
+                        l.owners.push((m.uid(), m.mode() & 0o777));
+                    }
+                    l.memory_allocated = std::fs::metadata(&files[1]).unwrap().blocks() * 512;
+                }
                 let reply: &[u8] = if path == "/refused" {
                     b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 30\r\n\r\n{\"fault_message\":\"no such vm\"}"
                 } else {
@@ -158,7 +213,7 @@ async fn stand_in(sock: PathBuf) -> Arc<Mutex<Vec<(String, String, Value)>>> {
             });
         }
     });
-    seen
+    (seen, loaded)
 }
 
 fn boot_spec(dir: &Path, vcpus: u32) -> BootSpec {
@@ -457,4 +512,191 @@ async fn the_jailer_gets_what_it_accepts_and_the_chroot_holds_the_vms_files() {
     // A second start builds the chroot afresh.
     chroot.populate(&spec).unwrap();
     assert!(chroot.host_path("/vmlinux").is_file());
+}
+
+/// A pipe's two ends (a socket pair does as well for a byte stream).
+fn pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    let (r, w) = std::os::unix::net::UnixStream::pair().unwrap();
+    (r.into(), w.into())
+}
+
+/// A jailed VM's runtime directory and chroot, as `boot` records them.
+fn jailed_vm(dir: &Path, n: u32) -> (PathBuf, PathBuf) {
+    let run = dir.join(format!("run{n}"));
+    let root = dir.join(format!("vm{n}/jailer/firecracker/banger-{n}/root"));
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::create_dir_all(&root).unwrap();
+    firecracker::record_chroot(&run, &root).unwrap();
+    (run, root)
+}
+
+/// Saves the snapshot of the VM in `run` through the driver; returns the stream.
+async fn save(run: &Path) -> banger::Result<Vec<u8>> {
+    use banger::vmm::Vmm;
+    let (r, w) = pipe();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::from(r), &mut v).unwrap();
+        v
+    });
+    let saved = firecracker::Firecracker.save_state(run, w).await;
+    let stream = reader.join().unwrap();
+    saved.map(|_| stream)
+}
+
+/// Loads `stream` into the VM `spec` describes through the driver.
+async fn load(spec: &BootSpec, stream: Vec<u8>) -> banger::Result<()> {
+    use banger::vmm::Vmm;
+    let (r, w) = pipe();
+    let writer = std::thread::spawn(move || {
+        let _ = std::io::Write::write_all(&mut std::fs::File::from(w), &stream);
+    });
+    let loaded = firecracker::Firecracker.load_state(spec, r).await;
+    writer.join().unwrap();
+    loaded
+}
+
+#[tokio::test]
+async fn a_snapshot_goes_through_the_api_and_one_stream_into_another_vms_chroot() {
+    let doc = spec_doc();
+    let dir = tempfile::tempdir().unwrap();
+    let (run1, root1) = jailed_vm(dir.path(), 1);
+    let (seen1, _) = stand_in_for(root1.join("firecracker.sock"), Some(root1.clone())).await;
+    let stream = save(&run1).await.unwrap();
+    let (state, memory) = saved_state();
+    assert_eq!(&stream[..8], firecracker::STREAM_MAGIC);
+    assert_eq!(stream.len(), 16 + state.len() + memory.len());
+    for f in ["snapshot.state", "snapshot.mem"] {
+        assert!(
+            !root1.join(f).exists(),
+            "{f} was left in the source's chroot"
+        );
+    }
+
+    // Another VM, with a uid and a tap of its own, loads it.
+    let (run2, root2) = jailed_vm(dir.path(), 2);
+    let (seen2, loaded) = stand_in_for(root2.join("firecracker.sock"), Some(root2.clone())).await;
+    let mut spec = boot_spec(&run2, 2);
+    spec.memory_mib = 1;
+    spec.jail.uid = banger::vmm::jail::vm_uid(5);
+    load(&spec, stream.clone()).await.unwrap();
+    let loaded = loaded.lock().unwrap().clone();
+    assert_eq!(loaded.state, state);
+    assert!(
+        loaded.memory == memory,
+        "the memory Firecracker loads is not what it saved"
+    );
+    let uid = banger::vmm::jail::vm_uid(5);
+    assert_eq!(loaded.owners, [(uid, 0o600), (uid, 0o600)]);
+    assert!(
+        loaded.memory_allocated < memory.len() as u64 / 2,
+        "zero pages were written out: {} bytes allocated",
+        loaded.memory_allocated
+    );
+    for f in ["snapshot.state", "snapshot.mem"] {
+        assert!(
+            !root2.join(f).exists(),
+            "{f} was left in the restored VM's chroot"
+        );
+    }
+
+    // Both requests are Firecracker's, in order, with the restored VM's own tap.
+    let mut errors = Vec::new();
+    for (method, path, body) in seen1
+        .lock()
+        .unwrap()
+        .iter()
+        .chain(seen2.lock().unwrap().iter())
+    {
+        assert_eq!(method, "PUT");
+        let (schema, _) = body_schema(&doc, method, path).unwrap();
+        validate(&doc, schema, body, path, &mut errors);
+    }
+    assert!(errors.is_empty(), "{errors:#?}");
+    let seen2 = seen2.lock().unwrap().clone();
+    assert_eq!(seen1.lock().unwrap()[0].1, "/snapshot/create");
+    assert_eq!(seen2.len(), 1);
+    assert_eq!(seen2[0].1, "/snapshot/load");
+    assert_eq!(seen2[0].2["resume_vm"], false);
+    assert_eq!(
+        seen2[0].2["network_overrides"][0]["host_dev_name"],
+        "bgr0123456789ab"
+    );
+}
+
+#[tokio::test]
+async fn bad_snapshot_streams_links_and_unjailed_vms_are_refused_and_leave_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tried = 0;
+    // An unjailed VM: its disks are named by host paths, which a restore must not open.
+    let run = dir.path().join("plain");
+    std::fs::create_dir_all(&run).unwrap();
+    let e = save(&run).await.unwrap_err();
+    assert!(e.to_string().contains("jailer"), "{e}");
+    tried += 1;
+
+    // A chroot whose memory file is a link to a secret: nothing of the secret leaves.
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "root's secret").unwrap();
+    let (run1, root1) = jailed_vm(dir.path(), 1);
+    let _api = stand_in_for(root1.join("firecracker.sock"), None).await;
+    std::fs::write(root1.join("snapshot.state"), "state").unwrap();
+    std::os::unix::fs::symlink(&secret, root1.join("snapshot.mem")).unwrap();
+    let e = save(&run1).await.unwrap_err();
+    assert!(
+        e.full_message().contains("snapshot.mem"),
+        "{}",
+        e.full_message()
+    );
+    tried += 1;
+    // A chroot that is itself a link, planted under the state's name's directory.
+    std::fs::remove_file(root1.join("snapshot.mem")).unwrap();
+    std::fs::write(root1.join("snapshot.mem"), "memory").unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let moved = dir.path().join("vm1/jailer/firecracker/banger-1/moved");
+    std::fs::rename(&root1, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &root1).unwrap();
+    // (Refused at the API socket already, whose directory is not reached through a link.)
+    assert!(
+        save(&run1).await.is_err(),
+        "a chroot swapped for a link was followed"
+    );
+    tried += 1;
+
+    // Streams that are not what `save` wrote.
+    let (run2, root2) = jailed_vm(dir.path(), 2);
+    let (seen, _) = stand_in_for(root2.join("firecracker.sock"), Some(root2.clone())).await;
+    let mut spec = boot_spec(&run2, 2);
+    spec.memory_mib = 1;
+    let mut good = firecracker::STREAM_MAGIC.to_vec();
+    good.extend(5u64.to_le_bytes());
+    good.extend(b"state");
+    let mut too_big = good.clone();
+    too_big.extend(vec![1u8; (1 << 20) + 1]);
+    let mut huge_state = firecracker::STREAM_MAGIC.to_vec();
+    huge_state.extend(u64::MAX.to_le_bytes());
+    for (stream, why) in [
+        (b"QEVM0003 qemu's stream".to_vec(), "header is not banger's"),
+        (good[..10].to_vec(), "ends before its header"),
+        (good[..18].to_vec(), "ends inside its state"),
+        (huge_state, "state length is out of range"),
+        (too_big, "larger than the VM's"),
+    ] {
+        let e = load(&spec, stream).await.unwrap_err();
+        assert!(
+            e.full_message().contains(why),
+            "{why}: {}",
+            e.full_message()
+        );
+        for f in ["snapshot.state", "snapshot.mem"] {
+            assert!(!root2.join(f).exists(), "{why}: {f} was left behind");
+        }
+        tried += 1;
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "a bad stream reached Firecracker"
+    );
+    println!("firecracker snapshots: {tried} bad cases tried, {tried} refused, 0 leaked");
 }

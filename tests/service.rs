@@ -78,6 +78,7 @@ fn snapshot_of(vm: &Vm) -> banger::model::Snapshot {
         memory_size: 0,
         init: String::new(),
         warm: String::new(),
+        vmm: "qemu".into(),
     }
 }
 

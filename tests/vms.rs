@@ -2338,9 +2338,55 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
         refused(bus.banger_as(None, &["vm", "show", "bad"]), "No VM");
     }
 
+    // The VM's QEMU may rewrite its disk's header: point src's backing file at a file only
+    // root may read. A snapshot's copy must layer on the image whatever the header says
+    // (restores open the chain as root, then as the restored VM).
+    let src_id = vm_shown(&bus, "src")["Id"].as_str().unwrap().to_owned();
+    let src_disk = _state.path().join("vms").join(&src_id).join("rootfs.qcow2");
+    let image_disk = {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&src_disk)
+            .unwrap();
+        let mut head = [0u8; 20];
+        f.read_exact(&mut head).unwrap();
+        let offset = u64::from_be_bytes(head[8..16].try_into().unwrap());
+        let len = u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize;
+        let mut name = vec![0u8; len];
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.read_exact(&mut name).unwrap();
+        let name = String::from_utf8(name).unwrap();
+        assert!(name.ends_with("/rootfs.ext4"), "{name}");
+        let decoy = format!("{}.ext5", name.strip_suffix(".ext4").unwrap());
+        std::fs::write(&decoy, vec![7u8; 1 << 20]).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(decoy.as_bytes()).unwrap();
+        name
+    };
+
     // Two VMs forked from the running one: the process still counts in each, both files
     // are there, and each has its own name, address, MAC and host key.
     let out = ok(bus.banger_as(None, &["vm", "fork", "src", "f", "--count", "2"]));
+    let f_id = {
+        let out = ok(bus.banger_as(None, &["--json", "snapshot", "show", "f"]));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["Id"].as_str().unwrap().to_owned()
+    };
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(
+            _state
+                .path()
+                .join("snapshots")
+                .join(&f_id)
+                .join("rootfs.qcow2"),
+        )
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["backing-filename"], image_disk.as_str(), "{info}");
     assert!(out.contains("f-1: Restoring snapshot f"), "{out}");
     let src = vm_shown(&bus, "src");
     let mut keys = vec![src["SSHHostKey"].as_str().unwrap_or_default().to_owned()];

@@ -122,6 +122,10 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE vms ADD COLUMN snapshot TEXT NOT NULL DEFAULT '';
     "#,
+    // 11: the VMM a snapshot was taken on (its state restores only there).
+    r#"
+    ALTER TABLE snapshots ADD COLUMN vmm TEXT NOT NULL DEFAULT 'qemu';
+    "#,
 ];
 
 /// The schema version this build writes.

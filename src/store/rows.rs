@@ -386,7 +386,7 @@ pub fn vms_using_image(c: &Connection, image_id: &str) -> Result<u64, StoreError
 }
 
 const SNAPSHOT_COLS: &str = "id, name, vm_id, vm_name, image_id, kernel, vcpus, memory_mib, \
-     disk_size, size_bytes, created_at, owner_uid, memory_sha256, memory_size, init, warm";
+     disk_size, size_bytes, created_at, owner_uid, memory_sha256, memory_size, init, warm, vmm";
 
 fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
     Ok(Snapshot {
@@ -406,6 +406,7 @@ fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
         memory_size: r.get::<_, i64>(13)? as u64,
         init: r.get(14)?,
         warm: r.get(15)?,
+        vmm: r.get(16)?,
     })
 }
 
@@ -429,7 +430,7 @@ pub fn insert_snapshot(c: &Connection, s: &Snapshot) -> Result<bool, StoreError>
     let n = c.execute(
         &format!(
             "INSERT OR IGNORE INTO snapshots ({SNAPSHOT_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
         ),
         params![
             s.id,
@@ -447,7 +448,8 @@ pub fn insert_snapshot(c: &Connection, s: &Snapshot) -> Result<bool, StoreError>
             s.memory_sha256,
             s.memory_size as i64,
             s.init,
-            s.warm
+            s.warm,
+            s.vmm
         ],
     )?;
     Ok(n == 1)

@@ -2,6 +2,11 @@
 //! Unix socket (`/machine-config`, `/boot-source`, `/drives/{id}`, `/vsock`, then `/actions`
 //! `InstanceStart`), raw per-VM disks (reflink copy where the filesystem has it, else sparse),
 //! the guest's vsock on Firecracker's own hybrid socket, power-off by `SendCtrlAltDel`.
+//! Snapshots: `PATCH /vm` pauses, `PUT /snapshot/create` writes the state and memory files in
+//! the VM's chroot, which banger turns into one stream (see [`STREAM_MAGIC`]); a restore
+//! writes them into the new VM's chroot and `PUT /snapshot/load`s them into a Firecracker
+//! that was started but never configured. Snapshots need the jailer: in a chroot a VM's
+//! disks and vsock have the same names in every VM, so the restored VM opens its own.
 //!
 //! Every request body is built by [`requests`], which the tests validate against
 //! Firecracker's API specification (`tests/firecracker-api.yaml`) through a stand-in server.
@@ -40,6 +45,11 @@ fn pidfile(run: &Path) -> PathBuf {
 /// Where a jailed VM's chroot is, written by root in root's runtime directory at boot.
 fn chroot_record(run: &Path) -> PathBuf {
     run.join("jailer-root")
+}
+/// Records where the VM's chroot is (root's runtime directory, so the VM cannot move it).
+pub fn record_chroot(run: &Path, root: &Path) -> Result<()> {
+    std::fs::write(chroot_record(run), root.to_string_lossy().as_bytes())
+        .map_err(|e| Error::failed("Cannot record the VM's chroot", e))
 }
 fn jailed_root(run: &Path) -> Option<PathBuf> {
     let root = std::fs::read_to_string(chroot_record(run)).ok()?;
@@ -328,6 +338,10 @@ impl Vmm for Firecracker {
         vm_dir.join("rootfs.ext4")
     }
 
+    fn disk_format(&self) -> super::DiskFormat {
+        super::DiskFormat::Raw
+    }
+
     async fn prepare_rootfs(
         &self,
         image: &Path,
@@ -337,7 +351,9 @@ impl Vmm for Firecracker {
     ) -> Result<PathBuf> {
         if format != super::DiskFormat::Raw {
             return Err(Error::InvalidArgument(
-                "Firecracker boots raw disks only; restoring snapshots needs vmm = \"qemu\"".into(),
+                "Firecracker boots raw disks only, and this one is qcow2 (a snapshot taken on \
+                 qemu restores only there)"
+                    .into(),
             ));
         }
         let out = self.rootfs_path(vm_dir);
@@ -410,8 +426,7 @@ impl Vmm for Firecracker {
                     .await
                     .map_err(|e| Error::failed("Jail task failed", e))??;
                 let args = jailer_args(spec, &bin, &chroot, !super::scope::systemd_booted());
-                std::fs::write(chroot_record(run), chroot.root.to_string_lossy().as_bytes())
-                    .map_err(|e| Error::failed("Cannot record the VM's chroot", e))?;
+                record_chroot(run, &chroot.root)?;
                 Some((jailer, args, inside, chroot))
             }
             None => None,
@@ -452,7 +467,9 @@ impl Vmm for Firecracker {
                 std::io::Error::other(spec.console_log.display().to_string()),
             ));
         }
+        // A restore loads a snapshot into a Firecracker nothing has configured yet.
         let r = match &jailed {
+            _ if spec.incoming => Ok(()),
             Some((_, _, inside, chroot)) => configure(&api, inside, chroot.vsock()).await,
             None => configure(&api, spec, &self.vsock_socket(run)).await,
         };
@@ -489,12 +506,36 @@ impl Vmm for Firecracker {
         send(&api_socket(run_dir), "PATCH", path, &body).await
     }
 
-    async fn save_state(&self, _: &Path, _: std::os::fd::OwnedFd) -> Result<()> {
-        Err(not_yet())
+    async fn save_state(&self, run_dir: &Path, out: std::os::fd::OwnedFd) -> Result<()> {
+        let root = jailed_for_snapshots(run_dir)?;
+        let (path, body) = snapshot_create_request();
+        put(&api_socket(run_dir), path, &body).await?;
+        tokio::task::spawn_blocking(move || stream_snapshot(&root, std::fs::File::from(out)))
+            .await
+            .map_err(|e| Error::failed("Snapshot task failed", e))?
     }
 
-    async fn load_state(&self, _: &Path, _: std::os::fd::OwnedFd) -> Result<()> {
-        Err(not_yet())
+    async fn load_state(&self, spec: &BootSpec, input: std::os::fd::OwnedFd) -> Result<()> {
+        let root = jailed_for_snapshots(&spec.run_dir)?;
+        let (r, owner, limit) = (root.clone(), spec.jail.uid, (spec.memory_mib as u64) << 20);
+        let unpacked = tokio::task::spawn_blocking(move || {
+            unpack_snapshot(std::fs::File::from(input), &r, owner, limit)
+        })
+        .await
+        .map_err(|e| Error::failed("Snapshot task failed", e))?;
+        let loaded = match unpacked {
+            Ok(()) => {
+                let (path, body) = snapshot_load_request(spec);
+                put(&api_socket(&spec.run_dir), path, &body).await
+            }
+            Err(e) => Err(e),
+        };
+        // Loaded, the state is read and the memory mapped; refused, they are of no use:
+        // either way neither file stays.
+        for f in [SNAP_STATE, SNAP_MEMORY] {
+            let _ = super::jail::remove_no_links(&root.join(f.trim_start_matches('/')));
+        }
+        loaded
     }
 
     async fn request_power_off(&self, run_dir: &Path) -> Result<()> {
@@ -515,10 +556,151 @@ impl Vmm for Firecracker {
     }
 }
 
-fn not_yet() -> Error {
-    Error::InvalidArgument(
-        "Snapshots of Firecracker VMs are not supported yet; set vmm = \"qemu\" in the \
-         configuration to snapshot and restore VMs"
-            .into(),
+/// The files a snapshot's state and memory go to, as the jailed Firecracker names them.
+pub const SNAP_STATE: &str = "/snapshot.state";
+/// See [`SNAP_STATE`].
+pub const SNAP_MEMORY: &str = "/snapshot.mem";
+/// How banger keeps a Firecracker snapshot as one stream: this magic, the state file's
+/// length (u64, little-endian), the state, then the memory to the end.
+pub const STREAM_MAGIC: &[u8; 8] = b"BGFCSNP1";
+/// Firecracker's state files are kilobytes; anything near this is not one.
+const MAX_STATE: u64 = 64 << 20;
+
+/// `PUT /snapshot/create`: a full snapshot into the chroot's state and memory files.
+pub fn snapshot_create_request() -> (&'static str, Value) {
+    (
+        "/snapshot/create",
+        json!({
+            "snapshot_type": "Full",
+            "snapshot_path": SNAP_STATE,
+            "mem_file_path": SNAP_MEMORY,
+        }),
     )
+}
+
+/// `PUT /snapshot/load` for the VM `spec` restores: its own tap (every other name is the
+/// same in each chroot), left paused (banger gives the guest its identity after `Resumed`).
+pub fn snapshot_load_request(spec: &BootSpec) -> (&'static str, Value) {
+    let mut body = json!({
+        "snapshot_path": SNAP_STATE,
+        "mem_backend": { "backend_type": "File", "backend_path": SNAP_MEMORY },
+        "resume_vm": false,
+        "vsock_override": { "uds_path": Chroot::VSOCK },
+    });
+    if let Some(n) = &spec.net {
+        body["network_overrides"] = json!([{ "iface_id": "eth0", "host_dev_name": n.tap }]);
+    }
+    ("/snapshot/load", body)
+}
+
+/// The chroot of a jailed VM; snapshots of an unjailed one are refused (its disks are named
+/// by their host paths, which a restored VM must not open).
+fn jailed_for_snapshots(run: &Path) -> Result<PathBuf> {
+    jailed_root(run).ok_or_else(|| {
+        Error::InvalidArgument(
+            "Snapshots of Firecracker VMs need Firecracker's jailer (in its chroot every VM's \
+             disks have the same names, so a restored VM opens its own): install `jailer` from \
+             the Firecracker release beside `firecracker`, or set vmm = \"qemu\""
+                .into(),
+        )
+    })
+}
+
+/// Writes the state and memory files Firecracker left in the chroot `root` to `out` as one
+/// stream ([`STREAM_MAGIC`]), then removes them. The chroot is the VM's to change: the files
+/// are opened without following links and must be regular files.
+pub fn stream_snapshot(root: &Path, out: std::fs::File) -> Result<()> {
+    use std::io::Write;
+    let in_root = |f: &str| root.join(f.trim_start_matches('/'));
+    let open = |f: &str| {
+        super::jail::open_no_links(&in_root(f), libc::O_RDONLY, 0)
+            .map_err(|e| Error::failed(format!("Cannot read Firecracker's snapshot file {f}"), e))
+    };
+    let (mut state, mut memory) = (open(SNAP_STATE)?, open(SNAP_MEMORY)?);
+    let len = state.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > MAX_STATE {
+        return Err(Error::failed(
+            "Firecracker's snapshot state is too large",
+            std::io::Error::other(format!("{len} bytes")),
+        ));
+    }
+    let fail = |e| Error::failed("Cannot pass on Firecracker's snapshot", e);
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
+    out.write_all(STREAM_MAGIC).map_err(fail)?;
+    out.write_all(&len.to_le_bytes()).map_err(fail)?;
+    let copied =
+        std::io::copy(&mut std::io::Read::take(&mut state, len), &mut out).map_err(fail)?;
+    if copied != len {
+        return Err(fail(std::io::Error::from(
+            std::io::ErrorKind::UnexpectedEof,
+        )));
+    }
+    std::io::copy(&mut memory, &mut out).map_err(fail)?;
+    out.flush().map_err(fail)?;
+    for f in [SNAP_STATE, SNAP_MEMORY] {
+        super::jail::remove_no_links(&in_root(f))
+            .map_err(|e| Error::failed(format!("Cannot remove {f} from the VM's chroot"), e))?;
+    }
+    Ok(())
+}
+
+/// Writes a [`stream_snapshot`] stream back into the chroot `root` as the state and memory
+/// files Firecracker loads, owned by `owner` (the VM's uid) and no one else's to read; the
+/// memory may be at most `limit` bytes, and its zero pages stay holes.
+pub fn unpack_snapshot(input: std::fs::File, root: &Path, owner: u32, limit: u64) -> Result<()> {
+    use std::io::{Read, Seek, Write};
+    let bad = |why: &str| {
+        Error::failed(
+            "The snapshot is not a Firecracker snapshot banger took",
+            std::io::Error::other(why.to_owned()),
+        )
+    };
+    let mut input = std::io::BufReader::with_capacity(1 << 20, input);
+    let mut head = [0u8; 16];
+    input
+        .read_exact(&mut head)
+        .map_err(|_| bad("it ends before its header"))?;
+    if &head[..8] != STREAM_MAGIC {
+        return Err(bad("its header is not banger's"));
+    }
+    let len = u64::from_le_bytes(head[8..].try_into().expect("8 bytes"));
+    if len > MAX_STATE {
+        return Err(bad("its state length is out of range"));
+    }
+    let fail = |e| Error::failed("Cannot write the snapshot into the VM's chroot", e);
+    let create = |f: &str| -> Result<std::fs::File> {
+        let p = root.join(f.trim_start_matches('/'));
+        super::jail::remove_no_links(&p).map_err(fail)?;
+        let file =
+            super::jail::open_no_links(&p, libc::O_WRONLY | libc::O_CREAT, 0o600).map_err(fail)?;
+        std::os::unix::fs::fchown(&file, Some(owner), Some(owner)).map_err(fail)?;
+        Ok(file)
+    };
+    let mut state = create(SNAP_STATE)?;
+    let copied = std::io::copy(&mut (&mut input).take(len), &mut state).map_err(fail)?;
+    if copied != len {
+        return Err(bad("it ends inside its state"));
+    }
+    let mut memory = create(SNAP_MEMORY)?;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let n = input.read(&mut buf).map_err(fail)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > limit {
+            return Err(bad("its memory is larger than the VM's"));
+        }
+        if buf[..n].iter().all(|b| *b == 0) {
+            memory
+                .seek(std::io::SeekFrom::Current(n as i64))
+                .map_err(fail)?;
+        } else {
+            memory.write_all(&buf[..n]).map_err(fail)?;
+        }
+    }
+    memory.set_len(total).map_err(fail)?;
+    Ok(())
 }

@@ -112,6 +112,16 @@ pub trait Vmm: Send + Sync {
     /// Where the VM's own root disk lives in its directory.
     fn rootfs_path(&self, vm_dir: &Path) -> PathBuf;
 
+    /// How the VM's own root disk is laid out (and so a snapshot's copy of it).
+    fn disk_format(&self) -> DiskFormat;
+
+    /// Makes `copy`, a snapshot's copy of a VM's root disk, layer on `base` (the image's raw
+    /// disk) whatever the VM wrote in its header, so nothing later follows a name the VM
+    /// chose. Raw disks have no header: nothing to do.
+    async fn rebase_copy(&self, _copy: &Path, _base: &Path) -> Result<()> {
+        Ok(())
+    }
+
     /// Makes the VM's own root disk from `base` (an image's raw root disk, or a snapshot's
     /// `format` disk), in `vm_dir`, at least `size` bytes.
     async fn prepare_rootfs(
@@ -147,9 +157,9 @@ pub trait Vmm: Send + Sync {
     /// returning once all of it is written; the VM stays paused.
     async fn save_state(&self, run_dir: &Path, out: std::os::fd::OwnedFd) -> Result<()>;
 
-    /// Loads a state [`Vmm::save_state`] wrote, from `input`, into a VM booted with
+    /// Loads a state [`Vmm::save_state`] wrote, from `input`, into the VM `spec` booted with
     /// `incoming`; returns once loaded, the VM paused.
-    async fn load_state(&self, run_dir: &Path, input: std::os::fd::OwnedFd) -> Result<()>;
+    async fn load_state(&self, spec: &BootSpec, input: std::os::fd::OwnedFd) -> Result<()>;
 
     /// Asks the guest to power off (ACPI power button or Ctrl-Alt-Del).
     async fn request_power_off(&self, run_dir: &Path) -> Result<()>;

@@ -427,6 +427,21 @@ impl Vmm for Qemu {
         vm_dir.join("rootfs.qcow2")
     }
 
+    fn disk_format(&self) -> super::DiskFormat {
+        super::DiskFormat::Qcow2
+    }
+
+    async fn rebase_copy(&self, copy: &Path, base: &Path) -> Result<()> {
+        // `-u` only rewrites the header: the backing file the VM's QEMU may have named there
+        // is never opened.
+        let img = program("qemu-img", "install qemu-utils")?;
+        let mut cmd = Command::new(img);
+        cmd.args(["rebase", "-q", "-u", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(base)
+            .arg(copy);
+        output(&mut cmd, "qemu-img rebase").await.map(|_| ())
+    }
+
     async fn prepare_rootfs(
         &self,
         base: &Path,
@@ -558,8 +573,8 @@ impl Vmm for Qemu {
         .await
     }
 
-    async fn load_state(&self, run_dir: &Path, input: std::os::fd::OwnedFd) -> Result<()> {
-        let sock = qmp_socket(run_dir);
+    async fn load_state(&self, spec: &BootSpec, input: std::os::fd::OwnedFd) -> Result<()> {
+        let sock = qmp_socket(&spec.run_dir);
         blocking(move || {
             use std::os::fd::AsFd;
             let mut s = qmp::Session::connect(&sock)?;

@@ -26,6 +26,9 @@ impl Vmm for GateVmm {
     fn rootfs_path(&self, vm_dir: &Path) -> PathBuf {
         vm_dir.join("rootfs.img")
     }
+    fn disk_format(&self) -> crate::vmm::DiskFormat {
+        crate::vmm::DiskFormat::Raw
+    }
     async fn prepare_rootfs(
         &self,
         _: &Path,
@@ -53,7 +56,7 @@ impl Vmm for GateVmm {
     async fn save_state(&self, _: &Path, _: std::os::fd::OwnedFd) -> Result<()> {
         Ok(())
     }
-    async fn load_state(&self, _: &Path, _: std::os::fd::OwnedFd) -> Result<()> {
+    async fn load_state(&self, _: &BootSpec, _: std::os::fd::OwnedFd) -> Result<()> {
         Ok(())
     }
     async fn pause(&self, _: &Path) -> Result<()> {

@@ -277,12 +277,15 @@ impl Vms {
     /// The snapshot a create restores, checked against the options, which take its shape.
     async fn restorable(&self, key: &str, o: &mut CreateOptions) -> Result<crate::model::Snapshot> {
         let snap = self.snapshot(key).await?;
-        if self.vmm.name() == "firecracker" {
-            return Err(Error::InvalidArgument(
-                "Restoring snapshots needs the qemu VMM for now; set vmm = \"qemu\" in the \
-                 configuration"
-                    .into(),
-            ));
+        if snap.vmm != self.vmm.name() {
+            return Err(Error::InvalidArgument(format!(
+                "Snapshot {} was taken on {} and restores only there, but this daemon runs VMs \
+                 on {}; set vmm = \"{}\" in the configuration, or snapshot a VM of this host",
+                snap.name,
+                snap.vmm,
+                self.vmm.name(),
+                snap.vmm
+            )));
         }
         for (what, given, theirs) in [
             ("vcpus", o.vcpus, snap.vcpus),
@@ -484,13 +487,9 @@ impl Vms {
                 format!("Layering the VM's root disk on snapshot {}", snap.name),
             )
             .await?;
+            let format = snapshot::disk_format_of(snap);
             self.vmm
-                .prepare_rootfs(
-                    &sd.join(snapshot::ROOTFS),
-                    crate::vmm::DiskFormat::Qcow2,
-                    &dir,
-                    None,
-                )
+                .prepare_rootfs(&sd.join(snapshot::rootfs_file(format)), format, &dir, None)
                 .await?;
         } else if rootfs.exists() {
             st.enter(vm, "prepare_rootfs", "Keeping the VM's root disk")
@@ -640,50 +639,53 @@ impl Vms {
                 })
                 .collect()
         };
-        let spec = BootSpec {
-            id: vm.id.clone(),
-            name: vm.name.clone(),
-            vcpus: vm.vcpus,
-            memory_mib: vm.memory_mib,
-            kernel: kernel.kernel_path.clone(),
-            initrd,
-            cmdline: format!(
-                "quiet {} banger.hostname={}{}{}",
-                lease.cmdline(),
-                hostname_for(&vm.name),
-                if vm.main.is_empty() {
-                    super::init_cmdline(&vm.init)
-                } else {
-                    // banger-init runs the main process, whatever init the image has.
-                    " banger.init=banger banger.main=1".into()
+        let spec =
+            BootSpec {
+                id: vm.id.clone(),
+                name: vm.name.clone(),
+                vcpus: vm.vcpus,
+                memory_mib: vm.memory_mib,
+                kernel: kernel.kernel_path.clone(),
+                initrd,
+                cmdline: format!(
+                    "quiet {} banger.hostname={}{}{}",
+                    lease.cmdline(),
+                    hostname_for(&vm.name),
+                    if vm.main.is_empty() {
+                        super::init_cmdline(&vm.init)
+                    } else {
+                        // banger-init runs the main process, whatever init the image has.
+                        " banger.init=banger banger.main=1".into()
+                    },
+                    share::cmdline(&vm.shares)
+                ),
+                net: Some(crate::vmm::NetSpec {
+                    tap: vm.tap_name.clone(),
+                    mac: vm.mac_address.clone(),
+                }),
+                shares,
+                rootfs,
+                work,
+                cid: vm.vsock_cid,
+                run_dir: run.clone(),
+                console_log: self.console_log(&vm.id),
+                jail: crate::vmm::jail::Jail {
+                    uid: crate::vmm::jail::vm_uid(vm.vsock_cid),
+                    gid: crate::vmm::jail::vm_uid(vm.vsock_cid),
+                    groups: vec![crate::vmm::jail::vmm_gid()],
+                    hide: vec![
+                        self.layout.state_dir.clone(),
+                        self.layout.runtime_dir.clone(),
+                    ],
+                    read_only: [image.rootfs_path.clone(), kernel.kernel_path.clone()]
+                        .into_iter()
+                        .chain(restore.as_ref().zip(snap_dir.as_ref()).map(|(s, d)| {
+                            d.join(snapshot::rootfs_file(snapshot::disk_format_of(s)))
+                        }))
+                        .collect(),
                 },
-                share::cmdline(&vm.shares)
-            ),
-            net: Some(crate::vmm::NetSpec {
-                tap: vm.tap_name.clone(),
-                mac: vm.mac_address.clone(),
-            }),
-            shares,
-            rootfs,
-            work,
-            cid: vm.vsock_cid,
-            run_dir: run.clone(),
-            console_log: self.console_log(&vm.id),
-            jail: crate::vmm::jail::Jail {
-                uid: crate::vmm::jail::vm_uid(vm.vsock_cid),
-                gid: crate::vmm::jail::vm_uid(vm.vsock_cid),
-                groups: vec![crate::vmm::jail::vmm_gid()],
-                hide: vec![
-                    self.layout.state_dir.clone(),
-                    self.layout.runtime_dir.clone(),
-                ],
-                read_only: [image.rootfs_path.clone(), kernel.kernel_path.clone()]
-                    .into_iter()
-                    .chain(snap_dir.as_ref().map(|d| d.join(snapshot::ROOTFS)))
-                    .collect(),
-            },
-            incoming: memory.is_some(),
-        };
+                incoming: memory.is_some(),
+            };
         // The VM's processes run as a uid of its own: its directories become that uid's, what
         // it only reads (image, kernel) the VMM group's.
         {
@@ -707,7 +709,7 @@ impl Vms {
         self.vmm.boot(&spec).await?;
         if let Some(file) = memory {
             let (input, feeder) = snapshot::memory_stream(file)?;
-            let loaded = self.vmm.load_state(&run, input).await;
+            let loaded = self.vmm.load_state(&spec, input).await;
             let fed = tokio::task::spawn_blocking(move || feeder.join())
                 .await
                 .map_err(|e| Error::failed("Snapshot task failed", e))?

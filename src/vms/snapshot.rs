@@ -1,5 +1,5 @@
-//! Snapshots of running VMs: memory and device state (QEMU's migration stream, zstd) and both
-//! disks, taken while the VM's vCPUs stand still, staged in `snapshots/.staging-<id>` and
+//! Snapshots of running VMs: memory and device state (the VMM's own stream, zstd: QEMU's
+//! migration stream, or Firecracker's state and memory files in one) and both disks, taken while the VM's vCPUs stand still, staged in `snapshots/.staging-<id>` and
 //! published under `snapshots/<id>/` (root's, owner-only files: they hold guest memory).
 //! New VMs restore from them (`create::restore`); a VM restored from a snapshot keeps a root
 //! disk layered on the snapshot's, so the snapshot stays while such a VM does.
@@ -21,8 +21,23 @@ use crate::{Error, Result};
 
 /// The memory and device state file in a snapshot's directory.
 pub const MEMORY: &str = "memory.zst";
-/// The root disk (qcow2, layered on the image's).
-pub const ROOTFS: &str = "rootfs.qcow2";
+/// The root disk's file: a qcow2 layered on the image's (QEMU), or a whole raw copy
+/// (Firecracker).
+pub fn rootfs_file(format: crate::vmm::DiskFormat) -> &'static str {
+    match format {
+        crate::vmm::DiskFormat::Qcow2 => "rootfs.qcow2",
+        crate::vmm::DiskFormat::Raw => "rootfs.ext4",
+    }
+}
+
+/// The format of the root disk of a snapshot taken on `vmm`.
+pub fn disk_format_of(snap: &Snapshot) -> crate::vmm::DiskFormat {
+    if snap.vmm == "firecracker" {
+        crate::vmm::DiskFormat::Raw
+    } else {
+        crate::vmm::DiskFormat::Qcow2
+    }
+}
 /// The `/root` work disk (raw ext4).
 pub const WORK: &str = "work.ext4";
 
@@ -196,6 +211,16 @@ fn copy_vm_disk(from: &Path, to: &Path) -> Result<()> {
     )
 }
 
+/// The root disk file a staged snapshot holds.
+fn rootfs_file_in(dir: &Path) -> &'static str {
+    use crate::vmm::DiskFormat::{Qcow2, Raw};
+    [Qcow2, Raw]
+        .into_iter()
+        .map(rootfs_file)
+        .find(|f| dir.join(f).exists())
+        .unwrap_or(rootfs_file(Qcow2))
+}
+
 fn allocated(p: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
@@ -326,7 +351,7 @@ impl Vms {
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             disk_size: vm.disk_size,
-            size_bytes: [MEMORY, ROOTFS, WORK]
+            size_bytes: [MEMORY, rootfs_file(self.vmm.disk_format()), WORK]
                 .iter()
                 .map(|f| allocated(&staging.path().join(f)))
                 .sum(),
@@ -336,6 +361,7 @@ impl Vms {
             memory_size,
             init: vm.init.clone(),
             warm: warm.to_owned(),
+            vmm: self.vmm.name().to_owned(),
         };
         ctx.stage("publish", format!("Publishing snapshot {name}"));
         self.publish_snapshot(staging, &snap).await?;
@@ -367,15 +393,14 @@ impl Vms {
         ctx.stage("copy_disks", "Copying the root and /root disks");
         let (vm_dir, dir) = (self.vm_dir(&vm.id), dir.to_owned());
         let rootfs = self.vmm.rootfs_path(&vm_dir);
+        let copy = dir.join(rootfs_file(self.vmm.disk_format()));
+        let c = copy.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
-            for (from, to) in [
-                (rootfs, dir.join(ROOTFS)),
-                (vm_dir.join(WORK), dir.join(WORK)),
-            ] {
+            for (from, to) in [(rootfs, c), (vm_dir.join(WORK), dir.join(WORK))] {
                 copy_vm_disk(&from, &to)?;
             }
             use std::os::unix::fs::PermissionsExt;
-            for f in [MEMORY, ROOTFS, WORK] {
+            for f in [MEMORY, rootfs_file_in(&dir), WORK] {
                 let p = dir.join(f);
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
                     .and_then(|_| std::os::unix::fs::chown(&p, Some(0), Some(0)))
@@ -385,6 +410,8 @@ impl Vms {
         })
         .await
         .map_err(|e| Error::failed("Snapshot task failed", e))??;
+        let image = self.images.get(&vm.image_id).await?;
+        self.vmm.rebase_copy(&copy, &image.rootfs_path).await?;
         Ok((sha, size))
     }
 

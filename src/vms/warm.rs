@@ -43,7 +43,8 @@ impl Vms {
                 .unwrap_or_default()
         };
         let text = format!(
-            "{}|{}|{}|{vcpus}|{memory}|{}|{}|{}",
+            "{}|{}|{}|{}|{vcpus}|{memory}|{}|{}|{}",
+            self.vmm.name(),
             image.id,
             kernel.name,
             kernel.created_at,
@@ -97,7 +98,8 @@ impl Vms {
     ) -> Result<Option<Arc<Job>>> {
         if self.vmm.name() != "qemu" {
             return Err(Error::InvalidArgument(
-                "Warm snapshots need the qemu VMM for now; set vmm = \"qemu\" in the configuration"
+                "Warm snapshots are made on the qemu VMM only (Firecracker snapshots are taken \
+                 and restored on request, not kept warm); set vmm = \"qemu\" in the configuration"
                     .into(),
             ));
         }
