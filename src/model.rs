@@ -270,7 +270,7 @@ pub struct Vm {
 
 /// A snapshot of a running VM: its memory and device state and both its disks, stored under
 /// `snapshots/<id>/`, from which new VMs start where it was.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// Hex id, also the name of its directory.
     pub id: String,

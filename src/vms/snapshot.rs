@@ -132,13 +132,32 @@ pub(super) fn verified_memory(dir: &Path, snap: &Snapshot) -> Result<std::fs::Fi
         )
     };
     let mut f = std::fs::File::open(&path).map_err(|e| damaged(format!("its memory: {e}")))?;
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let meta = f
+        .metadata()
+        .map_err(|e| damaged(format!("its memory: {e}")))?;
+    let len = meta.len();
     if len != snap.memory_size {
         return Err(damaged(format!(
             "its memory is {len} bytes, {} when taken",
             snap.memory_size
         )));
     }
+    // A file hashed before and not written since (its change time moves with any write,
+    // and no one can set it) is not hashed again: a create and its restore check once.
+    use std::os::unix::fs::MetadataExt;
+    let identity = (
+        meta.dev(),
+        meta.ino(),
+        len,
+        meta.ctime(),
+        meta.ctime_nsec(),
+        snap.memory_sha256.clone(),
+    );
+    let seen = VERIFIED.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.get(&snap.id) == Some(&identity) {
+        return Ok(f);
+    }
+    drop(seen);
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -158,8 +177,19 @@ pub(super) fn verified_memory(dir: &Path, snap: &Snapshot) -> Result<std::fs::Fi
     use std::io::Seek;
     f.rewind()
         .map_err(|e| damaged(format!("its memory: {e}")))?;
+    VERIFIED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(snap.id.clone(), identity);
     Ok(f)
 }
+
+/// What [`verified_memory`] found intact, by snapshot id: the file's device, inode, size and
+/// change time, and the digest it matched.
+type Identity = (u64, u64, u64, i64, i64, String);
+static VERIFIED: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, Identity>>,
+> = std::sync::LazyLock::new(Default::default);
 
 /// Feeds a verified memory file, decompressed, into a pipe whose read end is returned.
 pub(super) fn memory_stream(
@@ -484,6 +514,31 @@ fn snapshot_taken(name: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_is_hashed_once_until_it_changes_in_place() {
+        let d = tempfile::tempdir().unwrap();
+        let data = vec![3u8; 1 << 16];
+        std::fs::write(d.path().join(MEMORY), &data).unwrap();
+        let snap = Snapshot {
+            id: "0123456789abcdef".into(),
+            memory_size: data.len() as u64,
+            memory_sha256: hex(&Sha256::digest(&data)),
+            ..Default::default()
+        };
+        verified_memory(d.path(), &snap).unwrap();
+        verified_memory(d.path(), &snap).unwrap();
+        // The same size, one byte different: the change time moved, so it is hashed again.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.path().join(MEMORY))
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"x").unwrap();
+        drop(f);
+        let e = verified_memory(d.path(), &snap).unwrap_err();
+        assert!(e.to_string().contains("sha256 differs"), "{e}");
+    }
 
     #[test]
     fn a_vm_disk_swapped_for_a_link_or_fifo_is_not_copied_and_a_file_is() {
