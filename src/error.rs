@@ -15,6 +15,9 @@ pub enum ErrorKind {
     LimitExceeded,
     /// `org.banger.Error.Failed`
     Failed,
+    /// polkit said no, or could not be asked (`org.freedesktop.DBus.Error.AccessDenied`,
+    /// or `InteractiveAuthorizationRequired`).
+    PermissionDenied,
 }
 
 /// A service error. Each message is written for the user and says what to do next where
@@ -42,6 +45,9 @@ pub enum Error {
     /// The operation was canceled by a caller.
     #[error("Canceled")]
     Canceled,
+    /// The caller is not authorised for what the operation needs.
+    #[error(transparent)]
+    Denied(#[from] crate::auth::AuthError),
     /// Anything else, with what was being done and why it failed.
     #[error("{context}")]
     Failed {
@@ -66,6 +72,7 @@ impl Error {
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::LimitExceeded(_) => ErrorKind::LimitExceeded,
             Error::NotImplemented(_) | Error::Canceled | Error::Failed { .. } => ErrorKind::Failed,
+            Error::Denied(_) => ErrorKind::PermissionDenied,
         }
     }
 

@@ -25,6 +25,7 @@ pub mod logging;
 pub mod model;
 pub mod net;
 pub mod oci;
+pub mod ops;
 pub mod service;
 pub mod store;
 pub mod vmm;

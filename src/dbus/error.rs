@@ -27,13 +27,17 @@ pub enum BusError {
 
 impl From<Error> for BusError {
     fn from(e: Error) -> Self {
+        let e = match e {
+            Error::Denied(a) => return a.into(),
+            e => e,
+        };
         let name = match e.kind() {
             ErrorKind::NotFound => "org.banger.Error.NotFound",
             ErrorKind::AlreadyExists => "org.banger.Error.AlreadyExists",
             ErrorKind::InUse => "org.banger.Error.InUse",
             ErrorKind::InvalidArgument => "org.banger.Error.InvalidArgument",
             ErrorKind::LimitExceeded => "org.banger.Error.LimitExceeded",
-            ErrorKind::Failed => "org.banger.Error.Failed",
+            ErrorKind::Failed | ErrorKind::PermissionDenied => "org.banger.Error.Failed",
         };
         BusError::Banger {
             name,

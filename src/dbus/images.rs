@@ -5,9 +5,8 @@ use zbus::object_server::SignalEmitter;
 use zbus::{interface, Connection, OwnedObjectPath};
 
 use super::{image_path, BusResult as Result, Ctx, OptionMap, Options};
-use crate::auth::Action;
 use crate::images::{BuildOptions, PullOptions, RegisterOptions};
-use crate::model::{validate_name, NameKind};
+use crate::ops;
 
 /// The image manager.
 pub struct Images1 {
@@ -61,12 +60,9 @@ impl Images1 {
                 .transpose()?,
         };
         o.finish()?;
-        self.ctx.banger.images.validate_pull(r#ref, &opts)?;
-        if let Some(k) = &opts.kernel {
-            self.ctx.banger.check_kernel_name(k).await?;
-        }
-        let caller = self.ctx.authorize(conn, &hdr, Action::ImagesManage).await?;
-        let job = self.ctx.banger.images.pull(caller.uid, r#ref, opts).await?;
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::pull_image(&self.ctx.banger, &c, r#ref, opts);
+        let job = self.ctx.perform(&c, op).await?;
         Ok(self.ctx.job_reply(&job).await)
     }
 
@@ -92,23 +88,9 @@ impl Images1 {
             ready_ports: o.ports("ready_ports")?,
         };
         o.finish()?;
-        validate_name(NameKind::Image, name)?;
-        opts.validate()?;
-        let caller = self.ctx.authorize(conn, &hdr, Action::ImagesManage).await?;
-        if opts.kernel_path.is_some() {
-            // Kernel files become a kernel of their own: that needs the kernels action too.
-            self.ctx
-                .authorize(conn, &hdr, Action::KernelsManage)
-                .await?;
-        }
-        Ok(image_path(
-            &self
-                .ctx
-                .banger
-                .register_image(caller.uid, name, opts)
-                .await?
-                .id,
-        ))
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::register_image(&self.ctx.banger, &c, name, opts);
+        Ok(image_path(&self.ctx.perform(&c, op).await?.id))
     }
 
     /// Makes a registered image managed. Returns the job at once.
@@ -119,13 +101,9 @@ impl Images1 {
         #[zbus(header)] hdr: Header<'_>,
         name_or_id: &str,
     ) -> Result<(u32, OwnedObjectPath)> {
-        let caller = self.ctx.authorize(conn, &hdr, Action::ImagesManage).await?;
-        let job = self
-            .ctx
-            .banger
-            .images
-            .promote(caller.uid, name_or_id)
-            .await?;
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::promote_image(&self.ctx.banger, &c, name_or_id);
+        let job = self.ctx.perform(&c, op).await?;
         Ok(self.ctx.job_reply(&job).await)
     }
 
@@ -148,12 +126,9 @@ impl Images1 {
             ready_ports: o.ports("ready_ports")?.unwrap_or_default(),
         };
         o.finish()?;
-        validate_name(NameKind::Image, name)?;
-        if let Some(k) = &opts.kernel {
-            self.ctx.banger.check_kernel_name(k).await?;
-        }
-        let caller = self.ctx.authorize(conn, &hdr, Action::ImagesManage).await?;
-        let job = self.ctx.banger.images.build(caller.uid, name, opts).await?;
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::build_image(&self.ctx.banger, &c, name, opts);
+        let job = self.ctx.perform(&c, op).await?;
         Ok(self.ctx.job_reply(&job).await)
     }
 
@@ -170,26 +145,15 @@ impl Images1 {
     ) -> Result<(u32, OwnedObjectPath)> {
         let mut o = Options::new("WarmImage", options);
         let d = crate::vms::CreateOptions::default();
-        let kernel = o.string("kernel")?;
-        let vcpus = o.u32("vcpus")?.unwrap_or(d.vcpus);
-        let memory = o.u32("memory_mib")?.unwrap_or(d.memory_mib);
+        let opts = ops::WarmOptions {
+            kernel: o.string("kernel")?,
+            vcpus: o.u32("vcpus")?.unwrap_or(d.vcpus),
+            memory_mib: o.u32("memory_mib")?.unwrap_or(d.memory_mib),
+        };
         o.finish()?;
-        if let Some(k) = &kernel {
-            validate_name(NameKind::Kernel, k)?;
-        }
-        self.ctx.authorize(conn, &hdr, Action::VmsManage).await?;
-        let job = self
-            .ctx
-            .banger
-            .vms
-            .warm(name_or_id, kernel.as_deref(), vcpus, memory)
-            .await?
-            .ok_or_else(|| {
-                crate::Error::InUse(format!(
-                    "The warm snapshot of image {name_or_id} ({vcpus} vCPUs, {memory} MiB) is \
-                     being made already; `banger job list` shows its job"
-                ))
-            })?;
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::warm_image(&self.ctx.banger, &c, name_or_id, opts);
+        let job = self.ctx.perform(&c, op).await?;
         Ok(self.ctx.job_reply(&job).await)
     }
 
@@ -200,8 +164,9 @@ impl Images1 {
         #[zbus(header)] hdr: Header<'_>,
         name_or_id: &str,
     ) -> Result<()> {
-        self.ctx.authorize(conn, &hdr, Action::ImagesManage).await?;
-        Ok(self.ctx.banger.images.delete(name_or_id).await?)
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::delete_image(&self.ctx.banger, &c, name_or_id);
+        self.ctx.perform(&c, op).await
     }
 
     /// An image was published.

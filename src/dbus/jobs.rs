@@ -64,16 +64,9 @@ impl Jobs1 {
     ) -> zbus::Result<()>;
 }
 
-/// Cancels job `id` after checking the caller may do what the job does.
+/// Cancels job `id` for the caller (see [`crate::ops::cancel_job`]).
 pub(super) async fn cancel(ctx: &Ctx, conn: &Connection, hdr: &Header<'_>, id: u32) -> Result<()> {
-    let job = ctx.banger.jobs.get(id)?;
-    let caller = ctx.caller(conn, hdr).await?;
-    let action = match job.action {
-        crate::auth::Action::VmsManage if job.owner_uid != caller.uid => {
-            crate::auth::Action::VmsManageAny
-        }
-        a => a,
-    };
-    ctx.check(&caller, action).await?;
-    Ok(ctx.banger.jobs.cancel(id)?)
+    let c = ctx.caller(conn, hdr).await?;
+    ctx.perform(&c, crate::ops::cancel_job(&ctx.banger, &c, id))
+        .await
 }

@@ -4,9 +4,8 @@ use zbus::message::Header;
 use zbus::{interface, Connection, OwnedObjectPath};
 
 use super::{kernel_path, BusResult as Result, Ctx, OptionMap, Options};
-use crate::auth::Action;
 use crate::kernels::ImportOptions;
-use crate::model::{validate_name, NameKind};
+use crate::ops;
 
 /// The kernel manager.
 pub struct Kernels1 {
@@ -55,12 +54,11 @@ impl Kernels1 {
         options: OptionMap,
     ) -> Result<(u32, OwnedObjectPath)> {
         Options::new("PullKernel", options).finish()?;
-        validate_name(NameKind::Kernel, name)?;
-        let caller = self
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let job = self
             .ctx
-            .authorize(conn, &hdr, Action::KernelsManage)
+            .perform(&c, ops::pull_kernel(&self.ctx.banger, &c, name))
             .await?;
-        let job = self.ctx.banger.kernels.pull(caller.uid, name).await?;
         Ok(self.ctx.job_reply(&job).await)
     }
 
@@ -81,21 +79,9 @@ impl Kernels1 {
             modules_dir: o.file("modules_dir")?,
         };
         o.finish()?;
-        validate_name(NameKind::Kernel, name)?;
-        opts.validate()?;
-        let caller = self
-            .ctx
-            .authorize(conn, &hdr, Action::KernelsManage)
-            .await?;
-        Ok(kernel_path(
-            &self
-                .ctx
-                .banger
-                .kernels
-                .import(caller.uid, name, opts)
-                .await?
-                .name,
-        ))
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::import_kernel(&self.ctx.banger, &c, name, opts);
+        Ok(kernel_path(&self.ctx.perform(&c, op).await?.name))
     }
 
     /// Deletes a kernel that no image or VM uses.
@@ -105,10 +91,8 @@ impl Kernels1 {
         #[zbus(header)] hdr: Header<'_>,
         name: &str,
     ) -> Result<()> {
-        validate_name(NameKind::Kernel, name)?;
-        self.ctx
-            .authorize(conn, &hdr, Action::KernelsManage)
-            .await?;
-        Ok(self.ctx.banger.kernels.delete(name).await?)
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::delete_kernel(&self.ctx.banger, &c, name);
+        self.ctx.perform(&c, op).await
     }
 }

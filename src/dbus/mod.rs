@@ -1,5 +1,7 @@
-//! The D-Bus face of the services: one file per interface, each method a thin
-//! validate → authorise → one service call → map the error. zbus stays in here and in `auth`.
+//! The D-Bus face of the services: one file per interface, each method converts its
+//! arguments, identifies the caller, performs one operation of [`crate::ops`] (which
+//! validates, names the polkit actions it needs, and runs once they are allowed) and maps the
+//! error. No authorization decision and no file or process handling lives here.
 
 mod error;
 mod image;
@@ -24,7 +26,7 @@ use zbus::{Connection, OwnedObjectPath};
 pub use error::{BusError, BusResult};
 pub use options::{OptionMap, Options};
 
-use crate::auth::{self, Action, Authority, Caller};
+use crate::auth::{Authority, Caller};
 use crate::model::escape_path_label;
 use crate::service::Banger;
 
@@ -76,26 +78,15 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    /// Identifies the caller and checks `action` for it.
-    pub async fn authorize(
+    /// Performs an operation for `caller` (see [`crate::ops`]): the operation checks its
+    /// arguments and names the actions it needs, the authority is asked for each, then it
+    /// runs.
+    pub async fn perform<'a, T>(
         &self,
-        conn: &Connection,
-        hdr: &Header<'_>,
-        action: Action,
-    ) -> BusResult<Caller> {
-        let caller = Caller::from_header(conn, hdr).await?;
-        self.check(&caller, action).await?;
-        Ok(caller)
-    }
-
-    /// Checks `action` for a caller already identified.
-    pub async fn check(&self, caller: &Caller, action: Action) -> BusResult<()> {
-        auth::authorize(self.authority.as_ref(), caller, action)
-            .await
-            .map_err(|e| {
-                tracing::warn!(uid = caller.uid, action = action.id(), "Refused: {e}");
-                e.into()
-            })
+        caller: &Caller,
+        op: impl std::future::Future<Output = crate::Result<crate::ops::Ready<'a, T>>>,
+    ) -> BusResult<T> {
+        Ok(crate::ops::perform(self.authority.as_ref(), caller, op).await?)
     }
 
     /// The caller, for reads that depend on who asks.

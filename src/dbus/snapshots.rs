@@ -5,7 +5,6 @@ use zbus::object_server::SignalEmitter;
 use zbus::{interface, Connection, OwnedObjectPath};
 
 use super::{snapshot_path, BusResult as Result, Ctx};
-use crate::model::{validate_name, NameKind};
 
 /// The snapshot manager.
 pub struct Snapshots1 {
@@ -43,13 +42,9 @@ impl Snapshots1 {
         #[zbus(header)] hdr: Header<'_>,
         name_or_id: &str,
     ) -> Result<()> {
-        validate_name(NameKind::Snapshot, name_or_id)?;
-        let caller = self.ctx.caller(conn, &hdr).await?;
-        let snap = self.ctx.banger.vms.snapshot(name_or_id).await?;
-        self.ctx
-            .check(&caller, crate::vms::snapshot::action_for(&snap, caller.uid))
-            .await?;
-        Ok(self.ctx.banger.vms.delete_snapshot(&snap).await?)
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = crate::ops::delete_snapshot(&self.ctx.banger, &c, name_or_id);
+        self.ctx.perform(&c, op).await
     }
 
     /// A snapshot was published.

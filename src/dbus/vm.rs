@@ -5,6 +5,7 @@ use zbus::{interface, Connection, OwnedObjectPath};
 
 use super::{vms, BusResult as Result, Ctx, OptionMap};
 use crate::model::Vm;
+use crate::ops;
 
 /// A VM object; its properties are the VM's row.
 pub struct Vm1 {
@@ -42,8 +43,9 @@ impl Vm1 {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<()> {
-        let (_, vm) = vms::authorize_vm(&self.ctx, conn, &hdr, &self.vm.id).await?;
-        Ok(self.ctx.banger.vms.pause(&vm).await?)
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::pause_vm(&self.ctx.banger, &c, &self.vm.id);
+        self.ctx.perform(&c, op).await
     }
 
     /// Lets the paused VM go on where it was (state "running" again).
@@ -52,8 +54,9 @@ impl Vm1 {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<()> {
-        let (_, vm) = vms::authorize_vm(&self.ctx, conn, &hdr, &self.vm.id).await?;
-        Ok(self.ctx.banger.vms.resume(&vm).await?)
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::resume_vm(&self.ctx.banger, &c, &self.vm.id);
+        self.ctx.perform(&c, op).await
     }
 
     /// Snapshots the VM under a name (as VMs1.SnapshotVM). Options: pause b.
@@ -86,8 +89,9 @@ impl Vm1 {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<zbus::OwnedFd> {
-        let (_, vm) = vms::authorize_vm(&self.ctx, conn, &hdr, &self.vm.id).await?;
-        hand_out(self.ctx.banger.vms.open_agent(&vm).await?)
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::open_agent(&self.ctx.banger, &c, &self.vm.id);
+        Ok(self.ctx.perform(&c, op).await?.into())
     }
 
     /// A stream to a shell on a terminal of its own in the running VM, through its agent:
@@ -116,10 +120,9 @@ impl Vm1 {
             ..Default::default()
         };
         o.finish()?;
-        let (_, vm) = vms::authorize_vm(&self.ctx, conn, &hdr, &self.vm.id).await?;
-        let mut s = self.ctx.banger.vms.open_agent(&vm).await?;
-        crate::agent::client::start(&mut s, what).await?;
-        hand_out(s)
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::open_shell(&self.ctx.banger, &c, &self.vm.id, what);
+        Ok(self.ctx.perform(&c, op).await?.into())
     }
 
     /// A read-only descriptor of the serial console log of the VM's last boot, for
@@ -130,15 +133,9 @@ impl Vm1 {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<zbus::OwnedFd> {
-        let (_, vm) = vms::authorize_vm(&self.ctx, conn, &hdr, &self.vm.id).await?;
-        let log = self.ctx.banger.vms.console_log(&vm.id);
-        let f = crate::vmm::console::open_log_file(&log).map_err(|e| {
-            crate::Error::NotFound(format!(
-                "VM {} has no console log yet ({e}); it has not booted",
-                vm.name
-            ))
-        })?;
-        Ok(std::os::fd::OwnedFd::from(f).into())
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::open_console(&self.ctx.banger, &c, &self.vm.id);
+        Ok(self.ctx.perform(&c, op).await?.into())
     }
 
     /// The VM's hex id.
@@ -245,12 +242,4 @@ impl Vm1 {
     fn created_at(&self) -> u64 {
         self.vm.created_at
     }
-}
-
-/// A connected stream as a blocking descriptor for the caller.
-fn hand_out(s: tokio::net::UnixStream) -> Result<zbus::OwnedFd> {
-    let fail = |e| crate::Error::failed("Cannot hand out the stream", e);
-    let s = s.into_std().map_err(fail)?;
-    s.set_nonblocking(false).map_err(fail)?;
-    Ok(std::os::fd::OwnedFd::from(s).into())
 }

@@ -5,9 +5,8 @@ use zbus::object_server::SignalEmitter;
 use zbus::{interface, Connection, OwnedObjectPath};
 
 use super::{vm_path, BusResult as Result, Ctx, OptionMap, Options};
-use crate::auth::Action;
-use crate::model::{validate_name, NameKind};
-use crate::vms::{action_for, CreateOptions, StopOptions};
+use crate::ops;
+use crate::vms::{CreateOptions, StopOptions};
 
 /// The VM manager.
 pub struct Vms1 {
@@ -92,18 +91,9 @@ impl Vms1 {
             snapshot,
         };
         o.finish()?;
-        validate_name(NameKind::Vm, name)?;
-        opts.validate()?;
-        let caller = self.ctx.authorize(conn, &hdr, Action::VmsManage).await?;
-        // Restoring another user's snapshot reads their VM's memory: an administrator's call.
-        if let Some(s) = &opts.snapshot {
-            let snap = self.ctx.banger.vms.snapshot(s).await?;
-            let action = crate::vms::snapshot::action_for(&snap, caller.uid);
-            if action != Action::VmsManage {
-                self.ctx.check(&caller, action).await?;
-            }
-        }
-        let (vm, job) = self.ctx.banger.vms.create(caller.uid, name, opts).await?;
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::create_vm(&self.ctx.banger, &c, name, opts);
+        let (vm, job) = self.ctx.perform(&c, op).await?;
         let (id, path) = self.ctx.job_reply(&job).await;
         Ok((vm_path(&vm.id), id, path))
     }
@@ -182,27 +172,14 @@ impl Vms1 {
     ) -> zbus::Result<()>;
 }
 
-/// Looks the VM up, then authorises the caller as its owner or as an administrator.
-pub(super) async fn authorize_vm(
-    ctx: &Ctx,
-    conn: &Connection,
-    hdr: &Header<'_>,
-    key: &str,
-) -> Result<(crate::auth::Caller, crate::model::Vm)> {
-    let caller = ctx.caller(conn, hdr).await?;
-    let vm = ctx.banger.vms.get(key).await?;
-    ctx.check(&caller, action_for(&vm, caller.uid)).await?;
-    Ok((caller, vm))
-}
-
 pub(super) async fn start(
     ctx: &Ctx,
     conn: &Connection,
     hdr: &Header<'_>,
     key: &str,
 ) -> Result<(u32, OwnedObjectPath)> {
-    let (caller, vm) = authorize_vm(ctx, conn, hdr, key).await?;
-    let job = ctx.banger.vms.start(caller.uid, &vm).await?;
+    let c = ctx.caller(conn, hdr).await?;
+    let job = ctx.perform(&c, ops::start_vm(&ctx.banger, &c, key)).await?;
     Ok(ctx.job_reply(&job).await)
 }
 
@@ -220,8 +197,9 @@ pub(super) async fn stop(
         timeout_sec: o.u32("timeout_sec")?.unwrap_or(d.timeout_sec),
     };
     o.finish()?;
-    let (_, vm) = authorize_vm(ctx, conn, hdr, key).await?;
-    Ok(ctx.banger.vms.stop(&vm, opts).await?)
+    let c = ctx.caller(conn, hdr).await?;
+    ctx.perform(&c, ops::stop_vm(&ctx.banger, &c, key, opts))
+        .await
 }
 
 pub(super) async fn take_snapshot(
@@ -237,13 +215,9 @@ pub(super) async fn take_snapshot(
         pause: o.bool("pause")?.unwrap_or(false),
     };
     o.finish()?;
-    validate_name(NameKind::Snapshot, name)?;
-    let (caller, vm) = authorize_vm(ctx, conn, hdr, key).await?;
-    let job = ctx
-        .banger
-        .vms
-        .take_snapshot(caller.uid, &vm, name, opts)
-        .await?;
+    let c = ctx.caller(conn, hdr).await?;
+    let op = ops::snapshot_vm(&ctx.banger, &c, key, name, opts);
+    let job = ctx.perform(&c, op).await?;
     Ok(ctx.job_reply(&job).await)
 }
 
@@ -257,6 +231,7 @@ pub(super) async fn delete(
     let mut o = Options::new("DeleteVM", options);
     let force = o.bool("force")?.unwrap_or(false);
     o.finish()?;
-    let (_, vm) = authorize_vm(ctx, conn, hdr, key).await?;
-    Ok(ctx.banger.vms.delete(&vm, force).await?)
+    let c = ctx.caller(conn, hdr).await?;
+    ctx.perform(&c, ops::delete_vm(&ctx.banger, &c, key, force))
+        .await
 }

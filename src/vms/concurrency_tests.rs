@@ -96,6 +96,12 @@ impl crate::net::HostNet for FakeNet {
 }
 
 fn service(dir: &Path, gate: usize, subnet: &str) -> Vms {
+    banger(dir, gate, subnet).vms.clone()
+}
+
+/// The services over a temporary layout and an in-memory store holding image `img` and
+/// kernel `k`, with the gate VMM (booting once `gate` VMs boot together) and no host network.
+pub(crate) fn banger(dir: &Path, gate: usize, subnet: &str) -> Arc<crate::service::Banger> {
     let layout = Layout::new(dir.join("state"), dir.join("run"));
     layout.create().unwrap();
     let store = Store::open_in_memory().unwrap();
@@ -143,10 +149,7 @@ fn service(dir: &Path, gate: usize, subnet: &str) -> Vms {
     };
     let vmm = Arc::new(GateVmm(tokio::sync::Barrier::new(gate)));
     let net = Arc::new(FakeNet::default());
-    crate::service::Banger::with_parts(config, layout, store, vmm, net)
-        .unwrap()
-        .vms
-        .clone()
+    crate::service::Banger::with_parts(config, layout, store, vmm, net).unwrap()
 }
 
 fn opts(start: bool) -> CreateOptions {

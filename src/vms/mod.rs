@@ -463,4 +463,4 @@ mod tests {
 }
 
 #[cfg(test)]
-mod concurrency_tests;
+pub(crate) mod concurrency_tests;
