@@ -52,11 +52,12 @@ where
             std::io::Error::from(std::io::ErrorKind::NotFound),
         )
     })?;
-    let out = Command::new(&path)
-        .args(args)
+    let mut cmd = Command::new(&path);
+    cmd.args(args)
         .stdin(stdin.map_or_else(std::process::Stdio::null, Into::into))
-        .output()
-        .map_err(|e| Error::failed(format!("Cannot run {program}"), e))?;
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = output(&mut cmd, program)?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
         return Err(Error::failed(
@@ -65,6 +66,64 @@ where
         ));
     }
     Ok(())
+}
+
+/// Runs `cmd` to completion (blocking) and returns what it wrote where it was piped. The
+/// program runs in a process group of its own and is killed if the daemon dies
+/// (`PR_SET_PDEATHSIG`); run from a job's blocking work (`jobs::spawn_blocking`), a cancel of
+/// the job kills the whole group (the program and whatever it started) and the result is
+/// [`Error::Canceled`] once they are gone.
+pub fn output(cmd: &mut Command, what: &str) -> Result<std::process::Output> {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    cmd.process_group(0);
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The daemon died before the line above: nothing would kill this program.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+            }
+            Ok(())
+        });
+    }
+    let fail = |e| Error::failed(format!("Cannot run {what}"), e);
+    let child = cmd.spawn().map_err(fail)?;
+    let Some(job) = crate::jobs::current_blocking() else {
+        return child.wait_with_output().map_err(fail);
+    };
+    let group = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    // This thread keeps waiting (PR_SET_PDEATHSIG follows the thread that forked).
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let mut killed = false;
+    loop {
+        use std::sync::mpsc::RecvTimeoutError;
+        match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+            Ok(out) if killed => {
+                drop(out);
+                return Err(Error::Canceled);
+            }
+            Ok(out) => return out.map_err(fail),
+            Err(RecvTimeoutError::Timeout) => {
+                if !killed && job.is_canceled() {
+                    tracing::info!(program = what, "Job canceled: killing its process group");
+                    // SAFETY: killpg only sends a signal; the group is this program's own.
+                    unsafe { libc::killpg(group, libc::SIGKILL) };
+                    killed = true;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(fail(std::io::Error::other("its waiter is gone")))
+            }
+        }
+    }
 }
 
 /// A user's name and primary group, from the password database.

@@ -67,6 +67,8 @@ pub struct Job {
     pub owner_uid: u32,
     status: Mutex<JobStatus>,
     cancel: watch::Sender<bool>,
+    /// When a progress event last went out.
+    progress_sent: Mutex<Option<std::time::Instant>>,
     finished: watch::Sender<bool>,
 }
 
@@ -176,6 +178,20 @@ impl JobContext {
             progress.clamp(0.0, 1.0)
         };
         self.job.update(|s| s.progress = progress);
+        // At most ten updates a second reach watchers (the property is always current, and
+        // the end of the job sends the last value).
+        let now = std::time::Instant::now();
+        {
+            let mut last = self
+                .job
+                .progress_sent
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if matches!(*last, Some(t) if now.duration_since(t) < PROGRESS_INTERVAL) {
+                return;
+            }
+            *last = Some(now);
+        }
         self.send(JobEvent::Progress {
             id: self.job.id,
             progress,
@@ -234,6 +250,95 @@ struct Inner {
 /// How many finished jobs [`Jobs::find`] still finds.
 const RECENT_JOBS: usize = 256;
 
+/// The shortest time between two progress events of one job.
+const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How long a canceled job waits for its blocking work to stop before its task is dropped
+/// anyway (programs run through [`crate::host`] are killed within a tenth of a second).
+const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What a job's blocking work sees of its job: whether it was canceled. While blocking work
+/// of a job runs, a cancel waits for it to end before the job's task (and the staging
+/// directories it holds) is dropped, so nothing writes into a directory after its removal.
+#[derive(Clone)]
+pub struct JobToken {
+    cancel: watch::Receiver<bool>,
+    busy: Arc<watch::Sender<u32>>,
+}
+
+impl JobToken {
+    /// Whether a cancel was asked for.
+    pub fn is_canceled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+}
+
+tokio::task_local! {
+    static CURRENT: JobToken;
+}
+
+thread_local! {
+    static BLOCKING: std::cell::RefCell<Option<JobToken>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The job whose blocking work runs on this thread, if any (see [`spawn_blocking`]).
+pub fn current_blocking() -> Option<JobToken> {
+    BLOCKING.with(|b| b.borrow().clone())
+}
+
+/// Counts a piece of blocking work of a job for as long as it runs.
+struct Busy(Arc<watch::Sender<u32>>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// Resets this thread's job when a piece of blocking work ends, even by a panic.
+struct Entered;
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        BLOCKING.with(|b| *b.borrow_mut() = None);
+    }
+}
+
+/// `tokio::task::spawn_blocking` for a job's work: the closure runs knowing its job, so the
+/// programs it runs through [`crate::host`] are killed when the job is canceled, and a
+/// canceled job ends only after the closure has returned. Outside a job, plain
+/// `spawn_blocking`.
+pub async fn spawn_blocking<T, F>(f: F) -> std::result::Result<T, tokio::task::JoinError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let token = CURRENT.try_with(|t| t.clone()).ok();
+    let busy = token.as_ref().map(|t| {
+        t.busy.send_modify(|n| *n += 1);
+        Busy(t.busy.clone())
+    });
+    tokio::task::spawn_blocking(move || {
+        let _busy = busy;
+        BLOCKING.with(|b| *b.borrow_mut() = token);
+        let _entered = Entered;
+        f()
+    })
+    .await
+}
+
+/// A job's work ended by a panic: its message.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    match e.try_into_panic() {
+        Ok(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into()),
+        Err(_) => "aborted".into(),
+    }
+}
+
 /// The job table and runner; cheap to clone.
 #[derive(Clone)]
 pub struct Jobs {
@@ -243,7 +348,13 @@ pub struct Jobs {
 impl Jobs {
     /// A runner whose first id is `last_id + 1`.
     pub fn new(last_id: u32) -> Self {
-        let (events, _) = broadcast::channel(4096);
+        Self::with_capacity(last_id, 4096)
+    }
+
+    /// [`Jobs::new`] with `capacity` events buffered per subscriber (a subscriber further
+    /// behind lags and must resynchronise; tests make that happen).
+    pub fn with_capacity(last_id: u32, capacity: usize) -> Self {
+        let (events, _) = broadcast::channel(capacity);
         let (running, _) = watch::channel(0);
         Jobs {
             inner: Arc::new(Inner {
@@ -254,6 +365,13 @@ impl Jobs {
                 running,
             }),
         }
+    }
+
+    /// The jobs that finished last (up to 256), oldest first: what a subscriber that lagged
+    /// may have missed the end of.
+    pub fn finished(&self) -> Vec<Arc<Job>> {
+        let recent = self.inner.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.iter().cloned().collect()
     }
 
     /// Subscribes to every event from now on.
@@ -327,6 +445,7 @@ impl Jobs {
                 error: String::new(),
             }),
             cancel,
+            progress_sent: Mutex::new(None),
             finished: watch::channel(false).0,
         });
         self.table().insert(id, job.clone());
@@ -338,13 +457,33 @@ impl Jobs {
             job: job.clone(),
             events: self.inner.events.clone(),
         };
-        let fut = work(ctx);
+        let busy = Arc::new(watch::channel(0u32).0);
+        let token = JobToken {
+            cancel: canceled.clone(),
+            busy: busy.clone(),
+        };
+        let mut task = tokio::spawn(CURRENT.scope(token, work(ctx)));
         let this = self.clone();
         let job2 = job.clone();
         tokio::spawn(async move {
             let result = tokio::select! {
-                r = fut => r,
-                _ = canceled.wait_for(|c| *c) => Err(Error::Canceled),
+                r = &mut task => match r {
+                    Ok(r) => r,
+                    // A panic ends the job failed (and counted out), never running forever.
+                    Err(e) => Err(Error::failed(
+                        "The job's work failed unexpectedly",
+                        std::io::Error::other(panic_message(e)),
+                    )),
+                },
+                _ = async { drop(canceled.wait_for(|c| *c).await) } => {
+                    // Blocking work sees the cancel and stops its programs; only then is
+                    // the work dropped, with the staging directories it holds.
+                    let mut idle = busy.subscribe();
+                    let _ = tokio::time::timeout(CANCEL_GRACE, idle.wait_for(|n| *n == 0)).await;
+                    task.abort();
+                    let _ = task.await;
+                    Err(Error::Canceled)
+                }
             };
             this.finish(&job2, result);
         });
@@ -389,6 +528,65 @@ impl Jobs {
 mod tests {
     use super::*;
     use tokio::sync::oneshot;
+
+    #[tokio::test]
+    async fn a_job_whose_work_panics_ends_failed_with_the_message() {
+        let jobs = Jobs::new(0);
+        let job = jobs.spawn(spec(), |_| async { panic!("the work broke") });
+        let e = job.wait().await.unwrap_err();
+        assert!(e.full_message().contains("the work broke"), "{e}");
+        assert_eq!(job.status().state, JobState::Failed);
+        assert_eq!(*jobs.running().borrow(), 0, "still counted as running");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_canceled_job_kills_its_programs_and_its_staging_goes_after_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = format!("banger-cancel-test-{}", std::process::id());
+        let (d, m) = (dir.path().join("staging"), marker.clone());
+        let jobs = Jobs::new(0);
+        let (started_tx, started) = oneshot::channel();
+        let job = jobs.spawn(spec(), move |_| async move {
+            let staging = crate::layout::StagingDir::create(d.clone())?;
+            let _ = started_tx.send(());
+            // A writer that starts writers of its own, in the staging directory, forever.
+            let script = format!(
+                "while :; do (touch {}/f-$$-$(date +%N); sleep 0.01) & sleep 0.02; done # {m}",
+                d.display()
+            );
+            spawn_blocking(move || crate::host::run("sh", ["-c", script.as_str()]))
+                .await
+                .map_err(|e| Error::failed("join", e))??;
+            drop(staging);
+            Ok(())
+        });
+        started.await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(dir
+            .path()
+            .join("staging")
+            .read_dir()
+            .unwrap()
+            .next()
+            .is_some());
+        jobs.cancel(job.id).unwrap();
+        assert!(matches!(job.wait().await, Err(Error::Canceled)));
+        // Gone once the job ended, and nothing writes it again.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            !dir.path().join("staging").exists(),
+            "the staging directory stayed"
+        );
+        let left = std::process::Command::new("pgrep")
+            .args(["-f", &marker])
+            .output()
+            .unwrap();
+        assert!(
+            left.stdout.is_empty(),
+            "processes outlived the job: {}",
+            String::from_utf8_lossy(&left.stdout)
+        );
+    }
 
     #[tokio::test]
     async fn a_job_that_ends_at_once_is_still_found_by_late_subscribers() {

@@ -148,9 +148,10 @@ pub struct Kernel {
 }
 
 /// Where a VM is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum VmState {
     /// Reserved, never started.
+    #[default]
     Created,
     /// Its start phase is running.
     Starting,
@@ -211,7 +212,7 @@ impl fmt::Display for VmState {
 }
 
 /// A microVM and everything reserved for it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Vm {
     /// Hex id, also the name of its directories.
     pub id: String,

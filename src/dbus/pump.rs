@@ -18,12 +18,19 @@ use crate::service::ObjectEvent;
 /// Which jobs' objects are on the bus, so a method can return a job path only once it works.
 pub struct JobRegistry {
     published: watch::Sender<BTreeSet<u32>>,
+    /// The jobs whose JobRemoved went out, the last [`ANNOUNCED`] of them: a resync announces
+    /// the others' ends.
+    announced: std::sync::Mutex<std::collections::VecDeque<u32>>,
 }
+
+/// How many announced job ends the registry remembers (more than the jobs keep).
+const ANNOUNCED: usize = 1024;
 
 impl Default for JobRegistry {
     fn default() -> Self {
         JobRegistry {
             published: watch::Sender::new(BTreeSet::new()),
+            announced: Default::default(),
         }
     }
 }
@@ -44,21 +51,25 @@ pub fn spawn(conn: Connection, ctx: Ctx) {
     let mut job_rx = ctx.banger.jobs.subscribe();
     let mut obj_rx = ctx.banger.events.subscribe();
     tokio::spawn(async move {
+        let mut known = Known::load(&ctx).await;
         loop {
             let r = tokio::select! {
                 e = job_rx.recv() => match e {
                     Ok(e) => on_job(&conn, &ctx, e).await,
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!("D-Bus pump lagged {n} job events; resyncing job objects");
+                        tracing::warn!("D-Bus pump lagged {n} job events; resyncing jobs");
                         resync_jobs(&conn, &ctx).await
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
                 e = obj_rx.recv() => match e {
-                    Ok(e) => on_object(&conn, &ctx, e).await,
+                    Ok(e) => match known.fresh(e) {
+                        Some(e) => on_object(&conn, &ctx, e).await,
+                        None => Ok(()),
+                    },
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!("D-Bus pump lagged {n} object events");
-                        Ok(())
+                        tracing::warn!("D-Bus pump lagged {n} object events; resyncing objects");
+                        resync_objects(&conn, &ctx, &mut known).await
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
@@ -89,6 +100,8 @@ async fn publish_job(conn: &Connection, ctx: &Ctx, id: u32) -> zbus::Result<()> 
     Ok(())
 }
 
+/// After a lag: every running job is on the bus, and every job that ended since has its
+/// object gone and its JobRemoved sent (a client waiting for a job's end gets it).
 async fn resync_jobs(conn: &Connection, ctx: &Ctx) -> zbus::Result<()> {
     let known = ctx.registry.published.borrow().clone();
     for j in ctx.banger.jobs.list() {
@@ -96,12 +109,207 @@ async fn resync_jobs(conn: &Connection, ctx: &Ctx) -> zbus::Result<()> {
             publish_job(conn, ctx, j.id).await?;
         }
     }
+    let announced: BTreeSet<u32> = ctx
+        .registry
+        .announced
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .copied()
+        .collect();
+    let mut ended: BTreeSet<u32> = known
+        .into_iter()
+        .filter(|id| ctx.banger.jobs.get(*id).is_err())
+        .collect();
+    ended.extend(ctx.banger.jobs.finished().iter().map(|j| j.id));
+    for id in ended.into_iter().filter(|id| !announced.contains(id)) {
+        let (state, error) = match ctx.banger.jobs.find(id) {
+            Some(j) => {
+                let s = j.status();
+                (s.state, s.error)
+            }
+            // Ended so long ago that the daemon forgot how; its object must go all the same.
+            None => (JobState::Failed, String::new()),
+        };
+        on_job(conn, ctx, JobEvent::Finished { id, state, error }).await?;
+    }
     Ok(())
+}
+
+/// The objects on the bus, by kind, as the object events left them.
+#[derive(Default)]
+struct Known {
+    images: BTreeSet<String>,
+    kernels: BTreeSet<String>,
+    vms: BTreeSet<String>,
+    snapshots: BTreeSet<String>,
+}
+
+impl Known {
+    /// What `serve` exported.
+    async fn load(ctx: &Ctx) -> Self {
+        let b = &ctx.banger;
+        Known {
+            images: b
+                .images
+                .list()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|i| i.id)
+                .collect(),
+            kernels: b
+                .kernels
+                .list()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|k| k.name)
+                .collect(),
+            vms: b
+                .vms
+                .list()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|v| v.id)
+                .collect(),
+            snapshots: b
+                .vms
+                .snapshots()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| s.id)
+                .collect(),
+        }
+    }
+
+    /// `e` as the bus still needs it after a resync may have mirrored it already: an
+    /// addition of a known object is a change (or nothing), a removal of an unknown one
+    /// nothing.
+    fn fresh(&mut self, e: ObjectEvent) -> Option<ObjectEvent> {
+        if self.note(&e) {
+            return Some(e);
+        }
+        match e {
+            ObjectEvent::ImageAdded(i) => Some(ObjectEvent::ImageChanged(i)),
+            ObjectEvent::VmAdded(v) => Some(ObjectEvent::VmChanged(v)),
+            _ => None,
+        }
+    }
+
+    /// Notes what `e` adds or removes; false when that was known already.
+    fn note(&mut self, e: &ObjectEvent) -> bool {
+        match e {
+            ObjectEvent::ImageAdded(i) => self.images.insert(i.id.clone()),
+            ObjectEvent::ImageRemoved(id) => self.images.remove(id),
+            ObjectEvent::KernelAdded(k) => self.kernels.insert(k.name.clone()),
+            ObjectEvent::KernelRemoved(n) => self.kernels.remove(n),
+            ObjectEvent::VmAdded(v) => self.vms.insert(v.id.clone()),
+            ObjectEvent::VmRemoved(id) => self.vms.remove(id),
+            ObjectEvent::SnapshotAdded(s) => self.snapshots.insert(s.id.clone()),
+            ObjectEvent::SnapshotRemoved(id) => self.snapshots.remove(id),
+            _ => true,
+        }
+    }
+}
+
+/// The object events that bring `known` (what the bus shows) to what the services hold.
+pub(super) fn object_diff(
+    known: (
+        &BTreeSet<String>,
+        &BTreeSet<String>,
+        &BTreeSet<String>,
+        &BTreeSet<String>,
+    ),
+    now: (
+        Vec<crate::model::Image>,
+        Vec<crate::model::Kernel>,
+        Vec<crate::model::Vm>,
+        Vec<crate::model::Snapshot>,
+    ),
+) -> Vec<ObjectEvent> {
+    let (ki, kk, kv, ks) = known;
+    let (images, kernels, vms, snapshots) = now;
+    let mut out = Vec::new();
+    let gone = |known: &BTreeSet<String>, live: BTreeSet<String>| -> Vec<String> {
+        known.difference(&live).cloned().collect()
+    };
+    let live: BTreeSet<String> = images.iter().map(|i| i.id.clone()).collect();
+    out.extend(gone(ki, live).into_iter().map(ObjectEvent::ImageRemoved));
+    for i in images {
+        out.push(if ki.contains(&i.id) {
+            ObjectEvent::ImageChanged(i)
+        } else {
+            ObjectEvent::ImageAdded(i)
+        });
+    }
+    let live: BTreeSet<String> = kernels.iter().map(|k| k.name.clone()).collect();
+    out.extend(gone(kk, live).into_iter().map(ObjectEvent::KernelRemoved));
+    out.extend(
+        kernels
+            .into_iter()
+            .filter(|k| !kk.contains(&k.name))
+            .map(ObjectEvent::KernelAdded),
+    );
+    let live: BTreeSet<String> = vms.iter().map(|v| v.id.clone()).collect();
+    out.extend(gone(kv, live).into_iter().map(ObjectEvent::VmRemoved));
+    for v in vms {
+        out.push(if kv.contains(&v.id) {
+            ObjectEvent::VmChanged(v)
+        } else {
+            ObjectEvent::VmAdded(v)
+        });
+    }
+    let live: BTreeSet<String> = snapshots.iter().map(|s| s.id.clone()).collect();
+    out.extend(gone(ks, live).into_iter().map(ObjectEvent::SnapshotRemoved));
+    out.extend(
+        snapshots
+            .into_iter()
+            .filter(|s| !ks.contains(&s.id))
+            .map(ObjectEvent::SnapshotAdded),
+    );
+    out
+}
+
+/// After a lag: objects added, changed or removed meanwhile are mirrored with their signals.
+async fn resync_objects(conn: &Connection, ctx: &Ctx, known: &mut Known) -> zbus::Result<()> {
+    let b = &ctx.banger;
+    let fail = |e: crate::Error| zbus::Error::Failure(e.full_message());
+    let now = (
+        b.images.list().await.map_err(fail)?,
+        b.kernels.list().await.map_err(fail)?,
+        b.vms.list().await.map_err(fail)?,
+        b.vms.snapshots().await.map_err(fail)?,
+    );
+    let events = object_diff(
+        (&known.images, &known.kernels, &known.vms, &known.snapshots),
+        now,
+    );
+    for e in events {
+        known.note(&e);
+        if let Err(err) = on_object(conn, ctx, e).await {
+            tracing::warn!("Cannot update the bus: {err}");
+        }
+    }
+    Ok(())
+}
+
+/// Whether the job's JobRemoved went out already.
+fn announced(ctx: &Ctx, id: u32) -> bool {
+    ctx.registry
+        .announced
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&id)
 }
 
 async fn on_job(conn: &Connection, ctx: &Ctx, e: JobEvent) -> zbus::Result<()> {
     let server = conn.object_server();
     match e {
+        // A resync published it already.
+        JobEvent::New { id } if ctx.registry.published.borrow().contains(&id) => {}
         JobEvent::New { id } => {
             publish_job(conn, ctx, id).await?;
             jobs::Jobs1::job_new(&manager(conn)?, id, job_path(id)).await?;
@@ -122,6 +330,7 @@ async fn on_job(conn: &Connection, ctx: &Ctx, e: JobEvent) -> zbus::Result<()> {
             let e = SignalEmitter::new(conn, job_path(id))?;
             job::Job1::log_message(&e, priority, &line).await?;
         }
+        JobEvent::Finished { id, .. } if announced(ctx, id) => {}
         JobEvent::Finished { id, state, .. } => {
             // JobRemoved goes out whatever became of the object: clients wait for it.
             let mut changed = Ok(());
@@ -139,6 +348,17 @@ async fn on_job(conn: &Connection, ctx: &Ctx, e: JobEvent) -> zbus::Result<()> {
             ctx.registry.published.send_modify(|s| {
                 s.remove(&id);
             });
+            {
+                let mut a = ctx
+                    .registry
+                    .announced
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                a.push_back(id);
+                if a.len() > ANNOUNCED {
+                    a.pop_front();
+                }
+            }
             jobs::Jobs1::job_removed(&manager(conn)?, id, job_path(id), state.as_str()).await?;
             changed?;
         }
@@ -255,4 +475,74 @@ async fn on_object(conn: &Connection, ctx: &Ctx, e: ObjectEvent) -> zbus::Result
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Snapshot, Vm};
+
+    fn set(ids: &[&str]) -> BTreeSet<String> {
+        ids.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_resync_adds_changes_and_removes_what_the_bus_missed() {
+        let vm = |id: &str| Vm {
+            id: id.into(),
+            ..Default::default()
+        };
+        let snap = |id: &str| Snapshot {
+            id: id.into(),
+            ..Default::default()
+        };
+        let (images, kernels) = (set(&[]), set(&["gone-kernel"]));
+        let (vms, snapshots) = (set(&["kept", "deleted"]), set(&["s-old"]));
+        let events = object_diff(
+            (&images, &kernels, &vms, &snapshots),
+            (
+                Vec::new(),
+                Vec::new(),
+                vec![vm("kept"), vm("new")],
+                vec![snap("s-new")],
+            ),
+        );
+        let names: Vec<String> = events
+            .iter()
+            .map(|e| match e {
+                ObjectEvent::KernelRemoved(n) => format!("-kernel {n}"),
+                ObjectEvent::VmRemoved(id) => format!("-vm {id}"),
+                ObjectEvent::VmChanged(v) => format!("~vm {}", v.id),
+                ObjectEvent::VmAdded(v) => format!("+vm {}", v.id),
+                ObjectEvent::SnapshotRemoved(id) => format!("-snapshot {id}"),
+                ObjectEvent::SnapshotAdded(s) => format!("+snapshot {}", s.id),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "-kernel gone-kernel",
+                "-vm deleted",
+                "~vm kept",
+                "+vm new",
+                "-snapshot s-old",
+                "+snapshot s-new"
+            ]
+        );
+        // Events still queued after the resync: a known addition becomes a change, a
+        // removal of what is gone already nothing.
+        let mut known = Known {
+            vms: set(&["kept"]),
+            ..Known::default()
+        };
+        assert!(matches!(
+            known.fresh(ObjectEvent::VmAdded(vm("kept"))),
+            Some(ObjectEvent::VmChanged(_))
+        ));
+        assert!(known
+            .fresh(ObjectEvent::VmRemoved("never".into()))
+            .is_none());
+        assert!(known.fresh(ObjectEvent::VmRemoved("kept".into())).is_some());
+    }
 }

@@ -88,17 +88,18 @@ fn run_debootstrap(suite: &str, packages: &[String], tree: &Path, log: &Path) ->
     })?;
     let logf =
         std::fs::File::create(log).map_err(|e| Error::failed("Cannot create the build log", e))?;
-    let status = std::process::Command::new(program)
-        .args(["--variant=minbase", &format!("--include={include}"), suite])
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(["--variant=minbase", &format!("--include={include}"), suite])
         .arg(tree)
         .arg(&mirror)
+        .stdin(std::process::Stdio::null())
         .stdout(
             logf.try_clone()
                 .map_err(|e| Error::failed("Cannot write the build log", e))?,
         )
-        .stderr(logf)
-        .status()
-        .map_err(|e| Error::failed("Cannot run debootstrap", e))?;
+        .stderr(logf);
+    // A cancel kills debootstrap and everything it started (dpkg, its scripts) together.
+    let status = host::output(&mut cmd, "debootstrap")?.status;
     if !status.success() {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(5).collect();

@@ -27,7 +27,7 @@ pub(super) async fn blocking<T: Send + 'static>(
     what: &str,
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
-    tokio::task::spawn_blocking(f)
+    crate::jobs::spawn_blocking(f)
         .await
         .map_err(|e| Error::failed(format!("{what} task failed"), e))?
 }

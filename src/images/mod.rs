@@ -241,7 +241,7 @@ impl Images {
         // Registered images have their copies in the store too; an image registered by
         // path by an older banger has none there, and its files are the caller's.
         let dir = self.layout.images_dir().join(&image.id);
-        tokio::task::spawn_blocking(move || crate::layout::remove_any(&dir))
+        crate::jobs::spawn_blocking(move || crate::layout::remove_any(&dir))
             .await
             .map_err(|e| Error::failed("Image removal task failed", e))??;
         tracing::info!(image_id = %image.id, "Image {} deleted", image.name);

@@ -503,7 +503,7 @@ impl Images {
         // How many layers the flattener has finished.
         let applied = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let done_count = applied.clone();
-        let flatten = tokio::task::spawn_blocking(move || {
+        let flatten = crate::jobs::spawn_blocking(move || {
             // Layers are opened (their decompression started) one ahead of the one being
             // applied, which is always applied in manifest order.
             let (opened_tx, opened) = std::sync::mpsc::sync_channel(0);

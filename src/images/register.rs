@@ -18,7 +18,7 @@ use crate::store::rows;
 use crate::{Error, Result};
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
+    crate::jobs::spawn_blocking(f)
         .await
         .map_err(|e| Error::failed("Image task failed", e))?
 }

@@ -133,7 +133,7 @@ impl Kernels {
         let init = self.config.guest_binary("banger-init");
         let max_kernel = self.config.max_kernel_bytes;
         let max_modules = self.config.max_image_bytes;
-        let kernel = tokio::task::spawn_blocking(move || -> Result<Kernel> {
+        let kernel = crate::jobs::spawn_blocking(move || -> Result<Kernel> {
             let final_dir = dir.with_file_name(&name2);
             let kinput = opts.kernel_path.expect("validated");
             let label = source.unwrap_or_else(|| match kinput.path() {

@@ -146,7 +146,7 @@ impl Kernels {
             }
         }
         let dir = self.layout.kernels_dir().join(name);
-        tokio::task::spawn_blocking(move || crate::layout::remove_any(&dir))
+        crate::jobs::spawn_blocking(move || crate::layout::remove_any(&dir))
             .await
             .map_err(|e| Error::failed("Kernel removal task failed", e))??;
         tracing::info!("Kernel {name} deleted");

@@ -181,7 +181,7 @@ impl Kernels {
         let (this, name) = (self.clone(), name.to_owned());
         Ok(self.jobs.spawn(spec, move |ctx| async move {
             ctx.stage("resolve", format!("Resolving {DEBIAN_META} through apt"));
-            let pkg = tokio::task::spawn_blocking(resolve_debian)
+            let pkg = crate::jobs::spawn_blocking(resolve_debian)
                 .await
                 .map_err(|e| Error::failed("apt task failed", e))??;
             ctx.log(6, format!("{} {}", pkg.name, pkg.version));
@@ -194,7 +194,7 @@ impl Kernels {
             ctx.stage("download", format!("Fetching {} {}", pkg.name, pkg.version));
             ctx.progress(0.1);
             let (p, w) = (pkg.clone(), work.clone());
-            let root = tokio::task::spawn_blocking(move || -> Result<PathBuf> {
+            let root = crate::jobs::spawn_blocking(move || -> Result<PathBuf> {
                 let deb = fetch_deb(&p, &w)?;
                 let root = w.join("pkg");
                 host::run(
@@ -247,7 +247,7 @@ impl Kernels {
             ctx.stage("unpack", "Unpacking the verified bundle");
             ctx.progress(0.6);
             let w = work.clone();
-            let tree = tokio::task::spawn_blocking(move || crate::bundle::unpack(&bundle, &w, max))
+            let tree = crate::jobs::spawn_blocking(move || crate::bundle::unpack(&bundle, &w, max))
                 .await
                 .map_err(|e| Error::failed("Unpack task failed", e))??;
             let manifest = crate::bundle::manifest(&tree)?;

@@ -49,8 +49,9 @@ pub fn live_pid(pidfile: &Path, marker: &str) -> Option<i32> {
 /// which `live_pid` recognises it by when its command line does not name it.
 pub const RUN_DIR_ENV: &str = "BANGER_RUN_DIR";
 
-/// Sends SIGTERM, waits up to `grace`, then SIGKILL; removes the pid file.
-pub async fn terminate(pidfile: &Path, marker: &str, grace: Duration) {
+/// Sends SIGTERM, waits up to `grace`, then SIGKILL; removes the pid file once the process
+/// is gone. False when it outlived SIGKILL by [`KILL_WAIT`] (reported, pid file kept).
+pub async fn terminate(pidfile: &Path, marker: &str, grace: Duration) -> bool {
     if let Some(pid) = live_pid(pidfile, marker) {
         // SAFETY: kill takes no pointers; pid was checked to be the VM's process.
         unsafe { libc::kill(pid, libc::SIGTERM) };
@@ -61,13 +62,28 @@ pub async fn terminate(pidfile: &Path, marker: &str, grace: Duration) {
         if live_pid(pidfile, marker).is_some() {
             // SAFETY: as above.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+            let deadline = tokio::time::Instant::now() + KILL_WAIT;
             while live_pid(pidfile, marker).is_some() {
+                if tokio::time::Instant::now() >= deadline {
+                    // Stuck in the kernel (uninterruptible I/O): its pid file stays, so the
+                    // next stop or the start-up sweep finds it again.
+                    tracing::error!(
+                        pid,
+                        "Process {marker} did not die {}s after SIGKILL; giving up on it for now",
+                        KILL_WAIT.as_secs()
+                    );
+                    return false;
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
     }
     let _ = std::fs::remove_file(pidfile);
+    true
 }
+
+/// How long [`terminate`] waits for a process to die after SIGKILL.
+const KILL_WAIT: Duration = Duration::from_secs(10);
 
 /// The resource bounds of a detached process's unit (systemd hosts).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

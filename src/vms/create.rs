@@ -302,7 +302,7 @@ impl Vms {
         // A damaged snapshot is refused before anything is reserved (and checked again
         // when the VM restores).
         let (dir, s2) = (self.snapshot_dir(&snap.id), snap.clone());
-        tokio::task::spawn_blocking(move || snapshot::verified_memory(&dir, &s2))
+        crate::jobs::spawn_blocking(move || snapshot::verified_memory(&dir, &s2))
             .await
             .map_err(|e| Error::failed("Snapshot task failed", e))??;
         o.vcpus = snap.vcpus;
@@ -462,7 +462,7 @@ impl Vms {
         let own_run = crate::vmm::jail::own_runtime(&run);
         {
             let (d, r, o) = (dir.clone(), run.clone(), own_run.clone());
-            tokio::task::spawn_blocking(move || -> Result<()> {
+            crate::jobs::spawn_blocking(move || -> Result<()> {
                 crate::layout::remove_any(&o)?;
                 crate::vmm::jail::reclaim(&[&d, &r])?;
                 std::fs::create_dir(&o)
@@ -512,7 +512,7 @@ impl Vms {
             st.enter(vm, "prepare_work_disk", "Copying the snapshot's /root disk")
                 .await?;
             let (seed, w) = (sd.join(snapshot::WORK), work.clone());
-            tokio::task::spawn_blocking(move || make_work_disk(Some(&seed), &w))
+            crate::jobs::spawn_blocking(move || make_work_disk(Some(&seed), &w))
                 .await
                 .map_err(|e| Error::failed("Work disk task failed", e))??;
         } else if work.exists() {
@@ -527,7 +527,7 @@ impl Vms {
             .await?;
             let seed = image.work_seed_path.clone();
             let w = work.clone();
-            tokio::task::spawn_blocking(move || make_work_disk(seed.as_deref(), &w))
+            crate::jobs::spawn_blocking(move || make_work_disk(seed.as_deref(), &w))
                 .await
                 .map_err(|e| Error::failed("Work disk task failed", e))??;
         }
@@ -539,7 +539,7 @@ impl Vms {
             let (w, name, fresh) = (work.clone(), vm.name.clone(), vm.ssh_host_key.is_empty());
             let key = key.clone();
             let host_key =
-                tokio::task::spawn_blocking(move || seed_ssh(&w, &name, fresh, key.as_deref()))
+                crate::jobs::spawn_blocking(move || seed_ssh(&w, &name, fresh, key.as_deref()))
                     .await
                     .map_err(|e| Error::failed("SSH key task failed", e))??;
             if let Some(k) = host_key {
@@ -552,7 +552,7 @@ impl Vms {
         // kernel command line); a VM without one has none there.
         if restore.is_none() {
             let (w, main) = (work.clone(), vm.main.clone());
-            tokio::task::spawn_blocking(move || write_main(&w, &main))
+            crate::jobs::spawn_blocking(move || write_main(&w, &main))
                 .await
                 .map_err(|e| Error::failed("Main process task failed", e))??;
         }
@@ -589,7 +589,7 @@ impl Vms {
         // A restored VM's new SSH host key is made while its VMM starts and loads.
         let keygen = restore.is_some().then(|| {
             let name = vm.name.clone();
-            tokio::task::spawn_blocking(move || new_host_key(&name))
+            crate::jobs::spawn_blocking(move || new_host_key(&name))
         });
         // A snapshot's memory is checked before any VMM process exists.
         let memory = match (&restore, &snap_dir) {
@@ -606,7 +606,7 @@ impl Vms {
                 st.enter(vm, "restore", what).await?;
                 let (sd, s2) = (sd.clone(), snap.clone());
                 Some(
-                    tokio::task::spawn_blocking(move || snapshot::verified_memory(&sd, &s2))
+                    crate::jobs::spawn_blocking(move || snapshot::verified_memory(&sd, &s2))
                         .await
                         .map_err(|e| Error::failed("Snapshot task failed", e))??,
                 )
@@ -692,7 +692,7 @@ impl Vms {
             // What the VM only reads and the roots its units hide are the jail's own lists.
             let cell = spec.jail.clone();
             let (vm_dir, own_run) = (dir.clone(), own_run.clone());
-            tokio::task::spawn_blocking(move || {
+            crate::jobs::spawn_blocking(move || {
                 use crate::vmm::jail;
                 let roots: Vec<&std::path::Path> = cell.hide.iter().map(|r| r.as_path()).collect();
                 let files: Vec<&std::path::Path> =
@@ -710,7 +710,7 @@ impl Vms {
         if let Some(file) = memory {
             let (input, feeder) = snapshot::memory_stream(file)?;
             let loaded = self.vmm.load_state(&spec, input).await;
-            let fed = tokio::task::spawn_blocking(move || feeder.join())
+            let fed = crate::jobs::spawn_blocking(move || feeder.join())
                 .await
                 .map_err(|e| Error::failed("Snapshot task failed", e))?
                 .map_err(|_| {
@@ -816,7 +816,7 @@ impl Vms {
             self.config.guest_binary("banger-agent"),
             run.join("initrd.img"),
         );
-        tokio::task::spawn_blocking(move || -> Result<std::path::PathBuf> {
+        crate::jobs::spawn_blocking(move || -> Result<std::path::PathBuf> {
             let data = std::fs::read(&i)
                 .map_err(|e| Error::failed(format!("Cannot read {}", i.display()), e))?;
             if !crate::kernels::initrd::is_bangers(&data) {

@@ -413,7 +413,7 @@ impl Vms {
         ctx.stage("save_memory", "Saving memory and device state");
         let (r, w) = pipe()?;
         let memory = dir.join(MEMORY);
-        let writer = tokio::task::spawn_blocking(move || compress(r, &memory));
+        let writer = crate::jobs::spawn_blocking(move || compress(r, &memory));
         let sent = self.vmm.save_state(&run, w).await;
         let written = writer
             .await
@@ -425,7 +425,7 @@ impl Vms {
         let rootfs = self.vmm.rootfs_path(&vm_dir);
         let copy = dir.join(rootfs_file(self.vmm.disk_format()));
         let c = copy.clone();
-        tokio::task::spawn_blocking(move || -> Result<()> {
+        crate::jobs::spawn_blocking(move || -> Result<()> {
             for (from, to) in [(rootfs, c), (vm_dir.join(WORK), dir.join(WORK))] {
                 copy_vm_disk(&from, &to)?;
             }
@@ -495,7 +495,7 @@ impl Vms {
             .call(move |c| rows::delete_snapshot(c, &id))
             .await?;
         let dir = self.snapshot_dir(&snap.id);
-        tokio::task::spawn_blocking(move || crate::layout::remove_any(&dir))
+        crate::jobs::spawn_blocking(move || crate::layout::remove_any(&dir))
             .await
             .map_err(|e| Error::failed("Delete task failed", e))??;
         tracing::info!(snapshot_id = %snap.id, "Snapshot {} deleted", snap.name);
