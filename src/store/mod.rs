@@ -35,6 +35,9 @@ pub enum StoreError {
     /// A row holds a value no banger writes.
     #[error("Corrupt row in the state database: {0}")]
     Corrupt(String),
+    /// The row to change is gone (deleted meanwhile).
+    #[error("{0}")]
+    Gone(String),
 }
 
 impl From<StoreError> for Error {
@@ -42,6 +45,7 @@ impl From<StoreError> for Error {
         match e {
             StoreError::Exhausted(_) => Error::failed("Cannot reserve what the VM needs", e),
             StoreError::Quota(m) => Error::LimitExceeded(m),
+            StoreError::Gone(m) => Error::NotFound(m),
             _ => Error::failed("State database operation failed", e),
         }
     }

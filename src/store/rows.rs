@@ -355,7 +355,7 @@ fn main_json(main: &[String]) -> String {
 
 /// Writes a VM's changing fields.
 pub fn update_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
-    c.execute(
+    let n = c.execute(
         "UPDATE vms SET state = ?2, stage = ?3, ssh_address = ?4, ssh_host_key = ?5, \
          exit_status = ?6 WHERE id = ?1",
         params![
@@ -367,6 +367,10 @@ pub fn update_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
             v.exit_status
         ],
     )?;
+    if n == 0 {
+        // Deleted meanwhile: an update must not pretend it landed.
+        return Err(StoreError::Gone(format!("VM {} no longer exists", v.name)));
+    }
     Ok(())
 }
 

@@ -102,6 +102,15 @@ fn service(dir: &Path, gate: usize, subnet: &str) -> Vms {
 /// The services over a temporary layout and an in-memory store holding image `img` and
 /// kernel `k`, with the gate VMM (booting once `gate` VMs boot together) and no host network.
 pub(crate) fn banger(dir: &Path, gate: usize, subnet: &str) -> Arc<crate::service::Banger> {
+    banger_with_net(dir, gate, subnet).0
+}
+
+/// [`banger`], and its host network's record of taps.
+fn banger_with_net(
+    dir: &Path,
+    gate: usize,
+    subnet: &str,
+) -> (Arc<crate::service::Banger>, Arc<FakeNet>) {
     let layout = Layout::new(dir.join("state"), dir.join("run"));
     layout.create().unwrap();
     let store = Store::open_in_memory().unwrap();
@@ -149,7 +158,10 @@ pub(crate) fn banger(dir: &Path, gate: usize, subnet: &str) -> Arc<crate::servic
     };
     let vmm = Arc::new(GateVmm(tokio::sync::Barrier::new(gate)));
     let net = Arc::new(FakeNet::default());
-    crate::service::Banger::with_parts(config, layout, store, vmm, net).unwrap()
+    (
+        crate::service::Banger::with_parts(config, layout, store, vmm, net.clone()).unwrap(),
+        net,
+    )
 }
 
 fn opts(start: bool) -> CreateOptions {
@@ -270,4 +282,74 @@ async fn an_exhausted_address_pool_is_a_clear_error_and_leaves_no_vm() {
         .await
         .unwrap();
     assert_eq!(vms.get("v5").await.unwrap().guest_address, "10.3.0.2");
+}
+
+/// Waits until the VM's row says `starting` (its start is inside boot, which the gate holds).
+async fn starting(vms: &Vms, name: &str) -> crate::model::Vm {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        // A create reserves its row in its job: not there yet at first.
+        let vm = vms.get(name).await;
+        if let Ok(vm) = &vm {
+            if vm.state == VmState::Starting && vm.stage == "boot" {
+                return vm.clone();
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never started: {vm:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_and_delete_of_a_starting_vm_cancel_its_start_and_leave_nothing_running() {
+    let dir = tempfile::tempdir().unwrap();
+    // A gate of 3 that only two VMs ever reach (one after the other: a canceled wait still
+    // counts): boots that never end.
+    let (b, net) = banger_with_net(dir.path(), 3, "10.7.0.0/24");
+    let vms = b.vms.clone();
+
+    // A second start of a starting VM is the same job.
+    let (vm, create) = vms.create(1000, "s", opts(false)).await.unwrap();
+    create.wait().await.unwrap();
+    let first = vms.start(1000, &vm).await.unwrap();
+    starting(&vms, "s").await;
+    let second = vms.start(1000, &vm).await.unwrap();
+    assert_eq!(first.id, second.id, "a second start began");
+    // Delete without force is refused and cancels nothing.
+    let e = vms.delete(&vm, false).await.unwrap_err();
+    assert!(e.to_string().contains("is starting"), "{e}");
+    assert_eq!(first.status().state, crate::jobs::JobState::Running);
+    // Stop cancels the start; its cleanup ran before stop went on.
+    tokio::time::timeout(Duration::from_secs(30), vms.stop(&vm, Default::default()))
+        .await
+        .expect("stop waited for the boot")
+        .unwrap();
+    assert!(matches!(first.wait().await, Err(crate::Error::Canceled)));
+    assert_eq!(vms.get("s").await.unwrap().state, VmState::Stopped);
+    assert!(
+        net.0.lock().unwrap().is_empty(),
+        "a tap stayed: {:?}",
+        net.0.lock().unwrap()
+    );
+
+    // Delete --force of a VM still being created: the create is canceled, nothing stays.
+    let (vm, create) = vms.create(1000, "d", opts(true)).await.unwrap();
+    starting(&vms, "d").await;
+    tokio::time::timeout(Duration::from_secs(30), vms.delete(&vm, true))
+        .await
+        .expect("delete waited for the boot")
+        .unwrap();
+    assert!(matches!(create.wait().await, Err(crate::Error::Canceled)));
+    // The canceled start's cleanup must not bring the row back.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(vms.get("d").await.is_err(), "the VM came back");
+    assert!(
+        net.0.lock().unwrap().is_empty(),
+        "a tap stayed: {:?}",
+        net.0.lock().unwrap()
+    );
+    assert_eq!(vms.list().await.unwrap().len(), 1);
 }

@@ -168,6 +168,7 @@ impl Vms {
             spec,
             move |ctx| async move { this.run_create(ctx, v, o).await },
         );
+        self.note_start(&vm.id, &job);
         Ok((vm, job))
     }
 
@@ -418,14 +419,16 @@ impl Vms {
 
     /// Phase 3 under the VM's lock; on failure the VM is `failed`, its processes gone.
     pub(super) async fn start_locked(&self, st: &mut Stages<'_>, mut vm: Vm) -> Result<()> {
-        let lock = self.lock_of(&vm.id);
-        let _held = lock.lock().await;
+        let held = self.lock_of(&vm.id).lock_owned().await;
+        // Deleted, or started by someone else, while this waited for the lock: nothing starts.
+        super::state::check(&self.get(&vm.id).await?, super::state::VmOp::Start)?;
         // Over the owner's running quota nothing has started: the VM stays as it was.
         self.enter_starting(&mut vm).await?;
-        // Cancel drops this future; the guard still cleans up.
+        // Cancel drops this future; the guard still cleans up, and holds the lock until then.
         let mut guard = FailGuard {
             vms: self.clone(),
             vm: Some(vm.clone()),
+            held: Some(held),
         };
         let r = self.start_phase(st, &mut vm).await;
         guard.vm = None;
@@ -1201,13 +1204,18 @@ fn make_work_disk(seed: Option<&std::path::Path>, out: &std::path::Path) -> Resu
 struct FailGuard {
     vms: Vms,
     vm: Option<Vm>,
+    /// The VM's lock, released only once the cleanup is done.
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl Drop for FailGuard {
     fn drop(&mut self) {
         if let Some(mut vm) = self.vm.take() {
-            let vms = self.vms.clone();
-            tokio::spawn(async move { vms.fail(&mut vm).await });
+            let (vms, held) = (self.vms.clone(), self.held.take());
+            tokio::spawn(async move {
+                vms.fail(&mut vm).await;
+                drop(held);
+            });
         }
     }
 }

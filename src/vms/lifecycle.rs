@@ -4,23 +4,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::create::Stages;
+use super::state::VmOp;
 use super::{StopOptions, Vms};
 use crate::auth::Action;
 use crate::jobs::{Job, JobSpec};
 use crate::model::{Vm, VmState};
 use crate::service::ObjectEvent;
 use crate::store::rows;
-use crate::{Error, Result};
+use crate::Result;
 
 impl Vms {
     /// Starts a VM that is not running, as a job.
     pub async fn start(&self, uid: u32, vm: &Vm) -> Result<Arc<Job>> {
-        if vm.state.is_active() {
-            return Err(Error::InvalidArgument(format!(
-                "VM {} is {} already",
-                vm.name, vm.state
-            )));
+        // A second start of a starting VM is the first one.
+        if let Some(job) = self.running_start(&vm.id) {
+            return Ok(job);
         }
+        let vm = &self.get(&vm.id).await?;
+        super::state::check(vm, VmOp::Start)?;
         let (_, active) = self.owned_by(vm.owner_uid, &vm.id).await?;
         super::bounds::running_quota(vm.owner_uid, active, self.config.max_running_vms_per_user)?;
         let spec = JobSpec {
@@ -29,23 +30,28 @@ impl Vms {
             action: Action::VmsManage,
             owner_uid: uid,
         };
-        let (this, vm) = (self.clone(), vm.clone());
-        Ok(self.jobs.spawn(spec, move |ctx| async move {
+        let (this, v) = (self.clone(), vm.clone());
+        let job = self.jobs.spawn(spec, move |ctx| async move {
             let mut st = Stages {
                 ctx: &ctx,
                 vms: &this,
                 saved: true,
             };
-            this.start_locked(&mut st, vm).await
-        }))
+            this.start_locked(&mut st, v).await
+        });
+        self.note_start(&vm.id, &job);
+        Ok(job)
     }
 
     /// Stops a VM: the agent (or ACPI) powers the guest off; after `timeout_sec` (or at once
     /// with `force`) the VMM is killed. Stopping a VM that does not run is not an error.
     pub async fn stop(&self, vm: &Vm, o: StopOptions) -> Result<()> {
+        // Stopping a starting VM cancels its start.
+        self.cancel_start(&vm.id).await;
         let lock = self.lock_of(&vm.id);
         let _held = lock.lock().await;
         let mut vm = self.get(&vm.id).await?;
+        super::state::check(&vm, VmOp::Stop)?;
         let run = self.layout.vm_runtime_dir(&vm.id);
         if !self.vmm.running(&run) {
             self.power_down(&vm).await?;
@@ -99,19 +105,12 @@ impl Vms {
         let lock = self.lock_of(&vm.id);
         let _held = lock.lock().await;
         let mut vm = self.get(&vm.id).await?;
-        let (from, to) = if pause {
-            (VmState::Running, VmState::Paused)
+        let (op, to) = if pause {
+            (VmOp::Pause, VmState::Paused)
         } else {
-            (VmState::Paused, VmState::Running)
+            (VmOp::Resume, VmState::Running)
         };
-        if vm.state != from {
-            return Err(Error::InvalidArgument(format!(
-                "VM {} is {}; only a {from} VM can be {}",
-                vm.name,
-                vm.state,
-                if pause { "paused" } else { "resumed" }
-            )));
-        }
+        super::state::check(&vm, op)?;
         let run = self.layout.vm_runtime_dir(&vm.id);
         if pause {
             self.vmm.pause(&run).await?;
@@ -150,16 +149,26 @@ impl Vms {
 
     /// Deletes a VM, its disks and its reservation; a running VM only with `force`.
     pub async fn delete(&self, vm: &Vm, force: bool) -> Result<()> {
+        let op = if force {
+            VmOp::ForceDelete
+        } else {
+            VmOp::Delete
+        };
+        // Refused before anything is canceled; forced, a start is canceled first.
+        super::state::check(&self.get(&vm.id).await?, op)?;
+        if force {
+            self.cancel_start(&vm.id).await;
+        }
         let lock = self.lock_of(&vm.id);
         let _held = lock.lock().await;
-        let vm = self.get(&vm.id).await?;
+        let mut vm = self.get(&vm.id).await?;
+        super::state::check(&vm, op)?;
         let run = self.layout.vm_runtime_dir(&vm.id);
         if self.vmm.running(&run) {
             if !force {
-                return Err(Error::InUse(format!(
-                    "VM {} is running; stop it first (`banger vm stop {}`) or delete with --force",
-                    vm.name, vm.name
-                )));
+                // The row says it is not running, but its VMM is: the VMM is the truth.
+                vm.state = VmState::Running;
+                super::state::check(&vm, VmOp::Delete)?;
             }
             tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "Killing the VM to delete it");
         }

@@ -8,6 +8,7 @@ mod lifecycle;
 pub mod publish;
 pub mod share;
 pub mod snapshot;
+pub mod state;
 mod warm;
 
 use std::collections::HashMap;
@@ -288,6 +289,8 @@ pub struct Vms {
     /// starts cannot all pass `max_running_vms_per_user`.
     start_gate: Arc<tokio::sync::Mutex<()>>,
     locks: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    /// The job starting each VM (a create or a start), while it may still run.
+    starts: Arc<std::sync::Mutex<HashMap<String, Arc<crate::jobs::Job>>>>,
     /// Warm snapshots being made.
     warming: Arc<warm::Warming>,
 }
@@ -319,6 +322,7 @@ impl Vms {
             net_lock: Arc::default(),
             start_gate: Arc::default(),
             locks: Arc::default(),
+            starts: Arc::default(),
             warming: Arc::default(),
         }
     }
@@ -366,6 +370,31 @@ impl Vms {
         bounds::running_quota(vm.owner_uid, active, self.config.max_running_vms_per_user)?;
         vm.state = VmState::Starting;
         self.save(vm).await
+    }
+
+    /// Remembers the job that starts VM `id`.
+    fn note_start(&self, id: &str, job: &Arc<crate::jobs::Job>) {
+        let mut s = self.starts.lock().unwrap_or_else(|p| p.into_inner());
+        s.retain(|_, j| j.status().state == crate::jobs::JobState::Running);
+        s.insert(id.to_owned(), job.clone());
+    }
+
+    /// The job starting VM `id`, while it runs.
+    fn running_start(&self, id: &str) -> Option<Arc<crate::jobs::Job>> {
+        let s = self.starts.lock().unwrap_or_else(|p| p.into_inner());
+        s.get(id)
+            .filter(|j| j.status().state == crate::jobs::JobState::Running)
+            .cloned()
+    }
+
+    /// Cancels the start of VM `id`, if one runs, and waits until it ended (its cleanup
+    /// then runs under the VM's lock, which the caller takes next).
+    async fn cancel_start(&self, id: &str) {
+        if let Some(job) = self.running_start(id) {
+            tracing::info!(vm_id = %id, job_id = job.id, "Canceling the VM's start");
+            let _ = self.jobs.cancel(job.id);
+            let _ = job.wait().await;
+        }
     }
 
     /// The VM's own lock: its start, stop and delete never overlap.

@@ -314,12 +314,7 @@ impl Vms {
     }
 
     fn snapshot_allowed(&self, vm: &Vm) -> Result<()> {
-        if !vm.state.is_active() {
-            return Err(Error::InvalidArgument(format!(
-                "VM {} is {}; only a running or paused VM can be snapshotted (`banger vm start {}` first)",
-                vm.name, vm.state, vm.name
-            )));
-        }
+        super::state::check(vm, super::state::VmOp::Snapshot)?;
         if !vm.shares.is_empty() {
             return Err(Error::InvalidArgument(format!(
                 "VM {} has shared folders, whose virtio-fs devices cannot be saved; snapshot a VM without --share",
