@@ -169,9 +169,16 @@ async fn main() -> anyhow::Result<()> {
         rows::insert_kernel(c, &kernel)
     })?;
     let config = Config::default();
-    let vms = Banger::with_parts(config, layout, store, Arc::new(SlowVmm), Arc::new(NoNet))?
-        .vms
-        .clone();
+    let vms = Banger::with_parts(
+        config,
+        layout,
+        store,
+        Arc::new(SlowVmm),
+        Arc::new(NoNet),
+        Arc::new(banger::vmm::scope::NoMachines),
+    )?
+    .vms
+    .clone();
     let opts = CreateOptions {
         image: Some("img".into()),
         ..CreateOptions::default()

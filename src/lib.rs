@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod dbus;
 pub mod error;
+pub mod events;
 pub mod ext4;
 pub mod guest;
 pub mod guestinit;

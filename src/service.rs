@@ -1,77 +1,16 @@
-//! The daemon's services wired together, and the object events the D-Bus layer mirrors.
+//! The daemon's services wired together.
 
 use std::sync::Arc;
 
-use tokio::sync::broadcast;
-
 use crate::config::Config;
+pub use crate::events::{Events, ObjectEvent};
 use crate::images::Images;
 use crate::jobs::Jobs;
 use crate::kernels::Kernels;
 use crate::layout::Layout;
-use crate::model::{Image, Kernel, Vm};
 use crate::store::{rows, Store};
 use crate::vms::Vms;
 use crate::Result;
-
-/// Objects appearing, changing and going, in order, for the D-Bus layer to mirror.
-#[derive(Debug, Clone)]
-pub enum ObjectEvent {
-    /// An image was published.
-    ImageAdded(Image),
-    /// An image's row changed (re-registered, promoted).
-    ImageChanged(Image),
-    /// An image was deleted (its id).
-    ImageRemoved(String),
-    /// A kernel was added.
-    KernelAdded(Kernel),
-    /// A kernel was deleted (its name).
-    KernelRemoved(String),
-    /// A VM was reserved.
-    VmAdded(Vm),
-    /// A VM's row changed.
-    VmChanged(Vm),
-    /// A VM was deleted (its id).
-    VmRemoved(String),
-    /// A snapshot was published.
-    SnapshotAdded(crate::model::Snapshot),
-    /// A snapshot was deleted (its id).
-    SnapshotRemoved(String),
-    /// A VM creation reached a stage.
-    CreateProgress {
-        /// The VM's id.
-        vm_id: String,
-        /// The stage.
-        stage: String,
-        /// What it is doing.
-        message: String,
-    },
-}
-
-/// Sender of [`ObjectEvent`]s; cheap to clone.
-#[derive(Clone)]
-pub struct Events(broadcast::Sender<ObjectEvent>);
-
-impl Events {
-    /// A new channel.
-    pub fn new() -> Self {
-        Events(broadcast::channel(1024).0)
-    }
-    /// Sends an event; nobody listening is fine.
-    pub fn send(&self, e: ObjectEvent) {
-        let _ = self.0.send(e);
-    }
-    /// Subscribes from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<ObjectEvent> {
-        self.0.subscribe()
-    }
-}
-
-impl Default for Events {
-    fn default() -> Self {
-        Self::new()
-    }
-}
 
 /// Everything the D-Bus layer calls into.
 pub struct Banger {
@@ -118,7 +57,14 @@ impl Banger {
             subnet,
             config.allowed_egress().unwrap_or_default(),
         ));
-        Self::with_parts(config, layout, store, vmm, net)
+        Self::with_parts(
+            config,
+            layout,
+            store,
+            vmm,
+            net,
+            Arc::new(crate::vmm::scope::Machined::default()),
+        )
     }
 
     /// The daemon's wiring: the configured subnet is checked against the host's routes (a
@@ -145,17 +91,26 @@ impl Banger {
             chosen,
             config.allowed_egress().unwrap_or_default(),
         ));
-        Self::with_parts(config, layout, store, vmm, net)
+        Self::with_parts(
+            config,
+            layout,
+            store,
+            vmm,
+            net,
+            Arc::new(crate::vmm::scope::Machined::default()),
+        )
     }
 
     /// Wires the services over an opened store, booting VMs with `vmm` on host network `net`
-    /// (tests and benchmarks pass stand-ins). Job ids continue after the store's highest.
+    /// and announcing them to `machines` (tests and benchmarks pass stand-ins). Job ids
+    /// continue after the store's highest.
     pub fn with_parts(
         config: Config,
         layout: Layout,
         store: Store,
         vmm: Arc<dyn crate::vmm::Vmm>,
         net: Arc<dyn crate::net::HostNet>,
+        machines: Arc<dyn crate::vmm::scope::Machines>,
     ) -> Result<Arc<Self>> {
         let last_job = store.call_blocking(|c| rows::max_job_id(c))?;
         let jobs = Jobs::new(last_job);
@@ -184,6 +139,7 @@ impl Banger {
             kernels.clone(),
             vmm,
             net,
+            machines,
         );
         Ok(Arc::new(Banger {
             images,

@@ -12,8 +12,8 @@ use super::{
     image, image_path, images, job, job_path, jobs, kernel, kernel_path, vm, vm_path, vms, Ctx,
     MANAGER_PATH,
 };
+use crate::events::ObjectEvent;
 use crate::jobs::{Job, JobEvent, JobState};
-use crate::service::ObjectEvent;
 
 /// Which jobs' objects are on the bus, so a method can return a job path only once it works.
 pub struct JobRegistry {

@@ -14,10 +14,10 @@ use std::sync::Arc;
 
 use crate::callerfile::CallerInput;
 use crate::config::Config;
+use crate::events::{Events, ObjectEvent};
 use crate::jobs::Jobs;
 use crate::layout::Layout;
 use crate::model::{validate_name, Image, NameKind};
-use crate::service::{Events, ObjectEvent};
 use crate::store::{rows, Store};
 use crate::{Error, Result};
 

@@ -1,9 +1,9 @@
 //! Publication: the one step of a pull that holds the images lock.
 
 use super::Images;
+use crate::events::ObjectEvent;
 pub(super) use crate::layout::StagingDir as Staging;
 use crate::model::Image;
-use crate::service::ObjectEvent;
 use crate::store::rows;
 use crate::{Error, Result};
 

@@ -10,10 +10,10 @@ use super::publish::Staging;
 use super::{Images, RegisterOptions};
 use crate::auth::Action;
 use crate::callerfile::{self, CallerInput, Expect};
+use crate::events::ObjectEvent;
 use crate::jobs::{Job, JobSpec};
 use crate::layout::STAGING_PREFIX;
 use crate::model::{new_id, now_us, Image};
-use crate::service::ObjectEvent;
 use crate::store::rows;
 use crate::{Error, Result};
 

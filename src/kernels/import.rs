@@ -9,10 +9,10 @@ use std::path::{Component, Path};
 
 use super::{vmlinux, ImportOptions, Kernels};
 use crate::callerfile::{self, Expect};
+use crate::events::ObjectEvent;
 use crate::layout::{StagingDir, STAGING_PREFIX};
 use crate::model::{new_id, now_us, validate_name, Kernel, NameKind};
 use crate::oci::flatten::{Flattener, Limits};
-use crate::service::ObjectEvent;
 use crate::store::rows;
 use crate::{host, Error, Result};
 

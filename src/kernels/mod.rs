@@ -11,9 +11,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::callerfile::CallerInput;
+use crate::events::{Events, ObjectEvent};
 use crate::layout::Layout;
 use crate::model::Kernel;
-use crate::service::{Events, ObjectEvent};
 use crate::store::{rows, Store};
 use crate::{Error, Result};
 

@@ -4,8 +4,6 @@
 
 use std::path::PathBuf;
 
-use zbus::names::OwnedUniqueName;
-
 use super::*;
 use crate::auth::{RecordingAuthority, Verdict};
 use crate::jobs::JobSpec;
@@ -15,12 +13,7 @@ const ME: u32 = 1000;
 const OTHER: u32 = 2000;
 
 fn caller(uid: u32) -> Caller {
-    Caller {
-        sender: OwnedUniqueName::try_from(":1.42").unwrap(),
-        subject: None,
-        uid,
-        interactive: false,
-    }
+    Caller::unchecked(uid)
 }
 
 fn authority(answer: Option<Verdict>) -> RecordingAuthority {

@@ -148,35 +148,73 @@ fn machine_id(id: &str) -> Vec<u8> {
         .collect()
 }
 
-/// Registers a VM that just became ready with machined, when machined runs. Problems are
-/// logged, never fatal: the VM runs.
-pub async fn announce(m: &Machine<'_>) {
-    if !systemd_booted() || m.pids.is_empty() {
-        return;
+/// Where ready VMs are announced to the host (machined), behind one small trait so the
+/// services run without a bus in unit tests.
+#[async_trait::async_trait]
+pub trait Machines: Send + Sync {
+    /// Registers a VM that just became ready. Problems are logged, never fatal: the VM runs.
+    async fn announce(&self, m: &Machine<'_>);
+    /// Forgets a VM that stopped (its units go by themselves with their processes).
+    async fn withdraw(&self, vm_id: &str);
+}
+
+/// systemd-machined on the system bus, through one connection made when first needed.
+#[derive(Default)]
+pub struct Machined {
+    conn: tokio::sync::OnceCell<Option<zbus::Connection>>,
+}
+
+impl Machined {
+    /// The connection, when this host runs systemd and its bus answers.
+    async fn conn(&self) -> Option<&zbus::Connection> {
+        self.conn
+            .get_or_init(|| async {
+                if !systemd_booted() {
+                    return None;
+                }
+                match zbus::Connection::system().await {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!("Cannot reach machined on the system bus: {e}");
+                        None
+                    }
+                }
+            })
+            .await
+            .as_ref()
     }
-    let conn = match zbus::Connection::system().await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!("Cannot reach machined on the system bus: {e}");
+}
+
+#[async_trait::async_trait]
+impl Machines for Machined {
+    async fn announce(&self, m: &Machine<'_>) {
+        if m.pids.is_empty() {
             return;
         }
-    };
-    if machined_available(&conn).await {
-        if let Err(e) = register(&conn, m).await {
-            tracing::warn!(vm_name = m.name, "{}", e.full_message());
+        let Some(conn) = self.conn().await else {
+            return;
+        };
+        if machined_available(conn).await {
+            if let Err(e) = register(conn, m).await {
+                tracing::warn!(vm_name = m.name, "{}", e.full_message());
+            }
+        }
+    }
+
+    async fn withdraw(&self, vm_id: &str) {
+        if let Some(conn) = self.conn().await {
+            unregister(conn, vm_id).await;
         }
     }
 }
 
-/// Forgets a VM that stopped: its machine registration (its units go by themselves with
-/// their processes).
-pub async fn withdraw(vm_id: &str) {
-    if !systemd_booted() {
-        return;
-    }
-    if let Ok(conn) = zbus::Connection::system().await {
-        unregister(&conn, vm_id).await;
-    }
+/// No machine registry (unit tests, benchmarks with stand-in VMMs).
+pub struct NoMachines;
+
+#[async_trait::async_trait]
+impl Machines for NoMachines {
+    async fn announce(&self, _: &Machine<'_>) {}
+    async fn withdraw(&self, _: &str) {}
 }
 
 #[cfg(test)]

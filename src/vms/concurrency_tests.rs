@@ -159,7 +159,15 @@ fn banger_with_net(
     let vmm = Arc::new(GateVmm(tokio::sync::Barrier::new(gate)));
     let net = Arc::new(FakeNet::default());
     (
-        crate::service::Banger::with_parts(config, layout, store, vmm, net.clone()).unwrap(),
+        crate::service::Banger::with_parts(
+            config,
+            layout,
+            store,
+            vmm,
+            net.clone(),
+            Arc::new(crate::vmm::scope::NoMachines),
+        )
+        .unwrap(),
         net,
     )
 }

@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use super::{bounds, publish, share, snapshot, CreateOptions, Vms};
 use crate::auth::Action;
+use crate::events::ObjectEvent;
 use crate::jobs::{Job, JobContext, JobSpec};
 use crate::model::{new_id, now_us, Image, Kernel, Vm, VmState};
-use crate::service::ObjectEvent;
 use crate::store::rows;
 use crate::vmm::BootSpec;
 use crate::{Error, Result};
@@ -791,14 +791,15 @@ impl Vms {
             self.start_forwarder(vm, &spec.jail).await?;
         }
         let pids = self.vmm.pids(&run);
-        crate::vmm::scope::announce(&crate::vmm::scope::Machine {
-            name: &vm.name,
-            id: &vm.id,
-            pids: &pids,
-            cid: vm.vsock_cid,
-            ssh_address: &vm.ssh_address,
-        })
-        .await;
+        self.machines
+            .announce(&crate::vmm::scope::Machine {
+                name: &vm.name,
+                id: &vm.id,
+                pids: &pids,
+                cid: vm.vsock_cid,
+                ssh_address: &vm.ssh_address,
+            })
+            .await;
         vm.state = VmState::Running;
         st.enter(vm, "ready", format!("VM {} is ready", vm.name))
             .await?;

@@ -7,9 +7,9 @@ use super::create::Stages;
 use super::state::VmOp;
 use super::{StopOptions, Vms};
 use crate::auth::Action;
+use crate::events::ObjectEvent;
 use crate::jobs::{Job, JobSpec};
 use crate::model::{Vm, VmState};
-use crate::service::ObjectEvent;
 use crate::store::rows;
 use crate::Result;
 
@@ -275,7 +275,7 @@ impl Vms {
         )
         .await;
         self.vmm.kill(&run).await?;
-        crate::vmm::scope::withdraw(&vm.id).await;
+        self.machines.withdraw(&vm.id).await;
         let detached = {
             let _net = self.net_lock.lock().await;
             match self.guest_ports(&vm.id).await {

@@ -17,13 +17,13 @@ use std::sync::Arc;
 
 use crate::auth::Action;
 use crate::config::Config;
+use crate::events::{Events, ObjectEvent};
 use crate::images::Images;
 use crate::jobs::Jobs;
 use crate::kernels::Kernels;
 use crate::layout::Layout;
 use crate::model::{validate_name, NameKind, Vm, VmState};
 use crate::net::HostNet;
-use crate::service::{Events, ObjectEvent};
 use crate::store::{rows, Store};
 use crate::vmm::Vmm;
 use crate::{Error, Result};
@@ -283,6 +283,8 @@ pub struct Vms {
     kernels: Kernels,
     vmm: Arc<dyn Vmm>,
     net: Arc<dyn HostNet>,
+    /// Where ready VMs are announced (machined).
+    machines: Arc<dyn crate::vmm::scope::Machines>,
     /// Serialises tap creation against the bridge's removal when the last VM goes.
     net_lock: Arc<tokio::sync::Mutex<()>>,
     /// Held over an owner's running-VM count and the VM's move to `starting`, so parallel
@@ -308,6 +310,7 @@ impl Vms {
         kernels: Kernels,
         vmm: Arc<dyn Vmm>,
         net: Arc<dyn HostNet>,
+        machines: Arc<dyn crate::vmm::scope::Machines>,
     ) -> Self {
         Vms {
             store,
@@ -319,6 +322,7 @@ impl Vms {
             kernels,
             vmm,
             net,
+            machines,
             net_lock: Arc::default(),
             start_gate: Arc::default(),
             locks: Arc::default(),

@@ -13,9 +13,9 @@ use sha2::{Digest, Sha256};
 
 use super::Vms;
 use crate::auth::Action;
+use crate::events::ObjectEvent;
 use crate::jobs::{Job, JobContext, JobSpec};
 use crate::model::{hex, new_id, now_us, validate_name, NameKind, Snapshot, Vm, VmState};
-use crate::service::ObjectEvent;
 use crate::store::rows;
 use crate::{Error, Result};
 
