@@ -6,7 +6,7 @@
 //! flattener as OCI layers (no `..`, no escaping links, a size cap), into a staging directory
 //! that is only published after all of it succeeded.
 
-use std::io::Write;
+use tokio::io::AsyncWriteExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -99,8 +99,9 @@ pub async fn download(
         )));
     }
     let path = dir.join("bundle.tar.zst");
-    let mut file =
-        std::fs::File::create(&path).map_err(|e| Error::failed("Cannot store the bundle", e))?;
+    let mut file = tokio::fs::File::create(&path)
+        .await
+        .map_err(|e| Error::failed("Cannot store the bundle", e))?;
     let mut hash = Sha256::new();
     let mut got: u64 = 0;
     loop {
@@ -122,6 +123,7 @@ pub async fn download(
         }
         hash.update(&chunk);
         file.write_all(&chunk)
+            .await
             .map_err(|e| Error::failed("Cannot store the bundle", e))?;
         if let Some(t) = total {
             progress(got as f64 / t.max(1) as f64);
@@ -139,6 +141,10 @@ pub async fn download(
             "{url} has sha256 {actual}, not the catalog's {sha256}; nothing was published"
         )));
     }
+    // Every write has landed before anything reads the file.
+    file.flush()
+        .await
+        .map_err(|e| Error::failed("Cannot store the bundle", e))?;
     Ok(path)
 }
 

@@ -3,7 +3,7 @@
 //! renamed into place, so the cache only ever holds verified blobs and a later pull reuses
 //! them without touching the network.
 
-use std::io::Write;
+use tokio::io::AsyncWriteExt;
 use std::path::{Path, PathBuf};
 
 use futures_util::StreamExt;
@@ -170,7 +170,8 @@ impl Registry {
             progress(desc.size.max(0) as u64);
             return Ok(final_path);
         }
-        std::fs::create_dir_all(&dir)
+        tokio::fs::create_dir_all(&dir)
+            .await
             .map_err(|e| Error::failed("Cannot create the blob cache", e))?;
         let expected = u64::try_from(desc.size).map_err(|_| {
             Error::InvalidArgument(format!("Blob {} has a negative size", desc.digest))
@@ -182,11 +183,12 @@ impl Registry {
             .download(r, desc, &staging, (expected, hex), &mut progress, tee)
             .await;
         match result {
-            Ok(()) => std::fs::rename(&staging, &final_path)
+            Ok(()) => tokio::fs::rename(&staging, &final_path)
+                .await
                 .map(|()| final_path)
                 .map_err(|e| Error::failed("Cannot publish a blob into the cache", e)),
             Err(e) => {
-                let _ = std::fs::remove_file(&staging);
+                let _ = tokio::fs::remove_file(&staging).await;
                 Err(e)
             }
         }
@@ -206,7 +208,9 @@ impl Registry {
             .pull_blob_stream(r, desc)
             .await
             .map_err(|e| Error::failed(format!("Cannot fetch blob {}", desc.digest), e))?;
-        let mut file = std::fs::File::create(staging)
+        // Written through tokio's file (the blocking pool), never on an async worker.
+        let mut file = tokio::fs::File::create(staging)
+            .await
             .map_err(|e| Error::failed("Cannot write the blob cache", e))?;
         let mut hasher = Sha256::new();
         let mut got: u64 = 0;
@@ -247,6 +251,7 @@ impl Registry {
             }
             hasher.update(&chunk);
             file.write_all(&chunk)
+                .await
                 .map_err(|e| Error::failed("Cannot write the blob cache", e))?;
             if let Some(t) = &tee {
                 if t.send(chunk.to_vec()).await.is_err() {
@@ -265,7 +270,11 @@ impl Registry {
         if actual != hex {
             return Err(mismatch(&actual));
         }
+        file.flush()
+            .await
+            .map_err(|e| Error::failed("Cannot write the blob cache", e))?;
         file.sync_all()
+            .await
             .map_err(|e| Error::failed("Cannot write the blob cache", e))?;
         Ok(())
     }
