@@ -6,8 +6,8 @@
 //! flattener as OCI layers (no `..`, no escaping links, a size cap), into a staging directory
 //! that is only published after all of it succeeded.
 
-use tokio::io::AsyncWriteExt;
 use std::path::{Path, PathBuf};
+use tokio::io::AsyncWriteExt;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};

@@ -76,11 +76,43 @@ pub fn prepare(opts: &DaemonOptions) -> Result<(Config, Layout, Store)> {
         tracing::info!(path = %p.display(), "Removed staging leftover of an interrupted operation");
     }
     let store = Store::open(&layout.database())?;
+    sweep_orphans(&layout, &store)?;
     let n = store.call_blocking(|c| rows::fail_interrupted_jobs(c, now_us()))?;
     if n > 0 {
         tracing::warn!("{n} job(s) were interrupted by the previous daemon's exit; marked failed");
     }
     Ok((config, layout, store))
+}
+
+/// Removes image, kernel, VM and snapshot directories no row names (see
+/// `layout::sweep_orphans` for why that is safe), logging each with its id.
+fn sweep_orphans(layout: &Layout, store: &Store) -> Result<()> {
+    use std::collections::BTreeSet;
+    let (images, kernels, vms, snapshots) = store.call_blocking(|c| {
+        let ids = |v: Vec<String>| v.into_iter().collect::<BTreeSet<_>>();
+        Ok((
+            ids(rows::list_images(c)?.into_iter().map(|i| i.id).collect()),
+            ids(rows::list_kernels(c)?.into_iter().map(|k| k.name).collect()),
+            ids(rows::list_vms(c)?.into_iter().map(|v| v.id).collect()),
+            ids(rows::list_snapshots(c)?.into_iter().map(|s| s.id).collect()),
+        ))
+    })?;
+    for (dir, live, kind) in [
+        (layout.images_dir(), images, "image"),
+        (layout.kernels_dir(), kernels, "kernel"),
+        (layout.vms_dir(), vms, "VM"),
+        (layout.snapshots_dir(), snapshots, "snapshot"),
+    ] {
+        for id in crate::layout::sweep_orphans(&dir, &live)? {
+            tracing::warn!(
+                kind,
+                id = %id,
+                "Removed {kind} directory {id}: no row names it (a publish or delete the \
+                 previous daemon did not finish)"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Runs the daemon until it is idle, signalled, or the bus goes away.

@@ -128,6 +128,30 @@ impl Layout {
     }
 }
 
+/// Removes the directories in `dir` no row names (`live`): what a publish that renamed its
+/// files into place, or a delete that removed its row, left when the daemon died between the
+/// two steps. Publication renames files into place before the row is inserted, and deletion
+/// removes the row before the files, so a directory without a row is never in use. Names
+/// starting with `.` (staging) are `sweep_staging`'s. Returns the names removed.
+pub fn sweep_orphans(dir: &Path, live: &std::collections::BTreeSet<String>) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::failed(format!("Cannot list {}", dir.display()), e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
+        if !is_dir || name.starts_with('.') || live.contains(&name) {
+            continue;
+        }
+        remove_any(&entry.path())?;
+        removed.push(name);
+    }
+    Ok(removed)
+}
+
 fn is_tmpfs(p: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {

@@ -82,9 +82,26 @@ fn snapshot_of(vm: &Vm) -> banger::model::Snapshot {
     }
 }
 
+/// Directories `seed` leaves without rows.
+const ORPHANS: [&str; 4] = [
+    "images/0123456789abcdef",
+    "kernels/orphan-kernel",
+    "vms/fedcba9876543210",
+    "snapshots/00000000deadbeef",
+];
+
 fn seed(bus: &TestBus) -> Seeded {
     let state = bus.state_dir();
     std::fs::create_dir_all(state.join("images/.staging-interrupted/tree")).unwrap();
+    // Directories no row names (a publish or delete a killed daemon did not finish), and
+    // ones rows name, which stay.
+    for d in ORPHANS
+        .iter()
+        .chain(&["kernels/debian-6.1", "snapshots/5a5a5a5a5a5a5a5a"])
+    {
+        std::fs::create_dir_all(state.join(d)).unwrap();
+        std::fs::write(state.join(d).join("file"), "x").unwrap();
+    }
     let store = Store::open(&state.join("banger.db")).unwrap();
     let image = Image {
         id: banger::model::new_id(),
@@ -164,8 +181,18 @@ async fn activation_introspection_and_reads() {
         assert!(busctl.contains(iface), "{busctl}");
     }
 
-    // The staging leftover was swept before the name was taken.
+    // The staging leftover was swept before the name was taken, and so were directories no
+    // row names; those of rows stayed.
     assert!(!bus.state_dir().join("images/.staging-interrupted").exists());
+    for d in ORPHANS {
+        assert!(!bus.state_dir().join(d).exists(), "{d} was not swept");
+    }
+    for d in ["kernels/debian-6.1", "snapshots/5a5a5a5a5a5a5a5a"] {
+        assert!(
+            bus.state_dir().join(d).join("file").exists(),
+            "{d} was swept"
+        );
+    }
 
     // Objects come from the store, with the escaped kernel path of sd-bus.
     let image_path = format!("/org/banger/image/{}", s.image.id);

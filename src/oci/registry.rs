@@ -3,8 +3,8 @@
 //! renamed into place, so the cache only ever holds verified blobs and a later pull reuses
 //! them without touching the network.
 
-use tokio::io::AsyncWriteExt;
 use std::path::{Path, PathBuf};
+use tokio::io::AsyncWriteExt;
 
 use futures_util::StreamExt;
 use oci_client::client::{linux_amd64_resolver, ClientConfig, ClientProtocol};
