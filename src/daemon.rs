@@ -72,6 +72,15 @@ pub fn prepare(opts: &DaemonOptions) -> Result<(Config, Layout, Store)> {
     let config = Config::load(&opts.config, opts.config_required)?;
     let layout = Layout::new(&opts.state_dir, &opts.runtime_dir);
     layout.create()?;
+    // Programs a killed daemon's jobs started would write into what is swept next.
+    let programs = layout.runtime_dir.join("programs");
+    for pgid in crate::host::stop_orphaned_programs(&programs) {
+        tracing::warn!(
+            pgid,
+            "Stopped the programs of a job the previous daemon left running"
+        );
+    }
+    crate::host::record_programs_in(programs)?;
     for p in layout.sweep_staging()? {
         tracing::info!(path = %p.display(), "Removed staging leftover of an interrupted operation");
     }

@@ -93,6 +93,9 @@ pub fn output(cmd: &mut Command, what: &str) -> Result<std::process::Output> {
     }
     let fail = |e| Error::failed(format!("Cannot run {what}"), e);
     let child = cmd.spawn().map_err(fail)?;
+    // Recorded until it ends, so a daemon killed meanwhile has its successor stop the group
+    // (PR_SET_PDEATHSIG reaches only this program, not what it started).
+    let _record = ProgramRecord::new(child.id());
     let Some(job) = crate::jobs::current_blocking() else {
         return child.wait_with_output().map_err(fail);
     };
@@ -124,6 +127,93 @@ pub fn output(cmd: &mut Command, what: &str) -> Result<std::process::Output> {
             }
         }
     }
+}
+
+/// Where the programs [`output`] runs are recorded while they run (`<dir>/<pgid>`, holding
+/// the leader's start time); set by the daemon, unset in tests and the CLI.
+static PROGRAMS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Records the programs [`output`] starts in `dir` from now on (the daemon's runtime
+/// directory: a reboot forgets them with their processes).
+pub fn record_programs_in(dir: PathBuf) -> Result<()> {
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::failed(format!("Cannot create {}", dir.display()), e))?;
+    let _ = PROGRAMS.set(dir);
+    Ok(())
+}
+
+/// A running program's record, removed when it ends.
+struct ProgramRecord(Option<PathBuf>);
+
+impl ProgramRecord {
+    fn new(pid: u32) -> Self {
+        let Some(dir) = PROGRAMS.get() else {
+            return ProgramRecord(None);
+        };
+        let path = dir.join(pid.to_string());
+        match start_time(pid) {
+            Some(t) if std::fs::write(&path, t.to_string()).is_ok() => ProgramRecord(Some(path)),
+            _ => ProgramRecord(None),
+        }
+    }
+}
+
+impl Drop for ProgramRecord {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A process's start time in clock ticks since boot (`/proc/<pid>/stat`, field 22), and its
+/// process group (field 5).
+fn stat_of(pid: u32) -> Option<(u64, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold anything: count from its end.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): pgrp is field 5, starttime field 22.
+    Some((f.get(19)?.parse().ok()?, f.get(2)?.parse().ok()?))
+}
+
+fn start_time(pid: u32) -> Option<u64> {
+    stat_of(pid).map(|(t, _)| t)
+}
+
+/// Stops what programs a dead daemon started are still running (their whole process groups:
+/// every process of a recorded group that started no earlier than its leader), and forgets
+/// the records. Run at start, before anything is swept. Returns the groups stopped.
+pub fn stop_orphaned_programs(dir: &std::path::Path) -> Vec<i32> {
+    let mut stopped = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return stopped;
+    };
+    for e in entries.flatten() {
+        let (Ok(pgid), Ok(since)) = (
+            e.file_name().to_string_lossy().parse::<i32>(),
+            std::fs::read_to_string(e.path()).map(|t| t.trim().parse::<u64>().unwrap_or(u64::MAX)),
+        ) else {
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        };
+        let members: Vec<u32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|p| p.file_name().to_string_lossy().parse::<u32>().ok())
+            .filter(|pid| matches!(stat_of(*pid), Some((t, g)) if g == pgid && t >= since))
+            .collect();
+        for pid in &members {
+            // SAFETY: kill takes no pointers; the pid is a member of the recorded group.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        if !members.is_empty() {
+            stopped.push(pgid);
+        }
+        let _ = std::fs::remove_file(e.path());
+    }
+    stopped
 }
 
 /// A user's name and primary group, from the password database.
@@ -273,4 +363,64 @@ pub fn listen_unix(path: &std::path::Path, gid: u32) -> std::io::Result<std::os:
     std::os::unix::fs::chown(path, Some(0), Some(gid))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     Ok(l.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_daemons_programs_are_stopped_group_and_all() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let marker = format!("banger-orphan-test-{}", std::process::id());
+        // A program that started programs of its own, as debootstrap starts dpkg.
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", &format!("sleep 300 & sleep 300 & wait # {marker}")])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = leader.id();
+        while std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|p| p.file_name().to_string_lossy().parse::<u32>().ok())
+            .filter(|p| matches!(stat_of(*p), Some((_, g)) if g == pid as i32))
+            .count()
+            < 3
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::fs::write(
+            dir.path().join(pid.to_string()),
+            start_time(pid).unwrap().to_string(),
+        )
+        .unwrap();
+        // A record of a program long gone stops nothing.
+        std::fs::write(dir.path().join("999999999"), "1").unwrap();
+        assert_eq!(stop_orphaned_programs(dir.path()), vec![pid as i32]);
+        assert!(!leader.wait().unwrap().success());
+        // SIGKILL lands at once; their exits are reaped a moment later.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let left = std::process::Command::new("pgrep")
+                .args(["-g", &pid.to_string()])
+                .output()
+                .unwrap();
+            if left.stdout.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "left: {}",
+                String::from_utf8_lossy(&left.stdout)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "records stayed"
+        );
+    }
 }
