@@ -307,8 +307,9 @@ impl Drop for Entered {
 /// `tokio::task::spawn_blocking` for a job's work: the closure runs knowing its job, so the
 /// programs it runs through [`crate::host`] are killed when the job is canceled, and a
 /// canceled job ends only after the closure has returned. Outside a job, plain
-/// `spawn_blocking`.
-pub async fn spawn_blocking<T, F>(f: F) -> std::result::Result<T, tokio::task::JoinError>
+/// `spawn_blocking`. Like it, the closure starts at once, not when the handle is awaited
+/// (work that feeds it, or that it feeds, runs meanwhile).
+pub fn spawn_blocking<T, F>(f: F) -> tokio::task::JoinHandle<T>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
@@ -324,7 +325,6 @@ where
         let _entered = Entered;
         f()
     })
-    .await
 }
 
 /// A job's work ended by a panic: its message.
@@ -528,6 +528,33 @@ impl Jobs {
 mod tests {
     use super::*;
     use tokio::sync::oneshot;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocking_work_starts_before_its_handle_is_awaited() {
+        // A consumer on the blocking pool and a producer awaited first, as a snapshot's
+        // compressor and QEMU's migration, or a pull's flattener and its download, are.
+        let jobs = Jobs::new(0);
+        let job = jobs.spawn(spec(), |_| async {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<u32>(1);
+            let consumer = spawn_blocking(move || {
+                let mut n = 0;
+                while rx.blocking_recv().is_some() {
+                    n += 1;
+                }
+                n
+            });
+            for i in 0..3 {
+                tx.send(i).await.map_err(|e| Error::failed("send", e))?;
+            }
+            drop(tx);
+            assert_eq!(consumer.await.unwrap(), 3);
+            Ok(())
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(10), job.wait())
+            .await
+            .expect("the producer waited for a consumer that had not started")
+            .unwrap();
+    }
 
     #[tokio::test]
     async fn a_job_whose_work_panics_ends_failed_with_the_message() {
