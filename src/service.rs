@@ -53,18 +53,23 @@ impl Banger {
     pub fn new(config: Config, layout: Layout, store: Store) -> Result<Arc<Self>> {
         let vmm = crate::vmm::select(&config);
         let subnet = config.subnet().map(|(n, p)| crate::net::Subnet::new(n, p));
+        Self::on_host(config, layout, store, vmm, subnet)
+    }
+
+    /// The services with the host's parts: its bridge on `subnet`, machined.
+    fn on_host(
+        config: Config,
+        layout: Layout,
+        store: Store,
+        vmm: Arc<dyn crate::vmm::Vmm>,
+        subnet: Result<crate::net::Subnet>,
+    ) -> Result<Arc<Self>> {
         let net = Arc::new(crate::net::Bridge::new(
             subnet,
             config.allowed_egress().unwrap_or_default(),
         ));
-        Self::with_parts(
-            config,
-            layout,
-            store,
-            vmm,
-            net,
-            Arc::new(crate::vmm::scope::Machined::default()),
-        )
+        let machines = Arc::new(crate::vmm::scope::Machined::default());
+        Self::with_parts(config, layout, store, vmm, net, machines)
     }
 
     /// The daemon's wiring: the configured subnet is checked against the host's routes (a
@@ -87,18 +92,7 @@ impl Banger {
             Err(e) => tracing::error!("VMs cannot be created: {}", e.full_message()),
         }
         let vmm = crate::vmm::select(&config);
-        let net = Arc::new(crate::net::Bridge::new(
-            chosen,
-            config.allowed_egress().unwrap_or_default(),
-        ));
-        Self::with_parts(
-            config,
-            layout,
-            store,
-            vmm,
-            net,
-            Arc::new(crate::vmm::scope::Machined::default()),
-        )
+        Self::on_host(config, layout, store, vmm, chosen)
     }
 
     /// Wires the services over an opened store, booting VMs with `vmm` on host network `net`
