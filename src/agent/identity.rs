@@ -140,51 +140,12 @@ fn install_host_key(private: &str, public: &str) -> Result<(), String> {
             .ok()
             .and_then(|p| p.trim().parse::<i32>().ok())
         {
-            let before = ssh_listeners();
             // SAFETY: kill takes no pointers.
             unsafe { libc::kill(pid, libc::SIGHUP) };
-            // The identity is given once sshd listens again, with its new key: the host then
-            // reaches it at its first try instead of polling through the restart.
-            if !before.is_empty() {
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-                loop {
-                    let now = ssh_listeners();
-                    if !now.is_empty() && now.iter().all(|i| !before.contains(i)) {
-                        break;
-                    }
-                    if std::time::Instant::now() > deadline {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-            }
             break;
         }
     }
     Ok(())
-}
-
-/// The inodes of the sockets listening on TCP port 22 (`/proc/net/tcp` and `tcp6`): a
-/// restarted sshd listens on new ones.
-fn ssh_listeners() -> Vec<u64> {
-    let mut out = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
-                continue;
-            };
-            if local.ends_with(":0016") && *state == "0A" {
-                if let Ok(i) = inode.parse() {
-                    out.push(i);
-                }
-            }
-        }
-    }
-    out
 }
 
 fn authorize(key: &str) -> Result<(), String> {
