@@ -588,14 +588,22 @@ mod tests {
             Ok(())
         });
         started.await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        assert!(dir
+        // Canceled once its writers are at work.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while dir
             .path()
             .join("staging")
             .read_dir()
             .unwrap()
             .next()
-            .is_some());
+            .is_none()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writers never wrote"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         jobs.cancel(job.id).unwrap();
         assert!(matches!(job.wait().await, Err(Error::Canceled)));
         // Gone once the job ended, and nothing writes it again.
