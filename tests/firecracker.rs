@@ -573,8 +573,11 @@ async fn a_snapshot_goes_through_the_api_and_one_stream_into_another_vms_chroot(
         );
     }
 
-    // Another VM, with a uid and a tap of its own, loads it.
-    let (run2, root2) = jailed_vm(dir.path(), 2);
+    // Another VM, with a uid and a tap of its own, loads it; its state directory is reached
+    // through a link the administrator made (only below the VM's directory are links refused).
+    std::fs::create_dir(dir.path().join("real")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("real"), dir.path().join("linked")).unwrap();
+    let (run2, root2) = jailed_vm(&dir.path().join("linked"), 2);
     let (seen2, loaded) = stand_in_for(root2.join("firecracker.sock"), Some(root2.clone())).await;
     let mut spec = boot_spec(&run2, 2);
     spec.memory_mib = 1;

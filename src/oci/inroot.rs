@@ -2,10 +2,8 @@
 //! the root (`openat2` with `RESOLVE_IN_ROOT`), `..` never climbs out, and nothing is ever
 //! resolved against the host. Every write of the flattener goes through here.
 
-use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 /// A root directory, held open.
@@ -42,32 +40,13 @@ fn openat2(dirfd: i32, path: &Path, flags: u64, resolve: u64) -> io::Result<Owne
     if MISSING.load(Ordering::Relaxed) {
         return resolve_by_hand(dirfd, path, flags, resolve);
     }
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
-    // SAFETY: open_how is plain data; zeroed is a valid value for every field.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = flags;
-    how.resolve = resolve;
-    // SAFETY: `c` is a valid NUL-terminated string and `how` a valid open_how of the size we
-    // pass; the kernel reads both and returns a new fd or -1.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dirfd,
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ENOSYS) {
+    match crate::host::openat2(dirfd, path, flags as i32, 0, resolve) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
             MISSING.store(true, Ordering::Relaxed);
-            return resolve_by_hand(dirfd, path, flags, resolve);
+            resolve_by_hand(dirfd, path, flags, resolve)
         }
-        return Err(e);
+        r => r,
     }
-    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 use crate::host::openat;

@@ -533,7 +533,7 @@ impl Vmm for Firecracker {
         // Loaded, the state is read and the memory mapped; refused, they are of no use:
         // either way neither file stays.
         for f in [SNAP_STATE, SNAP_MEMORY] {
-            let _ = super::jail::remove_no_links(&root.join(f.trim_start_matches('/')));
+            let _ = remove_in_chroot(&root, f);
         }
         loaded
     }
@@ -606,14 +606,44 @@ fn jailed_for_snapshots(run: &Path) -> Result<PathBuf> {
     })
 }
 
+/// A file of the chroot `root` as root reaches it: the VM's directory above the chroot
+/// ([`Chroot::of`]'s `<vm>/jailer/<exec>/<id>/root`), named as it is, and the path below it,
+/// in which the VM's uid may have planted anything (see `jail::open_beneath`).
+fn chroot_file(root: &Path, file: &str) -> std::io::Result<(PathBuf, PathBuf)> {
+    let vm_dir = root
+        .ancestors()
+        .nth(4)
+        .ok_or(std::io::ErrorKind::InvalidInput)?;
+    let below = root
+        .strip_prefix(vm_dir)
+        .map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    Ok((vm_dir.to_owned(), below.join(file.trim_start_matches('/'))))
+}
+
+/// Opens a chroot file (see [`chroot_file`]).
+fn open_in_chroot(
+    root: &Path,
+    file: &str,
+    flags: i32,
+    mode: u32,
+) -> std::io::Result<std::fs::File> {
+    let (base, rel) = chroot_file(root, file)?;
+    super::jail::open_beneath(&base, &rel, flags, mode)
+}
+
+/// Removes a chroot file (see [`chroot_file`]); fine when it is not there.
+fn remove_in_chroot(root: &Path, file: &str) -> std::io::Result<()> {
+    let (base, rel) = chroot_file(root, file)?;
+    super::jail::remove_beneath(&base, &rel)
+}
+
 /// Writes the state and memory files Firecracker left in the chroot `root` to `out` as one
 /// stream ([`STREAM_MAGIC`]), then removes them. The chroot is the VM's to change: the files
 /// are opened without following links and must be regular files.
 pub fn stream_snapshot(root: &Path, out: std::fs::File) -> Result<()> {
     use std::io::Write;
-    let in_root = |f: &str| root.join(f.trim_start_matches('/'));
     let open = |f: &str| {
-        super::jail::open_no_links(&in_root(f), libc::O_RDONLY, 0)
+        open_in_chroot(root, f, libc::O_RDONLY, 0)
             .map_err(|e| Error::failed(format!("Cannot read Firecracker's snapshot file {f}"), e))
     };
     let (mut state, mut memory) = (open(SNAP_STATE)?, open(SNAP_MEMORY)?);
@@ -638,7 +668,7 @@ pub fn stream_snapshot(root: &Path, out: std::fs::File) -> Result<()> {
     std::io::copy(&mut memory, &mut out).map_err(fail)?;
     out.flush().map_err(fail)?;
     for f in [SNAP_STATE, SNAP_MEMORY] {
-        super::jail::remove_no_links(&in_root(f))
+        remove_in_chroot(root, f)
             .map_err(|e| Error::failed(format!("Cannot remove {f} from the VM's chroot"), e))?;
     }
     Ok(())
@@ -669,10 +699,8 @@ pub fn unpack_snapshot(input: std::fs::File, root: &Path, owner: u32, limit: u64
     }
     let fail = |e| Error::failed("Cannot write the snapshot into the VM's chroot", e);
     let create = |f: &str| -> Result<std::fs::File> {
-        let p = root.join(f.trim_start_matches('/'));
-        super::jail::remove_no_links(&p).map_err(fail)?;
-        let file =
-            super::jail::open_no_links(&p, libc::O_WRONLY | libc::O_CREAT, 0o600).map_err(fail)?;
+        remove_in_chroot(root, f).map_err(fail)?;
+        let file = open_in_chroot(root, f, libc::O_WRONLY | libc::O_CREAT, 0o600).map_err(fail)?;
         std::os::unix::fs::fchown(&file, Some(owner), Some(owner)).map_err(fail)?;
         Ok(file)
     };

@@ -203,72 +203,69 @@ pub fn connect(path: &Path) -> std::io::Result<std::os::unix::net::UnixStream> {
     std::os::unix::net::UnixStream::connect(format!("/proc/self/fd/{}", sock.as_raw_fd()))
 }
 
-/// `openat2(path, flags, RESOLVE_NO_SYMLINKS)`: no symbolic link is followed in any
-/// component, so a tree the VM's uid may change (its chroot, its directory) cannot lead root
-/// elsewhere.
-fn open_no_links_fd(path: &Path, flags: i32, mode: u32) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: open_how is plain data; all-zero is its documented default.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
-    how.mode = if flags & libc::O_CREAT != 0 {
-        mode as u64
-    } else {
-        0
-    };
-    how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: c and how outlive the call; the kernel reads size_of::<open_how>() bytes.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: openat2 returned a fresh descriptor this function now owns.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+/// `rel` below `base`, a directory the VM's uid owns in one only root writes (its VM
+/// directory): `base` itself is taken as named, and below it no symbolic link is followed and
+/// nothing leads out (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`), so what the
+/// VM's uid does in its tree cannot lead root elsewhere.
+fn open_beneath_fd(
+    base: &Path,
+    rel: &Path,
+    flags: i32,
+    mode: u32,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    let dir = crate::host::openat(libc::AT_FDCWD, base, libc::O_PATH | libc::O_DIRECTORY)?;
+    crate::host::openat2(
+        dir.as_raw_fd(),
+        rel,
+        flags | libc::O_NOFOLLOW,
+        mode,
+        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    )
 }
 
-/// Opens a regular file in a tree the VM's uid may change, following no link anywhere and
-/// never waiting on a FIFO; with `O_CREAT` the file is new (`O_EXCL`). Root's way to read
-/// what a VM's process wrote, or to hand it a file, without being led elsewhere.
-pub fn open_no_links(path: &Path, flags: i32, mode: u32) -> std::io::Result<std::fs::File> {
+/// Opens the regular file `rel` below `base` (see [`open_beneath_fd`]), never waiting on a
+/// FIFO; with `O_CREAT` the file is new (`O_EXCL`). Root's way to read what a VM's process
+/// wrote, or to hand it a file, without being led elsewhere.
+pub fn open_beneath(
+    base: &Path,
+    rel: &Path,
+    flags: i32,
+    mode: u32,
+) -> std::io::Result<std::fs::File> {
     let excl = if flags & libc::O_CREAT != 0 {
         libc::O_EXCL
     } else {
         0
     };
-    let f = std::fs::File::from(open_no_links_fd(
-        path,
+    let f = std::fs::File::from(open_beneath_fd(
+        base,
+        rel,
         flags | excl | libc::O_NONBLOCK,
         mode,
     )?);
     if !f.metadata()?.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::PermissionDenied,
-            format!("{} is not a regular file", path.display()),
+            format!("{} is not a regular file", base.join(rel).display()),
         ));
     }
     Ok(f)
 }
 
-/// Removes `path` from a tree the VM's uid may change, following no link to reach it; fine
-/// when it is not there.
-pub fn remove_no_links(path: &Path) -> std::io::Result<()> {
+/// Removes `rel` below `base` (see [`open_beneath_fd`]); fine when it is not there.
+pub fn remove_beneath(base: &Path, rel: &Path) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::ffi::OsStrExt;
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+    let (Some(dir), Some(name)) = (rel.parent(), rel.file_name()) else {
         return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
     };
-    let dir = open_no_links_fd(dir, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let dir = open_beneath_fd(base, dir, libc::O_PATH | libc::O_DIRECTORY, 0)?;
     let name = std::ffi::CString::new(name.as_bytes())
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: dir is an open directory and name a valid C string for the call.

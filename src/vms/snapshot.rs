@@ -1,7 +1,8 @@
 //! Snapshots of running VMs: memory and device state (the VMM's own stream, zstd: QEMU's
-//! migration stream, or Firecracker's state and memory files in one) and both disks, taken while the VM's vCPUs stand still, staged in `snapshots/.staging-<id>` and
-//! published under `snapshots/<id>/` (root's, owner-only files: they hold guest memory).
-//! New VMs restore from them (`create::restore`); a VM restored from a snapshot keeps a root
+//! migration stream, or Firecracker's state and memory files in one) and both disks, taken
+//! while the VM's vCPUs stand still, staged in `snapshots/.staging-<id>` and published under
+//! `snapshots/<id>/` (root's, owner-only files: they hold guest memory). New VMs restore from
+//! them (`create::restore`); a VM restored from a snapshot keeps a root
 //! disk layered on the snapshot's, so the snapshot stays while such a VM does.
 
 use std::io::{Read, Write};
@@ -207,28 +208,22 @@ pub(super) fn memory_stream(
     Ok((r.into(), feeder))
 }
 
-/// Copies one of a running VM's disks, sparsely. Its directory is the VM's uid's, so the
-/// name may stand for anything by now: it is opened without following a link or waiting on a
-/// FIFO, copied only when that is a regular file, and `cp` reads that very descriptor.
-fn copy_vm_disk(from: &Path, to: &Path) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let refuse = |e: std::io::Error| {
-        Error::failed(
-            format!("Cannot snapshot the VM's disk {}", from.display()),
-            e,
-        )
-    };
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(from)
-        .map_err(refuse)?;
-    if !f.metadata().map_err(refuse)?.is_file() {
-        return Err(refuse(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            "not a regular file",
-        )));
-    }
+/// Copies one of a running VM's disks (`name` in its directory `vm_dir`), sparsely. That
+/// directory is the VM's uid's, so the name may stand for anything by now: it is opened without
+/// following a link or waiting on a FIFO (`jail::open_beneath`), copied only when that is a
+/// regular file, and `cp` reads that very descriptor.
+fn copy_vm_disk(vm_dir: &Path, name: &str, to: &Path) -> Result<()> {
+    let f = crate::vmm::jail::open_beneath(vm_dir, Path::new(name), libc::O_RDONLY, 0).map_err(
+        |e| {
+            Error::failed(
+                format!(
+                    "Cannot snapshot the VM's disk {}",
+                    vm_dir.join(name).display()
+                ),
+                e,
+            )
+        },
+    )?;
     crate::host::run_with_stdin(
         "cp",
         [
@@ -239,16 +234,6 @@ fn copy_vm_disk(from: &Path, to: &Path) -> Result<()> {
         ],
         Some(f),
     )
-}
-
-/// The root disk file a staged snapshot holds.
-fn rootfs_file_in(dir: &Path) -> &'static str {
-    use crate::vmm::DiskFormat::{Qcow2, Raw};
-    [Qcow2, Raw]
-        .into_iter()
-        .map(rootfs_file)
-        .find(|f| dir.join(f).exists())
-        .unwrap_or(rootfs_file(Qcow2))
 }
 
 fn allocated(p: &Path) -> u64 {
@@ -417,15 +402,20 @@ impl Vms {
         let (sha, size) = written?;
         ctx.stage("copy_disks", "Copying the root and /root disks");
         let (vm_dir, dir) = (self.vm_dir(&vm.id), dir.to_owned());
-        let rootfs = self.vmm.rootfs_path(&vm_dir);
-        let copy = dir.join(rootfs_file(self.vmm.disk_format()));
-        let c = copy.clone();
+        let vm_rootfs = self.vmm.rootfs_path(&vm_dir);
+        let vm_rootfs = vm_rootfs
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let rootfs = rootfs_file(self.vmm.disk_format());
+        let copy = dir.join(rootfs);
         crate::jobs::spawn_blocking(move || -> Result<()> {
-            for (from, to) in [(rootfs, c), (vm_dir.join(WORK), dir.join(WORK))] {
-                copy_vm_disk(&from, &to)?;
+            for (from, to) in [(vm_rootfs.as_str(), rootfs), (WORK, WORK)] {
+                copy_vm_disk(&vm_dir, from, &dir.join(to))?;
             }
             use std::os::unix::fs::PermissionsExt;
-            for f in [MEMORY, rootfs_file_in(&dir), WORK] {
+            for f in [MEMORY, rootfs, WORK] {
                 let p = dir.join(f);
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
                     .and_then(|_| std::os::unix::fs::chown(&p, Some(0), Some(0)))
@@ -543,7 +533,7 @@ mod tests {
         let link = d.path().join("work.ext4");
         std::os::unix::fs::symlink(&secret, &link).unwrap();
         let out = d.path().join("copy");
-        let e = copy_vm_disk(&link, &out).unwrap_err();
+        let e = copy_vm_disk(d.path(), "work.ext4", &out).unwrap_err();
         assert!(e.full_message().contains("Cannot snapshot"), "{e}");
         assert!(!out.exists(), "nothing copied through the link");
 
@@ -551,7 +541,7 @@ mod tests {
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: c is a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        let e = copy_vm_disk(&fifo, &out).unwrap_err();
+        let e = copy_vm_disk(d.path(), "rootfs.qcow2", &out).unwrap_err();
         assert!(e.full_message().contains("not a regular file"), "{e}");
         assert!(!out.exists());
 
@@ -560,7 +550,7 @@ mod tests {
         f.set_len(8 << 20).unwrap();
         use std::os::unix::fs::FileExt;
         f.write_at(b"data", 4 << 20).unwrap();
-        copy_vm_disk(&disk, &out).unwrap();
+        copy_vm_disk(d.path(), "disk", &out).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&disk).unwrap());
         use std::os::unix::fs::MetadataExt;
         assert!(
