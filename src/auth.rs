@@ -85,7 +85,7 @@ impl Caller {
         })
     }
 
-    /// A caller polkit cannot be asked about (unit tests, and work banger does for itself).
+    /// A caller polkit cannot be asked about (unit tests: polkit then denies).
     pub fn unchecked(uid: u32) -> Self {
         Caller {
             subject: None,

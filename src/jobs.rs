@@ -348,13 +348,7 @@ pub struct Jobs {
 impl Jobs {
     /// A runner whose first id is `last_id + 1`.
     pub fn new(last_id: u32) -> Self {
-        Self::with_capacity(last_id, 4096)
-    }
-
-    /// [`Jobs::new`] with `capacity` events buffered per subscriber (a subscriber further
-    /// behind lags and must resynchronise; tests make that happen).
-    pub fn with_capacity(last_id: u32, capacity: usize) -> Self {
-        let (events, _) = broadcast::channel(capacity);
+        let (events, _) = broadcast::channel(4096);
         let (running, _) = watch::channel(0);
         Jobs {
             inner: Arc::new(Inner {

@@ -139,19 +139,23 @@ pub async fn serve(
         .await
         .map_err(fail)?;
 
+    let mut known = pump::Known::default();
     for i in banger.images.list().await? {
+        known.images.insert(i.id.clone());
         server
             .at(image_path(&i.id), image::Image1 { image: i })
             .await
             .map_err(fail)?;
     }
     for k in banger.kernels.list().await? {
+        known.kernels.insert(k.name.clone());
         server
             .at(kernel_path(&k.name), kernel::Kernel1 { kernel: k })
             .await
             .map_err(fail)?;
     }
     for v in banger.vms.list().await? {
+        known.vms.insert(v.id.clone());
         server
             .at(
                 vm_path(&v.id),
@@ -164,6 +168,7 @@ pub async fn serve(
             .map_err(fail)?;
     }
     for s in banger.vms.snapshots().await? {
+        known.snapshots.insert(s.id.clone());
         server
             .at(snapshot_path(&s.id), snapshot::Snapshot1 { snapshot: s })
             .await
@@ -175,6 +180,6 @@ pub async fn serve(
         .await
         .map_err(fail)?;
 
-    pump::spawn(conn.clone(), ctx);
+    pump::spawn(conn.clone(), ctx, known);
     Ok(())
 }

@@ -46,12 +46,12 @@ impl JobRegistry {
     }
 }
 
-/// Starts the pump. Subscribes before returning, so no event after this call is missed.
-pub fn spawn(conn: Connection, ctx: Ctx) {
+/// Starts the pump over the objects `known` that `serve` exported. Subscribes before
+/// returning, so no event after this call is missed.
+pub(super) fn spawn(conn: Connection, ctx: Ctx, mut known: Known) {
     let mut job_rx = ctx.banger.jobs.subscribe();
     let mut obj_rx = ctx.banger.events.subscribe();
     tokio::spawn(async move {
-        let mut known = Known::load(&ctx).await;
         loop {
             let r = tokio::select! {
                 e = job_rx.recv() => match e {
@@ -136,55 +136,17 @@ async fn resync_jobs(conn: &Connection, ctx: &Ctx) -> zbus::Result<()> {
     Ok(())
 }
 
-/// The objects on the bus, by kind, as the object events left them.
+/// The objects on the bus, by kind (ids; kernel names), as `serve` exported them and the
+/// object events left them.
 #[derive(Default)]
-struct Known {
-    images: BTreeSet<String>,
-    kernels: BTreeSet<String>,
-    vms: BTreeSet<String>,
-    snapshots: BTreeSet<String>,
+pub(super) struct Known {
+    pub(super) images: BTreeSet<String>,
+    pub(super) kernels: BTreeSet<String>,
+    pub(super) vms: BTreeSet<String>,
+    pub(super) snapshots: BTreeSet<String>,
 }
 
 impl Known {
-    /// What `serve` exported.
-    async fn load(ctx: &Ctx) -> Self {
-        let b = &ctx.banger;
-        Known {
-            images: b
-                .images
-                .list()
-                .await
-                .unwrap_or_default()
-                .into_iter()
-                .map(|i| i.id)
-                .collect(),
-            kernels: b
-                .kernels
-                .list()
-                .await
-                .unwrap_or_default()
-                .into_iter()
-                .map(|k| k.name)
-                .collect(),
-            vms: b
-                .vms
-                .list()
-                .await
-                .unwrap_or_default()
-                .into_iter()
-                .map(|v| v.id)
-                .collect(),
-            snapshots: b
-                .vms
-                .snapshots()
-                .await
-                .unwrap_or_default()
-                .into_iter()
-                .map(|s| s.id)
-                .collect(),
-        }
-    }
-
     /// `e` as the bus still needs it after a resync may have mirrored it already: an
     /// addition of a known object is a change (or nothing), a removal of an unknown one
     /// nothing.
