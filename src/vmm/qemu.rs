@@ -499,7 +499,7 @@ impl Vmm for Qemu {
             listen: None,
         })
         .await?;
-        // Up once its QMP socket listens (accepts); an early exit is a failed boot, with QEMU's words.
+        // An early exit is a failed boot, with QEMU's words.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             let alive = self.running(run);
