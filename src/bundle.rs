@@ -13,6 +13,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::oci::flatten::{Flattener, Limits};
+use crate::tree::HostTree;
 use crate::{Error, Result};
 
 /// A catalog entry an operator adds in `config.toml` (`[[kernel_catalog]]`,
@@ -159,8 +160,11 @@ pub fn unpack(bundle: &Path, dir: &Path, max_bytes: u64) -> Result<PathBuf> {
         max_bytes,
         ..Limits::default()
     };
-    let mut flat = Flattener::new(&tree, limits, false)
-        .map_err(|e| Error::failed("Cannot create the bundle tree", e))?;
+    let mut flat = Flattener::new(
+        HostTree::create(&tree, false)
+            .map_err(|e| Error::failed("Cannot create the bundle tree", e))?,
+        limits,
+    );
     flat.apply_layer(zst).map_err(|e| {
         Error::InvalidArgument(Error::failed("The bundle is not acceptable", e).full_message())
     })?;

@@ -5,6 +5,9 @@ use std::path::Path;
 
 use crate::{host, Error, Result};
 
+mod sys;
+pub mod writer;
+
 /// What a tree holds.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -42,33 +45,62 @@ pub fn size_for(u: Usage, requested: Option<u64>, minimum: u64) -> u64 {
 
 /// Builds `image` (a sparse file of `size` bytes) holding `tree`, labelled `label`.
 pub fn build(tree: &Path, image: &Path, size: u64, u: Usage, label: &str) -> Result<()> {
+    // Enough inodes for the tree and room to grow, whatever the size-based default.
+    let inodes = (u.entries * 2 + 16384).max(size / (16 * 1024));
+    mkfs(image, size, inodes, label, Some(tree))
+}
+
+/// Makes `image` an empty ext4 filesystem of `size` bytes with `inodes` inodes, labelled
+/// `label`, for [`writer::Writer`] to fill.
+pub fn create_empty(image: &Path, size: u64, inodes: u64, label: &str) -> Result<()> {
+    mkfs(image, size, inodes, label, None)
+}
+
+/// Shrinks the ext4 filesystem in `image` (and the file) to `size` bytes.
+pub fn shrink(image: &Path, size: u64) -> Result<()> {
+    host::run(
+        "resize2fs",
+        [
+            "-f".as_ref(),
+            image.as_os_str(),
+            format!("{}K", size / 1024).as_ref(),
+        ],
+    )?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .map_err(|e| Error::failed(format!("Cannot open {}", image.display()), e))?;
+    f.set_len(size)
+        .map_err(|e| Error::failed(format!("Cannot size {}", image.display()), e))
+}
+
+fn mkfs(image: &Path, size: u64, inodes: u64, label: &str, tree: Option<&Path>) -> Result<()> {
     let f = std::fs::File::create(image)
         .map_err(|e| Error::failed(format!("Cannot create {}", image.display()), e))?;
     f.set_len(size)
         .map_err(|e| Error::failed(format!("Cannot size {}", image.display()), e))?;
     drop(f);
-    // Enough inodes for the tree and room to grow, whatever the size-based default.
-    let inodes = (u.entries * 2 + 16384).max(size / (16 * 1024));
-    host::run(
-        "mkfs.ext4",
-        [
-            "-q".as_ref(),
-            "-F".as_ref(),
-            "-L".as_ref(),
-            label.as_ref(),
-            "-N".as_ref(),
-            inodes.to_string().as_ref(),
-            // The file was just made, so it reads as zeros: mke2fs need not write the
-            // journal's and inode tables' zeros, and marks the tables zeroed so the guest's
-            // kernel does not zero them either on first mount.
-            "-E".as_ref(),
-            "root_owner=0:0,assume_storage_prezeroed=1".as_ref(),
-            "-d".as_ref(),
-            tree.as_os_str(),
-            image.as_os_str(),
-        ],
-    )
-    .map_err(|e| match e {
+    let inodes = inodes.to_string();
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "-q".as_ref(),
+        "-F".as_ref(),
+        "-L".as_ref(),
+        label.as_ref(),
+        "-N".as_ref(),
+        inodes.as_ref(),
+        // The file was just made, so it reads as zeros: mke2fs need not write the
+        // journal's and inode tables' zeros, and marks the tables zeroed so the guest's
+        // kernel does not zero them either on first mount.
+        "-E".as_ref(),
+        "root_owner=0:0,assume_storage_prezeroed=1".as_ref(),
+    ];
+    match tree {
+        Some(tree) => args.extend(["-d".as_ref(), tree.as_os_str()]),
+        // The writer counts on 4 KiB blocks, which mke2fs picks only from 512 MiB up.
+        None => args.extend::<[&std::ffi::OsStr; 2]>(["-b".as_ref(), "4096".as_ref()]),
+    }
+    args.push(image.as_os_str());
+    host::run("mkfs.ext4", args).map_err(|e| match e {
         Error::Failed { context, source } => Error::Failed {
             context: format!("{context}; if the image is too small, pass a larger size"),
             source,

@@ -3,11 +3,9 @@
 //! modules-load file for vsock. Written through in-root resolution, so an image's own
 //! symlinks can never redirect them onto the host.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use crate::oci::inroot::Root;
+use crate::tree::{Meta, Tree};
 use crate::{Error, Result};
 
 /// Where the agent lands in the guest.
@@ -92,51 +90,25 @@ WantedBy=multi-user.target
 const MODULES: &str =
     "# banger: the guest agent talks over a virtio-serial port (QEMU) or vsock (Firecracker)\nvirtio_console\nvsock\nvmw_vsock_virtio_transport\nvirtio_net\n";
 
-fn write_file(root: &Root, rel: &str, data: &[u8], mode: u32) -> Result<()> {
-    let rel = Path::new(rel);
-    let fail = |e: std::io::Error| {
-        Error::failed(
-            format!("Cannot inject /{} into the image", rel.display()),
-            e,
-        )
-    };
-    let parent = rel.parent().unwrap_or(Path::new(""));
-    let (dir, _) = root.resolve_dir(parent, true).map_err(fail)?;
-    let target = dir.join(rel.file_name().unwrap_or_default());
-    match std::fs::symlink_metadata(&target) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&target).map_err(fail)?,
-        Ok(_) => std::fs::remove_file(&target).map_err(fail)?,
-        Err(_) => {}
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&target)
-        .map_err(fail)?;
-    f.write_all(data).map_err(fail)?;
-    std::os::unix::fs::fchown(&f, Some(0), Some(0)).map_err(fail)?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(fail)?;
-    Ok(())
+fn write_file<T: Tree>(tree: &mut T, rel: &str, data: &[u8], mode: u32) -> Result<()> {
+    crate::tree::put_file(tree, rel, data, mode)
+        .map_err(|e| Error::failed(format!("Cannot inject /{rel} into the image"), e))
 }
 
-fn enable(root: &Root, unit: &str) -> Result<()> {
-    let wants = Path::new("etc/systemd/system/multi-user.target.wants");
-    let fail = |e: std::io::Error| Error::failed(format!("Cannot enable {unit} in the image"), e);
-    let (dir, _) = root.resolve_dir(wants, true).map_err(fail)?;
-    let link = dir.join(unit);
-    let _ = std::fs::remove_file(&link);
-    std::os::unix::fs::symlink(format!("/etc/systemd/system/{unit}"), link).map_err(fail)
+fn enable<T: Tree>(tree: &mut T, unit: &str) -> Result<()> {
+    crate::tree::put_symlink(
+        tree,
+        &format!("etc/systemd/system/multi-user.target.wants/{unit}"),
+        &format!("/etc/systemd/system/{unit}"),
+    )
+    .map_err(|e| Error::failed(format!("Cannot enable {unit} in the image"), e))
 }
 
 /// Writes the image's run settings where the guest's agent and init read them
 /// ([`crate::model::ImageConfig::GUEST_PATH`]).
-pub fn inject_config(tree: &Path, config: &crate::model::ImageConfig) -> Result<()> {
-    let root = Root::create(tree).map_err(|e| Error::failed("Cannot open the image tree", e))?;
+pub fn inject_config<T: Tree>(tree: &mut T, config: &crate::model::ImageConfig) -> Result<()> {
     write_file(
-        &root,
+        tree,
         crate::model::ImageConfig::GUEST_PATH,
         config.to_json().as_bytes(),
         0o644,
@@ -144,55 +116,58 @@ pub fn inject_config(tree: &Path, config: &crate::model::ImageConfig) -> Result<
 }
 
 /// Injects the guest assets into `tree`, taking the agent binary from `agent`.
-pub fn inject(tree: &Path, agent: &Path) -> Result<()> {
-    let root = Root::create(tree).map_err(|e| Error::failed("Cannot open the image tree", e))?;
+pub fn inject<T: Tree>(tree: &mut T, agent: &Path) -> Result<()> {
     let bin = std::fs::read(agent).map_err(|e| {
         Error::failed(
             format!("Cannot read the guest agent {}", agent.display()),
             e,
         )
     })?;
-    write_file(&root, AGENT_PATH, &bin, 0o755)?;
+    write_file(tree, AGENT_PATH, &bin, 0o755)?;
     write_file(
-        &root,
+        tree,
         "etc/systemd/system/banger-agent.service",
         AGENT_UNIT.as_bytes(),
         0o644,
     )?;
     write_file(
-        &root,
+        tree,
         "etc/systemd/system/banger-network.service",
         NETWORK_UNIT.as_bytes(),
         0o644,
     )?;
     write_file(
-        &root,
+        tree,
         "usr/local/lib/banger/network-setup",
         NETWORK_SETUP.as_bytes(),
         0o755,
     )?;
     write_file(
-        &root,
+        tree,
         "etc/modules-load.d/banger.conf",
         MODULES.as_bytes(),
         0o644,
     )?;
-    enable(&root, "banger-agent.service")?;
+    enable(tree, "banger-agent.service")?;
     write_file(
-        &root,
+        tree,
         "etc/systemd/system/banger-ssh-keygen.service",
         SSH_KEYGEN_UNIT.as_bytes(),
         0o644,
     )?;
-    enable(&root, "banger-network.service")?;
-    enable(&root, "banger-ssh-keygen.service")?;
+    enable(tree, "banger-network.service")?;
+    enable(tree, "banger-ssh-keygen.service")?;
     // banger-init mounts the VM's work disk here; an image without it gets root's usual one.
-    let (dir, created) = root
-        .resolve_dir(Path::new("root"), true)
-        .map_err(|e| Error::failed("Cannot create /root in the image", e))?;
-    if !created.is_empty() {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| Error::failed("Cannot create /root in the image", e))?;
+    let fail = |e| Error::failed("Cannot create /root in the image", e);
+    let (_, created) = tree.resolve_dir(Path::new("root"), true).map_err(fail)?;
+    if let Some((parent, name)) = created.last() {
+        let meta = Meta {
+            mode: 0o700,
+            uid: 0,
+            gid: 0,
+            mtime: crate::tree::now(),
+        };
+        tree.set_meta(parent, name, meta).map_err(fail)?;
     }
     Ok(())
 }
@@ -200,6 +175,7 @@ pub fn inject(tree: &Path, agent: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn assets_land_inside_even_through_hostile_symlinks() {
@@ -217,7 +193,8 @@ mod tests {
         if unsafe { libc::geteuid() } != 0 {
             return; // fchown to root needs root
         }
-        inject(&tree, &agent).unwrap();
+        let mut t = crate::tree::HostTree::create(&tree, true).unwrap();
+        inject(&mut t, &agent).unwrap();
         assert!(
             std::fs::read_dir(&outside).unwrap().next().is_none(),
             "wrote onto the host"

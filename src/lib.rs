@@ -29,6 +29,7 @@ pub mod oci;
 pub mod ops;
 pub mod service;
 pub mod store;
+pub mod tree;
 pub mod vmm;
 pub mod vms;
 

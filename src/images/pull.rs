@@ -4,7 +4,10 @@
 
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use futures_util::StreamExt;
 
 use oci_client::Reference;
 
@@ -12,12 +15,20 @@ use super::finish::{blocking, TreeImage};
 use super::publish::Staging;
 use super::{Images, PullOptions};
 use crate::auth::Action;
+use crate::ext4::writer::Writer;
+use crate::guest;
 use crate::jobs::{Job, JobContext, JobSpec};
 use crate::model::{new_id, validate_name, Image, NameKind};
 use crate::oci::flatten::{FlattenError, Flattener, Limits};
 use crate::oci::reference;
 use crate::oci::registry::{layer_compression, Compression, Registry};
+use crate::tree::{HostTree, Tree};
 use crate::{Error, Result};
+
+const GIB: u64 = 1 << 30;
+
+/// Layers downloaded at once.
+const DOWNLOADS: usize = 4;
 
 /// A layer on its way to the flattener: its chunks as they download, or the cached blob.
 enum LayerSource {
@@ -269,11 +280,80 @@ impl Images {
             .map(|(d, _)| d.size.max(0) as u64)
             .sum::<u64>()
             .max(1);
-        // gzip layers of OS images expand about 3×; 8× leaves room for more. On the tmpfs
-        // scratch the tree may use no more than what was checked free there; an image that
-        // expands further starts over on disk (its layers are in the blob cache by then).
+        // gzip layers of OS images expand about 3×; 8× leaves room for more.
         let expected = total.saturating_mul(8);
-        let (mut tree, mut scratch) = self.tree_dir(&id, &dir, expected)?;
+        let t = TreeImage {
+            id,
+            name,
+            source: r.whole(),
+            kernel: opts.kernel,
+            size: opts.size,
+            ready_ports,
+            config: image_config,
+        };
+
+        // First straight into an ext4 image sized for `expected`: the filesystem is built
+        // while the layers decompress, and nothing is written twice. An image that outgrows
+        // it (or its inodes) starts over as a tree (its layers are in the blob cache by then).
+        let image = dir.join("rootfs.ext4");
+        let size = crate::ext4::size_for(
+            crate::ext4::Usage {
+                bytes: expected,
+                entries: 0,
+            },
+            opts.size,
+            GIB,
+        );
+        let into = Dest::Image {
+            path: image.clone(),
+            agent: self.config.guest_binary("banger-agent"),
+            config: t.config.clone(),
+        };
+        let img = image.clone();
+        blocking("mkfs", move || {
+            crate::ext4::create_empty(&img, size, size / 16384, "rootfs")
+        })
+        .await?;
+        let limits = Limits {
+            max_bytes: self.config.max_image_bytes,
+            ..Limits::default()
+        };
+        ctx.log(7, format!("Flattening into {}", image.display()));
+        match self
+            .fetch_and_flatten(&ctx, &registry, &r, &layers, into, limits, total)
+            .await
+        {
+            Ok(stats) => {
+                ctx.log(
+                    6,
+                    format!(
+                        "{} entries, {} bytes of files, written into ext4 as they decompressed",
+                        stats.entries, stats.file_bytes
+                    ),
+                );
+                return self.finish_image(&ctx, staging, size, stats, t).await;
+            }
+            Err(Flatten::OutOfRoom(e)) => {
+                ctx.log(
+                    6,
+                    format!(
+                        "The image outgrew the {size}-byte filesystem made for it ({}); \
+                         flattening into a tree instead",
+                        e.full_message()
+                    ),
+                );
+                let img = image.clone();
+                blocking("Cleanup", move || {
+                    std::fs::remove_file(&img)
+                        .map_err(|e| Error::failed("Cannot remove a partial image", e))
+                })
+                .await?;
+            }
+            Err(Flatten::OverScratch) => return Err(over_limit(self.config.max_image_bytes)),
+            Err(Flatten::Failed(e)) => return Err(e),
+        }
+
+        let (mut tree, mut scratch) = self.tree_dir(&t.id, &dir, expected)?;
         let mut max_bytes = self.config.max_image_bytes;
         if scratch.is_some() {
             max_bytes = max_bytes.min(expected);
@@ -285,7 +365,15 @@ impl Images {
                 ..Limits::default()
             };
             match self
-                .fetch_and_flatten(&ctx, &registry, &r, &layers, &tree, limits, total)
+                .fetch_and_flatten(
+                    &ctx,
+                    &registry,
+                    &r,
+                    &layers,
+                    Dest::Tree(tree.clone()),
+                    limits,
+                    total,
+                )
                 .await
             {
                 Ok(stats) => break stats,
@@ -301,13 +389,8 @@ impl Images {
                     tree = dir.join("tree");
                     max_bytes = self.config.max_image_bytes;
                 }
-                Err(Flatten::OverScratch) => {
-                    return Err(Error::InvalidArgument(format!(
-                        "The image expands past max_image_bytes ({max_bytes} bytes); raise \
-                         max_image_bytes in the configuration if the image is genuine"
-                    )))
-                }
-                Err(Flatten::Failed(e)) => return Err(e),
+                Err(Flatten::OverScratch) => return Err(over_limit(max_bytes)),
+                Err(Flatten::OutOfRoom(e)) | Err(Flatten::Failed(e)) => return Err(e),
             }
         };
         ctx.log(
@@ -317,16 +400,6 @@ impl Images {
                 stats.entries, stats.file_bytes
             ),
         );
-
-        let t = TreeImage {
-            id,
-            name,
-            source: r.whole(),
-            kernel: opts.kernel,
-            size: opts.size,
-            ready_ports,
-            config: image_config,
-        };
         self.finish_tree(&ctx, staging, tree, scratch, t).await
     }
 }
@@ -466,16 +539,96 @@ fn check_ext4(path: &Path) -> Result<()> {
     Ok(())
 }
 
+fn over_limit(max_bytes: u64) -> Error {
+    Error::InvalidArgument(format!(
+        "The image expands past max_image_bytes ({max_bytes} bytes); raise \
+         max_image_bytes in the configuration if the image is genuine"
+    ))
+}
+
+/// Where a pull's layers go.
+enum Dest {
+    /// A tree on the host (the memory scratch or the staging directory), made into ext4
+    /// after.
+    Tree(PathBuf),
+    /// Straight into an empty ext4 image; the guest assets are injected after the last
+    /// layer.
+    Image {
+        path: PathBuf,
+        agent: PathBuf,
+        config: crate::model::ImageConfig,
+    },
+}
+
 /// How a fetch-and-flatten ended when it did not finish.
 enum Flatten {
     /// The tree reached its byte limit.
     OverScratch,
+    /// The ext4 image ran out of blocks or inodes.
+    OutOfRoom(Error),
     /// Anything else.
     Failed(Error),
 }
 
 impl From<Error> for Flatten {
     fn from(e: Error) -> Self {
+        Flatten::Failed(e)
+    }
+}
+
+/// Applies each opened layer in turn, then finishes the flattening.
+fn apply_layers<T: Tree>(
+    mut f: Flattener<T>,
+    opened: std::sync::mpsc::Receiver<Result<InflatedReader>>,
+    done_count: &std::sync::atomic::AtomicUsize,
+) -> Result<(crate::oci::flatten::Stats, T), Flatten> {
+    let mut waited = std::time::Instant::now();
+    for (i, layer) in opened.into_iter().enumerate() {
+        let started = std::time::Instant::now();
+        let r = f.apply_layer(layer?);
+        tracing::debug!(
+            "Layer {} applied in {:?} (waited {:?} for it)",
+            i + 1,
+            started.elapsed(),
+            started - waited
+        );
+        waited = std::time::Instant::now();
+        done_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        match r {
+            Ok(()) => {}
+            Err(FlattenError::TooLarge { what: "bytes", .. }) => return Err(Flatten::OverScratch),
+            Err(e) => {
+                let e = Error::failed("Cannot flatten the image", e);
+                return Err(if storage_full(&e) {
+                    Flatten::OutOfRoom(e)
+                } else {
+                    Flatten::Failed(Error::InvalidArgument(e.full_message()))
+                });
+            }
+        }
+    }
+    f.finish()
+        .map_err(|e| room_or_failed(Error::failed("Cannot flatten the image", e)))
+}
+
+/// Whether `e` comes from a filesystem out of blocks or inodes.
+fn storage_full(e: &Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+fn room_or_failed(e: Error) -> Flatten {
+    if storage_full(&e) {
+        Flatten::OutOfRoom(e)
+    } else {
         Flatten::Failed(e)
     }
 }
@@ -494,12 +647,11 @@ impl Images {
         registry: &Registry,
         r: &Reference,
         layers: &[(oci_client::manifest::OciDescriptor, Compression)],
-        tree: &Path,
+        dest: Dest,
         limits: Limits,
         total: u64,
     ) -> Result<crate::oci::flatten::Stats, Flatten> {
         let (tx, rx) = std::sync::mpsc::channel::<(LayerSource, Compression)>();
-        let t = tree.to_owned();
         // How many layers the flattener has finished.
         let applied = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let done_count = applied.clone();
@@ -514,57 +666,78 @@ impl Images {
                     }
                 }
             });
-            let mut f = Flattener::new(&t, limits, true)
-                .map_err(|e| Error::failed("Cannot create the image tree", e))?;
-            for layer in opened {
-                let r = f.apply_layer(layer?);
-                done_count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                match r {
-                    Ok(()) => {}
-                    Err(FlattenError::TooLarge { what: "bytes", .. }) => {
-                        return Err(Flatten::OverScratch)
-                    }
-                    Err(e) => {
-                        return Err(Flatten::Failed(Error::InvalidArgument(
-                            crate::Error::failed("Cannot flatten the image", e).full_message(),
-                        )))
-                    }
+            match dest {
+                Dest::Tree(t) => {
+                    let tree = HostTree::create(&t, true)
+                        .map_err(|e| Error::failed("Cannot create the image tree", e))?;
+                    apply_layers(Flattener::new(tree, limits), opened, &done_count).map(|r| r.0)
+                }
+                Dest::Image {
+                    path,
+                    agent,
+                    config,
+                } => {
+                    let w = Writer::open(&path)
+                        .map_err(|e| Error::failed("Cannot open the new root filesystem", e))?;
+                    let (stats, mut w) =
+                        apply_layers(Flattener::new(w, limits), opened, &done_count)?;
+                    guest::inject(&mut w, &agent).map_err(room_or_failed)?;
+                    guest::inject_config(&mut w, &config).map_err(room_or_failed)?;
+                    w.close().map_err(|e| {
+                        room_or_failed(Error::failed("Cannot finish the root filesystem", e))
+                    })?;
+                    Ok(stats)
                 }
             }
-            f.finish()
-                .map_err(|e| Flatten::Failed(Error::failed("Cannot flatten the image", e)))
         });
         let cache = self.layout.oci_cache_dir();
-        let mut done = 0u64;
+        let got_total = AtomicU64::new(0);
+        let tx_ref = &tx;
+        // Up to DOWNLOADS layers download at once (registries serve layers in parallel, and
+        // skopeo and docker fetch them so); their results come back in manifest order. A
+        // layer the flattener is ready for when its download starts is streamed into it.
+        let mut downloads = Box::pin(
+            futures_util::stream::iter(layers.iter().cloned().enumerate())
+                .map(|(i, (desc, c))| {
+                    let (cache, applied, got_total) = (&cache, &applied, &got_total);
+                    async move {
+                        let mut last = 0u64;
+                        let progress = move |got: u64| {
+                            let now =
+                                got_total.fetch_add(got - last, Ordering::SeqCst) + got - last;
+                            last = got;
+                            ctx.progress(0.5 * now as f64 / total as f64);
+                        };
+                        let desc = &desc;
+                        let src = match Registry::cached(desc, cache)? {
+                            Some(p) => Some(LayerSource::File(p)),
+                            None if applied.load(Ordering::SeqCst) == i => {
+                                // Every layer before this one is applied, so sent: this send keeps
+                                // manifest order. It fails only when the flattener stopped on an
+                                // error, which it reports.
+                                let (chunks, stream) = tokio::sync::mpsc::channel(64);
+                                if tx_ref.send((LayerSource::Stream(stream), c)).is_ok() {
+                                    registry
+                                        .fetch_blob_tee(r, desc, cache, progress, Some(chunks))
+                                        .await?;
+                                }
+                                None
+                            }
+                            None => Some(LayerSource::File(
+                                registry.fetch_blob(r, desc, cache, progress).await?,
+                            )),
+                        };
+                        Ok::<_, Error>(src.map(|s| (s, c)))
+                    }
+                })
+                .buffered(DOWNLOADS),
+        );
         let mut fetched: Result<()> = Ok(());
-        for (i, (desc, c)) in layers.iter().enumerate() {
-            let base = done;
-            let progress = |got| ctx.progress(0.5 * (base + got) as f64 / total as f64);
-            // A send fails only when the flattener stopped on an error: it reports it.
-            let p = match Registry::cached(desc, &cache) {
-                Ok(Some(p)) => Ok(p),
-                Ok(None) if applied.load(std::sync::atomic::Ordering::SeqCst) == i => {
-                    let (chunks, stream) = tokio::sync::mpsc::channel(64);
-                    if tx.send((LayerSource::Stream(stream), *c)).is_err() {
-                        break;
-                    }
-                    match registry
-                        .fetch_blob_tee(r, desc, &cache, progress, Some(chunks))
-                        .await
-                    {
-                        Ok(_) => {
-                            done += desc.size.max(0) as u64;
-                            continue;
-                        }
-                        Err(e) => Err(e),
-                    }
-                }
-                Ok(None) => registry.fetch_blob(r, desc, &cache, progress).await,
-                Err(e) => Err(e),
-            };
-            match p {
-                Ok(p) => {
-                    if tx.send((LayerSource::File(p), *c)).is_err() {
+        while let Some(result) = downloads.next().await {
+            match result {
+                Ok(None) => {}
+                Ok(Some(layer)) => {
+                    if tx.send(layer).is_err() {
                         break;
                     }
                 }
@@ -573,8 +746,8 @@ impl Images {
                     break;
                 }
             }
-            done += desc.size.max(0) as u64;
         }
+        drop(downloads);
         drop(tx);
         ctx.stage("flatten", "Applying the last layers in manifest order");
         ctx.progress(0.5);

@@ -14,6 +14,7 @@ use crate::layout::{StagingDir, STAGING_PREFIX};
 use crate::model::{new_id, now_us, validate_name, Kernel, NameKind};
 use crate::oci::flatten::{Flattener, Limits};
 use crate::store::rows;
+use crate::tree::HostTree;
 use crate::{host, Error, Result};
 
 /// Copies the directory `dir` (a descriptor, opened with the caller's rights) into `dest`: a
@@ -23,15 +24,15 @@ use crate::{host, Error, Result};
 fn copy_modules(uid: u32, dir: &OwnedFd, dest: &Path, max_bytes: u64) -> Result<()> {
     let mut tar = host::tar_dirfd_as(uid, dir.as_raw_fd())?;
     let stdout = tar.stdout.take().expect("piped stdout");
+    let tree = HostTree::create(dest, false)
+        .map_err(|e| Error::failed("Cannot create the modules directory", e))?;
     let mut f = Flattener::new(
-        dest,
+        tree,
         Limits {
             max_bytes,
             max_entries: 500_000,
         },
-        false,
-    )
-    .map_err(|e| Error::failed("Cannot create the modules directory", e))?;
+    );
     let applied = f.apply_layer(stdout);
     let mut stderr = String::new();
     if let Some(mut e) = tar.stderr.take() {

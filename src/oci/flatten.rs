@@ -6,15 +6,15 @@
 //! tree away. The expanded size and entry count are capped against decompression bombs.
 
 use std::collections::HashSet;
-use std::ffi::CString;
+use std::ffi::OsString;
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use tar::EntryType;
 
-use super::inroot::{normal_components, Root};
+use super::inroot::normal_components;
+use crate::tree::{Meta, Node, Tree};
 
 /// Why a layer could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -74,14 +74,12 @@ pub struct Stats {
 }
 
 /// Applies layers one after another to a tree.
-pub struct Flattener {
-    root: Root,
+pub struct Flattener<T: Tree> {
+    tree: T,
     limits: Limits,
-    /// Set ownership from the layers (needs root; off only in unprivileged unit tests).
-    preserve_owner: bool,
     stream_bytes: u64,
     stats: Stats,
-    dir_times: Vec<(PathBuf, i64)>,
+    dir_times: Vec<(T::Dir, OsString, i64)>,
 }
 
 /// Counts the tar stream's bytes and fails past the cap.
@@ -119,61 +117,6 @@ fn io_err(entry: &Path) -> impl FnOnce(io::Error) -> FlattenError + '_ {
     }
 }
 
-fn cstr(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput.into())
-}
-
-/// Removes whatever is at `p` (never following a symlink).
-fn remove_existing(p: &Path) -> io::Result<()> {
-    match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
-        Ok(_) => std::fs::remove_file(p),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-fn set_mtime(p: &Path, secs: i64) -> io::Result<()> {
-    let t = libc::timespec {
-        tv_sec: secs,
-        tv_nsec: 0,
-    };
-    let times = [t, t];
-    let c = cstr(p)?;
-    // SAFETY: `c` is NUL-terminated and `times` holds two timespecs, as utimensat requires.
-    let r = unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn set_xattr(p: &Path, name: &[u8], value: &[u8]) -> io::Result<()> {
-    let c = cstr(p)?;
-    let n = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: both strings are NUL-terminated; value/len describe a live slice.
-    let r = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Whether a relative symlink target, read from the directory `depth` levels below the
 /// root, climbs above the root.
 fn climbs_out(target: &Path, mut depth: usize) -> bool {
@@ -188,17 +131,16 @@ fn climbs_out(target: &Path, mut depth: usize) -> bool {
     false
 }
 
-impl Flattener {
-    /// A flattener writing into `tree` (created if missing).
-    pub fn new(tree: &Path, limits: Limits, preserve_owner: bool) -> io::Result<Self> {
-        Ok(Flattener {
-            root: Root::create(tree)?,
+impl<T: Tree> Flattener<T> {
+    /// A flattener writing into `tree`.
+    pub fn new(tree: T, limits: Limits) -> Self {
+        Flattener {
+            tree,
             limits,
-            preserve_owner,
             stream_bytes: 0,
             stats: Stats::default(),
             dir_times: Vec::new(),
-        })
+        }
     }
 
     /// Applies one uncompressed layer tar stream on top of what is there.
@@ -211,7 +153,7 @@ impl Flattener {
             limit,
         };
         let mut archive = tar::Archive::new(capped);
-        let mut this_layer: HashSet<PathBuf> = HashSet::new();
+        let mut this_layer: HashSet<(T::Dir, OsString)> = HashSet::new();
         let entries = archive.entries().map_err(io_err(Path::new("<layer>")))?;
         for entry in entries {
             let mut entry = entry.map_err(|e| self.read_error(e))?;
@@ -247,7 +189,7 @@ impl Flattener {
         &mut self,
         entry: &mut tar::Entry<'_, R>,
         path: &Path,
-        this_layer: &mut HashSet<PathBuf>,
+        this_layer: &mut HashSet<(T::Dir, OsString)>,
     ) -> Result<(), FlattenError> {
         let kind = entry.header().entry_type();
         if matches!(
@@ -275,22 +217,26 @@ impl Flattener {
         let (name, parent_comps) = comps
             .split_last()
             .expect("normal_components is never empty");
+        let name = name.to_os_string();
         let parent_rel: PathBuf = parent_comps.iter().collect();
         let name_bytes = name.as_bytes();
 
         // Whiteouts remove from lower layers and are not files themselves.
         if name_bytes.starts_with(b".wh.") {
-            let parent = match self.root.resolve_dir(&parent_rel, false) {
+            let parent = match self.tree.resolve_dir(&parent_rel, false) {
                 Ok((p, _)) => p,
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOENT)
+                        || e.kind() == io::ErrorKind::NotFound =>
+                {
+                    return Ok(())
+                }
                 Err(e) => return Err(io_err(path)(e)),
             };
             if name_bytes == b".wh..wh..opq" {
-                let canon_parent = self.rel(&parent);
-                for child in std::fs::read_dir(&parent).map_err(io_err(path))? {
-                    let child = child.map_err(io_err(path))?;
-                    if !this_layer.contains(&canon_parent.join(child.file_name())) {
-                        remove_existing(&child.path()).map_err(io_err(path))?;
+                for child in self.tree.children(&parent).map_err(io_err(path))? {
+                    if !this_layer.contains(&(parent.clone(), child.clone())) {
+                        self.tree.remove(&parent, &child).map_err(io_err(path))?;
                     }
                 }
             } else {
@@ -298,12 +244,12 @@ impl Flattener {
                 if victim.is_empty() || victim == "." || victim == ".." {
                     return Err(hostile(path, "whiteout names no file"));
                 }
-                remove_existing(&parent.join(victim)).map_err(io_err(path))?;
+                self.tree.remove(&parent, victim).map_err(io_err(path))?;
             }
             return Ok(());
         }
 
-        let (parent, created) = self.root.resolve_dir(&parent_rel, true).map_err(|e| {
+        let (parent, created) = self.tree.resolve_dir(&parent_rel, true).map_err(|e| {
             if e.kind() == io::ErrorKind::NotADirectory {
                 let reason = if e.raw_os_error().is_some() {
                     "a parent is not a directory".into()
@@ -316,48 +262,43 @@ impl Flattener {
             }
         })?;
         this_layer.extend(created);
-        let target = parent.join(name);
-        let rel = self.rel(&target);
         let header = entry.header();
-        let mode = header.mode().map_err(io_err(path))? & 0o7777;
-        let uid = header.uid().map_err(io_err(path))? as u32;
-        let gid = header.gid().map_err(io_err(path))? as u32;
-        let mtime = header.mtime().map_err(io_err(path))? as i64;
+        let meta = Meta {
+            mode: header.mode().map_err(io_err(path))? & 0o7777,
+            uid: header.uid().map_err(io_err(path))? as u32,
+            gid: header.gid().map_err(io_err(path))? as u32,
+            mtime: header.mtime().map_err(io_err(path))? as i64,
+        };
+        let tree = &mut self.tree;
 
         match kind {
             EntryType::Directory => {
-                match std::fs::symlink_metadata(&target) {
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => {
-                        remove_existing(&target).map_err(io_err(path))?;
-                        std::fs::create_dir(&target).map_err(io_err(path))?;
+                match tree.probe(&parent, &name).map_err(io_err(path))? {
+                    Some(true) => {}
+                    Some(false) => {
+                        tree.remove(&parent, &name).map_err(io_err(path))?;
+                        tree.mkdir(&parent, &name).map_err(io_err(path))?;
                     }
-                    Err(_) => std::fs::create_dir(&target).map_err(io_err(path))?,
+                    None => tree.mkdir(&parent, &name).map_err(io_err(path))?,
                 }
-                self.own(&target, uid, gid, path)?;
-                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
-                    .map_err(io_err(path))?;
-                self.dir_times.push((target.clone(), mtime));
+                tree.set_meta(&parent, &name, meta).map_err(io_err(path))?;
+                self.dir_times
+                    .push((parent.clone(), name.clone(), meta.mtime));
             }
             EntryType::Regular | EntryType::Continuous => {
-                remove_existing(&target).map_err(io_err(path))?;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                    .open(&target)
-                    .map_err(io_err(path))?;
-                let n = io::copy(entry, &mut f).map_err(|e| self.read_error(e))?;
+                tree.remove(&parent, &name).map_err(io_err(path))?;
+                let size = entry.size();
+                let n = match tree.write_file(&parent, &name, meta, size, entry) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::FileTooLarge => {
+                        return Err(FlattenError::TooLarge {
+                            what: "bytes",
+                            limit: self.limits.max_bytes,
+                        })
+                    }
+                    Err(e) => return Err(io_err(path)(e)),
+                };
                 self.stats.file_bytes += n;
-                if self.preserve_owner {
-                    std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io_err(path))?;
-                }
-                // After chown, which clears setuid and setgid.
-                f.set_permissions(std::fs::Permissions::from_mode(mode))
-                    .map_err(io_err(path))?;
-                drop(f);
-                set_mtime(&target, mtime).map_err(io_err(path))?;
             }
             EntryType::Symlink => {
                 let link = entry
@@ -370,10 +311,9 @@ impl Flattener {
                         format!("symlink target {} climbs out of the image", link.display()),
                     ));
                 }
-                remove_existing(&target).map_err(io_err(path))?;
-                std::os::unix::fs::symlink(&link, &target).map_err(io_err(path))?;
-                self.own(&target, uid, gid, path)?;
-                set_mtime(&target, mtime).map_err(io_err(path))?;
+                tree.remove(&parent, &name).map_err(io_err(path))?;
+                tree.symlink(&parent, &name, &link, meta)
+                    .map_err(io_err(path))?;
             }
             EntryType::Link => {
                 let link = entry
@@ -384,57 +324,49 @@ impl Flattener {
                     .map_err(|r| hostile(path, format!("hard link target: {r}")))?;
                 let (lname, lparent) = lcomps.split_last().expect("never empty");
                 let lparent: PathBuf = lparent.iter().collect();
-                let (lp, _) = self.root.resolve_dir(&lparent, false).map_err(|_| {
+                let (lp, _) = tree.resolve_dir(&lparent, false).map_err(|_| {
                     hostile(
                         path,
                         format!("hard link to {} which is not in the image", link.display()),
                     )
                 })?;
-                let original = lp.join(lname);
-                match std::fs::symlink_metadata(&original) {
-                    Ok(m) if !m.is_dir() => {}
-                    _ => {
-                        return Err(hostile(
-                            path,
-                            format!(
-                                "hard link to {} which is not a file in the image",
-                                link.display()
-                            ),
-                        ))
-                    }
+                if tree.probe(&lp, lname).map_err(io_err(path))? != Some(false) {
+                    return Err(hostile(
+                        path,
+                        format!(
+                            "hard link to {} which is not a file in the image",
+                            link.display()
+                        ),
+                    ));
                 }
-                if original == target {
+                if lp == parent && *lname == name {
                     return Ok(());
                 }
-                remove_existing(&target).map_err(io_err(path))?;
-                std::fs::hard_link(&original, &target).map_err(io_err(path))?;
+                tree.remove(&parent, &name).map_err(io_err(path))?;
+                tree.hard_link(&parent, &name, (&lp, lname))
+                    .map_err(io_err(path))?;
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
-                let fmt = match kind {
-                    EntryType::Char => libc::S_IFCHR,
-                    EntryType::Block => libc::S_IFBLK,
-                    _ => libc::S_IFIFO,
+                let dev = |h: &tar::Header| -> io::Result<(u32, u32)> {
+                    Ok((
+                        h.device_major()?.unwrap_or(0),
+                        h.device_minor()?.unwrap_or(0),
+                    ))
                 };
-                let (major, minor) = if kind == EntryType::Fifo {
-                    (0, 0)
-                } else {
-                    let major = header.device_major().map_err(io_err(path))?.unwrap_or(0);
-                    let minor = header.device_minor().map_err(io_err(path))?.unwrap_or(0);
-                    (major, minor)
+                let node = match kind {
+                    EntryType::Char => {
+                        let (a, b) = dev(header).map_err(io_err(path))?;
+                        Node::Char(a, b)
+                    }
+                    EntryType::Block => {
+                        let (a, b) = dev(header).map_err(io_err(path))?;
+                        Node::Block(a, b)
+                    }
+                    _ => Node::Fifo,
                 };
-                remove_existing(&target).map_err(io_err(path))?;
-                let c = cstr(&target).map_err(io_err(path))?;
-                // SAFETY: `c` is NUL-terminated; mknod creates a node and never follows the
-                // last component.
-                let r =
-                    unsafe { libc::mknod(c.as_ptr(), fmt | 0o600, libc::makedev(major, minor)) };
-                if r != 0 {
-                    return Err(io_err(path)(io::Error::last_os_error()));
-                }
-                self.own(&target, uid, gid, path)?;
-                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
+                tree.remove(&parent, &name).map_err(io_err(path))?;
+                tree.mknod(&parent, &name, node, meta)
                     .map_err(io_err(path))?;
-                set_mtime(&target, mtime).map_err(io_err(path))?;
             }
             other => {
                 return Err(hostile(
@@ -447,37 +379,28 @@ impl Flattener {
         if let Some(exts) = entry.pax_extensions().map_err(io_err(path))? {
             for ext in exts {
                 let ext = ext.map_err(io_err(path))?;
-                if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
-                    set_xattr(&target, name, ext.value_bytes()).map_err(io_err(path))?;
+                if let Some(key) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
+                    self.tree
+                        .set_xattr(&parent, &name, key, ext.value_bytes())
+                        .map_err(io_err(path))?;
                 }
             }
         }
-        this_layer.insert(rel);
+        this_layer.insert((parent, name));
         Ok(())
     }
 
-    fn own(&self, p: &Path, uid: u32, gid: u32, entry: &Path) -> Result<(), FlattenError> {
-        if self.preserve_owner {
-            std::os::unix::fs::lchown(p, Some(uid), Some(gid)).map_err(io_err(entry))?;
-        }
-        Ok(())
-    }
-
-    fn rel(&self, p: &Path) -> PathBuf {
-        p.strip_prefix(self.root.path()).unwrap_or(p).to_owned()
-    }
-
-    /// Sets directory mtimes (last: adding children changes them) and returns the totals.
-    pub fn finish(mut self) -> Result<Stats, FlattenError> {
-        for (dir, mtime) in self.dir_times.drain(..).rev() {
+    /// Sets directory mtimes (last: adding children changes them) and returns the totals
+    /// and the tree.
+    pub fn finish(mut self) -> Result<(Stats, T), FlattenError> {
+        for (dir, name, mtime) in self.dir_times.drain(..).rev() {
             // A later layer may have removed it.
-            if std::fs::symlink_metadata(&dir)
-                .map(|m| m.is_dir())
-                .unwrap_or(false)
-            {
-                set_mtime(&dir, mtime).map_err(io_err(&dir))?;
+            if let Ok(Some(true)) = self.tree.probe(&dir, &name) {
+                self.tree
+                    .set_mtime(&dir, &name, mtime)
+                    .map_err(io_err(Path::new(&name)))?;
             }
         }
-        Ok(self.stats)
+        Ok((self.stats, self.tree))
     }
 }
