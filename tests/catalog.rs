@@ -379,6 +379,42 @@ async fn bundles_are_verified_unpacked_safely_and_published() {
         2,
         "kb2 was auto-pulled"
     );
+    // A path handed out answers at once: the kernel's right after the job that pulled it
+    // ended, a new VM's right after CreateVM returned (both were seen answering "Unknown
+    // object" before the pump had exported them).
+    let answers = |path: zbus::OwnedObjectPath, iface: &'static str| {
+        let conn = conn.clone();
+        async move {
+            let props = zbus::fdo::PropertiesProxy::builder(&conn)
+                .destination("org.banger")
+                .path(path.clone())
+                .build()
+                .await
+                .unwrap();
+            let iface = zbus::names::InterfaceName::from_static_str_unchecked(iface);
+            if let Err(e) = props.get(iface, "Name").await {
+                panic!("{path} does not answer yet: {e}");
+            }
+        }
+    };
+    answers(
+        kernels.get_kernel("kb2").await.unwrap(),
+        "org.banger.Kernel1",
+    )
+    .await;
+    let (vm, id, _) = vms
+        .create_vm(
+            "live",
+            opt(&[
+                ("image", "ib".into()),
+                ("kernel", "kb".into()),
+                ("start", false.into()),
+            ]),
+        )
+        .await
+        .unwrap();
+    answers(vm, "org.banger.VM1").await;
+    assert_eq!(job_result(&bus, id).await.0, "done");
     let id = create("unknown", "nosuch").await;
     let (result, error) = job_result(&bus, id).await;
     assert_eq!(result, "failed");

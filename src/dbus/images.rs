@@ -29,10 +29,13 @@ impl Images1 {
     }
 
     /// Returns the object path of the image with this name or id.
-    async fn get_image(&self, name_or_id: &str) -> Result<OwnedObjectPath> {
-        Ok(image_path(
-            &self.ctx.banger.images.get(name_or_id).await?.id,
-        ))
+    async fn get_image(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        name_or_id: &str,
+    ) -> Result<OwnedObjectPath> {
+        let path = image_path(&self.ctx.banger.images.get(name_or_id).await?.id);
+        Ok(self.ctx.live::<super::image::Image1>(conn, path).await)
     }
 
     /// Pulls an image from the catalog or an OCI registry and builds a bootable ext4 from it.

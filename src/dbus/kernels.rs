@@ -40,8 +40,13 @@ impl Kernels1 {
     }
 
     /// Returns the object path of the installed kernel with this name.
-    async fn get_kernel(&self, name: &str) -> Result<OwnedObjectPath> {
-        Ok(kernel_path(&self.ctx.banger.kernels.get(name).await?.name))
+    async fn get_kernel(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        name: &str,
+    ) -> Result<OwnedObjectPath> {
+        let path = kernel_path(&self.ctx.banger.kernels.get(name).await?.name);
+        Ok(self.ctx.live::<super::kernel::Kernel1>(conn, path).await)
     }
 
     /// Pulls a kernel from the catalog. No options yet. Returns the job at once.

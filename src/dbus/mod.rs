@@ -100,6 +100,17 @@ impl Ctx {
         self.registry.wait_published(job).await;
         (job.id, job_path(job.id))
     }
+
+    /// `path`, once its object answers on the bus with interface `I`: a path handed to a
+    /// caller is one it can use at once.
+    pub async fn live<I: zbus::object_server::Interface>(
+        &self,
+        conn: &Connection,
+        path: OwnedObjectPath,
+    ) -> OwnedObjectPath {
+        self.registry.wait_exported::<I>(conn, &path).await;
+        path
+    }
 }
 
 /// Serves the manager object, every existing object, and the pumps that keep the bus in step

@@ -18,6 +18,8 @@ use crate::jobs::{Job, JobEvent, JobState};
 /// Which jobs' objects are on the bus, so a method can return a job path only once it works.
 pub struct JobRegistry {
     published: watch::Sender<BTreeSet<u32>>,
+    /// Bumped after each object event is on the bus, for [`JobRegistry::wait_exported`].
+    objects: watch::Sender<u64>,
     /// The jobs whose JobRemoved went out, the last [`ANNOUNCED`] of them: a resync announces
     /// the others' ends.
     announced: std::sync::Mutex<std::collections::VecDeque<u32>>,
@@ -30,6 +32,7 @@ impl Default for JobRegistry {
     fn default() -> Self {
         JobRegistry {
             published: watch::Sender::new(BTreeSet::new()),
+            objects: watch::Sender::new(0),
             announced: Default::default(),
         }
     }
@@ -43,6 +46,25 @@ impl JobRegistry {
         let _ = rx
             .wait_for(|s| s.contains(&job.id) || job.status().state != JobState::Running)
             .await;
+    }
+
+    /// Returns once `path` answers with interface `I` (the pump exports a new object when its
+    /// event arrives, which may be after the service returned it), or after 5 s.
+    pub async fn wait_exported<I: zbus::object_server::Interface>(
+        &self,
+        conn: &Connection,
+        path: &zbus::ObjectPath<'_>,
+    ) {
+        let mut rx = self.objects.subscribe();
+        let server = conn.object_server();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while server.interface::<_, I>(path).await.is_err() {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }
 
@@ -329,6 +351,12 @@ async fn on_job(conn: &Connection, ctx: &Ctx, e: JobEvent) -> zbus::Result<()> {
 }
 
 async fn on_object(conn: &Connection, ctx: &Ctx, e: ObjectEvent) -> zbus::Result<()> {
+    let r = mirror_object(conn, ctx, e).await;
+    ctx.registry.objects.send_modify(|n| *n += 1);
+    r
+}
+
+async fn mirror_object(conn: &Connection, ctx: &Ctx, e: ObjectEvent) -> zbus::Result<()> {
     let server = conn.object_server();
     match e {
         ObjectEvent::ImageAdded(i) => {

@@ -28,10 +28,16 @@ impl Snapshots1 {
     }
 
     /// Returns the object path of the snapshot with this name or id.
-    async fn get_snapshot(&self, name_or_id: &str) -> Result<OwnedObjectPath> {
-        Ok(snapshot_path(
-            &self.ctx.banger.vms.snapshot(name_or_id).await?.id,
-        ))
+    async fn get_snapshot(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        name_or_id: &str,
+    ) -> Result<OwnedObjectPath> {
+        let path = snapshot_path(&self.ctx.banger.vms.snapshot(name_or_id).await?.id);
+        Ok(self
+            .ctx
+            .live::<super::snapshot::Snapshot1>(conn, path)
+            .await)
     }
 
     /// Deletes a snapshot no VM's disks layer on (InUse otherwise); its owner, or an

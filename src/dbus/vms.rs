@@ -31,8 +31,13 @@ impl Vms1 {
 
     /// Returns the object path of the VM with this name or id.
     #[zbus(name = "GetVM")]
-    async fn get_vm(&self, name_or_id: &str) -> Result<OwnedObjectPath> {
-        Ok(vm_path(&self.ctx.banger.vms.get(name_or_id).await?.id))
+    async fn get_vm(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        name_or_id: &str,
+    ) -> Result<OwnedObjectPath> {
+        let path = vm_path(&self.ctx.banger.vms.get(name_or_id).await?.id);
+        Ok(self.ctx.live::<super::vm::Vm1>(conn, path).await)
     }
 
     /// Creates a VM and, unless start is false, starts it. Options: image s, kernel s,
@@ -95,7 +100,8 @@ impl Vms1 {
         let op = ops::create_vm(&self.ctx.banger, &c, name, opts);
         let (vm, job) = self.ctx.perform(&c, op).await?;
         let (id, path) = self.ctx.job_reply(&job).await;
-        Ok((vm_path(&vm.id), id, path))
+        let vm_path = self.ctx.live::<super::vm::Vm1>(conn, vm_path(&vm.id)).await;
+        Ok((vm_path, id, path))
     }
 
     /// Starts a stopped VM. Returns the job at once.
