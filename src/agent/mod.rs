@@ -188,7 +188,7 @@ impl From<ExecRequest> for Request {
 }
 
 /// The agent's answer to `health`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Health {
     /// The agent's version.
     pub version: String,
@@ -198,6 +198,10 @@ pub struct Health {
     pub boot_id: String,
     /// Whether the guest runs systemd.
     pub systemd: bool,
+    /// Whether the guest has an SSH server (`sshd` in a usual `PATH` directory); agents
+    /// before this field say nothing, and the host then asks with a shell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sshd: Option<bool>,
 }
 
 /// A reply line.
@@ -252,6 +256,21 @@ pub fn parse_header(h: [u8; 5]) -> Option<(u8, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_from_an_older_agent_says_nothing_of_sshd() {
+        let old: Health = serde_json::from_str(
+            r#"{"version":"0.1.0","uptime_sec":1.5,"boot_id":"b","systemd":false}"#,
+        )
+        .unwrap();
+        assert_eq!(old.sshd, None);
+        let new = Health {
+            sshd: Some(true),
+            ..old
+        };
+        let back: Health = serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back.sshd, Some(true));
+    }
 
     #[test]
     fn requests_round_trip_as_json_lines() {

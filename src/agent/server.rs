@@ -336,7 +336,26 @@ fn health() -> Health {
         uptime_sec: uptime,
         boot_id,
         systemd: std::path::Path::new("/run/systemd/system").is_dir(),
+        sshd: Some(has_sshd()),
     }
+}
+
+/// Whether an executable `sshd` is in one of the usual `PATH` directories.
+fn has_sshd() -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ]
+    .iter()
+    .any(|d| {
+        std::fs::metadata(std::path::Path::new(d).join("sshd"))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
 }
 
 fn power_off() {

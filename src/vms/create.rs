@@ -726,7 +726,8 @@ impl Vms {
 
         st.enter(vm, "wait_agent", "Waiting for the guest agent")
             .await?;
-        if let Err(e) = self.wait_agent(&run).await {
+        let health = self.wait_agent(&run).await;
+        if let Err(e) = health {
             // A main process that finished before the agent was reached: the VM is done.
             let status = (!vm.main.is_empty() && !self.vmm.running(&run))
                 .then(|| self.main_exit_status(&vm.id))
@@ -746,6 +747,7 @@ impl Vms {
             self.release_network_if_idle().await;
             return Ok(());
         }
+        let health = health?;
 
         if let Some(keygen) = keygen {
             st.enter(
@@ -761,7 +763,12 @@ impl Vms {
                 .await?;
             let _ = std::fs::remove_file(&pending);
         }
-        if self.guest_has_sshd(vm).await {
+        // An agent that says whether there is an sshd saves asking it to run a shell.
+        let has_sshd = match health.sshd {
+            Some(has) => has,
+            None => self.guest_has_sshd(vm).await,
+        };
+        if has_sshd {
             let addr = format!("{}:22", vm.guest_address);
             st.enter(vm, "wait_ssh", format!("Waiting for sshd on {addr}"))
                 .await?;
@@ -875,8 +882,10 @@ impl Vms {
             })
     }
 
-    async fn wait_agent(&self, run: &std::path::Path) -> Result<()> {
+    /// Waits until the guest agent answers a health request; returns its answer.
+    async fn wait_agent(&self, run: &std::path::Path) -> Result<crate::agent::Health> {
         let sock = self.vmm.vsock_socket(run);
+        let answer = std::sync::Mutex::new(None);
         self.wait_guest(run, "its agent", "The guest agent", || async {
             let mut s = crate::agent::client::connect(&sock, crate::agent::PORT)
                 .await
@@ -885,9 +894,12 @@ impl Vms {
                 .await
                 .map_err(|e| e.full_message())?;
             tracing::debug!(?h, "Agent answered");
+            *answer.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
             Ok(())
         })
-        .await
+        .await?;
+        let h = answer.into_inner().unwrap_or_else(|p| p.into_inner());
+        Ok(h.unwrap_or_default())
     }
 
     /// Hands a restored guest its own identity through its agent (see `agent::identity`).
