@@ -70,6 +70,7 @@ impl Vmm for SlowVmm {
                         uptime_sec: 1.0,
                         boot_id: new_id(),
                         systemd: false,
+                        sshd: Some(false),
                     };
                     let mut reply = banger::agent::Reply::ok();
                     reply.health = Some(health);
