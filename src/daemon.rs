@@ -329,12 +329,12 @@ async fn wait_for_exit(
                     return Exit::BusGone;
                 }
                 let n = *running.borrow();
-                // The idle clock restarts when the last job ends.
+                // The idle clock restarts when the last job or held call ends.
                 if n == 0 {
                     last_call = Instant::now();
                     notify(&[NotifyState::Status("Ready, waiting for calls")]);
                 } else {
-                    notify(&[NotifyState::Status(&format!("Running {n} job(s)"))]);
+                    notify(&[NotifyState::Status(&format!("Running {n} job(s) or call(s)"))]);
                 }
             }
             _ = idle_timer => return Exit::Idle,

@@ -286,6 +286,15 @@ pub fn current_blocking() -> Option<JobToken> {
     BLOCKING.with(|b| b.borrow().clone())
 }
 
+/// A call counted as work in progress (see [`Jobs::hold`]).
+pub struct Held(Arc<Inner>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.running.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 /// Counts a piece of blocking work of a job for as long as it runs.
 struct Busy(Arc<watch::Sender<u32>>);
 
@@ -373,9 +382,16 @@ impl Jobs {
         self.inner.events.subscribe()
     }
 
-    /// A watch on how many jobs run, for the idle timer.
+    /// A watch on how many jobs and held calls run, for the idle timer.
     pub fn running(&self) -> watch::Receiver<usize> {
         self.inner.running.subscribe()
+    }
+
+    /// Counts a method call as work in progress until the guard drops, so the idle exit
+    /// waits for it as it waits for a job (a long `StopVM` or `ImportKernel` is not cut off).
+    pub fn hold(&self) -> Held {
+        self.inner.running.send_modify(|n| *n += 1);
+        Held(self.inner.clone())
     }
 
     /// The jobs that run now, by id.
@@ -521,6 +537,19 @@ impl Jobs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_call_counts_as_work_until_it_ends() {
+        let jobs = Jobs::new(0);
+        let running = jobs.running();
+        let a = jobs.hold();
+        let b = jobs.hold();
+        assert_eq!(*running.borrow(), 2);
+        drop(a);
+        assert_eq!(*running.borrow(), 1);
+        drop(b);
+        assert_eq!(*running.borrow(), 0);
+    }
     use tokio::sync::oneshot;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,6 +86,8 @@ impl Ctx {
         caller: &Caller,
         op: impl std::future::Future<Output = crate::Result<crate::ops::Ready<'a, T>>>,
     ) -> BusResult<T> {
+        // A mutating call in progress keeps the daemon from idling out under it.
+        let _held = self.banger.jobs.hold();
         Ok(crate::ops::perform(self.authority.as_ref(), caller, op).await?)
     }
 
