@@ -311,35 +311,41 @@ impl Tree for HostTree {
 /// Writes `data` as file `rel` (root's, `mode`), replacing whatever is there and creating
 /// missing parents.
 pub fn put_file<T: Tree>(tree: &mut T, rel: &str, data: &[u8], mode: u32) -> io::Result<()> {
-    let rel = Path::new(rel);
-    let parent = rel.parent().unwrap_or(Path::new(""));
-    let name = rel.file_name().ok_or(io::ErrorKind::InvalidInput)?;
-    let (dir, _) = tree.resolve_dir(parent, true)?;
-    tree.remove(&dir, name)?;
-    let meta = Meta {
-        mode,
-        uid: 0,
-        gid: 0,
-        mtime: now(),
-    };
-    tree.write_file(&dir, name, meta, data.len() as u64, &mut &data[..])?;
+    let (dir, name) = clear(tree, rel)?;
+    tree.write_file(
+        &dir,
+        name,
+        root_meta(mode),
+        data.len() as u64,
+        &mut &data[..],
+    )?;
     Ok(())
 }
 
 /// Makes `rel` a symlink to `target` (root's), replacing whatever is there.
 pub fn put_symlink<T: Tree>(tree: &mut T, rel: &str, target: &str) -> io::Result<()> {
+    let (dir, name) = clear(tree, rel)?;
+    tree.symlink(&dir, name, Path::new(target), root_meta(0o777))
+}
+
+/// Resolves `rel`'s parent (creating it) and removes whatever `rel` is; returns the parent
+/// and the name.
+fn clear<'a, T: Tree>(tree: &mut T, rel: &'a str) -> io::Result<(T::Dir, &'a OsStr)> {
     let rel = Path::new(rel);
     let parent = rel.parent().unwrap_or(Path::new(""));
     let name = rel.file_name().ok_or(io::ErrorKind::InvalidInput)?;
     let (dir, _) = tree.resolve_dir(parent, true)?;
     tree.remove(&dir, name)?;
-    let meta = Meta {
-        mode: 0o777,
+    Ok((dir, name))
+}
+
+fn root_meta(mode: u32) -> Meta {
+    Meta {
+        mode,
         uid: 0,
         gid: 0,
         mtime: now(),
-    };
-    tree.symlink(&dir, name, Path::new(target), meta)
+    }
 }
 
 /// Seconds since the epoch, for what banger itself writes into a tree.

@@ -157,6 +157,19 @@ impl Writer {
         }
     }
 
+    /// Runs `add` (an entry's addition to `dir`) and, when the directory's blocks are full,
+    /// grows it by a block and runs it again; returns `add`'s last result.
+    fn growing(&self, dir: Ino, add: impl Fn() -> Errcode) -> io::Result<Errcode> {
+        let r = add();
+        if r != sys::EXT2_ET_DIR_NO_SPACE {
+            return Ok(r);
+        }
+        // SAFETY: `dir` is a directory inode of this filesystem.
+        let e = unsafe { (self.lib.ext2fs_expand_dir)(self.fs, dir) };
+        self.check(e, || "cannot grow a directory".into())?;
+        Ok(add())
+    }
+
     fn read_inode(&self, ino: Ino) -> io::Result<Inode> {
         let mut inode = Inode::default();
         // SAFETY: `inode` is a 128-byte ext2_inode, what read_inode fills.
@@ -207,18 +220,10 @@ impl Writer {
 
     /// Links `ino` as `name` into `dir`, growing the directory when its blocks are full.
     fn link(&self, dir: Ino, name: &CString, ino: Ino, mode: u16) -> io::Result<()> {
-        // SAFETY: `name` is NUL-terminated.
-        let mut r =
-            unsafe { (self.lib.ext2fs_link)(self.fs, dir, name.as_ptr(), ino, file_type(mode)) };
-        if r == sys::EXT2_ET_DIR_NO_SPACE {
-            // SAFETY: `dir` is a directory inode of this filesystem.
-            let e = unsafe { (self.lib.ext2fs_expand_dir)(self.fs, dir) };
-            self.check(e, || "cannot grow a directory".into())?;
-            // SAFETY: as above.
-            r = unsafe {
-                (self.lib.ext2fs_link)(self.fs, dir, name.as_ptr(), ino, file_type(mode))
-            };
-        }
+        let r = self.growing(dir, || {
+            // SAFETY: `name` is NUL-terminated.
+            unsafe { (self.lib.ext2fs_link)(self.fs, dir, name.as_ptr(), ino, file_type(mode)) }
+        })?;
         self.check(r, || format!("cannot link {name:?}"))
     }
 
@@ -358,15 +363,10 @@ impl Writer {
     fn make_dir(&mut self, dir: Ino, name: &OsStr) -> io::Result<Ino> {
         let c = cname(name)?;
         let ino = self.new_inode(dir, S_IFDIR | 0o755)?;
-        // SAFETY: `c` is NUL-terminated; `ino` is free.
-        let mut r = unsafe { (self.lib.ext2fs_mkdir)(self.fs, dir, ino, c.as_ptr()) };
-        if r == sys::EXT2_ET_DIR_NO_SPACE {
-            // SAFETY: `dir` is a directory.
-            let e = unsafe { (self.lib.ext2fs_expand_dir)(self.fs, dir) };
-            self.check(e, || "cannot grow a directory".into())?;
-            // SAFETY: as above.
-            r = unsafe { (self.lib.ext2fs_mkdir)(self.fs, dir, ino, c.as_ptr()) };
-        }
+        let r = self.growing(dir, || {
+            // SAFETY: `c` is NUL-terminated; `ino` is free.
+            unsafe { (self.lib.ext2fs_mkdir)(self.fs, dir, ino, c.as_ptr()) }
+        })?;
         self.check(r, || format!("cannot make directory {name:?}"))?;
         let mut inode = self.read_inode(ino)?;
         inode.i_mode = S_IFDIR | 0o755;
@@ -586,16 +586,10 @@ impl Tree for Writer {
             ));
         }
         let ino = self.new_inode(*dir, S_IFLNK | 0o777)?;
-        // SAFETY: both strings are NUL-terminated; `ino` is free.
-        let mut r =
-            unsafe { (self.lib.ext2fs_symlink)(self.fs, *dir, ino, c.as_ptr(), t.as_ptr()) };
-        if r == sys::EXT2_ET_DIR_NO_SPACE {
-            // SAFETY: `dir` is a directory.
-            let e = unsafe { (self.lib.ext2fs_expand_dir)(self.fs, *dir) };
-            self.check(e, || "cannot grow a directory".into())?;
-            // SAFETY: as above.
-            r = unsafe { (self.lib.ext2fs_symlink)(self.fs, *dir, ino, c.as_ptr(), t.as_ptr()) };
-        }
+        let r = self.growing(*dir, || {
+            // SAFETY: both strings are NUL-terminated; `ino` is free.
+            unsafe { (self.lib.ext2fs_symlink)(self.fs, *dir, ino, c.as_ptr(), t.as_ptr()) }
+        })?;
         self.check(r, || format!("cannot make symlink {name:?}"))?;
         let mut inode = self.read_inode(ino)?;
         set_owner(&mut inode, meta.uid, meta.gid);
