@@ -82,15 +82,14 @@ pub async fn health<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<Heal
         .ok_or_else(|| Error::failed("The guest agent sent no health", std::io::Error::other("")))
 }
 
-/// Hands a restored guest its own identity; returns once the agent applied it, with the
-/// agent's health when it sends it along (agents before that did not).
+/// Hands a restored guest its own identity; returns once the agent applied it.
 pub async fn identity<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     id: super::Identity,
-) -> Result<Option<Health>> {
+) -> Result<()> {
     request(s, &Request::Identity(Box::new(id)))
         .await
-        .map(|r| r.health)
+        .map(|_| ())
 }
 
 /// Asks the guest to power off; returns once the agent accepted.

@@ -190,12 +190,7 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
         Request::Put { path, name, dir } => put(reader, writer, &path, &name, dir),
         Request::Get { path } => get(writer, &path),
         Request::Identity(id) => match super::identity::apply(&id) {
-            // With the health the host would otherwise ask for next.
-            Ok(()) => {
-                let mut r = Reply::ok();
-                r.health = Some(health());
-                write_line(&mut writer, &r)
-            }
+            Ok(()) => write_line(&mut writer, &Reply::ok()),
             Err(e) => write_line(&mut writer, &Reply::error(e)),
         },
         Request::Connect { port } => {

@@ -724,27 +724,9 @@ impl Vms {
             self.vmm.resume(&run).await?;
         }
 
-        // A restore's first request to its agent is its identity (whose answer carries the
-        // agent's health): no separate health round trip before it.
-        let host_key = match keygen {
-            Some(k) => Some(
-                k.await
-                    .map_err(|e| Error::failed("SSH key task failed", e))??,
-            ),
-            None => None,
-        };
-        let waiting = match host_key {
-            Some(_) => "Waiting for the guest agent to take its own name, address, keys and clock",
-            None => "Waiting for the guest agent",
-        };
-        st.enter(vm, "wait_agent", waiting).await?;
-        let health = match &host_key {
-            Some(k) => {
-                self.give_identity(vm, &run, &lease, k.clone(), key.as_deref())
-                    .await
-            }
-            None => self.wait_agent(&run).await,
-        };
+        st.enter(vm, "wait_agent", "Waiting for the guest agent")
+            .await?;
+        let health = self.wait_agent(&run).await;
         if let Err(e) = health {
             // A main process that finished before the agent was reached: the VM is done.
             let status = (!vm.main.is_empty() && !self.vmm.running(&run))
@@ -767,13 +749,18 @@ impl Vms {
         }
         let health = health?;
 
-        if host_key.is_some() {
+        if let Some(keygen) = keygen {
             st.enter(
                 vm,
                 "identity",
-                "The guest has its own name, address, keys and clock",
+                "Giving the guest its own name, address, keys and clock",
             )
             .await?;
+            let host_key = keygen
+                .await
+                .map_err(|e| Error::failed("SSH key task failed", e))??;
+            self.give_identity(vm, &lease, host_key, key.as_deref())
+                .await?;
             let _ = std::fs::remove_file(&pending);
         }
         // An agent that says whether there is an sshd saves asking it to run a shell.
@@ -919,11 +906,10 @@ impl Vms {
     async fn give_identity(
         &self,
         vm: &mut Vm,
-        run: &std::path::Path,
         lease: &crate::net::GuestNet,
         (private, public): (Vec<u8>, String),
         key: Option<&str>,
-    ) -> Result<crate::agent::Health> {
+    ) -> Result<()> {
         let mut seed = [0u8; 32];
         // SAFETY: the pointer and length describe `seed`.
         if unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) } != 32 {
@@ -943,32 +929,25 @@ impl Vms {
             host_key_pub: public.clone(),
             authorized_key: key.unwrap_or_default().trim().to_owned(),
             seed: crate::model::hex(&seed),
-            time_ns: 0,
+            time_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
         };
-        let sock = self.vmm.vsock_socket(run);
-        let answer = std::sync::Mutex::new(None);
-        self.wait_guest(run, "its agent", "The guest agent", || async {
-            let mut s = crate::agent::client::connect(&sock, crate::agent::PORT)
-                .await
-                .map_err(|e| e.full_message())?;
-            // The clock as of this try (a retry must not set an old time).
-            let id = crate::agent::Identity {
-                time_ns: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(0),
-                ..id.clone()
-            };
-            let h = crate::agent::client::identity(&mut s, id)
-                .await
-                .map_err(|e| e.full_message())?;
-            *answer.lock().unwrap_or_else(|p| p.into_inner()) = Some(h.unwrap_or_default());
-            Ok(())
-        })
-        .await?;
+        let mut s = self.open_agent_any(vm).await?;
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            crate::agent::client::identity(&mut s, id),
+        )
+        .await
+        .map_err(|_| {
+            Error::failed(
+                "The guest agent did not take its identity within 30 s",
+                std::io::Error::other("timeout"),
+            )
+        })??;
         vm.ssh_host_key = public.trim().to_owned();
-        let h = answer.into_inner().unwrap_or_else(|p| p.into_inner());
-        Ok(h.unwrap_or_default())
+        Ok(())
     }
 
     /// Retries `attempt` (each try bounded to 5 s, tries at least 250 ms apart) until it succeeds, the VMM
