@@ -233,6 +233,32 @@ mod put_tests {
     use super::*;
 
     #[test]
+    fn a_written_image_shrinks_and_keeps_its_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("s.ext4");
+        create_empty(&img, 512 << 20, 8192, "s").unwrap();
+        let mut w = writer::Writer::open(&img).unwrap();
+        crate::tree::put_file(&mut w, "etc/hello", b"hello\n", 0o644).unwrap();
+        w.close().unwrap();
+        shrink(&img, 128 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), 128 << 20);
+        let fsck = std::process::Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        assert_eq!(
+            read_file(&img, "/etc/hello").unwrap().as_deref(),
+            Some(&b"hello\n"[..])
+        );
+    }
+
+    #[test]
     fn files_land_root_owned_with_their_modes_and_replace_old_ones() {
         if host::find_program("debugfs").is_none() || host::find_program("mkfs.ext4").is_none() {
             return;
