@@ -227,7 +227,8 @@ impl Writer {
         self.check(r, || format!("cannot link {name:?}"))
     }
 
-    /// Allocates, links and writes a new non-directory inode.
+    /// Allocates, links and writes a new non-directory inode (a regular file starts with an
+    /// empty extent tree).
     fn create(&self, dir: Ino, name: &OsStr, mut inode: Inode) -> io::Result<Ino> {
         let c = cname(name)?;
         let ino = self.new_inode(dir, inode.i_mode)?;
@@ -235,6 +236,17 @@ impl Writer {
         // SAFETY: `ino` was just allocated from this filesystem.
         unsafe { (self.lib.ext2fs_inode_alloc_stats2)(self.fs, ino, 1, 0) };
         inode.i_links_count = 1;
+        if inode.i_mode & S_IFMT == S_IFREG {
+            // An empty extent tree in the inode, as mkfs.ext4 -d starts files.
+            let mut handle: *mut c_void = std::ptr::null_mut();
+            // SAFETY: `inode` has no blocks; extent_open2 writes an empty extent header into
+            // it.
+            let r =
+                unsafe { (self.lib.ext2fs_extent_open2)(self.fs, ino, &mut inode, &mut handle) };
+            self.check(r, || format!("cannot start the extents of {name:?}"))?;
+            // SAFETY: `handle` was just opened.
+            unsafe { (self.lib.ext2fs_extent_free)(handle) };
+        }
         // SAFETY: a full 128-byte inode.
         let r = unsafe { (self.lib.ext2fs_write_new_inode)(self.fs, ino, &mut inode) };
         self.check(r, || format!("cannot write the inode of {name:?}"))?;
@@ -376,10 +388,14 @@ impl Writer {
         Ok(ino)
     }
 
+    /// The inode of `name` in `dir`, which the flattener just made or found there.
+    fn existing(&mut self, dir: Ino, name: &OsStr) -> io::Result<Ino> {
+        self.lookup(dir, name)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{name:?} is gone")))
+    }
+
     fn update(&mut self, dir: Ino, name: &OsStr, f: impl FnOnce(&mut Inode)) -> io::Result<()> {
-        let ino = self
-            .lookup(dir, name)?
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{name:?} is gone")))?;
+        let ino = self.existing(dir, name)?;
         let mut inode = self.read_inode(ino)?;
         f(&mut inode);
         self.write_inode(ino, &mut inode)
@@ -530,23 +546,7 @@ impl Tree for Writer {
         // SAFETY: `inode` is a full inode; size_set only sets its size fields.
         let r = unsafe { (self.lib.ext2fs_inode_size_set)(self.fs, &mut inode, size) };
         self.check(r, || format!("cannot size {name:?}"))?;
-        let c = cname(name)?;
-        let ino = self.new_inode(*dir, inode.i_mode)?;
-        self.link(*dir, &c, ino, inode.i_mode)?;
-        // SAFETY: `ino` was just allocated from this filesystem.
-        unsafe { (self.lib.ext2fs_inode_alloc_stats2)(self.fs, ino, 1, 0) };
-        inode.i_links_count = 1;
-        // An empty extent tree in the inode, as mkfs.ext4 -d starts files.
-        let mut handle: *mut c_void = std::ptr::null_mut();
-        // SAFETY: `inode` has no blocks; extent_open2 writes an empty extent header into it.
-        let r = unsafe { (self.lib.ext2fs_extent_open2)(self.fs, ino, &mut inode, &mut handle) };
-        self.check(r, || format!("cannot start the extents of {name:?}"))?;
-        // SAFETY: `handle` was just opened.
-        unsafe { (self.lib.ext2fs_extent_free)(handle) };
-        // SAFETY: a full 128-byte inode.
-        let r = unsafe { (self.lib.ext2fs_write_new_inode)(self.fs, ino, &mut inode) };
-        self.check(r, || format!("cannot write the inode of {name:?}"))?;
-
+        let ino = self.create(*dir, name, inode)?;
         if size == 0 {
             return Ok(0);
         }
@@ -598,9 +598,7 @@ impl Tree for Writer {
     }
 
     fn hard_link(&mut self, dir: &Ino, name: &OsStr, from: (&Ino, &OsStr)) -> io::Result<()> {
-        let ino = self.lookup(*from.0, from.1)?.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("{:?} is gone", from.1))
-        })?;
+        let ino = self.existing(*from.0, from.1)?;
         let mut inode = self.read_inode(ino)?;
         if inode.i_links_count == u16::MAX {
             return Err(io::Error::from_raw_os_error(libc::EMLINK));
@@ -634,9 +632,7 @@ impl Tree for Writer {
     }
 
     fn set_xattr(&mut self, dir: &Ino, name: &OsStr, key: &[u8], value: &[u8]) -> io::Result<()> {
-        let ino = self
-            .lookup(*dir, name)?
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{name:?} is gone")))?;
+        let ino = self.existing(*dir, name)?;
         let k = CString::new(key).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         let mut h: *mut c_void = std::ptr::null_mut();
         // SAFETY: `ino` is an inode of this filesystem; `h` is closed below.
