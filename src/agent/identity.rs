@@ -119,8 +119,8 @@ fn reseed(hex: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Replaces every SSH host key with the VM's own, then has a running sshd take it (SIGHUP
-/// makes sshd re-execute itself and read its keys again).
+/// Replaces every SSH host key with the VM's own, and makes sure a running sshd serves it to
+/// the next connection before this returns (so the host's `wait_ssh` meets the new key).
 fn install_host_key(private: &str, public: &str) -> Result<(), String> {
     let ssh = Path::new("/etc/ssh");
     for e in std::fs::read_dir(ssh).map_err(|e| e.to_string())?.flatten() {
@@ -135,17 +135,110 @@ fn install_host_key(private: &str, public: &str) -> Result<(), String> {
         public.as_bytes(),
         0o644,
     )?;
-    for pidfile in ["/run/sshd.pid", "/var/run/sshd.pid"] {
-        if let Some(pid) = std::fs::read_to_string(pidfile)
+    let Some(pid) = ["/run/sshd.pid", "/var/run/sshd.pid"].iter().find_map(|f| {
+        std::fs::read_to_string(f)
             .ok()
             .and_then(|p| p.trim().parse::<i32>().ok())
-        {
-            // SAFETY: kill takes no pointers.
-            unsafe { libc::kill(pid, libc::SIGHUP) };
-            break;
+            .filter(|&p| p > 1 && Path::new(&format!("/proc/{p}")).exists())
+    }) else {
+        return Ok(());
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    if keys_read_per_connection(Path::new("/"), &args) {
+        return Ok(());
+    }
+    restart_sshd(pid)
+}
+
+/// Whether the sshd running with `args` reads its host keys again for every connection, so
+/// new key files serve the next connection without a restart. OpenSSH before 9.8 re-executes
+/// itself for each connection (unless started with `-r`), and that child loads the host keys
+/// from disk; from 9.8 on, each connection is an `sshd-session` that gets the keys the
+/// listener loaded when it started, so only a restart changes them. Restarting costs the
+/// time sshd takes to start again under emulation, with its port closed meanwhile.
+fn keys_read_per_connection(root: &Path, args: &[&[u8]]) -> bool {
+    const SESSION: [&str; 4] = [
+        "usr/lib/openssh/sshd-session",
+        "usr/libexec/openssh/sshd-session",
+        "usr/libexec/sshd-session",
+        "usr/lib/ssh/sshd-session",
+    ];
+    let split = SESSION.iter().any(|p| root.join(p).exists());
+    // sshd rewrites its command line into one argument ("sshd: /usr/sbin/sshd -D
+    // [listener] …"), so the options are looked for in its words.
+    let no_rexec = args
+        .iter()
+        .flat_map(|a| a.split(|c| c.is_ascii_whitespace()))
+        .skip(1)
+        .any(|w| {
+            // A word of flags; one that takes a value (sshd's getopt string) ends them.
+            w.starts_with(b"-")
+                && !w.starts_with(b"--")
+                && w[1..]
+                    .iter()
+                    .take_while(|c| !b"CEbcfghkopu".contains(c))
+                    .any(|&c| c == b'r')
+        });
+    !split && !no_rexec
+}
+
+/// Has sshd `pid` read its keys again (SIGHUP: it closes its listeners and re-executes
+/// itself) and waits until it listens again, on sockets other than the ones it had.
+fn restart_sshd(pid: i32) -> Result<(), String> {
+    let before = listening_sockets(pid);
+    // SAFETY: kill takes no pointers.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        return Ok(());
+    }
+    if before.is_empty() {
+        return Ok(());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let now = listening_sockets(pid);
+        if !now.is_empty() && now.iter().all(|s| !before.contains(s)) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline || !Path::new(&format!("/proc/{pid}")).exists() {
+            return Err("sshd did not listen again within 10 s of taking its new host key".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// The inodes of the TCP sockets process `pid` listens on.
+fn listening_sockets(pid: i32) -> Vec<u64> {
+    let mut listening = std::collections::HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local remote st ... inode (the tenth field); 0A is LISTEN.
+            if f.len() > 9 && f[3] == "0A" {
+                if let Ok(inode) = f[9].parse::<u64>() {
+                    listening.insert(inode);
+                }
+            }
         }
     }
-    Ok(())
+    let mut own: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    l.to_str()?
+                        .strip_prefix("socket:[")?
+                        .strip_suffix(']')?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .filter(|i| listening.contains(i))
+                .collect()
+        })
+        .unwrap_or_default();
+    own.sort_unstable();
+    own
 }
 
 fn authorize(key: &str) -> Result<(), String> {
@@ -161,4 +254,45 @@ fn authorize(key: &str) -> Result<(), String> {
         text.push('\n');
     }
     replace(&path, text.as_bytes(), 0o600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_sshd_that_loads_keys_per_connection_is_left_running() {
+        let root = tempfile::tempdir().unwrap();
+        let sshd: &[&[u8]] = &[b"sshd: /usr/sbin/sshd -D [listener] 0 of 10-100 startups"];
+        assert!(keys_read_per_connection(root.path(), sshd));
+        assert!(keys_read_per_connection(
+            root.path(),
+            &[b"/usr/sbin/sshd", b"-D"]
+        ));
+        // -r: no re-execution, so the keys loaded at start serve every connection.
+        assert!(!keys_read_per_connection(
+            root.path(),
+            &[b"/usr/sbin/sshd", b"-Dr"]
+        ));
+        assert!(!keys_read_per_connection(
+            root.path(),
+            &[b"/usr/sbin/sshd", b"-r"]
+        ));
+        // OpenSSH 9.8 and later: sshd-session gets the listener's keys.
+        std::fs::create_dir_all(root.path().join("usr/lib/openssh")).unwrap();
+        std::fs::write(root.path().join("usr/lib/openssh/sshd-session"), b"").unwrap();
+        assert!(!keys_read_per_connection(
+            root.path(),
+            &[b"/usr/sbin/sshd", b"-D"]
+        ));
+    }
+
+    #[test]
+    fn a_process_listening_sockets_are_found() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mine = listening_sockets(std::process::id() as i32);
+        assert!(!mine.is_empty());
+        drop(l);
+        assert!(listening_sockets(std::process::id() as i32).len() < mine.len());
+    }
 }
