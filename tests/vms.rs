@@ -1651,6 +1651,41 @@ async fn the_default_image_is_built_on_demand_and_vm_run_gives_an_ssh_session_in
         std::fs::read_to_string(home.path().join(".local/state/banger/known_hosts")).unwrap();
     assert!(known.contains(&fields(&host_key)), "{known}");
 
+    // A fork of it is ready only once its sshd serves the fork's own host key (strict host key
+    // checking against the key banger recorded), and the host reaches the fork at its new
+    // address and MAC on the first try (the address was the deleted `web`'s a moment ago).
+    let out = bus.banger_as(Some(USER_OK), &["vm", "fork", "deb", "deb2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = banger_netns(
+        &bus,
+        home.path(),
+        &["vm", "ssh", "deb2", "--", "uname", "-n"],
+        "",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "deb2\n",
+        "{}",
+        text(&out)
+    );
+    let deb2 = vm_shown(&bus, "deb2");
+    let key2 = deb2["SSHHostKey"].as_str().unwrap().to_owned();
+    assert_ne!(
+        fields(&key2),
+        fields(&host_key),
+        "the fork has a key of its own"
+    );
+    let known =
+        std::fs::read_to_string(home.path().join(".local/state/banger/known_hosts")).unwrap();
+    assert!(known.contains(&fields(&key2)), "{known}");
+    for args in [
+        &["vm", "delete", "deb2", "--force"][..],
+        &["snapshot", "delete", "deb2"],
+    ] {
+        let out = bus.banger_as(Some(USER_OK), args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    }
+
     // A generated name, a command through the agent, its exit status, and --rm.
     let out = banger_netns(
         &bus,

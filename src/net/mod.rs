@@ -323,6 +323,47 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
+/// Tells the host's neighbour table the guest's MAC for its address on the bridge. The
+/// address may have been another VM's a moment ago (leases are reused, and a VM restored
+/// from a snapshot changes its MAC): with that VM's MAC still cached, the host's first
+/// packets to the new guest would go nowhere until a probe found the change, a second or
+/// more for the first TCP connection. banger hands out both, so it states the pair itself.
+async fn learn_neighbour(
+    h: &rtnetlink::Handle,
+    bridge: u32,
+    guest: &walls::GuestPort,
+) -> Result<()> {
+    use rtnetlink::packet_route::neighbour::NeighbourState;
+    let mac = parse_mac(&guest.mac)
+        .ok_or_else(|| Error::InvalidArgument(format!("{:?} is not a MAC address", guest.mac)))?;
+    h.neighbours()
+        .add(bridge, std::net::IpAddr::V4(guest.address))
+        .link_layer_address(&mac)
+        .state(NeighbourState::Reachable)
+        .replace()
+        .execute()
+        .await
+        .map_err(|e| {
+            Error::failed(
+                format!(
+                    "Cannot set the neighbour entry of {} on {BRIDGE}",
+                    guest.address
+                ),
+                e,
+            )
+        })
+}
+
+/// `02:ab:…` as six bytes.
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in out.iter_mut() {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
 async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>> {
     let mut links = handle.link().get().match_name(name.to_owned()).execute();
     match links.try_next().await {
@@ -410,6 +451,7 @@ impl HostNet for Bridge {
         let bridge = with_netlink(|h| async move { self.ensure_bridge(&h, subnet).await }).await?;
         nft(&self.walls(subnet).ruleset(ports)).await?;
         enable_forwarding();
+        let guest = ports.iter().find(|p| p.tap == tap).cloned();
         with_netlink(|h| async move {
             if let Some(old) = link_index(&h, tap).await? {
                 // A tap left by a VMM that died with the host; start from a clean one.
@@ -434,7 +476,11 @@ impl HostNet for Bridge {
                 )
                 .execute()
                 .await
-                .map_err(|e| Error::failed(format!("Cannot put tap {tap} on {BRIDGE}"), e))
+                .map_err(|e| Error::failed(format!("Cannot put tap {tap} on {BRIDGE}"), e))?;
+            if let Some(g) = guest {
+                learn_neighbour(&h, bridge, &g).await?;
+            }
+            Ok(())
         })
         .await
     }
@@ -499,6 +545,22 @@ mod tests {
         Route {
             dest: net(s),
             dev: dev.into(),
+        }
+    }
+
+    #[test]
+    fn macs_parse_whole_or_not_at_all() {
+        assert_eq!(
+            parse_mac("02:37:b1:4D:7a:0b"),
+            Some([0x02, 0x37, 0xb1, 0x4d, 0x7a, 0x0b])
+        );
+        for bad in [
+            "02:37:b1:4d:7a",
+            "02:37:b1:4d:7a:0b:00",
+            "02:37:b1:4d:7a:zz",
+            "",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
         }
     }
 
