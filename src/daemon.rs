@@ -139,7 +139,15 @@ pub async fn run(opts: DaemonOptions) -> Result<Exit> {
         .await
         .map_err(|e| Error::failed("Cannot connect to the system bus", e))?;
     let authority = Arc::new(Polkit::new(conn.clone()));
-    dbus::serve(&conn, banger.clone(), authority).await?;
+    dbus::serve(&conn, banger.clone(), authority.clone()).await?;
+    let listener = crate::varlink::bind(&opts.runtime_dir)?;
+    crate::varlink::serve(
+        listener,
+        crate::varlink::Ctx {
+            banger: banger.clone(),
+            authority,
+        },
+    )?;
     record_jobs(&banger);
 
     let reply = conn

@@ -30,6 +30,7 @@ pub mod ops;
 pub mod service;
 pub mod store;
 pub mod tree;
+pub mod varlink;
 pub mod vmm;
 pub mod vms;
 

@@ -337,7 +337,7 @@ impl TestBus {
             .expect("connect to the test bus")
     }
 
-    fn command_as(&self, user: Option<&str>, program: &str, args: &[&str]) -> Command {
+    pub fn command_as(&self, user: Option<&str>, program: &str, args: &[&str]) -> Command {
         // Every client call is bounded: a call that never returns fails its test after ten
         // minutes (exit status 124) instead of holding CI until its deadline.
         let bounded = ["timeout", "-k", "10", "600", program];

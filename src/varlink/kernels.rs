@@ -1,0 +1,153 @@
+//! `io.banger.Kernels`: the operations of `org.banger.Kernels1`.
+
+use serde_json::{json, Value};
+
+use super::{job_answer, job_only, no_method, Answer, Ctx, Fail, Incoming, Params};
+use crate::auth::Caller;
+use crate::kernels::ImportOptions;
+use crate::model::Kernel;
+use crate::ops;
+
+/// The interface's name.
+pub const INTERFACE: &str = "io.banger.Kernels";
+
+/// Its description.
+pub const DESCRIPTION: &str = r#"# banger's guest kernels: the operations of org.banger.Kernels1 on D-Bus. Reads are
+# open to everyone; every other method asks polkit (org.banger.kernels.manage).
+interface io.banger.Kernels
+
+# An installed kernel.
+type Kernel (
+  name: string,
+  version: string,
+  source: string,
+  createdAt: int
+)
+
+# A kernel of the catalog.
+type AvailableKernel (
+  name: string,
+  version: string,
+  description: string
+)
+
+# A log line of a job.
+type LogLine (
+  # syslog priority: 3 error, 4 warning, 6 info, 7 debug
+  priority: int,
+  line: string
+)
+
+# A job, as io.banger.Jobs shows it.
+type Job (
+  id: int,
+  kind: string,
+  target: string,
+  owner: int,
+  stage: string,
+  message: ?string,
+  progress: float,
+  # running, done, failed or canceled
+  state: string,
+  error: ?string
+)
+
+# The installed kernels.
+method List() -> (kernels: []Kernel)
+
+# The kernel catalog.
+method ListAvailable() -> (kernels: []AvailableKernel)
+
+# The installed kernel with this name.
+method Get(name: string) -> (kernel: Kernel)
+
+# Pulls a kernel of the catalog. The reply comes at once with the job; with "more", one
+# reply follows for each stage, progress step and log line until it ends.
+method Pull(name: string) -> (job: Job, log: ?LogLine)
+
+# Imports kernel files under a name (banger builds the initrd when none is given): each
+# file is an absolute path (opened once with the caller's rights) or the index of a
+# descriptor passed with the call.
+method Import(name: string, kernelPath: string, initrdPath: ?string, modulesDir: ?string) -> (kernel: Kernel)
+
+# Deletes a kernel no image or VM uses.
+method Delete(name: string) -> ()
+
+error NotFound (message: string)
+error AlreadyExists (message: string)
+error InUse (message: string)
+error InvalidArgument (message: string)
+error LimitExceeded (message: string)
+error Failed (message: string)
+error PermissionDenied (message: string)
+"#;
+
+fn view(k: &Kernel) -> Value {
+    json!({
+        "name": k.name,
+        "version": k.version,
+        "source": k.source,
+        "createdAt": k.created_at,
+    })
+}
+
+pub(super) async fn call(
+    ctx: &Ctx,
+    caller: &Caller,
+    _call: &Incoming,
+    method: &str,
+    mut p: Params,
+) -> Result<Answer, Fail> {
+    let b = &ctx.banger;
+    match method {
+        "List" => {
+            p.finish()?;
+            let kernels: Vec<Value> = b.kernels.list().await?.iter().map(view).collect();
+            Ok(Answer::One(json!({ "kernels": kernels })))
+        }
+        "ListAvailable" => {
+            p.finish()?;
+            let kernels: Vec<Value> = b
+                .kernels
+                .available()
+                .into_iter()
+                .map(|k| json!({ "name": k.name, "version": k.version, "description": k.description }))
+                .collect();
+            Ok(Answer::One(json!({ "kernels": kernels })))
+        }
+        "Get" => {
+            let name: String = p.req("name")?;
+            p.finish()?;
+            Ok(Answer::One(
+                json!({ "kernel": view(&b.kernels.get(&name).await?) }),
+            ))
+        }
+        "Pull" => {
+            let name: String = p.req("name")?;
+            p.finish()?;
+            let op = ops::pull_kernel(b, caller, &name);
+            job_answer(ctx, caller, op, job_only()).await
+        }
+        "Import" => {
+            let name: String = p.req("name")?;
+            let opts = ImportOptions {
+                kernel_path: p.file("kernelPath")?,
+                initrd_path: p.file("initrdPath")?,
+                modules_dir: p.file("modulesDir")?,
+            };
+            p.finish()?;
+            let kernel = ctx
+                .perform(caller, ops::import_kernel(b, caller, &name, opts))
+                .await?;
+            Ok(Answer::One(json!({ "kernel": view(&kernel) })))
+        }
+        "Delete" => {
+            let name: String = p.req("name")?;
+            p.finish()?;
+            ctx.perform(caller, ops::delete_kernel(b, caller, &name))
+                .await?;
+            Ok(Answer::One(json!({})))
+        }
+        m => Err(no_method(INTERFACE, m)),
+    }
+}

@@ -1,0 +1,497 @@
+//! The Varlink front end: `io.banger.Images`, `io.banger.Kernels`, `io.banger.VMs` and
+//! `io.banger.Jobs` (one file each) and `org.varlink.service` on a socket of banger's own,
+//! `$RUNTIME_DIR/io.banger`. Like the D-Bus front end it only converts: parameters become the
+//! same operations ([`crate::ops`]), the peer's kernel-given credentials become the polkit
+//! subject, errors become `io.banger.<Interface>.<Kind>`. Every connection is served by a task
+//! of its own, so a slow or stuck client holds up no one else.
+//!
+//! Long operations answer with their job at once; a caller that sets `more` gets a reply for
+//! each stage, progress step and log line of that job, and a last one when it ends (the
+//! Varlink form of the D-Bus job signals).
+
+mod bounded;
+mod images;
+mod jobs;
+mod kernels;
+mod params;
+mod service;
+mod vms;
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use zlink::tokio::unix::Stream;
+use zlink::{Connection, Reply};
+
+use bounded::Bounded;
+
+use crate::auth::{Authority, Caller};
+use crate::error::ErrorKind;
+use crate::jobs::{Job, JobEvent, JobState};
+use crate::service::Banger;
+use crate::Error;
+
+use params::Params;
+
+/// The socket's name in the runtime directory.
+pub const SOCKET: &str = "io.banger";
+
+/// What every interface shares.
+#[derive(Clone)]
+pub struct Ctx {
+    /// The services.
+    pub banger: Arc<Banger>,
+    /// Who decides authorisation.
+    pub authority: Arc<dyn Authority>,
+}
+
+impl Ctx {
+    /// Performs an operation for `caller` (see [`crate::ops`]), as the D-Bus front end does.
+    pub async fn perform<'a, T>(
+        &self,
+        caller: &Caller,
+        op: impl std::future::Future<Output = crate::Result<crate::ops::Ready<'a, T>>>,
+    ) -> crate::Result<T> {
+        let _held = self.banger.jobs.hold();
+        crate::ops::perform(self.authority.as_ref(), caller, op).await
+    }
+}
+
+/// Binds `$RUNTIME_DIR/io.banger` (a socket left by an earlier daemon is replaced), open to
+/// every local user as the bus is: reads are open, and every mutating method asks polkit.
+pub fn bind(runtime_dir: &Path) -> crate::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let path = runtime_dir.join(SOCKET);
+    let fail = |e| Error::failed(format!("Cannot listen on {}", path.display()), e);
+    // Everyone must reach the socket: the runtime directory is 0755, as the unit's
+    // RuntimeDirectoryMode makes it (what is private in it is private by its own mode).
+    let m = std::fs::metadata(runtime_dir).map_err(fail)?;
+    if m.permissions().mode() & 0o777 != 0o755 {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid takes no arguments.
+        if m.uid() != unsafe { libc::geteuid() } {
+            return Err(Error::failed(
+                format!("Cannot listen on {}", path.display()),
+                std::io::Error::other(format!(
+                    "{} is not the daemon's own (uid {}); give banger a runtime directory of its own",
+                    runtime_dir.display(),
+                    m.uid()
+                )),
+            ));
+        }
+        std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(fail)?;
+    }
+    if let Ok(m) = std::fs::symlink_metadata(&path) {
+        if m.file_type().is_socket() {
+            std::fs::remove_file(&path).map_err(fail)?;
+        }
+    }
+    let listener = std::os::unix::net::UnixListener::bind(&path).map_err(fail)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).map_err(fail)?;
+    Ok(listener)
+}
+
+/// Serves `listener` until the daemon ends: each connection in a task of its own.
+pub fn serve(listener: std::os::unix::net::UnixListener, ctx: Ctx) -> crate::Result<()> {
+    let fail = |e| Error::failed("Cannot serve Varlink", e);
+    listener.set_nonblocking(true).map_err(fail)?;
+    let listener = tokio::net::UnixListener::from_std(listener).map_err(fail)?;
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = serve_connection(stream, ctx).await {
+                            tracing::debug!("Varlink connection ended: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of descriptors, say: wait a moment rather than spin or stop.
+                    tracing::warn!("Cannot accept a Varlink connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// A method call, owned.
+#[derive(Debug, serde::Deserialize)]
+struct AnyCall {
+    method: String,
+    #[serde(default)]
+    parameters: Option<serde_json::Map<String, Value>>,
+}
+
+/// The caller behind a connection: the kernel's `SO_PEERCRED` at connect time. polkit gets
+/// the process (pid, its start time and the uid), as `pkcheck --process` does; a peer with
+/// no pid (another namespace) gets no subject, and polkit then denies.
+fn caller_of(stream: &tokio::net::UnixStream) -> std::io::Result<Caller> {
+    let cred = stream.peer_cred()?;
+    let uid = cred.uid();
+    let subject = cred
+        .pid()
+        .filter(|&p| p > 0)
+        .and_then(|pid| {
+            zbus_polkit::policykit1::Subject::new_for_pid(pid as u32, None, Some(uid)).ok()
+        })
+        .map(Arc::new);
+    Ok(Caller {
+        subject,
+        uid,
+        interactive: false,
+    })
+}
+
+async fn serve_connection(stream: tokio::net::UnixStream, ctx: Ctx) -> zlink::Result<()> {
+    let caller = caller_of(&stream)?;
+    let mut conn: Connection<Bounded> = Bounded(Stream::try_from(stream)?).into();
+    loop {
+        let (call, fds) = {
+            let (call, fds) = conn.receive_call::<AnyCall>().await?;
+            let c = Incoming {
+                method: call.method().method.clone(),
+                params: call.method().parameters.clone().unwrap_or_default(),
+                more: call.more(),
+                oneway: call.oneway(),
+            };
+            (c, fds)
+        };
+        if call.params.len() > 64 || call.method.len() > 256 {
+            let e = Failure::invalid_parameter("parameters");
+            send(&mut conn, &call, Err(e), false).await?;
+            continue;
+        }
+        let answer = dispatch(&ctx, &caller, &call, fds).await;
+        match answer {
+            Ok(Answer::One(v)) => send(&mut conn, &call, Ok(v), false).await?,
+            Err(e) => send(&mut conn, &call, Err(e), false).await?,
+            Ok(Answer::Job {
+                first,
+                job,
+                events,
+                render,
+            }) => {
+                let _held = ctx.banger.jobs.hold();
+                follow(&mut conn, &call, first, job, events, render).await?
+            }
+        }
+    }
+}
+
+/// A call as banger handles it.
+pub(crate) struct Incoming {
+    /// `interface.Method`.
+    pub method: String,
+    /// Its parameters.
+    pub params: serde_json::Map<String, Value>,
+    /// The caller takes more than one reply.
+    pub more: bool,
+    /// The caller takes no reply.
+    pub oneway: bool,
+}
+
+/// How a method answers.
+pub(crate) enum Answer {
+    /// One reply.
+    One(Value),
+    /// A job's: `first` at once; with `more`, one reply (from `render`) per event of the job
+    /// until it ends.
+    Job {
+        first: Value,
+        job: Arc<Job>,
+        events: tokio::sync::broadcast::Receiver<JobEvent>,
+        render: Render,
+    },
+}
+
+/// Makes a job's later replies (a VM's create, say, repeats the VM as it is now).
+pub(crate) type Render = Box<
+    dyn Fn(Value) -> std::pin::Pin<Box<dyn std::future::Future<Output = Value> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A render that sends the job alone.
+pub(crate) fn job_only() -> Render {
+    Box::new(|job| Box::pin(async move { json!({ "job": job }) }))
+}
+
+/// An error reply.
+#[derive(Debug, Serialize)]
+pub(crate) struct Failure {
+    error: String,
+    parameters: Value,
+}
+
+impl Failure {
+    /// `org.varlink.service.InvalidParameter`.
+    pub fn invalid_parameter(name: &str) -> Self {
+        Failure {
+            error: "org.varlink.service.InvalidParameter".into(),
+            parameters: json!({ "parameter": name }),
+        }
+    }
+
+    /// `org.varlink.service.MethodNotFound`.
+    fn method_not_found(method: &str) -> Self {
+        Failure {
+            error: "org.varlink.service.MethodNotFound".into(),
+            parameters: json!({ "method": method }),
+        }
+    }
+
+    /// `org.varlink.service.InterfaceNotFound`.
+    fn interface_not_found(interface: &str) -> Self {
+        Failure {
+            error: "org.varlink.service.InterfaceNotFound".into(),
+            parameters: json!({ "interface": interface }),
+        }
+    }
+
+    /// A service error as `io.banger.<interface>.<Kind>`, its message (what went wrong and
+    /// what to do) as the `message` parameter.
+    pub fn of(interface: &str, e: Error) -> Self {
+        let kind = match e.kind() {
+            ErrorKind::NotFound => "NotFound",
+            ErrorKind::AlreadyExists => "AlreadyExists",
+            ErrorKind::InUse => "InUse",
+            ErrorKind::InvalidArgument => "InvalidArgument",
+            ErrorKind::LimitExceeded => "LimitExceeded",
+            ErrorKind::PermissionDenied => "PermissionDenied",
+            ErrorKind::Failed => "Failed",
+        };
+        Failure {
+            error: format!("{interface}.{kind}"),
+            parameters: json!({ "message": e.full_message() }),
+        }
+    }
+}
+
+async fn dispatch(
+    ctx: &Ctx,
+    caller: &Caller,
+    call: &Incoming,
+    fds: Vec<OwnedFd>,
+) -> Result<Answer, Failure> {
+    let (interface, method) = call
+        .method
+        .rsplit_once('.')
+        .ok_or_else(|| Failure::method_not_found(&call.method))?;
+    let p = Params::new(call.params.clone(), fds);
+    match interface {
+        service::INTERFACE => service::call(method, p),
+        images::INTERFACE => images::call(ctx, caller, call, method, p)
+            .await
+            .map_err(|e| e.into_failure(interface)),
+        kernels::INTERFACE => kernels::call(ctx, caller, call, method, p)
+            .await
+            .map_err(|e| e.into_failure(interface)),
+        vms::INTERFACE => vms::call(ctx, caller, call, method, p)
+            .await
+            .map_err(|e| e.into_failure(interface)),
+        jobs::INTERFACE => jobs::call(ctx, caller, call, method, p)
+            .await
+            .map_err(|e| e.into_failure(interface)),
+        _ => Err(Failure::interface_not_found(interface)),
+    }
+}
+
+/// What an interface's method fails with: a service error, or a Varlink one as it is.
+pub(crate) enum Fail {
+    Service(Error),
+    Varlink(Failure),
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        Fail::Service(e)
+    }
+}
+
+impl From<Failure> for Fail {
+    fn from(e: Failure) -> Self {
+        Fail::Varlink(e)
+    }
+}
+
+impl Fail {
+    fn into_failure(self, interface: &str) -> Failure {
+        match self {
+            Fail::Service(e) => Failure::of(interface, e),
+            Fail::Varlink(f) => f,
+        }
+    }
+}
+
+/// `MethodNotFound` for `interface.method`.
+pub(crate) fn no_method(interface: &str, method: &str) -> Fail {
+    Fail::Varlink(Failure::method_not_found(&format!("{interface}.{method}")))
+}
+
+async fn send(
+    conn: &mut Connection<Bounded>,
+    call: &Incoming,
+    answer: Result<Value, Failure>,
+    continues: bool,
+) -> zlink::Result<()> {
+    if call.oneway {
+        return Ok(());
+    }
+    match answer {
+        Ok(v) => {
+            let params = match v {
+                Value::Object(m) if m.is_empty() => None,
+                v => Some(v),
+            };
+            let reply = Reply::new(params).set_continues(continues.then_some(true));
+            conn.send_reply(&reply, Vec::new()).await
+        }
+        Err(e) => conn.send_error(&e, Vec::new()).await,
+    }
+}
+
+/// Sends `first`, and, when the caller asked for more, a reply per event of `job` until it
+/// ends: the last reply is the finished job, or its error.
+async fn follow(
+    conn: &mut Connection<Bounded>,
+    call: &Incoming,
+    first: Value,
+    job: Arc<Job>,
+    mut events: tokio::sync::broadcast::Receiver<JobEvent>,
+    render: Render,
+) -> zlink::Result<()> {
+    use tokio::sync::broadcast::error::RecvError;
+    if !call.more {
+        return send(conn, call, Ok(first), false).await;
+    }
+    send(conn, call, Ok(first), true).await?;
+    loop {
+        let event = match events.recv().await {
+            Ok(e) if event_job(&e) == job.id => e,
+            Ok(_) => continue,
+            // Missed events: what the job is now still tells the caller where it stands.
+            Err(RecvError::Lagged(_)) => {
+                let s = job.status();
+                if s.state == JobState::Running {
+                    let v = render(job_view(&job, None)).await;
+                    send(conn, call, Ok(v), true).await?;
+                    continue;
+                }
+                JobEvent::Finished {
+                    id: job.id,
+                    state: s.state,
+                    error: s.error,
+                }
+            }
+            Err(RecvError::Closed) => JobEvent::Finished {
+                id: job.id,
+                state: JobState::Failed,
+                error: "the daemon is stopping".into(),
+            },
+        };
+        match event {
+            JobEvent::StageChanged { message, .. } => {
+                let v = render(job_view(&job, Some(&message))).await;
+                send(conn, call, Ok(v), true).await?;
+            }
+            JobEvent::Progress { .. } => {
+                let v = render(job_view(&job, None)).await;
+                send(conn, call, Ok(v), true).await?;
+            }
+            JobEvent::Log { priority, line, .. } => {
+                let mut v = render(job_view(&job, None)).await;
+                v["log"] = json!({ "priority": priority, "line": line });
+                send(conn, call, Ok(v), true).await?;
+            }
+            JobEvent::Finished { state, error, .. } => {
+                let v = render(job_view(&job, None)).await;
+                let answer = match state {
+                    JobState::Done => Ok(v),
+                    JobState::Canceled => Err(Error::Canceled),
+                    _ => Err(Error::failed(
+                        format!("Job {} ({} {}) failed", job.id, job.kind, job.target),
+                        std::io::Error::other(error),
+                    )),
+                };
+                let interface = call.method.rsplit_once('.').map(|m| m.0).unwrap_or("");
+                let answer = answer.map_err(|e| Failure::of(interface, e));
+                return send(conn, call, answer, false).await;
+            }
+            JobEvent::New { .. } => {}
+        }
+    }
+}
+
+fn event_job(e: &JobEvent) -> u32 {
+    match e {
+        JobEvent::New { id }
+        | JobEvent::StageChanged { id, .. }
+        | JobEvent::Progress { id, .. }
+        | JobEvent::Log { id, .. }
+        | JobEvent::Finished { id, .. } => *id,
+    }
+}
+
+/// A job as Varlink shows it (`io.banger.Jobs.Job`).
+pub(crate) fn job_view(job: &Job, message: Option<&str>) -> Value {
+    let s = job.status();
+    let mut v = json!({
+        "id": job.id,
+        "kind": job.kind,
+        "target": job.target,
+        "owner": job.owner_uid,
+        "stage": s.stage,
+        "progress": s.progress,
+        "state": s.state.as_str(),
+    });
+    if let Some(m) = message {
+        v["message"] = json!(m);
+    }
+    if !s.error.is_empty() {
+        v["error"] = json!(s.error);
+    }
+    v
+}
+
+/// Performs `op` whose result is a job, for a call: subscribes to the job's events first, so
+/// not one stage is missed, and answers with the job (rendered by `render`).
+pub(crate) async fn job_answer<'a>(
+    ctx: &Ctx,
+    caller: &Caller,
+    op: impl std::future::Future<Output = crate::Result<crate::ops::Ready<'a, Arc<Job>>>>,
+    render: Render,
+) -> Result<Answer, Fail> {
+    let events = ctx.banger.jobs.subscribe();
+    let job = ctx.perform(caller, op).await?;
+    let first = render(job_view(&job, None)).await;
+    Ok(Answer::Job {
+        first,
+        job,
+        events,
+        render,
+    })
+}
+
+/// Every interface's description, for `org.varlink.service`.
+pub(crate) fn descriptions() -> [(&'static str, &'static str); 5] {
+    [
+        (service::INTERFACE, service::DESCRIPTION),
+        (images::INTERFACE, images::DESCRIPTION),
+        (kernels::INTERFACE, kernels::DESCRIPTION),
+        (vms::INTERFACE, vms::DESCRIPTION),
+        (jobs::INTERFACE, jobs::DESCRIPTION),
+    ]
+}
+
+/// The socket path for a runtime directory.
+pub fn socket_path(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join(SOCKET)
+}

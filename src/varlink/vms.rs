@@ -1,0 +1,316 @@
+//! `io.banger.VMs`: the operations of `org.banger.VMs1` and `VM1`.
+
+use serde_json::{json, Value};
+
+use super::{job_answer, no_method, Answer, Ctx, Fail, Incoming, Params, Render};
+use crate::auth::Caller;
+use crate::model::{Share, Vm};
+use crate::ops;
+use crate::vms::{CreateOptions, StopOptions};
+
+/// The interface's name.
+pub const INTERFACE: &str = "io.banger.VMs";
+
+/// Its description.
+pub const DESCRIPTION: &str = r#"# banger's microVMs: the operations of org.banger.VMs1 and org.banger.VM1 on D-Bus.
+# Reads are open to everyone; every other method asks polkit (org.banger.vms.manage for
+# your own VMs, org.banger.vms.manage-any for another user's).
+interface io.banger.VMs
+
+# A VM as it is now.
+type VM (
+  id: string,
+  name: string,
+  # created, starting, running, paused, stopping, stopped or failed
+  state: string,
+  # The last stage it reached.
+  stage: string,
+  image: string,
+  kernel: string,
+  vcpus: int,
+  memoryMib: int,
+  diskSize: int,
+  owner: int,
+  guestAddress: string,
+  macAddress: string,
+  vsockCid: int,
+  sshAddress: string,
+  sshHostKey: string,
+  createdAt: int,
+  # isolated or shared
+  network: string,
+  egress: []string,
+  init: string,
+  main: []string,
+  exitStatus: int,
+  published: []string,
+  shares: []Share,
+  # The snapshot its disks layer on, if any.
+  snapshot: string
+)
+
+# A folder of the host in the guest (virtio-fs, served with its owner's rights).
+type Share (
+  host: string,
+  guest: string,
+  readOnly: bool
+)
+
+# A log line of a job.
+type LogLine (
+  # syslog priority: 3 error, 4 warning, 6 info, 7 debug
+  priority: int,
+  line: string
+)
+
+# A job, as io.banger.Jobs shows it.
+type Job (
+  id: int,
+  kind: string,
+  target: string,
+  owner: int,
+  stage: string,
+  message: ?string,
+  progress: float,
+  # running, done, failed or canceled
+  state: string,
+  error: ?string
+)
+
+# Every VM.
+method List() -> (vms: []VM)
+
+# The VM with this name or id.
+method Get(name: string) -> (vm: VM)
+
+# Creates a VM and, unless start is false, starts it: the options of CreateVM on D-Bus.
+# The reply comes at once with the VM and its job; with "more", one reply follows for each
+# stage until the VM is ready (the last reply) or the create failed (an error).
+method Create(
+  name: string,
+  image: ?string,
+  kernel: ?string,
+  vcpus: ?int,
+  memoryMib: ?int,
+  diskSize: ?int,
+  sshKey: ?string,
+  start: ?bool,
+  network: ?string,
+  egress: ?[]string,
+  init: ?string,
+  entrypoint: ?bool,
+  command: ?[]string,
+  publish: ?[]string,
+  shares: ?[]Share,
+  snapshot: ?string,
+  cold: ?bool
+) -> (vm: VM, job: Job, log: ?LogLine)
+
+# Starts a stopped VM; with "more", its stages follow as Create's do.
+method Start(name: string) -> (vm: VM, job: Job, log: ?LogLine)
+
+# A clean shutdown, then a kill after timeoutSec (force: kill at once).
+method Stop(name: string, force: ?bool, timeoutSec: ?int) -> ()
+
+# Deletes a VM and its disks; a running VM only with force.
+method Delete(name: string, force: ?bool) -> ()
+
+# Stops a VM's vCPUs; its memory stays.
+method Pause(name: string) -> ()
+
+# Lets a paused VM go on.
+method Resume(name: string) -> ()
+
+# Snapshots a running or paused VM as snapshot (memory, devices, both disks); it goes on
+# unless pause is true.
+method Snapshot(name: string, snapshot: string, pause: ?bool) -> (job: Job, log: ?LogLine)
+
+error NotFound (message: string)
+error AlreadyExists (message: string)
+error InUse (message: string)
+error InvalidArgument (message: string)
+error LimitExceeded (message: string)
+error Failed (message: string)
+error PermissionDenied (message: string)
+"#;
+
+/// A VM as `io.banger.VMs.VM`.
+pub(super) fn view(v: &Vm) -> Value {
+    json!({
+        "id": v.id,
+        "name": v.name,
+        "state": v.state.as_str(),
+        "stage": v.stage,
+        "image": v.image_id,
+        "kernel": v.kernel,
+        "vcpus": v.vcpus,
+        "memoryMib": v.memory_mib,
+        "diskSize": v.disk_size,
+        "owner": v.owner_uid,
+        "guestAddress": v.guest_address,
+        "macAddress": v.mac_address,
+        "vsockCid": v.vsock_cid,
+        "sshAddress": v.ssh_address,
+        "sshHostKey": v.ssh_host_key,
+        "createdAt": v.created_at,
+        "network": v.network.as_str(),
+        "egress": v.egress,
+        "init": v.init,
+        "main": v.main,
+        "exitStatus": v.exit_status,
+        "published": v.publish,
+        "shares": v.shares.iter().map(|s| json!({
+            "host": s.host, "guest": s.guest, "readOnly": s.read_only
+        })).collect::<Vec<_>>(),
+        "snapshot": v.snapshot,
+    })
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ShareParam {
+    host: String,
+    guest: String,
+    #[serde(default)]
+    read_only: bool,
+}
+
+/// Later replies of a VM's job: the VM as it is now, and the job.
+fn with_vm(ctx: &Ctx, id: String) -> Render {
+    let banger = ctx.banger.clone();
+    Box::new(move |job| {
+        let (banger, id) = (banger.clone(), id.clone());
+        Box::pin(async move {
+            let vm = banger.vms.get(&id).await.ok().map(|v| view(&v));
+            json!({ "vm": vm, "job": job })
+        })
+    })
+}
+
+pub(super) async fn call(
+    ctx: &Ctx,
+    caller: &Caller,
+    _call: &Incoming,
+    method: &str,
+    mut p: Params,
+) -> Result<Answer, Fail> {
+    let b = &ctx.banger;
+    match method {
+        "List" => {
+            p.finish()?;
+            let vms: Vec<Value> = b.vms.list().await?.iter().map(view).collect();
+            Ok(Answer::One(json!({ "vms": vms })))
+        }
+        "Get" => {
+            let name: String = p.req("name")?;
+            p.finish()?;
+            Ok(Answer::One(json!({ "vm": view(&b.vms.get(&name).await?) })))
+        }
+        "Create" => {
+            let name: String = p.req("name")?;
+            let d = CreateOptions::default();
+            let snapshot: Option<String> = p.opt("snapshot")?;
+            // A restore's shape is its snapshot's: 0 stands for "the snapshot's".
+            let (vcpus, memory) = match snapshot {
+                Some(_) => (0, 0),
+                None => (d.vcpus, d.memory_mib),
+            };
+            let network = match p.opt::<String>("network")? {
+                None => d.network,
+                Some(n) => crate::model::NetworkMode::parse(&n).ok_or_else(|| {
+                    crate::Error::InvalidArgument(format!(
+                        "Create: network {n:?} is neither \"isolated\" nor \"shared\""
+                    ))
+                })?,
+            };
+            let shares: Vec<ShareParam> = p.opt("shares")?.unwrap_or_default();
+            let opts = CreateOptions {
+                image: p.opt("image")?,
+                kernel: p.opt("kernel")?,
+                vcpus: p.opt("vcpus")?.unwrap_or(vcpus),
+                memory_mib: p.opt("memoryMib")?.unwrap_or(memory),
+                disk_size: p.opt("diskSize")?,
+                ssh_key: p.opt("sshKey")?,
+                start: p.opt("start")?.unwrap_or(d.start),
+                network,
+                egress: p.opt("egress")?.unwrap_or_default(),
+                init: p.opt("init")?.unwrap_or_default(),
+                entrypoint: p.opt("entrypoint")?.unwrap_or(false),
+                command: p.opt("command")?.unwrap_or_default(),
+                publish: p.opt("publish")?.unwrap_or_default(),
+                shares: shares
+                    .into_iter()
+                    .map(|s| Share {
+                        host: s.host,
+                        guest: s.guest,
+                        read_only: s.read_only,
+                    })
+                    .collect(),
+                cold: p.opt("cold")?.unwrap_or(false),
+                snapshot,
+            };
+            p.finish()?;
+            let events = b.jobs.subscribe();
+            let (vm, job) = ctx
+                .perform(caller, ops::create_vm(b, caller, &name, opts))
+                .await?;
+            let render = with_vm(ctx, vm.id.clone());
+            let first = render(super::job_view(&job, None)).await;
+            Ok(Answer::Job {
+                first,
+                job,
+                events,
+                render,
+            })
+        }
+        "Start" => {
+            let name: String = p.req("name")?;
+            p.finish()?;
+            let id = b.vms.get(&name).await?.id;
+            let op = ops::start_vm(b, caller, &name);
+            job_answer(ctx, caller, op, with_vm(ctx, id)).await
+        }
+        "Stop" => {
+            let name: String = p.req("name")?;
+            let d = StopOptions::default();
+            let opts = StopOptions {
+                force: p.opt("force")?.unwrap_or(d.force),
+                timeout_sec: p.opt("timeoutSec")?.unwrap_or(d.timeout_sec),
+            };
+            p.finish()?;
+            ctx.perform(caller, ops::stop_vm(b, caller, &name, opts))
+                .await?;
+            Ok(Answer::One(json!({})))
+        }
+        "Delete" => {
+            let name: String = p.req("name")?;
+            let force = p.opt("force")?.unwrap_or(false);
+            p.finish()?;
+            ctx.perform(caller, ops::delete_vm(b, caller, &name, force))
+                .await?;
+            Ok(Answer::One(json!({})))
+        }
+        "Pause" | "Resume" => {
+            let name: String = p.req("name")?;
+            p.finish()?;
+            if method == "Pause" {
+                ctx.perform(caller, ops::pause_vm(b, caller, &name)).await?;
+            } else {
+                ctx.perform(caller, ops::resume_vm(b, caller, &name))
+                    .await?;
+            }
+            Ok(Answer::One(json!({})))
+        }
+        "Snapshot" => {
+            let name: String = p.req("name")?;
+            let snapshot: String = p.req("snapshot")?;
+            let opts = crate::vms::snapshot::SnapshotOptions {
+                pause: p.opt("pause")?.unwrap_or(false),
+            };
+            p.finish()?;
+            let op = ops::snapshot_vm(b, caller, &name, &snapshot, opts);
+            job_answer(ctx, caller, op, super::job_only()).await
+        }
+        m => Err(no_method(INTERFACE, m)),
+    }
+}

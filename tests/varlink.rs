@@ -1,0 +1,485 @@
+//! The Varlink API as a black box: bus-activated `bangerd` with a real polkitd, called on its
+//! socket by clients no one here wrote (the `varlink` package from PyPI, which also parses
+//! every interface description banger serves, and a raw `socat` exchange), as real uids.
+
+mod common;
+
+use std::path::PathBuf;
+
+use banger::model::{now_us, Image, Kernel, Vm, VmState};
+use banger::store::{rows, Store};
+use common::*;
+use serde_json::{json, Value};
+
+const TOOLS: &[&str] = &["dbus-daemon", "unshare", "runuser", "useradd", "socat"];
+
+/// Where tests/run installed the PyPI `varlink` package (pure Python: any python3 reads it).
+fn pyvarlink() -> Option<PathBuf> {
+    let dir = repo().join("target/test-python");
+    if dir.join("varlink").is_dir() {
+        return Some(dir);
+    }
+    if std::env::var_os("BANGER_REQUIRE_INTEGRATION").is_some() {
+        panic!(
+            "the PyPI varlink package is not in {} (tests/run installs it)",
+            dir.display()
+        );
+    }
+    eprintln!("skipping: no PyPI varlink package in {}", dir.display());
+    None
+}
+
+/// A python3 every test user can run (a python under /root is not theirs to read).
+fn python() -> &'static str {
+    if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// Calls `interface.method(params)` through the `varlink` package as `user`; each reply (or
+/// the error, as `{"error", "parameters"}`) is a line of JSON.
+const CLIENT: &str = r#"
+import json, sys, varlink
+sock, iface, method, params, more = sys.argv[1:6]
+params = json.loads(params)
+with varlink.Client(address="unix:" + sock) as client:
+    with client.open(iface, namespaced=False) as con:
+        fn = getattr(con, method)
+        try:
+            if more == "more":
+                for r in fn(**params, _more=True):
+                    print(json.dumps(r), flush=True)
+            else:
+                print(json.dumps(fn(**params)), flush=True)
+        except varlink.VarlinkError as e:
+            print(json.dumps({"error": e.error(), "parameters": e.parameters()}), flush=True)
+"#;
+
+/// The replies of one call through the PyPI client.
+pub fn py_call(
+    bus: &TestBus,
+    user: Option<&str>,
+    method: &str,
+    params: Value,
+    more: bool,
+) -> Vec<Value> {
+    let dir = repo().join("target/test-python");
+    let sock = bus.runtime.join("io.banger");
+    let (iface, name) = method.rsplit_once('.').unwrap();
+    let p = params.to_string();
+    let out = bus
+        .command_as(
+            user,
+            python(),
+            &[
+                "-c",
+                CLIENT,
+                sock.to_str().unwrap(),
+                iface,
+                name,
+                &p,
+                if more { "more" } else { "one" },
+            ],
+        )
+        .env("PYTHONPATH", &dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{method}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{method}: {e}: {l}")))
+        .collect()
+}
+
+/// A raw exchange: the calls, each NUL-terminated, written by `socat` as `user`; the replies.
+fn raw(bus: &TestBus, user: Option<&str>, calls: &[Value]) -> Vec<Value> {
+    let mut input = Vec::new();
+    for c in calls {
+        input.extend(c.to_string().as_bytes());
+        input.push(0);
+    }
+    let out = socat(bus, user, &input);
+    let replies: Vec<Value> = out
+        .stdout
+        .split(|&b| b == 0)
+        .filter(|r| !r.is_empty())
+        .map(|r| serde_json::from_slice(r).unwrap())
+        .collect();
+    assert_eq!(replies.len(), calls.len(), "{}", text(&out));
+    replies
+}
+
+/// `socat - UNIX-CONNECT:socket` as `user`, `input` on its standard input; ends when the
+/// daemon has answered (-t: how long to go on reading once the input ended) or hung up.
+fn socat(bus: &TestBus, user: Option<&str>, input: &[u8]) -> std::process::Output {
+    let file = tempfile::tempfile().unwrap();
+    std::fs::write(
+        format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)),
+        input,
+    )
+    .unwrap();
+    use std::io::Seek;
+    let mut file = file;
+    file.rewind().unwrap();
+    let addr = format!("UNIX-CONNECT:{}", bus.runtime.join("io.banger").display());
+    bus.command_as(user, "socat", &["-t", "10", "-", &addr])
+        .stdin(file)
+        .output()
+        .unwrap()
+}
+
+fn vm_row(name: &str, image: &Image, owner: u32, cid: u32) -> Vm {
+    Vm {
+        id: banger::model::new_id(),
+        name: name.into(),
+        state: VmState::Stopped,
+        stage: "ready".into(),
+        image_id: image.id.clone(),
+        kernel: "debian-6.1".into(),
+        vcpus: 2,
+        memory_mib: 1024,
+        disk_size: 1 << 30,
+        owner_uid: owner,
+        guest_address: format!("10.219.0.{cid}"),
+        mac_address: format!("52:54:00:00:00:{cid:02x}"),
+        vsock_cid: cid,
+        tap_name: format!("bgr{cid}"),
+        ssh_address: String::new(),
+        created_at: now_us(),
+        ssh_host_key: String::new(),
+        network: Default::default(),
+        egress: Vec::new(),
+        init: String::new(),
+        main: Vec::new(),
+        exit_status: -1,
+        publish: Vec::new(),
+        shares: Vec::new(),
+        snapshot: String::new(),
+    }
+}
+
+/// Rows an earlier daemon would have left: an image, a kernel, a VM of root's and two of
+/// USER_OK's.
+fn seed(bus: &TestBus) {
+    let state = bus.state_dir();
+    std::fs::create_dir_all(&state).unwrap();
+    let store = Store::open(&state.join("banger.db")).unwrap();
+    let image = Image {
+        id: banger::model::new_id(),
+        name: "seeded-image".into(),
+        managed: true,
+        source: "docker.io/library/debian:bookworm".into(),
+        rootfs_path: state.join("images/x/rootfs.ext4"),
+        work_seed_path: None,
+        kernel: Some("debian-6.1".into()),
+        size_bytes: 1 << 30,
+        created_at: now_us(),
+        ready_ports: vec![8080],
+        config: Default::default(),
+    };
+    let kernel = Kernel {
+        name: "debian-6.1".into(),
+        version: "6.1.0-30-amd64".into(),
+        source: "catalog:debian".into(),
+        kernel_path: state.join("kernels/debian-6.1/vmlinux"),
+        initrd_path: None,
+        modules_dir: None,
+        created_at: now_us(),
+    };
+    let vms = [
+        vm_row("roots-vm", &image, 0, 3),
+        vm_row("users-vm", &image, uid_of(USER_OK), 4),
+        vm_row("users-vm2", &image, uid_of(USER_OK), 5),
+    ];
+    store
+        .call_blocking(move |c| {
+            rows::insert_image(c, &image)?;
+            rows::insert_kernel(c, &kernel)?;
+            for v in &vms {
+                rows::insert_vm(c, v)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_interface_is_described_reads_are_open_and_errors_are_named() {
+    if !available(TOOLS) || pyvarlink().is_none() {
+        return;
+    }
+    let bus = TestBus::start(BusOptions::default());
+    seed(&bus);
+    // The first D-Bus call activates the daemon, which then listens on its socket too.
+    let out = bus.banger_as(None, &["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let sock = bus.runtime.join("io.banger");
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let m = std::fs::metadata(&sock).unwrap();
+    assert!(m.file_type().is_socket());
+    assert_eq!(m.permissions().mode() & 0o777, 0o666);
+
+    // A raw exchange as a stranger: GetInfo lists the interfaces; several calls on one
+    // connection are answered in order; what is wrong is named.
+    let replies = raw(
+        &bus,
+        Some(USER_NO),
+        &[
+            json!({"method": "org.varlink.service.GetInfo"}),
+            json!({"method": "io.banger.VMs.List"}),
+            json!({"method": "io.banger.VMs.Lst"}),
+            json!({"method": "io.banger.Nothing.List"}),
+            json!({"method": "io.banger.VMs.Get", "parameters": {"name": "nope"}}),
+            json!({"method": "io.banger.VMs.Get", "parameters": {"nmae": "users-vm"}}),
+            json!({"method": "io.banger.VMs.Delete", "parameters": {"name": "users-vm", "froce": true}}),
+            json!({"method": "io.banger.Images.Get", "parameters": {"name": 7}}),
+        ],
+    );
+    assert_eq!(
+        replies[0]["parameters"]["interfaces"],
+        json!([
+            "org.varlink.service",
+            "io.banger.Images",
+            "io.banger.Kernels",
+            "io.banger.VMs",
+            "io.banger.Jobs"
+        ]),
+        "{replies:?}"
+    );
+    let names: Vec<&str> = replies[1]["parameters"]["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    for name in ["roots-vm", "users-vm", "users-vm2"] {
+        assert!(names.contains(&name), "{names:?}");
+    }
+    assert_eq!(
+        replies[2],
+        json!({"error": "org.varlink.service.MethodNotFound", "parameters": {"method": "io.banger.VMs.Lst"}})
+    );
+    assert_eq!(
+        replies[3],
+        json!({"error": "org.varlink.service.InterfaceNotFound", "parameters": {"interface": "io.banger.Nothing"}})
+    );
+    assert_eq!(replies[4]["error"], "io.banger.VMs.NotFound", "{replies:?}");
+    assert!(
+        replies[4]["parameters"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("banger vm list"),
+        "the message says what to do: {replies:?}"
+    );
+    for (i, p) in [(5, "name"), (6, "froce"), (7, "name")] {
+        assert_eq!(
+            replies[i],
+            json!({"error": "org.varlink.service.InvalidParameter", "parameters": {"parameter": p}}),
+            "{i}"
+        );
+    }
+
+    // The PyPI client opens each interface from the description banger serves (it parses
+    // the IDL), and reads as a stranger.
+    for iface in [
+        "io.banger.Images",
+        "io.banger.Kernels",
+        "io.banger.VMs",
+        "io.banger.Jobs",
+    ] {
+        let r = py_call(
+            &bus,
+            Some(USER_NO),
+            "org.varlink.service.GetInterfaceDescription",
+            json!({ "interface": iface }),
+            false,
+        );
+        assert!(
+            r[0]["description"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("interface {iface}")),
+            "{r:?}"
+        );
+    }
+    let r = py_call(
+        &bus,
+        Some(USER_NO),
+        "io.banger.Images.List",
+        json!({}),
+        false,
+    );
+    assert_eq!(r[0]["images"][0]["name"], "seeded-image", "{r:?}");
+    assert_eq!(r[0]["images"][0]["readyPorts"], json!([8080]), "{r:?}");
+    let r = py_call(
+        &bus,
+        Some(USER_NO),
+        "io.banger.Kernels.List",
+        json!({}),
+        false,
+    );
+    assert_eq!(r[0]["kernels"][0]["name"], "debian-6.1", "{r:?}");
+    let r = py_call(
+        &bus,
+        Some(USER_NO),
+        "io.banger.VMs.Get",
+        json!({"name": "users-vm"}),
+        false,
+    );
+    assert_eq!(r[0]["vm"]["owner"], json!(uid_of(USER_OK)), "{r:?}");
+    assert_eq!(r[0]["vm"]["state"], "stopped", "{r:?}");
+    let r = py_call(&bus, Some(USER_NO), "io.banger.Jobs.List", json!({}), false);
+    assert_eq!(r[0]["jobs"], json!([]), "{r:?}");
+    let r = py_call(
+        &bus,
+        Some(USER_NO),
+        "io.banger.Images.Get",
+        json!({"name": "nope"}),
+        false,
+    );
+    assert_eq!(r[0]["error"], "io.banger.Images.NotFound", "{r:?}");
+}
+
+/// Every mutating method, with arguments that get past validation.
+fn mutating_calls() -> Vec<(&'static str, Value)> {
+    vec![
+        // Loopback port 9 (discard): an authorised pull fails to connect and reaches
+        // nothing outside this machine.
+        (
+            "io.banger.Images.Pull",
+            json!({"ref": "127.0.0.1:9/none/x:v1", "insecure": true}),
+        ),
+        (
+            "io.banger.Images.Register",
+            json!({"name": "img", "rootfs": "/srv/rootfs.ext4"}),
+        ),
+        ("io.banger.Images.Promote", json!({"name": "seeded-image"})),
+        ("io.banger.Images.Build", json!({"name": "built"})),
+        ("io.banger.Images.Warm", json!({"name": "seeded-image"})),
+        ("io.banger.Kernels.Pull", json!({"name": "debian"})),
+        (
+            "io.banger.Kernels.Import",
+            json!({"name": "k", "kernelPath": "/boot/vmlinuz"}),
+        ),
+        (
+            "io.banger.VMs.Create",
+            json!({"name": "newvm", "start": false}),
+        ),
+        ("io.banger.VMs.Start", json!({"name": "users-vm"})),
+        ("io.banger.VMs.Stop", json!({"name": "users-vm"})),
+        ("io.banger.VMs.Pause", json!({"name": "users-vm"})),
+        ("io.banger.VMs.Resume", json!({"name": "users-vm"})),
+        (
+            "io.banger.VMs.Snapshot",
+            json!({"name": "users-vm", "snapshot": "s"}),
+        ),
+        // The deletes come last: an authorised one really deletes.
+        ("io.banger.Images.Delete", json!({"name": "seeded-image"})),
+        ("io.banger.Kernels.Delete", json!({"name": "debian-6.1"})),
+        (
+            "io.banger.VMs.Delete",
+            json!({"name": "users-vm2", "force": true}),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_mutating_method_asks_polkit_for_the_peer_process() {
+    if !available(TOOLS) || pyvarlink().is_none() {
+        return;
+    }
+    let bus = TestBus::start(BusOptions::default());
+    seed(&bus);
+    let out = bus.banger_as(None, &["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (mut tried, mut refused, mut leaked) = (0, 0, Vec::new());
+    for (method, params) in mutating_calls() {
+        let interface = method.rsplit_once('.').unwrap().0;
+        // Not in the banger group: refused, before anything happens.
+        let r = raw(
+            &bus,
+            Some(USER_NO),
+            &[json!({"method": method, "parameters": params})],
+        );
+        tried += 1;
+        if r[0]["error"] == format!("{interface}.PermissionDenied") {
+            refused += 1;
+        } else {
+            leaked.push(format!("{method}: {}", r[0]));
+        }
+        // A member of the banger group gets through polkit to the capability itself.
+        let r = raw(
+            &bus,
+            Some(USER_OK),
+            &[json!({"method": method, "parameters": params})],
+        );
+        assert_ne!(
+            r[0]["error"],
+            format!("{interface}.PermissionDenied"),
+            "{method}: {}",
+            r[0]
+        );
+    }
+    // Another user's VM needs manage-any, which the rules keep for root.
+    for method in [
+        "io.banger.VMs.Stop",
+        "io.banger.VMs.Delete",
+        "io.banger.VMs.Start",
+    ] {
+        let r = raw(
+            &bus,
+            Some(USER_OK),
+            &[json!({"method": method, "parameters": {"name": "roots-vm"}})],
+        );
+        tried += 1;
+        let message = r[0]["parameters"]["message"].as_str().unwrap_or_default();
+        if r[0]["error"] == "io.banger.VMs.PermissionDenied"
+            && message.contains("org.banger.vms.manage-any")
+        {
+            refused += 1;
+        } else {
+            leaked.push(format!("{method} on roots-vm: {}", r[0]));
+        }
+    }
+    println!(
+        "varlink security: {tried} cases tried, {refused} refused, {} leaked",
+        leaked.len()
+    );
+    assert!(leaked.is_empty(), "{leaked:#?}");
+    // Nothing of the strangers' calls happened: the VMs the group member did not delete are
+    // there, with the states they had.
+    let r = py_call(&bus, None, "io.banger.VMs.List", json!({}), false);
+    let names: Vec<&str> = r[0]["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"roots-vm") && names.contains(&"users-vm"),
+        "{names:?}"
+    );
+    assert!(
+        !names.contains(&"users-vm2"),
+        "the member's delete went through: {names:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_never_ends_is_cut_off() {
+    if !available(TOOLS) || pyvarlink().is_none() {
+        return;
+    }
+    let bus = TestBus::start(BusOptions::default());
+    let out = bus.banger_as(None, &["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // 1 MiB without a NUL: the daemon drops the connection (socat then ends with what it
+    // read: nothing) and goes on serving others.
+    let out = socat(&bus, None, &vec![b' '; 1 << 20]);
+    assert!(out.stdout.is_empty(), "{}", text(&out));
+    let r = raw(&bus, None, &[json!({"method": "io.banger.Jobs.List"})]);
+    assert_eq!(r[0]["parameters"]["jobs"], json!([]), "{r:?}");
+}
