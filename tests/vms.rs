@@ -2475,6 +2475,37 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     }
     ok(bus.banger_as(None, &["snapshot", "delete", "f"]));
 
+    // Through Varlink (the PyPI client): a create from s1 streams its stages, each reply
+    // with the VM as it is then, and the last one is the ready VM.
+    let replies = py_call(
+        &bus,
+        None,
+        "io.banger.VMs.Create",
+        serde_json::json!({"name": "v", "snapshot": "s1"}),
+        true,
+    );
+    let stages: Vec<&str> = replies
+        .iter()
+        .map(|r| r["job"]["stage"].as_str().unwrap_or_default())
+        .collect();
+    for stage in ["restore", "wait_agent", "identity", "ready"] {
+        assert!(stages.contains(&stage), "{stage}: {replies:#?}");
+    }
+    let last = replies.last().unwrap();
+    assert_eq!(last["job"]["state"], "done", "{last}");
+    assert_eq!(last["vm"]["state"], "running", "{last}");
+    assert_eq!(last["vm"]["name"], "v", "{last}");
+    assert_eq!(exec_as(&bus, None, "v", &["cat", "/tmp/mark"]), "in-tmp\n");
+    let r = py_call(
+        &bus,
+        None,
+        "io.banger.VMs.Delete",
+        serde_json::json!({"name": "v", "force": true}),
+        false,
+    );
+    assert_eq!(r, [serde_json::json!({})], "{r:?}");
+    refused(bus.banger_as(None, &["vm", "show", "v"]), "No VM");
+
     // A snapshot whose memory changed on disk is refused before any VMM loads it.
     let s1 = {
         let out = ok(bus.banger_as(None, &["--json", "snapshot", "show", "s1"]));

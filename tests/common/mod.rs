@@ -768,3 +768,67 @@ impl PtyRun {
         self.child.wait().unwrap().code()
     }
 }
+
+/// A python3 every test user can run (a python under /root is not theirs to read).
+fn python() -> &'static str {
+    if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// Calls `interface.method(params)` through the `varlink` package as `user`; each reply (or
+/// the error, as `{"error", "parameters"}`) is a line of JSON.
+const CLIENT: &str = r#"
+import json, sys, varlink
+sock, iface, method, params, more = sys.argv[1:6]
+params = json.loads(params)
+with varlink.Client(address="unix:" + sock) as client:
+    with client.open(iface, namespaced=False) as con:
+        fn = getattr(con, method)
+        try:
+            if more == "more":
+                for r in fn(**params, _more=True):
+                    print(json.dumps(r), flush=True)
+            else:
+                print(json.dumps(fn(**params)), flush=True)
+        except varlink.VarlinkError as e:
+            print(json.dumps({"error": e.error(), "parameters": e.parameters()}), flush=True)
+"#;
+
+/// The replies of one call through the PyPI client.
+pub fn py_call(
+    bus: &TestBus,
+    user: Option<&str>,
+    method: &str,
+    params: serde_json::Value,
+    more: bool,
+) -> Vec<serde_json::Value> {
+    let dir = repo().join("target/test-python");
+    let sock = bus.runtime.join("io.banger");
+    let (iface, name) = method.rsplit_once('.').unwrap();
+    let p = params.to_string();
+    let out = bus
+        .command_as(
+            user,
+            python(),
+            &[
+                "-c",
+                CLIENT,
+                sock.to_str().unwrap(),
+                iface,
+                name,
+                &p,
+                if more { "more" } else { "one" },
+            ],
+        )
+        .env("PYTHONPATH", &dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{method}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{method}: {e}: {l}")))
+        .collect()
+}
