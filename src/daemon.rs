@@ -140,14 +140,6 @@ pub async fn run(opts: DaemonOptions) -> Result<Exit> {
         .map_err(|e| Error::failed("Cannot connect to the system bus", e))?;
     let authority = Arc::new(Polkit::new(conn.clone()));
     dbus::serve(&conn, banger.clone(), authority.clone()).await?;
-    let listener = crate::varlink::bind(&opts.runtime_dir)?;
-    crate::varlink::serve(
-        listener,
-        crate::varlink::Ctx {
-            banger: banger.clone(),
-            authority,
-        },
-    )?;
     record_jobs(&banger);
 
     let reply = conn
@@ -160,6 +152,23 @@ pub async fn run(opts: DaemonOptions) -> Result<Exit> {
             dbus::BUS_NAME
         )));
     }
+    // Once the name is banger's (a second daemon must not take the first one's socket):
+    // socket activation (bangerd.socket) passes the socket; started any other way, bangerd
+    // binds it itself and removes it when it exits.
+    let (listener, bound) = match crate::varlink::passed_listener()? {
+        Some(l) => (l, None),
+        None => (
+            crate::varlink::bind(&opts.runtime_dir)?,
+            Some(crate::varlink::socket_path(&opts.runtime_dir)),
+        ),
+    };
+    crate::varlink::serve(
+        listener,
+        crate::varlink::Ctx {
+            banger: banger.clone(),
+            authority,
+        },
+    )?;
     tracing::info!(version = crate::VERSION, state_dir = %opts.state_dir.display(), "bangerd ready");
     notify(&[
         NotifyState::Ready,
@@ -172,6 +181,9 @@ pub async fn run(opts: DaemonOptions) -> Result<Exit> {
     // Give the name back first, so a call arriving now activates a fresh daemon instead of
     // reaching one that is going away.
     let _ = conn.release_name(dbus::BUS_NAME).await;
+    if let Some(path) = bound {
+        let _ = std::fs::remove_file(path);
+    }
     Ok(exit)
 }
 

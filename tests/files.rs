@@ -31,9 +31,19 @@ fn unit_verifies_and_is_sandboxed() {
     }
     let dir = tempfile::tempdir().unwrap();
     let unit = unit_with_built_binary(dir.path());
+    // The socket beside it (verify follows its Service= to the unit above).
+    let socket = dir.path().join("bangerd.socket");
+    std::fs::copy(repo().join("systemd/bangerd.socket"), &socket).unwrap();
+    let text_of = std::fs::read_to_string(&socket).unwrap();
+    assert!(text_of.contains("ListenStream=/run/banger/io.banger"));
+    assert!(text_of.contains("SocketMode=0666"));
+    assert!(std::fs::read_to_string(&unit)
+        .unwrap()
+        .contains("Sockets=bangerd.socket"));
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
         .arg(&unit)
+        .arg(&socket)
         .output()
         .unwrap();
     assert!(

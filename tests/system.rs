@@ -18,7 +18,7 @@ use common::*;
 
 const PACKAGES: &str = "systemd,systemd-sysv,dbus,polkitd,libpam-systemd,systemd-container,\
      e2fsprogs,iproute2,nftables,qemu-system-x86,qemu-utils,openssh-client,util-linux,kmod,\
-     xz-utils,procps";
+     xz-utils,procps,socat";
 
 fn cache() -> PathBuf {
     repo().join("target/test-cache")
@@ -26,11 +26,11 @@ fn cache() -> PathBuf {
 
 /// The bookworm root with systemd and banger's dependencies, made once.
 fn container_root() -> PathBuf {
-    let root = cache().join("nspawn-bookworm");
+    let root = cache().join("nspawn-bookworm-2");
     if root.join("usr/lib/systemd/systemd").exists() {
         return root;
     }
-    let staging = cache().join(".staging-nspawn-bookworm");
+    let staging = cache().join(".staging-nspawn-bookworm-2");
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).unwrap();
     let mirror = banger::images::host_mirror().expect("a Debian mirror in the host's apt sources");

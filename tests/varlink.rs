@@ -419,3 +419,98 @@ async fn a_message_that_never_ends_is_cut_off() {
     let r = raw(&bus, None, &[json!({"method": "io.banger.Jobs.List"})]);
     assert_eq!(r[0]["parameters"]["jobs"], json!([]), "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_varlink_call_starts_a_socket_activated_daemon_which_idles_out_after_its_last_connection(
+) {
+    if !available(&[TOOLS, &["systemd-socket-activate"]].concat()) {
+        return;
+    }
+    use std::io::{BufRead, Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let bus = TestBus::start(BusOptions {
+        activate_bangerd: false,
+        idle_exit_sec: 2,
+        ..Default::default()
+    });
+    std::fs::create_dir_all(&bus.runtime).unwrap();
+    std::fs::set_permissions(&bus.runtime, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sock = bus.runtime.join("io.banger");
+    let config = bus.dir.path().join("config.toml");
+    let bus_env = format!("DBUS_SYSTEM_BUS_ADDRESS={}", bus.address);
+    // As bangerd.socket does: systemd's activator listens, and starts bangerd (with the
+    // socket as fd 3, named io.banger) on the first connection.
+    let mut daemon = std::process::Command::new("systemd-socket-activate")
+        .args([
+            "-l",
+            sock.to_str().unwrap(),
+            "--fdname=io.banger",
+            "-E",
+            &bus_env,
+        ])
+        .arg(env!("CARGO_BIN_EXE_bangerd"))
+        .args(["--state-dir", bus.state_dir().to_str().unwrap()])
+        .args(["--runtime-dir", bus.runtime.to_str().unwrap()])
+        .args(["--config", config.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Ready once the activator says it listens.
+    let mut stderr = std::io::BufReader::new(daemon.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("Listening on") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "the activator ended"
+        );
+    }
+    // SocketMode=0666, as bangerd.socket says.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = stderr.read_to_string(&mut rest);
+    });
+    let conn = bus.connect().await;
+    assert_eq!(bus.owner_pid(&conn, "org.banger").await, None);
+
+    // The first call starts the daemon, which answers it and owns org.banger as well.
+    let r = raw(
+        &bus,
+        Some(USER_NO),
+        &[json!({"method": "org.varlink.service.GetInfo"})],
+    );
+    assert_eq!(r[0]["parameters"]["product"], "bangerd", "{r:?}");
+    let pid = bus
+        .owner_pid(&conn, "org.banger")
+        .await
+        .expect("on the bus");
+    assert_eq!(pid, daemon.id(), "the activator became bangerd");
+
+    // An open connection keeps it, idle or not, past its idle time.
+    let mut held = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert!(
+        daemon.try_wait().unwrap().is_none(),
+        "exited under a connection"
+    );
+    held.write_all(b"{\"method\":\"io.banger.Jobs.List\"}\0")
+        .unwrap();
+    let mut reply = Vec::new();
+    let mut b = [0u8; 1];
+    while held.read(&mut b).unwrap() == 1 && b[0] != 0 {
+        reply.push(b[0]);
+    }
+    assert_eq!(
+        serde_json::from_slice::<Value>(&reply).unwrap(),
+        json!({"parameters": {"jobs": []}})
+    );
+    // Once it is closed, the daemon idles out, cleanly.
+    drop(held);
+    let status = daemon.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        bus.wait_name_gone(&conn, "org.banger", std::time::Duration::from_secs(10))
+            .await
+    );
+}

@@ -60,6 +60,68 @@ impl Ctx {
     }
 }
 
+/// The listening socket systemd passed (`bangerd.socket`: `LISTEN_FDS`, for this process by
+/// `LISTEN_PID`, named `io.banger` by `LISTEN_FDNAMES` or the only one), if any. It is
+/// checked to be a listening Unix stream socket and made close-on-exec, so no VMM or helper
+/// inherits it. The environment is left as it is (changing it with threads running is not
+/// safe); children see a `LISTEN_PID` that is not theirs and ignore it.
+pub fn passed_listener() -> crate::Result<Option<std::os::unix::net::UnixListener>> {
+    use std::os::fd::FromRawFd;
+    let var = |k: &str| std::env::var(k).ok();
+    let ours = var("LISTEN_PID")
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_some_and(|p| p == std::process::id());
+    let count = var("LISTEN_FDS")
+        .and_then(|n| n.parse::<i32>().ok())
+        .unwrap_or(0);
+    if !ours || count < 1 {
+        return Ok(None);
+    }
+    let names = var("LISTEN_FDNAMES").unwrap_or_default();
+    let names: Vec<&str> = names.split(':').collect();
+    const FIRST: i32 = 3;
+    let fd = (0..count)
+        .find(|i| names.get(*i as usize) == Some(&SOCKET))
+        .or((count == 1).then_some(0))
+        .map(|i| FIRST + i);
+    let Some(fd) = fd else {
+        return Err(Error::InvalidArgument(format!(
+            "systemd passed {count} sockets (named {names:?}) and none is {SOCKET}; \
+             bangerd.socket names its socket with FileDescriptorName={SOCKET}"
+        )));
+    };
+    let opt = |name| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: v and len describe a c_int getsockopt may write.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (r == 0).then_some(v)
+    };
+    if opt(libc::SO_DOMAIN) != Some(libc::AF_UNIX)
+        || opt(libc::SO_TYPE) != Some(libc::SOCK_STREAM)
+        || opt(libc::SO_ACCEPTCONN) != Some(1)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "descriptor {fd} that systemd passed is not a listening Unix stream socket; \
+             bangerd.socket must have ListenStream=/run/banger/{SOCKET}"
+        )));
+    }
+    // SAFETY: fcntl on a descriptor checked to be a socket above.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: systemd handed this descriptor to this process, which owns it from here on.
+    Ok(Some(unsafe {
+        std::os::unix::net::UnixListener::from_raw_fd(fd)
+    }))
+}
+
 /// Binds `$RUNTIME_DIR/io.banger` (a socket left by an earlier daemon is replaced), open to
 /// every local user as the bus is: reads are open, and every mutating method asks polkit.
 pub fn bind(runtime_dir: &Path) -> crate::Result<std::os::unix::net::UnixListener> {
@@ -151,6 +213,8 @@ fn caller_of(stream: &tokio::net::UnixStream) -> std::io::Result<Caller> {
 }
 
 async fn serve_connection(stream: tokio::net::UnixStream, ctx: Ctx) -> zlink::Result<()> {
+    // An open connection is work in progress: the idle exit waits until it is closed.
+    let _held = ctx.banger.jobs.hold();
     let caller = caller_of(&stream)?;
     let mut conn: Connection<Bounded> = Bounded(Stream::try_from(stream)?).into();
     loop {
@@ -178,10 +242,7 @@ async fn serve_connection(stream: tokio::net::UnixStream, ctx: Ctx) -> zlink::Re
                 job,
                 events,
                 render,
-            }) => {
-                let _held = ctx.banger.jobs.hold();
-                follow(&mut conn, &call, first, job, events, render).await?
-            }
+            }) => follow(&mut conn, &call, first, job, events, render).await?,
         }
     }
 }

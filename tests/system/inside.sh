@@ -30,6 +30,23 @@ printf 'idle_exit_sec = 5\naccel = "tcg"\nboot_timeout_sec = 300\n' >/etc/banger
 useradd -m -G banger alice
 useradd -m mallory
 
+say "socket activation: the first Varlink call starts bangerd"
+[ "$(systemctl is-enabled bangerd.socket)" = enabled ] || fail "bangerd.socket is not enabled"
+[ "$(active bangerd.socket)" = active ] || fail "bangerd.socket is $(active bangerd.socket)"
+systemd-analyze verify --man=no /usr/lib/systemd/system/bangerd.socket || fail "systemd-analyze verify bangerd.socket"
+[ "$(stat -c %a /run/banger/io.banger)" = 666 ] || fail "io.banger has mode $(stat -c %a /run/banger/io.banger)"
+[ "$(active bangerd)" = inactive ] || fail "bangerd runs before any call"
+out=$(printf '{"method":"io.banger.VMs.List"}\0' | as mallory socat -t 60 - UNIX-CONNECT:/run/banger/io.banger | tr -d '\0')
+[ "$out" = '{"parameters":{"vms":[]}}' ] || fail "Varlink List as mallory: $out"
+[ "$(active bangerd)" = active ] || fail "bangerd is $(active bangerd) after a Varlink call"
+busctl status org.banger >/dev/null 2>&1 || fail "the socket-activated bangerd does not own org.banger"
+out=$(printf '{"method":"io.banger.Kernels.Delete","parameters":{"name":"k"}}\0' | as mallory socat -t 60 - UNIX-CONNECT:/run/banger/io.banger | tr -d '\0')
+echo "$out" | grep -q '"error":"io.banger.Kernels.PermissionDenied"' || fail "mallory's Varlink delete: $out"
+for _ in $(seq 60); do [ "$(active bangerd)" = inactive ] && break; sleep 1; done
+[ "$(active bangerd)" = inactive ] || fail "the socket-activated bangerd did not exit when idle"
+[ "$(systemctl show bangerd -p Result --value)" = success ] || fail "its idle exit was not clean"
+[ "$(active bangerd.socket)" = active ] || fail "bangerd.socket is $(active bangerd.socket) after the idle exit"
+
 say "bus activation"
 [ "$(active bangerd)" = inactive ] || fail "bangerd runs before any call"
 busctl call org.banger /org/banger org.banger.VMs1 ListVMs || fail "ListVMs did not activate bangerd"
