@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use banger::model::{now_us, Image, Kernel, Vm, VmState};
+use banger::model::{now_us, Image, Kernel, Vm};
 use banger::store::{rows, Store};
 use common::*;
 use zbus::OwnedObjectPath;
@@ -28,33 +28,7 @@ struct Seeded {
 }
 
 fn vm(name: &str, image: &Image, owner: u32, cid: u32) -> Vm {
-    Vm {
-        id: banger::model::new_id(),
-        name: name.into(),
-        state: VmState::Stopped,
-        stage: "ready".into(),
-        image_id: image.id.clone(),
-        kernel: "debian".into(),
-        vcpus: 2,
-        memory_mib: 1024,
-        disk_size: 1 << 30,
-        owner_uid: owner,
-        guest_address: format!("10.219.0.{cid}"),
-        mac_address: format!("52:54:00:00:00:{cid:02x}"),
-        vsock_cid: cid,
-        tap_name: format!("bgr{cid}"),
-        ssh_address: String::new(),
-        created_at: now_us(),
-        ssh_host_key: String::new(),
-        network: Default::default(),
-        egress: Vec::new(),
-        init: String::new(),
-        main: Vec::new(),
-        exit_status: -1,
-        publish: Vec::new(),
-        shares: Vec::new(),
-        snapshot: String::new(),
-    }
+    vm_row(name, image, owner, cid, "debian")
 }
 
 /// Writes rows into the daemon's database before it first starts, as an earlier daemon would

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::PathBuf;
 
-use banger::model::{now_us, Image, Kernel, Vm, VmState};
+use banger::model::{now_us, Image, Kernel};
 use banger::store::{rows, Store};
 use common::*;
 use serde_json::{json, Value};
@@ -66,36 +66,6 @@ fn socat(bus: &TestBus, user: Option<&str>, input: &[u8]) -> std::process::Outpu
         .unwrap()
 }
 
-fn vm_row(name: &str, image: &Image, owner: u32, cid: u32) -> Vm {
-    Vm {
-        id: banger::model::new_id(),
-        name: name.into(),
-        state: VmState::Stopped,
-        stage: "ready".into(),
-        image_id: image.id.clone(),
-        kernel: "debian-6.1".into(),
-        vcpus: 2,
-        memory_mib: 1024,
-        disk_size: 1 << 30,
-        owner_uid: owner,
-        guest_address: format!("10.219.0.{cid}"),
-        mac_address: format!("52:54:00:00:00:{cid:02x}"),
-        vsock_cid: cid,
-        tap_name: format!("bgr{cid}"),
-        ssh_address: String::new(),
-        created_at: now_us(),
-        ssh_host_key: String::new(),
-        network: Default::default(),
-        egress: Vec::new(),
-        init: String::new(),
-        main: Vec::new(),
-        exit_status: -1,
-        publish: Vec::new(),
-        shares: Vec::new(),
-        snapshot: String::new(),
-    }
-}
-
 /// Rows an earlier daemon would have left: an image, a kernel, a VM of root's and two of
 /// USER_OK's.
 fn seed(bus: &TestBus) {
@@ -125,9 +95,9 @@ fn seed(bus: &TestBus) {
         created_at: now_us(),
     };
     let vms = [
-        vm_row("roots-vm", &image, 0, 3),
-        vm_row("users-vm", &image, uid_of(USER_OK), 4),
-        vm_row("users-vm2", &image, uid_of(USER_OK), 5),
+        vm_row("roots-vm", &image, 0, 3, "debian-6.1"),
+        vm_row("users-vm", &image, uid_of(USER_OK), 4, "debian-6.1"),
+        vm_row("users-vm2", &image, uid_of(USER_OK), 5, "debian-6.1"),
     ];
     store
         .call_blocking(move |c| {
@@ -141,16 +111,24 @@ fn seed(bus: &TestBus) {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn every_interface_is_described_reads_are_open_and_errors_are_named() {
+/// A bus with seeded rows and bangerd running (the first D-Bus call activates it, and it
+/// then listens on its Varlink socket too); `None` when a tool is missing.
+fn seeded_bus() -> Option<TestBus> {
     if !available(TOOLS) || pyvarlink().is_none() {
-        return;
+        return None;
     }
     let bus = TestBus::start(BusOptions::default());
     seed(&bus);
-    // The first D-Bus call activates the daemon, which then listens on its socket too.
     let out = bus.banger_as(None, &["status"]);
     assert!(out.status.success(), "{}", text(&out));
+    Some(bus)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_interface_is_described_reads_are_open_and_errors_are_named() {
+    let Some(bus) = seeded_bus() else {
+        return;
+    };
     let sock = bus.runtime.join("io.banger");
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let m = std::fs::metadata(&sock).unwrap();
@@ -324,13 +302,9 @@ fn mutating_calls() -> Vec<(&'static str, Value)> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_mutating_method_asks_polkit_for_the_peer_process() {
-    if !available(TOOLS) || pyvarlink().is_none() {
+    let Some(bus) = seeded_bus() else {
         return;
-    }
-    let bus = TestBus::start(BusOptions::default());
-    seed(&bus);
-    let out = bus.banger_as(None, &["status"]);
-    assert!(out.status.success(), "{}", text(&out));
+    };
     let (mut tried, mut refused, mut leaked) = (0, 0, Vec::new());
     for (method, params) in mutating_calls() {
         let interface = method.rsplit_once('.').unwrap().0;

@@ -12,7 +12,8 @@ use crate::ops;
 pub const INTERFACE: &str = "io.banger.Images";
 
 /// Its description.
-pub const DESCRIPTION: &str = r#"# banger's root filesystem images: the operations of org.banger.Images1 on D-Bus.
+pub const DESCRIPTION: &str = concat!(
+    r#"# banger's root filesystem images: the operations of org.banger.Images1 on D-Bus.
 # Reads are open to everyone; every other method asks polkit (org.banger.images.manage).
 interface io.banger.Images
 
@@ -36,27 +37,9 @@ type Image (
   cmd: []string
 )
 
-# A log line of a job.
-type LogLine (
-  # syslog priority: 3 error, 4 warning, 6 info, 7 debug
-  priority: int,
-  line: string
-)
-
-# A job, as io.banger.Jobs shows it.
-type Job (
-  id: int,
-  kind: string,
-  target: string,
-  owner: int,
-  stage: string,
-  message: ?string,
-  progress: float,
-  # running, done, failed or canceled
-  state: string,
-  error: ?string
-)
-
+"#,
+    job_types!(),
+    r#"
 # Every image.
 method List() -> (images: []Image)
 
@@ -108,14 +91,9 @@ method Warm(name: string, kernel: ?string, vcpus: ?int, memoryMib: ?int) -> (job
 # Deletes an image no VM uses.
 method Delete(name: string) -> ()
 
-error NotFound (message: string)
-error AlreadyExists (message: string)
-error InUse (message: string)
-error InvalidArgument (message: string)
-error LimitExceeded (message: string)
-error Failed (message: string)
-error PermissionDenied (message: string)
-"#;
+"#,
+    errors!()
+);
 
 /// An image as `io.banger.Images.Image`.
 pub(super) fn view(i: &Image) -> Value {

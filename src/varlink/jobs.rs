@@ -11,32 +11,15 @@ use crate::jobs::JobState;
 pub const INTERFACE: &str = "io.banger.Jobs";
 
 /// Its description.
-pub const DESCRIPTION: &str = r#"# banger's long operations (pulls, builds, creates, snapshots): the operations of
+pub const DESCRIPTION: &str = concat!(
+    r#"# banger's long operations (pulls, builds, creates, snapshots): the operations of
 # org.banger.Jobs1 on D-Bus. Reads are open to everyone; Cancel asks polkit for what the job
 # does (and org.banger.vms.manage-any for another user's VM job).
 interface io.banger.Jobs
 
-# A job.
-type Job (
-  id: int,
-  kind: string,
-  target: string,
-  owner: int,
-  stage: string,
-  message: ?string,
-  progress: float,
-  # running, done, failed or canceled
-  state: string,
-  error: ?string
-)
-
-# A log line of a job.
-type LogLine (
-  # syslog priority: 3 error, 4 warning, 6 info, 7 debug
-  priority: int,
-  line: string
-)
-
+"#,
+    job_types!(),
+    r#"
 # The running jobs.
 method List() -> (jobs: []Job)
 
@@ -47,14 +30,9 @@ method Cancel(id: int) -> ()
 # log lines, and the last when it ends (or its error, when it failed).
 method Watch(id: int) -> (job: Job, log: ?LogLine)
 
-error NotFound (message: string)
-error AlreadyExists (message: string)
-error InUse (message: string)
-error InvalidArgument (message: string)
-error LimitExceeded (message: string)
-error Failed (message: string)
-error PermissionDenied (message: string)
-"#;
+"#,
+    errors!()
+);
 
 pub(super) async fn call(
     ctx: &Ctx,

@@ -12,7 +12,8 @@ use crate::ops;
 pub const INTERFACE: &str = "io.banger.Kernels";
 
 /// Its description.
-pub const DESCRIPTION: &str = r#"# banger's guest kernels: the operations of org.banger.Kernels1 on D-Bus. Reads are
+pub const DESCRIPTION: &str = concat!(
+    r#"# banger's guest kernels: the operations of org.banger.Kernels1 on D-Bus. Reads are
 # open to everyone; every other method asks polkit (org.banger.kernels.manage).
 interface io.banger.Kernels
 
@@ -31,27 +32,9 @@ type AvailableKernel (
   description: string
 )
 
-# A log line of a job.
-type LogLine (
-  # syslog priority: 3 error, 4 warning, 6 info, 7 debug
-  priority: int,
-  line: string
-)
-
-# A job, as io.banger.Jobs shows it.
-type Job (
-  id: int,
-  kind: string,
-  target: string,
-  owner: int,
-  stage: string,
-  message: ?string,
-  progress: float,
-  # running, done, failed or canceled
-  state: string,
-  error: ?string
-)
-
+"#,
+    job_types!(),
+    r#"
 # The installed kernels.
 method List() -> (kernels: []Kernel)
 
@@ -73,14 +56,9 @@ method Import(name: string, kernelPath: string, initrdPath: ?string, modulesDir:
 # Deletes a kernel no image or VM uses.
 method Delete(name: string) -> ()
 
-error NotFound (message: string)
-error AlreadyExists (message: string)
-error InUse (message: string)
-error InvalidArgument (message: string)
-error LimitExceeded (message: string)
-error Failed (message: string)
-error PermissionDenied (message: string)
-"#;
+"#,
+    errors!()
+);
 
 fn view(k: &Kernel) -> Value {
     json!({

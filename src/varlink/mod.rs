@@ -9,6 +9,50 @@
 //! each stage, progress step and log line of that job, and a last one when it ends (the
 //! Varlink form of the D-Bus job signals).
 
+/// The types of every interface that answers with jobs, as a literal for `concat!` (a
+/// Varlink interface cannot name another's types, so each carries them).
+macro_rules! job_types {
+    () => {
+        r#"
+# A log line of a job.
+type LogLine (
+  # syslog priority: 3 error, 4 warning, 6 info, 7 debug
+  priority: int,
+  line: string
+)
+
+# A job, as io.banger.Jobs shows it.
+type Job (
+  id: int,
+  kind: string,
+  target: string,
+  owner: int,
+  stage: string,
+  message: ?string,
+  progress: float,
+  # running, done, failed or canceled
+  state: string,
+  error: ?string
+)
+"#
+    };
+}
+
+/// The errors of every io.banger interface, as a literal for `concat!`.
+macro_rules! errors {
+    () => {
+        r#"
+error NotFound (message: string)
+error AlreadyExists (message: string)
+error InUse (message: string)
+error InvalidArgument (message: string)
+error LimitExceeded (message: string)
+error Failed (message: string)
+error PermissionDenied (message: string)
+"#
+    };
+}
+
 mod bounded;
 mod images;
 mod jobs;

@@ -12,7 +12,8 @@ use crate::vms::{CreateOptions, StopOptions};
 pub const INTERFACE: &str = "io.banger.VMs";
 
 /// Its description.
-pub const DESCRIPTION: &str = r#"# banger's microVMs: the operations of org.banger.VMs1 and org.banger.VM1 on D-Bus.
+pub const DESCRIPTION: &str = concat!(
+    r#"# banger's microVMs: the operations of org.banger.VMs1 and org.banger.VM1 on D-Bus.
 # Reads are open to everyone; every other method asks polkit (org.banger.vms.manage for
 # your own VMs, org.banger.vms.manage-any for another user's).
 interface io.banger.VMs
@@ -56,27 +57,9 @@ type Share (
   readOnly: bool
 )
 
-# A log line of a job.
-type LogLine (
-  # syslog priority: 3 error, 4 warning, 6 info, 7 debug
-  priority: int,
-  line: string
-)
-
-# A job, as io.banger.Jobs shows it.
-type Job (
-  id: int,
-  kind: string,
-  target: string,
-  owner: int,
-  stage: string,
-  message: ?string,
-  progress: float,
-  # running, done, failed or canceled
-  state: string,
-  error: ?string
-)
-
+"#,
+    job_types!(),
+    r#"
 # Every VM.
 method List() -> (vms: []VM)
 
@@ -125,14 +108,9 @@ method Resume(name: string) -> ()
 # unless pause is true.
 method Snapshot(name: string, snapshot: string, pause: ?bool) -> (job: Job, log: ?LogLine)
 
-error NotFound (message: string)
-error AlreadyExists (message: string)
-error InUse (message: string)
-error InvalidArgument (message: string)
-error LimitExceeded (message: string)
-error Failed (message: string)
-error PermissionDenied (message: string)
-"#;
+"#,
+    errors!()
+);
 
 /// A VM as `io.banger.VMs.VM`.
 pub(super) fn view(v: &Vm) -> Value {

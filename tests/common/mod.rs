@@ -832,3 +832,40 @@ pub fn py_call(
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{method}: {e}: {l}")))
         .collect()
 }
+
+/// A VM row as an earlier daemon would have written it (stopped, never booted here).
+pub fn vm_row(
+    name: &str,
+    image: &banger::model::Image,
+    owner: u32,
+    cid: u32,
+    kernel: &str,
+) -> banger::model::Vm {
+    banger::model::Vm {
+        id: banger::model::new_id(),
+        name: name.into(),
+        state: banger::model::VmState::Stopped,
+        stage: "ready".into(),
+        image_id: image.id.clone(),
+        kernel: kernel.into(),
+        vcpus: 2,
+        memory_mib: 1024,
+        disk_size: 1 << 30,
+        owner_uid: owner,
+        guest_address: format!("10.219.0.{cid}"),
+        mac_address: format!("52:54:00:00:00:{cid:02x}"),
+        vsock_cid: cid,
+        tap_name: format!("bgr{cid}"),
+        ssh_address: String::new(),
+        created_at: banger::model::now_us(),
+        ssh_host_key: String::new(),
+        network: Default::default(),
+        egress: Vec::new(),
+        init: String::new(),
+        main: Vec::new(),
+        exit_status: -1,
+        publish: Vec::new(),
+        shares: Vec::new(),
+        snapshot: String::new(),
+    }
+}
