@@ -99,6 +99,10 @@ fn seed(bus: &TestBus) {
         vm_row("users-vm", &image, uid_of(USER_OK), 4, "debian-6.1"),
         vm_row("users-vm2", &image, uid_of(USER_OK), 5, "debian-6.1"),
     ];
+    // users-vm booted once: its console log is there.
+    let console = state.join("vms").join(&vms[1].id);
+    std::fs::create_dir_all(&console).unwrap();
+    std::fs::write(console.join("console.log"), "users-vm booted\n").unwrap();
     store
         .call_blocking(move |c| {
             rows::insert_image(c, &image)?;
@@ -487,4 +491,61 @@ async fn the_first_varlink_call_starts_a_socket_activated_daemon_which_idles_out
         bus.wait_name_gone(&conn, "org.banger", std::time::Duration::from_secs(10))
             .await
     );
+}
+
+/// A descriptor-passing call by hand (Python's own socket module, as `user`): the reply and
+/// what the passed descriptor reads.
+const FD_CLIENT: &str = r#"
+import json, os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+s.sendall(sys.argv[2].encode() + b"\0")
+data, fds, _, _ = socket.recv_fds(s, 65536, 4)
+reply = json.loads(data.rstrip(b"\0"))
+read = os.read(fds[reply["parameters"]["fd"]], 4096).decode() if fds else None
+print(json.dumps({"reply": reply, "fds": len(fds), "read": read}))
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_descriptor_comes_with_the_reply_and_only_to_whom_polkit_allows() {
+    let Some(bus) = seeded_bus() else {
+        return;
+    };
+    let call = json!({"method": "io.banger.VMs.OpenConsole", "parameters": {"name": "users-vm"}})
+        .to_string();
+    let sock = bus.runtime.join("io.banger");
+    let run = |user| {
+        let out = bus
+            .command_as(
+                Some(user),
+                "/usr/bin/python3",
+                &["-c", FD_CLIENT, sock.to_str().unwrap(), &call],
+            )
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let got = run(USER_OK);
+    assert_eq!(got["reply"], json!({"parameters": {"fd": 0}}), "{got}");
+    assert_eq!(got["fds"], 1, "{got}");
+    assert_eq!(got["read"], "users-vm booted\n", "{got}");
+    let got = run(USER_NO);
+    assert_eq!(
+        got["reply"]["error"], "io.banger.VMs.PermissionDenied",
+        "{got}"
+    );
+    assert_eq!(got["fds"], 0, "{got}");
+
+    // Snapshots are listed and deleted through the same interface.
+    let r = raw(
+        &bus,
+        Some(USER_NO),
+        &[
+            json!({"method": "io.banger.VMs.ListSnapshots"}),
+            json!({"method": "io.banger.VMs.GetSnapshot", "parameters": {"name": "nope"}}),
+        ],
+    );
+    assert_eq!(r[0], json!({"parameters": {"snapshots": []}}));
+    assert_eq!(r[1]["error"], "io.banger.VMs.NotFound", "{r:?}");
 }

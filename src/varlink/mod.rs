@@ -280,6 +280,7 @@ async fn serve_connection(stream: tokio::net::UnixStream, ctx: Ctx) -> zlink::Re
         let answer = dispatch(&ctx, &caller, &call, fds).await;
         match answer {
             Ok(Answer::One(v)) => send(&mut conn, &call, Ok(v), false).await?,
+            Ok(Answer::WithFds(v, fds)) => send_fds(&mut conn, &call, v, fds).await?,
             Err(e) => send(&mut conn, &call, Err(e), false).await?,
             Ok(Answer::Job {
                 first,
@@ -307,6 +308,8 @@ pub(crate) struct Incoming {
 pub(crate) enum Answer {
     /// One reply.
     One(Value),
+    /// One reply with descriptors, which its parameters name by index (as sd-varlink does).
+    WithFds(Value, Vec<OwnedFd>),
     /// A job's: `first` at once; with `more`, one reply (from `render`) per event of the job
     /// until it ends.
     Job {
@@ -461,6 +464,19 @@ async fn send(
         }
         Err(e) => conn.send_error(&e, Vec::new()).await,
     }
+}
+
+async fn send_fds(
+    conn: &mut Connection<Bounded>,
+    call: &Incoming,
+    params: Value,
+    fds: Vec<OwnedFd>,
+) -> zlink::Result<()> {
+    if call.oneway {
+        return Ok(());
+    }
+    let reply = Reply::new(Some(params)).set_continues(None);
+    conn.send_reply(&reply, fds).await
 }
 
 /// Sends `first`, and, when the caller asked for more, a reply per event of `job` until it

@@ -60,6 +60,22 @@ type Share (
 "#,
     job_types!(),
     r#"
+# A snapshot of a VM (memory, devices and both disks), which VMs can be created from.
+type Snapshot (
+  id: string,
+  name: string,
+  # The VM it was taken of (its id and name then).
+  vm: string,
+  vmName: string,
+  image: string,
+  kernel: string,
+  vcpus: int,
+  memoryMib: int,
+  sizeBytes: int,
+  createdAt: int,
+  owner: int
+)
+
 # Every VM.
 method List() -> (vms: []VM)
 
@@ -104,6 +120,34 @@ method Pause(name: string) -> ()
 # Lets a paused VM go on.
 method Resume(name: string) -> ()
 
+# A stream connected to the running VM's agent: the descriptor comes with the reply, fd is
+# its index (the agent's protocol is in README.md).
+method OpenAgent(name: string) -> (fd: int)
+
+# A stream on which a shell (command, else the user's login shell) already runs on a
+# terminal of its own in the guest; the descriptor comes with the reply.
+method OpenShell(
+  name: string,
+  rows: ?int,
+  cols: ?int,
+  term: ?string,
+  user: ?string,
+  command: ?[]string
+) -> (fd: int)
+
+# The serial console log of the VM's last boot, read-only; the descriptor comes with the
+# reply.
+method OpenConsole(name: string) -> (fd: int)
+
+# Every snapshot.
+method ListSnapshots() -> (snapshots: []Snapshot)
+
+# The snapshot with this name or id.
+method GetSnapshot(name: string) -> (snapshot: Snapshot)
+
+# Deletes a snapshot (its owner, or an administrator); InUse while VMs' disks layer on it.
+method DeleteSnapshot(name: string) -> ()
+
 # Snapshots a running or paused VM as snapshot (memory, devices, both disks); it goes on
 # unless pause is true.
 method Snapshot(name: string, snapshot: string, pause: ?bool) -> (job: Job, log: ?LogLine)
@@ -142,6 +186,28 @@ pub(super) fn view(v: &Vm) -> Value {
         })).collect::<Vec<_>>(),
         "snapshot": v.snapshot,
     })
+}
+
+/// A snapshot as `io.banger.VMs.Snapshot`.
+fn snapshot_view(s: &crate::model::Snapshot) -> Value {
+    json!({
+        "id": s.id,
+        "name": s.name,
+        "vm": s.vm_id,
+        "vmName": s.vm_name,
+        "image": s.image_id,
+        "kernel": s.kernel,
+        "vcpus": s.vcpus,
+        "memoryMib": s.memory_mib,
+        "sizeBytes": s.size_bytes,
+        "createdAt": s.created_at,
+        "owner": s.owner_uid,
+    })
+}
+
+/// A descriptor as the one thing a reply carries: `{"fd": 0}`.
+fn fd_answer(fd: std::os::fd::OwnedFd) -> Answer {
+    Answer::WithFds(json!({ "fd": 0 }), vec![fd])
 }
 
 #[derive(serde::Deserialize)]
@@ -277,6 +343,60 @@ pub(super) async fn call(
                 ctx.perform(caller, ops::resume_vm(b, caller, &name))
                     .await?;
             }
+            Ok(Answer::One(json!({})))
+        }
+        "OpenAgent" => {
+            let name: String = p.req("name")?;
+            p.finish()?;
+            let fd = ctx
+                .perform(caller, ops::open_agent(b, caller, &name))
+                .await?;
+            Ok(fd_answer(fd))
+        }
+        "OpenShell" => {
+            let name: String = p.req("name")?;
+            let d = crate::agent::Tty::default();
+            let tty = crate::agent::Tty {
+                rows: p.opt("rows")?.unwrap_or(d.rows),
+                cols: p.opt("cols")?.unwrap_or(d.cols),
+                term: p.opt("term")?.unwrap_or(d.term),
+            };
+            let what = crate::agent::ExecRequest {
+                argv: p.opt("command")?.unwrap_or_default(),
+                user: p.opt("user")?,
+                tty: Some(tty),
+                ..Default::default()
+            };
+            p.finish()?;
+            let fd = ctx
+                .perform(caller, ops::open_shell(b, caller, &name, what))
+                .await?;
+            Ok(fd_answer(fd))
+        }
+        "OpenConsole" => {
+            let name: String = p.req("name")?;
+            p.finish()?;
+            let fd = ctx
+                .perform(caller, ops::open_console(b, caller, &name))
+                .await?;
+            Ok(fd_answer(fd))
+        }
+        "ListSnapshots" => {
+            p.finish()?;
+            let all: Vec<Value> = b.vms.snapshots().await?.iter().map(snapshot_view).collect();
+            Ok(Answer::One(json!({ "snapshots": all })))
+        }
+        "GetSnapshot" => {
+            let name: String = p.req("name")?;
+            p.finish()?;
+            let snap = b.vms.snapshot(&name).await?;
+            Ok(Answer::One(json!({ "snapshot": snapshot_view(&snap) })))
+        }
+        "DeleteSnapshot" => {
+            let name: String = p.req("name")?;
+            p.finish()?;
+            ctx.perform(caller, ops::delete_snapshot(b, caller, &name))
+                .await?;
             Ok(Answer::One(json!({})))
         }
         "Snapshot" => {
