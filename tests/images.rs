@@ -413,9 +413,12 @@ async fn concurrent_pulls_of_one_name_have_exactly_one_winner() {
     );
     let bus = TestBus::start(BusOptions::default());
     let conn = bus.connect().await;
-    let results =
-        futures_util::future::join_all((0..4).map(|_| pull(&bus, &conn, &reference, Some("same"))))
-            .await;
+    // Fifty at once (issue 17's scale): one image, every other pull refused or failed with
+    // the reason, nothing left behind.
+    let results = futures_util::future::join_all(
+        (0..50).map(|_| pull(&bus, &conn, &reference, Some("same"))),
+    )
+    .await;
     let mut winners = 0;
     for r in results {
         match r {

@@ -209,7 +209,7 @@ async fn creates_overlap_in_every_phase_but_the_reservation() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn fifty_parallel_creates_get_unique_leases_and_one_name_has_one_winner() {
+async fn fifty_parallel_creates_get_unique_leases_and_fifty_of_one_name_have_one_winner() {
     let dir = tempfile::tempdir().unwrap();
     let vms = service(dir.path(), 1, "10.2.0.0/24");
     let mut tasks = Vec::new();
@@ -224,7 +224,7 @@ async fn fifty_parallel_creates_get_unique_leases_and_one_name_has_one_winner() 
                 .await
         }));
     }
-    for _ in 0..10 {
+    for _ in 0..50 {
         let v = vms.clone();
         tasks.push(tokio::spawn(async move {
             match v.create(1000, "same", opts(false)).await {
