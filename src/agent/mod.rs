@@ -166,6 +166,28 @@ pub struct ExecRequest {
 }
 
 impl ExecRequest {
+    /// A shell on a terminal of its own (`argv`, else the user's login shell); what is not
+    /// given is the default terminal's.
+    pub fn shell(
+        rows: Option<u16>,
+        cols: Option<u16>,
+        term: Option<String>,
+        user: Option<String>,
+        argv: Vec<String>,
+    ) -> Self {
+        let d = Tty::default();
+        ExecRequest {
+            argv,
+            user,
+            tty: Some(Tty {
+                rows: rows.unwrap_or(d.rows),
+                cols: cols.unwrap_or(d.cols),
+                term: term.unwrap_or(d.term),
+            }),
+            ..Default::default()
+        }
+    }
+
     /// `argv` with the image's settings.
     pub fn new(argv: Vec<String>) -> Self {
         ExecRequest {

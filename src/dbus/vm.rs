@@ -107,18 +107,13 @@ impl Vm1 {
         options: super::options::OptionMap,
     ) -> Result<zbus::OwnedFd> {
         let mut o = super::options::Options::new("OpenShell", options);
-        let d = crate::agent::Tty::default();
-        let tty = crate::agent::Tty {
-            rows: o.u16("rows")?.unwrap_or(d.rows),
-            cols: o.u16("cols")?.unwrap_or(d.cols),
-            term: o.string("term")?.unwrap_or(d.term),
-        };
-        let what = crate::agent::ExecRequest {
-            argv: o.strings("command")?.unwrap_or_default(),
-            user: o.string("user")?,
-            tty: Some(tty),
-            ..Default::default()
-        };
+        let what = crate::agent::ExecRequest::shell(
+            o.u16("rows")?,
+            o.u16("cols")?,
+            o.string("term")?,
+            o.string("user")?,
+            o.strings("command")?.unwrap_or_default(),
+        );
         o.finish()?;
         let c = self.ctx.caller(conn, &hdr).await?;
         let op = ops::open_shell(&self.ctx.banger, &c, &self.vm.id, what);

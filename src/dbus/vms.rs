@@ -65,11 +65,7 @@ impl Vms1 {
         let mut o = Options::new("CreateVM", options);
         let d = CreateOptions::default();
         let snapshot = o.string("snapshot")?;
-        // A restore's shape is its snapshot's: 0 stands for "the snapshot's".
-        let (vcpus, memory) = match snapshot {
-            Some(_) => (0, 0),
-            None => (d.vcpus, d.memory_mib),
-        };
+        let (vcpus, memory) = CreateOptions::default_shape(snapshot.is_some());
         let opts = CreateOptions {
             image: o.string("image")?,
             kernel: o.string("kernel")?,
@@ -78,14 +74,7 @@ impl Vms1 {
             disk_size: o.u64("disk_size")?,
             ssh_key: o.string("ssh_key")?,
             start: o.bool("start")?.unwrap_or(d.start),
-            network: match o.string("network")? {
-                None => d.network,
-                Some(n) => crate::model::NetworkMode::parse(&n).ok_or_else(|| {
-                    crate::Error::InvalidArgument(format!(
-                        "CreateVM: network {n:?} is neither \"isolated\" nor \"shared\""
-                    ))
-                })?,
-            },
+            network: CreateOptions::network_option("CreateVM", o.string("network")?.as_deref())?,
             egress: o.strings("egress")?.unwrap_or_default(),
             init: o.string("init")?.unwrap_or_default(),
             entrypoint: o.bool("entrypoint")?.unwrap_or(false),

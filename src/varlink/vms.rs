@@ -254,19 +254,9 @@ pub(super) async fn call(
             let name: String = p.req("name")?;
             let d = CreateOptions::default();
             let snapshot: Option<String> = p.opt("snapshot")?;
-            // A restore's shape is its snapshot's: 0 stands for "the snapshot's".
-            let (vcpus, memory) = match snapshot {
-                Some(_) => (0, 0),
-                None => (d.vcpus, d.memory_mib),
-            };
-            let network = match p.opt::<String>("network")? {
-                None => d.network,
-                Some(n) => crate::model::NetworkMode::parse(&n).ok_or_else(|| {
-                    crate::Error::InvalidArgument(format!(
-                        "Create: network {n:?} is neither \"isolated\" nor \"shared\""
-                    ))
-                })?,
-            };
+            let (vcpus, memory) = CreateOptions::default_shape(snapshot.is_some());
+            let network =
+                CreateOptions::network_option("Create", p.opt::<String>("network")?.as_deref())?;
             let shares: Vec<ShareParam> = p.opt("shares")?.unwrap_or_default();
             let opts = CreateOptions {
                 image: p.opt("image")?,
@@ -355,18 +345,13 @@ pub(super) async fn call(
         }
         "OpenShell" => {
             let name: String = p.req("name")?;
-            let d = crate::agent::Tty::default();
-            let tty = crate::agent::Tty {
-                rows: p.opt("rows")?.unwrap_or(d.rows),
-                cols: p.opt("cols")?.unwrap_or(d.cols),
-                term: p.opt("term")?.unwrap_or(d.term),
-            };
-            let what = crate::agent::ExecRequest {
-                argv: p.opt("command")?.unwrap_or_default(),
-                user: p.opt("user")?,
-                tty: Some(tty),
-                ..Default::default()
-            };
+            let what = crate::agent::ExecRequest::shell(
+                p.opt("rows")?,
+                p.opt("cols")?,
+                p.opt("term")?,
+                p.opt("user")?,
+                p.opt("command")?.unwrap_or_default(),
+            );
             p.finish()?;
             let fd = ctx
                 .perform(caller, ops::open_shell(b, caller, &name, what))

@@ -116,6 +116,29 @@ pub const MAX_VCPUS: u32 = 64;
 pub const MIN_MEMORY_MIB: u32 = 128;
 
 impl CreateOptions {
+    /// The vCPUs and memory of a create that names none: a restore's are its snapshot's (0
+    /// stands for "the snapshot's"), a boot's the defaults.
+    pub fn default_shape(restoring: bool) -> (u32, u32) {
+        if restoring {
+            (0, 0)
+        } else {
+            let d = CreateOptions::default();
+            (d.vcpus, d.memory_mib)
+        }
+    }
+
+    /// The network mode option `value` of `method`; absent is the default.
+    pub fn network_option(method: &str, value: Option<&str>) -> Result<crate::model::NetworkMode> {
+        let Some(n) = value else {
+            return Ok(CreateOptions::default().network);
+        };
+        crate::model::NetworkMode::parse(n).ok_or_else(|| {
+            crate::Error::InvalidArgument(format!(
+                "{method}: network {n:?} is neither \"isolated\" nor \"shared\""
+            ))
+        })
+    }
+
     /// Checks the options that do not need the store.
     pub fn validate(&self) -> Result<()> {
         if let Some(i) = &self.image {
