@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use super::{job_answer, job_only, no_method, Answer, Ctx, Fail, Incoming, Params};
+use super::{job_answer, job_only, no_method, Answer, Ctx, Fail, Params};
 use crate::auth::Caller;
 use crate::images::{BuildOptions, PullOptions, RegisterOptions};
 use crate::model::Image;
@@ -117,7 +117,6 @@ pub(super) fn view(i: &Image) -> Value {
 pub(super) async fn call(
     ctx: &Ctx,
     caller: &Caller,
-    _call: &Incoming,
     method: &str,
     mut p: Params,
 ) -> Result<Answer, Fail> {

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::{job_only, job_view, no_method, Answer, Ctx, Fail, Incoming, Params};
+use super::{job_only, job_view, no_method, Answer, Ctx, Fail, Params};
 use crate::auth::Caller;
 use crate::jobs::JobState;
 
@@ -37,7 +37,6 @@ method Watch(id: int) -> (job: Job, log: ?LogLine)
 pub(super) async fn call(
     ctx: &Ctx,
     caller: &Caller,
-    _call: &Incoming,
     method: &str,
     mut p: Params,
 ) -> Result<Answer, Fail> {

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use super::{job_answer, job_only, no_method, Answer, Ctx, Fail, Incoming, Params};
+use super::{job_answer, job_only, no_method, Answer, Ctx, Fail, Params};
 use crate::auth::Caller;
 use crate::kernels::ImportOptions;
 use crate::model::Kernel;
@@ -72,7 +72,6 @@ fn view(k: &Kernel) -> Value {
 pub(super) async fn call(
     ctx: &Ctx,
     caller: &Caller,
-    _call: &Incoming,
     method: &str,
     mut p: Params,
 ) -> Result<Answer, Fail> {

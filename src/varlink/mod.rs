@@ -170,7 +170,7 @@ pub fn passed_listener() -> crate::Result<Option<std::os::unix::net::UnixListene
 /// every local user as the bus is: reads are open, and every mutating method asks polkit.
 pub fn bind(runtime_dir: &Path) -> crate::Result<std::os::unix::net::UnixListener> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let path = runtime_dir.join(SOCKET);
+    let path = socket_path(runtime_dir);
     let fail = |e| Error::failed(format!("Cannot listen on {}", path.display()), e);
     // Everyone must reach the socket: the runtime directory is 0755, as the unit's
     // RuntimeDirectoryMode makes it (what is private in it is private by its own mode).
@@ -280,7 +280,7 @@ async fn serve_connection(stream: tokio::net::UnixStream, ctx: Ctx) -> zlink::Re
         let answer = dispatch(&ctx, &caller, &call, fds).await;
         match answer {
             Ok(Answer::One(v)) => send(&mut conn, &call, Ok(v), false).await?,
-            Ok(Answer::WithFds(v, fds)) => send_fds(&mut conn, &call, v, fds).await?,
+            Ok(Answer::WithFds(v, fds)) => send_with(&mut conn, &call, Ok(v), false, fds).await?,
             Err(e) => send(&mut conn, &call, Err(e), false).await?,
             Ok(Answer::Job {
                 first,
@@ -293,15 +293,15 @@ async fn serve_connection(stream: tokio::net::UnixStream, ctx: Ctx) -> zlink::Re
 }
 
 /// A call as banger handles it.
-pub(crate) struct Incoming {
+struct Incoming {
     /// `interface.Method`.
-    pub method: String,
+    method: String,
     /// Its parameters.
-    pub params: serde_json::Map<String, Value>,
+    params: serde_json::Map<String, Value>,
     /// The caller takes more than one reply.
-    pub more: bool,
+    more: bool,
     /// The caller takes no reply.
-    pub oneway: bool,
+    oneway: bool,
 }
 
 /// How a method answers.
@@ -396,16 +396,16 @@ async fn dispatch(
     let p = Params::new(call.params.clone(), fds);
     match interface {
         service::INTERFACE => service::call(method, p),
-        images::INTERFACE => images::call(ctx, caller, call, method, p)
+        images::INTERFACE => images::call(ctx, caller, method, p)
             .await
             .map_err(|e| e.into_failure(interface)),
-        kernels::INTERFACE => kernels::call(ctx, caller, call, method, p)
+        kernels::INTERFACE => kernels::call(ctx, caller, method, p)
             .await
             .map_err(|e| e.into_failure(interface)),
-        vms::INTERFACE => vms::call(ctx, caller, call, method, p)
+        vms::INTERFACE => vms::call(ctx, caller, method, p)
             .await
             .map_err(|e| e.into_failure(interface)),
-        jobs::INTERFACE => jobs::call(ctx, caller, call, method, p)
+        jobs::INTERFACE => jobs::call(ctx, caller, method, p)
             .await
             .map_err(|e| e.into_failure(interface)),
         _ => Err(Failure::interface_not_found(interface)),
@@ -450,6 +450,17 @@ async fn send(
     answer: Result<Value, Failure>,
     continues: bool,
 ) -> zlink::Result<()> {
+    send_with(conn, call, answer, continues, Vec::new()).await
+}
+
+/// Sends a reply (or error) with `fds` beside it, unless the call was one-way.
+async fn send_with(
+    conn: &mut Connection<Bounded>,
+    call: &Incoming,
+    answer: Result<Value, Failure>,
+    continues: bool,
+    fds: Vec<OwnedFd>,
+) -> zlink::Result<()> {
     if call.oneway {
         return Ok(());
     }
@@ -460,23 +471,10 @@ async fn send(
                 v => Some(v),
             };
             let reply = Reply::new(params).set_continues(continues.then_some(true));
-            conn.send_reply(&reply, Vec::new()).await
+            conn.send_reply(&reply, fds).await
         }
-        Err(e) => conn.send_error(&e, Vec::new()).await,
+        Err(e) => conn.send_error(&e, fds).await,
     }
-}
-
-async fn send_fds(
-    conn: &mut Connection<Bounded>,
-    call: &Incoming,
-    params: Value,
-    fds: Vec<OwnedFd>,
-) -> zlink::Result<()> {
-    if call.oneway {
-        return Ok(());
-    }
-    let reply = Reply::new(Some(params)).set_continues(None);
-    conn.send_reply(&reply, fds).await
 }
 
 /// Sends `first`, and, when the caller asked for more, a reply per event of `job` until it

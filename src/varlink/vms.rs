@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use super::{job_answer, no_method, Answer, Ctx, Fail, Incoming, Params, Render};
+use super::{job_answer, no_method, Answer, Ctx, Fail, Params, Render};
 use crate::auth::Caller;
 use crate::model::{Share, Vm};
 use crate::ops;
@@ -234,7 +234,6 @@ fn with_vm(ctx: &Ctx, id: String) -> Render {
 pub(super) async fn call(
     ctx: &Ctx,
     caller: &Caller,
-    _call: &Incoming,
     method: &str,
     mut p: Params,
 ) -> Result<Answer, Fail> {
