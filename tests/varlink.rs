@@ -549,3 +549,61 @@ async fn a_descriptor_comes_with_the_reply_and_only_to_whom_polkit_allows() {
     assert_eq!(r[0], json!({"parameters": {"snapshots": []}}));
     assert_eq!(r[1]["error"], "io.banger.VMs.NotFound", "{r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_path_a_caller_names_is_opened_with_the_callers_rights_only() {
+    let Some(bus) = seeded_bus() else {
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    // A root-only file, and a link to it the caller could have made.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let secret = dir.path().join("secret.ext4");
+    std::fs::write(&secret, vec![0u8; 4096]).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link = dir.path().join("link.ext4");
+    std::os::unix::fs::symlink(&secret, &link).unwrap();
+    let mut tried = 0;
+    for (path, said) in [
+        (&secret, "you cannot read this file yourself"),
+        (&link, "is a symbolic link"),
+    ] {
+        for (method, params) in [
+            (
+                "io.banger.Images.Register",
+                json!({"name": "stolen", "rootfs": path.to_str().unwrap()}),
+            ),
+            (
+                "io.banger.Kernels.Import",
+                json!({"name": "stolen", "kernelPath": path.to_str().unwrap()}),
+            ),
+        ] {
+            let interface = method.rsplit_once('.').unwrap().0;
+            let r = raw(
+                &bus,
+                Some(USER_OK),
+                &[json!({"method": method, "parameters": params})],
+            );
+            tried += 1;
+            assert_eq!(
+                r[0]["error"],
+                format!("{interface}.InvalidArgument"),
+                "{r:?}"
+            );
+            let message = r[0]["parameters"]["message"].as_str().unwrap();
+            assert!(message.contains(said), "{method}: {message}");
+        }
+    }
+    let r = raw(
+        &bus,
+        None,
+        &[
+            json!({"method": "io.banger.Images.Get", "parameters": {"name": "stolen"}}),
+            json!({"method": "io.banger.Kernels.Get", "parameters": {"name": "stolen"}}),
+        ],
+    );
+    assert_eq!(r[0]["error"], "io.banger.Images.NotFound", "{r:?}");
+    assert_eq!(r[1]["error"], "io.banger.Kernels.NotFound", "{r:?}");
+    println!("varlink caller files: {tried} cases tried, {tried} refused, 0 leaked");
+}
