@@ -2321,20 +2321,31 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
         &[
             "/bin/sh",
             "-c",
-            "echo in-tmp > /tmp/mark; echo in-root > /root/mark; \
+            "echo in-tmp > /tmp/mark; echo in-root > /root/mark; echo 0 > /tmp/count; \
              setsid /bin/sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done' \
              </dev/null >/dev/null 2>&1 &",
         ],
     );
+    // The counter's file exists before the loop runs (the exec wrote it); whether the loop
+    // goes on is seen by waiting for a larger number, not by sleeping a guessed time.
     let count = |vm: &str| -> u64 {
-        exec_as(&bus, None, vm, &["cat", "/tmp/count"])
-            .trim()
+        let out = exec_as(&bus, None, vm, &["cat", "/tmp/count"]);
+        out.trim()
             .parse()
-            .unwrap_or_else(|e| panic!("{vm}: {e}"))
+            .unwrap_or_else(|e| panic!("{vm}: /tmp/count is {out:?}: {e}"))
+    };
+    let counts_past = |vm: &str, n: u64, what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while count(vm) <= n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{vm}: {what}: the count stays at {n} for 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     };
     let before = count("src");
-    std::thread::sleep(Duration::from_millis(800));
-    assert!(count("src") > before, "the process counts");
+    counts_past("src", before, "the process counts");
     let before = count("src");
 
     // Another user may not snapshot it; a stopped VM, a taken name are refused.
@@ -2348,9 +2359,7 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
         bus.banger_as(None, &["vm", "snapshot", "src", "s1"]),
         "A snapshot named \"s1\" exists",
     );
-    // The guest's clock stood still while it was paused: give it time to count again.
-    std::thread::sleep(Duration::from_millis(800));
-    assert!(count("src") > before, "the source keeps running");
+    counts_past("src", before, "the source keeps running");
 
     // Restores that would not match the snapshot, or of another user's snapshot, are
     // refused before anything is made.
@@ -2430,8 +2439,7 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
         let shown = vm_shown(&bus, vm);
         assert_eq!(shown["State"], "running", "{shown}");
         let c = count(vm);
-        std::thread::sleep(Duration::from_millis(800));
-        assert!(count(vm) > c, "{vm}: the snapshot's process goes on");
+        counts_past(vm, c, "the snapshot's process goes on");
         assert_eq!(
             exec_as(&bus, None, vm, &["cat", "/tmp/mark", "/root/mark"]),
             "in-tmp\nin-root\n"
