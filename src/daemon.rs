@@ -72,6 +72,7 @@ pub fn prepare(opts: &DaemonOptions) -> Result<(Config, Layout, Store)> {
     let config = Config::load(&opts.config, opts.config_required)?;
     let layout = Layout::new(&opts.state_dir, &opts.runtime_dir);
     layout.create()?;
+    crate::fault::arm(&layout.runtime_dir);
     // Programs a killed daemon's jobs started would write into what is swept next.
     let programs = layout.runtime_dir.join("programs");
     for pgid in crate::host::stop_orphaned_programs(&programs) {

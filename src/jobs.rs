@@ -160,6 +160,7 @@ impl JobContext {
 
     /// Enters a stage (progress is left as it is).
     pub fn stage(&self, stage: &str, message: impl Into<String>) {
+        crate::fault::point(&format!("stage:{stage}"));
         let message = message.into();
         tracing::info!(job_id = self.job.id, stage, "{message}");
         self.job.update(|s| s.stage = stage.to_owned());

@@ -15,6 +15,7 @@ pub mod dbus;
 pub mod error;
 pub mod events;
 pub mod ext4;
+pub mod fault;
 pub mod guest;
 pub mod guestinit;
 pub mod host;

@@ -7,115 +7,11 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use banger::dbus::proxy::{Images1Proxy, Kernels1Proxy, VMs1Proxy};
+use banger::dbus::proxy::{Images1Proxy, VMs1Proxy};
 use common::oci::*;
+use common::vm::*;
 use common::*;
 use futures_util::StreamExt;
-
-const TOOLS: &[&str] = &[
-    "dbus-daemon",
-    "gdbus",
-    "unshare",
-    "docker-registry",
-    "skopeo",
-    "mkfs.ext4",
-    "busybox",
-    "dpkg-deb",
-    "xz",
-    "qemu-system-x86_64",
-    "qemu-img",
-    "setsid",
-];
-
-/// A busybox system whose init idles: enough for the agent, which banger-init starts.
-fn vm_image_layers() -> Vec<Vec<u8>> {
-    let busybox = std::fs::read("/bin/busybox").expect("busybox-static");
-    let mut l = Layer::default()
-        .dir("bin", 0o755)
-        .file("bin/busybox", &busybox, 0o755, 0)
-        .dir("sbin", 0o755)
-        .link("sbin/init", tar::EntryType::Symlink, "/bin/busybox")
-        .dir("etc", 0o755)
-        // A service that comes up after the agent: the image's ready port.
-        .file(
-            "etc/inittab",
-            b"::sysinit:/bin/true\n::once:/bin/sh -c 'sleep 2; exec httpd -f -p 8080 -h /etc'\n",
-            0o644,
-            0,
-        )
-        .dir("root", 0o700)
-        .file("root/seeded", b"from the image\n", 0o644, 0);
-    for d in ["dev", "proc", "sys", "tmp"] {
-        l = l.dir(d, 0o755);
-    }
-    for applet in [
-        "sh", "cat", "echo", "sync", "sleep", "id", "uname", "true", "ping", "hostname", "ip",
-        "httpd", "df", "tail", "nc", "dd", "tr", "tty",
-    ] {
-        l = l.link(&format!("bin/{applet}"), tar::EntryType::Symlink, "busybox");
-    }
-    vec![l.bytes()]
-}
-
-async fn import_kernel(
-    conn: &zbus::Connection,
-    name: &str,
-    vmlinuz: &std::path::Path,
-    modules: &std::path::Path,
-) {
-    Kernels1Proxy::new(conn)
-        .await
-        .unwrap()
-        .import_kernel(
-            name,
-            opt(&[
-                ("kernel_path", vmlinuz.to_string_lossy().into_owned().into()),
-                ("modules_dir", modules.to_string_lossy().into_owned().into()),
-            ]),
-        )
-        .await
-        .unwrap();
-}
-
-/// What of banger's network the bus's namespace holds: links named banger0/bgr*, and
-/// whether `table inet banger` exists.
-fn banger_network(bus: &TestBus) -> (Vec<String>, bool) {
-    let links = bus.in_netns("ip").args(["-o", "link"]).output().unwrap();
-    let links = String::from_utf8_lossy(&links.stdout)
-        .lines()
-        .filter_map(|l| {
-            l.split(':')
-                .nth(1)
-                .map(|n| n.trim().split('@').next().unwrap_or("").to_owned())
-        })
-        .filter(|n| n == "banger0" || n.starts_with("bgr"))
-        .collect();
-    let tables = bus
-        .in_netns("nft")
-        .args(["list", "tables"])
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&tables.stdout).contains("inet banger");
-    (links, table)
-}
-
-/// The VMs' processes (QEMU, agent links, console loggers) of this bus: their `/proc`
-/// directory and command line.
-fn vm_process_dirs(bus: &TestBus) -> Vec<(std::path::PathBuf, String)> {
-    let marker = bus.runtime.to_string_lossy().into_owned();
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
-            let c = String::from_utf8_lossy(&c).replace('\0', " ");
-            if c.contains(&marker)
-                && (c.contains("qemu") || c.contains("agent-link") || c.contains("console-logger"))
-            {
-                found.push((e.path(), c));
-            }
-        }
-    }
-    found
-}
 
 /// The shared folders' servers (virtiofsd) of this bus's VMs: their `/proc/PID/status`. They
 /// carry their VM's runtime directory in their environment, not on their command line.
@@ -142,10 +38,6 @@ fn share_servers(bus: &TestBus) -> Vec<String> {
         }
     }
     found
-}
-
-fn vm_processes(bus: &TestBus) -> Vec<String> {
-    vm_process_dirs(bus).into_iter().map(|(_, c)| c).collect()
 }
 
 fn exec_with_stdin(bus: &TestBus, vm: &str, stdin: &str, cmd: &[&str]) -> std::process::Output {
@@ -178,7 +70,7 @@ fn exec_with_stdin(bus: &TestBus, vm: &str, stdin: &str, cmd: &[&str]) -> std::p
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
-    if !available(TOOLS) {
+    if !available(VM_TOOLS) {
         return;
     }
     let Some((vmlinuz, modules, _)) = debian_kernel() else {
@@ -1299,7 +1191,7 @@ async fn network_matrix(bus: &TestBus) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_boot_that_fails_names_its_stage_keeps_the_console_and_leaves_nothing_running() {
-    if !available(TOOLS) {
+    if !available(VM_TOOLS) {
         return;
     }
     let Some((vmlinuz, modules, _)) = debian_kernel() else {
@@ -1486,7 +1378,7 @@ fn banger_netns(
 async fn the_default_image_is_built_on_demand_and_vm_run_gives_an_ssh_session_in_a_namespace() {
     if !available(
         &[
-            TOOLS,
+            VM_TOOLS,
             &["debootstrap", "ssh", "ssh-keygen", "nsenter", "nft"],
         ]
         .concat(),
@@ -1779,35 +1671,6 @@ fn jobs_of_kind(bus: &TestBus, kind: &str) -> usize {
             Ok(n)
         })
         .unwrap()
-}
-
-/// A state directory with the Debian kernel imported as `test`, and the daemon's bus over it
-/// in a network namespace of its own (TCG, `test` the default kernel); None when the tools,
-/// kernel or guest binaries are missing (a failure under BANGER_REQUIRE_INTEGRATION).
-async fn kernel_ready_bus(extra: &[&str], config: &str) -> Option<(tempfile::TempDir, TestBus)> {
-    if !available(TOOLS) || !available(extra) {
-        return None;
-    }
-    let (vmlinuz, modules, _) = debian_kernel()?;
-    guest_bins()?;
-    let state = tempfile::tempdir().unwrap();
-    {
-        let prep = TestBus::start(BusOptions {
-            state_dir: Some(state.path().to_owned()),
-            ..Default::default()
-        });
-        let conn = prep.connect().await;
-        import_kernel(&conn, "test", &vmlinuz, &modules).await;
-    }
-    let bus = TestBus::start(BusOptions {
-        extra_config: format!(
-            "accel = \"tcg\"\nboot_timeout_sec = 240\ndefault_kernel = \"test\"\n{config}"
-        ),
-        netns: true,
-        state_dir: Some(state.path().to_owned()),
-        ..Default::default()
-    });
-    Some((state, bus))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -240,6 +240,7 @@ impl Images {
         };
         // Registered images have their copies in the store too; an image registered by
         // path by an older banger has none there, and its files are the caller's.
+        crate::fault::point("image:unlisted");
         let dir = self.layout.images_dir().join(&image.id);
         crate::jobs::spawn_blocking(move || crate::layout::remove_any(&dir))
             .await

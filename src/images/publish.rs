@@ -22,6 +22,7 @@ impl Images {
         std::fs::rename(staging.path(), &final_dir)
             .map_err(|e| Error::failed("Cannot move the image into place", e))?;
         staging.keep();
+        crate::fault::point("image:placed");
         let row = image.clone();
         if let Err(e) = self.store.call(move |c| rows::insert_image(c, &row)).await {
             let _ = crate::layout::remove_any(&final_dir);

@@ -145,6 +145,7 @@ impl Kernels {
             )))
             }
         }
+        crate::fault::point("kernel:unlisted");
         let dir = self.layout.kernels_dir().join(name);
         crate::jobs::spawn_blocking(move || crate::layout::remove_any(&dir))
             .await

@@ -173,8 +173,10 @@ impl Vms {
             tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "Killing the VM to delete it");
         }
         self.power_down(&vm).await?;
+        crate::fault::point("vm:powered-down");
         let id = vm.id.clone();
         self.store.call(move |c| rows::delete_vm(c, &id)).await?;
+        crate::fault::point("vm:unlisted");
         self.release_network_if_idle().await;
         self.events.send(ObjectEvent::VmRemoved(vm.id.clone()));
         for d in [self.vm_dir(&vm.id), run] {

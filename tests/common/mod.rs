@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod oci;
+pub mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
