@@ -232,6 +232,7 @@ impl Kernels {
         std::fs::rename(&staging_dir, &final_dir)
             .map_err(|e| Error::failed("Cannot move the kernel into place", e))?;
         staging.keep();
+        crate::fault::point("kernel:placed");
         let row = kernel.clone();
         if let Err(e) = self.store.call(move |c| rows::insert_kernel(c, &row)).await {
             let _ = crate::layout::remove_any(&final_dir);
