@@ -452,6 +452,28 @@ async fn a_daemon_killed_at_any_moment_loses_nothing_and_leaves_nothing_half_don
     assert!(gone.success());
     assert_eq!(check(&bus), Vec::<String>::new(), "before any kill");
 
+    // A tap of banger's naming that no VM owns (as a daemon killed between making a VM's tap
+    // and recording its start leaves one) is gone once the next daemon answers.
+    let stray = "bgr0123456789ab";
+    let made = bus
+        .in_netns("ip")
+        .args(["tuntap", "add", stray, "mode", "tap"])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let pid = bus.owner_pid(&conn, "org.banger").await.unwrap();
+    // SAFETY: kill(2) with a constant signal on the daemon's pid.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    assert!(
+        bus.wait_name_gone(&conn, "org.banger", Duration::from_secs(30))
+            .await
+    );
+    let _ = vms.list_vms().await.unwrap();
+    let (links, _) = banger_network(&bus);
+    assert!(!links.iter().any(|l| l == stray), "{links:?}");
+
     let (mut kills, mut checks, mut at_points, mut with_running) = (0, 0, 0, 0);
     let mut violations = Vec::new();
     let started = Instant::now();

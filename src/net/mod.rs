@@ -244,6 +244,20 @@ pub trait HostNet: Send + Sync {
 
     /// Removes the bridge and banger's nft tables; fine when they are gone.
     async fn teardown(&self) -> Result<()>;
+
+    /// Removes banger's taps (`bgr` and 12 hex digits) whose name is not in `keep`: taps a
+    /// killed daemon left between making one and recording its VM as started. Returns the
+    /// names removed. (Stand-ins have no taps.)
+    async fn remove_stray_taps(&self, keep: &[String]) -> Result<Vec<String>> {
+        let _ = keep;
+        Ok(Vec::new())
+    }
+}
+
+/// Whether `name` is a tap banger makes (`bgr` and the first 12 hex digits of a VM's id).
+pub fn is_banger_tap(name: &str) -> bool {
+    name.strip_prefix("bgr")
+        .is_some_and(|h| h.len() == 12 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// The real host network: `banger0` and `table inet banger` in the daemon's network namespace.
@@ -504,6 +518,25 @@ impl HostNet for Bridge {
         Ok(())
     }
 
+    async fn remove_stray_taps(&self, keep: &[String]) -> Result<Vec<String>> {
+        let keep = keep.to_vec();
+        with_netlink(|h| async move {
+            let mut removed = Vec::new();
+            for (index, name) in link_names(&h).await? {
+                if !is_banger_tap(&name) || keep.contains(&name) {
+                    continue;
+                }
+                match h.link().del(index).execute().await {
+                    Ok(()) => removed.push(name),
+                    Err(e) if errno(&e) == Some(libc::ENODEV) => {}
+                    Err(e) => return Err(Error::failed(format!("Cannot remove tap {name}"), e)),
+                }
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
     async fn teardown(&self) -> Result<()> {
         // The table comes up with the bridge: no bridge, nothing to do (and no nft process
         // on every daemon start of a host without VMs).
@@ -545,6 +578,22 @@ mod tests {
         Route {
             dest: net(s),
             dev: dev.into(),
+        }
+    }
+
+    #[test]
+    fn only_taps_of_bangers_naming_are_swept() {
+        assert!(is_banger_tap("bgr0123456789ab"));
+        for other in [
+            "bgr",
+            "bgr0123456789a",
+            "bgr0123456789abc",
+            "bgrplanted12",
+            "banger0",
+            "tap0",
+            "bgr0123456789aX",
+        ] {
+            assert!(!is_banger_tap(other), "{other}");
         }
     }
 

@@ -262,6 +262,23 @@ impl Vms {
             self.power_down(&vm).await?;
             self.save(&vm).await?;
         }
+        // Taps no live VM owns: made by a daemon killed before it recorded the VM's start,
+        // or left by a VM whose row is gone.
+        let keep: Vec<String> = self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|v| v.state.is_active())
+            .map(|v| v.tap_name)
+            .collect();
+        match self.net.remove_stray_taps(&keep).await {
+            Ok(removed) => {
+                for tap in removed {
+                    tracing::warn!(tap = %tap, "Removed tap {tap}: no live VM owns it");
+                }
+            }
+            Err(e) => tracing::warn!("Cannot sweep stray taps: {}", e.full_message()),
+        }
         self.release_network_if_idle().await;
         self.sweep_warm().await;
         Ok(())
