@@ -474,6 +474,54 @@ async fn a_daemon_killed_at_any_moment_loses_nothing_and_leaves_nothing_half_don
     let (links, _) = banger_network(&bus);
     assert!(!links.iter().any(|l| l == stray), "{links:?}");
 
+    // A running VM whose row is gone (deleted while no daemon ran): the next daemon stops
+    // its VMM and helpers and removes its tap and directories.
+    let out = bus.banger_as(
+        None,
+        &[
+            "vm", "create", "rowless", "--image", "tiny", "--memory", "128", "--vcpus", "1",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let vm = rows(&bus)
+        .vms
+        .into_iter()
+        .find(|v| v.name == "rowless")
+        .unwrap();
+    assert!(vm_process_dirs(&bus)
+        .iter()
+        .any(|(_, c)| c.contains(&vm.id)));
+    let pid = bus.owner_pid(&conn, "org.banger").await.unwrap();
+    // SAFETY: kill(2) with a constant signal on the daemon's pid.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    assert!(
+        bus.wait_name_gone(&conn, "org.banger", Duration::from_secs(30))
+            .await
+    );
+    {
+        let store = banger::store::Store::open(&bus.state_dir().join("banger.db")).unwrap();
+        let id = vm.id.clone();
+        store
+            .call_blocking(move |c| banger::store::rows::delete_vm(c, &id))
+            .unwrap();
+    }
+    let _ = vms.list_vms().await.unwrap();
+    let left: Vec<_> = vm_process_dirs(&bus)
+        .into_iter()
+        .filter(|(_, c)| c.contains(&vm.id))
+        .map(|(_, c)| c)
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the row-less VM's processes still run: {left:?}"
+    );
+    assert!(!bus.runtime.join("vms").join(&vm.id).exists());
+    let (links, _) = banger_network(&bus);
+    assert!(!links.contains(&vm.tap_name), "{links:?}");
+    assert_eq!(check(&bus), Vec::<String>::new(), "after the row-less VM");
+
     let (mut kills, mut checks, mut at_points, mut with_running) = (0, 0, 0, 0);
     let mut violations = Vec::new();
     let started = Instant::now();

@@ -262,6 +262,7 @@ impl Vms {
             self.power_down(&vm).await?;
             self.save(&vm).await?;
         }
+        self.stop_rowless_vmms().await?;
         // Taps no live VM owns: made by a daemon killed before it recorded the VM's start,
         // or left by a VM whose row is gone.
         let keep: Vec<String> = self
@@ -281,6 +282,40 @@ impl Vms {
         }
         self.release_network_if_idle().await;
         self.sweep_warm().await;
+        Ok(())
+    }
+
+    /// Stops the VMM and helpers of every runtime directory no VM row names (a VM deleted by
+    /// hand from the database, or by a daemon that lost its row some other way) and removes
+    /// the directory: nothing runs on the host that banger does not list.
+    async fn stop_rowless_vmms(&self) -> Result<()> {
+        let ids: std::collections::HashSet<String> =
+            self.list().await?.into_iter().map(|v| v.id).collect();
+        let dir = self.layout.runtime_dir.join("vms");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if ids.contains(&id) || !crate::model::is_id(&id) {
+                continue;
+            }
+            let run = e.path();
+            if self.vmm.running(&run) {
+                tracing::warn!(vm_id = %id, "Stopping the VMM of VM {id}, which no row names");
+            }
+            crate::vmm::process::terminate(
+                &run.join(super::create::FORWARD_PID),
+                &run.to_string_lossy(),
+                Duration::from_secs(2),
+            )
+            .await;
+            self.vmm.kill(&run).await?;
+            self.machines.withdraw(&id).await;
+            if let Err(e) = crate::layout::remove_any(&run) {
+                tracing::warn!(vm_id = %id, "Cannot remove {}: {e}", run.display());
+            }
+        }
         Ok(())
     }
 
