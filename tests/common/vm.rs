@@ -119,7 +119,10 @@ pub fn vm_processes(bus: &TestBus) -> Vec<String> {
 /// A state directory with the Debian kernel imported as `test`, and the daemon's bus over it
 /// in a network namespace of its own (TCG, `test` the default kernel); None when the tools,
 /// kernel or guest binaries are missing (a failure under BANGER_REQUIRE_INTEGRATION).
-pub async fn kernel_ready_bus(extra: &[&str], config: &str) -> Option<(tempfile::TempDir, TestBus)> {
+pub async fn kernel_ready_bus(
+    extra: &[&str],
+    config: &str,
+) -> Option<(tempfile::TempDir, TestBus)> {
     if !available(VM_TOOLS) || !available(extra) {
         return None;
     }
@@ -144,4 +147,3 @@ pub async fn kernel_ready_bus(extra: &[&str], config: &str) -> Option<(tempfile:
     });
     Some((state, bus))
 }
-
