@@ -29,6 +29,7 @@ pub mod net;
 pub mod oci;
 pub mod ops;
 pub mod service;
+pub mod shelf;
 pub mod store;
 pub mod tree;
 pub mod varlink;

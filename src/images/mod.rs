@@ -122,8 +122,9 @@ pub struct Images {
     events: Events,
     jobs: Jobs,
     config: Arc<Config>,
-    /// Held only over publication and deletion, never over downloads or builds.
-    lock: Arc<tokio::sync::Mutex<()>>,
+    /// `images/`: publication and deletion in the one order (see `shelf`), and the lock
+    /// they hold, never over downloads or builds.
+    shelf: crate::shelf::Shelf,
     /// Pulls started for VMs by reference, so creates from one missing image share one.
     shared_pulls: Arc<tokio::sync::Mutex<std::collections::HashMap<String, Arc<crate::jobs::Job>>>>,
 }
@@ -131,13 +132,14 @@ pub struct Images {
 impl Images {
     /// A service over the store and layout.
     pub fn new(store: Store, layout: Layout, events: Events, jobs: Jobs, config: Config) -> Self {
+        let shelf = crate::shelf::Shelf::new("image", layout.images_dir(), store.clone());
         Images {
             store,
             layout,
             events,
             jobs,
             config: Arc::new(config),
-            lock: Arc::new(tokio::sync::Mutex::new(())),
+            shelf,
             shared_pulls: Default::default(),
         }
     }
@@ -206,45 +208,30 @@ impl Images {
         Ok(())
     }
 
-    /// Deletes an image no VM uses. The lock covers lookup, reference check and row delete;
-    /// the files go after, outside it.
+    /// Deletes an image no VM or snapshot uses: the row under the shelf's lock, then the
+    /// files (`shelf`).
     pub async fn delete(&self, key: &str) -> Result<()> {
-        let guard = self.lock.lock().await;
-        let k = key.to_owned();
+        let (k, missing) = (key.to_owned(), self.not_found(key));
         let image = self
-            .store
-            .call(move |c| {
+            .shelf
+            .delete(move |c| {
                 let Some(image) = rows::find_image(c, &k)? else {
-                    return Ok(Err(None));
+                    return Ok(Err(missing));
                 };
                 // Snapshots' root disks layer on the image as VMs' do.
                 let users = rows::vms_using_image(c, &image.id)?
                     + rows::snapshots_using_image(c, &image.id)?;
                 if users > 0 {
-                    return Ok(Err(Some(users)));
+                    return Ok(Err(Error::InUse(format!(
+                        "Image {k:?} is used by {users} VM(s) or snapshot(s); delete them first \
+                         (`banger vm list`, `banger snapshot list`)"
+                    ))));
                 }
                 rows::delete_image(c, &image.id)?;
-                Ok(Ok(image))
+                let id = image.id.clone();
+                Ok(Ok((image, id)))
             })
             .await?;
-        drop(guard);
-        let image = match image {
-            Ok(i) => i,
-            Err(None) => return Err(self.not_found(key)),
-            Err(Some(n)) => {
-                return Err(Error::InUse(format!(
-                    "Image {key:?} is used by {n} VM(s) or snapshot(s); delete them first \
-                     (`banger vm list`, `banger snapshot list`)"
-                )))
-            }
-        };
-        // Registered images have their copies in the store too; an image registered by
-        // path by an older banger has none there, and its files are the caller's.
-        crate::fault::point("image:unlisted");
-        let dir = self.layout.images_dir().join(&image.id);
-        crate::jobs::spawn_blocking(move || crate::layout::remove_any(&dir))
-            .await
-            .map_err(|e| Error::failed("Image removal task failed", e))??;
         tracing::info!(image_id = %image.id, "Image {} deleted", image.name);
         self.events.send(ObjectEvent::ImageRemoved(image.id));
         Ok(())

@@ -9,26 +9,25 @@ use crate::{Error, Result};
 
 impl Images {
     /// Re-checks the name, renames staging to `images/<id>` and inserts the row, under the
-    /// images lock; of concurrent pulls of one name exactly one gets here first.
-    pub(super) async fn publish(&self, mut staging: Staging, image: Image) -> Result<Image> {
-        let final_dir = self.layout.images_dir().join(&image.id);
-        let guard = self.lock.lock().await;
-        if self.name_taken(&image.name).await? {
-            return Err(Error::AlreadyExists(format!(
-                "An image named {:?} was published while this pull ran; pull again with another --name",
-                image.name
-            )));
-        }
-        std::fs::rename(staging.path(), &final_dir)
-            .map_err(|e| Error::failed("Cannot move the image into place", e))?;
-        staging.keep();
-        crate::fault::point("image:placed");
-        let row = image.clone();
-        if let Err(e) = self.store.call(move |c| rows::insert_image(c, &row)).await {
-            let _ = crate::layout::remove_any(&final_dir);
-            return Err(e);
-        }
-        drop(guard);
+    /// shelf's lock; of concurrent pulls of one name exactly one gets here first.
+    pub(super) async fn publish(&self, staging: Staging, image: Image) -> Result<Image> {
+        let (name, row) = (image.name.clone(), image.clone());
+        self.shelf
+            .publish(
+                staging,
+                &image.id,
+                move |c| {
+                    if rows::find_image(c, &name)?.is_some() {
+                        return Ok(Err(Error::AlreadyExists(format!(
+                            "An image named {name:?} was published while this pull ran; pull \
+                             again with another --name"
+                        ))));
+                    }
+                    Ok(Ok(()))
+                },
+                move |c| rows::insert_image(c, &row).map(Ok),
+            )
+            .await?;
         tracing::info!(image_id = %image.id, "Image {} published", image.name);
         self.events.send(ObjectEvent::ImageAdded(image.clone()));
         Ok(image)
@@ -39,7 +38,7 @@ impl Images {
     /// Replaces an existing image's directory and row with a staged copy (promotion), under
     /// the images lock.
     pub(super) async fn publish_over(&self, mut staging: Staging, image: Image) -> Result<Image> {
-        let final_dir = self.layout.images_dir().join(&image.id);
+        let final_dir = self.shelf.path_of(&image.id);
         // (The staging directory is removed on drop if the row check refuses.)
         self.promote_row(image, || {
             std::fs::rename(staging.path(), &final_dir)
@@ -53,7 +52,7 @@ impl Images {
     /// Under the images lock: re-checks that the image is still registered (not deleted or
     /// promoted meanwhile), runs `place` (moving files into place), writes the managed row.
     async fn promote_row(&self, image: Image, place: impl FnOnce() -> Result<()>) -> Result<Image> {
-        let guard = self.lock.lock().await;
+        let guard = self.shelf.lock().await;
         let id = image.id.clone();
         let still = self.store.call(move |c| rows::find_image(c, &id)).await?;
         if !matches!(still, Some(ref i) if !i.managed) {

@@ -83,7 +83,7 @@ impl Images {
         })
         .await?;
 
-        let guard = self.lock.lock().await;
+        let guard = self.shelf.lock().await;
         let n = name.to_owned();
         let (existing, users) = self
             .store

@@ -129,7 +129,7 @@ impl Kernels {
             .layout
             .kernels_dir()
             .join(format!("{STAGING_PREFIX}{}", new_id()));
-        let mut staging = StagingDir::create(staging_dir.clone())?;
+        let staging = StagingDir::create(staging_dir.clone())?;
         let (name2, dir) = (name.to_owned(), staging_dir.clone());
         let init = self.config.guest_binary("banger-init");
         let max_kernel = self.config.max_kernel_bytes;
@@ -222,23 +222,22 @@ impl Kernels {
         )
         .map_err(|e| Error::failed("Cannot write the kernel's manifest", e))?;
 
-        let guard = self.lock.lock().await;
-        if self.name_taken(&kernel.name).await? {
-            return Err(Error::AlreadyExists(format!(
-                "A kernel named {name:?} was imported meanwhile"
-            )));
-        }
-        let final_dir = self.layout.kernels_dir().join(name);
-        std::fs::rename(&staging_dir, &final_dir)
-            .map_err(|e| Error::failed("Cannot move the kernel into place", e))?;
-        staging.keep();
-        crate::fault::point("kernel:placed");
-        let row = kernel.clone();
-        if let Err(e) = self.store.call(move |c| rows::insert_kernel(c, &row)).await {
-            let _ = crate::layout::remove_any(&final_dir);
-            return Err(e);
-        }
-        drop(guard);
+        let (taken, row) = (kernel.name.clone(), kernel.clone());
+        self.shelf
+            .publish(
+                staging,
+                name,
+                move |c| {
+                    if rows::find_kernel(c, &taken)?.is_some() {
+                        return Ok(Err(Error::AlreadyExists(format!(
+                            "A kernel named {taken:?} was imported meanwhile"
+                        ))));
+                    }
+                    Ok(Ok(()))
+                },
+                move |c| rows::insert_kernel(c, &row).map(Ok),
+            )
+            .await?;
         tracing::info!("Kernel {name} {} imported", kernel.version);
         self.events.send(ObjectEvent::KernelAdded(kernel.clone()));
         Ok(kernel)

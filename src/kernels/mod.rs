@@ -80,8 +80,8 @@ pub struct Kernels {
     events: Events,
     config: Arc<crate::config::Config>,
     jobs: crate::jobs::Jobs,
-    /// Held over publication and deletion only.
-    lock: Arc<tokio::sync::Mutex<()>>,
+    /// `kernels/`: publication and deletion in the one order (see `shelf`).
+    shelf: crate::shelf::Shelf,
 }
 
 impl Kernels {
@@ -93,13 +93,14 @@ impl Kernels {
         jobs: crate::jobs::Jobs,
         config: crate::config::Config,
     ) -> Self {
+        let shelf = crate::shelf::Shelf::new("kernel", layout.kernels_dir(), store.clone());
         Kernels {
             store,
             layout,
             events,
             jobs,
             config: Arc::new(config),
-            lock: Arc::new(tokio::sync::Mutex::new(())),
+            shelf,
         }
     }
 
@@ -117,39 +118,26 @@ impl Kernels {
             .ok_or_else(|| self.not_found(name))
     }
 
-    /// Deletes a kernel no image or VM uses; the files go after the row, outside the lock.
+    /// Deletes a kernel no image or VM uses: the row under the shelf's lock, then the files
+    /// (`shelf`).
     pub async fn delete(&self, name: &str) -> Result<()> {
-        let guard = self.lock.lock().await;
-        let n = name.to_owned();
-        let outcome = self
-            .store
-            .call(move |c| {
-                let Some(k) = rows::find_kernel(c, &n)? else {
-                    return Ok(Err(None));
-                };
+        let (n, missing) = (name.to_owned(), self.not_found(name));
+        self.shelf
+            .delete(move |c| {
+                if rows::find_kernel(c, &n)?.is_none() {
+                    return Ok(Err(missing));
+                }
                 let users = rows::users_of_kernel(c, &n)?;
                 if users > 0 {
-                    return Ok(Err(Some(users)));
+                    return Ok(Err(Error::InUse(format!(
+                        "Kernel {n:?} is used by {users} image(s) or VM(s); delete or re-point \
+                         them first"
+                    ))));
                 }
                 rows::delete_kernel(c, &n)?;
-                Ok(Ok(k))
+                Ok(Ok(((), n)))
             })
             .await?;
-        drop(guard);
-        match outcome {
-            Ok(_) => {}
-            Err(None) => return Err(self.not_found(name)),
-            Err(Some(n)) => {
-                return Err(Error::InUse(format!(
-                "Kernel {name:?} is used by {n} image(s) or VM(s); delete or re-point them first"
-            )))
-            }
-        }
-        crate::fault::point("kernel:unlisted");
-        let dir = self.layout.kernels_dir().join(name);
-        crate::jobs::spawn_blocking(move || crate::layout::remove_any(&dir))
-            .await
-            .map_err(|e| Error::failed("Kernel removal task failed", e))??;
         tracing::info!("Kernel {name} deleted");
         self.events
             .send(ObjectEvent::KernelRemoved(name.to_owned()));

@@ -318,6 +318,8 @@ pub struct Vms {
     starts: Arc<std::sync::Mutex<HashMap<String, Arc<crate::jobs::Job>>>>,
     /// Warm snapshots being made.
     warming: Arc<warm::Warming>,
+    /// `snapshots/`: publication and deletion in the one order (see `shelf`).
+    snapshots: crate::shelf::Shelf,
 }
 
 impl Vms {
@@ -335,6 +337,7 @@ impl Vms {
         net: Arc<dyn HostNet>,
         machines: Arc<dyn crate::vmm::scope::Machines>,
     ) -> Self {
+        let snapshots = crate::shelf::Shelf::new("snapshot", layout.snapshots_dir(), store.clone());
         Vms {
             store,
             layout,
@@ -351,6 +354,7 @@ impl Vms {
             locks: Arc::default(),
             starts: Arc::default(),
             warming: Arc::default(),
+            snapshots,
         }
     }
 

@@ -436,59 +436,49 @@ impl Vms {
         Ok((sha, size))
     }
 
-    /// Moves a finished snapshot into place and records it; a name taken meanwhile loses
-    /// the files.
+    /// Moves a finished snapshot into place and records it (`shelf`); a name taken
+    /// meanwhile loses the files.
     async fn publish_snapshot(
         &self,
-        mut staging: crate::layout::StagingDir,
+        staging: crate::layout::StagingDir,
         snap: &Snapshot,
     ) -> Result<()> {
-        let dest = self.snapshot_dir(&snap.id);
-        std::fs::rename(staging.path(), &dest)
-            .map_err(|e| Error::failed(format!("Cannot publish {}", dest.display()), e))?;
-        staging.keep();
-        let row = snap.clone();
-        match self
-            .store
-            .call(move |c| rows::insert_snapshot(c, &row))
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => {
-                let _ = crate::layout::remove_any(&dest);
-                return Err(snapshot_taken(&snap.name));
-            }
-            Err(e) => {
-                let _ = crate::layout::remove_any(&dest);
-                return Err(e);
-            }
-        }
+        let (row, name) = (snap.clone(), snap.name.clone());
+        self.snapshots
+            .publish(
+                staging,
+                &snap.id,
+                |_| Ok(Ok(())),
+                move |c| {
+                    Ok(match rows::insert_snapshot(c, &row)? {
+                        true => Ok(()),
+                        false => Err(snapshot_taken(&name)),
+                    })
+                },
+            )
+            .await?;
         tracing::info!(snapshot_id = %snap.id, vm_id = %snap.vm_id, "Snapshot {} published", snap.name);
         self.events.send(ObjectEvent::SnapshotAdded(snap.clone()));
         Ok(())
     }
 
-    /// Deletes a snapshot no VM layers on.
+    /// Deletes a snapshot no VM layers on: the row (checked and removed in one store call,
+    /// under the shelf's lock), then the files (`shelf`).
     pub async fn delete_snapshot(&self, snap: &Snapshot) -> Result<()> {
-        let id = snap.id.clone();
-        let users = self
-            .store
-            .call(move |c| rows::vms_using_snapshot(c, &id))
+        let (id, name) = (snap.id.clone(), snap.name.clone());
+        self.snapshots
+            .delete(move |c| {
+                let users = rows::vms_using_snapshot(c, &id)?;
+                if users > 0 {
+                    return Ok(Err(Error::InUse(format!(
+                        "Snapshot {name} is the base of {users} VM(s) restored from it; delete \
+                         them first"
+                    ))));
+                }
+                rows::delete_snapshot(c, &id)?;
+                Ok(Ok(((), id)))
+            })
             .await?;
-        if users > 0 {
-            return Err(Error::InUse(format!(
-                "Snapshot {} is the base of {users} VM(s) restored from it; delete them first",
-                snap.name
-            )));
-        }
-        let id = snap.id.clone();
-        self.store
-            .call(move |c| rows::delete_snapshot(c, &id))
-            .await?;
-        let dir = self.snapshot_dir(&snap.id);
-        crate::jobs::spawn_blocking(move || crate::layout::remove_any(&dir))
-            .await
-            .map_err(|e| Error::failed("Delete task failed", e))??;
         tracing::info!(snapshot_id = %snap.id, "Snapshot {} deleted", snap.name);
         self.events
             .send(ObjectEvent::SnapshotRemoved(snap.id.clone()));
