@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use banger::model::{now_us, Image, Kernel};
+use banger::model::now_us;
 use banger::store::{rows, Store};
 use common::*;
 use futures_util::StreamExt;
@@ -95,29 +95,7 @@ const KEYS: &[&str] = &[
     "mirror",
 ];
 
-// ---------------------------------------------------------------------------------------------
-// A small deterministic generator (splitmix64).
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
-        &v[self.below(v.len())]
-    }
-}
+type Rng = SplitMix;
 
 // ---------------------------------------------------------------------------------------------
 // D-Bus signatures and values, marshalled by hand so that any signature can be sent.
@@ -673,7 +651,7 @@ async fn run_caller(address: &str, seed: u64, targets: &[Method], known: &[Strin
     let mut stream = zbus::MessageStream::from(&conn);
     let paths: Vec<String> = targets.iter().flat_map(|m| m.paths.clone()).collect();
     let mut g = Gen {
-        r: Rng(seed),
+        r: SplitMix(seed),
         budget: 0,
         known,
         paths: &paths,
@@ -770,28 +748,8 @@ fn seed_state(bus: &TestBus) -> Seeded {
     let state = bus.state_dir();
     std::fs::create_dir_all(&state).unwrap();
     let store = Store::open(&state.join("banger.db")).unwrap();
-    let image = Image {
-        id: banger::model::new_id(),
-        name: "fuzz-image".into(),
-        managed: true,
-        source: "docker.io/library/debian:bookworm".into(),
-        rootfs_path: state.join("images/x/rootfs.ext4"),
-        work_seed_path: None,
-        kernel: Some("fuzz-kernel".into()),
-        size_bytes: 1 << 30,
-        created_at: now_us(),
-        ready_ports: Vec::new(),
-        config: Default::default(),
-    };
-    let kernel = Kernel {
-        name: "fuzz-kernel".into(),
-        version: "6.1.0-30-amd64".into(),
-        source: "catalog:debian".into(),
-        kernel_path: state.join("kernels/fuzz-kernel/vmlinux"),
-        initrd_path: None,
-        modules_dir: None,
-        created_at: now_us(),
-    };
+    let image = image_row(&state, "fuzz-image", "fuzz-kernel");
+    let kernel = kernel_row(&state, "fuzz-kernel", false);
     let root_vm = vm_row("roots-vm", &image, 0, 3, "fuzz-kernel");
     let user_vm = vm_row("users-vm", &image, uid_of(USER_OK), 4, "fuzz-kernel");
     let snap = banger::model::Snapshot {

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use banger::model::{now_us, Image, Kernel, Vm};
+use banger::model::{Image, Kernel, Vm};
 use banger::store::{rows, Store};
 use common::*;
 use zbus::OwnedObjectPath;
@@ -77,28 +77,8 @@ fn seed(bus: &TestBus) -> Seeded {
         std::fs::write(state.join(d).join("file"), "x").unwrap();
     }
     let store = Store::open(&state.join("banger.db")).unwrap();
-    let image = Image {
-        id: banger::model::new_id(),
-        name: "seeded-image".into(),
-        managed: true,
-        source: "docker.io/library/debian:bookworm".into(),
-        rootfs_path: state.join("images/x/rootfs.ext4"),
-        work_seed_path: None,
-        kernel: Some("debian-6.1".into()),
-        size_bytes: 1 << 30,
-        created_at: now_us(),
-        ready_ports: Vec::new(),
-        config: Default::default(),
-    };
-    let kernel = Kernel {
-        name: "debian-6.1".into(),
-        version: "6.1.0-30-amd64".into(),
-        source: "catalog:debian".into(),
-        kernel_path: state.join("kernels/debian-6.1/vmlinux"),
-        initrd_path: Some(state.join("kernels/debian-6.1/initrd.img")),
-        modules_dir: None,
-        created_at: now_us(),
-    };
+    let image = image_row(&state, "seeded-image", "debian-6.1");
+    let kernel = kernel_row(&state, "debian-6.1", true);
     let root_vm = vm("roots-vm", &image, 0, 3);
     let user_vm = vm("users-vm", &image, uid_of(USER_OK), 4);
     // A second one, so an authorised DeleteVM still leaves users-vm for the calls after it.

@@ -304,14 +304,7 @@ impl Vms {
             if self.vmm.running(&run) {
                 tracing::warn!(vm_id = %id, "Stopping the VMM of VM {id}, which no row names");
             }
-            crate::vmm::process::terminate(
-                &run.join(super::create::FORWARD_PID),
-                &run.to_string_lossy(),
-                Duration::from_secs(2),
-            )
-            .await;
-            self.vmm.kill(&run).await?;
-            self.machines.withdraw(&id).await;
+            self.stop_processes(&id).await?;
             if let Err(e) = crate::layout::remove_any(&run) {
                 tracing::warn!(vm_id = %id, "Cannot remove {}: {e}", run.display());
             }
@@ -319,9 +312,10 @@ impl Vms {
         Ok(())
     }
 
-    /// Kills the VM's VMM and helpers and removes its tap.
-    pub(super) async fn power_down(&self, vm: &Vm) -> Result<()> {
-        let run = self.layout.vm_runtime_dir(&vm.id);
+    /// Kills what runs for VM `id` from its runtime directory alone (port forwarder, VMM,
+    /// agent link, console logger, share servers) and withdraws it from machined.
+    async fn stop_processes(&self, id: &str) -> Result<()> {
+        let run = self.layout.vm_runtime_dir(id);
         crate::vmm::process::terminate(
             &run.join(super::create::FORWARD_PID),
             &run.to_string_lossy(),
@@ -329,7 +323,13 @@ impl Vms {
         )
         .await;
         self.vmm.kill(&run).await?;
-        self.machines.withdraw(&vm.id).await;
+        self.machines.withdraw(id).await;
+        Ok(())
+    }
+
+    /// Kills the VM's VMM and helpers and removes its tap.
+    pub(super) async fn power_down(&self, vm: &Vm) -> Result<()> {
+        self.stop_processes(&vm.id).await?;
         let detached = {
             let _net = self.net_lock.lock().await;
             match self.guest_ports(&vm.id).await {

@@ -834,6 +834,59 @@ pub fn py_call(
         .collect()
 }
 
+/// An image row as an earlier daemon would have written it (its files need not exist).
+pub fn image_row(state: &Path, name: &str, kernel: &str) -> banger::model::Image {
+    banger::model::Image {
+        id: banger::model::new_id(),
+        name: name.into(),
+        managed: true,
+        source: "docker.io/library/debian:bookworm".into(),
+        rootfs_path: state.join("images/x/rootfs.ext4"),
+        work_seed_path: None,
+        kernel: Some(kernel.into()),
+        size_bytes: 1 << 30,
+        created_at: banger::model::now_us(),
+        ready_ports: Vec::new(),
+        config: Default::default(),
+    }
+}
+
+/// A kernel row as an earlier daemon would have written it (its files need not exist).
+pub fn kernel_row(state: &Path, name: &str, initrd: bool) -> banger::model::Kernel {
+    let dir = state.join("kernels").join(name);
+    banger::model::Kernel {
+        name: name.into(),
+        version: "6.1.0-30-amd64".into(),
+        source: "catalog:debian".into(),
+        kernel_path: dir.join("vmlinux"),
+        initrd_path: initrd.then(|| dir.join("initrd.img")),
+        modules_dir: None,
+        created_at: banger::model::now_us(),
+    }
+}
+
+/// A small deterministic generator (splitmix64) for the suites that print their seed.
+pub struct SplitMix(pub u64);
+
+impl SplitMix {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    pub fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+    pub fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len())]
+    }
+}
+
 /// A VM row as an earlier daemon would have written it (stopped, never booted here).
 pub fn vm_row(
     name: &str,
