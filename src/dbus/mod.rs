@@ -170,13 +170,7 @@ pub async fn serve(
     for v in banger.vms.list().await? {
         known.vms.insert(v.id.clone());
         server
-            .at(
-                vm_path(&v.id),
-                vm::Vm1 {
-                    vm: v,
-                    ctx: ctx.clone(),
-                },
-            )
+            .at(vm_path(&v.id), vm::Vm1::new(v, ctx.clone()))
             .await
             .map_err(fail)?;
     }

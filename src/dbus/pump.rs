@@ -400,40 +400,36 @@ async fn mirror_object(conn: &Connection, ctx: &Ctx, e: ObjectEvent) -> zbus::Re
         ObjectEvent::VmAdded(v) => {
             let (id, path) = (v.id.clone(), vm_path(&v.id));
             server
-                .at(
-                    path.clone(),
-                    vm::Vm1 {
-                        vm: v,
-                        ctx: ctx.clone(),
-                    },
-                )
+                .at(path.clone(), vm::Vm1::new(v, ctx.clone()))
                 .await?;
             vms::Vms1::vm_new(&manager(conn)?, &id, path).await?;
         }
         ObjectEvent::VmChanged(v) => {
             let i = server.interface::<_, vm::Vm1>(vm_path(&v.id)).await?;
-            let mut obj = i.get_mut().await;
-            let old = std::mem::replace(&mut obj.vm, v);
+            // A read lock: a method of this VM may be in progress, waiting for this pump.
+            let obj = i.get().await;
+            let old = obj.replace(v);
+            let new = obj.vm().clone();
             let em = i.signal_emitter();
-            if old.state != obj.vm.state {
+            if old.state != new.state {
                 obj.state_changed(em).await?;
             }
-            if old.stage != obj.vm.stage {
+            if old.stage != new.stage {
                 obj.stage_changed(em).await?;
             }
-            if old.guest_address != obj.vm.guest_address {
+            if old.guest_address != new.guest_address {
                 obj.guest_address_changed(em).await?;
             }
-            if old.ssh_address != obj.vm.ssh_address {
+            if old.ssh_address != new.ssh_address {
                 obj.s_s_h_address_changed(em).await?;
             }
-            if old.ssh_host_key != obj.vm.ssh_host_key {
+            if old.ssh_host_key != new.ssh_host_key {
                 obj.s_s_h_host_key_changed(em).await?;
             }
-            if old.exit_status != obj.vm.exit_status {
+            if old.exit_status != new.exit_status {
                 obj.exit_status_changed(em).await?;
             }
-            if (old.vcpus, old.memory_mib) != (obj.vm.vcpus, obj.vm.memory_mib) {
+            if (old.vcpus, old.memory_mib) != (new.vcpus, new.memory_mib) {
                 obj.v_cpus_changed(em).await?;
                 obj.memory_mi_b_changed(em).await?;
             }

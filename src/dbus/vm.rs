@@ -8,9 +8,40 @@ use crate::model::Vm;
 use crate::ops;
 
 /// A VM object; its properties are the VM's row.
+///
+/// The row sits behind a lock of its own, and the pump replaces it through a shared
+/// reference: zbus holds an interface's read lock for the whole of a method call, and a method
+/// such as `Start` waits for the pump (its job's object must be on the bus before it returns),
+/// so an update that needed the interface's write lock would wait for that method, and the
+/// method for the pump: every call would hang behind them.
 pub struct Vm1 {
-    pub(super) vm: Vm,
-    pub(super) ctx: Ctx,
+    vm: std::sync::RwLock<Vm>,
+    ctx: Ctx,
+}
+
+impl Vm1 {
+    /// The object of `vm`.
+    pub(super) fn new(vm: Vm, ctx: Ctx) -> Self {
+        Vm1 {
+            vm: std::sync::RwLock::new(vm),
+            ctx,
+        }
+    }
+
+    /// The VM as last published (a guard never held across an await).
+    pub(super) fn vm(&self) -> std::sync::RwLockReadGuard<'_, Vm> {
+        self.vm.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn vm_id(&self) -> String {
+        self.vm().id.clone()
+    }
+
+    /// Puts the VM's new row in place; returns the old one.
+    pub(super) fn replace(&self, vm: Vm) -> Vm {
+        let mut held = self.vm.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *held, vm)
+    }
 }
 
 /// A microVM.
@@ -23,7 +54,7 @@ impl Vm1 {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<(u32, OwnedObjectPath)> {
-        vms::start(&self.ctx, conn, &hdr, &self.vm.id).await
+        vms::start(&self.ctx, conn, &hdr, &self.vm_id()).await
     }
 
     /// Stops the VM. Options: force b, timeout_sec u.
@@ -33,7 +64,7 @@ impl Vm1 {
         #[zbus(header)] hdr: Header<'_>,
         options: OptionMap,
     ) -> Result<()> {
-        vms::stop(&self.ctx, conn, &hdr, &self.vm.id, options).await
+        vms::stop(&self.ctx, conn, &hdr, &self.vm_id(), options).await
     }
 
     /// Pauses the running VM: its vCPUs stop, its memory and devices are kept (state
@@ -44,7 +75,8 @@ impl Vm1 {
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<()> {
         let c = self.ctx.caller(conn, &hdr).await?;
-        let op = ops::pause_vm(&self.ctx.banger, &c, &self.vm.id);
+        let id = self.vm_id();
+        let op = ops::pause_vm(&self.ctx.banger, &c, &id);
         self.ctx.perform(&c, op).await
     }
 
@@ -55,7 +87,8 @@ impl Vm1 {
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<()> {
         let c = self.ctx.caller(conn, &hdr).await?;
-        let op = ops::resume_vm(&self.ctx.banger, &c, &self.vm.id);
+        let id = self.vm_id();
+        let op = ops::resume_vm(&self.ctx.banger, &c, &id);
         self.ctx.perform(&c, op).await
     }
 
@@ -68,7 +101,7 @@ impl Vm1 {
         snapshot: &str,
         options: OptionMap,
     ) -> Result<(u32, OwnedObjectPath)> {
-        vms::take_snapshot(&self.ctx, conn, &hdr, &self.vm.id, snapshot, options).await
+        vms::take_snapshot(&self.ctx, conn, &hdr, &self.vm_id(), snapshot, options).await
     }
 
     /// Deletes the VM. Options: force b.
@@ -78,7 +111,7 @@ impl Vm1 {
         #[zbus(header)] hdr: Header<'_>,
         options: OptionMap,
     ) -> Result<()> {
-        vms::delete(&self.ctx, conn, &hdr, &self.vm.id, options).await
+        vms::delete(&self.ctx, conn, &hdr, &self.vm_id(), options).await
     }
 
     /// A stream connected to the guest agent (vsock port 1024) of the running VM, for
@@ -90,7 +123,8 @@ impl Vm1 {
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<zbus::OwnedFd> {
         let c = self.ctx.caller(conn, &hdr).await?;
-        let op = ops::open_agent(&self.ctx.banger, &c, &self.vm.id);
+        let id = self.vm_id();
+        let op = ops::open_agent(&self.ctx.banger, &c, &id);
         Ok(self.ctx.perform(&c, op).await?.into())
     }
 
@@ -116,7 +150,8 @@ impl Vm1 {
         );
         o.finish()?;
         let c = self.ctx.caller(conn, &hdr).await?;
-        let op = ops::open_shell(&self.ctx.banger, &c, &self.vm.id, what);
+        let id = self.vm_id();
+        let op = ops::open_shell(&self.ctx.banger, &c, &id, what);
         Ok(self.ctx.perform(&c, op).await?.into())
     }
 
@@ -129,112 +164,113 @@ impl Vm1 {
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<zbus::OwnedFd> {
         let c = self.ctx.caller(conn, &hdr).await?;
-        let op = ops::open_console(&self.ctx.banger, &c, &self.vm.id);
+        let id = self.vm_id();
+        let op = ops::open_console(&self.ctx.banger, &c, &id);
         Ok(self.ctx.perform(&c, op).await?.into())
     }
 
     /// The VM's hex id.
     #[zbus(property(emits_changed_signal = "const"), name = "Id")]
     fn id(&self) -> String {
-        self.vm.id.clone()
+        self.vm().id.clone()
     }
     /// The VM's unique name.
     #[zbus(property(emits_changed_signal = "const"), name = "Name")]
     fn name(&self) -> String {
-        self.vm.name.clone()
+        self.vm().name.clone()
     }
     /// created, starting, running, stopping, stopped or failed.
     #[zbus(property, name = "State")]
     fn state(&self) -> String {
-        self.vm.state.as_str().to_owned()
+        self.vm().state.as_str().to_owned()
     }
     /// The last creation or start stage reached.
     #[zbus(property, name = "Stage")]
     fn stage(&self) -> String {
-        self.vm.stage.clone()
+        self.vm().stage.clone()
     }
     /// The image's id.
     #[zbus(property(emits_changed_signal = "const"), name = "Image")]
     fn image(&self) -> String {
-        self.vm.image_id.clone()
+        self.vm().image_id.clone()
     }
     /// The kernel's name.
     #[zbus(property(emits_changed_signal = "const"), name = "Kernel")]
     fn kernel(&self) -> String {
-        self.vm.kernel.clone()
+        self.vm().kernel.clone()
     }
     /// Virtual CPUs.
     #[zbus(property, name = "VCpus")]
     fn vcpus(&self) -> u32 {
-        self.vm.vcpus
+        self.vm().vcpus
     }
     /// Guest memory in MiB.
     #[zbus(property, name = "MemoryMiB")]
     fn memory_mib(&self) -> u32 {
-        self.vm.memory_mib
+        self.vm().memory_mib
     }
     /// The guest's IPv4 address.
     #[zbus(property, name = "GuestAddress")]
     fn guest_address(&self) -> String {
-        self.vm.guest_address.clone()
+        self.vm().guest_address.clone()
     }
     /// The guest NIC's MAC address.
     #[zbus(property, name = "MacAddress")]
     fn mac_address(&self) -> String {
-        self.vm.mac_address.clone()
+        self.vm().mac_address.clone()
     }
     /// The guest's vsock context id.
     #[zbus(property, name = "VSockCID")]
     fn vsock_cid(&self) -> u32 {
-        self.vm.vsock_cid
+        self.vm().vsock_cid
     }
     /// host:port of the guest's sshd, once it answered.
     #[zbus(property, name = "SSHAddress")]
     fn ssh_address(&self) -> String {
-        self.vm.ssh_address.clone()
+        self.vm().ssh_address.clone()
     }
     /// The public half of the VM's own SSH host key, for a known_hosts entry.
     #[zbus(property, name = "SSHHostKey")]
     fn ssh_host_key(&self) -> String {
-        self.vm.ssh_host_key.clone()
+        self.vm().ssh_host_key.clone()
     }
     /// isolated (reaches no other guest) or shared (reaches its owner's other shared VMs).
     #[zbus(property(emits_changed_signal = "const"), name = "Network")]
     fn network(&self) -> String {
-        self.vm.network.as_str().to_owned()
+        self.vm().network.as_str().to_owned()
     }
     /// Shared host folders, HOSTDIR:GUESTDIR[:ro].
     #[zbus(property(emits_changed_signal = "const"), name = "Shares")]
     fn shares(&self) -> Vec<String> {
-        self.vm.shares.iter().map(|s| s.spec()).collect()
+        self.vm().shares.iter().map(|s| s.spec()).collect()
     }
 
     /// Published ports, ADDR:HOSTPORT:GUESTPORT (host connections reach the guest's port on
     /// its loopback through the agent).
     #[zbus(property(emits_changed_signal = "const"), name = "Published")]
     fn published(&self) -> Vec<String> {
-        self.vm.publish.clone()
+        self.vm().publish.clone()
     }
 
     /// The main process's last exit status (CreateVM entrypoint); -1 when none is known.
     #[zbus(property, name = "ExitStatus")]
     fn exit_status(&self) -> i32 {
-        self.vm.exit_status
+        self.vm().exit_status
     }
 
     /// Where the VM may send (CIDR[:PORT]); empty: anywhere the host's walls allow.
     #[zbus(property(emits_changed_signal = "const"), name = "Egress")]
     fn egress(&self) -> Vec<String> {
-        self.vm.egress.clone()
+        self.vm().egress.clone()
     }
     /// The uid that created the VM.
     #[zbus(property(emits_changed_signal = "const"), name = "Owner")]
     fn owner(&self) -> u32 {
-        self.vm.owner_uid
+        self.vm().owner_uid
     }
     /// Creation time, µs since the epoch.
     #[zbus(property(emits_changed_signal = "const"), name = "CreatedAt")]
     fn created_at(&self) -> u64 {
-        self.vm.created_at
+        self.vm().created_at
     }
 }
