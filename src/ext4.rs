@@ -160,19 +160,19 @@ pub fn read_file(image: &Path, path: &str) -> Result<Option<Vec<u8>>> {
             std::io::Error::other("apt-get install e2fsprogs"),
         )
     })?;
-    let stat = std::process::Command::new(&program)
-        .args(["-R", &format!("stat {path}")])
-        .arg(image)
-        .output()
-        .map_err(|e| Error::failed("Cannot run debugfs", e))?;
+    let debugfs = |request: String| {
+        host::capture(
+            std::process::Command::new(&program)
+                .args(["-R", &request])
+                .arg(image),
+            "debugfs",
+        )
+    };
+    let stat = debugfs(format!("stat {path}"))?;
     if !String::from_utf8_lossy(&stat.stdout).contains("Type: regular") {
         return Ok(None);
     }
-    let out = std::process::Command::new(&program)
-        .args(["-R", &format!("cat {path}")])
-        .arg(image)
-        .output()
-        .map_err(|e| Error::failed("Cannot run debugfs", e))?;
+    let out = debugfs(format!("cat {path}"))?;
     Ok(Some(out.stdout))
 }
 

@@ -68,6 +68,14 @@ where
     Ok(())
 }
 
+/// [`output`] with no standard input and both outputs captured, as `Command::output` does.
+pub fn capture(cmd: &mut Command, what: &str) -> Result<std::process::Output> {
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    output(cmd, what)
+}
+
 /// Runs `cmd` to completion (blocking) and returns what it wrote where it was piped. The
 /// program runs in a process group of its own and is killed if the daemon dies
 /// (`PR_SET_PDEATHSIG`); run from a job's blocking work (`jobs::spawn_blocking`), a cancel of

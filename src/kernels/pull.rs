@@ -32,10 +32,10 @@ pub struct DebPackage {
 }
 
 fn apt_cache(args: &[&str]) -> Result<String> {
-    let out = Command::new("apt-cache")
-        .args(args)
-        .output()
-        .map_err(|e| Error::failed("Cannot run apt-cache; is apt installed?", e))?;
+    let out = host::capture(
+        Command::new("apt-cache").args(args),
+        "apt-cache (is apt installed?)",
+    )?;
     if !out.status.success() {
         return Err(Error::failed(
             format!("apt-cache {} failed", args.join(" ")),
@@ -100,11 +100,12 @@ pub fn fetch_deb(pkg: &DebPackage, dir: &Path) -> Result<PathBuf> {
     let deb = if cached.is_file() {
         cached
     } else {
-        let out = Command::new("apt-get")
-            .args(["download", "-q", &format!("{}={}", pkg.name, pkg.version)])
-            .current_dir(dir)
-            .output()
-            .map_err(|e| Error::failed("Cannot run apt-get", e))?;
+        let out = host::capture(
+            Command::new("apt-get")
+                .args(["download", "-q", &format!("{}={}", pkg.name, pkg.version)])
+                .current_dir(dir),
+            "apt-get",
+        )?;
         if !out.status.success() {
             return Err(Error::failed(
                 format!("apt-get download {} failed", pkg.name),
