@@ -287,6 +287,16 @@ pub fn current_blocking() -> Option<JobToken> {
     BLOCKING.with(|b| b.borrow().clone())
 }
 
+/// Between chunks of a long copy in a job's blocking work: an error once the job is canceled
+/// (outside a job, always fine). Programs are killed by [`crate::host::output`]; loops of
+/// banger's own look here.
+pub fn check_canceled() -> std::io::Result<()> {
+    match current_blocking() {
+        Some(t) if t.is_canceled() => Err(std::io::Error::other("the job was canceled")),
+        _ => Ok(()),
+    }
+}
+
 /// A call counted as work in progress (see [`Jobs::hold`]).
 pub struct Held(Arc<Inner>);
 
@@ -751,6 +761,38 @@ mod tests {
             }
         );
         assert_eq!(job.status().state, JobState::Failed);
+    }
+
+    #[tokio::test]
+    async fn blocking_loops_see_their_jobs_cancel_between_chunks() {
+        let jobs = Jobs::new(0);
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let chunks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = chunks.clone();
+        let job = jobs.spawn(spec(), move |_| async move {
+            spawn_blocking(move || -> std::io::Result<()> {
+                let _ = started_tx.send(());
+                loop {
+                    check_canceled()?;
+                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            })
+            .await
+            .map_err(|e| Error::failed("join", e))?
+            .map_err(|e| Error::failed("copy", e))
+        });
+        tokio::task::spawn_blocking(move || started.recv().unwrap())
+            .await
+            .unwrap();
+        jobs.cancel(job.id).unwrap();
+        assert!(matches!(job.wait().await, Err(Error::Canceled)));
+        // The loop stopped: no chunk after the job ended.
+        let after = chunks.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(chunks.load(std::sync::atomic::Ordering::Relaxed), after);
+        // Outside a job there is nothing to cancel.
+        assert!(check_canceled().is_ok());
     }
 
     #[tokio::test]
