@@ -546,6 +546,21 @@ async fn a_daemon_killed_mid_pull_leaves_nothing_behind() {
         .await
         .unwrap();
     wait_for_stage(&conn, &path, "resolve").await;
+    // The job's history row is written by the recorder, beside (not before) the bus's view of
+    // the job: kill once it is there, since what the next daemon makes of it is checked below.
+    let store = banger::store::Store::open(&bus.state_dir().join("banger.db")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while store
+        .call_blocking(move |c| banger::store::rows::find_job(c, job_id))
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {job_id} was never recorded"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let staging: Vec<_> = std::fs::read_dir(bus.state_dir().join("images"))
         .unwrap()
         .filter(|e| {
@@ -580,7 +595,6 @@ async fn a_daemon_killed_mid_pull_leaves_nothing_behind() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(after, cached, "the blob cache is intact");
-    let store = banger::store::Store::open(&bus.state_dir().join("banger.db")).unwrap();
     let rec = store
         .call_blocking(move |c| banger::store::rows::find_job(c, job_id))
         .unwrap()
