@@ -57,7 +57,11 @@ impl Layout {
     /// `/run/banger/vms/<id>/`, a VM's pid files and logs (root's), and in `jail/` (its
     /// uid's) its sockets and initrd.
     pub fn vm_runtime_dir(&self, id: &str) -> PathBuf {
-        self.runtime_dir.join("vms").join(id)
+        self.vms_runtime_dir().join(id)
+    }
+    /// `/run/banger/vms/`, one directory per VM that ran since boot.
+    pub fn vms_runtime_dir(&self) -> PathBuf {
+        self.runtime_dir.join("vms")
     }
 
     /// The directories whose entries may be staging leftovers.
@@ -82,7 +86,7 @@ impl Layout {
         for dir in self
             .staging_parents()
             .iter()
-            .chain([&self.runtime_dir.join("vms")])
+            .chain([&self.vms_runtime_dir()])
         {
             private
                 .create(dir)

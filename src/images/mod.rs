@@ -209,7 +209,9 @@ impl Images {
     }
 
     /// Deletes an image no VM or snapshot uses: the row under the shelf's lock, then the
-    /// files (`shelf`).
+    /// files (`shelf`). Registered images have their copies in the store too; an image
+    /// registered by path by an older banger has no directory there (nothing to remove), and
+    /// its files are the caller's.
     pub async fn delete(&self, key: &str) -> Result<()> {
         let (k, missing) = (key.to_owned(), self.not_found(key));
         let image = self

@@ -236,7 +236,11 @@ impl Vms {
     /// At daemon start: VMs whose VMM still runs are watched again; the others are marked
     /// `stopped` (or `failed`, if they died while starting) and their helpers cleaned up.
     pub async fn adopt(&self) -> Result<()> {
-        for mut vm in self.list().await? {
+        let vms = self.list().await?;
+        let ids: std::collections::HashSet<String> = vms.iter().map(|v| v.id.clone()).collect();
+        // The taps of the VMs that stay live: the re-adopted ones.
+        let mut keep = Vec::new();
+        for mut vm in vms {
             if !vm.state.is_active() {
                 continue;
             }
@@ -245,6 +249,7 @@ impl Vms {
             match (vm.state, alive) {
                 (VmState::Running | VmState::Paused, true) => {
                     tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "Re-adopted a {} VM", vm.state);
+                    keep.push(vm.tap_name.clone());
                     self.watch(vm);
                     continue;
                 }
@@ -262,16 +267,9 @@ impl Vms {
             self.power_down(&vm).await?;
             self.save(&vm).await?;
         }
-        self.stop_rowless_vmms().await?;
+        self.stop_rowless_vmms(&ids).await?;
         // Taps no live VM owns: made by a daemon killed before it recorded the VM's start,
         // or left by a VM whose row is gone.
-        let keep: Vec<String> = self
-            .list()
-            .await?
-            .into_iter()
-            .filter(|v| v.state.is_active())
-            .map(|v| v.tap_name)
-            .collect();
         match self.net.remove_stray_taps(&keep).await {
             Ok(removed) => {
                 for tap in removed {
@@ -285,14 +283,11 @@ impl Vms {
         Ok(())
     }
 
-    /// Stops the VMM and helpers of every runtime directory no VM row names (a VM deleted by
+    /// Stops the VMM and helpers of every runtime directory whose VM is not in `ids` (a VM deleted by
     /// hand from the database, or by a daemon that lost its row some other way) and removes
     /// the directory: nothing runs on the host that banger does not list.
-    async fn stop_rowless_vmms(&self) -> Result<()> {
-        let ids: std::collections::HashSet<String> =
-            self.list().await?.into_iter().map(|v| v.id).collect();
-        let dir = self.layout.runtime_dir.join("vms");
-        let Ok(entries) = std::fs::read_dir(&dir) else {
+    async fn stop_rowless_vmms(&self, ids: &std::collections::HashSet<String>) -> Result<()> {
+        let Ok(entries) = std::fs::read_dir(self.layout.vms_runtime_dir()) else {
             return Ok(());
         };
         for e in entries.flatten() {

@@ -250,7 +250,7 @@ fn allocated(p: &Path) -> u64 {
 impl Vms {
     /// `snapshots/<id>/`.
     pub(super) fn snapshot_dir(&self, id: &str) -> PathBuf {
-        self.layout.snapshots_dir().join(id)
+        self.snapshots.path_of(id)
     }
 
     /// Every snapshot.
