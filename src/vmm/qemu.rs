@@ -169,10 +169,18 @@ impl Qemu {
             "-m".into(),
             format!("{}M", spec.memory_mib),
             "-object".into(),
-            format!(
-                "memory-backend-memfd,id=mem,size={}M,share=on",
-                spec.memory_mib
-            ),
+            // Shared memory only where a vhost-user server (virtiofsd) must map it: a
+            // memfd's untouched pages are allocated on first read, and loading a snapshot
+            // reads them all (a busybox restore loaded in 270 ms from a memfd, 110 ms from
+            // plain memory). The block is `mem` either way, so snapshots load into both.
+            if spec.shares.is_empty() {
+                format!("memory-backend-ram,id=mem,size={}M", spec.memory_mib)
+            } else {
+                format!(
+                    "memory-backend-memfd,id=mem,size={}M,share=on",
+                    spec.memory_mib
+                )
+            },
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-display".into(),
@@ -467,8 +475,8 @@ impl Vmm for Qemu {
         let qemu = program(QEMU, "install qemu-system-x86")?;
         let kvm = self.uses_kvm();
         let _ = std::fs::remove_file(qmp_socket(&spec.run_dir));
-        self.start_console(spec).await?;
-        self.start_link(spec).await?;
+        // The two helpers QEMU connects to start side by side.
+        tokio::try_join!(self.start_console(spec), self.start_link(spec))?;
         if let Err(e) = self.start_shares(spec).await {
             self.kill(&spec.run_dir).await?;
             return Err(e);
@@ -664,10 +672,7 @@ mod tests {
             a.contains("root=serial:root rw banger.work=serial:work"),
             "{a}"
         );
-        assert!(
-            a.contains("memory-backend-memfd,id=mem,size=512M,share=on"),
-            "{a}"
-        );
+        assert!(a.contains("memory-backend-ram,id=mem,size=512M"), "{a}");
         assert!(
             a.contains("virtio-blk-device,drive=work,serial=work"),
             "{a}"
@@ -685,5 +690,26 @@ mod tests {
             a.contains("-accel kvm -cpu host") && !a.contains("tsc_early_khz"),
             "{a}"
         );
+    }
+
+    #[test]
+    fn memory_is_shared_only_with_a_shared_folder() {
+        let mut s = spec();
+        s.shares.push(crate::vmm::ShareSpec {
+            tag: "share0".into(),
+            host: "/home/u/src".into(),
+            read_only: false,
+            owner: crate::callerfile::Creds {
+                uid: 1000,
+                gid: 1000,
+                groups: vec![1000],
+            },
+        });
+        let a = Qemu::new(Accel::Tcg).args(&s, false, None).join(" ");
+        assert!(
+            a.contains("memory-backend-memfd,id=mem,size=512M,share=on"),
+            "{a}"
+        );
+        assert!(a.contains("vhost-user-fs-device,chardev=share0,tag=share0"), "{a}");
     }
 }
