@@ -2237,6 +2237,11 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
             vec!["--kernel", "test"],
             "kernel: a VM restored from snapshot s1",
         ),
+        (
+            None,
+            vec!["--share", "/tmp:/mnt/t"],
+            "share: a VM restored from snapshot s1",
+        ),
         (Some(USER_OK), vec![], "manage-any"),
     ] {
         let mut a = vec!["vm", "create", "bad", "--snapshot", "s1"];

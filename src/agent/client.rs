@@ -82,14 +82,15 @@ pub async fn health<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<Heal
         .ok_or_else(|| Error::failed("The guest agent sent no health", std::io::Error::other("")))
 }
 
-/// Hands a restored guest its own identity; returns once the agent applied it.
+/// Hands a restored guest its own identity; returns once the agent applied it, with the
+/// health it answers with (none from an agent older than this banger).
 pub async fn identity<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     id: super::Identity,
-) -> Result<()> {
+) -> Result<Option<Health>> {
     request(s, &Request::Identity(Box::new(id)))
         .await
-        .map(|_| ())
+        .map(|r| r.health)
 }
 
 /// Asks the guest to power off; returns once the agent accepted.

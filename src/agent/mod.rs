@@ -234,7 +234,7 @@ pub struct Reply {
     /// Why not.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
-    /// The answer to `health`.
+    /// The answer to `health` (and to `identity`, from this banger's agent on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
     /// For `get`: whether the source is a directory tree.

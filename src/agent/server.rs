@@ -190,7 +190,12 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
         Request::Put { path, name, dir } => put(reader, writer, &path, &name, dir),
         Request::Get { path } => get(writer, &path),
         Request::Identity(id) => match super::identity::apply(&id) {
-            Ok(()) => write_line(&mut writer, &Reply::ok()),
+            // With its health: the host need not ask again (a round trip a restore saves).
+            Ok(()) => {
+                let mut r = Reply::ok();
+                r.health = Some(health());
+                write_line(&mut writer, &r)
+            }
             Err(e) => write_line(&mut writer, &Reply::error(e)),
         },
         Request::Connect { port } => {

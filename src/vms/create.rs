@@ -278,6 +278,15 @@ impl Vms {
     /// The snapshot a create restores, checked against the options, which take its shape.
     async fn restorable(&self, key: &str, o: &mut CreateOptions) -> Result<crate::model::Snapshot> {
         let snap = self.snapshot(key).await?;
+        // A restore has exactly its source's devices, and a VM with shared folders is never
+        // snapshotted (its virtio-fs devices cannot be saved).
+        if !o.shares.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "share: a VM restored from snapshot {} has its source's devices, and no \
+                 shared folder; create it without --share, or boot one with --share instead",
+                snap.name
+            )));
+        }
         if snap.vmm != self.vmm.name() {
             return Err(Error::InvalidArgument(format!(
                 "Snapshot {} was taken on {} and restores only there, but this daemon runs VMs \
@@ -726,7 +735,29 @@ impl Vms {
 
         st.enter(vm, "wait_agent", "Waiting for the guest agent")
             .await?;
-        let health = self.wait_agent(&run).await;
+        // A restored guest's agent runs already: the connection that finds it carries the
+        // guest's new identity, and the answer its health (a round trip less than asking
+        // first; each costs a TCG guest whose translations are all cold some 100 ms).
+        let health = match keygen {
+            Some(keygen) => {
+                let agent = self.reach_agent(&run).await?;
+                st.enter(
+                    vm,
+                    "identity",
+                    "Giving the guest its own name, address, keys and clock",
+                )
+                .await?;
+                let host_key = keygen
+                    .await
+                    .map_err(|e| Error::failed("SSH key task failed", e))??;
+                let health = self
+                    .give_identity(vm, agent, &lease, host_key, key.as_deref())
+                    .await?;
+                let _ = std::fs::remove_file(&pending);
+                Ok(health)
+            }
+            None => self.wait_agent(&run).await,
+        };
         if let Err(e) = health {
             // A main process that finished before the agent was reached: the VM is done.
             let status = (!vm.main.is_empty() && !self.vmm.running(&run))
@@ -748,21 +779,6 @@ impl Vms {
             return Ok(());
         }
         let health = health?;
-
-        if let Some(keygen) = keygen {
-            st.enter(
-                vm,
-                "identity",
-                "Giving the guest its own name, address, keys and clock",
-            )
-            .await?;
-            let host_key = keygen
-                .await
-                .map_err(|e| Error::failed("SSH key task failed", e))??;
-            self.give_identity(vm, &lease, host_key, key.as_deref())
-                .await?;
-            let _ = std::fs::remove_file(&pending);
-        }
         // An agent that says whether there is an sshd saves asking it to run a shell.
         let has_sshd = match health.sshd {
             Some(has) => has,
@@ -902,14 +918,37 @@ impl Vms {
         Ok(h.unwrap_or_default())
     }
 
-    /// Hands a restored guest its own identity through its agent (see `agent::identity`).
+    /// Connects to the guest agent, waiting for it as [`Self::wait_agent`] does, and asks
+    /// nothing yet.
+    async fn reach_agent(&self, run: &std::path::Path) -> Result<tokio::net::UnixStream> {
+        let sock = self.vmm.vsock_socket(run);
+        let reached = std::sync::Mutex::new(None);
+        self.wait_guest(run, "its agent", "The guest agent", || async {
+            let s = crate::agent::client::connect(&sock, crate::agent::PORT)
+                .await
+                .map_err(|e| e.full_message())?;
+            *reached.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+            Ok(())
+        })
+        .await?;
+        reached
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .ok_or_else(|| {
+                Error::failed("The guest agent vanished", std::io::Error::other("no stream"))
+            })
+    }
+
+    /// Hands a restored guest its own identity through its agent (see `agent::identity`), on
+    /// `agent`; returns the health the agent answers with.
     async fn give_identity(
         &self,
         vm: &mut Vm,
+        mut agent: tokio::net::UnixStream,
         lease: &crate::net::GuestNet,
         (private, public): (Vec<u8>, String),
         key: Option<&str>,
-    ) -> Result<()> {
+    ) -> Result<crate::agent::Health> {
         let mut seed = [0u8; 32];
         // SAFETY: the pointer and length describe `seed`.
         if unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) } != 32 {
@@ -934,10 +973,9 @@ impl Vms {
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0),
         };
-        let mut s = self.open_agent_any(vm).await?;
-        tokio::time::timeout(
+        let health = tokio::time::timeout(
             Duration::from_secs(30),
-            crate::agent::client::identity(&mut s, id),
+            crate::agent::client::identity(&mut agent, id),
         )
         .await
         .map_err(|_| {
@@ -947,7 +985,14 @@ impl Vms {
             )
         })??;
         vm.ssh_host_key = public.trim().to_owned();
-        Ok(())
+        match health {
+            Some(h) => Ok(h),
+            // The agent of a snapshot older than this banger answers with nothing.
+            None => {
+                let mut s = self.open_agent_any(vm).await?;
+                crate::agent::client::health(&mut s).await
+            }
+        }
     }
 
     /// Retries `attempt` (each try bounded to 5 s, tries at least 250 ms apart) until it succeeds, the VMM
