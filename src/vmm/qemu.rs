@@ -710,6 +710,9 @@ mod tests {
             a.contains("memory-backend-memfd,id=mem,size=512M,share=on"),
             "{a}"
         );
-        assert!(a.contains("vhost-user-fs-device,chardev=share0,tag=share0"), "{a}");
+        assert!(
+            a.contains("vhost-user-fs-device,chardev=share0,tag=share0"),
+            "{a}"
+        );
     }
 }

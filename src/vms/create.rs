@@ -278,15 +278,6 @@ impl Vms {
     /// The snapshot a create restores, checked against the options, which take its shape.
     async fn restorable(&self, key: &str, o: &mut CreateOptions) -> Result<crate::model::Snapshot> {
         let snap = self.snapshot(key).await?;
-        // A restore has exactly its source's devices, and a VM with shared folders is never
-        // snapshotted (its virtio-fs devices cannot be saved).
-        if !o.shares.is_empty() {
-            return Err(Error::InvalidArgument(format!(
-                "share: a VM restored from snapshot {} has its source's devices, and no \
-                 shared folder; create it without --share, or boot one with --share instead",
-                snap.name
-            )));
-        }
         if snap.vmm != self.vmm.name() {
             return Err(Error::InvalidArgument(format!(
                 "Snapshot {} was taken on {} and restores only there, but this daemon runs VMs \
@@ -935,7 +926,10 @@ impl Vms {
             .into_inner()
             .unwrap_or_else(|p| p.into_inner())
             .ok_or_else(|| {
-                Error::failed("The guest agent vanished", std::io::Error::other("no stream"))
+                Error::failed(
+                    "The guest agent vanished",
+                    std::io::Error::other("no stream"),
+                )
             })
     }
 
