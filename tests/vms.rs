@@ -2240,7 +2240,7 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
         (
             None,
             vec!["--share", "/tmp:/mnt/t"],
-            "share: a VM restored from snapshot s1",
+            "shares: a VM restored from snapshot s1 has the snapshot's",
         ),
         (Some(USER_OK), vec![], "manage-any"),
     ] {
@@ -2381,6 +2381,24 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     );
     assert_eq!(r, [serde_json::json!({})], "{r:?}");
     refused(bus.banger_as(None, &["vm", "show", "v"]), "No VM");
+
+    // The CLI over Varlink, with no bus to reach: a create follows its stages to ready, an
+    // exec runs through the agent's descriptor, a delete ends it.
+    let sock = bus.runtime.join("io.banger");
+    let over_varlink = |args: &[&str]| {
+        let mut a = vec!["--varlink", sock.to_str().unwrap()];
+        a.extend_from_slice(args);
+        bus.command_as(None, env!("CARGO_BIN_EXE_banger"), &a)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")
+            .output()
+            .unwrap()
+    };
+    let out = ok(over_varlink(&["vm", "create", "vl", "--snapshot", "s1"]));
+    assert!(out.contains("VM vl is running"), "{out}");
+    let out = over_varlink(&["vm", "exec", "vl", "--", "cat", "/tmp/mark"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "in-tmp\n", "{}", text(&out));
+    ok(over_varlink(&["vm", "delete", "vl", "--force"]));
+    refused(bus.banger_as(None, &["vm", "show", "vl"]), "No VM");
 
     // A snapshot whose memory changed on disk is refused before any VMM loads it.
     let s1 = {

@@ -34,6 +34,25 @@ pub fn side(s: &str) -> Side {
     }
 }
 
+/// A copy's work on a stream to the agent, run on a blocking thread.
+pub type CopyJob = Box<dyn FnOnce(std::os::unix::net::UnixStream) -> anyhow::Result<()> + Send>;
+
+/// The VM a copy between `src` and `dst` reaches, and the copy to run on its agent's stream.
+pub fn plan(src: &str, dst: &str) -> anyhow::Result<(String, CopyJob)> {
+    Ok(match (side(src), side(dst)) {
+        (Side::Host(h), Side::Guest(vm, g)) => {
+            (vm, Box::new(move |s| copy_to(s, Path::new(&h), &g)))
+        }
+        (Side::Guest(vm, g), Side::Host(h)) => {
+            (vm, Box::new(move |s| copy_from(s, &g, Path::new(&h))))
+        }
+        _ => bail!(
+            "One side must be VM:PATH and the other a host path (write ./a:b for a host path \
+             with a colon)"
+        ),
+    })
+}
+
 /// Counts what passes, on a progress line when stderr is a terminal.
 struct Counted<T> {
     inner: T,

@@ -11,6 +11,7 @@ mod output;
 mod snapshot;
 mod status;
 mod term;
+mod varlink;
 mod vm;
 mod watch;
 
@@ -25,6 +26,10 @@ pub struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Talk to banger over its Varlink socket (default /run/banger/io.banger) instead of the
+    /// system bus; BANGER_VARLINK=1 (or a socket path) does the same.
+    #[arg(long, global = true, value_name = "SOCKET", num_args = 0..=1, default_missing_value = "1", env = "BANGER_VARLINK")]
+    pub varlink: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -108,14 +113,18 @@ pub fn explain(e: zbus::Error) -> anyhow::Error {
 /// Runs one command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = Output { json: cli.json };
-    match cli.command {
-        Command::Doctor => doctor::run(&out),
-        Command::GenerateAssets { dir } => assets::generate(&dir),
-        Command::Status => status::run(&out, &connect().await?).await,
-        Command::Image(c) => image::run(&out, &connect().await?, c).await,
-        Command::Kernel(c) => kernel::run(&out, &connect().await?, c).await,
-        Command::Vm(c) => vm::run(&out, &connect().await?, c).await,
-        Command::Snapshot(c) => snapshot::run(&out, &connect().await?, c).await,
-        Command::Job(c) => job::run(&out, &connect().await?, c).await,
+    let varlink = (cli.varlink.as_deref())
+        .filter(|v| !matches!(*v, "" | "0" | "no" | "false"))
+        .map(varlink::socket_of);
+    match (cli.command, varlink) {
+        (Command::Doctor, _) => doctor::run(&out),
+        (Command::GenerateAssets { dir }, _) => assets::generate(&dir),
+        (c, Some(socket)) => varlink::run(&out, &socket, c).await,
+        (Command::Status, None) => status::run(&out, &connect().await?).await,
+        (Command::Image(c), None) => image::run(&out, &connect().await?, c).await,
+        (Command::Kernel(c), None) => kernel::run(&out, &connect().await?, c).await,
+        (Command::Vm(c), None) => vm::run(&out, &connect().await?, c).await,
+        (Command::Snapshot(c), None) => snapshot::run(&out, &connect().await?, c).await,
+        (Command::Job(c), None) => job::run(&out, &connect().await?, c).await,
     }
 }

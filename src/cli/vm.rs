@@ -249,6 +249,32 @@ impl VmSpec {
             .collect())
     }
 
+    /// The same options as `io.banger.VMs.Create` parameters.
+    pub(super) fn varlink_params(&self) -> anyhow::Result<serde_json::Value> {
+        let key = read_public_key(self.ssh_key.clone())?;
+        let shares: Vec<serde_json::Value> = self
+            .shares()?
+            .into_iter()
+            .map(|(host, guest, ro)| json!({ "host": host, "guest": guest, "readOnly": ro }))
+            .collect();
+        let some = |v: serde_json::Value| Some(v);
+        Ok(super::varlink::params([
+            ("image", self.image.clone().map(|i| json!(i))),
+            ("kernel", self.kernel.clone().map(|k| json!(k))),
+            ("vcpus", self.vcpus.map(|v| json!(v))),
+            ("memoryMib", self.memory.map(|m| json!(m))),
+            ("sshKey", key.map(|k| json!(k))),
+            ("network", self.network.clone().map(|n| json!(n))),
+            ("egress", some(json!(self.egress))),
+            ("init", self.init.clone().map(|i| json!(i))),
+            ("entrypoint", self.entrypoint.then_some(json!(true))),
+            ("publish", some(json!(self.publish))),
+            ("shares", some(json!(shares))),
+            ("snapshot", self.snapshot.clone().map(|s| json!(s))),
+            ("cold", self.cold.then_some(json!(true))),
+        ]))
+    }
+
     /// The `--share` folders as `shares` entries: each host folder made absolute and checked
     /// here, as the caller, for a clear early error (the daemon checks again with the
     /// caller's rights).
@@ -368,7 +394,16 @@ async fn exec_in(
 ) -> anyhow::Result<i32> {
     let vm = vm_proxy(conn, p, name).await?;
     let fd = vm.open_agent().await.map_err(explain)?;
-    let s = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(fd));
+    exec_on(fd.into(), what).await
+}
+
+/// Runs `what` on `agent`, a stream to the VM's agent (`OpenAgent`), with this process's
+/// streams; its status.
+pub(super) async fn exec_on(
+    agent: std::os::fd::OwnedFd,
+    what: crate::agent::ExecRequest,
+) -> anyhow::Result<i32> {
+    let s = std::os::unix::net::UnixStream::from(agent);
     s.set_nonblocking(true)?;
     let s = tokio::net::UnixStream::from_std(s)?;
     // On a terminal: raw mode for as long as the command runs, and its size as it changes.
@@ -805,20 +840,8 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             std::process::exit(code);
         }
         VmCommand::Cp { src, dst } => {
-            use super::cp::{side, Side};
             let (from, to) = (src.clone(), dst.clone());
-            let (vm, job): (String, Box<dyn FnOnce(std::os::unix::net::UnixStream) -> anyhow::Result<()> + Send>) =
-                match (side(&src), side(&dst)) {
-                    (Side::Host(h), Side::Guest(vm, g)) => {
-                        (vm, Box::new(move |s| super::cp::copy_to(s, std::path::Path::new(&h), &g)))
-                    }
-                    (Side::Guest(vm, g), Side::Host(h)) => {
-                        (vm, Box::new(move |s| super::cp::copy_from(s, &g, std::path::Path::new(&h))))
-                    }
-                    _ => anyhow::bail!(
-                        "One side must be VM:PATH and the other a host path (write ./a:b for a host path with a colon)"
-                    ),
-                };
+            let (vm, job) = super::cp::plan(&src, &dst)?;
             let proxy = vm_proxy(conn, &p, &vm).await?;
             let fd = proxy.open_agent().await.map_err(explain)?;
             let s = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(fd));

@@ -1,0 +1,657 @@
+//! `banger --varlink …`: the verbs over banger's Varlink socket (`io.banger.*`) instead of the
+//! system bus, for hosts where no bus runs. The same daemon answers both, with the same
+//! operations and the same polkit checks; what differs is how a call travels and that objects
+//! are named by their id, not by a D-Bus path. Long operations follow their job through the
+//! method's own `more` replies. Verbs this front end does not carry yet say so and name the
+//! D-Bus way.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde_json::{json, Map, Value};
+
+use super::image::ImageCommand;
+use super::job::JobCommand;
+use super::kernel::KernelCommand;
+use super::snapshot::SnapshotCommand;
+use super::vm::VmCommand;
+use super::{Command, Output};
+
+/// The socket's default path (`bangerd.socket`'s `ListenStream=`).
+pub const DEFAULT_SOCKET: &str = "/run/banger/io.banger";
+
+/// Where `--varlink` (or `BANGER_VARLINK`) points: a socket path, or the default for `1`.
+pub fn socket_of(value: &str) -> PathBuf {
+    match value {
+        "" | "1" | "yes" | "true" => PathBuf::from(DEFAULT_SOCKET),
+        p => PathBuf::from(p),
+    }
+}
+
+/// A method call as zlink sends it: the name and the parameters.
+#[derive(Debug, serde::Serialize)]
+struct Method<'a> {
+    method: &'a str,
+    parameters: Value,
+}
+
+/// An error reply of banger's interfaces.
+#[derive(Debug, serde::Deserialize)]
+struct Fault {
+    error: String,
+    #[serde(default)]
+    parameters: Value,
+}
+
+/// One connection to the daemon's Varlink socket.
+pub struct Client {
+    conn: zlink::tokio::unix::Connection,
+}
+
+/// One reply of a call: its parameters, whether more follow, and descriptors sent with it.
+struct Answer {
+    params: Value,
+    continues: bool,
+    fds: Vec<OwnedFd>,
+}
+
+impl Client {
+    /// Connects to the socket at `path`.
+    pub async fn connect(path: &Path) -> anyhow::Result<Self> {
+        let conn = zlink::tokio::unix::connect(path).await.map_err(|e| {
+            anyhow::anyhow!(
+                "Cannot reach banger's Varlink socket {} ({e}); is bangerd.socket enabled, or \
+                 bangerd running? Leave out --varlink to use the system bus",
+                path.display()
+            )
+        })?;
+        Ok(Client { conn })
+    }
+
+    async fn send(&mut self, method: &str, params: Value, more: bool) -> anyhow::Result<()> {
+        let call = zlink::Call::new(Method {
+            method,
+            parameters: params,
+        })
+        .set_more(more);
+        self.conn
+            .send_call(&call, Vec::new())
+            .await
+            .with_context(|| format!("Cannot call {method}"))
+    }
+
+    async fn receive(&mut self, method: &str) -> anyhow::Result<Answer> {
+        let (reply, fds) = self
+            .conn
+            .receive_reply::<Value, Fault>()
+            .await
+            .map_err(|e| anyhow::anyhow!("{method} failed: {e}"))?;
+        match reply {
+            Ok(r) => Ok(Answer {
+                continues: r.continues().unwrap_or(false),
+                params: r.into_parameters().unwrap_or_else(|| json!({})),
+                fds,
+            }),
+            Err(f) => Err(explain(f)),
+        }
+    }
+
+    /// Calls `method` and returns its one reply's parameters.
+    pub async fn call(&mut self, method: &str, params: Value) -> anyhow::Result<Value> {
+        self.send(method, params, false).await?;
+        Ok(self.receive(method).await?.params)
+    }
+
+    /// Calls `method`, which answers with a descriptor: returns it.
+    async fn call_fd(&mut self, method: &str, params: Value) -> anyhow::Result<OwnedFd> {
+        self.send(method, params, false).await?;
+        let a = self.receive(method).await?;
+        a.fds
+            .into_iter()
+            .next()
+            .with_context(|| format!("{method} answered without a descriptor"))
+    }
+
+    /// Calls a method that answers with a job and follows it to its end: the stage lines go
+    /// to stderr (as on D-Bus), warnings too; returns the last reply's parameters.
+    async fn follow(&mut self, out: &Output, method: &str, params: Value) -> anyhow::Result<Value> {
+        self.send(method, params, true).await?;
+        let mut job = Value::Null;
+        loop {
+            let a = match self.receive(method).await {
+                Ok(a) => a,
+                Err(e) => {
+                    if out.json {
+                        out.object(vec![
+                            ("job_id", job["id"].clone()),
+                            ("result", json!("failed")),
+                            ("error", json!(e.to_string())),
+                        ]);
+                    }
+                    return Err(e);
+                }
+            };
+            if let Some(m) = a.params["job"]["message"].as_str() {
+                if !out.json && !m.is_empty() {
+                    eprintln!("==> {m}");
+                }
+            }
+            if let (Some(p), Some(line)) = (
+                a.params["log"]["priority"].as_u64(),
+                a.params["log"]["line"].as_str(),
+            ) {
+                if p <= 4 && !out.json {
+                    eprintln!("warning: {line}");
+                }
+            }
+            job = a.params["job"].clone();
+            if !a.continues {
+                if out.json {
+                    out.object(vec![
+                        ("job_id", job["id"].clone()),
+                        ("result", job["state"].clone()),
+                        ("error", json!(job["error"].as_str().unwrap_or(""))),
+                    ]);
+                }
+                return Ok(a.params);
+            }
+        }
+    }
+}
+
+/// An error reply as a message for people.
+fn explain(f: Fault) -> anyhow::Error {
+    let message = f.parameters["message"].as_str().unwrap_or("").to_owned();
+    match f.error.rsplit_once('.').map(|(_, kind)| kind) {
+        Some("PermissionDenied") => anyhow::anyhow!("Permission denied: {message}"),
+        _ if f.error.starts_with("io.banger.") && !message.is_empty() => anyhow::anyhow!(message),
+        _ => anyhow::anyhow!("{} {}", f.error, f.parameters),
+    }
+}
+
+/// Parameters from `(name, value)` pairs, leaving out the absent ones (`None`, empty lists).
+pub(super) fn params<'a>(entries: impl IntoIterator<Item = (&'a str, Option<Value>)>) -> Value {
+    let m: Map<String, Value> = entries
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v)))
+        .filter(|(_, v)| !matches!(v, Value::Array(a) if a.is_empty()))
+        .collect();
+    Value::Object(m)
+}
+
+/// An absolute path for the daemon, which opens it with the caller's rights.
+fn absolute(p: &Path) -> anyhow::Result<Value> {
+    let abs = std::fs::canonicalize(p).with_context(|| format!("Cannot reach {}", p.display()))?;
+    Ok(json!(abs.to_string_lossy()))
+}
+
+/// Prints an object's fields (`key: value`, or one JSON object).
+fn show(out: &Output, v: &Value) {
+    let fields = v
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.as_str(), v.clone())).collect())
+        .unwrap_or_default();
+    out.object(fields);
+}
+
+/// Rows of `list[keys…]`, for [`Output::table`].
+fn rows(list: &Value, keys: &[&str]) -> Vec<Vec<Value>> {
+    list.as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|i| keys.iter().map(|k| i[*k].clone()).collect())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn not_yet(verb: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "`banger {verb}` does not go over Varlink yet; leave out --varlink (and unset \
+         BANGER_VARLINK) to use the system bus"
+    )
+}
+
+/// Runs one command line over the socket at `socket`.
+pub async fn run(out: &Output, socket: &Path, command: Command) -> anyhow::Result<()> {
+    let mut c = Client::connect(socket).await?;
+    match command {
+        Command::Status => {
+            let info = c.call("org.varlink.service.GetInfo", json!({})).await?;
+            let mut lists = Vec::new();
+            for (m, key) in [
+                ("io.banger.Images.List", "images"),
+                ("io.banger.Kernels.List", "kernels"),
+                ("io.banger.VMs.List", "vms"),
+                ("io.banger.Jobs.List", "jobs"),
+            ] {
+                let v = c.call(m, json!({})).await?;
+                lists.push(v[key].as_array().cloned().unwrap_or_default());
+            }
+            let [images, kernels, vms, jobs] =
+                <[Vec<Value>; 4]>::try_from(lists).map_err(|_| anyhow::anyhow!("four lists"))?;
+            let running = vms.iter().filter(|v| v["state"] == "running").count();
+            out.object(vec![
+                ("daemon_version", info["version"].clone()),
+                ("cli_version", json!(crate::VERSION)),
+                ("images", json!(images.len())),
+                ("kernels", json!(kernels.len())),
+                ("vms", json!(vms.len())),
+                ("running_vms", json!(running)),
+                ("jobs", json!(jobs.len())),
+            ]);
+        }
+        Command::Image(cmd) => image(out, &mut c, cmd).await?,
+        Command::Kernel(cmd) => kernel(out, &mut c, cmd).await?,
+        Command::Vm(cmd) => vm(out, &mut c, cmd).await?,
+        Command::Snapshot(cmd) => snapshot(out, &mut c, cmd).await?,
+        Command::Job(cmd) => job(out, &mut c, cmd).await?,
+        Command::Doctor => super::doctor::run(out)?,
+        Command::GenerateAssets { dir } => super::assets::generate(&dir)?,
+    }
+    Ok(())
+}
+
+async fn image(out: &Output, c: &mut Client, cmd: ImageCommand) -> anyhow::Result<()> {
+    const I: &str = "io.banger.Images";
+    match cmd {
+        ImageCommand::List => {
+            let v = c.call(&format!("{I}.List"), json!({})).await?;
+            out.table(
+                &["NAME", "ID", "MANAGED", "SOURCE"],
+                &["name", "id", "managed", "source"],
+                rows(&v["images"], &["name", "id", "managed", "source"]),
+            );
+        }
+        ImageCommand::Show { name } => {
+            let v = c.call(&format!("{I}.Get"), json!({ "name": name })).await?;
+            show(out, &v["image"]);
+        }
+        ImageCommand::Pull {
+            reference,
+            name,
+            kernel,
+            size,
+            insecure,
+            ready_ports,
+            no_wait,
+        } => {
+            let auth = super::image::registry_credentials(&reference)
+                .map(|c| format!("{}:{}", c.user, c.password));
+            let p = params([
+                ("ref", Some(json!(reference))),
+                ("name", name.map(|n| json!(n))),
+                ("kernel", kernel.map(|k| json!(k))),
+                ("size", size.map(|s| json!(s))),
+                ("insecure", insecure.then_some(json!(true))),
+                ("readyPorts", ready_ports.map(|p| json!(p))),
+                ("auth", auth.map(|a| json!(a))),
+            ]);
+            if no_wait {
+                let v = c.call(&format!("{I}.Pull"), p).await?;
+                out.object(vec![("job_id", v["job"]["id"].clone())]);
+            } else {
+                c.follow(out, &format!("{I}.Pull"), p).await?;
+            }
+        }
+        ImageCommand::Register {
+            name,
+            rootfs,
+            work_seed,
+            kernel,
+            kernel_path,
+            initrd,
+            modules,
+            ready_ports,
+        } => {
+            let file = |p: Option<PathBuf>| p.as_deref().map(absolute).transpose();
+            let p = params([
+                ("name", Some(json!(name))),
+                ("rootfs", Some(absolute(&rootfs)?)),
+                ("workSeed", file(work_seed)?),
+                ("kernel", kernel.map(|k| json!(k))),
+                ("kernelPath", file(kernel_path)?),
+                ("initrdPath", file(initrd)?),
+                ("modulesDir", file(modules)?),
+                ("readyPorts", ready_ports.map(|p| json!(p))),
+            ]);
+            let v = c.call(&format!("{I}.Register"), p).await?;
+            out.object(vec![
+                ("name", v["image"]["name"].clone()),
+                ("id", v["image"]["id"].clone()),
+            ]);
+        }
+        ImageCommand::Delete { name } => {
+            c.call(&format!("{I}.Delete"), json!({ "name": name }))
+                .await?;
+            out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
+        }
+        ImageCommand::Promote { .. } => return Err(not_yet("image promote")),
+        ImageCommand::Build { .. } => return Err(not_yet("image build")),
+        ImageCommand::Warm { .. } => return Err(not_yet("image warm")),
+    }
+    Ok(())
+}
+
+async fn kernel(out: &Output, c: &mut Client, cmd: KernelCommand) -> anyhow::Result<()> {
+    const K: &str = "io.banger.Kernels";
+    match cmd {
+        KernelCommand::List { available: false } => {
+            let v = c.call(&format!("{K}.List"), json!({})).await?;
+            out.table(
+                &["NAME", "VERSION", "SOURCE"],
+                &["name", "version", "source"],
+                rows(&v["kernels"], &["name", "version", "source"]),
+            );
+        }
+        KernelCommand::List { available: true } => {
+            let v = c.call(&format!("{K}.ListAvailable"), json!({})).await?;
+            out.table(
+                &["NAME", "VERSION", "DESCRIPTION"],
+                &["name", "version", "description"],
+                rows(&v["kernels"], &["name", "version", "description"]),
+            );
+        }
+        KernelCommand::Show { name } => {
+            let v = c.call(&format!("{K}.Get"), json!({ "name": name })).await?;
+            show(out, &v["kernel"]);
+        }
+        KernelCommand::Pull { name } => {
+            c.follow(out, &format!("{K}.Pull"), json!({ "name": name }))
+                .await?;
+            out.done(vec![("name", json!(name))]);
+        }
+        KernelCommand::Import {
+            name,
+            kernel,
+            initrd,
+            modules,
+        } => {
+            let file = |p: Option<PathBuf>| p.as_deref().map(absolute).transpose();
+            let p = params([
+                ("name", Some(json!(name))),
+                ("kernelPath", Some(absolute(&kernel)?)),
+                ("initrdPath", file(initrd)?),
+                ("modulesDir", file(modules)?),
+            ]);
+            let v = c.call(&format!("{K}.Import"), p).await?;
+            out.object(vec![("name", v["kernel"]["name"].clone())]);
+        }
+        KernelCommand::Delete { name } => {
+            c.call(&format!("{K}.Delete"), json!({ "name": name }))
+                .await?;
+            out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
+        }
+    }
+    Ok(())
+}
+
+async fn vm(out: &Output, c: &mut Client, cmd: VmCommand) -> anyhow::Result<()> {
+    const V: &str = "io.banger.VMs";
+    match cmd {
+        VmCommand::List => {
+            let v = c.call(&format!("{V}.List"), json!({})).await?;
+            out.table(
+                &["NAME", "ID", "STATE", "IMAGE ID"],
+                &["name", "id", "state", "image"],
+                rows(&v["vms"], &["name", "id", "state", "image"]),
+            );
+        }
+        VmCommand::Show { name } => {
+            let v = c.call(&format!("{V}.Get"), json!({ "name": name })).await?;
+            show(out, &v["vm"]);
+        }
+        VmCommand::Create {
+            name,
+            spec,
+            disk_size,
+            no_start,
+            no_wait,
+        } => {
+            let mut p = spec.varlink_params()?;
+            p["name"] = json!(name);
+            if let Some(d) = disk_size {
+                p["diskSize"] = json!(d);
+            }
+            if no_start {
+                p["start"] = json!(false);
+            }
+            if no_wait {
+                let v = c.call(&format!("{V}.Create"), p).await?;
+                out.object(vec![
+                    ("vm_id", v["vm"]["id"].clone()),
+                    ("job_id", v["job"]["id"].clone()),
+                ]);
+            } else {
+                c.follow(out, &format!("{V}.Create"), p).await?;
+                if !out.json {
+                    println!(
+                        "VM {name} is {}",
+                        if no_start { "created" } else { "running" }
+                    );
+                }
+            }
+        }
+        VmCommand::Start { name, no_wait } => {
+            let p = json!({ "name": name });
+            if no_wait {
+                let v = c.call(&format!("{V}.Start"), p).await?;
+                out.object(vec![("job_id", v["job"]["id"].clone())]);
+            } else {
+                c.follow(out, &format!("{V}.Start"), p).await?;
+                if !out.json {
+                    println!("VM {name} is running");
+                }
+            }
+        }
+        VmCommand::Stop {
+            name,
+            force,
+            timeout,
+        } => {
+            let p = params([
+                ("name", Some(json!(name))),
+                ("force", force.then_some(json!(true))),
+                ("timeoutSec", timeout.map(|t| json!(t))),
+            ]);
+            c.call(&format!("{V}.Stop"), p).await?;
+            out.done(vec![("name", json!(name)), ("state", json!("stopped"))]);
+        }
+        VmCommand::Delete { name, force } => {
+            let p = params([
+                ("name", Some(json!(name))),
+                ("force", force.then_some(json!(true))),
+            ]);
+            c.call(&format!("{V}.Delete"), p).await?;
+            out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
+        }
+        VmCommand::Pause { name } => {
+            c.call(&format!("{V}.Pause"), json!({ "name": name }))
+                .await?;
+            out.done(vec![("name", json!(name)), ("state", json!("paused"))]);
+        }
+        VmCommand::Resume { name } => {
+            c.call(&format!("{V}.Resume"), json!({ "name": name }))
+                .await?;
+            out.done(vec![("name", json!(name)), ("state", json!("running"))]);
+        }
+        VmCommand::Snapshot {
+            name,
+            snapshot,
+            pause,
+        } => {
+            let p = params([
+                ("name", Some(json!(name))),
+                ("snapshot", Some(json!(snapshot))),
+                ("pause", pause.then_some(json!(true))),
+            ]);
+            c.follow(out, &format!("{V}.Snapshot"), p).await?;
+            out.done(vec![("vm", json!(name)), ("snapshot", json!(snapshot))]);
+        }
+        VmCommand::Exec {
+            name,
+            command,
+            env,
+            workdir,
+            user,
+            tty,
+        } => {
+            let fd = c
+                .call_fd(&format!("{V}.OpenAgent"), json!({ "name": name }))
+                .await?;
+            let what = crate::agent::ExecRequest {
+                argv: command,
+                env,
+                cwd: workdir,
+                user,
+                tty: tty.then(super::term::tty),
+            };
+            let code = super::vm::exec_on(fd, what).await?;
+            use tokio::io::AsyncWriteExt;
+            let _ = tokio::io::stdout().flush().await;
+            std::process::exit(code);
+        }
+        VmCommand::Shell { name, user } => {
+            let fd = c
+                .call_fd(&format!("{V}.OpenAgent"), json!({ "name": name }))
+                .await?;
+            let what = crate::agent::ExecRequest {
+                user,
+                tty: Some(super::term::tty()),
+                ..Default::default()
+            };
+            let code = super::vm::exec_on(fd, what).await?;
+            use tokio::io::AsyncWriteExt;
+            let _ = tokio::io::stdout().flush().await;
+            std::process::exit(code);
+        }
+        VmCommand::Cp { src, dst } => {
+            let (from, to) = (src.clone(), dst.clone());
+            let (vm, job) = super::cp::plan(&src, &dst)?;
+            let fd = c
+                .call_fd(&format!("{V}.OpenAgent"), json!({ "name": vm }))
+                .await?;
+            let s = std::os::unix::net::UnixStream::from(fd);
+            tokio::task::spawn_blocking(move || job(s)).await??;
+            out.done(vec![("from", json!(from)), ("to", json!(to))]);
+        }
+        VmCommand::Run { .. } => return Err(not_yet("vm run")),
+        VmCommand::Ssh { .. } => return Err(not_yet("vm ssh")),
+        VmCommand::Fork { .. } => return Err(not_yet("vm fork")),
+        VmCommand::Logs { .. } => return Err(not_yet("vm logs")),
+    }
+    Ok(())
+}
+
+async fn snapshot(out: &Output, c: &mut Client, cmd: SnapshotCommand) -> anyhow::Result<()> {
+    const V: &str = "io.banger.VMs";
+    match cmd {
+        SnapshotCommand::List => {
+            let v = c.call(&format!("{V}.ListSnapshots"), json!({})).await?;
+            out.table(
+                &["NAME", "ID", "VM"],
+                &["name", "id", "vm"],
+                rows(&v["snapshots"], &["name", "id", "vmName"]),
+            );
+        }
+        SnapshotCommand::Show { name } => {
+            let v = c
+                .call(&format!("{V}.GetSnapshot"), json!({ "name": name }))
+                .await?;
+            show(out, &v["snapshot"]);
+        }
+        SnapshotCommand::Delete { name } => {
+            c.call(&format!("{V}.DeleteSnapshot"), json!({ "name": name }))
+                .await?;
+            out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
+        }
+    }
+    Ok(())
+}
+
+async fn job(out: &Output, c: &mut Client, cmd: JobCommand) -> anyhow::Result<()> {
+    const J: &str = "io.banger.Jobs";
+    let no_job = |id: u32| {
+        anyhow::anyhow!(
+            "No running job {id}; `banger job list` shows the running ones (a finished job's \
+             result is in the journal)"
+        )
+    };
+    match cmd {
+        JobCommand::List => {
+            let v = c.call(&format!("{J}.List"), json!({})).await?;
+            let mut list = v["jobs"].clone();
+            if let Some(items) = list.as_array_mut() {
+                for j in items {
+                    let pct = (j["progress"].as_f64().unwrap_or(0.0) * 100.0).round();
+                    j["progress_percent"] = json!(pct);
+                }
+            }
+            out.table(
+                &["ID", "KIND", "TARGET", "PROGRESS%"],
+                &["id", "kind", "target", "progress_percent"],
+                rows(&list, &["id", "kind", "target", "progress_percent"]),
+            );
+        }
+        JobCommand::Show { id } => {
+            let v = c.call(&format!("{J}.List"), json!({})).await?;
+            let job = v["jobs"]
+                .as_array()
+                .and_then(|a| a.iter().find(|j| j["id"] == json!(id)).cloned())
+                .ok_or_else(|| no_job(id))?;
+            show(out, &job);
+        }
+        JobCommand::Cancel { id } => {
+            c.call(&format!("{J}.Cancel"), json!({ "id": id })).await?;
+            out.done(vec![("job_id", json!(id)), ("canceled", json!(true))]);
+        }
+        JobCommand::Watch { id } => {
+            if !out.json {
+                eprintln!("Following job {id}; Ctrl-C stops following, not the job");
+            }
+            c.follow(out, &format!("{J}.Watch"), json!({ "id": id }))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absent_parameters_are_left_out() {
+        let p = params([
+            ("name", Some(json!("a"))),
+            ("kernel", None),
+            ("egress", Some(json!([]))),
+            ("vcpus", Some(json!(2))),
+        ]);
+        assert_eq!(p, json!({ "name": "a", "vcpus": 2 }));
+    }
+
+    #[test]
+    fn errors_read_as_their_message() {
+        let f = |error: &str, message: &str| Fault {
+            error: error.into(),
+            parameters: json!({ "message": message }),
+        };
+        assert_eq!(
+            explain(f("io.banger.VMs.NotFound", "No VM x")).to_string(),
+            "No VM x"
+        );
+        assert_eq!(
+            explain(f("io.banger.VMs.PermissionDenied", "not allowed")).to_string(),
+            "Permission denied: not allowed"
+        );
+    }
+
+    #[test]
+    fn the_socket_defaults_to_the_units() {
+        assert_eq!(socket_of("1"), PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(socket_of("/tmp/x"), PathBuf::from("/tmp/x"));
+    }
+}
