@@ -646,6 +646,11 @@ async fn the_cli_does_its_verbs_over_varlink_with_no_bus_to_reach() {
     let vm: Value = serde_json::from_str(&ok(None, &["--json", "vm", "show", "users-vm"])).unwrap();
     assert_eq!(vm["owner"], uid_of(USER_OK), "{vm}");
     assert!(ok(None, &["job", "list"]).starts_with("ID"));
+    // A descriptor comes with a reply: the console log of users-vm's boot.
+    assert_eq!(
+        ok(Some(USER_OK), &["vm", "logs", "users-vm"]),
+        "users-vm booted\n"
+    );
 
     // Refusals read as they do over D-Bus, and change nothing.
     let refused = |user: Option<&str>, args: &[&str], why: &str| {
@@ -660,9 +665,9 @@ async fn the_cli_does_its_verbs_over_varlink_with_no_bus_to_reach() {
     );
     refused(None, &["vm", "show", "nope"], "No VM");
     refused(
-        None,
-        &["image", "build", "x"],
-        "does not go over Varlink yet",
+        Some(USER_NO),
+        &["image", "delete", "seeded-image"],
+        "Permission denied",
     );
     assert!(ok(None, &["vm", "list"]).contains("users-vm"));
     // A member of group banger deletes a VM of theirs; the environment variable works too.

@@ -2396,9 +2396,34 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     let out = ok(over_varlink(&["vm", "create", "vl", "--snapshot", "s1"]));
     assert!(out.contains("VM vl is running"), "{out}");
     let out = over_varlink(&["vm", "exec", "vl", "--", "cat", "/tmp/mark"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "in-tmp\n", "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "in-tmp\n",
+        "{}",
+        text(&out)
+    );
     ok(over_varlink(&["vm", "delete", "vl", "--force"]));
     refused(bus.banger_as(None, &["vm", "show", "vl"]), "No VM");
+    // `vm run --rm`: create, the command through the agent, its output, delete.
+    let out = over_varlink(&[
+        "vm",
+        "run",
+        "vr",
+        "--snapshot",
+        "s1",
+        "--rm",
+        "--",
+        "cat",
+        "/tmp/mark",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "in-tmp\n",
+        "{}",
+        text(&out)
+    );
+    refused(bus.banger_as(None, &["vm", "show", "vr"]), "No VM");
 
     // A snapshot whose memory changed on disk is refused before any VMM loads it.
     let s1 = {

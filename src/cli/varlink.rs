@@ -47,6 +47,10 @@ struct Fault {
 /// One connection to the daemon's Varlink socket.
 pub struct Client {
     conn: zlink::tokio::unix::Connection,
+    /// Put before each stage line (`vm fork`'s VMs, followed at once).
+    label: String,
+    /// The socket, for the further connections a verb makes.
+    socket: PathBuf,
 }
 
 /// One reply of a call: its parameters, whether more follow, and descriptors sent with it.
@@ -66,7 +70,11 @@ impl Client {
                 path.display()
             )
         })?;
-        Ok(Client { conn })
+        Ok(Client {
+            conn,
+            label: String::new(),
+            socket: path.to_owned(),
+        })
     }
 
     async fn send(&mut self, method: &str, params: Value, more: bool) -> anyhow::Result<()> {
@@ -114,46 +122,56 @@ impl Client {
     }
 
     /// Calls a method that answers with a job and follows it to its end: the stage lines go
-    /// to stderr (as on D-Bus), warnings too; returns the last reply's parameters.
+    /// to stderr (as on D-Bus), warnings too, and with `--json` the result to stdout; returns
+    /// the last reply's parameters.
     async fn follow(&mut self, out: &Output, method: &str, params: Value) -> anyhow::Result<Value> {
-        self.send(method, params, true).await?;
         let mut job = Value::Null;
-        loop {
-            let a = match self.receive(method).await {
-                Ok(a) => a,
-                Err(e) => {
-                    if out.json {
-                        out.object(vec![
-                            ("job_id", job["id"].clone()),
-                            ("result", json!("failed")),
-                            ("error", json!(e.to_string())),
-                        ]);
-                    }
-                    return Err(e);
-                }
+        let ended = self
+            .follow_stages(!out.json, method, params, &mut job)
+            .await;
+        if out.json {
+            let (result, error) = match &ended {
+                Ok(_) => (
+                    job["state"].clone(),
+                    json!(job["error"].as_str().unwrap_or("")),
+                ),
+                Err(e) => (json!("failed"), json!(e.to_string())),
             };
-            if let Some(m) = a.params["job"]["message"].as_str() {
-                if !out.json && !m.is_empty() {
-                    eprintln!("==> {m}");
+            out.object(vec![
+                ("job_id", job["id"].clone()),
+                ("result", result),
+                ("error", error),
+            ]);
+        }
+        ended
+    }
+
+    /// [`Self::follow`] without the result: stage lines and warnings when `say`, the job as
+    /// it was last in `job`.
+    async fn follow_stages(
+        &mut self,
+        say: bool,
+        method: &str,
+        params: Value,
+        job: &mut Value,
+    ) -> anyhow::Result<Value> {
+        self.send(method, params, true).await?;
+        loop {
+            let a = self.receive(method).await?;
+            match a.params["job"]["message"].as_str() {
+                Some(m) if say && !m.is_empty() => eprintln!("==> {}{m}", self.label),
+                _ => {}
+            }
+            let log = &a.params["log"];
+            if let (Some(p), Some(line), true) =
+                (log["priority"].as_u64(), log["line"].as_str(), say)
+            {
+                if p <= 4 {
+                    eprintln!("warning: {}{line}", self.label);
                 }
             }
-            if let (Some(p), Some(line)) = (
-                a.params["log"]["priority"].as_u64(),
-                a.params["log"]["line"].as_str(),
-            ) {
-                if p <= 4 && !out.json {
-                    eprintln!("warning: {line}");
-                }
-            }
-            job = a.params["job"].clone();
+            *job = a.params["job"].clone();
             if !a.continues {
-                if out.json {
-                    out.object(vec![
-                        ("job_id", job["id"].clone()),
-                        ("result", job["state"].clone()),
-                        ("error", json!(job["error"].as_str().unwrap_or(""))),
-                    ]);
-                }
                 return Ok(a.params);
             }
         }
@@ -205,13 +223,6 @@ fn rows(list: &Value, keys: &[&str]) -> Vec<Vec<Value>> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn not_yet(verb: &str) -> anyhow::Error {
-    anyhow::anyhow!(
-        "`banger {verb}` does not go over Varlink yet; leave out --varlink (and unset \
-         BANGER_VARLINK) to use the system bus"
-    )
 }
 
 /// Runs one command line over the socket at `socket`.
@@ -328,9 +339,45 @@ async fn image(out: &Output, c: &mut Client, cmd: ImageCommand) -> anyhow::Resul
                 .await?;
             out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
         }
-        ImageCommand::Promote { .. } => return Err(not_yet("image promote")),
-        ImageCommand::Build { .. } => return Err(not_yet("image build")),
-        ImageCommand::Warm { .. } => return Err(not_yet("image warm")),
+        ImageCommand::Promote { name } => {
+            c.follow(out, &format!("{I}.Promote"), json!({ "name": name }))
+                .await?;
+            out.done(vec![("name", json!(name)), ("managed", json!(true))]);
+        }
+        ImageCommand::Build {
+            name,
+            suite,
+            packages,
+            size,
+            kernel,
+            ready_ports,
+        } => {
+            let p = params([
+                ("name", Some(json!(name))),
+                ("suite", suite.map(|s| json!(s))),
+                ("packages", Some(json!(packages))),
+                ("size", size.map(|s| json!(s))),
+                ("kernel", kernel.map(|k| json!(k))),
+                ("readyPorts", Some(json!(ready_ports))),
+            ]);
+            c.follow(out, &format!("{I}.Build"), p).await?;
+            out.done(vec![("name", json!(name))]);
+        }
+        ImageCommand::Warm {
+            name,
+            kernel,
+            vcpus,
+            memory,
+        } => {
+            let p = params([
+                ("name", Some(json!(name))),
+                ("kernel", kernel.map(|k| json!(k))),
+                ("vcpus", vcpus.map(|v| json!(v))),
+                ("memoryMib", memory.map(|m| json!(m))),
+            ]);
+            c.follow(out, &format!("{I}.Warm"), p).await?;
+            out.done(vec![("name", json!(name)), ("warm", json!(true))]);
+        }
     }
     Ok(())
 }
@@ -537,12 +584,167 @@ async fn vm(out: &Output, c: &mut Client, cmd: VmCommand) -> anyhow::Result<()> 
             tokio::task::spawn_blocking(move || job(s)).await??;
             out.done(vec![("from", json!(from)), ("to", json!(to))]);
         }
-        VmCommand::Run { .. } => return Err(not_yet("vm run")),
-        VmCommand::Ssh { .. } => return Err(not_yet("vm ssh")),
-        VmCommand::Fork { .. } => return Err(not_yet("vm fork")),
-        VmCommand::Logs { .. } => return Err(not_yet("vm logs")),
+        VmCommand::Logs { name, follow } => {
+            let socket = c.socket.clone();
+            let open = || {
+                let (socket, name) = (socket.clone(), name.clone());
+                async move {
+                    let mut c = Client::connect(&socket).await?;
+                    c.call_fd(&format!("{V}.OpenConsole"), json!({ "name": name }))
+                        .await
+                }
+            };
+            super::vm::print_console(open, follow).await?;
+        }
+        VmCommand::Ssh {
+            name,
+            identity,
+            command,
+        } => {
+            use std::os::unix::process::CommandExt;
+            let mut ssh = ssh_command(c, &name, identity, command).await?;
+            let e = ssh.exec();
+            anyhow::bail!("Cannot run ssh: {e}; is openssh-client installed?");
+        }
+        VmCommand::Fork { name, new, count } => {
+            anyhow::ensure!(
+                (1..=64).contains(&count),
+                "--count must be between 1 and 64, not {count}"
+            );
+            let p = json!({ "name": name, "snapshot": new });
+            c.follow(out, &format!("{V}.Snapshot"), p).await?;
+            let names: Vec<String> = if count == 1 {
+                vec![new.clone()]
+            } else {
+                (1..=count).map(|i| format!("{new}-{i}")).collect()
+            };
+            let key = super::vm::read_public_key(None)?;
+            // Each create on a connection of its own, followed at once.
+            let json = out.json;
+            let creates = names.iter().map(|n| {
+                let (socket, key, new) = (c.socket.clone(), key.clone(), new.clone());
+                async move {
+                    let mut c = Client::connect(&socket).await?;
+                    c.label = format!("{n}: ");
+                    let p = params([
+                        ("name", Some(json!(n))),
+                        ("snapshot", Some(json!(new))),
+                        ("sshKey", key.map(|k| json!(k))),
+                    ]);
+                    c.follow_stages(!json, &format!("{V}.Create"), p, &mut Value::Null)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{n}: {e}"))
+                }
+            });
+            let failed: Vec<String> = futures_util::future::join_all(creates)
+                .await
+                .into_iter()
+                .filter_map(|r| r.err().map(|e| e.to_string()))
+                .collect();
+            anyhow::ensure!(failed.is_empty(), "{}", failed.join("; "));
+            out.done(vec![
+                ("vm", json!(name)),
+                ("snapshot", json!(new)),
+                ("vms", json!(names)),
+            ]);
+        }
+        VmCommand::Run {
+            name,
+            spec,
+            rm,
+            shell,
+            command,
+        } => {
+            let name = name.unwrap_or_else(super::vm::generated_name);
+            // SSH with a key, else the agent's shell: never a password prompt.
+            let shell =
+                shell || (spec.ssh_key.is_none() && super::vm::default_public_key().is_none());
+            let mut p = spec.varlink_params()?;
+            p["name"] = json!(name);
+            if spec.entrypoint && !command.is_empty() {
+                p["command"] = json!(command);
+            }
+            let created = c.follow(out, &format!("{V}.Create"), p).await;
+            let code = match created {
+                Err(e) => Err(e),
+                Ok(_) if spec.entrypoint => main_process(c, &name).await,
+                Ok(_) if !command.is_empty() || shell => {
+                    let fd = c
+                        .call_fd(&format!("{V}.OpenAgent"), json!({ "name": name }))
+                        .await?;
+                    let what = if command.is_empty() {
+                        crate::agent::ExecRequest {
+                            tty: Some(super::term::tty()),
+                            ..Default::default()
+                        }
+                    } else {
+                        crate::agent::ExecRequest::new(command)
+                    };
+                    super::vm::exec_on(fd, what).await
+                }
+                Ok(_) => {
+                    let identity = spec.ssh_key.map(|k| k.with_extension(""));
+                    let mut ssh = ssh_command(c, &name, identity, Vec::new()).await?;
+                    let status = ssh.status().context("Cannot run ssh")?;
+                    Ok(status.code().unwrap_or(255))
+                }
+            };
+            if rm {
+                let p = json!({ "name": name, "force": true });
+                if let Err(e) = c.call(&format!("{V}.Delete"), p).await {
+                    eprintln!("banger: cannot delete VM {name}: {e}");
+                }
+            }
+            use tokio::io::AsyncWriteExt;
+            let _ = tokio::io::stdout().flush().await;
+            std::process::exit(code?);
+        }
     }
     Ok(())
+}
+
+/// The system `ssh` for VM `name` (see `vm ssh`).
+async fn ssh_command(
+    c: &mut Client,
+    name: &str,
+    identity: Option<PathBuf>,
+    command: Vec<String>,
+) -> anyhow::Result<std::process::Command> {
+    let v = c.call("io.banger.VMs.Get", json!({ "name": name })).await?;
+    let s = |k: &str| v["vm"][k].as_str().unwrap_or("").to_owned();
+    super::vm::ssh_command_for(
+        name,
+        &s("sshAddress"),
+        &s("id"),
+        &s("sshHostKey"),
+        identity,
+        command,
+    )
+}
+
+/// Waits for VM `name`'s main process to end (the VM stops), prints what it wrote on the
+/// console and returns its exit status.
+async fn main_process(c: &mut Client, name: &str) -> anyhow::Result<i32> {
+    let vm = loop {
+        let v = c.call("io.banger.VMs.Get", json!({ "name": name })).await?;
+        if matches!(v["vm"]["state"].as_str(), Some("stopped" | "failed")) {
+            break v;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    let fd = c
+        .call_fd("io.banger.VMs.OpenConsole", json!({ "name": name }))
+        .await?;
+    let text = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut s = String::new();
+        let _ = std::fs::File::from(fd).read_to_string(&mut s);
+        s
+    })
+    .await
+    .unwrap_or_default();
+    print!("{}", super::vm::main_output(&text));
+    Ok(vm["vm"]["exitStatus"].as_i64().unwrap_or(-1) as i32)
 }
 
 async fn snapshot(out: &Output, c: &mut Client, cmd: SnapshotCommand) -> anyhow::Result<()> {

@@ -192,7 +192,7 @@ pub struct VmSpec {
     /// Public key for root's authorized_keys (default: ~/.ssh/id_ed25519.pub, id_ecdsa.pub
     /// or id_rsa.pub, the first that exists).
     #[arg(long, value_name = "FILE.pub")]
-    ssh_key: Option<std::path::PathBuf>,
+    pub(super) ssh_key: Option<std::path::PathBuf>,
     /// isolated (the default: no other guest) or shared (your other shared VMs).
     #[arg(long)]
     network: Option<String>,
@@ -206,7 +206,7 @@ pub struct VmSpec {
     /// Run the image's Entrypoint and Cmd as the VM's main process (`vm run`: the command
     /// after -- replaces Cmd); the VM powers off when it exits.
     #[arg(long)]
-    entrypoint: bool,
+    pub(super) entrypoint: bool,
     /// Publish a guest port on the host, [ADDR:]HOSTPORT:GUESTPORT[/udp] (repeatable; ADDR
     /// 127.0.0.1 by default; TCP unless /udp).
     #[arg(long, short = 'p', value_name = "[ADDR:]HOST:GUEST[/udp]")]
@@ -437,7 +437,7 @@ pub fn default_public_key() -> Option<std::path::PathBuf> {
 }
 
 /// The key `--ssh-key` names (which must exist), else the default one, if any.
-fn read_public_key(path: Option<std::path::PathBuf>) -> anyhow::Result<Option<String>> {
+pub(super) fn read_public_key(path: Option<std::path::PathBuf>) -> anyhow::Result<Option<String>> {
     let Some(path) = path.or_else(default_public_key) else {
         return Ok(None);
     };
@@ -482,20 +482,36 @@ async fn ssh_command(
     command: Vec<String>,
 ) -> anyhow::Result<std::process::Command> {
     let vm = vm_proxy(conn, p, name).await?;
-    let address = vm.ssh_address().await?;
+    let (address, id, key) = (
+        vm.ssh_address().await?,
+        vm.id().await?,
+        vm.ssh_host_key().await?,
+    );
+    ssh_command_for(name, &address, &id, &key, identity, command)
+}
+
+/// [`ssh_command`] for a VM whose SSH address, id and host key are known.
+pub(super) fn ssh_command_for(
+    name: &str,
+    address: &str,
+    id: &str,
+    host_key: &str,
+    identity: Option<std::path::PathBuf>,
+    command: Vec<String>,
+) -> anyhow::Result<std::process::Command> {
     let Some((host, port)) = address.rsplit_once(':') else {
         anyhow::bail!(
             "VM {name} has no SSH address: it is not running, or its image has no sshd \
              (`banger vm exec {name} -- CMD` works without one)"
         );
     };
-    let alias = format!("banger-{}", vm.id().await?);
+    let alias = format!("banger-{id}");
     let file = known_hosts_file()?;
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
     }
     let existing = std::fs::read_to_string(&file).unwrap_or_default();
-    let text = known_hosts_with(&existing, &alias, &vm.ssh_host_key().await?);
+    let text = known_hosts_with(&existing, &alias, host_key);
     std::fs::write(&file, text).with_context(|| format!("Cannot write {}", file.display()))?;
     let identity = identity.or_else(|| default_public_key().map(|k| k.with_extension("")));
     let mut ssh = std::process::Command::new("ssh");
@@ -517,7 +533,7 @@ async fn ssh_command(
 }
 
 /// A name like `brisk-otter-3f`, for `vm run` without one.
-fn generated_name() -> String {
+pub(super) fn generated_name() -> String {
     const ADJ: &[&str] = &[
         "brisk", "calm", "eager", "fuzzy", "gentle", "humble", "jolly", "keen", "lucid", "mellow",
         "nimble", "plucky", "quiet", "rapid", "sunny", "tidy",
@@ -859,35 +875,47 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             std::process::exit(code);
         }
         VmCommand::Logs { name, follow } => {
-            use std::os::unix::fs::MetadataExt;
             let vm = vm_proxy(conn, &p, &name).await?;
-            let fd = vm.open_console().await.map_err(explain)?;
-            let mut f =
-                tokio::fs::File::from_std(std::fs::File::from(std::os::fd::OwnedFd::from(fd)));
-            let mut stdout = tokio::io::stdout();
-            loop {
-                tokio::io::copy(&mut f, &mut stdout).await?;
-                stdout.flush().await?;
-                if !follow {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                // The log is bounded: past its cap the logger starts a new file with the
-                // newest half. Follow onto it, from its end (that half was printed).
-                if let Ok(fd) = vm.open_console().await {
-                    let newer = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
-                    let (a, b) = (f.metadata().await?, newer.metadata()?);
-                    if a.ino() != b.ino() {
-                        tokio::io::copy(&mut f, &mut stdout).await?;
-                        f = tokio::fs::File::from_std(newer);
-                        use tokio::io::AsyncSeekExt;
-                        f.seek(std::io::SeekFrom::End(0)).await?;
-                    }
-                }
-            }
+            let open = || async {
+                let fd = vm.open_console().await.map_err(explain)?;
+                anyhow::Ok(std::os::fd::OwnedFd::from(fd))
+            };
+            print_console(open, follow).await?;
         }
     }
     Ok(())
+}
+
+/// Prints the console log `open` hands out (`OpenConsole`), and with `follow` what it writes
+/// next, onto each new file the logger starts.
+pub(super) async fn print_console<F, Fut>(open: F, follow: bool) -> anyhow::Result<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<std::os::fd::OwnedFd>>,
+{
+    use std::os::unix::fs::MetadataExt;
+    let mut f = tokio::fs::File::from_std(std::fs::File::from(open().await?));
+    let mut stdout = tokio::io::stdout();
+    loop {
+        tokio::io::copy(&mut f, &mut stdout).await?;
+        stdout.flush().await?;
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // The log is bounded: past its cap the logger starts a new file with the newest
+        // half. Follow onto it, from its end (that half was printed).
+        if let Ok(fd) = open().await {
+            let newer = std::fs::File::from(fd);
+            let (a, b) = (f.metadata().await?, newer.metadata()?);
+            if a.ino() != b.ino() {
+                tokio::io::copy(&mut f, &mut stdout).await?;
+                f = tokio::fs::File::from_std(newer);
+                use tokio::io::AsyncSeekExt;
+                f.seek(std::io::SeekFrom::End(0)).await?;
+            }
+        }
+    }
 }
 
 /// After a failed start, the console's last lines for its owner (the job's public error does
