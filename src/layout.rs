@@ -205,8 +205,23 @@ impl StagingDir {
 
 impl Drop for StagingDir {
     fn drop(&mut self) {
-        if let Some(p) = self.path.take() {
+        let Some(p) = self.path.take() else {
+            return;
+        };
+        // The tree is gone when the drop returns (a job that ends has left nothing), but a
+        // big one must not hold an async worker while it goes: on the daemon's runtime the
+        // worker hands its other tasks on first (`block_in_place`). Elsewhere (a blocking
+        // thread, a current-thread runtime, unwinding) it is removed in place.
+        let remove = || {
             let _ = remove_any(&p);
+        };
+        let on_worker = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+            h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        });
+        if on_worker && !std::thread::panicking() {
+            tokio::task::block_in_place(remove);
+        } else {
+            remove();
         }
     }
 }
@@ -234,6 +249,36 @@ pub fn remove_any(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_staging_dir_is_gone_when_its_drop_returns_on_any_thread() {
+        let tmp = tempfile::tempdir().unwrap();
+        let staged = |name: &str| {
+            let d = StagingDir::create(tmp.path().join(name)).unwrap();
+            std::fs::create_dir_all(d.path().join("tree/var")).unwrap();
+            std::fs::write(d.path().join("tree/var/f"), b"x").unwrap();
+            d
+        };
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let (a, b) = (staged("a"), staged("b"));
+        multi.block_on(async move {
+            // On a worker, and on a blocking thread of the same runtime.
+            tokio::spawn(async move { drop(a) }).await.unwrap();
+            tokio::task::spawn_blocking(move || drop(b)).await.unwrap();
+        });
+        let current = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let c = staged("c");
+        current.block_on(async move { drop(c) });
+        drop(staged("d"));
+        for n in ["a", "b", "c", "d"] {
+            assert!(!tmp.path().join(n).exists(), "{n} is still there");
+        }
+    }
 
     #[test]
     fn sweep_removes_only_staging_entries() {
