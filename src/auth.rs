@@ -68,11 +68,11 @@ impl Caller {
         let sender = hdr.sender().ok_or(AuthError::NoSender)?.to_owned();
         let dbus = zbus::fdo::DBusProxy::new(conn)
             .await
-            .map_err(AuthError::Bus)?;
+            .map_err(|e| AuthError::Unidentified(e.into()))?;
         let uid = dbus
             .get_connection_unix_user(sender.into())
             .await
-            .map_err(|e| AuthError::Bus(e.into()))?;
+            .map_err(|e| AuthError::Unidentified(zbus::Error::from(e).into()))?;
         let interactive = hdr
             .primary()
             .flags()
@@ -117,14 +117,14 @@ pub enum AuthError {
         action: Action,
         /// What went wrong.
         #[source]
-        source: zbus::Error,
+        source: Unanswered,
     },
     /// The message had no sender.
     #[error("The call has no sender, so it cannot be authorised")]
     NoSender,
-    /// The bus did not tell the caller's uid.
+    /// The transport did not tell the caller's uid.
     #[error("Cannot identify the caller")]
-    Bus(#[source] zbus::Error),
+    Unidentified(#[source] Unanswered),
 }
 
 /// polkit's answer, reduced to what banger does with it.
@@ -138,11 +138,16 @@ pub enum Verdict {
     ChallengeRequired,
 }
 
+/// Why an authority gave no answer (its transport's error, boxed: nothing above `auth`
+/// depends on how polkit is reached).
+pub type Unanswered = Box<dyn std::error::Error + Send + Sync>;
+
 /// Something that answers authorisation questions.
 #[async_trait::async_trait]
 pub trait Authority: Send + Sync {
-    /// Asks whether `caller` may perform `action`. An `Err` means no answer could be had.
-    async fn check(&self, caller: &Caller, action: Action) -> Result<Verdict, zbus::Error>;
+    /// Asks whether `caller` may perform `action`. An `Err` means no answer could be had
+    /// (and is denied), whatever the authority's transport.
+    async fn check(&self, caller: &Caller, action: Action) -> Result<Verdict, Unanswered>;
 }
 
 /// Decides from an authority's answer: only an explicit yes allows.
@@ -187,12 +192,12 @@ impl Polkit {
 
 #[async_trait::async_trait]
 impl Authority for Polkit {
-    async fn check(&self, caller: &Caller, action: Action) -> Result<Verdict, zbus::Error> {
+    async fn check(&self, caller: &Caller, action: Action) -> Result<Verdict, Unanswered> {
         let proxy = AuthorityProxy::new(&self.conn).await?;
         let subject = caller
             .subject
             .as_deref()
-            .ok_or_else(|| zbus::Error::Failure("no polkit subject for the caller".into()))?;
+            .ok_or("no polkit subject for the caller")?;
         let flags = if caller.interactive {
             CheckAuthorizationFlags::ALLOW_USER_INTERACTION
         } else {
@@ -223,13 +228,13 @@ pub struct RecordingAuthority {
 
 #[async_trait::async_trait]
 impl Authority for RecordingAuthority {
-    async fn check(&self, caller: &Caller, action: Action) -> Result<Verdict, zbus::Error> {
+    async fn check(&self, caller: &Caller, action: Action) -> Result<Verdict, Unanswered> {
         self.asked
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((caller.uid, action));
         let answer = *self.answer.lock().unwrap_or_else(|p| p.into_inner());
-        answer.ok_or_else(|| zbus::Error::Failure("polkit is gone".into()))
+        answer.ok_or_else(|| "polkit is gone".into())
     }
 }
 

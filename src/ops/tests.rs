@@ -291,7 +291,7 @@ async fn nothing_acts_unless_every_action_is_allowed() {
     struct FirstOnly(RecordingAuthority);
     #[async_trait::async_trait]
     impl Authority for FirstOnly {
-        async fn check(&self, c: &Caller, a: Action) -> Result<Verdict, zbus::Error> {
+        async fn check(&self, c: &Caller, a: Action) -> Result<Verdict, crate::auth::Unanswered> {
             self.0.check(c, a).await?;
             Ok(if a == Action::VmsManage {
                 Verdict::Allowed
