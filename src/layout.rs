@@ -215,9 +215,8 @@ impl Drop for StagingDir {
         let remove = || {
             let _ = remove_any(&p);
         };
-        let on_worker = tokio::runtime::Handle::try_current().is_ok_and(|h| {
-            h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-        });
+        let on_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         if on_worker && !std::thread::panicking() {
             tokio::task::block_in_place(remove);
         } else {
