@@ -56,6 +56,13 @@ impl Output {
         }
     }
 
+    /// A line for people on stdout (nothing with `--json`, whose programs get the result).
+    pub fn say(&self, line: &str) {
+        if !self.json {
+            println!("{line}");
+        }
+    }
+
     /// Prints one object: `key: value` lines, or a JSON object.
     pub fn object(&self, fields: Vec<(&str, Value)>) {
         if self.json {

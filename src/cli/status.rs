@@ -26,14 +26,22 @@ pub async fn run(out: &Output, conn: &zbus::Connection) -> anyhow::Result<()> {
         .map_err(explain)?;
     let running = vms.iter().filter(|v| v.2 == "running").count();
     let jobs = jobs.list_jobs().await.map_err(explain)?;
+    let counts = [images.len(), kernels.len(), vms.len(), running, jobs.len()];
+    print(out, &version, counts);
+    Ok(())
+}
+
+/// Prints the status: the daemon's version and its counts of images, kernels, VMs, running
+/// VMs and jobs (whichever way they were asked).
+pub(super) fn print(out: &Output, version: &str, counts: [usize; 5]) {
+    let [images, kernels, vms, running, jobs] = counts;
     out.object(vec![
         ("daemon_version", json!(version)),
         ("cli_version", json!(crate::VERSION)),
-        ("images", json!(images.len())),
-        ("kernels", json!(kernels.len())),
-        ("vms", json!(vms.len())),
+        ("images", json!(images)),
+        ("kernels", json!(kernels)),
+        ("vms", json!(vms)),
         ("running_vms", json!(running)),
-        ("jobs", json!(jobs.len())),
+        ("jobs", json!(jobs)),
     ]);
-    Ok(())
 }

@@ -244,15 +244,8 @@ pub async fn run(out: &Output, socket: &Path, command: Command) -> anyhow::Resul
             let [images, kernels, vms, jobs] =
                 <[Vec<Value>; 4]>::try_from(lists).map_err(|_| anyhow::anyhow!("four lists"))?;
             let running = vms.iter().filter(|v| v["state"] == "running").count();
-            out.object(vec![
-                ("daemon_version", info["version"].clone()),
-                ("cli_version", json!(crate::VERSION)),
-                ("images", json!(images.len())),
-                ("kernels", json!(kernels.len())),
-                ("vms", json!(vms.len())),
-                ("running_vms", json!(running)),
-                ("jobs", json!(jobs.len())),
-            ]);
+            let counts = [images.len(), kernels.len(), vms.len(), running, jobs.len()];
+            super::status::print(out, info["version"].as_str().unwrap_or(""), counts);
         }
         Command::Image(cmd) => image(out, &mut c, cmd).await?,
         Command::Kernel(cmd) => kernel(out, &mut c, cmd).await?,
@@ -305,6 +298,7 @@ async fn image(out: &Output, c: &mut Client, cmd: ImageCommand) -> anyhow::Resul
                 out.object(vec![("job_id", v["job"]["id"].clone())]);
             } else {
                 c.follow(out, &format!("{I}.Pull"), p).await?;
+                out.say(&format!("Pulled {reference}"));
             }
         }
         ImageCommand::Register {
@@ -342,7 +336,7 @@ async fn image(out: &Output, c: &mut Client, cmd: ImageCommand) -> anyhow::Resul
         ImageCommand::Promote { name } => {
             c.follow(out, &format!("{I}.Promote"), json!({ "name": name }))
                 .await?;
-            out.done(vec![("name", json!(name)), ("managed", json!(true))]);
+            out.say(&format!("Image {name} is managed"));
         }
         ImageCommand::Build {
             name,
@@ -361,7 +355,7 @@ async fn image(out: &Output, c: &mut Client, cmd: ImageCommand) -> anyhow::Resul
                 ("readyPorts", Some(json!(ready_ports))),
             ]);
             c.follow(out, &format!("{I}.Build"), p).await?;
-            out.done(vec![("name", json!(name))]);
+            out.say(&format!("Built image {name}"));
         }
         ImageCommand::Warm {
             name,
@@ -408,7 +402,7 @@ async fn kernel(out: &Output, c: &mut Client, cmd: KernelCommand) -> anyhow::Res
         KernelCommand::Pull { name } => {
             c.follow(out, &format!("{K}.Pull"), json!({ "name": name }))
                 .await?;
-            out.done(vec![("name", json!(name))]);
+            out.say(&format!("Pulled kernel {name}"));
         }
         KernelCommand::Import {
             name,
@@ -473,12 +467,10 @@ async fn vm(out: &Output, c: &mut Client, cmd: VmCommand) -> anyhow::Result<()> 
                 ]);
             } else {
                 c.follow(out, &format!("{V}.Create"), p).await?;
-                if !out.json {
-                    println!(
-                        "VM {name} is {}",
-                        if no_start { "created" } else { "running" }
-                    );
-                }
+                out.say(&format!(
+                    "VM {name} is {}",
+                    if no_start { "created" } else { "running" }
+                ));
             }
         }
         VmCommand::Start { name, no_wait } => {
@@ -488,9 +480,7 @@ async fn vm(out: &Output, c: &mut Client, cmd: VmCommand) -> anyhow::Result<()> 
                 out.object(vec![("job_id", v["job"]["id"].clone())]);
             } else {
                 c.follow(out, &format!("{V}.Start"), p).await?;
-                if !out.json {
-                    println!("VM {name} is running");
-                }
+                out.say(&format!("VM {name} is running"));
             }
         }
         VmCommand::Stop {
