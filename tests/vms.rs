@@ -2211,6 +2211,20 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     counts_past("src", before, "the process counts");
     let before = count("src");
 
+    // The agent's link answers its health port at once: a `health` reply line, then the end.
+    let id = vm_shown(&bus, "src")["Id"].as_str().unwrap().to_owned();
+    let sock = bus.runtime.join("vms").join(&id).join("jail/vsock.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    use std::io::{Read, Write};
+    write!(s, "CONNECT {}\n", banger::agent::HEALTH_PORT).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let reply = answer.lines().nth(1).unwrap_or_default();
+    let reply: serde_json::Value =
+        serde_json::from_str(reply).unwrap_or_else(|e| panic!("{answer:?}: {e}"));
+    assert_eq!(reply["ok"], true, "{answer}");
+    assert_eq!(reply["health"]["version"], banger::VERSION, "{answer}");
+
     // Another user may not snapshot it; a stopped VM, a taken name are refused.
     refused(
         bus.banger_as(Some(USER_OK), &["vm", "snapshot", "src", "theirs"]),

@@ -74,6 +74,25 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: &Request) ->
     Ok(reply)
 }
 
+/// The health the agent's link answers with on [`super::HEALTH_PORT`] at `uds`; `None` when
+/// it refuses that port (an older agent, a vsock device), so the caller asks on the agent's
+/// own port instead.
+pub async fn health_at_once(uds: &Path) -> Result<Option<Health>> {
+    let Ok(mut s) = connect(uds, super::HEALTH_PORT).await else {
+        return Ok(None);
+    };
+    let line = read_line(&mut s, 64 * 1024)
+        .await
+        .map_err(io("The guest agent hung up"))?;
+    let reply: Reply = serde_json::from_str(&line).map_err(|e| {
+        Error::failed(
+            "The guest agent answered something unexpected",
+            std::io::Error::other(e),
+        )
+    })?;
+    Ok(reply.health)
+}
+
 /// Asks for the agent's health.
 pub async fn health<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<Health> {
     request(s, &Request::Health)

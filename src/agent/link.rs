@@ -425,10 +425,13 @@ impl Link {
 }
 
 /// The guest side: serves the link on `port` (the opened virtio-serial port), handing each
-/// connection to `port` [`super::PORT`] to `handle` as a stream; returns when the port fails.
-pub fn serve_guest<H>(port: std::fs::File, handle: H) -> std::io::Result<()>
+/// connection to `port` [`super::PORT`] to `handle` as a stream; a connection to a port
+/// `answers` has bytes for gets them at once from the link itself (accepted, the bytes, end:
+/// no thread, no stream, one round trip). Returns when the port fails.
+pub fn serve_guest<H, A>(port: std::fs::File, handle: H, answers: A) -> std::io::Result<()>
 where
     H: Fn(std::fs::File) + Send + Sync + Clone + 'static,
+    A: Fn(u32) -> Option<Vec<u8>>,
 {
     let link = Link::new(Box::new(port.try_clone()?));
     let mut frames = FrameReader::new(port);
@@ -451,6 +454,16 @@ where
                 let port = <[u8; 4]>::try_from(f.data.as_slice())
                     .ok()
                     .map(u32::from_be_bytes);
+                if let Some(bytes) = port.and_then(&answers) {
+                    // Never listed: what the host sends on it later is dropped. Within
+                    // the window a new connection has, so no credit is waited for.
+                    let _ = link.send(None, &encode(kind::ACCEPT, f.conn, &[]));
+                    for d in bytes[..bytes.len().min(WINDOW)].chunks(MAX_DATA) {
+                        let _ = link.send(None, &encode(kind::DATA, f.conn, d));
+                    }
+                    let _ = link.send(None, &encode(kind::EOF, f.conn, &[]));
+                    continue;
+                }
                 let c = link.add(f.conn);
                 if port != Some(super::PORT) {
                     let _ = link.send(Some(&c), &encode(kind::CLOSE, f.conn, &[]));

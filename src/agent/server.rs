@@ -128,11 +128,15 @@ pub fn serve(listen: Listen) -> std::io::Result<()> {
             port.display(),
             super::link::PORT_NAME
         );
-        return super::link::serve_guest(file, |conn| {
-            if let Err(e) = handle(conn) {
-                eprintln!("banger-agent: connection: {e}");
-            }
-        });
+        return super::link::serve_guest(
+            file,
+            |conn| {
+                if let Err(e) = handle(conn) {
+                    eprintln!("banger-agent: connection: {e}");
+                }
+            },
+            |port| (port == super::HEALTH_PORT).then(health_line),
+        );
     }
     let listener: OwnedFd = match &listen {
         Listen::Vsock(port) => vsock_listener(*port)?,
@@ -326,6 +330,15 @@ fn get(mut writer: std::fs::File, path: &str) -> std::io::Result<()> {
             .and_then(|_| out.frame(frame::STDOUT, b""))
     };
     end_copy(&mut writer, r, path)
+}
+
+/// The answer on [`super::HEALTH_PORT`]: a `health` reply line.
+fn health_line() -> Vec<u8> {
+    let mut r = Reply::ok();
+    r.health = Some(health());
+    let mut line = serde_json::to_vec(&r).unwrap_or_default();
+    line.push(b'\n');
+    line
 }
 
 fn health() -> Health {

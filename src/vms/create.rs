@@ -894,12 +894,21 @@ impl Vms {
         let sock = self.vmm.vsock_socket(run);
         let answer = std::sync::Mutex::new(None);
         self.wait_guest(run, "its agent", "The guest agent", || async {
-            let mut s = crate::agent::client::connect(&sock, crate::agent::PORT)
+            // The link's own answer first (it waits for the agent's HELLO): no request.
+            let quick = crate::agent::client::health_at_once(&sock)
                 .await
                 .map_err(|e| e.full_message())?;
-            let h = crate::agent::client::health(&mut s)
-                .await
-                .map_err(|e| e.full_message())?;
+            let h = match quick {
+                Some(h) => h,
+                None => {
+                    let mut s = crate::agent::client::connect(&sock, crate::agent::PORT)
+                        .await
+                        .map_err(|e| e.full_message())?;
+                    crate::agent::client::health(&mut s)
+                        .await
+                        .map_err(|e| e.full_message())?
+                }
+            };
             tracing::debug!(?h, "Agent answered");
             *answer.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
             Ok(())

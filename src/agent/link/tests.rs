@@ -7,11 +7,15 @@ fn pair(dir: &std::path::Path) -> std::path::PathBuf {
     let (guest_end, host_end) = UnixStream::pair().unwrap();
     let port = std::fs::File::from(std::os::fd::OwnedFd::from(guest_end));
     std::thread::spawn(move || {
-        serve_guest(port, |conn: std::fs::File| {
-            let mut w = conn.try_clone().unwrap();
-            let mut r = conn;
-            let _ = std::io::copy(&mut r, &mut w);
-        })
+        serve_guest(
+            port,
+            |conn: std::fs::File| {
+                let mut w = conn.try_clone().unwrap();
+                let mut r = conn;
+                let _ = std::io::copy(&mut r, &mut w);
+            },
+            |port| (port == 7).then(|| b"answered at once\n".to_vec()),
+        )
     });
     let sock = dir.join("vsock.sock");
     let clients = UnixListener::bind(&sock).unwrap();
@@ -56,6 +60,24 @@ fn connections_carry_bytes_both_ways_beyond_the_window() {
     writer.join().unwrap();
     assert_eq!(back.len(), data.len());
     assert!(back == data, "the echo differs");
+}
+
+#[test]
+fn a_port_the_link_answers_gets_its_bytes_and_an_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = pair(dir.path());
+    for _ in 0..3 {
+        let mut s = connect(&sock, 7).unwrap();
+        let mut got = String::new();
+        s.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "answered at once\n");
+    }
+    // The agent's own port is served as before.
+    let mut s = connect(&sock, super::super::PORT).unwrap();
+    s.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"ping");
 }
 
 #[test]
