@@ -2216,7 +2216,7 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     let sock = bus.runtime.join("vms").join(&id).join("jail/vsock.sock");
     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     use std::io::{Read, Write};
-    write!(s, "CONNECT {}\n", banger::agent::HEALTH_PORT).unwrap();
+    writeln!(s, "CONNECT {}", banger::agent::HEALTH_PORT).unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
     let reply = answer.lines().nth(1).unwrap_or_default();
