@@ -56,15 +56,7 @@ async fn request<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, req: &Request) ->
     s.write_all(&line)
         .await
         .map_err(io("Cannot talk to the guest agent"))?;
-    let reply = read_line(s, 64 * 1024)
-        .await
-        .map_err(io("The guest agent hung up"))?;
-    let reply: Reply = serde_json::from_str(&reply).map_err(|e| {
-        Error::failed(
-            "The guest agent answered something unexpected",
-            std::io::Error::other(e),
-        )
-    })?;
+    let reply = read_reply(s).await?;
     if !reply.ok {
         return Err(Error::failed(
             "The guest agent refused",
@@ -81,16 +73,20 @@ pub async fn health_at_once(uds: &Path) -> Result<Option<Health>> {
     let Ok(mut s) = connect(uds, super::HEALTH_PORT).await else {
         return Ok(None);
     };
-    let line = read_line(&mut s, 64 * 1024)
+    Ok(read_reply(&mut s).await?.health)
+}
+
+/// Reads the agent's reply line.
+async fn read_reply<S: AsyncRead + Unpin>(s: &mut S) -> Result<Reply> {
+    let line = read_line(s, 64 * 1024)
         .await
         .map_err(io("The guest agent hung up"))?;
-    let reply: Reply = serde_json::from_str(&line).map_err(|e| {
+    serde_json::from_str(&line).map_err(|e| {
         Error::failed(
             "The guest agent answered something unexpected",
             std::io::Error::other(e),
         )
-    })?;
-    Ok(reply.health)
+    })
 }
 
 /// Asks for the agent's health.
