@@ -538,31 +538,15 @@ async fn vm(out: &Output, c: &mut Client, cmd: VmCommand) -> anyhow::Result<()> 
             let fd = c
                 .call_fd(&format!("{V}.OpenAgent"), json!({ "name": name }))
                 .await?;
-            let what = crate::agent::ExecRequest {
-                argv: command,
-                env,
-                cwd: workdir,
-                user,
-                tty: tty.then(super::term::tty),
-            };
-            let code = super::vm::exec_on(fd, what).await?;
-            use tokio::io::AsyncWriteExt;
-            let _ = tokio::io::stdout().flush().await;
-            std::process::exit(code);
+            let what = super::vm::exec_request(command, env, workdir, user, tty);
+            super::vm::leave(super::vm::exec_on(fd, what).await?).await;
         }
         VmCommand::Shell { name, user } => {
             let fd = c
                 .call_fd(&format!("{V}.OpenAgent"), json!({ "name": name }))
                 .await?;
-            let what = crate::agent::ExecRequest {
-                user,
-                tty: Some(super::term::tty()),
-                ..Default::default()
-            };
-            let code = super::vm::exec_on(fd, what).await?;
-            use tokio::io::AsyncWriteExt;
-            let _ = tokio::io::stdout().flush().await;
-            std::process::exit(code);
+            let what = super::vm::shell_request(user);
+            super::vm::leave(super::vm::exec_on(fd, what).await?).await;
         }
         VmCommand::Cp { src, dst } => {
             let (from, to) = (src.clone(), dst.clone());
@@ -663,10 +647,7 @@ async fn vm(out: &Output, c: &mut Client, cmd: VmCommand) -> anyhow::Result<()> 
                         .call_fd(&format!("{V}.OpenAgent"), json!({ "name": name }))
                         .await?;
                     let what = if command.is_empty() {
-                        crate::agent::ExecRequest {
-                            tty: Some(super::term::tty()),
-                            ..Default::default()
-                        }
+                        super::vm::shell_request(None)
                     } else {
                         crate::agent::ExecRequest::new(command)
                     };
@@ -685,9 +666,7 @@ async fn vm(out: &Output, c: &mut Client, cmd: VmCommand) -> anyhow::Result<()> 
                     eprintln!("banger: cannot delete VM {name}: {e}");
                 }
             }
-            use tokio::io::AsyncWriteExt;
-            let _ = tokio::io::stdout().flush().await;
-            std::process::exit(code?);
+            super::vm::leave(code?).await;
         }
     }
     Ok(())
@@ -725,15 +704,7 @@ async fn main_process(c: &mut Client, name: &str) -> anyhow::Result<i32> {
     let fd = c
         .call_fd("io.banger.VMs.OpenConsole", json!({ "name": name }))
         .await?;
-    let text = tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut s = String::new();
-        let _ = std::fs::File::from(fd).read_to_string(&mut s);
-        s
-    })
-    .await
-    .unwrap_or_default();
-    print!("{}", super::vm::main_output(&text));
+    super::vm::print_main_output(fd).await;
     Ok(vm["vm"]["exitStatus"].as_i64().unwrap_or(-1) as i32)
 }
 

@@ -397,6 +397,52 @@ async fn exec_in(
     exec_on(fd.into(), what).await
 }
 
+/// What `vm exec` asks the agent to run.
+pub(super) fn exec_request(
+    command: Vec<String>,
+    env: Vec<String>,
+    workdir: Option<String>,
+    user: Option<String>,
+    tty: bool,
+) -> crate::agent::ExecRequest {
+    crate::agent::ExecRequest {
+        argv: command,
+        env,
+        cwd: workdir,
+        user,
+        tty: tty.then(super::term::tty),
+    }
+}
+
+/// A login shell of `user` (else root) on a terminal of its own.
+pub(super) fn shell_request(user: Option<String>) -> crate::agent::ExecRequest {
+    crate::agent::ExecRequest {
+        user,
+        tty: Some(super::term::tty()),
+        ..Default::default()
+    }
+}
+
+/// Ends the CLI with `code` once stdout is flushed: the blocking stdin reader an exec leaves
+/// would keep the runtime alive.
+pub(super) async fn leave(code: i32) -> ! {
+    let _ = tokio::io::stdout().flush().await;
+    std::process::exit(code)
+}
+
+/// Prints the main process's output from the console log `console` (`OpenConsole`).
+pub(super) async fn print_main_output(console: std::os::fd::OwnedFd) {
+    let text = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut s = String::new();
+        let _ = std::fs::File::from(console).read_to_string(&mut s);
+        s
+    })
+    .await
+    .unwrap_or_default();
+    print!("{}", main_output(&text));
+}
+
 /// Runs `what` on `agent`, a stream to the VM's agent (`OpenAgent`), with this process's
 /// streams; its status.
 pub(super) async fn exec_on(
@@ -641,13 +687,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                 Ok(()) if !command.is_empty() => {
                     exec_in(conn, &p, &name, crate::agent::ExecRequest::new(command)).await
                 }
-                Ok(()) if shell => {
-                    let what = crate::agent::ExecRequest {
-                        tty: Some(super::term::tty()),
-                        ..Default::default()
-                    };
-                    exec_in(conn, &p, &name, what).await
-                }
+                Ok(()) if shell => exec_in(conn, &p, &name, shell_request(None)).await,
                 Ok(()) => {
                     let identity = spec.ssh_key.map(|k| k.with_extension(""));
                     let mut ssh = ssh_command(conn, &p, &name, identity, Vec::new()).await?;
@@ -660,8 +700,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                     eprintln!("banger: cannot delete VM {name}: {}", explain(e));
                 }
             }
-            let _ = tokio::io::stdout().flush().await;
-            std::process::exit(code?);
+            leave(code?).await;
         }
         VmCommand::Ssh {
             name,
@@ -843,17 +882,8 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             user,
             tty,
         } => {
-            let what = crate::agent::ExecRequest {
-                argv: command,
-                env,
-                cwd: workdir,
-                user,
-                tty: tty.then(super::term::tty),
-            };
-            let code = exec_in(conn, &p, &name, what).await?;
-            // The blocking stdin reader would keep the runtime alive: leave at once.
-            let _ = tokio::io::stdout().flush().await;
-            std::process::exit(code);
+            let what = exec_request(command, env, workdir, user, tty);
+            leave(exec_in(conn, &p, &name, what).await?).await;
         }
         VmCommand::Cp { src, dst } => {
             let (from, to) = (src.clone(), dst.clone());
@@ -865,14 +895,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             out.done(vec![("from", json!(from)), ("to", json!(to))]);
         }
         VmCommand::Shell { name, user } => {
-            let what = crate::agent::ExecRequest {
-                user,
-                tty: Some(super::term::tty()),
-                ..Default::default()
-            };
-            let code = exec_in(conn, &p, &name, what).await?;
-            let _ = tokio::io::stdout().flush().await;
-            std::process::exit(code);
+            leave(exec_in(conn, &p, &name, shell_request(user)).await?).await;
         }
         VmCommand::Logs { name, follow } => {
             let vm = vm_proxy(conn, &p, &name).await?;
@@ -934,15 +957,7 @@ async fn main_process(
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), changes.next()).await;
     }
     let fd = vm.open_console().await.map_err(explain)?;
-    let text = tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut s = String::new();
-        let _ = std::fs::File::from(std::os::fd::OwnedFd::from(fd)).read_to_string(&mut s);
-        s
-    })
-    .await
-    .unwrap_or_default();
-    print!("{}", main_output(&text));
+    print_main_output(fd.into()).await;
     Ok(vm.exit_status().await?)
 }
 
