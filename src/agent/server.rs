@@ -173,11 +173,7 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
         Err(e) => return write_line(&mut writer, &Reply::error(format!("bad request: {e}"))),
     };
     match req {
-        Request::Health => {
-            let mut r = Reply::ok();
-            r.health = Some(health());
-            write_line(&mut writer, &r)
-        }
+        Request::Health => write_line(&mut writer, &health_reply()),
         Request::Shutdown => {
             write_line(&mut writer, &Reply::ok())?;
             drop(writer);
@@ -195,11 +191,7 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
         Request::Get { path } => get(writer, &path),
         Request::Identity(id) => match super::identity::apply(&id) {
             // With its health: the host need not ask again (a round trip a restore saves).
-            Ok(()) => {
-                let mut r = Reply::ok();
-                r.health = Some(health());
-                write_line(&mut writer, &r)
-            }
+            Ok(()) => write_line(&mut writer, &health_reply()),
             Err(e) => write_line(&mut writer, &Reply::error(e)),
         },
         Request::Connect { port } => {
@@ -332,12 +324,17 @@ fn get(mut writer: std::fs::File, path: &str) -> std::io::Result<()> {
     end_copy(&mut writer, r, path)
 }
 
-/// The answer on [`super::HEALTH_PORT`]: a `health` reply line.
-fn health_line() -> Vec<u8> {
+/// A success carrying the agent's health (`health`, `identity`, [`super::HEALTH_PORT`]).
+fn health_reply() -> Reply {
     let mut r = Reply::ok();
     r.health = Some(health());
-    let mut line = serde_json::to_vec(&r).unwrap_or_default();
-    line.push(b'\n');
+    r
+}
+
+/// The answer on [`super::HEALTH_PORT`]: a `health` reply line.
+fn health_line() -> Vec<u8> {
+    let mut line = Vec::new();
+    let _ = write_line(&mut line, &health_reply());
     line
 }
 

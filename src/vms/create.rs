@@ -892,7 +892,6 @@ impl Vms {
     /// Waits until the guest agent answers a health request; returns its answer.
     async fn wait_agent(&self, run: &std::path::Path) -> Result<crate::agent::Health> {
         let sock = self.vmm.vsock_socket(run);
-        let answer = std::sync::Mutex::new(None);
         self.wait_guest(run, "its agent", "The guest agent", || async {
             // The link's own answer first (it waits for the agent's HELLO): no request.
             let quick = crate::agent::client::health_at_once(&sock)
@@ -910,36 +909,21 @@ impl Vms {
                 }
             };
             tracing::debug!(?h, "Agent answered");
-            *answer.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
-            Ok(())
+            Ok(h)
         })
-        .await?;
-        let h = answer.into_inner().unwrap_or_else(|p| p.into_inner());
-        Ok(h.unwrap_or_default())
+        .await
     }
 
     /// Connects to the guest agent, waiting for it as [`Self::wait_agent`] does, and asks
     /// nothing yet.
     async fn reach_agent(&self, run: &std::path::Path) -> Result<tokio::net::UnixStream> {
         let sock = self.vmm.vsock_socket(run);
-        let reached = std::sync::Mutex::new(None);
         self.wait_guest(run, "its agent", "The guest agent", || async {
-            let s = crate::agent::client::connect(&sock, crate::agent::PORT)
+            crate::agent::client::connect(&sock, crate::agent::PORT)
                 .await
-                .map_err(|e| e.full_message())?;
-            *reached.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
-            Ok(())
+                .map_err(|e| e.full_message())
         })
-        .await?;
-        reached
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner())
-            .ok_or_else(|| {
-                Error::failed(
-                    "The guest agent vanished",
-                    std::io::Error::other("no stream"),
-                )
-            })
+        .await
     }
 
     /// Hands a restored guest its own identity through its agent (see `agent::identity`), on
@@ -998,18 +982,19 @@ impl Vms {
         }
     }
 
-    /// Retries `attempt` (each try bounded to 5 s, tries at least 250 ms apart) until it succeeds, the VMM
-    /// exits, or `boot_timeout_sec` passes; the errors name `what` and the last failure.
-    async fn wait_guest<F, Fut>(
+    /// Retries `attempt` (each try bounded to 5 s, tries at least 250 ms apart) until it
+    /// succeeds (its value is returned), the VMM exits, or `boot_timeout_sec` passes; the
+    /// errors name `what` and the last failure.
+    async fn wait_guest<T, F, Fut>(
         &self,
         run: &std::path::Path,
         what: &str,
         what_capitalised: &str,
         mut attempt: F,
-    ) -> Result<()>
+    ) -> Result<T>
     where
         F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<(), String>>,
+        Fut: std::future::Future<Output = std::result::Result<T, String>>,
     {
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(self.config.boot_timeout_sec);
@@ -1023,7 +1008,7 @@ impl Vms {
             }
             let tried = tokio::time::Instant::now();
             match tokio::time::timeout(Duration::from_secs(5), attempt()).await {
-                Ok(Ok(())) => return Ok(()),
+                Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) => last = e,
                 Err(_) => last = "no answer within 5 s".into(),
             }
