@@ -15,6 +15,56 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
+/// A file or path a caller named was refused, or could not be read as the caller.
+#[derive(Debug, thiserror::Error)]
+pub enum CallerFileError {
+    /// The path or file is not acceptable; the message names it and why.
+    #[error("{0}")]
+    Refused(String),
+    /// The file is larger than a configured bound; the message names the key.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Reading as the caller failed; `what` says which step.
+    #[error("{what}")]
+    Failed {
+        /// What banger was doing.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl crate::error::Kind for CallerFileError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            CallerFileError::Refused(_) => ErrorKind::InvalidArgument,
+            CallerFileError::TooLarge(_) => ErrorKind::LimitExceeded,
+            CallerFileError::Failed { .. } => ErrorKind::Failed,
+        }
+    }
+}
+
+fn refused(message: impl Into<String>) -> Error {
+    CallerFileError::Refused(message.into()).into()
+}
+
+fn too_large(message: impl Into<String>) -> Error {
+    CallerFileError::TooLarge(message.into()).into()
+}
+
+fn failed(
+    what: impl Into<String>,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> Error {
+    CallerFileError::Failed {
+        what: what.into(),
+        source: source.into(),
+    }
+    .into()
+}
+
 /// A caller's file as a front end received it.
 #[derive(Debug)]
 pub enum CallerInput {
@@ -56,10 +106,9 @@ pub struct Creds {
 
 /// `uid`'s credentials; an error when it has no entry in the password database.
 pub fn creds(uid: u32) -> Result<Creds> {
-    let (name, gid) = crate::host::user_of(uid).ok_or_else(|| {
-        Error::InvalidArgument(format!("uid {uid} has no entry in the password database"))
-    })?;
-    let cname = CString::new(name).map_err(|e| Error::failed("Bad user name", e))?;
+    let (name, gid) = crate::host::user_of(uid)
+        .ok_or_else(|| refused(format!("uid {uid} has no entry in the password database")))?;
+    let cname = CString::new(name).map_err(|e| failed("Bad user name", e))?;
     let mut n: libc::c_int = 64;
     loop {
         let mut groups = vec![0 as libc::gid_t; n as usize];
@@ -72,7 +121,7 @@ pub fn creds(uid: u32) -> Result<Creds> {
             return Ok(Creds { uid, gid, groups });
         }
         if count <= n || count > 65536 {
-            return Err(Error::failed(
+            return Err(failed(
                 format!("Cannot list the groups of uid {uid}"),
                 std::io::Error::other("getgrouplist failed"),
             ));
@@ -99,10 +148,10 @@ pub fn as_caller<T: Send + 'static>(
             }
             f()
         })
-        .map_err(|e| Error::failed("Cannot start a thread", e))?
+        .map_err(|e| failed("Cannot start a thread", e))?
         .join()
         .map_err(|_| {
-            Error::failed(
+            failed(
                 "Reading the caller's file failed",
                 std::io::Error::other("panic"),
             )
@@ -111,7 +160,7 @@ pub fn as_caller<T: Send + 'static>(
 
 fn enter(c: &Creds) -> Result<()> {
     let fail = |what: &str| {
-        Error::failed(
+        failed(
             format!("Cannot take on the caller's {what}"),
             std::io::Error::last_os_error(),
         )
@@ -135,7 +184,7 @@ fn enter(c: &Creds) -> Result<()> {
         )
     };
     if fsuid != c.uid || fsgid != c.gid {
-        return Err(Error::failed(
+        return Err(failed(
             "Cannot take on the caller's identity",
             std::io::Error::other("setfsuid/setfsgid did not take"),
         ));
@@ -161,7 +210,7 @@ pub fn take(uid: u32, input: CallerInput, what: &str, expect: Expect) -> Result<
         CallerInput::Fd(fd) => fd,
         CallerInput::Path(p) => {
             if !p.is_absolute() {
-                return Err(Error::InvalidArgument(format!(
+                return Err(refused(format!(
                     "{what} {}: not an absolute path; the daemon does not know your working directory",
                     p.display()
                 )));
@@ -176,7 +225,7 @@ pub fn take(uid: u32, input: CallerInput, what: &str, expect: Expect) -> Result<
 
 fn open_path(p: &Path, what: &str, expect: Expect) -> Result<OwnedFd> {
     let c = CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| Error::InvalidArgument(format!("{what}: the path holds a NUL byte")))?;
+        .map_err(|_| refused(format!("{what}: the path holds a NUL byte")))?;
     // O_PATH opens nothing: a FIFO or device is looked at, never opened.
     // SAFETY: `c` is a NUL-terminated string that lives across the call.
     let fd = unsafe {
@@ -214,16 +263,14 @@ fn open_path(p: &Path, what: &str, expect: Expect) -> Result<OwnedFd> {
 fn open_error(what: &str, p: &Path, e: std::io::Error) -> Error {
     let p = p.display();
     match e.raw_os_error() {
-        Some(libc::ELOOP) => Error::InvalidArgument(format!(
+        Some(libc::ELOOP) => refused(format!(
             "{what} {p} is a symbolic link; give the file it points to"
         )),
-        Some(libc::EACCES) | Some(libc::EPERM) => Error::InvalidArgument(format!(
+        Some(libc::EACCES) | Some(libc::EPERM) => refused(format!(
             "{what} {p}: you cannot read this file yourself, so banger will not read it for you"
         )),
-        Some(libc::ENOENT) | Some(libc::ENOTDIR) => {
-            Error::InvalidArgument(format!("{what} {p} does not exist"))
-        }
-        _ => Error::InvalidArgument(format!("{what} {p}: {e}")),
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) => refused(format!("{what} {p} does not exist")),
+        _ => refused(format!("{what} {p}: {e}")),
     }
 }
 
@@ -246,7 +293,7 @@ fn kind_ok(st: &libc::stat, what: &str, label: &str, expect: Expect) -> Result<(
         Expect::Dir => ("a directory", fmt == libc::S_IFDIR),
     };
     if !ok {
-        return Err(Error::InvalidArgument(format!(
+        return Err(refused(format!(
             "{what} {label} is {kind}, not {want}; give {want}"
         )));
     }
@@ -255,7 +302,7 @@ fn kind_ok(st: &libc::stat, what: &str, label: &str, expect: Expect) -> Result<(
 
 /// Checks a descriptor: the expected kind, and open for reading.
 fn check(fd: &OwnedFd, what: &str, label: &str, expect: Expect) -> Result<()> {
-    let st = fstat(fd).map_err(|e| Error::InvalidArgument(format!("{what} {label}: {e}")))?;
+    let st = fstat(fd).map_err(|e| refused(format!("{what} {label}: {e}")))?;
     kind_ok(&st, what, label, expect)?;
     // SAFETY: F_GETFL takes no pointer.
     let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
@@ -263,7 +310,7 @@ fn check(fd: &OwnedFd, what: &str, label: &str, expect: Expect) -> Result<()> {
         || fl & libc::O_PATH != 0
         || (expect == Expect::File && fl & libc::O_ACCMODE == libc::O_WRONLY)
     {
-        return Err(Error::InvalidArgument(format!(
+        return Err(refused(format!(
             "{what} {label} is not open for reading; open it read-only and pass that"
         )));
     }
@@ -272,10 +319,10 @@ fn check(fd: &OwnedFd, what: &str, label: &str, expect: Expect) -> Result<()> {
 
 /// The size of a checked regular file, refused over `max` (`key` names the bound).
 pub fn size_within(fd: &OwnedFd, what: &str, max: u64, key: &str) -> Result<u64> {
-    let st = fstat(fd).map_err(|e| Error::failed(format!("Cannot stat {what}"), e))?;
+    let st = fstat(fd).map_err(|e| failed(format!("Cannot stat {what}"), e))?;
     let size = st.st_size as u64;
     if size > max {
-        return Err(Error::LimitExceeded(format!(
+        return Err(too_large(format!(
             "{what} is {size} bytes, over the {max} bytes {key} allows; ask the operator to raise {key} in /etc/banger/config.toml"
         )));
     }
@@ -292,11 +339,11 @@ pub fn copy_into(src: &OwnedFd, dst: &Path, size: u64) -> Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(dst)
-        .map_err(|e| Error::failed(format!("Cannot create {}", dst.display()), e))?;
+        .map_err(|e| failed(format!("Cannot create {}", dst.display()), e))?;
     copy_fd(src, &out, size)
-        .map_err(|e| Error::failed(format!("Cannot copy into {}", dst.display()), e))?;
+        .map_err(|e| failed(format!("Cannot copy into {}", dst.display()), e))?;
     out.sync_all()
-        .map_err(|e| Error::failed(format!("Cannot sync {}", dst.display()), e))
+        .map_err(|e| failed(format!("Cannot sync {}", dst.display()), e))
 }
 
 fn copy_fd(src: &OwnedFd, out: &File, size: u64) -> std::io::Result<()> {
@@ -361,9 +408,9 @@ pub fn read_all(fd: OwnedFd, what: &str, max: u64, key: &str) -> Result<Vec<u8>>
     File::from(fd)
         .take(max + 1)
         .read_to_end(&mut v)
-        .map_err(|e| Error::InvalidArgument(format!("{what}: cannot read it: {e}")))?;
+        .map_err(|e| refused(format!("{what}: cannot read it: {e}")))?;
     if v.len() as u64 > max {
-        return Err(Error::LimitExceeded(format!(
+        return Err(too_large(format!(
             "{what} grew over the {max} bytes {key} allows while it was read"
         )));
     }
@@ -443,7 +490,8 @@ mod tests {
         );
         let e = size_within(&fd, "rootfs", 10, "max_register_bytes").unwrap_err();
         assert!(
-            matches!(e, Error::LimitExceeded(_)) && e.to_string().contains("max_register_bytes"),
+            matches!(e, Error::CallerFile(CallerFileError::TooLarge(_)))
+                && e.to_string().contains("max_register_bytes"),
             "{e}"
         );
     }

@@ -1,6 +1,11 @@
-//! The error every service returns; `dbus::error` maps it onto the names of DESIGN.md.
+//! The error every service returns, and the kinds the front ends map it onto.
+//!
+//! Each module names its own failures in a `thiserror` enum with a `kind()` (the VM, image,
+//! kernel, snapshot, job, store, network, OCI, VMM and caller-file errors); [`Error`] carries
+//! any of them, plus the few generic cases shared helpers raise, and its [`Error::kind`]
+//! asks the module's error. `dbus::error` and `varlink::Failure::of` map the kind once each.
 
-/// What kind of failure an [`Error`] is, which decides its D-Bus error name.
+/// What kind of failure an [`Error`] is, which decides its D-Bus and Varlink error names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// `org.banger.Error.NotFound`
@@ -20,10 +25,46 @@ pub enum ErrorKind {
     PermissionDenied,
 }
 
+/// A module's error: it knows which [`ErrorKind`] each of its failures is.
+pub trait Kind {
+    /// The front-end-facing kind of this failure.
+    fn kind(&self) -> ErrorKind;
+}
+
 /// A service error. Each message is written for the user and says what to do next where
 /// that is knowable.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A VM operation's failure.
+    #[error(transparent)]
+    Vm(#[from] crate::vms::VmError),
+    /// A snapshot's failure.
+    #[error(transparent)]
+    Snapshot(#[from] crate::vms::snapshot::SnapshotError),
+    /// An image operation's failure.
+    #[error(transparent)]
+    Image(#[from] crate::images::ImageError),
+    /// A kernel operation's failure.
+    #[error(transparent)]
+    Kernel(#[from] crate::kernels::KernelError),
+    /// A job lookup's failure.
+    #[error(transparent)]
+    Job(#[from] crate::jobs::JobError),
+    /// The state database's failure.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A network setup's failure.
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
+    /// A registry's or an OCI layout's failure.
+    #[error(transparent)]
+    Oci(#[from] crate::oci::OciError),
+    /// The VMM's failure.
+    #[error(transparent)]
+    Vmm(#[from] crate::vmm::VmmError),
+    /// A file or path a caller named was refused.
+    #[error(transparent)]
+    CallerFile(#[from] crate::callerfile::CallerFileError),
     /// The named object does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -73,6 +114,16 @@ impl Error {
             Error::LimitExceeded(_) => ErrorKind::LimitExceeded,
             Error::NotImplemented(_) | Error::Canceled | Error::Failed { .. } => ErrorKind::Failed,
             Error::Denied(_) => ErrorKind::PermissionDenied,
+            Error::Vm(e) => e.kind(),
+            Error::Snapshot(e) => e.kind(),
+            Error::Image(e) => e.kind(),
+            Error::Kernel(e) => e.kind(),
+            Error::Job(e) => e.kind(),
+            Error::Store(e) => e.kind(),
+            Error::Net(e) => e.kind(),
+            Error::Oci(e) => e.kind(),
+            Error::Vmm(e) => e.kind(),
+            Error::CallerFile(e) => e.kind(),
         }
     }
 
@@ -105,7 +156,7 @@ impl Error {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -127,6 +178,129 @@ mod tests {
             err.full_message(),
             "Cannot connect to the system bus: connect failed: no such socket"
         );
+    }
+
+    /// One failure of each module, and the kind it must keep through the service error.
+    pub(crate) fn one_of_each_module() -> Vec<(Error, ErrorKind)> {
+        use crate::model::VmState;
+        use crate::vms::state::VmOp;
+        let io = || std::io::Error::other("refused");
+        vec![
+            (
+                crate::vms::VmError::NotFound("v".into()).into(),
+                ErrorKind::NotFound,
+            ),
+            (
+                crate::vms::VmError::NotAllowed {
+                    name: "v".into(),
+                    state: VmState::Running,
+                    op: VmOp::Delete,
+                }
+                .into(),
+                ErrorKind::InUse,
+            ),
+            (
+                crate::vms::VmError::NotAllowed {
+                    name: "v".into(),
+                    state: VmState::Stopped,
+                    op: VmOp::Pause,
+                }
+                .into(),
+                ErrorKind::InvalidArgument,
+            ),
+            (
+                crate::vms::VmError::Limit("max_vcpus".into()).into(),
+                ErrorKind::LimitExceeded,
+            ),
+            (
+                crate::vms::snapshot::SnapshotError::NameTaken("s".into()).into(),
+                ErrorKind::AlreadyExists,
+            ),
+            (
+                crate::vms::snapshot::SnapshotError::Damaged {
+                    name: "s".into(),
+                    why: "short".into(),
+                }
+                .into(),
+                ErrorKind::Failed,
+            ),
+            (
+                crate::images::ImageError::InUse {
+                    name: "i".into(),
+                    users: 2,
+                    next: "VM(s)",
+                }
+                .into(),
+                ErrorKind::InUse,
+            ),
+            (
+                crate::images::ImageError::NoMirror.into(),
+                ErrorKind::NotFound,
+            ),
+            (
+                crate::kernels::KernelError::TooLarge(1).into(),
+                ErrorKind::LimitExceeded,
+            ),
+            (
+                crate::kernels::KernelError::NameTaken("k".into()).into(),
+                ErrorKind::AlreadyExists,
+            ),
+            (
+                crate::jobs::JobError::NotFound(7).into(),
+                ErrorKind::NotFound,
+            ),
+            (
+                crate::store::StoreError::Quota("max_vms_per_user".into()).into(),
+                ErrorKind::LimitExceeded,
+            ),
+            (
+                crate::store::StoreError::Gone("v".into()).into(),
+                ErrorKind::NotFound,
+            ),
+            (
+                crate::net::NetError::Invalid("egress".into()).into(),
+                ErrorKind::InvalidArgument,
+            ),
+            (
+                crate::net::NetError::Host {
+                    what: "Cannot create tap".into(),
+                    source: io().into(),
+                }
+                .into(),
+                ErrorKind::Failed,
+            ),
+            (
+                crate::oci::OciError::Reference {
+                    reference: "x:".into(),
+                    why: "empty tag".into(),
+                }
+                .into(),
+                ErrorKind::InvalidArgument,
+            ),
+            (
+                crate::vmm::VmmError::Invalid("share".into()).into(),
+                ErrorKind::InvalidArgument,
+            ),
+            (
+                crate::callerfile::CallerFileError::TooLarge("max_register_bytes".into()).into(),
+                ErrorKind::LimitExceeded,
+            ),
+            (
+                crate::auth::AuthError::NoSender.into(),
+                ErrorKind::PermissionDenied,
+            ),
+            (Error::Canceled, ErrorKind::Failed),
+        ]
+    }
+
+    #[test]
+    fn each_module_error_keeps_its_kind() {
+        let cases = one_of_each_module();
+        for (e, kind) in &cases {
+            assert_eq!(e.kind(), *kind, "{e}");
+            assert!(!e.to_string().is_empty());
+        }
+        println!("{} module errors, each with its kind", cases.len());
     }
 
     #[test]

@@ -14,6 +14,22 @@ use tokio::sync::{broadcast, watch};
 use crate::auth::Action;
 use crate::{Error, Result};
 
+/// A job lookup's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// No job of this id runs.
+    #[error("No running job {0}; it may have finished already (see `banger status`)")]
+    NotFound(u32),
+}
+
+impl crate::error::Kind for JobError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        match self {
+            JobError::NotFound(_) => crate::error::ErrorKind::NotFound,
+        }
+    }
+}
+
 /// How a job stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobState {
@@ -412,11 +428,10 @@ impl Jobs {
 
     /// A running job.
     pub fn get(&self, id: u32) -> Result<Arc<Job>> {
-        self.table().get(&id).cloned().ok_or_else(|| {
-            Error::NotFound(format!(
-                "No running job {id}; it may have finished already (see `banger status`)"
-            ))
-        })
+        self.table()
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| JobError::NotFound(id).into())
     }
 
     /// A job that runs or finished lately (for subscribers catching up with its events).
@@ -828,7 +843,10 @@ mod tests {
                 error: String::new()
             }
         );
-        assert!(matches!(jobs.cancel(job.id), Err(Error::NotFound(_))));
+        assert!(matches!(
+            jobs.cancel(job.id),
+            Err(Error::Job(JobError::NotFound(_)))
+        ));
     }
 
     #[tokio::test]

@@ -17,7 +17,9 @@ use crate::jobs::Job;
 use crate::kernels::ImportOptions;
 use crate::model::{validate_name, Image, Kernel, NameKind, Vm};
 use crate::service::Banger;
+use crate::vms::snapshot::SnapshotError;
 use crate::vms::snapshot::SnapshotOptions;
+use crate::vms::VmError;
 use crate::vms::{action_for, CreateOptions, StopOptions};
 use crate::{Error, Result};
 
@@ -160,11 +162,12 @@ pub async fn warm_image<'a>(
             .warm(key, o.kernel.as_deref(), o.vcpus, o.memory_mib)
             .await?
             .ok_or_else(|| {
-                Error::InUse(format!(
+                SnapshotError::Busy(format!(
                     "The warm snapshot of image {key} ({} vCPUs, {} MiB) is being made \
                      already; `banger job list` shows its job",
                     o.vcpus, o.memory_mib
                 ))
+                .into()
             })
     }))
 }
@@ -387,10 +390,10 @@ pub async fn open_console<'a>(
     Ok(Ready::new(vec![action], async move {
         let log = b.vms.console_log(&vm.id);
         let f = crate::vmm::console::open_log_file(&log).map_err(|e| {
-            Error::NotFound(format!(
+            Error::from(VmError::Missing(format!(
                 "VM {} has no console log yet ({e}); it has not booted",
                 vm.name
-            ))
+            )))
         })?;
         Ok(OwnedFd::from(f))
     }))

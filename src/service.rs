@@ -6,6 +6,7 @@ use crate::config::Config;
 pub use crate::events::{Events, ObjectEvent};
 use crate::images::Images;
 use crate::jobs::Jobs;
+use crate::kernels::KernelError;
 use crate::kernels::Kernels;
 use crate::layout::Layout;
 use crate::store::{rows, Store};
@@ -152,11 +153,18 @@ impl Banger {
     pub async fn check_kernel_name(&self, name: &str) -> Result<()> {
         match self.kernels.get(name).await {
             Ok(_) => Ok(()),
-            Err(crate::Error::NotFound(_)) if self.kernels.in_catalog(name) => Ok(()),
-            Err(crate::Error::NotFound(_)) => Err(crate::Error::NotFound(format!(
-                "No kernel {name:?} installed or in the catalog; `banger kernel list \
-                 --available` shows what can be pulled, `banger kernel import` adds your own"
-            ))),
+            Err(crate::Error::Kernel(KernelError::NotFound(_)))
+                if self.kernels.in_catalog(name) =>
+            {
+                Ok(())
+            }
+            Err(crate::Error::Kernel(KernelError::NotFound(_))) => {
+                Err(KernelError::Unavailable(format!(
+                    "No kernel {name:?} installed or in the catalog; `banger kernel list \
+                     --available` shows what can be pulled, `banger kernel import` adds your own"
+                ))
+                .into())
+            }
             Err(e) => Err(e),
         }
     }
@@ -171,10 +179,11 @@ impl Banger {
     ) -> Result<crate::model::Image> {
         if let Some(kernel_path) = opts.kernel_path.take() {
             if self.kernels.get(name).await.is_ok() {
-                return Err(crate::Error::AlreadyExists(format!(
+                return Err(KernelError::NameTaken(format!(
                     "A kernel named {name:?} exists; register with 'kernel' {name:?} to keep it, \
                      or import the new files under another name first"
-                )));
+                ))
+                .into());
             }
             let o = crate::kernels::ImportOptions {
                 kernel_path: Some(kernel_path),

@@ -106,3 +106,27 @@ impl std::error::Error for BusError {}
 /// Result of a D-Bus method. Interface files import it as `Result`: the interface macro
 /// recognises fallible methods by that name.
 pub type BusResult<T> = std::result::Result<T, BusError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_module_error_goes_on_the_bus_under_its_kind() {
+        let cases = crate::error::tests::one_of_each_module();
+        for (e, kind) in cases {
+            let text = e.to_string();
+            let bus = BusError::from(e);
+            let want = match kind {
+                ErrorKind::NotFound => "org.banger.Error.NotFound",
+                ErrorKind::AlreadyExists => "org.banger.Error.AlreadyExists",
+                ErrorKind::InUse => "org.banger.Error.InUse",
+                ErrorKind::InvalidArgument => "org.banger.Error.InvalidArgument",
+                ErrorKind::LimitExceeded => "org.banger.Error.LimitExceeded",
+                ErrorKind::Failed => "org.banger.Error.Failed",
+                ErrorKind::PermissionDenied => "org.freedesktop.DBus.Error.AccessDenied",
+            };
+            assert_eq!(zbus::DBusError::name(&bus).as_str(), want, "{text}");
+        }
+    }
+}

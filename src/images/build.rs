@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::error::{invalid, ImageError};
 use super::finish::{blocking, TreeImage};
 use super::publish::Staging;
 use super::{BuildOptions, Images};
@@ -67,9 +68,7 @@ pub fn host_mirror() -> Result<String> {
             }
         }
     }
-    Err(Error::NotFound(
-        "No Debian mirror in the host's apt sources (/etc/apt/sources.list*)".into(),
-    ))
+    Err(ImageError::NoMirror.into())
 }
 
 fn run_debootstrap(suite: &str, packages: &[String], tree: &Path, log: &Path) -> Result<()> {
@@ -137,19 +136,19 @@ impl Images {
         validate_name(NameKind::Image, name)?;
         let suite = opts.suite.clone().unwrap_or_else(|| "bookworm".into());
         if !word_ok(&suite) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "Invalid suite {suite:?}; use e.g. bookworm"
             )));
         }
         if let Some(bad) = opts.packages.iter().find(|p| !word_ok(p)) {
-            return Err(Error::InvalidArgument(format!(
-                "Invalid package name {bad:?}"
-            )));
+            return Err(invalid(format!("Invalid package name {bad:?}")));
         }
         if self.name_taken(name).await? {
-            return Err(Error::AlreadyExists(format!(
-                "An image named {name:?} exists; delete it first or pick another name"
-            )));
+            return Err(ImageError::NameTaken {
+                name: name.to_owned(),
+                next: "delete it first or pick another name",
+            }
+            .into());
         }
         let spec = JobSpec {
             kind: "build-image".into(),

@@ -3,12 +3,14 @@
 //! deletion (lookup, reference check, row delete) hold the images lock.
 
 mod build;
+mod error;
 mod finish;
 mod publish;
 mod pull;
 mod register;
 
 pub use build::host_mirror;
+pub use error::ImageError;
 
 use std::sync::Arc;
 
@@ -20,6 +22,7 @@ use crate::layout::Layout;
 use crate::model::{validate_name, Image, NameKind};
 use crate::store::{rows, Store};
 use crate::{Error, Result};
+use error::invalid;
 
 /// Options of `PullImage`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -77,19 +80,19 @@ impl RegisterOptions {
     pub fn validate(&self) -> Result<()> {
         let paths = self.kernel_path.is_some() || self.initrd_path.is_some();
         if self.kernel.is_some() && (paths || self.modules_dir.is_some()) {
-            return Err(Error::InvalidArgument(
-                "Give either 'kernel' (a kernel name) or 'kernel_path'/'initrd_path'/'modules_dir', not both".into(),
+            return Err(invalid(
+                "Give either 'kernel' (a kernel name) or 'kernel_path'/'initrd_path'/'modules_dir', not both",
             ));
         }
         if self.kernel_path.is_none() && (self.initrd_path.is_some() || self.modules_dir.is_some())
         {
-            return Err(Error::InvalidArgument(
-                "'initrd_path' and 'modules_dir' go with 'kernel_path', the kernel file".into(),
+            return Err(invalid(
+                "'initrd_path' and 'modules_dir' go with 'kernel_path', the kernel file",
             ));
         }
         if self.rootfs.is_none() {
-            return Err(Error::InvalidArgument(
-                "RegisterImage needs 'rootfs', the root filesystem image file".into(),
+            return Err(invalid(
+                "RegisterImage needs 'rootfs', the root filesystem image file",
             ));
         }
         for p in [
@@ -104,7 +107,7 @@ impl RegisterOptions {
         .filter_map(|i| i.path())
         {
             if !p.is_absolute() {
-                return Err(Error::InvalidArgument(format!(
+                return Err(invalid(format!(
                     "{} is not an absolute path; the daemon does not know your working directory",
                     p.display()
                 )));
@@ -224,10 +227,13 @@ impl Images {
                 let users = rows::vms_using_image(c, &image.id)?
                     + rows::snapshots_using_image(c, &image.id)?;
                 if users > 0 {
-                    return Ok(Err(Error::InUse(format!(
-                        "Image {k:?} is used by {users} VM(s) or snapshot(s); delete them first \
-                         (`banger vm list`, `banger snapshot list`)"
-                    ))));
+                    return Ok(Err(ImageError::InUse {
+                        name: k,
+                        users,
+                        next: "VM(s) or snapshot(s); delete them first (`banger vm list`, \
+                               `banger snapshot list`)",
+                    }
+                    .into()));
                 }
                 rows::delete_image(c, &image.id)?;
                 let id = image.id.clone();
@@ -247,7 +253,7 @@ impl Images {
         if inside(&image.rootfs_path) && image.work_seed_path.as_deref().is_none_or(inside) {
             return Ok(());
         }
-        Err(Error::InvalidArgument(format!(
+        Err(invalid(format!(
             "Image {:?} was registered by path by an older banger and its files are not banger's own; \
              run `banger image promote {}` (it copies them, reading as you) or register it again",
             image.name, image.name
@@ -263,8 +269,6 @@ impl Images {
     }
 
     fn not_found(&self, key: &str) -> Error {
-        Error::NotFound(format!(
-            "No image {key:?}; `banger image list` shows the images"
-        ))
+        ImageError::NotFound(key.to_owned()).into()
     }
 }

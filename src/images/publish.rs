@@ -1,5 +1,6 @@
 //! Publication: the one step of a pull that holds the images lock.
 
+use super::error::ImageError;
 use super::Images;
 use crate::events::ObjectEvent;
 pub(super) use crate::layout::StagingDir as Staging;
@@ -18,10 +19,11 @@ impl Images {
                 &image.id,
                 move |c| {
                     if rows::find_image(c, &name)?.is_some() {
-                        return Ok(Err(Error::AlreadyExists(format!(
+                        return Ok(Err(ImageError::Conflict(format!(
                             "An image named {name:?} was published while this pull ran; pull \
                              again with another --name"
-                        ))));
+                        ))
+                        .into()));
                     }
                     Ok(Ok(()))
                 },
@@ -56,10 +58,11 @@ impl Images {
         let id = image.id.clone();
         let still = self.store.call(move |c| rows::find_image(c, &id)).await?;
         if !matches!(still, Some(ref i) if !i.managed) {
-            return Err(Error::NotFound(format!(
+            return Err(ImageError::Gone(format!(
                 "Image {:?} was deleted or promoted meanwhile",
                 image.name
-            )));
+            ))
+            .into());
         }
         place()?;
         let row = image.clone();

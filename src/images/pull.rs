@@ -11,6 +11,7 @@ use futures_util::StreamExt;
 
 use oci_client::Reference;
 
+use super::error::{invalid, ImageError};
 use super::finish::{blocking, TreeImage};
 use super::publish::Staging;
 use super::{Images, PullOptions};
@@ -204,9 +205,11 @@ impl Images {
             .unwrap_or_else(|| reference::default_name(&r));
         validate_name(NameKind::Image, &name)?;
         if self.name_taken(&name).await? {
-            return Err(Error::AlreadyExists(format!(
-                "An image named {name:?} exists; pass another name (--name) or delete it first"
-            )));
+            return Err(ImageError::NameTaken {
+                name,
+                next: "pass another name (--name) or delete it first",
+            }
+            .into());
         }
         let spec = JobSpec {
             kind: "pull-image".into(),
@@ -256,7 +259,7 @@ impl Images {
             format!("{} is {digest}, {} layer(s)", r.whole(), layers.len()),
         );
         if !(0..=1 << 20).contains(&manifest.config.size) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "The image configuration of {} claims {} bytes; at most 1 MiB is read",
                 r.whole(),
                 manifest.config.size
@@ -419,18 +422,17 @@ fn read_image_config(config: &std::path::Path) -> Result<(Vec<u16>, crate::model
     let text = std::fs::read(config)
         .map_err(|e| Error::failed("Cannot read the image configuration", e))?;
     let v: serde_json::Value = serde_json::from_slice(&text)
-        .map_err(|e| Error::InvalidArgument(format!("The image configuration is not JSON: {e}")))?;
+        .map_err(|e| invalid(format!("The image configuration is not JSON: {e}")))?;
     let run = crate::model::ImageConfig::from_oci(&v);
     if run.to_json().len() > crate::model::ImageConfig::MAX_BYTES {
-        return Err(Error::InvalidArgument(format!(
+        return Err(invalid(format!(
             "The image's Env, WorkingDir, User, Entrypoint and Cmd take more than {} bytes",
             crate::model::ImageConfig::MAX_BYTES
         )));
     }
     let ports = match v["config"]["Labels"][READY_PORTS_LABEL].as_str() {
-        Some(s) => crate::model::parse_ready_ports(s).map_err(|e| {
-            Error::InvalidArgument(format!("The image's label {READY_PORTS_LABEL}: {e}"))
-        }),
+        Some(s) => crate::model::parse_ready_ports(s)
+            .map_err(|e| invalid(format!("The image's label {READY_PORTS_LABEL}: {e}"))),
         None => Ok(Vec::new()),
     }?;
     Ok((ports, run))
@@ -448,9 +450,11 @@ impl Images {
         let name = opts.name.clone().unwrap_or_else(|| entry.name.clone());
         validate_name(NameKind::Image, &name)?;
         if self.name_taken(&name).await? {
-            return Err(Error::AlreadyExists(format!(
-                "An image named {name:?} exists; pass another name (--name) or delete it first"
-            )));
+            return Err(ImageError::NameTaken {
+                name,
+                next: "pass another name (--name) or delete it first",
+            }
+            .into());
         }
         let spec = JobSpec {
             kind: "pull-image".into(),
@@ -479,9 +483,8 @@ impl Images {
             let (manifest, seed, size) = blocking("Unpack", move || {
                 let tree = crate::bundle::unpack(&bundle, &d, max)?;
                 let manifest = crate::bundle::manifest(&tree)?;
-                let rootfs = crate::bundle::regular(&tree, "rootfs.ext4")?.ok_or_else(|| {
-                    Error::InvalidArgument("The image bundle has no rootfs.ext4".into())
-                })?;
+                let rootfs = crate::bundle::regular(&tree, "rootfs.ext4")?
+                    .ok_or_else(|| invalid("The image bundle has no rootfs.ext4"))?;
                 check_ext4(&rootfs)?;
                 let seed = crate::bundle::regular(&tree, "work-seed.ext4")?;
                 let mv = |from: &Path, to: &str| {
@@ -531,7 +534,7 @@ fn check_ext4(path: &Path) -> Result<()> {
     let mut magic = [0u8; 2];
     let ok = f.seek(SeekFrom::Start(1024 + 56)).is_ok() && f.read_exact(&mut magic).is_ok();
     if !ok || magic != [0x53, 0xef] {
-        return Err(Error::InvalidArgument(format!(
+        return Err(invalid(format!(
             "The bundle's {} is not an ext4 filesystem",
             path.file_name().unwrap_or_default().to_string_lossy()
         )));
@@ -540,7 +543,7 @@ fn check_ext4(path: &Path) -> Result<()> {
 }
 
 fn over_limit(max_bytes: u64) -> Error {
-    Error::InvalidArgument(format!(
+    invalid(format!(
         "The image expands past max_image_bytes ({max_bytes} bytes); raise \
          max_image_bytes in the configuration if the image is genuine"
     ))
@@ -602,7 +605,7 @@ fn apply_layers<T: Tree>(
                 return Err(if storage_full(&e) {
                     Flatten::OutOfRoom(e)
                 } else {
-                    Flatten::Failed(Error::InvalidArgument(e.full_message()))
+                    Flatten::Failed(invalid(e.full_message()))
                 });
             }
         }

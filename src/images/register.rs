@@ -6,6 +6,7 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
+use super::error::{invalid, ImageError};
 use super::publish::Staging;
 use super::{Images, RegisterOptions};
 use crate::auth::Action;
@@ -37,7 +38,7 @@ fn take_image_file(uid: u32, input: CallerInput, what: &str, max: u64) -> Result
     let fd = callerfile::take(uid, input, what, Expect::File)?;
     let size = callerfile::size_within(&fd, what, max, "max_image_bytes")?;
     if !is_ext(&fd) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(invalid(format!(
             "{what} {label} is not an ext4 file system image; make one with mkfs.ext4 -d"
         )));
     }
@@ -49,14 +50,12 @@ impl Images {
     /// copies of them, made now, in `images/<id>/`.
     pub async fn register(&self, uid: u32, name: &str, opts: RegisterOptions) -> Result<Image> {
         if opts.kernel_path.is_some() || opts.initrd_path.is_some() || opts.modules_dir.is_some() {
-            return Err(Error::InvalidArgument(
-                "kernel files are imported by Banger::register_image; Images::register takes a kernel name".into(),
+            return Err(invalid(
+                "kernel files are imported by Banger::register_image; Images::register takes a kernel name",
             ));
         }
         let rootfs = opts.rootfs.ok_or_else(|| {
-            Error::InvalidArgument(
-                "RegisterImage needs 'rootfs', the root filesystem image file".into(),
-            )
+            invalid("RegisterImage needs 'rootfs', the root filesystem image file")
         })?;
         let source = match rootfs.path() {
             Some(p) => format!("file:{}", p.display()),
@@ -98,15 +97,19 @@ impl Images {
             .await?;
         let id = match &existing {
             Some(old) if old.managed => {
-                return Err(Error::AlreadyExists(format!(
+                return Err(ImageError::Conflict(format!(
                 "{name:?} is a managed image; RegisterImage cannot change it (pick another name)"
-            )))
+            ))
+                .into())
             }
             Some(_) if users > 0 => {
-                return Err(Error::InUse(format!(
-                    "Image {name:?} is used by {users} VM(s), whose disks layer on its files; \
-                     delete them first or register under another name"
-                )))
+                return Err(ImageError::InUse {
+                    name: name.to_owned(),
+                    users,
+                    next: "VM(s), whose disks layer on its files; delete them first or \
+                           register under another name",
+                }
+                .into())
             }
             Some(old) => old.id.clone(),
             None => new_id(),
@@ -176,7 +179,7 @@ impl Images {
     pub async fn promote(&self, uid: u32, key: &str) -> Result<Arc<Job>> {
         let image = self.get(key).await?;
         if image.managed {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "Image {:?} is already managed",
                 image.name
             )));

@@ -7,6 +7,7 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path};
 
+use super::error::{invalid, KernelError};
 use super::{vmlinux, ImportOptions, Kernels};
 use crate::callerfile::{self, Expect};
 use crate::events::ObjectEvent;
@@ -40,12 +41,12 @@ fn copy_modules(uid: u32, dir: &OwnedFd, dest: &Path, max_bytes: u64) -> Result<
     }
     let status = tar.wait().map_err(|e| Error::failed("tar failed", e))?;
     if !status.success() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(invalid(format!(
             "modules_dir: you cannot read all of it yourself ({}), so banger will not copy it for you",
             stderr.trim()
         )));
     }
-    applied.map_err(|e| Error::InvalidArgument(format!("modules_dir cannot be copied: {}", e)))?;
+    applied.map_err(|e| invalid(format!("modules_dir cannot be copied: {}", e)))?;
     f.finish()
         .map_err(|e| Error::failed("Cannot copy the modules", e))?;
     check_tree(dest, dest)
@@ -70,14 +71,14 @@ pub(crate) fn check_tree(root: &Path, dir: &Path) -> Result<()> {
                 std::fs::read_link(&p).map_err(|e| Error::failed("Cannot read the modules", e))?;
             let depth = rel.components().count() as i64 - 1;
             if !stays_inside(&target, depth) {
-                return Err(Error::InvalidArgument(format!(
+                return Err(invalid(format!(
                     "modules_dir holds a symbolic link {} -> {} that leaves the modules tree; remove it and import again",
                     rel.display(),
                     target.display()
                 )));
             }
         } else if !t.is_file() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "modules_dir holds {}, which is neither a file, a directory nor a symbolic link",
                 rel.display()
             )));
@@ -121,9 +122,10 @@ impl Kernels {
         validate_name(NameKind::Kernel, name)?;
         opts.validate()?;
         if self.name_taken(name).await? {
-            return Err(Error::AlreadyExists(format!(
+            return Err(KernelError::NameTaken(format!(
                 "A kernel named {name:?} exists; delete it first or pick another name"
-            )));
+            ))
+            .into());
         }
         let staging_dir = self
             .layout
@@ -229,9 +231,10 @@ impl Kernels {
                 name,
                 move |c| {
                     if rows::find_kernel(c, &taken)?.is_some() {
-                        return Ok(Err(Error::AlreadyExists(format!(
+                        return Ok(Err(KernelError::NameTaken(format!(
                             "A kernel named {taken:?} was imported meanwhile"
-                        ))));
+                        ))
+                        .into()));
                     }
                     Ok(Ok(()))
                 },

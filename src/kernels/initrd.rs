@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+use super::error::invalid;
 use crate::guestinit::{MODULE_DIR, MODULE_LIST};
 use crate::{host, Error, Result};
 
@@ -95,7 +96,7 @@ impl ModuleIndex {
                 .components()
                 .all(|c| matches!(c, std::path::Component::Normal(_)));
             if !inside || path.is_empty() {
-                return Err(Error::InvalidArgument(format!(
+                return Err(invalid(format!(
                     "modules.dep names {path:?}, outside the modules tree; banger reads only \
                      modules inside it (run depmod on the tree to rebuild the index)"
                 )));
@@ -138,7 +139,7 @@ impl ModuleIndex {
                 continue;
             }
             if !self.deps.contains_key(&w) {
-                return Err(Error::InvalidArgument(format!(
+                return Err(invalid(format!(
                     "The kernel has no module {w} and does not build it in; banger needs it to boot guests"
                 )));
             }
@@ -291,7 +292,7 @@ pub fn build(modules_dir: &Path, version: &str, init: &Path) -> Result<Vec<u8>> 
     for (name, rel) in &modules {
         let data = read_inside(modules_dir, rel)?;
         if rel.ends_with(".ko.xz") || rel.ends_with(".ko.zst") || rel.ends_with(".ko.gz") {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "Module {rel} is compressed; banger's initrd needs uncompressed modules"
             )));
         }
@@ -312,7 +313,7 @@ fn read_inside(root: &Path, rel: &str) -> Result<Vec<u8>> {
         let meta = std::fs::symlink_metadata(&p)
             .map_err(|e| Error::failed(format!("Cannot read module {rel}"), e))?;
         if meta.file_type().is_symlink() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "Module {rel} is reached through a symbolic link; banger reads only modules stored in the tree"
             )));
         }

@@ -2,10 +2,13 @@
 //! `kernels/<name>/`. Import copies a caller's files as that caller; publication and deletion
 //! hold the kernels lock. Pulls from the catalog land with the rest of the kernels issue.
 
+mod error;
 mod import;
 pub mod initrd;
 mod pull;
 pub mod vmlinux;
+
+pub use error::KernelError;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use crate::layout::Layout;
 use crate::model::Kernel;
 use crate::store::{rows, Store};
 use crate::{Error, Result};
+use error::invalid;
 
 /// Options of `ImportKernel`: the caller's files, each taken once at call time.
 #[derive(Debug, Default)]
@@ -32,8 +36,8 @@ impl ImportOptions {
     /// Checks the options that do not need the filesystem.
     pub fn validate(&self) -> Result<()> {
         if self.kernel_path.is_none() {
-            return Err(Error::InvalidArgument(
-                "ImportKernel needs 'kernel_path', the kernel file to import".into(),
+            return Err(invalid(
+                "ImportKernel needs 'kernel_path', the kernel file to import",
             ));
         }
         for p in [&self.kernel_path, &self.initrd_path, &self.modules_dir]
@@ -42,7 +46,7 @@ impl ImportOptions {
             .filter_map(|i| i.path())
         {
             if !p.is_absolute() {
-                return Err(Error::InvalidArgument(format!(
+                return Err(invalid(format!(
                     "{} is not an absolute path; the daemon does not know your working directory",
                     p.display()
                 )));
@@ -129,10 +133,7 @@ impl Kernels {
                 }
                 let users = rows::users_of_kernel(c, &n)?;
                 if users > 0 {
-                    return Ok(Err(Error::InUse(format!(
-                        "Kernel {n:?} is used by {users} image(s) or VM(s); delete or re-point \
-                         them first"
-                    ))));
+                    return Ok(Err(KernelError::InUse { name: n, users }.into()));
                 }
                 rows::delete_kernel(c, &n)?;
                 Ok(Ok(((), n)))
@@ -153,9 +154,6 @@ impl Kernels {
     }
 
     fn not_found(&self, name: &str) -> Error {
-        Error::NotFound(format!(
-            "No kernel {name:?}; `banger kernel list` shows installed kernels and \
-             `banger kernel list --available` the catalog"
-        ))
+        KernelError::NotFound(name.to_owned()).into()
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use super::error::{invalid, KernelError};
 use super::{CatalogKernel, ImportOptions, Kernels};
 use crate::auth::Action;
 use crate::jobs::{Job, JobSpec};
@@ -55,7 +56,7 @@ pub fn resolve_debian() -> Result<DebPackage> {
             p.starts_with("linux-image-") && p.chars().nth(12).is_some_and(|c| c.is_ascii_digit())
         })
         .ok_or_else(|| {
-            Error::NotFound(format!(
+            KernelError::NotInApt(format!(
                 "apt knows no {DEBIAN_META}; run apt-get update or add Debian's sources"
             ))
         })?
@@ -65,7 +66,7 @@ pub fn resolve_debian() -> Result<DebPackage> {
         .lines()
         .find_map(|l| l.trim().strip_prefix("Candidate: "))
         .filter(|v| *v != "(none)")
-        .ok_or_else(|| Error::NotFound(format!("apt has no candidate version of {name}")))?
+        .ok_or_else(|| KernelError::NotInApt(format!("apt has no candidate version of {name}")))?
         .to_owned();
     let show = apt_cache(&["show", &format!("{name}={version}")])?;
     let sha256 = show
@@ -74,7 +75,9 @@ pub fn resolve_debian() -> Result<DebPackage> {
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix("SHA256: "))
-        .ok_or_else(|| Error::NotFound(format!("apt's index has no SHA256 for {name} {version}")))?
+        .ok_or_else(|| {
+            KernelError::NotInApt(format!("apt's index has no SHA256 for {name} {version}"))
+        })?
         .to_owned();
     Ok(DebPackage {
         name,
@@ -116,7 +119,7 @@ pub fn fetch_deb(pkg: &DebPackage, dir: &Path) -> Result<PathBuf> {
     };
     let actual = sha256_file(&deb)?;
     if actual != pkg.sha256 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(invalid(format!(
             "{} does not match apt's index (sha256 {actual}, expected {}); remove it and pull again",
             deb.display(),
             pkg.sha256
@@ -161,14 +164,13 @@ impl Kernels {
     pub async fn pull(&self, uid: u32, name: &str) -> Result<Arc<Job>> {
         validate_name(NameKind::Kernel, name)?;
         if !self.in_catalog(name) {
-            return Err(Error::NotFound(format!(
-                "No kernel {name:?} in the catalog; `banger kernel list --available` shows it"
-            )));
+            return Err(KernelError::NotInCatalog(name.to_owned()).into());
         }
         if self.name_taken(name).await? {
-            return Err(Error::AlreadyExists(format!(
+            return Err(KernelError::NameTaken(format!(
                 "Kernel {name:?} is installed already; delete it first to pull it again"
-            )));
+            ))
+            .into());
         }
         if let Some(entry) = self.config.kernel_entry(name).cloned() {
             return Ok(self.pull_bundle(uid, entry));
@@ -253,7 +255,7 @@ impl Kernels {
                 .map_err(|e| Error::failed("Unpack task failed", e))??;
             let manifest = crate::bundle::manifest(&tree)?;
             let kernel = crate::bundle::regular(&tree, "vmlinux")?
-                .ok_or_else(|| Error::InvalidArgument("The kernel bundle has no vmlinux".into()))?;
+                .ok_or_else(|| invalid("The kernel bundle has no vmlinux"))?;
             let modules = tree.join("modules");
             let opts = ImportOptions::own_files(
                 kernel,

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use super::error::{invalid, KernelError};
 use crate::{host, Error, Result};
 
 const ELF: &[u8] = b"\x7fELF";
@@ -57,9 +58,7 @@ fn decompress(tool: &str, args: &[&str], payload: &[u8], max: u64) -> Result<Vec
     let _ = child.wait();
     let _ = feeder.join();
     if over {
-        return Err(Error::LimitExceeded(format!(
-            "The kernel decompresses to more than {max} bytes (max_kernel_bytes); it is not a kernel banger will boot"
-        )));
+        return Err(KernelError::TooLarge(max).into());
     }
     read.map_err(|e| Error::failed(format!("{tool} failed"), e))?;
     // Trailing data after the stream makes some tools complain; what counts is the ELF.
@@ -86,9 +85,8 @@ pub fn to_elf(img: &[u8], max: u64) -> Result<Vec<u8>> {
             }
         }
     }
-    Err(Error::InvalidArgument(
-        "The kernel file is neither an ELF vmlinux nor a bzImage with an xz, zstd or gzip payload"
-            .into(),
+    Err(invalid(
+        "The kernel file is neither an ELF vmlinux nor a bzImage with an xz, zstd or gzip payload",
     ))
 }
 
@@ -138,6 +136,9 @@ mod tests {
         }
         let img = fake_bzimage("6.1.0-bomb", &e.finish().unwrap());
         let err = to_elf(&img, 1 << 20).unwrap_err();
-        assert!(matches!(err, Error::LimitExceeded(_)), "{err}");
+        assert!(
+            matches!(err, Error::Kernel(KernelError::TooLarge(_))),
+            "{err}"
+        );
     }
 }

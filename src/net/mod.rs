@@ -6,7 +6,10 @@
 //! Everything is created on demand (the first VM's `network` stage) and removed when the last
 //! running VM is gone, so a host with no VMs carries nothing of banger's.
 
+mod error;
 mod tap;
+
+pub use error::NetError;
 
 use std::net::Ipv4Addr;
 
@@ -14,6 +17,7 @@ use async_trait::async_trait;
 use futures_util::TryStreamExt;
 
 use crate::{Error, Result};
+use error::{failed, invalid};
 
 pub use tap::{create_tap, open_tap, own_tap, TAP_PREFIX};
 
@@ -86,7 +90,7 @@ pub fn colliding_route<'a>(subnet: &Subnet, routes: &'a [Route]) -> Option<&'a R
 
 /// The clear error for a collision, naming the way out.
 pub fn collision_error(subnet: &Subnet, route: &Route) -> Error {
-    Error::InvalidArgument(format!(
+    invalid(format!(
         "The guest subnet {subnet} overlaps the host route {} (dev {}); set `subnet` in \
          /etc/banger/config.toml to a free range and restart bangerd",
         route.dest, route.dev
@@ -96,9 +100,9 @@ pub fn collision_error(subnet: &Subnet, route: &Route) -> Error {
 /// The IPv4 routes of the main table, through netlink.
 pub async fn host_routes() -> Result<Vec<Route>> {
     use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader};
-    let fail = |e: rtnetlink::Error| Error::failed("Cannot read the host's routes (netlink)", e);
+    let fail = |e: rtnetlink::Error| failed("Cannot read the host's routes (netlink)", e);
     let (conn, handle, _) =
-        rtnetlink::new_connection().map_err(|e| Error::failed("Cannot open netlink", e))?;
+        rtnetlink::new_connection().map_err(|e| failed("Cannot open netlink", e))?;
     let task = tokio::spawn(conn);
     let names = link_names(&handle).await?;
     let mut out = Vec::new();
@@ -136,7 +140,7 @@ async fn link_names(handle: &rtnetlink::Handle) -> Result<std::collections::Hash
     while let Some(m) = links
         .try_next()
         .await
-        .map_err(|e| Error::failed("Cannot list the host's links (netlink)", e))?
+        .map_err(|e| failed("Cannot list the host's links (netlink)", e))?
     {
         for a in &m.attributes {
             if let LinkAttribute::IfName(n) = a {
@@ -287,7 +291,7 @@ impl Bridge {
 
     async fn ensure_bridge(&self, handle: &rtnetlink::Handle, subnet: Subnet) -> Result<u32> {
         let fail = |what: &str, e: rtnetlink::Error| {
-            Error::failed(format!("Cannot {what} bridge {BRIDGE} (netlink)"), e)
+            failed(format!("Cannot {what} bridge {BRIDGE} (netlink)"), e)
         };
         let index = match link_index(handle, BRIDGE).await? {
             Some(i) => i,
@@ -303,7 +307,7 @@ impl Bridge {
                     Err(e) => return Err(fail("create", e)),
                 }
                 link_index(handle, BRIDGE).await?.ok_or_else(|| {
-                    Error::failed(
+                    failed(
                         format!("Cannot create bridge {BRIDGE}"),
                         std::io::Error::other("it vanished"),
                     )
@@ -349,7 +353,7 @@ async fn learn_neighbour(
 ) -> Result<()> {
     use rtnetlink::packet_route::neighbour::NeighbourState;
     let mac = parse_mac(&guest.mac)
-        .ok_or_else(|| Error::InvalidArgument(format!("{:?} is not a MAC address", guest.mac)))?;
+        .ok_or_else(|| invalid(format!("{:?} is not a MAC address", guest.mac)))?;
     h.neighbours()
         .add(bridge, std::net::IpAddr::V4(guest.address))
         .link_layer_address(&mac)
@@ -358,7 +362,7 @@ async fn learn_neighbour(
         .execute()
         .await
         .map_err(|e| {
-            Error::failed(
+            failed(
                 format!(
                     "Cannot set the neighbour entry of {} on {BRIDGE}",
                     guest.address
@@ -384,7 +388,7 @@ async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32
         Ok(Some(m)) => Ok(Some(m.header.index)),
         Ok(None) => Ok(None),
         Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
-        Err(e) => Err(Error::failed(format!("Cannot look up link {name}"), e)),
+        Err(e) => Err(failed(format!("Cannot look up link {name}"), e)),
     }
 }
 
@@ -394,7 +398,7 @@ where
     Fut: std::future::Future<Output = Result<T>>,
 {
     let (conn, handle, _) =
-        rtnetlink::new_connection().map_err(|e| Error::failed("Cannot open netlink", e))?;
+        rtnetlink::new_connection().map_err(|e| failed("Cannot open netlink", e))?;
     let task = tokio::spawn(conn);
     let r = f(handle).await;
     task.abort();
@@ -404,7 +408,7 @@ where
 async fn nft(script: &str) -> Result<()> {
     use tokio::io::AsyncWriteExt;
     let program = crate::host::find_program("nft").ok_or_else(|| {
-        Error::failed(
+        failed(
             "nft is not installed",
             std::io::Error::other("apt-get install nftables"),
         )
@@ -415,21 +419,21 @@ async fn nft(script: &str) -> Result<()> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| Error::failed("Cannot run nft", e))?;
+        .map_err(|e| failed("Cannot run nft", e))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(script.as_bytes())
             .await
-            .map_err(|e| Error::failed("Cannot feed nft", e))?;
+            .map_err(|e| failed("Cannot feed nft", e))?;
     }
     let out = child
         .wait_with_output()
         .await
-        .map_err(|e| Error::failed("Cannot run nft", e))?;
+        .map_err(|e| failed("Cannot run nft", e))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(Error::failed(
+        Err(failed(
             "nft failed",
             std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
         ))
@@ -455,7 +459,7 @@ fn enable_forwarding() {
 #[async_trait]
 impl HostNet for Bridge {
     fn subnet(&self) -> Result<Subnet> {
-        self.subnet.clone().map_err(Error::InvalidArgument)
+        self.subnet.clone().map_err(invalid)
     }
 
     async fn attach(&self, tap: &str, ports: &[walls::GuestPort]) -> Result<()> {
@@ -474,9 +478,9 @@ impl HostNet for Bridge {
             let t = tap.to_owned();
             tokio::task::spawn_blocking(move || create_tap(&t))
                 .await
-                .map_err(|e| Error::failed("Tap task failed", e))??;
+                .map_err(|e| failed("Tap task failed", e))??;
             let index = link_index(&h, tap).await?.ok_or_else(|| {
-                Error::failed(
+                failed(
                     format!("Cannot create tap {tap}"),
                     std::io::Error::other("it vanished"),
                 )
@@ -490,7 +494,7 @@ impl HostNet for Bridge {
                 )
                 .execute()
                 .await
-                .map_err(|e| Error::failed(format!("Cannot put tap {tap} on {BRIDGE}"), e))?;
+                .map_err(|e| failed(format!("Cannot put tap {tap} on {BRIDGE}"), e))?;
             if let Some(g) = guest {
                 learn_neighbour(&h, bridge, &g).await?;
             }
@@ -505,7 +509,7 @@ impl HostNet for Bridge {
                 match h.link().del(i).execute().await {
                     Ok(()) => {}
                     Err(e) if errno(&e) == Some(libc::ENODEV) => {}
-                    Err(e) => return Err(Error::failed(format!("Cannot remove tap {tap}"), e)),
+                    Err(e) => return Err(failed(format!("Cannot remove tap {tap}"), e)),
                 }
             }
             link_index(&h, BRIDGE).await
@@ -529,7 +533,7 @@ impl HostNet for Bridge {
                 match h.link().del(index).execute().await {
                     Ok(()) => removed.push(name),
                     Err(e) if errno(&e) == Some(libc::ENODEV) => {}
-                    Err(e) => return Err(Error::failed(format!("Cannot remove tap {name}"), e)),
+                    Err(e) => return Err(failed(format!("Cannot remove tap {name}"), e)),
                 }
             }
             Ok(removed)
@@ -554,9 +558,7 @@ impl HostNet for Bridge {
                 match h.link().del(i).execute().await {
                     Ok(()) => {}
                     Err(e) if errno(&e) == Some(libc::ENODEV) => {}
-                    Err(e) => {
-                        return Err(Error::failed(format!("Cannot remove bridge {BRIDGE}"), e))
-                    }
+                    Err(e) => return Err(failed(format!("Cannot remove bridge {BRIDGE}"), e)),
                 }
             }
             Ok(())

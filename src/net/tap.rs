@@ -3,7 +3,8 @@
 
 use std::os::fd::AsRawFd;
 
-use crate::{Error, Result};
+use super::error::{failed, invalid};
+use crate::Result;
 
 /// VM taps are named `bgr<12 hex of the VM id>`.
 pub const TAP_PREFIX: &str = "bgr";
@@ -27,7 +28,7 @@ struct IfReq {
 /// root without `CAP_NET_ADMIN`, and nobody else may attach to it.
 pub fn create_tap(name: &str) -> Result<()> {
     let tun = tun_for(name)?;
-    let fail = |e: std::io::Error| Error::failed(format!("Cannot create tap {name}"), e);
+    let fail = |e: std::io::Error| failed(format!("Cannot create tap {name}"), e);
     // SAFETY: TUNSETOWNER takes an integer argument; the fd is attached to the new tap.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETOWNER, 0 as libc::c_ulong) } < 0 {
         return Err(fail(std::io::Error::last_os_error()));
@@ -45,7 +46,7 @@ pub fn own_tap(name: &str, uid: u32) -> Result<()> {
     let tun = tun_for(name)?;
     // SAFETY: TUNSETOWNER takes an integer argument; the fd is attached to the tap.
     if unsafe { libc::ioctl(tun.as_raw_fd(), TUNSETOWNER, uid as libc::c_ulong) } < 0 {
-        return Err(Error::failed(
+        return Err(failed(
             format!("Cannot give tap {name} to the VM"),
             std::io::Error::last_os_error(),
         ));
@@ -61,11 +62,9 @@ pub fn open_tap(name: &str) -> Result<std::os::fd::OwnedFd> {
 /// `/dev/net/tun` attached to tap `name` (created when it does not exist and the caller may).
 fn tun_for(name: &str) -> Result<std::fs::File> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
-        return Err(Error::InvalidArgument(format!(
-            "{name:?} is not a tap name"
-        )));
+        return Err(invalid(format!("{name:?} is not a tap name")));
     }
-    let fail = |e: std::io::Error| Error::failed(format!("Cannot open tap {name}"), e);
+    let fail = |e: std::io::Error| failed(format!("Cannot open tap {name}"), e);
     let tun = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

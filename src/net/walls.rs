@@ -18,9 +18,10 @@
 use std::fmt::Write;
 use std::net::Ipv4Addr;
 
+use super::error::invalid;
 use super::{Subnet, BRIDGE, NFT_TABLE};
 use crate::model::NetworkMode;
-use crate::{Error, Result};
+use crate::Result;
 
 /// Destination ranges guests never reach unless allowed: this network, loopback, RFC 1918,
 /// shared address space, link-local (cloud metadata), benchmarking, multicast and reserved.
@@ -53,7 +54,7 @@ impl Egress {
     /// Parses `CIDR[:PORT]` (`1.2.3.4` alone is a /32); `what` names the option or key.
     pub fn parse(s: &str, what: &str, ports: bool) -> Result<Self> {
         let bad = || {
-            Error::InvalidArgument(format!(
+            invalid(format!(
                 "{what}: {s:?} is not an IPv4 CIDR{} such as 203.0.113.0/24{}",
                 if ports { "[:PORT]" } else { "" },
                 if ports { " or 203.0.113.7:443" } else { "" }
@@ -95,9 +96,7 @@ impl Egress {
 /// Checks a CreateVM `egress` list.
 pub fn check_egress(list: &[String]) -> Result<()> {
     if list.len() > 64 {
-        return Err(Error::InvalidArgument(
-            "egress: at most 64 entries; use wider networks".into(),
-        ));
+        return Err(invalid("egress: at most 64 entries; use wider networks"));
     }
     for e in list {
         Egress::parse(e, "egress", true)?;

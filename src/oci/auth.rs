@@ -5,7 +5,8 @@
 
 use std::path::Path;
 
-use crate::{Error, Result};
+use super::error::invalid;
+use crate::Result;
 
 /// A user and password for one registry.
 #[derive(Clone, PartialEq, Eq)]
@@ -32,9 +33,7 @@ impl Credentials {
                     password: p.to_owned(),
                 })
             }
-            _ => Err(Error::InvalidArgument(
-                "auth must be user:password (neither part empty)".into(),
-            )),
+            _ => Err(invalid("auth must be user:password (neither part empty)")),
         }
     }
 

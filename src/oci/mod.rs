@@ -2,9 +2,12 @@
 //! into a root filesystem tree.
 
 pub mod auth;
+mod error;
 pub mod flatten;
 #[cfg(test)]
 mod flatten_tests;
 pub mod inroot;
 pub mod reference;
 pub mod registry;
+
+pub use error::OciError;

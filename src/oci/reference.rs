@@ -28,9 +28,11 @@ pub fn parse(s: &str) -> Result<Reference> {
 }
 
 fn malformed(s: &str, why: &str) -> Error {
-    Error::InvalidArgument(format!(
-        "Malformed image reference {s:?} ({why}); use e.g. docker.io/library/debian:bookworm"
-    ))
+    super::OciError::Reference {
+        reference: s.to_owned(),
+        why: why.to_owned(),
+    }
+    .into()
 }
 
 /// The name an image pulled from `r` gets by default: the repository's last segment and the

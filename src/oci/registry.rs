@@ -13,8 +13,9 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 
+use super::error::{failed, invalid};
 use crate::layout::STAGING_PREFIX;
-use crate::{Error, Result};
+use crate::Result;
 
 /// How a layer is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,7 +40,7 @@ pub fn layer_compression(media_type: &str) -> Result<Compression> {
         "application/vnd.oci.image.layer.v1.tar+zstd"
         | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Compression::Zstd,
         other => {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "Unsupported layer media type {other:?}: banger reads tar, tar+gzip and tar+zstd layers"
             )))
         }
@@ -58,7 +59,7 @@ fn sha256_hex(digest: &str) -> Result<&str> {
         Some(("sha256", hex)) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
             Ok(hex)
         }
-        _ => Err(Error::InvalidArgument(format!(
+        _ => Err(invalid(format!(
             "Unsupported or malformed digest {digest:?}"
         ))),
     }
@@ -121,7 +122,7 @@ impl Registry {
                     } else {
                         "the credentials given were refused; check them".to_owned()
                     };
-                    return Error::failed(
+                    return failed(
                         format!(
                             "Registry {host} refused access to {} (401 Unauthorized): {how}",
                             r.whole()
@@ -129,7 +130,7 @@ impl Registry {
                         e,
                     );
                 }
-                Error::failed(format!("Cannot fetch the manifest of {}", r.whole()), e)
+                failed(format!("Cannot fetch the manifest of {}", r.whole()), e)
             })
     }
 
@@ -172,10 +173,9 @@ impl Registry {
         }
         tokio::fs::create_dir_all(&dir)
             .await
-            .map_err(|e| Error::failed("Cannot create the blob cache", e))?;
-        let expected = u64::try_from(desc.size).map_err(|_| {
-            Error::InvalidArgument(format!("Blob {} has a negative size", desc.digest))
-        })?;
+            .map_err(|e| failed("Cannot create the blob cache", e))?;
+        let expected = u64::try_from(desc.size)
+            .map_err(|_| invalid(format!("Blob {} has a negative size", desc.digest)))?;
         // Unique per download: concurrent pulls may fetch the same blob; the last rename wins
         // and both wrote verified bytes.
         let staging = dir.join(format!("{STAGING_PREFIX}{hex}-{}", crate::model::new_id()));
@@ -186,7 +186,7 @@ impl Registry {
             Ok(()) => tokio::fs::rename(&staging, &final_path)
                 .await
                 .map(|()| final_path)
-                .map_err(|e| Error::failed("Cannot publish a blob into the cache", e)),
+                .map_err(|e| failed("Cannot publish a blob into the cache", e)),
             Err(e) => {
                 let _ = tokio::fs::remove_file(&staging).await;
                 Err(e)
@@ -207,15 +207,15 @@ impl Registry {
             .client
             .pull_blob_stream(r, desc)
             .await
-            .map_err(|e| Error::failed(format!("Cannot fetch blob {}", desc.digest), e))?;
+            .map_err(|e| failed(format!("Cannot fetch blob {}", desc.digest), e))?;
         // Written through tokio's file (the blocking pool), never on an async worker.
         let mut file = tokio::fs::File::create(staging)
             .await
-            .map_err(|e| Error::failed("Cannot write the blob cache", e))?;
+            .map_err(|e| failed("Cannot write the blob cache", e))?;
         let mut hasher = Sha256::new();
         let mut got: u64 = 0;
         let mismatch = |actual: &str| {
-            Error::InvalidArgument(format!(
+            invalid(format!(
                 "Blob {} does not match its digest (got sha256:{actual}); the registry or image is corrupt",
                 desc.digest
             ))
@@ -229,22 +229,14 @@ impl Registry {
                     if actual != hex {
                         return Err(mismatch(&actual));
                     }
-                    return Err(Error::failed(
-                        format!("Download of {} failed", desc.digest),
-                        e,
-                    ));
+                    return Err(failed(format!("Download of {} failed", desc.digest), e));
                 }
-                Err(e) => {
-                    return Err(Error::failed(
-                        format!("Download of {} broke off", desc.digest),
-                        e,
-                    ))
-                }
+                Err(e) => return Err(failed(format!("Download of {} broke off", desc.digest), e)),
             };
             got += chunk.len() as u64;
             // Stop as soon as the registry sends more than the descriptor promised.
             if got > expected {
-                return Err(Error::InvalidArgument(format!(
+                return Err(invalid(format!(
                     "Blob {} is larger than the {expected} bytes its descriptor states; the registry or image is corrupt",
                     desc.digest
                 )));
@@ -252,7 +244,7 @@ impl Registry {
             hasher.update(&chunk);
             file.write_all(&chunk)
                 .await
-                .map_err(|e| Error::failed("Cannot write the blob cache", e))?;
+                .map_err(|e| failed("Cannot write the blob cache", e))?;
             if let Some(t) = &tee {
                 if t.send(chunk.to_vec()).await.is_err() {
                     tee = None;
@@ -261,7 +253,7 @@ impl Registry {
             progress(got);
         }
         if got != expected {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "Blob {} has {got} bytes, its descriptor states {expected}",
                 desc.digest
             )));
@@ -272,10 +264,10 @@ impl Registry {
         }
         file.flush()
             .await
-            .map_err(|e| Error::failed("Cannot write the blob cache", e))?;
+            .map_err(|e| failed("Cannot write the blob cache", e))?;
         file.sync_all()
             .await
-            .map_err(|e| Error::failed("Cannot write the blob cache", e))?;
+            .map_err(|e| failed("Cannot write the blob cache", e))?;
         Ok(())
     }
 }

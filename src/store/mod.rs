@@ -10,6 +10,7 @@ use rusqlite::Connection;
 
 pub use rows::JobRecord;
 
+use crate::error::{ErrorKind, Kind};
 use crate::{Error, Result};
 
 /// Errors from the store.
@@ -27,7 +28,7 @@ pub enum StoreError {
         known: i64,
     },
     /// A pool (addresses, CIDs) has nothing left.
-    #[error("{0}")]
+    #[error("Cannot reserve what the VM needs: {0}")]
     Exhausted(String),
     /// An owner's quota is used up (the message names the config key).
     #[error("{0}")]
@@ -40,13 +41,12 @@ pub enum StoreError {
     Gone(String),
 }
 
-impl From<StoreError> for Error {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Exhausted(_) => Error::failed("Cannot reserve what the VM needs", e),
-            StoreError::Quota(m) => Error::LimitExceeded(m),
-            StoreError::Gone(m) => Error::NotFound(m),
-            _ => Error::failed("State database operation failed", e),
+impl Kind for StoreError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::Quota(_) => ErrorKind::LimitExceeded,
+            StoreError::Gone(_) => ErrorKind::NotFound,
+            _ => ErrorKind::Failed,
         }
     }
 }

@@ -614,3 +614,19 @@ pub(crate) fn descriptions() -> [(&'static str, &'static str); 5] {
 pub fn socket_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join(SOCKET)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_module_error_is_replied_under_its_kind() {
+        let cases = crate::error::tests::one_of_each_module();
+        for (e, kind) in cases {
+            let text = e.full_message();
+            let f = Failure::of("io.banger.VMs", e);
+            assert_eq!(f.error, format!("io.banger.VMs.{kind:?}"), "{text}");
+            assert_eq!(f.parameters["message"], text.as_str());
+        }
+    }
+}

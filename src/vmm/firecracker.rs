@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::error::{failed, invalid};
 use super::process::{live_pid, spawn_detached, terminate, wait_for_path};
 use super::{BootSpec, Vmm};
 use crate::host::find_program;
@@ -49,7 +50,7 @@ fn chroot_record(run: &Path) -> PathBuf {
 /// Records where the VM's chroot is (root's runtime directory, so the VM cannot move it).
 pub fn record_chroot(run: &Path, root: &Path) -> Result<()> {
     std::fs::write(chroot_record(run), root.to_string_lossy().as_bytes())
-        .map_err(|e| Error::failed("Cannot record the VM's chroot", e))
+        .map_err(|e| failed("Cannot record the VM's chroot", e))
 }
 fn jailed_root(run: &Path) -> Option<PathBuf> {
     let root = std::fs::read_to_string(chroot_record(run)).ok()?;
@@ -106,11 +107,11 @@ impl Chroot {
     pub fn populate(&self, spec: &BootSpec) -> Result<BootSpec> {
         crate::layout::remove_any(&self.base)?;
         std::fs::create_dir_all(&self.root)
-            .map_err(|e| Error::failed(format!("Cannot create {}", self.root.display()), e))?;
+            .map_err(|e| failed(format!("Cannot create {}", self.root.display()), e))?;
         let mut inside = spec.clone();
         let put = |from: &Path, to: &'static str, link: bool| -> Result<PathBuf> {
             let dst = self.host_path(to);
-            let fail = |e| Error::failed(format!("Cannot put {} in the jail", from.display()), e);
+            let fail = |e| failed(format!("Cannot put {} in the jail", from.display()), e);
             if !link || std::fs::hard_link(from, &dst).is_err() {
                 // A copy is the VM's to read (0600), whoever owned the original.
                 std::fs::copy(from, &dst).map_err(fail)?;
@@ -130,9 +131,8 @@ impl Chroot {
             (&spec.rootfs, Self::ROOTFS, &mut inside.rootfs),
             (&spec.work, Self::WORK, &mut inside.work),
         ] {
-            std::fs::hard_link(disk, self.host_path(to)).map_err(|e| {
-                Error::failed(format!("Cannot link {} into the jail", disk.display()), e)
-            })?;
+            std::fs::hard_link(disk, self.host_path(to))
+                .map_err(|e| failed(format!("Cannot link {} into the jail", disk.display()), e))?;
             *slot = PathBuf::from(to);
         }
         Ok(inside)
@@ -198,7 +198,7 @@ pub fn usable() -> bool {
 /// `InstanceStart`: `(path, body)`, all `PUT`.
 pub fn requests(spec: &BootSpec, vsock: &Path) -> Result<Vec<(String, Value)>> {
     if spec.vcpus > 1 && spec.vcpus % 2 == 1 || spec.vcpus > 32 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(invalid(format!(
             "Firecracker runs 1 or an even number of vCPUs up to 32, not {}",
             spec.vcpus
         )));
@@ -257,7 +257,7 @@ pub fn requests(spec: &BootSpec, vsock: &Path) -> Result<Vec<(String, Value)>> {
 }
 
 fn api_err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
-    Error::failed("Firecracker API request failed", e)
+    failed("Firecracker API request failed", e)
 }
 
 /// The request that pauses (or resumes) a Firecracker VM: `PATCH /vm`.
@@ -350,10 +350,9 @@ impl Vmm for Firecracker {
         size: Option<u64>,
     ) -> Result<PathBuf> {
         if format != super::DiskFormat::Raw {
-            return Err(Error::InvalidArgument(
+            return Err(invalid(
                 "Firecracker boots raw disks only, and this one is qcow2 (a snapshot taken on \
-                 qemu restores only there)"
-                    .into(),
+                 qemu restores only there)",
             ));
         }
         let out = self.rootfs_path(vm_dir);
@@ -372,32 +371,31 @@ impl Vmm for Firecracker {
                 let f = std::fs::OpenOptions::new()
                     .write(true)
                     .open(&o)
-                    .map_err(|e| Error::failed("Cannot grow the root disk", e))?;
+                    .map_err(|e| failed("Cannot grow the root disk", e))?;
                 if f.metadata().map(|m| m.len() < size).unwrap_or(false) {
                     f.set_len(size)
-                        .map_err(|e| Error::failed("Cannot grow the root disk", e))?;
+                        .map_err(|e| failed("Cannot grow the root disk", e))?;
                     crate::host::run("resize2fs", ["-f".as_ref(), o.as_os_str()])?;
                 }
             }
             Ok(())
         })
         .await
-        .map_err(|e| Error::failed("Root disk task failed", e))??;
+        .map_err(|e| failed("Root disk task failed", e))??;
         Ok(out)
     }
 
     async fn boot(&self, spec: &BootSpec) -> Result<()> {
         let bin = find_program(FIRECRACKER).ok_or_else(|| {
-            Error::failed(
+            failed(
                 "firecracker is not installed; put a release binary in /usr/local/bin or set vmm = \"qemu\"",
                 std::io::Error::from(std::io::ErrorKind::NotFound),
             )
         })?;
         if !spec.shares.is_empty() {
-            return Err(Error::InvalidArgument(
+            return Err(invalid(
                 "Firecracker has no virtio-fs, so a VM with shared folders boots only on \
-                 qemu (vmm = \"qemu\")"
-                    .into(),
+                 qemu (vmm = \"qemu\")",
             ));
         }
         let run = &spec.run_dir;
@@ -424,7 +422,7 @@ impl Vmm for Firecracker {
                 let (c, s) = (chroot.clone(), spec.clone());
                 let inside = tokio::task::spawn_blocking(move || c.populate(&s))
                     .await
-                    .map_err(|e| Error::failed("Jail task failed", e))??;
+                    .map_err(|e| failed("Jail task failed", e))??;
                 let args = jailer_args(spec, &bin, &chroot, !super::scope::systemd_booted());
                 record_chroot(run, &chroot.root)?;
                 Some((jailer, args, inside, chroot))
@@ -462,7 +460,7 @@ impl Vmm for Firecracker {
         let api = api_socket(run);
         if !wait_for_path(&api, Duration::from_secs(10)).await {
             self.kill(run).await?;
-            return Err(Error::failed(
+            return Err(failed(
                 "firecracker did not open its API socket",
                 std::io::Error::other(spec.console_log.display().to_string()),
             ));
@@ -512,7 +510,7 @@ impl Vmm for Firecracker {
         put(&api_socket(run_dir), path, &body).await?;
         tokio::task::spawn_blocking(move || stream_snapshot(&root, std::fs::File::from(out)))
             .await
-            .map_err(|e| Error::failed("Snapshot task failed", e))?
+            .map_err(|e| failed("Snapshot task failed", e))?
     }
 
     async fn load_state(&self, spec: &BootSpec, input: std::os::fd::OwnedFd) -> Result<()> {
@@ -522,7 +520,7 @@ impl Vmm for Firecracker {
             unpack_snapshot(std::fs::File::from(input), &r, owner, limit)
         })
         .await
-        .map_err(|e| Error::failed("Snapshot task failed", e))?;
+        .map_err(|e| failed("Snapshot task failed", e))?;
         let loaded = match unpacked {
             Ok(()) => {
                 let (path, body) = snapshot_load_request(spec);
@@ -597,11 +595,10 @@ pub fn snapshot_load_request(spec: &BootSpec) -> (&'static str, Value) {
 /// by their host paths, which a restored VM must not open).
 fn jailed_for_snapshots(run: &Path) -> Result<PathBuf> {
     jailed_root(run).ok_or_else(|| {
-        Error::InvalidArgument(
+        invalid(
             "Snapshots of Firecracker VMs need Firecracker's jailer (in its chroot every VM's \
              disks have the same names, so a restored VM opens its own): install `jailer` from \
-             the Firecracker release beside `firecracker`, or set vmm = \"qemu\""
-                .into(),
+             the Firecracker release beside `firecracker`, or set vmm = \"qemu\"",
         )
     })
 }
@@ -644,17 +641,17 @@ pub fn stream_snapshot(root: &Path, out: std::fs::File) -> Result<()> {
     use std::io::Write;
     let open = |f: &str| {
         open_in_chroot(root, f, libc::O_RDONLY, 0)
-            .map_err(|e| Error::failed(format!("Cannot read Firecracker's snapshot file {f}"), e))
+            .map_err(|e| failed(format!("Cannot read Firecracker's snapshot file {f}"), e))
     };
     let (mut state, mut memory) = (open(SNAP_STATE)?, open(SNAP_MEMORY)?);
     let len = state.metadata().map(|m| m.len()).unwrap_or(0);
     if len > MAX_STATE {
-        return Err(Error::failed(
+        return Err(failed(
             "Firecracker's snapshot state is too large",
             std::io::Error::other(format!("{len} bytes")),
         ));
     }
-    let fail = |e| Error::failed("Cannot pass on Firecracker's snapshot", e);
+    let fail = |e| failed("Cannot pass on Firecracker's snapshot", e);
     let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
     out.write_all(STREAM_MAGIC).map_err(fail)?;
     out.write_all(&len.to_le_bytes()).map_err(fail)?;
@@ -669,7 +666,7 @@ pub fn stream_snapshot(root: &Path, out: std::fs::File) -> Result<()> {
     out.flush().map_err(fail)?;
     for f in [SNAP_STATE, SNAP_MEMORY] {
         remove_in_chroot(root, f)
-            .map_err(|e| Error::failed(format!("Cannot remove {f} from the VM's chroot"), e))?;
+            .map_err(|e| failed(format!("Cannot remove {f} from the VM's chroot"), e))?;
     }
     Ok(())
 }
@@ -680,7 +677,7 @@ pub fn stream_snapshot(root: &Path, out: std::fs::File) -> Result<()> {
 pub fn unpack_snapshot(input: std::fs::File, root: &Path, owner: u32, limit: u64) -> Result<()> {
     use std::io::{Read, Seek, Write};
     let bad = |why: &str| {
-        Error::failed(
+        failed(
             "The snapshot is not a Firecracker snapshot banger took",
             std::io::Error::other(why.to_owned()),
         )
@@ -697,7 +694,7 @@ pub fn unpack_snapshot(input: std::fs::File, root: &Path, owner: u32, limit: u64
     if len > MAX_STATE {
         return Err(bad("its state length is out of range"));
     }
-    let fail = |e| Error::failed("Cannot write the snapshot into the VM's chroot", e);
+    let fail = |e| failed("Cannot write the snapshot into the VM's chroot", e);
     let create = |f: &str| -> Result<std::fs::File> {
         remove_in_chroot(root, f).map_err(fail)?;
         let file = open_in_chroot(root, f, libc::O_WRONLY | libc::O_CREAT, 0o600).map_err(fail)?;

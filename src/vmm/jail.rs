@@ -10,7 +10,8 @@
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use crate::{Error, Result};
+use super::error::failed;
+use crate::Result;
 
 /// The first uid (and gid) of VM processes.
 pub const VM_ID_BASE: u32 = 0x5BA0_0000;
@@ -44,8 +45,7 @@ pub struct Jail {
 /// Sets owner and mode through a descriptor opened without following a final symbolic link,
 /// so a link planted in a VM's directory never redirects root's change elsewhere.
 fn set(path: &Path, uid: Option<u32>, gid: Option<u32>, mode: u32) -> Result<()> {
-    let fail =
-        |e: std::io::Error| Error::failed(format!("Cannot hand {} to the VM", path.display()), e);
+    let fail = |e: std::io::Error| failed(format!("Cannot hand {} to the VM", path.display()), e);
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -65,32 +65,24 @@ pub fn reclaim(dirs: &[&Path]) -> Result<()> {
         let meta = match std::fs::symlink_metadata(dir) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                return Err(Error::failed(
-                    format!("Cannot inspect {}", dir.display()),
-                    e,
-                ))
-            }
+            Err(e) => return Err(failed(format!("Cannot inspect {}", dir.display()), e)),
         };
         if !meta.is_dir() {
-            return Err(Error::failed(
+            return Err(failed(
                 format!("{} is not a directory", dir.display()),
                 std::io::Error::other("refusing to use it"),
             ));
         }
         set(dir, Some(0), Some(0), 0o700)?;
         for e in std::fs::read_dir(dir)
-            .map_err(|e| Error::failed(format!("Cannot list {}", dir.display()), e))?
+            .map_err(|e| failed(format!("Cannot list {}", dir.display()), e))?
             .flatten()
         {
             let p = e.path();
             match e.file_type() {
                 Ok(t) if t.is_file() => set(&p, Some(0), Some(0), 0o600)?,
-                Ok(t) if t.is_socket() => {
-                    std::os::unix::fs::lchown(&p, Some(0), Some(0)).map_err(|err| {
-                        Error::failed(format!("Cannot take back {}", p.display()), err)
-                    })?
-                }
+                Ok(t) if t.is_socket() => std::os::unix::fs::lchown(&p, Some(0), Some(0))
+                    .map_err(|err| failed(format!("Cannot take back {}", p.display()), err))?,
                 _ => {
                     tracing::warn!("Removing {} a VM left behind", p.display());
                     crate::layout::remove_any(&p)?;
@@ -106,7 +98,7 @@ pub fn hand_over(uid: u32, own_dirs: &[&Path]) -> Result<()> {
     for dir in own_dirs {
         set(dir, Some(uid), Some(uid), 0o700)?;
         for e in std::fs::read_dir(dir)
-            .map_err(|e| Error::failed(format!("Cannot list {}", dir.display()), e))?
+            .map_err(|e| failed(format!("Cannot list {}", dir.display()), e))?
             .flatten()
         {
             let t = e.file_type().ok();
@@ -114,7 +106,7 @@ pub fn hand_over(uid: u32, own_dirs: &[&Path]) -> Result<()> {
                 set(&e.path(), Some(uid), Some(uid), 0o600)?;
             } else if t.is_some_and(|t| t.is_socket()) {
                 std::os::unix::fs::lchown(e.path(), Some(uid), Some(uid)).map_err(|err| {
-                    Error::failed(format!("Cannot hand {} to the VM", e.path().display()), err)
+                    failed(format!("Cannot hand {} to the VM", e.path().display()), err)
                 })?;
             }
         }
@@ -146,7 +138,7 @@ pub fn reach(path: &Path, roots: &[&Path]) -> Result<()> {
             break;
         }
         let mode = std::fs::metadata(d)
-            .map_err(|e| Error::failed(format!("Cannot inspect {}", d.display()), e))?
+            .map_err(|e| failed(format!("Cannot inspect {}", d.display()), e))?
             .permissions()
             .mode()
             & 0o7777;

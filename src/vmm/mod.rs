@@ -6,12 +6,15 @@
 //! re-adopt or clean up a VM from that directory alone.
 
 pub mod console;
+mod error;
 pub mod firecracker;
 pub mod jail;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
 pub mod scope;
+
+pub use error::VmmError;
 
 use std::path::{Path, PathBuf};
 

@@ -1,6 +1,7 @@
 //! VMM processes found again through pid files. A pid is trusted only while the process's
 //! command line still names the VM's runtime directory, so a recycled pid is never killed.
 
+use super::error::failed;
 use std::path::Path;
 use std::time::Duration;
 
@@ -291,7 +292,7 @@ pub fn bangerd_program() -> crate::Result<std::path::PathBuf> {
     match std::env::current_exe() {
         Ok(p) if p.is_file() && p.file_name().is_some_and(|n| n == "bangerd") => Ok(p),
         _ => crate::host::find_program("bangerd").ok_or_else(|| {
-            crate::Error::failed(
+            failed(
                 "bangerd is not installed",
                 std::io::Error::from(std::io::ErrorKind::NotFound),
             )
@@ -388,7 +389,7 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
         .unwrap_or_default()
         .to_string_lossy()
         .into_owned();
-    let fail = |e: std::io::Error| crate::Error::failed(format!("Cannot start {what}"), e);
+    let fail = |e: std::io::Error| failed(format!("Cannot start {what}"), e);
     let out = std::fs::File::create(log).map_err(fail)?;
     let err = out.try_clone().map_err(fail)?;
     // The shell writes its pid (about to become the program's) for live_pid to find.

@@ -11,11 +11,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::process::Command;
 
+use super::error::failed;
 use super::process::{live_pid, spawn_detached, terminate, wait_for_path, Detached, UnitLimits};
 use super::{qmp, BootSpec, Vmm, ROOT_SERIAL, WORK_SERIAL};
 use crate::config::Accel;
 use crate::host::find_program;
-use crate::{Error, Result};
+use crate::Result;
 
 /// The QEMU driver.
 pub struct Qemu {
@@ -71,7 +72,7 @@ fn log_dir(spec: &BootSpec) -> &Path {
 
 fn program(name: &str, hint: &str) -> Result<PathBuf> {
     find_program(name).ok_or_else(|| {
-        Error::failed(
+        failed(
             format!("{name} is not installed; {hint}"),
             std::io::Error::from(std::io::ErrorKind::NotFound),
         )
@@ -81,7 +82,7 @@ fn program(name: &str, hint: &str) -> Result<PathBuf> {
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| Error::failed("QMP task failed", e))?
+        .map_err(|e| failed("QMP task failed", e))?
 }
 
 async fn output(cmd: &mut Command, what: &str) -> Result<()> {
@@ -89,10 +90,10 @@ async fn output(cmd: &mut Command, what: &str) -> Result<()> {
         .stdin(Stdio::null())
         .output()
         .await
-        .map_err(|e| Error::failed(format!("Cannot run {what}"), e))?;
+        .map_err(|e| failed(format!("Cannot run {what}"), e))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        return Err(Error::failed(
+        return Err(failed(
             format!("{what} failed ({})", out.status),
             std::io::Error::other(stderr),
         ));
@@ -287,7 +288,7 @@ impl Qemu {
         .await?;
         if !wait_for_path(&sock, Duration::from_secs(10)).await {
             let log = std::fs::read_to_string(run.join("console-logger.log")).unwrap_or_default();
-            return Err(Error::failed(
+            return Err(failed(
                 "The console logger did not create its socket",
                 std::io::Error::other(log.trim().to_owned()),
             ));
@@ -326,7 +327,7 @@ impl Qemu {
         // The socket appears under its name only once it listens (see agent::link).
         if !wait_for_path(&vmm_end, Duration::from_secs(10)).await {
             let log = std::fs::read_to_string(run.join("agent-link.log")).unwrap_or_default();
-            return Err(Error::failed(
+            return Err(failed(
                 "The agent link helper did not create its socket",
                 std::io::Error::other(log.trim().to_owned()),
             ));
@@ -415,7 +416,7 @@ impl Qemu {
             )
             .await
             .map_err(|said| {
-                Error::failed(
+                failed(
                     format!("Cannot share {}", s.host.display()),
                     std::io::Error::other(said),
                 )
@@ -526,7 +527,7 @@ impl Vmm for Qemu {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 self.kill(run).await?;
                 let msg = std::fs::read_to_string(&log_path).unwrap_or_default();
-                return Err(Error::failed(
+                return Err(failed(
                     format!(
                         "{QEMU} {}",
                         if gone {

@@ -6,10 +6,11 @@ use std::path::Path;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+use super::error::failed;
 use crate::{Error, Result};
 
 fn err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
-    Error::failed("QMP command failed", e)
+    failed("QMP command failed", e)
 }
 
 type Lines = tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>;

@@ -10,6 +10,7 @@
 
 use zbus::Variant as Value;
 
+use super::error::failed;
 use crate::{Error, Result};
 
 /// Whether systemd is the init of this host (its runtime directory exists).
@@ -49,7 +50,7 @@ pub struct Machine<'a> {
 }
 
 fn fail(what: String) -> impl FnOnce(zbus::Error) -> Error {
-    move |e| Error::failed(what, e)
+    move |e| failed(what, e)
 }
 
 /// Registers the VM with systemd-machined: `RegisterMachineEx` with its vsock CID and SSH

@@ -1,8 +1,9 @@
 //! What one VM and one owner may take: per-VM vCPUs, memory and disk (defaults from the
 //! host), per-owner VM counts. Every refusal is `LimitExceeded` naming the config key.
 
+use super::error::limit;
 use crate::config::Config;
-use crate::{Error, Result};
+use crate::Result;
 
 /// Memory kept for the host when `max_memory_mib` is not set: a tenth of RAM, at least 512 MiB.
 fn host_reserve_mib(total: u64) -> u64 {
@@ -54,7 +55,7 @@ impl VmLimits {
     /// Refuses a VM shape over the limits.
     pub fn check(&self, vcpus: u32, memory_mib: u32, disk_size: Option<u64>) -> Result<()> {
         let over = |what: String, key: &str| {
-            Err(Error::LimitExceeded(format!(
+            Err(limit(format!(
                 "{what}; ask for less, or have the operator raise {key} in /etc/banger/config.toml"
             )))
         };
@@ -111,7 +112,7 @@ pub fn owned_quota(uid: u32, owned: u32, max: u32) -> Result<()> {
 
 fn quota(uid: u32, verb: &str, n: u32, max: u32, key: &str, fix: &str) -> Result<()> {
     if n >= max {
-        return Err(Error::LimitExceeded(crate::model::quota_message(
+        return Err(limit(crate::model::quota_message(
             uid, verb, n, max, key, fix,
         )));
     }
@@ -139,7 +140,7 @@ mod tests {
         ] {
             let e = r.unwrap_err();
             assert!(
-                matches!(e, Error::LimitExceeded(_)) && e.to_string().contains(key),
+                e.kind() == crate::error::ErrorKind::LimitExceeded && e.to_string().contains(key),
                 "{e}"
             );
         }

@@ -10,10 +10,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::error::invalid;
+use super::VmError;
 use super::{bounds, publish, share, snapshot, CreateOptions, Vms};
 use crate::auth::Action;
 use crate::events::ObjectEvent;
+use crate::images::ImageError;
 use crate::jobs::{Job, JobContext, JobSpec};
+use crate::kernels::KernelError;
 use crate::model::{new_id, now_us, Image, Kernel, Vm, VmState};
 use crate::store::rows;
 use crate::vmm::BootSpec;
@@ -97,7 +101,7 @@ impl Vms {
                     .filter_map(|s| publish::Publish::parse(s).ok())
                 {
                     if wanted.iter().any(|w| w.clashes(&p)) {
-                        return Err(Error::InvalidArgument(format!(
+                        return Err(invalid(format!(
                             "publish: host port {} is VM {}'s; pick another",
                             p.host_port(),
                             other.name
@@ -109,10 +113,9 @@ impl Vms {
         }
         // Shared folders: checked with the owner's own rights, kept as they resolved.
         if !o.shares.is_empty() && self.vmm.name() == "firecracker" {
-            return Err(Error::InvalidArgument(
+            return Err(invalid(
                 "share: the firecracker VMM has no virtio-fs; set vmm = \"qemu\" in the \
-                 configuration to share folders"
-                    .into(),
+                 configuration to share folders",
             ));
         }
         let shares = share::verify(uid, o.shares.clone()).await?;
@@ -211,7 +214,7 @@ impl Vms {
             };
             vm.main = image.config.entrypoint.iter().chain(cmd).cloned().collect();
             if vm.main.is_empty() {
-                return Err(Error::InvalidArgument(format!(
+                return Err(invalid(format!(
                     "Image {} has no Entrypoint or Cmd; give the command to run \
                      (`banger vm run --entrypoint -- CMD`)",
                     image.name
@@ -279,7 +282,7 @@ impl Vms {
     async fn restorable(&self, key: &str, o: &mut CreateOptions) -> Result<crate::model::Snapshot> {
         let snap = self.snapshot(key).await?;
         if snap.vmm != self.vmm.name() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(super::snapshot::refused(format!(
                 "Snapshot {} was taken on {} and restores only there, but this daemon runs VMs \
                  on {}; set vmm = \"{}\" in the configuration, or snapshot a VM of this host",
                 snap.name,
@@ -293,7 +296,7 @@ impl Vms {
             ("memory_mib", o.memory_mib, snap.memory_mib),
         ] {
             if given != 0 && given != theirs {
-                return Err(Error::InvalidArgument(format!(
+                return Err(super::snapshot::refused(format!(
                     "{what}: snapshot {} was taken with {theirs}, and a restore must use the \
                      same; leave {what} out",
                     snap.name
@@ -315,18 +318,21 @@ impl Vms {
     async fn resolve_image(&self, st: &mut Stages<'_>, vm: &mut Vm, name: &str) -> Result<Image> {
         match self.images.get(name).await {
             Ok(i) => return Ok(i),
-            Err(Error::NotFound(_))
+            Err(Error::Image(ImageError::NotFound(_)))
                 if self.config.auto_pull_image && name == self.config.default_image => {}
-            Err(Error::NotFound(m)) if !self.images.pullable(name) => {
-                return Err(Error::NotFound(m))
+            Err(e @ Error::Image(ImageError::NotFound(_))) if !self.images.pullable(name) => {
+                return Err(e)
             }
-            Err(Error::NotFound(_)) if !self.config.auto_pull_image => {
-                return Err(Error::NotFound(format!(
+            Err(Error::Image(ImageError::NotFound(_))) if !self.config.auto_pull_image => {
+                return Err(ImageError::Unavailable(format!(
                     "No image {name:?} and auto_pull_image is off; pull it first \
                      (`banger image pull {name}`)"
-                )))
+                ))
+                .into())
             }
-            Err(Error::NotFound(_)) => return self.pull_image_for(st, vm, name).await,
+            Err(Error::Image(ImageError::NotFound(_))) => {
+                return self.pull_image_for(st, vm, name).await
+            }
             Err(e) => return Err(e),
         }
         let job = self
@@ -370,21 +376,22 @@ impl Vms {
         match (self.images.pulled(reference).await?, pulled) {
             (Some(i), _) => Ok(i),
             (None, Err(e)) => Err(e),
-            (None, Ok(())) => Err(Error::NotFound(format!(
+            (None, Ok(())) => Err(ImageError::Gone(format!(
                 "The pull of {reference} finished but left no image of it"
-            ))),
+            ))
+            .into()),
         }
     }
 
     async fn resolve_kernel(&self, st: &mut Stages<'_>, vm: &mut Vm, name: &str) -> Result<Kernel> {
         match self.kernels.get(name).await {
             Ok(k) => return Ok(k),
-            Err(Error::NotFound(_)) => {}
+            Err(Error::Kernel(KernelError::NotFound(_))) => {}
             Err(e) => return Err(e),
         }
         let in_catalog = self.kernels.in_catalog(name);
         if !in_catalog || !self.config.auto_pull_kernel {
-            return Err(Error::NotFound(format!(
+            return Err(KernelError::Unavailable(format!(
                 "No kernel {name:?} installed{}; `banger kernel list --available` shows what \
                  can be pulled, `banger kernel import` adds your own",
                 if in_catalog {
@@ -392,11 +399,12 @@ impl Vms {
                 } else {
                     " or in the catalog"
                 }
-            )));
+            ))
+            .into());
         }
         let job = match self.kernels.pull(vm.owner_uid, name).await {
             Ok(j) => Some(j),
-            Err(Error::AlreadyExists(_)) => None,
+            Err(Error::Kernel(KernelError::NameTaken(_))) => None,
             Err(e) => return Err(e),
         };
         if let Some(job) = job {
@@ -1205,9 +1213,7 @@ pub const FORWARD_PID: &str = "port-forward.pid";
 pub const MAIN_FILE: &str = "/.banger/main.json";
 
 fn taken(name: &str) -> Error {
-    Error::AlreadyExists(format!(
-        "A VM named {name:?} exists; pick another name or delete it (`banger vm delete {name}`)"
-    ))
+    VmError::NameTaken(name.to_owned()).into()
 }
 
 /// The work disk: a sparse copy of the image's seed, or an empty ext4 when it has none.

@@ -4,6 +4,7 @@
 
 pub mod bounds;
 mod create;
+mod error;
 mod lifecycle;
 pub mod publish;
 pub mod share;
@@ -26,7 +27,9 @@ use crate::model::{validate_name, NameKind, Vm, VmState};
 use crate::net::HostNet;
 use crate::store::{rows, Store};
 use crate::vmm::Vmm;
-use crate::{Error, Result};
+use crate::Result;
+use error::invalid;
+pub use error::VmError;
 
 /// Options of `CreateVM`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,7 +136,7 @@ impl CreateOptions {
             return Ok(CreateOptions::default().network);
         };
         crate::model::NetworkMode::parse(n).ok_or_else(|| {
-            crate::Error::InvalidArgument(format!(
+            invalid(format!(
                 "{method}: network {n:?} is neither \"isolated\" nor \"shared\""
             ))
         })
@@ -145,7 +148,7 @@ impl CreateOptions {
             // An image's name, or a reference to pull (checked again when resolved).
             if validate_name(NameKind::Image, i).is_err() {
                 crate::oci::reference::parse(i).map_err(|e| {
-                    Error::InvalidArgument(format!(
+                    invalid(format!(
                         "image {i:?} is neither an image name nor an OCI reference: {e}"
                     ))
                 })?;
@@ -166,14 +169,14 @@ impl CreateOptions {
                 (!self.init.is_empty(), "init"),
             ];
             if let Some((_, what)) = conflicting.iter().find(|(set, _)| *set) {
-                return Err(Error::InvalidArgument(format!(
+                return Err(invalid(format!(
                     "{what}: a VM restored from snapshot {s} has the snapshot's; leave {what} out"
                 )));
             }
         }
         let snapshots_shape = |v: u32| from_snapshot && v == 0;
         if !((1..=MAX_VCPUS).contains(&self.vcpus) || snapshots_shape(self.vcpus)) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "vcpus must be between 1 and {MAX_VCPUS}, not {}",
                 self.vcpus
             )));
@@ -186,19 +189,18 @@ impl CreateOptions {
         publish::check(&self.publish)?;
         share::check(&self.shares)?;
         if !self.command.is_empty() && !self.entrypoint {
-            return Err(Error::InvalidArgument(
-                "command is the main process's arguments: it needs entrypoint (CLI --entrypoint)"
-                    .into(),
+            return Err(invalid(
+                "command is the main process's arguments: it needs entrypoint (CLI --entrypoint)",
             ));
         }
         let bytes: usize = self.command.iter().map(|a| a.len() + 1).sum();
         if bytes > MAX_COMMAND_BYTES || self.command.iter().any(|a| a.contains('\0')) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "command must be at most {MAX_COMMAND_BYTES} bytes without NUL characters"
             )));
         }
         if self.memory_mib < MIN_MEMORY_MIB && !snapshots_shape(self.memory_mib) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "memory_mib must be at least {MIN_MEMORY_MIB}, not {}",
                 self.memory_mib
             )));
@@ -218,7 +220,7 @@ pub fn check_init(init: &str) -> Result<()> {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || "/._+-".contains(c));
     if !init.starts_with('/') || !plain || init.len() > 200 || init.split('/').any(|p| p == "..") {
-        return Err(Error::InvalidArgument(format!(
+        return Err(invalid(format!(
             "init {init:?} is neither \"banger\" nor an absolute path of letters, digits and /._+-; \
              leave it empty for the image's /sbin/init"
         )));
@@ -239,7 +241,7 @@ pub fn init_cmdline(init: &str) -> String {
 /// holds it, and nothing that could add a second line or options.
 pub fn validate_ssh_key(k: &str) -> Result<()> {
     let bad = |why: &str| {
-        Error::InvalidArgument(format!(
+        invalid(format!(
             "ssh_key is not an OpenSSH public key ({why}); pass the contents of a .pub file \
              such as ~/.ssh/id_ed25519.pub"
         ))
@@ -369,9 +371,7 @@ impl Vms {
         self.store
             .call(move |c| rows::find_vm(c, &k))
             .await?
-            .ok_or_else(|| {
-                Error::NotFound(format!("No VM {key:?}; `banger vm list` shows the VMs"))
-            })
+            .ok_or_else(|| VmError::NotFound(key.to_owned()).into())
     }
 
     /// How many VMs `uid` owns, and how many of them start, run or stop, leaving `except` out.
@@ -467,13 +467,13 @@ impl Vms {
     /// A connection to the agent of a running VM, for `banger vm exec`.
     pub async fn open_agent(&self, vm: &Vm) -> Result<tokio::net::UnixStream> {
         if vm.state == VmState::Paused {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "VM {} is paused; resume it first (`banger vm resume {}`)",
                 vm.name, vm.name
             )));
         }
         if vm.state != VmState::Running {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "VM {} is {}; start it first (`banger vm start {}`)",
                 vm.name, vm.state, vm.name
             )));

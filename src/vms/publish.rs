@@ -12,7 +12,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::{Error, Result};
+use super::error::invalid;
+use crate::Result;
 
 /// The argument that runs the `bangerd` binary as `port-forward VSOCK SPEC…`.
 pub const FORWARD_ARG: &str = "port-forward";
@@ -42,7 +43,7 @@ impl Publish {
     /// default; TCP by default).
     pub fn parse(s: &str) -> Result<Self> {
         let bad = |why: &str| {
-            Error::InvalidArgument(format!(
+            invalid(format!(
                 "publish {s:?}: {why}; write [ADDR:]HOSTPORT:GUESTPORT[/udp], e.g. 8080:80, \
                  0.0.0.0:8080:80 or 5353:53/udp"
             ))
@@ -102,7 +103,7 @@ pub fn check(list: &[String]) -> Result<Vec<Publish>> {
     for s in list {
         let p = Publish::parse(s)?;
         if out.iter().any(|o| o.clashes(&p)) {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "publish: host port {} is given twice",
                 p.host_port()
             )));
@@ -121,7 +122,7 @@ pub fn check_free(list: &[Publish]) -> Result<()> {
             TcpListener::bind(p.host).map(drop)
         };
         if let Err(e) = bound {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "publish: host port {} on {} is not free ({e}); pick another",
                 p.host_port(),
                 p.host.ip()

@@ -12,6 +12,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use super::error::invalid;
 use crate::{Error, Result};
 
 /// The most shares one VM may have.
@@ -34,7 +35,7 @@ impl Share {
     /// it absolute).
     pub fn parse_cli(s: &str) -> Result<Self> {
         let bad = |why: &str| {
-            Error::InvalidArgument(format!(
+            invalid(format!(
                 "share {s:?}: {why}; write HOSTDIR:GUESTDIR[:ro], e.g. ./src:/src or \
                  /srv/data:/data:ro"
             ))
@@ -93,14 +94,14 @@ fn check_guest(dir: &str) -> Result<()> {
         .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
     let dots = dir.split('/').any(|p| p == "." || p == "..");
     if !dir.starts_with('/') || !plain || !normal || dots || dir.len() > 200 || dir.contains("//") {
-        return Err(Error::InvalidArgument(format!(
+        return Err(invalid(format!(
             "share: guest folder {dir:?} must be an absolute path of letters, digits and \
              /._+-@ without . or .. parts"
         )));
     }
     let d = dir.trim_end_matches('/');
     if RESERVED.contains(&if d.is_empty() { "/" } else { d }) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(invalid(format!(
             "share: guest folder {dir:?} is part of every guest's base; pick another, e.g. /mnt/share"
         )));
     }
@@ -120,7 +121,7 @@ fn check_host(p: &str) -> Result<()> {
     if plain_host_path(p) {
         return Ok(());
     }
-    Err(Error::InvalidArgument(format!(
+    Err(invalid(format!(
         "share: host folder {p:?} has whitespace, quotes, a backslash, % or a control \
          character in its path, which banger cannot hand to the folder's server; share a \
          folder whose path has none"
@@ -131,14 +132,14 @@ fn check_host(p: &str) -> Result<()> {
 /// absolute, guest folders well formed and each used once.
 pub fn check(list: &[Share]) -> Result<()> {
     if list.len() > MAX_SHARES {
-        return Err(Error::InvalidArgument(format!(
+        return Err(invalid(format!(
             "share: at most {MAX_SHARES} shared folders a VM, not {}",
             list.len()
         )));
     }
     for (i, s) in list.iter().enumerate() {
         if !s.host.starts_with('/') || s.host.contains('\0') || s.host.len() > 4096 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(invalid(format!(
                 "share: host folder {:?} must be an absolute path",
                 s.host
             )));
@@ -147,9 +148,7 @@ pub fn check(list: &[Share]) -> Result<()> {
         check_guest(&s.guest)?;
         let g = s.guest.trim_end_matches('/');
         if list[..i].iter().any(|o| o.guest.trim_end_matches('/') == g) {
-            return Err(Error::InvalidArgument(format!(
-                "share: guest folder {g} is given twice"
-            )));
+            return Err(invalid(format!("share: guest folder {g} is given twice")));
         }
     }
     Ok(())
@@ -169,7 +168,7 @@ pub async fn verify(uid: u32, shares: Vec<Share>) -> Result<Vec<Share>> {
                 .map(|s| {
                     let host = verify_folder(uid, Path::new(&s.host))?;
                     let host = host.to_str().map(str::to_owned).ok_or_else(|| {
-                        Error::InvalidArgument(format!(
+                        invalid(format!(
                             "share: host folder {} resolves to a path that is not UTF-8",
                             s.host
                         ))
@@ -192,7 +191,7 @@ fn verify_folder(uid: u32, path: &Path) -> Result<PathBuf> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let shown = path.display();
     let refuse = |why: String| {
-        Error::InvalidArgument(format!(
+        invalid(format!(
             "share: {shown} {why}; share a folder of yours (or one you may write)"
         ))
     };

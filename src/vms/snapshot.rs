@@ -20,6 +20,60 @@ use crate::model::{hex, new_id, now_us, validate_name, NameKind, Snapshot, Vm, V
 use crate::store::rows;
 use crate::{Error, Result};
 
+/// A snapshot's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// No snapshot has this name or id.
+    #[error("No snapshot {0:?}; `banger snapshot list` shows them")]
+    NotFound(String),
+    /// The name is taken by another snapshot.
+    #[error(
+        "A snapshot named {0:?} exists; pick another name or delete it (`banger snapshot delete {0}`)"
+    )]
+    NameTaken(String),
+    /// VMs restored from it still layer their disks on it.
+    #[error("Snapshot {name} is the base of {users} VM(s) restored from it; delete them first")]
+    InUse {
+        /// The snapshot's name.
+        name: String,
+        /// How many VMs.
+        users: u64,
+    },
+    /// Another operation makes it now; the message says which and where to watch it.
+    #[error("{0}")]
+    Busy(String),
+    /// The VM cannot be saved, or a restore asks for what the snapshot cannot give; the
+    /// message says which and what to do.
+    #[error("{0}")]
+    Refused(String),
+    /// Its files are not what was published (truncated, altered, missing).
+    #[error("Snapshot {name} is damaged ({why}); delete it (`banger snapshot delete {name}`)")]
+    Damaged {
+        /// The snapshot's name.
+        name: String,
+        /// What is wrong, and the file.
+        why: String,
+    },
+}
+
+impl crate::error::Kind for SnapshotError {
+    fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind;
+        match self {
+            SnapshotError::NotFound(_) => ErrorKind::NotFound,
+            SnapshotError::NameTaken(_) => ErrorKind::AlreadyExists,
+            SnapshotError::InUse { .. } | SnapshotError::Busy(_) => ErrorKind::InUse,
+            SnapshotError::Refused(_) => ErrorKind::InvalidArgument,
+            SnapshotError::Damaged { .. } => ErrorKind::Failed,
+        }
+    }
+}
+
+/// A [`SnapshotError::Refused`] as a service error.
+pub(crate) fn refused(message: impl Into<String>) -> Error {
+    SnapshotError::Refused(message.into()).into()
+}
+
 /// The memory and device state file in a snapshot's directory.
 pub const MEMORY: &str = "memory.zst";
 /// The root disk's file: a qcow2 layered on the image's (QEMU), or a whole raw copy
@@ -129,14 +183,12 @@ fn compress(from: std::fs::File, to: &Path) -> Result<(String, u64)> {
 /// QEMU); returns it opened.
 pub(super) fn verified_memory(dir: &Path, snap: &Snapshot) -> Result<std::fs::File> {
     let path = dir.join(MEMORY);
-    let damaged = |why: String| {
-        Error::failed(
-            format!(
-                "Snapshot {} is damaged ({why}); delete it (`banger snapshot delete {}`)",
-                snap.name, snap.name
-            ),
-            std::io::Error::other(path.display().to_string()),
-        )
+    let damaged = |why: String| -> Error {
+        SnapshotError::Damaged {
+            name: snap.name.clone(),
+            why: format!("{why}; {}", path.display()),
+        }
+        .into()
     };
     let mut f = std::fs::File::open(&path).map_err(|e| damaged(format!("its memory: {e}")))?;
     let meta = f
@@ -273,11 +325,7 @@ impl Vms {
         self.store
             .call(move |c| rows::find_snapshot(c, &k))
             .await?
-            .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "No snapshot {key:?}; `banger snapshot list` shows them"
-                ))
-            })
+            .ok_or_else(|| SnapshotError::NotFound(key.to_owned()).into())
     }
 
     /// Takes snapshot `name` of a running (or paused) VM; returns the job at once.
@@ -316,13 +364,13 @@ impl Vms {
     fn snapshot_allowed(&self, vm: &Vm) -> Result<()> {
         super::state::check(vm, super::state::VmOp::Snapshot)?;
         if !vm.shares.is_empty() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(refused(format!(
                 "VM {} has shared folders, whose virtio-fs devices cannot be saved; snapshot a VM without --share",
                 vm.name
             )));
         }
         if !vm.main.is_empty() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(refused(format!(
                 "VM {} runs a main process (--entrypoint), which a restore could not wait for; snapshot a VM without one",
                 vm.name
             )));
@@ -479,10 +527,7 @@ impl Vms {
             .delete(move |c| {
                 let users = rows::vms_using_snapshot(c, &id)?;
                 if users > 0 {
-                    return Ok(Err(Error::InUse(format!(
-                        "Snapshot {name} is the base of {users} VM(s) restored from it; delete \
-                         them first"
-                    ))));
+                    return Ok(Err(SnapshotError::InUse { name, users }.into()));
                 }
                 rows::delete_snapshot(c, &id)?;
                 Ok(Ok(((), id)))
@@ -496,9 +541,7 @@ impl Vms {
 }
 
 fn snapshot_taken(name: &str) -> Error {
-    Error::AlreadyExists(format!(
-        "A snapshot named {name:?} exists; pick another name or delete it (`banger snapshot delete {name}`)"
-    ))
+    SnapshotError::NameTaken(name.to_owned()).into()
 }
 
 #[cfg(test)]

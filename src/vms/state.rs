@@ -14,8 +14,9 @@
 //! "its job": a second start of a starting VM returns the start already running; "cancels":
 //! the start is canceled (its cleanup runs under the VM's lock) before the operation goes on.
 
+use super::VmError;
 use crate::model::{Vm, VmState};
-use crate::{Error, Result};
+use crate::Result;
 
 /// An operation on a VM, as the table above names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,27 +51,12 @@ pub fn check(vm: &Vm, op: VmOp) -> Result<()> {
     if ok {
         return Ok(());
     }
-    let (name, state) = (&vm.name, vm.state);
-    Err(match op {
-        VmOp::Start if state == Stopping => Error::InvalidArgument(format!(
-            "VM {name} is stopping; start it again once it has stopped"
-        )),
-        VmOp::Start => Error::InvalidArgument(format!("VM {name} is {state} already")),
-        VmOp::Pause => Error::InvalidArgument(format!(
-            "VM {name} is {state}; only a running VM can be paused"
-        )),
-        VmOp::Resume => Error::InvalidArgument(format!(
-            "VM {name} is {state}; only a paused VM can be resumed"
-        )),
-        VmOp::Snapshot => Error::InvalidArgument(format!(
-            "VM {name} is {state}; only a running or paused VM can be snapshotted \
-             (`banger vm start {name}` first)"
-        )),
-        VmOp::Delete => Error::InUse(format!(
-            "VM {name} is {state}; stop it first (`banger vm stop {name}`) or delete with --force"
-        )),
-        VmOp::Stop | VmOp::ForceDelete => unreachable!("always allowed"),
-    })
+    Err(VmError::NotAllowed {
+        name: vm.name.clone(),
+        state: vm.state,
+        op,
+    }
+    .into())
 }
 
 #[cfg(test)]
@@ -108,6 +94,11 @@ mod tests {
                 if let Err(e) = got {
                     let m = e.to_string();
                     assert!(m.contains("VM v is"), "{m}");
+                    let kind = match op {
+                        Delete => crate::error::ErrorKind::InUse,
+                        _ => crate::error::ErrorKind::InvalidArgument,
+                    };
+                    assert_eq!(e.kind(), kind, "{m}");
                 }
                 cases += 1;
             }

@@ -15,13 +15,14 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
+use super::error::invalid;
 use super::snapshot::SnapshotOptions;
 use super::{CreateOptions, Vms};
 use crate::auth::Action;
 use crate::jobs::{Job, JobContext, JobSpec};
 use crate::model::{Image, Kernel, Snapshot};
 use crate::store::rows;
-use crate::{Error, Result};
+use crate::Result;
 
 /// Warm snapshots being made, by key.
 #[derive(Default)]
@@ -97,10 +98,9 @@ impl Vms {
         memory: u32,
     ) -> Result<Option<Arc<Job>>> {
         if self.vmm.name() != "qemu" {
-            return Err(Error::InvalidArgument(
+            return Err(invalid(
                 "Warm snapshots are made on the qemu VMM only (Firecracker snapshots are taken \
-                 and restored on request, not kept warm); set vmm = \"qemu\" in the configuration"
-                    .into(),
+                 and restored on request, not kept warm); set vmm = \"qemu\" in the configuration",
             ));
         }
         super::bounds::VmLimits::of(&self.config).check(vcpus, memory, None)?;
