@@ -6,14 +6,14 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::error::{invalid, ImageError};
+use super::error::{failed, invalid, ImageError};
 use super::finish::{blocking, TreeImage};
 use super::publish::Staging;
 use super::{BuildOptions, Images};
 use crate::auth::Action;
 use crate::jobs::{Job, JobSpec};
 use crate::model::{new_id, validate_name, NameKind};
-use crate::{host, Error, Result};
+use crate::{host, Result};
 
 /// What every built image has.
 /// The built-in catalog image, made by `BuildImage` (and `PullImage debian-bookworm`).
@@ -80,13 +80,12 @@ fn run_debootstrap(suite: &str, packages: &[String], tree: &Path, log: &Path) ->
         .collect::<Vec<_>>()
         .join(",");
     let program = host::find_program("debootstrap").ok_or_else(|| {
-        Error::failed(
+        failed(
             "debootstrap is not installed",
             std::io::Error::other("apt-get install debootstrap"),
         )
     })?;
-    let logf =
-        std::fs::File::create(log).map_err(|e| Error::failed("Cannot create the build log", e))?;
+    let logf = std::fs::File::create(log).map_err(|e| failed("Cannot create the build log", e))?;
     let mut cmd = std::process::Command::new(program);
     cmd.args(["--variant=minbase", &format!("--include={include}"), suite])
         .arg(tree)
@@ -94,7 +93,7 @@ fn run_debootstrap(suite: &str, packages: &[String], tree: &Path, log: &Path) ->
         .stdin(std::process::Stdio::null())
         .stdout(
             logf.try_clone()
-                .map_err(|e| Error::failed("Cannot write the build log", e))?,
+                .map_err(|e| failed("Cannot write the build log", e))?,
         )
         .stderr(logf);
     // A cancel kills debootstrap and everything it started (dpkg, its scripts) together.
@@ -102,7 +101,7 @@ fn run_debootstrap(suite: &str, packages: &[String], tree: &Path, log: &Path) ->
     if !status.success() {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = text.lines().rev().take(5).collect();
-        return Err(Error::failed(
+        return Err(failed(
             format!(
                 "debootstrap failed ({status}); the log is {}",
                 log.display()
@@ -169,7 +168,7 @@ impl Images {
             let (tree, scratch) = this.tree_dir(&id, &dir, 1 << 30)?;
             let logs = this.layout.state_dir.join("logs");
             std::fs::create_dir_all(&logs)
-                .map_err(|e| Error::failed("Cannot create the log directory", e))?;
+                .map_err(|e| failed("Cannot create the log directory", e))?;
             let log: PathBuf = logs.join(format!("build-{name}-{id}.log"));
             ctx.stage(
                 "debootstrap",

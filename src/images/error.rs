@@ -41,11 +41,21 @@ pub enum ImageError {
     /// An option, a file or the image's content is not acceptable; the message says which.
     #[error("{0}")]
     Invalid(String),
+    /// Pulling, building, registering or publishing failed; `what` says which step.
+    #[error("{what}")]
+    Failed {
+        /// What banger was doing.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Kind for ImageError {
     fn kind(&self) -> ErrorKind {
         match self {
+            ImageError::Failed { .. } => ErrorKind::Failed,
             ImageError::NotFound(_)
             | ImageError::Unavailable(_)
             | ImageError::Gone(_)
@@ -55,6 +65,18 @@ impl Kind for ImageError {
             ImageError::Invalid(_) => ErrorKind::InvalidArgument,
         }
     }
+}
+
+/// A [`ImageError::Failed`]: what banger was doing, and why it failed.
+pub(crate) fn failed(
+    what: impl Into<String>,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> crate::Error {
+    ImageError::Failed {
+        what: what.into(),
+        source: source.into(),
+    }
+    .into()
 }
 
 /// An [`ImageError::Invalid`] as a service error.

@@ -3,12 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
+use super::error::failed;
 use super::publish::Staging;
 use super::Images;
 use crate::jobs::JobContext;
 use crate::model::{now_us, Image};
 use crate::oci::inroot::Root;
-use crate::{ext4, guest, Error, Result};
+use crate::{ext4, guest, Result};
 
 const GIB: u64 = 1 << 30;
 
@@ -29,7 +30,7 @@ pub(super) async fn blocking<T: Send + 'static>(
 ) -> Result<T> {
     crate::jobs::spawn_blocking(f)
         .await
-        .map_err(|e| Error::failed(format!("{what} task failed"), e))?
+        .map_err(|e| failed(format!("{what} task failed"), e))?
 }
 
 impl Images {
@@ -70,7 +71,7 @@ impl Images {
         let config = t.config.clone();
         blocking("Inject", move || {
             let mut tree = crate::tree::HostTree::create(&tr, true)
-                .map_err(|e| Error::failed("Cannot open the image tree", e))?;
+                .map_err(|e| failed("Cannot open the image tree", e))?;
             guest::inject(&mut tree, &agent)?;
             guest::inject_config(&mut tree, &config)
         })
@@ -85,8 +86,7 @@ impl Images {
         ctx.progress(0.7);
         let (tr, d, requested) = (tree.clone(), dir.clone(), t.size);
         let rootfs = blocking("mkfs", move || {
-            let u =
-                ext4::usage(&tr).map_err(|e| Error::failed("Cannot measure the image tree", e))?;
+            let u = ext4::usage(&tr).map_err(|e| failed("Cannot measure the image tree", e))?;
             let size = ext4::size_for(u, requested, GIB);
             ext4::build(&tr, &d.join("rootfs.ext4"), size, u, "rootfs")?;
             Ok(size)
@@ -210,7 +210,7 @@ impl Images {
 /// directory (a symlink is never followed: its target would be read on the host).
 fn work_seed_from_image(image: &Path, scratch: &Path, seed: &Path) -> Result<bool> {
     std::fs::create_dir(scratch)
-        .map_err(|e| Error::failed("Cannot make the work seed's scratch directory", e))?;
+        .map_err(|e| failed("Cannot make the work seed's scratch directory", e))?;
     let dumped = crate::host::run(
         "debugfs",
         [
@@ -222,7 +222,7 @@ fn work_seed_from_image(image: &Path, scratch: &Path, seed: &Path) -> Result<boo
     let root = scratch.join("root");
     let r = match (dumped, std::fs::symlink_metadata(&root)) {
         (Ok(()), Ok(m)) if m.is_dir() => {
-            let u = ext4::usage(&root).map_err(|e| Error::failed("Cannot measure /root", e))?;
+            let u = ext4::usage(&root).map_err(|e| failed("Cannot measure /root", e))?;
             let size = ext4::size_for(u, None, 64 << 20);
             ext4::build(&root, seed, size, u, "work").map(|_| true)
         }
@@ -236,13 +236,13 @@ fn work_seed_from_image(image: &Path, scratch: &Path, seed: &Path) -> Result<boo
 /// Builds the work seed from the tree's `/root` (resolved inside the tree); false when the
 /// image has no `/root`.
 fn build_work_seed(tree: &Path, image: &Path) -> Result<bool> {
-    let root = Root::create(tree).map_err(|e| Error::failed("Cannot open the image tree", e))?;
+    let root = Root::create(tree).map_err(|e| failed("Cannot open the image tree", e))?;
     let dir = match root.resolve_dir(Path::new("root"), false) {
         Ok((d, _)) => d,
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(false),
-        Err(e) => return Err(Error::failed("Cannot open the image's /root", e)),
+        Err(e) => return Err(failed("Cannot open the image's /root", e)),
     };
-    let u = ext4::usage(&dir).map_err(|e| Error::failed("Cannot measure /root", e))?;
+    let u = ext4::usage(&dir).map_err(|e| failed("Cannot measure /root", e))?;
     let size = ext4::size_for(u, None, 64 << 20);
     ext4::build(&dir, image, size, u, "work")?;
     Ok(true)

@@ -1,12 +1,12 @@
 //! Publication: the one step of a pull that holds the images lock.
 
-use super::error::ImageError;
+use super::error::{failed, ImageError};
 use super::Images;
 use crate::events::ObjectEvent;
 pub(super) use crate::layout::StagingDir as Staging;
 use crate::model::Image;
 use crate::store::rows;
-use crate::{Error, Result};
+use crate::Result;
 
 impl Images {
     /// Re-checks the name, renames staging to `images/<id>` and inserts the row, under the
@@ -44,7 +44,7 @@ impl Images {
         // (The staging directory is removed on drop if the row check refuses.)
         self.promote_row(image, || {
             std::fs::rename(staging.path(), &final_dir)
-                .map_err(|e| Error::failed("Cannot move the image into place", e))?;
+                .map_err(|e| failed("Cannot move the image into place", e))?;
             staging.keep();
             Ok(())
         })

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 
 use oci_client::Reference;
 
-use super::error::{invalid, ImageError};
+use super::error::{failed, invalid, ImageError};
 use super::finish::{blocking, TreeImage};
 use super::publish::Staging;
 use super::{Images, PullOptions};
@@ -64,8 +64,7 @@ impl Read for ChunkReader {
 fn open_layer(src: LayerSource, c: Compression) -> Result<Box<dyn Read + Send>> {
     let raw: Box<dyn Read + Send> = match src {
         LayerSource::File(path) => Box::new(
-            std::fs::File::open(path)
-                .map_err(|e| Error::failed("Cannot open a cached layer", e))?,
+            std::fs::File::open(path).map_err(|e| failed("Cannot open a cached layer", e))?,
         ),
         LayerSource::Stream(rx) => Box::new(ChunkReader {
             rx,
@@ -79,7 +78,7 @@ fn open_layer(src: LayerSource, c: Compression) -> Result<Box<dyn Read + Send>> 
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
         Compression::Zstd => Box::new(
             zstd::stream::read::Decoder::with_buffer(r)
-                .map_err(|e| Error::failed("Cannot read a zstd layer", e))?,
+                .map_err(|e| failed("Cannot read a zstd layer", e))?,
         ),
     })
 }
@@ -164,7 +163,7 @@ fn inflating(src: LayerSource, c: Compression) -> Result<InflatedReader> {
                 return;
             }
         })
-        .map_err(|e| Error::failed("Cannot start a decompression thread", e))?;
+        .map_err(|e| failed("Cannot start a decompression thread", e))?;
     Ok(InflatedReader {
         rx,
         cur: Vec::new(),
@@ -348,7 +347,7 @@ impl Images {
                 let img = image.clone();
                 blocking("Cleanup", move || {
                     std::fs::remove_file(&img)
-                        .map_err(|e| Error::failed("Cannot remove a partial image", e))
+                        .map_err(|e| failed("Cannot remove a partial image", e))
                 })
                 .await?;
             }
@@ -419,8 +418,8 @@ fn ready_ports_label(config: &std::path::Path) -> Result<Vec<u16>> {
 /// An image config blob's `org.banger.ready_ports` label and run settings (Env, WorkingDir,
 /// User, Entrypoint, Cmd), refused when they are larger than an image needs.
 fn read_image_config(config: &std::path::Path) -> Result<(Vec<u16>, crate::model::ImageConfig)> {
-    let text = std::fs::read(config)
-        .map_err(|e| Error::failed("Cannot read the image configuration", e))?;
+    let text =
+        std::fs::read(config).map_err(|e| failed("Cannot read the image configuration", e))?;
     let v: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| invalid(format!("The image configuration is not JSON: {e}")))?;
     let run = crate::model::ImageConfig::from_oci(&v);
@@ -489,7 +488,7 @@ impl Images {
                 let seed = crate::bundle::regular(&tree, "work-seed.ext4")?;
                 let mv = |from: &Path, to: &str| {
                     std::fs::rename(from, d.join(to))
-                        .map_err(|e| Error::failed("Cannot stage the bundle's files", e))
+                        .map_err(|e| failed("Cannot stage the bundle's files", e))
                 };
                 mv(&rootfs, "rootfs.ext4")?;
                 if let Some(s) = &seed {
@@ -498,9 +497,9 @@ impl Images {
                 }
                 crate::layout::remove_any(&tree)
                     .and_then(|_| crate::layout::remove_any(&bundle))
-                    .map_err(|e| Error::failed("Cannot clean the bundle up", e))?;
+                    .map_err(|e| failed("Cannot clean the bundle up", e))?;
                 let size = std::fs::metadata(d.join("rootfs.ext4"))
-                    .map_err(|e| Error::failed("Cannot stage the bundle's files", e))?
+                    .map_err(|e| failed("Cannot stage the bundle's files", e))?
                     .len();
                 Ok((manifest, seed.is_some(), size))
             })
@@ -529,8 +528,7 @@ impl Images {
 /// Refuses a file that is not an ext4 filesystem (its superblock magic).
 fn check_ext4(path: &Path) -> Result<()> {
     use std::io::{Seek, SeekFrom};
-    let mut f =
-        std::fs::File::open(path).map_err(|e| Error::failed("Cannot read the bundle", e))?;
+    let mut f = std::fs::File::open(path).map_err(|e| failed("Cannot read the bundle", e))?;
     let mut magic = [0u8; 2];
     let ok = f.seek(SeekFrom::Start(1024 + 56)).is_ok() && f.read_exact(&mut magic).is_ok();
     if !ok || magic != [0x53, 0xef] {
@@ -601,7 +599,7 @@ fn apply_layers<T: Tree>(
             Ok(()) => {}
             Err(FlattenError::TooLarge { what: "bytes", .. }) => return Err(Flatten::OverScratch),
             Err(e) => {
-                let e = Error::failed("Cannot flatten the image", e);
+                let e = failed("Cannot flatten the image", e);
                 return Err(if storage_full(&e) {
                     Flatten::OutOfRoom(e)
                 } else {
@@ -611,7 +609,7 @@ fn apply_layers<T: Tree>(
         }
     }
     f.finish()
-        .map_err(|e| room_or_failed(Error::failed("Cannot flatten the image", e)))
+        .map_err(|e| room_or_failed(failed("Cannot flatten the image", e)))
 }
 
 /// Whether `e` comes from a filesystem out of blocks or inodes.
@@ -672,7 +670,7 @@ impl Images {
             match dest {
                 Dest::Tree(t) => {
                     let tree = HostTree::create(&t, true)
-                        .map_err(|e| Error::failed("Cannot create the image tree", e))?;
+                        .map_err(|e| failed("Cannot create the image tree", e))?;
                     apply_layers(Flattener::new(tree, limits), opened, &done_count).map(|r| r.0)
                 }
                 Dest::Image {
@@ -681,13 +679,13 @@ impl Images {
                     config,
                 } => {
                     let w = Writer::open(&path)
-                        .map_err(|e| Error::failed("Cannot open the new root filesystem", e))?;
+                        .map_err(|e| failed("Cannot open the new root filesystem", e))?;
                     let (stats, mut w) =
                         apply_layers(Flattener::new(w, limits), opened, &done_count)?;
                     guest::inject(&mut w, &agent).map_err(room_or_failed)?;
                     guest::inject_config(&mut w, &config).map_err(room_or_failed)?;
                     w.close().map_err(|e| {
-                        room_or_failed(Error::failed("Cannot finish the root filesystem", e))
+                        room_or_failed(failed("Cannot finish the root filesystem", e))
                     })?;
                     Ok(stats)
                 }
@@ -756,7 +754,7 @@ impl Images {
         ctx.progress(0.5);
         let flattened = flatten
             .await
-            .map_err(|e| Error::failed("Flatten task failed", e))?;
+            .map_err(|e| failed("Flatten task failed", e))?;
         fetched?;
         flattened
     }

@@ -6,7 +6,7 @@
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
-use super::error::{invalid, ImageError};
+use super::error::{failed, invalid, ImageError};
 use super::publish::Staging;
 use super::{Images, RegisterOptions};
 use crate::auth::Action;
@@ -16,12 +16,12 @@ use crate::jobs::{Job, JobSpec};
 use crate::layout::STAGING_PREFIX;
 use crate::model::{new_id, now_us, Image};
 use crate::store::rows;
-use crate::{Error, Result};
+use crate::Result;
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     crate::jobs::spawn_blocking(f)
         .await
-        .map_err(|e| Error::failed("Image task failed", e))?
+        .map_err(|e| failed("Image task failed", e))?
 }
 
 /// Whether the file holds an ext4 (or ext2/3) superblock: magic 0xEF53 at byte 1080.
@@ -150,11 +150,11 @@ impl Images {
         let had_dir = final_dir.exists();
         if had_dir {
             std::fs::rename(&final_dir, &aside)
-                .map_err(|e| Error::failed("Cannot move the old copy aside", e))?;
+                .map_err(|e| failed("Cannot move the old copy aside", e))?;
         }
         let mut staging = staging;
         std::fs::rename(staging.path(), &final_dir)
-            .map_err(|e| Error::failed("Cannot move the image into place", e))?;
+            .map_err(|e| failed("Cannot move the image into place", e))?;
         staging.keep();
         let row = image.clone();
         let updated = self

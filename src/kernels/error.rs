@@ -40,11 +40,21 @@ pub enum KernelError {
     /// An option, a file or the kernel's content is not acceptable; the message says which.
     #[error("{0}")]
     Invalid(String),
+    /// Pulling, importing or publishing the kernel failed; `what` says which step.
+    #[error("{what}")]
+    Failed {
+        /// What banger was doing.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Kind for KernelError {
     fn kind(&self) -> ErrorKind {
         match self {
+            KernelError::Failed { .. } => ErrorKind::Failed,
             KernelError::NotFound(_)
             | KernelError::NotInCatalog(_)
             | KernelError::NotInApt(_)
@@ -60,4 +70,16 @@ impl Kind for KernelError {
 /// A [`KernelError::Invalid`] as a service error.
 pub(crate) fn invalid(message: impl Into<String>) -> crate::Error {
     KernelError::Invalid(message.into()).into()
+}
+
+/// A [`KernelError::Failed`]: what banger was doing, and why it failed.
+pub(crate) fn failed(
+    what: impl Into<String>,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> crate::Error {
+    KernelError::Failed {
+        what: what.into(),
+        source: source.into(),
+    }
+    .into()
 }

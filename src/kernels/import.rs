@@ -7,7 +7,7 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path};
 
-use super::error::{invalid, KernelError};
+use super::error::{failed, invalid, KernelError};
 use super::{vmlinux, ImportOptions, Kernels};
 use crate::callerfile::{self, Expect};
 use crate::events::ObjectEvent;
@@ -16,7 +16,7 @@ use crate::model::{new_id, now_us, validate_name, Kernel, NameKind};
 use crate::oci::flatten::{Flattener, Limits};
 use crate::store::rows;
 use crate::tree::HostTree;
-use crate::{host, Error, Result};
+use crate::{host, Result};
 
 /// Copies the directory `dir` (a descriptor, opened with the caller's rights) into `dest`: a
 /// `tar` that runs as `uid` archives it and the hardened flattener applies the archive, so
@@ -26,7 +26,7 @@ fn copy_modules(uid: u32, dir: &OwnedFd, dest: &Path, max_bytes: u64) -> Result<
     let mut tar = host::tar_dirfd_as(uid, dir.as_raw_fd())?;
     let stdout = tar.stdout.take().expect("piped stdout");
     let tree = HostTree::create(dest, false)
-        .map_err(|e| Error::failed("Cannot create the modules directory", e))?;
+        .map_err(|e| failed("Cannot create the modules directory", e))?;
     let mut f = Flattener::new(
         tree,
         Limits {
@@ -39,7 +39,7 @@ fn copy_modules(uid: u32, dir: &OwnedFd, dest: &Path, max_bytes: u64) -> Result<
     if let Some(mut e) = tar.stderr.take() {
         let _ = e.read_to_string(&mut stderr);
     }
-    let status = tar.wait().map_err(|e| Error::failed("tar failed", e))?;
+    let status = tar.wait().map_err(|e| failed("tar failed", e))?;
     if !status.success() {
         return Err(invalid(format!(
             "modules_dir: you cannot read all of it yourself ({}), so banger will not copy it for you",
@@ -48,27 +48,26 @@ fn copy_modules(uid: u32, dir: &OwnedFd, dest: &Path, max_bytes: u64) -> Result<
     }
     applied.map_err(|e| invalid(format!("modules_dir cannot be copied: {}", e)))?;
     f.finish()
-        .map_err(|e| Error::failed("Cannot copy the modules", e))?;
+        .map_err(|e| failed("Cannot copy the modules", e))?;
     check_tree(dest, dest)
 }
 
 /// Refuses what a modules tree must not hold: symbolic links that leave it (absolute, or
 /// climbing above it with `..`) and anything but files, directories and links.
 pub(crate) fn check_tree(root: &Path, dir: &Path) -> Result<()> {
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| Error::failed("Cannot read the modules", e))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| failed("Cannot read the modules", e))?;
     for e in entries {
-        let e = e.map_err(|e| Error::failed("Cannot read the modules", e))?;
+        let e = e.map_err(|e| failed("Cannot read the modules", e))?;
         let p = e.path();
         let rel = p.strip_prefix(root).unwrap_or(&p).to_owned();
         let t = e
             .file_type()
-            .map_err(|e| Error::failed("Cannot read the modules", e))?;
+            .map_err(|e| failed("Cannot read the modules", e))?;
         if t.is_dir() {
             check_tree(root, &p)?;
         } else if t.is_symlink() {
             let target =
-                std::fs::read_link(&p).map_err(|e| Error::failed("Cannot read the modules", e))?;
+                std::fs::read_link(&p).map_err(|e| failed("Cannot read the modules", e))?;
             let depth = rel.components().count() as i64 - 1;
             if !stays_inside(&target, depth) {
                 return Err(invalid(format!(
@@ -207,7 +206,7 @@ impl Kernels {
         });
         let kernel = kernel
             .await
-            .map_err(|e| Error::failed("Kernel import task failed", e))??;
+            .map_err(|e| failed("Kernel import task failed", e))??;
         // The directory describes itself too: what it is and where it came from.
         let manifest = serde_json::json!({
             "name": kernel.name,
@@ -222,7 +221,7 @@ impl Kernels {
             staging_dir.join("manifest.json"),
             serde_json::to_vec_pretty(&manifest).unwrap_or_default(),
         )
-        .map_err(|e| Error::failed("Cannot write the kernel's manifest", e))?;
+        .map_err(|e| failed("Cannot write the kernel's manifest", e))?;
 
         let (taken, row) = (kernel.name.clone(), kernel.clone());
         self.shelf

@@ -6,9 +6,9 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use super::error::invalid;
+use super::error::{failed, invalid};
 use crate::guestinit::{MODULE_DIR, MODULE_LIST};
-use crate::{host, Error, Result};
+use crate::{host, Result};
 
 /// What the guest needs from the initrd, by module name.
 pub const WANTED: &[&str] = &[
@@ -112,7 +112,7 @@ impl ModuleIndex {
         }
         let read = |f: &str| std::fs::read_to_string(modules_dir.join(f)).unwrap_or_default();
         let dep = std::fs::read_to_string(modules_dir.join("modules.dep"))
-            .map_err(|e| Error::failed("Cannot read modules.dep", e))?;
+            .map_err(|e| failed("Cannot read modules.dep", e))?;
         let idx = Self::parse(
             &dep,
             &read("modules.softdep"),
@@ -180,12 +180,11 @@ impl ModuleIndex {
 
 /// Runs `depmod` for a modules directory laid out as `lib/modules/<version>` would be.
 fn depmod(modules_dir: &Path, version: &str) -> Result<()> {
-    let tmp =
-        tempfile::tempdir().map_err(|e| Error::failed("Cannot create a temporary directory", e))?;
+    let tmp = tempfile::tempdir().map_err(|e| failed("Cannot create a temporary directory", e))?;
     let lib = tmp.path().join("lib/modules");
-    std::fs::create_dir_all(&lib).map_err(|e| Error::failed("Cannot prepare depmod", e))?;
+    std::fs::create_dir_all(&lib).map_err(|e| failed("Cannot prepare depmod", e))?;
     std::os::unix::fs::symlink(modules_dir, lib.join(version))
-        .map_err(|e| Error::failed("Cannot prepare depmod", e))?;
+        .map_err(|e| failed("Cannot prepare depmod", e))?;
     host::run(
         "depmod",
         ["-b".as_ref(), tmp.path().as_os_str(), version.as_ref()],
@@ -270,9 +269,9 @@ pub fn build(modules_dir: &Path, version: &str, init: &Path) -> Result<Vec<u8>> 
     wanted.extend(OPTIONAL.iter().filter(|m| idx.has(m)));
     let modules = idx.resolve(&wanted)?;
     let init_bin = std::fs::read(init)
-        .map_err(|e| Error::failed(format!("Cannot read banger-init at {}", init.display()), e))?;
+        .map_err(|e| failed(format!("Cannot read banger-init at {}", init.display()), e))?;
     if !is_static_elf(&init_bin) {
-        return Err(Error::failed(
+        return Err(failed(
             format!(
                 "{} is not a static executable and cannot run in an initrd",
                 init.display()
@@ -311,14 +310,14 @@ fn read_inside(root: &Path, rel: &str) -> Result<Vec<u8>> {
     for c in Path::new(rel).components() {
         p.push(c);
         let meta = std::fs::symlink_metadata(&p)
-            .map_err(|e| Error::failed(format!("Cannot read module {rel}"), e))?;
+            .map_err(|e| failed(format!("Cannot read module {rel}"), e))?;
         if meta.file_type().is_symlink() {
             return Err(invalid(format!(
                 "Module {rel} is reached through a symbolic link; banger reads only modules stored in the tree"
             )));
         }
     }
-    std::fs::read(&p).map_err(|e| Error::failed(format!("Cannot read module {rel}"), e))
+    std::fs::read(&p).map_err(|e| failed(format!("Cannot read module {rel}"), e))
 }
 
 /// Whether `initrd` is one banger built (it lists its modules in `etc/banger-modules`).
@@ -336,9 +335,9 @@ pub const AGENT_IN_INITRD: &str = "banger-agent";
 /// agent: kernels and images made by an older banger still boot with today's guest side.
 pub fn with_current_init(initrd: &[u8], init: &Path, agent: Option<&Path>) -> Result<Vec<u8>> {
     let init_bin = std::fs::read(init)
-        .map_err(|e| Error::failed(format!("Cannot read banger-init at {}", init.display()), e))?;
+        .map_err(|e| failed(format!("Cannot read banger-init at {}", init.display()), e))?;
     if !is_static_elf(&init_bin) {
-        return Err(Error::failed(
+        return Err(failed(
             format!("{} is not a static executable", init.display()),
             std::io::Error::other(
                 "build banger-init with RUSTFLAGS='-C target-feature=+crt-static'",
@@ -348,8 +347,8 @@ pub fn with_current_init(initrd: &[u8], init: &Path, agent: Option<&Path>) -> Re
     let mut cpio = Cpio::default();
     cpio.entry("init", 0o100755, (0, 0), &init_bin);
     if let Some(a) = agent {
-        let bin = std::fs::read(a)
-            .map_err(|e| Error::failed(format!("Cannot read {}", a.display()), e))?;
+        let bin =
+            std::fs::read(a).map_err(|e| failed(format!("Cannot read {}", a.display()), e))?;
         if is_static_elf(&bin) {
             cpio.entry(AGENT_IN_INITRD, 0o100755, (0, 0), &bin);
         } else {

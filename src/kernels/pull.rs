@@ -9,12 +9,12 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::error::{invalid, KernelError};
+use super::error::{failed, invalid, KernelError};
 use super::{CatalogKernel, ImportOptions, Kernels};
 use crate::auth::Action;
 use crate::jobs::{Job, JobSpec};
 use crate::model::{new_id, validate_name, NameKind};
-use crate::{host, Error, Result};
+use crate::{host, Result};
 
 /// The Debian entry: the meta package whose dependency names the kernel.
 const DEBIAN_META: &str = "linux-image-amd64";
@@ -38,7 +38,7 @@ fn apt_cache(args: &[&str]) -> Result<String> {
         "apt-cache (is apt installed?)",
     )?;
     if !out.status.success() {
-        return Err(Error::failed(
+        return Err(failed(
             format!("apt-cache {} failed", args.join(" ")),
             std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
         ));
@@ -87,11 +87,10 @@ pub fn resolve_debian() -> Result<DebPackage> {
 }
 
 fn sha256_file(p: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(p)
-        .map_err(|e| Error::failed(format!("Cannot read {}", p.display()), e))?;
+    let mut f =
+        std::fs::File::open(p).map_err(|e| failed(format!("Cannot read {}", p.display()), e))?;
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)
-        .map_err(|e| Error::failed(format!("Cannot read {}", p.display()), e))?;
+    std::io::copy(&mut f, &mut h).map_err(|e| failed(format!("Cannot read {}", p.display()), e))?;
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -110,7 +109,7 @@ pub fn fetch_deb(pkg: &DebPackage, dir: &Path) -> Result<PathBuf> {
             "apt-get",
         )?;
         if !out.status.success() {
-            return Err(Error::failed(
+            return Err(failed(
                 format!("apt-get download {} failed", pkg.name),
                 std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
             ));
@@ -186,7 +185,7 @@ impl Kernels {
             ctx.stage("resolve", format!("Resolving {DEBIAN_META} through apt"));
             let pkg = crate::jobs::spawn_blocking(resolve_debian)
                 .await
-                .map_err(|e| Error::failed("apt task failed", e))??;
+                .map_err(|e| failed("apt task failed", e))??;
             ctx.log(6, format!("{} {}", pkg.name, pkg.version));
             let work = this.layout.kernels_dir().join(format!(
                 "{}{}",
@@ -207,7 +206,7 @@ impl Kernels {
                 Ok(root)
             })
             .await
-            .map_err(|e| Error::failed("Kernel download task failed", e))??;
+            .map_err(|e| failed("Kernel download task failed", e))??;
             ctx.stage("import", "Building the initrd and installing the kernel");
             ctx.progress(0.6);
             let release = pkg.name.trim_start_matches("linux-image-").to_owned();
@@ -252,7 +251,7 @@ impl Kernels {
             let w = work.clone();
             let tree = crate::jobs::spawn_blocking(move || crate::bundle::unpack(&bundle, &w, max))
                 .await
-                .map_err(|e| Error::failed("Unpack task failed", e))??;
+                .map_err(|e| failed("Unpack task failed", e))??;
             let manifest = crate::bundle::manifest(&tree)?;
             let kernel = crate::bundle::regular(&tree, "vmlinux")?
                 .ok_or_else(|| invalid("The kernel bundle has no vmlinux"))?;

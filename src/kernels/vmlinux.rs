@@ -6,8 +6,8 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use super::error::{invalid, KernelError};
-use crate::{host, Error, Result};
+use super::error::{failed, invalid, KernelError};
+use crate::{host, Result};
 
 const ELF: &[u8] = b"\x7fELF";
 
@@ -29,7 +29,7 @@ pub fn bzimage_version(img: &[u8]) -> Option<String> {
 fn decompress(tool: &str, args: &[&str], payload: &[u8], max: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     let path = host::find_program(tool).ok_or_else(|| {
-        Error::failed(
+        failed(
             format!("{tool} is not installed"),
             std::io::Error::from(std::io::ErrorKind::NotFound),
         )
@@ -40,7 +40,7 @@ fn decompress(tool: &str, args: &[&str], payload: &[u8], max: u64) -> Result<Vec
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| Error::failed(format!("Cannot run {tool}"), e))?;
+        .map_err(|e| failed(format!("Cannot run {tool}"), e))?;
     let mut stdin = child.stdin.take().expect("piped stdin");
     let mut stdout = child.stdout.take().expect("piped stdout");
     let data = payload.to_vec();
@@ -60,7 +60,7 @@ fn decompress(tool: &str, args: &[&str], payload: &[u8], max: u64) -> Result<Vec
     if over {
         return Err(KernelError::TooLarge(max).into());
     }
-    read.map_err(|e| Error::failed(format!("{tool} failed"), e))?;
+    read.map_err(|e| failed(format!("{tool} failed"), e))?;
     // Trailing data after the stream makes some tools complain; what counts is the ELF.
     Ok(out)
 }
@@ -92,8 +92,7 @@ pub fn to_elf(img: &[u8], max: u64) -> Result<Vec<u8>> {
 
 /// Writes `data` to `path`, readable by everyone (kernels are not secret).
 pub fn write(path: &Path, data: &[u8]) -> Result<()> {
-    std::fs::write(path, data)
-        .map_err(|e| Error::failed(format!("Cannot write {}", path.display()), e))
+    std::fs::write(path, data).map_err(|e| failed(format!("Cannot write {}", path.display()), e))
 }
 
 #[cfg(test)]
@@ -137,7 +136,7 @@ mod tests {
         let img = fake_bzimage("6.1.0-bomb", &e.finish().unwrap());
         let err = to_elf(&img, 1 << 20).unwrap_err();
         assert!(
-            matches!(err, Error::Kernel(KernelError::TooLarge(_))),
+            matches!(err, crate::Error::Kernel(KernelError::TooLarge(_))),
             "{err}"
         );
     }

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::error::invalid;
+use super::error::{failed, invalid};
 use super::VmError;
 use super::{bounds, publish, share, snapshot, CreateOptions, Vms};
 use crate::auth::Action;
@@ -264,7 +264,7 @@ impl Vms {
             let dir = self.vm_dir(&vm.id);
             std::fs::create_dir_all(&dir)
                 .and_then(|_| std::fs::write(dir.join(PENDING_KEY), format!("{}\n", key.trim())))
-                .map_err(|e| Error::failed("Cannot keep the SSH key for the first start", e))?;
+                .map_err(|e| failed("Cannot keep the SSH key for the first start", e))?;
         }
         if !o.start {
             return Ok(());
@@ -308,7 +308,7 @@ impl Vms {
         let (dir, s2) = (self.snapshot_dir(&snap.id), snap.clone());
         crate::jobs::spawn_blocking(move || snapshot::verified_memory(&dir, &s2))
             .await
-            .map_err(|e| Error::failed("Snapshot task failed", e))??;
+            .map_err(|e| failed("Snapshot task failed", e))??;
         o.vcpus = snap.vcpus;
         o.memory_mib = snap.memory_mib;
         o.disk_size = Some(snap.disk_size);
@@ -416,10 +416,7 @@ impl Vms {
             .await?;
             let pulled = job.wait().await;
             if let (Err(e), Err(_)) = (&pulled, self.kernels.get(name).await) {
-                return Err(Error::failed(
-                    format!("Cannot pull kernel {name}"),
-                    e.to_string(),
-                ));
+                return Err(failed(format!("Cannot pull kernel {name}"), e.to_string()));
             }
         }
         self.kernels.get(name).await
@@ -452,7 +449,7 @@ impl Vms {
                     "VM {} failed at stage {stage}; `banger vm logs {}` shows its console",
                     vm.name, vm.name
                 );
-                Err(Error::failed(msg, e))
+                Err(failed(msg, e))
             }
         }
     }
@@ -465,7 +462,7 @@ impl Vms {
         let run = self.layout.vm_runtime_dir(&vm.id);
         for d in [&dir, &run] {
             std::fs::create_dir_all(d)
-                .map_err(|e| Error::failed(format!("Cannot create {}", d.display()), e))?;
+                .map_err(|e| failed(format!("Cannot create {}", d.display()), e))?;
         }
         // The VM's uid had its directories while it ran: take them back (and drop anything
         // it planted, its runtime directory whole) before root writes disks, logs and the
@@ -477,10 +474,10 @@ impl Vms {
                 crate::layout::remove_any(&o)?;
                 crate::vmm::jail::reclaim(&[&d, &r])?;
                 std::fs::create_dir(&o)
-                    .map_err(|e| Error::failed(format!("Cannot create {}", o.display()), e))
+                    .map_err(|e| failed(format!("Cannot create {}", o.display()), e))
             })
             .await
-            .map_err(|e| Error::failed("Jail task failed", e))??;
+            .map_err(|e| failed("Jail task failed", e))??;
         }
 
         let rootfs = self.vmm.rootfs_path(&dir);
@@ -525,7 +522,7 @@ impl Vms {
             let (seed, w) = (sd.join(snapshot::WORK), work.clone());
             crate::jobs::spawn_blocking(move || make_work_disk(Some(&seed), &w))
                 .await
-                .map_err(|e| Error::failed("Work disk task failed", e))??;
+                .map_err(|e| failed("Work disk task failed", e))??;
         } else if work.exists() {
             st.enter(vm, "prepare_work_disk", "Keeping the VM's /root disk")
                 .await?;
@@ -540,7 +537,7 @@ impl Vms {
             let w = work.clone();
             crate::jobs::spawn_blocking(move || make_work_disk(seed.as_deref(), &w))
                 .await
-                .map_err(|e| Error::failed("Work disk task failed", e))??;
+                .map_err(|e| failed("Work disk task failed", e))??;
         }
         let pending = dir.join(PENDING_KEY);
         let key = std::fs::read_to_string(&pending).ok();
@@ -552,7 +549,7 @@ impl Vms {
             let host_key =
                 crate::jobs::spawn_blocking(move || seed_ssh(&w, &name, fresh, key.as_deref()))
                     .await
-                    .map_err(|e| Error::failed("SSH key task failed", e))??;
+                    .map_err(|e| failed("SSH key task failed", e))??;
             if let Some(k) = host_key {
                 vm.ssh_host_key = k;
             }
@@ -565,7 +562,7 @@ impl Vms {
             let (w, main) = (work.clone(), vm.main.clone());
             crate::jobs::spawn_blocking(move || write_main(&w, &main))
                 .await
-                .map_err(|e| Error::failed("Main process task failed", e))??;
+                .map_err(|e| failed("Main process task failed", e))??;
         }
         vm.exit_status = -1;
 
@@ -588,9 +585,10 @@ impl Vms {
             self.net.attach(&vm.tap_name, &ports).await?;
         }
         let lease = crate::net::GuestNet {
-            address: vm.guest_address.parse().map_err(|e| {
-                Error::failed(format!("VM {} has no valid address lease", vm.name), e)
-            })?,
+            address: vm
+                .guest_address
+                .parse()
+                .map_err(|e| failed(format!("VM {} has no valid address lease", vm.name), e))?,
             prefix: subnet.prefix,
             gateway: subnet.gateway(),
             dns: crate::net::host_resolvers(),
@@ -619,7 +617,7 @@ impl Vms {
                 Some(
                     crate::jobs::spawn_blocking(move || snapshot::verified_memory(&sd, &s2))
                         .await
-                        .map_err(|e| Error::failed("Snapshot task failed", e))??,
+                        .map_err(|e| failed("Snapshot task failed", e))??,
                 )
             }
             _ => {
@@ -715,7 +713,7 @@ impl Vms {
                 jail::hand_over(cell.uid, &[&vm_dir, &own_run])
             })
             .await
-            .map_err(|e| Error::failed("Jail task failed", e))??;
+            .map_err(|e| failed("Jail task failed", e))??;
         }
         self.vmm.boot(&spec).await?;
         if let Some(file) = memory {
@@ -723,10 +721,8 @@ impl Vms {
             let loaded = self.vmm.load_state(&spec, input).await;
             let fed = crate::jobs::spawn_blocking(move || feeder.join())
                 .await
-                .map_err(|e| Error::failed("Snapshot task failed", e))?
-                .map_err(|_| {
-                    Error::failed("Snapshot task failed", std::io::Error::other("panic"))
-                })?;
+                .map_err(|e| failed("Snapshot task failed", e))?
+                .map_err(|_| failed("Snapshot task failed", std::io::Error::other("panic")))?;
             loaded?;
             fed?;
             self.vmm.resume(&run).await?;
@@ -748,7 +744,7 @@ impl Vms {
                 .await?;
                 let host_key = keygen
                     .await
-                    .map_err(|e| Error::failed("SSH key task failed", e))??;
+                    .map_err(|e| failed("SSH key task failed", e))??;
                 let health = self
                     .give_identity(vm, agent, &lease, host_key, key.as_deref())
                     .await?;
@@ -843,19 +839,19 @@ impl Vms {
             run.join("initrd.img"),
         );
         crate::jobs::spawn_blocking(move || -> Result<std::path::PathBuf> {
-            let data = std::fs::read(&i)
-                .map_err(|e| Error::failed(format!("Cannot read {}", i.display()), e))?;
+            let data =
+                std::fs::read(&i).map_err(|e| failed(format!("Cannot read {}", i.display()), e))?;
             if !crate::kernels::initrd::is_bangers(&data) {
                 return Ok(i);
             }
             let agent = Some(agent.as_path()).filter(|a| a.exists());
             let data = crate::kernels::initrd::with_current_init(&data, &init, agent)?;
             std::fs::write(&out, data)
-                .map_err(|e| Error::failed(format!("Cannot write {}", out.display()), e))?;
+                .map_err(|e| failed(format!("Cannot write {}", out.display()), e))?;
             Ok(out)
         })
         .await
-        .map_err(|e| Error::failed("Initrd task failed", e))?
+        .map_err(|e| failed("Initrd task failed", e))?
     }
 
     /// Starts the VM's port forwarder (`bangerd port-forward`, a helper as the VM's uid) and
@@ -892,9 +888,7 @@ impl Vms {
         let ready = "port-forward: listening";
         process::wait_for_log(&pidfile, &marker, &log, ready, Duration::from_secs(10))
             .await
-            .map_err(|said| {
-                Error::failed("Cannot publish the VM's ports", std::io::Error::other(said))
-            })
+            .map_err(|said| failed("Cannot publish the VM's ports", std::io::Error::other(said)))
     }
 
     /// Waits until the guest agent answers a health request; returns its answer.
@@ -947,7 +941,7 @@ impl Vms {
         let mut seed = [0u8; 32];
         // SAFETY: the pointer and length describe `seed`.
         if unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) } != 32 {
-            return Err(Error::failed(
+            return Err(failed(
                 "Cannot draw a seed for the guest",
                 std::io::Error::last_os_error(),
             ));
@@ -974,7 +968,7 @@ impl Vms {
         )
         .await
         .map_err(|_| {
-            Error::failed(
+            failed(
                 "The guest agent did not take its identity within 30 s",
                 std::io::Error::other("timeout"),
             )
@@ -1009,7 +1003,7 @@ impl Vms {
         let mut last = String::new();
         loop {
             if !self.vmm.running(run) {
-                return Err(Error::failed(
+                return Err(failed(
                     format!("The VM stopped before {what} answered"),
                     std::io::Error::other(last),
                 ));
@@ -1021,7 +1015,7 @@ impl Vms {
                 Err(_) => last = "no answer within 5 s".into(),
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(Error::failed(
+                return Err(failed(
                     format!(
                         "{what_capitalised} did not answer within {} s (boot_timeout_sec)",
                         self.config.boot_timeout_sec
@@ -1113,7 +1107,7 @@ fn hostname_for(name: &str) -> String {
 
 /// A new ed25519 host key for VM `name`: its private half (OpenSSH form) and public line.
 fn new_host_key(name: &str) -> Result<(Vec<u8>, String)> {
-    let tmp = tempfile::tempdir().map_err(|e| Error::failed("Cannot make a host key", e))?;
+    let tmp = tempfile::tempdir().map_err(|e| failed("Cannot make a host key", e))?;
     let path = tmp.path().join("key");
     crate::host::run(
         "ssh-keygen",
@@ -1129,9 +1123,9 @@ fn new_host_key(name: &str) -> Result<(Vec<u8>, String)> {
             path.as_os_str(),
         ],
     )?;
-    let private = std::fs::read(&path).map_err(|e| Error::failed("Cannot read the host key", e))?;
+    let private = std::fs::read(&path).map_err(|e| failed("Cannot read the host key", e))?;
     let public = std::fs::read_to_string(path.with_extension("pub"))
-        .map_err(|e| Error::failed("Cannot read the host key", e))?;
+        .map_err(|e| failed("Cannot read the host key", e))?;
     Ok((private, public))
 }
 
@@ -1191,7 +1185,7 @@ fn seed_ssh(
 /// Puts the main process's arguments on the work disk for banger-init
 /// (`/.banger/main.json`, the guest's `/root/.banger/main.json`), or an empty list.
 fn write_main(work: &std::path::Path, main: &[String]) -> Result<()> {
-    let text = serde_json::to_vec(main).map_err(|e| Error::failed("Cannot encode", e))?;
+    let text = serde_json::to_vec(main).map_err(|e| failed("Cannot encode", e))?;
     let have = crate::ext4::read_file(work, MAIN_FILE)?;
     if main.is_empty() && have.is_none() {
         return Ok(());
@@ -1232,9 +1226,9 @@ fn make_work_disk(seed: Option<&std::path::Path>, out: &std::path::Path) -> Resu
         )?,
         None => {
             let f = std::fs::File::create(&tmp)
-                .map_err(|e| Error::failed("Cannot create the work disk", e))?;
+                .map_err(|e| failed("Cannot create the work disk", e))?;
             f.set_len(1 << 30)
-                .map_err(|e| Error::failed("Cannot size the work disk", e))?;
+                .map_err(|e| failed("Cannot size the work disk", e))?;
             crate::host::run(
                 "mkfs.ext4",
                 [
@@ -1249,7 +1243,7 @@ fn make_work_disk(seed: Option<&std::path::Path>, out: &std::path::Path) -> Resu
             )?
         }
     }
-    std::fs::rename(&tmp, out).map_err(|e| Error::failed("Cannot install the work disk", e))
+    std::fs::rename(&tmp, out).map_err(|e| failed("Cannot install the work disk", e))
 }
 
 /// Marks the VM failed if the start future is dropped (a canceled job) before it finished.

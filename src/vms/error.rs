@@ -32,11 +32,21 @@ pub enum VmError {
     /// Something the VM needs is missing (its console log, its main process's output).
     #[error("{0}")]
     Missing(String),
+    /// Creating, starting, stopping or deleting the VM failed; `what` says which step.
+    #[error("{what}")]
+    Failed {
+        /// What banger was doing.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Kind for VmError {
     fn kind(&self) -> ErrorKind {
         match self {
+            VmError::Failed { .. } => ErrorKind::Failed,
             VmError::NotFound(_) | VmError::Missing(_) => ErrorKind::NotFound,
             VmError::NameTaken(_) => ErrorKind::AlreadyExists,
             VmError::NotAllowed {
@@ -46,6 +56,18 @@ impl Kind for VmError {
             VmError::Limit(_) => ErrorKind::LimitExceeded,
         }
     }
+}
+
+/// A [`VmError::Failed`]: what banger was doing, and why it failed.
+pub(crate) fn failed(
+    what: impl Into<String>,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> crate::Error {
+    VmError::Failed {
+        what: what.into(),
+        source: source.into(),
+    }
+    .into()
 }
 
 /// An [`VmError::Invalid`] as a service error.

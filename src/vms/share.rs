@@ -12,8 +12,8 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use super::error::invalid;
-use crate::{Error, Result};
+use super::error::{failed, invalid};
+use crate::Result;
 
 /// The most shares one VM may have.
 pub const MAX_SHARES: usize = 8;
@@ -180,7 +180,7 @@ pub async fn verify(uid: u32, shares: Vec<Share>) -> Result<Vec<Share>> {
         })
     })
     .await
-    .map_err(|e| Error::failed("Share check task failed", e))?
+    .map_err(|e| failed("Share check task failed", e))?
 }
 
 /// One folder, with the calling thread's credentials: resolved, a directory, owned by

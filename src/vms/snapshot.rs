@@ -54,6 +54,15 @@ pub enum SnapshotError {
         /// What is wrong, and the file.
         why: String,
     },
+    /// Saving, copying or loading failed; `what` says which step.
+    #[error("{what}")]
+    Failed {
+        /// What banger was doing.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl crate::error::Kind for SnapshotError {
@@ -64,9 +73,21 @@ impl crate::error::Kind for SnapshotError {
             SnapshotError::NameTaken(_) => ErrorKind::AlreadyExists,
             SnapshotError::InUse { .. } | SnapshotError::Busy(_) => ErrorKind::InUse,
             SnapshotError::Refused(_) => ErrorKind::InvalidArgument,
-            SnapshotError::Damaged { .. } => ErrorKind::Failed,
+            SnapshotError::Damaged { .. } | SnapshotError::Failed { .. } => ErrorKind::Failed,
         }
     }
+}
+
+/// A [`SnapshotError::Failed`]: what banger was doing, and why it failed.
+fn failed(
+    what: impl Into<String>,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> Error {
+    SnapshotError::Failed {
+        what: what.into(),
+        source: source.into(),
+    }
+    .into()
 }
 
 /// A [`SnapshotError::Refused`] as a service error.
@@ -136,7 +157,7 @@ fn pipe() -> Result<(std::fs::File, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: fds has room for the two descriptors pipe2 writes.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(Error::failed(
+        return Err(failed(
             "Cannot make a pipe",
             std::io::Error::last_os_error(),
         ));
@@ -159,7 +180,7 @@ fn pipe() -> Result<(std::fs::File, OwnedFd)> {
 
 /// Compresses what arrives on `from` into `to`; returns its sha256 and size.
 fn compress(from: std::fs::File, to: &Path) -> Result<(String, u64)> {
-    let fail = |e: std::io::Error| Error::failed("Cannot write the snapshot's memory", e);
+    let fail = |e: std::io::Error| failed("Cannot write the snapshot's memory", e);
     let file = std::fs::File::create(to).map_err(fail)?;
     let out = Hashing {
         inner: std::io::BufWriter::new(file),
@@ -258,18 +279,18 @@ pub(super) fn memory_stream(
     let feeder = std::thread::spawn(move || {
         let mut out = std::fs::File::from(w);
         let mut z = zstd::stream::Decoder::new(file)
-            .map_err(|e| Error::failed("Cannot read the snapshot's memory", e))?;
+            .map_err(|e| failed("Cannot read the snapshot's memory", e))?;
         // In pipe-sized writes: `io::copy`'s 8 KiB would be a system call per two pages.
         let mut buf = vec![0u8; 1 << 20];
         loop {
             let n = z
                 .read(&mut buf)
-                .map_err(|e| Error::failed("Cannot read the snapshot's memory", e))?;
+                .map_err(|e| failed("Cannot read the snapshot's memory", e))?;
             if n == 0 {
                 return Ok(());
             }
             out.write_all(&buf[..n])
-                .map_err(|e| Error::failed("Cannot feed the snapshot's memory to the VMM", e))?;
+                .map_err(|e| failed("Cannot feed the snapshot's memory to the VMM", e))?;
         }
     });
     Ok((r.into(), feeder))
@@ -282,7 +303,7 @@ pub(super) fn memory_stream(
 fn copy_vm_disk(vm_dir: &Path, name: &str, to: &Path) -> Result<()> {
     let f = crate::vmm::jail::open_beneath(vm_dir, Path::new(name), libc::O_RDONLY, 0).map_err(
         |e| {
-            Error::failed(
+            failed(
                 format!(
                     "Cannot snapshot the VM's disk {}",
                     vm_dir.join(name).display()
@@ -394,7 +415,7 @@ impl Vms {
         let run = self.layout.vm_runtime_dir(&vm.id);
         let id = new_id();
         std::fs::create_dir_all(self.layout.snapshots_dir())
-            .map_err(|e| Error::failed("Cannot create the snapshots directory", e))?;
+            .map_err(|e| failed("Cannot create the snapshots directory", e))?;
         let staging = crate::layout::StagingDir::create(
             self.layout
                 .snapshots_dir()
@@ -460,7 +481,7 @@ impl Vms {
         let sent = self.vmm.save_state(&run, w).await;
         let written = writer
             .await
-            .map_err(|e| Error::failed("Snapshot task failed", e))?;
+            .map_err(|e| failed("Snapshot task failed", e))?;
         sent?;
         let (sha, size) = written?;
         ctx.stage("copy_disks", "Copying the root and /root disks");
@@ -482,12 +503,12 @@ impl Vms {
                 let p = dir.join(f);
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
                     .and_then(|_| std::os::unix::fs::chown(&p, Some(0), Some(0)))
-                    .map_err(|e| Error::failed(format!("Cannot secure {}", p.display()), e))?;
+                    .map_err(|e| failed(format!("Cannot secure {}", p.display()), e))?;
             }
             Ok(())
         })
         .await
-        .map_err(|e| Error::failed("Snapshot task failed", e))??;
+        .map_err(|e| failed("Snapshot task failed", e))??;
         let image = self.images.get(&vm.image_id).await?;
         self.vmm.rebase_copy(&copy, &image.rootfs_path).await?;
         Ok((sha, size))
