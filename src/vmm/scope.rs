@@ -6,7 +6,9 @@
 //! or its idle exit never takes a VM down) nor inherits the daemon's sandbox, and
 //! `systemctl status` shows each VM apart. With systemd-machined, a ready VM is also
 //! registered as a machine of class `vm` (`machinectl list`), as libvirt and systemd-vmspawn
-//! do. Elsewhere VMs run in sessions of their own and none of this applies.
+//! do: over Varlink (`io.systemd.Machine.Register`, systemd ≥ 256) where machined listens on
+//! its socket, else over D-Bus. Elsewhere VMs run in sessions of their own and none of this
+//! applies.
 
 use zbus::Variant as Value;
 
@@ -95,6 +97,89 @@ pub async fn register(conn: &zbus::Connection, m: &Machine<'_>) -> Result<()> {
     Ok(())
 }
 
+/// machined's Varlink socket (systemd ≥ 256).
+pub const MACHINED_VARLINK: &str = "/run/systemd/machine/io.systemd.Machine";
+
+/// `io.systemd.Machine.Register`'s parameters for `m`: the fields machined has had since
+/// systemd 256 and no others (its dispatcher refuses fields it does not know). banger made
+/// the VM's unit itself (`allocateUnit` false); it holds no private key for a VM's users, so
+/// `sshPrivateKeyPath` stays out.
+pub fn register_params(m: &Machine<'_>) -> serde_json::Value {
+    let mut p = serde_json::json!({
+        "name": machine_name(m.id),
+        "id": machine_id(m.id).iter().map(|b| format!("{b:02x}")).collect::<String>(),
+        "service": "banger",
+        "class": "vm",
+        "leader": m.pids.first().copied().unwrap_or(0),
+        "vSockCid": m.cid,
+        "allocateUnit": false,
+    });
+    if !m.ssh_address.is_empty() {
+        p["sshAddress"] = m.ssh_address.into();
+    }
+    p
+}
+
+/// What a Varlink call to machined came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answered {
+    /// It did it.
+    Done,
+    /// This machined has no such method or interface (older than the call): use D-Bus.
+    Unknown,
+}
+
+/// Calls `method` with `params` on machined's Varlink socket at `socket`.
+pub async fn call_machined(
+    socket: &std::path::Path,
+    method: &str,
+    params: serde_json::Value,
+) -> Result<Answered> {
+    #[derive(Debug, serde::Serialize)]
+    struct Call<'a> {
+        method: &'a str,
+        parameters: serde_json::Value,
+    }
+    #[derive(Debug, serde::Deserialize)]
+    struct Fault {
+        error: String,
+        #[serde(default)]
+        parameters: serde_json::Value,
+    }
+    let what = || format!("Cannot call {method} on {}", socket.display());
+    let mut conn = zlink::tokio::unix::connect(socket)
+        .await
+        .map_err(|e| failed(what(), e))?;
+    let call = zlink::Call::new(Call {
+        method,
+        parameters: params,
+    });
+    conn.send_call(&call, Vec::new())
+        .await
+        .map_err(|e| failed(what(), e))?;
+    let (reply, _) = match conn.receive_reply::<serde_json::Value, Fault>().await {
+        Ok(r) => r,
+        // zlink answers org.varlink.service's own errors itself.
+        Err(zlink::Error::VarlinkService(e))
+            if matches!(
+                *e,
+                zlink::varlink_service::Error::MethodNotFound { .. }
+                    | zlink::varlink_service::Error::InterfaceNotFound { .. }
+            ) =>
+        {
+            return Ok(Answered::Unknown)
+        }
+        Err(e) => return Err(failed(what(), e)),
+    };
+    match reply {
+        Ok(_) => Ok(Answered::Done),
+        Err(f) => Err(failed(
+            what(),
+            std::io::Error::other(format!("{} {}", f.error, f.parameters)),
+        )),
+    }
+}
+
 /// Whether a call failed because the service does not have the method (an older systemd).
 fn is_unknown_method(e: &zbus::Error) -> bool {
     match e {
@@ -141,6 +226,18 @@ pub async fn machined_available(conn: &zbus::Connection) -> bool {
         .unwrap_or(false)
 }
 
+/// Starts machined through the bus (a no-op when it runs).
+async fn start_machined(conn: &zbus::Connection) {
+    let Ok(dbus) = zbus::fdo::DBusProxy::new(conn).await else {
+        return;
+    };
+    if let Ok(name) = zbus::names::WellKnownName::try_from("org.freedesktop.machine1") {
+        if let Err(e) = dbus.start_service_by_name(name, 0).await {
+            tracing::debug!("Cannot start machined: {e}");
+        }
+    }
+}
+
 /// machined's 128-bit id from banger's 64-bit one (both halves, so it is stable per VM).
 fn machine_id(id: &str) -> Vec<u8> {
     let hex = format!("{id}{id}");
@@ -166,6 +263,12 @@ pub struct Machined {
 }
 
 impl Machined {
+    /// machined's Varlink socket, when this host has one.
+    fn varlink(&self) -> Option<&'static std::path::Path> {
+        let p = std::path::Path::new(MACHINED_VARLINK);
+        (systemd_booted() && p.exists()).then_some(p)
+    }
+
     /// The connection, when this host runs systemd and its bus answers.
     async fn conn(&self) -> Option<&zbus::Connection> {
         self.conn
@@ -192,17 +295,59 @@ impl Machines for Machined {
         if m.pids.is_empty() {
             return;
         }
+        let mut varlink = self.varlink();
+        if varlink.is_none() {
+            // machined may not run yet: starting it through the bus (it is activatable) makes
+            // a new one listen on its Varlink socket too.
+            if let Some(conn) = self.conn().await {
+                if machined_available(conn).await {
+                    start_machined(conn).await;
+                    varlink = self.varlink();
+                }
+            }
+        }
+        if let Some(socket) = varlink {
+            let name = machine_name(m.id);
+            match call_machined(socket, "io.systemd.Machine.Register", register_params(m)).await {
+                Ok(Answered::Done) => {
+                    tracing::info!(
+                        vm_name = m.name,
+                        "Registered machine {name} with machined over Varlink"
+                    );
+                    return;
+                }
+                Ok(Answered::Unknown) => {}
+                Err(e) => {
+                    tracing::warn!(vm_name = m.name, "{}", e.full_message());
+                    return;
+                }
+            }
+        }
         let Some(conn) = self.conn().await else {
             return;
         };
         if machined_available(conn).await {
-            if let Err(e) = register(conn, m).await {
-                tracing::warn!(vm_name = m.name, "{}", e.full_message());
+            match register(conn, m).await {
+                Ok(()) => tracing::info!(
+                    vm_name = m.name,
+                    "Registered machine {} with machined over D-Bus",
+                    machine_name(m.id)
+                ),
+                Err(e) => tracing::warn!(vm_name = m.name, "{}", e.full_message()),
             }
         }
     }
 
     async fn withdraw(&self, vm_id: &str) {
+        if let Some(socket) = self.varlink() {
+            let name = machine_name(vm_id);
+            let params = serde_json::json!({ "name": name });
+            match call_machined(socket, "io.systemd.Machine.Unregister", params).await {
+                Ok(Answered::Done) => return,
+                // Gone already (its leader exited), or an older machined: try D-Bus too.
+                Ok(Answered::Unknown) | Err(_) => {}
+            }
+        }
         if let Some(conn) = self.conn().await {
             unregister(conn, vm_id).await;
         }
@@ -233,5 +378,94 @@ mod tests {
         assert_eq!(machine_name(id), "banger-0123456789abcdef");
         assert_eq!(machine_id("0123456789abcdef").len(), 16);
         assert_eq!(machine_id("0123456789abcdef")[0], 0x01);
+    }
+
+    fn machine<'a>(pids: &'a [u32], ssh: &'a str) -> Machine<'a> {
+        Machine {
+            name: "t1",
+            id: "0123456789abcdef",
+            pids,
+            cid: 7,
+            ssh_address: ssh,
+        }
+    }
+
+    #[test]
+    fn register_sends_only_fields_machined_knows() {
+        let p = register_params(&machine(&[42, 43], "10.0.0.2:22"));
+        assert_eq!(
+            p,
+            serde_json::json!({
+                "name": "banger-0123456789abcdef",
+                "id": "0123456789abcdef0123456789abcdef",
+                "service": "banger",
+                "class": "vm",
+                "leader": 42,
+                "vSockCid": 7,
+                "sshAddress": "10.0.0.2:22",
+                "allocateUnit": false,
+            })
+        );
+        let p = register_params(&machine(&[42], ""));
+        assert!(p.get("sshAddress").is_none(), "{p}");
+    }
+
+    /// A stand-in for machined's socket: reads one call, answers `reply`, returns the call.
+    async fn answer_once(
+        listener: tokio::net::UnixListener,
+        reply: &'static str,
+    ) -> serde_json::Value {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while s.read(&mut byte).await.unwrap() == 1 && byte[0] != 0 {
+            buf.push(byte[0]);
+        }
+        s.write_all(reply.as_bytes()).await.unwrap();
+        s.write_all(b"\0").await.unwrap();
+        serde_json::from_slice(&buf).unwrap()
+    }
+
+    #[tokio::test]
+    async fn varlink_calls_tell_done_unknown_and_refused_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("io.systemd.Machine");
+        for (reply, want) in [
+            ("{}", Some(Answered::Done)),
+            (
+                r#"{"error":"org.varlink.service.MethodNotFound","parameters":{"method":"x"}}"#,
+                Some(Answered::Unknown),
+            ),
+            (
+                r#"{"error":"io.systemd.Machine.MachineExists","parameters":{}}"#,
+                None,
+            ),
+        ] {
+            let _ = std::fs::remove_file(&sock);
+            let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+            let server = tokio::spawn(answer_once(listener, reply));
+            let params = register_params(&machine(&[42], ""));
+            let got = call_machined(&sock, "io.systemd.Machine.Register", params.clone()).await;
+            let call = server.await.unwrap();
+            assert_eq!(call["method"], "io.systemd.Machine.Register");
+            assert_eq!(call["parameters"], params);
+            match want {
+                Some(w) => assert_eq!(got.unwrap(), w),
+                None => {
+                    let e = got.unwrap_err().full_message();
+                    assert!(e.contains("MachineExists"), "{e}");
+                }
+            }
+        }
+        let e = call_machined(
+            &dir.path().join("none"),
+            "io.systemd.Machine.Register",
+            serde_json::json!({}),
+        )
+        .await
+        .unwrap_err()
+        .full_message();
+        assert!(e.contains("Cannot call io.systemd.Machine.Register"), "{e}");
     }
 }
