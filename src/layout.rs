@@ -59,6 +59,16 @@ impl Layout {
     pub fn vm_runtime_dir(&self, id: &str) -> PathBuf {
         self.vms_runtime_dir().join(id)
     }
+    /// `/run/banger/machines/`, each running VM's control socket (`banger-<id>`, its
+    /// machine name), open to every user as the daemon's own socket is.
+    pub fn machines_dir(&self) -> PathBuf {
+        self.runtime_dir.join("machines")
+    }
+    /// A VM's control socket (see `varlink::relay`).
+    pub fn machine_socket(&self, id: &str) -> PathBuf {
+        self.machines_dir()
+            .join(crate::vmm::scope::machine_name(id))
+    }
     /// `/run/banger/vms/`, one directory per VM that ran since boot.
     pub fn vms_runtime_dir(&self) -> PathBuf {
         self.runtime_dir.join("vms")
@@ -92,6 +102,12 @@ impl Layout {
                 .create(dir)
                 .map_err(|e| Error::failed(format!("Cannot create {}", dir.display()), e))?;
         }
+        let open = self.machines_dir();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&open)
+            .map_err(|e| Error::failed(format!("Cannot create {}", open.display()), e))?;
         Ok(())
     }
 

@@ -153,6 +153,8 @@ async fn every_interface_is_described_reads_are_open_and_errors_are_named() {
             json!({"method": "io.banger.VMs.Get", "parameters": {"nmae": "users-vm"}}),
             json!({"method": "io.banger.VMs.Delete", "parameters": {"name": "users-vm", "froce": true}}),
             json!({"method": "io.banger.Images.Get", "parameters": {"name": 7}}),
+            // Only VM control relays hand connections over.
+            json!({"method": "io.banger.MachineControl.Take", "parameters": {"vm": "users-vm", "connection": 0}}),
         ],
     );
     assert_eq!(
@@ -162,9 +164,20 @@ async fn every_interface_is_described_reads_are_open_and_errors_are_named() {
             "io.banger.Images",
             "io.banger.Kernels",
             "io.banger.VMs",
-            "io.banger.Jobs"
+            "io.banger.Jobs",
+            "io.banger.MachineControl"
         ]),
         "{replies:?}"
+    );
+    assert_eq!(
+        replies[8]["error"], "io.banger.MachineControl.PermissionDenied",
+        "{replies:?}"
+    );
+    let take = json!({"method": "io.banger.MachineControl.Take", "parameters": {"vm": "users-vm", "connection": 0}});
+    let r = raw(&bus, Some(USER_OK), &[take]);
+    assert_eq!(
+        r[0]["error"], "io.banger.MachineControl.PermissionDenied",
+        "{r:?}"
     );
     let names: Vec<&str> = replies[1]["parameters"]["vms"]
         .as_array()
@@ -207,6 +220,7 @@ async fn every_interface_is_described_reads_are_open_and_errors_are_named() {
         "io.banger.Kernels",
         "io.banger.VMs",
         "io.banger.Jobs",
+        "io.banger.MachineControl",
     ] {
         let r = py_call(
             &bus,

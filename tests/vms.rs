@@ -2386,6 +2386,49 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     assert_eq!(last["vm"]["state"], "running", "{last}");
     assert_eq!(last["vm"]["name"], "v", "{last}");
     assert_eq!(exec_as(&bus, None, "v", &["cat", "/tmp/mark"]), "in-tmp\n");
+
+    // Its control socket answers systemd's io.systemd.MachineInstance, which machinectl
+    // calls where machined knows control addresses: Describe is open, the rest asks polkit
+    // as banger's own methods do (v is root's: manage-any, which neither test user has).
+    let id = vm_shown(&bus, "v")["Id"].as_str().unwrap().to_owned();
+    let control = bus.runtime.join("machines").join(format!("banger-{id}"));
+    let instance = |user: Option<&str>, method: &str| {
+        py_call_at(
+            &bus,
+            user,
+            &control,
+            &format!("io.systemd.MachineInstance.{method}"),
+            serde_json::json!({}),
+            false,
+        )
+    };
+    assert_eq!(
+        instance(Some(USER_NO), "Describe"),
+        [serde_json::json!({"running": true, "status": "running"})]
+    );
+    for user in [USER_NO, USER_OK] {
+        let r = instance(Some(user), "Pause");
+        assert_eq!(
+            r[0]["error"], "org.varlink.service.PermissionDenied",
+            "{r:?}"
+        );
+    }
+    assert_eq!(vm_shown(&bus, "v")["State"], "running");
+    assert_eq!(instance(None, "Pause"), [serde_json::json!({})]);
+    assert_eq!(
+        instance(None, "Describe"),
+        [serde_json::json!({"running": false, "status": "paused"})]
+    );
+    let r = instance(None, "Reboot");
+    assert_eq!(
+        r[0]["error"], "io.systemd.MachineInstance.NotSupported",
+        "{r:?}"
+    );
+    assert_eq!(instance(None, "Resume"), [serde_json::json!({})]);
+    assert_eq!(exec_as(&bus, None, "v", &["cat", "/tmp/mark"]), "in-tmp\n");
+    assert_eq!(instance(None, "PowerOff"), [serde_json::json!({})]);
+    assert_eq!(vm_shown(&bus, "v")["State"], "stopped");
+    assert!(!control.exists(), "the control socket outlived its VM");
     let r = py_call(
         &bus,
         None,

@@ -57,7 +57,10 @@ mod bounded;
 mod images;
 mod jobs;
 mod kernels;
+mod machine_control;
+mod machine_instance;
 mod params;
+pub mod relay;
 mod service;
 mod vms;
 
@@ -134,21 +137,7 @@ pub fn passed_listener() -> crate::Result<Option<std::os::unix::net::UnixListene
              bangerd.socket names its socket with FileDescriptorName={SOCKET}"
         )));
     };
-    let opt = |name| {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: v and len describe a c_int getsockopt may write.
-        let r = unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                name,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        (r == 0).then_some(v)
-    };
+    let opt = |name| sockopt(fd, name);
     if opt(libc::SO_DOMAIN) != Some(libc::AF_UNIX)
         || opt(libc::SO_TYPE) != Some(libc::SOCK_STREAM)
         || opt(libc::SO_ACCEPTCONN) != Some(1)
@@ -164,6 +153,23 @@ pub fn passed_listener() -> crate::Result<Option<std::os::unix::net::UnixListene
     Ok(Some(unsafe {
         std::os::unix::net::UnixListener::from_raw_fd(fd)
     }))
+}
+
+/// An integer socket option of `fd` (`SOL_SOCKET`), if it has it.
+pub(crate) fn sockopt(fd: std::os::fd::RawFd, name: libc::c_int) -> Option<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v and len describe a c_int getsockopt may write.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(v)
 }
 
 /// Binds `$RUNTIME_DIR/io.banger` (a socket left by an earlier daemon is replaced), open to
@@ -209,14 +215,7 @@ pub fn serve(listener: std::os::unix::net::UnixListener, ctx: Ctx) -> crate::Res
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => {
-                    let ctx = ctx.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = serve_connection(stream, ctx).await {
-                            tracing::debug!("Varlink connection ended: {e}");
-                        }
-                    });
-                }
+                Ok((stream, _)) => spawn_connection(stream, ctx.clone(), Front::Banger),
                 Err(e) => {
                     // Out of descriptors, say: wait a moment rather than spin or stop.
                     tracing::warn!("Cannot accept a Varlink connection: {e}");
@@ -226,6 +225,29 @@ pub fn serve(listener: std::os::unix::net::UnixListener, ctx: Ctx) -> crate::Res
         }
     });
     Ok(())
+}
+
+/// What a connection is served as.
+#[derive(Clone)]
+enum Front {
+    /// banger's own socket: every io.banger interface.
+    Banger,
+    /// A VM's control socket (see [`relay`]): io.systemd.MachineInstance for the VM with
+    /// this id.
+    Machine(String),
+}
+
+fn spawn_connection(stream: tokio::net::UnixStream, ctx: Ctx, front: Front) {
+    tokio::spawn(async move {
+        if let Err(e) = serve_connection(stream, ctx, front).await {
+            tracing::debug!("Varlink connection ended: {e}");
+        }
+    });
+}
+
+/// Serves a connection to VM `vm_id`'s control socket that its relay handed over.
+fn serve_machine(stream: tokio::net::UnixStream, ctx: Ctx, vm_id: String) {
+    spawn_connection(stream, ctx, Front::Machine(vm_id));
 }
 
 /// A method call, owned.
@@ -256,7 +278,11 @@ fn caller_of(stream: &tokio::net::UnixStream) -> std::io::Result<Caller> {
     })
 }
 
-async fn serve_connection(stream: tokio::net::UnixStream, ctx: Ctx) -> zlink::Result<()> {
+async fn serve_connection(
+    stream: tokio::net::UnixStream,
+    ctx: Ctx,
+    front: Front,
+) -> zlink::Result<()> {
     // An open connection is work in progress: the idle exit waits until it is closed.
     let _held = ctx.banger.jobs.hold();
     let caller = caller_of(&stream)?;
@@ -277,7 +303,10 @@ async fn serve_connection(stream: tokio::net::UnixStream, ctx: Ctx) -> zlink::Re
             send(&mut conn, &call, Err(e), false).await?;
             continue;
         }
-        let answer = dispatch(&ctx, &caller, &call, fds).await;
+        let answer = match &front {
+            Front::Banger => dispatch(&ctx, &caller, &call, fds).await,
+            Front::Machine(vm) => dispatch_machine(&ctx, &caller, vm, &call, fds).await,
+        };
         match answer {
             Ok(Answer::One(v)) => send(&mut conn, &call, Ok(v), false).await?,
             Ok(Answer::WithFds(v, fds)) => send_with(&mut conn, &call, Ok(v), false, fds).await?,
@@ -348,6 +377,14 @@ impl Failure {
         }
     }
 
+    /// An error with no parameters.
+    fn bare(error: &str) -> Self {
+        Failure {
+            error: error.into(),
+            parameters: json!({}),
+        }
+    }
+
     /// `org.varlink.service.MethodNotFound`.
     fn method_not_found(method: &str) -> Self {
         Failure {
@@ -395,7 +432,7 @@ async fn dispatch(
         .ok_or_else(|| Failure::method_not_found(&call.method))?;
     let p = Params::new(call.params.clone(), fds);
     match interface {
-        service::INTERFACE => service::call(method, p),
+        service::INTERFACE => service::call(method, p, &descriptions()),
         images::INTERFACE => images::call(ctx, caller, method, p)
             .await
             .map_err(|e| e.into_failure(interface)),
@@ -408,6 +445,29 @@ async fn dispatch(
         jobs::INTERFACE => jobs::call(ctx, caller, method, p)
             .await
             .map_err(|e| e.into_failure(interface)),
+        machine_control::INTERFACE => machine_control::call(ctx, caller, method, p)
+            .await
+            .map_err(|e| e.into_failure(interface)),
+        _ => Err(Failure::interface_not_found(interface)),
+    }
+}
+
+/// A call on a VM's control socket.
+async fn dispatch_machine(
+    ctx: &Ctx,
+    caller: &Caller,
+    vm: &str,
+    call: &Incoming,
+    fds: Vec<OwnedFd>,
+) -> Result<Answer, Failure> {
+    let (interface, method) = call
+        .method
+        .rsplit_once('.')
+        .ok_or_else(|| Failure::method_not_found(&call.method))?;
+    let p = Params::new(call.params.clone(), fds);
+    match interface {
+        service::INTERFACE => service::call(method, p, &machine_descriptions()),
+        machine_instance::INTERFACE => machine_instance::call(ctx, caller, vm, method, p).await,
         _ => Err(Failure::interface_not_found(interface)),
     }
 }
@@ -600,13 +660,22 @@ pub(crate) async fn job_answer<'a>(
 }
 
 /// Every interface's description, for `org.varlink.service`.
-pub(crate) fn descriptions() -> [(&'static str, &'static str); 5] {
-    [
+pub(crate) fn descriptions() -> Vec<(&'static str, &'static str)> {
+    vec![
         (service::INTERFACE, service::DESCRIPTION),
         (images::INTERFACE, images::DESCRIPTION),
         (kernels::INTERFACE, kernels::DESCRIPTION),
         (vms::INTERFACE, vms::DESCRIPTION),
         (jobs::INTERFACE, jobs::DESCRIPTION),
+        (machine_control::INTERFACE, machine_control::DESCRIPTION),
+    ]
+}
+
+/// The interfaces of a VM's control socket.
+fn machine_descriptions() -> Vec<(&'static str, &'static str)> {
+    vec![
+        (service::INTERFACE, service::DESCRIPTION),
+        (machine_instance::INTERFACE, machine_instance::DESCRIPTION),
     ]
 }
 

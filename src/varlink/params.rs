@@ -61,6 +61,15 @@ impl Params {
         }
     }
 
+    /// A descriptor passed with the call, named by its index.
+    pub fn fd(&mut self, key: &str) -> Result<OwnedFd, Failure> {
+        let i: u64 = self.req(key)?;
+        self.fds
+            .get_mut(i as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| Failure::invalid_parameter(key))
+    }
+
     /// Ready ports: checked as the D-Bus option is.
     pub fn ports(&mut self, key: &str) -> Result<Option<Vec<u16>>, super::Fail> {
         let ports: Option<Vec<u16>> = self.opt(key)?;

@@ -47,11 +47,16 @@ error PermissionDenied ()
 error ExpectedMore ()
 "#;
 
-pub(super) fn call(method: &str, mut p: Params) -> Result<Answer, Failure> {
+/// Answers for a socket whose interfaces are `descriptions` (name, description).
+pub(super) fn call(
+    method: &str,
+    mut p: Params,
+    descriptions: &[(&str, &str)],
+) -> Result<Answer, Failure> {
     match method {
         "GetInfo" => {
             p.finish()?;
-            let interfaces: Vec<&str> = super::descriptions().iter().map(|d| d.0).collect();
+            let interfaces: Vec<&str> = descriptions.iter().map(|d| d.0).collect();
             Ok(Answer::One(json!({
                 "vendor": "banger",
                 "product": "bangerd",
@@ -63,7 +68,7 @@ pub(super) fn call(method: &str, mut p: Params) -> Result<Answer, Failure> {
         "GetInterfaceDescription" => {
             let name: String = p.req("interface")?;
             p.finish()?;
-            super::descriptions()
+            descriptions
                 .iter()
                 .find(|d| d.0 == name)
                 .map(|d| Answer::One(json!({ "description": d.1 })))

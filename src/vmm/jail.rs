@@ -26,6 +26,18 @@ pub fn vmm_gid() -> u32 {
     VM_ID_BASE
 }
 
+/// The uid (and gid) of every VM's control relay (`varlink::relay`): one of its own, in
+/// no VM's group (vsock CIDs 1 and 2 are never a guest's, so no VM has this uid).
+pub fn control_uid() -> u32 {
+    VM_ID_BASE + 1
+}
+
+/// The control relays' directory, `dir` (root made it in root's runtime directory): theirs,
+/// open for every user to reach the sockets in it.
+pub fn hand_over_open(dir: &Path, uid: u32) -> Result<()> {
+    set(dir, Some(uid), Some(uid), 0o755)
+}
+
 /// What one VM's processes get.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Jail {

@@ -109,34 +109,9 @@ impl Session {
 
     /// Hands QEMU `fd` under `name` (QMP `getfd`).
     pub fn pass_fd(&mut self, name: &str, fd: std::os::fd::BorrowedFd<'_>) -> Result<()> {
-        use std::os::fd::AsRawFd;
+        use std::os::fd::AsFd;
         let msg = json!({ "execute": "getfd", "arguments": { "fdname": name } }).to_string() + "\n";
-        let mut iov = libc::iovec {
-            iov_base: msg.as_ptr() as *mut libc::c_void,
-            iov_len: msg.len(),
-        };
-        // SAFETY: CMSG_SPACE only computes a size.
-        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
-        let mut control = vec![0u8; space];
-        // SAFETY: msghdr is plain data; zeroed is valid before the fields are set.
-        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-        hdr.msg_iov = &mut iov;
-        hdr.msg_iovlen = 1;
-        hdr.msg_control = control.as_mut_ptr().cast();
-        hdr.msg_controllen = space as _;
-        // SAFETY: hdr's control buffer is CMSG_SPACE(int) bytes, room for one header and one
-        // descriptor; the pointers written stay inside it.
-        let sent = unsafe {
-            let c = libc::CMSG_FIRSTHDR(&hdr);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
-            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), fd.as_raw_fd());
-            libc::sendmsg(self.sock.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL)
-        };
-        if sent != msg.len() as isize {
-            return Err(err(std::io::Error::last_os_error()));
-        }
+        crate::host::send_with_fd(self.sock.as_fd(), msg.as_bytes(), fd).map_err(err)?;
         self.answer("getfd").map(|_| ())
     }
 

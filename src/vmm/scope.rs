@@ -49,6 +49,9 @@ pub struct Machine<'a> {
     pub cid: u32,
     /// `ADDR:22` once sshd answered, else empty.
     pub ssh_address: &'a str,
+    /// The VM's `io.systemd.MachineInstance` socket, when its relay listens (see
+    /// `varlink::relay`): machinectl's poweroff, pause, resume and terminate go there.
+    pub control_address: Option<&'a str>,
 }
 
 fn fail(what: String) -> impl FnOnce(zbus::Error) -> Error {
@@ -101,10 +104,11 @@ pub async fn register(conn: &zbus::Connection, m: &Machine<'_>) -> Result<()> {
 pub const MACHINED_VARLINK: &str = "/run/systemd/machine/io.systemd.Machine";
 
 /// `io.systemd.Machine.Register`'s parameters for `m`: the fields machined has had since
-/// systemd 256 and no others (its dispatcher refuses fields it does not know). banger made
-/// the VM's unit itself (`allocateUnit` false); it holds no private key for a VM's users, so
-/// `sshPrivateKeyPath` stays out.
-pub fn register_params(m: &Machine<'_>) -> serde_json::Value {
+/// systemd 256, and `controlAddress` (systemd ≥ 260) when `control` and the VM has one (an
+/// older machined refuses fields it does not know, and is asked again without it). banger
+/// made the VM's unit itself (`allocateUnit` false); it holds no private key for a VM's
+/// users, so `sshPrivateKeyPath` stays out.
+pub fn register_params(m: &Machine<'_>, control: bool) -> serde_json::Value {
     let mut p = serde_json::json!({
         "name": machine_name(m.id),
         "id": machine_id(m.id).iter().map(|b| format!("{b:02x}")).collect::<String>(),
@@ -117,6 +121,9 @@ pub fn register_params(m: &Machine<'_>) -> serde_json::Value {
     if !m.ssh_address.is_empty() {
         p["sshAddress"] = m.ssh_address.into();
     }
+    if let (true, Some(a)) = (control, m.control_address) {
+        p["controlAddress"] = a.into();
+    }
     p
 }
 
@@ -127,6 +134,8 @@ pub enum Answered {
     Done,
     /// This machined has no such method or interface (older than the call): use D-Bus.
     Unknown,
+    /// This machined does not know this parameter (older than it).
+    UnknownParameter(String),
 }
 
 /// Calls `method` with `params` on machined's Varlink socket at `socket`.
@@ -169,6 +178,12 @@ pub async fn call_machined(
         {
             return Ok(Answered::Unknown)
         }
+        Err(zlink::Error::VarlinkService(e)) => {
+            if let zlink::varlink_service::Error::InvalidParameter { parameter } = &*e {
+                return Ok(Answered::UnknownParameter(parameter.to_string()));
+            }
+            return Err(failed(what(), zlink::Error::VarlinkService(e)));
+        }
         Err(e) => return Err(failed(what(), e)),
     };
     match reply {
@@ -177,6 +192,20 @@ pub async fn call_machined(
             what(),
             std::io::Error::other(format!("{} {}", f.error, f.parameters)),
         )),
+    }
+}
+
+/// `io.systemd.Machine.Register` on machined's socket `socket`: with the VM's control
+/// address, and again without it where machined is older than that parameter (256–259;
+/// machinectl then signals the VMM's process instead).
+pub async fn register_varlink(socket: &std::path::Path, m: &Machine<'_>) -> Result<Answered> {
+    const REGISTER: &str = "io.systemd.Machine.Register";
+    let answer = call_machined(socket, REGISTER, register_params(m, true)).await?;
+    match answer {
+        Answered::UnknownParameter(p) if p == "controlAddress" && m.control_address.is_some() => {
+            call_machined(socket, REGISTER, register_params(m, false)).await
+        }
+        a => Ok(a),
     }
 }
 
@@ -308,7 +337,7 @@ impl Machines for Machined {
         }
         if let Some(socket) = varlink {
             let name = machine_name(m.id);
-            match call_machined(socket, "io.systemd.Machine.Register", register_params(m)).await {
+            match register_varlink(socket, m).await {
                 Ok(Answered::Done) => {
                     tracing::info!(
                         vm_name = m.name,
@@ -317,6 +346,12 @@ impl Machines for Machined {
                     return;
                 }
                 Ok(Answered::Unknown) => {}
+                Ok(Answered::UnknownParameter(p)) => {
+                    tracing::warn!(
+                        vm_name = m.name,
+                        "machined refused parameter {p} of its Register; registering over D-Bus"
+                    );
+                }
                 Err(e) => {
                     tracing::warn!(vm_name = m.name, "{}", e.full_message());
                     return;
@@ -345,7 +380,7 @@ impl Machines for Machined {
             match call_machined(socket, "io.systemd.Machine.Unregister", params).await {
                 Ok(Answered::Done) => return,
                 // Gone already (its leader exited), or an older machined: try D-Bus too.
-                Ok(Answered::Unknown) | Err(_) => {}
+                Ok(Answered::Unknown | Answered::UnknownParameter(_)) | Err(_) => {}
             }
         }
         if let Some(conn) = self.conn().await {
@@ -387,12 +422,13 @@ mod tests {
             pids,
             cid: 7,
             ssh_address: ssh,
+            control_address: None,
         }
     }
 
     #[test]
     fn register_sends_only_fields_machined_knows() {
-        let p = register_params(&machine(&[42, 43], "10.0.0.2:22"));
+        let p = register_params(&machine(&[42, 43], "10.0.0.2:22"), true);
         assert_eq!(
             p,
             serde_json::json!({
@@ -406,13 +442,32 @@ mod tests {
                 "allocateUnit": false,
             })
         );
-        let p = register_params(&machine(&[42], ""));
+        let p = register_params(&machine(&[42], ""), true);
         assert!(p.get("sshAddress").is_none(), "{p}");
+        assert!(p.get("controlAddress").is_none(), "{p}");
+        let control = Machine {
+            control_address: Some("/run/banger/machines/banger-0123456789abcdef"),
+            ..machine(&[42], "")
+        };
+        assert_eq!(
+            register_params(&control, true)["controlAddress"],
+            "/run/banger/machines/banger-0123456789abcdef"
+        );
+        assert!(register_params(&control, false)
+            .get("controlAddress")
+            .is_none());
     }
 
     /// A stand-in for machined's socket: reads one call, answers `reply`, returns the call.
     async fn answer_once(
         listener: tokio::net::UnixListener,
+        reply: &'static str,
+    ) -> serde_json::Value {
+        answer_once_on(&listener, reply).await
+    }
+
+    async fn answer_once_on(
+        listener: &tokio::net::UnixListener,
         reply: &'static str,
     ) -> serde_json::Value {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -445,7 +500,7 @@ mod tests {
             let _ = std::fs::remove_file(&sock);
             let listener = tokio::net::UnixListener::bind(&sock).unwrap();
             let server = tokio::spawn(answer_once(listener, reply));
-            let params = register_params(&machine(&[42], ""));
+            let params = register_params(&machine(&[42], ""), true);
             let got = call_machined(&sock, "io.systemd.Machine.Register", params.clone()).await;
             let call = server.await.unwrap();
             assert_eq!(call["method"], "io.systemd.Machine.Register");
@@ -467,5 +522,36 @@ mod tests {
         .unwrap_err()
         .full_message();
         assert!(e.contains("Cannot call io.systemd.Machine.Register"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_older_machined_is_asked_again_without_the_control_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("io.systemd.Machine");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let server = tokio::spawn(async move {
+            let refused = concat!(
+                r#"{"error":"org.varlink.service.InvalidParameter","#,
+                r#""parameters":{"parameter":"controlAddress"}}"#
+            );
+            let first = answer_once_on(&listener, refused).await;
+            let second = answer_once_on(&listener, "{}").await;
+            (first, second)
+        });
+        let m = Machine {
+            control_address: Some("/run/banger/machines/banger-0123456789abcdef"),
+            ..machine(&[42], "")
+        };
+        assert_eq!(register_varlink(&sock, &m).await.unwrap(), Answered::Done);
+        let (first, second) = server.await.unwrap();
+        assert_eq!(
+            first["parameters"]["controlAddress"],
+            "/run/banger/machines/banger-0123456789abcdef"
+        );
+        assert!(
+            second["parameters"].get("controlAddress").is_none(),
+            "{second}"
+        );
+        assert_eq!(second["parameters"]["name"], "banger-0123456789abcdef");
     }
 }

@@ -730,29 +730,36 @@ impl Vms {
 
         st.enter(vm, "wait_agent", "Waiting for the guest agent")
             .await?;
-        // A restored guest's agent runs already: the connection that finds it carries the
-        // guest's new identity, and the answer its health (a round trip less than asking
-        // first; each costs a TCG guest whose translations are all cold some 100 ms).
-        let health = match keygen {
-            Some(keygen) => {
-                let agent = self.reach_agent(&run).await?;
-                st.enter(
-                    vm,
-                    "identity",
-                    "Giving the guest its own name, address, keys and clock",
-                )
-                .await?;
-                let host_key = keygen
-                    .await
-                    .map_err(|e| failed("SSH key task failed", e))??;
-                let health = self
-                    .give_identity(vm, agent, &lease, host_key, key.as_deref())
-                    .await?;
-                let _ = std::fs::remove_file(&pending);
-                Ok(health)
-            }
-            None => self.wait_agent(&run).await,
-        };
+        // The VM's control socket starts while the guest comes up, so it costs no time.
+        let vm_id = vm.id.clone();
+        let (health, control) = tokio::join!(
+            async {
+                // A restored guest's agent runs already: the connection that finds it carries the
+                // guest's new identity, and the answer its health (a round trip less than asking
+                // first; each costs a TCG guest whose translations are all cold some 100 ms).
+                match keygen {
+                    Some(keygen) => {
+                        let agent = self.reach_agent(&run).await?;
+                        st.enter(
+                            vm,
+                            "identity",
+                            "Giving the guest its own name, address, keys and clock",
+                        )
+                        .await?;
+                        let host_key = keygen
+                            .await
+                            .map_err(|e| failed("SSH key task failed", e))??;
+                        let health = self
+                            .give_identity(vm, agent, &lease, host_key, key.as_deref())
+                            .await?;
+                        let _ = std::fs::remove_file(&pending);
+                        Ok(health)
+                    }
+                    None => self.wait_agent(&run).await,
+                }
+            },
+            self.start_control(&vm_id)
+        );
         if let Err(e) = health {
             // A main process that finished before the agent was reached: the VM is done.
             let status = (!vm.main.is_empty() && !self.vmm.running(&run))
@@ -808,6 +815,14 @@ impl Vms {
             .await?;
             self.start_forwarder(vm, &spec.jail).await?;
         }
+        // Its control socket is a convenience (machinectl, varlinkctl): the VM runs without.
+        let control = match control {
+            Ok(socket) => Some(socket.to_string_lossy().into_owned()),
+            Err(e) => {
+                tracing::warn!(vm_id = %vm.id, vm_name = %vm.name, "{}", e.full_message());
+                None
+            }
+        };
         let pids = self.vmm.pids(&run);
         self.machines
             .announce(&crate::vmm::scope::Machine {
@@ -816,6 +831,7 @@ impl Vms {
                 pids: &pids,
                 cid: vm.vsock_cid,
                 ssh_address: &vm.ssh_address,
+                control_address: control.as_deref(),
             })
             .await;
         vm.state = VmState::Running;

@@ -307,10 +307,12 @@ impl Vms {
         Ok(())
     }
 
-    /// Kills what runs for VM `id` from its runtime directory alone (port forwarder, VMM,
-    /// agent link, console logger, share servers) and withdraws it from machined.
+    /// Kills what runs for VM `id` from its runtime directory alone (control relay, port
+    /// forwarder, VMM, agent link, console logger, share servers) and withdraws it from
+    /// machined.
     async fn stop_processes(&self, id: &str) -> Result<()> {
         let run = self.layout.vm_runtime_dir(id);
+        self.stop_control(id).await;
         crate::vmm::process::terminate(
             &run.join(super::create::FORWARD_PID),
             &run.to_string_lossy(),

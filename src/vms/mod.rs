@@ -3,6 +3,7 @@
 //! whose VMM outlived the daemon.
 
 pub mod bounds;
+mod control;
 mod create;
 mod error;
 mod lifecycle;

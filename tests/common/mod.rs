@@ -806,8 +806,26 @@ pub fn py_call(
     params: serde_json::Value,
     more: bool,
 ) -> Vec<serde_json::Value> {
+    py_call_at(
+        bus,
+        user,
+        &bus.runtime.join("io.banger"),
+        method,
+        params,
+        more,
+    )
+}
+
+/// The replies of one call through the PyPI client on the socket `sock`.
+pub fn py_call_at(
+    bus: &TestBus,
+    user: Option<&str>,
+    sock: &Path,
+    method: &str,
+    params: serde_json::Value,
+    more: bool,
+) -> Vec<serde_json::Value> {
     let dir = repo().join("target/test-python");
-    let sock = bus.runtime.join("io.banger");
     let (iface, name) = method.rsplit_once('.').unwrap();
     let p = params.to_string();
     let out = bus

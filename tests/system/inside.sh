@@ -90,6 +90,24 @@ for _ in $(seq 60); do [ "$(active bangerd)" = inactive ] && break; sleep 1; don
 [ "$(systemctl show bangerd -p Result --value)" = success ] || fail "bangerd's idle exit was not clean"
 [ "$(active "$unit")" = active ] || fail "the VM died with the daemon"
 
+say "its control socket outlives the daemon and starts it again (io.systemd.MachineInstance)"
+control=/run/banger/machines/$machine control_unit=banger-vm-$id-control.service
+[ "$(active "$control_unit")" = active ] || fail "$control_unit is $(active "$control_unit")"
+control_pid=$(systemctl show "$control_unit" -p MainPID --value)
+[ "$(stat -c %u "/proc/$control_pid")" = $((0x5BA00001)) ] || fail "the control relay runs as $(stat -c %u "/proc/$control_pid")"
+[ "$(stat -c %a "$control")" = 666 ] || fail "$control has mode $(stat -c %a "$control")"
+instance() { printf '{"method":"io.systemd.MachineInstance.%s"}\0' "$2" | as "$1" socat -t 60 - "UNIX-CONNECT:$control" | tr -d '\0'; }
+out=$(instance mallory Describe)
+[ "$out" = '{"parameters":{"running":true,"status":"running"}}' ] || fail "Describe as mallory: $out"
+out=$(instance mallory Pause)
+[ "$out" = '{"error":"org.varlink.service.PermissionDenied","parameters":{}}' ] || fail "Pause as mallory: $out"
+out=$(instance alice Pause)
+[ "$out" = '{}' ] || fail "Pause as alice: $out"
+out=$(instance alice Describe)
+[ "$out" = '{"parameters":{"running":false,"status":"paused"}}' ] || fail "Describe after Pause: $out"
+out=$(instance alice Resume)
+[ "$out" = '{}' ] || fail "Resume as alice: $out"
+
 say "the next call re-adopts it"
 comm=$(as alice banger vm exec t1 -- cat /proc/1/comm) || fail "vm exec after the idle exit"
 [ "$comm" = init ] || fail "vm exec gave '$comm'"
@@ -100,6 +118,8 @@ as alice banger vm stop t1 || fail "vm stop"
 for _ in $(seq 20); do machinectl list --no-legend | grep -q "$machine" || break; sleep 0.5; done
 machinectl list --no-legend | grep -q "$machine" && fail "$machine is still registered after stop"
 [ "$(active "$unit")" != active ] || fail "the VM unit outlived the VM"
+[ "$(active "$control_unit")" != active ] || fail "the control relay outlived the VM"
+[ -e "$control" ] && fail "$control outlived the VM"
 as alice banger vm delete t1 || fail "vm delete"
 ip -o link | grep -q banger0 && fail "banger0 outlived the last VM"
 
