@@ -303,10 +303,7 @@ async fn serve_connection(
             send(&mut conn, &call, Err(e), false).await?;
             continue;
         }
-        let answer = match &front {
-            Front::Banger => dispatch(&ctx, &caller, &call, fds).await,
-            Front::Machine(vm) => dispatch_machine(&ctx, &caller, vm, &call, fds).await,
-        };
+        let answer = dispatch(&ctx, &caller, &front, &call, fds).await;
         match answer {
             Ok(Answer::One(v)) => send(&mut conn, &call, Ok(v), false).await?,
             Ok(Answer::WithFds(v, fds)) => send_with(&mut conn, &call, Ok(v), false, fds).await?,
@@ -420,9 +417,11 @@ impl Failure {
     }
 }
 
+/// Answers `call` as `front` serves it.
 async fn dispatch(
     ctx: &Ctx,
     caller: &Caller,
+    front: &Front,
     call: &Incoming,
     fds: Vec<OwnedFd>,
 ) -> Result<Answer, Failure> {
@@ -431,45 +430,25 @@ async fn dispatch(
         .rsplit_once('.')
         .ok_or_else(|| Failure::method_not_found(&call.method))?;
     let p = Params::new(call.params.clone(), fds);
-    match interface {
-        service::INTERFACE => service::call(method, p, &descriptions()),
-        images::INTERFACE => images::call(ctx, caller, method, p)
-            .await
-            .map_err(|e| e.into_failure(interface)),
-        kernels::INTERFACE => kernels::call(ctx, caller, method, p)
-            .await
-            .map_err(|e| e.into_failure(interface)),
-        vms::INTERFACE => vms::call(ctx, caller, method, p)
-            .await
-            .map_err(|e| e.into_failure(interface)),
-        jobs::INTERFACE => jobs::call(ctx, caller, method, p)
-            .await
-            .map_err(|e| e.into_failure(interface)),
-        machine_control::INTERFACE => machine_control::call(ctx, caller, method, p)
-            .await
-            .map_err(|e| e.into_failure(interface)),
-        _ => Err(Failure::interface_not_found(interface)),
-    }
-}
-
-/// A call on a VM's control socket.
-async fn dispatch_machine(
-    ctx: &Ctx,
-    caller: &Caller,
-    vm: &str,
-    call: &Incoming,
-    fds: Vec<OwnedFd>,
-) -> Result<Answer, Failure> {
-    let (interface, method) = call
-        .method
-        .rsplit_once('.')
-        .ok_or_else(|| Failure::method_not_found(&call.method))?;
-    let p = Params::new(call.params.clone(), fds);
-    match interface {
-        service::INTERFACE => service::call(method, p, &machine_descriptions()),
-        machine_instance::INTERFACE => machine_instance::call(ctx, caller, vm, method, p).await,
-        _ => Err(Failure::interface_not_found(interface)),
-    }
+    let answer = match (front, interface) {
+        (Front::Banger, service::INTERFACE) => return service::call(method, p, &descriptions()),
+        (Front::Machine(_), service::INTERFACE) => {
+            return service::call(method, p, &machine_descriptions())
+        }
+        (Front::Machine(vm), machine_instance::INTERFACE) => {
+            return machine_instance::call(ctx, caller, vm, method, p).await
+        }
+        (Front::Machine(_), _) => return Err(Failure::interface_not_found(interface)),
+        (Front::Banger, images::INTERFACE) => images::call(ctx, caller, method, p).await,
+        (Front::Banger, kernels::INTERFACE) => kernels::call(ctx, caller, method, p).await,
+        (Front::Banger, vms::INTERFACE) => vms::call(ctx, caller, method, p).await,
+        (Front::Banger, jobs::INTERFACE) => jobs::call(ctx, caller, method, p).await,
+        (Front::Banger, machine_control::INTERFACE) => {
+            machine_control::call(ctx, caller, method, p).await
+        }
+        (Front::Banger, _) => return Err(Failure::interface_not_found(interface)),
+    };
+    answer.map_err(|e| e.into_failure(interface))
 }
 
 /// What an interface's method fails with: a service error, or a Varlink one as it is.
