@@ -96,26 +96,20 @@ pub(super) async fn call(
                 "status": vm.state.as_str(),
             })))
         }
-        "PowerOff" | "Terminate" => {
-            let opts = StopOptions {
-                force: method == "Terminate",
-                ..StopOptions::default()
+        "PowerOff" | "Terminate" | "Pause" | "Resume" => {
+            let force = method == "Terminate";
+            let done = match method {
+                "Pause" => ctx.perform(caller, ops::pause_vm(b, caller, vm)).await,
+                "Resume" => ctx.perform(caller, ops::resume_vm(b, caller, vm)).await,
+                _ => {
+                    let opts = StopOptions {
+                        force,
+                        ..StopOptions::default()
+                    };
+                    ctx.perform(caller, ops::stop_vm(b, caller, vm, opts)).await
+                }
             };
-            ctx.perform(caller, ops::stop_vm(b, caller, vm, opts))
-                .await
-                .map_err(failure)?;
-            Ok(Answer::One(json!({})))
-        }
-        "Pause" => {
-            ctx.perform(caller, ops::pause_vm(b, caller, vm))
-                .await
-                .map_err(failure)?;
-            Ok(Answer::One(json!({})))
-        }
-        "Resume" => {
-            ctx.perform(caller, ops::resume_vm(b, caller, vm))
-                .await
-                .map_err(failure)?;
+            done.map_err(failure)?;
             Ok(Answer::One(json!({})))
         }
         // A banger VM has no reboot of its own (stop and start it), and its events are

@@ -50,12 +50,8 @@ impl Params {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(p)) => Ok(Some(CallerInput::Path(PathBuf::from(p)))),
             Some(Value::Number(n)) => {
-                let fd = n
-                    .as_u64()
-                    .and_then(|i| self.fds.get_mut(i as usize))
-                    .and_then(Option::take)
-                    .ok_or_else(|| Failure::invalid_parameter(key))?;
-                Ok(Some(CallerInput::Fd(fd)))
+                let i = n.as_u64().ok_or_else(|| Failure::invalid_parameter(key))?;
+                Ok(Some(CallerInput::Fd(self.take_fd(i, key)?)))
             }
             Some(_) => Err(Failure::invalid_parameter(key)),
         }
@@ -64,8 +60,13 @@ impl Params {
     /// A descriptor passed with the call, named by its index.
     pub fn fd(&mut self, key: &str) -> Result<OwnedFd, Failure> {
         let i: u64 = self.req(key)?;
+        self.take_fd(i, key)
+    }
+
+    /// Descriptor `index` of the call (each is taken once), for parameter `key`.
+    fn take_fd(&mut self, index: u64, key: &str) -> Result<OwnedFd, Failure> {
         self.fds
-            .get_mut(i as usize)
+            .get_mut(index as usize)
             .and_then(Option::take)
             .ok_or_else(|| Failure::invalid_parameter(key))
     }

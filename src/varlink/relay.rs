@@ -6,15 +6,15 @@
 //! The socket must answer for as long as the VM runs, and the daemon exits when idle, so a
 //! small process per VM holds it: `bangerd machine-control`, started beside the VMM, as the
 //! relays' own uid (`jail::control_uid`, no VM's) without any capability, seeing none of
-//! banger's state. It never reads what a client
-//! sends: it hands each accepted connection to the daemon on its own socket
-//! (`io.banger.MachineControl.Take`, the connection as a passed descriptor; that call
-//! socket-activates a daemon that is not running), and the daemon then serves the connection
-//! itself, its caller the connection's own peer (`SO_PEERCRED` of the accepted socket, which
-//! the kernel set when the client connected), so polkit decides exactly as for banger's own
-//! methods. The daemon takes such connections from that uid (and root) alone: a process of
-//! any other uid could pass a socket whose peer is a privileged process, and a relay reads
-//! nothing a client sends, so no client can make it pass anything else.
+//! banger's state. It never reads what a client sends: it hands each accepted connection to
+//! the daemon on its own socket (`io.banger.MachineControl.Take`, the connection as a passed
+//! descriptor; that call socket-activates a daemon that is not running), and the daemon then
+//! serves the connection itself, its caller the connection's own peer (`SO_PEERCRED` of the
+//! accepted socket, which the kernel set when the client connected), so polkit decides
+//! exactly as for banger's own methods. The daemon takes such connections from that uid (and
+//! root) alone: a process of any other uid could pass a socket whose peer is a privileged
+//! process, and a relay reads nothing a client sends, so no client can make it pass anything
+//! else.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};

@@ -104,11 +104,11 @@ pub async fn register(conn: &zbus::Connection, m: &Machine<'_>) -> Result<()> {
 pub const MACHINED_VARLINK: &str = "/run/systemd/machine/io.systemd.Machine";
 
 /// `io.systemd.Machine.Register`'s parameters for `m`: the fields machined has had since
-/// systemd 256, and `controlAddress` (systemd ≥ 260) when `control` and the VM has one (an
-/// older machined refuses fields it does not know, and is asked again without it). banger
-/// made the VM's unit itself (`allocateUnit` false); it holds no private key for a VM's
-/// users, so `sshPrivateKeyPath` stays out.
-pub fn register_params(m: &Machine<'_>, control: bool) -> serde_json::Value {
+/// systemd 256, and `controlAddress` (systemd ≥ 260) when the VM has one (an older machined
+/// refuses fields it does not know, and is asked again without it). banger made the VM's
+/// unit itself (`allocateUnit` false); it holds no private key for a VM's users, so
+/// `sshPrivateKeyPath` stays out.
+pub fn register_params(m: &Machine<'_>) -> serde_json::Value {
     let mut p = serde_json::json!({
         "name": machine_name(m.id),
         "id": machine_id(m.id).iter().map(|b| format!("{b:02x}")).collect::<String>(),
@@ -121,7 +121,7 @@ pub fn register_params(m: &Machine<'_>, control: bool) -> serde_json::Value {
     if !m.ssh_address.is_empty() {
         p["sshAddress"] = m.ssh_address.into();
     }
-    if let (true, Some(a)) = (control, m.control_address) {
+    if let Some(a) = m.control_address {
         p["controlAddress"] = a.into();
     }
     p
@@ -200,10 +200,13 @@ pub async fn call_machined(
 /// machinectl then signals the VMM's process instead).
 pub async fn register_varlink(socket: &std::path::Path, m: &Machine<'_>) -> Result<Answered> {
     const REGISTER: &str = "io.systemd.Machine.Register";
-    let answer = call_machined(socket, REGISTER, register_params(m, true)).await?;
-    match answer {
-        Answered::UnknownParameter(p) if p == "controlAddress" && m.control_address.is_some() => {
-            call_machined(socket, REGISTER, register_params(m, false)).await
+    let mut params = register_params(m);
+    match call_machined(socket, REGISTER, params.clone()).await? {
+        Answered::UnknownParameter(p) if p == "controlAddress" => {
+            if let Some(fields) = params.as_object_mut() {
+                fields.remove("controlAddress");
+            }
+            call_machined(socket, REGISTER, params).await
         }
         a => Ok(a),
     }
@@ -428,7 +431,7 @@ mod tests {
 
     #[test]
     fn register_sends_only_fields_machined_knows() {
-        let p = register_params(&machine(&[42, 43], "10.0.0.2:22"), true);
+        let p = register_params(&machine(&[42, 43], "10.0.0.2:22"));
         assert_eq!(
             p,
             serde_json::json!({
@@ -442,7 +445,7 @@ mod tests {
                 "allocateUnit": false,
             })
         );
-        let p = register_params(&machine(&[42], ""), true);
+        let p = register_params(&machine(&[42], ""));
         assert!(p.get("sshAddress").is_none(), "{p}");
         assert!(p.get("controlAddress").is_none(), "{p}");
         let control = Machine {
@@ -450,22 +453,12 @@ mod tests {
             ..machine(&[42], "")
         };
         assert_eq!(
-            register_params(&control, true)["controlAddress"],
+            register_params(&control)["controlAddress"],
             "/run/banger/machines/banger-0123456789abcdef"
         );
-        assert!(register_params(&control, false)
-            .get("controlAddress")
-            .is_none());
     }
 
     /// A stand-in for machined's socket: reads one call, answers `reply`, returns the call.
-    async fn answer_once(
-        listener: tokio::net::UnixListener,
-        reply: &'static str,
-    ) -> serde_json::Value {
-        answer_once_on(&listener, reply).await
-    }
-
     async fn answer_once_on(
         listener: &tokio::net::UnixListener,
         reply: &'static str,
@@ -499,8 +492,8 @@ mod tests {
         ] {
             let _ = std::fs::remove_file(&sock);
             let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-            let server = tokio::spawn(answer_once(listener, reply));
-            let params = register_params(&machine(&[42], ""), true);
+            let server = tokio::spawn(async move { answer_once_on(&listener, reply).await });
+            let params = register_params(&machine(&[42], ""));
             let got = call_machined(&sock, "io.systemd.Machine.Register", params.clone()).await;
             let call = server.await.unwrap();
             assert_eq!(call["method"], "io.systemd.Machine.Register");
