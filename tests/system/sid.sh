@@ -1,0 +1,86 @@
+#!/bin/bash
+# The system test's second container: Debian sid booted by systemd-nspawn, whose systemd
+# (≥ 260) registers machines over Varlink and sends machinectl's poweroff, pause, resume and
+# terminate to a machine's io.systemd.MachineInstance control socket. Runs as
+# banger-systemtest.service; `systemctl exit N` makes N the container's exit status.
+# /banger-test holds the .deb, a kernel and a busybox root filesystem, read-only.
+set -u
+t=/banger-test
+say() { echo "systemtest-sid: $*"; }
+finish() {
+    say "exit $1"
+    systemctl exit "$1"
+    exit "$1"
+}
+fail() {
+    say "FAIL: $*"
+    journalctl -u bangerd -u systemd-machined --no-pager -o short-monotonic | tail -40
+    journalctl -u 'banger-vm-*' --no-pager -o short-monotonic | tail -30
+    for f in /run/banger/vms/*/*.log /var/lib/banger/vms/*/console.log; do
+        [ -f "$f" ] && { echo "== $f"; tail -20 "$f"; }
+    done
+    finish 1
+}
+as() { local u=$1; shift; runuser -u "$u" -- "$@"; }
+active() { systemctl show "$1" -p ActiveState --value; }
+state() { busctl get-property org.banger "/org/banger/vm/$id" org.banger.VM1 State | sed 's/^s "\(.*\)"$/\1/'; }
+idle() {
+    for _ in $(seq 60); do [ "$(active bangerd)" = inactive ] && return; sleep 1; done
+    fail "bangerd did not exit when idle"
+}
+
+version=$(systemctl --version | sed -n '1s/^systemd \([0-9]*\).*/\1/p')
+say "systemd $version"
+[ "$version" -ge 260 ] || fail "this container's systemd is $version; the test needs 260 or newer"
+dpkg -i "$t/banger.deb" >/tmp/dpkg.log 2>&1 || { cat /tmp/dpkg.log; fail "dpkg -i banger.deb"; }
+mkdir -p /etc/banger
+printf 'idle_exit_sec = 5\naccel = "tcg"\nboot_timeout_sec = 300\nwarm_snapshots = false\n' \
+    >/etc/banger/config.toml
+useradd -m -G banger alice
+useradd -m mallory
+as alice banger kernel import k --kernel "$t/vmlinuz" --modules "$t/modules" >/dev/null || fail "kernel import"
+as alice busctl call org.banger /org/banger org.banger.Images1 RegisterImage 'sa{sv}' tiny 1 rootfs s "$t/tiny.ext4" \
+    >/dev/null || fail "register the image"
+
+say "a VM registered with machined over Varlink, with its control address"
+as alice banger vm create t1 --image tiny --kernel k --vcpus 1 --memory 256 || fail "vm create"
+id=$(busctl call org.banger /org/banger org.banger.VMs1 GetVM s t1 | sed 's|.*/vm/||; s|"||g')
+machine=banger-$id control=/run/banger/machines/banger-$id
+journalctl -u bangerd -o cat | grep -q "Registered machine $machine with machined over Varlink" \
+    || fail "$machine was not registered over Varlink"
+machinectl list --no-legend | grep -q "^$machine *vm *banger" || { machinectl list; fail "machinectl list does not show $machine"; }
+listed=$(varlinkctl call /run/systemd/machine/io.systemd.Machine io.systemd.Machine.List "{\"name\":\"$machine\"}") \
+    || fail "io.systemd.Machine.List $machine"
+echo "$listed" | tr -d ' \n' | grep -q "\"controlAddress\":\"$control\"" || fail "no controlAddress in $listed"
+echo "$listed" | tr -d ' \n' | grep -q '"vSockCid":' || fail "no vSockCid in $listed"
+
+say "machinectl pause and resume act on the VM through its control socket, bangerd idle-exited"
+idle
+as mallory machinectl pause "$machine" 2>/tmp/mallory.err && fail "mallory paused alice's VM with machinectl"
+say "mallory's machinectl pause: $(cat /tmp/mallory.err)"
+grep -qi "denied\|not permitted\|access" /tmp/mallory.err || fail "mallory's machinectl pause failed for another reason"
+[ "$(state)" = running ] || fail "the VM is $(state) after mallory's refused pause"
+machinectl pause "$machine" || fail "machinectl pause"
+[ "$(state)" = paused ] || fail "the VM is $(state) after machinectl pause"
+machinectl resume "$machine" || fail "machinectl resume"
+[ "$(state)" = running ] || fail "the VM is $(state) after machinectl resume"
+comm=$(as alice banger vm exec t1 -- cat /proc/1/comm) || fail "vm exec after machinectl resume"
+[ "$comm" = init ] || fail "vm exec gave '$comm'"
+
+say "machinectl poweroff stops it"
+idle
+machinectl poweroff "$machine" || fail "machinectl poweroff"
+for _ in $(seq 60); do [ "$(state)" = stopped ] && break; sleep 1; done
+[ "$(state)" = stopped ] || fail "the VM is $(state) after machinectl poweroff"
+for _ in $(seq 20); do machinectl list --no-legend | grep -q "$machine" || break; sleep 0.5; done
+machinectl list --no-legend | grep -q "$machine" && fail "$machine is still registered after poweroff"
+[ -e "$control" ] && fail "$control outlived the VM"
+
+say "machinectl terminate kills it"
+as alice banger vm start t1 || fail "vm start"
+machinectl terminate "$machine" || fail "machinectl terminate"
+for _ in $(seq 60); do [ "$(state)" = stopped ] && break; sleep 1; done
+[ "$(state)" = stopped ] || fail "the VM is $(state) after machinectl terminate"
+[ "$(active "banger-vm-$id.service")" != active ] || fail "the VM unit outlived machinectl terminate"
+as alice banger vm delete t1 || fail "vm delete"
+finish 0
