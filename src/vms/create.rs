@@ -488,44 +488,63 @@ impl Vms {
             None
         };
         let snap_dir = restore.as_ref().map(|s| self.snapshot_dir(&s.id));
-        if let (Some(snap), Some(sd)) = (&restore, &snap_dir) {
-            st.enter(
-                vm,
-                "prepare_rootfs",
-                format!("Layering the VM's root disk on snapshot {}", snap.name),
-            )
-            .await?;
-            let format = snapshot::disk_format_of(snap);
-            self.vmm
-                .prepare_rootfs(&sd.join(snapshot::rootfs_file(format)), format, &dir, None)
+
+        // The root disk, the work disk, the network and the initrd do not depend on each
+        // other: each stage is entered in order, then all four are made at once, so a cold
+        // start waits for the slowest of them rather than for their sum before its VMM runs.
+        let (root_base, root_format, root_size) = match (&restore, &snap_dir) {
+            (Some(snap), Some(sd)) => {
+                st.enter(
+                    vm,
+                    "prepare_rootfs",
+                    format!("Layering the VM's root disk on snapshot {}", snap.name),
+                )
                 .await?;
-        } else if rootfs.exists() {
-            st.enter(vm, "prepare_rootfs", "Keeping the VM's root disk")
+                let format = snapshot::disk_format_of(snap);
+                (Some(sd.join(snapshot::rootfs_file(format))), format, None)
+            }
+            _ if rootfs.exists() => {
+                st.enter(vm, "prepare_rootfs", "Keeping the VM's root disk")
+                    .await?;
+                (None, crate::vmm::DiskFormat::Raw, None)
+            }
+            _ => {
+                st.enter(
+                    vm,
+                    "prepare_rootfs",
+                    format!("Layering the VM's root disk on image {}", image.name),
+                )
                 .await?;
-        } else {
-            st.enter(
-                vm,
-                "prepare_rootfs",
-                format!("Layering the VM's root disk on image {}", image.name),
-            )
-            .await?;
-            let size = (vm.disk_size > image.size_bytes).then_some(vm.disk_size);
-            self.vmm
-                .prepare_rootfs(&image.rootfs_path, crate::vmm::DiskFormat::Raw, &dir, size)
-                .await?;
-        }
+                let size = (vm.disk_size > image.size_bytes).then_some(vm.disk_size);
+                (
+                    Some(image.rootfs_path.clone()),
+                    crate::vmm::DiskFormat::Raw,
+                    size,
+                )
+            }
+        };
+        let root_disk = async {
+            match &root_base {
+                Some(base) => self
+                    .vmm
+                    .prepare_rootfs(base, root_format, &dir, root_size)
+                    .await
+                    .map(|_| ()),
+                None => Ok(()),
+            }
+        };
 
         let work = dir.join("work.ext4");
-        if let Some(sd) = &snap_dir {
+        // Where the work disk comes from: a snapshot's copy, the image's seed, or nowhere
+        // (the VM's own disk is kept).
+        let seed = if let Some(sd) = &snap_dir {
             st.enter(vm, "prepare_work_disk", "Copying the snapshot's /root disk")
                 .await?;
-            let (seed, w) = (sd.join(snapshot::WORK), work.clone());
-            crate::jobs::spawn_blocking(move || make_work_disk(Some(&seed), &w))
-                .await
-                .map_err(|e| failed("Work disk task failed", e))??;
+            Some(Some(sd.join(snapshot::WORK)))
         } else if work.exists() {
             st.enter(vm, "prepare_work_disk", "Keeping the VM's /root disk")
                 .await?;
+            None
         } else {
             st.enter(
                 vm,
@@ -533,38 +552,52 @@ impl Vms {
                 "Creating the VM's /root disk from the image's work seed",
             )
             .await?;
-            let seed = image.work_seed_path.clone();
-            let w = work.clone();
-            crate::jobs::spawn_blocking(move || make_work_disk(seed.as_deref(), &w))
-                .await
-                .map_err(|e| failed("Work disk task failed", e))??;
-        }
+            Some(image.work_seed_path.clone())
+        };
         let pending = dir.join(PENDING_KEY);
         let key = std::fs::read_to_string(&pending).ok();
         // A restored guest has its disks mounted already: what it needs comes through its
-        // agent (identity), never by writing under it.
-        if restore.is_none() && (vm.ssh_host_key.is_empty() || key.is_some()) {
-            let (w, name, fresh) = (work.clone(), vm.name.clone(), vm.ssh_host_key.is_empty());
-            let key = key.clone();
-            let host_key =
-                crate::jobs::spawn_blocking(move || seed_ssh(&w, &name, fresh, key.as_deref()))
-                    .await
-                    .map_err(|e| failed("SSH key task failed", e))??;
-            if let Some(k) = host_key {
-                vm.ssh_host_key = k;
-            }
-            let _ = std::fs::remove_file(&pending);
-        }
-
-        // The main process goes to banger-init on the work disk (its arguments may not fit a
-        // kernel command line); a VM without one has none there.
-        if restore.is_none() {
-            let (w, main) = (work.clone(), vm.main.clone());
-            crate::jobs::spawn_blocking(move || write_main(&w, &main))
+        // agent (identity), never by writing under it. Otherwise the disk gets SSH's keys
+        // (a new host key is made while the seed is copied) and, for banger-init, the main
+        // process: its arguments may not fit a kernel command line; a VM without one has
+        // none there.
+        let ssh = restore.is_none() && (vm.ssh_host_key.is_empty() || key.is_some());
+        let host_key = (ssh && vm.ssh_host_key.is_empty()).then(|| {
+            let name = vm.name.clone();
+            crate::jobs::spawn_blocking(move || new_host_key(&name))
+        });
+        let work_disk = {
+            let (w, main, key) = (work.clone(), vm.main.clone(), key.clone());
+            let restoring = restore.is_some();
+            let made = seed.map(|seed| {
+                let w = w.clone();
+                crate::jobs::spawn_blocking(move || make_work_disk(seed.as_deref(), &w))
+            });
+            async move {
+                if let Some(made) = made {
+                    made.await
+                        .map_err(|e| failed("Work disk task failed", e))??;
+                }
+                let host_key = match host_key {
+                    Some(k) => Some(k.await.map_err(|e| failed("SSH key task failed", e))??),
+                    None => None,
+                };
+                if restoring {
+                    return Ok(None);
+                }
+                crate::jobs::spawn_blocking(move || -> Result<Option<String>> {
+                    let public = if ssh {
+                        seed_ssh(&w, host_key, key.as_deref())?
+                    } else {
+                        None
+                    };
+                    write_main(&w, &main)?;
+                    Ok(public)
+                })
                 .await
-                .map_err(|e| failed("Main process task failed", e))??;
-        }
-        vm.exit_status = -1;
+                .map_err(|e| failed("Work disk task failed", e))?
+            }
+        };
 
         let subnet = self.net.subnet()?;
         st.enter(
@@ -579,11 +612,32 @@ impl Vms {
             ),
         )
         .await?;
-        {
+        let tap = vm.tap_name.clone();
+        let network = async {
             let _net = self.net_lock.lock().await;
             let ports = self.guest_ports("").await?;
-            self.net.attach(&vm.tap_name, &ports).await?;
+            self.net.attach(&tap, &ports).await
+        };
+        let initrd = async {
+            match &kernel.initrd_path {
+                Some(i) => self.current_initrd(i, &own_run).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        // All four are awaited, failed or not, so none goes on behind the failure's cleanup.
+        let (root_disk, work_disk, network, initrd) =
+            tokio::join!(root_disk, work_disk, network, initrd);
+        root_disk?;
+        if let Some(public) = work_disk? {
+            vm.ssh_host_key = public;
         }
+        if ssh {
+            let _ = std::fs::remove_file(&pending);
+        }
+        network?;
+        let initrd = initrd?;
+        vm.exit_status = -1;
+
         let lease = crate::net::GuestNet {
             address: vm
                 .guest_address
@@ -625,10 +679,6 @@ impl Vms {
                     .await?;
                 None
             }
-        };
-        let initrd = match &kernel.initrd_path {
-            Some(i) => Some(self.current_initrd(i, &own_run).await?),
-            None => None,
         };
         // Each start checks the shared folders again with the owner's rights: access lost
         // since the create is a clear error here, not a guest that cannot mount.
@@ -1145,20 +1195,17 @@ fn new_host_key(name: &str) -> Result<(Vec<u8>, String)> {
     Ok((private, public))
 }
 
-/// Gives a work disk what SSH needs: when `fresh`, a new host key for the VM (its private
+/// Gives a work disk what SSH needs: a new host key for the VM when one is given (its private
 /// half at `/root/.banger/`, where banger-init installs it into `/etc/ssh`), and the caller's
 /// public key appended to `/root/.ssh/authorized_keys`. Returns the new host key's public half.
 fn seed_ssh(
     work: &std::path::Path,
-    name: &str,
-    fresh: bool,
+    host_key: Option<(Vec<u8>, String)>,
     key: Option<&str>,
 ) -> Result<Option<String>> {
     use crate::ext4::Put;
-    let (mut private, mut public) = (Vec::new(), String::new());
-    if fresh {
-        (private, public) = new_host_key(name)?;
-    }
+    let fresh = host_key.is_some();
+    let (private, public) = host_key.unwrap_or_default();
     let mut authorized = Vec::new();
     if let Some(k) = key {
         authorized = crate::ext4::read_file(work, "/.ssh/authorized_keys")?.unwrap_or_default();
