@@ -217,8 +217,20 @@ pub fn put_files(image: &Path, files: &[Put<'_>]) -> Result<()> {
             image.as_os_str(),
         ],
     )?;
-    for f in files {
-        if read_file(image, f.path)?.as_deref() != Some(f.data) {
+    // Checked with one more debugfs, which copies each file out as written.
+    let mut script = String::new();
+    for (i, f) in files.iter().enumerate() {
+        let back = staging.path().join(format!("back{i}"));
+        script.push_str(&format!("dump {} {}\n", f.path, back.display()));
+    }
+    std::fs::write(&cmds, script).map_err(|e| Error::failed("Cannot stage files", e))?;
+    host::run(
+        "debugfs",
+        ["-f".as_ref(), cmds.as_os_str(), image.as_os_str()],
+    )?;
+    for (i, f) in files.iter().enumerate() {
+        let back = std::fs::read(staging.path().join(format!("back{i}"))).ok();
+        if back.as_deref() != Some(f.data) {
             return Err(Error::failed(
                 format!("Cannot write {} into {}", f.path, image.display()),
                 std::io::Error::other("debugfs did not store it"),

@@ -585,14 +585,8 @@ impl Vms {
                 if restoring {
                     return Ok(None);
                 }
-                crate::jobs::spawn_blocking(move || -> Result<Option<String>> {
-                    let public = if ssh {
-                        seed_ssh(&w, host_key, key.as_deref())?
-                    } else {
-                        None
-                    };
-                    write_main(&w, &main)?;
-                    Ok(public)
+                crate::jobs::spawn_blocking(move || {
+                    seed_work(&w, host_key, key.as_deref().filter(|_| ssh), &main)
                 })
                 .await
                 .map_err(|e| failed("Work disk task failed", e))?
@@ -625,8 +619,14 @@ impl Vms {
             }
         };
         // All four are awaited, failed or not, so none goes on behind the failure's cleanup.
-        let (root_disk, work_disk, network, initrd) =
-            tokio::join!(root_disk, work_disk, network, initrd);
+        let t0 = std::time::Instant::now();
+        let id = vm.id.as_str();
+        let (root_disk, work_disk, network, initrd) = tokio::join!(
+            timed(id, "root disk", t0, root_disk),
+            timed(id, "work disk", t0, work_disk),
+            timed(id, "network", t0, network),
+            timed(id, "initrd", t0, initrd)
+        );
         root_disk?;
         if let Some(public) = work_disk? {
             vm.ssh_host_key = public;
@@ -1158,6 +1158,18 @@ impl Vms {
     }
 }
 
+/// Awaits `f`, one of a start's preparations, and logs when it was done (debug level).
+async fn timed<T>(
+    vm_id: &str,
+    what: &str,
+    t0: std::time::Instant,
+    f: impl std::future::Future<Output = T>,
+) -> T {
+    let r = f.await;
+    tracing::debug!(vm_id, "{what} prepared after {:?}", t0.elapsed());
+    r
+}
+
 /// The caller's public key between `CreateVM` and the first start, in the VM's directory.
 const PENDING_KEY: &str = "authorized_key.pending";
 
@@ -1195,13 +1207,17 @@ fn new_host_key(name: &str) -> Result<(Vec<u8>, String)> {
     Ok((private, public))
 }
 
-/// Gives a work disk what SSH needs: a new host key for the VM when one is given (its private
-/// half at `/root/.banger/`, where banger-init installs it into `/etc/ssh`), and the caller's
-/// public key appended to `/root/.ssh/authorized_keys`. Returns the new host key's public half.
-fn seed_ssh(
+/// Gives a work disk what its first start needs, in one write: a new host key for the VM
+/// when one is given (its private half at `/root/.banger/`, where banger-init installs it into
+/// `/etc/ssh`), the caller's public key appended to `/root/.ssh/authorized_keys`, and the main
+/// process's arguments for banger-init (`/.banger/main.json`, the guest's
+/// `/root/.banger/main.json`; banger-init reads it only when told to run one). Returns the
+/// new host key's public half.
+fn seed_work(
     work: &std::path::Path,
     host_key: Option<(Vec<u8>, String)>,
     key: Option<&str>,
+    main: &[String],
 ) -> Result<Option<String>> {
     use crate::ext4::Put;
     let fresh = host_key.is_some();
@@ -1221,6 +1237,7 @@ fn seed_ssh(
             authorized.push(b'\n');
         }
     }
+    let main_text = serde_json::to_vec(main).map_err(|e| failed("Cannot encode", e))?;
     let mut files = Vec::new();
     if fresh {
         files.push(Put {
@@ -1241,26 +1258,17 @@ fn seed_ssh(
             mode: 0o600,
         });
     }
-    crate::ext4::put_files(work, &files)?;
-    Ok(fresh.then(|| public.trim().to_owned()))
-}
-
-/// Puts the main process's arguments on the work disk for banger-init
-/// (`/.banger/main.json`, the guest's `/root/.banger/main.json`), or an empty list.
-fn write_main(work: &std::path::Path, main: &[String]) -> Result<()> {
-    let text = serde_json::to_vec(main).map_err(|e| failed("Cannot encode", e))?;
-    let have = crate::ext4::read_file(work, MAIN_FILE)?;
-    if main.is_empty() && have.is_none() {
-        return Ok(());
-    }
-    crate::ext4::put_files(
-        work,
-        &[crate::ext4::Put {
+    if !main.is_empty() {
+        files.push(Put {
             path: MAIN_FILE,
-            data: &text,
+            data: &main_text,
             mode: 0o600,
-        }],
-    )
+        });
+    }
+    if !files.is_empty() {
+        crate::ext4::put_files(work, &files)?;
+    }
+    Ok(fresh.then(|| public.trim().to_owned()))
 }
 
 /// The port forwarder's pid file in a VM's runtime directory.
