@@ -126,11 +126,9 @@ fn boot(c: Container) {
     std::fs::copy(&deb, s.join("banger.deb")).unwrap();
     std::fs::copy(&vmlinuz, s.join("vmlinuz")).unwrap();
     tiny_rootfs(s);
-    std::fs::copy(
-        repo().join("tests/system").join(c.script),
-        s.join("inside.sh"),
-    )
-    .unwrap();
+    let scripts = repo().join("tests/system");
+    std::fs::copy(scripts.join(c.script), s.join("inside.sh")).unwrap();
+    std::fs::copy(scripts.join("lib.sh"), s.join("lib.sh")).unwrap();
     std::fs::write(
         s.join("banger-systemtest.service"),
         "[Unit]\nDescription=banger system test\nAfter=multi-user.target dbus.service\n\

@@ -4,22 +4,8 @@
 # N the container's (and so the test's) exit status. /banger-test holds the .deb, a kernel
 # and a busybox root filesystem, read-only.
 set -u
-t=/banger-test
-say() { echo "systemtest: $*"; }
-finish() {
-    say "exit $1"
-    systemctl exit "$1"
-    exit "$1"
-}
-fail() {
-    say "FAIL: $*"
-    journalctl -u bangerd --no-pager -o short-monotonic | tail -40
-    journalctl -u 'banger-vm-*' --no-pager -o short-monotonic | tail -30
-    for f in /run/banger/vms/*/*.log; do [ -f "$f" ] && { echo "== $f"; tail -20 "$f"; }; done
-    finish 1
-}
-as() { local u=$1; shift; runuser -u "$u" -- "$@"; }
-active() { systemctl show "$1" -p ActiveState --value; }
+SAY=systemtest
+. "$(dirname "$0")/lib.sh"
 
 say "installing the package"
 dpkg -i "$t/banger.deb" >/tmp/dpkg.log 2>&1 || { cat /tmp/dpkg.log; fail "dpkg -i banger.deb"; }

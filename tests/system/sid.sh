@@ -5,24 +5,8 @@
 # banger-systemtest.service; `systemctl exit N` makes N the container's exit status.
 # /banger-test holds the .deb, a kernel and a busybox root filesystem, read-only.
 set -u
-t=/banger-test
-say() { echo "systemtest-sid: $*"; }
-finish() {
-    say "exit $1"
-    systemctl exit "$1"
-    exit "$1"
-}
-fail() {
-    say "FAIL: $*"
-    journalctl -u bangerd -u systemd-machined --no-pager -o short-monotonic | tail -40
-    journalctl -u 'banger-vm-*' --no-pager -o short-monotonic | tail -30
-    for f in /run/banger/vms/*/*.log /var/lib/banger/vms/*/console.log; do
-        [ -f "$f" ] && { echo "== $f"; tail -20 "$f"; }
-    done
-    finish 1
-}
-as() { local u=$1; shift; runuser -u "$u" -- "$@"; }
-active() { systemctl show "$1" -p ActiveState --value; }
+SAY=systemtest-sid
+. "$(dirname "$0")/lib.sh"
 state() { busctl get-property org.banger "/org/banger/vm/$id" org.banger.VM1 State | sed 's/^s "\(.*\)"$/\1/'; }
 idle() {
     for _ in $(seq 60); do [ "$(active bangerd)" = inactive ] && return; sleep 1; done
