@@ -627,8 +627,10 @@ impl Vms {
             timed(id, "network", t0, network),
             timed(id, "initrd", t0, initrd)
         );
-        root_disk?;
-        if let Some(public) = work_disk? {
+        // A failure names the stage whose work failed, not the last one entered.
+        let at = |vm: &mut Vm, stage: &str| vm.stage = stage.into();
+        root_disk.inspect_err(|_| at(vm, "prepare_rootfs"))?;
+        if let Some(public) = work_disk.inspect_err(|_| at(vm, "prepare_work_disk"))? {
             vm.ssh_host_key = public;
         }
         if ssh {
