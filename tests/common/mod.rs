@@ -380,6 +380,10 @@ impl TestBus {
             path,
             "--method",
             method,
+            // gdbus gives up after 25 s by default; a kernel import on a loaded CI machine
+            // once took longer (8 s usually). A slow answer is not what these tests check.
+            "--timeout",
+            "600",
         ];
         if interactive {
             all.push("--interactive");
