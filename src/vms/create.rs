@@ -585,11 +585,9 @@ impl Vms {
                 if restoring {
                     return Ok(None);
                 }
-                crate::jobs::spawn_blocking(move || {
-                    seed_work(&w, host_key, key.as_deref().filter(|_| ssh), &main)
-                })
-                .await
-                .map_err(|e| failed("Work disk task failed", e))?
+                crate::jobs::spawn_blocking(move || seed_work(&w, host_key, key.as_deref(), &main))
+                    .await
+                    .map_err(|e| failed("Work disk task failed", e))?
             }
         };
 

@@ -28,8 +28,7 @@ out=$(printf '{"method":"io.banger.VMs.List"}\0' | as mallory socat -t 60 - UNIX
 busctl status org.banger >/dev/null 2>&1 || fail "the socket-activated bangerd does not own org.banger"
 out=$(printf '{"method":"io.banger.Kernels.Delete","parameters":{"name":"k"}}\0' | as mallory socat -t 60 - UNIX-CONNECT:/run/banger/io.banger | tr -d '\0')
 echo "$out" | grep -q '"error":"io.banger.Kernels.PermissionDenied"' || fail "mallory's Varlink delete: $out"
-for _ in $(seq 60); do [ "$(active bangerd)" = inactive ] && break; sleep 1; done
-[ "$(active bangerd)" = inactive ] || fail "the socket-activated bangerd did not exit when idle"
+idle "the socket-activated bangerd"
 [ "$(systemctl show bangerd -p Result --value)" = success ] || fail "its idle exit was not clean"
 [ "$(active bangerd.socket)" = active ] || fail "bangerd.socket is $(active bangerd.socket) after the idle exit"
 
@@ -71,8 +70,7 @@ share_pid=$(systemctl show "$share_unit" -p MainPID --value)
 [ "$(stat -c %U "/proc/$share_pid")" = alice ] || fail "the share's server runs as $(stat -c %U "/proc/$share_pid")"
 
 say "idle exit leaves the VM running"
-for _ in $(seq 60); do [ "$(active bangerd)" = inactive ] && break; sleep 1; done
-[ "$(active bangerd)" = inactive ] || fail "bangerd did not exit when idle"
+idle
 [ "$(systemctl show bangerd -p Result --value)" = success ] || fail "bangerd's idle exit was not clean"
 [ "$(active "$unit")" = active ] || fail "the VM died with the daemon"
 

@@ -19,3 +19,8 @@ fail() {
 }
 as() { local u=$1; shift; runuser -u "$u" -- "$@"; }
 active() { systemctl show "$1" -p ActiveState --value; }
+# idle [WHO]: waits up to 60 s for bangerd's idle exit, else fails naming WHO.
+idle() {
+    for _ in $(seq 60); do [ "$(active bangerd)" = inactive ] && return; sleep 1; done
+    fail "${1:-bangerd} did not exit when idle"
+}
