@@ -155,6 +155,7 @@ async fn main() -> anyhow::Result<()> {
         created_at: now_us(),
         ready_ports: Vec::new(),
         config: Default::default(),
+        owner_uid: 0,
     };
     let kernel = Kernel {
         name: "k".into(),
@@ -164,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
         initrd_path: None,
         modules_dir: None,
         created_at: now_us(),
+        owner_uid: 0,
     };
     store.call_blocking(move |c| {
         rows::insert_image(c, &image)?;

@@ -95,17 +95,43 @@ impl Caller {
     }
 }
 
+/// What to do after a refusal of `action`.
+fn denied_next(action: Action) -> &'static str {
+    match action {
+        Action::VmsManageAny => {
+            "it is another user's (or, to change, the system's) object, and only its owner or \
+             an administrator may do this"
+        }
+        _ => "ask an administrator to add you to the 'banger' group (see polkit/50-banger.rules)",
+    }
+}
+
+/// What to do when polkit would ask for a password for `action`.
+fn interaction_next(action: Action) -> &'static str {
+    match action {
+        Action::VmsManageAny => {
+            "it is another user's (or, to change, the system's) object: only its owner, or an \
+             administrator authenticating in a terminal with an agent (e.g. pkttyagent), may \
+             do this"
+        }
+        _ => {
+            "run the command in a terminal with an agent (e.g. pkttyagent) or as a member of \
+             the 'banger' group"
+        }
+    }
+}
+
 /// Why a caller was not authorised.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     /// polkit said no.
-    #[error("Not authorised for {action}; ask an administrator to add you to the 'banger' group (see polkit/50-banger.rules)")]
+    #[error("Not authorised for {action}; {}", denied_next(*action))]
     Denied {
         /// The action.
         action: Action,
     },
     /// polkit would ask for a password but the caller did not allow interaction.
-    #[error("Authentication is required for {action}; run the command in a terminal with an agent (e.g. pkttyagent) or as a member of the 'banger' group")]
+    #[error("Authentication is required for {action}; {}", interaction_next(*action))]
     InteractionRequired {
         /// The action.
         action: Action,

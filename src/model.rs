@@ -30,6 +30,32 @@ pub struct Image {
     pub ready_ports: Vec<u16>,
     /// What the OCI image configuration says its processes run with.
     pub config: ImageConfig,
+    /// Who made it ([`SYSTEM_UID`] for the operator's catalog, the default image and
+    /// whatever root made): only they, or a holder of `manage-any`, replace or delete it, and
+    /// only they and the system's VMs boot it.
+    pub owner_uid: u32,
+}
+
+/// The owner of the system's objects: the operator's catalog, the default image and kernel,
+/// warm snapshots, and whatever root made. Every user may use them; only administrators
+/// change them.
+pub const SYSTEM_UID: u32 = 0;
+
+/// Whether a caller `uid` may use (boot, name as a kernel) an object of `owner`: their own
+/// or the system's.
+pub fn usable_by(owner: u32, uid: u32) -> bool {
+    owner == uid || owner == SYSTEM_UID
+}
+
+/// Who owns an object, for messages: `the system`, or `user NAME (uid N)`.
+pub fn owner_label(owner: u32) -> String {
+    if owner == SYSTEM_UID {
+        return "the system".into();
+    }
+    match crate::host::user_of(owner) {
+        Some((name, _)) => format!("user {name} (uid {owner})"),
+        None => format!("uid {owner}"),
+    }
 }
 
 /// The run settings of an OCI image configuration (`config` of the image config blob), kept
@@ -145,6 +171,8 @@ pub struct Kernel {
     pub modules_dir: Option<PathBuf>,
     /// Creation time, µs since the epoch.
     pub created_at: u64,
+    /// Who made it ([`SYSTEM_UID`] for catalog kernels and root's).
+    pub owner_uid: u32,
 }
 
 /// Where a VM is in its life.

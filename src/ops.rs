@@ -63,6 +63,30 @@ pub async fn perform<'a, T>(
     ready.act.await
 }
 
+/// Adds `manage-any` to `needs` when the caller is not `owner` and, to merely use the
+/// object, `owner` is not the system either; true then (the operation may touch another
+/// user's object once polkit granted it).
+fn owner_needs(needs: &mut Vec<Action>, owner: u32, caller: &Caller, only_use: bool) -> bool {
+    let theirs = if only_use {
+        !crate::model::usable_by(owner, caller.uid)
+    } else {
+        owner != caller.uid
+    };
+    if theirs && !needs.contains(&Action::VmsManageAny) {
+        needs.push(Action::VmsManageAny);
+    }
+    theirs
+}
+
+/// `manage-any` for a named kernel (installed, not the caller's nor the system's); whether
+/// it was added.
+async fn kernel_needs(b: &Banger, needs: &mut Vec<Action>, caller: &Caller, name: &str) -> bool {
+    match b.kernels.get(name).await {
+        Ok(k) => owner_needs(needs, k.owner_uid, caller, true),
+        Err(_) => false,
+    }
+}
+
 /// The action a caller needs on a VM (its owner, or an administrator), and the VM.
 async fn vm_for(b: &Banger, caller: &Caller, key: &str) -> Result<(Vm, Action)> {
     let vm = b.vms.get(key).await?;
@@ -78,11 +102,13 @@ pub async fn pull_image<'a>(
     opts: PullOptions,
 ) -> Result<Ready<'a, Arc<Job>>> {
     b.images.validate_pull(reference, &opts)?;
+    let mut needs = vec![Action::ImagesManage];
     if let Some(k) = &opts.kernel {
-        b.check_kernel_name(k).await?;
+        let any = kernel_needs(b, &mut needs, caller, k).await;
+        b.check_kernel_name(caller.uid, k, any).await?;
     }
     let uid = caller.uid;
-    Ok(Ready::new(vec![Action::ImagesManage], async move {
+    Ok(Ready::new(needs, async move {
         b.images.pull(uid, reference, opts).await
     }))
 }
@@ -101,9 +127,17 @@ pub async fn register_image<'a>(
     if opts.kernel_path.is_some() {
         needs.push(Action::KernelsManage);
     }
+    // Replacing another user's image (or the system's, for a member) is an administrator's.
+    let mut any = match b.images.get(name).await {
+        Ok(i) => owner_needs(&mut needs, i.owner_uid, caller, false),
+        Err(_) => false,
+    };
+    if let Some(k) = &opts.kernel {
+        any |= kernel_needs(b, &mut needs, caller, k).await;
+    }
     let uid = caller.uid;
     Ok(Ready::new(needs, async move {
-        b.register_image(uid, name, opts).await
+        b.register_image(uid, name, opts, any).await
     }))
 }
 
@@ -113,9 +147,12 @@ pub async fn promote_image<'a>(
     caller: &Caller,
     key: &'a str,
 ) -> Result<Ready<'a, Arc<Job>>> {
+    let image = b.images.get(key).await?;
+    let mut needs = vec![Action::ImagesManage];
+    owner_needs(&mut needs, image.owner_uid, caller, false);
     let uid = caller.uid;
-    Ok(Ready::new(vec![Action::ImagesManage], async move {
-        b.images.promote(uid, key).await
+    Ok(Ready::new(needs, async move {
+        b.images.promote(uid, &image.id).await
     }))
 }
 
@@ -127,11 +164,13 @@ pub async fn build_image<'a>(
     opts: BuildOptions,
 ) -> Result<Ready<'a, Arc<Job>>> {
     validate_name(NameKind::Image, name)?;
+    let mut needs = vec![Action::ImagesManage];
     if let Some(k) = &opts.kernel {
-        b.check_kernel_name(k).await?;
+        let any = kernel_needs(b, &mut needs, caller, k).await;
+        b.check_kernel_name(caller.uid, k, any).await?;
     }
     let uid = caller.uid;
-    Ok(Ready::new(vec![Action::ImagesManage], async move {
+    Ok(Ready::new(needs, async move {
         b.images.build(uid, name, opts).await
     }))
 }
@@ -150,14 +189,19 @@ pub struct WarmOptions {
 /// `WarmImage`: a job, or InUse while the same warm snapshot is being made.
 pub async fn warm_image<'a>(
     b: &'a Banger,
-    _caller: &Caller,
+    caller: &Caller,
     key: &'a str,
     o: WarmOptions,
 ) -> Result<Ready<'a, Arc<Job>>> {
+    let mut needs = vec![Action::VmsManage];
     if let Some(k) = &o.kernel {
         validate_name(NameKind::Kernel, k)?;
+        kernel_needs(b, &mut needs, caller, k).await;
     }
-    Ok(Ready::new(vec![Action::VmsManage], async move {
+    // A warm snapshot is the system's and boots the image: only of images the caller may use.
+    let image = b.images.get(key).await?;
+    owner_needs(&mut needs, image.owner_uid, caller, true);
+    Ok(Ready::new(needs, async move {
         b.vms
             .warm(key, o.kernel.as_deref(), o.vcpus, o.memory_mib)
             .await?
@@ -175,11 +219,15 @@ pub async fn warm_image<'a>(
 /// `DeleteImage`.
 pub async fn delete_image<'a>(
     b: &'a Banger,
-    _caller: &Caller,
+    caller: &Caller,
     key: &'a str,
 ) -> Result<Ready<'a, ()>> {
-    Ok(Ready::new(vec![Action::ImagesManage], async move {
-        b.images.delete(key).await
+    let image = b.images.get(key).await?;
+    let mut needs = vec![Action::ImagesManage];
+    owner_needs(&mut needs, image.owner_uid, caller, false);
+    // By id: the name may change hands between this check and the deletion.
+    Ok(Ready::new(needs, async move {
+        b.images.delete(&image.id).await
     }))
 }
 
@@ -214,12 +262,15 @@ pub async fn import_kernel<'a>(
 /// `DeleteKernel`.
 pub async fn delete_kernel<'a>(
     b: &'a Banger,
-    _caller: &Caller,
+    caller: &Caller,
     name: &'a str,
 ) -> Result<Ready<'a, ()>> {
     validate_name(NameKind::Kernel, name)?;
-    Ok(Ready::new(vec![Action::KernelsManage], async move {
-        b.kernels.delete(name).await
+    let kernel = b.kernels.get(name).await?;
+    let mut needs = vec![Action::KernelsManage];
+    owner_needs(&mut needs, kernel.owner_uid, caller, false);
+    Ok(Ready::new(needs, async move {
+        b.kernels.delete(name, kernel.owner_uid).await
     }))
 }
 
@@ -232,6 +283,7 @@ pub async fn create_vm<'a>(
     opts: CreateOptions,
 ) -> Result<Ready<'a, (Vm, Arc<Job>)>> {
     validate_name(NameKind::Vm, name)?;
+    let mut opts = opts;
     opts.validate()?;
     let mut needs = vec![Action::VmsManage];
     if let Some(s) = &opts.snapshot {
@@ -241,6 +293,18 @@ pub async fn create_vm<'a>(
             needs.push(action);
         }
     }
+    // Booting another user's image or kernel (not the system's) is an administrator's; the
+    // create checks again once it resolved what it boots.
+    let mut any = false;
+    if let Some(i) = &opts.image {
+        if let Ok(image) = b.images.get(i).await {
+            any |= owner_needs(&mut needs, image.owner_uid, caller, true);
+        }
+    }
+    if let Some(k) = &opts.kernel {
+        any |= kernel_needs(b, &mut needs, caller, k).await;
+    }
+    opts.foreign_ok = any;
     let uid = caller.uid;
     Ok(Ready::new(needs, async move {
         b.vms.create(uid, name, opts).await

@@ -149,10 +149,11 @@ impl Banger {
     }
 
     /// Checks that kernel `name` is installed or in the catalog (it is then pulled when a VM
-    /// needs it); anything else is refused at once with where to look.
-    pub async fn check_kernel_name(&self, name: &str) -> Result<()> {
+    /// needs it), and that `uid` may use it (theirs or the system's, or `any`); anything else
+    /// is refused at once with where to look.
+    pub async fn check_kernel_name(&self, uid: u32, name: &str, any: bool) -> Result<()> {
         match self.kernels.get(name).await {
-            Ok(_) => Ok(()),
+            Ok(k) => crate::kernels::Kernels::check_usable(&k, uid, any),
             Err(crate::Error::Kernel(KernelError::NotFound(_)))
                 if self.kernels.in_catalog(name) =>
             {
@@ -176,6 +177,7 @@ impl Banger {
         uid: u32,
         name: &str,
         mut opts: crate::images::RegisterOptions,
+        any: bool,
     ) -> Result<crate::model::Image> {
         if let Some(kernel_path) = opts.kernel_path.take() {
             if self.kernels.get(name).await.is_ok() {
@@ -196,9 +198,9 @@ impl Banger {
         opts.initrd_path = None;
         opts.modules_dir = None;
         if let Some(k) = &opts.kernel {
-            self.check_kernel_name(k).await?;
+            self.check_kernel_name(uid, k, any).await?;
         }
-        self.images.register(uid, name, opts).await
+        self.images.register(uid, name, opts, any).await
     }
 
     /// How many of each thing there are.

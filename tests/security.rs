@@ -535,3 +535,280 @@ async fn hostile_caller_files_and_bounds_are_refused_and_nothing_leaks() {
     assert_eq!(t.tried, t.refused);
     assert_eq!(t.leaked, 0);
 }
+
+/// Reads `/marker` of the ext4 image at `img` (debugfs, no mount).
+fn marker_of(img: &Path) -> String {
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /marker"])
+        .arg(img)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// An object's path from a manager's `Get…` method.
+fn object_path(bus: &TestBus, method: &str, key: &str) -> String {
+    let out = bus.gdbus_as(None, false, "/org/banger", method, &[key]);
+    let t = text(&out);
+    assert!(out.status.success(), "{method} {key}: {t}");
+    t.split('\'').nth(1).unwrap_or_default().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn members_cannot_use_replace_or_delete_each_others_objects() {
+    if !available(TOOLS) {
+        return;
+    }
+    ensure_users();
+    let (alice, bob) = (USER_OK, USER_OK2);
+    let (ua, ub) = (uid_of(alice), uid_of(bob));
+    let files = tempfile::tempdir().unwrap();
+    let f = files.path();
+    std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let a_img = ext4(f, "a.ext4", "alice", "16M");
+    let b_img = ext4(f, "b.ext4", "bob", "16M");
+    chown_to(&a_img, ua, 0o600);
+    chown_to(&b_img, ub, 0o600);
+    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+    elf.resize(64 * 1024, 0);
+    let (a_kernel, b_kernel) = (f.join("a-vmlinux"), f.join("b-vmlinux"));
+    for (p, uid) in [(&a_kernel, ua), (&b_kernel, ub)] {
+        std::fs::write(p, &elf).unwrap();
+        chown_to(p, uid, 0o600);
+    }
+
+    let bus = TestBus::start(BusOptions::default());
+    let call = |user: Option<&str>, method: &str, args: &[&str]| {
+        bus.gdbus_as(user, false, "/org/banger", method, args)
+    };
+    let ok = |o: std::process::Output, what: &str| {
+        assert!(o.status.success(), "{what}: {}", text(&o));
+    };
+    const REGISTER: &str = "org.banger.Images1.RegisterImage";
+    const IMPORT: &str = "org.banger.Kernels1.ImportKernel";
+    ok(
+        call(
+            Some(alice),
+            REGISTER,
+            &["a-img", &register_opts(&[("rootfs", &a_img)])],
+        ),
+        "alice registers her image",
+    );
+    ok(
+        call(
+            Some(alice),
+            IMPORT,
+            &["a-k", &register_opts(&[("kernel_path", &a_kernel)])],
+        ),
+        "alice imports her kernel",
+    );
+    ok(
+        call(
+            Some(bob),
+            REGISTER,
+            &["b-img", &register_opts(&[("rootfs", &b_img)])],
+        ),
+        "bob registers his image",
+    );
+    let a_path = object_path(&bus, "org.banger.Images1.GetImage", "a-img");
+    let a_id = a_path.rsplit('/').next().unwrap().to_owned();
+    let a_rootfs = bus
+        .state_dir()
+        .join("images")
+        .join(&a_id)
+        .join("rootfs.ext4");
+    assert_eq!(marker_of(&a_rootfs), "alice");
+
+    // AccessDenied, or InteractiveAuthorizationRequired where polkit would ask an
+    // administrator's password: either way refused, with what to do.
+    const DENIED: &str = "org.freedesktop.DBus.Error.";
+    const TAKEN: &str = "org.banger.Error.AlreadyExists";
+    const THEIRS: &str = "another user's";
+    let mut t = Tally {
+        tried: 0,
+        refused: 0,
+        leaked: 0,
+    };
+    let b_opts = register_opts(&[("rootfs", &b_img)]);
+    t.case(
+        &bus,
+        "bob replaces alice's image",
+        || call(Some(bob), REGISTER, &["a-img", &b_opts]),
+        DENIED,
+        THEIRS,
+    );
+    t.case(
+        &bus,
+        "bob deletes alice's image",
+        || call(Some(bob), "org.banger.Images1.DeleteImage", &["a-img"]),
+        DENIED,
+        THEIRS,
+    );
+    t.case(
+        &bus,
+        "bob deletes alice's image by id",
+        || call(Some(bob), "org.banger.Images1.DeleteImage", &[&a_id]),
+        DENIED,
+        THEIRS,
+    );
+    t.case(
+        &bus,
+        "bob deletes alice's kernel",
+        || call(Some(bob), "org.banger.Kernels1.DeleteKernel", &["a-k"]),
+        DENIED,
+        THEIRS,
+    );
+    t.case(
+        &bus,
+        "bob boots alice's image",
+        || {
+            call(
+                Some(bob),
+                "org.banger.VMs1.CreateVM",
+                &["b-vm", "{'image': <'a-img'>, 'start': <false>}"],
+            )
+        },
+        DENIED,
+        THEIRS,
+    );
+    t.case(
+        &bus,
+        "bob boots alice's kernel",
+        || {
+            call(
+                Some(bob),
+                "org.banger.VMs1.CreateVM",
+                &[
+                    "b-vm",
+                    "{'image': <'b-img'>, 'kernel': <'a-k'>, 'start': <false>}",
+                ],
+            )
+        },
+        DENIED,
+        THEIRS,
+    );
+    let naming = format!("{{'rootfs': <'{}'>, 'kernel': <'a-k'>}}", b_img.display());
+    t.case(
+        &bus,
+        "bob's image names alice's kernel",
+        || call(Some(bob), REGISTER, &["b-img2", &naming]),
+        DENIED,
+        THEIRS,
+    );
+    t.case(
+        &bus,
+        "bob takes the default image's name",
+        || call(Some(bob), REGISTER, &["debian-bookworm", &b_opts]),
+        TAKEN,
+        "system's image name",
+    );
+    t.case(
+        &bus,
+        "bob builds his own recipe under the default image's name",
+        || {
+            call(
+                Some(bob),
+                "org.banger.Images1.BuildImage",
+                &["debian-bookworm", "{'packages': <['netcat-openbsd']>}"],
+            )
+        },
+        TAKEN,
+        "system's image name",
+    );
+    t.case(
+        &bus,
+        "bob takes the catalog kernel's name",
+        || {
+            call(
+                Some(bob),
+                IMPORT,
+                &["debian", &register_opts(&[("kernel_path", &b_kernel)])],
+            )
+        },
+        TAKEN,
+        "system's kernel name",
+    );
+    t.case(
+        &bus,
+        "bob takes alice's image name for his own",
+        || {
+            call(
+                Some(bob),
+                "org.banger.Images1.PullImage",
+                &["127.0.0.1:1/x:y", "{'name': <'a-img'>}"],
+            )
+        },
+        TAKEN,
+        "exists (user banger-it-ok",
+    );
+    // The same refusals over Varlink.
+    for (method, params) in [
+        (
+            "io.banger.Images.Delete",
+            serde_json::json!({ "name": "a-img" }),
+        ),
+        (
+            "io.banger.Kernels.Delete",
+            serde_json::json!({ "name": "a-k" }),
+        ),
+    ] {
+        let before = listing(&bus);
+        let r = py_call(&bus, Some(bob), method, params, false);
+        t.tried += 1;
+        let e = r[0]["error"].as_str().unwrap_or_default();
+        assert!(e.ends_with(".PermissionDenied"), "{method}: {r:?}");
+        t.refused += 1;
+        let l = leaks(&bus, &before);
+        assert!(l.is_empty(), "{method}: {l:?}");
+    }
+    // Alice's image is still hers, with her files.
+    assert_eq!(marker_of(&a_rootfs), "alice", "alice's rootfs was changed");
+    let owner = bus.busctl_as(
+        Some(bob),
+        &[
+            "get-property",
+            "org.banger",
+            &a_path,
+            "org.banger.Image1",
+            "Owner",
+        ],
+    );
+    assert_eq!(text(&owner).trim(), format!("u {ua}"), "{}", text(&owner));
+    let listed = text(&bus.banger_as(Some(bob), &["image", "list"]));
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with("a-img") && l.contains(alice)),
+        "image list shows no owner: {listed}"
+    );
+    let kernels = text(&bus.banger_as(Some(bob), &["kernel", "list"]));
+    assert!(
+        kernels
+            .lines()
+            .any(|l| l.starts_with("a-k") && l.contains(alice)),
+        "kernel list shows no owner: {kernels}"
+    );
+    // Each deletes their own; an administrator deletes anyone's.
+    ok(
+        call(Some(bob), "org.banger.Images1.DeleteImage", &["b-img"]),
+        "bob deletes his own image",
+    );
+    ok(
+        call(None, "org.banger.Images1.DeleteImage", &["a-img"]),
+        "root deletes alice's image",
+    );
+    ok(
+        call(None, "org.banger.Kernels1.DeleteKernel", &["a-k"]),
+        "root deletes alice's kernel",
+    );
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "security (members): {} cases tried, {} refused, {} leaked",
+        t.tried,
+        t.refused,
+        t.leaked
+    );
+    assert_eq!(t.tried, t.refused);
+    assert_eq!(t.leaked, 0);
+}

@@ -84,6 +84,7 @@ fn seed(bus: &TestBus) {
         created_at: now_us(),
         ready_ports: vec![8080],
         config: Default::default(),
+        owner_uid: 0,
     };
     let kernel = Kernel {
         name: "debian-6.1".into(),
@@ -93,6 +94,7 @@ fn seed(bus: &TestBus) {
         initrd_path: None,
         modules_dir: None,
         created_at: now_us(),
+        owner_uid: 0,
     };
     let vms = [
         vm_row("roots-vm", &image, 0, 3, "debian-6.1"),

@@ -147,12 +147,15 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
     match cmd {
         ImageCommand::List => {
             let rows = p.list_images().await.map_err(explain)?;
+            let owners = super::owners(conn).await?;
             let rows = rows
                 .into_iter()
                 .map(|(id, name, managed, source, path)| {
+                    let owner = owners.get(path.as_str()).copied().unwrap_or_default();
                     vec![
                         json!(name),
                         json!(id),
+                        json!(super::owner_name(owner)),
                         json!(managed),
                         json!(source),
                         json!(path.as_str()),
@@ -160,8 +163,8 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
                 })
                 .collect();
             out.table(
-                &["NAME", "ID", "MANAGED", "SOURCE", "OBJECT"],
-                &["name", "id", "managed", "source", "path"],
+                &["NAME", "ID", "OWNER", "MANAGED", "SOURCE", "OBJECT"],
+                &["name", "id", "owner", "managed", "source", "path"],
                 rows,
             );
         }

@@ -52,13 +52,23 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: KernelCommand) -> a
     match cmd {
         KernelCommand::List { available: false } => {
             let rows = p.list_kernels().await.map_err(explain)?;
+            let owners = super::owners(conn).await?;
             let rows = rows
                 .into_iter()
-                .map(|(n, v, s, path)| vec![json!(n), json!(v), json!(s), json!(path.as_str())])
+                .map(|(n, v, s, path)| {
+                    let owner = owners.get(path.as_str()).copied().unwrap_or_default();
+                    vec![
+                        json!(n),
+                        json!(v),
+                        json!(super::owner_name(owner)),
+                        json!(s),
+                        json!(path.as_str()),
+                    ]
+                })
                 .collect();
             out.table(
-                &["NAME", "VERSION", "SOURCE", "OBJECT"],
-                &["name", "version", "source", "path"],
+                &["NAME", "VERSION", "OWNER", "SOURCE", "OBJECT"],
+                &["name", "version", "owner", "source", "path"],
                 rows,
             );
         }

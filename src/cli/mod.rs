@@ -65,6 +65,45 @@ pub enum Command {
     },
 }
 
+/// An object's owner as lists show it: `system` for the system's objects (uid 0), else the
+/// user's name (or uid, when the password database has none).
+pub(crate) fn owner_name(uid: u64) -> String {
+    if uid == 0 {
+        return "system".into();
+    }
+    match u32::try_from(uid).ok().and_then(crate::host::user_of) {
+        Some((name, _)) => name,
+        None => uid.to_string(),
+    }
+}
+
+/// Each object's `Owner` property by object path, from the service's ObjectManager in one
+/// call (list methods keep their shipped signatures, which have no owner).
+pub(crate) async fn owners(
+    conn: &zbus::Connection,
+) -> anyhow::Result<std::collections::HashMap<String, u64>> {
+    let om = zbus::fdo::ObjectManagerProxy::builder(conn)
+        .destination("org.banger")
+        .path("/org/banger")
+        .build()
+        .await?;
+    let objects = om
+        .get_managed_objects()
+        .await
+        .map_err(|e| explain(e.into()))?;
+    let mut owners = std::collections::HashMap::new();
+    for (path, ifaces) in objects {
+        for props in ifaces.values() {
+            if let Some(v) = props.get("Owner") {
+                if let Ok(uid) = u32::try_from(&**v) {
+                    owners.insert(path.to_string(), uid as u64);
+                }
+            }
+        }
+    }
+    Ok(owners)
+}
+
 /// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` overrides).
 pub async fn connect() -> anyhow::Result<zbus::Connection> {
     zbus::Connection::system().await.map_err(|e| {

@@ -225,6 +225,15 @@ fn rows(list: &Value, keys: &[&str]) -> Vec<Vec<Value>> {
         .unwrap_or_default()
 }
 
+/// The rows with column `at` (a uid) shown as its owner's name, as over D-Bus.
+fn owned(mut rows: Vec<Vec<Value>>, at: usize) -> Vec<Vec<Value>> {
+    for r in &mut rows {
+        let uid = r[at].as_u64().unwrap_or_default();
+        r[at] = json!(super::owner_name(uid));
+    }
+    rows
+}
+
 /// Runs one command line over the socket at `socket`.
 pub async fn run(out: &Output, socket: &Path, command: Command) -> anyhow::Result<()> {
     let mut c = Client::connect(socket).await?;
@@ -264,9 +273,12 @@ async fn image(out: &Output, c: &mut Client, cmd: ImageCommand) -> anyhow::Resul
         ImageCommand::List => {
             let v = c.call(&format!("{I}.List"), json!({})).await?;
             out.table(
-                &["NAME", "ID", "MANAGED", "SOURCE"],
-                &["name", "id", "managed", "source"],
-                rows(&v["images"], &["name", "id", "managed", "source"]),
+                &["NAME", "ID", "OWNER", "MANAGED", "SOURCE"],
+                &["name", "id", "owner", "managed", "source"],
+                owned(
+                    rows(&v["images"], &["name", "id", "owner", "managed", "source"]),
+                    2,
+                ),
             );
         }
         ImageCommand::Show { name } => {
@@ -382,9 +394,12 @@ async fn kernel(out: &Output, c: &mut Client, cmd: KernelCommand) -> anyhow::Res
         KernelCommand::List { available: false } => {
             let v = c.call(&format!("{K}.List"), json!({})).await?;
             out.table(
-                &["NAME", "VERSION", "SOURCE"],
-                &["name", "version", "source"],
-                rows(&v["kernels"], &["name", "version", "source"]),
+                &["NAME", "VERSION", "OWNER", "SOURCE"],
+                &["name", "version", "owner", "source"],
+                owned(
+                    rows(&v["kernels"], &["name", "version", "owner", "source"]),
+                    2,
+                ),
             );
         }
         KernelCommand::List { available: true } => {

@@ -98,4 +98,11 @@ impl Image1 {
     fn created_at(&self) -> u64 {
         self.image.created_at
     }
+    /// The uid that owns it; 0 for the system's (the catalog, the default image, root's).
+    /// Only its owner or an administrator replaces or deletes it, and only its owner (and
+    /// everyone, for the system's) boots it.
+    #[zbus(property(emits_changed_signal = "const"), name = "Owner")]
+    fn owner(&self) -> u32 {
+        self.image.owner_uid
+    }
 }

@@ -43,4 +43,10 @@ impl Kernel1 {
     fn source(&self) -> String {
         self.kernel.source.clone()
     }
+    /// The uid that owns it; 0 for the system's (the catalog's, root's). Only its owner or an
+    /// administrator deletes it, and only its owner (and everyone, for the system's) boots it.
+    #[zbus(property(emits_changed_signal = "const"), name = "Owner")]
+    fn owner(&self) -> u32 {
+        self.kernel.owner_uid
+    }
 }

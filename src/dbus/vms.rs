@@ -83,6 +83,7 @@ impl Vms1 {
             shares: o.shares("shares")?.unwrap_or_default(),
             cold: o.bool("cold")?.unwrap_or(false),
             snapshot,
+            foreign_ok: false,
         };
         o.finish()?;
         let c = self.ctx.caller(conn, &hdr).await?;

@@ -12,7 +12,7 @@ use super::publish::Staging;
 use super::{BuildOptions, Images};
 use crate::auth::Action;
 use crate::jobs::{Job, JobSpec};
-use crate::model::{new_id, validate_name, NameKind};
+use crate::model::{new_id, validate_name, NameKind, SYSTEM_UID};
 use crate::{host, Result};
 
 /// What every built image has.
@@ -142,13 +142,18 @@ impl Images {
         if let Some(bad) = opts.packages.iter().find(|p| !word_ok(p)) {
             return Err(invalid(format!("Invalid package name {bad:?}")));
         }
-        if self.name_taken(name).await? {
-            return Err(ImageError::NameTaken {
-                name: name.to_owned(),
-                next: "delete it first or pick another name",
-            }
+        // The default image's name is the system's: built by anyone with its own recipe,
+        // it is the system's image; a member's own recipe goes under a name of their own.
+        let owner = if self.reserved(name) { SYSTEM_UID } else { uid };
+        if owner == SYSTEM_UID && uid != SYSTEM_UID && !opts.is_default_recipe() {
+            return Err(ImageError::Reserved(format!(
+                "{name:?} is the system's image name; it is built only with the default recipe \
+                 (no suite, packages, kernel or ready ports): build yours under another name"
+            ))
             .into());
         }
+        self.check_name_free(name, owner, "delete it first or pick another name")
+            .await?;
         let spec = JobSpec {
             kind: "build-image".into(),
             target: name.into(),
@@ -190,6 +195,7 @@ impl Images {
                 size: opts.size,
                 ready_ports: opts.ready_ports,
                 config: Default::default(),
+                owner_uid: owner,
             };
             this.finish_tree(&ctx, staging, tree, scratch, t)
                 .await

@@ -9,10 +9,12 @@ pub enum ImageError {
     #[error("No image {0:?}; `banger image list` shows the images")]
     NotFound(String),
     /// The name is taken; `next` says what to do.
-    #[error("An image named {name:?} exists; {next}")]
+    #[error("An image named {name:?} exists ({}'s); {next}", crate::model::owner_label(*owner))]
     NameTaken {
         /// The name asked for.
         name: String,
+        /// Whose image has it.
+        owner: u32,
         /// What to do instead.
         next: &'static str,
     },
@@ -22,6 +24,13 @@ pub enum ImageError {
     /// Not there and not to be pulled now; the message says why and what to do.
     #[error("{0}")]
     Unavailable(String),
+    /// The name is the system's (the default image, a catalog entry) and the caller may not
+    /// make an image of their own under it.
+    #[error("{0}")]
+    Reserved(String),
+    /// The image is another user's: the caller may not use, replace or delete it.
+    #[error("{0}")]
+    Foreign(String),
     /// The image was deleted or changed while the operation ran.
     #[error("{0}")]
     Gone(String),
@@ -60,7 +69,10 @@ impl Kind for ImageError {
             | ImageError::Unavailable(_)
             | ImageError::Gone(_)
             | ImageError::NoMirror => ErrorKind::NotFound,
-            ImageError::NameTaken { .. } | ImageError::Conflict(_) => ErrorKind::AlreadyExists,
+            ImageError::NameTaken { .. } | ImageError::Conflict(_) | ImageError::Reserved(_) => {
+                ErrorKind::AlreadyExists
+            }
+            ImageError::Foreign(_) => ErrorKind::PermissionDenied,
             ImageError::InUse { .. } => ErrorKind::InUse,
             ImageError::Invalid(_) => ErrorKind::InvalidArgument,
         }

@@ -22,6 +22,8 @@ pub(super) struct TreeImage {
     pub size: Option<u64>,
     pub ready_ports: Vec<u16>,
     pub config: crate::model::ImageConfig,
+    /// Who owns the image (see [`Image::owner_uid`]).
+    pub owner_uid: u32,
 }
 
 pub(super) async fn blocking<T: Send + 'static>(
@@ -200,6 +202,7 @@ impl Images {
             created_at: now_us(),
             ready_ports: t.ready_ports,
             config: t.config,
+            owner_uid: t.owner_uid,
         };
         self.publish(staging, image).await
     }

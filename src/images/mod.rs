@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::events::{Events, ObjectEvent};
 use crate::jobs::Jobs;
 use crate::layout::Layout;
-use crate::model::{validate_name, Image, NameKind};
+use crate::model::{owner_label, usable_by, validate_name, Image, NameKind, SYSTEM_UID};
 use crate::store::{rows, Store};
 use crate::{Error, Result};
 use error::invalid;
@@ -75,6 +75,17 @@ pub struct BuildOptions {
     pub ready_ports: Vec<u16>,
 }
 
+impl BuildOptions {
+    /// Whether these are the default image's own recipe (a size aside): the only build a
+    /// member may make under the system's image name.
+    pub fn is_default_recipe(&self) -> bool {
+        self.suite.as_deref().is_none_or(|s| s == "bookworm")
+            && self.packages.is_empty()
+            && self.kernel.is_none()
+            && self.ready_ports.is_empty()
+    }
+}
+
 impl RegisterOptions {
     /// Checks the options that do not need the filesystem.
     pub fn validate(&self) -> Result<()> {
@@ -117,6 +128,9 @@ impl RegisterOptions {
     }
 }
 
+/// Pulls started for VMs, by user and reference.
+type SharedPulls = std::collections::HashMap<(u32, String), Arc<crate::jobs::Job>>;
+
 /// The image service; cheap to clone.
 #[derive(Clone)]
 pub struct Images {
@@ -129,7 +143,7 @@ pub struct Images {
     /// they hold, never over downloads or builds.
     shelf: crate::shelf::Shelf,
     /// Pulls started for VMs by reference, so creates from one missing image share one.
-    shared_pulls: Arc<tokio::sync::Mutex<std::collections::HashMap<String, Arc<crate::jobs::Job>>>>,
+    shared_pulls: Arc<tokio::sync::Mutex<SharedPulls>>,
 }
 
 impl Images {
@@ -152,9 +166,9 @@ impl Images {
         self.config.image_entry(name).is_some() || crate::oci::reference::parse(name).is_ok()
     }
 
-    /// The image a pull of `reference` made: the catalog entry's name, or the newest image
-    /// whose source is that reference.
-    pub async fn pulled(&self, reference: &str) -> Result<Option<Image>> {
+    /// The image a pull of `reference` made that `uid` may boot (theirs or the system's):
+    /// the catalog entry's name, or the newest image whose source is that reference.
+    pub async fn pulled(&self, uid: u32, reference: &str) -> Result<Option<Image>> {
         if let Some(entry) = self.config.image_entry(reference) {
             let name = entry.name.clone();
             return self.store.call(move |c| rows::find_image(c, &name)).await;
@@ -167,19 +181,21 @@ impl Images {
             .list()
             .await?
             .into_iter()
-            .filter(|i| i.source == whole)
+            .filter(|i| i.source == whole && usable_by(i.owner_uid, uid))
             .max_by_key(|i| i.created_at))
     }
 
-    /// Pulls `reference` for a VM, or joins the pull of it another create started.
+    /// Pulls `reference` for a VM of `uid`, or joins the pull of it another create of the
+    /// same user started (another user's pull makes an image that is theirs).
     pub async fn pull_shared(&self, uid: u32, reference: &str) -> Result<Arc<crate::jobs::Job>> {
         let mut pulls = self.shared_pulls.lock().await;
         pulls.retain(|_, j| j.status().state == crate::jobs::JobState::Running);
-        if let Some(j) = pulls.get(reference) {
+        let key = (uid, reference.to_owned());
+        if let Some(j) = pulls.get(&key) {
             return Ok(j.clone());
         }
         let job = self.pull(uid, reference, PullOptions::default()).await?;
-        pulls.insert(reference.to_owned(), job.clone());
+        pulls.insert(key, job.clone());
         Ok(job)
     }
 
@@ -260,15 +276,73 @@ impl Images {
         )))
     }
 
-    /// Whether an image named `name` exists.
-    async fn name_taken(&self, name: &str) -> Result<bool> {
+    /// Whether `name` is the system's: the default image's or a catalog entry's. Only the
+    /// system's image may carry it, so no member's image stands in for the one everyone's
+    /// `banger vm run` boots.
+    pub fn reserved(&self, name: &str) -> bool {
+        name == self.config.default_image
+            || name == build::DEFAULT_IMAGE
+            || self.config.image_entry(name).is_some()
+    }
+
+    /// Refuses `name` for a new image of `owner`: taken (by anyone: names are one namespace
+    /// for every user, so a name never resolves to another user's image), or the system's
+    /// and `owner` is not.
+    async fn check_name_free(&self, name: &str, owner: u32, next: &'static str) -> Result<()> {
         let n = name.to_owned();
-        self.store
-            .call(move |c| Ok(rows::find_image(c, &n)?.is_some()))
-            .await
+        let existing = self.store.call(move |c| rows::find_image(c, &n)).await?;
+        if let Some(i) = existing {
+            return Err(ImageError::NameTaken {
+                name: name.to_owned(),
+                owner: i.owner_uid,
+                next,
+            }
+            .into());
+        }
+        if owner != SYSTEM_UID && self.reserved(name) {
+            return Err(reserved_error(name));
+        }
+        Ok(())
+    }
+
+    /// The name a pull without `--name` gives an image of `owner`: the reference's, or,
+    /// when another user's image (or the system's name) has that, the same with the
+    /// owner's uid after it, so two users pulling one reference each get an image.
+    async fn derived_name(&self, base: &str, owner: u32) -> Result<String> {
+        let b = base.to_owned();
+        let existing = self.store.call(move |c| rows::find_image(c, &b)).await?;
+        let theirs = existing.is_some_and(|i| i.owner_uid != owner);
+        if theirs || (owner != SYSTEM_UID && self.reserved(base)) {
+            return Ok(format!("{base}-u{owner}"));
+        }
+        Ok(base.to_owned())
+    }
+
+    /// Refuses an image that `uid` may not boot: another user's (not theirs, not the
+    /// system's), unless an administrator's `manage-any` was granted (`any`).
+    pub fn check_usable(image: &Image, uid: u32, any: bool) -> Result<()> {
+        if any || usable_by(image.owner_uid, uid) {
+            return Ok(());
+        }
+        Err(ImageError::Foreign(format!(
+            "Image {:?} is {}'s; only its owner (or an administrator) may use it: pick an \
+             image of your own or the system's (`banger image list` shows each one's owner)",
+            image.name,
+            owner_label(image.owner_uid)
+        ))
+        .into())
     }
 
     fn not_found(&self, key: &str) -> Error {
         ImageError::NotFound(key.to_owned()).into()
     }
+}
+
+/// The refusal of the system's image name to a member's own image.
+pub(crate) fn reserved_error(name: &str) -> Error {
+    ImageError::Reserved(format!(
+        "{name:?} is the system's image name (the default image or a catalog entry); only \
+         the system's image may have it: pick another name"
+    ))
+    .into()
 }

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 
 use oci_client::Reference;
 
-use super::error::{failed, invalid, ImageError};
+use super::error::{failed, invalid};
 use super::finish::{blocking, TreeImage};
 use super::publish::Staging;
 use super::{Images, PullOptions};
@@ -19,7 +19,7 @@ use crate::auth::Action;
 use crate::ext4::writer::Writer;
 use crate::guest;
 use crate::jobs::{Job, JobContext, JobSpec};
-use crate::model::{new_id, validate_name, Image, NameKind};
+use crate::model::{new_id, validate_name, Image, NameKind, SYSTEM_UID};
 use crate::oci::flatten::{FlattenError, Flattener, Limits};
 use crate::oci::reference;
 use crate::oci::registry::{layer_compression, Compression, Registry};
@@ -178,11 +178,16 @@ impl Images {
     /// `debian-bookworm` (built with debootstrap); anything else is an OCI reference.
     pub async fn pull(&self, uid: u32, reference: &str, mut opts: PullOptions) -> Result<Arc<Job>> {
         let mut reference = reference.to_owned();
+        let mut owner = uid;
         if let Some(entry) = self.config.image_entry(&reference).cloned() {
             // A caller's credentials go only to the registry the caller named; a catalog
             // entry's registry gets the operator's.
             opts.auth = None;
             if let Some(oci) = entry.oci.clone() {
+                // Under the catalog's own name it is the system's image, whoever pulls it.
+                if opts.name.as_deref().is_none_or(|n| n == entry.name) {
+                    owner = SYSTEM_UID;
+                }
                 opts.name.get_or_insert(entry.name.clone());
                 reference = oci;
             } else {
@@ -198,18 +203,20 @@ impl Images {
             return self.build(uid, &reference, b).await;
         }
         let r = reference::parse(&reference)?;
-        let name = opts
-            .name
-            .clone()
-            .unwrap_or_else(|| reference::default_name(&r));
-        validate_name(NameKind::Image, &name)?;
-        if self.name_taken(&name).await? {
-            return Err(ImageError::NameTaken {
-                name,
-                next: "pass another name (--name) or delete it first",
+        let name = match opts.name.clone() {
+            Some(n) => n,
+            None => {
+                self.derived_name(&reference::default_name(&r), owner)
+                    .await?
             }
-            .into());
-        }
+        };
+        validate_name(NameKind::Image, &name)?;
+        self.check_name_free(
+            &name,
+            owner,
+            "pass another name (--name) or delete it first",
+        )
+        .await?;
         let spec = JobSpec {
             kind: "pull-image".into(),
             target: r.whole(),
@@ -218,7 +225,7 @@ impl Images {
         };
         let this = self.clone();
         Ok(self.jobs.spawn(spec, move |ctx| async move {
-            this.run_pull(ctx, r, name, opts).await.map(|_| ())
+            this.run_pull(ctx, r, name, owner, opts).await.map(|_| ())
         }))
     }
 
@@ -227,6 +234,7 @@ impl Images {
         ctx: JobContext,
         r: Reference,
         name: String,
+        owner_uid: u32,
         opts: PullOptions,
     ) -> Result<Image> {
         let id = new_id();
@@ -292,6 +300,7 @@ impl Images {
             size: opts.size,
             ready_ports,
             config: image_config,
+            owner_uid,
         };
 
         // First straight into an ext4 image sized for `expected`: the filesystem is built
@@ -448,13 +457,14 @@ impl Images {
     ) -> Result<Arc<Job>> {
         let name = opts.name.clone().unwrap_or_else(|| entry.name.clone());
         validate_name(NameKind::Image, &name)?;
-        if self.name_taken(&name).await? {
-            return Err(ImageError::NameTaken {
-                name,
-                next: "pass another name (--name) or delete it first",
-            }
-            .into());
-        }
+        // Under the catalog's own name it is the system's image, whoever pulls it.
+        let owner = if name == entry.name { SYSTEM_UID } else { uid };
+        self.check_name_free(
+            &name,
+            owner,
+            "pass another name (--name) or delete it first",
+        )
+        .await?;
         let spec = JobSpec {
             kind: "pull-image".into(),
             target: format!("catalog:{}", entry.name),
@@ -519,6 +529,7 @@ impl Images {
                 created_at: crate::model::now_us(),
                 ready_ports: opts.ready_ports.clone().unwrap_or(manifest.ready_ports),
                 config: Default::default(),
+                owner_uid: owner,
             };
             this.publish(staging, image).await.map(|_| ())
         }))

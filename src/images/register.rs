@@ -14,7 +14,7 @@ use crate::callerfile::{self, CallerInput, Expect};
 use crate::events::ObjectEvent;
 use crate::jobs::{Job, JobSpec};
 use crate::layout::STAGING_PREFIX;
-use crate::model::{new_id, now_us, Image};
+use crate::model::{new_id, now_us, owner_label, Image, SYSTEM_UID};
 use crate::store::rows;
 use crate::Result;
 
@@ -47,8 +47,18 @@ fn take_image_file(uid: u32, input: CallerInput, what: &str, max: u64) -> Result
 
 impl Images {
     /// Registers (or re-registers) a caller's files as an unmanaged image for caller `uid`:
-    /// copies of them, made now, in `images/<id>/`.
-    pub async fn register(&self, uid: u32, name: &str, opts: RegisterOptions) -> Result<Image> {
+    /// copies of them, made now, in `images/<id>/`. Another user's image of that name is
+    /// replaced only with `any` (`manage-any` granted); it keeps its owner then.
+    pub async fn register(
+        &self,
+        uid: u32,
+        name: &str,
+        opts: RegisterOptions,
+        any: bool,
+    ) -> Result<Image> {
+        if uid != SYSTEM_UID && self.reserved(name) {
+            return Err(super::reserved_error(name));
+        }
         if opts.kernel_path.is_some() || opts.initrd_path.is_some() || opts.modules_dir.is_some() {
             return Err(invalid(
                 "kernel files are imported by Banger::register_image; Images::register takes a kernel name",
@@ -96,6 +106,16 @@ impl Images {
             })
             .await?;
         let id = match &existing {
+            // Checked again under the lock: the name may have changed hands since the call
+            // was authorised.
+            Some(old) if old.owner_uid != uid && !any => {
+                return Err(ImageError::Foreign(format!(
+                    "Image {name:?} is {}'s; only its owner (or an administrator) may replace \
+                     it: register yours under another name",
+                    owner_label(old.owner_uid)
+                ))
+                .into())
+            }
             Some(old) if old.managed => {
                 return Err(ImageError::Conflict(format!(
                 "{name:?} is a managed image; RegisterImage cannot change it (pick another name)"
@@ -138,6 +158,7 @@ impl Images {
                     created_at: now_us(),
                     config: Default::default(),
                     ready_ports: opts.ready_ports.unwrap_or_default(),
+                    owner_uid: uid,
                 },
             }
         };

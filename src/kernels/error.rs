@@ -23,6 +23,9 @@ pub enum KernelError {
     /// The name is taken; `next` says what to do.
     #[error("{0}")]
     NameTaken(String),
+    /// The kernel is another user's: the caller may not boot, name or delete it.
+    #[error("{0}")]
+    Foreign(String),
     /// Images or VMs boot it.
     #[error("Kernel {name:?} is used by {users} image(s) or VM(s); delete or re-point them first")]
     InUse {
@@ -60,6 +63,7 @@ impl Kind for KernelError {
             | KernelError::NotInApt(_)
             | KernelError::Unavailable(_) => ErrorKind::NotFound,
             KernelError::NameTaken(_) => ErrorKind::AlreadyExists,
+            KernelError::Foreign(_) => ErrorKind::PermissionDenied,
             KernelError::InUse { .. } => ErrorKind::InUse,
             KernelError::TooLarge(_) => ErrorKind::LimitExceeded,
             KernelError::Invalid(_) => ErrorKind::InvalidArgument,

@@ -120,12 +120,7 @@ impl Kernels {
     ) -> Result<Kernel> {
         validate_name(NameKind::Kernel, name)?;
         opts.validate()?;
-        if self.name_taken(name).await? {
-            return Err(KernelError::NameTaken(format!(
-                "A kernel named {name:?} exists; delete it first or pick another name"
-            ))
-            .into());
-        }
+        self.check_name_free(name, uid).await?;
         let staging_dir = self
             .layout
             .kernels_dir()
@@ -202,6 +197,7 @@ impl Kernels {
                 initrd_path: initrd,
                 modules_dir: modules,
                 created_at: now_us(),
+                owner_uid: uid,
             })
         });
         let kernel = kernel

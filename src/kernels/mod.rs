@@ -16,7 +16,7 @@ use std::sync::Arc;
 use crate::callerfile::CallerInput;
 use crate::events::{Events, ObjectEvent};
 use crate::layout::Layout;
-use crate::model::Kernel;
+use crate::model::{owner_label, usable_by, Kernel, SYSTEM_UID};
 use crate::store::{rows, Store};
 use crate::{Error, Result};
 use error::invalid;
@@ -123,13 +123,22 @@ impl Kernels {
     }
 
     /// Deletes a kernel no image or VM uses: the row under the shelf's lock, then the files
-    /// (`shelf`).
-    pub async fn delete(&self, name: &str) -> Result<()> {
+    /// (`shelf`). `owner` is whose kernel the caller was authorised to delete: a kernel of
+    /// that name made by someone else meanwhile stays.
+    pub async fn delete(&self, name: &str, owner: u32) -> Result<()> {
         let (n, missing) = (name.to_owned(), self.not_found(name));
         self.shelf
             .delete(move |c| {
-                if rows::find_kernel(c, &n)?.is_none() {
-                    return Ok(Err(missing));
+                match rows::find_kernel(c, &n)? {
+                    None => return Ok(Err(missing)),
+                    Some(k) if k.owner_uid != owner => {
+                        return Ok(Err(KernelError::NameTaken(format!(
+                            "Kernel {n:?} changed hands while the deletion was authorised; \
+                             nothing was deleted"
+                        ))
+                        .into()))
+                    }
+                    Some(_) => {}
                 }
                 let users = rows::users_of_kernel(c, &n)?;
                 if users > 0 {
@@ -151,6 +160,44 @@ impl Kernels {
         self.store
             .call(move |c| Ok(rows::find_kernel(c, &n)?.is_some()))
             .await
+    }
+
+    /// Refuses `name` for a new kernel of `owner`: installed already (names are one
+    /// namespace for every user), or the system's (a catalog entry, the default kernel) and
+    /// `owner` is not the system.
+    async fn check_name_free(&self, name: &str, owner: u32) -> Result<()> {
+        let n = name.to_owned();
+        if let Some(k) = self.store.call(move |c| rows::find_kernel(c, &n)).await? {
+            return Err(KernelError::NameTaken(format!(
+                "A kernel named {name:?} exists ({}'s); delete it first or pick another name",
+                owner_label(k.owner_uid)
+            ))
+            .into());
+        }
+        if owner != SYSTEM_UID && (self.in_catalog(name) || name == self.config.default_kernel) {
+            return Err(KernelError::NameTaken(format!(
+                "{name:?} is the system's kernel name (the catalog's or the default kernel); \
+                 `banger kernel pull {name}` installs the system's, or import yours under \
+                 another name"
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Refuses a kernel that `uid` may not boot or name: another user's (not theirs, not
+    /// the system's), unless an administrator's `manage-any` was granted (`any`).
+    pub fn check_usable(kernel: &Kernel, uid: u32, any: bool) -> Result<()> {
+        if any || usable_by(kernel.owner_uid, uid) {
+            return Ok(());
+        }
+        Err(KernelError::Foreign(format!(
+            "Kernel {:?} is {}'s; only its owner (or an administrator) may use it: pick a \
+             kernel of your own or the system's (`banger kernel list` shows each one's owner)",
+            kernel.name,
+            owner_label(kernel.owner_uid)
+        ))
+        .into())
     }
 
     fn not_found(&self, name: &str) -> Error {

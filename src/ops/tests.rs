@@ -54,6 +54,34 @@ async fn snapshot_of(b: &Banger, vm: &Vm, name: &str) {
         .unwrap();
 }
 
+/// An image and a kernel of `uid`'s, copies of the system's `img` and `k` rows.
+async fn image_and_kernel_of(b: &Banger, uid: u32, name: &str) {
+    let (n, k) = (name.to_owned(), format!("{name}-k"));
+    b.store
+        .call_blocking(move |c| {
+            let img = crate::store::rows::find_image(c, "img")?.expect("img");
+            let kernel = crate::store::rows::find_kernel(c, "k")?.expect("k");
+            crate::store::rows::insert_image(
+                c,
+                &Image {
+                    id: crate::model::new_id(),
+                    name: n,
+                    owner_uid: uid,
+                    ..img
+                },
+            )?;
+            crate::store::rows::insert_kernel(
+                c,
+                &Kernel {
+                    name: k,
+                    owner_uid: uid,
+                    ..kernel
+                },
+            )
+        })
+        .unwrap();
+}
+
 fn job_of(b: &Banger, uid: u32, action: Action) -> u32 {
     let spec = JobSpec {
         kind: "test".into(),
@@ -79,6 +107,8 @@ async fn each_operation_names_the_action_for_own_and_foreign_objects() {
     let theirs = vm_of(&b, OTHER, "theirs").await;
     snapshot_of(&b, &mine, "my-snap").await;
     snapshot_of(&b, &theirs, "their-snap").await;
+    image_and_kernel_of(&b, ME, "my-img").await;
+    image_and_kernel_of(&b, OTHER, "their-img").await;
     let my_job = job_of(&b, ME, Action::VmsManage);
     let their_job = job_of(&b, OTHER, Action::VmsManage);
     let image_job = job_of(&b, OTHER, Action::ImagesManage);
@@ -137,8 +167,54 @@ async fn each_operation_names_the_action_for_own_and_foreign_objects() {
         build_image(&b, &me, "built", BuildOptions::default()),
         [ImagesManage]
     );
-    needs!(promote_image(&b, &me, "img"), [ImagesManage]);
-    needs!(delete_image(&b, &me, "img"), [ImagesManage]);
+    // Images and kernels: one's own, the system's (`img`, `k`: used by all, changed only by
+    // administrators) and another user's.
+    for (image, change, using) in [
+        ("my-img", vec![ImagesManage], vec![VmsManage]),
+        ("img", vec![ImagesManage, VmsManageAny], vec![VmsManage]),
+        (
+            "their-img",
+            vec![ImagesManage, VmsManageAny],
+            vec![VmsManage, VmsManageAny],
+        ),
+    ] {
+        needs!(promote_image(&b, &me, image), change);
+        needs!(delete_image(&b, &me, image), change);
+        let o = CreateOptions {
+            image: Some(image.into()),
+            ..CreateOptions::default()
+        };
+        needs!(create_vm(&b, &me, "new", o), using);
+        needs!(warm_image(&b, &me, image, WarmOptions::default()), using);
+    }
+    for (kernel, change, using) in [
+        ("my-img-k", vec![KernelsManage], vec![VmsManage]),
+        ("k", vec![KernelsManage, VmsManageAny], vec![VmsManage]),
+        (
+            "their-img-k",
+            vec![KernelsManage, VmsManageAny],
+            vec![VmsManage, VmsManageAny],
+        ),
+    ] {
+        needs!(delete_kernel(&b, &me, kernel), change);
+        let o = CreateOptions {
+            kernel: Some(kernel.into()),
+            ..CreateOptions::default()
+        };
+        needs!(create_vm(&b, &me, "new", o), using);
+    }
+    needs!(
+        register_image(
+            &b,
+            &me,
+            "img",
+            RegisterOptions {
+                rootfs: Some(crate::callerfile::CallerInput::Path("/r.ext4".into())),
+                ..RegisterOptions::default()
+            }
+        ),
+        [ImagesManage, VmsManageAny]
+    );
     let files = |kernel: bool| RegisterOptions {
         rootfs: Some(crate::callerfile::CallerInput::Path(PathBuf::from(
             "/r.ext4",
@@ -163,11 +239,6 @@ async fn each_operation_names_the_action_for_own_and_foreign_objects() {
             }
         ),
         [KernelsManage]
-    );
-    needs!(delete_kernel(&b, &me, "k"), [KernelsManage]);
-    needs!(
-        warm_image(&b, &me, "img", WarmOptions::default()),
-        [VmsManage]
     );
     println!("operations: {checked} (operation, object) pairs name the expected actions");
     for j in [my_job, their_job, image_job] {

@@ -126,6 +126,11 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE snapshots ADD COLUMN vmm TEXT NOT NULL DEFAULT 'qemu';
     "#,
+    // 12: images and kernels have owners; those made before owners existed are the system's.
+    r#"
+    ALTER TABLE images ADD COLUMN owner_uid INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE kernels ADD COLUMN owner_uid INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -17,7 +17,7 @@ fn path_str(p: &Option<PathBuf>) -> Option<String> {
 }
 
 const IMAGE_COLS: &str = "id, name, managed, source, rootfs_path, work_seed_path, kernel, \
-     size_bytes, created_at, ready_ports, config";
+     size_bytes, created_at, ready_ports, config, owner_uid";
 
 fn ports_str(p: &[u16]) -> String {
     p.iter()
@@ -43,6 +43,7 @@ fn image_row(r: &Row<'_>) -> rusqlite::Result<Image> {
         created_at: r.get::<_, i64>(8)? as u64,
         ready_ports: ports_of(&r.get::<_, String>(9)?),
         config: crate::model::ImageConfig::from_json(&r.get::<_, String>(10)?),
+        owner_uid: r.get(11)?,
     })
 }
 
@@ -72,7 +73,7 @@ pub fn upsert_image(c: &Connection, i: &Image) -> Result<bool, StoreError> {
     })? > 0;
     c.execute(
         &format!(
-            "INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+            "INSERT INTO images ({IMAGE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12) \
              ON CONFLICT(id) DO UPDATE SET name = excluded.name, managed = excluded.managed, \
              source = excluded.source, rootfs_path = excluded.rootfs_path, \
              work_seed_path = excluded.work_seed_path, kernel = excluded.kernel, \
@@ -90,7 +91,8 @@ pub fn upsert_image(c: &Connection, i: &Image) -> Result<bool, StoreError> {
             i.size_bytes as i64,
             i.created_at as i64,
             ports_str(&i.ready_ports),
-            i.config.to_json()
+            i.config.to_json(),
+            i.owner_uid
         ],
     )?;
     Ok(existed)
@@ -103,7 +105,7 @@ pub fn delete_image(c: &Connection, id: &str) -> Result<(), StoreError> {
 }
 
 const KERNEL_COLS: &str =
-    "name, version, source, kernel_path, initrd_path, modules_dir, created_at";
+    "name, version, source, kernel_path, initrd_path, modules_dir, created_at, owner_uid";
 
 fn kernel_row(r: &Row<'_>) -> rusqlite::Result<Kernel> {
     Ok(Kernel {
@@ -114,6 +116,7 @@ fn kernel_row(r: &Row<'_>) -> rusqlite::Result<Kernel> {
         initrd_path: opt_path(r.get(4)?),
         modules_dir: opt_path(r.get(5)?),
         created_at: r.get::<_, i64>(6)? as u64,
+        owner_uid: r.get(7)?,
     })
 }
 
@@ -133,7 +136,7 @@ pub fn find_kernel(c: &Connection, name: &str) -> Result<Option<Kernel>, StoreEr
 /// Inserts a new kernel row.
 pub fn insert_kernel(c: &Connection, k: &Kernel) -> Result<(), StoreError> {
     c.execute(
-        &format!("INSERT INTO kernels ({KERNEL_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+        &format!("INSERT INTO kernels ({KERNEL_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
         params![
             k.name,
             k.version,
@@ -141,7 +144,8 @@ pub fn insert_kernel(c: &Connection, k: &Kernel) -> Result<(), StoreError> {
             k.kernel_path.to_string_lossy(),
             path_str(&k.initrd_path),
             path_str(&k.modules_dir),
-            k.created_at as i64
+            k.created_at as i64,
+            k.owner_uid
         ],
     )?;
     Ok(())
@@ -612,6 +616,7 @@ mod tests {
             created_at: now_us(),
             ready_ports: Vec::new(),
             config: Default::default(),
+            owner_uid: 1000,
         }
     }
 
@@ -640,13 +645,15 @@ mod tests {
             size_bytes: 7,
             created_at: 1,
             managed: false,
+            owner_uid: 1001,
             ..img.clone()
         };
         assert!(s.call_blocking(|c| upsert_image(c, &changed)).unwrap());
         let got = s.call_blocking(|c| find_image(c, "a")).unwrap().unwrap();
+        // A replacement never changes who owns the image.
         assert_eq!(
-            (got.size_bytes, got.managed, got.created_at),
-            (7, false, img.created_at)
+            (got.size_bytes, got.managed, got.created_at, got.owner_uid),
+            (7, false, img.created_at, 1000)
         );
     }
 

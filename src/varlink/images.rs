@@ -34,7 +34,9 @@ type Image (
   workingDir: string,
   user: string,
   entrypoint: []string,
-  cmd: []string
+  cmd: []string,
+  # The uid that owns it; 0 for the system's (the catalog, the default image, root's).
+  owner: int
 )
 
 "#,
@@ -111,6 +113,7 @@ pub(super) fn view(i: &Image) -> Value {
         "user": i.config.user,
         "entrypoint": i.config.entrypoint,
         "cmd": i.config.cmd,
+        "owner": i.owner_uid,
     })
 }
 

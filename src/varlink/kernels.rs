@@ -22,7 +22,9 @@ type Kernel (
   name: string,
   version: string,
   source: string,
-  createdAt: int
+  createdAt: int,
+  # The uid that owns it; 0 for the system's (the catalog's, root's).
+  owner: int
 )
 
 # A kernel of the catalog.
@@ -66,6 +68,7 @@ fn view(k: &Kernel) -> Value {
         "version": k.version,
         "source": k.source,
         "createdAt": k.created_at,
+        "owner": k.owner_uid,
     })
 }
 

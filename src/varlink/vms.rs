@@ -281,6 +281,7 @@ pub(super) async fn call(
                     .collect(),
                 cold: p.opt("cold")?.unwrap_or(false),
                 snapshot,
+                foreign_ok: false,
             };
             p.finish()?;
             let events = b.jobs.subscribe();

@@ -136,6 +136,7 @@ fn banger_with_net(
         created_at: now_us(),
         ready_ports: Vec::new(),
         config: Default::default(),
+        owner_uid: 0,
     };
     let kernel = Kernel {
         name: "k".into(),
@@ -145,6 +146,7 @@ fn banger_with_net(
         initrd_path: None,
         modules_dir: None,
         created_at: now_us(),
+        owner_uid: 0,
     };
     store
         .call_blocking(move |c| {

@@ -198,6 +198,10 @@ impl Vms {
         )
         .await?;
         let image = self.resolve_image(&mut st, &mut vm, &image_name).await?;
+        // A restore boots its own snapshot's image, whoever owns that image now.
+        if restored.is_none() {
+            crate::images::Images::check_usable(&image, vm.owner_uid, o.foreign_ok)?;
+        }
         let kernel_name = restored
             .as_ref()
             .map(|s| s.kernel.clone())
@@ -205,6 +209,9 @@ impl Vms {
             .or_else(|| image.kernel.clone())
             .unwrap_or_else(|| self.config.default_kernel.clone());
         let kernel = self.resolve_kernel(&mut st, &mut vm, &kernel_name).await?;
+        if restored.is_none() {
+            crate::kernels::Kernels::check_usable(&kernel, vm.owner_uid, o.foreign_ok)?;
+        }
         if o.entrypoint {
             // As `docker run IMAGE ARGS`: the arguments replace the image's Cmd.
             let cmd = if o.command.is_empty() {
@@ -362,7 +369,7 @@ impl Vms {
         vm: &mut Vm,
         reference: &str,
     ) -> Result<Image> {
-        if let Some(i) = self.images.pulled(reference).await? {
+        if let Some(i) = self.images.pulled(vm.owner_uid, reference).await? {
             return Ok(i);
         }
         let job = self.images.pull_shared(vm.owner_uid, reference).await?;
@@ -373,7 +380,7 @@ impl Vms {
         )
         .await?;
         let pulled = job.wait().await;
-        match (self.images.pulled(reference).await?, pulled) {
+        match (self.images.pulled(vm.owner_uid, reference).await?, pulled) {
             (Some(i), _) => Ok(i),
             (None, Err(e)) => Err(e),
             (None, Ok(())) => Err(ImageError::Gone(format!(

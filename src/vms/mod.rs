@@ -68,6 +68,9 @@ pub struct CreateOptions {
     /// Restore this snapshot instead of booting; `vcpus` and `memory_mib` 0 then mean the
     /// snapshot's (any other value must be the snapshot's).
     pub snapshot: Option<String>,
+    /// May boot another user's image or kernel: set by the operations layer once polkit
+    /// granted `manage-any`, never by a front end.
+    pub foreign_ok: bool,
 }
 
 impl Default for CreateOptions {
@@ -89,6 +92,7 @@ impl Default for CreateOptions {
             shares: Vec::new(),
             cold: false,
             snapshot: None,
+            foreign_ok: false,
         }
     }
 }

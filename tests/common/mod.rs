@@ -22,6 +22,8 @@ pub const GROUP: &str = "banger";
 pub const USER_OK: &str = "banger-it-ok";
 /// A user in no special group.
 pub const USER_NO: &str = "banger-it-no";
+/// A second member of the group, for what members may not do to each other.
+pub const USER_OK2: &str = "banger-it-ok2";
 
 /// The repository's root.
 pub fn repo() -> PathBuf {
@@ -67,7 +69,7 @@ pub fn available(tools: &[&str]) -> bool {
     false
 }
 
-/// Creates the `banger` group and the two test users once per test process.
+/// Creates the `banger` group and the three test users once per test process.
 pub fn ensure_users() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -81,6 +83,7 @@ pub fn ensure_users() {
         };
         ok(Command::new("groupadd").args(["--system", GROUP]));
         ok(Command::new("useradd").args(["-M", "-N", "-G", GROUP, USER_OK]));
+        ok(Command::new("useradd").args(["-M", "-N", "-G", GROUP, USER_OK2]));
         ok(Command::new("useradd").args(["-M", "-N", USER_NO]));
     });
 }
@@ -870,6 +873,7 @@ pub fn image_row(state: &Path, name: &str, kernel: &str) -> banger::model::Image
         created_at: banger::model::now_us(),
         ready_ports: Vec::new(),
         config: Default::default(),
+        owner_uid: 0,
     }
 }
 
@@ -884,6 +888,7 @@ pub fn kernel_row(state: &Path, name: &str, initrd: bool) -> banger::model::Kern
         initrd_path: initrd.then(|| dir.join("initrd.img")),
         modules_dir: None,
         created_at: banger::model::now_us(),
+        owner_uid: 0,
     }
 }
 
