@@ -82,8 +82,12 @@ impl Vmm for SlowVmm {
         });
         Ok(())
     }
-    fn running(&self, run_dir: &Path) -> bool {
-        self.vsock_socket(run_dir).exists()
+    fn liveness(&self, run_dir: &Path) -> banger::vmm::process::Liveness {
+        if self.vsock_socket(run_dir).exists() {
+            banger::vmm::process::Liveness::Alive(0)
+        } else {
+            banger::vmm::process::Liveness::Gone
+        }
     }
     fn pids(&self, _: &Path) -> Vec<u32> {
         Vec::new()

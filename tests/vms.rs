@@ -15,6 +15,19 @@ use futures_util::StreamExt;
 
 /// The shared folders' servers (virtiofsd) of this bus's VMs: their `/proc/PID/status`. They
 /// carry their VM's runtime directory in their environment, not on their command line.
+/// Every path under `dir`, links not followed.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}
+
 fn share_servers(bus: &TestBus) -> Vec<String> {
     let marker = format!("BANGER_RUN_DIR={}", bus.runtime.display());
     let mut found = Vec::new();
@@ -315,6 +328,24 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
             uid_of(USER_OK)
         );
     }
+    // A guest's setuid or setgid bit never reaches the owner's folder: chmod is refused
+    // with EPERM, and so is a file created with such a mode; plain modes still work.
+    let out = sh("cp /bin/busybox /mnt/src/sh && chmod 755 /mnt/src/sh && \
+         { chmod 4755 /mnt/src/sh 2>&1; echo suid=$?; chmod g+s /mnt/src/sh 2>&1; echo sgid=$?; \
+           mkdir /mnt/src/d && chmod 2775 /mnt/src/d 2>&1; echo dir=$?; }");
+    let said = text(&out);
+    for refused in ["suid=1", "sgid=1", "dir=1"] {
+        assert!(said.contains(refused), "{refused}: {said}");
+    }
+    assert!(said.contains("Operation not permitted"), "{said}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for p in ["sh", "d"] {
+            let m = std::fs::metadata(src.join(p)).unwrap().permissions().mode();
+            assert_eq!(m & 0o7000, 0, "{p} in the share is {m:o}");
+        }
+        eprintln!("security (share): 3 setid modes tried, 3 refused, 0 leaked");
+    }
     let out = sh("cat /mnt/ro/keep && echo x > /mnt/ro/new");
     assert!(!out.status.success(), "{}", text(&out));
     assert!(
@@ -510,6 +541,69 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
             "{}",
             text(&out)
         );
+
+        // A hostile guest's files, copied out by root and by the member: no setuid or setgid
+        // file, device, FIFO or link out of the copy lands on the host.
+        let out = bus.banger_as(
+            Some(USER_OK),
+            &[
+                "vm",
+                "exec",
+                "t1",
+                "--",
+                "sh",
+                "-c",
+                "mkdir -p /root/evil/d && cp /bin/busybox /root/evil/sh && chmod 4755 /root/evil/sh \
+                 && cp /bin/busybox /root/evil/d/g && chmod 2755 /root/evil/d/g && chmod 3777 /root/evil/d \
+                 && mkfifo /root/evil/fifo && mknod /root/evil/null c 1 3 \
+                 && ln -s /etc/shadow /root/evil/shadow && ln -s ../../etc /root/evil/up \
+                 && ln -s d/g /root/evil/inside",
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let (mut tried, mut leaked) = (0, 0);
+        for (who, dest) in [
+            (None, d.join("root-evil")),
+            (Some(USER_OK), d.join("member-evil")),
+        ] {
+            let out = bus.banger_as(who, &["vm", "cp", "t1:/root/evil", dest.to_str().unwrap()]);
+            assert!(out.status.success(), "{who:?}: {}", text(&out));
+            assert!(text(&out).contains("skipped 4"), "{who:?}: {}", text(&out));
+            for e in walk(&dest) {
+                tried += 1;
+                let m = std::fs::symlink_metadata(&e).unwrap();
+                let ft = m.file_type();
+                use std::os::unix::fs::FileTypeExt;
+                let bad = m.permissions().mode() & 0o7000 != 0
+                    || ft.is_fifo()
+                    || ft.is_char_device()
+                    || ft.is_block_device()
+                    || (ft.is_symlink() && std::fs::read_link(&e).unwrap().is_absolute());
+                if bad {
+                    leaked += 1;
+                    eprintln!(
+                        "{who:?}: {} is {:o} {ft:?}",
+                        e.display(),
+                        m.permissions().mode()
+                    );
+                }
+            }
+            assert_eq!(
+                std::fs::read_link(dest.join("inside")).unwrap(),
+                std::path::Path::new("d/g")
+            );
+            // One setuid file alone, too.
+            let one = dest.with_extension("sh");
+            let out = bus.banger_as(
+                who,
+                &["vm", "cp", "t1:/root/evil/sh", one.to_str().unwrap()],
+            );
+            assert!(out.status.success(), "{who:?}: {}", text(&out));
+            let mode = std::fs::metadata(&one).unwrap().permissions().mode();
+            assert_eq!(mode & 0o7777, 0o755, "{who:?}");
+        }
+        eprintln!("security (vm cp out): {tried} entries landed, {leaked} leaked");
+        assert_eq!(leaked, 0);
     }
 
     // A published port reaches a guest service bound to the guest's own loopback, though

@@ -13,6 +13,7 @@ pub mod files;
 pub mod identity;
 pub mod link;
 pub mod server;
+pub mod untrusted;
 
 use serde::{Deserialize, Serialize};
 

@@ -179,14 +179,32 @@ pub fn copy_from(
     let r = reply(&mut s)?;
     let target = files::landing(dst, &files::base_name(Path::new(src)));
     let mut input = FrameReader::new(s, frame::STDOUT);
-    let unpacked = files::unpack(Counted::new(&mut input), &target, r.dir.unwrap_or(false));
+    // What the guest sends is an attacker's: masked modes, no devices, no links followed.
+    let unpacked =
+        crate::agent::untrusted::unpack(Counted::new(&mut input), &target, r.dir.unwrap_or(false));
     let code = input.finish();
     if !input.error.is_empty() {
         bail!("{}", input.error.trim());
     }
-    unpacked.with_context(|| format!("Cannot write {}", target.display()))?;
+    let skipped = unpacked.with_context(|| format!("Cannot write {}", target.display()))?;
     if code? != 0 {
         bail!("The copy failed in the guest");
+    }
+    if skipped.modes_masked > 0 {
+        eprintln!(
+            "banger: {} file(s) lost setuid, setgid or sticky bits, as cp without -p does",
+            skipped.modes_masked
+        );
+    }
+    if !skipped.entries.is_empty() {
+        eprintln!(
+            "banger: skipped {} entr(ies) that are not files, directories or links inside the \
+             copy:",
+            skipped.entries.len()
+        );
+        for e in skipped.entries.iter().take(20) {
+            eprintln!("  {e}");
+        }
     }
     Ok(())
 }

@@ -484,8 +484,8 @@ impl Vmm for Firecracker {
         }
     }
 
-    fn running(&self, run_dir: &Path) -> bool {
-        live_pid(&pidfile(run_dir), &marker(run_dir)).is_some()
+    fn liveness(&self, run_dir: &Path) -> super::process::Liveness {
+        super::process::liveness(&pidfile(run_dir), &marker(run_dir))
     }
 
     fn pids(&self, run_dir: &Path) -> Vec<u32> {

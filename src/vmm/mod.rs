@@ -9,6 +9,7 @@ pub mod console;
 mod error;
 pub mod firecracker;
 pub mod jail;
+pub mod nosetid;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
@@ -139,7 +140,13 @@ pub trait Vmm: Send + Sync {
     async fn boot(&self, spec: &BootSpec) -> Result<()>;
 
     /// Whether the VM's VMM process is alive.
-    fn running(&self, run_dir: &Path) -> bool;
+    fn running(&self, run_dir: &Path) -> bool {
+        matches!(self.liveness(run_dir), process::Liveness::Alive(_))
+    }
+
+    /// Whether the VM's VMM process is alive, gone, or not known now (see
+    /// [`process::Liveness`]): what the watchers act on.
+    fn liveness(&self, run_dir: &Path) -> process::Liveness;
 
     /// The VM's live processes, the VMM first (its leader).
     fn pids(&self, run_dir: &Path) -> Vec<u32>;

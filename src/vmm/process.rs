@@ -19,31 +19,101 @@ pub fn exists(pid: i32) -> bool {
         .is_some_and(|state| state != 'Z')
 }
 
-/// The pid in `pidfile` if that process is alive and its command line mentions `marker`.
-pub fn live_pid(pidfile: &Path, marker: &str) -> Option<i32> {
-    let pid = read_pid(pidfile)?;
-    if pid <= 1 {
-        return None;
+/// What a pid file says of its process: alive (and the VM's), gone, or not known now.
+#[derive(Debug)]
+pub enum Liveness {
+    /// The process runs and is the one the pid file was written for.
+    Alive(i32),
+    /// No pid file, no such process, a zombie, or a recycled pid (another program).
+    Gone,
+    /// The files that tell could not be read (descriptors or memory exhausted, a pid file
+    /// mid-write): nothing may be concluded, least of all that the VM stopped.
+    Unknown(std::io::Error),
+}
+
+impl Liveness {
+    /// The pid when alive.
+    pub fn pid(&self) -> Option<i32> {
+        match self {
+            Liveness::Alive(p) => Some(*p),
+            _ => None,
+        }
     }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+}
+
+/// Reads a file of a process's; `Gone` when it (or the process) does not exist, `Unknown`
+/// for any other failure.
+fn read_or(path: &str) -> Result<Vec<u8>, Liveness> {
+    std::fs::read(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT | libc::ESRCH) => Liveness::Gone,
+        _ => Liveness::Unknown(e),
+    })
+}
+
+/// Whether the process `pidfile` names is alive and its command line (or environment)
+/// mentions `marker`; every failure to find out is [`Liveness::Unknown`], never `Gone`.
+pub fn liveness(pidfile: &Path, marker: &str) -> Liveness {
+    match liveness_of(pidfile, marker) {
+        Ok(l) | Err(l) => l,
+    }
+}
+
+fn liveness_of(pidfile: &Path, marker: &str) -> Result<Liveness, Liveness> {
+    let text = match std::fs::read_to_string(pidfile) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Liveness::Gone),
+        Err(e) => return Ok(Liveness::Unknown(e)),
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        // Written by a shell that is about to exec: read again later.
+        return Ok(Liveness::Unknown(std::io::Error::other(format!(
+            "{} holds no pid yet",
+            pidfile.display()
+        ))));
+    };
+    if pid <= 1 {
+        return Ok(Liveness::Gone);
+    }
+    let cmdline = read_or(&format!("/proc/{pid}/cmdline"))?;
+    let stat = read_or(&format!("/proc/{pid}/stat"))?;
+    let stat = String::from_utf8_lossy(&stat);
     // A zombie is not running, whatever its command line says.
     let state = stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next());
     if state == Some('Z') {
-        return None;
+        return Ok(Liveness::Gone);
     }
-    let cmdline = String::from_utf8_lossy(&cmdline);
-    if cmdline.contains(marker) {
-        return Some(pid);
+    if String::from_utf8_lossy(&cmdline).contains(marker) {
+        return Ok(Liveness::Alive(pid));
     }
     // A program whose arguments cannot name its runtime directory carries it in its
     // environment (see `spawn`).
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let environ = read_or(&format!("/proc/{pid}/environ"))?;
     let want = format!("{RUN_DIR_ENV}={marker}");
-    environ
-        .split(|b| *b == 0)
-        .any(|e| e == want.as_bytes())
-        .then_some(pid)
+    Ok(
+        if environ.split(|b| *b == 0).any(|e| e == want.as_bytes()) {
+            Liveness::Alive(pid)
+        } else {
+            Liveness::Gone
+        },
+    )
+}
+
+/// The pid in `pidfile` if that process is alive and its command line mentions `marker`.
+pub fn live_pid(pidfile: &Path, marker: &str) -> Option<i32> {
+    liveness(pidfile, marker).pid()
+}
+
+/// A descriptor that becomes readable when process `pid` exits (`pidfd_open`): it cannot
+/// miss the exit, nor mistake a recycled pid, once open.
+pub fn pidfd(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// The environment variable every detached process gets: the directory of its pid file,

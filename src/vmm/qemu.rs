@@ -376,7 +376,14 @@ impl Qemu {
             if s.read_only {
                 args.push("--readonly".into());
             }
-            let argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+            // Under a filter that refuses setuid and setgid modes (see `nosetid`).
+            let mut wrapped: Vec<std::ffi::OsString> = vec![
+                super::nosetid::NO_SETID_ARG.into(),
+                "--".into(),
+                bin.clone().into(),
+            ];
+            wrapped.extend(args);
+            let argv: Vec<&std::ffi::OsStr> = wrapped.iter().map(|a| a.as_os_str()).collect();
             let sock = share_socket(run, &s.tag);
             // The run directory for its pid file (root writes it before the uid changes;
             // the owner cannot enter it), the folder when the guest may write it.
@@ -394,7 +401,7 @@ impl Qemu {
             super::process::spawn_as_owner(&Detached {
                 pidfile: &pidfile,
                 unit: &super::scope::helper_unit(&spec.id, &s.tag),
-                program: &bin,
+                program: &super::process::bangerd_program()?,
                 args: &argv,
                 log: &log,
                 limits: UnitLimits::helper(spec.memory_mib),
@@ -543,8 +550,8 @@ impl Vmm for Qemu {
         }
     }
 
-    fn running(&self, run_dir: &Path) -> bool {
-        live_pid(&qemu_pidfile(run_dir), &marker(run_dir)).is_some()
+    fn liveness(&self, run_dir: &Path) -> super::process::Liveness {
+        super::process::liveness(&qemu_pidfile(run_dir), &marker(run_dir))
     }
 
     fn pids(&self, run_dir: &Path) -> Vec<u32> {

@@ -44,8 +44,8 @@ impl Vmm for GateVmm {
         self.0.wait().await;
         Ok(())
     }
-    fn running(&self, _: &Path) -> bool {
-        false
+    fn liveness(&self, _: &Path) -> crate::vmm::process::Liveness {
+        crate::vmm::process::Liveness::Gone
     }
     fn pids(&self, _: &Path) -> Vec<u32> {
         Vec::new()

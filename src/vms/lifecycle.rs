@@ -11,6 +11,7 @@ use crate::events::ObjectEvent;
 use crate::jobs::{Job, JobSpec};
 use crate::model::{Vm, VmState};
 use crate::store::rows;
+use crate::vmm::process::Liveness;
 use crate::Result;
 
 impl Vms {
@@ -198,22 +199,29 @@ impl Vms {
     }
 
     /// Watches a running VM's VMM; when it exits on its own (the guest powered off or
-    /// crashed) the VM becomes `stopped` and its helpers are cleaned up.
+    /// crashed) the VM becomes `stopped` and its helpers are cleaned up. Only a VMM known to
+    /// be gone counts: while its pid file or `/proc` cannot be read (descriptors or memory
+    /// exhausted by someone's load) the VM, its files, walls and bridge stay as they are.
     pub(super) fn watch(&self, vm: Vm) {
         let this = self.clone();
         tokio::spawn(async move {
             let run = this.layout.vm_runtime_dir(&vm.id);
+            this.wait_for_exit(&vm, &run).await;
             loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                if this.vmm.running(&run) {
-                    continue;
-                }
                 let lock = this.lock_of(&vm.id);
-                let _held = lock.lock().await;
-                // Stopped and started again while this waited for the lock: that boot has a
-                // watcher of its own.
-                if this.vmm.running(&run) {
-                    return;
+                let held = lock.lock().await;
+                match this.vmm.liveness(&run) {
+                    // Stopped and started again while this waited for the lock: that boot
+                    // has a watcher of its own.
+                    Liveness::Alive(_) => return,
+                    Liveness::Unknown(e) => {
+                        tracing::warn!(vm_id = %vm.id, vm_name = %vm.name,
+                            "Cannot tell whether the VM's VMM still runs ({e}); leaving it as it is");
+                        drop(held);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    Liveness::Gone => {}
                 }
                 let Ok(mut now) = this.get(&vm.id).await else {
                     return;
@@ -233,6 +241,54 @@ impl Vms {
         });
     }
 
+    /// Returns once the VM's VMM is known to have exited: through a pidfd (which cannot miss
+    /// the exit once open), else by reading its pid file every half second, where a failure
+    /// to read is never taken for an exit.
+    async fn wait_for_exit(&self, vm: &Vm, run: &std::path::Path) {
+        let mut warned = false;
+        loop {
+            let pid = match self.vmm.liveness(run) {
+                Liveness::Gone => return,
+                Liveness::Alive(pid) => pid,
+                Liveness::Unknown(e) => {
+                    if !warned {
+                        tracing::warn!(vm_id = %vm.id, vm_name = %vm.name,
+                            "Cannot tell whether the VM's VMM still runs ({e}); asking again");
+                        warned = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            // pid 0: a VMM without a process of its own (the unit tests' stand-ins).
+            let fd = if pid > 0 {
+                crate::vmm::process::pidfd(pid)
+            } else {
+                Err(std::io::Error::from_raw_os_error(libc::ENOSYS))
+            };
+            // The pidfd is the VMM's only if the pid still names it after the open.
+            let fd = fd
+                .ok()
+                .filter(|_| self.vmm.liveness(run).pid() == Some(pid));
+            if let Some(fd) = fd {
+                // SAFETY: `fd` is an OwnedFd the AsyncFd owns for its whole life: it stays
+                // open and names the same pidfd until the AsyncFd drops it.
+                let registered = unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        fd,
+                        tokio::io::Interest::READABLE,
+                    )
+                };
+                if let Ok(fd) = registered {
+                    // Readable once the process exited.
+                    let _ = fd.readable().await;
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// At daemon start: VMs whose VMM still runs are watched again; the others are marked
     /// `stopped` (or `failed`, if they died while starting) and their helpers cleaned up.
     pub async fn adopt(&self) -> Result<()> {
@@ -245,7 +301,9 @@ impl Vms {
                 continue;
             }
             let run = self.layout.vm_runtime_dir(&vm.id);
-            let alive = self.vmm.running(&run);
+            // Not known is not gone: such a VM is watched, and its watcher waits until it
+            // can tell.
+            let alive = !matches!(self.vmm.liveness(&run), Liveness::Gone);
             match (vm.state, alive) {
                 (VmState::Running | VmState::Paused, true) => {
                     tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "Re-adopted a {} VM", vm.state);
@@ -347,7 +405,13 @@ impl Vms {
         let Ok(vms) = self.list().await else {
             return;
         };
-        let busy = vms.iter().any(|v| v.state.is_active());
+        // The VMMs themselves, not only the rows: a VMM that runs (or may) keeps its walls.
+        let busy = vms.iter().any(|v| v.state.is_active())
+            || std::fs::read_dir(self.layout.vms_runtime_dir())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| !matches!(self.vmm.liveness(&e.path()), Liveness::Gone));
         if !busy {
             if let Err(e) = self.net.teardown().await {
                 tracing::warn!("Cannot remove banger's host network: {}", e.full_message());
