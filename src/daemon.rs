@@ -168,6 +168,7 @@ pub async fn run(opts: DaemonOptions) -> Result<Exit> {
         crate::varlink::Ctx {
             banger: banger.clone(),
             authority,
+            gate: Default::default(),
         },
     )?;
     tracing::info!(version = crate::VERSION, state_dir = %opts.state_dir.display(), "bangerd ready");

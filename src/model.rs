@@ -297,6 +297,27 @@ pub struct Vm {
     pub snapshot: String,
 }
 
+impl Vm {
+    /// Whether `uid` sees what the VM runs (its main process's argv, its shares' host paths,
+    /// its published ports and egress list): its owner and administrators (root). Everyone
+    /// else sees its name, owner, state, image and shape.
+    pub fn private_to(&self, uid: u32) -> bool {
+        uid == self.owner_uid || uid == SYSTEM_UID
+    }
+
+    /// The VM as `uid` may see it: what the VM runs left empty unless [`Vm::private_to`].
+    pub fn seen_by(&self, uid: u32) -> Vm {
+        let mut v = self.clone();
+        if !self.private_to(uid) {
+            v.main.clear();
+            v.shares.clear();
+            v.publish.clear();
+            v.egress.clear();
+        }
+        v
+    }
+}
+
 /// A snapshot of a running VM: its memory and device state and both its disks, stored under
 /// `snapshots/<id>/`, from which new VMs start where it was.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -812,3 +812,99 @@ async fn members_cannot_use_replace_or_delete_each_others_objects() {
     assert_eq!(t.tried, t.refused);
     assert_eq!(t.leaked, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_vm_runs_is_its_owners_business() {
+    if !available(TOOLS) {
+        return;
+    }
+    ensure_users();
+    let bus = TestBus::start(BusOptions::default());
+    let state = bus.state_dir();
+    std::fs::create_dir_all(&state).unwrap();
+    let store = banger::store::Store::open(&state.join("banger.db")).unwrap();
+    let image = image_row(&state, "img", "k");
+    let kernel = kernel_row(&state, "k", true);
+    let mut vm = vm_row("private-vm", &image, uid_of(USER_OK), 7, "k");
+    const SECRETS: [&str; 4] = ["secret-project", "hunter2", "18080", "10.9.9.9"];
+    vm.shares = vec![banger::model::Share {
+        host: "/home/alice/secret-project".into(),
+        guest: "/src".into(),
+        read_only: false,
+    }];
+    vm.publish = vec!["127.0.0.1:18080:80".into()];
+    vm.main = vec!["/usr/bin/serve".into(), "--token=hunter2".into()];
+    vm.egress = vec!["10.9.9.9/32".into()];
+    let row = vm.clone();
+    store
+        .call_blocking(move |c| {
+            banger::store::rows::insert_image(c, &image)?;
+            banger::store::rows::insert_kernel(c, &kernel)?;
+            banger::store::rows::insert_vm(c, &row)
+        })
+        .unwrap();
+    drop(store);
+    let path = format!("/org/banger/vm/{}", vm.id);
+    let (mut tried, mut hidden, mut leaked) = (0, 0, 0);
+    for (who, sees) in [
+        (Some(USER_NO), false),
+        (Some(USER_OK2), false),
+        (Some(USER_OK), true),
+        (None, true),
+    ] {
+        let mut seen = String::new();
+        for prop in ["Shares", "Published", "Egress"] {
+            let out = bus.busctl_as(
+                who,
+                &["get-property", "org.banger", &path, "org.banger.VM1", prop],
+            );
+            assert!(out.status.success(), "{who:?} {prop}: {}", text(&out));
+            seen.push_str(&text(&out));
+        }
+        let all = bus.busctl_as(
+            who,
+            &[
+                "call",
+                "org.banger",
+                "/org/banger",
+                "org.freedesktop.DBus.ObjectManager",
+                "GetManagedObjects",
+            ],
+        );
+        seen.push_str(&text(&all));
+        for (m, params) in [
+            (
+                "io.banger.VMs.Get",
+                serde_json::json!({ "name": "private-vm" }),
+            ),
+            ("io.banger.VMs.List", serde_json::json!({})),
+        ] {
+            let r = py_call(&bus, who, m, params, false);
+            seen.push_str(&serde_json::to_string(&r).unwrap());
+        }
+        let shown = bus.banger_as(who, &["--json", "vm", "show", "private-vm"]);
+        seen.push_str(&text(&shown));
+        for s in SECRETS {
+            tried += 1;
+            match (seen.contains(s), sees) {
+                (true, true) | (false, false) => hidden += !sees as u32,
+                (false, true) => panic!("{who:?} does not see its own VM's {s}: {seen}"),
+                (true, false) => {
+                    leaked += 1;
+                    eprintln!("{who:?} sees {s}");
+                }
+            }
+        }
+        // Everyone sees the name, owner, state, image and shape.
+        assert!(
+            seen.contains("private-vm") || text(&shown).contains("private-vm"),
+            "{who:?}: {seen}"
+        );
+    }
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "security (vm privacy): {tried} (reader, detail) pairs tried, {hidden} hidden from others, {leaked} leaked"
+    );
+    assert_eq!(leaked, 0);
+}

@@ -624,11 +624,11 @@ async fn a_path_a_caller_names_is_opened_with_the_callers_rights_only() {
     println!("varlink caller files: {tried} cases tried, {tried} refused, 0 leaked");
 }
 
-/// `banger --varlink SOCKET …` (or `BANGER_VARLINK`) as `user`, with the system bus's address
+/// `banger --varlink=SOCKET …` (or `BANGER_VARLINK`) as `user`, with the system bus's address
 /// pointing nowhere: whatever it does, it did over Varlink.
 fn cli_over_varlink(bus: &TestBus, user: Option<&str>, args: &[&str]) -> std::process::Output {
-    let sock = bus.runtime.join("io.banger");
-    let mut a = vec!["--varlink", sock.to_str().unwrap()];
+    let sock = format!("--varlink={}", bus.runtime.join("io.banger").display());
+    let mut a = vec![sock.as_str()];
     a.extend_from_slice(args);
     bus.command_as(user, env!("CARGO_BIN_EXE_banger"), &a)
         .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")
@@ -704,7 +704,7 @@ async fn the_cli_does_its_verbs_over_varlink_with_no_bus_to_reach() {
         .command_as(
             None,
             env!("CARGO_BIN_EXE_banger"),
-            &["--varlink", "/nonexistent/sock", "status"],
+            &["--varlink=/nonexistent/sock", "status"],
         )
         .output()
         .unwrap();

@@ -606,6 +606,78 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
         assert_eq!(leaked, 0);
     }
 
+    // A local user outside the group floods banger's world-open Varlink socket: connections
+    // over the per-uid cap are refused with LimitExceeded, a member is served meanwhile, and
+    // t1 (its VMM, walls and bridge) goes on as it was.
+    {
+        use std::io::BufRead;
+        const FLOOD: &str = r#"
+import json, socket, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+socks = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    socks.append(s)
+refused, pending, deadline = 0, list(socks), time.time() + 60
+while pending and time.time() < deadline:
+    still = []
+    for s in pending:
+        s.setblocking(False)
+        try:
+            d = s.recv(4096)
+        except BlockingIOError:
+            still.append(s)
+            continue
+        if b"LimitExceeded" in d:
+            refused += 1
+    pending = still
+    if refused >= n - 32:
+        break
+print(json.dumps({"opened": n, "refused": refused}), flush=True)
+sys.stdin.read()
+"#;
+        let sock = bus.runtime.join("io.banger");
+        let mut flood = bus
+            .command_as(
+                Some(USER_NO),
+                "python3",
+                &["-c", FLOOD, sock.to_str().unwrap(), "400"],
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(flood.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let counts: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+        assert_eq!(counts["refused"], 400 - 32, "{counts}");
+        let sock_arg = format!("--varlink={}", sock.display());
+        let out = bus.banger_as(Some(USER_OK), &[&sock_arg, "vm", "list", "--json"]);
+        assert!(
+            out.status.success(),
+            "a member during the flood: {}",
+            text(&out)
+        );
+        let out = bus.banger_as(Some(USER_OK), &["vm", "exec", "t1", "--", "true"]);
+        assert!(out.status.success(), "t1 during the flood: {}", text(&out));
+        assert_eq!(get("State").trim(), "s \"running\"");
+        let (links, walls) = banger_network(&bus);
+        assert!(
+            links.iter().any(|l| l == "banger0") && walls,
+            "the bridge and walls stay during the flood: {links:?} {walls}"
+        );
+        // Closing its input ends the flood.
+        drop(flood.stdin.take());
+        assert!(flood.wait().unwrap().success());
+        eprintln!(
+            "security (connection flood): {} connections tried, {} refused, 0 VMs misjudged",
+            counts["opened"], counts["refused"]
+        );
+    }
+
     // A published port reaches a guest service bound to the guest's own loopback, though
     // t1's network is isolated; a second VM may not take the same host port.
     let fetch = || {
@@ -2536,8 +2608,9 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     // The CLI over Varlink, with no bus to reach: a create follows its stages to ready, an
     // exec runs through the agent's descriptor, a delete ends it.
     let sock = bus.runtime.join("io.banger");
+    let sock_arg = format!("--varlink={}", sock.display());
     let over_varlink = |args: &[&str]| {
-        let mut a = vec!["--varlink", sock.to_str().unwrap()];
+        let mut a = vec![sock_arg.as_str()];
         a.extend_from_slice(args);
         bus.command_as(None, env!("CARGO_BIN_EXE_banger"), &a)
             .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent/bus")

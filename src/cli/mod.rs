@@ -26,9 +26,10 @@ pub struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
-    /// Talk to banger over its Varlink socket (default /run/banger/io.banger) instead of the
-    /// system bus; BANGER_VARLINK=1 (or a socket path) does the same.
-    #[arg(long, global = true, value_name = "SOCKET", num_args = 0..=1, default_missing_value = "1", env = "BANGER_VARLINK")]
+    /// Talk to banger over its Varlink socket (default /run/banger/io.banger; another with
+    /// --varlink=SOCKET) instead of the system bus; BANGER_VARLINK=1 (or a socket path) does
+    /// the same.
+    #[arg(long, global = true, value_name = "SOCKET", num_args = 0..=1, require_equals = true, default_missing_value = "1", env = "BANGER_VARLINK")]
     pub varlink: Option<String>,
     /// What to do.
     #[command(subcommand)]

@@ -37,6 +37,22 @@ impl Vm1 {
         self.vm().id.clone()
     }
 
+    /// The VM as the caller of the message `hdr` may see it (see `Vm::seen_by`): a
+    /// property read with no message (a signal, which reaches everyone) sees what strangers
+    /// see.
+    async fn seen_by(&self, conn: &Connection, hdr: Option<&Header<'_>>) -> Vm {
+        let vm = self.vm().clone();
+        let uid = match hdr {
+            Some(h) => crate::auth::Caller::from_header(conn, h)
+                .await
+                .map(|c| c.uid)
+                .ok(),
+            None => None,
+        };
+        // No uid is nobody's: u32::MAX is never an owner.
+        vm.seen_by(uid.unwrap_or(u32::MAX))
+    }
+
     /// Puts the VM's new row in place; returns the old one.
     pub(super) fn replace(&self, vm: Vm) -> Vm {
         let mut held = self.vm.write().unwrap_or_else(|p| p.into_inner());
@@ -239,17 +255,27 @@ impl Vm1 {
     fn network(&self) -> String {
         self.vm().network.as_str().to_owned()
     }
-    /// Shared host folders, HOSTDIR:GUESTDIR[:ro].
+    /// Shared host folders, HOSTDIR:GUESTDIR[:ro]; empty for anyone but the VM's owner and
+    /// root.
     #[zbus(property(emits_changed_signal = "const"), name = "Shares")]
-    fn shares(&self) -> Vec<String> {
-        self.vm().shares.iter().map(|s| s.spec()).collect()
+    async fn shares(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> Vec<String> {
+        let vm = self.seen_by(conn, hdr.as_ref()).await;
+        vm.shares.iter().map(|s| s.spec()).collect()
     }
 
     /// Published ports, ADDR:HOSTPORT:GUESTPORT (host connections reach the guest's port on
-    /// its loopback through the agent).
+    /// its loopback through the agent); empty for anyone but the VM's owner and root.
     #[zbus(property(emits_changed_signal = "const"), name = "Published")]
-    fn published(&self) -> Vec<String> {
-        self.vm().publish.clone()
+    async fn published(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> Vec<String> {
+        self.seen_by(conn, hdr.as_ref()).await.publish
     }
 
     /// The main process's last exit status (CreateVM entrypoint); -1 when none is known.
@@ -258,10 +284,15 @@ impl Vm1 {
         self.vm().exit_status
     }
 
-    /// Where the VM may send (CIDR[:PORT]); empty: anywhere the host's walls allow.
+    /// Where the VM may send (CIDR[:PORT]); empty: anywhere the host's walls allow (and
+    /// empty for anyone but the VM's owner and root).
     #[zbus(property(emits_changed_signal = "const"), name = "Egress")]
-    fn egress(&self) -> Vec<String> {
-        self.vm().egress.clone()
+    async fn egress(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> Vec<String> {
+        self.seen_by(conn, hdr.as_ref()).await.egress
     }
     /// The uid that created the VM.
     #[zbus(property(emits_changed_signal = "const"), name = "Owner")]

@@ -54,6 +54,7 @@ error PermissionDenied (message: string)
 }
 
 mod bounded;
+pub mod gate;
 mod images;
 mod jobs;
 mod kernels;
@@ -93,6 +94,8 @@ pub struct Ctx {
     pub banger: Arc<Banger>,
     /// Who decides authorisation.
     pub authority: Arc<dyn Authority>,
+    /// How many connections each uid, and all together, hold open.
+    pub gate: Arc<gate::Gate>,
 }
 
 impl Ctx {
@@ -238,7 +241,21 @@ enum Front {
 }
 
 fn spawn_connection(stream: tokio::net::UnixStream, ctx: Ctx, front: Front) {
+    // Admitted before anything else is spent on it; refused with the reason at once.
+    let pass = match stream.peer_cred() {
+        Ok(cred) => ctx.gate.admit(cred.uid()),
+        Err(e) => Err(format!("Cannot tell who connected: {e}")),
+    };
+    let pass = match pass {
+        Ok(p) => p,
+        Err(why) => {
+            tracing::debug!("Refused a Varlink connection: {why}");
+            gate::refuse(&stream, &why);
+            return;
+        }
+    };
     tokio::spawn(async move {
+        let _pass = pass;
         if let Err(e) = serve_connection(stream, ctx, front).await {
             tracing::debug!("Varlink connection ended: {e}");
         }
@@ -289,7 +306,14 @@ async fn serve_connection(
     let mut conn: Connection<Bounded> = Bounded(Stream::try_from(stream)?).into();
     loop {
         let (call, fds) = {
-            let (call, fds) = conn.receive_call::<AnyCall>().await?;
+            // One call at a time per connection (the next is read once this one is
+            // answered), and a connection that sends nothing for a while is closed.
+            let Ok(received) =
+                tokio::time::timeout(gate::IDLE, conn.receive_call::<AnyCall>()).await
+            else {
+                return Ok(());
+            };
+            let (call, fds) = received?;
             let c = Incoming {
                 method: call.method().method.clone(),
                 params: call.method().parameters.clone().unwrap_or_default(),

@@ -1,5 +1,8 @@
 //! A minimal QMP client: one connection per command, which is all banger needs (status and
-//! power-off).
+//! power-off). The VMM runs a guest, so what it says is bounded: a reply line is at most
+//! [`MAX_LINE`] bytes and a command gets [`DEADLINE`] to be answered; past either the command
+//! fails (and the caller's stop goes on to kill the VMM) instead of the daemon growing or
+//! waiting on a wedged VMM.
 
 use std::path::Path;
 
@@ -13,28 +16,61 @@ fn err(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
     failed("QMP command failed", e)
 }
 
-type Lines = tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>;
+/// The longest QMP line read (QEMU's replies to banger's commands are a few hundred bytes).
+pub const MAX_LINE: u64 = 1 << 20;
+/// How long one command (with the greeting and negotiation) may take.
+pub const DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
+/// At most this many asynchronous events are skipped while waiting for an answer.
+const MAX_EVENTS: usize = 1000;
+
+type Lines = BufReader<tokio::net::unix::OwnedReadHalf>;
+
+/// One JSON line of at most [`MAX_LINE`] bytes.
+fn parse_line(line: &[u8]) -> Result<Value> {
+    if line.last() != Some(&b'\n') {
+        return Err(if line.is_empty() {
+            err("QEMU closed the QMP socket")
+        } else {
+            err(format!("QEMU sent a QMP line over {MAX_LINE} bytes"))
+        });
+    }
+    serde_json::from_slice(line).map_err(err)
+}
 
 async fn next(lines: &mut Lines) -> Result<Value> {
-    loop {
-        let line = lines
-            .next_line()
+    use tokio::io::AsyncReadExt;
+    for _ in 0..MAX_EVENTS {
+        let mut line = Vec::new();
+        (&mut *lines)
+            .take(MAX_LINE)
+            .read_until(b'\n', &mut line)
             .await
-            .map_err(err)?
-            .ok_or_else(|| err("QEMU closed the QMP socket"))?;
-        let v: Value = serde_json::from_str(&line).map_err(err)?;
+            .map_err(err)?;
+        let v = parse_line(&line)?;
         // Asynchronous events may come first; they are not answers.
         if v.get("event").is_none() {
             return Ok(v);
         }
     }
+    Err(err(format!("QEMU sent {MAX_EVENTS} events and no answer")))
 }
 
-/// Runs one QMP command on the socket and returns its `return` value.
+/// Runs one QMP command on the socket and returns its `return` value, within [`DEADLINE`].
 pub async fn execute(socket: &Path, command: &str) -> Result<Value> {
+    tokio::time::timeout(DEADLINE, execute_now(socket, command))
+        .await
+        .map_err(|_| {
+            err(format!(
+                "QEMU did not answer {command} within {} s",
+                DEADLINE.as_secs()
+            ))
+        })?
+}
+
+async fn execute_now(socket: &Path, command: &str) -> Result<Value> {
     let s = super::jail::connect_async(socket).map_err(err)?;
     let (r, mut w) = s.into_split();
-    let mut lines = BufReader::new(r).lines();
+    let mut lines = BufReader::new(r);
     let greeting = next(&mut lines).await?;
     if greeting.get("QMP").is_none() {
         return Err(err(format!("unexpected QMP greeting {greeting}")));
@@ -66,6 +102,10 @@ impl Session {
     /// Connects (as [`execute`] does: through the VM's own directory) and negotiates.
     pub fn connect(socket: &Path) -> Result<Self> {
         let sock = super::jail::connect(socket).map_err(err)?;
+        // Each read waits at most the command deadline: a VMM that stops answering fails
+        // the operation instead of holding it (and the VM's lock) forever.
+        sock.set_read_timeout(Some(DEADLINE)).map_err(err)?;
+        sock.set_write_timeout(Some(DEADLINE)).map_err(err)?;
         let reader = std::io::BufReader::new(sock.try_clone().map_err(err)?);
         let mut s = Session { sock, reader };
         let greeting = s.read()?;
@@ -77,17 +117,19 @@ impl Session {
     }
 
     fn read(&mut self) -> Result<Value> {
-        use std::io::BufRead;
-        loop {
-            let mut line = String::new();
-            if self.reader.read_line(&mut line).map_err(err)? == 0 {
-                return Err(err("QEMU closed the QMP socket"));
-            }
-            let v: Value = serde_json::from_str(&line).map_err(err)?;
+        use std::io::{BufRead, Read};
+        for _ in 0..MAX_EVENTS {
+            let mut line = Vec::new();
+            (&mut self.reader)
+                .take(MAX_LINE)
+                .read_until(b'\n', &mut line)
+                .map_err(err)?;
+            let v = parse_line(&line)?;
             if v.get("event").is_none() {
                 return Ok(v);
             }
         }
+        Err(err(format!("QEMU sent {MAX_EVENTS} events and no answer")))
     }
 
     fn answer(&mut self, cmd: &str) -> Result<Value> {
@@ -139,5 +181,34 @@ impl Session {
                 _ => std::thread::sleep(std::time::Duration::from_millis(10)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A "QEMU" that greets, then streams one line without end: the command fails at the
+    /// line bound instead of growing the daemon.
+    #[tokio::test]
+    async fn an_endless_line_fails_the_command_at_its_bound() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("qmp.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let _ = s.write_all(b"{\"QMP\": {}}\n").await;
+            let chunk = vec![b'x'; 64 * 1024];
+            // Up to twice the bound, then hold the connection open.
+            for _ in 0..(2 * MAX_LINE as usize / chunk.len()) {
+                if s.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        });
+        let e = execute(&path, "query-status").await.unwrap_err();
+        assert!(e.full_message().contains("over 1048576 bytes"), "{e}");
+        server.abort();
     }
 }
