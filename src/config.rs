@@ -82,6 +82,11 @@ pub struct Config {
     pub max_vms_per_user: u32,
     /// How many VMs of one uid may start or run at once.
     pub max_running_vms_per_user: u32,
+    /// The most memory (MiB) one uid's running VMs may have together; unset: three quarters
+    /// of the host's RAM.
+    pub max_memory_mib_per_user: Option<u32>,
+    /// The most vCPUs one uid's running VMs may have together; unset: eight per host CPU.
+    pub max_vcpus_per_user: Option<u32>,
     /// Destinations guests may reach although they are link-local, private or shared
     /// ranges (CIDRs such as `10.1.2.0/24`); everything else of those ranges is dropped.
     pub allow_egress: Vec<String>,
@@ -113,6 +118,8 @@ impl Default for Config {
             max_disk_size: 256 << 30,
             max_vms_per_user: 64,
             max_running_vms_per_user: 16,
+            max_memory_mib_per_user: None,
+            max_vcpus_per_user: None,
             allow_egress: Vec::new(),
             auth_file: "/etc/banger/auth.json".into(),
         }

@@ -216,7 +216,8 @@ async fn hostile_caller_files_and_bounds_are_refused_and_nothing_leaks() {
     let bus = TestBus::start(BusOptions {
         extra_config: "max_kernel_bytes = 1048576\nmax_image_bytes = 33554432\n\
                        max_vcpus = 2\nmax_memory_mib = 2048\nmax_disk_size = 1073741824\n\
-                       max_vms_per_user = 2\n"
+                       max_vms_per_user = 2\nmax_memory_mib_per_user = 300\n\
+                       max_vcpus_per_user = 1\n"
             .into(),
         ..Default::default()
     });
@@ -493,6 +494,33 @@ async fn hostile_caller_files_and_bounds_are_refused_and_nothing_leaks() {
         ),
     ] {
         t.case(&bus, what, || create("big", extra), LIMIT, key);
+    }
+    // Per-user sums of what runs: refused before anything is reserved, naming the quota.
+    for (what, extra, key) in [
+        (
+            "more memory than one user may run",
+            ", 'memory_mib': <uint32 512>, 'vcpus': <uint32 1>",
+            "max_memory_mib_per_user (300)",
+        ),
+        (
+            "more vCPUs than one user may run",
+            ", 'memory_mib': <uint32 128>, 'vcpus': <uint32 2>",
+            "max_vcpus_per_user (1)",
+        ),
+    ] {
+        let started = |name: &str| {
+            bus.gdbus_as(
+                Some(USER_OK),
+                false,
+                "/org/banger",
+                "org.banger.VMs1.CreateVM",
+                &[
+                    name,
+                    &format!("{{'image': <'mine'>, 'kernel': <'fake'>{extra}}}"),
+                ],
+            )
+        };
+        t.case(&bus, what, || started("greedy"), LIMIT, key);
     }
     // Names that read as ids could shadow another's object.
     t.case(

@@ -13,6 +13,9 @@ use crate::guestinit::net;
 pub fn apply(id: &Identity) -> Result<(), String> {
     set_clock(id.time_ns)?;
     reseed(&id.seed)?;
+    // From the reseeded RNG: every clone's boot id and systemd seed are its own.
+    fresh_boot_id()?;
+    fresh_random_seed(Path::new(RANDOM_SEED))?;
     let address = id
         .address
         .split_once('/')
@@ -55,6 +58,85 @@ pub fn apply(id: &Identity) -> Result<(), String> {
         authorize(&id.authorized_key)?;
     }
     Ok(())
+}
+
+/// systemd's saved RNG seed, credited at the next boot: a clone must not share its source's.
+const RANDOM_SEED: &str = "/var/lib/systemd/random-seed";
+/// The kernel's boot id, read by journald, systemd and anything that tells boots apart.
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+/// Where the clone's own boot id is kept (tmpfs), bound over [`BOOT_ID`].
+const OWN_BOOT_ID: &str = "/run/banger-boot-id";
+
+/// `n` bytes from the kernel's RNG (reseeded first by [`reseed`]).
+fn random(n: usize) -> Result<Vec<u8>, String> {
+    let mut buf = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        // SAFETY: the pointer and length describe the unfilled rest of `buf`.
+        let r = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), n - got, 0) };
+        if r < 0 {
+            return Err(format!("getrandom: {}", std::io::Error::last_os_error()));
+        }
+        got += r as usize;
+    }
+    Ok(buf)
+}
+
+/// A random (version 4) UUID as the kernel writes boot ids.
+fn uuid4() -> Result<String, String> {
+    let mut b = random(16)?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
+
+/// The kernel's boot id cannot be written, so a file holding a fresh one is bound over it
+/// (replacing the bind a restore of a restored VM finds there).
+fn fresh_boot_id() -> Result<(), String> {
+    let own = Path::new(OWN_BOOT_ID);
+    std::fs::write(own, format!("{}\n", uuid4()?))
+        .map_err(|e| format!("cannot write {OWN_BOOT_ID}: {e}"))?;
+    let c = |p: &str| std::ffi::CString::new(p).map_err(|e| e.to_string());
+    let (src, dst) = (c(OWN_BOOT_ID)?, c(BOOT_ID)?);
+    // SAFETY: both strings are NUL-terminated; a failed unmount (nothing bound) is fine.
+    unsafe { libc::umount2(dst.as_ptr(), libc::MNT_DETACH) };
+    // SAFETY: as above; MS_BIND takes no filesystem type or data.
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "cannot give the clone a boot id of its own: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Rewrites systemd's random seed (when the image has one) before anything reads it again.
+fn fresh_random_seed(path: &Path) -> Result<(), String> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let len = std::fs::metadata(path)
+        .map(|m| m.len())
+        .unwrap_or(512)
+        .clamp(32, 4096);
+    replace(path, &random(len as usize)?, 0o600)
 }
 
 fn replace(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {

@@ -86,6 +86,71 @@ impl VmLimits {
     }
 }
 
+/// What one uid's VMs take: all of them, and those that start or run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// VMs owned.
+    pub owned: u32,
+    /// VMs starting, running, paused or stopping.
+    pub active: u32,
+    /// vCPUs of the active ones.
+    pub vcpus: u32,
+    /// Memory (MiB) of the active ones.
+    pub memory_mib: u64,
+}
+
+/// The per-user quotas on what runs at once, from the configuration and the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunQuota {
+    /// `max_running_vms_per_user`.
+    pub vms: u32,
+    /// `max_vcpus_per_user`, or eight per host CPU (vCPUs share cores well; memory is what
+    /// runs out).
+    pub vcpus: u32,
+    /// `max_memory_mib_per_user`, or three quarters of the host's RAM.
+    pub memory_mib: u64,
+}
+
+impl RunQuota {
+    /// The quotas for this host and configuration.
+    pub fn of(config: &Config) -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        RunQuota {
+            vms: config.max_running_vms_per_user,
+            vcpus: config.max_vcpus_per_user.unwrap_or(cpus * 8),
+            memory_mib: config
+                .max_memory_mib_per_user
+                .map(u64::from)
+                .unwrap_or(host_memory_mib() * 3 / 4),
+        }
+    }
+
+    /// Refuses one more running VM of `vcpus` and `memory_mib` for `uid`, who runs `u`
+    /// already; the refusal names the quota and the user's use.
+    pub fn check(&self, uid: u32, u: Usage, vcpus: u32, memory_mib: u32) -> Result<()> {
+        running_quota(uid, u.active, self.vms)?;
+        let fix = "stop one of your VMs (`banger vm stop NAME`) or have the operator raise";
+        if u.vcpus + vcpus > self.vcpus {
+            return Err(limit(format!(
+                "uid {uid} runs VMs with {} vCPU(s); {vcpus} more would pass \
+                 max_vcpus_per_user ({}); {fix} max_vcpus_per_user in /etc/banger/config.toml",
+                u.vcpus, self.vcpus
+            )));
+        }
+        if u.memory_mib + u64::from(memory_mib) > self.memory_mib {
+            return Err(limit(format!(
+                "uid {uid} runs VMs with {} MiB of memory; {memory_mib} MiB more would pass \
+                 max_memory_mib_per_user ({}); {fix} max_memory_mib_per_user in \
+                 /etc/banger/config.toml",
+                u.memory_mib, self.memory_mib
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The refusal when `uid` runs `running` VMs and may run `max`.
 pub fn running_quota(uid: u32, running: u32, max: u32) -> Result<()> {
     quota(
@@ -145,6 +210,28 @@ mod tests {
             );
         }
         running_quota(1000, 1, 2).unwrap();
+        let q = RunQuota {
+            vms: 4,
+            vcpus: 4,
+            memory_mib: 2048,
+        };
+        let u = Usage {
+            owned: 2,
+            active: 2,
+            vcpus: 3,
+            memory_mib: 1536,
+        };
+        q.check(1000, u, 1, 512).unwrap();
+        let e = q.check(1000, u, 2, 256).unwrap_err().to_string();
+        assert!(
+            e.contains("max_vcpus_per_user (4)") && e.contains("with 3 vCPU"),
+            "{e}"
+        );
+        let e = q.check(1000, u, 1, 1024).unwrap_err().to_string();
+        assert!(
+            e.contains("max_memory_mib_per_user (2048)") && e.contains("1536 MiB"),
+            "{e}"
+        );
     }
 
     #[test]

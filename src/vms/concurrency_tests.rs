@@ -154,8 +154,11 @@ fn banger_with_net(
             rows::insert_kernel(c, &kernel)
         })
         .unwrap();
+    // Many VMs of one user at once: the per-user sums must not be what stops them.
     let config = Config {
         subnet: subnet.into(),
+        max_vcpus_per_user: Some(10_000),
+        max_memory_mib_per_user: Some(10_000_000),
         ..Config::default()
     };
     let vmm = Arc::new(GateVmm(tokio::sync::Barrier::new(gate)));

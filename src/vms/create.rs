@@ -84,10 +84,11 @@ impl Vms {
             None => None,
         };
         bounds::VmLimits::of(&self.config).check(o.vcpus, o.memory_mib, o.disk_size)?;
-        let (owned, active) = self.owned_by(uid, "").await?;
-        bounds::owned_quota(uid, owned, self.config.max_vms_per_user)?;
+        let usage = self.usage_of(uid, "").await?;
+        bounds::owned_quota(uid, usage.owned, self.config.max_vms_per_user)?;
         if o.start {
-            bounds::running_quota(uid, active, self.config.max_running_vms_per_user)?;
+            // Checked again, atomically, as the VM moves to `starting`.
+            bounds::RunQuota::of(&self.config).check(uid, usage, o.vcpus, o.memory_mib)?;
         }
         // A subnet the start-up check refused: say why before anything is reserved.
         self.net.subnet()?;

@@ -23,8 +23,7 @@ impl Vms {
         }
         let vm = &self.get(&vm.id).await?;
         super::state::check(vm, VmOp::Start)?;
-        let (_, active) = self.owned_by(vm.owner_uid, &vm.id).await?;
-        super::bounds::running_quota(vm.owner_uid, active, self.config.max_running_vms_per_user)?;
+        self.check_run_quota(vm).await?;
         let spec = JobSpec {
             kind: "start-vm".into(),
             target: vm.name.clone(),

@@ -379,12 +379,25 @@ impl Vms {
             .ok_or_else(|| VmError::NotFound(key.to_owned()).into())
     }
 
-    /// How many VMs `uid` owns, and how many of them start, run or stop, leaving `except` out.
-    async fn owned_by(&self, uid: u32, except: &str) -> Result<(u32, u32)> {
+    /// What `uid`'s VMs other than `except` take (see [`bounds::Usage`]).
+    pub async fn usage_of(&self, uid: u32, except: &str) -> Result<bounds::Usage> {
         let vms = self.list().await?;
-        let mine = vms.iter().filter(|v| v.owner_uid == uid && v.id != except);
-        let active = mine.clone().filter(|v| v.state.is_active()).count();
-        Ok((mine.count() as u32, active as u32))
+        let mut u = bounds::Usage::default();
+        for v in vms.iter().filter(|v| v.owner_uid == uid && v.id != except) {
+            u.owned += 1;
+            if v.state.is_active() {
+                u.active += 1;
+                u.vcpus += v.vcpus;
+                u.memory_mib += u64::from(v.memory_mib);
+            }
+        }
+        Ok(u)
+    }
+
+    /// Refuses starting `vm` when its owner's running VMs would pass a quota.
+    async fn check_run_quota(&self, vm: &Vm) -> Result<()> {
+        let u = self.usage_of(vm.owner_uid, &vm.id).await?;
+        bounds::RunQuota::of(&self.config).check(vm.owner_uid, u, vm.vcpus, vm.memory_mib)
     }
 
     /// The guests the network walls are written for: every VM that starts, runs or stops,
@@ -399,11 +412,11 @@ impl Vms {
             .collect())
     }
 
-    /// Checks `max_running_vms_per_user` and marks the VM `starting`, atomically among starts.
+    /// Checks the owner's running quotas (VMs, vCPUs, memory) and marks the VM `starting`,
+    /// atomically among starts.
     async fn enter_starting(&self, vm: &mut Vm) -> Result<()> {
         let _gate = self.start_gate.lock().await;
-        let (_, active) = self.owned_by(vm.owner_uid, &vm.id).await?;
-        bounds::running_quota(vm.owner_uid, active, self.config.max_running_vms_per_user)?;
+        self.check_run_quota(vm).await?;
         vm.state = VmState::Starting;
         self.save(vm).await
     }
