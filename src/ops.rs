@@ -409,6 +409,19 @@ pub async fn cancel_job<'a>(b: &'a Banger, caller: &Caller, id: u32) -> Result<R
     Ok(Ready::new(vec![action], async move { b.jobs.cancel(id) }))
 }
 
+/// What the caller's VMs take against their quotas, as (key, used, allowed): `vms`,
+/// `running_vms`, `vcpus`, `memory_mib`. A read of one's own: no action needed.
+pub async fn usage(b: &Banger, caller: &Caller) -> Result<Vec<(&'static str, u64, u64)>> {
+    let u = b.vms.usage_of(caller.uid, "").await?;
+    let q = b.vms.run_quota();
+    Ok(vec![
+        ("vms", u.owned.into(), b.vms.max_vms_per_user().into()),
+        ("running_vms", u.active.into(), q.vms.into()),
+        ("vcpus", u.vcpus.into(), q.vcpus.into()),
+        ("memory_mib", u.memory_mib, q.memory_mib),
+    ])
+}
+
 /// A connected stream as a blocking descriptor for a caller in another process.
 fn hand_out(s: tokio::net::UnixStream) -> Result<OwnedFd> {
     let fail = |e| Error::failed("Cannot hand out the stream", e);

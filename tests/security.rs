@@ -522,6 +522,18 @@ async fn hostile_caller_files_and_bounds_are_refused_and_nothing_leaks() {
         };
         t.case(&bus, what, || started("greedy"), LIMIT, key);
     }
+    // The member sees their use against each quota, over D-Bus and Varlink alike.
+    let varlink = format!("--varlink={}", bus.runtime.join("io.banger").display());
+    for transport in [None, Some(varlink.as_str())] {
+        let mut args = vec!["--json", "status"];
+        args.extend(transport);
+        let out = bus.banger_as(Some(USER_OK), &args);
+        assert!(out.status.success(), "{}", text(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["your_memory_mib"], "0 of 300", "{v}");
+        assert_eq!(v["your_vcpus"], "0 of 1", "{v}");
+        assert_eq!(v["your_vms"], "0 of 2", "{v}");
+    }
     // Names that read as ids could shadow another's object.
     t.case(
         &bus,

@@ -254,7 +254,21 @@ pub async fn run(out: &Output, socket: &Path, command: Command) -> anyhow::Resul
                 <[Vec<Value>; 4]>::try_from(lists).map_err(|_| anyhow::anyhow!("four lists"))?;
             let running = vms.iter().filter(|v| v["state"] == "running").count();
             let counts = [images.len(), kernels.len(), vms.len(), running, jobs.len()];
-            super::status::print(out, info["version"].as_str().unwrap_or(""), counts);
+            let got = c.call("io.banger.VMs.GetUsage", json!({})).await?;
+            let usage: Vec<(String, u64, u64)> = got["usage"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|u| {
+                    (
+                        u["quota"].as_str().unwrap_or_default().to_owned(),
+                        u["used"].as_u64().unwrap_or_default(),
+                        u["allowed"].as_u64().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            let version = info["version"].as_str().unwrap_or("");
+            super::status::print(out, version, counts, &usage);
         }
         Command::Image(cmd) => image(out, &mut c, cmd).await?,
         Command::Kernel(cmd) => kernel(out, &mut c, cmd).await?,

@@ -73,6 +73,9 @@ pub trait VMs1 {
     /// ListVMs
     #[zbus(name = "ListVMs")]
     fn list_vms(&self) -> zbus::Result<Vec<(String, String, String, String, OwnedObjectPath)>>;
+    /// GetUsage
+    #[zbus(name = "GetUsage")]
+    fn get_usage(&self) -> zbus::Result<Vec<(String, u64, u64)>>;
     /// GetVM
     #[zbus(name = "GetVM")]
     fn get_vm(&self, name_or_id: &str) -> zbus::Result<OwnedObjectPath>;

@@ -16,6 +16,24 @@ pub struct Vms1 {
 /// Manages microVMs.
 #[interface(name = "org.banger.VMs1")]
 impl Vms1 {
+    /// The caller's use against their quotas, as (key, used, allowed): vms
+    /// (max_vms_per_user), running_vms (max_running_vms_per_user), vcpus
+    /// (max_vcpus_per_user) and memory_mib (max_memory_mib_per_user), the last three summed
+    /// over the caller's starting and running VMs.
+    #[zbus(name = "GetUsage", out_args("usage"))]
+    async fn get_usage(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Vec<(String, u64, u64)>> {
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let usage = ops::usage(&self.ctx.banger, &c).await?;
+        Ok(usage
+            .into_iter()
+            .map(|(k, used, max)| (k.to_owned(), used, max))
+            .collect())
+    }
+
     /// Lists every VM as (id, name, state, image, object path).
     #[zbus(name = "ListVMs")]
     async fn list_vms(&self) -> Result<Vec<(String, String, String, String, OwnedObjectPath)>> {

@@ -79,6 +79,19 @@ type Snapshot (
 # Every VM.
 method List() -> (vms: []VM)
 
+# One quota: how much of it the caller's VMs use, and how much it allows.
+type Usage (
+  # vms (max_vms_per_user), running_vms (max_running_vms_per_user), vcpus
+  # (max_vcpus_per_user) or memory_mib (max_memory_mib_per_user); the last three are sums
+  # over the caller's starting and running VMs.
+  quota: string,
+  used: int,
+  allowed: int
+)
+
+# The caller's use against their quotas.
+method GetUsage() -> (usage: []Usage)
+
 # The VM with this name or id.
 method Get(name: string) -> (vm: VM)
 
@@ -239,6 +252,15 @@ pub(super) async fn call(
 ) -> Result<Answer, Fail> {
     let b = &ctx.banger;
     match method {
+        "GetUsage" => {
+            p.finish()?;
+            let usage: Vec<Value> = ops::usage(b, caller)
+                .await?
+                .into_iter()
+                .map(|(k, used, allowed)| json!({ "quota": k, "used": used, "allowed": allowed }))
+                .collect();
+            Ok(Answer::One(json!({ "usage": usage })))
+        }
         "List" => {
             p.finish()?;
             // What a VM runs is its owner's business (see `Vm::seen_by`).

@@ -394,6 +394,16 @@ impl Vms {
         Ok(u)
     }
 
+    /// The per-user quotas on what runs at once.
+    pub fn run_quota(&self) -> bounds::RunQuota {
+        bounds::RunQuota::of(&self.config)
+    }
+
+    /// `max_vms_per_user`.
+    pub fn max_vms_per_user(&self) -> u32 {
+        self.config.max_vms_per_user
+    }
+
     /// Refuses starting `vm` when its owner's running VMs would pass a quota.
     async fn check_run_quota(&self, vm: &Vm) -> Result<()> {
         let u = self.usage_of(vm.owner_uid, &vm.id).await?;
