@@ -47,6 +47,27 @@ pub fn usable_by(owner: u32, uid: u32) -> bool {
     owner == uid || owner == SYSTEM_UID
 }
 
+/// Why `uid` may not use `kind` `name` of `owner` (see [`usable_by`]), or `None` when they
+/// may, or an administrator's `manage-any` was granted (`any`). `list` is the command that
+/// shows each object's owner.
+pub fn use_refusal(
+    kind: &str,
+    name: &str,
+    owner: u32,
+    uid: u32,
+    any: bool,
+    list: &str,
+) -> Option<String> {
+    if any || usable_by(owner, uid) {
+        return None;
+    }
+    Some(format!(
+        "{kind} {name:?} is {}'s; only its owner (or an administrator) may use it: pick one of \
+         your own or the system's (`{list}` shows each one's owner)",
+        owner_label(owner)
+    ))
+}
+
 /// Who owns an object, for messages: `the system`, or `user NAME (uid N)`.
 pub fn owner_label(owner: u32) -> String {
     if owner == SYSTEM_UID {

@@ -94,6 +94,21 @@ struct Tally {
 }
 
 impl Tally {
+    /// Prints the counts past the test harness's capture (CI's log shows them) and asserts
+    /// every case was refused and nothing leaked.
+    fn report(&self, suite: &str) {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "{suite}: {} cases tried, {} refused, {} leaked",
+            self.tried,
+            self.refused,
+            self.leaked
+        );
+        assert_eq!(self.tried, self.refused);
+        assert_eq!(self.leaked, 0);
+    }
+
     /// One hostile call: it must fail with `error` and a message containing `says`, and leave
     /// nothing behind.
     fn case(
@@ -563,17 +578,7 @@ async fn hostile_caller_files_and_bounds_are_refused_and_nothing_leaks() {
         LIMIT,
         "max_vms_per_user",
     );
-    // Straight to the stream, past the test harness's capture: CI's log shows the counts.
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "security: {} cases tried, {} refused, {} leaked",
-        t.tried,
-        t.refused,
-        t.leaked
-    );
-    assert_eq!(t.tried, t.refused);
-    assert_eq!(t.leaked, 0);
+    t.report("security");
 }
 
 /// Reads `/marker` of the ext4 image at `img` (debugfs, no mount).
@@ -841,16 +846,7 @@ async fn members_cannot_use_replace_or_delete_each_others_objects() {
         call(None, "org.banger.Kernels1.DeleteKernel", &["a-k"]),
         "root deletes alice's kernel",
     );
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "security (members): {} cases tried, {} refused, {} leaked",
-        t.tried,
-        t.refused,
-        t.leaked
-    );
-    assert_eq!(t.tried, t.refused);
-    assert_eq!(t.leaked, 0);
+    t.report("security (members)");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::events::{Events, ObjectEvent};
 use crate::jobs::Jobs;
 use crate::layout::Layout;
-use crate::model::{owner_label, usable_by, validate_name, Image, NameKind, SYSTEM_UID};
+use crate::model::{usable_by, use_refusal, validate_name, Image, NameKind, SYSTEM_UID};
 use crate::store::{rows, Store};
 use crate::{Error, Result};
 use error::invalid;
@@ -321,16 +321,11 @@ impl Images {
     /// Refuses an image that `uid` may not boot: another user's (not theirs, not the
     /// system's), unless an administrator's `manage-any` was granted (`any`).
     pub fn check_usable(image: &Image, uid: u32, any: bool) -> Result<()> {
-        if any || usable_by(image.owner_uid, uid) {
-            return Ok(());
+        let (name, owner) = (&image.name, image.owner_uid);
+        match use_refusal("Image", name, owner, uid, any, "banger image list") {
+            None => Ok(()),
+            Some(why) => Err(ImageError::Foreign(why).into()),
         }
-        Err(ImageError::Foreign(format!(
-            "Image {:?} is {}'s; only its owner (or an administrator) may use it: pick an \
-             image of your own or the system's (`banger image list` shows each one's owner)",
-            image.name,
-            owner_label(image.owner_uid)
-        ))
-        .into())
     }
 
     fn not_found(&self, key: &str) -> Error {

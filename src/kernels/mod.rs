@@ -16,7 +16,7 @@ use std::sync::Arc;
 use crate::callerfile::CallerInput;
 use crate::events::{Events, ObjectEvent};
 use crate::layout::Layout;
-use crate::model::{owner_label, usable_by, Kernel, SYSTEM_UID};
+use crate::model::{owner_label, use_refusal, Kernel, SYSTEM_UID};
 use crate::store::{rows, Store};
 use crate::{Error, Result};
 use error::invalid;
@@ -188,16 +188,11 @@ impl Kernels {
     /// Refuses a kernel that `uid` may not boot or name: another user's (not theirs, not
     /// the system's), unless an administrator's `manage-any` was granted (`any`).
     pub fn check_usable(kernel: &Kernel, uid: u32, any: bool) -> Result<()> {
-        if any || usable_by(kernel.owner_uid, uid) {
-            return Ok(());
+        let (name, owner) = (&kernel.name, kernel.owner_uid);
+        match use_refusal("Kernel", name, owner, uid, any, "banger kernel list") {
+            None => Ok(()),
+            Some(why) => Err(KernelError::Foreign(why).into()),
         }
-        Err(KernelError::Foreign(format!(
-            "Kernel {:?} is {}'s; only its owner (or an administrator) may use it: pick a \
-             kernel of your own or the system's (`banger kernel list` shows each one's owner)",
-            kernel.name,
-            owner_label(kernel.owner_uid)
-        ))
-        .into())
     }
 
     fn not_found(&self, name: &str) -> Error {
