@@ -147,12 +147,17 @@ pub async fn promote_image<'a>(
     caller: &Caller,
     key: &'a str,
 ) -> Result<Ready<'a, Arc<Job>>> {
-    let image = b.images.get(key).await?;
+    // A missing image is reported once authorised, as before owners: a caller without the
+    // action learns nothing from a mutating call.
+    let image = b.images.get(key).await.ok();
     let mut needs = vec![Action::ImagesManage];
-    owner_needs(&mut needs, image.owner_uid, caller, false);
+    if let Some(i) = &image {
+        owner_needs(&mut needs, i.owner_uid, caller, false);
+    }
     let uid = caller.uid;
+    let key = image.map(|i| i.id).unwrap_or_else(|| key.to_owned());
     Ok(Ready::new(needs, async move {
-        b.images.promote(uid, &image.id).await
+        b.images.promote(uid, &key).await
     }))
 }
 
@@ -222,13 +227,18 @@ pub async fn delete_image<'a>(
     caller: &Caller,
     key: &'a str,
 ) -> Result<Ready<'a, ()>> {
-    let image = b.images.get(key).await?;
+    let image = b.images.get(key).await.ok();
     let mut needs = vec![Action::ImagesManage];
-    owner_needs(&mut needs, image.owner_uid, caller, false);
-    // By id: the name may change hands between this check and the deletion.
-    Ok(Ready::new(needs, async move {
-        b.images.delete(&image.id).await
-    }))
+    if let Some(i) = &image {
+        owner_needs(&mut needs, i.owner_uid, caller, false);
+    }
+    // By id: the name may change hands between this check and the deletion. A missing
+    // image is reported once authorised.
+    let key = image.map(|i| i.id).unwrap_or_else(|| key.to_owned());
+    Ok(Ready::new(
+        needs,
+        async move { b.images.delete(&key).await },
+    ))
 }
 
 /// `PullKernel`.
@@ -266,11 +276,14 @@ pub async fn delete_kernel<'a>(
     name: &'a str,
 ) -> Result<Ready<'a, ()>> {
     validate_name(NameKind::Kernel, name)?;
-    let kernel = b.kernels.get(name).await?;
+    // A missing kernel is reported once authorised (the owner then is nobody's).
+    let owner = b.kernels.get(name).await.map(|k| k.owner_uid).ok();
     let mut needs = vec![Action::KernelsManage];
-    owner_needs(&mut needs, kernel.owner_uid, caller, false);
+    if let Some(o) = owner {
+        owner_needs(&mut needs, o, caller, false);
+    }
     Ok(Ready::new(needs, async move {
-        b.kernels.delete(name, kernel.owner_uid).await
+        b.kernels.delete(name, owner.unwrap_or(u32::MAX)).await
     }))
 }
 

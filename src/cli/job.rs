@@ -73,15 +73,16 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: JobCommand) -> anyh
         JobCommand::Show { id } => {
             running(id, &p.list_jobs().await.map_err(explain)?)?;
             let path = path_of(id)?;
-            let (mut fields, _) = super::vm::object_fields(
+            // The id is the object's name, not one of Job1's properties.
+            let (props, _) = super::vm::object_fields(
                 conn,
                 &path,
                 "org.banger.Job1",
-                &[
-                    "Id", "Kind", "Target", "Stage", "Progress", "State", "Error",
-                ],
+                &["Kind", "Target", "Stage", "Progress", "State", "Error"],
             )
             .await?;
+            let mut fields = vec![("Id", json!(id))];
+            fields.extend(props);
             fields.push(("Path", json!(path.as_str())));
             out.object(fields);
         }

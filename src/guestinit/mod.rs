@@ -111,7 +111,7 @@ fn cstr(s: &str) -> CString {
 }
 
 fn say(msg: &str) {
-    eprintln!("banger-init: {msg}");
+    supervise::console(&format!("banger-init: {msg}"));
 }
 
 fn fail(msg: &str) -> ! {
@@ -322,7 +322,7 @@ fn main_spawn() -> Option<supervise::Spawn> {
         }
     };
     if !ok {
-        eprintln!("{}127", supervise::EXIT_LINE);
+        supervise::console(&format!("{}127", supervise::EXIT_LINE));
         supervise::power_off_now();
     }
     say(&format!("main process: {}", argv.join(" ")));

@@ -44,7 +44,15 @@ pub struct Spawn {
 }
 
 fn say(msg: &str) {
-    eprintln!("banger-init: {msg}");
+    console(&format!("banger-init: {msg}"));
+}
+
+/// Writes a line to the console (stderr), ignoring failure: PID 1 must never die because its
+/// console is busy or gone (`eprintln!` panics on a write error, and a panicking PID 1 takes
+/// the whole guest down).
+pub(super) fn console(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 fn cstrings(v: &[String]) -> Vec<CString> {
@@ -370,7 +378,7 @@ pub fn run(agent: Option<Spawn>, main: Option<Spawn>) -> ! {
             Ok(pid) => main_pid = Some(pid),
             Err(e) => {
                 say(&format!("cannot start the main process: {e}"));
-                eprintln!("{EXIT_LINE}127");
+                console(&format!("{EXIT_LINE}127"));
                 shut_down(&sigfd);
             }
         }
@@ -415,7 +423,7 @@ pub fn run(agent: Option<Spawn>, main: Option<Spawn>) -> ! {
                 agent_due = Some(Instant::now() + Duration::from_secs(1));
             }
             if Some(pid) == main_pid {
-                eprintln!("{EXIT_LINE}{code}");
+                console(&format!("{EXIT_LINE}{code}"));
                 shut_down(&sigfd);
             }
         }
