@@ -13,9 +13,11 @@ use crate::guestinit::net;
 pub fn apply(id: &Identity) -> Result<(), String> {
     set_clock(id.time_ns)?;
     reseed(&id.seed)?;
-    // From the reseeded RNG: every clone's boot id and systemd seed are its own.
-    fresh_boot_id()?;
-    fresh_random_seed(Path::new(RANDOM_SEED))?;
+    // From the host's per-VM seed, not the guest's RNG: a restored kernel's RNG state is its
+    // source's until the kernel reseeds (up to a minute after credited entropy), so two
+    // clones would draw the same bytes from it now.
+    fresh_boot_id(&id.seed)?;
+    fresh_random_seed(Path::new(RANDOM_SEED), &id.seed)?;
     let address = id
         .address
         .split_once('/')
@@ -67,24 +69,31 @@ const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 /// Where the clone's own boot id is kept (tmpfs), bound over [`BOOT_ID`].
 const OWN_BOOT_ID: &str = "/run/banger-boot-id";
 
-/// `n` bytes from the kernel's RNG (reseeded first by [`reseed`]).
-fn random(n: usize) -> Result<Vec<u8>, String> {
-    let mut buf = vec![0u8; n];
-    let mut got = 0;
-    while got < n {
-        // SAFETY: the pointer and length describe the unfilled rest of `buf`.
-        let r = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), n - got, 0) };
-        if r < 0 {
-            return Err(format!("getrandom: {}", std::io::Error::last_os_error()));
-        }
-        got += r as usize;
+/// `n` bytes derived from the host's per-VM `seed` (hex) for `purpose`: SHA-256 over
+/// (purpose, block counter, seed), so what a guest user reads (the boot id) reveals nothing of
+/// the seed the RNG was credited with.
+fn derived(seed: &str, purpose: &str, n: usize) -> Result<Vec<u8>, String> {
+    use sha2::{Digest, Sha256};
+    if seed.len() < 32 {
+        return Err("the seed is too short".into());
     }
-    Ok(buf)
+    let mut out = Vec::with_capacity(n + 32);
+    let mut block: u32 = 0;
+    while out.len() < n {
+        let mut h = Sha256::new();
+        h.update(purpose.as_bytes());
+        h.update(block.to_be_bytes());
+        h.update(seed.as_bytes());
+        out.extend_from_slice(&h.finalize());
+        block += 1;
+    }
+    out.truncate(n);
+    Ok(out)
 }
 
-/// A random (version 4) UUID as the kernel writes boot ids.
-fn uuid4() -> Result<String, String> {
-    let mut b = random(16)?;
+/// A version 4 UUID as the kernel writes boot ids, from `seed`.
+fn uuid4(seed: &str) -> Result<String, String> {
+    let mut b = derived(seed, "banger boot id", 16)?;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
@@ -100,9 +109,9 @@ fn uuid4() -> Result<String, String> {
 
 /// The kernel's boot id cannot be written, so a file holding a fresh one is bound over it
 /// (replacing the bind a restore of a restored VM finds there).
-fn fresh_boot_id() -> Result<(), String> {
+fn fresh_boot_id(seed: &str) -> Result<(), String> {
     let own = Path::new(OWN_BOOT_ID);
-    std::fs::write(own, format!("{}\n", uuid4()?))
+    std::fs::write(own, format!("{}\n", uuid4(seed)?))
         .map_err(|e| format!("cannot write {OWN_BOOT_ID}: {e}"))?;
     let c = |p: &str| std::ffi::CString::new(p).map_err(|e| e.to_string());
     let (src, dst) = (c(OWN_BOOT_ID)?, c(BOOT_ID)?);
@@ -128,7 +137,7 @@ fn fresh_boot_id() -> Result<(), String> {
 }
 
 /// Rewrites systemd's random seed (when the image has one) before anything reads it again.
-fn fresh_random_seed(path: &Path) -> Result<(), String> {
+fn fresh_random_seed(path: &Path, seed: &str) -> Result<(), String> {
     if !path.exists() {
         return Ok(());
     }
@@ -136,7 +145,11 @@ fn fresh_random_seed(path: &Path) -> Result<(), String> {
         .map(|m| m.len())
         .unwrap_or(512)
         .clamp(32, 4096);
-    replace(path, &random(len as usize)?, 0o600)
+    replace(
+        path,
+        &derived(seed, "banger systemd random seed", len as usize)?,
+        0o600,
+    )
 }
 
 fn replace(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
@@ -340,6 +353,17 @@ fn authorize(key: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn boot_ids_differ_by_seed_and_look_like_the_kernels() {
+        let a = uuid4(&"ab".repeat(32)).unwrap();
+        let b = uuid4(&"cd".repeat(32)).unwrap();
+        assert_ne!(a, b);
+        assert_eq!((a.len(), &a[14..15]), (36, "4"), "{a}");
+        assert!(derived("00", "x", 16).is_err(), "a short seed is refused");
+        assert_eq!(derived(&"ab".repeat(32), "seed", 600).unwrap().len(), 600);
+    }
+
     use super::*;
 
     #[test]
