@@ -87,6 +87,21 @@ async fn kernel_needs(b: &Banger, needs: &mut Vec<Action>, caller: &Caller, name
     }
 }
 
+/// What changing image `key` (promote, delete) needs, and the key to act on: the image's id
+/// once found (its name may change hands before the act), else `key` itself, so that a
+/// missing image is reported only once authorised and a caller without the action learns
+/// nothing from a mutating call.
+async fn image_change(b: &Banger, caller: &Caller, key: &str) -> (Vec<Action>, String) {
+    let mut needs = vec![Action::ImagesManage];
+    match b.images.get(key).await {
+        Ok(i) => {
+            owner_needs(&mut needs, i.owner_uid, caller, false);
+            (needs, i.id)
+        }
+        Err(_) => (needs, key.to_owned()),
+    }
+}
+
 /// The action a caller needs on a VM (its owner, or an administrator), and the VM.
 async fn vm_for(b: &Banger, caller: &Caller, key: &str) -> Result<(Vm, Action)> {
     let vm = b.vms.get(key).await?;
@@ -147,15 +162,8 @@ pub async fn promote_image<'a>(
     caller: &Caller,
     key: &'a str,
 ) -> Result<Ready<'a, Arc<Job>>> {
-    // A missing image is reported once authorised, as before owners: a caller without the
-    // action learns nothing from a mutating call.
-    let image = b.images.get(key).await.ok();
-    let mut needs = vec![Action::ImagesManage];
-    if let Some(i) = &image {
-        owner_needs(&mut needs, i.owner_uid, caller, false);
-    }
+    let (needs, key) = image_change(b, caller, key).await;
     let uid = caller.uid;
-    let key = image.map(|i| i.id).unwrap_or_else(|| key.to_owned());
     Ok(Ready::new(needs, async move {
         b.images.promote(uid, &key).await
     }))
@@ -227,14 +235,7 @@ pub async fn delete_image<'a>(
     caller: &Caller,
     key: &'a str,
 ) -> Result<Ready<'a, ()>> {
-    let image = b.images.get(key).await.ok();
-    let mut needs = vec![Action::ImagesManage];
-    if let Some(i) = &image {
-        owner_needs(&mut needs, i.owner_uid, caller, false);
-    }
-    // By id: the name may change hands between this check and the deletion. A missing
-    // image is reported once authorised.
-    let key = image.map(|i| i.id).unwrap_or_else(|| key.to_owned());
+    let (needs, key) = image_change(b, caller, key).await;
     Ok(Ready::new(
         needs,
         async move { b.images.delete(&key).await },
