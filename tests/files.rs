@@ -107,11 +107,13 @@ fn vm_units_are_confined_more_than_before() {
             "ProtectHome=yes".into(),
         ],
     );
-    use banger::vmm::process::{CONFINED_UNIT, OWNER_UNIT, SETPRIV_UNIT};
-    let unit = |name: &str, extra: &[&str], writable: &str| {
+    use banger::vmm::process::{
+        CONFINED_UNIT, NETWORK_FAMILIES, OWNER_UNIT, SETPRIV_UNIT, VM_UNIT,
+    };
+    let unit = |name: &str, extra: &[&[&str]], writable: &str| {
         let mut props: Vec<String> = CONFINED_UNIT
             .iter()
-            .chain(extra)
+            .chain(extra.iter().flat_map(|e| e.iter()))
             .map(|p| p.trim_start_matches("--property=").to_owned())
             .collect();
         props.push(format!("ReadWritePaths={writable}"));
@@ -126,14 +128,14 @@ fn vm_units_are_confined_more_than_before() {
     };
     let now = unit(
         "banger-vm-now.service",
-        SETPRIV_UNIT,
+        &[SETPRIV_UNIT, VM_UNIT],
         "/run/banger/vms/0123456789abcdef",
     );
     // A shared folder's server runs as the owner with a user namespace of its own: it is
     // verified and its exposure shown, not compared (it is the owner's own process).
     let owner = unit(
         "banger-vm-share.service",
-        OWNER_UNIT,
+        &[OWNER_UNIT, &[NETWORK_FAMILIES]],
         "/run/banger/vms/0123456789abcdef /home/someone/src",
     );
     let (b, n) = (exposure(&before), exposure(&now));

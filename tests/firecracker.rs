@@ -242,6 +242,8 @@ fn boot_spec(dir: &Path, vcpus: u32) -> BootSpec {
             groups: vec![0],
             hide: Vec::new(),
             read_only: Vec::new(),
+            private: false,
+            offline: false,
         },
         incoming: false,
     }

@@ -801,14 +801,67 @@ sys.stdin.read()
                 .into_iter()
                 .find(|(_, c)| c.contains(which))
                 .unwrap_or_else(|| panic!("{which} runs"));
-            dir.join("root").join(p.strip_prefix("/").unwrap()).exists()
+            inside_dir(&dir, p)
         };
+        fn inside_dir(dir: &std::path::Path, p: &std::path::Path) -> bool {
+            dir.join("root").join(p.strip_prefix("/").unwrap()).exists()
+        }
         let db = bus.state_dir().join("banger.db");
         assert!(db.exists(), "{}", db.display());
         assert!(inside("qemu-system", &vm_dir.join("work.ext4")));
         assert!(!inside("qemu-system", &db));
         assert!(!inside("agent-link", &vm_dir.join("work.ext4")));
         assert!(!inside("agent-link", &db));
+        // Nor anything of the host's own (homes, temporary files, bus and runtime sockets:
+        // each an empty tmpfs of banger's in its mount table), and no network but its tap: a
+        // network namespace of its own, not the daemon's.
+        let marker =
+            std::path::Path::new("/tmp").join(format!("host-private-{}", std::process::id()));
+        std::fs::write(&marker, b"").unwrap();
+        let daemon = {
+            let out = Command::new("busctl")
+                .arg(format!("--address={}", bus.address))
+                .args([
+                    "call",
+                    "org.freedesktop.DBus",
+                    "/org/freedesktop/DBus",
+                    "org.freedesktop.DBus",
+                    "GetConnectionUnixProcessID",
+                    "s",
+                    "org.banger",
+                ])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", text(&out));
+            text(&out).trim().trim_start_matches("u ").to_owned()
+        };
+        let net_of = |dir: &std::path::Path| std::fs::read_link(dir.join("ns/net")).unwrap();
+        let daemon_net = net_of(std::path::Path::new(&format!("/proc/{daemon}")));
+        let mut hidden = 0;
+        for (dir, c) in vm_process_dirs(&bus) {
+            assert!(!inside_dir(&dir, &marker), "{c} sees the host's /tmp");
+            let mountinfo = std::fs::read_to_string(dir.join("mountinfo")).unwrap();
+            for p in ["/home", "/root", "/tmp", "/var/tmp", "/run", "/dev/shm"] {
+                if !std::path::Path::new(p).is_dir() {
+                    continue;
+                }
+                // The last mount on a path is what the process sees there.
+                let last = mountinfo
+                    .lines()
+                    .filter(|l| l.split(' ').nth(4) == Some(p))
+                    .last()
+                    .unwrap_or_default();
+                let after = last.split(" - ").nth(1).unwrap_or_default();
+                assert!(
+                    after.starts_with("tmpfs ") && after.contains("mode=711"),
+                    "{c}: {p} is not hidden: {last:?}"
+                );
+                hidden += 1;
+            }
+            assert_ne!(net_of(&dir), daemon_net, "{c} shares the daemon's network");
+        }
+        let _ = std::fs::remove_file(&marker);
+        assert!(hidden >= 3 * 4, "{hidden} host places checked");
         // Root's runtime files (pid files, logs) are root's; the VM's sockets are in a
         // directory of its uid's own.
         let run = bus.runtime.join("vms").join(vm_dir.file_name().unwrap());

@@ -436,6 +436,11 @@ impl Vmm for Firecracker {
             Some((jailer, args, _, _)) => (jailer, args.iter().map(|a| a.as_os_str()).collect()),
             None => (&bin, plain_args),
         };
+        // Firecracker attaches its tap by name itself, in the host's network namespace.
+        let jail = super::jail::Jail {
+            offline: false,
+            ..spec.jail.clone()
+        };
         let detached = super::process::Detached {
             pidfile: &pidfile(run),
             unit: &super::scope::vm_unit(&spec.id),
@@ -444,7 +449,7 @@ impl Vmm for Firecracker {
             log: &spec.console_log,
             limits,
             writable: &writable,
-            jail: &spec.jail,
+            jail: &jail,
             tap: None,
             listen: None,
         };

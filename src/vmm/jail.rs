@@ -52,7 +52,21 @@ pub struct Jail {
     pub hide: Vec<std::path::PathBuf>,
     /// Files under those roots the VM only reads (its image's root filesystem, its kernel).
     pub read_only: Vec<std::path::PathBuf>,
+    /// A VM's own process (VMM, agent link, console logger, port forwarder): it also sees
+    /// none of the host's [`HOST_PRIVATE`] places.
+    pub private: bool,
+    /// No network (a VMM gets its tap as a descriptor): a network namespace of its own where
+    /// banger builds the namespace, Unix sockets only in a unit. Every VM process but the
+    /// port forwarder, which listens on the host's addresses.
+    pub offline: bool,
 }
+
+/// Where the host keeps what is its users' or its services' (homes, temporary files, bus and
+/// runtime sockets, mounted media): a VM's own processes see these empty, but for the paths
+/// of the VM's own bound back.
+pub const HOST_PRIVATE: &[&str] = &[
+    "/home", "/root", "/tmp", "/var/tmp", "/run", "/dev/shm", "/mnt", "/media", "/srv",
+];
 
 /// Sets owner and mode through a descriptor opened without following a final symbolic link,
 /// so a link planted in a VM's directory never redirects root's change elsewhere.
@@ -304,14 +318,23 @@ pub struct Mounts {
     pub rw: Vec<std::path::PathBuf>,
     /// Paths under them bound back read-only.
     pub ro: Vec<std::path::PathBuf>,
+    /// A VM's own process (see [`Jail::private`]): [`HOST_PRIVATE`] hidden too.
+    pub private: bool,
+    /// A network namespace of its own (see [`Jail::offline`]).
+    pub offline: bool,
 }
 
 impl Mounts {
     /// What a [`Jail`] gets for a process that writes `writable`.
     pub fn of(jail: &Jail, writable: &[&Path]) -> Self {
-        let inside = |p: &Path| jail.hide.iter().any(|r| p.starts_with(r));
+        let mut hide = jail.hide.clone();
+        if jail.private {
+            hide.extend(HOST_PRIVATE.iter().map(std::path::PathBuf::from));
+        }
+        let inside = |p: &Path| hide.iter().any(|r| p.starts_with(r));
         Mounts {
-            hide: jail.hide.clone(),
+            private: jail.private,
+            offline: jail.offline,
             rw: writable
                 .iter()
                 .filter(|p| inside(p))
@@ -323,12 +346,19 @@ impl Mounts {
                 .filter(|p| inside(p))
                 .cloned()
                 .collect(),
+            hide,
         }
     }
 
     /// The `jail-mounts` arguments up to and including `--`.
     pub fn args(&self) -> Vec<std::ffi::OsString> {
         let mut a = Vec::new();
+        if self.private {
+            a.push("--private".into());
+        }
+        if self.offline {
+            a.push("--offline".into());
+        }
         for (flag, paths) in [
             ("--hide", &self.hide),
             ("--rw", &self.rw),
@@ -347,12 +377,18 @@ impl Mounts {
     pub fn parse(args: &[std::ffi::OsString]) -> std::io::Result<(Self, &[std::ffi::OsString])> {
         let usage = || {
             std::io::Error::other(
-                "usage: bangerd jail-mounts [--hide|--rw|--ro PATH]… -- PROGRAM ARGS…",
+                "usage: bangerd jail-mounts [--private] [--offline] [--hide|--rw|--ro PATH]… -- PROGRAM ARGS…",
             )
         };
         let mut m = Mounts::default();
         let mut i = 0;
         while i < args.len() {
+            if args[i] == "--private" || args[i] == "--offline" {
+                m.private |= args[i] == "--private";
+                m.offline |= args[i] == "--offline";
+                i += 1;
+                continue;
+            }
             if args[i] == "--" {
                 return if i + 1 < args.len() {
                     Ok((m, &args[i + 1..]))
@@ -415,8 +451,11 @@ impl Mounts {
             }
             Ok(())
         }
+        // An offline process: no network but the tap it holds as a descriptor (a new network
+        // namespace has only a loopback, down).
+        let flags = libc::CLONE_NEWNS | if self.offline { libc::CLONE_NEWNET } else { 0 };
         // SAFETY: unshare takes no pointers.
-        if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        if unsafe { libc::unshare(flags) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
         // Nothing mounted here reaches the host's namespace.
@@ -589,20 +628,59 @@ mod tests {
 
     #[test]
     fn mount_arguments_round_trip() {
-        let m = Mounts {
-            hide: vec!["/var/lib/banger".into(), "/run/banger".into()],
-            rw: vec!["/run/banger/vms/01".into()],
-            ro: vec!["/var/lib/banger/images/02/rootfs.ext4".into()],
-        };
-        let mut args = m.args();
-        args.extend(["qemu".into(), "-m".into()]);
-        let (back, rest) = Mounts::parse(&args).unwrap();
-        assert_eq!(back, m);
-        assert_eq!(rest, ["qemu", "-m"]);
+        for (private, offline) in [(false, false), (true, false), (true, true)] {
+            let m = Mounts {
+                hide: vec!["/var/lib/banger".into(), "/run/banger".into()],
+                rw: vec!["/run/banger/vms/01".into()],
+                ro: vec!["/var/lib/banger/images/02/rootfs.ext4".into()],
+                private,
+                offline,
+            };
+            let mut args = m.args();
+            args.extend(["qemu".into(), "-m".into()]);
+            let (back, rest) = Mounts::parse(&args).unwrap();
+            assert_eq!(back, m);
+            assert_eq!(rest, ["qemu", "-m"]);
+        }
         assert!(
             Mounts::parse(&["--hide".into(), "relative".into(), "--".into(), "x".into()]).is_err()
         );
         assert!(Mounts::parse(&["--hide".into(), "/a".into(), "--".into()]).is_err());
         assert!(Mounts::parse(&["--bogus".into(), "/a".into(), "--".into(), "x".into()]).is_err());
+    }
+
+    #[test]
+    fn a_vms_own_processes_hide_the_hosts_private_places_but_keep_their_own_paths() {
+        let jail = Jail {
+            uid: vm_uid(3),
+            gid: vm_uid(3),
+            groups: Vec::new(),
+            hide: vec!["/var/lib/banger".into(), "/run/banger".into()],
+            read_only: vec!["/var/lib/banger/images/02/rootfs.ext4".into()],
+            private: true,
+            offline: true,
+        };
+        // A state directory an operator put under /srv: bound back, as under /var/lib.
+        let m = Mounts::of(
+            &jail,
+            &[Path::new("/run/banger/vms/01"), Path::new("/srv/x")],
+        );
+        assert!(m.private && m.offline);
+        for p in ["/home", "/tmp", "/run", "/dev/shm", "/var/lib/banger"] {
+            assert!(m.hide.iter().any(|h| h == Path::new(p)), "{p} hidden");
+        }
+        assert_eq!(m.rw, [Path::new("/run/banger/vms/01"), Path::new("/srv/x")]);
+        let m = Mounts::of(
+            &Jail {
+                private: false,
+                ..jail
+            },
+            &[Path::new("/srv/x")],
+        );
+        assert!(!m.private && !m.hide.iter().any(|h| h == Path::new("/home")));
+        assert!(
+            m.rw.is_empty(),
+            "a path outside every hidden root needs no bind"
+        );
     }
 }

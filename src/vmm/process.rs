@@ -209,9 +209,20 @@ pub const CONFINED_UNIT: &[&str] = &[
     "--property=RestrictRealtime=yes",
     "--property=LockPersonality=yes",
     "--property=SystemCallArchitectures=native",
-    "--property=RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK AF_VSOCK",
     "--property=UMask=0077",
 ];
+
+/// The address families of every unit but an offline VM process's ([`VM_UNIT`]).
+pub const NETWORK_FAMILIES: &str =
+    "--property=RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK AF_VSOCK";
+
+/// An offline VM process's unit (see `jail::Jail::offline`) beyond [`SETPRIV_UNIT`]: Unix
+/// sockets only (the tap arrives attached as fd 3; QMP, the console, the agent's port and
+/// shares are Unix sockets), so a VMM an escaped guest controls opens no connection to the
+/// host's network. (A network namespace of its own, as banger builds where systemd is not
+/// PID 1, would keep `bangerd open-tap` from reaching the host's tap.) The host's private
+/// places are hidden by [`namespace_properties`].
+pub const VM_UNIT: &[&str] = &["--property=RestrictAddressFamilies=AF_UNIX"];
 
 /// How a detached process becomes the VM's uid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -387,21 +398,47 @@ pub fn open_tap_and_exec(args: &[std::ffi::OsString]) -> std::io::Error {
 /// The unit's own view of banger's directories: its roots empty (a tmpfs), with only what the
 /// process writes bound back read-write and what it reads bound back read-only, so it sees no
 /// other VM, image, kernel or the database at all.
-fn namespace_properties(d: &Detached<'_>) -> Vec<String> {
+/// Whether `d` is one of a VM's own processes, run by setpriv (the jailer builds its own
+/// namespace).
+fn vm_own(d: &Detached<'_>, runner: Runner) -> bool {
+    d.jail.private && runner == Runner::Setpriv
+}
+
+fn namespace_properties(d: &Detached<'_>, private: bool) -> Vec<String> {
     let join = |paths: &mut dyn Iterator<Item = &Path>| {
         paths
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let roots = &d.jail.hide;
-    let inside = |p: &Path| roots.iter().any(|r| p.starts_with(r));
-    if roots.is_empty() {
+    if d.jail.hide.is_empty() {
         return Vec::new();
     }
+    // SETPRIV_UNIT's ProtectHome= and PrivateTmp= hide homes and temporary files; the rest
+    // of the host's private places that exist (a unit's tmpfs needs its mount point).
+    let covered = ["/home", "/root", "/tmp", "/var/tmp"];
+    let all: Vec<&Path> = d
+        .jail
+        .hide
+        .iter()
+        .map(|r| r.as_path())
+        .chain(
+            super::jail::HOST_PRIVATE
+                .iter()
+                .filter(|p| private && !covered.contains(p) && Path::new(p).is_dir())
+                .map(Path::new),
+        )
+        .collect();
+    // A root inside another is hidden with it (/run/banger under /run).
+    let roots: Vec<&Path> = all
+        .iter()
+        .copied()
+        .filter(|r| !all.iter().any(|o| o != r && r.starts_with(o)))
+        .collect();
+    let inside = |p: &Path| roots.iter().any(|r| p.starts_with(r));
     let mut props = vec![format!(
         "--property=TemporaryFileSystem={}",
-        join(&mut roots.iter().map(|r| r.as_path()))
+        join(&mut roots.iter().copied())
     )];
     let rw: Vec<&Path> = d.writable.iter().copied().filter(|p| inside(p)).collect();
     if !rw.is_empty() {
@@ -488,6 +525,11 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
             .arg(format!("--setenv={RUN_DIR_ENV}={run_dir}"))
             .args(CONFINED_UNIT)
             .args(runner.unit_properties())
+            .args(if d.jail.offline && runner == Runner::Setpriv {
+                VM_UNIT
+            } else {
+                &[NETWORK_FAMILIES]
+            })
             .arg(format!(
                 "--property=ReadWritePaths={}",
                 d.writable
@@ -496,7 +538,7 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
                     .collect::<Vec<_>>()
                     .join(" ")
             ))
-            .args(namespace_properties(d))
+            .args(namespace_properties(d, vm_own(d, runner)))
             .arg(format!("--property=MemoryMax={}", d.limits.memory_max))
             .arg(format!("--property=TasksMax={}", d.limits.tasks_max))
             .arg("--");

@@ -397,6 +397,8 @@ impl Qemu {
                 groups: o.groups.clone(),
                 hide: spec.jail.hide.clone(),
                 read_only: Vec::new(),
+                private: false,
+                offline: false,
             };
             super::process::spawn_as_owner(&Detached {
                 pidfile: &pidfile,
@@ -661,6 +663,8 @@ mod tests {
                 groups: vec![crate::vmm::jail::vmm_gid()],
                 hide: Vec::new(),
                 read_only: Vec::new(),
+                private: false,
+                offline: false,
             },
             incoming: false,
         }

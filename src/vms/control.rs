@@ -33,6 +33,8 @@ impl Vms {
             groups: Vec::new(),
             hide: vec![self.layout.state_dir.clone()],
             read_only: Vec::new(),
+            private: false,
+            offline: false,
         };
         let bin = process::bangerd_program()?;
         process::spawn_detached(&process::Detached {

@@ -750,6 +750,8 @@ impl Vms {
                             d.join(snapshot::rootfs_file(snapshot::disk_format_of(s)))
                         }))
                         .collect(),
+                    private: true,
+                    offline: true,
                 },
                 incoming: memory.is_some(),
             };
@@ -941,6 +943,11 @@ impl Vms {
             vec![publish::FORWARD_ARG.into(), vsock.into_os_string()];
         args.extend(vm.publish.iter().map(|p| p.into()));
         let argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        // The one VM process that reaches the host's network: it listens there.
+        let jail = crate::vmm::jail::Jail {
+            offline: false,
+            ..jail.clone()
+        };
         process::spawn_detached(&process::Detached {
             pidfile: &pidfile,
             unit: &crate::vmm::scope::helper_unit(&vm.id, "publish"),
@@ -952,7 +959,7 @@ impl Vms {
                 tasks_max: 256,
             },
             writable: &[run.as_path()],
-            jail,
+            jail: &jail,
             tap: None,
             listen: None,
         })

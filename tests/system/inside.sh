@@ -62,6 +62,14 @@ grep -q "$unit" "/proc/$leader/cgroup" || fail "the machine leader $leader is no
 # Its mount namespace: its own disks, nothing else of banger's.
 nsenter -t "$leader" -m test -e "/var/lib/banger/vms/$id/work.ext4" || fail "QEMU does not see its own disk"
 nsenter -t "$leader" -m test -e /var/lib/banger/banger.db && fail "QEMU sees banger's database"
+# Nor the host's own places (homes, temporary files, the bus), and no socket but Unix ones.
+touch /tmp/host-private
+nsenter -t "$leader" -m test -e /tmp/host-private && fail "QEMU sees the host's /tmp"
+nsenter -t "$leader" -m test -e /home/alice/src/hello && fail "QEMU sees alice's home"
+nsenter -t "$leader" -m test -e /run/dbus/system_bus_socket && fail "QEMU sees the system bus"
+nsenter -t "$leader" -m test -e "/run/banger/vms/$id/qemu.pid" || fail "QEMU does not see its own run directory"
+families=$(systemctl show "$unit" -p RestrictAddressFamilies --value)
+[ "$families" = AF_UNIX ] || fail "the VM unit's address families are '$families'"
 [ "$(stat -c %u "/proc/$leader")" != 0 ] || fail "QEMU runs as root"
 # The shared folder's server: a unit of its own, running as alice, never root.
 share_unit=banger-vm-$id-share0.service
