@@ -2550,6 +2550,23 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     let mut addrs = vec![src["GuestAddress"].as_str().unwrap().to_owned()];
     let boot_id = |vm: &str| exec_as(&bus, None, vm, &["cat", "/proc/sys/kernel/random/boot_id"]);
     let mut boot_ids = vec![boot_id("src")];
+    // The kernel's crng reseeds at the restore, from the host's per-VM seed: clones draw
+    // different bytes at once, not after its next periodic reseed.
+    let draw = |vm: &str| {
+        exec_as(
+            &bus,
+            None,
+            vm,
+            &["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"],
+        )
+    };
+    let mut draws = vec![draw("src")];
+    for vm in ["f-1", "f-2"] {
+        let d = draw(vm);
+        assert!(!draws.contains(&d), "{vm} draws {d} as another VM did");
+        assert!(d.split_whitespace().count() == 16, "{vm}: {d:?}");
+        draws.push(d);
+    }
     for vm in ["f-1", "f-2"] {
         // Each clone's boot id is its own (the kernel's is its source's; the agent binds a
         // fresh one over it).
