@@ -87,6 +87,9 @@ pub struct Config {
     pub max_memory_mib_per_user: Option<u32>,
     /// The most vCPUs one uid's running VMs may have together; unset: eight per host CPU.
     pub max_vcpus_per_user: Option<u32>,
+    /// The most disk (bytes) one uid's images, kernels, snapshots and VMs may take; checked
+    /// when one is made. Unset: three quarters of the filesystem holding the state.
+    pub max_disk_size_per_user: Option<u64>,
     /// Destinations guests may reach although they are link-local, private or shared
     /// ranges (CIDRs such as `10.1.2.0/24`); everything else of those ranges is dropped.
     pub allow_egress: Vec<String>,
@@ -120,6 +123,7 @@ impl Default for Config {
             max_running_vms_per_user: 16,
             max_memory_mib_per_user: None,
             max_vcpus_per_user: None,
+            max_disk_size_per_user: None,
             allow_egress: Vec::new(),
             auth_file: "/etc/banger/auth.json".into(),
         }

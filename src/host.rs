@@ -303,6 +303,19 @@ pub fn fd_as_3(fd: std::os::fd::RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The size in bytes of the filesystem holding `path` (statvfs).
+pub fn filesystem_size(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a zeroed statvfs is a valid out-buffer; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the call.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_blocks.saturating_mul(st.f_frsize))
+}
+
 /// The host TSC frequency in kHz (`cpu MHz` of /proc/cpuinfo × 1000): TCG guests need it as
 /// `tsc_early_khz=` or about half their boots hang calibrating.
 pub fn tsc_khz() -> Option<u64> {

@@ -320,16 +320,22 @@ pub struct Vm {
 
 impl Vm {
     /// Whether `uid` sees what the VM runs (its main process's argv, its shares' host paths,
-    /// its published ports and egress list): its owner and administrators (root). Everyone
+    /// its published ports and egress list) by who they are: its owner and root. Holders of
+    /// `manage-any` see it too (the front ends ask polkit, see `ops::manages_any`). Everyone
     /// else sees its name, owner, state, image and shape.
     pub fn private_to(&self, uid: u32) -> bool {
         uid == self.owner_uid || uid == SYSTEM_UID
     }
 
-    /// The VM as `uid` may see it: what the VM runs left empty unless [`Vm::private_to`].
+    /// The VM as `uid` may see it by who they are (see [`Vm::private_to`]).
     pub fn seen_by(&self, uid: u32) -> Vm {
+        self.shown(self.private_to(uid))
+    }
+
+    /// The VM whole (`full`), or with what it runs left empty.
+    pub fn shown(&self, full: bool) -> Vm {
         let mut v = self.clone();
-        if !self.private_to(uid) {
+        if !full {
             v.main.clear();
             v.shares.clear();
             v.publish.clear();

@@ -124,6 +124,7 @@ pub async fn pull_image<'a>(
     }
     let uid = caller.uid;
     Ok(Ready::new(needs, async move {
+        b.check_disk_quota(uid, 0, "the image").await?;
         b.images.pull(uid, reference, opts).await
     }))
 }
@@ -152,6 +153,7 @@ pub async fn register_image<'a>(
     }
     let uid = caller.uid;
     Ok(Ready::new(needs, async move {
+        b.check_disk_quota(uid, 0, "the image").await?;
         b.register_image(uid, name, opts, any).await
     }))
 }
@@ -184,6 +186,7 @@ pub async fn build_image<'a>(
     }
     let uid = caller.uid;
     Ok(Ready::new(needs, async move {
+        b.check_disk_quota(uid, 0, "the image").await?;
         b.images.build(uid, name, opts).await
     }))
 }
@@ -251,6 +254,7 @@ pub async fn pull_kernel<'a>(
     validate_name(NameKind::Kernel, name)?;
     let uid = caller.uid;
     Ok(Ready::new(vec![Action::KernelsManage], async move {
+        b.check_disk_quota(uid, 0, "the kernel").await?;
         b.kernels.pull(uid, name).await
     }))
 }
@@ -266,6 +270,7 @@ pub async fn import_kernel<'a>(
     opts.validate()?;
     let uid = caller.uid;
     Ok(Ready::new(vec![Action::KernelsManage], async move {
+        b.check_disk_quota(uid, 0, "the kernel").await?;
         b.kernels.import(uid, name, opts).await
     }))
 }
@@ -321,6 +326,7 @@ pub async fn create_vm<'a>(
     opts.foreign_ok = any;
     let uid = caller.uid;
     Ok(Ready::new(needs, async move {
+        b.check_disk_quota(uid, 0, "the VM").await?;
         b.vms.create(uid, name, opts).await
     }))
 }
@@ -381,6 +387,9 @@ pub async fn snapshot_vm<'a>(
     let (vm, action) = vm_for(b, caller, key).await?;
     let uid = caller.uid;
     Ok(Ready::new(vec![action], async move {
+        // Its memory file is the guest's memory.
+        let memory = u64::from(vm.memory_mib) << 20;
+        b.check_disk_quota(uid, memory, "the snapshot").await?;
         b.vms.take_snapshot(uid, &vm, name, opts).await
     }))
 }
@@ -423,8 +432,9 @@ pub async fn cancel_job<'a>(b: &'a Banger, caller: &Caller, id: u32) -> Result<R
     Ok(Ready::new(vec![action], async move { b.jobs.cancel(id) }))
 }
 
-/// What the caller's VMs take against their quotas, as (key, used, allowed): `vms`,
-/// `running_vms`, `vcpus`, `memory_mib`. A read of one's own: no action needed.
+/// What the caller's objects take against their quotas, as (key, used, allowed): `vms`,
+/// `running_vms`, `vcpus`, `memory_mib`, `disk_size` (bytes). A read of one's own: no action
+/// needed.
 pub async fn usage(b: &Banger, caller: &Caller) -> Result<Vec<(&'static str, u64, u64)>> {
     let u = b.vms.usage_of(caller.uid, "").await?;
     let q = b.vms.run_quota();
@@ -433,7 +443,25 @@ pub async fn usage(b: &Banger, caller: &Caller) -> Result<Vec<(&'static str, u64
         ("running_vms", u.active.into(), q.vms.into()),
         ("vcpus", u.vcpus.into(), q.vcpus.into()),
         ("memory_mib", u.memory_mib, q.memory_mib),
+        ("disk_size", b.disk_use(caller.uid).await?, b.disk_quota()),
     ])
+}
+
+/// Whether `caller` holds `manage-any` (root does), asked without interaction: a read that
+/// depends on it (what another user's VM runs) never prompts, and a member the shipped rules
+/// only let an administrator's password through does not see it.
+pub async fn manages_any(authority: &dyn crate::auth::Authority, caller: &Caller) -> bool {
+    if caller.uid == crate::model::SYSTEM_UID {
+        return true;
+    }
+    let quiet = Caller {
+        interactive: false,
+        ..caller.clone()
+    };
+    matches!(
+        authority.check(&quiet, Action::VmsManageAny).await,
+        Ok(crate::auth::Verdict::Allowed)
+    )
 }
 
 /// A connected stream as a blocking descriptor for a caller in another process.

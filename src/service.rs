@@ -203,6 +203,83 @@ impl Banger {
         self.images.register(uid, name, opts, any).await
     }
 
+    /// The disk `uid`'s images, kernels, snapshots and VMs take: the blocks their
+    /// directories' files hold (a sparse or layered disk counts what it holds, not its size).
+    pub async fn disk_use(&self, uid: u32) -> Result<u64> {
+        let l = &self.layout;
+        let (images, kernels, vms, snaps) = self
+            .store
+            .call(|c| {
+                Ok((
+                    rows::list_images(c)?,
+                    rows::list_kernels(c)?,
+                    rows::list_vms(c)?,
+                    rows::list_snapshots(c)?,
+                ))
+            })
+            .await?;
+        let dirs: Vec<std::path::PathBuf> = (images.iter())
+            .filter(|i| i.owner_uid == uid)
+            .map(|i| l.images_dir().join(&i.id))
+            .chain(
+                (kernels.iter())
+                    .filter(|k| k.owner_uid == uid)
+                    .map(|k| l.kernels_dir().join(&k.name)),
+            )
+            .chain(
+                (vms.iter())
+                    .filter(|v| v.owner_uid == uid)
+                    .map(|v| l.vms_dir().join(&v.id)),
+            )
+            .chain(
+                (snaps.iter())
+                    .filter(|s| s.owner_uid == uid)
+                    .map(|s| l.snapshots_dir().join(&s.id)),
+            )
+            .collect();
+        crate::jobs::spawn_blocking(move || dirs.iter().map(|d| allocated(d)).sum())
+            .await
+            .map_err(|e| crate::Error::failed("Disk use task failed", e))
+    }
+
+    /// `max_disk_size_per_user`, or three quarters of the filesystem the state is on.
+    pub fn disk_quota(&self) -> u64 {
+        self.config.max_disk_size_per_user.unwrap_or_else(|| {
+            crate::host::filesystem_size(&self.layout.state_dir).unwrap_or(u64::MAX) / 4 * 3
+        })
+    }
+
+    /// Refuses making `what`, which takes `adding` bytes at first, for `uid` when their
+    /// disk use is at or would pass their quota. The quota is checked when something is
+    /// made, not while it grows: a running VM's disk grows up to its own size. Root's objects
+    /// are the system's and have no quota.
+    pub async fn check_disk_quota(&self, uid: u32, adding: u64, what: &str) -> Result<()> {
+        if uid == crate::model::SYSTEM_UID {
+            return Ok(());
+        }
+        let (used, max) = (self.disk_use(uid).await?, self.disk_quota());
+        if used.saturating_add(adding) > max || used >= max {
+            let gib = |b: u64| match b {
+                b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30)),
+                b => format!("{} MiB", b.div_ceil(1 << 20)),
+            };
+            let more = if adding > 0 {
+                format!(" and {what} would take {} more", gib(adding))
+            } else {
+                String::new()
+            };
+            return Err(crate::Error::LimitExceeded(format!(
+                "uid {uid}'s images, kernels, snapshots and VMs take {} of disk{more}, \
+                 against max_disk_size_per_user ({}); delete some (`banger vm delete`, \
+                 `banger snapshot delete`, `banger image delete`) or have the operator raise \
+                 max_disk_size_per_user in /etc/banger/config.toml",
+                gib(used),
+                gib(max)
+            )));
+        }
+        Ok(())
+    }
+
     /// How many of each thing there are.
     pub async fn counts(&self) -> Result<Counts> {
         let (images, kernels, vms) = self
@@ -227,4 +304,27 @@ impl Banger {
             jobs: self.jobs.list().len() as u32,
         })
     }
+}
+
+/// The bytes the files under `dir` hold on disk (`du`): links are not followed, and what
+/// cannot be read counts as nothing.
+fn allocated(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            total += m.blocks() * 512;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    total
 }

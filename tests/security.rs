@@ -849,6 +849,118 @@ async fn members_cannot_use_replace_or_delete_each_others_objects() {
     t.report("security (members)");
 }
 
+/// `max_disk_size_per_user`: a member whose images, kernels, snapshots and VMs hold their
+/// quota makes nothing more (refused with the quota and their use named) until they delete
+/// something; root's objects are the system's and have no quota.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_members_disk_quota_refuses_what_would_pass_it() {
+    if !available(TOOLS) {
+        return;
+    }
+    ensure_users();
+    let alice = USER_OK;
+    let ua = uid_of(alice);
+    let files = tempfile::tempdir().unwrap();
+    let f = files.path();
+    std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let img = ext4(f, "a.ext4", "alice", "16M");
+    chown_to(&img, ua, 0o644);
+    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+    elf.resize(64 * 1024, 0);
+    let kernel = f.join("vmlinux");
+    std::fs::write(&kernel, &elf).unwrap();
+    chown_to(&kernel, ua, 0o644);
+    // One image of alice's passes a quota this small; after it, she holds more than it.
+    const QUOTA: u64 = 64 << 10;
+    let bus = TestBus::start(BusOptions {
+        extra_config: format!("max_disk_size_per_user = {QUOTA}\n"),
+        ..Default::default()
+    });
+    let call = |user: Option<&str>, method: &str, args: &[&str]| {
+        bus.gdbus_as(user, false, "/org/banger", method, args)
+    };
+    const REGISTER: &str = "org.banger.Images1.RegisterImage";
+    let opts = register_opts(&[("rootfs", &img)]);
+    let out = call(Some(alice), REGISTER, &["a-1", &opts]);
+    assert!(out.status.success(), "{}", text(&out));
+    let used = || {
+        let out = bus.banger_as(Some(alice), &["--json", "status"]);
+        assert!(out.status.success(), "{}", text(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let s = v["your_disk_size"].as_str().unwrap().to_owned();
+        let (used, of) = s.split_once(" of ").unwrap();
+        assert_eq!(of, QUOTA.to_string(), "{s}");
+        used.parse::<u64>().unwrap()
+    };
+    let held = used();
+    assert!(held > QUOTA, "alice's image holds {held} bytes");
+
+    const LIMIT: &str = "org.banger.Error.LimitExceeded";
+    let mut t = Tally {
+        tried: 0,
+        refused: 0,
+        leaked: 0,
+    };
+    let says = "max_disk_size_per_user";
+    t.case(
+        &bus,
+        "a second image",
+        || call(Some(alice), REGISTER, &["a-2", &opts]),
+        LIMIT,
+        says,
+    );
+    t.case(
+        &bus,
+        "a kernel",
+        || {
+            call(
+                Some(alice),
+                "org.banger.Kernels1.ImportKernel",
+                &["a-k", &register_opts(&[("kernel_path", &kernel)])],
+            )
+        },
+        LIMIT,
+        says,
+    );
+    t.case(
+        &bus,
+        "a VM",
+        || {
+            call(
+                Some(alice),
+                "org.banger.VMs1.CreateVM",
+                &["a-vm", "{'image': <'a-1'>, 'start': <false>}"],
+            )
+        },
+        LIMIT,
+        says,
+    );
+    t.case(
+        &bus,
+        "a pull",
+        || {
+            call(
+                Some(alice),
+                "org.banger.Images1.PullImage",
+                &["localhost:1/x:y", "@a{sv} {}"],
+            )
+        },
+        LIMIT,
+        says,
+    );
+    assert_eq!(used(), held, "the refusals made nothing");
+    // Root's objects are the system's: no quota.
+    let out = call(None, REGISTER, &["r-1", &opts]);
+    assert!(out.status.success(), "{}", text(&out));
+    // Deleting her image frees her quota.
+    let out = call(Some(alice), "org.banger.Images1.DeleteImage", &["a-1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(used(), 0);
+    let out = call(Some(alice), REGISTER, &["a-2", &opts]);
+    assert!(out.status.success(), "{}", text(&out));
+    t.report("security (disk quota)");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn what_a_vm_runs_is_its_owners_business() {
     if !available(TOOLS) {
@@ -886,6 +998,7 @@ async fn what_a_vm_runs_is_its_owners_business() {
         (Some(USER_NO), false),
         (Some(USER_OK2), false),
         (Some(USER_OK), true),
+        (Some(USER_ADMIN), true),
         (None, true),
     ] {
         let mut seen = String::new();

@@ -37,20 +37,21 @@ impl Vm1 {
         self.vm().id.clone()
     }
 
-    /// The VM as the caller of the message `hdr` may see it (see `Vm::seen_by`): a
-    /// property read with no message (a signal, which reaches everyone) sees what strangers
-    /// see.
+    /// The VM as the caller of the message `hdr` may see it (see `Vm::private_to`): its
+    /// owner, root and holders of manage-any see it whole; a property read with no message
+    /// (a signal, which reaches everyone) sees what strangers see.
     async fn seen_by(&self, conn: &Connection, hdr: Option<&Header<'_>>) -> Vm {
         let vm = self.vm().clone();
-        let uid = match hdr {
-            Some(h) => crate::auth::Caller::from_header(conn, h)
-                .await
-                .map(|c| c.uid)
-                .ok(),
+        let caller = match hdr {
+            Some(h) => crate::auth::Caller::from_header(conn, h).await.ok(),
             None => None,
         };
-        // No uid is nobody's: u32::MAX is never an owner.
-        vm.seen_by(uid.unwrap_or(u32::MAX))
+        let full = match &caller {
+            Some(c) if vm.private_to(c.uid) => true,
+            Some(c) => ops::manages_any(self.ctx.authority.as_ref(), c).await,
+            None => false,
+        };
+        vm.shown(full)
     }
 
     /// Puts the VM's new row in place; returns the old one.

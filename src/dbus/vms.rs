@@ -18,8 +18,9 @@ pub struct Vms1 {
 impl Vms1 {
     /// The caller's use against their quotas, as (key, used, allowed): vms
     /// (max_vms_per_user), running_vms (max_running_vms_per_user), vcpus
-    /// (max_vcpus_per_user) and memory_mib (max_memory_mib_per_user), the last three summed
-    /// over the caller's starting and running VMs.
+    /// (max_vcpus_per_user) and memory_mib (max_memory_mib_per_user), these three summed
+    /// over the caller's starting and running VMs, and disk_size (max_disk_size_per_user),
+    /// the bytes the caller's images, kernels, snapshots and VMs hold on disk.
     #[zbus(name = "GetUsage", out_args("usage"))]
     async fn get_usage(
         &self,

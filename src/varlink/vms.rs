@@ -79,11 +79,12 @@ type Snapshot (
 # Every VM.
 method List() -> (vms: []VM)
 
-# One quota: how much of it the caller's VMs use, and how much it allows.
+# One quota: how much of it the caller's objects use, and how much it allows.
 type Usage (
   # vms (max_vms_per_user), running_vms (max_running_vms_per_user), vcpus
-  # (max_vcpus_per_user) or memory_mib (max_memory_mib_per_user); the last three are sums
-  # over the caller's starting and running VMs.
+  # (max_vcpus_per_user) or memory_mib (max_memory_mib_per_user), these three sums over the
+  # caller's starting and running VMs, or disk_size (max_disk_size_per_user), the bytes the
+  # caller's images, kernels, snapshots and VMs hold on disk.
   quota: string,
   used: int,
   allowed: int
@@ -263,20 +264,24 @@ pub(super) async fn call(
         }
         "List" => {
             p.finish()?;
-            // What a VM runs is its owner's business (see `Vm::seen_by`).
-            let vms: Vec<Value> = b
-                .vms
-                .list()
-                .await?
+            // What a VM runs is its owner's business (see `Vm::private_to`), and manage-any's,
+            // asked once and only when another user's VM is listed.
+            let all = b.vms.list().await?;
+            let any = all.iter().any(|v| !v.private_to(caller.uid))
+                && ops::manages_any(ctx.authority.as_ref(), caller).await;
+            let vms: Vec<Value> = all
                 .iter()
-                .map(|v| view(&v.seen_by(caller.uid)))
+                .map(|v| view(&v.shown(any || v.private_to(caller.uid))))
                 .collect();
             Ok(Answer::One(json!({ "vms": vms })))
         }
         "Get" => {
             let name: String = p.req("name")?;
             p.finish()?;
-            let vm = b.vms.get(&name).await?.seen_by(caller.uid);
+            let vm = b.vms.get(&name).await?;
+            let full =
+                vm.private_to(caller.uid) || ops::manages_any(ctx.authority.as_ref(), caller).await;
+            let vm = vm.shown(full);
             Ok(Answer::One(json!({ "vm": view(&vm) })))
         }
         "Create" => {

@@ -24,6 +24,9 @@ pub const USER_OK: &str = "banger-it-ok";
 pub const USER_NO: &str = "banger-it-no";
 /// A second member of the group, for what members may not do to each other.
 pub const USER_OK2: &str = "banger-it-ok2";
+/// A member an operator's rule (every test bus has it) grants `manage-any`, as a site grants
+/// its administrators without making them root.
+pub const USER_ADMIN: &str = "banger-it-admin";
 
 /// The repository's root.
 pub fn repo() -> PathBuf {
@@ -84,6 +87,7 @@ pub fn ensure_users() {
         ok(Command::new("groupadd").args(["--system", GROUP]));
         ok(Command::new("useradd").args(["-M", "-N", "-G", GROUP, USER_OK]));
         ok(Command::new("useradd").args(["-M", "-N", "-G", GROUP, USER_OK2]));
+        ok(Command::new("useradd").args(["-M", "-N", "-G", GROUP, USER_ADMIN]));
         ok(Command::new("useradd").args(["-M", "-N", USER_NO]));
     });
 }
@@ -215,6 +219,18 @@ impl TestBus {
             std::fs::copy(repo().join(src), &file).unwrap();
             chmod(&file, 0o644);
         }
+        // An operator's own rule, read before the shipped one: USER_ADMIN manages anyone's.
+        let admin = d.join("rules/40-banger-tests.rules");
+        write(
+            &admin,
+            &format!(
+                "polkit.addRule(function(action, subject) {{\n\
+                 \x20   if (action.id == \"org.banger.vms.manage-any\" && subject.user == \"{USER_ADMIN}\")\n\
+                 \x20       return polkit.Result.YES;\n\
+                 }});\n"
+            ),
+        );
+        chmod(&admin, 0o644);
         write(
             &d.join("services/org.freedesktop.PolicyKit1.service"),
             "[D-BUS Service]\nName=org.freedesktop.PolicyKit1\nExec=/usr/lib/polkit-1/polkitd --no-debug\nUser=root\n",
