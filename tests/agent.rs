@@ -98,19 +98,15 @@ async fn exec_streams_stdin_stdout_stderr_and_the_exit_code() {
 }
 
 #[tokio::test]
-async fn a_missing_program_is_a_clear_error() {
+async fn a_missing_program_exits_127_and_a_forbidden_one_126_as_shells_do() {
     let a = Agent::start();
-    let e = client::exec(
-        a.conn().await,
-        banger::agent::ExecRequest::new(vec!["/nonexistent/prog".into()]),
-        &b""[..],
-        Vec::new(),
-        Vec::new(),
-    )
-    .await
-    .unwrap_err();
-    assert!(
-        e.full_message().contains("cannot run /nonexistent/prog"),
-        "{e}"
-    );
+    let (code, _, err) = run(&a, &["/nonexistent/prog"], b"").await;
+    assert_eq!(code, 127);
+    let err = String::from_utf8_lossy(&err);
+    assert!(err.contains("cannot run /nonexistent/prog"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("not-a-program");
+    std::fs::write(&plain, b"data\n").unwrap();
+    let (code, _, err) = run(&a, &[plain.to_str().unwrap()], b"").await;
+    assert_eq!(code, 126, "{}", String::from_utf8_lossy(&err));
 }

@@ -587,7 +587,27 @@ fn exec(
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return refuse(format!("cannot run {prog} in {cwd} as {}: {e}", who.name)),
+        Err(e) => {
+            let why = format!("cannot run {prog} in {cwd} as {}: {e}", who.name);
+            // As shells and docker do: a program that is not there exits 127, one that may
+            // not be run 126, with the reason where the command's errors would go.
+            let code: i32 = match e.kind() {
+                std::io::ErrorKind::NotFound => 127,
+                std::io::ErrorKind::PermissionDenied => 126,
+                _ => return refuse(why),
+            };
+            {
+                let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                write_line(&mut *w, &Reply::ok())?;
+            }
+            let kind = if pty.is_some() {
+                frame::STDOUT
+            } else {
+                frame::STDERR
+            };
+            send(&writer, kind, format!("banger-agent: {why}\n").as_bytes())?;
+            return send(&writer, frame::EXIT, &code.to_be_bytes());
+        }
     };
     {
         let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
