@@ -21,7 +21,19 @@ use crate::Result;
 /// The QEMU driver.
 pub struct Qemu {
     accel: Accel,
+    /// qboot, where QEMU's data holds it (see [`QBOOT`]).
+    firmware: Option<PathBuf>,
 }
+
+/// The firmware microvm boots with: qboot, which loads a PVH kernel with its initrd and puts
+/// the ACPI tables (which describe the virtio-mmio devices) where the kernel finds them.
+/// QEMU ≤ 10 in Debian defaults to it; QEMU 11 in Debian defaults to SeaBIOS's microvm
+/// build, with which the guest kernel never sees its initrd (banger-init is in it), so banger
+/// names qboot whenever it is installed.
+const QBOOT: &[&str] = &[
+    "/usr/share/qemu/qboot.rom",
+    "/usr/local/share/qemu/qboot.rom",
+];
 
 const QEMU: &str = "qemu-system-x86_64";
 fn qemu_pidfile(run: &Path) -> PathBuf {
@@ -130,7 +142,8 @@ pub fn host_is_a_guest() -> bool {
 impl Qemu {
     /// A driver with this accelerator choice.
     pub fn new(accel: Accel) -> Self {
-        Qemu { accel }
+        let firmware = QBOOT.iter().map(PathBuf::from).find(|p| p.is_file());
+        Qemu { accel, firmware }
     }
 
     /// Whether VMs get KVM (else TCG).
@@ -199,6 +212,9 @@ impl Qemu {
             "-kernel".into(),
             p(&spec.kernel),
         ];
+        if let Some(f) = &self.firmware {
+            a.extend(["-bios".into(), p(f)]);
+        }
         if let Some(i) = &spec.initrd {
             a.extend(["-initrd".into(), p(i)]);
         }
