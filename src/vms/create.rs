@@ -496,6 +496,17 @@ impl Vms {
             None
         };
         let snap_dir = restore.as_ref().map(|s| self.snapshot_dir(&s.id));
+        // The snapshot's disk is in the chain QEMU opens on every start, not only the first
+        // (the VM's disk layers on it): its view must hold it each time.
+        let layered_on = match (&restore, vm.snapshot.is_empty()) {
+            (Some(s), _) => Some(s.clone()),
+            (None, false) => Some(self.snapshot(&vm.snapshot).await?),
+            (None, true) => None,
+        }
+        .map(|s| {
+            self.snapshot_dir(&s.id)
+                .join(snapshot::rootfs_file(snapshot::disk_format_of(&s)))
+        });
 
         // The root disk, the work disk, the network and the initrd do not depend on each
         // other: each stage is entered in order, then all four are made at once, so a cold
@@ -706,55 +717,52 @@ impl Vms {
                 })
                 .collect()
         };
-        let spec =
-            BootSpec {
-                id: vm.id.clone(),
-                name: vm.name.clone(),
-                vcpus: vm.vcpus,
-                memory_mib: vm.memory_mib,
-                kernel: kernel.kernel_path.clone(),
-                initrd,
-                cmdline: format!(
-                    "quiet {} banger.hostname={}{}{}",
-                    lease.cmdline(),
-                    hostname_for(&vm.name),
-                    if vm.main.is_empty() {
-                        super::init_cmdline(&vm.init)
-                    } else {
-                        // banger-init runs the main process, whatever init the image has.
-                        " banger.init=banger banger.main=1".into()
-                    },
-                    share::cmdline(&vm.shares)
-                ),
-                net: Some(crate::vmm::NetSpec {
-                    tap: vm.tap_name.clone(),
-                    mac: vm.mac_address.clone(),
-                }),
-                shares,
-                rootfs,
-                work,
-                cid: vm.vsock_cid,
-                run_dir: run.clone(),
-                console_log: self.console_log(&vm.id),
-                jail: crate::vmm::jail::Jail {
-                    uid: crate::vmm::jail::vm_uid(vm.vsock_cid),
-                    gid: crate::vmm::jail::vm_uid(vm.vsock_cid),
-                    groups: vec![crate::vmm::jail::vmm_gid()],
-                    hide: vec![
-                        self.layout.state_dir.clone(),
-                        self.layout.runtime_dir.clone(),
-                    ],
-                    read_only: [image.rootfs_path.clone(), kernel.kernel_path.clone()]
-                        .into_iter()
-                        .chain(restore.as_ref().zip(snap_dir.as_ref()).map(|(s, d)| {
-                            d.join(snapshot::rootfs_file(snapshot::disk_format_of(s)))
-                        }))
-                        .collect(),
-                    private: true,
-                    offline: true,
+        let spec = BootSpec {
+            id: vm.id.clone(),
+            name: vm.name.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            kernel: kernel.kernel_path.clone(),
+            initrd,
+            cmdline: format!(
+                "quiet {} banger.hostname={}{}{}",
+                lease.cmdline(),
+                hostname_for(&vm.name),
+                if vm.main.is_empty() {
+                    super::init_cmdline(&vm.init)
+                } else {
+                    // banger-init runs the main process, whatever init the image has.
+                    " banger.init=banger banger.main=1".into()
                 },
-                incoming: memory.is_some(),
-            };
+                share::cmdline(&vm.shares)
+            ),
+            net: Some(crate::vmm::NetSpec {
+                tap: vm.tap_name.clone(),
+                mac: vm.mac_address.clone(),
+            }),
+            shares,
+            rootfs,
+            work,
+            cid: vm.vsock_cid,
+            run_dir: run.clone(),
+            console_log: self.console_log(&vm.id),
+            jail: crate::vmm::jail::Jail {
+                uid: crate::vmm::jail::vm_uid(vm.vsock_cid),
+                gid: crate::vmm::jail::vm_uid(vm.vsock_cid),
+                groups: vec![crate::vmm::jail::vmm_gid()],
+                hide: vec![
+                    self.layout.state_dir.clone(),
+                    self.layout.runtime_dir.clone(),
+                ],
+                read_only: [image.rootfs_path.clone(), kernel.kernel_path.clone()]
+                    .into_iter()
+                    .chain(layered_on)
+                    .collect(),
+                private: true,
+                offline: true,
+            },
+            incoming: memory.is_some(),
+        };
         // The VM's processes run as a uid of its own: its directories become that uid's, what
         // it only reads (image, kernel) the VMM group's.
         {
