@@ -1,0 +1,380 @@
+//! The lifecycle matrix (issue 32): every way a VM is born — cold, warm (the default), from a
+//! snapshot, forked, with a share, with a published port; by root and by a member — walked
+//! through every transition: stop → start, pause → resume, snapshot, the daemon killed while
+//! it runs and while it is stopped, stop → start → snapshot → restore, delete. After each step
+//! every VM answers `vm exec` as itself (and its share and port still work), and the state
+//! holds every invariant fault injection checks (no VMM without a running VM, no tap or
+//! nftables element without a live VM, no leftovers). A new birth or transition is a row in
+//! [`BIRTHS`] or [`STEPS`], not a scenario; the run prints `lifecycle: N paths, all hold`.
+//!
+//! The VMs of one step run its transition at once (one thread each); the daemon restarts are
+//! one kill for every VM.
+
+mod common;
+
+use common::invariants::*;
+use common::oci::*;
+use common::vm::*;
+use common::*;
+
+/// How a VM comes to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum How {
+    /// A boot from its image (`--cold`).
+    Cold,
+    /// The image's warm snapshot of its shape, restored (the default once one exists).
+    Warm,
+    /// A restore of a user's snapshot of another VM (`--snapshot`).
+    Snapshot,
+    /// `vm fork` of a running VM.
+    Fork,
+    /// A host folder shared in (`--share`).
+    Share,
+    /// A guest port published on the host (`--publish`).
+    Publish,
+}
+
+/// One birth: the VM's name, its owner (None: root), how it is born.
+struct Birth {
+    name: &'static str,
+    who: Option<&'static str>,
+    how: How,
+}
+
+/// Every way a VM is born, by root and by a member.
+const BIRTHS: &[Birth] = &[
+    Birth {
+        name: "cold",
+        who: None,
+        how: How::Cold,
+    },
+    Birth {
+        name: "warm",
+        who: Some(USER_OK),
+        how: How::Warm,
+    },
+    Birth {
+        name: "restored",
+        who: None,
+        how: How::Snapshot,
+    },
+    Birth {
+        name: "forked",
+        who: Some(USER_OK),
+        how: How::Fork,
+    },
+    Birth {
+        name: "shared",
+        who: Some(USER_OK),
+        how: How::Share,
+    },
+    Birth {
+        name: "published",
+        who: None,
+        how: How::Publish,
+    },
+];
+
+/// A transition every VM goes through, in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    StopStart,
+    PauseResume,
+    Snapshot,
+    /// The daemon killed (SIGKILL) while the VMs run; the next call starts another.
+    RestartRunning,
+    /// The VMs stopped, the daemon killed, the VMs started by the next daemon.
+    RestartStopped,
+    /// Stop, start, snapshot, and a VM restored from that snapshot answers as itself.
+    StopStartSnapshotRestore,
+    /// Nothing of the VM is left: processes, taps, nftables elements, directories.
+    Delete,
+}
+
+const STEPS: &[Step] = &[
+    Step::StopStart,
+    Step::PauseResume,
+    Step::Snapshot,
+    Step::RestartRunning,
+    Step::RestartStopped,
+    Step::StopStartSnapshotRestore,
+    Step::Delete,
+];
+
+/// What a birth cannot go through by design, and the refusal that says so: a VM with a
+/// shared folder cannot be snapshotted (virtio-fs devices do not migrate). The refusal is
+/// the path's outcome; the VM must go on answering after it.
+fn refusal(how: How, step: Step) -> Option<&'static str> {
+    match (how, step) {
+        (How::Share, Step::Snapshot | Step::StopStartSnapshotRestore) => {
+            Some("snapshot a VM without --share")
+        }
+        _ => None,
+    }
+}
+
+/// The memory and vCPUs of every VM (one shape, so the warm snapshot serves them all).
+const SHAPE: [&str; 4] = ["--memory", "256", "--vcpus", "1"];
+/// The host port the published VM's guest port 7070 is on.
+const PORT: &str = "18181";
+
+fn ok(out: std::process::Output, what: &str) -> String {
+    assert!(out.status.success(), "{what}: {}", text(&out));
+    text(&out)
+}
+
+fn refused(out: std::process::Output, why: &str) {
+    assert!(
+        !out.status.success() && text(&out).contains(why),
+        "wanted a refusal saying {why:?}: {}",
+        text(&out)
+    );
+}
+
+/// The VM answers `vm exec` as itself, and what its birth gave it still works.
+fn answers(bus: &TestBus, b: &Birth, vm: &str, after: &str) {
+    let out = ok(
+        bus.banger_as(b.who, &["vm", "exec", vm, "--", "hostname"]),
+        &format!("{vm} after {after}: vm exec"),
+    );
+    assert_eq!(out.trim(), vm, "{vm} after {after}: hostname");
+    if b.how == How::Share && vm == b.name {
+        let out = bus.banger_as(b.who, &["vm", "exec", vm, "--", "cat", "/mnt/s/hello"]);
+        assert!(
+            out.status.success() && text(&out).contains("from the host"),
+            "{vm} after {after}: the share: {}",
+            text(&out)
+        );
+    }
+    if b.how == How::Publish && vm == b.name {
+        // The forwarder accepts on the host's port whatever the guest listens on.
+        let out = bus
+            .in_netns("bash")
+            .args(["-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{PORT}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{vm} after {after}: the published port: {}",
+            text(&out)
+        );
+    }
+}
+
+/// Runs `f` for every VM still in the matrix at once.
+fn each(vms: &[&Birth], f: impl Fn(&Birth) + Sync) {
+    std::thread::scope(|s| {
+        for b in vms {
+            let f = &f;
+            s.spawn(move || f(b));
+        }
+    });
+}
+
+fn violations(bus: &TestBus, after: &str) {
+    let bad = check(bus);
+    assert!(bad.is_empty(), "after {after}: {bad:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
+    let Some((_state, bus)) = kernel_ready_bus(&[], "warm_snapshots = true\n").await else {
+        return;
+    };
+    let registry = TestRegistry::start_in_netns(bus.netns_pid());
+    let layout = tempfile::tempdir().unwrap();
+    let m = image_manifest_labeled(layout.path(), &vm_image_layers(), serde_json::json!({}));
+    finish_layout(layout.path(), vec![m], "v1");
+    let reference = registry.push(layout.path(), "v1", "vm/life", &[]);
+    ok(
+        bus.banger_as(None, &["image", "pull", &reference, "--name", "life"]),
+        "image pull",
+    );
+
+    // The member's folder, the source of the snapshot birth, and the warm snapshot.
+    let folder = tempfile::tempdir().unwrap();
+    let share = folder.path().join("s");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(folder.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir(&share).unwrap();
+        std::fs::write(share.join("hello"), "from the host\n").unwrap();
+        for p in [&share, &share.join("hello")] {
+            std::os::unix::fs::chown(p, Some(uid_of(USER_OK)), None).unwrap();
+        }
+    }
+    let create = |who: Option<&str>, name: &str, extra: &[&str]| {
+        let mut a = vec!["vm", "create", name, "--image", "life"];
+        a.extend(SHAPE);
+        a.extend(extra);
+        ok(bus.banger_as(who, &a), &format!("vm create {name}"))
+    };
+    create(None, "source", &["--cold"]);
+    ok(
+        bus.banger_as(None, &["vm", "snapshot", "source", "source-snap"]),
+        "the source's snapshot",
+    );
+    ok(
+        bus.banger_as(
+            None,
+            &["image", "warm", "life", "--memory", "256", "--vcpus", "1"],
+        ),
+        "image warm",
+    );
+
+    // The births.
+    let share_arg = format!("{}:/mnt/s", share.display());
+    let publish_arg = format!("127.0.0.1:{PORT}:7070");
+    for b in BIRTHS {
+        match b.how {
+            How::Cold => {
+                create(b.who, b.name, &["--cold"]);
+            }
+            How::Warm => {
+                let out = create(b.who, b.name, &[]);
+                assert!(out.contains("Restoring the warm snapshot"), "{out}");
+            }
+            How::Snapshot => {
+                // The snapshot's image and shape are the VM's.
+                ok(
+                    bus.banger_as(
+                        b.who,
+                        &["vm", "create", b.name, "--snapshot", "source-snap"],
+                    ),
+                    "vm create --snapshot",
+                );
+            }
+            How::Fork => {
+                ok(
+                    bus.banger_as(b.who, &["vm", "fork", "warm", b.name]),
+                    "vm fork",
+                );
+            }
+            How::Share => {
+                create(b.who, b.name, &["--cold", "--share", &share_arg]);
+            }
+            How::Publish => {
+                create(b.who, b.name, &["--publish", &publish_arg]);
+            }
+        }
+        answers(&bus, b, b.name, "its birth");
+    }
+    ok(
+        bus.banger_as(None, &["vm", "delete", "--force", "source"]),
+        "delete source",
+    );
+    violations(&bus, "the births");
+
+    let conn = bus.connect().await;
+    let vms: Vec<&Birth> = BIRTHS.iter().collect();
+    let mut paths = 0;
+    for step in STEPS {
+        let after = format!("{step:?}");
+        match step {
+            Step::StopStart => each(&vms, |b| {
+                ok(bus.banger_as(b.who, &["vm", "stop", b.name]), "vm stop");
+                ok(bus.banger_as(b.who, &["vm", "start", b.name]), "vm start");
+                answers(&bus, b, b.name, &after);
+            }),
+            Step::PauseResume => each(&vms, |b| {
+                ok(bus.banger_as(b.who, &["vm", "pause", b.name]), "vm pause");
+                ok(bus.banger_as(b.who, &["vm", "resume", b.name]), "vm resume");
+                answers(&bus, b, b.name, &after);
+            }),
+            Step::Snapshot => each(&vms, |b| {
+                let snap = format!("{}-s", b.name);
+                let out = bus.banger_as(b.who, &["vm", "snapshot", b.name, &snap]);
+                match refusal(b.how, *step) {
+                    Some(why) => refused(out, why),
+                    None => drop(ok(out, "vm snapshot")),
+                }
+                answers(&bus, b, b.name, &after);
+            }),
+            Step::RestartRunning => {
+                kill_daemon(&bus, &conn).await;
+                each(&vms, |b| answers(&bus, b, b.name, &after));
+            }
+            Step::RestartStopped => {
+                each(&vms, |b| {
+                    ok(bus.banger_as(b.who, &["vm", "stop", b.name]), "vm stop");
+                });
+                kill_daemon(&bus, &conn).await;
+                each(&vms, |b| {
+                    ok(bus.banger_as(b.who, &["vm", "start", b.name]), "vm start");
+                    answers(&bus, b, b.name, &after);
+                });
+            }
+            Step::StopStartSnapshotRestore => each(&vms, |b| {
+                ok(bus.banger_as(b.who, &["vm", "stop", b.name]), "vm stop");
+                ok(bus.banger_as(b.who, &["vm", "start", b.name]), "vm start");
+                let snap = format!("{}-r", b.name);
+                let out = bus.banger_as(b.who, &["vm", "snapshot", b.name, &snap]);
+                if let Some(why) = refusal(b.how, *step) {
+                    refused(out, why);
+                    answers(&bus, b, b.name, &after);
+                    return;
+                }
+                ok(out, "vm snapshot");
+                let copy = format!("{}-copy", b.name);
+                ok(
+                    bus.banger_as(b.who, &["vm", "create", &copy, "--snapshot", &snap]),
+                    "the restore",
+                );
+                answers(&bus, b, &copy, &after);
+                answers(&bus, b, b.name, &after);
+                ok(
+                    bus.banger_as(b.who, &["vm", "delete", "--force", &copy]),
+                    "delete the copy",
+                );
+                ok(
+                    bus.banger_as(b.who, &["snapshot", "delete", &snap]),
+                    "delete the snapshot",
+                );
+            }),
+            Step::Delete => {
+                each(&vms, |b| {
+                    ok(
+                        bus.banger_as(b.who, &["vm", "delete", "--force", b.name]),
+                        "vm delete",
+                    );
+                    let gone = bus.banger_as(b.who, &["vm", "show", b.name]);
+                    assert!(!gone.status.success(), "{} is still shown", b.name);
+                });
+                assert!(
+                    vm_processes(&bus).is_empty(),
+                    "VM processes outlive their VMs: {:?}",
+                    vm_processes(&bus)
+                );
+                let dirs = entries(&bus.state_dir().join("vms"));
+                assert!(
+                    dirs.is_empty(),
+                    "VM directories outlive their VMs: {dirs:?}"
+                );
+            }
+        }
+        violations(&bus, &after);
+        paths += vms.len();
+    }
+    // The snapshots the walk took go last (a VM layered on each until its delete).
+    for b in BIRTHS
+        .iter()
+        .filter(|b| refusal(b.how, Step::Snapshot).is_none())
+    {
+        ok(
+            bus.banger_as(b.who, &["snapshot", "delete", &format!("{}-s", b.name)]),
+            "snapshot delete",
+        );
+    }
+    for snap in ["forked", "source-snap"] {
+        let _ = bus.banger_as(None, &["snapshot", "delete", snap]);
+    }
+    violations(&bus, "the cleanup");
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "lifecycle: {paths} paths ({} births × {} transitions), all hold",
+        BIRTHS.len(),
+        STEPS.len()
+    );
+    assert_eq!(paths, BIRTHS.len() * STEPS.len());
+}
