@@ -69,6 +69,11 @@ const BIRTHS: &[Birth] = &[
         how: How::Share,
     },
     Birth {
+        name: "rootshare",
+        who: None,
+        how: How::Share,
+    },
+    Birth {
         name: "published",
         who: None,
         how: How::Publish,
@@ -191,14 +196,17 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
         "image pull",
     );
 
-    // The member's folder, the source of the snapshot birth, and the warm snapshot.
+    // A folder of the member's and one of root's, the source of the snapshot birth, and the
+    // warm snapshot.
     let folder = tempfile::tempdir().unwrap();
-    let share = folder.path().join("s");
+    let (share, root_share) = (folder.path().join("s"), folder.path().join("r"));
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(folder.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::create_dir(&share).unwrap();
-        std::fs::write(share.join("hello"), "from the host\n").unwrap();
+        for d in [&share, &root_share] {
+            std::fs::create_dir(d).unwrap();
+            std::fs::write(d.join("hello"), "from the host\n").unwrap();
+        }
         for p in [&share, &share.join("hello")] {
             std::os::unix::fs::chown(p, Some(uid_of(USER_OK)), None).unwrap();
         }
@@ -223,7 +231,10 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
     );
 
     // The births.
-    let share_arg = format!("{}:/mnt/s", share.display());
+    let share_arg = |who: Option<&str>| {
+        let dir = if who.is_some() { &share } else { &root_share };
+        format!("{}:/mnt/s", dir.display())
+    };
     let publish_arg = format!("127.0.0.1:{PORT}:7070");
     for b in BIRTHS {
         match b.how {
@@ -251,13 +262,34 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
                 );
             }
             How::Share => {
-                create(b.who, b.name, &["--cold", "--share", &share_arg]);
+                create(b.who, b.name, &["--cold", "--share", &share_arg(b.who)]);
             }
             How::Publish => {
                 create(b.who, b.name, &["--publish", &publish_arg]);
             }
         }
         answers(&bus, b, b.name, "its birth");
+        if b.how == How::Share {
+            // Root's folder above all: a setuid file there would be a root shell for anyone.
+            let out = bus.banger_as(
+                b.who,
+                &[
+                    "vm",
+                    "exec",
+                    b.name,
+                    "--",
+                    "sh",
+                    "-c",
+                    "cp /bin/busybox /mnt/s/sh && chmod 4755 /mnt/s/sh",
+                ],
+            );
+            refused(out, "Operation not permitted");
+            let dir = if b.who.is_some() { &share } else { &root_share };
+            let mode = std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(dir.join("sh")).unwrap().permissions(),
+            );
+            assert_eq!(mode & 0o6000, 0, "{}: sh is {mode:o}", b.name);
+        }
     }
     ok(
         bus.banger_as(None, &["vm", "delete", "--force", "source"]),

@@ -262,6 +262,31 @@ pub const OWNER_UNIT: &[&str] = &[
     "--property=ProtectKernelLogs=no",
 ];
 
+/// A shared folder's server for a folder of root's (the VM's owner is root): virtiofsd runs
+/// as root, as libvirt runs it, and its sandbox (mount, pid and network namespaces, then
+/// dropping to its own short list) needs these; without them it fails dropping its
+/// supplementary groups. The guest still cannot make setuid or setgid files
+/// (`RestrictSUIDSGID=` here, `bangerd no-setid` everywhere).
+pub const ROOT_OWNER_UNIT: &[&str] = &[
+    "--property=CapabilityBoundingSet=CAP_SETUID CAP_SETGID CAP_SETPCAP CAP_CHOWN \
+     CAP_DAC_OVERRIDE CAP_FOWNER CAP_FSETID CAP_MKNOD CAP_SETFCAP CAP_SYS_ADMIN CAP_SYS_CHROOT",
+    "--property=RestrictNamespaces=mnt pid net",
+    "--property=ProtectHome=read-only",
+    "--property=PrivateTmp=no",
+    "--property=ProtectKernelTunables=no",
+    "--property=ProtectKernelLogs=no",
+];
+
+/// What setpriv keeps for root's shared folder's server (see [`ROOT_OWNER_UNIT`]): those
+/// capabilities in the bounding set (root gets them on exec; no new ones after).
+const ROOT_OWNER_SETPRIV: &[&str] = &[
+    "--bounding-set=-all,+chown,+dac_override,+fowner,+fsetid,+mknod,+setfcap,+setgid,\
+     +setuid,+setpcap,+sys_admin,+sys_chroot",
+    "--inh-caps=-all",
+    "--ambient-caps=-all",
+    "--no-new-privs",
+];
+
 /// What the jailer needs for its mount namespace, chroot, device nodes and the uid change;
 /// it drops them all when it execs Firecracker as the VM's uid.
 pub const JAILER_UNIT: &[&str] = &[
@@ -489,6 +514,7 @@ pub async fn spawn_jailer(d: &Detached<'_>) -> crate::Result<()> {
 
 async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
     let (jail, log) = (d.jail, d.log);
+    let root_owner = runner == Runner::Owner && jail.uid == 0;
     let groups: Vec<String> = jail.groups.iter().map(|g| g.to_string()).collect();
     let what = d
         .program
@@ -524,7 +550,11 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
             .args(["--property=KillMode=mixed", "--property=TimeoutStopSec=10"])
             .arg(format!("--setenv={RUN_DIR_ENV}={run_dir}"))
             .args(CONFINED_UNIT)
-            .args(runner.unit_properties())
+            .args(if root_owner {
+                ROOT_OWNER_UNIT
+            } else {
+                runner.unit_properties()
+            })
             .args(if d.jail.offline && runner == Runner::Setpriv {
                 VM_UNIT
             } else {
@@ -589,7 +619,11 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
             } else {
                 format!("--groups={}", groups.join(","))
             })
-            .args(CONFINED_SETPRIV)
+            .args(if root_owner {
+                ROOT_OWNER_SETPRIV
+            } else {
+                CONFINED_SETPRIV
+            })
             .arg("--");
     }
     if let Some(fd) = &fd3 {
