@@ -128,6 +128,40 @@ fn ok(out: std::process::Output, what: &str) -> String {
     text(&out)
 }
 
+/// How long the pause → resume step keeps each VM paused.
+const PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The guest's wall clock less the host's, in seconds: 0 when the guest's reading lies
+/// between the host's readings before and after the call.
+fn clock_offset(bus: &TestBus, b: &Birth, vm: &str) -> f64 {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let before = now();
+    let out = ok(
+        bus.banger_as(b.who, &["vm", "exec", vm, "--", "/bin/busybox", "adjtimex"]),
+        "adjtimex",
+    );
+    let after = now();
+    let field = |k: &str| -> f64 {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(k))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{vm}: no {k} in {out}"))
+    };
+    let guest = field("time.tv_sec:") + field("time.tv_usec:") / 1e6;
+    if guest < before {
+        guest - before
+    } else if guest > after {
+        guest - after
+    } else {
+        0.0
+    }
+}
+
 fn refused(out: std::process::Output, why: &str) {
     assert!(
         !out.status.success() && text(&out).contains(why),
@@ -310,7 +344,19 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
             }),
             Step::PauseResume => each(&vms, |b| {
                 ok(bus.banger_as(b.who, &["vm", "pause", b.name]), "vm pause");
+                // Paused for a while (what is under test, not a wait for readiness): its
+                // clock stands still meanwhile, and the resume sets it.
+                std::thread::sleep(PAUSE);
                 ok(bus.banger_as(b.who, &["vm", "resume", b.name]), "vm resume");
+                let off = clock_offset(&bus, b, b.name);
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "lifecycle: {} is {off:+.3} s off the host after a {} s pause",
+                    b.name,
+                    PAUSE.as_secs()
+                );
+                assert!(off.abs() < 0.5, "{}: {off:+.3} s off the host", b.name);
                 answers(&bus, b, b.name, &after);
             }),
             Step::Snapshot => each(&vms, |b| {

@@ -108,6 +108,15 @@ pub async fn identity<S: AsyncRead + AsyncWrite + Unpin>(
         .map(|r| r.health)
 }
 
+/// Steps the guest's wall clock to the host's now; returns once the agent set it.
+pub async fn set_clock<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<()> {
+    let time_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    request(s, &Request::SetClock { time_ns }).await.map(|_| ())
+}
+
 /// Asks the guest to power off; returns once the agent accepted.
 pub async fn shutdown<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<()> {
     request(s, &Request::Shutdown).await.map(|_| ())

@@ -161,7 +161,8 @@ fn replace(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-fn set_clock(ns: u64) -> Result<(), String> {
+/// Steps the wall clock to `ns` since the epoch.
+pub(super) fn set_clock(ns: u64) -> Result<(), String> {
     let ts = libc::timespec {
         tv_sec: (ns / 1_000_000_000) as libc::time_t,
         tv_nsec: (ns % 1_000_000_000) as libc::c_long,

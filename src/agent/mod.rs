@@ -100,6 +100,13 @@ pub enum Request {
         /// The guest port.
         port: u16,
     },
+    /// Step the guest's wall clock to the host's (after a resume: a paused guest's clock
+    /// stood still while the host's went on).
+    #[serde(rename = "setclock")]
+    SetClock {
+        /// The host's time, ns since the epoch.
+        time_ns: u64,
+    },
 }
 
 /// What makes a VM itself, applied by the agent after a restore.

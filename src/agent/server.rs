@@ -189,6 +189,10 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
         } => exec(reader, writer, argv, env, cwd, user, tty),
         Request::Put { path, name, dir } => put(reader, writer, &path, &name, dir),
         Request::Get { path } => get(writer, &path),
+        Request::SetClock { time_ns } => match super::identity::set_clock(time_ns) {
+            Ok(()) => write_line(&mut writer, &Reply::ok()),
+            Err(e) => write_line(&mut writer, &Reply::error(e)),
+        },
         Request::Identity(id) => match super::identity::apply(&id) {
             // With its health: the host need not ask again (a round trip a restore saves).
             Ok(()) => write_line(&mut writer, &health_reply()),

@@ -120,7 +120,27 @@ impl Vms {
         vm.state = to;
         self.save(&vm).await?;
         tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "VM {to}");
+        if !pause {
+            self.sync_clock(&vm).await;
+        }
         Ok(())
+    }
+
+    /// Steps a resumed guest's wall clock to the host's: while paused it stood still. Best
+    /// effort, bounded: an agent that does not answer (or predates the request) leaves the
+    /// clock as it was, which is logged.
+    pub(super) async fn sync_clock(&self, vm: &Vm) {
+        let set = async {
+            let mut s = self.open_agent_any(vm).await?;
+            crate::agent::client::set_clock(&mut s).await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), set).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(vm_id = %vm.id, "Cannot set the guest's clock: {e}"),
+            Err(_) => {
+                tracing::warn!(vm_id = %vm.id, "The guest agent did not set its clock in 5 s")
+            }
+        }
     }
 
     async fn request_shutdown(&self, vm: &Vm) -> &'static str {

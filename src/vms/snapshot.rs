@@ -430,6 +430,8 @@ impl Vms {
         // The VM goes on whatever became of the snapshot (unless asked to stay paused).
         if was_running && !(o.pause && saved.is_ok()) {
             self.vmm.resume(&run).await?;
+            // Its clock stood still while its memory was saved.
+            self.sync_clock(&vm).await;
         } else if o.pause && saved.is_ok() && was_running {
             vm.state = VmState::Paused;
             self.save(&vm).await?;
