@@ -263,6 +263,17 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
         ),
         "image warm",
     );
+    // banger's own warm snapshot is no user's business: listed with --all only.
+    let listed = ok(
+        bus.banger_as(Some(USER_OK), &["snapshot", "list"]),
+        "snapshot list",
+    );
+    assert!(!listed.contains(".warm-"), "{listed}");
+    let listed = ok(
+        bus.banger_as(Some(USER_OK), &["snapshot", "list", "--all"]),
+        "snapshot list --all",
+    );
+    assert!(listed.contains(".warm-"), "{listed}");
 
     // The births.
     let share_arg = |who: Option<&str>| {
@@ -278,6 +289,12 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
             How::Warm => {
                 let out = create(b.who, b.name, &[]);
                 assert!(out.contains("Restoring the warm snapshot"), "{out}");
+                // People read the owner's name and a calendar time.
+                let shown = ok(bus.banger_as(b.who, &["vm", "show", b.name]), "vm show");
+                assert!(
+                    shown.contains(&format!("{USER_OK} (")) && shown.contains(" UTC"),
+                    "{shown}"
+                );
             }
             How::Snapshot => {
                 // The snapshot's image and shape are the VM's.
@@ -339,7 +356,17 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
         match step {
             Step::StopStart => each(&vms, |b| {
                 ok(bus.banger_as(b.who, &["vm", "stop", b.name]), "vm stop");
+                // Both verbs are idempotent, as docker's and machinectl's are.
+                ok(
+                    bus.banger_as(b.who, &["vm", "stop", b.name]),
+                    "vm stop again",
+                );
                 ok(bus.banger_as(b.who, &["vm", "start", b.name]), "vm start");
+                let again = ok(
+                    bus.banger_as(b.who, &["vm", "start", b.name]),
+                    "vm start again",
+                );
+                assert!(again.contains("is running already"), "{again}");
                 answers(&bus, b, b.name, &after);
             }),
             Step::PauseResume => each(&vms, |b| {

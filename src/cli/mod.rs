@@ -78,6 +78,28 @@ pub(crate) fn owner_name(uid: u64) -> String {
     }
 }
 
+/// A time in µs since the epoch as people read it, in UTC (`2026-12-03 15:20:31 UTC`).
+pub(crate) fn utc_time(us: u64) -> String {
+    let secs = us / 1_000_000;
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
 /// Each object's `Owner` property by object path, from the service's ObjectManager in one
 /// call (list methods keep their shipped signatures, which have no owner).
 pub(crate) async fn owners(
@@ -166,5 +188,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         (Command::Vm(c), None) => vm::run(&out, &connect().await?, c).await,
         (Command::Snapshot(c), None) => snapshot::run(&out, &connect().await?, c).await,
         (Command::Job(c), None) => job::run(&out, &connect().await?, c).await,
+    }
+}
+
+#[cfg(test)]
+mod time_tests {
+    #[test]
+    fn utc_time_reads_as_a_calendar_date() {
+        assert_eq!(super::utc_time(0), "1970-01-01 00:00:00 UTC");
+        // 2024-02-29 12:34:56 UTC, a leap day.
+        assert_eq!(
+            super::utc_time(1_709_210_096_000_000),
+            "2024-02-29 12:34:56 UTC"
+        );
+        assert_eq!(
+            super::utc_time(1_796_311_231_552_401),
+            "2026-12-03 15:20:31 UTC"
+        );
     }
 }

@@ -9,8 +9,12 @@ use crate::dbus::proxy::Snapshots1Proxy;
 /// Snapshot verbs (taken with `banger vm snapshot`, restored with `vm create --snapshot`).
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
-    /// List snapshots.
-    List,
+    /// List snapshots (banger's own warm snapshots, named `.warm-…`, only with --all).
+    List {
+        /// Also the snapshots whose names start with a dot (banger's warm snapshots).
+        #[arg(long, short)]
+        all: bool,
+    },
     /// Show a snapshot.
     Show {
         /// Snapshot name or id.
@@ -31,10 +35,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let p = Snapshots1Proxy::new(conn).await?;
     match cmd {
-        SnapshotCommand::List => {
+        SnapshotCommand::List { all } => {
             let rows = p.list_snapshots().await.map_err(explain)?;
             let rows = rows
                 .into_iter()
+                .filter(|(_, name, ..)| all || !name.starts_with('.'))
                 .map(|(id, name, vm, path)| {
                     vec![json!(name), json!(id), json!(vm), json!(path.as_str())]
                 })

@@ -458,11 +458,20 @@ async fn kernel(out: &Output, c: &mut Client, cmd: KernelCommand) -> anyhow::Res
     Ok(())
 }
 
+/// Drops the entries whose names start with a dot (banger's warm templates and snapshots)
+/// unless `all`, as the D-Bus lists do.
+fn hide_dotted(list: &mut serde_json::Value, all: bool) {
+    if let (false, Some(a)) = (all, list.as_array_mut()) {
+        a.retain(|e| !e["name"].as_str().unwrap_or_default().starts_with('.'));
+    }
+}
+
 async fn vm(out: &Output, c: &mut Client, cmd: VmCommand) -> anyhow::Result<()> {
     const V: &str = "io.banger.VMs";
     match cmd {
-        VmCommand::List => {
-            let v = c.call(&format!("{V}.List"), json!({})).await?;
+        VmCommand::List { all } => {
+            let mut v = c.call(&format!("{V}.List"), json!({})).await?;
+            hide_dotted(&mut v["vms"], all);
             out.table(
                 &["NAME", "ID", "STATE", "IMAGE ID"],
                 &["name", "id", "state", "image"],
@@ -740,8 +749,9 @@ async fn main_process(c: &mut Client, name: &str) -> anyhow::Result<i32> {
 async fn snapshot(out: &Output, c: &mut Client, cmd: SnapshotCommand) -> anyhow::Result<()> {
     const V: &str = "io.banger.VMs";
     match cmd {
-        SnapshotCommand::List => {
-            let v = c.call(&format!("{V}.ListSnapshots"), json!({})).await?;
+        SnapshotCommand::List { all } => {
+            let mut v = c.call(&format!("{V}.ListSnapshots"), json!({})).await?;
+            hide_dotted(&mut v["snapshots"], all);
             out.table(
                 &["NAME", "ID", "VM"],
                 &["name", "id", "vm"],

@@ -14,8 +14,12 @@ use crate::dbus::proxy::{Opts, VM1Proxy, VMs1Proxy};
 /// VM verbs.
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
-    /// List VMs.
-    List,
+    /// List VMs (banger's own template VMs, named `.warm-…`, only with --all).
+    List {
+        /// Also the VMs whose names start with a dot (banger's warm-snapshot templates).
+        #[arg(long, short)]
+        all: bool,
+    },
     /// Create a VM and start it, following its stages until it is ready.
     Create {
         /// VM name.
@@ -603,11 +607,12 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
     let p = VMs1Proxy::new(conn).await?;
     let pausing = matches!(cmd, VmCommand::Pause { .. });
     match cmd {
-        VmCommand::List => {
+        VmCommand::List { all } => {
             let rows = p.list_vms().await.map_err(explain)?;
             let names = image_names(conn).await;
             let rows = rows
                 .into_iter()
+                .filter(|(_, name, ..)| all || !name.starts_with('.'))
                 .map(|(id, name, state, image, path)| {
                     vec![
                         json!(name),
@@ -714,7 +719,27 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
         }
         VmCommand::Start { name, no_wait } => {
             let watch = super::watch::subscribe(conn).await?;
-            let (id, path) = p.start_vm(&name).await.map_err(explain)?;
+            let (id, path) = match p.start_vm(&name).await {
+                Ok(started) => started,
+                // As `docker start` and `machinectl start` do, and as `vm stop` of a stopped
+                // VM does: a VM that runs already is started; say so, exit 0. (Only the
+                // state's refusal: one the caller may not start stays an error.)
+                Err(zbus::Error::MethodError(kind, msg, info))
+                    if kind.as_str() == "org.banger.Error.InvalidArgument" =>
+                {
+                    let state = match vm_proxy(conn, &p, &name).await {
+                        Ok(vm) => vm.state().await.unwrap_or_default(),
+                        Err(_) => String::new(),
+                    };
+                    if !matches!(state.as_str(), "running" | "paused") {
+                        return Err(explain(zbus::Error::MethodError(kind, msg, info)));
+                    }
+                    out.say(&format!("VM {name} is {state} already"));
+                    out.done(vec![("name", json!(name)), ("state", json!(state))]);
+                    return Ok(());
+                }
+                Err(e) => return Err(explain(e)),
+            };
             if no_wait {
                 print_job(out, id, &path);
             } else {
@@ -872,6 +897,19 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                 json!(crate::net::walls::describe(network, &egress)),
             ));
             fields.push(("Path", json!(path.as_str())));
+            // People read the owner's name and the time; programs (--json) keep the uid and
+            // the µs.
+            if !out.json {
+                for (k, v) in fields.iter_mut() {
+                    match (*k, v.as_u64()) {
+                        ("Owner", Some(uid)) => {
+                            *v = json!(format!("{} ({uid})", super::owner_name(uid)))
+                        }
+                        ("CreatedAt", Some(us)) => *v = json!(super::utc_time(us)),
+                        _ => {}
+                    }
+                }
+            }
             out.object(fields);
         }
         VmCommand::Exec {
