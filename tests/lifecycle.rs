@@ -342,6 +342,36 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
             assert_eq!(mode & 0o6000, 0, "{}: sh is {mode:o}", b.name);
         }
     }
+    // `vm run` of one's own VM the next day enters it (started when stopped) instead of
+    // refusing the name; another user's name stays refused; --rm wants a new VM.
+    let out = ok(
+        bus.banger_as(Some(USER_OK), &["vm", "run", "warm", "--", "hostname"]),
+        "vm run of a running VM",
+    );
+    assert!(
+        out.contains("exists: entering it") && out.contains("warm"),
+        "{out}"
+    );
+    ok(bus.banger_as(None, &["vm", "stop", "cold"]), "vm stop");
+    let out = ok(
+        bus.banger_as(None, &["vm", "run", "cold", "--", "hostname"]),
+        "vm run of a stopped VM",
+    );
+    assert!(
+        out.contains("exists: entering it") && out.contains("cold"),
+        "{out}"
+    );
+    refused(
+        bus.banger_as(Some(USER_OK2), &["vm", "run", "warm", "--", "hostname"]),
+        "exists",
+    );
+    refused(
+        bus.banger_as(
+            Some(USER_OK),
+            &["vm", "run", "--rm", "warm", "--", "hostname"],
+        ),
+        "exists",
+    );
     ok(
         bus.banger_as(None, &["vm", "delete", "--force", "source"]),
         "delete source",

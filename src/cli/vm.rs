@@ -681,8 +681,36 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             }
             let o = opts(entries);
             let watch = super::watch::subscribe(conn).await?;
-            let (_, id, path) = p.create_vm(&name, o).await.map_err(explain)?;
-            let followed = watch.follow(out, id, &path).await;
+            let followed = match p.create_vm(&name, o).await {
+                Ok((_, id, path)) => watch.follow(out, id, &path).await,
+                // A VM of the caller's of that name, run again (the next day): started when
+                // stopped and entered, as `machinectl shell` and `docker start -ai` do. Not
+                // with --rm, which asks for a VM of its own to throw away.
+                Err(zbus::Error::MethodError(kind, msg, info))
+                    if kind.as_str() == "org.banger.Error.AlreadyExists" && !rm =>
+                {
+                    let refused = || explain(zbus::Error::MethodError(kind, msg, info));
+                    let vm = vm_proxy(conn, &p, &name).await?;
+                    // SAFETY: getuid cannot fail.
+                    if vm.owner().await? != unsafe { libc::getuid() } {
+                        return Err(refused());
+                    }
+                    out.say(&format!(
+                        "VM {name} exists: entering it (options apply only to a new VM)"
+                    ));
+                    match vm.state().await?.as_str() {
+                        "running" => Ok(()),
+                        "paused" => Err(anyhow::anyhow!(
+                            "VM {name} is paused; `banger vm resume {name}`, then run it again"
+                        )),
+                        _ => {
+                            let (id, path) = p.start_vm(&name).await.map_err(explain)?;
+                            watch.follow(out, id, &path).await
+                        }
+                    }
+                }
+                Err(e) => return Err(explain(e)),
+            };
             if followed.is_err() {
                 print_console_tail(conn, &p, &name).await;
             }

@@ -162,6 +162,9 @@ pub trait VM1 {
     /// ExitStatus
     #[zbus(property, name = "ExitStatus")]
     fn exit_status(&self) -> zbus::Result<i32>;
+    /// Owner
+    #[zbus(property, name = "Owner")]
+    fn owner(&self) -> zbus::Result<u32>;
 }
 
 /// `org.banger.Jobs1`.
