@@ -848,8 +848,7 @@ sys.stdin.read()
                 // The last mount on a path is what the process sees there.
                 let last = mountinfo
                     .lines()
-                    .filter(|l| l.split(' ').nth(4) == Some(p))
-                    .last()
+                    .rfind(|l| l.split(' ').nth(4) == Some(p))
                     .unwrap_or_default();
                 let after = last.split(" - ").nth(1).unwrap_or_default();
                 assert!(
