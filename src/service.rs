@@ -203,21 +203,30 @@ impl Banger {
         self.images.register(uid, name, opts, any).await
     }
 
+    /// Every image, kernel, VM and snapshot row, read at once.
+    async fn rows(&self) -> Result<Rows> {
+        self.store
+            .call(|c| {
+                Ok(Rows {
+                    images: rows::list_images(c)?,
+                    kernels: rows::list_kernels(c)?,
+                    vms: rows::list_vms(c)?,
+                    snapshots: rows::list_snapshots(c)?,
+                })
+            })
+            .await
+    }
+
     /// The disk `uid`'s images, kernels, snapshots and VMs take: the blocks their
     /// directories' files hold (a sparse or layered disk counts what it holds, not its size).
     pub async fn disk_use(&self, uid: u32) -> Result<u64> {
         let l = &self.layout;
-        let (images, kernels, vms, snaps) = self
-            .store
-            .call(|c| {
-                Ok((
-                    rows::list_images(c)?,
-                    rows::list_kernels(c)?,
-                    rows::list_vms(c)?,
-                    rows::list_snapshots(c)?,
-                ))
-            })
-            .await?;
+        let Rows {
+            images,
+            kernels,
+            vms,
+            snapshots: snaps,
+        } = self.rows().await?;
         let dirs: Vec<std::path::PathBuf> = (images.iter())
             .filter(|i| i.owner_uid == uid)
             .map(|i| l.images_dir().join(&i.id))
@@ -282,16 +291,12 @@ impl Banger {
 
     /// How many of each thing there are.
     pub async fn counts(&self) -> Result<Counts> {
-        let (images, kernels, vms) = self
-            .store
-            .call(|c| {
-                Ok((
-                    rows::list_images(c)?,
-                    rows::list_kernels(c)?,
-                    rows::list_vms(c)?,
-                ))
-            })
-            .await?;
+        let Rows {
+            images,
+            kernels,
+            vms,
+            ..
+        } = self.rows().await?;
         let running = vms
             .iter()
             .filter(|v| v.state == crate::model::VmState::Running)
@@ -304,6 +309,14 @@ impl Banger {
             jobs: self.jobs.list().len() as u32,
         })
     }
+}
+
+/// Every row of each kind (see [`Banger::rows`]).
+struct Rows {
+    images: Vec<crate::model::Image>,
+    kernels: Vec<crate::model::Kernel>,
+    vms: Vec<crate::model::Vm>,
+    snapshots: Vec<crate::model::Snapshot>,
 }
 
 /// The bytes the files under `dir` hold on disk (`du`): links are not followed, and what

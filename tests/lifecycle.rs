@@ -13,7 +13,6 @@
 mod common;
 
 use common::invariants::*;
-use common::oci::*;
 use common::vm::*;
 use common::*;
 
@@ -217,14 +216,15 @@ fn violations(bus: &TestBus, after: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
-    let Some((_state, bus)) = kernel_ready_bus(&[], "warm_snapshots = true\n").await else {
+    let Some(ImageBus {
+        bus,
+        reference,
+        state: _state,
+        ..
+    }) = image_bus("warm_snapshots = true\n", "vm/life").await
+    else {
         return;
     };
-    let registry = TestRegistry::start_in_netns(bus.netns_pid());
-    let layout = tempfile::tempdir().unwrap();
-    let m = image_manifest_labeled(layout.path(), &vm_image_layers(), serde_json::json!({}));
-    finish_layout(layout.path(), vec![m], "v1");
-    let reference = registry.push(layout.path(), "v1", "vm/life", &[]);
     ok(
         bus.banger_as(None, &["image", "pull", &reference, "--name", "life"]),
         "image pull",

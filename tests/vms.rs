@@ -2379,14 +2379,15 @@ fn vm_shown(bus: &TestBus, vm: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_are_refused() {
-    let Some((_state, bus)) = kernel_ready_bus(&[], "warm_snapshots = true\n").await else {
+    let Some(ImageBus {
+        bus,
+        reference,
+        state: _state,
+        ..
+    }) = image_bus("warm_snapshots = true\n", "vm/snap").await
+    else {
         return;
     };
-    let registry = TestRegistry::start_in_netns(bus.netns_pid());
-    let layout = tempfile::tempdir().unwrap();
-    let m = image_manifest_labeled(layout.path(), &vm_image_layers(), serde_json::json!({}));
-    finish_layout(layout.path(), vec![m], "v1");
-    let reference = registry.push(layout.path(), "v1", "vm/snap", &[]);
     let ok = |out: std::process::Output| {
         assert!(out.status.success(), "{}", text(&out));
         text(&out)

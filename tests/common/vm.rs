@@ -147,3 +147,34 @@ pub async fn kernel_ready_bus(
     });
     Some((state, bus))
 }
+
+/// A [`kernel_ready_bus`] with the busybox VM image ([`vm_image_layers`]) pushed as `repo`
+/// to a registry on its namespace's loopback: what VM tests boot.
+pub struct ImageBus {
+    /// The bus.
+    pub bus: TestBus,
+    /// The image's reference, `127.0.0.1:PORT/repo:v1`.
+    pub reference: String,
+    /// The daemon's state directory.
+    pub state: tempfile::TempDir,
+    _registry: super::oci::TestRegistry,
+    _layout: tempfile::TempDir,
+}
+
+/// An [`ImageBus`] with `config` in the daemon's configuration; None as [`kernel_ready_bus`].
+pub async fn image_bus(config: &str, repo: &str) -> Option<ImageBus> {
+    use super::oci::*;
+    let (state, bus) = kernel_ready_bus(&[], config).await?;
+    let registry = TestRegistry::start_in_netns(bus.netns_pid());
+    let layout = tempfile::tempdir().unwrap();
+    let m = image_manifest_labeled(layout.path(), &vm_image_layers(), serde_json::json!({}));
+    finish_layout(layout.path(), vec![m], "v1");
+    let reference = registry.push(layout.path(), "v1", repo, &[]);
+    Some(ImageBus {
+        bus,
+        reference,
+        state,
+        _registry: registry,
+        _layout: layout,
+    })
+}
