@@ -325,8 +325,9 @@ pub struct Mounts {
 }
 
 impl Mounts {
-    /// What a [`Jail`] gets for a process that writes `writable`.
-    pub fn of(jail: &Jail, writable: &[&Path]) -> Self {
+    /// What a [`Jail`] gets for a process that writes `writable` and runs `programs` (bound
+    /// back read-only where a hidden root holds them: a test build's `bangerd` under `/tmp`).
+    pub fn of(jail: &Jail, writable: &[&Path], programs: &[&Path]) -> Self {
         let mut hide = jail.hide.clone();
         if jail.private {
             hide.extend(HOST_PRIVATE.iter().map(std::path::PathBuf::from));
@@ -343,8 +344,10 @@ impl Mounts {
             ro: jail
                 .read_only
                 .iter()
+                .map(|p| p.as_path())
+                .chain(programs.iter().copied().filter(|p| p.is_absolute()))
                 .filter(|p| inside(p))
-                .cloned()
+                .map(|p| p.to_path_buf())
                 .collect(),
             hide,
         }
@@ -664,18 +667,31 @@ mod tests {
         let m = Mounts::of(
             &jail,
             &[Path::new("/run/banger/vms/01"), Path::new("/srv/x")],
+            &[
+                Path::new("/tmp/clone/target/debug/bangerd"),
+                Path::new("/usr/bin/qemu"),
+            ],
         );
         assert!(m.private && m.offline);
         for p in ["/home", "/tmp", "/run", "/dev/shm", "/var/lib/banger"] {
             assert!(m.hide.iter().any(|h| h == Path::new(p)), "{p} hidden");
         }
         assert_eq!(m.rw, [Path::new("/run/banger/vms/01"), Path::new("/srv/x")]);
+        // A program under a hidden root stays visible (read-only); one outside needs nothing.
+        assert_eq!(
+            m.ro,
+            [
+                Path::new("/var/lib/banger/images/02/rootfs.ext4"),
+                Path::new("/tmp/clone/target/debug/bangerd")
+            ]
+        );
         let m = Mounts::of(
             &Jail {
                 private: false,
                 ..jail
             },
             &[Path::new("/srv/x")],
+            &[],
         );
         assert!(!m.private && !m.hide.iter().any(|h| h == Path::new("/home")));
         assert!(

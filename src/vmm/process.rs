@@ -420,16 +420,17 @@ pub fn open_tap_and_exec(args: &[std::ffi::OsString]) -> std::io::Error {
     }
 }
 
-/// The unit's own view of banger's directories: its roots empty (a tmpfs), with only what the
-/// process writes bound back read-write and what it reads bound back read-only, so it sees no
-/// other VM, image, kernel or the database at all.
 /// Whether `d` is one of a VM's own processes, run by setpriv (the jailer builds its own
 /// namespace).
 fn vm_own(d: &Detached<'_>, runner: Runner) -> bool {
     d.jail.private && runner == Runner::Setpriv
 }
 
-fn namespace_properties(d: &Detached<'_>, private: bool) -> Vec<String> {
+/// The unit's own view of banger's directories: its roots empty (a tmpfs), with only what the
+/// process writes bound back read-write and what it reads bound back read-only, so it sees no
+/// other VM, image, kernel or the database at all; for a VM's own process (`private`), the
+/// host's private places too (see `jail::HOST_PRIVATE`).
+fn namespace_properties(d: &Detached<'_>, private: bool, programs: &[&Path]) -> Vec<String> {
     let join = |paths: &mut dyn Iterator<Item = &Path>| {
         paths
             .map(|p| p.display().to_string())
@@ -472,11 +473,13 @@ fn namespace_properties(d: &Detached<'_>, private: bool) -> Vec<String> {
             join(&mut rw.into_iter())
         ));
     }
+    // What it runs stays visible where a hidden root holds it (a test build under /tmp).
     let ro: Vec<&Path> = d
         .jail
         .read_only
         .iter()
         .map(|p| p.as_path())
+        .chain(programs.iter().copied().filter(|p| p.is_absolute()))
         .filter(|p| inside(p))
         .collect();
     if !ro.is_empty() {
@@ -515,6 +518,11 @@ pub async fn spawn_jailer(d: &Detached<'_>) -> crate::Result<()> {
 async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
     let (jail, log) = (d.jail, d.log);
     let root_owner = runner == Runner::Owner && jail.uid == 0;
+    // What runs inside the process's namespace: the program, and bangerd's own steps.
+    let bangerd = bangerd_program().ok();
+    let programs: Vec<&Path> = std::iter::once(d.program)
+        .chain(bangerd.as_deref())
+        .collect();
     let groups: Vec<String> = jail.groups.iter().map(|g| g.to_string()).collect();
     let what = d
         .program
@@ -568,7 +576,7 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
                     .collect::<Vec<_>>()
                     .join(" ")
             ))
-            .args(namespace_properties(d, vm_own(d, runner)))
+            .args(namespace_properties(d, vm_own(d, runner), &programs))
             .arg(format!("--property=MemoryMax={}", d.limits.memory_max))
             .arg(format!("--property=TasksMax={}", d.limits.tasks_max))
             .arg("--");
@@ -596,7 +604,7 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
         }
     } else if runner != Runner::Jailer {
         if !d.jail.hide.is_empty() {
-            let m = super::jail::Mounts::of(d.jail, d.writable);
+            let m = super::jail::Mounts::of(d.jail, d.writable, &programs);
             cmd.arg(bangerd_program()?)
                 .arg(super::jail::MOUNTS_ARG)
                 .args(m.args());
