@@ -340,7 +340,13 @@ impl Mounts {
                 .iter()
                 .filter(|p| inside(p))
                 .map(|p| p.to_path_buf())
-                .collect(),
+                .fold(Vec::new(), |mut ro, p| {
+                    // Once each: a second bind over the first would open the bound file.
+                    if !ro.contains(&p) {
+                        ro.push(p);
+                    }
+                    ro
+                }),
             ro: jail
                 .read_only
                 .iter()
@@ -348,7 +354,13 @@ impl Mounts {
                 .chain(programs.iter().copied().filter(|p| p.is_absolute()))
                 .filter(|p| inside(p))
                 .map(|p| p.to_path_buf())
-                .collect(),
+                .fold(Vec::new(), |mut ro, p| {
+                    // Once each: a second bind over the first would open the bound file.
+                    if !ro.contains(&p) {
+                        ro.push(p);
+                    }
+                    ro
+                }),
             hide,
         }
     }
@@ -668,6 +680,7 @@ mod tests {
             &jail,
             &[Path::new("/run/banger/vms/01"), Path::new("/srv/x")],
             &[
+                Path::new("/tmp/clone/target/debug/bangerd"),
                 Path::new("/tmp/clone/target/debug/bangerd"),
                 Path::new("/usr/bin/qemu"),
             ],

@@ -520,9 +520,11 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
     let root_owner = runner == Runner::Owner && jail.uid == 0;
     // What runs inside the process's namespace: the program, and bangerd's own steps.
     let bangerd = bangerd_program().ok();
-    let programs: Vec<&Path> = std::iter::once(d.program)
+    let mut programs: Vec<&Path> = std::iter::once(d.program)
         .chain(bangerd.as_deref())
         .collect();
+    // Once each: a second bind over the first would open the program itself for writing.
+    programs.dedup();
     let groups: Vec<String> = jail.groups.iter().map(|g| g.to_string()).collect();
     let what = d
         .program
