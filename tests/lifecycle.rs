@@ -220,7 +220,8 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
         bus,
         reference,
         state: _state,
-        ..
+        registry: _registry,
+        layout: _layout,
     }) = image_bus("warm_snapshots = true\n", "vm/life").await
     else {
         return;

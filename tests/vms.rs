@@ -2383,7 +2383,8 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
         bus,
         reference,
         state: _state,
-        ..
+        registry: _registry,
+        layout: _layout,
     }) = image_bus("warm_snapshots = true\n", "vm/snap").await
     else {
         return;

@@ -157,8 +157,10 @@ pub struct ImageBus {
     pub reference: String,
     /// The daemon's state directory.
     pub state: tempfile::TempDir,
-    _registry: super::oci::TestRegistry,
-    _layout: tempfile::TempDir,
+    /// The registry (bind it: it serves until dropped).
+    pub registry: super::oci::TestRegistry,
+    /// The image's OCI layout (bind it too).
+    pub layout: tempfile::TempDir,
 }
 
 /// An [`ImageBus`] with `config` in the daemon's configuration; None as [`kernel_ready_bus`].
@@ -174,7 +176,7 @@ pub async fn image_bus(config: &str, repo: &str) -> Option<ImageBus> {
         bus,
         reference,
         state,
-        _registry: registry,
-        _layout: layout,
+        registry,
+        layout,
     })
 }
