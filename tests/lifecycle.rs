@@ -216,13 +216,7 @@ fn violations(bus: &TestBus, after: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
-    let Some(ImageBus {
-        bus,
-        reference,
-        state: _state,
-        registry: _registry,
-        layout: _layout,
-    }) = image_bus("warm_snapshots = true\n", "vm/life").await
+    let Some((bus, reference, _keep)) = image_bus("warm_snapshots = true\n", "vm/life").await
     else {
         return;
     };

@@ -2379,13 +2379,7 @@ fn vm_shown(bus: &TestBus, vm: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_are_refused() {
-    let Some(ImageBus {
-        bus,
-        reference,
-        state: _state,
-        registry: _registry,
-        layout: _layout,
-    }) = image_bus("warm_snapshots = true\n", "vm/snap").await
+    let Some((bus, reference, _keep)) = image_bus("warm_snapshots = true\n", "vm/snap").await
     else {
         return;
     };
@@ -2500,7 +2494,11 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     // root may read. A snapshot's copy must layer on the image whatever the header says
     // (restores open the chain as root, then as the restored VM).
     let src_id = vm_shown(&bus, "src")["Id"].as_str().unwrap().to_owned();
-    let src_disk = _state.path().join("vms").join(&src_id).join("rootfs.qcow2");
+    let src_disk = bus
+        .state_dir()
+        .join("vms")
+        .join(&src_id)
+        .join("rootfs.qcow2");
     let image_disk = {
         use std::io::{Read, Seek, SeekFrom, Write};
         let mut f = std::fs::OpenOptions::new()
@@ -2535,8 +2533,7 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     let info = std::process::Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
         .arg(
-            _state
-                .path()
+            bus.state_dir()
                 .join("snapshots")
                 .join(&f_id)
                 .join("rootfs.qcow2"),
@@ -2746,7 +2743,11 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         v["Id"].as_str().unwrap().to_owned()
     };
-    let memory = _state.path().join("snapshots").join(&s1).join("memory.zst");
+    let memory = bus
+        .state_dir()
+        .join("snapshots")
+        .join(&s1)
+        .join("memory.zst");
     {
         use std::io::Write;
         let mut f = std::fs::OpenOptions::new()

@@ -148,23 +148,19 @@ pub async fn kernel_ready_bus(
     Some((state, bus))
 }
 
-/// A [`kernel_ready_bus`] with the busybox VM image ([`vm_image_layers`]) pushed as `repo`
-/// to a registry on its namespace's loopback: what VM tests boot.
-pub struct ImageBus {
-    /// The bus.
-    pub bus: TestBus,
-    /// The image's reference, `127.0.0.1:PORT/repo:v1`.
-    pub reference: String,
-    /// The daemon's state directory.
-    pub state: tempfile::TempDir,
-    /// The registry (bind it: it serves until dropped).
-    pub registry: super::oci::TestRegistry,
-    /// The image's OCI layout (bind it too).
-    pub layout: tempfile::TempDir,
+/// What a VM test's bus needs kept alive: its state directory, the registry serving its
+/// image and the image's layout.
+pub struct Keep {
+    _state: tempfile::TempDir,
+    _registry: super::oci::TestRegistry,
+    _layout: tempfile::TempDir,
 }
 
-/// An [`ImageBus`] with `config` in the daemon's configuration; None as [`kernel_ready_bus`].
-pub async fn image_bus(config: &str, repo: &str) -> Option<ImageBus> {
+/// A [`kernel_ready_bus`] with `config` in the daemon's configuration and the busybox VM
+/// image ([`vm_image_layers`]) pushed as `repo` to a registry on its namespace's loopback:
+/// the bus, the image's reference and what must outlive them (bind it). None as
+/// [`kernel_ready_bus`].
+pub async fn image_bus(config: &str, repo: &str) -> Option<(TestBus, String, Keep)> {
     use super::oci::*;
     let (state, bus) = kernel_ready_bus(&[], config).await?;
     let registry = TestRegistry::start_in_netns(bus.netns_pid());
@@ -172,11 +168,10 @@ pub async fn image_bus(config: &str, repo: &str) -> Option<ImageBus> {
     let m = image_manifest_labeled(layout.path(), &vm_image_layers(), serde_json::json!({}));
     finish_layout(layout.path(), vec![m], "v1");
     let reference = registry.push(layout.path(), "v1", repo, &[]);
-    Some(ImageBus {
-        bus,
-        reference,
-        state,
-        registry,
-        layout,
-    })
+    let keep = Keep {
+        _state: state,
+        _registry: registry,
+        _layout: layout,
+    };
+    Some((bus, reference, keep))
 }
