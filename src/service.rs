@@ -319,25 +319,65 @@ struct Rows {
     snapshots: Vec<crate::model::Snapshot>,
 }
 
-/// The bytes the files under `dir` hold on disk (`du`): links are not followed, and what
-/// cannot be read counts as nothing.
+/// How deep [`allocated`] counts: banger's object directories are shallow, and the walk holds
+/// two descriptors a level.
+const MAX_DEPTH: usize = 16;
+
+/// The bytes the files under `dir` hold on disk (`du`). A VM's directory is its VM uid's (a
+/// hostile VMM may have written it), so the walk goes by descriptors: each directory is
+/// opened from its parent's descriptor without following a link and listed through its own,
+/// and each entry is examined without following one, so a name swapped for a link while root
+/// walks leads nowhere else. What cannot be read, and what lies deeper than [`MAX_DEPTH`],
+/// counts as nothing.
 fn allocated(dir: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+    match crate::host::openat(libc::AT_FDCWD, dir, flags) {
+        Ok(d) => allocated_in(&d, 0),
+        Err(_) => 0,
+    }
+}
+
+fn allocated_in(dir: &std::os::fd::OwnedFd, depth: usize) -> u64 {
+    use std::os::fd::AsRawFd;
+    let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd())) else {
+        return 0;
+    };
     let mut total = 0;
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
+    for e in entries.flatten() {
+        let name = std::path::PathBuf::from(e.file_name());
+        let flags = libc::O_PATH | libc::O_NOFOLLOW;
+        let Ok(st) =
+            crate::host::openat(dir.as_raw_fd(), &name, flags).and_then(|f| crate::host::fstat(&f))
+        else {
             continue;
         };
-        for e in entries.flatten() {
-            let Ok(m) = e.path().symlink_metadata() else {
-                continue;
-            };
-            total += m.blocks() * 512;
-            if m.is_dir() {
-                stack.push(e.path());
+        total += st.st_blocks as u64 * 512;
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR && depth < MAX_DEPTH {
+            let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+            if let Ok(sub) = crate::host::openat(dir.as_raw_fd(), &name, flags) {
+                total += allocated_in(&sub, depth + 1);
             }
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn disk_use_counts_what_is_inside_and_follows_no_link() {
+        let t = tempfile::tempdir().unwrap();
+        let (inside, outside) = (t.path().join("vm"), t.path().join("elsewhere"));
+        std::fs::create_dir_all(inside.join("sub")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(inside.join("sub/disk"), vec![1u8; 1 << 20]).unwrap();
+        std::fs::write(outside.join("big"), vec![1u8; 8 << 20]).unwrap();
+        // Links out (to a directory and to a file) count as the links they are.
+        std::os::unix::fs::symlink(&outside, inside.join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.join("big"), inside.join("file-link")).unwrap();
+        let n = super::allocated(&inside);
+        assert!((1 << 20..2 << 20).contains(&n), "{n}");
+        // A link given as the directory itself is not followed either.
+        assert_eq!(super::allocated(&inside.join("link")), 0);
+    }
 }
