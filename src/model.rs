@@ -327,11 +327,6 @@ impl Vm {
         uid == self.owner_uid || uid == SYSTEM_UID
     }
 
-    /// The VM as `uid` may see it by who they are (see [`Vm::private_to`]).
-    pub fn seen_by(&self, uid: u32) -> Vm {
-        self.shown(self.private_to(uid))
-    }
-
     /// The VM whole (`full`), or with what it runs left empty.
     pub fn shown(&self, full: bool) -> Vm {
         let mut v = self.clone();

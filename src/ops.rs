@@ -464,6 +464,12 @@ pub async fn manages_any(authority: &dyn crate::auth::Authority, caller: &Caller
     )
 }
 
+/// `vm` as `caller` may see it: whole for its owner, root and holders of `manage-any`
+/// (polkit asked only when the caller is none of the first two), else without what it runs.
+pub async fn vm_seen_by(authority: &dyn crate::auth::Authority, caller: &Caller, vm: &Vm) -> Vm {
+    vm.shown(vm.private_to(caller.uid) || manages_any(authority, caller).await)
+}
+
 /// A connected stream as a blocking descriptor for a caller in another process.
 fn hand_out(s: tokio::net::UnixStream) -> Result<OwnedFd> {
     let fail = |e| Error::failed("Cannot hand out the stream", e);

@@ -37,7 +37,7 @@ impl Vm1 {
         self.vm().id.clone()
     }
 
-    /// The VM as the caller of the message `hdr` may see it (see `Vm::private_to`): its
+    /// The VM as the caller of the message `hdr` may see it (see `ops::vm_seen_by`): its
     /// owner, root and holders of manage-any see it whole; a property read with no message
     /// (a signal, which reaches everyone) sees what strangers see.
     async fn seen_by(&self, conn: &Connection, hdr: Option<&Header<'_>>) -> Vm {
@@ -46,12 +46,10 @@ impl Vm1 {
             Some(h) => crate::auth::Caller::from_header(conn, h).await.ok(),
             None => None,
         };
-        let full = match &caller {
-            Some(c) if vm.private_to(c.uid) => true,
-            Some(c) => ops::manages_any(self.ctx.authority.as_ref(), c).await,
-            None => false,
-        };
-        vm.shown(full)
+        match &caller {
+            Some(c) => ops::vm_seen_by(self.ctx.authority.as_ref(), c, &vm).await,
+            None => vm.shown(false),
+        }
     }
 
     /// Puts the VM's new row in place; returns the old one.

@@ -264,7 +264,7 @@ pub(super) async fn call(
         }
         "List" => {
             p.finish()?;
-            // What a VM runs is its owner's business (see `Vm::private_to`), and manage-any's,
+            // What a VM runs is its owner's business (see `ops::vm_seen_by`), and manage-any's,
             // asked once and only when another user's VM is listed.
             let all = b.vms.list().await?;
             let any = all.iter().any(|v| !v.private_to(caller.uid))
@@ -279,9 +279,7 @@ pub(super) async fn call(
             let name: String = p.req("name")?;
             p.finish()?;
             let vm = b.vms.get(&name).await?;
-            let full =
-                vm.private_to(caller.uid) || ops::manages_any(ctx.authority.as_ref(), caller).await;
-            let vm = vm.shown(full);
+            let vm = ops::vm_seen_by(ctx.authority.as_ref(), caller, &vm).await;
             Ok(Answer::One(json!({ "vm": view(&vm) })))
         }
         "Create" => {
