@@ -327,4 +327,99 @@ mod put_tests {
         .is_err());
         assert!(read_file(&img, "/a b").is_err());
     }
+
+    /// The work seed's copy: what is under a directory of one image becomes the root of
+    /// another, owners, modes, links and nodes kept, read back by e2fsprogs' own debugfs.
+    #[test]
+    fn a_directory_copies_into_another_image() {
+        use crate::tree::{Meta, Node, Tree};
+        if host::find_program("debugfs").is_none() || host::find_program("mkfs.ext4").is_none() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src.ext4"), tmp.path().join("dst.ext4"));
+        create_empty(&src, 64 << 20, 4096, "rootfs").unwrap();
+        create_empty(&dst, 64 << 20, 4096, "work").unwrap();
+        let mut w = writer::Writer::open(&src).unwrap();
+        let meta = |mode, uid| Meta {
+            mode,
+            uid,
+            gid: uid + 1,
+            mtime: 1_700_000_000,
+        };
+        let (root, _) = w.resolve_dir("root/sub".as_ref(), true).unwrap();
+        let (top, _) = w.resolve_dir("root".as_ref(), false).unwrap();
+        let (slash, _) = w.resolve_dir("".as_ref(), false).unwrap();
+        w.set_meta(&slash, "root".as_ref(), meta(0o700, 0)).unwrap();
+        let long = "t".repeat(100);
+        w.write_file(
+            &root,
+            "f".as_ref(),
+            meta(0o640, 1000),
+            5,
+            &mut &b"hello"[..],
+        )
+        .unwrap();
+        w.hard_link(&root, "g".as_ref(), (&root, "f".as_ref()))
+            .unwrap();
+        w.symlink(&top, "short".as_ref(), "sub/f".as_ref(), meta(0o777, 7))
+            .unwrap();
+        w.symlink(&top, "long".as_ref(), long.as_ref(), meta(0o777, 7))
+            .unwrap();
+        w.mknod(&top, "fifo".as_ref(), Node::Fifo, meta(0o600, 0))
+            .unwrap();
+        w.mknod(&top, "null".as_ref(), Node::Char(1, 3), meta(0o666, 0))
+            .unwrap();
+        w.write_file(
+            &slash,
+            "outside".as_ref(),
+            meta(0o644, 0),
+            1,
+            &mut &b"x"[..],
+        )
+        .unwrap();
+        let u = w.usage_of("root".as_ref()).unwrap().unwrap();
+        assert_eq!(u.entries, 7, "{u:?}");
+        assert_eq!(w.usage_of("nowhere".as_ref()).unwrap(), None);
+        let mut d = writer::Writer::open(&dst).unwrap();
+        assert!(w.copy_dir_to("root".as_ref(), &mut d).unwrap());
+        d.close().unwrap();
+        w.close().unwrap();
+        let dbg = |cmd: &str| {
+            let out = std::process::Command::new("debugfs")
+                .args(["-R", cmd])
+                .arg(&dst)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert_eq!(dbg("cat /sub/f"), "hello");
+        let f = dbg("stat /sub/f");
+        assert!(
+            f.contains("Mode:  0640") && f.contains("User:  1000") && f.contains("Links: 2"),
+            "{f}"
+        );
+        assert!(dbg("stat /short").contains("Fast link dest: \"sub/f\""));
+        assert!(dbg("stat /long").contains("Type: symlink"));
+        assert!(dbg("stat /fifo").contains("Type: FIFO"));
+        assert!(dbg("stat /null").contains("Device major/minor number: 01:03"));
+        assert!(dbg("stat /").contains("Mode:  0700"));
+        assert!(!dbg("ls /").contains("outside"));
+        let fsck = std::process::Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&dst)
+            .output()
+            .unwrap();
+        assert!(
+            fsck.status.success(),
+            "{}",
+            String::from_utf8_lossy(&fsck.stdout)
+        );
+        let long_back = std::process::Command::new("debugfs")
+            .args(["-R", "stat /long"])
+            .arg(&dst)
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&long_back.stdout).contains("Size: 100"));
+    }
 }

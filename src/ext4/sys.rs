@@ -59,6 +59,8 @@ pub struct DirEntry {
 pub const EXT2_FLAG_RW: c_int = 0x01;
 pub const EXT2_FLAG_64BITS: c_int = 0x20000;
 pub const EXT2_FILE_WRITE: c_int = 0x0001;
+/// `EXT4_INLINE_DATA_FL`: the inode's data sits in the inode itself.
+pub const EXT4_INLINE_DATA_FL: u32 = 0x1000_0000;
 pub const EXT2_ROOT_INO: Ino = 2;
 
 pub const EXT2_FT_REG_FILE: c_int = 1;
@@ -151,6 +153,7 @@ library! {
     ext2fs_extent_free: fn(*mut c_void);
     ext2fs_file_open: fn(Fs, Ino, c_int, *mut File) -> Errcode;
     ext2fs_file_write: fn(File, *const c_void, c_uint, *mut c_uint) -> Errcode;
+    ext2fs_file_read: fn(File, *mut c_void, c_uint, *mut c_uint) -> Errcode;
     ext2fs_file_llseek: fn(File, u64, c_int, *mut u64) -> Errcode;
     ext2fs_file_close: fn(File) -> Errcode;
     ext2fs_punch: fn(Fs, Ino, *mut Inode, *mut c_char, u64, u64) -> Errcode;

@@ -736,3 +736,222 @@ impl Writer {
         Ok(done)
     }
 }
+
+/// A regular file (or a slow symlink) of the image, read through libext2fs.
+struct FileReader<'a> {
+    lib: &'static Lib,
+    file: sys::File,
+    _image: std::marker::PhantomData<&'a Writer>,
+}
+
+impl<'a> FileReader<'a> {
+    fn open(w: &'a Writer, ino: Ino) -> io::Result<Self> {
+        let mut file: sys::File = std::ptr::null_mut();
+        // SAFETY: `ino` is an inode of this filesystem; flags 0 open it read-only.
+        let r = unsafe { (w.lib.ext2fs_file_open)(w.fs, ino, 0, &mut file) };
+        w.check(r, || format!("cannot open inode {ino}"))?;
+        Ok(FileReader {
+            lib: w.lib,
+            file,
+            _image: std::marker::PhantomData,
+        })
+    }
+}
+
+impl Read for FileReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut got: u32 = 0;
+        let want = buf.len().min(1 << 20) as u32;
+        // SAFETY: `buf` is live for `want` bytes; the file is open.
+        let r = unsafe {
+            (self.lib.ext2fs_file_read)(self.file, buf.as_mut_ptr().cast(), want, &mut got)
+        };
+        if r != 0 {
+            return Err(err(self.lib, r, "cannot read file data"));
+        }
+        Ok(got as usize)
+    }
+}
+
+impl Drop for FileReader<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the file is open and closed once; nothing was written through it.
+        unsafe { (self.lib.ext2fs_file_close)(self.file) };
+    }
+}
+
+fn owner_of(inode: &Inode) -> (u32, u32) {
+    (
+        inode.i_uid as u32 | (inode.l_i_uid_high as u32) << 16,
+        inode.i_gid as u32 | (inode.l_i_gid_high as u32) << 16,
+    )
+}
+
+fn meta_of(inode: &Inode) -> Meta {
+    let (uid, gid) = owner_of(inode);
+    Meta {
+        mode: (inode.i_mode & 0o7777) as u32,
+        uid,
+        gid,
+        mtime: inode.i_mtime as i64,
+    }
+}
+
+fn size_of(inode: &Inode) -> u64 {
+    inode.i_size as u64 | (inode.i_size_high as u64) << 32
+}
+
+/// How deep [`Writer::copy_dir_to`] descends.
+const MAX_COPY_DEPTH: u32 = 256;
+
+impl Writer {
+    /// What directory `rel` holds (resolved inside the image as the flattener resolves it),
+    /// as [`crate::ext4::usage`] measures a tree; `None` when there is no such directory.
+    pub fn usage_of(&mut self, rel: &Path) -> io::Result<Option<crate::ext4::Usage>> {
+        let Some(dir) = self.dir_if_any(rel)? else {
+            return Ok(None);
+        };
+        let mut u = crate::ext4::Usage::default();
+        let mut stack = vec![(dir, 0u32)];
+        while let Some((d, depth)) = stack.pop() {
+            for (_, ino) in self.list(d)? {
+                let inode = self.read_inode(ino)?;
+                u.entries += 1;
+                u.bytes += size_of(&inode).div_ceil(4096) * 4096;
+                if inode.i_mode & S_IFMT == S_IFDIR && depth < MAX_COPY_DEPTH {
+                    stack.push((ino, depth + 1));
+                }
+            }
+        }
+        Ok(Some(u))
+    }
+
+    fn dir_if_any(&mut self, rel: &Path) -> io::Result<Option<Ino>> {
+        match self.resolve_dir(rel, false) {
+            Ok((d, _)) => Ok(Some(d)),
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    || e.kind() == io::ErrorKind::NotADirectory
+                    || matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+                    ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Copies directory `rel` of this image (resolved inside it) into `dest` as its root
+    /// directory, keeping owners, modes, mtimes, symlinks, hard links among the copied files,
+    /// device nodes and FIFOs (not extended attributes); false when there is no such
+    /// directory. The work seed is made so from an image's `/root` without the tree ever
+    /// reaching the host (and so without privileges: owners are written, never applied).
+    pub fn copy_dir_to(&mut self, rel: &Path, dest: &mut Writer) -> io::Result<bool> {
+        let Some(src) = self.dir_if_any(rel)? else {
+            return Ok(false);
+        };
+        let top = self.read_inode(src)?;
+        let mut root = dest.read_inode(sys::EXT2_ROOT_INO)?;
+        let meta = meta_of(&top);
+        root.i_mode = S_IFDIR | meta.mode as u16;
+        set_owner(&mut root, meta.uid, meta.gid);
+        set_times(&mut root, meta.mtime);
+        dest.write_inode(sys::EXT2_ROOT_INO, &mut root)?;
+        let mut links = HashMap::new();
+        self.copy_children(src, dest, sys::EXT2_ROOT_INO, &mut links, 0)?;
+        Ok(true)
+    }
+
+    fn copy_children(
+        &mut self,
+        src: Ino,
+        dest: &mut Writer,
+        to: Ino,
+        links: &mut HashMap<Ino, (Ino, OsString)>,
+        depth: u32,
+    ) -> io::Result<()> {
+        if depth > MAX_COPY_DEPTH {
+            return Err(io::Error::other(
+                "the directory is nested too deeply to copy",
+            ));
+        }
+        for (name, ino) in self.list(src)? {
+            if depth == 0 && name == "lost+found" && dest.lookup(to, &name)?.is_some() {
+                continue;
+            }
+            let inode = self.read_inode(ino)?;
+            let meta = meta_of(&inode);
+            match inode.i_mode & S_IFMT {
+                S_IFDIR => {
+                    let d = dest.make_dir(to, &name)?;
+                    self.copy_children(ino, dest, d, links, depth + 1)?;
+                    dest.set_meta(&to, &name, meta)?;
+                }
+                S_IFREG => {
+                    if inode.i_links_count > 1 {
+                        if let Some((d, n)) = links.get(&ino) {
+                            dest.hard_link(&to, &name, (d, n.as_os_str()))?;
+                            continue;
+                        }
+                        links.insert(ino, (to, name.clone()));
+                    }
+                    let size = size_of(&inode);
+                    let mut data = FileReader::open(self, ino)?;
+                    dest.write_file(&to, &name, meta, size, &mut data)?;
+                }
+                S_IFLNK => {
+                    let target = self.link_target(ino, &inode)?;
+                    dest.symlink(&to, &name, Path::new(OsStr::from_bytes(&target)), meta)?;
+                }
+                S_IFCHR | S_IFBLK => {
+                    let (b0, b1) = (inode.i_block[0], inode.i_block[1]);
+                    let (major, minor) = if b0 != 0 {
+                        ((b0 >> 8) & 0xff, b0 & 0xff)
+                    } else {
+                        ((b1 >> 8) & 0xfff, (b1 & 0xff) | ((b1 >> 12) & 0xfff00))
+                    };
+                    let node = if inode.i_mode & S_IFMT == S_IFCHR {
+                        Node::Char(major, minor)
+                    } else {
+                        Node::Block(major, minor)
+                    };
+                    dest.mknod(&to, &name, node, meta)?;
+                }
+                S_IFIFO => dest.mknod(&to, &name, Node::Fifo, meta)?,
+                // Sockets mean nothing in a seed.
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A symlink's target: in the inode (a fast link) or in its block.
+    fn link_target(&self, ino: Ino, inode: &Inode) -> io::Result<Vec<u8>> {
+        let size = size_of(inode) as usize;
+        if size == 0 || size >= self.block || inode.i_flags & sys::EXT4_INLINE_DATA_FL != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("symlink inode {ino} is not one banger copies"),
+            ));
+        }
+        let mut copy = *inode;
+        // SAFETY: `copy` is this inode's contents; the call only reads it.
+        if unsafe { (self.lib.ext2fs_inode_has_valid_blocks2)(self.fs, &mut copy) } == 0 {
+            let bytes: Vec<u8> = inode.i_block.iter().flat_map(|w| w.to_le_bytes()).collect();
+            return bytes
+                .get(..size)
+                .map(|b| b.to_vec())
+                .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidData));
+        }
+        let mut target = Vec::with_capacity(size);
+        FileReader::open(self, ino)?
+            .take(size as u64)
+            .read_to_end(&mut target)?;
+        if target.len() != size {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        Ok(target)
+    }
+}
