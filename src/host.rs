@@ -151,10 +151,10 @@ pub fn record_programs_in(dir: PathBuf) -> Result<()> {
 }
 
 /// A running program's record, removed when it ends.
-struct ProgramRecord(Option<PathBuf>);
+pub(crate) struct ProgramRecord(Option<PathBuf>);
 
 impl ProgramRecord {
-    fn new(pid: u32) -> Self {
+    pub(crate) fn new(pid: u32) -> Self {
         let Some(dir) = PROGRAMS.get() else {
             return ProgramRecord(None);
         };

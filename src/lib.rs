@@ -35,6 +35,7 @@ pub mod tree;
 pub mod varlink;
 pub mod vmm;
 pub mod vms;
+pub mod worker;
 
 pub use error::{Error, Result};
 

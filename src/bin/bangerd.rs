@@ -20,6 +20,7 @@ fn main() -> std::process::ExitCode {
         banger::varlink::relay::RELAY_ARG => banger::varlink::relay::run(&argv[2..]),
         banger::vmm::console::LOGGER_ARG => return console_logger(&argv[2..]),
         banger::agent::link::HELPER_ARG => return agent_link(&argv[2..]),
+        banger::worker::WORKER_ARG => return banger::worker::main(&argv[2..]),
         _ => {
             return match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt.block_on(daemon()),

@@ -135,52 +135,9 @@ impl Images {
         published
     }
 
-    /// Finishes an image whose `rootfs.ext4` (of `size` bytes) the layers were written
-    /// into: shrinks it when the guess was generous, builds the work seed from its `/root`,
-    /// publishes.
-    pub(super) async fn finish_image(
-        &self,
-        ctx: &JobContext,
-        staging: Staging,
-        size: u64,
-        stats: crate::oci::flatten::Stats,
-        t: TreeImage,
-    ) -> Result<Image> {
-        let dir = staging.path().to_owned();
-        ctx.stage("build_rootfs", "Building the work seed from /root");
-        ctx.progress(0.8);
-        // What `ext4::usage` would have measured of the tree: data plus a block per entry.
-        let used = ext4::Usage {
-            bytes: stats.file_bytes + stats.entries * 4096,
-            entries: stats.entries,
-        };
-        let fits = ext4::size_for(used, t.size, GIB);
-        let d = dir.clone();
-        let (size, seed) = blocking("Work seed", move || {
-            let image = d.join("rootfs.ext4");
-            let size = if fits < size {
-                ext4::shrink(&image, fits)?;
-                fits
-            } else {
-                size
-            };
-            let seed = work_seed_from_image(&image, &d.join("seed"), &d.join("work-seed.ext4"));
-            Ok((size, seed))
-        })
-        .await?;
-        let seed = match seed {
-            Ok(seed) => seed,
-            Err(e) => {
-                ctx.log(4, format!("No work seed: {}", e.full_message()));
-                false
-            }
-        };
-        self.publish_built(ctx, staging, t, size, seed).await
-    }
-
     /// Publishes a staging directory holding `rootfs.ext4` (and `work-seed.ext4` when
     /// `seed`).
-    async fn publish_built(
+    pub(super) async fn publish_built(
         &self,
         ctx: &JobContext,
         staging: Staging,
@@ -206,34 +163,6 @@ impl Images {
         };
         self.publish(staging, image).await
     }
-}
-
-/// Builds the work seed from `/root` of the finished `image`: `debugfs rdump` copies it
-/// (owners, modes, links) into `scratch`, then `mkfs.ext4 -d`. False when `/root` is not a
-/// directory (a symlink is never followed: its target would be read on the host).
-fn work_seed_from_image(image: &Path, scratch: &Path, seed: &Path) -> Result<bool> {
-    std::fs::create_dir(scratch)
-        .map_err(|e| failed("Cannot make the work seed's scratch directory", e))?;
-    let dumped = crate::host::run(
-        "debugfs",
-        [
-            "-R".as_ref(),
-            format!("rdump /root {}", scratch.display()).as_ref(),
-            image.as_os_str(),
-        ],
-    );
-    let root = scratch.join("root");
-    let r = match (dumped, std::fs::symlink_metadata(&root)) {
-        (Ok(()), Ok(m)) if m.is_dir() => {
-            let u = ext4::usage(&root).map_err(|e| failed("Cannot measure /root", e))?;
-            let size = ext4::size_for(u, None, 64 << 20);
-            ext4::build(&root, seed, size, u, "work").map(|_| true)
-        }
-        (Err(e), _) => Err(e),
-        _ => Ok(false),
-    };
-    crate::layout::remove_any(scratch)?;
-    r
 }
 
 /// Builds the work seed from the tree's `/root` (resolved inside the tree); false when the

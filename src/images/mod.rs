@@ -6,7 +6,7 @@ mod build;
 mod error;
 mod finish;
 mod publish;
-mod pull;
+pub(crate) mod pull;
 mod register;
 
 pub use build::host_mirror;

@@ -23,7 +23,8 @@ use crate::model::{new_id, validate_name, Image, NameKind, SYSTEM_UID};
 use crate::oci::flatten::{FlattenError, Flattener, Limits};
 use crate::oci::reference;
 use crate::oci::registry::{layer_compression, Compression, Registry};
-use crate::tree::{HostTree, Tree};
+use crate::tree::Tree;
+use crate::worker::Report;
 use crate::{Error, Result};
 
 const GIB: u64 = 1 << 30;
@@ -229,6 +230,9 @@ impl Images {
         }))
     }
 
+    /// Runs the pull in a worker (see [`crate::worker`]) that writes the image into a
+    /// staging directory of its own uid, then takes the directory back (nothing in it
+    /// followed, the blobs it fetched rehashed before they join the cache) and publishes.
     async fn run_pull(
         &self,
         ctx: JobContext,
@@ -244,175 +248,480 @@ impl Images {
                 .join(format!("{}{id}", crate::layout::STAGING_PREFIX)),
         )?;
         let dir = staging.path().to_owned();
-
-        ctx.stage("resolve", format!("Resolving {}", r.whole()));
-        // A registry on this host's loopback speaks plain HTTP, as Docker assumes too.
+        let uid = crate::worker::next_uid();
+        let cache = self.layout.oci_cache_dir();
+        let (d, c) = (dir.clone(), cache.clone());
+        blocking("Staging", move || hand_to_worker(&d, &c, uid)).await?;
+        // A caller's credentials go only to the registry the caller named (see `pull`);
+        // the operator's file is read here, by root, and only the registry's entry passes.
         let creds = opts
             .auth
             .clone()
             .or_else(|| crate::oci::auth::from_file(&self.config.auth_file, r.registry()));
-        let registry = Registry::new(
-            opts.insecure || crate::oci::registry::on_loopback(r.registry()),
-            creds,
-        );
-        let (manifest, digest) = registry.manifest(&r).await?;
-        let layers: Vec<_> = manifest
-            .layers
-            .iter()
-            .map(|d| layer_compression(&d.media_type).map(|c| (d.clone(), c)))
-            .collect::<Result<_>>()?;
+        let request = serde_json::to_value(PullRequest {
+            reference: r.whole(),
+            insecure: opts.insecure || crate::oci::registry::on_loopback(r.registry()),
+            credentials: creds.map(|c| (c.user, c.password)),
+            size: opts.size,
+            max_bytes: self.config.max_image_bytes,
+            staging: crate::worker::fd_path(0),
+            cache: crate::worker::fd_path(1),
+            agent: crate::worker::fd_path(2),
+        })
+        .map_err(|e| failed("Cannot encode the pull", e))?;
+        let agent = self.config.guest_binary("banger-agent");
+        let hide = vec![
+            self.layout.state_dir.clone(),
+            self.layout.runtime_dir.clone(),
+        ];
+        let (worker_ctx, d, c) = (ctx.clone(), dir.clone(), cache.clone());
+        let ran = blocking("Pull", move || {
+            let open = |p: &Path, flags: i32| {
+                crate::host::openat(libc::AT_FDCWD, p, flags | libc::O_RDONLY | libc::O_NOFOLLOW)
+                    .map_err(|e| failed(format!("Cannot open {}", p.display()), e))
+            };
+            let spec = crate::worker::Spec {
+                kind: "pull",
+                uid,
+                request: &request,
+                hide,
+                fds: vec![
+                    open(&d, libc::O_DIRECTORY)?,
+                    open(&c, libc::O_DIRECTORY)?,
+                    crate::host::openat(libc::AT_FDCWD, &agent, libc::O_RDONLY).map_err(|e| {
+                        failed(
+                            format!("Cannot read the guest agent {}", agent.display()),
+                            e,
+                        )
+                    })?,
+                ],
+            };
+            let ran = crate::worker::run(&spec, &worker_ctx);
+            // Whatever the worker did, its directory is root's again before anything in it
+            // is used, and the blobs it verified join the cache.
+            let adopted = take_back(&d, &c);
+            let value = ran?;
+            adopted?;
+            Ok(value)
+        })
+        .await?;
+        let pulled: Pulled = serde_json::from_value(ran)
+            .map_err(|e| failed("The pull's worker answered what is not a pull", e))?;
+        crate::model::check_ready_ports(&pulled.labeled_ports)
+            .map_err(|e| invalid(format!("The image's label {READY_PORTS_LABEL}: {e}")))?;
         ctx.log(
             6,
-            format!("{} is {digest}, {} layer(s)", r.whole(), layers.len()),
-        );
-        if !(0..=1 << 20).contains(&manifest.config.size) {
-            return Err(invalid(format!(
-                "The image configuration of {} claims {} bytes; at most 1 MiB is read",
-                r.whole(),
-                manifest.config.size
-            )));
-        }
-        let config_blob = registry
-            .fetch_blob(&r, &manifest.config, &self.layout.oci_cache_dir(), |_| {})
-            .await?;
-        let (labeled_ports, image_config) = read_image_config(&config_blob)?;
-        let ready_ports = opts.ready_ports.clone().unwrap_or(labeled_ports);
-
-        ctx.stage(
-            "fetch",
             format!(
-                "Fetching {} layer(s), flattening each as it lands",
-                layers.len()
+                "{} is {}; {} entries, {} bytes of files, written into ext4 as they decompressed",
+                r.whole(),
+                pulled.digest,
+                pulled.entries,
+                pulled.file_bytes
             ),
         );
-        let total: u64 = layers
-            .iter()
-            .map(|(d, _)| d.size.max(0) as u64)
-            .sum::<u64>()
-            .max(1);
-        // gzip layers of OS images expand about 3×; 8× leaves room for more.
-        let expected = total.saturating_mul(8);
         let t = TreeImage {
             id,
             name,
             source: r.whole(),
             kernel: opts.kernel,
             size: opts.size,
-            ready_ports,
-            config: image_config,
+            ready_ports: opts.ready_ports.clone().unwrap_or(pulled.labeled_ports),
+            config: pulled.config,
             owner_uid,
         };
+        self.publish_built(&ctx, staging, t, pulled.size, pulled.seed)
+            .await
+    }
+}
 
-        // First straight into an ext4 image sized for `expected`: the filesystem is built
-        // while the layers decompress, and nothing is written twice. An image that outgrows
-        // it (or its inodes) starts over as a tree (its layers are in the blob cache by then).
-        let image = dir.join("rootfs.ext4");
-        let size = crate::ext4::size_for(
-            crate::ext4::Usage {
-                bytes: expected,
-                entries: 0,
-            },
-            opts.size,
-            GIB,
-        );
-        let into = Dest::Image {
-            path: image.clone(),
-            agent: self.config.guest_binary("banger-agent"),
-            config: t.config.clone(),
+/// What the daemon asks a pull worker.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PullRequest {
+    /// The whole reference.
+    reference: String,
+    /// Plain HTTP.
+    insecure: bool,
+    /// User and password for the reference's registry.
+    credentials: Option<(String, String)>,
+    /// The root filesystem's size the caller asked for.
+    size: Option<u64>,
+    /// `max_image_bytes`.
+    max_bytes: u64,
+    /// The worker's staging directory: `rootfs.ext4`, `work-seed.ext4` and `blobs/` go there.
+    staging: PathBuf,
+    /// The shared blob cache (read only).
+    cache: PathBuf,
+    /// The guest agent to install.
+    agent: PathBuf,
+}
+
+/// What a pull worker answers.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Pulled {
+    /// The manifest's digest.
+    digest: String,
+    /// `rootfs.ext4`'s size.
+    size: u64,
+    /// Whether it made `work-seed.ext4`.
+    seed: bool,
+    /// Entries in the image.
+    entries: u64,
+    /// Bytes of file data.
+    file_bytes: u64,
+    /// The image's configuration.
+    config: crate::model::ImageConfig,
+    /// The ports its label declares.
+    labeled_ports: Vec<u16>,
+}
+
+/// Where a blob a worker fetches comes from: the shared cache (root's, readable by every
+/// worker) or the worker's own `blobs/`, where what it downloads goes.
+struct Blobs {
+    shared: PathBuf,
+    own: PathBuf,
+}
+
+impl Blobs {
+    fn cached(&self, desc: &oci_client::manifest::OciDescriptor) -> Result<Option<PathBuf>> {
+        for dir in [&self.shared, &self.own] {
+            if let Some(p) = Registry::cached(desc, dir)? {
+                // One a worker cannot read (an older daemon's, root's alone) is fetched again.
+                if std::fs::File::open(&p).is_ok() {
+                    return Ok(Some(p));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The staging directory `dir` (just made, root's) becomes worker `uid`'s, and the blob cache
+/// `cache` readable by the workers' group.
+fn hand_to_worker(dir: &Path, cache: &Path, uid: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |what: &Path, e| failed(format!("Cannot prepare {}", what.display()), e);
+    std::os::unix::fs::lchown(dir, Some(uid), Some(uid)).map_err(|e| fail(dir, e))?;
+    let blobs = cache.join("sha256");
+    std::fs::create_dir_all(&blobs).map_err(|e| fail(&blobs, e))?;
+    for d in [cache, &blobs] {
+        std::os::unix::fs::lchown(d, Some(0), Some(crate::worker::gid()))
+            .map_err(|e| fail(d, e))?;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o750))
+            .map_err(|e| fail(d, e))?;
+    }
+    Ok(())
+}
+
+/// Takes a pull worker's staging directory `dir` back: root's alone again; `rootfs.ext4` and
+/// `work-seed.ext4` root's when they are plain files of one link (anything else is removed
+/// with the directory); each blob under `blobs/sha256/` whose contents hash to its name moves
+/// into the cache `cache`, readable by workers.
+fn take_back(dir: &Path, cache: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let fail = |what: &str, e| failed(format!("Cannot take back the pull's {what}"), e);
+    let open = |at: Option<&std::os::fd::OwnedFd>, name: &Path, flags: i32| {
+        crate::host::openat(
+            at.map_or(libc::AT_FDCWD, |f| f.as_raw_fd()),
+            name,
+            flags | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK,
+        )
+    };
+    let top =
+        open(None, dir, libc::O_RDONLY | libc::O_DIRECTORY).map_err(|e| fail("directory", e))?;
+    let own = |fd: &std::os::fd::OwnedFd, gid: u32, mode: u32| -> std::io::Result<()> {
+        // SAFETY: plain calls on a descriptor we own.
+        unsafe {
+            if libc::fchown(fd.as_raw_fd(), 0, gid) != 0 || libc::fchmod(fd.as_raw_fd(), mode) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    own(&top, 0, 0o700).map_err(|e| fail("directory", e))?;
+    for name in ["rootfs.ext4", "work-seed.ext4"] {
+        let f = match open(Some(&top), Path::new(name), libc::O_RDONLY) {
+            Ok(f) => f,
+            Err(_) => {
+                // Not there, or a link: nothing to keep.
+                let _ = crate::vmm::jail::remove_beneath(dir, Path::new(name));
+                continue;
+            }
         };
+        let st = crate::host::fstat(&f).map_err(|e| fail(name, e))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_nlink != 1 {
+            drop(f);
+            let _ = crate::vmm::jail::remove_beneath(dir, Path::new(name));
+            continue;
+        }
+        own(&f, 0, 0o600).map_err(|e| fail(name, e))?;
+    }
+    // Each step opened without following a link the worker may have planted.
+    let dirs = libc::O_RDONLY | libc::O_DIRECTORY;
+    let blobs = open(Some(&top), Path::new("blobs"), dirs)
+        .and_then(|b| open(Some(&b), Path::new("sha256"), dirs));
+    if let Ok(blobs) = blobs {
+        let shared = open(
+            None,
+            &cache.join("sha256"),
+            libc::O_RDONLY | libc::O_DIRECTORY,
+        )
+        .map_err(|e| fail("blobs", e))?;
+        let names = std::fs::read_dir(format!("/proc/self/fd/{}", blobs.as_raw_fd()))
+            .map_err(|e| fail("blobs", e))?;
+        for n in names.flatten().map(|e| e.file_name()) {
+            let Some(hex) = n.to_str().filter(|h| {
+                h.len() == 64
+                    && h.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            }) else {
+                continue;
+            };
+            let Ok(f) = open(Some(&blobs), Path::new(hex), libc::O_RDONLY) else {
+                continue;
+            };
+            let ok = crate::host::fstat(&f)
+                .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1);
+            if !ok
+                || sha256_of(std::fs::File::from(
+                    f.try_clone().map_err(|e| fail("blobs", e))?,
+                ))
+                .as_deref()
+                    != Some(hex)
+            {
+                continue;
+            }
+            own(&f, crate::worker::gid(), 0o640).map_err(|e| fail("blobs", e))?;
+            let (from, to) = (
+                std::ffi::CString::new(hex).expect("hex"),
+                std::ffi::CString::new(hex).expect("hex"),
+            );
+            // SAFETY: both names are NUL-terminated; both directories are open.
+            let r = unsafe {
+                libc::renameat(
+                    blobs.as_raw_fd(),
+                    from.as_ptr(),
+                    shared.as_raw_fd(),
+                    to.as_ptr(),
+                )
+            };
+            if r != 0 {
+                tracing::warn!(
+                    "Cannot keep blob sha256:{hex} in the cache: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+    crate::layout::remove_any(&dir.join("blobs"))
+}
+
+/// The sha256 of what `f` holds, in hex.
+fn sha256_of(mut f: std::fs::File) -> Option<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return Some(crate::model::hex(&h.finalize())),
+            Ok(n) => h.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// A pull worker's work (`bangerd worker pull`, see [`crate::worker`]): the request is
+/// [`PullRequest`], the answer [`Pulled`].
+pub(crate) fn work(request: &[u8], report: &dyn Report) -> Result<serde_json::Value> {
+    let req: PullRequest = serde_json::from_slice(request)
+        .map_err(|e| invalid(format!("A pull worker's request is not one: {e}")))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| failed("Cannot start the worker's runtime", e))?;
+    let pulled = rt.block_on(pull_into(req, report))?;
+    serde_json::to_value(pulled).map_err(|e| failed("Cannot encode the pull", e))
+}
+
+/// Pulls the request's image into `rootfs.ext4` (and `work-seed.ext4`) in its staging
+/// directory: manifest, configuration, layers fetched and flattened as they land, the guest
+/// assets, the work seed from `/root`, and the filesystem shrunk to what it holds.
+async fn pull_into(req: PullRequest, report: &dyn Report) -> Result<Pulled> {
+    let r = reference::parse(&req.reference)?;
+    let dir = req.staging.clone();
+    report.stage("resolve", format!("Resolving {}", r.whole()));
+    let registry = Registry::new(
+        req.insecure,
+        req.credentials
+            .map(|(user, password)| crate::oci::auth::Credentials { user, password }),
+    );
+    let (manifest, digest) = registry.manifest(&r).await?;
+    let layers: Vec<_> = manifest
+        .layers
+        .iter()
+        .map(|d| layer_compression(&d.media_type).map(|c| (d.clone(), c)))
+        .collect::<Result<_>>()?;
+    report.log(
+        6,
+        format!("{} is {digest}, {} layer(s)", r.whole(), layers.len()),
+    );
+    if !(0..=1 << 20).contains(&manifest.config.size) {
+        return Err(invalid(format!(
+            "The image configuration of {} claims {} bytes; at most 1 MiB is read",
+            r.whole(),
+            manifest.config.size
+        )));
+    }
+    let blobs = Blobs {
+        shared: req.cache.clone(),
+        own: dir.join("blobs"),
+    };
+    let config_blob = match blobs.cached(&manifest.config)? {
+        Some(p) => p,
+        None => {
+            registry
+                .fetch_blob(&r, &manifest.config, &blobs.own, |_| {})
+                .await?
+        }
+    };
+    let (labeled_ports, config) = read_image_config(&config_blob)?;
+
+    report.stage(
+        "fetch",
+        format!(
+            "Fetching {} layer(s), flattening each as it lands",
+            layers.len()
+        ),
+    );
+    let total: u64 = layers
+        .iter()
+        .map(|(d, _)| d.size.max(0) as u64)
+        .sum::<u64>()
+        .max(1);
+    // gzip layers of OS images expand about 3×; 8× leaves room for more. An image that
+    // outgrows the filesystem made for it starts over in one twice the size (its layers are
+    // in the worker's blobs by then), up to what max_image_bytes allows.
+    let sized =
+        |bytes: u64| crate::ext4::size_for(crate::ext4::Usage { bytes, entries: 0 }, req.size, GIB);
+    let mut size = sized(total.saturating_mul(8));
+    let largest = sized(req.max_bytes).max(size);
+    let image = dir.join("rootfs.ext4");
+    let limits = Limits {
+        max_bytes: req.max_bytes,
+        ..Limits::default()
+    };
+    let stats = loop {
         let img = image.clone();
         blocking("mkfs", move || {
             crate::ext4::create_empty(&img, size, size / 16384, "rootfs")
         })
         .await?;
-        let limits = Limits {
-            max_bytes: self.config.max_image_bytes,
-            ..Limits::default()
+        report.log(7, format!("Flattening into {} bytes of ext4", size));
+        let dest = Dest {
+            path: image.clone(),
+            agent: req.agent.clone(),
+            config: config.clone(),
         };
-        ctx.log(7, format!("Flattening into {}", image.display()));
-        match self
-            .fetch_and_flatten(&ctx, &registry, &r, &layers, into, limits, total)
-            .await
+        match fetch_and_flatten(report, &registry, &r, &layers, &blobs, dest, limits, total).await
         {
-            Ok(stats) => {
-                ctx.log(
+            Ok(stats) => break stats,
+            Err(Flatten::OutOfRoom(e)) if req.size.is_none() && size < largest => {
+                report.log(
                     6,
                     format!(
-                        "{} entries, {} bytes of files, written into ext4 as they decompressed",
-                        stats.entries, stats.file_bytes
-                    ),
-                );
-                return self.finish_image(&ctx, staging, size, stats, t).await;
-            }
-            Err(Flatten::OutOfRoom(e)) => {
-                ctx.log(
-                    6,
-                    format!(
-                        "The image outgrew the {size}-byte filesystem made for it ({}); \
-                         flattening into a tree instead",
+                        "The image outgrew the {size}-byte filesystem made for it ({});                          starting over in one twice as large",
                         e.full_message()
                     ),
                 );
-                let img = image.clone();
-                blocking("Cleanup", move || {
-                    std::fs::remove_file(&img)
-                        .map_err(|e| failed("Cannot remove a partial image", e))
-                })
-                .await?;
+                size = (size * 2).min(largest);
             }
-            Err(Flatten::OverScratch) => return Err(over_limit(self.config.max_image_bytes)),
-            Err(Flatten::Failed(e)) => return Err(e),
+            Err(Flatten::OutOfRoom(e)) if req.size.is_some() => {
+                return Err(invalid(format!(
+                    "The image does not fit in the {size} bytes asked for ({}); pass a larger                      size or none",
+                    e.full_message()
+                )))
+            }
+            Err(Flatten::OverScratch) => return Err(over_limit(req.max_bytes)),
+            Err(Flatten::OutOfRoom(e)) | Err(Flatten::Failed(e)) => return Err(e),
         }
+    };
+    report.log(
+        6,
+        format!(
+            "{} entries, {} bytes of files, written into ext4 as they decompressed",
+            stats.entries, stats.file_bytes
+        ),
+    );
 
-        let (mut tree, mut scratch) = self.tree_dir(&t.id, &dir, expected)?;
-        let mut max_bytes = self.config.max_image_bytes;
-        if scratch.is_some() {
-            max_bytes = max_bytes.min(expected);
-        }
-        let stats = loop {
-            ctx.log(7, format!("Flattening in {}", tree.display()));
-            let limits = Limits {
-                max_bytes,
-                ..Limits::default()
-            };
-            match self
-                .fetch_and_flatten(
-                    &ctx,
-                    &registry,
-                    &r,
-                    &layers,
-                    Dest::Tree(tree.clone()),
-                    limits,
-                    total,
-                )
-                .await
-            {
-                Ok(stats) => break stats,
-                Err(Flatten::OverScratch) if scratch.is_some() => {
-                    ctx.log(
-                        6,
-                        format!(
-                            "The image expands past the {expected} bytes checked free in the \
-                             memory scratch; flattening on disk instead"
-                        ),
-                    );
-                    drop(scratch.take());
-                    tree = dir.join("tree");
-                    max_bytes = self.config.max_image_bytes;
-                }
-                Err(Flatten::OverScratch) => return Err(over_limit(max_bytes)),
-                Err(Flatten::OutOfRoom(e)) | Err(Flatten::Failed(e)) => return Err(e),
+    report.stage("build_rootfs", "Building the work seed from /root".into());
+    report.progress(0.8);
+    // What `ext4::usage` would have measured of the tree: data plus a block per entry.
+    let used = crate::ext4::Usage {
+        bytes: stats.file_bytes + stats.entries * 4096,
+        entries: stats.entries,
+    };
+    // The filesystem has an inode per 16 KiB: a smaller one must still hold every entry.
+    let fits = crate::ext4::size_for(used, req.size, GIB)
+        .max((stats.entries * 16384 * 5 / 4).div_ceil(1 << 20) << 20);
+    let (img, seed_path) = (image.clone(), dir.join("work-seed.ext4"));
+    let (size, seed, notes) = blocking("Work seed", move || {
+        let mut notes = Vec::new();
+        let seed = match work_seed(&img, &seed_path) {
+            Ok(seed) => seed,
+            Err(e) => {
+                let _ = std::fs::remove_file(&seed_path);
+                notes.push(format!("No work seed: {}", e.full_message()));
+                false
             }
         };
-        ctx.log(
-            6,
-            format!(
-                "{} entries, {} bytes of files",
-                stats.entries, stats.file_bytes
-            ),
-        );
-        self.finish_tree(&ctx, staging, tree, scratch, t).await
+        let size = match fits < size {
+            true => match crate::ext4::shrink(&img, fits) {
+                Ok(()) => fits,
+                // resize2fs checks first and leaves a filesystem it cannot shrink as it was.
+                Err(e) => {
+                    notes.push(format!("The image keeps its size: {}", e.full_message()));
+                    size
+                }
+            },
+            false => size,
+        };
+        Ok((size, seed, notes))
+    })
+    .await?;
+    for n in notes {
+        report.log(4, n);
     }
+    Ok(Pulled {
+        digest,
+        size,
+        seed,
+        entries: stats.entries,
+        file_bytes: stats.file_bytes,
+        config,
+        labeled_ports,
+    })
+}
+
+/// Builds the work seed from `/root` of the finished `image`, copied image to image; false
+/// when the image has no `/root`.
+fn work_seed(image: &Path, seed: &Path) -> Result<bool> {
+    let mut w = Writer::open(image).map_err(|e| failed("Cannot open the root filesystem", e))?;
+    let Some(u) = w
+        .usage_of(Path::new("root"))
+        .map_err(|e| failed("Cannot measure /root", e))?
+    else {
+        return Ok(false);
+    };
+    let size = crate::ext4::size_for(u, None, 64 << 20);
+    crate::ext4::create_empty(seed, size, (u.entries * 2 + 4096).max(size / 16384), "work")?;
+    let mut s = Writer::open(seed).map_err(|e| failed("Cannot open the work seed", e))?;
+    w.copy_dir_to(Path::new("root"), &mut s)
+        .map_err(|e| failed("Cannot copy /root into the work seed", e))?;
+    s.close()
+        .map_err(|e| failed("Cannot finish the work seed", e))?;
+    Ok(true)
 }
 
 /// The OCI label an image declares its service ports with.
@@ -558,18 +867,12 @@ fn over_limit(max_bytes: u64) -> Error {
     ))
 }
 
-/// Where a pull's layers go.
-enum Dest {
-    /// A tree on the host (the memory scratch or the staging directory), made into ext4
-    /// after.
-    Tree(PathBuf),
-    /// Straight into an empty ext4 image; the guest assets are injected after the last
-    /// layer.
-    Image {
-        path: PathBuf,
-        agent: PathBuf,
-        config: crate::model::ImageConfig,
-    },
+/// Where a pull's layers go: straight into an empty ext4 image; the guest assets are
+/// injected after the last layer.
+struct Dest {
+    path: PathBuf,
+    agent: PathBuf,
+    config: crate::model::ImageConfig,
 }
 
 /// How a fetch-and-flatten ended when it did not finish.
@@ -645,130 +948,120 @@ fn room_or_failed(e: Error) -> Flatten {
     }
 }
 
-impl Images {
-    /// Fetches the layers into the blob cache and flattens them into `tree` as they land, in
-    /// manifest order on a blocking thread: a layer the flattener is ready for is streamed to
-    /// it while it downloads (so one download and its extraction overlap), one that comes
-    /// while it is still busy is downloaded into the cache and read from there after. A
-    /// streamed layer's digest is checked when its download ends: a mismatch fails the pull
-    /// and the tree is thrown away with the staging directory.
-    #[allow(clippy::too_many_arguments)]
-    async fn fetch_and_flatten(
-        &self,
-        ctx: &JobContext,
-        registry: &Registry,
-        r: &Reference,
-        layers: &[(oci_client::manifest::OciDescriptor, Compression)],
-        dest: Dest,
-        limits: Limits,
-        total: u64,
-    ) -> Result<crate::oci::flatten::Stats, Flatten> {
-        let (tx, rx) = std::sync::mpsc::channel::<(LayerSource, Compression)>();
-        // How many layers the flattener has finished.
-        let applied = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let done_count = applied.clone();
-        let flatten = crate::jobs::spawn_blocking(move || {
-            // Layers are opened (their decompression started) one ahead of the one being
-            // applied, which is always applied in manifest order.
-            let (opened_tx, opened) = std::sync::mpsc::sync_channel(0);
-            std::thread::spawn(move || {
-                for (src, c) in rx {
-                    if opened_tx.send(inflating(src, c)).is_err() {
-                        break;
-                    }
-                }
-            });
-            match dest {
-                Dest::Tree(t) => {
-                    let tree = HostTree::create(&t, true)
-                        .map_err(|e| failed("Cannot create the image tree", e))?;
-                    apply_layers(Flattener::new(tree, limits), opened, &done_count).map(|r| r.0)
-                }
-                Dest::Image {
-                    path,
-                    agent,
-                    config,
-                } => {
-                    let w = Writer::open(&path)
-                        .map_err(|e| failed("Cannot open the new root filesystem", e))?;
-                    let (stats, mut w) =
-                        apply_layers(Flattener::new(w, limits), opened, &done_count)?;
-                    guest::inject(&mut w, &agent).map_err(room_or_failed)?;
-                    guest::inject_config(&mut w, &config).map_err(room_or_failed)?;
-                    w.close().map_err(|e| {
-                        room_or_failed(failed("Cannot finish the root filesystem", e))
-                    })?;
-                    Ok(stats)
-                }
-            }
-        });
-        let cache = self.layout.oci_cache_dir();
-        let got_total = AtomicU64::new(0);
-        let tx_ref = &tx;
-        // Up to DOWNLOADS layers download at once (registries serve layers in parallel, and
-        // skopeo and docker fetch them so); their results come back in manifest order. A
-        // layer the flattener is ready for when its download starts is streamed into it.
-        let mut downloads = Box::pin(
-            futures_util::stream::iter(layers.iter().cloned().enumerate())
-                .map(|(i, (desc, c))| {
-                    let (cache, applied, got_total) = (&cache, &applied, &got_total);
-                    async move {
-                        let mut last = 0u64;
-                        let progress = move |got: u64| {
-                            let now =
-                                got_total.fetch_add(got - last, Ordering::SeqCst) + got - last;
-                            last = got;
-                            ctx.progress(0.5 * now as f64 / total as f64);
-                        };
-                        let desc = &desc;
-                        let src = match Registry::cached(desc, cache)? {
-                            Some(p) => Some(LayerSource::File(p)),
-                            None if applied.load(Ordering::SeqCst) == i => {
-                                // Every layer before this one is applied, so sent: this send keeps
-                                // manifest order. It fails only when the flattener stopped on an
-                                // error, which it reports.
-                                let (chunks, stream) = tokio::sync::mpsc::channel(64);
-                                if tx_ref.send((LayerSource::Stream(stream), c)).is_ok() {
-                                    registry
-                                        .fetch_blob_tee(r, desc, cache, progress, Some(chunks))
-                                        .await?;
-                                }
-                                None
-                            }
-                            None => Some(LayerSource::File(
-                                registry.fetch_blob(r, desc, cache, progress).await?,
-                            )),
-                        };
-                        Ok::<_, Error>(src.map(|s| (s, c)))
-                    }
-                })
-                .buffered(DOWNLOADS),
-        );
-        let mut fetched: Result<()> = Ok(());
-        while let Some(result) = downloads.next().await {
-            match result {
-                Ok(None) => {}
-                Ok(Some(layer)) => {
-                    if tx.send(layer).is_err() {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    fetched = Err(e);
+/// Fetches the layers into the blob cache and flattens them into `tree` as they land, in
+/// manifest order on a blocking thread: a layer the flattener is ready for is streamed to
+/// it while it downloads (so one download and its extraction overlap), one that comes
+/// while it is still busy is downloaded into the cache and read from there after. A
+/// streamed layer's digest is checked when its download ends: a mismatch fails the pull
+/// and the tree is thrown away with the staging directory.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_and_flatten(
+    ctx: &dyn Report,
+    registry: &Registry,
+    r: &Reference,
+    layers: &[(oci_client::manifest::OciDescriptor, Compression)],
+    blobs: &Blobs,
+    dest: Dest,
+    limits: Limits,
+    total: u64,
+) -> Result<crate::oci::flatten::Stats, Flatten> {
+    let (tx, rx) = std::sync::mpsc::channel::<(LayerSource, Compression)>();
+    // How many layers the flattener has finished.
+    let applied = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let done_count = applied.clone();
+    let flatten = crate::jobs::spawn_blocking(move || {
+        // Layers are opened (their decompression started) one ahead of the one being
+        // applied, which is always applied in manifest order.
+        let (opened_tx, opened) = std::sync::mpsc::sync_channel(0);
+        std::thread::spawn(move || {
+            for (src, c) in rx {
+                if opened_tx.send(inflating(src, c)).is_err() {
                     break;
                 }
             }
+        });
+        let Dest {
+            path,
+            agent,
+            config,
+        } = dest;
+        let w =
+            Writer::open(&path).map_err(|e| failed("Cannot open the new root filesystem", e))?;
+        let (stats, mut w) = apply_layers(Flattener::new(w, limits), opened, &done_count)?;
+        guest::inject(&mut w, &agent).map_err(room_or_failed)?;
+        guest::inject_config(&mut w, &config).map_err(room_or_failed)?;
+        w.close()
+            .map_err(|e| room_or_failed(failed("Cannot finish the root filesystem", e)))?;
+        Ok(stats)
+    });
+    let cache = &blobs.own;
+    let got_total = AtomicU64::new(0);
+    let tx_ref = &tx;
+    // Up to DOWNLOADS layers download at once (registries serve layers in parallel, and
+    // skopeo and docker fetch them so); their results come back in manifest order. A
+    // layer the flattener is ready for when its download starts is streamed into it.
+    let mut downloads = Box::pin(
+        futures_util::stream::iter(layers.iter().cloned().enumerate())
+            .map(|(i, (desc, c))| {
+                let (cache, applied, got_total) = (cache, &applied, &got_total);
+                async move {
+                    let mut last = 0u64;
+                    let progress = move |got: u64| {
+                        let now = got_total.fetch_add(got - last, Ordering::SeqCst) + got - last;
+                        last = got;
+                        ctx.progress(0.5 * now as f64 / total as f64);
+                    };
+                    let desc = &desc;
+                    let src = match blobs.cached(desc)? {
+                        Some(p) => Some(LayerSource::File(p)),
+                        None if applied.load(Ordering::SeqCst) == i => {
+                            // Every layer before this one is applied, so sent: this send keeps
+                            // manifest order. It fails only when the flattener stopped on an
+                            // error, which it reports.
+                            let (chunks, stream) = tokio::sync::mpsc::channel(64);
+                            if tx_ref.send((LayerSource::Stream(stream), c)).is_ok() {
+                                registry
+                                    .fetch_blob_tee(r, desc, cache, progress, Some(chunks))
+                                    .await?;
+                            }
+                            None
+                        }
+                        None => Some(LayerSource::File(
+                            registry.fetch_blob(r, desc, cache, progress).await?,
+                        )),
+                    };
+                    Ok::<_, Error>(src.map(|s| (s, c)))
+                }
+            })
+            .buffered(DOWNLOADS),
+    );
+    let mut fetched: Result<()> = Ok(());
+    while let Some(result) = downloads.next().await {
+        match result {
+            Ok(None) => {}
+            Ok(Some(layer)) => {
+                if tx.send(layer).is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                fetched = Err(e);
+                break;
+            }
         }
-        drop(downloads);
-        drop(tx);
-        ctx.stage("flatten", "Applying the last layers in manifest order");
-        ctx.progress(0.5);
-        let flattened = flatten
-            .await
-            .map_err(|e| failed("Flatten task failed", e))?;
-        fetched?;
-        flattened
     }
+    drop(downloads);
+    drop(tx);
+    ctx.stage(
+        "flatten",
+        "Applying the last layers in manifest order".into(),
+    );
+    ctx.progress(0.5);
+    let flattened = flatten
+        .await
+        .map_err(|e| failed("Flatten task failed", e))?;
+    fetched?;
+    flattened
 }
 
 #[cfg(test)]

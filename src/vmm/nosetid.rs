@@ -54,6 +54,76 @@ fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
 
 /// The filter program.
 pub fn program() -> Vec<libc::sock_filter> {
+    build(&[])
+}
+
+/// What a worker (see `crate::worker`) may not do on top of [`program`], whatever a parser
+/// bug lets its input make it run (x86-64 numbers): change its identity, reach other
+/// processes, make namespaces (`clone` with `CLONE_NEWUSER` is refused below), mount, load
+/// kernel code or programs, touch keyrings, make device nodes, or use the kernel's
+/// least-travelled interfaces.
+const WORKER_DENIED: &[u32] = &[
+    101, // ptrace
+    103, // syslog
+    105, // setuid
+    106, // setgid
+    113, // setreuid
+    114, // setregid
+    116, // setgroups
+    117, // setresuid
+    119, // setresgid
+    122, // setfsuid
+    123, // setfsgid
+    133, // mknod
+    135, // personality
+    155, // pivot_root
+    161, // chroot
+    163, // acct
+    165, // mount
+    166, // umount2
+    167, // swapon
+    168, // swapoff
+    169, // reboot
+    175, // init_module
+    176, // delete_module
+    179, // quotactl
+    246, // kexec_load
+    248, // add_key
+    249, // request_key
+    250, // keyctl
+    259, // mknodat
+    272, // unshare
+    298, // perf_event_open
+    300, // fanotify_init
+    303, // name_to_handle_at
+    304, // open_by_handle_at
+    308, // setns
+    310, // process_vm_readv
+    311, // process_vm_writev
+    313, // finit_module
+    320, // kexec_file_load
+    321, // bpf
+    323, // userfaultfd
+    425, // io_uring_setup
+    426, // io_uring_enter
+    427, // io_uring_register
+    428, // open_tree
+    429, // move_mount
+    430, // fsopen
+    431, // fsconfig
+    432, // fsmount
+    433, // fspick
+];
+const CLONE: u32 = 56;
+const CLONE3: u32 = 435;
+
+/// A worker's filter: [`program`] and [`WORKER_DENIED`]; `clone3` (whose flags sit in a
+/// structure) answers `ENOSYS`, so callers use `clone`, whose flags are checked.
+pub fn worker_program() -> Vec<libc::sock_filter> {
+    build(WORKER_DENIED)
+}
+
+fn build(denied: &[u32]) -> Vec<libc::sock_filter> {
     let eperm = RET_ERRNO | libc::EPERM as u32;
     let enosys = RET_ERRNO | libc::ENOSYS as u32;
     let mut p = vec![
@@ -67,6 +137,20 @@ pub fn program() -> Vec<libc::sock_filter> {
         op(JEQ_K, 0, 1, OPENAT2),
         op(RET_K, 0, 0, enosys),
     ];
+    if !denied.is_empty() {
+        p.extend([op(JEQ_K, 0, 1, CLONE3), op(RET_K, 0, 0, enosys)]);
+        // clone(flags, …): no new user namespace (nor any other: those need capabilities).
+        p.extend([
+            op(JEQ_K, 0, 3, CLONE),
+            op(LD_W_ABS, 0, 0, arg_low(0)),
+            op(JSET_K, 0, 1, libc::CLONE_NEWUSER as u32),
+            op(RET_K, 0, 0, eperm),
+            op(LD_W_ABS, 0, 0, NR),
+        ]);
+        for &nr in denied {
+            p.extend([op(JEQ_K, 0, 1, nr), op(RET_K, 0, 0, eperm)]);
+        }
+    }
     for &(nr, arg) in MODE_CALLS {
         p.extend([
             op(LD_W_ABS, 0, 0, NR),
@@ -82,7 +166,7 @@ pub fn program() -> Vec<libc::sock_filter> {
 
 /// Installs `prog` on this thread (the process has one here) with `no_new_privs`. Makes
 /// system calls only (no allocation), so it may run between fork and exec.
-fn install(prog: &[libc::sock_filter]) -> std::io::Result<()> {
+pub(crate) fn install(prog: &[libc::sock_filter]) -> std::io::Result<()> {
     let fprog = libc::sock_fprog {
         len: prog.len() as u16,
         filter: prog.as_ptr() as *mut libc::sock_filter,
@@ -156,5 +240,31 @@ mod tests {
             .mode();
         assert_eq!(m & 0o7777, 0o700);
         assert!(d.path().join("sub").is_dir());
+    }
+
+    /// A worker's filter: what it denies fails with EPERM, ordinary work (files, threads,
+    /// programs) goes on.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn a_worker_cannot_unshare_mount_or_change_identity() {
+        let d = tempfile::tempdir().unwrap();
+        let prog = super::worker_program();
+        let mut c = std::process::Command::new("sh");
+        c.current_dir(d.path()).args([
+            "-c",
+            "unshare -U true 2>/dev/null && echo userns-allowed; \
+             unshare -r true 2>/dev/null && echo userns-allowed; \
+             mkfifo p 2>/dev/null && echo mknod-allowed; \
+             chmod 4755 . 2>/dev/null && echo suid-allowed; \
+             echo data > f && cat f && (echo threads | cat) && echo done",
+        ]);
+        // SAFETY: install only makes system calls on a program built before the fork.
+        unsafe { c.pre_exec(move || super::install(&prog)) };
+        let out = c.output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "data\nthreads\ndone\n",
+            "{out:?}"
+        );
     }
 }

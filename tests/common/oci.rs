@@ -410,3 +410,52 @@ impl GateProxy {
         self.open.send_replace(true);
     }
 }
+
+/// A TCP proxy to a registry that passes the first `budget` bytes each connection answers,
+/// then holds the connection open without passing more: a pull through it stops inside a
+/// layer larger than the budget, whatever the timing, for as long as the test needs.
+pub struct StallProxy {
+    /// `127.0.0.1:PORT`
+    pub host: String,
+}
+
+impl StallProxy {
+    /// Starts one in front of `upstream`.
+    pub async fn start(upstream: &str, budget: usize) -> StallProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let upstream = upstream.to_owned();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut ur, mut uw) = up.into_split();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut uw).await;
+                    });
+                    let mut left = budget;
+                    let mut buf = vec![0u8; 16384];
+                    while left > 0 {
+                        let n = match ur.read(&mut buf[..left.min(16384)]).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                        left -= n;
+                    }
+                    // Held: the client waits for the rest until it goes away.
+                    std::future::pending::<()>().await;
+                    drop((cw, ur));
+                });
+            }
+        });
+        StallProxy { host }
+    }
+}
