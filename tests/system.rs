@@ -23,7 +23,7 @@ use common::*;
 
 const PACKAGES: &str = "systemd,systemd-sysv,dbus,polkitd,libpam-systemd,systemd-container,\
      e2fsprogs,iproute2,nftables,qemu-system-x86,qemu-utils,openssh-client,util-linux,kmod,\
-     xz-utils,procps,socat";
+     xz-utils,procps,socat,ca-certificates";
 
 fn cache() -> PathBuf {
     repo().join("target/test-cache")
@@ -93,6 +93,46 @@ fn tiny_rootfs(dir: &Path) -> PathBuf {
     img
 }
 
+/// A registry as static files in `dir/registry`, which busybox httpd serves inside the
+/// container (its network namespace is its own): the v2 paths of one busybox image,
+/// `test/tiny:v1.json` (the tag's extension gives the manifest its media type through
+/// `httpd.conf`). The container pulls it through banger's pull worker, under the unit.
+fn static_registry(dir: &Path) {
+    let layout = dir.join("layout");
+    let desc = common::oci::image_manifest(
+        &layout,
+        &common::oci::busybox_layers(),
+        common::oci::Comp::Gzip,
+        "amd64",
+    );
+    let reg = dir.join("registry");
+    let repo = reg.join("v2/test/tiny");
+    std::fs::create_dir_all(repo.join("manifests")).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::write(reg.join("v2/index.html"), "").unwrap();
+    for e in std::fs::read_dir(layout.join("blobs/sha256")).unwrap() {
+        let e = e.unwrap();
+        let name = format!("sha256:{}", e.file_name().to_string_lossy());
+        std::fs::copy(e.path(), repo.join("blobs").join(name)).unwrap();
+    }
+    let manifest = desc["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:");
+    std::fs::copy(
+        layout.join("blobs/sha256").join(manifest),
+        repo.join("manifests/v1.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        reg.join("httpd.conf"),
+        ".json:application/vnd.oci.image.manifest.v1+json\n",
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&layout).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("busybox")).unwrap();
+}
+
 /// What one container runs: its root, its script, and the prefix of the lines that script
 /// prints as its verdict.
 struct Container<'a> {
@@ -126,6 +166,7 @@ fn boot(c: Container) {
     std::fs::copy(&deb, s.join("banger.deb")).unwrap();
     std::fs::copy(&vmlinuz, s.join("vmlinuz")).unwrap();
     tiny_rootfs(s);
+    static_registry(s);
     let scripts = repo().join("tests/system");
     std::fs::copy(scripts.join(c.script), s.join("inside.sh")).unwrap();
     std::fs::copy(scripts.join("lib.sh"), s.join("lib.sh")).unwrap();
@@ -194,7 +235,7 @@ fn boot(c: Container) {
 fn the_package_works_under_systemd_activation_polkit_machined_and_idle_exit() {
     boot(Container {
         suite: "bookworm",
-        root_name: "nspawn-bookworm-2",
+        root_name: "nspawn-bookworm-3",
         script: "inside.sh",
         says: "systemtest:",
         env: &[],
@@ -207,7 +248,7 @@ fn the_package_works_under_systemd_activation_polkit_machined_and_idle_exit() {
 fn machinectl_of_a_newer_systemd_drives_banger_vms_through_their_control_sockets() {
     boot(Container {
         suite: "sid",
-        root_name: "nspawn-sid-1",
+        root_name: "nspawn-sid-2",
         script: "sid.sh",
         says: "systemtest-sid:",
         // systemd ≥ 256 refuses to boot on a cgroup v1 (hybrid) host; nspawn gives it a

@@ -46,6 +46,18 @@ as alice banger kernel import k --kernel "$t/vmlinuz" --modules "$t/modules" || 
 as alice busctl call org.banger /org/banger org.banger.Images1 RegisterImage 'sa{sv}' tiny 1 rootfs s "$t/tiny.ext4" \
     || fail "alice cannot register an image"
 
+say "an image pull, in a confined worker under the daemon's unit"
+"$t/busybox" httpd -p 127.0.0.1:5000 -h "$t/registry" -c "$t/registry/httpd.conf" || fail "busybox httpd"
+as alice banger image pull 127.0.0.1:5000/test/tiny:v1.json --name pulled >/tmp/pull.log 2>&1 \
+    || { cat /tmp/pull.log; journalctl -u bangerd -o cat | tail -40; fail "image pull"; }
+as alice banger image list | grep -qw pulled || { as alice banger image list; fail "the pulled image is not listed"; }
+rootfs=$(busctl get-property org.banger "$(busctl call org.banger /org/banger org.banger.Images1 GetImage s pulled | sed 's/^o //; s/"//g')" org.banger.Image1 RootfsPath | sed 's/^s //; s/"//g')
+[ -f "$rootfs" ] || fail "no root filesystem for the pulled image ($rootfs)"
+debugfs -R 'stat /bin/busybox' "$rootfs" 2>/dev/null | grep -q 'Type: regular' || fail "the pulled image lacks /bin/busybox"
+owner=$(stat -c %u "$rootfs")
+[ "$owner" = 0 ] || fail "the pulled image's root filesystem belongs to uid $owner, not root"
+journalctl -u bangerd -o cat | grep -q "entries, .* bytes of files" || fail "the worker's report is not in the journal"
+
 say "a VM, in a unit of its own, registered with machined"
 as alice mkdir -p /home/alice/src
 as alice sh -c 'echo from-alice > /home/alice/src/hello'
