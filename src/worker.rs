@@ -117,6 +117,19 @@ impl Report for crate::jobs::JobContext {
     }
 }
 
+/// Reports that go nowhere (work outside a job's stages).
+pub struct Quiet;
+
+impl Report for Quiet {
+    fn stage(&self, _: &str, _: String) {}
+    fn progress(&self, _: f64) {}
+    fn log(&self, priority: u32, text: String) {
+        if priority <= 4 {
+            tracing::warn!("{text}");
+        }
+    }
+}
+
 /// A worker's reports, as [`Event`] lines on its stdout.
 pub struct Lines(std::sync::Mutex<std::io::Stdout>);
 
@@ -413,6 +426,7 @@ pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
     let out = Lines(std::sync::Mutex::new(std::io::stdout()));
     let result = match kind {
         "pull" => crate::images::pull::work(&request, &out),
+        "seed-work" => crate::vms::create::seed_work_worker(&request),
         _ => Err(Error::InvalidArgument(format!("no worker does {kind:?}"))),
     };
     match result {

@@ -587,6 +587,10 @@ impl Vms {
         });
         let work_disk = {
             let (w, main, key) = (work.clone(), vm.main.clone(), key.clone());
+            let hide = vec![
+                self.layout.state_dir.clone(),
+                self.layout.runtime_dir.clone(),
+            ];
             let restoring = restore.is_some();
             let made = seed.map(|seed| {
                 let w = w.clone();
@@ -604,9 +608,11 @@ impl Vms {
                 if restoring {
                     return Ok(None);
                 }
-                crate::jobs::spawn_blocking(move || seed_work(&w, host_key, key.as_deref(), &main))
-                    .await
-                    .map_err(|e| failed("Work disk task failed", e))?
+                crate::jobs::spawn_blocking(move || {
+                    seed_work_in_worker(&w, &hide, host_key, key.as_deref(), &main)
+                })
+                .await
+                .map_err(|e| failed("Work disk task failed", e))?
             }
         };
 
@@ -1228,6 +1234,101 @@ fn new_host_key(name: &str) -> Result<(Vec<u8>, String)> {
     let public = std::fs::read_to_string(path.with_extension("pub"))
         .map_err(|e| failed("Cannot read the host key", e))?;
     Ok((private, public))
+}
+
+/// What a `seed-work` worker is asked.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SeedWork {
+    /// The new host key: its private half and public line.
+    host_key: Option<(Vec<u8>, String)>,
+    /// The caller's public key.
+    key: Option<String>,
+    /// The main process's arguments.
+    main: Vec<String>,
+}
+
+/// [`seed_work`] on `work`, a disk the guest has written (a VM that ran before), in a worker
+/// (see [`crate::worker`]): the disk is handed to the worker's uid for the call and taken back
+/// through the descriptor root holds, so debugfs never parses a guest's filesystem as root.
+fn seed_work_in_worker(
+    work: &std::path::Path,
+    hide: &[std::path::PathBuf],
+    host_key: Option<(Vec<u8>, String)>,
+    key: Option<&str>,
+    main: &[String],
+) -> Result<Option<String>> {
+    use std::os::fd::AsRawFd;
+    let public = host_key.as_ref().map(|(_, p)| p.trim().to_owned());
+    if host_key.is_none() && key.is_none() && main.is_empty() {
+        return Ok(public);
+    }
+    let uid = crate::worker::next_uid();
+    let fail = |what: &str, e: std::io::Error| failed(format!("Cannot {what} the work disk"), e);
+    let disk = crate::host::openat(
+        libc::AT_FDCWD,
+        work,
+        libc::O_RDWR | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK,
+    )
+    .map_err(|e| fail("open", e))?;
+    let st = crate::host::fstat(&disk).map_err(|e| fail("inspect", e))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(invalid(format!("{} is not a disk image", work.display())));
+    }
+    let chown = |u: u32, g: u32| {
+        // SAFETY: fchown on a descriptor we own.
+        match unsafe { libc::fchown(disk.as_raw_fd(), u, g) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    };
+    // debugfs stages what it writes in a directory of the worker's own.
+    let scratch = tempfile::Builder::new()
+        .prefix(".work-")
+        .tempdir_in(
+            hide.last()
+                .map_or(std::path::Path::new("/tmp"), |p| p.as_path()),
+        )
+        .map_err(|e| fail("stage files for", e))?;
+    std::os::unix::fs::lchown(scratch.path(), Some(uid), Some(uid))
+        .map_err(|e| fail("stage files for", e))?;
+    let scratch_fd = crate::host::openat(
+        libc::AT_FDCWD,
+        scratch.path(),
+        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+    )
+    .map_err(|e| fail("stage files for", e))?;
+    chown(uid, uid).map_err(|e| fail("hand over", e))?;
+    let request = serde_json::to_value(SeedWork {
+        host_key,
+        key: key.map(str::to_owned),
+        main: main.to_vec(),
+    })
+    .map_err(|e| failed("Cannot encode", e))?;
+    let spec = crate::worker::Spec {
+        kind: "seed-work",
+        uid,
+        request: &request,
+        hide: hide.to_vec(),
+        fds: vec![disk.try_clone().map_err(|e| fail("open", e))?, scratch_fd],
+    };
+    let ran = crate::worker::run(&spec, &crate::worker::Quiet);
+    chown(0, 0).map_err(|e| fail("take back", e))?;
+    ran?;
+    Ok(public)
+}
+
+/// A `seed-work` worker's work: [`seed_work`] on its fd 3, staging in its fd 4.
+pub(crate) fn seed_work_worker(request: &[u8]) -> Result<serde_json::Value> {
+    let r: SeedWork = serde_json::from_slice(request)
+        .map_err(|e| invalid(format!("A seed-work worker's request is not one: {e}")))?;
+    std::env::set_var("TMPDIR", crate::worker::fd_path(1));
+    seed_work(
+        &crate::worker::fd_path(0),
+        r.host_key,
+        r.key.as_deref(),
+        &r.main,
+    )?;
+    Ok(serde_json::Value::Null)
 }
 
 /// Gives a work disk what its first start needs, in one write: a new host key for the VM

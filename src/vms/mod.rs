@@ -4,7 +4,7 @@
 
 pub mod bounds;
 mod control;
-mod create;
+pub(crate) mod create;
 mod error;
 mod lifecycle;
 pub mod publish;
