@@ -391,14 +391,67 @@ fn capitalized(s: &str) -> String {
     }
 }
 
-/// `bangerd worker KIND UID PARENT_PID FDS`: becomes `UID` (see the module), keeping its
+/// `program` with `args`, run as a worker of its own (uid, no capabilities, the filter; no
+/// namespace: it reads stdin and writes stdout only): for filters such as the decompressor of
+/// a caller's kernel image. The caller sets its stdio and waits for it; it dies with the
+/// thread that starts it.
+pub fn filter_command(program: &std::path::Path, args: &[&str]) -> Result<std::process::Command> {
+    use std::os::unix::process::CommandExt;
+    let bangerd = match crate::vmm::process::bangerd_program() {
+        Ok(b) => b,
+        // Unit tests run the program itself (their binary is not bangerd).
+        Err(_) if cfg!(test) => {
+            let mut cmd = std::process::Command::new(program);
+            cmd.args(args);
+            return Ok(cmd);
+        }
+        Err(e) => return Err(e),
+    };
+    let parent = std::process::id();
+    let mut cmd = std::process::Command::new(bangerd);
+    cmd.arg(WORKER_ARG)
+        .arg("exec")
+        .arg(next_uid().to_string())
+        .arg(parent.to_string())
+        .arg("0")
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
+/// `bangerd worker KIND UID PARENT_PID FDS [-- PROGRAM ARGS…]`: becomes `UID` (see the module), keeping its
 /// fds 3 to 3 + FDS - 1, and does `KIND`'s work on the request on stdin.
 pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
     let usage = || {
-        eprintln!("usage: bangerd worker KIND UID PARENT_PID FDS (started by bangerd only)");
+        eprintln!(
+            "usage: bangerd worker KIND UID PARENT_PID FDS [-- PROGRAM ARGS…] (started by bangerd only)"
+        );
         std::process::ExitCode::from(2)
     };
-    let [kind, uid, parent, fds] = args else {
+    let (head, program) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[][..]),
+    };
+    let [kind, uid, parent, fds] = head else {
         return usage();
     };
     let (Some(kind), Some(uid), Some(parent), Some(fds)) = (
@@ -416,6 +469,16 @@ pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
     }
     if let Err(e) = confine(uid, parent, fds) {
         eprintln!("bangerd worker: cannot confine itself: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    if kind == "exec" {
+        // A filter (a decompressor on a caller's kernel): becomes the program, confined.
+        use std::os::unix::process::CommandExt;
+        let Some((p, rest)) = program.split_first() else {
+            return usage();
+        };
+        let e = std::process::Command::new(p).args(rest).exec();
+        eprintln!("bangerd worker: cannot run {}: {e}", p.to_string_lossy());
         return std::process::ExitCode::FAILURE;
     }
     let mut request = Vec::new();

@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use super::error::{failed, invalid, KernelError};
 use crate::{host, Result};
@@ -34,8 +34,8 @@ fn decompress(tool: &str, args: &[&str], payload: &[u8], max: u64) -> Result<Vec
             std::io::Error::from(std::io::ErrorKind::NotFound),
         )
     })?;
-    let mut child = Command::new(path)
-        .args(args)
+    // A caller's kernel image: its decompressor runs as a worker of its own, not as root.
+    let mut child = crate::worker::filter_command(&path, args)?
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
