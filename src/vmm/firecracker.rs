@@ -273,9 +273,38 @@ pub async fn put(socket: &Path, path: &str, body: &Value) -> Result<()> {
     send(socket, "PUT", path, body).await
 }
 
+/// How long a snapshot request may take (Firecracker writes or maps the guest's memory
+/// before it answers); every other request has QMP's deadline.
+const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(300);
+
 /// One request with a JSON body on the API socket; a non-2xx answer is an error carrying its
-/// `fault_message`.
+/// `fault_message`. Bounded like QMP: a head over 16 KiB, a body over 1 MiB or no answer
+/// within the deadline fails the request, so a wedged VMM never holds the VM's lock.
 pub async fn send(socket: &Path, method: &str, path: &str, body: &Value) -> Result<()> {
+    let deadline = if path.starts_with("/snapshot") {
+        SNAPSHOT_DEADLINE
+    } else {
+        super::qmp::DEADLINE
+    };
+    send_within(socket, method, path, body, deadline).await
+}
+
+async fn send_within(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &Value,
+    deadline: Duration,
+) -> Result<()> {
+    match tokio::time::timeout(deadline, exchange(socket, method, path, body)).await {
+        Ok(r) => r,
+        Err(_) => Err(api_err(format!(
+            "{method} {path}: Firecracker did not answer within {deadline:?}"
+        ))),
+    }
+}
+
+async fn exchange(socket: &Path, method: &str, path: &str, body: &Value) -> Result<()> {
     let mut s = super::jail::connect_async(socket).map_err(api_err)?;
     let body = body.to_string();
     let req = format!(
@@ -733,4 +762,47 @@ pub fn unpack_snapshot(input: std::fs::File, root: &Path, owner: u32, limit: u64
     }
     memory.set_len(total).map_err(fail)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod api_tests {
+    use super::*;
+
+    /// An API socket that takes the request and then says nothing, or floods an endless
+    /// head: the request fails within its deadline and its bound, never waits or grows.
+    #[tokio::test]
+    async fn a_silent_or_flooding_api_fails_the_request_within_bounds() {
+        let d = tempfile::tempdir().unwrap();
+        let serve = |name: &str, flood: bool| {
+            let sock = d.path().join(name);
+            let l = tokio::net::UnixListener::bind(&sock).unwrap();
+            tokio::spawn(async move {
+                while let Ok((mut c, _)) = l.accept().await {
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 4096];
+                        let _ = c.read(&mut buf).await;
+                        while flood && c.write_all(&[b'x'; 4096]).await.is_ok() {}
+                        std::future::pending::<()>().await;
+                    });
+                }
+            });
+            sock
+        };
+        let (silent, flood) = (serve("silent.sock", false), serve("flood.sock", true));
+        let short = Duration::from_millis(300);
+        let e = send_within(&silent, "PUT", "/actions", &json!({}), short)
+            .await
+            .unwrap_err();
+        assert!(e.full_message().contains("did not answer within"), "{e}");
+        let e = send_within(
+            &flood,
+            "PUT",
+            "/actions",
+            &json!({}),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.full_message().contains("response head too long"), "{e}");
+    }
 }
