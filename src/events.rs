@@ -28,6 +28,18 @@ pub enum ObjectEvent {
     SnapshotAdded(crate::model::Snapshot),
     /// A snapshot was deleted (its id).
     SnapshotRemoved(String),
+    /// A running VM stopped: `reason` is `requested` (a stop, by its owner or an
+    /// administrator), `powered-off` (the guest powered off, or its VMM ended, on its own) or
+    /// `exited` (its main process ended, which powers it off); `exit_status` is the main
+    /// process's (-1 without one).
+    VmStopped {
+        /// The VM's id.
+        vm_id: String,
+        /// Why.
+        reason: &'static str,
+        /// The main process's exit status.
+        exit_status: i32,
+    },
     /// A VM creation reached a stage.
     CreateProgress {
         /// The VM's id.

@@ -111,6 +111,15 @@ pub trait VMs1 {
         stage: String,
         message: String,
     ) -> zbus::Result<()>;
+    /// VMStopped
+    #[zbus(signal, name = "VMStopped")]
+    fn vm_stopped(
+        &self,
+        id: String,
+        path: OwnedObjectPath,
+        reason: String,
+        exit_status: i32,
+    ) -> zbus::Result<()>;
 }
 
 /// `org.banger.Snapshots1`.
@@ -199,6 +208,9 @@ pub trait Job1 {
     /// Kind
     #[zbus(property)]
     fn kind(&self) -> zbus::Result<String>;
+    /// Target
+    #[zbus(property)]
+    fn target(&self) -> zbus::Result<String>;
     /// Stage
     #[zbus(property)]
     fn stage(&self) -> zbus::Result<String>;

@@ -459,6 +459,20 @@ async fn mirror_object(conn: &Connection, ctx: &Ctx, e: ObjectEvent) -> zbus::Re
         } => {
             vms::Vms1::create_progress(&manager(conn)?, vm_path(&vm_id), &stage, &message).await?;
         }
+        ObjectEvent::VmStopped {
+            vm_id,
+            reason,
+            exit_status,
+        } => {
+            vms::Vms1::vm_stopped(
+                &manager(conn)?,
+                &vm_id,
+                vm_path(&vm_id),
+                reason,
+                exit_status,
+            )
+            .await?;
+        }
     }
     Ok(())
 }

@@ -177,6 +177,18 @@ impl Vms1 {
         path: OwnedObjectPath,
     ) -> zbus::Result<()>;
 
+    /// A running VM stopped: `reason` is `requested` (a stop), `powered-off` (the guest
+    /// powered off, or its VMM ended, on its own) or `exited` (its main process ended, with
+    /// `exit_status`; -1 for a VM without one).
+    #[zbus(signal, name = "VMStopped")]
+    pub async fn vm_stopped(
+        e: &SignalEmitter<'_>,
+        id: &str,
+        path: OwnedObjectPath,
+        reason: &str,
+        exit_status: i32,
+    ) -> zbus::Result<()>;
+
     /// A VM's creation reached a stage.
     #[zbus(signal)]
     pub async fn create_progress(

@@ -58,6 +58,7 @@ impl Vms {
             if vm.state != VmState::Stopped && vm.state != VmState::Created {
                 vm.state = VmState::Stopped;
                 self.save(&vm).await?;
+                self.stopped(&vm, "requested");
             }
             self.release_network_if_idle().await;
             return Ok(());
@@ -86,9 +87,23 @@ impl Vms {
         self.power_down(&vm).await?;
         vm.state = VmState::Stopped;
         self.save(&vm).await?;
+        self.stopped(&vm, "requested");
         self.release_network_if_idle().await;
         tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "VM stopped");
         Ok(())
+    }
+
+    /// Says that `vm` stopped and why (`VMs1.VMStopped`).
+    fn stopped(&self, vm: &Vm, reason: &'static str) {
+        self.events.send(ObjectEvent::VmStopped {
+            vm_id: vm.id.clone(),
+            reason,
+            exit_status: if vm.main.is_empty() {
+                -1
+            } else {
+                vm.exit_status
+            },
+        });
     }
 
     /// Pauses a running VM: its vCPUs stop, its memory and devices stay as they are.
@@ -253,6 +268,12 @@ impl Vms {
                     }
                     tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "The VM powered off");
                     let _ = this.save(&now).await;
+                    let why = if now.main.is_empty() {
+                        "powered-off"
+                    } else {
+                        "exited"
+                    };
+                    this.stopped(&now, why);
                     this.release_network_if_idle().await;
                 }
                 return;
