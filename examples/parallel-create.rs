@@ -136,6 +136,9 @@ async fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(8);
+    // Not bangerd: the work disk's seeding runs here (the stand-in's disks are the
+    // benchmark's own, nothing hostile).
+    banger::worker::run_in_process();
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     let layout = Layout::new(d.join("state"), d.join("run"));

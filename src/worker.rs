@@ -41,6 +41,22 @@ pub fn gid() -> u32 {
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+static IN_PROCESS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Does workers' work in this process, as root, instead: only for a program that embeds the
+/// service and is not `bangerd` (the benchmarks in `examples/`, with stand-in VMMs and no
+/// hostile input). The daemon never calls it.
+pub fn run_in_process() {
+    IN_PROCESS.store(true, Ordering::Relaxed);
+}
+
+/// Whether workers' work runs in this process (see [`run_in_process`]; unit tests, whose
+/// binary is not `bangerd`, too).
+pub fn in_process() -> bool {
+    IN_PROCESS.load(Ordering::Relaxed)
+        || (cfg!(test) && crate::vmm::process::bangerd_program().is_err())
+}
+
 /// A uid for the next worker: one no running worker has (unless 65,536 run at once).
 pub fn next_uid() -> u32 {
     UID_BASE + NEXT.fetch_add(1, Ordering::Relaxed) % UIDS
@@ -397,16 +413,12 @@ fn capitalized(s: &str) -> String {
 /// thread that starts it.
 pub fn filter_command(program: &std::path::Path, args: &[&str]) -> Result<std::process::Command> {
     use std::os::unix::process::CommandExt;
-    let bangerd = match crate::vmm::process::bangerd_program() {
-        Ok(b) => b,
-        // Unit tests run the program itself (their binary is not bangerd).
-        Err(_) if cfg!(test) => {
-            let mut cmd = std::process::Command::new(program);
-            cmd.args(args);
-            return Ok(cmd);
-        }
-        Err(e) => return Err(e),
-    };
+    if in_process() {
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args);
+        return Ok(cmd);
+    }
+    let bangerd = crate::vmm::process::bangerd_program()?;
     let parent = std::process::id();
     let mut cmd = std::process::Command::new(bangerd);
     cmd.arg(WORKER_ARG)
