@@ -108,13 +108,16 @@ pub async fn identity<S: AsyncRead + AsyncWrite + Unpin>(
         .map(|r| r.health)
 }
 
-/// Steps the guest's wall clock to the host's now; returns once the agent set it.
-pub async fn set_clock<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<()> {
+/// Sets the guest's wall clock to the host's now (stepped, or with `slew` corrected without moving
+/// back); returns once the agent did.
+pub async fn set_clock<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, slew: bool) -> Result<()> {
     let time_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
-    request(s, &Request::SetClock { time_ns }).await.map(|_| ())
+    request(s, &Request::SetClock { time_ns, slew })
+        .await
+        .map(|_| ())
 }
 
 /// Asks the guest to power off; returns once the agent accepted.

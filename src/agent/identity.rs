@@ -11,7 +11,7 @@ use crate::guestinit::net;
 
 /// Applies `id`; the first failure is the error (what went before stays applied).
 pub fn apply(id: &Identity) -> Result<(), String> {
-    set_clock(id.time_ns)?;
+    set_clock(id.time_ns, false)?;
     reseed(&id.seed)?;
     // From the host's per-VM seed, not the guest's RNG: a restored kernel's RNG state is its
     // source's until the kernel reseeds (up to a minute after credited entropy), so two
@@ -162,7 +162,39 @@ fn replace(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
 }
 
 /// Steps the wall clock to `ns` since the epoch.
-pub(super) fn set_clock(ns: u64) -> Result<(), String> {
+/// How far behind the host a guest's clock may be before a periodic correction steps it
+/// forward rather than slewing it (ntpd's step threshold).
+const STEP_AHEAD_NS: i128 = 128_000_000;
+
+/// Sets the guest's wall clock to `ns`. Stepped (`slew` false: after a resume or a restore,
+/// when the clock stood still), or corrected gently: a clock behind by more than
+/// [`STEP_AHEAD_NS`] steps forward, anything else is slewed by the kernel (`adjtime`'s
+/// single-shot offset, at most 0.5 ms per second), so a running program never sees the clock
+/// go back.
+pub(super) fn set_clock(ns: u64, slew: bool) -> Result<(), String> {
+    if slew {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        let offset = ns as i128 - now;
+        if offset <= STEP_AHEAD_NS {
+            // SAFETY: timex is plain data; zeroed is a valid request before the fields set.
+            let mut tx: libc::timex = unsafe { std::mem::zeroed() };
+            tx.modes = libc::ADJ_OFFSET_SINGLESHOT as libc::c_uint;
+            // At most half a second either way: a request that waited in a paused guest is
+            // stale, and the next one (seconds later) corrects what it did.
+            tx.offset = (offset / 1000).clamp(-500_000, 500_000) as libc::c_long;
+            // SAFETY: tx is a valid timex for the call's duration.
+            if unsafe { libc::adjtimex(&mut tx) } < 0 {
+                return Err(format!(
+                    "cannot slew the clock: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            return Ok(());
+        }
+    }
     let ts = libc::timespec {
         tv_sec: (ns / 1_000_000_000) as libc::time_t,
         tv_nsec: (ns % 1_000_000_000) as libc::c_long,

@@ -665,12 +665,55 @@ fn listen_at(path: &std::path::Path) -> std::io::Result<std::os::unix::net::Unix
 /// The link helper: serves `clients` (hybrid protocol) over the one connection the VMM
 /// makes to `vmm` (its end of the agent's port); returns when the VMM hangs up.
 pub fn run_helper(vmm: &std::path::Path, clients: &std::path::Path) -> std::io::Result<()> {
+    let path = clients.to_owned();
     let clients = listen_at(clients)?;
     let vmm_listener = listen_at(vmm)?;
     let (conn, _) = vmm_listener.accept()?;
     drop(vmm_listener);
     let _ = std::fs::remove_file(vmm);
+    std::thread::spawn(move || keep_clock(&path));
     serve_host(conn, clients)
+}
+
+/// How often the link corrects the guest's clock.
+pub const CLOCK_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps the guest's wall clock on the host's for as long as the VM runs, daemon or not: every
+/// [`CLOCK_EVERY`] it asks the agent, through this link's own socket, to slew to the host's
+/// time (a guest under TCG drifts; one that just booted is up to a second off its RTC). A
+/// paused or busy guest that does not answer within a few seconds is asked again next time.
+fn keep_clock(clients: &std::path::Path) {
+    loop {
+        std::thread::sleep(CLOCK_EVERY);
+        let _ = slew_once(clients);
+    }
+}
+
+fn slew_once(clients: &std::path::Path) -> std::io::Result<()> {
+    use std::io::BufRead;
+    let mut s = UnixStream::connect(clients)?;
+    s.set_read_timeout(Some(CONNECT_WAIT + Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("CONNECT {}\n", super::PORT).as_bytes())?;
+    let mut r = std::io::BufReader::new(s.try_clone()?);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if !line.starts_with("OK") {
+        return Err(std::io::Error::other(line));
+    }
+    let time_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut req = serde_json::to_vec(&super::Request::SetClock {
+        time_ns,
+        slew: true,
+    })?;
+    req.push(b'\n');
+    s.write_all(&req)?;
+    line.clear();
+    r.read_line(&mut line)?;
+    Ok(())
 }
 
 /// A number that tells this helper from the one before it.

@@ -101,11 +101,15 @@ pub enum Request {
         port: u16,
     },
     /// Step the guest's wall clock to the host's (after a resume: a paused guest's clock
-    /// stood still while the host's went on).
+    /// stood still while the host's went on); with `slew`, correct it without ever moving it
+    /// back (see `identity::set_clock`): the agent link's periodic correction.
     #[serde(rename = "setclock")]
     SetClock {
         /// The host's time, ns since the epoch.
         time_ns: u64,
+        /// Slew rather than step.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        slew: bool,
     },
 }
 

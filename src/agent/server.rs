@@ -189,7 +189,7 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
         } => exec(reader, writer, argv, env, cwd, user, tty),
         Request::Put { path, name, dir } => put(reader, writer, &path, &name, dir),
         Request::Get { path } => get(writer, &path),
-        Request::SetClock { time_ns } => match super::identity::set_clock(time_ns) {
+        Request::SetClock { time_ns, slew } => match super::identity::set_clock(time_ns, slew) {
             Ok(()) => write_line(&mut writer, &Reply::ok()),
             Err(e) => write_line(&mut writer, &Reply::error(e)),
         },

@@ -908,6 +908,10 @@ impl Vms {
                 control_address: control.as_deref(),
             })
             .await;
+        // A guest that just booted keeps its RTC's time, up to a second off; one restored was
+        // set by its identity. Either way it starts on the host's (forward only), and its
+        // agent link keeps it there.
+        self.sync_clock(vm, true).await;
         vm.state = VmState::Running;
         st.enter(vm, "ready", format!("VM {} is ready", vm.name))
             .await?;
@@ -1261,6 +1265,9 @@ fn seed_work_in_worker(
     let public = host_key.as_ref().map(|(_, p)| p.trim().to_owned());
     if host_key.is_none() && key.is_none() && main.is_empty() {
         return Ok(public);
+    }
+    if crate::worker::in_process() {
+        return seed_work(work, host_key, key, main);
     }
     let uid = crate::worker::next_uid();
     let fail = |what: &str, e: std::io::Error| failed(format!("Cannot {what} the work disk"), e);

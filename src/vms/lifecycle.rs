@@ -136,18 +136,19 @@ impl Vms {
         self.save(&vm).await?;
         tracing::info!(vm_id = %vm.id, vm_name = %vm.name, "VM {to}");
         if !pause {
-            self.sync_clock(&vm).await;
+            self.sync_clock(&vm, false).await;
         }
         Ok(())
     }
 
-    /// Steps a resumed guest's wall clock to the host's: while paused it stood still. Best
+    /// Sets a guest's wall clock to the host's: stepped after a resume (while paused it stood
+    /// still), with `slew` forward-only at ready (see `agent::identity::set_clock`). Best
     /// effort, bounded: an agent that does not answer (or predates the request) leaves the
     /// clock as it was, which is logged.
-    pub(super) async fn sync_clock(&self, vm: &Vm) {
+    pub(super) async fn sync_clock(&self, vm: &Vm, slew: bool) {
         let set = async {
             let mut s = self.open_agent_any(vm).await?;
-            crate::agent::client::set_clock(&mut s).await
+            crate::agent::client::set_clock(&mut s, slew).await
         };
         match tokio::time::timeout(Duration::from_secs(5), set).await {
             Ok(Ok(())) => {}

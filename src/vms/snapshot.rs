@@ -431,7 +431,7 @@ impl Vms {
         if was_running && !(o.pause && saved.is_ok()) {
             self.vmm.resume(&run).await?;
             // Its clock stood still while its memory was saved.
-            self.sync_clock(&vm).await;
+            self.sync_clock(&vm, false).await;
         } else if o.pause && saved.is_ok() && was_running {
             vm.state = VmState::Paused;
             self.save(&vm).await?;
