@@ -239,10 +239,14 @@ pub async fn delete_image<'a>(
     key: &'a str,
 ) -> Result<Ready<'a, ()>> {
     let (needs, key) = image_change(b, caller, key).await;
-    Ok(Ready::new(
-        needs,
-        async move { b.images.delete(&key).await },
-    ))
+    Ok(Ready::new(needs, async move {
+        // The image's warm snapshots are banger's cache, not the caller's: they go with it
+        // (those a running VM was started from stay, and the image is refused as in use).
+        if let Ok(image) = b.images.get(&key).await {
+            b.vms.drop_warm_of_image(&image.id).await;
+        }
+        b.images.delete(&key).await
+    }))
 }
 
 /// `PullKernel`.

@@ -498,6 +498,22 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
     for snap in ["forked", "source-snap"] {
         let _ = bus.banger_as(None, &["snapshot", "delete", snap]);
     }
+    // The image goes with its warm snapshot (banger's cache, which no one else can delete),
+    // and nothing of either is left.
+    ok(
+        bus.banger_as(None, &["image", "delete", "life"]),
+        "image delete",
+    );
+    let left = ok(
+        bus.banger_as(None, &["snapshot", "list", "--all"]),
+        "snapshot list",
+    );
+    assert!(!left.contains(".warm"), "{left}");
+    let dirs = entries(&bus.state_dir().join("snapshots"));
+    assert!(
+        dirs.is_empty(),
+        "snapshot directories outlive their image: {dirs:?}"
+    );
     violations(&bus, "the cleanup");
     use std::io::Write;
     let _ = writeln!(

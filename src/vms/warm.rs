@@ -208,6 +208,27 @@ impl Vms {
         Ok(())
     }
 
+    /// Removes the warm snapshots of image `image_id` no VM uses (an image's deletion takes
+    /// its cache along).
+    pub async fn drop_warm_of_image(&self, image_id: &str) {
+        let Ok(all) = self.snapshots().await else {
+            return;
+        };
+        for s in all
+            .iter()
+            .filter(|s| !s.warm.is_empty() && s.image_id == image_id)
+        {
+            match self.delete_snapshot(s).await {
+                Ok(()) => {
+                    tracing::info!(snapshot_id = %s.id, "Warm snapshot {} removed with its image", s.name)
+                }
+                Err(e) => {
+                    tracing::info!(snapshot_id = %s.id, "Warm snapshot {} stays: {}", s.name, e.full_message())
+                }
+            }
+        }
+    }
+
     /// Deletes warm snapshots no VM layers on that a newer one of the same key, or a change
     /// of key (image, kernel, guest binaries), replaced.
     pub async fn sweep_warm(&self) {
