@@ -83,22 +83,8 @@ pub fn capture(cmd: &mut Command, what: &str) -> Result<std::process::Output> {
 /// [`Error::Canceled`] once they are gone.
 pub fn output(cmd: &mut Command, what: &str) -> Result<std::process::Output> {
     use std::os::unix::process::CommandExt;
-    let parent = std::process::id();
     cmd.process_group(0);
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (prctl, getppid).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The daemon died before the line above: nothing would kill this program.
-            if libc::getppid() as u32 != parent {
-                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
-            }
-            Ok(())
-        });
-    }
+    dies_with_this_thread(cmd);
     let fail = |e| Error::failed(format!("Cannot run {what}"), e);
     let child = cmd.spawn().map_err(fail)?;
     // Recorded until it ends, so a daemon killed meanwhile has its successor stop the group
@@ -134,6 +120,28 @@ pub fn output(cmd: &mut Command, what: &str) -> Result<std::process::Output> {
                 return Err(fail(std::io::Error::other("its waiter is gone")))
             }
         }
+    }
+}
+
+/// Makes the program `cmd` starts die (SIGKILL) when the thread that starts it ends, as
+/// every program the daemon starts must when the daemon dies; a daemon that died before the
+/// child could ask for that makes the start fail.
+pub fn dies_with_this_thread(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (prctl, getppid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The daemon died before the line above: nothing would kill this program.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+            }
+            Ok(())
+        });
     }
 }
 

@@ -249,18 +249,13 @@ pub fn run(spec: &Spec<'_>, report: &dyn Report) -> Result<serde_json::Value> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0);
+    crate::host::dies_with_this_thread(&mut cmd);
     let fds: Vec<i32> = spec.fds.iter().map(|f| f.as_raw_fd()).collect();
     // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (prctl, getppid, fcntl, dup2, close); `fds` was built
-    // before the fork and is only read.
+    // async-signal-safe functions (fcntl, dup2, close); `fds` was built before the fork and
+    // is only read.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() as u32 != parent {
-                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
-            }
             // Out of the way first (one may sit at 3, 4, …), then into place, open across
             // exec.
             let mut high = [0i32; 8];
@@ -412,7 +407,6 @@ fn capitalized(s: &str) -> String {
 /// a caller's kernel image. The caller sets its stdio and waits for it; it dies with the
 /// thread that starts it.
 pub fn filter_command(program: &std::path::Path, args: &[&str]) -> Result<std::process::Command> {
-    use std::os::unix::process::CommandExt;
     if in_process() {
         let mut cmd = std::process::Command::new(program);
         cmd.args(args);
@@ -434,19 +428,7 @@ pub fn filter_command(program: &std::path::Path, args: &[&str]) -> Result<std::p
             "PATH",
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         );
-    // SAFETY: the closure runs in the forked child before exec and calls only
-    // async-signal-safe functions (prctl, getppid).
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() as u32 != parent {
-                return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
-            }
-            Ok(())
-        });
-    }
+    crate::host::dies_with_this_thread(&mut cmd);
     Ok(cmd)
 }
 

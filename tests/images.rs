@@ -1139,18 +1139,7 @@ async fn a_pull_runs_in_a_confined_worker_and_its_death_leaves_nothing() {
         }
     };
     assert_eq!(result, "failed");
-    let store = banger::store::Store::open(&bus.state_dir().join("banger.db")).unwrap();
-    let mut error = String::new();
-    for _ in 0..100 {
-        let rec = store
-            .call_blocking(move |c| banger::store::rows::find_job(c, job_id))
-            .unwrap();
-        if let Some(r) = rec.filter(|r| r.state != "running") {
-            error = r.error;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let (_, error) = job_result(&bus, job_id).await;
     assert!(
         error.contains("pull worker was killed by signal 9") && error.contains("nothing it made"),
         "{error}"
