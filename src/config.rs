@@ -90,6 +90,10 @@ pub struct Config {
     /// The most disk (bytes) one uid's images, kernels, snapshots and VMs may take; checked
     /// when one is made. Unset: three quarters of the filesystem holding the state.
     pub max_disk_size_per_user: Option<u64>,
+    /// How many jobs that make something on disk (pulls, builds, kernel pulls, new VMs,
+    /// snapshots) one uid may run at once: the disk quota is checked as each starts, so this
+    /// bounds what running ones may add past it.
+    pub max_jobs_per_user: u32,
     /// Destinations guests may reach although they are link-local, private or shared
     /// ranges (CIDRs such as `10.1.2.0/24`); everything else of those ranges is dropped.
     pub allow_egress: Vec<String>,
@@ -124,6 +128,7 @@ impl Default for Config {
             max_memory_mib_per_user: None,
             max_vcpus_per_user: None,
             max_disk_size_per_user: None,
+            max_jobs_per_user: 8,
             allow_egress: Vec::new(),
             auth_file: "/etc/banger/auth.json".into(),
         }

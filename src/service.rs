@@ -266,6 +266,19 @@ impl Banger {
         if uid == crate::model::SYSTEM_UID {
             return Ok(());
         }
+        // What running jobs are still making is not counted yet: their number is bounded.
+        let running = self
+            .jobs
+            .list()
+            .iter()
+            .filter(|j| j.owner_uid == uid)
+            .count() as u32;
+        let most = self.config.max_jobs_per_user;
+        if running >= most {
+            return Err(crate::Error::LimitExceeded(format!(
+                "uid {uid} has {running} jobs running, against max_jobs_per_user ({most}):                  {what} waits until one ends (`banger job list` shows them, `banger job cancel`                  ends one), or have the operator raise max_jobs_per_user"
+            )));
+        }
         let (used, max) = (self.disk_use(uid).await?, self.disk_quota());
         if used.saturating_add(adding) > max || used >= max {
             let gib = |b: u64| match b {

@@ -873,7 +873,7 @@ async fn a_members_disk_quota_refuses_what_would_pass_it() {
     // One image of alice's passes a quota this small; after it, she holds more than it.
     const QUOTA: u64 = 64 << 10;
     let bus = TestBus::start(BusOptions {
-        extra_config: format!("max_disk_size_per_user = {QUOTA}\n"),
+        extra_config: format!("max_disk_size_per_user = {QUOTA}\nmax_jobs_per_user = 2\n"),
         ..Default::default()
     });
     let call = |user: Option<&str>, method: &str, args: &[&str]| {
@@ -958,6 +958,44 @@ async fn a_members_disk_quota_refuses_what_would_pass_it() {
     assert_eq!(used(), 0);
     let out = call(Some(alice), REGISTER, &["a-2", &opts]);
     assert!(out.status.success(), "{}", text(&out));
+
+    // What running jobs are still making is not counted yet, so a member runs only so many
+    // at once: two pulls held by a registry that never answers, then a third is refused
+    // (another member's are not).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let held_ref = format!("{}/x/held:v1", silent.local_addr().unwrap());
+    let bob = USER_OK2;
+    let pull = |user: &str, name: &str| {
+        call(
+            Some(user),
+            "org.banger.Images1.PullImage",
+            &[&held_ref, &format!("{{'name': <'{name}'>}}")],
+        )
+    };
+    for n in ["h-1", "h-2"] {
+        let out = pull(bob, n);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    // (Not `case`: the held pulls' staging directories are there, and rightly.)
+    let out = pull(bob, "h-3");
+    t.tried += 1;
+    let said = text(&out);
+    if !out.status.success() && said.contains(LIMIT) && said.contains("max_jobs_per_user") {
+        t.refused += 1;
+    } else {
+        panic!("a third job at once: {said}");
+    }
+    let out = call(Some(alice), "org.banger.Images1.DeleteImage", &["a-2"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = pull(alice, "a-h");
+    assert!(out.status.success(), "{}", text(&out));
+    let jobs = bus.banger_as(None, &["--json", "job", "list"]);
+    let running: serde_json::Value = serde_json::from_slice(&jobs.stdout).unwrap();
+    for j in running.as_array().unwrap() {
+        let id = j["id"].as_u64().unwrap().to_string();
+        let out = bus.banger_as(None, &["job", "cancel", &id]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
     t.report("security (disk quota)");
 }
 
