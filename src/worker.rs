@@ -227,8 +227,17 @@ pub fn run(spec: &Spec<'_>, report: &dyn Report) -> Result<serde_json::Value> {
     if !crate::vmm::scope::systemd_booted() {
         let mut hide = spec.hide.clone();
         hide.extend(HIDDEN.iter().map(PathBuf::from));
+        // The worker is this program: bound back where a hidden root holds it (a build
+        // under /tmp), as every VM process's program is.
+        let ro = hide
+            .iter()
+            .any(|r| program.starts_with(r))
+            .then(|| program.clone())
+            .into_iter()
+            .collect();
         let mounts = Mounts {
             hide,
+            ro,
             ..Mounts::default()
         };
         cmd.arg(crate::vmm::jail::MOUNTS_ARG)

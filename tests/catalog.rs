@@ -323,7 +323,8 @@ async fn bundles_are_verified_unpacked_safely_and_published() {
         .pull_image("io", opt(&[("insecure", true.into())]))
         .await
         .unwrap();
-    assert_eq!(job_result(&bus, id).await.0, "done");
+    let (result, error) = job_result(&bus, id).await;
+    assert_eq!(result, "done", "{error}");
     let mut names: Vec<String> = images
         .list_images()
         .await
@@ -366,14 +367,16 @@ async fn bundles_are_verified_unpacked_safely_and_published() {
         }
     };
     let id = create("local", "kb").await;
-    assert_eq!(job_result(&bus, id).await.0, "done");
+    let (result, error) = job_result(&bus, id).await;
+    assert_eq!(result, "done", "{error}");
     assert_eq!(
         kernels.list_kernels().await.unwrap().len(),
         1,
         "a local hit pulls nothing"
     );
     let id = create("miss", "kb2").await;
-    assert_eq!(job_result(&bus, id).await.0, "done");
+    let (result, error) = job_result(&bus, id).await;
+    assert_eq!(result, "done", "{error}");
     assert_eq!(
         kernels.list_kernels().await.unwrap().len(),
         2,
@@ -414,7 +417,8 @@ async fn bundles_are_verified_unpacked_safely_and_published() {
         .await
         .unwrap();
     answers(vm, "org.banger.VM1").await;
-    assert_eq!(job_result(&bus, id).await.0, "done");
+    let (result, error) = job_result(&bus, id).await;
+    assert_eq!(result, "done", "{error}");
     let id = create("unknown", "nosuch").await;
     let (result, error) = job_result(&bus, id).await;
     assert_eq!(result, "failed");
