@@ -496,6 +496,14 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The sha256 of everything `r` yields, in hex.
+pub fn sha256_hex_of(mut r: impl std::io::Read) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut r, &mut h)?;
+    Ok(hex(&h.finalize()))
+}
+
 /// Whether `s` looks like an id from [`new_id`].
 pub fn is_id(s: &str) -> bool {
     s.len() == 16

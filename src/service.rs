@@ -260,8 +260,9 @@ impl Banger {
 
     /// Refuses making `what`, which takes `adding` bytes at first, for `uid` when their
     /// disk use is at or would pass their quota. The quota is checked when something is
-    /// made, not while it grows: a running VM's disk grows up to its own size. Root's objects
-    /// are the system's and have no quota.
+    /// made, not while it grows: a running VM's disk grows up to its own size. So that jobs
+    /// still making theirs cannot pass it together, `uid` may run at most `max_jobs_per_user`
+    /// at once. Root's objects are the system's and have no quota.
     pub async fn check_disk_quota(&self, uid: u32, adding: u64, what: &str) -> Result<()> {
         if uid == crate::model::SYSTEM_UID {
             return Ok(());
@@ -276,7 +277,9 @@ impl Banger {
         let most = self.config.max_jobs_per_user;
         if running >= most {
             return Err(crate::Error::LimitExceeded(format!(
-                "uid {uid} has {running} jobs running, against max_jobs_per_user ({most}):                  {what} waits until one ends (`banger job list` shows them, `banger job cancel`                  ends one), or have the operator raise max_jobs_per_user"
+                "uid {uid} has {running} jobs running, against max_jobs_per_user ({most}): \
+                 {what} waits until one ends (`banger job list` shows them, `banger job cancel` \
+                 ends one), or have the operator raise max_jobs_per_user"
             )));
         }
         let (used, max) = (self.disk_use(uid).await?, self.disk_quota());

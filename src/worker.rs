@@ -227,19 +227,18 @@ pub fn run(spec: &Spec<'_>, report: &dyn Report) -> Result<serde_json::Value> {
     if !crate::vmm::scope::systemd_booted() {
         let mut hide = spec.hide.clone();
         hide.extend(HIDDEN.iter().map(PathBuf::from));
+        let jail = crate::vmm::jail::Jail {
+            uid: spec.uid,
+            gid: spec.uid,
+            groups: vec![gid()],
+            hide,
+            read_only: Vec::new(),
+            private: false,
+            offline: false,
+        };
         // The worker is this program: bound back where a hidden root holds it (a build
         // under /tmp), as every VM process's program is.
-        let ro = hide
-            .iter()
-            .any(|r| program.starts_with(r))
-            .then(|| program.clone())
-            .into_iter()
-            .collect();
-        let mounts = Mounts {
-            hide,
-            ro,
-            ..Mounts::default()
-        };
+        let mounts = Mounts::of(&jail, &[], &[&program]);
         cmd.arg(crate::vmm::jail::MOUNTS_ARG)
             .args(mounts.args())
             .arg(&program);
@@ -283,6 +282,8 @@ pub fn run(spec: &Spec<'_>, report: &dyn Report) -> Result<serde_json::Value> {
             Ok(())
         });
     }
+    let request =
+        serde_json::to_vec(spec.request).map_err(|e| Error::failed("Cannot encode", e))?;
     let what = format!("the {} worker", spec.kind);
     let mut child = cmd
         .spawn()
@@ -293,8 +294,6 @@ pub fn run(spec: &Spec<'_>, report: &dyn Report) -> Result<serde_json::Value> {
         // SAFETY: killpg only sends a signal; the group is the worker's own.
         unsafe { libc::killpg(group, libc::SIGKILL) };
     };
-    let request =
-        serde_json::to_vec(spec.request).map_err(|e| Error::failed("Cannot encode", e))?;
     if let Some(mut stdin) = child.stdin.take() {
         // A worker that died at once shows below; its broken pipe says nothing more.
         let _ = stdin.write_all(&request);
@@ -398,17 +397,9 @@ pub fn run(spec: &Spec<'_>, report: &dyn Report) -> Result<serde_json::Value> {
         errors
     };
     Err(Error::failed(
-        format!("{} {how}; nothing it made was kept", capitalized(&what)),
+        format!("The {} worker {how}; nothing it made was kept", spec.kind),
         std::io::Error::other(why),
     ))
-}
-
-fn capitalized(s: &str) -> String {
-    let mut c = s.chars();
-    match c.next() {
-        Some(f) => f.to_uppercase().chain(c).collect(),
-        None => String::new(),
-    }
 }
 
 /// `program` with `args`, run as a worker of its own (uid, no capabilities, the filter; no

@@ -161,7 +161,6 @@ fn replace(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-/// Steps the wall clock to `ns` since the epoch.
 /// How far behind the host a guest's clock may be before a periodic correction steps it
 /// forward rather than slewing it (ntpd's step threshold).
 const STEP_AHEAD_NS: i128 = 128_000_000;

@@ -690,30 +690,17 @@ fn keep_clock(clients: &std::path::Path) {
 }
 
 fn slew_once(clients: &std::path::Path) -> std::io::Result<()> {
-    use std::io::BufRead;
-    let mut s = UnixStream::connect(clients)?;
+    let s = UnixStream::connect(clients)?;
     s.set_read_timeout(Some(CONNECT_WAIT + Duration::from_secs(5)))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("CONNECT {}\n", super::PORT).as_bytes())?;
-    let mut r = std::io::BufReader::new(s.try_clone()?);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    if !line.starts_with("OK") {
-        return Err(std::io::Error::other(line));
-    }
-    let time_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    let mut req = serde_json::to_vec(&super::Request::SetClock {
-        time_ns,
+    let req = || super::Request::SetClock {
+        time_ns: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
         slew: true,
-    })?;
-    req.push(b'\n');
-    s.write_all(&req)?;
-    line.clear();
-    r.read_line(&mut line)?;
-    Ok(())
+    };
+    super::client::request_blocking(s, req).map(drop)
 }
 
 /// A number that tells this helper from the one before it.

@@ -482,27 +482,19 @@ fn take_back(dir: &Path, cache: &Path) -> Result<()> {
             };
             let ok = crate::host::fstat(&f)
                 .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_nlink == 1);
-            if !ok
-                || sha256_of(std::fs::File::from(
-                    f.try_clone().map_err(|e| fail("blobs", e))?,
-                ))
-                .as_deref()
-                    != Some(hex)
-            {
+            let data = std::fs::File::from(f.try_clone().map_err(|e| fail("blobs", e))?);
+            if !ok || crate::model::sha256_hex_of(data).ok().as_deref() != Some(hex) {
                 continue;
             }
             own(&f, crate::worker::gid(), 0o640).map_err(|e| fail("blobs", e))?;
-            let (from, to) = (
-                std::ffi::CString::new(hex).expect("hex"),
-                std::ffi::CString::new(hex).expect("hex"),
-            );
-            // SAFETY: both names are NUL-terminated; both directories are open.
+            let name = std::ffi::CString::new(hex).expect("hex");
+            // SAFETY: the name is NUL-terminated; both directories are open.
             let r = unsafe {
                 libc::renameat(
                     blobs.as_raw_fd(),
-                    from.as_ptr(),
+                    name.as_ptr(),
                     shared.as_raw_fd(),
-                    to.as_ptr(),
+                    name.as_ptr(),
                 )
             };
             if r != 0 {
@@ -514,21 +506,6 @@ fn take_back(dir: &Path, cache: &Path) -> Result<()> {
         }
     }
     crate::layout::remove_any(&dir.join("blobs"))
-}
-
-/// The sha256 of what `f` holds, in hex.
-fn sha256_of(mut f: std::fs::File) -> Option<String> {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => return Some(crate::model::hex(&h.finalize())),
-            Ok(n) => h.update(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
-    }
 }
 
 /// A pull worker's work (`bangerd worker pull`, see [`crate::worker`]): the request is
@@ -624,14 +601,14 @@ async fn pull_into(req: PullRequest, report: &dyn Report) -> Result<Pulled> {
             agent: req.agent.clone(),
             config: config.clone(),
         };
-        match fetch_and_flatten(report, &registry, &r, &layers, &blobs, dest, limits, total).await
-        {
+        match fetch_and_flatten(report, &registry, &r, &layers, &blobs, dest, limits, total).await {
             Ok(stats) => break stats,
             Err(Flatten::OutOfRoom(e)) if req.size.is_none() && size < largest => {
                 report.log(
                     6,
                     format!(
-                        "The image outgrew the {size}-byte filesystem made for it ({});                          starting over in one twice as large",
+                        "The image outgrew the {size}-byte filesystem made for it ({}); \
+                         starting over in one twice as large",
                         e.full_message()
                     ),
                 );
@@ -639,7 +616,8 @@ async fn pull_into(req: PullRequest, report: &dyn Report) -> Result<Pulled> {
             }
             Err(Flatten::OutOfRoom(e)) if req.size.is_some() => {
                 return Err(invalid(format!(
-                    "The image does not fit in the {size} bytes asked for ({}); pass a larger                      size or none",
+                    "The image does not fit in the {size} bytes asked for ({}); pass a larger \
+                     size or none",
                     e.full_message()
                 )))
             }
@@ -948,12 +926,12 @@ fn room_or_failed(e: Error) -> Flatten {
     }
 }
 
-/// Fetches the layers into the blob cache and flattens them into `tree` as they land, in
-/// manifest order on a blocking thread: a layer the flattener is ready for is streamed to
-/// it while it downloads (so one download and its extraction overlap), one that comes
-/// while it is still busy is downloaded into the cache and read from there after. A
-/// streamed layer's digest is checked when its download ends: a mismatch fails the pull
-/// and the tree is thrown away with the staging directory.
+/// Fetches the layers the caches lack into the worker's own blobs and flattens them into the
+/// ext4 image `dest` as they land, in manifest order on a blocking thread: a layer the
+/// flattener is ready for is streamed to it while it downloads (so one download and its
+/// extraction overlap), one that comes while it is still busy is downloaded and read from
+/// there after. A streamed layer's digest is checked when its download ends: a mismatch fails
+/// the pull and the image is thrown away with the staging directory.
 #[allow(clippy::too_many_arguments)]
 async fn fetch_and_flatten(
     ctx: &dyn Report,
@@ -1100,5 +1078,57 @@ mod label_tests {
                 "{bad}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod take_back_tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// What a worker left is taken back without following it: a root filesystem that is a
+    /// link out, a work seed hard-linked elsewhere, a blob that is a link and one whose bytes
+    /// are not its name are all dropped, the file outside untouched; a true blob joins the
+    /// cache readable by workers only.
+    #[test]
+    fn a_workers_plants_are_dropped_and_nothing_outside_is_touched() {
+        // SAFETY: geteuid takes nothing and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let (dir, cache, outside) = (t.path().join("s"), t.path().join("c"), t.path().join("o"));
+        std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+        std::fs::create_dir_all(cache.join("sha256")).unwrap();
+        std::fs::write(&outside, b"host file").unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.join("rootfs.ext4")).unwrap();
+        std::fs::hard_link(&outside, dir.join("work-seed.ext4")).unwrap();
+        let good = b"a layer";
+        let hex = crate::model::sha256_hex_of(&good[..]).unwrap();
+        let blobs = dir.join("blobs/sha256");
+        std::fs::write(blobs.join(&hex), good).unwrap();
+        std::fs::write(blobs.join("0".repeat(64)), b"not what its name says").unwrap();
+        std::os::unix::fs::symlink(&outside, blobs.join("1".repeat(64))).unwrap();
+        super::take_back(&dir, &cache).unwrap();
+        let m = std::fs::metadata(&outside).unwrap();
+        assert_eq!(
+            (m.mode() & 0o7777, m.uid()),
+            (0o644, 0),
+            "the host file is as it was"
+        );
+        assert_eq!(std::fs::read(&outside).unwrap(), b"host file");
+        for gone in ["rootfs.ext4", "work-seed.ext4", "blobs"] {
+            assert!(dir.join(gone).symlink_metadata().is_err(), "{gone} stayed");
+        }
+        let kept: Vec<_> = std::fs::read_dir(cache.join("sha256"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(kept, std::slice::from_ref(&hex));
+        let m = std::fs::metadata(cache.join("sha256").join(&hex)).unwrap();
+        assert_eq!(
+            (m.mode() & 0o7777, m.uid(), m.gid()),
+            (0o640, 0, crate::worker::gid())
+        );
     }
 }

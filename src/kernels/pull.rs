@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-
 use super::error::{failed, invalid, KernelError};
 use super::{CatalogKernel, ImportOptions, Kernels};
 use crate::auth::Action;
@@ -87,11 +85,9 @@ pub fn resolve_debian() -> Result<DebPackage> {
 }
 
 fn sha256_file(p: &Path) -> Result<String> {
-    let mut f =
-        std::fs::File::open(p).map_err(|e| failed(format!("Cannot read {}", p.display()), e))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| failed(format!("Cannot read {}", p.display()), e))?;
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    std::fs::File::open(p)
+        .and_then(crate::model::sha256_hex_of)
+        .map_err(|e| failed(format!("Cannot read {}", p.display()), e))
 }
 
 /// The package's `.deb`: apt's cached copy, else a fresh `apt-get download` into `dir`;

@@ -587,10 +587,8 @@ impl Vms {
         });
         let work_disk = {
             let (w, main, key) = (work.clone(), vm.main.clone(), key.clone());
-            let hide = vec![
-                self.layout.state_dir.clone(),
-                self.layout.runtime_dir.clone(),
-            ];
+            let run_dir = self.layout.runtime_dir.clone();
+            let hide = vec![self.layout.state_dir.clone(), run_dir.clone()];
             let restoring = restore.is_some();
             let made = seed.map(|seed| {
                 let w = w.clone();
@@ -609,7 +607,7 @@ impl Vms {
                     return Ok(None);
                 }
                 crate::jobs::spawn_blocking(move || {
-                    seed_work_in_worker(&w, &hide, host_key, key.as_deref(), &main)
+                    seed_work_in_worker(&w, &hide, &run_dir, host_key, key.as_deref(), &main)
                 })
                 .await
                 .map_err(|e| failed("Work disk task failed", e))?
@@ -1254,9 +1252,11 @@ struct SeedWork {
 /// [`seed_work`] on `work`, a disk the guest has written (a VM that ran before), in a worker
 /// (see [`crate::worker`]): the disk is handed to the worker's uid for the call and taken back
 /// through the descriptor root holds, so debugfs never parses a guest's filesystem as root.
+/// `hide` are banger's roots, `scratch_in` where the worker's staging directory goes.
 fn seed_work_in_worker(
     work: &std::path::Path,
     hide: &[std::path::PathBuf],
+    scratch_in: &std::path::Path,
     host_key: Option<(Vec<u8>, String)>,
     key: Option<&str>,
     main: &[String],
@@ -1291,10 +1291,7 @@ fn seed_work_in_worker(
     // debugfs stages what it writes in a directory of the worker's own.
     let scratch = tempfile::Builder::new()
         .prefix(".work-")
-        .tempdir_in(
-            hide.last()
-                .map_or(std::path::Path::new("/tmp"), |p| p.as_path()),
-        )
+        .tempdir_in(scratch_in)
         .map_err(|e| fail("stage files for", e))?;
     std::os::unix::fs::lchown(scratch.path(), Some(uid), Some(uid))
         .map_err(|e| fail("stage files for", e))?;

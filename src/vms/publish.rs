@@ -135,42 +135,11 @@ pub fn check_free(list: &[Publish]) -> Result<()> {
 /// Opens a connection to guest `port` through the agent at vsock socket `uds` (UDP: a
 /// stream of length-prefixed datagrams to and from it).
 fn open_guest(uds: &Path, port: u16, udp: bool) -> std::io::Result<std::os::unix::net::UnixStream> {
-    use std::io::{Read, Write};
-    let mut s = crate::vmm::jail::connect(uds)?;
-    s.write_all(format!("CONNECT {}\n", crate::agent::PORT).as_bytes())?;
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    // Two lines: the vsock proxy's `OK …`, then the agent's reply.
-    for _ in 0..2 {
-        line.clear();
-        loop {
-            s.read_exact(&mut b)?;
-            if b[0] == b'\n' {
-                break;
-            }
-            line.push(b[0]);
-            if line.len() > 4096 {
-                return Err(std::io::Error::other("reply too long"));
-            }
-        }
-        if line.starts_with(b"OK ") {
-            let req = if udp {
-                crate::agent::Request::ConnectUdp { port }
-            } else {
-                crate::agent::Request::Connect { port }
-            };
-            let req = serde_json::to_vec(&req).map_err(std::io::Error::other)?;
-            s.write_all(&req)?;
-            s.write_all(b"\n")?;
-            continue;
-        }
-        let reply: crate::agent::Reply =
-            serde_json::from_slice(&line).map_err(std::io::Error::other)?;
-        if !reply.ok {
-            return Err(std::io::Error::other(reply.error));
-        }
-    }
-    Ok(s)
+    let req = || match udp {
+        true => crate::agent::Request::ConnectUdp { port },
+        false => crate::agent::Request::Connect { port },
+    };
+    crate::agent::client::request_blocking(crate::vmm::jail::connect(uds)?, req)
 }
 
 /// Copies both ways between a client `a` and a server `b`: the client's end of input is
