@@ -662,8 +662,9 @@ pub(crate) async fn job_answer<'a>(
     })
 }
 
-/// Every interface's description, for `org.varlink.service`.
-pub(crate) fn descriptions() -> Vec<(&'static str, &'static str)> {
+/// Every interface's description on banger's socket, for `org.varlink.service` (and for
+/// the test that checks the README's calls against them).
+pub fn descriptions() -> Vec<(&'static str, &'static str)> {
     vec![
         (service::INTERFACE, service::DESCRIPTION),
         (images::INTERFACE, images::DESCRIPTION),
@@ -675,7 +676,7 @@ pub(crate) fn descriptions() -> Vec<(&'static str, &'static str)> {
 }
 
 /// The interfaces of a VM's control socket.
-fn machine_descriptions() -> Vec<(&'static str, &'static str)> {
+pub fn machine_descriptions() -> Vec<(&'static str, &'static str)> {
     vec![
         (service::INTERFACE, service::DESCRIPTION),
         (machine_instance::INTERFACE, machine_instance::DESCRIPTION),
