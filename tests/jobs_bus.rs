@@ -148,7 +148,7 @@ async fn jobs_emit_their_signals_in_order_and_cancel_is_authorised() {
     assert_eq!(json_of(&["--json", "job", "list"])[0]["target"], "gated");
     let shown = json_of(&["--json", "job", "show", &id]);
     assert_eq!(
-        (shown["Stage"].as_str(), shown["Progress"].as_f64()),
+        (shown["stage"].as_str(), shown["progress"].as_f64()),
         (Some("one"), Some(0.25)),
         "{shown}"
     );

@@ -118,7 +118,7 @@ fn refusal(how: How, step: Step) -> Option<&'static str> {
 }
 
 /// The memory and vCPUs of every VM (one shape, so the warm snapshot serves them all).
-const SHAPE: [&str; 4] = ["--memory", "256", "--vcpus", "1"];
+const SHAPE: [&str; 4] = ["--memory", "256M", "--vcpus", "1"];
 /// The host port the published VM's guest port 7070 is on.
 const PORT: &str = "18181";
 
@@ -292,13 +292,30 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
                 );
             }
             How::Snapshot => {
-                // The snapshot's image and shape are the VM's.
-                ok(
-                    bus.banger_as(
-                        b.who,
-                        &["vm", "create", b.name, "--snapshot", "source-snap"],
+                // The snapshot's image and shape are the VM's. `--json` answers with the VM
+                // itself, as `vm show --json` does (the stages go to stderr).
+                let out = bus.banger_as(
+                    b.who,
+                    &[
+                        "--json",
+                        "vm",
+                        "create",
+                        b.name,
+                        "--snapshot",
+                        "source-snap",
+                    ],
+                );
+                assert!(out.status.success(), "vm create --snapshot: {}", text(&out));
+                let vm: serde_json::Value = serde_json::from_slice(&out.stdout)
+                    .unwrap_or_else(|e| panic!("vm create --json: {e}: {}", text(&out)));
+                assert_eq!(
+                    (
+                        vm["name"].as_str(),
+                        vm["state"].as_str(),
+                        vm["memoryMib"].as_u64()
                     ),
-                    "vm create --snapshot",
+                    (Some(b.name), Some("running"), Some(256)),
+                    "{vm}"
                 );
             }
             How::Fork => {

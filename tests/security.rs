@@ -545,9 +545,9 @@ async fn hostile_caller_files_and_bounds_are_refused_and_nothing_leaks() {
         let out = bus.banger_as(Some(USER_OK), &args);
         assert!(out.status.success(), "{}", text(&out));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(v["your_memory_mib"], "0 of 300", "{v}");
-        assert_eq!(v["your_vcpus"], "0 of 1", "{v}");
-        assert_eq!(v["your_vms"], "0 of 2", "{v}");
+        assert_eq!(v["yourMemoryMib"], "0 of 300", "{v}");
+        assert_eq!(v["yourVcpus"], "0 of 1", "{v}");
+        assert_eq!(v["yourVms"], "0 of 2", "{v}");
     }
     // Names that read as ids could shadow another's object.
     t.case(
@@ -887,7 +887,7 @@ async fn a_members_disk_quota_refuses_what_would_pass_it() {
         let out = bus.banger_as(Some(alice), &["--json", "status"]);
         assert!(out.status.success(), "{}", text(&out));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let s = v["your_disk_size"].as_str().unwrap().to_owned();
+        let s = v["yourDiskSize"].as_str().unwrap().to_owned();
         let (used, of) = s.split_once(" of ").unwrap();
         assert_eq!(of, QUOTA.to_string(), "{s}");
         used.parse::<u64>().unwrap()

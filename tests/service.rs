@@ -620,6 +620,15 @@ fn doctor_reports_what_is_installed_and_what_is_missing() {
             .cloned()
             .unwrap()
     };
+    // The kvm line says what VMs will run with, as the QEMU driver decides it (a /dev/kvm
+    // that opens on a host that is itself a VM is not used).
+    if !std::path::Path::new("/etc/banger/config.toml").exists() {
+        let kvm = check("kvm");
+        let used = banger::vmm::qemu::Qemu::new(banger::config::Accel::Auto).uses_kvm();
+        let says = kvm["detail"].as_str().unwrap().contains("VMs run with KVM");
+        assert_eq!(says, used, "{kvm}");
+        assert_eq!(kvm["status"] == "ok", used, "{kvm}");
+    }
     // Found in /usr/sbin even when PATH lacks it.
     assert_eq!(check("mkfs.ext4")["status"], "ok");
     assert_eq!(check("debugfs")["status"], "ok");

@@ -676,7 +676,7 @@ async fn the_cli_does_its_verbs_over_varlink_with_no_bus_to_reach() {
     let status: Value = serde_json::from_str(&ok(None, &["--json", "status"])).unwrap();
     assert_eq!(status["vms"], 3, "{status}");
     assert_eq!(status["images"], 1, "{status}");
-    assert_eq!(status["daemon_version"], banger::VERSION, "{status}");
+    assert_eq!(status["daemonVersion"], banger::VERSION, "{status}");
     let vms = ok(Some(USER_NO), &["vm", "list"]);
     for name in ["NAME", "roots-vm", "users-vm", "users-vm2"] {
         assert!(vms.contains(name), "{vms}");

@@ -377,7 +377,7 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
     let out = bus.banger_as(Some(USER_OK), &["--json", "vm", "show", "t1"]);
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
-        shown["Shares"],
+        shown["shares"],
         serde_json::json!([
             share_arg(&src, "/mnt/src"),
             format!("{}:ro", share_arg(&ro, "/mnt/ro"))
@@ -721,7 +721,7 @@ sys.stdin.read()
     let out = bus.banger_as(Some(USER_OK), &["--json", "vm", "show", "t1"]);
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
-        shown["Published"],
+        shown["published"],
         serde_json::json!(["127.0.0.1:18080:7070"]),
         "{shown}"
     );
@@ -987,15 +987,15 @@ sys.stdin.read()
     assert!(out.status.success(), "{}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
-        (v["State"].as_str(), v["VSockCID"].as_u64()),
+        (v["state"].as_str(), v["vsockCid"].as_u64()),
         (Some("running"), Some(3)),
         "{v}"
     );
     // Users think in image names: vm show and vm list give it beside the id.
-    assert_eq!(v["ImageName"], "tiny", "{v}");
+    assert_eq!(v["imageName"], "tiny", "{v}");
     let out = bus.banger_as(Some(USER_NO), &["--json", "vm", "list"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(list[0]["image_name"], "tiny", "{list}");
+    assert_eq!(list[0]["imageName"], "tiny", "{list}");
     let out = bus.banger_as(
         Some(USER_OK),
         &["vm", "exec", "t1", "--", "cat", "/root/marker"],
@@ -1314,10 +1314,10 @@ async fn network_matrix(bus: &TestBus) {
     assert!(out.status.success(), "{}", text(&out));
     let show = bus.banger_as(Some(USER_OK), &["--json", "vm", "show", "t3"]);
     let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
-    assert_eq!(v["Network"], "shared", "{v}");
-    assert_eq!(v["Egress"][0], "198.51.100.0/24:7000", "{v}");
+    assert_eq!(v["network"], "shared", "{v}");
+    assert_eq!(v["egress"][0], "198.51.100.0/24:7000", "{v}");
     assert!(
-        v["Walls"].as_str().unwrap().contains("egress only to"),
+        v["walls"].as_str().unwrap().contains("egress only to"),
         "{v}"
     );
     let _peer = peer(bus);
@@ -1395,7 +1395,7 @@ async fn network_matrix(bus: &TestBus) {
     let mac = {
         let show = bus.banger_as(Some(USER_OK), &["--json", "vm", "show", "t1"]);
         let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
-        v["MacAddress"].as_str().unwrap().to_owned()
+        v["macAddress"].as_str().unwrap().to_owned()
     };
     let mac_spoof = spoof(
         "t1",
@@ -1791,7 +1791,7 @@ async fn the_default_image_is_built_on_demand_and_vm_run_gives_an_ssh_session_in
         text(&out)
     );
     let deb2 = vm_shown(&bus, "deb2");
-    let key2 = deb2["SSHHostKey"].as_str().unwrap().to_owned();
+    let key2 = deb2["sshHostKey"].as_str().unwrap().to_owned();
     assert_ne!(
         fields(&key2),
         fields(&host_key),
@@ -1956,10 +1956,10 @@ async fn an_init_less_image_boots_by_its_reference_alone_with_banger_init_as_its
     let out = bus.banger_as(None, &["--json", "image", "show", "bare-v1"]);
     let shown: serde_json::Value =
         serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", text(&out)));
-    assert_eq!(shown["WorkingDir"], "/srv/app", "{shown}");
-    assert_eq!(shown["Env"][1], "GREETING=hello from the image", "{shown}");
+    assert_eq!(shown["workingDir"], "/srv/app", "{shown}");
+    assert_eq!(shown["env"][1], "GREETING=hello from the image", "{shown}");
     assert_eq!(
-        shown["Entrypoint"],
+        shown["entrypoint"],
         serde_json::json!(["/bin/sh", "-c"]),
         "{shown}"
     );
@@ -2055,7 +2055,7 @@ async fn an_init_less_image_boots_by_its_reference_alone_with_banger_init_as_its
     );
     let stopped = |bus: &TestBus| {
         let out = bus.banger_as(None, &["--json", "vm", "show", "b1"]);
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["State"] == "stopped"
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["state"] == "stopped"
     };
     // The ACPI power button (QMP system_powerdown, what banger uses when the agent does not
     // answer) powers it off through banger-init.
@@ -2438,7 +2438,7 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     let before = count("src");
 
     // The agent's link answers its health port at once: a `health` reply line, then the end.
-    let id = vm_shown(&bus, "src")["Id"].as_str().unwrap().to_owned();
+    let id = vm_shown(&bus, "src")["id"].as_str().unwrap().to_owned();
     let sock = bus.runtime.join("vms").join(&id).join("jail/vsock.sock");
     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     use std::io::{Read, Write};
@@ -2470,17 +2470,17 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
         (
             None,
             vec!["--vcpus", "2"],
-            "vcpus: snapshot s1 was taken with 1",
+            "vcpus (--vcpus): snapshot s1 was taken with 1",
         ),
         (
             None,
             vec!["--kernel", "test"],
-            "kernel: a VM restored from snapshot s1",
+            "kernel (--kernel): a VM restored from snapshot s1",
         ),
         (
             None,
             vec!["--share", "/tmp:/mnt/t"],
-            "shares: a VM restored from snapshot s1 has the snapshot's",
+            "shares (--share): a VM restored from snapshot s1 has the snapshot's",
         ),
         (Some(USER_OK), vec![], "manage-any"),
     ] {
@@ -2493,7 +2493,7 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     // The VM's QEMU may rewrite its disk's header: point src's backing file at a file only
     // root may read. A snapshot's copy must layer on the image whatever the header says
     // (restores open the chain as root, then as the restored VM).
-    let src_id = vm_shown(&bus, "src")["Id"].as_str().unwrap().to_owned();
+    let src_id = vm_shown(&bus, "src")["id"].as_str().unwrap().to_owned();
     let src_disk = bus
         .state_dir()
         .join("vms")
@@ -2528,7 +2528,7 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     let f_id = {
         let out = ok(bus.banger_as(None, &["--json", "snapshot", "show", "f"]));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["Id"].as_str().unwrap().to_owned()
+        v["id"].as_str().unwrap().to_owned()
     };
     let info = std::process::Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
@@ -2544,8 +2544,8 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     assert_eq!(info["backing-filename"], image_disk.as_str(), "{info}");
     assert!(out.contains("f-1: Restoring snapshot f"), "{out}");
     let src = vm_shown(&bus, "src");
-    let mut keys = vec![src["SSHHostKey"].as_str().unwrap_or_default().to_owned()];
-    let mut addrs = vec![src["GuestAddress"].as_str().unwrap().to_owned()];
+    let mut keys = vec![src["sshHostKey"].as_str().unwrap_or_default().to_owned()];
+    let mut addrs = vec![src["guestAddress"].as_str().unwrap().to_owned()];
     let boot_id = |vm: &str| exec_as(&bus, None, vm, &["cat", "/proc/sys/kernel/random/boot_id"]);
     let mut boot_ids = vec![boot_id("src")];
     // The kernel's crng reseeds at the restore, from the host's per-VM seed: clones draw
@@ -2573,7 +2573,7 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
         assert_eq!(id.trim().len(), 36, "{vm}: {id:?}");
         boot_ids.push(id);
         let shown = vm_shown(&bus, vm);
-        assert_eq!(shown["State"], "running", "{shown}");
+        assert_eq!(shown["state"], "running", "{shown}");
         let c = count(vm);
         counts_past(vm, c, "the snapshot's process goes on");
         assert_eq!(
@@ -2582,11 +2582,11 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
         );
         assert_eq!(exec_as(&bus, None, vm, &["hostname"]).trim(), vm);
         let mac = exec_as(&bus, None, vm, &["cat", "/sys/class/net/eth0/address"]);
-        assert_eq!(mac.trim(), shown["MacAddress"].as_str().unwrap(), "{vm}");
+        assert_eq!(mac.trim(), shown["macAddress"].as_str().unwrap(), "{vm}");
         let ip = exec_as(&bus, None, vm, &["ip", "-4", "-o", "addr", "show", "eth0"]);
-        let addr = shown["GuestAddress"].as_str().unwrap().to_owned();
+        let addr = shown["guestAddress"].as_str().unwrap().to_owned();
         assert!(ip.contains(&format!("inet {addr}/")), "{vm}: {ip}");
-        keys.push(shown["SSHHostKey"].as_str().unwrap_or_default().to_owned());
+        keys.push(shown["sshHostKey"].as_str().unwrap_or_default().to_owned());
         addrs.push(addr);
     }
     keys.sort();
@@ -2596,7 +2596,7 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     assert_eq!((keys.len(), addrs.len()), (3, 3), "{keys:?} {addrs:?}");
     // Isolated as any VM: a fork does not reach its source's service, which the source
     // itself reaches on its own address.
-    let src_addr = src["GuestAddress"].as_str().unwrap();
+    let src_addr = src["guestAddress"].as_str().unwrap();
     let probe = format!("nc -w 3 {src_addr} 8080 </dev/null && echo OPEN || echo CLOSED");
     assert_eq!(
         exec_as(&bus, None, "src", &["sh", "-c", &probe]).trim(),
@@ -2644,7 +2644,7 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     // Its control socket answers systemd's io.systemd.MachineInstance, which machinectl
     // calls where machined knows control addresses: Describe is open, the rest asks polkit
     // as banger's own methods do (v is root's: manage-any, which neither test user has).
-    let id = vm_shown(&bus, "v")["Id"].as_str().unwrap().to_owned();
+    let id = vm_shown(&bus, "v")["id"].as_str().unwrap().to_owned();
     let control = bus.runtime.join("machines").join(format!("banger-{id}"));
     let instance = |user: Option<&str>, method: &str| {
         py_call_at(
@@ -2667,7 +2667,7 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
             "{r:?}"
         );
     }
-    assert_eq!(vm_shown(&bus, "v")["State"], "running");
+    assert_eq!(vm_shown(&bus, "v")["state"], "running");
     assert_eq!(instance(None, "Pause"), [serde_json::json!({})]);
     assert_eq!(
         instance(None, "Describe"),
@@ -2681,7 +2681,7 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     assert_eq!(instance(None, "Resume"), [serde_json::json!({})]);
     assert_eq!(exec_as(&bus, None, "v", &["cat", "/tmp/mark"]), "in-tmp\n");
     assert_eq!(instance(None, "PowerOff"), [serde_json::json!({})]);
-    assert_eq!(vm_shown(&bus, "v")["State"], "stopped");
+    assert_eq!(vm_shown(&bus, "v")["state"], "stopped");
     assert!(!control.exists(), "the control socket outlived its VM");
     let r = py_call(
         &bus,
@@ -2741,7 +2741,7 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     let s1 = {
         let out = ok(bus.banger_as(None, &["--json", "snapshot", "show", "s1"]));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["Id"].as_str().unwrap().to_owned()
+        v["id"].as_str().unwrap().to_owned()
     };
     let memory = bus
         .state_dir()

@@ -34,6 +34,47 @@ fn kvm_usable() -> Result<(), String> {
     }
 }
 
+/// The operator's `accel` setting, when the configuration is readable (else `auto`, the
+/// default): doctor runs as the caller, and the daemon decides with this.
+fn accel_setting() -> crate::config::Accel {
+    let path = std::path::Path::new("/etc/banger/config.toml");
+    crate::config::Config::load(path, false)
+        .map(|c| c.accel)
+        .unwrap_or(crate::config::Accel::Auto)
+}
+
+/// What VMs will run with, decided as the QEMU driver decides (`Qemu::uses_kvm`): a usable
+/// `/dev/kvm` is not enough when this host is itself a VM, where `auto` picks TCG.
+fn kvm_check(kvm: Result<(), String>, host_is_a_guest: bool, accel: crate::config::Accel) -> Check {
+    use crate::config::Accel;
+    let (ok, detail) = match (kvm, accel, host_is_a_guest) {
+        (_, Accel::Tcg, _) => (
+            false,
+            "accel = \"tcg\" in /etc/banger/config.toml: VMs run under QEMU TCG (slower)".into(),
+        ),
+        (Ok(()), Accel::Kvm, _) => (true, "usable: VMs run with KVM (accel = \"kvm\")".into()),
+        (Ok(()), Accel::Auto, false) => (true, "usable: VMs run with KVM".into()),
+        (Ok(()), Accel::Auto, true) => (
+            false,
+            "/dev/kvm opens, but this host is itself a VM (nested KVM often hangs a guest \
+             kernel): VMs run under QEMU TCG (slower); set accel = \"kvm\" in \
+             /etc/banger/config.toml to use it anyway"
+                .into(),
+        ),
+        (Err(e), Accel::Kvm, _) => (
+            false,
+            format!("{e}; accel = \"kvm\" is set, so VMs will fail to start: fix /dev/kvm or set accel = \"auto\""),
+        ),
+        (Err(e), _, _) => (false, format!("{e}; VMs run under QEMU TCG (slower)")),
+    };
+    Check {
+        name: "kvm",
+        ok,
+        required: false,
+        detail,
+    }
+}
+
 fn program(name: &'static str, required: bool, install: &str) -> Check {
     match find_program(name) {
         Some(p) => Check {
@@ -66,15 +107,7 @@ pub fn run(out: &Output) -> anyhow::Result<()> {
     );
     let vmm_ok = qemu.ok || (fc.ok && kvm.is_ok());
     let checks = vec![
-        Check {
-            name: "kvm",
-            ok: kvm.is_ok(),
-            required: false,
-            detail: match &kvm {
-                Ok(()) => "usable".into(),
-                Err(e) => format!("{e}; VMs run under QEMU TCG (slower)"),
-            },
-        },
+        kvm_check(kvm, crate::vmm::qemu::host_is_a_guest(), accel_setting()),
         qemu,
         fc,
         Check {
@@ -122,6 +155,9 @@ pub fn run(out: &Output) -> anyhow::Result<()> {
                 "ok"
             } else if c.required {
                 "MISSING"
+            } else if c.name == "kvm" {
+                // Not missing: VMs run, under TCG.
+                "unused"
             } else {
                 "absent"
             };
@@ -145,5 +181,32 @@ pub fn run(out: &Output) -> anyhow::Result<()> {
             "This host lacks {}: install what the table says",
             missing.join(", ")
         )
+    }
+}
+
+#[cfg(test)]
+mod kvm_tests {
+    use super::kvm_check;
+    use crate::config::Accel;
+
+    #[test]
+    fn the_kvm_line_says_what_vms_will_run_with() {
+        let said = |kvm: Result<(), String>, guest, accel| {
+            let c = kvm_check(kvm, guest, accel);
+            (c.ok, c.detail)
+        };
+        let (ok, d) = said(Ok(()), false, Accel::Auto);
+        assert!(ok && d.contains("VMs run with KVM"), "{d}");
+        // The case root was told "kvm ok usable" while every VM ran under TCG.
+        let (ok, d) = said(Ok(()), true, Accel::Auto);
+        assert!(!ok && d.contains("itself a VM") && d.contains("TCG"), "{d}");
+        let (ok, d) = said(Ok(()), true, Accel::Kvm);
+        assert!(ok && d.contains("KVM"), "{d}");
+        let (ok, d) = said(Err("/dev/kvm: No such file".into()), false, Accel::Auto);
+        assert!(!ok && d.contains("TCG"), "{d}");
+        let (ok, d) = said(Err("/dev/kvm: No such file".into()), false, Accel::Kvm);
+        assert!(!ok && d.contains("fail to start"), "{d}");
+        let (ok, d) = said(Ok(()), false, Accel::Tcg);
+        assert!(!ok && d.contains("TCG"), "{d}");
     }
 }

@@ -21,8 +21,9 @@ pub enum ImageCommand {
         /// The kernel the image boots with by default.
         #[arg(long)]
         kernel: Option<String>,
-        /// Root filesystem size in bytes (default: the tree plus 25%, at least 1 GiB).
-        #[arg(long)]
+        /// Root filesystem size: bytes, or with a unit (4G); default the layers plus 25%, at
+        /// least 1 GiB.
+        #[arg(long, value_parser = super::parse_bytes)]
         size: Option<u64>,
         /// Talk plain HTTP to the registry.
         #[arg(long)]
@@ -45,8 +46,8 @@ pub enum ImageCommand {
         /// Extra packages (repeatable).
         #[arg(long = "package")]
         packages: Vec<String>,
-        /// Root filesystem size in bytes.
-        #[arg(long)]
+        /// Root filesystem size: bytes, or with a unit (4G).
+        #[arg(long, value_parser = super::parse_bytes)]
         size: Option<u64>,
         /// The kernel the image boots with by default.
         #[arg(long)]
@@ -98,8 +99,8 @@ pub enum ImageCommand {
         /// Virtual CPUs of the VMs it serves.
         #[arg(long)]
         vcpus: Option<u32>,
-        /// Memory in MiB of the VMs it serves.
-        #[arg(long)]
+        /// Memory of the VMs it serves: MiB, or with a unit (512M, 2G).
+        #[arg(long, value_parser = super::parse_memory_mib)]
         memory: Option<u32>,
     },
     /// Show an image's properties, its OCI run settings among them.

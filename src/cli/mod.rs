@@ -66,6 +66,47 @@ pub enum Command {
     },
 }
 
+/// A size as people write it: a number with an optional binary unit (`K`, `M`, `G`, `T`,
+/// also as `KiB`… or `KB`…, which mean the same here, as in docker and qemu-img), in units of
+/// `unit` bytes when it has none.
+fn parse_size(text: &str, unit: u64) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, suffix) = t.split_at(digits);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size; write e.g. 512M, 2G or 1024"))?;
+    let scale: u64 = match suffix.trim().to_ascii_uppercase().as_str() {
+        "" => unit,
+        "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        "T" | "TB" | "TIB" => 1 << 40,
+        _ => {
+            return Err(format!(
+                "'{text}': unknown unit '{suffix}'; use K, M, G or T (binary: 1G = 1024M)"
+            ))
+        }
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("'{text}' is too large"))
+}
+
+/// `--memory`: MiB, as a plain number or with a unit (`512M`, `2G`).
+pub(crate) fn parse_memory_mib(text: &str) -> Result<u32, String> {
+    let bytes = parse_size(text, 1 << 20)?;
+    if bytes % (1 << 20) != 0 {
+        return Err(format!("'{text}' is not a whole number of MiB"));
+    }
+    u32::try_from(bytes >> 20).map_err(|_| format!("'{text}' is too large"))
+}
+
+/// `--disk-size`, `--size`: bytes, as a plain number or with a unit (`10G`).
+pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
+    parse_size(text, 1)
+}
+
 /// An object's owner as lists show it: `system` for the system's objects (uid 0), else the
 /// user's name (or uid, when the password database has none).
 pub(crate) fn owner_name(uid: u64) -> String {
@@ -188,6 +229,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         (Command::Vm(c), None) => vm::run(&out, &connect().await?, c).await,
         (Command::Snapshot(c), None) => snapshot::run(&out, &connect().await?, c).await,
         (Command::Job(c), None) => job::run(&out, &connect().await?, c).await,
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::{parse_bytes, parse_memory_mib};
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(parse_memory_mib("512"), Ok(512));
+        assert_eq!(parse_memory_mib("512M"), Ok(512));
+        assert_eq!(parse_memory_mib("512MiB"), Ok(512));
+        assert_eq!(parse_memory_mib("2G"), Ok(2048));
+        assert_eq!(parse_memory_mib("2g"), Ok(2048));
+        assert!(parse_memory_mib("1500K")
+            .unwrap_err()
+            .contains("whole number of MiB"));
+        assert!(parse_memory_mib("2X").unwrap_err().contains("unknown unit"));
+        assert!(parse_memory_mib("lots").unwrap_err().contains("512M"));
+        assert_eq!(parse_bytes("10G"), Ok(10 << 30));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("99999999999T")
+            .unwrap_err()
+            .contains("too large"));
     }
 }
 

@@ -15,7 +15,7 @@ impl Output {
         if self.json {
             let objs: Vec<Value> = rows
                 .into_iter()
-                .map(|r| Value::Object(keys.iter().map(|k| k.to_string()).zip(r).collect()))
+                .map(|r| Value::Object(keys.iter().map(|k| json_key(k)).zip(r).collect()))
                 .collect();
             println!("{}", Value::Array(objs));
             return;
@@ -67,7 +67,7 @@ impl Output {
     pub fn object(&self, fields: Vec<(&str, Value)>) {
         if self.json {
             let obj: serde_json::Map<String, Value> =
-                fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                fields.into_iter().map(|(k, v)| (json_key(k), v)).collect();
             println!("{}", Value::Object(obj));
             return;
         }
@@ -76,6 +76,61 @@ impl Output {
                 "{k}: {}",
                 v.as_str().map(str::to_owned).unwrap_or(v.to_string())
             );
+        }
+    }
+}
+
+/// A key as every `--json` of the CLI writes it: lowerCamelCase, as the Varlink API names its
+/// fields (`memoryMib`, `sshHostKey`, `jobId`), whether the value came from a D-Bus property
+/// (`MemoryMiB`), a D-Bus list's columns or a Varlink reply. One style, so a program reads
+/// the same key over either transport (gh and kubectl write camelCase too).
+pub fn json_key(key: &str) -> String {
+    // D-Bus properties whose acronyms Varlink spells as words.
+    let fixed = match key {
+        "VCpus" => Some("vcpus"),
+        "VSockCID" => Some("vsockCid"),
+        "MemoryMiB" => Some("memoryMib"),
+        "SSHAddress" => Some("sshAddress"),
+        "SSHHostKey" => Some("sshHostKey"),
+        _ => None,
+    };
+    if let Some(k) = fixed {
+        return k.to_owned();
+    }
+    let mut out = String::with_capacity(key.len());
+    for (i, part) in key.split('_').filter(|p| !p.is_empty()).enumerate() {
+        let mut chars = part.chars();
+        let first = chars.next().unwrap_or_default();
+        if i == 0 {
+            out.extend(first.to_lowercase());
+        } else {
+            out.extend(first.to_uppercase());
+        }
+        out.extend(chars);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_key;
+
+    #[test]
+    fn every_key_style_becomes_varlinks() {
+        for (given, want) in [
+            ("MemoryMiB", "memoryMib"),
+            ("memoryMib", "memoryMib"),
+            ("memory_mib", "memoryMib"),
+            ("SSHHostKey", "sshHostKey"),
+            ("VSockCID", "vsockCid"),
+            ("VCpus", "vcpus"),
+            ("CreatedAt", "createdAt"),
+            ("job_id", "jobId"),
+            ("your_memory_mib", "yourMemoryMib"),
+            ("Id", "id"),
+            ("name", "name"),
+        ] {
+            assert_eq!(json_key(given), want, "{given}");
         }
     }
 }

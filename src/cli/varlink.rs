@@ -504,11 +504,18 @@ async fn vm(out: &Output, c: &mut Client, cmd: VmCommand) -> anyhow::Result<()> 
                     ("job_id", v["job"]["id"].clone()),
                 ]);
             } else {
-                c.follow(out, &format!("{V}.Create"), p).await?;
-                out.say(&format!(
-                    "VM {name} is {}",
-                    if no_start { "created" } else { "running" }
-                ));
+                // With --json, stdout gets the VM as `vm show` prints it; stages go to stderr.
+                c.follow(&Output { json: false }, &format!("{V}.Create"), p)
+                    .await?;
+                if out.json {
+                    let v = c.call(&format!("{V}.Get"), json!({ "name": name })).await?;
+                    show(out, &v["vm"]);
+                } else {
+                    println!(
+                        "VM {name} is {}",
+                        if no_start { "created" } else { "running" }
+                    );
+                }
             }
         }
         VmCommand::Start { name, no_wait } => {

@@ -27,8 +27,8 @@ pub enum VmCommand {
         /// What the VM is made of.
         #[command(flatten)]
         spec: VmSpec,
-        /// Root disk size in bytes (at least the image's).
-        #[arg(long)]
+        /// Root disk size: bytes, or with a unit (10G); at least the image's.
+        #[arg(long, value_parser = super::parse_bytes)]
         disk_size: Option<u64>,
         /// Reserve it only; start it later with `banger vm start`.
         #[arg(long)]
@@ -190,8 +190,8 @@ pub struct VmSpec {
     /// Virtual CPUs.
     #[arg(long)]
     vcpus: Option<u32>,
-    /// Memory in MiB.
-    #[arg(long)]
+    /// Memory: MiB, or with a unit (512M, 2G).
+    #[arg(long, value_parser = super::parse_memory_mib)]
     memory: Option<u32>,
     /// Public key for root's authorized_keys (default: ~/.ssh/id_ed25519.pub, id_ecdsa.pub
     /// or id_rsa.pub, the first that exists).
@@ -602,6 +602,88 @@ pub(super) fn generated_name() -> String {
     )
 }
 
+/// `vm show`: the VM's properties (the image by name too, and its walls in words).
+async fn show(
+    out: &Output,
+    conn: &zbus::Connection,
+    p: &VMs1Proxy<'_>,
+    name: &str,
+) -> anyhow::Result<()> {
+    let path = p.get_vm(name).await.map_err(explain)?;
+    let (mut fields, all) = object_fields(
+        conn,
+        &path,
+        "org.banger.VM1",
+        &[
+            "Name",
+            "Id",
+            "State",
+            "Stage",
+            "Image",
+            "Kernel",
+            "VCpus",
+            "MemoryMiB",
+            "GuestAddress",
+            "MacAddress",
+            "VSockCID",
+            "SSHAddress",
+            "SSHHostKey",
+            "Network",
+            "Egress",
+            "Published",
+            "Shares",
+            "Owner",
+            "CreatedAt",
+        ],
+    )
+    .await?;
+    // The image by name as well as by id.
+    let image = all
+        .get("Image")
+        .and_then(|v| <&str>::try_from(&**v).ok())
+        .unwrap_or_default()
+        .to_owned();
+    fields.insert(
+        5,
+        (
+            "ImageName",
+            json!(image_names(conn)
+                .await
+                .get(&image)
+                .cloned()
+                .unwrap_or_default()),
+        ),
+    );
+    // The walls the VM lives behind, in words.
+    let network = all
+        .get("Network")
+        .and_then(|v| <&str>::try_from(&**v).ok())
+        .and_then(crate::model::NetworkMode::parse)
+        .unwrap_or_default();
+    let egress = all
+        .get("Egress")
+        .and_then(|v| <Vec<String>>::try_from(v.try_clone().ok()?).ok())
+        .unwrap_or_default();
+    fields.push((
+        "Walls",
+        json!(crate::net::walls::describe(network, &egress)),
+    ));
+    fields.push(("Path", json!(path.as_str())));
+    // People read the owner's name and the time; programs (--json) keep the uid and
+    // the µs.
+    if !out.json {
+        for (k, v) in fields.iter_mut() {
+            match (*k, v.as_u64()) {
+                ("Owner", Some(uid)) => *v = json!(format!("{} ({uid})", super::owner_name(uid))),
+                ("CreatedAt", Some(us)) => *v = json!(super::utc_time(us)),
+                _ => {}
+            }
+        }
+    }
+    out.object(fields);
+    Ok(())
+}
+
 /// Runs a VM verb.
 pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyhow::Result<()> {
     let p = VMs1Proxy::new(conn).await?;
@@ -647,17 +729,22 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             let (vm, id, path) = p.create_vm(&name, o).await.map_err(explain)?;
             if no_wait {
                 out.object(vec![
+                    ("vm_id", json!(vm.as_str().rsplit('/').next())),
                     ("vm_path", json!(vm.as_str())),
                     ("job_id", json!(id)),
                     ("job_path", json!(path.as_str())),
                 ]);
             } else {
-                let followed = watch.follow(out, id, &path).await;
+                // With --json, stdout gets the VM as `vm show` prints it (what a program
+                // creating a VM wants next); the stages still go to stderr.
+                let followed = watch.follow(&Output { json: false }, id, &path).await;
                 if followed.is_err() {
                     print_console_tail(conn, &p, &name).await;
                 }
                 followed?;
-                if !out.json {
+                if out.json {
+                    show(out, conn, &p, &name).await?;
+                } else {
                     println!(
                         "VM {name} is {}",
                         if no_start { "created" } else { "running" }
@@ -864,82 +951,7 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                 .map_err(explain)?;
             out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
         }
-        VmCommand::Show { name } => {
-            let path = p.get_vm(&name).await.map_err(explain)?;
-            let (mut fields, all) = object_fields(
-                conn,
-                &path,
-                "org.banger.VM1",
-                &[
-                    "Name",
-                    "Id",
-                    "State",
-                    "Stage",
-                    "Image",
-                    "Kernel",
-                    "VCpus",
-                    "MemoryMiB",
-                    "GuestAddress",
-                    "MacAddress",
-                    "VSockCID",
-                    "SSHAddress",
-                    "SSHHostKey",
-                    "Network",
-                    "Egress",
-                    "Published",
-                    "Shares",
-                    "Owner",
-                    "CreatedAt",
-                ],
-            )
-            .await?;
-            // The image by name as well as by id.
-            let image = all
-                .get("Image")
-                .and_then(|v| <&str>::try_from(&**v).ok())
-                .unwrap_or_default()
-                .to_owned();
-            fields.insert(
-                5,
-                (
-                    "ImageName",
-                    json!(image_names(conn)
-                        .await
-                        .get(&image)
-                        .cloned()
-                        .unwrap_or_default()),
-                ),
-            );
-            // The walls the VM lives behind, in words.
-            let network = all
-                .get("Network")
-                .and_then(|v| <&str>::try_from(&**v).ok())
-                .and_then(crate::model::NetworkMode::parse)
-                .unwrap_or_default();
-            let egress = all
-                .get("Egress")
-                .and_then(|v| <Vec<String>>::try_from(v.try_clone().ok()?).ok())
-                .unwrap_or_default();
-            fields.push((
-                "Walls",
-                json!(crate::net::walls::describe(network, &egress)),
-            ));
-            fields.push(("Path", json!(path.as_str())));
-            // People read the owner's name and the time; programs (--json) keep the uid and
-            // the µs.
-            if !out.json {
-                for (k, v) in fields.iter_mut() {
-                    match (*k, v.as_u64()) {
-                        ("Owner", Some(uid)) => {
-                            *v = json!(format!("{} ({uid})", super::owner_name(uid)))
-                        }
-                        ("CreatedAt", Some(us)) => *v = json!(super::utc_time(us)),
-                        _ => {}
-                    }
-                }
-            }
-            out.object(fields);
-        }
+        VmCommand::Show { name } => show(out, conn, &p, &name).await?,
         VmCommand::Exec {
             name,
             command,

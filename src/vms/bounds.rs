@@ -61,14 +61,14 @@ impl VmLimits {
         };
         if vcpus > self.vcpus {
             return over(
-                format!("vcpus {vcpus} is over max_vcpus ({})", self.vcpus),
+                format!("vcpus (--vcpus) {vcpus} is over max_vcpus ({})", self.vcpus),
                 "max_vcpus",
             );
         }
         if u64::from(memory_mib) > self.memory_mib {
             return over(
                 format!(
-                    "memory_mib {memory_mib} is over max_memory_mib ({})",
+                    "memory_mib (--memory) {memory_mib} MiB is over max_memory_mib ({})",
                     self.memory_mib
                 ),
                 "max_memory_mib",
@@ -77,7 +77,10 @@ impl VmLimits {
         if let Some(d) = disk_size {
             if d > self.disk_size {
                 return over(
-                    format!("disk_size {d} is over max_disk_size ({})", self.disk_size),
+                    format!(
+                        "disk_size (--disk-size) {d} is over max_disk_size ({})",
+                        self.disk_size
+                    ),
                     "max_disk_size",
                 );
             }

@@ -304,6 +304,7 @@ impl Vms {
             ("memory_mib", o.memory_mib, snap.memory_mib),
         ] {
             if given != 0 && given != theirs {
+                let what = super::option_named(what);
                 return Err(super::snapshot::refused(format!(
                     "{what}: snapshot {} was taken with {theirs}, and a restore must use the \
                      same; leave {what} out",

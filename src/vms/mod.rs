@@ -174,6 +174,7 @@ impl CreateOptions {
                 (!self.init.is_empty(), "init"),
             ];
             if let Some((_, what)) = conflicting.iter().find(|(set, _)| *set) {
+                let what = option_named(what);
                 return Err(invalid(format!(
                     "{what}: a VM restored from snapshot {s} has the snapshot's; leave {what} out"
                 )));
@@ -182,7 +183,7 @@ impl CreateOptions {
         let snapshots_shape = |v: u32| from_snapshot && v == 0;
         if !((1..=MAX_VCPUS).contains(&self.vcpus) || snapshots_shape(self.vcpus)) {
             return Err(invalid(format!(
-                "vcpus must be between 1 and {MAX_VCPUS}, not {}",
+                "vcpus (--vcpus) must be between 1 and {MAX_VCPUS}, not {}",
                 self.vcpus
             )));
         }
@@ -206,7 +207,7 @@ impl CreateOptions {
         }
         if self.memory_mib < MIN_MEMORY_MIB && !snapshots_shape(self.memory_mib) {
             return Err(invalid(format!(
-                "memory_mib must be at least {MIN_MEMORY_MIB}, not {}",
+                "memory_mib (--memory) must be at least {MIN_MEMORY_MIB} MiB, not {}",
                 self.memory_mib
             )));
         }
@@ -508,6 +509,23 @@ impl Vms {
         }
         self.open_agent_any(vm).await
     }
+}
+
+/// A `CreateVM` option as both its users know it: the API key and the CLI flag
+/// (`memory_mib (--memory)`), so a refusal reads right for `busctl` and for `banger`.
+pub(crate) fn option_named(key: &str) -> String {
+    let flag = match key {
+        "memory_mib" => "--memory",
+        "disk_size" => "--disk-size",
+        "vcpus" => "--vcpus",
+        "image" => "--image",
+        "kernel" => "--kernel",
+        "shares" => "--share",
+        "entrypoint" => "--entrypoint",
+        "init" => "--init",
+        _ => return key.to_owned(),
+    };
+    format!("{key} ({flag})")
 }
 
 #[cfg(test)]
