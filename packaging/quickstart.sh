@@ -73,7 +73,11 @@ else
   <includedir>/usr/share/dbus-1/system.d</includedir>
 </busconfig>
 CONF
-    printf '[D-BUS Service]\nName=org.banger\nExec=/usr/bin/bangerd\nUser=root\n' > "$q/services/org.banger.service"
+    # One daemon for both ways in: `bangerd activator` holds the Varlink socket (as
+    # bangerd.socket does under systemd) and starts bangerd when a call comes; the bus's
+    # activation only knocks on that socket (`bangerd wake`), so a D-Bus call and a Varlink
+    # call never start two daemons, and the socket stays while bangerd is idle-exited.
+    printf '[D-BUS Service]\nName=org.banger\nExec=/usr/bin/bangerd wake\nUser=root\n' > "$q/services/org.banger.service"
     printf '[D-BUS Service]\nName=org.freedesktop.PolicyKit1\nExec=/usr/lib/polkit-1/polkitd --no-debug\nUser=root\n' \
         > "$q/services/org.freedesktop.PolicyKit1.service"
     if ! [ -S "$q/bus.sock" ] || ! busctl --address="unix:path=$q/bus.sock" status >/dev/null 2>&1; then
@@ -81,6 +85,11 @@ CONF
         setsid dbus-daemon --config-file="$q/bus.conf" --fork --print-address >/dev/null
     fi
     export DBUS_SYSTEM_BUS_ADDRESS="unix:path=$q/bus.sock"
+    if ! pgrep -xf '/usr/bin/bangerd activator' >/dev/null; then
+        setsid /usr/bin/bangerd activator </dev/null >>/var/log/bangerd-activator.log 2>&1 &
+        for _ in $(seq 100); do [ -S /run/banger/io.banger ] && break; sleep 0.1; done
+        [ -S /run/banger/io.banger ] || { echo "quickstart: bangerd activator did not start; see /var/log/bangerd-activator.log" >&2; exit 1; }
+    fi
     echo "==> systemd is not PID 1: started a private system bus of banger's own"
     echo "    export DBUS_SYSTEM_BUS_ADDRESS=$DBUS_SYSTEM_BUS_ADDRESS"
 fi

@@ -200,6 +200,14 @@ fn answers(bus: &TestBus, b: &Birth, vm: &str, after: &str) {
 }
 
 /// Runs `f` for every VM still in the matrix at once.
+/// A VM's id, from `vm show --json`.
+fn vm_id(bus: &TestBus, b: &Birth) -> String {
+    let out = bus.banger_as(b.who, &["--json", "vm", "show", b.name]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("vm show {}: {e}: {}", b.name, text(&out)));
+    v["id"].as_str().unwrap().to_owned()
+}
+
 fn each(vms: &[&Birth], f: impl Fn(&Birth) + Sync) {
     std::thread::scope(|s| {
         for b in vms {
@@ -480,6 +488,19 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
             }),
             Step::Delete => {
                 each(&vms, |b| {
+                    if b.how == How::Publish {
+                        // The daemon loses track of this one: its pid files go (a crash
+                        // between a write and a rename, a wiped runtime directory). A
+                        // forced delete must still leave nothing running (it once left
+                        // QEMU and its helpers and said nothing).
+                        let id = vm_id(&bus, b);
+                        let run = bus.runtime.join("vms").join(&id);
+                        for e in std::fs::read_dir(&run).unwrap().flatten() {
+                            if e.file_name().to_string_lossy().ends_with(".pid") {
+                                std::fs::remove_file(e.path()).unwrap();
+                            }
+                        }
+                    }
                     ok(
                         bus.banger_as(b.who, &["vm", "delete", "--force", b.name]),
                         "vm delete",

@@ -257,7 +257,7 @@ async fn activation_introspection_and_reads() {
         ),
         (Some(1), Some(1), Some(3))
     );
-    assert_eq!(v["daemon_version"], banger::VERSION);
+    assert_eq!(v["daemonVersion"], banger::VERSION);
     for args in [
         &["vm", "list"][..],
         &["kernel", "list"],

@@ -535,6 +535,162 @@ async fn the_first_varlink_call_starts_a_socket_activated_daemon_which_idles_out
     );
 }
 
+/// Where systemd is not PID 1 (the quickstart's private bus), `bangerd activator` holds the
+/// socket while the daemon is idle-exited, and the bus's activation file runs `bangerd wake`,
+/// so both kinds of call start the daemon, and only ever one (issue 32, bug 7: the socket
+/// used to go away with the daemon until some D-Bus call started it again).
+#[tokio::test(flavor = "multi_thread")]
+async fn without_systemd_the_activator_holds_the_socket_and_both_buses_start_one_daemon() {
+    if !available(&[TOOLS, &["busctl"]].concat()) {
+        return;
+    }
+    use std::io::BufRead;
+    // Long enough an idle time that the owner is still there when the test asks, right after
+    // a call.
+    let bus = TestBus::start(BusOptions {
+        activate_bangerd: false,
+        idle_exit_sec: 3,
+        ..Default::default()
+    });
+    let sock = bus.runtime.join("io.banger");
+    let config = bus.dir.path().join("config.toml");
+    let daemon_args = [
+        "--state-dir",
+        bus.state_dir().to_str().unwrap(),
+        "--runtime-dir",
+        bus.runtime.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]
+    .map(str::to_owned);
+    // The quickstart's activation file, as it writes it where systemd is not PID 1.
+    std::fs::write(
+        bus.dir.path().join("services/org.banger.service"),
+        format!(
+            "[D-BUS Service]\nName=org.banger\nExec={} wake {}\nUser=root\n",
+            env!("CARGO_BIN_EXE_bangerd"),
+            daemon_args.join(" ")
+        ),
+    )
+    .unwrap();
+    let conn = bus.connect().await;
+    zbus::fdo::DBusProxy::new(&conn)
+        .await
+        .unwrap()
+        .reload_config()
+        .await
+        .unwrap();
+    let mut activator = std::process::Command::new(env!("CARGO_BIN_EXE_bangerd"))
+        .arg("activator")
+        .args(&daemon_args)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .env("BANGER_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Ready once it says it holds the socket; everything it says after is kept.
+    let mut stderr = std::io::BufReader::new(activator.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("holding") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "the activator ended"
+        );
+    }
+    let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let log = said.clone();
+    std::thread::spawn(move || {
+        for l in stderr.lines().map_while(Result::ok) {
+            log.lock().unwrap().push_str(&(l + "\n"));
+        }
+    });
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert!(meta.file_type().is_socket() && meta.permissions().mode() & 0o777 == 0o666);
+    assert_eq!(bus.owner_pid(&conn, "org.banger").await, None);
+    let parent_of = |pid: u32| -> u32 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let idle_out = || async {
+        assert!(
+            bus.wait_name_gone(&conn, "org.banger", std::time::Duration::from_secs(30))
+                .await,
+            "the daemon did not idle out"
+        );
+    };
+    let dbus_call = || {
+        bus.busctl_as(
+            Some(USER_NO),
+            &[
+                "call",
+                "org.banger",
+                "/org/banger",
+                "org.banger.VMs1",
+                "ListVMs",
+            ],
+        )
+    };
+    let varlink_call = || {
+        raw(
+            &bus,
+            Some(USER_NO),
+            &[json!({"method": "io.banger.Jobs.List"})],
+        )
+    };
+
+    // A D-Bus call: the bus runs `wake`, which knocks on the socket; the activator's
+    // daemon answers and owns the name.
+    let out = dbus_call();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out),
+        said.lock().unwrap()
+    );
+    let first = bus
+        .owner_pid(&conn, "org.banger")
+        .await
+        .expect("on the bus");
+    assert_eq!(parent_of(first), activator.id(), "started by the activator");
+    idle_out().await;
+    // Idle-exited, the socket is still there and a Varlink call starts the daemon again.
+    assert!(std::fs::symlink_metadata(&sock)
+        .unwrap()
+        .file_type()
+        .is_socket());
+    assert_eq!(varlink_call()[0]["parameters"]["jobs"], json!([]));
+    let second = bus
+        .owner_pid(&conn, "org.banger")
+        .await
+        .expect("on the bus");
+    assert!(second != first && parent_of(second) == activator.id());
+    idle_out().await;
+    // Both at once, from idle, three times: both answered, by one daemon each time (a second
+    // one would have ended failing to own the name, which the activator would report).
+    for _ in 0..3 {
+        let (d, v) = std::thread::scope(|s| {
+            let d = s.spawn(dbus_call);
+            let v = s.spawn(varlink_call);
+            (d.join().unwrap(), v.join().unwrap())
+        });
+        assert!(d.status.success(), "{}", text(&d));
+        assert_eq!(v[0]["parameters"]["jobs"], json!([]), "{v:?}");
+        idle_out().await;
+    }
+    let said = said.lock().unwrap().clone();
+    assert!(!said.contains("ended with"), "{said}");
+    activator.kill().unwrap();
+    let _ = activator.wait();
+}
+
 /// A descriptor-passing call by hand (Python's own socket module, as `user`): the reply and
 /// what the passed descriptor reads.
 const FD_CLIENT: &str = r#"

@@ -53,6 +53,7 @@ error PermissionDenied (message: string)
     };
 }
 
+pub mod activator;
 mod bounded;
 pub mod gate;
 mod images;

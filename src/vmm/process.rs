@@ -153,6 +153,64 @@ pub async fn terminate(pidfile: &Path, marker: &str, grace: Duration) -> bool {
     true
 }
 
+/// Kills (SIGKILL) whatever is left of a VM once its pid files are gone or no longer name
+/// its processes (a runtime directory wiped, a pid file lost in a crash): every process of
+/// the VM's own uid, which nothing but its VMM and helpers runs as, and every QEMU,
+/// Firecracker, virtiofsd or banger program whose command line or `BANGER_RUN_DIR` names
+/// its runtime directory (`marker`), as the share servers run as the VM's owner. Waits
+/// (bounded by [`KILL_WAIT`]) until they are gone; returns how many were found.
+pub async fn kill_strays(vm_uid: Option<u32>, marker: &str) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let env_marker = format!("{RUN_DIR_ENV}={marker}");
+    let mine = |pid: i32| -> bool {
+        let dir = format!("/proc/{pid}");
+        let Ok(meta) = std::fs::metadata(&dir) else {
+            return false;
+        };
+        if vm_uid.is_some_and(|u| meta.uid() == u) {
+            return true;
+        }
+        let Ok(cmdline) = std::fs::read(format!("{dir}/cmdline")) else {
+            return false;
+        };
+        let program = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+        let name = program.rsplit(|&b| b == b'/').next().unwrap_or_default();
+        let ours = [
+            &b"qemu-system-x86_64"[..],
+            b"firecracker",
+            b"jailer",
+            b"virtiofsd",
+            b"bangerd",
+        ]
+        .contains(&name);
+        let names = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+        ours && (names(&cmdline, marker.as_bytes())
+            || std::fs::read(format!("{dir}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == env_marker.as_bytes())))
+    };
+    let me = std::process::id() as i32;
+    let found: Vec<i32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me && exists(pid) && mine(pid))
+        .collect();
+    for &pid in &found {
+        tracing::warn!(
+            pid,
+            "Killing process {pid} of {marker}, which no pid file named"
+        );
+        // SAFETY: kill takes no pointers; the process was just found to be the VM's.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let deadline = tokio::time::Instant::now() + KILL_WAIT;
+    while found.iter().any(|&p| exists(p)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    found.len()
+}
+
 /// How long [`terminate`] waits for a process to die after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 

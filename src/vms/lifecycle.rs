@@ -398,7 +398,7 @@ impl Vms {
             if self.vmm.running(&run) {
                 tracing::warn!(vm_id = %id, "Stopping the VMM of VM {id}, which no row names");
             }
-            self.stop_processes(&id).await?;
+            self.stop_processes(&id, None).await?;
             if let Err(e) = crate::layout::remove_any(&run) {
                 tracing::warn!(vm_id = %id, "Cannot remove {}: {e}", run.display());
             }
@@ -408,8 +408,10 @@ impl Vms {
 
     /// Kills what runs for VM `id` from its runtime directory alone (control relay, port
     /// forwarder, VMM, agent link, console logger, share servers) and withdraws it from
-    /// machined.
-    async fn stop_processes(&self, id: &str) -> Result<()> {
+    /// machined. Then whatever of the VM no pid file named any more is killed too: every
+    /// process of the VM's uid (`vm_uid`, when known) and banger's, QEMU's and virtiofsd's
+    /// programs that name its runtime directory.
+    async fn stop_processes(&self, id: &str, vm_uid: Option<u32>) -> Result<()> {
         let run = self.layout.vm_runtime_dir(id);
         self.stop_control(id).await;
         crate::vmm::process::terminate(
@@ -419,13 +421,15 @@ impl Vms {
         )
         .await;
         self.vmm.kill(&run).await?;
+        crate::vmm::process::kill_strays(vm_uid, &run.to_string_lossy()).await;
         self.machines.withdraw(id).await;
         Ok(())
     }
 
     /// Kills the VM's VMM and helpers and removes its tap.
     pub(super) async fn power_down(&self, vm: &Vm) -> Result<()> {
-        self.stop_processes(&vm.id).await?;
+        let uid = crate::vmm::jail::vm_uid(vm.vsock_cid);
+        self.stop_processes(&vm.id, Some(uid)).await?;
         let detached = {
             let _net = self.net_lock.lock().await;
             match self.guest_ports(&vm.id).await {
