@@ -165,6 +165,36 @@ async fn jobs_emit_their_signals_in_order_and_cancel_is_authorised() {
         first.starts_with(&format!("Following job {id} (test gated)")),
         "{first}"
     );
+    // Ctrl-C stops following, not the job, and says how to go on (it once exited silently).
+    {
+        let mut second = bus
+            .banger_command(None, &["job", "watch", &id])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = std::io::BufReader::new(second.stderr.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+        assert!(line.starts_with("Following job"), "{line}");
+        // SAFETY: kill takes no pointers (timeout passes SIGINT on to banger).
+        unsafe { libc::kill(second.id() as i32, libc::SIGINT) };
+        let mut said = String::new();
+        std::io::Read::read_to_string(&mut err, &mut said).unwrap();
+        let status = second.wait().unwrap();
+        assert_eq!(status.code(), Some(130), "{said}");
+        assert!(
+            said.contains(&format!("Job {id} still running"))
+                && said.contains(&format!("banger job watch {id}"))
+                && said.contains(&format!("banger job cancel {id}")),
+            "{said}"
+        );
+        let out = bus.banger_as(None, &["job", "show", &id]);
+        assert!(
+            out.status.success(),
+            "the job went with Ctrl-C: {}",
+            text(&out)
+        );
+    }
     let out = bus.banger_as(None, &["job", "show", "999999"]);
     assert!(
         text(&out).contains("No running job 999999"),

@@ -457,6 +457,61 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away() {
         sh.type_keys("exit 3\r");
         assert_eq!(sh.wait(), Some(3));
 
+        // Without a terminal, Ctrl-C (SIGINT to the client) reaches the command and its
+        // children in the guest, as ssh forwards it, instead of leaving them running there.
+        let mut exec = bus
+            .banger_command(
+                Some(USER_OK),
+                &[
+                    "vm",
+                    "exec",
+                    "t1",
+                    "--",
+                    "sh",
+                    "-c",
+                    "echo started; sleep 4242; echo never",
+                ],
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut started = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(exec.stdout.as_mut().unwrap()),
+            &mut started,
+        )
+        .unwrap();
+        assert_eq!(started, "started\n");
+        let client = processes_mentioning("sleep 4242; echo never")
+            .into_iter()
+            .find(|&pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.starts_with(env!("CARGO_BIN_EXE_banger").as_bytes()))
+            })
+            .expect("the banger client");
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(client, libc::SIGINT) };
+        let status = exec.wait().unwrap();
+        assert_eq!(status.code(), Some(130), "{status:?}");
+        let left = bus.banger_as(
+            Some(USER_OK),
+            &[
+                "vm",
+                "exec",
+                "t1",
+                "--",
+                "sh",
+                "-c",
+                "cat /proc/[0-9]*/cmdline | tr '\\0' ' '",
+            ],
+        );
+        assert!(
+            !String::from_utf8_lossy(&left.stdout).contains("sleep 4242"),
+            "the command outlived Ctrl-C: {}",
+            text(&left)
+        );
+
         // vm run for a user with no SSH key ends in the agent's shell, never at a password
         // prompt; --rm removes the VM after.
         let home = tempfile::tempdir().unwrap();

@@ -191,15 +191,15 @@ pub async fn start<S: AsyncRead + AsyncWrite + Unpin>(
     request(s, &what.into()).await.map(|_| ())
 }
 
-/// [`exec`], with the terminal's new sizes (`rows`, `cols`) as they come, for a command on
-/// a terminal (`what.tty`).
+/// [`exec`], with controls as they come: the terminal's new sizes, for a command on a
+/// terminal (`what.tty`), and signals for the command.
 pub async fn exec_with<S, I, O, E>(
     s: S,
     what: super::ExecRequest,
     mut stdin: I,
     mut stdout: O,
     mut stderr: E,
-    mut resizes: Option<tokio::sync::mpsc::UnboundedReceiver<(u16, u16)>>,
+    mut controls: Option<tokio::sync::mpsc::UnboundedReceiver<super::Control>>,
 ) -> Result<i32>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -214,8 +214,8 @@ where
         let mut buf = vec![0u8; frame::MAX];
         let mut open = true;
         loop {
-            let resize = async {
-                match resizes.as_mut() {
+            let control = async {
+                match controls.as_mut() {
                     Some(rx) => rx.recv().await,
                     None => std::future::pending().await,
                 }
@@ -230,17 +230,28 @@ where
                     }
                     open = n > 0;
                 }
-                size = resize => match size {
-                    Some((rows, cols)) => {
-                        let mut f = header(frame::RESIZE, 4).to_vec();
-                        f.extend(rows.to_be_bytes());
-                        f.extend(cols.to_be_bytes());
-                        if w.write_all(&f).await.is_err() {
-                            break;
+                c = control => {
+                    let f = match c {
+                        Some(super::Control::Resize(rows, cols)) => {
+                            let mut f = header(frame::RESIZE, 4).to_vec();
+                            f.extend(rows.to_be_bytes());
+                            f.extend(cols.to_be_bytes());
+                            f
                         }
+                        Some(super::Control::Signal(sig)) => {
+                            let mut f = header(frame::SIGNAL, 4).to_vec();
+                            f.extend(sig.to_be_bytes());
+                            f
+                        }
+                        None => {
+                            controls = None;
+                            continue;
+                        }
+                    };
+                    if w.write_all(&f).await.is_err() {
+                        break;
                     }
-                    None => resizes = None,
-                },
+                }
                 else => break,
             }
         }

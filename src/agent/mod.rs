@@ -39,8 +39,31 @@ pub mod frame {
     pub const EXIT: u8 = 3;
     /// Client → agent, on a terminal: the window size, `rows u16 BE, cols u16 BE`.
     pub const RESIZE: u8 = 4;
+    /// Client → agent: a signal for the command's process group (`i32` BE; one of
+    /// [`super::FORWARDED_SIGNALS`]), as ssh forwards one; agents before it ignore it.
+    pub const SIGNAL: u8 = 5;
     /// Largest frame payload either side sends.
     pub const MAX: usize = 64 * 1024;
+}
+
+/// The signals a client may send a command (what a terminal's keys and a shell's `kill`
+/// would send it); any other number is ignored.
+pub const FORWARDED_SIGNALS: [i32; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// What a client sends beside standard input while its command runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// The terminal's new size (`rows`, `cols`).
+    Resize(u16, u16),
+    /// A signal for the command.
+    Signal(i32),
 }
 
 /// A request line.

@@ -424,11 +424,13 @@ fn pump_output(mut from: impl Read, to: Arc<Mutex<std::fs::File>>, kind: u8) {
     }
 }
 
-/// Reads the client's frames: `STDIN` (empty: end of input) to `stdin`, `RESIZE` to `resize`.
+/// Reads the client's frames: `STDIN` (empty: end of input) to `stdin`, `RESIZE` to `resize`,
+/// `SIGNAL` (one of [`super::FORWARDED_SIGNALS`]) to `signal`.
 fn pump_input(
     mut reader: BufReader<std::fs::File>,
     mut stdin: Option<Box<dyn Write + Send>>,
     resize: impl Fn(u16, u16),
+    signal: impl Fn(i32),
 ) {
     let mut h = [0u8; 5];
     let mut buf = vec![0u8; frame::MAX];
@@ -452,6 +454,12 @@ fn pump_input(
                 u16::from_be_bytes([buf[0], buf[1]]),
                 u16::from_be_bytes([buf[2], buf[3]]),
             ),
+            frame::SIGNAL if len == 4 => {
+                let sig = i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+                if super::FORWARDED_SIGNALS.contains(&sig) {
+                    signal(sig);
+                }
+            }
             _ => {}
         }
     }
@@ -574,8 +582,12 @@ fn exec(
         unsafe {
             cmd.pre_exec(move || {
                 // Its own session with the terminal as its controlling one: Ctrl-C from the
-                // client reaches its foreground process group.
+                // client reaches its foreground process group. Without a terminal, a process
+                // group of its own, which the client's signals reach (with its children).
                 if on_tty && (libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0) {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if !on_tty && libc::setpgid(0, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if (uid != 0 || gid != 0)
@@ -652,12 +664,23 @@ fn exec(
         }
     };
     // Standard input runs on its own thread: the command may finish without reading it.
+    // Signals go to the command's process group (its session's, on a terminal), which is
+    // its pid until it exits; after that, kill finds no such group and does nothing.
+    let group = child.id() as i32;
     std::thread::spawn(move || {
-        pump_input(reader, stdin, |r, c| {
-            if let Some(t) = &resize_to {
-                set_size(t, r, c)
-            }
-        })
+        pump_input(
+            reader,
+            stdin,
+            |r, c| {
+                if let Some(t) = &resize_to {
+                    set_size(t, r, c)
+                }
+            },
+            // SAFETY: kill takes no pointers.
+            |sig| unsafe {
+                libc::kill(-group, sig);
+            },
+        )
     });
     let status = child.wait()?;
     for t in [out, err].into_iter().flatten() {

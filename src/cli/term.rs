@@ -46,15 +46,35 @@ pub fn size() -> (u16, u16) {
     (24, 80)
 }
 
-/// The terminal's new sizes as the window changes (SIGWINCH).
-pub fn resizes() -> tokio::sync::mpsc::UnboundedReceiver<(u16, u16)> {
+/// What the command hears of this process: on a terminal, the window's new sizes
+/// (SIGWINCH; Ctrl-C travels as a key there); without one, SIGINT, SIGTERM, SIGHUP and
+/// SIGQUIT, forwarded to the command as ssh forwards them, instead of leaving it running
+/// in the guest when this client ends.
+pub fn controls(tty: bool) -> tokio::sync::mpsc::UnboundedReceiver<crate::agent::Control> {
+    use crate::agent::Control;
+    use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    if let Ok(mut winch) =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
-    {
+    let kinds = if tty {
+        vec![SignalKind::window_change()]
+    } else {
+        [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT]
+            .map(SignalKind::from_raw)
+            .to_vec()
+    };
+    for kind in kinds {
+        let Ok(mut s) = signal(kind) else {
+            continue;
+        };
+        let tx = tx.clone();
         tokio::spawn(async move {
-            while winch.recv().await.is_some() {
-                if tx.send(size()).is_err() {
+            while s.recv().await.is_some() {
+                let c = if tty {
+                    let (rows, cols) = size();
+                    Control::Resize(rows, cols)
+                } else {
+                    Control::Signal(kind.as_raw_value())
+                };
+                if tx.send(c).is_err() {
                     return;
                 }
             }

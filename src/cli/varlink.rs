@@ -126,9 +126,17 @@ impl Client {
     /// the last reply's parameters.
     async fn follow(&mut self, out: &Output, method: &str, params: Value) -> anyhow::Result<Value> {
         let mut job = Value::Null;
-        let ended = self
-            .follow_stages(!out.json, method, params, &mut job)
-            .await;
+        let ended = {
+            let following = self.follow_stages(!out.json, method, params, &mut job);
+            tokio::select! {
+                r = following => Some(r),
+                _ = tokio::signal::ctrl_c() => None,
+            }
+        };
+        // Ctrl-C: the job goes on; say so and how to follow or cancel it.
+        let Some(ended) = ended else {
+            super::watch::interrupted(&job["id"].as_u64().into_iter().collect::<Vec<_>>())
+        };
         if out.json {
             let (result, error) = match &ended {
                 Ok(_) => (
@@ -655,8 +663,12 @@ async fn vm(out: &Output, c: &mut Client, cmd: VmCommand) -> anyhow::Result<()> 
                         .map_err(|e| anyhow::anyhow!("{n}: {e}"))
                 }
             });
-            let failed: Vec<String> = futures_util::future::join_all(creates)
-                .await
+            let all = futures_util::future::join_all(creates);
+            let results = tokio::select! {
+                r = all => r,
+                _ = tokio::signal::ctrl_c() => super::watch::interrupted(&[]),
+            };
+            let failed: Vec<String> = results
                 .into_iter()
                 .filter_map(|r| r.err().map(|e| e.to_string()))
                 .collect();
@@ -817,9 +829,6 @@ async fn job(out: &Output, c: &mut Client, cmd: JobCommand) -> anyhow::Result<()
             out.done(vec![("job_id", json!(id)), ("canceled", json!(true))]);
         }
         JobCommand::Watch { id } => {
-            if !out.json {
-                eprintln!("Following job {id}; Ctrl-C stops following, not the job");
-            }
             c.follow(out, &format!("{J}.Watch"), json!({ "id": id }))
                 .await?;
         }

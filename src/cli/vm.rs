@@ -456,21 +456,18 @@ pub(super) async fn exec_on(
     let s = std::os::unix::net::UnixStream::from(agent);
     s.set_nonblocking(true)?;
     let s = tokio::net::UnixStream::from_std(s)?;
-    // On a terminal: raw mode for as long as the command runs, and its size as it changes.
-    let (raw, resizes) = match what.tty {
-        Some(_) => (
-            Some(super::term::RawMode::enter()),
-            Some(super::term::resizes()),
-        ),
-        None => (None, None),
-    };
+    // On a terminal: raw mode for as long as the command runs, and its size as it changes;
+    // without one, this process's signals for the command.
+    let tty = what.tty.is_some();
+    let raw = tty.then(super::term::RawMode::enter);
+    let controls = Some(super::term::controls(tty));
     let code = crate::agent::client::exec_with(
         s,
         what,
         tokio::io::stdin(),
         tokio::io::stdout(),
         tokio::io::stderr(),
-        resizes,
+        controls,
     )
     .await;
     drop(raw);

@@ -55,9 +55,33 @@ fn position(progress: f64) -> u64 {
     (p * 1000.0).round() as u64
 }
 
+/// Ctrl-C while a job is followed: the job goes on in the daemon (it is the daemon's, not
+/// this client's), so say so and how to follow or cancel it, and end as interrupted (130).
+pub fn interrupted(ids: &[u64]) -> ! {
+    let list: Vec<String> = ids.iter().map(u64::to_string).collect();
+    let (jobs, first) = match list.as_slice() {
+        [] => ("The job".to_owned(), "ID".to_owned()),
+        [one] => (format!("Job {one}"), one.clone()),
+        more => (format!("Jobs {}", more.join(", ")), more[0].clone()),
+    };
+    eprintln!(
+        "\n{jobs} still running in bangerd: Ctrl-C stopped following, not the work. \
+         `banger job watch {first}` follows it again, `banger job cancel {first}` stops it."
+    );
+    std::process::exit(130)
+}
+
 impl JobWatch {
     /// Follows job `id` at `path` until it is removed; fails when the job did not succeed.
-    pub async fn follow(
+    /// Ctrl-C stops following and says how to go on ([`interrupted`]).
+    pub async fn follow(self, out: &Output, id: u32, path: &OwnedObjectPath) -> anyhow::Result<()> {
+        tokio::select! {
+            r = self.follow_job(out, id, path) => r,
+            _ = tokio::signal::ctrl_c() => interrupted(&[id.into()]),
+        }
+    }
+
+    async fn follow_job(
         mut self,
         out: &Output,
         id: u32,
@@ -146,6 +170,18 @@ impl JobWatch {
     /// Follows several jobs at once (`(id, path, label)`), each stage line prefixed with its
     /// label, until all are removed; fails naming every job that did not succeed.
     pub async fn follow_all(
+        self,
+        out: &Output,
+        jobs: &[(u32, OwnedObjectPath, String)],
+    ) -> anyhow::Result<()> {
+        let ids: Vec<u64> = jobs.iter().map(|(id, _, _)| u64::from(*id)).collect();
+        tokio::select! {
+            r = self.follow_jobs(out, jobs) => r,
+            _ = tokio::signal::ctrl_c() => interrupted(&ids),
+        }
+    }
+
+    async fn follow_jobs(
         mut self,
         out: &Output,
         jobs: &[(u32, OwnedObjectPath, String)],
