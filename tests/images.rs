@@ -1174,3 +1174,36 @@ async fn a_pull_runs_in_a_confined_worker_and_its_death_leaves_nothing() {
     )
     .unwrap();
 }
+
+/// `--image` with a short name that is no image here is a registry reference: the create
+/// says which one it resolved to, and offline (the bus's namespace has no route out) fails
+/// in seconds naming it, instead of a silent wait for a pull of "typo" (issue 32).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_image_name_that_is_no_image_says_what_it_pulled_and_fails_fast_offline() {
+    if !available(TOOLS) {
+        return;
+    }
+    let bus = TestBus::start(BusOptions {
+        netns: true,
+        ..Default::default()
+    });
+    let started = std::time::Instant::now();
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &["vm", "create", "typo-vm", "--image", "debain", "--no-start"],
+    );
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    for part in [
+        "No image named \"debain\": pulling docker.io/library/debain:latest",
+        "pulling it as docker.io/library/debain:latest failed",
+        "`banger image list`",
+    ] {
+        assert!(said.contains(part), "{part:?} not in: {said}");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "images: an offline pull of a typo failed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}

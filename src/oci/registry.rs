@@ -89,6 +89,10 @@ impl Registry {
                 ClientProtocol::Https
             },
             platform_resolver: Some(Box::new(linux_amd64_resolver)),
+            // Offline or a host that does not answer: fail in seconds, not minutes. A read
+            // bound is on silence, not on a whole blob.
+            connect_timeout: Some(std::time::Duration::from_secs(10)),
+            read_timeout: Some(std::time::Duration::from_secs(60)),
             ..Default::default()
         };
         Registry {
@@ -114,10 +118,13 @@ impl Registry {
                 {
                     let host = r.registry();
                     let how = if matches!(self.auth, RegistryAuth::Anonymous) {
+                        // Docker Hub answers 401 for a repository that does not exist too.
                         format!(
-                            "log in first (`podman login {host}` or `docker login {host}`; the \
-                             CLI passes those credentials), pass PullImage's auth option, or \
-                             have the operator add {host} to /etc/banger/auth.json"
+                            "check the name (a registry may answer so for a repository that \
+                             does not exist), or log in first (`podman login {host}` or \
+                             `docker login {host}`; the CLI passes those credentials), pass \
+                             PullImage's auth option, or have the operator add {host} to \
+                             /etc/banger/auth.json"
                         )
                     } else {
                         "the credentials given were refused; check them".to_owned()

@@ -374,17 +374,34 @@ impl Vms {
         if let Some(i) = self.images.pulled(vm.owner_uid, reference).await? {
             return Ok(i);
         }
+        // A short name that is no image here is a registry reference: say which one, so a
+        // typo shows as `docker.io/library/typo:latest` rather than as a pull of "typo".
+        let resolved = match self.config.image_entry(reference) {
+            Some(_) => None,
+            None => crate::oci::reference::parse(reference)
+                .ok()
+                .map(|r| r.whole())
+                .filter(|whole| whole != reference),
+        };
         let job = self.images.pull_shared(vm.owner_uid, reference).await?;
-        st.enter(
-            vm,
-            "auto_pull_image",
-            format!("Pulling image {reference} (job {})", job.id),
-        )
-        .await?;
+        let what = match &resolved {
+            Some(whole) => format!("No image named {reference:?}: pulling {whole}"),
+            None => format!("Pulling image {reference}"),
+        };
+        st.enter(vm, "auto_pull_image", format!("{what} (job {})", job.id))
+            .await?;
         let pulled = job.wait().await;
         match (self.images.pulled(vm.owner_uid, reference).await?, pulled) {
             (Some(i), _) => Ok(i),
-            (None, Err(e)) => Err(e),
+            (None, Err(e)) => Err(match resolved {
+                Some(whole) => ImageError::Unavailable(format!(
+                    "No image named {reference:?}, and pulling it as {whole} failed: {}. \
+                     `banger image list` shows the images there are",
+                    e.full_message()
+                ))
+                .into(),
+                None => e,
+            }),
             (None, Ok(())) => Err(ImageError::Gone(format!(
                 "The pull of {reference} finished but left no image of it"
             ))
