@@ -249,6 +249,15 @@ pub async fn delete_image<'a>(
     }))
 }
 
+/// `PruneCache`: the download cache is the system's (every user's pulls reuse it), so
+/// emptying it needs `manage-any`.
+pub async fn prune_cache<'a>(b: &'a Banger, _caller: &Caller) -> Result<Ready<'a, (u64, u32)>> {
+    Ok(Ready::new(
+        vec![Action::ImagesManage, Action::VmsManageAny],
+        b.images.prune_cache(),
+    ))
+}
+
 /// `PullKernel`.
 pub async fn pull_kernel<'a>(
     b: &'a Banger,

@@ -236,6 +236,38 @@ async fn pull_flattens_layers_into_a_bootable_ext4() {
     images.delete_image("tiny-v1").await.unwrap();
     assert!(images.list_images().await.unwrap().is_empty());
     assert!(!dir.exists());
+
+    // The download cache is the system's: a member may not empty it, root may, over either
+    // transport, and a pull after it fetches the layers again.
+    let out = bus.banger_as(Some(USER_OK), &["image", "prune"]);
+    assert!(
+        !out.status.success() && text(&out).contains("org.banger.vms.manage-any"),
+        "{}",
+        text(&out)
+    );
+    let cached = || {
+        std::fs::read_dir(bus.state_dir().join("cache/oci/sha256"))
+            .unwrap()
+            .count()
+    };
+    assert_eq!(cached(), 3);
+    let out = bus.banger_as(None, &["--json", "image", "prune"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["blobs"], 3, "{v}");
+    assert!(v["freedBytes"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(cached(), 0);
+    let (result, error) = pull(&bus, &conn, &reference, None).await.unwrap();
+    assert_eq!(result, "done", "{error}");
+    assert_eq!(cached(), 3);
+    let sock = format!("--varlink={}", bus.runtime.join("io.banger").display());
+    let out = bus.banger_as(None, &[&sock, "image", "prune"]);
+    assert!(
+        out.status.success() && text(&out).contains("Removed 3 cached blob(s)"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(cached(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

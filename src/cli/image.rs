@@ -113,6 +113,9 @@ pub enum ImageCommand {
         /// Image name or id.
         name: String,
     },
+    /// Empty the download cache: the registry layers pulls keep for later pulls (no image
+    /// needs them). An administrator's verb: the cache is every user's.
+    Prune,
 }
 
 /// The caller's own credentials for the registry of `reference` (an explicit reference
@@ -320,6 +323,19 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
             p.delete_image(&name).await.map_err(explain)?;
             out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
         }
+        ImageCommand::Prune => {
+            let (bytes, blobs) = p.prune_cache(Default::default()).await.map_err(explain)?;
+            pruned(out, bytes, blobs.into());
+        }
     }
     Ok(())
+}
+
+/// What `image prune` says.
+pub(super) fn pruned(out: &Output, bytes: u64, blobs: u64) {
+    out.say(&format!(
+        "Removed {blobs} cached blob(s), {:.1} MiB",
+        bytes as f64 / (1u64 << 20) as f64
+    ));
+    out.done(vec![("freed_bytes", json!(bytes)), ("blobs", json!(blobs))]);
 }

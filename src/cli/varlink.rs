@@ -367,6 +367,14 @@ async fn image(out: &Output, c: &mut Client, cmd: ImageCommand) -> anyhow::Resul
                 .await?;
             out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
         }
+        ImageCommand::Prune => {
+            let v = c.call(&format!("{I}.PruneCache"), json!({})).await?;
+            super::image::pruned(
+                out,
+                v["freedBytes"].as_u64().unwrap_or(0),
+                v["blobs"].as_u64().unwrap_or(0),
+            );
+        }
         ImageCommand::Promote { name } => {
             c.follow(out, &format!("{I}.Promote"), json!({ "name": name }))
                 .await?;

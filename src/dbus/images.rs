@@ -160,6 +160,22 @@ impl Images1 {
         Ok(self.ctx.job_reply(&job).await)
     }
 
+    /// Empties the download cache (registry blobs kept for later pulls; no image needs
+    /// them): returns the bytes and blobs removed. Needs `org.banger.vms.manage-any` (the
+    /// cache is the system's). No options yet; an unknown one is refused.
+    #[zbus(out_args("freed_bytes", "blobs"))]
+    async fn prune_cache(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        options: OptionMap,
+    ) -> Result<(u64, u32)> {
+        Options::new("PruneCache", options).finish()?;
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::prune_cache(&self.ctx.banger, &c);
+        self.ctx.perform(&c, op).await
+    }
+
     /// Deletes an image that no VM uses.
     async fn delete_image(
         &self,

@@ -37,6 +37,9 @@ pub trait Images1 {
     /// DeleteImage
     #[zbus(allow_interactive_auth)]
     fn delete_image(&self, name_or_id: &str) -> zbus::Result<()>;
+    /// PruneCache
+    #[zbus(allow_interactive_auth)]
+    fn prune_cache(&self, options: Opts) -> zbus::Result<(u64, u32)>;
 }
 
 /// `org.banger.Kernels1`.

@@ -22,7 +22,7 @@ use crate::layout::Layout;
 use crate::model::{usable_by, use_refusal, validate_name, Image, NameKind, SYSTEM_UID};
 use crate::store::{rows, Store};
 use crate::{Error, Result};
-use error::invalid;
+use error::{failed, invalid};
 
 /// Options of `PullImage`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -144,6 +144,9 @@ pub struct Images {
     shelf: crate::shelf::Shelf,
     /// Pulls started for VMs by reference, so creates from one missing image share one.
     shared_pulls: Arc<tokio::sync::Mutex<SharedPulls>>,
+    /// The download cache (`cache/oci/`): every pull reads it under a shared hold, and a
+    /// prune empties it only while it holds it alone.
+    cache_lock: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Images {
@@ -158,7 +161,49 @@ impl Images {
             config: Arc::new(config),
             shelf,
             shared_pulls: Default::default(),
+            cache_lock: Default::default(),
         }
+    }
+
+    /// Empties the download cache (the registry blobs pulls keep for the next pull; no image
+    /// needs them once published): waits for running pulls, holds new ones back while it
+    /// works. Returns the bytes and blobs removed.
+    pub async fn prune_cache(&self) -> Result<(u64, u32)> {
+        use std::os::unix::fs::MetadataExt;
+        let _alone = self.cache_lock.write().await;
+        let dir = self.layout.oci_cache_dir().join("sha256");
+        tokio::task::spawn_blocking(move || {
+            let (mut bytes, mut blobs) = (0u64, 0u32);
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+                Err(e) => return Err(failed(format!("Cannot read {}", dir.display()), e)),
+            };
+            for e in entries.flatten() {
+                // Only plain files are blobs (or a download's leftover); nothing is followed.
+                let Ok(m) = e.metadata() else { continue };
+                if !m.file_type().is_file() {
+                    continue;
+                }
+                std::fs::remove_file(e.path())
+                    .map_err(|err| failed(format!("Cannot remove {}", e.path().display()), err))?;
+                bytes += m.blocks() * 512;
+                blobs += 1;
+            }
+            Ok((bytes, blobs))
+        })
+        .await
+        .map_err(|e| {
+            failed(
+                "The cache prune failed",
+                std::io::Error::other(e.to_string()),
+            )
+        })?
+    }
+
+    /// A hold on the download cache for a pull (see [`Images::prune_cache`]).
+    pub(crate) async fn cache_hold(&self) -> tokio::sync::OwnedRwLockReadGuard<()> {
+        self.cache_lock.clone().read_owned().await
     }
 
     /// Whether `name` can be pulled: a catalog entry or an OCI reference.

@@ -241,6 +241,8 @@ impl Images {
         owner_uid: u32,
         opts: PullOptions,
     ) -> Result<Image> {
+        // The download cache stays while this pull may read it (a prune waits).
+        let _cache = self.cache_hold().await;
         let id = new_id();
         let staging = Staging::create(
             self.layout

@@ -93,6 +93,10 @@ method Warm(name: string, kernel: ?string, vcpus: ?int, memoryMib: ?int) -> (job
 # Deletes an image no VM uses.
 method Delete(name: string) -> ()
 
+# Empties the download cache (registry blobs kept for later pulls; no image needs them).
+# Needs org.banger.vms.manage-any: the cache is the system's.
+method PruneCache() -> (freedBytes: int, blobs: int)
+
 "#,
     errors!()
 );
@@ -208,6 +212,11 @@ pub(super) async fn call(
             ctx.perform(caller, ops::delete_image(b, caller, &name))
                 .await?;
             Ok(Answer::One(json!({})))
+        }
+        "PruneCache" => {
+            p.finish()?;
+            let (bytes, blobs) = ctx.perform(caller, ops::prune_cache(b, caller)).await?;
+            Ok(Answer::One(json!({ "freedBytes": bytes, "blobs": blobs })))
         }
         m => Err(no_method(INTERFACE, m)),
     }
