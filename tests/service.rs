@@ -272,6 +272,48 @@ async fn activation_introspection_and_reads() {
         "{}",
         text(&out)
     );
+
+    // Bash completes VM names (and images', after their verbs) from the daemon, as the
+    // packaged completion does: the script generate-assets writes, sourced in a real bash.
+    let assets = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        assets.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_banger"))
+        .args(["generate-assets", assets.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let complete = |line: &str| -> Vec<String> {
+        let script = format!(
+            "source {}; COMP_WORDS=({line}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+             _banger_with_names banger \"${{COMP_WORDS[COMP_CWORD]}}\" \"${{COMP_WORDS[COMP_CWORD-1]}}\"; \
+             printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            assets.path().join("completions/banger.bash").display()
+        );
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_banger")).parent().unwrap();
+        let out = bus
+            .command_as(Some(USER_NO), "bash", &["-c", &script])
+            .env("PATH", format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin.display()))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{line}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(
+        complete("banger vm start ''"),
+        ["roots-vm", "users-vm", "users-vm2"]
+    );
+    assert_eq!(complete("banger --json vm show us"), ["users-vm", "users-vm2"]);
+    assert_eq!(complete("banger image delete ''"), ["seeded-image"]);
+    // Not where a name does not go: an option, a second argument.
+    assert!(!complete("banger vm start roots-vm ''").contains(&"users-vm".to_owned()));
 }
 
 /// Every mutating method with arguments that pass validation.

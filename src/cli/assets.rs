@@ -31,10 +31,80 @@ pub fn generate(dir: &Path) -> anyhow::Result<()> {
     ] {
         let mut out = Vec::new();
         clap_complete::generate(shell, &mut super::Cli::command(), "banger", &mut out);
+        if shell == clap_complete::Shell::Bash {
+            out.extend_from_slice(BASH_NAMES.as_bytes());
+        }
         std::fs::write(completions.join(file), out)
             .with_context(|| format!("Cannot write the {shell} completion"))?;
     }
     Ok(())
+}
+
+/// Bash completion of object names, after clap's own: the first argument of the verbs
+/// that name a VM, image, kernel or snapshot is completed from the daemon's lists
+/// (`banger complete-names KIND`), as `systemctl` completes unit names.
+const BASH_NAMES: &str = r#"
+# Object names from the daemon, for the verbs that take one (banger's addition).
+_banger_with_names() {
+    _banger "$@"
+    local cur="${COMP_WORDS[COMP_CWORD]}" words=() i kind=
+    [[ $cur == -* ]] && return 0
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        [[ ${COMP_WORDS[i]} == -* ]] || words+=("${COMP_WORDS[i]}")
+    done
+    [[ ${#words[@]} -eq 2 ]] || return 0
+    case "${words[0]}:${words[1]}" in
+        vm:start|vm:stop|vm:delete|vm:show|vm:exec|vm:shell|vm:ssh|vm:logs|vm:pause|vm:resume|vm:snapshot|vm:fork|vm:run) kind=vm ;;
+        image:show|image:delete|image:promote|image:warm) kind=image ;;
+        kernel:show|kernel:delete) kind=kernel ;;
+        snapshot:show|snapshot:delete) kind=snapshot ;;
+        *) return 0 ;;
+    esac
+    local IFS=$'
+'
+    COMPREPLY=($(compgen -W "$(banger complete-names "$kind" 2>/dev/null)" -- "$cur"))
+}
+complete -F _banger_with_names -o bashdefault -o default banger
+"#;
+
+/// The names of `kind` (vm, image, kernel, snapshot) for completion; banger's own dotted
+/// ones (`.warm-*`) left out.
+pub async fn names(conn: &zbus::Connection, kind: &str) -> anyhow::Result<Vec<String>> {
+    use crate::dbus::proxy::{Images1Proxy, Kernels1Proxy, Snapshots1Proxy, VMs1Proxy};
+    let mut names: Vec<String> = match kind {
+        "vm" => VMs1Proxy::new(conn)
+            .await?
+            .list_vms()
+            .await?
+            .into_iter()
+            .map(|r| r.1)
+            .collect(),
+        "image" => Images1Proxy::new(conn)
+            .await?
+            .list_images()
+            .await?
+            .into_iter()
+            .map(|r| r.1)
+            .collect(),
+        "kernel" => Kernels1Proxy::new(conn)
+            .await?
+            .list_kernels()
+            .await?
+            .into_iter()
+            .map(|r| r.0)
+            .collect(),
+        "snapshot" => Snapshots1Proxy::new(conn)
+            .await?
+            .list_snapshots()
+            .await?
+            .into_iter()
+            .map(|r| r.1)
+            .collect(),
+        other => anyhow::bail!("no names of {other:?}"),
+    };
+    names.retain(|n| !n.starts_with('.'));
+    names.sort();
+    Ok(names)
 }
 
 #[cfg(test)]

@@ -64,6 +64,13 @@ pub enum Command {
         /// Output directory.
         dir: std::path::PathBuf,
     },
+    /// The names shell completion offers: vm, image, kernel or snapshot (one a line, nothing
+    /// when the daemon cannot be asked).
+    #[command(hide = true)]
+    CompleteNames {
+        /// What to name.
+        kind: String,
+    },
 }
 
 /// A size as people write it: a number with an optional binary unit (`K`, `M`, `G`, `T`,
@@ -223,6 +230,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         (Command::Doctor, _) => doctor::run(&out),
         (Command::GenerateAssets { dir }, _) => assets::generate(&dir),
         (c, Some(socket)) => varlink::run(&out, &socket, c).await,
+        (Command::CompleteNames { kind }, None) => {
+            // A completion must never print an error into the user's command line.
+            if let Ok(conn) = connect().await {
+                for name in assets::names(&conn, &kind).await.unwrap_or_default() {
+                    println!("{name}");
+                }
+            }
+            Ok(())
+        }
         (Command::Status, None) => status::run(&out, &connect().await?).await,
         (Command::Image(c), None) => image::run(&out, &connect().await?, c).await,
         (Command::Kernel(c), None) => kernel::run(&out, &connect().await?, c).await,

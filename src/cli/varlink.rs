@@ -285,6 +285,27 @@ pub async fn run(out: &Output, socket: &Path, command: Command) -> anyhow::Resul
         Command::Job(cmd) => job(out, &mut c, cmd).await?,
         Command::Doctor => super::doctor::run(out)?,
         Command::GenerateAssets { dir } => super::assets::generate(&dir)?,
+        Command::CompleteNames { kind } => {
+            let (method, key) = match kind.as_str() {
+                "vm" => ("io.banger.VMs.List", "vms"),
+                "image" => ("io.banger.Images.List", "images"),
+                "kernel" => ("io.banger.Kernels.List", "kernels"),
+                "snapshot" => ("io.banger.VMs.ListSnapshots", "snapshots"),
+                _ => return Ok(()),
+            };
+            let v = c.call(method, json!({})).await?;
+            let mut names: Vec<&str> = v[key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o["name"].as_str())
+                .filter(|n| !n.starts_with('.'))
+                .collect();
+            names.sort();
+            for n in names {
+                println!("{n}");
+            }
+        }
     }
     Ok(())
 }
