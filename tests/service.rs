@@ -273,6 +273,30 @@ async fn activation_introspection_and_reads() {
         text(&out)
     );
 
+    // busctl walks and reads the tree without complaint (zbus inlines every descendant in
+    // a node's introspection, and busctl's parser of inlined nodes carried a method's last
+    // argument direction into the next signal's: ~40 "Unexpected signal <arg> direction"
+    // warnings, until each interface's methods ended with one that returns something).
+    for args in [
+        &["tree", "org.banger"][..],
+        &["introspect", "org.banger", "/"],
+        &["introspect", "org.banger", "/org"],
+        &["introspect", "org.banger", "/org/banger"],
+    ] {
+        let out = bus.busctl_as(Some(USER_NO), args);
+        let said = text(&out);
+        assert!(
+            out.status.success() && !said.contains("Unexpected"),
+            "busctl {args:?}: {said}"
+        );
+    }
+    let tree = text(&bus.busctl_as(None, &["tree", "org.banger"]));
+    assert!(
+        tree.contains(&format!("/org/banger/vm/{}", s.user_vm.id))
+            && tree.contains("/org/banger/image/"),
+        "{tree}"
+    );
+
     // Bash completes VM names (and images', after their verbs) from the daemon, as the
     // packaged completion does: the script generate-assets writes, sourced in a real bash.
     let assets = tempfile::tempdir().unwrap();
@@ -293,10 +317,15 @@ async fn activation_introspection_and_reads() {
              printf '%s\\n' \"${{COMPREPLY[@]}}\"",
             assets.path().join("completions/banger.bash").display()
         );
-        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_banger")).parent().unwrap();
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_banger"))
+            .parent()
+            .unwrap();
         let out = bus
             .command_as(Some(USER_NO), "bash", &["-c", &script])
-            .env("PATH", format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin.display()))
+            .env(
+                "PATH",
+                format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", bin.display()),
+            )
             .output()
             .unwrap();
         assert!(out.status.success(), "{line}: {}", text(&out));
@@ -310,7 +339,10 @@ async fn activation_introspection_and_reads() {
         complete("banger vm start ''"),
         ["roots-vm", "users-vm", "users-vm2"]
     );
-    assert_eq!(complete("banger --json vm show us"), ["users-vm", "users-vm2"]);
+    assert_eq!(
+        complete("banger --json vm show us"),
+        ["users-vm", "users-vm2"]
+    );
     assert_eq!(complete("banger image delete ''"), ["seeded-image"]);
     // Not where a name does not go: an option, a second argument.
     assert!(!complete("banger vm start roots-vm ''").contains(&"users-vm".to_owned()));

@@ -160,6 +160,18 @@ impl Images1 {
         Ok(self.ctx.job_reply(&job).await)
     }
 
+    /// Deletes an image that no VM uses.
+    async fn delete_image(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name_or_id: &str,
+    ) -> Result<()> {
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = ops::delete_image(&self.ctx.banger, &c, name_or_id);
+        self.ctx.perform(&c, op).await
+    }
+
     /// Empties the download cache (registry blobs kept for later pulls; no image needs
     /// them): returns the bytes and blobs removed. Needs `org.banger.vms.manage-any` (the
     /// cache is the system's). No options yet; an unknown one is refused.
@@ -173,18 +185,6 @@ impl Images1 {
         Options::new("PruneCache", options).finish()?;
         let c = self.ctx.caller(conn, &hdr).await?;
         let op = ops::prune_cache(&self.ctx.banger, &c);
-        self.ctx.perform(&c, op).await
-    }
-
-    /// Deletes an image that no VM uses.
-    async fn delete_image(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-        name_or_id: &str,
-    ) -> Result<()> {
-        let c = self.ctx.caller(conn, &hdr).await?;
-        let op = ops::delete_image(&self.ctx.banger, &c, name_or_id);
         self.ctx.perform(&c, op).await
     }
 

@@ -14,6 +14,16 @@ pub struct Jobs1 {
 /// Long operations: pulls, builds, creates.
 #[interface(name = "org.banger.Jobs1")]
 impl Jobs1 {
+    /// Cancels a running job.
+    async fn cancel_job(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        id: u32,
+    ) -> Result<()> {
+        cancel(&self.ctx, conn, &hdr, id).await
+    }
+
     /// Lists running jobs as (id, kind, target, progress, object path).
     async fn list_jobs(&self) -> Vec<(u32, String, String, f64, OwnedObjectPath)> {
         self.ctx
@@ -31,16 +41,6 @@ impl Jobs1 {
                 )
             })
             .collect()
-    }
-
-    /// Cancels a running job.
-    async fn cancel_job(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-        id: u32,
-    ) -> Result<()> {
-        cancel(&self.ctx, conn, &hdr, id).await
     }
 
     /// The daemon's version.

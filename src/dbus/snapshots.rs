@@ -15,6 +15,19 @@ pub struct Snapshots1 {
 /// option).
 #[interface(name = "org.banger.Snapshots1")]
 impl Snapshots1 {
+    /// Deletes a snapshot no VM's disks layer on (InUse otherwise); its owner, or an
+    /// administrator.
+    async fn delete_snapshot(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name_or_id: &str,
+    ) -> Result<()> {
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let op = crate::ops::delete_snapshot(&self.ctx.banger, &c, name_or_id);
+        self.ctx.perform(&c, op).await
+    }
+
     /// Lists snapshots as (id, name, VM id, object path).
     async fn list_snapshots(&self) -> Result<Vec<(String, String, String, OwnedObjectPath)>> {
         let snaps = self.ctx.banger.vms.snapshots().await?;
@@ -38,19 +51,6 @@ impl Snapshots1 {
             .ctx
             .live::<super::snapshot::Snapshot1>(conn, path)
             .await)
-    }
-
-    /// Deletes a snapshot no VM's disks layer on (InUse otherwise); its owner, or an
-    /// administrator.
-    async fn delete_snapshot(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-        name_or_id: &str,
-    ) -> Result<()> {
-        let c = self.ctx.caller(conn, &hdr).await?;
-        let op = crate::ops::delete_snapshot(&self.ctx.banger, &c, name_or_id);
-        self.ctx.perform(&c, op).await
     }
 
     /// A snapshot was published.

@@ -16,6 +16,18 @@ pub struct Vms1 {
 /// Manages microVMs.
 #[interface(name = "org.banger.VMs1")]
 impl Vms1 {
+    /// Deletes a VM and its disks; a running VM only with force. Options: force b.
+    #[zbus(name = "DeleteVM")]
+    async fn delete_vm(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        name_or_id: &str,
+        options: OptionMap,
+    ) -> Result<()> {
+        delete(&self.ctx, conn, &hdr, name_or_id, options).await
+    }
+
     /// The caller's use against their quotas, as (key, used, allowed): vms
     /// (max_vms_per_user), running_vms (max_running_vms_per_user), vcpus
     /// (max_vcpus_per_user) and memory_mib (max_memory_mib_per_user), these three summed
@@ -150,18 +162,6 @@ impl Vms1 {
         options: OptionMap,
     ) -> Result<(u32, OwnedObjectPath)> {
         take_snapshot(&self.ctx, conn, &hdr, name_or_id, snapshot, options).await
-    }
-
-    /// Deletes a VM and its disks; a running VM only with force. Options: force b.
-    #[zbus(name = "DeleteVM")]
-    async fn delete_vm(
-        &self,
-        #[zbus(connection)] conn: &Connection,
-        #[zbus(header)] hdr: Header<'_>,
-        name_or_id: &str,
-        options: OptionMap,
-    ) -> Result<()> {
-        delete(&self.ctx, conn, &hdr, name_or_id, options).await
     }
 
     /// A VM was created.
