@@ -9,7 +9,7 @@ use std::fmt;
 use zbus::message::{Flags, Header};
 use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
 
-/// The polkit actions of DESIGN.md.
+/// The polkit actions (docs/ARCHITECTURE.md, "Authorization").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Action {
     /// Pull, register, promote, build, delete images.

@@ -1,4 +1,4 @@
-//! What banger puts into every image (DESIGN.md "Guest"): the agent binary, a systemd unit
+//! What banger puts into every image (docs/ARCHITECTURE.md, "Binaries"): the agent binary, a systemd unit
 //! for it, a network bootstrap that takes the address from the kernel command line, and a
 //! modules-load file for vsock. Written through in-root resolution, so an image's own
 //! symlinks can never redirect them onto the host.

@@ -1,4 +1,4 @@
-//! Where state lives on disk (DESIGN.md "State") and the start-up sweep of staging leftovers.
+//! Where state lives on disk (docs/ARCHITECTURE.md, "State and runtime layout") and the start-up sweep of staging leftovers.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! user outside it, at once, on the real bus-activated daemon (private bus in a network
 //! namespace of its own, real polkitd). The daemon must never crash (the same process answers
 //! at the end), never hang (each call answers within its timeout), and every refusal must be
-//! an error name DESIGN.md gives (`org.banger.Error.*`, `AccessDenied`,
+//! an error name docs/ARCHITECTURE.md gives (`org.banger.Error.*`, `AccessDenied`,
 //! `InteractiveAuthorizationRequired`), or, for a call that does not match any method's
 //! signature, object or interface, the bus's own `InvalidArgs`/`Unknown*`.
 //!
@@ -920,7 +920,7 @@ async fn every_method_survives_hostile_input_from_every_kind_of_caller() {
     }
     let crashed = u64::from(after != Some(pid));
     println!(
-        "dbus fuzz: {calls} calls, {refused} refused, {crashed} crashes, {} hangs or errors outside DESIGN.md",
+        "dbus fuzz: {calls} calls, {refused} refused, {crashed} crashes, {} hangs or errors outside ARCHITECTURE.md",
         problems.len()
     );
     assert_eq!(after, Some(pid), "bangerd was restarted: it crashed");

@@ -1,6 +1,6 @@
-//! The host side of guest networking (DESIGN.md `net`): the `banger0` bridge whose address is
-//! the guests' gateway, a tap per VM on it, and forwarding plus masquerade in an nftables table
-//! of banger's own (`table inet banger`). Links and routes go through netlink; the nft table is
+//! The host side of guest networking (a service of docs/ARCHITECTURE.md's map): the `banger0`
+//! bridge whose address is the guests' gateway, a tap per VM on it, and forwarding plus
+//! masquerade in an nftables table of banger's own (`table inet banger`). Links and routes go through netlink; the nft table is
 //! written whole with `nft -f -` in one transaction and never touches another table.
 //!
 //! Everything is created on demand (the first VM's `network` stage) and removed when the last
