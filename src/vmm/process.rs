@@ -154,11 +154,13 @@ pub async fn terminate(pidfile: &Path, marker: &str, grace: Duration) -> bool {
 }
 
 /// Kills (SIGKILL) whatever is left of a VM once its pid files are gone or no longer name
-/// its processes (a runtime directory wiped, a pid file lost in a crash): every process of
-/// the VM's own uid, which nothing but its VMM and helpers runs as, and every QEMU,
-/// Firecracker, virtiofsd or banger program whose command line or `BANGER_RUN_DIR` names
-/// its runtime directory (`marker`), as the share servers run as the VM's owner. Waits
-/// (bounded by [`KILL_WAIT`]) until they are gone; returns how many were found.
+/// its processes (a runtime directory wiped, a pid file lost in a crash): every process whose
+/// command line or `BANGER_RUN_DIR` names the VM's runtime directory (`marker`, unique: it
+/// holds the VM's random id) and that runs as the VM's uid or is one of banger's, QEMU's,
+/// Firecracker's or virtiofsd's programs (a share's server runs as the VM's owner). The uid
+/// alone is not enough: it comes from the vsock CID, which another daemon on the host (a test
+/// bus, a second state directory) may lease too. Waits (bounded by [`KILL_WAIT`]) until they
+/// are gone; returns how many were found.
 pub async fn kill_strays(vm_uid: Option<u32>, marker: &str) -> usize {
     use std::os::unix::fs::MetadataExt;
     let env_marker = format!("{RUN_DIR_ENV}={marker}");
@@ -167,26 +169,27 @@ pub async fn kill_strays(vm_uid: Option<u32>, marker: &str) -> usize {
         let Ok(meta) = std::fs::metadata(&dir) else {
             return false;
         };
-        if vm_uid.is_some_and(|u| meta.uid() == u) {
-            return true;
-        }
         let Ok(cmdline) = std::fs::read(format!("{dir}/cmdline")) else {
             return false;
         };
+        let names = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+        let named = names(&cmdline, marker.as_bytes())
+            || std::fs::read(format!("{dir}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == env_marker.as_bytes()));
+        if !named {
+            return false;
+        }
         let program = cmdline.split(|&b| b == 0).next().unwrap_or_default();
         let name = program.rsplit(|&b| b == b'/').next().unwrap_or_default();
-        let ours = [
-            &b"qemu-system-x86_64"[..],
-            b"firecracker",
-            b"jailer",
-            b"virtiofsd",
-            b"bangerd",
-        ]
-        .contains(&name);
-        let names = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
-        ours && (names(&cmdline, marker.as_bytes())
-            || std::fs::read(format!("{dir}/environ"))
-                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == env_marker.as_bytes())))
+        vm_uid.is_some_and(|u| meta.uid() == u)
+            || [
+                &b"qemu-system-x86_64"[..],
+                b"firecracker",
+                b"jailer",
+                b"virtiofsd",
+                b"bangerd",
+            ]
+            .contains(&name)
     };
     let me = std::process::id() as i32;
     let found: Vec<i32> = std::fs::read_dir("/proc")
