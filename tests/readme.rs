@@ -744,23 +744,14 @@ fn the_readmes_api_calls_and_read_verbs_run_against_the_service() {
             let m = method.rsplit('.').next().unwrap();
             m.starts_with("List") || m.starts_with("Get") || m == "introspect"
         };
-        match program.text.as_str() {
+        // An API call's (read, answered, what it said), judged once below.
+        let call = match program.text.as_str() {
             "busctl" => {
                 let args: Vec<&str> = texts[1..].iter().map(String::as_str).collect();
                 let is_read = args[0] != "call" || read(args[4]);
                 let user = if is_read { None } else { Some(USER_NO) };
                 let out = bus.busctl_as(user, &args);
-                if is_read {
-                    reads += 1;
-                    if !out.status.success() {
-                        bad(format!("failed: {}", text(&out)));
-                    }
-                } else {
-                    refused += 1;
-                    if out.status.success() || !refused_by_polkit(&text(&out)) {
-                        bad(format!("not polkit's refusal: {}", text(&out)));
-                    }
-                }
+                Some((is_read, out.status.success(), text(&out)))
             }
             "gdbus" => {
                 let mut args: Vec<String> = Vec::new();
@@ -776,17 +767,7 @@ fn the_readmes_api_calls_and_read_verbs_run_against_the_service() {
                 let user = if is_read { None } else { Some(USER_NO) };
                 let a: Vec<&str> = args.iter().map(String::as_str).collect();
                 let out = bus.command_as(user, "gdbus", &a).output().unwrap();
-                if is_read {
-                    reads += 1;
-                    if !out.status.success() {
-                        bad(format!("failed: {}", text(&out)));
-                    }
-                } else {
-                    refused += 1;
-                    if out.status.success() || !refused_by_polkit(&text(&out)) {
-                        bad(format!("not polkit's refusal: {}", text(&out)));
-                    }
-                }
+                Some((is_read, out.status.success(), text(&out)))
             }
             "varlinkctl" => {
                 let args: Vec<&String> =
@@ -807,26 +788,14 @@ fn the_readmes_api_calls_and_read_verbs_run_against_the_service() {
                 let more = texts.iter().any(|w| w == "--more");
                 let replies = py_call_at(&bus, user, &sock, &method, params, more);
                 let first = replies.first().cloned().unwrap_or_default();
-                if is_read {
-                    reads += 1;
-                    if first.get("error").is_some() {
-                        bad(format!("failed: {first}"));
-                    }
-                } else {
-                    refused += 1;
-                    if !refused_by_polkit(&first.to_string()) {
-                        bad(format!("not polkit's refusal: {first}"));
-                    }
-                }
+                Some((is_read, first.get("error").is_none(), first.to_string()))
             }
             "printf" => {
                 // The line as the shell reads it (its one argument quoted again).
                 let shell = format!("printf '{}' | {}", texts[1], texts[3..].join(" "));
                 let out = Command::new("bash").args(["-c", &shell]).output().unwrap();
-                reads += 1;
-                if !String::from_utf8_lossy(&out.stdout).contains("\"vendor\"") {
-                    bad(format!("no GetInfo answer: {}", text(&out)));
-                }
+                let answered = String::from_utf8_lossy(&out.stdout).contains("\"vendor\"");
+                Some((true, answered, text(&out)))
             }
             "banger" => {
                 // The read verbs, as the README writes them, over the bus and over Varlink.
@@ -855,8 +824,24 @@ fn the_readmes_api_calls_and_read_verbs_run_against_the_service() {
                 if !out.status.success() {
                     bad(format!("failed: {}", text(&out)));
                 }
+                None
             }
-            _ => {}
+            _ => None,
+        };
+        match call {
+            Some((true, answered, said)) => {
+                reads += 1;
+                if !answered {
+                    bad(format!("failed: {said}"));
+                }
+            }
+            Some((false, answered, said)) => {
+                refused += 1;
+                if answered || !refused_by_polkit(&said) {
+                    bad(format!("not polkit's refusal: {said}"));
+                }
+            }
+            None => {}
         }
     }
     let _ = writeln!(
