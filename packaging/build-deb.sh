@@ -28,7 +28,7 @@ stage="$out/banger_${version}_${arch}"
 if [ "$build" = 1 ]; then
     cargo build $cargo_profile --quiet --bin banger --bin bangerd
     RUSTFLAGS='-C target-feature=+crt-static -C strip=symbols' \
-        cargo build $cargo_profile --quiet --target x86_64-unknown-linux-gnu --bin banger-init --bin banger-agent
+        cargo build $cargo_profile --quiet -p banger-guest --target x86_64-unknown-linux-gnu
 fi
 virtiofsd=$(command -v virtiofsd || true)
 [ -n "$virtiofsd" ] || { echo "build-deb: virtiofsd is not installed (apt-get install libcap-ng-dev libseccomp-dev; cargo install virtiofsd --version 1.14.0)" >&2; exit 1; }

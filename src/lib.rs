@@ -17,7 +17,6 @@ pub mod events;
 pub mod ext4;
 pub mod fault;
 pub mod guest;
-pub mod guestinit;
 pub mod host;
 pub mod images;
 pub mod jobs;
@@ -37,6 +36,7 @@ pub mod vmm;
 pub mod vms;
 pub mod worker;
 
+pub use banger_guest::guestinit;
 pub use error::{Error, Result};
 
 /// The version every binary reports.

@@ -700,7 +700,7 @@ fn slew_once(clients: &std::path::Path) -> std::io::Result<()> {
             .unwrap_or(0),
         slew: true,
     };
-    super::client::request_blocking(s, req).map(drop)
+    super::blocking::request_blocking(s, req).map(drop)
 }
 
 /// A number that tells this helper from the one before it.

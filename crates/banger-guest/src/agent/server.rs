@@ -203,7 +203,7 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             match std::net::TcpStream::connect(("127.0.0.1", port)) {
                 Ok(tcp) => {
                     write_line(&mut writer, &Reply::ok())?;
-                    crate::vms::publish::splice(writer, tcp);
+                    crate::splice::splice(writer, tcp);
                     Ok(())
                 }
                 Err(e) => write_line(
@@ -233,7 +233,7 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
 /// Carries datagrams between a stream (length-prefixed frames) and a connected UDP socket
 /// until the stream ends.
 fn relay_udp(stream: std::fs::File, sock: std::net::UdpSocket) -> std::io::Result<()> {
-    use crate::vms::publish::{read_datagram, write_datagram};
+    use crate::splice::{read_datagram, write_datagram};
     let (mut from_host, mut to_host) = (stream.try_clone()?, stream);
     let back = sock.try_clone()?;
     std::thread::spawn(move || {

@@ -10,17 +10,17 @@ fn main() -> std::process::ExitCode {
         .as_slice()
     {
         ["--version"] | ["-V"] => {
-            println!("banger-agent {}", banger::VERSION);
+            println!("banger-agent {}", banger_guest::VERSION);
             return std::process::ExitCode::SUCCESS;
         }
-        [] => banger::agent::server::Listen::default(),
-        ["--unix", path] => banger::agent::server::Listen::Unix(path.into()),
+        [] => banger_guest::agent::server::Listen::default(),
+        ["--unix", path] => banger_guest::agent::server::Listen::Unix(path.into()),
         _ => {
             eprintln!("usage: banger-agent [--unix PATH | --version]");
             return std::process::ExitCode::from(2);
         }
     };
-    match banger::agent::server::serve(listen) {
+    match banger_guest::agent::server::serve(listen) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("banger-agent: {e}");

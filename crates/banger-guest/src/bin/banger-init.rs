@@ -1,5 +1,5 @@
-//! `banger-init`: PID 1 of banger's initrd (see `banger::guestinit`). Built statically.
+//! `banger-init`: PID 1 of banger's initrd (see `banger_guest::guestinit`). Built statically.
 
 fn main() {
-    banger::guestinit::run()
+    banger_guest::guestinit::run()
 }
