@@ -377,7 +377,7 @@ fn copy_fd(src: &OwnedFd, out: &File, size: u64) -> std::io::Result<()> {
         let hole = if hole < 0 { end } else { hole.min(end) };
         let mut pos = data;
         while pos < hole {
-            crate::jobs::check_canceled()?;
+            crate::cancel::check_canceled()?;
             let want = ((hole - pos) as usize).min(buf.len());
             // SAFETY: buf holds at least `want` bytes; pread writes at most that many.
             let n = unsafe { libc::pread(src.as_raw_fd(), buf.as_mut_ptr().cast(), want, pos) };

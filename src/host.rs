@@ -78,7 +78,7 @@ pub fn capture(cmd: &mut Command, what: &str) -> Result<std::process::Output> {
 
 /// Runs `cmd` to completion (blocking) and returns what it wrote where it was piped. The
 /// program runs in a process group of its own and is killed if the daemon dies
-/// (`PR_SET_PDEATHSIG`); run from a job's blocking work (`jobs::spawn_blocking`), a cancel of
+/// (`PR_SET_PDEATHSIG`); run from a job's blocking work (`cancel::spawn_blocking`), a cancel of
 /// the job kills the whole group (the program and whatever it started) and the result is
 /// [`Error::Canceled`] once they are gone.
 pub fn output(cmd: &mut Command, what: &str) -> Result<std::process::Output> {
@@ -90,7 +90,7 @@ pub fn output(cmd: &mut Command, what: &str) -> Result<std::process::Output> {
     // Recorded until it ends, so a daemon killed meanwhile has its successor stop the group
     // (PR_SET_PDEATHSIG reaches only this program, not what it started).
     let _record = ProgramRecord::new(child.id());
-    let Some(job) = crate::jobs::current_blocking() else {
+    let Some(job) = crate::cancel::current_blocking() else {
         return child.wait_with_output().map_err(fail);
     };
     let group = child.id() as i32;

@@ -274,44 +274,7 @@ const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(
 /// anyway (programs run through [`crate::host`] are killed within a tenth of a second).
 const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// What a job's blocking work sees of its job: whether it was canceled. While blocking work
-/// of a job runs, a cancel waits for it to end before the job's task (and the staging
-/// directories it holds) is dropped, so nothing writes into a directory after its removal.
-#[derive(Clone)]
-pub struct JobToken {
-    cancel: watch::Receiver<bool>,
-    busy: Arc<watch::Sender<u32>>,
-}
-
-impl JobToken {
-    /// Whether a cancel was asked for.
-    pub fn is_canceled(&self) -> bool {
-        *self.cancel.borrow()
-    }
-}
-
-tokio::task_local! {
-    static CURRENT: JobToken;
-}
-
-thread_local! {
-    static BLOCKING: std::cell::RefCell<Option<JobToken>> = const { std::cell::RefCell::new(None) };
-}
-
-/// The job whose blocking work runs on this thread, if any (see [`spawn_blocking`]).
-pub fn current_blocking() -> Option<JobToken> {
-    BLOCKING.with(|b| b.borrow().clone())
-}
-
-/// Between chunks of a long copy in a job's blocking work: an error once the job is canceled
-/// (outside a job, always fine). Programs are killed by [`crate::host::output`]; loops of
-/// banger's own look here.
-pub fn check_canceled() -> std::io::Result<()> {
-    match current_blocking() {
-        Some(t) if t.is_canceled() => Err(std::io::Error::other("the job was canceled")),
-        _ => Ok(()),
-    }
-}
+pub use crate::cancel::{check_canceled, current_blocking, spawn_blocking, JobToken};
 
 /// A call counted as work in progress (see [`Jobs::hold`]).
 pub struct Held(Arc<Inner>);
@@ -320,47 +283,6 @@ impl Drop for Held {
     fn drop(&mut self) {
         self.0.running.send_modify(|n| *n = n.saturating_sub(1));
     }
-}
-
-/// Counts a piece of blocking work of a job for as long as it runs.
-struct Busy(Arc<watch::Sender<u32>>);
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
-    }
-}
-
-/// Resets this thread's job when a piece of blocking work ends, even by a panic.
-struct Entered;
-
-impl Drop for Entered {
-    fn drop(&mut self) {
-        BLOCKING.with(|b| *b.borrow_mut() = None);
-    }
-}
-
-/// `tokio::task::spawn_blocking` for a job's work: the closure runs knowing its job, so the
-/// programs it runs through [`crate::host`] are killed when the job is canceled, and a
-/// canceled job ends only after the closure has returned. Outside a job, plain
-/// `spawn_blocking`. Like it, the closure starts at once, not when the handle is awaited
-/// (work that feeds it, or that it feeds, runs meanwhile).
-pub fn spawn_blocking<T, F>(f: F) -> tokio::task::JoinHandle<T>
-where
-    F: FnOnce() -> T + Send + 'static,
-    T: Send + 'static,
-{
-    let token = CURRENT.try_with(|t| t.clone()).ok();
-    let busy = token.as_ref().map(|t| {
-        t.busy.send_modify(|n| *n += 1);
-        Busy(t.busy.clone())
-    });
-    tokio::task::spawn_blocking(move || {
-        let _busy = busy;
-        BLOCKING.with(|b| *b.borrow_mut() = token);
-        let _entered = Entered;
-        f()
-    })
 }
 
 /// A job's work ended by a panic: its message.
@@ -494,11 +416,8 @@ impl Jobs {
             events: self.inner.events.clone(),
         };
         let busy = Arc::new(watch::channel(0u32).0);
-        let token = JobToken {
-            cancel: canceled.clone(),
-            busy: busy.clone(),
-        };
-        let mut task = tokio::spawn(CURRENT.scope(token, work(ctx)));
+        let token = JobToken::new(canceled.clone(), busy.clone());
+        let mut task = tokio::spawn(crate::cancel::scope(token, work(ctx)));
         let this = self.clone();
         let job2 = job.clone();
         tokio::spawn(async move {
@@ -655,16 +574,25 @@ mod tests {
         }
         jobs.cancel(job.id).unwrap();
         assert!(matches!(job.wait().await, Err(Error::Canceled)));
-        // Gone once the job ended, and nothing writes it again.
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // The writers are gone (so nothing writes it again), and so is the directory.
+        let left = || {
+            std::process::Command::new("pgrep")
+                .args(["-f", &marker])
+                .output()
+                .unwrap()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !left().stdout.is_empty() || dir.path().join("staging").exists() {
+            if std::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         assert!(
             !dir.path().join("staging").exists(),
             "the staging directory stayed"
         );
-        let left = std::process::Command::new("pgrep")
-            .args(["-f", &marker])
-            .output()
-            .unwrap();
+        let left = left();
         assert!(
             left.stdout.is_empty(),
             "processes outlived the job: {}",
@@ -784,14 +712,19 @@ mod tests {
         let (started_tx, started) = std::sync::mpsc::channel();
         let chunks = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = chunks.clone();
+        let (ended_tx, ended) = std::sync::mpsc::channel();
         let job = jobs.spawn(spec(), move |_| async move {
             spawn_blocking(move || -> std::io::Result<()> {
                 let _ = started_tx.send(());
-                loop {
-                    check_canceled()?;
+                let stopped = loop {
+                    if let Err(e) = check_canceled() {
+                        break e;
+                    }
                     counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     std::thread::sleep(std::time::Duration::from_millis(5));
-                }
+                };
+                let _ = ended_tx.send(());
+                Err(stopped)
             })
             .await
             .map_err(|e| Error::failed("join", e))?
@@ -802,10 +735,14 @@ mod tests {
             .unwrap();
         jobs.cancel(job.id).unwrap();
         assert!(matches!(job.wait().await, Err(Error::Canceled)));
-        // The loop stopped: no chunk after the job ended.
+        // The loop itself stopped at its check (it would run forever otherwise), and counted
+        // nothing after.
         let after = chunks.load(std::sync::atomic::Ordering::Relaxed);
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        assert_eq!(chunks.load(std::sync::atomic::Ordering::Relaxed), after);
+        tokio::task::spawn_blocking(move || ended.recv_timeout(std::time::Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .expect("the blocking loop never saw the cancel");
+        assert!(chunks.load(std::sync::atomic::Ordering::Relaxed) <= after + 1);
         // Outside a job there is nothing to cancel.
         assert!(check_canceled().is_ok());
     }

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod auth;
 pub mod bundle;
 pub mod callerfile;
+pub mod cancel;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -110,7 +110,7 @@ impl Shelf {
         crate::fault::point(&format!("{}:unlisted", self.kind));
         let dir = self.path_of(&key);
         let kind = self.kind;
-        crate::jobs::spawn_blocking(move || crate::layout::remove_any(&dir))
+        crate::cancel::spawn_blocking(move || crate::layout::remove_any(&dir))
             .await
             .map_err(|e| Error::failed(format!("The {kind} removal task failed"), e))??;
         Ok(object)

@@ -254,16 +254,18 @@ async fn jobs_emit_their_signals_in_order_and_cancel_is_authorised() {
     let gone = bus.busctl_as(None, &["introspect", "org.banger", &stuck_path]);
     assert!(!text(&gone).contains("org.banger.Job1"), "{}", text(&gone));
 
-    // Both ends were recorded, and ids continue after a restart of the runner.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Both ends are recorded (by the recorder, after the signals), and ids continue after a
+    // restart of the runner.
     let rec = |id: u32| {
         store
             .call_blocking(move |c| banger::store::rows::find_job(c, id))
             .unwrap()
-            .unwrap()
+            .map(|r| r.state)
+            .unwrap_or_default()
     };
-    assert_eq!(rec(job.id).state, "done");
-    assert_eq!(rec(stuck.id).state, "canceled");
+    wait_until("both jobs' ends recorded", Duration::from_secs(10), || {
+        rec(job.id) == "done" && rec(stuck.id) == "canceled"
+    });
     let again = Banger::new(banger.config.clone(), banger.layout.clone(), store.clone()).unwrap();
     let next = again.jobs.spawn(spec("after"), |_| async { Ok(()) });
     assert!(next.id > stuck.id);

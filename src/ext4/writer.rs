@@ -679,7 +679,7 @@ impl Writer {
         let mut done = 0u64;
         let mut hole = false;
         loop {
-            crate::jobs::check_canceled()?;
+            crate::cancel::check_canceled()?;
             let want = buf.len().min((size - done) as usize);
             if want == 0 {
                 // Nothing more is expected; anything more would be a lie about the size.

@@ -73,6 +73,17 @@ pub fn available(tools: &[&str]) -> bool {
     false
 }
 
+/// Waits until `ready` holds (checked every 20 ms) for at most `limit`; panics naming `what`
+/// when it never did. For a test that must wait for a condition, never a fixed sleep.
+#[allow(dead_code)]
+pub fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ready() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Creates the `banger` group and the three test users once per test process.
 pub fn ensure_users() {
     static ONCE: Once = Once::new();
