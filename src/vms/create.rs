@@ -871,6 +871,14 @@ impl Vms {
             return Ok(());
         }
         let health = health?;
+        // A guest that just booted keeps its RTC's time, up to a second off; one restored was
+        // set by its identity. Either way it starts on the host's (forward only), and its
+        // agent link keeps it there. Set while the other stages wait (sshd, ports), done
+        // before `ready`.
+        let clock = {
+            let (this, vm) = (self.clone(), vm.clone());
+            tokio::spawn(async move { this.sync_clock(&vm, true).await })
+        };
         // An agent that says whether there is an sshd saves asking it to run a shell.
         let has_sshd = match health.sshd {
             Some(has) => has,
@@ -924,10 +932,7 @@ impl Vms {
                 control_address: control.as_deref(),
             })
             .await;
-        // A guest that just booted keeps its RTC's time, up to a second off; one restored was
-        // set by its identity. Either way it starts on the host's (forward only), and its
-        // agent link keeps it there.
-        self.sync_clock(vm, true).await;
+        let _ = clock.await;
         vm.state = VmState::Running;
         st.enter(vm, "ready", format!("VM {} is ready", vm.name))
             .await?;
