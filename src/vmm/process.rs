@@ -82,20 +82,26 @@ fn liveness_of(pidfile: &Path, marker: &str) -> Result<Liveness, Liveness> {
     if state == Some('Z') {
         return Ok(Liveness::Gone);
     }
-    if String::from_utf8_lossy(&cmdline).contains(marker) {
-        return Ok(Liveness::Alive(pid));
+    Ok(if names_run_dir(pid, &cmdline, marker)? {
+        Liveness::Alive(pid)
+    } else {
+        Liveness::Gone
+    })
+}
+
+/// Whether process `pid`, whose command line is `cmdline`, names the runtime directory
+/// `marker`: in its arguments, or (a program whose arguments cannot) in its environment as
+/// [`RUN_DIR_ENV`] (see `spawn`).
+fn names_run_dir(pid: i32, cmdline: &[u8], marker: &str) -> Result<bool, Liveness> {
+    if cmdline
+        .windows(marker.len())
+        .any(|w| w == marker.as_bytes())
+    {
+        return Ok(true);
     }
-    // A program whose arguments cannot name its runtime directory carries it in its
-    // environment (see `spawn`).
     let environ = read_or(&format!("/proc/{pid}/environ"))?;
     let want = format!("{RUN_DIR_ENV}={marker}");
-    Ok(
-        if environ.split(|b| *b == 0).any(|e| e == want.as_bytes()) {
-            Liveness::Alive(pid)
-        } else {
-            Liveness::Gone
-        },
-    )
+    Ok(environ.split(|b| *b == 0).any(|e| e == want.as_bytes()))
 }
 
 /// The pid in `pidfile` if that process is alive and its command line mentions `marker`.
@@ -162,8 +168,8 @@ pub async fn terminate(pidfile: &Path, marker: &str, grace: Duration) -> bool {
 /// bus, a second state directory) may lease too. Waits (bounded by [`KILL_WAIT`]) until they
 /// are gone; returns how many were found.
 pub async fn kill_strays(vm_uid: Option<u32>, marker: &str) -> usize {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
-    let env_marker = format!("{RUN_DIR_ENV}={marker}");
     let mine = |pid: i32| -> bool {
         let dir = format!("/proc/{pid}");
         let Ok(meta) = std::fs::metadata(&dir) else {
@@ -172,11 +178,7 @@ pub async fn kill_strays(vm_uid: Option<u32>, marker: &str) -> usize {
         let Ok(cmdline) = std::fs::read(format!("{dir}/cmdline")) else {
             return false;
         };
-        let names = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
-        let named = names(&cmdline, marker.as_bytes())
-            || std::fs::read(format!("{dir}/environ"))
-                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == env_marker.as_bytes()));
-        if !named {
+        if !names_run_dir(pid, &cmdline, marker).unwrap_or(false) {
             return false;
         }
         let program = cmdline.split(|&b| b == 0).next().unwrap_or_default();
@@ -200,12 +202,26 @@ pub async fn kill_strays(vm_uid: Option<u32>, marker: &str) -> usize {
         .filter(|&pid| pid != me && exists(pid) && mine(pid))
         .collect();
     for &pid in &found {
+        // Through a pidfd, checked again once open: a pid that was recycled since the scan
+        // is another process, which this never signals.
+        let Ok(fd) = pidfd(pid) else { continue };
+        if !mine(pid) {
+            continue;
+        }
         tracing::warn!(
             pid,
             "Killing process {pid} of {marker}, which no pid file named"
         );
-        // SAFETY: kill takes no pointers; the process was just found to be the VM's.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        // SAFETY: pidfd_send_signal takes the open pidfd, a signal and no siginfo.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
     }
     let deadline = tokio::time::Instant::now() + KILL_WAIT;
     while found.iter().any(|&p| exists(p)) && tokio::time::Instant::now() < deadline {
