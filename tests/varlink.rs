@@ -446,7 +446,7 @@ async fn the_first_varlink_call_starts_a_socket_activated_daemon_which_idles_out
     if !available(&[TOOLS, &["systemd-socket-activate"]].concat()) {
         return;
     }
-    use std::io::{BufRead, Read, Write};
+    use std::io::{Read, Write};
     use std::os::unix::fs::PermissionsExt;
     let bus = TestBus::start(BusOptions {
         activate_bangerd: false,
@@ -477,14 +477,7 @@ async fn the_first_varlink_call_starts_a_socket_activated_daemon_which_idles_out
         .unwrap();
     // Ready once the activator says it listens.
     let mut stderr = std::io::BufReader::new(daemon.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("Listening on") {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "the activator ended"
-        );
-    }
+    read_until(&mut stderr, "Listening on", "the activator");
     // SocketMode=0666, as bangerd.socket says.
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).unwrap();
     std::thread::spawn(move || {
@@ -590,14 +583,7 @@ async fn without_systemd_the_activator_holds_the_socket_and_both_buses_start_one
         .unwrap();
     // Ready once it says it holds the socket; everything it says after is kept.
     let mut stderr = std::io::BufReader::new(activator.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("holding") {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "the activator ended"
-        );
-    }
+    read_until(&mut stderr, "holding", "the activator");
     let said = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let log = said.clone();
     std::thread::spawn(move || {

@@ -67,11 +67,20 @@ _banger_with_names() {
 complete -F _banger_with_names -o bashdefault -o default banger
 "#;
 
-/// The names of `kind` (vm, image, kernel, snapshot) for completion; banger's own dotted
-/// ones (`.warm-*`) left out.
+/// Prints completion's names, a line each, sorted; banger's own dotted ones (`.warm-*`)
+/// left out (both transports' `complete-names`).
+pub fn print_names(names: impl IntoIterator<Item = String>) {
+    let mut names: Vec<String> = names.into_iter().filter(|n| !n.starts_with('.')).collect();
+    names.sort();
+    for n in names {
+        println!("{n}");
+    }
+}
+
+/// The names of `kind` (vm, image, kernel, snapshot) over D-Bus, for completion.
 pub async fn names(conn: &zbus::Connection, kind: &str) -> anyhow::Result<Vec<String>> {
     use crate::dbus::proxy::{Images1Proxy, Kernels1Proxy, Snapshots1Proxy, VMs1Proxy};
-    let mut names: Vec<String> = match kind {
+    Ok(match kind {
         "vm" => VMs1Proxy::new(conn)
             .await?
             .list_vms()
@@ -101,10 +110,7 @@ pub async fn names(conn: &zbus::Connection, kind: &str) -> anyhow::Result<Vec<St
             .map(|r| r.1)
             .collect(),
         other => anyhow::bail!("no names of {other:?}"),
-    };
-    names.retain(|n| !n.starts_with('.'));
-    names.sort();
-    Ok(names)
+    })
 }
 
 #[cfg(test)]

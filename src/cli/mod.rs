@@ -233,9 +233,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         (Command::CompleteNames { kind }, None) => {
             // A completion must never print an error into the user's command line.
             if let Ok(conn) = connect().await {
-                for name in assets::names(&conn, &kind).await.unwrap_or_default() {
-                    println!("{name}");
-                }
+                assets::print_names(assets::names(&conn, &kind).await.unwrap_or_default());
             }
             Ok(())
         }

@@ -294,17 +294,13 @@ pub async fn run(out: &Output, socket: &Path, command: Command) -> anyhow::Resul
                 _ => return Ok(()),
             };
             let v = c.call(method, json!({})).await?;
-            let mut names: Vec<&str> = v[key]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|o| o["name"].as_str())
-                .filter(|n| !n.starts_with('.'))
-                .collect();
-            names.sort();
-            for n in names {
-                println!("{n}");
-            }
+            super::assets::print_names(
+                v[key]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|o| o["name"].as_str().map(str::to_owned)),
+            );
         }
     }
     Ok(())

@@ -84,6 +84,17 @@ pub fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) 
     }
 }
 
+/// Reads lines from `r` until one contains `marker` (a program saying it is ready); panics
+/// when the stream ends first, naming `who`.
+#[allow(dead_code)]
+pub fn read_until<R: std::io::BufRead>(r: &mut R, marker: &str, who: &str) {
+    let mut line = String::new();
+    while !line.contains(marker) {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0, "{who} ended");
+    }
+}
+
 /// Creates the `banger` group and the three test users once per test process.
 pub fn ensure_users() {
     static ONCE: Once = Once::new();
