@@ -149,7 +149,7 @@ impl Config {
         match sibling {
             Some(p)
                 if std::fs::read(&p)
-                    .map(|b| crate::kernels::initrd::is_static_elf(&b))
+                    .map(|b| crate::host::is_static_elf(&b))
                     .unwrap_or(false) =>
             {
                 p

@@ -66,8 +66,11 @@ impl Layout {
     }
     /// A VM's control socket (see `varlink::relay`).
     pub fn machine_socket(&self, id: &str) -> PathBuf {
-        self.machines_dir()
-            .join(crate::vmm::scope::machine_name(id))
+        self.machines_dir().join(crate::model::machine_name(id))
+    }
+    /// The daemon's Varlink socket, `/run/banger/io.banger`.
+    pub fn varlink_socket(&self) -> PathBuf {
+        varlink_socket(&self.runtime_dir)
     }
     /// `/run/banger/vms/`, one directory per VM that ran since boot.
     pub fn vms_runtime_dir(&self) -> PathBuf {
@@ -146,6 +149,15 @@ impl Layout {
         }
         Ok(removed)
     }
+}
+
+/// The Varlink socket's name in the runtime directory (and bangerd.socket's
+/// `FileDescriptorName`).
+pub const VARLINK_SOCKET: &str = "io.banger";
+
+/// The daemon's Varlink socket in `runtime_dir`.
+pub fn varlink_socket(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join(VARLINK_SOCKET)
 }
 
 /// Removes the directories in `dir` no row names (`live`): what a publish that renamed its

@@ -317,6 +317,20 @@ pub struct Snapshot {
     pub vmm: String,
 }
 
+/// The VM's machine name for machined: `banger-<id>` (a VM's own name could collide with
+/// another's once made a valid host name, `a_b` and `a-b` alike).
+pub fn machine_name(vm_id: &str) -> String {
+    format!("banger-{vm_id}")
+}
+
+/// The most shares one VM may have.
+pub const MAX_SHARES: usize = 8;
+
+/// The virtio-fs tag of a VM's `i`th share (what the guest mounts).
+pub fn share_tag(i: usize) -> String {
+    format!("share{i}")
+}
+
 /// One shared folder of a VM.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Share {

@@ -3,9 +3,10 @@
 use zbus::message::Header;
 use zbus::{interface, Connection, OwnedObjectPath};
 
-use super::{vms, BusResult as Result, Ctx, OptionMap};
+use super::{BusResult as Result, Ctx, OptionMap, Options};
 use crate::model::Vm;
 use crate::ops;
+use crate::vms::StopOptions;
 
 /// A VM object; its properties are the VM's row.
 ///
@@ -69,7 +70,7 @@ impl Vm1 {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<(u32, OwnedObjectPath)> {
-        vms::start(&self.ctx, conn, &hdr, &self.vm_id()).await
+        start(&self.ctx, conn, &hdr, &self.vm_id()).await
     }
 
     /// Stops the VM. Options: force b, timeout_sec u.
@@ -79,7 +80,7 @@ impl Vm1 {
         #[zbus(header)] hdr: Header<'_>,
         options: OptionMap,
     ) -> Result<()> {
-        vms::stop(&self.ctx, conn, &hdr, &self.vm_id(), options).await
+        stop(&self.ctx, conn, &hdr, &self.vm_id(), options).await
     }
 
     /// Pauses the running VM: its vCPUs stop, its memory and devices are kept (state
@@ -116,7 +117,7 @@ impl Vm1 {
         snapshot: &str,
         options: OptionMap,
     ) -> Result<(u32, OwnedObjectPath)> {
-        vms::take_snapshot(&self.ctx, conn, &hdr, &self.vm_id(), snapshot, options).await
+        take_snapshot(&self.ctx, conn, &hdr, &self.vm_id(), snapshot, options).await
     }
 
     /// Deletes the VM. Options: force b.
@@ -126,7 +127,7 @@ impl Vm1 {
         #[zbus(header)] hdr: Header<'_>,
         options: OptionMap,
     ) -> Result<()> {
-        vms::delete(&self.ctx, conn, &hdr, &self.vm_id(), options).await
+        delete(&self.ctx, conn, &hdr, &self.vm_id(), options).await
     }
 
     /// A stream connected to the guest agent (vsock port 1024) of the running VM, for
@@ -303,4 +304,70 @@ impl Vm1 {
     fn created_at(&self) -> u64 {
         self.vm().created_at
     }
+}
+
+// The operations `VMs1` also offers by name (StartVM, StopVM, SnapshotVM, DeleteVM).
+
+pub(super) async fn start(
+    ctx: &Ctx,
+    conn: &Connection,
+    hdr: &Header<'_>,
+    key: &str,
+) -> Result<(u32, OwnedObjectPath)> {
+    let c = ctx.caller(conn, hdr).await?;
+    let job = ctx.perform(&c, ops::start_vm(&ctx.banger, &c, key)).await?;
+    Ok(ctx.job_reply(&job).await)
+}
+
+pub(super) async fn stop(
+    ctx: &Ctx,
+    conn: &Connection,
+    hdr: &Header<'_>,
+    key: &str,
+    options: OptionMap,
+) -> Result<()> {
+    let mut o = Options::new("StopVM", options);
+    let d = StopOptions::default();
+    let opts = StopOptions {
+        force: o.bool("force")?.unwrap_or(d.force),
+        timeout_sec: o.u32("timeout_sec")?.unwrap_or(d.timeout_sec),
+    };
+    o.finish()?;
+    let c = ctx.caller(conn, hdr).await?;
+    ctx.perform(&c, ops::stop_vm(&ctx.banger, &c, key, opts))
+        .await
+}
+
+pub(super) async fn take_snapshot(
+    ctx: &Ctx,
+    conn: &Connection,
+    hdr: &Header<'_>,
+    key: &str,
+    name: &str,
+    options: OptionMap,
+) -> Result<(u32, OwnedObjectPath)> {
+    let mut o = Options::new("SnapshotVM", options);
+    let opts = crate::vms::snapshot::SnapshotOptions {
+        pause: o.bool("pause")?.unwrap_or(false),
+    };
+    o.finish()?;
+    let c = ctx.caller(conn, hdr).await?;
+    let op = ops::snapshot_vm(&ctx.banger, &c, key, name, opts);
+    let job = ctx.perform(&c, op).await?;
+    Ok(ctx.job_reply(&job).await)
+}
+
+pub(super) async fn delete(
+    ctx: &Ctx,
+    conn: &Connection,
+    hdr: &Header<'_>,
+    key: &str,
+    options: OptionMap,
+) -> Result<()> {
+    let mut o = Options::new("DeleteVM", options);
+    let force = o.bool("force")?.unwrap_or(false);
+    o.finish()?;
+    let c = ctx.caller(conn, hdr).await?;
+    ctx.perform(&c, ops::delete_vm(&ctx.banger, &c, key, force))
+        .await
 }

@@ -1,12 +1,14 @@
-//! `org.banger.VMs1` on the manager object, and the VM operations `VM1` shares with it.
+//! `org.banger.VMs1` on the manager object; the VM operations it shares with `VM1` are in
+//! `vm.rs`.
 
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{interface, Connection, OwnedObjectPath};
 
+use super::vm::{delete, start, stop, take_snapshot};
 use super::{vm_path, BusResult as Result, Ctx, OptionMap, Options};
 use crate::ops;
-use crate::vms::{CreateOptions, StopOptions};
+use crate::vms::CreateOptions;
 
 /// The VM manager.
 pub struct Vms1 {
@@ -197,68 +199,4 @@ impl Vms1 {
         stage: &str,
         message: &str,
     ) -> zbus::Result<()>;
-}
-
-pub(super) async fn start(
-    ctx: &Ctx,
-    conn: &Connection,
-    hdr: &Header<'_>,
-    key: &str,
-) -> Result<(u32, OwnedObjectPath)> {
-    let c = ctx.caller(conn, hdr).await?;
-    let job = ctx.perform(&c, ops::start_vm(&ctx.banger, &c, key)).await?;
-    Ok(ctx.job_reply(&job).await)
-}
-
-pub(super) async fn stop(
-    ctx: &Ctx,
-    conn: &Connection,
-    hdr: &Header<'_>,
-    key: &str,
-    options: OptionMap,
-) -> Result<()> {
-    let mut o = Options::new("StopVM", options);
-    let d = StopOptions::default();
-    let opts = StopOptions {
-        force: o.bool("force")?.unwrap_or(d.force),
-        timeout_sec: o.u32("timeout_sec")?.unwrap_or(d.timeout_sec),
-    };
-    o.finish()?;
-    let c = ctx.caller(conn, hdr).await?;
-    ctx.perform(&c, ops::stop_vm(&ctx.banger, &c, key, opts))
-        .await
-}
-
-pub(super) async fn take_snapshot(
-    ctx: &Ctx,
-    conn: &Connection,
-    hdr: &Header<'_>,
-    key: &str,
-    name: &str,
-    options: OptionMap,
-) -> Result<(u32, OwnedObjectPath)> {
-    let mut o = Options::new("SnapshotVM", options);
-    let opts = crate::vms::snapshot::SnapshotOptions {
-        pause: o.bool("pause")?.unwrap_or(false),
-    };
-    o.finish()?;
-    let c = ctx.caller(conn, hdr).await?;
-    let op = ops::snapshot_vm(&ctx.banger, &c, key, name, opts);
-    let job = ctx.perform(&c, op).await?;
-    Ok(ctx.job_reply(&job).await)
-}
-
-pub(super) async fn delete(
-    ctx: &Ctx,
-    conn: &Connection,
-    hdr: &Header<'_>,
-    key: &str,
-    options: OptionMap,
-) -> Result<()> {
-    let mut o = Options::new("DeleteVM", options);
-    let force = o.bool("force")?.unwrap_or(false);
-    o.finish()?;
-    let c = ctx.caller(conn, hdr).await?;
-    ctx.perform(&c, ops::delete_vm(&ctx.banger, &c, key, force))
-        .await
 }

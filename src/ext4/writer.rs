@@ -3,7 +3,7 @@
 //! into the filesystem without ever becoming a tree on the host: nothing a layer names can
 //! touch a host path, and the filesystem is built while the layers still decompress.
 //!
-//! Paths resolve inside the image as [`crate::oci::inroot`] resolves them in a tree: the
+//! Paths resolve inside the image as [`crate::tree::inroot`] resolves them in a tree: the
 //! image's own symlinks are followed with the image's root as `/`.
 
 use std::collections::HashMap;

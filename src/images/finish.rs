@@ -8,7 +8,7 @@ use super::publish::Staging;
 use super::Images;
 use crate::jobs::JobContext;
 use crate::model::{now_us, Image};
-use crate::oci::inroot::Root;
+use crate::tree::inroot::Root;
 use crate::{ext4, guest, Result};
 
 const GIB: u64 = 1 << 30;

@@ -241,26 +241,6 @@ impl Cpio {
     }
 }
 
-/// Whether an ELF executable is static (has no PT_INTERP program header).
-pub fn is_static_elf(b: &[u8]) -> bool {
-    let rd16 = |o: usize| {
-        b.get(o..o + 2)
-            .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
-    };
-    let rd64 = |o: usize| {
-        b.get(o..o + 8)
-            .map(|s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])) as usize)
-    };
-    if !b.starts_with(b"\x7fELF") || b.get(4) != Some(&2) {
-        return false;
-    }
-    let (Some(phoff), Some(phent), Some(phnum)) = (rd64(0x20), rd16(0x36), rd16(0x38)) else {
-        return false;
-    };
-    (0..phnum)
-        .all(|i| b.get(phoff + i * phent..phoff + i * phent + 4) != Some(&3u32.to_le_bytes()[..]))
-}
-
 /// Builds the initrd for `modules_dir` with `init` (the static banger-init) as `/init`.
 pub fn build(modules_dir: &Path, version: &str, init: &Path) -> Result<Vec<u8>> {
     // The index first: a hostile one is refused before anything is read.
@@ -270,7 +250,7 @@ pub fn build(modules_dir: &Path, version: &str, init: &Path) -> Result<Vec<u8>> 
     let modules = idx.resolve(&wanted)?;
     let init_bin = std::fs::read(init)
         .map_err(|e| failed(format!("Cannot read banger-init at {}", init.display()), e))?;
-    if !is_static_elf(&init_bin) {
+    if !host::is_static_elf(&init_bin) {
         return Err(failed(
             format!(
                 "{} is not a static executable and cannot run in an initrd",
@@ -336,7 +316,7 @@ pub const AGENT_IN_INITRD: &str = "banger-agent";
 pub fn with_current_init(initrd: &[u8], init: &Path, agent: Option<&Path>) -> Result<Vec<u8>> {
     let init_bin = std::fs::read(init)
         .map_err(|e| failed(format!("Cannot read banger-init at {}", init.display()), e))?;
-    if !is_static_elf(&init_bin) {
+    if !host::is_static_elf(&init_bin) {
         return Err(failed(
             format!("{} is not a static executable", init.display()),
             std::io::Error::other(
@@ -349,7 +329,7 @@ pub fn with_current_init(initrd: &[u8], init: &Path, agent: Option<&Path>) -> Re
     if let Some(a) = agent {
         let bin =
             std::fs::read(a).map_err(|e| failed(format!("Cannot read {}", a.display()), e))?;
-        if is_static_elf(&bin) {
+        if host::is_static_elf(&bin) {
             cpio.entry(AGENT_IN_INITRD, 0o100755, (0, 0), &bin);
         } else {
             tracing::warn!(
@@ -448,10 +428,10 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
 
     #[test]
     fn only_static_elves_pass() {
-        assert!(!is_static_elf(b"#!/bin/sh"));
+        assert!(!host::is_static_elf(b"#!/bin/sh"));
         let me = std::fs::read("/proc/self/exe").unwrap();
         // Test binaries are dynamically linked.
-        assert!(!is_static_elf(&me));
+        assert!(!host::is_static_elf(&me));
     }
 
     #[test]
@@ -469,7 +449,7 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
             "a dynamic init is refused"
         );
         let me = std::fs::read("/proc/self/exe").unwrap();
-        if is_static_elf(&me) {
+        if host::is_static_elf(&me) {
             let new = with_current_init(&old, Path::new("/proc/self/exe"), None).unwrap();
             assert!(new.starts_with(&old) && new.len() > old.len() + me.len());
         }

@@ -13,7 +13,7 @@ use std::path::{Component, Path, PathBuf};
 
 use tar::EntryType;
 
-use super::inroot::normal_components;
+use crate::tree::inroot::normal_components;
 use crate::tree::{Meta, Node, Tree};
 
 /// Why a layer could not be applied.

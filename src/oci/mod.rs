@@ -6,7 +6,6 @@ mod error;
 pub mod flatten;
 #[cfg(test)]
 mod flatten_tests;
-pub mod inroot;
 pub mod reference;
 pub mod registry;
 

@@ -86,7 +86,7 @@ use crate::Error;
 use params::Params;
 
 /// The socket's name in the runtime directory.
-pub const SOCKET: &str = "io.banger";
+pub const SOCKET: &str = crate::layout::VARLINK_SOCKET;
 
 /// What every interface shares.
 #[derive(Clone)]
@@ -686,7 +686,7 @@ pub fn machine_descriptions() -> Vec<(&'static str, &'static str)> {
 
 /// The socket path for a runtime directory.
 pub fn socket_path(runtime_dir: &Path) -> PathBuf {
-    runtime_dir.join(SOCKET)
+    crate::layout::varlink_socket(runtime_dir)
 }
 
 #[cfg(test)]

@@ -23,11 +23,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// The argument that runs the `bangerd` binary as a VM's control relay.
-pub const RELAY_ARG: &str = "machine-control";
-
-/// What the relay says in its log once its socket is there and listens.
-pub const LISTENING: &str = "machine-control: listening";
+pub use crate::vms::control::{LISTENING, RELAY_ARG};
 
 /// How long a hand-over may take (a socket-activated daemon starting included).
 const HAND_OVER_LIMIT: Duration = Duration::from_secs(30);

@@ -56,8 +56,8 @@ fn share_pidfile(run: &Path, tag: &str) -> PathBuf {
 }
 /// Every share's pid file in `run` (a VM has at most `vms::share::MAX_SHARES`).
 fn share_pidfiles(run: &Path) -> Vec<PathBuf> {
-    (0..crate::vms::share::MAX_SHARES)
-        .map(|i| share_pidfile(run, &crate::vms::share::tag(i)))
+    (0..crate::model::MAX_SHARES)
+        .map(|i| share_pidfile(run, &crate::model::share_tag(i)))
         .collect()
 }
 
@@ -636,7 +636,7 @@ impl Vmm for Qemu {
         terminate(&console_pidfile(run_dir), &m, Duration::from_secs(2)).await;
         for (i, pidfile) in share_pidfiles(run_dir).iter().enumerate() {
             terminate(pidfile, &m, Duration::from_secs(2)).await;
-            let _ = std::fs::remove_file(share_socket(run_dir, &crate::vms::share::tag(i)));
+            let _ = std::fs::remove_file(share_socket(run_dir, &crate::model::share_tag(i)));
         }
         for s in [
             qmp_socket(run_dir),

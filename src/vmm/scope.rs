@@ -30,11 +30,7 @@ pub fn helper_unit(vm_id: &str, role: &str) -> String {
     format!("banger-vm-{vm_id}-{role}.service")
 }
 
-/// The VM's machine name for machined: `banger-<id>` (a VM's own name could collide with
-/// another's once made a valid host name, `a_b` and `a-b` alike).
-pub fn machine_name(vm_id: &str) -> String {
-    format!("banger-{vm_id}")
-}
+pub use crate::model::machine_name;
 
 /// What the host should know about a running VM.
 #[derive(Debug, Clone)]

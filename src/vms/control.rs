@@ -11,6 +11,12 @@ use super::Vms;
 use crate::vmm::{jail, process, scope};
 use crate::Result;
 
+/// The argument that runs the `bangerd` binary as a VM's control relay.
+pub const RELAY_ARG: &str = "machine-control";
+
+/// What the relay says in its log once its socket is there and listens.
+pub const LISTENING: &str = "machine-control: listening";
+
 /// The relay's pid file in the VM's runtime directory.
 pub const CONTROL_PID: &str = "machine-control.pid";
 
@@ -24,7 +30,7 @@ impl Vms {
         let (dir, socket) = (self.layout.machines_dir(), self.layout.machine_socket(id));
         let uid = jail::control_uid();
         jail::hand_over_open(&dir, uid)?;
-        let daemon = crate::varlink::socket_path(&self.layout.runtime_dir);
+        let daemon = self.layout.varlink_socket();
         // The daemon's socket is reached by its path each time (a daemon started by hand
         // binds a new one); the state, where VM disks are, is not there at all.
         let who = jail::Jail {
@@ -42,7 +48,7 @@ impl Vms {
             unit: &scope::helper_unit(id, "control"),
             program: &bin,
             args: &[
-                crate::varlink::relay::RELAY_ARG.as_ref(),
+                RELAY_ARG.as_ref(),
                 socket.as_os_str(),
                 daemon.as_os_str(),
                 id.as_ref(),
@@ -58,7 +64,7 @@ impl Vms {
             listen: None,
         })
         .await?;
-        let ready = crate::varlink::relay::LISTENING;
+        let ready = LISTENING;
         process::wait_for_log(&pidfile, &marker, &log, ready, Duration::from_secs(10))
             .await
             .map_err(|said| {

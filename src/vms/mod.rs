@@ -3,7 +3,7 @@
 //! whose VMM outlived the daemon.
 
 pub mod bounds;
-mod control;
+pub mod control;
 pub(crate) mod create;
 mod error;
 mod lifecycle;

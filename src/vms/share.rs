@@ -15,10 +15,7 @@ use std::path::{Component, Path, PathBuf};
 use super::error::{failed, invalid};
 use crate::Result;
 
-/// The most shares one VM may have.
-pub const MAX_SHARES: usize = 8;
-
-pub use crate::model::Share;
+pub use crate::model::{share_tag as tag, Share, MAX_SHARES};
 
 impl Share {
     /// As the CLI writes it: `HOSTDIR:GUESTDIR[:ro]`.
@@ -57,11 +54,6 @@ impl Share {
             read_only,
         })
     }
-}
-
-/// The virtio-fs tag of a VM's `i`th share (what the guest mounts).
-pub fn tag(i: usize) -> String {
-    format!("share{i}")
 }
 
 /// The kernel command line's part for a VM's shares: `banger.share=TAG:GUESTDIR[:ro]` each.

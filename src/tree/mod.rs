@@ -1,5 +1,5 @@
 //! A root filesystem being assembled, wherever it lives: a host directory (every path
-//! resolved inside it, see [`crate::oci::inroot`]) or an ext4 image written directly
+//! resolved inside it, see [`inroot`]) or an ext4 image written directly
 //! ([`crate::ext4::writer`]). The layer flattener and the guest-asset injection speak only
 //! this trait, so an image pulled straight into ext4 gets exactly the rules a tree gets.
 
@@ -10,7 +10,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::oci::inroot::Root;
+pub mod inroot;
+
+use inroot::Root;
 
 /// Ownership, permission bits (with setuid, setgid and sticky) and mtime of a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
