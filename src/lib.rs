@@ -1,44 +1,42 @@
 //! banger: one-command sandbox microVMs as a systemd-native D-Bus system service.
 //!
-//! All logic lives here; `src/bin/*.rs` only parse arguments and call in. The D-Bus layer
-//! (`dbus`) and the authority (`auth`) are the only modules that know zbus; the services
-//! (`images`, `kernels`, `vms`, `jobs`) hold the logic and the locks.
+//! This crate holds what faces callers: the D-Bus (`dbus`) and Varlink (`varlink`) front
+//! ends, the daemon's start-up (`daemon`) and the CLI (`cli`); `src/bin/*.rs` only parse
+//! arguments and call in. Everything below them, the services that hold the logic and the
+//! locks, is the `banger-core` crate, re-exported here under the same paths.
 
-pub mod agent;
-pub mod auth;
-pub mod bundle;
-pub mod callerfile;
-pub mod cancel;
 pub mod cli;
-pub mod config;
 pub mod daemon;
 pub mod dbus;
-pub mod error;
-pub mod events;
-pub mod ext4;
-pub mod fault;
-pub mod guest;
-pub mod host;
-pub mod images;
-pub mod jobs;
-pub mod kernels;
-pub mod layout;
-pub mod logging;
-pub mod model;
-pub mod net;
-pub mod oci;
-pub mod ops;
-pub mod service;
-pub mod shelf;
-pub mod store;
-pub mod tree;
 pub mod varlink;
-pub mod vmm;
-pub mod vms;
-pub mod worker;
 
-pub use banger_guest::guestinit;
-pub use error::{Error, Result};
-
-/// The version every binary reports.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub use banger_core::agent;
+pub use banger_core::auth;
+pub use banger_core::bundle;
+pub use banger_core::callerfile;
+pub use banger_core::cancel;
+pub use banger_core::config;
+pub use banger_core::error;
+pub use banger_core::events;
+pub use banger_core::ext4;
+pub use banger_core::fault;
+pub use banger_core::guest;
+pub use banger_core::host;
+pub use banger_core::images;
+pub use banger_core::jobs;
+pub use banger_core::kernels;
+pub use banger_core::layout;
+pub use banger_core::logging;
+pub use banger_core::model;
+pub use banger_core::net;
+pub use banger_core::oci;
+pub use banger_core::ops;
+pub use banger_core::recorder;
+pub use banger_core::service;
+pub use banger_core::shelf;
+pub use banger_core::store;
+pub use banger_core::tree;
+pub use banger_core::vmm;
+pub use banger_core::vms;
+pub use banger_core::worker;
+pub use banger_core::{guestinit, Error, Result, VERSION};

@@ -1,7 +1,7 @@
 //! Fault injection: `bangerd` killed with SIGKILL, over and over, while pulls, creates, starts,
 //! stops, deletes and kernel imports run in parallel on it — at random moments, and at the
 //! test-only fault points of debug builds (every job's stage boundaries and the steps between
-//! a publish's or delete's files and rows; see `src/fault.rs`). After each kill a plain call
+//! a publish's or delete's files and rows; see `crates/banger-core/src/fault.rs`). After each kill a plain call
 //! activates the next daemon, and the state must hold:
 //!
 //! - no `.staging-*` anywhere in the state directory;

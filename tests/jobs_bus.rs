@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use banger::auth::{Action, Polkit};
-use banger::daemon::{prepare, record_jobs, DaemonOptions};
+use banger::daemon::{prepare, DaemonOptions};
 use banger::jobs::JobSpec;
+use banger::recorder::record_jobs;
 use banger::service::Banger;
 use common::*;
 use futures_util::StreamExt;

@@ -113,7 +113,7 @@ mod tests {
 
     #[test]
     fn every_module_error_goes_on_the_bus_under_its_kind() {
-        let cases = crate::error::tests::one_of_each_module();
+        let cases = crate::error::one_of_each_module();
         for (e, kind) in cases {
             let text = e.to_string();
             let bus = BusError::from(e);

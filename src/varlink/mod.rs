@@ -695,7 +695,7 @@ mod tests {
 
     #[test]
     fn every_module_error_is_replied_under_its_kind() {
-        let cases = crate::error::tests::one_of_each_module();
+        let cases = crate::error::one_of_each_module();
         for (e, kind) in cases {
             let text = e.full_message();
             let f = Failure::of("io.banger.VMs", e);

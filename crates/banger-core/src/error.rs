@@ -155,8 +155,123 @@ impl Error {
     }
 }
 
+/// One failure of each module, and the kind it must keep through the service error: the
+/// front ends' tests check each maps to its D-Bus and Varlink error.
+#[doc(hidden)]
+pub fn one_of_each_module() -> Vec<(Error, ErrorKind)> {
+    use crate::model::VmState;
+    use crate::vms::state::VmOp;
+    let io = || std::io::Error::other("refused");
+    vec![
+        (
+            crate::vms::VmError::NotFound("v".into()).into(),
+            ErrorKind::NotFound,
+        ),
+        (
+            crate::vms::VmError::NotAllowed {
+                name: "v".into(),
+                state: VmState::Running,
+                op: VmOp::Delete,
+            }
+            .into(),
+            ErrorKind::InUse,
+        ),
+        (
+            crate::vms::VmError::NotAllowed {
+                name: "v".into(),
+                state: VmState::Stopped,
+                op: VmOp::Pause,
+            }
+            .into(),
+            ErrorKind::InvalidArgument,
+        ),
+        (
+            crate::vms::VmError::Limit("max_vcpus".into()).into(),
+            ErrorKind::LimitExceeded,
+        ),
+        (
+            crate::vms::snapshot::SnapshotError::NameTaken("s".into()).into(),
+            ErrorKind::AlreadyExists,
+        ),
+        (
+            crate::vms::snapshot::SnapshotError::Damaged {
+                name: "s".into(),
+                why: "short".into(),
+            }
+            .into(),
+            ErrorKind::Failed,
+        ),
+        (
+            crate::images::ImageError::InUse {
+                name: "i".into(),
+                users: 2,
+                next: "VM(s)",
+            }
+            .into(),
+            ErrorKind::InUse,
+        ),
+        (
+            crate::images::ImageError::NoMirror.into(),
+            ErrorKind::NotFound,
+        ),
+        (
+            crate::kernels::KernelError::TooLarge(1).into(),
+            ErrorKind::LimitExceeded,
+        ),
+        (
+            crate::kernels::KernelError::NameTaken("k".into()).into(),
+            ErrorKind::AlreadyExists,
+        ),
+        (
+            crate::jobs::JobError::NotFound(7).into(),
+            ErrorKind::NotFound,
+        ),
+        (
+            crate::store::StoreError::Quota("max_vms_per_user".into()).into(),
+            ErrorKind::LimitExceeded,
+        ),
+        (
+            crate::store::StoreError::Gone("v".into()).into(),
+            ErrorKind::NotFound,
+        ),
+        (
+            crate::net::NetError::Invalid("egress".into()).into(),
+            ErrorKind::InvalidArgument,
+        ),
+        (
+            crate::net::NetError::Host {
+                what: "Cannot create tap".into(),
+                source: io().into(),
+            }
+            .into(),
+            ErrorKind::Failed,
+        ),
+        (
+            crate::oci::OciError::Reference {
+                reference: "x:".into(),
+                why: "empty tag".into(),
+            }
+            .into(),
+            ErrorKind::InvalidArgument,
+        ),
+        (
+            crate::vmm::VmmError::Invalid("share".into()).into(),
+            ErrorKind::InvalidArgument,
+        ),
+        (
+            crate::callerfile::CallerFileError::TooLarge("max_register_bytes".into()).into(),
+            ErrorKind::LimitExceeded,
+        ),
+        (
+            crate::auth::AuthError::NoSender.into(),
+            ErrorKind::PermissionDenied,
+        ),
+        (Error::Canceled, ErrorKind::Failed),
+    ]
+}
+
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
 
     #[test]
@@ -178,119 +293,6 @@ pub(crate) mod tests {
             err.full_message(),
             "Cannot connect to the system bus: connect failed: no such socket"
         );
-    }
-
-    /// One failure of each module, and the kind it must keep through the service error.
-    pub(crate) fn one_of_each_module() -> Vec<(Error, ErrorKind)> {
-        use crate::model::VmState;
-        use crate::vms::state::VmOp;
-        let io = || std::io::Error::other("refused");
-        vec![
-            (
-                crate::vms::VmError::NotFound("v".into()).into(),
-                ErrorKind::NotFound,
-            ),
-            (
-                crate::vms::VmError::NotAllowed {
-                    name: "v".into(),
-                    state: VmState::Running,
-                    op: VmOp::Delete,
-                }
-                .into(),
-                ErrorKind::InUse,
-            ),
-            (
-                crate::vms::VmError::NotAllowed {
-                    name: "v".into(),
-                    state: VmState::Stopped,
-                    op: VmOp::Pause,
-                }
-                .into(),
-                ErrorKind::InvalidArgument,
-            ),
-            (
-                crate::vms::VmError::Limit("max_vcpus".into()).into(),
-                ErrorKind::LimitExceeded,
-            ),
-            (
-                crate::vms::snapshot::SnapshotError::NameTaken("s".into()).into(),
-                ErrorKind::AlreadyExists,
-            ),
-            (
-                crate::vms::snapshot::SnapshotError::Damaged {
-                    name: "s".into(),
-                    why: "short".into(),
-                }
-                .into(),
-                ErrorKind::Failed,
-            ),
-            (
-                crate::images::ImageError::InUse {
-                    name: "i".into(),
-                    users: 2,
-                    next: "VM(s)",
-                }
-                .into(),
-                ErrorKind::InUse,
-            ),
-            (
-                crate::images::ImageError::NoMirror.into(),
-                ErrorKind::NotFound,
-            ),
-            (
-                crate::kernels::KernelError::TooLarge(1).into(),
-                ErrorKind::LimitExceeded,
-            ),
-            (
-                crate::kernels::KernelError::NameTaken("k".into()).into(),
-                ErrorKind::AlreadyExists,
-            ),
-            (
-                crate::jobs::JobError::NotFound(7).into(),
-                ErrorKind::NotFound,
-            ),
-            (
-                crate::store::StoreError::Quota("max_vms_per_user".into()).into(),
-                ErrorKind::LimitExceeded,
-            ),
-            (
-                crate::store::StoreError::Gone("v".into()).into(),
-                ErrorKind::NotFound,
-            ),
-            (
-                crate::net::NetError::Invalid("egress".into()).into(),
-                ErrorKind::InvalidArgument,
-            ),
-            (
-                crate::net::NetError::Host {
-                    what: "Cannot create tap".into(),
-                    source: io().into(),
-                }
-                .into(),
-                ErrorKind::Failed,
-            ),
-            (
-                crate::oci::OciError::Reference {
-                    reference: "x:".into(),
-                    why: "empty tag".into(),
-                }
-                .into(),
-                ErrorKind::InvalidArgument,
-            ),
-            (
-                crate::vmm::VmmError::Invalid("share".into()).into(),
-                ErrorKind::InvalidArgument,
-            ),
-            (
-                crate::callerfile::CallerFileError::TooLarge("max_register_bytes".into()).into(),
-                ErrorKind::LimitExceeded,
-            ),
-            (
-                crate::auth::AuthError::NoSender.into(),
-                ErrorKind::PermissionDenied,
-            ),
-            (Error::Canceled, ErrorKind::Failed),
-        ]
     }
 
     #[test]

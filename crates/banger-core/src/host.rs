@@ -491,6 +491,26 @@ pub fn send_with_fd(
     Ok(())
 }
 
+/// Whether an ELF executable is static (has no PT_INTERP program header).
+pub fn is_static_elf(b: &[u8]) -> bool {
+    let rd16 = |o: usize| {
+        b.get(o..o + 2)
+            .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
+    };
+    let rd64 = |o: usize| {
+        b.get(o..o + 8)
+            .map(|s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])) as usize)
+    };
+    if !b.starts_with(b"\x7fELF") || b.get(4) != Some(&2) {
+        return false;
+    }
+    let (Some(phoff), Some(phent), Some(phnum)) = (rd64(0x20), rd16(0x36), rd16(0x38)) else {
+        return false;
+    };
+    (0..phnum)
+        .all(|i| b.get(phoff + i * phent..phoff + i * phent + 4) != Some(&3u32.to_le_bytes()[..]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -549,24 +569,4 @@ mod tests {
             "records stayed"
         );
     }
-}
-
-/// Whether an ELF executable is static (has no PT_INTERP program header).
-pub fn is_static_elf(b: &[u8]) -> bool {
-    let rd16 = |o: usize| {
-        b.get(o..o + 2)
-            .map(|s| u16::from_le_bytes([s[0], s[1]]) as usize)
-    };
-    let rd64 = |o: usize| {
-        b.get(o..o + 8)
-            .map(|s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])) as usize)
-    };
-    if !b.starts_with(b"\x7fELF") || b.get(4) != Some(&2) {
-        return false;
-    }
-    let (Some(phoff), Some(phent), Some(phnum)) = (rd64(0x20), rd16(0x36), rd16(0x38)) else {
-        return false;
-    };
-    (0..phnum)
-        .all(|i| b.get(phoff + i * phent..phoff + i * phent + 4) != Some(&3u32.to_le_bytes()[..]))
 }
