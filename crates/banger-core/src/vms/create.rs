@@ -1,4 +1,5 @@
-//! `CreateVM` and the start phase it shares with `StartVM`.
+//! `CreateVM`, whose phase 3 is the start it shares with `StartVM` (`start.rs`, one function
+//! per stage).
 //!
 //! 1. resolve, no lock: the image and kernel, pulled from the catalog when missing;
 //! 2. reserve: one transaction re-checks the name and takes a CID and an address;
@@ -20,7 +21,6 @@ use crate::jobs::{Job, JobContext, JobSpec};
 use crate::kernels::KernelError;
 use crate::model::{new_id, now_us, Image, Kernel, Vm, VmState};
 use crate::store::rows;
-use crate::vmm::BootSpec;
 use crate::{Error, Result};
 
 /// Reports stages of one VM's creation or start.
@@ -480,469 +480,9 @@ impl Vms {
         }
     }
 
-    async fn start_phase(&self, st: &mut Stages<'_>, vm: &mut Vm) -> Result<()> {
-        let image = self.images.get(&vm.image_id).await?;
-        let kernel = self.kernels.get(&vm.kernel).await?;
-        vm.state = VmState::Starting;
-        let dir = self.vm_dir(&vm.id);
-        let run = self.layout.vm_runtime_dir(&vm.id);
-        for d in [&dir, &run] {
-            std::fs::create_dir_all(d)
-                .map_err(|e| failed(format!("Cannot create {}", d.display()), e))?;
-        }
-        // The VM's uid had its directories while it ran: take them back (and drop anything
-        // it planted, its runtime directory whole) before root writes disks, logs and the
-        // initrd there.
-        let own_run = crate::vmm::jail::own_runtime(&run);
-        {
-            let (d, r, o) = (dir.clone(), run.clone(), own_run.clone());
-            crate::jobs::spawn_blocking(move || -> Result<()> {
-                crate::layout::remove_any(&o)?;
-                crate::vmm::jail::reclaim(&[&d, &r])?;
-                std::fs::create_dir(&o)
-                    .map_err(|e| failed(format!("Cannot create {}", o.display()), e))
-            })
-            .await
-            .map_err(|e| failed("Jail task failed", e))??;
-        }
-
-        let rootfs = self.vmm.rootfs_path(&dir);
-        // A VM restored from a snapshot restores on its first start; later starts boot it.
-        let restore = if !vm.snapshot.is_empty() && !rootfs.exists() {
-            Some(self.snapshot(&vm.snapshot).await?)
-        } else {
-            None
-        };
-        let snap_dir = restore.as_ref().map(|s| self.snapshot_dir(&s.id));
-        // The snapshot's disk is in the chain QEMU opens on every start, not only the first
-        // (the VM's disk layers on it): its view must hold it each time.
-        let layered_on = match (&restore, vm.snapshot.is_empty()) {
-            (Some(s), _) => Some(s.clone()),
-            (None, false) => Some(self.snapshot(&vm.snapshot).await?),
-            (None, true) => None,
-        }
-        .map(|s| {
-            self.snapshot_dir(&s.id)
-                .join(snapshot::rootfs_file(snapshot::disk_format_of(&s)))
-        });
-
-        // The root disk, the work disk, the network and the initrd do not depend on each
-        // other: each stage is entered in order, then all four are made at once, so a cold
-        // start waits for the slowest of them rather than for their sum before its VMM runs.
-        let (root_base, root_format, root_size) = match (&restore, &snap_dir) {
-            (Some(snap), Some(sd)) => {
-                st.enter(
-                    vm,
-                    "prepare_rootfs",
-                    format!("Layering the VM's root disk on snapshot {}", snap.name),
-                )
-                .await?;
-                let format = snapshot::disk_format_of(snap);
-                (Some(sd.join(snapshot::rootfs_file(format))), format, None)
-            }
-            _ if rootfs.exists() => {
-                st.enter(vm, "prepare_rootfs", "Keeping the VM's root disk")
-                    .await?;
-                (None, crate::vmm::DiskFormat::Raw, None)
-            }
-            _ => {
-                st.enter(
-                    vm,
-                    "prepare_rootfs",
-                    format!("Layering the VM's root disk on image {}", image.name),
-                )
-                .await?;
-                let size = (vm.disk_size > image.size_bytes).then_some(vm.disk_size);
-                (
-                    Some(image.rootfs_path.clone()),
-                    crate::vmm::DiskFormat::Raw,
-                    size,
-                )
-            }
-        };
-        let root_disk = async {
-            match &root_base {
-                Some(base) => self
-                    .vmm
-                    .prepare_rootfs(base, root_format, &dir, root_size)
-                    .await
-                    .map(|_| ()),
-                None => Ok(()),
-            }
-        };
-
-        let work = dir.join("work.ext4");
-        // Where the work disk comes from: a snapshot's copy, the image's seed, or nowhere
-        // (the VM's own disk is kept).
-        let seed = if let Some(sd) = &snap_dir {
-            st.enter(vm, "prepare_work_disk", "Copying the snapshot's /root disk")
-                .await?;
-            Some(Some(sd.join(snapshot::WORK)))
-        } else if work.exists() {
-            st.enter(vm, "prepare_work_disk", "Keeping the VM's /root disk")
-                .await?;
-            None
-        } else {
-            st.enter(
-                vm,
-                "prepare_work_disk",
-                "Creating the VM's /root disk from the image's work seed",
-            )
-            .await?;
-            Some(image.work_seed_path.clone())
-        };
-        let pending = dir.join(PENDING_KEY);
-        let key = std::fs::read_to_string(&pending).ok();
-        // A restored guest has its disks mounted already: what it needs comes through its
-        // agent (identity), never by writing under it. Otherwise the disk gets SSH's keys
-        // (a new host key is made while the seed is copied) and, for banger-init, the main
-        // process: its arguments may not fit a kernel command line; a VM without one has
-        // none there.
-        let ssh = restore.is_none() && (vm.ssh_host_key.is_empty() || key.is_some());
-        let host_key = (ssh && vm.ssh_host_key.is_empty()).then(|| {
-            let name = vm.name.clone();
-            crate::jobs::spawn_blocking(move || new_host_key(&name))
-        });
-        let work_disk = {
-            let (w, main, key) = (work.clone(), vm.main.clone(), key.clone());
-            let run_dir = self.layout.runtime_dir.clone();
-            let hide = vec![self.layout.state_dir.clone(), run_dir.clone()];
-            let restoring = restore.is_some();
-            let made = seed.map(|seed| {
-                let w = w.clone();
-                crate::jobs::spawn_blocking(move || make_work_disk(seed.as_deref(), &w))
-            });
-            async move {
-                if let Some(made) = made {
-                    made.await
-                        .map_err(|e| failed("Work disk task failed", e))??;
-                }
-                let host_key = match host_key {
-                    Some(k) => Some(k.await.map_err(|e| failed("SSH key task failed", e))??),
-                    None => None,
-                };
-                if restoring {
-                    return Ok(None);
-                }
-                crate::jobs::spawn_blocking(move || {
-                    seed_work_in_worker(&w, &hide, &run_dir, host_key, key.as_deref(), &main)
-                })
-                .await
-                .map_err(|e| failed("Work disk task failed", e))?
-            }
-        };
-
-        let subnet = self.net.subnet()?;
-        st.enter(
-            vm,
-            "network",
-            format!(
-                "Tap {} on {}, guest address {}/{}",
-                vm.tap_name,
-                crate::net::BRIDGE,
-                vm.guest_address,
-                subnet.prefix
-            ),
-        )
-        .await?;
-        let tap = vm.tap_name.clone();
-        let network = async {
-            let _net = self.net_lock.lock().await;
-            let ports = self.guest_ports("").await?;
-            self.net.attach(&tap, &ports).await
-        };
-        let initrd = async {
-            match &kernel.initrd_path {
-                Some(i) => self.current_initrd(i, &own_run).await.map(Some),
-                None => Ok(None),
-            }
-        };
-        // All four are awaited, failed or not, so none goes on behind the failure's cleanup.
-        let t0 = std::time::Instant::now();
-        let id = vm.id.as_str();
-        let (root_disk, work_disk, network, initrd) = tokio::join!(
-            timed(id, "root disk", t0, root_disk),
-            timed(id, "work disk", t0, work_disk),
-            timed(id, "network", t0, network),
-            timed(id, "initrd", t0, initrd)
-        );
-        // A failure names the stage whose work failed, not the last one entered.
-        let at = |vm: &mut Vm, stage: &str| vm.stage = stage.into();
-        root_disk.inspect_err(|_| at(vm, "prepare_rootfs"))?;
-        if let Some(public) = work_disk.inspect_err(|_| at(vm, "prepare_work_disk"))? {
-            vm.ssh_host_key = public;
-        }
-        if ssh {
-            let _ = std::fs::remove_file(&pending);
-        }
-        network?;
-        let initrd = initrd?;
-        vm.exit_status = -1;
-
-        let lease = crate::net::GuestNet {
-            address: vm
-                .guest_address
-                .parse()
-                .map_err(|e| failed(format!("VM {} has no valid address lease", vm.name), e))?,
-            prefix: subnet.prefix,
-            gateway: subnet.gateway(),
-            dns: crate::net::host_resolvers(),
-            mac: vm.mac_address.clone(),
-        };
-
-        // A restored VM's new SSH host key is made while its VMM starts and loads.
-        let keygen = restore.is_some().then(|| {
-            let name = vm.name.clone();
-            crate::jobs::spawn_blocking(move || new_host_key(&name))
-        });
-        // A snapshot's memory is checked before any VMM process exists.
-        let memory = match (&restore, &snap_dir) {
-            (Some(snap), Some(sd)) => {
-                let what = if snap.warm.is_empty() {
-                    format!("Restoring snapshot {} on {}", snap.name, self.vmm.name())
-                } else {
-                    format!(
-                        "Restoring the warm snapshot of this image on {} (an instant start; \
-                         --cold boots instead)",
-                        self.vmm.name()
-                    )
-                };
-                st.enter(vm, "restore", what).await?;
-                let (sd, s2) = (sd.clone(), snap.clone());
-                Some(
-                    crate::jobs::spawn_blocking(move || snapshot::verified_memory(&sd, &s2))
-                        .await
-                        .map_err(|e| failed("Snapshot task failed", e))??,
-                )
-            }
-            _ => {
-                st.enter(vm, "boot", format!("Booting on {}", self.vmm.name()))
-                    .await?;
-                None
-            }
-        };
-        // Each start checks the shared folders again with the owner's rights: access lost
-        // since the create is a clear error here, not a guest that cannot mount.
-        let shares = if vm.shares.is_empty() {
-            Vec::new()
-        } else {
-            let owner = crate::callerfile::creds(vm.owner_uid)?;
-            share::verify(vm.owner_uid, vm.shares.clone())
-                .await?
-                .into_iter()
-                .enumerate()
-                .map(|(i, s)| crate::vmm::ShareSpec {
-                    tag: share::tag(i),
-                    host: s.host.into(),
-                    read_only: s.read_only,
-                    owner: owner.clone(),
-                })
-                .collect()
-        };
-        let spec = BootSpec {
-            id: vm.id.clone(),
-            name: vm.name.clone(),
-            vcpus: vm.vcpus,
-            memory_mib: vm.memory_mib,
-            kernel: kernel.kernel_path.clone(),
-            initrd,
-            cmdline: format!(
-                "quiet {} banger.hostname={}{}{}",
-                lease.cmdline(),
-                hostname_for(&vm.name),
-                if vm.main.is_empty() {
-                    super::init_cmdline(&vm.init)
-                } else {
-                    // banger-init runs the main process, whatever init the image has.
-                    " banger.init=banger banger.main=1".into()
-                },
-                share::cmdline(&vm.shares)
-            ),
-            net: Some(crate::vmm::NetSpec {
-                tap: vm.tap_name.clone(),
-                mac: vm.mac_address.clone(),
-            }),
-            shares,
-            rootfs,
-            work,
-            cid: vm.vsock_cid,
-            run_dir: run.clone(),
-            console_log: self.console_log(&vm.id),
-            jail: crate::vmm::jail::Jail {
-                uid: crate::vmm::jail::vm_uid(vm.vsock_cid),
-                gid: crate::vmm::jail::vm_uid(vm.vsock_cid),
-                groups: vec![crate::vmm::jail::vmm_gid()],
-                hide: vec![
-                    self.layout.state_dir.clone(),
-                    self.layout.runtime_dir.clone(),
-                ],
-                read_only: [image.rootfs_path.clone(), kernel.kernel_path.clone()]
-                    .into_iter()
-                    .chain(layered_on)
-                    .collect(),
-                private: true,
-                offline: true,
-            },
-            incoming: memory.is_some(),
-        };
-        // The VM's processes run as a uid of its own: its directories become that uid's, what
-        // it only reads (image, kernel) the VMM group's.
-        {
-            // What the VM only reads and the roots its units hide are the jail's own lists.
-            let cell = spec.jail.clone();
-            let (vm_dir, own_run) = (dir.clone(), own_run.clone());
-            crate::jobs::spawn_blocking(move || {
-                use crate::vmm::jail;
-                let roots: Vec<&std::path::Path> = cell.hide.iter().map(|r| r.as_path()).collect();
-                let files: Vec<&std::path::Path> =
-                    cell.read_only.iter().map(|f| f.as_path()).collect();
-                jail::share(&files, &roots)?;
-                for own in [&vm_dir, &own_run] {
-                    jail::reach(own, &roots)?;
-                }
-                jail::hand_over(cell.uid, &[&vm_dir, &own_run])
-            })
-            .await
-            .map_err(|e| failed("Jail task failed", e))??;
-        }
-        self.vmm.boot(&spec).await?;
-        if let Some(file) = memory {
-            let (input, feeder) = snapshot::memory_stream(file)?;
-            let loaded = self.vmm.load_state(&spec, input).await;
-            let fed = crate::jobs::spawn_blocking(move || feeder.join())
-                .await
-                .map_err(|e| failed("Snapshot task failed", e))?
-                .map_err(|_| failed("Snapshot task failed", std::io::Error::other("panic")))?;
-            loaded?;
-            fed?;
-            self.vmm.resume(&run).await?;
-        }
-
-        st.enter(vm, "wait_agent", "Waiting for the guest agent")
-            .await?;
-        // The VM's control socket starts while the guest comes up, so it costs no time.
-        let vm_id = vm.id.clone();
-        let (health, control) = tokio::join!(
-            async {
-                // A restored guest's agent runs already: the connection that finds it carries the
-                // guest's new identity, and the answer its health (a round trip less than asking
-                // first; each costs a TCG guest whose translations are all cold some 100 ms).
-                match keygen {
-                    Some(keygen) => {
-                        let agent = self.reach_agent(&run).await?;
-                        st.enter(
-                            vm,
-                            "identity",
-                            "Giving the guest its own name, address, keys and clock",
-                        )
-                        .await?;
-                        let host_key = keygen
-                            .await
-                            .map_err(|e| failed("SSH key task failed", e))??;
-                        let health = self
-                            .give_identity(vm, agent, &lease, host_key, key.as_deref())
-                            .await?;
-                        let _ = std::fs::remove_file(&pending);
-                        Ok(health)
-                    }
-                    None => self.wait_agent(&run).await,
-                }
-            },
-            self.start_control(&vm_id)
-        );
-        if let Err(e) = health {
-            // A main process that finished before the agent was reached: the VM is done.
-            let status = (!vm.main.is_empty() && !self.vmm.running(&run))
-                .then(|| self.main_exit_status(&vm.id))
-                .flatten();
-            let Some(code) = status else {
-                return Err(e);
-            };
-            vm.exit_status = code;
-            self.power_down(vm).await?;
-            vm.state = VmState::Stopped;
-            st.enter(
-                vm,
-                "exited",
-                format!("The main process exited with status {code}"),
-            )
-            .await?;
-            self.release_network_if_idle().await;
-            return Ok(());
-        }
-        let health = health?;
-        // A guest that just booted keeps its RTC's time, up to a second off; one restored was
-        // set by its identity. Either way it starts on the host's (forward only), and its
-        // agent link keeps it there. Set while the other stages wait (sshd, ports), done
-        // before `ready`.
-        let clock = {
-            let (this, vm) = (self.clone(), vm.clone());
-            tokio::spawn(async move { this.sync_clock(&vm, true).await })
-        };
-        // An agent that says whether there is an sshd saves asking it to run a shell.
-        let has_sshd = match health.sshd {
-            Some(has) => has,
-            None => self.guest_has_sshd(vm).await,
-        };
-        if has_sshd {
-            let addr = format!("{}:22", vm.guest_address);
-            st.enter(vm, "wait_ssh", format!("Waiting for sshd on {addr}"))
-                .await?;
-            self.wait_port(&run, &addr, true).await?;
-            vm.ssh_address = addr;
-        } else {
-            st.enter(vm, "wait_ssh", "Skipped: the image has no sshd")
-                .await?;
-        }
-        for port in &image.ready_ports {
-            let addr = format!("{}:{port}", vm.guest_address);
-            st.enter(
-                vm,
-                &format!("wait_port_{port}"),
-                format!("Waiting for the image's service on {addr}"),
-            )
-            .await?;
-            self.wait_port(&run, &addr, false).await?;
-        }
-        if !vm.publish.is_empty() {
-            st.enter(
-                vm,
-                "publish",
-                format!("Publishing {}", vm.publish.join(", ")),
-            )
-            .await?;
-            self.start_forwarder(vm, &spec.jail).await?;
-        }
-        // Its control socket is a convenience (machinectl, varlinkctl): the VM runs without.
-        let control = match control {
-            Ok(socket) => Some(socket.to_string_lossy().into_owned()),
-            Err(e) => {
-                tracing::warn!(vm_id = %vm.id, vm_name = %vm.name, "{}", e.full_message());
-                None
-            }
-        };
-        let pids = self.vmm.pids(&run);
-        self.machines
-            .announce(&crate::vmm::scope::Machine {
-                name: &vm.name,
-                id: &vm.id,
-                pids: &pids,
-                cid: vm.vsock_cid,
-                ssh_address: &vm.ssh_address,
-                control_address: control.as_deref(),
-            })
-            .await;
-        let _ = clock.await;
-        vm.state = VmState::Running;
-        st.enter(vm, "ready", format!("VM {} is ready", vm.name))
-            .await?;
-        self.watch(vm.clone());
-        Ok(())
-    }
-
     /// The kernel's initrd; a banger-built one gets this banger's init appended, so kernels
     /// imported by an older banger boot with the init the rest of this banger expects.
-    async fn current_initrd(
+    pub(super) async fn current_initrd(
         &self,
         initrd: &std::path::Path,
         run: &std::path::Path,
@@ -971,7 +511,11 @@ impl Vms {
 
     /// Starts the VM's port forwarder (`bangerd port-forward`, a helper as the VM's uid) and
     /// waits until it listens on every published port.
-    async fn start_forwarder(&self, vm: &Vm, jail: &crate::vmm::jail::Jail) -> Result<()> {
+    pub(super) async fn start_forwarder(
+        &self,
+        vm: &Vm,
+        jail: &crate::vmm::jail::Jail,
+    ) -> Result<()> {
         use crate::vmm::process;
         let run = self.layout.vm_runtime_dir(&vm.id);
         let (pidfile, log) = (run.join(FORWARD_PID), run.join("port-forward.log"));
@@ -1012,7 +556,7 @@ impl Vms {
     }
 
     /// Waits until the guest agent answers a health request; returns its answer.
-    async fn wait_agent(&self, run: &std::path::Path) -> Result<crate::agent::Health> {
+    pub(super) async fn wait_agent(&self, run: &std::path::Path) -> Result<crate::agent::Health> {
         let sock = self.vmm.vsock_socket(run);
         self.wait_guest(run, "its agent", "The guest agent", || async {
             // The link's own answer first (it waits for the agent's HELLO): no request.
@@ -1038,7 +582,10 @@ impl Vms {
 
     /// Connects to the guest agent, waiting for it as [`Self::wait_agent`] does, and asks
     /// nothing yet.
-    async fn reach_agent(&self, run: &std::path::Path) -> Result<tokio::net::UnixStream> {
+    pub(super) async fn reach_agent(
+        &self,
+        run: &std::path::Path,
+    ) -> Result<tokio::net::UnixStream> {
         let sock = self.vmm.vsock_socket(run);
         self.wait_guest(run, "its agent", "The guest agent", || async {
             crate::agent::client::connect(&sock, crate::agent::PORT)
@@ -1050,7 +597,7 @@ impl Vms {
 
     /// Hands a restored guest its own identity through its agent (see `agent::identity`), on
     /// `agent`; returns the health the agent answers with.
-    async fn give_identity(
+    pub(super) async fn give_identity(
         &self,
         vm: &mut Vm,
         mut agent: tokio::net::UnixStream,
@@ -1150,7 +697,7 @@ impl Vms {
     }
 
     /// Whether the guest has an SSH server to wait for (asked through the agent).
-    async fn guest_has_sshd(&self, vm: &Vm) -> bool {
+    pub(super) async fn guest_has_sshd(&self, vm: &Vm) -> bool {
         let ask = async {
             let s = self.open_agent_any(vm).await?;
             let argv = ["/bin/sh", "-c", "command -v sshd || test -x /usr/sbin/sshd"];
@@ -1176,7 +723,12 @@ impl Vms {
     }
 
     /// Waits until `addr` in the guest accepts a connection (and, for sshd, sends its banner).
-    async fn wait_port(&self, run: &std::path::Path, addr: &str, ssh: bool) -> Result<()> {
+    pub(super) async fn wait_port(
+        &self,
+        run: &std::path::Path,
+        addr: &str,
+        ssh: bool,
+    ) -> Result<()> {
         use tokio::io::AsyncReadExt;
         self.wait_guest(run, addr, addr, || async {
             let mut s = tokio::net::TcpStream::connect(addr)
@@ -1213,7 +765,7 @@ impl Vms {
 }
 
 /// Awaits `f`, one of a start's preparations, and logs when it was done (debug level).
-async fn timed<T>(
+pub(super) async fn timed<T>(
     vm_id: &str,
     what: &str,
     t0: std::time::Instant,
@@ -1225,10 +777,10 @@ async fn timed<T>(
 }
 
 /// The caller's public key between `CreateVM` and the first start, in the VM's directory.
-const PENDING_KEY: &str = "authorized_key.pending";
+pub(super) const PENDING_KEY: &str = "authorized_key.pending";
 
 /// The guest's host name: the VM's name with what a host name cannot hold turned into `-`.
-fn hostname_for(name: &str) -> String {
+pub(super) fn hostname_for(name: &str) -> String {
     let h: String = name
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
@@ -1238,7 +790,7 @@ fn hostname_for(name: &str) -> String {
 }
 
 /// A new ed25519 host key for VM `name`: its private half (OpenSSH form) and public line.
-fn new_host_key(name: &str) -> Result<(Vec<u8>, String)> {
+pub(super) fn new_host_key(name: &str) -> Result<(Vec<u8>, String)> {
     let tmp = tempfile::tempdir().map_err(|e| failed("Cannot make a host key", e))?;
     let path = tmp.path().join("key");
     crate::host::run(
@@ -1276,7 +828,7 @@ struct SeedWork {
 /// (see [`crate::worker`]): the disk is handed to the worker's uid for the call and taken back
 /// through the descriptor root holds, so debugfs never parses a guest's filesystem as root.
 /// `hide` are banger's roots, `scratch_in` where the worker's staging directory goes.
-fn seed_work_in_worker(
+pub(super) fn seed_work_in_worker(
     work: &std::path::Path,
     hide: &[std::path::PathBuf],
     scratch_in: &std::path::Path,
@@ -1433,7 +985,7 @@ fn taken(name: &str) -> Error {
 }
 
 /// The work disk: a sparse copy of the image's seed, or an empty ext4 when it has none.
-fn make_work_disk(seed: Option<&std::path::Path>, out: &std::path::Path) -> Result<()> {
+pub(super) fn make_work_disk(seed: Option<&std::path::Path>, out: &std::path::Path) -> Result<()> {
     let tmp = out.with_extension("ext4.tmp");
     let _ = std::fs::remove_file(&tmp);
     match seed {

@@ -10,6 +10,7 @@ mod lifecycle;
 pub mod publish;
 pub mod share;
 pub mod snapshot;
+mod start;
 pub mod state;
 mod warm;
 

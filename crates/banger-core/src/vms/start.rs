@@ -1,0 +1,654 @@
+//! A VM's start: phase 3 of `CreateVM`, and all of `StartVM`, under the VM's lock. One
+//! function per stage the service reports, in order:
+//!
+//! - [`Vms::plan_start`] (no stage: the VM's directories taken back from its uid, and what
+//!   this start restores or layers on);
+//! - `prepare_rootfs`, `prepare_work_disk`, `network` and the initrd, made at once by
+//!   [`Vms::prepare`];
+//! - `restore` or `boot` ([`Vms::boot_or_restore`]);
+//! - `wait_agent` (and `identity` for a restored guest), or `exited` when the main process
+//!   ended first ([`Vms::reach_guest`]);
+//! - `wait_ssh`, `wait_port_<N>`, `publish`, `ready` ([`Vms::make_ready`]).
+//!
+//! A failure names the stage whose work failed; `start_locked` (in `create.rs`) makes the
+//! VM `failed` and stops what had started.
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use super::create::{
+    hostname_for, make_work_disk, new_host_key, seed_work_in_worker, timed, Stages, PENDING_KEY,
+};
+use super::error::failed;
+use super::{share, snapshot, Vms};
+use crate::agent::Health;
+use crate::model::{Image, Kernel, Snapshot, Vm, VmState};
+use crate::net::GuestNet;
+use crate::vmm::jail::Jail;
+use crate::vmm::{BootSpec, DiskFormat};
+use crate::Result;
+
+/// What a start decided before its first stage.
+struct Plan {
+    image: Image,
+    kernel: Kernel,
+    /// The VM's state directory (disks) and runtime directory (pid files, logs).
+    dir: PathBuf,
+    run: PathBuf,
+    /// The part of the runtime directory the VM's uid owns (sockets, initrd).
+    own_run: PathBuf,
+    rootfs: PathBuf,
+    work: PathBuf,
+    /// The snapshot this start restores (the first start of a VM made from one), and its
+    /// directory.
+    restore: Option<(Snapshot, PathBuf)>,
+    /// The snapshot disk the VM's disk layers on: on every start of a VM made from one, its
+    /// VMM's view must hold it.
+    layered_on: Option<PathBuf>,
+    /// The caller's public key between `CreateVM` and the first start, and its file.
+    pending: PathBuf,
+    key: Option<String>,
+    /// Whether this start writes SSH's keys (and the main process) to the work disk.
+    ssh: bool,
+}
+
+/// Where a start's root disk comes from: nothing (the VM's own disk is kept), or a base it
+/// layers on, with the base's format and the size to grow to.
+type RootBase = Option<(PathBuf, DiskFormat, Option<u64>)>;
+
+/// A new SSH host key being made off the runtime: its private half and public line.
+type Keygen = tokio::task::JoinHandle<Result<(Vec<u8>, String)>>;
+
+/// What the preparations made.
+struct Prepared {
+    initrd: Option<PathBuf>,
+    lease: GuestNet,
+}
+
+/// A VM whose VMM runs.
+struct Booted {
+    spec: BootSpec,
+    /// A restored guest's new SSH host key, being made.
+    keygen: Option<Keygen>,
+}
+
+impl Vms {
+    /// Starts `vm` (in `starting`, its lock held) until it is `ready`, or `exited` when its
+    /// main process ended before its agent was reached.
+    pub(super) async fn start_phase(&self, st: &mut Stages<'_>, vm: &mut Vm) -> Result<()> {
+        let plan = self.plan_start(vm).await?;
+        let prepared = self.prepare(st, vm, &plan).await?;
+        let booted = self.boot_or_restore(st, vm, &plan, &prepared).await?;
+        let Some((health, control)) = self
+            .reach_guest(st, vm, &plan, &prepared, booted.keygen)
+            .await?
+        else {
+            return Ok(());
+        };
+        self.make_ready(st, vm, &plan, &booted.spec.jail, health, control)
+            .await
+    }
+
+    /// The VM's directories, taken back from its uid, and what this start begins from.
+    async fn plan_start(&self, vm: &mut Vm) -> Result<Plan> {
+        let image = self.images.get(&vm.image_id).await?;
+        let kernel = self.kernels.get(&vm.kernel).await?;
+        vm.state = VmState::Starting;
+        let dir = self.vm_dir(&vm.id);
+        let run = self.layout.vm_runtime_dir(&vm.id);
+        for d in [&dir, &run] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| failed(format!("Cannot create {}", d.display()), e))?;
+        }
+        // The VM's uid had its directories while it ran: take them back (and drop anything
+        // it planted, its runtime directory whole) before root writes disks, logs and the
+        // initrd there.
+        let own_run = crate::vmm::jail::own_runtime(&run);
+        {
+            let (d, r, o) = (dir.clone(), run.clone(), own_run.clone());
+            crate::jobs::spawn_blocking(move || -> Result<()> {
+                crate::layout::remove_any(&o)?;
+                crate::vmm::jail::reclaim(&[&d, &r])?;
+                std::fs::create_dir(&o)
+                    .map_err(|e| failed(format!("Cannot create {}", o.display()), e))
+            })
+            .await
+            .map_err(|e| failed("Jail task failed", e))??;
+        }
+
+        let rootfs = self.vmm.rootfs_path(&dir);
+        // A VM restored from a snapshot restores on its first start; later starts boot it.
+        let restore = if !vm.snapshot.is_empty() && !rootfs.exists() {
+            let s = self.snapshot(&vm.snapshot).await?;
+            let sd = self.snapshot_dir(&s.id);
+            Some((s, sd))
+        } else {
+            None
+        };
+        // The snapshot's disk is in the chain QEMU opens on every start, not only the first
+        // (the VM's disk layers on it): its view must hold it each time.
+        let layered_on = match (&restore, vm.snapshot.is_empty()) {
+            (Some((s, _)), _) => Some(s.clone()),
+            (None, false) => Some(self.snapshot(&vm.snapshot).await?),
+            (None, true) => None,
+        }
+        .map(|s| {
+            self.snapshot_dir(&s.id)
+                .join(snapshot::rootfs_file(snapshot::disk_format_of(&s)))
+        });
+        let work = dir.join("work.ext4");
+        let pending = dir.join(PENDING_KEY);
+        let key = std::fs::read_to_string(&pending).ok();
+        // A restored guest has its disks mounted already: what it needs comes through its
+        // agent (identity), never by writing under it. Otherwise the disk gets SSH's keys
+        // (a new host key is made while the seed is copied) and, for banger-init, the main
+        // process: its arguments may not fit a kernel command line; a VM without one has
+        // none there.
+        let ssh = restore.is_none() && (vm.ssh_host_key.is_empty() || key.is_some());
+        Ok(Plan {
+            image,
+            kernel,
+            dir,
+            run,
+            own_run,
+            rootfs,
+            work,
+            restore,
+            layered_on,
+            pending,
+            key,
+            ssh,
+        })
+    }
+
+    /// Stages `prepare_rootfs`, `prepare_work_disk` and `network`, and the initrd. They do
+    /// not depend on each other: each stage is entered in order, then all four are made at
+    /// once, so a cold start waits for the slowest of them rather than for their sum before
+    /// its VMM runs.
+    async fn prepare(&self, st: &mut Stages<'_>, vm: &mut Vm, plan: &Plan) -> Result<Prepared> {
+        let base = self.enter_rootfs(st, vm, plan).await?;
+        let root_disk = async {
+            match &base {
+                Some((base, format, size)) => self
+                    .vmm
+                    .prepare_rootfs(base, *format, &plan.dir, *size)
+                    .await
+                    .map(|_| ()),
+                None => Ok(()),
+            }
+        };
+        let seed = self.enter_work_disk(st, vm, plan).await?;
+        let work_disk = self.work_disk(vm, plan, seed);
+
+        let subnet = self.net.subnet()?;
+        st.enter(
+            vm,
+            "network",
+            format!(
+                "Tap {} on {}, guest address {}/{}",
+                vm.tap_name,
+                crate::net::BRIDGE,
+                vm.guest_address,
+                subnet.prefix
+            ),
+        )
+        .await?;
+        let tap = vm.tap_name.clone();
+        let network = async {
+            let _net = self.net_lock.lock().await;
+            let ports = self.guest_ports("").await?;
+            self.net.attach(&tap, &ports).await
+        };
+        let initrd = async {
+            match &plan.kernel.initrd_path {
+                Some(i) => self.current_initrd(i, &plan.own_run).await.map(Some),
+                None => Ok(None),
+            }
+        };
+        // All four are awaited, failed or not, so none goes on behind the failure's cleanup.
+        let t0 = std::time::Instant::now();
+        let id = vm.id.as_str();
+        let (root_disk, work_disk, network, initrd) = tokio::join!(
+            timed(id, "root disk", t0, root_disk),
+            timed(id, "work disk", t0, work_disk),
+            timed(id, "network", t0, network),
+            timed(id, "initrd", t0, initrd)
+        );
+        // A failure names the stage whose work failed, not the last one entered.
+        let at = |vm: &mut Vm, stage: &str| vm.stage = stage.into();
+        root_disk.inspect_err(|_| at(vm, "prepare_rootfs"))?;
+        if let Some(public) = work_disk.inspect_err(|_| at(vm, "prepare_work_disk"))? {
+            vm.ssh_host_key = public;
+        }
+        if plan.ssh {
+            let _ = std::fs::remove_file(&plan.pending);
+        }
+        network?;
+        let initrd = initrd?;
+        vm.exit_status = -1;
+
+        let lease = GuestNet {
+            address: vm
+                .guest_address
+                .parse()
+                .map_err(|e| failed(format!("VM {} has no valid address lease", vm.name), e))?,
+            prefix: subnet.prefix,
+            gateway: subnet.gateway(),
+            dns: crate::net::host_resolvers(),
+            mac: vm.mac_address.clone(),
+        };
+        Ok(Prepared { initrd, lease })
+    }
+
+    /// Stage `prepare_rootfs`: says where the root disk comes from.
+    async fn enter_rootfs(
+        &self,
+        st: &mut Stages<'_>,
+        vm: &mut Vm,
+        plan: &Plan,
+    ) -> Result<RootBase> {
+        Ok(match &plan.restore {
+            Some((snap, sd)) => {
+                st.enter(
+                    vm,
+                    "prepare_rootfs",
+                    format!("Layering the VM's root disk on snapshot {}", snap.name),
+                )
+                .await?;
+                let format = snapshot::disk_format_of(snap);
+                Some((sd.join(snapshot::rootfs_file(format)), format, None))
+            }
+            None if plan.rootfs.exists() => {
+                st.enter(vm, "prepare_rootfs", "Keeping the VM's root disk")
+                    .await?;
+                None
+            }
+            None => {
+                let image = &plan.image;
+                st.enter(
+                    vm,
+                    "prepare_rootfs",
+                    format!("Layering the VM's root disk on image {}", image.name),
+                )
+                .await?;
+                let size = (vm.disk_size > image.size_bytes).then_some(vm.disk_size);
+                Some((image.rootfs_path.clone(), DiskFormat::Raw, size))
+            }
+        })
+    }
+
+    /// Stage `prepare_work_disk`: where the work disk comes from, a snapshot's copy, the
+    /// image's seed (`Some(seed)`), or nowhere (`None`: the VM's own disk is kept).
+    async fn enter_work_disk(
+        &self,
+        st: &mut Stages<'_>,
+        vm: &mut Vm,
+        plan: &Plan,
+    ) -> Result<Option<Option<PathBuf>>> {
+        Ok(if let Some((_, sd)) = &plan.restore {
+            st.enter(vm, "prepare_work_disk", "Copying the snapshot's /root disk")
+                .await?;
+            Some(Some(sd.join(snapshot::WORK)))
+        } else if plan.work.exists() {
+            st.enter(vm, "prepare_work_disk", "Keeping the VM's /root disk")
+                .await?;
+            None
+        } else {
+            st.enter(
+                vm,
+                "prepare_work_disk",
+                "Creating the VM's /root disk from the image's work seed",
+            )
+            .await?;
+            Some(plan.image.work_seed_path.clone())
+        })
+    }
+
+    /// The work disk's making, begun at once (the copy and a new host key run while the
+    /// other preparations are entered): the disk from `seed`, then SSH's keys and the main
+    /// process written into it. Yields the VM's new public host key, if it got one.
+    fn work_disk(
+        &self,
+        vm: &Vm,
+        plan: &Plan,
+        seed: Option<Option<PathBuf>>,
+    ) -> impl Future<Output = Result<Option<String>>> + 'static {
+        let host_key = (plan.ssh && vm.ssh_host_key.is_empty()).then(|| {
+            let name = vm.name.clone();
+            crate::jobs::spawn_blocking(move || new_host_key(&name))
+        });
+        let (w, main, key) = (plan.work.clone(), vm.main.clone(), plan.key.clone());
+        let run_dir = self.layout.runtime_dir.clone();
+        let hide = vec![self.layout.state_dir.clone(), run_dir.clone()];
+        let restoring = plan.restore.is_some();
+        let made = seed.map(|seed| {
+            let w = w.clone();
+            crate::jobs::spawn_blocking(move || make_work_disk(seed.as_deref(), &w))
+        });
+        async move {
+            if let Some(made) = made {
+                made.await
+                    .map_err(|e| failed("Work disk task failed", e))??;
+            }
+            let host_key = match host_key {
+                Some(k) => Some(k.await.map_err(|e| failed("SSH key task failed", e))??),
+                None => None,
+            };
+            if restoring {
+                return Ok(None);
+            }
+            crate::jobs::spawn_blocking(move || {
+                seed_work_in_worker(&w, &hide, &run_dir, host_key, key.as_deref(), &main)
+            })
+            .await
+            .map_err(|e| failed("Work disk task failed", e))?
+        }
+    }
+
+    /// Stage `restore` (a snapshot's memory, checked before any VMM process exists) or
+    /// `boot`: the VM's shares checked again, its directories handed to its uid, its VMM
+    /// started.
+    async fn boot_or_restore(
+        &self,
+        st: &mut Stages<'_>,
+        vm: &mut Vm,
+        plan: &Plan,
+        prepared: &Prepared,
+    ) -> Result<Booted> {
+        // A restored VM's new SSH host key is made while its VMM starts and loads.
+        let keygen = plan.restore.is_some().then(|| {
+            let name = vm.name.clone();
+            crate::jobs::spawn_blocking(move || new_host_key(&name))
+        });
+        let memory = match &plan.restore {
+            Some((snap, sd)) => {
+                let what = if snap.warm.is_empty() {
+                    format!("Restoring snapshot {} on {}", snap.name, self.vmm.name())
+                } else {
+                    format!(
+                        "Restoring the warm snapshot of this image on {} (an instant start; \
+                         --cold boots instead)",
+                        self.vmm.name()
+                    )
+                };
+                st.enter(vm, "restore", what).await?;
+                let (sd, s2) = (sd.clone(), snap.clone());
+                Some(
+                    crate::jobs::spawn_blocking(move || snapshot::verified_memory(&sd, &s2))
+                        .await
+                        .map_err(|e| failed("Snapshot task failed", e))??,
+                )
+            }
+            None => {
+                st.enter(vm, "boot", format!("Booting on {}", self.vmm.name()))
+                    .await?;
+                None
+            }
+        };
+        let spec = self.boot_spec(vm, plan, prepared, memory.is_some()).await?;
+        // The VM's processes run as a uid of its own: its directories become that uid's, what
+        // it only reads (image, kernel) the VMM group's.
+        {
+            // What the VM only reads and the roots its units hide are the jail's own lists.
+            let cell = spec.jail.clone();
+            let (vm_dir, own_run) = (plan.dir.clone(), plan.own_run.clone());
+            crate::jobs::spawn_blocking(move || {
+                use crate::vmm::jail;
+                let roots: Vec<&std::path::Path> = cell.hide.iter().map(|r| r.as_path()).collect();
+                let files: Vec<&std::path::Path> =
+                    cell.read_only.iter().map(|f| f.as_path()).collect();
+                jail::share(&files, &roots)?;
+                for own in [&vm_dir, &own_run] {
+                    jail::reach(own, &roots)?;
+                }
+                jail::hand_over(cell.uid, &[&vm_dir, &own_run])
+            })
+            .await
+            .map_err(|e| failed("Jail task failed", e))??;
+        }
+        self.vmm.boot(&spec).await?;
+        if let Some(file) = memory {
+            let (input, feeder) = snapshot::memory_stream(file)?;
+            let loaded = self.vmm.load_state(&spec, input).await;
+            let fed = crate::jobs::spawn_blocking(move || feeder.join())
+                .await
+                .map_err(|e| failed("Snapshot task failed", e))?
+                .map_err(|_| failed("Snapshot task failed", std::io::Error::other("panic")))?;
+            loaded?;
+            fed?;
+            self.vmm.resume(&plan.run).await?;
+        }
+        Ok(Booted { spec, keygen })
+    }
+
+    /// What the VMM is given: the kernel and its command line, disks, network, shares (each
+    /// checked again with the owner's rights: access lost since the create is a clear error
+    /// here, not a guest that cannot mount) and the jail.
+    async fn boot_spec(
+        &self,
+        vm: &Vm,
+        plan: &Plan,
+        prepared: &Prepared,
+        incoming: bool,
+    ) -> Result<BootSpec> {
+        let shares = if vm.shares.is_empty() {
+            Vec::new()
+        } else {
+            let owner = crate::callerfile::creds(vm.owner_uid)?;
+            share::verify(vm.owner_uid, vm.shares.clone())
+                .await?
+                .into_iter()
+                .enumerate()
+                .map(|(i, s)| crate::vmm::ShareSpec {
+                    tag: share::tag(i),
+                    host: s.host.into(),
+                    read_only: s.read_only,
+                    owner: owner.clone(),
+                })
+                .collect()
+        };
+        let (image, kernel) = (&plan.image, &plan.kernel);
+        Ok(BootSpec {
+            id: vm.id.clone(),
+            name: vm.name.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            kernel: kernel.kernel_path.clone(),
+            initrd: prepared.initrd.clone(),
+            cmdline: format!(
+                "quiet {} banger.hostname={}{}{}",
+                prepared.lease.cmdline(),
+                hostname_for(&vm.name),
+                if vm.main.is_empty() {
+                    super::init_cmdline(&vm.init)
+                } else {
+                    // banger-init runs the main process, whatever init the image has.
+                    " banger.init=banger banger.main=1".into()
+                },
+                share::cmdline(&vm.shares)
+            ),
+            net: Some(crate::vmm::NetSpec {
+                tap: vm.tap_name.clone(),
+                mac: vm.mac_address.clone(),
+            }),
+            shares,
+            rootfs: plan.rootfs.clone(),
+            work: plan.work.clone(),
+            cid: vm.vsock_cid,
+            run_dir: plan.run.clone(),
+            console_log: self.console_log(&vm.id),
+            jail: Jail {
+                uid: crate::vmm::jail::vm_uid(vm.vsock_cid),
+                gid: crate::vmm::jail::vm_uid(vm.vsock_cid),
+                groups: vec![crate::vmm::jail::vmm_gid()],
+                hide: vec![
+                    self.layout.state_dir.clone(),
+                    self.layout.runtime_dir.clone(),
+                ],
+                read_only: [image.rootfs_path.clone(), kernel.kernel_path.clone()]
+                    .into_iter()
+                    .chain(plan.layered_on.clone())
+                    .collect(),
+                private: true,
+                offline: true,
+            },
+            incoming,
+        })
+    }
+
+    /// Stage `wait_agent` (and `identity` for a restored guest), while the VM's control
+    /// socket starts (so it costs no time). Yields the guest's health and the control
+    /// socket, or `None` when the main process ended first: the VM is then stopped, at stage
+    /// `exited`.
+    async fn reach_guest(
+        &self,
+        st: &mut Stages<'_>,
+        vm: &mut Vm,
+        plan: &Plan,
+        prepared: &Prepared,
+        keygen: Option<Keygen>,
+    ) -> Result<Option<(Health, Result<PathBuf>)>> {
+        st.enter(vm, "wait_agent", "Waiting for the guest agent")
+            .await?;
+        let vm_id = vm.id.clone();
+        let run = &plan.run;
+        let (health, control) = tokio::join!(
+            async {
+                // A restored guest's agent runs already: the connection that finds it carries the
+                // guest's new identity, and the answer its health (a round trip less than asking
+                // first; each costs a TCG guest whose translations are all cold some 100 ms).
+                match keygen {
+                    Some(keygen) => {
+                        let agent = self.reach_agent(run).await?;
+                        st.enter(
+                            vm,
+                            "identity",
+                            "Giving the guest its own name, address, keys and clock",
+                        )
+                        .await?;
+                        let host_key = keygen
+                            .await
+                            .map_err(|e| failed("SSH key task failed", e))??;
+                        let health = self
+                            .give_identity(
+                                vm,
+                                agent,
+                                &prepared.lease,
+                                host_key,
+                                plan.key.as_deref(),
+                            )
+                            .await?;
+                        let _ = std::fs::remove_file(&plan.pending);
+                        Ok(health)
+                    }
+                    None => self.wait_agent(run).await,
+                }
+            },
+            self.start_control(&vm_id)
+        );
+        match health {
+            Ok(health) => Ok(Some((health, control))),
+            Err(e) => {
+                // A main process that finished before the agent was reached: the VM is done.
+                let status = (!vm.main.is_empty() && !self.vmm.running(run))
+                    .then(|| self.main_exit_status(&vm.id))
+                    .flatten();
+                let Some(code) = status else {
+                    return Err(e);
+                };
+                vm.exit_status = code;
+                self.power_down(vm).await?;
+                vm.state = VmState::Stopped;
+                st.enter(
+                    vm,
+                    "exited",
+                    format!("The main process exited with status {code}"),
+                )
+                .await?;
+                self.release_network_if_idle().await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stages `wait_ssh`, `wait_port_<N>` for each of the image's ready ports, `publish`,
+    /// and `ready`: the VM announced to machined, its clock set, watched from now on.
+    async fn make_ready(
+        &self,
+        st: &mut Stages<'_>,
+        vm: &mut Vm,
+        plan: &Plan,
+        jail: &Jail,
+        health: Health,
+        control: Result<PathBuf>,
+    ) -> Result<()> {
+        let run = &plan.run;
+        // A guest that just booted keeps its RTC's time, up to a second off; one restored was
+        // set by its identity. Either way it starts on the host's (forward only), and its
+        // agent link keeps it there. Set while the other stages wait (sshd, ports), done
+        // before `ready`.
+        let clock = {
+            let (this, vm) = (self.clone(), vm.clone());
+            tokio::spawn(async move { this.sync_clock(&vm, true).await })
+        };
+        // An agent that says whether there is an sshd saves asking it to run a shell.
+        let has_sshd = match health.sshd {
+            Some(has) => has,
+            None => self.guest_has_sshd(vm).await,
+        };
+        if has_sshd {
+            let addr = format!("{}:22", vm.guest_address);
+            st.enter(vm, "wait_ssh", format!("Waiting for sshd on {addr}"))
+                .await?;
+            self.wait_port(run, &addr, true).await?;
+            vm.ssh_address = addr;
+        } else {
+            st.enter(vm, "wait_ssh", "Skipped: the image has no sshd")
+                .await?;
+        }
+        for port in &plan.image.ready_ports {
+            let addr = format!("{}:{port}", vm.guest_address);
+            st.enter(
+                vm,
+                &format!("wait_port_{port}"),
+                format!("Waiting for the image's service on {addr}"),
+            )
+            .await?;
+            self.wait_port(run, &addr, false).await?;
+        }
+        if !vm.publish.is_empty() {
+            st.enter(
+                vm,
+                "publish",
+                format!("Publishing {}", vm.publish.join(", ")),
+            )
+            .await?;
+            self.start_forwarder(vm, jail).await?;
+        }
+        // Its control socket is a convenience (machinectl, varlinkctl): the VM runs without.
+        let control = match control {
+            Ok(socket) => Some(socket.to_string_lossy().into_owned()),
+            Err(e) => {
+                tracing::warn!(vm_id = %vm.id, vm_name = %vm.name, "{}", e.full_message());
+                None
+            }
+        };
+        let pids = self.vmm.pids(run);
+        self.machines
+            .announce(&crate::vmm::scope::Machine {
+                name: &vm.name,
+                id: &vm.id,
+                pids: &pids,
+                cid: vm.vsock_cid,
+                ssh_address: &vm.ssh_address,
+                control_address: control.as_deref(),
+            })
+            .await;
+        let _ = clock.await;
+        vm.state = VmState::Running;
+        st.enter(vm, "ready", format!("VM {} is ready", vm.name))
+            .await?;
+        self.watch(vm.clone());
+        Ok(())
+    }
+}
