@@ -4,9 +4,11 @@ use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{interface, Connection, OwnedObjectPath};
 
-use super::{image_path, BusResult as Result, Ctx, OptionMap, Options};
+use super::options::request;
+use super::{image_path, BusResult as Result, Ctx, OptionMap};
 use crate::images::{BuildOptions, PullOptions, RegisterOptions};
 use crate::ops;
+use crate::ops::request::NoOptions;
 
 /// The image manager.
 pub struct Images1 {
@@ -50,19 +52,7 @@ impl Images1 {
         r#ref: &str,
         options: OptionMap,
     ) -> Result<(u32, OwnedObjectPath)> {
-        let mut o = Options::new("PullImage", options);
-        let opts = PullOptions {
-            name: o.string("name")?,
-            kernel: o.string("kernel")?,
-            size: o.u64("size")?,
-            insecure: o.bool("insecure")?.unwrap_or(false),
-            ready_ports: o.ports("ready_ports")?,
-            auth: o
-                .string("auth")?
-                .map(|a| crate::oci::auth::Credentials::parse(&a))
-                .transpose()?,
-        };
-        o.finish()?;
+        let opts: PullOptions = request("PullImage", options)?;
         let c = self.ctx.caller(conn, &hdr).await?;
         let op = ops::pull_image(&self.ctx.banger, &c, r#ref, opts);
         let job = self.ctx.perform(&c, op).await?;
@@ -80,17 +70,7 @@ impl Images1 {
         name: &str,
         options: OptionMap,
     ) -> Result<OwnedObjectPath> {
-        let mut o = Options::new("RegisterImage", options);
-        let opts = RegisterOptions {
-            rootfs: o.file("rootfs")?,
-            work_seed: o.file("work_seed")?,
-            kernel: o.string("kernel")?,
-            kernel_path: o.file("kernel_path")?,
-            initrd_path: o.file("initrd_path")?,
-            modules_dir: o.file("modules_dir")?,
-            ready_ports: o.ports("ready_ports")?,
-        };
-        o.finish()?;
+        let opts: RegisterOptions = request("RegisterImage", options)?;
         let c = self.ctx.caller(conn, &hdr).await?;
         let op = ops::register_image(&self.ctx.banger, &c, name, opts);
         Ok(image_path(&self.ctx.perform(&c, op).await?.id))
@@ -120,15 +100,7 @@ impl Images1 {
         name: &str,
         options: OptionMap,
     ) -> Result<(u32, OwnedObjectPath)> {
-        let mut o = Options::new("BuildImage", options);
-        let opts = BuildOptions {
-            suite: o.string("suite")?,
-            packages: o.strings("packages")?.unwrap_or_default(),
-            size: o.u64("size")?,
-            kernel: o.string("kernel")?,
-            ready_ports: o.ports("ready_ports")?.unwrap_or_default(),
-        };
-        o.finish()?;
+        let opts: BuildOptions = request("BuildImage", options)?;
         let c = self.ctx.caller(conn, &hdr).await?;
         let op = ops::build_image(&self.ctx.banger, &c, name, opts);
         let job = self.ctx.perform(&c, op).await?;
@@ -146,14 +118,7 @@ impl Images1 {
         name_or_id: &str,
         options: OptionMap,
     ) -> Result<(u32, OwnedObjectPath)> {
-        let mut o = Options::new("WarmImage", options);
-        let d = crate::vms::CreateOptions::default();
-        let opts = ops::WarmOptions {
-            kernel: o.string("kernel")?,
-            vcpus: o.u32("vcpus")?.unwrap_or(d.vcpus),
-            memory_mib: o.u32("memory_mib")?.unwrap_or(d.memory_mib),
-        };
-        o.finish()?;
+        let opts: ops::WarmOptions = request("WarmImage", options)?;
         let c = self.ctx.caller(conn, &hdr).await?;
         let op = ops::warm_image(&self.ctx.banger, &c, name_or_id, opts);
         let job = self.ctx.perform(&c, op).await?;
@@ -182,7 +147,7 @@ impl Images1 {
         #[zbus(header)] hdr: Header<'_>,
         options: OptionMap,
     ) -> Result<(u64, u32)> {
-        Options::new("PruneCache", options).finish()?;
+        let NoOptions = request("PruneCache", options)?;
         let c = self.ctx.caller(conn, &hdr).await?;
         let op = ops::prune_cache(&self.ctx.banger, &c);
         self.ctx.perform(&c, op).await

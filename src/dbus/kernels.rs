@@ -3,9 +3,11 @@
 use zbus::message::Header;
 use zbus::{interface, Connection, OwnedObjectPath};
 
-use super::{kernel_path, BusResult as Result, Ctx, OptionMap, Options};
+use super::options::request;
+use super::{kernel_path, BusResult as Result, Ctx, OptionMap};
 use crate::kernels::ImportOptions;
 use crate::ops;
+use crate::ops::request::NoOptions;
 
 /// The kernel manager.
 pub struct Kernels1 {
@@ -58,7 +60,7 @@ impl Kernels1 {
         name: &str,
         options: OptionMap,
     ) -> Result<(u32, OwnedObjectPath)> {
-        Options::new("PullKernel", options).finish()?;
+        let NoOptions = request("PullKernel", options)?;
         let c = self.ctx.caller(conn, &hdr).await?;
         let job = self
             .ctx
@@ -77,13 +79,7 @@ impl Kernels1 {
         name: &str,
         options: OptionMap,
     ) -> Result<OwnedObjectPath> {
-        let mut o = Options::new("ImportKernel", options);
-        let opts = ImportOptions {
-            kernel_path: o.file("kernel_path")?,
-            initrd_path: o.file("initrd_path")?,
-            modules_dir: o.file("modules_dir")?,
-        };
-        o.finish()?;
+        let opts: ImportOptions = request("ImportKernel", options)?;
         let c = self.ctx.caller(conn, &hdr).await?;
         let op = ops::import_kernel(&self.ctx.banger, &c, name, opts);
         Ok(kernel_path(&self.ctx.perform(&c, op).await?.name))

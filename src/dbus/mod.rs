@@ -24,7 +24,7 @@ use zbus::message::Header;
 use zbus::{Connection, OwnedObjectPath};
 
 pub use error::{BusError, BusResult};
-pub use options::{OptionMap, Options};
+pub use options::{request, OptionMap, Options};
 
 use crate::auth::{Authority, Caller};
 use crate::model::escape_path_label;

@@ -119,15 +119,6 @@ impl Options {
             }))
     }
 
-    /// A `ready_ports` option: `aq`, checked.
-    pub fn ports(&mut self, key: &str) -> Result<Option<Vec<u16>>> {
-        let ports = self.take::<Vec<u16>>(key, "aq")?;
-        if let Some(p) = &ports {
-            crate::model::check_ready_ports(p)?;
-        }
-        Ok(ports)
-    }
-
     /// Fails if any key was not taken.
     pub fn finish(self) -> Result<()> {
         let mut left: Vec<_> = self.map.into_keys().collect();
@@ -141,6 +132,49 @@ impl Options {
             left.join(", ")
         )))
     }
+}
+
+/// The D-Bus side of a request: keys as they are, types by their D-Bus signatures.
+impl crate::ops::request::Source for Options {
+    type Error = Error;
+    fn method(&self) -> &str {
+        self.method
+    }
+    fn string(&mut self, key: &str) -> Result<Option<String>> {
+        Options::string(self, key)
+    }
+    fn strings(&mut self, key: &str) -> Result<Option<Vec<String>>> {
+        Options::strings(self, key)
+    }
+    fn bool(&mut self, key: &str) -> Result<Option<bool>> {
+        Options::bool(self, key)
+    }
+    fn u16(&mut self, key: &str) -> Result<Option<u16>> {
+        Options::u16(self, key)
+    }
+    fn u32(&mut self, key: &str) -> Result<Option<u32>> {
+        Options::u32(self, key)
+    }
+    fn u64(&mut self, key: &str) -> Result<Option<u64>> {
+        Options::u64(self, key)
+    }
+    fn ports(&mut self, key: &str) -> Result<Option<Vec<u16>>> {
+        self.take::<Vec<u16>>(key, "aq")
+    }
+    fn shares(&mut self, key: &str) -> Result<Option<Vec<crate::model::Share>>> {
+        Options::shares(self, key)
+    }
+    fn file(&mut self, key: &str) -> Result<Option<crate::callerfile::CallerInput>> {
+        Options::file(self, key)
+    }
+    fn finish(self) -> Result<()> {
+        Options::finish(self)
+    }
+}
+
+/// Reads `method`'s request `R` from its `a{sv}` options.
+pub fn request<R: crate::ops::request::Request>(method: &'static str, map: OptionMap) -> Result<R> {
+    crate::ops::request::read(Options::new(method, map))
 }
 
 #[cfg(test)]

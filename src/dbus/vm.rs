@@ -3,9 +3,11 @@
 use zbus::message::Header;
 use zbus::{interface, Connection, OwnedObjectPath};
 
-use super::{BusResult as Result, Ctx, OptionMap, Options};
+use super::options::request;
+use super::{BusResult as Result, Ctx, OptionMap};
 use crate::model::Vm;
 use crate::ops;
+use crate::ops::request::DeleteVmOptions;
 use crate::vms::StopOptions;
 
 /// A VM object; its properties are the VM's row.
@@ -156,15 +158,7 @@ impl Vm1 {
         #[zbus(header)] hdr: Header<'_>,
         options: super::options::OptionMap,
     ) -> Result<zbus::OwnedFd> {
-        let mut o = super::options::Options::new("OpenShell", options);
-        let what = crate::agent::ExecRequest::shell(
-            o.u16("rows")?,
-            o.u16("cols")?,
-            o.string("term")?,
-            o.string("user")?,
-            o.strings("command")?.unwrap_or_default(),
-        );
-        o.finish()?;
+        let what: crate::agent::ExecRequest = request("OpenShell", options)?;
         let c = self.ctx.caller(conn, &hdr).await?;
         let id = self.vm_id();
         let op = ops::open_shell(&self.ctx.banger, &c, &id, what);
@@ -326,13 +320,7 @@ pub(super) async fn stop(
     key: &str,
     options: OptionMap,
 ) -> Result<()> {
-    let mut o = Options::new("StopVM", options);
-    let d = StopOptions::default();
-    let opts = StopOptions {
-        force: o.bool("force")?.unwrap_or(d.force),
-        timeout_sec: o.u32("timeout_sec")?.unwrap_or(d.timeout_sec),
-    };
-    o.finish()?;
+    let opts: StopOptions = request("StopVM", options)?;
     let c = ctx.caller(conn, hdr).await?;
     ctx.perform(&c, ops::stop_vm(&ctx.banger, &c, key, opts))
         .await
@@ -346,11 +334,7 @@ pub(super) async fn take_snapshot(
     name: &str,
     options: OptionMap,
 ) -> Result<(u32, OwnedObjectPath)> {
-    let mut o = Options::new("SnapshotVM", options);
-    let opts = crate::vms::snapshot::SnapshotOptions {
-        pause: o.bool("pause")?.unwrap_or(false),
-    };
-    o.finish()?;
+    let opts: crate::vms::snapshot::SnapshotOptions = request("SnapshotVM", options)?;
     let c = ctx.caller(conn, hdr).await?;
     let op = ops::snapshot_vm(&ctx.banger, &c, key, name, opts);
     let job = ctx.perform(&c, op).await?;
@@ -364,10 +348,8 @@ pub(super) async fn delete(
     key: &str,
     options: OptionMap,
 ) -> Result<()> {
-    let mut o = Options::new("DeleteVM", options);
-    let force = o.bool("force")?.unwrap_or(false);
-    o.finish()?;
+    let opts: DeleteVmOptions = request("DeleteVM", options)?;
     let c = ctx.caller(conn, hdr).await?;
-    ctx.perform(&c, ops::delete_vm(&ctx.banger, &c, key, force))
+    ctx.perform(&c, ops::delete_vm(&ctx.banger, &c, key, opts.force))
         .await
 }

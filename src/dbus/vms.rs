@@ -5,8 +5,9 @@ use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{interface, Connection, OwnedObjectPath};
 
+use super::options::request;
 use super::vm::{delete, start, stop, take_snapshot};
-use super::{vm_path, BusResult as Result, Ctx, OptionMap, Options};
+use super::{vm_path, BusResult as Result, Ctx, OptionMap};
 use crate::ops;
 use crate::vms::CreateOptions;
 
@@ -95,30 +96,7 @@ impl Vms1 {
         name: &str,
         options: OptionMap,
     ) -> Result<(OwnedObjectPath, u32, OwnedObjectPath)> {
-        let mut o = Options::new("CreateVM", options);
-        let d = CreateOptions::default();
-        let snapshot = o.string("snapshot")?;
-        let (vcpus, memory) = CreateOptions::default_shape(snapshot.is_some());
-        let opts = CreateOptions {
-            image: o.string("image")?,
-            kernel: o.string("kernel")?,
-            vcpus: o.u32("vcpus")?.unwrap_or(vcpus),
-            memory_mib: o.u32("memory_mib")?.unwrap_or(memory),
-            disk_size: o.u64("disk_size")?,
-            ssh_key: o.string("ssh_key")?,
-            start: o.bool("start")?.unwrap_or(d.start),
-            network: CreateOptions::network_option("CreateVM", o.string("network")?.as_deref())?,
-            egress: o.strings("egress")?.unwrap_or_default(),
-            init: o.string("init")?.unwrap_or_default(),
-            entrypoint: o.bool("entrypoint")?.unwrap_or(false),
-            command: o.strings("command")?.unwrap_or_default(),
-            publish: o.strings("publish")?.unwrap_or_default(),
-            shares: o.shares("shares")?.unwrap_or_default(),
-            cold: o.bool("cold")?.unwrap_or(false),
-            snapshot,
-            foreign_ok: false,
-        };
-        o.finish()?;
+        let opts: CreateOptions = request("CreateVM", options)?;
         let c = self.ctx.caller(conn, &hdr).await?;
         let op = ops::create_vm(&self.ctx.banger, &c, name, opts);
         let (vm, job) = self.ctx.perform(&c, op).await?;

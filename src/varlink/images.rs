@@ -7,6 +7,7 @@ use crate::auth::Caller;
 use crate::images::{BuildOptions, PullOptions, RegisterOptions};
 use crate::model::Image;
 use crate::ops;
+use crate::ops::request::{read, NoOptions};
 
 /// The interface's name.
 pub const INTERFACE: &str = "io.banger.Images";
@@ -143,33 +144,13 @@ pub(super) async fn call(
         }
         "Pull" => {
             let reference: String = p.req("ref")?;
-            let opts = PullOptions {
-                name: p.opt("name")?,
-                kernel: p.opt("kernel")?,
-                size: p.opt("size")?,
-                insecure: p.opt("insecure")?.unwrap_or(false),
-                ready_ports: p.ports("readyPorts")?,
-                auth: p
-                    .opt::<String>("auth")?
-                    .map(|a| crate::oci::auth::Credentials::parse(&a))
-                    .transpose()?,
-            };
-            p.finish()?;
+            let opts: PullOptions = read(p)?;
             let op = ops::pull_image(b, caller, &reference, opts);
             job_answer(ctx, caller, op, job_only()).await
         }
         "Register" => {
             let name: String = p.req("name")?;
-            let opts = RegisterOptions {
-                rootfs: p.file("rootfs")?,
-                work_seed: p.file("workSeed")?,
-                kernel: p.opt("kernel")?,
-                kernel_path: p.file("kernelPath")?,
-                initrd_path: p.file("initrdPath")?,
-                modules_dir: p.file("modulesDir")?,
-                ready_ports: p.ports("readyPorts")?,
-            };
-            p.finish()?;
+            let opts: RegisterOptions = read(p)?;
             let image = ctx
                 .perform(caller, ops::register_image(b, caller, &name, opts))
                 .await?;
@@ -183,26 +164,13 @@ pub(super) async fn call(
         }
         "Build" => {
             let name: String = p.req("name")?;
-            let opts = BuildOptions {
-                suite: p.opt("suite")?,
-                packages: p.opt("packages")?.unwrap_or_default(),
-                size: p.opt("size")?,
-                kernel: p.opt("kernel")?,
-                ready_ports: p.ports("readyPorts")?.unwrap_or_default(),
-            };
-            p.finish()?;
+            let opts: BuildOptions = read(p)?;
             let op = ops::build_image(b, caller, &name, opts);
             job_answer(ctx, caller, op, job_only()).await
         }
         "Warm" => {
             let name: String = p.req("name")?;
-            let d = crate::vms::CreateOptions::default();
-            let opts = ops::WarmOptions {
-                kernel: p.opt("kernel")?,
-                vcpus: p.opt("vcpus")?.unwrap_or(d.vcpus),
-                memory_mib: p.opt("memoryMib")?.unwrap_or(d.memory_mib),
-            };
-            p.finish()?;
+            let opts: ops::WarmOptions = read(p)?;
             let op = ops::warm_image(b, caller, &name, opts);
             job_answer(ctx, caller, op, job_only()).await
         }
@@ -214,7 +182,7 @@ pub(super) async fn call(
             Ok(Answer::One(json!({})))
         }
         "PruneCache" => {
-            p.finish()?;
+            let NoOptions = read(p)?;
             let (bytes, blobs) = ctx.perform(caller, ops::prune_cache(b, caller)).await?;
             Ok(Answer::One(json!({ "freedBytes": bytes, "blobs": blobs })))
         }

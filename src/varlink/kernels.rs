@@ -7,6 +7,7 @@ use crate::auth::Caller;
 use crate::kernels::ImportOptions;
 use crate::model::Kernel;
 use crate::ops;
+use crate::ops::request::{read, NoOptions};
 
 /// The interface's name.
 pub const INTERFACE: &str = "io.banger.Kernels";
@@ -104,18 +105,13 @@ pub(super) async fn call(
         }
         "Pull" => {
             let name: String = p.req("name")?;
-            p.finish()?;
+            let NoOptions = read(p)?;
             let op = ops::pull_kernel(b, caller, &name);
             job_answer(ctx, caller, op, job_only()).await
         }
         "Import" => {
             let name: String = p.req("name")?;
-            let opts = ImportOptions {
-                kernel_path: p.file("kernelPath")?,
-                initrd_path: p.file("initrdPath")?,
-                modules_dir: p.file("modulesDir")?,
-            };
-            p.finish()?;
+            let opts: ImportOptions = read(p)?;
             let kernel = ctx
                 .perform(caller, ops::import_kernel(b, caller, &name, opts))
                 .await?;

@@ -454,7 +454,7 @@ async fn dispatch(
         .method
         .rsplit_once('.')
         .ok_or_else(|| Failure::method_not_found(&call.method))?;
-    let p = Params::new(call.params.clone(), fds);
+    let p = Params::new(method, call.params.clone(), fds);
     let answer = match (front, interface) {
         (Front::Banger, service::INTERFACE) => return service::call(method, p, &descriptions()),
         (Front::Machine(_), service::INTERFACE) => {
@@ -477,6 +477,7 @@ async fn dispatch(
 }
 
 /// What an interface's method fails with: a service error, or a Varlink one as it is.
+#[derive(Debug)]
 pub(crate) enum Fail {
     Service(Error),
     Varlink(Failure),

@@ -4,8 +4,9 @@ use serde_json::{json, Value};
 
 use super::{job_answer, no_method, Answer, Ctx, Fail, Params, Render};
 use crate::auth::Caller;
-use crate::model::{Share, Vm};
+use crate::model::Vm;
 use crate::ops;
+use crate::ops::request::{read, DeleteVmOptions};
 use crate::vms::{CreateOptions, StopOptions};
 
 /// The interface's name.
@@ -224,15 +225,6 @@ fn fd_answer(fd: std::os::fd::OwnedFd) -> Answer {
     Answer::WithFds(json!({ "fd": 0 }), vec![fd])
 }
 
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ShareParam {
-    host: String,
-    guest: String,
-    #[serde(default)]
-    read_only: bool,
-}
-
 /// Later replies of a VM's job: the VM as it is now, and the job.
 fn with_vm(ctx: &Ctx, id: String) -> Render {
     let banger = ctx.banger.clone();
@@ -284,39 +276,7 @@ pub(super) async fn call(
         }
         "Create" => {
             let name: String = p.req("name")?;
-            let d = CreateOptions::default();
-            let snapshot: Option<String> = p.opt("snapshot")?;
-            let (vcpus, memory) = CreateOptions::default_shape(snapshot.is_some());
-            let network =
-                CreateOptions::network_option("Create", p.opt::<String>("network")?.as_deref())?;
-            let shares: Vec<ShareParam> = p.opt("shares")?.unwrap_or_default();
-            let opts = CreateOptions {
-                image: p.opt("image")?,
-                kernel: p.opt("kernel")?,
-                vcpus: p.opt("vcpus")?.unwrap_or(vcpus),
-                memory_mib: p.opt("memoryMib")?.unwrap_or(memory),
-                disk_size: p.opt("diskSize")?,
-                ssh_key: p.opt("sshKey")?,
-                start: p.opt("start")?.unwrap_or(d.start),
-                network,
-                egress: p.opt("egress")?.unwrap_or_default(),
-                init: p.opt("init")?.unwrap_or_default(),
-                entrypoint: p.opt("entrypoint")?.unwrap_or(false),
-                command: p.opt("command")?.unwrap_or_default(),
-                publish: p.opt("publish")?.unwrap_or_default(),
-                shares: shares
-                    .into_iter()
-                    .map(|s| Share {
-                        host: s.host,
-                        guest: s.guest,
-                        read_only: s.read_only,
-                    })
-                    .collect(),
-                cold: p.opt("cold")?.unwrap_or(false),
-                snapshot,
-                foreign_ok: false,
-            };
-            p.finish()?;
+            let opts: CreateOptions = read(p)?;
             let events = b.jobs.subscribe();
             let (vm, job) = ctx
                 .perform(caller, ops::create_vm(b, caller, &name, opts))
@@ -339,21 +299,15 @@ pub(super) async fn call(
         }
         "Stop" => {
             let name: String = p.req("name")?;
-            let d = StopOptions::default();
-            let opts = StopOptions {
-                force: p.opt("force")?.unwrap_or(d.force),
-                timeout_sec: p.opt("timeoutSec")?.unwrap_or(d.timeout_sec),
-            };
-            p.finish()?;
+            let opts: StopOptions = read(p)?;
             ctx.perform(caller, ops::stop_vm(b, caller, &name, opts))
                 .await?;
             Ok(Answer::One(json!({})))
         }
         "Delete" => {
             let name: String = p.req("name")?;
-            let force = p.opt("force")?.unwrap_or(false);
-            p.finish()?;
-            ctx.perform(caller, ops::delete_vm(b, caller, &name, force))
+            let opts: DeleteVmOptions = read(p)?;
+            ctx.perform(caller, ops::delete_vm(b, caller, &name, opts.force))
                 .await?;
             Ok(Answer::One(json!({})))
         }
@@ -420,10 +374,7 @@ pub(super) async fn call(
         "Snapshot" => {
             let name: String = p.req("name")?;
             let snapshot: String = p.req("snapshot")?;
-            let opts = crate::vms::snapshot::SnapshotOptions {
-                pause: p.opt("pause")?.unwrap_or(false),
-            };
-            p.finish()?;
+            let opts: crate::vms::snapshot::SnapshotOptions = read(p)?;
             let op = ops::snapshot_vm(b, caller, &name, &snapshot, opts);
             job_answer(ctx, caller, op, super::job_only()).await
         }

@@ -537,5 +537,7 @@ pub async fn open_console<'a>(
     }))
 }
 
+pub mod request;
+
 #[cfg(test)]
 mod tests;
