@@ -8,6 +8,7 @@
 
 pub mod invariants;
 pub mod oci;
+pub mod scenario;
 pub mod vm;
 
 use std::path::{Path, PathBuf};
