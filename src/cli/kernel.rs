@@ -3,8 +3,8 @@
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{explain, vm::opts, Output};
-use crate::dbus::proxy::Kernels1Proxy;
+use super::transport::{show, table, Transport};
+use super::Output;
 
 /// Kernel verbs.
 #[derive(Debug, Subcommand)]
@@ -46,51 +46,36 @@ pub enum KernelCommand {
     },
 }
 
-/// Runs a kernel verb.
-pub async fn run(out: &Output, conn: &zbus::Connection, cmd: KernelCommand) -> anyhow::Result<()> {
-    let p = Kernels1Proxy::new(conn).await?;
+/// Runs a kernel verb over `t`.
+pub(crate) async fn run(
+    out: &Output,
+    t: &mut impl Transport,
+    cmd: KernelCommand,
+) -> anyhow::Result<()> {
     match cmd {
         KernelCommand::List { available: false } => {
-            let rows = p.list_kernels().await.map_err(explain)?;
-            let owners = super::owners(conn).await?;
-            let rows = rows
-                .into_iter()
-                .map(|(n, v, s, path)| {
-                    let owner = owners.get(path.as_str()).copied().unwrap_or_default();
-                    vec![
-                        json!(n),
-                        json!(v),
-                        json!(super::owner_name(owner)),
-                        json!(s),
-                        json!(path.as_str()),
-                    ]
-                })
-                .collect();
-            out.table(
-                &["NAME", "VERSION", "OWNER", "SOURCE", "OBJECT"],
-                &["name", "version", "owner", "source", "path"],
-                rows,
+            let mut kernels = t.kernels().await?;
+            for k in &mut kernels {
+                k["owner"] = json!(super::owner_name(k["owner"].as_u64().unwrap_or_default()));
+            }
+            table(
+                out,
+                &["NAME", "VERSION", "OWNER", "SOURCE"],
+                &["name", "version", "owner", "source"],
+                &kernels,
             );
         }
         KernelCommand::List { available: true } => {
-            let rows = p.list_available_kernels().await.map_err(explain)?;
-            let rows = rows
-                .into_iter()
-                .map(|(n, v, d)| vec![json!(n), json!(v), json!(d)])
-                .collect();
-            out.table(
+            table(
+                out,
                 &["NAME", "VERSION", "DESCRIPTION"],
                 &["name", "version", "description"],
-                rows,
+                &t.available_kernels().await?,
             );
         }
         KernelCommand::Pull { name } => {
-            let watch = super::watch::subscribe(conn).await?;
-            let (id, path) = p.pull_kernel(&name, opts(None)).await.map_err(explain)?;
-            watch.follow(out, id, &path).await?;
-            if !out.json {
-                println!("Pulled kernel {name}");
-            }
+            t.pull_kernel(out, &name).await?;
+            out.say(&format!("Pulled kernel {name}"));
         }
         KernelCommand::Import {
             name,
@@ -98,33 +83,14 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: KernelCommand) -> a
             initrd,
             modules,
         } => {
-            // Opened here, as the user who runs this; the daemon gets descriptors.
-            let entries =
-                super::files::kernel_entries(&kernel, initrd.as_deref(), modules.as_deref())?;
-            let path = p
-                .import_kernel(&name, opts(entries))
-                .await
-                .map_err(explain)?;
-            out.object(vec![("name", json!(name)), ("path", json!(path.as_str()))]);
-        }
-        KernelCommand::Show { name } => {
-            let path = p.get_kernel(&name).await.map_err(explain)?;
-            let k = crate::dbus::proxy::Kernel1Proxy::builder(conn)
-                .path(path.clone())
-                .build()
+            let k = t
+                .import_kernel(&name, &kernel, initrd.as_deref(), modules.as_deref())
                 .await?;
-            out.object(vec![
-                ("name", json!(k.name().await?)),
-                ("version", json!(k.version().await?)),
-                ("source", json!(k.source().await?)),
-                ("kernel_path", json!(k.kernel_path().await?)),
-                ("initrd_path", json!(k.initrd_path().await?)),
-                ("modules_dir", json!(k.modules_dir().await?)),
-                ("path", json!(path.as_str())),
-            ]);
+            show(out, &k);
         }
+        KernelCommand::Show { name } => show(out, &t.kernel(&name).await?),
         KernelCommand::Delete { name } => {
-            p.delete_kernel(&name).await.map_err(explain)?;
+            t.delete_kernel(&name).await?;
             out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
         }
     }

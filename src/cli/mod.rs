@@ -11,6 +11,7 @@ mod output;
 mod snapshot;
 mod status;
 mod term;
+mod transport;
 mod varlink;
 mod vm;
 mod watch;
@@ -220,6 +221,13 @@ pub fn explain(e: zbus::Error) -> anyhow::Error {
     anyhow::anyhow!("D-Bus call failed: {e}")
 }
 
+/// The system bus as a [`transport::Transport`].
+async fn bus() -> anyhow::Result<transport::Bus> {
+    Ok(transport::Bus {
+        conn: connect().await?,
+    })
+}
+
 /// Runs one command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let out = Output { json: cli.json };
@@ -239,10 +247,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         (Command::Status, None) => status::run(&out, &connect().await?).await,
         (Command::Image(c), None) => image::run(&out, &connect().await?, c).await,
-        (Command::Kernel(c), None) => kernel::run(&out, &connect().await?, c).await,
+        (Command::Kernel(c), None) => kernel::run(&out, &mut bus().await?, c).await,
         (Command::Vm(c), None) => vm::run(&out, &connect().await?, c).await,
-        (Command::Snapshot(c), None) => snapshot::run(&out, &connect().await?, c).await,
-        (Command::Job(c), None) => job::run(&out, &connect().await?, c).await,
+        (Command::Snapshot(c), None) => snapshot::run(&out, &mut bus().await?, c).await,
+        (Command::Job(c), None) => job::run(&out, &mut bus().await?, c).await,
     }
 }
 

@@ -3,8 +3,8 @@
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{explain, Output};
-use crate::dbus::proxy::Snapshots1Proxy;
+use super::transport::{show, table, Transport};
+use super::Output;
 
 /// Snapshot verbs (taken with `banger vm snapshot`, restored with `vm create --snapshot`).
 #[derive(Debug, Subcommand)]
@@ -27,54 +27,26 @@ pub enum SnapshotCommand {
     },
 }
 
-/// Runs a snapshot verb.
-pub async fn run(
+/// Runs a snapshot verb over `t`.
+pub(crate) async fn run(
     out: &Output,
-    conn: &zbus::Connection,
+    t: &mut impl Transport,
     cmd: SnapshotCommand,
 ) -> anyhow::Result<()> {
-    let p = Snapshots1Proxy::new(conn).await?;
     match cmd {
         SnapshotCommand::List { all } => {
-            let rows = p.list_snapshots().await.map_err(explain)?;
-            let rows = rows
-                .into_iter()
-                .filter(|(_, name, ..)| all || !name.starts_with('.'))
-                .map(|(id, name, vm, path)| {
-                    vec![json!(name), json!(id), json!(vm), json!(path.as_str())]
-                })
-                .collect();
-            out.table(
-                &["NAME", "ID", "VM", "OBJECT"],
-                &["name", "id", "vm", "path"],
-                rows,
+            let mut snapshots = t.snapshots().await?;
+            snapshots.retain(|s| all || !s["name"].as_str().unwrap_or("").starts_with('.'));
+            table(
+                out,
+                &["NAME", "ID", "VM"],
+                &["name", "id", "vm"],
+                &snapshots,
             );
         }
-        SnapshotCommand::Show { name } => {
-            let path = p.get_snapshot(&name).await.map_err(explain)?;
-            let (mut fields, _) = super::vm::object_fields(
-                conn,
-                &path,
-                "org.banger.Snapshot1",
-                &[
-                    "Name",
-                    "Id",
-                    "Vm",
-                    "Image",
-                    "Kernel",
-                    "VCpus",
-                    "MemoryMiB",
-                    "SizeBytes",
-                    "CreatedAt",
-                    "Owner",
-                ],
-            )
-            .await?;
-            fields.push(("path", json!(path.as_str())));
-            out.object(fields);
-        }
+        SnapshotCommand::Show { name } => show(out, &t.snapshot(&name).await?),
         SnapshotCommand::Delete { name } => {
-            p.delete_snapshot(&name).await.map_err(explain)?;
+            t.delete_snapshot(&name).await?;
             out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
         }
     }

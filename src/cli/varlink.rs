@@ -12,9 +12,7 @@ use anyhow::Context;
 use serde_json::{json, Map, Value};
 
 use super::image::ImageCommand;
-use super::job::JobCommand;
-use super::kernel::KernelCommand;
-use super::snapshot::SnapshotCommand;
+use super::transport::Socket;
 use super::vm::VmCommand;
 use super::{Command, Output};
 
@@ -124,7 +122,12 @@ impl Client {
     /// Calls a method that answers with a job and follows it to its end: the stage lines go
     /// to stderr (as on D-Bus), warnings too, and with `--json` the result to stdout; returns
     /// the last reply's parameters.
-    async fn follow(&mut self, out: &Output, method: &str, params: Value) -> anyhow::Result<Value> {
+    pub(super) async fn follow(
+        &mut self,
+        out: &Output,
+        method: &str,
+        params: Value,
+    ) -> anyhow::Result<Value> {
         let mut job = Value::Null;
         let ended = {
             let following = self.follow_stages(!out.json, method, params, &mut job);
@@ -207,7 +210,7 @@ pub(super) fn params<'a>(entries: impl IntoIterator<Item = (&'a str, Option<Valu
 }
 
 /// An absolute path for the daemon, which opens it with the caller's rights.
-fn absolute(p: &Path) -> anyhow::Result<Value> {
+pub(super) fn absolute(p: &Path) -> anyhow::Result<Value> {
     let abs = std::fs::canonicalize(p).with_context(|| format!("Cannot reach {}", p.display()))?;
     Ok(json!(abs.to_string_lossy()))
 }
@@ -279,10 +282,10 @@ pub async fn run(out: &Output, socket: &Path, command: Command) -> anyhow::Resul
             super::status::print(out, version, counts, &usage);
         }
         Command::Image(cmd) => image(out, &mut c, cmd).await?,
-        Command::Kernel(cmd) => kernel(out, &mut c, cmd).await?,
+        Command::Kernel(cmd) => super::kernel::run(out, &mut Socket { client: c }, cmd).await?,
         Command::Vm(cmd) => vm(out, &mut c, cmd).await?,
-        Command::Snapshot(cmd) => snapshot(out, &mut c, cmd).await?,
-        Command::Job(cmd) => job(out, &mut c, cmd).await?,
+        Command::Snapshot(cmd) => super::snapshot::run(out, &mut Socket { client: c }, cmd).await?,
+        Command::Job(cmd) => super::job::run(out, &mut Socket { client: c }, cmd).await?,
         Command::Doctor => super::doctor::run(out)?,
         Command::GenerateAssets { dir } => super::assets::generate(&dir)?,
         Command::CompleteNames { kind } => {
@@ -430,62 +433,6 @@ async fn image(out: &Output, c: &mut Client, cmd: ImageCommand) -> anyhow::Resul
             ]);
             c.follow(out, &format!("{I}.Warm"), p).await?;
             out.done(vec![("name", json!(name)), ("warm", json!(true))]);
-        }
-    }
-    Ok(())
-}
-
-async fn kernel(out: &Output, c: &mut Client, cmd: KernelCommand) -> anyhow::Result<()> {
-    const K: &str = "io.banger.Kernels";
-    match cmd {
-        KernelCommand::List { available: false } => {
-            let v = c.call(&format!("{K}.List"), json!({})).await?;
-            out.table(
-                &["NAME", "VERSION", "OWNER", "SOURCE"],
-                &["name", "version", "owner", "source"],
-                owned(
-                    rows(&v["kernels"], &["name", "version", "owner", "source"]),
-                    2,
-                ),
-            );
-        }
-        KernelCommand::List { available: true } => {
-            let v = c.call(&format!("{K}.ListAvailable"), json!({})).await?;
-            out.table(
-                &["NAME", "VERSION", "DESCRIPTION"],
-                &["name", "version", "description"],
-                rows(&v["kernels"], &["name", "version", "description"]),
-            );
-        }
-        KernelCommand::Show { name } => {
-            let v = c.call(&format!("{K}.Get"), json!({ "name": name })).await?;
-            show(out, &v["kernel"]);
-        }
-        KernelCommand::Pull { name } => {
-            c.follow(out, &format!("{K}.Pull"), json!({ "name": name }))
-                .await?;
-            out.say(&format!("Pulled kernel {name}"));
-        }
-        KernelCommand::Import {
-            name,
-            kernel,
-            initrd,
-            modules,
-        } => {
-            let file = |p: Option<PathBuf>| p.as_deref().map(absolute).transpose();
-            let p = params([
-                ("name", Some(json!(name))),
-                ("kernelPath", Some(absolute(&kernel)?)),
-                ("initrdPath", file(initrd)?),
-                ("modulesDir", file(modules)?),
-            ]);
-            let v = c.call(&format!("{K}.Import"), p).await?;
-            out.object(vec![("name", v["kernel"]["name"].clone())]);
-        }
-        KernelCommand::Delete { name } => {
-            c.call(&format!("{K}.Delete"), json!({ "name": name }))
-                .await?;
-            out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
         }
     }
     Ok(())
@@ -788,77 +735,6 @@ async fn main_process(c: &mut Client, name: &str) -> anyhow::Result<i32> {
         .await?;
     super::vm::print_main_output(fd).await;
     Ok(vm["vm"]["exitStatus"].as_i64().unwrap_or(-1) as i32)
-}
-
-async fn snapshot(out: &Output, c: &mut Client, cmd: SnapshotCommand) -> anyhow::Result<()> {
-    const V: &str = "io.banger.VMs";
-    match cmd {
-        SnapshotCommand::List { all } => {
-            let mut v = c.call(&format!("{V}.ListSnapshots"), json!({})).await?;
-            hide_dotted(&mut v["snapshots"], all);
-            out.table(
-                &["NAME", "ID", "VM"],
-                &["name", "id", "vm"],
-                rows(&v["snapshots"], &["name", "id", "vmName"]),
-            );
-        }
-        SnapshotCommand::Show { name } => {
-            let v = c
-                .call(&format!("{V}.GetSnapshot"), json!({ "name": name }))
-                .await?;
-            show(out, &v["snapshot"]);
-        }
-        SnapshotCommand::Delete { name } => {
-            c.call(&format!("{V}.DeleteSnapshot"), json!({ "name": name }))
-                .await?;
-            out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
-        }
-    }
-    Ok(())
-}
-
-async fn job(out: &Output, c: &mut Client, cmd: JobCommand) -> anyhow::Result<()> {
-    const J: &str = "io.banger.Jobs";
-    let no_job = |id: u32| {
-        anyhow::anyhow!(
-            "No running job {id}; `banger job list` shows the running ones (a finished job's \
-             result is in the journal)"
-        )
-    };
-    match cmd {
-        JobCommand::List => {
-            let v = c.call(&format!("{J}.List"), json!({})).await?;
-            let mut list = v["jobs"].clone();
-            if let Some(items) = list.as_array_mut() {
-                for j in items {
-                    let pct = (j["progress"].as_f64().unwrap_or(0.0) * 100.0).round();
-                    j["progress_percent"] = json!(pct);
-                }
-            }
-            out.table(
-                &["ID", "KIND", "TARGET", "PROGRESS%"],
-                &["id", "kind", "target", "progress_percent"],
-                rows(&list, &["id", "kind", "target", "progress_percent"]),
-            );
-        }
-        JobCommand::Show { id } => {
-            let v = c.call(&format!("{J}.List"), json!({})).await?;
-            let job = v["jobs"]
-                .as_array()
-                .and_then(|a| a.iter().find(|j| j["id"] == json!(id)).cloned())
-                .ok_or_else(|| no_job(id))?;
-            show(out, &job);
-        }
-        JobCommand::Cancel { id } => {
-            c.call(&format!("{J}.Cancel"), json!({ "id": id })).await?;
-            out.done(vec![("job_id", json!(id)), ("canceled", json!(true))]);
-        }
-        JobCommand::Watch { id } => {
-            c.follow(out, &format!("{J}.Watch"), json!({ "id": id }))
-                .await?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
