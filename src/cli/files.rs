@@ -29,20 +29,3 @@ pub fn open_file(path: &Path) -> anyhow::Result<Variant<'static>> {
 pub fn open_dir(path: &Path) -> anyhow::Result<Variant<'static>> {
     open(path, libc::O_DIRECTORY)
 }
-
-/// The `kernel_path`, `initrd_path` and `modules_dir` options for a kernel's files, opened
-/// as the user (ImportKernel, RegisterImage with kernel files).
-pub fn kernel_entries(
-    kernel: &Path,
-    initrd: Option<&Path>,
-    modules: Option<&Path>,
-) -> anyhow::Result<Vec<(&'static str, Variant<'static>)>> {
-    let mut entries = vec![("kernel_path", open_file(kernel)?)];
-    if let Some(i) = initrd {
-        entries.push(("initrd_path", open_file(i)?));
-    }
-    if let Some(m) = modules {
-        entries.push(("modules_dir", open_dir(m)?));
-    }
-    Ok(entries)
-}

@@ -3,8 +3,8 @@
 use clap::Subcommand;
 use serde_json::json;
 
-use super::{explain, vm::opts, vm::print_job, Output};
-use crate::dbus::proxy::Images1Proxy;
+use super::transport::{kernel_files, show, table, JobCall, Opt, Opts, Transport};
+use super::Output;
 
 /// Image verbs.
 #[derive(Debug, Subcommand)]
@@ -145,31 +145,31 @@ pub fn registry_credentials(reference: &str) -> Option<crate::oci::auth::Credent
     .find_map(|f| crate::oci::auth::from_file(&f, &registry))
 }
 
-/// Runs an image verb.
-pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> anyhow::Result<()> {
-    let p = Images1Proxy::new(conn).await?;
+/// Runs an image verb over `t`.
+pub(crate) async fn run(
+    out: &Output,
+    t: &mut impl Transport,
+    cmd: ImageCommand,
+) -> anyhow::Result<()> {
+    let job = |dbus, varlink, target, opts| JobCall {
+        interface: "Images1",
+        dbus,
+        varlink,
+        target,
+        with_options: true,
+        opts,
+    };
     match cmd {
         ImageCommand::List => {
-            let rows = p.list_images().await.map_err(explain)?;
-            let owners = super::owners(conn).await?;
-            let rows = rows
-                .into_iter()
-                .map(|(id, name, managed, source, path)| {
-                    let owner = owners.get(path.as_str()).copied().unwrap_or_default();
-                    vec![
-                        json!(name),
-                        json!(id),
-                        json!(super::owner_name(owner)),
-                        json!(managed),
-                        json!(source),
-                        json!(path.as_str()),
-                    ]
-                })
-                .collect();
-            out.table(
-                &["NAME", "ID", "OWNER", "MANAGED", "SOURCE", "OBJECT"],
-                &["name", "id", "owner", "managed", "source", "path"],
-                rows,
+            let mut images = t.images().await?;
+            for i in &mut images {
+                i["owner"] = json!(super::owner_name(i["owner"].as_u64().unwrap_or_default()));
+            }
+            table(
+                out,
+                &["NAME", "ID", "OWNER", "MANAGED", "SOURCE"],
+                &["name", "id", "owner", "managed", "source"],
+                &images,
             );
         }
         ImageCommand::Pull {
@@ -181,26 +181,18 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
             ready_ports,
             no_wait,
         } => {
-            let o = opts(
-                name.map(|n| ("name", n.into()))
-                    .into_iter()
-                    .chain(kernel.map(|k| ("kernel", k.into())))
-                    .chain(size.map(|s| ("size", s.into())))
-                    .chain(insecure.then(|| ("insecure", true.into())))
-                    .chain(ready_ports.map(|p| ("ready_ports", p.into())))
-                    .chain(
-                        registry_credentials(&reference).map(|c| ("auth", c.to_option().into())),
-                    ),
-            );
-            let watch = super::watch::subscribe(conn).await?;
-            let (id, path) = p.pull_image(&reference, o).await.map_err(explain)?;
-            if no_wait {
-                print_job(out, id, &path);
-            } else {
-                watch.follow(out, id, &path).await?;
-                if !out.json {
-                    println!("Pulled {reference}");
-                }
+            let opts = [
+                name.map(|n| ("name", Opt::Str(n))),
+                kernel.map(|k| ("kernel", Opt::Str(k))),
+                size.map(|s| ("size", Opt::U64(s))),
+                insecure.then_some(("insecure", Opt::Bool(true))),
+                ready_ports.map(|p| ("ready_ports", Opt::Ports(p))),
+                registry_credentials(&reference).map(|c| ("auth", Opt::Str(c.to_option()))),
+            ];
+            let call = job("PullImage", "Pull", ("ref", &reference), some(opts));
+            t.run_job(out, call, !no_wait).await?;
+            if !no_wait {
+                out.say(&format!("Pulled {reference}"));
             }
         }
         ImageCommand::Build {
@@ -211,28 +203,16 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
             kernel,
             ready_ports,
         } => {
-            let mut entries: Vec<(&str, zbus::Variant<'static>)> = Vec::new();
-            if let Some(s) = suite {
-                entries.push(("suite", s.into()));
-            }
-            if !packages.is_empty() {
-                entries.push(("packages", packages.into()));
-            }
-            if let Some(s) = size {
-                entries.push(("size", s.into()));
-            }
-            if let Some(k) = kernel {
-                entries.push(("kernel", k.into()));
-            }
-            if !ready_ports.is_empty() {
-                entries.push(("ready_ports", ready_ports.into()));
-            }
-            let watch = super::watch::subscribe(conn).await?;
-            let (id, path) = p.build_image(&name, opts(entries)).await.map_err(explain)?;
-            watch.follow(out, id, &path).await?;
-            if !out.json {
-                println!("Built image {name}");
-            }
+            let opts = [
+                suite.map(|s| ("suite", Opt::Str(s))),
+                (!packages.is_empty()).then_some(("packages", Opt::Strs(packages))),
+                size.map(|s| ("size", Opt::U64(s))),
+                kernel.map(|k| ("kernel", Opt::Str(k))),
+                (!ready_ports.is_empty()).then_some(("ready_ports", Opt::Ports(ready_ports))),
+            ];
+            let call = job("BuildImage", "Build", ("name", &name), some(opts));
+            t.run_job(out, call, true).await?;
+            out.say(&format!("Built image {name}"));
         }
         ImageCommand::Register {
             name,
@@ -244,36 +224,24 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
             modules,
             ready_ports,
         } => {
-            let mut entries = vec![("rootfs", super::files::open_file(&rootfs)?)];
-            if let Some(s) = work_seed {
-                entries.push(("work_seed", super::files::open_file(&s)?));
-            }
-            if let Some(k) = kernel {
-                entries.push(("kernel", k.into()));
-            }
+            let mut opts = some([
+                Some(("rootfs", Opt::File(rootfs))),
+                work_seed.map(|s| ("work_seed", Opt::File(s))),
+                kernel.map(|k| ("kernel", Opt::Str(k))),
+            ]);
             if let Some(k) = kernel_path {
-                entries.extend(super::files::kernel_entries(
-                    &k,
-                    initrd.as_deref(),
-                    modules.as_deref(),
-                )?);
+                opts.extend(kernel_files(&k, initrd.as_deref(), modules.as_deref()));
             }
-            if let Some(r) = ready_ports {
-                entries.push(("ready_ports", r.into()));
-            }
-            let path = p
-                .register_image(&name, opts(entries))
-                .await
-                .map_err(explain)?;
-            out.object(vec![("name", json!(name)), ("path", json!(path.as_str()))]);
+            opts.extend(ready_ports.map(|r| ("ready_ports", Opt::Ports(r))));
+            show(out, &t.register_image(&name, opts).await?);
         }
         ImageCommand::Promote { name } => {
-            let watch = super::watch::subscribe(conn).await?;
-            let (id, path) = p.promote_image(&name).await.map_err(explain)?;
-            watch.follow(out, id, &path).await?;
-            if !out.json {
-                println!("Image {name} is managed");
-            }
+            let call = JobCall {
+                with_options: false,
+                ..job("PromoteImage", "Promote", ("name", &name), Vec::new())
+            };
+            t.run_job(out, call, true).await?;
+            out.say(&format!("Image {name} is managed"));
         }
         ImageCommand::Warm {
             name,
@@ -281,54 +249,31 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: ImageCommand) -> an
             vcpus,
             memory,
         } => {
-            let o = super::vm::opts(
-                kernel
-                    .map(|k| ("kernel", k.into()))
-                    .into_iter()
-                    .chain(vcpus.map(|v| ("vcpus", v.into())))
-                    .chain(memory.map(|m| ("memory_mib", m.into()))),
-            );
-            let watch = super::watch::subscribe(conn).await?;
-            let (id, path) = p.warm_image(&name, o).await.map_err(explain)?;
-            watch.follow(out, id, &path).await?;
+            let opts = [
+                kernel.map(|k| ("kernel", Opt::Str(k))),
+                vcpus.map(|v| ("vcpus", Opt::U32(v))),
+                memory.map(|m| ("memory_mib", Opt::U32(m))),
+            ];
+            let call = job("WarmImage", "Warm", ("name", &name), some(opts));
+            t.run_job(out, call, true).await?;
             out.done(vec![("name", json!(name)), ("warm", json!(true))]);
         }
-        ImageCommand::Show { name } => {
-            let path = p.get_image(&name).await.map_err(explain)?;
-            let (mut fields, _) = super::vm::object_fields(
-                conn,
-                &path,
-                "org.banger.Image1",
-                &[
-                    "Name",
-                    "Id",
-                    "Managed",
-                    "Source",
-                    "Kernel",
-                    "SizeBytes",
-                    "ReadyPorts",
-                    "Env",
-                    "WorkingDir",
-                    "User",
-                    "Entrypoint",
-                    "Cmd",
-                    "CreatedAt",
-                ],
-            )
-            .await?;
-            fields.push(("Path", json!(path.as_str())));
-            out.object(fields);
-        }
+        ImageCommand::Show { name } => show(out, &t.image(&name).await?),
         ImageCommand::Delete { name } => {
-            p.delete_image(&name).await.map_err(explain)?;
+            t.delete_image(&name).await?;
             out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
         }
         ImageCommand::Prune => {
-            let (bytes, blobs) = p.prune_cache(Default::default()).await.map_err(explain)?;
-            pruned(out, bytes, blobs.into());
+            let (bytes, blobs) = t.prune_cache().await?;
+            pruned(out, bytes, blobs);
         }
     }
     Ok(())
+}
+
+/// The options given.
+fn some<const N: usize>(opts: [Option<(&'static str, Opt)>; N]) -> Opts {
+    opts.into_iter().flatten().collect()
 }
 
 /// What `image prune` says.

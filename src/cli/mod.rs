@@ -246,7 +246,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         (Command::Status, None) => status::run(&out, &connect().await?).await,
-        (Command::Image(c), None) => image::run(&out, &connect().await?, c).await,
+        (Command::Image(c), None) => image::run(&out, &mut bus().await?, c).await,
         (Command::Kernel(c), None) => kernel::run(&out, &mut bus().await?, c).await,
         (Command::Vm(c), None) => vm::run(&out, &connect().await?, c).await,
         (Command::Snapshot(c), None) => snapshot::run(&out, &mut bus().await?, c).await,

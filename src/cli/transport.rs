@@ -5,19 +5,55 @@
 //! path, comes as the record's `path` field; a table shows its OBJECT column when the
 //! records have one.
 //!
-//! Nouns move onto the trait one at a time (issue 33): kernels, snapshots and jobs are on it;
-//! images and VMs still have a verb per transport (`image.rs`/`vm.rs` and `varlink.rs`).
+//! A verb's options are given once as [`Opts`] (keys as D-Bus spells them); each transport
+//! encodes them: D-Bus as `a{sv}` with the caller's files opened here, as the caller, and
+//! sent as descriptors; Varlink as JSON with keys lowerCamelCased and files as absolute
+//! paths (the daemon opens them once with the caller's rights).
+//!
+//! Nouns move onto the trait one at a time (issue 33): kernels, snapshots, jobs and images are
+//! on it; VMs still have a verb per transport (`vm.rs` and `varlink.rs`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
 use super::varlink::Client;
 use super::{explain, Output};
-use crate::dbus::proxy::{Jobs1Proxy, Kernels1Proxy, Snapshots1Proxy};
+use crate::dbus::proxy::{Images1Proxy, Jobs1Proxy, Kernels1Proxy, Snapshots1Proxy};
 
 /// An object's fields in the order they are shown.
 pub(crate) type Fields = Vec<(String, Value)>;
+
+/// One option of a call, as a verb gives it.
+pub(crate) enum Opt {
+    Str(String),
+    Strs(Vec<String>),
+    Bool(bool),
+    U32(u32),
+    U64(u64),
+    Ports(Vec<u16>),
+    /// A file of the caller's.
+    File(PathBuf),
+    /// A directory of the caller's.
+    Dir(PathBuf),
+}
+
+/// A call's options, keys as D-Bus spells them (`memory_mib`); absent ones left out.
+pub(crate) type Opts = Vec<(&'static str, Opt)>;
+
+/// A long operation's call: its name on both APIs, what it acts on, and its options.
+pub(crate) struct JobCall<'a> {
+    /// `Images1`, `Kernels1`, … (`io.banger.Images`, … over Varlink).
+    pub interface: &'static str,
+    /// The D-Bus method (`PullImage`) and the Varlink one (`Pull`).
+    pub dbus: &'static str,
+    pub varlink: &'static str,
+    /// The object's argument: its Varlink parameter's name (`ref`, `name`) and value.
+    pub target: (&'static str, &'a str),
+    /// Whether the D-Bus method takes an options map.
+    pub with_options: bool,
+    pub opts: Opts,
+}
 
 /// What the verbs ask of the daemon.
 pub(crate) trait Transport {
@@ -55,6 +91,76 @@ pub(crate) trait Transport {
     async fn cancel_job(&mut self, id: u32) -> anyhow::Result<()>;
     /// Follows job `id` to its end (stage lines, warnings; the result with `--json`).
     async fn watch_job(&mut self, out: &Output, id: u32) -> anyhow::Result<()>;
+
+    /// Starts a long operation and follows its job to the end, or with `wait` false, says
+    /// which job it started and returns.
+    async fn run_job(&mut self, out: &Output, call: JobCall<'_>, wait: bool) -> anyhow::Result<()>;
+
+    /// Images: `name`, `id`, `owner` (a uid), `managed`, `source`.
+    async fn images(&mut self) -> anyhow::Result<Vec<Value>>;
+    /// An image's fields, its OCI run settings among them.
+    async fn image(&mut self, name: &str) -> anyhow::Result<Fields>;
+    /// Registers the caller's files as image `name`; the image's fields.
+    async fn register_image(&mut self, name: &str, opts: Opts) -> anyhow::Result<Fields>;
+    /// Deletes image `name`.
+    async fn delete_image(&mut self, name: &str) -> anyhow::Result<()>;
+    /// Empties the download cache: the bytes and blobs removed.
+    async fn prune_cache(&mut self) -> anyhow::Result<(u64, u64)>;
+}
+
+/// The options for a kernel's files (`ImportKernel`, `RegisterImage` with kernel files).
+pub(crate) fn kernel_files(kernel: &Path, initrd: Option<&Path>, modules: Option<&Path>) -> Opts {
+    let mut o = vec![("kernel_path", Opt::File(kernel.to_owned()))];
+    if let Some(i) = initrd {
+        o.push(("initrd_path", Opt::File(i.to_owned())));
+    }
+    if let Some(m) = modules {
+        o.push(("modules_dir", Opt::Dir(m.to_owned())));
+    }
+    o
+}
+
+/// `opts` as `a{sv}`, the caller's files opened here.
+fn dbus_options(opts: Opts) -> anyhow::Result<crate::dbus::proxy::Opts> {
+    let mut entries: Vec<(&str, zbus::Variant<'static>)> = Vec::new();
+    for (k, o) in opts {
+        entries.push((
+            k,
+            match o {
+                Opt::Str(s) => s.into(),
+                Opt::Strs(l) => l.into(),
+                Opt::Bool(b) => b.into(),
+                Opt::U32(n) => n.into(),
+                Opt::U64(n) => n.into(),
+                Opt::Ports(p) => p.into(),
+                Opt::File(p) => super::files::open_file(&p)?,
+                Opt::Dir(p) => super::files::open_dir(&p)?,
+            },
+        ));
+    }
+    Ok(super::vm::opts(entries))
+}
+
+/// `opts` as Varlink parameters, beside `extra`.
+fn varlink_params(
+    extra: Vec<(&str, Value)>,
+    opts: Opts,
+) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let mut m: serde_json::Map<String, Value> =
+        extra.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    for (k, o) in opts {
+        let v = match o {
+            Opt::Str(s) => json!(s),
+            Opt::Strs(l) => json!(l),
+            Opt::Bool(b) => json!(b),
+            Opt::U32(n) => json!(n),
+            Opt::U64(n) => json!(n),
+            Opt::Ports(p) => json!(p),
+            Opt::File(p) | Opt::Dir(p) => super::varlink::absolute(&p)?,
+        };
+        m.insert(super::output::json_key(k), v);
+    }
+    Ok(m)
 }
 
 /// The message for a job that does not run (any more).
@@ -105,6 +211,9 @@ impl Bus {
     }
     async fn jobs1(&self) -> anyhow::Result<Jobs1Proxy<'static>> {
         Ok(Jobs1Proxy::new(&self.conn).await?)
+    }
+    async fn images1(&self) -> anyhow::Result<Images1Proxy<'static>> {
+        Ok(Images1Proxy::new(&self.conn).await?)
     }
 }
 
@@ -197,12 +306,11 @@ impl Transport for Bus {
         initrd: Option<&Path>,
         modules: Option<&Path>,
     ) -> anyhow::Result<Fields> {
-        // Opened here, as the user who runs this; the daemon gets descriptors.
-        let entries = super::files::kernel_entries(kernel, initrd, modules)?;
+        let opts = dbus_options(kernel_files(kernel, initrd, modules))?;
         let path = self
             .kernels1()
             .await?
-            .import_kernel(name, super::vm::opts(entries))
+            .import_kernel(name, opts)
             .await
             .map_err(explain)?;
         Ok(vec![
@@ -314,6 +422,116 @@ impl Transport for Bus {
         }
         watch.follow(out, id, &job_path(id)?).await
     }
+
+    async fn run_job(&mut self, out: &Output, call: JobCall<'_>, wait: bool) -> anyhow::Result<()> {
+        let watch = super::watch::subscribe(&self.conn).await?;
+        let iface = format!("org.banger.{}", call.interface);
+        let reply = if call.with_options {
+            let opts = dbus_options(call.opts)?;
+            self.conn
+                .call_method(
+                    Some("org.banger"),
+                    "/org/banger",
+                    Some(iface.as_str()),
+                    call.dbus,
+                    &(call.target.1, opts),
+                )
+                .await
+        } else {
+            self.conn
+                .call_method(
+                    Some("org.banger"),
+                    "/org/banger",
+                    Some(iface.as_str()),
+                    call.dbus,
+                    &(call.target.1,),
+                )
+                .await
+        }
+        .map_err(explain)?;
+        let (id, path): (u32, zbus::OwnedObjectPath) = reply.body().deserialize()?;
+        if wait {
+            watch.follow(out, id, &path).await
+        } else {
+            super::vm::print_job(out, id, &path);
+            Ok(())
+        }
+    }
+
+    async fn images(&mut self) -> anyhow::Result<Vec<Value>> {
+        let list = self.images1().await?.list_images().await.map_err(explain)?;
+        let owners = super::owners(&self.conn).await?;
+        Ok(list
+            .into_iter()
+            .map(|(id, name, managed, source, path)| {
+                let owner = owners.get(path.as_str()).copied().unwrap_or_default();
+                json!({"name": name, "id": id, "owner": owner, "managed": managed,
+                       "source": source, "path": path.as_str()})
+            })
+            .collect())
+    }
+
+    async fn image(&mut self, name: &str) -> anyhow::Result<Fields> {
+        let path = self
+            .images1()
+            .await?
+            .get_image(name)
+            .await
+            .map_err(explain)?;
+        let mut fields = properties(
+            &self.conn,
+            &path,
+            "org.banger.Image1",
+            &[
+                "Name",
+                "Id",
+                "Managed",
+                "Source",
+                "Kernel",
+                "SizeBytes",
+                "ReadyPorts",
+                "Env",
+                "WorkingDir",
+                "User",
+                "Entrypoint",
+                "Cmd",
+                "CreatedAt",
+            ],
+        )
+        .await?;
+        if let Some(last) = fields.last_mut() {
+            last.0 = "Path".into();
+        }
+        Ok(fields)
+    }
+
+    async fn register_image(&mut self, name: &str, opts: Opts) -> anyhow::Result<Fields> {
+        let opts = dbus_options(opts)?;
+        let path = self
+            .images1()
+            .await?
+            .register_image(name, opts)
+            .await
+            .map_err(explain)?;
+        Ok(vec![
+            ("name".into(), json!(name)),
+            ("path".into(), json!(path.as_str())),
+        ])
+    }
+
+    async fn delete_image(&mut self, name: &str) -> anyhow::Result<()> {
+        self.images1()
+            .await?
+            .delete_image(name)
+            .await
+            .map_err(explain)
+    }
+
+    async fn prune_cache(&mut self) -> anyhow::Result<(u64, u64)> {
+        let p = self.images1().await?;
+        let (bytes, blobs) = p.prune_cache(Default::default()).await.map_err(explain)?;
+        Ok((bytes, blobs.into()))
+    }
 }
 
 /// banger's Varlink socket.
@@ -322,6 +540,7 @@ pub(crate) struct Socket {
 }
 
 const K: &str = "io.banger.Kernels";
+const I: &str = "io.banger.Images";
 const V: &str = "io.banger.VMs";
 const J: &str = "io.banger.Jobs";
 
@@ -376,14 +595,14 @@ impl Transport for Socket {
         initrd: Option<&Path>,
         modules: Option<&Path>,
     ) -> anyhow::Result<Fields> {
-        let file = |p: Option<&Path>| p.map(super::varlink::absolute).transpose();
-        let p = super::varlink::params([
-            ("name", Some(json!(name))),
-            ("kernelPath", Some(super::varlink::absolute(kernel)?)),
-            ("initrdPath", file(initrd)?),
-            ("modulesDir", file(modules)?),
-        ]);
-        let v = self.client.call(&format!("{K}.Import"), p).await?;
+        let p = varlink_params(
+            vec![("name", json!(name))],
+            kernel_files(kernel, initrd, modules),
+        )?;
+        let v = self
+            .client
+            .call(&format!("{K}.Import"), Value::Object(p))
+            .await?;
         Ok(vec![("name".into(), v["kernel"]["name"].clone())])
     }
 
@@ -442,5 +661,67 @@ impl Transport for Socket {
             .follow(out, &format!("{J}.Watch"), json!({ "id": id }))
             .await
             .map(|_| ())
+    }
+
+    async fn run_job(&mut self, out: &Output, call: JobCall<'_>, wait: bool) -> anyhow::Result<()> {
+        let method = format!(
+            "io.banger.{}.{}",
+            call.interface.trim_end_matches('1'),
+            call.varlink
+        );
+        let p = Value::Object(varlink_params(
+            vec![(call.target.0, json!(call.target.1))],
+            call.opts,
+        )?);
+        if wait {
+            self.client.follow(out, &method, p).await.map(|_| ())
+        } else {
+            let v = self.client.call(&method, p).await?;
+            out.object(vec![("job_id", v["job"]["id"].clone())]);
+            Ok(())
+        }
+    }
+
+    async fn images(&mut self) -> anyhow::Result<Vec<Value>> {
+        let v = self.client.call(&format!("{I}.List"), json!({})).await?;
+        Ok(list(v, "images"))
+    }
+
+    async fn image(&mut self, name: &str) -> anyhow::Result<Fields> {
+        let v = self
+            .client
+            .call(&format!("{I}.Get"), json!({ "name": name }))
+            .await?;
+        Ok(fields(&v["image"]))
+    }
+
+    async fn register_image(&mut self, name: &str, opts: Opts) -> anyhow::Result<Fields> {
+        let p = varlink_params(vec![("name", json!(name))], opts)?;
+        let v = self
+            .client
+            .call(&format!("{I}.Register"), Value::Object(p))
+            .await?;
+        Ok(vec![
+            ("name".into(), v["image"]["name"].clone()),
+            ("id".into(), v["image"]["id"].clone()),
+        ])
+    }
+
+    async fn delete_image(&mut self, name: &str) -> anyhow::Result<()> {
+        self.client
+            .call(&format!("{I}.Delete"), json!({ "name": name }))
+            .await
+            .map(|_| ())
+    }
+
+    async fn prune_cache(&mut self) -> anyhow::Result<(u64, u64)> {
+        let v = self
+            .client
+            .call(&format!("{I}.PruneCache"), json!({}))
+            .await?;
+        Ok((
+            v["freedBytes"].as_u64().unwrap_or(0),
+            v["blobs"].as_u64().unwrap_or(0),
+        ))
     }
 }

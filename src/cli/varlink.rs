@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde_json::{json, Map, Value};
 
-use super::image::ImageCommand;
 use super::transport::Socket;
 use super::vm::VmCommand;
 use super::{Command, Output};
@@ -236,15 +235,6 @@ fn rows(list: &Value, keys: &[&str]) -> Vec<Vec<Value>> {
         .unwrap_or_default()
 }
 
-/// The rows with column `at` (a uid) shown as its owner's name, as over D-Bus.
-fn owned(mut rows: Vec<Vec<Value>>, at: usize) -> Vec<Vec<Value>> {
-    for r in &mut rows {
-        let uid = r[at].as_u64().unwrap_or_default();
-        r[at] = json!(super::owner_name(uid));
-    }
-    rows
-}
-
 /// Runs one command line over the socket at `socket`.
 pub async fn run(out: &Output, socket: &Path, command: Command) -> anyhow::Result<()> {
     let mut c = Client::connect(socket).await?;
@@ -281,7 +271,7 @@ pub async fn run(out: &Output, socket: &Path, command: Command) -> anyhow::Resul
             let version = info["version"].as_str().unwrap_or("");
             super::status::print(out, version, counts, &usage);
         }
-        Command::Image(cmd) => image(out, &mut c, cmd).await?,
+        Command::Image(cmd) => super::image::run(out, &mut Socket { client: c }, cmd).await?,
         Command::Kernel(cmd) => super::kernel::run(out, &mut Socket { client: c }, cmd).await?,
         Command::Vm(cmd) => vm(out, &mut c, cmd).await?,
         Command::Snapshot(cmd) => super::snapshot::run(out, &mut Socket { client: c }, cmd).await?,
@@ -304,135 +294,6 @@ pub async fn run(out: &Output, socket: &Path, command: Command) -> anyhow::Resul
                     .flatten()
                     .filter_map(|o| o["name"].as_str().map(str::to_owned)),
             );
-        }
-    }
-    Ok(())
-}
-
-async fn image(out: &Output, c: &mut Client, cmd: ImageCommand) -> anyhow::Result<()> {
-    const I: &str = "io.banger.Images";
-    match cmd {
-        ImageCommand::List => {
-            let v = c.call(&format!("{I}.List"), json!({})).await?;
-            out.table(
-                &["NAME", "ID", "OWNER", "MANAGED", "SOURCE"],
-                &["name", "id", "owner", "managed", "source"],
-                owned(
-                    rows(&v["images"], &["name", "id", "owner", "managed", "source"]),
-                    2,
-                ),
-            );
-        }
-        ImageCommand::Show { name } => {
-            let v = c.call(&format!("{I}.Get"), json!({ "name": name })).await?;
-            show(out, &v["image"]);
-        }
-        ImageCommand::Pull {
-            reference,
-            name,
-            kernel,
-            size,
-            insecure,
-            ready_ports,
-            no_wait,
-        } => {
-            let auth = super::image::registry_credentials(&reference)
-                .map(|c| format!("{}:{}", c.user, c.password));
-            let p = params([
-                ("ref", Some(json!(reference))),
-                ("name", name.map(|n| json!(n))),
-                ("kernel", kernel.map(|k| json!(k))),
-                ("size", size.map(|s| json!(s))),
-                ("insecure", insecure.then_some(json!(true))),
-                ("readyPorts", ready_ports.map(|p| json!(p))),
-                ("auth", auth.map(|a| json!(a))),
-            ]);
-            if no_wait {
-                let v = c.call(&format!("{I}.Pull"), p).await?;
-                out.object(vec![("job_id", v["job"]["id"].clone())]);
-            } else {
-                c.follow(out, &format!("{I}.Pull"), p).await?;
-                out.say(&format!("Pulled {reference}"));
-            }
-        }
-        ImageCommand::Register {
-            name,
-            rootfs,
-            work_seed,
-            kernel,
-            kernel_path,
-            initrd,
-            modules,
-            ready_ports,
-        } => {
-            let file = |p: Option<PathBuf>| p.as_deref().map(absolute).transpose();
-            let p = params([
-                ("name", Some(json!(name))),
-                ("rootfs", Some(absolute(&rootfs)?)),
-                ("workSeed", file(work_seed)?),
-                ("kernel", kernel.map(|k| json!(k))),
-                ("kernelPath", file(kernel_path)?),
-                ("initrdPath", file(initrd)?),
-                ("modulesDir", file(modules)?),
-                ("readyPorts", ready_ports.map(|p| json!(p))),
-            ]);
-            let v = c.call(&format!("{I}.Register"), p).await?;
-            out.object(vec![
-                ("name", v["image"]["name"].clone()),
-                ("id", v["image"]["id"].clone()),
-            ]);
-        }
-        ImageCommand::Delete { name } => {
-            c.call(&format!("{I}.Delete"), json!({ "name": name }))
-                .await?;
-            out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
-        }
-        ImageCommand::Prune => {
-            let v = c.call(&format!("{I}.PruneCache"), json!({})).await?;
-            super::image::pruned(
-                out,
-                v["freedBytes"].as_u64().unwrap_or(0),
-                v["blobs"].as_u64().unwrap_or(0),
-            );
-        }
-        ImageCommand::Promote { name } => {
-            c.follow(out, &format!("{I}.Promote"), json!({ "name": name }))
-                .await?;
-            out.say(&format!("Image {name} is managed"));
-        }
-        ImageCommand::Build {
-            name,
-            suite,
-            packages,
-            size,
-            kernel,
-            ready_ports,
-        } => {
-            let p = params([
-                ("name", Some(json!(name))),
-                ("suite", suite.map(|s| json!(s))),
-                ("packages", Some(json!(packages))),
-                ("size", size.map(|s| json!(s))),
-                ("kernel", kernel.map(|k| json!(k))),
-                ("readyPorts", Some(json!(ready_ports))),
-            ]);
-            c.follow(out, &format!("{I}.Build"), p).await?;
-            out.say(&format!("Built image {name}"));
-        }
-        ImageCommand::Warm {
-            name,
-            kernel,
-            vcpus,
-            memory,
-        } => {
-            let p = params([
-                ("name", Some(json!(name))),
-                ("kernel", kernel.map(|k| json!(k))),
-                ("vcpus", vcpus.map(|v| json!(v))),
-                ("memoryMib", memory.map(|m| json!(m))),
-            ]);
-            c.follow(out, &format!("{I}.Warm"), p).await?;
-            out.done(vec![("name", json!(name)), ("warm", json!(true))]);
         }
     }
     Ok(())
