@@ -720,31 +720,31 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away(steps: Steps
             {
                 use std::io::BufRead;
                 const FLOOD: &str = r#"
-        import json, socket, sys, time
-        path, n = sys.argv[1], int(sys.argv[2])
-        socks = []
-        for _ in range(n):
-            s = socket.socket(socket.AF_UNIX)
-            s.connect(path)
-            socks.append(s)
-        refused, pending, deadline = 0, list(socks), time.time() + 60
-        while pending and time.time() < deadline:
-            still = []
-            for s in pending:
-                s.setblocking(False)
-                try:
-                    d = s.recv(4096)
-                except BlockingIOError:
-                    still.append(s)
-                    continue
-                if b"LimitExceeded" in d:
-                    refused += 1
-            pending = still
-            if refused >= n - 32:
-                break
-        print(json.dumps({"opened": n, "refused": refused}), flush=True)
-        sys.stdin.read()
-        "#;
+import json, socket, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+socks = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    socks.append(s)
+refused, pending, deadline = 0, list(socks), time.time() + 60
+while pending and time.time() < deadline:
+    still = []
+    for s in pending:
+        s.setblocking(False)
+        try:
+            d = s.recv(4096)
+        except BlockingIOError:
+            still.append(s)
+            continue
+        if b"LimitExceeded" in d:
+            refused += 1
+    pending = still
+    if refused >= n - 32:
+        break
+print(json.dumps({"opened": n, "refused": refused}), flush=True)
+sys.stdin.read()
+"#;
                 let sock = bus.runtime.join("io.banger");
                 let mut flood = bus
                     .command_as(
