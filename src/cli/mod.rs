@@ -186,6 +186,40 @@ pub async fn connect() -> anyhow::Result<zbus::Connection> {
     })
 }
 
+/// A refusal of banger's own, by its kind (`AlreadyExists`, `InvalidArgument`, …): the
+/// message is what people read; a verb may look at the kind (on either transport).
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub kind: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// A long operation whose job started and then failed (not a refused call): the verbs show
+/// the console's tail after a VM's.
+#[derive(Debug)]
+pub(crate) struct JobFailed(pub anyhow::Error);
+
+impl std::fmt::Display for JobFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for JobFailed {}
+
+/// The kind of banger's refusal `e`, if it is one.
+pub(crate) fn refusal(e: &anyhow::Error) -> Option<&str> {
+    e.downcast_ref::<Refused>().map(|r| r.kind.as_str())
+}
+
 /// Turns a D-Bus error into a message for people.
 pub fn explain(e: zbus::Error) -> anyhow::Error {
     let named = match &e {
@@ -214,7 +248,10 @@ pub fn explain(e: zbus::Error) -> anyhow::Error {
             | "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired" => {
                 anyhow::anyhow!("Permission denied: {desc}")
             }
-            n if n.starts_with("org.banger.Error.") => anyhow::anyhow!("{desc}"),
+            n if n.starts_with("org.banger.Error.") => anyhow::Error::new(Refused {
+                kind: n.rsplit('.').next().unwrap_or_default().to_owned(),
+                message: desc,
+            }),
             n => anyhow::anyhow!("{desc} ({n})"),
         };
     }
@@ -248,7 +285,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         (Command::Status, None) => status::run(&out, &connect().await?).await,
         (Command::Image(c), None) => image::run(&out, &mut bus().await?, c).await,
         (Command::Kernel(c), None) => kernel::run(&out, &mut bus().await?, c).await,
-        (Command::Vm(c), None) => vm::run(&out, &connect().await?, c).await,
+        (Command::Vm(c), None) => vm::run(&out, &mut bus().await?, c).await,
         (Command::Snapshot(c), None) => snapshot::run(&out, &mut bus().await?, c).await,
         (Command::Job(c), None) => job::run(&out, &mut bus().await?, c).await,
     }

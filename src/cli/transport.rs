@@ -13,13 +13,16 @@
 //! Nouns move onto the trait one at a time (issue 33): kernels, snapshots, jobs and images are
 //! on it; VMs still have a verb per transport (`vm.rs` and `varlink.rs`).
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
 use super::varlink::Client;
 use super::{explain, Output};
-use crate::dbus::proxy::{Images1Proxy, Jobs1Proxy, Kernels1Proxy, Snapshots1Proxy};
+use crate::dbus::proxy::{
+    Images1Proxy, Jobs1Proxy, Kernels1Proxy, Snapshots1Proxy, VM1Proxy, VMs1Proxy,
+};
 
 /// An object's fields in the order they are shown.
 pub(crate) type Fields = Vec<(String, Value)>;
@@ -36,6 +39,8 @@ pub(crate) enum Opt {
     File(PathBuf),
     /// A directory of the caller's.
     Dir(PathBuf),
+    /// Shared folders: host folder, guest folder, read-only.
+    Shares(Vec<(String, String, bool)>),
 }
 
 /// A call's options, keys as D-Bus spells them (`memory_mib`); absent ones left out.
@@ -106,6 +111,60 @@ pub(crate) trait Transport {
     async fn delete_image(&mut self, name: &str) -> anyhow::Result<()>;
     /// Empties the download cache: the bytes and blobs removed.
     async fn prune_cache(&mut self) -> anyhow::Result<(u64, u64)>;
+
+    /// VMs: `name`, `id`, `state`, `image` (its id).
+    async fn vms(&mut self) -> anyhow::Result<Vec<Value>>;
+    /// A VM's fields, named as `org.banger.VM1`'s properties.
+    async fn vm(&mut self, name: &str) -> anyhow::Result<Fields>;
+    /// What the verbs read of a VM to act on it.
+    async fn vm_info(&mut self, name: &str) -> anyhow::Result<VmInfo>;
+    /// Creates VM `name` and, with `wait`, follows its job (stages as `follow` says them);
+    /// without, the started job's fields.
+    async fn create_vm(
+        &mut self,
+        follow: &Output,
+        name: &str,
+        opts: Opts,
+        wait: bool,
+    ) -> anyhow::Result<Fields>;
+    /// Creates the VMs `creates` at once and follows them all, each stage line labelled.
+    async fn create_vms(
+        &mut self,
+        out: &Output,
+        creates: Vec<(String, Opts)>,
+    ) -> anyhow::Result<()>;
+    /// Starts VM `name` and, with `wait`, follows its job; without, the job's fields.
+    async fn start_vm(&mut self, out: &Output, name: &str, wait: bool) -> anyhow::Result<Fields>;
+    /// Stops VM `name`.
+    async fn stop_vm(&mut self, name: &str, opts: Opts) -> anyhow::Result<()>;
+    /// Deletes VM `name`.
+    async fn delete_vm(&mut self, name: &str, opts: Opts) -> anyhow::Result<()>;
+    /// Pauses (`pause`) or resumes VM `name`.
+    async fn pause_vm(&mut self, name: &str, pause: bool) -> anyhow::Result<()>;
+    /// Snapshots VM `name` as `snapshot`, following the job.
+    async fn snapshot_vm(
+        &mut self,
+        out: &Output,
+        name: &str,
+        snapshot: &str,
+        opts: Opts,
+    ) -> anyhow::Result<()>;
+    /// A stream to VM `name`'s agent.
+    async fn open_agent(&mut self, name: &str) -> anyhow::Result<OwnedFd>;
+    /// VM `name`'s console log, read only.
+    async fn open_console(&mut self, name: &str) -> anyhow::Result<OwnedFd>;
+    /// Waits until VM `name` is stopped or failed (its main process ended).
+    async fn wait_stopped(&mut self, name: &str) -> anyhow::Result<()>;
+}
+
+/// What the VM verbs read of one VM.
+pub(crate) struct VmInfo {
+    pub id: String,
+    pub owner: u64,
+    pub state: String,
+    pub ssh_address: String,
+    pub ssh_host_key: String,
+    pub exit_status: i32,
 }
 
 /// The options for a kernel's files (`ImportKernel`, `RegisterImage` with kernel files).
@@ -135,6 +194,7 @@ fn dbus_options(opts: Opts) -> anyhow::Result<crate::dbus::proxy::Opts> {
                 Opt::Ports(p) => p.into(),
                 Opt::File(p) => super::files::open_file(&p)?,
                 Opt::Dir(p) => super::files::open_dir(&p)?,
+                Opt::Shares(l) => l.into(),
             },
         ));
     }
@@ -157,6 +217,10 @@ fn varlink_params(
             Opt::U64(n) => json!(n),
             Opt::Ports(p) => json!(p),
             Opt::File(p) | Opt::Dir(p) => super::varlink::absolute(&p)?,
+            Opt::Shares(l) => json!(l
+                .into_iter()
+                .map(|(host, guest, ro)| json!({"host": host, "guest": guest, "readOnly": ro}))
+                .collect::<Vec<_>>()),
         };
         m.insert(super::output::json_key(k), v);
     }
@@ -214,6 +278,13 @@ impl Bus {
     }
     async fn images1(&self) -> anyhow::Result<Images1Proxy<'static>> {
         Ok(Images1Proxy::new(&self.conn).await?)
+    }
+    async fn vms1(&self) -> anyhow::Result<VMs1Proxy<'static>> {
+        Ok(VMs1Proxy::new(&self.conn).await?)
+    }
+    async fn vm1(&self, name: &str) -> anyhow::Result<VM1Proxy<'static>> {
+        let path = self.vms1().await?.get_vm(name).await.map_err(explain)?;
+        Ok(VM1Proxy::builder(&self.conn).path(path).build().await?)
     }
 }
 
@@ -532,7 +603,193 @@ impl Transport for Bus {
         let (bytes, blobs) = p.prune_cache(Default::default()).await.map_err(explain)?;
         Ok((bytes, blobs.into()))
     }
+
+    async fn vms(&mut self) -> anyhow::Result<Vec<Value>> {
+        let list = self.vms1().await?.list_vms().await.map_err(explain)?;
+        Ok(list
+            .into_iter()
+            .map(|(id, name, state, image, path)| {
+                json!({"name": name, "id": id, "state": state, "image": image,
+                       "path": path.as_str()})
+            })
+            .collect())
+    }
+
+    async fn vm(&mut self, name: &str) -> anyhow::Result<Fields> {
+        let path = self.vms1().await?.get_vm(name).await.map_err(explain)?;
+        let mut fields = properties(&self.conn, &path, "org.banger.VM1", VM_FIELDS).await?;
+        if let Some(last) = fields.last_mut() {
+            last.0 = "Path".into();
+        }
+        Ok(fields)
+    }
+
+    async fn vm_info(&mut self, name: &str) -> anyhow::Result<VmInfo> {
+        let vm = self.vm1(name).await?;
+        Ok(VmInfo {
+            id: vm.id().await?,
+            owner: vm.owner().await?.into(),
+            state: vm.state().await?,
+            ssh_address: vm.ssh_address().await?,
+            ssh_host_key: vm.ssh_host_key().await?,
+            exit_status: vm.exit_status().await?,
+        })
+    }
+
+    async fn create_vm(
+        &mut self,
+        follow: &Output,
+        name: &str,
+        opts: Opts,
+        wait: bool,
+    ) -> anyhow::Result<Fields> {
+        let opts = dbus_options(opts)?;
+        let watch = super::watch::subscribe(&self.conn).await?;
+        let (vm, id, path) = self
+            .vms1()
+            .await?
+            .create_vm(name, opts)
+            .await
+            .map_err(explain)?;
+        if wait {
+            let followed = watch.follow(follow, id, &path).await;
+            followed.map_err(|e| anyhow::Error::new(super::JobFailed(e)))?;
+            return Ok(Vec::new());
+        }
+        Ok(vec![
+            ("vm_id".into(), json!(vm.as_str().rsplit('/').next())),
+            ("vm_path".into(), json!(vm.as_str())),
+            ("job_id".into(), json!(id)),
+            ("job_path".into(), json!(path.as_str())),
+        ])
+    }
+
+    async fn create_vms(
+        &mut self,
+        out: &Output,
+        creates: Vec<(String, Opts)>,
+    ) -> anyhow::Result<()> {
+        let watch = super::watch::subscribe(&self.conn).await?;
+        let p = self.vms1().await?;
+        let mut jobs = Vec::new();
+        for (n, opts) in creates {
+            let (_, id, path) = p
+                .create_vm(&n, dbus_options(opts)?)
+                .await
+                .map_err(explain)?;
+            jobs.push((id, path, n));
+        }
+        watch.follow_all(out, &jobs).await
+    }
+
+    async fn start_vm(&mut self, out: &Output, name: &str, wait: bool) -> anyhow::Result<Fields> {
+        let watch = super::watch::subscribe(&self.conn).await?;
+        let (id, path) = self.vms1().await?.start_vm(name).await.map_err(explain)?;
+        if wait {
+            let followed = watch.follow(out, id, &path).await;
+            followed.map_err(|e| anyhow::Error::new(super::JobFailed(e)))?;
+            return Ok(Vec::new());
+        }
+        Ok(vec![
+            ("job_id".into(), json!(id)),
+            ("job_path".into(), json!(path.as_str())),
+        ])
+    }
+
+    async fn stop_vm(&mut self, name: &str, opts: Opts) -> anyhow::Result<()> {
+        let opts = dbus_options(opts)?;
+        self.vms1()
+            .await?
+            .stop_vm(name, opts)
+            .await
+            .map_err(explain)
+    }
+
+    async fn delete_vm(&mut self, name: &str, opts: Opts) -> anyhow::Result<()> {
+        let opts = dbus_options(opts)?;
+        self.vms1()
+            .await?
+            .delete_vm(name, opts)
+            .await
+            .map_err(explain)
+    }
+
+    async fn pause_vm(&mut self, name: &str, pause: bool) -> anyhow::Result<()> {
+        let vm = self.vm1(name).await?;
+        if pause {
+            vm.pause().await
+        } else {
+            vm.resume().await
+        }
+        .map_err(explain)
+    }
+
+    async fn snapshot_vm(
+        &mut self,
+        out: &Output,
+        name: &str,
+        snapshot: &str,
+        opts: Opts,
+    ) -> anyhow::Result<()> {
+        let opts = dbus_options(opts)?;
+        let watch = super::watch::subscribe(&self.conn).await?;
+        let (id, path) = self
+            .vms1()
+            .await?
+            .snapshot_vm(name, snapshot, opts)
+            .await
+            .map_err(explain)?;
+        watch.follow(out, id, &path).await
+    }
+
+    async fn open_agent(&mut self, name: &str) -> anyhow::Result<OwnedFd> {
+        let fd = self.vm1(name).await?.open_agent().await.map_err(explain)?;
+        Ok(fd.into())
+    }
+
+    async fn open_console(&mut self, name: &str) -> anyhow::Result<OwnedFd> {
+        let fd = self
+            .vm1(name)
+            .await?
+            .open_console()
+            .await
+            .map_err(explain)?;
+        Ok(fd.into())
+    }
+
+    async fn wait_stopped(&mut self, name: &str) -> anyhow::Result<()> {
+        use futures_util::StreamExt;
+        let vm = self.vm1(name).await?;
+        let mut changes = vm.receive_state_changed().await;
+        while !matches!(vm.state().await?.as_str(), "stopped" | "failed") {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), changes.next()).await;
+        }
+        Ok(())
+    }
 }
+
+/// `org.banger.VM1`'s properties `vm show` prints, in its order.
+const VM_FIELDS: &[&str] = &[
+    "Name",
+    "Id",
+    "State",
+    "Stage",
+    "Image",
+    "Kernel",
+    "VCpus",
+    "MemoryMiB",
+    "GuestAddress",
+    "MacAddress",
+    "VSockCID",
+    "SSHAddress",
+    "SSHHostKey",
+    "Network",
+    "Egress",
+    "Published",
+    "Shares",
+    "Owner",
+    "CreatedAt",
+];
 
 /// banger's Varlink socket.
 pub(crate) struct Socket {
@@ -723,5 +980,224 @@ impl Transport for Socket {
             v["freedBytes"].as_u64().unwrap_or(0),
             v["blobs"].as_u64().unwrap_or(0),
         ))
+    }
+
+    async fn vms(&mut self) -> anyhow::Result<Vec<Value>> {
+        let v = self.client.call(&format!("{V}.List"), json!({})).await?;
+        Ok(list(v, "vms"))
+    }
+
+    async fn vm(&mut self, name: &str) -> anyhow::Result<Fields> {
+        let v = self
+            .client
+            .call(&format!("{V}.Get"), json!({ "name": name }))
+            .await?;
+        let vm = &v["vm"];
+        Ok(VM_FIELDS
+            .iter()
+            .map(|&k| {
+                let value = match k {
+                    "Shares" => json!(vm["shares"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|s| format!(
+                            "{}:{}{}",
+                            s["host"].as_str().unwrap_or(""),
+                            s["guest"].as_str().unwrap_or(""),
+                            if s["readOnly"] == json!(true) {
+                                ":ro"
+                            } else {
+                                ""
+                            }
+                        ))
+                        .collect::<Vec<_>>()),
+                    k => vm[super::output::json_key(k)].clone(),
+                };
+                (k.to_owned(), value)
+            })
+            .collect())
+    }
+
+    async fn vm_info(&mut self, name: &str) -> anyhow::Result<VmInfo> {
+        let v = self
+            .client
+            .call(&format!("{V}.Get"), json!({ "name": name }))
+            .await?;
+        let s = |k: &str| v["vm"][k].as_str().unwrap_or("").to_owned();
+        Ok(VmInfo {
+            id: s("id"),
+            owner: v["vm"]["owner"].as_u64().unwrap_or(u64::MAX),
+            state: s("state"),
+            ssh_address: s("sshAddress"),
+            ssh_host_key: s("sshHostKey"),
+            exit_status: v["vm"]["exitStatus"].as_i64().unwrap_or(-1) as i32,
+        })
+    }
+
+    async fn create_vm(
+        &mut self,
+        follow: &Output,
+        name: &str,
+        opts: Opts,
+        wait: bool,
+    ) -> anyhow::Result<Fields> {
+        let p = Value::Object(varlink_params(vec![("name", json!(name))], opts)?);
+        if wait {
+            self.client
+                .follow(follow, &format!("{V}.Create"), p)
+                .await?;
+            return Ok(Vec::new());
+        }
+        let v = self.client.call(&format!("{V}.Create"), p).await?;
+        Ok(vec![
+            ("vm_id".into(), v["vm"]["id"].clone()),
+            ("job_id".into(), v["job"]["id"].clone()),
+        ])
+    }
+
+    async fn create_vms(
+        &mut self,
+        out: &Output,
+        creates: Vec<(String, Opts)>,
+    ) -> anyhow::Result<()> {
+        // Each create on a connection of its own, followed at once.
+        let json = out.json;
+        let socket = self.client.socket.clone();
+        let mut calls = Vec::new();
+        for (n, opts) in creates {
+            let p = Value::Object(varlink_params(vec![("name", json!(n))], opts)?);
+            let socket = socket.clone();
+            calls.push(async move {
+                let mut c = Client::connect(&socket).await?;
+                c.label = format!("{n}: ");
+                c.follow_stages(!json, &format!("{V}.Create"), p, &mut Value::Null)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{n}: {e}"))
+            });
+        }
+        let results = tokio::select! {
+            r = futures_util::future::join_all(calls) => r,
+            _ = tokio::signal::ctrl_c() => super::watch::interrupted(&[]),
+        };
+        let failed: Vec<String> = results
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.to_string()))
+            .collect();
+        anyhow::ensure!(failed.is_empty(), "{}", failed.join("; "));
+        Ok(())
+    }
+
+    async fn start_vm(&mut self, out: &Output, name: &str, wait: bool) -> anyhow::Result<Fields> {
+        let p = json!({ "name": name });
+        if wait {
+            self.client.follow(out, &format!("{V}.Start"), p).await?;
+            return Ok(Vec::new());
+        }
+        let v = self.client.call(&format!("{V}.Start"), p).await?;
+        Ok(vec![("job_id".into(), v["job"]["id"].clone())])
+    }
+
+    async fn stop_vm(&mut self, name: &str, opts: Opts) -> anyhow::Result<()> {
+        let p = Value::Object(varlink_params(vec![("name", json!(name))], opts)?);
+        self.client.call(&format!("{V}.Stop"), p).await.map(|_| ())
+    }
+
+    async fn delete_vm(&mut self, name: &str, opts: Opts) -> anyhow::Result<()> {
+        let p = Value::Object(varlink_params(vec![("name", json!(name))], opts)?);
+        self.client
+            .call(&format!("{V}.Delete"), p)
+            .await
+            .map(|_| ())
+    }
+
+    async fn pause_vm(&mut self, name: &str, pause: bool) -> anyhow::Result<()> {
+        let method = if pause { "Pause" } else { "Resume" };
+        self.client
+            .call(&format!("{V}.{method}"), json!({ "name": name }))
+            .await
+            .map(|_| ())
+    }
+
+    async fn snapshot_vm(
+        &mut self,
+        out: &Output,
+        name: &str,
+        snapshot: &str,
+        opts: Opts,
+    ) -> anyhow::Result<()> {
+        let p = varlink_params(
+            vec![("name", json!(name)), ("snapshot", json!(snapshot))],
+            opts,
+        )?;
+        self.client
+            .follow(out, &format!("{V}.Snapshot"), Value::Object(p))
+            .await
+            .map(|_| ())
+    }
+
+    async fn open_agent(&mut self, name: &str) -> anyhow::Result<OwnedFd> {
+        self.client
+            .call_fd(&format!("{V}.OpenAgent"), json!({ "name": name }))
+            .await
+    }
+
+    async fn open_console(&mut self, name: &str) -> anyhow::Result<OwnedFd> {
+        // On a connection of its own: `vm logs -f` opens it again and again.
+        let mut c = Client::connect(&self.client.socket).await?;
+        c.call_fd(&format!("{V}.OpenConsole"), json!({ "name": name }))
+            .await
+    }
+
+    async fn wait_stopped(&mut self, name: &str) -> anyhow::Result<()> {
+        while !matches!(
+            self.vm_info(name).await?.state.as_str(),
+            "stopped" | "failed"
+        ) {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_become_varlink_parameters_with_its_key_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = varlink_params(
+            vec![("name", json!("a"))],
+            vec![
+                ("memory_mib", Opt::U32(512)),
+                ("ready_ports", Opt::Ports(vec![8080])),
+                ("work_seed", Opt::File(dir.path().to_owned())),
+                (
+                    "shares",
+                    Opt::Shares(vec![("/h".into(), "/g".into(), true)]),
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(p),
+            json!({
+                "name": "a", "memoryMib": 512, "readyPorts": [8080],
+                "workSeed": dir.path().canonicalize().unwrap().to_string_lossy(),
+                "shares": [{"host": "/h", "guest": "/g", "readOnly": true}],
+            })
+        );
+        // And as D-Bus options, the same keys as the daemon reads them.
+        let o = dbus_options(vec![
+            ("memory_mib", Opt::U32(512)),
+            (
+                "shares",
+                Opt::Shares(vec![("/h".into(), "/g".into(), true)]),
+            ),
+        ])
+        .unwrap();
+        assert_eq!(o.len(), 2);
+        assert_eq!(u32::try_from(&*o["memory_mib"]).unwrap(), 512);
     }
 }

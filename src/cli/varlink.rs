@@ -9,10 +9,9 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::transport::Socket;
-use super::vm::VmCommand;
 use super::{Command, Output};
 
 /// The socket's default path (`bangerd.socket`'s `ListenStream=`).
@@ -45,9 +44,9 @@ struct Fault {
 pub struct Client {
     conn: zlink::tokio::unix::Connection,
     /// Put before each stage line (`vm fork`'s VMs, followed at once).
-    label: String,
+    pub(super) label: String,
     /// The socket, for the further connections a verb makes.
-    socket: PathBuf,
+    pub(super) socket: PathBuf,
 }
 
 /// One reply of a call: its parameters, whether more follow, and descriptors sent with it.
@@ -109,7 +108,7 @@ impl Client {
     }
 
     /// Calls `method`, which answers with a descriptor: returns it.
-    async fn call_fd(&mut self, method: &str, params: Value) -> anyhow::Result<OwnedFd> {
+    pub(super) async fn call_fd(&mut self, method: &str, params: Value) -> anyhow::Result<OwnedFd> {
         self.send(method, params, false).await?;
         let a = self.receive(method).await?;
         a.fds
@@ -139,6 +138,11 @@ impl Client {
         let Some(ended) = ended else {
             super::watch::interrupted(&job["id"].as_u64().into_iter().collect::<Vec<_>>())
         };
+        // An error once the job was there is the job's failure, not a refused call.
+        let ended = ended.map_err(|e| match job.is_null() {
+            true => e,
+            false => anyhow::Error::new(super::JobFailed(e)),
+        });
         if out.json {
             let (result, error) = match &ended {
                 Ok(_) => (
@@ -158,7 +162,7 @@ impl Client {
 
     /// [`Self::follow`] without the result: stage lines and warnings when `say`, the job as
     /// it was last in `job`.
-    async fn follow_stages(
+    pub(super) async fn follow_stages(
         &mut self,
         say: bool,
         method: &str,
@@ -193,46 +197,20 @@ fn explain(f: Fault) -> anyhow::Error {
     let message = f.parameters["message"].as_str().unwrap_or("").to_owned();
     match f.error.rsplit_once('.').map(|(_, kind)| kind) {
         Some("PermissionDenied") => anyhow::anyhow!("Permission denied: {message}"),
-        _ if f.error.starts_with("io.banger.") && !message.is_empty() => anyhow::anyhow!(message),
+        Some(kind) if f.error.starts_with("io.banger.") && !message.is_empty() => {
+            anyhow::Error::new(super::Refused {
+                kind: kind.to_owned(),
+                message,
+            })
+        }
         _ => anyhow::anyhow!("{} {}", f.error, f.parameters),
     }
-}
-
-/// Parameters from `(name, value)` pairs, leaving out the absent ones (`None`, empty lists).
-pub(super) fn params<'a>(entries: impl IntoIterator<Item = (&'a str, Option<Value>)>) -> Value {
-    let m: Map<String, Value> = entries
-        .into_iter()
-        .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v)))
-        .filter(|(_, v)| !matches!(v, Value::Array(a) if a.is_empty()))
-        .collect();
-    Value::Object(m)
 }
 
 /// An absolute path for the daemon, which opens it with the caller's rights.
 pub(super) fn absolute(p: &Path) -> anyhow::Result<Value> {
     let abs = std::fs::canonicalize(p).with_context(|| format!("Cannot reach {}", p.display()))?;
     Ok(json!(abs.to_string_lossy()))
-}
-
-/// Prints an object's fields (`key: value`, or one JSON object).
-fn show(out: &Output, v: &Value) {
-    let fields = v
-        .as_object()
-        .map(|m| m.iter().map(|(k, v)| (k.as_str(), v.clone())).collect())
-        .unwrap_or_default();
-    out.object(fields);
-}
-
-/// Rows of `list[keys…]`, for [`Output::table`].
-fn rows(list: &Value, keys: &[&str]) -> Vec<Vec<Value>> {
-    list.as_array()
-        .map(|items| {
-            items
-                .iter()
-                .map(|i| keys.iter().map(|k| i[*k].clone()).collect())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Runs one command line over the socket at `socket`.
@@ -273,7 +251,7 @@ pub async fn run(out: &Output, socket: &Path, command: Command) -> anyhow::Resul
         }
         Command::Image(cmd) => super::image::run(out, &mut Socket { client: c }, cmd).await?,
         Command::Kernel(cmd) => super::kernel::run(out, &mut Socket { client: c }, cmd).await?,
-        Command::Vm(cmd) => vm(out, &mut c, cmd).await?,
+        Command::Vm(cmd) => super::vm::run(out, &mut Socket { client: c }, cmd).await?,
         Command::Snapshot(cmd) => super::snapshot::run(out, &mut Socket { client: c }, cmd).await?,
         Command::Job(cmd) => super::job::run(out, &mut Socket { client: c }, cmd).await?,
         Command::Doctor => super::doctor::run(out)?,
@@ -299,319 +277,9 @@ pub async fn run(out: &Output, socket: &Path, command: Command) -> anyhow::Resul
     Ok(())
 }
 
-/// Drops the entries whose names start with a dot (banger's warm templates and snapshots)
-/// unless `all`, as the D-Bus lists do.
-fn hide_dotted(list: &mut serde_json::Value, all: bool) {
-    if let (false, Some(a)) = (all, list.as_array_mut()) {
-        a.retain(|e| !e["name"].as_str().unwrap_or_default().starts_with('.'));
-    }
-}
-
-async fn vm(out: &Output, c: &mut Client, cmd: VmCommand) -> anyhow::Result<()> {
-    const V: &str = "io.banger.VMs";
-    match cmd {
-        VmCommand::List { all } => {
-            let mut v = c.call(&format!("{V}.List"), json!({})).await?;
-            hide_dotted(&mut v["vms"], all);
-            out.table(
-                &["NAME", "ID", "STATE", "IMAGE ID"],
-                &["name", "id", "state", "image"],
-                rows(&v["vms"], &["name", "id", "state", "image"]),
-            );
-        }
-        VmCommand::Show { name } => {
-            let v = c.call(&format!("{V}.Get"), json!({ "name": name })).await?;
-            show(out, &v["vm"]);
-        }
-        VmCommand::Create {
-            name,
-            spec,
-            disk_size,
-            no_start,
-            no_wait,
-        } => {
-            let mut p = spec.varlink_params()?;
-            p["name"] = json!(name);
-            if let Some(d) = disk_size {
-                p["diskSize"] = json!(d);
-            }
-            if no_start {
-                p["start"] = json!(false);
-            }
-            if no_wait {
-                let v = c.call(&format!("{V}.Create"), p).await?;
-                out.object(vec![
-                    ("vm_id", v["vm"]["id"].clone()),
-                    ("job_id", v["job"]["id"].clone()),
-                ]);
-            } else {
-                // With --json, stdout gets the VM as `vm show` prints it; stages go to stderr.
-                c.follow(&Output { json: false }, &format!("{V}.Create"), p)
-                    .await?;
-                if out.json {
-                    let v = c.call(&format!("{V}.Get"), json!({ "name": name })).await?;
-                    show(out, &v["vm"]);
-                } else {
-                    println!(
-                        "VM {name} is {}",
-                        if no_start { "created" } else { "running" }
-                    );
-                }
-            }
-        }
-        VmCommand::Start { name, no_wait } => {
-            let p = json!({ "name": name });
-            if no_wait {
-                let v = c.call(&format!("{V}.Start"), p).await?;
-                out.object(vec![("job_id", v["job"]["id"].clone())]);
-            } else {
-                c.follow(out, &format!("{V}.Start"), p).await?;
-                out.say(&format!("VM {name} is running"));
-            }
-        }
-        VmCommand::Stop {
-            name,
-            force,
-            timeout,
-        } => {
-            let p = params([
-                ("name", Some(json!(name))),
-                ("force", force.then_some(json!(true))),
-                ("timeoutSec", timeout.map(|t| json!(t))),
-            ]);
-            c.call(&format!("{V}.Stop"), p).await?;
-            out.done(vec![("name", json!(name)), ("state", json!("stopped"))]);
-        }
-        VmCommand::Delete { name, force } => {
-            let p = params([
-                ("name", Some(json!(name))),
-                ("force", force.then_some(json!(true))),
-            ]);
-            c.call(&format!("{V}.Delete"), p).await?;
-            out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
-        }
-        VmCommand::Pause { name } => {
-            c.call(&format!("{V}.Pause"), json!({ "name": name }))
-                .await?;
-            out.done(vec![("name", json!(name)), ("state", json!("paused"))]);
-        }
-        VmCommand::Resume { name } => {
-            c.call(&format!("{V}.Resume"), json!({ "name": name }))
-                .await?;
-            out.done(vec![("name", json!(name)), ("state", json!("running"))]);
-        }
-        VmCommand::Snapshot {
-            name,
-            snapshot,
-            pause,
-        } => {
-            let p = params([
-                ("name", Some(json!(name))),
-                ("snapshot", Some(json!(snapshot))),
-                ("pause", pause.then_some(json!(true))),
-            ]);
-            c.follow(out, &format!("{V}.Snapshot"), p).await?;
-            out.done(vec![("vm", json!(name)), ("snapshot", json!(snapshot))]);
-        }
-        VmCommand::Exec {
-            name,
-            command,
-            env,
-            workdir,
-            user,
-            tty,
-        } => {
-            let fd = c
-                .call_fd(&format!("{V}.OpenAgent"), json!({ "name": name }))
-                .await?;
-            let what = super::vm::exec_request(command, env, workdir, user, tty);
-            super::vm::leave(super::vm::exec_on(fd, what).await?).await;
-        }
-        VmCommand::Shell { name, user } => {
-            let fd = c
-                .call_fd(&format!("{V}.OpenAgent"), json!({ "name": name }))
-                .await?;
-            let what = super::vm::shell_request(user);
-            super::vm::leave(super::vm::exec_on(fd, what).await?).await;
-        }
-        VmCommand::Cp { src, dst } => {
-            let (from, to) = (src.clone(), dst.clone());
-            let (vm, job) = super::cp::plan(&src, &dst)?;
-            let fd = c
-                .call_fd(&format!("{V}.OpenAgent"), json!({ "name": vm }))
-                .await?;
-            let s = std::os::unix::net::UnixStream::from(fd);
-            tokio::task::spawn_blocking(move || job(s)).await??;
-            out.done(vec![("from", json!(from)), ("to", json!(to))]);
-        }
-        VmCommand::Logs { name, follow } => {
-            let socket = c.socket.clone();
-            let open = || {
-                let (socket, name) = (socket.clone(), name.clone());
-                async move {
-                    let mut c = Client::connect(&socket).await?;
-                    c.call_fd(&format!("{V}.OpenConsole"), json!({ "name": name }))
-                        .await
-                }
-            };
-            super::vm::print_console(open, follow).await?;
-        }
-        VmCommand::Ssh {
-            name,
-            identity,
-            command,
-        } => {
-            use std::os::unix::process::CommandExt;
-            let mut ssh = ssh_command(c, &name, identity, command).await?;
-            let e = ssh.exec();
-            anyhow::bail!("Cannot run ssh: {e}; is openssh-client installed?");
-        }
-        VmCommand::Fork { name, new, count } => {
-            anyhow::ensure!(
-                (1..=64).contains(&count),
-                "--count must be between 1 and 64, not {count}"
-            );
-            let p = json!({ "name": name, "snapshot": new });
-            c.follow(out, &format!("{V}.Snapshot"), p).await?;
-            let names: Vec<String> = if count == 1 {
-                vec![new.clone()]
-            } else {
-                (1..=count).map(|i| format!("{new}-{i}")).collect()
-            };
-            let key = super::vm::read_public_key(None)?;
-            // Each create on a connection of its own, followed at once.
-            let json = out.json;
-            let creates = names.iter().map(|n| {
-                let (socket, key, new) = (c.socket.clone(), key.clone(), new.clone());
-                async move {
-                    let mut c = Client::connect(&socket).await?;
-                    c.label = format!("{n}: ");
-                    let p = params([
-                        ("name", Some(json!(n))),
-                        ("snapshot", Some(json!(new))),
-                        ("sshKey", key.map(|k| json!(k))),
-                    ]);
-                    c.follow_stages(!json, &format!("{V}.Create"), p, &mut Value::Null)
-                        .await
-                        .map_err(|e| anyhow::anyhow!("{n}: {e}"))
-                }
-            });
-            let all = futures_util::future::join_all(creates);
-            let results = tokio::select! {
-                r = all => r,
-                _ = tokio::signal::ctrl_c() => super::watch::interrupted(&[]),
-            };
-            let failed: Vec<String> = results
-                .into_iter()
-                .filter_map(|r| r.err().map(|e| e.to_string()))
-                .collect();
-            anyhow::ensure!(failed.is_empty(), "{}", failed.join("; "));
-            out.done(vec![
-                ("vm", json!(name)),
-                ("snapshot", json!(new)),
-                ("vms", json!(names)),
-            ]);
-        }
-        VmCommand::Run {
-            name,
-            spec,
-            rm,
-            shell,
-            command,
-        } => {
-            let name = name.unwrap_or_else(super::vm::generated_name);
-            // SSH with a key, else the agent's shell: never a password prompt.
-            let shell =
-                shell || (spec.ssh_key.is_none() && super::vm::default_public_key().is_none());
-            let mut p = spec.varlink_params()?;
-            p["name"] = json!(name);
-            if spec.entrypoint && !command.is_empty() {
-                p["command"] = json!(command);
-            }
-            let created = c.follow(out, &format!("{V}.Create"), p).await;
-            let code = match created {
-                Err(e) => Err(e),
-                Ok(_) if spec.entrypoint => main_process(c, &name).await,
-                Ok(_) if !command.is_empty() || shell => {
-                    let fd = c
-                        .call_fd(&format!("{V}.OpenAgent"), json!({ "name": name }))
-                        .await?;
-                    let what = if command.is_empty() {
-                        super::vm::shell_request(None)
-                    } else {
-                        crate::agent::ExecRequest::new(command)
-                    };
-                    super::vm::exec_on(fd, what).await
-                }
-                Ok(_) => {
-                    let identity = spec.ssh_key.map(|k| k.with_extension(""));
-                    let mut ssh = ssh_command(c, &name, identity, Vec::new()).await?;
-                    let status = ssh.status().context("Cannot run ssh")?;
-                    Ok(status.code().unwrap_or(255))
-                }
-            };
-            if rm {
-                let p = json!({ "name": name, "force": true });
-                if let Err(e) = c.call(&format!("{V}.Delete"), p).await {
-                    eprintln!("banger: cannot delete VM {name}: {e}");
-                }
-            }
-            super::vm::leave(code?).await;
-        }
-    }
-    Ok(())
-}
-
-/// The system `ssh` for VM `name` (see `vm ssh`).
-async fn ssh_command(
-    c: &mut Client,
-    name: &str,
-    identity: Option<PathBuf>,
-    command: Vec<String>,
-) -> anyhow::Result<std::process::Command> {
-    let v = c.call("io.banger.VMs.Get", json!({ "name": name })).await?;
-    let s = |k: &str| v["vm"][k].as_str().unwrap_or("").to_owned();
-    super::vm::ssh_command_for(
-        name,
-        &s("sshAddress"),
-        &s("id"),
-        &s("sshHostKey"),
-        identity,
-        command,
-    )
-}
-
-/// Waits for VM `name`'s main process to end (the VM stops), prints what it wrote on the
-/// console and returns its exit status.
-async fn main_process(c: &mut Client, name: &str) -> anyhow::Result<i32> {
-    let vm = loop {
-        let v = c.call("io.banger.VMs.Get", json!({ "name": name })).await?;
-        if matches!(v["vm"]["state"].as_str(), Some("stopped" | "failed")) {
-            break v;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-    };
-    let fd = c
-        .call_fd("io.banger.VMs.OpenConsole", json!({ "name": name }))
-        .await?;
-    super::vm::print_main_output(fd).await;
-    Ok(vm["vm"]["exitStatus"].as_i64().unwrap_or(-1) as i32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn absent_parameters_are_left_out() {
-        let p = params([
-            ("name", Some(json!("a"))),
-            ("kernel", None),
-            ("egress", Some(json!([]))),
-            ("vcpus", Some(json!(2))),
-        ]);
-        assert_eq!(p, json!({ "name": "a", "vcpus": 2 }));
-    }
 
     #[test]
     fn errors_read_as_their_message() {
@@ -623,6 +291,9 @@ mod tests {
             explain(f("io.banger.VMs.NotFound", "No VM x")).to_string(),
             "No VM x"
         );
+        // A verb can tell a refusal's kind, as over D-Bus.
+        let exists = explain(f("io.banger.VMs.AlreadyExists", "A VM named x exists"));
+        assert_eq!(super::super::refusal(&exists), Some("AlreadyExists"));
         assert_eq!(
             explain(f("io.banger.VMs.PermissionDenied", "not allowed")).to_string(),
             "Permission denied: not allowed"

@@ -8,8 +8,8 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
-use super::{explain, Output};
-use crate::dbus::proxy::{Opts, VM1Proxy, VMs1Proxy};
+use super::transport::{self, table, Fields, Opt, Opts, Transport};
+use super::Output;
 
 /// VM verbs.
 #[derive(Debug, Subcommand)]
@@ -230,53 +230,31 @@ pub struct VmSpec {
 
 impl VmSpec {
     /// The `CreateVM` options these make, the public key read from its file.
-    fn entries(&self) -> anyhow::Result<Vec<(&'static str, Variant<'static>)>> {
+    fn opts(&self) -> anyhow::Result<Opts> {
         let key = read_public_key(self.ssh_key.clone())?;
         let shares = self.shares()?;
-        Ok(self
-            .image
-            .clone()
-            .map(|i| ("image", i.into()))
-            .into_iter()
-            .chain(self.kernel.clone().map(|k| ("kernel", k.into())))
-            .chain(self.vcpus.map(|v| ("vcpus", v.into())))
-            .chain(self.memory.map(|m| ("memory_mib", m.into())))
-            .chain(key.map(|k| ("ssh_key", k.into())))
-            .chain(self.network.clone().map(|n| ("network", n.into())))
-            .chain((!self.egress.is_empty()).then(|| ("egress", self.egress.clone().into())))
-            .chain(self.init.clone().map(|i| ("init", i.into())))
-            .chain(self.entrypoint.then(|| ("entrypoint", true.into())))
-            .chain((!self.publish.is_empty()).then(|| ("publish", self.publish.clone().into())))
-            .chain((!shares.is_empty()).then(|| ("shares", shares.into())))
-            .chain(self.snapshot.clone().map(|s| ("snapshot", s.into())))
-            .chain(self.cold.then(|| ("cold", true.into())))
-            .collect())
-    }
-
-    /// The same options as `io.banger.VMs.Create` parameters.
-    pub(super) fn varlink_params(&self) -> anyhow::Result<serde_json::Value> {
-        let key = read_public_key(self.ssh_key.clone())?;
-        let shares: Vec<serde_json::Value> = self
-            .shares()?
-            .into_iter()
-            .map(|(host, guest, ro)| json!({ "host": host, "guest": guest, "readOnly": ro }))
-            .collect();
-        let some = |v: serde_json::Value| Some(v);
-        Ok(super::varlink::params([
-            ("image", self.image.clone().map(|i| json!(i))),
-            ("kernel", self.kernel.clone().map(|k| json!(k))),
-            ("vcpus", self.vcpus.map(|v| json!(v))),
-            ("memoryMib", self.memory.map(|m| json!(m))),
-            ("sshKey", key.map(|k| json!(k))),
-            ("network", self.network.clone().map(|n| json!(n))),
-            ("egress", some(json!(self.egress))),
-            ("init", self.init.clone().map(|i| json!(i))),
-            ("entrypoint", self.entrypoint.then_some(json!(true))),
-            ("publish", some(json!(self.publish))),
-            ("shares", some(json!(shares))),
-            ("snapshot", self.snapshot.clone().map(|s| json!(s))),
-            ("cold", self.cold.then_some(json!(true))),
-        ]))
+        let list = |l: &Vec<String>| (!l.is_empty()).then(|| Opt::Strs(l.clone()));
+        Ok([
+            ("image", self.image.clone().map(Opt::Str)),
+            ("kernel", self.kernel.clone().map(Opt::Str)),
+            ("vcpus", self.vcpus.map(Opt::U32)),
+            ("memory_mib", self.memory.map(Opt::U32)),
+            ("ssh_key", key.map(Opt::Str)),
+            ("network", self.network.clone().map(Opt::Str)),
+            ("egress", list(&self.egress)),
+            ("init", self.init.clone().map(Opt::Str)),
+            ("entrypoint", self.entrypoint.then_some(Opt::Bool(true))),
+            ("publish", list(&self.publish)),
+            (
+                "shares",
+                (!shares.is_empty()).then_some(Opt::Shares(shares)),
+            ),
+            ("snapshot", self.snapshot.clone().map(Opt::Str)),
+            ("cold", self.cold.then_some(Opt::Bool(true))),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect())
     }
 
     /// The `--share` folders as `shares` entries: each host folder made absolute and checked
@@ -301,15 +279,15 @@ impl VmSpec {
 }
 
 /// Image names by id (empty when the images cannot be listed).
-async fn image_names(conn: &zbus::Connection) -> std::collections::HashMap<String, String> {
-    let Ok(p) = crate::dbus::proxy::Images1Proxy::new(conn).await else {
-        return Default::default();
-    };
-    p.list_images()
+async fn image_names(t: &mut impl Transport) -> std::collections::HashMap<String, String> {
+    t.images()
         .await
         .unwrap_or_default()
         .into_iter()
-        .map(|(id, name, ..)| (id, name))
+        .map(|i| {
+            let s = |k: &str| i[k].as_str().unwrap_or("").to_owned();
+            (s("id"), s("name"))
+        })
         .collect()
 }
 
@@ -365,7 +343,9 @@ pub async fn object_fields(
 }
 
 /// Builds an options map from optional entries.
-pub fn opts<'a>(entries: impl IntoIterator<Item = (&'a str, Variant<'static>)>) -> Opts {
+pub fn opts<'a>(
+    entries: impl IntoIterator<Item = (&'a str, Variant<'static>)>,
+) -> crate::dbus::proxy::Opts {
     entries
         .into_iter()
         .filter_map(|(k, v)| OwnedVariant::try_from(v).ok().map(|v| (k.to_owned(), v)))
@@ -380,25 +360,13 @@ pub fn print_job(out: &Output, id: u32, path: &OwnedObjectPath) {
     ]);
 }
 
-async fn vm_proxy<'a>(
-    conn: &'a zbus::Connection,
-    p: &VMs1Proxy<'_>,
-    name: &str,
-) -> anyhow::Result<VM1Proxy<'a>> {
-    let path = p.get_vm(name).await.map_err(explain)?;
-    Ok(VM1Proxy::builder(conn).path(path).build().await?)
-}
-
-/// Runs `command` in the VM through its agent with this process's streams; its status.
+/// Runs `what` in VM `name` through its agent with this process's streams; its status.
 async fn exec_in(
-    conn: &zbus::Connection,
-    p: &VMs1Proxy<'_>,
+    t: &mut impl Transport,
     name: &str,
     what: crate::agent::ExecRequest,
 ) -> anyhow::Result<i32> {
-    let vm = vm_proxy(conn, p, name).await?;
-    let fd = vm.open_agent().await.map_err(explain)?;
-    exec_on(fd.into(), what).await
+    exec_on(t.open_agent(name).await?, what).await
 }
 
 /// What `vm exec` asks the agent to run.
@@ -521,20 +489,22 @@ pub fn known_hosts_with(existing: &str, alias: &str, key: &str) -> String {
 
 /// The system `ssh` set up for the VM: its address, root, the host key banger made for it
 /// (strict checking against banger's own known_hosts file), the user's key.
+/// `ssh` into VM `name` as root, its host key pinned.
 async fn ssh_command(
-    conn: &zbus::Connection,
-    p: &VMs1Proxy<'_>,
+    t: &mut impl Transport,
     name: &str,
     identity: Option<std::path::PathBuf>,
     command: Vec<String>,
 ) -> anyhow::Result<std::process::Command> {
-    let vm = vm_proxy(conn, p, name).await?;
-    let (address, id, key) = (
-        vm.ssh_address().await?,
-        vm.id().await?,
-        vm.ssh_host_key().await?,
-    );
-    ssh_command_for(name, &address, &id, &key, identity, command)
+    let vm = t.vm_info(name).await?;
+    ssh_command_for(
+        name,
+        &vm.ssh_address,
+        &vm.id,
+        &vm.ssh_host_key,
+        identity,
+        command,
+    )
 }
 
 /// [`ssh_command`] for a VM whose SSH address, id and host key are known.
@@ -600,113 +570,86 @@ pub(super) fn generated_name() -> String {
 }
 
 /// `vm show`: the VM's properties (the image by name too, and its walls in words).
-async fn show(
-    out: &Output,
-    conn: &zbus::Connection,
-    p: &VMs1Proxy<'_>,
-    name: &str,
-) -> anyhow::Result<()> {
-    let path = p.get_vm(name).await.map_err(explain)?;
-    let (mut fields, all) = object_fields(
-        conn,
-        &path,
-        "org.banger.VM1",
-        &[
-            "Name",
-            "Id",
-            "State",
-            "Stage",
-            "Image",
-            "Kernel",
-            "VCpus",
-            "MemoryMiB",
-            "GuestAddress",
-            "MacAddress",
-            "VSockCID",
-            "SSHAddress",
-            "SSHHostKey",
-            "Network",
-            "Egress",
-            "Published",
-            "Shares",
-            "Owner",
-            "CreatedAt",
-        ],
-    )
-    .await?;
+async fn show(out: &Output, t: &mut impl Transport, name: &str) -> anyhow::Result<()> {
+    let mut fields = t.vm(name).await?;
+    let get = |fields: &Fields, k: &str| {
+        fields
+            .iter()
+            .find(|(f, _)| f == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
     // The image by name as well as by id.
-    let image = all
-        .get("Image")
-        .and_then(|v| <&str>::try_from(&**v).ok())
+    let image = get(&fields, "Image")
+        .as_str()
         .unwrap_or_default()
         .to_owned();
-    fields.insert(
-        5,
-        (
-            "ImageName",
-            json!(image_names(conn)
-                .await
-                .get(&image)
-                .cloned()
-                .unwrap_or_default()),
-        ),
-    );
+    let image_name = image_names(t)
+        .await
+        .get(&image)
+        .cloned()
+        .unwrap_or_default();
+    fields.insert(5, ("ImageName".into(), json!(image_name)));
     // The walls the VM lives behind, in words.
-    let network = all
-        .get("Network")
-        .and_then(|v| <&str>::try_from(&**v).ok())
+    let network = get(&fields, "Network")
+        .as_str()
         .and_then(crate::model::NetworkMode::parse)
         .unwrap_or_default();
-    let egress = all
-        .get("Egress")
-        .and_then(|v| <Vec<String>>::try_from(v.try_clone().ok()?).ok())
-        .unwrap_or_default();
-    fields.push((
-        "Walls",
-        json!(crate::net::walls::describe(network, &egress)),
-    ));
-    fields.push(("Path", json!(path.as_str())));
+    let egress: Vec<String> = serde_json::from_value(get(&fields, "Egress")).unwrap_or_default();
+    let walls = json!(crate::net::walls::describe(network, &egress));
+    match fields.iter().position(|(k, _)| k == "Path") {
+        Some(at) => fields.insert(at, ("Walls".into(), walls)),
+        None => fields.push(("Walls".into(), walls)),
+    }
     // People read the owner's name and the time; programs (--json) keep the uid and
     // the µs.
     if !out.json {
         for (k, v) in fields.iter_mut() {
-            match (*k, v.as_u64()) {
+            match (k.as_str(), v.as_u64()) {
                 ("Owner", Some(uid)) => *v = json!(format!("{} ({uid})", super::owner_name(uid))),
                 ("CreatedAt", Some(us)) => *v = json!(super::utc_time(us)),
                 _ => {}
             }
         }
     }
-    out.object(fields);
+    transport::show(out, &fields);
     Ok(())
 }
 
-/// Runs a VM verb.
-pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyhow::Result<()> {
-    let p = VMs1Proxy::new(conn).await?;
-    let pausing = matches!(cmd, VmCommand::Pause { .. });
+/// After a failed create or start, the console's tail (see [`print_console_tail`]).
+async fn tail_on_failure<T>(
+    t: &mut impl Transport,
+    name: &str,
+    r: anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    if let Err(e) = &r {
+        if e.is::<super::JobFailed>() {
+            print_console_tail(t, name).await;
+        }
+    }
+    r
+}
+
+/// Runs a VM verb over `t`.
+pub(crate) async fn run(
+    out: &Output,
+    t: &mut impl Transport,
+    cmd: VmCommand,
+) -> anyhow::Result<()> {
     match cmd {
         VmCommand::List { all } => {
-            let rows = p.list_vms().await.map_err(explain)?;
-            let names = image_names(conn).await;
-            let rows = rows
-                .into_iter()
-                .filter(|(_, name, ..)| all || !name.starts_with('.'))
-                .map(|(id, name, state, image, path)| {
-                    vec![
-                        json!(name),
-                        json!(id),
-                        json!(state),
-                        json!(names.get(&image).cloned().unwrap_or_default()),
-                        json!(image),
-                        json!(path.as_str()),
-                    ]
-                })
-                .collect();
-            out.table(
-                &["NAME", "ID", "STATE", "IMAGE", "IMAGE ID", "OBJECT"],
-                &["name", "id", "state", "image_name", "image", "path"],
-                rows,
+            let names = image_names(t).await;
+            let mut vms = t.vms().await?;
+            vms.retain(|v| all || !v["name"].as_str().unwrap_or("").starts_with('.'));
+            for v in &mut vms {
+                let id = v["image"].as_str().unwrap_or("").to_owned();
+                v["image_name"] = json!(names.get(&id).cloned().unwrap_or_default());
+            }
+            table(
+                out,
+                &["NAME", "ID", "STATE", "IMAGE", "IMAGE ID"],
+                &["name", "id", "state", "image_name", "image"],
+                &vms,
             );
         }
         VmCommand::Create {
@@ -716,37 +659,24 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             no_start,
             no_wait,
         } => {
-            let o = opts(
-                spec.entries()?
-                    .into_iter()
-                    .chain(disk_size.map(|d| ("disk_size", d.into())))
-                    .chain(no_start.then(|| ("start", false.into()))),
-            );
-            let watch = super::watch::subscribe(conn).await?;
-            let (vm, id, path) = p.create_vm(&name, o).await.map_err(explain)?;
+            let mut opts = spec.opts()?;
+            opts.extend(disk_size.map(|d| ("disk_size", Opt::U64(d))));
+            opts.extend(no_start.then_some(("start", Opt::Bool(false))));
+            // With --json, stdout gets the VM as `vm show` prints it (what a program
+            // creating a VM wants next); the stages still go to stderr.
+            let created = t
+                .create_vm(&Output { json: false }, &name, opts, !no_wait)
+                .await;
+            let job = tail_on_failure(t, &name, created).await?;
             if no_wait {
-                out.object(vec![
-                    ("vm_id", json!(vm.as_str().rsplit('/').next())),
-                    ("vm_path", json!(vm.as_str())),
-                    ("job_id", json!(id)),
-                    ("job_path", json!(path.as_str())),
-                ]);
+                transport::show(out, &job);
+            } else if out.json {
+                show(out, t, &name).await?;
             } else {
-                // With --json, stdout gets the VM as `vm show` prints it (what a program
-                // creating a VM wants next); the stages still go to stderr.
-                let followed = watch.follow(&Output { json: false }, id, &path).await;
-                if followed.is_err() {
-                    print_console_tail(conn, &p, &name).await;
-                }
-                followed?;
-                if out.json {
-                    show(out, conn, &p, &name).await?;
-                } else {
-                    println!(
-                        "VM {name} is {}",
-                        if no_start { "created" } else { "running" }
-                    );
-                }
+                println!(
+                    "VM {name} is {}",
+                    if no_start { "created" } else { "running" }
+                );
             }
         }
         VmCommand::Run {
@@ -759,62 +689,53 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             let name = name.unwrap_or_else(generated_name);
             // SSH with a key, else the agent's shell: never a password prompt.
             let shell = shell || (spec.ssh_key.is_none() && default_public_key().is_none());
-            let mut entries = spec.entries()?;
+            let mut opts = spec.opts()?;
             if spec.entrypoint && !command.is_empty() {
-                entries.push(("command", command.clone().into()));
+                opts.push(("command", Opt::Strs(command.clone())));
             }
-            let o = opts(entries);
-            let watch = super::watch::subscribe(conn).await?;
-            let followed = match p.create_vm(&name, o).await {
-                Ok((_, id, path)) => watch.follow(out, id, &path).await,
+            let followed = match t.create_vm(out, &name, opts, true).await {
+                Ok(_) => Ok(()),
                 // A VM of the caller's of that name, run again (the next day): started when
                 // stopped and entered, as `machinectl shell` and `docker start -ai` do. Not
                 // with --rm, which asks for a VM of its own to throw away.
-                Err(zbus::Error::MethodError(kind, msg, info))
-                    if kind.as_str() == "org.banger.Error.AlreadyExists" && !rm =>
-                {
-                    let refused = || explain(zbus::Error::MethodError(kind, msg, info));
-                    let vm = vm_proxy(conn, &p, &name).await?;
+                Err(e) if super::refusal(&e) == Some("AlreadyExists") && !rm => {
+                    let vm = t.vm_info(&name).await?;
                     // SAFETY: getuid cannot fail.
-                    if vm.owner().await? != unsafe { libc::getuid() } {
-                        return Err(refused());
+                    if vm.owner != u64::from(unsafe { libc::getuid() }) {
+                        return Err(e);
                     }
                     out.say(&format!(
                         "VM {name} exists: entering it (options apply only to a new VM)"
                     ));
-                    match vm.state().await?.as_str() {
+                    match vm.state.as_str() {
                         "running" => Ok(()),
                         "paused" => Err(anyhow::anyhow!(
                             "VM {name} is paused; `banger vm resume {name}`, then run it again"
                         )),
-                        _ => {
-                            let (id, path) = p.start_vm(&name).await.map_err(explain)?;
-                            watch.follow(out, id, &path).await
-                        }
+                        _ => t.start_vm(out, &name, true).await.map(|_| ()),
                     }
                 }
-                Err(e) => return Err(explain(e)),
+                Err(e) if e.is::<super::JobFailed>() => Err(e),
+                Err(e) => return Err(e),
             };
-            if followed.is_err() {
-                print_console_tail(conn, &p, &name).await;
-            }
+            let followed = tail_on_failure(t, &name, followed).await;
             let code = match followed {
                 Err(e) => Err(e),
-                Ok(()) if spec.entrypoint => main_process(conn, &p, &name).await,
+                Ok(()) if spec.entrypoint => main_process(t, &name).await,
                 Ok(()) if !command.is_empty() => {
-                    exec_in(conn, &p, &name, crate::agent::ExecRequest::new(command)).await
+                    exec_in(t, &name, crate::agent::ExecRequest::new(command)).await
                 }
-                Ok(()) if shell => exec_in(conn, &p, &name, shell_request(None)).await,
+                Ok(()) if shell => exec_in(t, &name, shell_request(None)).await,
                 Ok(()) => {
                     let identity = spec.ssh_key.map(|k| k.with_extension(""));
-                    let mut ssh = ssh_command(conn, &p, &name, identity, Vec::new()).await?;
+                    let mut ssh = ssh_command(t, &name, identity, Vec::new()).await?;
                     let status = ssh.status().context("Cannot run ssh")?;
                     Ok(status.code().unwrap_or(255))
                 }
             };
             if rm {
-                if let Err(e) = p.delete_vm(&name, opts([("force", true.into())])).await {
-                    eprintln!("banger: cannot delete VM {name}: {}", explain(e));
+                if let Err(e) = t.delete_vm(&name, vec![("force", Opt::Bool(true))]).await {
+                    eprintln!("banger: cannot delete VM {name}: {e}");
                 }
             }
             leave(code?).await;
@@ -825,44 +746,31 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             command,
         } => {
             use std::os::unix::process::CommandExt;
-            let mut ssh = ssh_command(conn, &p, &name, identity, command).await?;
+            let mut ssh = ssh_command(t, &name, identity, command).await?;
             let e = ssh.exec();
             anyhow::bail!("Cannot run ssh: {e}; is openssh-client installed?");
         }
         VmCommand::Start { name, no_wait } => {
-            let watch = super::watch::subscribe(conn).await?;
-            let (id, path) = match p.start_vm(&name).await {
-                Ok(started) => started,
+            let started = match t.start_vm(out, &name, !no_wait).await {
                 // As `docker start` and `machinectl start` do, and as `vm stop` of a stopped
                 // VM does: a VM that runs already is started; say so, exit 0. (Only the
                 // state's refusal: one the caller may not start stays an error.)
-                Err(zbus::Error::MethodError(kind, msg, info))
-                    if kind.as_str() == "org.banger.Error.InvalidArgument" =>
-                {
-                    let state = match vm_proxy(conn, &p, &name).await {
-                        Ok(vm) => vm.state().await.unwrap_or_default(),
-                        Err(_) => String::new(),
-                    };
+                Err(e) if super::refusal(&e) == Some("InvalidArgument") => {
+                    let state = t.vm_info(&name).await.map(|v| v.state).unwrap_or_default();
                     if !matches!(state.as_str(), "running" | "paused") {
-                        return Err(explain(zbus::Error::MethodError(kind, msg, info)));
+                        return Err(e);
                     }
                     out.say(&format!("VM {name} is {state} already"));
                     out.done(vec![("name", json!(name)), ("state", json!(state))]);
                     return Ok(());
                 }
-                Err(e) => return Err(explain(e)),
+                r => r,
             };
+            let job = tail_on_failure(t, &name, started).await?;
             if no_wait {
-                print_job(out, id, &path);
+                transport::show(out, &job);
             } else {
-                let followed = watch.follow(out, id, &path).await;
-                if followed.is_err() {
-                    print_console_tail(conn, &p, &name).await;
-                }
-                followed?;
-                if !out.json {
-                    println!("VM {name} is running");
-                }
+                out.say(&format!("VM {name} is running"));
             }
         }
         VmCommand::Stop {
@@ -870,16 +778,9 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             force,
             timeout,
         } => {
-            p.stop_vm(
-                &name,
-                opts(
-                    [("force", force.into())]
-                        .into_iter()
-                        .chain(timeout.map(|t| ("timeout_sec", t.into()))),
-                ),
-            )
-            .await
-            .map_err(explain)?;
+            let mut opts = vec![("force", Opt::Bool(force))];
+            opts.extend(timeout.map(|t| ("timeout_sec", Opt::U32(t))));
+            t.stop_vm(&name, opts).await?;
             out.done(vec![("name", json!(name)), ("state", json!("stopped"))]);
         }
         VmCommand::Snapshot {
@@ -887,12 +788,8 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             snapshot,
             pause,
         } => {
-            let watch = super::watch::subscribe(conn).await?;
-            let (id, path) = p
-                .snapshot_vm(&name, &snapshot, opts([("pause", pause.into())]))
-                .await
-                .map_err(explain)?;
-            watch.follow(out, id, &path).await?;
+            let opts = vec![("pause", Opt::Bool(pause))];
+            t.snapshot_vm(out, &name, &snapshot, opts).await?;
             out.done(vec![("vm", json!(name)), ("snapshot", json!(snapshot))]);
         }
         VmCommand::Fork { name, new, count } => {
@@ -900,55 +797,42 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
                 (1..=64).contains(&count),
                 "--count must be between 1 and 64, not {count}"
             );
-            let watch = super::watch::subscribe(conn).await?;
-            let (id, path) = p
-                .snapshot_vm(&name, &new, opts(None))
-                .await
-                .map_err(explain)?;
-            watch.follow(out, id, &path).await?;
+            t.snapshot_vm(out, &name, &new, Vec::new()).await?;
             let names: Vec<String> = if count == 1 {
                 vec![new.clone()]
             } else {
                 (1..=count).map(|i| format!("{new}-{i}")).collect()
             };
             let key = read_public_key(None)?;
-            let watch = super::watch::subscribe(conn).await?;
-            let mut jobs = Vec::new();
-            for n in &names {
-                let o = opts(
-                    [("snapshot", new.clone().into())]
-                        .into_iter()
-                        .chain(key.clone().map(|k| ("ssh_key", k.into()))),
-                );
-                let (_, id, path) = p.create_vm(n, o).await.map_err(explain)?;
-                jobs.push((id, path, n.clone()));
-            }
-            watch.follow_all(out, &jobs).await?;
+            let creates = names
+                .iter()
+                .map(|n| {
+                    let mut o = vec![("snapshot", Opt::Str(new.clone()))];
+                    o.extend(key.clone().map(|k| ("ssh_key", Opt::Str(k))));
+                    (n.clone(), o)
+                })
+                .collect();
+            t.create_vms(out, creates).await?;
             out.done(vec![
                 ("vm", json!(name)),
                 ("snapshot", json!(new)),
                 ("vms", json!(names)),
             ]);
         }
-        VmCommand::Pause { name } | VmCommand::Resume { name } => {
-            let vm = vm_proxy(conn, &p, &name).await?;
-            let state = if pausing {
-                vm.pause().await.map(|_| "paused")
-            } else {
-                vm.resume().await.map(|_| "running")
-            };
-            out.done(vec![
-                ("name", json!(name)),
-                ("state", json!(state.map_err(explain)?)),
-            ]);
+        VmCommand::Pause { name } => {
+            t.pause_vm(&name, true).await?;
+            out.done(vec![("name", json!(name)), ("state", json!("paused"))]);
+        }
+        VmCommand::Resume { name } => {
+            t.pause_vm(&name, false).await?;
+            out.done(vec![("name", json!(name)), ("state", json!("running"))]);
         }
         VmCommand::Delete { name, force } => {
-            p.delete_vm(&name, opts([("force", force.into())]))
-                .await
-                .map_err(explain)?;
+            t.delete_vm(&name, vec![("force", Opt::Bool(force))])
+                .await?;
             out.done(vec![("name", json!(name)), ("deleted", json!(true))]);
         }
-        VmCommand::Show { name } => show(out, conn, &p, &name).await?,
+        VmCommand::Show { name } => show(out, t, &name).await?,
         VmCommand::Exec {
             name,
             command,
@@ -958,41 +842,28 @@ pub async fn run(out: &Output, conn: &zbus::Connection, cmd: VmCommand) -> anyho
             tty,
         } => {
             let what = exec_request(command, env, workdir, user, tty);
-            leave(exec_in(conn, &p, &name, what).await?).await;
+            leave(exec_in(t, &name, what).await?).await;
         }
         VmCommand::Cp { src, dst } => {
             let (from, to) = (src.clone(), dst.clone());
             let (vm, job) = super::cp::plan(&src, &dst)?;
-            let proxy = vm_proxy(conn, &p, &vm).await?;
-            let fd = proxy.open_agent().await.map_err(explain)?;
-            let s = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(fd));
+            let s = std::os::unix::net::UnixStream::from(t.open_agent(&vm).await?);
             tokio::task::spawn_blocking(move || job(s)).await??;
             out.done(vec![("from", json!(from)), ("to", json!(to))]);
         }
         VmCommand::Shell { name, user } => {
-            leave(exec_in(conn, &p, &name, shell_request(user)).await?).await;
+            leave(exec_in(t, &name, shell_request(user)).await?).await;
         }
-        VmCommand::Logs { name, follow } => {
-            let vm = vm_proxy(conn, &p, &name).await?;
-            let open = || async {
-                let fd = vm.open_console().await.map_err(explain)?;
-                anyhow::Ok(std::os::fd::OwnedFd::from(fd))
-            };
-            print_console(open, follow).await?;
-        }
+        VmCommand::Logs { name, follow } => print_console(t, &name, follow).await?,
     }
     Ok(())
 }
 
-/// Prints the console log `open` hands out (`OpenConsole`), and with `follow` what it writes
-/// next, onto each new file the logger starts.
-pub(super) async fn print_console<F, Fut>(open: F, follow: bool) -> anyhow::Result<()>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<std::os::fd::OwnedFd>>,
-{
+/// Prints VM `name`'s console log (`OpenConsole`), and with `follow` what it writes next,
+/// onto each new file the logger starts.
+async fn print_console(t: &mut impl Transport, name: &str, follow: bool) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let mut f = tokio::fs::File::from_std(std::fs::File::from(open().await?));
+    let mut f = tokio::fs::File::from_std(std::fs::File::from(t.open_console(name).await?));
     let mut stdout = tokio::io::stdout();
     loop {
         tokio::io::copy(&mut f, &mut stdout).await?;
@@ -1003,7 +874,7 @@ where
         tokio::time::sleep(Duration::from_millis(250)).await;
         // The log is bounded: past its cap the logger starts a new file with the newest
         // half. Follow onto it, from its end (that half was printed).
-        if let Ok(fd) = open().await {
+        if let Ok(fd) = t.open_console(name).await {
             let newer = std::fs::File::from(fd);
             let (a, b) = (f.metadata().await?, newer.metadata()?);
             if a.ino() != b.ino() {
@@ -1020,20 +891,10 @@ where
 /// not carry them); nothing when the console cannot be opened.
 /// Waits for a VM's main process to end (the VM stops), prints what it wrote on the console
 /// and returns its exit status.
-async fn main_process(
-    conn: &zbus::Connection,
-    p: &VMs1Proxy<'_>,
-    name: &str,
-) -> anyhow::Result<i32> {
-    let vm = vm_proxy(conn, p, name).await?;
-    let mut changes = vm.receive_state_changed().await;
-    while !matches!(vm.state().await?.as_str(), "stopped" | "failed") {
-        use futures_util::StreamExt;
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), changes.next()).await;
-    }
-    let fd = vm.open_console().await.map_err(explain)?;
-    print_main_output(fd.into()).await;
-    Ok(vm.exit_status().await?)
+async fn main_process(t: &mut impl Transport, name: &str) -> anyhow::Result<i32> {
+    t.wait_stopped(name).await?;
+    print_main_output(t.open_console(name).await?).await;
+    Ok(t.vm_info(name).await?.exit_status)
 }
 
 /// The main process's output in a console log: the lines after banger-init's last
@@ -1051,14 +912,11 @@ pub fn main_output(console: &str) -> String {
     rest[..end].replace("\r\n", "\n")
 }
 
-async fn print_console_tail(conn: &zbus::Connection, p: &VMs1Proxy<'_>, name: &str) {
-    let Ok(vm) = vm_proxy(conn, p, name).await else {
+async fn print_console_tail(t: &mut impl Transport, name: &str) {
+    let Ok(fd) = t.open_console(name).await else {
         return;
     };
-    let Ok(fd) = vm.open_console().await else {
-        return;
-    };
-    let f = std::fs::File::from(std::os::fd::OwnedFd::from(fd));
+    let f = std::fs::File::from(fd);
     let tail = tokio::task::spawn_blocking(move || {
         use std::io::{Read, Seek, SeekFrom};
         let mut f = f;
