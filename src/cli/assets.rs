@@ -78,39 +78,21 @@ pub fn print_names(names: impl IntoIterator<Item = String>) {
 }
 
 /// The names of `kind` (vm, image, kernel, snapshot) over D-Bus, for completion.
-pub async fn names(conn: &zbus::Connection, kind: &str) -> anyhow::Result<Vec<String>> {
-    use crate::dbus::proxy::{Images1Proxy, Kernels1Proxy, Snapshots1Proxy, VMs1Proxy};
-    Ok(match kind {
-        "vm" => VMs1Proxy::new(conn)
-            .await?
-            .list_vms()
-            .await?
-            .into_iter()
-            .map(|r| r.1)
-            .collect(),
-        "image" => Images1Proxy::new(conn)
-            .await?
-            .list_images()
-            .await?
-            .into_iter()
-            .map(|r| r.1)
-            .collect(),
-        "kernel" => Kernels1Proxy::new(conn)
-            .await?
-            .list_kernels()
-            .await?
-            .into_iter()
-            .map(|r| r.0)
-            .collect(),
-        "snapshot" => Snapshots1Proxy::new(conn)
-            .await?
-            .list_snapshots()
-            .await?
-            .into_iter()
-            .map(|r| r.1)
-            .collect(),
-        other => anyhow::bail!("no names of {other:?}"),
-    })
+pub(crate) async fn names(
+    t: &mut impl super::transport::Transport,
+    kind: &str,
+) -> anyhow::Result<Vec<String>> {
+    let records = match kind {
+        "vm" => t.vms().await?,
+        "image" => t.images().await?,
+        "kernel" => t.kernels().await?,
+        "snapshot" => t.snapshots().await?,
+        _ => Vec::new(),
+    };
+    Ok(records
+        .iter()
+        .filter_map(|r| r["name"].as_str().map(str::to_owned))
+        .collect())
 }
 
 #[cfg(test)]

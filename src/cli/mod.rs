@@ -274,20 +274,44 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match (cli.command, varlink) {
         (Command::Doctor, _) => doctor::run(&out),
         (Command::GenerateAssets { dir }, _) => assets::generate(&dir),
-        (c, Some(socket)) => varlink::run(&out, &socket, c).await,
-        (Command::CompleteNames { kind }, None) => {
-            // A completion must never print an error into the user's command line.
-            if let Ok(conn) = connect().await {
-                assets::print_names(assets::names(&conn, &kind).await.unwrap_or_default());
+        // A completion must never print an error into the user's command line.
+        (Command::CompleteNames { kind }, Some(socket)) => {
+            if let Ok(client) = varlink::Client::connect(&socket).await {
+                let mut t = transport::Socket { client };
+                assets::print_names(assets::names(&mut t, &kind).await.unwrap_or_default());
             }
             Ok(())
         }
-        (Command::Status, None) => status::run(&out, &connect().await?).await,
-        (Command::Image(c), None) => image::run(&out, &mut bus().await?, c).await,
-        (Command::Kernel(c), None) => kernel::run(&out, &mut bus().await?, c).await,
-        (Command::Vm(c), None) => vm::run(&out, &mut bus().await?, c).await,
-        (Command::Snapshot(c), None) => snapshot::run(&out, &mut bus().await?, c).await,
-        (Command::Job(c), None) => job::run(&out, &mut bus().await?, c).await,
+        (Command::CompleteNames { kind }, None) => {
+            if let Ok(mut t) = bus().await {
+                assets::print_names(assets::names(&mut t, &kind).await.unwrap_or_default());
+            }
+            Ok(())
+        }
+        (c, Some(socket)) => {
+            let client = varlink::Client::connect(&socket).await?;
+            verb(&out, &mut transport::Socket { client }, c).await
+        }
+        (c, None) => verb(&out, &mut bus().await?, c).await,
+    }
+}
+
+/// Runs a verb that talks to the daemon over `t`.
+async fn verb(out: &Output, t: &mut impl transport::Transport, c: Command) -> anyhow::Result<()> {
+    match c {
+        Command::Status => status::run(out, t).await,
+        Command::Image(c) => image::run(out, t, c).await,
+        Command::Kernel(c) => kernel::run(out, t, c).await,
+        Command::Vm(c) => vm::run(out, t, c).await,
+        Command::Snapshot(c) => snapshot::run(out, t, c).await,
+        Command::Job(c) => job::run(out, t, c).await,
+        // `run` answers these before it connects; the same answers here.
+        Command::Doctor => doctor::run(out),
+        Command::GenerateAssets { dir } => assets::generate(&dir),
+        Command::CompleteNames { kind } => {
+            assets::print_names(assets::names(t, &kind).await.unwrap_or_default());
+            Ok(())
+        }
     }
 }
 

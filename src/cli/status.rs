@@ -2,37 +2,30 @@
 
 use serde_json::json;
 
-use super::{explain, Output};
-use crate::dbus::proxy::{Images1Proxy, Jobs1Proxy, Kernels1Proxy, VMs1Proxy};
+use super::transport::Transport;
+use super::Output;
 
 /// Prints the daemon's version and counts.
-pub async fn run(out: &Output, conn: &zbus::Connection) -> anyhow::Result<()> {
-    let jobs = Jobs1Proxy::new(conn).await?;
-    let version = jobs.version().await.map_err(explain)?;
-    let images = Images1Proxy::new(conn)
-        .await?
-        .list_images()
-        .await
-        .map_err(explain)?;
-    let kernels = Kernels1Proxy::new(conn)
-        .await?
-        .list_kernels()
-        .await
-        .map_err(explain)?;
-    let vm_proxy = VMs1Proxy::new(conn).await?;
-    let vms = vm_proxy.list_vms().await.map_err(explain)?;
-    let usage = vm_proxy.get_usage().await.map_err(explain)?;
-    let running = vms.iter().filter(|v| v.2 == "running").count();
-    let jobs = jobs.list_jobs().await.map_err(explain)?;
-    let counts = [images.len(), kernels.len(), vms.len(), running, jobs.len()];
-    print(out, &version, counts, &usage);
+pub(crate) async fn run(out: &Output, t: &mut impl Transport) -> anyhow::Result<()> {
+    let version = t.version().await?;
+    let (images, kernels) = (t.images().await?.len(), t.kernels().await?.len());
+    let vms = t.vms().await?;
+    let running = vms.iter().filter(|v| v["state"] == "running").count();
+    let jobs = t.jobs().await?.len();
+    let usage = t.usage().await?;
+    print(
+        out,
+        &version,
+        [images, kernels, vms.len(), running, jobs],
+        &usage,
+    );
     Ok(())
 }
 
 /// Prints the status: the daemon's version, its counts of images, kernels, VMs, running VMs
 /// and jobs, and the caller's use against each quota as `your_<quota>`: `USED of ALLOWED`
 /// (whichever way they were asked).
-pub(super) fn print(out: &Output, version: &str, counts: [usize; 5], usage: &[(String, u64, u64)]) {
+fn print(out: &Output, version: &str, counts: [usize; 5], usage: &[(String, u64, u64)]) {
     let [images, kernels, vms, running, jobs] = counts;
     let mut fields = vec![
         ("daemon_version".to_owned(), json!(version)),

@@ -62,6 +62,11 @@ pub(crate) struct JobCall<'a> {
 
 /// What the verbs ask of the daemon.
 pub(crate) trait Transport {
+    /// The daemon's version.
+    async fn version(&mut self) -> anyhow::Result<String>;
+    /// The caller's use of each quota: its name, what is used and what is allowed.
+    async fn usage(&mut self) -> anyhow::Result<Vec<(String, u64, u64)>>;
+
     /// Installed kernels: `name`, `version`, `owner` (a uid), `source`.
     async fn kernels(&mut self) -> anyhow::Result<Vec<Value>>;
     /// The catalog's kernels: `name`, `version`, `description`.
@@ -308,6 +313,14 @@ async fn properties(
 }
 
 impl Transport for Bus {
+    async fn version(&mut self) -> anyhow::Result<String> {
+        self.jobs1().await?.version().await.map_err(explain)
+    }
+
+    async fn usage(&mut self) -> anyhow::Result<Vec<(String, u64, u64)>> {
+        self.vms1().await?.get_usage().await.map_err(explain)
+    }
+
     async fn kernels(&mut self) -> anyhow::Result<Vec<Value>> {
         let list = self
             .kernels1()
@@ -817,6 +830,31 @@ fn fields(v: &Value) -> Fields {
 }
 
 impl Transport for Socket {
+    async fn version(&mut self) -> anyhow::Result<String> {
+        let info = self
+            .client
+            .call("org.varlink.service.GetInfo", json!({}))
+            .await?;
+        Ok(info["version"].as_str().unwrap_or("").to_owned())
+    }
+
+    async fn usage(&mut self) -> anyhow::Result<Vec<(String, u64, u64)>> {
+        let got = self
+            .client
+            .call(&format!("{V}.GetUsage"), json!({}))
+            .await?;
+        Ok(list(got, "usage")
+            .iter()
+            .map(|u| {
+                (
+                    u["quota"].as_str().unwrap_or_default().to_owned(),
+                    u["used"].as_u64().unwrap_or_default(),
+                    u["allowed"].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect())
+    }
+
     async fn kernels(&mut self) -> anyhow::Result<Vec<Value>> {
         let v = self.client.call(&format!("{K}.List"), json!({})).await?;
         Ok(list(v, "kernels"))

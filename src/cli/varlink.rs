@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use super::transport::Socket;
-use super::{Command, Output};
+use super::Output;
 
 /// The socket's default path (`bangerd.socket`'s `ListenStream=`).
 pub const DEFAULT_SOCKET: &str = "/run/banger/io.banger";
@@ -211,70 +210,6 @@ fn explain(f: Fault) -> anyhow::Error {
 pub(super) fn absolute(p: &Path) -> anyhow::Result<Value> {
     let abs = std::fs::canonicalize(p).with_context(|| format!("Cannot reach {}", p.display()))?;
     Ok(json!(abs.to_string_lossy()))
-}
-
-/// Runs one command line over the socket at `socket`.
-pub async fn run(out: &Output, socket: &Path, command: Command) -> anyhow::Result<()> {
-    let mut c = Client::connect(socket).await?;
-    match command {
-        Command::Status => {
-            let info = c.call("org.varlink.service.GetInfo", json!({})).await?;
-            let mut lists = Vec::new();
-            for (m, key) in [
-                ("io.banger.Images.List", "images"),
-                ("io.banger.Kernels.List", "kernels"),
-                ("io.banger.VMs.List", "vms"),
-                ("io.banger.Jobs.List", "jobs"),
-            ] {
-                let v = c.call(m, json!({})).await?;
-                lists.push(v[key].as_array().cloned().unwrap_or_default());
-            }
-            let [images, kernels, vms, jobs] =
-                <[Vec<Value>; 4]>::try_from(lists).map_err(|_| anyhow::anyhow!("four lists"))?;
-            let running = vms.iter().filter(|v| v["state"] == "running").count();
-            let counts = [images.len(), kernels.len(), vms.len(), running, jobs.len()];
-            let got = c.call("io.banger.VMs.GetUsage", json!({})).await?;
-            let usage: Vec<(String, u64, u64)> = got["usage"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|u| {
-                    (
-                        u["quota"].as_str().unwrap_or_default().to_owned(),
-                        u["used"].as_u64().unwrap_or_default(),
-                        u["allowed"].as_u64().unwrap_or_default(),
-                    )
-                })
-                .collect();
-            let version = info["version"].as_str().unwrap_or("");
-            super::status::print(out, version, counts, &usage);
-        }
-        Command::Image(cmd) => super::image::run(out, &mut Socket { client: c }, cmd).await?,
-        Command::Kernel(cmd) => super::kernel::run(out, &mut Socket { client: c }, cmd).await?,
-        Command::Vm(cmd) => super::vm::run(out, &mut Socket { client: c }, cmd).await?,
-        Command::Snapshot(cmd) => super::snapshot::run(out, &mut Socket { client: c }, cmd).await?,
-        Command::Job(cmd) => super::job::run(out, &mut Socket { client: c }, cmd).await?,
-        Command::Doctor => super::doctor::run(out)?,
-        Command::GenerateAssets { dir } => super::assets::generate(&dir)?,
-        Command::CompleteNames { kind } => {
-            let (method, key) = match kind.as_str() {
-                "vm" => ("io.banger.VMs.List", "vms"),
-                "image" => ("io.banger.Images.List", "images"),
-                "kernel" => ("io.banger.Kernels.List", "kernels"),
-                "snapshot" => ("io.banger.VMs.ListSnapshots", "snapshots"),
-                _ => return Ok(()),
-            };
-            let v = c.call(method, json!({})).await?;
-            super::assets::print_names(
-                v[key]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|o| o["name"].as_str().map(str::to_owned)),
-            );
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
