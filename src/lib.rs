@@ -1,10 +1,12 @@
 //! banger: one-command sandbox microVMs as a systemd-native D-Bus system service.
 //!
 //! This crate holds what faces callers: the D-Bus (`dbus`) and Varlink (`varlink`) front
-//! ends, the daemon's start-up (`daemon`) and the CLI (`cli`); `src/bin/*.rs` only parse
+//! ends, the daemon's start-up (`daemon`, and `activator` where systemd is not PID 1) and the
+//! CLI (`cli`); `src/bin/*.rs` only parse
 //! arguments and call in. Everything below them, the services that hold the logic and the
 //! locks, is the `banger-core` crate, re-exported here under the same paths.
 
+pub mod activator;
 pub mod cli;
 pub mod daemon;
 pub mod dbus;

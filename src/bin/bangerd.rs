@@ -20,10 +20,12 @@ fn main() -> std::process::ExitCode {
         banger::varlink::relay::RELAY_ARG => banger::varlink::relay::run(&argv[2..]),
         banger::vmm::console::LOGGER_ARG => return console_logger(&argv[2..]),
         banger::agent::link::HELPER_ARG => return agent_link(&argv[2..]),
-        banger::worker::WORKER_ARG => return banger::worker::main(&argv[2..]),
-        banger::varlink::activator::ACTIVATOR_ARG => banger::varlink::activator::run(&argv[2..]),
-        banger::varlink::activator::WAKE_ARG => {
-            return match banger::varlink::activator::wake(&argv[2..]) {
+        banger::worker::WORKER_ARG => {
+            return banger::worker::main(&argv[2..], banger::service::WORKS)
+        }
+        banger::activator::ACTIVATOR_ARG => banger::activator::run(&argv[2..]),
+        banger::activator::WAKE_ARG => {
+            return match banger::activator::wake(&argv[2..]) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("bangerd wake: {e}");

@@ -17,6 +17,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
+use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 use super::varlink::Client;
 use super::{explain, Output};
@@ -203,7 +204,7 @@ fn dbus_options(opts: Opts) -> anyhow::Result<crate::dbus::proxy::Opts> {
             },
         ));
     }
-    Ok(super::vm::opts(entries))
+    Ok(dbus_opts(entries))
 }
 
 /// `opts` as Varlink parameters, beside `extra`.
@@ -299,6 +300,75 @@ fn job_path(id: u32) -> anyhow::Result<zbus::OwnedObjectPath> {
     ))?)
 }
 
+/// An object's properties `keys` of interface `iface`, as JSON fields (strings, numbers and
+/// string lists; null for others), with the whole property map.
+pub async fn object_fields(
+    conn: &zbus::Connection,
+    path: &OwnedObjectPath,
+    iface: &'static str,
+    keys: &[&'static str],
+) -> anyhow::Result<(
+    Vec<(&'static str, serde_json::Value)>,
+    std::collections::HashMap<String, zbus::OwnedVariant>,
+)> {
+    let props = zbus::fdo::PropertiesProxy::builder(conn)
+        .destination("org.banger")
+        .path(path.clone())
+        .build()
+        .await?;
+    let all = props
+        .get_all(zbus::names::InterfaceName::from_static_str(iface)?)
+        .await?;
+    let mut fields = Vec::new();
+    for &key in keys {
+        let v = match all.get(key) {
+            Some(v) => match (
+                <&str>::try_from(&**v),
+                u32::try_from(&**v),
+                u64::try_from(&**v),
+            ) {
+                (Ok(s), _, _) => json!(s),
+                (_, Ok(n), _) => json!(n),
+                (_, _, Ok(n)) => json!(n),
+                _ => {
+                    if let Ok(b) = bool::try_from(&**v) {
+                        json!(b)
+                    } else if let Ok(f) = f64::try_from(&**v) {
+                        json!(f)
+                    } else if let Ok(list) = <Vec<String>>::try_from(v.try_clone()?) {
+                        json!(list)
+                    } else if let Ok(list) = <Vec<u16>>::try_from(v.try_clone()?) {
+                        json!(list)
+                    } else {
+                        json!(null)
+                    }
+                }
+            },
+            None => json!(null),
+        };
+        fields.push((key, v));
+    }
+    Ok((fields, all))
+}
+
+/// Builds an options map from optional entries.
+pub fn dbus_opts<'a>(
+    entries: impl IntoIterator<Item = (&'a str, Variant<'static>)>,
+) -> crate::dbus::proxy::Opts {
+    entries
+        .into_iter()
+        .filter_map(|(k, v)| OwnedVariant::try_from(v).ok().map(|v| (k.to_owned(), v)))
+        .collect()
+}
+
+/// Reports a started job.
+pub fn print_job(out: &Output, id: u32, path: &OwnedObjectPath) {
+    out.object(vec![
+        ("job_id", json!(id)),
+        ("job_path", json!(path.as_str())),
+    ]);
+}
+
 /// Fields read as an object's properties, and its path.
 async fn properties(
     conn: &zbus::Connection,
@@ -306,7 +376,7 @@ async fn properties(
     iface: &'static str,
     keys: &[&'static str],
 ) -> anyhow::Result<Fields> {
-    let (fields, _) = super::vm::object_fields(conn, path, iface, keys).await?;
+    let (fields, _) = object_fields(conn, path, iface, keys).await?;
     let mut fields: Fields = fields.into_iter().map(|(k, v)| (k.into(), v)).collect();
     fields.push(("path".into(), json!(path.as_str())));
     Ok(fields)
@@ -377,7 +447,7 @@ impl Transport for Bus {
         let (id, path) = self
             .kernels1()
             .await?
-            .pull_kernel(name, super::vm::opts(None))
+            .pull_kernel(name, dbus_opts(None))
             .await
             .map_err(explain)?;
         watch.follow(out, id, &path).await
@@ -537,7 +607,7 @@ impl Transport for Bus {
         if wait {
             watch.follow(out, id, &path).await
         } else {
-            super::vm::print_job(out, id, &path);
+            print_job(out, id, &path);
             Ok(())
         }
     }

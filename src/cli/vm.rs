@@ -6,7 +6,6 @@ use anyhow::Context;
 use clap::Subcommand;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
-use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 use super::transport::{self, table, Fields, Opt, Opts, Transport};
 use super::Output;
@@ -289,75 +288,6 @@ async fn image_names(t: &mut impl Transport) -> std::collections::HashMap<String
             (s("id"), s("name"))
         })
         .collect()
-}
-
-/// An object's properties `keys` of interface `iface`, as JSON fields (strings, numbers and
-/// string lists; null for others), with the whole property map.
-pub async fn object_fields(
-    conn: &zbus::Connection,
-    path: &OwnedObjectPath,
-    iface: &'static str,
-    keys: &[&'static str],
-) -> anyhow::Result<(
-    Vec<(&'static str, serde_json::Value)>,
-    std::collections::HashMap<String, zbus::OwnedVariant>,
-)> {
-    let props = zbus::fdo::PropertiesProxy::builder(conn)
-        .destination("org.banger")
-        .path(path.clone())
-        .build()
-        .await?;
-    let all = props
-        .get_all(zbus::names::InterfaceName::from_static_str(iface)?)
-        .await?;
-    let mut fields = Vec::new();
-    for &key in keys {
-        let v = match all.get(key) {
-            Some(v) => match (
-                <&str>::try_from(&**v),
-                u32::try_from(&**v),
-                u64::try_from(&**v),
-            ) {
-                (Ok(s), _, _) => json!(s),
-                (_, Ok(n), _) => json!(n),
-                (_, _, Ok(n)) => json!(n),
-                _ => {
-                    if let Ok(b) = bool::try_from(&**v) {
-                        json!(b)
-                    } else if let Ok(f) = f64::try_from(&**v) {
-                        json!(f)
-                    } else if let Ok(list) = <Vec<String>>::try_from(v.try_clone()?) {
-                        json!(list)
-                    } else if let Ok(list) = <Vec<u16>>::try_from(v.try_clone()?) {
-                        json!(list)
-                    } else {
-                        json!(null)
-                    }
-                }
-            },
-            None => json!(null),
-        };
-        fields.push((key, v));
-    }
-    Ok((fields, all))
-}
-
-/// Builds an options map from optional entries.
-pub fn opts<'a>(
-    entries: impl IntoIterator<Item = (&'a str, Variant<'static>)>,
-) -> crate::dbus::proxy::Opts {
-    entries
-        .into_iter()
-        .filter_map(|(k, v)| OwnedVariant::try_from(v).ok().map(|v| (k.to_owned(), v)))
-        .collect()
-}
-
-/// Reports a started job.
-pub fn print_job(out: &Output, id: u32, path: &OwnedObjectPath) {
-    out.object(vec![
-        ("job_id", json!(id)),
-        ("job_path", json!(path.as_str())),
-    ]);
 }
 
 /// Runs `what` in VM `name` through its agent with this process's streams; its status.

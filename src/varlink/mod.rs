@@ -53,8 +53,8 @@ error PermissionDenied (message: string)
     };
 }
 
-pub mod activator;
 mod bounded;
+pub use bounded::MAX_CALL;
 pub mod gate;
 mod images;
 mod jobs;

@@ -378,6 +378,12 @@ fn allocated_in(dir: &std::os::fd::OwnedFd, depth: usize) -> u64 {
     total
 }
 
+/// The kinds of work `bangerd worker` does, each the service's that asks for it.
+pub const WORKS: &[(&str, crate::worker::Work)] = &[
+    ("pull", crate::images::pull::work),
+    ("seed-work", crate::vms::create::seed_work_in_a_worker),
+];
+
 #[cfg(test)]
 mod tests {
     #[test]

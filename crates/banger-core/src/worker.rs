@@ -149,6 +149,11 @@ impl Report for Quiet {
 /// A worker's reports, as [`Event`] lines on its stdout.
 pub struct Lines(std::sync::Mutex<std::io::Stdout>);
 
+/// What a worker of one kind does with its request (JSON), reporting on the way; its
+/// answer. The services name theirs ([`crate::service::WORKS`]), so this module needs none
+/// of them.
+pub type Work = fn(&[u8], &dyn Report) -> Result<serde_json::Value>;
+
 impl Lines {
     fn send(&self, e: &Event) {
         let Ok(mut line) = serde_json::to_vec(e) else {
@@ -434,7 +439,7 @@ pub fn filter_command(program: &std::path::Path, args: &[&str]) -> Result<std::p
 
 /// `bangerd worker KIND UID PARENT_PID FDS [-- PROGRAM ARGS…]`: becomes `UID` (see the module), keeping its
 /// fds 3 to 3 + FDS - 1, and does `KIND`'s work on the request on stdin.
-pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
+pub fn main(args: &[std::ffi::OsString], works: &[(&str, Work)]) -> std::process::ExitCode {
     let usage = || {
         eprintln!(
             "usage: bangerd worker KIND UID PARENT_PID FDS [-- PROGRAM ARGS…] (started by bangerd only)"
@@ -481,10 +486,9 @@ pub fn main(args: &[std::ffi::OsString]) -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     }
     let out = Lines(std::sync::Mutex::new(std::io::stdout()));
-    let result = match kind {
-        "pull" => crate::images::pull::work(&request, &out),
-        "seed-work" => crate::vms::create::seed_work_worker(&request),
-        _ => Err(Error::InvalidArgument(format!("no worker does {kind:?}"))),
+    let result = match works.iter().find(|(k, _)| *k == kind) {
+        Some((_, work)) => work(&request, &out),
+        None => Err(Error::InvalidArgument(format!("no worker does {kind:?}"))),
     };
     match result {
         Ok(v) => {

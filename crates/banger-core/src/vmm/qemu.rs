@@ -262,7 +262,7 @@ impl Qemu {
             "-device".into(),
             format!(
                 "virtserialport,chardev=agent,name={}",
-                crate::agent::link::PORT_NAME
+                banger_guest::agent::link::PORT_NAME
             ),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", p(&qmp_socket(run))),
@@ -328,7 +328,7 @@ impl Qemu {
             unit: &super::scope::helper_unit(&spec.id, "link"),
             program: &bin,
             args: &[
-                crate::agent::link::HELPER_ARG.as_ref(),
+                banger_guest::agent::link::HELPER_ARG.as_ref(),
                 vmm_end.as_os_str(),
                 clients.as_os_str(),
             ],

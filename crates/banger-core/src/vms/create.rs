@@ -897,7 +897,10 @@ pub(super) fn seed_work_in_worker(
 }
 
 /// A `seed-work` worker's work: [`seed_work`] on its fd 3, staging in its fd 4.
-pub(crate) fn seed_work_worker(request: &[u8]) -> Result<serde_json::Value> {
+pub(crate) fn seed_work_in_a_worker(
+    request: &[u8],
+    _: &dyn crate::worker::Report,
+) -> Result<serde_json::Value> {
     let r: SeedWork = serde_json::from_slice(request)
         .map_err(|e| invalid(format!("A seed-work worker's request is not one: {e}")))?;
     std::env::set_var("TMPDIR", crate::worker::fd_path(1));

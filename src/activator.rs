@@ -56,12 +56,12 @@ fn hold(args: &[OsString]) -> std::io::Result<std::convert::Infallible> {
         .recursive(true)
         .mode(0o755)
         .create(&runtime)?;
-    let listener = super::bind(&runtime).map_err(std::io::Error::other)?;
+    let listener = crate::varlink::bind(&runtime).map_err(std::io::Error::other)?;
     let fd = listener.as_raw_fd();
     let program = std::fs::read_link("/proc/self/exe")?;
     eprintln!(
         "bangerd activator: holding {}; bangerd starts on the first call",
-        super::socket_path(&runtime).display()
+        crate::varlink::socket_path(&runtime).display()
     );
     loop {
         wait_readable(fd)?;
@@ -73,7 +73,7 @@ fn hold(args: &[OsString]) -> std::io::Result<std::convert::Infallible> {
             .arg(&program)
             .args(args)
             .env("LISTEN_FDS", "1")
-            .env("LISTEN_FDNAMES", super::SOCKET)
+            .env("LISTEN_FDNAMES", crate::varlink::SOCKET)
             .env_remove("LISTEN_PID")
             .stdin(std::process::Stdio::null());
         // SAFETY: dup2 and fcntl are async-signal-safe; they run between fork and exec and
@@ -127,7 +127,7 @@ fn wait_readable(fd: i32) -> std::io::Result<()> {
 /// `bangerd wake [DAEMON OPTIONS]`: asks the socket for the service's description and
 /// returns once a daemon answered (it owns its bus name by then).
 pub fn wake(args: &[OsString]) -> Result<(), String> {
-    let path = super::socket_path(&runtime_dir(args)?);
+    let path = crate::varlink::socket_path(&runtime_dir(args)?);
     let mut s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| {
         format!(
             "cannot reach {} ({e}): on a host without systemd, `bangerd activator` holds it \
@@ -143,7 +143,7 @@ pub fn wake(args: &[OsString]) -> Result<(), String> {
     let mut buf = [0u8; 4096];
     while !reply.contains(&0) {
         let n = s.read(&mut buf).map_err(io)?;
-        if n == 0 || reply.len() > super::bounded::MAX_CALL {
+        if n == 0 || reply.len() > crate::varlink::MAX_CALL {
             return Err(format!("{}: no answer from bangerd", path.display()));
         }
         reply.extend_from_slice(&buf[..n]);
