@@ -2,9 +2,9 @@
 //!
 //! This crate holds what faces callers: the D-Bus (`dbus`) and Varlink (`varlink`) front
 //! ends, the daemon's start-up (`daemon`, and `activator` where systemd is not PID 1) and the
-//! CLI (`cli`); `src/bin/*.rs` only parse
-//! arguments and call in. Everything below them, the services that hold the logic and the
-//! locks, is the `banger-core` crate, re-exported here under the same paths.
+//! CLI (`cli`); `src/bin/*.rs` only parse arguments and call in. Everything below them, the
+//! services that hold the logic and the locks, is the `banger-core` crate, re-exported here
+//! under the same paths.
 
 pub mod activator;
 pub mod cli;
