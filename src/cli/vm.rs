@@ -560,6 +560,72 @@ async fn tail_on_failure<T>(
     r
 }
 
+/// `vm run`: a VM made (or, of yours, entered again) and a session in it: its main
+/// process, a command, a shell through the agent, or SSH; with `rm`, the VM goes after.
+async fn run_vm(
+    out: &Output,
+    t: &mut impl Transport,
+    name: Option<String>,
+    spec: VmSpec,
+    rm: bool,
+    shell: bool,
+    command: Vec<String>,
+) -> anyhow::Result<()> {
+    let name = name.unwrap_or_else(generated_name);
+    // SSH with a key, else the agent's shell: never a password prompt.
+    let shell = shell || (spec.ssh_key.is_none() && default_public_key().is_none());
+    let mut opts = spec.opts()?;
+    if spec.entrypoint && !command.is_empty() {
+        opts.push(("command", Opt::Strs(command.clone())));
+    }
+    let followed = match t.create_vm(out, &name, opts, true).await {
+        Ok(_) => Ok(()),
+        // A VM of the caller's of that name, run again (the next day): started when
+        // stopped and entered, as `machinectl shell` and `docker start -ai` do. Not
+        // with --rm, which asks for a VM of its own to throw away.
+        Err(e) if super::refusal(&e) == Some("AlreadyExists") && !rm => {
+            let vm = t.vm_info(&name).await?;
+            // SAFETY: getuid cannot fail.
+            if vm.owner != u64::from(unsafe { libc::getuid() }) {
+                return Err(e);
+            }
+            out.say(&format!(
+                "VM {name} exists: entering it (options apply only to a new VM)"
+            ));
+            match vm.state.as_str() {
+                "running" => Ok(()),
+                "paused" => Err(anyhow::anyhow!(
+                    "VM {name} is paused; `banger vm resume {name}`, then run it again"
+                )),
+                _ => t.start_vm(out, &name, true).await.map(|_| ()),
+            }
+        }
+        Err(e) if e.is::<super::JobFailed>() => Err(e),
+        Err(e) => return Err(e),
+    };
+    let followed = tail_on_failure(t, &name, followed).await;
+    let code = match followed {
+        Err(e) => Err(e),
+        Ok(()) if spec.entrypoint => main_process(t, &name).await,
+        Ok(()) if !command.is_empty() => {
+            exec_in(t, &name, crate::agent::ExecRequest::new(command)).await
+        }
+        Ok(()) if shell => exec_in(t, &name, shell_request(None)).await,
+        Ok(()) => {
+            let identity = spec.ssh_key.map(|k| k.with_extension(""));
+            let mut ssh = ssh_command(t, &name, identity, Vec::new()).await?;
+            let status = ssh.status().context("Cannot run ssh")?;
+            Ok(status.code().unwrap_or(255))
+        }
+    };
+    if rm {
+        if let Err(e) = t.delete_vm(&name, vec![("force", Opt::Bool(true))]).await {
+            eprintln!("banger: cannot delete VM {name}: {e}");
+        }
+    }
+    leave(code?).await;
+}
+
 /// Runs a VM verb over `t`.
 pub(crate) async fn run(
     out: &Output,
@@ -615,61 +681,7 @@ pub(crate) async fn run(
             rm,
             shell,
             command,
-        } => {
-            let name = name.unwrap_or_else(generated_name);
-            // SSH with a key, else the agent's shell: never a password prompt.
-            let shell = shell || (spec.ssh_key.is_none() && default_public_key().is_none());
-            let mut opts = spec.opts()?;
-            if spec.entrypoint && !command.is_empty() {
-                opts.push(("command", Opt::Strs(command.clone())));
-            }
-            let followed = match t.create_vm(out, &name, opts, true).await {
-                Ok(_) => Ok(()),
-                // A VM of the caller's of that name, run again (the next day): started when
-                // stopped and entered, as `machinectl shell` and `docker start -ai` do. Not
-                // with --rm, which asks for a VM of its own to throw away.
-                Err(e) if super::refusal(&e) == Some("AlreadyExists") && !rm => {
-                    let vm = t.vm_info(&name).await?;
-                    // SAFETY: getuid cannot fail.
-                    if vm.owner != u64::from(unsafe { libc::getuid() }) {
-                        return Err(e);
-                    }
-                    out.say(&format!(
-                        "VM {name} exists: entering it (options apply only to a new VM)"
-                    ));
-                    match vm.state.as_str() {
-                        "running" => Ok(()),
-                        "paused" => Err(anyhow::anyhow!(
-                            "VM {name} is paused; `banger vm resume {name}`, then run it again"
-                        )),
-                        _ => t.start_vm(out, &name, true).await.map(|_| ()),
-                    }
-                }
-                Err(e) if e.is::<super::JobFailed>() => Err(e),
-                Err(e) => return Err(e),
-            };
-            let followed = tail_on_failure(t, &name, followed).await;
-            let code = match followed {
-                Err(e) => Err(e),
-                Ok(()) if spec.entrypoint => main_process(t, &name).await,
-                Ok(()) if !command.is_empty() => {
-                    exec_in(t, &name, crate::agent::ExecRequest::new(command)).await
-                }
-                Ok(()) if shell => exec_in(t, &name, shell_request(None)).await,
-                Ok(()) => {
-                    let identity = spec.ssh_key.map(|k| k.with_extension(""));
-                    let mut ssh = ssh_command(t, &name, identity, Vec::new()).await?;
-                    let status = ssh.status().context("Cannot run ssh")?;
-                    Ok(status.code().unwrap_or(255))
-                }
-            };
-            if rm {
-                if let Err(e) = t.delete_vm(&name, vec![("force", Opt::Bool(true))]).await {
-                    eprintln!("banger: cannot delete VM {name}: {e}");
-                }
-            }
-            leave(code?).await;
-        }
+        } => run_vm(out, t, name, spec, rm, shell, command).await?,
         VmCommand::Ssh {
             name,
             identity,
