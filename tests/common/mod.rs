@@ -113,6 +113,11 @@ pub fn ensure_users() {
         ok(Command::new("useradd").args(["-M", "-N", "-G", GROUP, USER_OK2]));
         ok(Command::new("useradd").args(["-M", "-N", "-G", GROUP, USER_ADMIN]));
         ok(Command::new("useradd").args(["-M", "-N", USER_NO]));
+        // Users left by an earlier run keep their membership even if the group was made
+        // again since (a package's purge removes it).
+        for member in [USER_OK, USER_OK2, USER_ADMIN] {
+            ok(Command::new("usermod").args(["-a", "-G", GROUP, member]));
+        }
     });
 }
 
