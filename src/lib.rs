@@ -7,10 +7,11 @@
 //! under the same paths.
 
 pub mod activator;
-pub mod cli;
 pub mod daemon;
 pub mod dbus;
 pub mod varlink;
+
+pub use banger_cli as cli;
 
 pub use banger_core::agent;
 pub use banger_core::auth;

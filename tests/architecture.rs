@@ -1,14 +1,20 @@
 //! The map in docs/ARCHITECTURE.md, kept true: within each crate, no two top-level modules
 //! import each other, directly or around a longer loop, except through the crate's error
 //! type (every layer turns its failures into it). The compiler keeps the crates apart
-//! (banger-guest cannot name banger-core, banger-core cannot name banger); this keeps the
+//! (banger-guest cannot name banger-core, banger-core cannot name banger-cli or banger); this keeps the
 //! modules inside them apart. Comments and test modules do not count.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The crates' source roots.
-const CRATES: &[&str] = &["src", "crates/banger-core/src", "crates/banger-guest/src"];
+const CRATES: &[&str] = &[
+    "src",
+    "crates/banger-api/src",
+    "crates/banger-cli/src",
+    "crates/banger-core/src",
+    "crates/banger-guest/src",
+];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {
@@ -155,4 +161,26 @@ fn the_loop_finder_finds_loops() {
         code("a\n// crate::x\n#[cfg(test)]\nmod tests { crate::y }"),
         "a"
     );
+}
+
+/// The `banger` binary is a main over banger-cli, which cannot name the daemon: bangerd's man
+/// page comes from bangerd's own command line, handed in by that main.
+#[test]
+fn the_cli_binary_writes_bangerds_page_from_bangerds_own_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_banger"))
+        .arg("generate-assets")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = std::fs::read_to_string(dir.path().join("man/man8/bangerd.8")).unwrap();
+    for option in ["state\\-dir", "runtime\\-dir", "config"] {
+        assert!(page.contains(option), "bangerd.8 lacks {option}: {page}");
+    }
+    assert!(dir.path().join("man/man1/banger-vm-run.1").exists());
 }

@@ -6,7 +6,11 @@ use clap::Parser;
 async fn main() -> std::process::ExitCode {
     let cli = banger::cli::Cli::parse();
     let json = cli.json;
-    match banger::cli::run(cli).await {
+    match banger::cli::run(cli, || {
+        <banger::daemon::Args as clap::CommandFactory>::command()
+    })
+    .await
+    {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Programs that asked for JSON get the error as JSON too (on stderr).

@@ -11,7 +11,7 @@ mod jobs;
 mod kernel;
 mod kernels;
 mod options;
-pub mod proxy;
+pub use banger_api::proxy;
 mod pump;
 mod snapshot;
 mod snapshots;

@@ -8,7 +8,7 @@ use clap::CommandFactory;
 
 /// Writes `man/man1/banger*.1`, `man/man8/bangerd.8` and `completions/{banger.bash,_banger,
 /// banger.fish}` under `dir`.
-pub fn generate(dir: &Path) -> anyhow::Result<()> {
+pub fn generate(dir: &Path, daemon: clap::Command) -> anyhow::Result<()> {
     let man1 = dir.join("man/man1");
     let man8 = dir.join("man/man8");
     let completions = dir.join("completions");
@@ -19,7 +19,7 @@ pub fn generate(dir: &Path) -> anyhow::Result<()> {
     clap_mangen::generate_to(super::Cli::command(), &man1)
         .context("Cannot write the banger man pages")?;
     let mut page = Vec::new();
-    clap_mangen::Man::new(crate::daemon::Args::command())
+    clap_mangen::Man::new(daemon)
         .section("8")
         .render(&mut page)
         .context("Cannot render bangerd.8")?;
@@ -100,7 +100,13 @@ mod tests {
     #[test]
     fn pages_and_completions_cover_every_verb() {
         let tmp = tempfile::tempdir().unwrap();
-        super::generate(tmp.path()).unwrap();
+        // The daemon's own page is rendered from what bangerd's main hands in (its Args).
+        let daemon = clap::Command::new("bangerd").arg(
+            clap::Arg::new("state_dir")
+                .long("state-dir")
+                .help("State directory"),
+        );
+        super::generate(tmp.path(), daemon).unwrap();
         let page = std::fs::read_to_string(tmp.path().join("man/man1/banger-vm-run.1")).unwrap();
         assert!(page.contains("\\-\\-rm"), "{page}");
         let daemon = std::fs::read_to_string(tmp.path().join("man/man8/bangerd.8")).unwrap();

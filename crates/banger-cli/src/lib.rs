@@ -1,4 +1,10 @@
-//! The `banger` command line: a D-Bus client and nothing more. One file per noun.
+//! The `banger` command line: a client of banger's D-Bus or Varlink API and nothing more,
+//! one file per noun, every verb written once over `transport::Transport`. It reads some of
+//! `banger-core`'s types (names, the agent's client, OCI credentials) but never calls the
+//! daemon's services.
+
+// What the CLI reads of banger-core, under the names it always had.
+use banger_core::{agent, config, guestinit, host, model, net, oci, vmm, VERSION};
 
 mod assets;
 mod cp;
@@ -266,14 +272,17 @@ async fn bus() -> anyhow::Result<transport::Bus> {
 }
 
 /// Runs one command line.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+///
+/// `daemon` is `bangerd`'s command line, whose man page `generate-assets` writes beside
+/// banger's (this crate cannot name the daemon's).
+pub async fn run(cli: Cli, daemon: fn() -> clap::Command) -> anyhow::Result<()> {
     let out = Output { json: cli.json };
     let varlink = (cli.varlink.as_deref())
         .filter(|v| !matches!(*v, "" | "0" | "no" | "false"))
         .map(varlink::socket_of);
     match (cli.command, varlink) {
         (Command::Doctor, _) => doctor::run(&out),
-        (Command::GenerateAssets { dir }, _) => assets::generate(&dir),
+        (Command::GenerateAssets { dir }, _) => assets::generate(&dir, daemon()),
         // A completion must never print an error into the user's command line.
         (Command::CompleteNames { kind }, Some(socket)) => {
             if let Ok(client) = varlink::Client::connect(&socket).await {
@@ -290,14 +299,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         (c, Some(socket)) => {
             let client = varlink::Client::connect(&socket).await?;
-            verb(&out, &mut transport::Socket { client }, c).await
+            verb(&out, &mut transport::Socket { client }, c, daemon).await
         }
-        (c, None) => verb(&out, &mut bus().await?, c).await,
+        (c, None) => verb(&out, &mut bus().await?, c, daemon).await,
     }
 }
 
 /// Runs a verb that talks to the daemon over `t`.
-async fn verb(out: &Output, t: &mut impl transport::Transport, c: Command) -> anyhow::Result<()> {
+async fn verb(
+    out: &Output,
+    t: &mut impl transport::Transport,
+    c: Command,
+    daemon: fn() -> clap::Command,
+) -> anyhow::Result<()> {
     match c {
         Command::Status => status::run(out, t).await,
         Command::Image(c) => image::run(out, t, c).await,
@@ -307,7 +321,7 @@ async fn verb(out: &Output, t: &mut impl transport::Transport, c: Command) -> an
         Command::Job(c) => job::run(out, t, c).await,
         // `run` answers these before it connects; the same answers here.
         Command::Doctor => doctor::run(out),
-        Command::GenerateAssets { dir } => assets::generate(&dir),
+        Command::GenerateAssets { dir } => assets::generate(&dir, daemon()),
         Command::CompleteNames { kind } => {
             assets::print_names(assets::names(t, &kind).await.unwrap_or_default());
             Ok(())

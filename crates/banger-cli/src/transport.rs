@@ -21,7 +21,7 @@ use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
 use super::varlink::Client;
 use super::{explain, Output};
-use crate::dbus::proxy::{
+use banger_api::proxy::{
     Images1Proxy, Jobs1Proxy, Kernels1Proxy, Snapshots1Proxy, VM1Proxy, VMs1Proxy,
 };
 
@@ -186,7 +186,7 @@ pub(crate) fn kernel_files(kernel: &Path, initrd: Option<&Path>, modules: Option
 }
 
 /// `opts` as `a{sv}`, the caller's files opened here.
-fn dbus_options(opts: Opts) -> anyhow::Result<crate::dbus::proxy::Opts> {
+fn dbus_options(opts: Opts) -> anyhow::Result<banger_api::proxy::Opts> {
     let mut entries: Vec<(&str, zbus::Variant<'static>)> = Vec::new();
     for (k, o) in opts {
         entries.push((
@@ -354,7 +354,7 @@ pub async fn object_fields(
 /// Builds an options map from optional entries.
 pub fn dbus_opts<'a>(
     entries: impl IntoIterator<Item = (&'a str, Variant<'static>)>,
-) -> crate::dbus::proxy::Opts {
+) -> banger_api::proxy::Opts {
     entries
         .into_iter()
         .filter_map(|(k, v)| OwnedVariant::try_from(v).ok().map(|v| (k.to_owned(), v)))
@@ -427,7 +427,7 @@ impl Transport for Bus {
             .get_kernel(name)
             .await
             .map_err(explain)?;
-        let k = crate::dbus::proxy::Kernel1Proxy::builder(&self.conn)
+        let k = banger_api::proxy::Kernel1Proxy::builder(&self.conn)
             .path(path.clone())
             .build()
             .await?;
