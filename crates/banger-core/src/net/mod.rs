@@ -249,6 +249,14 @@ pub trait HostNet: Send + Sync {
     /// Removes the bridge and banger's nft tables; fine when they are gone.
     async fn teardown(&self) -> Result<()>;
 
+    /// Writes the walls again for the guests `ports` alone, when the bridge is up (a
+    /// restarted daemon's repair: a daemon killed between removing a tap and rewriting the
+    /// walls left them naming it). (Stand-ins have no walls.)
+    async fn rewrite_walls(&self, ports: &[walls::GuestPort]) -> Result<()> {
+        let _ = ports;
+        Ok(())
+    }
+
     /// Removes banger's taps (`bgr` and 12 hex digits) whose name is not in `keep`: taps a
     /// killed daemon left between making one and recording its VM as started. Returns the
     /// names removed. (Stand-ins have no taps.)
@@ -516,6 +524,14 @@ impl HostNet for Bridge {
         })
         .await?;
         // Without the bridge the tables are gone too (teardown), and stay gone.
+        if let (Some(_), Ok(subnet)) = (bridge, self.subnet()) {
+            nft(&self.walls(subnet).ruleset(ports)).await?;
+        }
+        Ok(())
+    }
+
+    async fn rewrite_walls(&self, ports: &[walls::GuestPort]) -> Result<()> {
+        let bridge = with_netlink(|h| async move { link_index(&h, BRIDGE).await }).await?;
         if let (Some(_), Ok(subnet)) = (bridge, self.subnet()) {
             nft(&self.walls(subnet).ruleset(ports)).await?;
         }

@@ -377,6 +377,18 @@ impl Vms {
             }
             Err(e) => tracing::warn!("Cannot sweep stray taps: {}", e.full_message()),
         }
+        // Walls naming a tap no live VM owns (a daemon killed between removing a VM's tap
+        // and rewriting the walls): written again from the live VMs alone.
+        {
+            let _net = self.net_lock.lock().await;
+            let rewritten = match self.guest_ports("").await {
+                Ok(ports) => self.net.rewrite_walls(&ports).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = rewritten {
+                tracing::warn!("Cannot write the walls again: {}", e.full_message());
+            }
+        }
         self.release_network_if_idle().await;
         self.sweep_warm().await;
         Ok(())
