@@ -29,15 +29,11 @@ impl Agent {
         let child = Command::new(bin).arg("--unix").arg(&sock).spawn().unwrap();
         // Ready means listening: the socket file appears at bind(), before listen(), so
         // only a connection that succeeds says the agent serves.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "banger-agent did not listen on {} within 10 s",
-                sock.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        common::wait_until(
+            &format!("banger-agent listening on {}", sock.display()),
+            Duration::from_secs(10),
+            || std::os::unix::net::UnixStream::connect(&sock).is_ok(),
+        );
         Some(Agent(child, dir))
     }
     fn sock(&self) -> PathBuf {

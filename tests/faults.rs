@@ -376,11 +376,8 @@ async fn a_daemon_killed_at_any_moment_loses_nothing_and_leaves_nothing_half_don
             } else {
                 delay
             };
-            let until = Instant::now() + limit;
-            while alive(pid) && Instant::now() < until {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let by_point = !alive(pid);
+            let every = Duration::from_millis(20);
+            let by_point = poll_until_async(limit, every, || !alive(pid)).await;
             if !by_point {
                 // SAFETY: kill(2) with a constant signal on the daemon's pid, which is alive
                 // (not reaped: it is the bus's child, and the bus reaps it only after this).
@@ -388,9 +385,10 @@ async fn a_daemon_killed_at_any_moment_loses_nothing_and_leaves_nothing_half_don
                     libc::kill(pid as i32, libc::SIGKILL);
                 }
             }
-            while alive(pid) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            wait_until_async("the killed daemon gone", Duration::from_secs(30), || {
+                !alive(pid)
+            })
+            .await;
             by_point
         };
         let (_, by_point) = tokio::join!(all_ops, killer);

@@ -60,16 +60,16 @@ async fn pull(
     };
     let store = banger::store::Store::open(&bus.state_dir().join("banger.db")).unwrap();
     let mut error = String::new();
-    for _ in 0..50 {
+    let every = std::time::Duration::from_millis(50);
+    poll_until_async(every * 50, every, || {
         let rec = store
             .call_blocking(move |c| banger::store::rows::find_job(c, id))
             .unwrap();
-        if let Some(r) = rec.filter(|r| r.state != "running") {
-            error = r.error;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+        rec.filter(|r| r.state != "running")
+            .map(|r| error = r.error)
+            .is_some()
+    })
+    .await;
     Ok((result, error))
 }
 
@@ -582,18 +582,17 @@ async fn a_daemon_killed_mid_pull_leaves_nothing_behind() {
     // The job's history row is written by the recorder, beside (not before) the bus's view of
     // the job: kill once it is there, since what the next daemon makes of it is checked below.
     let store = banger::store::Store::open(&bus.state_dir().join("banger.db")).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while store
-        .call_blocking(move |c| banger::store::rows::find_job(c, job_id))
-        .unwrap()
-        .is_none()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "job {job_id} was never recorded"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_until_async(
+        &format!("job {job_id} recorded"),
+        std::time::Duration::from_secs(30),
+        || {
+            store
+                .call_blocking(move |c| banger::store::rows::find_job(c, job_id))
+                .unwrap()
+                .is_some()
+        },
+    )
+    .await;
     let staging: Vec<_> = std::fs::read_dir(bus.state_dir().join("images"))
         .unwrap()
         .filter(|e| {
@@ -1075,7 +1074,6 @@ async fn a_pull_runs_in_a_confined_worker_and_its_death_leaves_nothing() {
     let daemon = bus.owner_pid(&conn, "org.banger").await.unwrap();
 
     // Inside the layer: the worker's download has passed half a MiB.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let downloading = |bus: &TestBus| -> bool {
         let Ok(images) = std::fs::read_dir(bus.state_dir().join("images")) else {
             return false;
@@ -1088,13 +1086,12 @@ async fn a_pull_runs_in_a_confined_worker_and_its_death_leaves_nothing() {
                 .any(|b| b.metadata().is_ok_and(|m| m.len() >= 512 << 10))
         })
     };
-    while !downloading(&bus) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the layer never started"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_until_async(
+        "the layer's download started",
+        std::time::Duration::from_secs(60),
+        || downloading(&bus),
+    )
+    .await;
     let worker = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()

@@ -570,13 +570,15 @@ async fn hostile_caller_files_and_bounds_are_refused_and_nothing_leaks() {
         made += 1;
     }
     // The VMs exist once their jobs reserved them.
-    for _ in 0..200 {
-        let l = text(&bus.gdbus_as(None, false, "/org/banger", "org.banger.VMs1.ListVMs", &[]));
-        if l.matches("/org/banger/vm/").count() == made {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_until_async(
+        "both VMs reserved",
+        std::time::Duration::from_secs(10),
+        || {
+            let l = text(&bus.gdbus_as(None, false, "/org/banger", "org.banger.VMs1.ListVMs", &[]));
+            l.matches("/org/banger/vm/").count() == made
+        },
+    )
+    .await;
     t.case(
         &bus,
         "a VM over max_vms_per_user",

@@ -745,16 +745,14 @@ async fn logs_go_to_the_journal_with_structured_fields() {
     ));
     assert!(out.contains("AccessDenied"), "{out}");
     let mut entries = Vec::new();
-    for _ in 0..50 {
+    let every = Duration::from_millis(100);
+    poll_until_async(every * 50, every, || {
         entries = bus.journal("bangerd");
-        if entries
+        entries
             .iter()
             .any(|e| e["MESSAGE"].as_str().unwrap_or("").starts_with("Refused"))
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     let ready = entries
         .iter()
         .find(|e| e["MESSAGE"] == "bangerd ready")

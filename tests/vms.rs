@@ -463,8 +463,8 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away(steps: Steps
                 sh.wait_for("mark-42", t);
                 sh.type_keys("sleep 100\r");
                 // Ctrl-C once the sleep runs (seen from another exec), not before the shell forked it.
-                let mut sleeping = false;
-                for _ in 0..300 {
+                let every = Duration::from_millis(100);
+                let sleeping = poll_until(every * 300, every, || {
                     let out = bus.banger_as(
                         Some(USER_OK),
                         &[
@@ -477,15 +477,10 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away(steps: Steps
                             "cat /proc/[0-9]*/comm",
                         ],
                     );
-                    if String::from_utf8_lossy(&out.stdout)
+                    String::from_utf8_lossy(&out.stdout)
                         .lines()
                         .any(|l| l == "sleep")
-                    {
-                        sleeping = true;
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+                });
                 assert!(sleeping, "sleep 100 never ran:\n{}", sh.output());
                 sh.type_keys("\x03");
                 sh.type_keys("echo after-$((1+1))\r");
@@ -1003,15 +998,11 @@ sys.stdin.read()
                 .join("vms")
                 .join(path.as_str().rsplit('/').next().unwrap())
                 .join("console.log");
-            let mut flooded = false;
-            for _ in 0..100 {
-                let tail = banger::vmm::console::tail_lines(&console, 1);
-                if tail.contains("flooded") {
-                    flooded = true;
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            let every = Duration::from_millis(100);
+            let flooded = poll_until_async(every * 100, every, || {
+                banger::vmm::console::tail_lines(&console, 1).contains("flooded")
+            })
+            .await;
             let size = std::fs::metadata(&console).unwrap().len();
             assert!(flooded, "the flood's end reached the log");
             assert!(
@@ -1191,13 +1182,12 @@ sys.stdin.read()
                 &["vm", "exec", "t1", "--", "busybox", "poweroff", "-f"],
             );
             let mut state = String::new();
-            for _ in 0..100 {
+            let every = Duration::from_millis(100);
+            poll_until_async(every * 100, every, || {
                 state = get("State");
-                if state.contains("stopped") {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+                state.contains("stopped")
+            })
+            .await;
             assert_eq!(state.trim(), "s \"stopped\"");
             assert!(vm_processes(&bus).is_empty(), "{:?}", vm_processes(&bus));
         })
@@ -1402,20 +1392,16 @@ fn peer(bus: &TestBus) -> Peer {
         ("198.51.100.2", "7001"),
         ("127.0.0.1", "7002"),
     ] {
-        let mut up = false;
-        for _ in 0..100 {
-            let out = bus
-                .in_netns("busybox")
+        let every = Duration::from_millis(50);
+        let up = poll_until(every * 100, every, || {
+            bus.in_netns("busybox")
                 .args(["nc", "-w", "1", addr, port])
                 .stdin(std::process::Stdio::null())
                 .output()
-                .unwrap();
-            if out.status.success() {
-                up = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                .unwrap()
+                .status
+                .success()
+        });
         assert!(up, "the listener on {addr}:{port} did not come up");
     }
     p
@@ -2179,17 +2165,14 @@ async fn an_init_less_image_boots_by_its_reference_alone_with_banger_init_as_its
             "kill -9 $(pidof banger-agent)",
         ],
     );
-    let mut back = false;
     let mut last = String::new();
-    for _ in 0..100 {
+    let every = Duration::from_millis(200);
+    let back = poll_until_async(every * 100, every, || {
         let out = bus.banger_as(None, &["vm", "exec", "b1", "--", "echo"]);
-        if out.status.success() {
-            back = true;
-            break;
-        }
         last = text(&out);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        out.status.success()
+    })
+    .await;
     let path = vms.get_vm("b1").await.unwrap();
     let vm_id = path.as_str().rsplit('/').next().unwrap().to_owned();
     let console = bus.state_dir().join("vms").join(&vm_id).join("console.log");
@@ -2208,14 +2191,8 @@ async fn an_init_less_image_boots_by_its_reference_alone_with_banger_init_as_its
     banger::vmm::qmp::execute(&qmp, "system_powerdown")
         .await
         .unwrap();
-    let mut off = false;
-    for _ in 0..300 {
-        if stopped(&bus) {
-            off = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let every = Duration::from_millis(100);
+    let off = poll_until_async(every * 300, every, || stopped(&bus)).await;
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     assert!(off, "the power button powered it off:\n{log}");
     assert!(log.contains("banger-init: power button pressed"), "{log}");
@@ -2567,14 +2544,9 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
             .unwrap_or_else(|e| panic!("{vm}: /tmp/count is {out:?}: {e}"))
     };
     let counts_past = |vm: &str, n: u64, what: &str| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while count(vm) <= n {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{vm}: {what}: the count stays at {n} for 60 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let every = Duration::from_millis(100);
+        let past = poll_until(Duration::from_secs(60), every, || count(vm) > n);
+        assert!(past, "{vm}: {what}: the count stays at {n} for 60 s");
     };
     let before = count("src");
     counts_past("src", before, "the process counts");
@@ -2907,19 +2879,13 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
 
     // src's cold boot left a warm snapshot of its shape, made from a template VM of banger's
     // own: the next create of that shape starts from it, as itself, with none of src's data.
-    let deadline = std::time::Instant::now() + Duration::from_secs(240);
-    loop {
-        // banger's own warm snapshots show with --all only.
-        let out = ok(bus.banger_as(None, &["--json", "snapshot", "list", "--all"]));
-        if out.contains("\".warm-") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no warm snapshot: {out}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    // banger's own warm snapshots show with --all only.
+    let mut out = String::new();
+    let warm = poll_until(Duration::from_secs(240), Duration::from_millis(500), || {
+        out = ok(bus.banger_as(None, &["--json", "snapshot", "list", "--all"]));
+        out.contains("\".warm-")
+    });
+    assert!(warm, "no warm snapshot: {out}");
     let shape = ["--image", "snap-v1", "--memory", "256", "--vcpus", "1"];
     let mut args = vec!["vm", "create", "w"];
     args.extend(shape);

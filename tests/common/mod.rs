@@ -77,11 +77,54 @@ pub fn available(tools: &[&str]) -> bool {
 /// Waits until `ready` holds (checked every 20 ms) for at most `limit`; panics naming `what`
 /// when it never did. For a test that must wait for a condition, never a fixed sleep.
 #[allow(dead_code)]
-pub fn wait_until(what: &str, limit: Duration, mut ready: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, limit: Duration, ready: impl FnMut() -> bool) {
+    assert!(
+        poll_until(limit, Duration::from_millis(20), ready),
+        "{what}: not within {limit:?}"
+    );
+}
+
+/// [`wait_until`] in an async test: sleeps on the runtime between checks, never blocking it.
+#[allow(dead_code)]
+pub async fn wait_until_async(what: &str, limit: Duration, ready: impl FnMut() -> bool) {
+    assert!(
+        poll_until_async(limit, Duration::from_millis(20), ready).await,
+        "{what}: not within {limit:?}"
+    );
+}
+
+/// Checks `ready` every `every` until it holds or `limit` has passed; whether it held. For a
+/// wait whose failure the caller explains itself (with what it saw last).
+#[allow(dead_code)]
+pub fn poll_until(limit: Duration, every: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
-    while !ready() {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
+    loop {
+        if ready() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// [`poll_until`] in an async test.
+#[allow(dead_code)]
+pub async fn poll_until_async(
+    limit: Duration,
+    every: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if ready() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(every).await;
     }
 }
 
