@@ -533,10 +533,22 @@ async fn unauthorised_uid_is_refused_on_every_mutating_method() {
         "{out}"
     );
 
-    // The CLI says what happened in words.
-    let out = bus.banger_as(Some(USER_NO), &["image", "pull", "debian"]);
-    assert!(!out.status.success());
-    assert!(text(&out).contains("Permission denied"), "{}", text(&out));
+    // The CLI says what happened in words. It allows interactive authorisation on every
+    // change, as pkexec does: with no polkit agent to ask, the answer is no, not "ask me
+    // interactively" (which a call without the flag gets).
+    for args in [
+        &["image", "pull", "debian"][..],
+        &["image", "build", "mine"],
+        &["kernel", "pull", "debian"],
+    ] {
+        let out = bus.banger_as(Some(USER_NO), args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            text(&out).contains("Permission denied: Not authorised for org.banger."),
+            "{args:?}: {}",
+            text(&out)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -16,6 +16,7 @@
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use serde_json::{json, Value};
 use zbus::{OwnedObjectPath, OwnedVariant, Variant};
 
@@ -579,31 +580,25 @@ impl Transport for Bus {
 
     async fn run_job(&mut self, out: &Output, call: JobCall<'_>, wait: bool) -> anyhow::Result<()> {
         let watch = super::watch::subscribe(&self.conn).await?;
-        let iface = format!("org.banger.{}", call.interface);
-        let reply = if call.with_options {
-            let opts = dbus_options(call.opts)?;
-            self.conn
-                .call_method(
-                    Some("org.banger"),
-                    "/org/banger",
-                    Some(iface.as_str()),
-                    call.dbus,
-                    &(call.target.1, opts),
-                )
-                .await
+        // Like the typed proxies' changes (`allow_interactive_auth`): polkit may ask.
+        let manager = zbus::proxy::Builder::<zbus::Proxy>::new(&self.conn)
+            .destination("org.banger")
+            .path("/org/banger")
+            .interface(format!("org.banger.{}", call.interface))
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
+        let flags = zbus::proxy::MethodFlags::ALLOW_INTERACTIVE_AUTH;
+        let reply: Option<(u32, OwnedObjectPath)> = if call.with_options {
+            let body = (call.target.1, dbus_options(call.opts)?);
+            manager.call_with_flags(call.dbus, flags, &body).await
         } else {
-            self.conn
-                .call_method(
-                    Some("org.banger"),
-                    "/org/banger",
-                    Some(iface.as_str()),
-                    call.dbus,
-                    &(call.target.1,),
-                )
+            manager
+                .call_with_flags(call.dbus, flags, &(call.target.1,))
                 .await
         }
         .map_err(explain)?;
-        let (id, path): (u32, zbus::OwnedObjectPath) = reply.body().deserialize()?;
+        let (id, path) = reply.context("the daemon answered nothing")?;
         if wait {
             watch.follow(out, id, &path).await
         } else {
