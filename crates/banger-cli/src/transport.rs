@@ -9,9 +9,6 @@
 //! encodes them: D-Bus as `a{sv}` with the caller's files opened here, as the caller, and
 //! sent as descriptors; Varlink as JSON with keys lowerCamelCased and files as absolute
 //! paths (the daemon opens them once with the caller's rights).
-//!
-//! Nouns move onto the trait one at a time (issue 33): kernels, snapshots, jobs and images are
-//! on it; VMs still have a verb per transport (`vm.rs` and `varlink.rs`).
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -301,17 +298,33 @@ fn job_path(id: u32) -> anyhow::Result<zbus::OwnedObjectPath> {
     ))?)
 }
 
+/// Builds an options map from optional entries.
+pub fn dbus_opts<'a>(
+    entries: impl IntoIterator<Item = (&'a str, Variant<'static>)>,
+) -> banger_api::proxy::Opts {
+    entries
+        .into_iter()
+        .filter_map(|(k, v)| OwnedVariant::try_from(v).ok().map(|v| (k.to_owned(), v)))
+        .collect()
+}
+
+/// Reports a started job.
+pub fn print_job(out: &Output, id: u32, path: &OwnedObjectPath) {
+    out.object(vec![
+        ("job_id", json!(id)),
+        ("job_path", json!(path.as_str())),
+    ]);
+}
+
 /// An object's properties `keys` of interface `iface`, as JSON fields (strings, numbers and
-/// string lists; null for others), with the whole property map.
-pub async fn object_fields(
+/// string lists; null for others), and last its path under `path_key`.
+async fn properties(
     conn: &zbus::Connection,
     path: &OwnedObjectPath,
     iface: &'static str,
     keys: &[&'static str],
-) -> anyhow::Result<(
-    Vec<(&'static str, serde_json::Value)>,
-    std::collections::HashMap<String, zbus::OwnedVariant>,
-)> {
+    path_key: &str,
+) -> anyhow::Result<Fields> {
     let props = zbus::fdo::PropertiesProxy::builder(conn)
         .destination("org.banger")
         .path(path.clone())
@@ -347,39 +360,9 @@ pub async fn object_fields(
             },
             None => json!(null),
         };
-        fields.push((key, v));
+        fields.push((key.to_owned(), v));
     }
-    Ok((fields, all))
-}
-
-/// Builds an options map from optional entries.
-pub fn dbus_opts<'a>(
-    entries: impl IntoIterator<Item = (&'a str, Variant<'static>)>,
-) -> banger_api::proxy::Opts {
-    entries
-        .into_iter()
-        .filter_map(|(k, v)| OwnedVariant::try_from(v).ok().map(|v| (k.to_owned(), v)))
-        .collect()
-}
-
-/// Reports a started job.
-pub fn print_job(out: &Output, id: u32, path: &OwnedObjectPath) {
-    out.object(vec![
-        ("job_id", json!(id)),
-        ("job_path", json!(path.as_str())),
-    ]);
-}
-
-/// Fields read as an object's properties, and its path.
-async fn properties(
-    conn: &zbus::Connection,
-    path: &zbus::OwnedObjectPath,
-    iface: &'static str,
-    keys: &[&'static str],
-) -> anyhow::Result<Fields> {
-    let (fields, _) = object_fields(conn, path, iface, keys).await?;
-    let mut fields: Fields = fields.into_iter().map(|(k, v)| (k.into(), v)).collect();
-    fields.push(("path".into(), json!(path.as_str())));
+    fields.push((path_key.to_owned(), json!(path.as_str())));
     Ok(fields)
 }
 
@@ -520,6 +503,7 @@ impl Transport for Bus {
                 "CreatedAt",
                 "Owner",
             ],
+            "path",
         )
         .await
     }
@@ -551,13 +535,11 @@ impl Transport for Bus {
             &job_path(id)?,
             "org.banger.Job1",
             &["Kind", "Target", "Stage", "Progress", "State", "Error"],
+            "Path",
         )
         .await?;
         let mut fields = vec![("Id".to_owned(), json!(id))];
-        fields.extend(props.into_iter().map(|(k, v)| {
-            let k = if k == "path" { "Path".to_owned() } else { k };
-            (k, v)
-        }));
+        fields.extend(props);
         Ok(Some(fields))
     }
 
@@ -627,7 +609,7 @@ impl Transport for Bus {
             .get_image(name)
             .await
             .map_err(explain)?;
-        let mut fields = properties(
+        properties(
             &self.conn,
             &path,
             "org.banger.Image1",
@@ -646,12 +628,9 @@ impl Transport for Bus {
                 "Cmd",
                 "CreatedAt",
             ],
+            "Path",
         )
-        .await?;
-        if let Some(last) = fields.last_mut() {
-            last.0 = "Path".into();
-        }
-        Ok(fields)
+        .await
     }
 
     async fn register_image(&mut self, name: &str, opts: Opts) -> anyhow::Result<Fields> {
@@ -695,11 +674,7 @@ impl Transport for Bus {
 
     async fn vm(&mut self, name: &str) -> anyhow::Result<Fields> {
         let path = self.vms1().await?.get_vm(name).await.map_err(explain)?;
-        let mut fields = properties(&self.conn, &path, "org.banger.VM1", VM_FIELDS).await?;
-        if let Some(last) = fields.last_mut() {
-            last.0 = "Path".into();
-        }
-        Ok(fields)
+        properties(&self.conn, &path, "org.banger.VM1", VM_FIELDS, "Path").await
     }
 
     async fn vm_info(&mut self, name: &str) -> anyhow::Result<VmInfo> {
