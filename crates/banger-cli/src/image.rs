@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use serde_json::json;
 
-use super::transport::{kernel_files, show, table, JobCall, Opt, Opts, Transport};
+use super::transport::{kernel_files, name_owners, show, table, JobCall, Opt, Opts, Transport};
 use super::Output;
 
 /// Image verbs.
@@ -162,9 +162,7 @@ pub(crate) async fn run(
     match cmd {
         ImageCommand::List => {
             let mut images = t.images().await?;
-            for i in &mut images {
-                i["owner"] = json!(super::owner_name(i["owner"].as_u64().unwrap_or_default()));
-            }
+            name_owners(t, &mut images).await?;
             table(
                 out,
                 &["NAME", "ID", "OWNER", "MANAGED", "SOURCE"],

@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use serde_json::json;
 
-use super::transport::{show, table, Transport};
+use super::transport::{name_owners, show, table, Transport};
 use super::Output;
 
 /// Kernel verbs.
@@ -55,9 +55,7 @@ pub(crate) async fn run(
     match cmd {
         KernelCommand::List { available: false } => {
             let mut kernels = t.kernels().await?;
-            for k in &mut kernels {
-                k["owner"] = json!(super::owner_name(k["owner"].as_u64().unwrap_or_default()));
-            }
+            name_owners(t, &mut kernels).await?;
             table(
                 out,
                 &["NAME", "VERSION", "OWNER", "SOURCE"],

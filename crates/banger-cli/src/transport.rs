@@ -66,7 +66,12 @@ pub(crate) trait Transport {
     /// The caller's use of each quota: its name, what is used and what is allowed.
     async fn usage(&mut self) -> anyhow::Result<Vec<(String, u64, u64)>>;
 
-    /// Installed kernels: `name`, `version`, `owner` (a uid), `source`.
+    /// Fills in each record's `owner` (a uid) where the listing lacked it: D-Bus lists name
+    /// objects, whose owners take one more call (only the verbs that show owners make it);
+    /// Varlink's lists carry them.
+    async fn fill_owners(&mut self, records: &mut [Value]) -> anyhow::Result<()>;
+
+    /// Installed kernels: `name`, `version`, `source`, `owner` (see [`Self::fill_owners`]).
     async fn kernels(&mut self) -> anyhow::Result<Vec<Value>>;
     /// The catalog's kernels: `name`, `version`, `description`.
     async fn available_kernels(&mut self) -> anyhow::Result<Vec<Value>>;
@@ -105,7 +110,7 @@ pub(crate) trait Transport {
     /// which job it started and returns.
     async fn run_job(&mut self, out: &Output, call: JobCall<'_>, wait: bool) -> anyhow::Result<()>;
 
-    /// Images: `name`, `id`, `owner` (a uid), `managed`, `source`.
+    /// Images: `name`, `id`, `managed`, `source`, `owner` (see [`Self::fill_owners`]).
     async fn images(&mut self) -> anyhow::Result<Vec<Value>>;
     /// An image's fields, its OCI run settings among them.
     async fn image(&mut self, name: &str) -> anyhow::Result<Fields>;
@@ -229,6 +234,18 @@ fn varlink_params(
         m.insert(super::output::json_key(k), v);
     }
     Ok(m)
+}
+
+/// Shows each record's owner by name (`image list`, `kernel list`).
+pub(crate) async fn name_owners(
+    t: &mut impl Transport,
+    records: &mut [Value],
+) -> anyhow::Result<()> {
+    t.fill_owners(records).await?;
+    for r in records {
+        r["owner"] = json!(super::owner_name(r["owner"].as_u64().unwrap_or_default()));
+    }
+    Ok(())
 }
 
 /// The message for a job that does not run (any more).
@@ -367,6 +384,18 @@ async fn properties(
 }
 
 impl Transport for Bus {
+    async fn fill_owners(&mut self, records: &mut [Value]) -> anyhow::Result<()> {
+        let owners = super::owners(&self.conn).await?;
+        for r in records {
+            let owner = r["path"]
+                .as_str()
+                .and_then(|p| owners.get(p).copied())
+                .unwrap_or_default();
+            r["owner"] = json!(owner);
+        }
+        Ok(())
+    }
+
     async fn version(&mut self) -> anyhow::Result<String> {
         self.jobs1().await?.version().await.map_err(explain)
     }
@@ -382,13 +411,10 @@ impl Transport for Bus {
             .list_kernels()
             .await
             .map_err(explain)?;
-        let owners = super::owners(&self.conn).await?;
         Ok(list
             .into_iter()
             .map(|(name, version, source, path)| {
-                let owner = owners.get(path.as_str()).copied().unwrap_or_default();
-                json!({"name": name, "version": version, "owner": owner, "source": source,
-                       "path": path.as_str()})
+                json!({"name": name, "version": version, "source": source, "path": path.as_str()})
             })
             .collect())
     }
@@ -591,13 +617,11 @@ impl Transport for Bus {
 
     async fn images(&mut self) -> anyhow::Result<Vec<Value>> {
         let list = self.images1().await?.list_images().await.map_err(explain)?;
-        let owners = super::owners(&self.conn).await?;
         Ok(list
             .into_iter()
             .map(|(id, name, managed, source, path)| {
-                let owner = owners.get(path.as_str()).copied().unwrap_or_default();
-                json!({"name": name, "id": id, "owner": owner, "managed": managed,
-                       "source": source, "path": path.as_str()})
+                json!({"name": name, "id": id, "managed": managed, "source": source,
+                       "path": path.as_str()})
             })
             .collect())
     }
@@ -870,6 +894,10 @@ fn fields(v: &Value) -> Fields {
 }
 
 impl Transport for Socket {
+    async fn fill_owners(&mut self, _: &mut [Value]) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     async fn version(&mut self) -> anyhow::Result<String> {
         let info = self
             .client
