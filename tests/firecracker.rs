@@ -246,6 +246,7 @@ fn boot_spec(dir: &Path, vcpus: u32) -> BootSpec {
             offline: false,
         },
         incoming: false,
+        machine: Default::default(),
     }
 }
 

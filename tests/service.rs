@@ -53,6 +53,7 @@ fn snapshot_of(vm: &Vm) -> banger::model::Snapshot {
         init: String::new(),
         warm: String::new(),
         vmm: "qemu".into(),
+        machine: String::new(),
     }
 }
 

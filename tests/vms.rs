@@ -92,6 +92,7 @@ const STEPS: &[&str] = &[
     "a_non_members_connection_flood_is_capped",
     "a_published_port_reaches_the_guests_loopback",
     "the_vmm_and_its_helpers_run_confined",
+    "freed_guest_memory_goes_back_to_the_host",
     "a_console_flood_is_capped",
     "the_guest_network_isolated_and_shared",
     "running_vms_are_not_deleted_by_accident",
@@ -884,6 +885,58 @@ sys.stdin.read()
                 confined += 1;
             }
             assert_eq!(confined, 3, "QEMU, its agent link and its console logger");
+            // What the VM costs the host is the PSS of exactly those processes, on D-Bus
+            // (VM1 and the VMs1 total), in `vm list`, `vm show` and `status`, and on Varlink.
+            {
+                let pss: u64 = vm_process_dirs(&bus)
+                    .iter()
+                    .map(|(dir, _)| {
+                        let r = std::fs::read_to_string(dir.join("smaps_rollup")).unwrap();
+                        let l = r.lines().find(|l| l.starts_with("Pss:")).unwrap();
+                        l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() << 10
+                    })
+                    .sum();
+                let json_of = |args: &[&str]| -> serde_json::Value {
+                    let out = bus.banger_as(Some(USER_OK), args);
+                    assert!(out.status.success(), "{}", text(&out));
+                    serde_json::from_slice(&out.stdout).unwrap()
+                };
+                let shown = json_of(&["--json", "vm", "show", "t1"])["hostMemoryBytes"]
+                    .as_u64()
+                    .unwrap();
+                let listed = json_of(&["--json", "vm", "list"])
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|v| v["name"] == "t1")
+                    .unwrap()["hostMemoryMib"]
+                    .as_u64()
+                    .unwrap();
+                let total = json_of(&["--json", "status"])["vmsHostMemoryMib"]
+                    .as_u64()
+                    .unwrap();
+                let sock = format!("--varlink={}", bus.runtime.join("io.banger").display());
+                let over_varlink = json_of(&[&sock, "--json", "vm", "show", "t1"])
+                    ["hostMemoryBytes"]
+                    .as_u64()
+                    .unwrap();
+                // Memory moves between reads: the same order of magnitude is what is checked.
+                for (what, bytes) in [
+                    ("vm show", shown),
+                    ("vm list", listed << 20),
+                    ("status", total << 20),
+                    ("vm show over Varlink", over_varlink),
+                ] {
+                    assert!(
+                        bytes > pss / 2 && bytes < pss * 2 + (64 << 20),
+                        "{what}: {bytes} bytes, the processes' PSS {pss}"
+                    );
+                }
+                println!(
+                    "host memory of t1: {} MiB (PSS of its processes)",
+                    pss >> 20
+                );
+            }
             // Its disks are its uid's alone.
             {
                 use std::os::unix::fs::MetadataExt;
@@ -979,6 +1032,75 @@ sys.stdin.read()
                     assert!(m.is_file() && m.uid() == 0 && m.mode() & 0o022 == 0, "{f}");
                 }
             }
+        })
+        .await;
+
+    steps
+        .run("freed_guest_memory_goes_back_to_the_host", async {
+            // A guest that touches 200 MiB and frees it: its balloon reports the free pages and
+            // the host takes them back, so the VM costs about what it did before.
+            let out = bus.banger_as(
+                Some(USER_OK),
+                &[
+                    "vm", "create", "bal", "--image", "tiny", "--kernel", "test", "--vcpus", "1",
+                    "--memory", "512",
+                ],
+            );
+            assert!(out.status.success(), "{}", text(&out));
+            let drivers = exec_as(&bus, Some(USER_OK), "bal", &["busybox", "ls", "/sys/bus/virtio/drivers"]);
+            assert!(drivers.contains("virtio_balloon"), "{drivers}");
+            let memory = || -> u64 {
+                vm_shown(&bus, "bal")["hostMemoryBytes"].as_u64().unwrap()
+            };
+            let idle = memory();
+            // dd holds its 200 MiB buffer, written full of zeros, while its reader waits for /tmp/go.
+            let mut holder = bus
+                .command_as(
+                    Some(USER_OK),
+                    env!("CARGO_BIN_EXE_banger"),
+                    &[
+                        "vm",
+                        "exec",
+                        "bal",
+                        "--",
+                        "sh",
+                        "-c",
+                        "dd if=/dev/zero bs=200M count=1 2>/dev/null | \
+                         { busybox head -c 1 >/dev/null; until [ -e /tmp/go ]; do sleep 0.1; done; }",
+                    ],
+                )
+                .spawn()
+                .unwrap();
+            let mut peak = 0;
+            wait_until_async("the guest's 200 MiB on the host", Duration::from_secs(120), || {
+                // Pages the guest had touched and freed before (in pieces too small to
+                // report) are reused first: most of the 200 MiB, not all, is new to the host.
+                peak = memory();
+                peak > idle + (100 << 20)
+            })
+            .await;
+            let freed_at = std::time::Instant::now();
+            exec_as(&bus, Some(USER_OK), "bal", &["busybox", "touch", "/tmp/go"]);
+            assert!(holder.wait().unwrap().success());
+            let mut now = peak;
+            wait_until_async(
+                "the freed memory back on the host",
+                Duration::from_secs(120),
+                || {
+                    now = memory();
+                    now <= idle + (40 << 20)
+                },
+            )
+            .await;
+            println!(
+                "balloon: idle {} MiB, holding {} MiB, {} MiB {:.1} s after the guest freed it",
+                idle >> 20,
+                peak >> 20,
+                now >> 20,
+                freed_at.elapsed().as_secs_f64()
+            );
+            let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "--force", "bal"]);
+            assert!(out.status.success(), "{}", text(&out));
         })
         .await;
 

@@ -288,6 +288,15 @@ impl Vm1 {
     ) -> Vec<String> {
         self.seen_by(conn, hdr.as_ref()).await.egress
     }
+    /// What the VM costs the host in memory now, in bytes: the proportional set size of its
+    /// VMM and helper processes (pages shared with other VMs, such as a snapshot's
+    /// restored into several, are divided among them); 0 when it has no processes. Read on
+    /// demand; no change signal.
+    #[zbus(property(emits_changed_signal = "false"), name = "HostMemoryBytes")]
+    fn host_memory_bytes(&self) -> u64 {
+        self.ctx.banger.vms.host_memory_bytes(&self.vm())
+    }
+
     /// The uid that created the VM.
     #[zbus(property(emits_changed_signal = "const"), name = "Owner")]
     fn owner(&self) -> u32 {

@@ -19,6 +19,18 @@ pub struct Vms1 {
 /// Manages microVMs.
 #[interface(name = "org.banger.VMs1")]
 impl Vms1 {
+    /// What every VM costs the host in memory now, in bytes: the sum of each VM's
+    /// HostMemoryBytes (read on demand; no change signal).
+    #[zbus(property(emits_changed_signal = "false"), name = "HostMemoryBytes")]
+    async fn host_memory_bytes(&self) -> zbus::fdo::Result<u64> {
+        self.ctx
+            .banger
+            .vms
+            .host_memory_total()
+            .await
+            .map_err(|e| zbus::fdo::Error::Failed(e.full_message()))
+    }
+
     /// Deletes a VM and its disks; a running VM only with force. Options: force b.
     #[zbus(name = "DeleteVM")]
     async fn delete_vm(

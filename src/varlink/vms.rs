@@ -48,7 +48,10 @@ type VM (
   published: []string,
   shares: []Share,
   # The snapshot its disks layer on, if any.
-  snapshot: string
+  snapshot: string,
+  # What it costs the host in memory now: the proportional set size of its VMM and helper
+  # processes (pages shared with other VMs divided among them); 0 without processes.
+  hostMemoryBytes: int
 )
 
 # A folder of the host in the guest (virtio-fs, served with its owner's rights).
@@ -171,8 +174,8 @@ method Snapshot(name: string, snapshot: string, pause: ?bool) -> (job: Job, log:
     errors!()
 );
 
-/// A VM as `io.banger.VMs.VM`.
-pub(super) fn view(v: &Vm) -> Value {
+/// A VM as `io.banger.VMs.VM`, with what it costs the host in memory now.
+pub(super) fn view(v: &Vm, host_memory_bytes: u64) -> Value {
     json!({
         "id": v.id,
         "name": v.name,
@@ -200,6 +203,7 @@ pub(super) fn view(v: &Vm) -> Value {
             "host": s.host, "guest": s.guest, "readOnly": s.read_only
         })).collect::<Vec<_>>(),
         "snapshot": v.snapshot,
+        "hostMemoryBytes": host_memory_bytes,
     })
 }
 
@@ -231,7 +235,12 @@ fn with_vm(ctx: &Ctx, id: String) -> Render {
     Box::new(move |job| {
         let (banger, id) = (banger.clone(), id.clone());
         Box::pin(async move {
-            let vm = banger.vms.get(&id).await.ok().map(|v| view(&v));
+            let vm = banger
+                .vms
+                .get(&id)
+                .await
+                .ok()
+                .map(|v| view(&v, banger.vms.host_memory_bytes(&v)));
             json!({ "vm": vm, "job": job })
         })
     })
@@ -263,7 +272,12 @@ pub(super) async fn call(
                 && ops::manages_any(ctx.authority.as_ref(), caller).await;
             let vms: Vec<Value> = all
                 .iter()
-                .map(|v| view(&v.shown(any || v.private_to(caller.uid))))
+                .map(|v| {
+                    view(
+                        &v.shown(any || v.private_to(caller.uid)),
+                        b.vms.host_memory_bytes(v),
+                    )
+                })
                 .collect();
             Ok(Answer::One(json!({ "vms": vms })))
         }
@@ -271,8 +285,9 @@ pub(super) async fn call(
             let name: String = p.req("name")?;
             p.finish()?;
             let vm = b.vms.get(&name).await?;
+            let memory = b.vms.host_memory_bytes(&vm);
             let vm = ops::vm_seen_by(ctx.authority.as_ref(), caller, &vm).await;
-            Ok(Answer::One(json!({ "vm": view(&vm) })))
+            Ok(Answer::One(json!({ "vm": view(&vm, memory) })))
         }
         "Create" => {
             let name: String = p.req("name")?;

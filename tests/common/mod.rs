@@ -1036,5 +1036,6 @@ pub fn vm_row(
         publish: Vec::new(),
         shares: Vec::new(),
         snapshot: String::new(),
+        machine: String::new(),
     }
 }

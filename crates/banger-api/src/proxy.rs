@@ -73,6 +73,9 @@ pub trait Kernels1 {
     default_path = "/org/banger"
 )]
 pub trait VMs1 {
+    /// HostMemoryBytes: what every VM costs the host in memory now.
+    #[zbus(property(emits_changed_signal = "false"), name = "HostMemoryBytes")]
+    fn host_memory_bytes(&self) -> zbus::Result<u64>;
     /// ListVMs
     #[zbus(name = "ListVMs")]
     fn list_vms(&self) -> zbus::Result<Vec<(String, String, String, String, OwnedObjectPath)>>;

@@ -160,6 +160,15 @@ pub(crate) fn utc_time(us: u64) -> String {
 pub(crate) async fn owners(
     conn: &zbus::Connection,
 ) -> anyhow::Result<std::collections::HashMap<String, u64>> {
+    managed_numbers(conn, "Owner").await
+}
+
+/// Each object's numeric property `name` by object path, from the service's ObjectManager
+/// in one call.
+pub(crate) async fn managed_numbers(
+    conn: &zbus::Connection,
+    name: &str,
+) -> anyhow::Result<std::collections::HashMap<String, u64>> {
     let om = zbus::fdo::ObjectManagerProxy::builder(conn)
         .destination("org.banger")
         .path("/org/banger")
@@ -169,17 +178,20 @@ pub(crate) async fn owners(
         .get_managed_objects()
         .await
         .map_err(|e| explain(e.into()))?;
-    let mut owners = std::collections::HashMap::new();
+    let mut found = std::collections::HashMap::new();
     for (path, ifaces) in objects {
         for props in ifaces.values() {
-            if let Some(v) = props.get("Owner") {
-                if let Ok(uid) = u32::try_from(&**v) {
-                    owners.insert(path.to_string(), uid as u64);
+            if let Some(v) = props.get(name) {
+                let n = u32::try_from(&**v)
+                    .map(u64::from)
+                    .or_else(|_| u64::try_from(&**v));
+                if let Ok(n) = n {
+                    found.insert(path.to_string(), n);
                 }
             }
         }
     }
-    Ok(owners)
+    Ok(found)
 }
 
 /// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` overrides).

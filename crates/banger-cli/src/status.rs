@@ -13,19 +13,27 @@ pub(crate) async fn run(out: &Output, t: &mut impl Transport) -> anyhow::Result<
     let running = vms.iter().filter(|v| v["state"] == "running").count();
     let jobs = t.jobs().await?.len();
     let usage = t.usage().await?;
+    let memory = t.host_memory().await?;
     print(
         out,
         &version,
         [images, kernels, vms.len(), running, jobs],
+        memory,
         &usage,
     );
     Ok(())
 }
 
 /// Prints the status: the daemon's version, its counts of images, kernels, VMs, running VMs
-/// and jobs, and the caller's use against each quota as `your_<quota>`: `USED of ALLOWED`
+/// and jobs, what the VMs cost the host in memory (MiB), and the caller's use against each quota as `your_<quota>`: `USED of ALLOWED`
 /// (whichever way they were asked).
-fn print(out: &Output, version: &str, counts: [usize; 5], usage: &[(String, u64, u64)]) {
+fn print(
+    out: &Output,
+    version: &str,
+    counts: [usize; 5],
+    host_memory: u64,
+    usage: &[(String, u64, u64)],
+) {
     let [images, kernels, vms, running, jobs] = counts;
     let mut fields = vec![
         ("daemon_version".to_owned(), json!(version)),
@@ -35,6 +43,7 @@ fn print(out: &Output, version: &str, counts: [usize; 5], usage: &[(String, u64,
         ("vms".to_owned(), json!(vms)),
         ("running_vms".to_owned(), json!(running)),
         ("jobs".to_owned(), json!(jobs)),
+        ("vms_host_memory_mib".to_owned(), json!(host_memory >> 20)),
     ];
     for (quota, used, allowed) in usage {
         fields.push((

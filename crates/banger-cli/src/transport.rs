@@ -71,6 +71,12 @@ pub(crate) trait Transport {
     /// Varlink's lists carry them.
     async fn fill_owners(&mut self, records: &mut [Value]) -> anyhow::Result<()>;
 
+    /// Fills in each VM record's `host_memory_bytes` (what it costs the host in memory now):
+    /// D-Bus reads it from every object at once, Varlink's lists carry it.
+    async fn fill_host_memory(&mut self, records: &mut [Value]) -> anyhow::Result<()>;
+    /// What every VM costs the host in memory now, in bytes.
+    async fn host_memory(&mut self) -> anyhow::Result<u64>;
+
     /// Installed kernels: `name`, `version`, `source`, `owner` (see [`Self::fill_owners`]).
     async fn kernels(&mut self) -> anyhow::Result<Vec<Value>>;
     /// The catalog's kernels: `name`, `version`, `description`.
@@ -394,6 +400,26 @@ impl Transport for Bus {
             r["owner"] = json!(owner);
         }
         Ok(())
+    }
+
+    async fn fill_host_memory(&mut self, records: &mut [Value]) -> anyhow::Result<()> {
+        let memory = super::managed_numbers(&self.conn, "HostMemoryBytes").await?;
+        for r in records {
+            let bytes = r["path"]
+                .as_str()
+                .and_then(|p| memory.get(p).copied())
+                .unwrap_or_default();
+            r["host_memory_bytes"] = json!(bytes);
+        }
+        Ok(())
+    }
+
+    async fn host_memory(&mut self) -> anyhow::Result<u64> {
+        self.vms1()
+            .await?
+            .host_memory_bytes()
+            .await
+            .map_err(explain)
     }
 
     async fn version(&mut self) -> anyhow::Result<String> {
@@ -866,6 +892,7 @@ const VM_FIELDS: &[&str] = &[
     "Shares",
     "Owner",
     "CreatedAt",
+    "HostMemoryBytes",
 ];
 
 /// banger's Varlink socket.
@@ -896,6 +923,21 @@ fn fields(v: &Value) -> Fields {
 impl Transport for Socket {
     async fn fill_owners(&mut self, _: &mut [Value]) -> anyhow::Result<()> {
         Ok(())
+    }
+
+    async fn fill_host_memory(&mut self, records: &mut [Value]) -> anyhow::Result<()> {
+        for r in records {
+            r["host_memory_bytes"] = r["hostMemoryBytes"].clone();
+        }
+        Ok(())
+    }
+
+    async fn host_memory(&mut self) -> anyhow::Result<u64> {
+        let vms = self.vms().await?;
+        Ok(vms
+            .iter()
+            .filter_map(|v| v["hostMemoryBytes"].as_u64())
+            .sum())
     }
 
     async fn version(&mut self) -> anyhow::Result<String> {

@@ -637,14 +637,24 @@ pub(crate) async fn run(
             let names = image_names(t).await;
             let mut vms = t.vms().await?;
             vms.retain(|v| all || !v["name"].as_str().unwrap_or("").starts_with('.'));
+            t.fill_host_memory(&mut vms).await?;
             for v in &mut vms {
                 let id = v["image"].as_str().unwrap_or("").to_owned();
                 v["image_name"] = json!(names.get(&id).cloned().unwrap_or_default());
+                let bytes = v["host_memory_bytes"].as_u64().unwrap_or_default();
+                v["host_memory_mib"] = json!(bytes >> 20);
             }
             table(
                 out,
-                &["NAME", "ID", "STATE", "IMAGE", "IMAGE ID"],
-                &["name", "id", "state", "image_name", "image"],
+                &["NAME", "ID", "STATE", "IMAGE", "IMAGE ID", "HOST MiB"],
+                &[
+                    "name",
+                    "id",
+                    "state",
+                    "image_name",
+                    "image",
+                    "host_memory_mib",
+                ],
                 &vms,
             );
         }

@@ -10,6 +10,9 @@ use crate::{Error, Result};
 /// The guests' subnet unless configured; it moves to a free /24 when the host routes it.
 pub const DEFAULT_SUBNET: &str = "172.30.99.0/24";
 
+/// `tcg_cache_mib` unless configured (see BENCHMARKS.md, "TCG translation cache").
+pub const DEFAULT_TCG_CACHE_MIB: u32 = 64;
+
 /// Which VMM drives the VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -62,6 +65,15 @@ pub struct Config {
     pub guest_bin_dir: Option<std::path::PathBuf>,
     /// QEMU's accelerator.
     pub accel: Accel,
+    /// QEMU's TCG translation cache per VM, in MiB (its `tb-size`): what a VM under TCG may
+    /// hold of translated guest code.
+    pub tcg_cache_mib: u32,
+    /// Give VMs a virtio-balloon with free page reporting: memory a guest frees goes back to
+    /// the host within seconds (QEMU).
+    pub free_page_reporting: bool,
+    /// Let the host merge identical pages of guests' memory (KSM, when the host runs it).
+    /// Off by default: merged pages make a timing side channel between VMs.
+    pub memory_merge: bool,
     /// The guests' IPv4 subnet (CIDR); the first host address is the gateway.
     pub subnet: String,
     /// Seconds a boot may take until the guest agent answers.
@@ -115,6 +127,9 @@ impl Default for Config {
             max_image_bytes: 32 << 30,
             guest_bin_dir: None,
             accel: Accel::Auto,
+            tcg_cache_mib: DEFAULT_TCG_CACHE_MIB,
+            free_page_reporting: true,
+            memory_merge: false,
             subnet: DEFAULT_SUBNET.into(),
             boot_timeout_sec: 300,
             kernel_catalog: Vec::new(),
@@ -199,6 +214,13 @@ impl Config {
             .map_err(|e| Error::InvalidArgument(format!("Invalid configuration: {e}")))?;
         c.check_catalogs()?;
         c.allowed_egress()?;
+        if !(8..=4096).contains(&c.tcg_cache_mib) {
+            return Err(Error::InvalidArgument(format!(
+                "Invalid configuration: tcg_cache_mib = {} is outside 8..=4096 (MiB of \
+                 translated code per VM under TCG; {DEFAULT_TCG_CACHE_MIB} unless set)",
+                c.tcg_cache_mib
+            )));
+        }
         Ok(c)
     }
 
@@ -275,6 +297,19 @@ mod tests {
         assert_eq!(c.vmm, VmmChoice::Qemu);
         let err = Config::parse("idle_exit = 3").unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn memory_settings_default_and_bound() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.tcg_cache_mib, DEFAULT_TCG_CACHE_MIB);
+        assert!(c.free_page_reporting && !c.memory_merge);
+        let c = Config::parse("tcg_cache_mib = 128\nmemory_merge = true").unwrap();
+        assert_eq!((c.tcg_cache_mib, c.memory_merge), (128, true));
+        for bad in ["tcg_cache_mib = 0", "tcg_cache_mib = 100000"] {
+            let e = Config::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("outside 8..=4096"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -252,6 +252,10 @@ pub struct Vm {
     /// The snapshot the VM was restored from (its root disk layers on the snapshot's);
     /// empty for a VM booted from its image.
     pub snapshot: String,
+    /// The devices its VMM was last started with beyond the fixed set (see
+    /// `vmm::Machine`): a saved state loads only into the same set, so a VM restored from an
+    /// older snapshot keeps that snapshot's set until it boots cold again.
+    pub machine: String,
 }
 
 impl Vm {
@@ -315,6 +319,9 @@ pub struct Snapshot {
     pub warm: String,
     /// The VMM it was taken on (`qemu`, `firecracker`), the only one that restores it.
     pub vmm: String,
+    /// The devices beyond the fixed set its VM had (see `vmm::Machine`), which a restore
+    /// must give the VMM again.
+    pub machine: String,
 }
 
 /// The VM's machine name for machined: `banger-<id>` (a VM's own name could collide with

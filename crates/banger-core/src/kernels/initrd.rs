@@ -23,9 +23,9 @@ pub const WANTED: &[&str] = &[
 ];
 
 /// What the guest uses when the kernel has it: the ACPI power button and the event device
-/// it reports through (banger-init powers off on it when it is the guest's init), and
-/// virtio-fs for shared folders.
-pub const OPTIONAL: &[&str] = &["button", "evdev", "virtiofs"];
+/// it reports through (banger-init powers off on it when it is the guest's init), virtio-fs
+/// for shared folders, and the memory balloon that reports freed pages to the host.
+pub const OPTIONAL: &[&str] = &["button", "evdev", "virtiofs", "virtio_balloon"];
 
 /// A module's canonical name: file stem without `.ko*`, `-` as `_`.
 fn module_name(path: &str) -> String {

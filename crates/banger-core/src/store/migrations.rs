@@ -131,6 +131,12 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE images ADD COLUMN owner_uid INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE kernels ADD COLUMN owner_uid INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 13: the devices a VM's VMM runs with beyond the fixed set (a memory balloon), which
+    // its snapshots record: rows from before had none.
+    r#"
+    ALTER TABLE vms ADD COLUMN machine TEXT NOT NULL DEFAULT '';
+    ALTER TABLE snapshots ADD COLUMN machine TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -172,7 +172,7 @@ pub fn delete_kernel(c: &Connection, name: &str) -> Result<(), StoreError> {
 
 const VM_COLS: &str = "id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, \
      owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at, ssh_host_key, \
-     network, egress, init, main, exit_status, publish, shares, snapshot";
+     network, egress, init, main, exit_status, publish, shares, snapshot, machine";
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
     let state: String = r.get(2)?;
@@ -213,6 +213,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
             .collect(),
         shares: serde_json::from_str(&r.get::<_, String>(23)?).unwrap_or_default(),
         snapshot: r.get(24)?,
+        machine: r.get(25)?,
     })
 }
 
@@ -234,7 +235,7 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     c.execute(
         &format!(
             "INSERT INTO vms ({VM_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
         ),
         params![
             v.id,
@@ -265,7 +266,8 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
             } else {
                 serde_json::to_string(&v.shares).unwrap_or_default()
             },
-            v.snapshot
+            v.snapshot,
+            v.machine
         ],
     )?;
     Ok(())
@@ -361,14 +363,15 @@ fn main_json(main: &[String]) -> String {
 pub fn update_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     let n = c.execute(
         "UPDATE vms SET state = ?2, stage = ?3, ssh_address = ?4, ssh_host_key = ?5, \
-         exit_status = ?6 WHERE id = ?1",
+         exit_status = ?6, machine = ?7 WHERE id = ?1",
         params![
             v.id,
             v.state.as_str(),
             v.stage,
             v.ssh_address,
             v.ssh_host_key,
-            v.exit_status
+            v.exit_status,
+            v.machine
         ],
     )?;
     if n == 0 {
@@ -394,7 +397,7 @@ pub fn vms_using_image(c: &Connection, image_id: &str) -> Result<u64, StoreError
 }
 
 const SNAPSHOT_COLS: &str = "id, name, vm_id, vm_name, image_id, kernel, vcpus, memory_mib, \
-     disk_size, size_bytes, created_at, owner_uid, memory_sha256, memory_size, init, warm, vmm";
+     disk_size, size_bytes, created_at, owner_uid, memory_sha256, memory_size, init, warm, vmm, machine";
 
 fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
     Ok(Snapshot {
@@ -415,6 +418,7 @@ fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
         init: r.get(14)?,
         warm: r.get(15)?,
         vmm: r.get(16)?,
+        machine: r.get(17)?,
     })
 }
 
@@ -438,7 +442,7 @@ pub fn insert_snapshot(c: &Connection, s: &Snapshot) -> Result<bool, StoreError>
     let n = c.execute(
         &format!(
             "INSERT OR IGNORE INTO snapshots ({SNAPSHOT_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
         ),
         params![
             s.id,
@@ -457,7 +461,8 @@ pub fn insert_snapshot(c: &Connection, s: &Snapshot) -> Result<bool, StoreError>
             s.memory_size as i64,
             s.init,
             s.warm,
-            s.vmm
+            s.vmm,
+            s.machine
         ],
     )?;
     Ok(n == 1)

@@ -59,6 +59,49 @@ pub struct BootSpec {
     pub jail: jail::Jail,
     /// Wait for a saved state ([`Vmm::load_state`]) instead of booting the kernel.
     pub incoming: bool,
+    /// The devices beyond the fixed set.
+    pub machine: Machine,
+}
+
+/// The devices a VMM gets beyond the fixed set. A saved state loads only into a VMM with the
+/// same devices, so a VM's row and each snapshot record them (as [`Machine::spelled`]), and
+/// a restore starts the VMM with the snapshot's set, not today's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Machine {
+    /// A virtio-balloon device that takes the pages the guest frees back from it (free page
+    /// reporting); it never inflates.
+    pub balloon: bool,
+}
+
+impl Machine {
+    /// What a cold boot gets under `config`.
+    pub fn current(config: &crate::config::Config) -> Self {
+        Machine {
+            balloon: config.free_page_reporting,
+        }
+    }
+
+    /// The set a row spells (a comma list; empty for none); `None` for a device this build
+    /// does not know (a snapshot a newer banger made).
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut m = Machine::default();
+        for word in s.split(',').filter(|w| !w.is_empty()) {
+            match word {
+                "balloon" => m.balloon = true,
+                _ => return None,
+            }
+        }
+        Some(m)
+    }
+
+    /// How rows spell it.
+    pub fn spelled(self) -> String {
+        let mut words = Vec::new();
+        if self.balloon {
+            words.push("balloon");
+        }
+        words.join(",")
+    }
 }
 
 /// The guest NIC: a tap the host made and the MAC the guest sees.
@@ -185,6 +228,6 @@ pub fn select(config: &crate::config::Config) -> std::sync::Arc<dyn Vmm> {
     match config.vmm {
         VmmChoice::Firecracker => std::sync::Arc::new(firecracker::Firecracker),
         VmmChoice::Auto if firecracker::usable() => std::sync::Arc::new(firecracker::Firecracker),
-        VmmChoice::Auto | VmmChoice::Qemu => std::sync::Arc::new(qemu::Qemu::new(config.accel)),
+        VmmChoice::Auto | VmmChoice::Qemu => std::sync::Arc::new(qemu::Qemu::configured(config)),
     }
 }

@@ -19,6 +19,22 @@ pub fn exists(pid: i32) -> bool {
         .is_some_and(|state| state != 'Z')
 }
 
+/// The proportional set size of process `pid` in bytes (its private memory plus its share
+/// of every page it maps with others), from `/proc/PID/smaps_rollup`; 0 when it is gone.
+pub fn pss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| pss_of(&s))
+        .unwrap_or(0)
+}
+
+/// The `Pss:` line of a `smaps_rollup`, in bytes.
+fn pss_of(rollup: &str) -> Option<u64> {
+    let line = rollup.lines().find(|l| l.starts_with("Pss:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}
+
 /// What a pid file says of its process: alive (and the VM's), gone, or not known now.
 #[derive(Debug)]
 pub enum Liveness {
@@ -246,8 +262,13 @@ impl UnitLimits {
     /// What a VMM of `vcpus` and `memory_mib` may take: the guest's memory plus
     /// [`VMM_OVERHEAD_MIB`], and a thread per vCPU plus QEMU's own.
     pub fn vmm(vcpus: u32, memory_mib: u32) -> Self {
+        Self::vmm_with(vcpus, memory_mib, VMM_OVERHEAD_MIB)
+    }
+
+    /// What a VMM of `vcpus` and `memory_mib` may take with `overhead_mib` of its own.
+    pub fn vmm_with(vcpus: u32, memory_mib: u32, overhead_mib: u64) -> Self {
         UnitLimits {
-            memory_max: (u64::from(memory_mib) + VMM_OVERHEAD_MIB) << 20,
+            memory_max: (u64::from(memory_mib) + overhead_mib) << 20,
             tasks_max: 32 + 2 * vcpus,
         }
     }
@@ -262,8 +283,8 @@ impl UnitLimits {
     }
 }
 
-/// What QEMU needs beyond the guest's memory: its TCG translation cache (capped at
-/// `tb-size=256` MiB by the driver) and its own heap, threads and device state.
+/// What a VMM needs beyond the guest's memory by default (Firecracker's; QEMU's driver adds
+/// its TCG translation cache to 256 MiB of heap, threads and device state).
 pub const VMM_OVERHEAD_MIB: u64 = 512;
 
 /// What every VMM and helper unit runs under (systemd hosts), besides the VM's own uid (see
@@ -781,6 +802,15 @@ pub async fn wait_for_path(path: &Path, limit: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pss_is_read_from_the_rollup_and_is_ours_for_this_process() {
+        let rollup = "55d0-7ffe ---p 00000000 00:00 0   [rollup]\nRss:  2048 kB\nPss:  1536 kB\n";
+        assert_eq!(pss_of(rollup), Some(1536 << 10));
+        assert_eq!(pss_of("Rss: 1 kB\n"), None);
+        assert!(pss_bytes(std::process::id()) > 0);
+        assert_eq!(pss_bytes(u32::MAX), 0);
+    }
 
     #[tokio::test]
     async fn only_the_process_that_names_the_marker_is_trusted() {

@@ -23,6 +23,10 @@ pub struct Qemu {
     accel: Accel,
     /// qboot, where QEMU's data holds it (see [`QBOOT`]).
     firmware: Option<PathBuf>,
+    /// TCG's translation cache per VM, MiB.
+    tcg_cache_mib: u32,
+    /// Whether guest memory may be merged with identical pages (KSM).
+    memory_merge: bool,
 }
 
 /// The firmware microvm boots with: qboot, which loads a PVH kernel with its initrd and puts
@@ -142,8 +146,21 @@ pub fn host_is_a_guest() -> bool {
 impl Qemu {
     /// A driver with this accelerator choice.
     pub fn new(accel: Accel) -> Self {
+        Self::configured(&crate::config::Config {
+            accel,
+            ..Default::default()
+        })
+    }
+
+    /// The driver `config` asks for (accelerator, TCG's cache, page merging).
+    pub fn configured(config: &crate::config::Config) -> Self {
         let firmware = QBOOT.iter().map(PathBuf::from).find(|p| p.is_file());
-        Qemu { accel, firmware }
+        Qemu {
+            accel: config.accel,
+            firmware,
+            tcg_cache_mib: config.tcg_cache_mib,
+            memory_merge: config.memory_merge,
+        }
     }
 
     /// Whether VMs get KVM (else TCG).
@@ -175,7 +192,11 @@ impl Qemu {
             "microvm,memory-backend=mem".into(),
             "-accel".into(),
             // TCG's translation cache is capped so the VMM's unit can bound its memory.
-            (if kvm { "kvm" } else { "tcg,tb-size=256" }).into(),
+            if kvm {
+                "kvm".into()
+            } else {
+                format!("tcg,tb-size={}", self.tcg_cache_mib)
+            },
             "-cpu".into(),
             (if kvm { "host" } else { "max" }).into(),
             "-smp".into(),
@@ -187,13 +208,21 @@ impl Qemu {
             // memfd's untouched pages are allocated on first read, and loading a snapshot
             // reads them all (a busybox restore loaded in 270 ms from a memfd, 110 ms from
             // plain memory). The block is `mem` either way, so snapshots load into both.
-            if spec.shares.is_empty() {
-                format!("memory-backend-ram,id=mem,size={}M", spec.memory_mib)
+            // QEMU marks guest memory mergeable unless told: banger asks for it only when
+            // configured (merged pages are a timing side channel between VMs).
+            format!(
+                "{},id=mem,size={}M,merge={}",
+                if spec.shares.is_empty() {
+                    "memory-backend-ram"
+                } else {
+                    "memory-backend-memfd"
+                },
+                spec.memory_mib,
+                if self.memory_merge { "on" } else { "off" }
+            ) + if spec.shares.is_empty() {
+                ""
             } else {
-                format!(
-                    "memory-backend-memfd,id=mem,size={}M,share=on",
-                    spec.memory_mib
-                )
+                ",share=on"
             },
             "-nodefaults".into(),
             "-no-user-config".into(),
@@ -264,6 +293,16 @@ impl Qemu {
                 "virtserialport,chardev=agent,name={}",
                 banger_guest::agent::link::PORT_NAME
             ),
+        ]);
+        if spec.machine.balloon {
+            // Pages the guest frees are reported (in 2 MiB blocks, seconds after) and QEMU
+            // gives them back to the host; the balloon itself is never inflated.
+            a.extend([
+                "-device".into(),
+                "virtio-balloon-device,free-page-reporting=on".into(),
+            ]);
+        }
+        a.extend([
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", p(&qmp_socket(run))),
         ]);
@@ -526,7 +565,16 @@ impl Vmm for Qemu {
             program: &qemu,
             args: &argv,
             log: &log_path,
-            limits: UnitLimits::vmm(spec.vcpus, spec.memory_mib),
+            limits: UnitLimits::vmm_with(
+                spec.vcpus,
+                spec.memory_mib,
+                // The translation cache (TCG only) and QEMU's own heap, threads and state.
+                u64::from(if self.uses_kvm() {
+                    0
+                } else {
+                    self.tcg_cache_mib
+                }) + 256,
+            ),
             writable: &[run, log_dir(spec)],
             jail: &jail,
             tap: spec.net.as_ref().map(|n| n.tap.as_str()),
@@ -683,6 +731,7 @@ mod tests {
                 offline: false,
             },
             incoming: false,
+            machine: crate::vmm::Machine { balloon: true },
         }
     }
 
@@ -690,7 +739,7 @@ mod tests {
     fn tcg_gets_the_tsc_frequency_and_kvm_does_not() {
         let q = Qemu::new(Accel::Tcg);
         let a = q.args(&spec(), false, Some(2596140)).join(" ");
-        assert!(a.contains("-accel tcg,tb-size=256 -cpu max"), "{a}");
+        assert!(a.contains("-accel tcg,tb-size=64 -cpu max"), "{a}");
         assert!(
             a.contains("-chardev socket,id=con,path=/run/banger/vms/00ff/jail/console.sock"),
             "{a}"
@@ -700,7 +749,14 @@ mod tests {
             a.contains("root=serial:root rw banger.work=serial:work"),
             "{a}"
         );
-        assert!(a.contains("memory-backend-ram,id=mem,size=512M"), "{a}");
+        assert!(
+            a.contains("memory-backend-ram,id=mem,size=512M,merge=off"),
+            "{a}"
+        );
+        assert!(
+            a.contains("-device virtio-balloon-device,free-page-reporting=on"),
+            "{a}"
+        );
         assert!(
             a.contains("virtio-blk-device,drive=work,serial=work"),
             "{a}"
@@ -721,6 +777,27 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_merging_and_balloon_follow_the_configuration_and_the_machine() {
+        let q = Qemu::configured(&crate::config::Config {
+            accel: Accel::Tcg,
+            tcg_cache_mib: 32,
+            memory_merge: true,
+            ..Default::default()
+        });
+        let mut s = spec();
+        s.machine = crate::vmm::Machine::default();
+        let a = q.args(&s, false, None).join(" ");
+        assert!(a.contains("-accel tcg,tb-size=32 "), "{a}");
+        assert!(a.contains(",merge=on"), "{a}");
+        // A VM restored from a snapshot without a balloon gets none.
+        assert!(!a.contains("balloon"), "{a}");
+        assert_eq!(crate::vmm::Machine::parse(""), Some(Default::default()));
+        let m = crate::vmm::Machine::parse("balloon").unwrap();
+        assert!(m.balloon && m.spelled() == "balloon");
+        assert_eq!(crate::vmm::Machine::parse("balloon,hotplug-cpus"), None);
+    }
+
+    #[test]
     fn memory_is_shared_only_with_a_shared_folder() {
         let mut s = spec();
         s.shares.push(crate::vmm::ShareSpec {
@@ -735,7 +812,7 @@ mod tests {
         });
         let a = Qemu::new(Accel::Tcg).args(&s, false, None).join(" ");
         assert!(
-            a.contains("memory-backend-memfd,id=mem,size=512M,share=on"),
+            a.contains("memory-backend-memfd,id=mem,size=512M,merge=off,share=on"),
             "{a}"
         );
         assert!(

@@ -156,6 +156,7 @@ impl Vms {
             publish: wanted.iter().map(|p| p.spec()).collect(),
             shares,
             snapshot: snapshot.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
+            machine: String::new(),
         };
         if let Some(s) = &snapshot {
             vm.init = s.init.clone();

@@ -381,6 +381,30 @@ impl Vms {
             .ok_or_else(|| VmError::NotFound(key.to_owned()).into())
     }
 
+    /// What VM `vm` costs the host in memory now: the proportional set size of its live
+    /// processes (VMM and helpers), so pages shared with other VMs (a snapshot's, a
+    /// kernel's) count once across them. 0 for a VM with no processes.
+    pub fn host_memory_bytes(&self, vm: &Vm) -> u64 {
+        if !vm.state.is_active() {
+            return 0;
+        }
+        self.vmm
+            .pids(&self.layout.vm_runtime_dir(&vm.id))
+            .into_iter()
+            .map(crate::vmm::process::pss_bytes)
+            .sum()
+    }
+
+    /// [`Self::host_memory_bytes`] of every VM together.
+    pub async fn host_memory_total(&self) -> Result<u64> {
+        Ok(self
+            .list()
+            .await?
+            .iter()
+            .map(|v| self.host_memory_bytes(v))
+            .sum())
+    }
+
     /// What `uid`'s VMs other than `except` take (see [`bounds::Usage`]).
     pub async fn usage_of(&self, uid: u32, except: &str) -> Result<bounds::Usage> {
         let vms = self.list().await?;

@@ -458,6 +458,7 @@ impl Vms {
             init: vm.init.clone(),
             warm: warm.to_owned(),
             vmm: self.vmm.name().to_owned(),
+            machine: vm.machine.clone(),
         };
         ctx.stage("publish", format!("Publishing snapshot {name}"));
         self.publish_snapshot(staging, &snap).await?;

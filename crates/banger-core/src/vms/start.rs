@@ -25,7 +25,7 @@ use crate::agent::Health;
 use crate::model::{Image, Kernel, Snapshot, Vm, VmState};
 use crate::net::GuestNet;
 use crate::vmm::jail::Jail;
-use crate::vmm::{BootSpec, DiskFormat};
+use crate::vmm::{BootSpec, DiskFormat, Machine};
 use crate::Result;
 
 /// What a start decided before its first stage.
@@ -386,6 +386,7 @@ impl Vms {
             }
         };
         let spec = self.boot_spec(vm, plan, prepared, memory.is_some()).await?;
+        vm.machine = spec.machine.spelled();
         // The VM's processes run as a uid of its own: its directories become that uid's, what
         // it only reads (image, kernel) the VMM group's.
         {
@@ -448,6 +449,18 @@ impl Vms {
                 .collect()
         };
         let (image, kernel) = (&plan.image, &plan.kernel);
+        // A saved state loads only into the devices it was saved with.
+        let machine = match &plan.restore {
+            Some((snap, _)) => Machine::parse(&snap.machine).ok_or_else(|| {
+                super::error::VmError::Invalid(format!(
+                    "Snapshot {} needs devices this banger does not know ({:?}): a newer \
+                     banger made it; boot cold (--cold) or upgrade",
+                    snap.name, snap.machine
+                ))
+            })?,
+            None if self.vmm.name() == "qemu" => Machine::current(&self.config),
+            None => Machine::default(),
+        };
         Ok(BootSpec {
             id: vm.id.clone(),
             name: vm.name.clone(),
@@ -493,6 +506,7 @@ impl Vms {
                 offline: true,
             },
             incoming,
+            machine,
         })
     }
 

@@ -6,7 +6,7 @@
 //! restore from that snapshot and get their own identity, as any restore does.
 //!
 //! The key covers what the guest's memory depends on: the image's id, the kernel's name and
-//! install time, the shape, and banger's version and guest binaries. Any change makes a new
+//! install time, the shape, banger's version and guest binaries, and the VMM's devices. Any change makes a new
 //! key, so a stale warm snapshot is never used; it stays while VMs layer on it and goes
 //! once none do (`sweep_warm`).
 
@@ -44,7 +44,7 @@ impl Vms {
                 .unwrap_or_default()
         };
         let text = format!(
-            "{}|{}|{}|{}|{vcpus}|{memory}|{}|{}|{}",
+            "{}|{}|{}|{}|{vcpus}|{memory}|{}|{}|{}|{}",
             self.vmm.name(),
             image.id,
             kernel.name,
@@ -52,6 +52,7 @@ impl Vms {
             crate::VERSION,
             stamp("banger-init"),
             stamp("banger-agent"),
+            crate::vmm::Machine::current(&self.config).spelled(),
         );
         crate::model::hex(&Sha256::digest(text.as_bytes())[..8])
     }
