@@ -247,6 +247,7 @@ fn boot_spec(dir: &Path, vcpus: u32) -> BootSpec {
         },
         incoming: false,
         machine: Default::default(),
+        memory: None,
     }
 }
 

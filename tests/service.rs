@@ -54,6 +54,7 @@ fn snapshot_of(vm: &Vm) -> banger::model::Snapshot {
         warm: String::new(),
         vmm: "qemu".into(),
         machine: String::new(),
+        ram_sha256: String::new(),
     }
 }
 

@@ -3036,6 +3036,170 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     ok(bus.banger_as(None, &["snapshot", "delete", "s1"]));
 }
 
+/// The QEMU process of VM `id`.
+fn qemu_of(id: &str) -> std::path::PathBuf {
+    let name = format!("banger-{id},");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            std::fs::read(p.join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&name))
+                .unwrap_or(false)
+        })
+        .unwrap_or_else(|| panic!("no QEMU for VM {id}"))
+}
+
+/// The mapping of a snapshot's sealed RAM in a QEMU: its inode and its smaps fields (kB).
+fn snapshot_ram_mapping(
+    qemu: &std::path::Path,
+) -> Option<(String, std::collections::HashMap<String, u64>)> {
+    let smaps = std::fs::read_to_string(qemu.join("smaps")).unwrap_or_default();
+    let mut lines = smaps.lines();
+    while let Some(l) = lines.next() {
+        if !l.contains("memfd:banger-snapshot-ram") {
+            continue;
+        }
+        let inode = l.split_whitespace().nth(4).unwrap_or_default().to_owned();
+        let mut fields = std::collections::HashMap::new();
+        for f in lines.by_ref() {
+            let mut w = f.split_whitespace();
+            let (Some(k), Some(v)) = (w.next(), w.next()) else {
+                break;
+            };
+            if !k.ends_with(':') {
+                break;
+            }
+            if let Ok(v) = v.parse() {
+                fields.insert(k.trim_end_matches(':').to_owned(), v);
+            }
+            if k == "VmFlags:" {
+                break;
+            }
+        }
+        return Some((inode, fields));
+    }
+    None
+}
+
+async fn restores_share_their_snapshots_memory_and_a_changed_ram_file_is_refused() {
+    let Some((bus, reference, _keep)) = image_bus("warm_snapshots = true\n", "vm/cow").await else {
+        return;
+    };
+    let ok = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+    let shape = ["--image", &reference, "--memory", "256", "--vcpus", "1"];
+    let create = |name: &str, extra: &[&str]| {
+        let mut a = vec!["vm", "create", name];
+        a.extend(shape);
+        a.extend(extra);
+        ok(bus.banger_as(None, &a))
+    };
+    // The first VM of the shape boots cold (with a balloon) and leads to the warm snapshot.
+    create("cold", &[]);
+    wait_until_async("the warm snapshot", Duration::from_secs(300), || {
+        let out = bus.banger_as(None, &["--json", "snapshot", "list", "--all"]);
+        String::from_utf8_lossy(&out.stdout).contains(".warm-")
+    })
+    .await;
+    ok(bus.banger_as(None, &["vm", "delete", "--force", "cold"]));
+    // Its memory is a plain file of the VM's size beside the saved devices.
+    let snaps = bus.state_dir().join("snapshots");
+    let warm_dir = std::fs::read_dir(&snaps)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("ram").exists())
+        .expect("a snapshot with a RAM file");
+    assert_eq!(
+        std::fs::metadata(warm_dir.join("ram")).unwrap().len(),
+        256 << 20
+    );
+    let state = std::fs::metadata(warm_dir.join("memory.zst"))
+        .unwrap()
+        .len();
+    assert!(
+        state < 4 << 20,
+        "the saved state without RAM is {state} bytes"
+    );
+
+    // Three warm starts map one sealed copy of it and share the pages none of them wrote.
+    let mut inodes = std::collections::HashSet::new();
+    for vm in ["w1", "w2", "w3"] {
+        create(vm, &[]);
+        assert_eq!(exec_as(&bus, None, vm, &["echo", "up"]).trim(), "up");
+    }
+    for vm in ["w1", "w2", "w3"] {
+        let id = vm_shown(&bus, vm)["id"].as_str().unwrap().to_owned();
+        let (inode, f) = snapshot_ram_mapping(&qemu_of(&id))
+            .unwrap_or_else(|| panic!("{vm}'s QEMU maps no snapshot RAM"));
+        // Shared: mapped by more than one process (the memfd's pages count as dirty).
+        let shared = f["Shared_Clean"] + f["Shared_Dirty"];
+        assert!(shared > f["Rss"] / 2, "{vm} shares little: {f:?}");
+        assert!(f["Pss"] < f["Rss"], "{vm}: {f:?}");
+        println!(
+            "{vm}: snapshot RAM mapped, {} kB resident, {shared} kB shared with the others, \
+             {} kB its own",
+            f["Rss"], f["Anonymous"]
+        );
+        inodes.insert(inode);
+    }
+    assert_eq!(inodes.len(), 1, "one memfd for all: {inodes:?}");
+
+    // A VM started warm has no balloon, so its snapshots keep RAM as a file too.
+    ok(bus.banger_as(None, &["vm", "snapshot", "w1", "s2"]));
+    let s2 = bus
+        .banger_as(None, &["--json", "snapshot", "show", "s2"])
+        .stdout;
+    let s2: serde_json::Value = serde_json::from_slice(&s2).unwrap();
+    let ram = snaps.join(s2["id"].as_str().unwrap()).join("ram");
+    assert!(ram.exists());
+
+    // One byte of it changed after publication: the restore is refused before any VMM
+    // maps it, and leaves nothing; put back, it restores.
+    let (mut tried, mut refused) = (0, 0);
+    let flip = |at: u64| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&ram)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[b[0] ^ 0xff], at).unwrap();
+    };
+    for at in [0u64, 1 << 20, (256 << 20) - 1] {
+        flip(at);
+        tried += 1;
+        let out = bus.banger_as(None, &["vm", "create", "bad", "--snapshot", "s2"]);
+        if !out.status.success() && text(&out).contains("sha256 differs") {
+            refused += 1;
+        }
+        let _ = bus.banger_as(None, &["vm", "delete", "--force", "bad"]);
+        flip(at);
+    }
+    assert_eq!(refused, tried);
+    ok(bus.banger_as(None, &["vm", "create", "good", "--snapshot", "s2"]));
+    assert_eq!(exec_as(&bus, None, "good", &["echo", "up"]).trim(), "up");
+    println!("security (snapshot RAM): {tried} changed files tried, {refused} refused, 0 mapped");
+
+    // A snapshot that restores map is in use.
+    let out = bus.banger_as(None, &["snapshot", "delete", "s2"]);
+    assert!(
+        !out.status.success() && text(&out).contains("is the base of"),
+        "{}",
+        text(&out)
+    );
+    for vm in ["w1", "w2", "w3", "good"] {
+        ok(bus.banger_as(None, &["vm", "delete", "--force", vm]));
+    }
+    ok(bus.banger_as(None, &["snapshot", "delete", "s2"]));
+}
+
 fn main() {
     let mut args = libtest_mimic::Arguments::from_args();
     let (steps, scenario) = scenario::trials(
@@ -3068,6 +3232,10 @@ fn main() {
         scenario::async_trial(
             "a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_are_refused",
             a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_are_refused,
+        ),
+        scenario::async_trial(
+            "restores_share_their_snapshots_memory_and_a_changed_ram_file_is_refused",
+            restores_share_their_snapshots_memory_and_a_changed_ram_file_is_refused,
         ),
     ];
     trials.extend(steps);

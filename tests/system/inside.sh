@@ -117,6 +117,15 @@ comm=$(as alice banger vm exec t1 -- cat /proc/1/comm) || fail "vm exec after th
 [ "$comm" = init ] || fail "vm exec gave '$comm'"
 hello=$(as alice banger vm exec t1 -- cat /src/hello) || fail "the shared folder in the guest"
 [ "$hello" = from-alice ] || fail "the shared folder gave '$hello'"
+say "a warm start maps the template's memory, handed to its unit by bangerd take-ram"
+banger image warm tiny --kernel k --vcpus 1 --memory 256 >/dev/null || fail "image warm"
+as alice banger vm create w1 --image tiny --kernel k --vcpus 1 --memory 256 || fail "a warm vm create"
+as alice banger vm exec w1 -- true || fail "vm exec in the warm VM"
+wid=$(busctl call org.banger /org/banger org.banger.VMs1 GetVM s w1 | sed 's|.*/vm/||; s|"||g')
+wleader=$(systemctl show "banger-vm-$wid.service" -p MainPID --value)
+grep -q 'memfd:banger-snapshot-ram' "/proc/$wleader/maps" || fail "the warm VM's QEMU maps no snapshot RAM"
+[ -e "/run/banger/vms/$wid/ram.sock" ] && fail "the RAM socket outlived the start"
+as alice banger vm delete --force w1 || fail "vm delete w1"
 as mallory banger vm stop t1 2>/dev/null && fail "mallory stopped alice's VM"
 as alice banger vm stop t1 || fail "vm stop"
 for _ in $(seq 20); do machinectl list --no-legend | grep -q "$machine" || break; sleep 0.5; done

@@ -311,6 +311,86 @@ pub fn fd_as_3(fd: std::os::fd::RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Makes each `(fd, at)` this process's descriptor `at`, open across exec: first all moved
+/// above the targets (so one's target never closes another's source), then put in place.
+/// Async-signal-safe (fcntl and dup2 only): for a child between fork and exec.
+pub fn fds_at(fds: &[(std::os::fd::RawFd, std::os::fd::RawFd)]) -> std::io::Result<()> {
+    let mut high = [0; 8];
+    for (i, (fd, _)) in fds.iter().enumerate().take(8) {
+        // SAFETY: fcntl on a descriptor of this process.
+        high[i] = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 100) };
+        if high[i] < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    for (i, (_, at)) in fds.iter().enumerate().take(8) {
+        // SAFETY: dup2 between descriptors of this process; the copy at `at` is not
+        // close-on-exec.
+        if unsafe { libc::dup2(high[i], *at) } != *at {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The uid of the process at the other end of Unix socket `sock` (`SO_PEERCRED`).
+pub fn peer_uid(sock: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed ucred is a valid out-buffer of the size passed.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+/// Receives one descriptor sent beside a message's first byte (`SCM_RIGHTS`) on Unix socket
+/// `sock`: what [`send_with_fd`] sends.
+pub fn recv_fd(sock: std::os::fd::BorrowedFd<'_>) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: msghdr is plain data; zeroed is valid before the fields are set.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    hdr.msg_control = control.as_mut_ptr().cast();
+    hdr.msg_controllen = space as _;
+    // SAFETY: hdr points at live buffers of the sizes it states.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the control buffer was filled by recvmsg; the header is checked before its
+    // data is read.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&hdr);
+        if c.is_null() || (*c).cmsg_level != libc::SOL_SOCKET || (*c).cmsg_type != libc::SCM_RIGHTS
+        {
+            return Err(std::io::Error::other("no descriptor came"));
+        }
+        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+        Ok(std::os::fd::OwnedFd::from_raw_fd(fd))
+    }
+}
+
 /// The size in bytes of the filesystem holding `path` (statvfs).
 pub fn filesystem_size(path: &std::path::Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;

@@ -322,6 +322,10 @@ pub struct Snapshot {
     /// The devices beyond the fixed set its VM had (see `vmm::Machine`), which a restore
     /// must give the VMM again.
     pub machine: String,
+    /// The sha256 of its guest memory kept as a plain file (`ram`), which restores map
+    /// copy-on-write; empty when the memory is inside the saved state (older snapshots, and
+    /// VMs with a balloon: see `vmm::ram`).
+    pub ram_sha256: String,
 }
 
 /// The VM's machine name for machined: `banger-<id>` (a VM's own name could collide with

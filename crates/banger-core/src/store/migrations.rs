@@ -137,6 +137,11 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE vms ADD COLUMN machine TEXT NOT NULL DEFAULT '';
     ALTER TABLE snapshots ADD COLUMN machine TEXT NOT NULL DEFAULT '';
     "#,
+    // 14: a snapshot's guest memory as a plain file of its own, which restores map
+    // copy-on-write; snapshots from before keep it in their saved state.
+    r#"
+    ALTER TABLE snapshots ADD COLUMN ram_sha256 TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The schema version this build writes.

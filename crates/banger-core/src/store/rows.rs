@@ -397,7 +397,7 @@ pub fn vms_using_image(c: &Connection, image_id: &str) -> Result<u64, StoreError
 }
 
 const SNAPSHOT_COLS: &str = "id, name, vm_id, vm_name, image_id, kernel, vcpus, memory_mib, \
-     disk_size, size_bytes, created_at, owner_uid, memory_sha256, memory_size, init, warm, vmm, machine";
+     disk_size, size_bytes, created_at, owner_uid, memory_sha256, memory_size, init, warm, vmm, machine, ram_sha256";
 
 fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
     Ok(Snapshot {
@@ -419,6 +419,7 @@ fn snapshot_row(r: &Row<'_>) -> rusqlite::Result<Snapshot> {
         warm: r.get(15)?,
         vmm: r.get(16)?,
         machine: r.get(17)?,
+        ram_sha256: r.get(18)?,
     })
 }
 
@@ -442,7 +443,7 @@ pub fn insert_snapshot(c: &Connection, s: &Snapshot) -> Result<bool, StoreError>
     let n = c.execute(
         &format!(
             "INSERT OR IGNORE INTO snapshots ({SNAPSHOT_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
         ),
         params![
             s.id,
@@ -462,7 +463,8 @@ pub fn insert_snapshot(c: &Connection, s: &Snapshot) -> Result<bool, StoreError>
             s.init,
             s.warm,
             s.vmm,
-            s.machine
+            s.machine,
+            s.ram_sha256
         ],
     )?;
     Ok(n == 1)

@@ -481,6 +481,7 @@ impl Vmm for Firecracker {
             jail: &jail,
             tap: None,
             listen: None,
+            ram: None,
         };
         let spawned = if jailed.is_some() {
             super::process::spawn_jailer(&detached).await

@@ -13,6 +13,8 @@ pub mod nosetid;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod ram;
+pub mod ramsplit;
 pub mod scope;
 
 pub use error::VmmError;
@@ -61,6 +63,9 @@ pub struct BootSpec {
     pub incoming: bool,
     /// The devices beyond the fixed set.
     pub machine: Machine,
+    /// The guest's memory when it starts from a snapshot's RAM file (see [`ram`]); else the
+    /// VMM allocates it.
+    pub memory: Option<ram::GuestRam>,
 }
 
 /// The devices a VMM gets beyond the fixed set. A saved state loads only into a VMM with the

@@ -443,6 +443,71 @@ pub struct Detached<'a> {
     /// directory only root writes) and the group that may connect (mode 0660). Made by the
     /// daemon where it starts the process, else by `bangerd listen` as the unit's first step.
     pub listen: Option<(&'a Path, u32)>,
+    /// Guest memory it gets as its fd 4 (see `vmm::ram`): handed over by the daemon where it
+    /// starts the process, else (systemd) received by `bangerd take-ram` as the unit's first
+    /// step, from a socket in the VM's runtime directory that only root reaches and that the
+    /// daemon serves for this one start.
+    pub ram: Option<&'a std::os::fd::OwnedFd>,
+}
+
+/// The argument that runs the `bangerd` binary as `take-ram SOCKET -- PROGRAM ARGS…`.
+pub const TAKE_RAM_ARG: &str = "take-ram";
+
+/// `bangerd take-ram SOCKET -- PROGRAM ARGS…`: receives a descriptor from the daemon on Unix
+/// socket SOCKET, makes it fd 4 and becomes PROGRAM.
+pub fn take_ram_and_exec(args: &[std::ffi::OsString]) -> std::io::Error {
+    let usage = || std::io::Error::other("usage: bangerd take-ram SOCKET -- PROGRAM ARGS…");
+    let [sock, sep, program, rest @ ..] = args else {
+        return usage();
+    };
+    if sep != "--" {
+        return usage();
+    }
+    let fd = match std::os::unix::net::UnixStream::connect(sock)
+        .and_then(|s| crate::host::recv_fd(std::os::fd::AsFd::as_fd(&s)))
+    {
+        Ok(fd) => fd,
+        Err(e) => return std::io::Error::other(format!("cannot take the guest's memory: {e}")),
+    };
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::process::CommandExt;
+    let raw = fd.into_raw_fd();
+    if let Err(e) = crate::host::fds_at(&[(raw, super::ram::GUEST_RAM_FD)]) {
+        return e;
+    }
+    std::process::Command::new(program).args(rest).exec()
+}
+
+/// Serves `fd` once on a new Unix socket `sock` (root's, mode 0600) to a peer running as root
+/// (`bangerd take-ram` in a VMM's unit), for up to 30 s, on a thread of its own.
+fn serve_ram(sock: &Path, fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(sock);
+    let listener = std::os::unix::net::UnixListener::bind(sock)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600))?;
+    let fd = fd.try_clone()?;
+    let sock = sock.to_owned();
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        listener.set_nonblocking(true).ok();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    let root = crate::host::peer_uid(conn.as_fd()).is_ok_and(|uid| uid == 0);
+                    if root && crate::host::send_with_fd(conn.as_fd(), b"m", fd.as_fd()).is_ok() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = std::fs::remove_file(&sock);
+    });
+    Ok(())
 }
 
 /// The argument that runs the `bangerd` binary as `listen PATH GID -- PROGRAM ARGS…`.
@@ -702,6 +767,14 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
                 .arg(gid.to_string())
                 .arg("--");
         }
+        if let Some(fd) = d.ram {
+            let sock = Path::new(&run_dir).join("ram.sock");
+            serve_ram(&sock, fd).map_err(fail)?;
+            cmd.arg(bangerd_program()?)
+                .arg(TAKE_RAM_ARG)
+                .arg(&sock)
+                .arg("--");
+        }
     } else if runner != Runner::Jailer {
         if !d.jail.hide.is_empty() {
             let m = super::jail::Mounts::of(d.jail, d.writable, &programs);
@@ -734,13 +807,21 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
             })
             .arg("--");
     }
-    if let Some(fd) = &fd3 {
+    {
         use std::os::fd::AsRawFd;
-        let raw = fd.as_raw_fd();
-        // SAFETY: between fork and exec only dup2 and fcntl run (fd_as_3), both
-        // async-signal-safe; the descriptor stays open in the parent across the spawn.
-        unsafe {
-            cmd.pre_exec(move || crate::host::fd_as_3(raw));
+        let mut fds = Vec::new();
+        if let Some(fd) = &fd3 {
+            fds.push((fd.as_raw_fd(), 3));
+        }
+        if let (Some(fd), false) = (d.ram, super::scope::systemd_booted()) {
+            fds.push((fd.as_raw_fd(), super::ram::GUEST_RAM_FD));
+        }
+        if !fds.is_empty() {
+            // SAFETY: between fork and exec only fcntl and dup2 run (fds_at), all
+            // async-signal-safe; the descriptors stay open in the parent across the spawn.
+            unsafe {
+                cmd.pre_exec(move || crate::host::fds_at(&fds));
+            }
         }
     }
     // status(), not output(): output() would pipe stdout to the detached process too.

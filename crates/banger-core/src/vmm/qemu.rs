@@ -204,26 +204,7 @@ impl Qemu {
             "-m".into(),
             format!("{}M", spec.memory_mib),
             "-object".into(),
-            // Shared memory only where a vhost-user server (virtiofsd) must map it: a
-            // memfd's untouched pages are allocated on first read, and loading a snapshot
-            // reads them all (a busybox restore loaded in 270 ms from a memfd, 110 ms from
-            // plain memory). The block is `mem` either way, so snapshots load into both.
-            // QEMU marks guest memory mergeable unless told: banger asks for it only when
-            // configured (merged pages are a timing side channel between VMs).
-            format!(
-                "{},id=mem,size={}M,merge={}",
-                if spec.shares.is_empty() {
-                    "memory-backend-ram"
-                } else {
-                    "memory-backend-memfd"
-                },
-                spec.memory_mib,
-                if self.memory_merge { "on" } else { "off" }
-            ) + if spec.shares.is_empty() {
-                ""
-            } else {
-                ",share=on"
-            },
+            self.memory_backend(spec),
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-display".into(),
@@ -313,6 +294,31 @@ impl Qemu {
         a
     }
 
+    /// The guest memory's backend, always the block `mem` (so a saved state loads into any
+    /// of them). From a snapshot's RAM: the memfd the daemon hands over as fd 4, mapped
+    /// copy-on-write (or shared, for a VM's own copy; see `vmm::ram`). Else shared memory
+    /// only where a vhost-user server (virtiofsd) must map it: a memfd's untouched pages are
+    /// allocated on first read, and loading a saved state reads them all (a busybox restore
+    /// loaded in 270 ms from a memfd, 110 ms from plain memory). QEMU marks guest memory
+    /// mergeable unless told: banger asks for it only when configured (merged pages are a
+    /// timing side channel between VMs).
+    fn memory_backend(&self, spec: &BootSpec) -> String {
+        let merge = if self.memory_merge { "on" } else { "off" };
+        let size = spec.memory_mib;
+        match &spec.memory {
+            Some(ram) => format!(
+                "memory-backend-file,id=mem,size={size}M,mem-path=/proc/self/fd/{},share={},\
+                 merge={merge}",
+                super::ram::GUEST_RAM_FD,
+                if ram.shared { "on" } else { "off" }
+            ),
+            None if spec.shares.is_empty() => {
+                format!("memory-backend-ram,id=mem,size={size}M,merge={merge}")
+            }
+            None => format!("memory-backend-memfd,id=mem,size={size}M,merge={merge},share=on"),
+        }
+    }
+
     /// Starts the VM's console logger (the `bangerd` binary in its logger role) and waits
     /// for its socket, which QEMU then connects to.
     async fn start_console(&self, spec: &BootSpec) -> Result<()> {
@@ -339,6 +345,7 @@ impl Qemu {
             jail: &spec.jail,
             tap: None,
             listen: None,
+            ram: None,
         })
         .await?;
         if !wait_for_path(&sock, Duration::from_secs(10)).await {
@@ -377,6 +384,7 @@ impl Qemu {
             jail: &spec.jail,
             tap: None,
             listen: None,
+            ram: None,
         })
         .await?;
         // The socket appears under its name only once it listens (see agent::link).
@@ -466,6 +474,7 @@ impl Qemu {
                 jail: &owner,
                 tap: None,
                 listen: Some((&sock, spec.jail.gid)),
+                ram: None,
             })
             .await?;
             // virtiofsd says it waits for the VMM once its sandbox is up; an exit first is a
@@ -579,6 +588,7 @@ impl Vmm for Qemu {
             jail: &jail,
             tap: spec.net.as_ref().map(|n| n.tap.as_str()),
             listen: None,
+            ram: spec.memory.as_ref().map(|m| &*m.fd),
         })
         .await?;
         // An early exit is a failed boot, with QEMU's words.
@@ -732,6 +742,7 @@ mod tests {
             },
             incoming: false,
             machine: crate::vmm::Machine { balloon: true },
+            memory: None,
         }
     }
 

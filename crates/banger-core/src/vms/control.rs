@@ -62,6 +62,7 @@ impl Vms {
             jail: &who,
             tap: None,
             listen: None,
+            ram: None,
         })
         .await?;
         let ready = LISTENING;

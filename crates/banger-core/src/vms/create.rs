@@ -546,6 +546,7 @@ impl Vms {
             jail: &jail,
             tap: None,
             listen: None,
+            ram: None,
         })
         .await?;
         // Ready once it says it listens; an exit first is a failure with its words.

@@ -329,6 +329,9 @@ pub struct Vms {
     warming: Arc<warm::Warming>,
     /// `snapshots/`: publication and deletion in the one order (see `shelf`).
     snapshots: crate::shelf::Shelf,
+    /// Snapshots' RAM as sealed memfds, by snapshot id, made at their first restore (see
+    /// `vmm::ram`); the lock is held while one is made, so restores at once share one.
+    rams: Arc<tokio::sync::Mutex<HashMap<String, snapshot::CachedRam>>>,
 }
 
 impl Vms {
@@ -364,6 +367,7 @@ impl Vms {
             starts: Arc::default(),
             warming: Arc::default(),
             snapshots,
+            rams: Arc::default(),
         }
     }
 

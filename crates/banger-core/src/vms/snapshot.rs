@@ -97,6 +97,9 @@ pub(crate) fn refused(message: impl Into<String>) -> Error {
 
 /// The memory and device state file in a snapshot's directory.
 pub const MEMORY: &str = "memory.zst";
+/// The guest's memory as a plain (sparse) file of the VM's memory size, when the state
+/// file holds the devices only (see `vmm::ramsplit`).
+pub const RAM: &str = "ram";
 /// The root disk's file: a qcow2 layered on the image's (QEMU), or a whole raw copy
 /// (Firecracker).
 pub fn rootfs_file(format: crate::vmm::DiskFormat) -> &'static str {
@@ -200,6 +203,52 @@ fn compress(from: std::fs::File, to: &Path) -> Result<(String, u64)> {
     Ok((hex(&out.hash.finalize()), out.len))
 }
 
+/// Splits the migration stream arriving on `from` into the RAM file `ram` (QEMU's block
+/// `mem`) and the compressed rest at `to`; returns the rest's sha256 and size, and the RAM
+/// file's sha256.
+fn split_memory(from: std::fs::File, to: &Path, ram: &Path) -> Result<(String, u64, String)> {
+    let fail = |e: std::io::Error| failed("Cannot write the snapshot's memory", e);
+    let ram_file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(ram)
+        .map_err(fail)?;
+    let file = std::fs::File::create(to).map_err(fail)?;
+    let out = Hashing {
+        inner: std::io::BufWriter::new(file),
+        hash: Sha256::new(),
+        len: 0,
+    };
+    let mut z = zstd::stream::Encoder::new(out, 1).map_err(fail)?;
+    crate::vmm::ramsplit::split(from, "mem", &ram_file, &mut z).map_err(fail)?;
+    let mut out = z.finish().map_err(fail)?;
+    out.flush().map_err(fail)?;
+    let file = out.inner.into_inner().map_err(|e| fail(e.into_error()))?;
+    file.sync_all().map_err(fail)?;
+    ram_file.sync_all().map_err(fail)?;
+    // Hashed as a whole, holes as the zeros they read as: what a restore checks.
+    let mut hash = Sha256::new();
+    let mut r = std::io::BufReader::with_capacity(1 << 20, &ram_file);
+    use std::io::Seek;
+    r.rewind().map_err(fail)?;
+    std::io::copy(&mut r, &mut HashWriter(&mut hash)).map_err(fail)?;
+    Ok((hex(&out.hash.finalize()), out.len, hex(&hash.finalize())))
+}
+
+/// A writer that only hashes.
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl Write for HashWriter<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.update(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Checks a snapshot's memory file against its row (a truncated or altered file never reaches
 /// QEMU); returns it opened.
 pub(super) fn verified_memory(dir: &Path, snap: &Snapshot) -> Result<std::fs::File> {
@@ -270,6 +319,80 @@ type Identity = (u64, u64, u64, i64, i64, String);
 static VERIFIED: std::sync::LazyLock<
     std::sync::Mutex<std::collections::HashMap<String, Identity>>,
 > = std::sync::LazyLock::new(Default::default);
+
+/// A snapshot's RAM as a sealed memfd, and the file it was copied from (device, inode, size,
+/// change time): a file changed since is copied (and checked) again.
+pub(super) struct CachedRam {
+    file: (u64, u64, u64, i64, i64),
+    fd: std::sync::Arc<std::os::fd::OwnedFd>,
+}
+
+impl Vms {
+    /// The memory a VM restored from `snap` (in `dir`) starts with: the snapshot's RAM,
+    /// checked against its row as it is copied into a memfd, sealed and shared by every
+    /// restore (or, with `own`, a writable copy of the VM's own, for a VM with shared
+    /// folders).
+    pub(super) async fn guest_ram(
+        &self,
+        snap: &Snapshot,
+        dir: &Path,
+        own: bool,
+    ) -> Result<crate::vmm::ram::GuestRam> {
+        let path = dir.join(RAM);
+        let damaged = |why: String| -> Error {
+            SnapshotError::Damaged {
+                name: snap.name.clone(),
+                why: format!("{why}; {}", path.display()),
+            }
+            .into()
+        };
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(|e| damaged(format!("its RAM: {e}")))?
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| damaged(format!("its RAM: {e}")))?;
+        use std::os::unix::fs::MetadataExt;
+        let identity = (
+            meta.dev(),
+            meta.ino(),
+            meta.len(),
+            meta.ctime(),
+            meta.ctime_nsec(),
+        );
+        let mut rams = self.rams.lock().await;
+        if !own {
+            if let Some(c) = rams.get(&snap.id).filter(|c| c.file == identity) {
+                return Ok(crate::vmm::ram::GuestRam {
+                    fd: c.fd.clone(),
+                    shared: false,
+                });
+            }
+        }
+        let (size, sha) = (u64::from(snap.memory_mib) << 20, snap.ram_sha256.clone());
+        let fd =
+            crate::jobs::spawn_blocking(move || crate::vmm::ram::copy(&mut file, size, &sha, !own))
+                .await
+                .map_err(|e| failed("Snapshot task failed", e))?
+                .map_err(|e| damaged(e.to_string()))?;
+        let fd = std::sync::Arc::new(fd);
+        if !own {
+            rams.insert(
+                snap.id.clone(),
+                CachedRam {
+                    file: identity,
+                    fd: fd.clone(),
+                },
+            );
+        }
+        Ok(crate::vmm::ram::GuestRam { fd, shared: own })
+    }
+}
 
 /// Feeds a verified memory file, decompressed, into a pipe whose read end is returned.
 pub(super) fn memory_stream(
@@ -436,7 +559,7 @@ impl Vms {
             vm.state = VmState::Paused;
             self.save(&vm).await?;
         }
-        let (memory_sha256, memory_size) = saved?;
+        let (memory_sha256, memory_size, ram_sha256) = saved?;
         let snap = Snapshot {
             id: id.clone(),
             name: name.into(),
@@ -447,7 +570,7 @@ impl Vms {
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             disk_size: vm.disk_size,
-            size_bytes: [MEMORY, rootfs_file(self.vmm.disk_format()), WORK]
+            size_bytes: [MEMORY, RAM, rootfs_file(self.vmm.disk_format()), WORK]
                 .iter()
                 .map(|f| allocated(&staging.path().join(f)))
                 .sum(),
@@ -459,6 +582,7 @@ impl Vms {
             warm: warm.to_owned(),
             vmm: self.vmm.name().to_owned(),
             machine: vm.machine.clone(),
+            ram_sha256,
         };
         ctx.stage("publish", format!("Publishing snapshot {name}"));
         self.publish_snapshot(staging, &snap).await?;
@@ -473,20 +597,42 @@ impl Vms {
         Ok(snap)
     }
 
-    /// Saves a paused VM's state and copies its disks into `dir`; returns the memory file's
-    /// sha256 and size.
-    async fn save_paused(&self, ctx: &JobContext, vm: &Vm, dir: &Path) -> Result<(String, u64)> {
+    /// Saves a paused VM's state and copies its disks into `dir`; returns the state file's
+    /// sha256 and size, and the RAM file's sha256 (empty when the memory is in the state).
+    async fn save_paused(
+        &self,
+        ctx: &JobContext,
+        vm: &Vm,
+        dir: &Path,
+    ) -> Result<(String, u64, String)> {
         let run = self.layout.vm_runtime_dir(&vm.id);
         ctx.stage("save_memory", "Saving memory and device state");
         let (r, w) = pipe()?;
-        let memory = dir.join(MEMORY);
-        let writer = crate::jobs::spawn_blocking(move || compress(r, &memory));
+        let (memory, ram) = (dir.join(MEMORY), dir.join(RAM));
+        // The guest's memory as a file of its own that restores map copy-on-write, unless
+        // the VM has a balloon: QEMU 7.2 frees a reported page of a file-backed VM by
+        // punching a hole in the file, which the restores' sealed memory refuses (see
+        // `vmm::ram`), so such VMs keep their memory in the saved state and return what they
+        // free instead.
+        let split = self.vmm.name() == "qemu"
+            && !crate::vmm::Machine::parse(&vm.machine)
+                .unwrap_or_default()
+                .balloon;
+        let writer = crate::jobs::spawn_blocking(move || {
+            if split {
+                split_memory(r, &memory, &ram)
+            } else {
+                compress(r, &memory).map(|(sha, size)| (sha, size, String::new()))
+            }
+        });
         let sent = self.vmm.save_state(&run, w).await;
         let written = writer
             .await
             .map_err(|e| failed("Snapshot task failed", e))?;
+        // The reader's failure first: it says what in the stream it could not take, and
+        // the VMM's then is only that its pipe closed.
+        let (sha, size, ram_sha) = written?;
         sent?;
-        let (sha, size) = written?;
         ctx.stage("copy_disks", "Copying the root and /root disks");
         let (vm_dir, dir) = (self.vm_dir(&vm.id), dir.to_owned());
         let vm_rootfs = self.vmm.rootfs_path(&vm_dir);
@@ -502,8 +648,11 @@ impl Vms {
                 copy_vm_disk(&vm_dir, from, &dir.join(to))?;
             }
             use std::os::unix::fs::PermissionsExt;
-            for f in [MEMORY, rootfs, WORK] {
+            for f in [MEMORY, RAM, rootfs, WORK] {
                 let p = dir.join(f);
+                if f == RAM && !p.exists() {
+                    continue;
+                }
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
                     .and_then(|_| std::os::unix::fs::chown(&p, Some(0), Some(0)))
                     .map_err(|e| failed(format!("Cannot secure {}", p.display()), e))?;
@@ -514,7 +663,7 @@ impl Vms {
         .map_err(|e| failed("Snapshot task failed", e))??;
         let image = self.images.get(&vm.image_id).await?;
         self.vmm.rebase_copy(&copy, &image.rootfs_path).await?;
-        Ok((sha, size))
+        Ok((sha, size, ram_sha))
     }
 
     /// Moves a finished snapshot into place and records it (`shelf`); a name taken
@@ -557,6 +706,7 @@ impl Vms {
                 Ok(Ok(((), id)))
             })
             .await?;
+        self.rams.lock().await.remove(&snap.id);
         tracing::info!(snapshot_id = %snap.id, "Snapshot {} deleted", snap.name);
         self.events
             .send(ObjectEvent::SnapshotRemoved(snap.id.clone()));

@@ -385,8 +385,15 @@ impl Vms {
                 None
             }
         };
-        let spec = self.boot_spec(vm, plan, prepared, memory.is_some()).await?;
+        let mut spec = self.boot_spec(vm, plan, prepared, memory.is_some()).await?;
         vm.machine = spec.machine.spelled();
+        if let Some((snap, sd)) = plan
+            .restore
+            .as_ref()
+            .filter(|(s, _)| !s.ram_sha256.is_empty())
+        {
+            spec.memory = Some(self.guest_ram(snap, sd, !spec.shares.is_empty()).await?);
+        }
         // The VM's processes run as a uid of its own: its directories become that uid's, what
         // it only reads (image, kernel) the VMM group's.
         {
@@ -458,6 +465,8 @@ impl Vms {
                     snap.name, snap.machine
                 ))
             })?,
+            // A template's snapshot is mapped by every warm start: no balloon (`vmm::ram`).
+            None if super::warm::is_template(vm) => Machine::default(),
             None if self.vmm.name() == "qemu" => Machine::current(&self.config),
             None => Machine::default(),
         };
@@ -507,6 +516,7 @@ impl Vms {
             },
             incoming,
             machine,
+            memory: None,
         })
     }
 

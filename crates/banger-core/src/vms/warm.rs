@@ -6,7 +6,11 @@
 //! restore from that snapshot and get their own identity, as any restore does.
 //!
 //! The key covers what the guest's memory depends on: the image's id, the kernel's name and
-//! install time, the shape, banger's version and guest binaries, and the VMM's devices. Any change makes a new
+//! install time, the shape, banger's version and guest binaries, and the snapshot's format.
+//!
+//! A template VM has no balloon, so its snapshot keeps the guest's memory as a file that every
+//! warm start maps copy-on-write (see `vmm::ram`): VMs started warm share the template's pages
+//! until they write them, and do not hand freed memory back (a cold boot does). Any change makes a new
 //! key, so a stale warm snapshot is never used; it stays while VMs layer on it and goes
 //! once none do (`sweep_warm`).
 
@@ -27,6 +31,11 @@ use crate::Result;
 /// Warm snapshots being made, by key.
 #[derive(Default)]
 pub(super) struct Warming(Mutex<HashSet<String>>);
+
+/// Whether `vm` is a template VM of banger's own (root's, named `.warm-…`).
+pub(super) fn is_template(vm: &crate::model::Vm) -> bool {
+    vm.owner_uid == 0 && vm.name.starts_with(".warm-")
+}
 
 impl Vms {
     /// The key of the warm snapshot that serves this shape.
@@ -52,7 +61,8 @@ impl Vms {
             crate::VERSION,
             stamp("banger-init"),
             stamp("banger-agent"),
-            crate::vmm::Machine::current(&self.config).spelled(),
+            // Its memory a file restores map (no balloon: see `vmm::ram`).
+            "ram-file",
         );
         crate::model::hex(&Sha256::digest(text.as_bytes())[..8])
     }

@@ -1,0 +1,195 @@
+//! Guest memory a VM starts with from a snapshot: the snapshot's plain RAM file (see
+//! `ramsplit`) copied once into a memfd that is then sealed against every write, and mapped
+//! by each VM restored from it copy-on-write (QEMU `memory-backend-file,share=off` over
+//! `/proc/self/fd/4`). The VMs share every page none of them wrote; a page one writes becomes
+//! its own. The seal is what makes the sharing safe between VMs that do not trust each other:
+//! no process, the VMM of any of them included, can change the pages the others read (writes,
+//! shared writable mappings, hole punching and resizing all fail), so a VMM that escapes its
+//! guest still cannot reach into another VM.
+//!
+//! The copy is made from one read of the file that also checks its sha256 against the
+//! snapshot's row: what the VMs map is exactly what was hashed, whatever happens to the file
+//! later. A VM with shared folders gets a copy of its own instead (unsealed, mapped shared:
+//! its virtio-fs server must see the guest's memory as the VMM does).
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use sha2::{Digest, Sha256};
+
+/// Memory a VMM is handed (as its fd 4).
+#[derive(Debug, Clone)]
+pub struct GuestRam {
+    /// The memfd.
+    pub fd: std::sync::Arc<OwnedFd>,
+    /// Whether the VMM maps it shared (a copy of its own, for vhost-user servers) rather than
+    /// copy-on-write.
+    pub shared: bool,
+}
+
+/// The descriptor number the VMM finds the memory at.
+pub const GUEST_RAM_FD: i32 = 4;
+
+/// Copies `file` (a snapshot's RAM, `size` bytes) into a new memfd, checking that its sha256
+/// is `sha256`; with `seal`, the memfd is then sealed against writes, growth and shrinking
+/// (and against further seals). Pages of zeros stay holes.
+pub fn copy(
+    file: &mut std::fs::File,
+    size: u64,
+    sha256: &str,
+    seal: bool,
+) -> std::io::Result<OwnedFd> {
+    let len = file.metadata()?.len();
+    if len != size {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("its RAM is {len} bytes, {size} when taken"),
+        ));
+    }
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let raw = unsafe {
+        libc::memfd_create(
+            c"banger-snapshot-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a fresh descriptor this function now owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mem = std::fs::File::from(fd);
+    mem.set_len(size)?;
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hash.update(&buf[..n]);
+        use std::os::unix::fs::FileExt;
+        for (i, page) in buf[..n].chunks(4096).enumerate() {
+            if page.iter().any(|b| *b != 0) {
+                mem.write_all_at(page, at + (i * 4096) as u64)?;
+            }
+        }
+        at += n as u64;
+    }
+    if at != size {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("its RAM changed while read ({at} bytes, {size} expected)"),
+        ));
+    }
+    if crate::model::hex(&hash.finalize()) != sha256 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "its RAM's sha256 differs from when it was taken",
+        ));
+    }
+    if seal {
+        let seals =
+            libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+        // SAFETY: fcntl on a descriptor this function owns.
+        if unsafe { libc::fcntl(mem.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(mem.into())
+}
+
+/// Whether `fd` is sealed against writes (what [`copy`] with `seal` made).
+pub fn sealed(fd: &OwnedFd) -> bool {
+    // SAFETY: fcntl on a descriptor the caller holds.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    seals >= 0 && seals & libc::F_SEAL_WRITE != 0 && seals & libc::F_SEAL_SEAL != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn ram_file(d: &std::path::Path) -> (std::fs::File, String) {
+        let p = d.join("ram");
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(64 * 4096).unwrap();
+        f.write_all_at(&[7u8; 4096], 3 * 4096).unwrap();
+        let sha = crate::model::hex(&Sha256::digest(std::fs::read(&p).unwrap()));
+        (std::fs::File::open(&p).unwrap(), sha)
+    }
+
+    #[test]
+    fn a_sealed_copy_holds_the_file_and_refuses_every_change() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut f, sha) = ram_file(d.path());
+        let fd = copy(&mut f, 64 * 4096, &sha, true).unwrap();
+        assert!(sealed(&fd));
+        let mem = std::fs::File::from(fd.try_clone().unwrap());
+        let mut page = [0u8; 4096];
+        mem.read_exact_at(&mut page, 3 * 4096).unwrap();
+        assert_eq!(page, [7u8; 4096]);
+        // Writes, growth, shrinking and hole punching are all refused.
+        assert!(mem.write_all_at(b"x", 0).is_err());
+        assert!(mem.set_len(128 * 4096).is_err());
+        assert!(mem.set_len(4096).is_err());
+        // SAFETY: fallocate on a descriptor this test holds.
+        let punched = unsafe {
+            libc::fallocate(
+                mem.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                3 * 4096,
+                4096,
+            )
+        };
+        assert_eq!(punched, -1);
+        // A shared writable mapping is refused; a private one works and writes only itself.
+        // SAFETY: mmap of a descriptor this test holds; results checked, unmapped below.
+        unsafe {
+            let shared = libc::mmap(
+                std::ptr::null_mut(),
+                64 * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                mem.as_raw_fd(),
+                0,
+            );
+            assert_eq!(shared, libc::MAP_FAILED);
+            let private = libc::mmap(
+                std::ptr::null_mut(),
+                64 * 4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                mem.as_raw_fd(),
+                0,
+            );
+            assert_ne!(private, libc::MAP_FAILED);
+            let p = private.cast::<u8>().add(3 * 4096);
+            assert_eq!(*p, 7);
+            *p = 9;
+            libc::munmap(private, 64 * 4096);
+        }
+        mem.read_exact_at(&mut page, 3 * 4096).unwrap();
+        assert_eq!(page[0], 7, "the private write stayed private");
+    }
+
+    #[test]
+    fn a_file_that_differs_from_its_row_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut f, sha) = ram_file(d.path());
+        let e = copy(&mut f, 32 * 4096, &sha, true).unwrap_err();
+        assert!(e.to_string().contains("when taken"), "{e}");
+        let mut f = std::fs::File::open(d.path().join("ram")).unwrap();
+        let e = copy(&mut f, 64 * 4096, &"0".repeat(64), true).unwrap_err();
+        assert!(e.to_string().contains("sha256 differs"), "{e}");
+        // Unsealed (a VM's own copy for shared folders): writable.
+        let mut f = std::fs::File::open(d.path().join("ram")).unwrap();
+        let fd = copy(&mut f, 64 * 4096, &sha, false).unwrap();
+        assert!(!sealed(&fd));
+        std::fs::File::from(fd).write_all_at(b"x", 0).unwrap();
+    }
+}
