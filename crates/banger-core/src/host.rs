@@ -426,12 +426,22 @@ pub fn openat(
     name: &std::path::Path,
     flags: i32,
 ) -> std::io::Result<std::os::fd::OwnedFd> {
+    openat_mode(dirfd, name, flags, 0)
+}
+
+/// [`openat`] with the `mode` a created file gets.
+pub fn openat_mode(
+    dirfd: std::os::fd::RawFd,
+    name: &std::path::Path,
+    flags: i32,
+    mode: u32,
+) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(name.as_os_str().as_bytes())
         .map_err(|_| std::io::ErrorKind::InvalidInput)?;
     // SAFETY: `c` is NUL-terminated and outlives the call.
-    let fd = unsafe { libc::openat(dirfd, c.as_ptr(), flags | libc::O_CLOEXEC) };
+    let fd = unsafe { libc::openat(dirfd, c.as_ptr(), flags | libc::O_CLOEXEC, mode) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }

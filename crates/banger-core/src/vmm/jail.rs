@@ -233,12 +233,52 @@ fn open_beneath_fd(
 ) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::AsRawFd;
     let dir = crate::host::openat(libc::AT_FDCWD, base, libc::O_PATH | libc::O_DIRECTORY)?;
-    crate::host::openat2(
+    match crate::host::openat2(
         dir.as_raw_fd(),
         rel,
         flags | libc::O_NOFOLLOW,
         mode,
         libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    ) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => open_walking(dir, rel, flags, mode),
+        r => r,
+    }
+}
+
+/// [`open_beneath_fd`] where `openat2` is missing (a kernel before 5.6, or a container
+/// manager's system call filter that predates it, as systemd-nspawn 252's does): one
+/// component at a time, each opened without following a link, and no `..`.
+fn open_walking(
+    mut dir: std::os::fd::OwnedFd,
+    rel: &Path,
+    flags: i32,
+    mode: u32,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    use std::path::Component;
+    let parts: Vec<&std::ffi::OsStr> = rel
+        .components()
+        .filter(|c| *c != Component::CurDir)
+        .map(|c| match c {
+            Component::Normal(n) => Ok(n),
+            _ => Err(std::io::Error::from_raw_os_error(libc::EXDEV)),
+        })
+        .collect::<std::io::Result<_>>()?;
+    let Some((last, dirs)) = parts.split_last() else {
+        return crate::host::openat(dir.as_raw_fd(), Path::new("."), flags);
+    };
+    for d in dirs {
+        dir = crate::host::openat(
+            dir.as_raw_fd(),
+            Path::new(d),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        )?;
+    }
+    crate::host::openat_mode(
+        dir.as_raw_fd(),
+        Path::new(last),
+        flags | libc::O_NOFOLLOW,
+        mode,
     )
 }
 
@@ -639,6 +679,40 @@ mod tests {
         std::fs::write(own.join("file"), b"").unwrap();
         std::os::unix::fs::chown(own.join("file"), Some(vm_uid(9)), None).unwrap();
         assert!(connect(&own.join("file")).is_err());
+    }
+
+    #[test]
+    fn without_openat2_the_walk_follows_no_link_and_never_leads_out() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("vm");
+        std::fs::create_dir_all(base.join("sub")).unwrap();
+        std::fs::write(base.join("sub/disk"), b"mine").unwrap();
+        std::fs::write(d.path().join("secret"), b"root's").unwrap();
+        std::os::unix::fs::symlink(d.path().join("secret"), base.join("link")).unwrap();
+        std::os::unix::fs::symlink(d.path(), base.join("dirlink")).unwrap();
+        let walk = |rel: &str| {
+            let dir = crate::host::openat(libc::AT_FDCWD, &base, libc::O_PATH | libc::O_DIRECTORY)
+                .unwrap();
+            open_walking(dir, Path::new(rel), libc::O_RDONLY, 0).map(std::fs::File::from)
+        };
+        let mut f = walk("sub/disk").unwrap();
+        let mut got = String::new();
+        std::io::Read::read_to_string(&mut f, &mut got).unwrap();
+        assert_eq!(got, "mine");
+        let (mut tried, mut refused) = (0, 0);
+        for bad in [
+            "link",
+            "dirlink/secret",
+            "../secret",
+            "sub/../../secret",
+            "/etc/passwd",
+        ] {
+            tried += 1;
+            if walk(bad).is_err() {
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, tried);
     }
 
     #[test]
