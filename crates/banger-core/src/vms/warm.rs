@@ -185,6 +185,9 @@ impl Vms {
             vcpus,
             memory_mib: memory,
             cold: true,
+            // A member's own image too: only creates its owner (or an administrator) may
+            // make ever reach its warm snapshot, each checked as it is made.
+            foreign_ok: true,
             ..Default::default()
         };
         // Whatever happens, the template goes.
