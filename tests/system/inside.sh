@@ -118,7 +118,10 @@ comm=$(as alice banger vm exec t1 -- cat /proc/1/comm) || fail "vm exec after th
 hello=$(as alice banger vm exec t1 -- cat /src/hello) || fail "the shared folder in the guest"
 [ "$hello" = from-alice ] || fail "the shared folder gave '$hello'"
 say "a warm start maps the template's memory, handed to its unit by bangerd take-ram"
-banger image warm tiny --kernel k --vcpus 1 --memory 256 >/dev/null || fail "image warm"
+out=$(banger image warm tiny --kernel k --vcpus 1 --memory 256 2>&1) || {
+    journalctl -u bangerd -o cat | tail -30
+    fail "image warm: $out"
+}
 as alice banger vm create w1 --image tiny --kernel k --vcpus 1 --memory 256 || fail "a warm vm create"
 as alice banger vm exec w1 -- true || fail "vm exec in the warm VM"
 wid=$(busctl call org.banger /org/banger org.banger.VMs1 GetVM s w1 | sed 's|.*/vm/||; s|"||g')
