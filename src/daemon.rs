@@ -162,14 +162,22 @@ pub async fn run(opts: DaemonOptions) -> Result<Exit> {
             Some(crate::varlink::socket_path(&opts.runtime_dir)),
         ),
     };
-    crate::varlink::serve(
-        listener,
-        crate::varlink::Ctx {
-            banger: banger.clone(),
-            authority,
-            gate: Default::default(),
-        },
-    )?;
+    let ctx = crate::varlink::Ctx {
+        banger: banger.clone(),
+        authority,
+        gate: Default::default(),
+    };
+    // The metrics socket systemd-report reads: passed by bangerd-metrics.socket, else bound
+    // in the runtime directory (and removed on exit) as the Varlink socket is.
+    let (metrics, metrics_bound) = match crate::varlink::passed_metrics_listener()? {
+        Some(l) => (l, None),
+        None => (
+            crate::varlink::bind_metrics(&opts.runtime_dir)?,
+            Some(opts.runtime_dir.join("report/io.banger")),
+        ),
+    };
+    crate::varlink::serve_metrics(metrics, ctx.clone())?;
+    crate::varlink::serve(listener, ctx)?;
     tracing::info!(version = crate::VERSION, state_dir = %opts.state_dir.display(), "bangerd ready");
     notify(&[
         NotifyState::Ready,
@@ -182,7 +190,7 @@ pub async fn run(opts: DaemonOptions) -> Result<Exit> {
     // Give the name back first, so a call arriving now activates a fresh daemon instead of
     // reaching one that is going away.
     let _ = conn.release_name(dbus::BUS_NAME).await;
-    if let Some(path) = bound {
+    for path in [bound, metrics_bound].into_iter().flatten() {
         let _ = std::fs::remove_file(path);
     }
     Ok(exit)

@@ -40,10 +40,19 @@ fn unit_verifies_and_is_sandboxed() {
     assert!(std::fs::read_to_string(&unit)
         .unwrap()
         .contains("Sockets=bangerd.socket"));
+    let metrics = dir.path().join("bangerd-metrics.socket");
+    std::fs::copy(repo().join("systemd/bangerd-metrics.socket"), &metrics).unwrap();
+    let m = std::fs::read_to_string(&metrics).unwrap();
+    assert!(m.contains("ListenStream=/run/systemd/report/io.banger"));
+    assert!(m.contains("FileDescriptorName=metrics") && m.contains("Service=bangerd.service"));
+    assert!(std::fs::read_to_string(&unit)
+        .unwrap()
+        .contains("Sockets=bangerd.socket bangerd-metrics.socket"));
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
         .arg(&unit)
         .arg(&socket)
+        .arg(&metrics)
         .output()
         .unwrap();
     assert!(

@@ -29,8 +29,9 @@ fn cache() -> PathBuf {
     repo().join("target/test-cache")
 }
 
-/// A Debian `suite`'s root with systemd and banger's dependencies, made once as `name`.
-fn container_root(suite: &str, name: &str) -> PathBuf {
+/// A Debian `suite`'s root with systemd and banger's dependencies (and `extra` packages),
+/// made once as `name`.
+fn container_root(suite: &str, name: &str, extra: &str) -> PathBuf {
     let root = cache().join(name);
     if root.join("usr/lib/systemd/systemd").exists() {
         return root;
@@ -40,7 +41,11 @@ fn container_root(suite: &str, name: &str) -> PathBuf {
     std::fs::create_dir_all(&staging).unwrap();
     let mirror = banger::images::host_mirror().expect("a Debian mirror in the host's apt sources");
     let out = Command::new("debootstrap")
-        .args(["--variant=minbase", &format!("--include={PACKAGES}"), suite])
+        .args([
+            "--variant=minbase",
+            &format!("--include={PACKAGES}{extra}"),
+            suite,
+        ])
         .arg(&staging)
         .arg(&mirror)
         .stdin(Stdio::null())
@@ -138,6 +143,8 @@ fn static_registry(dir: &Path) {
 struct Container<'a> {
     suite: &'a str,
     root_name: &'a str,
+    /// Packages beyond [`PACKAGES`], each after a comma.
+    extra: &'a str,
     script: &'a str,
     says: &'a str,
     /// Environment for `systemd-nspawn` itself.
@@ -159,7 +166,7 @@ fn boot(c: Container) {
     let Some((vmlinuz, modules, _)) = debian_kernel() else {
         return;
     };
-    let root = container_root(c.suite, c.root_name);
+    let root = container_root(c.suite, c.root_name, c.extra);
     let deb = deb();
     let share = tempfile::tempdir().unwrap();
     let s = share.path();
@@ -236,6 +243,7 @@ fn the_package_works_under_systemd_activation_polkit_machined_and_idle_exit() {
     boot(Container {
         suite: "bookworm",
         root_name: "nspawn-bookworm-3",
+        extra: "",
         script: "inside.sh",
         says: "systemtest:",
         env: &[],
@@ -248,7 +256,9 @@ fn the_package_works_under_systemd_activation_polkit_machined_and_idle_exit() {
 fn machinectl_of_a_newer_systemd_drives_banger_vms_through_their_control_sockets() {
     boot(Container {
         suite: "sid",
-        root_name: "nspawn-sid-2",
+        root_name: "nspawn-sid-3",
+        // systemd-report, which reads banger's metrics socket.
+        extra: ",systemd-report",
         script: "sid.sh",
         says: "systemtest-sid:",
         // systemd ≥ 256 refuses to boot on a cgroup v1 (hybrid) host; nspawn gives it a

@@ -66,6 +66,103 @@ fn socat(bus: &TestBus, user: Option<&str>, input: &[u8]) -> std::process::Outpu
         .unwrap()
 }
 
+/// Replies to `input` on the metrics socket as `user` (socat), each NUL-terminated message.
+fn metrics_replies(bus: &TestBus, user: Option<&str>, input: &[Value]) -> Vec<Value> {
+    let mut bytes = Vec::new();
+    for c in input {
+        bytes.extend(c.to_string().as_bytes());
+        bytes.push(0);
+    }
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &bytes).unwrap();
+    let addr = format!(
+        "UNIX-CONNECT:{}",
+        bus.runtime.join("report/io.banger").display()
+    );
+    let out = bus
+        .command_as(user, "socat", &["-t", "10", "-", &addr])
+        .stdin(std::fs::File::open(file.path()).unwrap())
+        .output()
+        .unwrap();
+    out.stdout
+        .split(|&b| b == 0)
+        .filter(|r| !r.is_empty())
+        .map(|r| serde_json::from_slice(r).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_metrics_socket_answers_io_systemd_metrics_for_systemd_report() {
+    let Some(bus) = seeded_bus() else {
+        return;
+    };
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let sock = bus.runtime.join("report/io.banger");
+    let m = std::fs::metadata(&sock).unwrap();
+    assert!(m.file_type().is_socket());
+    assert_eq!(m.permissions().mode() & 0o777, 0o666);
+
+    // As systemd-report asks, as anyone: List with more, one reply per metric, the last
+    // without `continues`.
+    let list = metrics_replies(
+        &bus,
+        Some(USER_NO),
+        &[json!({"method": "io.systemd.Metrics.List", "more": true})],
+    );
+    let (last, rest) = list.split_last().unwrap();
+    assert!(rest.iter().all(|r| r["continues"] == true), "{list:?}");
+    assert!(last.get("continues").is_none(), "{last}");
+    let value_of = |name: &str| {
+        list.iter()
+            .find(|r| r["parameters"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {list:?}"))["parameters"]["value"]
+            .as_u64()
+            .unwrap()
+    };
+    // No VM runs: nothing per VM, totals of zero.
+    assert_eq!(value_of("io.banger.vms_active"), 0);
+    assert_eq!(value_of("io.banger.host_memory_bytes"), 0);
+    assert!(!list
+        .iter()
+        .any(|r| r["parameters"]["name"] == "io.banger.vm_host_memory_bytes"));
+
+    // Describe: each family with its type; on one connection, in order, with the errors.
+    let replies = metrics_replies(
+        &bus,
+        None,
+        &[
+            json!({"method": "io.systemd.Metrics.Describe", "more": true}),
+            json!({"method": "io.systemd.Metrics.List"}),
+            json!({"method": "io.banger.VMs.List"}),
+            json!({"method": "org.varlink.service.GetInfo"}),
+        ],
+    );
+    let described: Vec<&Value> = replies
+        .iter()
+        .filter(|r| r["parameters"]["type"].is_string())
+        .collect();
+    assert_eq!(described.len(), 5, "{replies:?}");
+    assert!(described
+        .iter()
+        .any(|r| r["parameters"]["name"] == "io.banger.vm_cpu_usage_nsec"
+            && r["parameters"]["type"] == "counter"));
+    let errors: Vec<&Value> = replies.iter().filter(|r| r["error"].is_string()).collect();
+    assert_eq!(
+        errors[0]["error"], "org.varlink.service.ExpectedMore",
+        "{replies:?}"
+    );
+    assert_eq!(
+        errors[1]["error"], "org.varlink.service.InterfaceNotFound",
+        "{replies:?}"
+    );
+    let info = replies.last().unwrap();
+    assert_eq!(
+        info["parameters"]["interfaces"],
+        json!(["org.varlink.service", "io.systemd.Metrics"]),
+        "{info}"
+    );
+}
+
 /// Rows an earlier daemon would have left: an image, a kernel, a VM of root's and two of
 /// USER_OK's.
 fn seed(bus: &TestBus) {

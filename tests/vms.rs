@@ -920,12 +920,52 @@ sys.stdin.read()
                     ["hostMemoryBytes"]
                     .as_u64()
                     .unwrap();
+                // And on the metrics socket systemd-report reads (io.systemd.Metrics).
+                let metrics = {
+                    let addr = format!(
+                        "UNIX-CONNECT:{}",
+                        bus.runtime.join("report/io.banger").display()
+                    );
+                    let mut c = bus.command_as(Some(USER_NO), "socat", &["-t", "10", "-", &addr]);
+                    let mut child = c
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .spawn()
+                        .unwrap();
+                    use std::io::Write;
+                    child
+                        .stdin
+                        .take()
+                        .unwrap()
+                        .write_all(b"{\"method\":\"io.systemd.Metrics.List\",\"more\":true}\0")
+                        .unwrap();
+                    let out = child.wait_with_output().unwrap();
+                    out.stdout
+                        .split(|&b| b == 0)
+                        .filter(|r| !r.is_empty())
+                        .map(|r| serde_json::from_slice::<serde_json::Value>(r).unwrap())
+                        .collect::<Vec<_>>()
+                };
+                let of_t1 = |name: &str| {
+                    metrics
+                        .iter()
+                        .find(|r| {
+                            r["parameters"]["name"] == name && r["parameters"]["object"] == "t1"
+                        })
+                        .unwrap_or_else(|| panic!("no {name} of t1: {metrics:?}"))["parameters"]
+                        ["value"]
+                        .as_u64()
+                        .unwrap()
+                };
+                assert!(of_t1("io.banger.vm_cpu_usage_nsec") > 0);
+                let reported = of_t1("io.banger.vm_host_memory_bytes");
                 // Memory moves between reads: the same order of magnitude is what is checked.
                 for (what, bytes) in [
                     ("vm show", shown),
                     ("vm list", listed << 20),
                     ("status", total << 20),
                     ("vm show over Varlink", over_varlink),
+                    ("io.systemd.Metrics", reported),
                 ] {
                     assert!(
                         bytes > pss / 2 && bytes < pss * 2 + (64 << 20),

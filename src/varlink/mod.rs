@@ -61,6 +61,7 @@ mod jobs;
 mod kernels;
 mod machine_control;
 mod machine_instance;
+mod metrics;
 mod params;
 pub mod relay;
 mod service;
@@ -117,6 +118,38 @@ impl Ctx {
 /// inherits it. The environment is left as it is (changing it with threads running is not
 /// safe); children see a `LISTEN_PID` that is not theirs and ignore it.
 pub fn passed_listener() -> crate::Result<Option<std::os::unix::net::UnixListener>> {
+    passed_named(SOCKET, true)
+}
+
+/// The metrics socket systemd passed (`bangerd-metrics.socket`, named `metrics`), if any.
+pub fn passed_metrics_listener() -> crate::Result<Option<std::os::unix::net::UnixListener>> {
+    passed_named(METRICS_SOCKET, false)
+}
+
+/// The name the metrics socket is passed under.
+pub const METRICS_SOCKET: &str = "metrics";
+
+/// Binds `$RUNTIME_DIR/report/io.banger` (a daemon not started by systemd: where systemd is,
+/// `bangerd-metrics.socket` listens on `/run/systemd/report/io.banger`), open to every user.
+pub fn bind_metrics(runtime_dir: &Path) -> crate::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = runtime_dir.join("report");
+    let path = dir.join("io.banger");
+    let fail = |e| Error::failed(format!("Cannot listen on {}", path.display()), e);
+    std::fs::create_dir_all(&dir).map_err(fail)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).map_err(fail)?;
+    if let Ok(m) = std::fs::symlink_metadata(&path) {
+        if m.file_type().is_socket() {
+            std::fs::remove_file(&path).map_err(fail)?;
+        }
+    }
+    let listener = std::os::unix::net::UnixListener::bind(&path).map_err(fail)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).map_err(fail)?;
+    Ok(listener)
+}
+
+/// The passed socket named `name`, or the only one passed when `only` allows it.
+fn passed_named(name: &str, only: bool) -> crate::Result<Option<std::os::unix::net::UnixListener>> {
     use std::os::fd::FromRawFd;
     let var = |k: &str| std::env::var(k).ok();
     let ours = var("LISTEN_PID")
@@ -132,10 +165,13 @@ pub fn passed_listener() -> crate::Result<Option<std::os::unix::net::UnixListene
     let names: Vec<&str> = names.split(':').collect();
     const FIRST: i32 = 3;
     let fd = (0..count)
-        .find(|i| names.get(*i as usize) == Some(&SOCKET))
-        .or((count == 1).then_some(0))
+        .find(|i| names.get(*i as usize) == Some(&name))
+        .or((only && count == 1).then_some(0))
         .map(|i| FIRST + i);
     let Some(fd) = fd else {
+        if !only {
+            return Ok(None);
+        }
         return Err(Error::InvalidArgument(format!(
             "systemd passed {count} sockets (named {names:?}) and none is {SOCKET}; \
              bangerd.socket names its socket with FileDescriptorName={SOCKET}"
@@ -213,13 +249,26 @@ pub fn bind(runtime_dir: &Path) -> crate::Result<std::os::unix::net::UnixListene
 
 /// Serves `listener` until the daemon ends: each connection in a task of its own.
 pub fn serve(listener: std::os::unix::net::UnixListener, ctx: Ctx) -> crate::Result<()> {
+    serve_as(listener, ctx, Front::Banger)
+}
+
+/// Serves the metrics socket (`io.systemd.Metrics`, see [`metrics`]) until the daemon ends.
+pub fn serve_metrics(listener: std::os::unix::net::UnixListener, ctx: Ctx) -> crate::Result<()> {
+    serve_as(listener, ctx, Front::Metrics)
+}
+
+fn serve_as(
+    listener: std::os::unix::net::UnixListener,
+    ctx: Ctx,
+    front: Front,
+) -> crate::Result<()> {
     let fail = |e| Error::failed("Cannot serve Varlink", e);
     listener.set_nonblocking(true).map_err(fail)?;
     let listener = tokio::net::UnixListener::from_std(listener).map_err(fail)?;
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => spawn_connection(stream, ctx.clone(), Front::Banger),
+                Ok((stream, _)) => spawn_connection(stream, ctx.clone(), front.clone()),
                 Err(e) => {
                     // Out of descriptors, say: wait a moment rather than spin or stop.
                     tracing::warn!("Cannot accept a Varlink connection: {e}");
@@ -239,6 +288,8 @@ enum Front {
     /// A VM's control socket (see [`relay`]): io.systemd.MachineInstance for the VM with
     /// this id.
     Machine(String),
+    /// The metrics socket systemd-report reads: io.systemd.Metrics.
+    Metrics,
 }
 
 fn spawn_connection(stream: tokio::net::UnixStream, ctx: Ctx, front: Front) {
@@ -332,6 +383,19 @@ async fn serve_connection(
         match answer {
             Ok(Answer::One(v)) => send(&mut conn, &call, Ok(v), false).await?,
             Ok(Answer::WithFds(v, fds)) => send_with(&mut conn, &call, Ok(v), false, fds).await?,
+            Ok(Answer::Many(_)) if !call.more => {
+                let e = Failure::bare("org.varlink.service.ExpectedMore");
+                send(&mut conn, &call, Err(e), false).await?
+            }
+            Ok(Answer::Many(all)) if all.is_empty() => {
+                send(&mut conn, &call, Err(metrics::none()), false).await?
+            }
+            Ok(Answer::Many(all)) => {
+                let last = all.len() - 1;
+                for (i, v) in all.into_iter().enumerate() {
+                    send(&mut conn, &call, Ok(v), i < last).await?;
+                }
+            }
             Err(e) => send(&mut conn, &call, Err(e), false).await?,
             Ok(Answer::Job {
                 first,
@@ -361,6 +425,8 @@ pub(crate) enum Answer {
     One(Value),
     /// One reply with descriptors, which its parameters name by index (as sd-varlink does).
     WithFds(Value, Vec<OwnedFd>),
+    /// Several replies, for a caller that asked for more (a method that requires it).
+    Many(Vec<Value>),
     /// A job's: `first` at once; with `more`, one reply (from `render`) per event of the job
     /// until it ends.
     Job {
@@ -464,6 +530,11 @@ async fn dispatch(
             return machine_instance::call(ctx, caller, vm, method, p).await
         }
         (Front::Machine(_), _) => return Err(Failure::interface_not_found(interface)),
+        (Front::Metrics, service::INTERFACE) => {
+            return service::call(method, p, &metrics_descriptions())
+        }
+        (Front::Metrics, metrics::INTERFACE) => metrics::call(ctx, method, p).await,
+        (Front::Metrics, _) => return Err(Failure::interface_not_found(interface)),
         (Front::Banger, images::INTERFACE) => images::call(ctx, caller, method, p).await,
         (Front::Banger, kernels::INTERFACE) => kernels::call(ctx, caller, method, p).await,
         (Front::Banger, vms::INTERFACE) => vms::call(ctx, caller, method, p).await,
@@ -674,6 +745,14 @@ pub fn descriptions() -> Vec<(&'static str, &'static str)> {
         (vms::INTERFACE, vms::DESCRIPTION),
         (jobs::INTERFACE, jobs::DESCRIPTION),
         (machine_control::INTERFACE, machine_control::DESCRIPTION),
+    ]
+}
+
+/// The interfaces of the metrics socket.
+pub fn metrics_descriptions() -> Vec<(&'static str, &'static str)> {
+    vec![
+        (service::INTERFACE, service::DESCRIPTION),
+        (metrics::INTERFACE, metrics::DESCRIPTION),
     ]
 }
 

@@ -34,6 +34,17 @@ listed=$(varlinkctl call /run/systemd/machine/io.systemd.Machine io.systemd.Mach
 echo "$listed" | tr -d ' \n' | grep -q "\"controlAddress\":\"$control\"" || fail "no controlAddress in $listed"
 echo "$listed" | tr -d ' \n' | grep -q '"vSockCid":' || fail "no vSockCid in $listed"
 
+say "systemd-report metrics shows what the VM costs, from bangerd-metrics.socket"
+[ -S /run/systemd/report/io.banger ] || fail "no /run/systemd/report/io.banger (bangerd-metrics.socket)"
+# Debian's systemd-report package keeps the tool in /usr/lib/systemd.
+report_bin=$(command -v systemd-report || echo /usr/lib/systemd/systemd-report)
+report=$(as mallory "$report_bin" metrics io.banger 2>&1) || fail "systemd-report metrics: $report"
+# A table on a pipe: family, object, fields, value.
+echo "$report" | grep -Eq '^io\.banger\.vm_host_memory_bytes +t1 .* [1-9][0-9]*$' \
+    || { echo "$report"; fail "systemd-report does not show t1's memory"; }
+echo "$report" | grep -Eq '^io\.banger\.vms_active .* 1$' || { echo "$report"; fail "vms_active is not 1"; }
+say "$(echo "$report" | grep '^io.banger.host_memory_bytes')"
+
 say "machinectl pause and resume act on the VM through its control socket, bangerd idle-exited"
 idle
 as mallory machinectl pause "$machine" 2>/tmp/mallory.err && fail "mallory paused alice's VM with machinectl"

@@ -28,6 +28,25 @@ pub fn pss_bytes(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The CPU time process `pid` has used (user and system), in nanoseconds; 0 when it is gone.
+pub fn cpu_nsec(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // After the command's closing parenthesis: state is field 3, utime 14, stime 15.
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| f.get(*i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf takes no pointers.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    ticks.saturating_mul(1_000_000_000 / hz)
+}
+
 /// The `Pss:` line of a `smaps_rollup`, in bytes.
 fn pss_of(rollup: &str) -> Option<u64> {
     let line = rollup.lines().find(|l| l.starts_with("Pss:"))?;
@@ -890,6 +909,12 @@ mod tests {
         assert_eq!(pss_of(rollup), Some(1536 << 10));
         assert_eq!(pss_of("Rss: 1 kB\n"), None);
         assert!(pss_bytes(std::process::id()) > 0);
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < std::time::Duration::from_millis(50) {
+            std::hint::black_box(0u64);
+        }
+        assert!(cpu_nsec(std::process::id()) > 0);
+        assert_eq!(cpu_nsec(u32::MAX), 0);
         assert_eq!(pss_bytes(u32::MAX), 0);
     }
 

@@ -399,6 +399,18 @@ impl Vms {
             .sum()
     }
 
+    /// The CPU time VM `vm`'s live processes (VMM and helpers) have used, in nanoseconds.
+    pub fn cpu_nsec(&self, vm: &Vm) -> u64 {
+        if !vm.state.is_active() {
+            return 0;
+        }
+        self.vmm
+            .pids(&self.layout.vm_runtime_dir(&vm.id))
+            .into_iter()
+            .map(crate::vmm::process::cpu_nsec)
+            .sum()
+    }
+
     /// [`Self::host_memory_bytes`] of every VM together.
     pub async fn host_memory_total(&self) -> Result<u64> {
         Ok(self
