@@ -132,20 +132,13 @@ pub const METRICS_SOCKET: &str = "metrics";
 /// Binds `$RUNTIME_DIR/report/io.banger` (a daemon not started by systemd: where systemd is,
 /// `bangerd-metrics.socket` listens on `/run/systemd/report/io.banger`), open to every user.
 pub fn bind_metrics(runtime_dir: &Path) -> crate::Result<std::os::unix::net::UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let dir = runtime_dir.join("report");
     let path = dir.join("io.banger");
     let fail = |e| Error::failed(format!("Cannot listen on {}", path.display()), e);
     std::fs::create_dir_all(&dir).map_err(fail)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).map_err(fail)?;
-    if let Ok(m) = std::fs::symlink_metadata(&path) {
-        if m.file_type().is_socket() {
-            std::fs::remove_file(&path).map_err(fail)?;
-        }
-    }
-    let listener = std::os::unix::net::UnixListener::bind(&path).map_err(fail)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).map_err(fail)?;
-    Ok(listener)
+    listen_open(&path).map_err(fail)
 }
 
 /// The passed socket named `name`, or the only one passed when `only` allows it.
@@ -215,7 +208,7 @@ pub(crate) fn sockopt(fd: std::os::fd::RawFd, name: libc::c_int) -> Option<libc:
 /// Binds `$RUNTIME_DIR/io.banger` (a socket left by an earlier daemon is replaced), open to
 /// every local user as the bus is: reads are open, and every mutating method asks polkit.
 pub fn bind(runtime_dir: &Path) -> crate::Result<std::os::unix::net::UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let path = socket_path(runtime_dir);
     let fail = |e| Error::failed(format!("Cannot listen on {}", path.display()), e);
     // Everyone must reach the socket: the runtime directory is 0755, as the unit's
@@ -237,13 +230,19 @@ pub fn bind(runtime_dir: &Path) -> crate::Result<std::os::unix::net::UnixListene
         std::fs::set_permissions(runtime_dir, std::fs::Permissions::from_mode(0o755))
             .map_err(fail)?;
     }
-    if let Ok(m) = std::fs::symlink_metadata(&path) {
+    listen_open(&path).map_err(fail)
+}
+
+/// Listens on `path` (a socket left there by an earlier daemon is replaced), mode 0666.
+fn listen_open(path: &Path) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(m) = std::fs::symlink_metadata(path) {
         if m.file_type().is_socket() {
-            std::fs::remove_file(&path).map_err(fail)?;
+            std::fs::remove_file(path)?;
         }
     }
-    let listener = std::os::unix::net::UnixListener::bind(&path).map_err(fail)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).map_err(fail)?;
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     Ok(listener)
 }
 

@@ -364,15 +364,8 @@ pub fn recv_fd(sock: std::os::fd::BorrowedFd<'_>) -> std::io::Result<std::os::fd
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: msghdr is plain data; zeroed is valid before the fields are set.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
-    hdr.msg_control = control.as_mut_ptr().cast();
-    hdr.msg_controllen = space as _;
+    let mut control = fd_control();
+    let mut hdr = fd_msghdr(&mut iov, &mut control);
     // SAFETY: hdr points at live buffers of the sizes it states.
     let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {
@@ -523,6 +516,24 @@ pub fn listen_unix(path: &std::path::Path, gid: u32) -> std::io::Result<std::os:
     Ok(l.into())
 }
 
+/// A control buffer with room for one descriptor (`CMSG_SPACE(int)` bytes).
+fn fd_control() -> Vec<u8> {
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    vec![0u8; space]
+}
+
+/// A message header over one buffer, `iov`, and `control` (see [`fd_control`]).
+fn fd_msghdr(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    // SAFETY: msghdr is plain data; zeroed is valid before the fields are set.
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = iov;
+    hdr.msg_iovlen = 1;
+    hdr.msg_control = control.as_mut_ptr().cast();
+    hdr.msg_controllen = control.len() as _;
+    hdr
+}
+
 /// Writes `data` on the Unix stream socket `sock` with `fd` beside it (`SCM_RIGHTS`, with the
 /// first byte), then the rest of `data` if one write did not take it all.
 pub fn send_with_fd(
@@ -535,15 +546,8 @@ pub fn send_with_fd(
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
     };
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: msghdr is plain data; zeroed is valid before the fields are set.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
-    hdr.msg_control = control.as_mut_ptr().cast();
-    hdr.msg_controllen = space as _;
+    let mut control = fd_control();
+    let hdr = fd_msghdr(&mut iov, &mut control);
     // SAFETY: hdr's control buffer is CMSG_SPACE(int) bytes, room for one header and one
     // descriptor; the pointers written stay inside it; iov points into `data`, which outlives
     // the call.

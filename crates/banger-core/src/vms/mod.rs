@@ -389,26 +389,24 @@ impl Vms {
     /// processes (VMM and helpers), so pages shared with other VMs (a snapshot's, a
     /// kernel's) count once across them. 0 for a VM with no processes.
     pub fn host_memory_bytes(&self, vm: &Vm) -> u64 {
+        self.over_processes(vm, crate::vmm::process::pss_bytes)
+    }
+
+    /// `of` summed over VM `vm`'s live processes (none unless it is active).
+    fn over_processes(&self, vm: &Vm, of: fn(u32) -> u64) -> u64 {
         if !vm.state.is_active() {
             return 0;
         }
         self.vmm
             .pids(&self.layout.vm_runtime_dir(&vm.id))
             .into_iter()
-            .map(crate::vmm::process::pss_bytes)
+            .map(of)
             .sum()
     }
 
     /// The CPU time VM `vm`'s live processes (VMM and helpers) have used, in nanoseconds.
     pub fn cpu_nsec(&self, vm: &Vm) -> u64 {
-        if !vm.state.is_active() {
-            return 0;
-        }
-        self.vmm
-            .pids(&self.layout.vm_runtime_dir(&vm.id))
-            .into_iter()
-            .map(crate::vmm::process::cpu_nsec)
-            .sum()
+        self.over_processes(vm, crate::vmm::process::cpu_nsec)
     }
 
     /// [`Self::host_memory_bytes`] of every VM together.

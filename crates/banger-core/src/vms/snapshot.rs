@@ -183,6 +183,16 @@ fn pipe() -> Result<(std::fs::File, OwnedFd)> {
 
 /// Compresses what arrives on `from` into `to`; returns its sha256 and size.
 fn compress(from: std::fs::File, to: &Path) -> Result<(String, u64)> {
+    compressed(to, |z| {
+        std::io::copy(&mut std::io::BufReader::with_capacity(1 << 20, from), z).map(|_| ())
+    })
+}
+
+/// Writes what `fill` puts into a zstd stream into `to`, synced; returns its sha256 and size.
+fn compressed(
+    to: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<(String, u64)> {
     let fail = |e: std::io::Error| failed("Cannot write the snapshot's memory", e);
     let file = std::fs::File::create(to).map_err(fail)?;
     let out = Hashing {
@@ -191,11 +201,7 @@ fn compress(from: std::fs::File, to: &Path) -> Result<(String, u64)> {
         len: 0,
     };
     let mut z = zstd::stream::Encoder::new(out, 1).map_err(fail)?;
-    std::io::copy(
-        &mut std::io::BufReader::with_capacity(1 << 20, from),
-        &mut z,
-    )
-    .map_err(fail)?;
+    fill(&mut z).map_err(fail)?;
     let mut out = z.finish().map_err(fail)?;
     out.flush().map_err(fail)?;
     let file = out.inner.into_inner().map_err(|e| fail(e.into_error()))?;
@@ -214,18 +220,9 @@ fn split_memory(from: std::fs::File, to: &Path, ram: &Path) -> Result<(String, u
         .create_new(true)
         .open(ram)
         .map_err(fail)?;
-    let file = std::fs::File::create(to).map_err(fail)?;
-    let out = Hashing {
-        inner: std::io::BufWriter::new(file),
-        hash: Sha256::new(),
-        len: 0,
-    };
-    let mut z = zstd::stream::Encoder::new(out, 1).map_err(fail)?;
-    crate::vmm::ramsplit::split(from, "mem", &ram_file, &mut z).map_err(fail)?;
-    let mut out = z.finish().map_err(fail)?;
-    out.flush().map_err(fail)?;
-    let file = out.inner.into_inner().map_err(|e| fail(e.into_error()))?;
-    file.sync_all().map_err(fail)?;
+    let (sha, size) = compressed(to, |z| {
+        crate::vmm::ramsplit::split(from, "mem", &ram_file, z).map(|_| ())
+    })?;
     ram_file.sync_all().map_err(fail)?;
     // Hashed as a whole, holes as the zeros they read as: what a restore checks.
     let mut hash = Sha256::new();
@@ -233,7 +230,7 @@ fn split_memory(from: std::fs::File, to: &Path, ram: &Path) -> Result<(String, u
     use std::io::Seek;
     r.rewind().map_err(fail)?;
     std::io::copy(&mut r, &mut HashWriter(&mut hash)).map_err(fail)?;
-    Ok((hex(&out.hash.finalize()), out.len, hex(&hash.finalize())))
+    Ok((sha, size, hex(&hash.finalize())))
 }
 
 /// A writer that only hashes.
