@@ -54,6 +54,19 @@ fn share_servers(bus: &TestBus) -> Vec<String> {
     found
 }
 
+/// Runs `c` with `input` on its standard input; its output.
+fn fed(mut c: Command, input: &[u8]) -> std::process::Output {
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 fn exec_with_stdin(bus: &TestBus, vm: &str, stdin: &str, cmd: &[&str]) -> std::process::Output {
     let mut c = Command::new("runuser");
     c.args([
@@ -67,19 +80,8 @@ fn exec_with_stdin(bus: &TestBus, vm: &str, stdin: &str, cmd: &[&str]) -> std::p
         "--",
     ])
     .args(cmd)
-    .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = c.spawn().unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+    .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address);
+    fed(c, stdin.as_bytes())
 }
 
 /// The steps of the shared VM's scenario, in the order it runs them.
@@ -926,25 +928,16 @@ sys.stdin.read()
                         "UNIX-CONNECT:{}",
                         bus.runtime.join("report/io.banger").display()
                     );
-                    let mut c = bus.command_as(Some(USER_NO), "socat", &["-t", "10", "-", &addr]);
-                    let mut child = c
-                        .stdin(Stdio::piped())
-                        .stdout(Stdio::piped())
-                        .spawn()
-                        .unwrap();
-                    use std::io::Write;
-                    child
-                        .stdin
-                        .take()
-                        .unwrap()
-                        .write_all(b"{\"method\":\"io.systemd.Metrics.List\",\"more\":true}\0")
-                        .unwrap();
-                    let out = child.wait_with_output().unwrap();
-                    out.stdout
-                        .split(|&b| b == 0)
-                        .filter(|r| !r.is_empty())
-                        .map(|r| serde_json::from_slice::<serde_json::Value>(r).unwrap())
-                        .collect::<Vec<_>>()
+                    let c = bus.command_as(Some(USER_NO), "socat", &["-t", "10", "-", &addr]);
+                    fed(
+                        c,
+                        b"{\"method\":\"io.systemd.Metrics.List\",\"more\":true}\0",
+                    )
+                    .stdout
+                    .split(|&b| b == 0)
+                    .filter(|r| !r.is_empty())
+                    .map(|r| serde_json::from_slice::<serde_json::Value>(r).unwrap())
+                    .collect::<Vec<_>>()
                 };
                 let of_t1 = |name: &str| {
                     metrics
@@ -1879,25 +1872,12 @@ fn banger_netns(
     args: &[&str],
     stdin: &str,
 ) -> std::process::Output {
-    use std::io::Write;
-    let mut child = bus
-        .in_netns(env!("CARGO_BIN_EXE_banger"))
-        .args(args)
+    let mut c = bus.in_netns(env!("CARGO_BIN_EXE_banger"));
+    c.args(args)
         .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
         .env("HOME", home)
-        .env_remove("XDG_STATE_HOME")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
+        .env_remove("XDG_STATE_HOME");
+    fed(c, stdin.as_bytes())
 }
 
 async fn the_default_image_is_built_on_demand_and_vm_run_gives_an_ssh_session_in_a_namespace() {
