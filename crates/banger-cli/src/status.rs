@@ -13,7 +13,7 @@ pub(crate) async fn run(out: &Output, t: &mut impl Transport) -> anyhow::Result<
     let running = vms.iter().filter(|v| v["state"] == "running").count();
     let jobs = t.jobs().await?.len();
     let usage = t.usage().await?;
-    let memory = t.host_memory().await?;
+    let memory = t.host_memory(&vms).await?;
     print(
         out,
         &version,

@@ -74,8 +74,9 @@ pub(crate) trait Transport {
     /// Fills in each VM record's `host_memory_bytes` (what it costs the host in memory now):
     /// D-Bus reads it from every object at once, Varlink's lists carry it.
     async fn fill_host_memory(&mut self, records: &mut [Value]) -> anyhow::Result<()>;
-    /// What every VM costs the host in memory now, in bytes.
-    async fn host_memory(&mut self) -> anyhow::Result<u64>;
+    /// What every VM costs the host in memory now, in bytes; `listed` is what [`Self::vms`]
+    /// just gave (Varlink's records carry each VM's figure, D-Bus asks for the total).
+    async fn host_memory(&mut self, listed: &[Value]) -> anyhow::Result<u64>;
 
     /// Installed kernels: `name`, `version`, `source`, `owner` (see [`Self::fill_owners`]).
     async fn kernels(&mut self) -> anyhow::Result<Vec<Value>>;
@@ -414,7 +415,7 @@ impl Transport for Bus {
         Ok(())
     }
 
-    async fn host_memory(&mut self) -> anyhow::Result<u64> {
+    async fn host_memory(&mut self, _: &[Value]) -> anyhow::Result<u64> {
         self.vms1()
             .await?
             .host_memory_bytes()
@@ -932,9 +933,8 @@ impl Transport for Socket {
         Ok(())
     }
 
-    async fn host_memory(&mut self) -> anyhow::Result<u64> {
-        let vms = self.vms().await?;
-        Ok(vms
+    async fn host_memory(&mut self, listed: &[Value]) -> anyhow::Result<u64> {
+        Ok(listed
             .iter()
             .filter_map(|v| v["hostMemoryBytes"].as_u64())
             .sum())

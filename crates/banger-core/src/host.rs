@@ -287,43 +287,31 @@ pub fn tar_dirfd_as(uid: u32, dirfd: std::os::fd::RawFd) -> Result<std::process:
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    // SAFETY: between fork and exec only dup2 and fcntl run (fd_as_3), both
+    // SAFETY: between fork and exec only dup2 and fcntl run (fds_at), both
     // async-signal-safe; dirfd stays open in the parent across the spawn.
     unsafe {
-        c.pre_exec(move || fd_as_3(dirfd));
+        c.pre_exec(move || fds_at(&[(dirfd, 3)]));
     }
     c.spawn().map_err(|e| Error::failed("Cannot run tar", e))
-}
-
-/// In a child between fork and exec: makes `fd` the child's fd 3, open across exec. Only
-/// async-signal-safe calls (dup2, fcntl).
-pub fn fd_as_3(fd: std::os::fd::RawFd) -> std::io::Result<()> {
-    // SAFETY: dup2 and fcntl on descriptors of this (child) process; no memory is touched.
-    unsafe {
-        if fd == 3 {
-            if libc::fcntl(3, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        } else if libc::dup2(fd, 3) != 3 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 /// Makes each `(fd, at)` this process's descriptor `at`, open across exec: first all moved
 /// above the targets (so one's target never closes another's source), then put in place.
 /// Async-signal-safe (fcntl and dup2 only): for a child between fork and exec.
 pub fn fds_at(fds: &[(std::os::fd::RawFd, std::os::fd::RawFd)]) -> std::io::Result<()> {
+    // A fixed array: nothing may be allocated between fork and exec.
     let mut high = [0; 8];
-    for (i, (fd, _)) in fds.iter().enumerate().take(8) {
+    if fds.len() > high.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+    }
+    for (i, (fd, _)) in fds.iter().enumerate() {
         // SAFETY: fcntl on a descriptor of this process.
         high[i] = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 100) };
         if high[i] < 0 {
             return Err(std::io::Error::last_os_error());
         }
     }
-    for (i, (_, at)) in fds.iter().enumerate().take(8) {
+    for (i, (_, at)) in fds.iter().enumerate() {
         // SAFETY: dup2 between descriptors of this process; the copy at `at` is not
         // close-on-exec.
         if unsafe { libc::dup2(high[i], *at) } != *at {

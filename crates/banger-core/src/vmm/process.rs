@@ -506,22 +506,35 @@ fn serve_ram(sock: &Path, fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
     std::fs::set_permissions(sock, std::fs::Permissions::from_mode(0o600))?;
     let fd = fd.try_clone()?;
     let sock = sock.to_owned();
+    // A blocking accept that gives up after 30 s (Linux applies SO_RCVTIMEO to accept).
+    let wait = libc::timeval {
+        tv_sec: 30,
+        tv_usec: 0,
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt reads a timeval of the size passed from a live local.
+    let set = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&wait as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     std::thread::spawn(move || {
         use std::os::fd::AsFd;
-        listener.set_nonblocking(true).ok();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while std::time::Instant::now() < deadline {
-            match listener.accept() {
-                Ok((conn, _)) => {
-                    let root = crate::host::peer_uid(conn.as_fd()).is_ok_and(|uid| uid == 0);
-                    if root && crate::host::send_with_fd(conn.as_fd(), b"m", fd.as_fd()).is_ok() {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(_) => break,
+            let Ok((conn, _)) = listener.accept() else {
+                break;
+            };
+            let root = crate::host::peer_uid(conn.as_fd()).is_ok_and(|uid| uid == 0);
+            if root && crate::host::send_with_fd(conn.as_fd(), b"m", fd.as_fd()).is_ok() {
+                break;
             }
         }
         let _ = std::fs::remove_file(&sock);
@@ -561,7 +574,7 @@ fn exec_with_fd3(
     use std::os::fd::IntoRawFd;
     use std::os::unix::process::CommandExt;
     let fd = fd.into_raw_fd();
-    if let Err(e) = crate::host::fd_as_3(fd) {
+    if let Err(e) = crate::host::fds_at(&[(fd, 3)]) {
         return e;
     }
     if fd != 3 {
@@ -902,6 +915,31 @@ pub async fn wait_for_path(path: &Path, limit: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ram_socket_hands_its_descriptor_once_to_root_and_goes() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("ram.sock");
+        let file = std::fs::File::from(
+            crate::vmm::ram::copy(
+                &mut std::fs::File::open("/dev/null").unwrap(),
+                0,
+                &crate::model::hex(&<sha2::Sha256 as sha2::Digest>::digest(b"")),
+                false,
+            )
+            .unwrap(),
+        );
+        serve_ram(&sock, &file.into()).unwrap();
+        let conn = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let got = crate::host::recv_fd(std::os::fd::AsFd::as_fd(&conn)).unwrap();
+        assert!(std::fs::File::from(got).metadata().unwrap().is_file());
+        // The server removes its socket once it has served.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while sock.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!sock.exists());
+    }
 
     #[test]
     fn pss_is_read_from_the_rollup_and_is_ours_for_this_process() {

@@ -70,12 +70,23 @@ pub fn copy(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        hash.update(&buf[..n]);
+        let chunk = &buf[..n];
+        hash.update(chunk);
+        // Each run of pages that are not all zeros in one write; zeros stay holes.
         use std::os::unix::fs::FileExt;
-        for (i, page) in buf[..n].chunks(4096).enumerate() {
-            if page.iter().any(|b| *b != 0) {
-                mem.write_all_at(page, at + (i * 4096) as u64)?;
+        let mut run = None;
+        for (i, page) in chunk.chunks(4096).enumerate() {
+            match (page.iter().any(|b| *b != 0), run) {
+                (true, None) => run = Some(i * 4096),
+                (false, Some(start)) => {
+                    mem.write_all_at(&chunk[start..i * 4096], at + start as u64)?;
+                    run = None;
+                }
+                _ => {}
             }
+        }
+        if let Some(start) = run {
+            mem.write_all_at(&chunk[start..], at + start as u64)?;
         }
         at += n as u64;
     }
@@ -119,6 +130,9 @@ mod tests {
         let f = std::fs::File::create(&p).unwrap();
         f.set_len(64 * 4096).unwrap();
         f.write_all_at(&[7u8; 4096], 3 * 4096).unwrap();
+        // A run of two pages, and the last page (a run that reaches the end of the read).
+        f.write_all_at(&[5u8; 8192], 10 * 4096).unwrap();
+        f.write_all_at(&[6u8; 4096], 63 * 4096).unwrap();
         let sha = crate::model::hex(&Sha256::digest(std::fs::read(&p).unwrap()));
         (std::fs::File::open(&p).unwrap(), sha)
     }
@@ -133,6 +147,10 @@ mod tests {
         let mut page = [0u8; 4096];
         mem.read_exact_at(&mut page, 3 * 4096).unwrap();
         assert_eq!(page, [7u8; 4096]);
+        for (at, byte) in [(2, 0u8), (10, 5), (11, 5), (12, 0), (63, 6)] {
+            mem.read_exact_at(&mut page, at * 4096).unwrap();
+            assert_eq!(page, [byte; 4096], "page {at}");
+        }
         // Writes, growth, shrinking and hole punching are all refused.
         assert!(mem.write_all_at(b"x", 0).is_err());
         assert!(mem.set_len(128 * 4096).is_err());

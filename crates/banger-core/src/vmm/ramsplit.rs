@@ -280,16 +280,18 @@ impl<R: Read, W: Write> Splitter<'_, R, W> {
         if offset + PAGE > self.out.ram_bytes {
             return Err(bad(format!("a page at {offset:#x}, past the RAM block")));
         }
+        let filled;
         let page = if data.len() == 1 {
             // A page of one repeated byte; zeros are a hole unless the page was written.
             if data[0] == 0 && !self.written.contains(&offset) {
                 return Ok(());
             }
-            vec![data[0]; PAGE as usize]
+            filled = vec![data[0]; PAGE as usize];
+            &filled
         } else {
-            data.to_vec()
+            data
         };
-        self.ram.write_all_at(&page, offset)?;
+        self.ram.write_all_at(page, offset)?;
         if self.written.insert(offset) {
             self.out.pages += 1;
         }

@@ -7,12 +7,12 @@
 //!
 //! The key covers what the guest's memory depends on: the image's id, the kernel's name and
 //! install time, the shape, banger's version and guest binaries, and the snapshot's format.
+//! Any change makes a new key, so a stale warm snapshot is never used; it stays while VMs
+//! layer on it and goes once none do (`sweep_warm`).
 //!
 //! A template VM has no balloon, so its snapshot keeps the guest's memory as a file that every
 //! warm start maps copy-on-write (see `vmm::ram`): VMs started warm share the template's pages
-//! until they write them, and do not hand freed memory back (a cold boot does). Any change makes a new
-//! key, so a stale warm snapshot is never used; it stays while VMs layer on it and goes
-//! once none do (`sweep_warm`).
+//! until they write them, and do not hand freed memory back (a cold boot does).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
