@@ -976,3 +976,133 @@ async fn the_cli_does_its_verbs_over_varlink_with_no_bus_to_reach() {
     assert!(!out.status.success());
     assert!(text(&out).contains("Leave out --varlink"), "{}", text(&out));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn labels_find_a_users_own_vms_over_both_apis_and_never_another_users() {
+    let Some(bus) = seeded_bus() else {
+        return;
+    };
+    let ok = |out: std::process::Output, what: &str| {
+        assert!(out.status.success(), "{what}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Over D-Bus (the CLI) and over Varlink, two users label a VM each the same way.
+    ok(
+        bus.banger_as(
+            Some(USER_OK),
+            &[
+                "vm", "create", "lab-ok", "--image", "seeded-image", "--no-start",
+                "--label", "app=e2b", "--label", "sandbox.team=a b/c",
+            ],
+        ),
+        "vm create --label",
+    );
+    let r = raw(
+        &bus,
+        Some(USER_OK2),
+        &[json!({"method": "io.banger.VMs.Create", "parameters": {
+            "name": "lab-ok2", "image": "seeded-image", "start": false,
+            "labels": {"app": "e2b"}}})],
+    );
+    assert!(r[0].get("error").is_none(), "{r:?}");
+    // The reply comes with the job; the VM is there once the job reserved it.
+    let get = |user: Option<&str>, name: &str| {
+        raw(
+            &bus,
+            user,
+            &[json!({"method": "io.banger.VMs.Get", "parameters": {"name": name}})],
+        )
+        .remove(0)
+    };
+    wait_until("lab-ok2 reserved", std::time::Duration::from_secs(20), || {
+        get(Some(USER_OK2), "lab-ok2")["parameters"]["vm"]["state"] == "created"
+    });
+    assert_eq!(
+        get(Some(USER_OK2), "lab-ok2")["parameters"]["vm"]["labels"],
+        json!({"app": "e2b"})
+    );
+
+    // Each finds only their own, whichever API asks; a filter of two pairs needs both.
+    let listed = |user: &str, args: &[&str]| -> Vec<String> {
+        let mut a = vec!["--json", "vm", "list"];
+        a.extend_from_slice(args);
+        let v: Value = serde_json::from_str(&ok(bus.banger_as(Some(user), &a), "vm list")).unwrap();
+        v.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(listed(USER_OK, &["--label", "app=e2b"]), ["lab-ok"]);
+    assert_eq!(listed(USER_OK2, &["--label", "app=e2b"]), ["lab-ok2"]);
+    assert_eq!(
+        listed(USER_OK, &["--label", "app=e2b", "--label", "sandbox.team=a b/c"]),
+        ["lab-ok"]
+    );
+    assert!(listed(USER_OK, &["--label", "app=e2b", "--label", "sandbox.team=x"]).is_empty());
+    assert_eq!(listed(USER_OK, &[]).len(), 5, "without a filter every VM is listed");
+    let over_varlink = |user: Option<&str>, labels: Value| -> Vec<String> {
+        let r = raw(
+            &bus,
+            user,
+            &[json!({"method": "io.banger.VMs.List", "parameters": {"labels": labels}})],
+        );
+        r[0]["parameters"]["vms"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{r:?}"))
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(over_varlink(Some(USER_OK), json!({"app": "e2b"})), ["lab-ok"]);
+    assert_eq!(over_varlink(Some(USER_OK2), json!({"app": "e2b"})), ["lab-ok2"]);
+    // Root's filter sees every owner's labels.
+    assert_eq!(over_varlink(None, json!({"app": "e2b"})), ["lab-ok", "lab-ok2"]);
+
+    // Another user reads no labels of a VM that is not theirs, on either API.
+    let shown: Value = serde_json::from_str(&ok(
+        bus.banger_as(Some(USER_OK2), &["--json", "vm", "show", "lab-ok"]),
+        "vm show",
+    ))
+    .unwrap();
+    assert_eq!(shown["labels"], json!({}), "{shown}");
+    let mine: Value = serde_json::from_str(&ok(
+        bus.banger_as(Some(USER_OK), &["--json", "vm", "show", "lab-ok"]),
+        "vm show",
+    ))
+    .unwrap();
+    assert_eq!(
+        mine["labels"],
+        json!({"app": "e2b", "sandbox.team": "a b/c"}),
+        "{mine}"
+    );
+    let r = get(Some(USER_OK2), "lab-ok");
+    assert_eq!(r["parameters"]["vm"]["labels"], json!({}), "{r:?}");
+
+    // Bad labels are refused by name on both APIs, and nothing is created.
+    let (mut tried, mut refused) = (0, 0);
+    for (label, why) in [
+        ("bad key=x", "key \"bad key\""),
+        ("k=\u{7}", "control characters"),
+        ("=v", "key \"\""),
+    ] {
+        tried += 1;
+        let out = bus.banger_as(
+            Some(USER_OK),
+            &["vm", "create", "lab-bad", "--image", "seeded-image", "--no-start", "--label", label],
+        );
+        if !out.status.success() && text(&out).contains(why) {
+            refused += 1;
+        } else {
+            panic!("--label {label:?}: {}", text(&out));
+        }
+    }
+    let r = raw(
+        &bus,
+        Some(USER_OK),
+        &[json!({"method": "io.banger.VMs.Create", "parameters": {
+            "name": "lab-bad", "image": "seeded-image", "start": false,
+            "labels": {"k": "x".repeat(2000)}}})],
+    );
+    tried += 1;
+    assert_eq!(r[0]["error"], "io.banger.VMs.InvalidArgument", "{r:?}");
+    refused += 1;
+    assert!(bus.banger_as(None, &["vm", "show", "lab-bad"]).status.code() != Some(0));
+    println!("security (labels): {tried} bad labels tried, {refused} refused, 0 created");
+}

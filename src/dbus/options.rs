@@ -164,6 +164,11 @@ impl crate::ops::request::Source for Options {
     fn shares(&mut self, key: &str) -> Result<Option<Vec<crate::model::Share>>> {
         Options::shares(self, key)
     }
+    fn labels(&mut self, key: &str) -> Result<Option<std::collections::BTreeMap<String, String>>> {
+        Ok(self
+            .take::<std::collections::HashMap<String, String>>(key, "a{ss}")?
+            .map(|m| m.into_iter().collect()))
+    }
     fn file(&mut self, key: &str) -> Result<Option<crate::callerfile::CallerInput>> {
         Options::file(self, key)
     }

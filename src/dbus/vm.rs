@@ -288,6 +288,15 @@ impl Vm1 {
     ) -> Vec<String> {
         self.seen_by(conn, hdr.as_ref()).await.egress
     }
+    /// Its owner's key/value pairs (CreateVM labels); empty for anyone but the owner and root.
+    #[zbus(property(emits_changed_signal = "const"), name = "Labels")]
+    async fn labels(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> std::collections::HashMap<String, String> {
+        self.seen_by(conn, hdr.as_ref()).await.labels.into_iter().collect()
+    }
     /// What the VM costs the host in memory now, in bytes: the proportional set size of its
     /// VMM and helper processes (pages shared with other VMs, such as a snapshot's
     /// restored into several, are divided among them); 0 when it has no processes. Read on

@@ -75,6 +75,29 @@ impl Vms1 {
             .collect())
     }
 
+    /// Lists the caller's VMs that carry every one of these labels (key, value), as ListVMs
+    /// does. Another user's labels are theirs: their VMs never match.
+    #[zbus(name = "ListVMsByLabels")]
+    async fn list_vms_by_labels(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        labels: std::collections::HashMap<String, String>,
+    ) -> Result<Vec<(String, String, String, String, OwnedObjectPath)>> {
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let filter: std::collections::BTreeMap<String, String> = labels.into_iter().collect();
+        crate::model::check_labels(&filter)?;
+        let vms = self.ctx.banger.vms.list().await?;
+        Ok(vms
+            .into_iter()
+            .filter(|v| v.private_to(c.uid) && crate::model::labels_match(&v.labels, &filter))
+            .map(|v| {
+                let path = vm_path(&v.id);
+                (v.id, v.name, v.state.as_str().to_owned(), v.image_id, path)
+            })
+            .collect())
+    }
+
     /// Returns the object path of the VM with this name or id.
     #[zbus(name = "GetVM")]
     async fn get_vm(
@@ -97,8 +120,9 @@ impl Vms1 {
     /// rights; the caller must own or be able to write the folder), snapshot s (restore this
     /// snapshot instead of booting: stage restore replaces boot; image, kernel, vcpus,
     /// memory_mib and disk size are the snapshot's), cold b (boot even when a warm snapshot of
-    /// this image, kernel and shape exists; by default such a create restores from it).
-    /// Returns the VM and its job at once;
+    /// this image, kernel and shape exists; by default such a create restores from it),
+    /// labels a{ss} (the owner's key/value pairs: at most 64, keys of letters, digits and
+    /// ._-/:, values up to 1024 bytes; see ListVMsByLabels). Returns the VM and its job at once;
     /// stages arrive as CreateProgress and the job's StageChanged.
     #[zbus(name = "CreateVM", out_args("vm_path", "job_id", "job_path"))]
     async fn create_vm(

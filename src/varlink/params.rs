@@ -137,6 +137,12 @@ impl crate::ops::request::Source for Params {
     fn ports(&mut self, key: &str) -> Result<Option<Vec<u16>>, super::Fail> {
         Ok(self.opt(&camel(key))?)
     }
+    fn labels(
+        &mut self,
+        key: &str,
+    ) -> Result<Option<std::collections::BTreeMap<String, String>>, super::Fail> {
+        Ok(self.opt(&camel(key))?)
+    }
     fn shares(&mut self, key: &str) -> Result<Option<Vec<crate::model::Share>>, super::Fail> {
         let list: Option<Vec<ShareParam>> = self.opt(&camel(key))?;
         Ok(list.map(|l| {

@@ -51,7 +51,9 @@ type VM (
   snapshot: string,
   # What it costs the host in memory now: the proportional set size of its VMM and helper
   # processes (pages shared with other VMs divided among them); 0 without processes.
-  hostMemoryBytes: int
+  hostMemoryBytes: int,
+  # Its owner's key/value pairs (empty for anyone but its owner and root).
+  labels: [string]string
 )
 
 # A folder of the host in the guest (virtio-fs, served with its owner's rights).
@@ -80,8 +82,8 @@ type Snapshot (
   owner: int
 )
 
-# Every VM.
-method List() -> (vms: []VM)
+# Every VM; with labels, only those that carry every one of those pairs.
+method List(labels: ?[string]string) -> (vms: []VM)
 
 # One quota: how much of it the caller's objects use, and how much it allows.
 type Usage (
@@ -120,7 +122,8 @@ method Create(
   publish: ?[]string,
   shares: ?[]Share,
   snapshot: ?string,
-  cold: ?bool
+  cold: ?bool,
+  labels: ?[string]string
 ) -> (vm: VM, job: Job, log: ?LogLine)
 
 # Starts a stopped VM; with "more", its stages follow as Create's do.
@@ -204,6 +207,7 @@ pub(super) fn view(v: &Vm, host_memory_bytes: u64) -> Value {
         })).collect::<Vec<_>>(),
         "snapshot": v.snapshot,
         "hostMemoryBytes": host_memory_bytes,
+        "labels": v.labels,
     })
 }
 
@@ -264,10 +268,19 @@ pub(super) async fn call(
             Ok(Answer::One(json!({ "usage": usage })))
         }
         "List" => {
+            let filter: Option<std::collections::BTreeMap<String, String>> = p.opt("labels")?;
             p.finish()?;
+            let filter = filter.unwrap_or_default();
+            crate::model::check_labels(&filter)?;
             // What a VM runs is its owner's business (see `ops::vm_seen_by`), and manage-any's,
-            // asked once and only when another user's VM is listed.
-            let all = b.vms.list().await?;
+            // asked once and only when another user's VM is listed. A filter matches only what
+            // the caller may see of a VM's labels.
+            let mut all = b.vms.list().await?;
+            if !filter.is_empty() {
+                all.retain(|v| {
+                    v.private_to(caller.uid) && crate::model::labels_match(&v.labels, &filter)
+                });
+            }
             let any = all.iter().any(|v| !v.private_to(caller.uid))
                 && ops::manages_any(ctx.authority.as_ref(), caller).await;
             let vms: Vec<Value> = all

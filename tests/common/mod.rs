@@ -1037,5 +1037,6 @@ pub fn vm_row(
         shares: Vec::new(),
         snapshot: String::new(),
         machine: String::new(),
+        labels: Default::default(),
     }
 }

@@ -79,6 +79,12 @@ pub trait VMs1 {
     /// ListVMs
     #[zbus(name = "ListVMs")]
     fn list_vms(&self) -> zbus::Result<Vec<(String, String, String, String, OwnedObjectPath)>>;
+    /// ListVMsByLabels
+    #[zbus(name = "ListVMsByLabels")]
+    fn list_vms_by_labels(
+        &self,
+        labels: std::collections::HashMap<&str, &str>,
+    ) -> zbus::Result<Vec<(String, String, String, String, OwnedObjectPath)>>;
     /// GetUsage
     #[zbus(name = "GetUsage")]
     fn get_usage(&self) -> zbus::Result<Vec<(String, u64, u64)>>;

@@ -83,7 +83,7 @@ pub(crate) async fn names(
     kind: &str,
 ) -> anyhow::Result<Vec<String>> {
     let records = match kind {
-        "vm" => t.vms().await?,
+        "vm" => t.vms(&Default::default()).await?,
         "image" => t.images().await?,
         "kernel" => t.kernels().await?,
         "snapshot" => t.snapshots().await?,

@@ -9,7 +9,7 @@ use super::Output;
 pub(crate) async fn run(out: &Output, t: &mut impl Transport) -> anyhow::Result<()> {
     let version = t.version().await?;
     let (images, kernels) = (t.images().await?.len(), t.kernels().await?.len());
-    let vms = t.vms().await?;
+    let vms = t.vms(&Default::default()).await?;
     let running = vms.iter().filter(|v| v["state"] == "running").count();
     let jobs = t.jobs().await?.len();
     let usage = t.usage().await?;

@@ -40,7 +40,12 @@ pub(crate) enum Opt {
     Dir(PathBuf),
     /// Shared folders: host folder, guest folder, read-only.
     Shares(Vec<(String, String, bool)>),
+    /// Key/value pairs.
+    Labels(Labels),
 }
+
+/// Labels, or a label filter.
+pub(crate) type Labels = std::collections::BTreeMap<String, String>;
 
 /// A call's options, keys as D-Bus spells them (`memory_mib`); absent ones left out.
 pub(crate) type Opts = Vec<(&'static str, Opt)>;
@@ -128,8 +133,9 @@ pub(crate) trait Transport {
     /// Empties the download cache: the bytes and blobs removed.
     async fn prune_cache(&mut self) -> anyhow::Result<(u64, u64)>;
 
-    /// VMs: `name`, `id`, `state`, `image` (its id).
-    async fn vms(&mut self) -> anyhow::Result<Vec<Value>>;
+    /// VMs: `name`, `id`, `state`, `image` (its id); with `labels`, only the caller's that
+    /// carry all of them.
+    async fn vms(&mut self, labels: &Labels) -> anyhow::Result<Vec<Value>>;
     /// A VM's fields, named as `org.banger.VM1`'s properties.
     async fn vm(&mut self, name: &str) -> anyhow::Result<Fields>;
     /// What the verbs read of a VM to act on it.
@@ -211,6 +217,10 @@ fn dbus_options(opts: Opts) -> anyhow::Result<banger_api::proxy::Opts> {
                 Opt::File(p) => super::files::open_file(&p)?,
                 Opt::Dir(p) => super::files::open_dir(&p)?,
                 Opt::Shares(l) => l.into(),
+                Opt::Labels(m) => m
+                    .into_iter()
+                    .collect::<std::collections::HashMap<_, _>>()
+                    .into(),
             },
         ));
     }
@@ -237,6 +247,7 @@ fn varlink_params(
                 .into_iter()
                 .map(|(host, guest, ro)| json!({"host": host, "guest": guest, "readOnly": ro}))
                 .collect::<Vec<_>>()),
+            Opt::Labels(l) => json!(l),
         };
         m.insert(super::output::json_key(k), v);
     }
@@ -377,6 +388,12 @@ async fn properties(
                         json!(list)
                     } else if let Ok(list) = <Vec<u16>>::try_from(v.try_clone()?) {
                         json!(list)
+                    } else if let Ok(map) = <std::collections::HashMap<String, String>>::try_from(
+                        v.try_clone()?,
+                    ) {
+                        json!(map
+                            .into_iter()
+                            .collect::<std::collections::BTreeMap<_, _>>())
                     } else {
                         json!(null)
                     }
@@ -712,8 +729,16 @@ impl Transport for Bus {
         Ok((bytes, blobs.into()))
     }
 
-    async fn vms(&mut self) -> anyhow::Result<Vec<Value>> {
-        let list = self.vms1().await?.list_vms().await.map_err(explain)?;
+    async fn vms(&mut self, labels: &Labels) -> anyhow::Result<Vec<Value>> {
+        let vms1 = self.vms1().await?;
+        let list = if labels.is_empty() {
+            vms1.list_vms().await
+        } else {
+            let l: std::collections::HashMap<&str, &str> =
+                labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            vms1.list_vms_by_labels(l).await
+        }
+        .map_err(explain)?;
         Ok(list
             .into_iter()
             .map(|(id, name, state, image, path)| {
@@ -894,6 +919,7 @@ const VM_FIELDS: &[&str] = &[
     "Owner",
     "CreatedAt",
     "HostMemoryBytes",
+    "Labels",
 ];
 
 /// banger's Varlink socket.
@@ -1130,8 +1156,13 @@ impl Transport for Socket {
         ))
     }
 
-    async fn vms(&mut self) -> anyhow::Result<Vec<Value>> {
-        let v = self.client.call(&format!("{V}.List"), json!({})).await?;
+    async fn vms(&mut self, labels: &Labels) -> anyhow::Result<Vec<Value>> {
+        let p = if labels.is_empty() {
+            json!({})
+        } else {
+            json!({ "labels": labels })
+        };
+        let v = self.client.call(&format!("{V}.List"), p).await?;
         Ok(list(v, "vms"))
     }
 

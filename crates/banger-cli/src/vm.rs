@@ -18,6 +18,9 @@ pub enum VmCommand {
         /// Also the VMs whose names start with a dot (banger's warm-snapshot templates).
         #[arg(long, short)]
         all: bool,
+        /// Only your VMs with this label, KEY=VALUE (repeatable: all of them).
+        #[arg(long, value_name = "KEY=VALUE")]
+        label: Vec<String>,
     },
     /// Create a VM and start it, following its stages until it is ready.
     Create {
@@ -225,6 +228,14 @@ pub struct VmSpec {
     /// Boot, even when a warm snapshot of this image and shape would start the VM instantly.
     #[arg(long)]
     cold: bool,
+    /// A label, KEY=VALUE (repeatable), which `vm list --label` finds it by.
+    #[arg(long, value_name = "KEY=VALUE")]
+    label: Vec<String>,
+}
+
+/// `KEY=VALUE` arguments as labels.
+fn parse_labels(args: &[String]) -> anyhow::Result<transport::Labels> {
+    Ok(crate::model::parse_label_filter(args)?)
 }
 
 impl VmSpec {
@@ -250,6 +261,12 @@ impl VmSpec {
             ),
             ("snapshot", self.snapshot.clone().map(Opt::Str)),
             ("cold", self.cold.then_some(Opt::Bool(true))),
+            (
+                "labels",
+                (!self.label.is_empty())
+                    .then(|| parse_labels(&self.label).map(Opt::Labels))
+                    .transpose()?,
+            ),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.map(|v| (k, v)))
@@ -633,9 +650,9 @@ pub(crate) async fn run(
     cmd: VmCommand,
 ) -> anyhow::Result<()> {
     match cmd {
-        VmCommand::List { all } => {
+        VmCommand::List { all, label } => {
             let names = image_names(t).await;
-            let mut vms = t.vms().await?;
+            let mut vms = t.vms(&parse_labels(&label)?).await?;
             vms.retain(|v| all || !v["name"].as_str().unwrap_or("").starts_with('.'));
             t.fill_host_memory(&mut vms).await?;
             for v in &mut vms {

@@ -111,6 +111,67 @@ pub fn check_ready_ports(ports: &[u16]) -> crate::Result<()> {
     Ok(())
 }
 
+/// The most labels a VM carries.
+pub const MAX_LABELS: usize = 64;
+/// The longest label key, in bytes.
+pub const MAX_LABEL_KEY: usize = 128;
+/// The longest label value, in bytes.
+pub const MAX_LABEL_VALUE: usize = 1024;
+
+/// Validates a VM's labels: at most [`MAX_LABELS`]; keys of 1 to [`MAX_LABEL_KEY`] bytes of
+/// letters, digits and `._-/:` (a filter says `KEY=VALUE`, so never `=`); values of at most
+/// [`MAX_LABEL_VALUE`] bytes without control characters.
+pub fn check_labels(labels: &std::collections::BTreeMap<String, String>) -> crate::Result<()> {
+    let bad = |why: String| crate::Error::InvalidArgument(format!("labels: {why}"));
+    if labels.len() > MAX_LABELS {
+        return Err(bad(format!(
+            "at most {MAX_LABELS} labels, not {}",
+            labels.len()
+        )));
+    }
+    for (k, v) in labels {
+        let plain = k
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-/:".contains(c));
+        if k.is_empty() || k.len() > MAX_LABEL_KEY || !plain {
+            return Err(bad(format!(
+                "key {k:?} must be 1 to {MAX_LABEL_KEY} letters, digits or ._-/:"
+            )));
+        }
+        if v.len() > MAX_LABEL_VALUE || v.chars().any(char::is_control) {
+            return Err(bad(format!(
+                "the value of {k} must be at most {MAX_LABEL_VALUE} bytes without control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Parses a label filter, `KEY=VALUE` each (as `vm list --label` takes it).
+pub fn parse_label_filter(
+    filters: &[String],
+) -> crate::Result<std::collections::BTreeMap<String, String>> {
+    let mut m = std::collections::BTreeMap::new();
+    for f in filters {
+        let Some((k, v)) = f.split_once('=') else {
+            return Err(crate::Error::InvalidArgument(format!(
+                "label filter {f:?} is not KEY=VALUE"
+            )));
+        };
+        m.insert(k.to_owned(), v.to_owned());
+    }
+    check_labels(&m)?;
+    Ok(m)
+}
+
+/// Whether `labels` has every pair of `filter`.
+pub fn labels_match(
+    labels: &std::collections::BTreeMap<String, String>,
+    filter: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    filter.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 /// A kernel triple: kernel, initrd, modules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kernel {
@@ -256,6 +317,8 @@ pub struct Vm {
     /// `vmm::Machine`): a saved state loads only into the same set, so a VM restored from an
     /// older snapshot keeps that snapshot's set until it boots cold again.
     pub machine: String,
+    /// Its owner's key/value pairs (see [`check_labels`]), private as what it runs is.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Vm {
@@ -275,6 +338,7 @@ impl Vm {
             v.shares.clear();
             v.publish.clear();
             v.egress.clear();
+            v.labels.clear();
         }
         v
     }
@@ -500,6 +564,38 @@ pub fn escape_path_label(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_bounded_and_filters_need_every_pair() {
+        let m = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        check_labels(&m(&[("app", "e2b"), ("sandbox.id/x:y-z_1", "any value, even = signs")]))
+            .unwrap();
+        for bad in [
+            m(&[("", "v")]),
+            m(&[("a b", "v")]),
+            m(&[("a=b", "v")]),
+            m(&[("k", "line\nbreak")]),
+            m(&[(&"k".repeat(MAX_LABEL_KEY + 1), "v")]),
+            m(&[("k", &"v".repeat(MAX_LABEL_VALUE + 1))]),
+        ] {
+            assert!(check_labels(&bad).is_err(), "{bad:?}");
+        }
+        let many: std::collections::BTreeMap<String, String> =
+            (0..=MAX_LABELS).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(check_labels(&many).is_err());
+        let labels = m(&[("a", "1"), ("b", "2")]);
+        assert!(labels_match(&labels, &m(&[])));
+        assert!(labels_match(&labels, &m(&[("a", "1"), ("b", "2")])));
+        assert!(!labels_match(&labels, &m(&[("a", "1"), ("c", "3")])));
+        assert!(!labels_match(&labels, &m(&[("a", "2")])));
+        assert_eq!(
+            parse_label_filter(&["a=1".into(), "b=x=y".into()]).unwrap(),
+            m(&[("a", "1"), ("b", "x=y")])
+        );
+        assert!(parse_label_filter(&["novalue".into()]).is_err());
+    }
 
     #[test]
     fn names_follow_the_rules() {

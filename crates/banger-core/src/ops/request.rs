@@ -37,6 +37,11 @@ pub trait Source {
     fn ports(&mut self, key: &str) -> Result<Option<Vec<u16>>, Self::Error>;
     /// A list of shared folders.
     fn shares(&mut self, key: &str) -> Result<Option<Vec<Share>>, Self::Error>;
+    /// A map of strings to strings (labels).
+    fn labels(
+        &mut self,
+        key: &str,
+    ) -> Result<Option<std::collections::BTreeMap<String, String>>, Self::Error>;
     /// A caller's file: a descriptor passed with the call, or an absolute path.
     fn file(&mut self, key: &str) -> Result<Option<CallerInput>, Self::Error>;
     /// Refuses any key not taken.
@@ -100,6 +105,7 @@ impl Request for CreateOptions {
             cold: s.bool("cold")?.unwrap_or(false),
             snapshot,
             foreign_ok: false,
+            labels: s.labels("labels")?.unwrap_or_default(),
         })
     }
 }

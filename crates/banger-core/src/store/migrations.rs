@@ -142,6 +142,10 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE snapshots ADD COLUMN ram_sha256 TEXT NOT NULL DEFAULT '';
     "#,
+    // 15: a VM's labels (its owner's key/value pairs, JSON), which lists filter on.
+    r#"
+    ALTER TABLE vms ADD COLUMN labels TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -172,7 +172,7 @@ pub fn delete_kernel(c: &Connection, name: &str) -> Result<(), StoreError> {
 
 const VM_COLS: &str = "id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, \
      owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at, ssh_host_key, \
-     network, egress, init, main, exit_status, publish, shares, snapshot, machine";
+     network, egress, init, main, exit_status, publish, shares, snapshot, machine, labels";
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
     let state: String = r.get(2)?;
@@ -214,6 +214,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         shares: serde_json::from_str(&r.get::<_, String>(23)?).unwrap_or_default(),
         snapshot: r.get(24)?,
         machine: r.get(25)?,
+        labels: serde_json::from_str(&r.get::<_, String>(26)?).unwrap_or_default(),
     })
 }
 
@@ -235,7 +236,7 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     c.execute(
         &format!(
             "INSERT INTO vms ({VM_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)"
         ),
         params![
             v.id,
@@ -267,7 +268,12 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
                 serde_json::to_string(&v.shares).unwrap_or_default()
             },
             v.snapshot,
-            v.machine
+            v.machine,
+            if v.labels.is_empty() {
+                String::new()
+            } else {
+                serde_json::to_string(&v.labels).unwrap_or_default()
+            }
         ],
     )?;
     Ok(())

@@ -157,6 +157,7 @@ impl Vms {
             shares,
             snapshot: snapshot.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
             machine: String::new(),
+            labels: o.labels.clone(),
         };
         if let Some(s) = &snapshot {
             vm.init = s.init.clone();

@@ -72,6 +72,8 @@ pub struct CreateOptions {
     /// May boot another user's image or kernel: set by the operations layer once polkit
     /// granted `manage-any`, never by a front end.
     pub foreign_ok: bool,
+    /// The owner's key/value pairs (see `model::check_labels`).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for CreateOptions {
@@ -94,6 +96,7 @@ impl Default for CreateOptions {
             cold: false,
             snapshot: None,
             foreign_ok: false,
+            labels: Default::default(),
         }
     }
 }
@@ -192,6 +195,7 @@ impl CreateOptions {
             validate_ssh_key(k)?;
         }
         crate::net::walls::check_egress(&self.egress)?;
+        crate::model::check_labels(&self.labels)?;
         check_init(&self.init)?;
         publish::check(&self.publish)?;
         share::check(&self.shares)?;
