@@ -991,8 +991,16 @@ async fn labels_find_a_users_own_vms_over_both_apis_and_never_another_users() {
         bus.banger_as(
             Some(USER_OK),
             &[
-                "vm", "create", "lab-ok", "--image", "seeded-image", "--no-start",
-                "--label", "app=e2b", "--label", "sandbox.team=a b/c",
+                "vm",
+                "create",
+                "lab-ok",
+                "--image",
+                "seeded-image",
+                "--no-start",
+                "--label",
+                "app=e2b",
+                "--label",
+                "sandbox.team=a b/c",
             ],
         ),
         "vm create --label",
@@ -1014,9 +1022,11 @@ async fn labels_find_a_users_own_vms_over_both_apis_and_never_another_users() {
         )
         .remove(0)
     };
-    wait_until("lab-ok2 reserved", std::time::Duration::from_secs(20), || {
-        get(Some(USER_OK2), "lab-ok2")["parameters"]["vm"]["state"] == "created"
-    });
+    wait_until(
+        "lab-ok2 reserved",
+        std::time::Duration::from_secs(20),
+        || get(Some(USER_OK2), "lab-ok2")["parameters"]["vm"]["state"] == "created",
+    );
     assert_eq!(
         get(Some(USER_OK2), "lab-ok2")["parameters"]["vm"]["labels"],
         json!({"app": "e2b"})
@@ -1027,16 +1037,31 @@ async fn labels_find_a_users_own_vms_over_both_apis_and_never_another_users() {
         let mut a = vec!["--json", "vm", "list"];
         a.extend_from_slice(args);
         let v: Value = serde_json::from_str(&ok(bus.banger_as(Some(user), &a), "vm list")).unwrap();
-        v.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap().to_owned()).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_owned())
+            .collect()
     };
     assert_eq!(listed(USER_OK, &["--label", "app=e2b"]), ["lab-ok"]);
     assert_eq!(listed(USER_OK2, &["--label", "app=e2b"]), ["lab-ok2"]);
     assert_eq!(
-        listed(USER_OK, &["--label", "app=e2b", "--label", "sandbox.team=a b/c"]),
+        listed(
+            USER_OK,
+            &["--label", "app=e2b", "--label", "sandbox.team=a b/c"]
+        ),
         ["lab-ok"]
     );
-    assert!(listed(USER_OK, &["--label", "app=e2b", "--label", "sandbox.team=x"]).is_empty());
-    assert_eq!(listed(USER_OK, &[]).len(), 5, "without a filter every VM is listed");
+    assert!(listed(
+        USER_OK,
+        &["--label", "app=e2b", "--label", "sandbox.team=x"]
+    )
+    .is_empty());
+    assert_eq!(
+        listed(USER_OK, &[]).len(),
+        5,
+        "without a filter every VM is listed"
+    );
     let over_varlink = |user: Option<&str>, labels: Value| -> Vec<String> {
         let r = raw(
             &bus,
@@ -1050,10 +1075,19 @@ async fn labels_find_a_users_own_vms_over_both_apis_and_never_another_users() {
             .map(|v| v["name"].as_str().unwrap().to_owned())
             .collect()
     };
-    assert_eq!(over_varlink(Some(USER_OK), json!({"app": "e2b"})), ["lab-ok"]);
-    assert_eq!(over_varlink(Some(USER_OK2), json!({"app": "e2b"})), ["lab-ok2"]);
+    assert_eq!(
+        over_varlink(Some(USER_OK), json!({"app": "e2b"})),
+        ["lab-ok"]
+    );
+    assert_eq!(
+        over_varlink(Some(USER_OK2), json!({"app": "e2b"})),
+        ["lab-ok2"]
+    );
     // Root's filter sees every owner's labels.
-    assert_eq!(over_varlink(None, json!({"app": "e2b"})), ["lab-ok", "lab-ok2"]);
+    assert_eq!(
+        over_varlink(None, json!({"app": "e2b"})),
+        ["lab-ok", "lab-ok2"]
+    );
 
     // Another user reads no labels of a VM that is not theirs, on either API.
     let shown: Value = serde_json::from_str(&ok(
@@ -1085,7 +1119,16 @@ async fn labels_find_a_users_own_vms_over_both_apis_and_never_another_users() {
         tried += 1;
         let out = bus.banger_as(
             Some(USER_OK),
-            &["vm", "create", "lab-bad", "--image", "seeded-image", "--no-start", "--label", label],
+            &[
+                "vm",
+                "create",
+                "lab-bad",
+                "--image",
+                "seeded-image",
+                "--no-start",
+                "--label",
+                label,
+            ],
         );
         if !out.status.success() && text(&out).contains(why) {
             refused += 1;
@@ -1103,6 +1146,11 @@ async fn labels_find_a_users_own_vms_over_both_apis_and_never_another_users() {
     tried += 1;
     assert_eq!(r[0]["error"], "io.banger.VMs.InvalidArgument", "{r:?}");
     refused += 1;
-    assert!(bus.banger_as(None, &["vm", "show", "lab-bad"]).status.code() != Some(0));
+    assert!(
+        bus.banger_as(None, &["vm", "show", "lab-bad"])
+            .status
+            .code()
+            != Some(0)
+    );
     println!("security (labels): {tried} bad labels tried, {refused} refused, 0 created");
 }

@@ -295,7 +295,11 @@ impl Vm1 {
         #[zbus(connection)] conn: &Connection,
         #[zbus(header)] hdr: Option<Header<'_>>,
     ) -> std::collections::HashMap<String, String> {
-        self.seen_by(conn, hdr.as_ref()).await.labels.into_iter().collect()
+        self.seen_by(conn, hdr.as_ref())
+            .await
+            .labels
+            .into_iter()
+            .collect()
     }
     /// What the VM costs the host in memory now, in bytes: the proportional set size of its
     /// VMM and helper processes (pages shared with other VMs, such as a snapshot's

@@ -388,9 +388,9 @@ async fn properties(
                         json!(list)
                     } else if let Ok(list) = <Vec<u16>>::try_from(v.try_clone()?) {
                         json!(list)
-                    } else if let Ok(map) = <std::collections::HashMap<String, String>>::try_from(
-                        v.try_clone()?,
-                    ) {
+                    } else if let Ok(map) =
+                        <std::collections::HashMap<String, String>>::try_from(v.try_clone()?)
+                    {
                         json!(map
                             .into_iter()
                             .collect::<std::collections::BTreeMap<_, _>>())
@@ -734,8 +734,10 @@ impl Transport for Bus {
         let list = if labels.is_empty() {
             vms1.list_vms().await
         } else {
-            let l: std::collections::HashMap<&str, &str> =
-                labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let l: std::collections::HashMap<&str, &str> = labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
             vms1.list_vms_by_labels(l).await
         }
         .map_err(explain)?;

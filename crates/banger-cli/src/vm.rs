@@ -330,6 +330,7 @@ pub(super) fn exec_request(
         cwd: workdir,
         user,
         tty: tty.then(super::term::tty),
+        ..Default::default()
     }
 }
 

@@ -568,10 +568,16 @@ mod tests {
     #[test]
     fn labels_are_bounded_and_filters_need_every_pair() {
         let m = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
         };
-        check_labels(&m(&[("app", "e2b"), ("sandbox.id/x:y-z_1", "any value, even = signs")]))
-            .unwrap();
+        check_labels(&m(&[
+            ("app", "e2b"),
+            ("sandbox.id/x:y-z_1", "any value, even = signs"),
+        ]))
+        .unwrap();
         for bad in [
             m(&[("", "v")]),
             m(&[("a b", "v")]),
@@ -582,8 +588,9 @@ mod tests {
         ] {
             assert!(check_labels(&bad).is_err(), "{bad:?}");
         }
-        let many: std::collections::BTreeMap<String, String> =
-            (0..=MAX_LABELS).map(|i| (format!("k{i}"), String::new())).collect();
+        let many: std::collections::BTreeMap<String, String> = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), String::new()))
+            .collect();
         assert!(check_labels(&many).is_err());
         let labels = m(&[("a", "1"), ("b", "2")]);
         assert!(labels_match(&labels, &m(&[])));

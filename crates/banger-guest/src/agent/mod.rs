@@ -7,12 +7,21 @@
 //! The client sends `STDIN` frames, an empty one meaning end of input; the agent sends
 //! `STDOUT`, `STDERR` and finally `EXIT` with the exit status as an `i32` (128 + signal when
 //! a signal ended the command, as shells report it).
+//!
+//! An `exec` with `detach` goes into the agent's process table: the command outlives the
+//! connection that started it, and `attach` (its output from then on, input, signals),
+//! `signal` and `procs` reach it by pid or tag until it exits. `fs` runs one file operation
+//! ([`fsop::FsOp`]) as a guest user: the agent runs itself as that user, so the operation has
+//! exactly that user's rights, and the connection then carries frames as `exec`'s does.
 
 pub mod blocking;
 pub mod files;
+pub mod fsop;
 pub mod identity;
 pub mod link;
+pub mod procs;
 pub mod server;
+pub mod watch;
 
 use serde::{Deserialize, Serialize};
 
@@ -91,6 +100,47 @@ pub enum Request {
         /// `RESIZE` frames change its size); an empty `argv` is then the user's login shell.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tty: Option<Tty>,
+        /// Keep it in the process table: it runs on when this connection ends (which is
+        /// then only attached to it), and the reply carries its pid.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        detach: bool,
+        /// A name for it in the process table (with `detach`), unique among its processes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+    },
+    /// Attach to a process of the table (by `pid` or `tag`): its output from now on and its
+    /// exit come as `exec`'s frames; `STDIN`, `RESIZE` and `SIGNAL` frames reach it (an
+    /// empty `STDIN` frame closes its input). The process runs on when this connection ends.
+    Attach {
+        /// Its pid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+        /// Or its tag.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+    },
+    /// The process table (reply `procs`).
+    Procs,
+    /// Send a process of the table a signal: one of [`FORWARDED_SIGNALS`], `SIGKILL` or
+    /// `SIGTERM`, to its process group.
+    Signal {
+        /// Its pid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+        /// Or its tag.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+        /// The signal's number.
+        signal: i32,
+    },
+    /// A file operation as `user` (the image's `User`, else root, when absent); see
+    /// [`fsop`].
+    Fs {
+        /// The operation.
+        file: fsop::FsOp,
+        /// As whom.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
     },
     /// Receive a file or tree (a tar stream in `STDIN` frames) at `path`: inside it, as
     /// `name`, when it is a directory, else as `path` itself.
@@ -204,6 +254,10 @@ pub struct ExecRequest {
     pub user: Option<String>,
     /// A terminal (PTY) for it.
     pub tty: Option<Tty>,
+    /// Into the process table (see [`Request::Exec`]).
+    pub detach: bool,
+    /// Its tag there.
+    pub tag: Option<String>,
 }
 
 impl ExecRequest {
@@ -246,8 +300,31 @@ impl From<ExecRequest> for Request {
             cwd: e.cwd,
             user: e.user,
             tty: e.tty,
+            detach: e.detach,
+            tag: e.tag,
         }
     }
+}
+
+/// A process of the agent's table, as `procs` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcInfo {
+    /// Its pid in the guest.
+    pub pid: u32,
+    /// Its tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// What it runs.
+    pub argv: Vec<String>,
+    /// The environment the request added.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Its working directory.
+    #[serde(default)]
+    pub cwd: String,
+    /// Whether it runs on a terminal.
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// The agent's answer to `health`.
@@ -281,6 +358,12 @@ pub struct Reply {
     /// For `get`: whether the source is a directory tree.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir: Option<bool>,
+    /// For a detached `exec` and `attach`: the process's pid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// For `procs`: the process table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub procs: Option<Vec<ProcInfo>>,
 }
 
 impl Reply {
@@ -291,6 +374,8 @@ impl Reply {
             error: String::new(),
             health: None,
             dir: None,
+            pid: None,
+            procs: None,
         }
     }
     /// A refusal.
@@ -300,6 +385,8 @@ impl Reply {
             error: e.into(),
             health: None,
             dir: None,
+            pid: None,
+            procs: None,
         }
     }
 }
@@ -343,6 +430,8 @@ mod tests {
             cwd: None,
             user: None,
             tty: None,
+            detach: false,
+            tag: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.starts_with(r#"{"op":"exec""#), "{s}");

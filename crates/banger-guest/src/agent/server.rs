@@ -156,7 +156,7 @@ pub fn serve(listen: Listen) -> std::io::Result<()> {
     }
 }
 
-fn write_line(w: &mut impl Write, reply: &Reply) -> std::io::Result<()> {
+pub(super) fn write_line(w: &mut impl Write, reply: &Reply) -> std::io::Result<()> {
     let mut s = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
     s.push(b'\n');
     w.write_all(&s)
@@ -186,7 +186,39 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             cwd,
             user,
             tty,
+            detach: false,
+            tag: _,
         } => exec(reader, writer, argv, env, cwd, user, tty),
+        Request::Exec {
+            argv,
+            env,
+            cwd,
+            user,
+            tty,
+            detach: true,
+            tag,
+        } => super::procs::start(reader, writer, argv, env, cwd, user, tty, tag),
+        Request::Attach { pid, tag } => match super::procs::find(pid, tag.as_deref()) {
+            Ok(p) => super::procs::attach(reader, writer, p),
+            Err(e) => write_line(&mut writer, &Reply::error(e)),
+        },
+        Request::Procs => {
+            let mut r = Reply::ok();
+            r.procs = Some(super::procs::list());
+            write_line(&mut writer, &r)
+        }
+        Request::Signal { pid, tag, signal } => {
+            match super::procs::find(pid, tag.as_deref()).and_then(|p| p.signal(signal)) {
+                Ok(()) => write_line(&mut writer, &Reply::ok()),
+                Err(e) => write_line(&mut writer, &Reply::error(e)),
+            }
+        }
+        Request::Fs { file, user } => {
+            // The agent itself, as the user: the operation has that user's rights only.
+            let json = serde_json::to_string(&file).map_err(std::io::Error::other)?;
+            let argv = vec!["/proc/self/exe".into(), "fs".into(), json];
+            exec(reader, writer, argv, Vec::new(), None, user, None)
+        }
         Request::Put { path, name, dir } => put(reader, writer, &path, &name, dir),
         Request::Get { path } => get(writer, &path),
         Request::SetClock { time_ns, slew } => match super::identity::set_clock(time_ns, slew) {
@@ -404,7 +436,7 @@ fn power_off() {
     }
 }
 
-fn send(w: &Mutex<std::fs::File>, kind: u8, data: &[u8]) -> std::io::Result<()> {
+pub(super) fn send(w: &Mutex<std::fs::File>, kind: u8, data: &[u8]) -> std::io::Result<()> {
     let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
     w.write_all(&header(kind, data.len()))?;
     w.write_all(data)
@@ -426,9 +458,9 @@ fn pump_output(mut from: impl Read, to: Arc<Mutex<std::fs::File>>, kind: u8) {
 
 /// Reads the client's frames: `STDIN` (empty: end of input) to `stdin`, `RESIZE` to `resize`,
 /// `SIGNAL` (one of [`super::FORWARDED_SIGNALS`]) to `signal`.
-fn pump_input(
+pub(super) fn pump_input(
     mut reader: BufReader<std::fs::File>,
-    mut stdin: Option<Box<dyn Write + Send>>,
+    mut stdin: impl FnMut(&[u8]) -> bool,
     resize: impl Fn(u16, u16),
     signal: impl Fn(i32),
 ) {
@@ -442,13 +474,8 @@ fn pump_input(
             return;
         }
         match kind {
-            frame::STDIN if len == 0 => stdin = None,
             frame::STDIN => {
-                if let Some(s) = stdin.as_mut() {
-                    if s.write_all(&buf[..len]).and_then(|_| s.flush()).is_err() {
-                        stdin = None;
-                    }
-                }
+                stdin(&buf[..len]);
             }
             frame::RESIZE if len == 4 => resize(
                 u16::from_be_bytes([buf[0], buf[1]]),
@@ -496,7 +523,7 @@ fn open_pty(rows: u16, cols: u16) -> std::io::Result<(std::fs::File, std::fs::Fi
 }
 
 /// Sets a terminal's window size (the kernel tells its foreground process group, SIGWINCH).
-fn set_size(master: &std::fs::File, rows: u16, cols: u16) {
+pub(super) fn set_size(master: &std::fs::File, rows: u16, cols: u16) {
     let ws = libc::winsize {
         ws_row: rows,
         ws_col: cols,
@@ -507,28 +534,34 @@ fn set_size(master: &std::fs::File, rows: u16, cols: u16) {
     unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
 }
 
-fn exec(
-    reader: BufReader<std::fs::File>,
-    writer: std::fs::File,
+/// A command started for `exec`: the child and, on a terminal, the terminal's master side.
+pub(super) struct Spawned {
+    pub child: std::process::Child,
+    pub pty: Option<std::fs::File>,
+}
+
+/// Why a command did not start: a refusal, or (as shells and docker do) an exit status for a
+/// program that is not there (127) or may not be run (126), with the reason.
+pub(super) enum NotStarted {
+    Refused(String),
+    Exit(i32, String),
+}
+
+/// Starts `argv` as `exec` asks: the image's Env, WorkingDir and User unless the request
+/// says otherwise, in a process group of its own (a session, on a terminal).
+pub(super) fn spawn(
     argv: Vec<String>,
-    env: Vec<String>,
-    cwd: Option<String>,
-    user: Option<String>,
-    tty: Option<super::Tty>,
-) -> std::io::Result<()> {
+    env: &[String],
+    cwd: Option<&str>,
+    user: Option<&str>,
+    tty: Option<&super::Tty>,
+) -> Result<Spawned, NotStarted> {
     use crate::guestinit::runas;
-    let writer = Arc::new(Mutex::new(writer));
-    let refuse = |msg: String| {
-        let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-        write_line(&mut *w, &Reply::error(msg))
-    };
     // The image's Env, WorkingDir and User, unless the request says otherwise.
     let root = std::path::Path::new("/");
     let image = runas::image_config(root);
-    let who = match runas::resolve_user(user.as_deref().unwrap_or(&image.user), root) {
-        Ok(w) => w,
-        Err(e) => return refuse(e),
-    };
+    let who =
+        runas::resolve_user(user.unwrap_or(&image.user), root).map_err(NotStarted::Refused)?;
     // On a terminal, no command is the user's login shell.
     let argv = if argv.is_empty() && tty.is_some() {
         vec![who.shell.clone(), "-l".into()]
@@ -536,11 +569,11 @@ fn exec(
         argv
     };
     let Some((prog, args)) = argv.split_first() else {
-        return refuse("exec needs a command".into());
+        return Err(NotStarted::Refused("exec needs a command".into()));
     };
-    let cwd = runas::working_dir(cwd.as_deref(), &image.working_dir, &who);
-    let mut vars = runas::environment(&who, &image.env, &env);
-    if let Some(t) = &tty {
+    let cwd = runas::working_dir(cwd, &image.working_dir, &who);
+    let mut vars = runas::environment(&who, &image.env, env);
+    if let Some(t) = tty {
         vars.retain(|(k, _)| k != "TERM");
         vars.push(("TERM".into(), t.term.clone()));
     }
@@ -554,18 +587,21 @@ fn exec(
         crate::guestinit::supervise::find_program(prog, &path).unwrap_or_else(|| prog.clone());
     let mut cmd = Command::new(&program);
     cmd.args(args).current_dir(&cwd).env_clear().envs(vars);
-    let pty = match &tty {
+    let pty = match tty {
         Some(t) => match open_pty(t.rows, t.cols) {
             Ok(p) => Some(p),
-            Err(e) => return refuse(format!("cannot open a terminal: {e}")),
+            Err(e) => return Err(NotStarted::Refused(format!("cannot open a terminal: {e}"))),
         },
         None => None,
     };
     match &pty {
         Some((_, slave)) => {
-            cmd.stdin(slave.try_clone()?)
-                .stdout(slave.try_clone()?)
-                .stderr(slave.try_clone()?);
+            let io = || {
+                slave
+                    .try_clone()
+                    .map_err(|e| NotStarted::Refused(format!("cannot open a terminal: {e}")))
+            };
+            cmd.stdin(io()?).stdout(io()?).stderr(io()?);
         }
         None => {
             cmd.stdin(Stdio::piped())
@@ -601,39 +637,55 @@ fn exec(
             });
         }
     }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            let why = format!("cannot run {prog} in {cwd} as {}: {e}", who.name);
-            // As shells and docker do: a program that is not there exits 127, one that may
-            // not be run 126, with the reason where the command's errors would go.
-            let code: i32 = match e.kind() {
-                std::io::ErrorKind::NotFound => 127,
-                std::io::ErrorKind::PermissionDenied => 126,
-                _ => return refuse(why),
-            };
-            {
-                let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-                write_line(&mut *w, &Reply::ok())?;
-            }
-            let kind = if pty.is_some() {
-                frame::STDOUT
-            } else {
-                frame::STDERR
-            };
-            send(&writer, kind, format!("banger-agent: {why}\n").as_bytes())?;
-            return send(&writer, frame::EXIT, &code.to_be_bytes());
+    let child = cmd.spawn().map_err(|e| {
+        let why = format!("cannot run {prog} in {cwd} as {}: {e}", who.name);
+        match e.kind() {
+            std::io::ErrorKind::NotFound => NotStarted::Exit(127, why),
+            std::io::ErrorKind::PermissionDenied => NotStarted::Exit(126, why),
+            _ => NotStarted::Refused(why),
         }
-    };
-    {
+    })?;
+    // Only the command holds the terminal's other end now: its output ends with it.
+    drop(cmd);
+    Ok(Spawned {
+        child,
+        pty: pty.map(|(master, _slave)| master),
+    })
+}
+
+fn exec(
+    reader: BufReader<std::fs::File>,
+    writer: std::fs::File,
+    argv: Vec<String>,
+    env: Vec<String>,
+    cwd: Option<String>,
+    user: Option<String>,
+    tty: Option<super::Tty>,
+) -> std::io::Result<()> {
+    let writer = Arc::new(Mutex::new(writer));
+    let reply = |r: Reply| {
         let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-        write_line(&mut *w, &Reply::ok())?;
-    }
+        write_line(&mut *w, &r)
+    };
+    let Spawned { mut child, pty } =
+        match spawn(argv, &env, cwd.as_deref(), user.as_deref(), tty.as_ref()) {
+            Ok(s) => s,
+            Err(NotStarted::Refused(why)) => return reply(Reply::error(why)),
+            Err(NotStarted::Exit(code, why)) => {
+                reply(Reply::ok())?;
+                let kind = if tty.is_some() {
+                    frame::STDOUT
+                } else {
+                    frame::STDERR
+                };
+                send(&writer, kind, format!("banger-agent: {why}\n").as_bytes())?;
+                return send(&writer, frame::EXIT, &code.to_be_bytes());
+            }
+        };
+    reply(Reply::ok())?;
     type Input = Option<Box<dyn Write + Send>>;
     let (out, err, stdin, resize_to, pty_done): (_, _, Input, _, _) = match pty {
-        Some((master, slave)) => {
-            // Only the command holds the terminal's other end now: its output ends with it.
-            drop(slave);
+        Some(master) => {
             let m = master.try_clone()?;
             let resize_to = master.try_clone()?;
             let w = writer.clone();
@@ -668,9 +720,10 @@ fn exec(
     // its pid until it exits; after that, kill finds no such group and does nothing.
     let group = child.id() as i32;
     std::thread::spawn(move || {
+        let mut stdin = stdin;
         pump_input(
             reader,
-            stdin,
+            |data| write_input(&mut stdin, data),
             |r, c| {
                 if let Some(t) = &resize_to {
                     set_size(t, r, c)
@@ -691,13 +744,31 @@ fn exec(
     if let Some(done) = pty_done {
         let _ = done.recv_timeout(std::time::Duration::from_millis(500));
     }
-    use std::os::unix::process::ExitStatusExt;
-    let code = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-    send(&writer, frame::EXIT, &code.to_be_bytes())?;
+    send(&writer, frame::EXIT, &exit_code(status).to_be_bytes())?;
     let w = writer.lock().unwrap_or_else(|p| p.into_inner());
     // SAFETY: shutdown takes no pointers; the fd is open for the guard's lifetime.
     unsafe { libc::shutdown(w.as_raw_fd(), libc::SHUT_WR) };
     Ok(())
+}
+
+/// An exit status as shells report it: the code, or 128 + the signal that ended it.
+pub(super) fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// Writes `data` to a command's input (empty: closes it); false once there is none.
+pub(super) fn write_input(stdin: &mut Option<Box<dyn Write + Send>>, data: &[u8]) -> bool {
+    if data.is_empty() {
+        *stdin = None;
+        return false;
+    }
+    if let Some(s) = stdin.as_mut() {
+        if s.write_all(data).and_then(|_| s.flush()).is_err() {
+            *stdin = None;
+        }
+    }
+    stdin.is_some()
 }

@@ -14,6 +14,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::SUCCESS;
         }
         [] => banger_guest::agent::server::Listen::default(),
+        // A file operation as whoever runs this (the agent runs itself so, as a guest user).
+        ["fs", op] => {
+            let code = banger_guest::agent::fsop::main(op);
+            return std::process::ExitCode::from(code as u8);
+        }
         ["--unix", path] => banger_guest::agent::server::Listen::Unix(path.into()),
         _ => {
             eprintln!("usage: banger-agent [--unix PATH | --version]");
