@@ -133,6 +133,9 @@ pub async fn run(opts: DaemonOptions) -> Result<Exit> {
     let idle = Duration::from_secs(config.idle_exit_sec);
     let banger = Banger::for_host(config, layout, store).await?;
     banger.vms.adopt().await?;
+    // VMs' lifetimes, those that ran out while the daemon was down first.
+    let keeper = banger.clone();
+    tokio::spawn(async move { keeper.vms.keep_lifetimes().await });
 
     let conn = zbus::connection::Builder::system()
         .build()
@@ -252,7 +255,14 @@ async fn wait_for_exit(
                     notify(&[NotifyState::Status(&format!("Running {n} job(s) or call(s)"))]);
                 }
             }
-            _ = idle_timer => return Exit::Idle,
+            _ = idle_timer => {
+                // A VM's lifetime runs: the daemon stays to end it.
+                if banger.vms.lifetimes_pending() {
+                    last_call = Instant::now();
+                    continue;
+                }
+                return Exit::Idle;
+            }
             _ = term.recv() => return Exit::Signal,
             _ = int.recv() => return Exit::Signal,
         }

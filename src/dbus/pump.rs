@@ -429,6 +429,9 @@ async fn mirror_object(conn: &Connection, ctx: &Ctx, e: ObjectEvent) -> zbus::Re
             if old.exit_status != new.exit_status {
                 obj.exit_status_changed(em).await?;
             }
+            if old.expires_at != new.expires_at {
+                obj.expires_at_changed(em).await?;
+            }
             if (old.vcpus, old.memory_mib) != (new.vcpus, new.memory_mib) {
                 obj.v_cpus_changed(em).await?;
                 obj.memory_mi_b_changed(em).await?;

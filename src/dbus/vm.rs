@@ -98,6 +98,34 @@ impl Vm1 {
         self.ctx.perform(&c, op).await
     }
 
+    /// Gives the VM a lifetime of timeout_sec seconds from now, replacing the one it had (0:
+    /// none); when it runs out the VM is deleted, stopped or paused as its OnExpire says.
+    /// Needs the same authorization as Stop.
+    #[zbus(name = "SetTimeout")]
+    async fn set_timeout(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Header<'_>,
+        timeout_sec: u32,
+    ) -> Result<()> {
+        let c = self.ctx.caller(conn, &hdr).await?;
+        let id = self.vm_id();
+        let op = ops::set_vm_timeout(&self.ctx.banger, &c, &id, timeout_sec);
+        self.ctx.perform(&c, op).await
+    }
+
+    /// When the VM's lifetime ends, µs since the epoch; 0 when it has none.
+    #[zbus(property, name = "ExpiresAt")]
+    fn expires_at(&self) -> u64 {
+        self.vm().expires_at
+    }
+
+    /// What happens to the VM when its lifetime ends: delete, stop or pause.
+    #[zbus(property(emits_changed_signal = "const"), name = "OnExpire")]
+    fn on_expire(&self) -> String {
+        self.vm().on_expire.as_str().to_owned()
+    }
+
     /// Lets the paused VM go on where it was (state "running" again).
     async fn resume(
         &self,

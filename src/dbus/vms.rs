@@ -122,7 +122,9 @@ impl Vms1 {
     /// memory_mib and disk size are the snapshot's), cold b (boot even when a warm snapshot of
     /// this image, kernel and shape exists; by default such a create restores from it),
     /// labels a{ss} (the owner's key/value pairs: at most 64, keys of letters, digits and
-    /// ._-/:, values up to 1024 bytes; see ListVMsByLabels). Returns the VM and its job at once;
+    /// ._-/:, values up to 1024 bytes; see ListVMsByLabels), timeout_sec u (a lifetime from
+    /// now; see VM1.SetTimeout), on_expire s (delete, the default, stop or pause). Returns
+    /// the VM and its job at once;
     /// stages arrive as CreateProgress and the job's StageChanged.
     #[zbus(name = "CreateVM", out_args("vm_path", "job_id", "job_path"))]
     async fn create_vm(

@@ -53,7 +53,11 @@ type VM (
   # processes (pages shared with other VMs divided among them); 0 without processes.
   hostMemoryBytes: int,
   # Its owner's key/value pairs (empty for anyone but its owner and root).
-  labels: [string]string
+  labels: [string]string,
+  # When its lifetime ends, µs since the epoch (0: it has none), and what happens then:
+  # delete, stop or pause.
+  expiresAt: int,
+  onExpire: string
 )
 
 # A folder of the host in the guest (virtio-fs, served with its owner's rights).
@@ -123,7 +127,9 @@ method Create(
   shares: ?[]Share,
   snapshot: ?string,
   cold: ?bool,
-  labels: ?[string]string
+  labels: ?[string]string,
+  timeoutSec: ?int,
+  onExpire: ?string
 ) -> (vm: VM, job: Job, log: ?LogLine)
 
 # Starts a stopped VM; with "more", its stages follow as Create's do.
@@ -134,6 +140,9 @@ method Stop(name: string, force: ?bool, timeoutSec: ?int) -> ()
 
 # Deletes a VM and its disks; a running VM only with force.
 method Delete(name: string, force: ?bool) -> ()
+
+# Gives a VM a lifetime of timeoutSec seconds from now (0: none), replacing the one it had.
+method SetTimeout(name: string, timeoutSec: int) -> ()
 
 # Stops a VM's vCPUs; its memory stays.
 method Pause(name: string) -> ()
@@ -208,6 +217,8 @@ pub(super) fn view(v: &Vm, host_memory_bytes: u64) -> Value {
         "snapshot": v.snapshot,
         "hostMemoryBytes": host_memory_bytes,
         "labels": v.labels,
+        "expiresAt": v.expires_at,
+        "onExpire": v.on_expire.as_str(),
     })
 }
 
@@ -336,6 +347,14 @@ pub(super) async fn call(
             let name: String = p.req("name")?;
             let opts: DeleteVmOptions = read(p)?;
             ctx.perform(caller, ops::delete_vm(b, caller, &name, opts.force))
+                .await?;
+            Ok(Answer::One(json!({})))
+        }
+        "SetTimeout" => {
+            let name: String = p.req("name")?;
+            let secs: u32 = p.req("timeoutSec")?;
+            p.finish()?;
+            ctx.perform(caller, ops::set_vm_timeout(b, caller, &name, secs))
                 .await?;
             Ok(Answer::One(json!({})))
         }

@@ -1038,5 +1038,7 @@ pub fn vm_row(
         snapshot: String::new(),
         machine: String::new(),
         labels: Default::default(),
+        expires_at: 0,
+        on_expire: Default::default(),
     }
 }

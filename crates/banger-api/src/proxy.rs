@@ -186,6 +186,12 @@ pub trait VM1 {
     /// Owner
     #[zbus(property, name = "Owner")]
     fn owner(&self) -> zbus::Result<u32>;
+    /// SetTimeout
+    #[zbus(name = "SetTimeout", allow_interactive_auth)]
+    fn set_timeout(&self, timeout_sec: u32) -> zbus::Result<()>;
+    /// ExpiresAt
+    #[zbus(property, name = "ExpiresAt")]
+    fn expires_at(&self) -> zbus::Result<u64>;
 }
 
 /// `org.banger.Jobs1`.

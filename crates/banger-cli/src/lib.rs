@@ -9,6 +9,7 @@ use banger_core::{agent, config, guestinit, host, model, net, oci, vmm, VERSION}
 mod assets;
 mod cp;
 mod doctor;
+mod e2b;
 mod files;
 mod image;
 mod job;
@@ -63,6 +64,9 @@ pub enum Command {
     /// Follow, inspect and cancel long operations.
     #[command(subcommand)]
     Job(job::JobCommand),
+    /// Serve E2B's API as you, so E2B's SDKs drive your banger VMs.
+    #[command(subcommand)]
+    E2b(e2b::E2bCommand),
     /// Check that this host can run banger, and say what to install.
     Doctor,
     /// Write the man pages and shell completions into DIR (packaging).
@@ -119,6 +123,27 @@ pub(crate) fn parse_memory_mib(text: &str) -> Result<u32, String> {
 /// `--disk-size`, `--size`: bytes, as a plain number or with a unit (`10G`).
 pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
     parse_size(text, 1)
+}
+
+/// `--timeout`: a duration in seconds, or with a unit (`90s`, `10m`, `2h`, `1d`); `0` for
+/// none.
+pub(crate) fn parse_duration_sec(text: &str) -> Result<u32, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration; write e.g. 90s, 10m, 2h or 1d"))?;
+    let scale = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("'{text}': unknown unit '{unit}'; use s, m, h or d")),
+    };
+    n.checked_mul(scale)
+        .and_then(|s| u32::try_from(s).ok())
+        .ok_or_else(|| format!("'{text}' is too long"))
 }
 
 /// An object's owner as lists show it: `system` for the system's objects (uid 0), else the
@@ -294,6 +319,7 @@ pub async fn run(cli: Cli, daemon: fn() -> clap::Command) -> anyhow::Result<()> 
         .map(varlink::socket_of);
     match (cli.command, varlink) {
         (Command::Doctor, _) => doctor::run(&out),
+        (Command::E2b(c), socket) => e2b::run(&out, c, socket).await,
         (Command::GenerateAssets { dir }, _) => assets::generate(&dir, daemon()),
         // A completion must never print an error into the user's command line.
         (Command::CompleteNames { kind }, Some(socket)) => {
@@ -333,6 +359,7 @@ async fn verb(
         Command::Job(c) => job::run(out, t, c).await,
         // `run` answers these before it connects; the same answers here.
         Command::Doctor => doctor::run(out),
+        Command::E2b(c) => e2b::run(out, c, None).await,
         Command::GenerateAssets { dir } => assets::generate(&dir, daemon()),
         Command::CompleteNames { kind } => {
             assets::print_names(assets::names(t, &kind).await.unwrap_or_default());

@@ -163,6 +163,8 @@ pub(crate) trait Transport {
     async fn delete_vm(&mut self, name: &str, opts: Opts) -> anyhow::Result<()>;
     /// Pauses (`pause`) or resumes VM `name`.
     async fn pause_vm(&mut self, name: &str, pause: bool) -> anyhow::Result<()>;
+    /// Gives VM `name` a lifetime of `secs` from now (0: none).
+    async fn set_timeout(&mut self, name: &str, secs: u32) -> anyhow::Result<()>;
     /// Snapshots VM `name` as `snapshot`, following the job.
     async fn snapshot_vm(
         &mut self,
@@ -845,6 +847,11 @@ impl Transport for Bus {
             .map_err(explain)
     }
 
+    async fn set_timeout(&mut self, name: &str, secs: u32) -> anyhow::Result<()> {
+        let vm = self.vm1(name).await?;
+        vm.set_timeout(secs).await.map_err(explain)
+    }
+
     async fn pause_vm(&mut self, name: &str, pause: bool) -> anyhow::Result<()> {
         let vm = self.vm1(name).await?;
         if pause {
@@ -922,6 +929,8 @@ const VM_FIELDS: &[&str] = &[
     "CreatedAt",
     "HostMemoryBytes",
     "Labels",
+    "ExpiresAt",
+    "OnExpire",
 ];
 
 /// banger's Varlink socket.
@@ -1288,6 +1297,16 @@ impl Transport for Socket {
         let p = Value::Object(varlink_params(vec![("name", json!(name))], opts)?);
         self.client
             .call(&format!("{V}.Delete"), p)
+            .await
+            .map(|_| ())
+    }
+
+    async fn set_timeout(&mut self, name: &str, secs: u32) -> anyhow::Result<()> {
+        self.client
+            .call(
+                &format!("{V}.SetTimeout"),
+                json!({ "name": name, "timeoutSec": secs }),
+            )
             .await
             .map(|_| ())
     }

@@ -160,6 +160,15 @@ pub enum VmCommand {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+    /// Give a VM a lifetime from now (0: none); when it runs out the VM is deleted, or
+    /// stopped or paused as it was created to be (--on-expire).
+    Timeout {
+        /// VM name or id.
+        name: String,
+        /// How long: seconds, or with a unit (90s, 10m, 2h, 1d); 0 for none.
+        #[arg(value_parser = super::parse_duration_sec)]
+        duration: u32,
+    },
     /// Pause a running VM: its vCPUs stop, its memory is kept.
     Pause {
         /// VM name or id.
@@ -231,6 +240,13 @@ pub struct VmSpec {
     /// A label, KEY=VALUE (repeatable), which `vm list --label` finds it by.
     #[arg(long, value_name = "KEY=VALUE")]
     label: Vec<String>,
+    /// A lifetime: the VM ends this long after its creation (90s, 10m, 2h, 1d; `vm timeout`
+    /// changes it).
+    #[arg(long, value_parser = super::parse_duration_sec, value_name = "DURATION")]
+    timeout: Option<u32>,
+    /// What ends it then: delete (the default), stop or pause.
+    #[arg(long, value_name = "delete|stop|pause", requires = "timeout")]
+    on_expire: Option<String>,
 }
 
 /// `KEY=VALUE` arguments as labels.
@@ -261,6 +277,8 @@ impl VmSpec {
             ),
             ("snapshot", self.snapshot.clone().map(Opt::Str)),
             ("cold", self.cold.then_some(Opt::Bool(true))),
+            ("timeout_sec", self.timeout.map(Opt::U32)),
+            ("on_expire", self.on_expire.clone().map(Opt::Str)),
             (
                 "labels",
                 (!self.label.is_empty())
@@ -788,6 +806,10 @@ pub(crate) async fn run(
                 ("snapshot", json!(new)),
                 ("vms", json!(names)),
             ]);
+        }
+        VmCommand::Timeout { name, duration } => {
+            t.set_timeout(&name, duration).await?;
+            out.done(vec![("name", json!(name)), ("timeout_sec", json!(duration))]);
         }
         VmCommand::Pause { name } => {
             t.pause_vm(&name, true).await?;

@@ -319,6 +319,42 @@ pub struct Vm {
     pub machine: String,
     /// Its owner's key/value pairs (see [`check_labels`]), private as what it runs is.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// When its lifetime ends, µs since the epoch; 0: it has none.
+    pub expires_at: u64,
+    /// What happens to it then.
+    pub on_expire: OnExpire,
+}
+
+/// What happens to a VM when its lifetime ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnExpire {
+    /// It is deleted (the default).
+    #[default]
+    Delete,
+    /// It is stopped.
+    Stop,
+    /// It is paused.
+    Pause,
+}
+
+impl OnExpire {
+    /// Its name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OnExpire::Delete => "delete",
+            OnExpire::Stop => "stop",
+            OnExpire::Pause => "pause",
+        }
+    }
+    /// Parses a name (empty: the default).
+    pub fn parse(s: &str) -> Option<OnExpire> {
+        match s {
+            "" | "delete" => Some(OnExpire::Delete),
+            "stop" => Some(OnExpire::Stop),
+            "pause" => Some(OnExpire::Pause),
+            _ => None,
+        }
+    }
 }
 
 impl Vm {

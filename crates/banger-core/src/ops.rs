@@ -379,6 +379,20 @@ pub async fn pause_vm<'a>(b: &'a Banger, caller: &Caller, key: &str) -> Result<R
     ))
 }
 
+/// `VM1.SetTimeout`: a lifetime of `secs` from now (0: none).
+pub async fn set_vm_timeout<'a>(
+    b: &'a Banger,
+    caller: &Caller,
+    key: &str,
+    secs: u32,
+) -> Result<Ready<'a, ()>> {
+    crate::vms::lifetime::check_timeout(secs)?;
+    let (vm, action) = vm_for(b, caller, key).await?;
+    Ok(Ready::new(vec![action], async move {
+        b.vms.set_timeout(&vm, secs).await.map(|_| ())
+    }))
+}
+
 /// `VM1.Resume`.
 pub async fn resume_vm<'a>(b: &'a Banger, caller: &Caller, key: &str) -> Result<Ready<'a, ()>> {
     let (vm, action) = vm_for(b, caller, key).await?;

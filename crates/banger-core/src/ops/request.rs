@@ -106,6 +106,8 @@ impl Request for CreateOptions {
             snapshot,
             foreign_ok: false,
             labels: s.labels("labels")?.unwrap_or_default(),
+            timeout_sec: crate::vms::lifetime::check_timeout(s.u32("timeout_sec")?.unwrap_or(0))?,
+            on_expire: crate::vms::lifetime::on_expire(s.string("on_expire")?.as_deref())?,
         })
     }
 }

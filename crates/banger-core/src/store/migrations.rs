@@ -146,6 +146,12 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE vms ADD COLUMN labels TEXT NOT NULL DEFAULT '';
     "#,
+    // 16: a VM's lifetime: when it ends (µs since the epoch, 0 for never) and what then
+    // happens to it.
+    r#"
+    ALTER TABLE vms ADD COLUMN expires_at INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE vms ADD COLUMN on_expire TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The schema version this build writes.

@@ -172,7 +172,7 @@ pub fn delete_kernel(c: &Connection, name: &str) -> Result<(), StoreError> {
 
 const VM_COLS: &str = "id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, \
      owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at, ssh_host_key, \
-     network, egress, init, main, exit_status, publish, shares, snapshot, machine, labels";
+     network, egress, init, main, exit_status, publish, shares, snapshot, machine, labels, expires_at, on_expire";
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
     let state: String = r.get(2)?;
@@ -215,6 +215,8 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         snapshot: r.get(24)?,
         machine: r.get(25)?,
         labels: serde_json::from_str(&r.get::<_, String>(26)?).unwrap_or_default(),
+        expires_at: r.get::<_, i64>(27)? as u64,
+        on_expire: crate::model::OnExpire::parse(&r.get::<_, String>(28)?).unwrap_or_default(),
     })
 }
 
@@ -236,7 +238,7 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     c.execute(
         &format!(
             "INSERT INTO vms ({VM_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)"
         ),
         params![
             v.id,
@@ -273,7 +275,9 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
                 String::new()
             } else {
                 serde_json::to_string(&v.labels).unwrap_or_default()
-            }
+            },
+            v.expires_at as i64,
+            v.on_expire.as_str()
         ],
     )?;
     Ok(())
@@ -383,6 +387,18 @@ pub fn update_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     if n == 0 {
         // Deleted meanwhile: an update must not pretend it landed.
         return Err(StoreError::Gone(format!("VM {} no longer exists", v.name)));
+    }
+    Ok(())
+}
+
+/// Sets when a VM's lifetime ends (µs since the epoch; 0: never).
+pub fn set_vm_expiry(c: &Connection, id: &str, expires_at: u64) -> Result<(), StoreError> {
+    let n = c.execute(
+        "UPDATE vms SET expires_at = ?2 WHERE id = ?1",
+        params![id, expires_at as i64],
+    )?;
+    if n == 0 {
+        return Err(StoreError::Gone(format!("VM {id} no longer exists")));
     }
     Ok(())
 }

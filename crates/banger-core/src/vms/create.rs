@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::error::{failed, invalid};
 use super::VmError;
-use super::{bounds, publish, share, snapshot, CreateOptions, Vms};
+use super::{bounds, lifetime, publish, share, snapshot, CreateOptions, Vms};
 use crate::auth::Action;
 use crate::events::ObjectEvent;
 use crate::images::ImageError;
@@ -158,6 +158,8 @@ impl Vms {
             snapshot: snapshot.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
             machine: String::new(),
             labels: o.labels.clone(),
+            expires_at: lifetime::expiry(o.timeout_sec),
+            on_expire: o.on_expire,
         };
         if let Some(s) = &snapshot {
             vm.init = s.init.clone();

@@ -7,6 +7,7 @@ pub mod control;
 pub(crate) mod create;
 mod error;
 mod lifecycle;
+pub mod lifetime;
 pub mod publish;
 pub mod share;
 pub mod snapshot;
@@ -74,6 +75,10 @@ pub struct CreateOptions {
     pub foreign_ok: bool,
     /// The owner's key/value pairs (see `model::check_labels`).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Its lifetime in seconds from its creation; 0: none.
+    pub timeout_sec: u32,
+    /// What happens to it when its lifetime ends.
+    pub on_expire: crate::model::OnExpire,
 }
 
 impl Default for CreateOptions {
@@ -97,6 +102,8 @@ impl Default for CreateOptions {
             snapshot: None,
             foreign_ok: false,
             labels: Default::default(),
+            timeout_sec: 0,
+            on_expire: Default::default(),
         }
     }
 }
@@ -336,6 +343,8 @@ pub struct Vms {
     /// Snapshots' RAM as sealed memfds, by snapshot id, made at their first restore (see
     /// `vmm::ram`); the lock is held while one is made, so restores at once share one.
     rams: Arc<tokio::sync::Mutex<HashMap<String, snapshot::CachedRam>>>,
+    /// What keeps VMs' lifetimes (see [`lifetime`]).
+    lifetimes: Arc<lifetime::Lifetimes>,
 }
 
 impl Vms {
@@ -372,6 +381,7 @@ impl Vms {
             warming: Arc::default(),
             snapshots,
             rams: Arc::default(),
+            lifetimes: Arc::default(),
         }
     }
 

@@ -119,6 +119,17 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tag: Option<String>,
     },
+    /// Write to a process of the table without following it: `STDIN` (empty: close its
+    /// input), `RESIZE` and `SIGNAL` frames until the client ends its side; the agent then
+    /// closes the connection, once all of them were carried out.
+    Input {
+        /// Its pid.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pid: Option<u32>,
+        /// Or its tag.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+    },
     /// The process table (reply `procs`).
     Procs,
     /// Send a process of the table a signal: one of [`FORWARDED_SIGNALS`], `SIGKILL` or

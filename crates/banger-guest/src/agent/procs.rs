@@ -274,6 +274,27 @@ pub fn attach(
     follow(reader, writer, proc, first)
 }
 
+/// `input`: the connection's frames go to the process until the client ends its side; the
+/// connection then closes, which tells the client every frame was carried out.
+pub fn input(
+    reader: BufReader<std::fs::File>,
+    mut writer: std::fs::File,
+    proc: Arc<Proc>,
+) -> std::io::Result<()> {
+    let mut r = Reply::ok();
+    r.pid = Some(proc.info.pid);
+    server::write_line(&mut writer, &r)?;
+    server::pump_input(
+        reader,
+        |data| proc.write_input(data),
+        |rows, cols| proc.resize(rows, cols),
+        |sig| {
+            let _ = proc.signal(sig);
+        },
+    );
+    Ok(())
+}
+
 /// Replies with the pid, then carries the process's output to the connection and the
 /// connection's input to the process until the process exits or the client hangs up (which
 /// only detaches it).

@@ -202,6 +202,10 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             Ok(p) => super::procs::attach(reader, writer, p),
             Err(e) => write_line(&mut writer, &Reply::error(e)),
         },
+        Request::Input { pid, tag } => match super::procs::find(pid, tag.as_deref()) {
+            Ok(p) => super::procs::input(reader, writer, p),
+            Err(e) => write_line(&mut writer, &Reply::error(e)),
+        },
         Request::Procs => {
             let mut r = Reply::ok();
             r.procs = Some(super::procs::list());
