@@ -47,6 +47,14 @@ impl Layer {
             .unwrap();
         self
     }
+    /// A directory owned by `uid` (and the group of that number).
+    #[allow(dead_code)]
+    pub fn dir_owned(mut self, path: &str, mode: u32, uid: u64) -> Self {
+        self.0
+            .append(&header(path, EntryType::Directory, mode, uid, 0), &[][..])
+            .unwrap();
+        self
+    }
     /// A regular file.
     pub fn file(mut self, path: &str, data: &[u8], mode: u32, uid: u64) -> Self {
         self.0

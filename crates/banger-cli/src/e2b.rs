@@ -21,6 +21,12 @@ pub enum E2bCommand {
         /// Where to listen (a systemd socket passed to it is used instead).
         #[arg(long, default_value = DEFAULT_LISTEN, value_name = "ADDR")]
         listen: String,
+        /// A sandbox's vCPUs when its request names none.
+        #[arg(long, default_value_t = 2)]
+        cpu_count: u32,
+        /// A sandbox's memory in MiB when its request names none.
+        #[arg(long, default_value_t = 512)]
+        memory_mb: u32,
     },
     /// Print the environment E2B's SDKs need to use `banger e2b serve`:
     /// eval "$(banger e2b env)"
@@ -72,7 +78,11 @@ pub async fn run(out: &Output, c: E2bCommand, varlink: Option<PathBuf>) -> anyho
             }
             Ok(())
         }
-        E2bCommand::Serve { listen } => {
+        E2bCommand::Serve {
+            listen,
+            cpu_count,
+            memory_mb,
+        } => {
             let listener = match passed_listener() {
                 Some(l) => l,
                 None => std::net::TcpListener::bind(&listen)
@@ -82,6 +92,8 @@ pub async fn run(out: &Output, c: E2bCommand, varlink: Option<PathBuf>) -> anyho
             let cfg = banger_e2b::Config {
                 varlink: varlink.unwrap_or_else(|| PathBuf::from(super::varlink::DEFAULT_SOCKET)),
                 domain: domain(addr),
+                cpu_count,
+                memory_mb,
             };
             eprintln!(
                 "banger e2b: E2B's API on http://{addr} for {} (key in {}; `banger e2b env` \

@@ -809,7 +809,10 @@ pub(crate) async fn run(
         }
         VmCommand::Timeout { name, duration } => {
             t.set_timeout(&name, duration).await?;
-            out.done(vec![("name", json!(name)), ("timeout_sec", json!(duration))]);
+            out.done(vec![
+                ("name", json!(name)),
+                ("timeout_sec", json!(duration)),
+            ]);
         }
         VmCommand::Pause { name } => {
             t.pause_vm(&name, true).await?;

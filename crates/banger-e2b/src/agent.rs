@@ -150,7 +150,10 @@ impl Input {
 
     /// Sends a frame (split at the frame limit; empty data is one empty frame).
     pub async fn send(&mut self, kind: u8, data: &[u8]) -> std::io::Result<()> {
-        for chunk in data.chunks(frame::MAX).chain(data.is_empty().then_some(&[][..])) {
+        for chunk in data
+            .chunks(frame::MAX)
+            .chain(data.is_empty().then_some(&[][..]))
+        {
             self.writer.write_all(&header(kind, chunk.len())).await?;
             self.writer.write_all(chunk).await?;
         }

@@ -214,9 +214,8 @@ pub async fn handle(f: &Facade, req: Request<Incoming>) -> Reply {
             Ok(b) => fork(f, id, &b).await,
             Err(r) => Err(r),
         },
-        (&Method::GET, ["sandboxes", id, "logs"]) | (&Method::GET, ["v2", "sandboxes", id, "logs"]) => {
-            logs(f, id, parts[0] == "v2").await
-        }
+        (&Method::GET, ["sandboxes", id, "logs"])
+        | (&Method::GET, ["v2", "sandboxes", id, "logs"]) => logs(f, id, parts[0] == "v2").await,
         (&Method::GET, ["sandboxes", id, "metrics"]) => metrics(f, id).await,
         _ => Err(h::error(
             StatusCode::NOT_FOUND,
@@ -234,7 +233,8 @@ fn parse(body: &[u8]) -> Result<Value, Reply> {
     if body.is_empty() {
         return Ok(json!({}));
     }
-    let v: Value = serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
     if !v.is_object() {
         return Err(bad("the body must be a JSON object"));
     }
@@ -265,7 +265,9 @@ fn strings(v: &Value, key: &str) -> Result<BTreeMap<String, String>, Reply> {
                 None => Err(bad(format!("{key}.{k} must be a string"))),
             })
             .collect(),
-        other => Err(bad(format!("{key} must be an object of strings, not {other}"))),
+        other => Err(bad(format!(
+            "{key} must be an object of strings, not {other}"
+        ))),
     }
 }
 
@@ -284,14 +286,24 @@ fn new_id() -> String {
 /// The template: an image's name or a snapshot's (404 naming those there are otherwise).
 async fn template(f: &Facade, name: &str) -> Result<(&'static str, String), Reply> {
     if name.is_empty() {
-        return Err(bad("templateID is required: an image's or a snapshot's name"));
+        return Err(bad(
+            "templateID is required: an image's or a snapshot's name",
+        ));
     }
-    match f.daemon.call("io.banger.Images.Get", json!({"name": name})).await {
+    match f
+        .daemon
+        .call("io.banger.Images.Get", json!({"name": name}))
+        .await
+    {
         Ok(_) => return Ok(("image", name.to_owned())),
         Err(e) if e.kind != "NotFound" => return Err(fault(&e)),
         Err(_) => {}
     }
-    match f.daemon.call("io.banger.VMs.GetSnapshot", json!({"name": name})).await {
+    match f
+        .daemon
+        .call("io.banger.VMs.GetSnapshot", json!({"name": name}))
+        .await
+    {
         Ok(_) => return Ok(("snapshot", name.to_owned())),
         Err(e) if e.kind != "NotFound" => return Err(fault(&e)),
         Err(_) => {}
@@ -305,9 +317,14 @@ async fn template(f: &Facade, name: &str) -> Result<(&'static str, String), Repl
             .filter(|n| !n.starts_with('.'))
             .collect()
     };
-    let mut there = names(f.daemon.call("io.banger.Images.List", json!({})).await, "images");
+    let mut there = names(
+        f.daemon.call("io.banger.Images.List", json!({})).await,
+        "images",
+    );
     there.extend(names(
-        f.daemon.call("io.banger.VMs.ListSnapshots", json!({})).await,
+        f.daemon
+            .call("io.banger.VMs.ListSnapshots", json!({}))
+            .await,
         "snapshots",
     ));
     Err(h::error(
@@ -333,7 +350,8 @@ fn sandbox_labels(
     let key_ok = |k: &str| {
         !k.is_empty()
             && k.len() <= 100
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || "._-/:".contains(c))
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-/:".contains(c))
     };
     for (k, v) in metadata {
         if !key_ok(k) {
@@ -380,8 +398,17 @@ fn egress(body: &Value) -> Result<Option<Vec<String>>, Reply> {
     }
     let mut out = Vec::new();
     for a in &allow {
-        let cidr = if a.contains('/') { a.clone() } else { format!("{a}/32") };
-        if cidr.split('/').next().and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok()).is_none() {
+        let cidr = if a.contains('/') {
+            a.clone()
+        } else {
+            format!("{a}/32")
+        };
+        if cidr
+            .split('/')
+            .next()
+            .and_then(|ip| ip.parse::<std::net::Ipv4Addr>().ok())
+            .is_none()
+        {
             return Err(bad(format!(
                 "network.allowOut {a:?}: banger's egress walls take IPv4 addresses and CIDRs, not names"
             )));
@@ -401,7 +428,9 @@ async fn create(f: &Facade, body: &[u8]) -> Result<Reply, Reply> {
     let b = parse(body)?;
     for unsupported in ["mcp", "volumeMounts", "iam"] {
         if !b[unsupported].is_null() {
-            return Err(bad(format!("{unsupported} is not something banger's sandboxes have")));
+            return Err(bad(format!(
+                "{unsupported} is not something banger's sandboxes have"
+            )));
         }
     }
     let template_id = b["templateID"].as_str().unwrap_or_default().to_owned();
@@ -410,11 +439,12 @@ async fn create(f: &Facade, body: &[u8]) -> Result<Reply, Reply> {
     let metadata = strings(&b, "metadata")?;
     let env = strings(&b, "envVars")?;
     let labels = sandbox_labels(&template_id, &metadata, &env)?;
-    let on_expire = if b["autoPause"] == json!(true) || b["lifecycle"]["onTimeout"] == json!("pause") {
-        "pause"
-    } else {
-        "delete"
-    };
+    let on_expire =
+        if b["autoPause"] == json!(true) || b["lifecycle"]["onTimeout"] == json!("pause") {
+            "pause"
+        } else {
+            "delete"
+        };
     let id = new_id();
     let mut params = json!({
         "name": id,
@@ -423,12 +453,20 @@ async fn create(f: &Facade, body: &[u8]) -> Result<Reply, Reply> {
         "onExpire": on_expire,
     });
     params[kind] = json!(name);
-    for (from, to) in [("cpuCount", "vcpus"), ("memoryMB", "memoryMib")] {
+    for (from, to, default) in [
+        ("cpuCount", "vcpus", f.shape.0),
+        ("memoryMB", "memoryMib", f.shape.1),
+    ] {
         match &b[from] {
+            Value::Null if kind == "image" => params[to] = json!(default),
             Value::Null => {}
             v => match v.as_u64() {
                 Some(n) if kind == "image" => params[to] = json!(n),
-                Some(_) => return Err(bad(format!("{from}: a sandbox from a snapshot has the snapshot's"))),
+                Some(_) => {
+                    return Err(bad(format!(
+                        "{from}: a sandbox from a snapshot has the snapshot's"
+                    )))
+                }
                 None => return Err(bad(format!("{from} must be a whole number"))),
             },
         }
@@ -451,13 +489,20 @@ async fn list(f: &Facade, query: &[(String, String)], running_only: bool) -> Res
     for (k, v) in query {
         match k.as_str() {
             // metadata=k1=v1&k2=v2, URL-encoded as one parameter.
+            // metadata=k1=v1&k2=v2 as one parameter, each key and value quoted inside.
             "metadata" | "query" => {
-                for pair in h::percent_decode(v).split('&').filter(|p| !p.is_empty()) {
-                    let (mk, mv) = pair.split_once('=').ok_or_else(|| {
-                        bad(format!("metadata filter {pair:?} is not KEY=VALUE"))
-                    })?;
-                    filter.insert(format!("{META}{mk}"), mv.to_owned());
+                for pair in v.split('&').filter(|p| !p.is_empty()) {
+                    let (mk, mv) = pair
+                        .split_once('=')
+                        .ok_or_else(|| bad(format!("metadata filter {pair:?} is not KEY=VALUE")))?;
+                    filter.insert(
+                        format!("{META}{}", h::percent_decode(mk)),
+                        h::percent_decode(mv),
+                    );
                 }
+            }
+            "template" => {
+                filter.insert(TEMPLATE.to_owned(), v.clone());
             }
             "state" => states.extend(v.split(',').map(str::to_owned)),
             "limit" => {
@@ -484,13 +529,22 @@ async fn list(f: &Facade, query: &[(String, String)], running_only: bool) -> Res
         let s = state(v);
         (states.is_empty() || states.iter().any(|x| x == s)) && (!running_only || s == "running")
     });
-    vms.sort_by_key(|v| (v["createdAt"].as_u64().unwrap_or(0), v["name"].as_str().unwrap_or("").to_owned()));
+    vms.sort_by_key(|v| {
+        (
+            v["createdAt"].as_u64().unwrap_or(0),
+            v["name"].as_str().unwrap_or("").to_owned(),
+        )
+    });
     if let Some(after) = &next {
         match vms.iter().position(|v| v["name"].as_str() == Some(after)) {
             Some(i) => {
                 vms.drain(..=i);
             }
-            None => return Err(bad(format!("nextToken {after:?} is not one this list gave"))),
+            None => {
+                return Err(bad(format!(
+                    "nextToken {after:?} is not one this list gave"
+                )))
+            }
         }
     }
     let more = vms.len() > limit;
@@ -529,7 +583,10 @@ async fn set_timeout(f: &Facade, id: &str, body: &[u8], key: &str) -> Result<Rep
     let t = timeout_of(&b, key, DEFAULT_TIMEOUT)?;
     f.sandbox(id).await?;
     f.daemon
-        .call("io.banger.VMs.SetTimeout", json!({"name": id, "timeoutSec": t}))
+        .call(
+            "io.banger.VMs.SetTimeout",
+            json!({"name": id, "timeoutSec": t}),
+        )
         .await
         .map_err(|e| fault(&e))?;
     Ok(h::status(StatusCode::NO_CONTENT))
@@ -538,7 +595,10 @@ async fn set_timeout(f: &Facade, id: &str, body: &[u8], key: &str) -> Result<Rep
 async fn pause(f: &Facade, id: &str) -> Result<Reply, Reply> {
     let vm = f.sandbox(id).await?;
     if state(&vm) == "paused" {
-        return Err(h::error(StatusCode::CONFLICT, format!("sandbox {id} is paused already")));
+        return Err(h::error(
+            StatusCode::CONFLICT,
+            format!("sandbox {id} is paused already"),
+        ));
     }
     f.daemon
         .call("io.banger.VMs.Pause", json!({"name": id}))
@@ -570,12 +630,19 @@ async fn connect(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
     if !b["timeout"].is_null() {
         let t = timeout_of(&b, "timeout", DEFAULT_TIMEOUT)?;
         f.daemon
-            .call("io.banger.VMs.SetTimeout", json!({"name": id, "timeoutSec": t}))
+            .call(
+                "io.banger.VMs.SetTimeout",
+                json!({"name": id, "timeoutSec": t}),
+            )
             .await
             .map_err(|e| fault(&e))?;
     }
     let vm = f.sandbox(id).await?;
-    let status = if resumed { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if resumed {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok(h::json(status, &f.created(&vm)))
 }
 
@@ -593,7 +660,10 @@ async fn snapshot(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
         _ => return Err(bad("name must be a string")),
     };
     f.daemon
-        .follow("io.banger.VMs.Snapshot", json!({"name": id, "snapshot": name}))
+        .follow(
+            "io.banger.VMs.Snapshot",
+            json!({"name": id, "snapshot": name}),
+        )
         .await
         .map_err(|e| fault(&e))?;
     Ok(h::json(StatusCode::CREATED, &snapshot_info(&name)))
@@ -632,7 +702,10 @@ async fn fork(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
     let timeout = timeout_of(&b, "timeout", DEFAULT_TIMEOUT)?;
     let snap = format!("fork-{}", &new_id()[1..13]);
     f.daemon
-        .follow("io.banger.VMs.Snapshot", json!({"name": id, "snapshot": snap}))
+        .follow(
+            "io.banger.VMs.Snapshot",
+            json!({"name": id, "snapshot": snap}),
+        )
         .await
         .map_err(|e| fault(&e))?;
     let template = labels(&vm).get(TEMPLATE).cloned().unwrap_or_default();
@@ -752,6 +825,8 @@ mod tests {
         let l = sandbox_labels("base", &meta, &env).unwrap();
         assert_eq!(l["e2b.meta.user"], "a b");
         assert_eq!(l["e2b.env.TOKEN"], "x");
-        assert!(sandbox_labels("base", &BTreeMap::from([("a b".into(), "".into())]), &env).is_err());
+        assert!(
+            sandbox_labels("base", &BTreeMap::from([("a b".into(), "".into())]), &env).is_err()
+        );
     }
 }

@@ -6,8 +6,8 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Response, StatusCode};
-use hyper::body::{Frame, Incoming};
 use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::http::{self as h, Body, Reply};
@@ -150,9 +150,12 @@ pub fn error(codec: Codec, streaming: bool, e: &Error) -> Reply {
 
 /// The request's one message: the body of a unary call, the one envelope of a server stream.
 pub async fn one_message(body: Incoming, streaming: bool) -> Result<Bytes, Error> {
-    let whole = h::read(body, MAX_MESSAGE + 5)
-        .await
-        .map_err(|_| Error::new("resource_exhausted", format!("a message is at most {MAX_MESSAGE} bytes")))?;
+    let whole = h::read(body, MAX_MESSAGE + 5).await.map_err(|_| {
+        Error::new(
+            "resource_exhausted",
+            format!("a message is at most {MAX_MESSAGE} bytes"),
+        )
+    })?;
     if !streaming {
         return Ok(whole);
     }
@@ -160,7 +163,10 @@ pub async fn one_message(body: Incoming, streaming: bool) -> Result<Bytes, Error
     r.buf.extend_from_slice(&whole);
     match r.take()? {
         Some((_, m)) => Ok(m),
-        None => Err(Error::new("invalid_argument", "a stream call needs one message")),
+        None => Err(Error::new(
+            "invalid_argument",
+            "a stream call needs one message",
+        )),
     }
 }
 
@@ -235,7 +241,9 @@ impl ClientStream {
                         return Err(Error::new("invalid_argument", "a message was cut short"));
                     }
                 }
-                Some(Err(e)) => return Err(Error::new("canceled", format!("the client went: {e}"))),
+                Some(Err(e)) => {
+                    return Err(Error::new("canceled", format!("the client went: {e}")))
+                }
                 Some(Ok(f)) => {
                     if let Ok(d) = f.into_data() {
                         self.envelopes.buf.extend_from_slice(&d);
@@ -290,7 +298,10 @@ impl Stream {
         };
         let _ = self
             .tx
-            .send(Ok(Frame::data(envelope(END_STREAM, end.to_string().as_bytes()))))
+            .send(Ok(Frame::data(envelope(
+                END_STREAM,
+                end.to_string().as_bytes(),
+            ))))
             .await;
     }
 
@@ -313,7 +324,10 @@ mod tests {
         assert_eq!(e.take().unwrap(), Some((0, Bytes::from_static(b"one"))));
         assert_eq!(e.take().unwrap(), None, "half an envelope waits");
         e.buf.extend_from_slice(&two[3..]);
-        assert_eq!(e.take().unwrap(), Some((END_STREAM, Bytes::from_static(b"{}"))));
+        assert_eq!(
+            e.take().unwrap(),
+            Some((END_STREAM, Bytes::from_static(b"{}")))
+        );
         let mut big = Envelopes::default();
         big.buf.extend_from_slice(&[0, 0xff, 0xff, 0xff, 0xff]);
         assert_eq!(big.take().unwrap_err().code, "resource_exhausted");

@@ -65,12 +65,14 @@ impl Daemon {
     }
 
     async fn connect(&self) -> Result<Conn, Fault> {
-        zlink::tokio::unix::connect(&self.socket).await.map_err(|e| {
-            Fault::local(format!(
-                "cannot reach bangerd's Varlink socket {}: {e}",
-                self.socket.display()
-            ))
-        })
+        zlink::tokio::unix::connect(&self.socket)
+            .await
+            .map_err(|e| {
+                Fault::local(format!(
+                    "cannot reach bangerd's Varlink socket {}: {e}",
+                    self.socket.display()
+                ))
+            })
     }
 
     async fn send(conn: &mut Conn, method: &str, params: Value, more: bool) -> Result<(), Fault> {

@@ -55,7 +55,9 @@ fn user_of<B>(req: &Request<B>) -> Result<Option<String>, String> {
     let Some(v) = req.headers().get("authorization") else {
         return Ok(None);
     };
-    let v = v.to_str().map_err(|_| "the Authorization header is not text".to_owned())?;
+    let v = v
+        .to_str()
+        .map_err(|_| "the Authorization header is not text".to_owned())?;
     let Some(b64) = v.strip_prefix("Basic ") else {
         return Ok(None);
     };
@@ -114,12 +116,15 @@ pub async fn handle(f: &Facade, id: &str, req: Request<Incoming>) -> Reply {
     match (&method, path.as_str()) {
         (&Method::GET, "/health") => h::status(StatusCode::NO_CONTENT),
         (&Method::GET, "/envs") => {
-            let env: HashMap<String, String> = crate::api::under(&vm, "e2b.env.").into_iter().collect();
+            let env: HashMap<String, String> =
+                crate::api::under(&vm, "e2b.env.").into_iter().collect();
             h::json(StatusCode::OK, &json!(env))
         }
         (&Method::GET, "/files") => download(&ctx, &req).await,
         (&Method::POST, "/files") => upload(&ctx, req).await,
-        (&Method::POST, p) if p.starts_with("/process.Process/") || p.starts_with("/filesystem.Filesystem/") => {
+        (&Method::POST, p)
+            if p.starts_with("/process.Process/") || p.starts_with("/filesystem.Filesystem/") =>
+        {
             rpc(&ctx, req).await
         }
         _ => h::error(
@@ -141,7 +146,10 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     /// A request to the sandbox's agent: its reply (refused → `failed_precondition`) and the
     /// connection.
-    async fn agent(&self, req: &AgentRequest) -> Result<(banger_guest::agent::Reply, agent::Conn), Error> {
+    async fn agent(
+        &self,
+        req: &AgentRequest,
+    ) -> Result<(banger_guest::agent::Reply, agent::Conn), Error> {
         let stream = self
             .f
             .daemon
@@ -194,6 +202,24 @@ impl Ctx<'_> {
     }
 }
 
+/// A failure whose reason began with `first` (standard error): the rest of the reason and the
+/// status, read to the exit frame.
+async fn failure(conn: &mut agent::Conn, first: &[u8]) -> Error {
+    let mut reason = first.to_vec();
+    loop {
+        match conn.next().await {
+            Ok(Some((frame::STDERR, d))) => {
+                if reason.len() < 4096 {
+                    reason.extend_from_slice(&d);
+                }
+            }
+            Ok(Some((frame::EXIT, s))) => return fs_error(exit_status(&s), &reason),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return fs_error(fsop::status::FAILED, &reason),
+        }
+    }
+}
+
 /// A file operation's failure as Connect's code.
 fn fs_error(code: i32, stderr: &[u8]) -> Error {
     let message = String::from_utf8_lossy(stderr).trim().to_owned();
@@ -240,7 +266,10 @@ fn selector(s: Option<pr::ProcessSelector>) -> Result<(Option<u32>, Option<Strin
     match s.and_then(|s| s.selector) {
         Some(pr::process_selector::Selector::Pid(p)) => Ok((Some(p), None)),
         Some(pr::process_selector::Selector::Tag(t)) => Ok((None, Some(t))),
-        None => Err(Error::new("invalid_argument", "name the process by pid or tag")),
+        None => Err(Error::new(
+            "invalid_argument",
+            "name the process by pid or tag",
+        )),
     }
 }
 
@@ -268,12 +297,18 @@ async fn rpc(ctx: &Ctx<'_>, req: Request<Incoming>) -> Reply {
     let method = req.uri().path().to_owned();
     let streams = matches!(
         method.as_str(),
-        "/process.Process/Start" | "/process.Process/Connect" | "/process.Process/StreamInput" | "/filesystem.Filesystem/WatchDir"
+        "/process.Process/Start"
+            | "/process.Process/Connect"
+            | "/process.Process/StreamInput"
+            | "/filesystem.Filesystem/WatchDir"
     );
     if streams != streaming {
         let e = Error::new(
             "invalid_argument",
-            format!("{method} is {} call", if streams { "a stream" } else { "a unary" }),
+            format!(
+                "{method} is {} call",
+                if streams { "a stream" } else { "a unary" }
+            ),
         );
         return connect::error(codec, streaming, &e);
     }
@@ -491,7 +526,9 @@ async fn start(
     let (out, reply) = connect::Stream::open(codec);
     let wrap: Wrap = |e| Box::new(pr::StartResponse { event: Some(e) });
     tokio::spawn(async move {
-        let start = event(pr::process_event::Event::Start(pr::process_event::StartEvent { pid }));
+        let start = event(pr::process_event::Event::Start(
+            pr::process_event::StartEvent { pid },
+        ));
         if out.send_raw(wrap(start).encode(out.codec())).await {
             follow(conn, out, on_tty, keepalive, wrap).await;
         }
@@ -507,7 +544,12 @@ async fn attach(
 ) -> Result<Reply, Error> {
     let r: pr::ConnectRequest = connect::decode(codec, body)?;
     let (pid, tag) = selector(r.process)?;
-    let procs = ctx.agent(&AgentRequest::Procs).await?.0.procs.unwrap_or_default();
+    let procs = ctx
+        .agent(&AgentRequest::Procs)
+        .await?
+        .0
+        .procs
+        .unwrap_or_default();
     let tty = procs
         .iter()
         .any(|p| (Some(p.pid) == pid || (tag.is_some() && p.tag == tag)) && p.tty);
@@ -516,7 +558,9 @@ async fn attach(
     let (out, reply) = connect::Stream::open(codec);
     let wrap: Wrap = |e| Box::new(pr::ConnectResponse { event: Some(e) });
     tokio::spawn(async move {
-        let start = event(pr::process_event::Event::Start(pr::process_event::StartEvent { pid }));
+        let start = event(pr::process_event::Event::Start(
+            pr::process_event::StartEvent { pid },
+        ));
         if out.send_raw(wrap(start).encode(out.codec())).await {
             follow(conn, out, tty, keepalive, wrap).await;
         }
@@ -539,7 +583,10 @@ async fn list(ctx: &Ctx<'_>, codec: Codec) -> Result<Reply, Error> {
                     envs: p
                         .env
                         .iter()
-                        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+                        .filter_map(|kv| {
+                            kv.split_once('=')
+                                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        })
                         .collect(),
                     cwd: (!p.cwd.is_empty()).then_some(p.cwd),
                 }),
@@ -553,7 +600,12 @@ async fn list(ctx: &Ctx<'_>, codec: Codec) -> Result<Reply, Error> {
 
 /// Writes frames to a process's input through the agent and waits until the agent took them
 /// all (the connection's end), so calls that follow come after.
-async fn to_input(ctx: &Ctx<'_>, pid: Option<u32>, tag: Option<String>, frames: &[(u8, Vec<u8>)]) -> Result<(), Error> {
+async fn to_input(
+    ctx: &Ctx<'_>,
+    pid: Option<u32>,
+    tag: Option<String>,
+    frames: &[(u8, Vec<u8>)],
+) -> Result<(), Error> {
     let (_, conn) = ctx.agent(&AgentRequest::Input { pid, tag }).await?;
     let (mut rx, mut tx) = conn.split();
     let gone = |e: std::io::Error| Error::new("unavailable", e.to_string());
@@ -593,7 +645,10 @@ async fn update(ctx: &Ctx<'_>, codec: Codec, body: &[u8]) -> Result<Reply, Error
     let r: pr::UpdateRequest = connect::decode(codec, body)?;
     let (pid, tag) = selector(r.process)?;
     if let Some(size) = r.pty.and_then(|p| p.size) {
-        let (rows, cols) = (size.rows.clamp(1, 1000) as u16, size.cols.clamp(1, 1000) as u16);
+        let (rows, cols) = (
+            size.rows.clamp(1, 1000) as u16,
+            size.cols.clamp(1, 1000) as u16,
+        );
         let mut d = rows.to_be_bytes().to_vec();
         d.extend(cols.to_be_bytes());
         to_input(ctx, pid, tag, &[(frame::RESIZE, d)]).await?;
@@ -607,9 +662,15 @@ async fn send_signal(ctx: &Ctx<'_>, codec: Codec, body: &[u8]) -> Result<Reply, 
     let signal = match pr::Signal::try_from(r.signal) {
         Ok(pr::Signal::Sigkill) => libc::SIGKILL,
         Ok(pr::Signal::Sigterm) => libc::SIGTERM,
-        _ => return Err(Error::new("invalid_argument", "signal must be SIGTERM or SIGKILL")),
+        _ => {
+            return Err(Error::new(
+                "invalid_argument",
+                "signal must be SIGTERM or SIGKILL",
+            ))
+        }
     };
-    ctx.agent(&AgentRequest::Signal { pid, tag, signal }).await?;
+    ctx.agent(&AgentRequest::Signal { pid, tag, signal })
+        .await?;
     Ok(connect::unary(codec, &pr::SendSignalResponse {}))
 }
 
@@ -625,7 +686,10 @@ async fn stream_input(ctx: &Ctx<'_>, codec: Codec, body: Incoming) -> Reply {
             .ok_or_else(|| Error::new("invalid_argument", "the stream is empty"))?;
         let first: pr::StreamInputRequest = connect::decode(codec, &first)?;
         let Some(Event::Start(start)) = first.event else {
-            return Err(Error::new("invalid_argument", "the first message must name the process"));
+            return Err(Error::new(
+                "invalid_argument",
+                "the first message must name the process",
+            ));
         };
         let (pid, tag) = selector(start.process)?;
         let (_, conn) = ctx.agent(&AgentRequest::Input { pid, tag }).await?;
@@ -666,7 +730,10 @@ async fn next_line(conn: &mut agent::Conn, buf: &mut Vec<u8>) -> Result<Option<V
             return Ok(Some(line));
         }
         if buf.len() > MAX_EVENT_LINE {
-            return Err(Error::new("internal", "the guest sent an event line over the limit"));
+            return Err(Error::new(
+                "internal",
+                "the guest sent an event line over the limit",
+            ));
         }
         match conn.next().await {
             Ok(Some((frame::STDOUT, d))) => buf.extend_from_slice(&d),
@@ -678,15 +745,8 @@ async fn next_line(conn: &mut agent::Conn, buf: &mut Vec<u8>) -> Result<Option<V
                     Err(fs_error(code, b"the watch ended"))
                 };
             }
-            Ok(Some((frame::STDERR, d))) => {
-                // The helper's reason comes before its status.
-                let msg = String::from_utf8_lossy(&d[..d.len().min(4096)]).trim().to_owned();
-                let code = match conn.next().await {
-                    Ok(Some((frame::EXIT, s))) => exit_status(&s),
-                    _ => fsop::status::FAILED,
-                };
-                return Err(fs_error(code, msg.as_bytes()));
-            }
+            // The helper's reason comes before its status.
+            Ok(Some((frame::STDERR, d))) => return Err(failure(conn, &d).await),
             Ok(Some(_)) => {}
             Ok(None) => return Ok(None),
             Err(e) => return Err(Error::new("unavailable", e.to_string())),
@@ -706,7 +766,11 @@ fn event_type(kind: &str) -> fs::EventType {
 }
 
 /// Starts a watch: the connection once the guest said the watch is set.
-async fn open_watch(ctx: &Ctx<'_>, path: String, recursive: bool) -> Result<(agent::Conn, Vec<u8>), Error> {
+async fn open_watch(
+    ctx: &Ctx<'_>,
+    path: String,
+    recursive: bool,
+) -> Result<(agent::Conn, Vec<u8>), Error> {
     let (_, mut conn) = ctx
         .agent(&AgentRequest::Fs {
             file: FsOp::Watch { path, recursive },
@@ -781,7 +845,8 @@ async fn create_watcher(ctx: &Ctx<'_>, codec: Codec, body: &[u8]) -> Result<Repl
         ));
     }
     let (mut conn, mut buf) = open_watch(ctx, r.path, r.recursive).await?;
-    let events: Arc<std::sync::Mutex<(Vec<fs::FilesystemEvent>, Option<String>)>> = Default::default();
+    let events: Arc<std::sync::Mutex<(Vec<fs::FilesystemEvent>, Option<String>)>> =
+        Default::default();
     let store = events.clone();
     let task = tokio::spawn(async move {
         loop {
@@ -815,7 +880,10 @@ async fn create_watcher(ctx: &Ctx<'_>, codec: Codec, body: &[u8]) -> Result<Repl
             task,
         },
     );
-    Ok(connect::unary(codec, &fs::CreateWatcherResponse { watcher_id: id }))
+    Ok(connect::unary(
+        codec,
+        &fs::CreateWatcherResponse { watcher_id: id },
+    ))
 }
 
 async fn watcher_events(ctx: &Ctx<'_>, codec: Codec, body: &[u8]) -> Result<Reply, Error> {
@@ -832,7 +900,10 @@ async fn watcher_events(ctx: &Ctx<'_>, codec: Codec, body: &[u8]) -> Result<Repl
         }
     }
     let events = std::mem::take(&mut s.0);
-    Ok(connect::unary(codec, &fs::GetWatcherEventsResponse { events }))
+    Ok(connect::unary(
+        codec,
+        &fs::GetWatcherEventsResponse { events },
+    ))
 }
 
 async fn remove_watcher(ctx: &Ctx<'_>, codec: Codec, body: &[u8]) -> Result<Reply, Error> {
@@ -843,7 +914,10 @@ async fn remove_watcher(ctx: &Ctx<'_>, codec: Codec, body: &[u8]) -> Result<Repl
             watchers.remove(&r.watcher_id);
             Ok(connect::unary(codec, &fs::RemoveWatcherResponse {}))
         }
-        _ => Err(Error::new("not_found", format!("no watcher {}", r.watcher_id))),
+        _ => Err(Error::new(
+            "not_found",
+            format!("no watcher {}", r.watcher_id),
+        )),
     }
 }
 
@@ -865,9 +939,14 @@ fn path_param(query: &[(String, String)]) -> Option<String> {
 fn with_query_user(ctx: &Ctx<'_>, query: &[(String, String)]) -> Result<Option<String>, Reply> {
     match query.iter().find(|(k, _)| k == "username") {
         Some((_, u)) if !u.is_empty() => {
-            let plain = u.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            let plain = u
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
             if u.len() > 64 || !plain {
-                return Err(h::error(StatusCode::UNAUTHORIZED, format!("{u:?} is not a user name")));
+                return Err(h::error(
+                    StatusCode::UNAUTHORIZED,
+                    format!("{u:?} is not a user name"),
+                ));
             }
             Ok(Some(u.clone()))
         }
@@ -903,16 +982,13 @@ async fn download(ctx: &Ctx<'_>, req: &Request<Incoming>) -> Reply {
     let first = match conn.next().await {
         Ok(Some((frame::STDOUT, d))) => Some(d),
         Ok(Some((frame::EXIT, d))) if exit_status(&d) == 0 => None,
-        Ok(Some((frame::STDERR, d))) => {
-            let code = match conn.next().await {
-                Ok(Some((frame::EXIT, s))) => exit_status(&s),
-                _ => fsop::status::FAILED,
-            };
-            return http_error(&fs_error(code, &d));
-        }
+        Ok(Some((frame::STDERR, d))) => return http_error(&failure(&mut conn, &d).await),
         Ok(Some((_, d))) => return http_error(&fs_error(exit_status(&d), b"")),
         Ok(None) | Err(_) => {
-            return h::error(StatusCode::BAD_GATEWAY, "the sandbox's agent ended the stream")
+            return h::error(
+                StatusCode::BAD_GATEWAY,
+                "the sandbox's agent ended the stream",
+            )
         }
     };
     let (tx, body) = h::channel();
@@ -933,7 +1009,9 @@ async fn download(ctx: &Ctx<'_>, req: &Request<Incoming>) -> Reply {
                 Ok(Some((frame::STDERR, _))) => {}
                 _ => {
                     let _ = tx
-                        .send(Err(std::io::Error::other("the file could not be read to its end")))
+                        .send(Err(std::io::Error::other(
+                            "the file could not be read to its end",
+                        )))
                         .await;
                     return;
                 }
@@ -943,7 +1021,10 @@ async fn download(ctx: &Ctx<'_>, req: &Request<Incoming>) -> Reply {
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/octet-stream")
-        .header("content-disposition", format!("attachment; filename=\"{name}\""))
+        .header(
+            "content-disposition",
+            format!("attachment; filename=\"{name}\""),
+        )
         .body(body)
         .expect("a valid reply")
 }
@@ -991,7 +1072,10 @@ async fn write_file(
             }
             Err(e) => {
                 reader.abort();
-                return Err(Error::new("canceled", format!("the upload was cut short: {e}")));
+                return Err(Error::new(
+                    "canceled",
+                    format!("the upload was cut short: {e}"),
+                ));
             }
         }
     }
@@ -1037,7 +1121,10 @@ async fn upload(ctx: &Ctx<'_>, req: Request<Incoming>) -> Reply {
         .to_owned();
     if let Some(boundary) = ct
         .strip_prefix("multipart/form-data")
-        .and_then(|rest| rest.split(';').find_map(|p| p.trim().strip_prefix("boundary=")))
+        .and_then(|rest| {
+            rest.split(';')
+                .find_map(|p| p.trim().strip_prefix("boundary="))
+        })
         .map(|b| b.trim_matches('"').to_owned())
     {
         let body = match h::read(req.into_body(), MAX_MULTIPART).await {
@@ -1050,12 +1137,18 @@ async fn upload(ctx: &Ctx<'_>, req: Request<Incoming>) -> Reply {
         };
         let single = path_param(&query);
         if single.is_some() && parts.len() > 1 {
-            return h::error(StatusCode::BAD_REQUEST, "path names one file; this form has several");
+            return h::error(
+                StatusCode::BAD_REQUEST,
+                "path names one file; this form has several",
+            );
         }
         let mut written = Vec::new();
         for (filename, data) in parts {
             let Some(path) = single.clone().or(filename) else {
-                return h::error(StatusCode::BAD_REQUEST, "a file part needs a file name, or path");
+                return h::error(
+                    StatusCode::BAD_REQUEST,
+                    "a file part needs a file name, or path",
+                );
             };
             let mut once = Some(data);
             let r = write_file(ctx, user.clone(), path, move || {
@@ -1071,7 +1164,10 @@ async fn upload(ctx: &Ctx<'_>, req: Request<Incoming>) -> Reply {
         return h::json(StatusCode::OK, &json!(written));
     }
     let Some(path) = path_param(&query) else {
-        return h::error(StatusCode::BAD_REQUEST, "path is required for an octet-stream upload");
+        return h::error(
+            StatusCode::BAD_REQUEST,
+            "path is required for an octet-stream upload",
+        );
     };
     let body = Arc::new(tokio::sync::Mutex::new(req.into_body()));
     let r = write_file(ctx, user, path, move || {
@@ -1126,8 +1222,11 @@ fn multipart(body: &[u8], boundary: &str) -> Result<Vec<(Option<String>, Bytes)>
             .lines()
             .find(|l| l.to_ascii_lowercase().starts_with("content-disposition"))
             .and_then(|l| {
-                l.split(';')
-                    .find_map(|p| p.trim().strip_prefix("filename=").map(|f| f.trim_matches('"').to_owned()))
+                l.split(';').find_map(|p| {
+                    p.trim()
+                        .strip_prefix("filename=")
+                        .map(|f| f.trim_matches('"').to_owned())
+                })
             });
         parts.push((filename, Bytes::copy_from_slice(&body[data_start..next])));
         at = next + 2;
@@ -1151,10 +1250,24 @@ mod tests {
 
     #[test]
     fn the_user_comes_from_basic_authorization() {
-        let req = |v: &str| Request::builder().header("authorization", v).body(()).unwrap();
-        assert_eq!(user_of(&req("Basic dXNlcjo=")).unwrap(), Some("user".into()));
+        let req = |v: &str| {
+            Request::builder()
+                .header("authorization", v)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(
+            user_of(&req("Basic dXNlcjo=")).unwrap(),
+            Some("user".into())
+        );
         assert_eq!(user_of(&req("Bearer x")).unwrap(), None);
-        assert!(user_of(&req("Basic Li4vZXRjOg==")).is_err(), "../etc: not a name");
-        assert_eq!(user_of(&Request::builder().body(()).unwrap()).unwrap(), None);
+        assert!(
+            user_of(&req("Basic Li4vZXRjOg==")).is_err(),
+            "../etc: not a name"
+        );
+        assert_eq!(
+            user_of(&Request::builder().body(()).unwrap()).unwrap(),
+            None
+        );
     }
 }

@@ -148,7 +148,11 @@ mod tests {
         let m = std::fs::metadata(&p).unwrap();
         assert_eq!(m.permissions().mode() & 0o777, 0o600);
         assert_eq!(
-            std::fs::metadata(p.parent().unwrap()).unwrap().permissions().mode() & 0o777,
+            std::fs::metadata(p.parent().unwrap())
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
             0o700
         );
         assert!(Key::load_or_create(&p).unwrap().matches(k.secret()));

@@ -66,6 +66,10 @@ pub struct Config {
     /// The address clients reach the facade at (`localhost:3000`): replies name it as the
     /// sandboxes' `domain`, so `PORT-ID.DOMAIN` comes back here.
     pub domain: String,
+    /// A sandbox's vCPUs when its request names none (E2B's default: 2).
+    pub cpu_count: u32,
+    /// A sandbox's memory in MiB when its request names none (E2B's default: 512).
+    pub memory_mb: u32,
 }
 
 /// The facade's state: the daemon, the key, and the polling watchers it holds for clients.
@@ -76,6 +80,8 @@ pub struct Facade {
     pub key: Key,
     /// See [`Config::domain`].
     pub domain: String,
+    /// See [`Config::cpu_count`] and [`Config::memory_mb`].
+    pub shape: (u32, u32),
     /// `CreateWatcher`'s watchers, by id.
     pub watchers: tokio::sync::Mutex<HashMap<String, envd::Watcher>>,
 }
@@ -125,6 +131,7 @@ impl Facade {
             daemon: daemon::Daemon::new(&cfg.varlink),
             key,
             domain: cfg.domain.clone(),
+            shape: (cfg.cpu_count, cfg.memory_mb),
             watchers: Default::default(),
         })
     }

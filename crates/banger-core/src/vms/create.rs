@@ -264,6 +264,9 @@ impl Vms {
         vm.vsock_cid = got.cid;
         st.saved = true;
         self.events.send(ObjectEvent::VmAdded(vm.clone()));
+        if vm.expires_at != 0 {
+            self.lifetime_changed();
+        }
         ctx.log(
             6,
             format!(

@@ -67,9 +67,14 @@ impl Vms {
             .await?;
         let v = self.get(&vm.id).await?;
         self.events.send(ObjectEvent::VmChanged(v.clone()));
-        self.lifetimes.wake.notify_one();
+        self.lifetime_changed();
         tracing::info!(vm_id = %v.id, vm_name = %v.name, timeout_sec = secs, "VM lifetime set");
         Ok(v)
+    }
+
+    /// A VM's lifetime began or changed: the keeper looks again.
+    pub(super) fn lifetime_changed(&self) {
+        self.lifetimes.wake.notify_one();
     }
 
     /// Whether some VM's lifetime runs: the daemon then stays up to end it.
@@ -87,7 +92,9 @@ impl Vms {
                     Some(now_us() + RETRY.as_micros() as u64)
                 }
             };
-            self.lifetimes.pending.store(next.is_some(), Ordering::Relaxed);
+            self.lifetimes
+                .pending
+                .store(next.is_some(), Ordering::Relaxed);
             let wait = next
                 .map(|at| Duration::from_micros(at.saturating_sub(now_us())))
                 .unwrap_or(Duration::from_secs(3600));
@@ -136,7 +143,10 @@ impl Vms {
         match vm.on_expire {
             OnExpire::Delete => return self.delete(vm, true).await,
             OnExpire::Stop => {
-                if !matches!(vm.state, VmState::Stopped | VmState::Created | VmState::Failed) {
+                if !matches!(
+                    vm.state,
+                    VmState::Stopped | VmState::Created | VmState::Failed
+                ) {
                     self.stop(vm, StopOptions::default()).await?;
                 }
             }

@@ -413,7 +413,8 @@ pub fn main(json: &str) -> i32 {
     match (r, flushed) {
         (Ok(()), Ok(())) => status::OK,
         (Err((code, msg)), _) => {
-            eprintln!("{msg}");
+            // One write: the reason reaches the client as one frame.
+            let _ = std::io::stderr().write_all(format!("{msg}\n").as_bytes());
             code
         }
         (_, Err(e)) => {
