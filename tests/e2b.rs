@@ -368,7 +368,9 @@ async fn e2bs_python_sdk_drives_banger_vms_through_the_facade_as_each_user() {
     let (mut tried, mut clear) = (0, 0);
     let stat = "http://127.0.0.1:3000/filesystem.Filesystem/Stat";
     let start = "http://127.0.0.1:3000/process.Process/Start";
-    let cases: [(&str, &str, &[u8], &str, &[&str], &str); 6] = [
+    /// What it is, its content type, body, URL, more curl arguments, and what the answer says.
+    type Case<'a> = (&'a str, &'a str, &'a [u8], &'a str, &'a [&'a str], &'a str);
+    let cases: [Case; 6] = [
         (
             "not JSON",
             "application/json",
