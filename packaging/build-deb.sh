@@ -42,6 +42,8 @@ install -D -m 0755 "$virtiofsd" "$stage/usr/lib/banger/virtiofsd"
 install -D -m 0644 systemd/bangerd.service "$stage/usr/lib/systemd/system/bangerd.service"
 install -D -m 0644 systemd/bangerd.socket "$stage/usr/lib/systemd/system/bangerd.socket"
 install -D -m 0644 systemd/bangerd-metrics.socket "$stage/usr/lib/systemd/system/bangerd-metrics.socket"
+install -D -m 0644 systemd/banger-e2b.socket "$stage/usr/lib/systemd/user/banger-e2b.socket"
+install -D -m 0644 systemd/banger-e2b.service "$stage/usr/lib/systemd/user/banger-e2b.service"
 install -D -m 0644 dbus/org.banger.conf "$stage/usr/share/dbus-1/system.d/org.banger.conf"
 install -D -m 0644 dbus/org.banger.service "$stage/usr/share/dbus-1/system-services/org.banger.service"
 for x in dbus/org.banger.*1.xml; do

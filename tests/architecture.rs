@@ -13,6 +13,7 @@ const CRATES: &[&str] = &[
     "crates/banger-api/src",
     "crates/banger-cli/src",
     "crates/banger-core/src",
+    "crates/banger-e2b/src",
     "crates/banger-guest/src",
 ];
 

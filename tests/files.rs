@@ -226,3 +226,36 @@ fn every_dbus_member_is_documented() {
     // Images1, Kernels1, VMs1, Jobs1, Snapshots1, Image1, Kernel1, VM1, Job1, Snapshot1.
     assert_eq!(files, 10);
 }
+
+#[test]
+fn the_e2b_user_units_verify_and_hand_the_service_its_socket() {
+    if !available(&["systemd-analyze"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let service = std::fs::read_to_string(repo().join("systemd/banger-e2b.service")).unwrap();
+    assert!(
+        service.contains("ExecStart=/usr/bin/banger e2b serve"),
+        "{service}"
+    );
+    let socket = std::fs::read_to_string(repo().join("systemd/banger-e2b.socket")).unwrap();
+    // Loopback only, at the address `banger e2b env` prints by default.
+    assert!(socket.contains("ListenStream=127.0.0.1:3000"), "{socket}");
+    let service = service.replace(
+        "ExecStart=/usr/bin/banger ",
+        &format!("ExecStart={} ", env!("CARGO_BIN_EXE_banger")),
+    );
+    std::fs::write(dir.path().join("banger-e2b.service"), service).unwrap();
+    std::fs::write(dir.path().join("banger-e2b.socket"), socket).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("banger-e2b.service"))
+        .arg(dir.path().join("banger-e2b.socket"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && text(&out).trim().is_empty(),
+        "verify: {}",
+        text(&out)
+    );
+}

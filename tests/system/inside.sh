@@ -139,6 +139,38 @@ machinectl list --no-legend | grep -q "$machine" && fail "$machine is still regi
 as alice banger vm delete t1 || fail "vm delete"
 ip -o link | grep -q banger0 && fail "banger0 outlived the last VM"
 
+say "E2B's API as alice's user service: socket-activated, her key, her VMs only"
+[ -f /usr/lib/systemd/user/banger-e2b.socket ] || fail "no banger-e2b.socket user unit"
+systemd-analyze verify --man=no /usr/lib/systemd/user/banger-e2b.service /usr/lib/systemd/user/banger-e2b.socket \
+    || fail "systemd-analyze verify banger-e2b"
+loginctl enable-linger alice || fail "loginctl enable-linger alice"
+uid=$(id -u alice)
+for _ in $(seq 60); do [ "$(active "user@$uid.service")" = active ] && break; sleep 0.5; done
+[ "$(active "user@$uid.service")" = active ] || fail "alice's user manager did not start"
+# Her own systemctl, as she would run it (no user bus here: it reaches her manager directly).
+usrctl() { runuser -u alice -- env XDG_RUNTIME_DIR="/run/user/$uid" systemctl --user "$@"; }
+usrctl enable --now banger-e2b.socket || fail "systemctl --user enable --now banger-e2b.socket"
+[ "$(usrctl show banger-e2b.service -p ActiveState --value)" = inactive ] \
+    || fail "banger-e2b.service runs before any request"
+key=$(as alice banger e2b env | sed -n 's/^export E2B_API_KEY=//p')
+[ -n "$key" ] || fail "banger e2b env printed no key"
+[ "$(stat -c %a ~alice/.config/banger/e2b-api-key)" = 600 ] || fail "the key file is not 0600"
+http() { printf '%s' "$1" | socat -t 30 - TCP:127.0.0.1:3000; }
+out=$(http $'GET /v2/sandboxes HTTP/1.0\r\nX-API-Key: '"$key"$'\r\n\r\n')
+echo "$out" | head -1 | grep -q ' 200 ' || {
+    usrctl status --no-pager banger-e2b.service banger-e2b.socket
+    journalctl --no-pager _UID="$uid" | tail -20
+    fail "GET /v2/sandboxes with alice's key: $out"
+}
+[ "$(echo "$out" | tail -1)" = "[]" ] || fail "alice has no sandboxes yet: $out"
+[ "$(usrctl show banger-e2b.service -p ActiveState --value)" = active ] \
+    || fail "the request did not start banger-e2b.service"
+ps -o user= -p "$(usrctl show banger-e2b.service -p MainPID --value)" | grep -q alice \
+    || fail "banger-e2b.service does not run as alice"
+out=$(http $'GET /v2/sandboxes HTTP/1.0\r\n\r\n')
+echo "$out" | head -1 | grep -q ' 401 ' || fail "a request without the key: $out"
+usrctl disable --now banger-e2b.socket banger-e2b.service
+
 say "removal: purge leaves nothing outside /var/lib/banger"
 systemctl stop bangerd 2>/dev/null
 dpkg --purge banger >/tmp/purge.log 2>&1 || { cat /tmp/purge.log; fail "dpkg --purge"; }

@@ -177,6 +177,9 @@ pub async fn serve(listener: std::net::TcpListener, cfg: Config, key: Key) -> an
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             builder
                 .http1()
+                // A client that ends its side after the request (socat, nc) still gets
+                // the answer.
+                .half_close(true)
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(30));
             builder
