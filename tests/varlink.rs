@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use banger::model::{now_us, Image, Kernel};
 use banger::store::{rows, Store};
@@ -1022,11 +1023,9 @@ async fn labels_find_a_users_own_vms_over_both_apis_and_never_another_users() {
         )
         .remove(0)
     };
-    wait_until(
-        "lab-ok2 reserved",
-        std::time::Duration::from_secs(20),
-        || get(Some(USER_OK2), "lab-ok2")["parameters"]["vm"]["state"] == "created",
-    );
+    wait_until("lab-ok2 reserved", Duration::from_secs(20), || {
+        get(Some(USER_OK2), "lab-ok2")["parameters"]["vm"]["state"] == "created"
+    });
     assert_eq!(
         get(Some(USER_OK2), "lab-ok2")["parameters"]["vm"]["labels"],
         json!({"app": "e2b"})
@@ -1153,4 +1152,155 @@ async fn labels_find_a_users_own_vms_over_both_apis_and_never_another_users() {
             != Some(0)
     );
     println!("security (labels): {tried} bad labels tried, {refused} refused, 0 created");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_whose_lifetime_ran_out_is_ended_also_when_it_ran_out_while_bangerd_was_down() {
+    if !available(TOOLS) || pyvarlink().is_none() {
+        return;
+    }
+    let bus = TestBus::start(BusOptions::default());
+    seed(&bus);
+    // A row an earlier daemon left, whose lifetime ran out while no daemon ran.
+    {
+        let store = Store::open(&bus.state_dir().join("banger.db")).unwrap();
+        let image = store
+            .call_blocking(|c| rows::find_image(c, "seeded-image"))
+            .unwrap()
+            .unwrap();
+        let mut gone = vm_row("expired-vm", &image, uid_of(USER_OK), 9, "debian-6.1");
+        gone.expires_at = now_us() - 1_000_000;
+        store
+            .call_blocking(move |c| rows::insert_vm(c, &gone))
+            .unwrap();
+    }
+    let ok = |out: std::process::Output, what: &str| {
+        assert!(out.status.success(), "{what}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let exists = |name: &str| bus.banger_as(None, &["vm", "show", name]).status.success();
+    // The first call starts the daemon, which ends it at once.
+    ok(bus.banger_as(None, &["status"]), "status");
+    wait_until(
+        "the expired VM to be deleted",
+        Duration::from_secs(30),
+        || !exists("expired-vm"),
+    );
+
+    // A lifetime given at creation runs out and the VM goes.
+    ok(
+        bus.banger_as(
+            Some(USER_OK),
+            &[
+                "vm",
+                "create",
+                "short",
+                "--image",
+                "seeded-image",
+                "--no-start",
+                "--timeout",
+                "2s",
+            ],
+        ),
+        "vm create --timeout",
+    );
+    let shown: Value = serde_json::from_str(&ok(
+        bus.banger_as(Some(USER_OK), &["--json", "vm", "show", "short"]),
+        "vm show",
+    ))
+    .unwrap();
+    assert!(shown["expiresAt"].as_u64().unwrap() > now_us(), "{shown}");
+    assert_eq!(shown["onExpire"], "delete", "{shown}");
+    wait_until(
+        "the VM whose lifetime ran out to go",
+        Duration::from_secs(30),
+        || !exists("short"),
+    );
+
+    // `vm timeout` changes a lifetime; 0 takes it away; stop ends a VM that does not run by
+    // taking its lifetime away, and the VM stays.
+    ok(
+        bus.banger_as(
+            Some(USER_OK),
+            &[
+                "vm",
+                "create",
+                "kept",
+                "--image",
+                "seeded-image",
+                "--no-start",
+                "--timeout",
+                "1h",
+                "--on-expire",
+                "stop",
+            ],
+        ),
+        "vm create --on-expire stop",
+    );
+    let expires = |name: &str| -> u64 {
+        let v: Value =
+            serde_json::from_slice(&bus.banger_as(None, &["--json", "vm", "show", name]).stdout)
+                .unwrap();
+        v["expiresAt"].as_u64().unwrap()
+    };
+    assert!(expires("kept") > now_us() + 3_000_000_000);
+    ok(
+        bus.banger_as(Some(USER_OK), &["vm", "timeout", "kept", "0"]),
+        "vm timeout 0",
+    );
+    assert_eq!(expires("kept"), 0);
+    // Over Varlink and D-Bus alike.
+    let r = raw(
+        &bus,
+        Some(USER_OK),
+        &[
+            json!({"method": "io.banger.VMs.SetTimeout", "parameters": {"name": "kept", "timeoutSec": 1}}),
+        ],
+    );
+    assert!(r[0].get("error").is_none(), "{r:?}");
+    wait_until(
+        "the stopped VM's lifetime to be taken away",
+        Duration::from_secs(30),
+        || expires("kept") == 0,
+    );
+    assert!(exists("kept"), "on_expire stop keeps the VM");
+
+    // Refusals: another user's VM, a lifetime over ten years, an unknown action.
+    let (mut tried, mut refused) = (0, 0);
+    for (user, args, why) in [
+        (
+            USER_OK2,
+            vec!["vm", "timeout", "kept", "60"],
+            "Permission denied",
+        ),
+        (USER_OK, vec!["vm", "timeout", "kept", "4000d"], "at most"),
+        (
+            USER_OK,
+            vec![
+                "vm",
+                "create",
+                "bad",
+                "--image",
+                "seeded-image",
+                "--no-start",
+                "--timeout",
+                "1m",
+                "--on-expire",
+                "explode",
+            ],
+            "delete, stop or pause",
+        ),
+    ] {
+        tried += 1;
+        let out = bus.banger_as(Some(user), &args);
+        assert!(
+            !out.status.success() && text(&out).contains(why),
+            "{args:?}: {}",
+            text(&out)
+        );
+        refused += 1;
+    }
+    assert_eq!(expires("kept"), 0);
+    assert!(!exists("bad"));
+    println!("security (lifetimes): {tried} tried, {refused} refused, nothing changed");
 }
