@@ -179,6 +179,39 @@ impl Facade {
     }
 }
 
+/// The npm package tests/run installs (its version is pinned there).
+fn js_dir() -> Option<PathBuf> {
+    let dir = repo().join("target/test-node-e2b");
+    if dir.join("node_modules/e2b/dist/index.mjs").is_file() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
+        "{} is missing: tests/run installs E2B's JavaScript SDK there",
+        dir.display()
+    );
+    eprintln!("SKIPPED: E2B's JavaScript SDK is not installed (tests/run installs it)");
+    None
+}
+
+impl Facade {
+    /// `tests/e2b/sdk.mjs` with this facade's environment, as `user`.
+    fn js(&self, bus: &TestBus, user: &str, template: &str, js: &std::path::Path) -> String {
+        let script = repo().join("tests/e2b/sdk.mjs");
+        let node = ["/usr/bin/node", "/usr/local/bin/node"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect("node");
+        let mut c = as_user_in_netns(bus, user, node, &[script.to_str().unwrap(), template]);
+        c.envs(self.env.iter().cloned()).env("E2B_JS", js);
+        let out = c.output().unwrap();
+        let printed = text(&out);
+        println!("{printed}");
+        assert!(out.status.success(), "sdk.mjs failed:\n{printed}");
+        printed
+    }
+}
+
 /// An HTTP request to the facade from inside the namespace (curl), as `user`: (status, body).
 fn curl(bus: &TestBus, user: &str, args: &[&str]) -> (u16, String) {
     let mut all = vec!["-sS", "-w", "\n%{http_code}", "--max-time", "60"];
@@ -250,6 +283,11 @@ async fn e2bs_python_sdk_drives_banger_vms_through_the_facade_as_each_user() {
         vm["expiresAt"].as_u64().unwrap_or(0) > 0,
         "a sandbox has a lifetime: {vm}"
     );
+
+    // E2B's JavaScript SDK: one create, commands, files, kill.
+    if let Some(js) = js_dir() {
+        mine.js(&bus, USER_OK, "e2b-test", &js);
+    }
 
     // The second user sees nothing of the first's sandbox through their own facade.
     theirs.sdk(&bus, USER_OK2, &["other", &id]);

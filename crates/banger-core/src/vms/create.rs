@@ -158,7 +158,15 @@ impl Vms {
             snapshot: snapshot.as_ref().map(|s| s.id.clone()).unwrap_or_default(),
             machine: String::new(),
             labels: o.labels.clone(),
-            expires_at: lifetime::expiry(o.timeout_sec),
+            // Until the VM is ready its lifetime also covers the boot, so a slow start is not
+            // ended half-way; it counts from ready once there (see below). Should the daemon
+            // die before, the VM still ends.
+            expires_at: lifetime::expiry(if o.timeout_sec == 0 {
+                0
+            } else {
+                o.timeout_sec
+                    .saturating_add(u32::try_from(self.config.boot_timeout_sec).unwrap_or(u32::MAX))
+            }),
             on_expire: o.on_expire,
         };
         if let Some(s) = &snapshot {
@@ -281,12 +289,14 @@ impl Vms {
                 .and_then(|_| std::fs::write(dir.join(PENDING_KEY), format!("{}\n", key.trim())))
                 .map_err(|e| failed("Cannot keep the SSH key for the first start", e))?;
         }
+        let (id, timeout) = (vm.id.clone(), o.timeout_sec);
         if !o.start {
-            return Ok(());
+            return self.arm_lifetime(&id, timeout).await;
         }
         // Phase 3: start, under the VM's own lock.
         let (vcpus, memory) = (vm.vcpus, vm.memory_mib);
         self.start_locked(&mut st, vm).await?;
+        self.arm_lifetime(&id, timeout).await?;
         if eligible && !warm_used {
             self.warm_later(&image, &kernel, vcpus, memory).await;
         }

@@ -72,6 +72,15 @@ impl Vms {
         Ok(v)
     }
 
+    /// Starts a new VM's lifetime of `secs` (0: none) from now, when it is ready.
+    pub(super) async fn arm_lifetime(&self, id: &str, secs: u32) -> Result<()> {
+        if secs == 0 {
+            return Ok(());
+        }
+        let vm = self.get(id).await?;
+        self.set_timeout(&vm, secs).await.map(|_| ())
+    }
+
     /// A VM's lifetime began or changed: the keeper looks again.
     pub(super) fn lifetime_changed(&self) {
         self.lifetimes.wake.notify_one();
