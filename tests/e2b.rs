@@ -547,3 +547,63 @@ async fn e2bs_python_sdk_drives_banger_vms_through_the_facade_as_each_user() {
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
     assert_eq!(listed[0]["metadata"]["cut"], "yes", "{listed}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn e2bs_default_template_base_is_built_on_first_use_with_an_account_user_and_sudo() {
+    if sdk_dir().is_none() || !available(&["curl", "debootstrap"]) || !available(VM_TOOLS) {
+        return;
+    }
+    let Some((vmlinuz, modules, _)) = debian_kernel() else {
+        return;
+    };
+    guest_bins().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let config = "accel = \"tcg\"\nboot_timeout_sec = 300\ndefault_kernel = \"test\"\n";
+    {
+        // With the host's network (debootstrap fetches from the host's Debian mirror, a
+        // package registry): the first request for `base` builds it. Its memory is refused
+        // after that, so nothing boots here.
+        let prep = TestBus::start(BusOptions {
+            state_dir: Some(state.path().to_owned()),
+            extra_config: config.into(),
+            ..Default::default()
+        });
+        import_kernel(&prep.connect().await, "test", &vmlinuz, &modules).await;
+        assert!(prep.banger_as(None, &["status"]).status.success());
+        let facade = Facade::start(&prep, USER_OK, 3010);
+        let key = format!("X-API-Key: {}", facade.key());
+        let (code, body) = curl(
+            &prep,
+            USER_OK,
+            &[
+                "--max-time",
+                "1200",
+                "-X",
+                "POST",
+                "-H",
+                &key,
+                "-d",
+                r#"{"templateID":"base","memoryMB":1}"#,
+                "http://127.0.0.1:3010/sandboxes",
+            ],
+        );
+        assert_eq!(code, 400, "the build, then the shape refused: {body}");
+        assert!(body.contains("memory"), "{body}");
+        let shown = prep.banger_as(Some(USER_OK), &["--json", "image", "show", "base"]);
+        assert!(
+            shown.status.success(),
+            "base was not built: {}",
+            text(&shown)
+        );
+    }
+    let bus = TestBus::start(BusOptions {
+        extra_config: config.into(),
+        netns: true,
+        state_dir: Some(state.path().to_owned()),
+        ..Default::default()
+    });
+    // The daemon up (a D-Bus call activates it), so its Varlink socket is there.
+    assert!(bus.banger_as(None, &["status"]).status.success());
+    let facade = Facade::start(&bus, USER_OK, 3011);
+    facade.sdk(&bus, USER_OK, &["base"]);
+}

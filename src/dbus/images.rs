@@ -91,7 +91,9 @@ impl Images1 {
     }
 
     /// Builds a Debian image with debootstrap from the host's apt sources.
-    /// Options: suite s, packages as, size t, kernel s, ready_ports aq. Returns the job at once.
+    /// Options: suite s, packages as, size t, kernel s, ready_ports aq, user s (an account,
+    /// uid 1000, its home, passwordless sudo with the sudo package, that the image's commands,
+    /// terminals and files default to). Returns the job at once.
     #[zbus(out_args("job_id", "job_path"))]
     async fn build_image(
         &self,

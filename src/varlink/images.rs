@@ -85,7 +85,10 @@ method Build(
   packages: ?[]string,
   size: ?int,
   kernel: ?string,
-  readyPorts: ?[]int
+  readyPorts: ?[]int,
+  # An account (uid 1000, its home, passwordless sudo with the sudo package) the image's
+  # commands, terminals and files default to.
+  user: ?string
 ) -> (job: Job, log: ?LogLine)
 
 # Makes the warm snapshot of an image for a kernel and shape (instant starts).

@@ -279,6 +279,22 @@ def main(template):
     print("SANDBOX " + json.dumps({"id": sbx.sandbox_id}), flush=True)
 
 
+def base(_):
+    """E2B's default template: `Sandbox.create()` names none."""
+    sbx = Sandbox.create(timeout=600, request_timeout=600)
+    assert sbx.get_info().template_id == "base"
+    r = sbx.commands.run("whoami; pwd; sudo -n whoami")
+    assert r.stdout == "user\n/home/user\nroot\n", r.stdout
+    for tool in ("python3 --version", "pip3 --version", "git --version", "curl --version"):
+        sbx.commands.run(tool)
+    r = sbx.commands.run("python3 -c 'print(6 * 7)'")
+    assert r.stdout == "42\n", r.stdout
+    sbx.files.write("made.txt", "by user")
+    assert sbx.commands.run("stat -c %U /home/user/made.txt").stdout == "user\n"
+    sbx.kill()
+    ok("base: Debian with python3, pip, git, curl; user in /home/user with passwordless sudo")
+
+
 def other(sandbox_id):
     """A second user, with a facade and key of their own."""
     assert Sandbox.list().next_items() == [], "another user's sandboxes are listed"
@@ -296,4 +312,4 @@ def other(sandbox_id):
 
 
 if __name__ == "__main__":
-    {"main": main, "other": other}[sys.argv[1]](sys.argv[2])
+    {"main": main, "other": other, "base": base}[sys.argv[1]](sys.argv[2] if len(sys.argv) > 2 else "")

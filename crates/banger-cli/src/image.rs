@@ -55,6 +55,10 @@ pub enum ImageCommand {
         /// TCP ports VMs wait for before they are ready, e.g. 8080,5432.
         #[arg(long, value_delimiter = ',')]
         ready_ports: Vec<u16>,
+        /// Make this account (uid 1000, passwordless sudo with --package sudo), which the
+        /// image's commands, terminals and files then default to, in its home.
+        #[arg(long)]
+        user: Option<String>,
     },
     /// Register your own ext4 files as an image: they are opened here, as you, and the
     /// daemon copies them (re-registering a name replaces its files).
@@ -200,9 +204,11 @@ pub(crate) async fn run(
             size,
             kernel,
             ready_ports,
+            user,
         } => {
             let opts = [
                 suite.map(|s| ("suite", Opt::Str(s))),
+                user.map(|u| ("user", Opt::Str(u))),
                 (!packages.is_empty()).then_some(("packages", Opt::Strs(packages))),
                 size.map(|s| ("size", Opt::U64(s))),
                 kernel.map(|k| ("kernel", Opt::Str(k))),

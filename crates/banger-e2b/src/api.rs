@@ -283,12 +283,57 @@ fn new_id() -> String {
     id
 }
 
-/// The template: an image's name or a snapshot's (404 naming those there are otherwise).
+/// E2B's default template: built on first use as E2B's is, Debian with these packages and an
+/// account `user` (uid 1000, passwordless sudo) that commands, terminals and files default to.
+pub const BASE: &str = "base";
+/// What `base` has beyond banger's Debian image.
+pub const BASE_PACKAGES: &[&str] = &[
+    "python3",
+    "python3-pip",
+    "curl",
+    "git",
+    "sudo",
+    "ca-certificates",
+];
+
+/// Builds the `base` template (debootstrap, minutes) unless another request does already.
+async fn build_base(f: &Facade) -> Result<(), Reply> {
+    let _one = f.building.lock().await;
+    match f
+        .daemon
+        .call("io.banger.Images.Get", json!({"name": BASE}))
+        .await
+    {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind != "NotFound" => return Err(fault(&e)),
+        Err(_) => {}
+    }
+    tracing::info!("building the base template (debootstrap; a few minutes, once)");
+    f.daemon
+        .follow(
+            "io.banger.Images.Build",
+            json!({"name": BASE, "packages": BASE_PACKAGES, "user": "user"}),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            h::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the base template could not be built: {e}"),
+            )
+        })
+}
+
+/// The template: an image's name or a snapshot's (404 naming those there are otherwise);
+/// `base` is built when it is missing.
 async fn template(f: &Facade, name: &str) -> Result<(&'static str, String), Reply> {
     if name.is_empty() {
         return Err(bad(
             "templateID is required: an image's or a snapshot's name",
         ));
+    }
+    if name == BASE {
+        build_base(f).await?;
     }
     match f
         .daemon

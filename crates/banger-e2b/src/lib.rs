@@ -84,6 +84,8 @@ pub struct Facade {
     pub shape: (u32, u32),
     /// `CreateWatcher`'s watchers, by id.
     pub watchers: tokio::sync::Mutex<HashMap<String, envd::Watcher>>,
+    /// Held while the `base` template is built, so concurrent creates build it once.
+    pub building: tokio::sync::Mutex<()>,
 }
 
 /// Where a request goes.
@@ -133,6 +135,7 @@ impl Facade {
             domain: cfg.domain.clone(),
             shape: (cfg.cpu_count, cfg.memory_mb),
             watchers: Default::default(),
+            building: Default::default(),
         })
     }
 

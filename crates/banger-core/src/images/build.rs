@@ -129,6 +129,89 @@ fn run_debootstrap(suite: &str, packages: &[String], tree: &Path, log: &Path) ->
     Ok(())
 }
 
+/// The uid (and gid) of a built image's account.
+pub const USER_UID: u32 = 1000;
+
+/// Accepts an account name: a lowercase letter or `_`, then up to 31 of lowercase letters,
+/// digits, `_` and `-`.
+fn user_ok(u: &str) -> bool {
+    let mut c = u.chars();
+    matches!(c.next(), Some('a'..='z' | '_'))
+        && u.len() <= 32
+        && c.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+/// Appends `line` to the tree's `file` (made if absent).
+fn append(tree: &Path, file: &str, line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(tree.join(file))?;
+    writeln!(f, "{line}")
+}
+
+/// Makes account `user` in a freshly debootstrapped tree: uid and gid [`USER_UID`], bash, a
+/// home made from `/etc/skel`, member of `sudo` with passwordless sudo when the image has
+/// sudo, its password locked. The image's configuration then makes it the default user, in
+/// its home.
+fn add_user(tree: &Path, user: &str) -> std::io::Result<crate::model::ImageConfig> {
+    let passwd = std::fs::read_to_string(tree.join("etc/passwd"))?;
+    if passwd
+        .lines()
+        .any(|l| l.starts_with(&format!("{user}:")) || l.split(':').nth(2) == Some("1000"))
+    {
+        return Err(std::io::Error::other(format!(
+            "the image has a user {user} or a uid {USER_UID} already"
+        )));
+    }
+    let home = format!("/home/{user}");
+    append(
+        tree,
+        "etc/passwd",
+        &format!("{user}:x:{USER_UID}:{USER_UID}::{home}:/bin/bash"),
+    )?;
+    append(tree, "etc/group", &format!("{user}:x:{USER_UID}:"))?;
+    append(tree, "etc/shadow", &format!("{user}:!:19000:0:99999:7:::"))?;
+    let sudo = tree.join("usr/bin/sudo").exists();
+    if sudo {
+        let group = std::fs::read_to_string(tree.join("etc/group"))?;
+        let group: String = group
+            .lines()
+            .map(|l| {
+                if l.starts_with("sudo:") {
+                    let sep = if l.ends_with(':') { "" } else { "," };
+                    format!("{l}{sep}{user}\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        std::fs::write(tree.join("etc/group"), group)?;
+        let rule = tree.join(format!("etc/sudoers.d/{user}"));
+        std::fs::write(&rule, format!("{user} ALL=(ALL:ALL) NOPASSWD: ALL\n"))?;
+        std::fs::set_permissions(&rule, std::os::unix::fs::PermissionsExt::from_mode(0o440))?;
+    }
+    let dir = tree.join(home.trim_start_matches('/'));
+    std::fs::create_dir_all(&dir)?;
+    if let Ok(skel) = std::fs::read_dir(tree.join("etc/skel")) {
+        for e in skel.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_file()) {
+                std::fs::copy(e.path(), dir.join(e.file_name()))?;
+                std::os::unix::fs::lchown(dir.join(e.file_name()), Some(USER_UID), Some(USER_UID))?;
+            }
+        }
+    }
+    std::os::unix::fs::lchown(&dir, Some(USER_UID), Some(USER_UID))?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o750))?;
+    Ok(crate::model::ImageConfig {
+        user: user.to_owned(),
+        working_dir: home,
+        env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
+        ..Default::default()
+    })
+}
+
 impl Images {
     /// Builds image `name` with debootstrap, as a job.
     pub async fn build(&self, uid: u32, name: &str, opts: BuildOptions) -> Result<Arc<Job>> {
@@ -141,6 +224,12 @@ impl Images {
         }
         if let Some(bad) = opts.packages.iter().find(|p| !word_ok(p)) {
             return Err(invalid(format!("Invalid package name {bad:?}")));
+        }
+        if let Some(u) = opts.user.as_deref().filter(|u| !user_ok(u) || *u == "root") {
+            return Err(invalid(format!(
+                "Invalid user {u:?}: a lowercase letter or _, then up to 31 lowercase letters, \
+                 digits, _ or -, and not root"
+            )));
         }
         // The default image's name is the system's: built by anyone with its own recipe,
         // it is the system's image; a member's own recipe goes under a name of their own.
@@ -180,13 +269,22 @@ impl Images {
                 format!("debootstrap {suite} (log: {})", log.display()),
             );
             ctx.progress(0.05);
-            let (t, l, s, p) = (
+            let (t, l, s, p, u) = (
                 tree.clone(),
                 log.clone(),
                 suite.clone(),
                 opts.packages.clone(),
+                opts.user.clone(),
             );
-            blocking("debootstrap", move || run_debootstrap(&s, &p, &t, &l)).await?;
+            let config = blocking("debootstrap", move || {
+                run_debootstrap(&s, &p, &t, &l)?;
+                match u {
+                    Some(u) => add_user(&t, &u)
+                        .map_err(|e| failed(format!("Cannot make the account {u}"), e)),
+                    None => Ok(Default::default()),
+                }
+            })
+            .await?;
             let t = TreeImage {
                 id,
                 name,
@@ -194,7 +292,7 @@ impl Images {
                 kernel: opts.kernel,
                 size: opts.size,
                 ready_ports: opts.ready_ports,
-                config: Default::default(),
+                config,
                 owner_uid: owner,
             };
             this.finish_tree(&ctx, staging, tree, scratch, t)
@@ -207,6 +305,44 @@ impl Images {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_account_is_made_with_its_home_and_sudo() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path();
+        for dir in ["etc/sudoers.d", "etc/skel", "usr/bin", "home"] {
+            std::fs::create_dir_all(t.join(dir)).unwrap();
+        }
+        std::fs::write(t.join("etc/passwd"), "root:x:0:0:root:/root:/bin/bash\n").unwrap();
+        std::fs::write(t.join("etc/group"), "root:x:0:\nsudo:x:27:\n").unwrap();
+        std::fs::write(t.join("etc/shadow"), "root:*:19000:0:99999:7:::\n").unwrap();
+        std::fs::write(t.join("etc/skel/.bashrc"), "# bashrc\n").unwrap();
+        std::fs::write(t.join("usr/bin/sudo"), "").unwrap();
+        let c = add_user(t, "user").unwrap();
+        assert_eq!(
+            (c.user.as_str(), c.working_dir.as_str()),
+            ("user", "/home/user")
+        );
+        let passwd = std::fs::read_to_string(t.join("etc/passwd")).unwrap();
+        assert!(
+            passwd.contains("user:x:1000:1000::/home/user:/bin/bash"),
+            "{passwd}"
+        );
+        let group = std::fs::read_to_string(t.join("etc/group")).unwrap();
+        assert!(
+            group.contains("sudo:x:27:user\n") && group.contains("user:x:1000:"),
+            "{group}"
+        );
+        let rule = std::fs::read_to_string(t.join("etc/sudoers.d/user")).unwrap();
+        assert_eq!(rule, "user ALL=(ALL:ALL) NOPASSWD: ALL\n");
+        use std::os::unix::fs::MetadataExt;
+        let home = std::fs::metadata(t.join("home/user")).unwrap();
+        assert_eq!((home.uid(), home.gid()), (1000, 1000));
+        assert!(t.join("home/user/.bashrc").exists());
+        let again = add_user(t, "user").unwrap_err().to_string();
+        assert!(again.contains("already"), "{again}");
+        assert!(user_ok("user") && user_ok("_svc-1") && !user_ok("User") && !user_ok("1x"));
+    }
 
     #[test]
     fn suites_and_packages_are_plain_words() {

@@ -73,6 +73,9 @@ pub struct BuildOptions {
     pub kernel: Option<String>,
     /// Ports to wait for.
     pub ready_ports: Vec<u16>,
+    /// An account to make (uid 1000, its home, passwordless sudo when the image has sudo),
+    /// which the image's commands, terminals and files then default to, in its home.
+    pub user: Option<String>,
 }
 
 impl BuildOptions {
@@ -83,6 +86,7 @@ impl BuildOptions {
             && self.packages.is_empty()
             && self.kernel.is_none()
             && self.ready_ports.is_empty()
+            && self.user.is_none()
     }
 }
 

@@ -188,6 +188,7 @@ impl Request for BuildOptions {
             size: s.u64("size")?,
             kernel: s.string("kernel")?,
             ready_ports: ports(s, "ready_ports")?.unwrap_or_default(),
+            user: s.string("user")?,
         })
     }
 }
