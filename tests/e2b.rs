@@ -497,6 +497,86 @@ async fn e2bs_python_sdk_drives_banger_vms_through_the_facade_as_each_user() {
     assert!(body.contains("FILE_TYPE_DIRECTORY"), "{body}");
     println!("malformed Connect calls: {tried} tried, {clear} refused with Connect's error");
 
+    // Clients that go mid-stream (a command's output, a watch) leave nothing open in the
+    // facade: its descriptors come back to where they were.
+    let facade_pid = processes_mentioning("serve\0--listen\0127.0.0.1:3000")
+        .into_iter()
+        .find(|p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e.ends_with("banger")))
+        .expect("the facade's process");
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{facade_pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let token = format!("X-Access-Token: {}", {
+        let (_, body) = curl(
+            &bus,
+            USER_OK,
+            &[
+                "-X",
+                "POST",
+                "-H",
+                &key,
+                "-d",
+                "{}",
+                &format!("{api}/sandboxes/{id}/connect"),
+            ],
+        );
+        serde_json::from_str::<Value>(&body).unwrap()["envdAccessToken"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    });
+    for (path, body) in [
+        (
+            "process.Process/Start",
+            r#"{"process":{"cmd":"/bin/sh","args":["-c","echo started; sleep 20"]}}"#,
+        ),
+        ("filesystem.Filesystem/WatchDir", r#"{"path":"/home/user"}"#),
+    ] {
+        for _ in 0..3 {
+            let file = bodies.path().join("stream");
+            let mut env = vec![0u8];
+            env.extend((body.len() as u32).to_be_bytes());
+            env.extend(body.as_bytes());
+            std::fs::write(&file, env).unwrap();
+            std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .unwrap();
+            let data = format!("@{}", file.display());
+            // curl gives up after 2 s, in the middle of the stream.
+            let (_, out) = curl(
+                &bus,
+                USER_OK,
+                &[
+                    "--max-time",
+                    "2",
+                    "-H",
+                    &sandbox_hdr,
+                    "-H",
+                    "E2b-Sandbox-Port: 49983",
+                    "-H",
+                    &token,
+                    "-H",
+                    "Content-Type: application/connect+json",
+                    "--data-binary",
+                    &data,
+                    &format!("{api}/{path}"),
+                ],
+            );
+            assert!(!out.contains("\"error\""), "{path}: {out}");
+        }
+    }
+    wait_until(
+        "the facade's descriptors to come back",
+        Duration::from_secs(30),
+        || fds() <= before,
+    );
+    println!(
+        "streams cut by their clients: 6, facade descriptors {before} before and {} after",
+        fds()
+    );
+
     // A facade killed while it creates: the VM is bangerd's, and a new facade lists it.
     let creating = as_user_in_netns(
         &bus,

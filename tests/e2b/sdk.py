@@ -235,6 +235,13 @@ def main(template):
     assert again.commands.run("cat /home/user/state.txt").stdout == "kept"
     ok("pause, connect resumes")
 
+    # Without memory: the VM stops; connect boots it again with its files.
+    assert again.pause(mode="filesystem")
+    assert Sandbox.get_info(sbx.sandbox_id).state.value == "paused"
+    again = Sandbox.connect(sbx.sandbox_id)
+    assert again.commands.run("cat /home/user/state.txt").stdout == "kept"
+    ok("pause without memory stops, connect boots again")
+
     # Snapshot: a template of its own; fork: sandboxes going on from this one.
     snap = sbx.create_snapshot()
     ok(f"create_snapshot: {snap.snapshot_id}")

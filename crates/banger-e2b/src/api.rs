@@ -198,7 +198,10 @@ pub async fn handle(f: &Facade, req: Request<Incoming>) -> Reply {
             Ok(b) => set_timeout(f, id, &b, "duration").await,
             Err(r) => Err(r),
         },
-        (&Method::POST, ["sandboxes", id, "pause"]) => pause(f, id).await,
+        (&Method::POST, ["sandboxes", id, "pause"]) => match body().await {
+            Ok(b) => pause(f, id, &b).await,
+            Err(r) => Err(r),
+        },
         (&Method::POST, ["sandboxes", id, "connect"])
         | (&Method::POST, ["v2", "sandboxes", id, "connect"])
         | (&Method::POST, ["sandboxes", id, "resume"]) => match body().await {
@@ -637,7 +640,8 @@ async fn set_timeout(f: &Facade, id: &str, body: &[u8], key: &str) -> Result<Rep
     Ok(h::status(StatusCode::NO_CONTENT))
 }
 
-async fn pause(f: &Facade, id: &str) -> Result<Reply, Reply> {
+async fn pause(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
+    let b = parse(body)?;
     let vm = f.sandbox(id).await?;
     if state(&vm) == "paused" {
         return Err(h::error(
@@ -645,8 +649,14 @@ async fn pause(f: &Facade, id: &str) -> Result<Reply, Reply> {
             format!("sandbox {id} is paused already"),
         ));
     }
+    // Without memory (E2B's "filesystem" pause) the VM stops; connect boots it again.
+    let method = if b["memory"] == json!(false) {
+        "io.banger.VMs.Stop"
+    } else {
+        "io.banger.VMs.Pause"
+    };
     f.daemon
-        .call("io.banger.VMs.Pause", json!({"name": id}))
+        .call(method, json!({"name": id}))
         .await
         .map_err(|e| fault(&e))?;
     Ok(h::status(StatusCode::NO_CONTENT))

@@ -33,6 +33,8 @@ const MAX_EVENT_LINE: usize = 64 << 10;
 const MAX_WATCHER_EVENTS: usize = 10_000;
 /// The most polling watchers held at once.
 const MAX_WATCHERS: usize = 64;
+/// The longest a stream goes without a message (a keepalive when nothing else comes).
+const MAX_PING: Duration = Duration::from_secs(10);
 /// The largest multipart upload (it is read whole); octet-stream uploads stream.
 const MAX_MULTIPART: usize = 256 << 20;
 
@@ -287,13 +289,19 @@ async fn rpc(ctx: &Ctx<'_>, req: Request<Incoming>) -> Reply {
             format!("content-type {ct:?}: Connect calls are application/json, application/proto or their connect+ stream forms"),
         );
     };
-    let keepalive = req
-        .headers()
-        .get("keepalive-ping-interval")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|s| (1..=3600).contains(s))
-        .map(Duration::from_secs);
+    // A stream pings at the client's interval, and at least every MAX_PING: a write is how a
+    // client that went is noticed (an idle HTTP/1 stream says nothing of it), so its agent
+    // connection and task are let go within that.
+    let keepalive = Some(
+        req.headers()
+            .get("keepalive-ping-interval")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|s| *s >= 1)
+            .map(Duration::from_secs)
+            .unwrap_or(MAX_PING)
+            .min(MAX_PING),
+    );
     let method = req.uri().path().to_owned();
     let streams = matches!(
         method.as_str(),
