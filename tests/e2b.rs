@@ -79,7 +79,7 @@ impl Drop for Facade {
     fn drop(&mut self) {
         // runuser waits for the facade it started: the facade itself is killed, by its
         // command line.
-        let marker = format!("serve\0--listen\0127.0.0.1:{}", self.port);
+        let marker = format!("serve\x00--listen\x00127.0.0.1:{}", self.port);
         for pid in processes_mentioning(&marker) {
             // SAFETY: kill takes no pointers.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -499,7 +499,7 @@ async fn e2bs_python_sdk_drives_banger_vms_through_the_facade_as_each_user() {
 
     // Clients that go mid-stream (a command's output, a watch) leave nothing open in the
     // facade: its descriptors come back to where they were.
-    let facade_pid = processes_mentioning("serve\0--listen\0127.0.0.1:3000")
+    let facade_pid = processes_mentioning("serve\x00--listen\x00127.0.0.1:3000")
         .into_iter()
         .find(|p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e.ends_with("banger")))
         .expect("the facade's process");
