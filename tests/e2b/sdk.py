@@ -16,6 +16,7 @@ import threading
 import time
 
 import httpx
+from protobuf import Oneof
 from e2b import (
     AsyncSandbox,
     AuthenticationException,
@@ -203,6 +204,31 @@ def main(template):
     ok(f"watch_dir (polling): {events[:3]}")
     asyncio.run(watch_streaming(sbx.sandbox_id))
     ok("watch_dir (stream, AsyncSandbox)")
+
+    # Connect's binary protobuf codec: connectrpc's own clients (its default codec), as any
+    # Connect client may call envd, not only the SDK's JSON.
+    from e2b.envd.filesystem import filesystem_connect, filesystem_pb
+    from e2b.envd.process import process_connect, process_pb
+    url = os.environ["E2B_SANDBOX_URL"]
+    hdrs = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983",
+            "X-Access-Token": sbx._envd_access_token}
+    fs_client = filesystem_connect.FilesystemClientSync(url)
+    st = fs_client.stat(filesystem_pb.StatRequest(path="/home/user/blob.bin"), headers=hdrs)
+    assert st.entry.size == len(blob) and st.entry.name == "blob.bin", st
+    proc_client = process_connect.ProcessClientSync(url)
+    events = list(proc_client.start(process_pb.StartRequest(process=process_pb.ProcessConfig(
+        cmd="/bin/sh", args=["-c", "echo binary; exit 5"])), headers=hdrs))
+    out, ends = b"", []
+    for e in events:
+        match e.event.event:
+            case Oneof(field="data", value=data):
+                match data.output:
+                    case Oneof(field="stdout", value=chunk):
+                        out += chunk
+            case Oneof(field="end", value=end):
+                ends.append(end)
+    assert out == b"binary\n" and ends and ends[0].exit_code == 5, events
+    ok("binary protobuf: a unary and a streaming call through connectrpc's default codec")
 
     # A guest port through the facade: by E2B's headers and by PORT-ID.DOMAIN as a host.
     host = sbx.get_host(8080)

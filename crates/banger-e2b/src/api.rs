@@ -105,6 +105,14 @@ fn end_at(vm: &Value) -> u64 {
 }
 
 impl Facade {
+    /// A call to bangerd; its refusal as E2B's reply.
+    async fn call(&self, method: &str, params: Value) -> Result<Value, Reply> {
+        self.daemon
+            .call(method, params)
+            .await
+            .map_err(|e| fault(&e))
+    }
+
     /// A sandbox of the user's: its VM, or 404 (also for a VM that is not a sandbox, or
     /// another user's).
     pub async fn sandbox(&self, id: &str) -> Result<Value, Reply> {
@@ -338,23 +346,15 @@ async fn template(f: &Facade, name: &str) -> Result<(&'static str, String), Repl
     if name == BASE {
         build_base(f).await?;
     }
-    match f
-        .daemon
-        .call("io.banger.Images.Get", json!({"name": name}))
-        .await
-    {
-        Ok(_) => return Ok(("image", name.to_owned())),
-        Err(e) if e.kind != "NotFound" => return Err(fault(&e)),
-        Err(_) => {}
-    }
-    match f
-        .daemon
-        .call("io.banger.VMs.GetSnapshot", json!({"name": name}))
-        .await
-    {
-        Ok(_) => return Ok(("snapshot", name.to_owned())),
-        Err(e) if e.kind != "NotFound" => return Err(fault(&e)),
-        Err(_) => {}
+    for (kind, method) in [
+        ("image", "io.banger.Images.Get"),
+        ("snapshot", "io.banger.VMs.GetSnapshot"),
+    ] {
+        match f.daemon.call(method, json!({"name": name})).await {
+            Ok(_) => return Ok((kind, name.to_owned())),
+            Err(e) if e.kind != "NotFound" => return Err(fault(&e)),
+            Err(_) => {}
+        }
     }
     let names = |v: Result<Value, Fault>, key: &str| -> Vec<String> {
         v.ok()
@@ -616,10 +616,8 @@ async fn get(f: &Facade, id: &str) -> Result<Reply, Reply> {
 
 async fn kill(f: &Facade, id: &str) -> Result<Reply, Reply> {
     f.sandbox(id).await?;
-    f.daemon
-        .call("io.banger.VMs.Delete", json!({"name": id, "force": true}))
-        .await
-        .map_err(|e| fault(&e))?;
+    f.call("io.banger.VMs.Delete", json!({"name": id, "force": true}))
+        .await?;
     Ok(h::status(StatusCode::NO_CONTENT))
 }
 
@@ -630,13 +628,11 @@ async fn set_timeout(f: &Facade, id: &str, body: &[u8], key: &str) -> Result<Rep
     }
     let t = timeout_of(&b, key, DEFAULT_TIMEOUT)?;
     f.sandbox(id).await?;
-    f.daemon
-        .call(
-            "io.banger.VMs.SetTimeout",
-            json!({"name": id, "timeoutSec": t}),
-        )
-        .await
-        .map_err(|e| fault(&e))?;
+    f.call(
+        "io.banger.VMs.SetTimeout",
+        json!({"name": id, "timeoutSec": t}),
+    )
+    .await?;
     Ok(h::status(StatusCode::NO_CONTENT))
 }
 
@@ -655,10 +651,7 @@ async fn pause(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
     } else {
         "io.banger.VMs.Pause"
     };
-    f.daemon
-        .call(method, json!({"name": id}))
-        .await
-        .map_err(|e| fault(&e))?;
+    f.call(method, json!({"name": id})).await?;
     Ok(h::status(StatusCode::NO_CONTENT))
 }
 
@@ -667,10 +660,7 @@ async fn connect(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
     let vm = f.sandbox(id).await?;
     let resumed = match vm["state"].as_str().unwrap_or_default() {
         "paused" => {
-            f.daemon
-                .call("io.banger.VMs.Resume", json!({"name": id}))
-                .await
-                .map_err(|e| fault(&e))?;
+            f.call("io.banger.VMs.Resume", json!({"name": id})).await?;
             true
         }
         "stopped" | "stopping" => {
@@ -684,13 +674,11 @@ async fn connect(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
     };
     if !b["timeout"].is_null() {
         let t = timeout_of(&b, "timeout", DEFAULT_TIMEOUT)?;
-        f.daemon
-            .call(
-                "io.banger.VMs.SetTimeout",
-                json!({"name": id, "timeoutSec": t}),
-            )
-            .await
-            .map_err(|e| fault(&e))?;
+        f.call(
+            "io.banger.VMs.SetTimeout",
+            json!({"name": id, "timeoutSec": t}),
+        )
+        .await?;
     }
     let vm = f.sandbox(id).await?;
     let status = if resumed {

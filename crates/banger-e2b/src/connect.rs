@@ -17,8 +17,59 @@ pub const MAX_MESSAGE: usize = 4 << 20;
 
 /// An envelope flag: the end of a stream.
 const END_STREAM: u8 = 0x02;
-/// An envelope flag: the message is compressed (which this server never asks for).
+/// An envelope flag: the message is compressed (with the stream's `connect-content-encoding`).
 const COMPRESSED: u8 = 0x01;
+
+/// How a client compressed its messages: `content-encoding` (unary) or
+/// `connect-content-encoding` (streams); gzip or none. The answers go uncompressed, which
+/// every client takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// As they are.
+    #[default]
+    Identity,
+    /// gzip.
+    Gzip,
+}
+
+impl Compression {
+    /// The compression a request's headers name; another than gzip is refused by name.
+    pub fn of(headers: &http::HeaderMap, streaming: bool) -> Result<Compression, Error> {
+        let name = if streaming {
+            "connect-content-encoding"
+        } else {
+            "content-encoding"
+        };
+        match headers.get(name).map(|v| v.to_str().unwrap_or("?")) {
+            None | Some("identity") => Ok(Compression::Identity),
+            Some("gzip") => Ok(Compression::Gzip),
+            Some(other) => Err(Error::new(
+                "unimplemented",
+                format!("{name} {other:?}: messages are taken as they are or gzipped"),
+            )),
+        }
+    }
+
+    /// `data` as it was before compression, at most [`MAX_MESSAGE`] bytes of it.
+    pub fn expand(self, data: Bytes) -> Result<Bytes, Error> {
+        if self == Compression::Identity {
+            return Ok(data);
+        }
+        use std::io::Read;
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(&data[..])
+            .take(MAX_MESSAGE as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| Error::new("invalid_argument", format!("bad gzip message: {e}")))?;
+        if out.len() > MAX_MESSAGE {
+            return Err(Error::new(
+                "resource_exhausted",
+                format!("a message is at most {MAX_MESSAGE} bytes, uncompressed"),
+            ));
+        }
+        Ok(Bytes::from(out))
+    }
+}
 
 /// How messages are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,8 +199,13 @@ pub fn error(codec: Codec, streaming: bool, e: &Error) -> Reply {
         .expect("a valid reply")
 }
 
-/// The request's one message: the body of a unary call, the one envelope of a server stream.
-pub async fn one_message(body: Incoming, streaming: bool) -> Result<Bytes, Error> {
+/// The request's one message: the body of a unary call, the one envelope of a server
+/// stream, expanded when the client compressed it.
+pub async fn one_message(
+    body: Incoming,
+    streaming: bool,
+    compression: Compression,
+) -> Result<Bytes, Error> {
     let whole = h::read(body, MAX_MESSAGE + 5).await.map_err(|_| {
         Error::new(
             "resource_exhausted",
@@ -157,9 +213,12 @@ pub async fn one_message(body: Incoming, streaming: bool) -> Result<Bytes, Error
         )
     })?;
     if !streaming {
-        return Ok(whole);
+        return compression.expand(whole);
     }
-    let mut r = Envelopes::default();
+    let mut r = Envelopes {
+        compression,
+        ..Default::default()
+    };
     r.buf.extend_from_slice(&whole);
     match r.take()? {
         Some((_, m)) => Ok(m),
@@ -174,6 +233,8 @@ pub async fn one_message(body: Incoming, streaming: bool) -> Result<Bytes, Error
 #[derive(Default)]
 pub struct Envelopes {
     buf: BytesMut,
+    /// How compressed envelopes' messages were compressed.
+    compression: Compression,
 }
 
 impl Envelopes {
@@ -190,17 +251,24 @@ impl Envelopes {
                 format!("a message is at most {MAX_MESSAGE} bytes, not {len}"),
             ));
         }
-        if flags & COMPRESSED != 0 {
+        let compressed = flags & COMPRESSED != 0;
+        if compressed && self.compression == Compression::Identity {
             return Err(Error::new(
-                "unimplemented",
-                "compressed messages are not taken; send them uncompressed",
+                "invalid_argument",
+                "a compressed message in a stream that named no connect-content-encoding",
             ));
         }
         if self.buf.len() < 5 + len {
             return Ok(None);
         }
         self.buf.advance(5);
-        Ok(Some((flags, self.buf.split_to(len).freeze())))
+        let m = self.buf.split_to(len).freeze();
+        let m = if compressed && flags & END_STREAM == 0 {
+            self.compression.expand(m)?
+        } else {
+            m
+        };
+        Ok(Some((flags, m)))
     }
 }
 
@@ -212,11 +280,14 @@ pub struct ClientStream {
 }
 
 impl ClientStream {
-    /// Reads `body`'s envelopes.
-    pub fn new(body: Incoming) -> Self {
+    /// Reads `body`'s envelopes, compressed as `compression` says.
+    pub fn new(body: Incoming, compression: Compression) -> Self {
         ClientStream {
             body,
-            envelopes: Envelopes::default(),
+            envelopes: Envelopes {
+                compression,
+                ..Default::default()
+            },
             done: false,
         }
     }
@@ -333,7 +404,34 @@ mod tests {
         assert_eq!(big.take().unwrap_err().code, "resource_exhausted");
         let mut z = Envelopes::default();
         z.buf.extend_from_slice(&envelope(COMPRESSED, b"x"));
-        assert_eq!(z.take().unwrap_err().code, "unimplemented");
+        assert_eq!(z.take().unwrap_err().code, "invalid_argument");
+        // gzipped, as the stream said: expanded; a bomb past the cap is refused.
+        use std::io::Write;
+        let gz = |data: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        };
+        let mut g = Envelopes {
+            compression: Compression::Gzip,
+            ..Default::default()
+        };
+        g.buf
+            .extend_from_slice(&envelope(COMPRESSED, &gz(b"hello")));
+        assert_eq!(
+            g.take().unwrap(),
+            Some((COMPRESSED, Bytes::from_static(b"hello")))
+        );
+        let bomb = gz(&vec![0u8; MAX_MESSAGE + 1]);
+        assert!(bomb.len() < MAX_MESSAGE);
+        g.buf.extend_from_slice(&envelope(COMPRESSED, &bomb));
+        assert_eq!(g.take().unwrap_err().code, "resource_exhausted");
+        let mut hdrs = http::HeaderMap::new();
+        hdrs.insert("content-encoding", "br".parse().unwrap());
+        assert_eq!(
+            Compression::of(&hdrs, false).unwrap_err().code,
+            "unimplemented"
+        );
     }
 
     #[test]

@@ -320,10 +320,14 @@ async fn rpc(ctx: &Ctx<'_>, req: Request<Incoming>) -> Reply {
         );
         return connect::error(codec, streaming, &e);
     }
+    let compression = match connect::Compression::of(req.headers(), streaming) {
+        Ok(c) => c,
+        Err(e) => return connect::error(codec, streaming, &e),
+    };
     if method == "/process.Process/StreamInput" {
-        return stream_input(ctx, codec, req.into_body()).await;
+        return stream_input(ctx, codec, req.into_body(), compression).await;
     }
-    let body = match connect::one_message(req.into_body(), streaming).await {
+    let body = match connect::one_message(req.into_body(), streaming, compression).await {
         Ok(b) => b,
         Err(e) => return connect::error(codec, streaming, &e),
     };
@@ -352,55 +356,48 @@ async fn rpc(ctx: &Ctx<'_>, req: Request<Incoming>) -> Reply {
         "/process.Process/CloseStdin" => close_stdin(ctx, codec, &body).await,
         "/process.Process/Update" => update(ctx, codec, &body).await,
         "/filesystem.Filesystem/Stat" => {
-            let r: fs::StatRequest = match connect::decode(codec, &body) {
-                Ok(r) => r,
-                Err(e) => return connect::error(codec, false, &e),
-            };
-            ctx.entries(FsOp::Stat { path: r.path })
-                .await
-                .map(|mut e| connect::unary(codec, &fs::StatResponse { entry: e.pop() }))
+            unary(codec, &body, |r: fs::StatRequest| async move {
+                let mut e = ctx.entries(FsOp::Stat { path: r.path }).await?;
+                Ok(fs::StatResponse { entry: e.pop() })
+            })
+            .await
         }
         "/filesystem.Filesystem/MakeDir" => {
-            let r: fs::MakeDirRequest = match connect::decode(codec, &body) {
-                Ok(r) => r,
-                Err(e) => return connect::error(codec, false, &e),
-            };
-            ctx.entries(FsOp::Mkdir { path: r.path })
-                .await
-                .map(|mut e| connect::unary(codec, &fs::MakeDirResponse { entry: e.pop() }))
+            unary(codec, &body, |r: fs::MakeDirRequest| async move {
+                let mut e = ctx.entries(FsOp::Mkdir { path: r.path }).await?;
+                Ok(fs::MakeDirResponse { entry: e.pop() })
+            })
+            .await
         }
         "/filesystem.Filesystem/Move" => {
-            let r: fs::MoveRequest = match connect::decode(codec, &body) {
-                Ok(r) => r,
-                Err(e) => return connect::error(codec, false, &e),
-            };
-            ctx.entries(FsOp::Move {
-                from: r.source,
-                to: r.destination,
+            unary(codec, &body, |r: fs::MoveRequest| async move {
+                let op = FsOp::Move {
+                    from: r.source,
+                    to: r.destination,
+                };
+                let mut e = ctx.entries(op).await?;
+                Ok(fs::MoveResponse { entry: e.pop() })
             })
             .await
-            .map(|mut e| connect::unary(codec, &fs::MoveResponse { entry: e.pop() }))
         }
         "/filesystem.Filesystem/ListDir" => {
-            let r: fs::ListDirRequest = match connect::decode(codec, &body) {
-                Ok(r) => r,
-                Err(e) => return connect::error(codec, false, &e),
-            };
-            ctx.entries(FsOp::List {
-                path: r.path,
-                depth: r.depth,
+            unary(codec, &body, |r: fs::ListDirRequest| async move {
+                let op = FsOp::List {
+                    path: r.path,
+                    depth: r.depth,
+                };
+                Ok(fs::ListDirResponse {
+                    entries: ctx.entries(op).await?,
+                })
             })
             .await
-            .map(|entries| connect::unary(codec, &fs::ListDirResponse { entries }))
         }
         "/filesystem.Filesystem/Remove" => {
-            let r: fs::RemoveRequest = match connect::decode(codec, &body) {
-                Ok(r) => r,
-                Err(e) => return connect::error(codec, false, &e),
-            };
-            ctx.fs(FsOp::Remove { path: r.path })
-                .await
-                .map(|_| connect::unary(codec, &fs::RemoveResponse {}))
+            unary(codec, &body, |r: fs::RemoveRequest| async move {
+                ctx.fs(FsOp::Remove { path: r.path }).await?;
+                Ok(fs::RemoveResponse {})
+            })
+            .await
         }
         "/filesystem.Filesystem/CreateWatcher" => create_watcher(ctx, codec, &body).await,
         "/filesystem.Filesystem/GetWatcherEvents" => watcher_events(ctx, codec, &body).await,
@@ -411,6 +408,21 @@ async fn rpc(ctx: &Ctx<'_>, req: Request<Incoming>) -> Reply {
         )),
     };
     r.unwrap_or_else(|e| connect::error(codec, false, &e))
+}
+
+/// A unary call: `body` decoded as `M`, answered with what `answer` makes of it.
+async fn unary<M, R, Fut>(
+    codec: Codec,
+    body: &[u8],
+    answer: impl FnOnce(M) -> Fut,
+) -> Result<Reply, Error>
+where
+    M: prost::Message + serde::de::DeserializeOwned + Default,
+    R: prost::Message + serde::Serialize,
+    Fut: std::future::Future<Output = Result<R, Error>>,
+{
+    let m: M = connect::decode(codec, body)?;
+    Ok(connect::unary(codec, &answer(m).await?))
 }
 
 /// A process event as the message a stream sends.
@@ -531,17 +543,29 @@ async fn start(
             .await
             .map_err(|e| Error::new("unavailable", e.to_string()))?;
     }
-    let (out, reply) = connect::Stream::open(codec);
     let wrap: Wrap = |e| Box::new(pr::StartResponse { event: Some(e) });
+    Ok(stream_process(codec, conn, pid, on_tty, keepalive, wrap))
+}
+
+/// A stream of process `pid`'s events: its start (pid), then what [`follow`] carries.
+fn stream_process(
+    codec: Codec,
+    conn: agent::Conn,
+    pid: u32,
+    tty: bool,
+    keepalive: Option<Duration>,
+    wrap: Wrap,
+) -> Reply {
+    let (out, reply) = connect::Stream::open(codec);
     tokio::spawn(async move {
         let start = event(pr::process_event::Event::Start(
             pr::process_event::StartEvent { pid },
         ));
         if out.send_raw(wrap(start).encode(out.codec())).await {
-            follow(conn, out, on_tty, keepalive, wrap).await;
+            follow(conn, out, tty, keepalive, wrap).await;
         }
     });
-    Ok(reply)
+    reply
 }
 
 async fn attach(
@@ -563,17 +587,8 @@ async fn attach(
         .any(|p| (Some(p.pid) == pid || (tag.is_some() && p.tag == tag)) && p.tty);
     let (reply, conn) = ctx.agent(&AgentRequest::Attach { pid, tag }).await?;
     let pid = reply.pid.unwrap_or_default();
-    let (out, reply) = connect::Stream::open(codec);
     let wrap: Wrap = |e| Box::new(pr::ConnectResponse { event: Some(e) });
-    tokio::spawn(async move {
-        let start = event(pr::process_event::Event::Start(
-            pr::process_event::StartEvent { pid },
-        ));
-        if out.send_raw(wrap(start).encode(out.codec())).await {
-            follow(conn, out, tty, keepalive, wrap).await;
-        }
-    });
-    Ok(reply)
+    Ok(stream_process(codec, conn, pid, tty, keepalive, wrap))
 }
 
 async fn list(ctx: &Ctx<'_>, codec: Codec) -> Result<Reply, Error> {
@@ -684,9 +699,14 @@ async fn send_signal(ctx: &Ctx<'_>, codec: Codec, body: &[u8]) -> Result<Reply, 
 
 /// `StreamInput`: a client stream whose first message names the process and whose others
 /// are its input, in order.
-async fn stream_input(ctx: &Ctx<'_>, codec: Codec, body: Incoming) -> Reply {
+async fn stream_input(
+    ctx: &Ctx<'_>,
+    codec: Codec,
+    body: Incoming,
+    compression: connect::Compression,
+) -> Reply {
     use pr::stream_input_request::Event;
-    let mut incoming = connect::ClientStream::new(body);
+    let mut incoming = connect::ClientStream::new(body, compression);
     let r = async {
         let first = incoming
             .next()

@@ -75,13 +75,25 @@ impl Key {
                 }
                 // E2B's own keys' form: e2b_ and 40 hex digits.
                 let k = format!("e2b_{}", random_hex(20));
+                // Written whole under a name of its own, then linked in: a second process
+                // making the key at the same moment finds this one (or links its own first).
+                let tmp = path.with_extension(format!("tmp-{}", random_hex(8)));
                 let mut f = std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
-                    .open(path)?;
+                    .open(&tmp)?;
                 f.write_all(format!("{k}\n").as_bytes())?;
-                Ok(Key(k))
+                f.sync_all()?;
+                let linked = std::fs::hard_link(&tmp, path);
+                let _ = std::fs::remove_file(&tmp);
+                match linked {
+                    Ok(()) => Ok(Key(k)),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        Key::load_or_create(path)
+                    }
+                    Err(e) => Err(e.into()),
+                }
             }
             Err(e) => Err(e.into()),
         }
@@ -159,6 +171,20 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = Key::load_or_create(&p).unwrap_err().to_string();
         assert!(e.contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn processes_making_the_key_at_once_agree_on_one() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("banger/e2b-api-key");
+        let keys: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| Key::load_or_create(&p).unwrap().secret().to_owned()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
     }
 
     #[test]

@@ -284,6 +284,12 @@ pub fn input(
     let mut r = Reply::ok();
     r.pid = Some(proc.info.pid);
     server::write_line(&mut writer, &r)?;
+    feed(reader, &proc);
+    Ok(())
+}
+
+/// Carries a connection's frames to `proc` until the client ends its side.
+fn feed(reader: BufReader<std::fs::File>, proc: &Proc) {
     server::pump_input(
         reader,
         |data| proc.write_input(data),
@@ -292,7 +298,6 @@ pub fn input(
             let _ = proc.signal(sig);
         },
     );
-    Ok(())
 }
 
 /// Replies with the pid, then carries the process's output to the connection and the
@@ -312,14 +317,7 @@ fn follow(
     };
     let p = proc.clone();
     std::thread::spawn(move || {
-        server::pump_input(
-            reader,
-            |data| p.write_input(data),
-            |rows, cols| p.resize(rows, cols),
-            |sig| {
-                let _ = p.signal(sig);
-            },
-        );
+        feed(reader, &p);
         // The client hung up: it no longer follows the process, which runs on.
         p.unsubscribe(id);
     });

@@ -186,18 +186,12 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             cwd,
             user,
             tty,
-            detach: false,
-            tag: _,
-        } => exec(reader, writer, argv, env, cwd, user, tty),
-        Request::Exec {
-            argv,
-            env,
-            cwd,
-            user,
-            tty,
-            detach: true,
+            detach,
             tag,
-        } => super::procs::start(reader, writer, argv, env, cwd, user, tty, tag),
+        } => match detach {
+            true => super::procs::start(reader, writer, argv, env, cwd, user, tty, tag),
+            false => exec(reader, writer, argv, env, cwd, user, tty),
+        },
         Request::Attach { pid, tag } => match super::procs::find(pid, tag.as_deref()) {
             Ok(p) => super::procs::attach(reader, writer, p),
             Err(e) => write_line(&mut writer, &Reply::error(e)),
