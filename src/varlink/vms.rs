@@ -250,12 +250,17 @@ fn with_vm(ctx: &Ctx, id: String) -> Render {
     Box::new(move |job| {
         let (banger, id) = (banger.clone(), id.clone());
         Box::pin(async move {
-            let vm = banger
-                .vms
-                .get(&id)
-                .await
-                .ok()
-                .map(|v| view(&v, banger.vms.host_memory_bytes(&v)));
+            // What the VM costs the host is read (from its processes' smaps) once the job
+            // ended, not at each of its stages.
+            let ended = job["state"] != "running";
+            let vm = banger.vms.get(&id).await.ok().map(|v| {
+                let memory = if ended {
+                    banger.vms.host_memory_bytes(&v)
+                } else {
+                    0
+                };
+                view(&v, memory)
+            });
             json!({ "vm": vm, "job": job })
         })
     })

@@ -122,7 +122,12 @@ def main(template):
     sbx.commands.close_stdin(h.pid)
     r = h.wait()
     assert r.stdout == "abcend\n", r.stdout
-    ok("stdin: send_stdin in order, close_stdin")
+    h = sbx.commands.run("cat", background=True, stdin=True)
+    sbx.commands.stream_input(h.pid, (f"chunk{i}\n" for i in range(50)))
+    sbx.commands.close_stdin(h.pid)
+    r = h.wait()
+    assert r.stdout == "".join(f"chunk{i}\n" for i in range(50)), r.stdout
+    ok("stdin: send_stdin in order, stream_input (a client stream), close_stdin")
     h = sbx.commands.run("sleep 300", background=True)
     assert sbx.commands.kill(h.pid)
     try:

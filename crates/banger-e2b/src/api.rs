@@ -125,6 +125,40 @@ impl Facade {
         }
     }
 
+    /// A sandbox's environment (its `envVars`, `KEY=VALUE`), known from an earlier request or
+    /// asked of bangerd (404 as [`Self::sandbox`]).
+    pub async fn sandbox_env(&self, id: &str) -> Result<Vec<String>, Reply> {
+        if let Some(env) = self.known_env(id) {
+            return Ok(env);
+        }
+        let vm = self.sandbox(id).await?;
+        let env: Vec<String> = under(&vm, ENV)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_owned(), env.clone());
+        Ok(env)
+    }
+
+    fn known_env(&self, id: &str) -> Option<Vec<String>> {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Forgets what [`Self::sandbox_env`] knew of `id` (it went).
+    pub fn forget(&self, id: &str) {
+        self.known
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
     /// What E2B answers for a sandbox made or connected to.
     fn created(&self, vm: &Value) -> Value {
         let id = vm["name"].as_str().unwrap_or_default();
@@ -522,11 +556,16 @@ async fn create(f: &Facade, body: &[u8]) -> Result<Reply, Reply> {
     if let Some(e) = egress(&b)? {
         params["egress"] = json!(e);
     }
-    f.daemon
+    // The last reply carries the VM as it is once ready.
+    let done = f
+        .daemon
         .follow("io.banger.VMs.Create", params)
         .await
         .map_err(|e| fault(&e))?;
-    let vm = f.daemon.vm(&id).await.map_err(|e| fault(&e))?;
+    let vm = match &done["vm"] {
+        Value::Object(_) => done["vm"].clone(),
+        _ => f.daemon.vm(&id).await.map_err(|e| fault(&e))?,
+    };
     Ok(h::json(StatusCode::CREATED, &f.created(&vm)))
 }
 
@@ -616,6 +655,7 @@ async fn get(f: &Facade, id: &str) -> Result<Reply, Reply> {
 
 async fn kill(f: &Facade, id: &str) -> Result<Reply, Reply> {
     f.sandbox(id).await?;
+    f.forget(id);
     f.call("io.banger.VMs.Delete", json!({"name": id, "force": true}))
         .await?;
     Ok(h::status(StatusCode::NO_CONTENT))

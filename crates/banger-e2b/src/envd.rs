@@ -95,20 +95,28 @@ pub async fn handle(f: &Facade, id: &str, req: Request<Incoming>) -> Reply {
             "missing or wrong access token: send the sandbox's envdAccessToken as X-Access-Token",
         );
     }
-    let vm = match f.sandbox(id).await {
-        Ok(vm) => vm,
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    // Health asks bangerd each time (the SDK asks it to learn whether a sandbox is still
+    // there); the rest use what is known of the sandbox.
+    if method == Method::GET && path == "/health" {
+        return match f.sandbox(id).await {
+            Ok(vm) if vm["state"] == "running" => h::status(StatusCode::NO_CONTENT),
+            Ok(_) => h::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("sandbox {id} is not running"),
+            ),
+            Err(r) => r,
+        };
+    }
+    let env = match f.sandbox_env(id).await {
+        Ok(env) => env,
         Err(r) => return r,
     };
     let user = match user_of(&req) {
         Ok(u) => u,
         Err(e) => return h::error(StatusCode::UNAUTHORIZED, e),
     };
-    let path = req.uri().path().to_owned();
-    let method = req.method().clone();
-    let env: Vec<String> = crate::api::under(&vm, "e2b.env.")
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
     let ctx = Ctx {
         f,
         id: id.to_owned(),
@@ -116,10 +124,9 @@ pub async fn handle(f: &Facade, id: &str, req: Request<Incoming>) -> Reply {
         env,
     };
     match (&method, path.as_str()) {
-        (&Method::GET, "/health") => h::status(StatusCode::NO_CONTENT),
         (&Method::GET, "/envs") => {
-            let env: HashMap<String, String> =
-                crate::api::under(&vm, "e2b.env.").into_iter().collect();
+            let env: HashMap<&str, &str> =
+                ctx.env.iter().filter_map(|kv| kv.split_once('=')).collect();
             h::json(StatusCode::OK, &json!(env))
         }
         (&Method::GET, "/files") => download(&ctx, &req).await,
@@ -152,12 +159,13 @@ impl Ctx<'_> {
         &self,
         req: &AgentRequest,
     ) -> Result<(banger_guest::agent::Reply, agent::Conn), Error> {
-        let stream = self
-            .f
-            .daemon
-            .agent(&self.id)
-            .await
-            .map_err(|e| Error::new("unavailable", e.to_string()))?;
+        let stream = self.f.daemon.agent(&self.id).await.map_err(|e| {
+            if e.kind == "NotFound" {
+                self.f.forget(&self.id);
+                return Error::new("not_found", format!("sandbox {} not found", self.id));
+            }
+            Error::new("unavailable", e.to_string())
+        })?;
         let (reply, conn) = agent::request(stream, req)
             .await
             .map_err(|e| Error::new("unavailable", format!("the sandbox's agent: {e}")))?;

@@ -86,6 +86,10 @@ pub struct Facade {
     pub watchers: tokio::sync::Mutex<HashMap<String, envd::Watcher>>,
     /// Held while the `base` template is built, so concurrent creates build it once.
     pub building: tokio::sync::Mutex<()>,
+    /// The sandboxes envd requests reached, with their environment (`KEY=VALUE`): a
+    /// sandbox's labels never change, so a command does not wait for bangerd's answer about
+    /// it each time; the agent's own open still checks the VM is there and the user's.
+    pub known: std::sync::Mutex<HashMap<String, Vec<String>>>,
 }
 
 /// Where a request goes.
@@ -136,6 +140,7 @@ impl Facade {
             shape: (cfg.cpu_count, cfg.memory_mb),
             watchers: Default::default(),
             building: Default::default(),
+            known: Default::default(),
         })
     }
 
