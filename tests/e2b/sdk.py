@@ -16,6 +16,10 @@ import threading
 import time
 
 import httpx
+from e2b.api.client.api.sandboxes import get_v_2_sandboxes_sandbox_id_logs
+from e2b.api.client.models import LogsDirection
+from e2b.api.client_sync import get_api_client
+from e2b.connection_config import ConnectionConfig
 from protobuf import Oneof
 from e2b import (
     AsyncSandbox,
@@ -258,6 +262,31 @@ def main(template):
     assert Sandbox.list(query=SandboxQuery(metadata={"suite": "other"})).next_items() == []
     ok("list: by metadata")
 
+    # Metrics: what the guest's own kernel counts; logs: what it printed on its console.
+    [m] = sbx.get_metrics()
+    shape = sbx.get_info()
+    assert m.cpu_count == shape.cpu_count, (m, shape)
+    assert 0 < m.mem_used < m.mem_total <= shape.memory_mb << 20, (m, shape)
+    assert 0 < m.disk_used < m.disk_total and 0 <= m.cpu_used_pct <= 100, m
+    ok(f"get_metrics: {m.cpu_count} CPU, {m.mem_used >> 20}/{m.mem_total >> 20} MiB, "
+       f"{m.disk_used >> 20}/{m.disk_total >> 20} MiB of disk, {m.cpu_used_pct} % busy")
+    sbx.commands.run("echo e2b-console-marker > /dev/console", user="root")
+    api = get_api_client(ConnectionConfig())
+
+    def marker_logged():
+        r = get_v_2_sandboxes_sandbox_id_logs.sync_detailed(
+            sbx.sandbox_id, client=api, search="e2b-console-marker", limit=5,
+            direction=LogsDirection.BACKWARD)
+        assert r.status_code == 200, r
+        return [e.message for e in r.parsed.logs] == ["e2b-console-marker"]
+
+    wait_for("the console line in the sandbox's logs", 20, marker_logged)
+    r = get_v_2_sandboxes_sandbox_id_logs.sync_detailed(sbx.sandbox_id, client=api, limit=3)
+    assert r.status_code == 200 and len(r.parsed.logs) == 3, r
+    r = get_v_2_sandboxes_sandbox_id_logs.sync_detailed(sbx.sandbox_id, client=api, limit=0)
+    assert r.status_code == 400, r
+    ok("logs: the console, searched, limited, newest first; a bad limit refused")
+
     # Pause and connect (resume).
     sbx.files.write("/home/user/state.txt", "kept")
     assert sbx.pause()
@@ -285,13 +314,47 @@ def main(template):
         assert f.commands.run("cat /home/user/state.txt").stdout == "kept"
         f.kill()
     from_snap.kill()
-    ok("fork: two sandboxes with the source's files")
+    listed = [s.snapshot_id for s in Sandbox.list_snapshots().next_items()]
+    assert listed == [snap.snapshot_id], listed
+    assert [s.snapshot_id for s in sbx.list_snapshots().next_items()] == listed
+    assert Sandbox.list_snapshots(sandbox_id="nosuch").next_items() == []
+    assert Sandbox.delete_snapshot(snap.snapshot_id)
+    assert Sandbox.list_snapshots().next_items() == []
+    assert not Sandbox.delete_snapshot(snap.snapshot_id)
+    ok("fork: two sandboxes with the source's files; once they went, so did the fork's "
+       "snapshot; list_snapshots, delete_snapshot")
 
     # A lifetime: a sandbox whose timeout runs out is gone (bangerd ends it).
     short = Sandbox.create(template=template, timeout=3)
     wait_for("the sandbox whose lifetime ran out to go", 90,
              lambda: short.sandbox_id not in [s.sandbox_id for s in Sandbox.list().next_items()])
     ok("timeout: the sandbox is deleted when its lifetime runs out")
+    # At its timeout a sandbox pauses (E2B's autoPause), and a request wakes it (autoResume).
+    lc = Sandbox.create(template=template, timeout=4,
+                        lifecycle={"on_timeout": "pause", "auto_resume": True})
+    assert lc.get_info().lifecycle == {"on_timeout": "pause", "auto_resume": True}
+    lc.files.write("/home/user/lc.txt", "before")
+    wait_for("the sandbox to pause at its timeout", 90,
+             lambda: Sandbox.get_info(lc.sandbox_id).state.value == "paused")
+    assert lc.commands.run("cat /home/user/lc.txt").stdout == "before"
+    lc_info = Sandbox.get_info(lc.sandbox_id)
+    assert lc_info.state.value == "running" and lc_info.end_at.timestamp() > time.time(), lc_info
+    lc.kill()
+    # Paused without memory (stopped) at its timeout; without autoResume only connect wakes it.
+    fs = Sandbox.create(template=template, timeout=4,
+                        lifecycle={"on_timeout": {"action": "pause", "mode": "filesystem"}})
+    assert fs.get_info().lifecycle == {"on_timeout": "pause", "auto_resume": False}
+    fs.files.write("/home/user/fs.txt", "kept")
+    wait_for("the sandbox to stop at its timeout", 90,
+             lambda: Sandbox.get_info(fs.sandbox_id).state.value == "paused")
+    try:
+        fs.commands.run("true")
+        raise AssertionError("a command reached a paused sandbox without autoResume")
+    except Exception as e:
+        assert "start it first" in str(e) or "paused" in str(e), e
+    assert Sandbox.connect(fs.sandbox_id).commands.run("cat /home/user/fs.txt").stdout == "kept"
+    fs.kill()
+    ok("lifecycle: pause at the timeout and resume on a request; filesystem pause, connect boots")
     sbx.set_timeout(600)
     assert Sandbox.get_info(sbx.sandbox_id).end_at.timestamp() > time.time() + 500
     ok("set_timeout")

@@ -32,6 +32,11 @@ const TEMPLATE: &str = "e2b.template";
 const STARTED: &str = "e2b.started";
 const META: &str = "e2b.meta.";
 const ENV: &str = "e2b.env.";
+/// How the snapshots `fork` makes are named.
+const FORK: &str = "fork-";
+/// Set on a sandbox that resumes by itself when a request reaches it while paused: the
+/// lifetime (seconds) it then gets again, the one it was made with.
+const AUTO_RESUME: &str = "e2b.autoResume";
 
 /// A daemon fault as E2B's status and body.
 pub fn fault(f: &Fault) -> Reply {
@@ -200,6 +205,10 @@ impl Facade {
             "diskSizeMB": vm["diskSize"].as_u64().unwrap_or(0) >> 20,
             "metadata": under(vm, META),
             "state": state(vm),
+            "lifecycle": {
+                "autoResume": l.contains_key(AUTO_RESUME),
+                "onTimeout": if vm["onExpire"] == "delete" { "kill" } else { "pause" },
+            },
         })
     }
 }
@@ -254,13 +263,16 @@ pub async fn handle(f: &Facade, req: Request<Incoming>) -> Reply {
             Ok(b) => snapshot(f, id, &b).await,
             Err(r) => Err(r),
         },
-        (&Method::GET, ["snapshots"]) => snapshots(f).await,
+        (&Method::GET, ["snapshots"]) => snapshots(f, &query).await,
+        (&Method::DELETE, ["templates", id]) => delete_template(f, id).await,
         (&Method::POST, ["sandboxes", id, "fork"]) => match body().await {
             Ok(b) => fork(f, id, &b).await,
             Err(r) => Err(r),
         },
         (&Method::GET, ["sandboxes", id, "logs"])
-        | (&Method::GET, ["v2", "sandboxes", id, "logs"]) => logs(f, id, parts[0] == "v2").await,
+        | (&Method::GET, ["v2", "sandboxes", id, "logs"]) => {
+            logs(f, id, &query, parts[0] == "v2").await
+        }
         (&Method::GET, ["sandboxes", id, "metrics"]) => metrics(f, id).await,
         _ => Err(h::error(
             StatusCode::NOT_FOUND,
@@ -520,13 +532,23 @@ async fn create(f: &Facade, body: &[u8]) -> Result<Reply, Reply> {
     let timeout = timeout_of(&b, "timeout", DEFAULT_TIMEOUT)?;
     let metadata = strings(&b, "metadata")?;
     let env = strings(&b, "envVars")?;
-    let labels = sandbox_labels(&template_id, &metadata, &env)?;
-    let on_expire =
-        if b["autoPause"] == json!(true) || b["lifecycle"]["onTimeout"] == json!("pause") {
-            "pause"
-        } else {
-            "delete"
-        };
+    let mut labels = sandbox_labels(&template_id, &metadata, &env)?;
+    // E2B's lifecycle: at the timeout the sandbox is killed, or paused with its memory
+    // (banger's pause) or without it (banger's stop: the next connect boots it from its disks).
+    let pause = b["autoPause"] == json!(true) || b["lifecycle"]["onTimeout"] == json!("pause");
+    let on_expire = match (pause, b["autoPauseMemory"] == json!(false)) {
+        (false, _) => "delete",
+        (true, false) => "pause",
+        (true, true) => "stop",
+    };
+    if b["autoResume"]["enabled"] == json!(true) {
+        if !pause {
+            return Err(bad(
+                "autoResume needs autoPause: a sandbox killed at its timeout cannot resume",
+            ));
+        }
+        labels.insert(AUTO_RESUME.to_owned(), timeout.to_string());
+    }
     let id = new_id();
     let mut params = json!({
         "name": id,
@@ -658,6 +680,7 @@ async fn kill(f: &Facade, id: &str) -> Result<Reply, Reply> {
     f.forget(id);
     f.call("io.banger.VMs.Delete", json!({"name": id, "force": true}))
         .await?;
+    f.sweep_forks().await;
     Ok(h::status(StatusCode::NO_CONTENT))
 }
 
@@ -695,15 +718,18 @@ async fn pause(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
     Ok(h::status(StatusCode::NO_CONTENT))
 }
 
-async fn connect(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
-    let b = parse(body)?;
-    let vm = f.sandbox(id).await?;
-    let resumed = match vm["state"].as_str().unwrap_or_default() {
+/// Runs a paused or stopped sandbox again (its memory back, or booted from its disks);
+/// whether it had to.
+async fn wake(f: &Facade, id: &str, vm: &Value) -> Result<bool, Reply> {
+    Ok(match vm["state"].as_str().unwrap_or_default() {
         "paused" => {
             f.call("io.banger.VMs.Resume", json!({"name": id})).await?;
             true
         }
         "stopped" | "stopping" => {
+            if vm["state"] == "stopping" {
+                stopped(f, id).await?;
+            }
             f.daemon
                 .follow("io.banger.VMs.Start", json!({"name": id}))
                 .await
@@ -711,7 +737,68 @@ async fn connect(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
             true
         }
         _ => false,
-    };
+    })
+}
+
+/// Waits (up to a minute) for sandbox `id`, which is stopping (a pause without memory, or its
+/// timeout's), to have stopped: bangerd starts a VM again only then.
+async fn stopped(f: &Facade, id: &str) -> Result<(), Reply> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let vm = f.sandbox(id).await?;
+        if vm["state"] != "stopping" {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(h::error(
+                StatusCode::CONFLICT,
+                format!("sandbox {id} has been stopping for a minute; try again later"),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+impl Facade {
+    /// A stream to sandbox `id`'s agent; a sandbox made with `autoResume` that is paused or
+    /// stopped is woken first.
+    pub async fn open_agent(&self, id: &str) -> Result<tokio::net::UnixStream, Fault> {
+        match self.daemon.agent(id).await {
+            Err(e) if e.kind == "InvalidArgument" && self.auto_resume(id).await => {
+                self.daemon.agent(id).await
+            }
+            r => r,
+        }
+    }
+
+    /// For a request that reached sandbox `id` when it did not run: wakes it when it was
+    /// made with `autoResume` (E2B's auto-resume); whether it runs now.
+    async fn auto_resume(&self, id: &str) -> bool {
+        let Ok(vm) = self.sandbox(id).await else {
+            return false;
+        };
+        let Some(timeout) = labels(&vm)
+            .get(AUTO_RESUME)
+            .and_then(|t| t.parse::<u64>().ok())
+        else {
+            return false;
+        };
+        match wake(self, id, &vm).await {
+            Ok(true) => {
+                tracing::info!(sandbox = id, "Resumed on a request (autoResume)");
+                // Its lifetime starts again, as long as it was made with.
+                let t = json!({"name": id, "timeoutSec": timeout});
+                self.call("io.banger.VMs.SetTimeout", t).await.is_ok()
+            }
+            _ => false,
+        }
+    }
+}
+
+async fn connect(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
+    let b = parse(body)?;
+    let vm = f.sandbox(id).await?;
+    let resumed = wake(f, id, &vm).await?;
     if !b["timeout"].is_null() {
         let t = timeout_of(&b, "timeout", DEFAULT_TIMEOUT)?;
         f.call(
@@ -752,24 +839,31 @@ async fn snapshot(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
     Ok(h::json(StatusCode::CREATED, &snapshot_info(&name)))
 }
 
-async fn snapshots(f: &Facade) -> Result<Reply, Reply> {
+async fn snapshots(f: &Facade, query: &[(String, String)]) -> Result<Reply, Reply> {
+    let q = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    f.sweep_forks().await;
     let all = f
         .daemon
         .call("io.banger.VMs.ListSnapshots", json!({}))
         .await
         .map_err(|e| fault(&e))?;
-    // SAFETY: no arguments.
-    let me = u64::from(unsafe { libc::geteuid() });
-    let mine: Vec<Value> = all["snapshots"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|s| s["owner"].as_u64() == Some(me))
-        .filter_map(|s| s["name"].as_str())
-        .filter(|n| !n.starts_with('.'))
-        .map(snapshot_info)
+    let of = |name: &str| {
+        all["snapshots"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["name"] == name)
+            .and_then(|s| s["vmName"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let listed: Vec<Value> = mine(&all)
+        .iter()
+        .filter(|n| q("sandboxID").is_none_or(|id| of(n) == id))
+        .filter(|n| q("name").is_none_or(|w| w == n.as_str()))
+        .map(|n| snapshot_info(n))
         .collect();
-    Ok(h::json(StatusCode::OK, &json!(mine)))
+    Ok(h::json(StatusCode::OK, &json!(listed)))
 }
 
 async fn fork(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
@@ -783,14 +877,19 @@ async fn fork(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
             .ok_or_else(|| bad(format!("count must be between 1 and {MAX_FORKS}")))?,
     };
     let timeout = timeout_of(&b, "timeout", DEFAULT_TIMEOUT)?;
-    let snap = format!("fork-{}", &new_id()[1..13]);
-    f.daemon
+    let snap = format!("{FORK}{}", &new_id()[1..13]);
+    f.lock_set(&f.forking).insert(snap.clone());
+    let made = f
+        .daemon
         .follow(
             "io.banger.VMs.Snapshot",
             json!({"name": id, "snapshot": snap}),
         )
-        .await
-        .map_err(|e| fault(&e))?;
+        .await;
+    if let Err(e) = made {
+        f.lock_set(&f.forking).remove(&snap);
+        return Err(fault(&e));
+    }
     let template = labels(&vm).get(TEMPLATE).cloned().unwrap_or_default();
     let l = sandbox_labels(&template, &under(&vm, META), &under(&vm, ENV))?;
     let creates = (0..count).map(|_| {
@@ -810,10 +909,117 @@ async fn fork(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
         }
     });
     let results = futures_util::future::join_all(creates).await;
+    f.lock_set(&f.forking).remove(&snap);
+    // Gone at once when no fork came of it; else once the last fork goes.
+    f.sweep_forks().await;
     Ok(h::json(StatusCode::CREATED, &json!(results)))
 }
 
-async fn logs(f: &Facade, id: &str, v2: bool) -> Result<Reply, Reply> {
+impl Facade {
+    fn lock_set<'a>(
+        &self,
+        m: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+    ) -> std::sync::MutexGuard<'a, std::collections::HashSet<String>> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Deletes the caller's fork snapshots (the ones `fork` makes, an implementation detail
+    /// E2B users never asked for) that no VM is made from any more: bangerd refuses those
+    /// still in use, which stay. Run on the calls that end or list sandboxes and snapshots.
+    async fn sweep_forks(&self) {
+        let Ok(all) = self
+            .daemon
+            .call("io.banger.VMs.ListSnapshots", json!({}))
+            .await
+        else {
+            return;
+        };
+        for name in mine(&all) {
+            if !name.starts_with(FORK) || self.lock_set(&self.forking).contains(&name) {
+                continue;
+            }
+            let gone = self
+                .daemon
+                .call("io.banger.VMs.DeleteSnapshot", json!({"name": name}))
+                .await;
+            if gone.is_ok() {
+                tracing::info!(snapshot = name, "Deleted a fork's snapshot no sandbox uses");
+            }
+        }
+    }
+}
+
+/// The caller's snapshots' names in a `ListSnapshots` answer (hidden ones left out).
+fn mine(all: &Value) -> Vec<String> {
+    // SAFETY: no arguments.
+    let me = u64::from(unsafe { libc::geteuid() });
+    all["snapshots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["owner"].as_u64() == Some(me))
+        .filter_map(|s| s["name"].as_str())
+        .filter(|n| !n.starts_with('.'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `DELETE /templates/{id}` (the SDK's `delete_snapshot`): a snapshot of the caller's.
+async fn delete_template(f: &Facade, id: &str) -> Result<Reply, Reply> {
+    let all = f
+        .daemon
+        .call("io.banger.VMs.ListSnapshots", json!({}))
+        .await
+        .map_err(|e| fault(&e))?;
+    if !mine(&all).iter().any(|n| n == id) {
+        return Err(h::error(
+            StatusCode::NOT_FOUND,
+            format!("no snapshot {id} of yours (templates banger deletes are snapshots; images are deleted with `banger image delete`)"),
+        ));
+    }
+    f.call("io.banger.VMs.DeleteSnapshot", json!({"name": id}))
+        .await?;
+    Ok(h::status(StatusCode::NO_CONTENT))
+}
+
+/// How many log entries one answer holds at most (E2B's default `limit`).
+const MAX_LOG_ENTRIES: usize = 1000;
+
+async fn logs(f: &Facade, id: &str, query: &[(String, String)], v2: bool) -> Result<Reply, Reply> {
+    let q = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let limit = match q("limit") {
+        None => MAX_LOG_ENTRIES,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=MAX_LOG_ENTRIES).contains(l))
+            .ok_or_else(|| {
+                bad(format!(
+                    "limit must be from 1 to {MAX_LOG_ENTRIES}, not {l}"
+                ))
+            })?,
+    };
+    let backward = match q("direction") {
+        None | Some("forward") => false,
+        Some("backward") => true,
+        Some(d) => {
+            return Err(bad(format!(
+                "direction must be forward or backward, not {d}"
+            )))
+        }
+    };
+    // The console's lines carry no level: all are `info`, so asking for warnings or errors
+    // only finds none.
+    let levels = match q("level") {
+        None | Some("debug") | Some("info") => true,
+        Some("warn") | Some("error") => false,
+        Some(l) => {
+            return Err(bad(format!(
+                "level must be debug, info, warn or error, not {l}"
+            )))
+        }
+    };
+    let search = q("search").unwrap_or_default().to_owned();
     f.sandbox(id).await?;
     let fd = f
         .daemon
@@ -832,13 +1038,20 @@ async fn logs(f: &Facade, id: &str, v2: bool) -> Result<Reply, Reply> {
     })
     .await
     .unwrap_or_default();
-    let at = rfc3339(now());
-    let lines: Vec<Value> = text
+    let mut picked: Vec<&str> = text
         .lines()
-        .map(|l| json!({"timestamp": at, "line": l}))
+        .filter(|l| levels && l.contains(search.as_str()))
         .collect();
-    let entries: Vec<Value> = text
-        .lines()
+    if backward {
+        picked.reverse();
+    } else if !v2 {
+        // The first API's answer is the latest lines, oldest first.
+        picked.drain(..picked.len().saturating_sub(limit));
+    }
+    picked.truncate(limit);
+    let at = rfc3339(now());
+    let entries: Vec<Value> = picked
+        .iter()
         .map(|l| json!({"timestamp": at, "level": "info", "message": l, "fields": {}}))
         .collect();
     Ok(h::json(
@@ -846,6 +1059,10 @@ async fn logs(f: &Facade, id: &str, v2: bool) -> Result<Reply, Reply> {
         &if v2 {
             json!({"logs": entries})
         } else {
+            let lines: Vec<Value> = picked
+                .iter()
+                .map(|l| json!({"timestamp": at, "line": l}))
+                .collect();
             json!({"logs": lines, "logEntries": entries})
         },
     ))
@@ -853,20 +1070,38 @@ async fn logs(f: &Facade, id: &str, v2: bool) -> Result<Reply, Reply> {
 
 async fn metrics(f: &Facade, id: &str) -> Result<Reply, Reply> {
     let vm = f.sandbox(id).await?;
+    if vm["state"] != "running" {
+        // Nothing runs, so nothing is used: E2B answers an empty series then.
+        return Ok(h::json(StatusCode::OK, &json!([])));
+    }
+    // What the guest's own kernel counts (the agent's `stats`), as envd reports it.
+    let stats = async {
+        let stream = f.daemon.agent(id).await.ok()?;
+        let (reply, _) = crate::agent::request(stream, &banger_guest::agent::Request::Stats)
+            .await
+            .ok()?;
+        reply.stats
+    }
+    .await
+    .ok_or_else(|| {
+        h::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("sandbox {id}'s agent did not answer for its metrics; try again"),
+        )
+    })?;
     let now = now();
-    let total = vm["memoryMib"].as_u64().unwrap_or(0) << 20;
     Ok(h::json(
         StatusCode::OK,
         &json!([{
             "timestamp": rfc3339(now),
             "timestampUnix": now,
-            "cpuCount": vm["vcpus"],
-            "cpuUsedPct": 0.0,
-            "memUsed": vm["hostMemoryBytes"].as_u64().unwrap_or(0).min(total),
-            "memTotal": total,
-            "memCache": 0,
-            "diskUsed": 0,
-            "diskTotal": vm["diskSize"],
+            "cpuCount": stats.cpu_count,
+            "cpuUsedPct": stats.cpu_used_pct,
+            "memUsed": stats.mem_used,
+            "memTotal": stats.mem_total,
+            "memCache": stats.mem_cache,
+            "diskUsed": stats.disk_used,
+            "diskTotal": stats.disk_total,
         }]),
     ))
 }

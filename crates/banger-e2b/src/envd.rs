@@ -159,7 +159,7 @@ impl Ctx<'_> {
         &self,
         req: &AgentRequest,
     ) -> Result<(banger_guest::agent::Reply, agent::Conn), Error> {
-        let stream = self.f.daemon.agent(&self.id).await.map_err(|e| {
+        let stream = self.f.open_agent(&self.id).await.map_err(|e| {
             if e.kind == "NotFound" {
                 self.f.forget(&self.id);
                 return Error::new("not_found", format!("sandbox {} not found", self.id));

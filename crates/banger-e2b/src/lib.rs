@@ -90,6 +90,8 @@ pub struct Facade {
     /// sandbox's labels never change, so a command does not wait for bangerd's answer about
     /// it each time; the agent's own open still checks the VM is there and the user's.
     pub known: std::sync::Mutex<HashMap<String, Vec<String>>>,
+    /// The snapshots forks are being made from now (not swept while so).
+    pub forking: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Where a request goes.
@@ -141,6 +143,7 @@ impl Facade {
             watchers: Default::default(),
             building: Default::default(),
             known: Default::default(),
+            forking: Default::default(),
         })
     }
 

@@ -35,7 +35,7 @@ pub async fn handle(f: &Facade, id: &str, port: u16, mut req: Request<Incoming>)
     if let Err(r) = f.sandbox(id).await {
         return r;
     }
-    let stream = match f.daemon.agent(id).await {
+    let stream = match f.open_agent(id).await {
         Ok(s) => s,
         Err(e) => return crate::api::fault(&e),
     };

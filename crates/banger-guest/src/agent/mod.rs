@@ -21,6 +21,7 @@ pub mod identity;
 pub mod link;
 pub mod procs;
 pub mod server;
+pub mod stats;
 pub mod watch;
 
 use serde::{Deserialize, Serialize};
@@ -132,6 +133,9 @@ pub enum Request {
     },
     /// The process table (reply `procs`).
     Procs,
+    /// What the guest uses now: CPU (over a short window), memory and its root filesystem
+    /// (reply `stats`).
+    Stats,
     /// Send a process of the table a signal: one of [`FORWARDED_SIGNALS`], `SIGKILL` or
     /// `SIGTERM`, to its process group.
     Signal {
@@ -338,6 +342,25 @@ pub struct ProcInfo {
     pub tty: bool,
 }
 
+/// The agent's answer to `stats`: what the guest's own kernel says it uses.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// CPUs online in the guest.
+    pub cpu_count: u32,
+    /// Percent of all of them busy over the sample window (0–100).
+    pub cpu_used_pct: f64,
+    /// Memory the guest sees, in bytes (`MemTotal`).
+    pub mem_total: u64,
+    /// In use: `MemTotal` less `MemAvailable`.
+    pub mem_used: u64,
+    /// The page cache (`Cached`).
+    pub mem_cache: u64,
+    /// The root filesystem's size, in bytes.
+    pub disk_total: u64,
+    /// Its bytes in use.
+    pub disk_used: u64,
+}
+
 /// The agent's answer to `health`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Health {
@@ -375,6 +398,9 @@ pub struct Reply {
     /// For `procs`: the process table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub procs: Option<Vec<ProcInfo>>,
+    /// For `stats`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<Stats>,
 }
 
 impl Reply {
@@ -387,6 +413,7 @@ impl Reply {
             dir: None,
             pid: None,
             procs: None,
+            stats: None,
         }
     }
     /// A refusal.
@@ -398,6 +425,7 @@ impl Reply {
             dir: None,
             pid: None,
             procs: None,
+            stats: None,
         }
     }
 }

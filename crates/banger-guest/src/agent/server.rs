@@ -205,6 +205,14 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             r.procs = Some(super::procs::list());
             write_line(&mut writer, &r)
         }
+        Request::Stats => match super::stats::sample() {
+            Ok(stats) => {
+                let mut r = Reply::ok();
+                r.stats = Some(stats);
+                write_line(&mut writer, &r)
+            }
+            Err(e) => write_line(&mut writer, &Reply::error(format!("stats: {e}"))),
+        },
         Request::Signal { pid, tag, signal } => {
             match super::procs::find(pid, tag.as_deref()).and_then(|p| p.signal(signal)) {
                 Ok(()) => write_line(&mut writer, &Reply::ok()),
