@@ -235,6 +235,7 @@ fn boot_spec(dir: &Path, vcpus: u32) -> BootSpec {
             mac: "02:01:23:45:67:89".into(),
         }),
         shares: Vec::new(),
+        root_share: false,
         // The stand-in API server runs in the test's own (root's) directory.
         jail: banger::vmm::jail::Jail {
             uid: 0,

@@ -3220,6 +3220,184 @@ async fn restores_share_their_snapshots_memory_and_a_changed_ram_file_is_refused
     ok(bus.banger_as(None, &["snapshot", "delete", "s2"]));
 }
 
+/// A busybox tree in `dir`, every file and folder USER_OK's: what `--rootfs` boots.
+fn busybox_tree(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for d in [
+        "bin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "root",
+        "usr/local/bin",
+    ] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
+    for applet in [
+        "sh", "cat", "echo", "ls", "id", "chmod", "cp", "mkdir", "stat",
+    ] {
+        std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(dir.join("etc/marker"), "from the host's folder\n").unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for p in walk(dir).into_iter().chain([dir.to_owned()]) {
+        std::os::unix::fs::lchown(&p, Some(uid_of(USER_OK)), Some(uid_of(USER_OK))).unwrap();
+    }
+}
+
+async fn a_host_folder_boots_as_a_vms_root_served_as_its_owner() {
+    let Some((_state, bus)) = kernel_ready_bus(&[], "").await else {
+        return;
+    };
+    let top = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let root = top.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    busybox_tree(&root);
+    let not_mine = top.path().join("not-mine");
+    std::fs::create_dir(&not_mine).unwrap();
+    let rootfs = root.to_str().unwrap();
+
+    // Bad input: another's folder, a folder with an image; nothing is made.
+    let refused = |args: &[&str], says: &str| {
+        let out = bus.banger_as(Some(USER_OK), args);
+        assert!(!out.status.success(), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(says), "{args:?}: {}", text(&out));
+    };
+    let not_mine_arg = not_mine.to_str().unwrap();
+    refused(
+        &["vm", "create", "r0", "--rootfs", not_mine_arg, "--no-start"],
+        "is not yours",
+    );
+    refused(
+        &["vm", "create", "r0", "--rootfs", rootfs, "--image", "x"],
+        "--image",
+    );
+    let conn = bus.connect().await;
+    let vms = VMs1Proxy::new(&conn).await.unwrap();
+    let e = vms
+        .create_vm(
+            "r0",
+            opt(&[
+                ("rootfs_dir", rootfs.to_owned().into()),
+                ("disk_size", (1u64 << 30).into()),
+            ]),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("disk_size") && e.contains("leave"), "{e}");
+    let out = bus.banger_as(Some(USER_OK), &["vm", "list"]);
+    assert!(!text(&out).contains("r0"), "{}", text(&out));
+
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &[
+            "vm", "create", "r1", "--rootfs", rootfs, "--vcpus", "1", "--memory", "256",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("==> Serving {rootfs} as the VM's root")),
+        "{err}"
+    );
+    let sh = |cmd: &str| bus.banger_as(Some(USER_OK), &["vm", "exec", "r1", "--", "sh", "-c", cmd]);
+    let out = sh("cat /etc/marker; grep ' / ' /proc/mounts; cat /proc/1/comm; ls -ln /etc/marker");
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.starts_with("from the host's folder\n"), "{said}");
+    assert!(
+        said.contains("rootfs / virtiofs rw"),
+        "the root is the folder: {said}"
+    );
+    assert!(said.contains("init\n"), "banger-init is its init: {said}");
+    assert_eq!(
+        said.lines()
+            .nth(3)
+            .and_then(|l| l.split_whitespace().nth(2)),
+        Some("0"),
+        "the owner's file is the guest root's: {said}"
+    );
+    // What the guest writes is the owner's, in the folder, at once.
+    let out = sh("echo from-guest > /made && mkdir -p /srv/x && echo y > /srv/x/y");
+    assert!(out.status.success(), "{}", text(&out));
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::read_to_string(root.join("made")).unwrap(),
+            "from-guest\n"
+        );
+        assert_eq!(
+            std::fs::metadata(root.join("made")).unwrap().uid(),
+            uid_of(USER_OK)
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("srv/x/y")).unwrap(),
+            "y\n"
+        );
+    }
+    // A setuid or setgid bit set by the guest never reaches the host's folder.
+    let out = sh("cp /bin/busybox /bb && { chmod 4755 /bb 2>&1; echo suid=$?; chmod 2755 /bb 2>&1; echo sgid=$?; }");
+    let said = text(&out);
+    for refused in ["suid=1", "sgid=1"] {
+        assert!(said.contains(refused), "{refused}: {said}");
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let m = std::fs::metadata(root.join("bb"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(m & 0o7000, 0, "the guest's copy is {m:o}");
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "security (rootfs): 2 setid modes tried, 2 refused, 0 leaked"
+        );
+    }
+    // Served by a virtiofsd of the owner's, not root's.
+    let servers = share_servers(&bus);
+    assert_eq!(servers.len(), 1, "one virtiofsd: the root's");
+    let uid = uid_of(USER_OK).to_string();
+    assert!(
+        servers[0]
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some(uid.as_str())),
+        "{}",
+        servers[0]
+    );
+    let shown = vm_shown(&bus, "r1");
+    assert_eq!(shown["rootfsDir"], rootfs, "{shown}");
+    assert_eq!(shown["image"], "", "{shown}");
+    // No snapshot of it (virtio-fs does not migrate): a clear refusal, the VM runs on.
+    refused(&["vm", "snapshot", "r1", "s1"], "virtio-fs");
+    // Stopped and started: the same folder, what the guest wrote still there.
+    for args in [["vm", "stop", "r1"], ["vm", "start", "r1"]] {
+        let out = bus.banger_as(Some(USER_OK), &args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    }
+    let out = sh("cat /made");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "from-guest\n",
+        "{}",
+        text(&out)
+    );
+    // Deleted: the VM goes, the folder and all the guest wrote in it stay.
+    let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "--force", "r1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(root.join("made").exists() && root.join("etc/marker").exists());
+    assert!(share_servers(&bus).is_empty(), "its virtiofsd went with it");
+}
+
 fn main() {
     let mut args = libtest_mimic::Arguments::from_args();
     let (steps, scenario) = scenario::trials(
@@ -3252,6 +3430,10 @@ fn main() {
         scenario::async_trial(
             "a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_are_refused",
             a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_are_refused,
+        ),
+        scenario::async_trial(
+            "a_host_folder_boots_as_a_vms_root_served_as_its_owner",
+            a_host_folder_boots_as_a_vms_root_served_as_its_owner,
         ),
         scenario::async_trial(
             "restores_share_their_snapshots_memory_and_a_changed_ram_file_is_refused",

@@ -289,6 +289,18 @@ impl Vm1 {
         vm.shares.iter().map(|s| s.spec()).collect()
     }
 
+    /// The host folder that is the VM's root filesystem (CreateVM rootfs_dir, served over
+    /// virtio-fs as the owner); empty when its root disk layers on its image, and for anyone
+    /// but the VM's owner and root.
+    #[zbus(property(emits_changed_signal = "const"), name = "RootfsDir")]
+    async fn rootfs_dir(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> String {
+        self.seen_by(conn, hdr.as_ref()).await.rootfs_dir
+    }
+
     /// Published ports, ADDR:HOSTPORT:GUESTPORT (host connections reach the guest's port on
     /// its loopback through the agent); empty for anyone but the VM's owner and root.
     #[zbus(property(emits_changed_signal = "const"), name = "Published")]

@@ -123,8 +123,10 @@ impl Vms1 {
     /// this image, kernel and shape exists; by default such a create restores from it),
     /// labels a{ss} (the owner's key/value pairs: at most 64, keys of letters, digits and
     /// ._-/:, values up to 1024 bytes; see ListVMsByLabels), timeout_sec u (a lifetime from
-    /// now; see VM1.SetTimeout), on_expire s (delete, the default, stop or pause). Returns
-    /// the VM and its job at once;
+    /// now; see VM1.SetTimeout), on_expire s (delete, the default, stop or pause),
+    /// rootfs_dir s (a host folder of the caller's as the VM's root filesystem, served over
+    /// virtio-fs with the caller's rights, read-write and never copied: no image, no disks,
+    /// no snapshots; QEMU only). Returns the VM and its job at once;
     /// stages arrive as CreateProgress and the job's StageChanged.
     #[zbus(name = "CreateVM", out_args("vm_path", "job_id", "job_path"))]
     async fn create_vm(

@@ -57,7 +57,10 @@ type VM (
   # When its lifetime ends, µs since the epoch (0: it has none), and what happens then:
   # delete, stop or pause.
   expiresAt: int,
-  onExpire: string
+  onExpire: string,
+  # The host folder that is its root filesystem (virtio-fs); empty when its root disk
+  # layers on its image, and for anyone but its owner and root.
+  rootfsDir: string
 )
 
 # A folder of the host in the guest (virtio-fs, served with its owner's rights).
@@ -129,7 +132,8 @@ method Create(
   cold: ?bool,
   labels: ?[string]string,
   timeoutSec: ?int,
-  onExpire: ?string
+  onExpire: ?string,
+  rootfsDir: ?string
 ) -> (vm: VM, job: Job, log: ?LogLine)
 
 # Starts a stopped VM; with "more", its stages follow as Create's do.
@@ -219,6 +223,7 @@ pub(super) fn view(v: &Vm, host_memory_bytes: u64) -> Value {
         "labels": v.labels,
         "expiresAt": v.expires_at,
         "onExpire": v.on_expire.as_str(),
+        "rootfsDir": v.rootfs_dir,
     })
 }
 

@@ -1040,5 +1040,6 @@ pub fn vm_row(
         labels: Default::default(),
         expires_at: 0,
         on_expire: Default::default(),
+        rootfs_dir: String::new(),
     }
 }

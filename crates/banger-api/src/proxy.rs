@@ -192,6 +192,9 @@ pub trait VM1 {
     /// ExpiresAt
     #[zbus(property, name = "ExpiresAt")]
     fn expires_at(&self) -> zbus::Result<u64>;
+    /// RootfsDir
+    #[zbus(property, name = "RootfsDir")]
+    fn rootfs_dir(&self) -> zbus::Result<String>;
 }
 
 /// `org.banger.Jobs1`.

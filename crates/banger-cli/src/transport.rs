@@ -925,6 +925,7 @@ const VM_FIELDS: &[&str] = &[
     "Egress",
     "Published",
     "Shares",
+    "RootfsDir",
     "Owner",
     "CreatedAt",
     "HostMemoryBytes",

@@ -230,6 +230,10 @@ pub struct VmSpec {
     /// virtio-fs, the guest's root acting as you in it).
     #[arg(long, short = 'v', value_name = "HOSTDIR:GUESTDIR[:ro]")]
     share: Vec<String>,
+    /// Boot a host folder of yours as the VM's root filesystem instead of an image
+    /// (virtio-fs, read-write, never copied: what the guest writes is in the folder, as you).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["image", "snapshot"])]
+    rootfs: Option<std::path::PathBuf>,
     /// Restore this snapshot instead of booting (`banger snapshot list`): the VM goes on
     /// where the snapshot's VM was, with its own name, address and keys.
     #[arg(long, value_name = "SNAPSHOT")]
@@ -259,6 +263,15 @@ impl VmSpec {
     fn opts(&self) -> anyhow::Result<Opts> {
         let key = read_public_key(self.ssh_key.clone())?;
         let shares = self.shares()?;
+        let rootfs = match &self.rootfs {
+            Some(d) => {
+                let dir = std::fs::canonicalize(d)
+                    .with_context(|| format!("--rootfs: cannot reach {}", d.display()))?;
+                anyhow::ensure!(dir.is_dir(), "--rootfs: {} is not a folder", dir.display());
+                Some(Opt::Str(dir.to_string_lossy().into_owned()))
+            }
+            None => None,
+        };
         let list = |l: &Vec<String>| (!l.is_empty()).then(|| Opt::Strs(l.clone()));
         Ok([
             ("image", self.image.clone().map(Opt::Str)),
@@ -276,6 +289,7 @@ impl VmSpec {
                 (!shares.is_empty()).then_some(Opt::Shares(shares)),
             ),
             ("snapshot", self.snapshot.clone().map(Opt::Str)),
+            ("rootfs_dir", rootfs),
             ("cold", self.cold.then_some(Opt::Bool(true))),
             ("timeout_sec", self.timeout.map(Opt::U32)),
             ("on_expire", self.on_expire.clone().map(Opt::Str)),

@@ -323,6 +323,10 @@ pub struct Vm {
     pub expires_at: u64,
     /// What happens to it then.
     pub on_expire: OnExpire,
+    /// A host folder that is its root filesystem (served over virtio-fs as the owner,
+    /// read-write, never copied), resolved when it was created; empty: the root disk layers
+    /// on its image.
+    pub rootfs_dir: String,
 }
 
 /// What happens to a VM when its lifetime ends.
@@ -375,6 +379,7 @@ impl Vm {
             v.publish.clear();
             v.egress.clear();
             v.labels.clear();
+            v.rootfs_dir.clear();
         }
         v
     }

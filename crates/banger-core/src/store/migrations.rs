@@ -152,6 +152,52 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE vms ADD COLUMN expires_at INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE vms ADD COLUMN on_expire TEXT NOT NULL DEFAULT '';
     "#,
+    // 17: a VM whose root is a host folder (virtio-fs) instead of a disk on its image: such
+    // a VM has no image, so `image_id` may be NULL (SQLite changes a column's constraints
+    // only by rebuilding the table; the address leases, which the drop would take with it
+    // by their cascade, are kept aside and put back).
+    r#"
+    CREATE TEMP TABLE leases_kept AS SELECT * FROM address_leases;
+    CREATE TABLE vms_17 (
+        id              TEXT PRIMARY KEY,
+        name            TEXT NOT NULL UNIQUE,
+        state           TEXT NOT NULL,
+        stage           TEXT NOT NULL,
+        image_id        TEXT REFERENCES images(id),
+        kernel          TEXT NOT NULL,
+        vcpus           INTEGER NOT NULL,
+        memory_mib      INTEGER NOT NULL,
+        disk_size       INTEGER NOT NULL,
+        owner_uid       INTEGER NOT NULL,
+        guest_address   TEXT NOT NULL,
+        mac_address     TEXT NOT NULL UNIQUE,
+        vsock_cid       INTEGER NOT NULL UNIQUE,
+        tap_name        TEXT NOT NULL UNIQUE,
+        ssh_address     TEXT NOT NULL DEFAULT '',
+        vmm_pid         INTEGER,
+        vmm_start_time  INTEGER,
+        created_at      INTEGER NOT NULL,
+        ssh_host_key    TEXT NOT NULL DEFAULT '',
+        network         TEXT NOT NULL DEFAULT 'isolated',
+        egress          TEXT NOT NULL DEFAULT '',
+        init            TEXT NOT NULL DEFAULT '',
+        main            TEXT NOT NULL DEFAULT '',
+        exit_status     INTEGER NOT NULL DEFAULT -1,
+        publish         TEXT NOT NULL DEFAULT '',
+        shares          TEXT NOT NULL DEFAULT '',
+        snapshot        TEXT NOT NULL DEFAULT '',
+        machine         TEXT NOT NULL DEFAULT '',
+        labels          TEXT NOT NULL DEFAULT '',
+        expires_at      INTEGER NOT NULL DEFAULT 0,
+        on_expire       TEXT NOT NULL DEFAULT '',
+        rootfs_dir      TEXT NOT NULL DEFAULT ''
+    );
+    INSERT INTO vms_17 (id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, vmm_pid, vmm_start_time, created_at, ssh_host_key, network, egress, init, main, exit_status, publish, shares, snapshot, machine, labels, expires_at, on_expire) SELECT id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, vmm_pid, vmm_start_time, created_at, ssh_host_key, network, egress, init, main, exit_status, publish, shares, snapshot, machine, labels, expires_at, on_expire FROM vms;
+    DROP TABLE vms;
+    ALTER TABLE vms_17 RENAME TO vms;
+    INSERT INTO address_leases SELECT * FROM leases_kept;
+    DROP TABLE leases_kept;
+    "#,
 ];
 
 /// The schema version this build writes.
@@ -191,5 +237,67 @@ mod tests {
         conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
         assert!(matches!(migrate(&mut conn), Err(StoreError::TooNew { .. })));
+    }
+
+    #[test]
+    fn the_vms_table_rebuilt_for_folder_roots_keeps_every_row_and_lease() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.pragma_update(None, "foreign_keys", "ON").unwrap();
+        for (i, sql) in MIGRATIONS.iter().enumerate().take(16) {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", (i + 1) as i64)
+                .unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO images (id, name, managed, source, rootfs_path, size_bytes, created_at)
+               VALUES ('i1', 'img', 1, 's', '/r', 1, 1);
+             INSERT INTO vms (id, name, state, stage, image_id, kernel, vcpus, memory_mib,
+               disk_size, owner_uid, guest_address, mac_address, vsock_cid, tap_name, created_at,
+               labels, expires_at)
+               VALUES ('v1', 'one', 'running', 'ready', 'i1', 'k', 1, 256, 1, 1000, '10.0.0.2',
+               'm', 3, 't', 5, '{\"a\":\"b\"}', 77);
+             INSERT INTO address_leases VALUES ('10.0.0.2', 'v1', 5);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let (image, labels, expires, root): (Option<String>, String, i64, String) = conn
+            .query_row(
+                "SELECT image_id, labels, expires_at, rootfs_dir FROM vms WHERE id = 'v1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (image.as_deref(), labels.as_str(), expires, root.as_str()),
+            (Some("i1"), "{\"a\":\"b\"}", 77, "")
+        );
+        let lease: String = conn
+            .query_row("SELECT vm_id FROM address_leases", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(lease, "v1", "the lease survived the rebuild");
+        // A VM without an image now fits; one naming an unknown image still does not, and
+        // deleting a VM still takes its lease.
+        conn.execute_batch(
+            "INSERT INTO vms (id, name, state, stage, image_id, kernel, vcpus, memory_mib,
+               disk_size, owner_uid, guest_address, mac_address, vsock_cid, tap_name, created_at,
+               rootfs_dir)
+               VALUES ('v2', 'two', 'created', '', NULL, 'k', 1, 256, 0, 1000, '10.0.0.3', 'm2',
+               4, 't2', 6, '/srv/root');",
+        )
+        .unwrap();
+        assert!(conn
+            .execute_batch(
+                "INSERT INTO vms (id, name, state, stage, image_id, kernel, vcpus, memory_mib,
+                   disk_size, owner_uid, guest_address, mac_address, vsock_cid, tap_name,
+                   created_at) VALUES ('v3', 'three', 'created', '', 'nope', 'k', 1, 256, 0,
+                   1000, '10.0.0.4', 'm3', 5, 't3', 7);"
+            )
+            .is_err());
+        conn.execute_batch("DELETE FROM vms WHERE id = 'v1'")
+            .unwrap();
+        let leases: i64 = conn
+            .query_row("SELECT COUNT(*) FROM address_leases", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(leases, 0);
     }
 }

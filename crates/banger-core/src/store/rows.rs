@@ -172,7 +172,7 @@ pub fn delete_kernel(c: &Connection, name: &str) -> Result<(), StoreError> {
 
 const VM_COLS: &str = "id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, \
      owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at, ssh_host_key, \
-     network, egress, init, main, exit_status, publish, shares, snapshot, machine, labels, expires_at, on_expire";
+     network, egress, init, main, exit_status, publish, shares, snapshot, machine, labels, expires_at, on_expire, rootfs_dir";
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
     let state: String = r.get(2)?;
@@ -181,7 +181,8 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         name: r.get(1)?,
         state: VmState::parse(&state).unwrap_or(VmState::Failed),
         stage: r.get(3)?,
-        image_id: r.get(4)?,
+        // NULL for a VM whose root is a folder.
+        image_id: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
         kernel: r.get(5)?,
         vcpus: r.get(6)?,
         memory_mib: r.get(7)?,
@@ -217,6 +218,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         labels: serde_json::from_str(&r.get::<_, String>(26)?).unwrap_or_default(),
         expires_at: r.get::<_, i64>(27)? as u64,
         on_expire: crate::model::OnExpire::parse(&r.get::<_, String>(28)?).unwrap_or_default(),
+        rootfs_dir: r.get(29)?,
     })
 }
 
@@ -238,14 +240,14 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     c.execute(
         &format!(
             "INSERT INTO vms ({VM_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)"
         ),
         params![
             v.id,
             v.name,
             v.state.as_str(),
             v.stage,
-            v.image_id,
+            (!v.image_id.is_empty()).then_some(&v.image_id),
             v.kernel,
             v.vcpus,
             v.memory_mib,
@@ -277,7 +279,8 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
                 serde_json::to_string(&v.labels).unwrap_or_default()
             },
             v.expires_at as i64,
-            v.on_expire.as_str()
+            v.on_expire.as_str(),
+            v.rootfs_dir
         ],
     )?;
     Ok(())

@@ -57,6 +57,9 @@ pub struct BootSpec {
     pub net: Option<NetSpec>,
     /// Shared host folders, each served by a virtio-fs server as its owner.
     pub shares: Vec<ShareSpec>,
+    /// The root is the share tagged `rootfs` (a VM's root folder), not the disks `rootfs`
+    /// and `work`, which it has none of.
+    pub root_share: bool,
     /// Who the VM's processes run as.
     pub jail: jail::Jail,
     /// Wait for a saved state ([`Vmm::load_state`]) instead of booting the kernel.

@@ -176,11 +176,15 @@ impl Qemu {
     pub fn args(&self, spec: &BootSpec, kvm: bool, tsc_khz: Option<u64>) -> Vec<String> {
         let run = &spec.run_dir;
         let p = |p: &Path| p.to_string_lossy().into_owned();
-        let mut cmdline = format!(
-            "console=ttyS0 root=serial:{ROOT_SERIAL} rw banger.work=serial:{WORK_SERIAL} \
-             panic=-1 {}",
-            spec.cmdline
-        );
+        let root = if spec.root_share {
+            format!(
+                "root={} rootfstype=virtiofs rw",
+                crate::vms::share::ROOT_TAG
+            )
+        } else {
+            format!("root=serial:{ROOT_SERIAL} rw banger.work=serial:{WORK_SERIAL}")
+        };
+        let mut cmdline = format!("console=ttyS0 {root} panic=-1 {}", spec.cmdline);
         if let (false, Some(khz)) = (kvm, tsc_khz) {
             // Under TCG about half the boots hang calibrating the TSC without this.
             cmdline.push_str(&format!(" tsc_early_khz={khz}"));
@@ -229,10 +233,11 @@ impl Qemu {
             a.extend(["-initrd".into(), p(i)]);
         }
         a.extend(["-append".into(), cmdline]);
-        for (id, file, format) in [
+        let disks = [
             (ROOT_SERIAL, &spec.rootfs, "qcow2"),
             (WORK_SERIAL, &spec.work, "raw"),
-        ] {
+        ];
+        for (id, file, format) in disks.into_iter().filter(|_| !spec.root_share) {
             a.extend([
                 "-drive".into(),
                 format!(
@@ -727,6 +732,7 @@ mod tests {
             run_dir: "/run/banger/vms/00ff".into(),
             console_log: "/v/console.log".into(),
             shares: Vec::new(),
+            root_share: false,
             net: Some(crate::vmm::NetSpec {
                 tap: "bgr0123456789ab".into(),
                 mac: "02:01:23:45:67:89".into(),

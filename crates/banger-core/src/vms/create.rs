@@ -120,6 +120,17 @@ impl Vms {
             ));
         }
         let shares = share::verify(uid, o.shares.clone()).await?;
+        // A root folder: checked as a share's, with the owner's own rights, kept resolved.
+        let rootfs_dir = match &o.rootfs_dir {
+            Some(_) if self.vmm.name() == "firecracker" => {
+                return Err(invalid(
+                    "rootfs_dir: the firecracker VMM has no virtio-fs; set vmm = \"qemu\" in \
+                     the configuration to boot a folder",
+                ))
+            }
+            Some(d) => share::verify_root(uid, d.clone()).await?,
+            None => String::new(),
+        };
         let n = name.to_owned();
         if self
             .store
@@ -168,6 +179,7 @@ impl Vms {
                     .saturating_add(u32::try_from(self.config.boot_timeout_sec).unwrap_or(u32::MAX))
             }),
             on_expire: o.on_expire,
+            rootfs_dir,
         };
         if let Some(s) = &snapshot {
             vm.init = s.init.clone();
@@ -194,63 +206,73 @@ impl Vms {
             vms: self,
             saved: false,
         };
-        // Phase 1: resolve, no lock. A restore's image and kernel are its snapshot's.
+        // Phase 1: resolve, no lock. A restore's image and kernel are its snapshot's; a VM
+        // whose root is a folder has no image.
         let restored = match &o.snapshot {
             Some(key) => Some(self.snapshot(key).await?),
             None => None,
         };
-        let image_name = restored
-            .as_ref()
-            .map(|s| s.image_id.clone())
-            .or_else(|| o.image.clone())
-            .unwrap_or_else(|| self.config.default_image.clone());
-        st.enter(
-            &mut vm,
-            "resolve_image",
-            format!("Looking up image {image_name}"),
-        )
-        .await?;
-        let image = self.resolve_image(&mut st, &mut vm, &image_name).await?;
-        // A restore boots its own snapshot's image, whoever owns that image now.
-        if restored.is_none() {
-            crate::images::Images::check_usable(&image, vm.owner_uid, o.foreign_ok)?;
-        }
+        let image = if vm.rootfs_dir.is_empty() {
+            let image_name = restored
+                .as_ref()
+                .map(|s| s.image_id.clone())
+                .or_else(|| o.image.clone())
+                .unwrap_or_else(|| self.config.default_image.clone());
+            st.enter(
+                &mut vm,
+                "resolve_image",
+                format!("Looking up image {image_name}"),
+            )
+            .await?;
+            let image = self.resolve_image(&mut st, &mut vm, &image_name).await?;
+            // A restore boots its own snapshot's image, whoever owns that image now.
+            if restored.is_none() {
+                crate::images::Images::check_usable(&image, vm.owner_uid, o.foreign_ok)?;
+            }
+            Some(image)
+        } else {
+            let said = format!("No image: the VM's root is the folder {}", vm.rootfs_dir);
+            st.enter(&mut vm, "resolve_image", said).await?;
+            None
+        };
         let kernel_name = restored
             .as_ref()
             .map(|s| s.kernel.clone())
             .or_else(|| o.kernel.clone())
-            .or_else(|| image.kernel.clone())
+            .or_else(|| image.as_ref().and_then(|i| i.kernel.clone()))
             .unwrap_or_else(|| self.config.default_kernel.clone());
         let kernel = self.resolve_kernel(&mut st, &mut vm, &kernel_name).await?;
         if restored.is_none() {
             crate::kernels::Kernels::check_usable(&kernel, vm.owner_uid, o.foreign_ok)?;
         }
-        if o.entrypoint {
-            // As `docker run IMAGE ARGS`: the arguments replace the image's Cmd.
-            let cmd = if o.command.is_empty() {
-                &image.config.cmd
-            } else {
-                &o.command
-            };
-            vm.main = image.config.entrypoint.iter().chain(cmd).cloned().collect();
-            if vm.main.is_empty() {
-                return Err(invalid(format!(
-                    "Image {} has no Entrypoint or Cmd; give the command to run \
-                     (`banger vm run --entrypoint -- CMD`)",
-                    image.name
-                )));
+        vm.kernel = kernel.name.clone();
+        if let Some(image) = &image {
+            if o.entrypoint {
+                // As `docker run IMAGE ARGS`: the arguments replace the image's Cmd.
+                let cmd = if o.command.is_empty() {
+                    &image.config.cmd
+                } else {
+                    &o.command
+                };
+                vm.main = image.config.entrypoint.iter().chain(cmd).cloned().collect();
+                if vm.main.is_empty() {
+                    return Err(invalid(format!(
+                        "Image {} has no Entrypoint or Cmd; give the command to run \
+                         (`banger vm run --entrypoint -- CMD`)",
+                        image.name
+                    )));
+                }
+            }
+            vm.image_id = image.id.clone();
+            if vm.disk_size < image.size_bytes {
+                vm.disk_size = image.size_bytes;
             }
         }
-        vm.image_id = image.id.clone();
-        vm.kernel = kernel.name.clone();
-        if vm.disk_size < image.size_bytes {
-            vm.disk_size = image.size_bytes;
-        }
         // Instant start: a warm snapshot of this shape, when there is one.
-        let eligible = self.warm_eligible(&o);
+        let image = image.filter(|_| self.warm_eligible(&o));
         let mut warm_used = false;
-        if eligible {
-            let key = self.warm_key(&image, &kernel, vm.vcpus, vm.memory_mib);
+        if let Some(image) = &image {
+            let key = self.warm_key(image, &kernel, vm.vcpus, vm.memory_mib);
             if let Some(w) = self.warm_snapshot(&key).await? {
                 vm.snapshot = w.id;
                 warm_used = true;
@@ -297,8 +319,8 @@ impl Vms {
         let (vcpus, memory) = (vm.vcpus, vm.memory_mib);
         self.start_locked(&mut st, vm).await?;
         self.arm_lifetime(&id, timeout).await?;
-        if eligible && !warm_used {
-            self.warm_later(&image, &kernel, vcpus, memory).await;
+        if let (Some(image), false) = (&image, warm_used) {
+            self.warm_later(image, &kernel, vcpus, memory).await;
         }
         Ok(())
     }

@@ -79,6 +79,8 @@ pub struct CreateOptions {
     pub timeout_sec: u32,
     /// What happens to it when its lifetime ends.
     pub on_expire: crate::model::OnExpire,
+    /// A host folder as its root filesystem instead of an image (see `Vm::rootfs_dir`).
+    pub rootfs_dir: Option<String>,
 }
 
 impl Default for CreateOptions {
@@ -104,6 +106,7 @@ impl Default for CreateOptions {
             labels: Default::default(),
             timeout_sec: 0,
             on_expire: Default::default(),
+            rootfs_dir: None,
         }
     }
 }
@@ -188,6 +191,28 @@ impl CreateOptions {
                 let what = option_named(what);
                 return Err(invalid(format!(
                     "{what}: a VM restored from snapshot {s} has the snapshot's; leave {what} out"
+                )));
+            }
+        }
+        if let Some(dir) = &self.rootfs_dir {
+            // The folder is the whole guest: nothing of an image's, nothing a snapshot could
+            // save (virtio-fs devices do not migrate), no disk to size.
+            let conflicting = [
+                (self.image.is_some(), "image"),
+                (self.snapshot.is_some(), "snapshot"),
+                (self.disk_size.is_some(), "disk_size"),
+                (self.entrypoint, "entrypoint"),
+            ];
+            if let Some((_, what)) = conflicting.iter().find(|(set, _)| *set) {
+                let what = option_named(what);
+                return Err(invalid(format!(
+                    "{what}: a VM whose root is the folder {dir} has nothing of an image's; \
+                     leave {what} out (or rootfs_dir, to boot an image)"
+                )));
+            }
+            if !dir.starts_with('/') || dir.contains('\0') || dir.len() > 4096 {
+                return Err(invalid(format!(
+                    "rootfs_dir (--rootfs): {dir:?} must be an absolute path"
                 )));
             }
         }
@@ -576,6 +601,7 @@ pub(crate) fn option_named(key: &str) -> String {
         "shares" => "--share",
         "entrypoint" => "--entrypoint",
         "init" => "--init",
+        "rootfs_dir" => "--rootfs",
         _ => return key.to_owned(),
     };
     format!("{key} ({flag})")
@@ -584,6 +610,56 @@ pub(crate) fn option_named(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folder_root_takes_nothing_of_an_image_and_only_an_absolute_path() {
+        let folder = |o: CreateOptions| CreateOptions {
+            rootfs_dir: Some("/srv/root".into()),
+            ..o
+        };
+        folder(CreateOptions::default()).validate().unwrap();
+        for (o, named) in [
+            (
+                CreateOptions {
+                    image: Some("debian".into()),
+                    ..Default::default()
+                },
+                "image",
+            ),
+            (
+                CreateOptions {
+                    snapshot: Some("s".into()),
+                    ..Default::default()
+                },
+                "snapshot",
+            ),
+            (
+                CreateOptions {
+                    disk_size: Some(1 << 30),
+                    ..Default::default()
+                },
+                "disk_size (--disk-size)",
+            ),
+            (
+                CreateOptions {
+                    entrypoint: true,
+                    ..Default::default()
+                },
+                "entrypoint (--entrypoint)",
+            ),
+        ] {
+            let e = folder(o).validate().unwrap_err().to_string();
+            assert!(e.starts_with(named) && e.contains("leave"), "{e}");
+        }
+        for bad in ["relative", "/a\0b", ""] {
+            let o = CreateOptions {
+                rootfs_dir: Some(bad.into()),
+                ..Default::default()
+            };
+            let e = o.validate().unwrap_err().to_string();
+            assert!(e.contains("absolute path"), "{bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn create_options_are_bounded() {

@@ -158,7 +158,7 @@ pub async fn verify(uid: u32, shares: Vec<Share>) -> Result<Vec<Share>> {
             shares
                 .into_iter()
                 .map(|s| {
-                    let host = verify_folder(uid, Path::new(&s.host))?;
+                    let host = verify_folder(uid, Path::new(&s.host), "share")?;
                     let host = host.to_str().map(str::to_owned).ok_or_else(|| {
                         invalid(format!(
                             "share: host folder {} resolves to a path that is not UTF-8",
@@ -175,16 +175,49 @@ pub async fn verify(uid: u32, shares: Vec<Share>) -> Result<Vec<Share>> {
     .map_err(|e| failed("Share check task failed", e))?
 }
 
+/// A VM's root folder (`rootfs_dir`), checked as a share's folder is (with `uid`'s own
+/// rights: a directory `uid` owns or may write), resolved.
+pub async fn verify_root(uid: u32, dir: String) -> Result<String> {
+    tokio::task::spawn_blocking(move || {
+        crate::callerfile::as_caller(uid, move || {
+            let real = verify_folder(uid, Path::new(&dir), "rootfs_dir")?;
+            let real = real.to_str().map(str::to_owned).ok_or_else(|| {
+                invalid(format!(
+                    "rootfs_dir: {dir} resolves to a path that is not UTF-8"
+                ))
+            })?;
+            if !plain_host_path(&real) {
+                return Err(invalid(format!(
+                    "rootfs_dir: {real:?} has whitespace, quotes, a backslash, % or a control \
+                     character in its path, which banger cannot hand to the folder's server"
+                )));
+            }
+            if real == "/" {
+                return Err(invalid(
+                    "rootfs_dir: the host's own root cannot be a guest's; give a folder of its own",
+                ));
+            }
+            Ok(real)
+        })
+    })
+    .await
+    .map_err(|e| failed("Root folder check task failed", e))?
+}
+
+/// The tag of a VM's root folder's virtio-fs device (`root=` on its kernel command line).
+pub const ROOT_TAG: &str = "rootfs";
+
 /// One folder, with the calling thread's credentials: resolved, a directory, owned by
 /// `uid` or writable (an unnamed temporary file made and dropped there proves it, so ACLs
 /// and read-only mounts count; where the file system cannot make one, the mode bits decide).
-fn verify_folder(uid: u32, path: &Path) -> Result<PathBuf> {
+fn verify_folder(uid: u32, path: &Path, what: &str) -> Result<PathBuf> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let shown = path.display();
     let refuse = |why: String| {
+        let verb = if what == "share" { "share" } else { "give" };
         invalid(format!(
-            "share: {shown} {why}; share a folder of yours (or one you may write)"
+            "{what}: {shown} {why}; {verb} a folder of yours (or one you may write)"
         ))
     };
     let real =
@@ -323,15 +356,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         // SAFETY: getuid has no arguments and cannot fail.
         let me = unsafe { libc::getuid() };
-        assert!(verify_folder(me, tmp.path()).is_ok());
+        assert!(verify_folder(me, tmp.path(), "share").is_ok());
         let f = tmp.path().join("file");
         std::fs::write(&f, b"").unwrap();
-        let e = verify_folder(me, &f).unwrap_err().to_string();
+        let e = verify_folder(me, &f, "share").unwrap_err().to_string();
         assert!(
             e.contains("as a folder") && e.contains("share a folder"),
             "{e}"
         );
-        let e = verify_folder(me, &tmp.path().join("nope"))
+        let e = verify_folder(me, &tmp.path().join("nope"), "share")
             .unwrap_err()
             .to_string();
         assert!(e.contains("cannot be reached"), "{e}");

@@ -504,6 +504,13 @@ impl Vms {
 
     fn snapshot_allowed(&self, vm: &Vm) -> Result<()> {
         super::state::check(vm, super::state::VmOp::Snapshot)?;
+        if !vm.rootfs_dir.is_empty() {
+            return Err(refused(format!(
+                "VM {}'s root is the folder {}, served over virtio-fs, whose devices cannot be \
+                 saved; snapshot a VM booted from an image",
+                vm.name, vm.rootfs_dir
+            )));
+        }
         if !vm.shares.is_empty() {
             return Err(refused(format!(
                 "VM {} has shared folders, whose virtio-fs devices cannot be saved; snapshot a VM without --share",

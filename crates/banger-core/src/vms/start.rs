@@ -30,7 +30,8 @@ use crate::Result;
 
 /// What a start decided before its first stage.
 struct Plan {
-    image: Image,
+    /// None for a VM whose root is a folder.
+    image: Option<Image>,
     kernel: Kernel,
     /// The VM's state directory (disks) and runtime directory (pid files, logs).
     dir: PathBuf,
@@ -91,7 +92,10 @@ impl Vms {
 
     /// The VM's directories, taken back from its uid, and what this start begins from.
     async fn plan_start(&self, vm: &mut Vm) -> Result<Plan> {
-        let image = self.images.get(&vm.image_id).await?;
+        let image = match vm.rootfs_dir.is_empty() {
+            true => Some(self.images.get(&vm.image_id).await?),
+            false => None,
+        };
         let kernel = self.kernels.get(&vm.kernel).await?;
         vm.state = VmState::Starting;
         let dir = self.vm_dir(&vm.id);
@@ -144,7 +148,10 @@ impl Vms {
         // (a new host key is made while the seed is copied) and, for banger-init, the main
         // process: its arguments may not fit a kernel command line; a VM without one has
         // none there.
-        let ssh = restore.is_none() && (vm.ssh_host_key.is_empty() || key.is_some());
+        // A root folder has no disks to write to: it is the guest's own, as it is.
+        let ssh = restore.is_none()
+            && vm.rootfs_dir.is_empty()
+            && (vm.ssh_host_key.is_empty() || key.is_some());
         Ok(Plan {
             image,
             kernel,
@@ -247,6 +254,14 @@ impl Vms {
         vm: &mut Vm,
         plan: &Plan,
     ) -> Result<RootBase> {
+        let Some(image) = &plan.image else {
+            let said = format!(
+                "Serving {} as the VM's root (virtio-fs, as its owner)",
+                vm.rootfs_dir
+            );
+            st.enter(vm, "prepare_rootfs", said).await?;
+            return Ok(None);
+        };
         Ok(match &plan.restore {
             Some((snap, sd)) => {
                 st.enter(
@@ -264,7 +279,6 @@ impl Vms {
                 None
             }
             None => {
-                let image = &plan.image;
                 st.enter(
                     vm,
                     "prepare_rootfs",
@@ -285,6 +299,15 @@ impl Vms {
         vm: &mut Vm,
         plan: &Plan,
     ) -> Result<Option<Option<PathBuf>>> {
+        let Some(image) = &plan.image else {
+            st.enter(
+                vm,
+                "prepare_work_disk",
+                "No /root disk: /root is the root folder's",
+            )
+            .await?;
+            return Ok(None);
+        };
         Ok(if let Some((_, sd)) = &plan.restore {
             st.enter(vm, "prepare_work_disk", "Copying the snapshot's /root disk")
                 .await?;
@@ -300,7 +323,7 @@ impl Vms {
                 "Creating the VM's /root disk from the image's work seed",
             )
             .await?;
-            Some(plan.image.work_seed_path.clone())
+            Some(image.work_seed_path.clone())
         })
     }
 
@@ -321,6 +344,7 @@ impl Vms {
         let run_dir = self.layout.runtime_dir.clone();
         let hide = vec![self.layout.state_dir.clone(), run_dir.clone()];
         let restoring = plan.restore.is_some();
+        let folder = plan.image.is_none();
         let made = seed.map(|seed| {
             let w = w.clone();
             crate::jobs::spawn_blocking(move || make_work_disk(seed.as_deref(), &w))
@@ -334,7 +358,7 @@ impl Vms {
                 Some(k) => Some(k.await.map_err(|e| failed("SSH key task failed", e))??),
                 None => None,
             };
-            if restoring {
+            if restoring || folder {
                 return Ok(None);
             }
             crate::jobs::spawn_blocking(move || {
@@ -439,7 +463,7 @@ impl Vms {
         prepared: &Prepared,
         incoming: bool,
     ) -> Result<BootSpec> {
-        let shares = if vm.shares.is_empty() {
+        let mut shares: Vec<crate::vmm::ShareSpec> = if vm.shares.is_empty() {
             Vec::new()
         } else {
             let owner = crate::callerfile::creds(vm.owner_uid)?;
@@ -455,7 +479,18 @@ impl Vms {
                 })
                 .collect()
         };
-        let (image, kernel) = (&plan.image, &plan.kernel);
+        // A root folder: checked again with the owner's rights (it may have gone or changed
+        // hands since the create), served as a share is.
+        if !vm.rootfs_dir.is_empty() {
+            let host = share::verify_root(vm.owner_uid, vm.rootfs_dir.clone()).await?;
+            shares.push(crate::vmm::ShareSpec {
+                tag: share::ROOT_TAG.into(),
+                host: host.into(),
+                read_only: false,
+                owner: crate::callerfile::creds(vm.owner_uid)?,
+            });
+        }
+        let kernel = &plan.kernel;
         // A saved state loads only into the devices it was saved with.
         let machine = match &plan.restore {
             Some((snap, _)) => Machine::parse(&snap.machine).ok_or_else(|| {
@@ -493,6 +528,7 @@ impl Vms {
                 tap: vm.tap_name.clone(),
                 mac: vm.mac_address.clone(),
             }),
+            root_share: !vm.rootfs_dir.is_empty(),
             shares,
             rootfs: plan.rootfs.clone(),
             work: plan.work.clone(),
@@ -507,8 +543,11 @@ impl Vms {
                     self.layout.state_dir.clone(),
                     self.layout.runtime_dir.clone(),
                 ],
-                read_only: [image.rootfs_path.clone(), kernel.kernel_path.clone()]
-                    .into_iter()
+                read_only: plan
+                    .image
+                    .iter()
+                    .map(|i| i.rootfs_path.clone())
+                    .chain([kernel.kernel_path.clone()])
                     .chain(plan.layered_on.clone())
                     .collect(),
                 private: true,
@@ -630,7 +669,7 @@ impl Vms {
             st.enter(vm, "wait_ssh", "Skipped: the image has no sshd")
                 .await?;
         }
-        for port in &plan.image.ready_ports {
+        for port in plan.image.iter().flat_map(|i| &i.ready_ports) {
             let addr = format!("{}:{port}", vm.guest_address);
             st.enter(
                 vm,

@@ -75,6 +75,7 @@ impl Vms {
             && o.snapshot.is_none()
             && !o.cold
             && o.shares.is_empty()
+            && o.rootfs_dir.is_none()
             && !o.entrypoint
             && o.init.is_empty()
             && o.disk_size.is_none()

@@ -485,11 +485,17 @@ pub fn run() -> ! {
         Ok(None) => {}
         Err(e) => say(&format!("the network stays down: {e}")),
     }
-    let Some(root) = wait_device(&cmdline.root, cmdline.root_wait) else {
-        fail(&format!(
-            "root device {} did not appear within {} s; is its driver in the initrd and the disk attached?",
-            cmdline.root, cmdline.root_wait
-        ));
+    // A root folder (virtio-fs) is a tag, mounted as it is; a disk is waited for.
+    let root = if cmdline.fstype == "virtiofs" {
+        cmdline.root.clone()
+    } else {
+        let Some(root) = wait_device(&cmdline.root, cmdline.root_wait) else {
+            fail(&format!(
+                "root device {} did not appear within {} s; is its driver in the initrd and the disk attached?",
+                cmdline.root, cmdline.root_wait
+            ));
+        };
+        root
     };
     let flags = if cmdline.read_only {
         libc::MS_RDONLY
