@@ -685,7 +685,17 @@ fn exec(
                     frame::STDERR
                 };
                 send(&writer, kind, format!("banger-agent: {why}\n").as_bytes())?;
-                return send(&writer, frame::EXIT, &code.to_be_bytes());
+                send(&writer, frame::EXIT, &code.to_be_bytes())?;
+                // As a command's end: our side shut, then what the client still sends (its
+                // end of input) read until it closes, so the close loses nothing in flight
+                // (a close with unread input may reset the stream, and the client then
+                // misses the exit).
+                let w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                // SAFETY: shutdown takes no pointers; the fd is open for the guard's lifetime.
+                unsafe { libc::shutdown(w.as_raw_fd(), libc::SHUT_WR) };
+                drop(w);
+                let _ = std::io::copy(&mut reader.take(1 << 20), &mut std::io::sink());
+                return Ok(());
             }
         };
     reply(Reply::ok())?;
