@@ -1,5 +1,6 @@
 //! The lifecycle matrix (issue 32): every way a VM is born — cold, warm (the default), from a
-//! snapshot, forked, with a share, with a published port; by root and by a member — walked
+//! snapshot, forked, with a share, with a published port, from a host folder; by root and by
+//! a member — walked
 //! through every transition: stop → start, pause → resume, snapshot, the daemon killed while
 //! it runs and while it is stopped, stop → start → snapshot → restore, delete. After each step
 //! every VM answers `vm exec` as itself (and its share and port still work), and the state
@@ -31,6 +32,8 @@ enum How {
     Share,
     /// A guest port published on the host (`--publish`).
     Publish,
+    /// A host folder as its root (`--rootfs`): no image.
+    Folder,
 }
 
 /// One birth: the VM's name, its owner (None: root), how it is born.
@@ -77,6 +80,11 @@ const BIRTHS: &[Birth] = &[
         who: None,
         how: How::Publish,
     },
+    Birth {
+        name: "folder",
+        who: Some(USER_OK),
+        how: How::Folder,
+    },
 ];
 
 /// A transition every VM goes through, in this order.
@@ -112,6 +120,9 @@ fn refusal(how: How, step: Step) -> Option<&'static str> {
     match (how, step) {
         (How::Share, Step::Snapshot | Step::StopStartSnapshotRestore) => {
             Some("snapshot a VM without --share")
+        }
+        (How::Folder, Step::Snapshot | Step::StopStartSnapshotRestore) => {
+            Some("snapshot a VM booted from an image")
         }
         _ => None,
     }
@@ -184,6 +195,14 @@ fn answers(bus: &TestBus, b: &Birth, vm: &str, after: &str) {
             text(&out)
         );
     }
+    if b.how == How::Folder && vm == b.name {
+        let out = bus.banger_as(b.who, &["vm", "exec", vm, "--", "cat", "/etc/marker"]);
+        assert!(
+            out.status.success() && text(&out).contains("from the host's folder"),
+            "{vm} after {after}: the root folder: {}",
+            text(&out)
+        );
+    }
     if b.how == How::Publish && vm == b.name {
         // The forwarder accepts on the host's port whatever the guest listens on.
         let out = bus
@@ -248,6 +267,9 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
             std::os::unix::fs::chown(p, Some(uid_of(USER_OK)), None).unwrap();
         }
     }
+    let tree = folder.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    busybox_tree(&tree, uid_of(USER_OK));
     let create = |who: Option<&str>, name: &str, extra: &[&str]| {
         let mut a = vec!["vm", "create", name, "--image", "life"];
         a.extend(SHAPE);
@@ -337,6 +359,11 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
             }
             How::Publish => {
                 create(b.who, b.name, &["--publish", &publish_arg]);
+            }
+            How::Folder => {
+                let mut a = vec!["vm", "create", b.name, "--rootfs", tree.to_str().unwrap()];
+                a.extend(SHAPE);
+                ok(bus.banger_as(b.who, &a), "vm create --rootfs");
             }
         }
         answers(&bus, b, b.name, "its birth");
@@ -553,6 +580,8 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
         "snapshot directories outlive their image: {dirs:?}"
     );
     violations(&bus, "the cleanup");
+    // The folder VM's root outlives it, with what its guest wrote.
+    assert!(tree.join("etc/marker").exists() && tree.join("usr/local/bin/banger-agent").exists());
     use std::io::Write;
     let _ = writeln!(
         std::io::stderr(),

@@ -3220,35 +3220,6 @@ async fn restores_share_their_snapshots_memory_and_a_changed_ram_file_is_refused
     ok(bus.banger_as(None, &["snapshot", "delete", "s2"]));
 }
 
-/// A busybox tree in `dir`, every file and folder USER_OK's: what `--rootfs` boots.
-fn busybox_tree(dir: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    for d in [
-        "bin",
-        "etc",
-        "proc",
-        "sys",
-        "dev",
-        "tmp",
-        "run",
-        "root",
-        "usr/local/bin",
-    ] {
-        std::fs::create_dir_all(dir.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh", "cat", "echo", "ls", "id", "chmod", "cp", "mkdir", "stat",
-    ] {
-        std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(dir.join("etc/marker"), "from the host's folder\n").unwrap();
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    for p in walk(dir).into_iter().chain([dir.to_owned()]) {
-        std::os::unix::fs::lchown(&p, Some(uid_of(USER_OK)), Some(uid_of(USER_OK))).unwrap();
-    }
-}
-
 async fn a_host_folder_boots_as_a_vms_root_served_as_its_owner() {
     let Some((_state, bus)) = kernel_ready_bus(&[], "").await else {
         return;
@@ -3260,7 +3231,7 @@ async fn a_host_folder_boots_as_a_vms_root_served_as_its_owner() {
     }
     let root = top.path().join("root");
     std::fs::create_dir(&root).unwrap();
-    busybox_tree(&root);
+    busybox_tree(&root, uid_of(USER_OK));
     let not_mine = top.path().join("not-mine");
     std::fs::create_dir(&not_mine).unwrap();
     let rootfs = root.to_str().unwrap();
@@ -3326,6 +3297,10 @@ async fn a_host_folder_boots_as_a_vms_root_served_as_its_owner() {
         Some("0"),
         "the owner's file is the guest root's: {said}"
     );
+    // A program the folder lacks: the shell's 127 and the reason, as for an image.
+    let out = bus.banger_as(None, &["vm", "exec", "r1", "--", "nosuch"]);
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out));
+    assert!(text(&out).contains("cannot run nosuch"), "{}", text(&out));
     // What the guest writes is the owner's, in the folder, at once.
     let out = sh("echo from-guest > /made && mkdir -p /srv/x && echo y > /srv/x/y");
     assert!(out.status.success(), "{}", text(&out));

@@ -175,3 +175,40 @@ pub async fn image_bus(config: &str, repo: &str) -> Option<(TestBus, String, Kee
     };
     Some((bus, reference, keep))
 }
+
+/// A busybox tree in `dir` (the host's static busybox and links to the applets the tests
+/// run, `/etc/marker`, the base folders banger-init mounts on), every file and folder
+/// `uid`'s: what `vm create --rootfs` boots.
+pub fn busybox_tree(dir: &Path, uid: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    for d in [
+        "bin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "root",
+        "usr/local/bin",
+    ] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
+    for applet in [
+        "sh", "cat", "echo", "ls", "id", "chmod", "cp", "mkdir", "stat", "hostname", "grep", "true",
+    ] {
+        std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet)).unwrap();
+    }
+    std::fs::write(dir.join("etc/marker"), "from the host's folder\n").unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    fn chown_all(p: &Path, uid: u32) {
+        std::os::unix::fs::lchown(p, Some(uid), Some(uid)).unwrap();
+        if p.is_dir() && !p.is_symlink() {
+            for e in std::fs::read_dir(p).unwrap() {
+                chown_all(&e.unwrap().path(), uid);
+            }
+        }
+    }
+    chown_all(dir, uid);
+}
