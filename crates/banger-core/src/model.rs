@@ -442,6 +442,9 @@ pub fn machine_name(vm_id: &str) -> String {
 /// The most shares one VM may have.
 pub const MAX_SHARES: usize = 8;
 
+/// The tag of a VM's root folder's virtio-fs device (`root=` on its kernel command line).
+pub const ROOT_TAG: &str = "rootfs";
+
 /// The virtio-fs tag of a VM's `i`th share (what the guest mounts).
 pub fn share_tag(i: usize) -> String {
     format!("share{i}")

@@ -177,10 +177,7 @@ impl Qemu {
         let run = &spec.run_dir;
         let p = |p: &Path| p.to_string_lossy().into_owned();
         let root = if spec.root_share {
-            format!(
-                "root={} rootfstype=virtiofs rw",
-                crate::vms::share::ROOT_TAG
-            )
+            format!("root={} rootfstype=virtiofs rw", crate::model::ROOT_TAG)
         } else {
             format!("root=serial:{ROOT_SERIAL} rw banger.work=serial:{WORK_SERIAL}")
         };

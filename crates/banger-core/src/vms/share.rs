@@ -15,7 +15,7 @@ use std::path::{Component, Path, PathBuf};
 use super::error::{failed, invalid};
 use crate::Result;
 
-pub use crate::model::{share_tag as tag, Share, MAX_SHARES};
+pub use crate::model::{share_tag as tag, Share, MAX_SHARES, ROOT_TAG};
 
 impl Share {
     /// As the CLI writes it: `HOSTDIR:GUESTDIR[:ro]`.
@@ -203,9 +203,6 @@ pub async fn verify_root(uid: u32, dir: String) -> Result<String> {
     .await
     .map_err(|e| failed("Root folder check task failed", e))?
 }
-
-/// The tag of a VM's root folder's virtio-fs device (`root=` on its kernel command line).
-pub const ROOT_TAG: &str = "rootfs";
 
 /// One folder, with the calling thread's credentials: resolved, a directory, owned by
 /// `uid` or writable (an unnamed temporary file made and dropped there proves it, so ACLs
