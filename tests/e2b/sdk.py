@@ -9,6 +9,7 @@ Each step prints `ok: <what>`; the first failure raises (exit status 1 with its 
 """
 
 import asyncio
+import datetime
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ from e2b import (
     PtySize,
     Sandbox,
     SandboxQuery,
+    SandboxState,
     TimeoutException,
 )
 
@@ -312,6 +314,25 @@ def main(template):
     assert len(forks) == 2 and all(isinstance(f, Sandbox) for f in forks), forks
     for f in forks:
         assert f.commands.run("cat /home/user/state.txt").stdout == "kept"
+    # Listing: pages, order, state and start filters over the source and its two forks.
+    mine = SandboxQuery(metadata={"suite": "banger"})
+    pager = Sandbox.list(query=mine, limit=1)
+    pages = []
+    while pager.has_next:
+        pages.append([s.sandbox_id for s in pager.next_items()])
+    assert len(pages) == 3 and all(len(p) == 1 for p in pages), pages
+    assert sorted(sum(pages, [])) == sorted([sbx.sandbox_id] + [f.sandbox_id for f in forks])
+    assert forks[1].pause()
+    paused = Sandbox.list(query=SandboxQuery(metadata={"suite": "banger"},
+                                              state=[SandboxState.PAUSED])).next_items()
+    assert [s.sandbox_id for s in paused] == [forks[1].sandbox_id], paused
+    later = Sandbox.list(query=SandboxQuery(
+        metadata={"suite": "banger"},
+        started_after=datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1),
+    )).next_items()
+    assert later == [], later
+    ok("list: pages of one (nextToken), state and startedAfter filters")
+    for f in forks:
         f.kill()
     from_snap.kill()
     listed = [s.snapshot_id for s in Sandbox.list_snapshots().next_items()]

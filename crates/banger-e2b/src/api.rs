@@ -185,10 +185,7 @@ impl Facade {
         let id = vm["name"].as_str().unwrap_or_default();
         let l = labels(vm);
         let template = l.get(TEMPLATE).cloned().unwrap_or_default();
-        let started = l
-            .get(STARTED)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(vm["createdAt"].as_u64().unwrap_or(0) / 1_000_000);
+        let started = started(vm);
         let end = end_at(vm);
         json!({
             "templateID": template,
@@ -211,6 +208,14 @@ impl Facade {
             },
         })
     }
+}
+
+/// When a sandbox started, seconds since the epoch: its label, else its VM's creation.
+fn started(vm: &Value) -> u64 {
+    labels(vm)
+        .get(STARTED)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(vm["createdAt"].as_u64().unwrap_or(0) / 1_000_000)
 }
 
 /// Answers a control-plane request.
@@ -594,7 +599,7 @@ async fn create(f: &Facade, body: &[u8]) -> Result<Reply, Reply> {
 async fn list(f: &Facade, query: &[(String, String)], running_only: bool) -> Result<Reply, Reply> {
     let mut filter = BTreeMap::from([(SANDBOX.to_owned(), "1".to_owned())]);
     let mut states = Vec::new();
-    let (mut limit, mut next) = (100usize, None);
+    let (mut limit, mut next, mut after, mut desc) = (100usize, None, None, false);
     for (k, v) in query {
         match k.as_str() {
             // metadata=k1=v1&k2=v2, URL-encoded as one parameter.
@@ -622,6 +627,18 @@ async fn list(f: &Facade, query: &[(String, String)], running_only: bool) -> Res
                     .ok_or_else(|| bad("limit must be between 1 and 1000"))?
             }
             "nextToken" => next = Some(v.clone()),
+            "startedAfter" => {
+                let t = chrono::DateTime::parse_from_rfc3339(v)
+                    .map_err(|e| bad(format!("startedAfter {v:?} is not an RFC 3339 time: {e}")))?;
+                after = Some(t.timestamp().max(0) as u64);
+            }
+            "order" => {
+                desc = match v.as_str() {
+                    "asc" => false,
+                    "desc" => true,
+                    o => return Err(bad(format!("order must be asc or desc, not {o:?}"))),
+                }
+            }
             _ => {}
         }
     }
@@ -636,14 +653,14 @@ async fn list(f: &Facade, query: &[(String, String)], running_only: bool) -> Res
     let mut vms: Vec<Value> = vms["vms"].as_array().cloned().unwrap_or_default();
     vms.retain(|v| {
         let s = state(v);
-        (states.is_empty() || states.iter().any(|x| x == s)) && (!running_only || s == "running")
+        (states.is_empty() || states.iter().any(|x| x == s))
+            && (!running_only || s == "running")
+            && after.is_none_or(|t| started(v) >= t)
     });
-    vms.sort_by_key(|v| {
-        (
-            v["createdAt"].as_u64().unwrap_or(0),
-            v["name"].as_str().unwrap_or("").to_owned(),
-        )
-    });
+    vms.sort_by_key(|v| (started(v), v["name"].as_str().unwrap_or("").to_owned()));
+    if desc {
+        vms.reverse();
+    }
     if let Some(after) = &next {
         match vms.iter().position(|v| v["name"].as_str() == Some(after)) {
             Some(i) => {
