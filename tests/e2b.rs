@@ -71,6 +71,9 @@ fn as_user_in_netns(bus: &TestBus, user: &str, program: &str, args: &[&str]) -> 
 struct Facade {
     child: Child,
     port: u16,
+    /// Its `--varlink=` argument: the bus's own socket, so the marker below names this
+    /// test's facade only (not another run's on the same port in another namespace).
+    socket: String,
     env: Vec<(String, String)>,
     _config: tempfile::TempDir,
 }
@@ -79,7 +82,10 @@ impl Drop for Facade {
     fn drop(&mut self) {
         // runuser waits for the facade it started: the facade itself is killed, by its
         // command line.
-        let marker = format!("serve\x00--listen\x00127.0.0.1:{}", self.port);
+        let marker = format!(
+            "{}\x00e2b\x00serve\x00--listen\x00127.0.0.1:{}",
+            self.socket, self.port
+        );
         for pid in processes_mentioning(&marker) {
             // SAFETY: kill takes no pointers.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -151,6 +157,7 @@ impl Facade {
         Facade {
             child,
             port,
+            socket,
             env,
             _config: config,
         }
@@ -499,7 +506,7 @@ async fn e2bs_python_sdk_drives_banger_vms_through_the_facade_as_each_user() {
 
     // Clients that go mid-stream (a command's output, a watch) leave nothing open in the
     // facade: its descriptors come back to where they were.
-    let facade_pid = processes_mentioning("serve\x00--listen\x00127.0.0.1:3000")
+    let facade_pid = processes_mentioning(&format!("{}\x00e2b\x00serve", mine.socket))
         .into_iter()
         .find(|p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e.ends_with("banger")))
         .expect("the facade's process");
