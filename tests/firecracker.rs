@@ -258,7 +258,9 @@ async fn every_request_matches_the_firecracker_api_spec_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");
     let seen = stand_in(sock.clone()).await;
-    let spec = boot_spec(dir.path(), 2);
+    let mut spec = boot_spec(dir.path(), 2);
+    // A cold boot's devices: the balloon that gives freed pages back.
+    spec.machine.balloon = true;
     firecracker::configure(&sock, &spec, &dir.path().join("vsock.sock"))
         .await
         .unwrap();
@@ -288,6 +290,7 @@ async fn every_request_matches_the_firecracker_api_spec_in_order() {
             "/drives/work",
             "/network-interfaces/eth0",
             "/vsock",
+            "/balloon",
             "/actions",
             "/actions",
             "/vm",
@@ -296,7 +299,7 @@ async fn every_request_matches_the_firecracker_api_spec_in_order() {
     );
     let mut errors = Vec::new();
     for (i, (method, path, body)) in seen.iter().enumerate() {
-        assert_eq!(method, if i < 8 { "PUT" } else { "PATCH" });
+        assert_eq!(method, if i < 9 { "PUT" } else { "PATCH" });
         let (schema, param) = body_schema(&doc, method, path)
             .unwrap_or_else(|| panic!("{method} {path} is not in the spec"));
         validate(&doc, schema, body, path, &mut errors);
@@ -306,10 +309,15 @@ async fn every_request_matches_the_firecracker_api_spec_in_order() {
         }
     }
     assert!(errors.is_empty(), "{errors:#?}");
-    assert_eq!(seen[6].2["action_type"], "InstanceStart");
-    assert_eq!(seen[7].2["action_type"], "SendCtrlAltDel");
     assert_eq!(
-        (&seen[8].2["state"], &seen[9].2["state"]),
+        seen[6].2,
+        serde_json::json!({"amount_mib": 0, "deflate_on_oom": true, "free_page_reporting": true}),
+        "never inflated, freed pages reported"
+    );
+    assert_eq!(seen[7].2["action_type"], "InstanceStart");
+    assert_eq!(seen[8].2["action_type"], "SendCtrlAltDel");
+    assert_eq!(
+        (&seen[9].2["state"], &seen[10].2["state"]),
         (&Value::from("Paused"), &Value::from("Resumed"))
     );
     let args = seen[1].2["boot_args"].as_str().unwrap();

@@ -69,7 +69,7 @@ pub struct Config {
     /// hold of translated guest code.
     pub tcg_cache_mib: u32,
     /// Give VMs a virtio-balloon with free page reporting: memory a guest frees goes back to
-    /// the host within seconds (QEMU).
+    /// the host within seconds (QEMU and Firecracker).
     pub free_page_reporting: bool,
     /// Let the host merge identical pages of guests' memory (KSM, when the host runs it).
     /// Off by default: merged pages make a timing side channel between VMs.

@@ -252,6 +252,14 @@ pub fn requests(spec: &BootSpec, vsock: &Path) -> Result<Vec<(String, Value)>> {
         "/vsock".into(),
         json!({ "guest_cid": spec.cid, "uds_path": p(vsock) }),
     ));
+    if spec.machine.balloon {
+        // As on QEMU: never inflated (the guest keeps what it was given); the pages it frees
+        // are reported and Firecracker gives them back to the host.
+        reqs.push((
+            "/balloon".into(),
+            json!({ "amount_mib": 0, "deflate_on_oom": true, "free_page_reporting": true }),
+        ));
+    }
     reqs.push(("/actions".into(), json!({ "action_type": "InstanceStart" })));
     Ok(reqs)
 }

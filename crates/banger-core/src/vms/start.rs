@@ -502,8 +502,7 @@ impl Vms {
             })?,
             // A template's snapshot is mapped by every warm start: no balloon (`vmm::ram`).
             None if super::warm::is_template(vm) => Machine::default(),
-            None if self.vmm.name() == "qemu" => Machine::current(&self.config),
-            None => Machine::default(),
+            None => Machine::current(&self.config),
         };
         Ok(BootSpec {
             id: vm.id.clone(),
