@@ -12,6 +12,7 @@ const CRATES: &[&str] = &[
     "src",
     "crates/banger-api/src",
     "crates/banger-cli/src",
+    "crates/banger-client/src",
     "crates/banger-core/src",
     "crates/banger-e2b/src",
     "crates/banger-guest/src",

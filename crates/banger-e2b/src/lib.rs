@@ -15,10 +15,9 @@
 // known; replies are returned once per request, so their size does not matter.
 #![allow(clippy::result_large_err)]
 
-pub mod agent;
+pub use banger_client::{agent, daemon};
 pub mod api;
 pub mod connect;
-pub mod daemon;
 pub mod envd;
 pub mod http;
 pub mod key;

@@ -1,4 +1,4 @@
-//! The guest agent's protocol from the facade: a request line, its reply, then frames (see
+//! The guest agent's protocol from a client: a request line, its reply, then frames (see
 //! `banger_guest::agent`). Every read is bounded: what comes out of a guest is hostile.
 
 use banger_guest::agent::{frame, header, parse_header, Reply, Request};

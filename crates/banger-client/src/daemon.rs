@@ -1,4 +1,4 @@
-//! bangerd, reached as the facade's own user over banger's Varlink socket: every call is
+//! bangerd, reached as the calling user over banger's Varlink socket: every call is
 //! that user's, checked by polkit and by owner exactly as the CLI's are.
 
 use std::os::fd::OwnedFd;
@@ -27,7 +27,8 @@ impl std::fmt::Display for Fault {
 }
 
 impl Fault {
-    fn local(message: impl Into<String>) -> Fault {
+    /// A failure on this side (the socket, the stream), as `Unavailable`.
+    pub fn local(message: impl Into<String>) -> Fault {
         Fault {
             kind: "Unavailable".into(),
             message: message.into(),
