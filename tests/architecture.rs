@@ -16,6 +16,7 @@ const CRATES: &[&str] = &[
     "crates/banger-core/src",
     "crates/banger-e2b/src",
     "crates/banger-guest/src",
+    "crates/banger-shim/src",
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

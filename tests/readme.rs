@@ -617,6 +617,33 @@ fn check(line: &Line, bus: &Bus, problems: &mut Vec<String>) {
                 bad(format!("VMs do not answer {m}"));
             }
         }
+        "ctr" => {
+            // containerd's client: a pull, or a run through banger's runtime, whose shim
+            // binary containerd finds by the runtime's name.
+            match texts.get(1).map(String::as_str) {
+                Some("image") if texts.get(2).map(String::as_str) == Some("pull") => {}
+                Some("run") => {
+                    let runtime = texts
+                        .iter()
+                        .position(|w| w == "--runtime")
+                        .and_then(|i| texts.get(i + 1));
+                    match runtime.map(String::as_str) {
+                        Some("io.containerd.banger.v2") => {
+                            let shim = std::fs::read_to_string(
+                                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                                    .join("crates/banger-shim/Cargo.toml"),
+                            )
+                            .unwrap_or_default();
+                            if !shim.contains("name = \"containerd-shim-banger-v2\"") {
+                                bad("no binary containerd-shim-banger-v2 for the runtime".into());
+                            }
+                        }
+                        other => bad(format!("ctr run with runtime {other:?}, not banger's")),
+                    }
+                }
+                other => bad(format!("ctr {other:?}: add a check for it")),
+            }
+        }
         other => bad(format!(
             "`{other}`: a program this test cannot check; add a check"
         )),

@@ -10,6 +10,7 @@ SAY=systemtest
 say "installing the package"
 dpkg -i "$t/banger.deb" >/tmp/dpkg.log 2>&1 || { cat /tmp/dpkg.log; fail "dpkg -i banger.deb"; }
 getent group banger >/dev/null || fail "the package did not create group banger"
+[ -x /usr/bin/containerd-shim-banger-v2 ] || fail "the package has no containerd shim"
 systemd-analyze verify --man=no /usr/lib/systemd/system/bangerd.service || fail "systemd-analyze verify"
 mkdir -p /etc/banger
 printf 'idle_exit_sec = 5\naccel = "tcg"\nboot_timeout_sec = 300\n' >/etc/banger/config.toml
@@ -174,7 +175,7 @@ usrctl disable --now banger-e2b.socket banger-e2b.service
 say "removal: purge leaves nothing outside /var/lib/banger"
 systemctl stop bangerd 2>/dev/null
 dpkg --purge banger >/tmp/purge.log 2>&1 || { cat /tmp/purge.log; fail "dpkg --purge"; }
-for f in /usr/bin/bangerd /usr/share/dbus-1/system-services/org.banger.service /etc/banger /run/banger; do
+for f in /usr/bin/bangerd /usr/bin/containerd-shim-banger-v2 /usr/share/dbus-1/system-services/org.banger.service /etc/banger /run/banger; do
     [ -e "$f" ] && fail "$f is left after purge"
 done
 getent group banger >/dev/null && fail "group banger is left after purge"

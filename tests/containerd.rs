@@ -1,0 +1,199 @@
+//! banger as a containerd runtime (issue 36, first part): Debian's containerd, started by the
+//! test with a configuration of its own (root, state and socket under the test's directory),
+//! pulls the tests' busybox image from the registry on the bus's loopback, and `ctr run
+//! --runtime io.containerd.banger.v2` runs its process in a banger VM booted from the
+//! bundle's rootfs: output, exit status, stdin; nothing left after.
+
+mod common;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::invariants::*;
+use common::vm::*;
+use common::*;
+
+/// containerd in the bus's network namespace, with the shim on its PATH and told where
+/// bangerd's Varlink socket is.
+struct Containerd {
+    child: Child,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Containerd {
+    fn start(bus: &TestBus) -> Containerd {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("containerd.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
+                root = dir.path().join("root").display(),
+                state = dir.path().join("state").display(),
+                sock = socket.display(),
+            ),
+        )
+        .unwrap();
+        // Built beside banger (the workspace's binaries share one directory).
+        let shim_dir = std::path::Path::new(env!("CARGO_BIN_EXE_banger"))
+            .parent()
+            .unwrap()
+            .to_owned();
+        assert!(
+            shim_dir.join("containerd-shim-banger-v2").exists(),
+            "build the shim first (cargo build -p banger-shim)"
+        );
+        let path = format!(
+            "{}:{}",
+            shim_dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        // In the bus's network and mount namespaces: bangerd must see the mounts the shim
+        // makes (on a host, its unit's namespace receives the host's mounts).
+        let child = Command::new("nsenter")
+            .args([
+                "-t",
+                &bus.netns_pid().to_string(),
+                "-n",
+                "-m",
+                "--",
+                "containerd",
+            ])
+            .args(["--config", config.to_str().unwrap()])
+            .env("PATH", path)
+            .env("BANGER_VARLINK", bus.runtime.join("io.banger"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("containerd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let c = Containerd {
+            child,
+            socket,
+            _dir: dir,
+        };
+        wait_until("containerd to serve", Duration::from_secs(60), || {
+            c.ctr(bus, &["version"]).status.success()
+        });
+        c
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    fn ctr_cmd(&self, bus: &TestBus, args: &[&str]) -> Command {
+        let mut c = bus.in_netns("ctr");
+        c.args(["--address", self.socket.to_str().unwrap()])
+            .args(args);
+        c
+    }
+
+    fn ctr(&self, bus: &TestBus, args: &[&str]) -> Output {
+        self.ctr_cmd(bus, args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime() {
+    if !available(&["containerd", "ctr"]) {
+        return;
+    }
+    let Some((bus, reference, _keep)) = image_bus("", "ctr/tiny").await else {
+        return;
+    };
+    // The test bus activates bangerd over D-Bus (its Varlink socket, which the shim calls,
+    // is served while it runs; on a host, systemd's socket starts it).
+    let out = bus.banger_as(None, &["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let containerd = Containerd::start(&bus);
+    let out = containerd.ctr(&bus, &["image", "pull", "--plain-http", &reference]);
+    assert!(out.status.success(), "ctr image pull: {}", text(&out));
+    let run = |id: &str, cmd: &[&str]| -> Output {
+        let mut a = vec![
+            "run",
+            "--rm",
+            "--snapshotter",
+            "native",
+            "--runtime",
+            "io.containerd.banger.v2",
+            reference.as_str(),
+            id,
+        ];
+        a.extend(cmd);
+        containerd.ctr(&bus, &a)
+    };
+
+    // Its output, through containerd's FIFOs.
+    let out = run("t1", &["echo", "hi"]);
+    assert!(
+        out.status.success(),
+        "ctr run: {}\ncontainerd's log:\n{}",
+        text(&out),
+        containerd.log()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hi\n",
+        "{}",
+        text(&out)
+    );
+    // Its exit status.
+    let out = run("t2", &["sh", "-c", "echo to-err >&2; exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(text(&out).contains("to-err"), "{}", text(&out));
+    // Its input.
+    let mut child = containerd
+        .ctr_cmd(
+            &bus,
+            &[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "native",
+                "--runtime",
+                "io.containerd.banger.v2",
+                &reference,
+                "t3",
+                "cat",
+            ],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"through stdin\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "through stdin\n",
+        "{:?} {}\n{}",
+        out.status,
+        text(&out),
+        containerd.log()
+    );
+
+    // Each ran in a VM of its own, and none is left, nor anything of them.
+    let out = bus.banger_as(None, &["vm", "list"]);
+    assert!(!text(&out).contains("ctr-"), "{}", text(&out));
+    let bad = check(&bus);
+    assert!(bad.is_empty(), "{bad:#?}");
+}
