@@ -2,7 +2,8 @@
 //! test with a configuration of its own (root, state and socket under the test's directory),
 //! pulls the tests' busybox image from the registry on the bus's loopback, and `ctr run
 //! --runtime io.containerd.banger.v2` runs its process in a banger VM booted from the
-//! bundle's rootfs: output, exit status, stdin; nothing left after.
+//! bundle's rootfs: output, exit status, stdin, a terminal; a detached task's processes, an
+//! exec, pause and resume, a kill and its removal; nothing left after.
 
 mod common;
 
@@ -190,6 +191,90 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
         text(&out),
         containerd.log()
     );
+
+    // On a terminal (`-t`; ctr wants one of its own, which `script` gives it).
+    let ctr_line = format!(
+        "ctr --address {} run --rm -t --snapshotter native --runtime io.containerd.banger.v2 {} t4 tty",
+        containerd.socket.display(),
+        reference
+    );
+    let out = bus
+        .in_netns("script")
+        .args(["-qec", &ctr_line, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && text(&out).contains("/dev/pts/"),
+        "ctr run -t: {}",
+        text(&out)
+    );
+
+    // A task run detached: its processes, an exec, pause and resume, a kill, its removal.
+    let detached = [
+        "run",
+        "-d",
+        "--snapshotter",
+        "native",
+        "--runtime",
+        "io.containerd.banger.v2",
+        reference.as_str(),
+        "d1",
+        "sleep",
+        "300",
+    ];
+    let out = containerd.ctr(&bus, &detached);
+    assert!(out.status.success(), "ctr run -d: {}", text(&out));
+    let out = containerd.ctr(&bus, &["task", "ps", "d1"]);
+    assert!(
+        out.status.success() && text(&out).lines().count() >= 2,
+        "ctr task ps: {}",
+        text(&out)
+    );
+    let out = containerd.ctr(
+        &bus,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "d1",
+            "sh",
+            "-c",
+            "echo from-exec; exit 3",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "ctr task exec: {}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "from-exec\n",
+        "{}",
+        text(&out)
+    );
+    let state = |want: &str| {
+        let out = containerd.ctr(&bus, &["task", "ls"]);
+        text(&out)
+            .lines()
+            .any(|l| l.starts_with("d1 ") && l.trim_end().ends_with(want))
+    };
+    for (verb, want) in [("pause", "PAUSED"), ("resume", "RUNNING")] {
+        let out = containerd.ctr(&bus, &["task", verb, "d1"]);
+        assert!(out.status.success(), "ctr task {verb}: {}", text(&out));
+        assert!(
+            state(want),
+            "after {verb}: {}",
+            text(&containerd.ctr(&bus, &["task", "ls"]))
+        );
+    }
+    let out = containerd.ctr(&bus, &["task", "kill", "-s", "SIGKILL", "d1"]);
+    assert!(out.status.success(), "ctr task kill: {}", text(&out));
+    wait_until("the killed task to stop", Duration::from_secs(60), || {
+        state("STOPPED")
+    });
+    for args in [["task", "rm", "d1"], ["container", "rm", "d1"]] {
+        let out = containerd.ctr(&bus, &args);
+        assert!(out.status.success(), "ctr {args:?}: {}", text(&out));
+    }
 
     // Each ran in a VM of its own, and none is left, nor anything of them.
     let out = bus.banger_as(None, &["vm", "list"]);

@@ -5,9 +5,10 @@
 //! (as root, which containerd runs it as) and of the agent's protocol, nothing more: every
 //! privileged step is bangerd's.
 //!
-//! What works: create, start, wait, state, kill, delete, connect, shutdown and the `delete`
-//! subcommand for a task whose shim died. Not yet: exec, PTYs, pause/resume, stats, pods,
-//! a given network namespace, events (issue 36).
+//! What works: create, start, wait, state, kill, delete, exec (and an exec's start, wait,
+//! state, kill, delete), terminals and their size, CloseIO, pause/resume, pids, connect,
+//! shutdown and the `delete` subcommand for a task whose shim died. Not yet: stats, pods, a
+//! given network namespace, events (issue 36).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -76,8 +77,13 @@ struct Process {
 }
 
 impl Process {
+    /// From a bundle's `config.json`.
     fn of(config: &Value) -> Process {
-        let p = &config["process"];
+        Process::of_spec(&config["process"])
+    }
+
+    /// From an OCI process spec (`config.json`'s `process`, or an exec's).
+    fn of_spec(p: &Value) -> Process {
         let strings = |v: &Value| -> Vec<String> {
             v.as_array()
                 .into_iter()
@@ -99,11 +105,10 @@ impl Process {
     }
 }
 
-/// One task's state.
-struct TaskState {
-    vm: String,
-    bundle: PathBuf,
+/// One process of a task: its init (exec id "") or an exec.
+struct Proc {
     process: Process,
+    terminal: bool,
     stdin: String,
     stdout: String,
     stderr: String,
@@ -113,6 +118,45 @@ struct TaskState {
     exit_tx: Option<watch::Sender<Option<(u32, i64)>>>,
     /// Told by `CloseIO`: the process's input ends (what is in the FIFO still reaches it).
     close_stdin: Arc<tokio::sync::Notify>,
+    /// `ResizePty`'s sizes (rows, cols) for its terminal.
+    resize: tokio::sync::mpsc::UnboundedSender<(u16, u16)>,
+    resize_rx: Option<tokio::sync::mpsc::UnboundedReceiver<(u16, u16)>>,
+}
+
+impl Proc {
+    fn new(process: Process, terminal: bool, stdin: &str, stdout: &str, stderr: &str) -> Proc {
+        let (exit_tx, exited) = watch::channel(None);
+        let (resize, resize_rx) = tokio::sync::mpsc::unbounded_channel();
+        Proc {
+            process,
+            terminal,
+            stdin: stdin.to_owned(),
+            stdout: stdout.to_owned(),
+            stderr: stderr.to_owned(),
+            pid: 0,
+            exited,
+            exit_tx: Some(exit_tx),
+            close_stdin: Default::default(),
+            resize,
+            resize_rx: Some(resize_rx),
+        }
+    }
+
+    fn status(&self) -> api::Status {
+        match (*self.exited.borrow(), self.exit_tx.is_some()) {
+            (Some(_), _) => api::Status::STOPPED,
+            (None, true) => api::Status::CREATED,
+            (None, false) => api::Status::RUNNING,
+        }
+    }
+}
+
+/// One task: its VM, bundle and processes by exec id.
+struct TaskState {
+    vm: String,
+    bundle: PathBuf,
+    paused: bool,
+    procs: HashMap<String, Proc>,
 }
 
 #[derive(Clone)]
@@ -215,30 +259,45 @@ async fn open_fifo(path: &str, write: bool) -> std::io::Result<tokio::fs::File> 
 }
 
 impl Service {
-    /// Runs the task's process in its VM: stdio between containerd's FIFOs and the agent,
-    /// the exit recorded once all output was written.
-    async fn run_process(&self, id: &str) -> Result<u32, String> {
-        let (vm, process, stdin, stdout, stderr, tx, close) = {
+    /// Runs one of a task's processes in its VM: stdio between containerd's FIFOs and the
+    /// agent, the exit recorded once all output was written.
+    async fn run_process(&self, id: &str, exec_id: &str) -> Result<u32, String> {
+        let (vm, p, tx, close, mut resize) = {
             let mut tasks = self.tasks.lock().await;
             let t = tasks.get_mut(id).ok_or_else(|| format!("no task {id}"))?;
-            let tx = t.exit_tx.take().ok_or("the task started already")?;
-            (
-                t.vm.clone(),
-                t.process.clone(),
-                t.stdin.clone(),
-                t.stdout.clone(),
-                t.stderr.clone(),
-                tx,
-                t.close_stdin.clone(),
-            )
+            let vm = t.vm.clone();
+            let p = t
+                .procs
+                .get_mut(exec_id)
+                .ok_or_else(|| format!("no process {exec_id:?} in task {id}"))?;
+            let tx = p.exit_tx.take().ok_or("the process started already")?;
+            let resize = p.resize_rx.take().ok_or("the process started already")?;
+            let spec = Proc {
+                process: p.process.clone(),
+                terminal: p.terminal,
+                stdin: p.stdin.clone(),
+                stdout: p.stdout.clone(),
+                stderr: p.stderr.clone(),
+                pid: 0,
+                exited: p.exited.clone(),
+                exit_tx: None,
+                close_stdin: p.close_stdin.clone(),
+                resize: p.resize.clone(),
+                resize_rx: None,
+            };
+            (vm, spec, tx, p.close_stdin.clone(), resize)
         };
         let stream = daemon().agent(&vm).await.map_err(|e| e.to_string())?;
         let req = Request::Exec {
-            argv: process.args,
-            env: process.env,
-            cwd: process.cwd,
-            user: process.user,
-            tty: None,
+            argv: p.process.args.clone(),
+            env: p.process.env.clone(),
+            cwd: p.process.cwd.clone(),
+            user: p.process.user.clone(),
+            tty: p.terminal.then(|| banger_guest::agent::Tty {
+                rows: 24,
+                cols: 80,
+                term: "xterm".into(),
+            }),
             detach: true,
             tag: None,
         };
@@ -254,63 +313,83 @@ impl Service {
         // detached process's client that hangs up no longer gets its output): the input half
         // is held until the exit.
         let mut done = tx.subscribe();
-        let mut done2 = tx.subscribe();
-        let mut out = match stdout.is_empty() {
+        let mut out = match p.stdout.is_empty() {
             true => None,
-            false => Some(open_fifo(&stdout, true).await.map_err(|e| e.to_string())?),
+            false => Some(
+                open_fifo(&p.stdout, true)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
         };
-        let mut err = match stderr.is_empty() {
+        let mut err = match p.stderr.is_empty() {
             true => None,
-            false => Some(open_fifo(&stderr, true).await.map_err(|e| e.to_string())?),
+            false => Some(
+                open_fifo(&p.stderr, true)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
         };
-        if !stdin.is_empty() {
-            // Read and write: the FIFO reads as empty (not ended) while no client writes to
-            // it; the input ends at CloseIO, as containerd's clients ask, after what the FIFO
-            // holds then.
-            let fifo = tokio::net::unix::pipe::OpenOptions::new()
-                .read_write(true)
-                .open_receiver(&stdin)
-                .map_err(|e| format!("stdin {stdin}: {e}"))?;
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; frame::MAX];
-                loop {
-                    tokio::select! {
-                        r = fifo.readable() => {
-                            if r.is_err() {
-                                break;
-                            }
-                            match fifo.try_read(&mut buf) {
-                                Ok(0) => break,
-                                Ok(n) => {
-                                    if input.send(frame::STDIN, &buf[..n]).await.is_err() {
-                                        break;
-                                    }
-                                }
-                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                                Err(_) => break,
-                            }
+        // Read and write: the FIFO reads as empty (not ended) while no client writes to it;
+        // the input ends at CloseIO, as containerd's clients ask, after what the FIFO holds
+        // then.
+        let fifo = match p.stdin.is_empty() {
+            true => None,
+            false => Some(
+                tokio::net::unix::pipe::OpenOptions::new()
+                    .read_write(true)
+                    .open_receiver(&p.stdin)
+                    .map_err(|e| format!("stdin {}: {e}", p.stdin))?,
+            ),
+        };
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; frame::MAX];
+            let mut open = fifo.is_some();
+            if !open {
+                // No input at all: it ends at once (the stream stays open, below).
+                let _ = input.send(frame::STDIN, &[]).await;
+            }
+            loop {
+                tokio::select! {
+                    r = async { fifo.as_ref().unwrap().readable().await }, if open => {
+                        let Some(f) = fifo.as_ref() else { break };
+                        if r.is_err() {
+                            break;
                         }
-                        _ = close.notified() => {
-                            while let Ok(n) = fifo.try_read(&mut buf) {
+                        match f.try_read(&mut buf) {
+                            Ok(0) => open = false,
+                            Ok(n) => {
+                                if input.send(frame::STDIN, &buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                            Err(_) => open = false,
+                        }
+                        if !open {
+                            let _ = input.send(frame::STDIN, &[]).await;
+                        }
+                    }
+                    _ = close.notified(), if open => {
+                        if let Some(f) = fifo.as_ref() {
+                            while let Ok(n) = f.try_read(&mut buf) {
                                 if n == 0 || input.send(frame::STDIN, &buf[..n]).await.is_err() {
                                     break;
                                 }
                             }
-                            break;
                         }
+                        open = false;
+                        let _ = input.send(frame::STDIN, &[]).await;
                     }
+                    Some((rows, cols)) = resize.recv() => {
+                        let mut size = rows.to_be_bytes().to_vec();
+                        size.extend(cols.to_be_bytes());
+                        let _ = input.send(frame::RESIZE, &size).await;
+                    }
+                    _ = async { done.wait_for(Option::is_some).await.map(|_| ()) } => break,
                 }
-                let _ = input.send(frame::STDIN, &[]).await;
-                let _ = done.wait_for(Option::is_some).await;
-                drop(input);
-            });
-        } else {
-            tokio::spawn(async move {
-                let _ = input.send(frame::STDIN, &[]).await;
-                let _ = done2.wait_for(Option::is_some).await;
-                drop(input);
-            });
-        }
+            }
+            drop(input);
+        });
         tokio::spawn(async move {
             let mut status = 255u32;
             while let Ok(Some((kind, data))) = frames.next().await {
@@ -338,6 +417,23 @@ impl Service {
             let _ = tx.send(Some((status, now_secs())));
         });
         Ok(pid)
+    }
+
+    /// Runs `f` on task `id`'s process `exec_id`.
+    async fn with_proc<T>(
+        &self,
+        id: &str,
+        exec_id: &str,
+        f: impl FnOnce(&mut TaskState, &str) -> Result<T, String>,
+    ) -> TtrpcResult<T> {
+        let mut tasks = self.tasks.lock().await;
+        let t = tasks
+            .get_mut(id)
+            .ok_or_else(|| ttrpc_err(format!("no task {id}")))?;
+        if !t.procs.contains_key(exec_id) {
+            return Err(ttrpc_err(format!("no process {exec_id:?} in task {id}")));
+        }
+        f(t, exec_id).map_err(ttrpc_err)
     }
 }
 
@@ -394,11 +490,6 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        if req.terminal {
-            return Err(ttrpc_err(
-                "banger's runtime has no terminals yet (run without -t)",
-            ));
-        }
         let bundle = PathBuf::from(&req.bundle);
         let config: Value =
             serde_json::from_slice(&std::fs::read(bundle.join("config.json")).map_err(ttrpc_err)?)
@@ -429,26 +520,23 @@ impl Task for Service {
             unmount(&rootfs);
             return Err(fault(e));
         }
-        let (tx, rx) = watch::channel(None);
+        let init = Proc::new(
+            Process::of(&config),
+            req.terminal,
+            &req.stdin,
+            &req.stdout,
+            &req.stderr,
+        );
         self.tasks.lock().await.insert(
             req.id.clone(),
             TaskState {
                 vm,
                 bundle,
-                process: Process::of(&config),
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-                pid: 0,
-                exited: rx,
-                exit_tx: Some(tx),
-                close_stdin: Default::default(),
+                paused: false,
+                procs: HashMap::from([(String::new(), init)]),
             },
         );
-        Ok(api::CreateTaskResponse {
-            pid: 0,
-            ..Default::default()
-        })
+        Ok(api::CreateTaskResponse::default())
     }
 
     async fn start(
@@ -456,17 +544,51 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        if !req.exec_id.is_empty() {
-            return Err(ttrpc_err("exec is not supported yet"));
-        }
-        let pid = self.run_process(&req.id).await.map_err(ttrpc_err)?;
-        if let Some(t) = self.tasks.lock().await.get_mut(&req.id) {
-            t.pid = pid;
-        }
+        let pid = self
+            .run_process(&req.id, &req.exec_id)
+            .await
+            .map_err(ttrpc_err)?;
+        self.with_proc(&req.id, &req.exec_id, |t, e| {
+            if let Some(p) = t.procs.get_mut(e) {
+                p.pid = pid;
+            }
+            Ok(())
+        })
+        .await?;
         Ok(api::StartResponse {
             pid,
             ..Default::default()
         })
+    }
+
+    async fn exec(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ExecProcessRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let spec: Value = req
+            .spec
+            .as_ref()
+            .map(|a| serde_json::from_slice(&a.value))
+            .transpose()
+            .map_err(|e| ttrpc_err(format!("the exec's process spec: {e}")))?
+            .unwrap_or_default();
+        let p = Proc::new(
+            Process::of_spec(&spec),
+            req.terminal,
+            &req.stdin,
+            &req.stdout,
+            &req.stderr,
+        );
+        let mut tasks = self.tasks.lock().await;
+        let t = tasks
+            .get_mut(&req.id)
+            .ok_or_else(|| ttrpc_err(format!("no task {}", req.id)))?;
+        if t.procs.contains_key(&req.exec_id) {
+            return Err(ttrpc_err(format!("exec {} exists", req.exec_id)));
+        }
+        t.procs.insert(req.exec_id.clone(), p);
+        Ok(api::Empty::new())
     }
 
     async fn state(
@@ -474,31 +596,32 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
-        let tasks = self.tasks.lock().await;
-        let t = tasks
-            .get(&req.id)
-            .ok_or_else(|| ttrpc_err(format!("no task {}", req.id)))?;
-        let exited = *t.exited.borrow();
-        let status = match (exited, t.exit_tx.is_some()) {
-            (Some(_), _) => api::Status::STOPPED,
-            (None, true) => api::Status::CREATED,
-            (None, false) => api::Status::RUNNING,
-        };
-        let mut r = api::StateResponse {
-            id: req.id.clone(),
-            bundle: t.bundle.to_string_lossy().into_owned(),
-            pid: t.pid,
-            stdin: t.stdin.clone(),
-            stdout: t.stdout.clone(),
-            stderr: t.stderr.clone(),
-            ..Default::default()
-        };
-        r.status = status.into();
-        if let Some((code, at)) = exited {
-            r.exit_status = code;
-            r.exited_at = timestamp(at);
-        }
-        Ok(r)
+        let id = req.id.clone();
+        self.with_proc(&req.id, &req.exec_id, move |t, e| {
+            let p = &t.procs[e];
+            let mut r = api::StateResponse {
+                id,
+                exec_id: e.to_owned(),
+                bundle: t.bundle.to_string_lossy().into_owned(),
+                pid: p.pid,
+                stdin: p.stdin.clone(),
+                stdout: p.stdout.clone(),
+                stderr: p.stderr.clone(),
+                terminal: p.terminal,
+                ..Default::default()
+            };
+            let status = match p.status() {
+                api::Status::RUNNING if t.paused => api::Status::PAUSED,
+                s => s,
+            };
+            r.status = status.into();
+            if let Some((code, at)) = *p.exited.borrow() {
+                r.exit_status = code;
+                r.exited_at = timestamp(at);
+            }
+            Ok(r)
+        })
+        .await
     }
 
     async fn wait(
@@ -506,21 +629,12 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::WaitRequest,
     ) -> TtrpcResult<api::WaitResponse> {
-        let mut rx = {
-            let tasks = self.tasks.lock().await;
-            tasks
-                .get(&req.id)
-                .ok_or_else(|| ttrpc_err(format!("no task {}", req.id)))?
-                .exited
-                .clone()
-        };
-        let (code, at) = loop {
-            if let Some(e) = *rx.borrow() {
-                break e;
-            }
-            if rx.changed().await.is_err() {
-                break (255, now_secs());
-            }
+        let mut rx = self
+            .with_proc(&req.id, &req.exec_id, |t, e| Ok(t.procs[e].exited.clone()))
+            .await?;
+        let (code, at) = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.unwrap_or((255, now_secs())),
+            Err(_) => (255, now_secs()),
         };
         Ok(api::WaitResponse {
             exit_status: code,
@@ -530,26 +644,29 @@ impl Task for Service {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        let (vm, pid) = {
-            let tasks = self.tasks.lock().await;
-            let t = tasks
-                .get(&req.id)
-                .ok_or_else(|| ttrpc_err(format!("no task {}", req.id)))?;
-            (t.vm.clone(), t.pid)
-        };
-        if pid == 0 {
-            return Ok(api::Empty::new());
-        }
-        let stream = daemon().agent(&vm).await.map_err(fault)?;
-        let signal = Request::Signal {
-            pid: Some(pid),
-            tag: None,
-            signal: req.signal as i32,
-        };
-        let (reply, _) = agent::request(stream, &signal).await.map_err(ttrpc_err)?;
-        // A process that ended meanwhile has nothing to signal.
-        if !reply.ok && !reply.error.contains("no process") {
-            return Err(ttrpc_err(reply.error));
+        let (vm, pids) = self
+            .with_proc(&req.id, &req.exec_id, |t, e| {
+                // `all`: every process of the task, as runc's shim signals the container's.
+                let pids: Vec<u32> = if req.all && e.is_empty() {
+                    t.procs.values().map(|p| p.pid).collect()
+                } else {
+                    vec![t.procs[e].pid]
+                };
+                Ok((t.vm.clone(), pids))
+            })
+            .await?;
+        for pid in pids.into_iter().filter(|p| *p != 0) {
+            let stream = daemon().agent(&vm).await.map_err(fault)?;
+            let signal = Request::Signal {
+                pid: Some(pid),
+                tag: None,
+                signal: req.signal as i32,
+            };
+            let (reply, _) = agent::request(stream, &signal).await.map_err(ttrpc_err)?;
+            // A process that ended meanwhile has nothing to signal.
+            if !reply.ok && !reply.error.contains("no process") {
+                return Err(ttrpc_err(reply.error));
+            }
         }
         Ok(api::Empty::new())
     }
@@ -559,25 +676,40 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
+        let answer = |p: &Proc| {
+            let (code, at) = p.exited.borrow().unwrap_or((137, now_secs()));
+            api::DeleteResponse {
+                pid: p.pid,
+                exit_status: code,
+                exited_at: timestamp(at),
+                ..Default::default()
+            }
+        };
+        if !req.exec_id.is_empty() {
+            // An exec: it alone goes.
+            let mut tasks = self.tasks.lock().await;
+            let t = tasks
+                .get_mut(&req.id)
+                .ok_or_else(|| ttrpc_err(format!("no task {}", req.id)))?;
+            let p = t
+                .procs
+                .remove(&req.exec_id)
+                .ok_or_else(|| ttrpc_err(format!("no exec {}", req.exec_id)))?;
+            return Ok(answer(&p));
+        }
         let t = self
             .tasks
             .lock()
             .await
             .remove(&req.id)
             .ok_or_else(|| ttrpc_err(format!("no task {}", req.id)))?;
-        let _ = daemon()
+        daemon()
             .call("io.banger.VMs.Delete", json!({"name": t.vm, "force": true}))
             .await
             .map_err(fault)?;
         unmount(&t.bundle.join("rootfs"));
         let _ = std::fs::remove_file(t.bundle.join(VM_FILE));
-        let (code, at) = t.exited.borrow().unwrap_or((137, now_secs()));
-        Ok(api::DeleteResponse {
-            pid: t.pid,
-            exit_status: code,
-            exited_at: timestamp(at),
-            ..Default::default()
-        })
+        Ok(answer(&t.procs[""]))
     }
 
     async fn close_io(
@@ -585,12 +717,43 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::CloseIORequest,
     ) -> TtrpcResult<api::Empty> {
-        if req.stdin {
-            if let Some(t) = self.tasks.lock().await.get(&req.id) {
-                t.close_stdin.notify_one();
+        self.with_proc(&req.id, &req.exec_id, |t, e| {
+            if req.stdin {
+                t.procs[e].close_stdin.notify_one();
             }
-        }
+            Ok(())
+        })
+        .await?;
         Ok(api::Empty::new())
+    }
+
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let size = (
+            u16::try_from(req.height).unwrap_or(u16::MAX),
+            u16::try_from(req.width).unwrap_or(u16::MAX),
+        );
+        self.with_proc(&req.id, &req.exec_id, |t, e| {
+            let _ = t.procs[e].resize.send(size);
+            Ok(())
+        })
+        .await?;
+        Ok(api::Empty::new())
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.pause_or_resume(&req.id, true).await
+    }
+
+    async fn resume(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResumeRequest,
+    ) -> TtrpcResult<api::Empty> {
+        self.pause_or_resume(&req.id, false).await
     }
 
     async fn pids(
@@ -598,16 +761,23 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
-        let tasks = self.tasks.lock().await;
-        let t = tasks
-            .get(&req.id)
-            .ok_or_else(|| ttrpc_err(format!("no task {}", req.id)))?;
-        let mut info = api::ProcessInfo::new();
-        info.pid = t.pid;
-        Ok(api::PidsResponse {
-            processes: vec![info],
-            ..Default::default()
+        self.with_proc(&req.id, "", |t, _| {
+            let processes = t
+                .procs
+                .values()
+                .filter(|p| p.pid != 0 && p.exited.borrow().is_none())
+                .map(|p| {
+                    let mut info = api::ProcessInfo::new();
+                    info.pid = p.pid;
+                    info
+                })
+                .collect();
+            Ok(api::PidsResponse {
+                processes,
+                ..Default::default()
+            })
         })
+        .await
     }
 
     async fn connect(
@@ -620,7 +790,8 @@ impl Task for Service {
             .lock()
             .await
             .get(&req.id)
-            .map(|t| t.pid)
+            .and_then(|t| t.procs.get(""))
+            .map(|p| p.pid)
             .unwrap_or(0);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
@@ -638,6 +809,28 @@ impl Task for Service {
         if self.tasks.lock().await.is_empty() {
             self.exit.signal();
         }
+        Ok(api::Empty::new())
+    }
+}
+
+impl Service {
+    /// `Pause`/`Resume`: the task's VM paused (its vCPUs stopped, memory kept) or let go on.
+    async fn pause_or_resume(&self, id: &str, pause: bool) -> TtrpcResult<api::Empty> {
+        let vm = self.with_proc(id, "", |t, _| Ok(t.vm.clone())).await?;
+        let method = if pause {
+            "io.banger.VMs.Pause"
+        } else {
+            "io.banger.VMs.Resume"
+        };
+        daemon()
+            .call(method, json!({ "name": vm }))
+            .await
+            .map_err(fault)?;
+        self.with_proc(id, "", |t, _| {
+            t.paused = pause;
+            Ok(())
+        })
+        .await?;
         Ok(api::Empty::new())
     }
 }
