@@ -123,6 +123,14 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
     let containerd = Containerd::start(&bus);
     let out = containerd.ctr(&bus, &["image", "pull", "--plain-http", &reference]);
     assert!(out.status.success(), "ctr image pull: {}", text(&out));
+    // containerd's events, as a client sees them, for the whole test.
+    let events_file = tempfile::NamedTempFile::new().unwrap();
+    let mut events = containerd
+        .ctr_cmd(&bus, &["events"])
+        .stdin(Stdio::null())
+        .stdout(events_file.reopen().unwrap())
+        .spawn()
+        .unwrap();
     let run = |id: &str, cmd: &[&str]| -> Output {
         let mut a = vec![
             "run",
@@ -275,6 +283,37 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
         let out = containerd.ctr(&bus, &args);
         assert!(out.status.success(), "ctr {args:?}: {}", text(&out));
     }
+
+    // The shim's events reached containerd's clients: each task's exit with its status, the
+    // exec's, the pause and the resume.
+    let seen = |topic: &str, has: &[&str]| {
+        std::fs::read_to_string(events_file.path())
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(topic) && has.iter().all(|h| l.contains(h)))
+    };
+    let wanted: [(&str, &[&str]); 8] = [
+        ("/tasks/exit", &["\"container_id\":\"t1\""]),
+        (
+            "/tasks/exit",
+            &["\"container_id\":\"t2\"", "\"exit_status\":7"],
+        ),
+        ("/tasks/exit", &["\"id\":\"e1\"", "\"exit_status\":3"]),
+        ("/tasks/exec-added", &["\"exec_id\":\"e1\""]),
+        ("/tasks/exec-started", &["\"exec_id\":\"e1\""]),
+        ("/tasks/paused", &["d1"]),
+        ("/tasks/resumed", &["d1"]),
+        ("/tasks/delete", &["d1"]),
+    ];
+    for (topic, has) in wanted {
+        wait_until(
+            &format!("event {topic} {has:?}"),
+            Duration::from_secs(30),
+            || seen(topic, has),
+        );
+    }
+    let _ = events.kill();
+    let _ = events.wait();
 
     // Each ran in a VM of its own, and none is left, nor anything of them.
     let out = bus.banger_as(None, &["vm", "list"]);

@@ -7,8 +7,9 @@
 //!
 //! What works: create, start, wait, state, kill, delete, exec (and an exec's start, wait,
 //! state, kill, delete), terminals and their size, CloseIO, pause/resume, pids, connect,
-//! shutdown and the `delete` subcommand for a task whose shim died. Not yet: stats, pods, a
-//! given network namespace, events (issue 36).
+//! shutdown and the `delete` subcommand for a task whose shim died; the task events
+//! (`/tasks/create`, `start`, `exec-added`, `exec-started`, `exit`, `delete`, `paused`,
+//! `resumed`). Not yet: stats, pods, a given network namespace (issue 36).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,8 +23,10 @@ use containerd_shim::asynchronous::{run, spawn, ExitSignal, Shim};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, Error, Flags, StartOpts, TtrpcResult};
 use containerd_shim_protos::api;
+use containerd_shim_protos::events::task as events;
 use containerd_shim_protos::protobuf::MessageField;
 use containerd_shim_protos::shim_async::Task;
+use containerd_shim_protos::topics;
 use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
@@ -164,6 +167,32 @@ struct Service {
     exit: Arc<ExitSignal>,
     namespace: String,
     tasks: Arc<Mutex<HashMap<String, TaskState>>>,
+    /// containerd's events service, once the task service runs.
+    events: Option<Arc<RemotePublisher>>,
+}
+
+/// Publishes an event to containerd without holding up the call that caused it.
+fn publish(
+    events: &Option<Arc<RemotePublisher>>,
+    namespace: &str,
+    topic: &'static str,
+    event: impl containerd_shim_protos::protobuf::MessageDyn + 'static,
+) {
+    let Some(p) = events.clone() else {
+        return;
+    };
+    let (ns, event): (
+        String,
+        Box<dyn containerd_shim_protos::protobuf::MessageDyn>,
+    ) = (namespace.to_owned(), Box::new(event));
+    tokio::spawn(async move {
+        if let Err(e) = p
+            .publish(containerd_shim::Context::default(), topic, &ns, event)
+            .await
+        {
+            log::warn!("cannot publish {topic}: {e}");
+        }
+    });
 }
 
 fn now_secs() -> i64 {
@@ -390,6 +419,16 @@ impl Service {
             }
             drop(input);
         });
+        let (events, ns, cid, eid) = (
+            self.events.clone(),
+            self.namespace.clone(),
+            id.to_owned(),
+            if exec_id.is_empty() {
+                id.to_owned()
+            } else {
+                exec_id.to_owned()
+            },
+        );
         tokio::spawn(async move {
             let mut status = 255u32;
             while let Ok(Some((kind, data))) = frames.next().await {
@@ -414,7 +453,21 @@ impl Service {
             // Output is written before the exit is told, as runc's shim does.
             drop(out);
             drop(err);
-            let _ = tx.send(Some((status, now_secs())));
+            let at = now_secs();
+            let _ = tx.send(Some((status, at)));
+            publish(
+                &events,
+                &ns,
+                topics::TASK_EXIT_EVENT_TOPIC,
+                events::TaskExit {
+                    container_id: cid,
+                    id: eid,
+                    pid,
+                    exit_status: status,
+                    exited_at: timestamp(at),
+                    ..Default::default()
+                },
+            );
         });
         Ok(pid)
     }
@@ -446,6 +499,7 @@ impl Shim for Service {
             exit: Arc::new(ExitSignal::default()),
             namespace: args.namespace.clone(),
             tasks: Default::default(),
+            events: None,
         }
     }
 
@@ -478,8 +532,11 @@ impl Shim for Service {
         self.exit.wait().await;
     }
 
-    async fn create_task_service(&self, _publisher: RemotePublisher) -> Self::T {
-        self.clone()
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        Service {
+            events: Some(Arc::new(publisher)),
+            ..self.clone()
+        }
     }
 }
 
@@ -536,6 +593,24 @@ impl Task for Service {
                 procs: HashMap::from([(String::new(), init)]),
             },
         );
+        publish(
+            &self.events,
+            &self.namespace,
+            topics::TASK_CREATE_EVENT_TOPIC,
+            events::TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: MessageField::some(events::TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
         Ok(api::CreateTaskResponse::default())
     }
 
@@ -555,6 +630,30 @@ impl Task for Service {
             Ok(())
         })
         .await?;
+        if req.exec_id.is_empty() {
+            publish(
+                &self.events,
+                &self.namespace,
+                topics::TASK_START_EVENT_TOPIC,
+                events::TaskStart {
+                    container_id: req.id.clone(),
+                    pid,
+                    ..Default::default()
+                },
+            );
+        } else {
+            publish(
+                &self.events,
+                &self.namespace,
+                topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+                events::TaskExecStarted {
+                    container_id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                    pid,
+                    ..Default::default()
+                },
+            );
+        }
         Ok(api::StartResponse {
             pid,
             ..Default::default()
@@ -588,6 +687,16 @@ impl Task for Service {
             return Err(ttrpc_err(format!("exec {} exists", req.exec_id)));
         }
         t.procs.insert(req.exec_id.clone(), p);
+        publish(
+            &self.events,
+            &self.namespace,
+            topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            events::TaskExecAdded {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                ..Default::default()
+            },
+        );
         Ok(api::Empty::new())
     }
 
@@ -709,7 +818,21 @@ impl Task for Service {
             .map_err(fault)?;
         unmount(&t.bundle.join("rootfs"));
         let _ = std::fs::remove_file(t.bundle.join(VM_FILE));
-        Ok(answer(&t.procs[""]))
+        let a = answer(&t.procs[""]);
+        publish(
+            &self.events,
+            &self.namespace,
+            topics::TASK_DELETE_EVENT_TOPIC,
+            events::TaskDelete {
+                container_id: req.id.clone(),
+                id: req.id.clone(),
+                pid: a.pid,
+                exit_status: a.exit_status,
+                exited_at: a.exited_at.clone(),
+                ..Default::default()
+            },
+        );
+        Ok(a)
     }
 
     async fn close_io(
@@ -831,6 +954,29 @@ impl Service {
             Ok(())
         })
         .await?;
+        if pause {
+            let e = events::TaskPaused {
+                container_id: id.to_owned(),
+                ..Default::default()
+            };
+            publish(
+                &self.events,
+                &self.namespace,
+                topics::TASK_PAUSED_EVENT_TOPIC,
+                e,
+            );
+        } else {
+            let e = events::TaskResumed {
+                container_id: id.to_owned(),
+                ..Default::default()
+            };
+            publish(
+                &self.events,
+                &self.namespace,
+                topics::TASK_RESUMED_EVENT_TOPIC,
+                e,
+            );
+        }
         Ok(api::Empty::new())
     }
 }
