@@ -17,15 +17,57 @@ use common::*;
 /// containerd in the bus's network namespace, with the shim on its PATH and told where
 /// bangerd's Varlink socket is.
 struct Containerd {
-    child: Child,
+    child: std::sync::Mutex<Child>,
     socket: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
+/// containerd in the bus's network and mount namespaces (bangerd must see the mounts the shim
+/// makes; on a host, its unit's namespace receives the host's mounts), its configuration and
+/// log in `dir`.
+fn spawn_containerd(bus: &TestBus, dir: &std::path::Path) -> Child {
+    // Built beside banger (the workspace's binaries share one directory).
+    let shim_dir = std::path::Path::new(env!("CARGO_BIN_EXE_banger"))
+        .parent()
+        .unwrap()
+        .to_owned();
+    assert!(
+        shim_dir.join("containerd-shim-banger-v2").exists(),
+        "build the shim first (cargo build -p banger-shim)"
+    );
+    let path = format!(
+        "{}:{}",
+        shim_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("containerd.log"))
+        .unwrap();
+    Command::new("nsenter")
+        .args([
+            "-t",
+            &bus.netns_pid().to_string(),
+            "-n",
+            "-m",
+            "--",
+            "containerd",
+        ])
+        .args(["--config", dir.join("config.toml").to_str().unwrap()])
+        .env("PATH", path)
+        .env("BANGER_VARLINK", bus.runtime.join("io.banger"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self.child.get_mut().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -46,40 +88,9 @@ impl Containerd {
             ),
         )
         .unwrap();
-        // Built beside banger (the workspace's binaries share one directory).
-        let shim_dir = std::path::Path::new(env!("CARGO_BIN_EXE_banger"))
-            .parent()
-            .unwrap()
-            .to_owned();
-        assert!(
-            shim_dir.join("containerd-shim-banger-v2").exists(),
-            "build the shim first (cargo build -p banger-shim)"
-        );
-        let path = format!(
-            "{}:{}",
-            shim_dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        // In the bus's network and mount namespaces: bangerd must see the mounts the shim
-        // makes (on a host, its unit's namespace receives the host's mounts).
-        let child = Command::new("nsenter")
-            .args([
-                "-t",
-                &bus.netns_pid().to_string(),
-                "-n",
-                "-m",
-                "--",
-                "containerd",
-            ])
-            .args(["--config", config.to_str().unwrap()])
-            .env("PATH", path)
-            .env("BANGER_VARLINK", bus.runtime.join("io.banger"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("containerd.log")).unwrap())
-            .spawn()
-            .unwrap();
+        let child = spawn_containerd(bus, dir.path());
         let c = Containerd {
-            child,
+            child: std::sync::Mutex::new(child),
             socket,
             _dir: dir,
         };
@@ -87,6 +98,19 @@ impl Containerd {
             c.ctr(bus, &["version"]).status.success()
         });
         c
+    }
+
+    /// containerd killed and started again on the same state (its shims run on).
+    fn restart(&self, bus: &TestBus) {
+        {
+            let mut child = self.child.lock().unwrap();
+            let _ = child.kill();
+            let _ = child.wait();
+            *child = spawn_containerd(bus, self._dir.path());
+        }
+        wait_until("containerd to serve again", Duration::from_secs(60), || {
+            self.ctr(bus, &["version"]).status.success()
+        });
     }
 
     fn log(&self) -> String {
@@ -314,6 +338,73 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
     }
     let _ = events.kill();
     let _ = events.wait();
+
+    // A shim killed mid-run: containerd runs the shim's `delete`, which removes the task's VM
+    // and its rootfs mount. Then containerd restarted: it finds the running task's shim again
+    // and serves new tasks.
+    let (mut d2, mut d3) = (detached, detached);
+    d2[7] = "d2";
+    d3[7] = "d3";
+    for args in [d2, d3] {
+        let out = containerd.ctr(&bus, &args);
+        assert!(out.status.success(), "ctr run -d: {}", text(&out));
+    }
+    let vm_listed = |name: &str| text(&bus.banger_as(None, &["vm", "list"])).contains(name);
+    assert!(vm_listed("ctr-default-d2"));
+    let shims: Vec<i32> = processes_mentioning("-id\x00d2")
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_link(format!("/proc/{p}/exe"))
+                .is_ok_and(|e| e.ends_with("containerd-shim-banger-v2"))
+        })
+        .collect();
+    assert!(!shims.is_empty(), "the shim of d2");
+    for pid in shims {
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    wait_until(
+        "the dead shim's VM to be deleted",
+        Duration::from_secs(60),
+        || !vm_listed("ctr-default-d2"),
+    );
+    containerd.restart(&bus);
+    let out = containerd.ctr(&bus, &["container", "rm", "d2"]);
+    assert!(out.status.success(), "ctr container rm d2: {}", text(&out));
+    let out = containerd.ctr(
+        &bus,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "e2",
+            "d3",
+            "echo",
+            "still here",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "still here\n",
+        "exec after containerd's restart: {}\n{}",
+        text(&out),
+        containerd.log()
+    );
+    for args in [
+        &["task", "kill", "-s", "SIGKILL", "d3"][..],
+        &["task", "rm", "-f", "d3"],
+        &["container", "rm", "d3"],
+    ] {
+        let out = containerd.ctr(&bus, args);
+        assert!(out.status.success(), "ctr {args:?}: {}", text(&out));
+    }
+    let out = run("t5", &["echo", "after the restart"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "after the restart\n",
+        "{}",
+        text(&out)
+    );
 
     // Each ran in a VM of its own, and none is left, nor anything of them.
     let out = bus.banger_as(None, &["vm", "list"]);

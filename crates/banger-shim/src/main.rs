@@ -287,6 +287,14 @@ async fn open_fifo(path: &str, write: bool) -> std::io::Result<tokio::fs::File> 
     o.open(path).await
 }
 
+/// One read of what the (non-blocking) FIFO holds now: 0 when empty or ended.
+fn read_now(f: &tokio::net::unix::pipe::Receiver, buf: &mut [u8]) -> usize {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a read into `buf`, of at most its length, on a descriptor `f` keeps open.
+    let n = unsafe { libc::read(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    n.max(0) as usize
+}
+
 impl Service {
     /// Runs one of a task's processes in its VM: stdio between containerd's FIFOs and the
     /// agent, the exit recorded once all output was written.
@@ -400,7 +408,10 @@ impl Service {
                     }
                     _ = close.notified(), if open => {
                         if let Some(f) = fifo.as_ref() {
-                            while let Ok(n) = f.try_read(&mut buf) {
+                            // What the FIFO holds now, read past the readiness the runtime
+                            // may not have seen yet (the client wrote just before CloseIO).
+                            loop {
+                                let n = read_now(f, &mut buf);
                                 if n == 0 || input.send(frame::STDIN, &buf[..n]).await.is_err() {
                                     break;
                                 }
@@ -506,7 +517,11 @@ impl Shim for Service {
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
         let grouping = opts.id.clone();
         let vars: Vec<(&str, &str)> = Vec::new();
-        spawn(opts, &grouping, vars).await
+        let address = spawn(opts, &grouping, vars).await?;
+        // The bundle's `address` is how a restarted containerd finds this shim again (the
+        // crate writes it only when the socket existed already).
+        std::fs::write("address", &address).map_err(|e| Error::Other(e.to_string()))?;
+        Ok(address)
     }
 
     /// After a shim died: the task's VM deleted, its rootfs unmounted (cwd is the bundle).
