@@ -14,7 +14,26 @@ use zbus::{MatchRule, MessageStream, OwnedObjectPath, OwnedVariant};
 use super::Output;
 
 /// Signals from banger, subscribed before a job starts.
-pub struct JobWatch(MessageStream);
+pub struct JobWatch(MessageStream, Interrupt);
+
+/// Ctrl-C, taken from the moment the watch exists: a SIGINT between the first line the watch
+/// prints and its first wait must stop following, not kill the client unexplained.
+struct Interrupt(Option<tokio::signal::unix::Signal>);
+
+impl Interrupt {
+    fn new() -> Interrupt {
+        Interrupt(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok())
+    }
+
+    async fn recv(&mut self) {
+        match self.0.as_mut() {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
 
 /// Signals a watch keeps before its reader takes them.
 const WATCH_QUEUE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(65536).unwrap();
@@ -25,10 +44,12 @@ pub async fn subscribe(conn: &zbus::Connection) -> anyhow::Result<JobWatch> {
         .msg_type(Type::Signal)
         .sender("org.banger")
         .build()?;
+    let interrupt = Interrupt::new();
     Ok(JobWatch(
         // Room for every signal of several VMs' creations while the caller still makes
         // calls: a full queue drops the oldest, which may be a JobRemoved waited for.
         MessageStream::for_match_rule(rule, conn, Some(WATCH_QUEUE)).await?,
+        interrupt,
     ))
 }
 
@@ -74,10 +95,16 @@ pub fn interrupted(ids: &[u64]) -> ! {
 impl JobWatch {
     /// Follows job `id` at `path` until it is removed; fails when the job did not succeed.
     /// Ctrl-C stops following and says how to go on ([`interrupted`]).
-    pub async fn follow(self, out: &Output, id: u32, path: &OwnedObjectPath) -> anyhow::Result<()> {
+    pub async fn follow(
+        mut self,
+        out: &Output,
+        id: u32,
+        path: &OwnedObjectPath,
+    ) -> anyhow::Result<()> {
+        let mut interrupt = std::mem::replace(&mut self.1, Interrupt(None));
         tokio::select! {
             r = self.follow_job(out, id, path) => r,
-            _ = tokio::signal::ctrl_c() => interrupted(&[id.into()]),
+            _ = interrupt.recv() => interrupted(&[id.into()]),
         }
     }
 
@@ -170,14 +197,15 @@ impl JobWatch {
     /// Follows several jobs at once (`(id, path, label)`), each stage line prefixed with its
     /// label, until all are removed; fails naming every job that did not succeed.
     pub async fn follow_all(
-        self,
+        mut self,
         out: &Output,
         jobs: &[(u32, OwnedObjectPath, String)],
     ) -> anyhow::Result<()> {
         let ids: Vec<u64> = jobs.iter().map(|(id, _, _)| u64::from(*id)).collect();
+        let mut interrupt = std::mem::replace(&mut self.1, Interrupt(None));
         tokio::select! {
             r = self.follow_jobs(out, jobs) => r,
-            _ = tokio::signal::ctrl_c() => interrupted(&ids),
+            _ = interrupt.recv() => interrupted(&ids),
         }
     }
 
