@@ -257,6 +257,22 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
     ];
     let out = containerd.ctr(&bus, &detached);
     assert!(out.status.success(), "ctr run -d: {}", text(&out));
+    let out = containerd.ctr(&bus, &["task", "metrics", "d1"]);
+    let metric = |name: &str| -> u64 {
+        text(&out)
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in ctr task metrics: {}", text(&out)))
+    };
+    assert!(
+        0 < metric("memory.usage_in_bytes")
+            && metric("memory.usage_in_bytes") < metric("memory.limit_in_bytes")
+            && metric("memory.limit_in_bytes") <= 256 << 20
+            && metric("cpuacct.usage") > 0
+            && metric("pids.current") > 0,
+        "{}",
+        text(&out)
+    );
     let out = containerd.ctr(&bus, &["task", "ps", "d1"]);
     assert!(
         out.status.success() && text(&out).lines().count() >= 2,

@@ -9,7 +9,8 @@
 //! state, kill, delete), terminals and their size, CloseIO, pause/resume, pids, connect,
 //! shutdown and the `delete` subcommand for a task whose shim died; the task events
 //! (`/tasks/create`, `start`, `exec-added`, `exec-started`, `exit`, `delete`, `paused`,
-//! `resumed`). Not yet: stats, pods, a given network namespace (issue 36).
+//! `resumed`); stats as cgroup v1 metrics of the guest. Not yet: pods, a given network
+//! namespace (issue 36).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -892,6 +893,59 @@ impl Task for Service {
         req: api::ResumeRequest,
     ) -> TtrpcResult<api::Empty> {
         self.pause_or_resume(&req.id, false).await
+    }
+
+    /// `Stats` (`ctr task metrics`): what the VM's guest kernel counts (the agent's `stats`),
+    /// as cgroup v1 metrics: memory use and limit (the guest's memory), page cache, CPU time,
+    /// processes.
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        use containerd_shim_protos::cgroups::metrics as cg;
+        use containerd_shim_protos::protobuf::Message;
+        let vm = self.with_proc(&req.id, "", |t, _| Ok(t.vm.clone())).await?;
+        let stream = daemon().agent(&vm).await.map_err(fault)?;
+        let (reply, _) = agent::request(stream, &Request::Stats)
+            .await
+            .map_err(ttrpc_err)?;
+        let st = reply
+            .stats
+            .ok_or_else(|| ttrpc_err(format!("the VM's agent has no stats: {}", reply.error)))?;
+        let metrics = cg::Metrics {
+            pids: MessageField::some(cg::PidsStat {
+                current: st.pids,
+                ..Default::default()
+            }),
+            cpu: MessageField::some(cg::CPUStat {
+                usage: MessageField::some(cg::CPUUsage {
+                    total: st.cpu_usage_usec.saturating_mul(1000),
+                    kernel: st.cpu_system_usec.saturating_mul(1000),
+                    user: st.cpu_user_usec.saturating_mul(1000),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            memory: MessageField::some(cg::MemoryStat {
+                cache: st.mem_cache,
+                total_cache: st.mem_cache,
+                usage: MessageField::some(cg::MemoryEntry {
+                    usage: st.mem_used,
+                    limit: st.mem_total,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut any = containerd_shim_protos::protobuf::well_known_types::any::Any::new();
+        any.type_url = "io.containerd.cgroups.v1.Metrics".into();
+        any.value = metrics.write_to_bytes().map_err(ttrpc_err)?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(any),
+            ..Default::default()
+        })
     }
 
     async fn pids(

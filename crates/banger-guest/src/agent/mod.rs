@@ -359,6 +359,18 @@ pub struct Stats {
     pub disk_total: u64,
     /// Its bytes in use.
     pub disk_used: u64,
+    /// CPU time used since boot, in µs (0 from agents before this field).
+    #[serde(default)]
+    pub cpu_usage_usec: u64,
+    /// Of it, in user mode.
+    #[serde(default)]
+    pub cpu_user_usec: u64,
+    /// Of it, in the kernel.
+    #[serde(default)]
+    pub cpu_system_usec: u64,
+    /// Processes running in the guest.
+    #[serde(default)]
+    pub pids: u64,
 }
 
 /// The agent's answer to `health`.

@@ -13,7 +13,12 @@ const WINDOW: Duration = Duration::from_millis(100);
 pub fn sample() -> io::Result<Stats> {
     let before = cpu_times(&std::fs::read_to_string("/proc/stat")?)?;
     std::thread::sleep(WINDOW);
-    let after = cpu_times(&std::fs::read_to_string("/proc/stat")?)?;
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let after = cpu_times(&stat)?;
+    let (user, system) = user_system(&stat);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let usec = |jiffies: u64| jiffies.saturating_mul(1_000_000) / hz;
     let mem = meminfo(&std::fs::read_to_string("/proc/meminfo")?);
     let (disk_total, disk_used) = disk("/")?;
     // SAFETY: sysconf has no preconditions.
@@ -26,7 +31,33 @@ pub fn sample() -> io::Result<Stats> {
         mem_cache: mem.2,
         disk_total,
         disk_used,
+        cpu_usage_usec: usec(after.0),
+        cpu_user_usec: usec(user),
+        cpu_system_usec: usec(system),
+        pids: std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+                    .count() as u64
+            })
+            .unwrap_or(0),
     })
+}
+
+/// The `cpu` line's user (user + nice) and system (system + irq + softirq) jiffies.
+fn user_system(stat: &str) -> (u64, u64) {
+    let v: Vec<u64> = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .map(|f| f.parse().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default();
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    (at(0) + at(1), at(2) + at(5) + at(6))
 }
 
 /// The `cpu` line of `/proc/stat`: (busy, total) jiffies, iowait counted idle.
@@ -93,6 +124,7 @@ mod tests {
         assert_eq!(busy_pct(a, b), 25.0);
         assert_eq!(busy_pct(a, a), 0.0);
         assert!(cpu_times("intr 1 2\n").is_err());
+        assert_eq!(user_system("cpu  100 5 50 800 50 3 2 0 0 0\n"), (105, 55));
     }
 
     #[test]
