@@ -155,8 +155,9 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
         .stdout(events_file.reopen().unwrap())
         .spawn()
         .unwrap();
-    let run = |id: &str, cmd: &[&str]| -> Output {
-        let mut a = vec![
+    // `ctr run --rm` of the image through banger's runtime, as task `id` running `cmd`.
+    let run_args = |id: &'static str, cmd: &[&'static str]| -> Vec<String> {
+        [
             "run",
             "--rm",
             "--snapshotter",
@@ -165,9 +166,15 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
             "io.containerd.banger.v2",
             reference.as_str(),
             id,
-        ];
-        a.extend(cmd);
-        containerd.ctr(&bus, &a)
+        ]
+        .iter()
+        .chain(cmd)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let run = |id: &'static str, cmd: &[&'static str]| -> Output {
+        let a = run_args(id, cmd);
+        containerd.ctr(&bus, &a.iter().map(String::as_str).collect::<Vec<_>>())
     };
 
     // Its output, through containerd's FIFOs.
@@ -189,20 +196,11 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
     assert!(text(&out).contains("to-err"), "{}", text(&out));
     // Its input.
+    let stdin_run = run_args("t3", &["cat"]);
     let mut child = containerd
         .ctr_cmd(
             &bus,
-            &[
-                "run",
-                "--rm",
-                "--snapshotter",
-                "native",
-                "--runtime",
-                "io.containerd.banger.v2",
-                &reference,
-                "t3",
-                "cat",
-            ],
+            &stdin_run.iter().map(String::as_str).collect::<Vec<_>>(),
         )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
