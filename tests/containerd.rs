@@ -322,6 +322,30 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
         assert!(out.status.success(), "ctr {args:?}: {}", text(&out));
     }
 
+    // bangerd killed while a task runs: the task goes on (its agent stream is the VM's
+    // helper's, not the daemon's) and its exit, with its status, still reaches containerd.
+    let mut d4 = detached;
+    d4[7] = "d4";
+    d4[8] = "sh";
+    d4[9] = "-c";
+    let d4: Vec<&str> = d4
+        .iter()
+        .copied()
+        .chain(["sleep 3; echo late; exit 4"])
+        .collect();
+    let out = containerd.ctr(&bus, &d4);
+    assert!(out.status.success(), "ctr run -d: {}", text(&out));
+    let conn = bus.connect().await;
+    kill_daemon(&bus, &conn).await;
+    // On a host the next call starts bangerd (socket activation); the test bus, over D-Bus.
+    let out = bus.banger_as(None, &["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+    for args in [&["task", "rm", "d4"][..], &["container", "rm", "d4"]] {
+        wait_until("d4 to end and go", Duration::from_secs(60), || {
+            containerd.ctr(&bus, args).status.success()
+        });
+    }
+
     // The shim's events reached containerd's clients: each task's exit with its status, the
     // exec's, the pause and the resume.
     let seen = |topic: &str, has: &[&str]| {
@@ -330,8 +354,12 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
             .lines()
             .any(|l| l.contains(topic) && has.iter().all(|h| l.contains(h)))
     };
-    let wanted: [(&str, &[&str]); 8] = [
+    let wanted: [(&str, &[&str]); 9] = [
         ("/tasks/exit", &["\"container_id\":\"t1\""]),
+        (
+            "/tasks/exit",
+            &["\"container_id\":\"d4\"", "\"exit_status\":4"],
+        ),
         (
             "/tasks/exit",
             &["\"container_id\":\"t2\"", "\"exit_status\":7"],
