@@ -191,6 +191,27 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
         "{}",
         text(&out)
     );
+    // On containerd's default snapshotter, overlayfs: the shim mounts its overlay.
+    let out = containerd.ctr(
+        &bus,
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            "io.containerd.banger.v2",
+            &reference,
+            "t6",
+            "sh",
+            "-c",
+            "echo layered > /new; cat /new",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "layered\n",
+        "{}",
+        text(&out)
+    );
     // Its exit status.
     let out = run("t2", &["sh", "-c", "echo to-err >&2; exit 7"]);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
