@@ -108,16 +108,27 @@ fn plain_host_path(p: &str) -> bool {
         .any(|c| c.is_whitespace() || c.is_control() || "\"'\\%".contains(c))
 }
 
-/// Refuses a host folder whose path [`plain_host_path`] does not accept.
-fn check_host(p: &str) -> Result<()> {
+/// Refuses a host folder whose path [`plain_host_path`] does not accept; `what` names the
+/// option (`share`, `rootfs_dir`).
+fn check_host(p: &str, what: &str) -> Result<()> {
     if plain_host_path(p) {
         return Ok(());
     }
+    let verb = verb(what);
     Err(invalid(format!(
-        "share: host folder {p:?} has whitespace, quotes, a backslash, % or a control \
-         character in its path, which banger cannot hand to the folder's server; share a \
+        "{what}: host folder {p:?} has whitespace, quotes, a backslash, % or a control \
+         character in its path, which banger cannot hand to the folder's server; {verb} a \
          folder whose path has none"
     )))
+}
+
+/// What a refusal asks the caller to do with another folder, by option.
+fn verb(what: &str) -> &'static str {
+    if what == "share" {
+        "share"
+    } else {
+        "give"
+    }
 }
 
 /// Checks a VM's share list without touching the host: at most [`MAX_SHARES`], host folders
@@ -136,7 +147,7 @@ pub fn check(list: &[Share]) -> Result<()> {
                 s.host
             )));
         }
-        check_host(&s.host)?;
+        check_host(&s.host, "share")?;
         check_guest(&s.guest)?;
         let g = s.guest.trim_end_matches('/');
         if list[..i].iter().any(|o| o.guest.trim_end_matches('/') == g) {
@@ -158,14 +169,7 @@ pub async fn verify(uid: u32, shares: Vec<Share>) -> Result<Vec<Share>> {
             shares
                 .into_iter()
                 .map(|s| {
-                    let host = verify_folder(uid, Path::new(&s.host), "share")?;
-                    let host = host.to_str().map(str::to_owned).ok_or_else(|| {
-                        invalid(format!(
-                            "share: host folder {} resolves to a path that is not UTF-8",
-                            s.host
-                        ))
-                    })?;
-                    check_host(&host)?;
+                    let host = resolved_folder(uid, &s.host, "share")?;
                     Ok(Share { host, ..s })
                 })
                 .collect()
@@ -180,18 +184,7 @@ pub async fn verify(uid: u32, shares: Vec<Share>) -> Result<Vec<Share>> {
 pub async fn verify_root(uid: u32, dir: String) -> Result<String> {
     tokio::task::spawn_blocking(move || {
         crate::callerfile::as_caller(uid, move || {
-            let real = verify_folder(uid, Path::new(&dir), "rootfs_dir")?;
-            let real = real.to_str().map(str::to_owned).ok_or_else(|| {
-                invalid(format!(
-                    "rootfs_dir: {dir} resolves to a path that is not UTF-8"
-                ))
-            })?;
-            if !plain_host_path(&real) {
-                return Err(invalid(format!(
-                    "rootfs_dir: {real:?} has whitespace, quotes, a backslash, % or a control \
-                     character in its path, which banger cannot hand to the folder's server"
-                )));
-            }
+            let real = resolved_folder(uid, &dir, "rootfs_dir")?;
             if real == "/" {
                 return Err(invalid(
                     "rootfs_dir: the host's own root cannot be a guest's; give a folder of its own",
@@ -204,6 +197,19 @@ pub async fn verify_root(uid: u32, dir: String) -> Result<String> {
     .map_err(|e| failed("Root folder check task failed", e))?
 }
 
+/// [`verify_folder`], and the resolved path as the folder's server is handed it: UTF-8 and
+/// plain ([`check_host`]).
+fn resolved_folder(uid: u32, path: &str, what: &str) -> Result<String> {
+    let real = verify_folder(uid, Path::new(path), what)?;
+    let real = real.to_str().map(str::to_owned).ok_or_else(|| {
+        invalid(format!(
+            "{what}: host folder {path} resolves to a path that is not UTF-8"
+        ))
+    })?;
+    check_host(&real, what)?;
+    Ok(real)
+}
+
 /// One folder, with the calling thread's credentials: resolved, a directory, owned by
 /// `uid` or writable (an unnamed temporary file made and dropped there proves it, so ACLs
 /// and read-only mounts count; where the file system cannot make one, the mode bits decide).
@@ -212,7 +218,7 @@ fn verify_folder(uid: u32, path: &Path, what: &str) -> Result<PathBuf> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let shown = path.display();
     let refuse = |why: String| {
-        let verb = if what == "share" { "share" } else { "give" };
+        let verb = verb(what);
         invalid(format!(
             "{what}: {shown} {why}; {verb} a folder of yours (or one you may write)"
         ))
