@@ -109,13 +109,19 @@ impl Process {
     }
 }
 
-/// One process of a task: its init (exec id "") or an exec.
-struct Proc {
+/// What a process is started with: its command and its stdio (containerd's FIFOs).
+#[derive(Clone)]
+struct Spec {
     process: Process,
     terminal: bool,
     stdin: String,
     stdout: String,
     stderr: String,
+}
+
+/// One process of a task: its init (exec id "") or an exec.
+struct Proc {
+    spec: Spec,
     pid: u32,
     /// The exit status and time once the process ended.
     exited: watch::Receiver<Option<(u32, i64)>>,
@@ -132,11 +138,13 @@ impl Proc {
         let (exit_tx, exited) = watch::channel(None);
         let (resize, resize_rx) = tokio::sync::mpsc::unbounded_channel();
         Proc {
-            process,
-            terminal,
-            stdin: stdin.to_owned(),
-            stdout: stdout.to_owned(),
-            stderr: stderr.to_owned(),
+            spec: Spec {
+                process,
+                terminal,
+                stdin: stdin.to_owned(),
+                stdout: stdout.to_owned(),
+                stderr: stderr.to_owned(),
+            },
             pid: 0,
             exited,
             exit_tx: Some(exit_tx),
@@ -300,7 +308,7 @@ impl Service {
     /// Runs one of a task's processes in its VM: stdio between containerd's FIFOs and the
     /// agent, the exit recorded once all output was written.
     async fn run_process(&self, id: &str, exec_id: &str) -> Result<u32, String> {
-        let (vm, p, tx, close, mut resize) = {
+        let (vm, spec, tx, close, mut resize) = {
             let mut tasks = self.tasks.lock().await;
             let t = tasks.get_mut(id).ok_or_else(|| format!("no task {id}"))?;
             let vm = t.vm.clone();
@@ -310,28 +318,15 @@ impl Service {
                 .ok_or_else(|| format!("no process {exec_id:?} in task {id}"))?;
             let tx = p.exit_tx.take().ok_or("the process started already")?;
             let resize = p.resize_rx.take().ok_or("the process started already")?;
-            let spec = Proc {
-                process: p.process.clone(),
-                terminal: p.terminal,
-                stdin: p.stdin.clone(),
-                stdout: p.stdout.clone(),
-                stderr: p.stderr.clone(),
-                pid: 0,
-                exited: p.exited.clone(),
-                exit_tx: None,
-                close_stdin: p.close_stdin.clone(),
-                resize: p.resize.clone(),
-                resize_rx: None,
-            };
-            (vm, spec, tx, p.close_stdin.clone(), resize)
+            (vm, p.spec.clone(), tx, p.close_stdin.clone(), resize)
         };
         let stream = daemon().agent(&vm).await.map_err(|e| e.to_string())?;
         let req = Request::Exec {
-            argv: p.process.args.clone(),
-            env: p.process.env.clone(),
-            cwd: p.process.cwd.clone(),
-            user: p.process.user.clone(),
-            tty: p.terminal.then(|| banger_guest::agent::Tty {
+            argv: spec.process.args.clone(),
+            env: spec.process.env.clone(),
+            cwd: spec.process.cwd.clone(),
+            user: spec.process.user.clone(),
+            tty: spec.terminal.then(|| banger_guest::agent::Tty {
                 rows: 24,
                 cols: 80,
                 term: "xterm".into(),
@@ -351,18 +346,18 @@ impl Service {
         // detached process's client that hangs up no longer gets its output): the input half
         // is held until the exit.
         let mut done = tx.subscribe();
-        let mut out = match p.stdout.is_empty() {
+        let mut out = match spec.stdout.is_empty() {
             true => None,
             false => Some(
-                open_fifo(&p.stdout, true)
+                open_fifo(&spec.stdout, true)
                     .await
                     .map_err(|e| e.to_string())?,
             ),
         };
-        let mut err = match p.stderr.is_empty() {
+        let mut err = match spec.stderr.is_empty() {
             true => None,
             false => Some(
-                open_fifo(&p.stderr, true)
+                open_fifo(&spec.stderr, true)
                     .await
                     .map_err(|e| e.to_string())?,
             ),
@@ -370,13 +365,13 @@ impl Service {
         // Read and write: the FIFO reads as empty (not ended) while no client writes to it;
         // the input ends at CloseIO, as containerd's clients ask, after what the FIFO holds
         // then.
-        let fifo = match p.stdin.is_empty() {
+        let fifo = match spec.stdin.is_empty() {
             true => None,
             false => Some(
                 tokio::net::unix::pipe::OpenOptions::new()
                     .read_write(true)
-                    .open_receiver(&p.stdin)
-                    .map_err(|e| format!("stdin {}: {e}", p.stdin))?,
+                    .open_receiver(&spec.stdin)
+                    .map_err(|e| format!("stdin {}: {e}", spec.stdin))?,
             ),
         };
         tokio::spawn(async move {
@@ -729,10 +724,10 @@ impl Task for Service {
                 exec_id: e.to_owned(),
                 bundle: t.bundle.to_string_lossy().into_owned(),
                 pid: p.pid,
-                stdin: p.stdin.clone(),
-                stdout: p.stdout.clone(),
-                stderr: p.stderr.clone(),
-                terminal: p.terminal,
+                stdin: p.spec.stdin.clone(),
+                stdout: p.spec.stdout.clone(),
+                stderr: p.spec.stderr.clone(),
+                terminal: p.spec.terminal,
                 ..Default::default()
             };
             let status = match p.status() {
