@@ -697,7 +697,8 @@ async fn kill(f: &Facade, id: &str) -> Result<Reply, Reply> {
     f.forget(id);
     f.call("io.banger.VMs.Delete", json!({"name": id, "force": true}))
         .await?;
-    f.sweep_forks().await;
+    // Best effort: the sandbox is gone whether or not the sweep could list snapshots.
+    let _ = f.sweep_forks().await;
     Ok(h::status(StatusCode::NO_CONTENT))
 }
 
@@ -858,12 +859,7 @@ async fn snapshot(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
 
 async fn snapshots(f: &Facade, query: &[(String, String)]) -> Result<Reply, Reply> {
     let q = |k: &str| query.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    f.sweep_forks().await;
-    let all = f
-        .daemon
-        .call("io.banger.VMs.ListSnapshots", json!({}))
-        .await
-        .map_err(|e| fault(&e))?;
+    let all = f.sweep_forks().await.map_err(|e| fault(&e))?;
     let of = |name: &str| {
         all["snapshots"]
             .as_array()
@@ -928,7 +924,7 @@ async fn fork(f: &Facade, id: &str, body: &[u8]) -> Result<Reply, Reply> {
     let results = futures_util::future::join_all(creates).await;
     f.lock_set(&f.forking).remove(&snap);
     // Gone at once when no fork came of it; else once the last fork goes.
-    f.sweep_forks().await;
+    let _ = f.sweep_forks().await;
     Ok(h::json(StatusCode::CREATED, &json!(results)))
 }
 
@@ -942,27 +938,31 @@ impl Facade {
 
     /// Deletes the caller's fork snapshots (the ones `fork` makes, an implementation detail
     /// E2B users never asked for) that no VM is made from any more: bangerd refuses those
-    /// still in use, which stay. Run on the calls that end or list sandboxes and snapshots.
-    async fn sweep_forks(&self) {
-        let Ok(all) = self
+    /// still in use, which stay. Run on the calls that end or list sandboxes and snapshots;
+    /// returns the `ListSnapshots` answer it read, less what it deleted.
+    async fn sweep_forks(&self) -> Result<Value, Fault> {
+        let mut all = self
             .daemon
             .call("io.banger.VMs.ListSnapshots", json!({}))
-            .await
-        else {
-            return;
-        };
+            .await?;
+        let mut gone = Vec::new();
         for name in mine(&all) {
             if !name.starts_with(FORK) || self.lock_set(&self.forking).contains(&name) {
                 continue;
             }
-            let gone = self
+            let deleted = self
                 .daemon
                 .call("io.banger.VMs.DeleteSnapshot", json!({"name": name}))
                 .await;
-            if gone.is_ok() {
+            if deleted.is_ok() {
                 tracing::info!(snapshot = name, "Deleted a fork's snapshot no sandbox uses");
+                gone.push(name);
             }
         }
+        if let Some(list) = all["snapshots"].as_array_mut() {
+            list.retain(|s| !gone.iter().any(|g| s["name"] == g.as_str()));
+        }
+        Ok(all)
     }
 }
 
