@@ -16,19 +16,25 @@ use common::vm::*;
 use common::*;
 use serde_json::Value;
 
-/// The e2b package tests/run installs (its version is pinned there).
-fn sdk_dir() -> Option<PathBuf> {
-    let dir = repo().join("target/test-python-e2b");
-    if dir.join("e2b").is_dir() {
+/// `target/DIR` when tests/run installed `what` there (`marker` in it), else a skip (a
+/// failure when integration tests are required).
+fn installed(dir: &str, marker: &str, what: &str) -> Option<PathBuf> {
+    let dir = repo().join("target").join(dir);
+    if dir.join(marker).exists() {
         return Some(dir);
     }
     assert!(
         std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
-        "{} is missing: tests/run installs E2B's SDK there",
+        "{} is missing: tests/run installs {what} there",
         dir.display()
     );
-    eprintln!("SKIPPED: E2B's SDK is not installed (tests/run installs it)");
+    eprintln!("SKIPPED: {what} is not installed (tests/run installs it)");
     None
+}
+
+/// The e2b package tests/run installs (its version is pinned there).
+fn sdk_dir() -> Option<PathBuf> {
+    installed("test-python-e2b", "e2b", "E2B's SDK")
 }
 
 /// The busybox guest with what E2B's SDK assumes of a sandbox: bash (Debian's static one),
@@ -188,17 +194,11 @@ impl Facade {
 
 /// The npm package tests/run installs (its version is pinned there).
 fn js_dir() -> Option<PathBuf> {
-    let dir = repo().join("target/test-node-e2b");
-    if dir.join("node_modules/e2b/dist/index.mjs").is_file() {
-        return Some(dir);
-    }
-    assert!(
-        std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
-        "{} is missing: tests/run installs E2B's JavaScript SDK there",
-        dir.display()
-    );
-    eprintln!("SKIPPED: E2B's JavaScript SDK is not installed (tests/run installs it)");
-    None
+    installed(
+        "test-node-e2b",
+        "node_modules/e2b/dist/index.mjs",
+        "E2B's JavaScript SDK",
+    )
 }
 
 impl Facade {
