@@ -532,6 +532,26 @@ impl TestBus {
         false
     }
 
+    /// Waits until the bus no longer names `pid` as `name`'s owner: it has seen that process
+    /// go. Another owner may already hold the name (a call sent after the kill activates the next
+    /// daemon), which `wait_name_gone` would wait out in vain.
+    pub async fn wait_owner_gone(
+        &self,
+        conn: &Connection,
+        name: &str,
+        pid: u32,
+        limit: Duration,
+    ) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.owner_pid(conn, name).await != Some(pid) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
     /// Stops polkitd for good: no activation file, then kill it.
     pub async fn stop_polkit(&self, conn: &Connection) {
         std::fs::remove_file(
