@@ -233,6 +233,7 @@ fn boot_spec(dir: &Path, vcpus: u32) -> BootSpec {
         net: Some(banger::vmm::NetSpec {
             tap: "bgr0123456789ab".into(),
             mac: "02:01:23:45:67:89".into(),
+            netns: None,
         }),
         shares: Vec::new(),
         root_share: false,

@@ -3373,6 +3373,211 @@ async fn a_host_folder_boots_as_a_vms_root_served_as_its_owner() {
     assert!(share_servers(&bus).is_empty(), "its virtiofsd went with it");
 }
 
+/// `sh -c script` in the daemon's network and mount namespaces; its stdout.
+fn in_daemon_ns(bus: &TestBus, script: &str) -> String {
+    let out = bus
+        .in_namespaces("sh")
+        .args(["-c", script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{script}: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A VM given a network namespace (CreateVM netns, as containerd's shim does for a pod) takes
+/// over that namespace's eth0: its tap lives there, wired to eth0 both ways, and the guest has
+/// eth0's address, MAC and default route. The namespace here is a veth pair's far end, as
+/// CNI's bridge plugin makes one; its near end, in the daemon's namespace, holds 10.77.0.1.
+async fn a_vm_given_a_network_namespace_takes_over_its_eth0() {
+    let Some((_state, bus)) = kernel_ready_bus(&["ip", "tc"], "").await else {
+        return;
+    };
+    let top = tempfile::tempdir().unwrap();
+    let root = top.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    busybox_tree(&root, 0);
+    let rootfs = root.to_str().unwrap();
+    let ns = format!("bnt{}", std::process::id());
+    let path = format!("/run/netns/{ns}");
+    let bare = format!("{ns}-bare");
+    in_daemon_ns(
+        &bus,
+        &format!(
+            "set -e; ip netns add {ns}; ip netns add {bare}; \
+             ip link add bnh0 type veth peer name eth0 netns {ns}; \
+             ip addr add 10.77.0.1/24 dev bnh0; ip link set bnh0 up; \
+             ip -n {ns} addr add 10.77.0.2/24 dev eth0; ip -n {ns} link set eth0 up; \
+             ip -n {ns} link set lo up; ip -n {ns} route add default via 10.77.0.1"
+        ),
+    );
+    let mac = in_daemon_ns(
+        &bus,
+        &format!("cat /sys/class/net/bnh0/address; ip -n {ns} -o link show eth0"),
+    );
+    let mac = mac
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+
+    // Refused, each by name, and nothing made: a member's (only root gives namespaces),
+    // something that is not a network namespace, the daemon's own, and banger's network
+    // options beside it.
+    let mut tried = 0;
+    let refused = |user: Option<&str>, args: &[&str], says: &str| {
+        let out = bus.banger_as(user, args);
+        assert!(!out.status.success(), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains(says), "{args:?}: {}", text(&out));
+    };
+    let create = |user: Option<&str>, netns: &str, says: &str| {
+        refused(
+            user,
+            &["vm", "create", "n0", "--rootfs", rootfs, "--netns", netns],
+            says,
+        )
+    };
+    create(Some(USER_OK), &path, "only root");
+    create(None, "/etc/passwd", "not a namespace file");
+    create(None, "/proc/self/ns/net", "bangerd's own");
+    create(None, "relative", "absolute path");
+    tried += 4;
+    let conn = bus.connect().await;
+    let vms = VMs1Proxy::new(&conn).await.unwrap();
+    for (key, value) in [
+        ("publish", zbus::Variant::from(vec!["8080:80".to_owned()])),
+        ("egress", zbus::Variant::from(vec!["10.0.0.0/8".to_owned()])),
+        ("network", zbus::Variant::from("shared")),
+    ] {
+        let e = vms
+            .create_vm(
+                "n0",
+                opt(&[
+                    ("rootfs_dir", rootfs.to_owned().into()),
+                    ("netns", path.clone().into()),
+                    (key, value),
+                ]),
+            )
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key) && e.contains("leave"), "{key}: {e}");
+        tried += 1;
+    }
+    let out = bus.banger_as(None, &["vm", "list"]);
+    assert!(!text(&out).contains("n0"), "{}", text(&out));
+    eprintln!(
+        "security (netns): {tried} bad namespaces or options tried, {tried} refused, 0 VMs made"
+    );
+
+    let out = bus.banger_as(
+        None,
+        &[
+            "vm", "create", "n1", "--rootfs", rootfs, "--netns", &path, "--vcpus", "1", "--memory",
+            "256",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("in {path}, wired to its eth0")),
+        "{}",
+        text(&out)
+    );
+    let shown = vm_shown(&bus, "n1");
+    assert_eq!(shown["netns"], path.as_str(), "{shown}");
+    let exec = |cmd: &str| bus.banger_as(None, &["vm", "exec", "n1", "--", "sh", "-c", cmd]);
+    let out = exec("busybox ip -o -4 addr show; busybox ip route; cat /sys/class/net/eth0/address");
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("inet 10.77.0.2/24"), "eth0's address: {said}");
+    assert!(
+        said.contains("default via 10.77.0.1"),
+        "eth0's route: {said}"
+    );
+    assert!(said.contains(&mac), "eth0's MAC {mac}: {said}");
+    // A TCP handshake from the guest to the namespace's peer: the guest's SYN leaves through
+    // eth0 and the answer comes back to the guest (the namespace's own stack, which holds the
+    // same address, would reset it).
+    let reach = |what: &str| {
+        let listener = bus
+            .in_netns("busybox")
+            .args(["nc", "-l", "-p", "7010"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let every = Duration::from_millis(100);
+        let sent = poll_until(every * 100, every, || {
+            exec("echo hello-from-the-guest | busybox nc -w 3 10.77.0.1 7010")
+                .status
+                .success()
+        });
+        assert!(sent, "{what}: the guest never reached 10.77.0.1:7010");
+        let out = listener.wait_with_output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "hello-from-the-guest\n",
+            "{what}"
+        );
+    };
+    reach("first start");
+    let wiring = || {
+        in_daemon_ns(
+            &bus,
+            &format!("ip -n {ns} -o link show; tc -n {ns} qdisc show dev eth0"),
+        )
+    };
+    let wired = wiring();
+    assert!(
+        wired.contains("bgr") && wired.contains("ingress"),
+        "{wired}"
+    );
+    assert!(
+        !in_daemon_ns(&bus, "ip -o link show").contains("bgr"),
+        "the tap is in the namespace, not the daemon's"
+    );
+    // Stopped: the tap and eth0's wiring go; started again, both come back.
+    let out = bus.banger_as(None, &["vm", "stop", "n1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let unwired = wiring();
+    assert!(
+        !unwired.contains("bgr") && !unwired.contains("ingress"),
+        "{unwired}"
+    );
+    let out = bus.banger_as(None, &["vm", "start", "n1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    reach("second start");
+    let bad = common::invariants::check(&bus);
+    assert!(bad.is_empty(), "{bad:#?}");
+    // A namespace without eth0: the start fails naming it, and leaves nothing running.
+    let out = bus.banger_as(
+        None,
+        &[
+            "vm",
+            "create",
+            "n2",
+            "--rootfs",
+            rootfs,
+            "--netns",
+            &format!("/run/netns/{bare}"),
+            "--vcpus",
+            "1",
+            "--memory",
+            "256",
+        ],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("has no eth0"), "{}", text(&out));
+    for vm in ["n2", "n1"] {
+        let out = bus.banger_as(None, &["vm", "delete", "--force", vm]);
+        assert!(out.status.success(), "{vm}: {}", text(&out));
+    }
+    let left = wiring();
+    assert!(!left.contains("bgr") && !left.contains("ingress"), "{left}");
+    let bad = common::invariants::check(&bus);
+    assert!(bad.is_empty(), "{bad:#?}");
+    in_daemon_ns(&bus, &format!("ip netns del {ns}; ip netns del {bare}"));
+}
+
 fn main() {
     let mut args = libtest_mimic::Arguments::from_args();
     let (steps, scenario) = scenario::trials(
@@ -3409,6 +3614,10 @@ fn main() {
         scenario::async_trial(
             "a_host_folder_boots_as_a_vms_root_served_as_its_owner",
             a_host_folder_boots_as_a_vms_root_served_as_its_owner,
+        ),
+        scenario::async_trial(
+            "a_vm_given_a_network_namespace_takes_over_its_eth0",
+            a_vm_given_a_network_namespace_takes_over_its_eth0,
         ),
         scenario::async_trial(
             "restores_share_their_snapshots_memory_and_a_changed_ram_file_is_refused",

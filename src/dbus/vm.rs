@@ -301,6 +301,17 @@ impl Vm1 {
         self.seen_by(conn, hdr.as_ref()).await.rootfs_dir
     }
 
+    /// The network namespace whose eth0 is the VM's network (CreateVM netns); empty when it
+    /// is on banger's network, and for anyone but the VM's owner and root.
+    #[zbus(property(emits_changed_signal = "const"), name = "Netns")]
+    async fn netns(
+        &self,
+        #[zbus(connection)] conn: &Connection,
+        #[zbus(header)] hdr: Option<Header<'_>>,
+    ) -> String {
+        self.seen_by(conn, hdr.as_ref()).await.netns
+    }
+
     /// Published ports, ADDR:HOSTPORT:GUESTPORT (host connections reach the guest's port on
     /// its loopback through the agent); empty for anyone but the VM's owner and root.
     #[zbus(property(emits_changed_signal = "const"), name = "Published")]

@@ -126,7 +126,10 @@ impl Vms1 {
     /// now; see VM1.SetTimeout), on_expire s (delete, the default, stop or pause),
     /// rootfs_dir s (a host folder of the caller's as the VM's root filesystem, served over
     /// virtio-fs with the caller's rights, read-write and never copied: no image, no disks,
-    /// no snapshots; QEMU only). Returns the VM and its job at once;
+    /// no snapshots; QEMU only), netns s (root only: a network namespace, such as
+    /// /run/netns/NAME, whose eth0 the VM takes over: its tap there, wired to eth0 both ways
+    /// by tc, the guest with eth0's address, MAC and default route; no lease, bridge, walls,
+    /// publish or egress of banger's; QEMU only). Returns the VM and its job at once;
     /// stages arrive as CreateProgress and the job's StageChanged.
     #[zbus(name = "CreateVM", out_args("vm_path", "job_id", "job_path"))]
     async fn create_vm(

@@ -60,7 +60,10 @@ type VM (
   onExpire: string,
   # The host folder that is its root filesystem (virtio-fs); empty when its root disk
   # layers on its image, and for anyone but its owner and root.
-  rootfsDir: string
+  rootfsDir: string,
+  # The network namespace whose eth0 is its network (Create's netns); empty on banger's
+  # network, and for anyone but its owner and root.
+  netns: string
 )
 
 # A folder of the host in the guest (virtio-fs, served with its owner's rights).
@@ -133,7 +136,8 @@ method Create(
   labels: ?[string]string,
   timeoutSec: ?int,
   onExpire: ?string,
-  rootfsDir: ?string
+  rootfsDir: ?string,
+  netns: ?string
 ) -> (vm: VM, job: Job, log: ?LogLine)
 
 # Starts a stopped VM; with "more", its stages follow as Create's do.
@@ -224,6 +228,7 @@ pub(super) fn view(v: &Vm, host_memory_bytes: u64) -> Value {
         "expiresAt": v.expires_at,
         "onExpire": v.on_expire.as_str(),
         "rootfsDir": v.rootfs_dir,
+        "netns": v.netns,
     })
 }
 

@@ -421,6 +421,21 @@ impl TestBus {
         c
     }
 
+    /// `program` in the bus's network and mount namespaces (what the daemon sees: a network
+    /// namespace `ip netns add` names there is one the daemon can open).
+    pub fn in_namespaces(&self, program: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.args([
+            "-t",
+            &self.child.id().to_string(),
+            "-n",
+            "-m",
+            "--",
+            program,
+        ]);
+        c
+    }
+
     /// A new client connection as root.
     pub async fn connect(&self) -> Connection {
         zbus::connection::Builder::address(self.address.as_str())
@@ -1061,5 +1076,6 @@ pub fn vm_row(
         expires_at: 0,
         on_expire: Default::default(),
         rootfs_dir: String::new(),
+        netns: String::new(),
     }
 }

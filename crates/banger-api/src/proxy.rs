@@ -195,6 +195,9 @@ pub trait VM1 {
     /// RootfsDir
     #[zbus(property, name = "RootfsDir")]
     fn rootfs_dir(&self) -> zbus::Result<String>;
+    /// Netns
+    #[zbus(property, name = "Netns")]
+    fn netns(&self) -> zbus::Result<String>;
 }
 
 /// `org.banger.Jobs1`.

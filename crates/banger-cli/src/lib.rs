@@ -57,7 +57,7 @@ pub enum Command {
     Kernel(kernel::KernelCommand),
     /// Manage VMs.
     #[command(subcommand)]
-    Vm(vm::VmCommand),
+    Vm(Box<vm::VmCommand>),
     /// Manage snapshots of VMs.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
@@ -354,7 +354,7 @@ async fn verb(
         Command::Status => status::run(out, t).await,
         Command::Image(c) => image::run(out, t, c).await,
         Command::Kernel(c) => kernel::run(out, t, c).await,
-        Command::Vm(c) => vm::run(out, t, c).await,
+        Command::Vm(c) => vm::run(out, t, *c).await,
         Command::Snapshot(c) => snapshot::run(out, t, c).await,
         Command::Job(c) => job::run(out, t, c).await,
         // `run` answers these before it connects; the same answers here.

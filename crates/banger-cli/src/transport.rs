@@ -926,6 +926,7 @@ const VM_FIELDS: &[&str] = &[
     "Published",
     "Shares",
     "RootfsDir",
+    "Netns",
     "Owner",
     "CreatedAt",
     "HostMemoryBytes",

@@ -234,6 +234,10 @@ pub struct VmSpec {
     /// (virtio-fs, read-write, never copied: what the guest writes is in the folder, as you).
     #[arg(long, value_name = "DIR", conflicts_with_all = ["image", "snapshot"])]
     rootfs: Option<std::path::PathBuf>,
+    /// Put the VM on a network namespace's eth0 instead of banger's network (root only; the
+    /// namespace's address, MAC and routes become the guest's, as for a containerd pod).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["publish", "egress"])]
+    netns: Option<String>,
     /// Restore this snapshot instead of booting (`banger snapshot list`): the VM goes on
     /// where the snapshot's VM was, with its own name, address and keys.
     #[arg(long, value_name = "SNAPSHOT")]
@@ -290,6 +294,7 @@ impl VmSpec {
             ),
             ("snapshot", self.snapshot.clone().map(Opt::Str)),
             ("rootfs_dir", rootfs),
+            ("netns", self.netns.clone().map(Opt::Str)),
             ("cold", self.cold.then_some(Opt::Bool(true))),
             ("timeout_sec", self.timeout.map(Opt::U32)),
             ("on_expire", self.on_expire.clone().map(Opt::Str)),

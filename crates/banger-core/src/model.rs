@@ -327,6 +327,11 @@ pub struct Vm {
     /// read-write, never copied), resolved when it was created; empty: the root disk layers
     /// on its image.
     pub rootfs_dir: String,
+    /// A network namespace (a path such as `/run/netns/cni-…`, given by root) whose `eth0` the
+    /// VM's network is: its tap lives there, wired to `eth0` both ways, and the guest takes
+    /// eth0's address, MAC and default route; no lease, bridge or walls of banger's. Empty:
+    /// banger's own network.
+    pub netns: String,
 }
 
 /// What happens to a VM when its lifetime ends.
@@ -380,6 +385,7 @@ impl Vm {
             v.egress.clear();
             v.labels.clear();
             v.rootfs_dir.clear();
+            v.netns.clear();
         }
         v
     }

@@ -551,6 +551,18 @@ impl Shim for Service {
     }
 }
 
+/// The path of the network namespace `config.json` joins (`linux.namespaces`, type
+/// `network` with a path), if any.
+fn network_namespace(config: &Value) -> Option<String> {
+    config["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|n| n["type"] == "network")?["path"]
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+}
+
 #[async_trait]
 impl Task for Service {
     async fn create(
@@ -569,18 +581,19 @@ impl Task for Service {
         log::info!("task {}: rootfs mounted at {}", req.id, rootfs.display());
         let vm = vm_name(&self.namespace, &req.id);
         std::fs::write(bundle.join(VM_FILE), &vm).map_err(ttrpc_err)?;
-        let made = daemon()
-            .follow(
-                "io.banger.VMs.Create",
-                json!({
-                    "name": vm,
-                    "rootfsDir": rootfs.to_string_lossy(),
-                    "init": "banger",
-                    "vcpus": 1,
-                    "memoryMib": 256,
-                }),
-            )
-            .await;
+        let mut params = json!({
+            "name": vm,
+            "rootfsDir": rootfs.to_string_lossy(),
+            "init": "banger",
+            "vcpus": 1,
+            "memoryMib": 256,
+        });
+        // The network namespace the spec joins (a pod's, made by CNI) is the VM's network;
+        // without one, the VM is on banger's own.
+        if let Some(ns) = network_namespace(&config) {
+            params["netns"] = ns.into();
+        }
+        let made = daemon().follow("io.banger.VMs.Create", params).await;
         if let Err(e) = made {
             let _ = daemon()
                 .call("io.banger.VMs.Delete", json!({"name": vm, "force": true}))
@@ -1059,6 +1072,25 @@ mod tests {
         assert_eq!(vm_name("default", "t1"), "ctr-default-t1");
         assert_eq!(vm_name("k8s.io", "a/b c"), "ctr-k8s-io-a-b-c");
         assert_eq!(vm_name("n", &"x".repeat(100)).len(), 64);
+    }
+
+    #[test]
+    fn a_joined_network_namespace_is_the_vms_network() {
+        let spec = |ns: Value| json!({"linux": {"namespaces": ns}});
+        assert_eq!(
+            network_namespace(&spec(json!([
+                {"type": "pid"},
+                {"type": "network", "path": "/var/run/netns/cni-1"}
+            ]))),
+            Some("/var/run/netns/cni-1".into())
+        );
+        for none in [
+            json!([{"type": "network"}]),
+            json!([{"type": "pid", "path": "/x"}]),
+            json!(null),
+        ] {
+            assert_eq!(network_namespace(&spec(none.clone())), None, "{none}");
+        }
     }
 
     #[test]

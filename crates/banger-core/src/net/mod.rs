@@ -7,6 +7,7 @@
 //! running VM is gone, so a host with no VMs carries nothing of banger's.
 
 mod error;
+pub mod netns;
 mod tap;
 
 pub use error::NetError;
@@ -208,8 +209,8 @@ pub struct GuestNet {
     pub address: Ipv4Addr,
     /// The subnet's prefix length.
     pub prefix: u8,
-    /// The gateway.
-    pub gateway: Ipv4Addr,
+    /// The default gateway (a namespace given to the VM may have none).
+    pub gateway: Option<Ipv4Addr>,
     /// Name servers.
     pub dns: Vec<Ipv4Addr>,
     /// The guest NIC's MAC address.
@@ -219,10 +220,11 @@ pub struct GuestNet {
 impl GuestNet {
     /// `banger.ip=… banger.gw=… [banger.dns=a,b] banger.mac=…`
     pub fn cmdline(&self) -> String {
-        let mut s = format!(
-            "banger.ip={}/{} banger.gw={} banger.mac={}",
-            self.address, self.prefix, self.gateway, self.mac
-        );
+        let mut s = format!("banger.ip={}/{}", self.address, self.prefix);
+        if let Some(gw) = self.gateway {
+            s.push_str(&format!(" banger.gw={gw}"));
+        }
+        s.push_str(&format!(" banger.mac={}", self.mac));
         if !self.dns.is_empty() {
             let dns: Vec<String> = self.dns.iter().map(|a| a.to_string()).collect();
             s.push_str(&format!(" banger.dns={}", dns.join(",")));
@@ -681,7 +683,7 @@ mod tests {
         let g = GuestNet {
             address: Ipv4Addr::new(172, 30, 99, 2),
             prefix: 24,
-            gateway: Ipv4Addr::new(172, 30, 99, 1),
+            gateway: Some(Ipv4Addr::new(172, 30, 99, 1)),
             dns: vec![Ipv4Addr::new(192, 0, 2, 53), Ipv4Addr::new(192, 0, 2, 54)],
             mac: "02:aa:bb:cc:dd:ee".into(),
         };

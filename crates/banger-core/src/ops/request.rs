@@ -109,6 +109,7 @@ impl Request for CreateOptions {
             timeout_sec: crate::vms::lifetime::check_timeout(s.u32("timeout_sec")?.unwrap_or(0))?,
             on_expire: crate::vms::lifetime::on_expire(s.string("on_expire")?.as_deref())?,
             rootfs_dir: s.string("rootfs_dir")?,
+            netns: s.string("netns")?,
         })
     }
 }

@@ -198,6 +198,11 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO address_leases SELECT * FROM leases_kept;
     DROP TABLE leases_kept;
     "#,
+    // 18: a VM whose network is a given namespace's (CreateVM netns: its tap there, wired to
+    // that namespace's eth0), which takes no address lease.
+    r#"
+    ALTER TABLE vms ADD COLUMN netns TEXT NOT NULL DEFAULT '';
+    "#,
 ];
 
 /// The schema version this build writes.

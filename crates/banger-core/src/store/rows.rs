@@ -172,7 +172,7 @@ pub fn delete_kernel(c: &Connection, name: &str) -> Result<(), StoreError> {
 
 const VM_COLS: &str = "id, name, state, stage, image_id, kernel, vcpus, memory_mib, disk_size, \
      owner_uid, guest_address, mac_address, vsock_cid, tap_name, ssh_address, created_at, ssh_host_key, \
-     network, egress, init, main, exit_status, publish, shares, snapshot, machine, labels, expires_at, on_expire, rootfs_dir";
+     network, egress, init, main, exit_status, publish, shares, snapshot, machine, labels, expires_at, on_expire, rootfs_dir, netns";
 
 fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
     let state: String = r.get(2)?;
@@ -219,6 +219,7 @@ fn vm_row(r: &Row<'_>) -> rusqlite::Result<Vm> {
         expires_at: r.get::<_, i64>(27)? as u64,
         on_expire: crate::model::OnExpire::parse(&r.get::<_, String>(28)?).unwrap_or_default(),
         rootfs_dir: r.get(29)?,
+        netns: r.get(30)?,
     })
 }
 
@@ -240,7 +241,7 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     c.execute(
         &format!(
             "INSERT INTO vms ({VM_COLS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)"
         ),
         params![
             v.id,
@@ -280,7 +281,8 @@ pub fn insert_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
             },
             v.expires_at as i64,
             v.on_expire.as_str(),
-            v.rootfs_dir
+            v.rootfs_dir,
+            v.netns
         ],
     )?;
     Ok(())
@@ -342,11 +344,16 @@ pub fn reserve_vm(
         let rows = st.query_map([], |r| r.get::<_, String>(0))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
-    let Some(address) = pool
+    // A VM in a given network namespace takes that namespace's address, not one of ours.
+    let address = if !v.netns.is_empty() {
+        String::new()
+    } else if let Some(a) = pool
         .iter()
         .map(|a| a.to_string())
         .find(|a| !leased.contains(a))
-    else {
+    {
+        a
+    } else {
         return Err(StoreError::Exhausted(format!(
             "all {} guest addresses are leased; delete a VM or widen the subnet",
             pool.len()
@@ -356,10 +363,12 @@ pub fn reserve_vm(
     row.guest_address = address.clone();
     row.vsock_cid = cid;
     insert_vm(&tx, &row)?;
-    tx.execute(
-        "INSERT INTO address_leases (address, vm_id, leased_at) VALUES (?1, ?2, ?3)",
-        params![address, v.id, v.created_at as i64],
-    )?;
+    if !address.is_empty() {
+        tx.execute(
+            "INSERT INTO address_leases (address, vm_id, leased_at) VALUES (?1, ?2, ?3)",
+            params![address, v.id, v.created_at as i64],
+        )?;
+    }
     tx.commit()?;
     Ok(Some(Reservation { address, cid }))
 }

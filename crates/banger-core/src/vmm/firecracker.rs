@@ -488,6 +488,7 @@ impl Vmm for Firecracker {
             writable: &writable,
             jail: &jail,
             tap: None,
+            tap_netns: None,
             listen: None,
             ram: None,
         };

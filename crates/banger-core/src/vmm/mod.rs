@@ -119,6 +119,8 @@ pub struct NetSpec {
     pub tap: String,
     /// The guest's MAC address.
     pub mac: String,
+    /// The network namespace the tap is in (see `net::netns`); `None`: the daemon's.
+    pub netns: Option<String>,
 }
 
 /// A shared folder: its virtio-fs tag, the host folder, and whose rights serve it.

@@ -458,6 +458,10 @@ pub struct Detached<'a> {
     /// a descriptor into a transient unit) `bangerd open-tap` as the unit's first step, as
     /// root but without capabilities, before `setpriv` drops to the VM's uid.
     pub tap: Option<&'a str>,
+    /// The network namespace `tap` is in (see `net::netns`): where the daemon opens it, or,
+    /// on systemd hosts, the unit's own namespace (`NetworkNamespacePath=`), where `bangerd
+    /// open-tap` finds it. `None`: the daemon's.
+    pub tap_netns: Option<&'a str>,
     /// A Unix socket to listen on, handed over as fd 3 (instead of a tap): its path (in a
     /// directory only root writes) and the group that may connect (mode 0660). Made by the
     /// daemon where it starts the process, else by `bangerd listen` as the unit's first step.
@@ -774,6 +778,10 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
                     .join(" ")
             ))
             .args(namespace_properties(d, vm_own(d, runner), &programs))
+            .args(
+                d.tap_netns
+                    .map(|ns| format!("--property=NetworkNamespacePath={ns}")),
+            )
             .arg(format!("--property=MemoryMax={}", d.limits.memory_max))
             .arg(format!("--property=TasksMax={}", d.limits.tasks_max))
             .arg("--");
@@ -816,7 +824,10 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
         }
         // The daemon attaches the tap, or listens, before the uid changes.
         if let Some(tap) = d.tap {
-            fd3 = Some(crate::net::open_tap(tap)?);
+            fd3 = Some(match d.tap_netns {
+                Some(ns) => crate::net::netns::open_tap_in(ns, tap).await?,
+                None => crate::net::open_tap(tap)?,
+            });
         }
         if let Some((path, gid)) = d.listen {
             fd3 = Some(crate::host::listen_unix(path, gid).map_err(fail)?);

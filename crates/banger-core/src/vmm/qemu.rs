@@ -346,6 +346,7 @@ impl Qemu {
             writable: &[run, log_dir(spec)],
             jail: &spec.jail,
             tap: None,
+            tap_netns: None,
             listen: None,
             ram: None,
         })
@@ -385,6 +386,7 @@ impl Qemu {
             writable: &[run],
             jail: &spec.jail,
             tap: None,
+            tap_netns: None,
             listen: None,
             ram: None,
         })
@@ -475,6 +477,7 @@ impl Qemu {
                 writable: &writable,
                 jail: &owner,
                 tap: None,
+                tap_netns: None,
                 listen: Some((&sock, spec.jail.gid)),
                 ram: None,
             })
@@ -589,6 +592,7 @@ impl Vmm for Qemu {
             writable: &[run, log_dir(spec)],
             jail: &jail,
             tap: spec.net.as_ref().map(|n| n.tap.as_str()),
+            tap_netns: spec.net.as_ref().and_then(|n| n.netns.as_deref()),
             listen: None,
             ram: spec.memory.as_ref().map(|m| &*m.fd),
         })
@@ -733,6 +737,7 @@ mod tests {
             net: Some(crate::vmm::NetSpec {
                 tap: "bgr0123456789ab".into(),
                 mac: "02:01:23:45:67:89".into(),
+                netns: None,
             }),
             jail: crate::vmm::jail::Jail {
                 uid: crate::vmm::jail::vm_uid(3),

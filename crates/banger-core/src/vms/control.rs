@@ -61,6 +61,7 @@ impl Vms {
             writable: &[run.as_path(), dir.as_path()],
             jail: &who,
             tap: None,
+            tap_netns: None,
             listen: None,
             ram: None,
         })

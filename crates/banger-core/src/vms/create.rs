@@ -90,8 +90,31 @@ impl Vms {
             // Checked again, atomically, as the VM moves to `starting`.
             bounds::RunQuota::of(&self.config).check(uid, usage, o.vcpus, o.memory_mib)?;
         }
-        // A subnet the start-up check refused: say why before anything is reserved.
-        self.net.subnet()?;
+        // A network namespace: root's to give (it is wired to whatever that namespace's eth0
+        // reaches), checked now as every start checks it again. Otherwise banger's network,
+        // whose subnet the start-up check may have refused: say why before anything is
+        // reserved.
+        let netns =
+            match &o.netns {
+                Some(_) if uid != crate::model::SYSTEM_UID => return Err(invalid(
+                    "netns (--netns): only root puts a VM in a network namespace of its choosing \
+                     (containerd's shim does, for a pod); leave it out for banger's network",
+                )),
+                Some(_) if self.vmm.name() == "firecracker" => {
+                    return Err(invalid(
+                        "netns (--netns): the firecracker VMM is not wired into other namespaces; \
+                     set vmm = \"qemu\" in the configuration",
+                    ))
+                }
+                Some(ns) => {
+                    crate::net::netns::open_netns(ns)?;
+                    ns.clone()
+                }
+                None => {
+                    self.net.subnet()?;
+                    String::new()
+                }
+            };
         // Published host ports: free now, and no other VM's.
         let wanted = publish::check(&o.publish)?;
         if !wanted.is_empty() {
@@ -180,6 +203,7 @@ impl Vms {
             }),
             on_expire: o.on_expire,
             rootfs_dir,
+            netns,
         };
         if let Some(s) = &snapshot {
             vm.init = s.init.clone();
@@ -583,6 +607,7 @@ impl Vms {
             writable: &[run.as_path()],
             jail: &jail,
             tap: None,
+            tap_netns: None,
             listen: None,
             ram: None,
         })
@@ -657,7 +682,7 @@ impl Vms {
             hostname: hostname_for(&vm.name),
             mac: vm.mac_address.clone(),
             address: format!("{}/{}", lease.address, lease.prefix),
-            gateway: lease.gateway.to_string(),
+            gateway: lease.gateway.map(|g| g.to_string()).unwrap_or_default(),
             dns: lease.dns.iter().map(|a| a.to_string()).collect(),
             machine_id: format!("{}{}", crate::model::new_id(), crate::model::new_id()),
             host_key: String::from_utf8_lossy(&private).into_owned(),

@@ -438,11 +438,14 @@ impl Vms {
         Ok(())
     }
 
-    /// Kills the VM's VMM and helpers and removes its tap.
+    /// Kills the VM's VMM and helpers and removes its tap (from its namespace, for a VM given
+    /// one: and eth0's wiring to it).
     pub(super) async fn power_down(&self, vm: &Vm) -> Result<()> {
         let uid = crate::vmm::jail::vm_uid(vm.vsock_cid);
         self.stop_processes(&vm.id, Some(uid)).await?;
-        let detached = {
+        let detached = if !vm.netns.is_empty() {
+            crate::net::netns::detach_in(&vm.netns, &vm.tap_name).await
+        } else {
             let _net = self.net_lock.lock().await;
             match self.guest_ports(&vm.id).await {
                 Ok(ports) => self.net.detach(&vm.tap_name, &ports).await,

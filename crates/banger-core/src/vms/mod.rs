@@ -81,6 +81,8 @@ pub struct CreateOptions {
     pub on_expire: crate::model::OnExpire,
     /// A host folder as its root filesystem instead of an image (see `Vm::rootfs_dir`).
     pub rootfs_dir: Option<String>,
+    /// A network namespace whose `eth0` is the VM's network (see `Vm::netns`); root's only.
+    pub netns: Option<String>,
 }
 
 impl Default for CreateOptions {
@@ -107,6 +109,7 @@ impl Default for CreateOptions {
             timeout_sec: 0,
             on_expire: Default::default(),
             rootfs_dir: None,
+            netns: None,
         }
     }
 }
@@ -213,6 +216,26 @@ impl CreateOptions {
             if !dir.starts_with('/') || dir.contains('\0') || dir.len() > 4096 {
                 return Err(invalid(format!(
                     "rootfs_dir (--rootfs): {dir:?} must be an absolute path"
+                )));
+            }
+        }
+        if let Some(ns) = &self.netns {
+            // The namespace's network is the guest's: nothing of banger's own network applies.
+            let conflicting = [
+                (!self.publish.is_empty(), "publish"),
+                (!self.egress.is_empty(), "egress"),
+                (self.network == crate::model::NetworkMode::Shared, "network"),
+            ];
+            if let Some((_, what)) = conflicting.iter().find(|(set, _)| *set) {
+                let what = option_named(what);
+                return Err(invalid(format!(
+                    "{what}: a VM in the network namespace {ns} has that namespace's network, \
+                     not banger's; leave {what} out (or netns, for banger's network)"
+                )));
+            }
+            if !ns.starts_with('/') || ns.contains('\0') || ns.len() > 4096 {
+                return Err(invalid(format!(
+                    "netns (--netns): {ns:?} must be an absolute path (such as /run/netns/NAME)"
                 )));
             }
         }
@@ -602,6 +625,10 @@ pub(crate) fn option_named(key: &str) -> String {
         "entrypoint" => "--entrypoint",
         "init" => "--init",
         "rootfs_dir" => "--rootfs",
+        "netns" => "--netns",
+        "publish" => "--publish",
+        "egress" => "--egress",
+        "network" => "--network",
         _ => return key.to_owned(),
     };
     format!("{key} ({flag})")
@@ -610,6 +637,48 @@ pub(crate) fn option_named(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_namespaces_network_takes_none_of_bangers_options_and_only_an_absolute_path() {
+        let given = |o: CreateOptions| CreateOptions {
+            netns: Some("/run/netns/cni-1".into()),
+            ..o
+        };
+        given(CreateOptions::default()).validate().unwrap();
+        for (o, says) in [
+            (
+                given(CreateOptions {
+                    publish: vec!["8080:80".into()],
+                    ..Default::default()
+                }),
+                "publish (--publish)",
+            ),
+            (
+                given(CreateOptions {
+                    egress: vec!["10.0.0.0/8".into()],
+                    ..Default::default()
+                }),
+                "egress (--egress)",
+            ),
+            (
+                given(CreateOptions {
+                    network: crate::model::NetworkMode::Shared,
+                    ..Default::default()
+                }),
+                "network (--network)",
+            ),
+            (
+                CreateOptions {
+                    netns: Some("cni-1".into()),
+                    ..Default::default()
+                },
+                "absolute path",
+            ),
+        ] {
+            let e = o.validate().unwrap_err().to_string();
+            assert!(e.contains(says), "{says}: {e}");
+        }
+    }
 
     #[test]
     fn a_folder_root_takes_nothing_of_an_image_and_only_an_absolute_path() {

@@ -149,8 +149,10 @@ impl Vms {
         // process: its arguments may not fit a kernel command line; a VM without one has
         // none there.
         // A root folder has no disks to write to: it is the guest's own, as it is.
+        // Nor does a VM in another network namespace: the daemon's cannot reach its address.
         let ssh = restore.is_none()
             && vm.rootfs_dir.is_empty()
+            && vm.netns.is_empty()
             && (vm.ssh_host_key.is_empty() || key.is_some());
         Ok(Plan {
             image,
@@ -187,24 +189,44 @@ impl Vms {
         let seed = self.enter_work_disk(st, vm, plan).await?;
         let work_disk = self.work_disk(vm, plan, seed);
 
-        let subnet = self.net.subnet()?;
-        st.enter(
-            vm,
-            "network",
-            format!(
-                "Tap {} on {}, guest address {}/{}",
-                vm.tap_name,
-                crate::net::BRIDGE,
-                vm.guest_address,
-                subnet.prefix
-            ),
-        )
-        .await?;
-        let tap = vm.tap_name.clone();
+        // banger's bridge, or a namespace's eth0 (see `net::netns`).
+        let subnet = if vm.netns.is_empty() {
+            let subnet = self.net.subnet()?;
+            st.enter(
+                vm,
+                "network",
+                format!(
+                    "Tap {} on {}, guest address {}/{}",
+                    vm.tap_name,
+                    crate::net::BRIDGE,
+                    vm.guest_address,
+                    subnet.prefix
+                ),
+            )
+            .await?;
+            Some(subnet)
+        } else {
+            st.enter(
+                vm,
+                "network",
+                format!(
+                    "Tap {} in {}, wired to its {}",
+                    vm.tap_name,
+                    vm.netns,
+                    crate::net::netns::POD_IF
+                ),
+            )
+            .await?;
+            None
+        };
+        let (tap, netns) = (vm.tap_name.clone(), vm.netns.clone());
         let network = async {
+            if !netns.is_empty() {
+                return crate::net::netns::attach_in(&netns, &tap).await.map(Some);
+            }
             let _net = self.net_lock.lock().await;
             let ports = self.guest_ports("").await?;
-            self.net.attach(&tap, &ports).await
+            self.net.attach(&tap, &ports).await.map(|_| None)
         };
         let initrd = async {
             match &plan.kernel.initrd_path {
@@ -230,19 +252,29 @@ impl Vms {
         if plan.ssh {
             let _ = std::fs::remove_file(&plan.pending);
         }
-        network?;
+        let pod = network?;
         let initrd = initrd?;
         vm.exit_status = -1;
 
-        let lease = GuestNet {
-            address: vm
-                .guest_address
-                .parse()
-                .map_err(|e| failed(format!("VM {} has no valid address lease", vm.name), e))?,
-            prefix: subnet.prefix,
-            gateway: subnet.gateway(),
-            dns: crate::net::host_resolvers(),
-            mac: vm.mac_address.clone(),
+        let lease = match (pod, subnet) {
+            (Some(pod), _) => GuestNet {
+                address: pod.address,
+                prefix: pod.prefix,
+                gateway: pod.gateway,
+                dns: crate::net::host_resolvers(),
+                mac: pod.mac,
+            },
+            (None, Some(subnet)) => GuestNet {
+                address: vm
+                    .guest_address
+                    .parse()
+                    .map_err(|e| failed(format!("VM {} has no valid address lease", vm.name), e))?,
+                prefix: subnet.prefix,
+                gateway: Some(subnet.gateway()),
+                dns: crate::net::host_resolvers(),
+                mac: vm.mac_address.clone(),
+            },
+            (None, None) => unreachable!("a VM without a namespace is on the bridge"),
         };
         Ok(Prepared { initrd, lease })
     }
@@ -525,7 +557,8 @@ impl Vms {
             ),
             net: Some(crate::vmm::NetSpec {
                 tap: vm.tap_name.clone(),
-                mac: vm.mac_address.clone(),
+                mac: prepared.lease.mac.clone(),
+                netns: (!vm.netns.is_empty()).then(|| vm.netns.clone()),
             }),
             root_share: !vm.rootfs_dir.is_empty(),
             shares,

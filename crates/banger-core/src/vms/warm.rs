@@ -76,6 +76,7 @@ impl Vms {
             && !o.cold
             && o.shares.is_empty()
             && o.rootfs_dir.is_none()
+            && o.netns.is_none()
             && !o.entrypoint
             && o.init.is_empty()
             && o.disk_size.is_none()
