@@ -212,6 +212,54 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
         "{}",
         text(&out)
     );
+    // In a network namespace of its own (a pod's, as CNI's bridge plugin makes one: a veth's
+    // far end as eth0): the VM takes over eth0, and the process reaches the veth's near end,
+    // in the daemon's namespace, from eth0's address.
+    let ns = format!("bctr{}", std::process::id());
+    let ns_sh = |script: &str| {
+        let out = bus.in_namespaces("sh").args(["-c", script]).output().unwrap();
+        assert!(out.status.success(), "{script}: {}", text(&out));
+    };
+    ns_sh(&format!(
+        "set -e; ip netns add {ns}; ip link add bch0 type veth peer name eth0 netns {ns}; \
+         ip addr add 10.78.0.1/24 dev bch0; ip link set bch0 up; \
+         ip -n {ns} addr add 10.78.0.2/24 dev eth0; ip -n {ns} link set eth0 up; \
+         ip -n {ns} route add default via 10.78.0.1"
+    ));
+    let listener = bus
+        .in_netns("busybox")
+        .args(["nc", "-l", "-p", "7011"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let with_ns = format!("network:/run/netns/{ns}");
+    let out = containerd.ctr(
+        &bus,
+        &[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "native",
+            "--with-ns",
+            &with_ns,
+            "--runtime",
+            "io.containerd.banger.v2",
+            &reference,
+            "t7",
+            "sh",
+            "-c",
+            "ip -o -4 addr show eth0; echo from-the-pod | nc -w 10 10.78.0.1 7011",
+        ],
+    );
+    assert!(
+        out.status.success() && text(&out).contains("inet 10.78.0.2/24"),
+        "ctr run --with-ns: {}\n{}",
+        text(&out),
+        containerd.log()
+    );
+    let heard = listener.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&heard.stdout), "from-the-pod\n");
+    ns_sh(&format!("ip netns del {ns}"));
     // Its exit status.
     let out = run("t2", &["sh", "-c", "echo to-err >&2; exit 7"]);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
