@@ -24,8 +24,8 @@ struct Containerd {
 
 /// containerd in the bus's network and mount namespaces (bangerd must see the mounts the shim
 /// makes; on a host, its unit's namespace receives the host's mounts), its configuration and
-/// log in `dir`.
-fn spawn_containerd(bus: &TestBus, dir: &std::path::Path) -> Child {
+/// log in `dir`; its shims give metrics in cgroup version `cgroups`' types.
+fn spawn_containerd(bus: &TestBus, dir: &std::path::Path, cgroups: &str) -> Child {
     // Built beside banger (the workspace's binaries share one directory).
     let shim_dir = std::path::Path::new(env!("CARGO_BIN_EXE_banger"))
         .parent()
@@ -57,6 +57,7 @@ fn spawn_containerd(bus: &TestBus, dir: &std::path::Path) -> Child {
         .args(["--config", dir.join("config.toml").to_str().unwrap()])
         .env("PATH", path)
         .env("BANGER_VARLINK", bus.runtime.join("io.banger"))
+        .env("BANGER_SHIM_CGROUPS", cgroups)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -88,7 +89,7 @@ impl Containerd {
             ),
         )
         .unwrap();
-        let child = spawn_containerd(bus, dir.path());
+        let child = spawn_containerd(bus, dir.path(), "v1");
         let c = Containerd {
             child: std::sync::Mutex::new(child),
             socket,
@@ -100,13 +101,14 @@ impl Containerd {
         c
     }
 
-    /// containerd killed and started again on the same state (its shims run on).
+    /// containerd killed and started again on the same state (its shims run on); the shims it
+    /// starts from then on give cgroup v2 metrics.
     fn restart(&self, bus: &TestBus) {
         {
             let mut child = self.child.lock().unwrap();
             let _ = child.kill();
             let _ = child.wait();
-            *child = spawn_containerd(bus, self._dir.path());
+            *child = spawn_containerd(bus, self._dir.path(), "v2");
         }
         wait_until("containerd to serve again", Duration::from_secs(60), || {
             self.ctr(bus, &["version"]).status.success()
@@ -516,6 +518,48 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
         "{}",
         text(&out)
     );
+    // Metrics as cgroup v2's types, as on a host whose cgroups are unified.
+    let out = containerd.ctr(
+        &bus,
+        &[
+            "run",
+            "-d",
+            "--snapshotter",
+            "native",
+            "--runtime",
+            "io.containerd.banger.v2",
+            &reference,
+            "d5",
+            "sleep",
+            "300",
+        ],
+    );
+    assert!(out.status.success(), "ctr run -d: {}", text(&out));
+    let out = containerd.ctr(&bus, &["task", "metrics", "d5"]);
+    let metric = |name: &str| -> u64 {
+        text(&out)
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in ctr task metrics: {}", text(&out)))
+    };
+    assert!(
+        0 < metric("memory.usage ")
+            && metric("memory.usage ") < metric("memory.usage_limit")
+            && metric("memory.usage_limit") <= 256 << 20
+            && metric("cpu.usage_usec") > 0
+            && metric("cpu.user_usec") > 0
+            && metric("pids.current") > 0,
+        "{}",
+        text(&out)
+    );
+    for args in [
+        &["task", "kill", "-s", "SIGKILL", "d5"][..],
+        &["task", "rm", "-f", "d5"],
+        &["container", "rm", "d5"],
+    ] {
+        let out = containerd.ctr(&bus, args);
+        assert!(out.status.success(), "ctr {args:?}: {}", text(&out));
+    }
 
     // Each ran in a VM of its own, and none is left, nor anything of them.
     let out = bus.banger_as(None, &["vm", "list"]);

@@ -12,6 +12,8 @@
 //! `resumed`); stats as cgroup v1 metrics of the guest. Not yet: pods, a given network
 //! namespace (issue 36).
 
+mod cgroup2;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -551,6 +553,17 @@ impl Shim for Service {
     }
 }
 
+/// Which cgroup version's metrics Stats gives: `BANGER_SHIM_CGROUPS` (`v1` or `v2`) in
+/// containerd's environment, else the host's own, as the runc shim does (kubelet reads the
+/// version its host runs).
+fn cgroups_v2() -> bool {
+    match std::env::var("BANGER_SHIM_CGROUPS").as_deref() {
+        Ok("v2") => true,
+        Ok("v1") => false,
+        _ => cgroup2::host_is_unified(),
+    }
+}
+
 /// The path of the network namespace `config.json` joins (`linux.namespaces`, type
 /// `network` with a path), if any.
 fn network_namespace(config: &Value) -> Option<String> {
@@ -921,6 +934,24 @@ impl Task for Service {
         let st = reply
             .stats
             .ok_or_else(|| ttrpc_err(format!("the VM's agent has no stats: {}", reply.error)))?;
+        let mut any = containerd_shim_protos::protobuf::well_known_types::any::Any::new();
+        if cgroups_v2() {
+            any.type_url = cgroup2::TYPE_URL.into();
+            any.value = cgroup2::Metrics {
+                pids: st.pids,
+                cpu_usage_usec: st.cpu_usage_usec,
+                cpu_user_usec: st.cpu_user_usec,
+                cpu_system_usec: st.cpu_system_usec,
+                memory_usage: st.mem_used,
+                memory_limit: st.mem_total,
+                memory_file: st.mem_cache,
+            }
+            .encode();
+            return Ok(api::StatsResponse {
+                stats: MessageField::some(any),
+                ..Default::default()
+            });
+        }
         let metrics = cg::Metrics {
             pids: MessageField::some(cg::PidsStat {
                 current: st.pids,
@@ -947,7 +978,6 @@ impl Task for Service {
             }),
             ..Default::default()
         };
-        let mut any = containerd_shim_protos::protobuf::well_known_types::any::Any::new();
         any.type_url = "io.containerd.cgroups.v1.Metrics".into();
         any.value = metrics.write_to_bytes().map_err(ttrpc_err)?;
         Ok(api::StatsResponse {
