@@ -73,19 +73,28 @@ impl Drop for Containerd {
 }
 
 impl Containerd {
+    /// containerd without its CRI plugin.
     fn start(bus: &TestBus) -> Containerd {
+        Containerd::start_with(bus, |_| {
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n".into()
+        })
+    }
+
+    /// containerd with `plugins(dir)` in its configuration after `root`, `state` and
+    /// `disabled_plugins`' place.
+    fn start_with(bus: &TestBus, plugins: impl Fn(&std::path::Path) -> String) -> Containerd {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("config.toml");
         std::fs::write(
             &config,
             format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n{plugins}\
                  [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
                 root = dir.path().join("root").display(),
                 state = dir.path().join("state").display(),
                 sock = socket.display(),
+                plugins = plugins(dir.path()),
             ),
         )
         .unwrap();
@@ -219,7 +228,11 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
     // in the daemon's namespace, from eth0's address.
     let ns = format!("bctr{}", std::process::id());
     let ns_sh = |script: &str| {
-        let out = bus.in_namespaces("sh").args(["-c", script]).output().unwrap();
+        let out = bus
+            .in_namespaces("sh")
+            .args(["-c", script])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{script}: {}", text(&out));
     };
     ns_sh(&format!(
@@ -564,6 +577,189 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
     // Each ran in a VM of its own, and none is left, nor anything of them.
     let out = bus.banger_as(None, &["vm", "list"]);
     assert!(!text(&out).contains("ctr-"), "{}", text(&out));
+    let bad = check(&bus);
+    assert!(bad.is_empty(), "{bad:#?}");
+}
+
+/// Kubernetes' way in (issue 36): containerd's own CRI plugin, driven over its gRPC socket
+/// as kubelet would (tests/common/cri.rs, since neither kubelet nor crictl is packaged here),
+/// with banger as the runtime handler and Debian's CNI bridge plugin for the pod's network.
+/// A pod sandbox is a banger VM on the pod's network namespace: its process (the sandbox
+/// image's, an HTTP server here) answers on the pod's address from the node; stopping and
+/// removing the pod leaves nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
+    use common::cri::*;
+    use common::oci::*;
+    if !available(&["containerd", "ctr"]) || !std::path::Path::new("/usr/lib/cni/bridge").exists() {
+        assert!(
+            std::env::var_os("BANGER_REQUIRE_INTEGRATION").is_none(),
+            "containerd and containernetworking-plugins are needed (tests/run installs them)"
+        );
+        return;
+    }
+    let Some((_state, bus)) = kernel_ready_bus(&[], "").await else {
+        return;
+    };
+    // The sandbox image: the busybox VM image whose process serves /etc over HTTP.
+    let registry = TestRegistry::start_in_netns(bus.netns_pid());
+    let layout = tempfile::tempdir().unwrap();
+    let mut layers = vm_image_layers();
+    layers.push(
+        Layer::default()
+            .dir("etc", 0o755)
+            .file("etc/pod-marker", b"from the pod sandbox\n", 0o644, 0)
+            .bytes(),
+    );
+    let m = image_manifest_configured(
+        layout.path(),
+        &layers,
+        serde_json::json!({"Entrypoint": ["/bin/httpd", "-f", "-p", "8080", "-h", "/etc"]}),
+    );
+    finish_layout(layout.path(), vec![m], "v1");
+    let sandbox_image = registry.push(layout.path(), "v1", "cri/pause", &[]);
+    let host = sandbox_image.split('/').next().unwrap().to_owned();
+    let out = bus.banger_as(None, &["status"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    let containerd = Containerd::start_with(&bus, |dir| {
+        let cni = dir.join("cni");
+        std::fs::create_dir_all(&cni).unwrap();
+        std::fs::write(
+            cni.join("10-pods.conflist"),
+            serde_json::json!({
+                "cniVersion": "0.4.0",
+                "name": "bangerpods",
+                "plugins": [
+                    {
+                        "type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+                        "ipam": {
+                            "type": "host-local",
+                            "ranges": [[{"subnet": "10.88.0.0/24"}]],
+                            "routes": [{"dst": "0.0.0.0/0"}],
+                            "dataDir": dir.join("ipam"),
+                        },
+                    },
+                    {"type": "loopback"},
+                ],
+            })
+            .to_string(),
+        )
+        .unwrap();
+        format!(
+            "[plugins.\"io.containerd.grpc.v1.cri\"]\n\
+             \x20 sandbox_image = \"{sandbox_image}\"\n\
+             \x20 stream_server_address = \"127.0.0.1\"\n\
+             \x20 stream_server_port = \"0\"\n\
+             \x20 [plugins.\"io.containerd.grpc.v1.cri\".cni]\n\
+             \x20   bin_dir = \"/usr/lib/cni\"\n\
+             \x20   conf_dir = \"{cni}\"\n\
+             \x20 [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
+             \x20   snapshotter = \"native\"\n\
+             \x20   default_runtime_name = \"banger\"\n\
+             \x20   [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.banger]\n\
+             \x20     runtime_type = \"io.containerd.banger.v2\"\n\
+             \x20 [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"{host}\"]\n\
+             \x20   endpoint = [\"http://{host}\"]\n",
+            cni = cni.display(),
+        )
+    });
+    let cri = Cri::new(&containerd.socket);
+    let v: VersionResponse = cri
+        .runtime(
+            "Version",
+            &VersionRequest {
+                version: "v1".into(),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("CRI Version: {e}\n{}", containerd.log()));
+    assert_eq!(v.runtime_name, "containerd", "{v:?}");
+
+    let config = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "web".into(),
+            uid: "pod-uid-1".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: "web".into(),
+        ..Default::default()
+    };
+    let pod: RunPodSandboxResponse = cri
+        .runtime(
+            "RunPodSandbox",
+            &RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: "banger".into(),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log()));
+    let id = pod.pod_sandbox_id;
+    // One banger VM for the pod, named by its sandbox's id.
+    let vms = text(&bus.banger_as(None, &["vm", "list"]));
+    assert_eq!(vms.matches("ctr-k8s-io-").count(), 1, "{vms}");
+    let status: PodSandboxStatusResponse = cri
+        .runtime(
+            "PodSandboxStatus",
+            &PodSandboxStatusRequest {
+                pod_sandbox_id: id.clone(),
+                verbose: false,
+            },
+        )
+        .await
+        .unwrap();
+    let status = status.status.unwrap();
+    assert_eq!(status.state, 0, "SANDBOX_READY: {status:?}");
+    assert_eq!(status.runtime_handler, "banger", "{status:?}");
+    let ip = status.network.unwrap_or_default().ip;
+    assert!(ip.starts_with("10.88.0."), "the pod's address: {ip:?}");
+    // The pod's process answers on the pod's address, from the node (cni0's side).
+    let every = Duration::from_millis(200);
+    let mut said = String::new();
+    let served = poll_until(every * 150, every, || {
+        let out = bus
+            .in_netns("sh")
+            .args([
+                "-c",
+                &format!(
+                    "printf 'GET /pod-marker HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {ip} 8080"
+                ),
+            ])
+            .output()
+            .unwrap();
+        said = text(&out);
+        said.contains("from the pod sandbox")
+    });
+    assert!(served, "http://{ip}:8080/pod-marker: {said}");
+
+    for (method, done) in [
+        ("StopPodSandbox", "stopped"),
+        ("RemovePodSandbox", "removed"),
+    ] {
+        let r: Result<Empty, Status> = if method == "StopPodSandbox" {
+            cri.runtime(
+                method,
+                &StopPodSandboxRequest {
+                    pod_sandbox_id: id.clone(),
+                },
+            )
+            .await
+        } else {
+            cri.runtime(
+                method,
+                &RemovePodSandboxRequest {
+                    pod_sandbox_id: id.clone(),
+                },
+            )
+            .await
+        };
+        r.unwrap_or_else(|e| panic!("{method}: {e}\n{}", containerd.log()));
+        eprintln!("cri: pod {id} {done}");
+    }
+    let vms = text(&bus.banger_as(None, &["vm", "list"]));
+    assert!(!vms.contains("ctr-"), "{vms}");
     let bad = check(&bus);
     assert!(bad.is_empty(), "{bad:#?}");
 }

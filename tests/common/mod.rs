@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod cri;
 pub mod invariants;
 pub mod oci;
 pub mod scenario;
