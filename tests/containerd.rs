@@ -690,7 +690,7 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
         .runtime(
             "RunPodSandbox",
             &RunPodSandboxRequest {
-                config: Some(config),
+                config: Some(config.clone()),
                 runtime_handler: "banger".into(),
             },
         )
@@ -733,6 +733,150 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
         said.contains("from the pod sandbox")
     });
     assert!(served, "http://{ip}:8080/pod-marker: {said}");
+
+    // Two containers in the pod, each with a root of its own, in the pod's one VM: one
+    // serves HTTP on 8081, the other reaches it (and the sandbox's 8080) on localhost.
+    let pulled: PullImageResponse = cri
+        .image(
+            "PullImage",
+            &PullImageRequest {
+                image: Some(ImageSpec {
+                    image: sandbox_image.clone(),
+                }),
+                sandbox_config: Some(config.clone()),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("PullImage: {e}\n{}", containerd.log()));
+    assert!(!pulled.image_ref.is_empty());
+    let mut containers = Vec::new();
+    for (name, command, args) in [
+        ("web", "/bin/httpd", &["-f", "-p", "8081", "-h", "/etc"][..]),
+        ("client", "/bin/sleep", &["300"][..]),
+    ] {
+        let made: CreateContainerResponse = cri
+            .runtime(
+                "CreateContainer",
+                &CreateContainerRequest {
+                    pod_sandbox_id: id.clone(),
+                    config: Some(ContainerConfig {
+                        metadata: Some(ContainerMetadata {
+                            name: name.into(),
+                            attempt: 0,
+                        }),
+                        image: Some(ImageSpec {
+                            image: sandbox_image.clone(),
+                        }),
+                        command: vec![command.into()],
+                        args: args.iter().map(|a| a.to_string()).collect(),
+                    }),
+                    sandbox_config: Some(config.clone()),
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", containerd.log()));
+        let _: Empty = cri
+            .runtime(
+                "StartContainer",
+                &ContainerId {
+                    container_id: made.container_id.clone(),
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", containerd.log()));
+        containers.push(made.container_id);
+    }
+    let exec = |c: &str, script: &str| {
+        let req = ExecSyncRequest {
+            container_id: c.to_owned(),
+            cmd: vec!["sh".into(), "-c".into(), script.into()],
+            timeout: 30,
+        };
+        let cri = &cri;
+        async move {
+            let r: Result<ExecSyncResponse, Status> = cri.runtime("ExecSync", &req).await;
+            r.unwrap_or_else(|e| panic!("ExecSync {:?}: {e}", req.cmd))
+        }
+    };
+    let (web, client) = (&containers[0], &containers[1]);
+    let r = exec(client, "echo mine > /only-client; echo to-err >&2; exit 3").await;
+    assert_eq!(
+        (r.exit_code, String::from_utf8_lossy(&r.stderr).as_ref()),
+        (3, "to-err\n"),
+        "{r:?}"
+    );
+    let r = exec(web, "ls /only-client 2>&1; cat /etc/pod-marker").await;
+    let said = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert!(
+        said.contains("No such file") && said.contains("from the pod sandbox"),
+        "the web container has a root of its own: {said}"
+    );
+    for port in ["8081", "8080"] {
+        let get =
+            format!("printf 'GET /pod-marker HTTP/1.0\\r\\n\\r\\n' | nc -w 3 127.0.0.1 {port}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let said = loop {
+            let r = exec(client, &get).await;
+            let said = String::from_utf8_lossy(&r.stdout).into_owned();
+            if said.contains("from the pod sandbox") || std::time::Instant::now() > deadline {
+                break said;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(
+            said.contains("from the pod sandbox"),
+            "localhost:{port} from the client container: {said}"
+        );
+    }
+    let stats: ContainerStatsResponse = cri
+        .runtime(
+            "ContainerStats",
+            &ContainerId {
+                container_id: client.clone(),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("ContainerStats: {e}\n{}", containerd.log()));
+    let st = stats.stats.unwrap_or_default();
+    assert!(
+        st.memory
+            .clone()
+            .and_then(|m| m.working_set_bytes)
+            .unwrap_or_default()
+            .value
+            > 0
+            && st
+                .cpu
+                .clone()
+                .and_then(|c| c.usage_core_nano_seconds)
+                .unwrap_or_default()
+                .value
+                > 0,
+        "{st:?}"
+    );
+    let vms = text(&bus.banger_as(None, &["vm", "list"]));
+    assert_eq!(vms.matches("ctr-").count(), 1, "one VM for the pod: {vms}");
+    for c in &containers {
+        let _: Empty = cri
+            .runtime(
+                "StopContainer",
+                &StopContainerRequest {
+                    container_id: c.clone(),
+                    timeout: 5,
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("StopContainer: {e}\n{}", containerd.log()));
+        let _: Empty = cri
+            .runtime(
+                "RemoveContainer",
+                &ContainerId {
+                    container_id: c.clone(),
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("RemoveContainer: {e}\n{}", containerd.log()));
+    }
 
     for (method, done) in [
         ("StopPodSandbox", "stopped"),

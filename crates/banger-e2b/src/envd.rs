@@ -542,6 +542,7 @@ async fn start(
             tty,
             detach: true,
             tag: r.tag,
+            root: None,
         })
         .await?;
     let pid = reply.pid.unwrap_or_default();

@@ -80,6 +80,8 @@ struct Process {
     env: Vec<String>,
     cwd: Option<String>,
     user: Option<String>,
+    /// Its container's root in the VM, for a container of a pod (see [`Pod`]).
+    root: Option<String>,
 }
 
 impl Process {
@@ -107,6 +109,7 @@ impl Process {
             env: strings(&p["env"]),
             cwd: p["cwd"].as_str().map(str::to_owned),
             user,
+            root: None,
         }
     }
 }
@@ -171,6 +174,45 @@ struct TaskState {
     bundle: PathBuf,
     paused: bool,
     procs: HashMap<String, Proc>,
+    /// For a container of a pod: where its rootfs is bound in the pod sandbox's rootfs (the
+    /// VM is the sandbox's, not its own).
+    in_pod: Option<PathBuf>,
+}
+
+/// Kubernetes' pods, as CRI marks their containers' specs: one VM per pod, the sandbox's.
+/// Every container of the pod is in the shim of its sandbox (`start` groups them by the
+/// sandbox's id), and each runs in the sandbox's VM with its own rootfs as its root: the
+/// rootfs is bound below the sandbox's rootfs (the VM's root over virtio-fs, made a shared
+/// mount before the VM's virtio-fs server starts, so the server sees mounts made under it
+/// later) at `/.banger/containers/ID`, and the agent runs the container's processes in a mount
+/// namespace of their own chrooted there. Containers of a pod share its network (the VM's,
+/// on the pod's namespace) and reach each other on localhost.
+mod pod {
+    use serde_json::Value;
+
+    pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+    pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+    /// Where the containers' roots are, in the sandbox's rootfs (the VM's `/`).
+    pub const CONTAINERS: &str = ".banger/containers";
+
+    /// The pod sandbox a container belongs to, for a container CRI made in a pod.
+    pub fn sandbox_of(config: &Value) -> Option<String> {
+        let a = &config["annotations"];
+        (a[CONTAINER_TYPE] == "container")
+            .then(|| a[SANDBOX_ID].as_str().map(str::to_owned))
+            .flatten()
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Whether the spec is a pod's sandbox.
+    pub fn is_sandbox(config: &Value) -> bool {
+        config["annotations"][CONTAINER_TYPE] == "sandbox"
+    }
+
+    /// The shim's grouping: a pod's containers share their sandbox's shim.
+    pub fn grouping(config: &Value, id: &str) -> String {
+        sandbox_of(config).unwrap_or_else(|| id.to_owned())
+    }
 }
 
 #[derive(Clone)]
@@ -280,6 +322,47 @@ fn mount_rootfs(mounts: &[api::Mount], target: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Makes `target` a shared mount (binding it onto itself first when it is no mount point),
+/// so that mounts made below it later reach the namespaces that copied it.
+fn make_shared(target: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(target.to_string_lossy().as_bytes())
+        .map_err(std::io::Error::other)?;
+    let none = std::ptr::null();
+    // SAFETY: a NUL-terminated path; no data.
+    let shared = || unsafe { libc::mount(none, c.as_ptr(), none, libc::MS_SHARED, none.cast()) };
+    if shared() == 0 {
+        return Ok(());
+    }
+    bind(target, target)?;
+    if shared() != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Binds `source` (and the mounts below it) onto `target`.
+fn bind(source: &Path, target: &Path) -> std::io::Result<()> {
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.to_string_lossy().as_bytes()).map_err(std::io::Error::other)
+    };
+    let (s, t) = (c(source)?, c(target)?);
+    let none = std::ptr::null();
+    // SAFETY: NUL-terminated paths; no filesystem type or data.
+    let r = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            none,
+            libc::MS_BIND | libc::MS_REC,
+            none.cast(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn unmount(target: &Path) {
     if let Ok(c) = std::ffi::CString::new(target.to_string_lossy().as_bytes()) {
         // SAFETY: a NUL-terminated path.
@@ -307,6 +390,90 @@ fn read_now(f: &tokio::net::unix::pipe::Receiver, buf: &mut [u8]) -> usize {
 }
 
 impl Service {
+    /// `/tasks/create` for `req`.
+    fn created(&self, req: &api::CreateTaskRequest) {
+        publish(
+            &self.events,
+            &self.namespace,
+            topics::TASK_CREATE_EVENT_TOPIC,
+            events::TaskCreate {
+                container_id: req.id.clone(),
+                bundle: req.bundle.clone(),
+                rootfs: req.rootfs.clone(),
+                io: MessageField::some(events::TaskIO {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    terminal: req.terminal,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        );
+    }
+
+    /// Create of a container of a pod (see [`pod`]): its rootfs (mounted at its bundle's
+    /// `rootfs`) bound below its sandbox's, its processes to run there in the sandbox's VM.
+    async fn create_in_pod(
+        &self,
+        req: &api::CreateTaskRequest,
+        config: &Value,
+        sandbox: &str,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let bundle = PathBuf::from(&req.bundle);
+        let rootfs = bundle.join("rootfs");
+        let refuse = |why: String| {
+            unmount(&rootfs);
+            Err(ttrpc_err(why))
+        };
+        // containerd's ids are letters, digits and ._- (a path component, never . or ..).
+        let id_ok = !req.id.is_empty()
+            && !req.id.starts_with('.')
+            && req
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !id_ok {
+            return refuse(format!(
+                "container id {:?} is not one containerd makes",
+                req.id
+            ));
+        }
+        let mut tasks = self.tasks.lock().await;
+        let Some(s) = tasks.get(sandbox) else {
+            return refuse(format!(
+                "pod sandbox {sandbox} does not run in this shim: a pod's containers run in \
+                 its sandbox's VM, so the sandbox starts first"
+            ));
+        };
+        let vm = s.vm.clone();
+        let at = s.bundle.join("rootfs").join(pod::CONTAINERS).join(&req.id);
+        if let Err(e) = std::fs::create_dir_all(&at).and_then(|_| bind(&rootfs, &at)) {
+            return refuse(format!("cannot bind the rootfs into the pod's VM: {e}"));
+        }
+        log::info!(
+            "task {}: in pod {sandbox}'s VM {vm}, root {}",
+            req.id,
+            at.display()
+        );
+        let mut process = Process::of(config);
+        process.root = Some(format!("/{}/{}", pod::CONTAINERS, req.id));
+        let init = Proc::new(process, req.terminal, &req.stdin, &req.stdout, &req.stderr);
+        tasks.insert(
+            req.id.clone(),
+            TaskState {
+                vm,
+                bundle,
+                paused: false,
+                procs: HashMap::from([(String::new(), init)]),
+                in_pod: Some(at),
+            },
+        );
+        drop(tasks);
+        self.created(req);
+        Ok(api::CreateTaskResponse::default())
+    }
+
     /// Runs one of a task's processes in its VM: stdio between containerd's FIFOs and the
     /// agent, the exit recorded once all output was written.
     async fn run_process(&self, id: &str, exec_id: &str) -> Result<u32, String> {
@@ -335,6 +502,7 @@ impl Service {
             }),
             detach: true,
             tag: None,
+            root: spec.process.root.clone(),
         };
         let (reply, conn) = agent::request(stream, &req)
             .await
@@ -513,7 +681,12 @@ impl Shim for Service {
     }
 
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
-        let grouping = opts.id.clone();
+        // The bundle is the working directory: a pod's containers join their sandbox's shim.
+        let config: Value = std::fs::read("config.json")
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let grouping = pod::grouping(&config, &opts.id);
         let vars: Vec<(&str, &str)> = Vec::new();
         let address = spawn(opts, &grouping, vars).await?;
         // The bundle's `address` is how a restarted containerd finds this shim again (the
@@ -592,6 +765,17 @@ impl Task for Service {
             mount_rootfs(&req.rootfs, &rootfs).map_err(|e| ttrpc_err(format!("rootfs: {e}")))?;
         }
         log::info!("task {}: rootfs mounted at {}", req.id, rootfs.display());
+        if let Some(sandbox) = pod::sandbox_of(&config) {
+            return self.create_in_pod(&req, &config, &sandbox).await;
+        }
+        if pod::is_sandbox(&config) {
+            // Later containers' roots are bound below it: the VM's virtio-fs server must see
+            // those mounts, which it does when this is a shared mount as it starts.
+            if let Err(e) = make_shared(&rootfs) {
+                unmount(&rootfs);
+                return Err(ttrpc_err(format!("rootfs: {e}")));
+            }
+        }
         let vm = vm_name(&self.namespace, &req.id);
         std::fs::write(bundle.join(VM_FILE), &vm).map_err(ttrpc_err)?;
         let mut params = json!({
@@ -601,8 +785,8 @@ impl Task for Service {
             "vcpus": 1,
             "memoryMib": 256,
         });
-        // The network namespace the spec joins (a pod's, made by CNI) is the VM's network;
-        // without one, the VM is on banger's own.
+        // The network namespace the spec joins (a pod sandbox's, made by CNI) is the VM's
+        // network; without one, the VM is on banger's own.
         if let Some(ns) = network_namespace(&config) {
             params["netns"] = ns.into();
         }
@@ -628,26 +812,10 @@ impl Task for Service {
                 bundle,
                 paused: false,
                 procs: HashMap::from([(String::new(), init)]),
+                in_pod: None,
             },
         );
-        publish(
-            &self.events,
-            &self.namespace,
-            topics::TASK_CREATE_EVENT_TOPIC,
-            events::TaskCreate {
-                container_id: req.id.clone(),
-                bundle: req.bundle.clone(),
-                rootfs: req.rootfs.clone(),
-                io: MessageField::some(events::TaskIO {
-                    stdin: req.stdin.clone(),
-                    stdout: req.stdout.clone(),
-                    stderr: req.stderr.clone(),
-                    terminal: req.terminal,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-        );
+        self.created(&req);
         Ok(api::CreateTaskResponse::default())
     }
 
@@ -709,17 +877,14 @@ impl Task for Service {
             .transpose()
             .map_err(|e| ttrpc_err(format!("the exec's process spec: {e}")))?
             .unwrap_or_default();
-        let p = Proc::new(
-            Process::of_spec(&spec),
-            req.terminal,
-            &req.stdin,
-            &req.stdout,
-            &req.stderr,
-        );
+        let mut process = Process::of_spec(&spec);
         let mut tasks = self.tasks.lock().await;
         let t = tasks
             .get_mut(&req.id)
             .ok_or_else(|| ttrpc_err(format!("no task {}", req.id)))?;
+        // An exec in a container of a pod runs in that container's root.
+        process.root = t.procs[""].spec.process.root.clone();
+        let p = Proc::new(process, req.terminal, &req.stdin, &req.stdout, &req.stderr);
         if t.procs.contains_key(&req.exec_id) {
             return Err(ttrpc_err(format!("exec {} exists", req.exec_id)));
         }
@@ -849,10 +1014,19 @@ impl Task for Service {
             .await
             .remove(&req.id)
             .ok_or_else(|| ttrpc_err(format!("no task {}", req.id)))?;
-        daemon()
-            .call("io.banger.VMs.Delete", json!({"name": t.vm, "force": true}))
-            .await
-            .map_err(fault)?;
+        match &t.in_pod {
+            // A container of a pod: the VM is the sandbox's; its root goes from it.
+            Some(at) => {
+                unmount(at);
+                let _ = std::fs::remove_dir(at);
+            }
+            None => {
+                daemon()
+                    .call("io.banger.VMs.Delete", json!({"name": t.vm, "force": true}))
+                    .await
+                    .map_err(fault)?;
+            }
+        }
         unmount(&t.bundle.join("rootfs"));
         let _ = std::fs::remove_file(t.bundle.join(VM_FILE));
         let a = answer(&t.procs[""]);

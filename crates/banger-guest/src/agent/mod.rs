@@ -108,6 +108,12 @@ pub enum Request {
         /// A name for it in the process table (with `detach`), unique among its processes.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tag: Option<String>,
+        /// Run it with this folder of the guest as its root (a container's, in a pod's VM):
+        /// in a mount namespace of its own with the guest's `/proc`, `/dev` and `/sys`
+        /// mounted there, then chrooted; its user, `WorkingDir`, `Env` and program are the
+        /// folder's.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        root: Option<String>,
     },
     /// Attach to a process of the table (by `pid` or `tag`): its output from now on and its
     /// exit come as `exec`'s frames; `STDIN`, `RESIZE` and `SIGNAL` frames reach it (an
@@ -273,6 +279,8 @@ pub struct ExecRequest {
     pub detach: bool,
     /// Its tag there.
     pub tag: Option<String>,
+    /// The folder of the guest that is its root (see [`Request::Exec`]).
+    pub root: Option<String>,
 }
 
 impl ExecRequest {
@@ -317,6 +325,7 @@ impl From<ExecRequest> for Request {
             tty: e.tty,
             detach: e.detach,
             tag: e.tag,
+            root: e.root,
         }
     }
 }
@@ -483,6 +492,7 @@ mod tests {
             tty: None,
             detach: false,
             tag: None,
+            root: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.starts_with(r#"{"op":"exec""#), "{s}");

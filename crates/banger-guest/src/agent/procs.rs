@@ -10,7 +10,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use super::server::{self, NotStarted, Spawned};
-use super::{frame, ProcInfo, Reply, Tty};
+use super::{frame, ProcInfo, Reply};
 
 /// The most processes the table holds.
 pub const MAX_PROCS: usize = 1024;
@@ -137,15 +137,11 @@ impl Proc {
 }
 
 /// `exec` with `detach`: starts the command into the table and attaches this connection.
-#[allow(clippy::too_many_arguments)]
-pub fn start(
+pub(super) fn start(
     reader: BufReader<std::fs::File>,
     mut writer: std::fs::File,
     argv: Vec<String>,
-    env: Vec<String>,
-    cwd: Option<String>,
-    user: Option<String>,
-    tty: Option<Tty>,
+    how: server::How,
     tag: Option<String>,
 ) -> std::io::Result<()> {
     let refuse = |w: &mut std::fs::File, why: String| server::write_line(w, &Reply::error(why));
@@ -167,13 +163,12 @@ pub fn start(
         );
     }
     let shown_argv = argv.clone();
-    let Spawned { mut child, pty } =
-        match server::spawn(argv, &env, cwd.as_deref(), user.as_deref(), tty.as_ref()) {
-            Ok(s) => s,
-            Err(NotStarted::Refused(why)) | Err(NotStarted::Exit(_, why)) => {
-                return refuse(&mut writer, why)
-            }
-        };
+    let Spawned { mut child, pty } = match server::spawn(argv, &how) {
+        Ok(s) => s,
+        Err(NotStarted::Refused(why)) | Err(NotStarted::Exit(_, why)) => {
+            return refuse(&mut writer, why)
+        }
+    };
     let pid = child.id();
     let stdin: Option<Box<dyn Write + Send>> = match &pty {
         Some(m) => Some(Box::new(m.try_clone()?)),
@@ -184,8 +179,8 @@ pub fn start(
             pid,
             tag,
             argv: shown_argv,
-            env,
-            cwd: cwd.unwrap_or_default(),
+            env: how.env,
+            cwd: how.cwd.unwrap_or_default(),
             tty: pty.is_some(),
         },
         stdin: Mutex::new(stdin),

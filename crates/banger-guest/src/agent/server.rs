@@ -188,10 +188,20 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             tty,
             detach,
             tag,
-        } => match detach {
-            true => super::procs::start(reader, writer, argv, env, cwd, user, tty, tag),
-            false => exec(reader, writer, argv, env, cwd, user, tty),
-        },
+            root,
+        } => {
+            let how = How {
+                env,
+                cwd,
+                user,
+                tty,
+                root,
+            };
+            match detach {
+                true => super::procs::start(reader, writer, argv, how, tag),
+                false => exec(reader, writer, argv, how),
+            }
+        }
         Request::Attach { pid, tag } => match super::procs::find(pid, tag.as_deref()) {
             Ok(p) => super::procs::attach(reader, writer, p),
             Err(e) => write_line(&mut writer, &Reply::error(e)),
@@ -223,7 +233,15 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             // The agent itself, as the user: the operation has that user's rights only.
             let json = serde_json::to_string(&file).map_err(std::io::Error::other)?;
             let argv = vec!["/proc/self/exe".into(), "fs".into(), json];
-            exec(reader, writer, argv, Vec::new(), None, user, None)
+            exec(
+                reader,
+                writer,
+                argv,
+                How {
+                    user,
+                    ..Default::default()
+                },
+            )
         }
         Request::Put { path, name, dir } => put(reader, writer, &path, &name, dir),
         Request::Get { path } => get(writer, &path),
@@ -553,18 +571,112 @@ pub(super) enum NotStarted {
     Exit(i32, String),
 }
 
+/// How `exec` runs a command, beside the command itself (see `Request::Exec`).
+#[derive(Debug, Clone, Default)]
+pub(super) struct How {
+    pub env: Vec<String>,
+    pub cwd: Option<String>,
+    pub user: Option<String>,
+    pub tty: Option<super::Tty>,
+    pub root: Option<String>,
+}
+
+/// A container's root: what its process is given before it is chrooted there.
+struct Jail {
+    root: std::ffi::CString,
+    cwd: std::ffi::CString,
+    /// `(source, target, fstype, flags)` mounted in its mount namespace first.
+    mounts: Vec<(
+        std::ffi::CString,
+        std::ffi::CString,
+        std::ffi::CString,
+        libc::c_ulong,
+    )>,
+}
+
+impl Jail {
+    fn of(root: &std::path::Path, cwd: &str) -> Result<Jail, NotStarted> {
+        let c = |s: &str| {
+            std::ffi::CString::new(s)
+                .map_err(|_| NotStarted::Refused(format!("{s:?} has a NUL byte")))
+        };
+        let mut mounts = Vec::new();
+        for (src, dir, fs, flags) in [
+            ("proc", "proc", "proc", 0),
+            ("/dev", "dev", "", libc::MS_BIND | libc::MS_REC),
+            ("/sys", "sys", "", libc::MS_BIND | libc::MS_REC),
+        ] {
+            // Where the root has the folder (a container image has them all).
+            let target = root.join(dir);
+            if target.is_dir() {
+                mounts.push((c(src)?, c(&target.to_string_lossy())?, c(fs)?, flags));
+            }
+        }
+        Ok(Jail {
+            root: c(&root.to_string_lossy())?,
+            cwd: c(cwd)?,
+            mounts,
+        })
+    }
+
+    /// In the child, before exec: a mount namespace of its own, the mounts, the chroot.
+    fn enter(&self) -> std::io::Result<()> {
+        let err = std::io::Error::last_os_error;
+        // SAFETY: plain syscalls on NUL-terminated strings made before the fork.
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(err());
+            }
+            let none = std::ptr::null();
+            if libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                none.cast(),
+            ) != 0
+            {
+                return Err(err());
+            }
+            for (src, target, fs, flags) in &self.mounts {
+                let fs = if fs.is_empty() { none } else { fs.as_ptr() };
+                if libc::mount(src.as_ptr(), target.as_ptr(), fs, *flags, none.cast()) != 0 {
+                    return Err(err());
+                }
+            }
+            if libc::chroot(self.root.as_ptr()) != 0 || libc::chdir(self.cwd.as_ptr()) != 0 {
+                return Err(err());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Starts `argv` as `exec` asks: the image's Env, WorkingDir and User unless the request
-/// says otherwise, in a process group of its own (a session, on a terminal).
-pub(super) fn spawn(
-    argv: Vec<String>,
-    env: &[String],
-    cwd: Option<&str>,
-    user: Option<&str>,
-    tty: Option<&super::Tty>,
-) -> Result<Spawned, NotStarted> {
+/// says otherwise, in a process group of its own (a session, on a terminal); with `root`, in
+/// that folder as its root.
+pub(super) fn spawn(argv: Vec<String>, how: &How) -> Result<Spawned, NotStarted> {
     use crate::guestinit::runas;
-    // The image's Env, WorkingDir and User, unless the request says otherwise.
-    let root = std::path::Path::new("/");
+    let (env, cwd, user, tty) = (
+        &how.env[..],
+        how.cwd.as_deref(),
+        how.user.as_deref(),
+        how.tty.as_ref(),
+    );
+    let jailed = match &how.root {
+        Some(r) => {
+            let p = std::path::Path::new(r);
+            if !p.is_absolute() || !p.is_dir() {
+                return Err(NotStarted::Refused(format!(
+                    "root {r:?} is not a folder of the guest"
+                )));
+            }
+            Some(p.to_owned())
+        }
+        None => None,
+    };
+    // The image's Env, WorkingDir and User (the root's), unless the request says otherwise.
+    let root = jailed.as_deref().unwrap_or(std::path::Path::new("/"));
     let image = runas::image_config(root);
     let who =
         runas::resolve_user(user.unwrap_or(&image.user), root).map_err(NotStarted::Refused)?;
@@ -589,10 +701,23 @@ pub(super) fn spawn(
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
-    let program =
-        crate::guestinit::supervise::find_program(prog, &path).unwrap_or_else(|| prog.clone());
+    // In a root of its own, the program is found there once the process is inside (exec's
+    // own search of PATH).
+    let program = match jailed {
+        Some(_) => prog.clone(),
+        None => {
+            crate::guestinit::supervise::find_program(prog, &path).unwrap_or_else(|| prog.clone())
+        }
+    };
+    let jail = match &jailed {
+        Some(r) => Some(Jail::of(r, &cwd)?),
+        None => None,
+    };
     let mut cmd = Command::new(&program);
-    cmd.args(args).current_dir(&cwd).env_clear().envs(vars);
+    cmd.args(args).env_clear().envs(vars);
+    if jail.is_none() {
+        cmd.current_dir(&cwd);
+    }
     let pty = match tty {
         Some(t) => match open_pty(t.rows, t.cols) {
             Ok(p) => Some(p),
@@ -623,6 +748,11 @@ pub(super) fn spawn(
         // run, on memory prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
+                // A container's root first: what follows (the terminal, the user) is the same
+                // inside.
+                if let Some(j) = &jail {
+                    j.enter()?;
+                }
                 // Its own session with the terminal as its controlling one: Ctrl-C from the
                 // client reaches its foreground process group. Without a terminal, a process
                 // group of its own, which the client's signals reach (with its children).
@@ -663,41 +793,38 @@ fn exec(
     reader: BufReader<std::fs::File>,
     writer: std::fs::File,
     argv: Vec<String>,
-    env: Vec<String>,
-    cwd: Option<String>,
-    user: Option<String>,
-    tty: Option<super::Tty>,
+    how: How,
 ) -> std::io::Result<()> {
+    let tty = how.tty.clone();
     let writer = Arc::new(Mutex::new(writer));
     let reply = |r: Reply| {
         let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
         write_line(&mut *w, &r)
     };
-    let Spawned { mut child, pty } =
-        match spawn(argv, &env, cwd.as_deref(), user.as_deref(), tty.as_ref()) {
-            Ok(s) => s,
-            Err(NotStarted::Refused(why)) => return reply(Reply::error(why)),
-            Err(NotStarted::Exit(code, why)) => {
-                reply(Reply::ok())?;
-                let kind = if tty.is_some() {
-                    frame::STDOUT
-                } else {
-                    frame::STDERR
-                };
-                send(&writer, kind, format!("banger-agent: {why}\n").as_bytes())?;
-                send(&writer, frame::EXIT, &code.to_be_bytes())?;
-                // As a command's end: our side shut, then what the client still sends (its
-                // end of input) read until it closes, so the close loses nothing in flight
-                // (a close with unread input may reset the stream, and the client then
-                // misses the exit).
-                let w = writer.lock().unwrap_or_else(|p| p.into_inner());
-                // SAFETY: shutdown takes no pointers; the fd is open for the guard's lifetime.
-                unsafe { libc::shutdown(w.as_raw_fd(), libc::SHUT_WR) };
-                drop(w);
-                let _ = std::io::copy(&mut reader.take(1 << 20), &mut std::io::sink());
-                return Ok(());
-            }
-        };
+    let Spawned { mut child, pty } = match spawn(argv, &how) {
+        Ok(s) => s,
+        Err(NotStarted::Refused(why)) => return reply(Reply::error(why)),
+        Err(NotStarted::Exit(code, why)) => {
+            reply(Reply::ok())?;
+            let kind = if tty.is_some() {
+                frame::STDOUT
+            } else {
+                frame::STDERR
+            };
+            send(&writer, kind, format!("banger-agent: {why}\n").as_bytes())?;
+            send(&writer, frame::EXIT, &code.to_be_bytes())?;
+            // As a command's end: our side shut, then what the client still sends (its
+            // end of input) read until it closes, so the close loses nothing in flight
+            // (a close with unread input may reset the stream, and the client then
+            // misses the exit).
+            let w = writer.lock().unwrap_or_else(|p| p.into_inner());
+            // SAFETY: shutdown takes no pointers; the fd is open for the guard's lifetime.
+            unsafe { libc::shutdown(w.as_raw_fd(), libc::SHUT_WR) };
+            drop(w);
+            let _ = std::io::copy(&mut reader.take(1 << 20), &mut std::io::sink());
+            return Ok(());
+        }
+    };
     reply(Reply::ok())?;
     type Input = Option<Box<dyn Write + Send>>;
     let (out, err, stdin, resize_to, pty_done): (_, _, Input, _, _) = match pty {
