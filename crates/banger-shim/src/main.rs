@@ -222,6 +222,11 @@ struct Service {
     tasks: Arc<Mutex<HashMap<String, TaskState>>>,
     /// containerd's events service, once the task service runs.
     events: Option<Arc<RemotePublisher>>,
+    /// Held (shared) by every Kill while it runs; an exit is told only once none runs. A
+    /// process that dies of the signal ends before the agent answers the Kill, and containerd,
+    /// told of the exit, deletes the task and closes its connection to the shim: the Kill's
+    /// answer would be lost on it ("ttrpc: closed", as CRI's StopContainer once saw).
+    kills: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Publishes an event to containerd without holding up the call that caused it.
@@ -596,6 +601,7 @@ impl Service {
             }
             drop(input);
         });
+        let kills = self.kills.clone();
         let (events, ns, cid, eid) = (
             self.events.clone(),
             self.namespace.clone(),
@@ -630,6 +636,8 @@ impl Service {
             // Output is written before the exit is told, as runc's shim does.
             drop(out);
             drop(err);
+            // Not while a Kill (this exit's cause, often) is still to answer.
+            drop(kills.write().await);
             let at = now_secs();
             let _ = tx.send(Some((status, at)));
             publish(
@@ -677,6 +685,7 @@ impl Shim for Service {
             namespace: args.namespace.clone(),
             tasks: Default::default(),
             events: None,
+            kills: Default::default(),
         }
     }
 
@@ -955,6 +964,7 @@ impl Task for Service {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let _answering = self.kills.read().await;
         let (vm, pids) = self
             .with_proc(&req.id, &req.exec_id, |t, e| {
                 // `all`: every process of the task, as runc's shim signals the container's.
