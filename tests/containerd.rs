@@ -604,13 +604,28 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
     // The sandbox image: the busybox VM image whose process serves /etc over HTTP.
     let registry = TestRegistry::start_in_netns(bus.netns_pid());
     let layout = tempfile::tempdir().unwrap();
+    // A hostile image: its /etc/hostname (where CRI binds the pod's) leads to a host file.
+    let victim = format!("/tmp/banger-cri-victim-{}", std::process::id());
+    std::fs::write(&victim, "the host's own\n").unwrap();
     let mut layers = vm_image_layers();
     layers.push(
         Layer::default()
             .dir("etc", 0o755)
             .file("etc/pod-marker", b"from the pod sandbox\n", 0o644, 0)
+            .link(
+                "etc/hostname",
+                tar::EntryType::Symlink,
+                &format!("/../../../../../..{victim}"),
+            )
             .bytes(),
     );
+    // A volume for the web container, read-only.
+    let volume = tempfile::tempdir().unwrap();
+    std::fs::write(
+        volume.path().join("volume-file"),
+        "from the host's volume\n",
+    )
+    .unwrap();
     let m = image_manifest_configured(
         layout.path(),
         &layers,
@@ -769,6 +784,14 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
                         }),
                         command: vec![command.into()],
                         args: args.iter().map(|a| a.to_string()).collect(),
+                        mounts: (name == "web")
+                            .then(|| Mount {
+                                container_path: "/data".into(),
+                                host_path: volume.path().to_string_lossy().into_owned(),
+                                readonly: true,
+                            })
+                            .into_iter()
+                            .collect(),
                     }),
                     sandbox_config: Some(config.clone()),
                 },
@@ -811,6 +834,24 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
         said.contains("No such file") && said.contains("from the pod sandbox"),
         "the web container has a root of its own: {said}"
     );
+    // The spec's mounts: the volume (read-only) and CRI's /etc/hostname, which the image's
+    // symlink leads inside the container's root, never onto the host's file.
+    let r = exec(
+        web,
+        "cat /data/volume-file; touch /data/new 2>/dev/null; echo touch=$?; cat /etc/hostname",
+    )
+    .await;
+    let said = String::from_utf8_lossy(&r.stdout).into_owned();
+    assert_eq!(said, "from the host's volume\ntouch=1\nweb\n", "{r:?}");
+    assert_eq!(
+        std::fs::read_to_string(&victim).unwrap(),
+        "the host's own\n",
+        "the image's symlink took a mount onto the host"
+    );
+    let mountinfo =
+        std::fs::read_to_string(format!("/proc/{}/mountinfo", bus.netns_pid())).unwrap();
+    assert!(!mountinfo.contains(&victim), "{mountinfo}");
+    eprintln!("security (cri mounts): 1 image symlink out of the root tried, 0 host files reached");
     for port in ["8081", "8080"] {
         let get =
             format!("printf 'GET /pod-marker HTTP/1.0\\r\\n\\r\\n' | nc -w 3 127.0.0.1 {port}");
@@ -906,4 +947,5 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
     assert!(!vms.contains("ctr-"), "{vms}");
     let bad = check(&bus);
     assert!(bad.is_empty(), "{bad:#?}");
+    let _ = std::fs::remove_file(&victim);
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes an OCI image layout of gzip layers, in order:
-oci-layout.py LAYER_TAR_GZ UNCOMPRESSED_SHA OUT_DIR TAG [LAYER_TAR_GZ UNCOMPRESSED_SHA]..."""
+oci-layout.py LAYER_TAR_GZ UNCOMPRESSED_SHA OUT_DIR TAG [LAYER_TAR_GZ UNCOMPRESSED_SHA]...
+OCI_CONFIG (JSON, optional) is the image's run configuration (Entrypoint, Cmd, Env, ...)."""
 import hashlib, json, os, shutil, sys
 
 args = sys.argv[1:]
@@ -25,6 +26,7 @@ def blob(data=None, path=None):
 
 layers = [blob(path=p) for p, _ in pairs]
 config = json.dumps({"architecture": "amd64", "os": "linux",
+                     "config": json.loads(os.environ.get("OCI_CONFIG", "{}")),
                      "rootfs": {"type": "layers", "diff_ids": [f"sha256:{d}" for _, d in pairs]}}).encode()
 c = blob(config)
 manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",

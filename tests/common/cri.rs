@@ -143,6 +143,17 @@ pub struct ContainerMetadata {
     pub attempt: u32,
 }
 
+/// A volume: a host path in the container.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Mount {
+    #[prost(string, tag = "1")]
+    pub container_path: String,
+    #[prost(string, tag = "2")]
+    pub host_path: String,
+    #[prost(bool, tag = "3")]
+    pub readonly: bool,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ContainerConfig {
     #[prost(message, optional, tag = "1")]
@@ -153,6 +164,8 @@ pub struct ContainerConfig {
     pub command: Vec<String>,
     #[prost(string, repeated, tag = "4")]
     pub args: Vec<String>,
+    #[prost(message, repeated, tag = "7")]
+    pub mounts: Vec<Mount>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

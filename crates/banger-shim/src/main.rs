@@ -13,6 +13,7 @@
 //! namespace (issue 36).
 
 mod cgroup2;
+mod mounts;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -456,6 +457,11 @@ impl Service {
         if let Err(e) = std::fs::create_dir_all(&at).and_then(|_| bind(&rootfs, &at)) {
             return refuse(format!("cannot bind the rootfs into the pod's VM: {e}"));
         }
+        if let Err(e) = mounts::apply(&mounts::binds(config), &at) {
+            unmount(&at);
+            let _ = std::fs::remove_dir(&at);
+            return refuse(e.to_string());
+        }
         log::info!(
             "task {}: in pod {sandbox}'s VM {vm}, root {}",
             req.id,
@@ -784,6 +790,10 @@ impl Task for Service {
                 unmount(&rootfs);
                 return Err(ttrpc_err(format!("rootfs: {e}")));
             }
+        }
+        if let Err(e) = mounts::apply(&mounts::binds(&config), &rootfs) {
+            unmount(&rootfs);
+            return Err(ttrpc_err(e));
         }
         let vm = vm_name(&self.namespace, &req.id);
         std::fs::write(bundle.join(VM_FILE), &vm).map_err(ttrpc_err)?;

@@ -1,0 +1,128 @@
+//! Benchmark helper: how long a Kubernetes pod takes to be usable through containerd's CRI,
+//! as kubelet drives it: RunPodSandbox, CreateContainer and StartContainer of one container,
+//! then the first ExecSync in it returning (`true`); the image is pulled first and the pod is
+//! stopped and removed after each run, outside the timing. Prints one line per run, in seconds.
+//! Run: `cri-pod SOCKET HANDLER IMAGE RUNS` (containerd's gRPC socket, the CRI runtime handler,
+//! an image present in containerd whose `/bin/sleep` the container runs). `tests/bench/containerd`
+//! runs it against banger's handler and runc's.
+
+#[path = "../tests/common/cri.rs"]
+mod cri;
+
+use cri::*;
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, socket, handler, image, runs] = &args[..] else {
+        eprintln!("usage: cri-pod SOCKET HANDLER IMAGE RUNS");
+        std::process::exit(2);
+    };
+    let runs: u32 = runs.parse().expect("RUNS is a number");
+    let cri = Cri::new(std::path::Path::new(socket));
+    let fail = |what: &str, e: Status| -> ! {
+        eprintln!("cri-pod: {what}: {e}");
+        std::process::exit(1)
+    };
+    // The container's image, pulled through CRI once (into containerd's k8s.io namespace).
+    let _: PullImageResponse = cri
+        .image(
+            "PullImage",
+            &PullImageRequest {
+                image: Some(ImageSpec {
+                    image: image.clone(),
+                }),
+                sandbox_config: None,
+            },
+        )
+        .await
+        .unwrap_or_else(|e| fail("PullImage", e));
+    for i in 0..runs {
+        let config = PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: format!("bench-{handler}-{i}"),
+                uid: format!("bench-{handler}-{i}"),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            hostname: "bench".into(),
+            ..Default::default()
+        };
+        let t0 = std::time::Instant::now();
+        let pod: RunPodSandboxResponse = cri
+            .runtime(
+                "RunPodSandbox",
+                &RunPodSandboxRequest {
+                    config: Some(config.clone()),
+                    runtime_handler: handler.clone(),
+                },
+            )
+            .await
+            .unwrap_or_else(|e| fail("RunPodSandbox", e));
+        let made: CreateContainerResponse = cri
+            .runtime(
+                "CreateContainer",
+                &CreateContainerRequest {
+                    pod_sandbox_id: pod.pod_sandbox_id.clone(),
+                    config: Some(ContainerConfig {
+                        metadata: Some(ContainerMetadata {
+                            name: "main".into(),
+                            attempt: 0,
+                        }),
+                        image: Some(ImageSpec {
+                            image: image.clone(),
+                        }),
+                        command: vec!["/bin/sleep".into()],
+                        args: vec!["300".into()],
+                        mounts: Vec::new(),
+                    }),
+                    sandbox_config: Some(config),
+                },
+            )
+            .await
+            .unwrap_or_else(|e| fail("CreateContainer", e));
+        let id = ContainerId {
+            container_id: made.container_id.clone(),
+        };
+        let _: Empty = cri
+            .runtime("StartContainer", &id)
+            .await
+            .unwrap_or_else(|e| fail("StartContainer", e));
+        let r: ExecSyncResponse = cri
+            .runtime(
+                "ExecSync",
+                &ExecSyncRequest {
+                    container_id: made.container_id.clone(),
+                    cmd: vec!["true".into()],
+                    timeout: 60,
+                },
+            )
+            .await
+            .unwrap_or_else(|e| fail("ExecSync", e));
+        let took = t0.elapsed();
+        if r.exit_code != 0 {
+            eprintln!("cri-pod: true exited {}", r.exit_code);
+            std::process::exit(1);
+        }
+        println!("{:.2}", took.as_secs_f64());
+        let sandbox = pod.pod_sandbox_id;
+        let _: Empty = cri
+            .runtime(
+                "StopPodSandbox",
+                &StopPodSandboxRequest {
+                    pod_sandbox_id: sandbox.clone(),
+                },
+            )
+            .await
+            .unwrap_or_else(|e| fail("StopPodSandbox", e));
+        let _: Empty = cri
+            .runtime(
+                "RemovePodSandbox",
+                &RemovePodSandboxRequest {
+                    pod_sandbox_id: sandbox,
+                },
+            )
+            .await
+            .unwrap_or_else(|e| fail("RemovePodSandbox", e));
+    }
+}
