@@ -838,11 +838,11 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
     // symlink leads inside the container's root, never onto the host's file.
     let r = exec(
         web,
-        "cat /data/volume-file; touch /data/new 2>/dev/null; echo touch=$?; cat /etc/hostname",
+        "cat /data/volume-file; touch /data/new 2>/dev/null; echo touch=$?; cat /etc/hostname; hostname",
     )
     .await;
     let said = String::from_utf8_lossy(&r.stdout).into_owned();
-    assert_eq!(said, "from the host's volume\ntouch=1\nweb\n", "{r:?}");
+    assert_eq!(said, "from the host's volume\ntouch=1\nweb\nweb\n", "{r:?}");
     assert_eq!(
         std::fs::read_to_string(&victim).unwrap(),
         "the host's own\n",

@@ -543,6 +543,7 @@ async fn start(
             detach: true,
             tag: r.tag,
             root: None,
+            hostname: None,
         })
         .await?;
     let pid = reply.pid.unwrap_or_default();

@@ -81,14 +81,22 @@ struct Process {
     env: Vec<String>,
     cwd: Option<String>,
     user: Option<String>,
-    /// Its container's root in the VM, for a container of a pod (see [`Pod`]).
+    /// Its container's root in the VM, for a container of a pod (see [`pod`]).
     root: Option<String>,
+    /// The spec's host name.
+    hostname: Option<String>,
 }
 
 impl Process {
     /// From a bundle's `config.json`.
     fn of(config: &Value) -> Process {
-        Process::of_spec(&config["process"])
+        Process {
+            hostname: config["hostname"]
+                .as_str()
+                .filter(|h| !h.is_empty())
+                .map(str::to_owned),
+            ..Process::of_spec(&config["process"])
+        }
     }
 
     /// From an OCI process spec (`config.json`'s `process`, or an exec's).
@@ -111,6 +119,7 @@ impl Process {
             cwd: p["cwd"].as_str().map(str::to_owned),
             user,
             root: None,
+            hostname: None,
         }
     }
 }
@@ -453,6 +462,9 @@ impl Service {
             ));
         };
         let vm = s.vm.clone();
+        // The pod's host name is its sandbox's (CRI's containers join the sandbox's UTS
+        // namespace rather than naming one).
+        let pod_hostname = s.procs[""].spec.process.hostname.clone();
         let at = s.bundle.join("rootfs").join(pod::CONTAINERS).join(&req.id);
         if let Err(e) = std::fs::create_dir_all(&at).and_then(|_| bind(&rootfs, &at)) {
             return refuse(format!("cannot bind the rootfs into the pod's VM: {e}"));
@@ -469,6 +481,7 @@ impl Service {
         );
         let mut process = Process::of(config);
         process.root = Some(format!("/{}/{}", pod::CONTAINERS, req.id));
+        process.hostname = process.hostname.or(pod_hostname);
         let init = Proc::new(process, req.terminal, &req.stdin, &req.stdout, &req.stderr);
         tasks.insert(
             req.id.clone(),
@@ -514,6 +527,7 @@ impl Service {
             detach: true,
             tag: None,
             root: spec.process.root.clone(),
+            hostname: spec.process.hostname.clone(),
         };
         let (reply, conn) = agent::request(stream, &req)
             .await
@@ -903,6 +917,7 @@ impl Task for Service {
             .ok_or_else(|| ttrpc_err(format!("no task {}", req.id)))?;
         // An exec in a container of a pod runs in that container's root.
         process.root = t.procs[""].spec.process.root.clone();
+        process.hostname = t.procs[""].spec.process.hostname.clone();
         let p = Proc::new(process, req.terminal, &req.stdin, &req.stdout, &req.stderr);
         if t.procs.contains_key(&req.exec_id) {
             return Err(ttrpc_err(format!("exec {} exists", req.exec_id)));

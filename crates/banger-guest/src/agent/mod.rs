@@ -114,6 +114,9 @@ pub enum Request {
         /// folder's.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         root: Option<String>,
+        /// Its host name, in a UTS namespace of its own (a container's, as its spec says).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hostname: Option<String>,
     },
     /// Attach to a process of the table (by `pid` or `tag`): its output from now on and its
     /// exit come as `exec`'s frames; `STDIN`, `RESIZE` and `SIGNAL` frames reach it (an
@@ -281,6 +284,8 @@ pub struct ExecRequest {
     pub tag: Option<String>,
     /// The folder of the guest that is its root (see [`Request::Exec`]).
     pub root: Option<String>,
+    /// Its own host name (see [`Request::Exec`]).
+    pub hostname: Option<String>,
 }
 
 impl ExecRequest {
@@ -326,6 +331,7 @@ impl From<ExecRequest> for Request {
             detach: e.detach,
             tag: e.tag,
             root: e.root,
+            hostname: e.hostname,
         }
     }
 }
@@ -493,6 +499,7 @@ mod tests {
             detach: false,
             tag: None,
             root: None,
+            hostname: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.starts_with(r#"{"op":"exec""#), "{s}");

@@ -189,6 +189,7 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             detach,
             tag,
             root,
+            hostname,
         } => {
             let how = How {
                 env,
@@ -196,6 +197,7 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
                 user,
                 tty,
                 root,
+                hostname,
             };
             match detach {
                 true => super::procs::start(reader, writer, argv, how, tag),
@@ -579,6 +581,7 @@ pub(super) struct How {
     pub user: Option<String>,
     pub tty: Option<super::Tty>,
     pub root: Option<String>,
+    pub hostname: Option<String>,
 }
 
 /// A container's root: what its process is given before it is chrooted there.
@@ -713,6 +716,18 @@ pub(super) fn spawn(argv: Vec<String>, how: &How) -> Result<Spawned, NotStarted>
         Some(r) => Some(Jail::of(r, &cwd)?),
         None => None,
     };
+    let hostname = match &how.hostname {
+        Some(h)
+            if !h.is_empty()
+                && h.len() <= 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b)) =>
+        {
+            Some(h.clone().into_bytes())
+        }
+        Some(h) => return Err(NotStarted::Refused(format!("{h:?} is not a host name"))),
+        None => None,
+    };
     let mut cmd = Command::new(&program);
     cmd.args(args).env_clear().envs(vars);
     if jail.is_none() {
@@ -752,6 +767,13 @@ pub(super) fn spawn(argv: Vec<String>, how: &How) -> Result<Spawned, NotStarted>
                 // inside.
                 if let Some(j) = &jail {
                     j.enter()?;
+                }
+                if let Some(h) = &hostname {
+                    if libc::unshare(libc::CLONE_NEWUTS) != 0
+                        || libc::sethostname(h.as_ptr().cast(), h.len()) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 // Its own session with the terminal as its controlling one: Ctrl-C from the
                 // client reaches its foreground process group. Without a terminal, a process
