@@ -143,6 +143,14 @@ impl Containerd {
     }
 }
 
+/// The value of metric `name` (a line's start) in `ctr task metrics`' output.
+fn metric_of(out: &Output, name: &str) -> u64 {
+    text(out)
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in ctr task metrics: {}", text(out)))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime() {
     if !available(&["containerd", "ctr"]) {
@@ -227,15 +235,7 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
     // far end as eth0): the VM takes over eth0, and the process reaches the veth's near end,
     // in the daemon's namespace, from eth0's address.
     let ns = format!("bctr{}", std::process::id());
-    let ns_sh = |script: &str| {
-        let out = bus
-            .in_namespaces("sh")
-            .args(["-c", script])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{script}: {}", text(&out));
-    };
-    ns_sh(&format!(
+    bus.sh_in_namespaces(&format!(
         "set -e; ip netns add {ns}; ip link add bch0 type veth peer name eth0 netns {ns}; \
          ip addr add 10.78.0.1/24 dev bch0; ip link set bch0 up; \
          ip -n {ns} addr add 10.78.0.2/24 dev eth0; ip -n {ns} link set eth0 up; \
@@ -274,7 +274,7 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
     );
     let heard = listener.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&heard.stdout), "from-the-pod\n");
-    ns_sh(&format!("ip netns del {ns}"));
+    bus.sh_in_namespaces(&format!("ip netns del {ns}"));
     // Its exit status.
     let out = run("t2", &["sh", "-c", "echo to-err >&2; exit 7"]);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
@@ -340,12 +340,7 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
     let out = containerd.ctr(&bus, &detached);
     assert!(out.status.success(), "ctr run -d: {}", text(&out));
     let out = containerd.ctr(&bus, &["task", "metrics", "d1"]);
-    let metric = |name: &str| -> u64 {
-        text(&out)
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in ctr task metrics: {}", text(&out)))
-    };
+    let metric = |name: &str| metric_of(&out, name);
     assert!(
         0 < metric("memory.usage_in_bytes")
             && metric("memory.usage_in_bytes") < metric("memory.limit_in_bytes")
@@ -549,12 +544,7 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
     );
     assert!(out.status.success(), "ctr run -d: {}", text(&out));
     let out = containerd.ctr(&bus, &["task", "metrics", "d5"]);
-    let metric = |name: &str| -> u64 {
-        text(&out)
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in ctr task metrics: {}", text(&out)))
-    };
+    let metric = |name: &str| metric_of(&out, name);
     assert!(
         0 < metric("memory.usage ")
             && metric("memory.usage ") < metric("memory.usage_limit")

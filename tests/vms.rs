@@ -3373,17 +3373,6 @@ async fn a_host_folder_boots_as_a_vms_root_served_as_its_owner() {
     assert!(share_servers(&bus).is_empty(), "its virtiofsd went with it");
 }
 
-/// `sh -c script` in the daemon's network and mount namespaces; its stdout.
-fn in_daemon_ns(bus: &TestBus, script: &str) -> String {
-    let out = bus
-        .in_namespaces("sh")
-        .args(["-c", script])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{script}: {}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A VM given a network namespace (CreateVM netns, as containerd's shim does for a pod) takes
 /// over that namespace's eth0: its tap lives there, wired to eth0 both ways, and the guest has
 /// eth0's address, MAC and default route. The namespace here is a veth pair's far end, as
@@ -3400,20 +3389,16 @@ async fn a_vm_given_a_network_namespace_takes_over_its_eth0() {
     let ns = format!("bnt{}", std::process::id());
     let path = format!("/run/netns/{ns}");
     let bare = format!("{ns}-bare");
-    in_daemon_ns(
-        &bus,
-        &format!(
-            "set -e; ip netns add {ns}; ip netns add {bare}; \
+    bus.sh_in_namespaces(&format!(
+        "set -e; ip netns add {ns}; ip netns add {bare}; \
              ip link add bnh0 type veth peer name eth0 netns {ns}; \
              ip addr add 10.77.0.1/24 dev bnh0; ip link set bnh0 up; \
              ip -n {ns} addr add 10.77.0.2/24 dev eth0; ip -n {ns} link set eth0 up; \
              ip -n {ns} link set lo up; ip -n {ns} route add default via 10.77.0.1"
-        ),
-    );
-    let mac = in_daemon_ns(
-        &bus,
-        &format!("cat /sys/class/net/bnh0/address; ip -n {ns} -o link show eth0"),
-    );
+    ));
+    let mac = bus.sh_in_namespaces(&format!(
+        "cat /sys/class/net/bnh0/address; ip -n {ns} -o link show eth0"
+    ));
     let mac = mac
         .split_whitespace()
         .skip_while(|w| *w != "link/ether")
@@ -3521,10 +3506,9 @@ async fn a_vm_given_a_network_namespace_takes_over_its_eth0() {
     };
     reach("first start");
     let wiring = || {
-        in_daemon_ns(
-            &bus,
-            &format!("ip -n {ns} -o link show; tc -n {ns} qdisc show dev eth0"),
-        )
+        bus.sh_in_namespaces(&format!(
+            "ip -n {ns} -o link show; tc -n {ns} qdisc show dev eth0"
+        ))
     };
     let wired = wiring();
     assert!(
@@ -3532,7 +3516,7 @@ async fn a_vm_given_a_network_namespace_takes_over_its_eth0() {
         "{wired}"
     );
     assert!(
-        !in_daemon_ns(&bus, "ip -o link show").contains("bgr"),
+        !bus.sh_in_namespaces("ip -o link show").contains("bgr"),
         "the tap is in the namespace, not the daemon's"
     );
     // Stopped: the tap and eth0's wiring go; started again, both come back.
@@ -3575,7 +3559,7 @@ async fn a_vm_given_a_network_namespace_takes_over_its_eth0() {
     assert!(!left.contains("bgr") && !left.contains("ingress"), "{left}");
     let bad = common::invariants::check(&bus);
     assert!(bad.is_empty(), "{bad:#?}");
-    in_daemon_ns(&bus, &format!("ip netns del {ns}; ip netns del {bare}"));
+    bus.sh_in_namespaces(&format!("ip netns del {ns}; ip netns del {bare}"));
 }
 
 fn main() {

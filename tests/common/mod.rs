@@ -437,6 +437,18 @@ impl TestBus {
         c
     }
 
+    /// `sh -c script` in the bus's network and mount namespaces, which must succeed; its
+    /// stdout.
+    pub fn sh_in_namespaces(&self, script: &str) -> String {
+        let out = self
+            .in_namespaces("sh")
+            .args(["-c", script])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// A new client connection as root.
     pub async fn connect(&self) -> Connection {
         zbus::connection::Builder::address(self.address.as_str())

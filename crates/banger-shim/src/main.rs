@@ -189,6 +189,19 @@ struct TaskState {
     in_pod: Option<PathBuf>,
 }
 
+impl TaskState {
+    /// A task just created, its init process not started.
+    fn new(vm: String, bundle: PathBuf, init: Proc, in_pod: Option<PathBuf>) -> TaskState {
+        TaskState {
+            vm,
+            bundle,
+            paused: false,
+            procs: HashMap::from([(String::new(), init)]),
+            in_pod,
+        }
+    }
+}
+
 /// Kubernetes' pods, as CRI marks their containers' specs: one VM per pod, the sandbox's.
 /// Every container of the pod is in the shim of its sandbox (`start` groups them by the
 /// sandbox's id), and each runs in the sandbox's VM with its own rootfs as its root: the
@@ -483,16 +496,7 @@ impl Service {
         process.root = Some(format!("/{}/{}", pod::CONTAINERS, req.id));
         process.hostname = process.hostname.or(pod_hostname);
         let init = Proc::new(process, req.terminal, &req.stdin, &req.stdout, &req.stderr);
-        tasks.insert(
-            req.id.clone(),
-            TaskState {
-                vm,
-                bundle,
-                paused: false,
-                procs: HashMap::from([(String::new(), init)]),
-                in_pod: Some(at),
-            },
-        );
+        tasks.insert(req.id.clone(), TaskState::new(vm, bundle, init, Some(at)));
         drop(tasks);
         self.created(req);
         Ok(api::CreateTaskResponse::default())
@@ -838,16 +842,10 @@ impl Task for Service {
             &req.stdout,
             &req.stderr,
         );
-        self.tasks.lock().await.insert(
-            req.id.clone(),
-            TaskState {
-                vm,
-                bundle,
-                paused: false,
-                procs: HashMap::from([(String::new(), init)]),
-                in_pod: None,
-            },
-        );
+        self.tasks
+            .lock()
+            .await
+            .insert(req.id.clone(), TaskState::new(vm, bundle, init, None));
         self.created(&req);
         Ok(api::CreateTaskResponse::default())
     }
