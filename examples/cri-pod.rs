@@ -81,11 +81,8 @@ async fn main() {
             )
             .await
             .unwrap_or_else(|e| fail("CreateContainer", e));
-        let id = ContainerId {
-            container_id: made.container_id.clone(),
-        };
         let _: Empty = cri
-            .runtime("StartContainer", &id)
+            .on_container("StartContainer", &made.container_id)
             .await
             .unwrap_or_else(|e| fail("StartContainer", e));
         let r: ExecSyncResponse = cri

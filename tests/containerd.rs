@@ -789,12 +789,7 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
             .await
             .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", containerd.log()));
         let _: Empty = cri
-            .runtime(
-                "StartContainer",
-                &ContainerId {
-                    container_id: made.container_id.clone(),
-                },
-            )
+            .on_container("StartContainer", &made.container_id)
             .await
             .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", containerd.log()));
         containers.push(made.container_id);
@@ -860,12 +855,7 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
         );
     }
     let stats: ContainerStatsResponse = cri
-        .runtime(
-            "ContainerStats",
-            &ContainerId {
-                container_id: client.clone(),
-            },
-        )
+        .on_container("ContainerStats", &client)
         .await
         .unwrap_or_else(|e| panic!("ContainerStats: {e}\n{}", containerd.log()));
     let st = stats.stats.unwrap_or_default();
@@ -899,12 +889,7 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
             .await
             .unwrap_or_else(|e| panic!("StopContainer: {e}\n{}", containerd.log()));
         let _: Empty = cri
-            .runtime(
-                "RemoveContainer",
-                &ContainerId {
-                    container_id: c.clone(),
-                },
-            )
+            .on_container("RemoveContainer", &c)
             .await
             .unwrap_or_else(|e| panic!("RemoveContainer: {e}\n{}", containerd.log()));
     }

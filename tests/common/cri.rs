@@ -362,6 +362,19 @@ impl Cri {
         R::decode(msg).map_err(|e| transport(&e))
     }
 
+    /// A RuntimeService call whose request is a container's id alone (StartContainer,
+    /// RemoveContainer, ContainerStats).
+    pub async fn on_container<R: prost::Message + Default>(
+        &self,
+        method: &str,
+        id: &str,
+    ) -> Result<R, Status> {
+        let req = ContainerId {
+            container_id: id.to_owned(),
+        };
+        self.runtime(method, &req).await
+    }
+
     pub async fn image<Q: prost::Message, R: prost::Message + Default>(
         &self,
         method: &str,
