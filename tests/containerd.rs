@@ -855,7 +855,7 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
         );
     }
     let stats: ContainerStatsResponse = cri
-        .on_container("ContainerStats", &client)
+        .on_container("ContainerStats", client)
         .await
         .unwrap_or_else(|e| panic!("ContainerStats: {e}\n{}", containerd.log()));
     let st = stats.stats.unwrap_or_default();
