@@ -889,7 +889,7 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
             .await
             .unwrap_or_else(|e| panic!("StopContainer: {e}\n{}", containerd.log()));
         let _: Empty = cri
-            .on_container("RemoveContainer", &c)
+            .on_container("RemoveContainer", c)
             .await
             .unwrap_or_else(|e| panic!("RemoveContainer: {e}\n{}", containerd.log()));
     }
