@@ -102,24 +102,11 @@ async fn main() {
             std::process::exit(1);
         }
         println!("{:.2}", took.as_secs_f64());
-        let sandbox = pod.pod_sandbox_id;
-        let _: Empty = cri
-            .runtime(
-                "StopPodSandbox",
-                &StopPodSandboxRequest {
-                    pod_sandbox_id: sandbox.clone(),
-                },
-            )
-            .await
-            .unwrap_or_else(|e| fail("StopPodSandbox", e));
-        let _: Empty = cri
-            .runtime(
-                "RemovePodSandbox",
-                &RemovePodSandboxRequest {
-                    pod_sandbox_id: sandbox,
-                },
-            )
-            .await
-            .unwrap_or_else(|e| fail("RemovePodSandbox", e));
+        for method in ["StopPodSandbox", "RemovePodSandbox"] {
+            let _: Empty = cri
+                .on_pod(method, &pod.pod_sandbox_id)
+                .await
+                .unwrap_or_else(|e| fail(method, e));
+        }
     }
 }

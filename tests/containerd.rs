@@ -898,28 +898,92 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
         ("StopPodSandbox", "stopped"),
         ("RemovePodSandbox", "removed"),
     ] {
-        let r: Result<Empty, Status> = if method == "StopPodSandbox" {
-            cri.runtime(
-                method,
-                &StopPodSandboxRequest {
-                    pod_sandbox_id: id.clone(),
-                },
-            )
-            .await
-        } else {
-            cri.runtime(
-                method,
-                &RemovePodSandboxRequest {
-                    pod_sandbox_id: id.clone(),
-                },
-            )
-            .await
-        };
+        let r: Result<Empty, Status> = cri.on_pod(method, &id).await;
         r.unwrap_or_else(|e| panic!("{method}: {e}\n{}", containerd.log()));
         eprintln!("cri: pod {id} {done}");
     }
     let vms = text(&bus.banger_as(None, &["vm", "list"]));
     assert!(!vms.contains("ctr-"), "{vms}");
+
+    // A pod whose shim is SIGKILLed with a container running in it: containerd's cleanup
+    // (the shim's delete) removes the pod's VM and unmounts the roots; the pod then stops and
+    // goes as any other, and nothing of it is left.
+    let crashed = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "crash".into(),
+            uid: "pod-uid-2".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: "crash".into(),
+        ..Default::default()
+    };
+    let pod: RunPodSandboxResponse = cri
+        .runtime(
+            "RunPodSandbox",
+            &RunPodSandboxRequest {
+                config: Some(crashed.clone()),
+                runtime_handler: "banger".into(),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log()));
+    let crash_id = pod.pod_sandbox_id;
+    let made: CreateContainerResponse = cri
+        .runtime(
+            "CreateContainer",
+            &CreateContainerRequest {
+                pod_sandbox_id: crash_id.clone(),
+                config: Some(ContainerConfig {
+                    metadata: Some(ContainerMetadata {
+                        name: "sleeper".into(),
+                        attempt: 0,
+                    }),
+                    image: Some(ImageSpec {
+                        image: sandbox_image.clone(),
+                    }),
+                    command: vec!["/bin/sleep".into()],
+                    args: vec!["300".into()],
+                    mounts: Vec::new(),
+                }),
+                sandbox_config: Some(crashed),
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", containerd.log()));
+    let _: Empty = cri
+        .on_container("StartContainer", &made.container_id)
+        .await
+        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", containerd.log()));
+    let shims: Vec<i32> = processes_mentioning(&format!("-id\x00{crash_id}"))
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_link(format!("/proc/{p}/exe"))
+                .is_ok_and(|e| e.ends_with("containerd-shim-banger-v2"))
+        })
+        .collect();
+    assert_eq!(shims.len(), 1, "the pod's one shim");
+    // SAFETY: kill takes no pointers.
+    unsafe { libc::kill(shims[0], libc::SIGKILL) };
+    wait_until(
+        "the killed pod's VM to be deleted",
+        Duration::from_secs(60),
+        || !text(&bus.banger_as(None, &["vm", "list"])).contains("ctr-"),
+    );
+    for method in ["StopPodSandbox", "RemovePodSandbox"] {
+        let r: Result<Empty, Status> = cri.on_pod(method, &crash_id).await;
+        r.unwrap_or_else(|e| panic!("{method} after the shim's death: {e}\n{}", containerd.log()));
+    }
+    let mountinfo =
+        std::fs::read_to_string(format!("/proc/{}/mountinfo", bus.netns_pid())).unwrap();
+    for id in [&crash_id, &made.container_id, &id] {
+        assert!(
+            !mountinfo.contains(id.as_str()),
+            "a mount of {id} is left: {mountinfo}"
+        );
+    }
+    eprintln!("cri: pod {crash_id} cleaned up after its shim was killed");
+
     let bad = check(&bus);
     assert!(bad.is_empty(), "{bad:#?}");
     let _ = std::fs::remove_file(&victim);

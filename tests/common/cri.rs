@@ -103,14 +103,9 @@ pub struct PodSandboxStatusResponse {
     pub status: Option<PodSandboxStatus>,
 }
 
+/// `StopPodSandboxRequest`, `RemovePodSandboxRequest`: a pod sandbox's id.
 #[derive(Clone, PartialEq, prost::Message)]
-pub struct StopPodSandboxRequest {
-    #[prost(string, tag = "1")]
-    pub pod_sandbox_id: String,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RemovePodSandboxRequest {
+pub struct PodId {
     #[prost(string, tag = "1")]
     pub pod_sandbox_id: String,
 }
@@ -371,6 +366,19 @@ impl Cri {
     ) -> Result<R, Status> {
         let req = ContainerId {
             container_id: id.to_owned(),
+        };
+        self.runtime(method, &req).await
+    }
+
+    /// A RuntimeService call whose request is a pod sandbox's id alone (StopPodSandbox,
+    /// RemovePodSandbox).
+    pub async fn on_pod<R: prost::Message + Default>(
+        &self,
+        method: &str,
+        id: &str,
+    ) -> Result<R, Status> {
+        let req = PodId {
+            pod_sandbox_id: id.to_owned(),
         };
         self.runtime(method, &req).await
     }
