@@ -38,58 +38,30 @@ async fn main() {
         .await
         .unwrap_or_else(|e| fail("PullImage", e));
     for i in 0..runs {
-        let config = PodSandboxConfig {
-            metadata: Some(PodSandboxMetadata {
-                name: format!("bench-{handler}-{i}"),
-                uid: format!("bench-{handler}-{i}"),
-                namespace: "default".into(),
-                attempt: 0,
-            }),
-            hostname: "bench".into(),
-            ..Default::default()
-        };
+        let name = format!("bench-{handler}-{i}");
+        let config = pod_config(&name, &name);
         let t0 = std::time::Instant::now();
-        let pod: RunPodSandboxResponse = cri
-            .runtime(
-                "RunPodSandbox",
-                &RunPodSandboxRequest {
-                    config: Some(config.clone()),
-                    runtime_handler: handler.clone(),
-                },
-            )
+        let pod = cri
+            .run_pod(&config, handler)
             .await
             .unwrap_or_else(|e| fail("RunPodSandbox", e));
-        let made: CreateContainerResponse = cri
-            .runtime(
-                "CreateContainer",
-                &CreateContainerRequest {
-                    pod_sandbox_id: pod.pod_sandbox_id.clone(),
-                    config: Some(ContainerConfig {
-                        metadata: Some(ContainerMetadata {
-                            name: "main".into(),
-                            attempt: 0,
-                        }),
-                        image: Some(ImageSpec {
-                            image: image.clone(),
-                        }),
-                        command: vec!["/bin/sleep".into()],
-                        args: vec!["300".into()],
-                        mounts: Vec::new(),
-                    }),
-                    sandbox_config: Some(config),
-                },
+        let made = cri
+            .create_container(
+                &pod,
+                &config,
+                container_config("main", image, "/bin/sleep", &["300"]),
             )
             .await
             .unwrap_or_else(|e| fail("CreateContainer", e));
         let _: Empty = cri
-            .on_container("StartContainer", &made.container_id)
+            .on_container("StartContainer", &made)
             .await
             .unwrap_or_else(|e| fail("StartContainer", e));
         let r: ExecSyncResponse = cri
             .runtime(
                 "ExecSync",
                 &ExecSyncRequest {
-                    container_id: made.container_id.clone(),
+                    container_id: made.clone(),
                     cmd: vec!["true".into()],
                     timeout: 60,
                 },
@@ -104,7 +76,7 @@ async fn main() {
         println!("{:.2}", took.as_secs_f64());
         for method in ["StopPodSandbox", "RemovePodSandbox"] {
             let _: Empty = cri
-                .on_pod(method, &pod.pod_sandbox_id)
+                .on_pod(method, &pod)
                 .await
                 .unwrap_or_else(|e| fail(method, e));
         }

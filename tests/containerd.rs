@@ -687,27 +687,11 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
         .unwrap_or_else(|e| panic!("CRI Version: {e}\n{}", containerd.log()));
     assert_eq!(v.runtime_name, "containerd", "{v:?}");
 
-    let config = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "web".into(),
-            uid: "pod-uid-1".into(),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: "web".into(),
-        ..Default::default()
-    };
-    let pod: RunPodSandboxResponse = cri
-        .runtime(
-            "RunPodSandbox",
-            &RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: "banger".into(),
-            },
-        )
+    let config = pod_config("web", "pod-uid-1");
+    let id = cri
+        .run_pod(&config, "banger")
         .await
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log()));
-    let id = pod.pod_sandbox_id;
     // One banger VM for the pod, named by its sandbox's id.
     let vms = text(&bus.banger_as(None, &["vm", "list"]));
     assert_eq!(vms.matches("ctr-k8s-io-").count(), 1, "{vms}");
@@ -765,40 +749,23 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
         ("web", "/bin/httpd", &["-f", "-p", "8081", "-h", "/etc"][..]),
         ("client", "/bin/sleep", &["300"][..]),
     ] {
-        let made: CreateContainerResponse = cri
-            .runtime(
-                "CreateContainer",
-                &CreateContainerRequest {
-                    pod_sandbox_id: id.clone(),
-                    config: Some(ContainerConfig {
-                        metadata: Some(ContainerMetadata {
-                            name: name.into(),
-                            attempt: 0,
-                        }),
-                        image: Some(ImageSpec {
-                            image: sandbox_image.clone(),
-                        }),
-                        command: vec![command.into()],
-                        args: args.iter().map(|a| a.to_string()).collect(),
-                        mounts: (name == "web")
-                            .then(|| Mount {
-                                container_path: "/data".into(),
-                                host_path: volume.path().to_string_lossy().into_owned(),
-                                readonly: true,
-                            })
-                            .into_iter()
-                            .collect(),
-                    }),
-                    sandbox_config: Some(config.clone()),
-                },
-            )
+        let mut c = container_config(name, &sandbox_image, command, args);
+        if name == "web" {
+            c.mounts.push(Mount {
+                container_path: "/data".into(),
+                host_path: volume.path().to_string_lossy().into_owned(),
+                readonly: true,
+            });
+        }
+        let made = cri
+            .create_container(&id, &config, c)
             .await
             .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", containerd.log()));
         let _: Empty = cri
-            .on_container("StartContainer", &made.container_id)
+            .on_container("StartContainer", &made)
             .await
             .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", containerd.log()));
-        containers.push(made.container_id);
+        containers.push(made);
     }
     let exec = |c: &str, script: &str| {
         let req = ExecSyncRequest {
@@ -914,51 +881,21 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
     // A pod whose shim is SIGKILLed with a container running in it: containerd's cleanup
     // (the shim's delete) removes the pod's VM and unmounts the roots; the pod then stops and
     // goes as any other, and nothing of it is left.
-    let crashed = PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: "crash".into(),
-            uid: "pod-uid-2".into(),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: "crash".into(),
-        ..Default::default()
-    };
-    let pod: RunPodSandboxResponse = cri
-        .runtime(
-            "RunPodSandbox",
-            &RunPodSandboxRequest {
-                config: Some(crashed.clone()),
-                runtime_handler: "banger".into(),
-            },
-        )
+    let crashed = pod_config("crash", "pod-uid-2");
+    let crash_id = cri
+        .run_pod(&crashed, "banger")
         .await
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log()));
-    let crash_id = pod.pod_sandbox_id;
-    let made: CreateContainerResponse = cri
-        .runtime(
-            "CreateContainer",
-            &CreateContainerRequest {
-                pod_sandbox_id: crash_id.clone(),
-                config: Some(ContainerConfig {
-                    metadata: Some(ContainerMetadata {
-                        name: "sleeper".into(),
-                        attempt: 0,
-                    }),
-                    image: Some(ImageSpec {
-                        image: sandbox_image.clone(),
-                    }),
-                    command: vec!["/bin/sleep".into()],
-                    args: vec!["300".into()],
-                    mounts: Vec::new(),
-                }),
-                sandbox_config: Some(crashed),
-            },
+    let made = cri
+        .create_container(
+            &crash_id,
+            &crashed,
+            container_config("sleeper", &sandbox_image, "/bin/sleep", &["300"]),
         )
         .await
         .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", containerd.log()));
     let _: Empty = cri
-        .on_container("StartContainer", &made.container_id)
+        .on_container("StartContainer", &made)
         .await
         .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", containerd.log()));
     let shims: Vec<i32> = processes_mentioning(&format!("-id\x00{crash_id}"))
@@ -982,7 +919,7 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
     }
     let mountinfo =
         std::fs::read_to_string(format!("/proc/{}/mountinfo", bus.netns_pid())).unwrap();
-    for id in [&crash_id, &made.container_id, &id] {
+    for id in [&crash_id, &made, &id] {
         assert!(
             !mountinfo.contains(id.as_str()),
             "a mount of {id} is left: {mountinfo}"

@@ -269,6 +269,37 @@ impl std::fmt::Display for Status {
     }
 }
 
+/// A pod's configuration: its name (also its host name) and uid, in namespace `default`.
+pub fn pod_config(name: &str, uid: &str) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: uid.into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        ..Default::default()
+    }
+}
+
+/// A container's configuration: its name, image, command (the image's Entrypoint's stead) and
+/// arguments.
+pub fn container_config(name: &str, image: &str, command: &str, args: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: image.into(),
+        }),
+        command: vec![command.into()],
+        args: args.iter().map(|a| a.to_string()).collect(),
+        mounts: Vec::new(),
+    }
+}
+
 /// containerd's CRI on its gRPC socket.
 pub struct Cri {
     socket: PathBuf,
@@ -368,6 +399,36 @@ impl Cri {
             container_id: id.to_owned(),
         };
         self.runtime(method, &req).await
+    }
+
+    /// RunPodSandbox of `config` with runtime handler `handler`: the sandbox's id.
+    pub async fn run_pod(
+        &self,
+        config: &PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String, Status> {
+        let req = RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.into(),
+        };
+        let r: RunPodSandboxResponse = self.runtime("RunPodSandbox", &req).await?;
+        Ok(r.pod_sandbox_id)
+    }
+
+    /// CreateContainer of `config` in pod `pod` (made with `sandbox`): the container's id.
+    pub async fn create_container(
+        &self,
+        pod: &str,
+        sandbox: &PodSandboxConfig,
+        config: ContainerConfig,
+    ) -> Result<String, Status> {
+        let req = CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(sandbox.clone()),
+        };
+        let r: CreateContainerResponse = self.runtime("CreateContainer", &req).await?;
+        Ok(r.container_id)
     }
 
     /// A RuntimeService call whose request is a pod sandbox's id alone (StopPodSandbox,
