@@ -96,18 +96,18 @@ impl Proc {
         self.lock().subscribers.retain(|(i, _)| *i != id);
     }
 
-    /// The process ended with `code`: every attached connection gets it, and the table
-    /// forgets the process.
+    /// The process ended with `code`: the table forgets the process, then every attached
+    /// connection gets the exit (so a client told of the exit never finds it listed after).
     fn finish(self: &Arc<Self>, code: i32) {
         let subs = {
             let mut st = self.lock();
             st.exit = Some(code);
             std::mem::take(&mut st.subscribers)
         };
+        table().retain(|p| !Arc::ptr_eq(p, self));
         for (_, tx) in subs {
             let _ = tx.send((frame::EXIT, code.to_be_bytes().to_vec()));
         }
-        table().retain(|p| !Arc::ptr_eq(p, self));
     }
 
     fn write_input(&self, data: &[u8]) -> bool {
