@@ -362,3 +362,41 @@ async fn a_watch_streams_changes_until_its_client_ends_it() {
     let (_, _, code) = frames(&mut c, |_| false);
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test]
+async fn a_command_runs_under_the_resource_limits_it_is_given() {
+    use banger::agent::frame;
+    use serde_json::json;
+    let Some(a) = Agent::start() else { return };
+    let exec = |rlimits: serde_json::Value| {
+        let (reply, mut c) = request(
+            &a,
+            json!({"op": "exec", "argv": ["sh", "-c", "ulimit -n; ulimit -Hn"], "rlimits": rlimits}),
+        );
+        if reply["ok"] == true {
+            frame(&mut c, frame::STDIN, b"");
+        }
+        (reply, frames(&mut c, |_| false))
+    };
+    let (reply, (out, _, code)) = exec(json!([{"type": "RLIMIT_NOFILE", "soft": 77, "hard": 99}]));
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(
+        (String::from_utf8_lossy(&out).as_ref(), code),
+        ("77\n99\n", Some(0))
+    );
+    // Refused by name: a limit the kernel does not know, a soft limit above the hard one.
+    for (bad, says) in [
+        (
+            json!([{"type": "RLIMIT_NOPE", "soft": 1, "hard": 1}]),
+            "not a resource limit",
+        ),
+        (
+            json!([{"type": "RLIMIT_NOFILE", "soft": 9, "hard": 8}]),
+            "above the hard limit",
+        ),
+    ] {
+        let (reply, _) = exec(bad);
+        assert_eq!(reply["ok"], false, "{reply}");
+        assert!(reply["error"].as_str().unwrap().contains(says), "{reply}");
+    }
+}

@@ -544,6 +544,7 @@ async fn start(
             tag: r.tag,
             root: None,
             hostname: None,
+            rlimits: Vec::new(),
         })
         .await?;
     let pid = reply.pid.unwrap_or_default();

@@ -85,6 +85,8 @@ struct Process {
     root: Option<String>,
     /// The spec's host name.
     hostname: Option<String>,
+    /// The spec's resource limits.
+    rlimits: Vec<banger_guest::agent::Rlimit>,
 }
 
 impl Process {
@@ -120,6 +122,7 @@ impl Process {
             user,
             root: None,
             hostname: None,
+            rlimits: serde_json::from_value(p["rlimits"].clone()).unwrap_or_default(),
         }
     }
 }
@@ -532,6 +535,7 @@ impl Service {
             tag: None,
             root: spec.process.root.clone(),
             hostname: spec.process.hostname.clone(),
+            rlimits: spec.process.rlimits.clone(),
         };
         let (reply, conn) = agent::request(stream, &req)
             .await
@@ -1334,11 +1338,21 @@ mod tests {
     fn the_process_comes_from_the_bundles_config() {
         let p = Process::of(&json!({"process": {
             "args": ["sh", "-c", "exit 7"], "env": ["PATH=/bin"], "cwd": "/",
-            "user": {"uid": 0, "gid": 0}
-        }}));
+            "user": {"uid": 0, "gid": 0},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 512}]
+        }, "hostname": "web"}));
         assert_eq!(p.args, ["sh", "-c", "exit 7"]);
         assert_eq!(p.env, ["PATH=/bin"]);
         assert_eq!(p.cwd.as_deref(), Some("/"));
         assert_eq!(p.user.as_deref(), Some("0:0"));
+        assert_eq!(p.hostname.as_deref(), Some("web"));
+        assert_eq!(
+            p.rlimits,
+            [banger_guest::agent::Rlimit {
+                kind: "RLIMIT_NOFILE".into(),
+                soft: 512,
+                hard: 1024
+            }]
+        );
     }
 }

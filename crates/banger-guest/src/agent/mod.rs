@@ -117,6 +117,9 @@ pub enum Request {
         /// Its host name, in a UTS namespace of its own (a container's, as its spec says).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hostname: Option<String>,
+        /// Its resource limits (a container's, as its spec says), set before it runs.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        rlimits: Vec<Rlimit>,
     },
     /// Attach to a process of the table (by `pid` or `tag`): its output from now on and its
     /// exit come as `exec`'s frames; `STDIN`, `RESIZE` and `SIGNAL` frames reach it (an
@@ -286,6 +289,20 @@ pub struct ExecRequest {
     pub root: Option<String>,
     /// Its own host name (see [`Request::Exec`]).
     pub hostname: Option<String>,
+    /// Its resource limits (see [`Request::Exec`]).
+    pub rlimits: Vec<Rlimit>,
+}
+
+/// A resource limit as an OCI spec names it: `RLIMIT_NOFILE`, …, and its soft and hard values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    /// `RLIMIT_…`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The soft limit.
+    pub soft: u64,
+    /// The hard limit (at least the soft one).
+    pub hard: u64,
 }
 
 impl ExecRequest {
@@ -332,6 +349,7 @@ impl From<ExecRequest> for Request {
             tag: e.tag,
             root: e.root,
             hostname: e.hostname,
+            rlimits: e.rlimits,
         }
     }
 }
@@ -500,6 +518,7 @@ mod tests {
             tag: None,
             root: None,
             hostname: None,
+            rlimits: vec![],
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.starts_with(r#"{"op":"exec""#), "{s}");

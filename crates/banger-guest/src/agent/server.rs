@@ -190,6 +190,7 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             tag,
             root,
             hostname,
+            rlimits,
         } => {
             let how = How {
                 env,
@@ -198,6 +199,7 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
                 tty,
                 root,
                 hostname,
+                rlimits,
             };
             match detach {
                 true => super::procs::start(reader, writer, argv, how, tag),
@@ -582,6 +584,30 @@ pub(super) struct How {
     pub tty: Option<super::Tty>,
     pub root: Option<String>,
     pub hostname: Option<String>,
+    pub rlimits: Vec<super::Rlimit>,
+}
+
+/// An OCI spec's `RLIMIT_…` name as the kernel's resource number.
+fn resource(name: &str) -> Option<libc::__rlimit_resource_t> {
+    Some(match name {
+        "RLIMIT_AS" => libc::RLIMIT_AS,
+        "RLIMIT_CORE" => libc::RLIMIT_CORE,
+        "RLIMIT_CPU" => libc::RLIMIT_CPU,
+        "RLIMIT_DATA" => libc::RLIMIT_DATA,
+        "RLIMIT_FSIZE" => libc::RLIMIT_FSIZE,
+        "RLIMIT_LOCKS" => libc::RLIMIT_LOCKS,
+        "RLIMIT_MEMLOCK" => libc::RLIMIT_MEMLOCK,
+        "RLIMIT_MSGQUEUE" => libc::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => libc::RLIMIT_NICE,
+        "RLIMIT_NOFILE" => libc::RLIMIT_NOFILE,
+        "RLIMIT_NPROC" => libc::RLIMIT_NPROC,
+        "RLIMIT_RSS" => libc::RLIMIT_RSS,
+        "RLIMIT_RTPRIO" => libc::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => libc::RLIMIT_RTTIME,
+        "RLIMIT_SIGPENDING" => libc::RLIMIT_SIGPENDING,
+        "RLIMIT_STACK" => libc::RLIMIT_STACK,
+        _ => return None,
+    })
 }
 
 /// A container's root: what its process is given before it is chrooted there.
@@ -728,6 +754,28 @@ pub(super) fn spawn(argv: Vec<String>, how: &How) -> Result<Spawned, NotStarted>
         Some(h) => return Err(NotStarted::Refused(format!("{h:?} is not a host name"))),
         None => None,
     };
+    let mut limits = Vec::new();
+    for r in &how.rlimits {
+        let Some(res) = resource(&r.kind) else {
+            return Err(NotStarted::Refused(format!(
+                "{:?} is not a resource limit",
+                r.kind
+            )));
+        };
+        if r.soft > r.hard {
+            return Err(NotStarted::Refused(format!(
+                "{}: the soft limit {} is above the hard limit {}",
+                r.kind, r.soft, r.hard
+            )));
+        }
+        limits.push((
+            res,
+            libc::rlimit {
+                rlim_cur: r.soft,
+                rlim_max: r.hard,
+            },
+        ));
+    }
     let mut cmd = Command::new(&program);
     cmd.args(args).env_clear().envs(vars);
     if jail.is_none() {
@@ -767,6 +815,11 @@ pub(super) fn spawn(argv: Vec<String>, how: &How) -> Result<Spawned, NotStarted>
                 // inside.
                 if let Some(j) = &jail {
                     j.enter()?;
+                }
+                for (res, lim) in &limits {
+                    if libc::setrlimit(*res, lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 if let Some(h) = &hostname {
                     if libc::unshare(libc::CLONE_NEWUTS) != 0
