@@ -141,6 +141,18 @@ impl Containerd {
         c
     }
 
+    /// Task `id` SIGKILLed, then it and its container removed.
+    fn kill_and_remove(&self, bus: &TestBus, id: &str) {
+        for args in [
+            &["task", "kill", "-s", "SIGKILL", id][..],
+            &["task", "rm", "-f", id],
+            &["container", "rm", id],
+        ] {
+            let out = self.ctr(bus, args);
+            assert!(out.status.success(), "ctr {args:?}: {}", text(&out));
+        }
+    }
+
     fn ctr(&self, bus: &TestBus, args: &[&str]) -> Output {
         self.ctr_cmd(bus, args)
             .stdin(Stdio::null())
@@ -530,14 +542,7 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
         text(&out),
         containerd.log()
     );
-    for args in [
-        &["task", "kill", "-s", "SIGKILL", "d3"][..],
-        &["task", "rm", "-f", "d3"],
-        &["container", "rm", "d3"],
-    ] {
-        let out = containerd.ctr(&bus, args);
-        assert!(out.status.success(), "ctr {args:?}: {}", text(&out));
-    }
+    containerd.kill_and_remove(&bus, "d3");
     let out = run("t5", &["echo", "after the restart"]);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
@@ -546,21 +551,9 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
         text(&out)
     );
     // Metrics as cgroup v2's types, as on a host whose cgroups are unified.
-    let out = containerd.ctr(
-        &bus,
-        &[
-            "run",
-            "-d",
-            "--snapshotter",
-            "native",
-            "--runtime",
-            "io.containerd.banger.v2",
-            &reference,
-            "d5",
-            "sleep",
-            "300",
-        ],
-    );
+    let mut d5 = detached;
+    d5[7] = "d5";
+    let out = containerd.ctr(&bus, &d5);
     assert!(out.status.success(), "ctr run -d: {}", text(&out));
     let out = containerd.ctr(&bus, &["task", "metrics", "d5"]);
     metrics_hold(
@@ -568,14 +561,7 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
         ["memory.usage ", "memory.usage_limit", "cpu.usage_usec"],
     );
     assert!(metric_of(&out, "cpu.user_usec") > 0, "{}", text(&out));
-    for args in [
-        &["task", "kill", "-s", "SIGKILL", "d5"][..],
-        &["task", "rm", "-f", "d5"],
-        &["container", "rm", "d5"],
-    ] {
-        let out = containerd.ctr(&bus, args);
-        assert!(out.status.success(), "ctr {args:?}: {}", text(&out));
-    }
+    containerd.kill_and_remove(&bus, "d5");
 
     // Each ran in a VM of its own, and none is left, nor anything of them.
     let out = bus.banger_as(None, &["vm", "list"]);

@@ -763,6 +763,39 @@ impl Shim for Service {
     }
 }
 
+/// The guest's figures as cgroup v1 metrics (CPU time in ns).
+fn cgroup1_metrics(
+    st: &banger_guest::agent::Stats,
+) -> containerd_shim_protos::cgroups::metrics::Metrics {
+    use containerd_shim_protos::cgroups::metrics as cg;
+    cg::Metrics {
+        pids: MessageField::some(cg::PidsStat {
+            current: st.pids,
+            ..Default::default()
+        }),
+        cpu: MessageField::some(cg::CPUStat {
+            usage: MessageField::some(cg::CPUUsage {
+                total: st.cpu_usage_usec.saturating_mul(1000),
+                kernel: st.cpu_system_usec.saturating_mul(1000),
+                user: st.cpu_user_usec.saturating_mul(1000),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        memory: MessageField::some(cg::MemoryStat {
+            cache: st.mem_cache,
+            total_cache: st.mem_cache,
+            usage: MessageField::some(cg::MemoryEntry {
+                usage: st.mem_used,
+                limit: st.mem_total,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// Which cgroup version's metrics Stats gives: `BANGER_SHIM_CGROUPS` (`v1` or `v2`) in
 /// containerd's environment, else the host's own, as the runc shim does (kubelet reads the
 /// version its host runs).
@@ -1128,14 +1161,13 @@ impl Task for Service {
     }
 
     /// `Stats` (`ctr task metrics`): what the VM's guest kernel counts (the agent's `stats`),
-    /// as cgroup v1 metrics: memory use and limit (the guest's memory), page cache, CPU time,
-    /// processes.
+    /// as cgroup v2 or v1 metrics (see [`cgroups_v2`]): memory use and limit (the guest's
+    /// memory), page cache, CPU time, processes.
     async fn stats(
         &self,
         _ctx: &TtrpcContext,
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
-        use containerd_shim_protos::cgroups::metrics as cg;
         use containerd_shim_protos::protobuf::Message;
         let vm = self.with_proc(&req.id, "", |t, _| Ok(t.vm.clone())).await?;
         let stream = daemon().agent(&vm).await.map_err(fault)?;
@@ -1158,39 +1190,10 @@ impl Task for Service {
                 memory_file: st.mem_cache,
             }
             .encode();
-            return Ok(api::StatsResponse {
-                stats: MessageField::some(any),
-                ..Default::default()
-            });
+        } else {
+            any.type_url = "io.containerd.cgroups.v1.Metrics".into();
+            any.value = cgroup1_metrics(&st).write_to_bytes().map_err(ttrpc_err)?;
         }
-        let metrics = cg::Metrics {
-            pids: MessageField::some(cg::PidsStat {
-                current: st.pids,
-                ..Default::default()
-            }),
-            cpu: MessageField::some(cg::CPUStat {
-                usage: MessageField::some(cg::CPUUsage {
-                    total: st.cpu_usage_usec.saturating_mul(1000),
-                    kernel: st.cpu_system_usec.saturating_mul(1000),
-                    user: st.cpu_user_usec.saturating_mul(1000),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            memory: MessageField::some(cg::MemoryStat {
-                cache: st.mem_cache,
-                total_cache: st.mem_cache,
-                usage: MessageField::some(cg::MemoryEntry {
-                    usage: st.mem_used,
-                    limit: st.mem_total,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        any.type_url = "io.containerd.cgroups.v1.Metrics".into();
-        any.value = metrics.write_to_bytes().map_err(ttrpc_err)?;
         Ok(api::StatsResponse {
             stats: MessageField::some(any),
             ..Default::default()

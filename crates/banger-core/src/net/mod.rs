@@ -402,6 +402,38 @@ async fn link_index(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32
     }
 }
 
+/// Removes link `name` (`what` in the error); fine when it is gone.
+async fn remove_link(h: &rtnetlink::Handle, name: &str, what: &str) -> Result<()> {
+    if let Some(i) = link_index(h, name).await? {
+        match h.link().del(i).execute().await {
+            Ok(()) => {}
+            Err(e) if errno(&e) == Some(libc::ENODEV) => {}
+            Err(e) => return Err(failed(format!("Cannot remove {what}"), e)),
+        }
+    }
+    Ok(())
+}
+
+/// Tap `name` made afresh by `make` (a tap of that name a VMM left when it died with the host
+/// is removed first); its index. `what` names it in the error.
+async fn fresh_tap(
+    h: &rtnetlink::Handle,
+    name: &str,
+    what: &str,
+    make: impl std::future::Future<Output = Result<()>>,
+) -> Result<u32> {
+    if let Some(old) = link_index(h, name).await? {
+        let _ = h.link().del(old).execute().await;
+    }
+    make.await?;
+    link_index(h, name).await?.ok_or_else(|| {
+        failed(
+            format!("Cannot create tap {what}"),
+            std::io::Error::other("it vanished"),
+        )
+    })
+}
+
 async fn with_netlink<T, F, Fut>(f: F) -> Result<T>
 where
     F: FnOnce(rtnetlink::Handle) -> Fut,
@@ -481,20 +513,13 @@ impl HostNet for Bridge {
         enable_forwarding();
         let guest = ports.iter().find(|p| p.tap == tap).cloned();
         with_netlink(|h| async move {
-            if let Some(old) = link_index(&h, tap).await? {
-                // A tap left by a VMM that died with the host; start from a clean one.
-                let _ = h.link().del(old).execute().await;
-            }
             let t = tap.to_owned();
-            tokio::task::spawn_blocking(move || create_tap(&t))
-                .await
-                .map_err(|e| failed("Tap task failed", e))??;
-            let index = link_index(&h, tap).await?.ok_or_else(|| {
-                failed(
-                    format!("Cannot create tap {tap}"),
-                    std::io::Error::other("it vanished"),
-                )
-            })?;
+            let made = async {
+                tokio::task::spawn_blocking(move || create_tap(&t))
+                    .await
+                    .map_err(|e| failed("Tap task failed", e))?
+            };
+            let index = fresh_tap(&h, tap, tap, made).await?;
             h.link()
                 .set(
                     rtnetlink::LinkUnspec::new_with_index(index)
@@ -515,13 +540,7 @@ impl HostNet for Bridge {
 
     async fn detach(&self, tap: &str, ports: &[walls::GuestPort]) -> Result<()> {
         let bridge = with_netlink(|h| async move {
-            if let Some(i) = link_index(&h, tap).await? {
-                match h.link().del(i).execute().await {
-                    Ok(()) => {}
-                    Err(e) if errno(&e) == Some(libc::ENODEV) => {}
-                    Err(e) => return Err(failed(format!("Cannot remove tap {tap}"), e)),
-                }
-            }
+            remove_link(&h, tap, &format!("tap {tap}")).await?;
             link_index(&h, BRIDGE).await
         })
         .await?;
@@ -571,17 +590,8 @@ impl HostNet for Bridge {
              table bridge {NFT_TABLE}\ndelete table bridge {NFT_TABLE}\n"
         ))
         .await?;
-        with_netlink(|h| async move {
-            if let Some(i) = link_index(&h, BRIDGE).await? {
-                match h.link().del(i).execute().await {
-                    Ok(()) => {}
-                    Err(e) if errno(&e) == Some(libc::ENODEV) => {}
-                    Err(e) => return Err(failed(format!("Cannot remove bridge {BRIDGE}"), e)),
-                }
-            }
-            Ok(())
-        })
-        .await
+        with_netlink(|h| async move { remove_link(&h, BRIDGE, &format!("bridge {BRIDGE}")).await })
+            .await
     }
 }
 

@@ -17,7 +17,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use futures_util::TryStreamExt;
 
 use super::error::{failed, invalid};
-use super::{errno, link_index, tap};
+use super::{errno, fresh_tap, link_index, remove_link, tap};
 use crate::Result;
 
 /// The interface of the namespace the guest takes over (CNI's name for a pod's).
@@ -144,17 +144,9 @@ pub async fn attach_in(path: &str, tap: &str) -> Result<PodLink> {
 
 async fn wire(h: &rtnetlink::Handle, path: &str, name: &str) -> Result<PodLink> {
     let (pod, mtu, link) = pod_link(h, path).await?;
-    if let Some(old) = link_index(h, name).await? {
-        let _ = h.link().del(old).execute().await;
-    }
     let t = name.to_owned();
-    in_netns(path, move || tap::create_tap(&t)).await?;
-    let tap = link_index(h, name).await?.ok_or_else(|| {
-        failed(
-            format!("Cannot create tap {name} in {path}"),
-            std::io::Error::other("it vanished"),
-        )
-    })?;
+    let made = in_netns(path, move || tap::create_tap(&t));
+    let tap = fresh_tap(h, name, &format!("{name} in {path}"), made).await?;
     let fail = |what: String, e: rtnetlink::Error| failed(format!("{what} in {path}"), e);
     h.link()
         .set(
@@ -297,13 +289,7 @@ pub async fn detach_in(path: &str, tap: &str) -> Result<()> {
     }
     let (h, task) = netlink_in(path).await?;
     let r = async {
-        if let Some(i) = link_index(&h, tap).await? {
-            match h.link().del(i).execute().await {
-                Ok(()) => {}
-                Err(e) if errno(&e) == Some(libc::ENODEV) => {}
-                Err(e) => return Err(failed(format!("Cannot remove tap {tap} in {path}"), e)),
-            }
-        }
+        remove_link(&h, tap, &format!("tap {tap} in {path}")).await?;
         if let Some(link) = link_index(&h, POD_IF).await? {
             unwire(&h, link).await;
         }

@@ -190,8 +190,7 @@ impl CreateOptions {
                 (self.entrypoint, "entrypoint"),
                 (!self.init.is_empty(), "init"),
             ];
-            if let Some((_, what)) = conflicting.iter().find(|(set, _)| *set) {
-                let what = option_named(what);
+            if let Some(what) = first_set(&conflicting) {
                 return Err(invalid(format!(
                     "{what}: a VM restored from snapshot {s} has the snapshot's; leave {what} out"
                 )));
@@ -206,14 +205,13 @@ impl CreateOptions {
                 (self.disk_size.is_some(), "disk_size"),
                 (self.entrypoint, "entrypoint"),
             ];
-            if let Some((_, what)) = conflicting.iter().find(|(set, _)| *set) {
-                let what = option_named(what);
+            if let Some(what) = first_set(&conflicting) {
                 return Err(invalid(format!(
                     "{what}: a VM whose root is the folder {dir} has nothing of an image's; \
                      leave {what} out (or rootfs_dir, to boot an image)"
                 )));
             }
-            if !dir.starts_with('/') || dir.contains('\0') || dir.len() > 4096 {
+            if !absolute_path(dir) {
                 return Err(invalid(format!(
                     "rootfs_dir (--rootfs): {dir:?} must be an absolute path"
                 )));
@@ -226,14 +224,13 @@ impl CreateOptions {
                 (!self.egress.is_empty(), "egress"),
                 (self.network == crate::model::NetworkMode::Shared, "network"),
             ];
-            if let Some((_, what)) = conflicting.iter().find(|(set, _)| *set) {
-                let what = option_named(what);
+            if let Some(what) = first_set(&conflicting) {
                 return Err(invalid(format!(
                     "{what}: a VM in the network namespace {ns} has that namespace's network, \
                      not banger's; leave {what} out (or netns, for banger's network)"
                 )));
             }
-            if !ns.starts_with('/') || ns.contains('\0') || ns.len() > 4096 {
+            if !absolute_path(ns) {
                 return Err(invalid(format!(
                     "netns (--netns): {ns:?} must be an absolute path (such as /run/netns/NAME)"
                 )));
@@ -610,6 +607,20 @@ impl Vms {
         }
         self.open_agent_any(vm).await
     }
+}
+
+/// The first of `options` (whether it is set, its key) that is set, named as both its users
+/// know it: the option a refusal names.
+fn first_set(options: &[(bool, &str)]) -> Option<String> {
+    options
+        .iter()
+        .find(|(set, _)| *set)
+        .map(|(_, key)| option_named(key))
+}
+
+/// Whether `path` is an absolute path the daemon takes: no NUL, at most 4096 bytes.
+fn absolute_path(path: &str) -> bool {
+    path.starts_with('/') && !path.contains('\0') && path.len() <= 4096
 }
 
 /// A `CreateVM` option as both its users know it: the API key and the CLI flag
