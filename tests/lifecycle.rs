@@ -1,6 +1,6 @@
 //! The lifecycle matrix (issue 32): every way a VM is born — cold, warm (the default), from a
-//! snapshot, forked, with a share, with a published port, from a host folder; by root and by
-//! a member — walked
+//! snapshot, forked, with a share, with a published port, from a host folder, on a given
+//! network namespace; by root and by a member — walked
 //! through every transition: stop → start, pause → resume, snapshot, the daemon killed while
 //! it runs and while it is stopped, stop → start → snapshot → restore, delete. After each step
 //! every VM answers `vm exec` as itself (and its share and port still work), and the state
@@ -34,6 +34,8 @@ enum How {
     Publish,
     /// A host folder as its root (`--rootfs`): no image.
     Folder,
+    /// On a network namespace's eth0 (`--netns`, root's): no lease, bridge or walls.
+    Netns,
 }
 
 /// One birth: the VM's name, its owner (None: root), how it is born.
@@ -85,7 +87,16 @@ const BIRTHS: &[Birth] = &[
         who: Some(USER_OK),
         how: How::Folder,
     },
+    Birth {
+        name: "podnet",
+        who: None,
+        how: How::Netns,
+    },
 ];
+
+/// The address of the netns birth's namespace's eth0 (the far end of a veth whose near end,
+/// in the daemon's namespace, holds .1).
+const POD_ADDRESS: &str = "10.79.0.2";
 
 /// A transition every VM goes through, in this order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +214,26 @@ fn answers(bus: &TestBus, b: &Birth, vm: &str, after: &str) {
             text(&out)
         );
     }
+    if b.how == How::Netns && vm == b.name {
+        // eth0's address is the guest's, and the namespace's peer answers it.
+        let out = bus.banger_as(
+            b.who,
+            &[
+                "vm",
+                "exec",
+                vm,
+                "--",
+                "sh",
+                "-c",
+                "ip -o -4 addr show; ping -c 1 -W 5 10.79.0.1",
+            ],
+        );
+        assert!(
+            out.status.success() && text(&out).contains(&format!("inet {POD_ADDRESS}/24")),
+            "{vm} after {after}: the namespace's network: {}",
+            text(&out)
+        );
+    }
     if b.how == How::Publish && vm == b.name {
         // The forwarder accepts on the host's port whatever the guest listens on.
         let out = bus
@@ -300,6 +331,16 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
     );
     assert!(listed.contains(".warm-"), "{listed}");
 
+    // The netns birth's namespace, as CNI's bridge plugin leaves a pod's.
+    let ns = format!("blife{}", std::process::id());
+    bus.sh_in_namespaces(&format!(
+        "set -e; ip netns add {ns}; ip link add blh0 type veth peer name eth0 netns {ns}; \
+         ip addr add 10.79.0.1/24 dev blh0; ip link set blh0 up; \
+         ip -n {ns} addr add {POD_ADDRESS}/24 dev eth0; ip -n {ns} link set eth0 up; \
+         ip -n {ns} route add default via 10.79.0.1"
+    ));
+    let netns = format!("/run/netns/{ns}");
+
     // The births.
     let share_arg = |who: Option<&str>| {
         let dir = if who.is_some() { &share } else { &root_share };
@@ -364,6 +405,9 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
                 let mut a = vec!["vm", "create", b.name, "--rootfs", tree.to_str().unwrap()];
                 a.extend(SHAPE);
                 ok(bus.banger_as(b.who, &a), "vm create --rootfs");
+            }
+            How::Netns => {
+                create(b.who, b.name, &["--netns", &netns]);
             }
         }
         answers(&bus, b, b.name, "its birth");
