@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
@@ -312,6 +313,58 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
     let out = run("t2", &["sh", "-c", "echo to-err >&2; exit 7"]);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
     assert!(text(&out).contains("to-err"), "{}", text(&out));
+    // Its output to a log URI instead of FIFOs (`ctr run --log-uri`): a file, both streams
+    // appended, its directory made; and a logging program, as nerdctl's logging drivers are
+    // (the streams on fds 3 and 4, ready once it closes fd 5, its URI's query as arguments).
+    let logs = tempfile::tempdir().unwrap();
+    let logger = logs.path().join("logger");
+    std::fs::write(
+        &logger,
+        "#!/bin/sh\n\
+         echo \"$CONTAINER_NAMESPACE/$CONTAINER_ID $*\" > \"$2.args\"\n\
+         exec 5>&-\n\
+         cat <&3 > \"$2.out\" & cat <&4 > \"$2.err\"\n\
+         wait\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&logger, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let to = logs.path().join("t9");
+    let uris = [
+        (
+            "t8",
+            format!("file://{}/made/t8.log", logs.path().display()),
+        ),
+        (
+            "t9",
+            format!("binary://{}?--to={}", logger.display(), to.display()),
+        ),
+    ];
+    for (id, uri) in &uris {
+        let mut a = run_args(*id, &["sh", "-c", "echo out; echo err >&2; exit 5"]);
+        a.insert(2, format!("--log-uri={uri}"));
+        let out = containerd.ctr(&bus, &a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(
+            out.status.code(),
+            Some(5),
+            "ctr run --log-uri {uri}: {}\n{}",
+            text(&out),
+            containerd.log()
+        );
+        assert!(!text(&out).contains("out\n"), "{}", text(&out));
+    }
+    let logged = std::fs::read_to_string(logs.path().join("made/t8.log")).unwrap();
+    let mut lines: Vec<&str> = logged.lines().collect();
+    lines.sort();
+    assert_eq!(lines, ["err", "out"], "{logged:?}");
+    let read = |ext: &str| std::fs::read_to_string(format!("{}.{ext}", to.display())).unwrap();
+    assert_eq!(
+        (read("args"), read("out"), read("err")),
+        (
+            format!("default/t9 --to {}\n", to.display()),
+            "out\n".to_owned(),
+            "err\n".to_owned()
+        )
+    );
     // Its input.
     let stdin_run = run_args("t3", &["cat"]);
     let mut child = containerd

@@ -9,10 +9,12 @@
 //! state, kill, delete), terminals and their size, CloseIO, pause/resume, pids, connect,
 //! shutdown and the `delete` subcommand for a task whose shim died; the task events
 //! (`/tasks/create`, `start`, `exec-added`, `exec-started`, `exit`, `delete`, `paused`,
-//! `resumed`); stats as cgroup v1 metrics of the guest. Not yet: pods, a given network
-//! namespace (issue 36).
+//! `resumed`); stats as cgroup v1 or v2 metrics of the guest; output to FIFOs or log URIs
+//! ([`logio`]); a network namespace given by the spec; pods ([`pod`]); the spec's bind mounts
+//! ([`mounts`]).
 
 mod cgroup2;
+mod logio;
 mod mounts;
 
 use std::collections::HashMap;
@@ -401,17 +403,6 @@ fn unmount(target: &Path) {
     }
 }
 
-/// Opens a FIFO containerd made, without blocking on its other end.
-async fn open_fifo(path: &str, write: bool) -> std::io::Result<tokio::fs::File> {
-    let mut o = tokio::fs::OpenOptions::new();
-    if write {
-        o.write(true);
-    } else {
-        o.read(true);
-    }
-    o.open(path).await
-}
-
 /// One read of what the (non-blocking) FIFO holds now: 0 when empty or ended.
 fn read_now(f: &tokio::net::unix::pipe::Receiver, buf: &mut [u8]) -> usize {
     use std::os::fd::AsRawFd;
@@ -549,22 +540,8 @@ impl Service {
         // detached process's client that hangs up no longer gets its output): the input half
         // is held until the exit.
         let mut done = tx.subscribe();
-        let mut out = match spec.stdout.is_empty() {
-            true => None,
-            false => Some(
-                open_fifo(&spec.stdout, true)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            ),
-        };
-        let mut err = match spec.stderr.is_empty() {
-            true => None,
-            false => Some(
-                open_fifo(&spec.stderr, true)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            ),
-        };
+        let mut output =
+            logio::Output::open(&spec.stdout, &spec.stderr, id, &self.namespace).await?;
         // Read and write: the FIFO reads as empty (not ended) while no client writes to it;
         // the input ends at CloseIO, as containerd's clients ask, after what the FIFO holds
         // then.
@@ -645,12 +622,12 @@ impl Service {
             while let Ok(Some((kind, data))) = frames.next().await {
                 match kind {
                     frame::STDOUT => {
-                        if let Some(o) = out.as_mut() {
+                        if let Some(o) = output.out.as_mut() {
                             let _ = o.write_all(&data).await;
                         }
                     }
                     frame::STDERR => {
-                        if let Some(e) = err.as_mut() {
+                        if let Some(e) = output.err.as_mut() {
                             let _ = e.write_all(&data).await;
                         }
                     }
@@ -661,9 +638,9 @@ impl Service {
                     _ => {}
                 }
             }
-            // Output is written before the exit is told, as runc's shim does.
-            drop(out);
-            drop(err);
+            // Output is written (and a logging program done with it) before the exit is
+            // told, as runc's shim does.
+            output.finish().await;
             // Not while a Kill (this exit's cause, often) is still to answer.
             drop(kills.write().await);
             let at = now_secs();
