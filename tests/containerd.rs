@@ -340,7 +340,7 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
         ),
     ];
     for (id, uri) in &uris {
-        let mut a = run_args(*id, &["sh", "-c", "echo out; echo err >&2; exit 5"]);
+        let mut a = run_args(id, &["sh", "-c", "echo out; echo err >&2; exit 5"]);
         a.insert(2, format!("--log-uri={uri}"));
         let out = containerd.ctr(&bus, &a.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(
@@ -485,6 +485,51 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
         assert!(out.status.success(), "ctr {args:?}: {}", text(&out));
     }
 
+    // What containerd's clients were told (`ctr events`).
+    let seen = |topic: &str, has: &[&str]| {
+        std::fs::read_to_string(events_file.path())
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(topic) && has.iter().all(|h| l.contains(h)))
+    };
+    // The guest's OOM killer: six processes holding 64 MiB each in the VM's 256 MiB. Some are
+    // killed, containerd is told (`/tasks/oom`), and the task still answers (the OOM killer
+    // spares the agent).
+    let d6: Vec<&str> = detached[..7]
+        .iter()
+        .copied()
+        .chain([
+            "d6",
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5 6; do dd if=/dev/zero bs=64M count=1 | sleep 300 & done; wait",
+        ])
+        .collect();
+    let out = containerd.ctr(&bus, &d6);
+    assert!(out.status.success(), "ctr run -d: {}", text(&out));
+    wait_until("/tasks/oom of d6", Duration::from_secs(120), || {
+        seen("/tasks/oom", &["\"container_id\":\"d6\""])
+    });
+    let out = containerd.ctr(
+        &bus,
+        &[
+            "task",
+            "exec",
+            "--exec-id",
+            "e6",
+            "d6",
+            "echo",
+            "still answering",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "still answering\n",
+        "exec after the OOM kills: {}",
+        text(&out)
+    );
+    containerd.kill_and_remove(&bus, "d6");
+
     // bangerd killed while a task runs: the task goes on (its agent stream is the VM's
     // helper's, not the daemon's) and its exit, with its status, still reaches containerd.
     let mut d4 = detached;
@@ -511,12 +556,6 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
 
     // The shim's events reached containerd's clients: each task's exit with its status, the
     // exec's, the pause and the resume.
-    let seen = |topic: &str, has: &[&str]| {
-        std::fs::read_to_string(events_file.path())
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.contains(topic) && has.iter().all(|h| l.contains(h)))
-    };
     let wanted: [(&str, &[&str]); 9] = [
         ("/tasks/exit", &["\"container_id\":\"t1\""]),
         (

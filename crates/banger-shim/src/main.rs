@@ -9,7 +9,7 @@
 //! state, kill, delete), terminals and their size, CloseIO, pause/resume, pids, connect,
 //! shutdown and the `delete` subcommand for a task whose shim died; the task events
 //! (`/tasks/create`, `start`, `exec-added`, `exec-started`, `exit`, `delete`, `paused`,
-//! `resumed`); stats as cgroup v1 or v2 metrics of the guest; output to FIFOs or log URIs
+//! `resumed`, `oom`); stats as cgroup v1 or v2 metrics of the guest; output to FIFOs or log URIs
 //! ([`logio`]); a network namespace given by the spec; pods ([`pod`]); the spec's bind mounts
 //! ([`mounts`]).
 
@@ -24,7 +24,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use banger_client::agent;
 use banger_client::daemon::{Daemon, Fault};
-use banger_guest::agent::{frame, Request};
+use banger_guest::agent::{frame, OomKill, Request};
 use containerd_shim::asynchronous::{run, spawn, ExitSignal, Shim};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, Error, Flags, StartOpts, TtrpcResult};
@@ -496,6 +496,57 @@ impl Service {
         Ok(api::CreateTaskResponse::default())
     }
 
+    /// Tells containerd of each OOM kill in VM `vm` (`/tasks/oom`) while the VM runs (the
+    /// agent's `oom` stream ends with it): for the container one of whose processes the agent
+    /// started as the killed pid (a pod's container, an exec), else for `id`, the VM's own
+    /// task (a container's processes are the VM's). Kills of a pod container's child
+    /// processes are told as the pod sandbox's: the guest does not say whose they were.
+    /// Returns once the agent follows the guest's log, so no kill after it goes untold.
+    async fn watch_oom(&self, vm: String, id: String) {
+        let conn = match daemon().agent(&vm).await {
+            Ok(stream) => match agent::request(stream, &Request::Oom).await {
+                Ok((reply, conn)) if reply.ok => conn,
+                Ok((reply, _)) => return log::warn!("VM {vm}: no OOM events: {}", reply.error),
+                Err(e) => return log::warn!("VM {vm}: no OOM events: {e}"),
+            },
+            Err(e) => return log::warn!("VM {vm}: no OOM events: {e}"),
+        };
+        let svc = self.clone();
+        tokio::spawn(async move {
+            // The input half is held: the agent follows for as long as it is open.
+            let (mut frames, _input) = conn.split();
+            while let Ok(Some((kind, data))) = frames.next().await {
+                let Ok(kill) = serde_json::from_slice::<OomKill>(&data) else {
+                    continue;
+                };
+                if kind != frame::STDOUT {
+                    continue;
+                }
+                let container = svc
+                    .tasks
+                    .lock()
+                    .await
+                    .iter()
+                    .find(|(_, t)| t.vm == vm && t.procs.values().any(|p| p.pid == kill.pid))
+                    .map_or_else(|| id.clone(), |(c, _)| c.clone());
+                log::info!(
+                    "VM {vm}: the guest's OOM killer ended {} (pid {}): /tasks/oom for {container}",
+                    kill.task,
+                    kill.pid
+                );
+                publish(
+                    &svc.events,
+                    &svc.namespace,
+                    topics::TASK_OOM_EVENT_TOPIC,
+                    events::TaskOOM {
+                        container_id: container,
+                        ..Default::default()
+                    },
+                );
+            }
+        });
+    }
+
     /// Runs one of a task's processes in its VM: stdio between containerd's FIFOs and the
     /// agent, the exit recorded once all output was written.
     async fn run_process(&self, id: &str, exec_id: &str) -> Result<u32, String> {
@@ -856,10 +907,11 @@ impl Task for Service {
             &req.stdout,
             &req.stderr,
         );
-        self.tasks
-            .lock()
-            .await
-            .insert(req.id.clone(), TaskState::new(vm, bundle, init, None));
+        self.tasks.lock().await.insert(
+            req.id.clone(),
+            TaskState::new(vm.clone(), bundle, init, None),
+        );
+        self.watch_oom(vm, req.id.clone()).await;
         self.created(&req);
         Ok(api::CreateTaskResponse::default())
     }

@@ -19,6 +19,7 @@ pub mod files;
 pub mod fsop;
 pub mod identity;
 pub mod link;
+pub mod oom;
 pub mod procs;
 pub mod server;
 pub mod stats;
@@ -148,6 +149,9 @@ pub enum Request {
     /// What the guest uses now: CPU (over a short window), memory and its root filesystem
     /// (reply `stats`).
     Stats,
+    /// The guest kernel's OOM kills from now on: a `STDOUT` frame holding one JSON
+    /// [`OomKill`] for each, until the client hangs up (see [`oom`]).
+    Oom,
     /// Send a process of the table a signal: one of [`FORWARDED_SIGNALS`], `SIGKILL` or
     /// `SIGTERM`, to its process group.
     Signal {
@@ -404,6 +408,21 @@ pub struct Stats {
     /// Processes running in the guest.
     #[serde(default)]
     pub pids: u64,
+}
+
+/// A process the guest kernel's OOM killer ended (the `oom` request's events).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OomKill {
+    /// Its pid in the guest.
+    pub pid: u32,
+    /// Its command name.
+    pub task: String,
+    /// Its memory cgroup in the guest (`/` when the guest has none).
+    #[serde(default)]
+    pub memcg: String,
+    /// Its uid.
+    #[serde(default)]
+    pub uid: u32,
 }
 
 /// The agent's answer to `health`.

@@ -116,6 +116,14 @@ fn channel() -> Option<std::path::PathBuf> {
 
 /// Serves forever.
 pub fn serve(listen: Listen) -> std::io::Result<()> {
+    if !matches!(listen, Listen::Unix(_)) {
+        // The guest's OOM killer never picks the agent: a guest out of memory stays
+        // reachable, and the host is told what was killed (`oom`). What it starts is back
+        // at 0 (see `spawn`).
+        if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
+            eprintln!("banger-agent: oom_score_adj: {e}");
+        }
+    }
     if let (Listen::Vsock(PORT), Some(port)) = (&listen, channel()) {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -227,6 +235,15 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             }
             Err(e) => write_line(&mut writer, &Reply::error(format!("stats: {e}"))),
         },
+        Request::Oom => {
+            drop(reader);
+            match super::oom::follow(&writer.try_clone()?, &mut writer) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    write_line(&mut writer, &Reply::error(format!("/dev/kmsg: {e}")))
+                }
+                r => r,
+            }
+        }
         Request::Signal { pid, tag, signal } => {
             match super::procs::find(pid, tag.as_deref()).and_then(|p| p.signal(signal)) {
                 Ok(()) => write_line(&mut writer, &Reply::ok()),
@@ -807,10 +824,19 @@ pub(super) fn spawn(argv: Vec<String>, how: &How) -> Result<Spawned, NotStarted>
         use std::os::unix::process::CommandExt;
         let (uid, gid, groups) = (who.uid, who.gid, who.groups.clone());
         let on_tty = pty.is_some();
-        // SAFETY: between fork and exec only setsid, ioctl, setgroups, setgid and setuid
-        // run, on memory prepared before the fork.
+        // SAFETY: between fork and exec only open, write, close, setsid, ioctl, setgroups,
+        // setgid and setuid run, on memory prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
+                // Not the agent's protection from the OOM killer.
+                let adj = libc::open(
+                    c"/proc/self/oom_score_adj".as_ptr(),
+                    libc::O_WRONLY | libc::O_CLOEXEC,
+                );
+                if adj >= 0 {
+                    libc::write(adj, b"0".as_ptr().cast(), 1);
+                    libc::close(adj);
+                }
                 // A container's root first: what follows (the terminal, the user) is the same
                 // inside.
                 if let Some(j) = &jail {
