@@ -365,6 +365,32 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
             "err\n".to_owned()
         )
     );
+    // A tmpfs of the spec (`ctr run --mount type=tmpfs`): mounted in the guest, with its
+    // options, its memory the VM's.
+    let mut a = run_args(
+        "t10",
+        &[
+            "sh",
+            "-c",
+            "grep ' /scratch ' /proc/mounts; echo kept > /scratch/f && cat /scratch/f",
+        ],
+    );
+    a.insert(
+        2,
+        "--mount=type=tmpfs,src=tmpfs,dst=/scratch,options=nosuid:size=8m:mode=750".into(),
+    );
+    let out = containerd.ctr(&bus, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success()
+            && said.starts_with("tmpfs /scratch tmpfs rw,nosuid,")
+            && said.contains("size=8192k")
+            && said.contains("mode=750")
+            && said.ends_with("\nkept\n"),
+        "ctr run --mount type=tmpfs: {}\n{}",
+        text(&out),
+        containerd.log()
+    );
     // Its input.
     let stdin_run = run_args("t3", &["cat"]);
     let mut child = containerd

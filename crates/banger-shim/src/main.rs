@@ -403,6 +403,45 @@ fn unmount(target: &Path) {
     }
 }
 
+/// The spec's tmpfs mounts, made by VM `vm`'s agent inside the container's root there
+/// (`root`; the VM's own root when `None`).
+async fn mount_tmpfs(vm: &str, root: Option<&str>, config: &Value) -> Result<(), String> {
+    for t in mounts::tmpfs(config) {
+        let stream = daemon().agent(vm).await.map_err(|e| e.to_string())?;
+        let req = Request::Mount {
+            root: root.map(str::to_owned),
+            destination: t.destination,
+            fstype: "tmpfs".into(),
+            options: t.options,
+        };
+        let (reply, _) = agent::request(stream, &req)
+            .await
+            .map_err(|e| format!("the VM's agent: {e}"))?;
+        if !reply.ok {
+            return Err(reply.error);
+        }
+    }
+    Ok(())
+}
+
+/// Unmounts what the agent mounted inside a pod container's root in VM `vm`.
+async fn unmount_in_guest(vm: &str, root: &str) {
+    let r = match daemon().agent(vm).await {
+        Ok(stream) => {
+            let req = Request::Unmount { root: root.into() };
+            match agent::request(stream, &req).await {
+                Ok((reply, _)) if reply.ok => Ok(()),
+                Ok((reply, _)) => Err(reply.error),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = r {
+        log::warn!("VM {vm}: cannot unmount what is below {root}: {e}");
+    }
+}
+
 /// One read of what the (non-blocking) FIFO holds now: 0 when empty or ended.
 fn read_now(f: &tokio::net::unix::pipe::Receiver, buf: &mut [u8]) -> usize {
     use std::os::fd::AsRawFd;
@@ -461,7 +500,7 @@ impl Service {
                 req.id
             ));
         }
-        let mut tasks = self.tasks.lock().await;
+        let tasks = self.tasks.lock().await;
         let Some(s) = tasks.get(sandbox) else {
             return refuse(format!(
                 "pod sandbox {sandbox} does not run in this shim: a pod's containers run in \
@@ -473,6 +512,8 @@ impl Service {
         // namespace rather than naming one).
         let pod_hostname = s.procs[""].spec.process.hostname.clone();
         let at = s.bundle.join("rootfs").join(pod::CONTAINERS).join(&req.id);
+        // Not held while the agent mounts.
+        drop(tasks);
         if let Err(e) = std::fs::create_dir_all(&at).and_then(|_| bind(&rootfs, &at)) {
             return refuse(format!("cannot bind the rootfs into the pod's VM: {e}"));
         }
@@ -481,17 +522,26 @@ impl Service {
             let _ = std::fs::remove_dir(&at);
             return refuse(e.to_string());
         }
+        let root = format!("/{}/{}", pod::CONTAINERS, req.id);
+        if let Err(e) = mount_tmpfs(&vm, Some(&root), config).await {
+            unmount_in_guest(&vm, &root).await;
+            unmount(&at);
+            let _ = std::fs::remove_dir(&at);
+            return refuse(e);
+        }
         log::info!(
             "task {}: in pod {sandbox}'s VM {vm}, root {}",
             req.id,
             at.display()
         );
         let mut process = Process::of(config);
-        process.root = Some(format!("/{}/{}", pod::CONTAINERS, req.id));
+        process.root = Some(root);
         process.hostname = process.hostname.or(pod_hostname);
         let init = Proc::new(process, req.terminal, &req.stdin, &req.stdout, &req.stderr);
-        tasks.insert(req.id.clone(), TaskState::new(vm, bundle, init, Some(at)));
-        drop(tasks);
+        self.tasks
+            .lock()
+            .await
+            .insert(req.id.clone(), TaskState::new(vm, bundle, init, Some(at)));
         self.created(req);
         Ok(api::CreateTaskResponse::default())
     }
@@ -892,13 +942,19 @@ impl Task for Service {
         if let Some(ns) = network_namespace(&config) {
             params["netns"] = ns.into();
         }
-        let made = daemon().follow("io.banger.VMs.Create", params).await;
-        if let Err(e) = made {
+        let made = daemon()
+            .follow("io.banger.VMs.Create", params)
+            .await
+            .map_err(|e| format!("bangerd: {e}"));
+        if let Err(e) = match made {
+            Ok(_) => mount_tmpfs(&vm, None, &config).await,
+            Err(e) => Err(e),
+        } {
             let _ = daemon()
                 .call("io.banger.VMs.Delete", json!({"name": vm, "force": true}))
                 .await;
             unmount(&rootfs);
-            return Err(fault(e));
+            return Err(ttrpc_err(e));
         }
         let init = Proc::new(
             Process::of(&config),
@@ -1116,6 +1172,9 @@ impl Task for Service {
         match &t.in_pod {
             // A container of a pod: the VM is the sandbox's; its root goes from it.
             Some(at) => {
+                if let Some(root) = &t.procs[""].spec.process.root {
+                    unmount_in_guest(&t.vm, root).await;
+                }
                 unmount(at);
                 let _ = std::fs::remove_dir(at);
             }

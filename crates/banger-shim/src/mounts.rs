@@ -5,7 +5,8 @@
 //! rootfs mount). Destinations are resolved inside the root as if it were `/` (`openat2` with
 //! `RESOLVE_IN_ROOT`): the root is the image's, and a symlink of the image's never takes a mount
 //! out of it onto the host. What the guest mounts itself (`/proc`, `/dev`, `/sys` and below)
-//! and other mount types (tmpfs, mqueue, …) are left to the guest.
+//! is left to it; tmpfs mounts ([`tmpfs`]) are made by the guest's agent, in the VM's memory;
+//! other mount types (mqueue, …) are not applied.
 
 use std::ffi::CString;
 use std::io;
@@ -37,14 +38,47 @@ pub fn binds(config: &Value) -> Vec<Bind> {
                 .collect();
             let bind = m["type"] == "bind" || options.iter().any(|o| *o == "bind" || *o == "rbind");
             let destination = m["destination"].as_str()?;
-            let guests = ["/proc", "/sys", "/dev"]
-                .iter()
-                .any(|g| destination == *g || destination.starts_with(&format!("{g}/")));
             let source = m["source"].as_str()?;
-            (bind && !guests).then(|| Bind {
+            (bind && !guests_own(destination)).then(|| Bind {
                 source: source.to_owned(),
                 destination: destination.to_owned(),
                 read_only: options.contains(&"ro"),
+            })
+        })
+        .collect()
+}
+
+/// Whether `destination` is where the guest mounts its own (`/proc`, `/sys`, `/dev`).
+fn guests_own(destination: &str) -> bool {
+    ["/proc", "/sys", "/dev"]
+        .iter()
+        .any(|g| destination == *g || destination.starts_with(&format!("{g}/")))
+}
+
+/// One tmpfs mount of the spec, which the guest's agent makes (its memory is the VM's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tmpfs {
+    pub destination: String,
+    pub options: Vec<String>,
+}
+
+/// The spec's tmpfs mounts the agent makes, in order.
+pub fn tmpfs(config: &Value) -> Vec<Tmpfs> {
+    config["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["type"] == "tmpfs")
+        .filter_map(|m| {
+            let destination = m["destination"].as_str()?;
+            (!guests_own(destination)).then(|| Tmpfs {
+                destination: destination.to_owned(),
+                options: m["options"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|o| o.as_str().map(str::to_owned))
+                    .collect(),
             })
         })
         .collect()
@@ -311,6 +345,18 @@ mod tests {
                     read_only: false
                 },
             ]
+        );
+        let spec = json!({"mounts": [
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["mode=755"]},
+            {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "size=65536k"]},
+            {"destination": "/data", "type": "bind", "source": "/srv/d"},
+        ]});
+        assert_eq!(
+            tmpfs(&spec),
+            [Tmpfs {
+                destination: "/run".into(),
+                options: vec!["nosuid".into(), "size=65536k".into()]
+            }]
         );
     }
 }

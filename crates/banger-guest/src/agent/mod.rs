@@ -19,6 +19,7 @@ pub mod files;
 pub mod fsop;
 pub mod identity;
 pub mod link;
+pub mod mount;
 pub mod oom;
 pub mod procs;
 pub mod server;
@@ -149,6 +150,26 @@ pub enum Request {
     /// What the guest uses now: CPU (over a short window), memory and its root filesystem
     /// (reply `stats`).
     Stats,
+    /// Mount a tmpfs at `destination` inside the guest folder `root` (a container's root;
+    /// `/` when absent), resolved there as if it were `/`, with an OCI mount's `options`
+    /// (see [`mount`]).
+    Mount {
+        /// The container's root in the guest.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        root: Option<String>,
+        /// Where, inside it.
+        destination: String,
+        /// The file system: `tmpfs` (nothing else is mounted this way).
+        fstype: String,
+        /// `nosuid`, `size=…`, …
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        options: Vec<String>,
+    },
+    /// Unmount everything mounted below the guest folder `root` (a container's, as it goes).
+    Unmount {
+        /// The container's root in the guest.
+        root: String,
+    },
     /// The guest kernel's OOM kills from now on: a `STDOUT` frame holding one JSON
     /// [`OomKill`] for each, until the client hangs up (see [`oom`]).
     Oom,

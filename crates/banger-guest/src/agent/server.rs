@@ -235,6 +235,28 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             }
             Err(e) => write_line(&mut writer, &Reply::error(format!("stats: {e}"))),
         },
+        Request::Mount {
+            root,
+            destination,
+            fstype,
+            options,
+        } => {
+            let root = std::path::PathBuf::from(root.as_deref().unwrap_or("/"));
+            let r = match fstype.as_str() {
+                "tmpfs" => super::mount::tmpfs(&root, &destination, &options),
+                other => Err(format!("mount type {other:?}: the agent mounts tmpfs only")),
+            };
+            match r {
+                Ok(()) => write_line(&mut writer, &Reply::ok()),
+                Err(e) => write_line(&mut writer, &Reply::error(e)),
+            }
+        }
+        Request::Unmount { root } => {
+            match super::mount::unmount_below(std::path::Path::new(&root)) {
+                Ok(_) => write_line(&mut writer, &Reply::ok()),
+                Err(e) => write_line(&mut writer, &Reply::error(e)),
+            }
+        }
         Request::Oom => {
             drop(reader);
             match super::oom::follow(&writer.try_clone()?, &mut writer) {
