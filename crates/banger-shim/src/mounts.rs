@@ -84,27 +84,15 @@ pub fn tmpfs(config: &Value) -> Vec<Tmpfs> {
         .collect()
 }
 
+/// `path` inside the root `dirfd` as if it were `/`, no magic link followed.
 fn openat2(dirfd: i32, path: &Path, flags: i32) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
-    // SAFETY: open_how is plain data, valid all zero.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: a NUL-terminated path and an open_how of the size given, both outliving the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dirfd,
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor to us alone.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    banger_guest::sys::openat2(
+        dirfd,
+        path,
+        flags,
+        0,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    )
 }
 
 /// `destination`, inside `root` as if it were `/`: made when missing (folders for the parents;

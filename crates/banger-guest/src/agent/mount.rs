@@ -6,7 +6,7 @@
 //! folders made where missing. `unmount`: every mount below such a root, as its container goes.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Component, Path};
 
 /// The longest option string a tmpfs mount is given.
@@ -55,27 +55,15 @@ pub fn options(options: &[String]) -> Result<(libc::c_ulong, String), String> {
     Ok((flags, data))
 }
 
+/// `path` inside the root `dirfd` as if it were `/`, no magic link followed.
 fn openat2(dirfd: i32, path: &str, flags: i32) -> std::io::Result<OwnedFd> {
-    let c = CString::new(path).map_err(std::io::Error::other)?;
-    // SAFETY: open_how is plain data, valid all zero.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: a NUL-terminated path and an open_how of the size given, outliving the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            dirfd,
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor to us alone.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    crate::sys::openat2(
+        dirfd,
+        Path::new(path),
+        flags,
+        0,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    )
 }
 
 /// `destination` inside `root` as if it were `/`, folders made where missing, opened `O_PATH`.
