@@ -130,6 +130,38 @@ wleader=$(systemctl show "banger-vm-$wid.service" -p MainPID --value)
 grep -q 'memfd:banger-snapshot-ram' "/proc/$wleader/maps" || fail "the warm VM's QEMU maps no snapshot RAM"
 [ -e "/run/banger/vms/$wid/ram.sock" ] && fail "the RAM socket outlived the start"
 as alice banger vm delete --force w1 || fail "vm delete w1"
+say "a VM on a given network namespace (a pod's): its unit joins it, its tap is made there"
+ip netns add pod || fail "ip netns add"
+ip link add bpod0 type veth peer name eth0 netns pod || fail "the veth pair"
+ip addr add 10.79.0.1/24 dev bpod0 && ip link set bpod0 up || fail "the veth's near end"
+ip -n pod addr add 10.79.0.2/24 dev eth0 && ip -n pod link set eth0 up \
+    && ip -n pod route add default via 10.79.0.1 || fail "the namespace's eth0"
+mkdir -p /tmp/podweb && echo from-the-node >/tmp/podweb/hello
+"$t/busybox" httpd -p 10.79.0.1:8080 -h /tmp/podweb || fail "busybox httpd on the veth"
+banger vm create n1 --image tiny --kernel k --vcpus 1 --memory 256 --netns /run/netns/pod || {
+    journalctl -u bangerd -o cat | tail -30
+    fail "vm create --netns"
+}
+nid=$(busctl call org.banger /org/banger org.banger.VMs1 GetVM s n1 | sed 's|.*/vm/||; s|"||g')
+nsp=$(systemctl show "banger-vm-$nid.service" -p NetworkNamespacePath --value)
+[ "$nsp" = /run/netns/pod ] || fail "the VM's unit joins '$nsp', not /run/netns/pod"
+addr=$(banger vm exec n1 -- /bin/busybox ip -o -4 addr show eth0) || fail "vm exec in n1"
+echo "$addr" | grep -q "inet 10.79.0.2/24" || fail "the guest's eth0 is not the namespace's: $addr"
+got=$(banger vm exec n1 -- /bin/busybox wget -q -O - http://10.79.0.1:8080/hello) || {
+    ip -n pod -s link; tc -n pod filter show dev eth0 ingress; tc -n pod filter show dev "bgr${nid:0:12}" ingress
+    banger vm exec n1 -- /bin/busybox ip route; banger vm exec n1 -- /bin/busybox ping -c 1 -W 2 10.79.0.1
+    ip -s link show bpod0; ss -ltn
+    fail "the guest does not reach the veth's far end"
+}
+[ "$got" = from-the-node ] || fail "the guest read '$got'"
+tap=bgr${nid:0:12}
+ip -n pod -o link | grep -q "$tap" || fail "no tap $tap in the namespace: $(ip -n pod -o link)"
+ip -o link | grep -q "$tap" && fail "the VM's tap $tap is in the host's namespace"
+banger vm delete --force n1 || fail "vm delete n1"
+links=$(ip -n pod -o link | wc -l)
+[ "$links" = 2 ] || fail "the namespace holds more than lo and eth0 after the delete: $(ip -n pod -o link)"
+ip netns del pod
+
 as mallory banger vm stop t1 2>/dev/null && fail "mallory stopped alice's VM"
 as alice banger vm stop t1 || fail "vm stop"
 for _ in $(seq 20); do machinectl list --no-legend | grep -q "$machine" || break; sleep 0.5; done
