@@ -681,6 +681,69 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
     assert!(metric_of(&out, "cpu.user_usec") > 0, "{}", text(&out));
     containerd.kill_and_remove(&bus, "d5");
 
+    // A pod as CRI marks one (annotations, here through ctr): its container runs in the
+    // sandbox's VM in a guest cgroup of its own, so pausing it freezes it alone (the pod's VM
+    // and sandbox run on), its metrics are its own, and its delete removes the cgroup.
+    let pod_run = |id: &str, kind: &str, cmd: &[&str]| -> Output {
+        let mut a: Vec<String> = detached[..6].iter().map(|s| s.to_string()).collect();
+        a.push(format!(
+            "--annotation=io.kubernetes.cri.container-type={kind}"
+        ));
+        a.push("--annotation=io.kubernetes.cri.sandbox-id=p1".into());
+        a.push(reference.clone());
+        a.push(id.into());
+        a.extend(cmd.iter().map(|s| s.to_string()));
+        containerd.ctr(&bus, &a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    for (id, kind) in [("p1", "sandbox"), ("p1c", "container")] {
+        let out = pod_run(id, kind, &["sleep", "300"]);
+        assert!(out.status.success(), "ctr run -d {id}: {}", text(&out));
+    }
+    let execs = std::cell::Cell::new(0);
+    let in_sandbox = |cmd: &str| -> String {
+        execs.set(execs.get() + 1);
+        let eid = format!("p1e{}", execs.get());
+        let out = containerd.ctr(
+            &bus,
+            &["task", "exec", "--exec-id", &eid, "p1", "sh", "-c", cmd],
+        );
+        assert!(out.status.success(), "exec in p1: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let frozen = |v: &str| {
+        in_sandbox("grep frozen /sys/fs/cgroup/p1c/cgroup.events") == format!("frozen {v}\n")
+    };
+    assert!(frozen("0"));
+    let out = containerd.ctr(&bus, &["task", "pause", "p1c"]);
+    assert!(out.status.success(), "ctr task pause p1c: {}", text(&out));
+    assert!(frozen("1"), "p1c's cgroup is not frozen");
+    let tasks = text(&containerd.ctr(&bus, &["task", "ls"]));
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with("p1c ") && l.contains("PAUSED"))
+            && tasks
+                .lines()
+                .any(|l| l.starts_with("p1 ") && l.contains("RUNNING")),
+        "{tasks}"
+    );
+    let out = containerd.ctr(&bus, &["task", "resume", "p1c"]);
+    assert!(out.status.success(), "ctr task resume p1c: {}", text(&out));
+    assert!(frozen("0"), "p1c's cgroup is still frozen");
+    let out = containerd.ctr(&bus, &["task", "metrics", "p1c"]);
+    assert_eq!(
+        metric_of(&out, "pids.current"),
+        1,
+        "p1c's own: {}",
+        text(&out)
+    );
+    containerd.kill_and_remove(&bus, "p1c");
+    assert_eq!(
+        in_sandbox("test -e /sys/fs/cgroup/p1c && echo left || echo gone"),
+        "gone\n"
+    );
+    containerd.kill_and_remove(&bus, "p1");
+
     // Each ran in a VM of its own, and none is left, nor anything of them.
     let out = bus.banger_as(None, &["vm", "list"]);
     assert!(!text(&out).contains("ctr-"), "{}", text(&out));

@@ -545,6 +545,7 @@ async fn start(
             root: None,
             hostname: None,
             rlimits: Vec::new(),
+            cgroup: None,
         })
         .await?;
     let pid = reply.pid.unwrap_or_default();

@@ -89,6 +89,8 @@ struct Process {
     hostname: Option<String>,
     /// The spec's resource limits.
     rlimits: Vec<banger_guest::agent::Rlimit>,
+    /// The guest cgroup of a pod's container (its id), which its processes run in.
+    cgroup: Option<String>,
 }
 
 impl Process {
@@ -125,6 +127,7 @@ impl Process {
             root: None,
             hostname: None,
             rlimits: serde_json::from_value(p["rlimits"].clone()).unwrap_or_default(),
+            cgroup: None,
         }
     }
 }
@@ -442,6 +445,27 @@ async fn unmount_in_guest(vm: &str, root: &str) {
     }
 }
 
+/// Asks VM `vm`'s agent to act on a pod container's guest cgroup (see
+/// `banger_guest::agent::cgroup`): its stats for `Stats`.
+async fn cgroup(
+    vm: &str,
+    name: &str,
+    action: banger_guest::agent::cgroup::Action,
+) -> Result<Option<banger_guest::agent::Stats>, String> {
+    let stream = daemon().agent(vm).await.map_err(|e| e.to_string())?;
+    let req = Request::Cgroup {
+        name: name.into(),
+        action,
+    };
+    let (reply, _) = agent::request(stream, &req)
+        .await
+        .map_err(|e| format!("the VM's agent: {e}"))?;
+    match reply.ok {
+        true => Ok(reply.stats),
+        false => Err(reply.error),
+    }
+}
+
 /// One read of what the (non-blocking) FIFO holds now: 0 when empty or ended.
 fn read_now(f: &tokio::net::unix::pipe::Receiver, buf: &mut [u8]) -> usize {
     use std::os::fd::AsRawFd;
@@ -536,6 +560,7 @@ impl Service {
         );
         let mut process = Process::of(config);
         process.root = Some(root);
+        process.cgroup = Some(req.id.clone());
         process.hostname = process.hostname.or(pod_hostname);
         let init = Proc::new(process, req.terminal, &req.stdin, &req.stdout, &req.stderr);
         self.tasks
@@ -547,10 +572,9 @@ impl Service {
     }
 
     /// Tells containerd of each OOM kill in VM `vm` (`/tasks/oom`) while the VM runs (the
-    /// agent's `oom` stream ends with it): for the container one of whose processes the agent
-    /// started as the killed pid (a pod's container, an exec), else for `id`, the VM's own
-    /// task (a container's processes are the VM's). Kills of a pod container's child
-    /// processes are told as the pod sandbox's: the guest does not say whose they were.
+    /// agent's `oom` stream ends with it): for the container whose guest cgroup the killed
+    /// process was in (a pod's container) or one of whose processes the agent started as the
+    /// killed pid, else for `id`, the VM's own task (a container's processes are the VM's).
     /// Returns once the agent follows the guest's log, so no kill after it goes untold.
     async fn watch_oom(&self, vm: String, id: String) {
         let conn = match daemon().agent(&vm).await {
@@ -577,7 +601,12 @@ impl Service {
                     .lock()
                     .await
                     .iter()
-                    .find(|(_, t)| t.vm == vm && t.procs.values().any(|p| p.pid == kill.pid))
+                    .find(|(_, t)| {
+                        let group = t.procs[""].spec.process.cgroup.as_deref();
+                        t.vm == vm
+                            && (t.procs.values().any(|p| p.pid == kill.pid)
+                                || group.is_some_and(|g| kill.memcg == format!("/{g}")))
+                    })
                     .map_or_else(|| id.clone(), |(c, _)| c.clone());
                 log::info!(
                     "VM {vm}: the guest's OOM killer ended {} (pid {}): /tasks/oom for {container}",
@@ -628,6 +657,7 @@ impl Service {
             root: spec.process.root.clone(),
             hostname: spec.process.hostname.clone(),
             rlimits: spec.process.rlimits.clone(),
+            cgroup: spec.process.cgroup.clone(),
         };
         let (reply, conn) = agent::request(stream, &req)
             .await
@@ -1038,6 +1068,7 @@ impl Task for Service {
         // An exec in a container of a pod runs in that container's root.
         process.root = t.procs[""].spec.process.root.clone();
         process.hostname = t.procs[""].spec.process.hostname.clone();
+        process.cgroup = t.procs[""].spec.process.cgroup.clone();
         let p = Proc::new(process, req.terminal, &req.stdin, &req.stdout, &req.stderr);
         if t.procs.contains_key(&req.exec_id) {
             return Err(ttrpc_err(format!("exec {} exists", req.exec_id)));
@@ -1172,7 +1203,16 @@ impl Task for Service {
         match &t.in_pod {
             // A container of a pod: the VM is the sandbox's; its root goes from it.
             Some(at) => {
-                if let Some(root) = &t.procs[""].spec.process.root {
+                let process = &t.procs[""].spec.process;
+                if let (Some(name), true) = (&process.cgroup, t.procs[""].pid != 0) {
+                    // Whatever of the container still runs goes with its cgroup.
+                    if let Err(e) =
+                        cgroup(&t.vm, name, banger_guest::agent::cgroup::Action::Remove).await
+                    {
+                        log::warn!("task {}: its guest cgroup: {e}", req.id);
+                    }
+                }
+                if let Some(root) = &process.root {
                     unmount_in_guest(&t.vm, root).await;
                 }
                 unmount(at);
@@ -1257,14 +1297,27 @@ impl Task for Service {
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
         use containerd_shim_protos::protobuf::Message;
-        let vm = self.with_proc(&req.id, "", |t, _| Ok(t.vm.clone())).await?;
-        let stream = daemon().agent(&vm).await.map_err(fault)?;
-        let (reply, _) = agent::request(stream, &Request::Stats)
-            .await
-            .map_err(ttrpc_err)?;
-        let st = reply
-            .stats
-            .ok_or_else(|| ttrpc_err(format!("the VM's agent has no stats: {}", reply.error)))?;
+        let (vm, group) = self
+            .with_proc(&req.id, "", |t, _| {
+                Ok((t.vm.clone(), t.procs[""].spec.process.cgroup.clone()))
+            })
+            .await?;
+        let st = match group {
+            // A container of a pod: what its cgroup in the pod's VM uses.
+            Some(name) => cgroup(&vm, &name, banger_guest::agent::cgroup::Action::Stats)
+                .await
+                .map_err(ttrpc_err)?
+                .unwrap_or_default(),
+            None => {
+                let stream = daemon().agent(&vm).await.map_err(fault)?;
+                let (reply, _) = agent::request(stream, &Request::Stats)
+                    .await
+                    .map_err(ttrpc_err)?;
+                reply.stats.ok_or_else(|| {
+                    ttrpc_err(format!("the VM's agent has no stats: {}", reply.error))
+                })?
+            }
+        };
         let mut any = containerd_shim_protos::protobuf::well_known_types::any::Any::new();
         if cgroups_v2() {
             any.type_url = cgroup2::TYPE_URL.into();
@@ -1348,16 +1401,30 @@ impl Task for Service {
 impl Service {
     /// `Pause`/`Resume`: the task's VM paused (its vCPUs stopped, memory kept) or let go on.
     async fn pause_or_resume(&self, id: &str, pause: bool) -> TtrpcResult<api::Empty> {
-        let vm = self.with_proc(id, "", |t, _| Ok(t.vm.clone())).await?;
-        let method = if pause {
-            "io.banger.VMs.Pause"
-        } else {
-            "io.banger.VMs.Resume"
-        };
-        daemon()
-            .call(method, json!({ "name": vm }))
-            .await
-            .map_err(fault)?;
+        let (vm, group) = self
+            .with_proc(id, "", |t, _| {
+                Ok((t.vm.clone(), t.procs[""].spec.process.cgroup.clone()))
+            })
+            .await?;
+        match group {
+            // A container of a pod: its cgroup is frozen, the pod's VM runs on.
+            Some(name) => {
+                use banger_guest::agent::cgroup::Action;
+                let action = if pause { Action::Freeze } else { Action::Thaw };
+                cgroup(&vm, &name, action).await.map_err(ttrpc_err)?;
+            }
+            None => {
+                let method = if pause {
+                    "io.banger.VMs.Pause"
+                } else {
+                    "io.banger.VMs.Resume"
+                };
+                daemon()
+                    .call(method, json!({ "name": vm }))
+                    .await
+                    .map_err(fault)?;
+            }
+        }
         self.with_proc(id, "", |t, _| {
             t.paused = pause;
             Ok(())

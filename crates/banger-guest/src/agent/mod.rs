@@ -15,6 +15,7 @@
 //! exactly that user's rights, and the connection then carries frames as `exec`'s does.
 
 pub mod blocking;
+pub mod cgroup;
 pub mod files;
 pub mod fsop;
 pub mod identity;
@@ -122,6 +123,17 @@ pub enum Request {
         /// Its resource limits (a container's, as its spec says), set before it runs.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         rlimits: Vec<Rlimit>,
+        /// The guest cgroup it runs in (made when missing; see [`cgroup`]): a container's of
+        /// a pod, so that container is frozen, measured and removed as one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cgroup: Option<String>,
+    },
+    /// Act on a guest cgroup that `exec` made (see [`cgroup::Action`]).
+    Cgroup {
+        /// Its name.
+        name: String,
+        /// What to do.
+        action: cgroup::Action,
     },
     /// Attach to a process of the table (by `pid` or `tag`): its output from now on and its
     /// exit come as `exec`'s frames; `STDIN`, `RESIZE` and `SIGNAL` frames reach it (an
@@ -316,6 +328,8 @@ pub struct ExecRequest {
     pub hostname: Option<String>,
     /// Its resource limits (see [`Request::Exec`]).
     pub rlimits: Vec<Rlimit>,
+    /// Its guest cgroup (see [`Request::Exec`]).
+    pub cgroup: Option<String>,
 }
 
 /// A resource limit as an OCI spec names it: `RLIMIT_NOFILE`, …, and its soft and hard values.
@@ -375,6 +389,7 @@ impl From<ExecRequest> for Request {
             root: e.root,
             hostname: e.hostname,
             rlimits: e.rlimits,
+            cgroup: e.cgroup,
         }
     }
 }
@@ -559,6 +574,7 @@ mod tests {
             root: None,
             hostname: None,
             rlimits: vec![],
+            cgroup: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.starts_with(r#"{"op":"exec""#), "{s}");
@@ -568,6 +584,14 @@ mod tests {
             Request::Health
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"format-disk"}"#).is_err());
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"cgroup","name":"c1","action":"freeze"}"#)
+                .unwrap(),
+            Request::Cgroup {
+                name: "c1".into(),
+                action: cgroup::Action::Freeze
+            }
+        );
     }
 
     #[test]

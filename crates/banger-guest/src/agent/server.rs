@@ -199,6 +199,7 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             root,
             hostname,
             rlimits,
+            cgroup,
         } => {
             let how = How {
                 env,
@@ -208,6 +209,7 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
                 root,
                 hostname,
                 rlimits,
+                cgroup,
             };
             match detach {
                 true => super::procs::start(reader, writer, argv, how, tag),
@@ -257,6 +259,14 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
                 Err(e) => write_line(&mut writer, &Reply::error(e)),
             }
         }
+        Request::Cgroup { name, action } => match super::cgroup::act(&name, action) {
+            Ok(stats) => {
+                let mut r = Reply::ok();
+                r.stats = stats;
+                write_line(&mut writer, &r)
+            }
+            Err(e) => write_line(&mut writer, &Reply::error(e)),
+        },
         Request::Oom => {
             drop(reader);
             match super::oom::follow(&writer.try_clone()?, &mut writer) {
@@ -624,6 +634,7 @@ pub(super) struct How {
     pub root: Option<String>,
     pub hostname: Option<String>,
     pub rlimits: Vec<super::Rlimit>,
+    pub cgroup: Option<String>,
 }
 
 /// An OCI spec's `RLIMIT_…` name as the kernel's resource number.
@@ -815,6 +826,18 @@ pub(super) fn spawn(argv: Vec<String>, how: &How) -> Result<Spawned, NotStarted>
             },
         ));
     }
+    // Its cgroup is made before the fork; the child joins it first thing.
+    let cgroup_procs = match &how.cgroup {
+        Some(name) => Some(
+            super::cgroup::create(name)
+                .and_then(|p| {
+                    std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(NotStarted::Refused)?,
+        ),
+        None => None,
+    };
     let mut cmd = Command::new(&program);
     cmd.args(args).env_clear().envs(vars);
     if jail.is_none() {
@@ -850,6 +873,13 @@ pub(super) fn spawn(argv: Vec<String>, how: &How) -> Result<Spawned, NotStarted>
         // setgid and setuid run, on memory prepared before the fork.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(procs) = &cgroup_procs {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                }
                 // Not the agent's protection from the OOM killer.
                 let adj = libc::open(
                     c"/proc/self/oom_score_adj".as_ptr(),

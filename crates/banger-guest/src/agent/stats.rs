@@ -86,6 +86,14 @@ fn busy_pct((b0, t0): (u64, u64), (b1, t1): (u64, u64)) -> f64 {
     (pct * 100.0).round() / 100.0
 }
 
+/// The guest's CPUs online and memory (`MemTotal`, bytes), without sampling.
+pub fn shape() -> (u32, u64) {
+    // SAFETY: sysconf has no preconditions.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let total = meminfo(&std::fs::read_to_string("/proc/meminfo").unwrap_or_default()).0;
+    (online.max(1) as u32, total)
+}
+
 /// (`MemTotal`, `MemAvailable`, `Cached`) in bytes.
 fn meminfo(text: &str) -> (u64, u64, u64) {
     let field = |name: &str| {
