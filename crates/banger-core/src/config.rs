@@ -13,6 +13,11 @@ pub const DEFAULT_SUBNET: &str = "172.30.99.0/24";
 /// `tcg_cache_mib` unless configured (see BENCHMARKS.md, "TCG translation cache").
 pub const DEFAULT_TCG_CACHE_MIB: u32 = 64;
 
+/// `tcg_restore_cache_mib` unless configured: a restored VM translates only what runs after
+/// the restore, and 32 MiB restores as fast as 64 at about 37 MiB less per idle VM
+/// (BENCHMARKS.md, "Density").
+pub const DEFAULT_TCG_RESTORE_CACHE_MIB: u32 = 32;
+
 /// Which VMM drives the VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -68,6 +73,9 @@ pub struct Config {
     /// QEMU's TCG translation cache per VM, in MiB (its `tb-size`): what a VM under TCG may
     /// hold of translated guest code.
     pub tcg_cache_mib: u32,
+    /// The same for a VM restored from a snapshot (warm starts, forks, restores), which
+    /// translates only what runs after the restore.
+    pub tcg_restore_cache_mib: u32,
     /// Give VMs a virtio-balloon with free page reporting: memory a guest frees goes back to
     /// the host within seconds (QEMU and Firecracker).
     pub free_page_reporting: bool,
@@ -128,6 +136,7 @@ impl Default for Config {
             guest_bin_dir: None,
             accel: Accel::Auto,
             tcg_cache_mib: DEFAULT_TCG_CACHE_MIB,
+            tcg_restore_cache_mib: DEFAULT_TCG_RESTORE_CACHE_MIB,
             free_page_reporting: true,
             memory_merge: false,
             subnet: DEFAULT_SUBNET.into(),
@@ -214,12 +223,16 @@ impl Config {
             .map_err(|e| Error::InvalidArgument(format!("Invalid configuration: {e}")))?;
         c.check_catalogs()?;
         c.allowed_egress()?;
-        if !(8..=4096).contains(&c.tcg_cache_mib) {
-            return Err(Error::InvalidArgument(format!(
-                "Invalid configuration: tcg_cache_mib = {} is outside 8..=4096 (MiB of \
-                 translated code per VM under TCG; {DEFAULT_TCG_CACHE_MIB} unless set)",
-                c.tcg_cache_mib
-            )));
+        for (name, mib) in [
+            ("tcg_cache_mib", c.tcg_cache_mib),
+            ("tcg_restore_cache_mib", c.tcg_restore_cache_mib),
+        ] {
+            if !(8..=4096).contains(&mib) {
+                return Err(Error::InvalidArgument(format!(
+                    "Invalid configuration: {name} = {mib} is outside 8..=4096 (MiB of \
+                     translated code per VM under TCG)"
+                )));
+            }
         }
         Ok(c)
     }
@@ -306,7 +319,11 @@ mod tests {
         assert!(c.free_page_reporting && !c.memory_merge);
         let c = Config::parse("tcg_cache_mib = 128\nmemory_merge = true").unwrap();
         assert_eq!((c.tcg_cache_mib, c.memory_merge), (128, true));
-        for bad in ["tcg_cache_mib = 0", "tcg_cache_mib = 100000"] {
+        for bad in [
+            "tcg_cache_mib = 0",
+            "tcg_cache_mib = 100000",
+            "tcg_restore_cache_mib = 4",
+        ] {
             let e = Config::parse(bad).unwrap_err().to_string();
             assert!(e.contains("outside 8..=4096"), "{bad}: {e}");
         }

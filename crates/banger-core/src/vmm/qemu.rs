@@ -25,6 +25,8 @@ pub struct Qemu {
     firmware: Option<PathBuf>,
     /// TCG's translation cache per VM, MiB.
     tcg_cache_mib: u32,
+    /// The same for a restored VM.
+    tcg_restore_cache_mib: u32,
     /// Whether guest memory may be merged with identical pages (KSM).
     memory_merge: bool,
 }
@@ -159,7 +161,17 @@ impl Qemu {
             accel: config.accel,
             firmware,
             tcg_cache_mib: config.tcg_cache_mib,
+            tcg_restore_cache_mib: config.tcg_restore_cache_mib,
             memory_merge: config.memory_merge,
+        }
+    }
+
+    /// The TCG translation cache of VM `spec`, in MiB: a restore's own size.
+    fn tcg_mib(&self, spec: &BootSpec) -> u32 {
+        if spec.incoming {
+            self.tcg_restore_cache_mib
+        } else {
+            self.tcg_cache_mib
         }
     }
 
@@ -196,7 +208,7 @@ impl Qemu {
             if kvm {
                 "kvm".into()
             } else {
-                format!("tcg,tb-size={}", self.tcg_cache_mib)
+                format!("tcg,tb-size={}", self.tcg_mib(spec))
             },
             "-cpu".into(),
             (if kvm { "host" } else { "max" }).into(),
@@ -586,7 +598,7 @@ impl Vmm for Qemu {
                 u64::from(if self.uses_kvm() {
                     0
                 } else {
-                    self.tcg_cache_mib
+                    self.tcg_mib(spec)
                 }) + 256,
             ),
             writable: &[run, log_dir(spec)],
@@ -800,6 +812,7 @@ mod tests {
         let q = Qemu::configured(&crate::config::Config {
             accel: Accel::Tcg,
             tcg_cache_mib: 32,
+            tcg_restore_cache_mib: 16,
             memory_merge: true,
             ..Default::default()
         });
@@ -807,6 +820,10 @@ mod tests {
         s.machine = crate::vmm::Machine::default();
         let a = q.args(&s, false, None).join(" ");
         assert!(a.contains("-accel tcg,tb-size=32 "), "{a}");
+        s.incoming = true;
+        let restore = q.args(&s, false, None).join(" ");
+        assert!(restore.contains("-accel tcg,tb-size=16 "), "{restore}");
+        s.incoming = false;
         assert!(a.contains(",merge=on"), "{a}");
         // A VM restored from a snapshot without a balloon gets none.
         assert!(!a.contains("balloon"), "{a}");
