@@ -3036,6 +3036,29 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
     assert_eq!(exec_as(&bus, None, "w", &["hostname"]).trim(), "w");
     let leaked = bus.banger_as(None, &["vm", "exec", "w", "--", "cat", "/root/mark"]);
     assert!(!leaked.status.success(), "the warm VM has src's file");
+    // `image warm` remakes the shape's warm snapshot, also while a VM maps the one it
+    // replaces; that one goes once no VM uses it (the next remake's sweep).
+    let warm_snaps = || {
+        ok(bus.banger_as(None, &["snapshot", "list", "--all"]))
+            .matches(".warm-")
+            .count()
+    };
+    let mut warm_args = vec!["image", "warm", "snap-v1"];
+    warm_args.extend(&shape[2..]);
+    ok(bus.banger_as(None, &warm_args));
+    assert_eq!(warm_snaps(), 2, "the remake beside the one w maps");
+    assert_eq!(exec_as(&bus, None, "w", &["hostname"]).trim(), "w");
+    ok(bus.banger_as(None, &["vm", "delete", "w", "--force"]));
+    ok(bus.banger_as(None, &warm_args));
+    assert_eq!(
+        warm_snaps(),
+        1,
+        "the remakes' sweep left more than the newest"
+    );
+    let mut args = vec!["vm", "create", "w"];
+    args.extend(shape);
+    let out = ok(bus.banger_as(None, &args));
+    assert!(out.contains("Restoring the warm snapshot"), "{out}");
     let mut args = vec!["vm", "create", "c", "--cold"];
     args.extend(shape);
     let out = ok(bus.banger_as(None, &args));

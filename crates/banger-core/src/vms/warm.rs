@@ -198,10 +198,22 @@ impl Vms {
         let made = match booted {
             Ok(()) => {
                 ctx.stage("snapshot", "Snapshotting the template at ready");
+                // A remake sits beside the snapshot it replaces, which the sweep below
+                // removes (or, while restored VMs map it, the sweep after they went).
+                let taken: std::collections::HashSet<String> = self
+                    .snapshots()
+                    .await?
+                    .into_iter()
+                    .map(|s| s.name)
+                    .collect();
+                let snap_name = std::iter::once(name.clone())
+                    .chain((2..).map(|n| format!("{name}-{n}")))
+                    .find(|n| !taken.contains(n))
+                    .unwrap_or_else(|| name.clone());
                 self.run_snapshot(
                     ctx.clone(),
                     &vm.id,
-                    &name,
+                    &snap_name,
                     SnapshotOptions { pause: true },
                     key,
                 )
