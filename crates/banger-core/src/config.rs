@@ -13,11 +13,6 @@ pub const DEFAULT_SUBNET: &str = "172.30.99.0/24";
 /// `tcg_cache_mib` unless configured (see BENCHMARKS.md, "TCG translation cache").
 pub const DEFAULT_TCG_CACHE_MIB: u32 = 64;
 
-/// `tcg_restore_cache_mib` unless configured: a restored VM translates only what runs after
-/// the restore, and 32 MiB restores as fast as 64 at about 37 MiB less per idle VM
-/// (BENCHMARKS.md, "Density").
-pub const DEFAULT_TCG_RESTORE_CACHE_MIB: u32 = 32;
-
 /// Which VMM drives the VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -74,8 +69,9 @@ pub struct Config {
     /// hold of translated guest code.
     pub tcg_cache_mib: u32,
     /// The same for a VM restored from a snapshot (warm starts, forks, restores), which
-    /// translates only what runs after the restore.
-    pub tcg_restore_cache_mib: u32,
+    /// translates only what runs after the restore; `tcg_cache_mib` unless set. Smaller saves
+    /// memory per idle VM and costs it CPU (BENCHMARKS.md, "Restored VMs' TCG cache").
+    pub tcg_restore_cache_mib: Option<u32>,
     /// Give VMs a virtio-balloon with free page reporting: memory a guest frees goes back to
     /// the host within seconds (QEMU and Firecracker).
     pub free_page_reporting: bool,
@@ -136,7 +132,7 @@ impl Default for Config {
             guest_bin_dir: None,
             accel: Accel::Auto,
             tcg_cache_mib: DEFAULT_TCG_CACHE_MIB,
-            tcg_restore_cache_mib: DEFAULT_TCG_RESTORE_CACHE_MIB,
+            tcg_restore_cache_mib: None,
             free_page_reporting: true,
             memory_merge: false,
             subnet: DEFAULT_SUBNET.into(),
@@ -224,10 +220,10 @@ impl Config {
         c.check_catalogs()?;
         c.allowed_egress()?;
         for (name, mib) in [
-            ("tcg_cache_mib", c.tcg_cache_mib),
+            ("tcg_cache_mib", Some(c.tcg_cache_mib)),
             ("tcg_restore_cache_mib", c.tcg_restore_cache_mib),
         ] {
-            if !(8..=4096).contains(&mib) {
+            if let Some(mib) = mib.filter(|m| !(8..=4096).contains(m)) {
                 return Err(Error::InvalidArgument(format!(
                     "Invalid configuration: {name} = {mib} is outside 8..=4096 (MiB of \
                      translated code per VM under TCG)"

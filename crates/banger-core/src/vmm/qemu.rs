@@ -161,7 +161,7 @@ impl Qemu {
             accel: config.accel,
             firmware,
             tcg_cache_mib: config.tcg_cache_mib,
-            tcg_restore_cache_mib: config.tcg_restore_cache_mib,
+            tcg_restore_cache_mib: config.tcg_restore_cache_mib.unwrap_or(config.tcg_cache_mib),
             memory_merge: config.memory_merge,
         }
     }
@@ -812,7 +812,7 @@ mod tests {
         let q = Qemu::configured(&crate::config::Config {
             accel: Accel::Tcg,
             tcg_cache_mib: 32,
-            tcg_restore_cache_mib: 16,
+            tcg_restore_cache_mib: Some(16),
             memory_merge: true,
             ..Default::default()
         });
