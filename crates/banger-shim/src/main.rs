@@ -406,41 +406,44 @@ fn unmount(target: &Path) {
     }
 }
 
+/// One request to VM `vm`'s agent: its reply (and the stream, for requests that go on) when
+/// it did what was asked, else why not.
+async fn ask_agent(
+    vm: &str,
+    req: &Request,
+) -> Result<(banger_guest::agent::Reply, agent::Conn), String> {
+    let stream = daemon()
+        .agent(vm)
+        .await
+        .map_err(|e| format!("bangerd: {e}"))?;
+    let (reply, conn) = agent::request(stream, req)
+        .await
+        .map_err(|e| format!("the VM's agent: {e}"))?;
+    match reply.ok {
+        true => Ok((reply, conn)),
+        false => Err(reply.error),
+    }
+}
+
 /// The spec's tmpfs mounts, made by VM `vm`'s agent inside the container's root there
 /// (`root`; the VM's own root when `None`).
 async fn mount_tmpfs(vm: &str, root: Option<&str>, config: &Value) -> Result<(), String> {
     for t in mounts::tmpfs(config) {
-        let stream = daemon().agent(vm).await.map_err(|e| e.to_string())?;
         let req = Request::Mount {
             root: root.map(str::to_owned),
             destination: t.destination,
             fstype: "tmpfs".into(),
             options: t.options,
         };
-        let (reply, _) = agent::request(stream, &req)
-            .await
-            .map_err(|e| format!("the VM's agent: {e}"))?;
-        if !reply.ok {
-            return Err(reply.error);
-        }
+        ask_agent(vm, &req).await?;
     }
     Ok(())
 }
 
 /// Unmounts what the agent mounted inside a pod container's root in VM `vm`.
 async fn unmount_in_guest(vm: &str, root: &str) {
-    let r = match daemon().agent(vm).await {
-        Ok(stream) => {
-            let req = Request::Unmount { root: root.into() };
-            match agent::request(stream, &req).await {
-                Ok((reply, _)) if reply.ok => Ok(()),
-                Ok((reply, _)) => Err(reply.error),
-                Err(e) => Err(e.to_string()),
-            }
-        }
-        Err(e) => Err(e.to_string()),
-    };
-    if let Err(e) = r {
+    let req = Request::Unmount { root: root.into() };
+    if let Err(e) = ask_agent(vm, &req).await {
         log::warn!("VM {vm}: cannot unmount what is below {root}: {e}");
     }
 }
@@ -452,18 +455,11 @@ async fn cgroup(
     name: &str,
     action: banger_guest::agent::cgroup::Action,
 ) -> Result<Option<banger_guest::agent::Stats>, String> {
-    let stream = daemon().agent(vm).await.map_err(|e| e.to_string())?;
     let req = Request::Cgroup {
         name: name.into(),
         action,
     };
-    let (reply, _) = agent::request(stream, &req)
-        .await
-        .map_err(|e| format!("the VM's agent: {e}"))?;
-    match reply.ok {
-        true => Ok(reply.stats),
-        false => Err(reply.error),
-    }
+    Ok(ask_agent(vm, &req).await?.0.stats)
 }
 
 /// One read of what the (non-blocking) FIFO holds now: 0 when empty or ended.
@@ -577,12 +573,8 @@ impl Service {
     /// killed pid, else for `id`, the VM's own task (a container's processes are the VM's).
     /// Returns once the agent follows the guest's log, so no kill after it goes untold.
     async fn watch_oom(&self, vm: String, id: String) {
-        let conn = match daemon().agent(&vm).await {
-            Ok(stream) => match agent::request(stream, &Request::Oom).await {
-                Ok((reply, conn)) if reply.ok => conn,
-                Ok((reply, _)) => return log::warn!("VM {vm}: no OOM events: {}", reply.error),
-                Err(e) => return log::warn!("VM {vm}: no OOM events: {e}"),
-            },
+        let conn = match ask_agent(&vm, &Request::Oom).await {
+            Ok((_, conn)) => conn,
             Err(e) => return log::warn!("VM {vm}: no OOM events: {e}"),
         };
         let svc = self.clone();
@@ -590,12 +582,12 @@ impl Service {
             // The input half is held: the agent follows for as long as it is open.
             let (mut frames, _input) = conn.split();
             while let Ok(Some((kind, data))) = frames.next().await {
-                let Ok(kill) = serde_json::from_slice::<OomKill>(&data) else {
-                    continue;
-                };
                 if kind != frame::STDOUT {
                     continue;
                 }
+                let Ok(kill) = serde_json::from_slice::<OomKill>(&data) else {
+                    continue;
+                };
                 let container = svc
                     .tasks
                     .lock()
@@ -641,7 +633,6 @@ impl Service {
             let resize = p.resize_rx.take().ok_or("the process started already")?;
             (vm, p.spec.clone(), tx, p.close_stdin.clone(), resize)
         };
-        let stream = daemon().agent(&vm).await.map_err(|e| e.to_string())?;
         let req = Request::Exec {
             argv: spec.process.args.clone(),
             env: spec.process.env.clone(),
@@ -659,12 +650,7 @@ impl Service {
             rlimits: spec.process.rlimits.clone(),
             cgroup: spec.process.cgroup.clone(),
         };
-        let (reply, conn) = agent::request(stream, &req)
-            .await
-            .map_err(|e| format!("the VM's agent: {e}"))?;
-        if !reply.ok {
-            return Err(reply.error);
-        }
+        let (reply, conn) = ask_agent(&vm, &req).await?;
         let pid = reply.pid.unwrap_or(0);
         let (mut frames, mut input) = conn.split();
         // The agent follows the process for as long as our side of the stream is open (a
@@ -1153,16 +1139,15 @@ impl Task for Service {
             })
             .await?;
         for pid in pids.into_iter().filter(|p| *p != 0) {
-            let stream = daemon().agent(&vm).await.map_err(fault)?;
             let signal = Request::Signal {
                 pid: Some(pid),
                 tag: None,
                 signal: req.signal as i32,
             };
-            let (reply, _) = agent::request(stream, &signal).await.map_err(ttrpc_err)?;
-            // A process that ended meanwhile has nothing to signal.
-            if !reply.ok && !reply.error.contains("no process") {
-                return Err(ttrpc_err(reply.error));
+            match ask_agent(&vm, &signal).await {
+                // A process that ended meanwhile has nothing to signal.
+                Err(e) if !e.contains("no process") => return Err(ttrpc_err(e)),
+                _ => {}
             }
         }
         Ok(api::Empty::new())
@@ -1308,15 +1293,12 @@ impl Task for Service {
                 .await
                 .map_err(ttrpc_err)?
                 .unwrap_or_default(),
-            None => {
-                let stream = daemon().agent(&vm).await.map_err(fault)?;
-                let (reply, _) = agent::request(stream, &Request::Stats)
-                    .await
-                    .map_err(ttrpc_err)?;
-                reply.stats.ok_or_else(|| {
-                    ttrpc_err(format!("the VM's agent has no stats: {}", reply.error))
-                })?
-            }
+            None => ask_agent(&vm, &Request::Stats)
+                .await
+                .map_err(ttrpc_err)?
+                .0
+                .stats
+                .ok_or_else(|| ttrpc_err("the VM's agent has no stats"))?,
         };
         let mut any = containerd_shim_protos::protobuf::well_known_types::any::Any::new();
         if cgroups_v2() {
