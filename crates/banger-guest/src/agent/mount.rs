@@ -7,7 +7,7 @@
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Component, Path};
+use std::path::Path;
 
 /// The longest option string a tmpfs mount is given.
 const MAX_DATA: usize = 4096;
@@ -55,62 +55,14 @@ pub fn options(options: &[String]) -> Result<(libc::c_ulong, String), String> {
     Ok((flags, data))
 }
 
-/// `path` inside the root `dirfd` as if it were `/`, no magic link followed.
-fn openat2(dirfd: i32, path: &str, flags: i32) -> std::io::Result<OwnedFd> {
-    crate::sys::openat2(
-        dirfd,
-        Path::new(path),
-        flags,
-        0,
-        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
-    )
-}
-
-/// `destination` inside `root` as if it were `/`, folders made where missing, opened `O_PATH`.
+/// `destination` inside `root` as if it were `/`, folders made where missing, opened `O_PATH`;
+/// a symlink at it that leads nowhere inside the root is refused.
 fn folder(root: &Path, destination: &str) -> Result<OwnedFd, String> {
     let root_fd = std::fs::File::open(root)
         .map(OwnedFd::from)
         .map_err(|e| format!("{}: {e}", root.display()))?;
-    let mut names = Vec::new();
-    for c in Path::new(destination).components() {
-        match c {
-            Component::RootDir | Component::CurDir => {}
-            Component::Normal(n) => names.push(n.to_string_lossy().into_owned()),
-            _ => {
-                return Err(format!(
-                    "mount destination {destination:?}: no '..' allowed"
-                ))
-            }
-        }
-    }
-    if names.is_empty() {
-        return Err(format!(
-            "mount destination {destination:?}: not the container's root itself"
-        ));
-    }
-    // Each step from the root, so a symlink resolves as in the container; a folder is made
-    // in the one the step before resolved to.
-    let mut at = openat2(root_fd.as_raw_fd(), ".", libc::O_PATH | libc::O_DIRECTORY)
-        .map_err(|e| format!("{}: {e}", root.display()))?;
-    for i in 0..names.len() {
-        let path = names[..=i].join("/");
-        let open = || openat2(root_fd.as_raw_fd(), &path, libc::O_PATH | libc::O_DIRECTORY);
-        let next = match open() {
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                let name = CString::new(names[i].as_str()).map_err(|e| e.to_string())?;
-                // SAFETY: a NUL-terminated name, relative to a folder we hold.
-                if unsafe { libc::mkdirat(at.as_raw_fd(), name.as_ptr(), 0o755) } != 0 {
-                    let e = std::io::Error::last_os_error();
-                    return Err(format!("mount destination /{path}: {e}"));
-                }
-                open()
-            }
-            r => r,
-        }
-        .map_err(|e| format!("mount destination /{path}: {e}"))?;
-        at = next;
-    }
-    Ok(at)
+    crate::sys::in_root(&root_fd, destination, true, false)
+        .map_err(|e| format!("mount destination {destination:?}: {e}"))
 }
 
 /// Mounts a tmpfs at `destination` inside `root` with the OCI `options`.
