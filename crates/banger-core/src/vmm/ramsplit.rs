@@ -7,8 +7,9 @@
 //! Only the part of the format that carries RAM is parsed (QEMU's `savevm.c` and `ram.c`,
 //! format version 3): the header, the configuration section, the `ram` handler's sections and
 //! their page records. The first device section ends the parsing: the rest is copied as it is.
-//! Anything else (compressed or XBZRLE pages, postcopy commands, another iterative handler, a
-//! configuration with subsections) is refused with what it was, never guessed at.
+//! QEMU 10's switchover notice (a command without data) passes through. Anything else
+//! (compressed or XBZRLE pages, postcopy commands, another iterative handler, a configuration
+//! with subsections) is refused with what it was, never guessed at.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
@@ -26,7 +27,12 @@ const SECTION_PART: u8 = 0x02;
 const SECTION_END: u8 = 0x03;
 const SECTION_FULL: u8 = 0x04;
 const CONFIGURATION: u8 = 0x07;
+const COMMAND: u8 = 0x08;
 const FOOTER: u8 = 0x7e;
+
+/// The one command a saved state may carry: QEMU 10 tells the destination that the source
+/// stopped (`MIG_CMD_SWITCHOVER_START`, no data) before the last of RAM.
+const CMD_SWITCHOVER_START: u16 = 11;
 
 // Page record flags (`ram.c`), in the low bits of each record's offset.
 const FLAG_ZERO: u64 = 0x02;
@@ -189,6 +195,16 @@ impl<R: Read, W: Write> Splitter<'_, R, W> {
                     self.put(&[kind])?;
                     self.put(&id.to_be_bytes())?;
                     self.records()?;
+                }
+                COMMAND => {
+                    let head = self.bytes(4)?;
+                    let cmd = u16::from_be_bytes([head[0], head[1]]);
+                    let len = u16::from_be_bytes([head[2], head[3]]);
+                    if cmd != CMD_SWITCHOVER_START || len != 0 {
+                        return Err(bad(format!("a command {cmd} of {len} bytes")));
+                    }
+                    self.put(&[COMMAND])?;
+                    self.put(&head)?;
                 }
                 FOOTER => {
                     let id = self.u32()?;
@@ -437,5 +453,45 @@ mod tests {
         // Cut short.
         let e = split(&s[..s.len() / 2], "mem", &ram, Vec::new()).unwrap_err();
         assert!(e.to_string().contains("ends early"), "{e}");
+
+        // A command other than QEMU 10's switchover notice (a PING, with its 4 bytes).
+        let mut p = with_command(CMD_SWITCHOVER_START);
+        let at = p.windows(3).position(|w| w == [COMMAND, 0, 11]).unwrap();
+        p.splice(at + 1..at + 5, [0, 2, 0, 4, 0, 0, 0, 1]);
+        let e = split(&p[..], "mem", &ram, Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("a command 2 of 4 bytes"), "{e}");
+    }
+
+    /// [`stream`] with a command (no data) before its last RAM section, where QEMU 10 puts
+    /// its switchover notice.
+    fn with_command(cmd: u16) -> Vec<u8> {
+        let mut s = stream();
+        let at = s
+            .windows(5)
+            .position(|w| w == [SECTION_END, 0, 0, 0, 2])
+            .unwrap();
+        let mut c = vec![COMMAND];
+        c.extend(cmd.to_be_bytes());
+        c.extend(0u16.to_be_bytes());
+        s.splice(at..at, c);
+        s
+    }
+
+    #[test]
+    fn qemu_10s_switchover_notice_passes_through() {
+        let ram = tempfile::tempfile().unwrap();
+        let mut rest = Vec::new();
+        let got = split(
+            &with_command(CMD_SWITCHOVER_START)[..],
+            "mem",
+            &ram,
+            &mut rest,
+        )
+        .unwrap();
+        assert_eq!((got.ram_bytes, got.pages), (16 * PAGE, 3));
+        assert!(
+            rest.windows(5).any(|w| w == [COMMAND, 0, 11, 0, 0]),
+            "the notice stays in what QEMU loads"
+        );
     }
 }
