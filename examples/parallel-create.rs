@@ -71,6 +71,7 @@ impl Vmm for SlowVmm {
                         boot_id: new_id(),
                         systemd: false,
                         sshd: Some(false),
+                        parked: false,
                     };
                     let mut reply = banger::agent::Reply::ok();
                     reply.health = Some(health);

@@ -236,6 +236,10 @@ pub enum Request {
         /// The guest port.
         port: u16,
     },
+    /// A parked guest (a warm template of folder roots, restored): mount the root and go on
+    /// booting (see [`crate::guestinit::park`]). The agent replies once the root is mounted,
+    /// then ends when the client hangs up; the root's own agent follows.
+    Unpark,
     /// Step the guest's wall clock to the host's (after a resume: a paused guest's clock
     /// stood still while the host's went on); with `slew`, correct it without ever moving it
     /// back (see `identity::set_clock`): the agent link's periodic correction.
@@ -476,6 +480,9 @@ pub struct Health {
     /// before this field say nothing, and the host then asks with a shell.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sshd: Option<bool>,
+    /// Whether the guest is parked without its root (see [`crate::guestinit::park`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub parked: bool,
 }
 
 /// A reply line.
@@ -553,6 +560,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(old.sshd, None);
+        assert!(
+            !old.parked,
+            "an agent that says nothing of parking is not parked"
+        );
         let new = Health {
             sshd: Some(true),
             ..old
@@ -582,6 +593,10 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"op":"health"}"#).unwrap(),
             Request::Health
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"unpark"}"#).unwrap(),
+            Request::Unpark
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"format-disk"}"#).is_err());
         assert_eq!(

@@ -182,6 +182,16 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
     };
     match req {
         Request::Health => write_line(&mut writer, &health_reply()),
+        Request::Unpark => match crate::guestinit::park::unpark() {
+            Ok(()) => {
+                write_line(&mut writer, &Reply::ok())?;
+                // The reply must leave the guest before this agent does: the host hangs
+                // up once it has it (or the wait ends), then init starts the root's agent.
+                wait_hangup(&writer, std::time::Duration::from_secs(10));
+                std::process::exit(0)
+            }
+            Err(e) => write_line(&mut writer, &Reply::error(format!("unpark: {e}"))),
+        },
         Request::Shutdown => {
             write_line(&mut writer, &Reply::ok())?;
             drop(writer);
@@ -451,6 +461,33 @@ fn health_line() -> Vec<u8> {
     line
 }
 
+/// Waits until the peer of `conn` hung up (its reads end), at most `limit`.
+fn wait_hangup(conn: &std::fs::File, limit: std::time::Duration) {
+    use std::os::fd::AsRawFd;
+    let end = std::time::Instant::now() + limit;
+    let mut buf = [0u8; 512];
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let mut p = libc::pollfd {
+            fd: conn.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the call.
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n <= 0 {
+            return;
+        }
+        match (&*conn).read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
 fn health() -> Health {
     let uptime = std::fs::read_to_string("/proc/uptime")
         .ok()
@@ -465,6 +502,7 @@ fn health() -> Health {
         boot_id,
         systemd: std::path::Path::new("/run/systemd/system").is_dir(),
         sshd: Some(has_sshd()),
+        parked: crate::guestinit::park::parked(),
     }
 }
 

@@ -5,6 +5,7 @@
 //! hanging. No shell or busybox is involved: this is the whole initrd userspace.
 
 pub mod net;
+pub mod park;
 pub mod runas;
 pub mod supervise;
 
@@ -43,6 +44,9 @@ pub struct Cmdline {
     pub main: bool,
     /// `banger.share=TAG:DIR[:ro]` (repeatable): virtio-fs shares to mount.
     pub shares: Vec<GuestShare>,
+    /// `banger.park=1`: wait with the agent of the initrd until the host asks for the root
+    /// (a warm template of folder roots; see [`park`]).
+    pub park: bool,
 }
 
 /// A shared folder the guest mounts: its virtio-fs tag, where, and whether read-only.
@@ -84,6 +88,7 @@ pub fn parse_cmdline(s: &str) -> Cmdline {
         init_named: false,
         main: false,
         shares: Vec::new(),
+        park: false,
     };
     for arg in s.split_whitespace() {
         match arg.split_once('=') {
@@ -97,6 +102,7 @@ pub fn parse_cmdline(s: &str) -> Cmdline {
             Some(("banger.work", v)) => c.work = Some(v.into()),
             Some(("banger.init", v)) => c.stay_init = v == "banger",
             Some(("banger.main", v)) => c.main = v == "1",
+            Some(("banger.park", v)) => c.park = v == "1",
             Some(("banger.share", v)) => c.shares.extend(GuestShare::parse(v)),
             None if arg == "rw" => c.read_only = false,
             None if arg == "ro" => c.read_only = true,
@@ -116,6 +122,7 @@ fn say(msg: &str) {
 
 fn fail(msg: &str) -> ! {
     say(msg);
+    park::tell_failure(msg);
     say("powering off");
     std::thread::sleep(Duration::from_secs(1));
     // SAFETY: sync and reboot take no pointers; reboot only returns on failure.
@@ -485,6 +492,9 @@ pub fn run() -> ! {
         Ok(None) => {}
         Err(e) => say(&format!("the network stays down: {e}")),
     }
+    // A parked template mounts its root only when the host asks (it is restored with
+    // another folder's server than the one it booted with).
+    let parked = cmdline.park.then(park::wait);
     // A root folder (virtio-fs) is a tag, mounted as it is; a disk is waited for.
     let root = if cmdline.fstype == "virtiofs" {
         cmdline.root.clone()
@@ -550,6 +560,9 @@ pub fn run() -> ! {
         ));
     }
     let stay = cmdline.stay_init || missing;
+    if let Some(p) = parked {
+        p.release();
+    }
     base_mounts("/newroot");
     let (dot, slash) = (cstr("."), cstr("/"));
     if std::env::set_current_dir("/newroot").is_err() {
@@ -614,7 +627,9 @@ mod tests {
                 }
             ]
         );
-        assert!(c.init_named && c.stay_init && c.main);
+        assert!(c.init_named && c.stay_init && c.main && !c.park);
+        assert!(parse_cmdline("quiet banger.park=1").park);
+        assert!(!parse_cmdline("quiet banger.park=0").park);
         let c = parse_cmdline("console=ttyS0 quiet");
         assert_eq!(
             (
