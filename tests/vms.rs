@@ -3396,6 +3396,151 @@ async fn a_host_folder_boots_as_a_vms_root_served_as_its_owner() {
     assert!(share_servers(&bus).is_empty(), "its virtiofsd went with it");
 }
 
+/// Where QEMU can save a virtio-fs device (8.2 and later; Debian's backport here, the host's
+/// own QEMU being 7.2), VMs whose root is a folder start warm: the shape's first cold boot
+/// leads to a template of banger's own, parked before it mounts a root, whose snapshot each
+/// later create of the shape restores with its own folder, mounted after the restore.
+async fn folder_roots_start_warm_where_qemu_can_save_virtio_fs() {
+    let Some(qemu) = newer_qemu() else {
+        return;
+    };
+    let Some((_state, bus)) =
+        kernel_ready_bus_with(&[], "warm_snapshots = true\n", Some(qemu)).await
+    else {
+        return;
+    };
+    let ok = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+    let top = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let folder = |name: &str| {
+        let root = top.path().join(name);
+        std::fs::create_dir(&root).unwrap();
+        busybox_tree(&root, uid_of(USER_OK));
+        std::fs::write(root.join("etc/marker"), format!("{name}\n")).unwrap();
+        std::os::unix::fs::lchown(root.join("etc/marker"), Some(uid_of(USER_OK)), None).unwrap();
+        root
+    };
+    let (a, b) = (folder("a"), folder("b"));
+    let create = |vm: &str, root: &std::path::Path| {
+        ok(bus.banger_as(
+            Some(USER_OK),
+            &[
+                "vm",
+                "create",
+                vm,
+                "--rootfs",
+                root.to_str().unwrap(),
+                "--vcpus",
+                "1",
+                "--memory",
+                "256",
+            ],
+        ))
+    };
+    // The shape's first VM boots cold and leads to the warm snapshot.
+    let out = create("f1", &a);
+    assert!(
+        out.contains("Booting on qemu") && !out.contains("warm snapshot"),
+        "{out}"
+    );
+    let mut out = String::new();
+    let warm = poll_until(Duration::from_secs(240), Duration::from_millis(500), || {
+        out = ok(bus.banger_as(None, &["--json", "snapshot", "list", "--all"]));
+        out.contains("\".warm-")
+    });
+    assert!(warm, "no warm snapshot of folder roots: {out}");
+    // The template never mounted its own (empty) folder: nothing was written there.
+    let template_root = bus.state_dir().join("warm-root");
+    assert_eq!(
+        std::fs::read_dir(&template_root).unwrap().count(),
+        0,
+        "the template wrote into its folder"
+    );
+    // The next one restores it, with its own folder as its root and its own identity.
+    let out = create("f2", &b);
+    assert!(out.contains("Restoring the warm snapshot"), "{out}");
+    let said = exec_as(
+        &bus,
+        Some(USER_OK),
+        "f2",
+        &[
+            "sh",
+            "-c",
+            "cat /etc/marker; grep ' / ' /proc/mounts; hostname; cat /proc/1/comm; \
+             echo from-f2 > /made",
+        ],
+    );
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(lines[0], "b", "f2's root is its own folder: {said}");
+    assert!(lines[1].contains("virtiofs rw"), "{said}");
+    assert_eq!(lines[2], "f2", "{said}");
+    assert_eq!(lines[3], "init", "banger-init is its init: {said}");
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::read_to_string(b.join("made")).unwrap(),
+            "from-f2\n"
+        );
+        assert_eq!(
+            std::fs::metadata(b.join("made")).unwrap().uid(),
+            uid_of(USER_OK),
+            "what the guest writes is the owner's"
+        );
+    }
+    assert!(!a.join("made").exists(), "f2 wrote into f1's folder");
+    let shown = vm_shown(&bus, "f2");
+    let address = shown["guestAddress"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_ne!(
+        address,
+        vm_shown(&bus, "f1")["guestAddress"]
+            .as_str()
+            .unwrap_or_default()
+    );
+    // Its snapshot is still refused (only banger's parked templates are saved).
+    let out = bus.banger_as(Some(USER_OK), &["vm", "snapshot", "f2", "s"]);
+    assert!(
+        !out.status.success() && text(&out).contains("virtio-fs"),
+        "{}",
+        text(&out)
+    );
+    // Stopped and started, it boots cold, on the same folder.
+    ok(bus.banger_as(Some(USER_OK), &["vm", "stop", "f2"]));
+    let out = ok(bus.banger_as(Some(USER_OK), &["vm", "start", "f2"]));
+    assert!(!out.contains("warm snapshot"), "{out}");
+    let said = exec_as(&bus, Some(USER_OK), "f2", &["cat", "/etc/marker", "/made"]);
+    assert_eq!(said, "b\nfrom-f2\n");
+    // Two at once from the same template, each on its own folder.
+    let c = folder("c");
+    let (o3, o4) = std::thread::scope(|s| {
+        let t3 = s.spawn(|| create("f3", &a));
+        let t4 = s.spawn(|| create("f4", &c));
+        (t3.join().unwrap(), t4.join().unwrap())
+    });
+    for out in [&o3, &o4] {
+        assert!(out.contains("Restoring the warm snapshot"), "{out}");
+    }
+    assert_eq!(exec_as(&bus, None, "f3", &["cat", "/etc/marker"]), "a\n");
+    assert_eq!(exec_as(&bus, None, "f4", &["cat", "/etc/marker"]), "c\n");
+    for vm in ["f1", "f2", "f3", "f4"] {
+        ok(bus.banger_as(None, &["vm", "delete", "--force", vm]));
+    }
+    assert!(
+        share_servers(&bus).is_empty(),
+        "a virtiofsd outlived its VM"
+    );
+    let bad = common::invariants::check(&bus);
+    assert!(bad.is_empty(), "{bad:#?}");
+}
+
 /// A VM given a network namespace (CreateVM netns, as containerd's shim does for a pod) takes
 /// over that namespace's eth0: its tap lives there, wired to eth0 both ways, and the guest has
 /// eth0's address, MAC and default route. The namespace here is a veth pair's far end, as
@@ -3625,6 +3770,10 @@ fn main() {
         scenario::async_trial(
             "a_vm_given_a_network_namespace_takes_over_its_eth0",
             a_vm_given_a_network_namespace_takes_over_its_eth0,
+        ),
+        scenario::async_trial(
+            "folder_roots_start_warm_where_qemu_can_save_virtio_fs",
+            folder_roots_start_warm_where_qemu_can_save_virtio_fs,
         ),
         scenario::async_trial(
             "restores_share_their_snapshots_memory_and_a_changed_ram_file_is_refused",

@@ -191,6 +191,9 @@ pub struct BusOptions {
     /// The daemon's state directory, when it must outlive this bus (one bus prepares images
     /// with the host's network, the next boots VMs in a namespace).
     pub state_dir: Option<PathBuf>,
+    /// A folder searched before the host's `PATH` for the programs the daemon runs (a newer
+    /// QEMU's, see [`newer_qemu`]).
+    pub path_first: Option<PathBuf>,
 }
 
 impl Default for BusOptions {
@@ -203,6 +206,7 @@ impl Default for BusOptions {
             extra_config: String::new(),
             netns: false,
             state_dir: None,
+            path_first: None,
         }
     }
 }
@@ -374,6 +378,10 @@ impl TestBus {
         unshare.args(["--mount", "--propagation", "private"]);
         if opts.netns {
             unshare.arg("--net");
+        }
+        if let Some(first) = &opts.path_first {
+            let path = std::env::var("PATH").unwrap_or_default();
+            unshare.env("PATH", format!("{}:{path}", first.display()));
         }
         let mut child = unshare
             .args(["sh", "-c", &script])
@@ -759,6 +767,24 @@ pub fn debian_kernel() -> Option<(PathBuf, PathBuf, String)> {
         root.join(format!("lib/modules/{version}")),
         version,
     ))
+}
+
+/// The folder holding a QEMU newer than the host's (`qemu-system-x86_64` of Debian's
+/// bookworm-backports, which tests/run unpacks: QEMU 8.2 and later save virtio-fs devices),
+/// or `None` (skip) outside tests/run.
+#[allow(dead_code)]
+pub fn newer_qemu() -> Option<PathBuf> {
+    match std::env::var("BANGER_TEST_NEWER_QEMU") {
+        Ok(d) => Some(PathBuf::from(d)),
+        Err(_) => {
+            assert!(
+                std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
+                "BANGER_TEST_NEWER_QEMU is not set: run through tests/run"
+            );
+            eprintln!("SKIPPED: BANGER_TEST_NEWER_QEMU is not set (tests/run unpacks it)");
+            None
+        }
+    }
 }
 
 /// The static guest binaries' directory tests/run builds, or `None` (skip) outside it.

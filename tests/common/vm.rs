@@ -123,6 +123,15 @@ pub async fn kernel_ready_bus(
     extra: &[&str],
     config: &str,
 ) -> Option<(tempfile::TempDir, TestBus)> {
+    kernel_ready_bus_with(extra, config, None).await
+}
+
+/// [`kernel_ready_bus`] whose daemon finds the programs in `path_first` before the host's.
+pub async fn kernel_ready_bus_with(
+    extra: &[&str],
+    config: &str,
+    path_first: Option<PathBuf>,
+) -> Option<(tempfile::TempDir, TestBus)> {
     if !available(VM_TOOLS) || !available(extra) {
         return None;
     }
@@ -143,6 +152,7 @@ pub async fn kernel_ready_bus(
         ),
         netns: true,
         state_dir: Some(state.path().to_owned()),
+        path_first,
         ..Default::default()
     });
     Some((state, bus))

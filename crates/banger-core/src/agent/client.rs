@@ -122,6 +122,12 @@ pub async fn set_clock<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, slew: bool)
         .map(|_| ())
 }
 
+/// Asks a parked guest to mount its root and go on booting; returns once it has (the
+/// caller then hangs up, which lets the parked agent end; the root's own follows).
+pub async fn unpark<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<()> {
+    request(s, &Request::Unpark).await.map(|_| ())
+}
+
 /// Asks the guest to power off; returns once the agent accepted.
 pub async fn shutdown<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<()> {
     request(s, &Request::Shutdown).await.map(|_| ())

@@ -403,6 +403,13 @@ pub fn update_vm(c: &Connection, v: &Vm) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Forgets the snapshot a VM was restored from: a VM whose root is a folder holds nothing
+/// of it once restored (its memory is its own copy), so the snapshot may go.
+pub fn forget_vm_snapshot(c: &Connection, id: &str) -> Result<(), StoreError> {
+    c.execute("UPDATE vms SET snapshot = '' WHERE id = ?1", [id])?;
+    Ok(())
+}
+
 /// Sets when a VM's lifetime ends (µs since the epoch; 0: never).
 pub fn set_vm_expiry(c: &Connection, id: &str, expires_at: u64) -> Result<(), StoreError> {
     let n = c.execute(

@@ -192,6 +192,12 @@ pub trait Vmm: Send + Sync {
     /// Starts the VM; returns once the VMM runs (not when the guest is up).
     async fn boot(&self, spec: &BootSpec) -> Result<()>;
 
+    /// Whether a VM whose root is a folder (virtio-fs) can be saved and restored, which warm
+    /// starts of folder roots need; `Err` says why not.
+    fn saves_folder_roots(&self) -> std::result::Result<(), String> {
+        Err(format!("the {} VMM has no virtio-fs to save", self.name()))
+    }
+
     /// Whether the VM's VMM process is alive.
     fn running(&self, run_dir: &Path) -> bool {
         matches!(self.liveness(run_dir), process::Liveness::Alive(_))

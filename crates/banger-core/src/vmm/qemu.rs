@@ -97,6 +97,49 @@ fn program(name: &str, hint: &str) -> Result<PathBuf> {
     })
 }
 
+/// Whether this host's QEMU and virtiofsd can save a vhost-user-fs device: QEMU 8.2 moves
+/// the virtio-fs server's state in its migration stream (vhost-user's device state), which
+/// virtiofsd offers from 1.9 (`--migration-mode`); QEMU before 8.2 refuses to save or even
+/// load a VM with such a device. Asked once.
+fn folder_roots_migrate() -> std::result::Result<(), String> {
+    static ANSWER: std::sync::OnceLock<std::result::Result<(), String>> =
+        std::sync::OnceLock::new();
+    ANSWER
+        .get_or_init(|| {
+            let run = |p: &Path, arg: &str| {
+                std::process::Command::new(p)
+                    .arg(arg)
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            };
+            let qemu = find_program(QEMU).ok_or("QEMU is not installed")?;
+            let version =
+                qemu_version(&run(&qemu, "--version")).ok_or("QEMU did not say its version")?;
+            if version < (8, 2) {
+                return Err(format!(
+                    "QEMU {}.{} cannot save a virtio-fs device (8.2 and later can)",
+                    version.0, version.1
+                ));
+            }
+            let fsd = find_program(VIRTIOFSD).ok_or("virtiofsd is not installed")?;
+            if !run(&fsd, "--help").contains("--migration-mode") {
+                return Err("this virtiofsd cannot move its state (1.9 and later can)".into());
+            }
+            Ok(())
+        })
+        .clone()
+}
+
+/// `(major, minor)` from `qemu-system-x86_64 --version`'s first line.
+fn qemu_version(said: &str) -> Option<(u32, u32)> {
+    let v = said.lines().next()?.split("version ").nth(1)?;
+    let mut parts = v.split(|c: char| !c.is_ascii_digit());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -522,6 +565,10 @@ impl Vmm for Qemu {
         "qemu"
     }
 
+    fn saves_folder_roots(&self) -> std::result::Result<(), String> {
+        folder_roots_migrate()
+    }
+
     fn rootfs_path(&self, vm_dir: &Path) -> PathBuf {
         vm_dir.join("rootfs.qcow2")
     }
@@ -729,6 +776,21 @@ impl Vmm for Qemu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn qemu_versions_are_read_from_its_first_line() {
+        assert_eq!(
+            qemu_version("QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)\nCopyright"),
+            Some((7, 2))
+        );
+        assert_eq!(
+            qemu_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)"),
+            Some((10, 0))
+        );
+        assert_eq!(qemu_version("QEMU emulator version 11.0.0"), Some((11, 0)));
+        assert_eq!(qemu_version("nothing"), None);
+        assert!(qemu_version("QEMU emulator version 8.1.5").unwrap() < (8, 2));
+    }
 
     fn spec() -> BootSpec {
         BootSpec {

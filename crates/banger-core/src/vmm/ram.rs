@@ -10,7 +10,8 @@
 //! The copy is made from one read of the file that also checks its sha256 against the
 //! snapshot's row: what the VMs map is exactly what was hashed, whatever happens to the file
 //! later. A VM with shared folders gets a copy of its own instead (unsealed, mapped shared:
-//! its virtio-fs server must see the guest's memory as the VMM does).
+//! its virtio-fs server must see the guest's memory as the VMM does), made from the sealed one
+//! ([`duplicate`]: only the pages it holds, no second hash).
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -113,6 +114,52 @@ pub fn copy(
     Ok(mem.into())
 }
 
+/// A writable copy of `from` (a sealed copy [`copy`] made, so already checked) of `size`
+/// bytes, for a VM whose memory must be its own: only the pages it holds are copied (its
+/// holes stay holes, found with `SEEK_DATA`), so a copy costs what the guest had touched.
+pub fn duplicate(from: &OwnedFd, size: u64) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::FileExt;
+    // SAFETY: the name is NUL-terminated; the flags are valid.
+    let raw = unsafe { libc::memfd_create(c"banger-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    let mem = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+    mem.set_len(size)?;
+    let src = std::fs::File::from(from.try_clone()?);
+    let seek = |at: u64, whence: i32| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek takes no pointers.
+        let r = unsafe { libc::lseek(src.as_raw_fd(), at as libc::off_t, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        // ENXIO: no data at or after `at`.
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        }
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < size {
+        let Some(start) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        let mut pos = start;
+        while pos < end {
+            let n = ((end - pos) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], pos)?;
+            mem.write_all_at(&buf[..n], pos)?;
+            pos += n as u64;
+        }
+        at = end;
+    }
+    Ok(mem.into())
+}
+
 /// Whether `fd` is sealed against writes (what [`copy`] with `seal` made).
 pub fn sealed(fd: &OwnedFd) -> bool {
     // SAFETY: fcntl on a descriptor the caller holds.
@@ -135,6 +182,30 @@ mod tests {
         f.write_all_at(&[6u8; 4096], 63 * 4096).unwrap();
         let sha = crate::model::hex(&Sha256::digest(std::fs::read(&p).unwrap()));
         (std::fs::File::open(&p).unwrap(), sha)
+    }
+
+    #[test]
+    fn a_duplicate_is_writable_holds_the_same_pages_and_only_those() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let (mut f, sha) = ram_file(d.path());
+        let sealed = copy(&mut f, 64 * 4096, &sha, true).unwrap();
+        let own = std::fs::File::from(duplicate(&sealed, 64 * 4096).unwrap());
+        assert_eq!(own.metadata().unwrap().len(), 64 * 4096);
+        let mut page = [0u8; 4096];
+        for (at, byte) in [(0, 0u8), (3, 7), (10, 5), (11, 5), (12, 0), (63, 6)] {
+            own.read_exact_at(&mut page, at * 4096).unwrap();
+            assert_eq!(page, [byte; 4096], "page {at}");
+        }
+        assert_eq!(
+            own.metadata().unwrap().blocks() * 512,
+            4 * 4096,
+            "holes stay holes"
+        );
+        own.write_all_at(&[1u8; 4096], 0).unwrap();
+        let orig = std::fs::File::from(sealed.try_clone().unwrap());
+        orig.read_exact_at(&mut page, 0).unwrap();
+        assert_eq!(page, [0u8; 4096], "the sealed copy is untouched");
     }
 
     #[test]

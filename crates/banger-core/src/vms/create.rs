@@ -293,10 +293,16 @@ impl Vms {
             }
         }
         // Instant start: a warm snapshot of this shape, when there is one.
-        let image = image.filter(|_| self.warm_eligible(&o));
+        let warm = match &image {
+            _ if !self.warm_eligible(&o) => None,
+            Some(image) => Some(super::warm::WarmRoot::Image(Box::new(image.clone()))),
+            None => Some(super::warm::WarmRoot::Folder {
+                init: vm.init.clone(),
+            }),
+        };
         let mut warm_used = false;
-        if let Some(image) = &image {
-            let key = self.warm_key(image, &kernel, vm.vcpus, vm.memory_mib);
+        if let Some(root) = &warm {
+            let key = self.warm_key_of(root, &kernel, vm.vcpus, vm.memory_mib);
             if let Some(w) = self.warm_snapshot(&key).await? {
                 vm.snapshot = w.id;
                 warm_used = true;
@@ -343,8 +349,8 @@ impl Vms {
         let (vcpus, memory) = (vm.vcpus, vm.memory_mib);
         self.start_locked(&mut st, vm).await?;
         self.arm_lifetime(&id, timeout).await?;
-        if let (Some(image), false) = (&image, warm_used) {
-            self.warm_later(image, &kernel, vcpus, memory).await;
+        if let (Some(root), false) = (warm, warm_used) {
+            self.warm_later(root, &kernel, vcpus, memory).await;
         }
         Ok(())
     }

@@ -362,32 +362,46 @@ impl Vms {
             meta.ctime(),
             meta.ctime_nsec(),
         );
-        let mut rams = self.rams.lock().await;
-        if !own {
-            if let Some(c) = rams.get(&snap.id).filter(|c| c.file == identity) {
-                return Ok(crate::vmm::ram::GuestRam {
-                    fd: c.fd.clone(),
-                    shared: false,
-                });
+        let size = u64::from(snap.memory_mib) << 20;
+        let sealed = {
+            let mut rams = self.rams.lock().await;
+            match rams.get(&snap.id).filter(|c| c.file == identity) {
+                Some(c) => c.fd.clone(),
+                None => {
+                    let sha = snap.ram_sha256.clone();
+                    let fd = crate::jobs::spawn_blocking(move || {
+                        crate::vmm::ram::copy(&mut file, size, &sha, true)
+                    })
+                    .await
+                    .map_err(|e| failed("Snapshot task failed", e))?
+                    .map_err(|e| damaged(e.to_string()))?;
+                    let fd = std::sync::Arc::new(fd);
+                    rams.insert(
+                        snap.id.clone(),
+                        CachedRam {
+                            file: identity,
+                            fd: fd.clone(),
+                        },
+                    );
+                    fd
+                }
             }
-        }
-        let (size, sha) = (u64::from(snap.memory_mib) << 20, snap.ram_sha256.clone());
-        let fd =
-            crate::jobs::spawn_blocking(move || crate::vmm::ram::copy(&mut file, size, &sha, !own))
-                .await
-                .map_err(|e| failed("Snapshot task failed", e))?
-                .map_err(|e| damaged(e.to_string()))?;
-        let fd = std::sync::Arc::new(fd);
+        };
         if !own {
-            rams.insert(
-                snap.id.clone(),
-                CachedRam {
-                    file: identity,
-                    fd: fd.clone(),
-                },
-            );
+            return Ok(crate::vmm::ram::GuestRam {
+                fd: sealed,
+                shared: false,
+            });
         }
-        Ok(crate::vmm::ram::GuestRam { fd, shared: own })
+        // Its own copy, of what was checked once.
+        let fd = crate::jobs::spawn_blocking(move || crate::vmm::ram::duplicate(&sealed, size))
+            .await
+            .map_err(|e| failed("Snapshot task failed", e))?
+            .map_err(|e| failed("Cannot copy the snapshot's RAM", e))?;
+        Ok(crate::vmm::ram::GuestRam {
+            fd: std::sync::Arc::new(fd),
+            shared: true,
+        })
     }
 }
 
@@ -504,7 +518,10 @@ impl Vms {
 
     fn snapshot_allowed(&self, vm: &Vm) -> Result<()> {
         super::state::check(vm, super::state::VmOp::Snapshot)?;
-        if !vm.rootfs_dir.is_empty() {
+        // A warm template of folder roots is parked before it mounts its root (see
+        // `warm::WarmRoot`), where the VMM can save its folder's server.
+        let parked = super::warm::is_template(vm) && self.vmm.saves_folder_roots().is_ok();
+        if !vm.rootfs_dir.is_empty() && !parked {
             return Err(refused(format!(
                 "VM {}'s root is the folder {}, served over virtio-fs, whose devices cannot be \
                  saved; snapshot a VM booted from an image",
@@ -637,6 +654,18 @@ impl Vms {
         // the VMM's then is only that its pipe closed.
         let (sha, size, ram_sha) = written?;
         sent?;
+        if !vm.rootfs_dir.is_empty() {
+            // A root folder: no disks, and the state and RAM files are root's alone.
+            use std::os::unix::fs::PermissionsExt;
+            for p in [dir.join(MEMORY), dir.join(RAM)]
+                .iter()
+                .filter(|p| p.exists())
+            {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| failed(format!("Cannot secure {}", p.display()), e))?;
+            }
+            return Ok((sha, size, ram_sha));
+        }
         ctx.stage("copy_disks", "Copying the root and /root disks");
         let (vm_dir, dir) = (self.vm_dir(&vm.id), dir.to_owned());
         let vm_rootfs = self.vmm.rootfs_path(&vm_dir);

@@ -15,6 +15,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::create::{
     hostname_for, make_work_disk, new_host_key, seed_work_in_worker, timed, Stages, PENDING_KEY,
@@ -24,6 +25,7 @@ use super::{share, snapshot, Vms};
 use crate::agent::Health;
 use crate::model::{Image, Kernel, Snapshot, Vm, VmState};
 use crate::net::GuestNet;
+use crate::store::rows;
 use crate::vmm::jail::Jail;
 use crate::vmm::{BootSpec, DiskFormat, Machine};
 use crate::Result;
@@ -122,7 +124,10 @@ impl Vms {
 
         let rootfs = self.vmm.rootfs_path(&dir);
         // A VM restored from a snapshot restores on its first start; later starts boot it.
-        let restore = if !vm.snapshot.is_empty() && !rootfs.exists() {
+        // A root folder leaves no disk to tell by: such a VM forgets its snapshot once
+        // restored (see `make_ready`), and has none to layer on.
+        let folder = !vm.rootfs_dir.is_empty();
+        let restore = if !vm.snapshot.is_empty() && (folder || !rootfs.exists()) {
             let s = self.snapshot(&vm.snapshot).await?;
             let sd = self.snapshot_dir(&s.id);
             Some((s, sd))
@@ -131,7 +136,8 @@ impl Vms {
         };
         // The snapshot's disk is in the chain QEMU opens on every start, not only the first
         // (the VM's disk layers on it): its view must hold it each time.
-        let layered_on = match (&restore, vm.snapshot.is_empty()) {
+        let layered_on = match (&restore, vm.snapshot.is_empty() || folder) {
+            _ if folder => None,
             (Some((s, _)), _) => Some(s.clone()),
             (None, false) => Some(self.snapshot(&vm.snapshot).await?),
             (None, true) => None,
@@ -420,6 +426,12 @@ impl Vms {
             Some((snap, sd)) => {
                 let what = if snap.warm.is_empty() {
                     format!("Restoring snapshot {} on {}", snap.name, self.vmm.name())
+                } else if snap.image_id.is_empty() {
+                    format!(
+                        "Restoring the warm snapshot of folder roots on {} (an instant start; \
+                         --cold boots instead)",
+                        self.vmm.name()
+                    )
                 } else {
                     format!(
                         "Restoring the warm snapshot of this image on {} (an instant start; \
@@ -554,7 +566,12 @@ impl Vms {
                     " banger.init=banger banger.main=1".into()
                 },
                 share::cmdline(&vm.shares)
-            ),
+            ) + if super::warm::is_template(vm) && !vm.rootfs_dir.is_empty() {
+                // A template of folder roots waits for its root (see `warm::WarmRoot`).
+                " banger.park=1"
+            } else {
+                ""
+            },
             net: Some(crate::vmm::NetSpec {
                 tap: vm.tap_name.clone(),
                 mac: prepared.lease.mac.clone(),
@@ -614,7 +631,15 @@ impl Vms {
                 // first; each costs a TCG guest whose translations are all cold some 100 ms).
                 match keygen {
                     Some(keygen) => {
-                        let agent = self.reach_agent(run).await?;
+                        let mut agent = self.reach_agent(run).await?;
+                        if !vm.rootfs_dir.is_empty() {
+                            // A warm template of folder roots, parked: it mounts the VM's own
+                            // root now, and its root's agent takes the identity.
+                            st.ctx
+                                .log(6, "Mounting the root folder in the restored guest");
+                            self.unpark(run, agent).await?;
+                            agent = self.reach_agent(run).await?;
+                        }
                         st.enter(
                             vm,
                             "identity",
@@ -663,6 +688,41 @@ impl Vms {
                 self.release_network_if_idle().await;
                 Ok(None)
             }
+        }
+    }
+
+    /// Has a parked guest (see `warm::WarmRoot::Folder`) mount its root through `agent`,
+    /// then waits until the root's own agent answers.
+    async fn unpark(&self, run: &std::path::Path, mut agent: tokio::net::UnixStream) -> Result<()> {
+        let limit = Duration::from_secs(self.config.boot_timeout_sec.max(1));
+        tokio::time::timeout(limit, crate::agent::client::unpark(&mut agent))
+            .await
+            .map_err(|_| {
+                failed(
+                    "The restored guest did not mount its root folder in time",
+                    std::io::Error::other("timeout"),
+                )
+            })?
+            .map_err(|e| {
+                failed(
+                    "The restored guest could not mount its root folder",
+                    std::io::Error::other(e.full_message()),
+                )
+            })?;
+        // Hanging up lets the parked agent end; until it has, it still answers as parked.
+        drop(agent);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if !self.wait_agent(run).await?.parked {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(failed(
+                    "The restored guest's root agent did not start",
+                    std::io::Error::other("timeout"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -740,6 +800,13 @@ impl Vms {
             })
             .await;
         let _ = clock.await;
+        if plan.restore.is_some() && !vm.rootfs_dir.is_empty() {
+            let id = vm.id.clone();
+            self.store
+                .call(move |c| rows::forget_vm_snapshot(c, &id))
+                .await?;
+            vm.snapshot.clear();
+        }
         vm.state = VmState::Running;
         st.enter(vm, "ready", format!("VM {} is ready", vm.name))
             .await?;

@@ -13,6 +13,14 @@
 //! A template VM has no balloon, so its snapshot keeps the guest's memory as a file that every
 //! warm start maps copy-on-write (see `vmm::ram`): VMs started warm share the template's pages
 //! until they write them, and do not hand freed memory back (a cold boot does).
+//!
+//! VMs whose root is a folder (virtio-fs; containerd's bundles) start warm too where the VMM
+//! can save a virtio-fs device (`Vmm::saves_folder_roots`: QEMU 8.2 and later, which moves
+//! virtiofsd's state in its stream). Their template is one per kernel, shape and init, booted
+//! with an empty folder of root's and parked before it mounts it (`banger.park=1`, see
+//! `banger_guest::guestinit::park`); a restore serves the VM's own folder to it, and asks the
+//! guest to mount it and go on booting before it takes its identity. Such a VM's memory is a
+//! copy of its own (its folder's server maps it), so it forgets the snapshot once restored.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -37,6 +45,33 @@ pub(super) fn is_template(vm: &crate::model::Vm) -> bool {
     vm.owner_uid == 0 && vm.name.starts_with(".warm-")
 }
 
+/// What a warm snapshot holds the root of: an image's, or none yet (a template of folder
+/// roots, parked before it mounts one; see `banger_guest::guestinit::park`).
+#[derive(Clone)]
+pub(super) enum WarmRoot {
+    /// An image's root disk.
+    Image(Box<Image>),
+    /// A root folder, given at the restore; the VMs' init (`""` or `banger`).
+    Folder {
+        /// The init the VMs ask for.
+        init: String,
+    },
+}
+
+impl WarmRoot {
+    /// What the key and the log call it.
+    fn named(&self) -> String {
+        match self {
+            WarmRoot::Image(i) => format!("image {}", i.name),
+            WarmRoot::Folder { .. } => "folder roots".into(),
+        }
+    }
+}
+
+/// The empty folder a template of folder roots boots with (in the state directory, root's),
+/// whose server it never mounts.
+pub(super) const TEMPLATE_ROOT: &str = "warm-root";
+
 impl Vms {
     /// The key of the warm snapshot that serves this shape.
     pub(super) fn warm_key(
@@ -46,6 +81,35 @@ impl Vms {
         vcpus: u32,
         memory: u32,
     ) -> String {
+        self.key_of(&image.id, kernel, vcpus, memory)
+    }
+
+    /// The key of the warm snapshot that serves VMs of this shape whose root is a folder
+    /// (with `init`).
+    pub(super) fn warm_folder_key(
+        &self,
+        kernel: &Kernel,
+        vcpus: u32,
+        memory: u32,
+        init: &str,
+    ) -> String {
+        self.key_of(&format!("folder:{init}"), kernel, vcpus, memory)
+    }
+
+    pub(super) fn warm_key_of(
+        &self,
+        root: &WarmRoot,
+        kernel: &Kernel,
+        vcpus: u32,
+        memory: u32,
+    ) -> String {
+        match root {
+            WarmRoot::Image(i) => self.warm_key(i, kernel, vcpus, memory),
+            WarmRoot::Folder { init } => self.warm_folder_key(kernel, vcpus, memory, init),
+        }
+    }
+
+    fn key_of(&self, root: &str, kernel: &Kernel, vcpus: u32, memory: u32) -> String {
         use std::os::unix::fs::MetadataExt;
         let stamp = |name: &str| {
             std::fs::metadata(self.config.guest_binary(name))
@@ -55,7 +119,7 @@ impl Vms {
         let text = format!(
             "{}|{}|{}|{}|{vcpus}|{memory}|{}|{}|{}|{}",
             self.vmm.name(),
-            image.id,
+            root,
             kernel.name,
             kernel.created_at,
             crate::VERSION,
@@ -68,18 +132,24 @@ impl Vms {
     }
 
     /// Whether a create with these options may start from a warm snapshot (or, when none
-    /// exists yet, lead to one).
+    /// exists yet, lead to one). A root folder may, with banger-init or the folder's own
+    /// init, where the VMM can save its server (`Vmm::saves_folder_roots`).
     pub(super) fn warm_eligible(&self, o: &CreateOptions) -> bool {
+        let root = match &o.rootfs_dir {
+            None => o.init.is_empty(),
+            Some(_) => {
+                (o.init.is_empty() || o.init == "banger") && self.vmm.saves_folder_roots().is_ok()
+            }
+        };
         self.config.warm_snapshots
             && self.vmm.name() == "qemu"
             && o.snapshot.is_none()
             && !o.cold
             && o.shares.is_empty()
-            && o.rootfs_dir.is_none()
             && o.netns.is_none()
             && !o.entrypoint
-            && o.init.is_empty()
             && o.disk_size.is_none()
+            && root
     }
 
     /// The warm snapshot serving `key`, if one is there.
@@ -92,13 +162,19 @@ impl Vms {
 
     /// Makes the warm snapshot of this shape in the background unless it exists or is
     /// being made.
-    pub(super) async fn warm_later(&self, image: &Image, kernel: &Kernel, vcpus: u32, memory: u32) {
-        let key = self.warm_key(image, kernel, vcpus, memory);
+    pub(super) async fn warm_later(
+        &self,
+        root: WarmRoot,
+        kernel: &Kernel,
+        vcpus: u32,
+        memory: u32,
+    ) {
+        let key = self.warm_key_of(&root, kernel, vcpus, memory);
         match self.warm_snapshot(&key).await {
             Ok(None) => {}
             _ => return,
         }
-        let _ = self.start_warming(image.clone(), kernel.clone(), vcpus, memory, key);
+        let _ = self.start_warming(root, kernel.clone(), vcpus, memory, key);
     }
 
     /// `banger image warm`: makes (or remakes) the warm snapshot of this shape now; the job,
@@ -124,12 +200,12 @@ impl Vms {
             .unwrap_or_else(|| self.config.default_kernel.clone());
         let kernel = self.kernels.get(&kernel_name).await?;
         let key = self.warm_key(&image, &kernel, vcpus, memory);
-        Ok(self.start_warming(image, kernel, vcpus, memory, key))
+        Ok(self.start_warming(WarmRoot::Image(Box::new(image)), kernel, vcpus, memory, key))
     }
 
     fn start_warming(
         &self,
-        image: Image,
+        root: WarmRoot,
         kernel: Kernel,
         vcpus: u32,
         memory: u32,
@@ -146,14 +222,17 @@ impl Vms {
         }
         let spec = JobSpec {
             kind: "warm-image".into(),
-            target: image.name.clone(),
+            target: match &root {
+                WarmRoot::Image(i) => i.name.clone(),
+                WarmRoot::Folder { .. } => "folder roots".into(),
+            },
             action: Action::VmsManage,
             owner_uid: 0,
         };
         let this = self.clone();
         Some(self.jobs.spawn(spec, move |ctx| async move {
             let r = this
-                .run_warm(&ctx, &image, &kernel, vcpus, memory, &key)
+                .run_warm(&ctx, &root, &kernel, vcpus, memory, &key)
                 .await;
             this.warming
                 .0
@@ -167,7 +246,7 @@ impl Vms {
     async fn run_warm(
         &self,
         ctx: &JobContext,
-        image: &Image,
+        root: &WarmRoot,
         kernel: &Kernel,
         vcpus: u32,
         memory: u32,
@@ -177,12 +256,11 @@ impl Vms {
         ctx.stage(
             "template",
             format!(
-                "Booting a template VM of image {} ({vcpus} vCPU, {memory} MiB)",
-                image.name
+                "Booting a template VM of {} ({vcpus} vCPU, {memory} MiB)",
+                root.named()
             ),
         );
-        let o = CreateOptions {
-            image: Some(image.id.clone()),
+        let mut o = CreateOptions {
             kernel: Some(kernel.name.clone()),
             vcpus,
             memory_mib: memory,
@@ -192,6 +270,19 @@ impl Vms {
             foreign_ok: true,
             ..Default::default()
         };
+        match root {
+            WarmRoot::Image(image) => o.image = Some(image.id.clone()),
+            WarmRoot::Folder { init } => {
+                // Parked before it mounts its root (see `start::boot_spec`), so the folder
+                // it boots with is an empty one of root's that its restores replace.
+                let dir = self.layout.state_dir.join(TEMPLATE_ROOT);
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    super::error::failed("Cannot make the template's root folder", e)
+                })?;
+                o.rootfs_dir = Some(dir.to_string_lossy().into_owned());
+                o.init = init.clone();
+            }
+        }
         // Whatever happens, the template goes.
         let (vm, job) = self.create(0, &name, o).await?;
         let booted = job.wait().await;
@@ -228,8 +319,9 @@ impl Vms {
         ctx.log(
             6,
             format!(
-                "Warm snapshot {} of image {} ready: later VMs of this shape start from it",
-                snap.name, image.name
+                "Warm snapshot {} of {} ready: later VMs of this shape start from it",
+                snap.name,
+                root.named()
             ),
         );
         self.sweep_warm().await;
@@ -269,14 +361,17 @@ impl Vms {
                 .filter(|o| o.warm == s.warm)
                 .max_by_key(|o| o.created_at)
                 .is_some_and(|o| o.id == s.id);
-            let current = self.images.get(&s.image_id).await.is_ok()
-                && match self.kernels.get(&s.kernel).await {
-                    Ok(k) => match self.images.get(&s.image_id).await {
-                        Ok(i) => self.warm_key(&i, &k, s.vcpus, s.memory_mib) == s.warm,
-                        Err(_) => false,
-                    },
+            // A template of folder roots has no image; its init is the VMs'.
+            let current = match self.kernels.get(&s.kernel).await {
+                Ok(k) if s.image_id.is_empty() => {
+                    self.warm_folder_key(&k, s.vcpus, s.memory_mib, &s.init) == s.warm
+                }
+                Ok(k) => match self.images.get(&s.image_id).await {
+                    Ok(i) => self.warm_key(&i, &k, s.vcpus, s.memory_mib) == s.warm,
                     Err(_) => false,
-                };
+                },
+                Err(_) => false,
+            };
             if newest && current {
                 continue;
             }
