@@ -192,6 +192,12 @@ pub trait Vmm: Send + Sync {
     /// Starts the VM; returns once the VMM runs (not when the guest is up).
     async fn boot(&self, spec: &BootSpec) -> Result<()>;
 
+    /// What the VMM says of its version (a saved state loads into the VMM that saved it:
+    /// warm snapshots are keyed by it).
+    fn version(&self) -> String {
+        String::new()
+    }
+
     /// Whether a VM whose root is a folder (virtio-fs) can be saved and restored, which warm
     /// starts of folder roots need; `Err` says why not.
     fn saves_folder_roots(&self) -> std::result::Result<(), String> {

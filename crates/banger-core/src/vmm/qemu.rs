@@ -101,6 +101,30 @@ fn program(name: &str, hint: &str) -> Result<PathBuf> {
 /// the virtio-fs server's state in its migration stream (vhost-user's device state), which
 /// virtiofsd offers from 1.9 (`--migration-mode`); QEMU before 8.2 refuses to save or even
 /// load a VM with such a device. Asked once.
+/// The first line of `qemu-system-x86_64 --version` (empty when it cannot be run), asked once.
+fn version_line() -> &'static str {
+    static LINE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    LINE.get_or_init(|| {
+        find_program(QEMU)
+            .and_then(|q| {
+                std::process::Command::new(q)
+                    .arg("--version")
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .output()
+                    .ok()
+            })
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    })
+}
+
 fn folder_roots_migrate() -> std::result::Result<(), String> {
     static ANSWER: std::sync::OnceLock<std::result::Result<(), String>> =
         std::sync::OnceLock::new();
@@ -115,9 +139,7 @@ fn folder_roots_migrate() -> std::result::Result<(), String> {
                     .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                     .unwrap_or_default()
             };
-            let qemu = find_program(QEMU).ok_or("QEMU is not installed")?;
-            let version =
-                qemu_version(&run(&qemu, "--version")).ok_or("QEMU did not say its version")?;
+            let version = qemu_version(version_line()).ok_or("QEMU is not installed")?;
             if version < (8, 2) {
                 return Err(format!(
                     "QEMU {}.{} cannot save a virtio-fs device (8.2 and later can)",
@@ -567,6 +589,10 @@ impl Vmm for Qemu {
 
     fn saves_folder_roots(&self) -> std::result::Result<(), String> {
         folder_roots_migrate()
+    }
+
+    fn version(&self) -> String {
+        version_line().to_owned()
     }
 
     fn rootfs_path(&self, vm_dir: &Path) -> PathBuf {

@@ -6,7 +6,8 @@
 //! restore from that snapshot and get their own identity, as any restore does.
 //!
 //! The key covers what the guest's memory depends on: the image's id, the kernel's name and
-//! install time, the shape, banger's version and guest binaries, and the snapshot's format.
+//! install time, the shape, banger's version and guest binaries, the snapshot's format and the
+//! VMM's version (a saved state loads into the VMM that saved it).
 //! Any change makes a new key, so a stale warm snapshot is never used; it stays while VMs
 //! layer on it and goes once none do (`sweep_warm`).
 //!
@@ -117,7 +118,7 @@ impl Vms {
                 .unwrap_or_default()
         };
         let text = format!(
-            "{}|{}|{}|{}|{vcpus}|{memory}|{}|{}|{}|{}",
+            "{}|{}|{}|{}|{vcpus}|{memory}|{}|{}|{}|{}|{}",
             self.vmm.name(),
             root,
             kernel.name,
@@ -127,6 +128,9 @@ impl Vms {
             stamp("banger-agent"),
             // Its memory a file restores map (no balloon: see `vmm::ram`).
             "ram-file",
+            // A saved state loads into the VMM that saved it (QEMU's microvm has no
+            // versioned machine types): an upgrade makes the snapshot stale.
+            self.vmm.version(),
         );
         crate::model::hex(&Sha256::digest(text.as_bytes())[..8])
     }
