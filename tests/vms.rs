@@ -3530,7 +3530,53 @@ async fn folder_roots_start_warm_where_qemu_can_save_virtio_fs() {
     }
     assert_eq!(exec_as(&bus, None, "f3", &["cat", "/etc/marker"]), "a\n");
     assert_eq!(exec_as(&bus, None, "f4", &["cat", "/etc/marker"]), "c\n");
-    for vm in ["f1", "f2", "f3", "f4"] {
+    // On a network namespace (a pod's, as CNI leaves one): the template's NIC is wired to
+    // its eth0, and the guest takes eth0's address and MAC and reaches its peer.
+    let ns = format!("bnw{}", std::process::id());
+    let mac = bus.sh_in_namespaces(&format!(
+        "set -e; ip netns add {ns}; ip link add bnw0 type veth peer name eth0 netns {ns}; \
+         ip addr add 10.78.0.1/24 dev bnw0; ip link set bnw0 up; \
+         ip -n {ns} addr add 10.78.0.2/24 dev eth0; ip -n {ns} link set eth0 up; \
+         ip -n {ns} link set lo up; ip -n {ns} route add default via 10.78.0.1; \
+         ip netns exec {ns} cat /sys/class/net/eth0/address"
+    ));
+    let p = folder("p");
+    let out = ok(bus.banger_as(
+        None,
+        &[
+            "vm",
+            "create",
+            "f5",
+            "--rootfs",
+            p.to_str().unwrap(),
+            "--netns",
+            &format!("/run/netns/{ns}"),
+            "--vcpus",
+            "1",
+            "--memory",
+            "256",
+        ],
+    ));
+    assert!(out.contains("Restoring the warm snapshot"), "{out}");
+    let said = exec_as(
+        &bus,
+        None,
+        "f5",
+        &[
+            "sh",
+            "-c",
+            "busybox ip -o -4 addr show eth0; cat /sys/class/net/eth0/address; \
+             busybox ping -c 1 -W 5 10.78.0.1 >/dev/null && echo reached",
+        ],
+    );
+    assert!(said.contains("inet 10.78.0.2/24"), "eth0's address: {said}");
+    assert!(
+        said.contains(mac.trim()),
+        "eth0's MAC {}: {said}",
+        mac.trim()
+    );
+    assert!(said.contains("reached"), "the namespace's peer: {said}");
+    for vm in ["f1", "f2", "f3", "f4", "f5"] {
         ok(bus.banger_as(None, &["vm", "delete", "--force", vm]));
     }
     assert!(
@@ -3539,6 +3585,7 @@ async fn folder_roots_start_warm_where_qemu_can_save_virtio_fs() {
     );
     let bad = common::invariants::check(&bus);
     assert!(bad.is_empty(), "{bad:#?}");
+    bus.sh_in_namespaces(&format!("ip netns del {ns}"));
 }
 
 /// A VM given a network namespace (CreateVM netns, as containerd's shim does for a pod) takes

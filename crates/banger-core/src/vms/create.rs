@@ -686,7 +686,8 @@ impl Vms {
         }
         let id = crate::agent::Identity {
             hostname: hostname_for(&vm.name),
-            mac: vm.mac_address.clone(),
+            // The lease's: a VM on a namespace's eth0 takes that eth0's MAC.
+            mac: lease.mac.clone(),
             address: format!("{}/{}", lease.address, lease.prefix),
             gateway: lease.gateway.map(|g| g.to_string()).unwrap_or_default(),
             dns: lease.dns.iter().map(|a| a.to_string()).collect(),

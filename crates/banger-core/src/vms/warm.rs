@@ -137,10 +137,12 @@ impl Vms {
 
     /// Whether a create with these options may start from a warm snapshot (or, when none
     /// exists yet, lead to one). A root folder may, with banger-init or the folder's own
-    /// init, where the VMM can save its server (`Vmm::saves_folder_roots`).
+    /// init, where the VMM can save its server (`Vmm::saves_folder_roots`), also on a
+    /// network namespace (a pod's: the template's NIC is then wired to that namespace's eth0
+    /// and the identity gives the guest eth0's address and MAC).
     pub(super) fn warm_eligible(&self, o: &CreateOptions) -> bool {
         let root = match &o.rootfs_dir {
-            None => o.init.is_empty(),
+            None => o.init.is_empty() && o.netns.is_none(),
             Some(_) => {
                 (o.init.is_empty() || o.init == "banger") && self.vmm.saves_folder_roots().is_ok()
             }
@@ -150,7 +152,6 @@ impl Vms {
             && o.snapshot.is_none()
             && !o.cold
             && o.shares.is_empty()
-            && o.netns.is_none()
             && !o.entrypoint
             && o.disk_size.is_none()
             && root
