@@ -756,7 +756,9 @@ async fn ctr_runs_a_containers_process_in_a_banger_vm_through_the_banger_runtime
 /// with banger as the runtime handler and Debian's CNI bridge plugin for the pod's network.
 /// A pod sandbox is a banger VM on the pod's network namespace: its process (the sandbox
 /// image's, an HTTP server here) answers on the pod's address from the node; stopping and
-/// removing the pod leaves nothing.
+/// removing the pod leaves nothing. On a QEMU that saves virtio-fs devices (8.2 and later:
+/// Debian's backport, which tests/run unpacks) the first pod boots cold and leads to the warm
+/// snapshot of folder roots, which the next pod's VM restores onto its own namespace.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
     use common::cri::*;
@@ -768,7 +770,12 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
         );
         return;
     }
-    let Some((_state, bus)) = kernel_ready_bus(&[], "").await else {
+    let Some(qemu) = newer_qemu() else {
+        return;
+    };
+    let Some((_state, bus)) =
+        kernel_ready_bus_with(&[], "warm_snapshots = true\n", Some(qemu)).await
+    else {
         return;
     };
     // The sandbox image: the busybox VM image whose process serves /etc over HTTP.
@@ -1052,6 +1059,21 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
     let vms = text(&bus.banger_as(None, &["vm", "list"]));
     assert!(!vms.contains("ctr-"), "{vms}");
 
+    // The first pod's cold boot led to the warm snapshot of folder roots: the next pod's VM
+    // is restored from it (stage `restore`, no `boot`), onto the next pod's namespace, where
+    // CRI's binds of its resolv.conf, hosts and hostname are left as they are.
+    wait_until(
+        "the warm snapshot of folder roots",
+        Duration::from_secs(240),
+        || {
+            text(&bus.banger_as(None, &["--json", "snapshot", "list", "--all"]))
+                .contains("\".warm-")
+        },
+    );
+    let conn = bus.connect().await;
+    let vms1 = banger::dbus::proxy::VMs1Proxy::new(&conn).await.unwrap();
+    let mut progress = vms1.receive_create_progress().await.unwrap();
+
     // A pod whose shim is SIGKILLed with a container running in it: containerd's cleanup
     // (the shim's delete) removes the pod's VM and unmounts the roots; the pod then stops and
     // goes as any other, and nothing of it is left.
@@ -1060,6 +1082,19 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
         .run_pod(&crashed, "banger")
         .await
         .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", containerd.log()));
+    let mut stages = Vec::new();
+    while !stages.iter().any(|s| s == "ready") {
+        use futures_util::StreamExt;
+        match tokio::time::timeout(Duration::from_secs(30), progress.next()).await {
+            Ok(Some(s)) => stages.push(s.args().unwrap().stage.to_string()),
+            _ => break,
+        }
+    }
+    assert!(
+        stages.iter().any(|s| s == "restore") && !stages.iter().any(|s| s == "boot"),
+        "the second pod's VM did not start warm: {stages:?}"
+    );
+    eprintln!("cri: pod {crash_id} started warm ({})", stages.join(" → "));
     let made = cri
         .create_container(
             &crash_id,

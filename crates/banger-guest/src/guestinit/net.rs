@@ -270,12 +270,21 @@ pub fn write_root_files(n: &NetArgs, root: &Path) -> Result<(), String> {
     if !etc.is_dir() {
         std::fs::create_dir(&etc).map_err(|e| format!("cannot create /etc: {e}"))?;
     }
+    // A file that is a mount point (a container runtime's: CRI binds a pod's resolv.conf,
+    // hosts and hostname into its root) is the runtime's to write: left as it is.
     let replace = |name: &str, text: String| -> Result<(), String> {
         let path = etc.join(name);
         let tmp = etc.join(format!(".{name}.banger"));
-        std::fs::write(&tmp, text)
-            .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        match std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &path)) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    return Ok(());
+                }
+                Err(format!("cannot write {}: {e}", path.display()))
+            }
+        }
     };
     if !n.dns.is_empty() {
         let text: String = n.dns.iter().map(|a| format!("nameserver {a}\n")).collect();
