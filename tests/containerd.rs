@@ -770,12 +770,7 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
         );
         return;
     }
-    let Some(qemu) = newer_qemu() else {
-        return;
-    };
-    let Some((_state, bus)) =
-        kernel_ready_bus_with(&[], "warm_snapshots = true\n", Some(qemu)).await
-    else {
+    let Some((_state, bus)) = warm_folder_bus().await else {
         return;
     };
     // The sandbox image: the busybox VM image whose process serves /etc over HTTP.

@@ -537,12 +537,7 @@ const NEWER_QEMU_BIRTHS: &[Birth] = &[
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_folder_root_started_warm_goes_through_every_transition() {
-    let Some(qemu) = newer_qemu() else {
-        return;
-    };
-    let Some((_state, bus)) =
-        kernel_ready_bus_with(&[], "warm_snapshots = true\n", Some(qemu)).await
-    else {
+    let Some((_state, bus)) = warm_folder_bus().await else {
         return;
     };
     let folder = tempfile::tempdir().unwrap();

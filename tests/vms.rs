@@ -3401,12 +3401,7 @@ async fn a_host_folder_boots_as_a_vms_root_served_as_its_owner() {
 /// leads to a template of banger's own, parked before it mounts a root, whose snapshot each
 /// later create of the shape restores with its own folder, mounted after the restore.
 async fn folder_roots_start_warm_where_qemu_can_save_virtio_fs() {
-    let Some(qemu) = newer_qemu() else {
-        return;
-    };
-    let Some((_state, bus)) =
-        kernel_ready_bus_with(&[], "warm_snapshots = true\n", Some(qemu)).await
-    else {
+    let Some((_state, bus)) = warm_folder_bus().await else {
         return;
     };
     let ok = |out: std::process::Output| {

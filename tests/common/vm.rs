@@ -126,6 +126,15 @@ pub async fn kernel_ready_bus(
     kernel_ready_bus_with(extra, config, None).await
 }
 
+/// A [`kernel_ready_bus`] with warm snapshots on, whose daemon runs a QEMU that can save
+/// virtio-fs devices ([`newer_qemu`]): where VMs whose root is a folder start warm. None as
+/// [`kernel_ready_bus`], or outside tests/run.
+#[allow(dead_code)]
+pub async fn warm_folder_bus() -> Option<(tempfile::TempDir, TestBus)> {
+    let qemu = newer_qemu()?;
+    kernel_ready_bus_with(&[], "warm_snapshots = true\n", Some(qemu)).await
+}
+
 /// [`kernel_ready_bus`] whose daemon finds the programs in `path_first` before the host's.
 pub async fn kernel_ready_bus_with(
     extra: &[&str],
