@@ -136,7 +136,7 @@ impl Vms {
         };
         // The snapshot's disk is in the chain QEMU opens on every start, not only the first
         // (the VM's disk layers on it): its view must hold it each time.
-        let layered_on = match (&restore, vm.snapshot.is_empty() || folder) {
+        let layered_on = match (&restore, vm.snapshot.is_empty()) {
             _ if folder => None,
             (Some((s, _)), _) => Some(s.clone()),
             (None, false) => Some(self.snapshot(&vm.snapshot).await?),
