@@ -97,48 +97,42 @@ fn program(name: &str, hint: &str) -> Result<PathBuf> {
     })
 }
 
-/// Whether this host's QEMU and virtiofsd can save a vhost-user-fs device: QEMU 8.2 moves
-/// the virtio-fs server's state in its migration stream (vhost-user's device state), which
-/// virtiofsd offers from 1.9 (`--migration-mode`); QEMU before 8.2 refuses to save or even
-/// load a VM with such a device. Asked once.
+/// What `program arg` prints on its standard output (empty when it cannot be run).
+fn stdout_of(program: &str, arg: &str) -> String {
+    find_program(program)
+        .and_then(|p| {
+            std::process::Command::new(p)
+                .arg(arg)
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output()
+                .ok()
+        })
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 /// The first line of `qemu-system-x86_64 --version` (empty when it cannot be run), asked once.
 fn version_line() -> &'static str {
     static LINE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     LINE.get_or_init(|| {
-        find_program(QEMU)
-            .and_then(|q| {
-                std::process::Command::new(q)
-                    .arg("--version")
-                    .stdin(Stdio::null())
-                    .stderr(Stdio::null())
-                    .output()
-                    .ok()
-            })
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
+        stdout_of(QEMU, "--version")
+            .lines()
+            .next()
             .unwrap_or_default()
+            .to_owned()
     })
 }
 
+/// Whether this host's QEMU and virtiofsd can save a vhost-user-fs device: QEMU 8.2 moves
+/// the virtio-fs server's state in its migration stream (vhost-user's device state), which
+/// virtiofsd offers from 1.9 (`--migration-mode`); QEMU before 8.2 refuses to save or even
+/// load a VM with such a device. Asked once.
 fn folder_roots_migrate() -> std::result::Result<(), String> {
     static ANSWER: std::sync::OnceLock<std::result::Result<(), String>> =
         std::sync::OnceLock::new();
     ANSWER
         .get_or_init(|| {
-            let run = |p: &Path, arg: &str| {
-                std::process::Command::new(p)
-                    .arg(arg)
-                    .stdin(Stdio::null())
-                    .stderr(Stdio::null())
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default()
-            };
             let version = qemu_version(version_line()).ok_or("QEMU is not installed")?;
             if version < (8, 2) {
                 return Err(format!(
@@ -146,8 +140,10 @@ fn folder_roots_migrate() -> std::result::Result<(), String> {
                     version.0, version.1
                 ));
             }
-            let fsd = find_program(VIRTIOFSD).ok_or("virtiofsd is not installed")?;
-            if !run(&fsd, "--help").contains("--migration-mode") {
+            if find_program(VIRTIOFSD).is_none() {
+                return Err("virtiofsd is not installed".into());
+            }
+            if !stdout_of(VIRTIOFSD, "--help").contains("--migration-mode") {
                 return Err("this virtiofsd cannot move its state (1.9 and later can)".into());
             }
             Ok(())

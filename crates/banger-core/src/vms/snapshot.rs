@@ -654,19 +654,12 @@ impl Vms {
         // the VMM's then is only that its pipe closed.
         let (sha, size, ram_sha) = written?;
         sent?;
-        if !vm.rootfs_dir.is_empty() {
-            // A root folder: no disks, and the state and RAM files are root's alone.
-            use std::os::unix::fs::PermissionsExt;
-            for p in [dir.join(MEMORY), dir.join(RAM)]
-                .iter()
-                .filter(|p| p.exists())
-            {
-                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
-                    .map_err(|e| failed(format!("Cannot secure {}", p.display()), e))?;
-            }
-            return Ok((sha, size, ram_sha));
+        // A root folder has no disks (a parked template of folder roots): only the state and
+        // RAM files are secured.
+        let disks = vm.rootfs_dir.is_empty();
+        if disks {
+            ctx.stage("copy_disks", "Copying the root and /root disks");
         }
-        ctx.stage("copy_disks", "Copying the root and /root disks");
         let (vm_dir, dir) = (self.vm_dir(&vm.id), dir.to_owned());
         let vm_rootfs = self.vmm.rootfs_path(&vm_dir);
         let vm_rootfs = vm_rootfs
@@ -677,13 +670,15 @@ impl Vms {
         let rootfs = rootfs_file(self.vmm.disk_format());
         let copy = dir.join(rootfs);
         crate::jobs::spawn_blocking(move || -> Result<()> {
-            for (from, to) in [(vm_rootfs.as_str(), rootfs), (WORK, WORK)] {
-                copy_vm_disk(&vm_dir, from, &dir.join(to))?;
+            if disks {
+                for (from, to) in [(vm_rootfs.as_str(), rootfs), (WORK, WORK)] {
+                    copy_vm_disk(&vm_dir, from, &dir.join(to))?;
+                }
             }
             use std::os::unix::fs::PermissionsExt;
             for f in [MEMORY, RAM, rootfs, WORK] {
                 let p = dir.join(f);
-                if f == RAM && !p.exists() {
+                if (f == RAM || !disks) && !p.exists() {
                     continue;
                 }
                 std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
@@ -694,8 +689,10 @@ impl Vms {
         })
         .await
         .map_err(|e| failed("Snapshot task failed", e))??;
-        let image = self.images.get(&vm.image_id).await?;
-        self.vmm.rebase_copy(&copy, &image.rootfs_path).await?;
+        if disks {
+            let image = self.images.get(&vm.image_id).await?;
+            self.vmm.rebase_copy(&copy, &image.rootfs_path).await?;
+        }
         Ok((sha, size, ram_sha))
     }
 

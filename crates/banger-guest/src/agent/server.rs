@@ -463,22 +463,13 @@ fn health_line() -> Vec<u8> {
 
 /// Waits until the peer of `conn` hung up (its reads end), at most `limit`.
 fn wait_hangup(conn: &std::fs::File, limit: std::time::Duration) {
-    use std::os::fd::AsRawFd;
     let end = std::time::Instant::now() + limit;
     let mut buf = [0u8; 512];
     loop {
         let left = end.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            return;
-        }
-        let mut p = libc::pollfd {
-            fd: conn.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the call.
-        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
-        if n <= 0 {
+        if left.is_zero()
+            || crate::guestinit::supervise::wait_readable(&[conn.as_raw_fd()], left).is_empty()
+        {
             return;
         }
         match (&*conn).read(&mut buf) {

@@ -334,7 +334,7 @@ fn drain(sigfd: &OwnedFd) -> Vec<i32> {
 }
 
 /// Waits until one of `fds` is readable or `timeout` passes; returns the readable ones.
-fn wait_readable(fds: &[i32], timeout: Duration) -> Vec<i32> {
+pub(crate) fn wait_readable(fds: &[i32], timeout: Duration) -> Vec<i32> {
     let mut p: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
