@@ -91,6 +91,11 @@ async fn main() -> zbus::Result<()> {
     println!("ready");
     loop {
         tokio::select! {
+            // In the order the bus delivered them: a job's Error comes (PropertiesChanged)
+            // before its JobRemoved, and each is queued on its own stream as it arrives, so
+            // the streams are polled in that order rather than at random (which showed a
+            // failure with an empty body now and then).
+            biased;
             Some(a) = added.next() => {
                 let Ok(a) = a.args() else { continue };
                 if let Some(props) = a.interfaces_and_properties().get("org.banger.Job1") {
