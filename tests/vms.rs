@@ -2673,12 +2673,15 @@ async fn a_snapshot_forks_a_running_vm_into_vms_of_their_own_and_bad_restores_ar
             "/bin/sh",
             "-c",
             "echo in-tmp > /tmp/mark; echo in-root > /root/mark; echo 0 > /tmp/count; \
-             setsid /bin/sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done' \
+             setsid /bin/sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; \
+             mv /tmp/count.new /tmp/count; sleep 0.2; done' \
              </dev/null >/dev/null 2>&1 &",
         ],
     );
-    // The counter's file exists before the loop runs (the exec wrote it); whether the loop
-    // goes on is seen by waiting for a larger number, not by sleeping a guessed time.
+    // The counter's file exists before the loop runs (the exec wrote it), and the loop replaces
+    // it by a rename, so a read never meets it truncated (`echo > file` let `cat` see "" now
+    // and then); whether the loop goes on is seen by waiting for a larger number, not by
+    // sleeping a guessed time.
     let count = |vm: &str| -> u64 {
         let out = exec_as(&bus, None, vm, &["cat", "/tmp/count"]);
         out.trim()
