@@ -86,6 +86,7 @@ pub fn prepare(opts: &DaemonOptions) -> Result<(Config, Layout, Store)> {
     }
     let store = Store::open(&layout.database())?;
     sweep_orphans(&layout, &store)?;
+    sweep_initrds(&config, &store)?;
     let n = store.call_blocking(|c| rows::fail_interrupted_jobs(c, now_us()))?;
     if n > 0 {
         tracing::warn!("{n} job(s) were interrupted by the previous daemon's exit; marked failed");
@@ -119,6 +120,27 @@ fn sweep_orphans(layout: &Layout, store: &Store) -> Result<()> {
                 "Removed {kind} directory {id}: no row names it (a publish or delete the \
                  previous daemon did not finish)"
             );
+        }
+    }
+    Ok(())
+}
+
+/// Removes the initrds VMs booted with (`kernels::initrd::current`) that were made for other
+/// guest binaries than the configured ones, and any a killed daemon left half-written: no
+/// start is choosing one yet, and a VM that runs keeps the file its VMM mapped.
+fn sweep_initrds(config: &Config, store: &Store) -> Result<()> {
+    use crate::kernels::initrd;
+    let kernels = store.call_blocking(|c| rows::list_kernels(c))?;
+    let (init, agent) = (
+        config.guest_binary("banger-init"),
+        config.guest_binary("banger-agent"),
+    );
+    for k in kernels {
+        let Some(i) = k.initrd_path else { continue };
+        let Some(dir) = i.parent() else { continue };
+        let keep = initrd::current_name(&i, &init, &agent).ok();
+        for name in initrd::sweep_current(dir, keep.as_deref())? {
+            tracing::info!(kernel = %k.name, "Removed {name}: made for other guest binaries");
         }
     }
     Ok(())

@@ -345,6 +345,95 @@ pub fn with_current_init(initrd: &[u8], init: &Path, agent: Option<&Path>) -> Re
     Ok(out)
 }
 
+/// The prefix of the initrds [`current`] makes beside a kernel's own.
+const CURRENT_PREFIX: &str = "initrd.banger-";
+/// The prefix of one being written.
+const CURRENT_STAGING: &str = ".initrd.banger-";
+
+/// The name of `initrd` with this `init` and `agent` appended, for the three files as they
+/// are now (device, inode, size, change and modification times): a rebuilt guest binary or
+/// a replaced initrd gives another name, an unchanged one the same, without reading them.
+pub fn current_name(initrd: &Path, init: &Path, agent: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::MetadataExt;
+    let mut h = Sha256::new();
+    for f in [initrd, init, agent] {
+        match std::fs::metadata(f) {
+            Ok(m) => h.update(format!(
+                "{} {} {} {}.{} {}.{}\n",
+                m.dev(),
+                m.ino(),
+                m.size(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec()
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && f == agent => h.update("-\n"),
+            Err(e) => return Err(failed(format!("Cannot inspect {}", f.display()), e)),
+        }
+    }
+    let hex: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(format!("{CURRENT_PREFIX}{hex}.img"))
+}
+
+/// The initrd a VM boots with: a kernel's own, or, for one banger built, that initrd with
+/// this banger's `init` and `agent` appended ([`with_current_init`]). The latter is made once
+/// per kernel and guest binaries, beside the kernel's initrd (written aside, synced, renamed
+/// in), and every VM's VMM maps that one file: the host holds one copy in its page cache,
+/// not one per VM. Blocking.
+pub fn current(initrd: &Path, init: &Path, agent: &Path) -> Result<std::path::PathBuf> {
+    use std::io::Write;
+    let dir = initrd.parent().unwrap_or(Path::new("."));
+    let name = current_name(initrd, init, agent)?;
+    let out = dir.join(&name);
+    if out.exists() {
+        return Ok(out);
+    }
+    let data = std::fs::read(initrd)
+        .map_err(|e| failed(format!("Cannot read {}", initrd.display()), e))?;
+    if !is_bangers(&data) {
+        return Ok(initrd.to_owned());
+    }
+    let agent = Some(agent).filter(|a| a.exists());
+    let data = with_current_init(&data, init, agent)?;
+    let staging = tempfile::Builder::new()
+        .prefix(CURRENT_STAGING)
+        .tempfile_in(dir)
+        .map_err(|e| failed(format!("Cannot write in {}", dir.display()), e))?;
+    let fail = |e| failed(format!("Cannot write {}", out.display()), e);
+    staging.as_file().write_all(&data).map_err(fail)?;
+    // A torn file after a crash would be taken for a whole one by its name.
+    staging.as_file().sync_all().map_err(fail)?;
+    staging.persist(&out).map_err(|e| fail(e.error))?;
+    Ok(out)
+}
+
+/// Removes, in a kernel's directory, what [`current`] made that is not named `keep` (stale:
+/// made for other guest binaries) and what it left half-written. For the daemon's start,
+/// when no start is choosing an initrd; a VM that runs keeps the file it mapped.
+pub fn sweep_current(kernel_dir: &Path, keep: Option<&str>) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(kernel_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(failed(format!("Cannot list {}", kernel_dir.display()), e)),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = name.starts_with(CURRENT_STAGING) || name.starts_with(CURRENT_PREFIX);
+        if ours && Some(name.as_str()) != keep {
+            std::fs::remove_file(entry.path())
+                .map_err(|e| failed(format!("Cannot remove {}", entry.path().display()), e))?;
+            removed.push(name);
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -453,5 +542,51 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
             let new = with_current_init(&old, Path::new("/proc/self/exe"), None).unwrap();
             assert!(new.starts_with(&old) && new.len() > old.len() + me.len());
         }
+    }
+
+    #[test]
+    fn the_current_initrd_is_made_once_per_guest_binaries_and_stale_ones_are_swept() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut c = Cpio::default();
+        c.entry(MODULE_LIST, 0o100644, (0, 0), b"virtio\n");
+        let base = c.finish();
+        std::fs::write(d.join("initrd.img"), &base).unwrap();
+        // The smallest static ELF is_static_elf takes: a header without program headers.
+        let mut elf = b"\x7fELF\x02".to_vec();
+        elf.resize(64, 0);
+        let (init, agent) = (d.join("bin-init"), d.join("bin-agent"));
+        std::fs::write(&init, &elf).unwrap();
+        let first = current(&d.join("initrd.img"), &init, &agent).unwrap();
+        assert_eq!(first.parent(), Some(d));
+        let data = std::fs::read(&first).unwrap();
+        assert!(
+            data.starts_with(&base) && data.len() > base.len(),
+            "init appended"
+        );
+        let ino = std::fs::metadata(&first).unwrap().ino();
+        let again = current(&d.join("initrd.img"), &init, &agent).unwrap();
+        assert_eq!(
+            (&again, std::fs::metadata(&again).unwrap().ino()),
+            (&first, ino)
+        );
+        // Another init (a rebuilt banger): another file; the sweep keeps it and the kernel's.
+        std::fs::remove_file(&init).unwrap();
+        elf.push(0);
+        std::fs::write(&init, &elf).unwrap();
+        let second = current(&d.join("initrd.img"), &init, &agent).unwrap();
+        assert_ne!(second, first);
+        std::fs::write(d.join(".initrd.banger-torn"), b"half").unwrap();
+        let keep = current_name(&d.join("initrd.img"), &init, &agent).unwrap();
+        let mut removed = sweep_current(d, Some(&keep)).unwrap();
+        removed.sort();
+        let stale = first.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(removed, [".initrd.banger-torn".to_string(), stale]);
+        assert!(second.exists() && d.join("initrd.img").exists() && init.exists());
+        // A distribution's initrd is booted as it is.
+        std::fs::write(d.join("initrd.img"), b"\x1f\x8b gzip").unwrap();
+        let theirs = current(&d.join("initrd.img"), &init, &agent).unwrap();
+        assert_eq!(theirs, d.join("initrd.img"));
     }
 }

@@ -102,8 +102,9 @@ impl Chroot {
         self.root.join(inside.trim_start_matches('/'))
     }
 
-    /// Builds the chroot afresh with what the VM uses (hard links to its disks and kernel, a
-    /// copy of its initrd) and returns the spec as the jailed Firecracker sees it.
+    /// Builds the chroot afresh with what the VM uses (hard links to its disks, kernel and
+    /// initrd, copies where a link cannot be made) and returns the spec as the jailed
+    /// Firecracker sees it.
     pub fn populate(&self, spec: &BootSpec) -> Result<BootSpec> {
         crate::layout::remove_any(&self.base)?;
         std::fs::create_dir_all(&self.root)
@@ -124,7 +125,7 @@ impl Chroot {
         };
         inside.kernel = put(&spec.kernel, Self::KERNEL, true)?;
         if let Some(i) = &spec.initrd {
-            inside.initrd = Some(put(i, Self::INITRD, false)?);
+            inside.initrd = Some(put(i, Self::INITRD, true)?);
         }
         // Disks must be links: a copy would boot, and lose every write.
         for (disk, to, slot) in [
@@ -208,8 +209,13 @@ pub fn requests(spec: &BootSpec, vsock: &Path) -> Result<Vec<(String, Value)>> {
     let mut boot = json!({
         "kernel_image_path": p(&spec.kernel),
         "boot_args": format!(
-            "console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw banger.work=/dev/vdb {}",
-            spec.cmdline
+            "console=ttyS0 reboot=k panic=1 pci=off root=/dev/vda rw banger.work=/dev/vdb {}{}",
+            spec.cmdline,
+            if spec.machine.balloon {
+                super::page_reporting_arg()
+            } else {
+                String::new()
+            }
         ),
     });
     if let Some(i) = &spec.initrd {

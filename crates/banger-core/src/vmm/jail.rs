@@ -175,7 +175,7 @@ pub fn reach(path: &Path, roots: &[&Path]) -> Result<()> {
 }
 
 /// The directory in a VM's runtime directory that the VM's uid has (0700): the sockets its
-/// processes make and the initrd QEMU reads. The runtime directory itself is root's (pid files
+/// processes make. The runtime directory itself is root's (pid files
 /// and logs, root:vmm 0710), so nothing the VM's uid writes can stand in for root's files.
 pub fn own_runtime(run: &Path) -> std::path::PathBuf {
     run.join("jail")

@@ -71,6 +71,19 @@ pub struct BootSpec {
     pub memory: Option<ram::GuestRam>,
 }
 
+/// The smallest block of free guest memory (2^order pages: 128 KiB) the guest reports to the
+/// host through the balloon. The kernel's default is a pageblock (order 9, 2 MiB), which left
+/// what a boot frees in smaller runs (the initramfs, init sections) on the host: a cold
+/// busybox VM's guest memory measured 118 MiB with it, 102 with order 5, 101 with order 3
+/// or 0 (which report 4 and 32 times as many blocks for that last MiB).
+pub const PAGE_REPORTING_ORDER: u32 = 5;
+
+/// The kernel command line argument that asks for [`PAGE_REPORTING_ORDER`] (banger-init sets
+/// it again after the balloon driver loads, on kernels that let the driver override it).
+pub fn page_reporting_arg() -> String {
+    format!(" page_reporting.page_reporting_order={PAGE_REPORTING_ORDER}")
+}
+
 /// The devices a VMM gets beyond the fixed set. A saved state loads only into a VMM with the
 /// same devices, so a VM's row and each snapshot record them (as [`Machine::spelled`]), and
 /// a restore starts the VMM with the snapshot's set, not today's defaults.

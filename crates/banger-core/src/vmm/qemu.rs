@@ -259,6 +259,9 @@ impl Qemu {
             // Under TCG about half the boots hang calibrating the TSC without this.
             cmdline.push_str(&format!(" tsc_early_khz={khz}"));
         }
+        if spec.machine.balloon {
+            cmdline.push_str(&super::page_reporting_arg());
+        }
         let mut a: Vec<String> = vec![
             "-name".into(),
             format!("banger-{},debug-threads=off", spec.id),
@@ -351,8 +354,8 @@ impl Qemu {
             ),
         ]);
         if spec.machine.balloon {
-            // Pages the guest frees are reported (in 2 MiB blocks, seconds after) and QEMU
-            // gives them back to the host; the balloon itself is never inflated.
+            // Pages the guest frees are reported (in blocks of `PAGE_REPORTING_ORDER`, seconds
+            // after) and QEMU gives them back to the host; the balloon itself never inflates.
             a.extend([
                 "-device".into(),
                 "virtio-balloon-device,free-page-reporting=on".into(),
@@ -872,6 +875,7 @@ mod tests {
             a.contains("-device virtio-balloon-device,free-page-reporting=on"),
             "{a}"
         );
+        assert!(a.contains(" page_reporting.page_reporting_order=5"), "{a}");
         assert!(
             a.contains("virtio-blk-device,drive=work,serial=work"),
             "{a}"
@@ -910,7 +914,10 @@ mod tests {
         s.incoming = false;
         assert!(a.contains(",merge=on"), "{a}");
         // A VM restored from a snapshot without a balloon gets none.
-        assert!(!a.contains("balloon"), "{a}");
+        assert!(
+            !a.contains("balloon") && !a.contains("page_reporting"),
+            "{a}"
+        );
         assert_eq!(crate::vmm::Machine::parse(""), Some(Default::default()));
         let m = crate::vmm::Machine::parse("balloon").unwrap();
         assert!(m.balloon && m.spelled() == "balloon");

@@ -549,33 +549,22 @@ impl Vms {
         }
     }
 
-    /// The kernel's initrd; a banger-built one gets this banger's init appended, so kernels
-    /// imported by an older banger boot with the init the rest of this banger expects.
+    /// The initrd the VM boots with: the kernel's, with this banger's init and agent appended
+    /// when banger built it (`kernels::initrd::current`: one file per kernel that every VM
+    /// maps, so kernels imported by an older banger boot with the init the rest of this
+    /// banger expects).
     pub(super) async fn current_initrd(
         &self,
         initrd: &std::path::Path,
-        run: &std::path::Path,
     ) -> Result<std::path::PathBuf> {
-        let (i, init, agent, out) = (
+        let (i, init, agent) = (
             initrd.to_owned(),
             self.config.guest_binary("banger-init"),
             self.config.guest_binary("banger-agent"),
-            run.join("initrd.img"),
         );
-        crate::jobs::spawn_blocking(move || -> Result<std::path::PathBuf> {
-            let data =
-                std::fs::read(&i).map_err(|e| failed(format!("Cannot read {}", i.display()), e))?;
-            if !crate::kernels::initrd::is_bangers(&data) {
-                return Ok(i);
-            }
-            let agent = Some(agent.as_path()).filter(|a| a.exists());
-            let data = crate::kernels::initrd::with_current_init(&data, &init, agent)?;
-            std::fs::write(&out, data)
-                .map_err(|e| failed(format!("Cannot write {}", out.display()), e))?;
-            Ok(out)
-        })
-        .await
-        .map_err(|e| failed("Initrd task failed", e))?
+        crate::jobs::spawn_blocking(move || crate::kernels::initrd::current(&i, &init, &agent))
+            .await
+            .map_err(|e| failed("Initrd task failed", e))?
     }
 
     /// Starts the VM's port forwarder (`bangerd port-forward`, a helper as the VM's uid) and

@@ -38,7 +38,7 @@ struct Plan {
     /// The VM's state directory (disks) and runtime directory (pid files, logs).
     dir: PathBuf,
     run: PathBuf,
-    /// The part of the runtime directory the VM's uid owns (sockets, initrd).
+    /// The part of the runtime directory the VM's uid owns (its sockets).
     own_run: PathBuf,
     rootfs: PathBuf,
     work: PathBuf,
@@ -107,8 +107,7 @@ impl Vms {
                 .map_err(|e| failed(format!("Cannot create {}", d.display()), e))?;
         }
         // The VM's uid had its directories while it ran: take them back (and drop anything
-        // it planted, its runtime directory whole) before root writes disks, logs and the
-        // initrd there.
+        // it planted, its runtime directory whole) before root writes disks and logs there.
         let own_run = crate::vmm::jail::own_runtime(&run);
         {
             let (d, r, o) = (dir.clone(), run.clone(), own_run.clone());
@@ -236,7 +235,7 @@ impl Vms {
         };
         let initrd = async {
             match &plan.kernel.initrd_path {
-                Some(i) => self.current_initrd(i, &plan.own_run).await.map(Some),
+                Some(i) => self.current_initrd(i).await.map(Some),
                 None => Ok(None),
             }
         };
@@ -597,6 +596,7 @@ impl Vms {
                     .iter()
                     .map(|i| i.rootfs_path.clone())
                     .chain([kernel.kernel_path.clone()])
+                    .chain(prepared.initrd.clone())
                     .chain(plan.layered_on.clone())
                     .collect(),
                 private: true,

@@ -384,6 +384,60 @@ fn base_mounts(root: &str) {
     }
 }
 
+/// The free page reporting order, set at run time.
+const PAGE_REPORTING_ORDER: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
+
+/// `statfs` magic numbers of the filesystems an initramfs is unpacked into.
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Empties the initramfs before the switch, as `switch_root` does: its files (modules,
+/// banger's binaries, some 10 MiB) would otherwise stay in the guest's memory for good, below
+/// a root nothing can reach them from. Only when `/` is a ramfs or tmpfs, and never past a
+/// mount (the new root, and whatever was not moved onto it).
+fn free_initramfs() {
+    // SAFETY: statfs is plain old data, for which all zeroes is a valid value.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    let slash = cstr("/");
+    // SAFETY: the path is NUL-terminated and `fs` is a statfs the call may write.
+    if unsafe { libc::statfs(slash.as_ptr(), &mut fs) } != 0 {
+        return;
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let magic = fs.f_type as i64;
+    if magic != RAMFS_MAGIC && magic != TMPFS_MAGIC {
+        return;
+    }
+    if let Ok(m) = std::fs::symlink_metadata("/") {
+        use std::os::unix::fs::MetadataExt;
+        remove_below(Path::new("/"), m.dev());
+    }
+}
+
+/// Removes what is below `dir` on device `dev`, depth first; entries on other devices
+/// (mount points) and what cannot be removed stay.
+pub fn remove_below(dir: &Path, dev: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(m) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if m.dev() != dev {
+            continue;
+        }
+        if m.is_dir() {
+            remove_below(&path, dev);
+            let _ = std::fs::remove_dir(&path);
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 /// Installs the agent the host put in this initrd (`/banger-agent`) into the root, so an
 /// image built by an older banger runs today's agent. Written beside and renamed over.
 fn refresh_agent() {
@@ -475,6 +529,14 @@ pub fn run() -> ! {
             say(&format!("cannot load module {name}: {e}"));
         }
     }
+    // Kernels before 6.3 let the balloon driver's registration override the reporting order
+    // the command line asks for (`vmm::PAGE_REPORTING_ORDER`): it is set again once loaded.
+    if let Some(order) = raw
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("page_reporting.page_reporting_order="))
+    {
+        let _ = std::fs::write(PAGE_REPORTING_ORDER, order);
+    }
     let lease = net::parse(&raw);
     if let Some(h) = &lease.hostname {
         if let Err(e) = net::set_hostname(h) {
@@ -564,6 +626,7 @@ pub fn run() -> ! {
         p.release();
     }
     base_mounts("/newroot");
+    free_initramfs();
     let (dot, slash) = (cstr("."), cstr("/"));
     if std::env::set_current_dir("/newroot").is_err() {
         fail("cannot enter /newroot");
@@ -644,6 +707,30 @@ mod tests {
         assert_eq!(
             (c.root.as_str(), c.read_only, c.init.as_str(), c.root_wait),
             ("/dev/vdb", false, "/bin/sh", 3)
+        );
+    }
+
+    #[test]
+    fn the_initramfs_is_emptied_without_following_links_or_leaving_its_device() {
+        use std::os::unix::fs::MetadataExt;
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep"), "x").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join("modules/deep")).unwrap();
+        std::fs::write(r.join("modules/deep/a.ko"), "m").unwrap();
+        std::fs::write(r.join("init"), "i").unwrap();
+        std::os::unix::fs::symlink(outside.path(), r.join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("keep"), r.join("modules/f")).unwrap();
+        // A device of its own, as a mount point has: left with what it holds.
+        let dev = std::fs::metadata(r).unwrap().dev();
+        remove_below(r, dev + 1);
+        assert_eq!(std::fs::read_dir(r).unwrap().count(), 3);
+        remove_below(r, dev);
+        assert_eq!(std::fs::read_dir(r).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_to_string(outside.path().join("keep")).unwrap(),
+            "x"
         );
     }
 
