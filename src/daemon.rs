@@ -131,10 +131,7 @@ fn sweep_orphans(layout: &Layout, store: &Store) -> Result<()> {
 fn sweep_initrds(config: &Config, store: &Store) -> Result<()> {
     use crate::kernels::initrd;
     let kernels = store.call_blocking(|c| rows::list_kernels(c))?;
-    let (init, agent) = (
-        config.guest_binary("banger-init"),
-        config.guest_binary("banger-agent"),
-    );
+    let (init, agent) = config.initrd_binaries();
     for k in kernels {
         let Some(i) = k.initrd_path else { continue };
         let Some(dir) = i.parent() else { continue };

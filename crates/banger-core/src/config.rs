@@ -178,6 +178,15 @@ impl Config {
         }
     }
 
+    /// `banger-init` and `banger-agent`: what every VM's initrd carries appended
+    /// (`kernels::initrd::current`), named by these files as they are.
+    pub fn initrd_binaries(&self) -> (std::path::PathBuf, std::path::PathBuf) {
+        (
+            self.guest_binary("banger-init"),
+            self.guest_binary("banger-agent"),
+        )
+    }
+
     /// Whether `subnet` is the default, which may move aside when the host uses it.
     pub fn subnet_is_default(&self) -> bool {
         self.subnet == DEFAULT_SUBNET

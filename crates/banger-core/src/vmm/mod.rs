@@ -81,7 +81,10 @@ pub const PAGE_REPORTING_ORDER: u32 = 5;
 /// The kernel command line argument that asks for [`PAGE_REPORTING_ORDER`] (banger-init sets
 /// it again after the balloon driver loads, on kernels that let the driver override it).
 pub fn page_reporting_arg() -> String {
-    format!(" page_reporting.page_reporting_order={PAGE_REPORTING_ORDER}")
+    format!(
+        " {}={PAGE_REPORTING_ORDER}",
+        crate::guestinit::PAGE_REPORTING_PARAM
+    )
 }
 
 /// The devices a VMM gets beyond the fixed set. A saved state loads only into a VMM with the

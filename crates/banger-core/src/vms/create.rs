@@ -557,11 +557,8 @@ impl Vms {
         &self,
         initrd: &std::path::Path,
     ) -> Result<std::path::PathBuf> {
-        let (i, init, agent) = (
-            initrd.to_owned(),
-            self.config.guest_binary("banger-init"),
-            self.config.guest_binary("banger-agent"),
-        );
+        let i = initrd.to_owned();
+        let (init, agent) = self.config.initrd_binaries();
         crate::jobs::spawn_blocking(move || crate::kernels::initrd::current(&i, &init, &agent))
             .await
             .map_err(|e| failed("Initrd task failed", e))?

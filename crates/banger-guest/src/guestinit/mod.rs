@@ -384,12 +384,13 @@ fn base_mounts(root: &str) {
     }
 }
 
-/// The free page reporting order, set at run time.
-const PAGE_REPORTING_ORDER: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
+/// The kernel's parameter for the smallest block of free memory the balloon reports (the
+/// host puts `PAGE_REPORTING_PARAM=N` on the command line), and where it is set at run time.
+pub const PAGE_REPORTING_PARAM: &str = "page_reporting.page_reporting_order";
+const PAGE_REPORTING_SYSFS: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
 
-/// `statfs` magic numbers of the filesystems an initramfs is unpacked into.
-const RAMFS_MAGIC: i64 = 0x8584_58f6;
-const TMPFS_MAGIC: i64 = 0x0102_1994;
+/// `statfs`'s magic number of ramfs (the initramfs, unless it is a tmpfs); libc has none.
+const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
 
 /// Empties the initramfs before the switch, as `switch_root` does: its files (modules,
 /// banger's binaries, some 10 MiB) would otherwise stay in the guest's memory for good, below
@@ -403,9 +404,7 @@ fn free_initramfs() {
     if unsafe { libc::statfs(slash.as_ptr(), &mut fs) } != 0 {
         return;
     }
-    #[allow(clippy::unnecessary_cast)]
-    let magic = fs.f_type as i64;
-    if magic != RAMFS_MAGIC && magic != TMPFS_MAGIC {
+    if fs.f_type != RAMFS_MAGIC && fs.f_type != libc::TMPFS_MAGIC {
         return;
     }
     if let Ok(m) = std::fs::symlink_metadata("/") {
@@ -416,7 +415,7 @@ fn free_initramfs() {
 
 /// Removes what is below `dir` on device `dev`, depth first; entries on other devices
 /// (mount points) and what cannot be removed stay.
-pub fn remove_below(dir: &Path, dev: u64) {
+fn remove_below(dir: &Path, dev: u64) {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -531,11 +530,11 @@ pub fn run() -> ! {
     }
     // Kernels before 6.3 let the balloon driver's registration override the reporting order
     // the command line asks for (`vmm::PAGE_REPORTING_ORDER`): it is set again once loaded.
-    if let Some(order) = raw
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("page_reporting.page_reporting_order="))
-    {
-        let _ = std::fs::write(PAGE_REPORTING_ORDER, order);
+    if let Some(order) = raw.split_whitespace().find_map(|w| {
+        w.strip_prefix(PAGE_REPORTING_PARAM)
+            .and_then(|v| v.strip_prefix('='))
+    }) {
+        let _ = std::fs::write(PAGE_REPORTING_SYSFS, order);
     }
     let lease = net::parse(&raw);
     if let Some(h) = &lease.hostname {
