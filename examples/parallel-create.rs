@@ -72,6 +72,7 @@ impl Vmm for SlowVmm {
                         systemd: false,
                         sshd: Some(false),
                         parked: false,
+                        ssh_listening: None,
                     };
                     let mut reply = banger::agent::Reply::ok();
                     reply.health = Some(health);

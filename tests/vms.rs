@@ -2107,6 +2107,13 @@ async fn the_default_image_is_built_on_demand_and_vm_run_gives_an_ssh_session_in
     // address and MAC on the first try (the address was the deleted `web`'s a moment ago).
     let out = bus.banger_as(Some(USER_OK), &["vm", "fork", "deb", "deb2"]);
     assert!(out.status.success(), "{}", text(&out));
+    // Its agent saw sshd listen once it had the new key: the host only checks the new
+    // address answers, and asks sshd nothing (no connection child left running).
+    assert!(
+        text(&out).contains(": the guest's sshd listens"),
+        "{}",
+        text(&out)
+    );
     let out = banger_netns(
         &bus,
         home.path(),

@@ -751,7 +751,21 @@ impl Vms {
             Some(has) => has,
             None => self.guest_has_sshd(vm).await,
         };
-        if has_sshd {
+        if has_sshd && health.ssh_listening == Some(true) {
+            // A restored guest whose agent saw sshd listen on every address once it took the
+            // identity (sshd then serves the new key): that the new address answers is all
+            // that is left to know. Asking sshd would start its per-connection child, which
+            // would then run on the guest's vCPU after `ready` (the next command's time).
+            let addr = format!("{}:22", vm.guest_address);
+            st.enter(
+                vm,
+                "wait_ssh",
+                format!("Reaching {}: the guest's sshd listens", vm.guest_address),
+            )
+            .await?;
+            self.wait_address(run, &vm.guest_address).await?;
+            vm.ssh_address = addr;
+        } else if has_sshd {
             let addr = format!("{}:22", vm.guest_address);
             st.enter(vm, "wait_ssh", format!("Waiting for sshd on {addr}"))
                 .await?;

@@ -346,21 +346,49 @@ fn restart_sshd(pid: i32) -> Result<(), String> {
     }
 }
 
-/// The inodes of the TCP sockets process `pid` listens on.
-fn listening_sockets(pid: i32) -> Vec<u64> {
-    let mut listening = std::collections::HashSet::new();
+/// A TCP socket in LISTEN, from `/proc/net/tcp` or `tcp6`.
+struct Listener {
+    /// Bound to every address (`0.0.0.0` or `::`).
+    any: bool,
+    port: u16,
+    inode: u64,
+}
+
+/// The guest's listening TCP sockets (IPv4 and IPv6).
+fn listeners() -> Vec<Listener> {
+    let mut found = Vec::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let text = std::fs::read_to_string(table).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // sl local remote st ... inode (the tenth field); 0A is LISTEN.
-            if f.len() > 9 && f[3] == "0A" {
-                if let Ok(inode) = f[9].parse::<u64>() {
-                    listening.insert(inode);
-                }
-            }
-        }
+        found.extend(text.lines().skip(1).filter_map(parse_listener));
     }
+    found
+}
+
+/// One line of `/proc/net/tcp{,6}` (`sl local remote st … inode`, the inode tenth; state 0A
+/// is LISTEN; the local address is hex `ADDR:PORT`) when it is a listener.
+fn parse_listener(line: &str) -> Option<Listener> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.len() <= 9 || f[3] != "0A" {
+        return None;
+    }
+    let (addr, port) = f[1].split_once(':')?;
+    Some(Listener {
+        any: addr.bytes().all(|b| b == b'0'),
+        port: u16::from_str_radix(port, 16).ok()?,
+        inode: f[9].parse().ok()?,
+    })
+}
+
+/// Whether something listens on TCP `port` on every address (told to the host after an
+/// identity: sshd then answers at the VM's new address without the host asking it).
+pub(super) fn listening_everywhere(port: u16) -> bool {
+    listeners().iter().any(|l| l.any && l.port == port)
+}
+
+/// The inodes of the TCP sockets process `pid` listens on.
+fn listening_sockets(pid: i32) -> Vec<u64> {
+    let listening: std::collections::HashSet<u64> =
+        listeners().into_iter().map(|l| l.inode).collect();
     let mut own: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| {
             d.flatten()
@@ -444,5 +472,30 @@ mod tests {
         assert!(!mine.is_empty());
         drop(l);
         assert!(listening_sockets(std::process::id() as i32).len() < mine.len());
+    }
+
+    #[test]
+    fn listeners_on_every_address_are_told_from_bound_ones() {
+        // Lines as Linux writes them: sshd on 0.0.0.0:22 and [::]:22, a service on
+        // 127.0.0.1:631, a connection (state 01) from port 22.
+        let any4 = "   0: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1234 1 0000000000000000 100 0 0 10 0";
+        let any6 = "   0: 00000000000000000000000000000000:0016 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1235 1 0000000000000000 100 0 0 10 0";
+        let local = "   1: 0100007F:0277 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 99 1 0000000000000000 100 0 0 10 0";
+        let conn = "   2: 0200A8C0:0016 0100A8C0:D431 01 00000000:00000000 00:00000000 00000000     0        0 7 1 0000000000000000 100 0 0 10 0";
+        let l = parse_listener(any4).unwrap();
+        assert!(l.any && l.port == 22 && l.inode == 1234);
+        assert!(parse_listener(any6).unwrap().any);
+        let l = parse_listener(local).unwrap();
+        assert!(!l.any && l.port == 631 && l.inode == 99);
+        assert!(parse_listener(conn).is_none());
+        assert!(parse_listener("  sl  local_address rem_address   st").is_none());
+    }
+
+    #[test]
+    fn a_listener_on_every_address_is_seen() {
+        let l = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        assert!(listening_everywhere(l.local_addr().unwrap().port()));
+        let bound = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(!listening_everywhere(bound.local_addr().unwrap().port()));
     }
 }

@@ -483,6 +483,11 @@ pub struct Health {
     /// Whether the guest is parked without its root (see [`crate::guestinit::park`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub parked: bool,
+    /// In the answer to `identity` only: whether something listens on TCP port 22 on every
+    /// address once the identity is applied (sshd, serving the VM's new host key). The host
+    /// then needs no SSH connection to know sshd is there, only that the new address answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_listening: Option<bool>,
 }
 
 /// A reply line.
@@ -560,6 +565,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(old.sshd, None);
+        assert_eq!(old.ssh_listening, None);
         assert!(
             !old.parked,
             "an agent that says nothing of parking is not parked"

@@ -313,8 +313,15 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             Err(e) => write_line(&mut writer, &Reply::error(e)),
         },
         Request::Identity(id) => match super::identity::apply(&id) {
-            // With its health: the host need not ask again (a round trip a restore saves).
-            Ok(()) => write_line(&mut writer, &health_reply()),
+            // With its health: the host need not ask again (a round trip a restore saves),
+            // nor connect to sshd to know it listens.
+            Ok(()) => {
+                let mut r = health_reply();
+                if let Some(h) = r.health.as_mut() {
+                    h.ssh_listening = Some(super::identity::listening_everywhere(22));
+                }
+                write_line(&mut writer, &r)
+            }
             Err(e) => write_line(&mut writer, &Reply::error(e)),
         },
         Request::Connect { port } => {
@@ -494,6 +501,7 @@ fn health() -> Health {
         systemd: std::path::Path::new("/run/systemd/system").is_dir(),
         sshd: Some(has_sshd()),
         parked: crate::guestinit::park::parked(),
+        ssh_listening: None,
     }
 }
 
