@@ -262,6 +262,20 @@ impl Link {
         out.flush()
     }
 
+    /// Writes `frame` (a connection-less one) unless `stop` says not to, deciding under the
+    /// writer's lock: what `stop` saw still holds when the frame enters the stream, so no
+    /// frame another thread sends after seeing it change can precede this one. Returns
+    /// whether it was written.
+    fn send_unless(&self, stop: impl FnOnce() -> bool, frame: &[u8]) -> std::io::Result<bool> {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        if stop() {
+            return Ok(false);
+        }
+        out.write_all(frame)?;
+        out.flush()?;
+        Ok(true)
+    }
+
     /// Drops every connection; then sends `then` (a synchronisation frame), under the
     /// writer's lock so no frame of an old connection can follow it.
     fn reset(&self, then: Option<Vec<u8>>) -> std::io::Result<()> {
@@ -512,6 +526,16 @@ pub fn serve_host(
     vmm: UnixStream,
     clients: std::os::unix::net::UnixListener,
 ) -> std::io::Result<()> {
+    serve_host_with(vmm, clients, Arc::new(|| {}))
+}
+
+/// [`serve_host`], with `before_reset` called just before each `RESET` is written (tests hold
+/// it there to order the stream as a race would).
+fn serve_host_with(
+    vmm: UnixStream,
+    clients: std::os::unix::net::UnixListener,
+    before_reset: Arc<dyn Fn() + Send + Sync>,
+) -> std::io::Result<()> {
     let instance = instance_id();
     let link = Link::new(Box::new(vmm.try_clone()?));
     let guest = Arc::new(Guest {
@@ -529,15 +553,24 @@ pub fn serve_host(
     }
     // RESET until the guest answers: the first one may reach a guest that had lost its
     // place (a restored VM in the middle of a frame), and a booting guest reads it late.
+    // Whether the guest is up is read under the writer's lock: a client opens a connection
+    // only once it is, so every OPEN follows every RESET in the stream. (Read before the
+    // lock, a RESET could follow the OPEN of a client that came in between: the guest then
+    // dropped that connection and the host, already up, never learned it.)
     let resend = {
         let (link, guest) = (link.clone(), guest.clone());
         move || {
             for _ in 0..600 {
-                if *guest.up.lock().unwrap_or_else(|p| p.into_inner()) {
-                    return;
-                }
-                if link.send(None, &sync_frame(kind::RESET, instance)).is_err() {
-                    return;
+                let up = || {
+                    let up = *guest.up.lock().unwrap_or_else(|p| p.into_inner());
+                    if !up {
+                        before_reset();
+                    }
+                    up
+                };
+                match link.send_unless(up, &sync_frame(kind::RESET, instance)) {
+                    Ok(true) => {}
+                    Ok(false) | Err(_) => return,
                 }
                 std::thread::sleep(Duration::from_secs(1));
             }
@@ -565,7 +598,8 @@ pub fn serve_host(
         match frames.read_frame()? {
             Got::Frame(f) if f.kind == kind::HELLO => {
                 // HELLO(0): the agent started again; its connections are gone. An answer to
-                // this helper's RESET comes before any OPEN, so nothing is open to drop.
+                // this helper's RESET follows it, and every RESET precedes every OPEN (see
+                // `resend`), so the guest dropped nothing that is open here.
                 if sync_instance(&f) == Some(0) {
                     link.reset(None)?;
                 }

@@ -94,6 +94,64 @@ fn a_port_nobody_serves_is_closed_without_a_reply() {
     assert_eq!(&b, b"ping");
 }
 
+/// The race that left a connection open on the host and gone in the guest: the helper decided
+/// to send its first RESET, the agent's HELLO(0) (it just started) made the guest up, and a
+/// client's OPEN went out before that RESET, which then made the guest drop the connection.
+/// The RESET is held here where it is decided; the stream must still carry it before the OPEN.
+#[test]
+fn every_reset_precedes_the_connections_opened_once_the_guest_is_up() {
+    use std::sync::mpsc;
+    let dir = tempfile::tempdir().unwrap();
+    let (guest_end, host_end) = UnixStream::pair().unwrap();
+    let sock = dir.path().join("vsock.sock");
+    let clients = UnixListener::bind(&sock).unwrap();
+    let (held_tx, held) = mpsc::channel::<()>();
+    let (release, go) = mpsc::channel::<()>();
+    let go = Mutex::new(Some(go));
+    let hook = move || {
+        // Only the first RESET is held.
+        if let Some(go) = go.lock().unwrap().take() {
+            let _ = held_tx.send(());
+            let _ = go.recv_timeout(Duration::from_secs(10));
+        }
+    };
+    std::thread::spawn(move || serve_host_with(host_end, clients, Arc::new(hook)));
+    held.recv_timeout(Duration::from_secs(10)).unwrap();
+    // The guest's side, read as frames.
+    let (frames_tx, frames) = mpsc::channel::<u8>();
+    let reader = guest_end.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut r = FrameReader::new(reader);
+        while let Ok(Got::Frame(f)) = r.read_frame() {
+            if frames_tx.send(f.kind).is_err() {
+                return;
+            }
+        }
+    });
+    // The agent starts, and a client connects at once.
+    (&guest_end).write_all(&sync_frame(kind::HELLO, 0)).unwrap();
+    std::thread::spawn(move || {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(format!("CONNECT {}\n", super::super::PORT).as_bytes())
+            .unwrap();
+        let _ = s.read(&mut [0u8; 16]);
+    });
+    // What reaches the guest while the RESET is held (an OPEN, before the fix), then the rest.
+    let mut seen: Vec<u8> = frames
+        .recv_timeout(Duration::from_secs(1))
+        .into_iter()
+        .collect();
+    release.send(()).unwrap();
+    while !(seen.contains(&kind::RESET) && seen.contains(&kind::OPEN)) {
+        seen.push(frames.recv_timeout(Duration::from_secs(10)).unwrap());
+    }
+    let at = |k: u8| seen.iter().position(|&x| x == k).unwrap();
+    assert!(
+        at(kind::RESET) < at(kind::OPEN),
+        "frames reaching the guest: {seen:?}"
+    );
+}
+
 #[test]
 fn a_stalled_connection_does_not_stall_another() {
     let dir = tempfile::tempdir().unwrap();
