@@ -806,21 +806,6 @@ impl Vms {
         .await
     }
 
-    /// Waits until the guest's kernel answers at `address`: a TCP connection to
-    /// [`PROBE_PORT`], refused (the guest's reset: the walls only drop) or taken. Either
-    /// proves the path both ways with the VM's own MAC and address, and starts no server.
-    pub(super) async fn wait_address(&self, run: &std::path::Path, address: &str) -> Result<()> {
-        let what = format!("{address} (port {PROBE_PORT})");
-        self.wait_guest(run, &what, &what, || async {
-            match tokio::net::TcpStream::connect((address, PROBE_PORT)).await {
-                Ok(_) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
-                Err(e) => Err(e.to_string()),
-            }
-        })
-        .await
-    }
-
     /// The last `n` lines of the VM's console log (read from its tail only).
     pub fn console_tail(&self, id: &str, n: usize) -> String {
         crate::vmm::console::tail_lines(&self.console_log(id), n)
@@ -848,10 +833,6 @@ pub(super) async fn timed<T>(
     tracing::debug!(vm_id, "{what} prepared after {:?}", t0.elapsed());
     r
 }
-
-/// The port [`Vms::wait_address`] knocks at: tcpmux's, which guests leave closed (a service
-/// there answers too).
-const PROBE_PORT: u16 = 1;
 
 /// The caller's public key between `CreateVM` and the first start, in the VM's directory.
 pub(super) const PENDING_KEY: &str = "authorized_key.pending";

@@ -751,25 +751,23 @@ impl Vms {
             Some(has) => has,
             None => self.guest_has_sshd(vm).await,
         };
-        if has_sshd && health.ssh_listening == Some(true) {
+        if has_sshd {
             // A restored guest whose agent saw sshd listen on every address once it took the
             // identity (sshd then serves the new key): that the new address answers is all
             // that is left to know. Asking sshd would start its per-connection child, which
-            // would then run on the guest's vCPU after `ready` (the next command's time).
+            // would then run on the guest's vCPU after `ready` (the next command's time). A
+            // guest whose firewall drops the probe is asked for sshd's banner, as at a boot.
             let addr = format!("{}:22", vm.guest_address);
-            st.enter(
-                vm,
-                "wait_ssh",
-                format!("Reaching {}: the guest's sshd listens", vm.guest_address),
-            )
-            .await?;
-            self.wait_address(run, &vm.guest_address).await?;
-            vm.ssh_address = addr;
-        } else if has_sshd {
-            let addr = format!("{}:22", vm.guest_address);
-            st.enter(vm, "wait_ssh", format!("Waiting for sshd on {addr}"))
-                .await?;
-            self.wait_port(run, &addr, true).await?;
+            let listening = health.ssh_listening == Some(true);
+            let what = if listening {
+                format!("Reaching {}: the guest's sshd listens", vm.guest_address)
+            } else {
+                format!("Waiting for sshd on {addr}")
+            };
+            st.enter(vm, "wait_ssh", what).await?;
+            if !(listening && guest_answers(&vm.guest_address).await) {
+                self.wait_port(run, &addr, true).await?;
+            }
             vm.ssh_address = addr;
         } else {
             st.enter(vm, "wait_ssh", "Skipped: the image has no sshd")
@@ -826,5 +824,60 @@ impl Vms {
             .await?;
         self.watch(vm.clone());
         Ok(())
+    }
+}
+
+/// The port [`guest_answers`] knocks at: tcpmux's, which guests leave closed (a service there
+/// answers too).
+const PROBE_PORT: u16 = 1;
+
+/// Whether the guest's kernel answers at `address` within [`PROBE_WAIT`]: a TCP connection to
+/// [`PROBE_PORT`], refused (the guest's reset: the host's walls only drop) or taken. Either
+/// proves the path both ways with the VM's own MAC and address, and starts no server. `false`
+/// when nothing answers (a firewall in the guest that drops it).
+async fn guest_answers(address: &str) -> bool {
+    let answered = answers((address, PROBE_PORT), PROBE_WAIT).await;
+    if !answered {
+        tracing::info!(
+            "Nothing answered on {address}:{PROBE_PORT} (a firewall in the guest?): asking sshd"
+        );
+    }
+    answered
+}
+
+/// How long [`guest_answers`] waits: a restored guest on a busy host answers in well under it.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether a TCP connection to `to` is taken or refused within `wait`.
+async fn answers(to: (&str, u16), wait: Duration) -> bool {
+    match tokio::time::timeout(wait, tokio::net::TcpStream::connect(to)).await {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod probe_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_or_taken_probe_is_an_answer_and_silence_is_not() {
+        use std::os::fd::AsRawFd;
+        let wait = Duration::from_secs(2);
+        // Taken.
+        let open = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = open.local_addr().unwrap().port();
+        assert!(answers(("127.0.0.1", port), wait).await);
+        // Refused: nothing listens there any more.
+        drop(open);
+        assert!(answers(("127.0.0.1", port), wait).await);
+        // Silence, as a firewall that drops: a listener whose queue is full drops the SYN.
+        let full = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: listen on a socket this test owns; backlog 0 holds one connection.
+        assert_eq!(unsafe { libc::listen(full.as_raw_fd(), 0) }, 0);
+        let port = full.local_addr().unwrap().port();
+        let _queued = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        assert!(!answers(("127.0.0.1", port), Duration::from_millis(500)).await);
     }
 }
