@@ -757,7 +757,7 @@ impl Vms {
             // that is left to know. Asking sshd would start its per-connection child, which
             // would then run on the guest's vCPU after `ready` (the next command's time). A
             // guest whose firewall drops the probe is asked for sshd's banner, as at a boot.
-            let addr = format!("{}:22", vm.guest_address);
+            let addr = format!("{}:{}", vm.guest_address, crate::agent::SSH_PORT);
             let listening = health.ssh_listening == Some(true);
             let what = if listening {
                 format!("Reaching {}: the guest's sshd listens", vm.guest_address)

@@ -32,6 +32,10 @@ use serde::{Deserialize, Serialize};
 /// The vsock port the agent listens on.
 pub const PORT: u32 = 1024;
 
+/// The guest's SSH port: where the host looks for sshd, and what the agent's
+/// [`Health::ssh_listening`] is about.
+pub const SSH_PORT: u16 = 22;
+
 /// The port on which the agent's link (banger's agent channel, not a vsock device) answers at
 /// once with a `health` reply line and ends: no request, no handler thread. Readiness costs
 /// one round trip through a guest whose code is not yet translated under TCG (about 0.1 s
@@ -483,7 +487,7 @@ pub struct Health {
     /// Whether the guest is parked without its root (see [`crate::guestinit::park`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub parked: bool,
-    /// In the answer to `identity` only: whether something listens on TCP port 22 on every
+    /// In the answer to `identity` only: whether something listens on [`SSH_PORT`] on every
     /// address once the identity is applied (sshd, serving the VM's new host key). The host
     /// then needs no SSH connection to know sshd is there, only that the new address answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]

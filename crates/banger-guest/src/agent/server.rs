@@ -318,7 +318,7 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             Ok(()) => {
                 let mut r = health_reply();
                 if let Some(h) = r.health.as_mut() {
-                    h.ssh_listening = Some(super::identity::listening_everywhere(22));
+                    h.ssh_listening = Some(super::identity::listening_everywhere(super::SSH_PORT));
                 }
                 write_line(&mut writer, &r)
             }
