@@ -187,6 +187,23 @@ fn clock_offset(bus: &TestBus, b: &Birth, vm: &str) -> f64 {
     }
 }
 
+/// A VM's clock is on the host's once it is ready: a booted one's was set at ready, a restored
+/// one's (snapshot, fork, warm start) stepped by its identity.
+fn born_on_time(bus: &TestBus, b: &Birth) {
+    let off = clock_offset(bus, b, b.name);
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "lifecycle: {} is {off:+.3} s off the host at its birth",
+        b.name
+    );
+    assert!(
+        off.abs() < 0.5,
+        "{} at its birth: {off:+.3} s off the host",
+        b.name
+    );
+}
+
 fn refused(out: std::process::Output, why: &str) {
     assert!(
         !out.status.success() && text(&out).contains(why),
@@ -416,6 +433,7 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
             How::WarmFolder => unreachable!("walked on a newer QEMU, below"),
         }
         answers(&bus, b, b.name, "its birth");
+        born_on_time(&bus, b);
         if b.how == How::Share {
             // Root's folder above all: a setuid file there would be a root shell for anyone.
             let out = bus.banger_as(
@@ -572,6 +590,7 @@ async fn a_folder_root_started_warm_goes_through_every_transition() {
             ),
         }
         answers(&bus, b, b.name, "its birth");
+        born_on_time(&bus, b);
     }
     violations(&bus, "the births");
     let conn = bus.connect().await;

@@ -738,14 +738,16 @@ impl Vms {
         control: Result<PathBuf>,
     ) -> Result<()> {
         let run = &plan.run;
-        // A guest that just booted keeps its RTC's time, up to a second off; one restored was
-        // set by its identity. Either way it starts on the host's (forward only), and its
-        // agent link keeps it there. Set while the other stages wait (sshd, ports), done
-        // before `ready`.
-        let clock = {
+        // A guest that just booted keeps its RTC's time, up to a second off: it starts on the
+        // host's (forward only), set while the other stages wait (sshd, ports), done before
+        // `ready`; its agent link keeps it there. One restored had its clock stepped by its
+        // identity a moment ago (behind by that message's way into the guest, which this
+        // would only slew at 0.5 ms a second, as the link does): another round trip through
+        // its cold vCPU would cost its `ready` some 40 ms under TCG and set nothing.
+        let clock = plan.restore.is_none().then(|| {
             let (this, vm) = (self.clone(), vm.clone());
             tokio::spawn(async move { this.sync_clock(&vm, true).await })
-        };
+        });
         // An agent that says whether there is an sshd saves asking it to run a shell.
         let has_sshd = match health.sshd {
             Some(has) => has,
@@ -811,7 +813,9 @@ impl Vms {
                 control_address: control.as_deref(),
             })
             .await;
-        let _ = clock.await;
+        if let Some(clock) = clock {
+            let _ = clock.await;
+        }
         if plan.restore.is_some() && !vm.rootfs_dir.is_empty() {
             let id = vm.id.clone();
             self.store
