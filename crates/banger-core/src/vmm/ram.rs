@@ -9,7 +9,8 @@
 //!
 //! The copy is made from one read of the file that also checks its sha256 against the
 //! snapshot's row: what the VMs map is exactly what was hashed, whatever happens to the file
-//! later. A VM with shared folders gets a copy of its own instead (unsealed, mapped shared:
+//! later. A save makes that copy itself, from the read that computes the row's sha256
+//! ([`hashed_copy`]), so the first restore of a snapshot just taken (a fork's) maps it at once. A VM with shared folders gets a copy of its own instead (unsealed, mapped shared:
 //! its virtio-fs server must see the guest's memory as the VMM does), made from the sealed one
 //! ([`duplicate`]: only the pages it holds, no second hash).
 
@@ -40,6 +41,28 @@ pub fn copy(
     sha256: &str,
     seal: bool,
 ) -> std::io::Result<OwnedFd> {
+    let (fd, sha) = hashed_copy(file, size, false)?;
+    if sha != sha256 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "its RAM's sha256 differs from when it was taken",
+        ));
+    }
+    if seal {
+        seal_writes(&fd)?;
+    }
+    Ok(fd)
+}
+
+/// Copies `file` (`size` bytes, read from where it stands) into a new memfd as [`copy`] does,
+/// and returns the sha256 of what it read: what a snapshot's row records as its RAM's when
+/// the file was just written (the save's copy, sealed with `seal`, is then what the first
+/// restore maps, with no second read; see `vms::snapshot`).
+pub fn hashed_copy(
+    file: &mut std::fs::File,
+    size: u64,
+    seal: bool,
+) -> std::io::Result<(OwnedFd, String)> {
     let len = file.metadata()?.len();
     if len != size {
         return Err(std::io::Error::new(
@@ -77,7 +100,7 @@ pub fn copy(
         use std::os::unix::fs::FileExt;
         let mut run = None;
         for (i, page) in chunk.chunks(4096).enumerate() {
-            match (page.iter().any(|b| *b != 0), run) {
+            match (!all_zeros(page), run) {
                 (true, None) => run = Some(i * 4096),
                 (false, Some(start)) => {
                     mem.write_all_at(&chunk[start..i * 4096], at + start as u64)?;
@@ -97,21 +120,28 @@ pub fn copy(
             format!("its RAM changed while read ({at} bytes, {size} expected)"),
         ));
     }
-    if crate::model::hex(&hash.finalize()) != sha256 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "its RAM's sha256 differs from when it was taken",
-        ));
-    }
+    let fd: OwnedFd = mem.into();
     if seal {
-        let seals =
-            libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
-        // SAFETY: fcntl on a descriptor this function owns.
-        if unsafe { libc::fcntl(mem.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        seal_writes(&fd)?;
     }
-    Ok(mem.into())
+    Ok((fd, crate::model::hex(&hash.finalize())))
+}
+
+/// Whether `page` holds only zeros. Folded without an early exit, which the compiler makes
+/// SIMD: 5 ms for 256 MiB where `any` took 75 (measured, release build).
+fn all_zeros(page: &[u8]) -> bool {
+    page.iter().fold(0u8, |a, &b| a | b) == 0
+}
+
+/// Seals `fd` (a memfd of [`hashed_copy`]'s) against writes, growth, shrinking and further
+/// seals.
+fn seal_writes(fd: &OwnedFd) -> std::io::Result<()> {
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: fcntl on a descriptor the caller holds.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A writable copy of `from` (a sealed copy [`copy`] made, so already checked) of `size`
@@ -264,6 +294,23 @@ mod tests {
         }
         mem.read_exact_at(&mut page, 3 * 4096).unwrap();
         assert_eq!(page[0], 7, "the private write stayed private");
+    }
+
+    #[test]
+    fn a_hashed_copy_says_the_files_digest_and_holds_its_pages() {
+        let d = tempfile::tempdir().unwrap();
+        let (mut f, sha) = ram_file(d.path());
+        let (fd, got) = hashed_copy(&mut f, 64 * 4096, true).unwrap();
+        assert_eq!(got, sha, "the whole file's sha256, holes as zeros");
+        assert!(sealed(&fd));
+        let mem = std::fs::File::from(fd);
+        let mut page = [0u8; 4096];
+        for (at, byte) in [(0, 0u8), (3, 7), (10, 5), (11, 5), (12, 0), (63, 6)] {
+            mem.read_exact_at(&mut page, at * 4096).unwrap();
+            assert_eq!(page, [byte; 4096], "page {at}");
+        }
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(mem.metadata().unwrap().blocks() * 512, 4 * 4096);
     }
 
     #[test]

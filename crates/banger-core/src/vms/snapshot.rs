@@ -209,10 +209,14 @@ fn compressed(
     Ok((hex(&out.hash.finalize()), out.len))
 }
 
+/// What a save wrote: the state file's sha256 and size, and the RAM file when the guest's
+/// memory was split out (checked and copied by [`seal_ram`] once the VM runs again).
+type Saved = (String, u64, Option<std::fs::File>);
+
 /// Splits the migration stream arriving on `from` into the RAM file `ram` (QEMU's block
 /// `mem`) and the compressed rest at `to`; returns the rest's sha256 and size, and the RAM
-/// file's sha256.
-fn split_memory(from: std::fs::File, to: &Path, ram: &Path) -> Result<(String, u64, String)> {
+/// file, open.
+fn split_memory(from: std::fs::File, to: &Path, ram: &Path) -> Result<Saved> {
     let fail = |e: std::io::Error| failed("Cannot write the snapshot's memory", e);
     let ram_file = std::fs::File::options()
         .read(true)
@@ -223,27 +227,20 @@ fn split_memory(from: std::fs::File, to: &Path, ram: &Path) -> Result<(String, u
     let (sha, size) = compressed(to, |z| {
         crate::vmm::ramsplit::split(from, "mem", &ram_file, z).map(|_| ())
     })?;
-    ram_file.sync_all().map_err(fail)?;
-    // Hashed as a whole, holes as the zeros they read as: what a restore checks.
-    let mut hash = Sha256::new();
-    let mut r = std::io::BufReader::with_capacity(1 << 20, &ram_file);
-    use std::io::Seek;
-    r.rewind().map_err(fail)?;
-    std::io::copy(&mut r, &mut HashWriter(&mut hash)).map_err(fail)?;
-    Ok((sha, size, hex(&hash.finalize())))
+    Ok((sha, size, Some(ram_file)))
 }
 
-/// A writer that only hashes.
-struct HashWriter<'a>(&'a mut Sha256);
-
-impl Write for HashWriter<'_> {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.update(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
+/// A split RAM file made durable, hashed as a whole (holes as the zeros they read as: what a
+/// restore checks) and, in that same read, copied into the sealed memfd the first restore
+/// maps (see [`Vms::prefetched_ram`]); returns its sha256 and that copy.
+fn seal_ram(mut ram_file: std::fs::File) -> Result<(String, OwnedFd)> {
+    let fail = |e: std::io::Error| failed("Cannot write the snapshot's memory", e);
+    ram_file.sync_all().map_err(fail)?;
+    use std::io::Seek;
+    ram_file.rewind().map_err(fail)?;
+    let len = ram_file.metadata().map_err(fail)?.len();
+    let (fd, sha) = crate::vmm::ram::hashed_copy(&mut ram_file, len, true).map_err(fail)?;
+    Ok((sha, fd))
 }
 
 /// Checks a snapshot's memory file against its row (a truncated or altered file never reaches
@@ -322,6 +319,26 @@ static VERIFIED: std::sync::LazyLock<
 pub(super) struct CachedRam {
     file: (u64, u64, u64, i64, i64),
     fd: std::sync::Arc<std::os::fd::OwnedFd>,
+    /// Whether a restore mapped it (one the save made and no restore took within
+    /// [`PREFETCH_KEEP`] is dropped: a snapshot kept for later holds no memory meanwhile).
+    used: bool,
+}
+
+/// How long the sealed copy a save made of its RAM waits for a first restore (a fork's come
+/// at once). See [`Vms::prefetched_ram`].
+const PREFETCH_KEEP: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The identity [`CachedRam`] keys a file by: device, inode, size and change time (moved by
+/// any write, settable by no one).
+fn file_identity(meta: &std::fs::Metadata) -> (u64, u64, u64, i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    (
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    )
 }
 
 impl Vms {
@@ -354,19 +371,15 @@ impl Vms {
         let meta = file
             .metadata()
             .map_err(|e| damaged(format!("its RAM: {e}")))?;
-        use std::os::unix::fs::MetadataExt;
-        let identity = (
-            meta.dev(),
-            meta.ino(),
-            meta.len(),
-            meta.ctime(),
-            meta.ctime_nsec(),
-        );
+        let identity = file_identity(&meta);
         let size = u64::from(snap.memory_mib) << 20;
         let sealed = {
             let mut rams = self.rams.lock().await;
-            match rams.get(&snap.id).filter(|c| c.file == identity) {
-                Some(c) => c.fd.clone(),
+            match rams.get_mut(&snap.id).filter(|c| c.file == identity) {
+                Some(c) => {
+                    c.used = true;
+                    c.fd.clone()
+                }
                 None => {
                     let sha = snap.ram_sha256.clone();
                     let fd = crate::jobs::spawn_blocking(move || {
@@ -381,6 +394,7 @@ impl Vms {
                         CachedRam {
                             file: identity,
                             fd: fd.clone(),
+                            used: true,
                         },
                     );
                     fd
@@ -402,6 +416,42 @@ impl Vms {
             fd: std::sync::Arc::new(fd),
             shared: true,
         })
+    }
+
+    /// Keeps the sealed copy `fd` a save made of published snapshot `snap`'s RAM (from the
+    /// same read that hashed it) for its first restore, which then maps it at once instead
+    /// of reading and hashing the file again: a fork's restores start as soon as its
+    /// snapshot is published. Keyed by the published file's identity as [`Self::guest_ram`]
+    /// checks it, so a file changed since is read and checked again. A copy no restore took
+    /// within [`PREFETCH_KEEP`] is dropped.
+    pub(super) async fn prefetched_ram(&self, snap: &Snapshot, fd: OwnedFd) {
+        let path = self.snapshot_dir(&snap.id).join(RAM);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            return;
+        };
+        if !meta.is_file() || meta.len() != u64::from(snap.memory_mib) << 20 {
+            return;
+        }
+        let fd = std::sync::Arc::new(fd);
+        self.rams.lock().await.insert(
+            snap.id.clone(),
+            CachedRam {
+                file: file_identity(&meta),
+                fd: fd.clone(),
+                used: false,
+            },
+        );
+        let (rams, id) = (self.rams.clone(), snap.id.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(PREFETCH_KEEP).await;
+            let mut rams = rams.lock().await;
+            if rams
+                .get(&id)
+                .is_some_and(|c| !c.used && std::sync::Arc::ptr_eq(&c.fd, &fd))
+            {
+                rams.remove(&id);
+            }
+        });
     }
 }
 
@@ -580,7 +630,18 @@ impl Vms {
             vm.state = VmState::Paused;
             self.save(&vm).await?;
         }
-        let (memory_sha256, memory_size, ram_sha256) = saved?;
+        let (memory_sha256, memory_size, ram_file) = saved?;
+        // The RAM file is made durable and hashed once the VM runs again: what it holds was
+        // final when the stream ended, and the VM's pause is shorter by that read.
+        let (ram_sha256, ram_copy) = match ram_file {
+            Some(f) => {
+                let (sha, fd) = crate::jobs::spawn_blocking(move || seal_ram(f))
+                    .await
+                    .map_err(|e| failed("Snapshot task failed", e))??;
+                (sha, Some(fd))
+            }
+            None => (String::new(), None),
+        };
         let snap = Snapshot {
             id: id.clone(),
             name: name.into(),
@@ -607,6 +668,9 @@ impl Vms {
         };
         ctx.stage("publish", format!("Publishing snapshot {name}"));
         self.publish_snapshot(staging, &snap).await?;
+        if let Some(fd) = ram_copy {
+            self.prefetched_ram(&snap, fd).await;
+        }
         ctx.log(
             6,
             format!(
@@ -619,13 +683,8 @@ impl Vms {
     }
 
     /// Saves a paused VM's state and copies its disks into `dir`; returns the state file's
-    /// sha256 and size, and the RAM file's sha256 (empty when the memory is in the state).
-    async fn save_paused(
-        &self,
-        ctx: &JobContext,
-        vm: &Vm,
-        dir: &Path,
-    ) -> Result<(String, u64, String)> {
+    /// sha256 and size, and the RAM file (none when the memory is in the state).
+    async fn save_paused(&self, ctx: &JobContext, vm: &Vm, dir: &Path) -> Result<Saved> {
         let run = self.layout.vm_runtime_dir(&vm.id);
         ctx.stage("save_memory", "Saving memory and device state");
         let (r, w) = pipe()?;
@@ -643,7 +702,7 @@ impl Vms {
             if split {
                 split_memory(r, &memory, &ram)
             } else {
-                compress(r, &memory).map(|(sha, size)| (sha, size, String::new()))
+                compress(r, &memory).map(|(sha, size)| (sha, size, None))
             }
         });
         let sent = self.vmm.save_state(&run, w).await;
@@ -652,7 +711,7 @@ impl Vms {
             .map_err(|e| failed("Snapshot task failed", e))?;
         // The reader's failure first: it says what in the stream it could not take, and
         // the VMM's then is only that its pipe closed.
-        let (sha, size, ram_sha) = written?;
+        let (sha, size, ram_file) = written?;
         sent?;
         // A root folder has no disks (a parked template of folder roots): only the state and
         // RAM files are secured.
@@ -693,7 +752,7 @@ impl Vms {
             let image = self.images.get(&vm.image_id).await?;
             self.vmm.rebase_copy(&copy, &image.rootfs_path).await?;
         }
-        Ok((sha, size, ram_sha))
+        Ok((sha, size, ram_file))
     }
 
     /// Moves a finished snapshot into place and records it (`shelf`); a name taken
