@@ -322,6 +322,39 @@ pub(super) struct CachedRam {
     /// Whether a restore mapped it (one the save made and no restore took within
     /// [`PREFETCH_KEEP`] is dropped: a snapshot kept for later holds no memory meanwhile).
     used: bool,
+    /// The snapshot's owner: of the copies saves made and no restore took yet, the daemon
+    /// keeps one per owner (their newest), so snapshots taken in a row hold one guest's
+    /// memory, not one each; of those restores took, [`CACHED_PER_OWNER`].
+    owner_uid: u32,
+    /// When a restore last took it (or a save made it).
+    last_used: std::time::Instant,
+}
+
+/// How many snapshots' sealed RAM copies the daemon keeps per owner for their next restores,
+/// the least recently used dropped first. The VMs mapping a dropped copy keep it (their VMMs
+/// hold it); a later restore of that snapshot reads and checks the file again, into a copy
+/// that VMs restored from then on share. Without a bound, a member who restored many
+/// snapshots once each would make the daemon hold the memory of every one of them.
+const CACHED_PER_OWNER: usize = 4;
+
+/// Makes room in `rams` for one more copy of `owner`'s: drops every copy of theirs no restore
+/// took (a save's, see [`Vms::prefetched_ram`]) and, past [`CACHED_PER_OWNER`] − 1, their
+/// least recently used ones.
+fn make_room(rams: &mut std::collections::HashMap<String, CachedRam>, owner: u32) {
+    rams.retain(|_, c| c.used || c.owner_uid != owner);
+    loop {
+        let theirs = rams.iter().filter(|(_, c)| c.owner_uid == owner);
+        if theirs.clone().count() < CACHED_PER_OWNER {
+            return;
+        }
+        let Some(oldest) = theirs
+            .min_by_key(|(_, c)| c.last_used)
+            .map(|(id, _)| id.clone())
+        else {
+            return;
+        };
+        rams.remove(&oldest);
+    }
 }
 
 /// How long the sealed copy a save made of its RAM waits for a first restore (a fork's come
@@ -378,6 +411,7 @@ impl Vms {
             match rams.get_mut(&snap.id).filter(|c| c.file == identity) {
                 Some(c) => {
                     c.used = true;
+                    c.last_used = std::time::Instant::now();
                     c.fd.clone()
                 }
                 None => {
@@ -389,12 +423,16 @@ impl Vms {
                     .map_err(|e| failed("Snapshot task failed", e))?
                     .map_err(|e| damaged(e.to_string()))?;
                     let fd = std::sync::Arc::new(fd);
+                    rams.remove(&snap.id);
+                    make_room(&mut rams, snap.owner_uid);
                     rams.insert(
                         snap.id.clone(),
                         CachedRam {
                             file: identity,
                             fd: fd.clone(),
                             used: true,
+                            owner_uid: snap.owner_uid,
+                            last_used: std::time::Instant::now(),
                         },
                     );
                     fd
@@ -423,7 +461,8 @@ impl Vms {
     /// of reading and hashing the file again: a fork's restores start as soon as its
     /// snapshot is published. Keyed by the published file's identity as [`Self::guest_ram`]
     /// checks it, so a file changed since is read and checked again. A copy no restore took
-    /// within [`PREFETCH_KEEP`] is dropped.
+    /// within [`PREFETCH_KEEP`] is dropped, and so is one the owner's next snapshot replaces:
+    /// a member who snapshots in a row makes the daemon hold one such copy, not one each.
     pub(super) async fn prefetched_ram(&self, snap: &Snapshot, fd: OwnedFd) {
         let path = self.snapshot_dir(&snap.id).join(RAM);
         let Ok(meta) = std::fs::symlink_metadata(&path) else {
@@ -433,14 +472,20 @@ impl Vms {
             return;
         }
         let fd = std::sync::Arc::new(fd);
-        self.rams.lock().await.insert(
-            snap.id.clone(),
-            CachedRam {
-                file: file_identity(&meta),
-                fd: fd.clone(),
-                used: false,
-            },
-        );
+        {
+            let mut rams = self.rams.lock().await;
+            make_room(&mut rams, snap.owner_uid);
+            rams.insert(
+                snap.id.clone(),
+                CachedRam {
+                    file: file_identity(&meta),
+                    fd: fd.clone(),
+                    used: false,
+                    owner_uid: snap.owner_uid,
+                    last_used: std::time::Instant::now(),
+                },
+            );
+        }
         let (rams, id) = (self.rams.clone(), snap.id.clone());
         tokio::spawn(async move {
             tokio::time::sleep(PREFETCH_KEEP).await;
@@ -810,6 +855,43 @@ fn snapshot_taken(name: &str) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ram_cache_keeps_a_few_copies_per_owner_and_one_a_save_made() {
+        let copy = |owner: u32, used: bool, age: u64| CachedRam {
+            file: (0, 0, 0, 0, 0),
+            fd: Arc::new(std::fs::File::open("/dev/null").unwrap().into()),
+            used,
+            owner_uid: owner,
+            last_used: std::time::Instant::now() - std::time::Duration::from_secs(age),
+        };
+        let mut rams = std::collections::HashMap::new();
+        // Member 1000's restores, oldest first; a save's copy no restore took; root's.
+        for (i, age) in [50, 40, 30, 20].into_iter().enumerate() {
+            rams.insert(format!("m{i}"), copy(1000, true, age));
+        }
+        rams.insert("saved".into(), copy(1000, false, 1));
+        rams.insert("root".into(), copy(0, true, 100));
+        make_room(&mut rams, 1000);
+        let mut left: Vec<_> = rams.keys().cloned().collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["m1", "m2", "m3", "root"],
+            "the oldest and the save's go"
+        );
+        // Another owner's room takes nothing of 1000's.
+        make_room(&mut rams, 2000);
+        assert_eq!(rams.len(), 4);
+        // A member who restored many snapshots: still CACHED_PER_OWNER after each.
+        for i in 0..20 {
+            make_room(&mut rams, 1000);
+            rams.insert(format!("n{i}"), copy(1000, true, 0));
+            let theirs = rams.values().filter(|c| c.owner_uid == 1000).count();
+            assert!(theirs <= CACHED_PER_OWNER, "{theirs} copies of one owner's");
+        }
+        assert!(rams.contains_key("root"));
+    }
 
     #[test]
     fn memory_is_hashed_once_until_it_changes_in_place() {
