@@ -267,15 +267,8 @@ pub(super) fn verified_memory(dir: &Path, snap: &Snapshot) -> Result<std::fs::Fi
     }
     // A file hashed before and not written since (its change time moves with any write,
     // and no one can set it) is not hashed again: a create and its restore check once.
-    use std::os::unix::fs::MetadataExt;
-    let identity = (
-        meta.dev(),
-        meta.ino(),
-        len,
-        meta.ctime(),
-        meta.ctime_nsec(),
-        snap.memory_sha256.clone(),
-    );
+    let (dev, ino, _, ctime, ctime_nsec) = file_identity(&meta);
+    let identity = (dev, ino, len, ctime, ctime_nsec, snap.memory_sha256.clone());
     let seen = VERIFIED.lock().unwrap_or_else(|p| p.into_inner());
     if seen.get(&snap.id) == Some(&identity) {
         return Ok(f);
@@ -486,13 +479,14 @@ impl Vms {
                 },
             );
         }
-        let (rams, id) = (self.rams.clone(), snap.id.clone());
+        // Weak: the wait must not keep alive a copy the cache dropped meanwhile.
+        let (rams, id, fd) = (self.rams.clone(), snap.id.clone(), Arc::downgrade(&fd));
         tokio::spawn(async move {
             tokio::time::sleep(PREFETCH_KEEP).await;
             let mut rams = rams.lock().await;
             if rams
                 .get(&id)
-                .is_some_and(|c| !c.used && std::sync::Arc::ptr_eq(&c.fd, &fd))
+                .is_some_and(|c| !c.used && std::ptr::eq(Arc::as_ptr(&c.fd), fd.as_ptr()))
             {
                 rams.remove(&id);
             }
