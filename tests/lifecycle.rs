@@ -204,6 +204,31 @@ fn born_on_time(bus: &TestBus, b: &Birth) {
     );
 }
 
+/// A VM's boot id is its own, whoever it was restored from: `seen` holds the others'.
+fn born_apart(bus: &TestBus, b: &Birth, seen: &mut Vec<String>) {
+    let id = ok(
+        bus.banger_as(
+            b.who,
+            &[
+                "vm",
+                "exec",
+                b.name,
+                "--",
+                "cat",
+                "/proc/sys/kernel/random/boot_id",
+            ],
+        ),
+        "boot id",
+    );
+    assert_eq!(id.trim().len(), 36, "{}: boot id {id:?}", b.name);
+    assert!(
+        !seen.contains(&id),
+        "{} has the boot id of another VM: {id}",
+        b.name
+    );
+    seen.push(id);
+}
+
 fn refused(out: std::process::Output, why: &str) {
     assert!(
         !out.status.success() && text(&out).contains(why),
@@ -214,11 +239,28 @@ fn refused(out: std::process::Output, why: &str) {
 
 /// The VM answers `vm exec` as itself, and what its birth gave it still works.
 fn answers(bus: &TestBus, b: &Birth, vm: &str, after: &str) {
+    // Its name in the kernel and in the files that carry it (a restored guest's identity
+    // rewrote its source's).
     let out = ok(
-        bus.banger_as(b.who, &["vm", "exec", vm, "--", "hostname"]),
+        bus.banger_as(
+            b.who,
+            &[
+                "vm",
+                "exec",
+                vm,
+                "--",
+                "sh",
+                "-c",
+                "hostname; cat /etc/hostname; grep 127.0.1.1 /etc/hosts",
+            ],
+        ),
         &format!("{vm} after {after}: vm exec"),
     );
-    assert_eq!(out.trim(), vm, "{vm} after {after}: hostname");
+    assert_eq!(
+        out,
+        format!("{vm}\n{vm}\n127.0.1.1\t{vm}\n"),
+        "{vm} after {after}: hostname, /etc/hostname, /etc/hosts"
+    );
     if b.how == How::Share && vm == b.name {
         let out = bus.banger_as(b.who, &["vm", "exec", vm, "--", "cat", "/mnt/s/hello"]);
         assert!(
@@ -368,6 +410,7 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
         format!("{}:/mnt/s", dir.display())
     };
     let publish_arg = format!("127.0.0.1:{PORT}:7070");
+    let mut boot_ids = Vec::new();
     for b in BIRTHS {
         match b.how {
             How::Cold => {
@@ -434,6 +477,7 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
         }
         answers(&bus, b, b.name, "its birth");
         born_on_time(&bus, b);
+        born_apart(&bus, b, &mut boot_ids);
         if b.how == How::Share {
             // Root's folder above all: a setuid file there would be a root shell for anyone.
             let out = bus.banger_as(
@@ -563,6 +607,7 @@ async fn a_folder_root_started_warm_goes_through_every_transition() {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(folder.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     }
+    let mut boot_ids = Vec::new();
     for b in NEWER_QEMU_BIRTHS {
         let tree = folder.path().join(b.name);
         std::fs::create_dir(&tree).unwrap();
@@ -591,6 +636,7 @@ async fn a_folder_root_started_warm_goes_through_every_transition() {
         }
         answers(&bus, b, b.name, "its birth");
         born_on_time(&bus, b);
+        born_apart(&bus, b, &mut boot_ids);
     }
     violations(&bus, "the births");
     let conn = bus.connect().await;

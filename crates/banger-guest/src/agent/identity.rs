@@ -34,17 +34,16 @@ pub fn apply(id: &Identity) -> Result<(), String> {
     // The one NIC keeps its name; it gets the new MAC (the device learns it from the driver)
     // before its new address, so nothing leaves with the old pair once the host's walls know
     // only the new one.
-    let dev = net::find_interface(Path::new("/sys/class/net"), None, std::time::Duration::ZERO)
-        .ok_or("the VM has no network interface")?;
-    net::set_mac(&dev, &id.mac)?;
-    net::configure(
-        &net::NetArgs {
-            mac: Some(id.mac.to_ascii_lowercase()),
-            ..args.clone()
-        },
-        Path::new("/sys/class/net"),
-        std::time::Duration::from_secs(2),
-    )?;
+    let known = NIC.lock().ok().and_then(|n| n.clone());
+    let dev = match known.filter(|d| net::set_mac(d, &id.mac).is_ok()) {
+        Some(dev) => dev,
+        None => {
+            let dev = find_nic().ok_or("the VM has no network interface")?;
+            net::set_mac(&dev, &id.mac)?;
+            dev
+        }
+    };
+    net::address(&dev, &args)?;
     net::write_root_files(&args, Path::new("/"))?;
     if Path::new("/etc/machine-id").exists() {
         replace(
@@ -60,6 +59,32 @@ pub fn apply(id: &Identity) -> Result<(), String> {
         authorize(&id.authorized_key)?;
     }
     Ok(())
+}
+
+/// Readies what a restore's identity changes, once, when the agent starts (a guest's boot,
+/// when nothing waits on it): the NIC's name is found and kept, and the kernel's boot id is
+/// bound from a file (see [`fresh_boot_id`]). The guest's snapshot keeps both, so a restored
+/// guest's identity only rewrites the file and uses the name: under TCG, every kernel path a
+/// restored guest runs first costs its translation (mount, sysfs: some 20 ms).
+pub fn prepare() {
+    if let Some(dev) = find_nic() {
+        if let Ok(mut nic) = NIC.lock() {
+            *nic = Some(dev);
+        }
+    }
+    let boot_id = std::fs::read_to_string(BOOT_ID).unwrap_or_default();
+    if !boot_id.trim().is_empty() {
+        if let Err(e) = bind_boot_id(boot_id.trim()) {
+            eprintln!("banger-agent: {e}");
+        }
+    }
+}
+
+/// The guest's one NIC (a restored guest keeps its source's), as [`prepare`] found it.
+static NIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+fn find_nic() -> Option<String> {
+    net::find_interface(Path::new("/sys/class/net"), None, std::time::Duration::ZERO)
 }
 
 /// systemd's saved RNG seed, credited at the next boot: a clone must not share its source's.
@@ -107,12 +132,26 @@ fn uuid4(seed: &str) -> Result<String, String> {
     ))
 }
 
-/// The kernel's boot id cannot be written, so a file holding a fresh one is bound over it
-/// (replacing the bind a restore of a restored VM finds there).
+/// The kernel's boot id cannot be written, so a file holding a fresh one is bound over it.
 fn fresh_boot_id(seed: &str) -> Result<(), String> {
+    bind_boot_id(&uuid4(seed)?)
+}
+
+/// Makes [`BOOT_ID`] read `id`: [`OWN_BOOT_ID`] holds it, bound over the kernel's file unless
+/// it is already (the agent's start did, or the identity of the guest this one was restored
+/// from: writing the file is then enough).
+fn bind_boot_id(id: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
     let own = Path::new(OWN_BOOT_ID);
-    std::fs::write(own, format!("{}\n", uuid4(seed)?))
+    std::fs::write(own, format!("{id}\n"))
         .map_err(|e| format!("cannot write {OWN_BOOT_ID}: {e}"))?;
+    let same =
+        |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
+    if let (Ok(a), Ok(b)) = (std::fs::metadata(own), std::fs::metadata(BOOT_ID)) {
+        if same(&a, &b) {
+            return Ok(());
+        }
+    }
     let c = |p: &str| std::ffi::CString::new(p).map_err(|e| e.to_string());
     let (src, dst) = (c(OWN_BOOT_ID)?, c(BOOT_ID)?);
     // SAFETY: both strings are NUL-terminated; a failed unmount (nothing bound) is fine.
@@ -129,7 +168,7 @@ fn fresh_boot_id(seed: &str) -> Result<(), String> {
     };
     if r != 0 {
         return Err(format!(
-            "cannot give the clone a boot id of its own: {}",
+            "cannot give the guest a boot id of its own: {}",
             std::io::Error::last_os_error()
         ));
     }
@@ -152,13 +191,39 @@ fn fresh_random_seed(path: &Path, seed: &str) -> Result<(), String> {
     )
 }
 
+/// Makes `path` hold `data` with `mode`: a regular file of one link is rewritten in place (in
+/// a guest just restored under TCG, creating and renaming files runs filesystem paths nothing
+/// ran since the restore, some 10 ms each; see `net::put_file`), anything else is replaced by
+/// a new file renamed over it.
 fn replace(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    let tmp = path.with_extension("banger-new");
-    std::fs::write(&tmp, data)
-        .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)))
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+    use std::io::Write;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() && m.nlink() == 1 => {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(path)
+                .map_err(fail)?;
+            f.write_all(data).map_err(fail)?;
+            if m.len() > data.len() as u64 {
+                f.set_len(data.len() as u64).map_err(fail)?;
+            }
+            if m.mode() & 0o7777 != mode {
+                f.set_permissions(std::fs::Permissions::from_mode(mode))
+                    .map_err(fail)?;
+            }
+            Ok(())
+        }
+        _ => {
+            let tmp = path.with_extension("banger-new");
+            std::fs::write(&tmp, data)
+                .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)))
+                .and_then(|_| std::fs::rename(&tmp, path))
+                .map_err(fail)
+        }
+    }
 }
 
 /// How far behind the host a guest's clock may be before a periodic correction steps it
@@ -425,6 +490,30 @@ fn authorize(key: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_replaced_file_keeps_its_inode_unless_another_name_links_it() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let id = tmp.path().join("machine-id");
+        std::fs::write(&id, "the source's machine id, and more\n").unwrap();
+        let ino = std::fs::metadata(&id).unwrap().ino();
+        replace(&id, b"fresh\n", 0o444).unwrap();
+        let m = std::fs::metadata(&id).unwrap();
+        assert_eq!(std::fs::read(&id).unwrap(), b"fresh\n");
+        assert_eq!((m.ino(), m.mode() & 0o7777), (ino, 0o444));
+        // A second name of the file keeps what it had: the name gets a new file.
+        let other = tmp.path().join("other");
+        std::fs::hard_link(&id, &other).unwrap();
+        replace(&id, b"fresher\n", 0o444).unwrap();
+        assert_eq!(std::fs::read(&other).unwrap(), b"fresh\n");
+        assert_eq!(std::fs::read(&id).unwrap(), b"fresher\n");
+        assert_ne!(std::fs::metadata(&id).unwrap().ino(), ino);
+        // Nothing there: made.
+        let new = tmp.path().join("new");
+        replace(&new, b"x", 0o600).unwrap();
+        assert_eq!(std::fs::metadata(&new).unwrap().mode() & 0o7777, 0o600);
+    }
 
     #[test]
     fn boot_ids_differ_by_seed_and_look_like_the_kernels() {

@@ -123,6 +123,7 @@ pub fn serve(listen: Listen) -> std::io::Result<()> {
         if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
             eprintln!("banger-agent: oom_score_adj: {e}");
         }
+        super::identity::prepare();
     }
     if let (Listen::Vsock(PORT), Some(port)) = (&listen, channel()) {
         let file = std::fs::OpenOptions::new()
