@@ -350,9 +350,9 @@ impl Link {
             let _ = local.shutdown(std::net::Shutdown::Both);
         }
         let (link, conn) = (self.clone(), c.clone());
-        std::thread::spawn(move || link.outbound(conn, reader));
+        run(move || link.outbound(conn, reader));
         let link = self.clone();
-        std::thread::spawn(move || link.inbound(c, local));
+        run(move || link.inbound(c, local));
         Ok(())
     }
 
@@ -438,6 +438,79 @@ impl Link {
     }
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads that finished a connection's work and wait for the next (see [`run`]).
+struct Pool {
+    /// The jobs no thread took yet, and how many threads wait for one.
+    jobs: Mutex<(VecDeque<Job>, usize)>,
+    cv: Condvar,
+}
+
+/// Most threads kept waiting; one more ends when it is done.
+const IDLE_THREADS: usize = 8;
+
+static POOL: Pool = Pool::new();
+
+/// Runs `f` on a thread of the agent's [`Pool`].
+fn run(f: impl FnOnce() + Send + 'static) {
+    POOL.run(f)
+}
+
+impl Pool {
+    const fn new() -> Pool {
+        Pool {
+            jobs: Mutex::new((VecDeque::new(), 0)),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// Runs `f` on a thread of its own: one that ran an earlier connection's work and
+    /// waits, or a new one. Never queued behind a busy thread (a connection's work may last
+    /// as long as a shell does). A guest restored from a snapshot thus serves its first
+    /// connections on threads its source made: under TCG, creating one (and its exit) runs
+    /// kernel paths nothing has run since the restore, several ms each.
+    fn run(&'static self, f: impl FnOnce() + Send + 'static) {
+        let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        if q.1 > q.0.len() {
+            q.0.push_back(Box::new(f));
+            drop(q);
+            self.cv.notify_one();
+            return;
+        }
+        drop(q);
+        let first: Job = Box::new(f);
+        let spawned = std::thread::Builder::new().spawn(move || {
+            first();
+            loop {
+                let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                if q.0.is_empty() && q.1 >= IDLE_THREADS {
+                    return;
+                }
+                q.1 += 1;
+                let job = loop {
+                    if let Some(job) = q.0.pop_front() {
+                        break job;
+                    }
+                    q = self.cv.wait(q).unwrap_or_else(|p| p.into_inner());
+                };
+                q.1 -= 1;
+                drop(q);
+                job();
+            }
+        });
+        if let Err(e) = spawned {
+            eprintln!("banger-agent: cannot start a thread: {e}");
+        }
+    }
+
+    /// How many threads wait for a job.
+    #[cfg(test)]
+    fn idle(&self) -> usize {
+        self.jobs.lock().unwrap().1
+    }
+}
+
 /// The guest side: serves the link on `port` (the opened virtio-serial port), handing each
 /// connection to `port` [`super::PORT`] to `handle` as a stream; a connection to a port
 /// `answers` has bytes for gets them at once from the link itself (accepted, the bytes, end:
@@ -488,7 +561,7 @@ where
                 let (ours, theirs) = UnixStream::pair()?;
                 let h = handle.clone();
                 let stream = std::fs::File::from(std::os::fd::OwnedFd::from(theirs));
-                std::thread::spawn(move || h(stream));
+                run(move || h(stream));
                 link.bridge(c.clone(), ours)?;
                 let _ = link.send(Some(&c), &encode(kind::ACCEPT, f.conn, &[]));
             }

@@ -319,7 +319,11 @@ fn handle(conn: std::fs::File) -> std::io::Result<()> {
             Ok(()) => {
                 let mut r = health_reply();
                 if let Some(h) = r.health.as_mut() {
-                    h.ssh_listening = Some(super::identity::listening_everywhere(super::SSH_PORT));
+                    // No sshd, nothing to look for (a read of /proc/net/tcp less).
+                    h.ssh_listening = Some(
+                        h.sshd == Some(true)
+                            && super::identity::listening_everywhere(super::SSH_PORT),
+                    );
                 }
                 write_line(&mut writer, &r)
             }

@@ -186,3 +186,86 @@ fn a_reader_finds_its_place_after_garbage() {
     }
     assert!(matches!(r.read_frame().unwrap(), Got::End));
 }
+
+#[test]
+fn the_pool_reuses_waiting_threads_and_never_queues_behind_a_busy_one() {
+    static POOL: Pool = Pool::new();
+    let tid = || std::thread::current().id();
+    // A job that waits for the next one: the next runs on another thread, not after it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    {
+        let done_tx = done_tx.clone();
+        POOL.run(move || {
+            let waited = rx.recv_timeout(Duration::from_secs(10));
+            done_tx.send((tid(), waited.is_ok())).unwrap();
+        });
+    }
+    {
+        let done_tx = done_tx.clone();
+        POOL.run(move || {
+            tx.send(()).unwrap();
+            done_tx.send((tid(), true)).unwrap();
+        });
+    }
+    let mut both: Vec<_> = (0..2)
+        .map(|_| done.recv_timeout(Duration::from_secs(20)).unwrap())
+        .collect();
+    assert!(
+        both.iter().all(|b| b.1),
+        "the second job waited behind the first"
+    );
+    let both: std::collections::HashSet<_> = both.drain(..).map(|b| b.0).collect();
+    assert_eq!(both.len(), 2);
+    // Both threads wait now; twenty jobs one after another run on them, no new thread.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while POOL.idle() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the threads did not wait for more"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..20 {
+        let done_tx = done_tx.clone();
+        POOL.run(move || done_tx.send((tid(), true)).unwrap());
+        seen.insert(done.recv_timeout(Duration::from_secs(10)).unwrap().0);
+        while POOL.idle() < 2 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    assert!(
+        seen.is_subset(&both),
+        "20 jobs ran on {} threads, not only on the two that waited",
+        seen.len()
+    );
+    // Many at once: each gets a thread; no more than IDLE_THREADS wait afterwards.
+    let gate = Arc::new((Mutex::new(false), Condvar::new()));
+    let n = IDLE_THREADS + 4;
+    for _ in 0..n {
+        let (gate, done_tx) = (gate.clone(), done_tx.clone());
+        POOL.run(move || {
+            let (open, cv) = &*gate;
+            let mut o = open.lock().unwrap();
+            while !*o {
+                o = cv.wait(o).unwrap();
+            }
+            drop(o);
+            done_tx.send((tid(), true)).unwrap();
+        });
+    }
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    let ran: std::collections::HashSet<_> = (0..n)
+        .map(|_| done.recv_timeout(Duration::from_secs(10)).unwrap().0)
+        .collect();
+    assert_eq!(ran.len(), n, "jobs shared a thread while they all waited");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while POOL.idle() < IDLE_THREADS {
+        assert!(Instant::now() < deadline, "{} wait", POOL.idle());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // No more wait than that (the others ended).
+    assert_eq!(POOL.idle(), IDLE_THREADS);
+}
