@@ -230,17 +230,25 @@ fn split_memory(from: std::fs::File, to: &Path, ram: &Path) -> Result<Saved> {
     Ok((sha, size, Some(ram_file)))
 }
 
-/// A split RAM file made durable, hashed as a whole (holes as the zeros they read as: what a
-/// restore checks) and, in that same read, copied into the sealed memfd the first restore
-/// maps (see [`Vms::prefetched_ram`]); returns its sha256 and that copy.
+/// A split RAM file made durable and, meanwhile, hashed (holes as the zeros they read as: what
+/// a restore checks) and, in that same read, copied into the sealed memfd the first restore
+/// maps (see [`Vms::prefetched_ram`]); returns its digest and that copy.
 fn seal_ram(mut ram_file: std::fs::File) -> Result<(String, OwnedFd)> {
     let fail = |e: std::io::Error| failed("Cannot write the snapshot's memory", e);
-    ram_file.sync_all().map_err(fail)?;
-    use std::io::Seek;
-    ram_file.rewind().map_err(fail)?;
     let len = ram_file.metadata().map_err(fail)?.len();
-    let (fd, sha) = crate::vmm::ram::hashed_copy(&mut ram_file, len, true).map_err(fail)?;
-    Ok((sha, fd))
+    let synced = ram_file.try_clone().map_err(fail)?;
+    let (synced, hashed) = std::thread::scope(|s| {
+        let sync = s.spawn(move || synced.sync_all());
+        let hashed = crate::vmm::ram::hashed_copy(&mut ram_file, len, true);
+        (
+            sync.join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the sync panicked"))),
+            hashed,
+        )
+    });
+    synced.map_err(fail)?;
+    let (fd, digest) = hashed.map_err(fail)?;
+    Ok((digest, fd))
 }
 
 /// Checks a snapshot's memory file against its row (a truncated or altered file never reaches
