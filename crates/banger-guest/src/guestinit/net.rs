@@ -338,7 +338,7 @@ fn existing(path: &Path) -> Existing {
     if st.stx_attributes & STATX_ATTR_MOUNT_ROOT != 0 {
         return Existing::MountPoint;
     }
-    // A file another name links too keeps what it has (only this name changes).
+    // A file another name links to keeps what it has (only this name changes).
     let regular = u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFREG && st.stx_nlink == 1;
     // A kernel that cannot tell a mount point, and a folder the host shares (whose files may
     // be mount points on the host: CRI's binds below a pod's root, which no guest call tells),
@@ -510,17 +510,29 @@ mod tests {
         let after = std::fs::metadata(&hosts).unwrap();
         assert_eq!(std::fs::read_to_string(&hosts).unwrap(), "127.0.1.1\tbox\n");
         assert_eq!((after.ino(), after.mode() & 0o777), (before.ino(), 0o640));
-        // The same text again: not written (its change time stays).
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        // The same text again: not written (a write would set its modification time to now).
+        let long_ago = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+        let set_old = || {
+            std::fs::File::options()
+                .write(true)
+                .open(&hosts)
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap()
+        };
+        set_old();
         put_file(&hosts, "127.0.1.1\tbox\n").unwrap();
-        let again = std::fs::metadata(&hosts).unwrap();
         assert_eq!(
-            (again.ctime(), again.ctime_nsec()),
-            (after.ctime(), after.ctime_nsec())
+            std::fs::metadata(&hosts).unwrap().modified().unwrap(),
+            long_ago
         );
         // Text of the same length, different: written; longer: written whole.
         put_file(&hosts, "127.0.1.1\tbax\n").unwrap();
         assert_eq!(std::fs::read_to_string(&hosts).unwrap(), "127.0.1.1\tbax\n");
+        assert_ne!(
+            std::fs::metadata(&hosts).unwrap().modified().unwrap(),
+            long_ago
+        );
         put_file(&hosts, "127.0.1.1\ta-longer-name\n").unwrap();
         assert_eq!(
             std::fs::read_to_string(&hosts).unwrap(),
