@@ -237,22 +237,21 @@ fn refused(out: std::process::Output, why: &str) {
     );
 }
 
+/// `vm exec VM -- sh -c SCRIPT` as `who`.
+fn sh(bus: &TestBus, who: Option<&str>, vm: &str, script: &str) -> std::process::Output {
+    bus.banger_as(who, &["vm", "exec", vm, "--", "sh", "-c", script])
+}
+
 /// The VM answers `vm exec` as itself, and what its birth gave it still works.
 fn answers(bus: &TestBus, b: &Birth, vm: &str, after: &str) {
     // Its name in the kernel and in the files that carry it (a restored guest's identity
     // rewrote its source's).
     let out = ok(
-        bus.banger_as(
+        sh(
+            bus,
             b.who,
-            &[
-                "vm",
-                "exec",
-                vm,
-                "--",
-                "sh",
-                "-c",
-                "hostname; cat /etc/hostname; grep 127.0.1.1 /etc/hosts",
-            ],
+            vm,
+            "hostname; cat /etc/hostname; grep 127.0.1.1 /etc/hosts",
         ),
         &format!("{vm} after {after}: vm exec"),
     );
@@ -279,17 +278,11 @@ fn answers(bus: &TestBus, b: &Birth, vm: &str, after: &str) {
     }
     if b.how == How::Netns && vm == b.name {
         // eth0's address is the guest's, and the namespace's peer answers it.
-        let out = bus.banger_as(
+        let out = sh(
+            bus,
             b.who,
-            &[
-                "vm",
-                "exec",
-                vm,
-                "--",
-                "sh",
-                "-c",
-                "ip -o -4 addr show; ping -c 1 -W 5 10.79.0.1",
-            ],
+            vm,
+            "ip -o -4 addr show; ping -c 1 -W 5 10.79.0.1",
         );
         assert!(
             out.status.success() && text(&out).contains(&format!("inet {POD_ADDRESS}/24")),
@@ -480,17 +473,11 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
         born_apart(&bus, b, &mut boot_ids);
         if b.how == How::Share {
             // Root's folder above all: a setuid file there would be a root shell for anyone.
-            let out = bus.banger_as(
+            let out = sh(
+                &bus,
                 b.who,
-                &[
-                    "vm",
-                    "exec",
-                    b.name,
-                    "--",
-                    "sh",
-                    "-c",
-                    "cp /bin/busybox /mnt/s/sh && chmod 4755 /mnt/s/sh",
-                ],
+                b.name,
+                "cp /bin/busybox /mnt/s/sh && chmod 4755 /mnt/s/sh",
             );
             refused(out, "Operation not permitted");
             let dir = if b.who.is_some() { &share } else { &root_share };
