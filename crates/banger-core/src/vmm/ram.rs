@@ -85,22 +85,21 @@ pub fn copy(
 /// piece that is all hole (most of a guest's memory) is not read at all, its digest being
 /// that of zeros. A busybox guest's 256 MiB took 150 ms to hash whole.
 pub fn hashed_copy(
-    file: &mut std::fs::File,
+    file: &std::fs::File,
     size: u64,
     seal: bool,
 ) -> std::io::Result<(OwnedFd, String)> {
     hashed_copy_in(file, size, seal, PIECE)
 }
 
-/// A new memfd of `size` bytes that can be sealed.
-fn new_memfd(size: u64) -> std::io::Result<std::fs::File> {
+/// A new memfd `name` of `size` bytes, made with `flags` besides `MFD_CLOEXEC`.
+fn new_memfd(
+    name: &std::ffi::CStr,
+    flags: libc::c_uint,
+    size: u64,
+) -> std::io::Result<std::fs::File> {
     // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let raw = unsafe {
-        libc::memfd_create(
-            c"banger-snapshot-ram".as_ptr(),
-            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-        )
-    };
+    let raw = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
     if raw < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -142,21 +141,29 @@ fn write_pages(mem: &std::fs::File, chunk: &[u8], at: u64) -> std::io::Result<()
     Ok(())
 }
 
-/// Whether `file` holds data (not only a hole) in `[at, at + len)`.
-fn has_data(file: &std::fs::File, at: u64, len: u64) -> std::io::Result<bool> {
-    // SAFETY: lseek takes no pointers. Only positioned reads follow, which the offset it
-    // moves does not concern.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, libc::SEEK_DATA) };
+/// Where `lseek(at, whence)` (`SEEK_DATA` or `SEEK_HOLE`) lands in `file`; `None` when there
+/// is no data at or after `at` (ENXIO). Only positioned reads follow, which the offset it
+/// moves does not concern.
+fn seek(file: &std::fs::File, at: u64, whence: i32) -> std::io::Result<Option<u64>> {
+    // SAFETY: lseek takes no pointers.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, whence) };
     if r >= 0 {
-        return Ok((r as u64) < at + len);
+        return Ok(Some(r as u64));
     }
     let e = std::io::Error::last_os_error();
     match e.raw_os_error() {
-        // No data at or after `at`.
-        Some(libc::ENXIO) => Ok(false),
-        // A file system without SEEK_DATA: read it.
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(true),
+        Some(libc::ENXIO) => Ok(None),
         _ => Err(e),
+    }
+}
+
+/// Whether `file` holds data (not only a hole) in `[at, at + len)`.
+fn has_data(file: &std::fs::File, at: u64, len: u64) -> std::io::Result<bool> {
+    match seek(file, at, libc::SEEK_DATA) {
+        Ok(found) => Ok(found.is_some_and(|p| p < at + len)),
+        // A file system without SEEK_DATA: read it.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => Ok(true),
+        Err(e) => Err(e),
     }
 }
 
@@ -172,7 +179,7 @@ fn hashed_copy_in(
 ) -> std::io::Result<(OwnedFd, String)> {
     use std::os::unix::fs::FileExt;
     check_size(file, size, "when taken")?;
-    let mem = new_memfd(size)?;
+    let mem = new_memfd(c"banger-snapshot-ram", libc::MFD_ALLOW_SEALING, size)?;
     let n = size.div_ceil(piece) as usize;
     let threads = std::thread::available_parallelism()
         .map(|t| t.get())
@@ -242,7 +249,7 @@ fn hashed_copy_in(
 fn whole_file_copy(file: &mut std::fs::File, size: u64) -> std::io::Result<(OwnedFd, String)> {
     use std::io::Seek;
     check_size(file, size, "when taken")?;
-    let mem = new_memfd(size)?;
+    let mem = new_memfd(c"banger-snapshot-ram", libc::MFD_ALLOW_SEALING, size)?;
     file.rewind()?;
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -289,35 +296,17 @@ fn seal_writes(fd: &OwnedFd) -> std::io::Result<()> {
 /// holes stay holes, found with `SEEK_DATA`), so a copy costs what the guest had touched.
 pub fn duplicate(from: &OwnedFd, size: u64) -> std::io::Result<OwnedFd> {
     use std::os::unix::fs::FileExt;
-    // SAFETY: the name is NUL-terminated; the flags are valid.
-    let raw = unsafe { libc::memfd_create(c"banger-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
-    let mem = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
-    mem.set_len(size)?;
+    let mem = new_memfd(c"banger-guest-ram", 0, size)?;
     let src = std::fs::File::from(from.try_clone()?);
-    let seek = |at: u64, whence: i32| -> std::io::Result<Option<u64>> {
-        // SAFETY: lseek takes no pointers.
-        let r = unsafe { libc::lseek(src.as_raw_fd(), at as libc::off_t, whence) };
-        if r >= 0 {
-            return Ok(Some(r as u64));
-        }
-        let e = std::io::Error::last_os_error();
-        // ENXIO: no data at or after `at`.
-        match e.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            _ => Err(e),
-        }
-    };
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0u64;
     while at < size {
-        let Some(start) = seek(at, libc::SEEK_DATA)? else {
+        let Some(start) = seek(&src, at, libc::SEEK_DATA)? else {
             break;
         };
-        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        let end = seek(&src, start, libc::SEEK_HOLE)?
+            .unwrap_or(size)
+            .min(size);
         let mut pos = start;
         while pos < end {
             let n = ((end - pos) as usize).min(buf.len());
@@ -449,9 +438,9 @@ mod tests {
     #[test]
     fn a_hashed_copy_says_the_files_digest_and_holds_its_pages() {
         let d = tempfile::tempdir().unwrap();
-        let (mut f, whole) = ram_file(d.path());
+        let (f, whole) = ram_file(d.path());
         let data = std::fs::read(d.path().join("ram")).unwrap();
-        let (fd, got) = hashed_copy(&mut f, 64 * 4096, true).unwrap();
+        let (fd, got) = hashed_copy(&f, 64 * 4096, true).unwrap();
         assert_eq!(got, pieces_digest(&data, PIECE as usize));
         assert!(sealed(&fd));
         let mem = std::fs::File::from(fd);

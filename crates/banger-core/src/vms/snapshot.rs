@@ -233,13 +233,12 @@ fn split_memory(from: std::fs::File, to: &Path, ram: &Path) -> Result<Saved> {
 /// A split RAM file made durable and, meanwhile, hashed (holes as the zeros they read as: what
 /// a restore checks) and, in that same read, copied into the sealed memfd the first restore
 /// maps (see [`Vms::prefetched_ram`]); returns its digest and that copy.
-fn seal_ram(mut ram_file: std::fs::File) -> Result<(String, OwnedFd)> {
+fn seal_ram(ram_file: std::fs::File) -> Result<(String, OwnedFd)> {
     let fail = |e: std::io::Error| failed("Cannot write the snapshot's memory", e);
     let len = ram_file.metadata().map_err(fail)?.len();
-    let synced = ram_file.try_clone().map_err(fail)?;
     let (synced, hashed) = std::thread::scope(|s| {
-        let sync = s.spawn(move || synced.sync_all());
-        let hashed = crate::vmm::ram::hashed_copy(&mut ram_file, len, true);
+        let sync = s.spawn(|| ram_file.sync_all());
+        let hashed = crate::vmm::ram::hashed_copy(&ram_file, len, true);
         (
             sync.join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("the sync panicked"))),
