@@ -240,12 +240,15 @@ fn the_pool_reuses_waiting_threads_and_never_queues_behind_a_busy_one() {
         "20 jobs ran on {} threads, not only on the two that waited",
         seen.len()
     );
-    // Many at once: each gets a thread; no more than IDLE_THREADS wait afterwards.
+    // Many at once: each gets a thread; no more than IDLE_THREADS wait afterwards. The gate
+    // opens once every job runs: a job queued behind another would never start.
     let gate = Arc::new((Mutex::new(false), Condvar::new()));
     let n = IDLE_THREADS + 4;
+    let (started_tx, started) = std::sync::mpsc::channel();
     for _ in 0..n {
-        let (gate, done_tx) = (gate.clone(), done_tx.clone());
+        let (gate, done_tx, started_tx) = (gate.clone(), done_tx.clone(), started_tx.clone());
         POOL.run(move || {
+            started_tx.send(()).unwrap();
             let (open, cv) = &*gate;
             let mut o = open.lock().unwrap();
             while !*o {
@@ -254,6 +257,11 @@ fn the_pool_reuses_waiting_threads_and_never_queues_behind_a_busy_one() {
             drop(o);
             done_tx.send((tid(), true)).unwrap();
         });
+    }
+    for i in 0..n {
+        started
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{i} of {n} jobs started: the others wait behind them"));
     }
     *gate.0.lock().unwrap() = true;
     gate.1.notify_all();
