@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use super::Identity;
-use crate::guestinit::net;
+use crate::guestinit::{net, putfile};
 
 /// Applies `id`; the first failure is the error (what went before stays applied).
 pub fn apply(id: &Identity) -> Result<(), String> {
@@ -46,7 +46,7 @@ pub fn apply(id: &Identity) -> Result<(), String> {
     net::address(&dev, &args)?;
     net::write_root_files(&args, Path::new("/"))?;
     if Path::new("/etc/machine-id").exists() {
-        replace(
+        putfile::put_own_file(
             Path::new("/etc/machine-id"),
             format!("{}\n", id.machine_id).as_bytes(),
             0o444,
@@ -184,46 +184,11 @@ fn fresh_random_seed(path: &Path, seed: &str) -> Result<(), String> {
         .map(|m| m.len())
         .unwrap_or(512)
         .clamp(32, 4096);
-    replace(
+    putfile::put_own_file(
         path,
         &derived(seed, "banger systemd random seed", len as usize)?,
         0o600,
     )
-}
-
-/// Makes `path` hold `data` with `mode`: a regular file of one link is rewritten in place (in
-/// a guest just restored under TCG, creating and renaming files runs filesystem paths nothing
-/// ran since the restore, some 10 ms each; see `net::put_file`), anything else is replaced by
-/// a new file renamed over it.
-fn replace(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-    let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_file() && m.nlink() == 1 => {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(path)
-                .map_err(fail)?;
-            f.write_all(data).map_err(fail)?;
-            if m.len() > data.len() as u64 {
-                f.set_len(data.len() as u64).map_err(fail)?;
-            }
-            if m.mode() & 0o7777 != mode {
-                f.set_permissions(std::fs::Permissions::from_mode(mode))
-                    .map_err(fail)?;
-            }
-            Ok(())
-        }
-        _ => {
-            let tmp = path.with_extension("banger-new");
-            std::fs::write(&tmp, data)
-                .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)))
-                .and_then(|_| std::fs::rename(&tmp, path))
-                .map_err(fail)
-        }
-    }
 }
 
 /// How far behind the host a guest's clock may be before a periodic correction steps it
@@ -333,8 +298,8 @@ fn install_host_key(private: &str, public: &str) -> Result<(), String> {
             let _ = std::fs::remove_file(e.path());
         }
     }
-    replace(&ssh.join("ssh_host_ed25519_key"), private.as_bytes(), 0o600)?;
-    replace(
+    putfile::put_own_file(&ssh.join("ssh_host_ed25519_key"), private.as_bytes(), 0o600)?;
+    putfile::put_own_file(
         &ssh.join("ssh_host_ed25519_key.pub"),
         public.as_bytes(),
         0o644,
@@ -485,35 +450,11 @@ fn authorize(key: &str) -> Result<(), String> {
         text.push_str(key.trim());
         text.push('\n');
     }
-    replace(&path, text.as_bytes(), 0o600)
+    putfile::put_own_file(&path, text.as_bytes(), 0o600)
 }
 
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn a_replaced_file_keeps_its_inode_unless_another_name_links_it() {
-        use std::os::unix::fs::MetadataExt;
-        let tmp = tempfile::tempdir().unwrap();
-        let id = tmp.path().join("machine-id");
-        std::fs::write(&id, "the source's machine id, and more\n").unwrap();
-        let ino = std::fs::metadata(&id).unwrap().ino();
-        replace(&id, b"fresh\n", 0o444).unwrap();
-        let m = std::fs::metadata(&id).unwrap();
-        assert_eq!(std::fs::read(&id).unwrap(), b"fresh\n");
-        assert_eq!((m.ino(), m.mode() & 0o7777), (ino, 0o444));
-        // A second name of the file keeps what it had: the name gets a new file.
-        let other = tmp.path().join("other");
-        std::fs::hard_link(&id, &other).unwrap();
-        replace(&id, b"fresher\n", 0o444).unwrap();
-        assert_eq!(std::fs::read(&other).unwrap(), b"fresh\n");
-        assert_eq!(std::fs::read(&id).unwrap(), b"fresher\n");
-        assert_ne!(std::fs::metadata(&id).unwrap().ino(), ino);
-        // Nothing there: made.
-        let new = tmp.path().join("new");
-        replace(&new, b"x", 0o600).unwrap();
-        assert_eq!(std::fs::metadata(&new).unwrap().mode() & 0o7777, 0o600);
-    }
 
     #[test]
     fn boot_ids_differ_by_seed_and_look_like_the_kernels() {

@@ -6,6 +6,7 @@
 
 pub mod net;
 pub mod park;
+pub mod putfile;
 pub mod runas;
 pub mod supervise;
 

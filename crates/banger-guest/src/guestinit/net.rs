@@ -6,9 +6,10 @@
 
 use std::ffi::CString;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
+
+use super::putfile::put_file;
 
 /// The network the host leased to this guest.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -302,116 +303,6 @@ pub fn write_root_files(n: &NetArgs, root: &Path) -> Result<(), String> {
     )
 }
 
-/// `statx`'s attribute: the path is the root of a mount (Linux ≥ 5.8).
-const STATX_ATTR_MOUNT_ROOT: u64 = 0x2000;
-
-/// What `path` is, without following a last symlink.
-enum Existing {
-    /// A regular file of this size.
-    File(u64),
-    /// A mount point (a file a container runtime bound there).
-    MountPoint,
-    /// A symlink, a directory or anything else; or nothing.
-    Other,
-}
-
-fn existing(path: &Path) -> Existing {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
-        return Existing::Other;
-    };
-    // SAFETY: statx is plain data; zeroed is valid before the call fills it.
-    let mut st: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is NUL-terminated and `st` a live statx for the call.
-    let r = unsafe {
-        libc::statx(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-            libc::STATX_TYPE | libc::STATX_SIZE | libc::STATX_NLINK,
-            &mut st,
-        )
-    };
-    if r != 0 {
-        return Existing::Other;
-    }
-    if st.stx_attributes & STATX_ATTR_MOUNT_ROOT != 0 {
-        return Existing::MountPoint;
-    }
-    // A file another name links to keeps what it has (only this name changes).
-    let regular = u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFREG && st.stx_nlink == 1;
-    // A kernel that cannot tell a mount point, and a folder the host shares (whose files may
-    // be mount points on the host: CRI's binds below a pod's root, which no guest call tells),
-    // get the new file renamed over it, which a mount point refuses (EBUSY).
-    if regular && st.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT != 0 && guests_own(&c) {
-        Existing::File(st.stx_size)
-    } else {
-        Existing::Other
-    }
-}
-
-/// Whether the file system holding `path` is the guest's own: a disk's (ext2/3/4, XFS,
-/// Btrfs) or memory (tmpfs), not a folder shared by the host (virtiofs, 9p) or an overlay.
-fn guests_own(path: &CString) -> bool {
-    const OWN: [i64; 4] = [0xEF53, 0x5846_5342, 0x9123_683E, 0x0102_1994];
-    // SAFETY: statfs is plain data; zeroed is valid before the call fills it.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is NUL-terminated and `fs` a live statfs for the call.
-    (unsafe { libc::statfs(path.as_ptr(), &mut fs) } == 0) && OWN.contains(&(fs.f_type as i64))
-}
-
-/// Makes `path` hold `text`. Left as it is when it does already (a restored guest whose
-/// resolvers did not change), or when it is a mount point (a container runtime's: CRI binds a
-/// pod's resolv.conf, hosts and hostname into its root, and they are the runtime's to write).
-/// A regular file on the guest's own file system is rewritten in place (its inode, owner and
-/// mode kept): in a guest just restored under TCG, creating a file and renaming it over
-/// another runs filesystem paths nothing has run since the restore (inode allocation, the old
-/// inode's eviction), some 10 ms each. Anything else (a symlink, e.g. resolv.conf to a
-/// resolver's stub; nothing; a file in a folder the host shares) is replaced by a new file,
-/// renamed into place.
-pub fn put_file(path: &Path, text: &str) -> Result<(), String> {
-    use std::io::{Read, Seek, Write};
-    let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
-    match existing(path) {
-        Existing::MountPoint => Ok(()),
-        Existing::File(size) => {
-            let mut f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(path)
-                .map_err(fail)?;
-            if size == text.len() as u64 {
-                let mut now = Vec::with_capacity(text.len());
-                (&mut f).take(size).read_to_end(&mut now).map_err(fail)?;
-                if now == text.as_bytes() {
-                    return Ok(());
-                }
-                f.rewind().map_err(fail)?;
-            }
-            f.write_all(text.as_bytes()).map_err(fail)?;
-            if size > text.len() as u64 {
-                f.set_len(text.len() as u64).map_err(fail)?;
-            }
-            Ok(())
-        }
-        Existing::Other => {
-            let name = path.file_name().unwrap_or_default().to_string_lossy();
-            let tmp = path.with_file_name(format!(".{name}.banger"));
-            match std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)) {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    let _ = std::fs::remove_file(&tmp);
-                    if e.raw_os_error() == Some(libc::EBUSY) {
-                        return Ok(());
-                    }
-                    Err(fail(e))
-                }
-            }
-        }
-    }
-}
-
 /// Sets the kernel's host name.
 pub fn set_hostname(name: &str) -> Result<(), String> {
     let c = CString::new(name).map_err(|e| e.to_string())?;
@@ -487,78 +378,6 @@ mod tests {
         assert_eq!(f(Some("02:00:00:00:00:01")).as_deref(), Some("eth1"));
         assert_eq!(f(None).as_deref(), Some("eth0"));
         assert_eq!(f(Some("02:00:00:00:00:02")), None);
-    }
-
-    #[test]
-    fn a_regular_file_is_rewritten_in_place_and_left_alone_when_it_says_it_already() {
-        use std::os::unix::fs::{MetadataExt, PermissionsExt};
-        let tmp = tempfile::tempdir().unwrap();
-        let c = CString::new(tmp.path().as_os_str().to_str().unwrap()).unwrap();
-        assert!(
-            guests_own(&c),
-            "this test wants $TMPDIR on ext4, XFS, Btrfs or tmpfs, as a guest's root is"
-        );
-        let hosts = tmp.path().join("hosts");
-        std::fs::write(
-            &hosts,
-            "an image's long /etc/hosts, longer than what replaces it\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(&hosts, std::fs::Permissions::from_mode(0o640)).unwrap();
-        let before = std::fs::metadata(&hosts).unwrap();
-        put_file(&hosts, "127.0.1.1\tbox\n").unwrap();
-        let after = std::fs::metadata(&hosts).unwrap();
-        assert_eq!(std::fs::read_to_string(&hosts).unwrap(), "127.0.1.1\tbox\n");
-        assert_eq!((after.ino(), after.mode() & 0o777), (before.ino(), 0o640));
-        // The same text again: not written (a write would set its modification time to now).
-        let long_ago = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
-        let set_old = || {
-            std::fs::File::options()
-                .write(true)
-                .open(&hosts)
-                .unwrap()
-                .set_modified(long_ago)
-                .unwrap()
-        };
-        set_old();
-        put_file(&hosts, "127.0.1.1\tbox\n").unwrap();
-        assert_eq!(
-            std::fs::metadata(&hosts).unwrap().modified().unwrap(),
-            long_ago
-        );
-        // Text of the same length, different: written; longer: written whole.
-        put_file(&hosts, "127.0.1.1\tbax\n").unwrap();
-        assert_eq!(std::fs::read_to_string(&hosts).unwrap(), "127.0.1.1\tbax\n");
-        assert_ne!(
-            std::fs::metadata(&hosts).unwrap().modified().unwrap(),
-            long_ago
-        );
-        put_file(&hosts, "127.0.1.1\ta-longer-name\n").unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&hosts).unwrap(),
-            "127.0.1.1\ta-longer-name\n"
-        );
-        assert_eq!(std::fs::metadata(&hosts).unwrap().ino(), before.ino());
-        // What the link named is not touched; the link becomes a file.
-        let target = tmp.path().join("stub");
-        std::fs::write(&target, "the resolver's\n").unwrap();
-        let link = tmp.path().join("resolv.conf");
-        std::os::unix::fs::symlink(&target, &link).unwrap();
-        put_file(&link, "nameserver 192.0.2.1\n").unwrap();
-        assert_eq!(
-            std::fs::read_to_string(&target).unwrap(),
-            "the resolver's\n"
-        );
-        assert!(!std::fs::symlink_metadata(&link).unwrap().is_symlink());
-        assert_eq!(
-            std::fs::read_to_string(&link).unwrap(),
-            "nameserver 192.0.2.1\n"
-        );
-        let names: Vec<String> = std::fs::read_dir(tmp.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names.len(), 3, "no temporary file left: {names:?}");
     }
 
     #[test]
