@@ -95,6 +95,22 @@ fn write_file<T: Tree>(tree: &mut T, rel: &str, data: &[u8], mode: u32) -> Resul
         .map_err(|e| Error::failed(format!("Cannot inject /{rel} into the image"), e))
 }
 
+/// Units of an image's systemd that a VM never needs and that cost every restored VM: the
+/// login prompts on the virtual terminals (`getty@tty1`, and tty2–tty6 that Debian's
+/// `getty-static` starts when the image has no logind). A VM has no screen or keyboard, so no
+/// one can reach them; but each `agetty` redraws its prompt when an address changes (it
+/// watches netlink for its issue file), which a restored VM's own address is, and under TCG
+/// that translation filled the cache of a restored Debian VM from 24 to 72 MiB and took 1.1 s
+/// of host CPU right after it was ready (BENCHMARKS.md, "Density"). The serial console's
+/// prompt (`serial-getty@ttyS0`) stays: `vm console` logs in there.
+const MASKED: [&str; 2] = ["getty@.service", "getty-static.service"];
+
+/// Masks `unit` (a link to /dev/null in /etc/systemd/system, as `systemctl mask` makes).
+fn mask<T: Tree>(tree: &mut T, unit: &str) -> Result<()> {
+    crate::tree::put_symlink(tree, &format!("etc/systemd/system/{unit}"), "/dev/null")
+        .map_err(|e| Error::failed(format!("Cannot mask {unit} in the image"), e))
+}
+
 fn enable<T: Tree>(tree: &mut T, unit: &str) -> Result<()> {
     crate::tree::put_symlink(
         tree,
@@ -157,6 +173,9 @@ pub fn inject<T: Tree>(tree: &mut T, agent: &Path) -> Result<()> {
     )?;
     enable(tree, "banger-network.service")?;
     enable(tree, "banger-ssh-keygen.service")?;
+    for unit in MASKED {
+        mask(tree, unit)?;
+    }
     // banger-init mounts the VM's work disk here; an image without it gets root's usual one.
     let fail = |e| Error::failed("Cannot create /root in the image", e);
     let (_, created) = tree.resolve_dir(Path::new("root"), true).map_err(fail)?;
@@ -212,5 +231,9 @@ mod tests {
             Path::new("/etc/systemd/system/banger-agent.service")
         );
         assert!(tree.join("etc/modules-load.d/banger.conf").exists());
+        for unit in ["getty@.service", "getty-static.service"] {
+            let link = tree.join("etc/systemd/system").join(unit);
+            assert_eq!(std::fs::read_link(link).unwrap(), Path::new("/dev/null"));
+        }
     }
 }
