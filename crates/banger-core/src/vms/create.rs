@@ -756,28 +756,33 @@ impl Vms {
 
     /// Whether the guest has an SSH server to wait for (asked through the agent).
     pub(super) async fn guest_has_sshd(&self, vm: &Vm) -> bool {
-        let ask = async {
-            let s = self.open_agent_any(vm).await?;
-            let argv = ["/bin/sh", "-c", "command -v sshd || test -x /usr/sbin/sshd"];
-            // As root in /, whatever user and directory the image names.
-            let what = crate::agent::ExecRequest {
-                cwd: Some("/".into()),
-                user: Some("root".into()),
-                ..crate::agent::ExecRequest::new(argv.map(String::from).to_vec())
-            };
-            crate::agent::client::exec(
-                s,
-                what,
-                tokio::io::empty(),
-                tokio::io::sink(),
-                tokio::io::sink(),
-            )
-            .await
-        };
+        let ask = self.run_quietly(
+            vm,
+            &["/bin/sh", "-c", "command -v sshd || test -x /usr/sbin/sshd"],
+        );
         matches!(
             tokio::time::timeout(Duration::from_secs(30), ask).await,
             Ok(Ok(0))
         )
+    }
+
+    /// Runs `argv` in the guest through its agent, as root in `/` (whatever user and directory
+    /// the image names), its output dropped; its exit status.
+    pub(super) async fn run_quietly(&self, vm: &Vm, argv: &[&str]) -> Result<i32> {
+        let s = self.open_agent_any(vm).await?;
+        let what = crate::agent::ExecRequest {
+            cwd: Some("/".into()),
+            user: Some("root".into()),
+            ..crate::agent::ExecRequest::new(argv.iter().map(|a| a.to_string()).collect())
+        };
+        crate::agent::client::exec(
+            s,
+            what,
+            tokio::io::empty(),
+            tokio::io::sink(),
+            tokio::io::sink(),
+        )
+        .await
     }
 
     /// Waits until `addr` in the guest accepts a connection (and, for sshd, sends its banner).

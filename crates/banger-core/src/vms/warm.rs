@@ -263,24 +263,7 @@ impl Vms {
         const SCRIPT: &str = "if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; \
              then systemctl is-system-running --wait >/dev/null 2>&1; fi; \
              if command -v udevadm >/dev/null; then udevadm settle -t 30 >/dev/null 2>&1; fi; true";
-        let ask = async {
-            let s = self.open_agent_any(vm).await?;
-            let what = crate::agent::ExecRequest {
-                cwd: Some("/".into()),
-                user: Some("root".into()),
-                ..crate::agent::ExecRequest::new(
-                    ["/bin/sh", "-c", SCRIPT].map(String::from).to_vec(),
-                )
-            };
-            crate::agent::client::exec(
-                s,
-                what,
-                tokio::io::empty(),
-                tokio::io::sink(),
-                tokio::io::sink(),
-            )
-            .await
-        };
+        let ask = self.run_quietly(vm, &["/bin/sh", "-c", SCRIPT]);
         if tokio::time::timeout(SETTLE, ask).await.is_err() {
             tracing::info!(vm_id = %vm.id, "The template's boot did not finish within {} s; snapshotting it as it is", SETTLE.as_secs());
         }
