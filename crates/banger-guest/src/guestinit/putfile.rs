@@ -5,7 +5,8 @@
 //! TCG, creating a file and renaming it over another runs filesystem paths nothing has run
 //! since the restore, inode allocation and the old inode's eviction, some 10 ms each), and
 //! left alone when it already holds the bytes; anything else is replaced by a new file renamed
-//! into place.
+//! into place. They differ only at a mount point ([`AtMountPoint`]): a root file bound there is
+//! whoever bound it's, an identity file is written through.
 
 use std::ffi::CString;
 use std::io::{Read, Seek, Write};
@@ -18,8 +19,10 @@ pub enum AtMountPoint {
     /// Left as it is: whoever bound it there writes it (a container runtime: CRI binds a
     /// pod's resolv.conf, hosts and hostname into its root).
     Leave,
-    /// An error: the file must be this VM's own (an identity), and a bound one is not.
-    Refuse,
+    /// Written through, in place: the file must hold this VM's own bytes wherever it comes
+    /// from (systemd binds `/run/machine-id` over `/etc/machine-id` until its first boot
+    /// commits the id, so a VM restored from a snapshot taken before that has a bound one).
+    WriteThrough,
 }
 
 /// Makes `path` hold `text`, its mode kept (a new file gets 0644); a mount point is left
@@ -28,9 +31,9 @@ pub fn put_file(path: &Path, text: &str) -> Result<(), String> {
     put(path, text.as_bytes(), None, AtMountPoint::Leave)
 }
 
-/// Makes `path` hold `data` with `mode`; a mount point is an error. For a VM's identity.
+/// Makes `path` hold `data` with `mode`, a mount point too. For a VM's identity.
 pub fn put_own_file(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
-    put(path, data, Some(mode), AtMountPoint::Refuse)
+    put(path, data, Some(mode), AtMountPoint::WriteThrough)
 }
 
 /// Makes `path` hold `data` (and `mode`, when given): see the module's rule. A file that
@@ -43,43 +46,9 @@ pub fn put(
     at_mount: AtMountPoint,
 ) -> Result<(), String> {
     let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
-    let mount_point = || match at_mount {
-        AtMountPoint::Leave => Ok(()),
-        AtMountPoint::Refuse => Err(format!(
-            "cannot write {}: something mounted a file there, and this file must be the VM's \
-             own; unmount it in the image (or make it a plain file) and start the VM again",
-            path.display()
-        )),
-    };
     match existing(path) {
-        Existing::MountPoint => mount_point(),
-        Existing::File { size, mode: now } => {
-            let mut f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(path)
-                .map_err(fail)?;
-            let mode_differs = mode.is_some_and(|m| m != now);
-            let mut same = false;
-            if size == data.len() as u64 {
-                let mut held = Vec::with_capacity(data.len());
-                (&mut f).take(size).read_to_end(&mut held).map_err(fail)?;
-                same = held == data;
-                f.rewind().map_err(fail)?;
-            }
-            if !same {
-                f.write_all(data).map_err(fail)?;
-                if size > data.len() as u64 {
-                    f.set_len(data.len() as u64).map_err(fail)?;
-                }
-            }
-            if let (Some(m), true) = (mode, mode_differs) {
-                f.set_permissions(std::fs::Permissions::from_mode(m))
-                    .map_err(fail)?;
-            }
-            Ok(())
-        }
+        Existing::MountPoint if at_mount == AtMountPoint::Leave => Ok(()),
+        Existing::MountPoint | Existing::File => in_place(path, data, mode).map_err(fail),
         Existing::Other => {
             let name = path.file_name().unwrap_or_default().to_string_lossy();
             let tmp = path.with_file_name(format!(".{name}.banger"));
@@ -92,9 +61,10 @@ pub fn put(
                 Err(e) => {
                     let _ = std::fs::remove_file(&tmp);
                     // Only a mount point refuses a rename over it this way: one the guest's
-                    // kernel could not tell (a bind on the host side of a shared folder).
-                    if e.raw_os_error() == Some(libc::EBUSY) {
-                        return mount_point();
+                    // kernel could not tell, a bind on the host's side of a shared folder,
+                    // which is the host's to write.
+                    if e.raw_os_error() == Some(libc::EBUSY) && at_mount == AtMountPoint::Leave {
+                        return Ok(());
                     }
                     Err(fail(e))
                 }
@@ -103,14 +73,47 @@ pub fn put(
     }
 }
 
+/// Rewrites the regular file at `path` to hold `data` (and `mode`), unless it does already.
+fn in_place(path: &Path, data: &[u8], mode: Option<u32>) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let m = f.metadata()?;
+    if !m.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let size = m.len();
+    let mut same = false;
+    if size == data.len() as u64 {
+        let mut held = Vec::with_capacity(data.len());
+        (&mut f).take(size).read_to_end(&mut held)?;
+        same = held == data;
+        f.rewind()?;
+    }
+    if !same {
+        f.write_all(data)?;
+        if size > data.len() as u64 {
+            f.set_len(data.len() as u64)?;
+        }
+    }
+    match mode {
+        Some(want) if m.mode() & 0o7777 != want => {
+            f.set_permissions(std::fs::Permissions::from_mode(want))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `statx`'s attribute: the path is the root of a mount (Linux ≥ 5.8).
 const STATX_ATTR_MOUNT_ROOT: u64 = 0x2000;
 
 /// What `path` is, without following a last symlink.
 enum Existing {
-    /// A regular file of one link, on the guest's own file system, this size and mode
-    /// (permission bits).
-    File { size: u64, mode: u32 },
+    /// A regular file of one link, on the guest's own file system.
+    File,
     /// A mount point (a file a container runtime bound there).
     MountPoint,
     /// A symlink, a directory, a file of several links or on a folder the host shares, or
@@ -131,7 +134,7 @@ fn existing(path: &Path) -> Existing {
             libc::AT_FDCWD,
             c.as_ptr(),
             libc::AT_SYMLINK_NOFOLLOW,
-            libc::STATX_TYPE | libc::STATX_MODE | libc::STATX_SIZE | libc::STATX_NLINK,
+            libc::STATX_TYPE | libc::STATX_NLINK,
             &mut st,
         )
     };
@@ -142,16 +145,12 @@ fn existing(path: &Path) -> Existing {
         return Existing::MountPoint;
     }
     // A file another name links to keeps what it has (only this name changes).
-    let mode = u32::from(st.stx_mode);
-    let regular = mode & libc::S_IFMT == libc::S_IFREG && st.stx_nlink == 1;
+    let regular = u32::from(st.stx_mode) & libc::S_IFMT == libc::S_IFREG && st.stx_nlink == 1;
     // A kernel that cannot tell a mount point, and a folder the host shares (whose files may
     // be mount points on the host: CRI's binds below a pod's root, which no guest call tells),
     // get the new file renamed over it, which a mount point refuses (EBUSY).
     if regular && st.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT != 0 && guests_own(&c) {
-        Existing::File {
-            size: st.stx_size,
-            mode: mode & 0o7777,
-        }
+        Existing::File
     } else {
         Existing::Other
     }
@@ -278,5 +277,44 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names.len(), 3, "no temporary file left: {names:?}");
+    }
+
+    #[test]
+    fn a_mount_point_is_left_for_root_files_and_written_through_for_identity_files() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // a bind mount needs root
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (id, run) = (tmp.path().join("machine-id"), tmp.path().join("run-id"));
+        std::fs::write(&id, "on disk\n").unwrap();
+        std::fs::write(&run, "transient\n").unwrap();
+        let c = |p: &Path| CString::new(p.as_os_str().to_str().unwrap()).unwrap();
+        let (src, dst) = (c(&run), c(&id));
+        // SAFETY: both strings are NUL-terminated; MS_BIND takes no type or data.
+        let r = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dst.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+        struct Unmount(CString);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                // SAFETY: a NUL-terminated path.
+                unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
+            }
+        }
+        let _bound = Unmount(dst);
+        put_file(&id, "a root file's text\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&id).unwrap(), "transient\n");
+        put_own_file(&id, b"the VM's own\n", 0o444).unwrap();
+        assert_eq!(std::fs::read_to_string(&id).unwrap(), "the VM's own\n");
+        assert_eq!(std::fs::read_to_string(&run).unwrap(), "the VM's own\n");
+        assert_eq!(std::fs::metadata(&run).unwrap().mode() & 0o7777, 0o444);
     }
 }
