@@ -136,7 +136,13 @@ fn fail(msg: &str) -> ! {
     }
 }
 
-fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> Result<(), String> {
+/// Mounts `src` on `target` (`fstype` empty: none, as for a bind).
+pub(crate) fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+) -> Result<(), String> {
     let (s, t, f) = (cstr(src), cstr(target), cstr(fstype));
     let fptr = if fstype.is_empty() {
         std::ptr::null()

@@ -171,6 +171,15 @@ mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
 
+    /// Asserts that `dir` holds `files` entries: no temporary file was left.
+    fn no_temporary_file_left(dir: &Path, files: usize) {
+        let names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), files, "no temporary file left: {names:?}");
+    }
+
     #[test]
     fn a_regular_file_is_rewritten_in_place_and_left_alone_when_it_says_it_already() {
         let tmp = tempfile::tempdir().unwrap();
@@ -235,11 +244,7 @@ mod tests {
             std::fs::read_to_string(&link).unwrap(),
             "nameserver 192.0.2.1\n"
         );
-        let names: Vec<String> = std::fs::read_dir(tmp.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names.len(), 3, "no temporary file left: {names:?}");
+        no_temporary_file_left(tmp.path(), 3);
     }
 
     #[test]
@@ -272,11 +277,7 @@ mod tests {
         let m = std::fs::metadata(&new).unwrap();
         assert_eq!((m.ino(), m.mode() & 0o7777), (ino, 0o640));
         assert_eq!(m.modified().unwrap(), long_ago);
-        let names: Vec<String> = std::fs::read_dir(tmp.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names.len(), 3, "no temporary file left: {names:?}");
+        no_temporary_file_left(tmp.path(), 3);
     }
 
     #[test]
@@ -289,19 +290,8 @@ mod tests {
         let (id, run) = (tmp.path().join("machine-id"), tmp.path().join("run-id"));
         std::fs::write(&id, "on disk\n").unwrap();
         std::fs::write(&run, "transient\n").unwrap();
-        let c = |p: &Path| CString::new(p.as_os_str().to_str().unwrap()).unwrap();
-        let (src, dst) = (c(&run), c(&id));
-        // SAFETY: both strings are NUL-terminated; MS_BIND takes no type or data.
-        let r = unsafe {
-            libc::mount(
-                src.as_ptr(),
-                dst.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+        let path = |p: &Path| p.to_str().unwrap().to_owned();
+        crate::guestinit::mount(&path(&run), &path(&id), "", libc::MS_BIND).unwrap();
         struct Unmount(CString);
         impl Drop for Unmount {
             fn drop(&mut self) {
@@ -309,7 +299,7 @@ mod tests {
                 unsafe { libc::umount2(self.0.as_ptr(), libc::MNT_DETACH) };
             }
         }
-        let _bound = Unmount(dst);
+        let _bound = Unmount(CString::new(path(&id)).unwrap());
         put_file(&id, "a root file's text\n").unwrap();
         assert_eq!(std::fs::read_to_string(&id).unwrap(), "transient\n");
         put_own_file(&id, b"the VM's own\n", 0o444).unwrap();
