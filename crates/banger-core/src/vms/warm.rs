@@ -1,9 +1,10 @@
 //! Warm snapshots: instant starts by default. After a VM of some shape (image, kernel, vCPUs,
 //! memory) booted cold, or on `banger image warm`, banger boots a template VM of its own of that
 //! shape (root's, named `.warm-…`, which no user can name: it holds no one's key, folder or
-//! data), snapshots it once it is ready and its own boot is done (`settle`) and deletes it. Later creates of that shape that
-//! ask for nothing a snapshot cannot give (shares, an init, an entrypoint, a disk size, `cold`)
-//! restore from that snapshot and get their own identity, as any restore does.
+//! data), snapshots it once it is ready and its own boot is done (`settle`) and deletes it.
+//! Later creates of that shape that ask for nothing a snapshot cannot give (shares, an init, an
+//! entrypoint, a disk size, `cold`) restore from that snapshot and get their own identity, as
+//! any restore does.
 //!
 //! The key covers what the guest's memory depends on: the image's id, the kernel's name and
 //! install time, the shape, banger's version and guest binaries, the snapshot's format and the
@@ -265,7 +266,11 @@ impl Vms {
              if command -v udevadm >/dev/null; then udevadm settle -t 30 >/dev/null 2>&1; fi; true";
         let ask = self.run_quietly(vm, &["/bin/sh", "-c", SCRIPT]);
         if tokio::time::timeout(SETTLE, ask).await.is_err() {
-            tracing::info!(vm_id = %vm.id, "The template's boot did not finish within {} s; snapshotting it as it is", SETTLE.as_secs());
+            tracing::info!(
+                vm_id = %vm.id,
+                "The template's boot did not finish within {} s; snapshotting it as it is",
+                SETTLE.as_secs()
+            );
         }
     }
 

@@ -15,7 +15,7 @@ use std::path::Path;
 
 /// What a file that is a mount point gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AtMountPoint {
+enum AtMountPoint {
     /// Left as it is: whoever bound it there writes it (a container runtime: CRI binds a
     /// pod's resolv.conf, hosts and hostname into its root).
     Leave,
@@ -39,12 +39,7 @@ pub fn put_own_file(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
 /// Makes `path` hold `data` (and `mode`, when given): see the module's rule. A file that
 /// already holds `data` (and `mode`) is not written: a restored guest whose resolvers did not
 /// change keeps its file untouched.
-pub fn put(
-    path: &Path,
-    data: &[u8],
-    mode: Option<u32>,
-    at_mount: AtMountPoint,
-) -> Result<(), String> {
+fn put(path: &Path, data: &[u8], mode: Option<u32>, at_mount: AtMountPoint) -> Result<(), String> {
     let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
     match existing(path) {
         Existing::MountPoint if at_mount == AtMountPoint::Leave => Ok(()),
