@@ -42,6 +42,8 @@ const QBOOT: &[&str] = &[
 ];
 
 const QEMU: &str = "qemu-system-x86_64";
+/// The bandwidth a save may use (bytes/s): no limit in practice (QEMU's default is 128 MiB/s).
+const SAVE_BANDWIDTH: u64 = 1 << 40;
 fn qemu_pidfile(run: &Path) -> PathBuf {
     run.join("qemu.pid")
 }
@@ -749,6 +751,13 @@ impl Vmm for Qemu {
             s.pass_fd("banger-save", out.as_fd())?;
             // QEMU holds its own copy now: the pipe ends when QEMU closes it.
             drop(out);
+            // QEMU caps a migration at 128 MiB/s unless told otherwise (`max-bandwidth`): a
+            // limit for a live migration sharing a network with a running guest. A save goes
+            // to a pipe on this host from a paused VM, so the cap only made it wait.
+            s.command(
+                "migrate-set-parameters",
+                serde_json::json!({ "max-bandwidth": SAVE_BANDWIDTH }),
+            )?;
             s.command("migrate", serde_json::json!({ "uri": "fd:banger-save" }))?;
             s.wait_migration(Duration::from_secs(600))
         })
