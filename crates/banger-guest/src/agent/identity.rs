@@ -152,27 +152,11 @@ fn bind_boot_id(id: &str) -> Result<(), String> {
             return Ok(());
         }
     }
-    let c = |p: &str| std::ffi::CString::new(p).map_err(|e| e.to_string());
-    let (src, dst) = (c(OWN_BOOT_ID)?, c(BOOT_ID)?);
-    // SAFETY: both strings are NUL-terminated; a failed unmount (nothing bound) is fine.
+    let dst = std::ffi::CString::new(BOOT_ID).map_err(|e| e.to_string())?;
+    // SAFETY: a NUL-terminated string; a failed unmount (nothing bound) is fine.
     unsafe { libc::umount2(dst.as_ptr(), libc::MNT_DETACH) };
-    // SAFETY: as above; MS_BIND takes no filesystem type or data.
-    let r = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            dst.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    };
-    if r != 0 {
-        return Err(format!(
-            "cannot give the guest a boot id of its own: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
+    crate::guestinit::mount(OWN_BOOT_ID, BOOT_ID, "", libc::MS_BIND)
+        .map_err(|e| format!("cannot give the guest a boot id of its own: {e}"))
 }
 
 /// Rewrites systemd's random seed (when the image has one) before anything reads it again.
