@@ -68,14 +68,31 @@ async fn daemon() -> std::process::ExitCode {
     }
 }
 
-/// `bangerd console-logger SOCKET LOG`: one VM's bounded console log (see `vmm::console`).
+/// `bangerd console-logger SOCKET LOG [OUTPUT_LOG]`: one VM's bounded console log, and with
+/// `OUTPUT_LOG` its VMM's output, from the listening socket it gets as fd 3 (see
+/// `vmm::console`).
 fn console_logger(args: &[std::ffi::OsString]) -> std::process::ExitCode {
-    let [socket, log] = args else {
-        eprintln!("usage: bangerd console-logger SOCKET LOG");
-        return std::process::ExitCode::from(2);
+    let (socket, log, output) = match args {
+        [socket, log] => (socket, log, None),
+        [socket, log, output] => {
+            use std::os::fd::FromRawFd;
+            // SAFETY: fd 3 is the listener `bangerd listen` (or the daemon) made for this
+            // process, which owns it from here on; it is checked to be a socket before use.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(3) };
+            let listener = std::os::unix::net::UnixListener::from(fd);
+            if let Err(e) = listener.local_addr() {
+                eprintln!("bangerd console-logger: fd 3 is not the output's socket: {e}");
+                return std::process::ExitCode::from(2);
+            }
+            (socket, log, Some((listener, std::path::Path::new(output))))
+        }
+        _ => {
+            eprintln!("usage: bangerd console-logger SOCKET LOG [OUTPUT_LOG]");
+            return std::process::ExitCode::from(2);
+        }
     };
     let max = banger::vmm::console::MAX_BYTES;
-    match banger::vmm::console::run_logger(socket.as_ref(), log.as_ref(), max) {
+    match banger::vmm::console::run_logger(socket.as_ref(), log.as_ref(), max, output) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bangerd console-logger: {e}");

@@ -3,38 +3,101 @@
 //! `bangerd` binary run as `bangerd console-logger`, one per VM, outliving the daemon like
 //! the VMM) listens on, and the logger keeps at most [`MAX_BYTES`] of the newest output in
 //! `console.log`. Readers only ever read a bounded tail.
+//!
+//! The VMM's own standard output and error go through the same logger (into `qemu.log`
+//! beside the console's, as bounded): a guest can make a VMM print — QEMU reports a device the
+//! guest broke, or memory it could not give back, each time the guest does it — so that output
+//! never goes straight to a file either.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
 
 /// The most a console log holds; when it grows past this, the older half goes.
 pub const MAX_BYTES: u64 = 2 << 20;
 
+/// The most the VMM's own output log holds (it is a few lines unless something is wrong).
+pub const OUTPUT_MAX_BYTES: u64 = 1 << 20;
+
 /// The argument that runs the `bangerd` binary as a console logger.
 pub const LOGGER_ARG: &str = "console-logger";
 
-/// Appends what arrives on `socket` (one connection: the VMM's) to `log`, keeping the newest
-/// `max` bytes at most; returns when the VMM hangs up.
-pub fn run_logger(socket: &Path, log: &Path, max: u64) -> std::io::Result<()> {
+/// How long the logger waits, once the VMM's output ended (the VMM exited), for the rest of
+/// its console; a VMM that failed before it connected its console sends none.
+const CONSOLE_GRACE: Duration = Duration::from_secs(2);
+
+/// Appends what arrives on `socket` (one connection: the VMM's console) to `log`, keeping the
+/// newest `max` bytes at most; returns when the VMM hangs up. With `output` (a listening
+/// socket, and its log), what arrives there — the VMM's standard output and error — goes to
+/// that log, bounded by [`OUTPUT_MAX_BYTES`], and the logger returns once that ends: the
+/// VMM is gone, whether or not it ever connected its console.
+pub fn run_logger(
+    socket: &Path,
+    log: &Path,
+    max: u64,
+    output: Option<(UnixListener, &Path)>,
+) -> std::io::Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
-    let mut out = open_log(log)?;
-    let (mut conn, _) = listener.accept()?;
-    drop(listener);
+    let mut out = Bounded::open(log, max)?;
+    let console = move || -> std::io::Result<()> {
+        let (conn, _) = listener.accept()?;
+        drop(listener);
+        out.copy_from(conn)
+    };
+    let Some((output, output_log)) = output else {
+        let r = console();
+        let _ = std::fs::remove_file(socket);
+        return r;
+    };
+    let mut vmm = Bounded::open(output_log, OUTPUT_MAX_BYTES)?;
+    let (done, console_done) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(console());
+    });
+    // The VMM's stdout, with its stderr a copy of it: one connection, until the VMM exits.
+    let r = output.accept().and_then(|(conn, _)| {
+        drop(output);
+        vmm.copy_from(conn)
+    });
+    let console = console_done.recv_timeout(CONSOLE_GRACE).unwrap_or(Ok(()));
     let _ = std::fs::remove_file(socket);
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match conn.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        out.write_all(&buf[..n])?;
-        if out.metadata()?.len() > max {
-            out = rotate(log, max / 2)?;
+    r.and(console)
+}
+
+/// A log file kept to its newest `max` bytes.
+struct Bounded {
+    path: PathBuf,
+    file: File,
+    max: u64,
+}
+
+impl Bounded {
+    fn open(path: &Path, max: u64) -> std::io::Result<Self> {
+        Ok(Self {
+            path: path.to_owned(),
+            file: open_log(path)?,
+            max,
+        })
+    }
+
+    /// Appends what `conn` sends until it hangs up.
+    fn copy_from(&mut self, mut conn: UnixStream) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match conn.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.file.write_all(&buf[..n])?;
+            if self.file.metadata()?.len() > self.max {
+                self.file = rotate(&self.path, self.max / 2)?;
+            }
         }
     }
 }
@@ -114,7 +177,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (sock, log) = (dir.path().join("c.sock"), dir.path().join("console.log"));
         let (s2, l2) = (sock.clone(), log.clone());
-        let logger = std::thread::spawn(move || run_logger(&s2, &l2, 64 * 1024));
+        let logger = std::thread::spawn(move || run_logger(&s2, &l2, 64 * 1024, None));
         while !sock.exists() {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
@@ -137,5 +200,38 @@ mod tests {
         std::os::unix::fs::symlink(&secret, &log).unwrap();
         assert!(open_log_file(&log).is_err());
         assert_eq!(tail_lines(&log, 1), "");
+    }
+
+    #[test]
+    fn the_vmms_output_is_bounded_too_and_its_end_ends_the_logger() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sock, log) = (dir.path().join("c.sock"), dir.path().join("console.log"));
+        let (out_sock, out_log) = (dir.path().join("o.sock"), dir.path().join("qemu.log"));
+        let output = UnixListener::bind(&out_sock).unwrap();
+        let (s2, l2, o2) = (sock.clone(), log.clone(), out_log.clone());
+        let logger =
+            std::thread::spawn(move || run_logger(&s2, &l2, 64 * 1024, Some((output, &o2))));
+        // A VMM that floods its output and exits without ever connecting its console (one
+        // that failed at start): all of it is read, the newest kept, and the logger ends.
+        let mut c = UnixStream::connect(&out_sock).unwrap();
+        for i in 0..40_000 {
+            writeln!(
+                c,
+                "qemu: error {i:06}: failed to give back the guest's memory"
+            )
+            .unwrap();
+        }
+        drop(c);
+        let started = std::time::Instant::now();
+        logger.join().unwrap().unwrap();
+        assert!(started.elapsed() < CONSOLE_GRACE + Duration::from_secs(1));
+        let len = std::fs::metadata(&out_log).unwrap().len();
+        assert!(len > 40_000 && len <= OUTPUT_MAX_BYTES, "{len}");
+        assert_eq!(
+            tail_lines(&out_log, 1),
+            "qemu: error 039999: failed to give back the guest's memory"
+        );
+        assert!(!sock.exists());
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
     }
 }

@@ -490,6 +490,7 @@ impl Vmm for Firecracker {
             program,
             args: &argv,
             log: &spec.console_log,
+            output: None,
             limits,
             writable: &writable,
             jail: &jail,

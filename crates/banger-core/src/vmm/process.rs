@@ -161,6 +161,18 @@ pub fn pidfd(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
 /// which `live_pid` recognises it by when its command line does not name it.
 pub const RUN_DIR_ENV: &str = "BANGER_RUN_DIR";
 
+/// Waits up to `limit` for the process `pidfile` names to end by itself; whether it did.
+pub async fn wait_exit(pidfile: &Path, marker: &str, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while live_pid(pidfile, marker).is_some() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
 /// Sends SIGTERM, waits up to `grace`, then SIGKILL; removes the pid file once the process
 /// is gone. False when it outlived SIGKILL by [`KILL_WAIT`] (reported, pid file kept).
 pub async fn terminate(pidfile: &Path, marker: &str, grace: Duration) -> bool {
@@ -447,6 +459,10 @@ pub struct Detached<'a> {
     pub args: &'a [&'a std::ffi::OsStr],
     /// Where its output goes.
     pub log: &'a Path,
+    /// A socket that takes the program's standard output and error instead of `log` (a
+    /// listener in a directory only root writes: the console logger's, which bounds them);
+    /// `log` then only takes what `systemd-run` itself says.
+    pub output: Option<&'a Path>,
     /// Its unit's memory and task bounds.
     pub limits: UnitLimits,
     /// What it may write (all else is read-only in its unit).
@@ -751,11 +767,18 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
         c.arg(format!("--unit={}", d.unit))
             .args(["--quiet", "--collect", "--service-type=exec"])
             .arg(format!("--description=banger {what} ({})", d.unit))
-            .arg(format!(
-                "--property=StandardOutput=append:{}",
-                log.display()
-            ))
-            .arg(format!("--property=StandardError=append:{}", log.display()))
+            .args(match d.output {
+                // systemd connects a `file:` that is a Unix socket; stderr is a copy of
+                // stdout, one connection.
+                Some(sock) => [
+                    format!("--property=StandardOutput=file:{}", sock.display()),
+                    "--property=StandardError=inherit".to_owned(),
+                ],
+                None => [
+                    format!("--property=StandardOutput=append:{}", log.display()),
+                    format!("--property=StandardError=append:{}", log.display()),
+                ],
+            })
             .args(["--property=KillMode=mixed", "--property=TimeoutStopSec=10"])
             .arg(format!("--setenv={RUN_DIR_ENV}={run_dir}"))
             .args(CONFINED_UNIT)
@@ -867,6 +890,19 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
             }
         }
     }
+    // Without systemd the program inherits what its starter gets.
+    let (out, err): (std::process::Stdio, std::process::Stdio) =
+        match (d.output, super::scope::systemd_booted()) {
+            (Some(sock), false) => {
+                let c = std::os::unix::net::UnixStream::connect(sock).map_err(fail)?;
+                let e = c.try_clone().map_err(fail)?;
+                (
+                    std::os::fd::OwnedFd::from(c).into(),
+                    std::os::fd::OwnedFd::from(e).into(),
+                )
+            }
+            _ => (out.into(), err.into()),
+        };
     // status(), not output(): output() would pipe stdout to the detached process too.
     let status = cmd
         .arg(d.program)

@@ -12,7 +12,9 @@ use async_trait::async_trait;
 use tokio::process::Command;
 
 use super::error::failed;
-use super::process::{live_pid, spawn_detached, terminate, wait_for_path, Detached, UnitLimits};
+use super::process::{
+    live_pid, spawn_detached, terminate, wait_exit, wait_for_path, Detached, UnitLimits,
+};
 use super::{qmp, BootSpec, Vmm, ROOT_SERIAL, WORK_SERIAL};
 use crate::config::Accel;
 use crate::host::find_program;
@@ -80,6 +82,16 @@ fn console_socket(run: &Path) -> PathBuf {
 }
 fn console_pidfile(run: &Path) -> PathBuf {
     run.join("console.pid")
+}
+/// Where QEMU's standard output and error go: the console logger's listener, in root's
+/// runtime directory (root, or systemd for it, connects; nothing of the VM's can put
+/// another socket there).
+fn output_socket(run: &Path) -> PathBuf {
+    run.join("qemu-output.sock")
+}
+/// What the console logger keeps of QEMU's output, beside the console's log.
+fn output_log(spec: &BootSpec) -> PathBuf {
+    log_dir(spec).join("qemu.log")
 }
 fn marker(run: &Path) -> String {
     run.to_string_lossy().into_owned()
@@ -415,8 +427,10 @@ impl Qemu {
                 super::console::LOGGER_ARG.as_ref(),
                 sock.as_os_str(),
                 spec.console_log.as_os_str(),
+                output_log(spec).as_os_str(),
             ],
             log: &run.join("console-logger.log"),
+            output: None,
             limits: UnitLimits {
                 memory_max: 64 << 20,
                 tasks_max: 8,
@@ -425,7 +439,8 @@ impl Qemu {
             jail: &spec.jail,
             tap: None,
             tap_netns: None,
-            listen: None,
+            // Only root connects.
+            listen: Some((&output_socket(run), 0)),
             ram: None,
         })
         .await?;
@@ -460,6 +475,7 @@ impl Qemu {
                 clients.as_os_str(),
             ],
             log: &run.join("agent-link.log"),
+            output: None,
             limits: UnitLimits::helper(spec.memory_mib),
             writable: &[run],
             jail: &spec.jail,
@@ -551,6 +567,7 @@ impl Qemu {
                 program: &super::process::bangerd_program()?,
                 args: &argv,
                 log: &log,
+                output: None,
                 limits: UnitLimits::helper(spec.memory_mib),
                 writable: &writable,
                 jail: &owner,
@@ -665,6 +682,7 @@ impl Vmm for Qemu {
             program: &qemu,
             args: &argv,
             log: &log_path,
+            output: Some(&output_socket(run)),
             limits: UnitLimits::vmm_with(
                 spec.vcpus,
                 spec.memory_mib,
@@ -699,9 +717,16 @@ impl Vmm for Qemu {
                 .is_some_and(|pid| !super::process::exists(pid));
             let late = tokio::time::Instant::now() > deadline;
             if gone || late {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // QEMU's last words are with its console logger, which ends once it has
+                // them all (QEMU's output closed); then everything of the VM's goes.
+                if gone {
+                    wait_exit(&console_pidfile(run), &marker(run), Duration::from_secs(3)).await;
+                }
                 self.kill(run).await?;
-                let msg = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let mut msg = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let said =
+                    super::console::read_tail(&output_log(spec), 16 * 1024).unwrap_or_default();
+                msg.push_str(&String::from_utf8_lossy(&said));
                 return Err(failed(
                     format!(
                         "{QEMU} {}",

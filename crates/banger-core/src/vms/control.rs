@@ -54,6 +54,7 @@ impl Vms {
                 id.as_ref(),
             ],
             log: &log,
+            output: None,
             limits: process::UnitLimits {
                 memory_max: 32 << 20,
                 tasks_max: 4,

@@ -592,6 +592,7 @@ impl Vms {
             program: &bin,
             args: &argv,
             log: &log,
+            output: None,
             limits: process::UnitLimits {
                 memory_max: 64 << 20,
                 tasks_max: 256,
