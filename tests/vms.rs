@@ -3212,9 +3212,91 @@ async fn restores_share_their_snapshots_memory_and_a_changed_ram_file_is_refused
         String::from_utf8_lossy(&out.stdout).contains(".warm-")
     })
     .await;
-    ok(bus.banger_as(None, &["vm", "delete", "--force", "cold"]));
-    // Its memory is a plain file of the VM's size beside the saved devices.
     let snaps = bus.state_dir().join("snapshots");
+
+    // A snapshot of the cold-booted VM (which has a balloon) keeps its memory as a file too,
+    // and its restores map it: the agent switches the balloon's reports off, since QEMU
+    // cannot give back what the guest frees in a snapshot's sealed memory.
+    ok(bus.banger_as(None, &["vm", "snapshot", "cold", "c0"]));
+    let c0: serde_json::Value = serde_json::from_slice(
+        &bus.banger_as(None, &["--json", "snapshot", "show", "c0"])
+            .stdout,
+    )
+    .unwrap();
+    assert!(snaps.join(c0["id"].as_str().unwrap()).join("ram").exists());
+    ok(bus.banger_as(None, &["vm", "delete", "--force", "cold"]));
+    ok(bus.banger_as(None, &["vm", "create", "r0", "--snapshot", "c0"]));
+    let r0 = vm_shown(&bus, "r0")["id"].as_str().unwrap().to_owned();
+    assert!(
+        snapshot_ram_mapping(&qemu_of(&r0)).is_some(),
+        "r0's QEMU maps no snapshot RAM"
+    );
+    let balloon = "for d in /sys/bus/virtio/devices/*; do \
+                   [ \"$(cat $d/device)\" = 0x0005 ] && echo ${d##*/}; done";
+    let device = exec_as(&bus, None, "r0", &["sh", "-c", balloon]);
+    assert!(
+        device.trim().starts_with("virtio"),
+        "no balloon device: {device:?}"
+    );
+    let bound = exec_as(
+        &bus,
+        None,
+        "r0",
+        &["busybox", "ls", "/sys/bus/virtio/drivers/virtio_balloon"],
+    );
+    assert!(
+        !bound.contains("virtio"),
+        "the balloon is still driven: {bound}"
+    );
+    // A guest that binds it again and frees memory: each report fails in QEMU, which says
+    // so on its output, through the console logger (bounded) into the VM's qemu.log; QEMU
+    // itself writes no file, and the VM goes on.
+    exec_as(
+        &bus,
+        None,
+        "r0",
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "echo {} > /sys/bus/virtio/drivers/virtio_balloon/bind && \
+                 busybox dd if=/dev/zero of=/dev/null bs=100M count=1 2>/dev/null",
+                device.trim()
+            ),
+        ],
+    );
+    let said = bus.state_dir().join("vms").join(&r0).join("qemu.log");
+    let mut log = String::new();
+    wait_until_async(
+        "QEMU's refused discards in its log",
+        Duration::from_secs(60),
+        || {
+            let max = banger::vmm::console::OUTPUT_MAX_BYTES;
+            log = String::from_utf8_lossy(&banger::vmm::console::read_tail(&said, max).unwrap())
+                .into_owned();
+            log.contains("ram_block_discard_range")
+        },
+    )
+    .await;
+    let refused = log.matches("ram_block_discard_range").count();
+    let direct = bus.runtime.join("vms").join(&r0).join("qemu.log");
+    assert_eq!(
+        std::fs::metadata(&direct).unwrap().len(),
+        0,
+        "{}",
+        direct.display()
+    );
+    assert_eq!(exec_as(&bus, None, "r0", &["echo", "up"]).trim(), "up");
+    println!(
+        "security (balloon over sealed memory): {refused} reports refused by QEMU, its output \
+         in the logger's bounded log ({} bytes), none in a file of QEMU's own: {}",
+        log.len(),
+        log.lines().last().unwrap_or_default()
+    );
+    ok(bus.banger_as(None, &["vm", "delete", "--force", "r0"]));
+    ok(bus.banger_as(None, &["snapshot", "delete", "c0"]));
+
+    // The warm snapshot's memory is a plain file of the VM's size beside the saved devices.
     let warm_dir = std::fs::read_dir(&snaps)
         .unwrap()
         .flatten()

@@ -662,6 +662,7 @@ impl Vms {
         lease: &crate::net::GuestNet,
         (private, public): (Vec<u8>, String),
         key: Option<&str>,
+        stop_page_reporting: bool,
     ) -> Result<crate::agent::Health> {
         let mut seed = [0u8; 32];
         // SAFETY: the pointer and length describe `seed`.
@@ -687,6 +688,7 @@ impl Vms {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(0),
+            stop_page_reporting,
         };
         let health = tokio::time::timeout(
             Duration::from_secs(30),

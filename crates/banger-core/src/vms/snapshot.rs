@@ -735,15 +735,10 @@ impl Vms {
         ctx.stage("save_memory", "Saving memory and device state");
         let (r, w) = pipe()?;
         let (memory, ram) = (dir.join(MEMORY), dir.join(RAM));
-        // The guest's memory as a file of its own that restores map copy-on-write, unless
-        // the VM has a balloon: QEMU 7.2 frees a reported page of a file-backed VM by
-        // punching a hole in the file, which the restores' sealed memory refuses (see
-        // `vmm::ram`), so such VMs keep their memory in the saved state and return what they
-        // free instead.
-        let split = self.vmm.name() == "qemu"
-            && !crate::vmm::Machine::parse(&vm.machine)
-                .unwrap_or_default()
-                .balloon;
+        // The guest's memory as a file of its own that restores map copy-on-write. A VM with
+        // a balloon too: its restores keep the device (it is in the saved state), but the
+        // agent switches its reports off (see `Identity::stop_page_reporting`).
+        let split = self.vmm.name() == "qemu";
         let writer = crate::jobs::spawn_blocking(move || {
             if split {
                 split_memory(r, &memory, &ram)

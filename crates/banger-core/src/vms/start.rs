@@ -82,8 +82,11 @@ impl Vms {
         let plan = self.plan_start(vm).await?;
         let prepared = self.prepare(st, vm, &plan).await?;
         let booted = self.boot_or_restore(st, vm, &plan, &prepared).await?;
+        // A balloon over a snapshot's sealed memory could give nothing back (see `vmm::ram`).
+        let stop_reporting =
+            booted.spec.machine.balloon && booted.spec.memory.as_ref().is_some_and(|m| !m.shared);
         let Some((health, control)) = self
-            .reach_guest(st, vm, &plan, &prepared, booted.keygen)
+            .reach_guest(st, vm, &plan, &prepared, booted.keygen, stop_reporting)
             .await?
         else {
             return Ok(());
@@ -619,6 +622,7 @@ impl Vms {
         plan: &Plan,
         prepared: &Prepared,
         keygen: Option<Keygen>,
+        stop_reporting: bool,
     ) -> Result<Option<(Health, Result<PathBuf>)>> {
         st.enter(vm, "wait_agent", "Waiting for the guest agent")
             .await?;
@@ -656,6 +660,7 @@ impl Vms {
                                 &prepared.lease,
                                 host_key,
                                 plan.key.as_deref(),
+                                stop_reporting,
                             )
                             .await?;
                         let _ = std::fs::remove_file(&plan.pending);

@@ -11,6 +11,9 @@ use crate::guestinit::{net, putfile};
 
 /// Applies `id`; the first failure is the error (what went before stays applied).
 pub fn apply(id: &Identity) -> Result<(), String> {
+    if id.stop_page_reporting {
+        stop_page_reporting(Path::new(BALLOON_DRIVER));
+    }
     set_clock(id.time_ns, false)?;
     reseed(&id.seed)?;
     // From the host's per-VM seed, not the guest's RNG: a restored kernel's RNG state is its
@@ -272,6 +275,30 @@ fn reseed(hex: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Where the balloon's driver lists the devices it drives.
+const BALLOON_DRIVER: &str = "/sys/bus/virtio/drivers/virtio_balloon";
+
+/// Unbinds the balloon's driver (`driver`) from each device it drives: its free page
+/// reporting stops with it. The balloon is never inflated, so nothing is handed back. Best
+/// effort: a report that still comes only fails on the host. Returns the devices unbound.
+fn stop_page_reporting(driver: &Path) -> Vec<String> {
+    let mut unbound = Vec::new();
+    let Ok(entries) = std::fs::read_dir(driver) else {
+        return unbound;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let is_device = name.to_str().is_some_and(|n| {
+            n.strip_prefix("virtio")
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if is_device && std::fs::write(driver.join("unbind"), name.as_encoded_bytes()).is_ok() {
+            unbound.push(name.to_string_lossy().into_owned());
+        }
+    }
+    unbound
+}
+
 /// Replaces every SSH host key with the VM's own, and makes sure a running sshd serves it to
 /// the next connection before this returns (so the host's `wait_ssh` meets the new key).
 fn install_host_key(private: &str, public: &str) -> Result<(), String> {
@@ -451,6 +478,19 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn page_reporting_stops_by_unbinding_each_balloon_device() {
+        let driver = tempfile::tempdir().unwrap();
+        for f in ["bind", "unbind", "module", "uevent", "virtio3", "virtio12"] {
+            std::fs::write(driver.path().join(f), b"").unwrap();
+        }
+        let mut unbound = stop_page_reporting(driver.path());
+        unbound.sort();
+        assert_eq!(unbound, ["virtio12", "virtio3"]);
+        assert_eq!(std::fs::read(driver.path().join("bind")).unwrap(), b"");
+        assert!(stop_page_reporting(&driver.path().join("none")).is_empty());
+    }
 
     #[test]
     fn only_an_sshd_that_loads_keys_per_connection_is_left_running() {

@@ -285,6 +285,11 @@ pub struct Identity {
     pub seed: String,
     /// The wall clock, ns since the epoch.
     pub time_ns: u64,
+    /// Stop the balloon's free page reporting (unbind its driver): the guest's memory is a
+    /// snapshot's sealed memory mapped copy-on-write, which QEMU 7.2 cannot give back (it
+    /// would punch a hole in the file, which the seal refuses), so reports would only fail.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stop_page_reporting: bool,
 }
 
 /// A terminal's size and type, for `exec` on a PTY.
