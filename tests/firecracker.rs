@@ -717,3 +717,93 @@ async fn bad_snapshot_streams_links_and_unjailed_vms_are_refused_and_leave_nothi
     );
     println!("firecracker snapshots: {tried} bad cases tried, {tried} refused, 0 leaked");
 }
+
+/// Firecracker writes the guest's serial console to its standard output, and a guest may
+/// print without end: that output goes through the console logger (`vmm::console`), which
+/// keeps the newest 2 MiB, never straight to a file. Firecracker cannot run here, so a
+/// stand-in for its binary prints 4.5 MB as a flooding guest would, and exits (the boot then
+/// fails: no API socket).
+#[tokio::test]
+async fn firecrackers_console_goes_through_the_bounded_logger() {
+    use banger::vmm::Vmm;
+    // SAFETY: geteuid takes nothing and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        if std::env::var_os("BANGER_REQUIRE_INTEGRATION").is_some() {
+            panic!("the console test runs as root (it starts the VM's helpers as a uid)");
+        }
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let lines = 100_000;
+    std::fs::write(
+        bin.join("firecracker"),
+        format!(
+            "#!/bin/sh\ni=0\nwhile [ $i -lt {lines} ]; do \
+             echo \"line $i of a guest that never stops talking\"; i=$((i+1)); done\n\
+             echo 'the stand-in exits' >&2\n"
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            bin.join("firecracker"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+    }
+    // The stand-in first, then this build's bangerd (the logger), then the host's tools.
+    let bangerd = Path::new(env!("CARGO_BIN_EXE_bangerd")).parent().unwrap();
+    std::env::set_var(
+        "PATH",
+        format!(
+            "{}:{}:{}",
+            bin.display(),
+            bangerd.display(),
+            std::env::var("PATH").unwrap_or_default()
+        ),
+    );
+    let run = dir.path().join("run");
+    let vm = dir.path().join("vm");
+    std::fs::create_dir_all(run.join("jail")).unwrap();
+    std::fs::create_dir(&vm).unwrap();
+    let mut spec = boot_spec(&run, 1);
+    spec.net = None;
+    spec.rootfs = vm.join("rootfs.ext4");
+    spec.work = vm.join("work.ext4");
+    spec.console_log = vm.join("console.log");
+    let err = firecracker::Firecracker.boot(&spec).await.unwrap_err();
+    assert!(
+        err.full_message().contains("did not open its API socket"),
+        "{}",
+        err.full_message()
+    );
+    let len = std::fs::metadata(&spec.console_log).unwrap().len();
+    assert!(
+        len <= banger::vmm::console::MAX_BYTES && len > 1 << 20,
+        "{len} bytes"
+    );
+    let tail = banger::vmm::console::tail_lines(&spec.console_log, 2);
+    assert_eq!(
+        tail,
+        format!(
+            "line {} of a guest that never stops talking\nthe stand-in exits",
+            lines - 1
+        )
+    );
+    assert_eq!(
+        std::fs::metadata(run.join("firecracker.log"))
+            .unwrap()
+            .len(),
+        0
+    );
+    assert!(firecracker::Firecracker.pids(&run).is_empty());
+    let printed: usize = (0..lines)
+        .map(|i| format!("line {i} of a guest that never stops talking\n").len())
+        .sum();
+    println!(
+        "security (Firecracker console flood): {printed} bytes printed, {len} kept, the newest last"
+    );
+}

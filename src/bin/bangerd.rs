@@ -69,30 +69,34 @@ async fn daemon() -> std::process::ExitCode {
 }
 
 /// `bangerd console-logger SOCKET LOG [OUTPUT_LOG]`: one VM's bounded console log, and with
-/// `OUTPUT_LOG` its VMM's output, from the listening socket it gets as fd 3 (see
+/// `OUTPUT_LOG` its VMM's output, from the listening socket it gets as fd 3; `bangerd
+/// console-logger - LOG`: a console that comes as a VMM's output on fd 3 (see
 /// `vmm::console`).
 fn console_logger(args: &[std::ffi::OsString]) -> std::process::ExitCode {
-    let (socket, log, output) = match args {
-        [socket, log] => (socket, log, None),
-        [socket, log, output] => {
-            use std::os::fd::FromRawFd;
-            // SAFETY: fd 3 is the listener `bangerd listen` (or the daemon) made for this
-            // process, which owns it from here on; it is checked to be a socket before use.
-            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(3) };
-            let listener = std::os::unix::net::UnixListener::from(fd);
-            if let Err(e) = listener.local_addr() {
-                eprintln!("bangerd console-logger: fd 3 is not the output's socket: {e}");
-                return std::process::ExitCode::from(2);
-            }
-            (socket, log, Some((listener, std::path::Path::new(output))))
+    let fd3 = || {
+        use std::os::fd::FromRawFd;
+        // SAFETY: fd 3 is the listener `bangerd listen` (or the daemon) made for this
+        // process, which owns it from here on; it is checked to be a socket before use.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(3) };
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener.local_addr().map(|_| listener)
+    };
+    let max = banger::vmm::console::MAX_BYTES;
+    let done = match args {
+        [socket, log] if socket == "-" => {
+            fd3().and_then(|l| banger::vmm::console::run_output_logger(l, log.as_ref(), max))
         }
+        [socket, log] => banger::vmm::console::run_logger(socket.as_ref(), log.as_ref(), max, None),
+        [socket, log, output] if socket != "-" => fd3().and_then(|l| {
+            let output = Some((l, std::path::Path::new(output)));
+            banger::vmm::console::run_logger(socket.as_ref(), log.as_ref(), max, output)
+        }),
         _ => {
-            eprintln!("usage: bangerd console-logger SOCKET LOG [OUTPUT_LOG]");
+            eprintln!("usage: bangerd console-logger SOCKET|- LOG [OUTPUT_LOG]");
             return std::process::ExitCode::from(2);
         }
     };
-    let max = banger::vmm::console::MAX_BYTES;
-    match banger::vmm::console::run_logger(socket.as_ref(), log.as_ref(), max, output) {
+    match done {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bangerd console-logger: {e}");

@@ -68,6 +68,16 @@ pub fn run_logger(
     r.and(console)
 }
 
+/// Appends what one connection to `listener` sends to `log`, keeping the newest `max` bytes:
+/// the console of a VMM that writes it to its standard output (Firecracker), which the
+/// listener takes (see [`run_logger`]'s `output`). Returns when it hangs up.
+pub fn run_output_logger(listener: UnixListener, log: &Path, max: u64) -> std::io::Result<()> {
+    let mut out = Bounded::open(log, max)?;
+    let (conn, _) = listener.accept()?;
+    drop(listener);
+    out.copy_from(conn)
+}
+
 /// A log file kept to its newest `max` bytes.
 struct Bounded {
     path: PathBuf,
@@ -117,7 +127,13 @@ fn rotate(log: &Path, keep: u64) -> std::io::Result<File> {
     let tail = read_tail(log, keep)?;
     let tmp = tmp_name(log);
     {
-        let mut f = File::create(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(&tail)?;
     }
     std::fs::rename(&tmp, log)?;
@@ -189,6 +205,10 @@ mod tests {
         logger.join().unwrap().unwrap();
         let len = std::fs::metadata(&log).unwrap().len();
         assert!(len <= 64 * 1024, "{len}");
+        // Rotated, it is still the owner's alone.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&log).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         let tail = tail_lines(&log, 1);
         assert_eq!(tail, "line 019999 of a guest that never stops talking");
         assert!(!sock.exists());
@@ -233,5 +253,23 @@ mod tests {
         );
         assert!(!sock.exists());
         assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+
+        // A VMM whose standard output is the console (Firecracker's): the same bound.
+        let out_sock = dir.path().join("fc.sock");
+        let listener = UnixListener::bind(&out_sock).unwrap();
+        let fc_log = dir.path().join("fc-console.log");
+        let l2 = fc_log.clone();
+        let logger = std::thread::spawn(move || run_output_logger(listener, &l2, 64 * 1024));
+        let mut c = UnixStream::connect(&out_sock).unwrap();
+        for i in 0..20_000 {
+            writeln!(c, "line {i:06} of a guest that never stops talking").unwrap();
+        }
+        drop(c);
+        logger.join().unwrap().unwrap();
+        assert!(std::fs::metadata(&fc_log).unwrap().len() <= 64 * 1024);
+        assert_eq!(
+            tail_lines(&fc_log, 1),
+            "line 019999 of a guest that never stops talking"
+        );
     }
 }

@@ -43,6 +43,15 @@ pub fn api_socket(run: &Path) -> PathBuf {
 fn pidfile(run: &Path) -> PathBuf {
     run.join("firecracker.pid")
 }
+/// The console logger that bounds Firecracker's standard output (the guest's serial console
+/// and Firecracker's own words): its pid file, and the listener it gets, in root's runtime
+/// directory (only root, or systemd for it, connects).
+fn console_pidfile(run: &Path) -> PathBuf {
+    run.join("console.pid")
+}
+fn console_socket(run: &Path) -> PathBuf {
+    run.join("console-output.sock")
+}
 /// Where a jailed VM's chroot is, written by root in root's runtime directory at boot.
 fn chroot_record(run: &Path) -> PathBuf {
     run.join("jailer-root")
@@ -371,6 +380,46 @@ pub async fn configure(socket: &Path, spec: &BootSpec, vsock: &Path) -> Result<(
     Ok(())
 }
 
+/// Starts the VM's console logger (the `bangerd` binary in its logger role, as the VM's uid)
+/// on a listener root makes, and waits for that listener: Firecracker's standard output
+/// connects to it.
+async fn start_console(spec: &BootSpec, vm_dir: &Path) -> Result<()> {
+    let run = &spec.run_dir;
+    let sock = console_socket(run);
+    spawn_detached(&super::process::Detached {
+        pidfile: &console_pidfile(run),
+        unit: &super::scope::helper_unit(&spec.id, "console"),
+        program: &super::process::bangerd_program()?,
+        args: &[
+            super::console::LOGGER_ARG.as_ref(),
+            "-".as_ref(),
+            spec.console_log.as_os_str(),
+        ],
+        log: &run.join("console-logger.log"),
+        output: None,
+        limits: super::process::UnitLimits {
+            memory_max: 64 << 20,
+            tasks_max: 8,
+        },
+        writable: &[run, vm_dir],
+        jail: &spec.jail,
+        tap: None,
+        tap_netns: None,
+        // Only root connects.
+        listen: Some((&sock, 0)),
+        ram: None,
+    })
+    .await?;
+    if !wait_for_path(&sock, Duration::from_secs(10)).await {
+        let log = std::fs::read_to_string(run.join("console-logger.log")).unwrap_or_default();
+        return Err(failed(
+            "The console logger did not open its socket",
+            std::io::Error::other(log.trim().to_owned()),
+        ));
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl Vmm for Firecracker {
     fn name(&self) -> &'static str {
@@ -484,13 +533,19 @@ impl Vmm for Firecracker {
             offline: false,
             ..spec.jail.clone()
         };
+        // A guest may print without end: its console goes to a logger that keeps the newest
+        // of it (`vmm::console`), never straight to a file.
+        if let Err(e) = start_console(spec, vm_dir).await {
+            self.kill(run).await?;
+            return Err(e);
+        }
         let detached = super::process::Detached {
             pidfile: &pidfile(run),
             unit: &super::scope::vm_unit(&spec.id),
             program,
             args: &argv,
-            log: &spec.console_log,
-            output: None,
+            log: &run.join("firecracker.log"),
+            output: Some(&console_socket(run)),
             limits,
             writable: &writable,
             jail: &jail,
@@ -540,9 +595,11 @@ impl Vmm for Firecracker {
     }
 
     fn pids(&self, run_dir: &Path) -> Vec<u32> {
-        live_pid(&pidfile(run_dir), &marker(run_dir))
-            .map(|p| vec![p as u32])
-            .unwrap_or_default()
+        [pidfile(run_dir), console_pidfile(run_dir)]
+            .iter()
+            .filter_map(|f| live_pid(f, &marker(run_dir)))
+            .map(|p| p as u32)
+            .collect()
     }
 
     async fn pause(&self, run_dir: &Path) -> Result<()> {
@@ -598,7 +655,17 @@ impl Vmm for Firecracker {
 
     async fn kill(&self, run_dir: &Path) -> Result<()> {
         terminate(&pidfile(run_dir), &marker(run_dir), Duration::from_secs(3)).await;
-        for s in [api_socket(run_dir), self.vsock_socket(run_dir)] {
+        terminate(
+            &console_pidfile(run_dir),
+            &marker(run_dir),
+            Duration::from_secs(2),
+        )
+        .await;
+        for s in [
+            api_socket(run_dir),
+            self.vsock_socket(run_dir),
+            console_socket(run_dir),
+        ] {
             let _ = std::fs::remove_file(s);
         }
         Ok(())
