@@ -78,6 +78,55 @@ pub fn run_output_logger(listener: UnixListener, log: &Path, max: u64) -> std::i
     out.copy_from(conn)
 }
 
+/// A VM's console logger's pid file, in its runtime directory `run`.
+pub fn logger_pidfile(run: &Path) -> PathBuf {
+    run.join("console.pid")
+}
+
+/// Starts a VM's console logger (the `bangerd` binary in its logger role, `args` after the
+/// role, as the VM's uid) with the listener root makes at `listen` (in root's runtime
+/// directory: only root, or systemd for it, connects) as its fd 3, and waits until `ready`
+/// exists (the console's socket, or that listener): the VMM connects once it does.
+pub async fn start_logger(
+    spec: &super::BootSpec,
+    args: &[&std::ffi::OsStr],
+    listen: &Path,
+    ready: &Path,
+) -> crate::Result<()> {
+    use super::process::{bangerd_program, spawn_detached, wait_for_path, Detached, UnitLimits};
+    let run = &spec.run_dir;
+    let log_dir = spec.console_log.parent().unwrap_or(run);
+    let mut argv = vec![LOGGER_ARG.as_ref()];
+    argv.extend_from_slice(args);
+    spawn_detached(&Detached {
+        pidfile: &logger_pidfile(run),
+        unit: &super::scope::helper_unit(&spec.id, "console"),
+        program: &bangerd_program()?,
+        args: &argv,
+        log: &run.join("console-logger.log"),
+        output: None,
+        limits: UnitLimits {
+            memory_max: 64 << 20,
+            tasks_max: 8,
+        },
+        writable: &[run, log_dir],
+        jail: &spec.jail,
+        tap: None,
+        tap_netns: None,
+        listen: Some((listen, 0)),
+        ram: None,
+    })
+    .await?;
+    if !wait_for_path(ready, Duration::from_secs(10)).await {
+        let log = std::fs::read_to_string(run.join("console-logger.log")).unwrap_or_default();
+        return Err(super::error::failed(
+            "The console logger did not open its socket",
+            std::io::Error::other(log.trim().to_owned()),
+        ));
+    }
+    Ok(())
+}
+
 /// A log file kept to its newest `max` bytes.
 struct Bounded {
     path: PathBuf,

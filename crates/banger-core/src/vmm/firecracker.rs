@@ -47,7 +47,7 @@ fn pidfile(run: &Path) -> PathBuf {
 /// and Firecracker's own words): its pid file, and the listener it gets, in root's runtime
 /// directory (only root, or systemd for it, connects).
 fn console_pidfile(run: &Path) -> PathBuf {
-    run.join("console.pid")
+    super::console::logger_pidfile(run)
 }
 fn console_socket(run: &Path) -> PathBuf {
     run.join("console-output.sock")
@@ -380,46 +380,6 @@ pub async fn configure(socket: &Path, spec: &BootSpec, vsock: &Path) -> Result<(
     Ok(())
 }
 
-/// Starts the VM's console logger (the `bangerd` binary in its logger role, as the VM's uid)
-/// on a listener root makes, and waits for that listener: Firecracker's standard output
-/// connects to it.
-async fn start_console(spec: &BootSpec, vm_dir: &Path) -> Result<()> {
-    let run = &spec.run_dir;
-    let sock = console_socket(run);
-    spawn_detached(&super::process::Detached {
-        pidfile: &console_pidfile(run),
-        unit: &super::scope::helper_unit(&spec.id, "console"),
-        program: &super::process::bangerd_program()?,
-        args: &[
-            super::console::LOGGER_ARG.as_ref(),
-            "-".as_ref(),
-            spec.console_log.as_os_str(),
-        ],
-        log: &run.join("console-logger.log"),
-        output: None,
-        limits: super::process::UnitLimits {
-            memory_max: 64 << 20,
-            tasks_max: 8,
-        },
-        writable: &[run, vm_dir],
-        jail: &spec.jail,
-        tap: None,
-        tap_netns: None,
-        // Only root connects.
-        listen: Some((&sock, 0)),
-        ram: None,
-    })
-    .await?;
-    if !wait_for_path(&sock, Duration::from_secs(10)).await {
-        let log = std::fs::read_to_string(run.join("console-logger.log")).unwrap_or_default();
-        return Err(failed(
-            "The console logger did not open its socket",
-            std::io::Error::other(log.trim().to_owned()),
-        ));
-    }
-    Ok(())
-}
-
 #[async_trait]
 impl Vmm for Firecracker {
     fn name(&self) -> &'static str {
@@ -535,7 +495,9 @@ impl Vmm for Firecracker {
         };
         // A guest may print without end: its console goes to a logger that keeps the newest
         // of it (`vmm::console`), never straight to a file.
-        if let Err(e) = start_console(spec, vm_dir).await {
+        let console = console_socket(run);
+        let args = ["-".as_ref(), spec.console_log.as_os_str()];
+        if let Err(e) = super::console::start_logger(spec, &args, &console, &console).await {
             self.kill(run).await?;
             return Err(e);
         }

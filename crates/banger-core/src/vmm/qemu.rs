@@ -81,7 +81,7 @@ fn console_socket(run: &Path) -> PathBuf {
     super::jail::own_runtime(run).join("console.sock")
 }
 fn console_pidfile(run: &Path) -> PathBuf {
-    run.join("console.pid")
+    super::console::logger_pidfile(run)
 }
 /// Where QEMU's standard output and error go: the console logger's listener, in root's
 /// runtime directory (root, or systemd for it, connects; nothing of the VM's can put
@@ -416,42 +416,15 @@ impl Qemu {
     async fn start_console(&self, spec: &BootSpec) -> Result<()> {
         let run = &spec.run_dir;
         terminate(&console_pidfile(run), &marker(run), Duration::from_secs(2)).await;
-        let bin = super::process::bangerd_program()?;
         let sock = console_socket(run);
         let _ = std::fs::remove_file(&sock);
-        spawn_detached(&Detached {
-            pidfile: &console_pidfile(run),
-            unit: &super::scope::helper_unit(&spec.id, "console"),
-            program: &bin,
-            args: &[
-                super::console::LOGGER_ARG.as_ref(),
-                sock.as_os_str(),
-                spec.console_log.as_os_str(),
-                output_log(spec).as_os_str(),
-            ],
-            log: &run.join("console-logger.log"),
-            output: None,
-            limits: UnitLimits {
-                memory_max: 64 << 20,
-                tasks_max: 8,
-            },
-            writable: &[run, log_dir(spec)],
-            jail: &spec.jail,
-            tap: None,
-            tap_netns: None,
-            // Only root connects.
-            listen: Some((&output_socket(run), 0)),
-            ram: None,
-        })
-        .await?;
-        if !wait_for_path(&sock, Duration::from_secs(10)).await {
-            let log = std::fs::read_to_string(run.join("console-logger.log")).unwrap_or_default();
-            return Err(failed(
-                "The console logger did not create its socket",
-                std::io::Error::other(log.trim().to_owned()),
-            ));
-        }
-        Ok(())
+        let said = output_log(spec);
+        let args = [
+            sock.as_os_str(),
+            spec.console_log.as_os_str(),
+            said.as_os_str(),
+        ];
+        super::console::start_logger(spec, &args, &output_socket(run), &sock).await
     }
 
     /// Starts the VM's agent-link helper (the `bangerd` binary in its `agent-link` role, as
