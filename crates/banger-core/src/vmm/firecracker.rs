@@ -507,7 +507,7 @@ impl Vmm for Firecracker {
             program,
             args: &argv,
             log: &run.join("firecracker.log"),
-            output: Some(&console_socket(run)),
+            output: Some(&console),
             limits,
             writable: &writable,
             jail: &jail,

@@ -168,7 +168,7 @@ pub async fn wait_exit(pidfile: &Path, marker: &str, limit: Duration) -> bool {
         if tokio::time::Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     true
 }
@@ -179,26 +179,18 @@ pub async fn terminate(pidfile: &Path, marker: &str, grace: Duration) -> bool {
     if let Some(pid) = live_pid(pidfile, marker) {
         // SAFETY: kill takes no pointers; pid was checked to be the VM's process.
         unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = tokio::time::Instant::now() + grace;
-        while live_pid(pidfile, marker).is_some() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if live_pid(pidfile, marker).is_some() {
+        if !wait_exit(pidfile, marker, grace).await {
             // SAFETY: as above.
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            let deadline = tokio::time::Instant::now() + KILL_WAIT;
-            while live_pid(pidfile, marker).is_some() {
-                if tokio::time::Instant::now() >= deadline {
-                    // Stuck in the kernel (uninterruptible I/O): its pid file stays, so the
-                    // next stop or the start-up sweep finds it again.
-                    tracing::error!(
-                        pid,
-                        "Process {marker} did not die {}s after SIGKILL; giving up on it for now",
-                        KILL_WAIT.as_secs()
-                    );
-                    return false;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            if !wait_exit(pidfile, marker, KILL_WAIT).await {
+                // Stuck in the kernel (uninterruptible I/O): its pid file stays, so the next
+                // stop or the start-up sweep finds it again.
+                tracing::error!(
+                    pid,
+                    "Process {marker} did not die {}s after SIGKILL; giving up on it for now",
+                    KILL_WAIT.as_secs()
+                );
+                return false;
             }
         }
     }
