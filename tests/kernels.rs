@@ -85,10 +85,36 @@ async fn import_takes_the_callers_kernel_and_modules_and_delete_respects_users()
         text(&path)
     );
 
-    // Files the caller cannot read are not read for them.
+    // The same kernel as an ELF vmlinux (which declares its version only in its banner),
+    // through the CLI, which hands the daemon descriptors, not paths: the modules tree has no
+    // index, and depmod runs without knowing the version (it failed with "Cannot prepare
+    // depmod: File exists" before).
     let files = tempfile::tempdir().unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let elf = files.path().join("vmlinux");
+    std::fs::write(&elf, &vmlinux).unwrap();
+    std::fs::set_permissions(&elf, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &[
+            "kernel",
+            "import",
+            "elf-test",
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--modules",
+            modules.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let listed = kernels.list_kernels().await.unwrap();
+    let row = listed.iter().find(|k| k.0 == "elf-test").expect("elf-test");
+    assert_eq!(row.1, version, "the version read from the vmlinux's banner");
+    assert!(bus.state_dir().join("kernels/elf-test/initrd.img").exists());
+    kernels.delete_kernel("elf-test").await.unwrap();
+
+    // Files the caller cannot read are not read for them.
     let secret = files.path().join("vmlinuz");
     std::fs::copy(&vmlinuz, &secret).unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();

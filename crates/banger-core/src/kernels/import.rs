@@ -149,14 +149,16 @@ impl Kernels {
                 .as_ref()
                 .and_then(|m| m.path())
                 .and_then(|m| m.file_name())
-                .map(|n| n.to_string_lossy().into_owned());
+                .and_then(|n| vmlinux::plain_version(&n.to_string_lossy()));
             let mfd = opts
                 .modules_dir
                 .map(|m| callerfile::take(uid, m, "modules_dir", Expect::Dir))
                 .transpose()?;
             let image = callerfile::read_all(kfd, "kernel_path", max_kernel, "max_kernel_bytes")?;
-            let version = vmlinux::bzimage_version(&image);
-            vmlinux::write(&dir.join("vmlinux"), &vmlinux::to_elf(&image, max_kernel)?)?;
+            let elf = vmlinux::to_elf(&image, max_kernel)?;
+            let version = vmlinux::bzimage_version(&image).or_else(|| vmlinux::elf_version(&elf));
+            vmlinux::write(&dir.join("vmlinux"), &elf)?;
+            drop(elf);
             drop(image);
             let initrd = match ifd {
                 Some(fd) => {
@@ -177,11 +179,7 @@ impl Kernels {
             // A modular kernel without an initrd gets banger's own.
             let initrd = match (initrd, &modules) {
                 (None, Some(_)) => {
-                    let v = version
-                        .clone()
-                        .or(modules_version.clone())
-                        .unwrap_or_default();
-                    let img = super::initrd::build(&dir.join("modules"), &v, &init)?;
+                    let img = super::initrd::build(&dir.join("modules"), &init)?;
                     vmlinux::write(&dir.join("initrd.img"), &img)?;
                     Some(final_dir.join("initrd.img"))
                 }

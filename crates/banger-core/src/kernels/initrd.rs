@@ -106,9 +106,9 @@ impl ModuleIndex {
     }
 
     /// Loads the index of `modules_dir`, running `depmod` first when it has none.
-    pub fn load(modules_dir: &Path, version: &str) -> Result<Self> {
+    pub fn load(modules_dir: &Path) -> Result<Self> {
         if !modules_dir.join("modules.dep").exists() {
-            depmod(modules_dir, version)?;
+            depmod(modules_dir)?;
         }
         let read = |f: &str| std::fs::read_to_string(modules_dir.join(f)).unwrap_or_default();
         let dep = std::fs::read_to_string(modules_dir.join("modules.dep"))
@@ -178,16 +178,19 @@ impl ModuleIndex {
     }
 }
 
-/// Runs `depmod` for a modules directory laid out as `lib/modules/<version>` would be.
-fn depmod(modules_dir: &Path, version: &str) -> Result<()> {
+/// Runs `depmod` for a modules directory, seen through `lib/modules/<name>` in a directory of
+/// its own. depmod reads the name only to find the tree, so it is a fixed one: the kernel's
+/// version may be unknown (an ELF vmlinux does not declare it) and is the caller's words.
+fn depmod(modules_dir: &Path) -> Result<()> {
+    const NAME: &str = "0.0-banger"; // depmod wants it to start like a version
     let tmp = tempfile::tempdir().map_err(|e| failed("Cannot create a temporary directory", e))?;
     let lib = tmp.path().join("lib/modules");
     std::fs::create_dir_all(&lib).map_err(|e| failed("Cannot prepare depmod", e))?;
-    std::os::unix::fs::symlink(modules_dir, lib.join(version))
+    std::os::unix::fs::symlink(modules_dir, lib.join(NAME))
         .map_err(|e| failed("Cannot prepare depmod", e))?;
     host::run(
         "depmod",
-        ["-b".as_ref(), tmp.path().as_os_str(), version.as_ref()],
+        ["-b".as_ref(), tmp.path().as_os_str(), NAME.as_ref()],
     )
 }
 
@@ -242,9 +245,9 @@ impl Cpio {
 }
 
 /// Builds the initrd for `modules_dir` with `init` (the static banger-init) as `/init`.
-pub fn build(modules_dir: &Path, version: &str, init: &Path) -> Result<Vec<u8>> {
+pub fn build(modules_dir: &Path, init: &Path) -> Result<Vec<u8>> {
     // The index first: a hostile one is refused before anything is read.
-    let idx = ModuleIndex::load(modules_dir, version)?;
+    let idx = ModuleIndex::load(modules_dir)?;
     let mut wanted: Vec<&str> = WANTED.to_vec();
     wanted.extend(OPTIONAL.iter().filter(|m| idx.has(m)));
     let modules = idx.resolve(&wanted)?;

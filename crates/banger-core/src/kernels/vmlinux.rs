@@ -20,8 +20,25 @@ pub fn bzimage_version(img: &[u8]) -> Option<String> {
     let ptr = u16::from_le_bytes([*img.get(0x20E)?, *img.get(0x20F)?]) as usize + 0x200;
     let tail = img.get(ptr..)?;
     let end = tail.iter().take(256).position(|&b| b == 0 || b == b' ')?;
-    let v = std::str::from_utf8(&tail[..end]).ok()?;
-    (!v.is_empty()).then(|| v.to_owned())
+    plain_version(std::str::from_utf8(&tail[..end]).ok()?)
+}
+
+/// The version in an ELF vmlinux's banner (`Linux version 6.1.0-57-cloud-amd64 (…`).
+pub fn elf_version(elf: &[u8]) -> Option<String> {
+    const BANNER: &[u8] = b"Linux version ";
+    let at = elf.windows(BANNER.len()).position(|w| w == BANNER)? + BANNER.len();
+    let tail = &elf[at..];
+    let end = tail.iter().take(256).position(|&b| b == 0 || b == b' ')?;
+    plain_version(std::str::from_utf8(&tail[..end]).ok()?)
+}
+
+/// `v` when it looks like a kernel version. A caller's kernel (or the name of its modules
+/// directory) says what it likes: only a version's characters are taken, since users see it.
+pub fn plain_version(v: &str) -> Option<String> {
+    let plain = v
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._+~-".contains(&b));
+    (!v.is_empty() && v.len() <= 128 && plain && !v.starts_with('.')).then(|| v.to_owned())
 }
 
 /// Decompresses `payload` (the compressed kernel inside a bzImage) with an external tool,
@@ -66,15 +83,19 @@ fn decompress(tool: &str, args: &[&str], payload: &[u8], max: u64) -> Result<Vec
 }
 
 /// Returns the ELF vmlinux for a kernel image: the image itself when it is ELF already,
-/// else the xz, zstd or gzip payload of a bzImage, decompressed to at most `max` bytes.
+/// else the xz, zstd, lz4 (Debian's cloud kernels) or gzip payload of a bzImage,
+/// decompressed to at most `max` bytes.
 pub fn to_elf(img: &[u8], max: u64) -> Result<Vec<u8>> {
     if img.starts_with(ELF) {
         return Ok(img.to_vec());
     }
     let find = |magic: &[u8]| img.windows(magic.len()).position(|w| w == magic);
-    let candidates: [(&[u8], &str, &[&str]); 3] = [
+    let candidates: [(&[u8], &str, &[&str]); 4] = [
         (b"\xfd7zXZ\x00", "xz", &["-dc", "--single-stream"]),
         (b"\x28\xb5\x2f\xfd", "zstd", &["-dcq"]),
+        // The legacy frame the kernel's own lz4 makes (the tool ends on the bzImage's tail
+        // with an error after writing the kernel; what counts is the ELF).
+        (b"\x02\x21\x4c\x18", "lz4", &["-dc"]),
         (b"\x1f\x8b\x08\x00", "gzip", &["-dc"]),
     ];
     for (magic, tool, args) in candidates {
@@ -86,7 +107,8 @@ pub fn to_elf(img: &[u8], max: u64) -> Result<Vec<u8>> {
         }
     }
     Err(invalid(
-        "The kernel file is neither an ELF vmlinux nor a bzImage with an xz, zstd or gzip payload",
+        "The kernel file is neither an ELF vmlinux nor a bzImage with an xz, zstd, lz4 or gzip \
+         payload",
     ))
 }
 
@@ -113,6 +135,15 @@ mod tests {
         let img = fake_bzimage("6.1.0-56-amd64 (debian-kernel@lists.debian.org) #1", b"");
         assert_eq!(bzimage_version(&img).as_deref(), Some("6.1.0-56-amd64"));
         assert_eq!(bzimage_version(b"not a kernel"), None);
+        // What a hostile image may say is not a version: no path, no control characters.
+        for bad in ["../../../etc/cron.d/x", "6.1/../x", "..", "6.1\u{1b}[2J"] {
+            assert_eq!(bzimage_version(&fake_bzimage(bad, b"")), None, "{bad:?}");
+        }
+        let elf =
+            b"\x7fELF...\0Linux version 6.1.0-57-cloud-amd64 (debian-kernel@lists.debian.org) #1\0";
+        assert_eq!(elf_version(elf).as_deref(), Some("6.1.0-57-cloud-amd64"));
+        assert_eq!(elf_version(b"\x7fELF\0Linux version ../x (y)"), None);
+        assert_eq!(elf_version(b"\x7fELF no banner"), None);
     }
 
     #[test]
@@ -139,5 +170,35 @@ mod tests {
             matches!(err, crate::Error::Kernel(KernelError::TooLarge(_))),
             "{err}"
         );
+    }
+
+    /// Debian's cloud kernels carry an lz4 payload in the kernel's legacy frame, followed by
+    /// the bzImage's tail (which makes the tool fail after it wrote the kernel).
+    #[test]
+    fn an_lz4_payload_is_unpacked() {
+        let Some(lz4) = host::find_program("lz4") else {
+            assert!(
+                std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
+                "lz4 is not installed (tests/run installs it)"
+            );
+            eprintln!("SKIPPED: lz4 is not installed");
+            return;
+        };
+        let elf = [b"\x7fELF\x02\x01\x01".as_slice(), &[7u8; 100_000]].concat();
+        let mut child = std::process::Command::new(lz4)
+            .args(["-l", "-c"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&elf).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(&out.stdout[..4], b"\x02\x21\x4c\x18", "a legacy frame");
+        let mut payload = out.stdout;
+        payload.extend_from_slice(&[0x55; 16]);
+        let img = fake_bzimage("6.1.0-57-cloud-amd64", &payload);
+        assert_eq!(to_elf(&img, 1 << 20).unwrap(), elf);
+        assert!(to_elf(&img, 50_000).is_err(), "bounded like the others");
     }
 }
