@@ -1101,3 +1101,63 @@ async fn what_a_vm_runs_is_its_owners_business() {
     );
     assert_eq!(leaked, 0);
 }
+
+/// A published UDP port whose guest refuses: every new peer's datagram costs the forwarder a
+/// line in its log (root's runtime directory, a tmpfs), so anyone who can reach the port could
+/// fill that file system. The real `bangerd port-forward`, its agent link absent (each open
+/// fails), and datagrams from 3000 peers: the log starts over at its bound (it grew to 150 KB
+/// before), and keeps the newest lines.
+#[test]
+fn a_published_ports_refusals_cannot_fill_the_runtime_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("port-forward.log");
+    let port = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bangerd"))
+        .arg("port-forward")
+        .arg(dir.path().join("no-agent.sock"))
+        .arg(format!("127.0.0.1:{port}:53/udp"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let said = |what: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains(what)
+    };
+    wait_until(
+        "the forwarder listens",
+        std::time::Duration::from_secs(10),
+        || said("port-forward: listening"),
+    );
+    const PEERS: usize = 3000;
+    let mut last = String::new();
+    for _ in 0..PEERS {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.send_to(b"q", ("127.0.0.1", port)).unwrap();
+        last = format!("{} → guest 53/udp", s.local_addr().unwrap());
+    }
+    wait_until(
+        "the last peer's line",
+        std::time::Duration::from_secs(60),
+        || said(&last),
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let size = std::fs::metadata(&log).unwrap().len();
+    let text = std::fs::read_to_string(&log).unwrap();
+    println!(
+        "security: forwarder log flood: {PEERS} peers refused, log {size} bytes (bound {}), {} lines kept",
+        banger::logging::HELPER_LOG_MAX,
+        text.lines().count()
+    );
+    assert!(size <= banger::logging::HELPER_LOG_MAX, "{size} bytes");
+    assert!(
+        text.starts_with("[earlier lines dropped"),
+        "{}",
+        &text[..200]
+    );
+}

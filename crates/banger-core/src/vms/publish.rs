@@ -178,14 +178,15 @@ pub fn run_forwarder(args: &[std::ffi::OsString]) -> std::io::Error {
                 let uds = uds.clone();
                 std::thread::spawn(move || match open_guest(&uds, p.guest, false) {
                     Ok(guest) => splice(conn, guest),
-                    Err(e) => {
-                        eprintln!("bangerd port-forward: {} → guest {}: {e}", p.host, p.guest)
-                    }
+                    Err(e) => crate::logging::helper_line(&format!(
+                        "bangerd port-forward: {} → guest {}: {e}",
+                        p.host, p.guest
+                    )),
                 });
             }
         }));
     }
-    eprintln!("bangerd port-forward: listening");
+    crate::logging::helper_line("bangerd port-forward: listening");
     for t in threads {
         let _ = t.join();
     }
@@ -224,7 +225,9 @@ where
             let stream = match open(guest) {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!("bangerd port-forward: {peer} → guest {guest}/udp: {e}");
+                    crate::logging::helper_line(&format!(
+                        "bangerd port-forward: {peer} → guest {guest}/udp: {e}"
+                    ));
                     continue;
                 }
             };
