@@ -404,6 +404,33 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away(steps: Steps
                     "{status}"
                 );
                 assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+                // What it prints (a guest can make it print per bad request) goes to a
+                // logger that keeps the newest of it, not to a file of its own.
+                let pid = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Pid:"))
+                    .unwrap_or_default()
+                    .trim();
+                for fd in [1, 2] {
+                    let to = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
+                    assert!(
+                        to.to_string_lossy().starts_with("socket:"),
+                        "virtiofsd's fd {fd} is {}",
+                        to.display()
+                    );
+                }
+            }
+            let vm_dir = bus
+                .state_dir()
+                .join("vms")
+                .join(path.as_str().rsplit('/').next().unwrap());
+            for share in ["share0", "share1"] {
+                let said = vm_dir.join(format!("virtiofsd-{share}.log"));
+                assert!(
+                    banger::vmm::console::tail_lines(&said, 20).contains("Waiting for vhost-user"),
+                    "{}",
+                    said.display()
+                );
             }
             let out = bus.banger_as(Some(USER_OK), &["--json", "vm", "show", "t1"]);
             let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -77,10 +77,11 @@ fn bounded_line(fd: std::os::fd::BorrowedFd<'_>, line: &str, max: u64) {
     }
     let line = format!("{}\n", &line[..cut]);
     let raw = fd.as_raw_fd();
-    // SAFETY: fstat fills a zeroed stat for a descriptor borrowed for this call.
+    // SAFETY: an all-zero stat is a valid value of this plain C struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    let regular =
-        unsafe { libc::fstat(raw, &mut st) } == 0 && st.st_mode & libc::S_IFMT == libc::S_IFREG;
+    // SAFETY: fstat fills `st` for a descriptor borrowed for this call.
+    let stated = unsafe { libc::fstat(raw, &mut st) } == 0;
+    let regular = stated && st.st_mode & libc::S_IFMT == libc::S_IFREG;
     let mut out = std::fs::File::from(match fd.try_clone_to_owned() {
         Ok(f) => f,
         Err(_) => return,

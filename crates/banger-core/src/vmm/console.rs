@@ -80,7 +80,15 @@ pub fn run_output_logger(listener: UnixListener, log: &Path, max: u64) -> std::i
 
 /// A VM's console logger's pid file, in its runtime directory `run`.
 pub fn logger_pidfile(run: &Path) -> PathBuf {
-    run.join("console.pid")
+    named_logger_pidfile(run, CONSOLE)
+}
+
+/// The role of a VM's console logger (its pid file's and unit's name).
+const CONSOLE: &str = "console";
+
+/// The pid file of a VM's logger `name` (`console`, or one per helper whose output it keeps).
+pub fn named_logger_pidfile(run: &Path, name: &str) -> PathBuf {
+    run.join(format!("{name}.pid"))
 }
 
 /// Starts a VM's console logger (the `bangerd` binary in its logger role, `args` after the
@@ -93,17 +101,31 @@ pub async fn start_logger(
     listen: &Path,
     ready: &Path,
 ) -> crate::Result<()> {
+    start_named_logger(spec, CONSOLE, args, listen, ready).await
+}
+
+/// [`start_logger`] for a logger called `name`, whose pid file is
+/// [`named_logger_pidfile`]: another process's output (a share's virtio-fs server) kept
+/// beside the console's.
+pub async fn start_named_logger(
+    spec: &super::BootSpec,
+    name: &str,
+    args: &[&std::ffi::OsStr],
+    listen: &Path,
+    ready: &Path,
+) -> crate::Result<()> {
     use super::process::{bangerd_program, spawn_detached, wait_for_path, Detached, UnitLimits};
     let run = &spec.run_dir;
     let log_dir = spec.console_log.parent().unwrap_or(run);
     let mut argv = vec![LOGGER_ARG.as_ref()];
     argv.extend_from_slice(args);
+    let own_log = run.join(format!("{name}-logger.log"));
     spawn_detached(&Detached {
-        pidfile: &logger_pidfile(run),
-        unit: &super::scope::helper_unit(&spec.id, "console"),
+        pidfile: &named_logger_pidfile(run, name),
+        unit: &super::scope::helper_unit(&spec.id, name),
         program: &bangerd_program()?,
         args: &argv,
-        log: &run.join("console-logger.log"),
+        log: &own_log,
         output: None,
         limits: UnitLimits {
             memory_max: 64 << 20,
@@ -118,9 +140,9 @@ pub async fn start_logger(
     })
     .await?;
     if !wait_for_path(ready, Duration::from_secs(10)).await {
-        let log = std::fs::read_to_string(run.join("console-logger.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(&own_log).unwrap_or_default();
         return Err(super::error::failed(
-            "The console logger did not open its socket",
+            format!("The {name} logger did not open its socket"),
             std::io::Error::other(log.trim().to_owned()),
         ));
     }

@@ -917,7 +917,8 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
 
 /// Waits until a detached process says in its log that it serves (`ready`), up to `limit`,
 /// and still runs as the process its pid file names (`marker`, see [`live_pid`]). An exit
-/// first, or the limit, is an error carrying what its log said.
+/// first, or the limit, is an error carrying what its log said. The log is read as a log a
+/// VM's uid may write (its newest 64 KiB, never through a link).
 pub async fn wait_for_log(
     pidfile: &Path,
     marker: &str,
@@ -927,7 +928,8 @@ pub async fn wait_for_log(
 ) -> std::result::Result<(), String> {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        let said = std::fs::read_to_string(log).unwrap_or_default();
+        let tail = super::console::read_tail(log, 64 << 10).unwrap_or_default();
+        let said = String::from_utf8_lossy(&tail);
         if said.contains(ready) && live_pid(pidfile, marker).is_some() {
             return Ok(());
         }

@@ -64,10 +64,29 @@ fn share_socket(run: &Path, tag: &str) -> PathBuf {
 fn share_pidfile(run: &Path, tag: &str) -> PathBuf {
     run.join(format!("{tag}.pid"))
 }
-/// Every share's pid file in `run` (a VM has at most `vms::share::MAX_SHARES`).
+/// The logger of a share's virtio-fs server's output (virtiofsd logs each bad request of
+/// some kinds a guest can make): its name, its listener in root's runtime directory, and the
+/// bounded log it keeps beside the console's.
+fn share_logger(tag: &str) -> String {
+    format!("{tag}-log")
+}
+fn share_output_socket(run: &Path, tag: &str) -> PathBuf {
+    run.join(format!("{tag}-output.sock"))
+}
+fn share_log(spec: &BootSpec, tag: &str) -> PathBuf {
+    log_dir(spec).join(format!("virtiofsd-{tag}.log"))
+}
+/// Every share's pid files in `run`, its server's and its logger's (a VM has at most
+/// `vms::share::MAX_SHARES`).
 fn share_pidfiles(run: &Path) -> Vec<PathBuf> {
     (0..crate::model::MAX_SHARES)
-        .map(|i| share_pidfile(run, &crate::model::share_tag(i)))
+        .flat_map(|i| {
+            let tag = crate::model::share_tag(i);
+            [
+                share_pidfile(run, &tag),
+                super::console::named_logger_pidfile(run, &share_logger(&tag)),
+            ]
+        })
         .collect()
 }
 
@@ -488,7 +507,16 @@ impl Qemu {
                 share_pidfile(run, &s.tag),
                 run.join(format!("{}.log", s.tag)),
             );
+            let logger = share_logger(&s.tag);
+            let logger_pid = super::console::named_logger_pidfile(run, &logger);
             terminate(&pidfile, &marker(run), Duration::from_secs(2)).await;
+            terminate(&logger_pid, &marker(run), Duration::from_secs(2)).await;
+            // Its output goes to a logger that keeps the newest of it, never straight to a
+            // file a guest could make it fill.
+            let (output, said) = (share_output_socket(run, &s.tag), share_log(spec, &s.tag));
+            let logger_args = ["-".as_ref(), said.as_os_str()];
+            super::console::start_named_logger(spec, &logger, &logger_args, &output, &output)
+                .await?;
             let o = &s.owner;
             let mut args: Vec<std::ffi::OsString> = vec![
                 "--fd=3".into(),
@@ -540,7 +568,7 @@ impl Qemu {
                 program: &super::process::bangerd_program()?,
                 args: &argv,
                 log: &log,
-                output: None,
+                output: Some(&output),
                 limits: UnitLimits::helper(spec.memory_mib),
                 writable: &writable,
                 jail: &owner,
@@ -553,20 +581,27 @@ impl Qemu {
             // virtiofsd says it waits for the VMM once its sandbox is up; an exit first is a
             // failure, in its words.
             let ready = "Waiting for vhost-user";
-            super::process::wait_for_log(
+            let waited = super::process::wait_for_log(
                 &pidfile,
                 &marker(run),
-                &log,
+                &said,
                 ready,
                 Duration::from_secs(10),
             )
-            .await
-            .map_err(|said| {
-                failed(
+            .await;
+            if waited.is_err() {
+                // Its last words are with its logger, which ends once it has them all.
+                wait_exit(&logger_pid, &marker(run), Duration::from_secs(3)).await;
+                let mut words = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail = super::console::read_tail(&said, 16 * 1024).unwrap_or_default();
+                words.push_str(&String::from_utf8_lossy(&tail));
+                terminate(&pidfile, &marker(run), Duration::from_secs(2)).await;
+                terminate(&logger_pid, &marker(run), Duration::from_secs(2)).await;
+                return Err(failed(
                     format!("Cannot share {}", s.host.display()),
-                    std::io::Error::other(said),
-                )
-            })?;
+                    std::io::Error::other(words.trim().to_owned()),
+                ));
+            }
         }
         Ok(())
     }
@@ -789,9 +824,13 @@ impl Vmm for Qemu {
         terminate(&qemu_pidfile(run_dir), &m, Duration::from_secs(3)).await;
         terminate(&link_pidfile(run_dir), &m, Duration::from_secs(2)).await;
         terminate(&console_pidfile(run_dir), &m, Duration::from_secs(2)).await;
-        for (i, pidfile) in share_pidfiles(run_dir).iter().enumerate() {
-            terminate(pidfile, &m, Duration::from_secs(2)).await;
-            let _ = std::fs::remove_file(share_socket(run_dir, &crate::model::share_tag(i)));
+        for pidfile in share_pidfiles(run_dir) {
+            terminate(&pidfile, &m, Duration::from_secs(2)).await;
+        }
+        for i in 0..crate::model::MAX_SHARES {
+            let tag = crate::model::share_tag(i);
+            let _ = std::fs::remove_file(share_socket(run_dir, &tag));
+            let _ = std::fs::remove_file(share_output_socket(run_dir, &tag));
         }
         for s in [
             qmp_socket(run_dir),
