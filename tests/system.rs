@@ -23,15 +23,21 @@ use common::*;
 
 const PACKAGES: &str = "systemd,systemd-sysv,dbus,polkitd,libpam-systemd,systemd-container,\
      e2fsprogs,iproute2,nftables,qemu-system-x86,qemu-utils,openssh-client,util-linux,kmod,\
-     xz-utils,procps,socat,ca-certificates";
+     xz-utils,lz4,procps,socat,ca-certificates";
 
 fn cache() -> PathBuf {
     repo().join("target/test-cache")
 }
 
 /// A Debian `suite`'s root with systemd and banger's dependencies (and `extra` packages),
-/// made once as `name`.
+/// made once as `name` for each list of packages (a new dependency makes a new root).
 fn container_root(suite: &str, name: &str, extra: &str) -> PathBuf {
+    let packages = <sha2::Sha256 as sha2::Digest>::digest(format!("{PACKAGES}{extra}").as_bytes());
+    let name = format!(
+        "{name}-{:02x}{:02x}{:02x}{:02x}",
+        packages[0], packages[1], packages[2], packages[3]
+    );
+    let name = name.as_str();
     let root = cache().join(name);
     if root.join("usr/lib/systemd/systemd").exists() {
         return root;

@@ -2,6 +2,13 @@
 # bound in) and bangerd activatable, timing helpers.
 
 now() { date +%s.%N; }
+# bench_kernel_deb: the .deb of the kernel `banger kernel pull debian` installs (Debian's
+# cloud-amd64 flavour) in apt's cache, where tests/run puts it; BANGER_BENCH_KERNEL_DEB
+# overrides it (e.g. the generic flavour, to compare).
+bench_kernel_deb() {
+    if [ -n "${BANGER_BENCH_KERNEL_DEB:-}" ]; then echo "$BANGER_BENCH_KERNEL_DEB"; return; fi
+    ls /var/cache/apt/archives/linux-image-6.*-cloud-amd64_*.deb 2>/dev/null | sort -V | tail -1
+}
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 # bench_bus WORK BIN RUN [CONFIG]: starts the bus under WORK/bus (bangerd from BIN, state in

@@ -254,17 +254,24 @@ impl Config {
         use crate::model::NameKind;
         let mut seen = std::collections::HashSet::new();
         for (entries, kind, oci, builtin) in [
-            (&self.kernel_catalog, NameKind::Kernel, false, "debian"),
+            (
+                &self.kernel_catalog,
+                NameKind::Kernel,
+                false,
+                &["debian", "debian-generic"][..],
+            ),
             (
                 &self.image_catalog,
                 NameKind::Image,
                 true,
-                "debian-bookworm",
+                &["debian-bookworm"][..],
             ),
         ] {
             for e in entries {
                 e.validate(kind, oci)?;
-                if e.name == builtin || !seen.insert((kind.to_string(), e.name.clone())) {
+                if builtin.contains(&e.name.as_str())
+                    || !seen.insert((kind.to_string(), e.name.clone()))
+                {
                     return Err(Error::InvalidArgument(format!(
                         "Catalog {kind} {:?} is defined twice (or shadows the built-in one)",
                         e.name
