@@ -84,13 +84,16 @@ fn decompress(tool: &str, args: &[&str], payload: &[u8], max: u64) -> Result<Vec
 
 /// Returns the ELF vmlinux for a kernel image: the image itself when it is ELF already,
 /// else the xz, zstd, lz4 (Debian's cloud kernels) or gzip payload of a bzImage,
-/// decompressed to at most `max` bytes.
+/// decompressed to at most `max` bytes. The payload is where the setup header says it is
+/// (boot protocol 2.08 and later); else the earliest magic number in the image is tried
+/// first. A magic number can also occur by chance inside another compressor's stream, so a
+/// tool that is not installed or does not yield an ELF is not the end: the next candidate is
+/// tried, and the error names a missing tool only when nothing else worked.
 pub fn to_elf(img: &[u8], max: u64) -> Result<Vec<u8>> {
     if img.starts_with(ELF) {
         return Ok(img.to_vec());
     }
-    let find = |magic: &[u8]| img.windows(magic.len()).position(|w| w == magic);
-    let candidates: [(&[u8], &str, &[&str]); 4] = [
+    let kinds: [(&[u8], &str, &[&str]); 4] = [
         (b"\xfd7zXZ\x00", "xz", &["-dc", "--single-stream"]),
         (b"\x28\xb5\x2f\xfd", "zstd", &["-dcq"]),
         // The legacy frame the kernel's own lz4 makes (the tool ends on the bzImage's tail
@@ -98,18 +101,64 @@ pub fn to_elf(img: &[u8], max: u64) -> Result<Vec<u8>> {
         (b"\x02\x21\x4c\x18", "lz4", &["-dc"]),
         (b"\x1f\x8b\x08\x00", "gzip", &["-dc"]),
     ];
-    for (magic, tool, args) in candidates {
-        if let Some(at) = find(magic) {
-            let out = decompress(tool, args, &img[at..], max)?;
-            if out.starts_with(ELF) {
-                return Ok(out);
+    let mut candidates: Vec<(usize, usize)> = Vec::new();
+    if let Some(at) = payload_offset(img) {
+        candidates.extend(
+            kinds
+                .iter()
+                .position(|(magic, _, _)| img[at..].starts_with(magic))
+                .map(|k| (at, k)),
+        );
+    }
+    let mut found: Vec<(usize, usize)> = kinds
+        .iter()
+        .enumerate()
+        .filter_map(|(k, (magic, _, _))| {
+            img.windows(magic.len())
+                .position(|w| w == *magic)
+                .map(|at| (at, k))
+        })
+        .collect();
+    found.sort();
+    candidates.extend(found);
+    candidates.dedup();
+    let mut missing = None;
+    for (at, k) in candidates {
+        let (_, tool, args) = kinds[k];
+        match decompress(tool, args, &img[at..], max) {
+            Ok(out) if out.starts_with(ELF) => return Ok(out),
+            Ok(_) => {}
+            Err(e @ crate::Error::Kernel(KernelError::TooLarge(_))) => return Err(e),
+            Err(e) => {
+                missing.get_or_insert(e);
             }
         }
     }
-    Err(invalid(
-        "The kernel file is neither an ELF vmlinux nor a bzImage with an xz, zstd, lz4 or gzip \
-         payload",
-    ))
+    Err(missing.unwrap_or_else(|| {
+        invalid(
+            "The kernel file is neither an ELF vmlinux nor a bzImage with an xz, zstd, lz4 or \
+             gzip payload",
+        )
+    }))
+}
+
+/// Where a bzImage's compressed payload starts, from its setup header (boot protocol 2.08
+/// and later: `payload_offset`, from the protected-mode code after the setup sectors).
+fn payload_offset(img: &[u8]) -> Option<usize> {
+    if img.get(0x202..0x206)? != b"HdrS" {
+        return None;
+    }
+    let protocol = u16::from_le_bytes([*img.get(0x206)?, *img.get(0x207)?]);
+    if protocol < 0x0208 {
+        return None;
+    }
+    let setup_sects = match *img.get(0x1f1)? {
+        0 => 4,
+        n => n as usize,
+    };
+    let offset = u32::from_le_bytes(img.get(0x248..0x24c)?.try_into().ok()?) as usize;
+    let at = (setup_sects + 1).checked_mul(512)?.checked_add(offset)?;
+    (at < img.len()).then_some(at)
 }
 
 /// Writes `data` to `path`, readable by everyone (kernels are not secret).
@@ -200,5 +249,19 @@ mod tests {
         let img = fake_bzimage("6.1.0-57-cloud-amd64", &payload);
         assert_eq!(to_elf(&img, 1 << 20).unwrap(), elf);
         assert!(to_elf(&img, 50_000).is_err(), "bounded like the others");
+
+        // A header that says where the payload is (protocol 2.08+), and a zstd magic number
+        // before it by chance (Debian's cloud kernel has one): the payload is what is
+        // unpacked, whether zstd is installed or not.
+        let mut img = vec![0u8; 1024 + 16];
+        img[0x1f1] = 1;
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        img[0x248..0x24c].copy_from_slice(&16u32.to_le_bytes());
+        img[0x300..0x304].copy_from_slice(b"\x28\xb5\x2f\xfd");
+        img.extend_from_slice(&payload);
+        assert_eq!(payload_offset(&img), Some(1024 + 16));
+        assert_eq!(to_elf(&img, 1 << 20).unwrap(), elf);
+        assert_eq!(payload_offset(&img[..0x240]), None, "a header cut short");
     }
 }
