@@ -1149,8 +1149,11 @@ fn a_published_ports_refusals_cannot_fill_the_runtime_directory() {
     let _ = child.wait();
     let size = std::fs::metadata(&log).unwrap().len();
     let text = std::fs::read_to_string(&log).unwrap();
-    println!(
-        "security: forwarder log flood: {PEERS} peers refused, log {size} bytes (bound {}), {} lines kept",
+    // On stderr itself: the suite's counts show in CI's log, not only on failure.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "security (forwarder log): {PEERS} peers refused, log {size} bytes (bound {}), {} lines kept",
         banger::logging::HELPER_LOG_MAX,
         text.lines().count()
     );

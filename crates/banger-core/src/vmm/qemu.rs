@@ -590,13 +590,14 @@ impl Qemu {
             )
             .await;
             if waited.is_err() {
-                // Its last words are with its logger, which ends once it has them all.
+                // Its last words are with its logger, which ends once it has them all (once
+                // the server is gone: it may still run, silent, at the limit).
+                terminate(&pidfile, &marker(run), Duration::from_secs(2)).await;
                 wait_exit(&logger_pid, &marker(run), Duration::from_secs(3)).await;
+                terminate(&logger_pid, &marker(run), Duration::from_secs(2)).await;
                 let mut words = std::fs::read_to_string(&log).unwrap_or_default();
                 let tail = super::console::read_tail(&said, 16 * 1024).unwrap_or_default();
                 words.push_str(&String::from_utf8_lossy(&tail));
-                terminate(&pidfile, &marker(run), Duration::from_secs(2)).await;
-                terminate(&logger_pid, &marker(run), Duration::from_secs(2)).await;
                 return Err(failed(
                     format!("Cannot share {}", s.host.display()),
                     std::io::Error::other(words.trim().to_owned()),
