@@ -42,27 +42,20 @@ pub fn run_logger(
 ) -> std::io::Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
-    let mut out = Bounded::open(log, max)?;
-    let console = move || -> std::io::Result<()> {
-        let (conn, _) = listener.accept()?;
-        drop(listener);
-        out.copy_from(conn)
-    };
+    let out = Bounded::open(log, max)?;
+    let console = move || serve_one(listener, out);
     let Some((output, output_log)) = output else {
         let r = console();
         let _ = std::fs::remove_file(socket);
         return r;
     };
-    let mut vmm = Bounded::open(output_log, OUTPUT_MAX_BYTES)?;
+    let vmm = Bounded::open(output_log, OUTPUT_MAX_BYTES)?;
     let (done, console_done) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = done.send(console());
     });
     // The VMM's stdout, with its stderr a copy of it: one connection, until the VMM exits.
-    let r = output.accept().and_then(|(conn, _)| {
-        drop(output);
-        vmm.copy_from(conn)
-    });
+    let r = serve_one(output, vmm);
     let console = console_done.recv_timeout(CONSOLE_GRACE).unwrap_or(Ok(()));
     let _ = std::fs::remove_file(socket);
     r.and(console)
@@ -72,7 +65,12 @@ pub fn run_logger(
 /// the console of a VMM that writes it to its standard output (Firecracker), which the
 /// listener takes (see [`run_logger`]'s `output`). Returns when it hangs up.
 pub fn run_output_logger(listener: UnixListener, log: &Path, max: u64) -> std::io::Result<()> {
-    let mut out = Bounded::open(log, max)?;
+    serve_one(listener, Bounded::open(log, max)?)
+}
+
+/// Takes one connection on `listener` (no other may come after it) and keeps what it sends
+/// in `out` until it hangs up.
+fn serve_one(listener: UnixListener, mut out: Bounded) -> std::io::Result<()> {
     let (conn, _) = listener.accept()?;
     drop(listener);
     out.copy_from(conn)
