@@ -18,16 +18,18 @@ pub fn bzimage_version(img: &[u8]) -> Option<String> {
         return None;
     }
     let ptr = u16::from_le_bytes([*img.get(0x20E)?, *img.get(0x20F)?]) as usize + 0x200;
-    let tail = img.get(ptr..)?;
-    let end = tail.iter().take(256).position(|&b| b == 0 || b == b' ')?;
-    plain_version(std::str::from_utf8(&tail[..end]).ok()?)
+    version_word(img.get(ptr..)?)
 }
 
 /// The version in an ELF vmlinux's banner (`Linux version 6.1.0-57-cloud-amd64 (…`).
 pub fn elf_version(elf: &[u8]) -> Option<String> {
     const BANNER: &[u8] = b"Linux version ";
     let at = elf.windows(BANNER.len()).position(|w| w == BANNER)? + BANNER.len();
-    let tail = &elf[at..];
+    version_word(&elf[at..])
+}
+
+/// The version that starts `tail`: up to its first NUL or space, within 256 bytes.
+fn version_word(tail: &[u8]) -> Option<String> {
     let end = tail.iter().take(256).position(|&b| b == 0 || b == b' ')?;
     plain_version(std::str::from_utf8(&tail[..end]).ok()?)
 }
@@ -101,15 +103,14 @@ pub fn to_elf(img: &[u8], max: u64) -> Result<Vec<u8>> {
         (b"\x02\x21\x4c\x18", "lz4", &["-dc"]),
         (b"\x1f\x8b\x08\x00", "gzip", &["-dc"]),
     ];
-    let mut candidates: Vec<(usize, usize)> = Vec::new();
-    if let Some(at) = payload_offset(img) {
-        candidates.extend(
-            kinds
-                .iter()
-                .position(|(magic, _, _)| img[at..].starts_with(magic))
-                .map(|k| (at, k)),
-        );
-    }
+    // The payload the header names first (tried once: the scan below finds it too), then
+    // every magic number in the order they occur.
+    let named = payload_offset(img).and_then(|at| {
+        kinds
+            .iter()
+            .position(|(magic, _, _)| img[at..].starts_with(magic))
+            .map(|k| (at, k))
+    });
     let mut found: Vec<(usize, usize)> = kinds
         .iter()
         .enumerate()
@@ -118,10 +119,10 @@ pub fn to_elf(img: &[u8], max: u64) -> Result<Vec<u8>> {
                 .position(|w| w == *magic)
                 .map(|at| (at, k))
         })
+        .filter(|c| Some(*c) != named)
         .collect();
     found.sort();
-    candidates.extend(found);
-    candidates.dedup();
+    let candidates = named.into_iter().chain(found);
     let mut missing = None;
     for (at, k) in candidates {
         let (_, tool, args) = kinds[k];
