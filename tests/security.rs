@@ -1164,3 +1164,103 @@ fn a_published_ports_refusals_cannot_fill_the_runtime_directory() {
         &text[..200]
     );
 }
+
+#[test]
+fn a_published_tcp_port_serves_its_most_connections_and_closes_the_rest() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    // The real `bangerd port-forward`, in front of an "agent" that opens every port asked and
+    // echoes (the hybrid socket's `CONNECT`/`OK`, then the agent's reply, as the real ones say).
+    let dir = tempfile::tempdir().unwrap();
+    let agent = UnixListener::bind(dir.path().join("agent.sock")).unwrap();
+    std::thread::spawn(move || {
+        for s in agent.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let line = |s: &mut UnixStream| {
+                    let mut b = [0u8; 1];
+                    while s.read_exact(&mut b).is_ok() && b[0] != b'\n' {}
+                };
+                line(&mut s);
+                let _ = s.write_all(b"OK 1024\n");
+                line(&mut s);
+                let _ = s.write_all(b"{\"ok\":true}\n");
+                let mut w = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut s, &mut w);
+            });
+        }
+    });
+    let port = {
+        let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let log = dir.path().join("port-forward.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bangerd"))
+        .arg("port-forward")
+        .arg(dir.path().join("agent.sock"))
+        .arg(format!("127.0.0.1:{port}:80"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "the forwarder listens",
+        std::time::Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("port-forward: listening")
+        },
+    );
+    // As many connections as this process may hold (the test's own limit, not banger's).
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit touch only `r`.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+    let max = banger::vms::publish::MAX_TCP_CONNECTIONS;
+    let tries = max + 200;
+    let served = |c: &mut std::net::TcpStream| {
+        c.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let mut b = [0u8; 4];
+        c.write_all(b"ping").is_ok() && c.read_exact(&mut b).is_ok() && &b == b"ping"
+    };
+    let mut conns: Vec<std::net::TcpStream> = (0..tries)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    let ok = conns.iter_mut().map(served).filter(|s| *s).count();
+    let threads = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .map(|n| n.trim().parse::<usize>().unwrap())
+        .unwrap();
+    // Every held one given back, the port serves again.
+    conns.clear();
+    wait_until(
+        "a port whose connections ended serves again",
+        std::time::Duration::from_secs(30),
+        || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .map(|mut c| served(&mut c))
+                .unwrap_or(false)
+        },
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = writeln!(
+        std::io::stderr(),
+        "security (forwarder connections): {tries} connections tried, {ok} served (bound {max}), \
+         {} closed at once, forwarder threads {threads}",
+        tries - ok
+    );
+    assert_eq!(ok, max, "exactly the bound is served");
+    assert!(threads <= 2 * max + 2, "{threads} threads");
+    assert!(std::fs::metadata(&log).unwrap().len() <= banger::logging::HELPER_LOG_MAX);
+}

@@ -6,7 +6,9 @@
 //! to and from a guest socket connected to the guest's port; a peer silent for
 //! [`UDP_IDLE`] loses its stream, as a NAT forgets a flow. The listener is a detached helper of the VM's,
 //! `bangerd port-forward`, running as the VM's uid like its other helpers: it outlives the
-//! daemon's idle exit or restart and goes with the VM.
+//! daemon's idle exit or restart and goes with the VM. Anyone who reaches a published port
+//! can connect: each port serves at most [`MAX_TCP_CONNECTIONS`] connections (or
+//! [`MAX_UDP_PEERS`] peers) at once, and closes the ones beyond at once.
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::Path;
@@ -28,6 +30,10 @@ pub const UDP_IDLE: Duration = Duration::from_secs(120);
 
 /// The most UDP peers one published port serves at once (each holds a stream to the agent).
 pub const MAX_UDP_PEERS: usize = 256;
+
+/// The most TCP connections one published port serves at once (each holds two threads here
+/// and a stream to the agent); more are closed as they come.
+pub const MAX_TCP_CONNECTIONS: usize = 256;
 
 /// One published port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,6 +157,8 @@ pub fn run_forwarder(args: &[std::ffi::OsString]) -> std::io::Error {
         return std::io::Error::other("usage: bangerd port-forward VSOCK ADDR:HOSTPORT:GUESTPORT…");
     };
     let uds = std::path::PathBuf::from(uds);
+    // A TCP connection holds four descriptors here (each end and its clone), a UDP peer two.
+    raise_fd_limit(specs.len() * (4 * MAX_TCP_CONNECTIONS + 2 * MAX_UDP_PEERS) + 64);
     let mut threads = Vec::new();
     for spec in specs {
         let p = match Publish::parse(&spec.to_string_lossy()) {
@@ -174,16 +182,9 @@ pub fn run_forwarder(args: &[std::ffi::OsString]) -> std::io::Error {
         };
         let uds = uds.clone();
         threads.push(std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let uds = uds.clone();
-                std::thread::spawn(move || match open_guest(&uds, p.guest, false) {
-                    Ok(guest) => splice(conn, guest),
-                    Err(e) => crate::logging::helper_line(&format!(
-                        "bangerd port-forward: {} → guest {}: {e}",
-                        p.host, p.guest
-                    )),
-                });
-            }
+            forward_tcp(listener, p.guest, MAX_TCP_CONNECTIONS, move |port| {
+                open_guest(&uds, port, false)
+            })
         }));
     }
     crate::logging::helper_line("bangerd port-forward: listening");
@@ -191,6 +192,74 @@ pub fn run_forwarder(args: &[std::ffi::OsString]) -> std::io::Error {
         let _ = t.join();
     }
     std::io::Error::other("every listener stopped")
+}
+
+/// Raises this process's soft limit on open descriptors to `need` (as far as its hard limit
+/// allows): a unit's default soft limit (1024) is below what full ports hold.
+fn raise_fd_limit(need: usize) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only `r`, setrlimit reads only `r`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < need as u64 {
+            r.rlim_cur = (need as u64).min(r.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// Serves one published TCP port: each connection gets a stream to the guest's port (opened
+/// by `open`) and the two are spliced; beyond `max` at once, a new connection is closed as
+/// it comes (one line in the helper's bounded log says so).
+pub fn forward_tcp<S, F>(listener: TcpListener, guest: u16, max: usize, open: F)
+where
+    S: std::io::Read + std::io::Write + TryCloneStream + Send + 'static,
+    F: Fn(u16) -> std::io::Result<S> + Send + Sync + 'static,
+{
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    /// One connection's place, given back when its splice ends (or its open fails).
+    struct Slot(Arc<AtomicUsize>);
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let (open, open_now) = (Arc::new(open), Arc::new(AtomicUsize::new(0)));
+    let host = listener.local_addr().ok();
+    loop {
+        let conn = match listener.accept() {
+            Ok((c, _)) => c,
+            // Out of descriptors (or memory): the connection waits in the backlog; retrying
+            // at once would spin.
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if open_now.fetch_add(1, Ordering::AcqRel) >= max {
+            open_now.fetch_sub(1, Ordering::AcqRel);
+            let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+            drop(conn);
+            crate::logging::helper_line(&format!(
+                "bangerd port-forward: {peer} → guest {guest}: closed, {max} connections are open"
+            ));
+            continue;
+        }
+        let (slot, open) = (Slot(open_now.clone()), open.clone());
+        std::thread::spawn(move || {
+            let _slot = slot;
+            match open(guest) {
+                Ok(g) => splice(conn, g),
+                Err(e) => crate::logging::helper_line(&format!(
+                    "bangerd port-forward: {} → guest {guest}: {e}",
+                    host.map(|h| h.to_string()).unwrap_or_default()
+                )),
+            }
+        });
+    }
 }
 
 /// Serves one published UDP port: each peer's datagrams go over a stream of its own (opened
@@ -366,5 +435,51 @@ mod tests {
         let mut answer = String::new();
         c.read_to_string(&mut answer).unwrap();
         assert_eq!(answer, "got 0");
+    }
+
+    #[test]
+    fn a_tcp_port_serves_its_most_connections_and_closes_the_ones_beyond() {
+        use std::io::{Read, Write};
+        // The "guest" echoes each stream until its end.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            forward_tcp(listener, 80, 3, |_| {
+                let (ours, mut theirs) = std::os::unix::net::UnixStream::pair()?;
+                std::thread::spawn(move || {
+                    let mut w = theirs.try_clone().unwrap();
+                    let _ = std::io::copy(&mut theirs, &mut w);
+                });
+                Ok(ours)
+            })
+        });
+        // Served: what it sends comes back. Closed: its read ends (or fails) at once.
+        let served = |c: &mut TcpStream| {
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut b = [0u8; 4];
+            c.write_all(b"ping").is_ok() && c.read_exact(&mut b).is_ok() && &b == b"ping"
+        };
+        let mut held: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        for c in &mut held {
+            assert!(served(c), "the first three are served");
+        }
+        for _ in 0..5 {
+            let mut c = TcpStream::connect(addr).unwrap();
+            assert!(!served(&mut c), "a fourth at once is closed");
+        }
+        // One ends: its place is given back (once its splice has seen both ends).
+        drop(held.remove(0));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut c = TcpStream::connect(addr).unwrap();
+            if served(&mut c) {
+                held.push(c);
+                break;
+            }
+            assert!(Instant::now() < deadline, "a place given back serves again");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut c = TcpStream::connect(addr).unwrap();
+        assert!(!served(&mut c), "and the port is full again");
     }
 }
