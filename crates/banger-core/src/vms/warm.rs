@@ -253,17 +253,25 @@ impl Vms {
     }
 
     /// Waits, at most [`SETTLE`], until a template's own boot is done: systemd's job queue
-    /// empty (`systemctl is-system-running --wait`) and the device events it triggered handled
-    /// (`udevadm settle`), where the image has them. The agent answers long before: a Debian
-    /// template was still starting units, with ten udev workers busy, when it was ready, and
-    /// every VM restored from a snapshot taken then finished that boot itself, after it was
-    /// ready: 0.8 s of host CPU and 35 MiB more of TCG's cache each (a snapshot of a VM that
-    /// had idled first: 18 MiB, no such burst). Whatever the guest answers, the template is
-    /// snapshotted after: an image that never settles is still a template.
+    /// empty (`systemctl is-system-running --wait`), the device events it triggered handled
+    /// (`udevadm settle`) and udevd's workers gone (it ends idle ones 3 s after its last
+    /// event), where the image has them. The agent answers long before: a Debian template was
+    /// still starting units, with ten udev workers busy, when it was ready, and every VM
+    /// restored from a snapshot taken then finished that boot itself, after it was ready: 0.8
+    /// s of host CPU and 35 MiB more of TCG's cache each (a snapshot of a VM that had idled
+    /// first: 18 MiB, no such burst). Snapshotted once the events were handled, each restore
+    /// still ended the ten idle workers 3 s after it was ready (their exits and udevd's
+    /// reaping: some 5000 translations, 2 MiB of TCG's cache each). Whatever the guest
+    /// answers, the template is snapshotted after: an image that never settles is still a
+    /// template.
     async fn settle(&self, vm: &crate::model::Vm) {
+        // Workers are `(udev-worker)` since systemd 251, `systemd-udevd` like udevd before.
         const SCRIPT: &str = "if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; \
              then systemctl is-system-running --wait >/dev/null 2>&1; fi; \
-             if command -v udevadm >/dev/null; then udevadm settle -t 30 >/dev/null 2>&1; fi; true";
+             if command -v udevadm >/dev/null; then udevadm settle -t 30 >/dev/null 2>&1; \
+             i=0; while [ $i -lt 100 ] && [ \"$(cat /proc/[0-9]*/comm 2>/dev/null | \
+             grep -c -e '^(udev-worker)$' -e '^systemd-udevd$')\" -gt 1 ]; \
+             do sleep 0.1; i=$((i+1)); done; fi; true";
         let ask = self.run_quietly(vm, &["/bin/sh", "-c", SCRIPT]);
         if tokio::time::timeout(SETTLE, ask).await.is_err() {
             tracing::info!(
