@@ -261,7 +261,7 @@ impl Vms {
     /// s of host CPU and 35 MiB more of TCG's cache each (a snapshot of a VM that had idled
     /// first: 18 MiB, no such burst). Snapshotted once the events were handled, each restore
     /// still ended the ten idle workers 3 s after it was ready (their exits and udevd's
-    /// reaping: some 5000 translations, 2 MiB of TCG's cache each). Whatever the guest
+    /// reaping: some 8000 translations, 4 MiB of TCG's cache each). Whatever the guest
     /// answers, the template is snapshotted after: an image that never settles is still a
     /// template.
     async fn settle(&self, vm: &crate::model::Vm) {
