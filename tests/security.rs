@@ -1107,44 +1107,68 @@ async fn what_a_vm_runs_is_its_owners_business() {
 /// fill that file system. The real `bangerd port-forward`, its agent link absent (each open
 /// fails), and datagrams from 3000 peers: the log starts over at its bound (it grew to 150 KB
 /// before), and keeps the newest lines.
-#[test]
-fn a_published_ports_refusals_cannot_fill_the_runtime_directory() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("port-forward.log");
-    let port = {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.local_addr().unwrap().port()
-    };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bangerd"))
+/// The real `bangerd port-forward` in `dir`, to the agent socket `agent` there, publishing
+/// `127.0.0.1:SPEC`, its output in `dir/port-forward.log`; returned once it listens.
+fn start_forwarder(dir: &Path, agent: &str, spec: &str) -> (std::process::Child, PathBuf) {
+    let log = dir.join("port-forward.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_bangerd"))
         .arg("port-forward")
-        .arg(dir.path().join("no-agent.sock"))
-        .arg(format!("127.0.0.1:{port}:53/udp"))
+        .arg(dir.join(agent))
+        .arg(format!("127.0.0.1:{spec}"))
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    wait_until(
+        "the forwarder listens",
+        std::time::Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("port-forward: listening")
+        },
+    );
+    (child, log)
+}
+
+#[test]
+fn a_published_ports_refusals_cannot_fill_the_runtime_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let (mut child, log) = start_forwarder(dir.path(), "no-agent.sock", &format!("{port}:53/udp"));
     let said = |what: &str| {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
             .contains(what)
     };
-    wait_until(
-        "the forwarder listens",
-        std::time::Duration::from_secs(10),
-        || said("port-forward: listening"),
-    );
+    // In rounds of 100, each done once its last peer's line is written: a busy forwarder's
+    // socket buffer would drop datagrams sent all at once (UDP), so that peer sends again
+    // until it is heard.
     const PEERS: usize = 3000;
-    let mut last = String::new();
-    for _ in 0..PEERS {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        s.send_to(b"q", ("127.0.0.1", port)).unwrap();
-        last = format!("{} → guest 53/udp", s.local_addr().unwrap());
+    for _ in 0..PEERS / 100 {
+        let peers: Vec<_> = (0..100)
+            .map(|_| {
+                let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                s.send_to(b"q", ("127.0.0.1", port)).unwrap();
+                s
+            })
+            .collect();
+        let last = peers.last().unwrap();
+        let line = format!("{} → guest 53/udp", last.local_addr().unwrap());
+        wait_until(
+            "the round's last peer's line",
+            std::time::Duration::from_secs(60),
+            || {
+                said(&line) || {
+                    let _ = last.send_to(b"q", ("127.0.0.1", port));
+                    false
+                }
+            },
+        );
     }
-    wait_until(
-        "the last peer's line",
-        std::time::Duration::from_secs(60),
-        || said(&last),
-    );
     let _ = child.kill();
     let _ = child.wait();
     let size = std::fs::metadata(&log).unwrap().len();
@@ -1194,24 +1218,7 @@ fn a_published_tcp_port_serves_its_most_connections_and_closes_the_rest() {
         let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         s.local_addr().unwrap().port()
     };
-    let log = dir.path().join("port-forward.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bangerd"))
-        .arg("port-forward")
-        .arg(dir.path().join("agent.sock"))
-        .arg(format!("127.0.0.1:{port}:80"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    wait_until(
-        "the forwarder listens",
-        std::time::Duration::from_secs(10),
-        || {
-            std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .contains("port-forward: listening")
-        },
-    );
+    let (mut child, log) = start_forwarder(dir.path(), "agent.sock", &format!("{port}:80"));
     // As many connections as this process may hold (the test's own limit, not banger's).
     let mut r = libc::rlimit {
         rlim_cur: 0,
