@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 pub use banger_guest::splice::{read_datagram, splice, write_datagram, TryCloneStream};
 
 use super::error::invalid;
+use crate::logging::helper_line;
 use crate::Result;
 
 /// The argument that runs the `bangerd` binary as `port-forward VSOCK SPEC…`.
@@ -172,7 +173,9 @@ pub fn run_forwarder(args: &[std::ffi::OsString]) -> std::io::Error {
             };
             let uds = uds.clone();
             threads.push(std::thread::spawn(move || {
-                forward_udp(sock, p.guest, |port| open_guest(&uds, port, true))
+                forward_udp(sock, p.guest, helper_line, |port| {
+                    open_guest(&uds, port, true)
+                })
             }));
             continue;
         }
@@ -182,12 +185,16 @@ pub fn run_forwarder(args: &[std::ffi::OsString]) -> std::io::Error {
         };
         let uds = uds.clone();
         threads.push(std::thread::spawn(move || {
-            forward_tcp(listener, p.guest, MAX_TCP_CONNECTIONS, move |port| {
-                open_guest(&uds, port, false)
-            })
+            forward_tcp(
+                listener,
+                p.guest,
+                MAX_TCP_CONNECTIONS,
+                helper_line,
+                move |port| open_guest(&uds, port, false),
+            )
         }));
     }
-    crate::logging::helper_line("bangerd port-forward: listening");
+    helper_line("bangerd port-forward: listening");
     for t in threads {
         let _ = t.join();
     }
@@ -212,8 +219,9 @@ fn raise_fd_limit(need: usize) {
 
 /// Serves one published TCP port: each connection gets a stream to the guest's port (opened
 /// by `open`) and the two are spliced; beyond `max` at once, a new connection is closed as
-/// it comes (one line in the helper's bounded log says so).
-pub fn forward_tcp<S, F>(listener: TcpListener, guest: u16, max: usize, open: F)
+/// it comes. What goes wrong is a line to `log` (the forwarder's: [`helper_line`], which
+/// starts its standard error over when full, so never a test's).
+pub fn forward_tcp<S, F>(listener: TcpListener, guest: u16, max: usize, log: fn(&str), open: F)
 where
     S: std::io::Read + std::io::Write + TryCloneStream + Send + 'static,
     F: Fn(u16) -> std::io::Result<S> + Send + Sync + 'static,
@@ -243,7 +251,7 @@ where
             open_now.fetch_sub(1, Ordering::AcqRel);
             let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             drop(conn);
-            crate::logging::helper_line(&format!(
+            log(&format!(
                 "bangerd port-forward: {peer} → guest {guest}: closed, {max} connections are open"
             ));
             continue;
@@ -253,7 +261,7 @@ where
             let _slot = slot;
             match open(guest) {
                 Ok(g) => splice(conn, g),
-                Err(e) => crate::logging::helper_line(&format!(
+                Err(e) => log(&format!(
                     "bangerd port-forward: {} → guest {guest}: {e}",
                     host.map(|h| h.to_string()).unwrap_or_default()
                 )),
@@ -264,8 +272,8 @@ where
 
 /// Serves one published UDP port: each peer's datagrams go over a stream of its own (opened
 /// by `open`) and what comes back goes to that peer; idle peers are dropped, and beyond
-/// [`MAX_UDP_PEERS`] new peers wait for one to go.
-pub fn forward_udp<S, F>(sock: UdpSocket, guest: u16, open: F)
+/// [`MAX_UDP_PEERS`] new peers wait for one to go. A peer it cannot serve is a line to `log`.
+pub fn forward_udp<S, F>(sock: UdpSocket, guest: u16, log: fn(&str), open: F)
 where
     S: std::io::Read + std::io::Write + TryCloneStream + Send + 'static,
     F: Fn(u16) -> std::io::Result<S>,
@@ -294,7 +302,7 @@ where
             let stream = match open(guest) {
                 Ok(s) => s,
                 Err(e) => {
-                    crate::logging::helper_line(&format!(
+                    log(&format!(
                         "bangerd port-forward: {peer} → guest {guest}/udp: {e}"
                     ));
                     continue;
@@ -325,6 +333,13 @@ where
 mod tests {
     use super::*;
     use std::net::TcpStream;
+
+    /// What the forwarders under test said (the test's own standard error is no log to start
+    /// over).
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    fn test_log(line: &str) {
+        SAID.lock().unwrap().push(line.to_owned());
+    }
 
     #[test]
     fn publish_specs_parse_as_docker_users_write_them() {
@@ -361,7 +376,7 @@ mod tests {
         let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let o = opened.clone();
         std::thread::spawn(move || {
-            forward_udp(sock, 53, move |port| {
+            forward_udp(sock, 53, test_log, move |port| {
                 assert_eq!(port, 53);
                 let n = o.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (ours, mut theirs) = std::os::unix::net::UnixStream::pair()?;
@@ -444,7 +459,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         std::thread::spawn(move || {
-            forward_tcp(listener, 80, 3, |_| {
+            forward_tcp(listener, 80, 3, test_log, |_| {
                 let (ours, mut theirs) = std::os::unix::net::UnixStream::pair()?;
                 std::thread::spawn(move || {
                     let mut w = theirs.try_clone().unwrap();
@@ -467,6 +482,12 @@ mod tests {
             let mut c = TcpStream::connect(addr).unwrap();
             assert!(!served(&mut c), "a fourth at once is closed");
         }
+        let said = SAID.lock().unwrap().clone();
+        assert!(
+            said.iter()
+                .any(|l| l.ends_with("→ guest 80: closed, 3 connections are open")),
+            "{said:?}"
+        );
         // One ends: its place is given back (once its splice has seen both ends).
         drop(held.remove(0));
         let deadline = Instant::now() + Duration::from_secs(10);
