@@ -1108,17 +1108,20 @@ async fn what_a_vm_runs_is_its_owners_business() {
 /// fails), and datagrams from 3000 peers: the log starts over at its bound (it grew to 150 KB
 /// before), and keeps the newest lines.
 /// The real `bangerd port-forward` in `dir`, to the agent socket `agent` there, publishing
-/// `127.0.0.1:SPEC`, its output in `dir/port-forward.log`; returned once it listens.
-fn start_forwarder(dir: &Path, agent: &str, spec: &str) -> (std::process::Child, PathBuf) {
+/// `127.0.0.1:SPEC`, its output in `dir/port-forward.log`; returned once it listens, killed
+/// when dropped (a failing test leaves none behind).
+fn start_forwarder(dir: &Path, agent: &str, spec: &str) -> (Forwarder, PathBuf) {
     let log = dir.join("port-forward.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_bangerd"))
-        .arg("port-forward")
-        .arg(dir.join(agent))
-        .arg(format!("127.0.0.1:{spec}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let child = Forwarder(
+        Command::new(env!("CARGO_BIN_EXE_bangerd"))
+            .arg("port-forward")
+            .arg(dir.join(agent))
+            .arg(format!("127.0.0.1:{spec}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     wait_until(
         "the forwarder listens",
         std::time::Duration::from_secs(10),
@@ -1131,6 +1134,16 @@ fn start_forwarder(dir: &Path, agent: &str, spec: &str) -> (std::process::Child,
     (child, log)
 }
 
+/// A forwarder process, killed and reaped when dropped.
+struct Forwarder(std::process::Child);
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn a_published_ports_refusals_cannot_fill_the_runtime_directory() {
     let dir = tempfile::tempdir().unwrap();
@@ -1138,7 +1151,7 @@ fn a_published_ports_refusals_cannot_fill_the_runtime_directory() {
         let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         s.local_addr().unwrap().port()
     };
-    let (mut child, log) = start_forwarder(dir.path(), "no-agent.sock", &format!("{port}:53/udp"));
+    let (child, log) = start_forwarder(dir.path(), "no-agent.sock", &format!("{port}:53/udp"));
     let said = |what: &str| {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
@@ -1169,8 +1182,7 @@ fn a_published_ports_refusals_cannot_fill_the_runtime_directory() {
             },
         );
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let size = std::fs::metadata(&log).unwrap().len();
     let text = std::fs::read_to_string(&log).unwrap();
     // On stderr itself: the suite's counts show in CI's log, not only on failure.
@@ -1218,7 +1230,7 @@ fn a_published_tcp_port_serves_its_most_connections_and_closes_the_rest() {
         let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         s.local_addr().unwrap().port()
     };
-    let (mut child, log) = start_forwarder(dir.path(), "agent.sock", &format!("{port}:80"));
+    let (child, log) = start_forwarder(dir.path(), "agent.sock", &format!("{port}:80"));
     // As many connections as this process may hold (the test's own limit, not banger's).
     let mut r = libc::rlimit {
         rlim_cur: 0,
@@ -1242,7 +1254,7 @@ fn a_published_tcp_port_serves_its_most_connections_and_closes_the_rest() {
         .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();
     let ok = conns.iter_mut().map(served).filter(|s| *s).count();
-    let threads = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+    let threads = std::fs::read_to_string(format!("/proc/{}/status", child.0.id()))
         .unwrap()
         .lines()
         .find_map(|l| l.strip_prefix("Threads:"))
@@ -1259,8 +1271,7 @@ fn a_published_tcp_port_serves_its_most_connections_and_closes_the_rest() {
                 .unwrap_or(false)
         },
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let _ = writeln!(
         std::io::stderr(),
         "security (forwarder connections): {tries} connections tried, {ok} served (bound {max}), \
