@@ -1102,11 +1102,6 @@ async fn what_a_vm_runs_is_its_owners_business() {
     assert_eq!(leaked, 0);
 }
 
-/// A published UDP port whose guest refuses: every new peer's datagram costs the forwarder a
-/// line in its log (root's runtime directory, a tmpfs), so anyone who can reach the port could
-/// fill that file system. The real `bangerd port-forward`, its agent link absent (each open
-/// fails), and datagrams from 3000 peers: the log starts over at its bound (it grew to 150 KB
-/// before), and keeps the newest lines.
 /// The real `bangerd port-forward` in `dir`, to the agent socket `agent` there, publishing
 /// `127.0.0.1:SPEC`, its output in `dir/port-forward.log`; returned once it listens, killed
 /// when dropped (a failing test leaves none behind).
@@ -1144,6 +1139,11 @@ impl Drop for Forwarder {
     }
 }
 
+/// A published UDP port whose guest refuses: every new peer's datagram costs the forwarder a
+/// line in its log (root's runtime directory, a tmpfs), so anyone who can reach the port could
+/// fill that file system. The real `bangerd port-forward`, its agent link absent (each open
+/// fails), and datagrams from 3000 peers: the log starts over at its bound (it grew to 150 KB
+/// before), and keeps the newest lines.
 #[test]
 fn a_published_ports_refusals_cannot_fill_the_runtime_directory() {
     let dir = tempfile::tempdir().unwrap();
@@ -1201,6 +1201,8 @@ fn a_published_ports_refusals_cannot_fill_the_runtime_directory() {
     );
 }
 
+/// A published TCP port: anyone who reaches it could open connections without end, each two
+/// threads and four descriptors of the forwarder's. Beyond its bound they are closed at once.
 #[test]
 fn a_published_tcp_port_serves_its_most_connections_and_closes_the_rest() {
     use std::io::{Read, Write};
