@@ -910,6 +910,9 @@ sys.stdin.read()
                 assert_eq!(uids, [uid.as_str(); 4], "{which}\n{status}");
                 if which == "qemu-system" {
                     assert_eq!(field("Seccomp:"), "2", "QEMU runs under its seccomp filter");
+                    // And without transparent huge pages (`huge_pages` is off by default),
+                    // which QEMU would ask for on guest memory and TCG's code buffer.
+                    assert_eq!(field("THP_enabled:"), "0", "{which}\n{status}");
                 }
                 confined += 1;
             }

@@ -16,6 +16,9 @@ fn main() -> std::process::ExitCode {
         banger::vms::publish::FORWARD_ARG => banger::vms::publish::run_forwarder(&argv[2..]),
         banger::vmm::process::OPEN_TAP_ARG => banger::vmm::process::open_tap_and_exec(&argv[2..]),
         banger::vmm::process::LISTEN_ARG => banger::vmm::process::listen_and_exec(&argv[2..]),
+        banger::vmm::process::NO_HUGE_PAGES_ARG => {
+            banger::vmm::process::no_huge_pages_and_exec(&argv[2..])
+        }
         banger::vmm::process::TAKE_RAM_ARG => banger::vmm::process::take_ram_and_exec(&argv[2..]),
         banger::vmm::nosetid::NO_SETID_ARG => banger::vmm::nosetid::deny_setid_and_exec(&argv[2..]),
         banger::varlink::relay::RELAY_ARG => banger::varlink::relay::run(&argv[2..]),

@@ -128,6 +128,7 @@ pub async fn start_named_logger(
         limits: UnitLimits {
             memory_max: 64 << 20,
             tasks_max: 8,
+            huge_pages: true,
         },
         writable: &[run, log_dir],
         jail: &spec.jail,

@@ -279,6 +279,9 @@ pub struct UnitLimits {
     pub memory_max: u64,
     /// `TasksMax=`: threads and processes.
     pub tasks_max: u32,
+    /// Whether it may get transparent huge pages where the host's THP setting offers them;
+    /// else it runs under `bangerd no-huge-pages` (see [`no_huge_pages_and_exec`]).
+    pub huge_pages: bool,
 }
 
 impl UnitLimits {
@@ -288,11 +291,15 @@ impl UnitLimits {
         Self::vmm_with(vcpus, memory_mib, VMM_OVERHEAD_MIB)
     }
 
-    /// What a VMM of `vcpus` and `memory_mib` may take with `overhead_mib` of its own.
+    /// What a VMM of `vcpus` and `memory_mib` may take with `overhead_mib` of its own. No
+    /// transparent huge pages: QEMU asks for them on guest memory and TCG's code buffer, and
+    /// then every 2 MiB a guest or TCG touches is resident whole (a cold-booted busybox VM
+    /// cost the host 19 MiB more with them; see README, *Memory*).
     pub fn vmm_with(vcpus: u32, memory_mib: u32, overhead_mib: u64) -> Self {
         UnitLimits {
             memory_max: (u64::from(memory_mib) + overhead_mib) << 20,
             tasks_max: 32 + 2 * vcpus,
+            huge_pages: false,
         }
     }
 
@@ -302,6 +309,7 @@ impl UnitLimits {
         UnitLimits {
             memory_max: (u64::from(memory_mib) + 128) << 20,
             tasks_max: 32,
+            huge_pages: true,
         }
     }
 }
@@ -552,6 +560,28 @@ fn serve_ram(sock: &Path, fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&sock);
     });
     Ok(())
+}
+
+/// The argument that runs the `bangerd` binary as `no-huge-pages -- PROGRAM ARGS…`.
+pub const NO_HUGE_PAGES_ARG: &str = "no-huge-pages";
+
+/// `bangerd no-huge-pages -- PROGRAM ARGS…`: turns transparent huge pages off for this process
+/// (`PR_SET_THP_DISABLE`, which outranks a program's own `MADV_HUGEPAGE` and lasts across
+/// exec and into children) and becomes PROGRAM.
+pub fn no_huge_pages_and_exec(args: &[std::ffi::OsString]) -> std::io::Error {
+    let [sep, program, rest @ ..] = args else {
+        return std::io::Error::other("usage: bangerd no-huge-pages -- PROGRAM ARGS…");
+    };
+    if sep != "--" {
+        return std::io::Error::other("usage: bangerd no-huge-pages -- PROGRAM ARGS…");
+    }
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return std::io::Error::other(format!("cannot turn transparent huge pages off: {e}"));
+    }
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(program).args(rest).exec()
 }
 
 /// The argument that runs the `bangerd` binary as `listen PATH GID -- PROGRAM ARGS…`.
@@ -806,11 +836,15 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
         c.arg("-f").env(RUN_DIR_ENV, &run_dir);
         c
     };
-    // In order, each becoming the next: [`bangerd jail-mounts` (no systemd: the namespace a
-    // unit gets from systemd)], [`bangerd open-tap` (systemd: the tap as fd 3)], the shell
+    // In order, each becoming the next: [`bangerd no-huge-pages` (a VMM)], [`bangerd
+    // jail-mounts` (no systemd: the namespace a unit gets from systemd)], [`bangerd open-tap`
+    // (systemd: the tap as fd 3)], the shell
     // that writes the pid file (root's, in root's runtime directory), `setpriv` (the VM's
     // uid, no capabilities), the program.
     let mut fd3: Option<std::os::fd::OwnedFd> = None;
+    if !d.limits.huge_pages {
+        cmd.arg(bangerd_program()?).args([NO_HUGE_PAGES_ARG, "--"]);
+    }
     if super::scope::systemd_booted() {
         if let Some(tap) = d.tap {
             cmd.arg(bangerd_program()?).args([OPEN_TAP_ARG, tap, "--"]);

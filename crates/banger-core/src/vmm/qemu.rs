@@ -31,6 +31,8 @@ pub struct Qemu {
     tcg_restore_cache_mib: u32,
     /// Whether guest memory may be merged with identical pages (KSM).
     memory_merge: bool,
+    /// Whether QEMU may get transparent huge pages (guest memory, TCG's code buffer).
+    huge_pages: bool,
 }
 
 /// The firmware microvm boots with: qboot, which loads a PVH kernel with its initrd and puts
@@ -257,6 +259,7 @@ impl Qemu {
             tcg_cache_mib: config.tcg_cache_mib,
             tcg_restore_cache_mib: config.tcg_restore_cache_mib.unwrap_or(config.tcg_cache_mib),
             memory_merge: config.memory_merge,
+            huge_pages: config.huge_pages,
         }
     }
 
@@ -692,16 +695,19 @@ impl Vmm for Qemu {
             args: &argv,
             log: &log_path,
             output: Some(&output_socket(run)),
-            limits: UnitLimits::vmm_with(
-                spec.vcpus,
-                spec.memory_mib,
-                // The translation cache (TCG only) and QEMU's own heap, threads and state.
-                u64::from(if self.uses_kvm() {
-                    0
-                } else {
-                    self.tcg_mib(spec)
-                }) + 256,
-            ),
+            limits: UnitLimits {
+                huge_pages: self.huge_pages,
+                ..UnitLimits::vmm_with(
+                    spec.vcpus,
+                    spec.memory_mib,
+                    // The translation cache (TCG only) and QEMU's own heap, threads and state.
+                    u64::from(if self.uses_kvm() {
+                        0
+                    } else {
+                        self.tcg_mib(spec)
+                    }) + 256,
+                )
+            },
             writable: &[run, log_dir(spec)],
             jail: &jail,
             tap: spec.net.as_ref().map(|n| n.tap.as_str()),

@@ -58,6 +58,7 @@ impl Vms {
             limits: process::UnitLimits {
                 memory_max: 32 << 20,
                 tasks_max: 4,
+                huge_pages: true,
             },
             writable: &[run.as_path(), dir.as_path()],
             jail: &who,

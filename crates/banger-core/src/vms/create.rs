@@ -596,6 +596,7 @@ impl Vms {
             limits: process::UnitLimits {
                 memory_max: 64 << 20,
                 tasks_max: 256,
+                huge_pages: true,
             },
             writable: &[run.as_path()],
             jail: &jail,
