@@ -263,6 +263,16 @@ impl Qemu {
         }
     }
 
+    /// What the VMM of `spec` may take: its guest's memory, the translation cache (TCG only)
+    /// and QEMU's own heap, threads and state; huge pages only when configured.
+    fn limits(&self, spec: &BootSpec, kvm: bool) -> UnitLimits {
+        let tcg = if kvm { 0 } else { self.tcg_mib(spec) };
+        UnitLimits {
+            huge_pages: self.huge_pages,
+            ..UnitLimits::vmm_with(spec.vcpus, spec.memory_mib, u64::from(tcg) + 256)
+        }
+    }
+
     /// The TCG translation cache of VM `spec`, in MiB: a restore's own size.
     fn tcg_mib(&self, spec: &BootSpec) -> u32 {
         if spec.incoming {
@@ -695,19 +705,7 @@ impl Vmm for Qemu {
             args: &argv,
             log: &log_path,
             output: Some(&output_socket(run)),
-            limits: UnitLimits {
-                huge_pages: self.huge_pages,
-                ..UnitLimits::vmm_with(
-                    spec.vcpus,
-                    spec.memory_mib,
-                    // The translation cache (TCG only) and QEMU's own heap, threads and state.
-                    u64::from(if self.uses_kvm() {
-                        0
-                    } else {
-                        self.tcg_mib(spec)
-                    }) + 256,
-                )
-            },
+            limits: self.limits(spec, kvm),
             writable: &[run, log_dir(spec)],
             jail: &jail,
             tap: spec.net.as_ref().map(|n| n.tap.as_str()),
@@ -966,6 +964,16 @@ mod tests {
         assert!(restore.contains("-accel tcg,tb-size=16 "), "{restore}");
         s.incoming = false;
         assert!(a.contains(",merge=on"), "{a}");
+        // Its unit holds the cache beside the guest; no huge pages unless configured.
+        let l = q.limits(&s, false);
+        assert_eq!(l.memory_max, (512 + 32 + 256) << 20);
+        assert!(!l.huge_pages);
+        let huge = Qemu::configured(&crate::config::Config {
+            huge_pages: true,
+            ..Default::default()
+        });
+        assert!(huge.limits(&s, true).huge_pages);
+        assert_eq!(huge.limits(&s, true).memory_max, (512 + 256) << 20);
         // A VM restored from a snapshot without a balloon gets none.
         assert!(
             !a.contains("balloon") && !a.contains("page_reporting"),
