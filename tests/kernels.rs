@@ -257,6 +257,13 @@ async fn a_pulled_debian_kernel_boots_with_the_banger_initrd() {
     let size = std::fs::metadata(&initrd).unwrap().len();
     assert!(size > 1 << 20 && size < 16 << 20, "initrd of {size} bytes");
 
+    boots_to_its_marker(&dir);
+}
+
+/// Boots the kernel in `dir` (a kernel's directory in banger's state: `vmlinux`, `initrd.img`)
+/// under QEMU with a root disk whose init prints a marker, and checks that the marker came and
+/// banger-init said nothing but which root it mounted.
+fn boots_to_its_marker(dir: &Path) {
     let work = tempfile::tempdir().unwrap();
     let marker = format!("BANGER-BOOT-{}", banger::model::new_id());
     let rootfs = marker_rootfs(work.path(), &marker);
@@ -287,7 +294,7 @@ async fn a_pulled_debian_kernel_boots_with_the_banger_initrd() {
         .arg("-kernel")
         .arg(dir.join("vmlinux"))
         .arg("-initrd")
-        .arg(&initrd)
+        .arg(dir.join("initrd.img"))
         .args([
             "-append",
             &format!("console=ttyS0 root=/dev/vda quiet tsc_early_khz={khz}"),
@@ -322,4 +329,75 @@ async fn a_pulled_debian_kernel_boots_with_the_banger_initrd() {
         .filter(|l| l.starts_with("banger-init:") && !l.contains("mounted, starting"))
         .collect();
     assert!(complaints.is_empty(), "banger-init complained:\n{console}");
+}
+
+/// A kernel whose modules are xz-compressed (as bookworm-backports' 6.12 kernels ship them)
+/// imports and boots: banger's initrd holds them decompressed. Its modules are the 6.1 cloud
+/// kernel's, each compressed by `xz` and indexed again by `depmod` (it refused them before:
+/// "banger's initrd needs uncompressed modules").
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kernel_with_compressed_modules_boots_with_the_banger_initrd() {
+    if !available(&[
+        "dbus-daemon",
+        "unshare",
+        "dpkg-deb",
+        "xz",
+        "depmod",
+        "busybox",
+        "qemu-system-x86_64",
+        "timeout",
+    ]) {
+        return;
+    }
+    let Some((vmlinuz, modules, version)) = debian_kernel() else {
+        return;
+    };
+    if std::env::var("BANGER_GUEST_BIN_DIR").is_err() {
+        assert!(
+            std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
+            "BANGER_GUEST_BIN_DIR is not set: run through tests/run"
+        );
+        eprintln!(
+            "SKIPPED: BANGER_GUEST_BIN_DIR is not set (tests/run builds the static guest binaries)"
+        );
+        return;
+    }
+    let files = tempfile::tempdir().unwrap();
+    let tree = files.path().join("lib/modules").join(&version);
+    std::fs::create_dir_all(tree.parent().unwrap()).unwrap();
+    let run = |c: &mut Command| {
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{c:?}: {}", text(&out));
+    };
+    run(Command::new("cp").arg("-a").arg(&modules).arg(&tree));
+    run(Command::new("find")
+        .arg(&tree)
+        .args(["-name", "*.ko", "-exec", "xz", "-0", "{}", "+"]));
+    run(Command::new("depmod")
+        .arg("-b")
+        .arg(files.path())
+        .arg(&version));
+    run(Command::new("chmod").args(["-R", "a+rX"]).arg(files.path()));
+    let dep = std::fs::read_to_string(tree.join("modules.dep")).unwrap();
+    assert!(
+        dep.contains("kernel/drivers/block/virtio_blk.ko.xz:") && !dep.contains(".ko:"),
+        "depmod indexed the compressed modules:\n{}",
+        &dep[..dep.len().min(2000)]
+    );
+
+    let bus = TestBus::start(BusOptions::default());
+    let out = bus.banger_as(
+        Some(USER_OK),
+        &[
+            "kernel",
+            "import",
+            "xz-test",
+            "--kernel",
+            vmlinuz.to_str().unwrap(),
+            "--modules",
+            tree.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    boots_to_its_marker(&bus.state_dir().join("kernels/xz-test"));
 }

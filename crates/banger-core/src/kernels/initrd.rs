@@ -272,18 +272,49 @@ pub fn build(modules_dir: &Path, init: &Path) -> Result<Vec<u8>> {
     cpio.entry("init", 0o100755, (0, 0), &init_bin);
     let mut list = String::new();
     for (name, rel) in &modules {
-        let data = read_inside(modules_dir, rel)?;
-        if rel.ends_with(".ko.xz") || rel.ends_with(".ko.zst") || rel.ends_with(".ko.gz") {
-            return Err(invalid(format!(
-                "Module {rel} is compressed; banger's initrd needs uncompressed modules"
-            )));
-        }
+        let data = module_object(rel, read_inside(modules_dir, rel)?)?;
         cpio.entry(&format!("{MODULE_DIR}/{name}.ko"), 0o100644, (0, 0), &data);
         list.push_str(name);
         list.push('\n');
     }
     cpio.entry(MODULE_LIST, 0o100644, (0, 0), list.as_bytes());
     Ok(cpio.finish())
+}
+
+/// The most a module may decompress to: the initrd's are far smaller (Debian's largest
+/// module of all is about 20 MiB).
+const MAX_MODULE_BYTES: u64 = 64 << 20;
+
+/// Module `rel` (its file's `data`) as the kernel loads it: a compressed one (`.ko.xz`,
+/// `.ko.zst`, `.ko.gz`: Debian 13's kernels and bookworm-backports' ship xz) decompressed by
+/// its tool, run as a worker (not root), to at most [`MAX_MODULE_BYTES`], and it must then be
+/// an ELF object. banger-init loads uncompressed modules only, whatever the kernel can do.
+fn module_object(rel: &str, data: Vec<u8>) -> Result<Vec<u8>> {
+    let (tool, args): (&str, &[&str]) = if rel.ends_with(".ko.xz") {
+        ("xz", &["-dc"])
+    } else if rel.ends_with(".ko.zst") {
+        ("zstd", &["-dcq"])
+    } else if rel.ends_with(".ko.gz") {
+        ("gzip", &["-dc"])
+    } else {
+        return Ok(data);
+    };
+    let out = match super::vmlinux::decompress(tool, args, &data, MAX_MODULE_BYTES) {
+        Err(crate::Error::Kernel(super::error::KernelError::TooLarge(_))) => {
+            return Err(invalid(format!(
+                "Module {rel} decompresses to more than {MAX_MODULE_BYTES} bytes; it is not a \
+                 module banger will load"
+            )))
+        }
+        r => r?,
+    };
+    if !out.starts_with(b"\x7fELF") {
+        return Err(invalid(format!(
+            "Module {rel} did not decompress to an ELF object ({tool} -d); it is not a module \
+             banger will load"
+        )));
+    }
+    Ok(out)
 }
 
 /// Reads `rel` below `root` without following a symbolic link on the way (the import
@@ -591,5 +622,54 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
         std::fs::write(d.join("initrd.img"), b"\x1f\x8b gzip").unwrap();
         let theirs = current(&d.join("initrd.img"), &init, &agent).unwrap();
         assert_eq!(theirs, d.join("initrd.img"));
+    }
+
+    /// A compressed module is what its tool makes of it, if that is an ELF object of bounded
+    /// size: a caller's module that decompresses to something else, or to a bomb, is refused.
+    #[test]
+    fn compressed_modules_are_decompressed_within_bounds() {
+        let Some(xz) = host::find_program("xz") else {
+            assert!(
+                std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
+                "xz is not installed (tests/run installs it)"
+            );
+            eprintln!("SKIPPED: xz is not installed");
+            return;
+        };
+        let compress = |data: &[u8]| {
+            use std::io::Write;
+            let mut child = std::process::Command::new(&xz)
+                .args(["-0", "-c"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdin = child.stdin.take().unwrap();
+            let data = data.to_vec();
+            let feeder = std::thread::spawn(move || stdin.write_all(&data).unwrap());
+            let out = child.wait_with_output().unwrap();
+            feeder.join().unwrap();
+            assert!(out.status.success());
+            out.stdout
+        };
+        let elf = [b"\x7fELF\x02\x01\x01".as_slice(), &[7u8; 10_000]].concat();
+        assert_eq!(module_object("k/a.ko.xz", compress(&elf)).unwrap(), elf);
+        assert_eq!(
+            module_object("k/a.ko", elf.clone()).unwrap(),
+            elf,
+            "as it is"
+        );
+        let e = module_object("k/b.ko.xz", compress(b"#!/bin/sh\n")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("did not decompress to an ELF object"),
+            "{e}"
+        );
+        let bomb = compress(&vec![0u8; (MAX_MODULE_BYTES + (1 << 20)) as usize]);
+        assert!(bomb.len() < 1 << 20, "{} bytes", bomb.len());
+        let e = module_object("k/c.ko.xz", bomb).unwrap_err();
+        assert!(e.to_string().contains("decompresses to more than"), "{e}");
+        let e = module_object("k/d.ko.xz", b"not xz at all".to_vec()).unwrap_err();
+        assert!(e.to_string().contains("xz"), "{e}");
     }
 }

@@ -43,9 +43,10 @@ pub fn plain_version(v: &str) -> Option<String> {
     (!v.is_empty() && v.len() <= 128 && plain && !v.starts_with('.')).then(|| v.to_owned())
 }
 
-/// Decompresses `payload` (the compressed kernel inside a bzImage) with an external tool,
+/// Decompresses `payload` (the compressed kernel inside a bzImage, or a compressed module)
+/// with an external tool,
 /// reading at most `max` bytes of its output: a decompression bomb is killed, not buffered.
-fn decompress(tool: &str, args: &[&str], payload: &[u8], max: u64) -> Result<Vec<u8>> {
+pub(super) fn decompress(tool: &str, args: &[&str], payload: &[u8], max: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     let path = host::find_program(tool).ok_or_else(|| {
         failed(
