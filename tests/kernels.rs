@@ -197,29 +197,7 @@ fn marker_rootfs(dir: &Path, marker: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pulled_debian_kernel_boots_with_the_banger_initrd() {
-    if !available(&[
-        "dbus-daemon",
-        "unshare",
-        "dpkg-deb",
-        "xz",
-        "depmod",
-        "busybox",
-        "qemu-system-x86_64",
-        "timeout",
-    ]) {
-        return;
-    }
-    if debian_kernel().is_none() {
-        return;
-    }
-    if std::env::var("BANGER_GUEST_BIN_DIR").is_err() {
-        assert!(
-            std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
-            "BANGER_GUEST_BIN_DIR is not set: run through tests/run"
-        );
-        eprintln!(
-            "SKIPPED: BANGER_GUEST_BIN_DIR is not set (tests/run builds the static guest binaries)"
-        );
+    if bootable_debian_kernel().is_none() {
         return;
     }
     // The catalog pull finds the package in apt's cache (tests/run put it there) and checks
@@ -258,6 +236,35 @@ async fn a_pulled_debian_kernel_boots_with_the_banger_initrd() {
     assert!(size > 1 << 20 && size < 16 << 20, "initrd of {size} bytes");
 
     boots_to_its_marker(&dir);
+}
+
+/// The Debian kernel (its vmlinuz, modules tree and version) when what boots it here is too:
+/// the tools, and the static guest binaries tests/run builds.
+fn bootable_debian_kernel() -> Option<(PathBuf, PathBuf, String)> {
+    if !available(&[
+        "dbus-daemon",
+        "unshare",
+        "dpkg-deb",
+        "xz",
+        "depmod",
+        "busybox",
+        "qemu-system-x86_64",
+        "timeout",
+    ]) {
+        return None;
+    }
+    let kernel = debian_kernel()?;
+    if std::env::var("BANGER_GUEST_BIN_DIR").is_err() {
+        assert!(
+            std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
+            "BANGER_GUEST_BIN_DIR is not set: run through tests/run"
+        );
+        eprintln!(
+            "SKIPPED: BANGER_GUEST_BIN_DIR is not set (tests/run builds the static guest binaries)"
+        );
+        return None;
+    }
+    Some(kernel)
 }
 
 /// Boots the kernel in `dir` (a kernel's directory in banger's state: `vmlinux`, `initrd.img`)
@@ -337,31 +344,9 @@ fn boots_to_its_marker(dir: &Path) {
 /// "banger's initrd needs uncompressed modules").
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kernel_with_compressed_modules_boots_with_the_banger_initrd() {
-    if !available(&[
-        "dbus-daemon",
-        "unshare",
-        "dpkg-deb",
-        "xz",
-        "depmod",
-        "busybox",
-        "qemu-system-x86_64",
-        "timeout",
-    ]) {
-        return;
-    }
-    let Some((vmlinuz, modules, version)) = debian_kernel() else {
+    let Some((vmlinuz, modules, version)) = bootable_debian_kernel() else {
         return;
     };
-    if std::env::var("BANGER_GUEST_BIN_DIR").is_err() {
-        assert!(
-            std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
-            "BANGER_GUEST_BIN_DIR is not set: run through tests/run"
-        );
-        eprintln!(
-            "SKIPPED: BANGER_GUEST_BIN_DIR is not set (tests/run builds the static guest binaries)"
-        );
-        return;
-    }
     let files = tempfile::tempdir().unwrap();
     let tree = files.path().join("lib/modules").join(&version);
     std::fs::create_dir_all(tree.parent().unwrap()).unwrap();
