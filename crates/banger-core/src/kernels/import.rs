@@ -24,7 +24,7 @@ use crate::{host, Result};
 /// links that stay inside the tree comes through.
 fn copy_modules(uid: u32, dir: &OwnedFd, dest: &Path, max_bytes: u64) -> Result<()> {
     let mut tar = host::tar_dirfd_as(uid, dir.as_raw_fd())?;
-    let stdout = tar.stdout.take().expect("piped stdout");
+    let mut stdout = tar.stdout.take().expect("piped stdout");
     let tree = HostTree::create(dest, false)
         .map_err(|e| failed("Cannot create the modules directory", e))?;
     let mut f = Flattener::new(
@@ -34,19 +34,25 @@ fn copy_modules(uid: u32, dir: &OwnedFd, dest: &Path, max_bytes: u64) -> Result<
             max_entries: 500_000,
         },
     );
-    let applied = f.apply_layer(stdout);
+    let applied = f.apply_layer(&mut stdout);
+    // The archive ends before tar's output does (it pads its last record to 10 KiB): read the
+    // rest, or tar may write it to a closed pipe and die of SIGPIPE, silently (a kernel import
+    // failed so, now and then, under load). Bounded: tar's padding is less than a record.
+    let _ = std::io::copy(&mut (&mut stdout).take(1 << 20), &mut std::io::sink());
+    drop(stdout);
     let mut stderr = String::new();
     if let Some(mut e) = tar.stderr.take() {
         let _ = e.read_to_string(&mut stderr);
     }
     let status = tar.wait().map_err(|e| failed("tar failed", e))?;
+    // The copy's own failure first: tar dies of a broken pipe, silently, when it stops.
+    applied.map_err(|e| invalid(format!("modules_dir cannot be copied: {}", e)))?;
     if !status.success() {
         return Err(invalid(format!(
             "modules_dir: you cannot read all of it yourself ({}), so banger will not copy it for you",
             stderr.trim()
         )));
     }
-    applied.map_err(|e| invalid(format!("modules_dir cannot be copied: {}", e)))?;
     f.finish()
         .map_err(|e| failed("Cannot copy the modules", e))?;
     check_tree(dest, dest)
