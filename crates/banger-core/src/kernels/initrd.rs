@@ -628,30 +628,11 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
     /// size: a caller's module that decompresses to something else, or to a bomb, is refused.
     #[test]
     fn compressed_modules_are_decompressed_within_bounds() {
-        let Some(xz) = host::find_program("xz") else {
-            assert!(
-                std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
-                "xz is not installed (tests/run installs it)"
-            );
-            eprintln!("SKIPPED: xz is not installed");
+        use super::super::tool_tests::{through, tool};
+        let Some(xz) = tool("xz") else {
             return;
         };
-        let compress = |data: &[u8]| {
-            use std::io::Write;
-            let mut child = std::process::Command::new(&xz)
-                .args(["-0", "-c"])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            let mut stdin = child.stdin.take().unwrap();
-            let data = data.to_vec();
-            let feeder = std::thread::spawn(move || stdin.write_all(&data).unwrap());
-            let out = child.wait_with_output().unwrap();
-            feeder.join().unwrap();
-            assert!(out.status.success());
-            out.stdout
-        };
+        let compress = |data: &[u8]| through(&xz, &["-0", "-c"], data);
         let elf = [b"\x7fELF\x02\x01\x01".as_slice(), &[7u8; 10_000]].concat();
         assert_eq!(module_object("k/a.ko.xz", compress(&elf)).unwrap(), elf);
         assert_eq!(

@@ -6,6 +6,8 @@ mod error;
 mod import;
 pub mod initrd;
 mod pull;
+#[cfg(test)]
+mod tool_tests;
 pub mod vmlinux;
 
 pub use error::KernelError;

@@ -227,26 +227,12 @@ mod tests {
     /// the bzImage's tail (which makes the tool fail after it wrote the kernel).
     #[test]
     fn an_lz4_payload_is_unpacked() {
-        let Some(lz4) = host::find_program("lz4") else {
-            assert!(
-                std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
-                "lz4 is not installed (tests/run installs it)"
-            );
-            eprintln!("SKIPPED: lz4 is not installed");
+        let Some(lz4) = super::super::tool_tests::tool("lz4") else {
             return;
         };
         let elf = [b"\x7fELF\x02\x01\x01".as_slice(), &[7u8; 100_000]].concat();
-        let mut child = std::process::Command::new(lz4)
-            .args(["-l", "-c"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(&elf).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success());
-        assert_eq!(&out.stdout[..4], b"\x02\x21\x4c\x18", "a legacy frame");
-        let mut payload = out.stdout;
+        let mut payload = super::super::tool_tests::through(&lz4, &["-l", "-c"], &elf);
+        assert_eq!(&payload[..4], b"\x02\x21\x4c\x18", "a legacy frame");
         payload.extend_from_slice(&[0x55; 16]);
         let img = fake_bzimage("6.1.0-57-cloud-amd64", &payload);
         assert_eq!(to_elf(&img, 1 << 20).unwrap(), elf);
