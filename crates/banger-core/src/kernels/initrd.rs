@@ -286,7 +286,7 @@ pub fn build(modules_dir: &Path, init: &Path) -> Result<Vec<u8>> {
 const MAX_MODULE_BYTES: u64 = 64 << 20;
 
 /// Module `rel` (its file's `data`) as the kernel loads it: a compressed one (`.ko.xz`,
-/// `.ko.zst`, `.ko.gz`: Debian 13's kernels and bookworm-backports' ship xz) decompressed by
+/// `.ko.zst`, `.ko.gz`: bookworm-backports' 6.12 kernels ship xz) decompressed by
 /// its tool, run as a worker (not root), to at most [`MAX_MODULE_BYTES`], and it must then be
 /// an ELF object. banger-init loads uncompressed modules only, whatever the kernel can do.
 fn module_object(rel: &str, data: Vec<u8>) -> Result<Vec<u8>> {

@@ -44,8 +44,8 @@ pub fn plain_version(v: &str) -> Option<String> {
 }
 
 /// Decompresses `payload` (the compressed kernel inside a bzImage, or a compressed module)
-/// with an external tool,
-/// reading at most `max` bytes of its output: a decompression bomb is killed, not buffered.
+/// with an external tool, reading at most `max` bytes of its output: a decompression bomb is
+/// killed, not buffered.
 pub(super) fn decompress(tool: &str, args: &[&str], payload: &[u8], max: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     let path = host::find_program(tool).ok_or_else(|| {

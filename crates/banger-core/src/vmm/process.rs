@@ -838,9 +838,8 @@ async fn spawn(d: &Detached<'_>, runner: Runner) -> crate::Result<()> {
     };
     // In order, each becoming the next: [`bangerd no-huge-pages` (a VMM)], [`bangerd
     // jail-mounts` (no systemd: the namespace a unit gets from systemd)], [`bangerd open-tap`
-    // (systemd: the tap as fd 3)], the shell
-    // that writes the pid file (root's, in root's runtime directory), `setpriv` (the VM's
-    // uid, no capabilities), the program.
+    // (systemd: the tap as fd 3)], the shell that writes the pid file (root's, in root's
+    // runtime directory), `setpriv` (the VM's uid, no capabilities), the program.
     let mut fd3: Option<std::os::fd::OwnedFd> = None;
     if !d.limits.huge_pages {
         cmd.arg(bangerd_program()?).args([NO_HUGE_PAGES_ARG, "--"]);
