@@ -133,9 +133,11 @@ fn sweep_initrds(config: &Config, store: &Store) -> Result<()> {
     let kernels = store.call_blocking(|c| rows::list_kernels(c))?;
     let (init, agent) = config.initrd_binaries();
     for k in kernels {
-        let Some(i) = k.initrd_path else { continue };
-        let Some(dir) = i.parent() else { continue };
-        let keep = initrd::current_name(&i, &init, &agent).ok();
+        let i = k.initrd_path.as_deref();
+        let Some(dir) = i.unwrap_or(&k.kernel_path).parent() else {
+            continue;
+        };
+        let keep = initrd::current_name(i, &init, &agent).ok();
         for name in initrd::sweep_current(dir, keep.as_deref())? {
             tracing::info!(kernel = %k.name, "Removed {name}: made for other guest binaries");
         }

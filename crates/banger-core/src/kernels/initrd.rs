@@ -264,11 +264,7 @@ pub fn build(modules_dir: &Path, init: &Path) -> Result<Vec<u8>> {
             ),
         ));
     }
-    let mut cpio = Cpio::default();
-    for d in ["dev", "proc", "sys", "newroot", "etc", MODULE_DIR] {
-        cpio.entry(d, 0o040755, (0, 0), &[]);
-    }
-    cpio.entry("dev/console", 0o020600, (5, 1), &[]);
+    let mut cpio = skeleton();
     cpio.entry("init", 0o100755, (0, 0), &init_bin);
     let mut list = String::new();
     for (name, rel) in &modules {
@@ -279,6 +275,26 @@ pub fn build(modules_dir: &Path, init: &Path) -> Result<Vec<u8>> {
     }
     cpio.entry(MODULE_LIST, 0o100644, (0, 0), list.as_bytes());
     Ok(cpio.finish())
+}
+
+/// What every banger initrd holds before its init and modules: the mount points, the
+/// console banger-init writes to before devtmpfs, and the modules' directory.
+fn skeleton() -> Cpio {
+    let mut cpio = Cpio::default();
+    for d in ["dev", "proc", "sys", "newroot", "etc", MODULE_DIR] {
+        cpio.entry(d, 0o040755, (0, 0), &[]);
+    }
+    cpio.entry("dev/console", 0o020600, (5, 1), &[]);
+    cpio
+}
+
+/// banger's initrd for a kernel that has every driver it needs built in (no modules, no
+/// initrd of its own): the skeleton and an empty module list. banger-init is appended as
+/// for every banger initrd ([`current`]).
+fn builtin_base() -> Vec<u8> {
+    let mut cpio = skeleton();
+    cpio.entry(MODULE_LIST, 0o100644, (0, 0), b"");
+    cpio.finish()
 }
 
 /// The most a module may decompress to: the initrd's are far smaller (Debian's largest
@@ -387,11 +403,15 @@ const CURRENT_STAGING: &str = ".initrd.banger-";
 /// The name of `initrd` with this `init` and `agent` appended, for the three files as they
 /// are now (device, inode, size, change and modification times): a rebuilt guest binary or
 /// a replaced initrd gives another name, an unchanged one the same, without reading them.
-pub fn current_name(initrd: &Path, init: &Path, agent: &Path) -> Result<String> {
+/// `initrd` None names the initrd of a kernel without one ([`builtin_base`]).
+pub fn current_name(initrd: Option<&Path>, init: &Path, agent: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
     use std::os::unix::fs::MetadataExt;
     let mut h = Sha256::new();
-    for f in [initrd, init, agent] {
+    if initrd.is_none() {
+        h.update("built in\n");
+    }
+    for f in initrd.into_iter().chain([init, agent]) {
         match std::fs::metadata(f) {
             Ok(m) => h.update(format!(
                 "{} {} {} {}.{} {}.{}\n",
@@ -415,23 +435,36 @@ pub fn current_name(initrd: &Path, init: &Path, agent: &Path) -> Result<String> 
 }
 
 /// The initrd a VM boots with: a kernel's own, or, for one banger built, that initrd with
-/// this banger's `init` and `agent` appended ([`with_current_init`]). The latter is made once
-/// per kernel and guest binaries, beside the kernel's initrd (written aside, synced, renamed
-/// in), and every VM's VMM maps that one file: the host holds one copy in its page cache,
-/// not one per VM. Blocking.
-pub fn current(initrd: &Path, init: &Path, agent: &Path) -> Result<std::path::PathBuf> {
+/// this banger's `init` and `agent` appended ([`with_current_init`]); for a kernel without
+/// an initrd (`initrd` None: every driver built in), banger's own without modules
+/// ([`builtin_base`]) with them appended, in `kernel_dir`. What banger makes is made once
+/// per kernel and guest binaries, beside the kernel (written aside, synced, renamed in), and
+/// every VM's VMM maps that one file: the host holds one copy in its page cache, not one
+/// per VM. Blocking.
+pub fn current(
+    kernel_dir: &Path,
+    initrd: Option<&Path>,
+    init: &Path,
+    agent: &Path,
+) -> Result<std::path::PathBuf> {
     use std::io::Write;
-    let dir = initrd.parent().unwrap_or(Path::new("."));
+    let dir = kernel_dir;
     let name = current_name(initrd, init, agent)?;
     let out = dir.join(&name);
     if out.exists() {
         return Ok(out);
     }
-    let data = std::fs::read(initrd)
-        .map_err(|e| failed(format!("Cannot read {}", initrd.display()), e))?;
-    if !is_bangers(&data) {
-        return Ok(initrd.to_owned());
-    }
+    let data = match initrd {
+        Some(i) => {
+            let data =
+                std::fs::read(i).map_err(|e| failed(format!("Cannot read {}", i.display()), e))?;
+            if !is_bangers(&data) {
+                return Ok(i.to_owned());
+            }
+            data
+        }
+        None => builtin_base(),
+    };
     let agent = Some(agent).filter(|a| a.exists());
     let data = with_current_init(&data, init, agent)?;
     let staging = tempfile::Builder::new()
@@ -592,7 +625,7 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
         elf.resize(64, 0);
         let (init, agent) = (d.join("bin-init"), d.join("bin-agent"));
         std::fs::write(&init, &elf).unwrap();
-        let first = current(&d.join("initrd.img"), &init, &agent).unwrap();
+        let first = current(d, Some(&d.join("initrd.img")), &init, &agent).unwrap();
         assert_eq!(first.parent(), Some(d));
         let data = std::fs::read(&first).unwrap();
         assert!(
@@ -600,7 +633,7 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
             "init appended"
         );
         let ino = std::fs::metadata(&first).unwrap().ino();
-        let again = current(&d.join("initrd.img"), &init, &agent).unwrap();
+        let again = current(d, Some(&d.join("initrd.img")), &init, &agent).unwrap();
         assert_eq!(
             (&again, std::fs::metadata(&again).unwrap().ino()),
             (&first, ino)
@@ -609,10 +642,10 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
         std::fs::remove_file(&init).unwrap();
         elf.push(0);
         std::fs::write(&init, &elf).unwrap();
-        let second = current(&d.join("initrd.img"), &init, &agent).unwrap();
+        let second = current(d, Some(&d.join("initrd.img")), &init, &agent).unwrap();
         assert_ne!(second, first);
         std::fs::write(d.join(".initrd.banger-torn"), b"half").unwrap();
-        let keep = current_name(&d.join("initrd.img"), &init, &agent).unwrap();
+        let keep = current_name(Some(&d.join("initrd.img")), &init, &agent).unwrap();
         let mut removed = sweep_current(d, Some(&keep)).unwrap();
         removed.sort();
         let stale = first.file_name().unwrap().to_string_lossy().into_owned();
@@ -620,8 +653,45 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
         assert!(second.exists() && d.join("initrd.img").exists() && init.exists());
         // A distribution's initrd is booted as it is.
         std::fs::write(d.join("initrd.img"), b"\x1f\x8b gzip").unwrap();
-        let theirs = current(&d.join("initrd.img"), &init, &agent).unwrap();
+        let theirs = current(d, Some(&d.join("initrd.img")), &init, &agent).unwrap();
         assert_eq!(theirs, d.join("initrd.img"));
+    }
+
+    /// A kernel without an initrd (every driver built in) boots with banger's own: no
+    /// modules, an empty list (so banger-init loads none), this banger's init appended;
+    /// made once, and kept by the sweep under its own name.
+    #[test]
+    fn a_kernel_without_an_initrd_gets_bangers_without_modules() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut elf = b"\x7fELF\x02".to_vec();
+        elf.resize(64, 0);
+        let (init, agent) = (d.join("bin-init"), d.join("bin-agent"));
+        std::fs::write(&init, &elf).unwrap();
+        let made = current(d, None, &init, &agent).unwrap();
+        assert_eq!(made.parent(), Some(d));
+        let data = std::fs::read(&made).unwrap();
+        let base = builtin_base();
+        assert!(
+            data.starts_with(&base) && is_bangers(&data),
+            "banger's skeleton first"
+        );
+        let text = String::from_utf8_lossy(&base);
+        assert!(
+            text.contains(MODULE_LIST) && !text.contains(".ko"),
+            "no modules: {text:?}"
+        );
+        assert!(data.len() > base.len() + elf.len(), "init appended");
+        assert_eq!(current(d, None, &init, &agent).unwrap(), made, "made once");
+        let keep = current_name(None, &init, &agent).unwrap();
+        assert_eq!(made.file_name().unwrap().to_string_lossy(), keep);
+        assert!(sweep_current(d, Some(&keep)).unwrap().is_empty());
+        // Its name is not that of a kernel's own initrd with the same binaries.
+        std::fs::write(d.join("initrd.img"), &base).unwrap();
+        assert_ne!(
+            current_name(Some(&d.join("initrd.img")), &init, &agent).unwrap(),
+            keep
+        );
     }
 
     /// A compressed module is what its tool makes of it, if that is an ELF object of bounded

@@ -552,16 +552,25 @@ impl Vms {
     /// The initrd the VM boots with: the kernel's, with this banger's init and agent appended
     /// when banger built it (`kernels::initrd::current`: one file per kernel that every VM
     /// maps, so kernels imported by an older banger boot with the init the rest of this
-    /// banger expects).
+    /// banger expects); for a kernel without one (every driver built in), banger's own
+    /// without modules.
     pub(super) async fn current_initrd(
         &self,
-        initrd: &std::path::Path,
+        kernel: &crate::model::Kernel,
     ) -> Result<std::path::PathBuf> {
-        let i = initrd.to_owned();
+        let initrd = kernel.initrd_path.clone();
+        let dir = match (&initrd, kernel.kernel_path.parent()) {
+            (Some(i), _) => i.parent(),
+            (None, d) => d,
+        }
+        .unwrap_or(std::path::Path::new("."))
+        .to_owned();
         let (init, agent) = self.config.initrd_binaries();
-        crate::jobs::spawn_blocking(move || crate::kernels::initrd::current(&i, &init, &agent))
-            .await
-            .map_err(|e| failed("Initrd task failed", e))?
+        crate::jobs::spawn_blocking(move || {
+            crate::kernels::initrd::current(&dir, initrd.as_deref(), &init, &agent)
+        })
+        .await
+        .map_err(|e| failed("Initrd task failed", e))?
     }
 
     /// Starts the VM's port forwarder (`bangerd port-forward`, a helper as the VM's uid) and

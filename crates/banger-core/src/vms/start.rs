@@ -236,12 +236,7 @@ impl Vms {
             let ports = self.guest_ports("").await?;
             self.net.attach(&tap, &ports).await.map(|_| None)
         };
-        let initrd = async {
-            match &plan.kernel.initrd_path {
-                Some(i) => self.current_initrd(i).await.map(Some),
-                None => Ok(None),
-            }
-        };
+        let initrd = async { self.current_initrd(&plan.kernel).await.map(Some) };
         // All four are awaited, failed or not, so none goes on behind the failure's cleanup.
         let t0 = std::time::Instant::now();
         let id = vm.id.as_str();
