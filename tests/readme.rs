@@ -644,6 +644,17 @@ fn check(line: &Line, bus: &Bus, problems: &mut Vec<String>) {
                 other => bad(format!("ctr {other:?}: add a check for it")),
             }
         }
+        script if script.starts_with("packaging/") || script.starts_with("tests/") => {
+            // One of the project's own scripts: it must be there, and executable.
+            use std::os::unix::fs::PermissionsExt;
+            let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => {}
+                _ => bad(format!(
+                    "{script} is no executable script of this repository"
+                )),
+            }
+        }
         other => bad(format!(
             "`{other}`: a program this test cannot check; add a check"
         )),
