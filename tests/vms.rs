@@ -3948,6 +3948,93 @@ async fn a_vm_given_a_network_namespace_takes_over_its_eth0() {
     bus.sh_in_namespaces(&format!("ip netns del {ns}; ip netns del {bare}"));
 }
 
+/// banger's microVM kernel (packaging/kernel/build.sh), which tests/run builds in the
+/// background: the path of its `vmlinux` once the build ended well. None outside tests/run
+/// (a failure under BANGER_REQUIRE_INTEGRATION); a failed build fails with its log.
+fn microvm_kernel() -> Option<std::path::PathBuf> {
+    let Ok(dir) = std::env::var("BANGER_TEST_MICROVM_KERNEL") else {
+        assert!(
+            std::env::var("BANGER_REQUIRE_INTEGRATION").as_deref() != Ok("1"),
+            "BANGER_TEST_MICROVM_KERNEL is not set: run through tests/run"
+        );
+        eprintln!("SKIPPED: BANGER_TEST_MICROVM_KERNEL is not set (tests/run builds the kernel)");
+        return None;
+    };
+    // tests/run writes the build's exit status when it ends; it has the cores to itself only
+    // once the other tests leave them idle.
+    let status = std::path::PathBuf::from(format!("{dir}.status"));
+    wait_until(
+        "the microVM kernel's build",
+        Duration::from_secs(3600),
+        || status.exists(),
+    );
+    let code = std::fs::read_to_string(&status).unwrap();
+    let log = std::fs::read_to_string(format!("{dir}.log")).unwrap_or_default();
+    assert_eq!(code.trim(), "0", "packaging/kernel/build.sh failed:\n{log}");
+    Some(std::path::Path::new(&dir).join("vmlinux"))
+}
+
+/// The microVM kernel, every driver built in and no modules, imported by a member as the
+/// kernel file alone: its VM boots the busybox image with banger's own initrd (no module
+/// list), answers `vm exec`, has the balloon's free page reporting (its order set by
+/// banger-init) and virtio-fs, and starts again after a stop with the same initrd file.
+async fn the_microvm_kernel_boots_with_every_driver_built_in() {
+    let Some(vmlinux) = microvm_kernel() else {
+        return;
+    };
+    let Some((bus, reference, _keep)) = image_bus("", "vm/micro").await else {
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    // The member's own copy, which the import reads as the member.
+    let files = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let copy = files.path().join("vmlinux");
+    std::fs::copy(&vmlinux, &copy).unwrap();
+    let ok = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+    let k = copy.to_str().unwrap();
+    ok(bus.banger_as(Some(USER_OK), &["kernel", "import", "micro", "--kernel", k]));
+    let dir = bus.state_dir().join("kernels/micro");
+    assert!(
+        !dir.join("initrd.img").exists() && !dir.join("modules").exists(),
+        "a kernel file alone"
+    );
+    let create = [
+        "vm", "create", "m", "--image", &reference, "--kernel", "micro", "--memory", "256",
+        "--vcpus", "1",
+    ];
+    ok(bus.banger_as(Some(USER_OK), &create));
+    let checks = "uname -r; cat /sys/module/page_reporting/parameters/page_reporting_order; \
+                  grep -c virtiofs /proc/filesystems; test -e /proc/modules || echo no-modules";
+    let seen = exec_as(&bus, Some(USER_OK), "m", &["sh", "-c", checks]);
+    let lines: Vec<&str> = seen.lines().collect();
+    assert!(lines[0].ends_with("-banger"), "{seen}");
+    assert_eq!(lines[1..], ["5", "1", "no-modules"], "{seen}");
+    let initrds = || -> Vec<String> {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("initrd.banger-"))
+            .collect()
+    };
+    let made = initrds();
+    assert_eq!(made.len(), 1, "{made:?}");
+    ok(bus.banger_as(Some(USER_OK), &["vm", "stop", "m"]));
+    ok(bus.banger_as(Some(USER_OK), &["vm", "start", "m"]));
+    assert_eq!(
+        exec_as(&bus, Some(USER_OK), "m", &["uname", "-r"]).trim(),
+        lines[0]
+    );
+    assert_eq!(initrds(), made, "the same initrd serves the second start");
+    ok(bus.banger_as(Some(USER_OK), &["vm", "delete", "--force", "m"]));
+    let bad = common::invariants::check(&bus);
+    assert!(bad.is_empty(), "{bad:#?}");
+}
+
 fn main() {
     let mut args = libtest_mimic::Arguments::from_args();
     let (steps, scenario) = scenario::trials(
@@ -3996,6 +4083,10 @@ fn main() {
         scenario::async_trial(
             "restores_share_their_snapshots_memory_and_a_changed_ram_file_is_refused",
             restores_share_their_snapshots_memory_and_a_changed_ram_file_is_refused,
+        ),
+        scenario::async_trial(
+            "the_microvm_kernel_boots_with_every_driver_built_in",
+            the_microvm_kernel_boots_with_every_driver_built_in,
         ),
     ];
     trials.extend(steps);
