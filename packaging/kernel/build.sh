@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds banger's microVM kernel: Debian's Linux source (the linux-source-6.1 package, fetched
-# with this host's apt and checked by it) configured from nothing with microvm.config beside
-# this script, every driver built in. Writes OUT/vmlinux (stripped ELF, PVH entry) and
+# with this host's apt and checked by it) with the patches in patches/ beside this script,
+# configured from nothing with microvm.config beside it, every driver built in. Writes OUT/vmlinux (stripped ELF, PVH entry) and
 # OUT/config (the whole configuration), then prints how to import it:
 #   banger kernel import microvm --kernel OUT/vmlinux
 # A later run with the same source package version, configuration and script reuses OUT.
@@ -18,12 +18,12 @@ fragment=$here/microvm.config
 source=${BANGER_KERNEL_SOURCE:-linux-source-6.1}
 
 missing=()
-for t in gcc make flex bison bc xz strip dpkg-deb; do
+for t in gcc make flex bison bc xz strip dpkg-deb patch; do
     command -v "$t" >/dev/null || missing+=("$t")
 done
 [ -e /usr/include/gelf.h ] || missing+=("libelf-dev (gelf.h)")
 if [ ${#missing[@]} -gt 0 ]; then
-    echo "build.sh: missing ${missing[*]}; apt-get install gcc make flex bison bc libelf-dev xz-utils binutils dpkg" >&2
+    echo "build.sh: missing ${missing[*]}; apt-get install gcc make flex bison bc libelf-dev xz-utils binutils dpkg patch" >&2
     exit 1
 fi
 
@@ -36,7 +36,8 @@ else
         *" "|*"(none)") echo "build.sh: apt knows no package $source (apt-get update?)" >&2; exit 1 ;;
     esac
 fi
-stamp=$( { echo "$version"; cat "$fragment" "$0"; } | sha256sum | cut -d' ' -f1)
+patches=("$here"/patches/*.patch)
+stamp=$( { echo "$version"; cat "$fragment" "$0" "${patches[@]}"; } | sha256sum | cut -d' ' -f1)
 if [ -f "$out/vmlinux" ] && [ "$(cat "$out/stamp" 2>/dev/null)" = "$stamp" ]; then
     echo "build.sh: $out/vmlinux is built already ($version)" >&2
     echo "banger kernel import microvm --kernel $out/vmlinux"
@@ -60,6 +61,10 @@ echo "build.sh: unpacking $(basename "$tarball")" >&2
 mkdir "$work/src"
 tar -xaf "$tarball" -C "$work/src" --strip-components=1
 cd "$work/src"
+for p in "${patches[@]}"; do
+    patch -p1 --forward --batch --quiet < "$p" \
+        || { echo "build.sh: $(basename "$p") does not apply to this source" >&2; exit 1; }
+done
 KCONFIG_ALLCONFIG=$fragment make -s allnoconfig
 # Every line of the fragment must have taken: a renamed or unmet option is an error.
 bad=()
