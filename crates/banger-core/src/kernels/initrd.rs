@@ -437,18 +437,17 @@ pub fn current_name(initrd: Option<&Path>, init: &Path, agent: &Path) -> Result<
 /// The initrd a VM boots with: a kernel's own, or, for one banger built, that initrd with
 /// this banger's `init` and `agent` appended ([`with_current_init`]); for a kernel without
 /// an initrd (`initrd` None: every driver built in), banger's own without modules
-/// ([`builtin_base`]) with them appended, in `kernel_dir`. What banger makes is made once
+/// ([`builtin_base`]) with them appended, in `dir` (the kernel's). What banger makes is made once
 /// per kernel and guest binaries, beside the kernel (written aside, synced, renamed in), and
 /// every VM's VMM maps that one file: the host holds one copy in its page cache, not one
 /// per VM. Blocking.
 pub fn current(
-    kernel_dir: &Path,
+    dir: &Path,
     initrd: Option<&Path>,
     init: &Path,
     agent: &Path,
 ) -> Result<std::path::PathBuf> {
     use std::io::Write;
-    let dir = kernel_dir;
     let name = current_name(initrd, init, agent)?;
     let out = dir.join(&name);
     if out.exists() {

@@ -559,12 +559,13 @@ impl Vms {
         kernel: &crate::model::Kernel,
     ) -> Result<std::path::PathBuf> {
         let initrd = kernel.initrd_path.clone();
-        let dir = match (&initrd, kernel.kernel_path.parent()) {
-            (Some(i), _) => i.parent(),
-            (None, d) => d,
-        }
-        .unwrap_or(std::path::Path::new("."))
-        .to_owned();
+        // The kernel's directory, as the daemon's start-up sweep finds it.
+        let dir = initrd
+            .as_deref()
+            .unwrap_or(&kernel.kernel_path)
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .to_owned();
         let (init, agent) = self.config.initrd_binaries();
         crate::jobs::spawn_blocking(move || {
             crate::kernels::initrd::current(&dir, initrd.as_deref(), &init, &agent)
