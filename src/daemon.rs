@@ -133,11 +133,10 @@ fn sweep_initrds(config: &Config, store: &Store) -> Result<()> {
     let kernels = store.call_blocking(|c| rows::list_kernels(c))?;
     let (init, agent) = config.initrd_binaries();
     for k in kernels {
-        let i = k.initrd_path.as_deref();
-        let Some(dir) = i.unwrap_or(&k.kernel_path).parent() else {
+        let Some(dir) = k.dir() else {
             continue;
         };
-        let keep = initrd::current_name(i, &init, &agent).ok();
+        let keep = initrd::current_name(k.initrd_path.as_deref(), &init, &agent).ok();
         for name in initrd::sweep_current(dir, keep.as_deref())? {
             tracing::info!(kernel = %k.name, "Removed {name}: made for other guest binaries");
         }

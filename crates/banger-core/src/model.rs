@@ -193,6 +193,17 @@ pub struct Kernel {
     pub owner_uid: u32,
 }
 
+impl Kernel {
+    /// The directory its files are in (its initrd's, else its kernel file's), where banger keeps
+    /// the initrds it makes for it.
+    pub fn dir(&self) -> Option<&std::path::Path> {
+        self.initrd_path
+            .as_deref()
+            .unwrap_or(&self.kernel_path)
+            .parent()
+    }
+}
+
 /// Where a VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum VmState {

@@ -559,13 +559,7 @@ impl Vms {
         kernel: &crate::model::Kernel,
     ) -> Result<std::path::PathBuf> {
         let initrd = kernel.initrd_path.clone();
-        // The kernel's directory, as the daemon's start-up sweep finds it.
-        let dir = initrd
-            .as_deref()
-            .unwrap_or(&kernel.kernel_path)
-            .parent()
-            .unwrap_or(std::path::Path::new("."))
-            .to_owned();
+        let dir = kernel.dir().unwrap_or(std::path::Path::new(".")).to_owned();
         let (init, agent) = self.config.initrd_binaries();
         crate::jobs::spawn_blocking(move || {
             crate::kernels::initrd::current(&dir, initrd.as_deref(), &init, &agent)
