@@ -26,7 +26,7 @@ out=target/deb
 stage="$out/banger_${version}_${arch}"
 
 if [ "$build" = 1 ]; then
-    cargo build $cargo_profile --quiet --bin banger --bin bangerd --bin containerd-shim-banger-v2
+    cargo build $cargo_profile --quiet --bin banger --bin bangerd --bin banger-vm-helper --bin containerd-shim-banger-v2
     RUSTFLAGS='-C target-feature=+crt-static -C strip=symbols' \
         cargo build $cargo_profile --quiet -p banger-guest --target x86_64-unknown-linux-gnu
 fi
@@ -37,6 +37,7 @@ rm -rf "$stage"
 install -D -m 0755 target/$profile/banger "$stage/usr/bin/banger"
 install -D -m 0755 target/$profile/bangerd "$stage/usr/bin/bangerd"
 install -D -m 0755 target/$profile/containerd-shim-banger-v2 "$stage/usr/bin/containerd-shim-banger-v2"
+install -D -m 0755 target/$profile/banger-vm-helper "$stage/usr/lib/banger/banger-vm-helper"
 install -D -m 0755 target/x86_64-unknown-linux-gnu/$profile/banger-init "$stage/usr/lib/banger/banger-init"
 install -D -m 0755 target/x86_64-unknown-linux-gnu/$profile/banger-agent "$stage/usr/lib/banger/banger-agent"
 install -D -m 0755 "$virtiofsd" "$stage/usr/lib/banger/virtiofsd"

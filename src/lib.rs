@@ -9,6 +9,7 @@
 pub mod activator;
 pub mod daemon;
 pub mod dbus;
+pub mod helpers;
 pub mod varlink;
 
 pub use banger_cli as cli;

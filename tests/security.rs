@@ -1102,13 +1102,13 @@ async fn what_a_vm_runs_is_its_owners_business() {
     assert_eq!(leaked, 0);
 }
 
-/// The real `bangerd port-forward` in `dir`, to the agent socket `agent` there, publishing
-/// `127.0.0.1:SPEC`, its output in `dir/port-forward.log`; returned once it listens, killed
-/// when dropped (a failing test leaves none behind).
+/// The real `banger-vm-helper port-forward` in `dir`, to the agent socket `agent` there,
+/// publishing `127.0.0.1:SPEC`, its output in `dir/port-forward.log`; returned once it listens,
+/// killed when dropped (a failing test leaves none behind).
 fn start_forwarder(dir: &Path, agent: &str, spec: &str) -> (Forwarder, PathBuf) {
     let log = dir.join("port-forward.log");
     let child = Forwarder(
-        Command::new(env!("CARGO_BIN_EXE_bangerd"))
+        Command::new(env!("CARGO_BIN_EXE_banger-vm-helper"))
             .arg("port-forward")
             .arg(dir.join(agent))
             .arg(format!("127.0.0.1:{spec}"))
@@ -1141,9 +1141,9 @@ impl Drop for Forwarder {
 
 /// A published UDP port whose guest refuses: every new peer's datagram costs the forwarder a
 /// line in its log (root's runtime directory, a tmpfs), so anyone who can reach the port could
-/// fill that file system. The real `bangerd port-forward`, its agent link absent (each open
-/// fails), and datagrams from 3000 peers: the log starts over at its bound (it grew to 150 KB
-/// before), and keeps the newest lines.
+/// fill that file system. The real `banger-vm-helper port-forward`, its agent link absent (each
+/// open fails), and datagrams from 3000 peers: the log starts over at its bound (it grew to 150
+/// KB before), and keeps the newest lines.
 #[test]
 fn a_published_ports_refusals_cannot_fill_the_runtime_directory() {
     let dir = tempfile::tempdir().unwrap();
@@ -1207,8 +1207,9 @@ fn a_published_ports_refusals_cannot_fill_the_runtime_directory() {
 fn a_published_tcp_port_serves_its_most_connections_and_closes_the_rest() {
     use std::io::{Read, Write};
     use std::os::unix::net::{UnixListener, UnixStream};
-    // The real `bangerd port-forward`, in front of an "agent" that opens every port asked and
-    // echoes (the hybrid socket's `CONNECT`/`OK`, then the agent's reply, as the real ones say).
+    // The real `banger-vm-helper port-forward`, in front of an "agent" that opens every port asked
+    // and echoes (the hybrid socket's `CONNECT`/`OK`, then the agent's reply, as the real ones
+    // say).
     let dir = tempfile::tempdir().unwrap();
     let agent = UnixListener::bind(dir.path().join("agent.sock")).unwrap();
     std::thread::spawn(move || {

@@ -913,6 +913,16 @@ sys.stdin.read()
                     // And without transparent huge pages (`huge_pages` is off by default),
                     // which QEMU would ask for on guest memory and TCG's code buffer.
                     assert_eq!(field("THP_enabled:"), "0", "{which}\n{status}");
+                } else {
+                    // The helpers are a small program of their own, not the daemon's binary
+                    // again (whose relocated data alone would cost each ~0.7 MiB).
+                    let exe = std::fs::read_link(dir.join("exe")).unwrap();
+                    assert_eq!(
+                        exe.file_name().unwrap_or_default(),
+                        "banger-vm-helper",
+                        "{which} runs {}",
+                        exe.display()
+                    );
                 }
                 confined += 1;
             }

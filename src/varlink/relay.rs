@@ -4,17 +4,16 @@
 //! answered for that VM alone, the way systemd-vmspawn answers it for its VM.
 //!
 //! The socket must answer for as long as the VM runs, and the daemon exits when idle, so a
-//! small process per VM holds it: `bangerd machine-control`, started beside the VMM, as the
-//! relays' own uid (`jail::control_uid`, no VM's) without any capability, seeing none of
-//! banger's state. It never reads what a client sends: it hands each accepted connection to
-//! the daemon on its own socket (`io.banger.MachineControl.Take`, the connection as a passed
+//! small process per VM holds it: `banger-vm-helper machine-control`, started beside the VMM,
+//! as the relays' own uid (`jail::control_uid`, no VM's) without any capability, seeing none of
+//! banger's state. It never reads what a client sends: it hands each accepted connection to the
+//! daemon on its own socket (`io.banger.MachineControl.Take`, the connection as a passed
 //! descriptor; that call socket-activates a daemon that is not running), and the daemon then
 //! serves the connection itself, its caller the connection's own peer (`SO_PEERCRED` of the
-//! accepted socket, which the kernel set when the client connected), so polkit decides
-//! exactly as for banger's own methods. The daemon takes such connections from that uid (and
-//! root) alone: a process of any other uid could pass a socket whose peer is a privileged
-//! process, and a relay reads nothing a client sends, so no client can make it pass anything
-//! else.
+//! accepted socket, which the kernel set when the client connected), so polkit decides exactly
+//! as for banger's own methods. The daemon takes such connections from that uid (and root)
+//! alone: a process of any other uid could pass a socket whose peer is a privileged process,
+//! and a relay reads nothing a client sends, so no client can make it pass anything else.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
@@ -28,12 +27,14 @@ pub use crate::vms::control::{LISTENING, RELAY_ARG};
 /// How long a hand-over may take (a socket-activated daemon starting included).
 const HAND_OVER_LIMIT: Duration = Duration::from_secs(30);
 
-/// `bangerd machine-control SOCKET DAEMON VM_ID`: listens on SOCKET (mode 0666: anyone may
+/// `banger-vm-helper machine-control SOCKET DAEMON VM_ID`: listens on SOCKET (mode 0666: anyone may
 /// ask, polkit decides) and hands every connection to the daemon at DAEMON for VM VM_ID.
 /// Returns only the error that stopped it.
 pub fn run(args: &[OsString]) -> std::io::Error {
     let [socket, daemon, vm] = args else {
-        return std::io::Error::other("usage: bangerd machine-control SOCKET DAEMON VM_ID");
+        return std::io::Error::other(
+            "usage: banger-vm-helper machine-control SOCKET DAEMON VM_ID",
+        );
     };
     let (socket, daemon) = (PathBuf::from(socket), PathBuf::from(daemon));
     let vm = vm.to_string_lossy().into_owned();

@@ -11,6 +11,7 @@ say "installing the package"
 dpkg -i "$t/banger.deb" >/tmp/dpkg.log 2>&1 || { cat /tmp/dpkg.log; fail "dpkg -i banger.deb"; }
 getent group banger >/dev/null || fail "the package did not create group banger"
 [ -x /usr/bin/containerd-shim-banger-v2 ] || fail "the package has no containerd shim"
+[ -x /usr/lib/banger/banger-vm-helper ] || fail "the package has no banger-vm-helper"
 systemd-analyze verify --man=no /usr/lib/systemd/system/bangerd.service || fail "systemd-analyze verify"
 mkdir -p /etc/banger
 printf 'idle_exit_sec = 5\naccel = "tcg"\nboot_timeout_sec = 300\n' >/etc/banger/config.toml
@@ -89,6 +90,13 @@ share_unit=banger-vm-$id-share0.service
 [ "$(active "$share_unit")" = active ] || fail "$share_unit is $(active "$share_unit")"
 share_pid=$(systemctl show "$share_unit" -p MainPID --value)
 [ "$(stat -c %U "/proc/$share_pid")" = alice ] || fail "the share's server runs as $(stat -c %U "/proc/$share_pid")"
+# Its helpers (console logger, agent link, control relay) are the package's small helper
+# program, never a copy of the daemon's binary.
+for h in console link control; do
+    pid=$(systemctl show "banger-vm-$id-$h.service" -p MainPID --value)
+    exe=$(readlink "/proc/$pid/exe")
+    [ "$exe" = /usr/lib/banger/banger-vm-helper ] || fail "banger-vm-$id-$h.service runs '$exe'"
+done
 
 say "idle exit leaves the VM running"
 idle
@@ -207,7 +215,7 @@ usrctl disable --now banger-e2b.socket banger-e2b.service
 say "removal: purge leaves nothing outside /var/lib/banger"
 systemctl stop bangerd 2>/dev/null
 dpkg --purge banger >/tmp/purge.log 2>&1 || { cat /tmp/purge.log; fail "dpkg --purge"; }
-for f in /usr/bin/bangerd /usr/bin/containerd-shim-banger-v2 /usr/share/dbus-1/system-services/org.banger.service /etc/banger /run/banger; do
+for f in /usr/bin/bangerd /usr/bin/containerd-shim-banger-v2 /usr/lib/banger/banger-vm-helper /usr/share/dbus-1/system-services/org.banger.service /etc/banger /run/banger; do
     [ -e "$f" ] && fail "$f is left after purge"
 done
 getent group banger >/dev/null && fail "group banger is left after purge"

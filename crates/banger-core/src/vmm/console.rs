@@ -1,7 +1,7 @@
 //! The guest's serial console, bounded. A guest may print without end, so its console never
-//! goes straight to a file: the VMM writes into a socket that a small logger process (the
-//! `bangerd` binary run as `bangerd console-logger`, one per VM, outliving the daemon like
-//! the VMM) listens on, and the logger keeps at most [`MAX_BYTES`] of the newest output in
+//! goes straight to a file: the VMM writes into a socket that a small logger process
+//! (`banger-vm-helper console-logger`, one per VM, outliving the daemon like the VMM) listens
+//! on, and the logger keeps at most [`MAX_BYTES`] of the newest output in
 //! `console.log`. Readers only ever read a bounded tail.
 //!
 //! The VMM's own standard output and error go through the same logger (into `qemu.log`
@@ -22,7 +22,8 @@ pub const MAX_BYTES: u64 = 2 << 20;
 /// The most the VMM's own output log holds (it is a few lines unless something is wrong).
 pub const OUTPUT_MAX_BYTES: u64 = 1 << 20;
 
-/// The argument that runs the `bangerd` binary as a console logger.
+/// The argument that runs the helpers' program (`process::helper_program`) as a console
+/// logger.
 pub const LOGGER_ARG: &str = "console-logger";
 
 /// How long the logger waits, once the VMM's output ended (the VMM exited), for the rest of
@@ -89,7 +90,7 @@ pub fn named_logger_pidfile(run: &Path, name: &str) -> PathBuf {
     run.join(format!("{name}.pid"))
 }
 
-/// Starts a VM's console logger (the `bangerd` binary in its logger role, `args` after the
+/// Starts a VM's console logger (the helpers' program in its logger role, `args` after the
 /// role, as the VM's uid) with the listener root makes at `listen` (in root's runtime
 /// directory: only root, or systemd for it, connects) as its fd 3, and waits until `ready`
 /// exists (the console's socket, or that listener): the VMM connects once it does.
@@ -112,7 +113,7 @@ pub async fn start_named_logger(
     listen: &Path,
     ready: &Path,
 ) -> crate::Result<()> {
-    use super::process::{bangerd_program, spawn_detached, wait_for_path, Detached, UnitLimits};
+    use super::process::{helper_program, spawn_detached, wait_for_path, Detached, UnitLimits};
     let run = &spec.run_dir;
     let log_dir = spec.console_log.parent().unwrap_or(run);
     let mut argv = vec![LOGGER_ARG.as_ref()];
@@ -121,7 +122,7 @@ pub async fn start_named_logger(
     spawn_detached(&Detached {
         pidfile: &named_logger_pidfile(run, name),
         unit: &super::scope::helper_unit(&spec.id, name),
-        program: &bangerd_program()?,
+        program: &helper_program()?,
         args: &argv,
         log: &own_log,
         output: None,

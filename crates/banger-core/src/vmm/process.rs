@@ -229,6 +229,7 @@ pub async fn kill_strays(vm_uid: Option<u32>, marker: &str) -> usize {
                 b"jailer",
                 b"virtiofsd",
                 b"bangerd",
+                HELPER_PROGRAM.as_bytes(),
             ]
             .contains(&name)
     };
@@ -629,8 +630,26 @@ fn exec_with_fd3(
 /// The argument that runs the `bangerd` binary as `open-tap TAP -- PROGRAM ARGS…`.
 pub const OPEN_TAP_ARG: &str = "open-tap";
 
-/// The `bangerd` binary (console loggers, `open-tap`): this one, unless it was replaced on
-/// disk (an upgrade), then the installed one.
+/// The program of the helpers that run beside each VM for as long as it runs (console
+/// logger, agent link, machine-control relay, port forwarder; the root crate's `helpers`).
+pub const HELPER_PROGRAM: &str = "banger-vm-helper";
+
+/// [`HELPER_PROGRAM`]: the one next to this binary, else the installed one
+/// (`/usr/lib/banger`), else `bangerd` itself, which runs the same roles. A program of its
+/// own because every VM pays for its helpers' processes: the daemon's binary, started again,
+/// would give each its own ~0.7 MiB copy of the relocated read-only data of the whole daemon.
+pub fn helper_program() -> crate::Result<std::path::PathBuf> {
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.join(HELPER_PROGRAM)));
+    match sibling {
+        Some(p) if p.is_file() => Ok(p),
+        _ => crate::host::find_program(HELPER_PROGRAM).map_or_else(bangerd_program, Ok),
+    }
+}
+
+/// The `bangerd` binary (`open-tap` and the other steps before a program): this one, unless
+/// it was replaced on disk (an upgrade), then the installed one.
 pub fn bangerd_program() -> crate::Result<std::path::PathBuf> {
     match std::env::current_exe() {
         Ok(p) if p.is_file() && p.file_name().is_some_and(|n| n == "bangerd") => Ok(p),

@@ -443,7 +443,7 @@ impl Qemu {
         }
     }
 
-    /// Starts the VM's console logger (the `bangerd` binary in its logger role) and waits
+    /// Starts the VM's console logger (the helpers' program in its logger role) and waits
     /// for its socket, which QEMU then connects to.
     async fn start_console(&self, spec: &BootSpec) -> Result<()> {
         let run = &spec.run_dir;
@@ -459,12 +459,12 @@ impl Qemu {
         super::console::start_logger(spec, &args, &output_socket(run), &sock).await
     }
 
-    /// Starts the VM's agent-link helper (the `bangerd` binary in its `agent-link` role, as
+    /// Starts the VM's agent-link helper (the helpers' program in its `agent-link` role, as
     /// the VM's uid) and waits until it listens: QEMU connects its end of the agent's port
     /// to it, clients of the agent its hybrid socket.
     async fn start_link(&self, spec: &BootSpec) -> Result<()> {
         let run = &spec.run_dir;
-        let bin = super::process::bangerd_program()?;
+        let bin = super::process::helper_program()?;
         terminate(&link_pidfile(run), &marker(run), Duration::from_secs(2)).await;
         let (vmm_end, clients) = (link_socket(run), self.vsock_socket(run));
         for s in [&vmm_end, &clients] {

@@ -11,7 +11,8 @@ use super::Vms;
 use crate::vmm::{jail, process, scope};
 use crate::Result;
 
-/// The argument that runs the `bangerd` binary as a VM's control relay.
+/// The argument that runs the helpers' program (`process::helper_program`) as a VM's
+/// control relay.
 pub const RELAY_ARG: &str = "machine-control";
 
 /// What the relay says in its log once its socket is there and listens.
@@ -42,7 +43,7 @@ impl Vms {
             private: false,
             offline: false,
         };
-        let bin = process::bangerd_program()?;
+        let bin = process::helper_program()?;
         process::spawn_detached(&process::Detached {
             pidfile: &pidfile,
             unit: &scope::helper_unit(id, "control"),

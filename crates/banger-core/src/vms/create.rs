@@ -568,8 +568,8 @@ impl Vms {
         .map_err(|e| failed("Initrd task failed", e))?
     }
 
-    /// Starts the VM's port forwarder (`bangerd port-forward`, a helper as the VM's uid) and
-    /// waits until it listens on every published port.
+    /// Starts the VM's port forwarder (`banger-vm-helper port-forward`, a helper as the VM's
+    /// uid) and waits until it listens on every published port.
     pub(super) async fn start_forwarder(
         &self,
         vm: &Vm,
@@ -579,7 +579,7 @@ impl Vms {
         let run = self.layout.vm_runtime_dir(&vm.id);
         let (pidfile, log) = (run.join(FORWARD_PID), run.join("port-forward.log"));
         process::terminate(&pidfile, &run.to_string_lossy(), Duration::from_secs(2)).await;
-        let bin = process::bangerd_program()?;
+        let bin = process::helper_program()?;
         let vsock = self.vmm.vsock_socket(&run);
         let mut args: Vec<std::ffi::OsString> =
             vec![publish::FORWARD_ARG.into(), vsock.into_os_string()];

@@ -4,10 +4,10 @@
 //! and whatever walls its network has. A UDP port works the same way per client: each host
 //! peer gets a stream to the agent (`connectudp`) carrying its datagrams, length-prefixed,
 //! to and from a guest socket connected to the guest's port; a peer silent for
-//! [`UDP_IDLE`] loses its stream, as a NAT forgets a flow. The listener is a detached helper of the VM's,
-//! `bangerd port-forward`, running as the VM's uid like its other helpers: it outlives the
-//! daemon's idle exit or restart and goes with the VM. Anyone who reaches a published port
-//! can connect: each port serves at most [`MAX_TCP_CONNECTIONS`] connections (or
+//! [`UDP_IDLE`] loses its stream, as a NAT forgets a flow. The listener is a detached helper of
+//! the VM's, `banger-vm-helper port-forward`, running as the VM's uid like its other helpers:
+//! it outlives the daemon's idle exit or restart and goes with the VM. Anyone who reaches a
+//! published port can connect: each port serves at most [`MAX_TCP_CONNECTIONS`] connections (or
 //! [`MAX_UDP_PEERS`] peers) at once, and closes the ones beyond at once.
 
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -151,11 +151,13 @@ fn open_guest(uds: &Path, port: u16, udp: bool) -> std::io::Result<std::os::unix
     crate::agent::client::request_blocking(crate::vmm::jail::connect(uds)?, req)
 }
 
-/// `bangerd port-forward VSOCK SPEC…`: listens on each published host port and forwards
+/// `banger-vm-helper port-forward VSOCK SPEC…`: listens on each published host port and forwards
 /// every connection to its guest port. Returns only when it cannot listen.
 pub fn run_forwarder(args: &[std::ffi::OsString]) -> std::io::Error {
     let Some((uds, specs)) = args.split_first() else {
-        return std::io::Error::other("usage: bangerd port-forward VSOCK ADDR:HOSTPORT:GUESTPORT…");
+        return std::io::Error::other(
+            "usage: banger-vm-helper port-forward VSOCK ADDR:HOSTPORT:GUESTPORT…",
+        );
     };
     let uds = std::path::PathBuf::from(uds);
     // A TCP connection holds four descriptors here (each end and its clone), a UDP peer two.
@@ -194,7 +196,7 @@ pub fn run_forwarder(args: &[std::ffi::OsString]) -> std::io::Error {
             )
         }));
     }
-    helper_line("bangerd port-forward: listening");
+    helper_line("port-forward: listening");
     for t in threads {
         let _ = t.join();
     }
@@ -252,7 +254,7 @@ where
             let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
             drop(conn);
             log(&format!(
-                "bangerd port-forward: {peer} → guest {guest}: closed, {max} connections are open"
+                "port-forward: {peer} → guest {guest}: closed, {max} connections are open"
             ));
             continue;
         }
@@ -262,7 +264,7 @@ where
             match open(guest) {
                 Ok(g) => splice(conn, g),
                 Err(e) => log(&format!(
-                    "bangerd port-forward: {} → guest {guest}: {e}",
+                    "port-forward: {} → guest {guest}: {e}",
                     host.map(|h| h.to_string()).unwrap_or_default()
                 )),
             }
@@ -302,9 +304,7 @@ where
             let stream = match open(guest) {
                 Ok(s) => s,
                 Err(e) => {
-                    log(&format!(
-                        "bangerd port-forward: {peer} → guest {guest}/udp: {e}"
-                    ));
+                    log(&format!("port-forward: {peer} → guest {guest}/udp: {e}"));
                     continue;
                 }
             };

@@ -3,7 +3,7 @@
 //! snapshotted and restored. Many connections share the stream, each with its own flow
 //! control, so one slow reader never stalls another.
 //!
-//! The host side is a small helper (`bangerd agent-link`, one per VM, beside the VMM) that
+//! The host side is a small helper (`banger-vm-helper agent-link`, one per VM, beside the VMM) that
 //! serves the same hybrid socket as Firecracker's vsock (`CONNECT <port>\n` → `OK <n>\n`), so
 //! every client of the agent is the same for both VMMs; the guest side is in `banger-agent`,
 //! which bridges each connection to its ordinary handler through a socket pair.
@@ -756,7 +756,7 @@ fn client(link: &Arc<Link>, guest: &Guest, mut s: UnixStream) {
 }
 
 /// The argument that runs the `bangerd` binary as a VM's link helper:
-/// `bangerd agent-link VMM_SOCKET CLIENT_SOCKET`.
+/// `banger-vm-helper agent-link VMM_SOCKET CLIENT_SOCKET`.
 pub const HELPER_ARG: &str = "agent-link";
 
 /// Listens on `path` once it is ready: bound and listening under a temporary name, then
