@@ -23,8 +23,8 @@ pub fn run(role: &str, args: &[OsString]) -> Option<ExitCode> {
 }
 
 /// `console-logger SOCKET LOG [OUTPUT_LOG]`: one VM's bounded console log, and with
-/// `OUTPUT_LOG` its VMM's output, from the listening socket it gets as fd 3; `console-logger - LOG`: a console that comes as a VMM's output on fd 3 (see
-/// `vmm::console`).
+/// `OUTPUT_LOG` its VMM's output, from the listening socket it gets as fd 3;
+/// `console-logger - LOG`: a console that comes as a VMM's output on fd 3 (see `vmm::console`).
 fn console_logger(args: &[OsString]) -> ExitCode {
     let fd3 = || {
         use std::os::fd::FromRawFd;

@@ -151,8 +151,8 @@ fn open_guest(uds: &Path, port: u16, udp: bool) -> std::io::Result<std::os::unix
     crate::agent::client::request_blocking(crate::vmm::jail::connect(uds)?, req)
 }
 
-/// `banger-vm-helper port-forward VSOCK SPEC…`: listens on each published host port and forwards
-/// every connection to its guest port. Returns only when it cannot listen.
+/// `banger-vm-helper port-forward VSOCK SPEC…`: listens on each published host port and
+/// forwards every connection to its guest port. Returns only when it cannot listen.
 pub fn run_forwarder(args: &[std::ffi::OsString]) -> std::io::Error {
     let Some((uds, specs)) = args.split_first() else {
         return std::io::Error::other(

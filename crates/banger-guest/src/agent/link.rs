@@ -3,9 +3,9 @@
 //! snapshotted and restored. Many connections share the stream, each with its own flow
 //! control, so one slow reader never stalls another.
 //!
-//! The host side is a small helper (`banger-vm-helper agent-link`, one per VM, beside the VMM) that
-//! serves the same hybrid socket as Firecracker's vsock (`CONNECT <port>\n` → `OK <n>\n`), so
-//! every client of the agent is the same for both VMMs; the guest side is in `banger-agent`,
+//! The host side is a small helper (`banger-vm-helper agent-link`, one per VM, beside the VMM)
+//! that serves the same hybrid socket as Firecracker's vsock (`CONNECT <port>\n` → `OK <n>\n`),
+//! so every client of the agent is the same for both VMMs; the guest side is in `banger-agent`,
 //! which bridges each connection to its ordinary handler through a socket pair.
 //!
 //! Frames: `magic[4] kind[1] conn[4 BE] len[4 BE] data[len]`. A receiver that meets a frame it
@@ -755,7 +755,7 @@ fn client(link: &Arc<Link>, guest: &Guest, mut s: UnixStream) {
     let _ = link.bridge(c, s);
 }
 
-/// The argument that runs the `bangerd` binary as a VM's link helper:
+/// The argument that runs the helpers' program as a VM's link helper:
 /// `banger-vm-helper agent-link VMM_SOCKET CLIENT_SOCKET`.
 pub const HELPER_ARG: &str = "agent-link";
 
