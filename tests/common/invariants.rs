@@ -68,6 +68,7 @@ pub fn stray_programs(bus: &TestBus) -> Vec<String> {
         }
         let ours = [
             "bangerd",
+            "banger-vm-helper",
             "dbus-daemon",
             "polkitd",
             "qemu",
