@@ -781,3 +781,27 @@ async fn logs_go_to_the_journal_with_structured_fields() {
     assert_eq!(refused["UID"], uid_of(USER_NO).to_string());
     assert_eq!(refused["PRIORITY"], "4");
 }
+
+/// `bangerd` alone (every option has its default) is the daemon, not a role without its
+/// arguments: in a mount namespace of its own whose `/run` and `/var/lib` are empty, it gets as
+/// far as the system bus (none there) and says so. It panicked on the missing role's arguments
+/// once the helpers' roles were asked first.
+#[test]
+fn bangerd_alone_is_the_daemon() {
+    if !available(&["unshare"]) {
+        return;
+    }
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(concat!(
+            "mount -t tmpfs none /var/lib && mount -t tmpfs none /run && ",
+            "DBUS_SYSTEM_BUS_ADDRESS=unix:path=/run/no-bus exec \"$0\""
+        ))
+        .arg(env!("CARGO_BIN_EXE_bangerd"))
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(!said.contains("panicked"), "{said}");
+    assert!(said.contains("Cannot connect to the system bus"), "{said}");
+}

@@ -11,25 +11,25 @@ fn main() -> std::process::ExitCode {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // Each role that becomes another program returns only when it could not.
     let role = argv.get(1).and_then(|a| a.to_str()).unwrap_or_default();
+    // The role's arguments; none when there is no role (`bangerd` alone is the daemon).
+    let rest = argv.get(2..).unwrap_or_default();
     // What `banger-vm-helper` runs, which an older daemon may still ask of this binary.
-    if let Some(code) = banger::helpers::run(role, &argv[2..]) {
+    if let Some(code) = banger::helpers::run(role, rest) {
         return code;
     }
     let failed = match role {
-        banger::vmm::jail::MOUNTS_ARG => banger::vmm::jail::mounts_and_exec(&argv[2..]),
-        banger::vmm::process::OPEN_TAP_ARG => banger::vmm::process::open_tap_and_exec(&argv[2..]),
-        banger::vmm::process::LISTEN_ARG => banger::vmm::process::listen_and_exec(&argv[2..]),
+        banger::vmm::jail::MOUNTS_ARG => banger::vmm::jail::mounts_and_exec(rest),
+        banger::vmm::process::OPEN_TAP_ARG => banger::vmm::process::open_tap_and_exec(rest),
+        banger::vmm::process::LISTEN_ARG => banger::vmm::process::listen_and_exec(rest),
         banger::vmm::process::NO_HUGE_PAGES_ARG => {
-            banger::vmm::process::no_huge_pages_and_exec(&argv[2..])
+            banger::vmm::process::no_huge_pages_and_exec(rest)
         }
-        banger::vmm::process::TAKE_RAM_ARG => banger::vmm::process::take_ram_and_exec(&argv[2..]),
-        banger::vmm::nosetid::NO_SETID_ARG => banger::vmm::nosetid::deny_setid_and_exec(&argv[2..]),
-        banger::worker::WORKER_ARG => {
-            return banger::worker::main(&argv[2..], banger::service::WORKS)
-        }
-        banger::activator::ACTIVATOR_ARG => banger::activator::run(&argv[2..]),
+        banger::vmm::process::TAKE_RAM_ARG => banger::vmm::process::take_ram_and_exec(rest),
+        banger::vmm::nosetid::NO_SETID_ARG => banger::vmm::nosetid::deny_setid_and_exec(rest),
+        banger::worker::WORKER_ARG => return banger::worker::main(rest, banger::service::WORKS),
+        banger::activator::ACTIVATOR_ARG => banger::activator::run(rest),
         banger::activator::WAKE_ARG => {
-            return match banger::activator::wake(&argv[2..]) {
+            return match banger::activator::wake(rest) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("bangerd wake: {e}");
