@@ -95,6 +95,7 @@ const STEPS: &[&str] = &[
     "a_published_port_reaches_the_guests_loopback",
     "the_vmm_and_its_helpers_run_confined",
     "freed_guest_memory_goes_back_to_the_host",
+    "an_idle_guest_wakes_its_vmm_only_for_its_own_timers",
     "a_console_flood_is_capped",
     "the_guest_network_isolated_and_shared",
     "running_vms_are_not_deleted_by_accident",
@@ -1229,6 +1230,53 @@ sys.stdin.read()
             let out = bus.banger_as(Some(USER_OK), &["vm", "delete", "--force", "bal"]);
             assert!(out.status.success(), "{}", text(&out));
         })
+        .await;
+
+    steps
+        .run(
+            "an_idle_guest_wakes_its_vmm_only_for_its_own_timers",
+            async {
+                // What woke an idle VM's QEMU most is gone: the PIT (QEMU toggles its channel 0
+                // 36 times a second from reset, and Linux, ticking on the APIC timer, never stops
+                // it), the guest's checks of its TSC against jiffies under TCG (its TSC is the
+                // host's) and kcompactd's proactive compaction, each twice a second.
+                let id = vm_shown(&bus, "t1")["id"].as_str().unwrap().to_owned();
+                let qmp = bus.runtime.join("vms").join(&id).join("jail/qmp.sock");
+                let pit = banger::vmm::qmp::Session::connect(&qmp)
+                    .and_then(|mut s| {
+                        s.command(
+                            "qom-get",
+                            serde_json::json!({"path": "/machine", "property": "pit"}),
+                        )
+                    })
+                    .unwrap();
+                assert_eq!(pit, "off", "the VMM has a PIT");
+                let seen = exec_as(
+                    &bus,
+                    Some(USER_OK),
+                    "t1",
+                    &[
+                        "cat",
+                        "/proc/sys/vm/compaction_proactiveness",
+                        "/sys/devices/system/clocksource/clocksource0/current_clocksource",
+                        "/proc/cmdline",
+                    ],
+                );
+                let lines: Vec<&str> = seen.lines().collect();
+                assert_eq!(lines[..2], ["0", "tsc"], "{seen}");
+                let pid =
+                    std::fs::read_to_string(bus.runtime.join("vms").join(&id).join("qemu.pid"))
+                        .unwrap();
+                let tcg = std::fs::read(format!("/proc/{}/cmdline", pid.trim()))
+                    .map(|c| String::from_utf8_lossy(&c).contains("tcg,tb-size="))
+                    .unwrap();
+                assert_eq!(
+                    lines[2].split_whitespace().any(|w| w == "tsc=reliable"),
+                    tcg,
+                    "tsc=reliable under TCG only: {seen}"
+                );
+            },
+        )
         .await;
 
     steps

@@ -302,8 +302,12 @@ impl Qemu {
         };
         let mut cmdline = format!("console=ttyS0 {root} panic=-1 {}", spec.cmdline);
         if let (false, Some(khz)) = (kvm, tsc_khz) {
-            // Under TCG about half the boots hang calibrating the TSC without this.
-            cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+            // Under TCG about half the boots hang calibrating the TSC without this. The guest's
+            // TSC is the host's (QEMU reads it for the guest), so it is as reliable as the
+            // host's own clock: without `tsc=reliable` the guest checked it against jiffies
+            // twice a second, an idle VM's commonest wakeup, and could mark it unstable when
+            // a busy host delays its ticks (jiffies is then its clock).
+            cmdline.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
         }
         if spec.machine.balloon {
             cmdline.push_str(&super::page_reporting_arg());
@@ -312,7 +316,10 @@ impl Qemu {
             "-name".into(),
             format!("banger-{},debug-threads=off", spec.id),
             "-M".into(),
-            "microvm,memory-backend=mem".into(),
+            format!(
+                "microvm,{}memory-backend=mem",
+                if spec.machine.no_pit { "pit=off," } else { "" }
+            ),
             "-accel".into(),
             // TCG's translation cache is capped so the VMM's unit can bound its memory.
             if kvm {
@@ -899,7 +906,10 @@ mod tests {
                 offline: false,
             },
             incoming: false,
-            machine: crate::vmm::Machine { balloon: true },
+            machine: crate::vmm::Machine {
+                balloon: true,
+                no_pit: true,
+            },
             memory: None,
         }
     }
@@ -913,7 +923,8 @@ mod tests {
             a.contains("-chardev socket,id=con,path=/run/banger/vms/00ff/jail/console.sock"),
             "{a}"
         );
-        assert!(a.contains("tsc_early_khz=2596140"), "{a}");
+        assert!(a.contains("tsc_early_khz=2596140 tsc=reliable"), "{a}");
+        assert!(a.contains("-M microvm,pit=off,memory-backend=mem "), "{a}");
         assert!(
             a.contains("root=serial:root rw banger.work=serial:work"),
             "{a}"
@@ -941,7 +952,9 @@ mod tests {
         );
         let a = q.args(&spec(), true, Some(2596140)).join(" ");
         assert!(
-            a.contains("-accel kvm -cpu host") && !a.contains("tsc_early_khz"),
+            a.contains("-accel kvm -cpu host")
+                && !a.contains("tsc_early_khz")
+                && !a.contains("tsc=reliable"),
             "{a}"
         );
     }
@@ -981,8 +994,20 @@ mod tests {
         );
         assert_eq!(crate::vmm::Machine::parse(""), Some(Default::default()));
         let m = crate::vmm::Machine::parse("balloon").unwrap();
-        assert!(m.balloon && m.spelled() == "balloon");
+        assert!(m.balloon && !m.no_pit && m.spelled() == "balloon");
         assert_eq!(crate::vmm::Machine::parse("balloon,hotplug-cpus"), None);
+        // A VM booted before banger dropped the PIT (an empty or a balloon-only spelling),
+        // and so each of its snapshots, restores with one: its saved state has the device.
+        assert!(a.contains("-M microvm,memory-backend=mem "), "{a}");
+        let cold = crate::vmm::Machine::current(&Default::default());
+        assert!(
+            cold.no_pit && cold.spelled() == "balloon,no-pit",
+            "{cold:?}"
+        );
+        assert_eq!(crate::vmm::Machine::parse(&cold.spelled()), Some(cold));
+        let template = crate::vmm::Machine::template();
+        assert_eq!(template.spelled(), "no-pit");
+        assert_eq!(crate::vmm::Machine::parse("no-pit"), Some(template));
     }
 
     #[test]

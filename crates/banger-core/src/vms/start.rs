@@ -542,7 +542,7 @@ impl Vms {
                 ))
             })?,
             // A template's snapshot is mapped by every warm start: no balloon (`vmm::ram`).
-            None if super::warm::is_template(vm) => Machine::default(),
+            None if super::warm::is_template(vm) => Machine::template(),
             None => Machine::current(&self.config),
         };
         Ok(BootSpec {
