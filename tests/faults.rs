@@ -20,7 +20,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use banger::dbus::proxy::{Images1Proxy, Kernels1Proxy, VMs1Proxy};
+use banger::dbus::proxy::{Images1Proxy, Jobs1Proxy, Kernels1Proxy, VMs1Proxy};
 use banger::model::now_us;
 use common::invariants::*;
 use common::oci::*;
@@ -188,6 +188,7 @@ async fn a_daemon_killed_at_any_moment_loses_nothing_and_leaves_nothing_half_don
     };
     let conn = bus.connect().await;
     let vms = VMs1Proxy::new(&conn).await.unwrap();
+    let jobs = Jobs1Proxy::new(&conn).await.unwrap();
     // The image every create uses, pulled once before any kill.
     let out = bus.banger_as(
         None,
@@ -418,6 +419,23 @@ async fn a_daemon_killed_at_any_moment_loses_nothing_and_leaves_nothing_half_don
             .list_vms()
             .await
             .expect("a plain call activates the next daemon");
+        // A round's call that reached the bus only after the kill (a kill at once) activated
+        // the next daemon itself and runs there as a job: what it does is checked once done.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let running = jobs
+                .list_jobs()
+                .await
+                .expect("the next daemon lists its jobs");
+            if running.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {n}: the next daemon's jobs still run: {running:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         checks += 1;
         for v in check(&bus) {
             println!("fault injection: round {n} ({ops:?}, point {point:?}): {v}");
