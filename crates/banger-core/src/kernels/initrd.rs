@@ -1,7 +1,8 @@
 //! banger's initrd for a modular kernel: the modules needed to reach an ext4 root on
-//! virtio-mmio block, virtio-net and virtio vsock, resolved from the kernel's own
-//! `modules.dep`, `modules.softdep` and `modules.alias` (dependencies first), packed with the
-//! static `banger-init` as `/init` into a newc cpio archive.
+//! virtio block, virtio-net and virtio vsock (over MMIO, and over PCI where the kernel has
+//! it), resolved from the kernel's own `modules.dep`, `modules.softdep` and `modules.alias`
+//! (dependencies first), packed with the static `banger-init` as `/init` into a newc cpio
+//! archive.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -22,10 +23,46 @@ pub const WANTED: &[&str] = &[
     "virtio_rng",
 ];
 
-/// What the guest uses when the kernel has it: the ACPI power button and the event device
-/// it reports through (banger-init powers off on it when it is the guest's init), virtio-fs
-/// for shared folders, and the memory balloon that reports freed pages to the host.
-pub const OPTIONAL: &[&str] = &["button", "evdev", "virtiofs", "virtio_balloon"];
+/// What the guest uses when the kernel has it: virtio over PCI (QEMU then puts the VM's
+/// devices there, see [`VIRTIO_PCI`]), the ACPI power button and the event device it
+/// reports through (banger-init powers off on it when it is the guest's init), virtio-fs for
+/// shared folders, and the memory balloon that reports freed pages to the host.
+pub const OPTIONAL: &[&str] = &[VIRTIO_PCI, "button", "evdev", "virtiofs", "virtio_balloon"];
+
+/// The module of virtio's PCI transport. A VM whose initrd loads it gets its devices on PCI
+/// (QEMU): a PCI device's queues have the entries it asks for, where QEMU's virtio-mmio
+/// offers each 1024 whatever the device asked, and Linux fills and sizes to what is offered
+/// (8 MiB of the agent port's receive buffers alone).
+pub const VIRTIO_PCI: &str = "virtio_pci";
+
+/// The names of a newc archive's entries, in order, up to its trailer or the first entry that
+/// does not parse (the rest is not read).
+fn entry_names(cpio: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let header = cpio.get(at..at + 110)?;
+        if &header[..6] != b"070701" {
+            return None;
+        }
+        let field = |i: usize| {
+            std::str::from_utf8(&header[6 + 8 * i..14 + 8 * i])
+                .ok()
+                .and_then(|h| usize::from_str_radix(h, 16).ok())
+        };
+        let (size, name_len) = (field(6)?, field(11)?);
+        let name_at = at + 110;
+        let name = cpio.get(name_at..name_at + name_len.checked_sub(1)?)?;
+        let data_at = (name_at + name_len).next_multiple_of(4);
+        at = data_at.checked_add(size)?.next_multiple_of(4);
+        (name != b"TRAILER!!!").then_some(name)
+    })
+}
+
+/// Whether `initrd` (banger's) carries module `name` for banger-init to load.
+pub fn carries_module(initrd: &[u8], name: &str) -> bool {
+    let want = format!("{MODULE_DIR}/{name}.ko");
+    entry_names(initrd).any(|n| n == want.as_bytes())
+}
 
 /// A module's canonical name: file stem without `.ko*`, `-` as `_`.
 fn module_name(path: &str) -> String {
@@ -352,8 +389,7 @@ fn read_inside(root: &Path, rel: &str) -> Result<Vec<u8>> {
 
 /// Whether `initrd` is one banger built (it lists its modules in `etc/banger-modules`).
 pub fn is_bangers(initrd: &[u8]) -> bool {
-    let name = MODULE_LIST.as_bytes();
-    initrd.windows(name.len()).any(|w| w == name)
+    entry_names(initrd).any(|n| n == MODULE_LIST.as_bytes())
 }
 
 /// Where the appended archive carries the current agent; banger-init installs it in the root.
@@ -434,6 +470,16 @@ pub fn current_name(initrd: Option<&Path>, init: &Path, agent: &Path) -> Result<
     Ok(format!("{CURRENT_PREFIX}{hex}.img"))
 }
 
+/// The initrd a VM boots with, and whether it loads virtio's PCI transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Current {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// It carries [`VIRTIO_PCI`] (a banger initrd of a modular kernel that has it): the VM's
+    /// devices may sit on PCI.
+    pub virtio_pci: bool,
+}
+
 /// The initrd a VM boots with: a kernel's own, or, for one banger built, that initrd with
 /// this banger's `init` and `agent` appended ([`with_current_init`]); for a kernel without
 /// an initrd (`initrd` None: every driver built in), banger's own without modules
@@ -441,29 +487,36 @@ pub fn current_name(initrd: Option<&Path>, init: &Path, agent: &Path) -> Result<
 /// per kernel and guest binaries, beside the kernel (written aside, synced, renamed in), and
 /// every VM's VMM maps that one file: the host holds one copy in its page cache, not one
 /// per VM. Blocking.
-pub fn current(
-    dir: &Path,
-    initrd: Option<&Path>,
-    init: &Path,
-    agent: &Path,
-) -> Result<std::path::PathBuf> {
+pub fn current(dir: &Path, initrd: Option<&Path>, init: &Path, agent: &Path) -> Result<Current> {
     use std::io::Write;
-    let name = current_name(initrd, init, agent)?;
-    let out = dir.join(&name);
-    if out.exists() {
-        return Ok(out);
-    }
-    let data = match initrd {
+    // The kernel's initrd is read each time (a few MiB from the page cache): which modules
+    // it loads decides the VM's devices.
+    let base = match initrd {
         Some(i) => {
             let data =
                 std::fs::read(i).map_err(|e| failed(format!("Cannot read {}", i.display()), e))?;
             if !is_bangers(&data) {
-                return Ok(i.to_owned());
+                return Ok(Current {
+                    path: i.to_owned(),
+                    virtio_pci: false,
+                });
             }
-            data
+            Some(data)
         }
-        None => builtin_base(),
+        None => None,
     };
+    let virtio_pci = base
+        .as_deref()
+        .is_some_and(|d| carries_module(d, VIRTIO_PCI));
+    let name = current_name(initrd, init, agent)?;
+    let out = dir.join(&name);
+    if out.exists() {
+        return Ok(Current {
+            path: out,
+            virtio_pci,
+        });
+    }
+    let data = base.unwrap_or_else(builtin_base);
     let agent = Some(agent).filter(|a| a.exists());
     let data = with_current_init(&data, init, agent)?;
     let staging = tempfile::Builder::new()
@@ -475,7 +528,10 @@ pub fn current(
     // A torn file after a crash would be taken for a whole one by its name.
     staging.as_file().sync_all().map_err(fail)?;
     staging.persist(&out).map_err(|e| fail(e.error))?;
-    Ok(out)
+    Ok(Current {
+        path: out,
+        virtio_pci,
+    })
 }
 
 /// Removes, in a kernel's directory, what [`current`] made that is not named `keep` (stale:
@@ -625,6 +681,8 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
         let (init, agent) = (d.join("bin-init"), d.join("bin-agent"));
         std::fs::write(&init, &elf).unwrap();
         let first = current(d, Some(&d.join("initrd.img")), &init, &agent).unwrap();
+        assert!(!first.virtio_pci, "no virtio_pci module");
+        let first = first.path;
         assert_eq!(first.parent(), Some(d));
         let data = std::fs::read(&first).unwrap();
         assert!(
@@ -632,7 +690,9 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
             "init appended"
         );
         let ino = std::fs::metadata(&first).unwrap().ino();
-        let again = current(d, Some(&d.join("initrd.img")), &init, &agent).unwrap();
+        let again = current(d, Some(&d.join("initrd.img")), &init, &agent)
+            .unwrap()
+            .path;
         assert_eq!(
             (&again, std::fs::metadata(&again).unwrap().ino()),
             (&first, ino)
@@ -641,7 +701,9 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
         std::fs::remove_file(&init).unwrap();
         elf.push(0);
         std::fs::write(&init, &elf).unwrap();
-        let second = current(d, Some(&d.join("initrd.img")), &init, &agent).unwrap();
+        let second = current(d, Some(&d.join("initrd.img")), &init, &agent)
+            .unwrap()
+            .path;
         assert_ne!(second, first);
         std::fs::write(d.join(".initrd.banger-torn"), b"half").unwrap();
         let keep = current_name(Some(&d.join("initrd.img")), &init, &agent).unwrap();
@@ -653,7 +715,63 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
         // A distribution's initrd is booted as it is.
         std::fs::write(d.join("initrd.img"), b"\x1f\x8b gzip").unwrap();
         let theirs = current(d, Some(&d.join("initrd.img")), &init, &agent).unwrap();
-        assert_eq!(theirs, d.join("initrd.img"));
+        assert_eq!(
+            theirs,
+            Current {
+                path: d.join("initrd.img"),
+                virtio_pci: false
+            }
+        );
+        // A banger initrd that carries virtio's PCI transport says so, made or already there.
+        let mut c = skeleton();
+        c.entry(&format!("{MODULE_DIR}/virtio.ko"), 0o100644, (0, 0), b"m");
+        c.entry(
+            &format!("{MODULE_DIR}/{VIRTIO_PCI}.ko"),
+            0o100644,
+            (0, 0),
+            b"mm",
+        );
+        c.entry(MODULE_LIST, 0o100644, (0, 0), b"virtio\nvirtio_pci\n");
+        std::fs::write(d.join("initrd.img"), c.finish()).unwrap();
+        let pci = current(d, Some(&d.join("initrd.img")), &init, &agent).unwrap();
+        assert!(pci.virtio_pci && pci.path.exists());
+        assert_eq!(
+            current(d, Some(&d.join("initrd.img")), &init, &agent).unwrap(),
+            pci
+        );
+    }
+
+    #[test]
+    fn an_archives_entries_are_read_by_their_headers() {
+        let mut c = skeleton();
+        c.entry(
+            &format!("{MODULE_DIR}/virtio_pci_modern_dev.ko"),
+            0o100644,
+            (0, 0),
+            b"abcde",
+        );
+        c.entry(MODULE_LIST, 0o100644, (0, 0), b"virtio_pci_modern_dev\n");
+        let a = c.finish();
+        let names: Vec<String> = entry_names(&a)
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect();
+        assert_eq!(names.last().map(String::as_str), Some(MODULE_LIST));
+        assert!(names.contains(&format!("{MODULE_DIR}/virtio_pci_modern_dev.ko")));
+        assert!(is_bangers(&a) && !carries_module(&a, VIRTIO_PCI));
+        // A name only inside a file's data is not an entry.
+        let mut c = Cpio::default();
+        c.entry(
+            "notes",
+            0o100644,
+            (0, 0),
+            format!("{MODULE_DIR}/{VIRTIO_PCI}.ko").as_bytes(),
+        );
+        c.entry(MODULE_LIST, 0o100644, (0, 0), b"");
+        assert!(!carries_module(&c.finish(), VIRTIO_PCI));
+        // Torn or foreign archives end the walk; nothing past them is read.
+        assert!(entry_names(&a[..a.len() / 2]).count() < names.len());
+        assert_eq!(entry_names(b"\x1f\x8b gzip").count(), 0);
+        assert_eq!(entry_names(b"070701zzzzzzzz").count(), 0);
     }
 
     /// A kernel without an initrd (every driver built in) boots with banger's own: no
@@ -668,6 +786,8 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
         let (init, agent) = (d.join("bin-init"), d.join("bin-agent"));
         std::fs::write(&init, &elf).unwrap();
         let made = current(d, None, &init, &agent).unwrap();
+        assert!(!made.virtio_pci, "built in: MMIO");
+        let made = made.path;
         assert_eq!(made.parent(), Some(d));
         let data = std::fs::read(&made).unwrap();
         let base = builtin_base();
@@ -681,7 +801,11 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
             "no modules: {text:?}"
         );
         assert!(data.len() > base.len() + elf.len(), "init appended");
-        assert_eq!(current(d, None, &init, &agent).unwrap(), made, "made once");
+        assert_eq!(
+            current(d, None, &init, &agent).unwrap().path,
+            made,
+            "made once"
+        );
         let keep = current_name(None, &init, &agent).unwrap();
         assert_eq!(made.file_name().unwrap().to_string_lossy(), keep);
         assert!(sweep_current(d, Some(&keep)).unwrap().is_empty());

@@ -101,23 +101,33 @@ pub struct Machine {
     /// woke 36 times a second to toggle an interrupt line no one listened to. VMs booted
     /// before banger dropped it, and so their snapshots, have one (the empty spelling).
     pub no_pit: bool,
+    /// Virtio devices on PCI (QEMU's microvm with `pcie=on`), not MMIO. QEMU's virtio-mmio
+    /// offers every queue 1024 entries whatever the device asks for (virtio-serial: 128 a
+    /// port, 32 for control; block and network 256), and Linux fills receive queues and sizes
+    /// request pools to what is offered: the agent port's and virtio-serial's control queue's
+    /// receive buffers alone held 8 MiB of every guest's memory. On PCI each queue has what its
+    /// device asks for. Only for a guest whose initrd loads the transport (see
+    /// `kernels::initrd::VIRTIO_PCI`); VMs booted before, and so their snapshots, are on MMIO.
+    pub pci: bool,
 }
 
 impl Machine {
-    /// What a cold boot gets under `config`.
-    pub fn current(config: &crate::config::Config) -> Self {
+    /// What a cold boot gets under `config`; `pci` when the VMM and the guest's initrd can.
+    pub fn current(config: &crate::config::Config, pci: bool) -> Self {
         Machine {
             balloon: config.free_page_reporting,
             no_pit: true,
+            pci,
         }
     }
 
     /// What a warm snapshot's template VM gets: no balloon, since every warm start maps its
     /// snapshot's memory (see [`ram`]).
-    pub fn template() -> Self {
+    pub fn template(pci: bool) -> Self {
         Machine {
             balloon: false,
             no_pit: true,
+            pci,
         }
     }
 
@@ -129,6 +139,7 @@ impl Machine {
             match word {
                 "balloon" => m.balloon = true,
                 "no-pit" => m.no_pit = true,
+                "pci" => m.pci = true,
                 _ => return None,
             }
         }
@@ -143,6 +154,9 @@ impl Machine {
         }
         if self.no_pit {
             words.push("no-pit");
+        }
+        if self.pci {
+            words.push("pci");
         }
         words.join(",")
     }
@@ -251,6 +265,11 @@ pub trait Vmm: Send + Sync {
 
     /// The VM's live processes, the VMM first (its leader).
     fn pids(&self, run_dir: &Path) -> Vec<u32>;
+
+    /// Whether it can put a VM's virtio devices on PCI ([`Machine::pci`]).
+    fn virtio_pci(&self) -> bool {
+        false
+    }
 
     /// The host side of the guest's vsock (hybrid `CONNECT <port>` protocol).
     fn vsock_socket(&self, run_dir: &Path) -> PathBuf {

@@ -317,8 +317,9 @@ impl Qemu {
             format!("banger-{},debug-threads=off", spec.id),
             "-M".into(),
             format!(
-                "microvm,{}memory-backend=mem",
-                if spec.machine.no_pit { "pit=off," } else { "" }
+                "microvm,{}{}memory-backend=mem",
+                if spec.machine.no_pit { "pit=off," } else { "" },
+                if spec.machine.pci { "pcie=on," } else { "" }
             ),
             "-accel".into(),
             // TCG's translation cache is capped so the VMM's unit can bound its memory.
@@ -359,6 +360,14 @@ impl Qemu {
             a.extend(["-initrd".into(), p(i)]);
         }
         a.extend(["-append".into(), cmdline]);
+        // A virtio device's model on the machine's transport (see `Machine::pci`).
+        let virtio = |model: &str| {
+            if spec.machine.pci {
+                format!("{model}-pci")
+            } else {
+                format!("{model}-device")
+            }
+        };
         let disks = [
             (ROOT_SERIAL, &spec.rootfs, "qcow2"),
             (WORK_SERIAL, &spec.work, "raw"),
@@ -371,7 +380,7 @@ impl Qemu {
                     p(file)
                 ),
                 "-device".into(),
-                format!("virtio-blk-device,drive={id},serial={id}"),
+                format!("{},drive={id},serial={id}", virtio("virtio-blk")),
             ]);
         }
         if let Some(n) = &spec.net {
@@ -382,7 +391,13 @@ impl Qemu {
                 "-netdev".into(),
                 "tap,id=net0,fd=3".into(),
                 "-device".into(),
-                format!("virtio-net-device,netdev=net0,mac={}", n.mac),
+                format!(
+                    "{},netdev=net0,mac={}{}",
+                    virtio("virtio-net"),
+                    n.mac,
+                    // No boot ROM: nothing network-boots, and QEMU would hold it in memory.
+                    if spec.machine.pci { ",romfile=" } else { "" }
+                ),
             ]);
         }
         for s in &spec.shares {
@@ -390,14 +405,14 @@ impl Qemu {
                 "-chardev".into(),
                 format!("socket,id={},path={}", s.tag, p(&share_socket(run, &s.tag))),
                 "-device".into(),
-                format!("vhost-user-fs-device,chardev={0},tag={0}", s.tag),
+                format!("{},chardev={1},tag={1}", virtio("vhost-user-fs"), s.tag),
             ]);
         }
         // The agent's channel is a virtio-serial port, which migrates (a vhost-user vsock
         // device does not): snapshots need it.
         a.extend([
             "-device".into(),
-            "virtio-serial-device".into(),
+            virtio("virtio-serial"),
             "-chardev".into(),
             format!("socket,id=agent,path={}", p(&link_socket(run))),
             "-device".into(),
@@ -411,7 +426,7 @@ impl Qemu {
             // after) and QEMU gives them back to the host; the balloon itself never inflates.
             a.extend([
                 "-device".into(),
-                "virtio-balloon-device,free-page-reporting=on".into(),
+                format!("{},free-page-reporting=on", virtio("virtio-balloon")),
             ]);
         }
         a.extend([
@@ -632,6 +647,10 @@ impl Qemu {
 impl Vmm for Qemu {
     fn name(&self) -> &'static str {
         "qemu"
+    }
+
+    fn virtio_pci(&self) -> bool {
+        true
     }
 
     fn saves_folder_roots(&self) -> std::result::Result<(), String> {
@@ -909,6 +928,7 @@ mod tests {
             machine: crate::vmm::Machine {
                 balloon: true,
                 no_pit: true,
+                pci: false,
             },
             memory: None,
         }
@@ -999,15 +1019,72 @@ mod tests {
         // A VM booted before banger dropped the PIT (an empty or a balloon-only spelling),
         // and so each of its snapshots, restores with one: its saved state has the device.
         assert!(a.contains("-M microvm,memory-backend=mem "), "{a}");
-        let cold = crate::vmm::Machine::current(&Default::default());
+        let cold = crate::vmm::Machine::current(&Default::default(), false);
         assert!(
             cold.no_pit && cold.spelled() == "balloon,no-pit",
             "{cold:?}"
         );
         assert_eq!(crate::vmm::Machine::parse(&cold.spelled()), Some(cold));
-        let template = crate::vmm::Machine::template();
+        let template = crate::vmm::Machine::template(false);
         assert_eq!(template.spelled(), "no-pit");
         assert_eq!(crate::vmm::Machine::parse("no-pit"), Some(template));
+        // A guest that can have its devices on PCI: the word is recorded, so its snapshots
+        // restore onto PCI, and those made before onto MMIO.
+        let pci = crate::vmm::Machine::current(&Default::default(), true);
+        assert_eq!(pci.spelled(), "balloon,no-pit,pci");
+        assert_eq!(crate::vmm::Machine::parse("balloon,no-pit,pci"), Some(pci));
+        assert_eq!(crate::vmm::Machine::template(true).spelled(), "no-pit,pci");
+    }
+
+    #[test]
+    fn a_pci_machine_puts_every_virtio_device_on_pci() {
+        let mut s = spec();
+        s.shares.push(crate::vmm::ShareSpec {
+            tag: "share0".into(),
+            host: "/home/u/src".into(),
+            read_only: false,
+            owner: crate::callerfile::Creds {
+                uid: 1000,
+                gid: 1000,
+                groups: vec![1000],
+            },
+        });
+        let q = Qemu::new(Accel::Tcg);
+        let mmio = q.args(&s, false, None).join(" ");
+        s.machine.pci = true;
+        let a = q.args(&s, false, None).join(" ");
+        assert!(
+            a.contains("-M microvm,pit=off,pcie=on,memory-backend=mem "),
+            "{a}"
+        );
+        for device in [
+            "virtio-blk-pci,drive=root,serial=root",
+            "virtio-blk-pci,drive=work,serial=work",
+            "virtio-net-pci,netdev=net0,mac=02:01:23:45:67:89,romfile= ",
+            "vhost-user-fs-pci,chardev=share0,tag=share0",
+            "-device virtio-serial-pci ",
+            "virtio-balloon-pci,free-page-reporting=on",
+        ] {
+            assert!(a.contains(device), "{device} in {a}");
+        }
+        // Nothing else changes: the same arguments, device for device, in the same order
+        // (a saved state loads only into the devices it was saved with).
+        let renamed = mmio
+            .replace("microvm,pit=off,", "microvm,pit=off,pcie=on,")
+            .replace(",mac=02:01:23:45:67:89", ",mac=02:01:23:45:67:89,romfile=")
+            .split(' ')
+            .map(|w| match w.split_once(',') {
+                Some((m, rest)) if m.ends_with("-device") => {
+                    format!("{}-pci,{rest}", m.trim_end_matches("-device"))
+                }
+                _ if w.ends_with("-device") && w != "-device" => {
+                    format!("{}-pci", w.trim_end_matches("-device"))
+                }
+                _ => w.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert_eq!(a, renamed);
     }
 
     #[test]

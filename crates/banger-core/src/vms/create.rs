@@ -557,7 +557,7 @@ impl Vms {
     pub(super) async fn current_initrd(
         &self,
         kernel: &crate::model::Kernel,
-    ) -> Result<std::path::PathBuf> {
+    ) -> Result<crate::kernels::initrd::Current> {
         let initrd = kernel.initrd_path.clone();
         let dir = kernel.dir().unwrap_or(std::path::Path::new(".")).to_owned();
         let (init, agent) = self.config.initrd_binaries();

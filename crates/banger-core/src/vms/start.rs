@@ -65,6 +65,8 @@ type Keygen = tokio::task::JoinHandle<Result<(Vec<u8>, String)>>;
 /// What the preparations made.
 struct Prepared {
     initrd: Option<PathBuf>,
+    /// The initrd loads virtio's PCI transport (`kernels::initrd::VIRTIO_PCI`).
+    virtio_pci: bool,
     lease: GuestNet,
 }
 
@@ -236,7 +238,7 @@ impl Vms {
             let ports = self.guest_ports("").await?;
             self.net.attach(&tap, &ports).await.map(|_| None)
         };
-        let initrd = async { self.current_initrd(&plan.kernel).await.map(Some) };
+        let initrd = self.current_initrd(&plan.kernel);
         // All four are awaited, failed or not, so none goes on behind the failure's cleanup.
         let t0 = std::time::Instant::now();
         let id = vm.id.as_str();
@@ -279,7 +281,11 @@ impl Vms {
             },
             (None, None) => unreachable!("a VM without a namespace is on the bridge"),
         };
-        Ok(Prepared { initrd, lease })
+        Ok(Prepared {
+            initrd: Some(initrd.path),
+            virtio_pci: initrd.virtio_pci,
+            lease,
+        })
     }
 
     /// Stage `prepare_rootfs`: says where the root disk comes from.
@@ -532,6 +538,9 @@ impl Vms {
             });
         }
         let kernel = &plan.kernel;
+        // Devices on PCI where both ends can: the VMM, and the guest's initrd loading the
+        // transport.
+        let pci = prepared.virtio_pci && self.vmm.virtio_pci();
         // A saved state loads only into the devices it was saved with.
         let machine = match &plan.restore {
             Some((snap, _)) => Machine::parse(&snap.machine).ok_or_else(|| {
@@ -542,8 +551,8 @@ impl Vms {
                 ))
             })?,
             // A template's snapshot is mapped by every warm start: no balloon (`vmm::ram`).
-            None if super::warm::is_template(vm) => Machine::template(),
-            None => Machine::current(&self.config),
+            None if super::warm::is_template(vm) => Machine::template(pci),
+            None => Machine::current(&self.config, pci),
         };
         Ok(BootSpec {
             id: vm.id.clone(),
