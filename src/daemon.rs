@@ -125,9 +125,11 @@ fn sweep_orphans(layout: &Layout, store: &Store) -> Result<()> {
     Ok(())
 }
 
-/// Removes the initrds VMs booted with (`kernels::initrd::current`) that were made for other
-/// guest binaries than the configured ones, and any a killed daemon left half-written: no
-/// start is choosing one yet, and a VM that runs keeps the file its VMM mapped.
+/// Builds again the kernels' initrds an older banger built without what this one adds
+/// (`kernels::initrd::refresh`: virtio's PCI transport), then removes the initrds VMs booted
+/// with (`kernels::initrd::current`) that were made for other guest binaries than the
+/// configured ones or from an initrd built again, and any a killed daemon left half-written:
+/// no start is choosing one yet, and a VM that runs keeps the file its VMM mapped.
 fn sweep_initrds(config: &Config, store: &Store) -> Result<()> {
     use crate::kernels::initrd;
     let kernels = store.call_blocking(|c| rows::list_kernels(c))?;
@@ -136,6 +138,22 @@ fn sweep_initrds(config: &Config, store: &Store) -> Result<()> {
         let Some(dir) = k.dir() else {
             continue;
         };
+        if let (Some(i), Some(m)) = (&k.initrd_path, &k.modules_dir) {
+            // A kernel whose initrd cannot be built again boots as it did (MMIO).
+            match initrd::refresh(i, m, &init) {
+                Ok(true) => tracing::info!(
+                    kernel = %k.name,
+                    "Built the initrd of kernel {} again: its VMs' devices go on PCI",
+                    k.name
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(
+                    kernel = %k.name,
+                    "Kept the initrd of kernel {} as an older banger built it: {e}",
+                    k.name
+                ),
+            }
+        }
         let keep = initrd::current_name(k.initrd_path.as_deref(), &init, &agent).ok();
         for name in initrd::sweep_current(dir, keep.as_deref())? {
             tracing::info!(kernel = %k.name, "Removed {name}: made for other guest binaries");

@@ -29,11 +29,17 @@ pub const WANTED: &[&str] = &[
 /// shared folders, and the memory balloon that reports freed pages to the host.
 pub const OPTIONAL: &[&str] = &[VIRTIO_PCI, "button", "evdev", "virtiofs", "virtio_balloon"];
 
-/// The module of virtio's PCI transport. A VM whose initrd loads it gets its devices on PCI
-/// (QEMU): a PCI device's queues have the entries it asks for, where QEMU's virtio-mmio
-/// offers each 1024 whatever the device asked, and Linux fills and sizes to what is offered
-/// (8 MiB of the agent port's receive buffers alone).
+/// The module of virtio's PCI transport. A VM whose initrd says its kernel has it (loaded
+/// from the initrd or built in: [`VIRTIO_PCI_MARK`]) gets its devices on PCI (QEMU): a PCI
+/// device's queues have the entries it asks for, where QEMU's virtio-mmio offers each 1024
+/// whatever the device asked, and Linux fills and sizes to what is offered (8 MiB of the
+/// agent port's receive buffers alone).
 pub const VIRTIO_PCI: &str = "virtio_pci";
+
+/// The entry of a banger initrd whose kernel has [`VIRTIO_PCI`] (as a module the initrd
+/// carries, or built in). Initrds an older banger built have none, and are built again
+/// ([`refresh`]).
+pub const VIRTIO_PCI_MARK: &str = "etc/banger-virtio-pci";
 
 /// The names of a newc archive's entries, in order, up to its trailer or the first entry that
 /// does not parse (the rest is not read).
@@ -58,10 +64,9 @@ fn entry_names(cpio: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// Whether `initrd` (banger's) carries module `name` for banger-init to load.
-pub fn carries_module(initrd: &[u8], name: &str) -> bool {
-    let want = format!("{MODULE_DIR}/{name}.ko");
-    entry_names(initrd).any(|n| n == want.as_bytes())
+/// Whether `initrd` (banger's) says its kernel has virtio's PCI transport.
+pub fn virtio_pci(initrd: &[u8]) -> bool {
+    entry_names(initrd).any(|n| n == VIRTIO_PCI_MARK.as_bytes())
 }
 
 /// A module's canonical name: file stem without `.ko*`, `-` as `_`.
@@ -310,8 +315,41 @@ pub fn build(modules_dir: &Path, init: &Path) -> Result<Vec<u8>> {
         list.push_str(name);
         list.push('\n');
     }
+    if idx.has(VIRTIO_PCI) {
+        cpio.entry(VIRTIO_PCI_MARK, 0o100644, (0, 0), &[]);
+    }
     cpio.entry(MODULE_LIST, 0o100644, (0, 0), list.as_bytes());
     Ok(cpio.finish())
+}
+
+/// Builds a kernel's banger initrd (`initrd`, from its `modules_dir`) again when an older
+/// banger built it without what this one adds for a kernel that has it: today virtio's PCI
+/// transport ([`VIRTIO_PCI_MARK`]). Written aside, synced and renamed over the old one; a VM
+/// that runs keeps the file its VMM mapped (made from the old one by [`current`]), and the
+/// next start makes its own from the new one. `Ok(false)` when there is nothing to do: not
+/// banger's, marked already, or a kernel without the transport. For the daemon's start, when
+/// no start is choosing an initrd. Blocking.
+pub fn refresh(initrd: &Path, modules_dir: &Path, init: &Path) -> Result<bool> {
+    use std::io::Write;
+    let old = std::fs::read(initrd)
+        .map_err(|e| failed(format!("Cannot read {}", initrd.display()), e))?;
+    if !is_bangers(&old) || virtio_pci(&old) || !ModuleIndex::load(modules_dir)?.has(VIRTIO_PCI) {
+        return Ok(false);
+    }
+    let data = build(modules_dir, init)?;
+    let dir = initrd.parent().unwrap_or(Path::new("."));
+    let staging = tempfile::Builder::new()
+        .prefix(CURRENT_STAGING)
+        .tempfile_in(dir)
+        .map_err(|e| failed(format!("Cannot write in {}", dir.display()), e))?;
+    let fail = |e| failed(format!("Cannot write {}", initrd.display()), e);
+    staging.as_file().write_all(&data).map_err(fail)?;
+    let mode = std::fs::metadata(initrd).map_err(fail)?.permissions();
+    staging.as_file().set_permissions(mode).map_err(fail)?;
+    // A torn file after a crash would be taken for a whole one by its name.
+    staging.as_file().sync_all().map_err(fail)?;
+    staging.persist(initrd).map_err(|e| fail(e.error))?;
+    Ok(true)
 }
 
 /// What every banger initrd holds before its init and modules: the mount points, the
@@ -475,8 +513,8 @@ pub fn current_name(initrd: Option<&Path>, init: &Path, agent: &Path) -> Result<
 pub struct Current {
     /// The file.
     pub path: std::path::PathBuf,
-    /// It carries [`VIRTIO_PCI`] (a banger initrd of a modular kernel that has it): the VM's
-    /// devices may sit on PCI.
+    /// Its kernel has [`VIRTIO_PCI`] (a banger initrd marked so, [`VIRTIO_PCI_MARK`]): the
+    /// VM's devices may sit on PCI.
     pub virtio_pci: bool,
 }
 
@@ -505,15 +543,13 @@ pub fn current(dir: &Path, initrd: Option<&Path>, init: &Path, agent: &Path) -> 
         }
         None => None,
     };
-    let virtio_pci = base
-        .as_deref()
-        .is_some_and(|d| carries_module(d, VIRTIO_PCI));
+    let pci = base.as_deref().is_some_and(virtio_pci);
     let name = current_name(initrd, init, agent)?;
     let out = dir.join(&name);
     if out.exists() {
         return Ok(Current {
             path: out,
-            virtio_pci,
+            virtio_pci: pci,
         });
     }
     let data = base.unwrap_or_else(builtin_base);
@@ -530,7 +566,7 @@ pub fn current(dir: &Path, initrd: Option<&Path>, init: &Path, agent: &Path) -> 
     staging.persist(&out).map_err(|e| fail(e.error))?;
     Ok(Current {
         path: out,
-        virtio_pci,
+        virtio_pci: pci,
     })
 }
 
@@ -731,10 +767,16 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
             (0, 0),
             b"mm",
         );
+        c.entry(VIRTIO_PCI_MARK, 0o100644, (0, 0), b"");
         c.entry(MODULE_LIST, 0o100644, (0, 0), b"virtio\nvirtio_pci\n");
         std::fs::write(d.join("initrd.img"), c.finish()).unwrap();
         let pci = current(d, Some(&d.join("initrd.img")), &init, &agent).unwrap();
         assert!(pci.virtio_pci && pci.path.exists());
+        // Marked already, or not banger's: nothing to build again (the modules are not read).
+        let none = d.join("no-modules");
+        assert!(!refresh(&d.join("initrd.img"), &none, &init).unwrap());
+        std::fs::write(d.join("theirs.img"), b"\x1f\x8b gzip").unwrap();
+        assert!(!refresh(&d.join("theirs.img"), &none, &init).unwrap());
         assert_eq!(
             current(d, Some(&d.join("initrd.img")), &init, &agent).unwrap(),
             pci
@@ -757,17 +799,12 @@ kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio_ring.k
             .collect();
         assert_eq!(names.last().map(String::as_str), Some(MODULE_LIST));
         assert!(names.contains(&format!("{MODULE_DIR}/virtio_pci_modern_dev.ko")));
-        assert!(is_bangers(&a) && !carries_module(&a, VIRTIO_PCI));
+        assert!(is_bangers(&a) && !virtio_pci(&a));
         // A name only inside a file's data is not an entry.
         let mut c = Cpio::default();
-        c.entry(
-            "notes",
-            0o100644,
-            (0, 0),
-            format!("{MODULE_DIR}/{VIRTIO_PCI}.ko").as_bytes(),
-        );
+        c.entry("notes", 0o100644, (0, 0), VIRTIO_PCI_MARK.as_bytes());
         c.entry(MODULE_LIST, 0o100644, (0, 0), b"");
-        assert!(!carries_module(&c.finish(), VIRTIO_PCI));
+        assert!(!virtio_pci(&c.finish()));
         // Torn or foreign archives end the walk; nothing past them is read.
         assert!(entry_names(&a[..a.len() / 2]).count() < names.len());
         assert_eq!(entry_names(b"\x1f\x8b gzip").count(), 0);
