@@ -1242,14 +1242,11 @@ sys.stdin.read()
                 // it), the guest's checks of its TSC against jiffies under TCG (its TSC is the
                 // host's) and kcompactd's proactive compaction, each twice a second.
                 let id = vm_shown(&bus, "t1")["id"].as_str().unwrap().to_owned();
-                let qmp = bus.runtime.join("vms").join(&id).join("jail/qmp.sock");
-                let pit = banger::vmm::qmp::Session::connect(&qmp)
-                    .and_then(|mut s| {
-                        s.command(
-                            "qom-get",
-                            serde_json::json!({"path": "/machine", "property": "pit"}),
-                        )
-                    })
+                let pit = qmp(&bus, "t1")
+                    .command(
+                        "qom-get",
+                        serde_json::json!({"path": "/machine", "property": "pit"}),
+                    )
                     .unwrap();
                 assert_eq!(pit, "off", "the VMM has a PIT");
                 let seen = exec_as(
@@ -1288,9 +1285,7 @@ sys.stdin.read()
                 // sit on PCI, where each queue has the entries its device asks for: QEMU's
                 // virtio-mmio offers 1024 whatever was asked, and Linux filled the agent
                 // port's and the control queue's with a page each (8 MiB of the guest).
-                let id = vm_shown(&bus, "t1")["id"].as_str().unwrap().to_owned();
-                let qmp = bus.runtime.join("vms").join(&id).join("jail/qmp.sock");
-                let mut s = banger::vmm::qmp::Session::connect(&qmp).unwrap();
+                let mut s = qmp(&bus, "t1");
                 let devices = s.command("x-query-virtio", serde_json::json!({})).unwrap();
                 let devices = devices.as_array().unwrap();
                 let (mut queues, mut names) = (0, Vec::new());
@@ -2833,6 +2828,13 @@ async fn debootstrap_and_umoci_images_boot_by_reference() {
         let out = bus.banger_as(None, &["vm", "delete", "--force", vm]);
         assert!(out.status.success(), "{}", text(&out));
     }
+}
+
+/// A QMP session with VM `vm`'s QEMU, as the daemon has it.
+fn qmp(bus: &TestBus, vm: &str) -> banger::vmm::qmp::Session {
+    let id = vm_shown(bus, vm)["id"].as_str().unwrap().to_owned();
+    let socket = bus.runtime.join("vms").join(id).join("jail/qmp.sock");
+    banger::vmm::qmp::Session::connect(&socket).unwrap()
 }
 
 /// `banger vm exec VM -- ARGS` as `user`; the output, or a panic naming what failed.

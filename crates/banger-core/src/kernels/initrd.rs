@@ -330,26 +330,37 @@ pub fn build(modules_dir: &Path, init: &Path) -> Result<Vec<u8>> {
 /// banger's, marked already, or a kernel without the transport. For the daemon's start, when
 /// no start is choosing an initrd. Blocking.
 pub fn refresh(initrd: &Path, modules_dir: &Path, init: &Path) -> Result<bool> {
-    use std::io::Write;
     let old = std::fs::read(initrd)
         .map_err(|e| failed(format!("Cannot read {}", initrd.display()), e))?;
     if !is_bangers(&old) || virtio_pci(&old) || !ModuleIndex::load(modules_dir)?.has(VIRTIO_PCI) {
         return Ok(false);
     }
     let data = build(modules_dir, init)?;
-    let dir = initrd.parent().unwrap_or(Path::new("."));
+    let mode = std::fs::metadata(initrd)
+        .map_err(|e| failed(format!("Cannot inspect {}", initrd.display()), e))?
+        .permissions();
+    write_aside(initrd, &data, Some(mode))?;
+    Ok(true)
+}
+
+/// Writes `data` as `path`: aside in its directory (named so [`sweep_current`] removes what a
+/// crash leaves), synced, with `mode` (else the staging file's 0600), renamed in. Blocking.
+fn write_aside(path: &Path, data: &[u8], mode: Option<std::fs::Permissions>) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
     let staging = tempfile::Builder::new()
         .prefix(CURRENT_STAGING)
         .tempfile_in(dir)
         .map_err(|e| failed(format!("Cannot write in {}", dir.display()), e))?;
-    let fail = |e| failed(format!("Cannot write {}", initrd.display()), e);
-    staging.as_file().write_all(&data).map_err(fail)?;
-    let mode = std::fs::metadata(initrd).map_err(fail)?.permissions();
-    staging.as_file().set_permissions(mode).map_err(fail)?;
+    let fail = |e| failed(format!("Cannot write {}", path.display()), e);
+    staging.as_file().write_all(data).map_err(fail)?;
+    if let Some(mode) = mode {
+        staging.as_file().set_permissions(mode).map_err(fail)?;
+    }
     // A torn file after a crash would be taken for a whole one by its name.
     staging.as_file().sync_all().map_err(fail)?;
-    staging.persist(initrd).map_err(|e| fail(e.error))?;
-    Ok(true)
+    staging.persist(path).map_err(|e| fail(e.error))?;
+    Ok(())
 }
 
 /// What every banger initrd holds before its init and modules: the mount points, the
@@ -526,7 +537,6 @@ pub struct Current {
 /// every VM's VMM maps that one file: the host holds one copy in its page cache, not one
 /// per VM. Blocking.
 pub fn current(dir: &Path, initrd: Option<&Path>, init: &Path, agent: &Path) -> Result<Current> {
-    use std::io::Write;
     // The kernel's initrd is read each time (a few MiB from the page cache): which modules
     // it loads decides the VM's devices.
     let base = match initrd {
@@ -555,15 +565,7 @@ pub fn current(dir: &Path, initrd: Option<&Path>, init: &Path, agent: &Path) -> 
     let data = base.unwrap_or_else(builtin_base);
     let agent = Some(agent).filter(|a| a.exists());
     let data = with_current_init(&data, init, agent)?;
-    let staging = tempfile::Builder::new()
-        .prefix(CURRENT_STAGING)
-        .tempfile_in(dir)
-        .map_err(|e| failed(format!("Cannot write in {}", dir.display()), e))?;
-    let fail = |e| failed(format!("Cannot write {}", out.display()), e);
-    staging.as_file().write_all(&data).map_err(fail)?;
-    // A torn file after a crash would be taken for a whole one by its name.
-    staging.as_file().sync_all().map_err(fail)?;
-    staging.persist(&out).map_err(|e| fail(e.error))?;
+    write_aside(&out, &data, None)?;
     Ok(Current {
         path: out,
         virtio_pci: pci,

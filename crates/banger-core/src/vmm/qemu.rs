@@ -1036,8 +1036,8 @@ mod tests {
         assert_eq!(crate::vmm::Machine::template(true).spelled(), "no-pit,pci");
     }
 
-    #[test]
-    fn a_pci_machine_puts_every_virtio_device_on_pci() {
+    /// [`spec`] with a shared folder, `share0`.
+    fn spec_with_a_share() -> BootSpec {
         let mut s = spec();
         s.shares.push(crate::vmm::ShareSpec {
             tag: "share0".into(),
@@ -1049,6 +1049,12 @@ mod tests {
                 groups: vec![1000],
             },
         });
+        s
+    }
+
+    #[test]
+    fn a_pci_machine_puts_every_virtio_device_on_pci() {
+        let mut s = spec_with_a_share();
         let q = Qemu::new(Accel::Tcg);
         let mmio = q.args(&s, false, None).join(" ");
         s.machine.pci = true;
@@ -1089,17 +1095,7 @@ mod tests {
 
     #[test]
     fn memory_is_shared_only_with_a_shared_folder() {
-        let mut s = spec();
-        s.shares.push(crate::vmm::ShareSpec {
-            tag: "share0".into(),
-            host: "/home/u/src".into(),
-            read_only: false,
-            owner: crate::callerfile::Creds {
-                uid: 1000,
-                gid: 1000,
-                groups: vec![1000],
-            },
-        });
+        let s = spec_with_a_share();
         let a = Qemu::new(Accel::Tcg).args(&s, false, None).join(" ");
         assert!(
             a.contains("memory-backend-memfd,id=mem,size=512M,merge=off,share=on"),
