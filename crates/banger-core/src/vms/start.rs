@@ -64,9 +64,8 @@ type Keygen = tokio::task::JoinHandle<Result<(Vec<u8>, String)>>;
 
 /// What the preparations made.
 struct Prepared {
-    initrd: Option<PathBuf>,
-    /// The initrd loads virtio's PCI transport (`kernels::initrd::VIRTIO_PCI`).
-    virtio_pci: bool,
+    /// The initrd, and whether its kernel has virtio's PCI transport.
+    initrd: crate::kernels::initrd::Current,
     lease: GuestNet,
 }
 
@@ -281,11 +280,7 @@ impl Vms {
             },
             (None, None) => unreachable!("a VM without a namespace is on the bridge"),
         };
-        Ok(Prepared {
-            initrd: Some(initrd.path),
-            virtio_pci: initrd.virtio_pci,
-            lease,
-        })
+        Ok(Prepared { initrd, lease })
     }
 
     /// Stage `prepare_rootfs`: says where the root disk comes from.
@@ -540,7 +535,7 @@ impl Vms {
         let kernel = &plan.kernel;
         // Devices on PCI where both ends can: the VMM, and the guest's initrd loading the
         // transport.
-        let pci = prepared.virtio_pci && self.vmm.virtio_pci();
+        let pci = prepared.initrd.virtio_pci && self.vmm.virtio_pci();
         // A saved state loads only into the devices it was saved with.
         let machine = match &plan.restore {
             Some((snap, _)) => Machine::parse(&snap.machine).ok_or_else(|| {
@@ -560,7 +555,7 @@ impl Vms {
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             kernel: kernel.kernel_path.clone(),
-            initrd: prepared.initrd.clone(),
+            initrd: Some(prepared.initrd.path.clone()),
             cmdline: format!(
                 "quiet {} banger.hostname={}{}{}",
                 prepared.lease.cmdline(),
@@ -603,7 +598,7 @@ impl Vms {
                     .iter()
                     .map(|i| i.rootfs_path.clone())
                     .chain([kernel.kernel_path.clone()])
-                    .chain(prepared.initrd.clone())
+                    .chain([prepared.initrd.path.clone()])
                     .chain(plan.layered_on.clone())
                     .collect(),
                 private: true,
