@@ -1,6 +1,6 @@
 //! The lifecycle matrix (issue 32): every way a VM is born — cold, warm (the default), from a
-//! snapshot, forked, with a share, with a published port, from a host folder, on a given
-//! network namespace; by root and by a member — walked
+//! snapshot, from a snapshot an older banger saved, forked, with a share, with a published
+//! port, from a host folder, on a given network namespace; by root and by a member — walked
 //! through every transition: stop → start, pause → resume, snapshot, the daemon killed while
 //! it runs and while it is stopped, stop → start → snapshot → restore, delete. After each step
 //! every VM answers `vm exec` as itself (and its share and port still work), and the state
@@ -27,6 +27,10 @@ enum How {
     Warm,
     /// A restore of a user's snapshot of another VM (`--snapshot`).
     Snapshot,
+    /// A restore of a snapshot an older banger saved: its VM's devices on virtio-mmio (the
+    /// kernel's initrd did not yet say its kernel has virtio's PCI transport; the next daemon
+    /// built it again). It restores onto the devices it was saved with, and so does a fork.
+    Older,
     /// `vm fork` of a running VM.
     Fork,
     /// A host folder shared in (`--share`).
@@ -65,6 +69,11 @@ const BIRTHS: &[Birth] = &[
         name: "restored",
         who: None,
         how: How::Snapshot,
+    },
+    Birth {
+        name: "upgraded",
+        who: Some(USER_OK),
+        how: How::Older,
     },
     Birth {
         name: "forked",
@@ -242,6 +251,27 @@ fn sh(bus: &TestBus, who: Option<&str>, vm: &str, script: &str) -> std::process:
     bus.banger_as(who, &["vm", "exec", vm, "--", "sh", "-c", script])
 }
 
+/// Where the guest's virtio devices are: `pci` when the PCI transport drives all of them,
+/// `mmio` when it drives none.
+fn transport(bus: &TestBus, who: Option<&str>, vm: &str) -> &'static str {
+    let out = ok(
+        sh(
+            bus,
+            who,
+            vm,
+            "ls /sys/bus/virtio/devices | grep -c virtio; \
+             ls /sys/bus/pci/drivers/virtio-pci 2>/dev/null | grep -c :; true",
+        ),
+        &format!("{vm}: its virtio devices"),
+    );
+    let counts: Vec<usize> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    match counts[..] {
+        [all, pci] if all > 0 && pci == all => "pci",
+        [all, 0] if all > 0 => "mmio",
+        _ => panic!("{vm}: virtio devices, all and on PCI: {out}"),
+    }
+}
+
 /// The VM answers `vm exec` as itself, and what its birth gave it still works.
 fn answers(bus: &TestBus, b: &Birth, vm: &str, after: &str) {
     // Its name in the kernel and in the files that carry it (a restored guest's identity
@@ -259,6 +289,13 @@ fn answers(bus: &TestBus, b: &Birth, vm: &str, after: &str) {
         out,
         format!("{vm}\n{vm}\n127.0.1.1\t{vm}\n"),
         "{vm} after {after}: hostname, /etc/hostname, /etc/hosts"
+    );
+    // Every boot on this kernel puts the devices on PCI; a restore, where they were saved.
+    let saved_on_mmio = b.how == How::Older && after == "its birth";
+    assert_eq!(
+        transport(bus, b.who, vm),
+        if saved_on_mmio { "mmio" } else { "pci" },
+        "{vm} after {after}: where its virtio devices are"
     );
     if b.how == How::Share && vm == b.name {
         let out = bus.banger_as(b.who, &["vm", "exec", vm, "--", "cat", "/mnt/s/hello"]);
@@ -337,6 +374,38 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
     ok(
         bus.banger_as(None, &["image", "pull", &reference, "--name", "life"]),
         "image pull",
+    );
+    let conn = bus.connect().await;
+
+    // What an older banger left on this host: the kernel's initrd without the entry that says
+    // its kernel has virtio's PCI transport (so its VMs' devices were on MMIO), and a
+    // member's snapshot of such a VM. The next daemon builds the initrd again.
+    let initrd = bus.state_dir().join("kernels/test/initrd.img");
+    let mark = banger::kernels::initrd::VIRTIO_PCI_MARK.as_bytes();
+    let marks = |data: &[u8]| data.windows(mark.len()).filter(|w| *w == mark).count();
+    let mut old = std::fs::read(&initrd).unwrap();
+    let at = old
+        .windows(mark.len())
+        .position(|w| w == mark)
+        .expect("the initrd says its kernel has virtio_pci");
+    old[at + mark.len() - 1] = b'X';
+    std::fs::write(&initrd, &old).unwrap();
+    let older = |args: &[&str], what: &str| ok(bus.banger_as(Some(USER_OK), args), what);
+    let mut a = vec!["vm", "create", "older", "--image", "life", "--cold"];
+    a.extend(SHAPE);
+    older(&a, "vm create older");
+    assert_eq!(transport(&bus, Some(USER_OK), "older"), "mmio");
+    older(
+        &["vm", "snapshot", "older", "older-snap"],
+        "vm snapshot older",
+    );
+    older(&["vm", "delete", "--force", "older"], "vm delete older");
+    kill_daemon(&bus, &conn).await;
+    ok(bus.banger_as(None, &["kernel", "list"]), "the next daemon");
+    assert_eq!(
+        marks(&std::fs::read(&initrd).unwrap()),
+        1,
+        "the next daemon built the initrd again"
     );
 
     // A folder of the member's and one of root's, the source of the snapshot birth, and the
@@ -446,6 +515,27 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
                     "{vm}"
                 );
             }
+            How::Older => {
+                ok(
+                    bus.banger_as(b.who, &["vm", "create", b.name, "--snapshot", "older-snap"]),
+                    "vm create --snapshot of an older banger's",
+                );
+                // A fork of it (a snapshot of a VM running on MMIO, restored) keeps them too.
+                let fork = format!("{}-fork", b.name);
+                ok(
+                    bus.banger_as(b.who, &["vm", "fork", b.name, &fork]),
+                    "vm fork",
+                );
+                answers(&bus, b, &fork, "its birth");
+                ok(
+                    bus.banger_as(b.who, &["vm", "delete", "--force", &fork]),
+                    "vm delete",
+                );
+                ok(
+                    bus.banger_as(b.who, &["snapshot", "delete", &fork]),
+                    "snapshot delete",
+                );
+            }
             How::Fork => {
                 ok(
                     bus.banger_as(b.who, &["vm", "fork", "warm", b.name]),
@@ -523,7 +613,6 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
     );
     violations(&bus, "the births");
 
-    let conn = bus.connect().await;
     let vms: Vec<&Birth> = BIRTHS.iter().collect();
     let paths = walk(&bus, &conn, &vms).await;
     // The snapshots the walk took go last (a VM layered on each until its delete).
@@ -539,6 +628,10 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
     for snap in ["forked", "source-snap"] {
         let _ = bus.banger_as(None, &["snapshot", "delete", snap]);
     }
+    older(
+        &["snapshot", "delete", "older-snap"],
+        "snapshot delete older-snap",
+    );
     // The image goes with its warm snapshot (banger's cache, which no one else can delete),
     // and nothing of either is left.
     ok(
