@@ -376,24 +376,20 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
         "image pull",
     );
     let conn = bus.connect().await;
+    let create = |who: Option<&str>, name: &str, extra: &[&str]| {
+        let mut a = vec!["vm", "create", name, "--image", "life"];
+        a.extend(SHAPE);
+        a.extend(extra);
+        ok(bus.banger_as(who, &a), &format!("vm create {name}"))
+    };
 
     // What an older banger left on this host: the kernel's initrd without the entry that says
     // its kernel has virtio's PCI transport (so its VMs' devices were on MMIO), and a
     // member's snapshot of such a VM. The next daemon builds the initrd again.
     let initrd = bus.state_dir().join("kernels/test/initrd.img");
-    let mark = banger::kernels::initrd::VIRTIO_PCI_MARK.as_bytes();
-    let marks = |data: &[u8]| data.windows(mark.len()).filter(|w| *w == mark).count();
-    let mut old = std::fs::read(&initrd).unwrap();
-    let at = old
-        .windows(mark.len())
-        .position(|w| w == mark)
-        .expect("the initrd says its kernel has virtio_pci");
-    old[at + mark.len() - 1] = b'X';
-    std::fs::write(&initrd, &old).unwrap();
+    unmark_virtio_pci(&initrd);
     let older = |args: &[&str], what: &str| ok(bus.banger_as(Some(USER_OK), args), what);
-    let mut a = vec!["vm", "create", "older", "--image", "life", "--cold"];
-    a.extend(SHAPE);
-    older(&a, "vm create older");
+    create(Some(USER_OK), "older", &["--cold"]);
     assert_eq!(transport(&bus, Some(USER_OK), "older"), "mmio");
     older(
         &["vm", "snapshot", "older", "older-snap"],
@@ -403,7 +399,7 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
     kill_daemon(&bus, &conn).await;
     ok(bus.banger_as(None, &["kernel", "list"]), "the next daemon");
     assert_eq!(
-        marks(&std::fs::read(&initrd).unwrap()),
+        virtio_pci_marks(&initrd),
         1,
         "the next daemon built the initrd again"
     );
@@ -426,12 +422,6 @@ async fn every_birth_through_every_transition_leaves_a_vm_that_answers() {
     let tree = folder.path().join("tree");
     std::fs::create_dir(&tree).unwrap();
     busybox_tree(&tree, uid_of(USER_OK));
-    let create = |who: Option<&str>, name: &str, extra: &[&str]| {
-        let mut a = vec!["vm", "create", name, "--image", "life"];
-        a.extend(SHAPE);
-        a.extend(extra);
-        ok(bus.banger_as(who, &a), &format!("vm create {name}"))
-    };
     create(None, "source", &["--cold"]);
     ok(
         bus.banger_as(None, &["vm", "snapshot", "source", "source-snap"]),

@@ -769,6 +769,27 @@ pub fn debian_kernel() -> Option<(PathBuf, PathBuf, String)> {
     ))
 }
 
+/// How many times banger's initrd `initrd` names the entry that says its kernel has virtio's
+/// PCI transport.
+pub fn virtio_pci_marks(initrd: &Path) -> usize {
+    let mark = banger::kernels::initrd::VIRTIO_PCI_MARK.as_bytes();
+    let data = std::fs::read(initrd).unwrap();
+    data.windows(mark.len()).filter(|w| *w == mark).count()
+}
+
+/// Makes banger's initrd `initrd`, marked for virtio's PCI transport, read as one an older
+/// banger built: the entry's name changed, its size kept. The next daemon builds it again.
+pub fn unmark_virtio_pci(initrd: &Path) {
+    let mark = banger::kernels::initrd::VIRTIO_PCI_MARK.as_bytes();
+    let mut data = std::fs::read(initrd).unwrap();
+    let at = data
+        .windows(mark.len())
+        .position(|w| w == mark)
+        .expect("the initrd says its kernel has virtio_pci");
+    data[at + mark.len() - 1] = b'X';
+    std::fs::write(initrd, &data).unwrap();
+}
+
 /// The folder holding a QEMU newer than the host's (`qemu-system-x86_64` of Debian's
 /// bookworm-backports, which tests/run unpacks: QEMU 8.2 and later save virtio-fs devices),
 /// or `None` (skip) outside tests/run.
