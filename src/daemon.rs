@@ -156,7 +156,7 @@ fn sweep_initrds(config: &Config, store: &Store) -> Result<()> {
         }
         let keep = initrd::current_name(k.initrd_path.as_deref(), &init, &agent).ok();
         for name in initrd::sweep_current(dir, keep.as_deref())? {
-            tracing::info!(kernel = %k.name, "Removed {name}: made for other guest binaries");
+            tracing::info!(kernel = %k.name, "Removed {name}: made from other guest binaries or an older initrd");
         }
     }
     Ok(())
