@@ -1178,6 +1178,14 @@ sys.stdin.read()
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
                 .unwrap_or_else(|| panic!("{meminfo}"));
             assert!(unevictable < 1024, "the initramfs stays: {meminfo}");
+            // No kernel memory accounting (`vmm::NO_KERNEL_MEMORY_ACCOUNTING`): no accounted
+            // kmalloc caches, and so no 4 MiB table the kernel zeroes at boot for them.
+            let slabs = exec_as(&bus, Some(USER_OK), "bal", &["cat", "/proc/slabinfo"]);
+            let accounted: Vec<&str> = slabs.lines().filter(|l| l.starts_with("kmalloc-cg-")).collect();
+            assert!(
+                slabs.contains("kmalloc-") && accounted.is_empty(),
+                "kernel memory is accounted: {accounted:?}"
+            );
             let memory = || -> u64 {
                 vm_shown(&bus, "bal")["hostMemoryBytes"].as_u64().unwrap()
             };
@@ -4137,13 +4145,14 @@ async fn the_microvm_kernel_boots_with_every_driver_built_in() {
     let checks = "uname -r; cat /sys/module/page_reporting/parameters/page_reporting_order; \
                   grep -c virtiofs /proc/filesystems; test -e /proc/modules || echo no-modules; \
                   cat /sys/block/vda/queue/nr_requests /sys/block/vdb/queue/nr_requests; \
-                  grep -o cgroup.memory=nokmem /proc/cmdline";
+                  grep -o cgroup.memory=nokmem /proc/cmdline | grep -c nokmem";
     let seen = exec_as(&bus, Some(USER_OK), "m", &["sh", "-c", checks]);
     let lines: Vec<&str> = seen.lines().collect();
     assert!(lines[0].ends_with("-banger"), "{seen}");
     assert_eq!(
         lines[1..],
-        ["5", "1", "no-modules", "256", "256", "cgroup.memory=nokmem"],
+        // nokmem twice: the kernel's built-in command line's and banger's.
+        ["5", "1", "no-modules", "256", "256", "2"],
         "{seen}"
     );
     let initrds = || -> Vec<String> {

@@ -557,7 +557,8 @@ impl Vms {
             kernel: kernel.kernel_path.clone(),
             initrd: Some(prepared.initrd.path.clone()),
             cmdline: format!(
-                "quiet {} banger.hostname={}{}{}",
+                "quiet {} {} banger.hostname={}{}{}",
+                crate::vmm::NO_KERNEL_MEMORY_ACCOUNTING,
                 prepared.lease.cmdline(),
                 hostname_for(&vm.name),
                 if vm.main.is_empty() {
