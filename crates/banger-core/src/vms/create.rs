@@ -658,17 +658,20 @@ impl Vms {
         .await
     }
 
-    /// Hands a restored guest its own identity through its agent (see `agent::identity`), on
-    /// `agent`; returns the health the agent answers with.
-    pub(super) async fn give_identity(
+    /// Reaches a restored guest's agent with its own identity (see `agent::identity`) sent
+    /// behind the connection's `CONNECT` line, as [`Self::reach_agent`] waits for it: the
+    /// guest takes both in one go (each round trip costs a TCG guest whose translations are
+    /// all cold tens of ms). Returns the connection once the agent is reached; the answer is
+    /// [`Self::identity_taken`]'s to read.
+    pub(super) async fn reach_with_identity(
         &self,
-        vm: &mut Vm,
-        mut agent: tokio::net::UnixStream,
+        vm: &Vm,
+        run: &std::path::Path,
         lease: &crate::net::GuestNet,
-        (private, public): (Vec<u8>, String),
+        (private, public): (&[u8], &str),
         key: Option<&str>,
         stop_page_reporting: bool,
-    ) -> Result<crate::agent::Health> {
+    ) -> Result<tokio::net::UnixStream> {
         let mut seed = [0u8; 32];
         // SAFETY: the pointer and length describe `seed`.
         if unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) } != 32 {
@@ -685,19 +688,49 @@ impl Vms {
             gateway: lease.gateway.map(|g| g.to_string()).unwrap_or_default(),
             dns: lease.dns.iter().map(|a| a.to_string()).collect(),
             machine_id: format!("{}{}", crate::model::new_id(), crate::model::new_id()),
-            host_key: String::from_utf8_lossy(&private).into_owned(),
-            host_key_pub: public.clone(),
+            host_key: String::from_utf8_lossy(private).into_owned(),
+            host_key_pub: public.to_owned(),
             authorized_key: key.unwrap_or_default().trim().to_owned(),
             seed: crate::model::hex(&seed),
-            time_ns: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0),
+            time_ns: 0,
             stop_page_reporting,
         };
+        let sock = self.vmm.vsock_socket(run);
+        self.wait_guest(run, "its agent", "The guest agent", || {
+            // The host's time as each try leaves: the guest's clock is stepped to it.
+            let id = crate::agent::Identity {
+                time_ns: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0),
+                ..id.clone()
+            };
+            let sock = &sock;
+            async move {
+                let line = crate::agent::client::request_line(&crate::agent::Request::Identity(
+                    Box::new(id),
+                ))
+                .map_err(|e| e.full_message())?;
+                crate::agent::client::connect_sending(sock, crate::agent::PORT, &line)
+                    .await
+                    .map_err(|e| e.full_message())
+            }
+        })
+        .await
+    }
+
+    /// The agent's answer to the identity [`Self::reach_with_identity`] sent on `agent`: once
+    /// the guest applied it, the health the agent answers with, and the VM's SSH host key is
+    /// `public`.
+    pub(super) async fn identity_taken(
+        &self,
+        vm: &mut Vm,
+        mut agent: tokio::net::UnixStream,
+        public: &str,
+    ) -> Result<crate::agent::Health> {
         let health = tokio::time::timeout(
             Duration::from_secs(30),
-            crate::agent::client::identity(&mut agent, id),
+            crate::agent::client::identity_reply(&mut agent),
         )
         .await
         .map_err(|_| {

@@ -631,38 +631,40 @@ impl Vms {
         let (health, control) = tokio::join!(
             async {
                 // A restored guest's agent runs already: the connection that finds it carries the
-                // guest's new identity, and the answer its health (a round trip less than asking
-                // first; each costs a TCG guest whose translations are all cold some 100 ms).
+                // guest's new identity behind its opening, and the answer its health. Sending
+                // only after `OK`, or asking for health apart, would each cost a round trip
+                // through a TCG guest whose translations are all cold (tens of ms).
                 match keygen {
                     Some(keygen) => {
-                        let mut agent = self.reach_agent(run).await?;
                         if !vm.rootfs_dir.is_empty() {
                             // A warm template of folder roots, parked: it mounts the VM's own
                             // root now, and its root's agent takes the identity.
+                            let agent = self.reach_agent(run).await?;
                             st.ctx
                                 .log(6, "Mounting the root folder in the restored guest");
                             self.unpark(run, agent).await?;
-                            agent = self.reach_agent(run).await?;
                         }
+                        // Made while the VMM started (a few ms; the restore takes longer).
+                        let (private, public) = keygen
+                            .await
+                            .map_err(|e| failed("SSH key task failed", e))??;
+                        let agent = self
+                            .reach_with_identity(
+                                vm,
+                                run,
+                                &prepared.lease,
+                                (&private, &public),
+                                plan.key.as_deref(),
+                                stop_reporting,
+                            )
+                            .await?;
                         st.enter(
                             vm,
                             "identity",
                             "Giving the guest its own name, address, keys and clock",
                         )
                         .await?;
-                        let host_key = keygen
-                            .await
-                            .map_err(|e| failed("SSH key task failed", e))??;
-                        let health = self
-                            .give_identity(
-                                vm,
-                                agent,
-                                &prepared.lease,
-                                host_key,
-                                plan.key.as_deref(),
-                                stop_reporting,
-                            )
-                            .await?;
+                        let health = self.identity_taken(vm, agent, &public).await?;
                         let _ = std::fs::remove_file(&plan.pending);
                         Ok(health)
                     }

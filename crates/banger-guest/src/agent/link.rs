@@ -344,6 +344,15 @@ impl Link {
 
     /// Carries `conn` to and from `local` (one thread each way) until both directions end.
     fn bridge(self: &Arc<Self>, c: Arc<Conn>, local: UnixStream) -> std::io::Result<()> {
+        self.bridge_out(&c, &local)?;
+        let link = self.clone();
+        run(move || link.inbound(c, local));
+        Ok(())
+    }
+
+    /// The half of [`Self::bridge`] that carries what `local` sends to `conn` (started alone
+    /// while the other waits, see [`client`]); `local` is shut down when the connection goes.
+    fn bridge_out(self: &Arc<Self>, c: &Arc<Conn>, local: &UnixStream) -> std::io::Result<()> {
         let reader = local.try_clone()?;
         *c.local.lock().unwrap_or_else(|p| p.into_inner()) = Some(local.try_clone()?);
         if !c.alive.load(Ordering::SeqCst) {
@@ -351,8 +360,6 @@ impl Link {
         }
         let (link, conn) = (self.clone(), c.clone());
         run(move || link.outbound(conn, reader));
-        let link = self.clone();
-        run(move || link.inbound(c, local));
         Ok(())
     }
 
@@ -691,7 +698,8 @@ fn serve_host_with(
 /// One client of the hybrid socket: `CONNECT <port>\n`, then, once the guest accepted,
 /// `OK <conn>\n` and the connection's bytes. A guest that is not there within
 /// [`CONNECT_WAIT`], or refuses the port, closes the socket with no reply, as a vsock
-/// device does.
+/// device does. The client's own bytes may follow its `CONNECT` line at once: they go to
+/// the guest behind the OPEN (Firecracker's vsock, too, leaves what follows the line queued).
 fn client(link: &Arc<Link>, guest: &Guest, mut s: UnixStream) {
     let mut line = Vec::new();
     let mut b = [0u8; 1];
@@ -732,6 +740,17 @@ fn client(link: &Arc<Link>, guest: &Guest, mut s: UnixStream) {
     {
         return;
     }
+    // What the client sends from now on follows the OPEN at once, within the window a new
+    // connection has: a client that sends its request without waiting for `OK` saves a
+    // round trip through the guest (under TCG, a restored guest's cold one costs tens of
+    // ms), and the guest queues it for the connection it opens (or drops it with a refused
+    // one). What the guest sends reaches the client only after `OK` (below).
+    if link.bridge_out(&c, &s).is_err() {
+        let _ = link.send(Some(&c), &encode(kind::CLOSE, id, &[]));
+        c.close();
+        link.remove(&c);
+        return;
+    }
     let accepted = {
         let mut st = c.state();
         while st.accepted.is_none() && !st.closed {
@@ -752,7 +771,8 @@ fn client(link: &Arc<Link>, guest: &Guest, mut s: UnixStream) {
         link.remove(&c);
         return;
     }
-    let _ = link.bridge(c, s);
+    let link = link.clone();
+    run(move || link.inbound(c, s));
 }
 
 /// The argument that runs the helpers' program as a VM's link helper:

@@ -152,6 +152,86 @@ fn every_reset_precedes_the_connections_opened_once_the_guest_is_up() {
     );
 }
 
+/// A client may send its request right behind its `CONNECT` line: the helper carries it to
+/// the guest behind the OPEN, before the guest has accepted (a round trip less), and the
+/// client still reads `OK` before anything the guest sends.
+#[test]
+fn a_request_sent_with_the_connect_line_reaches_the_guest_before_it_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (guest_end, host_end) = UnixStream::pair().unwrap();
+    let sock = dir.path().join("vsock.sock");
+    let clients = UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || serve_host(host_end, clients));
+    // The guest's side, by hand: the agent is up, and nothing is accepted yet.
+    (&guest_end).write_all(&sync_frame(kind::HELLO, 0)).unwrap();
+    let client = std::thread::spawn(move || {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(format!("CONNECT {}\nping", super::super::PORT).as_bytes())
+            .unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        got
+    });
+    guest_end
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut r = FrameReader::new(guest_end.try_clone().unwrap());
+    let mut next = || match r.read_frame().unwrap() {
+        Got::Frame(f) => f,
+        other => panic!("{other:?}"),
+    };
+    let open = loop {
+        let f = next();
+        if f.kind == kind::OPEN {
+            break f;
+        }
+        assert_eq!(f.kind, kind::RESET, "{f:?}");
+    };
+    let data = next();
+    assert_eq!(
+        (data.kind, data.conn, &data.data[..]),
+        (kind::DATA, open.conn, &b"ping"[..]),
+        "the request waited for the guest to accept"
+    );
+    for f in [
+        encode(kind::ACCEPT, open.conn, &[]),
+        encode(kind::DATA, open.conn, b"pong"),
+        encode(kind::EOF, open.conn, &[]),
+    ] {
+        (&guest_end).write_all(&f).unwrap();
+    }
+    let got = client.join().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        format!("OK {}\npong", open.conn)
+    );
+}
+
+/// The same through a real guest side: an echo, and a refused port that drops the request
+/// with the connection (no reply), the link serving on afterwards.
+#[test]
+fn requests_sent_with_the_connect_line_are_answered_or_dropped_with_a_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = pair(dir.path());
+    for _ in 0..3 {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.write_all(format!("CONNECT {}\nping", super::super::PORT).as_bytes())
+            .unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = String::new();
+        s.read_to_string(&mut got).unwrap();
+        assert!(got.starts_with("OK ") && got.ends_with("\nping"), "{got:?}");
+        let mut refused = UnixStream::connect(&sock).unwrap();
+        refused.write_all(b"CONNECT 9\nping").unwrap();
+        // No reply: an end, or a reset where the helper closed it with the request unread.
+        let mut got = Vec::new();
+        match refused.read_to_end(&mut got) {
+            Ok(_) => assert!(got.is_empty(), "{got:?}"),
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        }
+    }
+}
+
 #[test]
 fn a_stalled_connection_does_not_stall_another() {
     let dir = tempfile::tempdir().unwrap();
