@@ -50,6 +50,7 @@ pub async fn connect_sending(uds: &Path, port: u32, first: &[u8]) -> Result<Unix
     s.write_all(&out)
         .await
         .map_err(io("Cannot reach the VM's vsock socket"))?;
+    // Nobody listening on the port closes the socket without a reply.
     let line = read_line(&mut s, 64)
         .await
         .map_err(|e| Error::failed(format!("Nothing listens on guest vsock port {port} yet"), e))?;

@@ -291,6 +291,14 @@ impl Link {
         Ok(())
     }
 
+    /// Ends connection `c` here and tells the peer: CLOSE, the local end shut down, and
+    /// forgotten.
+    fn abandon(&self, c: &Arc<Conn>) {
+        let _ = self.send(Some(c), &encode(kind::CLOSE, c.id, &[]));
+        c.close();
+        self.remove(c);
+    }
+
     fn remove(&self, c: &Arc<Conn>) {
         let mut conns = self.conns();
         if conns.get(&c.id).is_some_and(|x| Arc::ptr_eq(x, c)) {
@@ -309,9 +317,7 @@ impl Link {
                 let mut st = c.state();
                 if st.queued + f.data.len() > WINDOW || st.eof {
                     drop(st);
-                    let _ = self.send(Some(&c), &encode(kind::CLOSE, c.id, &[]));
-                    c.close();
-                    self.remove(&c);
+                    self.abandon(&c);
                     return;
                 }
                 st.queued += f.data.len();
@@ -560,9 +566,7 @@ where
                 }
                 let c = link.add(f.conn);
                 if port != Some(super::PORT) {
-                    let _ = link.send(Some(&c), &encode(kind::CLOSE, f.conn, &[]));
-                    c.close();
-                    link.remove(&c);
+                    link.abandon(&c);
                     continue;
                 }
                 let (ours, theirs) = UnixStream::pair()?;
@@ -746,9 +750,7 @@ fn client(link: &Arc<Link>, guest: &Guest, mut s: UnixStream) {
     // ms), and the guest queues it for the connection it opens (or drops it with a refused
     // one). What the guest sends reaches the client only after `OK` (below).
     if link.bridge_out(&c, &s).is_err() {
-        let _ = link.send(Some(&c), &encode(kind::CLOSE, id, &[]));
-        c.close();
-        link.remove(&c);
+        link.abandon(&c);
         return;
     }
     let accepted = {
@@ -766,9 +768,7 @@ fn client(link: &Arc<Link>, guest: &Guest, mut s: UnixStream) {
         st.accepted == Some(true) && !st.closed
     };
     if !accepted || s.write_all(format!("OK {id}\n").as_bytes()).is_err() {
-        let _ = link.send(Some(&c), &encode(kind::CLOSE, id, &[]));
-        c.close();
-        link.remove(&c);
+        link.abandon(&c);
         return;
     }
     let link = link.clone();
