@@ -162,7 +162,8 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away(steps: Steps
     }
     let bus = TestBus::start(BusOptions {
         extra_config: "accel = \"tcg\"\nboot_timeout_sec = 240\n\
-                       allow_egress = [\"10.99.1.0/24\"]\n"
+                       allow_egress = [\"10.99.1.0/24\"]\n\
+                       guest_kernel_args = \"initcall_blacklist=tracer_init_tracefs\"\n"
             .into(),
         netns: true,
         state_dir: Some(state.path().to_owned()),
@@ -306,6 +307,29 @@ async fn a_vm_boots_runs_commands_keeps_its_root_disk_and_goes_away(steps: Steps
             assert!(stdout.contains("banger.work=serial:work"), "{stdout}");
             assert!(stdout.contains("from the image"), "{stdout}");
             assert_eq!(String::from_utf8_lossy(&out.stderr), "to-err\n");
+            // The operator's kernel arguments (`guest_kernel_args`) come before banger's own,
+            // and take: the kernel made none of tracefs's files for its trace events.
+            let at = |w: &str| stdout.find(w).unwrap_or_else(|| panic!("{w} in {stdout}"));
+            assert!(
+                at("initcall_blacklist=tracer_init_tracefs") < at("banger.hostname="),
+                "{stdout}"
+            );
+            let tracefs = exec_as(
+                &bus,
+                Some(USER_OK),
+                "t1",
+                &[
+                    "sh",
+                    "-c",
+                    "busybox mkdir -p /tmp/tr && busybox mount -t tracefs nodev /tmp/tr && \
+                     busybox ls /tmp/tr; busybox umount /tmp/tr",
+                ],
+            );
+            let files: Vec<&str> = tracefs.lines().collect();
+            assert!(
+                files.contains(&"kprobe_events") && !files.contains(&"events"),
+                "{tracefs}"
+            );
             let out = bus.banger_as(
                 Some(USER_OK),
                 &[

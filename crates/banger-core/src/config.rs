@@ -13,6 +13,10 @@ pub const DEFAULT_SUBNET: &str = "172.30.99.0/24";
 /// `tcg_cache_mib` unless configured (see BENCHMARKS.md, "TCG translation cache").
 pub const DEFAULT_TCG_CACHE_MIB: u32 = 64;
 
+/// The longest `guest_kernel_args` (x86's kernel command line holds 2048 bytes, banger's
+/// own arguments and a VM's shares take the rest).
+pub const MAX_GUEST_KERNEL_ARGS: usize = 512;
+
 /// Which VMM drives the VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -83,6 +87,11 @@ pub struct Config {
     /// KVM, but every 2 MiB a guest or TCG touches is then resident whole. Off by default
     /// (banger's VMMs run with THP disabled; Firecracker's always).
     pub huge_pages: bool,
+    /// Arguments every guest's kernel gets on its command line besides banger's own (such as
+    /// `initcall_blacklist=tracer_init_tracefs`): printable ASCII, at most
+    /// [`MAX_GUEST_KERNEL_ARGS`] bytes, no quotes, none of banger's (`banger.*`, `init=`,
+    /// `rdinit=`, `--`). Part of a warm snapshot's key: a change boots new templates.
+    pub guest_kernel_args: String,
     /// The guests' IPv4 subnet (CIDR); the first host address is the gateway.
     pub subnet: String,
     /// Seconds a boot may take until the guest agent answers.
@@ -141,6 +150,7 @@ impl Default for Config {
             free_page_reporting: true,
             memory_merge: false,
             huge_pages: false,
+            guest_kernel_args: String::new(),
             subnet: DEFAULT_SUBNET.into(),
             boot_timeout_sec: 300,
             kernel_catalog: Vec::new(),
@@ -234,6 +244,7 @@ impl Config {
             .map_err(|e| Error::InvalidArgument(format!("Invalid configuration: {e}")))?;
         c.check_catalogs()?;
         c.allowed_egress()?;
+        c.check_guest_kernel_args()?;
         for (name, mib) in [
             ("tcg_cache_mib", Some(c.tcg_cache_mib)),
             ("tcg_restore_cache_mib", c.tcg_restore_cache_mib),
@@ -246,6 +257,36 @@ impl Config {
             }
         }
         Ok(c)
+    }
+
+    /// `guest_kernel_args` may add to a guest's command line but never change what banger's
+    /// boot depends on: its init and its own arguments run as banger wrote them.
+    fn check_guest_kernel_args(&self) -> Result<()> {
+        let args = &self.guest_kernel_args;
+        let refuse = |why: String| {
+            Err(Error::InvalidArgument(format!(
+                "Invalid configuration: guest_kernel_args {args:?} {why}"
+            )))
+        };
+        if args.len() > MAX_GUEST_KERNEL_ARGS {
+            return refuse(format!("is longer than {MAX_GUEST_KERNEL_ARGS} bytes"));
+        }
+        if let Some(c) = args.chars().find(|c| !(' '..='~').contains(c) || *c == '"') {
+            return refuse(format!(
+                "holds {c:?}: printable ASCII without quotes only (a quote would take banger's \
+                 own arguments into its value)"
+            ));
+        }
+        for word in args.split_whitespace() {
+            let key = word.split('=').next().unwrap_or(word);
+            if key.starts_with("banger.") || ["init", "rdinit", "--"].contains(&key) {
+                return refuse(format!(
+                    "names {key:?}, which is banger's own: its init must run with the \
+                     arguments it wrote"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// `allow_egress`, parsed (CIDRs, no ports).
@@ -349,6 +390,43 @@ mod tests {
             let e = Config::parse(bad).unwrap_err().to_string();
             assert!(e.contains("outside 8..=4096"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn guest_kernel_args_add_to_a_guests_command_line_but_never_replace_banger_s_own() {
+        let c = Config::parse(
+            "guest_kernel_args = \" initcall_blacklist=tracer_init_tracefs mitigations=off \"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.guest_kernel_args.trim(),
+            "initcall_blacklist=tracer_init_tracefs mitigations=off"
+        );
+        assert_eq!(Config::parse("").unwrap().guest_kernel_args, "");
+        let long = format!(
+            "guest_kernel_args = \"{}\"",
+            "a".repeat(MAX_GUEST_KERNEL_ARGS + 1)
+        );
+        for (bad, says) in [
+            ("banger.init=sh", "banger's own"),
+            ("quiet banger.hostname=x", "banger's own"),
+            ("init=/bin/sh", "banger's own"),
+            ("rdinit=/bin/sh", "banger's own"),
+            ("loglevel=3 -- x", "banger's own"),
+            ("foo=\\\"a", "without quotes"),
+            ("a\\nb", "printable ASCII"),
+            ("caf\\u00e9", "printable ASCII"),
+        ] {
+            let e = Config::parse(&format!("guest_kernel_args = \"{bad}\""))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("guest_kernel_args") && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
+        let e = Config::parse(&long).unwrap_err().to_string();
+        assert!(e.contains("longer than 512"), "{e}");
     }
 
     #[test]

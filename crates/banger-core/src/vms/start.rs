@@ -549,6 +549,12 @@ impl Vms {
             None if super::warm::is_template(vm) => Machine::template(pci),
             None => Machine::current(&self.config, pci),
         };
+        // The operator's kernel arguments, before banger's own (none of which they name:
+        // `Config::parse` checks).
+        let operator_args = match self.config.guest_kernel_args.trim() {
+            "" => String::new(),
+            args => format!(" {args}"),
+        };
         Ok(BootSpec {
             id: vm.id.clone(),
             name: vm.name.clone(),
@@ -557,8 +563,9 @@ impl Vms {
             kernel: kernel.kernel_path.clone(),
             initrd: Some(prepared.initrd.path.clone()),
             cmdline: format!(
-                "quiet {} {} banger.hostname={}{}{}",
+                "quiet {}{} {} banger.hostname={}{}{}",
                 crate::vmm::NO_KERNEL_MEMORY_ACCOUNTING,
+                operator_args,
                 prepared.lease.cmdline(),
                 hostname_for(&vm.name),
                 if vm.main.is_empty() {

@@ -7,8 +7,9 @@
 //! any restore does.
 //!
 //! The key covers what the guest's memory depends on: the image's id, the kernel's name and
-//! install time, the shape, banger's version and guest binaries, the snapshot's format and the
-//! VMM's version (a saved state loads into the VMM that saved it).
+//! install time, the shape, banger's version and guest binaries, the snapshot's format, the
+//! VMM's version (a saved state loads into the VMM that saved it) and the operator's kernel
+//! arguments (`guest_kernel_args`).
 //! Any change makes a new key, so a stale warm snapshot is never used; it stays while VMs
 //! layer on it and goes once none do (`sweep_warm`).
 //!
@@ -135,7 +136,11 @@ impl Vms {
             // A saved state loads into the VMM that saved it (QEMU's microvm has no
             // versioned machine types): an upgrade makes the snapshot stale.
             self.vmm.version(),
-        );
+        ) + &match self.config.guest_kernel_args.trim() {
+            // The kernel booted with them (keys made without any stay as they were).
+            "" => String::new(),
+            args => format!("|args:{args}"),
+        };
         crate::model::hex(&Sha256::digest(text.as_bytes())[..8])
     }
 
