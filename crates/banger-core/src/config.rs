@@ -259,6 +259,11 @@ impl Config {
         Ok(c)
     }
 
+    /// `guest_kernel_args` without the spaces around them; `None` where there are none.
+    pub fn kernel_args(&self) -> Option<&str> {
+        Some(self.guest_kernel_args.trim()).filter(|a| !a.is_empty())
+    }
+
     /// `guest_kernel_args` may add to a guest's command line but never change what banger's
     /// boot depends on: its init and its own arguments run as banger wrote them.
     fn check_guest_kernel_args(&self) -> Result<()> {
@@ -399,10 +404,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            c.guest_kernel_args.trim(),
-            "initcall_blacklist=tracer_init_tracefs mitigations=off"
+            c.kernel_args(),
+            Some("initcall_blacklist=tracer_init_tracefs mitigations=off")
         );
-        assert_eq!(Config::parse("").unwrap().guest_kernel_args, "");
+        assert_eq!(Config::parse("").unwrap().kernel_args(), None);
+        assert_eq!(
+            Config::parse("guest_kernel_args = \"  \"")
+                .unwrap()
+                .kernel_args(),
+            None
+        );
         let long = format!(
             "guest_kernel_args = \"{}\"",
             "a".repeat(MAX_GUEST_KERNEL_ARGS + 1)

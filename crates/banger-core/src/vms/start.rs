@@ -551,10 +551,11 @@ impl Vms {
         };
         // The operator's kernel arguments, before banger's own (none of which they name:
         // `Config::parse` checks).
-        let operator_args = match self.config.guest_kernel_args.trim() {
-            "" => String::new(),
-            args => format!(" {args}"),
-        };
+        let operator_args = self
+            .config
+            .kernel_args()
+            .map(|a| format!(" {a}"))
+            .unwrap_or_default();
         Ok(BootSpec {
             id: vm.id.clone(),
             name: vm.name.clone(),

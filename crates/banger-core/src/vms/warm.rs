@@ -136,11 +136,12 @@ impl Vms {
             // A saved state loads into the VMM that saved it (QEMU's microvm has no
             // versioned machine types): an upgrade makes the snapshot stale.
             self.vmm.version(),
-        ) + &match self.config.guest_kernel_args.trim() {
+        ) + &self
+            .config
+            .kernel_args()
             // The kernel booted with them (keys made without any stay as they were).
-            "" => String::new(),
-            args => format!("|args:{args}"),
-        };
+            .map(|a| format!("|args:{a}"))
+            .unwrap_or_default();
         crate::model::hex(&Sha256::digest(text.as_bytes())[..8])
     }
 
