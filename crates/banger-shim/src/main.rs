@@ -16,10 +16,12 @@
 mod cgroup2;
 mod logio;
 mod mounts;
+mod outbox;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use banger_client::agent;
@@ -34,6 +36,7 @@ use containerd_shim_protos::protobuf::MessageField;
 use containerd_shim_protos::shim_async::Task;
 use containerd_shim_protos::topics;
 use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
+use outbox::Outbox;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Mutex};
@@ -251,8 +254,8 @@ struct Service {
     exit: Arc<ExitSignal>,
     namespace: String,
     tasks: Arc<Mutex<HashMap<String, TaskState>>>,
-    /// containerd's events service, once the task service runs.
-    events: Option<Arc<RemotePublisher>>,
+    /// containerd's events service (forwarding once the task service runs).
+    events: Outbox,
     /// Held (shared) by every Kill while it runs; an exit is told only once none runs. A
     /// process that dies of the signal ends before the agent answers the Kill, and containerd,
     /// told of the exit, deletes the task and closes its connection to the shim: the Kill's
@@ -262,26 +265,12 @@ struct Service {
 
 /// Publishes an event to containerd without holding up the call that caused it.
 fn publish(
-    events: &Option<Arc<RemotePublisher>>,
+    events: &Outbox,
     namespace: &str,
     topic: &'static str,
     event: impl containerd_shim_protos::protobuf::MessageDyn + 'static,
 ) {
-    let Some(p) = events.clone() else {
-        return;
-    };
-    let (ns, event): (
-        String,
-        Box<dyn containerd_shim_protos::protobuf::MessageDyn>,
-    ) = (namespace.to_owned(), Box::new(event));
-    tokio::spawn(async move {
-        if let Err(e) = p
-            .publish(containerd_shim::Context::default(), topic, &ns, event)
-            .await
-        {
-            log::warn!("cannot publish {topic}: {e}");
-        }
-    });
+    events.publish(namespace, topic, Box::new(event));
 }
 
 fn now_secs() -> i64 {
@@ -806,7 +795,7 @@ impl Shim for Service {
             exit: Arc::new(ExitSignal::default()),
             namespace: args.namespace.clone(),
             tasks: Default::default(),
-            events: None,
+            events: Outbox::default(),
             kills: Default::default(),
         }
     }
@@ -847,13 +836,16 @@ impl Shim for Service {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // containerd shuts a shim down right after a task's Delete: its last events go first.
+        if !self.events.drained(Duration::from_secs(5)).await {
+            log::warn!("exiting with events containerd has not taken");
+        }
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        Service {
-            events: Some(Arc::new(publisher)),
-            ..self.clone()
-        }
+        // The crate's own queue cannot be waited for; the outbox forwards instead.
+        self.events.start(publisher.address.clone());
+        self.clone()
     }
 }
 
