@@ -1,13 +1,14 @@
 //! The host side of guest networking (a service of docs/ARCHITECTURE.md's map): the `banger0`
 //! bridge whose address is the guests' gateway, a tap per VM on it, and forwarding plus
 //! masquerade in an nftables table of banger's own (`table inet banger`). Links and routes go through netlink; the nft table is
-//! written whole with `nft -f -` in one transaction and never touches another table.
+//! written whole in one transaction (through libnftables, else `nft -f -`) and never touches another table.
 //!
 //! Everything is created on demand (the first VM's `network` stage) and removed when the last
 //! running VM is gone, so a host with no VMs carries nothing of banger's.
 
 mod error;
 pub mod netns;
+mod nftlib;
 mod tap;
 
 pub use error::NetError;
@@ -447,8 +448,19 @@ where
     r
 }
 
+/// Runs `script` as one nftables transaction: through libnftables ([`nftlib`]), else the
+/// `nft` program.
 async fn nft(script: &str) -> Result<()> {
     use tokio::io::AsyncWriteExt;
+    let owned = script.to_owned();
+    match tokio::task::spawn_blocking(move || nftlib::run(&owned))
+        .await
+        .map_err(|e| failed("nft task failed", e))?
+    {
+        Some(Ok(())) => return Ok(()),
+        Some(Err(e)) => return Err(failed("nft failed", std::io::Error::other(e))),
+        None => {}
+    }
     let program = crate::host::find_program("nft").ok_or_else(|| {
         failed(
             "nft is not installed",
