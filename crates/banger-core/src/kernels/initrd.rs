@@ -537,23 +537,32 @@ pub struct Current {
 /// every VM's VMM maps that one file: the host holds one copy in its page cache, not one
 /// per VM. Blocking.
 pub fn current(dir: &Path, initrd: Option<&Path>, init: &Path, agent: &Path) -> Result<Current> {
-    // The kernel's initrd is read each time (a few MiB from the page cache): which modules
-    // it loads decides the VM's devices.
-    let base = match initrd {
+    // Which modules the kernel's initrd loads decides the VM's devices: it is read (a few
+    // MiB) the first time its file is seen, then known by the file's identity.
+    let mut data = None;
+    let pci = match initrd {
         Some(i) => {
-            let data =
-                std::fs::read(i).map_err(|e| failed(format!("Cannot read {}", i.display()), e))?;
-            if !is_bangers(&data) {
+            let (bangers, pci) = match seen_initrd(i)? {
+                (_, Some(facts)) => facts,
+                (id, None) => {
+                    let d = std::fs::read(i)
+                        .map_err(|e| failed(format!("Cannot read {}", i.display()), e))?;
+                    let facts = (is_bangers(&d), virtio_pci(&d));
+                    remember_initrd(id, facts);
+                    data = Some(d);
+                    facts
+                }
+            };
+            if !bangers {
                 return Ok(Current {
                     path: i.to_owned(),
                     virtio_pci: false,
                 });
             }
-            Some(data)
+            pci
         }
-        None => None,
+        None => false,
     };
-    let pci = base.as_deref().is_some_and(virtio_pci);
     let name = current_name(initrd, init, agent)?;
     let out = dir.join(&name);
     if out.exists() {
@@ -562,7 +571,13 @@ pub fn current(dir: &Path, initrd: Option<&Path>, init: &Path, agent: &Path) -> 
             virtio_pci: pci,
         });
     }
-    let data = base.unwrap_or_else(builtin_base);
+    let data = match (initrd, data) {
+        (_, Some(d)) => d,
+        (Some(i), None) => {
+            std::fs::read(i).map_err(|e| failed(format!("Cannot read {}", i.display()), e))?
+        }
+        (None, None) => builtin_base(),
+    };
     let agent = Some(agent).filter(|a| a.exists());
     let data = with_current_init(&data, init, agent)?;
     write_aside(&out, &data, None)?;
@@ -570,6 +585,44 @@ pub fn current(dir: &Path, initrd: Option<&Path>, init: &Path, agent: &Path) -> 
         path: out,
         virtio_pci: pci,
     })
+}
+
+/// A file's identity: device, inode, size, modification and change times. A kernel's
+/// initrd is root's and replaced whole, never rewritten in place: another file, another
+/// identity.
+type FileId = (u64, u64, u64, i64, i64, i64, i64);
+
+/// What [`current`] learnt of the initrds it read: whether each is banger's, and whether it
+/// loads virtio's PCI transport. Reading and scanning one cost every start some 8 ms.
+static SEEN_INITRDS: std::sync::Mutex<Option<HashMap<FileId, (bool, bool)>>> =
+    std::sync::Mutex::new(None);
+
+/// `initrd`'s identity (taken before any read of it) and what is known of it.
+fn seen_initrd(initrd: &Path) -> Result<(FileId, Option<(bool, bool)>)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(initrd)
+        .map_err(|e| failed(format!("Cannot read {}", initrd.display()), e))?;
+    let id = (
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    );
+    let seen = SEEN_INITRDS.lock().unwrap_or_else(|e| e.into_inner());
+    Ok((id, seen.as_ref().and_then(|s| s.get(&id).copied())))
+}
+
+fn remember_initrd(id: FileId, facts: (bool, bool)) {
+    let mut seen = SEEN_INITRDS.lock().unwrap_or_else(|e| e.into_inner());
+    let seen = seen.get_or_insert_with(HashMap::new);
+    // One entry per kernel; files of removed kernels would pile up without a bound.
+    if seen.len() >= 256 {
+        seen.clear();
+    }
+    seen.insert(id, facts);
 }
 
 /// Removes, in a kernel's directory, what [`current`] made that is not named `keep` (stale:
