@@ -11,6 +11,7 @@ pub mod firecracker;
 pub mod jail;
 pub mod nosetid;
 pub mod process;
+pub mod qcow2;
 pub mod qemu;
 pub mod qmp;
 pub mod ram;

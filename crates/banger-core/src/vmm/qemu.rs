@@ -687,17 +687,11 @@ impl Vmm for Qemu {
         vm_dir: &Path,
         size: Option<u64>,
     ) -> Result<PathBuf> {
-        let img = program("qemu-img", "install qemu-utils")?;
         let out = self.rootfs_path(vm_dir);
-        let _ = std::fs::remove_file(&out);
-        let mut cmd = Command::new(img);
-        cmd.args(["create", "-q", "-f", "qcow2", "-F", format.as_str(), "-b"])
-            .arg(base)
-            .arg(&out);
-        if let Some(s) = size {
-            cmd.arg(s.to_string());
-        }
-        output(&mut cmd, "qemu-img create").await?;
+        let (o, base) = (out.clone(), base.to_owned());
+        tokio::task::spawn_blocking(move || super::qcow2::create_overlay(&o, &base, format, size))
+            .await
+            .map_err(|e| failed("Root disk task failed", e))??;
         Ok(out)
     }
 
