@@ -491,23 +491,18 @@ const CURRENT_STAGING: &str = ".initrd.banger-";
 /// `initrd` None names the initrd of a kernel without one ([`builtin_base`]).
 pub fn current_name(initrd: Option<&Path>, init: &Path, agent: &Path) -> Result<String> {
     use sha2::{Digest, Sha256};
-    use std::os::unix::fs::MetadataExt;
     let mut h = Sha256::new();
     if initrd.is_none() {
         h.update("built in\n");
     }
     for f in initrd.into_iter().chain([init, agent]) {
         match std::fs::metadata(f) {
-            Ok(m) => h.update(format!(
-                "{} {} {} {}.{} {}.{}\n",
-                m.dev(),
-                m.ino(),
-                m.size(),
-                m.mtime(),
-                m.mtime_nsec(),
-                m.ctime(),
-                m.ctime_nsec()
-            )),
+            Ok(m) => {
+                let (dev, ino, size, mtime, mtime_ns, ctime, ctime_ns) = file_id(&m);
+                h.update(format!(
+                    "{dev} {ino} {size} {mtime}.{mtime_ns} {ctime}.{ctime_ns}\n"
+                ))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && f == agent => h.update("-\n"),
             Err(e) => return Err(failed(format!("Cannot inspect {}", f.display()), e)),
         }
@@ -592,17 +587,9 @@ pub fn current(dir: &Path, initrd: Option<&Path>, init: &Path, agent: &Path) -> 
 /// identity.
 type FileId = (u64, u64, u64, i64, i64, i64, i64);
 
-/// What [`current`] learnt of the initrds it read: whether each is banger's, and whether it
-/// loads virtio's PCI transport. Reading and scanning one cost every start some 8 ms.
-static SEEN_INITRDS: std::sync::Mutex<Option<HashMap<FileId, (bool, bool)>>> =
-    std::sync::Mutex::new(None);
-
-/// `initrd`'s identity (taken before any read of it) and what is known of it.
-fn seen_initrd(initrd: &Path) -> Result<(FileId, Option<(bool, bool)>)> {
+fn file_id(m: &std::fs::Metadata) -> FileId {
     use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(initrd)
-        .map_err(|e| failed(format!("Cannot read {}", initrd.display()), e))?;
-    let id = (
+    (
         m.dev(),
         m.ino(),
         m.size(),
@@ -610,7 +597,19 @@ fn seen_initrd(initrd: &Path) -> Result<(FileId, Option<(bool, bool)>)> {
         m.mtime_nsec(),
         m.ctime(),
         m.ctime_nsec(),
-    );
+    )
+}
+
+/// What [`current`] learnt of the initrds it read: whether each is banger's, and whether it
+/// loads virtio's PCI transport. Reading and scanning one cost every start some 8 ms.
+static SEEN_INITRDS: std::sync::Mutex<Option<HashMap<FileId, (bool, bool)>>> =
+    std::sync::Mutex::new(None);
+
+/// `initrd`'s identity (taken before any read of it) and what is known of it.
+fn seen_initrd(initrd: &Path) -> Result<(FileId, Option<(bool, bool)>)> {
+    let m = std::fs::metadata(initrd)
+        .map_err(|e| failed(format!("Cannot read {}", initrd.display()), e))?;
+    let id = file_id(&m);
     let seen = SEEN_INITRDS.lock().unwrap_or_else(|e| e.into_inner());
     Ok((id, seen.as_ref().and_then(|s| s.get(&id).copied())))
 }
