@@ -23,6 +23,11 @@ use tokio::sync::{mpsc, watch};
 /// refuses a few), as the crate's publisher gives it.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 const TRIES: u32 = 5;
+/// Most events waiting at once (the crate's publisher queues as many). A guest's agent
+/// reports its OOM kills, and a hostile guest may report them endlessly: beyond this many
+/// waiting, new events are dropped (and said so once per run of drops), so the shim's memory
+/// stays bounded while containerd is slow or away.
+const MAX_PENDING: usize = 1024;
 
 #[derive(Clone)]
 pub struct Outbox {
@@ -31,6 +36,8 @@ pub struct Outbox {
     rx: Arc<Mutex<Option<mpsc::UnboundedReceiver<Envelope>>>>,
     /// Events published and not yet forwarded (or given up on).
     pending: Arc<watch::Sender<usize>>,
+    /// Whether the last event was dropped (a full outbox), so a run of drops is logged once.
+    dropping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for Outbox {
@@ -40,6 +47,7 @@ impl Default for Outbox {
             tx,
             rx: Arc::new(Mutex::new(Some(rx))),
             pending: Arc::new(watch::Sender::new(0)),
+            dropping: Default::default(),
         }
     }
 }
@@ -107,7 +115,23 @@ impl Outbox {
             }
             (Err(e), _) | (_, Err(e)) => return log::warn!("cannot encode {topic}: {e}"),
         }
-        self.pending.send_modify(|n| *n += 1);
+        let queued = self.pending.send_if_modified(|n| {
+            let room = *n < MAX_PENDING;
+            if room {
+                *n += 1;
+            }
+            room
+        });
+        use std::sync::atomic::Ordering;
+        if !queued {
+            if !self.dropping.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "{MAX_PENDING} events wait for containerd: dropping {topic} and those after it"
+                );
+            }
+            return;
+        }
+        self.dropping.store(false, Ordering::Relaxed);
         if self.tx.send(envelope).is_err() {
             self.pending.send_modify(|n| *n = n.saturating_sub(1));
         }
@@ -201,5 +225,18 @@ mod tests {
         outbox.publish("default", "/tasks/oom", Box::new(TaskDelete::new()));
         assert!(!outbox.drained(Duration::from_millis(100)).await);
         assert!(outbox.drained(Duration::from_secs(30)).await, "given up on");
+
+        // A guest that reports OOM kills endlessly while containerd is away: no more than
+        // MAX_PENDING wait; the rest are dropped.
+        let flood = 3 * MAX_PENDING;
+        for _ in 0..flood {
+            outbox.publish("default", "/tasks/oom", Box::new(TaskDelete::new()));
+        }
+        let waiting = *outbox.pending.borrow();
+        assert!(
+            (MAX_PENDING - 1..=MAX_PENDING).contains(&waiting),
+            "{waiting} of {flood} wait"
+        );
+        println!("outbox flood: {flood} published, {waiting} kept, the rest dropped");
     }
 }
