@@ -534,14 +534,15 @@ pub struct Current {
 pub fn current(dir: &Path, initrd: Option<&Path>, init: &Path, agent: &Path) -> Result<Current> {
     // Which modules the kernel's initrd loads decides the VM's devices: it is read (a few
     // MiB) the first time its file is seen, then known by the file's identity.
+    let read =
+        |i: &Path| std::fs::read(i).map_err(|e| failed(format!("Cannot read {}", i.display()), e));
     let mut data = None;
     let pci = match initrd {
         Some(i) => {
             let (bangers, pci) = match seen_initrd(i)? {
                 (_, Some(facts)) => facts,
                 (id, None) => {
-                    let d = std::fs::read(i)
-                        .map_err(|e| failed(format!("Cannot read {}", i.display()), e))?;
+                    let d = read(i)?;
                     let facts = (is_bangers(&d), virtio_pci(&d));
                     remember_initrd(id, facts);
                     data = Some(d);
@@ -568,9 +569,7 @@ pub fn current(dir: &Path, initrd: Option<&Path>, init: &Path, agent: &Path) -> 
     }
     let data = match (initrd, data) {
         (_, Some(d)) => d,
-        (Some(i), None) => {
-            std::fs::read(i).map_err(|e| failed(format!("Cannot read {}", i.display()), e))?
-        }
+        (Some(i), None) => read(i)?,
         (None, None) => builtin_base(),
     };
     let agent = Some(agent).filter(|a| a.exists());
