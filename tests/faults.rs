@@ -39,6 +39,7 @@ const CREATE_STAGES: &[&str] = &[
     "stage:network",
     "stage:boot",
     "stage:wait_agent",
+    "stage:move_memory",
     "stage:ready",
 ];
 

@@ -327,6 +327,9 @@ fn answers(bus: &TestBus, b: &Birth, vm: &str, after: &str) {
             text(&out)
         );
     }
+    if b.how == How::Cold && vm == b.name {
+        memory_is_its_own(bus, b, after);
+    }
     if b.how == How::Publish && vm == b.name {
         // The forwarder accepts on the host's port whatever the guest listens on.
         let out = bus
@@ -342,7 +345,38 @@ fn answers(bus: &TestBus, b: &Birth, vm: &str, after: &str) {
     }
 }
 
-/// Runs `f` for every VM still in the matrix at once.
+/// A VM booted cold had its memory moved once it was up (stage `move_memory`): its QEMU maps a
+/// file of the state directory's that has no name, is the VM's uid's and no one else's.
+fn memory_is_its_own(bus: &TestBus, b: &Birth, after: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let id = vm_id(bus, b);
+    let (qemu, _) = vm_process_dirs(bus)
+        .into_iter()
+        .find(|(_, c)| c.contains("qemu") && c.contains(&format!("banger-{id},")))
+        .unwrap_or_else(|| panic!("{} after {after}: no QEMU", b.name));
+    let maps = std::fs::read_to_string(qemu.join("maps")).unwrap();
+    let vms = bus.state_dir().join("vms");
+    let mapped = maps
+        .lines()
+        .any(|l| l.contains(&format!(" {}/#", vms.display())) && l.ends_with("(deleted)"));
+    assert!(
+        mapped,
+        "{} after {after}: its memory is not a file of its own:\n{maps}",
+        b.name
+    );
+    let m = std::fs::metadata(qemu.join("fd/4")).unwrap();
+    assert_eq!(
+        (
+            m.nlink(),
+            m.mode() & 0o7777,
+            m.uid() != 0 && m.uid() == m.gid()
+        ),
+        (0, 0o600, true),
+        "{} after {after}: its memory file",
+        b.name
+    );
+}
+
 /// A VM's id, from `vm show --json`.
 fn vm_id(bus: &TestBus, b: &Birth) -> String {
     let out = bus.banger_as(b.who, &["--json", "vm", "show", b.name]);
@@ -351,6 +385,7 @@ fn vm_id(bus: &TestBus, b: &Birth) -> String {
     v["id"].as_str().unwrap().to_owned()
 }
 
+/// Runs `f` for every VM still in the matrix at once.
 fn each(vms: &[&Birth], f: impl Fn(&Birth) + Sync) {
     std::thread::scope(|s| {
         for b in vms {

@@ -79,6 +79,10 @@ pub struct Config {
     /// Give VMs a virtio-balloon with free page reporting: memory a guest frees goes back to
     /// the host within seconds (QEMU and Firecracker).
     pub free_page_reporting: bool,
+    /// Once a cold-booted VM's guest is up, move its memory to a file it maps copy-on-write,
+    /// restored into a fresh VMM (QEMU; stage `move_memory`): the host then holds what the guest
+    /// touches after its boot, and TCG's cache only what runs after it.
+    pub move_memory_after_boot: bool,
     /// Let the host merge identical pages of guests' memory (KSM, when the host runs it).
     /// Off by default: merged pages make a timing side channel between VMs.
     pub memory_merge: bool,
@@ -148,6 +152,7 @@ impl Default for Config {
             tcg_cache_mib: DEFAULT_TCG_CACHE_MIB,
             tcg_restore_cache_mib: None,
             free_page_reporting: true,
+            move_memory_after_boot: true,
             memory_merge: false,
             huge_pages: false,
             guest_kernel_args: String::new(),

@@ -8,6 +8,7 @@ pub(crate) mod create;
 mod error;
 mod lifecycle;
 pub mod lifetime;
+mod move_memory;
 pub mod publish;
 pub mod share;
 pub mod snapshot;

@@ -156,7 +156,7 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-fn pipe() -> Result<(std::fs::File, OwnedFd)> {
+pub(super) fn pipe() -> Result<(std::fs::File, OwnedFd)> {
     let mut fds = [0; 2];
     // SAFETY: fds has room for the two descriptors pipe2 writes.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {

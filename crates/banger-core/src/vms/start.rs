@@ -92,7 +92,7 @@ impl Vms {
         else {
             return Ok(());
         };
-        self.make_ready(st, vm, &plan, &booted.spec.jail, health, control)
+        self.make_ready(st, vm, &plan, &booted.spec, health, control)
             .await
     }
 
@@ -741,28 +741,32 @@ impl Vms {
         }
     }
 
-    /// Stages `wait_ssh`, `wait_port_<N>` for each of the image's ready ports, `publish`,
-    /// and `ready`: the VM announced to machined, its clock set, watched from now on.
+    /// Stages `wait_ssh`, `wait_port_<N>` for each of the image's ready ports, `move_memory`
+    /// (see `move_memory`), `publish`, and `ready`: the VM announced to machined, its clock set,
+    /// watched from now on.
     async fn make_ready(
         &self,
         st: &mut Stages<'_>,
         vm: &mut Vm,
         plan: &Plan,
-        jail: &Jail,
+        spec: &BootSpec,
         health: Health,
         control: Result<PathBuf>,
     ) -> Result<()> {
         let run = &plan.run;
+        let moves = self.moves_memory(vm, spec, plan.restore.is_some());
         // A guest that just booted keeps its RTC's time, up to a second off: it starts on the
         // host's (forward only), set while the other stages wait (sshd, ports), done before
         // `ready`; its agent link keeps it there. One restored had its clock stepped by its
         // identity a moment ago (behind by that message's way into the guest, which this
         // would only slew at 0.5 ms a second, as the link does): another round trip through
         // its cold vCPU would cost its `ready` some 40 ms under TCG and set nothing.
-        let clock = plan.restore.is_none().then(|| {
+        // A guest whose memory moves stands still meanwhile: its clock is set after.
+        let set_clock = |vm: &Vm| {
             let (this, vm) = (self.clone(), vm.clone());
             tokio::spawn(async move { this.sync_clock(&vm, true).await })
-        });
+        };
+        let mut clock = (plan.restore.is_none() && !moves).then(|| set_clock(vm));
         // An agent that says whether there is an sshd saves asking it to run a shell.
         let has_sshd = match health.sshd {
             Some(has) => has,
@@ -800,6 +804,10 @@ impl Vms {
             .await?;
             self.wait_port(run, &addr, false).await?;
         }
+        if moves {
+            self.move_memory(st, vm, run, spec).await?;
+            clock = Some(set_clock(vm));
+        }
         if !vm.publish.is_empty() {
             st.enter(
                 vm,
@@ -807,7 +815,7 @@ impl Vms {
                 format!("Publishing {}", vm.publish.join(", ")),
             )
             .await?;
-            self.start_forwarder(vm, jail).await?;
+            self.start_forwarder(vm, &spec.jail).await?;
         }
         // Its control socket is a convenience (machinectl, varlinkctl): the VM runs without.
         let control = match control {
