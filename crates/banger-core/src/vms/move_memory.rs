@@ -70,8 +70,17 @@ impl Vms {
         )
         .await?;
         let t0 = std::time::Instant::now();
-        let saved = match self.save_for_move(run, spec).await {
+        let ram = match memory_file(&self.layout.vms_dir(), spec.memory_mib) {
+            Ok(ram) => ram,
+            Err(e) => {
+                tracing::warn!(vm_id = %vm.id, vm_name = %vm.name,
+                    "The guest's memory stays where its boot left it: {e}");
+                return Ok(());
+            }
+        };
+        let saved = match self.save_for_move(run, spec, ram).await {
             Ok(saved) => saved,
+            // The VM is paused (or its pause failed): it goes on as it was.
             Err(e) => {
                 tracing::warn!(vm_id = %vm.id, vm_name = %vm.name,
                     "The guest's memory stays where its boot left it: {}", e.full_message());
@@ -104,15 +113,14 @@ impl Vms {
         Ok(())
     }
 
-    /// Pauses the VM and saves it: its RAM into a new unnamed file (the VM's uid's) and the
+    /// Pauses the VM and saves it: its RAM into `ram` (then handed to the VM's uid) and the
     /// rest into memory. Whatever fails, the VMM still runs, paused.
     async fn save_for_move(
         &self,
         run: &std::path::Path,
         spec: &BootSpec,
+        ram: OwnedFd,
     ) -> Result<(OwnedFd, Vec<u8>)> {
-        let ram = unnamed_file(&self.layout.vms_dir())
-            .map_err(|e| failed("Cannot make the file for the guest's memory", e))?;
         let (r, w) = super::snapshot::pipe()?;
         self.vmm.pause(run).await?;
         let writer = crate::jobs::spawn_blocking(move || -> std::io::Result<_> {
@@ -145,6 +153,30 @@ impl Vms {
         .map(|ram| (ram, rest))
         .map_err(|e| failed("Cannot hand the guest's memory to its VMM", e))
     }
+}
+
+/// The file a VM of `memory_mib` moves its memory to: unnamed, in `dir`, where the file
+/// system has room for all of it twice over (a guest may touch every page; the rest is for
+/// everything else on it). Else why not.
+fn memory_file(dir: &std::path::Path, memory_mib: u32) -> std::result::Result<OwnedFd, String> {
+    let ram = unnamed_file(dir)
+        .map_err(|e| format!("cannot make a file for it in {}: {e}", dir.display()))?;
+    // SAFETY: a zeroed statvfs is a valid out-buffer; the descriptor is open.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: both are valid for the call.
+    if unsafe { libc::fstatvfs(ram.as_raw_fd(), &mut st) } != 0 {
+        return Err(format!("cannot tell the room left in {}", dir.display()));
+    }
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    let needed = (u64::from(memory_mib) << 20).saturating_mul(2);
+    if free < needed {
+        return Err(format!(
+            "{} has {} MiB free, less than twice the VM's memory",
+            dir.display(),
+            free >> 20
+        ));
+    }
+    Ok(ram)
 }
 
 /// A new file without a name in `dir` (mode 0600), read and written through the descriptor.
@@ -210,7 +242,10 @@ mod tests {
         assert_eq!(b.0.len(), MAX_REST - 1);
 
         let dir = tempfile::tempdir().unwrap();
-        let f = std::fs::File::from(unnamed_file(dir.path()).unwrap());
+        // No file system here has room for twice 2^31 MiB.
+        let e = memory_file(dir.path(), u32::MAX).unwrap_err();
+        assert!(e.contains("less than twice the VM's memory"), "{e}");
+        let f = std::fs::File::from(memory_file(dir.path(), 1).unwrap());
         f.set_len(1 << 20).unwrap();
         use std::os::unix::fs::{FileExt, PermissionsExt};
         f.write_all_at(b"page", 4096).unwrap();
