@@ -1089,6 +1089,8 @@ async fn a_cri_pod_sandbox_is_a_banger_vm_on_the_pods_cni_network() {
         stages.iter().any(|s| s == "restore") && !stages.iter().any(|s| s == "boot"),
         "the second pod's VM did not start warm: {stages:?}"
     );
+    // Unread, its queue would fill and stall the connection (zbus stops reading it).
+    drop(progress);
     eprintln!("cri: pod {crash_id} started warm ({})", stages.join(" → "));
     let made = cri
         .create_container(
