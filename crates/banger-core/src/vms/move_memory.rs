@@ -100,14 +100,7 @@ impl Vms {
         };
         self.vmm.boot(&spec).await?;
         let (input, feeder) = feed(rest)?;
-        let loaded = self.vmm.load_state(&spec, input).await;
-        let fed = crate::jobs::spawn_blocking(move || feeder.join())
-            .await
-            .map_err(|e| failed("Memory move task failed", e))?
-            .map_err(|_| failed("Memory move task failed", std::io::Error::other("panic")))?;
-        loaded?;
-        fed?;
-        self.vmm.resume(run).await?;
+        self.load_and_resume(&spec, input, feeder).await?;
         self.wait_agent(run).await?;
         tracing::debug!(vm_id = %vm.id, "Memory moved after {:?}", t0.elapsed());
         Ok(())

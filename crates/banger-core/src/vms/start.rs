@@ -483,16 +483,27 @@ impl Vms {
         self.vmm.boot(&spec).await?;
         if let Some(file) = memory {
             let (input, feeder) = snapshot::memory_stream(file)?;
-            let loaded = self.vmm.load_state(&spec, input).await;
-            let fed = crate::jobs::spawn_blocking(move || feeder.join())
-                .await
-                .map_err(|e| failed("Snapshot task failed", e))?
-                .map_err(|_| failed("Snapshot task failed", std::io::Error::other("panic")))?;
-            loaded?;
-            fed?;
-            self.vmm.resume(&plan.run).await?;
+            self.load_and_resume(&spec, input, feeder).await?;
         }
         Ok(Booted { spec, keygen })
+    }
+
+    /// Loads a saved state that `feeder` writes into `input` into the VMM `spec` started
+    /// (with `incoming`), and lets the guest go on.
+    pub(super) async fn load_and_resume(
+        &self,
+        spec: &BootSpec,
+        input: std::os::fd::OwnedFd,
+        feeder: std::thread::JoinHandle<Result<()>>,
+    ) -> Result<()> {
+        let loaded = self.vmm.load_state(spec, input).await;
+        let fed = crate::jobs::spawn_blocking(move || feeder.join())
+            .await
+            .map_err(|e| failed("Saved state task failed", e))?
+            .map_err(|_| failed("Saved state task failed", std::io::Error::other("panic")))?;
+        loaded?;
+        fed?;
+        self.vmm.resume(&spec.run_dir).await
     }
 
     /// What the VMM is given: the kernel and its command line, disks, network, shares (each
