@@ -22,7 +22,7 @@
 //! turns it off.
 
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::create::Stages;
 use super::error::failed;
@@ -175,21 +175,12 @@ fn memory_file(dir: &std::path::Path, memory_mib: u32) -> std::result::Result<Ow
 /// A new file without a name in `dir` (mode 0600), read and written through the descriptor.
 fn unnamed_file(dir: &std::path::Path) -> std::io::Result<OwnedFd> {
     let dir = std::fs::File::open(dir)?;
-    // SAFETY: the descriptor is open and the path a NUL-terminated literal; O_TMPFILE makes
-    // an unnamed file in that directory, and the result is checked.
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            c".".as_ptr(),
-            libc::O_TMPFILE | libc::O_RDWR | libc::O_CLOEXEC,
-            0o600 as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: openat returned a fresh descriptor this function now owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    crate::host::openat_mode(
+        dir.as_raw_fd(),
+        std::path::Path::new("."),
+        libc::O_TMPFILE | libc::O_RDWR,
+        0o600,
+    )
 }
 
 /// Feeds `rest` into a pipe whose read end is returned.
